@@ -1,0 +1,271 @@
+"""Single-producer/single-consumer PCM ring in POSIX shared memory.
+
+Layout of the shared block (all counters int64, little-endian, each on its own
+64-byte line; each counter has exactly one writer)::
+
+    line 0  magic, capacity_frames, bytes_per_frame, sample_rate          (creator)
+    line 1  write_index, overrun_frames, flush_seq, flush_until_index,
+            writes                                                        (producer)
+    line 2  read_index, underrun_frames, flush_ack_seq, heard_index,
+            device_latency_frames, reads                                  (consumer)
+    data    capacity_frames * bytes_per_frame bytes, at offset 256
+
+Indices only grow; ``index & (capacity - 1)`` is the position (capacity is a power of
+two). The producer copies the frames, then publishes ``write_index``; the consumer
+reads ``write_index`` and copies, then publishes ``read_index`` (x86-64 keeps stores in
+order and aligned int64 stores are atomic; see JACK's ringbuffer.c for the same idea).
+A full ring drops the frames that do not fit and counts them in ``overrun_frames``; an
+empty ring is a count too (``count_underrun``). Nothing here raises on the audio path.
+
+Wake-up: the producer writes to an eventfd after each write; ``wait_readable`` blocks
+on it (poll), which wakes within tens of microseconds. The eventfd is created by the
+ring's creator and must be inherited by the other process (``pass_fds``).
+
+``request_flush`` lets the producer tell the consumer to drop everything written so far
+(barge-in): the consumer applies it at its next read via ``take_flush``.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import select
+from pathlib import Path
+
+import numpy as np
+
+_MAGIC = 0x52_54_52_49_4E_47_30_31  # "RTRING01"
+_HEADER_BYTES = 256
+# int64 slots
+_CAPACITY, _BPF, _RATE = 1, 2, 3
+_W_INDEX, _OVERRUN, _FLUSH_SEQ, _FLUSH_UNTIL, _WRITES = 8, 9, 10, 11, 12
+_R_INDEX, _UNDERRUN, _FLUSH_ACK, _HEARD, _DEV_LATENCY, _READS = 16, 17, 18, 19, 20, 21
+
+SHM_DIR = Path("/dev/shm")
+
+
+class RingError(Exception):
+    """Base of the ring's errors (only raised when creating or attaching)."""
+
+
+def _shm_path(name: str) -> Path:
+    if "/" in name:
+        raise RingError(f"ring name {name!r} must not contain '/'")
+    return SHM_DIR / name
+
+
+class Ring:
+    """A PCM ring of int16 frames (mono: one sample per frame) in shared memory."""
+
+    def __init__(self, name: str, mm: mmap.mmap, data_fd: int | None, owner: bool) -> None:
+        self.name = name
+        self._mm = mm
+        self._hdr = np.frombuffer(mm, dtype="<i8", count=_HEADER_BYTES // 8)
+        if self._hdr[0] != _MAGIC:
+            raise RingError(f"/dev/shm/{name} is not a realtalk ring (bad magic)")
+        self.capacity_frames = int(self._hdr[_CAPACITY])
+        self.sample_rate = int(self._hdr[_RATE])
+        self._mask = self.capacity_frames - 1
+        self._data = np.frombuffer(mm, dtype="<i2", offset=_HEADER_BYTES, count=self.capacity_frames)
+        self.data_fd = data_fd
+        self._owner = owner
+
+    # -- creation -------------------------------------------------------------------
+    @classmethod
+    def create(cls, name: str, capacity_frames: int, sample_rate: int = 24000,
+               with_eventfd: bool = True) -> "Ring":
+        """Create (or replace) the shared block; the creator unlinks it with ``unlink``."""
+        if capacity_frames <= 0 or capacity_frames & (capacity_frames - 1):
+            raise RingError(f"capacity_frames must be a power of two, got {capacity_frames}")
+        size = _HEADER_BYTES + capacity_frames * 2
+        path = _shm_path(name)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        hdr = np.frombuffer(mm, dtype="<i8", count=_HEADER_BYTES // 8)
+        hdr[:] = 0
+        hdr[_CAPACITY], hdr[_BPF], hdr[_RATE] = capacity_frames, 2, sample_rate
+        hdr[0] = _MAGIC
+        del hdr
+        efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) if with_eventfd else None
+        return cls(name, mm, efd, owner=True)
+
+    @classmethod
+    def attach(cls, name: str, data_fd: int | None = None) -> "Ring":
+        """Attach to an existing ring; ``data_fd`` is the inherited eventfd, if any."""
+        path = _shm_path(name)
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            raise RingError(f"ring {name!r} does not exist in /dev/shm (is the engine running?)") from None
+        try:
+            size = os.fstat(fd).st_size
+            if size < _HEADER_BYTES:
+                raise RingError(f"/dev/shm/{name} is too small to be a ring")
+            mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        return cls(name, mm, data_fd, owner=False)
+
+    def close(self) -> None:
+        """Drop this process's mapping (and the eventfd, if this process created it)."""
+        self._hdr = self._data = None  # type: ignore[assignment]
+        try:
+            self._mm.close()
+        except BufferError:
+            pass  # an exported view is still alive; the mapping goes with the process
+        if self._owner and self.data_fd is not None:
+            os.close(self.data_fd)
+            self.data_fd = None
+
+    def unlink(self) -> None:
+        """Remove the shared block's name (creator only)."""
+        try:
+            _shm_path(self.name).unlink()
+        except FileNotFoundError:
+            pass
+
+    # -- counters ----------------------------------------------------------------
+    @property
+    def write_index(self) -> int:
+        return int(self._hdr[_W_INDEX])
+
+    @property
+    def read_index(self) -> int:
+        return int(self._hdr[_R_INDEX])
+
+    @property
+    def read_available(self) -> int:
+        return int(self._hdr[_W_INDEX] - self._hdr[_R_INDEX])
+
+    @property
+    def write_available(self) -> int:
+        return self.capacity_frames - self.read_available
+
+    @property
+    def overrun_frames(self) -> int:
+        return int(self._hdr[_OVERRUN])
+
+    @property
+    def underrun_frames(self) -> int:
+        return int(self._hdr[_UNDERRUN])
+
+    @property
+    def heard_index(self) -> int:
+        """Index of the next frame to reach the listener (consumer's estimate)."""
+        return int(self._hdr[_HEARD])
+
+    @property
+    def device_latency_frames(self) -> int:
+        return int(self._hdr[_DEV_LATENCY])
+
+    def stats(self) -> dict[str, int]:
+        """A snapshot of the counters, for status reports."""
+        return {
+            "capacity_frames": self.capacity_frames, "fill_frames": self.read_available,
+            "write_index": self.write_index, "read_index": self.read_index,
+            "overrun_frames": self.overrun_frames, "underrun_frames": self.underrun_frames,
+            "heard_index": self.heard_index,
+        }
+
+    # -- producer side -------------------------------------------------------------
+    def write(self, frames: np.ndarray | bytes | bytearray | memoryview) -> int:
+        """Copy as many frames as fit; return how many. The rest count as overrun."""
+        src = frames if isinstance(frames, np.ndarray) else np.frombuffer(frames, dtype="<i2")
+        hdr = self._hdr
+        w = int(hdr[_W_INDEX])
+        free = self.capacity_frames - (w - int(hdr[_R_INDEX]))
+        n = len(src)
+        if n > free:
+            hdr[_OVERRUN] += n - free
+            n = free
+        if n:
+            pos = w & self._mask
+            first = min(n, self.capacity_frames - pos)
+            self._data[pos:pos + first] = src[:first]
+            if n > first:
+                self._data[:n - first] = src[first:n]
+            hdr[_W_INDEX] = w + n
+            hdr[_WRITES] += 1
+            if self.data_fd is not None:
+                try:
+                    os.eventfd_write(self.data_fd, 1)
+                except BlockingIOError:
+                    pass  # counter saturated: the reader is already due to wake
+        return n
+
+    def request_flush(self) -> int:
+        """Ask the consumer to drop all frames written so far; returns the flush index."""
+        w = int(self._hdr[_W_INDEX])
+        self._hdr[_FLUSH_UNTIL] = w
+        self._hdr[_FLUSH_SEQ] += 1
+        return w
+
+    # -- consumer side -------------------------------------------------------------
+    def read_into(self, out: np.ndarray) -> int:
+        """Copy up to ``len(out)`` frames into ``out``; return how many (no counting)."""
+        hdr = self._hdr
+        r = int(hdr[_R_INDEX])
+        n = min(len(out), int(hdr[_W_INDEX]) - r)
+        if n > 0:
+            pos = r & self._mask
+            first = min(n, self.capacity_frames - pos)
+            out[:first] = self._data[pos:pos + first]
+            if n > first:
+                out[first:n] = self._data[:n - first]
+            hdr[_R_INDEX] = r + n
+            hdr[_READS] += 1
+            return n
+        return 0
+
+    def read(self, max_frames: int) -> np.ndarray:
+        """Return up to ``max_frames`` frames as a new array (allocates; not for callbacks)."""
+        out = np.empty(min(max_frames, self.read_available), dtype=np.int16)
+        n = self.read_into(out)
+        return out[:n]
+
+    def skip(self, frames: int) -> int:
+        """Drop up to ``frames`` frames without copying; return how many."""
+        r = int(self._hdr[_R_INDEX])
+        n = max(0, min(frames, int(self._hdr[_W_INDEX]) - r))
+        self._hdr[_R_INDEX] = r + n
+        return n
+
+    def take_flush(self) -> bool:
+        """If the producer asked for a flush, drop the frames it covers and return True."""
+        hdr = self._hdr
+        seq = int(hdr[_FLUSH_SEQ])
+        if seq == int(hdr[_FLUSH_ACK]):
+            return False
+        until = int(hdr[_FLUSH_UNTIL])
+        if until > int(hdr[_R_INDEX]):
+            hdr[_R_INDEX] = until
+        hdr[_FLUSH_ACK] = seq
+        return True
+
+    @property
+    def flush_pending(self) -> bool:
+        return int(self._hdr[_FLUSH_SEQ]) != int(self._hdr[_FLUSH_ACK])
+
+    def count_underrun(self, frames: int) -> None:
+        self._hdr[_UNDERRUN] += frames
+
+    def set_heard(self, heard_index: int, device_latency_frames: int) -> None:
+        self._hdr[_HEARD] = heard_index
+        self._hdr[_DEV_LATENCY] = device_latency_frames
+
+    def wait_readable(self, timeout_s: float) -> bool:
+        """Block until frames are available or ``timeout_s`` passes; True if readable."""
+        if self.read_available > 0:
+            return True
+        if self.data_fd is None:
+            raise RingError("this ring has no eventfd to wait on; pass data_fd to attach()")
+        r, _, _ = select.select([self.data_fd], [], [], timeout_s)
+        if r:
+            try:
+                os.eventfd_read(self.data_fd)
+            except BlockingIOError:
+                pass
+        return self.read_available > 0

@@ -1,0 +1,232 @@
+"""``engine serve``: the local realtime server's sockets, timers and faults.
+
+Serves the GA protocol at ``ws://HOST:PORT/v1/realtime?model=MODEL``. The protocol
+itself lives in :mod:`engine.server.session`; this module only moves bytes, sleeps,
+runs espeak-ng and the recogniser in worker threads, and injects configured faults.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response as HttpResponse
+
+from engine.server.faults import MAX_SESSION_REASON, Faults
+from engine.server.protocol import error_event
+from engine.server.scenario import Scenario
+from engine.server.session import Actions, Item, Response, ServerSession
+from engine.server.voice import Recognizer, synthesize
+
+log = logging.getLogger("realtalk.server")
+
+BETA_MESSAGE = "The Realtime Beta API is no longer supported. Please use /v1/realtime for the GA API."
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    speed: float = 1.0                 #: >1 streams audio faster than real time (tests)
+    api_key: str | None = None         #: required bearer key; None accepts any
+    asr: bool = True                   #: rough transcripts of user audio with pocketsphinx
+    scenario: Scenario = field(default_factory=Scenario)
+    faults: Faults = field(default_factory=Faults)
+
+
+class Connection:
+    """One client connection: a ServerSession plus the tasks that stream its responses."""
+
+    def __init__(self, ws: ServerConnection, cfg: ServerConfig, model: str, speed: float) -> None:
+        self.ws = ws
+        self.cfg = cfg
+        self.speed = speed
+        self.faults = cfg.faults.merged(cfg.scenario.faults)
+        self.session = ServerSession(model, cfg.scenario, self.faults)
+        self.wakes: dict[str, asyncio.Event] = {}
+        self.transcripts: dict[str, asyncio.Future[str]] = {}
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.sent_counts: dict[str, int] = {}
+        self.pending_errors = list(self.faults.errors)
+        self.closed = False
+
+    async def send(self, event: dict[str, Any]) -> None:
+        if self.closed:
+            return
+        etype = event["type"]
+        n = self.sent_counts[etype] = self.sent_counts.get(etype, 0) + 1
+        drop = self.faults.drop_at_event
+        if drop and (drop == etype or drop == f"{etype}#{n}"):
+            await self.drop(self.faults.drop_code, "injected fault")
+            return
+        await self.ws.send(json.dumps(event))
+        for err in list(self.pending_errors):
+            if err.get("after_event") == etype:
+                self.pending_errors.remove(err)
+                await self.ws.send(json.dumps(error_event(err.get("code", "server_error"),
+                                                          err.get("message", "Injected error."), err.get("param"),
+                                                          None, err.get("type", "server_error"))))
+
+    async def drop(self, code: int, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if code == 1006:
+            self.ws.transport.abort()  # no close frame: the client sees an abnormal closure
+        else:
+            await self.ws.close(code, reason)
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("response task failed", exc_info=task.exception())
+
+    async def apply(self, acts: Actions) -> None:
+        for ev in acts.send:
+            await self.send(ev)
+        for resp in acts.wake:
+            if resp.id in self.wakes:
+                self.wakes[resp.id].set()
+        for item in acts.transcribe:
+            self.transcripts[item.id] = asyncio.get_running_loop().create_future()
+            self.spawn(self.transcribe(item))
+        for resp in acts.start:
+            self.wakes[resp.id] = asyncio.Event()
+            self.spawn(self.stream(resp))
+
+    async def transcribe(self, item: Item) -> None:
+        words = item.heard
+        if words is None:
+            words = ""
+            if self.cfg.asr and item.audio is not None:
+                words = await asyncio.to_thread(Recognizer.transcribe, item.audio)
+        for ev in self.session.transcription_events(item, words):
+            await self.send(ev)
+        fut = self.transcripts.get(item.id)
+        if fut is not None and not fut.done():
+            fut.set_result(words)
+
+    async def stream(self, resp: Response) -> None:
+        loop = asyncio.get_running_loop()
+        waiting = self.session.pending_transcript(resp)
+        if waiting is not None and waiting.id in self.transcripts:
+            await self.transcripts[waiting.id]
+        self.session.plan(resp)
+        speech = None
+        if "audio" in resp.modalities and resp.text and not resp.cancelled:
+            speech = await asyncio.to_thread(synthesize, resp.text, resp.voice,
+                                             float(self.session.session["audio"]["output"]["speed"]))
+        wake = self.wakes[resp.id]
+        t_next = loop.time()
+        try:
+            for delay, event in self.session.response_steps(resp, speech, self.speed):
+                if delay > 0 and not resp.cancelled:
+                    t_next = max(t_next, loop.time() - 0.5) + delay
+                    timeout = t_next - loop.time()
+                    if timeout > 0:
+                        try:
+                            await asyncio.wait_for(wake.wait(), timeout)
+                        except asyncio.TimeoutError:
+                            pass
+                await self.send(event)
+        finally:
+            self.wakes.pop(resp.id, None)
+
+    async def run(self) -> None:
+        await self.send(self.session.created_event())
+        if self.faults.drop_after_s is not None:
+            self.spawn(self._drop_later(self.faults.drop_after_s, self.faults.drop_code, "injected fault"))
+        self.spawn(self._drop_later(self.faults.max_session_s, 1001, MAX_SESSION_REASON))
+        try:
+            async for message in self.ws:
+                await self.apply(self.session.receive_text(message))
+        finally:
+            self.closed = True
+            for task in list(self.tasks):
+                task.cancel()
+
+    async def _drop_later(self, after_s: float, code: int, reason: str) -> None:
+        await asyncio.sleep(after_s)
+        await self.drop(code, reason)
+
+
+def make_process_request(cfg: ServerConfig):
+    def process_request(connection: ServerConnection, request: Request) -> HttpResponse | None:
+        url = urlsplit(request.path)
+        if url.path.rstrip("/") != "/v1/realtime":
+            return connection.respond(404, f"Not found: {url.path}. The realtime endpoint is /v1/realtime?model=MODEL\n")
+        if cfg.api_key is not None:
+            auth = request.headers.get("Authorization", "")
+            if auth != f"Bearer {cfg.api_key}":
+                body = json.dumps({"error": {"type": "invalid_request_error", "code": "invalid_api_key",
+                                             "message": "Incorrect API key provided.", "param": None}})
+                return connection.respond(401, body + "\n")
+        return None
+    return process_request
+
+
+async def handle(ws: ServerConnection, cfg: ServerConfig) -> None:
+    req = ws.request
+    assert req is not None
+    if req.headers.get("OpenAI-Beta", "").strip().lower().startswith("realtime"):
+        await ws.send(json.dumps(error_event("beta_api_shape_disabled", BETA_MESSAGE)))
+        await ws.close(4000, "beta_api_shape_disabled")
+        return
+    query = parse_qs(urlsplit(req.path).query)
+    model = query.get("model", ["gpt-realtime"])[0]
+    try:
+        speed = float(query.get("x_speed", [cfg.speed])[0])
+    except ValueError:
+        speed = cfg.speed
+    await Connection(ws, cfg, model, max(0.01, speed)).run()
+
+
+async def serve_forever(cfg: ServerConfig, ready: asyncio.Future[str] | None = None,
+                        stop: asyncio.Event | None = None) -> None:
+    """Serve until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None)."""
+    stop = stop or asyncio.Event()
+    async with serve(lambda ws: handle(ws, cfg), cfg.host, cfg.port, max_size=32 * 1024 * 1024,
+                     process_request=make_process_request(cfg), ping_interval=None,
+                     compression=None) as server:
+        port = server.sockets[0].getsockname()[1]
+        url = f"ws://{cfg.host}:{port}/v1/realtime"
+        if ready is not None:
+            ready.set_result(url)
+        await stop.wait()
+
+
+def run(cfg: ServerConfig) -> int:
+    """Blocking entry point for ``engine serve``: prints the URL, serves until a signal."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        ready: asyncio.Future[str] = loop.create_future()
+        task = loop.create_task(serve_forever(cfg, ready, stop))
+        url = await ready
+        # prewarm espeak-ng so the first reply is fast
+        await asyncio.to_thread(synthesize, "ready", "marin", 1.0)
+        print(f"realtalk local server listening on {url}?model=MODEL", flush=True)
+        await task
+    try:
+        asyncio.run(main())
+    except OSError as exc:
+        print(f"engine serve: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}. "
+              f"Pick another port with --port.", file=sys.stderr)
+        return 1
+    return 0

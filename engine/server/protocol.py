@@ -1,0 +1,316 @@
+"""GA wire-protocol facts for the local server: ids, error events, client-event
+validation and the session schema. Pure functions."""
+from __future__ import annotations
+
+import math
+import secrets
+import string
+import time
+from typing import Any
+
+_ALPHABET = string.ascii_letters + string.digits
+
+CLIENT_EVENT_FIELDS: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
+    # type -> field -> (accepted python types, required)
+    "session.update": {"session": (dict, True)},
+    "input_audio_buffer.append": {"audio": (str, True)},
+    "input_audio_buffer.commit": {},
+    "input_audio_buffer.clear": {},
+    "conversation.item.create": {"item": (dict, True), "previous_item_id": ((str, type(None)), False)},
+    "conversation.item.retrieve": {"item_id": (str, True)},
+    "conversation.item.truncate": {"item_id": (str, True), "content_index": (int, True), "audio_end_ms": (int, True)},
+    "conversation.item.delete": {"item_id": (str, True)},
+    "response.create": {"response": ((dict, type(None)), False)},
+    "response.cancel": {"response_id": ((str, type(None)), False)},
+    "output_audio_buffer.clear": {},
+}
+
+#: beta-era session fields and where they live in GA (for helpful errors)
+BETA_SESSION_FIELDS = {
+    "modalities": "output_modalities", "voice": "audio.output.voice",
+    "input_audio_format": "audio.input.format", "output_audio_format": "audio.output.format",
+    "input_audio_transcription": "audio.input.transcription", "turn_detection": "audio.input.turn_detection",
+    "input_audio_noise_reduction": "audio.input.noise_reduction", "speed": "audio.output.speed",
+    "max_response_output_tokens": "max_output_tokens", "temperature": None,
+}
+
+SESSION_KEYS = {"type", "model", "output_modalities", "instructions", "audio", "tools", "tool_choice",
+                "parallel_tool_calls", "max_output_tokens", "tracing", "truncation", "prompt", "include",
+                "reasoning"}
+AUDIO_INPUT_KEYS = {"format", "noise_reduction", "transcription", "turn_detection"}
+AUDIO_OUTPUT_KEYS = {"format", "voice", "speed"}
+TURN_DETECTION_KEYS = {"type", "threshold", "prefix_padding_ms", "silence_duration_ms", "create_response",
+                       "interrupt_response", "idle_timeout_ms", "eagerness"}
+RESPONSE_KEYS = {"audio", "conversation", "input", "instructions", "max_output_tokens", "metadata",
+                 "output_modalities", "parallel_tool_calls", "prompt", "reasoning", "tool_choice", "tools"}
+VOICES = {"alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar"}
+AUDIO_FORMATS = {"audio/pcm", "audio/pcmu", "audio/pcma"}
+MAX_EVENT_BYTES = 15 * 1024 * 1024
+
+
+def new_id(prefix: str) -> str:
+    """An id in the service's style: ``prefix_`` and 21 base62 characters."""
+    return prefix + "_" + "".join(secrets.choice(_ALPHABET) for _ in range(21))
+
+
+class ProtocolError(Exception):
+    """A client event the server refuses; becomes an ``error`` event, the socket stays open."""
+
+    def __init__(self, code: str, message: str, param: str | None = None,
+                 error_type: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.code, self.message, self.param, self.error_type = code, message, param, error_type
+
+
+def error_event(code: str | None, message: str, param: str | None = None, client_event_id: str | None = None,
+                error_type: str = "invalid_request_error") -> dict[str, Any]:
+    return {"type": "error", "event_id": new_id("event"),
+            "error": {"type": error_type, "code": code, "message": message, "param": param,
+                      "event_id": client_event_id}}
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
+            dict: "an object", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _expected(types: type | tuple[type, ...]) -> str:
+    ts = types if isinstance(types, tuple) else (types,)
+    return " or ".join(_type_name(t()) if t is not type(None) else "null" for t in ts)
+
+
+def validate_client_event(event: Any) -> str:
+    """Check an event's shape; return its type or raise :class:`ProtocolError`."""
+    if not isinstance(event, dict):
+        raise ProtocolError("invalid_event", "The event must be a JSON object.")
+    etype = event.get("type")
+    if etype is None:
+        raise ProtocolError("invalid_event", "The 'type' field is missing.", "type")
+    if not isinstance(etype, str):
+        raise ProtocolError("invalid_type", f"Invalid type for 'type': expected a string, but got {_type_name(etype)} instead.", "type")
+    spec = CLIENT_EVENT_FIELDS.get(etype)
+    if spec is None:
+        hint = ""
+        if etype == "transcription_session.update":
+            hint = " transcription_session.update was part of the retired beta API; use session.update with session.type 'transcription'."
+        raise ProtocolError("invalid_value", f"Invalid value: '{etype}'. Supported values are: "
+                            + ", ".join(f"'{t}'" for t in CLIENT_EVENT_FIELDS) + "." + hint, "type")
+    eid = event.get("event_id")
+    if eid is not None and not isinstance(eid, str):
+        raise ProtocolError("invalid_type", f"Invalid type for 'event_id': expected a string, but got {_type_name(eid)} instead.", "event_id")
+    for key in event:
+        if key not in spec and key not in ("type", "event_id"):
+            raise ProtocolError("unknown_parameter", f"Unknown parameter: '{key}'.", key)
+    for key, (types, required) in spec.items():
+        if key not in event:
+            if required:
+                raise ProtocolError("missing_required_parameter", f"Missing required parameter: '{key}'.", key)
+            continue
+        value = event[key]
+        if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+            ok = False
+        else:
+            ok = isinstance(value, types)
+        if not ok:
+            raise ProtocolError("invalid_type", f"Invalid type for '{key}': expected {_expected(types)}, "
+                                f"but got {_type_name(value)} instead.", key)
+    return etype
+
+
+def check_keys(obj: dict[str, Any], allowed: set[str], where: str) -> None:
+    for key in obj:
+        if key not in allowed:
+            raise ProtocolError("unknown_parameter", f"Unknown parameter: '{where}.{key}'.", f"{where}.{key}")
+
+
+def default_session(model: str, session_id: str) -> dict[str, Any]:
+    """The session object a new connection starts with (shape of the real service's)."""
+    return {
+        "type": "realtime", "object": "realtime.session", "id": session_id, "model": model,
+        "output_modalities": ["audio"],
+        "instructions": "You are a helpful voice assistant running on realtalk's local server.",
+        "tools": [], "tool_choice": "auto", "max_output_tokens": "inf", "tracing": None,
+        "truncation": "auto", "prompt": None, "expires_at": int(time.time()) + 3600,
+        "audio": {
+            "input": {"format": {"type": "audio/pcm", "rate": 24000}, "transcription": None,
+                      "noise_reduction": None,
+                      "turn_detection": {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300,
+                                         "silence_duration_ms": 500, "idle_timeout_ms": None,
+                                         "create_response": True, "interrupt_response": True}},
+            "output": {"format": {"type": "audio/pcm", "rate": 24000}, "voice": "marin", "speed": 1.0},
+        },
+        "include": None,
+    }
+
+
+def _check_format(fmt: Any, where: str) -> dict[str, Any]:
+    if not isinstance(fmt, dict):
+        raise ProtocolError("invalid_type", f"Invalid type for '{where}': expected an object.", where)
+    check_keys(fmt, {"type", "rate"}, where)
+    if fmt.get("type") not in AUDIO_FORMATS:
+        raise ProtocolError("invalid_value", f"Invalid value: '{fmt.get('type')}'. Supported values are: "
+                            "'audio/pcm', 'audio/pcmu' and 'audio/pcma'.", f"{where}.type")
+    if fmt["type"] == "audio/pcm":
+        if fmt.get("rate", 24000) != 24000:
+            raise ProtocolError("invalid_value", "Only a 24kHz sample rate is supported.", f"{where}.rate")
+        return {"type": "audio/pcm", "rate": 24000}
+    return {"type": fmt["type"]}
+
+
+def _check_turn_detection(td: Any) -> dict[str, Any] | None:
+    where = "session.audio.input.turn_detection"
+    if td is None:
+        return None
+    if not isinstance(td, dict):
+        raise ProtocolError("invalid_type", f"Invalid type for '{where}': expected an object or null.", where)
+    check_keys(td, TURN_DETECTION_KEYS, where)
+    kind = td.get("type", "server_vad")
+    if kind == "server_vad":
+        out = {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500,
+               "idle_timeout_ms": None, "create_response": True, "interrupt_response": True}
+        if "eagerness" in td:
+            raise ProtocolError("unknown_parameter", f"Unknown parameter: '{where}.eagerness'.", f"{where}.eagerness")
+    elif kind == "semantic_vad":
+        out = {"type": "semantic_vad", "eagerness": "auto", "create_response": True, "interrupt_response": True}
+        for k in ("threshold", "prefix_padding_ms", "silence_duration_ms", "idle_timeout_ms"):
+            if k in td:
+                raise ProtocolError("unknown_parameter", f"Unknown parameter: '{where}.{k}'.", f"{where}.{k}")
+    else:
+        raise ProtocolError("invalid_value", f"Invalid value: '{kind}'. Supported values are: 'server_vad' and "
+                            "'semantic_vad'.", f"{where}.type")
+    for k, v in td.items():
+        if k == "type":
+            continue
+        if k == "threshold" and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1):
+            raise ProtocolError("invalid_value", f"Invalid '{where}.threshold': expected a number between 0 and 1.", f"{where}.threshold")
+        if k in ("prefix_padding_ms", "silence_duration_ms") and not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            raise ProtocolError("invalid_value", f"Invalid '{where}.{k}': expected a non-negative integer.", f"{where}.{k}")
+        if k in ("create_response", "interrupt_response") and not isinstance(v, bool):
+            raise ProtocolError("invalid_type", f"Invalid type for '{where}.{k}': expected a boolean.", f"{where}.{k}")
+        out[k] = v
+    return out
+
+
+def merge_session_update(current: dict[str, Any], update: dict[str, Any], audio_was_output: bool) -> dict[str, Any]:
+    """Validate a GA ``session.update`` payload and return the merged session."""
+    for key in update:
+        if key in BETA_SESSION_FIELDS and key not in SESSION_KEYS:
+            ga = BETA_SESSION_FIELDS[key]
+            hint = f" In the GA API this is 'session.{ga}'." if ga else " It was removed in the GA API."
+            raise ProtocolError("unknown_parameter", f"Unknown parameter: 'session.{key}'.{hint}", f"session.{key}")
+    check_keys(update, SESSION_KEYS, "session")
+    if update.get("type") not in ("realtime",):
+        if "type" not in update:
+            raise ProtocolError("missing_required_parameter", "Missing required parameter: 'session.type'.", "session.type")
+        raise ProtocolError("invalid_value", f"Invalid value: '{update.get('type')}'. This session is a 'realtime' "
+                            "session; transcription sessions connect with ?intent=transcription.", "session.type")
+    s = {**current, "audio": {"input": dict(current["audio"]["input"]), "output": dict(current["audio"]["output"])}}
+    for key, value in update.items():
+        if key == "type":
+            continue
+        if key == "model":
+            if not isinstance(value, str):
+                raise ProtocolError("invalid_type", "Invalid type for 'session.model': expected a string.", "session.model")
+            s["model"] = value
+        elif key == "output_modalities":
+            if value not in (["audio"], ["text"]):
+                raise ProtocolError("invalid_value", "Invalid 'session.output_modalities': expected ['audio'] or ['text'].",
+                                    "session.output_modalities")
+            s[key] = list(value)
+        elif key == "instructions":
+            if not isinstance(value, str):
+                raise ProtocolError("invalid_type", "Invalid type for 'session.instructions': expected a string.", "session.instructions")
+            s[key] = value
+        elif key == "tools":
+            s[key] = check_tools(value, "session.tools")
+        elif key == "max_output_tokens":
+            if not (value == "inf" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 4096)):
+                raise ProtocolError("invalid_value", "Invalid 'session.max_output_tokens': expected an integer between 1 and 4096, or 'inf'.",
+                                    "session.max_output_tokens")
+            s[key] = value
+        elif key == "audio":
+            if not isinstance(value, dict):
+                raise ProtocolError("invalid_type", "Invalid type for 'session.audio': expected an object.", "session.audio")
+            check_keys(value, {"input", "output"}, "session.audio")
+            if "input" in value:
+                inp = value["input"]
+                if not isinstance(inp, dict):
+                    raise ProtocolError("invalid_type", "Invalid type for 'session.audio.input': expected an object.", "session.audio.input")
+                check_keys(inp, AUDIO_INPUT_KEYS, "session.audio.input")
+                if "format" in inp:
+                    s["audio"]["input"]["format"] = _check_format(inp["format"], "session.audio.input.format")
+                if "turn_detection" in inp:
+                    s["audio"]["input"]["turn_detection"] = _check_turn_detection(inp["turn_detection"])
+                if "transcription" in inp:
+                    tr = inp["transcription"]
+                    if tr is not None:
+                        if not isinstance(tr, dict):
+                            raise ProtocolError("invalid_type", "Invalid type for 'session.audio.input.transcription': expected an object or null.",
+                                                "session.audio.input.transcription")
+                        check_keys(tr, {"model", "language", "prompt"}, "session.audio.input.transcription")
+                        tr = {"model": tr.get("model", "whisper-1"), "language": tr.get("language"), "prompt": tr.get("prompt")}
+                    s["audio"]["input"]["transcription"] = tr
+                if "noise_reduction" in inp:
+                    nr = inp["noise_reduction"]
+                    if nr is not None and (not isinstance(nr, dict) or nr.get("type") not in ("near_field", "far_field")):
+                        raise ProtocolError("invalid_value", "Invalid 'session.audio.input.noise_reduction': expected "
+                                            "{'type': 'near_field' | 'far_field'} or null.", "session.audio.input.noise_reduction")
+                    s["audio"]["input"]["noise_reduction"] = nr
+            if "output" in value:
+                out = value["output"]
+                if not isinstance(out, dict):
+                    raise ProtocolError("invalid_type", "Invalid type for 'session.audio.output': expected an object.", "session.audio.output")
+                check_keys(out, AUDIO_OUTPUT_KEYS, "session.audio.output")
+                if "format" in out:
+                    s["audio"]["output"]["format"] = _check_format(out["format"], "session.audio.output.format")
+                if "voice" in out:
+                    voice = out["voice"]
+                    if not (voice in VOICES or (isinstance(voice, dict) and isinstance(voice.get("id"), str))):
+                        raise ProtocolError("invalid_value", f"Invalid value: '{voice}'. Supported values are: "
+                                            + ", ".join(f"'{v}'" for v in sorted(VOICES)) + ".", "session.audio.output.voice")
+                    if audio_was_output and voice != current["audio"]["output"]["voice"]:
+                        raise ProtocolError("invalid_value", "Cannot update a conversation's voice if assistant audio is present.",
+                                            "session.audio.output.voice")
+                    s["audio"]["output"]["voice"] = voice
+                if "speed" in out:
+                    sp = out["speed"]
+                    if not (isinstance(sp, (int, float)) and not isinstance(sp, bool) and 0.25 <= sp <= 1.5):
+                        raise ProtocolError("invalid_value", "Invalid 'session.audio.output.speed': expected a number between 0.25 and 1.5.",
+                                            "session.audio.output.speed")
+                    s["audio"]["output"]["speed"] = float(sp)
+        else:  # tool_choice, tracing, truncation, prompt, include, parallel_tool_calls, reasoning: stored as given
+            s[key] = value
+    return s
+
+
+def check_tools(value: Any, where: str) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        raise ProtocolError("invalid_type", f"Invalid type for '{where}': expected an array.", where)
+    out = []
+    for i, tool in enumerate(value):
+        if not isinstance(tool, dict) or tool.get("type", "function") not in ("function", "mcp"):
+            raise ProtocolError("invalid_value", f"Invalid '{where}[{i}]': expected a function tool.", f"{where}[{i}]")
+        if tool.get("type", "function") == "function":
+            check_keys(tool, {"type", "name", "description", "parameters"}, f"{where}[{i}]")
+            if not isinstance(tool.get("name"), str):
+                raise ProtocolError("missing_required_parameter", f"Missing required parameter: '{where}[{i}].name'.", f"{where}[{i}].name")
+            out.append({"type": "function", "name": tool["name"], "description": tool.get("description", ""),
+                        "parameters": tool.get("parameters", {"type": "object", "properties": {}})})
+        else:
+            out.append(tool)
+    return out
+
+
+def text_tokens(text: str) -> int:
+    """The documented estimate for text: one token per 4 UTF-8 bytes, rounded up."""
+    return math.ceil(len(text.encode()) / 4) if text else 0
+
+
+def user_audio_tokens(ms: float) -> int:
+    """User audio: about one token per 100 ms."""
+    return math.ceil(ms / 100) if ms > 0 else 0
+
+
+def model_audio_tokens(ms: float) -> int:
+    """Model audio: about one token per 50 ms."""
+    return math.ceil(ms / 50) if ms > 0 else 0

@@ -1,0 +1,145 @@
+"""Scenario files script what the local server says and which faults it injects.
+
+Format (YAML; documented in docs/local-server.md)::
+
+    default_reply: "You said: {user}."     # {user}: what the server heard
+    turns:                                  # first matching rule wins
+      - match: {turn: 1}                    # the 1st user turn
+        reply: "Hello!"
+      - match: {text: "capital"}            # case-insensitive substring of the user's text
+        reply: "The capital of France is Paris."
+      - match: {regex: "collect(ion)? point"}
+        call: {name: ask_client, arguments: {question: "Where is the collection point?"}}
+        then: "Thanks. {output}"            # reply after the function output; {output}
+      - match: {text: "transcribe"}
+        hear: "override the transcript"    # what the server 'heard' for this turn
+    faults: {...}                           # same keys as engine.server.faults.Faults
+
+A rule may also set ``hear`` for audio turns matched by ``turn``, so tests get exact
+transcripts without relying on the rough recogniser.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from engine.server.faults import Faults
+
+
+class ScenarioError(ValueError):
+    """A scenario file that cannot be used; the message names the key and the problem."""
+
+
+@dataclass
+class Rule:
+    turn: int | None = None
+    text: str | None = None
+    regex: re.Pattern[str] | None = None
+    reply: str | None = None
+    call_name: str | None = None
+    call_arguments: str = "{}"
+    then: str | None = None
+    hear: str | None = None
+
+    def matches(self, turn: int, user_text: str) -> bool:
+        if self.turn is not None and self.turn != turn:
+            return False
+        if self.text is not None and self.text.lower() not in user_text.lower():
+            return False
+        if self.regex is not None and not self.regex.search(user_text):
+            return False
+        return True
+
+
+@dataclass
+class Scenario:
+    rules: list[Rule] = field(default_factory=list)
+    default_reply: str = "You said: {user}."
+    faults: Faults = field(default_factory=Faults)
+
+    def rule_for(self, turn: int, user_text: str) -> Rule | None:
+        for rule in self.rules:
+            if rule.matches(turn, user_text):
+                return rule
+        return None
+
+    def heard_for_turn(self, turn: int) -> str | None:
+        for rule in self.rules:
+            if rule.hear is not None and rule.turn == turn and rule.text is None and rule.regex is None:
+                return rule.hear
+        return None
+
+
+_RULE_KEYS = {"match", "reply", "call", "then", "hear"}
+_MATCH_KEYS = {"turn", "text", "regex"}
+
+
+def parse_scenario(data: Any, source: str = "scenario") -> Scenario:
+    if data is None:
+        return Scenario()
+    if not isinstance(data, dict):
+        raise ScenarioError(f"{source}: expected a mapping at the top level")
+    unknown = set(data) - {"turns", "default_reply", "faults"}
+    if unknown:
+        raise ScenarioError(f"{source}: unknown key {sorted(unknown)[0]!r} (allowed: turns, default_reply, faults)")
+    sc = Scenario()
+    if "default_reply" in data:
+        if not isinstance(data["default_reply"], str):
+            raise ScenarioError(f"{source}: default_reply must be a string")
+        sc.default_reply = data["default_reply"]
+    turns = data.get("turns") or []
+    if not isinstance(turns, list):
+        raise ScenarioError(f"{source}: turns must be a list of rules")
+    for i, raw in enumerate(turns):
+        where = f"{source}: turns[{i}]"
+        if not isinstance(raw, dict):
+            raise ScenarioError(f"{where}: expected a mapping")
+        bad = set(raw) - _RULE_KEYS
+        if bad:
+            raise ScenarioError(f"{where}: unknown key {sorted(bad)[0]!r} (allowed: {', '.join(sorted(_RULE_KEYS))})")
+        match = raw.get("match") or {}
+        if not isinstance(match, dict) or set(match) - _MATCH_KEYS:
+            raise ScenarioError(f"{where}.match: expected a mapping with turn, text or regex")
+        rule = Rule(turn=match.get("turn"), text=match.get("text"), reply=raw.get("reply"),
+                    then=raw.get("then"), hear=raw.get("hear"))
+        if rule.turn is not None and not isinstance(rule.turn, int):
+            raise ScenarioError(f"{where}.match.turn must be an integer")
+        if "regex" in match:
+            try:
+                rule.regex = re.compile(match["regex"], re.IGNORECASE)
+            except re.error as exc:
+                raise ScenarioError(f"{where}.match.regex: {exc}") from None
+        call = raw.get("call")
+        if call is not None:
+            if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+                raise ScenarioError(f"{where}.call: expected {{name: ..., arguments: {{...}}}}")
+            args = call.get("arguments", {})
+            rule.call_name = call["name"]
+            rule.call_arguments = args if isinstance(args, str) else json.dumps(args)
+        if rule.reply is None and rule.call_name is None and rule.hear is None:
+            raise ScenarioError(f"{where}: needs reply, call or hear")
+        sc.rules.append(rule)
+    if "faults" in data:
+        try:
+            sc.faults = Faults.from_dict(data["faults"])
+        except ValueError as exc:
+            raise ScenarioError(f"{source}: faults: {exc}") from None
+    return sc
+
+
+def load_scenario(path: str | Path | None) -> Scenario:
+    if path is None:
+        return Scenario()
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise ScenarioError(f"scenario file {p} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ScenarioError(f"{p}: not valid YAML ({exc})") from None
+    return parse_scenario(data, str(p))

@@ -1,0 +1,667 @@
+"""One realtime session of the local server: conversation state, input buffer, VAD,
+responses. Sans-I/O: ``receive(event)`` returns the server events to send at once and
+the actions the I/O layer must carry out (start a response, transcribe an item, wake a
+response task). A response is streamed by iterating ``response_steps``, which yields
+``(delay_s, event)`` pairs and changes state only as each event is taken, so the state
+always matches what the client has been sent.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+
+from engine.codec import API_RATE_HZ, b64decode_strict, b64encode, decode_audio, encode_audio
+from engine.server.faults import Faults
+from engine.server.protocol import (MAX_EVENT_BYTES, RESPONSE_KEYS, ProtocolError, check_keys, check_tools,
+                                    default_session, error_event, merge_session_update, model_audio_tokens,
+                                    new_id, text_tokens, user_audio_tokens, validate_client_event)
+from engine.server.scenario import Rule, Scenario
+from engine.server.vad import ServerVad
+
+DELTA_MS = 100                 #: audio per output delta
+MIN_COMMIT_MS = 100
+NO_USER_REPLY = "Hello! I am realtalk's local server. Say something and I will answer."
+
+
+@dataclass
+class Item:
+    data: dict[str, Any]                         #: the item as the API shows it (no audio bytes)
+    audio: np.ndarray | None = None              #: PCM16 24 kHz (user input or model output so far)
+    heard: str | None = None                     #: user's words (text, or transcript of audio)
+    transcript_pending: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.data["id"]
+
+    @property
+    def audio_ms(self) -> float:
+        return 0.0 if self.audio is None else len(self.audio) * 1000.0 / API_RATE_HZ
+
+
+@dataclass
+class Response:
+    id: str
+    params: dict[str, Any]
+    in_conversation: bool
+    modalities: list[str]
+    voice: str
+    audio_format: str
+    metadata: dict[str, str] | None
+    input_items: list[Item] | None = None        #: out-of-band input, else the conversation
+    cancel_reason: str | None = None
+    done: bool = False
+    text: str | None = None                      #: what it says (planned)
+    call: tuple[str, str, str] | None = None     #: (name, arguments, call_id)
+    output: list[dict[str, Any]] = field(default_factory=list)
+    item: Item | None = None
+    audio_sent_ms: float = 0.0
+    text_sent: str = ""
+    deltas_sent: int = 0
+    usage_in: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_reason is not None
+
+
+@dataclass
+class Actions:
+    """What the I/O layer must do after ``receive``."""
+    send: list[dict[str, Any]] = field(default_factory=list)
+    start: list[Response] = field(default_factory=list)          #: new responses to stream
+    wake: list[Response] = field(default_factory=list)           #: responses cancelled/cleared
+    transcribe: list[Item] = field(default_factory=list)         #: user audio items needing words
+
+
+class ServerSession:
+    def __init__(self, model: str, scenario: Scenario | None = None, faults: Faults | None = None,
+                 transcribe_turns: bool = True) -> None:
+        self.session = default_session(model, new_id("sess"))
+        self.conversation_id = new_id("conv")
+        self.scenario = scenario or Scenario()
+        self.faults = faults or Faults()
+        self.rng = random.Random(self.faults.seed)
+        self.items: list[Item] = []
+        self.by_id: dict[str, Item] = {}
+        self.buffer: list[np.ndarray] = []
+        self.buffer_samples = 0
+        self.buffer_start_sample = 0           #: session clock at the start of the buffer
+        self.total_samples = 0                 #: all audio appended this session
+        self.vad = ServerVad()
+        self.speech_item_id: str | None = None
+        self.active: Response | None = None
+        self.responses: dict[str, Response] = {}
+        self.user_turns = 0
+        self.audio_was_output = False
+        self.prev_input_tokens = 0             #: billed input of the last response (cache prefix)
+        self.pending_then: dict[str, Rule] = {}
+        self.transcribe_turns = transcribe_turns
+        self._configure_vad()
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def turn_detection(self) -> dict[str, Any] | None:
+        return self.session["audio"]["input"]["turn_detection"]
+
+    @property
+    def input_format(self) -> str:
+        return self.session["audio"]["input"]["format"]["type"]
+
+    def _configure_vad(self) -> None:
+        td = self.turn_detection
+        if td and td["type"] == "server_vad":
+            self.vad.configure(td["threshold"], td["prefix_padding_ms"], td["silence_duration_ms"])
+        elif td:  # semantic_vad: eagerness sets how long a pause ends the turn
+            silence = {"low": 1200, "medium": 700, "high": 300, "auto": 700}.get(td.get("eagerness", "auto"), 700)
+            self.vad.configure(0.5, 300, silence)
+
+    def created_event(self) -> dict[str, Any]:
+        return {"type": "session.created", "event_id": new_id("event"), "session": self.session}
+
+    def _ev(self, type_: str, **fields: Any) -> dict[str, Any]:
+        return {"type": type_, "event_id": new_id("event"), **fields}
+
+    def _prev_id(self, item: Item) -> str | None:
+        idx = self.items.index(item)
+        return self.items[idx - 1].id if idx > 0 else None
+
+    def _insert(self, item: Item, previous_item_id: str | None = None, append: bool = True) -> None:
+        if append:
+            self.items.append(item)
+        elif previous_item_id == "root":
+            self.items.insert(0, item)
+        else:
+            prev = self.by_id[previous_item_id]  # caller checked it exists
+            self.items.insert(self.items.index(prev) + 1, item)
+        self.by_id[item.id] = item
+
+    # ------------------------------------------------------------------ input
+    def receive_text(self, raw: str | bytes) -> Actions:
+        """Handle one websocket message; bad input becomes an ``error`` event."""
+        acts = Actions()
+        if len(raw) > MAX_EVENT_BYTES:
+            acts.send.append(error_event("invalid_value", f"The event is {len(raw)} bytes; the maximum is "
+                                         f"{MAX_EVENT_BYTES} bytes (15 MiB). Split audio into smaller appends.", None))
+            return acts
+        try:
+            event = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            acts.send.append(error_event("invalid_json", f"We could not parse the JSON body of your request. ({exc})"))
+            return acts
+        client_event_id = event.get("event_id") if isinstance(event, dict) and isinstance(event.get("event_id"), str) else None
+        try:
+            etype = validate_client_event(event)
+            getattr(self, "_on_" + etype.replace(".", "_"))(event, acts)
+        except ProtocolError as exc:
+            acts.send.append(error_event(exc.code, exc.message, exc.param, client_event_id, exc.error_type))
+        return acts
+
+    def _on_session_update(self, ev: dict[str, Any], acts: Actions) -> None:
+        old_td = self.turn_detection
+        self.session = merge_session_update(self.session, ev["session"], self.audio_was_output)
+        if self.turn_detection != old_td:
+            self._configure_vad()
+            if self.turn_detection is None:
+                self.vad.reset_speech()
+        acts.send.append(self._ev("session.updated", session=self.session))
+
+    def _on_input_audio_buffer_append(self, ev: dict[str, Any], acts: Actions) -> None:
+        try:
+            data = b64decode_strict(ev["audio"])
+        except ValueError:
+            raise ProtocolError("invalid_value", "Invalid 'audio'. Expected base64-encoded audio bytes.", "audio") from None
+        pcm = decode_audio(data, self.input_format)
+        if len(pcm) == 0:
+            return
+        if self.buffer_samples == 0:
+            self.buffer_start_sample = self.total_samples
+        self.buffer.append(pcm)
+        self.buffer_samples += len(pcm)
+        self.total_samples += len(pcm)
+        if self.turn_detection is None:
+            self.vad.skip(len(pcm))
+            return
+        for vev in self.vad.feed(pcm):
+            if vev.kind == "started":
+                self.speech_item_id = new_id("item")
+                acts.send.append(self._ev("input_audio_buffer.speech_started", audio_start_ms=vev.ms,
+                                          item_id=self.speech_item_id))
+                if self.active is not None and self.turn_detection.get("interrupt_response", True):
+                    self._cancel(self.active, "turn_detected", acts)
+            else:
+                item_id = self.speech_item_id or new_id("item")
+                acts.send.append(self._ev("input_audio_buffer.speech_stopped", audio_end_ms=vev.ms, item_id=item_id))
+                start = self.vad.speech_start_ms * API_RATE_HZ // 1000
+                end = vev.ms * API_RATE_HZ // 1000
+                self._commit(acts, item_id, start_sample=start, end_sample=end)
+                self.speech_item_id = None
+                if self.turn_detection.get("create_response", True) and self.active is None:
+                    self._start_response({}, acts)
+
+    def _buffer_pcm(self) -> np.ndarray:
+        if not self.buffer:
+            return np.zeros(0, dtype=np.int16)
+        pcm = np.concatenate(self.buffer) if len(self.buffer) > 1 else self.buffer[0]
+        self.buffer = [pcm]
+        return pcm
+
+    def _commit(self, acts: Actions, item_id: str, start_sample: int | None = None,
+                end_sample: int | None = None) -> None:
+        pcm = self._buffer_pcm()
+        if start_sample is not None and end_sample is not None:
+            lo = max(0, start_sample - self.buffer_start_sample)
+            hi = max(lo, min(len(pcm), end_sample - self.buffer_start_sample))
+            audio, rest = pcm[lo:hi], pcm[hi:]
+        else:
+            audio, rest = pcm, pcm[:0]
+        self.buffer_start_sample += len(pcm) - len(rest)
+        self.buffer = [rest] if len(rest) else []
+        self.buffer_samples = len(rest)
+        prev = self.items[-1].id if self.items else None
+        item = Item({"id": item_id, "type": "message", "status": "completed", "role": "user",
+                     "content": [{"type": "input_audio", "transcript": None}]}, audio=np.array(audio))
+        self._insert(item)
+        self.user_turns += 1
+        acts.send.append(self._ev("input_audio_buffer.committed", previous_item_id=prev, item_id=item_id))
+        acts.send.append(self._ev("conversation.item.added", previous_item_id=prev, item=item.data))
+        acts.send.append(self._ev("conversation.item.done", previous_item_id=prev, item=item.data))
+        item.heard = self.scenario.heard_for_turn(self.user_turns)
+        if item.heard is None:
+            item.transcript_pending = True
+        acts.transcribe.append(item)
+
+    def _on_input_audio_buffer_commit(self, ev: dict[str, Any], acts: Actions) -> None:
+        ms = self.buffer_samples * 1000 / API_RATE_HZ
+        if ms < MIN_COMMIT_MS:
+            raise ProtocolError("input_audio_buffer_commit_empty",
+                                f"Error committing input audio buffer: buffer too small. Expected at least "
+                                f"{MIN_COMMIT_MS}ms of audio, but buffer only has {ms:.2f}ms of audio.")
+        self.vad.reset_speech()
+        self._commit(acts, self.speech_item_id or new_id("item"))
+        self.speech_item_id = None
+
+    def _on_input_audio_buffer_clear(self, ev: dict[str, Any], acts: Actions) -> None:
+        self.buffer, self.buffer_samples = [], 0
+        self.buffer_start_sample = self.total_samples
+        self.vad.reset_speech()
+        self.speech_item_id = None
+        acts.send.append(self._ev("input_audio_buffer.cleared"))
+
+    def _on_conversation_item_create(self, ev: dict[str, Any], acts: Actions) -> None:
+        raw = ev["item"]
+        prev_id = ev.get("previous_item_id")
+        if prev_id is not None and prev_id != "root" and prev_id not in self.by_id:
+            raise ProtocolError("invalid_value", f"Item with item_id '{prev_id}' not found in the conversation.",
+                                "previous_item_id")
+        item = self._make_item(raw)
+        if item.id in self.by_id:
+            raise ProtocolError("invalid_value", f"Item with id '{item.id}' already exists.", "item.id")
+        self._insert(item, prev_id, append=prev_id is None)
+        if item.data.get("role") == "user" and item.data["type"] == "message":
+            self.user_turns += 1
+        prev = self._prev_id(item)
+        acts.send.append(self._ev("conversation.item.added", previous_item_id=prev, item=item.data))
+        acts.send.append(self._ev("conversation.item.done", previous_item_id=prev, item=item.data))
+
+    def _make_item(self, raw: dict[str, Any]) -> Item:
+        kind = raw.get("type", "message")
+        item_id = raw.get("id") or new_id("item")
+        if not isinstance(item_id, str):
+            raise ProtocolError("invalid_type", "Invalid type for 'item.id': expected a string.", "item.id")
+        if kind == "message":
+            check_keys(raw, {"id", "type", "role", "content", "status", "object"}, "item")
+            role = raw.get("role")
+            if role not in ("user", "assistant", "system"):
+                raise ProtocolError("invalid_value", f"Invalid value: '{role}'. Supported values are: 'user', "
+                                    "'assistant', and 'system'.", "item.role")
+            content = raw.get("content")
+            if not isinstance(content, list) or not content:
+                raise ProtocolError("missing_required_parameter", "Missing required parameter: 'item.content'.", "item.content")
+            allowed = {"user": ("input_text", "input_audio", "input_image"), "system": ("input_text",),
+                       "assistant": ("output_text",)}[role]
+            parts, words, audio = [], [], None
+            for i, part in enumerate(content):
+                ptype = part.get("type") if isinstance(part, dict) else None
+                if ptype not in allowed:
+                    raise ProtocolError("invalid_value", f"Invalid value: '{ptype}'. Value must be "
+                                        + " or ".join(f"'{a}'" for a in allowed) + ".", f"item.content[{i}].type")
+                if ptype in ("input_text", "output_text"):
+                    if not isinstance(part.get("text"), str):
+                        raise ProtocolError("missing_required_parameter", f"Missing required parameter: 'item.content[{i}].text'.",
+                                            f"item.content[{i}].text")
+                    parts.append({"type": ptype, "text": part["text"]})
+                    words.append(part["text"])
+                elif ptype == "input_audio":
+                    try:
+                        data = b64decode_strict(part.get("audio") or "")
+                    except ValueError:
+                        raise ProtocolError("invalid_value", "Invalid 'audio'. Expected base64-encoded audio bytes.",
+                                            f"item.content[{i}].audio") from None
+                    audio = decode_audio(data, self.input_format)
+                    parts.append({"type": "input_audio", "transcript": part.get("transcript")})
+                    if part.get("transcript"):
+                        words.append(part["transcript"])
+                else:
+                    parts.append({"type": ptype, "image_url": part.get("image_url"), "detail": part.get("detail", "auto")})
+            data = {"id": item_id, "type": "message", "status": "completed", "role": role, "content": parts}
+            return Item(data, audio=audio, heard=" ".join(words) if words else None)
+        if kind == "function_call_output":
+            check_keys(raw, {"id", "type", "call_id", "output", "status", "object"}, "item")
+            for k in ("call_id", "output"):
+                if not isinstance(raw.get(k), str):
+                    raise ProtocolError("missing_required_parameter", f"Missing required parameter: 'item.{k}'.", f"item.{k}")
+            return Item({"id": item_id, "type": "function_call_output", "call_id": raw["call_id"], "output": raw["output"]})
+        if kind == "function_call":
+            check_keys(raw, {"id", "type", "call_id", "name", "arguments", "status", "object"}, "item")
+            for k in ("call_id", "name", "arguments"):
+                if not isinstance(raw.get(k), str):
+                    raise ProtocolError("missing_required_parameter", f"Missing required parameter: 'item.{k}'.", f"item.{k}")
+            return Item({"id": item_id, "type": "function_call", "status": "completed", "name": raw["name"],
+                         "call_id": raw["call_id"], "arguments": raw["arguments"]})
+        raise ProtocolError("invalid_value", f"Invalid value: '{kind}'. Supported values are: 'message', "
+                            "'function_call', and 'function_call_output'.", "item.type")
+
+    def _item_or_error(self, item_id: str, param: str = "item_id") -> Item:
+        item = self.by_id.get(item_id)
+        if item is None:
+            raise ProtocolError("invalid_value", f"Item with item_id '{item_id}' not found in the conversation.", param)
+        return item
+
+    def _on_conversation_item_retrieve(self, ev: dict[str, Any], acts: Actions) -> None:
+        item = self._item_or_error(ev["item_id"])
+        data = json.loads(json.dumps(item.data))
+        if item.audio is not None and data.get("content"):
+            fmt = self.input_format if data.get("role") == "user" else self.session["audio"]["output"]["format"]["type"]
+            for part in data["content"]:
+                if part["type"] in ("input_audio", "output_audio"):
+                    part["audio"] = b64encode(encode_audio(item.audio, fmt))
+        acts.send.append(self._ev("conversation.item.retrieved", item=data))
+
+    def _on_conversation_item_truncate(self, ev: dict[str, Any], acts: Actions) -> None:
+        item = self._item_or_error(ev["item_id"])
+        if ev["content_index"] != 0:
+            raise ProtocolError("invalid_value", "Invalid 'content_index': expected 0.", "content_index")
+        is_audio = (item.data.get("role") == "assistant" and any(p["type"] == "output_audio" for p in item.data.get("content", [])))
+        if not is_audio:
+            raise ProtocolError("invalid_value", "Only model output audio messages can be truncated.", "item_id")
+        end_ms = ev["audio_end_ms"]
+        if end_ms < 0:
+            raise ProtocolError("invalid_value", "Invalid 'audio_end_ms': expected a non-negative integer.", "audio_end_ms")
+        have_ms = int(item.audio_ms)
+        if end_ms > have_ms:
+            raise ProtocolError("invalid_value", f"Audio content of {have_ms}ms is already shorter than {end_ms}ms",
+                                "audio_end_ms")
+        item.audio = item.audio[: end_ms * API_RATE_HZ // 1000].copy() if item.audio is not None else None
+        for part in item.data["content"]:
+            if part["type"] == "output_audio":
+                part["transcript"] = ""  # the server forgets words the user did not hear
+        acts.send.append(self._ev("conversation.item.truncated", item_id=item.id, content_index=0, audio_end_ms=end_ms))
+
+    def _on_conversation_item_delete(self, ev: dict[str, Any], acts: Actions) -> None:
+        item = self._item_or_error(ev["item_id"])
+        self.items.remove(item)
+        del self.by_id[item.id]
+        acts.send.append(self._ev("conversation.item.deleted", item_id=item.id))
+
+    def _on_response_create(self, ev: dict[str, Any], acts: Actions) -> None:
+        params = ev.get("response") or {}
+        check_keys(params, RESPONSE_KEYS, "response")
+        self._start_response(params, acts)
+
+    def _on_response_cancel(self, ev: dict[str, Any], acts: Actions) -> None:
+        rid = ev.get("response_id")
+        target = self.responses.get(rid) if rid else self.active
+        if target is None or target.done or target.cancelled:
+            raise ProtocolError("response_cancel_not_active", "Cancellation failed: no active response found")
+        self._cancel(target, "client_cancelled", acts)
+
+    def _on_output_audio_buffer_clear(self, ev: dict[str, Any], acts: Actions) -> None:
+        rid = self.active.id if self.active else None
+        if self.active is not None:
+            self._cancel(self.active, "client_cancelled", acts)
+        acts.send.append(self._ev("output_audio_buffer.cleared", response_id=rid))
+
+    # ------------------------------------------------------------------ responses
+    def _cancel(self, resp: Response, reason: str, acts: Actions) -> None:
+        if resp.cancel_reason is None and not resp.done:
+            resp.cancel_reason = reason
+            acts.wake.append(resp)
+
+    def _start_response(self, params: dict[str, Any], acts: Actions) -> None:
+        conv = params.get("conversation", "auto")
+        if conv not in ("auto", "none"):
+            raise ProtocolError("invalid_value", f"Invalid value: '{conv}'. Supported values are: 'auto' and 'none'.",
+                                "response.conversation")
+        in_conv = conv == "auto"
+        if in_conv and self.active is not None:
+            raise ProtocolError("conversation_already_has_active_response",
+                                f"Conversation already has an active response in progress: {self.active.id}. "
+                                "Wait until the response is finished before creating a new one.")
+        modalities = params.get("output_modalities", self.session["output_modalities"])
+        if modalities not in (["audio"], ["text"]):
+            raise ProtocolError("invalid_value", "Invalid 'response.output_modalities': expected ['audio'] or ['text'].",
+                                "response.output_modalities")
+        metadata = params.get("metadata")
+        if metadata is not None and (not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values())):
+            raise ProtocolError("invalid_type", "Invalid type for 'response.metadata': expected a map of strings.", "response.metadata")
+        if "tools" in params:
+            check_tools(params["tools"], "response.tools")
+        out_cfg = (params.get("audio") or {}).get("output") or {}
+        voice = out_cfg.get("voice", self.session["audio"]["output"]["voice"])
+        fmt = (out_cfg.get("format") or self.session["audio"]["output"]["format"])["type"]
+        input_items = None
+        if "input" in params:
+            if not isinstance(params["input"], list):
+                raise ProtocolError("invalid_type", "Invalid type for 'response.input': expected an array.", "response.input")
+            input_items = []
+            for i, raw in enumerate(params["input"]):
+                if isinstance(raw, dict) and raw.get("type") == "item_reference":
+                    input_items.append(self._item_or_error(raw.get("id", ""), f"response.input[{i}].id"))
+                elif isinstance(raw, dict):
+                    input_items.append(self._make_item(raw))
+                else:
+                    raise ProtocolError("invalid_type", f"Invalid type for 'response.input[{i}]': expected an object.",
+                                        f"response.input[{i}]")
+        resp = Response(new_id("resp"), params, in_conv, list(modalities), voice if isinstance(voice, str) else "marin",
+                        fmt, metadata, input_items)
+        self.responses[resp.id] = resp
+        if in_conv:
+            self.active = resp
+        acts.send.append(self._ev("response.created", response=self._response_obj(resp, "in_progress")))
+        acts.send.append(self._ev("rate_limits.updated", rate_limits=[
+            {"name": "requests", "limit": 10000, "remaining": 9999, "reset_seconds": 0.006},
+            {"name": "tokens", "limit": 15000000, "remaining": 14990000, "reset_seconds": 0.04}]))
+        acts.start.append(resp)
+
+    def _response_obj(self, r: Response, status: str, usage: dict[str, Any] | None = None) -> dict[str, Any]:
+        details = None
+        if status == "cancelled":
+            details = {"type": "cancelled", "reason": r.cancel_reason}
+        return {"object": "realtime.response", "id": r.id, "status": status, "status_details": details,
+                "output": r.output, "conversation_id": self.conversation_id if r.in_conversation else None,
+                "output_modalities": r.modalities, "max_output_tokens": self.session["max_output_tokens"],
+                "audio": {"output": {"format": ({"type": "audio/pcm", "rate": 24000} if r.audio_format == "audio/pcm"
+                                                else {"type": r.audio_format}), "voice": r.voice}},
+                "usage": usage, "metadata": r.metadata}
+
+    def pending_transcript(self, resp: Response) -> Item | None:
+        """The user item whose words this response waits for, if they are not known yet."""
+        src = resp.input_items if resp.input_items is not None else self.items
+        for item in reversed(src):
+            if item.data.get("type") == "message" and item.data.get("role") == "user":
+                return item if item.transcript_pending else None
+        return None
+
+    def plan(self, resp: Response) -> None:
+        """Decide what ``resp`` says: a reply text, or a function call (pure)."""
+        src = resp.input_items if resp.input_items is not None else self.items
+        last = src[-1] if src else None
+        if last is not None and last.data["type"] == "function_call_output":
+            rule = self.pending_then.pop(last.data["call_id"], None)
+            out = last.data["output"]
+            resp.text = rule.then.format(output=out) if rule and rule.then else f"The tool answered: {out}"
+            return
+        user = next((it for it in reversed(src) if it.data.get("type") == "message" and it.data.get("role") == "user"), None)
+        if user is None:
+            resp.text = NO_USER_REPLY
+            return
+        heard = (user.heard or "").strip()
+        rule = self.scenario.rule_for(self.user_turns, heard)
+        tools = resp.params.get("tools", self.session["tools"])
+        if rule is not None and rule.call_name:
+            if any(t.get("name") == rule.call_name for t in tools):
+                resp.call = (rule.call_name, rule.call_arguments, "call_" + new_id("x")[2:18])
+                self.pending_then[resp.call[2]] = rule
+                return
+            resp.text = f"I wanted to call the tool {rule.call_name}, but the session has no such tool."
+            return
+        if rule is not None and rule.reply is not None:
+            resp.text = rule.reply.format(user=heard)
+        else:
+            resp.text = self.scenario.default_reply.format(user=heard.rstrip(".!? ") or "something I could not make out")
+
+    def response_steps(self, resp: Response, speech: np.ndarray | None, speed: float = 1.0) -> Iterator[tuple[float, dict[str, Any]]]:
+        """Yield ``(delay_s, event)`` to stream ``resp``; ``speech`` is its PCM16 24 kHz audio."""
+        ev = self._ev
+        first_delay = self.faults.first_delta_delay_ms / 1000.0
+        if not resp.cancelled:
+            if resp.call is not None:
+                yield from self._stream_call(resp, first_delay)
+            else:
+                yield from self._stream_message(resp, speech, speed, first_delay)
+        # close: response.done with usage
+        resp.done = True
+        if self.active is resp:
+            self.active = None
+        status = "cancelled" if resp.cancelled else "completed"
+        yield 0.0, ev("response.done", response=self._response_obj(resp, status, self._usage(resp)))
+
+    def _jitter(self) -> float:
+        j = self.faults.delta_jitter_ms
+        return max(0.0, self.rng.gauss(0.0, j) / 1000.0) if j > 0 else 0.0
+
+    def _add_output_item(self, resp: Response, data: dict[str, Any]) -> Item:
+        item = Item(data)
+        if resp.in_conversation:
+            self._insert(item)
+        resp.item = item
+        resp.output.append(item.data)
+        return item
+
+    def _stream_call(self, resp: Response, first_delay: float) -> Iterator[tuple[float, dict[str, Any]]]:
+        name, args, call_id = resp.call  # type: ignore[misc]
+        item = self._add_output_item(resp, {"id": new_id("item"), "type": "function_call", "status": "in_progress",
+                                            "name": name, "call_id": call_id, "arguments": ""})
+        base = dict(response_id=resp.id, item_id=item.id, output_index=0)
+        yield 0.0, self._ev("response.output_item.added", response_id=resp.id, output_index=0, item=item.data)
+        if resp.in_conversation:
+            yield 0.0, self._ev("conversation.item.added", previous_item_id=self._prev_id(item), item=item.data)
+        step = max(1, math.ceil(len(args) / 8))
+        for i in range(0, len(args), step):
+            if resp.cancelled:
+                break
+            yield (first_delay if i == 0 else 0.01 + self._jitter()), self._ev(
+                "response.function_call_arguments.delta", **base, call_id=call_id, delta=args[i:i + step])
+            item.data["arguments"] += args[i:i + step]
+        item.data["status"] = "incomplete" if resp.cancelled else "completed"
+        if not resp.cancelled:
+            yield 0.0, self._ev("response.function_call_arguments.done", **base, call_id=call_id, name=name,
+                                arguments=item.data["arguments"])
+        if resp.in_conversation:
+            yield 0.0, self._ev("conversation.item.done", previous_item_id=self._prev_id(item), item=item.data)
+        yield 0.0, self._ev("response.output_item.done", response_id=resp.id, output_index=0, item=item.data)
+
+    def _stream_message(self, resp: Response, speech: np.ndarray | None, speed: float,
+                        first_delay: float) -> Iterator[tuple[float, dict[str, Any]]]:
+        audio = "audio" in resp.modalities
+        text = resp.text or ""
+        part_type, content_type = ("audio", "output_audio") if audio else ("text", "output_text")
+        item = self._add_output_item(resp, {"id": new_id("item"), "type": "message", "status": "in_progress",
+                                            "role": "assistant", "content": []})
+        base = dict(response_id=resp.id, item_id=item.id, output_index=0, content_index=0)
+        yield 0.0, self._ev("response.output_item.added", response_id=resp.id, output_index=0, item=item.data)
+        if resp.in_conversation:
+            yield 0.0, self._ev("conversation.item.added", previous_item_id=self._prev_id(item), item=item.data)
+        empty_part = {"type": "audio", "transcript": ""} if audio else {"type": "text", "text": ""}
+        yield 0.0, self._ev("response.content_part.added", **base, part=empty_part)
+        content = {"type": content_type, ("transcript" if audio else "text"): ""}
+        item.data["content"] = [content]
+        words = [w + " " for w in text.split(" ")]
+        words[-1] = words[-1][:-1]
+        if audio:
+            item.audio = np.zeros(0, dtype=np.int16)
+            pcm = speech if speech is not None else np.zeros(0, dtype=np.int16)
+            chunk = DELTA_MS * API_RATE_HZ // 1000
+            n_chunks = max(1, math.ceil(len(pcm) / chunk))
+            wi = 0
+            delay = first_delay
+            for c in range(n_chunks):
+                # transcript words due by the end of this chunk
+                due = math.ceil((c + 1) * len(words) / n_chunks)
+                while wi < due and not resp.cancelled:
+                    yield delay, self._ev("response.output_audio_transcript.delta", **base, delta=words[wi])
+                    delay = 0.0
+                    content["transcript"] += words[wi]
+                    resp.text_sent += words[wi]
+                    wi += 1
+                if resp.cancelled:
+                    break
+                piece = pcm[c * chunk:(c + 1) * chunk]
+                yield delay, self._ev("response.output_audio.delta", **base,
+                                      delta=b64encode(encode_audio(piece, resp.audio_format)))
+                item.audio = np.concatenate([item.audio, piece])
+                resp.audio_sent_ms += len(piece) * 1000 / API_RATE_HZ
+                resp.deltas_sent += 1
+                self.audio_was_output = True
+                delay = len(piece) / API_RATE_HZ / speed + self._jitter()
+            if not resp.cancelled:
+                # wait out the last chunk's playing time before saying it is done
+                yield delay, self._ev("response.output_audio.done", **base)
+            else:
+                yield 0.0, self._ev("response.output_audio.done", **base)
+            yield 0.0, self._ev("response.output_audio_transcript.done", **base, transcript=content["transcript"])
+        else:
+            delay = first_delay
+            for w in words:
+                if resp.cancelled:
+                    break
+                yield delay, self._ev("response.output_text.delta", **base, delta=w)
+                content["text"] += w
+                resp.text_sent += w
+                resp.deltas_sent += 1
+                delay = 0.02 / speed + self._jitter()
+            yield 0.0, self._ev("response.output_text.done", **base, text=content["text"])
+        yield 0.0, self._ev("response.content_part.done", **base, part=(
+            {"type": "audio", "transcript": content["transcript"]} if audio else {"type": "text", "text": content["text"]}))
+        item.data["status"] = "incomplete" if resp.cancelled else "completed"
+        if resp.in_conversation:
+            yield 0.0, self._ev("conversation.item.done", previous_item_id=self._prev_id(item), item=item.data)
+        yield 0.0, self._ev("response.output_item.done", response_id=resp.id, output_index=0, item=item.data)
+
+    def _usage(self, resp: Response) -> dict[str, Any]:
+        """Usage counted as OpenAI documents it; the conversation is re-billed as input each time."""
+        src = resp.input_items if resp.input_items is not None else [it for it in self.items if it is not resp.item]
+        text_in = text_tokens(self.session["instructions"]) + text_tokens(json.dumps(self.session["tools"])) if self.session["tools"] else text_tokens(self.session["instructions"])
+        audio_in = 0
+        for it in src:
+            d = it.data
+            if d["type"] == "message":
+                for p in d.get("content", []):
+                    if p["type"] in ("input_text", "output_text"):
+                        text_in += text_tokens(p.get("text", "")) + 4
+                    elif p["type"] == "input_audio":
+                        audio_in += user_audio_tokens(it.audio_ms)
+                    elif p["type"] == "output_audio":
+                        audio_in += model_audio_tokens(it.audio_ms)
+            else:
+                text_in += text_tokens(d.get("arguments", "") + d.get("output", "") + d.get("name", "")) + 4
+        total_in = text_in + audio_in
+        cached = min(self.prev_input_tokens, total_in) // 64 * 64 if resp.in_conversation else 0
+        cached_text = min(cached, text_in)
+        cached_audio = min(cached - cached_text, audio_in)
+        out_text = text_tokens(resp.text_sent) if resp.call is None else text_tokens(resp.call[1])
+        out_audio = model_audio_tokens(resp.audio_sent_ms)
+        if resp.in_conversation:
+            self.prev_input_tokens = total_in
+        return {"total_tokens": total_in + out_text + out_audio, "input_tokens": total_in,
+                "output_tokens": out_text + out_audio,
+                "input_token_details": {"text_tokens": text_in, "audio_tokens": audio_in, "image_tokens": 0,
+                                        "cached_tokens": cached_text + cached_audio,
+                                        "cached_tokens_details": {"text_tokens": cached_text, "audio_tokens": cached_audio,
+                                                                  "image_tokens": 0}},
+                "output_token_details": {"text_tokens": out_text, "audio_tokens": out_audio}}
+
+    # ------------------------------------------------------------------ transcription
+    def transcription_events(self, item: Item, words: str) -> list[dict[str, Any]]:
+        """Set the user item's words; events to send if input transcription is on."""
+        item.heard = words
+        item.transcript_pending = False
+        cfg = self.session["audio"]["input"]["transcription"]
+        if cfg is None:
+            return []
+        item.data["content"][0]["transcript"] = words
+        out = []
+        pieces = [w + " " for w in words.split(" ")] if words else []
+        if pieces:
+            pieces[-1] = pieces[-1][:-1]
+        for p in pieces:
+            out.append(self._ev("conversation.item.input_audio_transcription.delta", item_id=item.id,
+                                content_index=0, delta=p))
+        seconds = item.audio_ms / 1000
+        model = cfg.get("model") or "whisper-1"
+        if model.startswith("gpt-4o"):
+            audio_toks, text_toks = user_audio_tokens(item.audio_ms), text_tokens(words)
+            usage: dict[str, Any] = {"type": "tokens", "input_tokens": audio_toks, "output_tokens": text_toks,
+                                     "total_tokens": audio_toks + text_toks,
+                                     "input_token_details": {"audio_tokens": audio_toks, "text_tokens": 0}}
+        else:
+            usage = {"type": "duration", "seconds": round(seconds, 3)}
+        out.append(self._ev("conversation.item.input_audio_transcription.completed", item_id=item.id,
+                            content_index=0, transcript=words, usage=usage))
+        return out

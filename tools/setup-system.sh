@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs the system packages realtalk needs (Debian/Ubuntu, as root or with sudo),
+# then a virtualenv in .venv with every Python dependency (pip install -e ".[test]").
+#   portaudio19-dev           PyAudio builds against it
+#   pulseaudio(-utils), libasound2-plugins   virtual devices for headless machines and CI
+#   espeak-ng, sox            the local server's voice; test WAVs
+#   nodejs, npm               the Node.js client (optional; skipped if node exists)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+pkgs=(portaudio19-dev pulseaudio pulseaudio-utils libasound2-plugins espeak-ng sox)
+command -v node >/dev/null || pkgs+=(nodejs npm)
+missing=(); for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -q
+  $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/pip install -q --disable-pip-version-check -e ".[test]"
+if command -v npm >/dev/null; then (cd clients/node && npm install --no-audit --no-fund --loglevel=error >/dev/null); fi
+echo "setup: ok (.venv ready; activate with: . .venv/bin/activate)"
