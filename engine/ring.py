@@ -5,7 +5,7 @@ Layout of the shared block (all counters int64, little-endian, each on its own
 
     line 0  magic, capacity_frames, bytes_per_frame, sample_rate          (creator)
     line 1  write_index, overrun_frames, flush_seq, flush_until_index,
-            writes                                                        (producer)
+            writes, end_index                                             (producer)
     line 2  read_index, underrun_frames, flush_ack_seq, heard_index,
             device_latency_frames, reads                                  (consumer)
     data    capacity_frames * bytes_per_frame bytes, at offset 256
@@ -37,7 +37,7 @@ _MAGIC = 0x52_54_52_49_4E_47_30_31  # "RTRING01"
 _HEADER_BYTES = 256
 # int64 slots
 _CAPACITY, _BPF, _RATE = 1, 2, 3
-_W_INDEX, _OVERRUN, _FLUSH_SEQ, _FLUSH_UNTIL, _WRITES = 8, 9, 10, 11, 12
+_W_INDEX, _OVERRUN, _FLUSH_SEQ, _FLUSH_UNTIL, _WRITES, _END = 8, 9, 10, 11, 12, 13
 _R_INDEX, _UNDERRUN, _FLUSH_ACK, _HEARD, _DEV_LATENCY, _READS = 16, 17, 18, 19, 20, 21
 
 SHM_DIR = Path("/dev/shm")
@@ -195,6 +195,14 @@ class Ring:
                 except BlockingIOError:
                     pass  # counter saturated: the reader is already due to wake
         return n
+
+    def mark_end(self) -> None:
+        """Say that the frames written so far end a stream (a response's audio is complete)."""
+        self._hdr[_END] = self._hdr[_W_INDEX]
+
+    @property
+    def end_index(self) -> int:
+        return int(self._hdr[_END])
 
     def request_flush(self) -> int:
         """Ask the consumer to drop all frames written so far; returns the flush index."""

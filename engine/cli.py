@@ -1,0 +1,308 @@
+"""The ``engine`` command: start, stop, status, devices, serve, say, tail, log, demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+import uuid
+from typing import Any
+
+from engine.errors import EngineError
+
+
+def _load_cfg(args: argparse.Namespace) -> dict[str, Any]:
+    from engine.config import REPO_CONFIG, load_config
+    overrides: dict[str, Any] = {}
+    if getattr(args, "backend", None):
+        overrides["backend"] = args.backend
+    if getattr(args, "model", None):
+        overrides["model"] = args.model
+    if getattr(args, "mic", None) is not None:
+        overrides["audio.mic"] = None if args.mic == "null" else args.mic
+    if getattr(args, "speaker", None) is not None:
+        overrides["audio.speaker"] = args.speaker
+    if getattr(args, "scenario", None):
+        overrides["local_server.scenario"] = os.path.abspath(args.scenario)
+    if getattr(args, "speed", None):
+        overrides["local_server.speed"] = args.speed
+    if getattr(args, "text_only", False):
+        overrides["session.output_modalities"] = ["text"]
+    path = args.config
+    if path is None and REPO_CONFIG.exists() and os.path.abspath(os.getcwd()) == str(REPO_CONFIG.parent):
+        path = str(REPO_CONFIG)
+    return load_config(path, overrides)
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    from engine.config import resolve_backend
+    from engine.supervisor import Supervisor
+    cfg = _load_cfg(args)
+    backend = resolve_backend(cfg)
+    why = {"local": "offline local server" + ("" if cfg["backend"] == "local" else f" (no ${cfg['api_key_env']} set)"),
+           "openai": "OpenAI Realtime API" + ("" if cfg["backend"] == "openai" else f" (${cfg['api_key_env']} is set)")}[backend]
+    sup = Supervisor(cfg, text_only=args.text_only)
+    print(f"realtalk: starting with backend {backend}: {why}, model {cfg['model']}")
+    sup.start()
+    st = sup.status()
+    print(f"realtalk: bus publish {st['publish']}  subscribe {st['subscribe']}")
+    print(f"realtalk: connection file {st['connection_file']}; session folder {st['session_dir']}")
+    print("realtalk: Ctrl-C or `engine stop` to end", flush=True)
+    return sup.run()
+
+
+def _connection() -> dict[str, Any]:
+    from bus.client import connection_file
+    path = connection_file()
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EngineError("no engine is running (start one with `engine start`)") from None
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    conn = _connection()
+    pid = conn["pid"]
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        print(f"engine: pid {pid} was not running; removing its stale connection file")
+        from bus.client import connection_file
+        connection_file().unlink(missing_ok=True)
+        return 0
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            print(f"engine: stopped (pid {pid})")
+            return 0
+        time.sleep(0.05)
+    print(f"engine: pid {pid} did not stop within {args.timeout}s", file=sys.stderr)
+    return 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from bus import Subscriber
+    conn = _connection()
+    sub = Subscriber(conn["subscribe"], ["engine.status"])
+    status = None
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:
+        msg = sub.recv(timeout_ms=200)
+        if msg and msg[1].get("pub", "").startswith("supervisor"):
+            status = msg[1]
+            break
+    sub.close()
+    if status is None:
+        status = conn
+    status = {k: v for k, v in status.items() if k not in ("v", "ts", "mono_ns", "pub", "seq")}
+    if args.json:
+        print(json.dumps(status, indent=1))
+        return 0
+    print(f"state {status['state']}  backend {status['backend']}  model {status['model']}  session {status.get('session_id')}")
+    print(f"cost ${status.get('cost_usd', 0):.4f}   publish {status['publish']}   subscribe {status['subscribe']}")
+    for c in status["children"]:
+        print(f"  {c['name']:<9} pid {c['pid']!s:<8} {c['state']:<8} restarts {c['restarts']}")
+    for name, r in status.get("rings", {}).items():
+        print(f"  ring {name:<8} fill {r['fill_frames']}/{r['capacity_frames']} frames  "
+              f"overruns {r['overrun_frames']}  underruns {r['underrun_frames']}")
+    return 0
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    from engine.audio import list_devices
+    devices = list_devices()
+    if args.json:
+        print(json.dumps(devices, indent=1))
+        return 0
+    for d in devices:
+        kinds = "/".join(k for k, n in (("in", d["inputs"]), ("out", d["outputs"])) if n)
+        print(f"[{d['index']:>2}] {d['name']:<40} {kinds:<7} {d['default_rate_hz']} Hz")
+    if not devices:
+        print("no audio devices (headless? start virtual ones with: bash tools/vaudio.sh start)")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from engine.server.app import ServerConfig, run
+    from engine.server.faults import Faults
+    from engine.server.scenario import load_scenario
+    faults = Faults(first_delta_delay_ms=args.first_delta_delay_ms, delta_jitter_ms=args.jitter_ms,
+                    drop_after_s=args.drop_after_s, drop_code=args.drop_code,
+                    max_session_s=args.max_session_s)
+    cfg = ServerConfig(host=args.host, port=args.port, speed=args.speed, api_key=args.require_key,
+                       asr=not args.no_asr, scenario=load_scenario(args.scenario), faults=faults)
+    return run(cfg)
+
+
+def _publish_with_ack(topic: str, payload: dict[str, Any], timeout_s: float = 10.0) -> dict[str, Any]:
+    """Publish a command and wait for its ``cmd.ack``, re-sending until it comes (the engine dedups by id)."""
+    from bus import Publisher, Subscriber
+    conn = _connection()
+    cmd_id = payload.setdefault("id", uuid.uuid4().hex)
+    sub = Subscriber(conn["subscribe"], ["cmd.ack"])
+    pub = Publisher(conn["publish"], f"cli:{os.getpid()}")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            pub.publish(topic, payload)
+            resend_at = time.monotonic() + 0.3
+            while time.monotonic() < min(resend_at, deadline):
+                msg = sub.recv(timeout_ms=50)
+                if msg and msg[1].get("id") == cmd_id:
+                    return msg[1]
+        raise EngineError(f"no acknowledgement for {topic} within {timeout_s}s (is the engine connected?)")
+    finally:
+        sub.close()
+        pub.close()
+
+
+def cmd_say(args: argparse.Namespace) -> int:
+    role = "system" if args.system else "user"
+    respond = not args.no_respond and role == "user" if not args.respond else True
+    ack = _publish_with_ack("cmd.say", {"text": args.text, "role": role, "respond": respond})
+    if not ack.get("ok"):
+        print(f"engine say: refused: {ack.get('error')}", file=sys.stderr)
+        return 1
+    print(f"engine say: added as {ack.get('item_id')}")
+    return 0
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    from bus import Subscriber
+    conn = _connection()
+    sub = Subscriber(conn["subscribe"], args.prefixes or [""])
+    deadline = time.monotonic() + args.seconds if args.seconds else None
+    try:
+        while deadline is None or time.monotonic() < deadline:
+            msg = sub.recv(timeout_ms=200)
+            if msg is None:
+                continue
+            topic, body = msg
+            if args.json:
+                print(json.dumps({"topic": topic, **body}, default=str), flush=True)
+            else:
+                payload = {k: v for k, v in body.items() if k not in ("v", "ts", "mono_ns", "pub", "seq")}
+                text = payload.get("text")
+                shown = repr(text) if isinstance(text, str) and len(payload) <= 4 else json.dumps(payload, default=str)[:200]
+                print(f"{time.strftime('%H:%M:%S')} {topic:<32} {shown}", flush=True)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    from engine.eventlog import EventLog, find_session_log
+    log = EventLog(find_session_log(args.session))
+    events = log.filter(args.type)
+    if args.csv:
+        import csv
+        w = csv.writer(sys.stdout)
+        w.writerow(["wall", "mono_ns", "topic", "publisher", "text"])
+        for e in events:
+            w.writerow([e.wall, e.mono_ns, e.topic, e.body.get("pub"), e.body.get("text", "")])
+    elif args.json:
+        for e in events:
+            print(json.dumps({"topic": e.topic, "wall": e.wall, "mono_ns": e.mono_ns, "body": e.body}, default=str))
+    else:
+        for e in events:
+            t = time.strftime("%H:%M:%S", time.localtime(e.wall or 0))
+            text = e.body.get("text")
+            print(f"{t} {e.topic:<34} {text if isinstance(text, str) else ''}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from engine.demo import run_demo
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="engine", description="realtalk: realtime voice conversations over a ZeroMQ bus")
+    sp = p.add_subparsers(dest="command", required=True)
+
+    s = sp.add_parser("start", help="start the engine (supervisor and its processes)")
+    s.add_argument("--config", help="config file (default: built-in defaults, or ./config.yaml in the repo)")
+    s.add_argument("--backend", choices=["local", "openai"], help="default: openai if $OPENAI_API_KEY is set, else local")
+    s.add_argument("--model")
+    s.add_argument("--mic", help="device name or index, a .wav file, or null")
+    s.add_argument("--speaker", help="device name or index, a .wav file, or null")
+    s.add_argument("--text-only", action="store_true", help="no audio: text in, text out")
+    s.add_argument("--scenario", help="local server scenario file")
+    s.add_argument("--speed", type=float, help="local server speech speed-up (tests)")
+    s.set_defaults(func=cmd_start)
+
+    s = sp.add_parser("stop", help="stop the running engine")
+    s.add_argument("--timeout", type=float, default=10.0)
+    s.set_defaults(func=cmd_stop)
+
+    s = sp.add_parser("status", help="children, rings, bus endpoints, session, cost")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    s = sp.add_parser("devices", help="list PyAudio devices")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_devices)
+
+    s = sp.add_parser("serve", help="run the local realtime server (offline stand-in for the OpenAI Realtime API)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8765)
+    s.add_argument("--scenario", help="scenario file (docs/local-server.md)")
+    s.add_argument("--speed", type=float, default=1.0, help="stream audio this many times faster than real time")
+    s.add_argument("--require-key", help="accept only this bearer key")
+    s.add_argument("--no-asr", action="store_true", help="do not transcribe user audio with pocketsphinx")
+    s.add_argument("--first-delta-delay-ms", type=float, default=0.0)
+    s.add_argument("--jitter-ms", type=float, default=0.0, help="std deviation of delay between deltas")
+    s.add_argument("--drop-after-s", type=float, default=None, help="drop each connection after this long")
+    s.add_argument("--drop-code", type=int, default=1006, choices=[1001, 1006, 1011])
+    s.add_argument("--max-session-s", type=float, default=3600.0)
+    s.set_defaults(func=cmd_serve)
+
+    s = sp.add_parser("say", help="add a message to the conversation (and get a reply)")
+    s.add_argument("text")
+    s.add_argument("--system", action="store_true", help="context the model sees but nobody hears")
+    s.add_argument("--no-respond", action="store_true")
+    s.add_argument("--respond", action="store_true", help="ask for a response even for --system")
+    s.set_defaults(func=cmd_say)
+
+    s = sp.add_parser("tail", help="print bus messages")
+    s.add_argument("prefixes", nargs="*", metavar="TOPIC_PREFIX")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--seconds", type=float, default=None, help="stop after this long")
+    s.set_defaults(func=cmd_tail)
+
+    s = sp.add_parser("log", help="read a session's event log")
+    s.add_argument("session", nargs="?", help="session folder or key (default: the latest)")
+    s.add_argument("--type", help="topic prefix")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--json", action="store_true")
+    g.add_argument("--csv", action="store_true")
+    s.set_defaults(func=cmd_log)
+
+    s = sp.add_parser("demo", help="headless spoken conversation on virtual devices with the local server")
+    s.add_argument("--question", default="What is the capital of France?")
+    s.add_argument("--speed", type=float, default=1.0)
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except EngineError as exc:
+        print(f"engine {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from engine.server.scenario import ScenarioError
+        if isinstance(exc, ScenarioError):
+            print(f"engine {args.command}: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

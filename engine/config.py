@@ -1,0 +1,190 @@
+"""Load and check config.yaml. The defaults here are the documented ones in config.yaml
+(a test keeps them equal). Every problem raises ConfigError naming the key."""
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from engine.errors import ConfigError
+
+_TD = {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500,
+       "create_response": True, "interrupt_response": True}
+
+DEFAULTS: dict[str, Any] = {
+    "backend": "auto",
+    "model": "gpt-realtime",
+    "api_key_env": "OPENAI_API_KEY",
+    "openai_url": "wss://api.openai.com/v1/realtime",
+    "session": {
+        "instructions": "You are a helpful, concise voice assistant.",
+        "voice": "marin",
+        "output_modalities": ["audio"],
+        "turn_detection": dict(_TD),
+        "transcription": {"model": "gpt-4o-mini-transcribe"},
+        "noise_reduction": None,
+        "tools": [],
+    },
+    "audio": {"mic": "default", "speaker": "default", "device_rate_hz": None, "period_ms": 20,
+              "prebuffer_ms": 60, "echo": "auto"},
+    "barge_in": {"enabled": True, "min_speech_ms": 0},
+    "bus": {"transport": "ipc", "tcp_host": "127.0.0.1", "tcp_publish_port": 0, "tcp_subscribe_port": 0},
+    "local_server": {"host": "127.0.0.1", "port": 0, "speed": 1.0, "scenario": None, "asr": True},
+    "budget_usd": None,
+    "record": None,
+    "sessions_dir": None,
+}
+
+# key path -> (allowed types, allowed values or None). Paths not listed take the default's type.
+_NUM = (int, float)
+RULES: dict[str, tuple[tuple[type, ...], tuple[Any, ...] | None]] = {
+    "backend": ((str,), ("auto", "local", "openai")),
+    "session.voice": ((str,), ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar")),
+    "session.output_modalities": ((list,), (["audio"], ["text"])),
+    "session.turn_detection": ((dict, type(None)), None),
+    "session.turn_detection.type": ((str,), ("server_vad", "semantic_vad")),
+    "session.turn_detection.threshold": (_NUM, None),
+    "session.turn_detection.eagerness": ((str,), ("low", "medium", "high", "auto")),
+    "session.transcription": ((dict, type(None)), None),
+    "session.transcription.model": ((str,), None),
+    "session.transcription.language": ((str, type(None)), None),
+    "session.transcription.prompt": ((str, type(None)), None),
+    "session.noise_reduction": ((str, type(None)), (None, "near_field", "far_field")),
+    "session.tools": ((list,), None),
+    "audio.mic": ((str, int, type(None)), None),
+    "audio.speaker": ((str, int, type(None)), None),
+    "audio.device_rate_hz": ((int, type(None)), None),
+    "audio.period_ms": ((int,), (10, 20, 40)),
+    "audio.prebuffer_ms": ((int,), None),
+    "audio.echo": ((str,), ("auto", "aec", "half_duplex", "off")),
+    "barge_in.min_speech_ms": ((int,), None),
+    "bus.transport": ((str,), ("ipc", "tcp")),
+    "local_server.speed": (_NUM, None),
+    "local_server.scenario": ((str, type(None)), None),
+    "budget_usd": ((int, float, type(None)), None),
+    "record": ((str, type(None)), None),
+    "sessions_dir": ((str, type(None)), None),
+}
+# keys whose value is a free-form mapping (not checked key by key)
+_OPEN_KEYS = {"session.turn_detection": set(_TD) | {"eagerness", "idle_timeout_ms"},
+              "session.transcription": {"model", "language", "prompt"}}
+
+REPO_CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"
+
+
+def _type_names(types: tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true/false", list: "a list",
+             dict: "a mapping", type(None): "null"}
+    return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))
+
+
+def _check(value: Any, default: Any, path: str) -> Any:
+    rule = RULES.get(path)
+    if rule is None:
+        types: tuple[type, ...] = (type(default),) if default is not None else (object,)
+        if isinstance(default, bool):
+            types = (bool,)
+        elif isinstance(default, float):
+            types = _NUM
+        choices = None
+    else:
+        types, choices = rule
+    if isinstance(value, bool) and bool not in types and object not in types:
+        raise ConfigError(f"config key '{path}': expected {_type_names(types)}, got {value!r}")
+    if not isinstance(value, types):
+        raise ConfigError(f"config key '{path}': expected {_type_names(types)}, got {type(value).__name__} {value!r}")
+    if choices is not None and value not in choices:
+        shown = ", ".join("null" if c is None else str(c) for c in choices)
+        raise ConfigError(f"config key '{path}': {value!r} is not one of: {shown}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+        raise ConfigError(f"config key '{path}': must not be negative, got {value}")
+    if path in _OPEN_KEYS and isinstance(value, dict):
+        for k in value:
+            if k not in _OPEN_KEYS[path]:
+                raise ConfigError(f"config key '{path}.{k}' is unknown{_suggest(k, _OPEN_KEYS[path])}")
+            sub_default = _TD.get(k) if path == "session.turn_detection" else None
+            _check(value[k], sub_default, f"{path}.{k}")
+        return value
+    if isinstance(default, dict) and isinstance(value, dict):
+        return _merge(default, value, path)
+    return value
+
+
+def _suggest(key: str, known: Any) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(sorted(known))})"
+
+
+def _merge(defaults: dict[str, Any], given: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = copy.deepcopy(defaults)
+    for key, value in given.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in defaults:
+            raise ConfigError(f"config key '{path}' is unknown{_suggest(str(key), defaults)}")
+        out[key] = _check(value, defaults[key], path)
+    return out
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Defaults, then the file (if any), then ``overrides`` (dotted keys, e.g. from CLI flags)."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        p = Path(path)
+        try:
+            data = yaml.safe_load(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {p} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+        if data is not None:
+            if not isinstance(data, dict):
+                raise ConfigError(f"config file {p}: expected a mapping of keys at the top level")
+            cfg = _merge(DEFAULTS, data)
+    for dotted, value in (overrides or {}).items():
+        node = cfg
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            node = node[part]
+        node[parts[-1]] = _check(value, _lookup(DEFAULTS, parts), dotted)
+    return cfg
+
+
+def _lookup(tree: dict[str, Any], parts: list[str]) -> Any:
+    for part in parts:
+        tree = tree[part]
+    return tree
+
+
+def resolve_backend(cfg: dict[str, Any]) -> str:
+    """'local' or 'openai': auto picks openai when the API key variable is set."""
+    if cfg["backend"] != "auto":
+        return cfg["backend"]
+    return "openai" if os.environ.get(cfg["api_key_env"]) else "local"
+
+
+def session_payload(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The GA ``session.update`` session built from the config's ``session`` section."""
+    s = cfg["session"]
+    td = s["turn_detection"]
+    if td is not None:
+        td = dict(td)
+        if td.get("type") == "semantic_vad":
+            td = {k: v for k, v in td.items() if k in ("type", "eagerness", "create_response", "interrupt_response")}
+    tools = [{"type": "function", **{k: v for k, v in t.items() if k != "type"}} for t in s["tools"]]
+    return {
+        "type": "realtime",
+        "model": cfg["model"],
+        "instructions": s["instructions"],
+        "output_modalities": list(s["output_modalities"]),
+        "audio": {
+            "input": {"format": {"type": "audio/pcm", "rate": 24000}, "turn_detection": td,
+                      "transcription": s["transcription"],
+                      "noise_reduction": {"type": s["noise_reduction"]} if s["noise_reduction"] else None},
+            "output": {"format": {"type": "audio/pcm", "rate": 24000}, "voice": s["voice"]},
+        },
+        "tools": tools,
+    }

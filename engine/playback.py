@@ -1,0 +1,235 @@
+"""The playback process: plays the playback ring on the speaker.
+
+:class:`Renderer` is the consumer logic, run inside the device callback: it never
+blocks, allocates nothing per call, logs nothing, and counts what goes wrong. It
+keeps a prebuffer before a stream starts, fades out within 10 ms when asked to flush
+(barge-in), fades over a ring that runs dry mid-stream and counts it as an underrun,
+and tells the ring what the listener has heard (``heard_index``).
+
+Backends: a PyAudio callback stream at the device's rate (soxr resampling from
+24 kHz), a WAV file written in real time, or ``null`` (consumed in real time).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import wave
+from typing import Any
+
+import numpy as np
+
+from bus import Publisher
+from engine.ring import Ring
+
+RATE_HZ = 24000
+FADE_FRAMES = 120            # 5 ms fade over gaps
+FLUSH_FADE_FRAMES = 240      # 10 ms fade on barge-in
+IDLE, PLAYING = 0, 1
+
+
+class Renderer:
+    """Fills output buffers from the ring (24 kHz int16 mono)."""
+
+    def __init__(self, ring: Ring, prebuffer_frames: int, max_frames: int = 4800) -> None:
+        self.ring = ring
+        self.prebuffer_frames = prebuffer_frames
+        self.state = IDLE
+        self.waiting_since: float | None = None
+        self.scratch = np.zeros(max_frames, dtype=np.int16)
+        self._ramp_down = np.linspace(1.0, 0.0, FLUSH_FADE_FRAMES, dtype=np.float32)
+        self._fade_down = np.linspace(1.0, 0.0, FADE_FRAMES, dtype=np.float32)
+        self._fade_up = np.linspace(0.0, 1.0, FADE_FRAMES, dtype=np.float32)
+        self.dry = False
+        self.events: list[tuple[str, int]] = []    # ("started"/"stopped"/"underrun"/"flushed", index), drained by a thread
+        self.underrun_events = 0
+        self.flushes = 0
+        self.first_sample_mono_ns = 0              # when the latest stream's first sample was handed to the device
+
+    def render(self, out: np.ndarray, latency_frames: int, now: float) -> None:
+        """Fill ``out`` completely (silence where there is nothing to play)."""
+        ring = self.ring
+        n = len(out)
+        heard_base = ring.read_index
+        if ring.flush_pending:
+            got = ring.read_into(out[:min(n, FLUSH_FADE_FRAMES)])
+            out[:got] = (out[:got] * self._ramp_down[:got]).astype(np.int16)
+            out[got:] = 0
+            ring.take_flush()
+            self.flushes += 1
+            if self.state == PLAYING:
+                self.events.append(("flushed", ring.read_index))
+            self.state = IDLE
+            self.waiting_since = None
+            ring.set_heard(ring.read_index, latency_frames)
+            return
+        if self.state == IDLE:
+            avail = ring.read_available
+            if avail == 0:
+                out[:] = 0
+                self.waiting_since = None
+                ring.set_heard(heard_base, latency_frames)  # idle: everything handed out has been heard
+                return
+            if self.waiting_since is None:
+                self.waiting_since = now
+            waited_ms = (now - self.waiting_since) * 1000
+            complete = ring.end_index >= ring.write_index  # the whole stream is already here
+            if avail < self.prebuffer_frames and not complete and waited_ms * RATE_HZ / 1000 < self.prebuffer_frames:
+                out[:] = 0
+                return
+            self.state = PLAYING
+            self.dry = False
+            self.first_sample_mono_ns = time.monotonic_ns()
+            self.events.append(("started", ring.read_index))
+        got = ring.read_into(out)
+        if got < n:
+            out[got:] = 0
+            if got > 0:
+                k = min(got, FADE_FRAMES)
+                out[got - k:got] = (out[got - k:got] * self._fade_down[FADE_FRAMES - k:]).astype(np.int16)
+            if ring.read_index >= ring.end_index and ring.read_index >= ring.write_index:
+                self.state = IDLE           # the stream ended: not an underrun
+                self.waiting_since = None
+                self.events.append(("stopped", ring.read_index))
+            else:
+                if not self.dry:
+                    self.underrun_events += 1
+                    self.events.append(("underrun", ring.read_index))
+                ring.count_underrun(n - got)
+                self.dry = True
+        elif self.dry and got > 0:
+            k = min(got, FADE_FRAMES)
+            out[:k] = (out[:k] * self._fade_up[:k]).astype(np.int16)
+            self.dry = False
+        ring.set_heard(max(ring.heard_index, heard_base - latency_frames), latency_frames)
+
+
+class PlaybackProcess:
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spec = spec
+        cfg = spec["config"]["audio"]
+        self.speaker = spec.get("speaker_target", cfg["speaker"])
+        self.period_ms = cfg["period_ms"]
+        self.ring = Ring.attach(spec["speaker_ring"])
+        self.renderer = Renderer(self.ring, cfg["prebuffer_ms"] * RATE_HZ // 1000)
+        self.stop = threading.Event()
+        self.pub = Publisher(spec["bus"]["publish"], f"playback:{os.getpid()}")
+        self.device_name = str(self.speaker)
+        self.callback_errors = 0
+
+    def publish_events(self) -> None:
+        r = self.renderer
+        while r.events:
+            kind, index = r.events.pop(0)
+            payload: dict[str, Any] = {"index": index, "underrun_frames": self.ring.underrun_frames}
+            if kind == "started":
+                payload["first_sample_mono_ns"] = r.first_sample_mono_ns
+            self.pub.publish(f"playback.{kind}", payload)
+
+    # ------------------------------------------------------------ backends
+    def run_null(self, wav: wave.Wave_write | None = None) -> None:
+        period = self.period_ms * RATE_HZ // 1000
+        out = np.zeros(period, dtype=np.int16)
+        next_t = time.monotonic()
+        while not self.stop.is_set():
+            self.renderer.render(out, 0, time.monotonic())
+            if wav is not None:
+                wav.writeframes(out.tobytes())
+            self.publish_events()
+            next_t += self.period_ms / 1000
+            delay = next_t - time.monotonic()
+            if delay > 0:
+                self.stop.wait(delay)
+            else:
+                next_t = time.monotonic()
+
+    def run_pyaudio(self) -> None:
+        import pyaudio
+        import soxr
+        from engine.audio import find_device, open_pyaudio
+        pa = open_pyaudio()
+        dev = find_device(pa, self.speaker, "output")
+        self.device_name = dev["name"]
+        rate = self.spec["config"]["audio"]["device_rate_hz"] or dev["default_rate_hz"]
+        frames_dev = rate * self.period_ms // 1000
+        frames_api = RATE_HZ * self.period_ms // 1000
+        resampler = soxr.ResampleStream(RATE_HZ, rate, 1, dtype="int16") if rate != RATE_HZ else None
+        api_buf = np.zeros(frames_api, dtype=np.int16)
+        fifo = np.zeros(frames_dev * 8, dtype=np.int16)
+        fifo_len = 0
+        latency_frames = 0
+
+        def callback(in_data: Any, frame_count: int, time_info: dict[str, float], status: int) -> tuple[bytes, int]:
+            nonlocal fifo_len, latency_frames
+            try:
+                latency_s = max(0.0, time_info.get("output_buffer_dac_time", 0) - time_info.get("current_time", 0))
+                if latency_s <= 0 or latency_s > 1:
+                    latency_s = stream_latency_s
+                latency_frames = int(latency_s * RATE_HZ)
+                if resampler is None:
+                    out = np.empty(frame_count, dtype=np.int16)
+                    self.renderer.render(out, latency_frames, time.monotonic())
+                    return out.tobytes(), pyaudio.paContinue
+                while fifo_len < frame_count:
+                    self.renderer.render(api_buf, latency_frames, time.monotonic())
+                    res = resampler.resample_chunk(api_buf)
+                    m = min(len(res), len(fifo) - fifo_len)
+                    fifo[fifo_len:fifo_len + m] = res[:m]
+                    fifo_len += m
+                data = fifo[:frame_count].tobytes()
+                fifo[:fifo_len - frame_count] = fifo[frame_count:fifo_len]
+                fifo_len -= frame_count
+                return data, pyaudio.paContinue
+            except Exception:
+                self.callback_errors += 1
+                return bytes(frame_count * 2), pyaudio.paContinue
+
+        stream_latency_s = 0.04
+        stream = pa.open(format=pyaudio.paInt16, channels=1, rate=rate, output=True,
+                         output_device_index=dev["index"], frames_per_buffer=frames_dev, stream_callback=callback)
+        stream_latency_s = stream.get_output_latency()
+        self.pub.publish("playback.device", {"name": dev["name"], "rate_hz": rate, "period_frames": frames_dev,
+                                             "latency_ms": round(stream_latency_s * 1000, 1)})
+        try:
+            while not self.stop.is_set() and stream.is_active():
+                self.publish_events()
+                self.stop.wait(0.02)
+        finally:
+            stream.stop_stream()
+            stream.close()
+            pa.terminate()
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
+        signal.signal(signal.SIGINT, lambda *_: self.stop.set())
+        target = self.speaker
+        try:
+            if target is None or target == "null":
+                self.run_null()
+            elif isinstance(target, str) and target.lower().endswith(".wav"):
+                with wave.open(target, "wb") as wav:
+                    wav.setnchannels(1)
+                    wav.setsampwidth(2)
+                    wav.setframerate(RATE_HZ)
+                    self.run_null(wav)
+            else:
+                self.run_pyaudio()
+        except Exception as exc:
+            self.pub.publish("engine.error", {"source": "playback", "code": "device", "fatal": True, "message": str(exc)})
+            time.sleep(0.2)
+            return 3
+        finally:
+            self.publish_events()
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    return PlaybackProcess(json.loads(open(args[0]).read())).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

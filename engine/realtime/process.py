@@ -1,0 +1,239 @@
+"""The realtime process: holds the API websocket (websocket-client), streams the mic
+ring to the API, writes response audio to the playback ring, publishes every server
+event on the bus and takes commands from it.
+
+Threads: the socket reader (server events), the mic sender (ring -> socket) and the
+main thread (bus commands, timers, reconnects). One lock guards the protocol object;
+each thread has its own bus publisher (ZeroMQ sockets are single-threaded).
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+import websocket
+import zmq
+
+from bus import Publisher, Subscriber
+from engine.realtime.protocol import EndOfAudio, Flush, Play, Publish, RealtimeProtocol, Send
+from engine.ring import Ring
+
+MIC_CHUNK_MIN_FRAMES = 480      # 20 ms
+MIC_CHUNK_MAX_FRAMES = 960      # 40 ms
+RECONNECT_DELAYS_S = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+class RealtimeProcess:
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spec = spec
+        self.url: str = spec["url"]
+        self.headers: list[str] = spec.get("headers", [])
+        self.pub_endpoint = spec["bus"]["publish"]
+        self.sub_endpoint = spec["bus"]["subscribe"]
+        self.mic = Ring.attach(spec["mic_ring"], spec.get("mic_fd")) if spec.get("mic_ring") else None
+        self.speaker = Ring.attach(spec["speaker_ring"]) if spec.get("speaker_ring") else None
+        self.lock = threading.Lock()
+        cfg = spec["config"]
+        heard = (lambda: self.speaker.heard_index) if self.speaker else (lambda: 1 << 62)
+        self.proto = RealtimeProtocol(cfg["model"], spec["session"], heard_index=heard,
+                                      start_index=self.speaker.write_index if self.speaker else 0,
+                                      barge_in=cfg["barge_in"]["enabled"],
+                                      min_speech_ms=cfg["barge_in"]["min_speech_ms"],
+                                      budget_usd=cfg.get("budget_usd"))
+        self.ws: websocket.WebSocket | None = None
+        self.stop = threading.Event()
+        self.connected = threading.Event()
+        self.main_pub = Publisher(self.pub_endpoint, f"realtime:{os.getpid()}")
+        self.mic_frames_sent = 0
+        self.speaker_overruns_seen = 0
+
+    # -------------------------------------------------------------- actions
+    def apply(self, actions: list[Any], pub: Publisher) -> None:
+        for act in actions:
+            if isinstance(act, Publish):
+                pub.publish(act.topic, act.payload)
+            elif isinstance(act, Send):
+                self.send(act.event, pub)
+            elif isinstance(act, Play):
+                if self.speaker is not None:
+                    self.speaker.write(act.pcm)
+            elif isinstance(act, Flush):
+                if self.speaker is not None:
+                    self.speaker.request_flush()
+            elif isinstance(act, EndOfAudio):
+                if self.speaker is not None:
+                    self.speaker.mark_end()
+
+    def send(self, event: dict[str, Any], pub: Publisher) -> None:
+        ws = self.ws
+        if ws is None or not self.connected.is_set():
+            return
+        try:
+            ws.send(json.dumps(event))
+        except (websocket.WebSocketException, OSError) as exc:
+            pub.publish("engine.error", {"source": "socket", "code": "send_failed", "message": str(exc)})
+        if event.get("type") != "input_audio_buffer.append":
+            pub.publish("client." + event["type"], event)
+
+    # -------------------------------------------------------------- socket
+    def connect(self) -> bool:
+        try:
+            ws = websocket.create_connection(self.url, header=self.headers, timeout=10,
+                                             enable_multithread=True, skip_utf8_validation=True)
+        except Exception as exc:  # websocket-client raises many types
+            self.main_pub.publish("engine.error", {"source": "socket", "code": "connect_failed",
+                                                   "message": f"cannot connect to {self.url.split('?')[0]}: {exc}"})
+            return False
+        ws.settimeout(None)
+        self.ws = ws
+        self.connected.set()
+        return True
+
+    def reader(self) -> None:
+        pub = Publisher(self.pub_endpoint, f"realtime-reader:{os.getpid()}")
+        reconnect = False
+        while not self.stop.is_set():
+            if not self.connected.is_set():
+                if not self._reconnect(pub):
+                    return
+                reconnect = True
+            with self.lock:
+                acts = self.proto.on_connected(reconnect=reconnect)
+            self.apply(acts, pub)
+            close_code = self._read_loop(pub)
+            self.connected.clear()
+            if self.stop.is_set():
+                break
+            if self.proto.protocol_refused or close_code == 4000:
+                pub.publish("engine.error", {"source": "socket", "code": "protocol_refused", "fatal": True,
+                                             "message": "the API refused the protocol; not reconnecting"})
+                self.stop.set()
+                break
+            pub.publish("engine.status", {"state": "reconnecting", "close_code": close_code})
+        pub.close()
+
+    def _reconnect(self, pub: Publisher) -> bool:
+        for delay in RECONNECT_DELAYS_S * 3:
+            if self.stop.wait(delay):
+                return False
+            if self.connect():
+                return True
+        pub.publish("engine.error", {"source": "socket", "code": "gave_up", "fatal": True,
+                                     "message": "could not reconnect to the API; giving up"})
+        self.stop.set()
+        return False
+
+    def _read_loop(self, pub: Publisher) -> int | None:
+        ws = self.ws
+        assert ws is not None
+        while not self.stop.is_set():
+            try:
+                opcode, data = ws.recv_data()
+            except websocket.WebSocketConnectionClosedException:
+                return ws.status if isinstance(ws.status, int) else 1006
+            except (OSError, websocket.WebSocketException) as exc:
+                pub.publish("engine.error", {"source": "socket", "code": "recv_failed", "message": str(exc)})
+                return 1006
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                code = int.from_bytes(data[:2], "big") if len(data) >= 2 else 1005
+                reason = data[2:].decode(errors="replace")
+                pub.publish("engine.status", {"state": "disconnected", "close_code": code, "reason": reason})
+                return code
+            if opcode != websocket.ABNF.OPCODE_TEXT:
+                continue
+            try:
+                event = json.loads(data)
+                if not isinstance(event, dict):
+                    raise ValueError("not an object")
+            except ValueError as exc:
+                pub.publish("engine.error", {"source": "api", "code": "bad_server_message", "message": f"unparseable server message: {exc}"})
+                continue
+            with self.lock:
+                try:
+                    acts = self.proto.on_server_event(event)
+                except Exception as exc:  # never lose the conversation over one odd event
+                    acts = [Publish("engine.error", {"source": "engine", "code": "event_handler_failed",
+                                                     "message": f"{event.get('type')}: {type(exc).__name__}: {exc}"})]
+            self.apply(acts, pub)
+        return None
+
+    # -------------------------------------------------------------- mic
+    def mic_sender(self) -> None:
+        if self.mic is None:
+            return
+        import numpy as np
+        buf = np.empty(MIC_CHUNK_MAX_FRAMES, dtype=np.int16)
+        ws_pub = Publisher(self.pub_endpoint, f"realtime-mic:{os.getpid()}")
+        while not self.stop.is_set():
+            if not self.mic.wait_readable(0.2):
+                continue
+            n = self.mic.read_into(buf)
+            if n == 0:
+                continue
+            if not self.connected.is_set():
+                continue  # drop mic audio while the socket is down (counted below)
+            payload = base64.b64encode(buf[:n].tobytes()).decode("ascii")
+            ws = self.ws
+            try:
+                if ws is not None:
+                    ws.send('{"type":"input_audio_buffer.append","audio":"' + payload + '"}')
+                    self.mic_frames_sent += n
+            except (websocket.WebSocketException, OSError):
+                pass  # the reader notices the broken socket and reconnects
+        ws_pub.close()
+
+    # -------------------------------------------------------------- main loop
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
+        signal.signal(signal.SIGINT, lambda *_: self.stop.set())
+        sub = Subscriber(self.sub_endpoint, ["cmd."])
+        if not self.connect():
+            if not self._reconnect(self.main_pub):
+                return 1
+        threads = [threading.Thread(target=self.reader, name="reader", daemon=True),
+                   threading.Thread(target=self.mic_sender, name="mic", daemon=True)]
+        for t in threads:
+            t.start()
+        last_tick = 0.0
+        while not self.stop.is_set():
+            msg = sub.recv(timeout_ms=50)
+            if msg is not None:
+                topic, body = msg
+                with self.lock:
+                    acts = self.proto.on_command(topic, body)
+                self.apply(acts, self.main_pub)
+            if sub.malformed:
+                self.main_pub.publish("engine.error", {"source": "bus", "code": "malformed_message",
+                                                       "count": sub.malformed, "message": str(sub.last_error)})
+                sub.malformed = 0
+            now = time.monotonic()
+            if now - last_tick >= 0.05:
+                last_tick = now
+                with self.lock:
+                    acts = self.proto.on_tick()
+                self.apply(acts, self.main_pub)
+        if self.ws is not None:
+            try:
+                self.ws.close(timeout=1)
+            except Exception:
+                pass
+        sub.close()
+        self.main_pub.close()
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m engine.realtime.process SPEC.json``"""
+    args = sys.argv[1:] if argv is None else argv
+    spec = json.loads(open(args[0]).read())
+    return RealtimeProcess(spec).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,587 @@
+"""The realtime process's logic, without I/O: server events and bus commands in,
+actions out (client events to send, bus messages to publish, audio to play, a
+playback flush). The I/O layer (:mod:`engine.realtime.process`) applies the actions.
+
+Played position: the protocol counts the frames it hands to the playback ring
+(``frames_written``, in the ring's index space) and remembers where each assistant
+item's audio starts and ends there. ``heard_index()`` (injected) tells how far the
+listener has heard; the difference is what truncation reports, clamped to what was
+received, so the server never sees an ``audio_end_ms`` longer than the item.
+"""
+from __future__ import annotations
+
+import base64
+import secrets
+import string
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from engine.cost import response_cost_usd, transcription_cost_usd
+
+API_RATE_HZ = 24000
+FRAMES_PER_MS = API_RATE_HZ // 1000
+
+#: server event types of the retired beta protocol; seeing one means the peer is not GA
+BETA_ONLY_EVENTS = {
+    "response.audio.delta", "response.audio.done", "response.audio_transcript.delta",
+    "response.audio_transcript.done", "response.text.delta", "response.text.done",
+    "conversation.item.created", "transcription_session.created", "transcription_session.updated",
+}
+#: errors that are benign races; reported, never fatal
+BENIGN_ERRORS = {"response_cancel_not_active"}
+
+
+def new_id(prefix: str) -> str:
+    alphabet = string.ascii_letters + string.digits
+    return prefix + "_" + "".join(secrets.choice(alphabet) for _ in range(21))
+
+
+# ------------------------------------------------------------------ actions
+@dataclass
+class Send:
+    """Send a client event on the socket."""
+    event: dict[str, Any]
+
+
+@dataclass
+class Publish:
+    """Publish a bus message."""
+    topic: str
+    payload: dict[str, Any]
+
+
+@dataclass
+class Play:
+    """Write PCM16 24 kHz frames to the playback ring."""
+    pcm: bytes
+
+
+@dataclass
+class Flush:
+    """Drop everything written to the playback ring (barge-in)."""
+
+
+@dataclass
+class EndOfAudio:
+    """The audio written so far completes a response (not an underrun when it runs out)."""
+
+
+Action = Send | Publish | Play | Flush | EndOfAudio
+
+
+@dataclass
+class PlayedItem:
+    item_id: str
+    response_id: str
+    start_index: int          #: ring index of the item's first frame
+    frames: int = 0           #: frames received (and written)
+    flushed: bool = False
+
+
+@dataclass
+class SayRequest:
+    id: str
+    text: str
+    role: str
+    respond: bool
+    source: str
+
+
+@dataclass
+class ToolSpec:
+    name: str
+    description: str
+    parameters: dict[str, Any]
+    owner: str
+    timeout_s: float
+
+
+class RealtimeProtocol:
+    """State of one engine session as seen from the API socket."""
+
+    def __init__(self, model: str, session_config: dict[str, Any], *, heard_index: Callable[[], int] = lambda: 0,
+                 start_index: int = 0, barge_in: bool = True, min_speech_ms: int = 0,
+                 budget_usd: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.model = model
+        self.session_config = session_config
+        self.heard_index = heard_index
+        self.frames_written = start_index
+        self.barge_in = barge_in
+        self.min_speech_ms = min_speech_ms
+        self.budget_usd = budget_usd
+        self.clock = clock
+        self.session_id: str | None = None
+        self.session: dict[str, Any] | None = None
+        self.active_response: str | None = None
+        self.response_item: dict[str, str] = {}            #: response id -> its audio item id
+        self.dropped_responses: set[str] = set()           #: responses whose audio we no longer play
+        self.items: dict[str, PlayedItem] = {}
+        self.current_item: PlayedItem | None = None
+        self.pending: deque[SayRequest] = deque()
+        self.awaiting: dict[str, SayRequest] = {}          #: client event_id -> request sent
+        self.item_requests: dict[str, SayRequest] = {}     #: item id we created -> request
+        self.seen_cmd_ids: deque[str] = deque(maxlen=1024)
+        self.response_requested = False                    #: we sent response.create, no response.created yet
+        self.cost_session_usd = 0.0
+        self.cost_transcription_usd = 0.0
+        self.budget_warned = False
+        self.malformed_commands = 0
+        self.errors = 0
+        self.user_transcripts: dict[str, str] = {}
+        self.model_transcripts: dict[str, str] = {}
+        self.history: list[tuple[str, str]] = []           #: (role, text) for re-seeding after a reconnect
+        self.tools: dict[str, ToolSpec] = {}
+        self.tool_calls: dict[str, tuple[str, float]] = {} #: call_id -> (tool name, deadline)
+        self.speech_started_at: float | None = None
+        self.pending_barge_in = False
+        self.protocol_refused = False
+        self.turn_marks: dict[str, float] = {}
+
+    # ------------------------------------------------------------ connection
+    def on_connected(self, reconnect: bool = False) -> list[Action]:
+        """Client events to send right after the socket opens."""
+        acts: list[Action] = [Send({"type": "session.update", "session": self._session_with_tools()})]
+        if reconnect:
+            self.active_response = None
+            self.response_requested = False
+            for role, text in self.history[-50:]:
+                content_type = "output_text" if role == "assistant" else "input_text"
+                acts.append(Send({"type": "conversation.item.create", "item": {
+                    "type": "message", "role": role, "content": [{"type": content_type, "text": text}]}}))
+            acts.append(Publish("engine.status", {"state": "reconnected", "history_items": len(self.history[-50:])}))
+        return acts + self._drain()
+
+    def _session_with_tools(self) -> dict[str, Any]:
+        s = dict(self.session_config)
+        tools = list(s.get("tools", []))
+        names = {t.get("name") for t in tools}
+        for spec in self.tools.values():
+            if spec.name not in names:
+                tools.append({"type": "function", "name": spec.name, "description": spec.description,
+                              "parameters": spec.parameters})
+        s["tools"] = tools
+        return s
+
+    # ------------------------------------------------------------ server events
+    def on_server_event(self, ev: dict[str, Any]) -> list[Action]:
+        etype = ev.get("type")
+        if not isinstance(etype, str):
+            return [Publish("engine.error", {"code": "unknown_server_event", "message": "server event without a type; ignored"})]
+        if etype in BETA_ONLY_EVENTS:
+            self.protocol_refused = True
+            return [Publish("engine.error", {"code": "beta_protocol", "fatal": True, "message":
+                    f"the server sent {etype!r}, an event of the retired beta Realtime protocol "
+                    "(OpenAI-Beta: realtime=v1, shut down in May 2026); realtalk speaks only the GA protocol. "
+                    "Point the engine at a GA endpoint (/v1/realtime with a GA model)."})]
+        acts: list[Action] = [Publish("server." + etype, _strip_audio(ev))]
+        handler = getattr(self, "_on_" + etype.replace(".", "_"), None)
+        if handler is not None:
+            acts.extend(handler(ev))
+        return acts
+
+    def _on_session_created(self, ev: dict[str, Any]) -> list[Action]:
+        self.session_id = ev["session"].get("id")
+        self.session = ev["session"]
+        return [Publish("engine.status", {"state": "connected", "session_id": self.session_id, "model": self.model})]
+
+    def _on_session_updated(self, ev: dict[str, Any]) -> list[Action]:
+        self.session = ev["session"]
+        return [Publish("session.config", {"session": ev["session"]})]
+
+    def _on_error(self, ev: dict[str, Any]) -> list[Action]:
+        err = ev.get("error") or {}
+        code = err.get("code")
+        acts: list[Action] = []
+        benign = code in BENIGN_ERRORS or "already shorter than" in (err.get("message") or "")
+        if not benign:
+            self.errors += 1
+        acts.append(Publish("engine.error", {"source": "api", "code": code, "message": err.get("message"),
+                                             "param": err.get("param"), "benign": benign,
+                                             "fatal": code == "beta_api_shape_disabled"}))
+        req = self.awaiting.pop(err.get("event_id") or "", None)
+        if req is not None:
+            if code == "conversation_already_has_active_response":
+                self.response_requested = False
+                self.pending.appendleft(SayRequest(req.id, "", req.role, True, req.source))  # retry the response only
+            else:
+                acts.append(Publish("cmd.ack", {"id": req.id, "ok": False, "error": err.get("message"), "code": code}))
+        return acts
+
+    def _on_response_created(self, ev: dict[str, Any]) -> list[Action]:
+        resp = ev["response"]
+        if resp.get("conversation_id") is not None or not resp.get("metadata"):
+            self.active_response = resp["id"]
+        self.response_requested = False
+        self.turn_marks["response_created"] = self.clock()
+        return []
+
+    def _on_response_output_item_added(self, ev: dict[str, Any]) -> list[Action]:
+        item = ev["item"]
+        if item.get("type") == "message" and item.get("role") == "assistant":
+            self.response_item[ev["response_id"]] = item["id"]
+        return []
+
+    def _on_response_output_audio_delta(self, ev: dict[str, Any]) -> list[Action]:
+        rid, item_id = ev["response_id"], ev["item_id"]
+        if rid in self.dropped_responses:
+            return []
+        try:
+            pcm = base64.b64decode(ev["delta"])
+        except (ValueError, TypeError):
+            return [Publish("engine.error", {"source": "engine", "code": "bad_audio_delta",
+                                             "message": f"undecodable audio delta in {item_id}; skipped"})]
+        pcm = pcm[: len(pcm) // 2 * 2]
+        played = self.items.get(item_id)
+        if played is None:
+            played = self.items[item_id] = PlayedItem(item_id, rid, self.frames_written)
+            self.current_item = played
+            self.turn_marks["first_delta"] = self.clock()
+        played.frames += len(pcm) // 2
+        self.frames_written += len(pcm) // 2
+        return [Play(pcm)]
+
+    def _on_response_output_audio_done(self, ev: dict[str, Any]) -> list[Action]:
+        return [EndOfAudio()]
+
+    def _on_response_output_text_delta(self, ev: dict[str, Any]) -> list[Action]:
+        return [Publish("model.text.delta", {"text": ev["delta"], "item_id": ev["item_id"], "response_id": ev["response_id"]})]
+
+    def _on_response_output_text_done(self, ev: dict[str, Any]) -> list[Action]:
+        self.history.append(("assistant", ev["text"]))
+        return [Publish("model.text.done", {"text": ev["text"], "item_id": ev["item_id"], "response_id": ev["response_id"]})]
+
+    def _on_response_output_audio_transcript_delta(self, ev: dict[str, Any]) -> list[Action]:
+        if ev["response_id"] in self.dropped_responses:
+            return []
+        self.model_transcripts[ev["item_id"]] = self.model_transcripts.get(ev["item_id"], "") + ev["delta"]
+        return [Publish("model.transcript.delta", {"text": ev["delta"], "item_id": ev["item_id"],
+                                                   "response_id": ev["response_id"]})]
+
+    def _on_response_output_audio_transcript_done(self, ev: dict[str, Any]) -> list[Action]:
+        if ev["response_id"] in self.dropped_responses:
+            return []  # the truncated transcript is published with the truncation
+        self.history.append(("assistant", ev["transcript"]))
+        return [Publish("model.transcript.done", {"text": ev["transcript"], "item_id": ev["item_id"],
+                                                  "response_id": ev["response_id"]})]
+
+    def _on_response_function_call_arguments_done(self, ev: dict[str, Any]) -> list[Action]:
+        name = ev.get("name", "")
+        spec = self.tools.get(name)
+        acts: list[Action] = [Publish("tool.call", {"call_id": ev["call_id"], "name": name,
+                                                    "arguments": ev.get("arguments", ""), "item_id": ev.get("item_id"),
+                                                    "registered": spec is not None})]
+        timeout = spec.timeout_s if spec else 10.0
+        self.tool_calls[ev["call_id"]] = (name, self.clock() + timeout)
+        return acts
+
+    def _on_response_done(self, ev: dict[str, Any]) -> list[Action]:
+        resp = ev["response"]
+        rid = resp["id"]
+        if self.active_response == rid:
+            self.active_response = None
+        usage = resp.get("usage")
+        usd = response_cost_usd(self.session.get("model", self.model) if self.session else self.model, usage)
+        self.cost_session_usd += usd
+        text = ""
+        for out in resp.get("output") or []:
+            for part in out.get("content") or []:
+                text += part.get("text") or part.get("transcript") or ""
+        acts: list[Action] = [
+            Publish("response.done", {"response_id": rid, "status": resp.get("status"),
+                                      "reason": (resp.get("status_details") or {}).get("reason"),
+                                      "text": text, "usage": usage, "usd": usd, "metadata": resp.get("metadata")}),
+            Publish("cost.response", {"response_id": rid, "usd": usd, "usage": usage}),
+            Publish("cost.session", {"usd": self.total_usd(), "responses_usd": self.cost_session_usd,
+                                     "transcription_usd": self.cost_transcription_usd}),
+        ]
+        acts.extend(self._check_budget())
+        acts.extend(self._drain())
+        return acts
+
+    def total_usd(self) -> float:
+        return self.cost_session_usd + self.cost_transcription_usd
+
+    def _check_budget(self) -> list[Action]:
+        if self.budget_usd is None:
+            return []
+        spent = self.total_usd()
+        if spent >= self.budget_usd:
+            return [Publish("engine.budget", {"usd": spent, "budget_usd": self.budget_usd, "exceeded": True,
+                                              "message": f"budget of ${self.budget_usd:.4f} reached; no new responses"})]
+        if spent >= 0.8 * self.budget_usd and not self.budget_warned:
+            self.budget_warned = True
+            return [Publish("engine.budget", {"usd": spent, "budget_usd": self.budget_usd, "exceeded": False,
+                                              "message": f"80% of the ${self.budget_usd:.4f} budget is spent"})]
+        return []
+
+    def over_budget(self) -> bool:
+        return self.budget_usd is not None and self.total_usd() >= self.budget_usd
+
+    def _on_conversation_item_added(self, ev: dict[str, Any]) -> list[Action]:
+        item = ev["item"]
+        req = self.item_requests.pop(item.get("id", ""), None)
+        acts: list[Action] = []
+        if req is not None:
+            for eid, r in list(self.awaiting.items()):
+                if r is req:
+                    del self.awaiting[eid]
+            self.history.append((req.role, req.text))
+            acts.append(Publish("cmd.ack", {"id": req.id, "ok": True, "item_id": item["id"]}))
+        elif item.get("role") == "user" and item.get("type") == "message":
+            for part in item.get("content") or []:
+                if part.get("type") == "input_text":
+                    acts.append(Publish("user.text", {"text": part["text"], "item_id": item["id"]}))
+        return acts
+
+    def _on_conversation_item_input_audio_transcription_delta(self, ev: dict[str, Any]) -> list[Action]:
+        return [Publish("user.transcript.delta", {"text": ev.get("delta", ""), "item_id": ev["item_id"]})]
+
+    def _on_conversation_item_input_audio_transcription_completed(self, ev: dict[str, Any]) -> list[Action]:
+        text = ev.get("transcript", "")
+        self.user_transcripts[ev["item_id"]] = text
+        self.history.append(("user", text))
+        tr = ((self.session or {}).get("audio") or {}).get("input", {}).get("transcription") or {}
+        usd = transcription_cost_usd(tr.get("model", ""), ev.get("usage"))
+        self.cost_transcription_usd += usd
+        return [Publish("user.transcript.done", {"text": text, "item_id": ev["item_id"], "usd": usd}),
+                Publish("cost.session", {"usd": self.total_usd(), "responses_usd": self.cost_session_usd,
+                                         "transcription_usd": self.cost_transcription_usd})]
+
+    def _on_conversation_item_input_audio_transcription_failed(self, ev: dict[str, Any]) -> list[Action]:
+        err = ev.get("error") or {}
+        return [Publish("engine.error", {"source": "api", "code": err.get("code"), "benign": True,
+                                         "message": f"transcription of {ev.get('item_id')} failed: {err.get('message')}"})]
+
+    def _on_input_audio_buffer_speech_started(self, ev: dict[str, Any]) -> list[Action]:
+        self.speech_started_at = self.clock()
+        acts: list[Action] = [Publish("user.speech.started", {"item_id": ev.get("item_id"),
+                                                             "audio_start_ms": ev.get("audio_start_ms")})]
+        if self.barge_in:
+            if self.min_speech_ms <= 0:
+                acts.extend(self.interrupt(server_cancels=self._server_interrupts(), reason="speech"))
+            else:
+                self.pending_barge_in = True
+        return acts
+
+    def _on_input_audio_buffer_speech_stopped(self, ev: dict[str, Any]) -> list[Action]:
+        self.pending_barge_in = False
+        self.turn_marks["speech_stopped"] = self.clock()
+        return [Publish("user.speech.stopped", {"item_id": ev.get("item_id"), "audio_end_ms": ev.get("audio_end_ms")})]
+
+    def _on_conversation_item_truncated(self, ev: dict[str, Any]) -> list[Action]:
+        item_id = ev["item_id"]
+        text = self.model_transcripts.get(item_id, "")
+        return [Publish("model.transcript.truncated", {"item_id": item_id, "audio_end_ms": ev["audio_end_ms"],
+                                                       "text_received": text})]
+
+    def _server_interrupts(self) -> bool:
+        td = ((self.session or {}).get("audio") or {}).get("input", {}).get("turn_detection")
+        return bool(td and td.get("interrupt_response", True))
+
+    # ------------------------------------------------------------ barge-in
+    def audible_item(self) -> PlayedItem | None:
+        """The item whose audio is still playing (written but not yet all heard)."""
+        item = self.current_item
+        if item is None or item.flushed:
+            return None
+        end = item.start_index + item.frames
+        return item if self.heard_index() < end else None
+
+    def played_ms(self, item: PlayedItem) -> int:
+        """Milliseconds of ``item`` the listener heard, clamped to what was received."""
+        heard = self.heard_index() - item.start_index
+        return int(max(0, min(heard, item.frames)) // FRAMES_PER_MS)
+
+    def interrupt(self, server_cancels: bool, reason: str) -> list[Action]:
+        """Stop the model's voice: flush playback, cancel if needed, truncate at what was heard."""
+        acts: list[Action] = []
+        item = self.audible_item()
+        rid = self.active_response
+        if rid is not None and not server_cancels:
+            acts.append(Send({"type": "response.cancel"}))
+        if item is None:
+            if rid is not None:
+                self.dropped_responses.add(rid)
+            return acts
+        played = self.played_ms(item)
+        item.flushed = True
+        self.dropped_responses.add(item.response_id)
+        acts.append(Flush())
+        if played > 0:
+            acts.append(Send({"type": "conversation.item.truncate", "item_id": item.item_id, "content_index": 0,
+                              "audio_end_ms": played}))
+        heard_text = _cut_transcript(self.model_transcripts.get(item.item_id, ""), played, item.frames // FRAMES_PER_MS)
+        acts.append(Publish("playback.interrupted", {"item_id": item.item_id, "played_ms": played,
+                                                     "received_ms": item.frames // FRAMES_PER_MS, "reason": reason}))
+        acts.append(Publish("model.transcript.done", {"text": heard_text, "item_id": item.item_id,
+                                                      "response_id": item.response_id, "truncated": True}))
+        self.history.append(("assistant", heard_text))
+        return acts
+
+    # ------------------------------------------------------------ commands from the bus
+    def on_command(self, topic: str, body: dict[str, Any]) -> list[Action]:
+        cmd_id = body.get("id")
+        if isinstance(cmd_id, str) and cmd_id:
+            if cmd_id in self.seen_cmd_ids:
+                return []  # at-least-once delivery from clients that retry: already handled
+            self.seen_cmd_ids.append(cmd_id)
+        try:
+            if topic == "cmd.say":
+                return self._cmd_say(body)
+            if topic == "cmd.cancel":
+                acts = self.interrupt(server_cancels=False, reason="cmd.cancel")
+                return acts + [Publish("cmd.ack", {"id": cmd_id, "ok": True})] if cmd_id else acts
+            if topic == "cmd.session.update":
+                session = body.get("session")
+                if not isinstance(session, dict):
+                    raise ValueError("cmd.session.update needs 'session': a map of session fields")
+                self.session_config = {**self.session_config, **session, "type": "realtime"}
+                acts = [Send({"type": "session.update", "session": {**session, "type": "realtime"}})]
+                return acts + ([Publish("cmd.ack", {"id": cmd_id, "ok": True})] if cmd_id else [])
+            if topic == "cmd.tool.register":
+                return self._cmd_tool_register(body)
+            if topic == "cmd.tool.unregister":
+                return self._cmd_tool_unregister(body)
+            if topic == "cmd.tool.result":
+                return self._cmd_tool_result(body)
+            if topic in ("cmd.ack",):
+                return []
+            raise ValueError(f"unknown command topic {topic!r} (known: cmd.say, cmd.cancel, cmd.session.update, "
+                             "cmd.tool.register, cmd.tool.unregister, cmd.tool.result)")
+        except (ValueError, TypeError, KeyError) as exc:
+            self.malformed_commands += 1
+            acts = [Publish("engine.error", {"source": "bus", "code": "bad_command", "topic": topic, "message": str(exc)})]
+            if cmd_id:
+                acts.append(Publish("cmd.ack", {"id": cmd_id, "ok": False, "error": str(exc)}))
+            return acts
+
+    def _cmd_say(self, body: dict[str, Any]) -> list[Action]:
+        text, role = body.get("text"), body.get("role", "user")
+        if not isinstance(text, str) or not text:
+            raise ValueError("cmd.say needs 'text': a non-empty string")
+        if role not in ("user", "system"):
+            raise ValueError(f"cmd.say 'role' must be 'user' or 'system', not {role!r}")
+        respond = body.get("respond", role == "user")
+        if not isinstance(respond, bool):
+            raise ValueError("cmd.say 'respond' must be true or false")
+        self.pending.append(SayRequest(str(body.get("id") or new_id("say")), text, role, respond, str(body.get("pub", ""))))
+        return self._drain()
+
+    def _drain(self) -> list[Action]:
+        """Send queued requests while no response is active (never meets 'active response')."""
+        acts: list[Action] = []
+        while self.pending and self.active_response is None and not self.response_requested:
+            req = self.pending.popleft()
+            if req.text:
+                item_id = new_id("item")
+                event_id = new_id("event")
+                self.awaiting[event_id] = req
+                self.item_requests[item_id] = req
+                acts.append(Send({"type": "conversation.item.create", "event_id": event_id, "item": {
+                    "id": item_id, "type": "message", "role": req.role,
+                    "content": [{"type": "input_text", "text": req.text}]}}))
+            if req.respond:
+                if self.over_budget():
+                    acts.append(Publish("engine.error", {"source": "engine", "code": "budget_exceeded",
+                                                         "message": "budget_usd reached: no new responses"}))
+                    continue
+                event_id = new_id("event")
+                self.awaiting[event_id] = req
+                self.response_requested = True
+                acts.append(Send({"type": "response.create", "event_id": event_id}))
+        return acts
+
+    def _cmd_tool_register(self, body: dict[str, Any]) -> list[Action]:
+        name = body.get("name")
+        if not isinstance(name, str) or not name:
+            raise ValueError("cmd.tool.register needs 'name'")
+        params = body.get("parameters") or {"type": "object", "properties": {}}
+        if not isinstance(params, dict):
+            raise ValueError("cmd.tool.register 'parameters' must be a JSON schema map")
+        self.tools[name] = ToolSpec(name, str(body.get("description", "")), params, str(body.get("pub", "")),
+                                    float(body.get("timeout_s", 10.0)))
+        acts: list[Action] = [Send({"type": "session.update", "session": {"type": "realtime", "tools": self._session_with_tools()["tools"]}}),
+                              Publish("engine.tools", {"tools": sorted(self.tools)})]
+        if body.get("id"):
+            acts.append(Publish("cmd.ack", {"id": body["id"], "ok": True}))
+        return acts
+
+    def _cmd_tool_unregister(self, body: dict[str, Any]) -> list[Action]:
+        name = body.get("name")
+        owner = body.get("owner")
+        names = [n for n, t in self.tools.items() if n == name or (owner and t.owner == owner)]
+        for n in names:
+            del self.tools[n]
+        if not names:
+            return []
+        return [Send({"type": "session.update", "session": {"type": "realtime", "tools": self._session_with_tools()["tools"]}}),
+                Publish("engine.tools", {"tools": sorted(self.tools)})]
+
+    def _cmd_tool_result(self, body: dict[str, Any]) -> list[Action]:
+        call_id, output = body.get("call_id"), body.get("output")
+        if not isinstance(call_id, str):
+            raise ValueError("cmd.tool.result needs 'call_id'")
+        if call_id not in self.tool_calls:
+            return []  # first result wins; late or duplicate results are ignored
+        if not isinstance(output, str):
+            import json
+            output = json.dumps(output)
+        del self.tool_calls[call_id]
+        return self._tool_output(call_id, output)
+
+    def _tool_output(self, call_id: str, output: str) -> list[Action]:
+        acts: list[Action] = [Send({"type": "conversation.item.create", "item": {
+            "type": "function_call_output", "call_id": call_id, "output": output}})]
+        self.pending.append(SayRequest(new_id("tool"), "", "user", True, "tool"))
+        acts.extend(self._drain())
+        return acts
+
+    def on_tick(self) -> list[Action]:
+        """Timers: tool-call timeouts, delayed barge-in (min_speech_ms)."""
+        acts: list[Action] = []
+        now = self.clock()
+        for call_id, (name, deadline) in list(self.tool_calls.items()):
+            if now >= deadline:
+                del self.tool_calls[call_id]
+                acts.append(Publish("engine.error", {"source": "tool", "code": "tool_timeout", "message":
+                                                     f"tool {name!r} did not answer call {call_id} in time"}))
+                acts.extend(self._tool_output(call_id, '{"error": "the tool did not answer in time"}'))
+        if self.pending_barge_in and self.speech_started_at is not None and \
+                (now - self.speech_started_at) * 1000 >= self.min_speech_ms:
+            self.pending_barge_in = False
+            acts.extend(self.interrupt(server_cancels=self._server_interrupts(), reason="speech"))
+        return acts
+
+
+def _strip_audio(ev: dict[str, Any]) -> dict[str, Any]:
+    """The event for the bus: base64 audio replaced by its byte count."""
+    if ev.get("type") == "response.output_audio.delta":
+        out = dict(ev)
+        delta = out.pop("delta", "") or ""
+        out["delta_bytes"] = len(delta) * 3 // 4 - delta[-2:].count("=")
+        return out
+    if ev.get("type") == "conversation.item.retrieved":
+        out = dict(ev)
+        item = dict(out.get("item") or {})
+        parts = []
+        for part in item.get("content") or []:
+            part = dict(part)
+            if isinstance(part.get("audio"), str):
+                a = part.pop("audio")
+                part["audio_bytes"] = len(a) * 3 // 4
+            parts.append(part)
+        item["content"] = parts
+        out["item"] = item
+        return out
+    return ev
+
+
+def _cut_transcript(text: str, played_ms: int, received_ms: int) -> str:
+    """The part of ``text`` the listener heard, assuming words spread evenly over the audio."""
+    if received_ms <= 0 or played_ms >= received_ms:
+        return text
+    words = text.split()
+    keep = int(len(words) * played_ms / received_ms)
+    return " ".join(words[:keep])

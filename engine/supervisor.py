@@ -1,0 +1,320 @@
+"""``engine start``: the supervisor and its children.
+
+Children (each its own OS process, started with ``python -m``): the bus broker, the
+local server (local backend), realtime, capture and playback. The supervisor creates
+the shared-memory rings and the mic ring's eventfd (passed to the children with
+``pass_fds``), writes the connection file, keeps the session's event log, publishes
+``engine.status`` every second, restarts a child that dies (with backoff, as
+supervisord's BACKOFF state), and on SIGINT/SIGTERM stops everything in reverse order
+(TERM, a grace period, then KILL), unlinks the rings and removes socket and connection
+files. Signal handlers only set a flag; the main loop does the work.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+from urllib.parse import quote
+
+from bus import Endpoints, Publisher, Subscriber
+from bus.client import connection_file, runtime_dir
+from engine.config import resolve_backend, session_payload
+from engine.errors import EngineError
+from engine.ring import Ring
+
+MIC_RING_FRAMES = 1 << 16        # 2.7 s at 24 kHz
+SPEAKER_RING_FRAMES = 1 << 21    # 87 s: the API sends audio faster than real time
+GRACE_S = 3.0
+MAX_RESTARTS = 5
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def default_sessions_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return Path(base) / "realtalk" / "sessions"
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    required: bool = True
+    pass_fds: tuple[int, ...] = ()
+    stdout: Any = None
+    proc: subprocess.Popen[bytes] | None = None
+    state: str = "stopped"
+    restarts: int = 0
+    started_at: float = 0.0
+    exit_code: int | None = None
+    restart_at: float | None = None
+    history: list[float] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+
+class Supervisor:
+    def __init__(self, cfg: dict[str, Any], *, text_only: bool = False, out: TextIO = sys.stdout) -> None:
+        self.cfg = cfg
+        self.text_only = text_only
+        self.out = out
+        self.backend = resolve_backend(cfg)
+        self.stopping = False
+        self.children: list[Child] = []
+        self.rings: list[Ring] = []
+        self.run_dir = runtime_dir()
+        self.session_key = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+        base = Path(cfg["sessions_dir"]) if cfg["sessions_dir"] else default_sessions_dir()
+        self.session_dir = base / self.session_key
+        self.session_dir.mkdir(parents=True, exist_ok=True)
+        self.endpoints = self._endpoints()
+        self.session_id: str | None = None
+        self.cost_usd = 0.0
+        self.connected = False
+        self.errors: list[dict[str, Any]] = []
+        self.fatal: str | None = None
+        self.started_mono = time.monotonic()
+        self.ready_mono: float | None = None
+        self.log_file: TextIO | None = None
+        self.server_url: str | None = None
+
+    # ------------------------------------------------------------ setup
+    def _endpoints(self) -> Endpoints:
+        bus = self.cfg["bus"]
+        if bus["transport"] == "tcp":
+            host = bus["tcp_host"]
+            pub = bus["tcp_publish_port"] or free_port(host)
+            sub = bus["tcp_subscribe_port"] or free_port(host)
+            return Endpoints(f"tcp://{host}:{pub}", f"tcp://{host}:{sub}")
+        return Endpoints(f"ipc://{self.run_dir}/bus-publish.sock", f"ipc://{self.run_dir}/bus-subscribe.sock")
+
+    def _check_not_running(self) -> None:
+        path = connection_file()
+        if path.exists():
+            try:
+                pid = json.loads(path.read_text())["pid"]
+                os.kill(pid, 0)
+            except (ValueError, KeyError, ProcessLookupError, PermissionError):
+                path.unlink(missing_ok=True)  # stale file of an engine that died
+                return
+            raise EngineError(f"an engine is already running (pid {pid}); stop it with `engine stop`")
+
+    def _spec(self, name: str, extra: dict[str, Any]) -> str:
+        spec = {"config": self.cfg, "bus": {"publish": self.endpoints.publish, "subscribe": self.endpoints.subscribe},
+                **extra}
+        path = self.session_dir / f"{name}.spec.json"
+        path.write_text(json.dumps(spec, indent=1))
+        return str(path)
+
+    def _api_target(self) -> tuple[str, list[str]]:
+        model = quote(self.cfg["model"])
+        if self.backend == "local":
+            ls = self.cfg["local_server"]
+            port = ls["port"] or free_port(ls["host"])
+            argv = [sys.executable, "-m", "engine.cli", "serve", "--host", ls["host"], "--port", str(port),
+                    "--speed", str(ls["speed"])]
+            if ls["scenario"]:
+                argv += ["--scenario", ls["scenario"]]
+            if not ls["asr"]:
+                argv += ["--no-asr"]
+            self.children.append(Child("server", argv, stdout=subprocess.DEVNULL))
+            self.server_url = f"ws://{ls['host']}:{port}/v1/realtime"
+            return f"{self.server_url}?model={model}", ["Authorization: Bearer local"]
+        key = os.environ.get(self.cfg["api_key_env"])
+        if not key:
+            raise EngineError(f"backend openai needs an API key in ${self.cfg['api_key_env']} "
+                              "(or use --backend local for the offline server)")
+        return f"{self.cfg['openai_url']}?model={model}", [f"Authorization: Bearer {key}"]
+
+    def start(self) -> None:
+        self._check_not_running()
+        py = sys.executable
+        self.children.append(Child("broker", [py, "-m", "bus.broker", self.endpoints.publish, self.endpoints.subscribe]))
+        url, headers = self._api_target()
+        audio = self.cfg["audio"]
+        mic = None if self.text_only else audio["mic"]
+        speaker = "null" if self.text_only or audio["speaker"] in (None, "null") else audio["speaker"]
+        speaker_ring = Ring.create(f"realtalk-{os.getpid()}-speaker", SPEAKER_RING_FRAMES, with_eventfd=False)
+        self.rings.append(speaker_ring)
+        realtime_extra: dict[str, Any] = {"url": url, "headers": headers, "session": session_payload(self.cfg),
+                                          "speaker_ring": speaker_ring.name}
+        fds: tuple[int, ...] = ()
+        if mic is not None:
+            mic_ring = Ring.create(f"realtalk-{os.getpid()}-mic", MIC_RING_FRAMES)
+            self.rings.append(mic_ring)
+            assert mic_ring.data_fd is not None
+            os.set_inheritable(mic_ring.data_fd, True)
+            fds = (mic_ring.data_fd,)
+            realtime_extra.update(mic_ring=mic_ring.name, mic_fd=mic_ring.data_fd)
+            is_device = not (isinstance(speaker, str) and (speaker == "null" or speaker.lower().endswith(".wav")))
+            cap_spec = self._spec("capture", {"mic_ring": mic_ring.name, "mic_fd": mic_ring.data_fd,
+                                              "mic_source": mic, "speaker_ring": speaker_ring.name,
+                                              "speaker_is_device": is_device})
+            self.children.append(Child("capture", [py, "-m", "engine.capture", cap_spec], pass_fds=fds))
+        self.children.append(Child("realtime", [py, "-m", "engine.realtime.process",
+                                                self._spec("realtime", realtime_extra)], pass_fds=fds))
+        pb_spec = self._spec("playback", {"speaker_ring": speaker_ring.name, "speaker_target": speaker})
+        self.children.append(Child("playback", [py, "-m", "engine.playback", pb_spec]))
+        # the supervisor's own bus sockets, connected before anything is published
+        self.sub = Subscriber(self.endpoints.subscribe, [""])
+        self.pub = Publisher(self.endpoints.publish, f"supervisor:{os.getpid()}")
+        self.log_file = open(self.session_dir / "events.jsonl", "a", buffering=1)
+        for child in self.children:
+            self._spawn(child)
+        self._write_connection_file()
+
+    def _spawn(self, child: Child) -> None:
+        env = dict(os.environ)
+        env["PYTHONUNBUFFERED"] = "1"
+        child.proc = subprocess.Popen(child.argv, pass_fds=child.pass_fds, env=env, stdin=subprocess.DEVNULL,
+                                      stdout=child.stdout, start_new_session=False)
+        child.state = "running"
+        child.started_at = time.monotonic()
+        child.exit_code = None
+        child.restart_at = None
+
+    def _write_connection_file(self) -> None:
+        path = connection_file()
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.status(), indent=1))
+        os.chmod(tmp, 0o600)
+        tmp.replace(path)
+
+    # ------------------------------------------------------------ status
+    def status(self) -> dict[str, Any]:
+        rings = {}
+        for ring in self.rings:
+            kind = ring.name.rsplit("-", 1)[-1]
+            rings[kind] = ring.stats()
+        return {
+            "pid": os.getpid(), "state": "stopping" if self.stopping else ("ready" if self.connected else "starting"),
+            "backend": self.backend, "model": self.cfg["model"], "server_url": self.server_url,
+            "publish": self.endpoints.publish, "subscribe": self.endpoints.subscribe,
+            "connection_file": str(connection_file()), "session_dir": str(self.session_dir),
+            "session_id": self.session_id, "cost_usd": round(self.cost_usd, 6),
+            "children": [{"name": c.name, "pid": c.pid, "state": c.state, "restarts": c.restarts,
+                          "exit_code": c.exit_code} for c in self.children],
+            "rings": rings,
+            "ready_ms": round((self.ready_mono - self.started_mono) * 1000, 1) if self.ready_mono else None,
+            "errors": len(self.errors),
+        }
+
+    # ------------------------------------------------------------ main loop
+    def _on_message(self, topic: str, body: dict[str, Any]) -> None:
+        if self.log_file is not None:
+            self.log_file.write(json.dumps({"topic": topic, "wall": body.get("ts"), "mono_ns": body.get("mono_ns"),
+                                            "body": body}, default=str) + "\n")
+        if topic == "engine.status" and body.get("state") == "connected":
+            self.session_id = body.get("session_id")
+            if not self.connected:
+                self.connected = True
+                self.ready_mono = time.monotonic()
+                self.out.write(f"realtalk: ready in {(self.ready_mono - self.started_mono) * 1000:.0f} ms "
+                               f"(session {self.session_id})\n")
+                self.out.flush()
+                self._write_connection_file()
+        elif topic == "cost.session":
+            self.cost_usd = float(body.get("usd", 0.0))
+        elif topic == "engine.error":
+            self.errors.append(body)
+            if body.get("fatal"):
+                self.fatal = f"{body.get('source', 'engine')}: {body.get('message')}"
+
+    def run(self) -> int:
+        def _stop(_signo: int, _frame: object) -> None:
+            self.stopping = True
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+        next_status = 0.0
+        try:
+            while not self.stopping and self.fatal is None:
+                msg = self.sub.recv(timeout_ms=100)
+                while msg is not None:
+                    if msg[0] != "engine.status" or msg[1].get("pub", "").startswith(("realtime", "playback", "capture")):
+                        self._on_message(*msg)
+                    msg = self.sub.recv(timeout_ms=0)
+                self._reap()
+                now = time.monotonic()
+                if now >= next_status:
+                    next_status = now + 1.0
+                    self.pub.publish("engine.status", self.status())
+        finally:
+            self.shutdown()
+        if self.fatal:
+            self.out.write(f"realtalk: stopped: {self.fatal}\n")
+            return 1
+        return 0
+
+    def _reap(self) -> None:
+        now = time.monotonic()
+        for child in self.children:
+            if child.proc is None:
+                continue
+            if child.state == "backoff" and child.restart_at is not None and now >= child.restart_at:
+                child.restarts += 1
+                self._spawn(child)
+                continue
+            code = child.proc.poll()
+            if code is None or child.state != "running":
+                continue
+            child.exit_code = code
+            child.history = [t for t in child.history if now - t < 60] + [now]
+            if len(child.history) > MAX_RESTARTS:
+                child.state = "fatal"
+                self.fatal = f"child {child.name} exited {len(child.history)} times in a minute (last code {code})"
+                return
+            child.state = "backoff"
+            child.restart_at = now + min(5.0, 0.25 * 2 ** (len(child.history) - 1))
+            self.pub.publish("engine.error", {"source": "supervisor", "code": "child_exited", "child": child.name,
+                                              "exit_code": code, "message": f"{child.name} exited with {code}; restarting"})
+
+    def shutdown(self) -> None:
+        self.stopping = True
+        try:
+            self.pub.publish("engine.status", self.status())
+        except Exception:
+            pass
+        for child in reversed(self.children):
+            if child.proc is not None and child.proc.poll() is None:
+                child.proc.terminate()
+        deadline = time.monotonic() + GRACE_S
+        for child in reversed(self.children):
+            if child.proc is None:
+                continue
+            try:
+                child.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                child.proc.wait()
+            child.state = "stopped"
+        for ring in self.rings:
+            ring.unlink()
+            ring.close()
+        for ep in (self.endpoints.publish, self.endpoints.subscribe):
+            if ep.startswith("ipc://"):
+                Path(ep[len("ipc://"):]).unlink(missing_ok=True)
+        path = connection_file()
+        try:
+            if json.loads(path.read_text()).get("pid") == os.getpid():
+                path.unlink()
+        except (FileNotFoundError, ValueError):
+            pass
+        for closer in (getattr(self, "sub", None), getattr(self, "pub", None), self.log_file):
+            if closer is not None:
+                closer.close()
+        self.out.write(f"realtalk: stopped. Session cost ${self.cost_usd:.4f}; event log {self.session_dir / 'events.jsonl'}\n")
+        self.out.flush()
