@@ -1,0 +1,258 @@
+"""Shared fixtures: virtual audio devices, an in-process local server, a running
+engine, and validation of every server event against the official openai types."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+TRACES = SHARED / "traces"
+VAUDIO = REPO / "tools" / "vaudio.sh"
+
+
+# ---------------------------------------------------------------- event validation
+class EventValidator:
+    """Validates server events with pydantic strict mode against openai.types.realtime."""
+
+    def __init__(self) -> None:
+        import typing
+        import pydantic
+        from openai.types.realtime import realtime_server_event as se
+        self.pydantic = pydantic
+        self.models: dict[str, type] = {}
+        stack: list[Any] = [se.RealtimeServerEvent]
+        while stack:
+            t = stack.pop()
+            origin = typing.get_origin(t)
+            if origin is typing.Annotated:
+                stack.append(typing.get_args(t)[0])
+            elif origin is typing.Union:
+                stack.extend(typing.get_args(t))
+            elif isinstance(t, type) and issubclass(t, pydantic.BaseModel):
+                ann = t.model_fields["type"].annotation
+                for lit in typing.get_args(ann):
+                    self.models[lit] = t
+        self.checked = 0
+        # fields the real service sends that the official types lack (e.g. session.id): learnt from the traces
+        self.real_extras: set[tuple[str, str, str]] = set()
+        for trace in sorted(TRACES.glob("0*-ga-*.jsonl")):
+            for line in trace.read_text().splitlines():
+                ev = json.loads(line)
+                model = self.models.get(ev.get("type"))
+                if model is None:
+                    continue
+                try:
+                    obj = model.model_validate_json(line, strict=True)
+                except pydantic.ValidationError:
+                    continue
+                for path, keys in _extra_keys(obj, pydantic):
+                    self.real_extras.update((ev["type"], _norm(path), k) for k in keys)
+
+    def check(self, event: dict[str, Any]) -> None:
+        etype = event.get("type")
+        assert etype in self.models, f"{etype!r} is not a GA server event type"
+        try:
+            obj = self.models[etype].model_validate_json(json.dumps(event), strict=True)
+        except self.pydantic.ValidationError as exc:
+            raise AssertionError(f"{etype} does not validate: {exc}\n{json.dumps(event)[:600]}") from None
+        extras = [(p, k) for p, keys in _extra_keys(obj, self.pydantic) for k in keys
+                  if (etype, _norm(p), k) not in self.real_extras]
+        assert not extras, f"{etype} has fields the official types do not know: {extras}"
+        self.checked += 1
+
+
+def _norm(path: str) -> str:
+    import re
+    return re.sub(r"\[\d+\]", "[]", path)
+
+
+def _extra_keys(obj: Any, pydantic: Any, path: str = "") -> Iterator[tuple[str, list[str]]]:
+    if isinstance(obj, pydantic.BaseModel):
+        extra = getattr(obj, "__pydantic_extra__", None) or {}
+        if extra:
+            yield (path or "<root>", sorted(extra))
+        for name in type(obj).model_fields:
+            yield from _extra_keys(getattr(obj, name, None), pydantic, f"{path}.{name}" if path else name)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _extra_keys(v, pydantic, f"{path}[{i}]")
+
+
+@pytest.fixture(scope="session")
+def validator() -> EventValidator:
+    return EventValidator()
+
+
+# ---------------------------------------------------------------- local server in a thread
+class LocalServer:
+    def __init__(self, **kwargs: Any) -> None:
+        from engine.server.app import ServerConfig, serve_forever
+        self.cfg = ServerConfig(port=0, **kwargs)
+        self._ready = threading.Event()
+        self.url = ""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+
+        def run() -> None:
+            async def main() -> None:
+                self._loop = asyncio.get_running_loop()
+                self._stop = asyncio.Event()
+                ready = self._loop.create_future()
+                task = self._loop.create_task(serve_forever(self.cfg, ready, self._stop))
+                self.url = await ready
+                self._ready.set()
+                await task
+            asyncio.run(main())
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        assert self._ready.wait(10), "local server did not start"
+        self.port = int(self.url.split(":")[2].split("/")[0])
+        self.base = f"ws://127.0.0.1:{self.port}/v1"
+
+    def close(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(5)
+
+
+@pytest.fixture
+def make_server() -> Iterator[Any]:
+    servers: list[LocalServer] = []
+
+    def make(**kwargs: Any) -> LocalServer:
+        kwargs.setdefault("speed", 20.0)
+        kwargs.setdefault("asr", False)
+        s = LocalServer(**kwargs)
+        servers.append(s)
+        return s
+    yield make
+    for s in servers:
+        s.close()
+
+
+@pytest.fixture
+def server(make_server: Any) -> LocalServer:
+    return make_server()
+
+
+# ---------------------------------------------------------------- speech
+@pytest.fixture(scope="session")
+def speech_wav(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Make a 24 kHz mono WAV of ``text`` with espeak-ng, padded with silence."""
+    out = tmp_path_factory.mktemp("speech")
+    cache: dict[str, Path] = {}
+
+    def make(text: str, pad_s: float = 0.3) -> Path:
+        if text not in cache:
+            import numpy as np
+            import wave
+            from engine.server.voice import synthesize
+            pcm = synthesize(text, "alloy", 1.0)
+            pad = np.zeros(int(24000 * pad_s), dtype=np.int16)
+            path = out / f"{len(cache)}.wav"
+            with wave.open(str(path), "wb") as w:
+                w.setnchannels(1)
+                w.setsampwidth(2)
+                w.setframerate(24000)
+                w.writeframes(np.concatenate([pad, pcm, pad]).tobytes())
+            cache[text] = path
+        return cache[text]
+    return make
+
+
+# ---------------------------------------------------------------- virtual audio devices
+@pytest.fixture(scope="session")
+def vaudio() -> Iterator[dict[str, str]]:
+    """PulseAudio null sinks (tools/vaudio.sh); sets PULSE_SERVER and XDG_CONFIG_HOME."""
+    if shutil.which("pulseaudio") is None:
+        pytest.fail("pulseaudio is not installed: run bash tools/setup-system.sh")
+    was_running = subprocess.run(["bash", str(VAUDIO), "status"], capture_output=True).returncode == 0
+    out = subprocess.run(["bash", str(VAUDIO), "start"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    env = {}
+    for part in out.stdout.strip().split()[1:]:
+        k, _, v = part.partition("=")
+        env[k] = v
+    os.environ.update(env)
+    yield env
+    if not was_running:
+        subprocess.run(["bash", str(VAUDIO), "stop"], capture_output=True, timeout=30)
+
+
+# ---------------------------------------------------------------- the engine
+class RunningEngine:
+    def __init__(self, proc: subprocess.Popen[str], runtime: Path, sessions: Path) -> None:
+        self.proc = proc
+        self.runtime = runtime
+        self.sessions = sessions
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        self._t = threading.Thread(target=self._read, daemon=True)
+        self._t.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if "ready in" in line:
+                self.ready.set()
+
+    @property
+    def conn(self) -> dict[str, Any]:
+        return json.loads((self.runtime / "engine.json").read_text())
+
+    def cli(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True,
+                              timeout=timeout, env=os.environ.copy())
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(2)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._t.join(2)
+        return self.proc.returncode
+
+
+@pytest.fixture
+def runtime_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    d = tmp_path / "run"
+    d.mkdir(mode=0o700)
+    monkeypatch.setenv("REALTALK_RUNTIME_DIR", str(d))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    return d
+
+
+@pytest.fixture
+def start_engine(runtime_dir: Path, tmp_path: Path) -> Iterator[Any]:
+    engines: list[RunningEngine] = []
+
+    def start(*args: str, ready_timeout: float = 20) -> RunningEngine:
+        proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "start", "--backend", "local", *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy(),
+                                cwd=str(tmp_path))
+        eng = RunningEngine(proc, runtime_dir, tmp_path / "data")
+        engines.append(eng)
+        if not eng.ready.wait(ready_timeout):
+            eng.stop()
+            raise AssertionError("engine did not become ready:\n" + "".join(eng.lines))
+        return eng
+    yield start
+    for e in engines:
+        e.stop()

@@ -1,0 +1,60 @@
+"""Small helpers for talking to the local server in tests."""
+from __future__ import annotations
+
+import base64
+import json
+import time
+import wave
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import websocket
+
+
+def read_wav(path: Path) -> np.ndarray:
+    with wave.open(str(path)) as w:
+        return np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
+
+
+def chunks_b64(pcm: np.ndarray, chunk_ms: int = 20) -> list[str]:
+    step = 24 * chunk_ms
+    return [base64.b64encode(pcm[i:i + step].tobytes()).decode() for i in range(0, len(pcm), step)]
+
+
+class RawClient:
+    """A plain websocket-client connection that validates every server event it reads."""
+
+    def __init__(self, url: str, validator: Any = None, headers: list[str] | None = None) -> None:
+        self.ws = websocket.create_connection(url, header=headers or ["Authorization: Bearer test"], timeout=10)
+        self.validator = validator
+        self.events: list[dict[str, Any]] = []
+
+    def send(self, event: dict[str, Any] | str) -> None:
+        self.ws.send(event if isinstance(event, str) else json.dumps(event))
+
+    def recv(self, timeout: float = 10) -> dict[str, Any]:
+        self.ws.settimeout(timeout)
+        ev = json.loads(self.ws.recv())
+        if self.validator is not None:
+            self.validator.check(ev)
+        self.events.append(ev)
+        return ev
+
+    def until(self, etype: str, timeout: float = 15) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0, f"no {etype} within {timeout}s; got {[e['type'] for e in self.events[-10:]]}"
+            ev = self.recv(left)
+            if ev["type"] == etype:
+                return ev
+
+    def close(self) -> None:
+        self.ws.close()
+
+
+def structural(types: list[str]) -> list[str]:
+    """Event types without deltas, rate limits and input transcription (which interleave freely)."""
+    return [t for t in types if not t.endswith(".delta") and t != "rate_limits.updated"
+            and not t.startswith("conversation.item.input_audio_transcription")]
