@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
+SHARED = next((p for p in (Path(os.environ.get("REALTALK_SHARED", "/nonexistent")), REPO.parent / "shared", Path("/work/shared")) if (p / "traces").is_dir()), REPO.parent / "shared")
 TRACES = SHARED / "traces"
 VAUDIO = REPO / "tools" / "vaudio.sh"
 
