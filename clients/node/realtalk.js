@@ -1,0 +1,81 @@
+// realtalk bus client for Node.js: subscribe to the conversation, send commands.
+// Wire format (docs/bus-protocol.md): [topic utf-8, msgpack map with v, ts, mono_ns, pub, seq, ...payload].
+"use strict";
+const fs = require("fs");
+const os = require("os");
+const path = require("path");
+const crypto = require("crypto");
+const zmq = require("zeromq");
+const { encode, decode } = require("@msgpack/msgpack");
+
+function connectionFile() {
+  const dir = process.env.REALTALK_RUNTIME_DIR
+    || (process.env.XDG_RUNTIME_DIR ? path.join(process.env.XDG_RUNTIME_DIR, "realtalk") : `/tmp/realtalk-${os.userInfo().uid}`);
+  return path.join(dir, "engine.json");
+}
+
+class Bus {
+  /** Connect to the running engine's bus (endpoints from its connection file). */
+  constructor({ name = `node:${process.pid}`, prefixes = [""], file = connectionFile() } = {}) {
+    const conn = JSON.parse(fs.readFileSync(file, "utf8"));
+    this.name = name;
+    this.seq = 0;
+    this.pub = new zmq.Publisher();
+    this.pub.connect(conn.publish);
+    this.sub = new zmq.Subscriber();
+    this.sub.connect(conn.subscribe);
+    for (const p of prefixes) this.sub.subscribe(p);
+    this.malformed = 0;
+  }
+
+  /** Publish `payload` on `topic`. */
+  async publish(topic, payload = {}) {
+    this.seq += 1;
+    const body = { v: 1, ts: Date.now() / 1000, mono_ns: Number(process.hrtime.bigint()), pub: this.name, seq: this.seq, ...payload };
+    await this.pub.send([topic, encode(body)]);
+  }
+
+  /** Async iterator of {topic, body}; malformed messages are counted and skipped. */
+  async *messages() {
+    for await (const frames of this.sub) {
+      if (frames.length !== 2) { this.malformed += 1; continue; }
+      let body;
+      try { body = decode(frames[1]); } catch { this.malformed += 1; continue; }
+      if (body === null || typeof body !== "object" || Array.isArray(body)) { this.malformed += 1; continue; }
+      yield { topic: frames[0].toString("utf8"), body };
+    }
+  }
+
+  /** Send a command and resolve with its cmd.ack (re-sent until acknowledged; the engine dedups by id). */
+  async command(topic, payload, { timeoutMs = 10000 } = {}) {
+    const id = payload.id || crypto.randomUUID();
+    const acks = new zmq.Subscriber();
+    acks.connect(this.subEndpoint || JSON.parse(fs.readFileSync(connectionFile(), "utf8")).subscribe);
+    acks.subscribe("cmd.ack");
+    const deadline = Date.now() + timeoutMs;
+    const waitAck = (async () => {
+      for await (const [, raw] of acks) {
+        const body = decode(raw);
+        if (body.id === id) return body;
+      }
+    })();
+    let ack = null;
+    waitAck.then((a) => { ack = a; });
+    while (ack === null && Date.now() < deadline) {
+      await this.publish(topic, { ...payload, id });
+      await new Promise((r) => setTimeout(r, 300));
+    }
+    acks.close();
+    if (ack === null) throw new Error(`no cmd.ack for ${topic} within ${timeoutMs} ms`);
+    return ack;
+  }
+
+  /** Add a message to the conversation (role user or system); the model answers if respond. */
+  say(text, { role = "user", respond = role === "user" } = {}) {
+    return this.command("cmd.say", { text, role, respond });
+  }
+
+  close() { this.pub.close(); this.sub.close(); }
+}
+
+module.exports = { Bus, connectionFile };
