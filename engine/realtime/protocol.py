@@ -117,6 +117,7 @@ class RealtimeProtocol:
         self.active_response: str | None = None
         self.response_item: dict[str, str] = {}            #: response id -> its audio item id
         self.dropped_responses: set[str] = set()           #: responses whose audio we no longer play
+        self.truncated_items: set[str] = set()             #: items cut at what was heard (transcript published)
         self.items: dict[str, PlayedItem] = {}
         self.current_item: PlayedItem | None = None
         self.pending: deque[SayRequest] = deque()
@@ -138,6 +139,7 @@ class RealtimeProtocol:
         self.pending_barge_in = False
         self.protocol_refused = False
         self.turn_marks: dict[str, float] = {}
+        self._carry = b""                                  #: half a sample left over from the last delta
 
     # ------------------------------------------------------------ connection
     def on_connected(self, reconnect: bool = False) -> list[Action]:
@@ -232,7 +234,11 @@ class RealtimeProtocol:
         except (ValueError, TypeError):
             return [Publish("engine.error", {"source": "engine", "code": "bad_audio_delta",
                                              "message": f"undecodable audio delta in {item_id}; skipped"})]
-        pcm = pcm[: len(pcm) // 2 * 2]
+        if self._carry:  # a delta that ended mid-sample: finish the sample with this one
+            pcm = self._carry + pcm
+            self._carry = b""
+        if len(pcm) % 2:
+            self._carry, pcm = pcm[-1:], pcm[:-1]
         played = self.items.get(item_id)
         if played is None:
             played = self.items[item_id] = PlayedItem(item_id, rid, self.frames_written)
@@ -253,15 +259,15 @@ class RealtimeProtocol:
         return [Publish("model.text.done", {"text": ev["text"], "item_id": ev["item_id"], "response_id": ev["response_id"]})]
 
     def _on_response_output_audio_transcript_delta(self, ev: dict[str, Any]) -> list[Action]:
-        if ev["response_id"] in self.dropped_responses:
+        if ev["item_id"] in self.truncated_items:
             return []
         self.model_transcripts[ev["item_id"]] = self.model_transcripts.get(ev["item_id"], "") + ev["delta"]
         return [Publish("model.transcript.delta", {"text": ev["delta"], "item_id": ev["item_id"],
                                                    "response_id": ev["response_id"]})]
 
     def _on_response_output_audio_transcript_done(self, ev: dict[str, Any]) -> list[Action]:
-        if ev["response_id"] in self.dropped_responses:
-            return []  # the truncated transcript is published with the truncation
+        if ev["item_id"] in self.truncated_items:
+            return []  # the heard part was published when playback was interrupted
         self.history.append(("assistant", ev["transcript"]))
         return [Publish("model.transcript.done", {"text": ev["transcript"], "item_id": ev["item_id"],
                                                   "response_id": ev["response_id"]})]
@@ -408,6 +414,7 @@ class RealtimeProtocol:
         played = self.played_ms(item)
         item.flushed = True
         self.dropped_responses.add(item.response_id)
+        self.truncated_items.add(item.item_id)
         acts.append(Flush())
         if played > 0:
             acts.append(Send({"type": "conversation.item.truncate", "item_id": item.item_id, "content_index": 0,

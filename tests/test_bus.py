@@ -1,0 +1,98 @@
+"""Bus wire format, broker forwarding and last-value cache."""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+import zmq
+
+from bus import MalformedMessage, Publisher, Subscriber, decode, encode
+from bus.broker import run_broker
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def test_roundtrip_carries_header() -> None:
+    topic, body = decode(encode("model.text.delta", {"text": "hé"}, "me:1", 7))
+    assert topic == "model.text.delta"
+    assert body["text"] == "hé" and body["v"] == 1 and body["pub"] == "me:1" and body["seq"] == 7
+    assert isinstance(body["ts"], float) and isinstance(body["mono_ns"], int)
+
+
+@pytest.mark.parametrize("frames, words", [
+    ([b"only-topic"], "2 frames"),
+    ([b"a", b"b", b"c"], "2 frames"),
+    ([b"\xff\xfe", msgpack.packb({})], "UTF-8"),
+    ([b"t", b"\xc1"], "not msgpack"),
+    ([b"t", msgpack.packb([1, 2])], "expected a map"),
+])
+def test_malformed_messages_name_the_problem(frames: list[bytes], words: str) -> None:
+    with pytest.raises(MalformedMessage, match=words):
+        decode(frames)
+
+
+@pytest.fixture
+def broker(tmp_path: Path):
+    ctx = zmq.Context.instance()
+    pub_ep, sub_ep = f"ipc://{tmp_path}/p.sock", f"ipc://{tmp_path}/s.sock"
+    stop_ep = f"inproc://stop-{id(tmp_path)}"
+    t = threading.Thread(target=run_broker, args=(pub_ep, sub_ep), kwargs={"context": ctx, "stop_endpoint": stop_ep},
+                         daemon=True)
+    t.start()
+    time.sleep(0.1)
+    yield pub_ep, sub_ep
+    s = ctx.socket(zmq.PUSH)
+    s.connect(stop_ep)
+    s.send(b"stop")
+    t.join(5)
+    s.close()
+
+
+def _wait_for(sub: Subscriber, topic: str, timeout_ms: int = 3000) -> dict | None:
+    deadline = time.monotonic() + timeout_ms / 1000
+    while time.monotonic() < deadline:
+        msg = sub.recv(timeout_ms=100)
+        if msg and msg[0] == topic:
+            return msg[1]
+    return None
+
+
+def test_broker_forwards_and_subscriber_counts_malformed(broker: tuple[str, str]) -> None:
+    pub_ep, sub_ep = broker
+    sub = Subscriber(sub_ep, ["x."])
+    pub = Publisher(pub_ep, "test")
+    raw = zmq.Context.instance().socket(zmq.PUB)
+    raw.connect(pub_ep)
+    got = None
+    for _ in range(50):  # slow joiner: publish until the subscription has propagated
+        raw.send_multipart([b"x.bad", b"\xc1"])
+        pub.publish("x.hello", {"n": 1})
+        got = sub.recv(timeout_ms=100)
+        if got:
+            break
+    assert got is not None and got[0] == "x.hello"
+    deadline = time.monotonic() + 2
+    while sub.malformed == 0 and time.monotonic() < deadline:
+        raw.send_multipart([b"x.bad", b"\xc1"])
+        sub.recv(timeout_ms=50)
+    assert sub.malformed >= 1 and "not msgpack" in str(sub.last_error)
+    raw.close()
+
+
+def test_late_subscriber_gets_last_status(broker: tuple[str, str]) -> None:
+    pub_ep, sub_ep = broker
+    early = Subscriber(sub_ep, ["engine.status"])
+    pub = Publisher(pub_ep, "supervisor")
+    for i in range(50):
+        pub.publish("engine.status", {"state": "ready", "n": i})
+        if early.recv(timeout_ms=50):
+            break
+    pub.publish("engine.status", {"state": "ready", "n": "last"})
+    assert _wait_for(early, "engine.status")
+    # nothing is published after this point; a late subscriber still gets the state at once
+    late = Subscriber(sub_ep, ["engine."])
+    body = _wait_for(late, "engine.status", 2000)
+    assert body is not None and body["n"] == "last"

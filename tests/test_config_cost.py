@@ -1,0 +1,76 @@
+"""config.yaml checks and the price table."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from engine.config import DEFAULTS, load_config, session_payload
+from engine.cost import model_prices, pricing, response_cost_usd, transcription_cost_usd
+from engine.errors import ConfigError
+from tests.conftest import REPO
+
+
+def _flat(d: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        path = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict) and k not in ("turn_detection", "transcription"):
+            out += _flat(v, path)
+        else:
+            out.append(path)
+    return out
+
+
+def test_config_yaml_is_the_defaults() -> None:
+    assert load_config(REPO / "config.yaml") == DEFAULTS
+
+
+def test_every_key_is_documented() -> None:
+    doc = (REPO / "docs" / "config.md").read_text()
+    for key in _flat(DEFAULTS):
+        assert f"`{key}`" in doc or key.split(".")[-1] in doc, key
+
+
+@pytest.mark.parametrize("data, words", [
+    ({"audio": {"mik": "x"}}, "'audio.mik' is unknown (did you mean 'mic'?)"),
+    ({"backend": "cloud"}, "'backend': 'cloud' is not one of"),
+    ({"audio": {"period_ms": "20"}}, "'audio.period_ms': expected an integer"),
+    ({"session": {"turn_detection": {"treshold": 0.5}}}, "did you mean 'threshold'"),
+    ({"budget_usd": -1}, "must not be negative"),
+    ({"barge_in": {"enabled": "yes"}}, "'barge_in.enabled': expected true/false"),
+])
+def test_bad_config_names_key_and_problem(tmp_path: Path, data: dict, words: str) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as exc:
+        load_config(p)
+    assert words in str(exc.value)
+
+
+def test_session_payload_is_ga(validator: object) -> None:
+    s = session_payload(DEFAULTS)
+    assert s["type"] == "realtime" and s["audio"]["output"]["voice"] == "marin"
+    from openai.types.realtime import SessionUpdateEvent
+    SessionUpdateEvent.model_validate({"type": "session.update", "session": s})
+
+
+def test_every_current_model_has_a_dated_price() -> None:
+    for model in ("gpt-realtime-2.1", "gpt-realtime-2", "gpt-realtime-1.5", "gpt-realtime", "gpt-realtime-mini",
+                  "gpt-realtime-2.1-mini", "gpt-4o-realtime-preview", "gpt-4o-mini-realtime-preview",
+                  "gpt-realtime-2025-08-28", "gpt-4o-mini-realtime-preview-2024-12-17"):
+        p = model_prices(model)
+        assert p["source"] and p["date"]
+    for name, p in pricing()["transcription"].items():
+        assert p["source"] and p["date"], name
+
+
+def test_cost_counts_cached_tokens_at_the_cached_price() -> None:
+    usage = {"input_token_details": {"text_tokens": 1000, "audio_tokens": 1000, "cached_tokens_details":
+                                     {"text_tokens": 500, "audio_tokens": 1000}},
+             "output_token_details": {"text_tokens": 100, "audio_tokens": 200}}
+    want = (500 * 4.0 + 500 * 0.4 + 1000 * 0.4 + 100 * 16.0 + 200 * 64.0) / 1e6
+    assert response_cost_usd("gpt-realtime", usage) == pytest.approx(want)
+    assert transcription_cost_usd("whisper-1", {"type": "duration", "seconds": 60}) == pytest.approx(0.006)
