@@ -72,6 +72,24 @@ class Publisher:
         self.seq += 1
         self._sock.send_multipart(encode(topic, payload or {}, self.name, self.seq))
 
+    def join(self, subscribe_endpoint: str, timeout_s: float = 5.0) -> bool:
+        """Wait until this publisher's messages reach subscribers (ZeroMQ's slow joiner).
+
+        Publishes a probe on a private topic until it comes back through the broker; by then
+        the broker has handed this publisher the subscriptions it holds. True if it came back.
+        """
+        topic = f"_join.{self.name}.{os.getpid()}.{id(self)}"
+        sub = Subscriber(subscribe_endpoint, [topic], context=self._ctx)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                self._sock.send_multipart(encode(topic, {}, self.name, 0))
+                if sub.recv(timeout_ms=10) is not None:
+                    return True
+            return False
+        finally:
+            sub.close()
+
     def send_raw(self, frames: list[bytes]) -> None:
         self._sock.send_multipart(frames)
 

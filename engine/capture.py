@@ -69,6 +69,7 @@ class CaptureProcess:
         self.gate = EchoGate(speaker) if echo in ("half_duplex", "aec") else None
         self.stop = threading.Event()
         self.pub = Publisher(spec["bus"]["publish"], f"capture:{os.getpid()}")
+        self.pub.join(spec["bus"]["subscribe"])
 
     def _write(self, pcm: np.ndarray) -> None:
         if self.gate is not None:

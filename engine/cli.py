@@ -62,6 +62,15 @@ def _connection() -> dict[str, Any]:
         raise EngineError("no engine is running (start one with `engine start`)") from None
 
 
+def _alive(pid: int) -> bool:
+    """True if ``pid`` runs (a zombie waiting for its parent counts as stopped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def cmd_stop(args: argparse.Namespace) -> int:
     conn = _connection()
     pid = conn["pid"]
@@ -74,9 +83,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
         return 0
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _alive(pid):
             print(f"engine: stopped (pid {pid})")
             return 0
         time.sleep(0.05)
@@ -134,7 +141,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     drop_after_s=args.drop_after_s, drop_code=args.drop_code,
                     max_session_s=args.max_session_s)
     cfg = ServerConfig(host=args.host, port=args.port, speed=args.speed, api_key=args.require_key,
-                       asr=not args.no_asr, scenario=load_scenario(args.scenario), faults=faults)
+                       asr=not args.no_asr, scenario=load_scenario(args.scenario), faults=faults,
+                       listen_fd=args.listen_fd)
     return run(cfg)
 
 
@@ -259,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--drop-after-s", type=float, default=None, help="drop each connection after this long")
     s.add_argument("--drop-code", type=int, default=1006, choices=[1001, 1006, 1011])
     s.add_argument("--max-session-s", type=float, default=3600.0)
+    s.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_serve)
 
     s = sp.add_parser("say", help="add a message to the conversation (and get a reply)")

@@ -117,6 +117,7 @@ class PlaybackProcess:
         self.renderer = Renderer(self.ring, cfg["prebuffer_ms"] * RATE_HZ // 1000)
         self.stop = threading.Event()
         self.pub = Publisher(spec["bus"]["publish"], f"playback:{os.getpid()}")
+        self.pub.join(spec["bus"]["subscribe"])
         self.device_name = str(self.speaker)
         self.callback_errors = 0
 

@@ -91,6 +91,7 @@ class Supervisor:
         self.ready_mono: float | None = None
         self.log_file: TextIO | None = None
         self.server_url: str | None = None
+        self.listener: socket.socket | None = None
 
     # ------------------------------------------------------------ setup
     def _endpoints(self) -> Endpoints:
@@ -124,14 +125,25 @@ class Supervisor:
         model = quote(self.cfg["model"])
         if self.backend == "local":
             ls = self.cfg["local_server"]
-            port = ls["port"] or free_port(ls["host"])
+            # bind here and hand the socket over: no port race, and clients may connect at once
+            self.listener = socket.socket()
+            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                self.listener.bind((ls["host"], ls["port"]))
+            except OSError as exc:
+                raise EngineError(f"local server cannot listen on {ls['host']}:{ls['port']}: {exc.strerror}; "
+                                  "set local_server.port to 0 or a free port") from None
+            self.listener.listen(64)
+            port = self.listener.getsockname()[1]
+            fd = self.listener.fileno()
+            os.set_inheritable(fd, True)
             argv = [sys.executable, "-m", "engine.cli", "serve", "--host", ls["host"], "--port", str(port),
-                    "--speed", str(ls["speed"])]
+                    "--listen-fd", str(fd), "--speed", str(ls["speed"])]
             if ls["scenario"]:
                 argv += ["--scenario", ls["scenario"]]
             if not ls["asr"]:
                 argv += ["--no-asr"]
-            self.children.append(Child("server", argv, stdout=subprocess.DEVNULL))
+            self.children.append(Child("server", argv, stdout=subprocess.DEVNULL, pass_fds=(fd,)))
             self.server_url = f"ws://{ls['host']}:{port}/v1/realtime"
             return f"{self.server_url}?model={model}", ["Authorization: Bearer local"]
         key = os.environ.get(self.cfg["api_key_env"])
@@ -173,7 +185,11 @@ class Supervisor:
         self.sub = Subscriber(self.endpoints.subscribe, [""])
         self.pub = Publisher(self.endpoints.publish, f"supervisor:{os.getpid()}")
         self.log_file = open(self.session_dir / "events.jsonl", "a", buffering=1)
-        for child in self.children:
+        broker = self.children[0]
+        self._spawn(broker)
+        if not self.pub.join(self.endpoints.subscribe, timeout_s=10):
+            raise EngineError(f"the bus broker did not come up at {self.endpoints.publish}")
+        for child in self.children[1:]:
             self._spawn(child)
         self._write_connection_file()
 

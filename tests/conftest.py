@@ -243,7 +243,7 @@ def runtime_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def start_engine(runtime_dir: Path, tmp_path: Path) -> Iterator[Any]:
     engines: list[RunningEngine] = []
 
-    def start(*args: str, ready_timeout: float = 20) -> RunningEngine:
+    def start(*args: str, ready_timeout: float = 30) -> RunningEngine:
         proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "start", "--backend", "local", *args],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy(),
                                 cwd=str(tmp_path))

@@ -97,6 +97,7 @@ class RealtimeProcess:
 
     def reader(self) -> None:
         pub = Publisher(self.pub_endpoint, f"realtime-reader:{os.getpid()}")
+        pub.join(self.sub_endpoint)
         reconnect = False
         while not self.stop.is_set():
             if not self.connected.is_set():
@@ -193,6 +194,7 @@ class RealtimeProcess:
         signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
         signal.signal(signal.SIGINT, lambda *_: self.stop.set())
         sub = Subscriber(self.sub_endpoint, ["cmd."])
+        self.main_pub.join(self.sub_endpoint)
         if not self.connect():
             if not self._reconnect(self.main_pub):
                 return 1

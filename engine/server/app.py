@@ -41,6 +41,7 @@ class ServerConfig:
     asr: bool = True                   #: rough transcripts of user audio with pocketsphinx
     scenario: Scenario = field(default_factory=Scenario)
     faults: Faults = field(default_factory=Faults)
+    listen_fd: int | None = None       #: an already bound, listening socket to serve on (from a supervisor)
 
 
 class Connection:
@@ -199,9 +200,13 @@ async def serve_forever(cfg: ServerConfig, ready: asyncio.Future[str] | None = N
                         stop: asyncio.Event | None = None) -> None:
     """Serve until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None)."""
     stop = stop or asyncio.Event()
-    async with serve(lambda ws: handle(ws, cfg), cfg.host, cfg.port, max_size=32 * 1024 * 1024,
+    where: dict[str, Any] = {"host": cfg.host, "port": cfg.port}
+    if cfg.listen_fd is not None:
+        import socket
+        where = {"sock": socket.socket(fileno=cfg.listen_fd)}
+    async with serve(lambda ws: handle(ws, cfg), max_size=32 * 1024 * 1024,
                      process_request=make_process_request(cfg), ping_interval=None,
-                     compression=None) as server:
+                     compression=None, **where) as server:
         port = server.sockets[0].getsockname()[1]
         url = f"ws://{cfg.host}:{port}/v1/realtime"
         if ready is not None:

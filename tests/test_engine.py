@@ -1,0 +1,225 @@
+"""The engine as users run it: `engine start` with all its processes, on the local server."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+import wave
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from bus import Publisher, Subscriber
+from tests.conftest import REPO
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+
+
+def wait_topic(sub: Subscriber, topic: str, timeout: float = 20, where: Any = None,
+               seen: list[tuple[str, dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """The next message on ``topic``; everything read on the way is appended to ``seen``."""
+    deadline = time.monotonic() + timeout
+    seen = [] if seen is None else seen
+    while time.monotonic() < deadline:
+        msg = sub.recv(timeout_ms=100)
+        if msg is None:
+            continue
+        seen.append(msg)
+        if msg[0] == topic and (where is None or where(msg[1])):
+            return msg[1]
+    raise AssertionError(f"no {topic} within {timeout}s; saw {[t for t, _ in seen[-15:]]}")
+
+
+def say(conn: dict[str, Any], text: str, **kw: Any) -> dict[str, Any]:
+    cmd_id = uuid.uuid4().hex
+    acks = Subscriber(conn["subscribe"], ["cmd.ack"])
+    pub = Publisher(conn["publish"], "test")
+    try:
+        for _ in range(60):
+            pub.publish("cmd.say", {"text": text, "id": cmd_id, **kw})
+            t_end = time.monotonic() + 0.3
+            while time.monotonic() < t_end:
+                msg = acks.recv(timeout_ms=50)
+                if msg and msg[1].get("id") == cmd_id:
+                    return msg[1]
+        raise AssertionError("no cmd.ack")
+    finally:
+        acks.close()
+        pub.close()
+
+
+def test_text_chat_say_status_and_clean_stop(start_engine: Any) -> None:
+    eng = start_engine("--text-only")
+    conn = eng.conn
+    sub = Subscriber(conn["subscribe"], ["model.", "response.done", "cost.session", "engine.error"])
+    out = eng.cli("say", "What is the capital of France?")
+    assert out.returncode == 0, out.stderr
+    assert "added as item_" in out.stdout
+    done = wait_topic(sub, "model.text.done")
+    assert "capital of France" in done["text"]
+    cost = wait_topic(sub, "cost.session")
+    assert cost["usd"] > 0
+    status = json.loads(eng.cli("status", "--json").stdout)
+    assert status["publish"] == conn["publish"] and status["subscribe"] == conn["subscribe"]
+    assert status["backend"] == "local" and status["session_id"].startswith("sess_")
+    assert {c["name"] for c in status["children"]} >= {"broker", "server", "realtime", "playback"}
+    assert all(c["state"] == "running" for c in status["children"])
+    assert "speaker" in status["rings"]
+    pids = [c["pid"] for c in status["children"]]
+    stopped = eng.cli("stop")
+    assert stopped.returncode == 0, stopped.stderr
+    assert eng.proc.wait(15) == 0
+    for pid in pids:  # no orphans
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    assert not list(Path("/dev/shm").glob(f"realtalk-{eng.proc.pid}-*"))  # no leaked shared memory
+    assert not (eng.runtime / "engine.json").exists()
+    assert not list(eng.runtime.glob("*.sock"))
+    # the session's event log holds the conversation
+    logs = list((eng.sessions).glob("realtalk/sessions/*/events.jsonl"))
+    assert logs and "model.text.done" in logs[0].read_text()
+    out = eng.cli("log", str(logs[0].parent), "--type", "model.text.done")
+    assert "capital of France" in out.stdout
+
+
+def test_requests_queue_behind_active_responses_and_late_subscriber(start_engine: Any) -> None:
+    eng = start_engine("--text-only", "--speed", "1")
+    conn = eng.conn
+    sub = Subscriber(conn["subscribe"], ["response.done", "engine.error", "server.conversation.item.added"])
+    acks = [say(conn, f"message number {i}") for i in range(3)]
+    assert all(a["ok"] for a in acks)
+    for _ in range(3):
+        wait_topic(sub, "response.done")
+    ack = say(conn, "The user's name is Ada.", role="system", respond=False)
+    assert ack["ok"]
+    item = wait_topic(sub, "server.conversation.item.added", where=lambda b: b["item"]["role"] == "system")
+    assert item["item"]["content"][0]["text"] == "The user's name is Ada."
+    # never an "active response" error, whatever the timing
+    while (msg := sub.recv(timeout_ms=300)) is not None:
+        assert msg[0] != "engine.error", msg
+    # a late subscriber gets the session config at once (it was published once, long ago)
+    late = Subscriber(conn["subscribe"], ["session.config"])
+    cfg = wait_topic(late, "session.config", timeout=2)
+    assert cfg["session"]["output_modalities"] == ["text"]
+
+
+def test_malformed_bus_message_is_reported_not_fatal(start_engine: Any) -> None:
+    import zmq
+    eng = start_engine("--text-only")
+    conn = eng.conn
+    sub = Subscriber(conn["subscribe"], ["engine.error", "model.text.done"])
+    raw = zmq.Context.instance().socket(zmq.PUB)
+    raw.connect(conn["publish"])
+    err = None
+    deadline = time.monotonic() + 10
+    while err is None and time.monotonic() < deadline:
+        raw.send_multipart([b"cmd.say", b"\xc1 not msgpack"])
+        msg = sub.recv(timeout_ms=200)
+        if msg and msg[0] == "engine.error" and msg[1].get("code") == "malformed_message":
+            err = msg[1]
+    raw.close()
+    assert err is not None and "not msgpack" in err["message"]
+    assert say(conn, "still alive?")["ok"]
+    assert "still alive" in wait_topic(sub, "model.text.done")["text"]
+    assert eng.proc.poll() is None
+
+
+def test_bad_config_exits_before_starting(runtime_dir: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("audio:\n  speakr: null\n")
+    out = subprocess.run([sys.executable, "-m", "engine.cli", "start", "--config", str(bad)], capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode != 0
+    assert "audio.speakr" in out.stderr and "speaker" in out.stderr
+    assert not (runtime_dir / "engine.json").exists()
+
+
+def test_node_client_receives_model_text_and_injects_a_message(start_engine: Any) -> None:
+    node = shutil.which("node")
+    if node is None or not (REPO / "clients" / "node" / "node_modules" / "zeromq").exists():
+        pytest.fail("node and clients/node/node_modules are needed: run bash tools/setup-system.sh")
+    eng = start_engine("--text-only")
+    out = subprocess.run([node, str(REPO / "clients" / "node" / "example.js"), "Hello from Node"], capture_output=True,
+                         text=True, timeout=60, env=os.environ.copy())
+    assert out.returncode == 0, out.stderr
+    assert "said (item_" in out.stdout
+    assert "model.text.done: You said: Hello from Node." in out.stdout
+
+
+# ---------------------------------------------------------------- real audio on virtual devices
+def record_monitor(seconds: float, result: dict[str, Any]) -> None:
+    import pyaudio
+    from engine.audio import find_device, open_pyaudio
+    pa = open_pyaudio()
+    dev = find_device(pa, "vspkmon", "input")
+    stream = pa.open(format=pyaudio.paInt16, channels=1, rate=24000, input=True, input_device_index=dev["index"],
+                     frames_per_buffer=480)
+    frames = []
+    for _ in range(int(seconds * 50)):
+        frames.append(stream.read(480, exception_on_overflow=False))
+    stream.stop_stream()
+    stream.close()
+    pa.terminate()
+    result["pcm"] = np.frombuffer(b"".join(frames), dtype=np.int16)
+
+
+def best_correlation(recorded: np.ndarray, reference: np.ndarray) -> float:
+    """Peak normalised cross-correlation of ``reference`` inside ``recorded`` (any lag)."""
+    a = recorded.astype(np.float64)
+    b = reference.astype(np.float64)
+    n = len(a) + len(b)
+    size = 1 << (n - 1).bit_length()
+    corr = np.fft.irfft(np.fft.rfft(a, size) * np.conj(np.fft.rfft(b, size)), size)
+    lag = int(np.argmax(np.abs(corr)))
+    lag = lag if lag < size - len(b) else lag - size
+    seg = a[max(0, lag):max(0, lag) + len(b)]
+    ref = b[:len(seg)]
+    return float(np.dot(seg, ref) / (np.linalg.norm(seg) * np.linalg.norm(ref) + 1e-9))
+
+
+@pytest.mark.audio
+def test_spoken_turn_through_real_devices(vaudio: dict[str, str], start_engine: Any, speech_wav: Any,
+                                          tmp_path: Path) -> None:
+    """A WAV goes into the virtual mic; the local server answers; the reply plays on the virtual
+    speaker, is recorded back from its monitor and compared with what the server sent."""
+    from engine.server.voice import synthesize
+    scenario = tmp_path / "sc.yaml"
+    scenario.write_text('turns:\n  - match: {turn: 1}\n    reply: "The capital of France is Paris."\n')
+    eng = start_engine("--mic", "vmic", "--speaker", "vspk", "--scenario", str(scenario))
+    conn = eng.conn
+    sub = Subscriber(conn["subscribe"], ["user.", "model.transcript.done", "response.done", "playback.", "engine.error"])
+    rec: dict[str, Any] = {}
+    recorder = threading.Thread(target=record_monitor, args=(9.0, rec))
+    recorder.start()
+    subprocess.run(["paplay", "--device=micsink", str(speech_wav("What is the capital of France?", pad_s=0.3))],
+                   check=True, timeout=20, env=os.environ.copy())
+    seen: list[tuple[str, dict[str, Any]]] = []
+    stopped = wait_topic(sub, "playback.stopped", timeout=30, seen=seen)
+    topics = [t for t, _ in seen]
+    for t in ("user.speech.started", "user.speech.stopped", "playback.started"):
+        assert t in topics, t
+    assert [b["text"] for t, b in seen if t == "model.transcript.done"] == ["The capital of France is Paris."]
+    assert topics.index("user.speech.stopped") < topics.index("playback.started")
+    recorder.join(20)
+    sent = synthesize("The capital of France is Paris.", "marin", 1.0)
+    assert stopped["index"] >= len(sent)  # every frame the server sent reached the device
+    corr = best_correlation(rec["pcm"], sent)
+    assert corr > 0.8, f"the speaker did not play what the server sent (correlation {corr:.2f})"
+    status = json.loads(eng.cli("status", "--json").stdout)
+    assert status["rings"]["speaker"]["underrun_frames"] == 0
+    assert status["rings"]["mic"]["overrun_frames"] == 0
+
+
+@pytest.mark.audio
+def test_missing_device_lists_the_devices(vaudio: dict[str, str], runtime_dir: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "engine.cli", "start", "--backend", "local", "--mic", "no-such-mic",
+                          "--speaker", "null"], capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert "no-such-mic" in out.stdout and "vmic" in out.stdout
+    assert not list(Path("/dev/shm").glob("realtalk-*-mic"))
