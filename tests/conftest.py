@@ -152,10 +152,10 @@ def server(make_server: Any) -> LocalServer:
 def speech_wav(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """Make a 24 kHz mono WAV of ``text`` with espeak-ng, padded with silence."""
     out = tmp_path_factory.mktemp("speech")
-    cache: dict[str, Path] = {}
+    cache: dict[tuple[str, float], Path] = {}
 
     def make(text: str, pad_s: float = 0.3) -> Path:
-        if text not in cache:
+        if (text, pad_s) not in cache:
             import numpy as np
             import wave
             from engine.server.voice import synthesize
@@ -167,8 +167,8 @@ def speech_wav(tmp_path_factory: pytest.TempPathFactory) -> Any:
                 w.setsampwidth(2)
                 w.setframerate(24000)
                 w.writeframes(np.concatenate([pad, pcm, pad]).tobytes())
-            cache[text] = path
-        return cache[text]
+            cache[(text, pad_s)] = path
+        return cache[(text, pad_s)]
     return make
 
 
