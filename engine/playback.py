@@ -32,22 +32,38 @@ IDLE, PLAYING = 0, 1
 
 
 class Renderer:
-    """Fills output buffers from the ring (24 kHz int16 mono)."""
+    """Fills output buffers from the ring (24 kHz int16 mono).
 
-    def __init__(self, ring: Ring, prebuffer_frames: int, max_frames: int = 4800) -> None:
+    A *stream* is one response's audio: it starts when the prebuffer is full (or the
+    whole stream is already in the ring) and ends when the reader reaches the end mark
+    the producer set for it. Running dry before that is an underrun: the tail fades out,
+    the gap is counted, playback waits for the prebuffer again, and the prebuffer grows
+    (adaptive, up to ``max_prebuffer_frames``) so the next stream rides out the jitter.
+    """
+
+    def __init__(self, ring: Ring, prebuffer_frames: int, max_frames: int = 4800,
+                 max_prebuffer_frames: int = 7200) -> None:
         self.ring = ring
         self.prebuffer_frames = prebuffer_frames
+        self.max_prebuffer_frames = max(prebuffer_frames, max_prebuffer_frames)
         self.state = IDLE
+        self.in_stream = False
+        self.stream_start = 0
         self.waiting_since: float | None = None
-        self.scratch = np.zeros(max_frames, dtype=np.int16)
         self._ramp_down = np.linspace(1.0, 0.0, FLUSH_FADE_FRAMES, dtype=np.float32)
         self._fade_down = np.linspace(1.0, 0.0, FADE_FRAMES, dtype=np.float32)
         self._fade_up = np.linspace(0.0, 1.0, FADE_FRAMES, dtype=np.float32)
-        self.dry = False
+        self.resumed = False
         self.events: list[tuple[str, int]] = []    # ("started"/"stopped"/"underrun"/"flushed", index), drained by a thread
         self.underrun_events = 0
         self.flushes = 0
         self.first_sample_mono_ns = 0              # when the latest stream's first sample was handed to the device
+
+    def _stream_complete(self) -> bool:
+        """The producer marked the end of the current stream and everything up to it is written."""
+        ring = self.ring
+        end = ring.end_index
+        return end > self.stream_start and end >= ring.write_index
 
     def render(self, out: np.ndarray, latency_frames: int, now: float) -> None:
         """Fill ``out`` completely (silence where there is nothing to play)."""
@@ -55,15 +71,14 @@ class Renderer:
         n = len(out)
         heard_base = ring.read_index
         if ring.flush_pending:
-            got = ring.read_into(out[:min(n, FLUSH_FADE_FRAMES)])
+            got = ring.read_into(out[:min(n, FLUSH_FADE_FRAMES)]) if self.state == PLAYING else 0
             out[:got] = (out[:got] * self._ramp_down[:got]).astype(np.int16)
             out[got:] = 0
             ring.take_flush()
             self.flushes += 1
-            if self.state == PLAYING:
+            if self.in_stream:
                 self.events.append(("flushed", ring.read_index))
-            self.state = IDLE
-            self.waiting_since = None
+            self.state, self.in_stream, self.waiting_since = IDLE, False, None
             ring.set_heard(ring.read_index, latency_frames)
             return
         if self.state == IDLE:
@@ -71,39 +86,45 @@ class Renderer:
             if avail == 0:
                 out[:] = 0
                 self.waiting_since = None
-                ring.set_heard(heard_base, latency_frames)  # idle: everything handed out has been heard
+                if not self.in_stream:
+                    ring.set_heard(heard_base, latency_frames)  # idle: everything handed out has been heard
                 return
+            if not self.in_stream:
+                self.stream_start = ring.read_index
             if self.waiting_since is None:
                 self.waiting_since = now
-            waited_ms = (now - self.waiting_since) * 1000
-            complete = ring.end_index >= ring.write_index  # the whole stream is already here
-            if avail < self.prebuffer_frames and not complete and waited_ms * RATE_HZ / 1000 < self.prebuffer_frames:
-                out[:] = 0
+            waited_frames = (now - self.waiting_since) * RATE_HZ
+            if avail < self.prebuffer_frames and not self._stream_complete() \
+                    and (self.in_stream or waited_frames < self.prebuffer_frames):
+                out[:] = 0  # a new stream waits at most the prebuffer time; a rebuffer waits for the data
                 return
             self.state = PLAYING
-            self.dry = False
-            self.first_sample_mono_ns = time.monotonic_ns()
-            self.events.append(("started", ring.read_index))
+            self.waiting_since = None
+            if not self.in_stream:
+                self.in_stream = True
+                self.first_sample_mono_ns = time.monotonic_ns()
+                self.events.append(("started", ring.read_index))
+            else:
+                self.resumed = True  # after an underrun: fade back in
         got = ring.read_into(out)
+        if self.resumed and got > 0:
+            k = min(got, FADE_FRAMES)
+            out[:k] = (out[:k] * self._fade_up[:k]).astype(np.int16)
+            self.resumed = False
         if got < n:
             out[got:] = 0
             if got > 0:
                 k = min(got, FADE_FRAMES)
                 out[got - k:got] = (out[got - k:got] * self._fade_down[FADE_FRAMES - k:]).astype(np.int16)
-            if ring.read_index >= ring.end_index and ring.read_index >= ring.write_index:
-                self.state = IDLE           # the stream ended: not an underrun
-                self.waiting_since = None
+            self.state = IDLE
+            if self._stream_complete() and ring.read_index >= ring.end_index:
+                self.in_stream = False      # the stream ended: not an underrun
                 self.events.append(("stopped", ring.read_index))
             else:
-                if not self.dry:
-                    self.underrun_events += 1
-                    self.events.append(("underrun", ring.read_index))
+                self.underrun_events += 1
                 ring.count_underrun(n - got)
-                self.dry = True
-        elif self.dry and got > 0:
-            k = min(got, FADE_FRAMES)
-            out[:k] = (out[:k] * self._fade_up[:k]).astype(np.int16)
-            self.dry = False
+                self.events.append(("underrun", ring.read_index))
+                self.prebuffer_frames = min(self.max_prebuffer_frames, self.prebuffer_frames + RATE_HZ // 50)
         ring.set_heard(max(ring.heard_index, heard_base - latency_frames), latency_frames)
 
 
@@ -128,6 +149,8 @@ class PlaybackProcess:
             payload: dict[str, Any] = {"index": index, "underrun_frames": self.ring.underrun_frames}
             if kind == "started":
                 payload["first_sample_mono_ns"] = r.first_sample_mono_ns
+            if kind == "underrun":
+                payload["prebuffer_ms"] = r.prebuffer_frames * 1000 // RATE_HZ
             self.pub.publish(f"playback.{kind}", payload)
 
     # ------------------------------------------------------------ backends

@@ -1,0 +1,75 @@
+"""The playback renderer: prebuffer, stream end vs underrun, flush with fade, heard position."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.playback import Renderer
+from engine.ring import Ring
+
+
+@pytest.fixture
+def ring() -> Ring:
+    name = f"realtalk-test-pb-{os.getpid()}"
+    r = Ring.create(name, 1 << 14, with_eventfd=False)
+    yield r
+    r.unlink()
+
+
+def loud(n: int) -> np.ndarray:
+    return np.full(n, 10000, dtype=np.int16)
+
+
+def test_prebuffer_then_stream_end_is_not_an_underrun(ring: Ring) -> None:
+    r = Renderer(ring, prebuffer_frames=1440)
+    out = np.zeros(480, dtype=np.int16)
+    ring.write(loud(960))
+    r.render(out, 0, now=0.0)
+    assert not out.any()  # waiting for the prebuffer
+    ring.write(loud(960))
+    ring.mark_end()
+    r.render(out, 0, now=0.001)
+    assert out.all() and r.events == [("started", 0)]
+    for _ in range(4):
+        r.render(out, 0, now=0.002)
+    assert r.events[-1] == ("stopped", 1920)
+    assert ring.underrun_frames == 0
+
+
+def test_stale_end_mark_does_not_end_the_next_stream(ring: Ring) -> None:
+    r = Renderer(ring, prebuffer_frames=480)
+    out = np.zeros(480, dtype=np.int16)
+    ring.write(loud(480))
+    ring.mark_end()
+    r.render(out, 0, 0.0)
+    r.render(out, 0, 0.0)
+    assert r.events[-1][0] == "stopped"
+    ring.write(loud(600))        # the next response, still streaming (no end mark yet)
+    r.render(out, 0, 0.0)
+    r.render(out, 0, 0.0)        # runs dry mid-stream
+    assert r.events[-1][0] == "underrun" and ring.underrun_frames == 360
+    assert r.prebuffer_frames > 480  # adapts
+    assert out[119] == 0 and 0 < abs(int(out[100])) < 10000  # faded, then silence
+
+
+def test_flush_fades_within_10_ms_and_drops_the_rest(ring: Ring) -> None:
+    r = Renderer(ring, prebuffer_frames=0)
+    out = np.zeros(480, dtype=np.int16)
+    ring.write(loud(4800))
+    r.render(out, 0, 0.0)
+    ring.request_flush()
+    r.render(out, 0, 0.0)
+    assert out[0] > 9000 and not out[240:].any()  # 10 ms ramp at 24 kHz, then silence
+    assert ring.read_available == 0 and r.events[-1][0] == "flushed"
+
+
+def test_heard_index_lags_by_device_latency(ring: Ring) -> None:
+    r = Renderer(ring, prebuffer_frames=0)
+    out = np.zeros(480, dtype=np.int16)
+    ring.write(loud(4800))
+    for _ in range(4):
+        r.render(out, 960, 0.0)
+    assert ring.heard_index == 1440 - 960  # read position before the last buffer, minus the latency
