@@ -93,10 +93,11 @@ class Renderer:
                 self.stream_start = ring.read_index
             if self.waiting_since is None:
                 self.waiting_since = now
+            # wait the prebuffer *time* after the first frame arrived: with deltas paced at real time
+            # that is the margin every later delta has (a fill threshold would give none)
             waited_frames = (now - self.waiting_since) * RATE_HZ
-            if avail < self.prebuffer_frames and not self._stream_complete() \
-                    and (self.in_stream or waited_frames < self.prebuffer_frames):
-                out[:] = 0  # a new stream waits at most the prebuffer time; a rebuffer waits for the data
+            if waited_frames < self.prebuffer_frames and not self._stream_complete():
+                out[:] = 0
                 return
             self.state = PLAYING
             self.waiting_since = None

@@ -28,15 +28,26 @@ def test_prebuffer_then_stream_end_is_not_an_underrun(ring: Ring) -> None:
     out = np.zeros(480, dtype=np.int16)
     ring.write(loud(960))
     r.render(out, 0, now=0.0)
-    assert not out.any()  # waiting for the prebuffer
+    assert not out.any()  # a stream still arriving waits the prebuffer time (60 ms)
+    r.render(out, 0, now=0.03)
+    assert not out.any()
     ring.write(loud(960))
     ring.mark_end()
-    r.render(out, 0, now=0.001)
+    r.render(out, 0, now=0.061)
     assert out.all() and r.events == [("started", 0)]
     for _ in range(4):
-        r.render(out, 0, now=0.002)
+        r.render(out, 0, now=0.1)
     assert r.events[-1] == ("stopped", 1920)
     assert ring.underrun_frames == 0
+
+
+def test_a_complete_stream_plays_at_once(ring: Ring) -> None:
+    r = Renderer(ring, prebuffer_frames=1440)
+    out = np.zeros(480, dtype=np.int16)
+    ring.write(loud(480))
+    ring.mark_end()
+    r.render(out, 0, now=0.0)
+    assert out.all()
 
 
 def test_stale_end_mark_does_not_end_the_next_stream(ring: Ring) -> None:
@@ -48,8 +59,9 @@ def test_stale_end_mark_does_not_end_the_next_stream(ring: Ring) -> None:
     r.render(out, 0, 0.0)
     assert r.events[-1][0] == "stopped"
     ring.write(loud(600))        # the next response, still streaming (no end mark yet)
-    r.render(out, 0, 0.0)
-    r.render(out, 0, 0.0)        # runs dry mid-stream
+    r.render(out, 0, 1.0)        # waits the prebuffer time
+    r.render(out, 0, 1.03)       # plays 480
+    r.render(out, 0, 1.05)       # runs dry mid-stream
     assert r.events[-1][0] == "underrun" and ring.underrun_frames == 360
     assert r.prebuffer_frames > 480  # adapts
     assert out[119] == 0 and 0 < abs(int(out[100])) < 10000  # faded, then silence

@@ -137,7 +137,8 @@ class Connection:
             for delay, event in self.session.response_steps(resp, speech, self.speed):
                 if delay > 0 and not resp.cancelled:
                     t_next = max(t_next, loop.time() - 0.5) + delay
-                    timeout = t_next - loop.time()
+                    # jitter moves each delta around its schedule; it never accumulates into drift
+                    timeout = t_next + self.session.jitter_s() - loop.time()
                     if timeout > 0:
                         try:
                             await asyncio.wait_for(wake.wait(), timeout)

@@ -502,7 +502,8 @@ class ServerSession:
         status = "cancelled" if resp.cancelled else "completed"
         yield 0.0, ev("response.done", response=self._response_obj(resp, status, self._usage(resp)))
 
-    def _jitter(self) -> float:
+    def jitter_s(self) -> float:
+        """A random extra delay for one delta (fault ``delta_jitter_ms``: its standard deviation)."""
         j = self.faults.delta_jitter_ms
         return max(0.0, self.rng.gauss(0.0, j) / 1000.0) if j > 0 else 0.0
 
@@ -526,7 +527,7 @@ class ServerSession:
         for i in range(0, len(args), step):
             if resp.cancelled:
                 break
-            yield (first_delay if i == 0 else 0.01 + self._jitter()), self._ev(
+            yield (first_delay if i == 0 else 0.01), self._ev(
                 "response.function_call_arguments.delta", **base, call_id=call_id, delta=args[i:i + step])
             item.data["arguments"] += args[i:i + step]
         item.data["status"] = "incomplete" if resp.cancelled else "completed"
@@ -579,7 +580,7 @@ class ServerSession:
                 resp.audio_sent_ms += len(piece) * 1000 / API_RATE_HZ
                 resp.deltas_sent += 1
                 self.audio_was_output = True
-                delay = len(piece) / API_RATE_HZ / speed + self._jitter()
+                delay = len(piece) / API_RATE_HZ / speed
             if not resp.cancelled:
                 # wait out the last chunk's playing time before saying it is done
                 yield delay, self._ev("response.output_audio.done", **base)
@@ -595,7 +596,7 @@ class ServerSession:
                 content["text"] += w
                 resp.text_sent += w
                 resp.deltas_sent += 1
-                delay = 0.02 / speed + self._jitter()
+                delay = 0.02 / speed
             yield 0.0, self._ev("response.output_text.done", **base, text=content["text"])
         yield 0.0, self._ev("response.content_part.done", **base, part=(
             {"type": "audio", "transcript": content["transcript"]} if audio else {"type": "text", "text": content["text"]}))
