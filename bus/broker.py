@@ -15,9 +15,14 @@ from typing import Iterable
 
 import zmq
 
+from bus.wire import encode
+
 #: topics whose last message is replayed to new subscribers (prefix match)
 LAST_VALUE_TOPICS = ("engine.status", "session.config", "cost.session", "engine.tools")
 _BATCH = 256
+#: a client that subscribes to ``_presence.<owner>`` is announced gone (``engine.presence.gone``)
+#: when that subscription disappears, e.g. because the client's process ended
+PRESENCE_PREFIX = b"_presence."
 
 
 def _is_state_topic(topic: bytes) -> bool:
@@ -60,6 +65,7 @@ def run_broker(publish_endpoint: str, subscribe_endpoint: str, *, ready_fd: int 
         signal.signal(signal.SIGINT, _stop)
 
     cache: dict[bytes, list[bytes]] = {}
+    seq = 0
     poller = zmq.Poller()
     poller.register(xsub, zmq.POLLIN)
     poller.register(xpub, zmq.POLLIN)
@@ -93,6 +99,11 @@ def run_broker(publish_endpoint: str, subscribe_endpoint: str, *, ready_fd: int 
                     xsub.send(sub)  # forward (un)subscriptions upstream
                     if sub[:1] == b"\x01":
                         _replay(xpub, cache.values(), sub[1:])
+                    elif sub[:1] == b"\x00" and sub[1:].startswith(PRESENCE_PREFIX):
+                        # the last subscriber of a presence topic left: its owner is gone
+                        seq += 1
+                        owner = sub[1 + len(PRESENCE_PREFIX):].decode(errors="replace")
+                        xpub.send_multipart(encode("engine.presence.gone", {"owner": owner}, "broker", seq))
     finally:
         for s in (xsub, xpub, stop):
             if s is not None:

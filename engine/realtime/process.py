@@ -193,7 +193,7 @@ class RealtimeProcess:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
         signal.signal(signal.SIGINT, lambda *_: self.stop.set())
-        sub = Subscriber(self.sub_endpoint, ["cmd."])
+        sub = Subscriber(self.sub_endpoint, ["cmd.", "engine.presence.gone"])
         self.main_pub.join(self.sub_endpoint)
         if not self.connect():
             if not self._reconnect(self.main_pub):

@@ -140,6 +140,8 @@ class RealtimeProtocol:
         self.protocol_refused = False
         self.turn_marks: dict[str, float] = {}
         self._carry = b""                                  #: half a sample left over from the last delta
+        self.requested_for: str | None = None              #: request id of the response.create in flight
+        self.response_requests: dict[str, str] = {}        #: response id -> the request that asked for it
 
     # ------------------------------------------------------------ connection
     def on_connected(self, reconnect: bool = False) -> list[Action]:
@@ -215,6 +217,9 @@ class RealtimeProtocol:
         resp = ev["response"]
         if resp.get("conversation_id") is not None or not resp.get("metadata"):
             self.active_response = resp["id"]
+        if self.response_requested and self.requested_for is not None:
+            self.response_requests[resp["id"]] = self.requested_for
+            self.requested_for = None
         self.response_requested = False
         self.turn_marks["response_created"] = self.clock()
         return []
@@ -291,11 +296,13 @@ class RealtimeProtocol:
         usd = response_cost_usd(self.session.get("model", self.model) if self.session else self.model, usage)
         self.cost_session_usd += usd
         text = ""
+        calls = sum(1 for out in resp.get("output") or [] if out.get("type") == "function_call")
         for out in resp.get("output") or []:
             for part in out.get("content") or []:
                 text += part.get("text") or part.get("transcript") or ""
         acts: list[Action] = [
-            Publish("response.done", {"response_id": rid, "status": resp.get("status"),
+            Publish("response.done", {"response_id": rid, "request_id": self.response_requests.pop(rid, None),
+                                      "status": resp.get("status"), "function_calls": calls,
                                       "reason": (resp.get("status_details") or {}).get("reason"),
                                       "text": text, "usage": usage, "usd": usd, "metadata": resp.get("metadata")}),
             Publish("cost.response", {"response_id": rid, "usd": usd, "usage": usage}),
@@ -453,6 +460,8 @@ class RealtimeProtocol:
                 return self._cmd_tool_unregister(body)
             if topic == "cmd.tool.result":
                 return self._cmd_tool_result(body)
+            if topic == "engine.presence.gone":
+                return self._cmd_tool_unregister({"owner": body.get("owner")})
             if topic in ("cmd.ack",):
                 return []
             raise ValueError(f"unknown command topic {topic!r} (known: cmd.say, cmd.cancel, cmd.session.update, "
@@ -497,6 +506,7 @@ class RealtimeProtocol:
                 event_id = new_id("event")
                 self.awaiting[event_id] = req
                 self.response_requested = True
+                self.requested_for = req.id
                 acts.append(Send({"type": "response.create", "event_id": event_id}))
         return acts
 
@@ -507,8 +517,8 @@ class RealtimeProtocol:
         params = body.get("parameters") or {"type": "object", "properties": {}}
         if not isinstance(params, dict):
             raise ValueError("cmd.tool.register 'parameters' must be a JSON schema map")
-        self.tools[name] = ToolSpec(name, str(body.get("description", "")), params, str(body.get("pub", "")),
-                                    float(body.get("timeout_s", 10.0)))
+        self.tools[name] = ToolSpec(name, str(body.get("description", "")), params,
+                                    str(body.get("owner") or body.get("pub", "")), float(body.get("timeout_s", 10.0)))
         acts: list[Action] = [Send({"type": "session.update", "session": {"type": "realtime", "tools": self._session_with_tools()["tools"]}}),
                               Publish("engine.tools", {"tools": sorted(self.tools)})]
         if body.get("id"):

@@ -1,0 +1,347 @@
+"""The Python async API: the JavaScript quick start, in Python, over the bus.
+
+    from engine import create_session
+    session = await create_session({"instructions": "You are a cat.", "voice": "marin"},
+                                   {"model": "gpt-realtime", "api_key": None, "debug": True})
+    await session.system("Speak with a Scottish accent.")     # context, no reply
+    reply = await session.user("What is the capital of France?")
+    await session.audio_done()
+    async for event in session.events("model.text"): ...
+    await session.close()
+
+Everything goes over the same bus wire protocol any other language uses
+(docs/bus-protocol.md); :func:`create_session` starts an engine, :func:`connect` attaches
+to a running one.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import yaml
+import zmq
+import zmq.asyncio
+
+from bus.client import connection_file
+from bus.wire import MalformedMessage, decode, encode
+from engine.errors import EngineError, NotRunning
+
+_HEADER = ("v", "ts", "mono_ns", "pub", "seq")
+
+
+@dataclass
+class Reply:
+    """The outcome of :meth:`Session.user`: what the model said, and what it cost."""
+    text: str
+    status: str
+    usage: dict[str, Any] | None
+    usd: float
+    response_id: str
+    item_id: str | None
+
+
+@dataclass
+class Event:
+    topic: str
+    body: dict[str, Any]
+
+    @property
+    def text(self) -> str | None:
+        return self.body.get("text")
+
+
+class Session:
+    """A conversation with a running engine, through the bus."""
+
+    def __init__(self, conn: dict[str, Any], process: subprocess.Popen[bytes] | None = None, debug: bool = False) -> None:
+        self.conn = conn
+        self.process = process
+        self.debug = debug
+        self.name = f"py:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self._ctx = zmq.asyncio.Context.instance()
+        self._pub = self._ctx.socket(zmq.PUB)
+        self._pub.setsockopt(zmq.LINGER, 500)
+        self._pub.connect(conn["publish"])
+        self._sub = self._ctx.socket(zmq.SUB)
+        self._sub.setsockopt(zmq.LINGER, 0)
+        self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self._sub.connect(conn["subscribe"])
+        self._presence = self._ctx.socket(zmq.SUB)  # its subscription says we are here (tool ownership)
+        self._presence.setsockopt(zmq.LINGER, 0)
+        self._presence.setsockopt(zmq.SUBSCRIBE, b"_presence." + self.name.encode())
+        self._presence.connect(conn["subscribe"])
+        self._seq = 0
+        self._waiters: list[tuple[Callable[[str, dict[str, Any]], bool], asyncio.Future[tuple[str, dict[str, Any]]]]] = []
+        self._streams: list[tuple[str, asyncio.Queue[Event]]] = []
+        self._tools: dict[str, Callable[..., Any]] = {}
+        self._pending_tools: list[dict[str, Any]] = []
+        self._reader: asyncio.Task[None] | None = None
+        self.cost = 0.0
+        self.playing = False
+        self.last_audio_response: str | None = None
+        self._audio_idle = asyncio.Event()
+        self._audio_idle.set()
+
+    # ------------------------------------------------------------ plumbing
+    async def _start(self) -> None:
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+        # slow joiner: wait until our own probe comes back through the broker
+        probe = f"_join.{self.name}"
+        fut = self._expect(lambda t, b: t == probe)
+        for _ in range(200):
+            await self._publish(probe, {})
+            try:
+                await asyncio.wait_for(asyncio.shield(fut), 0.05)
+                break
+            except asyncio.TimeoutError:
+                continue
+        else:
+            raise NotRunning(f"the bus at {self.conn['publish']} does not answer; is the engine running?")
+
+    async def _publish(self, topic: str, payload: dict[str, Any]) -> None:
+        self._seq += 1
+        await self._pub.send_multipart(encode(topic, payload, self.name, self._seq))
+
+    def _expect(self, pred: Callable[[str, dict[str, Any]], bool]) -> asyncio.Future[tuple[str, dict[str, Any]]]:
+        fut: asyncio.Future[tuple[str, dict[str, Any]]] = asyncio.get_running_loop().create_future()
+        self._waiters.append((pred, fut))
+        return fut
+
+    async def _read(self) -> None:
+        while True:
+            frames = await self._sub.recv_multipart()
+            try:
+                topic, body = decode(frames)
+            except MalformedMessage:
+                continue
+            if self.debug and not topic.startswith(("_join.", "server.", "engine.status")):
+                shown = body.get("text", {k: v for k, v in body.items() if k not in _HEADER})
+                print(f"[realtalk] {topic}: {shown}", file=sys.stderr)
+            if topic == "cost.session":
+                self.cost = float(body.get("usd", self.cost))
+            elif topic == "playback.started":
+                self.playing = True
+                self._audio_idle.clear()
+            elif topic in ("playback.stopped", "playback.flushed"):
+                self.playing = False
+                self._audio_idle.set()
+            elif topic == "tool.call" and body.get("name") in self._tools:
+                asyncio.get_running_loop().create_task(self._run_tool(body))
+            for pred, fut in list(self._waiters):
+                if not fut.done() and pred(topic, body):
+                    fut.set_result((topic, body))
+            self._waiters = [(p, f) for p, f in self._waiters if not f.done()]
+            for prefix, q in self._streams:
+                if topic.startswith(prefix):
+                    q.put_nowait(Event(topic, body))
+
+    async def command(self, topic: str, payload: dict[str, Any], timeout_s: float = 15.0) -> dict[str, Any]:
+        """Publish a command and return its ``cmd.ack`` (re-sent until acknowledged; the engine dedups)."""
+        cmd_id = payload.setdefault("id", uuid.uuid4().hex)
+        fut = self._expect(lambda t, b: t == "cmd.ack" and b.get("id") == cmd_id)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            await self._publish(topic, payload)
+            try:
+                _, ack = await asyncio.wait_for(asyncio.shield(fut), 0.5)
+                return ack
+            except asyncio.TimeoutError:
+                continue
+        raise EngineError(f"no acknowledgement for {topic} within {timeout_s}s")
+
+    # ------------------------------------------------------------ the quick-start API
+    async def system(self, text: str) -> dict[str, Any]:
+        """Add context the model sees and nobody hears; no reply."""
+        ack = await self.command("cmd.say", {"text": text, "role": "system", "respond": False})
+        if not ack.get("ok"):
+            raise EngineError(f"system message refused: {ack.get('error')}")
+        return ack
+
+    async def user(self, text: str, timeout_s: float = 120.0) -> Reply:
+        """Say ``text`` as the user; return when the response is done (text or transcript, usage, cost)."""
+        if self._pending_tools:
+            await self.register_tools()
+        cmd_id = uuid.uuid4().hex
+        done = self._expect(lambda t, b: t == "response.done" and b.get("request_id") == cmd_id)
+        ack = await self.command("cmd.say", {"text": text, "role": "user", "respond": True, "id": cmd_id})
+        if not ack.get("ok"):
+            raise EngineError(f"message refused: {ack.get('error')}")
+        _, body = await asyncio.wait_for(done, timeout_s)
+        usd = float(body.get("usd", 0.0))
+        while body.get("function_calls") and body.get("status") == "completed":
+            # the model called tools: the answer is the response that follows their output
+            nxt = self._expect(lambda t, b: t == "response.done" and b.get("response_id") != body["response_id"])
+            _, body = await asyncio.wait_for(nxt, timeout_s)
+            usd += float(body.get("usd", 0.0))
+        usage = body.get("usage") or {}
+        if (usage.get("output_token_details") or {}).get("audio_tokens"):
+            self.last_audio_response = body["response_id"]
+            if not self.playing:
+                self._audio_idle.clear()  # its audio has yet to finish playing
+        return Reply(body.get("text", ""), body.get("status", ""), body.get("usage"), usd,
+                     body["response_id"], ack.get("item_id"))
+
+    async def audio_done(self, timeout_s: float = 120.0) -> None:
+        """Resolve when playback of the last response has finished (at once if there was no audio)."""
+        if self.last_audio_response is None:
+            return
+        await asyncio.wait_for(self._audio_idle.wait(), timeout_s)
+
+    async def cancel(self) -> dict[str, Any]:
+        """Stop the current response and its playback."""
+        return await self.command("cmd.cancel", {})
+
+    async def update(self, **session: Any) -> dict[str, Any]:
+        """Change the session (a partial GA session, e.g. ``instructions=...``)."""
+        return await self.command("cmd.session.update", {"session": session})
+
+    async def events(self, prefix: str = "") -> AsyncIterator[Event]:
+        """Every bus event whose topic starts with ``prefix``, from now on."""
+        q: asyncio.Queue[Event] = asyncio.Queue()
+        entry = (prefix, q)
+        self._streams.append(entry)
+        try:
+            while True:
+                yield await q.get()
+        finally:
+            self._streams.remove(entry)
+
+    def tool(self, fn: Callable[..., Any] | None = None, *, name: str | None = None, description: str | None = None,
+             parameters: dict[str, Any] | None = None, timeout_s: float = 10.0) -> Any:
+        """Decorator: register ``fn`` as a tool the model can call; it runs here, in this process.
+
+        Call ``await session.register_tools()`` (or use it before :meth:`user`) to send the registration.
+        """
+        def wrap(f: Callable[..., Any]) -> Callable[..., Any]:
+            tool_name = name or f.__name__
+            self._tools[tool_name] = f
+            params = parameters or _schema_from_signature(f)
+            self._pending_tools.append({"name": tool_name, "description": description or (f.__doc__ or "").strip(),
+                                        "parameters": params, "timeout_s": timeout_s, "owner": self.name})
+            return f
+        return wrap(fn) if fn is not None else wrap
+
+    async def register_tools(self) -> None:
+        for spec in self._pending_tools:
+            ack = await self.command("cmd.tool.register", dict(spec))
+            if not ack.get("ok"):
+                raise EngineError(f"tool {spec['name']} refused: {ack.get('error')}")
+        self._pending_tools = []
+
+    async def _run_tool(self, call: dict[str, Any]) -> None:
+        fn = self._tools[call["name"]]
+        try:
+            args = json.loads(call.get("arguments") or "{}")
+            result = fn(**args) if isinstance(args, dict) else fn(args)
+            if inspect.isawaitable(result):
+                result = await result
+            output = result if isinstance(result, str) else json.dumps(result)
+        except Exception as exc:  # the model hears about it instead of waiting in silence
+            output = json.dumps({"error": f"{type(exc).__name__}: {exc}"})
+        await self._publish("cmd.tool.result", {"call_id": call["call_id"], "output": output})
+
+    async def close(self) -> None:
+        """Detach; stop the engine if this session started it."""
+        if self._reader is not None:
+            self._reader.cancel()
+        for s in (self._pub, self._sub, self._presence):
+            s.close()
+        if self.process is not None:
+            self.process.send_signal(2)
+            await asyncio.to_thread(self.process.wait, 20)
+
+    async def __aenter__(self) -> "Session":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def _schema_from_signature(fn: Callable[..., Any]) -> dict[str, Any]:
+    types = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array", dict: "object"}
+    props, required = {}, []
+    for p in inspect.signature(fn).parameters.values():
+        props[p.name] = {"type": types.get(p.annotation, "string")} if p.annotation in types else {}
+        if p.default is inspect.Parameter.empty:
+            required.append(p.name)
+    return {"type": "object", "properties": props, "required": required}
+
+
+async def connect(path: str | os.PathLike[str] | None = None, debug: bool = False) -> Session:
+    """Attach to the engine that is already running (its connection file)."""
+    file = Path(path) if path else connection_file()
+    try:
+        conn = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise NotRunning(f"no engine is running ({file} does not exist); start one with `engine start` "
+                         "or use create_session()") from None
+    session = Session(conn, debug=debug)
+    await session._start()
+    return session
+
+
+_SESSION_KEYS = {"instructions", "voice", "output_modalities", "turn_detection", "transcription", "noise_reduction", "tools"}
+
+
+async def create_session(session: dict[str, Any] | None = None, options: dict[str, Any] | None = None) -> Session:
+    """Start an engine with this session config and return a :class:`Session` attached to it.
+
+    ``session``: instructions, voice, output_modalities, turn_detection, transcription, tools.
+    ``options``: model, api_key (None: local server unless $OPENAI_API_KEY), debug, text_only, mic,
+    speaker, backend, scenario, speed, config (a config.yaml to start from).
+    """
+    session = dict(session or {})
+    options = dict(options or {})
+    unknown = set(session) - _SESSION_KEYS
+    if unknown:
+        raise EngineError(f"unknown session key {sorted(unknown)[0]!r} (known: {', '.join(sorted(_SESSION_KEYS))})")
+    cfg: dict[str, Any] = {}
+    if options.get("config"):
+        cfg = yaml.safe_load(Path(options["config"]).read_text()) or {}
+    cfg.setdefault("session", {}).update(session)
+    if options.get("model"):
+        cfg["model"] = options["model"]
+    env = dict(os.environ)
+    if options.get("api_key"):
+        env["OPENAI_API_KEY"] = options["api_key"]
+    text_only = options.get("text_only", session.get("output_modalities") == ["text"])
+    tmp = Path(tempfile.mkdtemp(prefix="realtalk-session-"))
+    cfg_path = tmp / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    argv = [sys.executable, "-m", "engine.cli", "start", "--config", str(cfg_path)]
+    for key in ("backend", "mic", "speaker", "scenario", "speed"):
+        if options.get(key) is not None:
+            argv += [f"--{key}", str(options[key])]
+    if text_only:
+        argv.append("--text-only")
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    lines: list[str] = []
+
+    def wait_ready() -> bool:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace")
+            lines.append(line)
+            if options.get("debug"):
+                print(line, end="", file=sys.stderr)
+            if "ready in" in line:
+                return True
+        return False
+    if not await asyncio.to_thread(wait_ready):
+        proc.wait()
+        raise EngineError("the engine did not start:\n" + "".join(lines))
+    # keep draining its output so it never blocks on a full pipe
+    asyncio.get_running_loop().run_in_executor(None, lambda: [None for _ in proc.stdout])  # type: ignore[union-attr]
+    s = Session(json.loads(connection_file().read_text()), process=proc, debug=bool(options.get("debug")))
+    await s._start()
+    return s

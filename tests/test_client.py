@@ -1,0 +1,143 @@
+"""The Python async API and tools answered by other processes, against the local server."""
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+
+ASK_CLIENT_SCENARIO = """
+turns:
+  - match: {regex: "collection point"}
+    call: {name: ask_client, arguments: {question: "Where is the collection point for the reservation?"}}
+    then: "{output}"
+"""
+
+
+def test_text_chatbot_without_audio_devices(runtime_dir: Path) -> None:
+    """The old library's 'realtime text chatbot': no audio device at all."""
+    from engine import create_session
+
+    async def main() -> None:
+        session = await create_session({"instructions": "You are a cat.", "output_modalities": ["text"]},
+                                       {"model": "gpt-realtime", "api_key": None, "debug": False, "mic": "null",
+                                        "speaker": "null"})
+        try:
+            seen: list[str] = []
+
+            async def watch() -> None:
+                async for ev in session.events("model.text.done"):
+                    seen.append(ev.text or "")
+            watcher = asyncio.create_task(watch())
+            await session.system("Speak with a Scottish accent.")
+            reply = await session.user("What is the capital of France?")
+            assert reply.status == "completed"
+            assert "capital of France" in reply.text
+            assert reply.usd > 0 and reply.usage["input_tokens"] > 0
+            second = await session.user("And of Spain?")
+            assert "Spain" in second.text
+            assert session.cost == pytest.approx(reply.usd + second.usd)
+            await session.audio_done()  # no audio: resolves at once
+            await asyncio.sleep(0.2)
+            assert seen == [reply.text, second.text]
+            watcher.cancel()
+        finally:
+            await session.close()
+        assert session.process is not None and session.process.returncode == 0
+        assert not (runtime_dir / "engine.json").exists()
+    asyncio.run(main())
+
+
+def test_ask_client_answered_from_another_process(runtime_dir: Path, tmp_path: Path) -> None:
+    """The R package's side channel: the model asks the client program for a fact mid-call."""
+    from engine import create_session
+    scenario = tmp_path / "ask.yaml"
+    scenario.write_text(ASK_CLIENT_SCENARIO)
+    helper = tmp_path / "client_tool.py"
+    helper.write_text(textwrap.dedent('''
+        import asyncio, sys
+        from engine import connect
+
+        async def main():
+            session = await connect()
+
+            @session.tool(description="Ask the client program for a fact the model does not know")
+            def ask_client(question: str) -> str:
+                return "The collection point is the Northern Train Station office."
+            await session.register_tools()
+            print("registered", flush=True)
+            await asyncio.sleep(60)
+        asyncio.run(main())
+    '''))
+
+    async def main() -> None:
+        session = await create_session({"output_modalities": ["text"]}, {"scenario": str(scenario)})
+        proc = subprocess.Popen([sys.executable, str(helper)], stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+        try:
+            assert proc.stdout is not None
+            line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)
+            assert line.strip() == "registered"
+            calls: list[dict[str, Any]] = []
+
+            async def watch() -> None:
+                async for ev in session.events("tool.call"):
+                    calls.append(ev.body)
+            watcher = asyncio.create_task(watch())
+            reply = await session.user("Where is the collection point for the reservation?")
+            # user() returns the answer that follows the tool's output, not the function-call response
+            assert reply.text == "The collection point is the Northern Train Station office."
+            assert calls and calls[0]["name"] == "ask_client" and calls[0]["registered"]
+            # when the tool's owner goes away, its tool is unregistered
+            tools_gone = asyncio.create_task(_wait_tools(session, lambda names: "ask_client" not in names))
+            proc.kill()
+            await asyncio.wait_for(tools_gone, 15)
+            watcher.cancel()
+        finally:
+            proc.kill()
+            await session.close()
+    asyncio.run(main())
+
+
+async def _next_text(session: Any) -> str:
+    async for ev in session.events("model.text.done"):
+        return ev.text or ""
+    return ""
+
+
+async def _wait_tools(session: Any, pred: Any) -> None:
+    async for ev in session.events("engine.tools"):
+        if pred(ev.body["tools"]):
+            return
+
+
+def test_tool_that_never_answers_gets_an_error_output(runtime_dir: Path, tmp_path: Path) -> None:
+    from engine import create_session
+    scenario = tmp_path / "ask.yaml"
+    scenario.write_text(ASK_CLIENT_SCENARIO)
+
+    async def main() -> None:
+        session = await create_session({"output_modalities": ["text"]}, {"scenario": str(scenario)})
+        try:
+            ack = await session.command("cmd.tool.register", {"name": "ask_client", "timeout_s": 0.5,
+                                                              "parameters": {"type": "object", "properties": {}}})
+            assert ack["ok"]
+            errors: list[dict[str, Any]] = []
+
+            async def watch() -> None:
+                async for ev in session.events("engine.error"):
+                    errors.append(ev.body)
+            watcher = asyncio.create_task(watch())
+            reply = await session.user("Where is the collection point?")
+            assert "did not answer in time" in reply.text
+            assert any(e.get("code") == "tool_timeout" for e in errors)
+            watcher.cancel()
+        finally:
+            await session.close()
+    asyncio.run(main())
