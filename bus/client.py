@@ -120,10 +120,13 @@ class Subscriber:
         """Next well-formed message, or None when ``timeout_ms`` passes first."""
         deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
         while True:
-            wait = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
-            if wait is not None and not self.socket.poll(wait):
-                return None
-            frames = self.socket.recv_multipart()
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK)  # fast path: no poll when data waits
+            except zmq.Again:
+                wait = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
+                if wait is not None and not self.socket.poll(wait):
+                    return None
+                frames = self.socket.recv_multipart()
             try:
                 return decode(frames)
             except MalformedMessage as exc:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import mmap
 import os
 import select
+import time
 from pathlib import Path
 
 import numpy as np
@@ -59,11 +60,11 @@ class Ring:
     def __init__(self, name: str, mm: mmap.mmap, data_fd: int | None, owner: bool) -> None:
         self.name = name
         self._mm = mm
-        self._hdr = np.frombuffer(mm, dtype="<i8", count=_HEADER_BYTES // 8)
+        self._hdr = memoryview(mm)[:_HEADER_BYTES].cast("q")  # Python ints: cheaper than numpy scalars
         if self._hdr[0] != _MAGIC:
             raise RingError(f"/dev/shm/{name} is not a realtalk ring (bad magic)")
-        self.capacity_frames = int(self._hdr[_CAPACITY])
-        self.sample_rate = int(self._hdr[_RATE])
+        self.capacity_frames = (self._hdr[_CAPACITY])
+        self.sample_rate = (self._hdr[_RATE])
         self._mask = self.capacity_frames - 1
         self._data = np.frombuffer(mm, dtype="<i2", offset=_HEADER_BYTES, count=self.capacity_frames)
         self.data_fd = data_fd
@@ -111,6 +112,7 @@ class Ring:
 
     def close(self) -> None:
         """Drop this process's mapping (and the eventfd, if this process created it)."""
+        self._hdr.release()
         self._hdr = self._data = None  # type: ignore[assignment]
         try:
             self._mm.close()
@@ -130,15 +132,15 @@ class Ring:
     # -- counters ----------------------------------------------------------------
     @property
     def write_index(self) -> int:
-        return int(self._hdr[_W_INDEX])
+        return (self._hdr[_W_INDEX])
 
     @property
     def read_index(self) -> int:
-        return int(self._hdr[_R_INDEX])
+        return (self._hdr[_R_INDEX])
 
     @property
     def read_available(self) -> int:
-        return int(self._hdr[_W_INDEX] - self._hdr[_R_INDEX])
+        return (self._hdr[_W_INDEX] - self._hdr[_R_INDEX])
 
     @property
     def write_available(self) -> int:
@@ -146,20 +148,20 @@ class Ring:
 
     @property
     def overrun_frames(self) -> int:
-        return int(self._hdr[_OVERRUN])
+        return (self._hdr[_OVERRUN])
 
     @property
     def underrun_frames(self) -> int:
-        return int(self._hdr[_UNDERRUN])
+        return (self._hdr[_UNDERRUN])
 
     @property
     def heard_index(self) -> int:
         """Index of the next frame to reach the listener (consumer's estimate)."""
-        return int(self._hdr[_HEARD])
+        return (self._hdr[_HEARD])
 
     @property
     def device_latency_frames(self) -> int:
-        return int(self._hdr[_DEV_LATENCY])
+        return (self._hdr[_DEV_LATENCY])
 
     def stats(self) -> dict[str, int]:
         """A snapshot of the counters, for status reports."""
@@ -175,8 +177,8 @@ class Ring:
         """Copy as many frames as fit; return how many. The rest count as overrun."""
         src = frames if isinstance(frames, np.ndarray) else np.frombuffer(frames, dtype="<i2")
         hdr = self._hdr
-        w = int(hdr[_W_INDEX])
-        free = self.capacity_frames - (w - int(hdr[_R_INDEX]))
+        w = (hdr[_W_INDEX])
+        free = self.capacity_frames - (w - (hdr[_R_INDEX]))
         n = len(src)
         if n > free:
             hdr[_OVERRUN] += n - free
@@ -202,11 +204,11 @@ class Ring:
 
     @property
     def end_index(self) -> int:
-        return int(self._hdr[_END])
+        return (self._hdr[_END])
 
     def request_flush(self) -> int:
         """Ask the consumer to drop all frames written so far; returns the flush index."""
-        w = int(self._hdr[_W_INDEX])
+        w = (self._hdr[_W_INDEX])
         self._hdr[_FLUSH_UNTIL] = w
         self._hdr[_FLUSH_SEQ] += 1
         return w
@@ -215,8 +217,8 @@ class Ring:
     def read_into(self, out: np.ndarray) -> int:
         """Copy up to ``len(out)`` frames into ``out``; return how many (no counting)."""
         hdr = self._hdr
-        r = int(hdr[_R_INDEX])
-        n = min(len(out), int(hdr[_W_INDEX]) - r)
+        r = (hdr[_R_INDEX])
+        n = min(len(out), (hdr[_W_INDEX]) - r)
         if n > 0:
             pos = r & self._mask
             first = min(n, self.capacity_frames - pos)
@@ -236,26 +238,26 @@ class Ring:
 
     def skip(self, frames: int) -> int:
         """Drop up to ``frames`` frames without copying; return how many."""
-        r = int(self._hdr[_R_INDEX])
-        n = max(0, min(frames, int(self._hdr[_W_INDEX]) - r))
+        r = (self._hdr[_R_INDEX])
+        n = max(0, min(frames, (self._hdr[_W_INDEX]) - r))
         self._hdr[_R_INDEX] = r + n
         return n
 
     def take_flush(self) -> bool:
         """If the producer asked for a flush, drop the frames it covers and return True."""
         hdr = self._hdr
-        seq = int(hdr[_FLUSH_SEQ])
-        if seq == int(hdr[_FLUSH_ACK]):
+        seq = (hdr[_FLUSH_SEQ])
+        if seq == (hdr[_FLUSH_ACK]):
             return False
-        until = int(hdr[_FLUSH_UNTIL])
-        if until > int(hdr[_R_INDEX]):
+        until = (hdr[_FLUSH_UNTIL])
+        if until > (hdr[_R_INDEX]):
             hdr[_R_INDEX] = until
         hdr[_FLUSH_ACK] = seq
         return True
 
     @property
     def flush_pending(self) -> bool:
-        return int(self._hdr[_FLUSH_SEQ]) != int(self._hdr[_FLUSH_ACK])
+        return (self._hdr[_FLUSH_SEQ]) != (self._hdr[_FLUSH_ACK])
 
     def count_underrun(self, frames: int) -> None:
         self._hdr[_UNDERRUN] += frames
@@ -265,15 +267,23 @@ class Ring:
         self._hdr[_DEV_LATENCY] = device_latency_frames
 
     def wait_readable(self, timeout_s: float) -> bool:
-        """Block until frames are available or ``timeout_s`` passes; True if readable."""
+        """Block until frames are available or ``timeout_s`` passes; True if readable.
+
+        A wake-up left over from frames already read is absorbed and the wait goes on.
+        """
         if self.read_available > 0:
             return True
         if self.data_fd is None:
             raise RingError("this ring has no eventfd to wait on; pass data_fd to attach()")
-        r, _, _ = select.select([self.data_fd], [], [], timeout_s)
-        if r:
-            try:
-                os.eventfd_read(self.data_fd)
-            except BlockingIOError:
-                pass
-        return self.read_available > 0
+        deadline = time.monotonic() + timeout_s
+        while True:
+            r, _, _ = select.select([self.data_fd], [], [], max(0.0, deadline - time.monotonic()))
+            if r:
+                try:
+                    os.eventfd_read(self.data_fd)
+                except BlockingIOError:
+                    pass
+            if self.read_available > 0:
+                return True
+            if time.monotonic() >= deadline:
+                return False

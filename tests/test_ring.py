@@ -120,3 +120,13 @@ def test_wait_wakes_on_write(ring_name: str) -> None:
     assert ring.wait_readable(5.0)
     assert time.monotonic() - t0 < 2.0
     ring.unlink()
+
+
+def test_stale_wakeup_does_not_end_the_wait(ring_name: str) -> None:
+    import threading
+    ring = Ring.create(ring_name, 1024)
+    ring.write(np.ones(10, dtype=np.int16))
+    ring.read(10)  # the eventfd still holds the wake-up of that write
+    threading.Timer(0.1, lambda: ring.write(np.ones(5, dtype=np.int16))).start()
+    assert ring.wait_readable(5.0) and ring.read_available == 5
+    ring.unlink()
