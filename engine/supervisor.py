@@ -231,9 +231,12 @@ class Supervisor:
 
     # ------------------------------------------------------------ main loop
     def _on_message(self, topic: str, body: dict[str, Any]) -> None:
-        if self.log_file is not None:
+        """Log every bus event of the session; track what the status reports."""
+        if self.log_file is not None and not topic.startswith("_join."):
             self.log_file.write(json.dumps({"topic": topic, "wall": body.get("ts"), "mono_ns": body.get("mono_ns"),
                                             "body": body}, default=str) + "\n")
+        if topic.startswith("_join."):
+            return
         if topic == "engine.status" and body.get("state") == "connected":
             self.session_id = body.get("session_id")
             if not self.connected:
@@ -260,8 +263,7 @@ class Supervisor:
             while not self.stopping and self.fatal is None:
                 msg = self.sub.recv(timeout_ms=100)
                 while msg is not None:
-                    if msg[0] != "engine.status" or msg[1].get("pub", "").startswith(("realtime", "playback", "capture")):
-                        self._on_message(*msg)
+                    self._on_message(*msg)
                     msg = self.sub.recv(timeout_ms=0)
                 self._reap()
                 now = time.monotonic()

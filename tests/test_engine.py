@@ -227,3 +227,24 @@ def test_missing_device_lists_the_devices(vaudio: dict[str, str], runtime_dir: P
     assert out.returncode != 0
     assert "no-such-mic" in out.stdout and "vmic" in out.stdout
     assert not list(Path("/dev/shm").glob("realtalk-*-mic"))
+
+
+def test_event_log_reads_back_as_events_csv_and_json(start_engine: Any) -> None:
+    from engine import EventLog
+    eng = start_engine("--text-only")
+    sub = Subscriber(eng.conn["subscribe"], ["model.text.done"])
+    assert say(eng.conn, "log me")["ok"]
+    wait_topic(sub, "model.text.done")
+    session_dir = Path(eng.conn["session_dir"])
+    eng.stop()
+    log = EventLog(session_dir)
+    events = list(log)
+    topics = [e.topic for e in events]
+    assert "engine.status" in topics and "cmd.say" in topics and "server.response.done" in topics
+    assert all(e.wall and e.mono_ns for e in events)
+    texts = [e.body["text"] for e in log.filter("model.text.done")]
+    assert texts == ["You said: log me."]
+    csv_out = eng.cli("log", str(session_dir), "--type", "model.text.done", "--csv").stdout.splitlines()
+    assert csv_out[0] == "wall,mono_ns,topic,publisher,text" and "You said: log me." in csv_out[1]
+    json_out = [json.loads(l) for l in eng.cli("log", str(session_dir), "--json").stdout.splitlines()]
+    assert len(json_out) == len(events)
