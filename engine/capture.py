@@ -11,9 +11,7 @@ available, and falls back to half-duplex otherwise; ``off`` passes the mic throu
 """
 from __future__ import annotations
 
-import json
 import os
-import signal
 import sys
 import threading
 import time
@@ -23,6 +21,8 @@ from typing import Any
 import numpy as np
 
 from bus import Publisher
+from engine import child
+from engine.child import run_reporting, stop_on_signals
 from engine.codec import resample
 from engine.ring import Ring
 
@@ -138,24 +138,11 @@ class CaptureProcess:
             pa.terminate()
 
     def run(self) -> int:
-        signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
-        signal.signal(signal.SIGINT, lambda *_: self.stop.set())
-        try:
-            if isinstance(self.mic, str) and self.mic.lower().endswith(".wav"):
-                self.run_wav(self.mic)
-            else:
-                self.run_pyaudio()
-        except Exception as exc:
-            self.pub.publish("engine.error", {"source": "capture", "code": "device", "fatal": True, "message": str(exc)})
-            time.sleep(0.2)
-            return 3
-        return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    return CaptureProcess(json.loads(open(args[0]).read())).run()
+        stop_on_signals(self.stop)
+        if isinstance(self.mic, str) and self.mic.lower().endswith(".wav"):
+            return run_reporting(self.pub, "capture", lambda: self.run_wav(self.mic))
+        return run_reporting(self.pub, "capture", self.run_pyaudio)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(child.main(CaptureProcess))

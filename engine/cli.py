@@ -170,7 +170,7 @@ def _publish_with_ack(topic: str, payload: dict[str, Any], timeout_s: float = 10
 
 def cmd_say(args: argparse.Namespace) -> int:
     role = "system" if args.system else "user"
-    respond = not args.no_respond and role == "user" if not args.respond else True
+    respond = args.respond or (role == "user" and not args.no_respond)
     ack = _publish_with_ack("cmd.say", {"text": args.text, "role": role, "respond": respond})
     if not ack.get("ok"):
         print(f"engine say: refused: {ack.get('error')}", file=sys.stderr)

@@ -11,9 +11,7 @@ Backends: a PyAudio callback stream at the device's rate (soxr resampling from
 """
 from __future__ import annotations
 
-import json
 import os
-import signal
 import sys
 import threading
 import time
@@ -23,6 +21,8 @@ from typing import Any
 import numpy as np
 
 from bus import Publisher
+from engine import child
+from engine.child import run_reporting, stop_on_signals
 from engine.ring import Ring
 
 RATE_HZ = 24000
@@ -228,33 +228,24 @@ class PlaybackProcess:
             pa.terminate()
 
     def run(self) -> int:
-        signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
-        signal.signal(signal.SIGINT, lambda *_: self.stop.set())
+        stop_on_signals(self.stop)
         target = self.speaker
         try:
             if target is None or target == "null":
-                self.run_null()
-            elif isinstance(target, str) and target.lower().endswith(".wav"):
-                with wave.open(target, "wb") as wav:
-                    wav.setnchannels(1)
-                    wav.setsampwidth(2)
-                    wav.setframerate(RATE_HZ)
-                    self.run_null(wav)
-            else:
-                self.run_pyaudio()
-        except Exception as exc:
-            self.pub.publish("engine.error", {"source": "playback", "code": "device", "fatal": True, "message": str(exc)})
-            time.sleep(0.2)
-            return 3
+                return run_reporting(self.pub, "playback", self.run_null)
+            if isinstance(target, str) and target.lower().endswith(".wav"):
+                return run_reporting(self.pub, "playback", lambda: self._run_wav(target))
+            return run_reporting(self.pub, "playback", self.run_pyaudio)
         finally:
             self.publish_events()
-        return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    return PlaybackProcess(json.loads(open(args[0]).read())).run()
+    def _run_wav(self, path: str) -> None:
+        with wave.open(path, "wb") as wav:
+            wav.setnchannels(1)
+            wav.setsampwidth(2)
+            wav.setframerate(RATE_HZ)
+            self.run_null(wav)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(child.main(PlaybackProcess))

@@ -1,7 +1,6 @@
 """config.yaml checks and the price table."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest

@@ -9,7 +9,6 @@ import sys
 import threading
 import time
 import uuid
-import wave
 from pathlib import Path
 from typing import Any
 
@@ -144,7 +143,7 @@ def test_node_client_receives_model_text_and_injects_a_message(start_engine: Any
     node = shutil.which("node")
     if node is None or not (REPO / "clients" / "node" / "node_modules" / "zeromq").exists():
         pytest.fail("node and clients/node/node_modules are needed: run bash tools/setup-system.sh")
-    eng = start_engine("--text-only")
+    start_engine("--text-only")
     out = subprocess.run([node, str(REPO / "clients" / "node" / "example.js"), "Hello from Node"], capture_output=True,
                          text=True, timeout=60, env=os.environ.copy())
     assert out.returncode == 0, out.stderr

@@ -6,7 +6,6 @@ import json
 import time
 from typing import Any
 
-import numpy as np
 import pytest
 
 from tests.helpers import chunks_b64, read_wav

@@ -11,16 +11,16 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import sys
 import threading
 import time
 from typing import Any
 
 import websocket
-import zmq
 
 from bus import Publisher, Subscriber
+from engine import child
+from engine.child import stop_on_signals
 from engine.realtime.protocol import EndOfAudio, Flush, Play, Publish, RealtimeProtocol, Send
 from engine.ring import Ring
 
@@ -50,8 +50,6 @@ class RealtimeProcess:
         self.stop = threading.Event()
         self.connected = threading.Event()
         self.main_pub = Publisher(self.pub_endpoint, f"realtime:{os.getpid()}")
-        self.mic_frames_sent = 0
-        self.speaker_overruns_seen = 0
 
     # -------------------------------------------------------------- actions
     def apply(self, actions: list[Any], pub: Publisher) -> None:
@@ -170,7 +168,6 @@ class RealtimeProcess:
             return
         import numpy as np
         buf = np.empty(MIC_CHUNK_MAX_FRAMES, dtype=np.int16)
-        ws_pub = Publisher(self.pub_endpoint, f"realtime-mic:{os.getpid()}")
         while not self.stop.is_set():
             if not self.mic.wait_readable(0.2):
                 continue
@@ -184,15 +181,12 @@ class RealtimeProcess:
             try:
                 if ws is not None:
                     ws.send('{"type":"input_audio_buffer.append","audio":"' + payload + '"}')
-                    self.mic_frames_sent += n
             except (websocket.WebSocketException, OSError):
                 pass  # the reader notices the broken socket and reconnects
-        ws_pub.close()
 
     # -------------------------------------------------------------- main loop
     def run(self) -> int:
-        signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
-        signal.signal(signal.SIGINT, lambda *_: self.stop.set())
+        stop_on_signals(self.stop)
         sub = Subscriber(self.sub_endpoint, ["cmd.", "engine.presence.gone"])
         self.main_pub.join(self.sub_endpoint)
         if not self.connect():
@@ -230,12 +224,5 @@ class RealtimeProcess:
         return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m engine.realtime.process SPEC.json``"""
-    args = sys.argv[1:] if argv is None else argv
-    spec = json.loads(open(args[0]).read())
-    return RealtimeProcess(spec).run()
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(child.main(RealtimeProcess))

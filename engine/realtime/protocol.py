@@ -11,11 +11,12 @@ received, so the server never sees an ``audio_end_ms`` longer than the item.
 from __future__ import annotations
 
 import base64
+import json
 import secrets
 import string
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from engine.cost import response_cost_usd, transcription_cost_usd
@@ -130,7 +131,6 @@ class RealtimeProtocol:
         self.budget_warned = False
         self.malformed_commands = 0
         self.errors = 0
-        self.user_transcripts: dict[str, str] = {}
         self.model_transcripts: dict[str, str] = {}
         self.history: list[tuple[str, str]] = []           #: (role, text) for re-seeding after a reconnect
         self.tools: dict[str, ToolSpec] = {}
@@ -138,7 +138,6 @@ class RealtimeProtocol:
         self.speech_started_at: float | None = None
         self.pending_barge_in = False
         self.protocol_refused = False
-        self.turn_marks: dict[str, float] = {}
         self._carry = b""                                  #: half a sample left over from the last delta
         self.requested_for: str | None = None              #: request id of the response.create in flight
         self.response_requests: dict[str, str] = {}        #: response id -> the request that asked for it
@@ -221,7 +220,6 @@ class RealtimeProtocol:
             self.response_requests[resp["id"]] = self.requested_for
             self.requested_for = None
         self.response_requested = False
-        self.turn_marks["response_created"] = self.clock()
         return []
 
     def _on_response_output_item_added(self, ev: dict[str, Any]) -> list[Action]:
@@ -248,7 +246,6 @@ class RealtimeProtocol:
         if played is None:
             played = self.items[item_id] = PlayedItem(item_id, rid, self.frames_written)
             self.current_item = played
-            self.turn_marks["first_delta"] = self.clock()
         played.frames += len(pcm) // 2
         self.frames_written += len(pcm) // 2
         return [Play(pcm)]
@@ -353,7 +350,6 @@ class RealtimeProtocol:
 
     def _on_conversation_item_input_audio_transcription_completed(self, ev: dict[str, Any]) -> list[Action]:
         text = ev.get("transcript", "")
-        self.user_transcripts[ev["item_id"]] = text
         self.history.append(("user", text))
         tr = ((self.session or {}).get("audio") or {}).get("input", {}).get("transcription") or {}
         usd = transcription_cost_usd(tr.get("model", ""), ev.get("usage"))
@@ -380,7 +376,6 @@ class RealtimeProtocol:
 
     def _on_input_audio_buffer_speech_stopped(self, ev: dict[str, Any]) -> list[Action]:
         self.pending_barge_in = False
-        self.turn_marks["speech_stopped"] = self.clock()
         return [Publish("user.speech.stopped", {"item_id": ev.get("item_id"), "audio_end_ms": ev.get("audio_end_ms")})]
 
     def _on_conversation_item_truncated(self, ev: dict[str, Any]) -> list[Action]:
@@ -543,7 +538,6 @@ class RealtimeProtocol:
         if call_id not in self.tool_calls:
             return []  # first result wins; late or duplicate results are ignored
         if not isinstance(output, str):
-            import json
             output = json.dumps(output)
         del self.tool_calls[call_id]
         return self._tool_output(call_id, output)

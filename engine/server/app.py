@@ -11,14 +11,11 @@ import json
 import logging
 import signal
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import numpy as np
 from websockets.asyncio.server import ServerConnection, serve
-from websockets.datastructures import Headers
 from websockets.http11 import Request, Response as HttpResponse
 
 from engine.server.faults import MAX_SESSION_REASON, Faults

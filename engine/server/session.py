@@ -608,7 +608,9 @@ class ServerSession:
     def _usage(self, resp: Response) -> dict[str, Any]:
         """Usage counted as OpenAI documents it; the conversation is re-billed as input each time."""
         src = resp.input_items if resp.input_items is not None else [it for it in self.items if it is not resp.item]
-        text_in = text_tokens(self.session["instructions"]) + text_tokens(json.dumps(self.session["tools"])) if self.session["tools"] else text_tokens(self.session["instructions"])
+        text_in = text_tokens(self.session["instructions"])
+        if self.session["tools"]:
+            text_in += text_tokens(json.dumps(self.session["tools"]))
         audio_in = 0
         for it in src:
             d = it.data

@@ -1,0 +1,40 @@
+"""What every child process of the supervisor shares: its spec file, stop signals, and
+how a failure to open its device is reported (a fatal ``engine.error`` and exit code 3)."""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from bus import Publisher
+
+DEVICE_FAILED = 3
+
+
+def stop_on_signals(stop: threading.Event) -> None:
+    """SIGTERM and SIGINT only set ``stop``; the process's own loop winds down."""
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+
+def run_reporting(pub: Publisher, source: str, body: Callable[[], None]) -> int:
+    """Run ``body``; an exception becomes a fatal ``engine.error`` from ``source`` and exit code 3."""
+    try:
+        body()
+    except Exception as exc:
+        pub.publish("engine.error", {"source": source, "code": "device", "fatal": True, "message": str(exc)})
+        time.sleep(0.2)  # let the message leave before the process exits
+        return DEVICE_FAILED
+    return 0
+
+
+def main(process_class: Callable[[dict[str, Any]], Any]) -> int:
+    """``python -m engine.<process> SPEC.json``: build the process from its spec and run it."""
+    if len(sys.argv) != 2:
+        print(f"usage: python -m {process_class.__module__} SPEC.json", file=sys.stderr)
+        return 2
+    return process_class(json.loads(Path(sys.argv[1]).read_text())).run()
