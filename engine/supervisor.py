@@ -331,7 +331,11 @@ class Supervisor:
                 path.unlink()
         except (FileNotFoundError, ValueError):
             pass
-        for closer in (getattr(self, "sub", None), getattr(self, "pub", None), self.log_file):
+        sub = getattr(self, "sub", None)
+        if sub is not None:  # log what already arrived before closing the log
+            while (msg := sub.recv(timeout_ms=0)) is not None:
+                self._on_message(*msg)
+        for closer in (sub, getattr(self, "pub", None), self.log_file):
             if closer is not None:
                 closer.close()
         self.out.write(f"realtalk: stopped. Session cost ${self.cost_usd:.4f}; event log {self.session_dir / 'events.jsonl'}\n")

@@ -231,9 +231,9 @@ def test_missing_device_lists_the_devices(vaudio: dict[str, str], runtime_dir: P
 def test_event_log_reads_back_as_events_csv_and_json(start_engine: Any) -> None:
     from engine import EventLog
     eng = start_engine("--text-only")
-    sub = Subscriber(eng.conn["subscribe"], ["model.text.done"])
+    sub = Subscriber(eng.conn["subscribe"], ["response.done"])
     assert say(eng.conn, "log me")["ok"]
-    wait_topic(sub, "model.text.done")
+    wait_topic(sub, "response.done")  # the last event of the turn
     session_dir = Path(eng.conn["session_dir"])
     eng.stop()
     log = EventLog(session_dir)
