@@ -54,7 +54,8 @@ def test_ga_trace_replays(name: str) -> None:
     deltas = "".join(e["delta"] for e in events if e["type"] == "response.output_audio_transcript.delta")
     assert "".join(p["text"] for p in published(acts, "model.transcript.delta")) == deltas
     want_user = [e["transcript"] for e in events if e["type"].endswith("input_audio_transcription.completed")]
-    assert [p["text"] for p in published(acts, "user.transcript.done")] == want_user
+    assert sorted(p["text"] for p in published(acts, "user.transcript.done")) == sorted(want_user)
+    assert_turn_order(acts, events)
     # cost: the sum of every response's usage at the model's prices
     model = next((e["session"]["model"] for e in events if e["type"] == "session.created"), "gpt-realtime")
     tr_model = next((((e["session"]["audio"]["input"].get("transcription")) or {}).get("model", "")
@@ -71,6 +72,52 @@ def test_ga_trace_replays(name: str) -> None:
     import base64
     want_pcm = b"".join(base64.b64decode(e["delta"]) for e in events if e["type"] == "response.output_audio.delta")
     assert len(pcm) == len(want_pcm) // 2 * 2
+
+
+def assert_turn_order(acts: list[Any], events: list[dict[str, Any]]) -> None:
+    """Each user turn's transcript is on the bus before the words of the responses that follow it."""
+    transcribed = {e["item_id"] for e in events if e["type"].endswith("input_audio_transcription.completed")}
+    committed: list[str] = []
+    follows: dict[str, set[str]] = {}  # response id -> user items committed before it
+    for e in events:
+        if e["type"] == "input_audio_buffer.committed" and e["item_id"] in transcribed:
+            committed.append(e["item_id"])
+        elif e["type"] == "response.created":
+            follows[e["response"]["id"]] = set(committed)
+    seen_user: set[str] = set()
+    for a in acts:
+        if not isinstance(a, Publish):
+            continue
+        if a.topic == "user.transcript.done":
+            seen_user.add(a.payload["item_id"])
+        elif a.topic.startswith(("model.transcript.", "model.text.")):
+            missing = follows.get(a.payload.get("response_id"), set()) - seen_user
+            assert not missing, f"{a.topic} of {a.payload['response_id']} before the user transcript of {missing}"
+
+
+def test_trace_with_late_user_transcripts_reads_in_turn_order() -> None:
+    """Trace 08: the API finishes transcribing turn 1 after the reply to it; the bus says user, model, user, model."""
+    _, acts, _ = replay("08-ga-barge-in-cancel-truncate.jsonl")
+    order = [a.topic for a in acts if isinstance(a, Publish) and a.topic in ("user.transcript.done", "model.transcript.done")]
+    assert order == ["user.transcript.done", "model.transcript.done"] * 2
+
+
+def test_model_words_are_released_when_a_user_transcript_never_comes() -> None:
+    now = {"t": 0.0}
+    proto = RealtimeProtocol("gpt-realtime", {}, heard_index=lambda: 1 << 62, clock=lambda: now["t"])
+    proto.on_server_event({"type": "session.updated", "session": {"audio": {"input": {
+        "transcription": {"model": "whisper-1"}}}}})
+    proto.on_server_event({"type": "input_audio_buffer.committed", "item_id": "u1"})
+    _audio_turn(proto)
+    held = proto.on_server_event({"type": "response.output_audio_transcript.done", "response_id": "resp_1",
+                                  "item_id": "item_a", "transcript": "one two three four"})
+    assert published(held, "model.transcript.done") == []
+    assert published(proto.on_tick(), "model.transcript.done") == []
+    now["t"] = 3.5
+    late = proto.on_tick()
+    assert [p["text"] for p in published(late, "model.transcript.done")] == ["one two three four"]
+    assert published(late, "model.transcript.delta")  # the deltas too, in their order
+    assert proto.transcripts_late == 1
 
 
 @pytest.mark.parametrize("name", BETA_TRACES)

@@ -32,6 +32,10 @@ BETA_ONLY_EVENTS = {
 }
 #: errors that are benign races; reported, never fatal
 BENIGN_ERRORS = {"response_cancel_not_active"}
+#: how long the model's words wait for the transcript of the user turn they answer
+USER_TRANSCRIPT_WAIT_S = 3.0
+#: topics held back until the user turn they answer has its transcript
+MODEL_WORD_TOPICS = ("model.text.", "model.transcript.")
 
 
 def new_id(prefix: str) -> str:
@@ -141,6 +145,11 @@ class RealtimeProtocol:
         self._carry = b""                                  #: half a sample left over from the last delta
         self.requested_for: str | None = None              #: request id of the response.create in flight
         self.response_requests: dict[str, str] = {}        #: response id -> the request that asked for it
+        # per-turn order: user transcripts come asynchronously, often after the reply has started
+        self.user_transcripts_due: dict[str, float] = {}   #: user audio item id -> give-up time
+        self.response_waits_for: dict[str, set[str]] = {}  #: response id -> user items whose transcript is due
+        self.held: dict[str, list[Action]] = {}            #: response id -> model words held back
+        self.transcripts_late = 0                          #: user transcripts given up on (words released)
 
     # ------------------------------------------------------------ connection
     def on_connected(self, reconnect: bool = False) -> list[Action]:
@@ -182,7 +191,44 @@ class RealtimeProtocol:
         handler = getattr(self, "_on_" + etype.replace(".", "_"), None)
         if handler is not None:
             acts.extend(handler(ev))
-        return acts
+        return self._in_turn_order(acts)
+
+    # ------------------------------------------------------------ per-turn transcript order
+    def _in_turn_order(self, acts: list[Action]) -> list[Action]:
+        """Hold the model's words of a response until the user turn it answers has its transcript.
+
+        The API sends ``conversation.item.input_audio_transcription.completed`` whenever the
+        transcription finishes, often after the reply has begun; subscribers reading the bus as a
+        conversation want "user said X" before "model said Y".
+        """
+        if not self.response_waits_for:
+            return acts
+        out: list[Action] = []
+        for act in acts:
+            if isinstance(act, Publish) and act.topic.startswith(MODEL_WORD_TOPICS):
+                rid = act.payload.get("response_id")
+                if rid in self.response_waits_for:
+                    self.held.setdefault(rid, []).append(act)
+                    continue
+            out.append(act)
+        return out
+
+    def _user_transcript_arrived(self, item_id: str) -> list[Action]:
+        """Forget ``item_id``'s due transcript; release the responses no longer waiting."""
+        self.user_transcripts_due.pop(item_id, None)
+        released: list[Action] = []
+        for rid, items in list(self.response_waits_for.items()):
+            items.discard(item_id)
+            if not items:
+                del self.response_waits_for[rid]
+                released.extend(self.held.pop(rid, []))
+        return released
+
+    def _on_input_audio_buffer_committed(self, ev: dict[str, Any]) -> list[Action]:
+        input_cfg = ((self.session or {}).get("audio") or {}).get("input") or {}
+        if input_cfg.get("transcription") and ev.get("item_id"):
+            self.user_transcripts_due[ev["item_id"]] = self.clock() + USER_TRANSCRIPT_WAIT_S
+        return []
 
     def _on_session_created(self, ev: dict[str, Any]) -> list[Action]:
         self.session_id = ev["session"].get("id")
@@ -220,6 +266,8 @@ class RealtimeProtocol:
             self.response_requests[resp["id"]] = self.requested_for
             self.requested_for = None
         self.response_requested = False
+        if self.user_transcripts_due:
+            self.response_waits_for[resp["id"]] = set(self.user_transcripts_due)
         return []
 
     def _on_response_output_item_added(self, ev: dict[str, Any]) -> list[Action]:
@@ -355,13 +403,15 @@ class RealtimeProtocol:
         usd = transcription_cost_usd(tr.get("model", ""), ev.get("usage"))
         self.cost_transcription_usd += usd
         return [Publish("user.transcript.done", {"text": text, "item_id": ev["item_id"], "usd": usd}),
+                *self._user_transcript_arrived(ev["item_id"]),
                 Publish("cost.session", {"usd": self.total_usd(), "responses_usd": self.cost_session_usd,
                                          "transcription_usd": self.cost_transcription_usd})]
 
     def _on_conversation_item_input_audio_transcription_failed(self, ev: dict[str, Any]) -> list[Action]:
         err = ev.get("error") or {}
         return [Publish("engine.error", {"source": "api", "code": err.get("code"), "benign": True,
-                                         "message": f"transcription of {ev.get('item_id')} failed: {err.get('message')}"})]
+                                         "message": f"transcription of {ev.get('item_id')} failed: {err.get('message')}"}),
+                *self._user_transcript_arrived(ev.get("item_id") or "")]
 
     def _on_input_audio_buffer_speech_started(self, ev: dict[str, Any]) -> list[Action]:
         self.speech_started_at = self.clock()
@@ -431,6 +481,10 @@ class RealtimeProtocol:
 
     # ------------------------------------------------------------ commands from the bus
     def on_command(self, topic: str, body: dict[str, Any]) -> list[Action]:
+        """Apply one bus command (``cmd.*``, ``engine.presence.gone``)."""
+        return self._in_turn_order(self._command(topic, body))
+
+    def _command(self, topic: str, body: dict[str, Any]) -> list[Action]:
         cmd_id = body.get("id")
         if isinstance(cmd_id, str) and cmd_id:
             if cmd_id in self.seen_cmd_ids:
@@ -550,9 +604,13 @@ class RealtimeProtocol:
         return acts
 
     def on_tick(self) -> list[Action]:
-        """Timers: tool-call timeouts, delayed barge-in (min_speech_ms)."""
+        """Timers: tool-call timeouts, delayed barge-in (min_speech_ms), late user transcripts."""
         acts: list[Action] = []
         now = self.clock()
+        for item_id, deadline in list(self.user_transcripts_due.items()):
+            if now >= deadline:
+                self.transcripts_late += 1
+                acts.extend(self._user_transcript_arrived(item_id))
         for call_id, (name, deadline) in list(self.tool_calls.items()):
             if now >= deadline:
                 del self.tool_calls[call_id]
@@ -563,7 +621,7 @@ class RealtimeProtocol:
                 (now - self.speech_started_at) * 1000 >= self.min_speech_ms:
             self.pending_barge_in = False
             acts.extend(self.interrupt(server_cancels=self._server_interrupts(), reason="speech"))
-        return acts
+        return self._in_turn_order(acts)
 
 
 def _strip_audio(ev: dict[str, Any]) -> dict[str, Any]:
