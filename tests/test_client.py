@@ -105,6 +105,38 @@ def test_ask_client_answered_from_another_process(runtime_dir: Path, tmp_path: P
     asyncio.run(main())
 
 
+def test_node_tool_example_answers_the_model(runtime_dir: Path, tmp_path: Path) -> None:
+    """clients/node/tool-example.js registers ask_client; the model's call is answered from Node."""
+    import shutil
+    repo = Path(__file__).resolve().parents[1]
+    node = shutil.which("node")
+    if node is None or not (repo / "clients" / "node" / "node_modules" / "zeromq").exists():
+        pytest.fail("node and clients/node/node_modules are needed: run bash tools/setup-system.sh")
+    from engine import create_session
+    scenario = tmp_path / "ask.yaml"
+    scenario.write_text(ASK_CLIENT_SCENARIO)
+
+    async def main() -> None:
+        session = await create_session({"output_modalities": ["text"]}, {"scenario": str(scenario)})
+        proc = subprocess.Popen([node, str(repo / "clients" / "node" / "tool-example.js")], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
+        try:
+            assert proc.stdout is not None
+            line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)
+            assert line.strip() == "ask_client registered", line
+            reply = await session.user("Where is the collection point for the reservation?")
+            assert reply.text == "The collection point is the Northern Train Station office."
+            line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 10)
+            assert line.strip() == "model asks: Where is the collection point for the reservation?"
+            tools_gone = asyncio.create_task(_wait_tools(session, lambda names: "ask_client" not in names))
+            proc.kill()
+            await asyncio.wait_for(tools_gone, 15)
+        finally:
+            proc.kill()
+            await session.close()
+    asyncio.run(main())
+
+
 async def _next_text(session: Any) -> str:
     async for ev in session.events("model.text.done"):
         return ev.text or ""
