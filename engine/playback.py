@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from bus import Publisher
+from bus import Publisher, Subscriber
 from engine import child
 from engine.child import run_reporting, stop_on_signals
 from engine.ring import Ring
@@ -29,6 +29,7 @@ RATE_HZ = 24000
 FADE_FRAMES = 120            # 5 ms fade over gaps
 FLUSH_FADE_FRAMES = 240      # 10 ms fade on barge-in
 IDLE, PLAYING = 0, 1
+POSITION_EVERY_S = 0.1       # playback.position while an item plays
 
 
 class Renderer:
@@ -77,7 +78,7 @@ class Renderer:
             ring.take_flush()
             self.flushes += 1
             if self.in_stream:
-                self.events.append(("flushed", ring.read_index))
+                self.events.append(("flushed", ring.heard_index))  # what the listener heard before the cut
             self.state, self.in_stream, self.waiting_since = IDLE, False, None
             ring.set_heard(ring.read_index, latency_frames)
             return
@@ -142,17 +143,51 @@ class PlaybackProcess:
         self.pub.join(spec["bus"]["subscribe"])
         self.device_name = str(self.speaker)
         self.callback_errors = 0
+        # which item starts where in the ring (announced by the realtime process on playback.item)
+        self.items_sub = Subscriber(spec["bus"]["subscribe"], ["playback.item"])
+        self.item_starts: list[tuple[int, str, str]] = []   # (start_index, item_id, response_id), ascending
+        self.next_position_at = 0.0
+
+    def _item_at(self, index: int) -> tuple[int, str | None, str | None]:
+        """The item whose audio holds ring ``index`` (the latest one starting at or before it)."""
+        for start, item_id, rid in reversed(self.item_starts):
+            if start <= index:
+                return start, item_id, rid
+        return index, None, None
 
     def publish_events(self) -> None:
+        """Publish what the renderer saw (from the loop thread, never the callback)."""
+        while True:
+            msg = self.items_sub.recv(timeout_ms=0)
+            if msg is None:
+                break
+            body = msg[1]
+            if isinstance(body.get("start_index"), int) and isinstance(body.get("item_id"), str):
+                self.item_starts.append((body["start_index"], body["item_id"], str(body.get("response_id"))))
+                del self.item_starts[:-64]
         r = self.renderer
+        ring = self.ring
         while r.events:
             kind, index = r.events.pop(0)
-            payload: dict[str, Any] = {"index": index, "underrun_frames": self.ring.underrun_frames}
+            start, item_id, rid = self._item_at(index)
+            payload: dict[str, Any] = {"index": index, "item_id": item_id, "response_id": rid,
+                                       "underrun_frames": ring.underrun_frames}
             if kind == "started":
                 payload["first_sample_mono_ns"] = r.first_sample_mono_ns
+                payload["output_latency_ms"] = round(ring.device_latency_frames / (RATE_HZ / 1000), 2)
+            else:
+                payload["played_ms"] = (index - start) // (RATE_HZ // 1000)
             if kind == "underrun":
                 payload["prebuffer_ms"] = r.prebuffer_frames * 1000 // RATE_HZ
             self.pub.publish(f"playback.{kind}", payload)
+        now = time.monotonic()
+        if r.in_stream and now >= self.next_position_at:
+            self.next_position_at = now + POSITION_EVERY_S
+            heard = ring.heard_index
+            start, item_id, rid = self._item_at(heard)
+            if item_id is not None:
+                self.pub.publish("playback.position", {"item_id": item_id, "response_id": rid,
+                                                       "played_ms": max(0, heard - start) // (RATE_HZ // 1000)})
 
     # ------------------------------------------------------------ backends
     def run_null(self, wav: wave.Wave_write | None = None) -> None:

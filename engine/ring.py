@@ -5,7 +5,7 @@ Layout of the shared block (all counters int64, little-endian, each on its own
 
     line 0  magic, capacity_frames, bytes_per_frame, sample_rate          (creator)
     line 1  write_index, overrun_frames, flush_seq, flush_until_index,
-            writes, end_index                                             (producer)
+            writes, end_index, write_mono_ns                              (producer)
     line 2  read_index, underrun_frames, flush_ack_seq, heard_index,
             device_latency_frames, reads                                  (consumer)
     data    capacity_frames * bytes_per_frame bytes, at offset 256
@@ -38,7 +38,7 @@ _MAGIC = 0x52_54_52_49_4E_47_30_31  # "RTRING01"
 _HEADER_BYTES = 256
 # int64 slots
 _CAPACITY, _BPF, _RATE = 1, 2, 3
-_W_INDEX, _OVERRUN, _FLUSH_SEQ, _FLUSH_UNTIL, _WRITES, _END = 8, 9, 10, 11, 12, 13
+_W_INDEX, _OVERRUN, _FLUSH_SEQ, _FLUSH_UNTIL, _WRITES, _END, _W_NS = 8, 9, 10, 11, 12, 13, 14
 _R_INDEX, _UNDERRUN, _FLUSH_ACK, _HEARD, _DEV_LATENCY, _READS = 16, 17, 18, 19, 20, 21
 
 SHM_DIR = Path("/dev/shm")
@@ -189,6 +189,7 @@ class Ring:
             self._data[pos:pos + first] = src[:first]
             if n > first:
                 self._data[:n - first] = src[first:n]
+            hdr[_W_NS] = time.monotonic_ns()
             hdr[_W_INDEX] = w + n
             hdr[_WRITES] += 1
             if self.data_fd is not None:
@@ -197,6 +198,16 @@ class Ring:
                 except BlockingIOError:
                     pass  # counter saturated: the reader is already due to wake
         return n
+
+    @property
+    def write_stamp(self) -> tuple[int, int]:
+        """(write_index, CLOCK_MONOTONIC ns) of the producer's latest write.
+
+        For latency measurement: the two are separate stores, so in the rare sub-microsecond
+        window between them the pair mixes two neighbouring writes.
+        """
+        ns = self._hdr[_W_NS]
+        return self._hdr[_W_INDEX], ns
 
     def mark_end(self) -> None:
         """Say that the frames written so far end a stream (a response's audio is complete)."""

@@ -192,7 +192,8 @@ def test_spoken_turn_through_real_devices(vaudio: dict[str, str], start_engine: 
     scenario.write_text('turns:\n  - match: {turn: 1}\n    reply: "The capital of France is Paris."\n')
     eng = start_engine("--mic", "vmic", "--speaker", "vspk", "--scenario", str(scenario))
     conn = eng.conn
-    sub = Subscriber(conn["subscribe"], ["user.", "model.transcript.done", "response.done", "playback.", "engine.error"])
+    sub = Subscriber(conn["subscribe"], ["user.", "model.transcript.done", "response.done", "playback.", "engine.error",
+                                         "latency."])
     sub.recv(timeout_ms=0)
     rec: dict[str, Any] = {}
     recorder = threading.Thread(target=record_monitor, args=(9.0, rec))
@@ -209,6 +210,19 @@ def test_spoken_turn_through_real_devices(vaudio: dict[str, str], start_engine: 
     recorder.join(20)
     sent = synthesize("The capital of France is Paris.", "marin", 1.0)
     assert stopped["index"] >= len(sent)  # every frame the server sent reached the device
+    # per item: started, positions that grow, stopped with the whole item played
+    started = next(b for t, b in seen if t == "playback.started")
+    item_id = started["item_id"]
+    assert item_id and item_id.startswith("item_") and stopped["item_id"] == item_id
+    assert stopped["played_ms"] == len(sent) // 24
+    positions = [b["played_ms"] for t, b in seen if t == "playback.position" and b["item_id"] == item_id]
+    assert len(positions) >= 5 and positions == sorted(positions) and positions[-1] <= stopped["played_ms"]
+    # latency per turn, from the user's speech end to the first sample at the device
+    turn = next((b for t, b in seen if t == "latency.turn"), None) or wait_topic(sub, "latency.turn", timeout=10)
+    assert turn["item_id"] == item_id and turn["trigger"] == "speech"
+    assert 0 < turn["to_first_delta_ms"] < turn["to_device_ms"] < 3000
+    assert turn["first_delta_to_device_ms"] >= 50  # the 60 ms prebuffer, less one device period at most
+    assert turn["output_latency_ms"] > 0 and turn["deltas"] > 1
     # every quarter second of what the server sent is found in what the speaker played
     # (piecewise, so that a rebuffering gap on a loaded machine does not hide the match)
     piece = 6000

@@ -9,12 +9,16 @@ each thread has its own bus publisher (ZeroMQ sockets are single-threaded).
 from __future__ import annotations
 
 import base64
+import bisect
 import json
 import os
 import sys
 import threading
 import time
+from collections import deque
 from typing import Any
+
+import numpy as np
 
 import websocket
 
@@ -27,6 +31,43 @@ from engine.ring import Ring
 MIC_CHUNK_MIN_FRAMES = 480      # 20 ms
 MIC_CHUNK_MAX_FRAMES = 960      # 40 ms
 RECONNECT_DELAYS_S = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
+FRAMES_PER_MS = 24
+MIC_LATENCY_REPORT_S = 5.0
+
+
+class InputClock:
+    """Maps the server's input-buffer milliseconds (``audio_end_ms``) to local monotonic time.
+
+    The mic sender records, per chunk, how many frames had been appended in total and when
+    the chunk's last frame was captured (the mic ring's write stamp). Thread-safe enough:
+    one writer (the sender), readers take a snapshot under the GIL.
+    """
+
+    def __init__(self, chunks: int = 4096) -> None:
+        self.ends_frames: deque[int] = deque(maxlen=chunks)
+        self.captured_at: deque[float] = deque(maxlen=chunks)
+        self.sent_frames = 0
+
+    def appended(self, frames: int, captured_at: float) -> None:
+        self.sent_frames += frames
+        self.ends_frames.append(self.sent_frames)
+        self.captured_at.append(captured_at)
+
+    def reset(self) -> None:
+        """A new API session counts its input buffer from zero."""
+        self.ends_frames.clear()
+        self.captured_at.clear()
+        self.sent_frames = 0
+
+    def time_of(self, audio_ms: int) -> float | None:
+        ends, times = list(self.ends_frames), list(self.captured_at)
+        if not ends:
+            return None
+        frame = audio_ms * FRAMES_PER_MS
+        i = bisect.bisect_left(ends, frame)
+        if i >= len(ends):
+            return times[-1] + (frame - ends[-1]) / 24000
+        return times[i] - (ends[i] - frame) / 24000
 
 
 class RealtimeProcess:
@@ -41,7 +82,11 @@ class RealtimeProcess:
         self.lock = threading.Lock()
         cfg = spec["config"]
         heard = (lambda: self.speaker.heard_index) if self.speaker else (lambda: 1 << 62)
+        self.input_clock = InputClock()
+        self.mic_latency_us = np.zeros(4096, dtype=np.float64)  #: capture -> on the socket, per chunk (ring)
+        self.mic_latency_count = 0
         self.proto = RealtimeProtocol(cfg["model"], spec["session"], heard_index=heard,
+                                      input_time=self.input_clock.time_of,
                                       start_index=self.speaker.write_index if self.speaker else 0,
                                       barge_in=cfg["barge_in"]["enabled"],
                                       min_speech_ms=cfg["barge_in"]["min_speech_ms"],
@@ -102,6 +147,7 @@ class RealtimeProcess:
                 if not self._reconnect(pub):
                     return
                 reconnect = True
+            self.input_clock.reset()
             with self.lock:
                 acts = self.proto.on_connected(reconnect=reconnect)
             self.apply(acts, pub)
@@ -166,28 +212,45 @@ class RealtimeProcess:
     def mic_sender(self) -> None:
         if self.mic is None:
             return
-        import numpy as np
         buf = np.empty(MIC_CHUNK_MAX_FRAMES, dtype=np.int16)
+        mic = self.mic
         while not self.stop.is_set():
-            if not self.mic.wait_readable(0.2):
+            if not mic.wait_readable(0.2):
                 continue
-            n = self.mic.read_into(buf)
+            stamp_index, stamp_ns = mic.write_stamp
+            n = mic.read_into(buf)
             if n == 0:
                 continue
             if not self.connected.is_set():
-                continue  # drop mic audio while the socket is down (counted below)
+                continue  # drop mic audio while the socket is down
+            # capture time of the chunk's last frame, from the producer's stamp of its latest write
+            last_index = mic.read_index
+            captured_ns = stamp_ns - (stamp_index - last_index) * 1_000_000_000 // 24000
             payload = base64.b64encode(buf[:n].tobytes()).decode("ascii")
             ws = self.ws
             try:
                 if ws is not None:
                     ws.send('{"type":"input_audio_buffer.append","audio":"' + payload + '"}')
             except (websocket.WebSocketException, OSError):
-                pass  # the reader notices the broken socket and reconnects
+                continue  # the reader notices the broken socket and reconnects
+            sent_ns = time.monotonic_ns()
+            self.input_clock.appended(n, captured_ns / 1e9)
+            self.mic_latency_us[self.mic_latency_count % len(self.mic_latency_us)] = (sent_ns - captured_ns) / 1000
+            self.mic_latency_count += 1
+
+    def mic_latency_report(self) -> dict[str, Any] | None:
+        """p50/p99/max of capture -> socket over the recent chunks (engine-added mic latency)."""
+        n = min(self.mic_latency_count, len(self.mic_latency_us))
+        if n == 0:
+            return None
+        lat = self.mic_latency_us[:n]
+        return {"chunks": self.mic_latency_count, "p50_ms": round(float(np.percentile(lat, 50)) / 1000, 3),
+                "p99_ms": round(float(np.percentile(lat, 99)) / 1000, 3), "max_ms": round(float(lat.max()) / 1000, 3)}
 
     # -------------------------------------------------------------- main loop
     def run(self) -> int:
         stop_on_signals(self.stop)
-        sub = Subscriber(self.sub_endpoint, ["cmd.", "engine.presence.gone"])
+        sub = Subscriber(self.sub_endpoint, ["cmd.", "engine.presence.gone", "playback.started"])
         self.main_pub.join(self.sub_endpoint)
         if not self.connect():
             if not self._reconnect(self.main_pub):
@@ -197,6 +260,7 @@ class RealtimeProcess:
         for t in threads:
             t.start()
         last_tick = 0.0
+        next_mic_report = time.monotonic() + MIC_LATENCY_REPORT_S
         while not self.stop.is_set():
             msg = sub.recv(timeout_ms=50)
             if msg is not None:
@@ -214,6 +278,11 @@ class RealtimeProcess:
                 with self.lock:
                     acts = self.proto.on_tick()
                 self.apply(acts, self.main_pub)
+                if now >= next_mic_report:
+                    next_mic_report = now + MIC_LATENCY_REPORT_S
+                    report = self.mic_latency_report()
+                    if report is not None:
+                        self.main_pub.publish("latency.mic", report)
         if self.ws is not None:
             try:
                 self.ws.close(timeout=1)

@@ -86,6 +86,55 @@ class PlayedItem:
 
 
 @dataclass
+class TurnTiming:
+    """When one response's milestones happened, in this process's monotonic seconds."""
+    response_id: str
+    speech_end_at: float | None     #: the user's speech ended (server's audio_end_ms mapped to local time)
+    requested_at: float | None      #: we sent the response.create (text turns)
+    first_delta_at: float | None = None
+    last_delta_at: float | None = None
+    deltas: int = 0
+    interval_sum_s: float = 0.0
+    interval_sq_sum_s: float = 0.0
+    interval_max_s: float = 0.0
+    device_at: float | None = None  #: first sample handed to the device (playback's callback)
+    output_latency_ms: float = 0.0
+    audio: bool = False
+    done: bool = False
+    published: bool = False
+
+    def delta_arrived(self, now: float) -> None:
+        if self.last_delta_at is not None:
+            gap = now - self.last_delta_at
+            self.interval_sum_s += gap
+            self.interval_sq_sum_s += gap * gap
+            self.interval_max_s = max(self.interval_max_s, gap)
+        else:
+            self.first_delta_at = now
+        self.last_delta_at = now
+        self.deltas += 1
+
+    def report(self, item_id: str | None) -> dict[str, Any]:
+        def ms(a: float | None, b: float | None) -> float | None:
+            return None if a is None or b is None else round((b - a) * 1000, 2)
+        n = self.deltas - 1
+        mean = self.interval_sum_s / n if n > 0 else 0.0
+        var = max(0.0, self.interval_sq_sum_s / n - mean * mean) if n > 0 else 0.0
+        start = self.speech_end_at if self.speech_end_at is not None else self.requested_at
+        return {"response_id": self.response_id, "item_id": item_id,
+                "trigger": "speech" if self.speech_end_at is not None else "request",
+                "to_first_delta_ms": ms(start, self.first_delta_at),
+                "first_delta_to_device_ms": ms(self.first_delta_at, self.device_at),
+                "to_device_ms": ms(start, self.device_at),
+                "output_latency_ms": self.output_latency_ms if self.audio else None,
+                "to_speaker_ms": (None if ms(start, self.device_at) is None
+                                  else round(ms(start, self.device_at) + self.output_latency_ms, 2)),  # type: ignore[operator]
+                "deltas": self.deltas, "delta_interval_ms_mean": round(mean * 1000, 2),
+                "delta_interval_ms_std": round(var ** 0.5 * 1000, 2),
+                "delta_interval_ms_max": round(self.interval_max_s * 1000, 2)}
+
+
+@dataclass
 class SayRequest:
     id: str
     text: str
@@ -108,8 +157,10 @@ class RealtimeProtocol:
 
     def __init__(self, model: str, session_config: dict[str, Any], *, heard_index: Callable[[], int] = lambda: 0,
                  start_index: int = 0, barge_in: bool = True, min_speech_ms: int = 0,
-                 budget_usd: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 budget_usd: float | None = None, clock: Callable[[], float] = time.monotonic,
+                 input_time: Callable[[int], float | None] = lambda audio_ms: None) -> None:
         self.model = model
+        self.input_time = input_time  #: input-buffer ms (as the server counts them) -> local monotonic s
         self.session_config = session_config
         self.heard_index = heard_index
         self.frames_written = start_index
@@ -150,6 +201,10 @@ class RealtimeProtocol:
         self.response_waits_for: dict[str, set[str]] = {}  #: response id -> user items whose transcript is due
         self.held: dict[str, list[Action]] = {}            #: response id -> model words held back
         self.transcripts_late = 0                          #: user transcripts given up on (words released)
+        # latency per turn
+        self.speech_end_at: float | None = None            #: the user's latest speech end, not yet answered
+        self.requested_at: float | None = None             #: our latest response.create, not yet answered
+        self.timings: dict[str, TurnTiming] = {}           #: response id -> its milestones (recent ones)
 
     # ------------------------------------------------------------ connection
     def on_connected(self, reconnect: bool = False) -> list[Action]:
@@ -266,6 +321,10 @@ class RealtimeProtocol:
             self.response_requests[resp["id"]] = self.requested_for
             self.requested_for = None
         self.response_requested = False
+        self.timings[resp["id"]] = TurnTiming(resp["id"], self.speech_end_at, self.requested_at)
+        self.speech_end_at = self.requested_at = None
+        while len(self.timings) > 32:
+            del self.timings[next(iter(self.timings))]
         if self.user_transcripts_due:
             self.response_waits_for[resp["id"]] = set(self.user_transcripts_due)
         return []
@@ -290,18 +349,29 @@ class RealtimeProtocol:
             self._carry = b""
         if len(pcm) % 2:
             self._carry, pcm = pcm[-1:], pcm[:-1]
+        acts: list[Action] = []
+        timing = self.timings.get(rid)
+        if timing is not None:
+            timing.delta_arrived(self.clock())
+            timing.audio = True
         played = self.items.get(item_id)
         if played is None:
             played = self.items[item_id] = PlayedItem(item_id, rid, self.frames_written)
             self.current_item = played
+            acts.append(Publish("playback.item", {"item_id": item_id, "response_id": rid,
+                                                  "start_index": self.frames_written}))
         played.frames += len(pcm) // 2
         self.frames_written += len(pcm) // 2
-        return [Play(pcm)]
+        acts.append(Play(pcm))
+        return acts
 
     def _on_response_output_audio_done(self, ev: dict[str, Any]) -> list[Action]:
         return [EndOfAudio()]
 
     def _on_response_output_text_delta(self, ev: dict[str, Any]) -> list[Action]:
+        timing = self.timings.get(ev["response_id"])
+        if timing is not None:
+            timing.delta_arrived(self.clock())
         return [Publish("model.text.delta", {"text": ev["delta"], "item_id": ev["item_id"], "response_id": ev["response_id"]})]
 
     def _on_response_output_text_done(self, ev: dict[str, Any]) -> list[Action]:
@@ -354,9 +424,38 @@ class RealtimeProtocol:
             Publish("cost.session", {"usd": self.total_usd(), "responses_usd": self.cost_session_usd,
                                      "transcription_usd": self.cost_transcription_usd}),
         ]
+        timing = self.timings.get(rid)
+        if timing is not None:
+            timing.done = True
+            acts.extend(self._turn_latency(timing))
         acts.extend(self._check_budget())
         acts.extend(self._drain())
         return acts
+
+    def _turn_latency(self, timing: TurnTiming) -> list[Action]:
+        """``latency.turn`` once the response is done and its first sample reached the device."""
+        if timing.published or not timing.done or (timing.audio and timing.device_at is None):
+            return []
+        if timing.response_id in self.dropped_responses and timing.device_at is None:
+            return []  # interrupted before it was heard
+        timing.published = True
+        item_id = self.response_item.get(timing.response_id)
+        return [Publish("latency.turn", timing.report(item_id))]
+
+    def _playback_started(self, body: dict[str, Any]) -> list[Action]:
+        """The playback process handed a stream's first sample to the device."""
+        index = body.get("index")
+        if not isinstance(index, int):
+            return []
+        item = max((it for it in self.items.values() if it.start_index <= index),
+                   key=lambda it: it.start_index, default=None)
+        timing = self.timings.get(item.response_id) if item is not None else None
+        if timing is None or timing.device_at is not None:
+            return []
+        ns = body.get("first_sample_mono_ns")
+        timing.device_at = ns / 1e9 if isinstance(ns, int) and ns > 0 else self.clock()
+        timing.output_latency_ms = float(body.get("output_latency_ms") or 0.0)
+        return self._turn_latency(timing)
 
     def total_usd(self) -> float:
         return self.cost_session_usd + self.cost_transcription_usd
@@ -426,6 +525,9 @@ class RealtimeProtocol:
 
     def _on_input_audio_buffer_speech_stopped(self, ev: dict[str, Any]) -> list[Action]:
         self.pending_barge_in = False
+        end_ms = ev.get("audio_end_ms")
+        if isinstance(end_ms, int):
+            self.speech_end_at = self.input_time(end_ms)
         return [Publish("user.speech.stopped", {"item_id": ev.get("item_id"), "audio_end_ms": ev.get("audio_end_ms")})]
 
     def _on_conversation_item_truncated(self, ev: dict[str, Any]) -> list[Action]:
@@ -511,6 +613,8 @@ class RealtimeProtocol:
                 return self._cmd_tool_result(body)
             if topic == "engine.presence.gone":
                 return self._cmd_tool_unregister({"owner": body.get("owner")})
+            if topic == "playback.started":
+                return self._playback_started(body)
             if topic in ("cmd.ack",):
                 return []
             raise ValueError(f"unknown command topic {topic!r} (known: cmd.say, cmd.cancel, cmd.session.update, "
@@ -556,6 +660,7 @@ class RealtimeProtocol:
                 self.awaiting[event_id] = req
                 self.response_requested = True
                 self.requested_for = req.id
+                self.requested_at = self.clock()
                 acts.append(Send({"type": "response.create", "event_id": event_id}))
         return acts
 
