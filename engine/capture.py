@@ -4,10 +4,13 @@ Backends: a PyAudio input callback stream at the device's rate (soxr to 24 kHz),
 WAV file played into the ring in real time, then silence (scripted runs). The callback
 never blocks: a full ring counts overrun frames.
 
-Echo handling (``audio.echo``): ``half_duplex`` writes silence while the model is
-audible (the playback ring still has unheard frames); ``aec`` runs WebRTC's echo
-canceller with what playback actually played as the far-end reference when it is
-available, and falls back to half-duplex otherwise; ``off`` passes the mic through.
+Echo handling (``audio.echo``, see :mod:`engine.echo`): ``aec`` runs WebRTC's echo
+canceller with what playback actually played (the reference ring) as the far end;
+``half_duplex`` writes silence while the model is audible; ``off`` passes the mic
+through. ``auto`` is ``aec`` when the speaker is a device, else ``off``.
+
+Recording (``record``): the mic as captured and the reference, side by side in one
+stereo WAV (:mod:`engine.record`).
 """
 from __future__ import annotations
 
@@ -24,34 +27,12 @@ from bus import Publisher
 from engine import child
 from engine.child import run_reporting, stop_on_signals
 from engine.codec import resample
+from engine.echo import EchoCanceller, EchoGate, FarEnd
+from engine.record import Recorder
 from engine.ring import Ring
 
 RATE_HZ = 24000
-
-
-class EchoGate:
-    """Half-duplex: silence the mic while the speaker ring holds audio not yet heard."""
-
-    def __init__(self, speaker: Ring | None, tail_s: float = 0.25) -> None:
-        self.speaker = speaker
-        self.tail_s = tail_s             # keep muting this long after the ring runs empty (device latency, room)
-        self.muted_frames = 0
-        self._last_audible = -1e9
-
-    def model_audible(self) -> bool:
-        s = self.speaker
-        if s is None:
-            return False
-        now = time.monotonic()
-        if s.read_available > 0:
-            self._last_audible = now
-        return now - self._last_audible < self.tail_s
-
-    def apply(self, pcm: np.ndarray) -> np.ndarray:
-        if self.model_audible():
-            self.muted_frames += len(pcm)
-            return np.zeros_like(pcm)
-        return pcm
+STATS_EVERY_S = 2.0
 
 
 class CaptureProcess:
@@ -62,19 +43,49 @@ class CaptureProcess:
         self.period_ms = cfg["period_ms"]
         self.ring = Ring.attach(spec["mic_ring"])
         speaker = Ring.attach(spec["speaker_ring"]) if spec.get("speaker_ring") else None
+        self.far = FarEnd(Ring.attach(spec["ref_ring"])) if spec.get("ref_ring") else None
         echo = cfg["echo"]
         if echo == "auto":
-            echo = "half_duplex" if speaker is not None and spec.get("speaker_is_device") else "off"
+            echo = "aec" if speaker is not None and spec.get("speaker_is_device") else "off"
+        if echo == "aec" and self.far is None:
+            echo = "half_duplex"  # no reference to cancel with
         self.echo_mode = echo
-        self.gate = EchoGate(speaker) if echo in ("half_duplex", "aec") else None
+        self.aec = EchoCanceller() if echo == "aec" else None
+        self.gate = EchoGate(speaker) if echo == "half_duplex" else None
+        self.recorder = Recorder(spec["record_path"]) if spec.get("record_path") else None
         self.stop = threading.Event()
         self.pub = Publisher(spec["bus"]["publish"], f"capture:{os.getpid()}")
         self.pub.join(spec["bus"]["subscribe"])
+        self.next_stats_at = time.monotonic() + STATS_EVERY_S
 
     def _write(self, pcm: np.ndarray) -> None:
-        if self.gate is not None:
+        """Audio path: mic frames (24 kHz) -> echo handling -> mic ring (and the recording)."""
+        far = self.far.take(len(pcm)) if self.far is not None else None
+        if self.recorder is not None:
+            self.recorder.push(pcm, far if far is not None else np.zeros_like(pcm))
+        if self.aec is not None and far is not None:
+            pcm = self.aec.process(pcm, far)
+        elif self.gate is not None:
             pcm = self.gate.apply(pcm)
         self.ring.write(pcm)
+
+    def housekeeping(self) -> None:
+        """Main-thread chores: write the recording, publish echo statistics."""
+        if self.recorder is not None:
+            self.recorder.drain()
+        now = time.monotonic()
+        if now >= self.next_stats_at:
+            self.next_stats_at = now + STATS_EVERY_S
+            stats: dict[str, Any] = {"mode": self.echo_mode}
+            if self.aec is not None:
+                stats.update(self.aec.stats())
+            if self.far is not None:
+                stats.update(far_missing_frames=self.far.missing_frames, far_skipped_frames=self.far.skipped_frames)
+            if self.gate is not None:
+                stats["muted_frames"] = self.gate.muted_frames
+            if self.recorder is not None:
+                stats["record_dropped_frames"] = self.recorder.dropped_frames
+            self.pub.publish("capture.echo", stats)
 
     def run_wav(self, path: str) -> None:
         with wave.open(path, "rb") as w:
@@ -98,6 +109,7 @@ class CaptureProcess:
             if pos >= len(pcm) and pos - period < len(pcm):
                 self.pub.publish("capture.file_done", {"name": path})
             self._write(chunk)
+            self.housekeeping()
             next_t += self.period_ms / 1000
             delay = next_t - time.monotonic()
             if delay > 0:
@@ -131,6 +143,7 @@ class CaptureProcess:
                                             "echo": self.echo_mode})
         try:
             while not self.stop.is_set() and stream.is_active():
+                self.housekeeping()
                 self.stop.wait(0.1)
         finally:
             stream.stop_stream()
@@ -139,9 +152,13 @@ class CaptureProcess:
 
     def run(self) -> int:
         stop_on_signals(self.stop)
-        if isinstance(self.mic, str) and self.mic.lower().endswith(".wav"):
-            return run_reporting(self.pub, "capture", lambda: self.run_wav(self.mic))
-        return run_reporting(self.pub, "capture", self.run_pyaudio)
+        try:
+            if isinstance(self.mic, str) and self.mic.lower().endswith(".wav"):
+                return run_reporting(self.pub, "capture", lambda: self.run_wav(self.mic))
+            return run_reporting(self.pub, "capture", self.run_pyaudio)
+        finally:
+            if self.recorder is not None:
+                self.recorder.close()
 
 
 if __name__ == "__main__":

@@ -43,8 +43,9 @@ class Renderer:
     """
 
     def __init__(self, ring: Ring, prebuffer_frames: int, max_frames: int = 4800,
-                 max_prebuffer_frames: int = 7200) -> None:
+                 max_prebuffer_frames: int = 7200, ref: Ring | None = None) -> None:
         self.ring = ring
+        self.ref = ref
         self.prebuffer_frames = prebuffer_frames
         self.max_prebuffer_frames = max(prebuffer_frames, max_prebuffer_frames)
         self.state = IDLE
@@ -67,7 +68,12 @@ class Renderer:
         return end > self.stream_start and end >= ring.write_index
 
     def render(self, out: np.ndarray, latency_frames: int, now: float) -> None:
-        """Fill ``out`` completely (silence where there is nothing to play)."""
+        """Fill ``out`` completely (silence where there is nothing to play); copy it to the reference ring."""
+        self._render(out, latency_frames, now)
+        if self.ref is not None:
+            self.ref.write(out)  # a full reference ring (no capture reading it) only counts overruns
+
+    def _render(self, out: np.ndarray, latency_frames: int, now: float) -> None:
         ring = self.ring
         n = len(out)
         heard_base = ring.read_index
@@ -137,7 +143,9 @@ class PlaybackProcess:
         self.speaker = spec.get("speaker_target", cfg["speaker"])
         self.period_ms = cfg["period_ms"]
         self.ring = Ring.attach(spec["speaker_ring"])
-        self.renderer = Renderer(self.ring, cfg["prebuffer_ms"] * RATE_HZ // 1000)
+        # every frame handed to the device also goes to the reference ring (echo canceller, recording)
+        self.ref = Ring.attach(spec["ref_ring"]) if spec.get("ref_ring") else None
+        self.renderer = Renderer(self.ring, cfg["prebuffer_ms"] * RATE_HZ // 1000, ref=self.ref)
         self.stop = threading.Event()
         self.pub = Publisher(spec["bus"]["publish"], f"playback:{os.getpid()}")
         self.pub.join(spec["bus"]["subscribe"])

@@ -32,6 +32,7 @@ from engine.ring import Ring
 
 MIC_RING_FRAMES = 1 << 16        # 2.7 s at 24 kHz
 SPEAKER_RING_FRAMES = 1 << 21    # 87 s: the API sends audio faster than real time
+REF_RING_FRAMES = 1 << 15        # 1.4 s: what playback played, read by capture in step
 GRACE_S = 3.0
 MAX_RESTARTS = 5
 
@@ -78,7 +79,7 @@ class Supervisor:
         self.rings: list[Ring] = []
         self.run_dir = runtime_dir()
         self.session_key = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
-        base = Path(cfg["sessions_dir"]) if cfg["sessions_dir"] else default_sessions_dir()
+        base = Path(cfg["record"] or cfg["sessions_dir"] or default_sessions_dir())
         self.session_dir = base / self.session_key
         self.session_dir.mkdir(parents=True, exist_ok=True)
         self.endpoints = self._endpoints()
@@ -165,6 +166,7 @@ class Supervisor:
         realtime_extra: dict[str, Any] = {"url": url, "headers": headers, "session": session_payload(self.cfg),
                                           "speaker_ring": speaker_ring.name}
         fds: tuple[int, ...] = ()
+        pb_extra: dict[str, Any] = {"speaker_ring": speaker_ring.name, "speaker_target": speaker}
         if mic is not None:
             mic_ring = Ring.create(f"realtalk-{os.getpid()}-mic", MIC_RING_FRAMES)
             self.rings.append(mic_ring)
@@ -172,14 +174,20 @@ class Supervisor:
             os.set_inheritable(mic_ring.data_fd, True)
             fds = (mic_ring.data_fd,)
             realtime_extra.update(mic_ring=mic_ring.name, mic_fd=mic_ring.data_fd)
+            # what playback hands to the device, for the echo canceller and the recording
+            ref_ring = Ring.create(f"realtalk-{os.getpid()}-ref", REF_RING_FRAMES, with_eventfd=False)
+            self.rings.append(ref_ring)
+            pb_extra["ref_ring"] = ref_ring.name
             is_device = not (isinstance(speaker, str) and (speaker == "null" or speaker.lower().endswith(".wav")))
             cap_spec = self._spec("capture", {"mic_ring": mic_ring.name, "mic_fd": mic_ring.data_fd,
                                               "mic_source": mic, "speaker_ring": speaker_ring.name,
-                                              "speaker_is_device": is_device})
+                                              "ref_ring": ref_ring.name, "speaker_is_device": is_device,
+                                              "record_path": str(self.session_dir / "conversation.wav")
+                                              if self.cfg["record"] else None})
             self.children.append(Child("capture", [py, "-m", "engine.capture", cap_spec], pass_fds=fds))
         self.children.append(Child("realtime", [py, "-m", "engine.realtime.process",
                                                 self._spec("realtime", realtime_extra)], pass_fds=fds))
-        pb_spec = self._spec("playback", {"speaker_ring": speaker_ring.name, "speaker_target": speaker})
+        pb_spec = self._spec("playback", pb_extra)
         self.children.append(Child("playback", [py, "-m", "engine.playback", pb_spec]))
         # the supervisor's own bus sockets, connected before anything is published
         self.sub = Subscriber(self.endpoints.subscribe, [""])

@@ -1,0 +1,157 @@
+"""Echo handling in the capture process: what the speaker played must not come back as
+the user's voice.
+
+* :class:`FarEnd` reads the reference ring, which the playback process fills with every
+  frame it hands to the device (silence and truncation included), in step with the mic:
+  n mic frames take n reference frames, zero-padded when playback is behind, and the
+  backlog is cut when playback is ahead (clock drift, start-up), so the delay between
+  reference and echo stays bounded for the canceller's delay estimator.
+* :class:`EchoCanceller` is WebRTC's audio processing module (pywebrtc-audio, AEC3) at
+  48 kHz, fed 10 ms blocks of mic (near end) and reference (far end), in and out at the
+  engine's 24 kHz through soxr. It also measures its echo return loss enhancement (ERLE).
+* :class:`EchoGate` is half-duplex: the mic is silent while the model is audible.
+
+Everything here runs in the audio callback: no logging, no raising, counters only.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from engine.ring import Ring
+
+RATE_HZ = 24000
+AEC_RATE_HZ = 48000
+AEC_BLOCK_FRAMES = AEC_RATE_HZ // 100      # WebRTC processes 10 ms blocks
+FAR_ACTIVE_DBFS = -50.0                    # a reference block louder than this counts for ERLE
+
+
+class FarEnd:
+    """The consumer side of the reference ring, aligned with the mic frame for frame."""
+
+    def __init__(self, ring: Ring, max_backlog_frames: int = RATE_HZ // 10) -> None:
+        self.ring = ring
+        self.max_backlog_frames = max_backlog_frames
+        self.buf = np.zeros(RATE_HZ, dtype=np.int16)   # one second: more than any callback asks for
+        self.missing_frames = 0                        #: reference frames playback had not produced yet
+        self.skipped_frames = 0                        #: reference frames dropped to keep the delay bounded
+
+    def take(self, frames: int) -> np.ndarray:
+        """The ``frames`` reference frames that go with the next ``frames`` mic frames (a view)."""
+        frames = min(frames, len(self.buf))
+        excess = self.ring.read_available - frames - self.max_backlog_frames
+        if excess > 0:
+            self.skipped_frames += self.ring.skip(excess)
+        out = self.buf[:frames]
+        got = self.ring.read_into(out)
+        if got < frames:
+            out[got:] = 0
+            self.missing_frames += frames - got
+        return out
+
+
+class EchoCanceller:
+    """WebRTC AEC3 at 48 kHz behind a 24 kHz interface; ``process`` keeps the stream's length."""
+
+    def __init__(self, stream_delay_ms: int = 0) -> None:
+        import soxr
+        from pywebrtc_audio import EchoCanceller as WebRtcAec
+        self._aec = WebRtcAec(sample_rate=AEC_RATE_HZ, num_channels=1, stream_delay_ms=stream_delay_ms)
+        self._up_near = soxr.ResampleStream(RATE_HZ, AEC_RATE_HZ, 1, dtype="int16")
+        self._up_far = soxr.ResampleStream(RATE_HZ, AEC_RATE_HZ, 1, dtype="int16")
+        self._down = soxr.ResampleStream(AEC_RATE_HZ, RATE_HZ, 1, dtype="int16")
+        self._near = np.zeros(AEC_RATE_HZ, dtype=np.int16)
+        self._far = np.zeros(AEC_RATE_HZ, dtype=np.int16)
+        self._out = np.zeros(AEC_RATE_HZ, dtype=np.int16)
+        self._near_len = self._far_len = 0
+        self._pending_out = np.zeros(0, dtype=np.int16)
+        # ERLE over blocks where the far end is active: 10*log10(sum near^2 / sum out^2)
+        self.near_energy = 0.0
+        self.out_energy = 0.0
+        self.far_active_blocks = 0
+        self.blocks = 0
+        self.errors = 0
+        self.busy_ns = 0
+
+    def process(self, near: np.ndarray, far: np.ndarray) -> np.ndarray:
+        """Cancel ``far``'s echo from ``near`` (both 24 kHz int16, same length)."""
+        t0 = time.perf_counter_ns()
+        try:
+            self._append(self._up_near.resample_chunk(near), far=False)
+            self._append(self._up_far.resample_chunk(far), far=True)
+            blocks = min(self._near_len, self._far_len) // AEC_BLOCK_FRAMES
+            n = blocks * AEC_BLOCK_FRAMES
+            for b in range(blocks):
+                s = slice(b * AEC_BLOCK_FRAMES, (b + 1) * AEC_BLOCK_FRAMES)
+                near_b, far_b = self._near[s], self._far[s]
+                out_b = self._aec.process(near_b, far_b)
+                self._out[s] = out_b
+                self.blocks += 1
+                far_f = far_b.astype(np.float32)
+                far_ms = float(np.dot(far_f, far_f)) / AEC_BLOCK_FRAMES
+                if far_ms > (32768.0 ** 2) * 10 ** (FAR_ACTIVE_DBFS / 10):
+                    near_f = near_b.astype(np.float32)
+                    out_f = np.asarray(out_b, dtype=np.float32)
+                    self.near_energy += float(np.dot(near_f, near_f))
+                    self.out_energy += float(np.dot(out_f, out_f))
+                    self.far_active_blocks += 1
+            self._consume(n)
+            out = self._down.resample_chunk(self._out[:n]) if n else np.zeros(0, dtype=np.int16)
+        except Exception:
+            self.errors += 1
+            out = near
+        self.busy_ns += time.perf_counter_ns() - t0
+        return out
+
+    def _append(self, pcm: np.ndarray, far: bool) -> None:
+        buf = self._far if far else self._near
+        length = self._far_len if far else self._near_len
+        m = min(len(pcm), len(buf) - length)
+        buf[length:length + m] = pcm[:m]
+        if far:
+            self._far_len += m
+        else:
+            self._near_len += m
+
+    def _consume(self, n: int) -> None:
+        for buf, attr in ((self._near, "_near_len"), (self._far, "_far_len")):
+            length = getattr(self, attr)
+            buf[:length - n] = buf[n:length]
+            setattr(self, attr, length - n)
+
+    def erle_db(self) -> float | None:
+        """Echo return loss enhancement so far (blocks where the far end was active)."""
+        if self.far_active_blocks == 0 or self.near_energy <= 0:
+            return None
+        return round(10 * math.log10(self.near_energy / max(self.out_energy, 1.0)), 1)
+
+    def stats(self) -> dict[str, float | int | None]:
+        return {"erle_db": self.erle_db(), "far_active_ms": self.far_active_blocks * 10, "blocks": self.blocks,
+                "errors": self.errors, "cpu_ms": round(self.busy_ns / 1e6, 1)}
+
+
+class EchoGate:
+    """Half-duplex: silence the mic while the speaker ring holds audio not yet heard."""
+
+    def __init__(self, speaker: Ring | None, tail_s: float = 0.25) -> None:
+        self.speaker = speaker
+        self.tail_s = tail_s             # keep muting this long after the ring runs empty (device latency, room)
+        self.muted_frames = 0
+        self._last_audible = -1e9
+
+    def model_audible(self) -> bool:
+        s = self.speaker
+        if s is None:
+            return False
+        now = time.monotonic()
+        if s.read_available > 0:
+            self._last_audible = now
+        return now - self._last_audible < self.tail_s
+
+    def apply(self, pcm: np.ndarray) -> np.ndarray:
+        if self.model_audible():
+            self.muted_frames += len(pcm)
+            return np.zeros_like(pcm)
+        return pcm
