@@ -30,7 +30,8 @@ DEFAULTS: dict[str, Any] = {
         "tools": [],
     },
     "audio": {"mic": "default", "speaker": "default", "device_rate_hz": None, "period_ms": 20,
-              "prebuffer_ms": 60, "echo": "auto"},
+              "prebuffer_ms": 60, "echo": "auto",
+              "echo_guard_db": -6.0},
     "barge_in": {"enabled": True, "min_speech_ms": 0},
     "bus": {"transport": "ipc", "tcp_host": "127.0.0.1", "tcp_publish_port": 0, "tcp_subscribe_port": 0},
     "local_server": {"host": "127.0.0.1", "port": 0, "speed": 1.0, "scenario": None, "asr": True},
@@ -61,6 +62,7 @@ RULES: dict[str, tuple[tuple[type, ...], tuple[Any, ...] | None]] = {
     "audio.period_ms": ((int,), (10, 20, 40)),
     "audio.prebuffer_ms": ((int,), None),
     "audio.echo": ((str,), ("auto", "aec", "half_duplex", "off")),
+    "audio.echo_guard_db": ((int, float, type(None)), None),
     "barge_in.min_speech_ms": ((int,), None),
     "bus.transport": ((str,), ("ipc", "tcp")),
     "local_server.speed": (_NUM, None),
@@ -74,6 +76,9 @@ _OPEN_KEYS = {"session.turn_detection": set(_TD) | {"eagerness", "idle_timeout_m
               "session.transcription": {"model", "language", "prompt"}}
 
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"
+
+
+_SIGNED_KEYS = {"audio.echo_guard_db"}
 
 
 def _type_names(types: tuple[type, ...]) -> str:
@@ -93,6 +98,8 @@ def _check(value: Any, default: Any, path: str) -> Any:
         choices = None
     else:
         types, choices = rule
+    if value is False and choices is not None and "off" in choices:
+        value = "off"  # YAML 1.1 reads a bare `off` as false
     if isinstance(value, bool) and bool not in types and object not in types:
         raise ConfigError(f"config key '{path}': expected {_type_names(types)}, got {value!r}")
     if not isinstance(value, types):
@@ -100,7 +107,7 @@ def _check(value: Any, default: Any, path: str) -> Any:
     if choices is not None and value not in choices:
         shown = ", ".join("null" if c is None else str(c) for c in choices)
         raise ConfigError(f"config key '{path}': {value!r} is not one of: {shown}")
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0 and path not in _SIGNED_KEYS:
         raise ConfigError(f"config key '{path}': must not be negative, got {value}")
     if path in _OPEN_KEYS and isinstance(value, dict):
         for k in value:

@@ -3,9 +3,9 @@ the user's voice.
 
 * :class:`FarEnd` reads the reference ring, which the playback process fills with every
   frame it hands to the device (silence and truncation included), in step with the mic:
-  n mic frames take n reference frames, zero-padded when playback is behind, and the
-  backlog is cut when playback is ahead (clock drift, start-up), so the delay between
-  reference and echo stays bounded for the canceller's delay estimator.
+  n mic frames take n reference frames, zero-padded when playback is behind, and a
+  lasting backlog is cut (clock drift, start-up), so the delay between reference and
+  echo stays steady and bounded for the canceller's delay estimator.
 * :class:`EchoCanceller` is WebRTC's audio processing module (pywebrtc-audio, AEC3) at
   48 kHz, fed 10 ms blocks of mic (near end) and reference (far end), in and out at the
   engine's 24 kHz through soxr. It also measures its echo return loss enhancement (ERLE).
@@ -26,24 +26,44 @@ RATE_HZ = 24000
 AEC_RATE_HZ = 48000
 AEC_BLOCK_FRAMES = AEC_RATE_HZ // 100      # WebRTC processes 10 ms blocks
 FAR_ACTIVE_DBFS = -50.0                    # a reference block louder than this counts for ERLE
+GUARD_WINDOW_BLOCKS = 50                   # 500 ms of far-end history: longer than any echo path
+GUARD_ATTENUATION = 0.03                   # -30 dB on blocks the guard takes for residual echo
 
 
 class FarEnd:
-    """The consumer side of the reference ring, aligned with the mic frame for frame."""
+    """The consumer side of the reference ring, aligned with the mic frame for frame.
 
-    def __init__(self, ring: Ring, max_backlog_frames: int = RATE_HZ // 10) -> None:
+    Any cut in the reference moves the echo's delay, and the canceller leaks until it has
+    found the new one; so the reference is cut only at the start (to line up with the
+    first mic frames) and when the backlog has stayed above ``max_backlog_frames`` for
+    ``patience_takes`` callbacks in a row (clock drift), never for a late callback.
+    """
+
+    def __init__(self, ring: Ring, max_backlog_frames: int = RATE_HZ // 4, patience_takes: int = 50) -> None:
         self.ring = ring
         self.max_backlog_frames = max_backlog_frames
+        self.patience_takes = patience_takes
         self.buf = np.zeros(RATE_HZ, dtype=np.int16)   # one second: more than any callback asks for
         self.missing_frames = 0                        #: reference frames playback had not produced yet
         self.skipped_frames = 0                        #: reference frames dropped to keep the delay bounded
+        self._aligned = False
+        self._over_takes = 0
 
     def take(self, frames: int) -> np.ndarray:
         """The ``frames`` reference frames that go with the next ``frames`` mic frames (a view)."""
         frames = min(frames, len(self.buf))
-        excess = self.ring.read_available - frames - self.max_backlog_frames
-        if excess > 0:
-            self.skipped_frames += self.ring.skip(excess)
+        excess = self.ring.read_available - frames
+        if not self._aligned:
+            self._aligned = True
+            if excess > 0:
+                self.skipped_frames += self.ring.skip(excess)
+        elif excess > self.max_backlog_frames:
+            self._over_takes += 1
+            if self._over_takes >= self.patience_takes:
+                self._over_takes = 0
+                self.skipped_frames += self.ring.skip(excess)
+        else:
+            self._over_takes = 0
         out = self.buf[:frames]
         got = self.ring.read_into(out)
         if got < frames:
@@ -53,9 +73,18 @@ class FarEnd:
 
 
 class EchoCanceller:
-    """WebRTC AEC3 at 48 kHz behind a 24 kHz interface; ``process`` keeps the stream's length."""
+    """WebRTC AEC3 at 48 kHz behind a 24 kHz interface; ``process`` keeps the stream's length.
 
-    def __init__(self, stream_delay_ms: int = 0) -> None:
+    Behind AEC3 sits a residual-echo guard (a Geigel-style double-talk test on the output):
+    while the far end has been active within the last 500 ms, an output block quieter than
+    ``guard_db`` below the loudest recent far-end block cannot be the user talking over the
+    model (a person near the mic is louder than the speaker's echo), so it is attenuated by
+    30 dB. AEC3 removes the echo; the guard catches what leaks while AEC3 re-converges after
+    the echo path changes (a device's latency jumps). ``guard_db=None`` turns it off.
+    ERLE is measured on AEC3's output, before the guard.
+    """
+
+    def __init__(self, stream_delay_ms: int = 0, guard_db: float | None = -6.0) -> None:
         import soxr
         from pywebrtc_audio import EchoCanceller as WebRtcAec
         self._aec = WebRtcAec(sample_rate=AEC_RATE_HZ, num_channels=1, stream_delay_ms=stream_delay_ms)
@@ -66,7 +95,11 @@ class EchoCanceller:
         self._far = np.zeros(AEC_RATE_HZ, dtype=np.int16)
         self._out = np.zeros(AEC_RATE_HZ, dtype=np.int16)
         self._near_len = self._far_len = 0
-        self._pending_out = np.zeros(0, dtype=np.int16)
+        self._guard_ratio = None if guard_db is None else 10 ** (guard_db / 20)
+        self._far_rms = np.zeros(GUARD_WINDOW_BLOCKS, dtype=np.float64)   # recent far-end block levels
+        self._far_pos = 0
+        self._active_rms = 32768.0 * 10 ** (FAR_ACTIVE_DBFS / 20)
+        self.guarded_blocks = 0
         # ERLE over blocks where the far end is active: 10*log10(sum near^2 / sum out^2)
         self.near_energy = 0.0
         self.out_energy = 0.0
@@ -87,16 +120,25 @@ class EchoCanceller:
                 s = slice(b * AEC_BLOCK_FRAMES, (b + 1) * AEC_BLOCK_FRAMES)
                 near_b, far_b = self._near[s], self._far[s]
                 out_b = self._aec.process(near_b, far_b)
-                self._out[s] = out_b
                 self.blocks += 1
                 far_f = far_b.astype(np.float32)
-                far_ms = float(np.dot(far_f, far_f)) / AEC_BLOCK_FRAMES
-                if far_ms > (32768.0 ** 2) * 10 ** (FAR_ACTIVE_DBFS / 10):
+                out_f = np.asarray(out_b, dtype=np.float32)
+                far_rms = (float(np.dot(far_f, far_f)) / AEC_BLOCK_FRAMES) ** 0.5
+                out_energy = float(np.dot(out_f, out_f))
+                if far_rms > self._active_rms:
                     near_f = near_b.astype(np.float32)
-                    out_f = np.asarray(out_b, dtype=np.float32)
                     self.near_energy += float(np.dot(near_f, near_f))
-                    self.out_energy += float(np.dot(out_f, out_f))
+                    self.out_energy += out_energy
                     self.far_active_blocks += 1
+                self._far_rms[self._far_pos] = far_rms
+                self._far_pos = (self._far_pos + 1) % GUARD_WINDOW_BLOCKS
+                if self._guard_ratio is not None:
+                    far_peak = float(self._far_rms.max())
+                    if far_peak > self._active_rms and \
+                            (out_energy / AEC_BLOCK_FRAMES) ** 0.5 < self._guard_ratio * far_peak:
+                        out_f *= GUARD_ATTENUATION
+                        self.guarded_blocks += 1
+                self._out[s] = out_f
             self._consume(n)
             out = self._down.resample_chunk(self._out[:n]) if n else np.zeros(0, dtype=np.int16)
         except Exception:
@@ -129,7 +171,7 @@ class EchoCanceller:
 
     def stats(self) -> dict[str, float | int | None]:
         return {"erle_db": self.erle_db(), "far_active_ms": self.far_active_blocks * 10, "blocks": self.blocks,
-                "errors": self.errors, "cpu_ms": round(self.busy_ns / 1e6, 1)}
+                "guarded_ms": self.guarded_blocks * 10, "errors": self.errors, "cpu_ms": round(self.busy_ns / 1e6, 1)}
 
 
 class EchoGate:

@@ -73,3 +73,9 @@ def test_cost_counts_cached_tokens_at_the_cached_price() -> None:
     want = (500 * 4.0 + 500 * 0.4 + 1000 * 0.4 + 100 * 16.0 + 200 * 64.0) / 1e6
     assert response_cost_usd("gpt-realtime", usage) == pytest.approx(want)
     assert transcription_cost_usd("whisper-1", {"type": "duration", "seconds": 60}) == pytest.approx(0.006)
+
+
+def test_bare_off_in_yaml_means_off(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("audio:\n  echo: off\n")  # YAML 1.1 reads this as false
+    assert load_config(p)["audio"]["echo"] == "off"
