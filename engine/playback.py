@@ -60,6 +60,7 @@ class Renderer:
         self.underrun_events = 0
         self.flushes = 0
         self.first_sample_mono_ns = 0              # when the latest stream's first sample was handed to the device
+        self.flush_mono_ns = 0                     # when the latest flush was applied (fade handed to the device)
 
     def _stream_complete(self) -> bool:
         """The producer marked the end of the current stream and everything up to it is written."""
@@ -81,10 +82,12 @@ class Renderer:
             got = ring.read_into(out[:min(n, FLUSH_FADE_FRAMES)]) if self.state == PLAYING else 0
             out[:got] = (out[:got] * self._ramp_down[:got]).astype(np.int16)
             out[got:] = 0
+            # what the listener will have heard when the fade ends: the last frame handed out, less the latency
+            played_index = max(ring.heard_index, ring.read_index - latency_frames)
             ring.take_flush()
             self.flushes += 1
-            if self.in_stream:
-                self.events.append(("flushed", ring.heard_index))  # what the listener heard before the cut
+            self.flush_mono_ns = time.monotonic_ns()
+            self.events.append(("flushed", played_index))
             self.state, self.in_stream, self.waiting_since = IDLE, False, None
             ring.set_heard(ring.read_index, latency_frames)
             return
@@ -185,6 +188,8 @@ class PlaybackProcess:
                 payload["output_latency_ms"] = round(ring.device_latency_frames / (RATE_HZ / 1000), 2)
             else:
                 payload["played_ms"] = (index - start) // (RATE_HZ // 1000)
+            if kind == "flushed":
+                payload["flush_mono_ns"] = r.flush_mono_ns
             if kind == "underrun":
                 payload["prebuffer_ms"] = r.prebuffer_frames * 1000 // RATE_HZ
             self.pub.publish(f"playback.{kind}", payload)

@@ -148,28 +148,43 @@ def _session(interrupt: bool) -> dict[str, Any]:
         "turn_detection": {"type": "server_vad", "interrupt_response": interrupt}}}}}
 
 
-@pytest.mark.parametrize("heard_ms, want", [(0, None), (250, 250), (999, 999), (5000, 1000)])
-def test_barge_in_truncates_at_what_was_heard(heard_ms: int, want: int | None) -> None:
-    heard = {"index": 0}
+@pytest.mark.parametrize("played_ms, want", [(0, None), (250, 250), (999, 999), (5000, 1000)])
+def test_barge_in_truncates_at_what_playback_played(played_ms: int, want: int | None) -> None:
+    heard = {"index": 100 * 24}  # the estimate before the flush: 100 ms
     proto = RealtimeProtocol("gpt-realtime", {}, heard_index=lambda: heard["index"], start_index=0)
     proto.on_server_event(_session(interrupt=True))
     _audio_turn(proto, ms=1000)
-    heard["index"] = heard_ms * 24 if heard_ms < 1000 else 24000 - 1  # still audible
     acts = proto.on_server_event({"type": "input_audio_buffer.speech_started", "audio_start_ms": 5, "item_id": "u"})
-    sends = [a.event for a in acts if isinstance(a, Send)]
     assert any(isinstance(a, Flush) for a in acts)
-    assert not any(e["type"] == "response.cancel" for e in sends)  # the server cancels by itself
-    truncs = [e for e in sends if e["type"] == "conversation.item.truncate"]
+    assert not any(isinstance(a, Send) for a in acts)  # the server cancels by itself; truncation waits
+    # playback reports the index the listener had heard when the fade ended
+    acts = proto.on_command("playback.flushed", {"index": played_ms * 24})
+    truncs = [a.event for a in acts if isinstance(a, Send) and a.event["type"] == "conversation.item.truncate"]
     if want is None:
         assert truncs == []  # nothing played: nothing truncated
     else:
         assert truncs == [{"type": "conversation.item.truncate", "item_id": "item_a", "content_index": 0,
-                           "audio_end_ms": min(want, 999)}]
+                           "audio_end_ms": want}]  # clamped to the 1000 ms received
+    assert published(acts, "playback.interrupted")[0]["measured"]
     # later deltas of the interrupted response are dropped
     import base64
     late = proto.on_server_event({"type": "response.output_audio.delta", "response_id": "resp_1", "item_id": "item_a",
                                   "delta": base64.b64encode(bytes(480)).decode()})
     assert not any(isinstance(a, Play) for a in late)
+
+
+def test_truncation_falls_back_to_the_estimate_without_a_playback_report() -> None:
+    now = {"t": 0.0}
+    proto = RealtimeProtocol("gpt-realtime", {}, heard_index=lambda: 300 * 24, clock=lambda: now["t"])
+    proto.on_server_event(_session(interrupt=True))
+    _audio_turn(proto, ms=1000)
+    proto.on_server_event({"type": "input_audio_buffer.speech_started", "audio_start_ms": 5, "item_id": "u"})
+    assert proto.on_tick() == []
+    now["t"] = 1.0
+    acts = proto.on_tick()
+    truncs = [a.event for a in acts if isinstance(a, Send)]
+    assert truncs and truncs[0]["audio_end_ms"] == 300
+    assert not published(acts, "playback.interrupted")[0]["measured"]
 
 
 def test_cancel_command_cancels_when_server_would_not() -> None:
@@ -178,8 +193,10 @@ def test_cancel_command_cancels_when_server_would_not() -> None:
     _audio_turn(proto)
     acts = proto.on_command("cmd.cancel", {"id": "c1"})
     types = [a.event["type"] for a in acts if isinstance(a, Send)]
-    assert types == ["response.cancel", "conversation.item.truncate"]
+    assert types == ["response.cancel"]
     assert published(acts, "cmd.ack") == [{"id": "c1", "ok": True}]
+    acts = proto.on_command("playback.flushed", {"index": 2400})
+    assert [a.event["type"] for a in acts if isinstance(a, Send)] == ["conversation.item.truncate"]
     heard = published(acts, "model.transcript.done")[0]
     assert heard["truncated"] and heard["text"] == ""  # 100 ms of 1000: not one of four words yet
 

@@ -250,7 +250,7 @@ class RealtimeProcess:
     # -------------------------------------------------------------- main loop
     def run(self) -> int:
         stop_on_signals(self.stop)
-        sub = Subscriber(self.sub_endpoint, ["cmd.", "engine.presence.gone", "playback.started"])
+        sub = Subscriber(self.sub_endpoint, ["cmd.", "engine.presence.gone", "playback.started", "playback.flushed"])
         self.main_pub.join(self.sub_endpoint)
         if not self.connect():
             if not self._reconnect(self.main_pub):

@@ -34,6 +34,8 @@ BETA_ONLY_EVENTS = {
 BENIGN_ERRORS = {"response_cancel_not_active"}
 #: how long the model's words wait for the transcript of the user turn they answer
 USER_TRANSCRIPT_WAIT_S = 3.0
+#: how long a barge-in's truncation waits for playback to report what was really played
+TRUNCATE_WAIT_S = 0.25
 #: topics held back until the user turn they answer has its transcript
 MODEL_WORD_TOPICS = ("model.text.", "model.transcript.")
 
@@ -205,6 +207,8 @@ class RealtimeProtocol:
         self.speech_end_at: float | None = None            #: the user's latest speech end, not yet answered
         self.requested_at: float | None = None             #: our latest response.create, not yet answered
         self.timings: dict[str, TurnTiming] = {}           #: response id -> its milestones (recent ones)
+        #: interrupted items waiting for playback.flushed: item id -> (item, estimate ms, deadline, reason)
+        self.pending_truncates: dict[str, tuple[PlayedItem, int, float, str]] = {}
 
     # ------------------------------------------------------------ connection
     def on_connected(self, reconnect: bool = False) -> list[Action]:
@@ -555,7 +559,13 @@ class RealtimeProtocol:
         return int(max(0, min(heard, item.frames)) // FRAMES_PER_MS)
 
     def interrupt(self, server_cancels: bool, reason: str) -> list[Action]:
-        """Stop the model's voice: flush playback, cancel if needed, truncate at what was heard."""
+        """Stop the model's voice: flush playback and cancel if needed.
+
+        The truncation waits for ``playback.flushed``: the playback process reports the ring
+        index the listener had really heard when the fade ended, so ``audio_end_ms`` is what
+        was played, not an estimate made a device period earlier. Without that report within
+        ``TRUNCATE_WAIT_S`` the estimate from ``heard_index`` is used.
+        """
         acts: list[Action] = []
         item = self.audible_item()
         rid = self.active_response
@@ -565,17 +575,34 @@ class RealtimeProtocol:
             if rid is not None:
                 self.dropped_responses.add(rid)
             return acts
-        played = self.played_ms(item)
         item.flushed = True
         self.dropped_responses.add(item.response_id)
         self.truncated_items.add(item.item_id)
+        self.pending_truncates[item.item_id] = (item, self.played_ms(item), self.clock() + TRUNCATE_WAIT_S, reason)
         acts.append(Flush())
+        return acts
+
+    def _playback_flushed(self, body: dict[str, Any]) -> list[Action]:
+        index = body.get("index")
+        if not isinstance(index, int):
+            return []
+        acts: list[Action] = []
+        for item_id, (item, _, _, reason) in list(self.pending_truncates.items()):
+            played_ms = int(max(0, min(index - item.start_index, item.frames)) // FRAMES_PER_MS)
+            acts.extend(self._finish_interrupt(item, played_ms, reason, measured=True))
+        return acts
+
+    def _finish_interrupt(self, item: PlayedItem, played: int, reason: str, measured: bool) -> list[Action]:
+        """Truncate the item at ``played`` ms, publish what was heard."""
+        self.pending_truncates.pop(item.item_id, None)
+        acts: list[Action] = []
         if played > 0:
             acts.append(Send({"type": "conversation.item.truncate", "item_id": item.item_id, "content_index": 0,
                               "audio_end_ms": played}))
         heard_text = _cut_transcript(self.model_transcripts.get(item.item_id, ""), played, item.frames // FRAMES_PER_MS)
         acts.append(Publish("playback.interrupted", {"item_id": item.item_id, "played_ms": played,
-                                                     "received_ms": item.frames // FRAMES_PER_MS, "reason": reason}))
+                                                     "received_ms": item.frames // FRAMES_PER_MS, "reason": reason,
+                                                     "measured": measured}))
         acts.append(Publish("model.transcript.done", {"text": heard_text, "item_id": item.item_id,
                                                       "response_id": item.response_id, "truncated": True}))
         self.history.append(("assistant", heard_text))
@@ -615,6 +642,8 @@ class RealtimeProtocol:
                 return self._cmd_tool_unregister({"owner": body.get("owner")})
             if topic == "playback.started":
                 return self._playback_started(body)
+            if topic == "playback.flushed":
+                return self._playback_flushed(body)
             if topic in ("cmd.ack",):
                 return []
             raise ValueError(f"unknown command topic {topic!r} (known: cmd.say, cmd.cancel, cmd.session.update, "
@@ -712,6 +741,9 @@ class RealtimeProtocol:
         """Timers: tool-call timeouts, delayed barge-in (min_speech_ms), late user transcripts."""
         acts: list[Action] = []
         now = self.clock()
+        for item, estimate_ms, deadline, reason in list(self.pending_truncates.values()):
+            if now >= deadline:
+                acts.extend(self._finish_interrupt(item, estimate_ms, reason, measured=False))
         for item_id, deadline in list(self.user_transcripts_due.items()):
             if now >= deadline:
                 self.transcripts_late += 1
