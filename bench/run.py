@@ -3,6 +3,8 @@ side by side with its reference in the same run.
 
     python bench/run.py core [--json]      rings, bus, engine CPU, engine start time (issue 3)
     python bench/run.py server [--json]    local server: first delta, 20 concurrent sessions (issue 2)
+    python bench/run.py conversation [--json] [--interruptions N]
+                                           engine vs an openai-SDK + PyAudio baseline (issue 4)
 """
 from __future__ import annotations
 
@@ -351,11 +353,15 @@ def bench_server() -> dict[str, Any]:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("suite", choices=["core", "server"])
+    ap.add_argument("suite", choices=["core", "server", "conversation"])
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--interruptions", type=int, default=200)
     args = ap.parse_args()
     if args.suite == "core":
         result = {**bench_ring(), **bench_bus(), **bench_engine()}
+    elif args.suite == "conversation":
+        from bench.conversation import run
+        result = run(args.interruptions)
     else:
         result = bench_server()
     print(json.dumps(result, indent=None if args.json else 1))

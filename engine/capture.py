@@ -41,7 +41,7 @@ class CaptureProcess:
         cfg = spec["config"]["audio"]
         self.mic = spec.get("mic_source", cfg["mic"])
         self.period_ms = cfg["period_ms"]
-        self.ring = Ring.attach(spec["mic_ring"])
+        self.ring = Ring.attach(spec["mic_ring"], spec.get("mic_fd"))  # the eventfd wakes the sender
         speaker = Ring.attach(spec["speaker_ring"]) if spec.get("speaker_ring") else None
         self.far = FarEnd(Ring.attach(spec["ref_ring"])) if spec.get("ref_ring") else None
         echo = cfg["echo"]

@@ -102,7 +102,8 @@ class Renderer:
             if not self.in_stream:
                 self.stream_start = ring.read_index
             if self.waiting_since is None:
-                self.waiting_since = now
+                # the frames arrived at the latest write, or earlier: count the prebuffer from then
+                self.waiting_since = min(now, ring.write_stamp[1] / 1e9) if not self.in_stream else now
             # wait the prebuffer *time* after the first frame arrived: with deltas paced at real time
             # that is the margin every later delta has (a fill threshold would give none)
             waited_frames = (now - self.waiting_since) * RATE_HZ

@@ -223,6 +223,9 @@ def test_spoken_turn_through_real_devices(vaudio: dict[str, str], start_engine: 
     assert 0 < turn["to_first_delta_ms"] < turn["to_device_ms"] < 3000
     assert turn["first_delta_to_device_ms"] >= 50  # the 60 ms prebuffer, less one device period at most
     assert turn["output_latency_ms"] > 0 and turn["deltas"] > 1
+    # the mic sender is woken by the capture's writes (eventfd), not by its 200 ms safety timeout
+    mic = next((b for t, b in seen if t == "latency.mic"), None) or wait_topic(sub, "latency.mic", timeout=10)
+    assert mic["chunks"] > 50 and mic["p50_ms"] < 20, mic
     # every quarter second of what the server sent is found in what the speaker played
     # (piecewise, so that a rebuffering gap on a loaded machine does not hide the match)
     piece = 6000

@@ -1,0 +1,279 @@
+"""Conversation-quality benchmark (issue 4): the engine against a single-process baseline
+written on the official openai SDK with PyAudio in one asyncio process, the way the SDK's
+examples do it. Both use the same local server, scenario (30 ms delta jitter) and virtual
+devices (PulseAudio null sinks, started with tools/vaudio.sh).
+
+    python bench/run.py conversation [--json] [--interruptions N]
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+REPLY = "The sea is wide and the ships are many, and every sailor knows the way home."
+JITTER_MS = 30
+PREBUFFER_MS = 80
+PERIOD_MS = 20
+
+
+def pct(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 2) if values else None
+
+
+def vaudio_env() -> dict[str, str]:
+    out = subprocess.run(["bash", str(REPO / "tools" / "vaudio.sh"), "start"], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    env = dict(part.split("=", 1) for part in out.strip().split()[1:])
+    os.environ.update(env)
+    return env
+
+
+def scenario(tmp: Path) -> Path:
+    path = tmp / "bench.yaml"
+    path.write_text(f'default_reply: "{REPLY}"\nfaults: {{delta_jitter_ms: {JITTER_MS}, seed: 7}}\n')
+    return path
+
+
+def cpu_hog(endpoint: str | None, seconds: float) -> None:
+    """A CPU-heavy bus subscriber: reads every message and burns a core on it."""
+    import zmq
+    sock = None
+    if endpoint:
+        sock = zmq.Context.instance().socket(zmq.SUB)
+        sock.connect(endpoint)
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+    end = time.monotonic() + seconds
+    x = 0
+    while time.monotonic() < end:
+        if sock is not None:
+            try:
+                sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+        for i in range(20000):
+            x += i * i
+
+
+# ------------------------------------------------------------------ the engine
+class Engine:
+    def __init__(self, tmp: Path, scen: Path) -> None:
+        cfg = tmp / "engine.yaml"
+        cfg.write_text(f"audio: {{mic: vmic, speaker: vspk, prebuffer_ms: {PREBUFFER_MS}, period_ms: {PERIOD_MS}, "
+                       f"echo: 'off'}}\nlocal_server: {{asr: false, scenario: {scen}}}\n"
+                       "session: {turn_detection: null, transcription: null}\n")
+        self.env = dict(os.environ, REALTALK_RUNTIME_DIR=str(tmp / "run"), XDG_DATA_HOME=str(tmp / "data"))
+        self.env.pop("OPENAI_API_KEY", None)
+        self.proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "start", "--backend", "local", "--config",
+                                      str(cfg)], stdout=subprocess.PIPE, text=True, env=self.env, cwd=str(REPO))
+        for line in self.proc.stdout:  # type: ignore[union-attr]
+            if "ready in" in line:
+                break
+        threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()  # type: ignore[union-attr]
+        self.conn = json.loads((tmp / "run" / "engine.json").read_text())
+        from bus import Publisher, Subscriber
+        self.sub = Subscriber(self.conn["subscribe"], ["playback.", "latency.", "engine.error", "response.done",
+                                                       "cmd.ack", "server.error"])
+        self.pub = Publisher(self.conn["publish"], "bench")
+        self.pub.join(self.conn["subscribe"])
+        self.log: list[tuple[str, dict[str, Any]]] = []
+
+    def wait(self, topic: str, timeout: float = 20, where: Any = None) -> dict[str, Any]:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            msg = self.sub.recv(timeout_ms=100)
+            if msg is None:
+                continue
+            self.log.append(msg)
+            if msg[0] == topic and (where is None or where(msg[1])):
+                return msg[1]
+        raise TimeoutError(f"no {topic} within {timeout} s")
+
+    def seen_or_wait(self, mark: int, topic: str, timeout: float = 20) -> dict[str, Any]:
+        """The first ``topic`` message logged since ``mark``, waiting for it if need be."""
+        for t, b in self.log[mark:]:
+            if t == topic:
+                return b
+        return self.wait(topic, timeout)
+
+    def turn(self, n: int) -> None:
+        mark = len(self.log)
+        self.pub.publish("cmd.say", {"text": f"Turn {n}", "id": f"turn-{n}-{time.monotonic_ns()}"})
+        self.wait("playback.stopped", timeout=30)
+        if not any(t == "latency.turn" for t, _ in self.log[mark:]):
+            self.wait("latency.turn", timeout=5)
+
+    def stop(self) -> None:
+        self.proc.send_signal(2)
+        self.proc.wait(timeout=20)
+
+
+def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
+    eng = Engine(tmp, scen)
+    try:
+        eng.turn(0)  # warm-up
+        eng.log.clear()
+        for n in range(1, 11):
+            eng.turn(n)
+        quiet = eng.log[:]
+        # isolation: a CPU-heavy subscriber on the bus, saturating a core, while the engine talks
+        hog = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); "
+                                f"from bench.conversation import cpu_hog; cpu_hog({eng.conn['subscribe']!r}, 60)"])
+        eng.log.clear()
+        for n in range(11, 19):
+            eng.turn(n)
+        loaded = eng.log[:]
+        hog.kill()
+        # interruptions at random points of the model's speech
+        rng = random.Random(3)
+        eng.log.clear()
+        silence_ms: list[float] = []
+        for n in range(interruptions):
+            mark = len(eng.log)
+            eng.pub.publish("cmd.say", {"text": f"Interrupt {n}", "id": f"int-{n}-{time.monotonic_ns()}"})
+            eng.seen_or_wait(mark, "playback.started")
+            time.sleep(rng.uniform(0.05, 1.5))
+            t_ns = time.monotonic_ns()
+            mark_cancel = len(eng.log)
+            eng.pub.publish("cmd.cancel", {"id": f"cancel-{n}"})
+            flushed = eng.seen_or_wait(mark_cancel, "playback.flushed", 5)
+            eng.seen_or_wait(mark_cancel, "playback.interrupted", 5)
+            eng.seen_or_wait(mark, "response.done", 10)
+            silence_ms.append((flushed["flush_mono_ns"] - t_ns) / 1e6 + 10.0)  # + the 10 ms fade
+        inter = eng.log[:]
+        mic = eng.wait("latency.mic", timeout=10)
+    finally:
+        eng.stop()
+    turns = [b for t, b in quiet + loaded if t == "latency.turn"]
+    interrupted = [b for t, b in inter if t == "playback.interrupted"]
+    flushed = [b for t, b in inter if t == "playback.flushed"]
+    api_errors = [b for t, b in quiet + loaded + inter if t == "server.error"]
+    trunc_err = [abs(i["played_ms"] - f["played_ms"]) for i, f in zip(interrupted, flushed)]
+    return {
+        "engine_mic_to_socket_ms_p50": mic["p50_ms"], "engine_mic_to_socket_ms_p99": mic["p99_ms"],
+        "engine_delta_to_device_ms_p50": pct([t["first_delta_to_device_ms"] for t in turns], 50),
+        "engine_delta_to_device_ms_p99": pct([t["first_delta_to_device_ms"] for t in turns], 99),
+        "engine_delta_to_device_bound_ms": PREBUFFER_MS + PERIOD_MS,
+        "engine_request_to_device_ms_p50": pct([t["to_device_ms"] for t in turns], 50),
+        "delta_interval_ms_std_mean": pct([t["delta_interval_ms_std"] for t in turns], 50),
+        "engine_underruns_jitter30": sum(1 for t, _ in quiet if t == "playback.underrun"),
+        "engine_underruns_under_cpu_load": sum(1 for t, _ in loaded if t == "playback.underrun"),
+        "engine_turns": len(turns),
+        "bargein_silent_ms_p50": pct(silence_ms, 50), "bargein_silent_ms_p99": pct(silence_ms, 99),
+        "interruptions": len(interrupted),
+        "truncations_measured": sum(1 for i in interrupted if i.get("measured")),
+        "truncation_error_ms_max": max(trunc_err) if trunc_err else None,
+        "truncation_api_errors": len(api_errors),
+    }
+
+
+# ------------------------------------------------------------------ the baseline
+def bench_baseline(scen: Path, load: bool, turns: int = 8) -> dict[str, Any]:
+    """openai SDK + PyAudio in one asyncio process, as the SDK's examples do it."""
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    server = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--port", str(port), "--scenario",
+                               str(scen), "--no-asr"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              cwd=str(REPO))
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        return asyncio.run(_baseline(f"ws://127.0.0.1:{port}/v1", load, turns))
+    finally:
+        server.kill()
+
+
+async def _baseline(url: str, load: bool, turns: int) -> dict[str, Any]:
+    import pyaudio
+    from openai import AsyncOpenAI
+    from engine.audio import find_device, open_pyaudio
+    pa = open_pyaudio()
+    dev = find_device(pa, "vspk", "output")
+    lock = threading.Lock()
+    buf = bytearray()
+    state = {"underruns": 0, "in_response": False, "first_out": None, "done_audio": False}
+
+    def callback(in_data: Any, frame_count: int, time_info: Any, status: int) -> tuple[bytes, int]:
+        need = frame_count * 2
+        with lock:
+            chunk = bytes(buf[:need])
+            del buf[:need]
+            if chunk and state["first_out"] is None:
+                state["first_out"] = time.monotonic()
+            if len(chunk) < need and state["in_response"] and not state["done_audio"]:
+                state["underruns"] += 1
+        return chunk + bytes(need - len(chunk)), pyaudio.paContinue
+
+    stream = pa.open(format=pyaudio.paInt16, channels=1, rate=24000, output=True, output_device_index=dev["index"],
+                     frames_per_buffer=24 * PERIOD_MS, stream_callback=callback)
+    delta_to_device: list[float] = []
+    client = AsyncOpenAI(api_key="sk-local", websocket_base_url=url)
+    async with client.realtime.connect(model="gpt-realtime") as conn:
+        await conn.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": None}}})
+        for n in range(turns):
+            await conn.conversation.item.create(item={"type": "message", "role": "user",
+                                                      "content": [{"type": "input_text", "text": f"Turn {n}"}]})
+            await conn.response.create()
+            first_delta = None
+            with lock:
+                state.update(in_response=True, first_out=None, done_audio=False)
+            async for ev in conn:
+                if ev.type == "response.output_audio.delta":
+                    if first_delta is None:
+                        first_delta = time.monotonic()
+                    with lock:
+                        buf.extend(base64.b64decode(ev.delta))
+                elif ev.type == "response.output_audio_transcript.delta" and load:
+                    t_end = time.monotonic() + 0.08  # a CPU-heavy handler in the same process
+                    while time.monotonic() < t_end:
+                        pass
+                elif ev.type == "response.output_audio.done":
+                    with lock:
+                        state["done_audio"] = True
+                elif ev.type == "response.done":
+                    break
+            while True:
+                with lock:
+                    if not buf:
+                        break
+                await asyncio.sleep(0.02)
+            with lock:
+                state["in_response"] = False
+                if state["first_out"] is not None and first_delta is not None:
+                    delta_to_device.append((state["first_out"] - first_delta) * 1000)
+    stream.stop_stream()
+    stream.close()
+    pa.terminate()
+    key = "baseline_under_cpu_load" if load else "baseline"
+    return {f"{key}_underruns": state["underruns"], f"{key}_delta_to_device_ms_p50": pct(delta_to_device, 50),
+            f"{key}_delta_to_device_ms_p99": pct(delta_to_device, 99), f"{key}_turns": turns}
+
+
+def run(interruptions: int = 200) -> dict[str, Any]:
+    vaudio_env()
+    tmp = Path(tempfile.mkdtemp(prefix="rtconv"))
+    scen = scenario(tmp)
+    result: dict[str, Any] = {"jitter_ms": JITTER_MS, "prebuffer_ms": PREBUFFER_MS, "period_ms": PERIOD_MS}
+    result.update(bench_engine(tmp, scen, interruptions))
+    result.update(bench_baseline(scen, load=False))
+    result.update(bench_baseline(scen, load=True))
+    return result
