@@ -129,6 +129,8 @@ class Session:
                 print(f"[realtalk] {topic}: {shown}", file=sys.stderr)
             if topic == "cost.session":
                 self.cost = float(body.get("usd", self.cost))
+            elif topic == "response.done" and "session_usd" in body:
+                self.cost = float(body["session_usd"])  # up to date when user() returns
             elif topic == "playback.started":
                 self.playing = True
                 self._audio_idle.clear()
