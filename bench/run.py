@@ -166,28 +166,26 @@ def _bus_measure(pub_ep: str, sub_ep: str) -> dict[str, float]:
             "p99_us": round(pct(lat, 99), 1)}
 
 
+def _measure_through(forwarder: Any, pub_ep: str, sub_ep: str) -> dict[str, float]:
+    """Run ``forwarder(pub_ep, sub_ep)`` in a process and measure the bus through it."""
+    proc = mp.get_context("fork").Process(target=forwarder, args=(pub_ep, sub_ep))
+    proc.start()
+    time.sleep(0.2)
+    try:
+        return _bus_measure(pub_ep, sub_ep)
+    finally:
+        proc.terminate()
+        proc.join()
 
 
 def bench_bus() -> dict[str, Any]:
     from bus.broker import run_broker
     tmp = tempfile.mkdtemp(prefix="rtbench")
     pub_ep, sub_ep = f"ipc://{tmp}/p.sock", f"ipc://{tmp}/s.sock"
-    ctx = mp.get_context("fork")
-    broker = ctx.Process(target=run_broker, args=(pub_ep, sub_ep))
-    broker.start()
-    time.sleep(0.2)
-    via = _bus_measure(pub_ep, sub_ep)
-    broker.terminate()
-    broker.join()
+    via = _measure_through(run_broker, pub_ep, sub_ep)
     # reference: libzmq's own C proxy (zmq.proxy), the fastest forwarding ZeroMQ offers,
     # measured by the same publisher and subscriber code
-    ref_pub, ref_sub = f"ipc://{tmp}/rp.sock", f"ipc://{tmp}/rs.sock"
-    proxy = ctx.Process(target=_c_proxy, args=(ref_pub, ref_sub))
-    proxy.start()
-    time.sleep(0.2)
-    c_proxy = _bus_measure(ref_pub, ref_sub)
-    proxy.terminate()
-    proxy.join()
+    c_proxy = _measure_through(_c_proxy, f"ipc://{tmp}/rp.sock", f"ipc://{tmp}/rs.sock")
     return {"bus_broker_msgs_per_s": via["msgs_per_s"], "bus_broker_delivered_fraction": via["delivered"],
             "bus_broker_p50_us_at_1khz": via["p50_us"], "bus_broker_p99_us_at_1khz": via["p99_us"],
             "bus_reference_c_proxy_msgs_per_s": c_proxy["msgs_per_s"],

@@ -8,7 +8,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-from typing import Any, Iterator
+import threading
+from typing import Any, Callable, Iterator
 
 from engine.errors import DeviceError
 
@@ -106,3 +107,16 @@ def find_device(pa: Any, spec: str | int, kind: str) -> dict[str, Any]:
     why = "matches several" if partial else "matches no"
     raise DeviceError(f"{kind} device {spec!r} {why} {kind} device. {kind.capitalize()} devices:\n"
                       + describe_devices(devices, kind))
+
+
+def keep_running(pa: Any, stream: Any, stop: threading.Event, chore: Callable[[], None], every_s: float) -> None:
+    """Let a callback ``stream`` run until ``stop`` is set or it ends, doing ``chore`` every
+    ``every_s`` on this (non-audio) thread; then stop and close it and terminate ``pa``."""
+    try:
+        while not stop.is_set() and stream.is_active():
+            chore()
+            stop.wait(every_s)
+    finally:
+        stream.stop_stream()
+        stream.close()
+        pa.terminate()

@@ -25,7 +25,7 @@ import numpy as np
 
 from bus import Publisher
 from engine import child
-from engine.child import run_reporting, stop_on_signals
+from engine.child import every_period, run_reporting, stop_on_signals
 from engine.codec import resample
 from engine.echo import EchoCanceller, EchoGate, FarEnd
 from engine.record import Recorder
@@ -99,9 +99,8 @@ class CaptureProcess:
         period = RATE_HZ * self.period_ms // 1000
         silence = np.zeros(period, dtype=np.int16)
         pos = 0
-        next_t = time.monotonic()
         self.pub.publish("capture.device", {"name": path, "rate_hz": rate, "duration_ms": len(pcm) * 1000 // RATE_HZ})
-        while not self.stop.is_set():
+        for _ in every_period(self.stop, self.period_ms / 1000):
             chunk = pcm[pos:pos + period] if pos < len(pcm) else silence
             if len(chunk) < period:
                 chunk = np.concatenate([chunk, silence[: period - len(chunk)]])
@@ -110,15 +109,11 @@ class CaptureProcess:
                 self.pub.publish("capture.file_done", {"name": path})
             self._write(chunk)
             self.housekeeping()
-            next_t += self.period_ms / 1000
-            delay = next_t - time.monotonic()
-            if delay > 0:
-                self.stop.wait(delay)
 
     def run_pyaudio(self) -> None:
         import pyaudio
         import soxr
-        from engine.audio import find_device, open_pyaudio
+        from engine.audio import find_device, keep_running, open_pyaudio
         pa = open_pyaudio()
         dev = find_device(pa, self.mic, "input")
         rate = self.spec["config"]["audio"]["device_rate_hz"] or dev["default_rate_hz"]
@@ -141,14 +136,7 @@ class CaptureProcess:
         self.pub.publish("capture.device", {"name": dev["name"], "rate_hz": rate, "period_frames": frames,
                                             "latency_ms": round(stream.get_input_latency() * 1000, 1),
                                             "echo": self.echo_mode})
-        try:
-            while not self.stop.is_set() and stream.is_active():
-                self.housekeeping()
-                self.stop.wait(0.1)
-        finally:
-            stream.stop_stream()
-            stream.close()
-            pa.terminate()
+        keep_running(pa, stream, self.stop, self.housekeeping, 0.1)
 
     def run(self) -> int:
         stop_on_signals(self.stop)

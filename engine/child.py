@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from bus import Publisher
 
@@ -30,6 +30,21 @@ def run_reporting(pub: Publisher, source: str, body: Callable[[], None]) -> int:
         time.sleep(0.2)  # let the message leave before the process exits
         return DEVICE_FAILED
     return 0
+
+
+def every_period(stop: threading.Event, period_s: float) -> Iterator[None]:
+    """Yield once per ``period_s`` on a fixed schedule until ``stop`` is set (the stand-in for a
+    device clock in the WAV and null backends). After a stall the schedule restarts from now:
+    no burst of catch-up periods, as a sound card would not give one either."""
+    next_t = time.monotonic()
+    while not stop.is_set():
+        yield
+        next_t += period_s
+        delay = next_t - time.monotonic()
+        if delay > 0:
+            stop.wait(delay)
+        else:
+            next_t = time.monotonic()
 
 
 def main(process_class: Callable[[dict[str, Any]], Any]) -> int:

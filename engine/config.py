@@ -136,17 +136,22 @@ def _merge(defaults: dict[str, Any], given: dict[str, Any], prefix: str = "") ->
     return out
 
 
+def read_yaml_file(path: Path, what: str, error: type[Exception]) -> Any:
+    """The parsed YAML in ``path``; a missing or malformed file raises ``error`` saying which."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise error(f"{what} file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise error(f"{what} file {path} is not valid YAML: {exc}") from None
+
+
 def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Defaults, then the file (if any), then ``overrides`` (dotted keys, e.g. from CLI flags)."""
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
         p = Path(path)
-        try:
-            data = yaml.safe_load(p.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {p} does not exist") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+        data = read_yaml_file(p, "config", ConfigError)
         if data is not None:
             if not isinstance(data, dict):
                 raise ConfigError(f"config file {p}: expected a mapping of keys at the top level")

@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from engine.ring import Ring
+from engine.ring import Ring, SampleFifo
 
 RATE_HZ = 24000
 AEC_RATE_HZ = 48000
@@ -91,10 +91,9 @@ class EchoCanceller:
         self._up_near = soxr.ResampleStream(RATE_HZ, AEC_RATE_HZ, 1, dtype="int16")
         self._up_far = soxr.ResampleStream(RATE_HZ, AEC_RATE_HZ, 1, dtype="int16")
         self._down = soxr.ResampleStream(AEC_RATE_HZ, RATE_HZ, 1, dtype="int16")
-        self._near = np.zeros(AEC_RATE_HZ, dtype=np.int16)
-        self._far = np.zeros(AEC_RATE_HZ, dtype=np.int16)
+        self._near = SampleFifo(AEC_RATE_HZ)    # 48 kHz, waiting for whole 10 ms blocks
+        self._far = SampleFifo(AEC_RATE_HZ)
         self._out = np.zeros(AEC_RATE_HZ, dtype=np.int16)
-        self._near_len = self._far_len = 0
         self._guard_ratio = None if guard_db is None else 10 ** (guard_db / 20)
         self._far_rms = np.zeros(GUARD_WINDOW_BLOCKS, dtype=np.float64)   # recent far-end block levels
         self._far_pos = 0
@@ -112,13 +111,14 @@ class EchoCanceller:
         """Cancel ``far``'s echo from ``near`` (both 24 kHz int16, same length)."""
         t0 = time.perf_counter_ns()
         try:
-            self._append(self._up_near.resample_chunk(near), far=False)
-            self._append(self._up_far.resample_chunk(far), far=True)
-            blocks = min(self._near_len, self._far_len) // AEC_BLOCK_FRAMES
+            self._near.push(self._up_near.resample_chunk(near))
+            self._far.push(self._up_far.resample_chunk(far))
+            blocks = min(self._near.length, self._far.length) // AEC_BLOCK_FRAMES
             n = blocks * AEC_BLOCK_FRAMES
+            near_all, far_all = self._near.head(n), self._far.head(n)
             for b in range(blocks):
                 s = slice(b * AEC_BLOCK_FRAMES, (b + 1) * AEC_BLOCK_FRAMES)
-                near_b, far_b = self._near[s], self._far[s]
+                near_b, far_b = near_all[s], far_all[s]
                 out_b = self._aec.process(near_b, far_b)
                 self.blocks += 1
                 far_f = far_b.astype(np.float32)
@@ -139,29 +139,14 @@ class EchoCanceller:
                         out_f *= GUARD_ATTENUATION
                         self.guarded_blocks += 1
                 self._out[s] = out_f
-            self._consume(n)
+            self._near.drop(n)
+            self._far.drop(n)
             out = self._down.resample_chunk(self._out[:n]) if n else np.zeros(0, dtype=np.int16)
         except Exception:
             self.errors += 1
             out = near
         self.busy_ns += time.perf_counter_ns() - t0
         return out
-
-    def _append(self, pcm: np.ndarray, far: bool) -> None:
-        buf = self._far if far else self._near
-        length = self._far_len if far else self._near_len
-        m = min(len(pcm), len(buf) - length)
-        buf[length:length + m] = pcm[:m]
-        if far:
-            self._far_len += m
-        else:
-            self._near_len += m
-
-    def _consume(self, n: int) -> None:
-        for buf, attr in ((self._near, "_near_len"), (self._far, "_far_len")):
-            length = getattr(self, attr)
-            buf[:length - n] = buf[n:length]
-            setattr(self, attr, length - n)
 
     def erle_db(self) -> float | None:
         """Echo return loss enhancement so far (blocks where the far end was active)."""

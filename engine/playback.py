@@ -22,10 +22,11 @@ import numpy as np
 
 from bus import Publisher, Subscriber
 from engine import child
-from engine.child import run_reporting, stop_on_signals
-from engine.ring import Ring
+from engine.child import every_period, run_reporting, stop_on_signals
+from engine.ring import Ring, SampleFifo
 
 RATE_HZ = 24000
+FRAMES_PER_MS = RATE_HZ // 1000
 FADE_FRAMES = 120            # 5 ms fade over gaps
 FLUSH_FADE_FRAMES = 240      # 10 ms fade on barge-in
 IDLE, PLAYING = 0, 1
@@ -186,9 +187,9 @@ class PlaybackProcess:
                                        "underrun_frames": ring.underrun_frames}
             if kind == "started":
                 payload["first_sample_mono_ns"] = r.first_sample_mono_ns
-                payload["output_latency_ms"] = round(ring.device_latency_frames / (RATE_HZ / 1000), 2)
+                payload["output_latency_ms"] = round(ring.device_latency_frames / FRAMES_PER_MS, 2)
             else:
-                payload["played_ms"] = (index - start) // (RATE_HZ // 1000)
+                payload["played_ms"] = (index - start) // FRAMES_PER_MS
             if kind == "flushed":
                 payload["flush_mono_ns"] = r.flush_mono_ns
             if kind == "underrun":
@@ -201,29 +202,22 @@ class PlaybackProcess:
             start, item_id, rid = self._item_at(heard)
             if item_id is not None:
                 self.pub.publish("playback.position", {"item_id": item_id, "response_id": rid,
-                                                       "played_ms": max(0, heard - start) // (RATE_HZ // 1000)})
+                                                       "played_ms": max(0, heard - start) // FRAMES_PER_MS})
 
     # ------------------------------------------------------------ backends
     def run_null(self, wav: wave.Wave_write | None = None) -> None:
         period = self.period_ms * RATE_HZ // 1000
         out = np.zeros(period, dtype=np.int16)
-        next_t = time.monotonic()
-        while not self.stop.is_set():
+        for _ in every_period(self.stop, self.period_ms / 1000):
             self.renderer.render(out, 0, time.monotonic())
             if wav is not None:
                 wav.writeframes(out.tobytes())
             self.publish_events()
-            next_t += self.period_ms / 1000
-            delay = next_t - time.monotonic()
-            if delay > 0:
-                self.stop.wait(delay)
-            else:
-                next_t = time.monotonic()
 
     def run_pyaudio(self) -> None:
         import pyaudio
         import soxr
-        from engine.audio import find_device, open_pyaudio
+        from engine.audio import find_device, keep_running, open_pyaudio
         pa = open_pyaudio()
         dev = find_device(pa, self.speaker, "output")
         self.device_name = dev["name"]
@@ -232,12 +226,11 @@ class PlaybackProcess:
         frames_api = RATE_HZ * self.period_ms // 1000
         resampler = soxr.ResampleStream(RATE_HZ, rate, 1, dtype="int16") if rate != RATE_HZ else None
         api_buf = np.zeros(frames_api, dtype=np.int16)
-        fifo = np.zeros(frames_dev * 8, dtype=np.int16)
-        fifo_len = 0
+        fifo = SampleFifo(frames_dev * 8)   # resampled frames waiting for the device
         latency_frames = 0
 
         def callback(in_data: Any, frame_count: int, time_info: dict[str, float], status: int) -> tuple[bytes, int]:
-            nonlocal fifo_len, latency_frames
+            nonlocal latency_frames
             try:
                 latency_s = max(0.0, time_info.get("output_buffer_dac_time", 0) - time_info.get("current_time", 0))
                 if latency_s <= 0 or latency_s > 1:
@@ -247,15 +240,11 @@ class PlaybackProcess:
                     out = np.empty(frame_count, dtype=np.int16)
                     self.renderer.render(out, latency_frames, time.monotonic())
                     return out.tobytes(), pyaudio.paContinue
-                while fifo_len < frame_count:
+                while fifo.length < frame_count:
                     self.renderer.render(api_buf, latency_frames, time.monotonic())
-                    res = resampler.resample_chunk(api_buf)
-                    m = min(len(res), len(fifo) - fifo_len)
-                    fifo[fifo_len:fifo_len + m] = res[:m]
-                    fifo_len += m
-                data = fifo[:frame_count].tobytes()
-                fifo[:fifo_len - frame_count] = fifo[frame_count:fifo_len]
-                fifo_len -= frame_count
+                    fifo.push(resampler.resample_chunk(api_buf))
+                data = fifo.head(frame_count).tobytes()
+                fifo.drop(frame_count)
                 return data, pyaudio.paContinue
             except Exception:
                 self.callback_errors += 1
@@ -267,14 +256,7 @@ class PlaybackProcess:
         stream_latency_s = stream.get_output_latency()
         self.pub.publish("playback.device", {"name": dev["name"], "rate_hz": rate, "period_frames": frames_dev,
                                              "latency_ms": round(stream_latency_s * 1000, 1)})
-        try:
-            while not self.stop.is_set() and stream.is_active():
-                self.publish_events()
-                self.stop.wait(0.02)
-        finally:
-            stream.stop_stream()
-            stream.close()
-            pa.terminate()
+        keep_running(pa, stream, self.stop, self.publish_events, 0.02)
 
     def run(self) -> int:
         stop_on_signals(self.stop)

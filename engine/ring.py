@@ -298,3 +298,31 @@ class Ring:
                 return True
             if time.monotonic() >= deadline:
                 return False
+
+
+class SampleFifo:
+    """An in-process int16 FIFO on a preallocated buffer, for one thread (device callbacks).
+
+    ``push`` appends what fits and returns how many samples it dropped; ``pop_into`` moves
+    the oldest samples out. Nothing here allocates except the views it hands out.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self._buf = np.zeros(capacity, dtype=np.int16)
+        self.length = 0
+
+    def push(self, pcm: np.ndarray) -> int:
+        m = min(len(pcm), len(self._buf) - self.length)
+        self._buf[self.length:self.length + m] = pcm[:m]
+        self.length += m
+        return len(pcm) - m
+
+    def head(self, n: int) -> np.ndarray:
+        """A view of the ``n`` oldest samples (valid until the next push or drop)."""
+        return self._buf[:n]
+
+    def drop(self, n: int) -> None:
+        """Forget the ``n`` oldest samples."""
+        n = min(n, self.length)
+        self._buf[:self.length - n] = self._buf[n:self.length]
+        self.length -= n

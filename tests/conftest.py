@@ -190,6 +190,15 @@ def vaudio() -> Iterator[dict[str, str]]:
         subprocess.run(["bash", str(VAUDIO), "stop"], capture_output=True, timeout=30)
 
 
+@pytest.fixture
+def node() -> str:
+    """The node binary, with the Node.js client's packages installed."""
+    path = shutil.which("node")
+    if path is None or not (REPO / "clients" / "node" / "node_modules" / "zeromq").exists():
+        pytest.fail("node and clients/node/node_modules are needed: run bash tools/setup-system.sh")
+    return path
+
+
 # ---------------------------------------------------------------- the engine
 class RunningEngine:
     def __init__(self, proc: subprocess.Popen[str], runtime: Path, sessions: Path) -> None:

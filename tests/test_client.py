@@ -11,8 +11,12 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import REPO
+
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
+QUESTION = "Where is the collection point for the reservation?"
+ANSWER = "The collection point is the Northern Train Station office."
 ASK_CLIENT_SCENARIO = """
 turns:
   - match: {regex: "collection point"}
@@ -30,12 +34,7 @@ def test_text_chatbot_without_audio_devices(runtime_dir: Path) -> None:
                                        {"model": "gpt-realtime", "api_key": None, "debug": False, "mic": "null",
                                         "speaker": "null"})
         try:
-            seen: list[str] = []
-
-            async def watch() -> None:
-                async for ev in session.events("model.text.done"):
-                    seen.append(ev.text or "")
-            watcher = asyncio.create_task(watch())
+            seen, watcher = _collect(session, "model.text.done")
             await session.system("Speak with a Scottish accent.")
             reply = await session.user("What is the capital of France?")
             assert reply.status == "completed"
@@ -46,7 +45,7 @@ def test_text_chatbot_without_audio_devices(runtime_dir: Path) -> None:
             assert session.cost == pytest.approx(reply.usd + second.usd)
             await session.audio_done()  # no audio: resolves at once
             await asyncio.sleep(0.2)
-            assert seen == [reply.text, second.text]
+            assert [ev.text for ev in seen] == [reply.text, second.text]
             watcher.cancel()
         finally:
             await session.close()
@@ -81,66 +80,63 @@ def test_ask_client_answered_from_another_process(runtime_dir: Path, tmp_path: P
         session = await create_session({"output_modalities": ["text"]}, {"scenario": str(scenario)})
         proc = subprocess.Popen([sys.executable, str(helper)], stdout=subprocess.PIPE, text=True, env=os.environ.copy())
         try:
-            assert proc.stdout is not None
-            line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)
-            assert line.strip() == "registered"
-            calls: list[dict[str, Any]] = []
-
-            async def watch() -> None:
-                async for ev in session.events("tool.call"):
-                    calls.append(ev.body)
-            watcher = asyncio.create_task(watch())
-            reply = await session.user("Where is the collection point for the reservation?")
+            await _expect_line(proc, "registered", 30)
+            calls, watcher = _collect(session, "tool.call")
+            reply = await session.user(QUESTION)
             # user() returns the answer that follows the tool's output, not the function-call response
-            assert reply.text == "The collection point is the Northern Train Station office."
-            assert calls and calls[0]["name"] == "ask_client" and calls[0]["registered"]
-            # when the tool's owner goes away, its tool is unregistered
-            tools_gone = asyncio.create_task(_wait_tools(session, lambda names: "ask_client" not in names))
-            proc.kill()
-            await asyncio.wait_for(tools_gone, 15)
+            assert reply.text == ANSWER
+            assert calls and calls[0].body["name"] == "ask_client" and calls[0].body["registered"]
             watcher.cancel()
+            await _owner_goes_and_its_tool_too(session, proc)
         finally:
             proc.kill()
             await session.close()
     asyncio.run(main())
 
 
-def test_node_tool_example_answers_the_model(runtime_dir: Path, tmp_path: Path) -> None:
+def test_node_tool_example_answers_the_model(runtime_dir: Path, tmp_path: Path, node: str) -> None:
     """clients/node/tool-example.js registers ask_client; the model's call is answered from Node."""
-    import shutil
-    repo = Path(__file__).resolve().parents[1]
-    node = shutil.which("node")
-    if node is None or not (repo / "clients" / "node" / "node_modules" / "zeromq").exists():
-        pytest.fail("node and clients/node/node_modules are needed: run bash tools/setup-system.sh")
     from engine import create_session
     scenario = tmp_path / "ask.yaml"
     scenario.write_text(ASK_CLIENT_SCENARIO)
 
     async def main() -> None:
         session = await create_session({"output_modalities": ["text"]}, {"scenario": str(scenario)})
-        proc = subprocess.Popen([node, str(repo / "clients" / "node" / "tool-example.js")], stdout=subprocess.PIPE,
+        proc = subprocess.Popen([node, str(REPO / "clients" / "node" / "tool-example.js")], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
         try:
-            assert proc.stdout is not None
-            line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)
-            assert line.strip() == "ask_client registered", line
-            reply = await session.user("Where is the collection point for the reservation?")
-            assert reply.text == "The collection point is the Northern Train Station office."
-            line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 10)
-            assert line.strip() == "model asks: Where is the collection point for the reservation?"
-            tools_gone = asyncio.create_task(_wait_tools(session, lambda names: "ask_client" not in names))
-            proc.kill()
-            await asyncio.wait_for(tools_gone, 15)
+            await _expect_line(proc, "ask_client registered", 30)
+            reply = await session.user(QUESTION)
+            assert reply.text == ANSWER
+            await _expect_line(proc, f"model asks: {QUESTION}", 10)
+            await _owner_goes_and_its_tool_too(session, proc)
         finally:
             proc.kill()
             await session.close()
     asyncio.run(main())
 
 
-async def _next_text(session: Any) -> str:
-    async for ev in session.events("model.text.done"):
-        return ev.text or ""
-    return ""
+def _collect(session: Any, prefix: str) -> tuple[list[Any], asyncio.Task[None]]:
+    """Every event under ``prefix`` from now on, appended to the list by the returned task."""
+    events: list[Any] = []
+
+    async def watch() -> None:
+        async for ev in session.events(prefix):
+            events.append(ev)
+    return events, asyncio.create_task(watch())
+
+
+async def _expect_line(proc: subprocess.Popen[str], want: str, timeout_s: float) -> None:
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), timeout_s)
+    assert line.strip() == want, line
+
+
+async def _owner_goes_and_its_tool_too(session: Any, proc: subprocess.Popen[str]) -> None:
+    """Kill the process that registered ask_client: the engine unregisters its tool."""
+    tools_gone = asyncio.create_task(_wait_tools(session, lambda names: "ask_client" not in names))
+    proc.kill()
+    await asyncio.wait_for(tools_gone, 15)
 
 
 async def _wait_tools(session: Any, pred: Any) -> None:
@@ -160,15 +156,10 @@ def test_tool_that_never_answers_gets_an_error_output(runtime_dir: Path, tmp_pat
             ack = await session.command("cmd.tool.register", {"name": "ask_client", "timeout_s": 0.5,
                                                               "parameters": {"type": "object", "properties": {}}})
             assert ack["ok"]
-            errors: list[dict[str, Any]] = []
-
-            async def watch() -> None:
-                async for ev in session.events("engine.error"):
-                    errors.append(ev.body)
-            watcher = asyncio.create_task(watch())
+            errors, watcher = _collect(session, "engine.error")
             reply = await session.user("Where is the collection point?")
             assert "did not answer in time" in reply.text
-            assert any(e.get("code") == "tool_timeout" for e in errors)
+            assert any(e.body.get("code") == "tool_timeout" for e in errors)
             watcher.cancel()
         finally:
             await session.close()

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -139,10 +138,7 @@ def test_bad_config_exits_before_starting(runtime_dir: Path, tmp_path: Path) -> 
     assert not (runtime_dir / "engine.json").exists()
 
 
-def test_node_client_receives_model_text_and_injects_a_message(start_engine: Any) -> None:
-    node = shutil.which("node")
-    if node is None or not (REPO / "clients" / "node" / "node_modules" / "zeromq").exists():
-        pytest.fail("node and clients/node/node_modules are needed: run bash tools/setup-system.sh")
+def test_node_client_receives_model_text_and_injects_a_message(start_engine: Any, node: str) -> None:
     start_engine("--text-only")
     out = subprocess.run([node, str(REPO / "clients" / "node" / "example.js"), "Hello from Node"], capture_output=True,
                          text=True, timeout=60, env=os.environ.copy())

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.ring import Ring, RingError
+from engine.ring import Ring, RingError, SampleFifo
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -130,3 +130,14 @@ def test_stale_wakeup_does_not_end_the_wait(ring_name: str) -> None:
     threading.Timer(0.1, lambda: ring.write(np.ones(5, dtype=np.int16))).start()
     assert ring.wait_readable(5.0) and ring.read_available == 5
     ring.unlink()
+
+
+def test_sample_fifo_keeps_order_and_counts_what_does_not_fit() -> None:
+    fifo = SampleFifo(8)
+    assert fifo.push(np.arange(5, dtype=np.int16)) == 0
+    assert fifo.push(np.arange(5, 10, dtype=np.int16)) == 2  # 8 fit, 2 dropped
+    assert fifo.head(3).tolist() == [0, 1, 2]
+    fifo.drop(3)
+    assert fifo.length == 5 and fifo.head(5).tolist() == [3, 4, 5, 6, 7]
+    fifo.drop(99)
+    assert fifo.length == 0

@@ -25,13 +25,13 @@ import websocket
 from bus import Publisher, Subscriber
 from engine import child
 from engine.child import stop_on_signals
-from engine.realtime.protocol import EndOfAudio, Flush, Play, Publish, RealtimeProtocol, Send
+from engine.realtime.protocol import (API_RATE_HZ, FRAMES_PER_MS, EndOfAudio, Flush, Play, Publish, RealtimeProtocol,
+                                      Send)
 from engine.ring import Ring
 
 MIC_CHUNK_MIN_FRAMES = 480      # 20 ms
 MIC_CHUNK_MAX_FRAMES = 960      # 40 ms
 RECONNECT_DELAYS_S = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
-FRAMES_PER_MS = 24
 MIC_LATENCY_REPORT_S = 5.0
 
 
@@ -66,8 +66,8 @@ class InputClock:
         frame = audio_ms * FRAMES_PER_MS
         i = bisect.bisect_left(ends, frame)
         if i >= len(ends):
-            return times[-1] + (frame - ends[-1]) / 24000
-        return times[i] - (ends[i] - frame) / 24000
+            return times[-1] + (frame - ends[-1]) / API_RATE_HZ
+        return times[i] - (ends[i] - frame) / API_RATE_HZ
 
 
 class RealtimeProcess:
@@ -225,7 +225,7 @@ class RealtimeProcess:
                 continue  # drop mic audio while the socket is down
             # capture time of the chunk's last frame, from the producer's stamp of its latest write
             last_index = mic.read_index
-            captured_ns = stamp_ns - (stamp_index - last_index) * 1_000_000_000 // 24000
+            captured_ns = stamp_ns - (stamp_index - last_index) * 1_000_000_000 // API_RATE_HZ
             payload = base64.b64encode(buf[:n].tobytes()).decode("ascii")
             ws = self.ws
             try:

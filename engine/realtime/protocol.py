@@ -123,14 +123,14 @@ class TurnTiming:
         mean = self.interval_sum_s / n if n > 0 else 0.0
         var = max(0.0, self.interval_sq_sum_s / n - mean * mean) if n > 0 else 0.0
         start = self.speech_end_at if self.speech_end_at is not None else self.requested_at
+        to_device = ms(start, self.device_at)
         return {"response_id": self.response_id, "item_id": item_id,
                 "trigger": "speech" if self.speech_end_at is not None else "request",
                 "to_first_delta_ms": ms(start, self.first_delta_at),
                 "first_delta_to_device_ms": ms(self.first_delta_at, self.device_at),
-                "to_device_ms": ms(start, self.device_at),
+                "to_device_ms": to_device,
                 "output_latency_ms": self.output_latency_ms if self.audio else None,
-                "to_speaker_ms": (None if ms(start, self.device_at) is None
-                                  else round(ms(start, self.device_at) + self.output_latency_ms, 2)),  # type: ignore[operator]
+                "to_speaker_ms": None if to_device is None else round(to_device + self.output_latency_ms, 2),
                 "deltas": self.deltas, "delta_interval_ms_mean": round(mean * 1000, 2),
                 "delta_interval_ms_std": round(var ** 0.5 * 1000, 2),
                 "delta_interval_ms_max": round(self.interval_max_s * 1000, 2)}
@@ -448,12 +448,8 @@ class RealtimeProtocol:
         return [Publish("latency.turn", timing.report(item_id))]
 
     def _playback_started(self, body: dict[str, Any]) -> list[Action]:
-        """The playback process handed a stream's first sample to the device."""
-        index = body.get("index")
-        if not isinstance(index, int):
-            return []
-        item = max((it for it in self.items.values() if it.start_index <= index),
-                   key=lambda it: it.start_index, default=None)
+        """The playback process handed a stream's first sample to the device (it names the item)."""
+        item = self.items.get(body.get("item_id") or "")
         timing = self.timings.get(item.response_id) if item is not None else None
         if timing is None or timing.device_at is not None:
             return []
@@ -554,9 +550,10 @@ class RealtimeProtocol:
         end = item.start_index + item.frames
         return item if self.heard_index() < end else None
 
-    def played_ms(self, item: PlayedItem) -> int:
-        """Milliseconds of ``item`` the listener heard, clamped to what was received."""
-        heard = self.heard_index() - item.start_index
+    def played_ms(self, item: PlayedItem, heard_index: int | None = None) -> int:
+        """Milliseconds of ``item`` the listener heard (by ``heard_index``, default: the ring's
+        current estimate), clamped to what was received."""
+        heard = (self.heard_index() if heard_index is None else heard_index) - item.start_index
         return int(max(0, min(heard, item.frames)) // FRAMES_PER_MS)
 
     def interrupt(self, server_cancels: bool, reason: str) -> list[Action]:
@@ -588,9 +585,8 @@ class RealtimeProtocol:
         if not isinstance(index, int):
             return []
         acts: list[Action] = []
-        for item_id, (item, _, _, reason) in list(self.pending_truncates.items()):
-            played_ms = int(max(0, min(index - item.start_index, item.frames)) // FRAMES_PER_MS)
-            acts.extend(self._finish_interrupt(item, played_ms, reason, measured=True))
+        for item, _, _, reason in list(self.pending_truncates.values()):
+            acts.extend(self._finish_interrupt(item, self.played_ms(item, index), reason, measured=True))
         return acts
 
     def _finish_interrupt(self, item: PlayedItem, played: int, reason: str, measured: bool) -> list[Action]:

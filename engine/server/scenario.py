@@ -26,8 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from engine.config import read_yaml_file
 from engine.server.faults import Faults
 
 
@@ -136,10 +135,4 @@ def load_scenario(path: str | Path | None) -> Scenario:
     if path is None:
         return Scenario()
     p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text())
-    except FileNotFoundError:
-        raise ScenarioError(f"scenario file {p} does not exist") from None
-    except yaml.YAMLError as exc:
-        raise ScenarioError(f"{p}: not valid YAML ({exc})") from None
-    return parse_scenario(data, str(p))
+    return parse_scenario(read_yaml_file(p, "scenario", ScenarioError), str(p))
