@@ -118,7 +118,7 @@ def bench_ring() -> dict[str, Any]:
 # ------------------------------------------------------------------ bus
 def _bus_pub(endpoint: str, mode: str, count: int, hz: float, join_endpoint: str) -> None:
     from bus import Publisher
-    pub = Publisher(endpoint, "bench")
+    pub = Publisher(endpoint, "bench", bind=endpoint == join_endpoint)  # same endpoint: a direct pair
     pub.join(join_endpoint)
     payload = {"text": "x" * 950}
     if mode == "flood":
@@ -162,7 +162,8 @@ def _bus_measure(pub_ep: str, sub_ep: str) -> dict[str, float]:
             lat.append((time.monotonic_ns() - msg[1]["mono_ns"]) / 1000)
     p.join()
     sub.close()
-    return {"msgs_per_s": round(rate), "delivered": round(got / n, 3), "p50_us": round(pct(lat, 50), 1),
+    return {"msgs_per_s": round(rate), "delivered": round(got / n, 3),
+            "p50_us": round(pct(lat, 50), 1),
             "p99_us": round(pct(lat, 99), 1)}
 
 
@@ -186,10 +187,14 @@ def bench_bus() -> dict[str, Any]:
     # reference: libzmq's own C proxy (zmq.proxy), the fastest forwarding ZeroMQ offers,
     # measured by the same publisher and subscriber code
     c_proxy = _measure_through(_c_proxy, f"ipc://{tmp}/rp.sock", f"ipc://{tmp}/rs.sock")
+    # reference: a direct PUB -> SUB pair, no broker at all
+    direct = _bus_measure(f"ipc://{tmp}/d.sock", f"ipc://{tmp}/d.sock")
     return {"bus_broker_msgs_per_s": via["msgs_per_s"], "bus_broker_delivered_fraction": via["delivered"],
             "bus_broker_p50_us_at_1khz": via["p50_us"], "bus_broker_p99_us_at_1khz": via["p99_us"],
             "bus_reference_c_proxy_msgs_per_s": c_proxy["msgs_per_s"],
-            "bus_reference_c_proxy_p99_us_at_1khz": c_proxy["p99_us"]}
+            "bus_reference_c_proxy_p99_us_at_1khz": c_proxy["p99_us"],
+            "bus_reference_direct_msgs_per_s": direct["msgs_per_s"],
+            "bus_reference_direct_p99_us_at_1khz": direct["p99_us"]}
 
 
 def _c_proxy(pub_ep: str, sub_ep: str) -> None:

@@ -1,32 +1,41 @@
 """The bus broker: an XSUB socket publishers connect to, an XPUB socket subscribers
 connect to, and a last-value cache for state topics.
 
-Forwarding is stateless, as in the zguide's XSUB/XPUB proxy, except for state topics
-(``LAST_VALUE_TOPICS``): the broker keeps the last message of each, and when a new
-subscription arrives whose prefix matches one, re-sends it so that a late subscriber
-sees the current engine status and session config at once.
+Forwarding is libzmq's own proxy (``zmq_proxy_steerable``), running in C in its own
+thread: no Python touches a forwarded message. Beside it, the *keeper* (this module's
+main loop) sees only two small streams, both filtered by ZeroMQ itself:
+
+- the state topics (``LAST_VALUE_TOPICS``), through a SUB socket on the XPUB side, whose
+  last message it keeps;
+- every (un)subscription, through an XPUB socket connected to the XSUB side: the XSUB
+  forwards subscriptions to every publisher, and the keeper is one. When a new
+  subscription matches a kept state topic, the keeper publishes the kept message again,
+  so a late subscriber sees the current engine status and session config at once (the
+  zguide's last-value cache). When the last subscriber of ``_presence.<owner>`` leaves,
+  the keeper publishes ``engine.presence.gone`` with that owner.
+
+Because the keeper's XPUB holds the new subscription before it hands it up, the replay
+cannot be dropped by PUB-side filtering.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import sys
-from typing import Iterable
+import threading
 
 import zmq
 
 from bus.wire import encode
 
-#: topics whose last message is replayed to new subscribers (prefix match)
+#: topics whose last message is replayed to new subscribers (exact topic)
 LAST_VALUE_TOPICS = ("engine.status", "session.config", "cost.session", "engine.tools")
-_BATCH = 256
 #: a client that subscribes to ``_presence.<owner>`` is announced gone (``engine.presence.gone``)
 #: when that subscription disappears, e.g. because the client's process ended
 PRESENCE_PREFIX = b"_presence."
-
-
-def _is_state_topic(topic: bytes) -> bool:
-    return any(topic == t.encode() for t in LAST_VALUE_TOPICS)
+_HWM = 100_000
+_broker_ids = itertools.count()
 
 
 def run_broker(publish_endpoint: str, subscribe_endpoint: str, *, ready_fd: int | None = None,
@@ -38,18 +47,35 @@ def run_broker(publish_endpoint: str, subscribe_endpoint: str, *, ready_fd: int 
     both sockets are bound.
     """
     ctx = context or zmq.Context.instance()
+    inproc = f"inproc://realtalk-broker-{os.getpid()}-{next(_broker_ids)}"
     xsub = ctx.socket(zmq.XSUB)
     xpub = ctx.socket(zmq.XPUB)
-    for s in (xsub, xpub):
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.SNDHWM, 100_000)
-        s.setsockopt(zmq.RCVHWM, 100_000)
-    xpub.setsockopt(zmq.XPUB_VERBOSE, 1)  # see every subscription, also repeated ones
-    xsub.bind(publish_endpoint)
-    xpub.bind(subscribe_endpoint)
+    control_out = ctx.socket(zmq.PAIR)
+    control_in = ctx.socket(zmq.PAIR)
+    keeper_pub = ctx.socket(zmq.XPUB)  # a publisher on the XSUB side: sees every subscription
+    keeper_sub = ctx.socket(zmq.SUB)   # a subscriber on the XPUB side: sees the state topics
     stop = ctx.socket(zmq.PULL) if stop_endpoint else None
+    sockets = [s for s in (xsub, xpub, control_out, control_in, keeper_pub, keeper_sub, stop) if s is not None]
+    for s in sockets:
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.SNDHWM, _HWM)
+        s.setsockopt(zmq.RCVHWM, _HWM)
+    xpub.setsockopt(zmq.XPUB_VERBOSE, 1)        # pass every subscription up, also repeated ones
+    keeper_pub.setsockopt(zmq.XPUB_VERBOSE, 1)  # so that each new subscriber gets its replay
+    xsub.bind(publish_endpoint)
+    xsub.bind(inproc + "-pub")
+    xpub.bind(subscribe_endpoint)
+    xpub.bind(inproc + "-sub")
+    control_in.bind(inproc + "-control")
+    control_out.connect(inproc + "-control")
     if stop is not None:
         stop.bind(stop_endpoint)
+    proxy = threading.Thread(target=_forward, args=(xsub, xpub, control_in), name="broker-proxy", daemon=True)
+    proxy.start()
+    keeper_pub.connect(inproc + "-pub")
+    keeper_sub.connect(inproc + "-sub")
+    for topic in LAST_VALUE_TOPICS:
+        keeper_sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
     if ready_fd is not None:
         os.write(ready_fd, b"1")
         os.close(ready_fd)
@@ -63,57 +89,63 @@ def run_broker(publish_endpoint: str, subscribe_endpoint: str, *, ready_fd: int 
     if stop is None:
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
+    try:
+        _keep(keeper_pub, keeper_sub, stop, lambda: running)
+    finally:
+        control_out.send(b"TERMINATE")
+        proxy.join(5)
+        for s in sockets:
+            s.close(0)
 
+
+def _forward(xsub: zmq.Socket, xpub: zmq.Socket, control: zmq.Socket) -> None:
+    try:
+        zmq.proxy_steerable(xsub, xpub, None, control)
+    except zmq.ContextTerminated:
+        pass
+
+
+def _keep(keeper_pub: zmq.Socket, keeper_sub: zmq.Socket, stop: zmq.Socket | None, running) -> None:
+    """The last-value cache and presence loop (see the module docstring)."""
     cache: dict[bytes, list[bytes]] = {}
     seq = 0
     poller = zmq.Poller()
-    poller.register(xsub, zmq.POLLIN)
-    poller.register(xpub, zmq.POLLIN)
+    poller.register(keeper_pub, zmq.POLLIN)
+    poller.register(keeper_sub, zmq.POLLIN)
     if stop is not None:
         poller.register(stop, zmq.POLLIN)
-    try:
-        while running:
-            try:
-                events = dict(poller.poll(500))
-            except zmq.ZMQError as exc:
-                if exc.errno == zmq.EINTR:
-                    continue
-                raise
-            if stop is not None and stop in events:
-                break
-            if xsub in events:
-                for _ in range(_BATCH):
-                    try:
-                        frames = xsub.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    if frames and _is_state_topic(frames[0]):
-                        cache[frames[0]] = frames
-                    xpub.send_multipart(frames)
-            if xpub in events:
-                for _ in range(_BATCH):
-                    try:
-                        sub = xpub.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    xsub.send(sub)  # forward (un)subscriptions upstream
-                    if sub[:1] == b"\x01":
-                        _replay(xpub, cache.values(), sub[1:])
-                    elif sub[:1] == b"\x00" and sub[1:].startswith(PRESENCE_PREFIX):
-                        # the last subscriber of a presence topic left: its owner is gone
-                        seq += 1
-                        owner = sub[1 + len(PRESENCE_PREFIX):].decode(errors="replace")
-                        xpub.send_multipart(encode("engine.presence.gone", {"owner": owner}, "broker", seq))
-    finally:
-        for s in (xsub, xpub, stop):
-            if s is not None:
-                s.close(0)
-
-
-def _replay(xpub: zmq.Socket, cached: Iterable[list[bytes]], prefix: bytes) -> None:
-    for frames in list(cached):
-        if frames[0].startswith(prefix):
-            xpub.send_multipart(frames)
+    while running():
+        try:
+            events = dict(poller.poll(500))
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EINTR:
+                continue
+            raise
+        if stop is not None and stop in events:
+            return
+        if keeper_sub in events:
+            while True:
+                try:
+                    frames = keeper_sub.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if len(frames) == 2 and frames[0].decode(errors="replace") in LAST_VALUE_TOPICS:
+                    cache[frames[0]] = frames
+        if keeper_pub in events:
+            while True:
+                try:
+                    sub = keeper_pub.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if sub[:1] == b"\x01":
+                    for frames in list(cache.values()):
+                        if frames[0].startswith(sub[1:]):
+                            keeper_pub.send_multipart(frames)
+                elif sub[:1] == b"\x00" and sub[1:].startswith(PRESENCE_PREFIX):
+                    # the last subscriber of a presence topic left: its owner is gone
+                    seq += 1
+                    owner = sub[1 + len(PRESENCE_PREFIX):].decode(errors="replace")
+                    keeper_pub.send_multipart(encode("engine.presence.gone", {"owner": owner}, "broker", seq))
 
 
 def main(argv: list[str] | None = None) -> int:
