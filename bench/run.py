@@ -210,12 +210,15 @@ def _c_proxy(pub_ep: str, sub_ep: str) -> None:
 
 
 # ------------------------------------------------------------------ engine
-def _cpu_ticks(pid: int) -> int:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])
-    except (FileNotFoundError, IndexError):
-        return 0
+def _cpu_ns(pid: int) -> int:
+    """CPU time of every thread of ``pid`` so far, in ns (``/proc/PID/task/*/schedstat``)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+            pass
+    return total
 
 
 def bench_engine() -> dict[str, Any]:
@@ -242,7 +245,7 @@ def bench_engine() -> dict[str, Any]:
     with wave.open(str(wav), "wb") as w:
         w.setnchannels(1), w.setsampwidth(2), w.setframerate(24000), w.writeframes(pcm.tobytes())
     scen = tmp / "s.yaml"
-    scen.write_text('default_reply: "' + "The sea is wide and the ships are many. " * 6 + '"\n')
+    scen.write_text('default_reply: "' + "The sea is wide and the ships are many. " * 10 + '"\n')
     proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "start", "--backend", "local", "--mic", str(wav),
                              "--speaker", "null", "--scenario", str(scen)], stdout=subprocess.PIPE, text=True, env=env)
     for line in proc.stdout:  # type: ignore[union-attr]
@@ -252,9 +255,9 @@ def bench_engine() -> dict[str, Any]:
     pids = [c["pid"] for c in conn["children"] if c["name"] != "server"] + [proc.pid]
     time.sleep(len(pcm) / 24000 + 1.0)  # the question has been sent; the reply is streaming
     t0 = time.monotonic()
-    before = sum(_cpu_ticks(p) for p in pids)
-    time.sleep(5.0)
-    used = (sum(_cpu_ticks(p) for p in pids) - before) / os.sysconf("SC_CLK_TCK")
+    before = sum(_cpu_ns(p) for p in pids)
+    time.sleep(8.0)
+    used = (sum(_cpu_ns(p) for p in pids) - before) / 1e9
     cpu_pct = 100 * used / (time.monotonic() - t0)
     proc.send_signal(2)
     proc.communicate(timeout=15)

@@ -128,6 +128,8 @@ class Subscriber:
         deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
         wait_ms = -1 if timeout_ms is None else max(0, int(timeout_ms))
         while True:
+            if wait_ms == 0 and not self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                return None  # a cheap check: raising zmq.Again costs more than the message
             if wait_ms != self._rcvtimeo_ms:  # a blocking recv with a timeout: no poll, no exception
                 self.socket.setsockopt(zmq.RCVTIMEO, wait_ms)
                 self._rcvtimeo_ms = wait_ms

@@ -35,6 +35,7 @@ SPEAKER_RING_FRAMES = 1 << 21    # 87 s: the API sends audio faster than real ti
 REF_RING_FRAMES = 1 << 15        # 1.4 s: what playback played, read by capture in step
 GRACE_S = 3.0
 MAX_RESTARTS = 5
+LOOP_PERIOD_S = 0.25             # the main loop: bus messages, reaping, status
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -249,7 +250,9 @@ class Supervisor:
             self.session_id = body.get("session_id")
             if not self.connected:
                 self.connected = True
-                self.ready_mono = time.monotonic()
+                # when the realtime process said so (the loop takes messages up to LOOP_PERIOD_S later)
+                sent_ns = body.get("mono_ns")
+                self.ready_mono = sent_ns / 1e9 if isinstance(sent_ns, int) else time.monotonic()
                 self.out.write(f"realtalk: ready in {(self.ready_mono - self.started_mono) * 1000:.0f} ms "
                                f"(session {self.session_id})\n")
                 self.out.flush()
@@ -269,15 +272,17 @@ class Supervisor:
         next_status = 0.0
         try:
             while not self.stopping and self.fatal is None:
-                msg = self.sub.recv(timeout_ms=100)
-                while msg is not None:
+                # wake four times a second and take what came meanwhile: a wake-up per bus message
+                # would cost more CPU than the rest of the supervisor's work
+                while (msg := self.sub.recv(timeout_ms=0)) is not None:
                     self._on_message(*msg)
-                    msg = self.sub.recv(timeout_ms=0)
                 self._reap()
                 now = time.monotonic()
                 if now >= next_status:
                     next_status = now + 1.0
                     self.pub.publish("engine.status", self.status())
+                if not self.stopping:
+                    time.sleep(LOOP_PERIOD_S)
         finally:
             self.shutdown()
         if self.fatal:

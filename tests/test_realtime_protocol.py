@@ -272,3 +272,14 @@ def test_end_of_audio_marks_the_stream() -> None:
     acts = proto.on_server_event({"type": "response.output_audio.done", "response_id": "r", "item_id": "i",
                                   "output_index": 0, "content_index": 0})
     assert any(isinstance(a, EndOfAudio) for a in acts)
+
+
+def test_next_deadline_names_the_earliest_timer() -> None:
+    now = [100.0]
+    p = RealtimeProtocol("gpt-realtime", {}, heard_index=lambda: 0, clock=lambda: now[0], min_speech_ms=300)
+    assert p.next_deadline() is None
+    p.tool_calls["c1"] = ("lookup", 130.0)
+    p.user_transcripts_due["i1"] = 103.0
+    assert p.next_deadline() == 103.0
+    p.pending_barge_in, p.speech_started_at = True, 100.0
+    assert p.next_deadline() == pytest.approx(100.3)

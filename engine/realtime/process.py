@@ -12,6 +12,7 @@ import base64
 import bisect
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -21,10 +22,10 @@ from typing import Any
 import numpy as np
 
 import websocket
+import zmq
 
 from bus import Publisher, Subscriber
 from engine import child
-from engine.child import stop_on_signals
 from engine.realtime.protocol import (API_RATE_HZ, FRAMES_PER_MS, EndOfAudio, Flush, Play, Publish, RealtimeProtocol,
                                       Send)
 from engine.ring import Ring
@@ -33,6 +34,7 @@ MIC_CHUNK_MIN_FRAMES = 480      # 20 ms
 MIC_CHUNK_MAX_FRAMES = 960      # 40 ms
 RECONNECT_DELAYS_S = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
 MIC_LATENCY_REPORT_S = 5.0
+IDLE_WAKE_S = 0.5               # the main thread sleeps until its next timer, at most this long
 
 
 class InputClock:
@@ -95,6 +97,9 @@ class RealtimeProcess:
         self.stop = threading.Event()
         self.connected = threading.Event()
         self.main_pub = Publisher(self.pub_endpoint, f"realtime:{os.getpid()}")
+        #: wakes the main thread early: a stop signal, or a timer the reader set (see :meth:`_timers_changed`)
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK)
+        self.main_wakes_at = 0.0
 
     # -------------------------------------------------------------- actions
     def apply(self, actions: list[Any], pub: Publisher) -> None:
@@ -205,6 +210,9 @@ class RealtimeProcess:
                 except Exception as exc:  # never lose the conversation over one odd event
                     acts = [Publish("engine.error", {"source": "engine", "code": "event_handler_failed",
                                                      "message": f"{event.get('type')}: {type(exc).__name__}: {exc}"})]
+                due = self.proto.next_deadline()
+                if due is not None and due < self.main_wakes_at:
+                    self._wake_main()  # e.g. a barge-in delayed by min_speech_ms, a truncation fallback
             self.apply(acts, pub)
         return None
 
@@ -248,8 +256,18 @@ class RealtimeProcess:
                 "p99_ms": round(float(np.percentile(lat, 99)) / 1000, 3), "max_ms": round(float(lat.max()) / 1000, 3)}
 
     # -------------------------------------------------------------- main loop
+    def _wake_main(self) -> None:
+        try:
+            os.eventfd_write(self.wake_fd, 1)
+        except BlockingIOError:
+            pass  # already due to wake
+
     def run(self) -> int:
-        stop_on_signals(self.stop)
+        def _stop(*_: object) -> None:
+            self.stop.set()
+            self._wake_main()
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
         sub = Subscriber(self.sub_endpoint, ["cmd.", "engine.presence.gone", "playback.started", "playback.flushed"])
         self.main_pub.join(self.sub_endpoint)
         if not self.connect():
@@ -259,11 +277,30 @@ class RealtimeProcess:
                    threading.Thread(target=self.mic_sender, name="mic", daemon=True)]
         for t in threads:
             t.start()
-        last_tick = 0.0
+        poller = zmq.Poller()
+        poller.register(sub.socket, zmq.POLLIN)
+        poller.register(self.wake_fd, zmq.POLLIN)
         next_mic_report = time.monotonic() + MIC_LATENCY_REPORT_S
         while not self.stop.is_set():
-            msg = sub.recv(timeout_ms=50)
-            if msg is not None:
+            # sleep until the next timer (every wake-up costs CPU); the reader wakes us for new ones
+            with self.lock:  # under the lock: a timer the reader sets is either seen here or wakes us
+                due = self.proto.next_deadline()
+                now = time.monotonic()
+                self.main_wakes_at = min(now + IDLE_WAKE_S, next_mic_report,
+                                         due if due is not None else now + IDLE_WAKE_S)
+            try:
+                ready = dict(poller.poll(max(0, int((self.main_wakes_at - now) * 1000 + 0.999))))
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EINTR:
+                    raise
+                ready = {}
+            self.main_wakes_at = 0.0  # awake: the reader need not wake us
+            if self.wake_fd in ready:
+                try:
+                    os.eventfd_read(self.wake_fd)
+                except BlockingIOError:
+                    pass
+            while (msg := sub.recv(timeout_ms=0)) is not None:
                 topic, body = msg
                 with self.lock:
                     acts = self.proto.on_command(topic, body)
@@ -272,17 +309,15 @@ class RealtimeProcess:
                 self.main_pub.publish("engine.error", {"source": "bus", "code": "malformed_message",
                                                        "count": sub.malformed, "message": str(sub.last_error)})
                 sub.malformed = 0
+            with self.lock:
+                acts = self.proto.on_tick()
+            self.apply(acts, self.main_pub)
             now = time.monotonic()
-            if now - last_tick >= 0.05:
-                last_tick = now
-                with self.lock:
-                    acts = self.proto.on_tick()
-                self.apply(acts, self.main_pub)
-                if now >= next_mic_report:
-                    next_mic_report = now + MIC_LATENCY_REPORT_S
-                    report = self.mic_latency_report()
-                    if report is not None:
-                        self.main_pub.publish("latency.mic", report)
+            if now >= next_mic_report:
+                next_mic_report = now + MIC_LATENCY_REPORT_S
+                report = self.mic_latency_report()
+                if report is not None:
+                    self.main_pub.publish("latency.mic", report)
         if self.ws is not None:
             try:
                 self.ws.close(timeout=1)

@@ -734,6 +734,15 @@ class RealtimeProtocol:
         acts.extend(self._drain())
         return acts
 
+    def next_deadline(self) -> float | None:
+        """When :meth:`on_tick` next has work (clock seconds), or None when no timer runs."""
+        due = [d for _, _, d, _ in self.pending_truncates.values()]
+        due.extend(self.user_transcripts_due.values())
+        due.extend(d for _, d in self.tool_calls.values())
+        if self.pending_barge_in and self.speech_started_at is not None:
+            due.append(self.speech_started_at + self.min_speech_ms / 1000)
+        return min(due) if due else None
+
     def on_tick(self) -> list[Action]:
         """Timers: tool-call timeouts, delayed barge-in (min_speech_ms), late user transcripts."""
         acts: list[Action] = []

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from websockets.exceptions import ConnectionClosed
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.http11 import Request, Response as HttpResponse
 
@@ -153,6 +154,8 @@ class Connection:
         try:
             async for message in self.ws:
                 await self.apply(self.session.receive_text(message))
+        except ConnectionClosed:
+            pass  # the client went away, or the server is shutting down (1001): the session ends
         finally:
             self.closed = True
             for task in list(self.tasks):
