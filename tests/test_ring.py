@@ -141,3 +141,18 @@ def test_sample_fifo_keeps_order_and_counts_what_does_not_fit() -> None:
     assert fifo.length == 5 and fifo.head(5).tolist() == [3, 4, 5, 6, 7]
     fifo.drop(99)
     assert fifo.length == 0
+
+
+def test_write_takes_bytes_views_and_other_dtypes(ring_name: str) -> None:
+    ring = Ring.create(ring_name, 16, with_eventfd=False)
+    try:
+        src = np.arange(12, dtype=np.int16)
+        assert ring.write(src[::2]) == 6                      # not contiguous
+        assert ring.write(np.array([7, 8], dtype=np.int32)) == 2   # converted, not reinterpreted
+        assert ring.write(np.arange(100, 110, dtype=np.int16).tobytes()) == 8  # bytes; 2 over capacity
+        assert ring.overrun_frames == 2
+        assert ring.read(16).tolist() == [0, 2, 4, 6, 8, 10, 7, 8] + list(range(100, 108))
+        assert ring.write(bytearray(np.arange(20, 30, dtype=np.int16).tobytes())) == 10  # wraps around
+        assert ring.read(16).tolist() == list(range(20, 30))
+    finally:
+        ring.unlink()
