@@ -73,7 +73,7 @@ class Engine:
     def __init__(self, tmp: Path, scen: Path) -> None:
         cfg = tmp / "engine.yaml"
         cfg.write_text(f"audio: {{mic: vmic, speaker: vspk, prebuffer_ms: {PREBUFFER_MS}, period_ms: {PERIOD_MS}, "
-                       f"echo: 'off'}}\nlocal_server: {{asr: false, scenario: {scen}}}\n"
+                       f"echo: aec}}\nlocal_server: {{asr: false, scenario: {scen}}}\n"
                        "session: {turn_detection: null, transcription: null}\n")
         self.env = dict(os.environ, REALTALK_RUNTIME_DIR=str(tmp / "run"), XDG_DATA_HOME=str(tmp / "data"))
         self.env.pop("OPENAI_API_KEY", None)
@@ -86,7 +86,7 @@ class Engine:
         self.conn = json.loads((tmp / "run" / "engine.json").read_text())
         from bus import Publisher, Subscriber
         self.sub = Subscriber(self.conn["subscribe"], ["playback.", "latency.", "engine.error", "response.done",
-                                                       "cmd.ack", "server.error"])
+                                                       "cmd.ack", "server.error", "capture.echo"])
         self.pub = Publisher(self.conn["publish"], "bench")
         self.pub.join(self.conn["subscribe"])
         self.log: list[tuple[str, dict[str, Any]]] = []
@@ -122,6 +122,9 @@ class Engine:
 
 
 def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
+    # the echo path: what the speaker plays reaches the mic at 60 % volume; the engine cancels it (AEC3)
+    subprocess.run(["bash", str(REPO / "tools" / "vaudio.sh"), "echo-on", "60%"], capture_output=True, check=True,
+                   timeout=10)
     eng = Engine(tmp, scen)
     try:
         eng.turn(0)  # warm-up
@@ -129,6 +132,8 @@ def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
         for n in range(1, 11):
             eng.turn(n)
         quiet = eng.log[:]
+        echo = eng.wait("capture.echo", timeout=5)  # ERLE over the quiet turns' far-end speech
+        subprocess.run(["bash", str(REPO / "tools" / "vaudio.sh"), "echo-off"], capture_output=True, timeout=10)
         # isolation: a CPU-heavy subscriber on the bus, saturating a core, while the engine talks
         hog = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); "
                                 f"from bench.conversation import cpu_hog; cpu_hog({eng.conn['subscribe']!r}, 60)"])
@@ -140,7 +145,8 @@ def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
         # interruptions at random points of the model's speech
         rng = random.Random(3)
         eng.log.clear()
-        silence_ms: list[float] = []
+        silence_ms: list[float] = []   # cmd.cancel published (bench process) -> fade done
+        engine_ms: list[float] = []    # the engine took the barge-in -> the device callback began the fade
         for n in range(interruptions):
             mark = len(eng.log)
             eng.pub.publish("cmd.say", {"text": f"Interrupt {n}", "id": f"int-{n}-{time.monotonic_ns()}"})
@@ -150,13 +156,15 @@ def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
             mark_cancel = len(eng.log)
             eng.pub.publish("cmd.cancel", {"id": f"cancel-{n}"})
             flushed = eng.seen_or_wait(mark_cancel, "playback.flushed", 5)
-            eng.seen_or_wait(mark_cancel, "playback.interrupted", 5)
+            interrupted = eng.seen_or_wait(mark_cancel, "playback.interrupted", 5)
             eng.seen_or_wait(mark, "response.done", 10)
             silence_ms.append((flushed["flush_mono_ns"] - t_ns) / 1e6 + 10.0)  # + the 10 ms fade
+            engine_ms.append((flushed["flush_mono_ns"] - interrupted["interrupt_mono_ns"]) / 1e6)
         inter = eng.log[:]
         mic = eng.wait("latency.mic", timeout=10)
     finally:
         eng.stop()
+        subprocess.run(["bash", str(REPO / "tools" / "vaudio.sh"), "echo-off"], capture_output=True, timeout=10)
     turns = [b for t, b in quiet + loaded if t == "latency.turn"]
     interrupted = [b for t, b in inter if t == "playback.interrupted"]
     flushed = [b for t, b in inter if t == "playback.flushed"]
@@ -172,11 +180,16 @@ def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
         "engine_underruns_jitter30": sum(1 for t, _ in quiet if t == "playback.underrun"),
         "engine_underruns_under_cpu_load": sum(1 for t, _ in loaded if t == "playback.underrun"),
         "engine_turns": len(turns),
-        "bargein_silent_ms_p50": pct(silence_ms, 50), "bargein_silent_ms_p99": pct(silence_ms, 99),
+        "bargein_fade_start_ms_p50": pct(engine_ms, 50), "bargein_fade_start_ms_p99": pct(engine_ms, 99),
+        "bargein_silent_ms_p50": pct([m + 10.0 for m in engine_ms], 50),
+        "bargein_silent_ms_p99": pct([m + 10.0 for m in engine_ms], 99),
+        "bargein_from_bus_command_silent_ms_p99": pct(silence_ms, 99),
         "interruptions": len(interrupted),
         "truncations_measured": sum(1 for i in interrupted if i.get("measured")),
         "truncation_error_ms_max": max(trunc_err) if trunc_err else None,
         "truncation_api_errors": len(api_errors),
+        "echo_erle_db": echo.get("erle_db"), "echo_guarded_ms": echo.get("guarded_ms"),
+        "echo_far_active_ms": echo.get("far_active_ms"),
     }
 
 

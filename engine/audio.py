@@ -13,6 +13,17 @@ from typing import Any, Callable, Iterator
 
 from engine.errors import DeviceError
 
+#: soxr quality for the streaming resamplers: "LQ" (16-bit, the depth of our PCM) hands out
+#: output every chunk at 44.1/24 kHz (882 samples per 20 ms); "HQ" holds back ~30 ms blocks,
+#: which delayed the first sample to the speaker and the mic audio to the socket
+RESAMPLE_QUALITY = "LQ"
+
+
+def resample_stream(in_rate_hz: int, out_rate_hz: int) -> Any:
+    """A mono int16 soxr stream resampler (``resample_chunk``) at :data:`RESAMPLE_QUALITY`."""
+    import soxr
+    return soxr.ResampleStream(in_rate_hz, out_rate_hz, 1, dtype="int16", quality=RESAMPLE_QUALITY)
+
 _alsa_handler = None  # keep the ctypes callback alive
 
 

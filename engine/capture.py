@@ -112,13 +112,12 @@ class CaptureProcess:
 
     def run_pyaudio(self) -> None:
         import pyaudio
-        import soxr
-        from engine.audio import find_device, keep_running, open_pyaudio
+        from engine.audio import find_device, keep_running, open_pyaudio, resample_stream
         pa = open_pyaudio()
         dev = find_device(pa, self.mic, "input")
         rate = self.spec["config"]["audio"]["device_rate_hz"] or dev["default_rate_hz"]
         frames = rate * self.period_ms // 1000
-        resampler = soxr.ResampleStream(rate, RATE_HZ, 1, dtype="int16") if rate != RATE_HZ else None
+        resampler = resample_stream(rate, RATE_HZ) if rate != RATE_HZ else None
         errors = [0]
 
         def callback(in_data: bytes | None, frame_count: int, time_info: Any, status: int) -> tuple[None, int]:

@@ -85,12 +85,12 @@ class EchoCanceller:
     """
 
     def __init__(self, stream_delay_ms: int = 0, guard_db: float | None = -6.0) -> None:
-        import soxr
+        from engine.audio import resample_stream
         from pywebrtc_audio import EchoCanceller as WebRtcAec
         self._aec = WebRtcAec(sample_rate=AEC_RATE_HZ, num_channels=1, stream_delay_ms=stream_delay_ms)
-        self._up_near = soxr.ResampleStream(RATE_HZ, AEC_RATE_HZ, 1, dtype="int16")
-        self._up_far = soxr.ResampleStream(RATE_HZ, AEC_RATE_HZ, 1, dtype="int16")
-        self._down = soxr.ResampleStream(AEC_RATE_HZ, RATE_HZ, 1, dtype="int16")
+        self._up_near = resample_stream(RATE_HZ, AEC_RATE_HZ)
+        self._up_far = resample_stream(RATE_HZ, AEC_RATE_HZ)
+        self._down = resample_stream(AEC_RATE_HZ, RATE_HZ)
         self._near = SampleFifo(AEC_RATE_HZ)    # 48 kHz, waiting for whole 10 ms blocks
         self._far = SampleFifo(AEC_RATE_HZ)
         self._out = np.zeros(AEC_RATE_HZ, dtype=np.int16)

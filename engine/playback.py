@@ -31,6 +31,7 @@ FADE_FRAMES = 120            # 5 ms fade over gaps
 FLUSH_FADE_FRAMES = 240      # 10 ms fade on barge-in
 IDLE, PLAYING = 0, 1
 POSITION_EVERY_S = 0.1       # playback.position while an item plays
+CADENCE_EVERY_S = 5.0        # playback.cadence: how regularly the device asks for audio
 
 
 class Renderer:
@@ -40,7 +41,9 @@ class Renderer:
     whole stream is already in the ring) and ends when the reader reaches the end mark
     the producer set for it. Running dry before that is an underrun: the tail fades out,
     the gap is counted, playback waits for the prebuffer again, and the prebuffer grows
-    (adaptive, up to ``max_prebuffer_frames``) so the next stream rides out the jitter.
+    (adaptive, up to ``max_prebuffer_frames``) so the next stream rides out the jitter; each
+    stream that plays without an underrun gives half of that growth back, so one late delta
+    does not cost latency for the rest of the session.
     """
 
     def __init__(self, ring: Ring, prebuffer_frames: int, max_frames: int = 4800,
@@ -48,7 +51,9 @@ class Renderer:
         self.ring = ring
         self.ref = ref
         self.prebuffer_frames = prebuffer_frames
+        self.base_prebuffer_frames = prebuffer_frames   # what the config asked for: the floor it decays back to
         self.max_prebuffer_frames = max(prebuffer_frames, max_prebuffer_frames)
+        self.stream_underruns = 0                       # underruns in the current stream
         self.state = IDLE
         self.in_stream = False
         self.stream_start = 0
@@ -61,6 +66,7 @@ class Renderer:
         self.underrun_events = 0
         self.flushes = 0
         self.first_sample_mono_ns = 0              # when the latest stream's first sample was handed to the device
+        self.arrived_mono_ns = 0                   # when its first frames arrived (the prebuffer counts from there)
         self.flush_mono_ns = 0                     # when the latest flush was applied (fade handed to the device)
 
     def _stream_complete(self) -> bool:
@@ -103,8 +109,13 @@ class Renderer:
             if not self.in_stream:
                 self.stream_start = ring.read_index
             if self.waiting_since is None:
-                # the frames arrived at the latest write, or earlier: count the prebuffer from then
-                self.waiting_since = min(now, ring.write_stamp[1] / 1e9) if not self.in_stream else now
+                # count the prebuffer from when the stream's first frames arrived: the producer's
+                # stamp, else the latest write (a later bound), after an underrun from now
+                if self.in_stream:
+                    self.waiting_since = now
+                else:
+                    start_ns = ring.stream_start_ns(self.stream_start)
+                    self.waiting_since = min(now, (start_ns or ring.write_stamp[1]) / 1e9)
             # wait the prebuffer *time* after the first frame arrived: with deltas paced at real time
             # that is the margin every later delta has (a fill threshold would give none)
             waited_frames = (now - self.waiting_since) * RATE_HZ
@@ -112,13 +123,14 @@ class Renderer:
                 out[:] = 0
                 return
             self.state = PLAYING
-            self.waiting_since = None
             if not self.in_stream:
                 self.in_stream = True
                 self.first_sample_mono_ns = time.monotonic_ns()
+                self.arrived_mono_ns = int(self.waiting_since * 1e9)
                 self.events.append(("started", ring.read_index))
             else:
                 self.resumed = True  # after an underrun: fade back in
+            self.waiting_since = None
         got = ring.read_into(out)
         if self.resumed and got > 0:
             k = min(got, FADE_FRAMES)
@@ -133,8 +145,13 @@ class Renderer:
             if self._stream_complete() and ring.read_index >= ring.end_index:
                 self.in_stream = False      # the stream ended: not an underrun
                 self.events.append(("stopped", ring.read_index))
+                if self.stream_underruns == 0:  # a clean stream: give back half of what underruns added
+                    extra = self.prebuffer_frames - self.base_prebuffer_frames
+                    self.prebuffer_frames -= extra // 2 if extra > RATE_HZ // 100 else extra
+                self.stream_underruns = 0
             else:
                 self.underrun_events += 1
+                self.stream_underruns += 1
                 ring.count_underrun(n - got)
                 self.events.append(("underrun", ring.read_index))
                 self.prebuffer_frames = min(self.max_prebuffer_frames, self.prebuffer_frames + RATE_HZ // 50)
@@ -160,6 +177,9 @@ class PlaybackProcess:
         self.items_sub = Subscriber(spec["bus"]["subscribe"], ["playback.item"])
         self.item_starts: list[tuple[int, str, str]] = []   # (start_index, item_id, response_id), ascending
         self.next_position_at = 0.0
+        self.callback_ns = np.zeros(512, dtype=np.int64)  # when the latest device callbacks ran (a ring)
+        self.callbacks = 0
+        self.next_cadence_at = time.monotonic() + CADENCE_EVERY_S
 
     def _item_at(self, index: int) -> tuple[int, str | None, str | None]:
         """The item whose audio holds ring ``index`` (the latest one starting at or before it)."""
@@ -187,6 +207,7 @@ class PlaybackProcess:
                                        "underrun_frames": ring.underrun_frames}
             if kind == "started":
                 payload["first_sample_mono_ns"] = r.first_sample_mono_ns
+                payload["arrived_mono_ns"] = r.arrived_mono_ns
                 payload["output_latency_ms"] = round(ring.device_latency_frames / FRAMES_PER_MS, 2)
             else:
                 payload["played_ms"] = (index - start) // FRAMES_PER_MS
@@ -196,6 +217,17 @@ class PlaybackProcess:
                 payload["prebuffer_ms"] = r.prebuffer_frames * 1000 // RATE_HZ
             self.pub.publish(f"playback.{kind}", payload)
         now = time.monotonic()
+        if now >= self.next_cadence_at and self.callbacks > 2:
+            self.next_cadence_at = now + CADENCE_EVERY_S
+            n = min(self.callbacks, len(self.callback_ns))
+            k = self.callbacks % len(self.callback_ns)
+            times = np.concatenate([self.callback_ns[k:n], self.callback_ns[:k]]) if n == len(self.callback_ns) \
+                else self.callback_ns[:n]
+            gaps_ms = np.diff(times) / 1e6
+            self.pub.publish("playback.cadence", {"callbacks": self.callbacks, "period_ms": self.period_ms,
+                                                  "interval_ms_p50": round(float(np.percentile(gaps_ms, 50)), 2),
+                                                  "interval_ms_p99": round(float(np.percentile(gaps_ms, 99)), 2),
+                                                  "interval_ms_max": round(float(gaps_ms.max()), 2)})
         if r.in_stream and now >= self.next_position_at:
             self.next_position_at = now + POSITION_EVERY_S
             heard = ring.heard_index
@@ -216,22 +248,27 @@ class PlaybackProcess:
 
     def run_pyaudio(self) -> None:
         import pyaudio
-        import soxr
-        from engine.audio import find_device, keep_running, open_pyaudio
+        from engine.audio import find_device, keep_running, open_pyaudio, resample_stream
         pa = open_pyaudio()
         dev = find_device(pa, self.speaker, "output")
         self.device_name = dev["name"]
         rate = self.spec["config"]["audio"]["device_rate_hz"] or dev["default_rate_hz"]
         frames_dev = rate * self.period_ms // 1000
         frames_api = RATE_HZ * self.period_ms // 1000
-        resampler = soxr.ResampleStream(RATE_HZ, rate, 1, dtype="int16") if rate != RATE_HZ else None
+        resampler = resample_stream(RATE_HZ, rate) if rate != RATE_HZ else None
         api_buf = np.zeros(frames_api, dtype=np.int16)
         fifo = SampleFifo(frames_dev * 8)   # resampled frames waiting for the device
         latency_frames = 0
+        # a flush fades what this callback hands out over 10 ms at the device rate, resampled
+        # leftovers included (they would otherwise play unfaded before the renderer's fade)
+        flush_ramp = np.linspace(1.0, 0.0, rate * FLUSH_FADE_FRAMES // RATE_HZ, dtype=np.float32)
+        flush_out = np.zeros(frames_dev * 4, dtype=np.int16)
 
         def callback(in_data: Any, frame_count: int, time_info: dict[str, float], status: int) -> tuple[bytes, int]:
             nonlocal latency_frames
             try:
+                self.callback_ns[self.callbacks % len(self.callback_ns)] = time.monotonic_ns()
+                self.callbacks += 1
                 latency_s = max(0.0, time_info.get("output_buffer_dac_time", 0) - time_info.get("current_time", 0))
                 if latency_s <= 0 or latency_s > 1:
                     latency_s = stream_latency_s
@@ -240,9 +277,18 @@ class PlaybackProcess:
                     out = np.empty(frame_count, dtype=np.int16)
                     self.renderer.render(out, latency_frames, time.monotonic())
                     return out.tobytes(), pyaudio.paContinue
-                while fifo.length < frame_count:
+                flushing = self.ring.flush_pending
+                while fifo.length < frame_count or flushing:
                     self.renderer.render(api_buf, latency_frames, time.monotonic())
                     fifo.push(resampler.resample_chunk(api_buf))
+                    if flushing:  # that render applied the flush: fade from this callback's start
+                        head = fifo.head(min(frame_count, fifo.length, len(flush_out)))
+                        k = min(len(head), len(flush_ramp))
+                        flush_out[:k] = (head[:k] * flush_ramp[:k]).astype(np.int16)
+                        flush_out[k:len(head)] = 0
+                        fifo.drop(fifo.length)
+                        return flush_out[:len(head)].tobytes() + bytes(2 * (frame_count - len(head))), \
+                            pyaudio.paContinue
                 data = fifo.head(frame_count).tobytes()
                 fifo.drop(frame_count)
                 return data, pyaudio.paContinue

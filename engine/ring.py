@@ -8,6 +8,7 @@ Layout of the shared block (all counters int64, little-endian, each on its own
             writes, end_index, write_mono_ns                              (producer)
     line 2  read_index, underrun_frames, flush_ack_seq, heard_index,
             device_latency_frames, reads, reader_waiting                  (consumer)
+    line 3  stream_start_index, stream_start_mono_ns                      (producer)
     data    capacity_frames * bytes_per_frame bytes, at offset 256
 
 Indices only grow; ``index & (capacity - 1)`` is the position (capacity is a power of
@@ -46,6 +47,7 @@ _HEADER_BYTES = 256
 _CAPACITY, _BPF, _RATE = 1, 2, 3
 _W_INDEX, _OVERRUN, _FLUSH_SEQ, _FLUSH_UNTIL, _WRITES, _END, _W_NS = 8, 9, 10, 11, 12, 13, 14
 _R_INDEX, _UNDERRUN, _FLUSH_ACK, _HEARD, _DEV_LATENCY, _READS, _R_WAITING = 16, 17, 18, 19, 20, 21, 22
+_START_INDEX, _START_NS = 24, 25
 _INT16 = np.dtype("<i2")
 #: how long ``wait_readable`` polls before it sleeps: a burst then costs the producer no system
 #: call per write, a stream at 50 writes/s costs the consumer 50 x this of CPU per second
@@ -238,6 +240,16 @@ class Ring:
         """
         ns = self._hdr[_W_NS]
         return self._hdr[_W_INDEX], ns
+
+    def mark_start(self) -> None:
+        """Say that the next write starts a stream, and when it arrived (for the consumer's prebuffer)."""
+        self._hdr[_START_NS] = time.monotonic_ns()
+        self._hdr[_START_INDEX] = self._hdr[_W_INDEX]  # stored last: a reader that sees it sees the time too
+
+    def stream_start_ns(self, index: int) -> int | None:
+        """When the stream starting at ``index`` began to arrive, if the producer marked it."""
+        ns = self._hdr[_START_NS]
+        return ns if self._hdr[_START_INDEX] == index and ns > 0 else None
 
     def mark_end(self) -> None:
         """Say that the frames written so far end a stream (a response's audio is complete)."""

@@ -12,6 +12,7 @@ import pytest
 
 from bus import Subscriber
 from engine.echo import EchoCanceller
+from tests.conftest import VAUDIO
 from tests.test_engine import say, wait_topic
 
 pytestmark = [pytest.mark.audio, pytest.mark.e2e, pytest.mark.timeout(180)]
@@ -21,21 +22,11 @@ ECHO_VOLUME = "60%"   # the echo arrives about 13 dB below what was played
 
 @pytest.fixture
 def echo_path(vaudio: dict[str, str]) -> Iterator[None]:
-    env = os.environ.copy()
-    out = subprocess.run(["pactl", "load-module", "module-loopback", "source=spk.monitor", "sink=micsink",
-                          "latency_msec=60", "source_dont_move=1", "sink_dont_move=1"],
-                         capture_output=True, text=True, check=True, timeout=10, env=env)
-    module = out.stdout.strip()
-    inputs = subprocess.run(["pactl", "list", "short", "sink-inputs"], capture_output=True, text=True, check=True,
-                            timeout=10, env=env).stdout
-    for line in inputs.splitlines():
-        fields = line.split()
-        if len(fields) > 2 and fields[2] == module:
-            subprocess.run(["pactl", "set-sink-input-volume", fields[0], ECHO_VOLUME], check=True, timeout=10, env=env)
+    subprocess.run(["bash", str(VAUDIO), "echo-on", ECHO_VOLUME], capture_output=True, text=True, check=True, timeout=10)
     try:
         yield
     finally:
-        subprocess.run(["pactl", "unload-module", module], timeout=10, env=env)
+        subprocess.run(["bash", str(VAUDIO), "echo-off"], capture_output=True, timeout=10)
 
 
 def _config(tmp_path: Path, echo: str) -> Path:

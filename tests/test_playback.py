@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -40,6 +41,22 @@ def test_prebuffer_then_stream_end_is_not_an_underrun(ring: Ring) -> None:
     assert ring.underrun_frames == 0
 
 
+def test_prebuffer_counts_from_when_the_stream_began_to_arrive(ring: Ring) -> None:
+    r = Renderer(ring, prebuffer_frames=1920)  # 80 ms
+    out = np.zeros(480, dtype=np.int16)
+    ring.mark_start()
+    ring.write(loud(480))
+    first_s = ring.stream_start_ns(0) / 1e9
+    time.sleep(0.03)  # a gap between deltas, so the latest write is 30 ms later than the first
+    ring.write(loud(4800))
+    assert ring.write_stamp[1] / 1e9 - first_s >= 0.03
+    r.render(out, 0, now=first_s + 0.079)
+    assert not out.any()
+    r.render(out, 0, now=first_s + 0.081)  # 80 ms after the first frames came, not after the latest
+    assert out.all() and r.events == [("started", 0)]
+    assert ring.stream_start_ns(480) is None  # only the marked index has a start time
+
+
 def test_a_complete_stream_plays_at_once(ring: Ring) -> None:
     r = Renderer(ring, prebuffer_frames=1440)
     out = np.zeros(480, dtype=np.int16)
@@ -64,6 +81,19 @@ def test_stale_end_mark_does_not_end_the_next_stream(ring: Ring) -> None:
     assert r.events[-1][0] == "underrun" and ring.underrun_frames == 360
     assert r.prebuffer_frames > 480  # adapts
     assert out[119] == 0 and 0 < abs(int(out[100])) < 10000  # faded, then silence
+    grown = r.prebuffer_frames
+    ring.write(loud(480))        # the rest of that stream: it ends with its underrun, nothing given back
+    ring.mark_end()
+    for t in (2.0, 2.0, 2.0):
+        r.render(out, 0, t)
+    assert r.events[-1][0] == "stopped" and r.prebuffer_frames == grown
+    for k in range(4):           # clean streams give the growth back, down to the configured prebuffer
+        ring.write(loud(480))
+        ring.mark_end()
+        r.render(out, 0, 3.0 + k)
+        r.render(out, 0, 3.0 + k)
+        assert r.events[-1][0] == "stopped"
+    assert r.prebuffer_frames == 480
 
 
 def test_flush_fades_within_10_ms_and_drops_the_rest(ring: Ring) -> None:

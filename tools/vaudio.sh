@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# vaudio.sh start|stop|status|env — virtual audio devices on PulseAudio null sinks.
+# vaudio.sh start|stop|status|env|echo-on VOLUME|echo-off — virtual audio devices on PulseAudio null sinks.
 #   sink  spk      the virtual speaker; record it back from spk.monitor (ALSA: vspkmon)
 #   sink  micsink  feed WAVs into it (paplay --device=micsink f.wav; ALSA: vmicfeed)
 #   source micsink.monitor  the virtual microphone (default source; ALSA: vmic)
+#   echo-on 60%  an echo path: what the speaker plays reaches the mic (module-loopback spk.monitor ->
+#                micsink at that volume), the way a laptop's speaker reaches its own mic; echo-off removes it
 # Clients need PULSE_SERVER and XDG_CONFIG_HOME from `vaudio.sh env` (set before PyAudio()).
 set -euo pipefail
 VA_DIR=${VA_DIR:-/tmp/realtalk-vaudio}; VA_RATE=${VA_RATE:-24000}
@@ -34,6 +36,12 @@ stop() { local pid; pid=$(cat "$VA_DIR/pid" 2>/dev/null || true)
   if [ -n "$pid" ] && alive "$pid"; then kill "$pid"; for _ in $(seq 100); do alive "$pid" || break; sleep 0.02; done
     if alive "$pid"; then kill -9 "$pid"; fi; echo "vaudio: stopped pid $pid"; else echo "vaudio: not running"; fi
   rm -f "$VA_DIR/native" "$VA_DIR/pid"; }
-case "${1:-}" in start) start;; stop) stop;; env) print_env;;
+echo_on() { local module input
+  module=$(pactl load-module module-loopback source=spk.monitor sink=micsink latency_msec=60 source_dont_move=1 sink_dont_move=1)
+  input=$(pactl list sink-inputs | awk -v m="$module" '/^Sink Input #/ {i = substr($3, 2)} /Owner Module:/ && $3 == m {print i}')
+  pactl set-sink-input-volume "$input" "${1:-60%}"; echo "$module" > "$VA_DIR/echo-module"; echo "$module"; }
+echo_off() { local module; module=$(cat "$VA_DIR/echo-module" 2>/dev/null || true)
+  if [ -n "$module" ]; then pactl unload-module "$module" || true; fi; rm -f "$VA_DIR/echo-module"; }
+case "${1:-}" in start) start;; stop) stop;; env) print_env;; echo-on) echo_on "${2:-60%}";; echo-off) echo_off;;
   status) if pactl info >/dev/null 2>&1; then pactl list short sinks; pactl list short sources; else echo stopped; exit 1; fi;;
-  *) echo "usage: $0 start|stop|status|env" >&2; exit 2;; esac
+  *) echo "usage: $0 start|stop|status|env|echo-on VOLUME|echo-off" >&2; exit 2;; esac

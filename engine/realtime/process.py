@@ -110,6 +110,8 @@ class RealtimeProcess:
                 self.send(act.event, pub)
             elif isinstance(act, Play):
                 if self.speaker is not None:
+                    if act.starts_item:
+                        self.speaker.mark_start()
                     self.speaker.write(act.pcm)
             elif isinstance(act, Flush):
                 if self.speaker is not None:

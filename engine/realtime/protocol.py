@@ -61,8 +61,10 @@ class Publish:
 
 @dataclass
 class Play:
-    """Write PCM16 24 kHz frames to the playback ring."""
+    """Write PCM16 24 kHz frames to the playback ring; ``starts_item``: the first frames of an item
+    (the ring stamps when they arrived, and playback counts its prebuffer from then)."""
     pcm: bytes
+    starts_item: bool = False
 
 
 @dataclass
@@ -85,6 +87,7 @@ class PlayedItem:
     start_index: int          #: ring index of the item's first frame
     frames: int = 0           #: frames received (and written)
     flushed: bool = False
+    interrupted_at: float = 0.0  #: clock seconds when the barge-in (speech_started, cmd.cancel) was taken
 
 
 @dataclass
@@ -359,6 +362,7 @@ class RealtimeProtocol:
             timing.delta_arrived(self.clock())
             timing.audio = True
         played = self.items.get(item_id)
+        starts_item = played is None
         if played is None:
             played = self.items[item_id] = PlayedItem(item_id, rid, self.frames_written)
             self.current_item = played
@@ -366,7 +370,7 @@ class RealtimeProtocol:
                                                   "start_index": self.frames_written}))
         played.frames += len(pcm) // 2
         self.frames_written += len(pcm) // 2
-        acts.append(Play(pcm))
+        acts.append(Play(pcm, starts_item))
         return acts
 
     def _on_response_output_audio_done(self, ev: dict[str, Any]) -> list[Action]:
@@ -574,6 +578,7 @@ class RealtimeProtocol:
                 self.dropped_responses.add(rid)
             return acts
         item.flushed = True
+        item.interrupted_at = self.clock()
         self.dropped_responses.add(item.response_id)
         self.truncated_items.add(item.item_id)
         self.pending_truncates[item.item_id] = (item, self.played_ms(item), self.clock() + TRUNCATE_WAIT_S, reason)
@@ -599,7 +604,8 @@ class RealtimeProtocol:
         heard_text = _cut_transcript(self.model_transcripts.get(item.item_id, ""), played, item.frames // FRAMES_PER_MS)
         acts.append(Publish("playback.interrupted", {"item_id": item.item_id, "played_ms": played,
                                                      "received_ms": item.frames // FRAMES_PER_MS, "reason": reason,
-                                                     "measured": measured}))
+                                                     "measured": measured,
+                                                     "interrupt_mono_ns": int(item.interrupted_at * 1e9)}))
         acts.append(Publish("model.transcript.done", {"text": heard_text, "item_id": item.item_id,
                                                       "response_id": item.response_id, "truncated": True}))
         self.history.append(("assistant", heard_text))
