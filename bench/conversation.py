@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 REPLY = "The sea is wide and the ships are many, and every sailor knows the way home."
@@ -66,6 +67,67 @@ def cpu_hog(endpoint: str | None, seconds: float) -> None:
                 pass
         for i in range(20000):
             x += i * i
+
+
+# ------------------------------------------------------------------ what the speaker really played
+WINDOW = 120  # 5 ms at 24 kHz
+
+
+def loud_windows(pcm: np.ndarray, threshold: float) -> np.ndarray:
+    """Per 5 ms window: True where the RMS is above ``threshold``."""
+    n = len(pcm) // WINDOW
+    frames = pcm[:n * WINDOW].astype(np.float64).reshape(n, WINDOW)
+    return np.sqrt((frames ** 2).mean(axis=1)) > threshold
+
+
+def truncation_errors_from_recording(recording: np.ndarray, rec_start_s: float, reply: np.ndarray,
+                                     cuts: list[tuple[int, int | None, int]]) -> list[float]:
+    """How far each truncation's ``audio_end_ms`` is from what the speaker monitor recorded.
+
+    ``cuts``: (first_sample_mono_ns, next item's first_sample_mono_ns or None, audio_end_ms) per
+    interruption. Every reply is the same speech (``reply``, the server's PCM), so in each item's
+    stretch of the recording the item starts where the sound starts less the reply's own leading
+    silence, and the cut is where the sound stops for good. A cut inside a pause of the reply can
+    be anywhere up to the reply's next sound, and the 10 ms fade ends below the threshold: within
+    those bounds the error is 0.
+    """
+    level = np.sqrt(np.mean(reply.astype(np.float64) ** 2))
+    threshold = 0.05 * level
+    ref_loud = loud_windows(reply, threshold)
+    lead_ms = int(np.argmax(ref_loud)) * 5
+    loud = loud_windows(recording, threshold)
+    errors = []
+    for start_ns, next_ns, end_ms in cuts:
+        a = max(0, int((start_ns / 1e9 - rec_start_s - 0.1) * 200))   # window index (5 ms)
+        b = len(loud) if next_ns is None else min(len(loud), int((next_ns / 1e9 - rec_start_s - 0.1) * 200))
+        seg = np.nonzero(loud[a:b])[0]
+        if len(seg) == 0:
+            errors.append(float(end_ms) if end_ms > lead_ms + 20 else 0.0)  # nothing heard
+            continue
+        item_start_ms = (a + int(seg[0])) * 5 - lead_ms
+        heard_ms = (a + int(seg[-1]) + 1) * 5 - item_start_ms      # the end of the last loud window
+        later = np.nonzero(ref_loud[heard_ms // 5:])[0]
+        next_sound_ms = heard_ms + int(later[0]) * 5 if len(later) else heard_ms + 10_000
+        lo, hi = heard_ms - 5, max(heard_ms + 15, next_sound_ms + 5)   # 5 ms windows, 10 ms fade
+        errors.append(float(max(0, lo - end_ms, end_ms - hi)))
+    return errors
+
+
+class MonitorRecorder:
+    """Records the virtual speaker's monitor (what PulseAudio really played) with parec."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = open(path, "wb")
+        self.proc = subprocess.Popen(["parec", "-d", "spk.monitor", "--rate=24000", "--channels=1",
+                                      "--format=s16le", "--raw", "--latency-msec=10"], stdout=self._file)
+        self.start_s = time.monotonic()
+
+    def stop(self) -> np.ndarray:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+        self._file.close()
+        return np.fromfile(self.path, dtype=np.int16)
 
 
 # ------------------------------------------------------------------ the engine
@@ -147,10 +209,12 @@ def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
         eng.log.clear()
         silence_ms: list[float] = []   # cmd.cancel published (bench process) -> fade done
         engine_ms: list[float] = []    # the engine took the barge-in -> the device callback began the fade
+        cut_points: list[tuple[int, int]] = []   # (first sample handed to the device, audio_end_ms)
+        monitor = MonitorRecorder(tmp / "monitor.raw")
         for n in range(interruptions):
             mark = len(eng.log)
             eng.pub.publish("cmd.say", {"text": f"Interrupt {n}", "id": f"int-{n}-{time.monotonic_ns()}"})
-            eng.seen_or_wait(mark, "playback.started")
+            started = eng.seen_or_wait(mark, "playback.started")
             time.sleep(rng.uniform(0.05, 1.5))
             t_ns = time.monotonic_ns()
             mark_cancel = len(eng.log)
@@ -160,11 +224,18 @@ def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
             eng.seen_or_wait(mark, "response.done", 10)
             silence_ms.append((flushed["flush_mono_ns"] - t_ns) / 1e6 + 10.0)  # + the 10 ms fade
             engine_ms.append((flushed["flush_mono_ns"] - interrupted["interrupt_mono_ns"]) / 1e6)
+            cut_points.append((started["first_sample_mono_ns"], interrupted["played_ms"]))
+        time.sleep(0.5)  # the last fade reaches the monitor
+        recording = monitor.stop()
         inter = eng.log[:]
         mic = eng.wait("latency.mic", timeout=10)
     finally:
         eng.stop()
         subprocess.run(["bash", str(REPO / "tools" / "vaudio.sh"), "echo-off"], capture_output=True, timeout=10)
+    from engine.server.voice import synthesize
+    cuts = [(start, cut_points[i + 1][0] if i + 1 < len(cut_points) else None, end_ms)
+            for i, (start, end_ms) in enumerate(cut_points)]
+    heard_err = truncation_errors_from_recording(recording, monitor.start_s, synthesize(REPLY, "marin", 1.0), cuts)
     turns = [b for t, b in quiet + loaded if t == "latency.turn"]
     interrupted = [b for t, b in inter if t == "playback.interrupted"]
     flushed = [b for t, b in inter if t == "playback.flushed"]
@@ -188,6 +259,10 @@ def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
         "truncations_measured": sum(1 for i in interrupted if i.get("measured")),
         "truncation_error_ms_max": max(trunc_err) if trunc_err else None,
         "truncation_api_errors": len(api_errors),
+        "truncation_vs_speaker_monitor_error_ms_p50": pct(heard_err, 50),
+        "truncation_vs_speaker_monitor_error_ms_p99": pct(heard_err, 99),
+        "truncation_vs_speaker_monitor_error_ms_max": max(heard_err) if heard_err else None,
+        "truncation_vs_speaker_monitor_within_10ms": sum(1 for e in heard_err if e <= 10),
         "echo_erle_db": echo.get("erle_db"), "echo_guarded_ms": echo.get("guarded_ms"),
         "echo_far_active_ms": echo.get("far_active_ms"),
     }
