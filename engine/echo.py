@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 
 import numpy as np
 
@@ -26,6 +27,7 @@ RATE_HZ = 24000
 AEC_RATE_HZ = 48000
 AEC_BLOCK_FRAMES = AEC_RATE_HZ // 100      # WebRTC processes 10 ms blocks
 FAR_ACTIVE_DBFS = -50.0                    # a reference block louder than this counts for ERLE
+ERLE_WINDOW_BLOCKS = 100                   # one ERLE figure per second of far-end speech
 GUARD_WINDOW_BLOCKS = 50                   # 500 ms of far-end history: longer than any echo path
 GUARD_ATTENUATION = 0.03                   # -30 dB on blocks the guard takes for residual echo
 
@@ -103,6 +105,13 @@ class EchoCanceller:
         self.near_energy = 0.0
         self.out_energy = 0.0
         self.far_active_blocks = 0
+        # ERLE per second of far-end speech: the median is the steady state, unmoved by the
+        # re-convergence after an echo-path jump (which the guard covers, and which would
+        # dominate one ratio over the whole session)
+        self._window_near = 0.0
+        self._window_out = 0.0
+        self._window_blocks = 0
+        self.erle_windows_db: deque[float] = deque(maxlen=600)
         self.blocks = 0
         self.errors = 0
         self.busy_ns = 0
@@ -127,9 +136,18 @@ class EchoCanceller:
                 out_energy = float(np.dot(out_f, out_f))
                 if far_rms > self._active_rms:
                     near_f = near_b.astype(np.float32)
-                    self.near_energy += float(np.dot(near_f, near_f))
+                    near_energy = float(np.dot(near_f, near_f))
+                    self.near_energy += near_energy
                     self.out_energy += out_energy
                     self.far_active_blocks += 1
+                    self._window_near += near_energy
+                    self._window_out += out_energy
+                    self._window_blocks += 1
+                    if self._window_blocks == ERLE_WINDOW_BLOCKS:
+                        if self._window_near > 0:
+                            self.erle_windows_db.append(10 * math.log10(self._window_near / max(self._window_out, 1.0)))
+                        self._window_near = self._window_out = 0.0
+                        self._window_blocks = 0
                 self._far_rms[self._far_pos] = far_rms
                 self._far_pos = (self._far_pos + 1) % GUARD_WINDOW_BLOCKS
                 if self._guard_ratio is not None:
@@ -149,13 +167,22 @@ class EchoCanceller:
         return out
 
     def erle_db(self) -> float | None:
-        """Echo return loss enhancement so far (blocks where the far end was active)."""
+        """Echo return loss enhancement, steady state: the median over seconds of far-end speech
+        (before the first whole second: the ratio so far)."""
+        if self.erle_windows_db:
+            return round(float(np.median(self.erle_windows_db)), 1)
+        return self.erle_total_db()
+
+    def erle_total_db(self) -> float | None:
+        """One ratio over every block where the far end was active, re-convergence included."""
         if self.far_active_blocks == 0 or self.near_energy <= 0:
             return None
         return round(10 * math.log10(self.near_energy / max(self.out_energy, 1.0)), 1)
 
     def stats(self) -> dict[str, float | int | None]:
-        return {"erle_db": self.erle_db(), "far_active_ms": self.far_active_blocks * 10, "blocks": self.blocks,
+        return {"erle_db": self.erle_db(), "erle_total_db": self.erle_total_db(),
+                "erle_p10_db": round(float(np.percentile(self.erle_windows_db, 10)), 1) if self.erle_windows_db else None,
+                "far_active_ms": self.far_active_blocks * 10, "blocks": self.blocks,
                 "guarded_ms": self.guarded_blocks * 10, "errors": self.errors, "cpu_ms": round(self.busy_ns / 1e6, 1)}
 
 

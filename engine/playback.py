@@ -65,6 +65,7 @@ class Renderer:
         self.events: list[tuple[str, int]] = []    # ("started"/"stopped"/"underrun"/"flushed", index), drained by a thread
         self.underrun_events = 0
         self.flushes = 0
+        self.backlog_frames = 0                    # set by the callback: frames read but not yet handed to the device
         self.first_sample_mono_ns = 0              # when the latest stream's first sample was handed to the device
         self.arrived_mono_ns = 0                   # when its first frames arrived (the prebuffer counts from there)
         self.flush_mono_ns = 0                     # when the latest flush was applied (fade handed to the device)
@@ -84,13 +85,15 @@ class Renderer:
     def _render(self, out: np.ndarray, latency_frames: int, now: float) -> None:
         ring = self.ring
         n = len(out)
-        heard_base = ring.read_index
+        # the first ring frame not yet handed to the device (the callback may hold resampled frames)
+        heard_base = ring.read_index - self.backlog_frames
         if ring.flush_pending:
             got = ring.read_into(out[:min(n, FLUSH_FADE_FRAMES)]) if self.state == PLAYING else 0
             out[:got] = (out[:got] * self._ramp_down[:got]).astype(np.int16)
             out[got:] = 0
-            # what the listener will have heard when the fade ends: the last frame handed out, less the latency
-            played_index = max(ring.heard_index, ring.read_index - latency_frames)
+            # what the listener will have heard when the fade ends: everything already handed to the
+            # device (its buffer plays out, nothing takes it back), then the 10 ms fade
+            played_index = heard_base + min(FLUSH_FADE_FRAMES, self.backlog_frames + got)
             ring.take_flush()
             self.flushes += 1
             self.flush_mono_ns = time.monotonic_ns()
@@ -279,6 +282,7 @@ class PlaybackProcess:
                     return out.tobytes(), pyaudio.paContinue
                 flushing = self.ring.flush_pending
                 while fifo.length < frame_count or flushing:
+                    self.renderer.backlog_frames = fifo.length * RATE_HZ // rate
                     self.renderer.render(api_buf, latency_frames, time.monotonic())
                     fifo.push(resampler.resample_chunk(api_buf))
                     if flushing:  # that render applied the flush: fade from this callback's start

@@ -248,7 +248,7 @@ class Supervisor:
             return
         if topic == "engine.status" and body.get("state") == "connected":
             self.session_id = body.get("session_id")
-            if not self.connected:
+            if not self.connected and not self.stopping:  # (while stopping, the rings are gone: only log)
                 self.connected = True
                 # when the realtime process said so (the loop takes messages up to LOOP_PERIOD_S later)
                 sent_ns = body.get("mono_ns")

@@ -105,6 +105,21 @@ def test_flush_fades_within_10_ms_and_drops_the_rest(ring: Ring) -> None:
     r.render(out, 0, 0.0)
     assert out[0] > 9000 and not out[240:].any()  # 10 ms ramp at 24 kHz, then silence
     assert ring.read_available == 0 and r.events[-1][0] == "flushed"
+    # heard at the fade's end: all that was handed out (the device buffer plays out) plus the fade,
+    # whatever the output latency
+    assert r.events[-1][1] == 480 + 240
+
+
+def test_flush_counts_what_the_callback_still_holds(ring: Ring) -> None:
+    r = Renderer(ring, prebuffer_frames=0)
+    out = np.zeros(480, dtype=np.int16)
+    ring.write(loud(4800))
+    r.render(out, 480, 0.0)
+    r.render(out, 480, 0.0)     # 960 read; the callback still holds 300 of them, resampled
+    r.backlog_frames = 300
+    ring.request_flush()
+    r.render(out, 480, 0.0)     # the device-rate fade covers 240 of the 300 held: those are heard
+    assert r.events[-1] == ("flushed", 960 - 300 + 240)
 
 
 def test_heard_index_lags_by_device_latency(ring: Ring) -> None:
