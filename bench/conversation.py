@@ -112,8 +112,13 @@ def truncation_errors_from_recording(recording: np.ndarray, rec_start_s: float, 
             continue
         item_start_ms = (a + int(seg[0])) * 5 - lead_ms              # this item's own onset
         heard_ms = (a + int(seg[-1]) + 1) * 5 - item_start_ms      # the end of the last loud window
-        later = np.nonzero(ref_loud[heard_ms // 5:])[0]
-        next_sound_ms = heard_ms + int(later[0]) * 5 if len(later) else heard_ms + 10_000
+        # the reply's next sound after the stretch the recording stopped in (the two envelopes may
+        # be a window or two apart, so first step past the end of that stretch in the reply)
+        i = max(0, heard_ms // 5 - 2)
+        while i < len(ref_loud) and ref_loud[i]:
+            i += 1
+        later = np.nonzero(ref_loud[i:])[0]
+        next_sound_ms = (i + int(later[0])) * 5 if len(later) else heard_ms + 10_000
         lo, hi = heard_ms - 5, max(heard_ms + 15, next_sound_ms + 5)   # 5 ms windows, 10 ms fade
         errors.append(float(max(0, lo - end_ms, end_ms - hi)))
     return errors
