@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 REPLY = "The sea is wide and the ships are many, and every sailor knows the way home."
 JITTER_MS = 30
 PREBUFFER_MS = 80
-PERIOD_MS = 20
+PERIOD_MS = 20            # the mic's device period (the API gets 20 ms chunks)
+PLAYBACK_PERIOD_MS = 20   # the speaker's (audio.playback_period_ms): barge-in waits for its next callback
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -146,6 +147,7 @@ class Engine:
     def __init__(self, tmp: Path, scen: Path) -> None:
         cfg = tmp / "engine.yaml"
         cfg.write_text(f"audio: {{mic: vmic, speaker: vspk, prebuffer_ms: {PREBUFFER_MS}, period_ms: {PERIOD_MS}, "
+                       f"playback_period_ms: {PLAYBACK_PERIOD_MS}, "
                        f"echo: aec}}\nlocal_server: {{asr: false, scenario: {scen}}}\n"
                        "session: {turn_detection: null, transcription: null}\n")
         self.env = dict(os.environ, REALTALK_RUNTIME_DIR=str(tmp / "run"), XDG_DATA_HOME=str(tmp / "data"))
@@ -259,7 +261,7 @@ def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
         "engine_mic_to_socket_ms_p50": mic["p50_ms"], "engine_mic_to_socket_ms_p99": mic["p99_ms"],
         "engine_delta_to_device_ms_p50": pct([t["first_delta_to_device_ms"] for t in turns], 50),
         "engine_delta_to_device_ms_p99": pct([t["first_delta_to_device_ms"] for t in turns], 99),
-        "engine_delta_to_device_bound_ms": PREBUFFER_MS + PERIOD_MS,
+        "engine_delta_to_device_bound_ms": PREBUFFER_MS + PLAYBACK_PERIOD_MS,
         "engine_request_to_device_ms_p50": pct([t["to_device_ms"] for t in turns], 50),
         "delta_interval_ms_std_mean": pct([t["delta_interval_ms_std"] for t in turns], 50),
         "engine_underruns_jitter30": sum(1 for t, _ in quiet if t == "playback.underrun"),
@@ -330,7 +332,7 @@ async def _baseline(url: str, load: bool, turns: int) -> dict[str, Any]:
         return chunk + bytes(need - len(chunk)), pyaudio.paContinue
 
     stream = pa.open(format=pyaudio.paInt16, channels=1, rate=24000, output=True, output_device_index=dev["index"],
-                     frames_per_buffer=24 * PERIOD_MS, stream_callback=callback)
+                     frames_per_buffer=24 * PLAYBACK_PERIOD_MS, stream_callback=callback)
     delta_to_device: list[float] = []
     client = AsyncOpenAI(api_key="sk-local", websocket_base_url=url)
     async with client.realtime.connect(model="gpt-realtime") as conn:
@@ -378,7 +380,8 @@ def run(interruptions: int = 200) -> dict[str, Any]:
     vaudio_env()
     tmp = Path(tempfile.mkdtemp(prefix="rtconv"))
     scen = scenario(tmp)
-    result: dict[str, Any] = {"jitter_ms": JITTER_MS, "prebuffer_ms": PREBUFFER_MS, "period_ms": PERIOD_MS}
+    result: dict[str, Any] = {"jitter_ms": JITTER_MS, "prebuffer_ms": PREBUFFER_MS, "period_ms": PERIOD_MS,
+                              "playback_period_ms": PLAYBACK_PERIOD_MS}
     result.update(bench_engine(tmp, scen, interruptions))
     result.update(bench_baseline(scen, load=False))
     result.update(bench_baseline(scen, load=True))

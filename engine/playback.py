@@ -166,7 +166,7 @@ class PlaybackProcess:
         self.spec = spec
         cfg = spec["config"]["audio"]
         self.speaker = spec.get("speaker_target", cfg["speaker"])
-        self.period_ms = cfg["period_ms"]
+        self.period_ms = cfg.get("playback_period_ms") or cfg["period_ms"]
         self.ring = Ring.attach(spec["speaker_ring"])
         # every frame handed to the device also goes to the reference ring (echo canceller, recording)
         self.ref = Ring.attach(spec["ref_ring"]) if spec.get("ref_ring") else None

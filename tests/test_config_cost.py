@@ -37,6 +37,7 @@ def test_every_key_is_documented() -> None:
     ({"audio": {"mik": "x"}}, "'audio.mik' is unknown (did you mean 'mic'?)"),
     ({"backend": "cloud"}, "'backend': 'cloud' is not one of"),
     ({"audio": {"period_ms": "20"}}, "'audio.period_ms': expected an integer"),
+    ({"audio": {"playback_period_ms": 15}}, "'audio.playback_period_ms': 15 is not one of"),
     ({"session": {"turn_detection": {"treshold": 0.5}}}, "did you mean 'threshold'"),
     ({"budget_usd": -1}, "must not be negative"),
     ({"barge_in": {"enabled": "yes"}}, "'barge_in.enabled': expected true/false"),
