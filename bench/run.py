@@ -129,6 +129,12 @@ def _bus_pub(endpoint: str, mode: str, count: int, hz: float, join_endpoint: str
         for _ in range(count):
             pub.publish("bench.flood", payload)
         pub.publish("bench.end", {})
+    elif mode == "raw":  # encoded once: what the sockets and the broker carry, without msgpack
+        from bus import encode
+        frames = encode("bench.flood", payload, "bench", 1)
+        for _ in range(count):
+            pub.send_raw(frames)
+        pub.publish("bench.end", {})
     else:
         for _ in paced(count, hz):
             pub.publish("bench.paced", payload)
@@ -137,7 +143,8 @@ def _bus_pub(endpoint: str, mode: str, count: int, hz: float, join_endpoint: str
     pub.close()
 
 
-def _bus_measure(pub_ep: str, sub_ep: str) -> dict[str, float]:
+def _bus_measure(pub_ep: str, sub_ep: str) -> dict[str, Any]:
+    import zmq
     from bus import Subscriber
     ctx = mp.get_context("fork")
     sub = Subscriber(sub_ep, ["bench."])
@@ -159,6 +166,26 @@ def _bus_measure(pub_ep: str, sub_ep: str) -> dict[str, float]:
         delivered.append(got / n)
         p.join()
     rate = statistics.median(rates)
+    # the same floods with frames encoded once, read without decoding: the bus itself
+    raw_rates = []
+    sock = sub.socket  # its receive timeout is 5 s, left by the recv calls above
+    for _ in range(FLOOD_RUNS):
+        p = ctx.Process(target=_bus_pub, args=(pub_ep, "raw", n, 0, sub_ep))
+        p.start()
+        got, t0 = 0, None
+        while True:
+            try:
+                topic = sock.recv()
+                sock.recv()
+            except zmq.Again:
+                break
+            if topic == b"bench.end":
+                break
+            if topic == b"bench.flood":
+                t0 = t0 or time.perf_counter()
+                got += 1
+        raw_rates.append(got / (time.perf_counter() - t0) if t0 else 0.0)
+        p.join()
     p = ctx.Process(target=_bus_pub, args=(pub_ep, "paced", 3000, 1000.0, sub_ep))
     p.start()
     lat = []
@@ -170,7 +197,8 @@ def _bus_measure(pub_ep: str, sub_ep: str) -> dict[str, float]:
             lat.append((time.monotonic_ns() - msg[1]["mono_ns"]) / 1000)
     p.join()
     sub.close()
-    return {"msgs_per_s": round(rate), "runs": [round(r) for r in rates], "delivered": round(min(delivered), 3),
+    return {"msgs_per_s": round(rate), "runs": [round(r) for r in rates],
+            "raw_msgs_per_s": round(statistics.median(raw_rates)), "raw_runs": [round(r) for r in raw_rates], "delivered": round(min(delivered), 3),
             "p50_us": round(pct(lat, 50), 1),
             "p99_us": round(pct(lat, 99), 1)}
 
@@ -197,7 +225,9 @@ def bench_bus() -> dict[str, Any]:
     c_proxy = _measure_through(_c_proxy, f"ipc://{tmp}/rp.sock", f"ipc://{tmp}/rs.sock")
     # reference: a direct PUB -> SUB pair, no broker at all
     direct = _bus_measure(f"ipc://{tmp}/d.sock", f"ipc://{tmp}/d.sock")
-    return {"bus_broker_msgs_per_s": via["msgs_per_s"], "bus_broker_msgs_per_s_runs": via["runs"], "bus_broker_delivered_fraction": via["delivered"],
+    return {"bus_broker_msgs_per_s": via["msgs_per_s"], "bus_broker_msgs_per_s_runs": via["runs"],
+            "bus_broker_raw_frames_msgs_per_s": via["raw_msgs_per_s"], "bus_broker_raw_frames_runs": via["raw_runs"],
+            "bus_reference_direct_raw_frames_msgs_per_s": direct["raw_msgs_per_s"], "bus_broker_delivered_fraction": via["delivered"],
             "bus_broker_p50_us_at_1khz": via["p50_us"], "bus_broker_p99_us_at_1khz": via["p99_us"],
             "bus_reference_c_proxy_msgs_per_s": c_proxy["msgs_per_s"], "bus_reference_c_proxy_msgs_per_s_runs": c_proxy["runs"],
             "bus_reference_c_proxy_p99_us_at_1khz": c_proxy["p99_us"],

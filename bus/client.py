@@ -97,7 +97,12 @@ class Publisher:
             sub.close()
 
     def send_raw(self, frames: list[bytes]) -> None:
-        self._sock.send_multipart(frames)
+        """Send frames as they are (already encoded, or deliberately malformed in tests)."""
+        if not frames:
+            raise BusError("send_raw needs at least one frame")
+        for frame in frames[:-1]:
+            self._sock.send(frame, zmq.SNDMORE)
+        self._sock.send(frames[-1])
 
     def close(self) -> None:
         self._sock.close()
