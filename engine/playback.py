@@ -39,8 +39,9 @@ class Renderer:
 
     A *stream* is one response's audio: it starts when the prebuffer is full (or the
     whole stream is already in the ring) and ends when the reader reaches the end mark
-    the producer set for it. Running dry before that is an underrun: the tail fades out,
-    the gap is counted, playback waits for the prebuffer again, and the prebuffer grows
+    the producer set for it. Running dry before that is an underrun once more of the stream
+    comes (if the end mark comes first, it was the stream's end): the tail fades out, the gap
+    is counted, playback waits for the prebuffer again, and the prebuffer grows
     (adaptive, up to ``max_prebuffer_frames``) so the next stream rides out the jitter; each
     stream that plays without an underrun gives half of that growth back, so one late delta
     does not cost latency for the rest of the session.
@@ -54,6 +55,8 @@ class Renderer:
         self.base_prebuffer_frames = prebuffer_frames   # what the config asked for: the floor it decays back to
         self.max_prebuffer_frames = max(prebuffer_frames, max_prebuffer_frames)
         self.stream_underruns = 0                       # underruns in the current stream
+        self.dry_index = 0                              # where the ring ran dry mid-stream
+        self.dry_frames = 0                             # silence since then, counted if audio comes back
         self.state = IDLE
         self.in_stream = False
         self.stream_start = 0
@@ -99,6 +102,7 @@ class Renderer:
             self.flush_mono_ns = time.monotonic_ns()
             self.events.append(("flushed", played_index))
             self.state, self.in_stream, self.waiting_since = IDLE, False, None
+            self.dry_frames = 0
             ring.set_heard(ring.read_index, latency_frames)
             return
         if self.state == IDLE:
@@ -106,9 +110,22 @@ class Renderer:
             if avail == 0:
                 out[:] = 0
                 self.waiting_since = None
+                if self.in_stream:
+                    if self._stream_complete() and ring.read_index >= ring.end_index:
+                        self._stream_ended()  # it ran dry at its very end: the end mark came late
+                    else:
+                        self.dry_frames += n  # the gap grows (an underrun if more audio comes)
                 if not self.in_stream:
                     ring.set_heard(heard_base, latency_frames)  # idle: everything handed out has been heard
                 return
+            if self.in_stream and self.dry_frames:
+                # audio came back after the ring ran dry mid-stream: that was an underrun
+                self.underrun_events += 1
+                self.stream_underruns += 1
+                ring.count_underrun(self.dry_frames)
+                self.events.append(("underrun", self.dry_index))
+                self.prebuffer_frames = min(self.max_prebuffer_frames, self.prebuffer_frames + RATE_HZ // 50)
+                self.dry_frames = 0
             if not self.in_stream:
                 self.stream_start = ring.read_index
             if self.waiting_since is None:
@@ -146,19 +163,22 @@ class Renderer:
                 out[got - k:got] = (out[got - k:got] * self._fade_down[FADE_FRAMES - k:]).astype(np.int16)
             self.state = IDLE
             if self._stream_complete() and ring.read_index >= ring.end_index:
-                self.in_stream = False      # the stream ended: not an underrun
-                self.events.append(("stopped", ring.read_index))
-                if self.stream_underruns == 0:  # a clean stream: give back half of what underruns added
-                    extra = self.prebuffer_frames - self.base_prebuffer_frames
-                    self.prebuffer_frames -= extra // 2 if extra > RATE_HZ // 100 else extra
-                self.stream_underruns = 0
+                self._stream_ended()
             else:
-                self.underrun_events += 1
-                self.stream_underruns += 1
-                ring.count_underrun(n - got)
-                self.events.append(("underrun", ring.read_index))
-                self.prebuffer_frames = min(self.max_prebuffer_frames, self.prebuffer_frames + RATE_HZ // 50)
+                # dry mid-stream: an underrun if more of this stream comes, its end if the end mark
+                # comes first (the API may say "done" a little after the last delta)
+                self.dry_index = ring.read_index
+                self.dry_frames = n - got
         ring.set_heard(max(ring.heard_index, heard_base - latency_frames), latency_frames)
+
+    def _stream_ended(self) -> None:
+        self.in_stream = False
+        self.dry_frames = 0
+        self.events.append(("stopped", self.ring.read_index))
+        if self.stream_underruns == 0:  # a clean stream: give back half of what underruns added
+            extra = self.prebuffer_frames - self.base_prebuffer_frames
+            self.prebuffer_frames -= extra // 2 if extra > RATE_HZ // 100 else extra
+        self.stream_underruns = 0
 
 
 class PlaybackProcess:

@@ -78,12 +78,15 @@ def test_stale_end_mark_does_not_end_the_next_stream(ring: Ring) -> None:
     r.render(out, 0, 1.0)        # waits the prebuffer time
     r.render(out, 0, 1.03)       # plays 480
     r.render(out, 0, 1.05)       # runs dry mid-stream
-    assert r.events[-1][0] == "underrun" and ring.underrun_frames == 360
-    assert r.prebuffer_frames > 480  # adapts
     assert out[119] == 0 and 0 < abs(int(out[100])) < 10000  # faded, then silence
+    assert r.events[-1][0] == "started" and ring.underrun_frames == 0  # a gap or the end? not known yet
+    r.render(out, 0, 1.07)       # still dry: the gap grows
+    ring.write(loud(480))        # more of that stream: it was an underrun, of the whole gap
+    r.render(out, 0, 1.09)
+    assert r.events[-1] == ("underrun", 1080) and ring.underrun_frames == 360 + 480
+    assert r.prebuffer_frames > 480  # adapts
     grown = r.prebuffer_frames
-    ring.write(loud(480))        # the rest of that stream: it ends with its underrun, nothing given back
-    ring.mark_end()
+    ring.mark_end()              # the rest of that stream: it ends with its underrun, nothing given back
     for t in (2.0, 2.0, 2.0):
         r.render(out, 0, t)
     assert r.events[-1][0] == "stopped" and r.prebuffer_frames == grown
@@ -94,6 +97,23 @@ def test_stale_end_mark_does_not_end_the_next_stream(ring: Ring) -> None:
         r.render(out, 0, 3.0 + k)
         assert r.events[-1][0] == "stopped"
     assert r.prebuffer_frames == 480
+
+
+def test_running_dry_just_before_a_late_end_mark_is_the_end_not_an_underrun(ring: Ring) -> None:
+    r = Renderer(ring, prebuffer_frames=0)
+    out = np.zeros(480, dtype=np.int16)
+    ring.write(loud(720))
+    r.render(out, 0, 0.0)
+    r.render(out, 0, 0.02)       # dry: "done" has not come yet
+    r.render(out, 0, 0.04)
+    ring.mark_end()              # the API's done, a little after the last delta
+    r.render(out, 0, 0.06)
+    assert [e for e, _ in r.events] == ["started", "stopped"] and ring.underrun_frames == 0
+    ring.write(loud(480))        # the next response is a new stream, announced as such
+    ring.mark_end()
+    r.render(out, 0, 1.0)
+    r.render(out, 0, 1.02)
+    assert r.events[-2:] == [("started", 720), ("stopped", 1200)]
 
 
 def test_flush_fades_within_10_ms_and_drops_the_rest(ring: Ring) -> None:
