@@ -202,6 +202,7 @@ class PlaybackProcess:
         self.next_position_at = 0.0
         self.callback_ns = np.zeros(512, dtype=np.int64)  # when the latest device callbacks ran (a ring)
         self.callbacks = 0
+        self.device_underflows = 0   # PortAudio's paOutputUnderflow: the device buffer ran dry
         self.next_cadence_at = time.monotonic() + CADENCE_EVERY_S
 
     def _item_at(self, index: int) -> tuple[int, str | None, str | None]:
@@ -248,6 +249,7 @@ class PlaybackProcess:
                 else self.callback_ns[:n]
             gaps_ms = np.diff(times) / 1e6
             self.pub.publish("playback.cadence", {"callbacks": self.callbacks, "period_ms": self.period_ms,
+                                                  "device_underflows": self.device_underflows,
                                                   "interval_ms_p50": round(float(np.percentile(gaps_ms, 50)), 2),
                                                   "interval_ms_p99": round(float(np.percentile(gaps_ms, 99)), 2),
                                                   "interval_ms_max": round(float(gaps_ms.max()), 2)})
@@ -292,6 +294,8 @@ class PlaybackProcess:
             try:
                 self.callback_ns[self.callbacks % len(self.callback_ns)] = time.monotonic_ns()
                 self.callbacks += 1
+                if status & pyaudio.paOutputUnderflow:
+                    self.device_underflows += 1  # the device ran out before this callback: a click we caused
                 latency_s = max(0.0, time_info.get("output_buffer_dac_time", 0) - time_info.get("current_time", 0))
                 if latency_s <= 0 or latency_s > 1:
                     latency_s = stream_latency_s
