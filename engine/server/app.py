@@ -52,6 +52,7 @@ class Connection:
         self.faults = cfg.faults.merged(cfg.scenario.faults)
         self.session = ServerSession(model, cfg.scenario, self.faults)
         self.wakes: dict[str, asyncio.Event] = {}
+        self.streams: dict[str, asyncio.Task[Any]] = {}   #: response id -> the task streaming it
         self.transcripts: dict[str, asyncio.Future[str]] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
         self.sent_counts: dict[str, int] = {}
@@ -84,10 +85,11 @@ class Connection:
         else:
             await self.ws.close(code, reason)
 
-    def spawn(self, coro: Any) -> None:
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self.tasks.discard(task)
@@ -97,15 +99,24 @@ class Connection:
     async def apply(self, acts: Actions) -> None:
         for ev in acts.send:
             await self.send(ev)
+        woken = []
         for resp in acts.wake:
             if resp.id in self.wakes:
                 self.wakes[resp.id].set()
+                task = self.streams.get(resp.id)
+                if task is not None and not task.done():
+                    woken.append(task)
+        if woken:
+            # a cancelled response says its last words (… response.done) before the next input
+            # event is taken, as the API orders them (trace 08: speech_started, the cancelled
+            # response's done events, then speech_stopped)
+            await asyncio.wait(woken, timeout=2.0)
         for item in acts.transcribe:
             self.transcripts[item.id] = asyncio.get_running_loop().create_future()
             self.spawn(self.transcribe(item))
         for resp in acts.start:
             self.wakes[resp.id] = asyncio.Event()
-            self.spawn(self.stream(resp))
+            self.streams[resp.id] = self.spawn(self.stream(resp))
 
     async def transcribe(self, item: Item) -> None:
         words = item.heard
@@ -145,6 +156,7 @@ class Connection:
                 await self.send(event)
         finally:
             self.wakes.pop(resp.id, None)
+            self.streams.pop(resp.id, None)
 
     async def run(self) -> None:
         await self.send(self.session.created_event())
