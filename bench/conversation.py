@@ -103,8 +103,8 @@ def truncation_errors_from_recording(recording: np.ndarray, rec_start_s: float, 
     offset_ms = int(np.argmax(loud)) * 5 - lead_ms - (cuts[0][0] / 1e9 - rec_start_s) * 1000
     errors = []
     for start_ns, next_ns, end_ms in cuts:
-        item_start_ms = (start_ns / 1e9 - rec_start_s) * 1000 + offset_ms
-        a = max(0, int((item_start_ms - 30) / 5))   # window index (5 ms)
+        expected_ms = (start_ns / 1e9 - rec_start_s) * 1000 + offset_ms   # where this item should begin
+        a = max(0, int((expected_ms - 30) / 5))   # window index (5 ms)
         b = len(loud) if next_ns is None else min(len(loud), int(((next_ns / 1e9 - rec_start_s) * 1000 + offset_ms
                                                                    - 30) / 5))
         seg = np.nonzero(loud[a:b])[0]

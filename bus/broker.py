@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 import threading
+from typing import Any, Callable, Iterator
 
 import zmq
 
@@ -31,6 +32,7 @@ from bus.wire import encode
 
 #: topics whose last message is replayed to new subscribers (exact topic)
 LAST_VALUE_TOPICS = ("engine.status", "session.config", "cost.session", "engine.tools")
+_STATE_TOPICS = frozenset(t.encode() for t in LAST_VALUE_TOPICS)
 #: a client that subscribes to ``_presence.<owner>`` is announced gone (``engine.presence.gone``)
 #: when that subscription disappears, e.g. because the client's process ended
 PRESENCE_PREFIX = b"_presence."
@@ -105,7 +107,17 @@ def _forward(xsub: zmq.Socket, xpub: zmq.Socket, control: zmq.Socket) -> None:
         pass
 
 
-def _keep(keeper_pub: zmq.Socket, keeper_sub: zmq.Socket, stop: zmq.Socket | None, running) -> None:
+def _drain(recv: Callable[[int], Any]) -> Iterator[Any]:
+    """What ``recv`` has waiting, without blocking."""
+    while True:
+        try:
+            yield recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+
+
+def _keep(keeper_pub: zmq.Socket, keeper_sub: zmq.Socket, stop: zmq.Socket | None,
+          running: Callable[[], bool]) -> None:
     """The last-value cache and presence loop (see the module docstring)."""
     cache: dict[bytes, list[bytes]] = {}
     seq = 0
@@ -124,19 +136,11 @@ def _keep(keeper_pub: zmq.Socket, keeper_sub: zmq.Socket, stop: zmq.Socket | Non
         if stop is not None and stop in events:
             return
         if keeper_sub in events:
-            while True:
-                try:
-                    frames = keeper_sub.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                if len(frames) == 2 and frames[0].decode(errors="replace") in LAST_VALUE_TOPICS:
+            for frames in _drain(keeper_sub.recv_multipart):
+                if len(frames) == 2 and frames[0] in _STATE_TOPICS:
                     cache[frames[0]] = frames
         if keeper_pub in events:
-            while True:
-                try:
-                    sub = keeper_pub.recv(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
+            for sub in _drain(keeper_pub.recv):
                 if sub[:1] == b"\x01":
                     for frames in list(cache.values()):
                         if frames[0].startswith(sub[1:]):

@@ -15,10 +15,15 @@ from bus import Publisher
 DEVICE_FAILED = 3
 
 
-def stop_on_signals(stop: threading.Event) -> None:
-    """SIGTERM and SIGINT only set ``stop``; the process's own loop winds down."""
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+def stop_on_signals(stop: threading.Event, wake: Callable[[], None] | None = None) -> None:
+    """SIGTERM and SIGINT only set ``stop`` (and call ``wake``, for a loop that sleeps on
+    something else); the process's own loop winds down."""
+    def _stop(*_: object) -> None:
+        stop.set()
+        if wake is not None:
+            wake()
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
 
 
 def run_reporting(pub: Publisher, source: str, body: Callable[[], None]) -> int:

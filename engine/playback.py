@@ -66,8 +66,6 @@ class Renderer:
         self._fade_up = np.linspace(0.0, 1.0, FADE_FRAMES, dtype=np.float32)
         self.resumed = False
         self.events: list[tuple[str, int]] = []    # ("started"/"stopped"/"underrun"/"flushed", index), drained by a thread
-        self.underrun_events = 0
-        self.flushes = 0
         self.backlog_frames = 0                    # set by the callback: frames read but not yet handed to the device
         self.first_sample_mono_ns = 0              # when the latest stream's first sample was handed to the device
         self.arrived_mono_ns = 0                   # when its first frames arrived (the prebuffer counts from there)
@@ -78,6 +76,10 @@ class Renderer:
         ring = self.ring
         end = ring.end_index
         return end > self.stream_start and end >= ring.write_index
+
+    def _at_stream_end(self) -> bool:
+        """The current stream is complete and all of it has been read."""
+        return self._stream_complete() and self.ring.read_index >= self.ring.end_index
 
     def render(self, out: np.ndarray, latency_frames: int, now: float) -> None:
         """Fill ``out`` completely (silence where there is nothing to play); copy it to the reference ring."""
@@ -98,7 +100,6 @@ class Renderer:
             # device (its buffer plays out, nothing takes it back), then the 10 ms fade
             played_index = heard_base + min(FLUSH_FADE_FRAMES, self.backlog_frames + got)
             ring.take_flush()
-            self.flushes += 1
             self.flush_mono_ns = time.monotonic_ns()
             self.events.append(("flushed", played_index))
             self.state, self.in_stream, self.waiting_since = IDLE, False, None
@@ -111,7 +112,7 @@ class Renderer:
                 out[:] = 0
                 self.waiting_since = None
                 if self.in_stream:
-                    if self._stream_complete() and ring.read_index >= ring.end_index:
+                    if self._at_stream_end():
                         self._stream_ended()  # it ran dry at its very end: the end mark came late
                     else:
                         self.dry_frames += n  # the gap grows (an underrun if more audio comes)
@@ -120,7 +121,6 @@ class Renderer:
                 return
             if self.in_stream and self.dry_frames:
                 # audio came back after the ring ran dry mid-stream: that was an underrun
-                self.underrun_events += 1
                 self.stream_underruns += 1
                 ring.count_underrun(self.dry_frames)
                 self.events.append(("underrun", self.dry_index))
@@ -162,7 +162,7 @@ class Renderer:
                 k = min(got, FADE_FRAMES)
                 out[got - k:got] = (out[got - k:got] * self._fade_down[FADE_FRAMES - k:]).astype(np.int16)
             self.state = IDLE
-            if self._stream_complete() and ring.read_index >= ring.end_index:
+            if self._at_stream_end():
                 self._stream_ended()
             else:
                 # dry mid-stream: an underrun if more of this stream comes, its end if the end mark
@@ -194,8 +194,7 @@ class PlaybackProcess:
         self.stop = threading.Event()
         self.pub = Publisher(spec["bus"]["publish"], f"playback:{os.getpid()}")
         self.pub.join(spec["bus"]["subscribe"])
-        self.device_name = str(self.speaker)
-        self.callback_errors = 0
+        self.callback_errors = 0     # exceptions in the device callback (answered with silence)
         # which item starts where in the ring (announced by the realtime process on playback.item)
         self.items_sub = Subscriber(spec["bus"]["subscribe"], ["playback.item"])
         self.item_starts: list[tuple[int, str, str]] = []   # (start_index, item_id, response_id), ascending
@@ -244,12 +243,10 @@ class PlaybackProcess:
         if now >= self.next_cadence_at and self.callbacks > 2:
             self.next_cadence_at = now + CADENCE_EVERY_S
             n = min(self.callbacks, len(self.callback_ns))
-            k = self.callbacks % len(self.callback_ns)
-            times = np.concatenate([self.callback_ns[k:n], self.callback_ns[:k]]) if n == len(self.callback_ns) \
-                else self.callback_ns[:n]
-            gaps_ms = np.diff(times) / 1e6
+            gaps_ms = np.diff(np.sort(self.callback_ns[:n])) / 1e6  # the ring's stamps, back in time order
             self.pub.publish("playback.cadence", {"callbacks": self.callbacks, "period_ms": self.period_ms,
                                                   "device_underflows": self.device_underflows,
+                                                  "callback_errors": self.callback_errors,
                                                   "interval_ms_p50": round(float(np.percentile(gaps_ms, 50)), 2),
                                                   "interval_ms_p99": round(float(np.percentile(gaps_ms, 99)), 2),
                                                   "interval_ms_max": round(float(gaps_ms.max()), 2)})
@@ -276,7 +273,6 @@ class PlaybackProcess:
         from engine.audio import find_device, keep_running, open_pyaudio, resample_stream
         pa = open_pyaudio()
         dev = find_device(pa, self.speaker, "output")
-        self.device_name = dev["name"]
         rate = self.spec["config"]["audio"]["device_rate_hz"] or dev["default_rate_hz"]
         frames_dev = rate * self.period_ms // 1000
         frames_api = RATE_HZ * self.period_ms // 1000
@@ -304,19 +300,20 @@ class PlaybackProcess:
                     out = np.empty(frame_count, dtype=np.int16)
                     self.renderer.render(out, latency_frames, time.monotonic())
                     return out.tobytes(), pyaudio.paContinue
-                flushing = self.ring.flush_pending
+                flushing = self.ring.flush_pending  # one render applies it
                 while fifo.length < frame_count or flushing:
                     self.renderer.backlog_frames = fifo.length * RATE_HZ // rate
                     self.renderer.render(api_buf, latency_frames, time.monotonic())
                     fifo.push(resampler.resample_chunk(api_buf))
-                    if flushing:  # that render applied the flush: fade from this callback's start
-                        head = fifo.head(min(frame_count, fifo.length, len(flush_out)))
-                        k = min(len(head), len(flush_ramp))
-                        flush_out[:k] = (head[:k] * flush_ramp[:k]).astype(np.int16)
-                        flush_out[k:len(head)] = 0
-                        fifo.drop(fifo.length)
-                        return flush_out[:len(head)].tobytes() + bytes(2 * (frame_count - len(head))), \
-                            pyaudio.paContinue
+                    if flushing:
+                        break
+                if flushing:  # fade what this callback hands out from its start; drop the rest
+                    k = min(frame_count, fifo.length, len(flush_ramp))
+                    flush_out[:k] = (fifo.head(k) * flush_ramp[:k]).astype(np.int16)
+                    flush_out[k:frame_count] = 0
+                    fifo.drop(fifo.length)
+                    return flush_out[:frame_count].tobytes() + bytes(2 * max(0, frame_count - len(flush_out))), \
+                        pyaudio.paContinue
                 data = fifo.head(frame_count).tobytes()
                 fifo.drop(frame_count)
                 return data, pyaudio.paContinue

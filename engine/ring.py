@@ -214,7 +214,7 @@ class Ring:
             pos = w & self._mask
             data = self._data_bytes
             if pos + n <= cap:
-                data[2 * pos:2 * (pos + n)] = src[:2 * n] if n < len(src) >> 1 else src
+                data[2 * pos:2 * (pos + n)] = src[:2 * n]
             else:
                 first = cap - pos
                 data[2 * pos:] = src[:2 * first]

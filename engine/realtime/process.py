@@ -11,8 +11,8 @@ from __future__ import annotations
 import base64
 import bisect
 import json
+import math
 import os
-import signal
 import sys
 import threading
 import time
@@ -26,6 +26,7 @@ import zmq
 
 from bus import Publisher, Subscriber
 from engine import child
+from engine.child import stop_on_signals
 from engine.realtime.protocol import (API_RATE_HZ, FRAMES_PER_MS, EndOfAudio, Flush, Play, Publish, RealtimeProtocol,
                                       Send)
 from engine.ring import Ring
@@ -265,11 +266,7 @@ class RealtimeProcess:
             pass  # already due to wake
 
     def run(self) -> int:
-        def _stop(*_: object) -> None:
-            self.stop.set()
-            self._wake_main()
-        signal.signal(signal.SIGTERM, _stop)
-        signal.signal(signal.SIGINT, _stop)
+        stop_on_signals(self.stop, self._wake_main)
         sub = Subscriber(self.sub_endpoint, ["cmd.", "engine.presence.gone", "playback.started", "playback.flushed"])
         self.main_pub.join(self.sub_endpoint)
         if not self.connect():
@@ -288,8 +285,7 @@ class RealtimeProcess:
             with self.lock:  # under the lock: a timer the reader sets is either seen here or wakes us
                 due = self.proto.next_deadline()
                 now = time.monotonic()
-                self.main_wakes_at = min(now + IDLE_WAKE_S, next_mic_report,
-                                         due if due is not None else now + IDLE_WAKE_S)
+                self.main_wakes_at = min(now + IDLE_WAKE_S, next_mic_report, due if due is not None else math.inf)
             try:
                 ready = dict(poller.poll(max(0, int((self.main_wakes_at - now) * 1000 + 0.999))))
             except zmq.ZMQError as exc:
