@@ -85,8 +85,9 @@ def truncation_errors_from_recording(recording: np.ndarray, rec_start_s: float, 
                                      cuts: list[tuple[int, int | None, int]]) -> list[float]:
     """How far each truncation's ``audio_end_ms`` is from what the speaker monitor recorded.
 
-    ``cuts``: (first_sample_mono_ns, next item's first_sample_mono_ns or None, audio_end_ms) per
-    interruption. Every reply is the same speech (``reply``, the server's PCM), so in each item's
+    ``cuts``: (first_sample_mono_ns, next item's first_sample_mono_ns or None, audio_end_ms,
+    stretch_ms) per interruption; the item played ``stretch_ms`` longer than its audio up to the
+    cut (time-stretching), so the recording's span is that much longer than what it played. Every reply is the same speech (``reply``, the server's PCM), so in each item's
     stretch of the recording the item starts where the sound starts less the reply's own leading
     silence, and the cut is where the sound stops for good. A cut inside a pause of the reply can
     be anywhere up to the reply's next sound, and the 10 ms fade ends below the threshold: within
@@ -102,7 +103,7 @@ def truncation_errors_from_recording(recording: np.ndarray, rec_start_s: float, 
     # where the monitor's clock sits against CLOCK_MONOTONIC: the first item's sound, less its lead
     offset_ms = int(np.argmax(loud)) * 5 - lead_ms - (cuts[0][0] / 1e9 - rec_start_s) * 1000
     errors = []
-    for start_ns, next_ns, end_ms in cuts:
+    for start_ns, next_ns, end_ms, stretch_ms in cuts:
         expected_ms = (start_ns / 1e9 - rec_start_s) * 1000 + offset_ms   # where this item should begin
         a = max(0, int((expected_ms - 30) / 5))   # window index (5 ms)
         b = len(loud) if next_ns is None else min(len(loud), int(((next_ns / 1e9 - rec_start_s) * 1000 + offset_ms
@@ -112,7 +113,7 @@ def truncation_errors_from_recording(recording: np.ndarray, rec_start_s: float, 
             errors.append(float(end_ms) if end_ms > lead_ms + 20 else 0.0)  # nothing heard
             continue
         item_start_ms = (a + int(seg[0])) * 5 - lead_ms              # this item's own onset
-        heard_ms = (a + int(seg[-1]) + 1) * 5 - item_start_ms      # the end of the last loud window
+        heard_ms = (a + int(seg[-1]) + 1) * 5 - item_start_ms - round(stretch_ms)   # the end of the last loud window
         # the reply's next sound after the stretch the recording stopped in (the two envelopes may
         # be a window or two apart, so first step past the end of that stretch in the reply)
         i = max(0, heard_ms // 5 - 2)
@@ -237,7 +238,8 @@ def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
             eng.seen_or_wait(mark, "response.done", 10)
             silence_ms.append((flushed["flush_mono_ns"] - t_ns) / 1e6 + 10.0)  # + the 10 ms fade
             engine_ms.append((flushed["flush_mono_ns"] - interrupted["interrupt_mono_ns"]) / 1e6)
-            cut_points.append((started["first_sample_mono_ns"], interrupted["played_ms"], started["item_id"]))
+            cut_points.append((started["first_sample_mono_ns"], interrupted["played_ms"], started["item_id"],
+                               flushed.get("stretch_ms", 0.0)))
         time.sleep(0.5)  # the last fade reaches the monitor
         recording = monitor.stop()
         inter = eng.log[:]
@@ -246,12 +248,12 @@ def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
         eng.stop()
         subprocess.run(["bash", str(REPO / "tools" / "vaudio.sh"), "echo-off"], capture_output=True, timeout=10)
     from engine.server.voice import synthesize
-    cuts = [(start, cut_points[i + 1][0] if i + 1 < len(cut_points) else None, end_ms)
-            for i, (start, end_ms, _) in enumerate(cut_points)]
+    cuts = [(start, cut_points[i + 1][0] if i + 1 < len(cut_points) else None, end_ms, stretch_ms)
+            for i, (start, end_ms, _, stretch_ms) in enumerate(cut_points)]
     heard_err = truncation_errors_from_recording(recording, monitor.start_s, synthesize(REPLY, "marin", 1.0), cuts)
     # an underrun puts a gap in the recording that is not in the item's audio: those items are left out
     gapped = {b.get("item_id") for t, b in inter if t == "playback.underrun"}
-    heard_err = [e for e, (_, _, item_id) in zip(heard_err, cut_points) if item_id not in gapped]
+    heard_err = [e for e, (_, _, item_id, _) in zip(heard_err, cut_points) if item_id not in gapped]
     turns = [b for t, b in quiet + loaded if t == "latency.turn"]
     interrupted = [b for t, b in inter if t == "playback.interrupted"]
     flushed = [b for t, b in inter if t == "playback.flushed"]
@@ -266,6 +268,15 @@ def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
         "delta_interval_ms_std_mean": pct([t["delta_interval_ms_std"] for t in turns], 50),
         "engine_underruns_jitter30": sum(1 for t, _ in quiet if t == "playback.underrun"),
         "engine_underruns_under_cpu_load": sum(1 for t, _ in loaded if t == "playback.underrun"),
+        # time-stretching over late deltas (audio.time_stretch): responses it touched, and by how much
+        "engine_stretched_responses": sum(1 for t, b in quiet + loaded if t == "playback.stopped"
+                                          and b.get("expanded_ms")),
+        "engine_stretched_responses_of": sum(1 for t, _ in quiet + loaded if t == "playback.stopped"),
+        "engine_expanded_ms_max": max([b.get("expanded_ms", 0) for t, b in quiet + loaded
+                                       if t == "playback.stopped"], default=None),
+        "engine_stretch_left_ms_max": max([abs(b.get("stretch_ms", 0)) for t, b in quiet + loaded
+                                           if t == "playback.stopped"], default=None),
+        "stretched_interruptions": sum(1 for c in cut_points if c[3]),
         "engine_turns": len(turns),
         "bargein_fade_start_ms_p50": pct(engine_ms, 50), "bargein_fade_start_ms_p99": pct(engine_ms, 99),
         "bargein_silent_ms_p50": pct([m + 10.0 for m in engine_ms], 50),

@@ -31,7 +31,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "audio": {"mic": "default", "speaker": "default", "device_rate_hz": None, "period_ms": 20,
               "playback_period_ms": None,
-              "prebuffer_ms": 60, "echo": "auto",
+              "prebuffer_ms": 60, "time_stretch": True, "echo": "auto",
               "echo_guard_db": -6.0},
     "barge_in": {"enabled": True, "min_speech_ms": 0},
     "bus": {"transport": "ipc", "tcp_host": "127.0.0.1", "tcp_publish_port": 0, "tcp_subscribe_port": 0},

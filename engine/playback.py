@@ -24,6 +24,7 @@ from bus import Publisher, Subscriber
 from engine import child
 from engine.child import every_period, run_reporting, stop_on_signals
 from engine.ring import Ring, SampleFifo
+from engine.stretch import MATCH_FRAMES, MAX_PERIOD_FRAMES, MIN_PERIOD_FRAMES, TimeStretcher
 
 RATE_HZ = 24000
 FRAMES_PER_MS = RATE_HZ // 1000
@@ -45,12 +46,28 @@ class Renderer:
     (adaptive, up to ``max_prebuffer_frames``) so the next stream rides out the jitter; each
     stream that plays without an underrun gives half of that growth back, so one late delta
     does not cost latency for the rest of the session.
+
+    Time-stretching (``stretch``, NetEQ-style): while a stream is still arriving and the ring
+    holds less than half the configured prebuffer beyond this block, a pitch period of the
+    latest output plays again (the ring drains slower, so a late delta lands before it runs
+    dry); once the ring holds more than the prebuffer, periods are left out until that
+    stream's added latency is given back. A stream that is already complete is never stretched,
+    and neither is audio that arrives faster than real time (the ring is full then).
+    ``stretch_frames`` is the current stream's net stretch (output frames minus stream frames).
     """
 
     def __init__(self, ring: Ring, prebuffer_frames: int, max_frames: int = 4800,
-                 max_prebuffer_frames: int = 7200, ref: Ring | None = None) -> None:
+                 max_prebuffer_frames: int = 7200, ref: Ring | None = None, stretch: bool = True) -> None:
         self.ring = ring
         self.ref = ref
+        self.stretch = stretch
+        self.stretcher = TimeStretcher()
+        self._ahead = np.zeros(2 * MAX_PERIOD_FRAMES + MATCH_FRAMES, dtype=np.int16)
+        self.low_water_frames = prebuffer_frames // 2
+        self.stretch_frames = 0                         # the current stream's net stretch
+        self.stream_expanded_frames = 0                 # the current stream's expansions
+        self.expanded_frames = 0                        # in total, for playback.cadence
+        self.accelerated_frames = 0
         self.prebuffer_frames = prebuffer_frames
         self.base_prebuffer_frames = prebuffer_frames   # what the config asked for: the floor it decays back to
         self.max_prebuffer_frames = max(prebuffer_frames, max_prebuffer_frames)
@@ -65,7 +82,9 @@ class Renderer:
         self._fade_down = np.linspace(1.0, 0.0, FADE_FRAMES, dtype=np.float32)
         self._fade_up = np.linspace(0.0, 1.0, FADE_FRAMES, dtype=np.float32)
         self.resumed = False
-        self.events: list[tuple[str, int]] = []    # ("started"/"stopped"/"underrun"/"flushed", index), drained by a thread
+        # ("started"/"stopped"/"underrun"/"flushed", ring index, the stream's net stretch and its
+        # expansions so far), drained by a thread
+        self.events: list[tuple[str, int, int, int]] = []
         self.backlog_frames = 0                    # set by the callback: frames read but not yet handed to the device
         self.first_sample_mono_ns = 0              # when the latest stream's first sample was handed to the device
         self.arrived_mono_ns = 0                   # when its first frames arrived (the prebuffer counts from there)
@@ -101,7 +120,7 @@ class Renderer:
             played_index = heard_base + min(FLUSH_FADE_FRAMES, self.backlog_frames + got)
             ring.take_flush()
             self.flush_mono_ns = time.monotonic_ns()
-            self.events.append(("flushed", played_index))
+            self.events.append(("flushed", played_index, self.stretch_frames, self.stream_expanded_frames))
             self.state, self.in_stream, self.waiting_since = IDLE, False, None
             self.dry_frames = 0
             ring.set_heard(ring.read_index, latency_frames)
@@ -123,7 +142,7 @@ class Renderer:
                 # audio came back after the ring ran dry mid-stream: that was an underrun
                 self.stream_underruns += 1
                 ring.count_underrun(self.dry_frames)
-                self.events.append(("underrun", self.dry_index))
+                self.events.append(("underrun", self.dry_index, self.stretch_frames, self.stream_expanded_frames))
                 self.prebuffer_frames = min(self.max_prebuffer_frames, self.prebuffer_frames + RATE_HZ // 50)
                 self.dry_frames = 0
             if not self.in_stream:
@@ -147,11 +166,14 @@ class Renderer:
                 self.in_stream = True
                 self.first_sample_mono_ns = time.monotonic_ns()
                 self.arrived_mono_ns = int(self.waiting_since * 1e9)
-                self.events.append(("started", ring.read_index))
+                self.stretch_frames = self.stream_expanded_frames = 0
+                self.events.append(("started", ring.read_index, 0, 0))
             else:
                 self.resumed = True  # after an underrun: fade back in
+            self.stretcher.reset()   # a new stream or after a gap: no past to splice to
             self.waiting_since = None
-        got = ring.read_into(out)
+        got = self._stretch(out) if self.stretch and not self.resumed else 0
+        got += ring.read_into(out[got:])
         if self.resumed and got > 0:
             k = min(got, FADE_FRAMES)
             out[:k] = (out[:k] * self._fade_up[:k]).astype(np.int16)
@@ -169,12 +191,43 @@ class Renderer:
                 # comes first (the API may say "done" a little after the last delta)
                 self.dry_index = ring.read_index
                 self.dry_frames = n - got
+        else:
+            self.stretcher.remember(out)
         ring.set_heard(max(ring.heard_index, heard_base - latency_frames), latency_frames)
+
+    def _stretch(self, out: np.ndarray) -> int:
+        """Expand or accelerate at the start of ``out`` (see the class docstring); returns how
+        many frames of ``out`` it wrote, the ring's read position left where playing goes on."""
+        ring = self.ring
+        n = len(out)
+        level_frames = ring.read_available - n   # what stays in the ring after this block
+        expand = level_frames < self.low_water_frames
+        # give the added latency back while the ring holds at least its usual level (the
+        # prebuffer less a block) even without the period left out
+        accelerate = (self.stretch_frames >= MIN_PERIOD_FRAMES and level_frames
+                      - min(MAX_PERIOD_FRAMES, self.stretch_frames) >= self.prebuffer_frames - n)
+        if not (expand or accelerate) or self._stream_complete():
+            return 0  # a complete stream has nothing to wait for and nothing to catch up
+        ahead = self._ahead[:ring.peek_into(self._ahead)]
+        if expand:
+            # the lower the ring, the more of the block is stretch: half of it, three quarters
+            # under a quarter of the prebuffer (a 40 ms margin then lasts 160 ms)
+            urgent = level_frames < self.low_water_frames // 2
+            t = self.stretcher.expand(ahead, out, 3 * n // 4 if urgent else n // 2)
+            self.stretch_frames += t
+            self.stream_expanded_frames += t
+            self.expanded_frames += t
+            return t
+        t = self.stretcher.accelerate(ahead, out, self.stretch_frames)
+        ring.skip(2 * t)
+        self.stretch_frames -= t
+        self.accelerated_frames += t
+        return t
 
     def _stream_ended(self) -> None:
         self.in_stream = False
         self.dry_frames = 0
-        self.events.append(("stopped", self.ring.read_index))
+        self.events.append(("stopped", self.ring.read_index, self.stretch_frames, self.stream_expanded_frames))
         if self.stream_underruns == 0:  # a clean stream: give back half of what underruns added
             extra = self.prebuffer_frames - self.base_prebuffer_frames
             self.prebuffer_frames -= extra // 2 if extra > RATE_HZ // 100 else extra
@@ -190,7 +243,8 @@ class PlaybackProcess:
         self.ring = Ring.attach(spec["speaker_ring"])
         # every frame handed to the device also goes to the reference ring (echo canceller, recording)
         self.ref = Ring.attach(spec["ref_ring"]) if spec.get("ref_ring") else None
-        self.renderer = Renderer(self.ring, cfg["prebuffer_ms"] * RATE_HZ // 1000, ref=self.ref)
+        self.renderer = Renderer(self.ring, cfg["prebuffer_ms"] * RATE_HZ // 1000, ref=self.ref,
+                                 stretch=cfg.get("time_stretch", True))
         self.stop = threading.Event()
         self.pub = Publisher(spec["bus"]["publish"], f"playback:{os.getpid()}")
         self.pub.join(spec["bus"]["subscribe"])
@@ -224,7 +278,7 @@ class PlaybackProcess:
         r = self.renderer
         ring = self.ring
         while r.events:
-            kind, index = r.events.pop(0)
+            kind, index, stretch_frames, expanded_frames = r.events.pop(0)
             start, item_id, rid = self._item_at(index)
             payload: dict[str, Any] = {"index": index, "item_id": item_id, "response_id": rid,
                                        "underrun_frames": ring.underrun_frames}
@@ -234,6 +288,9 @@ class PlaybackProcess:
                 payload["output_latency_ms"] = round(ring.device_latency_frames / FRAMES_PER_MS, 2)
             else:
                 payload["played_ms"] = (index - start) // FRAMES_PER_MS
+                # how much longer (or shorter) the stream played than its audio: time-stretching
+                payload["stretch_ms"] = round(stretch_frames / FRAMES_PER_MS, 1)
+                payload["expanded_ms"] = round(expanded_frames / FRAMES_PER_MS, 1)
             if kind == "flushed":
                 payload["flush_mono_ns"] = r.flush_mono_ns
             if kind == "underrun":
@@ -247,6 +304,8 @@ class PlaybackProcess:
             self.pub.publish("playback.cadence", {"callbacks": self.callbacks, "period_ms": self.period_ms,
                                                   "device_underflows": self.device_underflows,
                                                   "callback_errors": self.callback_errors,
+                                                  "expanded_ms": r.expanded_frames // FRAMES_PER_MS,
+                                                  "accelerated_ms": r.accelerated_frames // FRAMES_PER_MS,
                                                   "interval_ms_p50": round(float(np.percentile(gaps_ms, 50)), 2),
                                                   "interval_ms_p99": round(float(np.percentile(gaps_ms, 99)), 2),
                                                   "interval_ms_max": round(float(gaps_ms.max()), 2)})

@@ -269,6 +269,15 @@ class Ring:
     # -- consumer side -------------------------------------------------------------
     def read_into(self, out: np.ndarray) -> int:
         """Copy up to ``len(out)`` frames into ``out``; return how many (no counting)."""
+        n = self.peek_into(out)
+        if n > 0:
+            hdr = self._hdr
+            hdr[_R_INDEX] += n
+            hdr[_READS] += 1
+        return n
+
+    def peek_into(self, out: np.ndarray) -> int:
+        """Copy up to ``len(out)`` frames into ``out`` without consuming them; return how many."""
         hdr = self._hdr
         r = (hdr[_R_INDEX])
         n = min(len(out), (hdr[_W_INDEX]) - r)
@@ -278,10 +287,7 @@ class Ring:
             out[:first] = self._data[pos:pos + first]
             if n > first:
                 out[first:n] = self._data[:n - first]
-            hdr[_R_INDEX] = r + n
-            hdr[_READS] += 1
-            return n
-        return 0
+        return max(0, n)
 
     def read(self, max_frames: int) -> np.ndarray:
         """Return up to ``max_frames`` frames as a new array (allocates; not for callbacks)."""

@@ -23,6 +23,11 @@ def loud(n: int) -> np.ndarray:
     return np.full(n, 10000, dtype=np.int16)
 
 
+def ev(r: Renderer) -> list[tuple[str, int]]:
+    """The renderer's events without the stretch figure."""
+    return [(kind, index) for kind, index, *_ in r.events]
+
+
 def test_prebuffer_then_stream_end_is_not_an_underrun(ring: Ring) -> None:
     r = Renderer(ring, prebuffer_frames=1440)
     out = np.zeros(480, dtype=np.int16)
@@ -34,10 +39,10 @@ def test_prebuffer_then_stream_end_is_not_an_underrun(ring: Ring) -> None:
     ring.write(loud(960))
     ring.mark_end()
     r.render(out, 0, now=0.061)
-    assert out.all() and r.events == [("started", 0)]
+    assert out.all() and ev(r) == [("started", 0)]
     for _ in range(4):
         r.render(out, 0, now=0.1)
-    assert r.events[-1] == ("stopped", 1920)
+    assert ev(r)[-1] == ("stopped", 1920)
     assert ring.underrun_frames == 0
 
 
@@ -53,7 +58,7 @@ def test_prebuffer_counts_from_when_the_stream_began_to_arrive(ring: Ring) -> No
     r.render(out, 0, now=first_s + 0.079)
     assert not out.any()
     r.render(out, 0, now=first_s + 0.081)  # 80 ms after the first frames came, not after the latest
-    assert out.all() and r.events == [("started", 0)]
+    assert out.all() and ev(r) == [("started", 0)]
     assert ring.stream_start_ns(480) is None  # only the marked index has a start time
 
 
@@ -67,7 +72,7 @@ def test_a_complete_stream_plays_at_once(ring: Ring) -> None:
 
 
 def test_stale_end_mark_does_not_end_the_next_stream(ring: Ring) -> None:
-    r = Renderer(ring, prebuffer_frames=480)
+    r = Renderer(ring, prebuffer_frames=480, stretch=False)
     out = np.zeros(480, dtype=np.int16)
     ring.write(loud(480))
     ring.mark_end()
@@ -83,7 +88,7 @@ def test_stale_end_mark_does_not_end_the_next_stream(ring: Ring) -> None:
     r.render(out, 0, 1.07)       # still dry: the gap grows
     ring.write(loud(480))        # more of that stream: it was an underrun, of the whole gap
     r.render(out, 0, 1.09)
-    assert r.events[-1] == ("underrun", 1080) and ring.underrun_frames == 360 + 480
+    assert ev(r)[-1] == ("underrun", 1080) and ring.underrun_frames == 360 + 480
     assert r.prebuffer_frames > 480  # adapts
     grown = r.prebuffer_frames
     ring.mark_end()              # the rest of that stream: it ends with its underrun, nothing given back
@@ -100,7 +105,7 @@ def test_stale_end_mark_does_not_end_the_next_stream(ring: Ring) -> None:
 
 
 def test_running_dry_just_before_a_late_end_mark_is_the_end_not_an_underrun(ring: Ring) -> None:
-    r = Renderer(ring, prebuffer_frames=0)
+    r = Renderer(ring, prebuffer_frames=0, stretch=False)
     out = np.zeros(480, dtype=np.int16)
     ring.write(loud(720))
     r.render(out, 0, 0.0)
@@ -108,12 +113,12 @@ def test_running_dry_just_before_a_late_end_mark_is_the_end_not_an_underrun(ring
     r.render(out, 0, 0.04)
     ring.mark_end()              # the API's done, a little after the last delta
     r.render(out, 0, 0.06)
-    assert [e for e, _ in r.events] == ["started", "stopped"] and ring.underrun_frames == 0
+    assert [e for e, _ in ev(r)] == ["started", "stopped"] and ring.underrun_frames == 0
     ring.write(loud(480))        # the next response is a new stream, announced as such
     ring.mark_end()
     r.render(out, 0, 1.0)
     r.render(out, 0, 1.02)
-    assert r.events[-2:] == [("started", 720), ("stopped", 1200)]
+    assert ev(r)[-2:] == [("started", 720), ("stopped", 1200)]
 
 
 def test_flush_fades_within_10_ms_and_drops_the_rest(ring: Ring) -> None:
@@ -139,7 +144,7 @@ def test_flush_counts_what_the_callback_still_holds(ring: Ring) -> None:
     r.backlog_frames = 300
     ring.request_flush()
     r.render(out, 480, 0.0)     # the device-rate fade covers 240 of the 300 held: those are heard
-    assert r.events[-1] == ("flushed", 960 - 300 + 240)
+    assert ev(r)[-1] == ("flushed", 960 - 300 + 240)
 
 
 def test_heard_index_lags_by_device_latency(ring: Ring) -> None:
@@ -149,3 +154,70 @@ def test_heard_index_lags_by_device_latency(ring: Ring) -> None:
     for _ in range(4):
         r.render(out, 960, 0.0)
     assert ring.heard_index == 1440 - 960  # read position before the last buffer, minus the latency
+
+
+def voiced(n: int, period_frames: int = 150) -> np.ndarray:
+    """A periodic, speech-like tone (160 Hz with a harmonic)."""
+    t = np.arange(n)
+    return (8000 * np.sin(2 * np.pi * t / period_frames)
+            + 3000 * np.sin(4 * np.pi * t / period_frames + 1)).astype(np.int16)
+
+
+def play_deltas(r: Renderer, ring: Ring, arrivals_s: list[float], pcm: np.ndarray,
+                period_frames: int = 480) -> np.ndarray:
+    """Deltas of ``period_frames`` arriving at ``arrivals_s`` (in order), the end mark with the
+    last; device callbacks every period from t=0 until the stream stops. Returns what was played."""
+    out = np.zeros(period_frames, dtype=np.int16)
+    period_s = period_frames / 24000
+    played, sent, k = [], 0, 0
+    stops = [kind for kind, _ in ev(r)].count("stopped")
+    while [kind for kind, _ in ev(r)].count("stopped") == stops:
+        now = k * period_s
+        while sent < len(arrivals_s) and arrivals_s[sent] <= now:
+            ring.write(pcm[sent * period_frames:(sent + 1) * period_frames])
+            sent += 1
+            if sent == len(arrivals_s):
+                ring.mark_end()
+        r.render(out, 0, now)
+        played.append(out.copy())
+        k += 1
+        assert k < 1000, "the stream never ended"
+    return np.concatenate(played)
+
+
+def late_delta_schedule(count: int, late_index: int, late_s: float) -> list[float]:
+    """Deltas paced at 20 ms; one is ``late_s`` late and holds back those behind it."""
+    arrivals, t = [], 0.0
+    for i in range(count):
+        t = max(t, i * 0.02 + (late_s if i == late_index else 0.0))
+        arrivals.append(t)
+    return arrivals
+
+
+def test_a_late_delta_is_an_underrun_without_time_stretching(ring: Ring) -> None:
+    r = Renderer(ring, prebuffer_frames=1920, stretch=False)   # 80 ms
+    play_deltas(r, ring, late_delta_schedule(60, 20, 0.11), voiced(60 * 480))
+    assert [k for k, _ in ev(r)] == ["started", "underrun", "stopped"]
+
+
+def test_time_stretching_rides_out_a_late_delta_and_gives_the_latency_back(ring: Ring) -> None:
+    r = Renderer(ring, prebuffer_frames=1920)
+    pcm = voiced(60 * 480)
+    played = play_deltas(r, ring, late_delta_schedule(60, 20, 0.11), pcm)
+    assert [k for k, _ in ev(r)] == ["started", "stopped"] and ring.underrun_frames == 0
+    assert r.expanded_frames > 0 and r.accelerated_frames > 0
+    assert r.stretch_frames == r.expanded_frames - r.accelerated_frames == r.events[-1][2]
+    assert r.events[-1][3] == r.expanded_frames
+    assert r.stretch_frames <= 360          # most of the added latency given back by the end
+    sound = np.nonzero(played)[0]
+    played = played[sound[0]:sound[-1] + 1]
+    assert len(played) == len(pcm) + r.stretch_frames   # nothing lost, nothing doubled but the periods
+    # the splices keep the waveform smooth: no step larger than the tone's own steepest
+    assert np.abs(np.diff(played.astype(np.int32))).max() <= np.abs(np.diff(pcm.astype(np.int32))).max() * 1.1
+
+
+def test_audio_on_time_or_ahead_is_never_stretched(ring: Ring) -> None:
+    r = Renderer(ring, prebuffer_frames=1920)
+    play_deltas(r, ring, [i * 0.02 for i in range(40)], voiced(40 * 480))        # paced at real time
+    play_deltas(r, ring, [0.0] * 40, voiced(40 * 480))                           # a burst, far ahead
+    assert r.expanded_frames == r.accelerated_frames == 0 and ring.underrun_frames == 0
