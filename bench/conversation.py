@@ -22,12 +22,14 @@ from typing import Any
 
 import numpy as np
 
+from engine.playback import FLUSH_FADE_MS
+
 REPO = Path(__file__).resolve().parent.parent
 REPLY = "The sea is wide and the ships are many, and every sailor knows the way home."
 JITTER_MS = 30
 PREBUFFER_MS = 80
 PERIOD_MS = 20            # the mic's device period (the API gets 20 ms chunks)
-PLAYBACK_PERIOD_MS = 20   # the speaker's (audio.playback_period_ms): barge-in waits for its next callback
+PLAYBACK_PERIOD_MS = 10   # the speaker's (audio.playback_period_ms): barge-in waits for its next callback
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -90,7 +92,7 @@ def truncation_errors_from_recording(recording: np.ndarray, rec_start_s: float, 
     cut (time-stretching), so the recording's span is that much longer than what it played. Every reply is the same speech (``reply``, the server's PCM), so in each item's
     stretch of the recording the item starts where the sound starts less the reply's own leading
     silence, and the cut is where the sound stops for good. A cut inside a pause of the reply can
-    be anywhere up to the reply's next sound, and the 10 ms fade ends below the threshold: within
+    be anywhere up to the reply's next sound, and the fade ends below the threshold: within
     those bounds the error is 0.
     """
     level = np.sqrt(np.mean(reply.astype(np.float64) ** 2))
@@ -121,7 +123,7 @@ def truncation_errors_from_recording(recording: np.ndarray, rec_start_s: float, 
             i += 1
         later = np.nonzero(ref_loud[i:])[0]
         next_sound_ms = (i + int(later[0])) * 5 if len(later) else heard_ms + 10_000
-        lo, hi = heard_ms - 5, max(heard_ms + 15, next_sound_ms + 5)   # 5 ms windows, 10 ms fade
+        lo, hi = heard_ms - 5, max(heard_ms + 15, next_sound_ms + 5)   # 5 ms windows, a fade of ≤ 10 ms
         errors.append(float(max(0, lo - end_ms, end_ms - hi)))
     return errors
 
@@ -236,7 +238,7 @@ def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
             flushed = eng.seen_or_wait(mark_cancel, "playback.flushed", 5)
             interrupted = eng.seen_or_wait(mark_cancel, "playback.interrupted", 5)
             eng.seen_or_wait(mark, "response.done", 10)
-            silence_ms.append((flushed["flush_mono_ns"] - t_ns) / 1e6 + 10.0)  # + the 10 ms fade
+            silence_ms.append((flushed["flush_mono_ns"] - t_ns) / 1e6 + FLUSH_FADE_MS)  # + the fade
             engine_ms.append((flushed["flush_mono_ns"] - interrupted["interrupt_mono_ns"]) / 1e6)
             cut_points.append((started["first_sample_mono_ns"], interrupted["played_ms"], started["item_id"],
                                flushed.get("stretch_ms", 0.0)))
@@ -251,6 +253,12 @@ def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
     cuts = [(start, cut_points[i + 1][0] if i + 1 < len(cut_points) else None, end_ms, stretch_ms)
             for i, (start, end_ms, _, stretch_ms) in enumerate(cut_points)]
     heard_err = truncation_errors_from_recording(recording, monitor.start_s, synthesize(REPLY, "marin", 1.0), cuts)
+    if os.environ.get("REALTALK_BENCH_DUMP"):   # the raw material, to look into a bad figure
+        dump = Path(os.environ["REALTALK_BENCH_DUMP"])
+        dump.mkdir(parents=True, exist_ok=True)
+        np.save(dump / "monitor.npy", recording)
+        (dump / "run.json").write_text(json.dumps({"rec_start_s": monitor.start_s, "cuts": cuts,
+                                                   "errors": heard_err, "log": inter}, default=str))
     # an underrun puts a gap in the recording that is not in the item's audio: those items are left out
     gapped = {b.get("item_id") for t, b in inter if t == "playback.underrun"}
     heard_err = [e for e, (_, _, item_id, _) in zip(heard_err, cut_points) if item_id not in gapped]
@@ -279,8 +287,8 @@ def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
         "stretched_interruptions": sum(1 for c in cut_points if c[3]),
         "engine_turns": len(turns),
         "bargein_fade_start_ms_p50": pct(engine_ms, 50), "bargein_fade_start_ms_p99": pct(engine_ms, 99),
-        "bargein_silent_ms_p50": pct([m + 10.0 for m in engine_ms], 50),
-        "bargein_silent_ms_p99": pct([m + 10.0 for m in engine_ms], 99),
+        "bargein_silent_ms_p50": pct([m + FLUSH_FADE_MS for m in engine_ms], 50),
+        "bargein_silent_ms_p99": pct([m + FLUSH_FADE_MS for m in engine_ms], 99),
         "bargein_from_bus_command_silent_ms_p99": pct(silence_ms, 99),
         "interruptions": len(interrupted),
         "truncations_measured": sum(1 for i in interrupted if i.get("measured")),

@@ -30,7 +30,7 @@ DEFAULTS: dict[str, Any] = {
         "tools": [],
     },
     "audio": {"mic": "default", "speaker": "default", "device_rate_hz": None, "period_ms": 20,
-              "playback_period_ms": None,
+              "playback_period_ms": 10,
               "prebuffer_ms": 60, "time_stretch": True, "echo": "auto",
               "echo_guard_db": -6.0},
     "barge_in": {"enabled": True, "min_speech_ms": 0},

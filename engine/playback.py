@@ -2,7 +2,7 @@
 
 :class:`Renderer` is the consumer logic, run inside the device callback: it never
 blocks, allocates nothing per call, logs nothing, and counts what goes wrong. It
-keeps a prebuffer before a stream starts, fades out within 10 ms when asked to flush
+keeps a prebuffer before a stream starts, fades out within 5 ms when asked to flush
 (barge-in), fades over a ring that runs dry mid-stream and counts it as an underrun,
 and tells the ring what the listener has heard (``heard_index``).
 
@@ -29,7 +29,13 @@ from engine.stretch import MATCH_FRAMES, MAX_PERIOD_FRAMES, MIN_PERIOD_FRAMES, T
 RATE_HZ = 24000
 FRAMES_PER_MS = RATE_HZ // 1000
 FADE_FRAMES = 120            # 5 ms fade over gaps
-FLUSH_FADE_FRAMES = 240      # 10 ms fade on barge-in
+FLUSH_FADE_FRAMES = 120      # 5 ms fade on barge-in (raised cosine: no click, and silent sooner)
+FLUSH_FADE_MS = FLUSH_FADE_FRAMES // FRAMES_PER_MS
+
+
+def fade_out(frames: int) -> np.ndarray:
+    """A raised-cosine ramp from 1 down to (nearly) 0 over ``frames``."""
+    return (0.5 + 0.5 * np.cos(np.pi * np.arange(frames) / frames)).astype(np.float32)
 IDLE, PLAYING = 0, 1
 POSITION_EVERY_S = 0.1       # playback.position while an item plays
 CADENCE_EVERY_S = 5.0        # playback.cadence: how regularly the device asks for audio
@@ -78,7 +84,7 @@ class Renderer:
         self.in_stream = False
         self.stream_start = 0
         self.waiting_since: float | None = None
-        self._ramp_down = np.linspace(1.0, 0.0, FLUSH_FADE_FRAMES, dtype=np.float32)
+        self._ramp_down = fade_out(FLUSH_FADE_FRAMES)
         self._fade_down = np.linspace(1.0, 0.0, FADE_FRAMES, dtype=np.float32)
         self._fade_up = np.linspace(0.0, 1.0, FADE_FRAMES, dtype=np.float32)
         self.resumed = False
@@ -116,7 +122,7 @@ class Renderer:
             out[:got] = (out[:got] * self._ramp_down[:got]).astype(np.int16)
             out[got:] = 0
             # what the listener will have heard when the fade ends: everything already handed to the
-            # device (its buffer plays out, nothing takes it back), then the 10 ms fade
+            # device (its buffer plays out, nothing takes it back), then the fade
             played_index = heard_base + min(FLUSH_FADE_FRAMES, self.backlog_frames + got)
             ring.take_flush()
             self.flush_mono_ns = time.monotonic_ns()
@@ -339,9 +345,9 @@ class PlaybackProcess:
         api_buf = np.zeros(frames_api, dtype=np.int16)
         fifo = SampleFifo(frames_dev * 8)   # resampled frames waiting for the device
         latency_frames = 0
-        # a flush fades what this callback hands out over 10 ms at the device rate, resampled
+        # a flush fades what this callback hands out over 5 ms at the device rate, resampled
         # leftovers included (they would otherwise play unfaded before the renderer's fade)
-        flush_ramp = np.linspace(1.0, 0.0, rate * FLUSH_FADE_FRAMES // RATE_HZ, dtype=np.float32)
+        flush_ramp = fade_out(rate * FLUSH_FADE_FRAMES // RATE_HZ)
         flush_out = np.zeros(frames_dev * 4, dtype=np.int16)
 
         def callback(in_data: Any, frame_count: int, time_info: dict[str, float], status: int) -> tuple[bytes, int]:
