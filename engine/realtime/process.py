@@ -103,23 +103,31 @@ class RealtimeProcess:
         self.main_wakes_at = 0.0
 
     # -------------------------------------------------------------- actions
+    def apply_audio(self, actions: list[Any]) -> None:
+        """Apply the speaker ring's actions. Called under the protocol lock, with the actions just
+        decided: the reader's writes and the main thread's flush reach the ring in the order the
+        protocol decided them (a delta decided before a barge-in but written after its flush
+        would survive the flush and play as a new response)."""
+        speaker = self.speaker
+        if speaker is None:
+            return
+        for act in actions:
+            if isinstance(act, Play):
+                if act.starts_item:
+                    speaker.mark_start()
+                speaker.write(act.pcm)
+            elif isinstance(act, Flush):
+                speaker.request_flush()
+            elif isinstance(act, EndOfAudio):
+                speaker.mark_end()
+
     def apply(self, actions: list[Any], pub: Publisher) -> None:
+        """Apply the socket and bus actions (outside the lock; the ring's are :meth:`apply_audio`'s)."""
         for act in actions:
             if isinstance(act, Publish):
                 pub.publish(act.topic, act.payload)
             elif isinstance(act, Send):
                 self.send(act.event, pub)
-            elif isinstance(act, Play):
-                if self.speaker is not None:
-                    if act.starts_item:
-                        self.speaker.mark_start()
-                    self.speaker.write(act.pcm)
-            elif isinstance(act, Flush):
-                if self.speaker is not None:
-                    self.speaker.request_flush()
-            elif isinstance(act, EndOfAudio):
-                if self.speaker is not None:
-                    self.speaker.mark_end()
 
     def send(self, event: dict[str, Any], pub: Publisher) -> None:
         ws = self.ws
@@ -158,6 +166,7 @@ class RealtimeProcess:
             self.input_clock.reset()
             with self.lock:
                 acts = self.proto.on_connected(reconnect=reconnect)
+                self.apply_audio(acts)
             self.apply(acts, pub)
             close_code = self._read_loop(pub)
             self.connected.clear()
@@ -213,6 +222,7 @@ class RealtimeProcess:
                 except Exception as exc:  # never lose the conversation over one odd event
                     acts = [Publish("engine.error", {"source": "engine", "code": "event_handler_failed",
                                                      "message": f"{event.get('type')}: {type(exc).__name__}: {exc}"})]
+                self.apply_audio(acts)
                 due = self.proto.next_deadline()
                 if due is not None and due < self.main_wakes_at:
                     self._wake_main()  # e.g. a barge-in delayed by min_speech_ms, a truncation fallback
@@ -302,6 +312,7 @@ class RealtimeProcess:
                 topic, body = msg
                 with self.lock:
                     acts = self.proto.on_command(topic, body)
+                    self.apply_audio(acts)
                 self.apply(acts, self.main_pub)
             if sub.malformed:
                 self.main_pub.publish("engine.error", {"source": "bus", "code": "malformed_message",
@@ -309,6 +320,7 @@ class RealtimeProcess:
                 sub.malformed = 0
             with self.lock:
                 acts = self.proto.on_tick()
+                self.apply_audio(acts)
             self.apply(acts, self.main_pub)
             now = time.monotonic()
             if now >= next_mic_report:
