@@ -44,7 +44,8 @@ CADENCE_EVERY_S = 5.0        # playback.cadence: how regularly the device asks f
 class Renderer:
     """Fills output buffers from the ring (24 kHz int16 mono).
 
-    A *stream* is one response's audio: it starts when the prebuffer is full (or the
+    A *stream* is one response's audio: it starts at the callback nearest to the prebuffer time
+    after its first frames arrived (or at once when the
     whole stream is already in the ring) and ends when the reader reaches the end mark
     the producer set for it. Running dry before that is an underrun once more of the stream
     comes (if the end mark comes first, it was the stream's end): the tail fades out, the gap
@@ -162,9 +163,11 @@ class Renderer:
                     start_ns = ring.stream_start_ns(self.stream_start)
                     self.waiting_since = min(now, (start_ns or ring.write_stamp[1]) / 1e9)
             # wait the prebuffer *time* after the first frame arrived: with deltas paced at real time
-            # that is the margin every later delta has (a fill threshold would give none)
+            # that is the margin every later delta has (a fill threshold would give none). Start at
+            # the callback nearest to it (half a period early at most, where the first callback after
+            # it could be a whole period, or more when the device's callbacks bunch, late)
             waited_frames = (now - self.waiting_since) * RATE_HZ
-            if waited_frames < self.prebuffer_frames and not self._stream_complete():
+            if waited_frames + n // 2 < self.prebuffer_frames and not self._stream_complete():
                 out[:] = 0
                 return
             self.state = PLAYING

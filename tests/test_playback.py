@@ -55,9 +55,11 @@ def test_prebuffer_counts_from_when_the_stream_began_to_arrive(ring: Ring) -> No
     time.sleep(0.03)  # a gap between deltas, so the latest write is 30 ms later than the first
     ring.write(loud(4800))
     assert ring.write_stamp[1] / 1e9 - first_s >= 0.03
-    r.render(out, 0, now=first_s + 0.079)
+    r.render(out, 0, now=first_s + 0.069)
     assert not out.any()
-    r.render(out, 0, now=first_s + 0.081)  # 80 ms after the first frames came, not after the latest
+    # at the callback nearest to 80 ms after the first frames came (not after the latest): the
+    # next one, 20 ms later, would be 10 ms further off
+    r.render(out, 0, now=first_s + 0.071)
     assert out.all() and ev(r) == [("started", 0)]
     assert ring.stream_start_ns(480) is None  # only the marked index has a start time
 
