@@ -259,8 +259,11 @@ def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
         np.save(dump / "monitor.npy", recording)
         (dump / "run.json").write_text(json.dumps({"rec_start_s": monitor.start_s, "cuts": cuts,
                                                    "errors": heard_err, "log": inter}, default=str))
-    # an underrun puts a gap in the recording that is not in the item's audio: those items are left out
-    gapped = {b.get("item_id") for t, b in inter if t == "playback.underrun"}
+    # an underrun puts a gap in the recording that is not in the item's audio, and so does the device
+    # running dry (a scheduling stall of the playback process longer than the device's buffer): those
+    # items are left out, and counted
+    gapped = {b.get("item_id") for t, b in inter if t == "playback.underrun"
+              or (t == "playback.flushed" and b.get("device_underflows"))}
     heard_err = [e for e, (_, _, item_id, _) in zip(heard_err, cut_points) if item_id not in gapped]
     turns = [b for t, b in quiet + loaded if t == "latency.turn"]
     interrupted = [b for t, b in inter if t == "playback.interrupted"]
@@ -300,6 +303,10 @@ def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
         "truncation_vs_speaker_monitor_within_10ms": sum(1 for e in heard_err if e <= 10),
         "truncation_vs_speaker_monitor_checked": len(heard_err),
         "underruns_during_interruptions": sum(1 for t, _ in inter if t == "playback.underrun"),
+        "interruptions_with_device_underflow": sum(1 for t, b in inter if t == "playback.flushed"
+                                                   and b.get("device_underflows")),
+        "device_underflows_total": max([b.get("device_underflows", 0) for t, b in inter
+                                        if t == "playback.cadence"], default=None),
         "echo_erle_db": echo.get("erle_db"), "echo_erle_p10_db": echo.get("erle_p10_db"),
         "echo_erle_total_db": echo.get("erle_total_db"), "echo_guarded_ms": echo.get("guarded_ms"),
         "echo_far_active_ms": echo.get("far_active_ms"),

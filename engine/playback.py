@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import wave
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -39,6 +39,16 @@ def fade_out(frames: int) -> np.ndarray:
 IDLE, PLAYING = 0, 1
 POSITION_EVERY_S = 0.1       # playback.position while an item plays
 CADENCE_EVERY_S = 5.0        # playback.cadence: how regularly the device asks for audio
+
+
+class StreamEvent(NamedTuple):
+    """What the renderer saw, for the publishing thread: ``kind`` is started, stopped, underrun
+    or flushed; the counts are the current stream's so far."""
+    kind: str
+    index: int                  # ring frame index it happened at
+    stretch_frames: int         # net time-stretch (output frames minus stream frames)
+    expanded_frames: int        # pitch periods played again
+    device_underflows: int      # times the device ran dry (a gap the listener heard)
 
 
 class Renderer:
@@ -89,9 +99,8 @@ class Renderer:
         self._fade_down = np.linspace(1.0, 0.0, FADE_FRAMES, dtype=np.float32)
         self._fade_up = np.linspace(0.0, 1.0, FADE_FRAMES, dtype=np.float32)
         self.resumed = False
-        # ("started"/"stopped"/"underrun"/"flushed", ring index, the stream's net stretch and its
-        # expansions so far), drained by a thread
-        self.events: list[tuple[str, int, int, int]] = []
+        self.events: list[StreamEvent] = []        # drained by a thread
+        self.stream_device_underflows = 0          # counted by the device callback while a stream plays
         self.backlog_frames = 0                    # set by the callback: frames read but not yet handed to the device
         self.first_sample_mono_ns = 0              # when the latest stream's first sample was handed to the device
         self.arrived_mono_ns = 0                   # when its first frames arrived (the prebuffer counts from there)
@@ -127,7 +136,7 @@ class Renderer:
             played_index = heard_base + min(FLUSH_FADE_FRAMES, self.backlog_frames + got)
             ring.take_flush()
             self.flush_mono_ns = time.monotonic_ns()
-            self.events.append(("flushed", played_index, self.stretch_frames, self.stream_expanded_frames))
+            self.events.append(self._event("flushed", played_index))
             self.state, self.in_stream, self.waiting_since = IDLE, False, None
             self.dry_frames = 0
             ring.set_heard(ring.read_index, latency_frames)
@@ -149,7 +158,7 @@ class Renderer:
                 # audio came back after the ring ran dry mid-stream: that was an underrun
                 self.stream_underruns += 1
                 ring.count_underrun(self.dry_frames)
-                self.events.append(("underrun", self.dry_index, self.stretch_frames, self.stream_expanded_frames))
+                self.events.append(self._event("underrun", self.dry_index))
                 self.prebuffer_frames = min(self.max_prebuffer_frames, self.prebuffer_frames + RATE_HZ // 50)
                 self.dry_frames = 0
             if not self.in_stream:
@@ -175,8 +184,8 @@ class Renderer:
                 self.in_stream = True
                 self.first_sample_mono_ns = time.monotonic_ns()
                 self.arrived_mono_ns = int(self.waiting_since * 1e9)
-                self.stretch_frames = self.stream_expanded_frames = 0
-                self.events.append(("started", ring.read_index, 0, 0))
+                self.stretch_frames = self.stream_expanded_frames = self.stream_device_underflows = 0
+                self.events.append(self._event("started", ring.read_index))
             else:
                 self.resumed = True  # after an underrun: fade back in
             self.stretcher.reset()   # a new stream or after a gap: no past to splice to
@@ -203,6 +212,10 @@ class Renderer:
         else:
             self.stretcher.remember(out)
         ring.set_heard(max(ring.heard_index, heard_base - latency_frames), latency_frames)
+
+    def _event(self, kind: str, index: int) -> StreamEvent:
+        return StreamEvent(kind, index, self.stretch_frames, self.stream_expanded_frames,
+                           self.stream_device_underflows)
 
     def _stretch(self, out: np.ndarray) -> int:
         """Expand or accelerate at the start of ``out`` (see the class docstring); returns how
@@ -236,7 +249,7 @@ class Renderer:
     def _stream_ended(self) -> None:
         self.in_stream = False
         self.dry_frames = 0
-        self.events.append(("stopped", self.ring.read_index, self.stretch_frames, self.stream_expanded_frames))
+        self.events.append(self._event("stopped", self.ring.read_index))
         if self.stream_underruns == 0:  # a clean stream: give back half of what underruns added
             extra = self.prebuffer_frames - self.base_prebuffer_frames
             self.prebuffer_frames -= extra // 2 if extra > RATE_HZ // 100 else extra
@@ -287,7 +300,7 @@ class PlaybackProcess:
         r = self.renderer
         ring = self.ring
         while r.events:
-            kind, index, stretch_frames, expanded_frames = r.events.pop(0)
+            kind, index, stretch_frames, expanded_frames, device_underflows = r.events.pop(0)
             start, item_id, rid = self._item_at(index)
             payload: dict[str, Any] = {"index": index, "item_id": item_id, "response_id": rid,
                                        "underrun_frames": ring.underrun_frames}
@@ -300,6 +313,7 @@ class PlaybackProcess:
                 # how much longer (or shorter) the stream played than its audio: time-stretching
                 payload["stretch_ms"] = round(stretch_frames / FRAMES_PER_MS, 1)
                 payload["expanded_ms"] = round(expanded_frames / FRAMES_PER_MS, 1)
+                payload["device_underflows"] = device_underflows
             if kind == "flushed":
                 payload["flush_mono_ns"] = r.flush_mono_ns
             if kind == "underrun":
@@ -360,6 +374,8 @@ class PlaybackProcess:
                 self.callbacks += 1
                 if status & pyaudio.paOutputUnderflow:
                     self.device_underflows += 1  # the device ran out before this callback: a click we caused
+                    if self.renderer.in_stream:
+                        self.renderer.stream_device_underflows += 1
                 latency_s = max(0.0, time_info.get("output_buffer_dac_time", 0) - time_info.get("current_time", 0))
                 if latency_s <= 0 or latency_s > 1:
                     latency_s = stream_latency_s
