@@ -37,6 +37,7 @@ def fade_out(frames: int) -> np.ndarray:
     """A raised-cosine ramp from 1 down to (nearly) 0 over ``frames``."""
     return (0.5 + 0.5 * np.cos(np.pi * np.arange(frames) / frames)).astype(np.float32)
 IDLE, PLAYING = 0, 1
+PUBLISH_EVERY_S = 0.02       # the renderer's events go out this often (from a thread, not the callback)
 POSITION_EVERY_S = 0.1       # playback.position while an item plays
 CADENCE_EVERY_S = 5.0        # playback.cadence: how regularly the device asks for audio
 
@@ -344,11 +345,15 @@ class PlaybackProcess:
     def run_null(self, wav: wave.Wave_write | None = None) -> None:
         period = self.period_ms * RATE_HZ // 1000
         out = np.zeros(period, dtype=np.int16)
+        next_publish_s = 0.0
         for _ in every_period(self.stop, self.period_ms / 1000):
-            self.renderer.render(out, 0, time.monotonic())
+            now = time.monotonic()
+            self.renderer.render(out, 0, now)
             if wav is not None:
                 wav.writeframes(out.tobytes())
-            self.publish_events()
+            if now >= next_publish_s:  # as often as with a device, whatever the period
+                next_publish_s = now + PUBLISH_EVERY_S
+                self.publish_events()
 
     def run_pyaudio(self) -> None:
         import pyaudio
@@ -411,7 +416,7 @@ class PlaybackProcess:
         stream_latency_s = stream.get_output_latency()
         self.pub.publish("playback.device", {"name": dev["name"], "rate_hz": rate, "period_frames": frames_dev,
                                              "latency_ms": round(stream_latency_s * 1000, 1)})
-        keep_running(pa, stream, self.stop, self.publish_events, 0.02)
+        keep_running(pa, stream, self.stop, self.publish_events, PUBLISH_EVERY_S)
 
     def run(self) -> int:
         stop_on_signals(self.stop)
