@@ -38,9 +38,14 @@ def pct(values: list[float], q: float) -> float | None:
     return round(percentile(values, q), 2) if values else None
 
 
+def vaudio(*args: str) -> str:
+    """Run ``tools/vaudio.sh ARGS``; its output."""
+    return subprocess.run(["bash", str(REPO / "tools" / "vaudio.sh"), *args], capture_output=True, text=True,
+                          check=True, timeout=60).stdout
+
+
 def vaudio_env() -> dict[str, str]:
-    out = subprocess.run(["bash", str(REPO / "tools" / "vaudio.sh"), "start"], capture_output=True, text=True,
-                         check=True, timeout=60).stdout
+    out = vaudio("start")
     env = dict(part.split("=", 1) for part in out.strip().split()[1:])
     os.environ.update(env)
     return env
@@ -201,8 +206,7 @@ class Engine:
 
 def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
     # the echo path: what the speaker plays reaches the mic at 60 % volume; the engine cancels it (AEC3)
-    subprocess.run(["bash", str(REPO / "tools" / "vaudio.sh"), "echo-on", "60%"], capture_output=True, check=True,
-                   timeout=10)
+    vaudio("echo-on", "60%")
     eng = Engine(tmp, scen)
     try:
         eng.turn(0)  # warm-up
@@ -211,7 +215,7 @@ def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
             eng.turn(n)
         quiet = eng.log[:]
         echo = eng.wait("capture.echo", timeout=5)  # ERLE over the quiet turns' far-end speech
-        subprocess.run(["bash", str(REPO / "tools" / "vaudio.sh"), "echo-off"], capture_output=True, timeout=10)
+        vaudio("echo-off")
         # isolation: a CPU-heavy subscriber on the bus, saturating a core, while the engine talks
         hog = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); "
                                 f"from bench.conversation import cpu_hog; cpu_hog({eng.conn['subscribe']!r}, 60)"])
@@ -225,7 +229,8 @@ def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
         eng.log.clear()
         silence_ms: list[float] = []   # cmd.cancel published (bench process) -> fade done
         engine_ms: list[float] = []    # the engine took the barge-in -> the device callback began the fade
-        cut_points: list[tuple[int, int]] = []   # (first sample handed to the device, audio_end_ms)
+        # (first sample handed to the device, audio_end_ms, item id, stretch_ms at the cut)
+        cut_points: list[tuple[int, int, str, float]] = []
         monitor = MonitorRecorder(tmp / "monitor.raw")
         for n in range(interruptions):
             mark = len(eng.log)
@@ -248,7 +253,7 @@ def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
         mic = eng.wait("latency.mic", timeout=10)
     finally:
         eng.stop()
-        subprocess.run(["bash", str(REPO / "tools" / "vaudio.sh"), "echo-off"], capture_output=True, timeout=10)
+        vaudio("echo-off")
     from engine.server.voice import synthesize
     cuts = [(start, cut_points[i + 1][0] if i + 1 < len(cut_points) else None, end_ms, stretch_ms)
             for i, (start, end_ms, _, stretch_ms) in enumerate(cut_points)]
@@ -317,10 +322,8 @@ def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
 def bench_baseline(scen: Path, load: bool, turns: int = 8) -> dict[str, Any]:
     """openai SDK + PyAudio in one asyncio process, as the SDK's examples do it."""
     import socket
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
+    from engine.supervisor import free_port
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--port", str(port), "--scenario",
                                str(scen), "--no-asr"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               cwd=str(REPO))

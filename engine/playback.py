@@ -24,22 +24,22 @@ from bus import Publisher, Subscriber
 from engine import child
 from engine.child import every_period, run_reporting, stop_on_signals
 from engine.ring import Ring, SampleFifo
-from engine.stretch import MATCH_FRAMES, MAX_PERIOD_FRAMES, MIN_PERIOD_FRAMES, TimeStretcher
+from engine.stretch import LOOKAHEAD_FRAMES, MAX_PERIOD_FRAMES, MIN_PERIOD_FRAMES, TimeStretcher
 
 RATE_HZ = 24000
 FRAMES_PER_MS = RATE_HZ // 1000
 FADE_FRAMES = 120            # 5 ms fade over gaps
 FLUSH_FADE_FRAMES = 120      # 5 ms fade on barge-in (raised cosine: no click, and silent sooner)
 FLUSH_FADE_MS = FLUSH_FADE_FRAMES // FRAMES_PER_MS
+IDLE, PLAYING = 0, 1
+PUBLISH_EVERY_S = 0.02       # the renderer's events go out this often (from a thread, not the callback)
+POSITION_EVERY_S = 0.1       # playback.position while an item plays
+CADENCE_EVERY_S = 5.0        # playback.cadence: how regularly the device asks for audio
 
 
 def fade_out(frames: int) -> np.ndarray:
     """A raised-cosine ramp from 1 down to (nearly) 0 over ``frames``."""
     return (0.5 + 0.5 * np.cos(np.pi * np.arange(frames) / frames)).astype(np.float32)
-IDLE, PLAYING = 0, 1
-PUBLISH_EVERY_S = 0.02       # the renderer's events go out this often (from a thread, not the callback)
-POSITION_EVERY_S = 0.1       # playback.position while an item plays
-CADENCE_EVERY_S = 5.0        # playback.cadence: how regularly the device asks for audio
 
 
 class StreamEvent(NamedTuple):
@@ -74,13 +74,13 @@ class Renderer:
     ``stretch_frames`` is the current stream's net stretch (output frames minus stream frames).
     """
 
-    def __init__(self, ring: Ring, prebuffer_frames: int, max_frames: int = 4800,
-                 max_prebuffer_frames: int = 7200, ref: Ring | None = None, stretch: bool = True) -> None:
+    def __init__(self, ring: Ring, prebuffer_frames: int, max_prebuffer_frames: int = 7200,
+                 ref: Ring | None = None, stretch: bool = True) -> None:
         self.ring = ring
         self.ref = ref
         self.stretch = stretch
         self.stretcher = TimeStretcher()
-        self._ahead = np.zeros(2 * MAX_PERIOD_FRAMES + MATCH_FRAMES, dtype=np.int16)
+        self._ahead = np.zeros(LOOKAHEAD_FRAMES, dtype=np.int16)
         self.low_water_frames = prebuffer_frames // 2
         self.stretch_frames = 0                         # the current stream's net stretch
         self.stream_expanded_frames = 0                 # the current stream's expansions

@@ -287,7 +287,7 @@ class Ring:
             out[:first] = self._data[pos:pos + first]
             if n > first:
                 out[first:n] = self._data[:n - first]
-        return max(0, n)
+        return n
 
     def read(self, max_frames: int) -> np.ndarray:
         """Return up to ``max_frames`` frames as a new array (allocates; not for callbacks)."""
@@ -363,8 +363,8 @@ class Ring:
 class SampleFifo:
     """An in-process int16 FIFO on a preallocated buffer, for one thread (device callbacks).
 
-    ``push`` appends what fits and returns how many samples it dropped; ``pop_into`` moves
-    the oldest samples out. Nothing here allocates except the views it hands out.
+    ``push`` appends what fits and returns how many samples it dropped; ``head`` shows the
+    oldest samples and ``drop`` forgets them. Nothing here allocates except the views it hands out.
     """
 
     def __init__(self, capacity: int) -> None:

@@ -21,6 +21,7 @@ MIN_PERIOD_FRAMES = 60     #: 400 Hz, the highest pitch looked for
 MAX_PERIOD_FRAMES = 360    #: 66 Hz, the lowest
 MATCH_FRAMES = 120         #: 5 ms compared at each candidate lag
 QUIET_ENERGY = 1e4 * MATCH_FRAMES  #: below an RMS of 100 (-50 dBFS) any lag splices cleanly: take the longest
+LOOKAHEAD_FRAMES = 2 * MAX_PERIOD_FRAMES + MATCH_FRAMES  #: the most of the audio due next either call uses
 
 
 class TimeStretcher:
@@ -34,6 +35,7 @@ class TimeStretcher:
         self.history = np.zeros(MAX_PERIOD_FRAMES, dtype=np.int16)  # the latest frames handed out
         self.history_frames = 0                                      # how many of them are valid
         self._y = np.zeros(2 * MAX_PERIOD_FRAMES + MATCH_FRAMES, dtype=np.float32)
+        self._steps = np.arange(MAX_PERIOD_FRAMES, dtype=np.float32)
         self._ramp = np.zeros(MAX_PERIOD_FRAMES, dtype=np.float32)
         self._mix = np.zeros(MAX_PERIOD_FRAMES, dtype=np.float32)
 
@@ -69,8 +71,7 @@ class TimeStretcher:
     def _crossfade(self, out: np.ndarray, fading_out: np.ndarray, fading_in: np.ndarray) -> None:
         t = len(out)
         ramp = self._ramp[:t]
-        ramp[:] = np.arange(t, dtype=np.float32)
-        ramp *= 1.0 / t
+        np.multiply(self._steps[:t], 1.0 / t, out=ramp)
         mix = self._mix[:t]
         np.subtract(fading_in, fading_out, out=mix, dtype=np.float32)
         mix *= ramp

@@ -1,4 +1,4 @@
-"""Small helpers for talking to the local server in tests."""
+"""Small helpers for the tests: talking to the local server, test signals."""
 from __future__ import annotations
 
 import base64
@@ -15,6 +15,18 @@ import websocket
 def read_wav(path: Path) -> np.ndarray:
     with wave.open(str(path)) as w:
         return np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
+
+
+def voiced(n: int, period_frames: int = 150) -> np.ndarray:
+    """A periodic, speech-like tone (160 Hz with a harmonic by default) of ``n`` frames."""
+    t = np.arange(n)
+    return (8000 * np.sin(2 * np.pi * t / period_frames)
+            + 3000 * np.sin(4 * np.pi * t / period_frames + 1)).astype(np.int16)
+
+
+def steepest(pcm: np.ndarray) -> int:
+    """The largest sample-to-sample step: a splice that clicks makes a steeper one."""
+    return int(np.abs(np.diff(pcm.astype(np.int32))).max())
 
 
 def chunks_b64(pcm: np.ndarray, chunk_ms: int = 20) -> list[str]:

@@ -9,6 +9,7 @@ import pytest
 
 from engine.playback import Renderer
 from engine.ring import Ring
+from tests.helpers import steepest, voiced
 
 
 @pytest.fixture
@@ -158,13 +159,6 @@ def test_heard_index_lags_by_device_latency(ring: Ring) -> None:
     assert ring.heard_index == 1440 - 960  # read position before the last buffer, minus the latency
 
 
-def voiced(n: int, period_frames: int = 150) -> np.ndarray:
-    """A periodic, speech-like tone (160 Hz with a harmonic)."""
-    t = np.arange(n)
-    return (8000 * np.sin(2 * np.pi * t / period_frames)
-            + 3000 * np.sin(4 * np.pi * t / period_frames + 1)).astype(np.int16)
-
-
 def play_deltas(r: Renderer, ring: Ring, arrivals_s: list[float], pcm: np.ndarray,
                 period_frames: int = 480) -> np.ndarray:
     """Deltas of ``period_frames`` arriving at ``arrivals_s`` (in order), the end mark with the
@@ -215,7 +209,7 @@ def test_time_stretching_rides_out_a_late_delta_and_gives_the_latency_back(ring:
     played = played[sound[0]:sound[-1] + 1]
     assert len(played) == len(pcm) + r.stretch_frames   # nothing lost, nothing doubled but the periods
     # the splices keep the waveform smooth: no step larger than the tone's own steepest
-    assert np.abs(np.diff(played.astype(np.int32))).max() <= np.abs(np.diff(pcm.astype(np.int32))).max() * 1.1
+    assert steepest(played) <= steepest(pcm) * 1.1
 
 
 def test_audio_on_time_or_ahead_is_never_stretched(ring: Ring) -> None:

@@ -4,16 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from engine.stretch import MAX_PERIOD_FRAMES, MIN_PERIOD_FRAMES, TimeStretcher
-
-
-def tone(n: int, period_frames: int) -> np.ndarray:
-    t = np.arange(n)
-    return (8000 * np.sin(2 * np.pi * t / period_frames)
-            + 3000 * np.sin(4 * np.pi * t / period_frames + 1)).astype(np.int16)
-
-
-def steepest(x: np.ndarray) -> int:
-    return int(np.abs(np.diff(x.astype(np.int32))).max())
+from tests.helpers import steepest, voiced as tone
 
 
 def test_expand_repeats_whole_pitch_periods_and_splices_smoothly() -> None:
