@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from bus import Publisher, Subscriber
+from bus import Publisher
 from engine import child
 from engine.child import every_period, run_reporting, stop_on_signals
 from engine.ring import Ring, SampleFifo
@@ -33,7 +33,7 @@ FLUSH_FADE_FRAMES = 120      # 5 ms fade on barge-in (raised cosine: no click, a
 FLUSH_FADE_MS = FLUSH_FADE_FRAMES // FRAMES_PER_MS
 IDLE, PLAYING = 0, 1
 PUBLISH_EVERY_S = 0.02       # the renderer's events go out this often (from a thread, not the callback)
-POSITION_EVERY_S = 0.1       # playback.position while an item plays
+POSITION_EVERY_S = 0.1       # playback.position while a stream plays
 CADENCE_EVERY_S = 5.0        # playback.cadence: how regularly the device asks for audio
 
 
@@ -44,9 +44,11 @@ def fade_out(frames: int) -> np.ndarray:
 
 class StreamEvent(NamedTuple):
     """What the renderer saw, for the publishing thread: ``kind`` is started, stopped, underrun
-    or flushed; the counts are the current stream's so far."""
+    or flushed; the counts are the current stream's so far. Indices are ring frame indices:
+    playback knows streams, not items (the realtime process maps indices to items)."""
     kind: str
-    index: int                  # ring frame index it happened at
+    index: int                  # ring frame index it happened at (flushed: heard when the fade ends)
+    start_index: int            # ring index of the stream's first frame
     stretch_frames: int         # net time-stretch (output frames minus stream frames)
     expanded_frames: int        # pitch periods played again
     device_underflows: int      # times the device ran dry (a gap the listener heard)
@@ -137,10 +139,15 @@ class Renderer:
             played_index = heard_base + min(FLUSH_FADE_FRAMES, self.backlog_frames + got)
             ring.take_flush()
             self.flush_mono_ns = time.monotonic_ns()
+            if not self.in_stream and self.waiting_since is None:
+                # no stream playing or waiting for its prebuffer: the flush cut nothing
+                self.stream_start = played_index
+                self.stretch_frames = self.stream_expanded_frames = self.stream_device_underflows = 0
             self.events.append(self._event("flushed", played_index))
             self.state, self.in_stream, self.waiting_since = IDLE, False, None
             self.dry_frames = 0
-            ring.set_heard(ring.read_index, latency_frames)
+            # the report and the shared heard index carry the same number (one source of the heard position)
+            ring.set_heard(played_index, latency_frames)
             return
         if self.state == IDLE:
             avail = ring.read_available
@@ -215,7 +222,7 @@ class Renderer:
         ring.set_heard(max(ring.heard_index, heard_base - latency_frames), latency_frames)
 
     def _event(self, kind: str, index: int) -> StreamEvent:
-        return StreamEvent(kind, index, self.stretch_frames, self.stream_expanded_frames,
+        return StreamEvent(kind, index, self.stream_start, self.stretch_frames, self.stream_expanded_frames,
                            self.stream_device_underflows)
 
     def _stretch(self, out: np.ndarray) -> int:
@@ -272,38 +279,21 @@ class PlaybackProcess:
         self.pub = Publisher(spec["bus"]["publish"], f"playback:{os.getpid()}")
         self.pub.join(spec["bus"]["subscribe"])
         self.callback_errors = 0     # exceptions in the device callback (answered with silence)
-        # which item starts where in the ring (announced by the realtime process on playback.item)
-        self.items_sub = Subscriber(spec["bus"]["subscribe"], ["playback.item"])
-        self.item_starts: list[tuple[int, str, str]] = []   # (start_index, item_id, response_id), ascending
         self.next_position_at = 0.0
         self.callback_ns = np.zeros(512, dtype=np.int64)  # when the latest device callbacks ran (a ring)
         self.callbacks = 0
         self.device_underflows = 0   # PortAudio's paOutputUnderflow: the device buffer ran dry
         self.next_cadence_at = time.monotonic() + CADENCE_EVERY_S
 
-    def _item_at(self, index: int) -> tuple[int, str | None, str | None]:
-        """The item whose audio holds ring ``index`` (the latest one starting at or before it)."""
-        for start, item_id, rid in reversed(self.item_starts):
-            if start <= index:
-                return start, item_id, rid
-        return index, None, None
-
     def publish_events(self) -> None:
-        """Publish what the renderer saw (from the loop thread, never the callback)."""
-        while True:
-            msg = self.items_sub.recv(timeout_ms=0)
-            if msg is None:
-                break
-            body = msg[1]
-            if isinstance(body.get("start_index"), int) and isinstance(body.get("item_id"), str):
-                self.item_starts.append((body["start_index"], body["item_id"], str(body.get("response_id"))))
-                del self.item_starts[:-64]
+        """Publish what the renderer saw (from the loop thread, never the callback). Reports carry
+        ring indices only (``start_index`` of the stream, ``index``); the realtime process maps
+        them to items."""
         r = self.renderer
         ring = self.ring
         while r.events:
-            kind, index, stretch_frames, expanded_frames, device_underflows = r.events.pop(0)
-            start, item_id, rid = self._item_at(index)
-            payload: dict[str, Any] = {"index": index, "item_id": item_id, "response_id": rid,
+            kind, index, start, stretch_frames, expanded_frames, device_underflows = r.events.pop(0)
+            payload: dict[str, Any] = {"start_index": start, "index": index,
                                        "underrun_frames": ring.underrun_frames}
             if kind == "started":
                 payload["first_sample_mono_ns"] = r.first_sample_mono_ns
@@ -335,11 +325,8 @@ class PlaybackProcess:
                                                   "interval_ms_max": round(float(gaps_ms.max()), 2)})
         if r.in_stream and now >= self.next_position_at:
             self.next_position_at = now + POSITION_EVERY_S
-            heard = ring.heard_index
-            start, item_id, rid = self._item_at(heard)
-            if item_id is not None:
-                self.pub.publish("playback.position", {"item_id": item_id, "response_id": rid,
-                                                       "played_ms": max(0, heard - start) // FRAMES_PER_MS})
+            # the callback's own number (the shared heard index), not a second estimate
+            self.pub.publish("playback.position", {"start_index": r.stream_start, "index": ring.heard_index})
 
     # ------------------------------------------------------------ backends
     def run_null(self, wav: wave.Wave_write | None = None) -> None:

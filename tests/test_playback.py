@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 import numpy as np
 import pytest
 
-from engine.playback import Renderer
+from engine.playback import PlaybackProcess, Renderer
 from engine.ring import Ring
 from tests.helpers import steepest, voiced
 
@@ -26,7 +27,7 @@ def loud(n: int) -> np.ndarray:
 
 def ev(r: Renderer) -> list[tuple[str, int]]:
     """The renderer's events without the stretch figure."""
-    return [(kind, index) for kind, index, *_ in r.events]
+    return [(e.kind, e.index) for e in r.events]
 
 
 def test_prebuffer_then_stream_end_is_not_an_underrun(ring: Ring) -> None:
@@ -202,8 +203,8 @@ def test_time_stretching_rides_out_a_late_delta_and_gives_the_latency_back(ring:
     played = play_deltas(r, ring, late_delta_schedule(60, 20, 0.11), pcm)
     assert [k for k, _ in ev(r)] == ["started", "stopped"] and ring.underrun_frames == 0
     assert r.expanded_frames > 0 and r.accelerated_frames > 0
-    assert r.stretch_frames == r.expanded_frames - r.accelerated_frames == r.events[-1][2]
-    assert r.events[-1][3] == r.expanded_frames
+    assert r.stretch_frames == r.expanded_frames - r.accelerated_frames == r.events[-1].stretch_frames
+    assert r.events[-1].expanded_frames == r.expanded_frames
     assert r.stretch_frames <= 360          # most of the added latency given back by the end
     sound = np.nonzero(played)[0]
     played = played[sound[0]:sound[-1] + 1]
@@ -217,3 +218,78 @@ def test_audio_on_time_or_ahead_is_never_stretched(ring: Ring) -> None:
     play_deltas(r, ring, [i * 0.02 for i in range(40)], voiced(40 * 480))        # paced at real time
     play_deltas(r, ring, [0.0] * 40, voiced(40 * 480))                           # a burst, far ahead
     assert r.expanded_frames == r.accelerated_frames == 0 and ring.underrun_frames == 0
+
+
+class FakePub:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+
+    def publish(self, topic: str, payload: dict[str, Any]) -> None:
+        self.sent.append((topic, payload))
+
+
+def reporter(ring: Ring, r: Renderer) -> tuple[PlaybackProcess, FakePub]:
+    """The playback process's publishing half, with no bus: it reads nothing from the bus."""
+    p = PlaybackProcess.__new__(PlaybackProcess)
+    p.ring, p.renderer, p.pub = ring, r, FakePub()
+    p.callbacks, p.next_cadence_at, p.next_position_at = 0, float("inf"), 0.0
+    return p, p.pub
+
+
+def test_reports_carry_ring_indices_not_items(ring: Ring) -> None:
+    r = Renderer(ring, prebuffer_frames=0, stretch=False)
+    p, pub = reporter(ring, r)
+    out = np.zeros(480, dtype=np.int16)
+    ring.write(loud(960))          # a first stream, played to its end
+    ring.mark_end()
+    for _ in range(3):
+        r.render(out, 0, 0.0)
+    ring.write(loud(4800))         # a second one, playing when the position goes out
+    r.render(out, 240, 1.0)
+    r.render(out, 240, 1.02)
+    p.publish_events()
+    topics = [t for t, _ in pub.sent]
+    assert topics == ["playback.started", "playback.stopped", "playback.started", "playback.position"]
+    for _, body in pub.sent:
+        assert "item_id" not in body and "response_id" not in body
+    started, stopped, started2, position = (b for _, b in pub.sent)
+    assert started["start_index"] == started["index"] == 0 and "first_sample_mono_ns" in started
+    assert {"arrived_mono_ns", "output_latency_ms", "underrun_frames"} <= started.keys()
+    assert stopped["start_index"] == 0 and stopped["index"] == 960 and stopped["played_ms"] == 40
+    assert {"stretch_ms", "expanded_ms", "device_underflows"} <= stopped.keys()
+    assert started2["start_index"] == 960
+    # the heard position: one number, the one the callback wrote to the ring
+    assert position == {"start_index": 960, "index": ring.heard_index} and ring.heard_index == 960 + 480 - 240
+
+
+def test_flush_report_and_heard_index_are_the_same_number(ring: Ring) -> None:
+    r = Renderer(ring, prebuffer_frames=0)
+    p, pub = reporter(ring, r)
+    out = np.zeros(480, dtype=np.int16)
+    ring.write(loud(480))
+    ring.mark_end()
+    r.render(out, 0, 0.0)
+    r.render(out, 0, 0.0)          # that stream ends
+    ring.write(loud(4800))
+    r.render(out, 0, 1.0)
+    ring.request_flush()
+    r.render(out, 0, 1.0)
+    p.publish_events()
+    flushed = pub.sent[-1][1]
+    assert pub.sent[-1][0] == "playback.flushed"
+    assert flushed["start_index"] == 480 and flushed["index"] == 480 + 480 + 120
+    assert ring.heard_index == flushed["index"]   # not the read position the flush jumped to
+    assert flushed["played_ms"] == (480 + 120) // 24 and "flush_mono_ns" in flushed
+
+
+def test_a_flush_with_nothing_playing_cut_nothing(ring: Ring) -> None:
+    r = Renderer(ring, prebuffer_frames=0)
+    out = np.zeros(480, dtype=np.int16)
+    ring.write(loud(480))
+    ring.mark_end()
+    r.render(out, 0, 0.0)
+    r.render(out, 0, 0.0)
+    ring.request_flush()
+    r.render(out, 0, 1.0)
+    e = r.events[-1]
+    assert e.kind == "flushed" and e.start_index == e.index == 480 and e.stretch_frames == 0
