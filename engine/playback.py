@@ -42,6 +42,26 @@ def fade_out(frames: int) -> np.ndarray:
     return (0.5 + 0.5 * np.cos(np.pi * np.arange(frames) / frames)).astype(np.float32)
 
 
+class FlushFade:
+    """The barge-in fade, the one implementation of it: a raised cosine over
+    :data:`FLUSH_FADE_MS` at ``rate_hz``, then silence. The renderer applies it at 24 kHz; a
+    resampling device callback applies it instead, at the device rate, to all it hands out
+    (resampled leftovers included), so each path fades exactly once."""
+
+    def __init__(self, rate_hz: int) -> None:
+        self.ramp = fade_out(rate_hz * FLUSH_FADE_MS // 1000)
+
+    def apply(self, buf: np.ndarray, valid_frames: int) -> int:
+        """Fade ``buf[:valid_frames]`` in place from its start, silence the rest of ``buf``
+        (frames past the ramp included); return how many frames still sound. Real-time safe:
+        no allocation."""
+        k = min(valid_frames, len(buf), len(self.ramp))
+        if k > 0:
+            np.multiply(buf[:k], self.ramp[:k], out=buf[:k], casting="unsafe")
+        buf[max(k, 0):] = 0
+        return max(k, 0)
+
+
 class StreamEvent(NamedTuple):
     """What the renderer saw, for the publishing thread: ``kind`` is started, stopped, underrun
     or flushed; the counts are the current stream's so far. Indices are ring frame indices:
@@ -77,8 +97,10 @@ class Renderer:
     """
 
     def __init__(self, ring: Ring, prebuffer_frames: int, max_prebuffer_frames: int = 7200,
-                 ref: Ring | None = None, stretch: bool = True) -> None:
+                 ref: Ring | None = None, stretch: bool = True, fade_on_flush: bool = True) -> None:
         self.ring = ring
+        #: False when the caller fades a flush itself, later in the chain (:class:`DeviceFeeder`)
+        self.fade_on_flush = fade_on_flush
         self.ref = ref
         self.stretch = stretch
         self.stretcher = TimeStretcher()
@@ -98,7 +120,7 @@ class Renderer:
         self.in_stream = False
         self.stream_start = 0
         self.waiting_since: float | None = None
-        self._ramp_down = fade_out(FLUSH_FADE_FRAMES)
+        self._flush_fade = FlushFade(RATE_HZ)
         self._fade_down = np.linspace(1.0, 0.0, FADE_FRAMES, dtype=np.float32)
         self._fade_up = np.linspace(0.0, 1.0, FADE_FRAMES, dtype=np.float32)
         self.resumed = False
@@ -131,9 +153,18 @@ class Renderer:
         # the first ring frame not yet handed to the device (the callback may hold resampled frames)
         heard_base = ring.read_index - self.backlog_frames
         if ring.flush_pending:
-            got = ring.read_into(out[:min(n, FLUSH_FADE_FRAMES)]) if self.state == PLAYING else 0
-            out[:got] = (out[:got] * self._ramp_down[:got]).astype(np.int16)
-            out[got:] = 0
+            got = 0
+            if self.state == PLAYING:
+                # only frames written before the flush request (a new stream may follow them); a
+                # caller that fades later in the chain gets the whole block, so its fade has audio
+                # to work on whatever its resampler holds back
+                want = min(n if not self.fade_on_flush else FLUSH_FADE_FRAMES, n,
+                           max(0, ring.flush_index - ring.read_index))
+                got = ring.read_into(out[:want])
+            if self.fade_on_flush:
+                self._flush_fade.apply(out, got)
+            else:
+                out[got:] = 0
             # what the listener will have heard when the fade ends: everything already handed to the
             # device (its buffer plays out, nothing takes it back), then the fade
             played_index = heard_base + min(FLUSH_FADE_FRAMES, self.backlog_frames + got)
@@ -264,6 +295,51 @@ class Renderer:
         self.stream_underruns = 0
 
 
+class DeviceFeeder:
+    """The resampling half of a device callback: renders 24 kHz blocks, resamples them to the
+    device rate (soxr) and hands out exactly what the device asks for, keeping the rest in a FIFO.
+
+    On a flush it renders once without the renderer's fade, fades what this callback hands out
+    from its start (resampled leftovers included) with :class:`FlushFade` at the device rate,
+    drops the rest and clears the resampler, so nothing of the flushed audio plays later.
+    ``fill`` is real-time safe apart from the bytes it returns.
+    """
+
+    def __init__(self, renderer: Renderer, block_frames: int, device_rate_hz: int) -> None:
+        from engine.audio import resample_stream
+        self.renderer = renderer
+        renderer.fade_on_flush = False   # faded once, here, at the device rate
+        self.device_rate_hz = device_rate_hz
+        self.resampler = resample_stream(RATE_HZ, device_rate_hz)
+        self._block = np.zeros(block_frames, dtype=np.int16)
+        device_block = device_rate_hz * block_frames // RATE_HZ
+        self.fifo = SampleFifo(device_block * 8)          # resampled frames waiting for the device
+        self._fade = FlushFade(device_rate_hz)
+        self._flush_out = np.zeros(device_block * 4, dtype=np.int16)
+
+    def fill(self, frame_count: int, latency_frames: int, now: float) -> bytes:
+        """``frame_count`` device-rate frames for the device (silence where there is nothing)."""
+        r, fifo = self.renderer, self.fifo
+        flushing = r.ring.flush_pending  # one render applies it
+        while fifo.length < frame_count or flushing:
+            r.backlog_frames = fifo.length * RATE_HZ // self.device_rate_hz
+            r.render(self._block, latency_frames, now)
+            fifo.push(self.resampler.resample_chunk(self._block))
+            if flushing:
+                break
+        if flushing:  # fade what this callback hands out from its start; drop the rest
+            out = self._flush_out[:frame_count]
+            m = min(len(out), fifo.length)
+            out[:m] = fifo.head(m)
+            self._fade.apply(out, m)
+            fifo.drop(fifo.length)
+            self.resampler.clear()
+            return out.tobytes() + bytes(2 * max(0, frame_count - len(out)))
+        data = fifo.head(frame_count).tobytes()
+        fifo.drop(frame_count)
+        return data
+
+
 class PlaybackProcess:
     def __init__(self, spec: dict[str, Any]) -> None:
         self.spec = spec
@@ -344,20 +420,13 @@ class PlaybackProcess:
 
     def run_pyaudio(self) -> None:
         import pyaudio
-        from engine.audio import find_device, keep_running, open_pyaudio, resample_stream
+        from engine.audio import find_device, keep_running, open_pyaudio
         pa = open_pyaudio()
         dev = find_device(pa, self.speaker, "output")
         rate = self.spec["config"]["audio"]["device_rate_hz"] or dev["default_rate_hz"]
         frames_dev = rate * self.period_ms // 1000
-        frames_api = RATE_HZ * self.period_ms // 1000
-        resampler = resample_stream(RATE_HZ, rate) if rate != RATE_HZ else None
-        api_buf = np.zeros(frames_api, dtype=np.int16)
-        fifo = SampleFifo(frames_dev * 8)   # resampled frames waiting for the device
+        feeder = DeviceFeeder(self.renderer, RATE_HZ * self.period_ms // 1000, rate) if rate != RATE_HZ else None
         latency_frames = 0
-        # a flush fades what this callback hands out over 5 ms at the device rate, resampled
-        # leftovers included (they would otherwise play unfaded before the renderer's fade)
-        flush_ramp = fade_out(rate * FLUSH_FADE_FRAMES // RATE_HZ)
-        flush_out = np.zeros(frames_dev * 4, dtype=np.int16)
 
         def callback(in_data: Any, frame_count: int, time_info: dict[str, float], status: int) -> tuple[bytes, int]:
             nonlocal latency_frames
@@ -372,29 +441,13 @@ class PlaybackProcess:
                 if latency_s <= 0 or latency_s > 1:
                     latency_s = stream_latency_s
                 latency_frames = int(latency_s * RATE_HZ)
-                if resampler is None:
+                if feeder is None:
                     out = np.empty(frame_count, dtype=np.int16)
                     self.renderer.render(out, latency_frames, time.monotonic())
                     return out.tobytes(), pyaudio.paContinue
-                flushing = self.ring.flush_pending  # one render applies it
-                while fifo.length < frame_count or flushing:
-                    self.renderer.backlog_frames = fifo.length * RATE_HZ // rate
-                    self.renderer.render(api_buf, latency_frames, time.monotonic())
-                    fifo.push(resampler.resample_chunk(api_buf))
-                    if flushing:
-                        break
-                if flushing:  # fade what this callback hands out from its start; drop the rest
-                    k = min(frame_count, fifo.length, len(flush_ramp))
-                    flush_out[:k] = (fifo.head(k) * flush_ramp[:k]).astype(np.int16)
-                    flush_out[k:frame_count] = 0
-                    fifo.drop(fifo.length)
-                    return flush_out[:frame_count].tobytes() + bytes(2 * max(0, frame_count - len(flush_out))), \
-                        pyaudio.paContinue
-                data = fifo.head(frame_count).tobytes()
-                fifo.drop(frame_count)
-                return data, pyaudio.paContinue
+                return feeder.fill(frame_count, latency_frames, time.monotonic()), pyaudio.paContinue
             except Exception:
-                self.callback_errors += 1
+                self.callback_errors += 1   # published on playback.cadence
                 return bytes(frame_count * 2), pyaudio.paContinue
 
         stream_latency_s = 0.04

@@ -315,6 +315,11 @@ class Ring:
         return True
 
     @property
+    def flush_index(self) -> int:
+        """The write index at the latest flush request: frames before it are to be dropped."""
+        return self._hdr[_FLUSH_UNTIL]
+
+    @property
     def flush_pending(self) -> bool:
         return (self._hdr[_FLUSH_SEQ]) != (self._hdr[_FLUSH_ACK])
 

@@ -293,3 +293,38 @@ def test_a_flush_with_nothing_playing_cut_nothing(ring: Ring) -> None:
     r.render(out, 0, 1.0)
     e = r.events[-1]
     assert e.kind == "flushed" and e.start_index == e.index == 480 and e.stretch_frames == 0
+
+
+def test_device_rate_flush_fades_once_and_leaves_nothing_behind(ring: Ring) -> None:
+    """Through the resampler (48 kHz device): the flush fades what the callback hands out, from its
+    start, over 5 ms at the device rate; nothing of the flushed audio comes out later."""
+    from engine.playback import DeviceFeeder
+    r = Renderer(ring, prebuffer_frames=0, stretch=False)
+    feeder = DeviceFeeder(r, 480, 48000)
+    assert not r.fade_on_flush
+    ring.write(loud(24000))
+    for _ in range(5):
+        pcm = np.frombuffer(feeder.fill(960, 0, 0.0), dtype=np.int16)
+    assert abs(int(pcm[500])) > 9000
+    ring.request_flush()
+    pcm = np.frombuffer(feeder.fill(960, 0, 0.0), dtype=np.int16)
+    assert abs(int(pcm[0])) > 9000 and abs(int(pcm[120])) > 4000   # a 5 ms ramp is 240 frames at 48 kHz
+    assert 0 < abs(int(pcm[230])) < 100 and not pcm[240:].any()
+    assert np.all(np.abs(np.diff(pcm[:240].astype(np.int32))) < 200)  # one smooth ramp, no step
+    assert r.events[-1].kind == "flushed" and ring.read_available == 0
+    for _ in range(3):                                                # the resampler kept nothing
+        assert np.abs(np.frombuffer(feeder.fill(960, 0, 0.0), dtype=np.int16)).max() <= 2  # soxr dither
+
+
+def test_flush_keeps_what_was_written_after_the_request(ring: Ring) -> None:
+    r = Renderer(ring, prebuffer_frames=0, stretch=False)
+    out = np.zeros(480, dtype=np.int16)
+    ring.write(loud(480 + 60))
+    r.render(out, 0, 0.0)
+    ring.request_flush()          # 60 frames of the old stream are left when the next one begins
+    ring.write(np.full(480, 7, dtype=np.int16))
+    ring.mark_end()
+    r.render(out, 0, 0.0)         # the fade takes the 60 old frames and none of the new stream
+    assert r.events[-1].kind == "flushed" and r.events[-1].index == 480 + 60
+    assert not out[60:].any()
+    assert ring.read_available == 480
