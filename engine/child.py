@@ -1,18 +1,60 @@
-"""What every child process of the supervisor shares: its spec file, stop signals, and
-how a failure to open its device is reported (a fatal ``engine.error`` and exit code 3)."""
+"""What every child process of the supervisor shares: how it gets its spec, how it dies
+with the supervisor, stop signals, and how a failure is reported.
+
+Spec: the supervisor writes the child's spec as one JSON line on the child's stdin and
+keeps the pipe open; nothing holding a secret (the API key, the bus signing key) is ever
+written to a file. ``python -m engine.<process> SPEC.json`` still reads a file, for
+running a child by hand.
+
+Dying with the supervisor: the supervisor sets PR_SET_PDEATHSIG in every child between
+fork and exec (:func:`parent_death_signal`), and :func:`main` sets it again and watches
+stdin: end of file means the supervisor is gone (however it died), and the child stops
+(SIGTERM to itself, then a hard exit :data:`PARENT_GONE_EXIT_S` later).
+
+Failures (:func:`run_reporting`): a device or file that cannot be used (:class:`DeviceError`,
+or ``OSError`` from PyAudio or the file system) is a fatal ``engine.error`` with code
+``device`` and exit code 3: the supervisor does not restart the child and stops the engine
+with the message. Anything else is a bug: ``engine.error`` code ``crash`` naming the
+exception type and message, exit code 4, and the supervisor restarts the child.
+"""
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import signal
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 from bus import Publisher
+from engine.childstate import EXIT_CRASHED, EXIT_DEVICE_FAILED, EXIT_PARENT_GONE
+from engine.errors import DeviceError
 
-DEVICE_FAILED = 3
+DEVICE_FAILED = EXIT_DEVICE_FAILED
+PARENT_GONE_EXIT_S = 0.7       #: after the supervisor is gone, a child that has not stopped is ended
+_PR_SET_PDEATHSIG = 1
+try:
+    _libc: Any = ctypes.CDLL(None, use_errno=True)
+except OSError:  # pragma: no cover (not Linux)
+    _libc = None
+
+
+def parent_death_signal(signo: int = signal.SIGTERM) -> bool:
+    """Ask the kernel to send ``signo`` to this process when its parent dies (Linux prctl).
+    Safe between fork and exec (``preexec_fn``): no allocation beyond the call. True if set."""
+    if _libc is None:
+        return False
+    return _libc.prctl(_PR_SET_PDEATHSIG, int(signo), 0, 0, 0) == 0
+
+
+def error_text(exc: BaseException) -> str:
+    """``str(exc)``, or the exception's type when it has no message (``EOFError()``)."""
+    text = str(exc)
+    return text if text else type(exc).__name__
 
 
 def stop_on_signals(stop: threading.Event, wake: Callable[[], None] | None = None) -> None:
@@ -26,14 +68,29 @@ def stop_on_signals(stop: threading.Event, wake: Callable[[], None] | None = Non
     signal.signal(signal.SIGINT, _stop)
 
 
+def is_device_error(exc: BaseException) -> bool:
+    """A device or file that cannot be used (no restart helps), as opposed to a bug."""
+    return isinstance(exc, (DeviceError, OSError))
+
+
 def run_reporting(pub: Publisher, source: str, body: Callable[[], None]) -> int:
-    """Run ``body``; an exception becomes a fatal ``engine.error`` from ``source`` and exit code 3."""
+    """Run ``body``. A device error becomes a fatal ``engine.error`` (code ``device``) and exit
+    code 3; any other exception is a bug: ``engine.error`` code ``crash`` with its type and
+    message (and the traceback on stderr), exit code 4 (the supervisor restarts the child)."""
     try:
         body()
     except Exception as exc:
-        pub.publish("engine.error", {"source": source, "code": "device", "fatal": True, "message": str(exc)})
+        if is_device_error(exc):
+            pub.publish("engine.error", {"source": source, "code": "device", "fatal": True,
+                                         "message": error_text(exc)})
+            code = EXIT_DEVICE_FAILED
+        else:
+            traceback.print_exc(file=sys.stderr)
+            pub.publish("engine.error", {"source": source, "code": "crash", "exception": type(exc).__name__,
+                                         "message": f"{source} crashed: {type(exc).__name__}: {error_text(exc)}"})
+            code = EXIT_CRASHED
         time.sleep(0.2)  # let the message leave before the process exits
-        return DEVICE_FAILED
+        return code
     return 0
 
 
@@ -54,9 +111,41 @@ def every_period(stop: threading.Event, period_s: float) -> Iterator[None]:
             next_t = time.monotonic()
 
 
+def read_spec(argv: list[str], stdin: BinaryIO) -> dict[str, Any]:
+    """The spec: from the file named in ``argv[1]``, else the first line of ``stdin``."""
+    if len(argv) == 2:
+        return json.loads(Path(argv[1]).read_text())
+    line = stdin.readline()
+    if not line:
+        raise SystemExit("no spec on stdin (the supervisor writes it; by hand: python -m engine.<process> SPEC.json)")
+    return json.loads(line)
+
+
+def watch_parent(stdin: BinaryIO, exit_after_s: float = PARENT_GONE_EXIT_S) -> threading.Thread:
+    """A daemon thread: at end of file on ``stdin`` (the supervisor's end closed: it stopped or
+    died) SIGTERM this process, and end it ``exit_after_s`` later if it is still there."""
+    def run() -> None:
+        try:
+            while stdin.read(4096):
+                pass
+        except (OSError, ValueError):
+            pass
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(exit_after_s)
+        os._exit(EXIT_PARENT_GONE)
+    t = threading.Thread(target=run, name="parent-watch", daemon=True)
+    t.start()
+    return t
+
+
 def main(process_class: Callable[[dict[str, Any]], Any]) -> int:
-    """``python -m engine.<process> SPEC.json``: build the process from its spec and run it."""
-    if len(sys.argv) != 2:
-        print(f"usage: python -m {process_class.__module__} SPEC.json", file=sys.stderr)
+    """``python -m engine.<process> [SPEC.json]``: build the process from its spec and run it."""
+    if len(sys.argv) > 2:
+        print(f"usage: python -m {process_class.__module__} [SPEC.json]  (default: the spec on stdin)",
+              file=sys.stderr)
         return 2
-    return process_class(json.loads(Path(sys.argv[1]).read_text())).run()
+    parent_death_signal(signal.SIGTERM)
+    spec = read_spec(sys.argv, sys.stdin.buffer)
+    if len(sys.argv) == 1:
+        watch_parent(sys.stdin.buffer)
+    return process_class(spec).run()

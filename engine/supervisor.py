@@ -3,7 +3,9 @@
 Children (each its own OS process, started with ``python -m``): the bus broker, the
 local server (local backend), realtime, capture and playback. The supervisor creates
 the shared-memory rings and the mic ring's eventfd (passed to the children with
-``pass_fds``), writes the connection file, keeps the session's event log, publishes
+``pass_fds``), hands each child its spec as one JSON line on its stdin (never a file:
+the realtime spec holds the API key, every spec the bus signing key), writes the
+connection file, keeps the session's event log, publishes
 ``engine.status`` every second, restarts a child that dies (with backoff, as
 supervisord's BACKOFF state), and on SIGINT/SIGTERM stops everything in reverse order
 (TERM, a grace period, then KILL), unlinks the rings and removes socket and connection
@@ -56,6 +58,7 @@ class Child:
     required: bool = True
     pass_fds: tuple[int, ...] = ()
     stdout: Any = None
+    spec: dict[str, Any] | None = None   #: written to the child's stdin (engine.child.read_spec)
     proc: subprocess.Popen[bytes] | None = None
     state: str = "stopped"
     restarts: int = 0
@@ -82,12 +85,17 @@ class Supervisor:
         self.session_key = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
         base = Path(cfg["record"] or cfg["sessions_dir"] or default_sessions_dir())
         self.session_dir = base / self.session_key
-        self.session_dir.mkdir(parents=True, exist_ok=True)
+        os.umask(0o077)  # session files (events.jsonl, conversation.wav) and children's files: 0600
+        self.session_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.session_dir, 0o700)
+        #: signs the engine's own bus messages (spec key bus.signing_key, hex); never on disk or the bus
+        self.signing_key = secrets.token_bytes(32)
         self.endpoints = self._endpoints()
         self.session_id: str | None = None
         self.cost_usd = 0.0
         self.connected = False
         self.errors: list[dict[str, Any]] = []
+        self.forged = 0                  #: fatal engine.error messages from outside the engine, ignored
         self.fatal: str | None = None
         self.started_mono = time.monotonic()
         self.ready_mono: float | None = None
@@ -116,12 +124,10 @@ class Supervisor:
                 return
             raise EngineError(f"an engine is already running (pid {pid}); stop it with `engine stop`")
 
-    def _spec(self, name: str, extra: dict[str, Any]) -> str:
-        spec = {"config": self.cfg, "bus": {"publish": self.endpoints.publish, "subscribe": self.endpoints.subscribe},
-                **extra}
-        path = self.session_dir / f"{name}.spec.json"
-        path.write_text(json.dumps(spec, indent=1))
-        return str(path)
+    def _spec(self, extra: dict[str, Any]) -> dict[str, Any]:
+        """A child's spec; it goes to the child's stdin, never to a file (it holds secrets)."""
+        return {"config": self.cfg, "bus": {"publish": self.endpoints.publish, "subscribe": self.endpoints.subscribe,
+                                            "signing_key": self.signing_key.hex()}, **extra}
 
     def _api_target(self) -> tuple[str, list[str]]:
         model = quote(self.cfg["model"])
@@ -180,20 +186,20 @@ class Supervisor:
             self.rings.append(ref_ring)
             pb_extra["ref_ring"] = ref_ring.name
             is_device = not (isinstance(speaker, str) and (speaker == "null" or speaker.lower().endswith(".wav")))
-            cap_spec = self._spec("capture", {"mic_ring": mic_ring.name, "mic_fd": mic_ring.data_fd,
+            cap_spec = self._spec({"mic_ring": mic_ring.name, "mic_fd": mic_ring.data_fd,
                                               "mic_source": mic, "speaker_ring": speaker_ring.name,
                                               "ref_ring": ref_ring.name, "speaker_is_device": is_device,
                                               "record_path": str(self.session_dir / "conversation.wav")
                                               if self.cfg["record"] else None})
-            self.children.append(Child("capture", [py, "-m", "engine.capture", cap_spec], pass_fds=fds))
-        self.children.append(Child("realtime", [py, "-m", "engine.realtime.process",
-                                                self._spec("realtime", realtime_extra)], pass_fds=fds))
-        pb_spec = self._spec("playback", pb_extra)
-        self.children.append(Child("playback", [py, "-m", "engine.playback", pb_spec]))
+            self.children.append(Child("capture", [py, "-m", "engine.capture"], pass_fds=fds, spec=cap_spec))
+        self.children.append(Child("realtime", [py, "-m", "engine.realtime.process"], pass_fds=fds,
+                                   spec=self._spec(realtime_extra)))
+        self.children.append(Child("playback", [py, "-m", "engine.playback"], spec=self._spec(pb_extra)))
         # the supervisor's own bus sockets, connected before anything is published
         self.sub = Subscriber(self.endpoints.subscribe, [""])
         self.pub = Publisher(self.endpoints.publish, f"supervisor:{os.getpid()}")
-        self.log_file = open(self.session_dir / "events.jsonl", "a", buffering=1)
+        log_fd = os.open(self.session_dir / "events.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self.log_file = open(log_fd, "a", buffering=1)
         broker = self.children[0]
         self._spawn(broker)
         if not self.pub.join(self.endpoints.subscribe, timeout_s=10):
@@ -205,8 +211,16 @@ class Supervisor:
     def _spawn(self, child: Child) -> None:
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
-        child.proc = subprocess.Popen(child.argv, pass_fds=child.pass_fds, env=env, stdin=subprocess.DEVNULL,
+        env.pop(self.cfg["api_key_env"], None)  # the realtime child gets the key in its spec, the others never
+        child.proc = subprocess.Popen(child.argv, pass_fds=child.pass_fds, env=env,
+                                      stdin=subprocess.PIPE if child.spec is not None else subprocess.DEVNULL,
                                       stdout=child.stdout, start_new_session=False)
+        if child.spec is not None and child.proc.stdin is not None:
+            try:  # one line; the pipe stays open: its end of file tells the child the supervisor is gone
+                child.proc.stdin.write(json.dumps(child.spec).encode() + b"\n")
+                child.proc.stdin.flush()
+            except BrokenPipeError:
+                pass  # the child died at once: reaped as an exit
         child.state = "running"
         child.started_at = time.monotonic()
         child.exit_code = None
@@ -262,7 +276,21 @@ class Supervisor:
         elif topic == "engine.error":
             self.errors.append(body)
             if body.get("fatal"):
-                self.fatal = f"{body.get('source', 'engine')}: {body.get('message')}"
+                if self._from_engine(body):
+                    self.fatal = f"{body.get('source', 'engine')}: {body.get('message')}"
+                else:
+                    self.forged += 1  # a fatal error from outside the engine does not stop it
+
+    def _from_engine(self, body: dict[str, Any]) -> bool:
+        """True if ``body`` was published by one of this engine's own child processes (state and
+        fatal errors are accepted only from them): the publisher name against the children's
+        live pids. (To be replaced by the bus's signature check, ``bus.signing_key``.)"""
+        pub = body.get("pub")
+        if not isinstance(pub, str) or ":" not in pub:
+            return False
+        name, _, pid = pub.rpartition(":")
+        own = {str(c.pid) for c in self.children if c.proc is not None and c.proc.poll() is None}
+        return pid in own and name.split("-")[0] in {c.name for c in self.children}
 
     def run(self) -> int:
         def _stop(_signo: int, _frame: object) -> None:
@@ -332,6 +360,8 @@ class Supervisor:
                 child.proc.kill()
                 child.proc.wait()
             child.state = "stopped"
+            if child.proc.stdin is not None:
+                child.proc.stdin.close()
         for ring in self.rings:
             ring.unlink()
             ring.close()

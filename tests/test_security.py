@@ -1,0 +1,86 @@
+"""Secrets never reach the disk, the bus or the log; session files are private; a bus client
+outside the engine cannot stop it with a forged fatal error."""
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bus import Publisher, Subscriber
+from tests.test_engine import say, wait_topic
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
+
+FAKE_KEY = "sk-test-" + "Zq9" * 12
+
+
+def _grep_tree(root: Path, needle: bytes) -> list[Path]:
+    hits = []
+    for p in root.rglob("*"):
+        if p.is_file() and not p.is_socket():
+            try:
+                if needle in p.read_bytes():
+                    hits.append(p)
+            except OSError:
+                pass
+    return hits
+
+
+def test_api_key_never_on_disk_bus_or_log(start_engine: Any, make_server: Any, monkeypatch: pytest.MonkeyPatch,
+                                          tmp_path: Path) -> None:
+    server = make_server()
+    cfg = tmp_path / "openai-local.yaml"
+    cfg.write_text(f"backend: openai\nopenai_url: {server.base}/realtime\nrecord: {tmp_path / 'rec'}\n")
+    monkeypatch.setenv("OPENAI_API_KEY", FAKE_KEY)
+    eng = start_engine("--backend", "openai", "--config", str(cfg), "--text-only")
+    conn = eng.conn
+    everything = Subscriber(conn["subscribe"], [""])
+    assert say(conn, "hello there")["ok"]
+    wait_topic(everything, "response.done")
+    seen = []
+    while (msg := everything.recv(timeout_ms=200)) is not None:
+        seen.append(msg)
+    assert FAKE_KEY not in repr(seen)
+    session_dir = Path(conn["session_dir"])
+    # only the realtime child may hold the key (in its spec, in memory): no child has it in its environment
+    for child in conn["children"]:
+        environ = Path(f"/proc/{child['pid']}/environ").read_bytes()
+        assert FAKE_KEY.encode() not in environ, child["name"]
+    assert eng.stop() == 0
+    assert "openai" in "".join(eng.lines)   # it really ran with the key
+    assert FAKE_KEY not in "".join(eng.lines)
+    key = FAKE_KEY.encode()
+    assert not _grep_tree(session_dir, key)
+    assert not _grep_tree(eng.runtime, key)
+    assert not list(session_dir.glob("*.spec.json"))
+    log = session_dir / "events.jsonl"
+    assert log.stat().st_size > 0 and key not in log.read_bytes()
+    # the session folder and its files are private
+    assert stat.S_IMODE(session_dir.stat().st_mode) == 0o700
+    files = [p for p in session_dir.iterdir() if p.is_file()]
+    assert {p.name for p in files} >= {"events.jsonl"}
+    for p in files:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+
+
+def test_forged_fatal_error_does_not_stop_the_engine(start_engine: Any) -> None:
+    eng = start_engine("--text-only")
+    conn = eng.conn
+    sub = Subscriber(conn["subscribe"], ["model.text.done"])
+    intruder = Publisher(conn["publish"], "realtime:1")
+    assert intruder.join(conn["subscribe"], timeout_s=5)
+    for pub_name in ("realtime:1", f"realtime:{os.getpid()}", "intruder"):
+        intruder.name = pub_name
+        intruder.publish("engine.error", {"source": "socket", "code": "auth", "fatal": True, "message": "forged-by-a-test"})
+    time.sleep(0.6)  # the supervisor takes bus messages every 250 ms: give it two rounds to (wrongly) act
+    assert eng.proc.poll() is None, "".join(eng.lines)
+    assert say(conn, "still there?")["ok"]
+    assert "still there" in wait_topic(sub, "model.text.done")["text"]
+    assert eng.stop() == 0
+    assert "forged-by-a-test" not in "".join(eng.lines)
