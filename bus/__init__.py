@@ -6,12 +6,17 @@ version), ``ts`` (unix seconds, float), ``mono_ns`` (CLOCK_MONOTONIC ns), ``pub`
 (publisher name) and ``seq`` (per-publisher sequence number); the rest of the
 map is the topic's payload.
 
+Control topics (``SIGNED_TOPICS``) carry a third frame, an HMAC signature, when the engine's
+processes publish them; tcp transports need CURVE keys (bus/security.py).
+
 Errors: every error this package raises is a :class:`BusError`.
 """
 from bus.wire import PROTOCOL_VERSION, BusError, MalformedMessage, encode, decode
-from bus.client import Publisher, Subscriber, Endpoints, load_endpoints
+from bus.client import Publisher, Subscriber, Endpoints, load_endpoints, endpoints_from, use_keys
+from bus.security import SIGNED_TOPICS, BusKeys, generate_keys
 
 __all__ = [
     "PROTOCOL_VERSION", "BusError", "MalformedMessage", "encode", "decode",
-    "Publisher", "Subscriber", "Endpoints", "load_endpoints",
+    "Publisher", "Subscriber", "Endpoints", "load_endpoints", "endpoints_from", "use_keys",
+    "SIGNED_TOPICS", "BusKeys", "generate_keys",
 ]

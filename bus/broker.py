@@ -16,6 +16,11 @@ main loop) sees only two small streams, both filtered by ZeroMQ itself:
 
 Because the keeper's XPUB holds the new subscription before it hands it up, the replay
 cannot be dropped by PUB-side filtering.
+
+Access (bus/security.py): on a tcp endpoint the XSUB and XPUB are CURVE servers and a ZAP
+handler accepts only the engine's client key(s); the keeper signs ``engine.presence.gone``
+with the engine's signing key, and replays kept messages with the signature they came with.
+``python -m bus.broker`` takes its keys from ``$REALTALK_BUS_KEYS``.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from typing import Any, Callable, Iterator
 
 import zmq
 
+from bus.security import SIGNED_TOPICS, apply_server_curve, environment_keys, parse_signing_key, sign, start_authenticator
 from bus.wire import encode
 
 #: topics whose last message is replayed to new subscribers (exact topic)
@@ -41,14 +47,23 @@ _broker_ids = itertools.count()
 
 
 def run_broker(publish_endpoint: str, subscribe_endpoint: str, *, ready_fd: int | None = None,
-               context: zmq.Context | None = None, stop_endpoint: str | None = None) -> None:
+               context: zmq.Context | None = None, stop_endpoint: str | None = None,
+               curve_server: tuple[bytes, bytes] | None = None, curve_clients: list[bytes] | None = None,
+               signing_key: bytes | None = None) -> None:
     """Forward messages until SIGTERM/SIGINT (or a message on ``stop_endpoint``).
 
     ``publish_endpoint`` is where clients publish (XSUB binds there), ``subscribe_endpoint``
     where they subscribe (XPUB). If ``ready_fd`` is given, one byte is written to it once
-    both sockets are bound.
+    both sockets are bound. ``curve_server`` (public, secret; Z85) makes tcp endpoints CURVE
+    servers that accept only ``curve_clients`` (Z85 public keys); a tcp endpoint without it
+    is open to anyone who can reach the port. ``signing_key`` signs what the broker publishes.
     """
     ctx = context or zmq.Context.instance()
+    auth = None
+    if curve_server is not None:
+        if not curve_clients:
+            raise ValueError("run_broker: curve_server needs the client public keys to accept (curve_clients)")
+        auth = start_authenticator(ctx, curve_clients)
     inproc = f"inproc://realtalk-broker-{os.getpid()}-{next(_broker_ids)}"
     xsub = ctx.socket(zmq.XSUB)
     xpub = ctx.socket(zmq.XPUB)
@@ -63,6 +78,10 @@ def run_broker(publish_endpoint: str, subscribe_endpoint: str, *, ready_fd: int 
         s.setsockopt(zmq.SNDHWM, _HWM)
         s.setsockopt(zmq.RCVHWM, _HWM)
     xpub.setsockopt(zmq.XPUB_VERBOSE, 1)        # pass every subscription up, also repeated ones
+    if curve_server is not None:
+        for server, endpoint in ((xsub, publish_endpoint), (xpub, subscribe_endpoint)):
+            if endpoint.startswith("tcp://"):
+                apply_server_curve(server, *curve_server)
     keeper_pub.setsockopt(zmq.XPUB_VERBOSE, 1)  # so that each new subscriber gets its replay
     xsub.bind(publish_endpoint)
     xsub.bind(inproc + "-pub")
@@ -92,12 +111,14 @@ def run_broker(publish_endpoint: str, subscribe_endpoint: str, *, ready_fd: int 
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
     try:
-        _keep(keeper_pub, keeper_sub, stop, lambda: running)
+        _keep(keeper_pub, keeper_sub, stop, lambda: running, signing_key)
     finally:
         control_out.send(b"TERMINATE")
         proxy.join(5)
         for s in sockets:
             s.close(0)
+        if auth is not None:
+            auth.stop()
 
 
 def _forward(xsub: zmq.Socket, xpub: zmq.Socket, control: zmq.Socket) -> None:
@@ -117,7 +138,7 @@ def _drain(recv: Callable[[int], Any]) -> Iterator[Any]:
 
 
 def _keep(keeper_pub: zmq.Socket, keeper_sub: zmq.Socket, stop: zmq.Socket | None,
-          running: Callable[[], bool]) -> None:
+          running: Callable[[], bool], signing_key: bytes | None = None) -> None:
     """The last-value cache and presence loop (see the module docstring)."""
     cache: dict[bytes, list[bytes]] = {}
     seq = 0
@@ -137,7 +158,7 @@ def _keep(keeper_pub: zmq.Socket, keeper_sub: zmq.Socket, stop: zmq.Socket | Non
             return
         if keeper_sub in events:
             for frames in _drain(keeper_sub.recv_multipart):
-                if len(frames) == 2 and frames[0] in _STATE_TOPICS:
+                if len(frames) in (2, 3) and frames[0] in _STATE_TOPICS:  # 3: with its signature
                     cache[frames[0]] = frames
         if keeper_pub in events:
             for sub in _drain(keeper_pub.recv):
@@ -149,7 +170,10 @@ def _keep(keeper_pub: zmq.Socket, keeper_sub: zmq.Socket, stop: zmq.Socket | Non
                     # the last subscriber of a presence topic left: its owner is gone
                     seq += 1
                     owner = sub[1 + len(PRESENCE_PREFIX):].decode(errors="replace")
-                    keeper_pub.send_multipart(encode("engine.presence.gone", {"owner": owner}, "broker", seq))
+                    frames = encode("engine.presence.gone", {"owner": owner}, "broker", seq)
+                    if signing_key is not None and frames[0].decode().startswith(SIGNED_TOPICS):
+                        frames.append(sign(signing_key, *frames))
+                    keeper_pub.send_multipart(frames)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,7 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 2:
         print("usage: python -m bus.broker PUBLISH_ENDPOINT SUBSCRIBE_ENDPOINT", file=sys.stderr)
         return 2
-    run_broker(args[0], args[1])
+    keys = environment_keys()
+    server = (keys["curve_server_key"].encode(), keys["curve_server_secret"].encode()) \
+        if keys.get("curve_server_secret") else None
+    run_broker(args[0], args[1], curve_server=server,
+               curve_clients=[keys["curve_public_key"].encode()] if server else None,
+               signing_key=parse_signing_key(keys.get("signing_key")))
     return 0
 
 

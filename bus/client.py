@@ -3,19 +3,44 @@
 Each socket belongs to one thread (ZeroMQ sockets are not thread-safe). Publishers
 connect to the broker's ``publish`` endpoint, subscribers to its ``subscribe`` endpoint;
 both endpoints are in the engine's connection file (``engine status --json``).
+
+Keys (bus/security.py): pass an :class:`Endpoints` (from :func:`load_endpoints` or
+:func:`endpoints_from`) and the sockets use what it carries: CURVE client keys on a
+``tcp://`` endpoint, the signing key to sign (Publisher) and verify (Subscriber) the
+control topics. Given a plain endpoint string, they take this process's keys: those
+given to :func:`use_keys` (a child calls it with its spec's ``bus`` section), else
+``$REALTALK_BUS_KEYS`` (how the broker gets them), else none. Keyword arguments override
+all of these.
 """
 from __future__ import annotations
 
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import zmq
 
+from bus.security import (FORGED_REASON, SIGNED_TOPICS, CurveClientKeys, apply_client_curve, curve_from,
+                          environment_keys, parse_signing_key, sign, verify)
 from bus.wire import BusError, MalformedMessage, decode, encode
+
+#: "take it from the Endpoints given, else this process's keys (use_keys, $REALTALK_BUS_KEYS)"
+FROM_ENV: Any = type("_FromEnv", (), {"__repr__": lambda self: "FROM_ENV"})()
+_process_keys: dict[str, Any] | None = None
+
+
+def use_keys(bus_spec: Mapping[str, Any] | None) -> None:
+    """Make ``bus_spec``'s keys (``signing_key`` hex, ``curve_*`` Z85: a child spec's ``bus``
+    section) the default of every Publisher and Subscriber this process makes from an
+    endpoint string. None goes back to ``$REALTALK_BUS_KEYS``. Checked at once (BusError)."""
+    global _process_keys
+    if bus_spec is not None:
+        curve_from(bus_spec)
+        parse_signing_key(bus_spec.get("signing_key"))
+    _process_keys = None if bus_spec is None else dict(bus_spec)
 
 
 def runtime_dir() -> Path:
@@ -38,54 +63,114 @@ def connection_file() -> Path:
 
 @dataclass(frozen=True)
 class Endpoints:
-    """Where clients publish (broker XSUB) and subscribe (broker XPUB)."""
+    """Where clients publish (broker XSUB) and subscribe (broker XPUB), and the keys to use:
+    ``curve`` for a tcp transport, ``signing_key`` only in the engine's own processes."""
     publish: str
     subscribe: str
+    curve: CurveClientKeys | None = field(default=None, repr=False)
+    signing_key: bytes | None = field(default=None, repr=False)
+
+
+def endpoints_from(data: Mapping[str, Any]) -> Endpoints:
+    """Endpoints and keys from a connection file's map or a child spec's ``bus`` section:
+    ``publish``, ``subscribe``, optional ``curve_server_key`` / ``curve_public_key`` /
+    ``curve_secret_key`` (Z85) and ``signing_key`` (hex). Raises BusError naming what is wrong."""
+    missing = [k for k in ("publish", "subscribe") if not isinstance(data.get(k), str)]
+    if missing:
+        raise BusError(f"bus endpoints lack {', '.join(missing)}; restart the engine")
+    return Endpoints(data["publish"], data["subscribe"], curve_from(data), parse_signing_key(data.get("signing_key")))
 
 
 def load_endpoints(path: str | os.PathLike[str] | None = None) -> Endpoints:
-    """Read the endpoints from a connection file (default: the running engine's)."""
+    """Read the endpoints (and CURVE keys, with tcp) from a connection file (default: the running engine's)."""
     file = Path(path) if path else connection_file()
     try:
         data = json.loads(file.read_text())
-        return Endpoints(publish=data["publish"], subscribe=data["subscribe"])
     except FileNotFoundError:
         raise BusError(f"no engine is running: {file} does not exist (start one with `engine start`)") from None
-    except (KeyError, ValueError) as exc:
+    except ValueError as exc:
         raise BusError(f"connection file {file} is unreadable ({exc}); restart the engine") from None
+    if not isinstance(data, dict):
+        raise BusError(f"connection file {file} is not a JSON object; restart the engine")
+    try:
+        return endpoints_from(data)
+    except BusError as exc:
+        raise BusError(f"connection file {file}: {exc}") from None
+
+
+def _keys(endpoint: str | Endpoints, curve: Any, key: Any) -> tuple[CurveClientKeys | None, bytes | None]:
+    """The CURVE keys and signing key a socket uses (see the module docstring)."""
+    if isinstance(endpoint, Endpoints):
+        source_curve, source_key = endpoint.curve, endpoint.signing_key
+    elif curve is FROM_ENV or key is FROM_ENV:
+        env = _process_keys if _process_keys is not None else environment_keys()
+        source_curve, source_key = curve_from(env), parse_signing_key(env.get("signing_key"))
+    else:
+        source_curve = source_key = None
+    return (source_curve if curve is FROM_ENV else curve), (source_key if key is FROM_ENV else parse_signing_key(key))
+
+
+def _connect(sock: zmq.Socket, endpoint: str, curve: CurveClientKeys | None) -> None:
+    if curve is not None and endpoint.startswith("tcp://"):
+        apply_client_curve(sock, curve)
+    sock.connect(endpoint)
 
 
 class Publisher:
-    """Publishes messages to the broker. ``name`` identifies this publisher in every body."""
+    """Publishes messages to the broker. ``name`` identifies this publisher in every body.
 
-    def __init__(self, endpoint: str, name: str, context: zmq.Context | None = None, *, bind: bool = False) -> None:
+    With a ``signing_key``, messages on ``signed_topics`` (prefixes) carry a signature frame;
+    other topics cost nothing more.
+    """
+
+    def __init__(self, endpoint: str | Endpoints, name: str, context: zmq.Context | None = None, *,
+                 bind: bool = False, curve: CurveClientKeys | None = FROM_ENV,
+                 signing_key: bytes | str | None = FROM_ENV,
+                 signed_topics: tuple[str, ...] = SIGNED_TOPICS) -> None:
         """Connect to the broker's publish endpoint (or, with ``bind``, serve subscribers directly)."""
         self._ctx = context or zmq.Context.instance()
+        self._curve, self._signing_key = _keys(endpoint, curve, signing_key)
+        self._subscribe_endpoint = endpoint.subscribe if isinstance(endpoint, Endpoints) else None
+        address = endpoint.publish if isinstance(endpoint, Endpoints) else endpoint
+        self._signed = tuple(signed_topics)
         self._sock = self._ctx.socket(zmq.PUB)
         self._sock.setsockopt(zmq.LINGER, 500)
         self._sock.setsockopt(zmq.SNDHWM, 100_000)
         if bind:
-            self._sock.bind(endpoint)
+            self._sock.bind(address)
         else:
-            self._sock.connect(endpoint)
+            _connect(self._sock, address, self._curve)
         self.name = name
         self.seq = 0
+
+    @property
+    def signs(self) -> bool:
+        """True if this publisher signs its control topics."""
+        return self._signing_key is not None
 
     def publish(self, topic: str, payload: Mapping[str, Any] | None = None) -> None:
         """Send one message; never blocks (drops at the high-water mark, as PUB does)."""
         self.seq += 1
         topic_frame, body_frame = encode(topic, payload or {}, self.name, self.seq)
         self._sock.send(topic_frame, zmq.SNDMORE)  # two sends: a third of send_multipart's cost
-        self._sock.send(body_frame)
+        if self._signing_key is not None and topic.startswith(self._signed):
+            self._sock.send(body_frame, zmq.SNDMORE)
+            self._sock.send(sign(self._signing_key, topic_frame, body_frame))
+        else:
+            self._sock.send(body_frame)
 
-    def join(self, subscribe_endpoint: str, timeout_s: float = 5.0) -> bool:
+    def join(self, subscribe_endpoint: str | None = None, timeout_s: float = 5.0) -> bool:
         """Wait until this publisher's messages reach subscribers (ZeroMQ's slow joiner).
 
         Publishes a probe on a private topic until it comes back through the broker; by then
         the broker has handed this publisher the subscriptions it holds. True if it came back.
+        ``subscribe_endpoint`` defaults to that of the Endpoints this publisher was given.
         """
+        subscribe_endpoint = subscribe_endpoint or self._subscribe_endpoint
+        if subscribe_endpoint is None:
+            raise BusError("Publisher.join needs the subscribe endpoint (or build the Publisher from Endpoints)")
         topic = f"_join.{self.name}.{os.getpid()}.{id(self)}"
-        sub = Subscriber(subscribe_endpoint, [topic], context=self._ctx)
+        sub = Subscriber(subscribe_endpoint, [topic], context=self._ctx, curve=self._curve, verify_key=None)
         try:
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline:
@@ -112,18 +197,24 @@ class Subscriber:
     """Receives messages whose topic starts with one of ``prefixes`` (all if empty).
 
     Malformed messages are counted in ``malformed`` and skipped, never raised;
-    ``last_error`` describes the latest one.
+    ``last_error`` describes the latest one. With a ``verify_key``, a message on
+    ``signed_topics`` without a valid signature is malformed too (reason
+    "forged or unsigned control message") and never returned.
     """
 
-    def __init__(self, endpoint: str, prefixes: list[str] | tuple[str, ...] = ("",),
-                 context: zmq.Context | None = None) -> None:
+    def __init__(self, endpoint: str | Endpoints, prefixes: list[str] | tuple[str, ...] = ("",),
+                 context: zmq.Context | None = None, *, curve: CurveClientKeys | None = FROM_ENV,
+                 verify_key: bytes | str | None = FROM_ENV,
+                 signed_topics: tuple[str, ...] = SIGNED_TOPICS) -> None:
         self._ctx = context or zmq.Context.instance()
+        curve, self._verify_key = _keys(endpoint, curve, verify_key)
+        self._signed = tuple(signed_topics)
         self.socket = self._ctx.socket(zmq.SUB)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.RCVHWM, 100_000)
         for p in prefixes or ("",):
             self.socket.setsockopt(zmq.SUBSCRIBE, p.encode())
-        self.socket.connect(endpoint)
+        _connect(self.socket, endpoint.subscribe if isinstance(endpoint, Endpoints) else endpoint, curve)
         self.malformed = 0
         self.last_error: MalformedMessage | None = None
         self._rcvtimeo_ms = -1
@@ -143,7 +234,12 @@ class Subscriber:
             except zmq.Again:
                 return None
             try:
-                return decode(frames)
+                topic, body = decode(frames)
+                if self._verify_key is None or not topic.startswith(self._signed) or verify(
+                        self._verify_key, frames[0], frames[1], frames[2] if len(frames) == 3 else None):
+                    return topic, body
+                raise MalformedMessage(f"{FORGED_REASON}: {topic!r} from {body.get('pub')!r} "
+                                       "(only the engine's own processes may publish it)", len(frames))
             except MalformedMessage as exc:
                 self.malformed += 1
                 self.last_error = exc

@@ -1,7 +1,9 @@
 """Encode and decode bus messages. Pure functions, no sockets.
 
 A message is ``[topic, body]``: topic is a UTF-8 string of dot-separated words
-(``model.text.delta``), body a msgpack map. Readers ignore keys they do not know.
+(``model.text.delta``), body a msgpack map. Readers ignore keys they do not know. A signed
+control message has a third frame, its signature (bus/security.py); :func:`decode` accepts
+and ignores it, verifying is the subscriber's job.
 """
 from __future__ import annotations
 
@@ -44,20 +46,22 @@ def encode(topic: str, payload: Mapping[str, Any], publisher: str, seq: int) -> 
 
 
 def decode(frames: list[bytes]) -> tuple[str, dict[str, Any]]:
-    """Parse ``[topic, body]``; raise :class:`MalformedMessage` naming the problem."""
-    if len(frames) != 2:
-        raise MalformedMessage(f"expected 2 frames [topic, msgpack body], got {len(frames)}", len(frames))
-    raw_topic, raw_body = frames
+    """Parse ``[topic, body]`` or ``[topic, body, signature]``; raise :class:`MalformedMessage`
+    naming the problem. The signature frame is not checked here."""
+    if len(frames) not in (2, 3):
+        raise MalformedMessage(f"expected 2 frames [topic, msgpack body] (3 with a signature), got {len(frames)}",
+                               len(frames))
+    raw_topic, raw_body = frames[0], frames[1]
     if len(raw_topic) > MAX_TOPIC_BYTES:
-        raise MalformedMessage(f"topic longer than {MAX_TOPIC_BYTES} bytes", 2)
+        raise MalformedMessage(f"topic longer than {MAX_TOPIC_BYTES} bytes", len(frames))
     try:
         topic = bytes(raw_topic).decode()
     except UnicodeDecodeError:
-        raise MalformedMessage("topic is not valid UTF-8", 2) from None
+        raise MalformedMessage("topic is not valid UTF-8", len(frames)) from None
     try:
         body = msgpack.unpackb(raw_body, raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises several unrelated types
-        raise MalformedMessage(f"body of {topic!r} is not msgpack ({type(exc).__name__})", 2) from None
+        raise MalformedMessage(f"body of {topic!r} is not msgpack ({type(exc).__name__})", len(frames)) from None
     if not isinstance(body, dict):
-        raise MalformedMessage(f"body of {topic!r} is a {type(body).__name__}, expected a map", 2)
+        raise MalformedMessage(f"body of {topic!r} is a {type(body).__name__}, expected a map", len(frames))
     return topic, body

@@ -24,7 +24,7 @@ def test_roundtrip_carries_header() -> None:
 
 @pytest.mark.parametrize("frames, words", [
     ([b"only-topic"], "2 frames"),
-    ([b"a", b"b", b"c"], "2 frames"),
+    ([b"a", b"b", b"c", b"d"], "2 frames"),
     ([b"\xff\xfe", msgpack.packb({})], "UTF-8"),
     ([b"t", b"\xc1"], "not msgpack"),
     ([b"t", msgpack.packb([1, 2])], "expected a map"),

@@ -1,0 +1,252 @@
+"""Bus access control: signed control topics, CURVE on tcp, keys in the connection file."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import msgpack
+import pytest
+import zmq
+
+from bus import Endpoints, Publisher, Subscriber, decode, encode
+from bus.broker import run_broker
+from bus.client import endpoints_from, load_endpoints
+from bus.security import ENV_KEYS, FORGED_REASON, BusKeys, generate_keys, sign, verify
+from engine.supervisor import free_port
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class Broker:
+    """A broker in a thread of this process, stopped through its stop endpoint."""
+
+    def __init__(self, pub_ep: str, sub_ep: str, **kwargs: object) -> None:
+        self.ctx = zmq.Context()
+        self.stop_ep = f"inproc://stop-{id(self)}"
+        self.pub_ep, self.sub_ep = pub_ep, sub_ep
+        ready_r, ready_w = __import__("os").pipe()
+        self.thread = threading.Thread(target=run_broker, args=(pub_ep, sub_ep), daemon=True,
+                                       kwargs={"context": self.ctx, "stop_endpoint": self.stop_ep,
+                                               "ready_fd": ready_w, **kwargs})
+        self.thread.start()
+        assert __import__("os").read(ready_r, 1) == b"1"
+        __import__("os").close(ready_r)
+
+    def stop(self) -> None:
+        s = self.ctx.socket(zmq.PUSH)
+        s.connect(self.stop_ep)
+        s.send(b"stop")
+        self.thread.join(5)
+        s.close(0)
+        self.ctx.term()
+
+
+@pytest.fixture
+def keys() -> BusKeys:
+    return generate_keys()
+
+
+@pytest.fixture
+def ipc_broker(tmp_path: Path, keys: BusKeys) -> Iterator[Broker]:
+    b = Broker(f"ipc://{tmp_path}/p.sock", f"ipc://{tmp_path}/s.sock", signing_key=keys.signing_key)
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def tcp_broker(keys: BusKeys) -> Iterator[Broker]:
+    b = Broker(f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}",
+               curve_server=(keys.server_public, keys.server_secret), curve_clients=[keys.client_public],
+               signing_key=keys.signing_key)
+    yield b
+    b.stop()
+
+
+def _first(sub: Subscriber, topic: str, send: object = None, timeout_s: float = 3.0) -> dict | None:
+    """Wait for ``topic`` on ``sub``, calling ``send()`` between tries (slow joiner)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if callable(send):
+            send()
+        msg = sub.recv(timeout_ms=50)
+        if msg is not None and msg[0] == topic:
+            return msg[1]
+    return None
+
+
+# ------------------------------------------------------------------ signatures (pure)
+def test_signature_covers_topic_and_body(keys: BusKeys) -> None:
+    topic, body = encode("engine.error", {"fatal": True}, "x", 1)
+    sig = sign(keys.signing_key, topic, body)
+    assert len(sig) == 64 and verify(keys.signing_key, topic, body, sig)
+    assert not verify(keys.signing_key, b"engine.errors", body, sig)
+    assert not verify(keys.signing_key, topic, body + b"\x00", sig)
+    assert not verify(generate_keys().signing_key, topic, body, sig)
+    assert not verify(keys.signing_key, topic, body, None)
+    # bytes cannot move between topic and body under one signature
+    assert not verify(keys.signing_key, topic + body[:1], body[1:], sig)
+
+
+def test_decode_accepts_a_signature_frame_and_rejects_four_frames(keys: BusKeys) -> None:
+    frames = encode("engine.status", {"state": "ready"}, "x", 1)
+    assert decode(frames + [sign(keys.signing_key, *frames)])[1]["state"] == "ready"
+    with pytest.raises(Exception, match="3 with a signature"):
+        decode(frames + [b"a", b"b"])
+
+
+# ------------------------------------------------------------------ forged control messages
+def test_forged_fatal_error_is_dropped_and_reported(ipc_broker: Broker, keys: BusKeys) -> None:
+    """Issue 15 point 2: any bus client could stop the engine with a forged engine.error."""
+    sub = Subscriber(ipc_broker.sub_ep, ["engine.", "model."], verify_key=keys.signing_key)
+    forger = Publisher(ipc_broker.pub_ep, "supervisor:1", signing_key=None)  # a client without the key
+    engine = Publisher(ipc_broker.pub_ep, "realtime:2", signing_key=keys.signing_key)
+    assert forger.join(ipc_broker.sub_ep) and engine.join(ipc_broker.sub_ep)
+    forger.publish("engine.error", {"source": "realtime", "fatal": True, "message": "forged"})
+    forger.publish("model.text.delta", {"text": "anyone may publish this"})
+    engine.publish("engine.error", {"source": "realtime", "fatal": True, "message": "real"})
+    got = [sub.recv(timeout_ms=2000) for _ in range(2)]
+    assert sorted((t, b.get("message", b.get("text"))) for t, b in got if t) == [  # two publishers: any order
+        ("engine.error", "real"), ("model.text.delta", "anyone may publish this")]
+    assert sub.malformed == 1 and FORGED_REASON in str(sub.last_error)
+    # a badly signed copy (signed with another key) is dropped too
+    frames = encode("engine.error", {"fatal": True}, "realtime:2", 99)
+    forger.send_raw(frames + [sign(generate_keys().signing_key, *frames)])
+    engine.publish("engine.status", {"state": "ok"})
+    assert _first(sub, "engine.status")["state"] == "ok" and sub.malformed == 2
+    for s in (sub, forger, engine):
+        s.close()
+
+
+def test_readers_without_the_key_still_read_signed_messages(ipc_broker: Broker, keys: BusKeys) -> None:
+    sub = Subscriber(ipc_broker.sub_ep, ["engine."], verify_key=None)
+    raw = zmq.Context.instance().socket(zmq.SUB)
+    raw.setsockopt(zmq.SUBSCRIBE, b"engine.")
+    raw.connect(ipc_broker.sub_ep)
+    engine = Publisher(ipc_broker.pub_ep, "supervisor:1", signing_key=keys.signing_key)
+    assert engine.join(ipc_broker.sub_ep)
+    engine.publish("engine.status", {"state": "ready"})
+    assert _first(sub, "engine.status")["state"] == "ready"
+    assert raw.poll(2000)
+    frames = raw.recv_multipart()
+    assert len(frames) == 3 and msgpack.unpackb(frames[1])["state"] == "ready"  # frames 0 and 1 as before
+    raw.close(0)
+    sub.close()
+    engine.close()
+
+
+def test_late_verifying_subscriber_gets_the_signed_state(ipc_broker: Broker, keys: BusKeys) -> None:
+    """The last-value cache replays the message with its signature."""
+    engine = Publisher(ipc_broker.pub_ep, "supervisor:1", signing_key=keys.signing_key)
+    early = Subscriber(ipc_broker.sub_ep, ["engine.status"], verify_key=keys.signing_key)
+    assert _first(early, "engine.status", lambda: engine.publish("engine.status", {"state": "ready"}))
+    late = Subscriber(ipc_broker.sub_ep, ["engine.status"], verify_key=keys.signing_key)
+    assert _first(late, "engine.status")["state"] == "ready" and late.malformed == 0
+    for s in (early, late, engine):
+        s.close()
+
+
+def test_broker_signs_presence_gone(ipc_broker: Broker, keys: BusKeys) -> None:
+    watcher = Subscriber(ipc_broker.sub_ep, ["engine.presence.gone"], verify_key=keys.signing_key)
+    probe = Publisher(ipc_broker.pub_ep, "probe", signing_key=None)
+    assert probe.join(ipc_broker.sub_ep)
+    client = Subscriber(ipc_broker.sub_ep, ["_presence.tool-7"])
+    time.sleep(0.2)  # no event says the broker saw the subscription; it only matters that it did first
+    client.close()
+    body = _first(watcher, "engine.presence.gone")
+    assert body is not None and body["owner"] == "tool-7" and watcher.malformed == 0
+    watcher.close()
+    probe.close()
+
+
+def test_publisher_and_subscriber_take_keys_from_the_environment(ipc_broker: Broker, keys: BusKeys,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ENV_KEYS, keys.environment()[ENV_KEYS])
+    engine = Publisher(ipc_broker.pub_ep, "playback:3")
+    sub = Subscriber(ipc_broker.sub_ep, ["playback."])
+    assert engine.signs
+    outsider = Publisher(ipc_broker.pub_ep, "tool", signing_key=None)
+    assert engine.join(ipc_broker.sub_ep) and outsider.join(ipc_broker.sub_ep)
+    outsider.publish("playback.started", {"item_id": "forged"})
+    engine.publish("playback.started", {"item_id": "real"})
+    assert _first(sub, "playback.started")["item_id"] == "real" and sub.malformed == 1
+    for s in (sub, engine, outsider):
+        s.close()
+
+
+# ------------------------------------------------------------------ CURVE on tcp
+def test_tcp_needs_the_engine_keys(tcp_broker: Broker, keys: BusKeys) -> None:
+    eps = Endpoints(tcp_broker.pub_ep, tcp_broker.sub_ep, curve=keys.client(), signing_key=keys.signing_key)
+    sub = Subscriber(eps, ["x."])
+    pub = Publisher(eps, "engine")
+    assert pub.join(timeout_s=5)
+    # plain ZeroMQ, no keys: the handshake fails, so nothing comes and nothing goes
+    ctx = zmq.Context.instance()
+    plain_sub = ctx.socket(zmq.SUB)
+    plain_sub.setsockopt(zmq.SUBSCRIBE, b"")
+    plain_sub.connect(tcp_broker.sub_ep)
+    plain_pub = ctx.socket(zmq.PUB)
+    plain_pub.connect(tcp_broker.pub_ep)
+    # CURVE with a key pair the broker does not know
+    stranger = generate_keys()
+    wrong = Subscriber(Endpoints(tcp_broker.pub_ep, tcp_broker.sub_ep,
+                                 curve=stranger.client().__class__(keys.server_public, stranger.client_public,
+                                                                   stranger.client_secret)), [""])
+    for i in range(30):
+        plain_pub.send_multipart([b"x.plain", msgpack.packb({"i": i})])
+        pub.publish("x.engine", {"i": i})
+        time.sleep(0.02)
+    got = []
+    while (msg := sub.recv(timeout_ms=200)) is not None:
+        got.append(msg[0])
+    assert "x.engine" in got and "x.plain" not in got
+    assert plain_sub.poll(300) == 0
+    assert wrong.recv(timeout_ms=300) is None
+    for s in (plain_sub, plain_pub):
+        s.close(0)
+    for s in (sub, pub, wrong):
+        s.close()
+
+
+def test_broker_refuses_curve_without_client_keys(keys: BusKeys) -> None:
+    with pytest.raises(ValueError, match="curve_clients"):
+        run_broker("tcp://127.0.0.1:1", "tcp://127.0.0.1:2", curve_server=(keys.server_public, keys.server_secret),
+                   context=zmq.Context())
+
+
+# ------------------------------------------------------------------ keys and files
+def test_connection_keys_and_environment_hold_no_more_than_each_needs(keys: BusKeys, tmp_path: Path) -> None:
+    conn = keys.connection_keys()
+    assert set(conn) == {"curve_server_key", "curve_public_key", "curve_secret_key"}
+    assert keys.signing_key.hex() not in json.dumps(conn) and keys.server_secret.decode() not in json.dumps(conn)
+    child = json.loads(keys.environment()[ENV_KEYS])
+    assert child["signing_key"] == keys.signing_key.hex() and "curve_server_secret" not in child
+    assert json.loads(keys.environment(broker=True)[ENV_KEYS])["curve_server_secret"] == keys.server_secret.decode()
+    file = tmp_path / "engine.json"
+    file.write_text(json.dumps({"publish": "tcp://127.0.0.1:1", "subscribe": "tcp://127.0.0.1:2", **conn}))
+    eps = load_endpoints(file)
+    assert eps.curve == keys.client() and eps.signing_key is None
+    spec = endpoints_from({"publish": "ipc:///a", "subscribe": "ipc:///b", "signing_key": keys.signing_key.hex()})
+    assert spec.signing_key == keys.signing_key and spec.curve is None
+    with pytest.raises(Exception, match="curve_secret_key"):
+        endpoints_from({"publish": "a", "subscribe": "b", "curve_server_key": "x", "curve_public_key": "y"})
+    with pytest.raises(Exception, match="not hex"):
+        endpoints_from({"publish": "a", "subscribe": "b", "signing_key": "zz"})
+
+
+def test_use_keys_makes_a_child_spec_the_default(ipc_broker: Broker, keys: BusKeys) -> None:
+    from bus import use_keys
+    use_keys({"publish": ipc_broker.pub_ep, "subscribe": ipc_broker.sub_ep, "signing_key": keys.signing_key.hex()})
+    try:
+        pub = Publisher(ipc_broker.pub_ep, "capture:9")
+        sub = Subscriber(ipc_broker.sub_ep, ["capture."])
+    finally:
+        use_keys(None)
+    assert pub.signs and not Publisher(ipc_broker.pub_ep, "other").signs
+    assert pub.join(ipc_broker.sub_ep)
+    pub.publish("capture.echo", {"mode": "off"})
+    assert _first(sub, "capture.echo")["mode"] == "off" and sub.malformed == 0
+    sub.close()
+    pub.close()
