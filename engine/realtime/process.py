@@ -1,113 +1,109 @@
-"""The realtime process: holds the API websocket (websocket-client), streams the mic
-ring to the API, writes response audio to the playback ring, publishes every server
-event on the bus and takes commands from it.
+"""The realtime process: holds the API websocket (websocket-client), streams the mic ring to
+the API, writes response audio to the speaker ring, publishes every server event on the bus
+and takes commands from it. All decisions are the core's (:mod:`engine.realtime.core`); this
+module reads the clock and the ring's heard index, hands records in, and applies the actions.
 
-Threads: the socket reader (server events), the mic sender (ring -> socket) and the
-main thread (bus commands, timers, reconnects). One lock guards the protocol object;
-each thread has its own bus publisher (ZeroMQ sockets are single-threaded).
+Threads: the socket reader (server events, reconnects), the mic sender (ring -> core -> socket)
+and the main thread (bus commands and playback reports, timers, session recycling). One lock
+guards the core; each thread has its own bus publisher (ZeroMQ sockets are single-threaded).
+
+Socket faults:
+- a drop (1006 without a close frame, 1011, 1001 at the API's 60-minute limit, ...) is
+  reconnected at once and then with backoff; the core replays config, tools and conversation;
+- HTTP 401/403 at the handshake is fatal at once, with a message naming the key's variable;
+- any other connect failure is published with its cause on the first try, then retried;
+- before the session's age limit the socket is recycled at a turn boundary (``Reconnect``).
 """
 from __future__ import annotations
 
 import base64
-import bisect
 import json
 import math
 import os
 import sys
 import threading
 import time
-from collections import deque
 from typing import Any
 
 import numpy as np
-
 import websocket
 import zmq
 
 from bus import Publisher, Subscriber
 from engine import child
 from engine.child import stop_on_signals
-from engine.realtime.protocol import (API_RATE_HZ, FRAMES_PER_MS, EndOfAudio, Flush, Play, Publish, RealtimeProtocol,
-                                      Send)
+from engine.realtime.core import RealtimeCore
+from engine.realtime.records import (API_RATE_HZ, Action, Command, Connected, Disconnected, EndOfAudio, Flush,
+                                     Input, MicAudio, Play, PlaybackReport, Publish, Reconnect, Send, SendAudio,
+                                     ServerEvent, Tick)
 from engine.ring import Ring
 
-MIC_CHUNK_MIN_FRAMES = 480      # 20 ms
 MIC_CHUNK_MAX_FRAMES = 960      # 40 ms
-RECONNECT_DELAYS_S = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
+RECONNECT_DELAYS_S = (0.0, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
+RECONNECT_TRIES = 18
 MIC_LATENCY_REPORT_S = 5.0
 IDLE_WAKE_S = 0.5               # the main thread sleeps until its next timer, at most this long
+#: the API closes a session after 60 minutes; recycle before, at a turn boundary
+SESSION_RECYCLE_S = 55 * 60.0
+PLAYBACK_REPORTS = ("playback.started", "playback.stopped", "playback.underrun", "playback.flushed",
+                    "playback.position")
+HISTORY_WAIT_S = 0.3            # a restarted process waits this long for its predecessor's conversation
 
 
-class InputClock:
-    """Maps the server's input-buffer milliseconds (``audio_end_ms``) to local monotonic time.
-
-    The mic sender records, per chunk, how many frames had been appended in total and when
-    the chunk's last frame was captured (the mic ring's write stamp). Thread-safe enough:
-    one writer (the sender), readers take a snapshot under the GIL.
-    """
-
-    def __init__(self, chunks: int = 4096) -> None:
-        self.ends_frames: deque[int] = deque(maxlen=chunks)
-        self.captured_at: deque[float] = deque(maxlen=chunks)
-        self.sent_frames = 0
-
-    def appended(self, frames: int, captured_at: float) -> None:
-        self.sent_frames += frames
-        self.ends_frames.append(self.sent_frames)
-        self.captured_at.append(captured_at)
-
-    def reset(self) -> None:
-        """A new API session counts its input buffer from zero."""
-        self.ends_frames.clear()
-        self.captured_at.clear()
-        self.sent_frames = 0
-
-    def time_of(self, audio_ms: int) -> float | None:
-        ends, times = list(self.ends_frames), list(self.captured_at)
-        if not ends:
-            return None
-        frame = audio_ms * FRAMES_PER_MS
-        i = bisect.bisect_left(ends, frame)
-        if i >= len(ends):
-            return times[-1] + (frame - ends[-1]) / API_RATE_HZ
-        return times[i] - (ends[i] - frame) / API_RATE_HZ
+class AuthRefused(Exception):
+    """The API refused the credentials (HTTP 401/403): retrying cannot help."""
 
 
 class RealtimeProcess:
     def __init__(self, spec: dict[str, Any]) -> None:
         self.spec = spec
         self.url: str = spec["url"]
-        self.headers: list[str] = spec.get("headers", [])
+        self.headers: list[str] = list(spec.get("headers", []))
+        key_env = spec.get("api_key_env")
+        if key_env and os.environ.get(key_env):  # the key lives in this process's environment only
+            self.headers.append(f"Authorization: Bearer {os.environ[key_env]}")
+        self.key_env = key_env or "OPENAI_API_KEY"
         self.pub_endpoint = spec["bus"]["publish"]
         self.sub_endpoint = spec["bus"]["subscribe"]
         self.mic = Ring.attach(spec["mic_ring"], spec.get("mic_fd")) if spec.get("mic_ring") else None
         self.speaker = Ring.attach(spec["speaker_ring"]) if spec.get("speaker_ring") else None
-        self.lock = threading.Lock()
         cfg = spec["config"]
-        heard = (lambda: self.speaker.heard_index) if self.speaker else (lambda: 1 << 62)
-        self.input_clock = InputClock()
+        self.recycle_after_s = float(cfg.get("session_recycle_s") or SESSION_RECYCLE_S)
+        self.lock = threading.Lock()
         self.mic_latency_us = np.zeros(4096, dtype=np.float64)  #: capture -> on the socket, per chunk (ring)
         self.mic_latency_count = 0
-        self.proto = RealtimeProtocol(cfg["model"], spec["session"], heard_index=heard,
-                                      input_time=self.input_clock.time_of,
-                                      start_index=self.speaker.write_index if self.speaker else 0,
-                                      barge_in=cfg["barge_in"]["enabled"],
-                                      min_speech_ms=cfg["barge_in"]["min_speech_ms"],
-                                      budget_usd=cfg.get("budget_usd"))
+        self.core = RealtimeCore(cfg["model"], spec["session"],
+                                 start_index=self.speaker.write_index if self.speaker else 0,
+                                 barge_in=cfg["barge_in"]["enabled"], min_speech_ms=cfg["barge_in"]["min_speech_ms"],
+                                 budget_usd=cfg.get("budget_usd"))
         self.ws: websocket.WebSocket | None = None
+        self.connected_at = 0.0
         self.stop = threading.Event()
         self.connected = threading.Event()
+        self.recycle = threading.Event()
+        self.restored = False                      #: a restarted process took its predecessor's conversation
         self.main_pub = Publisher(self.pub_endpoint, f"realtime:{os.getpid()}")
-        #: wakes the main thread early: a stop signal, or a timer the reader set (see :meth:`_timers_changed`)
+        #: wakes the main thread early: a stop signal, or a timer the reader set
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK)
         self.main_wakes_at = 0.0
 
-    # -------------------------------------------------------------- actions
-    def apply_audio(self, actions: list[Any]) -> None:
-        """Apply the speaker ring's actions. Called under the protocol lock, with the actions just
-        decided: the reader's writes and the main thread's flush reach the ring in the order the
-        protocol decided them (a delta decided before a barge-in but written after its flush
-        would survive the flush and play as a new response)."""
+    # -------------------------------------------------------------- the core
+    def heard_index(self) -> int:
+        return self.speaker.heard_index if self.speaker is not None else 1 << 62
+
+    def step(self, rec: Input, pub: Publisher) -> None:
+        """Hand one record to the core and apply what it decided. The ring's actions are applied
+        under the lock, in the order decided (a delta decided before a barge-in but written after
+        its flush would survive the flush)."""
+        with self.lock:
+            acts = self.core.handle(rec, time.monotonic(), self.heard_index())
+            self.apply_audio(acts)
+            due = self.core.next_deadline()
+            if due is not None and due < self.main_wakes_at:
+                self._wake_main()
+        self.apply(acts, pub)
+
+    def apply_audio(self, actions: list[Action]) -> None:
         speaker = self.speaker
         if speaker is None:
             return
@@ -121,118 +117,151 @@ class RealtimeProcess:
             elif isinstance(act, EndOfAudio):
                 speaker.mark_end()
 
-    def apply(self, actions: list[Any], pub: Publisher) -> None:
-        """Apply the socket and bus actions (outside the lock; the ring's are :meth:`apply_audio`'s)."""
+    def apply(self, actions: list[Action], pub: Publisher) -> None:
+        """The socket and bus actions (outside the lock)."""
         for act in actions:
             if isinstance(act, Publish):
                 pub.publish(act.topic, act.payload)
+            elif isinstance(act, SendAudio):
+                self.send_audio(act.pcm)
             elif isinstance(act, Send):
                 self.send(act.event, pub)
+            elif isinstance(act, Reconnect):
+                self.recycle.set()
+                self.close_socket()
 
     def send(self, event: dict[str, Any], pub: Publisher) -> None:
         ws = self.ws
         if ws is None or not self.connected.is_set():
-            return
+            return  # the core sends nothing while disconnected; a race with a drop is settled by Disconnected
         try:
             ws.send(json.dumps(event))
         except (websocket.WebSocketException, OSError) as exc:
-            pub.publish("engine.error", {"source": "socket", "code": "send_failed", "message": str(exc)})
-        if event.get("type") != "input_audio_buffer.append":
-            pub.publish("client." + event["type"], event)
+            pub.publish("engine.error", {"source": "socket", "code": "send_failed",
+                                         "message": f"sending {event.get('type')} failed: {exc}"})
+        pub.publish("client." + event["type"], event)
+
+    def send_audio(self, pcm: bytes) -> None:
+        ws = self.ws
+        if ws is None:
+            return
+        payload = base64.b64encode(pcm).decode("ascii")
+        try:
+            ws.send('{"type":"input_audio_buffer.append","audio":"' + payload + '"}')
+        except (websocket.WebSocketException, OSError):
+            pass  # the reader sees the broken socket and reconnects
 
     # -------------------------------------------------------------- socket
-    def connect(self) -> bool:
+    def connect(self, pub: Publisher, first_try: bool) -> bool:
         try:
             ws = websocket.create_connection(self.url, header=self.headers, timeout=10,
                                              enable_multithread=True, skip_utf8_validation=True)
-        except Exception as exc:  # websocket-client raises many types
-            self.main_pub.publish("engine.error", {"source": "socket", "code": "connect_failed",
-                                                   "message": f"cannot connect to {self.url.split('?')[0]}: {exc}"})
+        except websocket.WebSocketBadStatusException as exc:
+            if exc.status_code in (401, 403):
+                raise AuthRefused(f"the API refused the credentials (HTTP {exc.status_code}) at "
+                                  f"{self.url.split('?')[0]}: check ${self.key_env}, or run without a key: "
+                                  "engine start --backend local") from None
+            self._connect_failed(pub, f"HTTP {exc.status_code}", first_try)
+            return False
+        except Exception as exc:  # websocket-client and the socket layer raise many types
+            self._connect_failed(pub, f"{type(exc).__name__}: {exc}", first_try)
             return False
         ws.settimeout(None)
         self.ws = ws
+        self.connected_at = time.monotonic()
         self.connected.set()
         return True
+
+    def _connect_failed(self, pub: Publisher, cause: str, first_try: bool) -> None:
+        pub.publish("engine.error", {"source": "socket", "code": "connect_failed", "first_try": first_try,
+                                     "message": f"cannot connect to {self.url.split('?')[0]}: {cause}"
+                                                + ("; retrying with backoff" if first_try else "")})
+
+    def close_socket(self) -> None:
+        ws = self.ws
+        if ws is not None:
+            try:
+                ws.close(timeout=1)
+            except Exception:  # noqa: BLE001 - closing a broken socket: nothing to report
+                pass
 
     def reader(self) -> None:
         pub = Publisher(self.pub_endpoint, f"realtime-reader:{os.getpid()}")
         pub.join(self.sub_endpoint)
-        reconnect = False
-        while not self.stop.is_set():
-            if not self.connected.is_set():
-                if not self._reconnect(pub):
+        first = True
+        try:
+            while not self.stop.is_set():
+                if not self.connected.is_set() and not self._reconnect(pub):
                     return
-                reconnect = True
-            self.input_clock.reset()
-            with self.lock:
-                acts = self.proto.on_connected(reconnect=reconnect)
-                self.apply_audio(acts)
-            self.apply(acts, pub)
-            close_code = self._read_loop(pub)
-            self.connected.clear()
-            if self.stop.is_set():
-                break
-            if self.proto.protocol_refused or close_code == 4000:
-                pub.publish("engine.error", {"source": "socket", "code": "protocol_refused", "fatal": True,
-                                             "message": "the API refused the protocol; not reconnecting"})
-                self.stop.set()
-                break
-            pub.publish("engine.status", {"state": "reconnecting", "close_code": close_code})
-        pub.close()
+                reason = "start" if first else ("recycle" if self.recycle.is_set() else "reconnect")
+                self.recycle.clear()
+                self.step(Connected(reconnect=not first or self.restored, reason=reason), pub)
+                first = False
+                code, why = self._read_loop(pub)
+                self.connected.clear()
+                self.step(Disconnected(code, why), pub)
+                if self.stop.is_set():
+                    break
+                if self.core.protocol_refused or code == 4000:
+                    self._fatal(pub, "protocol_refused", "the API refused the protocol; not reconnecting")
+                    break
+                if not self.recycle.is_set():
+                    pub.publish("engine.status", {"state": "reconnecting", "close_code": code})
+        except AuthRefused as exc:
+            self._fatal(pub, "auth_refused", str(exc))
+        finally:
+            pub.close()
+
+    def _fatal(self, pub: Publisher, code: str, message: str) -> None:
+        pub.publish("engine.error", {"source": "socket", "code": code, "fatal": True, "message": message})
+        self.stop.set()
+        self._wake_main()
 
     def _reconnect(self, pub: Publisher) -> bool:
-        for delay in RECONNECT_DELAYS_S * 3:
-            if self.stop.wait(delay):
+        for attempt in range(RECONNECT_TRIES):
+            delay = RECONNECT_DELAYS_S[min(attempt, len(RECONNECT_DELAYS_S) - 1)]
+            if delay and self.stop.wait(delay):
                 return False
-            if self.connect():
+            if self.stop.is_set():
+                return False
+            if self.connect(pub, first_try=attempt == 0):
                 return True
-        pub.publish("engine.error", {"source": "socket", "code": "gave_up", "fatal": True,
-                                     "message": "could not reconnect to the API; giving up"})
-        self.stop.set()
+        self._fatal(pub, "gave_up", f"could not reconnect to the API after {RECONNECT_TRIES} tries; giving up")
         return False
 
-    def _read_loop(self, pub: Publisher) -> int | None:
+    def _read_loop(self, pub: Publisher) -> tuple[int, str]:
+        """Read server events until the socket closes; returns the close code and reason
+        (1006 when the connection ended without a close frame)."""
         ws = self.ws
         assert ws is not None
         while not self.stop.is_set():
             try:
                 opcode, data = ws.recv_data()
             except websocket.WebSocketConnectionClosedException:
-                return ws.status if isinstance(ws.status, int) else 1006
+                return 1006, "connection lost without a close frame"
             except (OSError, websocket.WebSocketException) as exc:
-                pub.publish("engine.error", {"source": "socket", "code": "recv_failed", "message": str(exc)})
-                return 1006
+                return 1006, f"{type(exc).__name__}: {exc}"
             if opcode == websocket.ABNF.OPCODE_CLOSE:
                 code = int.from_bytes(data[:2], "big") if len(data) >= 2 else 1005
-                reason = data[2:].decode(errors="replace")
-                pub.publish("engine.status", {"state": "disconnected", "close_code": code, "reason": reason})
-                return code
+                return code, data[2:].decode(errors="replace")
             if opcode != websocket.ABNF.OPCODE_TEXT:
                 continue
             try:
                 event = json.loads(data)
                 if not isinstance(event, dict):
-                    raise ValueError("not an object")
+                    raise ValueError("not a JSON object")
             except ValueError as exc:
-                pub.publish("engine.error", {"source": "api", "code": "bad_server_message", "message": f"unparseable server message: {exc}"})
+                pub.publish("engine.error", {"source": "api", "code": "bad_server_message",
+                                             "message": f"unparseable server message: {exc}"})
                 continue
-            with self.lock:
-                try:
-                    acts = self.proto.on_server_event(event)
-                except Exception as exc:  # never lose the conversation over one odd event
-                    acts = [Publish("engine.error", {"source": "engine", "code": "event_handler_failed",
-                                                     "message": f"{event.get('type')}: {type(exc).__name__}: {exc}"})]
-                self.apply_audio(acts)
-                due = self.proto.next_deadline()
-                if due is not None and due < self.main_wakes_at:
-                    self._wake_main()  # e.g. a barge-in delayed by min_speech_ms, a truncation fallback
-            self.apply(acts, pub)
-        return None
+            self.step(ServerEvent(event), pub)
+        return 1000, "stopping"
 
     # -------------------------------------------------------------- mic
     def mic_sender(self) -> None:
         if self.mic is None:
             return
+        pub = Publisher(self.pub_endpoint, f"realtime-mic:{os.getpid()}")
         buf = np.empty(MIC_CHUNK_MAX_FRAMES, dtype=np.int16)
         mic = self.mic
         while not self.stop.is_set():
@@ -240,24 +269,15 @@ class RealtimeProcess:
                 continue
             stamp_index, stamp_ns = mic.write_stamp
             n = mic.read_into(buf)
-            if n == 0:
-                continue
-            if not self.connected.is_set():
-                continue  # drop mic audio while the socket is down
+            if n == 0 or not self.connected.is_set():
+                continue  # mic audio while the socket is down is dropped
             # capture time of the chunk's last frame, from the producer's stamp of its latest write
-            last_index = mic.read_index
-            captured_ns = stamp_ns - (stamp_index - last_index) * 1_000_000_000 // API_RATE_HZ
-            payload = base64.b64encode(buf[:n].tobytes()).decode("ascii")
-            ws = self.ws
-            try:
-                if ws is not None:
-                    ws.send('{"type":"input_audio_buffer.append","audio":"' + payload + '"}')
-            except (websocket.WebSocketException, OSError):
-                continue  # the reader notices the broken socket and reconnects
+            captured_ns = stamp_ns - (stamp_index - mic.read_index) * 1_000_000_000 // API_RATE_HZ
+            self.step(MicAudio(buf[:n].tobytes(), captured_ns / 1e9), pub)
             sent_ns = time.monotonic_ns()
-            self.input_clock.appended(n, captured_ns / 1e9)
             self.mic_latency_us[self.mic_latency_count % len(self.mic_latency_us)] = (sent_ns - captured_ns) / 1000
             self.mic_latency_count += 1
+        pub.close()
 
     def mic_latency_report(self) -> dict[str, Any] | None:
         """p50/p99/max of capture -> socket over the recent chunks (engine-added mic latency)."""
@@ -275,13 +295,47 @@ class RealtimeProcess:
         except BlockingIOError:
             pass  # already due to wake
 
+    def _bus_record(self, topic: str, body: dict[str, Any]) -> Input:
+        if topic.startswith("playback."):
+            start, index = body.get("start_index"), body.get("index")
+            return PlaybackReport(topic[len("playback."):], start if isinstance(start, int) else None,
+                                  index if isinstance(index, int) else None, body)
+        return Command(topic, body)
+
+    def _restore(self, sub: Subscriber) -> None:
+        """A restarted process: take the conversation its predecessor published (a last-value topic)."""
+        previous_life = (self.speaker is not None and self.speaker.write_index > 0) or \
+                        (self.mic is not None and self.mic.read_index > 0)
+        if self.speaker is not None and previous_life:
+            self.speaker.mark_end()  # the dead process's stream ends here: playback starts the next one afresh
+        deadline = time.monotonic() + (HISTORY_WAIT_S if previous_life else 0.0)
+        while True:
+            msg = sub.recv(timeout_ms=max(0, int((deadline - time.monotonic()) * 1000)))
+            if msg is None:
+                return
+            topic, body = msg
+            if topic == "conversation.history":
+                with self.lock:
+                    acts = self.core.restore_history(body)
+                self.restored = bool(self.core.history) or bool(acts)
+                self.apply(acts, self.main_pub)
+                return
+
     def run(self) -> int:
         stop_on_signals(self.stop, self._wake_main)
-        sub = Subscriber(self.sub_endpoint, ["cmd.", "engine.presence.gone", "playback.started", "playback.flushed"])
+        history_sub = Subscriber(self.sub_endpoint, ["conversation.history"])
+        sub = Subscriber(self.sub_endpoint, ["cmd.", "engine.presence.gone", *PLAYBACK_REPORTS])
         self.main_pub.join(self.sub_endpoint)
-        if not self.connect():
-            if not self._reconnect(self.main_pub):
+        self.restored = False
+        self._restore(history_sub)
+        history_sub.close()
+        try:
+            if not self.connect(self.main_pub, first_try=True) and not self._reconnect(self.main_pub):
                 return 1
+        except AuthRefused as exc:
+            self._fatal(self.main_pub, "auth_refused", str(exc))
+            time.sleep(0.2)  # let the message leave before the process exits
+            return 1
         threads = [threading.Thread(target=self.reader, name="reader", daemon=True),
                    threading.Thread(target=self.mic_sender, name="mic", daemon=True)]
         for t in threads:
@@ -291,9 +345,8 @@ class RealtimeProcess:
         poller.register(self.wake_fd, zmq.POLLIN)
         next_mic_report = time.monotonic() + MIC_LATENCY_REPORT_S
         while not self.stop.is_set():
-            # sleep until the next timer (every wake-up costs CPU); the reader wakes us for new ones
             with self.lock:  # under the lock: a timer the reader sets is either seen here or wakes us
-                due = self.proto.next_deadline()
+                due = self.core.next_deadline()
                 now = time.monotonic()
                 self.main_wakes_at = min(now + IDLE_WAKE_S, next_mic_report, due if due is not None else math.inf)
             try:
@@ -309,30 +362,24 @@ class RealtimeProcess:
                 except BlockingIOError:
                     pass
             while (msg := sub.recv(timeout_ms=0)) is not None:
-                topic, body = msg
-                with self.lock:
-                    acts = self.proto.on_command(topic, body)
-                    self.apply_audio(acts)
-                self.apply(acts, self.main_pub)
+                self.step(self._bus_record(*msg), self.main_pub)
             if sub.malformed:
                 self.main_pub.publish("engine.error", {"source": "bus", "code": "malformed_message",
                                                        "count": sub.malformed, "message": str(sub.last_error)})
                 sub.malformed = 0
-            with self.lock:
-                acts = self.proto.on_tick()
-                self.apply_audio(acts)
-            self.apply(acts, self.main_pub)
+            self.step(Tick(), self.main_pub)
             now = time.monotonic()
+            if self.connected.is_set() and not self.recycle.is_set() and now - self.connected_at >= self.recycle_after_s:
+                with self.lock:
+                    boundary = self.core.at_turn_boundary()
+                if boundary:
+                    self.apply([Reconnect("session age")], self.main_pub)
             if now >= next_mic_report:
                 next_mic_report = now + MIC_LATENCY_REPORT_S
                 report = self.mic_latency_report()
                 if report is not None:
                     self.main_pub.publish("latency.mic", report)
-        if self.ws is not None:
-            try:
-                self.ws.close(timeout=1)
-            except Exception:
-                pass
+        self.close_socket()
         sub.close()
         self.main_pub.close()
         return 0

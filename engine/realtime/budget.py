@@ -1,0 +1,80 @@
+"""Budget: what the session has cost in dollars, and the limit on new responses. Pure.
+
+Rules:
+- The model's prices are looked up once, when the core is built: a model missing from
+  ``engine/pricing.json`` is a :class:`ConfigError` naming the priced models, never a
+  failure in the middle of an answer.
+- A response's cost is computed before anything is changed; an unknown usage shape costs 0
+  and is reported, never raised.
+- At 80 % of ``budget_usd`` one warning is published; at 100 % no new response is requested.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from engine.cost import model_prices, pricing, response_cost_usd, transcription_cost_usd
+from engine.errors import ConfigError
+from engine.realtime.records import Publish
+
+
+def check_priced(model: str) -> None:
+    """Raise :class:`ConfigError` unless ``model`` has prices."""
+    try:
+        model_prices(model)
+    except KeyError:
+        priced = ", ".join(sorted(pricing()["realtime"]))
+        raise ConfigError(f"model {model!r} has no price in engine/pricing.json, so its cost cannot be counted; "
+                          f"priced models: {priced}. Set 'model' to one of them or add its prices.") from None
+
+
+class Budget:
+    def __init__(self, model: str, budget_usd: float | None) -> None:
+        check_priced(model)
+        self.model = model
+        self.budget_usd = budget_usd
+        self.responses_usd = 0.0
+        self.transcription_usd = 0.0
+        self.warned = False
+
+    def set_model(self, model: str) -> bool:
+        """The server names the session's model; False (and unchanged) when it has no price."""
+        try:
+            model_prices(model)
+        except KeyError:
+            return False
+        self.model = model
+        return True
+
+    def response_usd(self, usage: dict[str, Any] | None) -> float:
+        return response_cost_usd(self.model, usage)
+
+    def add_response(self, usd: float) -> None:
+        self.responses_usd += usd
+
+    def add_transcription(self, model: str, usage: dict[str, Any] | None) -> float:
+        usd = transcription_cost_usd(model, usage)
+        self.transcription_usd += usd
+        return usd
+
+    def total_usd(self) -> float:
+        return self.responses_usd + self.transcription_usd
+
+    def session_message(self) -> Publish:
+        return Publish("cost.session", {"usd": self.total_usd(), "responses_usd": self.responses_usd,
+                                        "transcription_usd": self.transcription_usd})
+
+    def exceeded(self) -> bool:
+        return self.budget_usd is not None and self.total_usd() >= self.budget_usd
+
+    def check(self) -> list[Publish]:
+        if self.budget_usd is None:
+            return []
+        spent = self.total_usd()
+        if spent >= self.budget_usd:
+            return [Publish("engine.budget", {"usd": spent, "budget_usd": self.budget_usd, "exceeded": True,
+                                              "message": f"budget of ${self.budget_usd:.4f} reached; no new responses"})]
+        if spent >= 0.8 * self.budget_usd and not self.warned:
+            self.warned = True
+            return [Publish("engine.budget", {"usd": spent, "budget_usd": self.budget_usd, "exceeded": False,
+                                              "message": f"80% of the ${self.budget_usd:.4f} budget is spent"})]
+        return []

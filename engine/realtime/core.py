@@ -1,0 +1,712 @@
+"""The realtime core: one engine session as seen from the API socket, without I/O.
+
+Records in (:mod:`engine.realtime.records`), actions out. The dispatcher is a table from
+input kind / server event type / bus topic to a handler; the state lives in small machines,
+each with its rules at its top:
+
+- :mod:`~engine.realtime.playout`: audio items in the speaker ring, barge-in, truncation;
+- :mod:`~engine.realtime.requests`: the say queue and the one in-band response slot;
+- :mod:`~engine.realtime.turns`: transcript order, the input clock, latency per turn;
+- :mod:`~engine.realtime.tools`: registered tools and the model's calls;
+- :mod:`~engine.realtime.budget`: dollars and the budget.
+
+Rules of the dispatcher:
+- Every server event goes on the bus as ``server.<type>`` (audio replaced by its size).
+- A handler computes first and changes state last. If it raises anyway, the error is
+  published with its cause (``engine.error`` ``handler_failed``), the invariants are restored
+  (:meth:`RealtimeCore._restore`: the queue drains when it can), and the conversation goes on.
+- The connection is DISCONNECTED, CONNECTED or REFUSED (the peer speaks the retired beta
+  protocol: nothing is sent any more). Requests are sent only while CONNECTED. When the socket
+  closes, what was in flight is settled at once: unacknowledged requests are queued again,
+  responses that were asked for are reported failed (``response.done`` with status
+  ``failed``), the audio that arrived plays out, held words are released. When a socket opens
+  the session config, the tools and the conversation so far are replayed.
+- The conversation (what was said and heard, tool calls and outputs) is published on
+  ``conversation.history`` (a last-value topic), so a restarted realtime process replays it.
+"""
+from __future__ import annotations
+
+import base64
+import enum
+import secrets
+import string
+from typing import Any, Callable, Mapping
+
+from engine.realtime import budget as budget_mod
+from engine.realtime.playout import Playout, Truncation
+from engine.realtime.records import (FRAMES_PER_MS, Action, Command, Connected, Disconnected, EndOfAudio, Flush,
+                                     Input, MicAudio, Play, PlaybackReport, Publish, Send, SendAudio, ServerEvent,
+                                     Tick)
+from engine.realtime.requests import Request, Requests
+from engine.realtime.tools import Tools, check_session_tools, parse_registration
+from engine.realtime.turns import Turns
+
+#: server event types of the retired beta protocol; seeing one means the peer is not GA
+#: (``conversation.item.created`` is still in the GA union, so it is not one of them)
+BETA_ONLY_EVENTS = frozenset({
+    "response.audio.delta", "response.audio.done", "response.audio_transcript.delta",
+    "response.audio_transcript.done", "response.text.delta", "response.text.done",
+    "transcription_session.created", "transcription_session.updated",
+})
+#: errors that are benign races; reported, never fatal
+BENIGN_ERRORS = frozenset({"response_cancel_not_active"})
+#: conversation items replayed into a new API session
+HISTORY_ITEMS = 50
+COMMAND_TOPICS = ("cmd.say", "cmd.cancel", "cmd.session.update", "cmd.tool.register", "cmd.tool.unregister",
+                  "cmd.tool.result")
+
+
+def new_id(prefix: str) -> str:
+    alphabet = string.ascii_letters + string.digits
+    return prefix + "_" + "".join(secrets.choice(alphabet) for _ in range(21))
+
+
+class Link(enum.Enum):
+    DISCONNECTED = "disconnected"
+    CONNECTED = "connected"
+    REFUSED = "refused"
+
+
+class RealtimeCore:
+    """State of one engine session. ``handle(record, now_s, heard_index)`` -> actions."""
+
+    def __init__(self, model: str, session_config: Mapping[str, Any], *, start_index: int = 0,
+                 barge_in: bool = True, min_speech_ms: int = 0, budget_usd: float | None = None,
+                 new_id: Callable[[str], str] = new_id) -> None:
+        self.model = model
+        self.budget = budget_mod.Budget(model, budget_usd)   # ConfigError for an unpriced model
+        self.session_config: dict[str, Any] = {**session_config}
+        check_session_tools(self.session_config.get("tools", []))
+        self.barge_in = barge_in
+        self.min_speech_ms = min_speech_ms
+        self.new_id = new_id
+        self.link = Link.DISCONNECTED
+        self.session_id: str | None = None
+        self.session: dict[str, Any] = {}
+        self.playout = Playout(start_index)
+        self.requests = Requests()
+        self.turns = Turns()
+        self.tools = Tools()
+        self.history: list[dict[str, Any]] = []          #: client conversation items to replay
+        self.model_transcripts: dict[str, str] = {}      #: assistant item id -> transcript so far
+        self.speech_started_at: float | None = None
+        self.pending_barge_in = False
+        self.errors = 0
+        self.malformed_commands = 0
+        self.handler_failures = 0
+        self._server_handlers: dict[str, Callable[[Mapping[str, Any], float, int], list[Action]]] = {
+            "session.created": self._on_session_created,
+            "session.updated": self._on_session_updated,
+            "error": self._on_error,
+            "input_audio_buffer.committed": self._on_committed,
+            "input_audio_buffer.speech_started": self._on_speech_started,
+            "input_audio_buffer.speech_stopped": self._on_speech_stopped,
+            "conversation.item.added": self._on_item_added,
+            "conversation.item.truncated": self._on_item_truncated,
+            "conversation.item.input_audio_transcription.delta": self._on_user_transcript_delta,
+            "conversation.item.input_audio_transcription.completed": self._on_user_transcript_done,
+            "conversation.item.input_audio_transcription.failed": self._on_user_transcript_failed,
+            "response.created": self._on_response_created,
+            "response.output_item.added": self._on_output_item_added,
+            "response.output_audio.delta": self._on_audio_delta,
+            "response.output_audio.done": self._on_audio_done,
+            "response.output_text.delta": self._on_text_delta,
+            "response.output_text.done": self._on_text_done,
+            "response.output_audio_transcript.delta": self._on_transcript_delta,
+            "response.output_audio_transcript.done": self._on_transcript_done,
+            "response.function_call_arguments.done": self._on_function_call,
+            "response.done": self._on_response_done,
+        }
+        self._commands: dict[str, Callable[[Mapping[str, Any], float, int], list[Action]]] = {
+            "cmd.say": self._cmd_say,
+            "cmd.cancel": self._cmd_cancel,
+            "cmd.session.update": self._cmd_session_update,
+            "cmd.tool.register": self._cmd_tool_register,
+            "cmd.tool.unregister": self._cmd_tool_unregister,
+            "cmd.tool.result": self._cmd_tool_result,
+            "engine.presence.gone": self._presence_gone,
+        }
+        self._reports: dict[str, Callable[[PlaybackReport, float], list[Action]]] = {
+            "started": self._report_started, "stopped": self._report_stopped, "underrun": self._report_underrun,
+            "flushed": self._report_flushed, "position": self._report_position,
+        }
+
+    # ================================================================ dispatch
+    def handle(self, rec: Input, now_s: float, heard_index: int) -> list[Action]:
+        """Apply one input record. Never raises: a failing handler is reported and repaired."""
+        try:
+            if isinstance(rec, ServerEvent):
+                acts = self._server_event(rec.event, now_s, heard_index)
+            elif isinstance(rec, Command):
+                acts = self._command(rec.topic, rec.body, now_s, heard_index)
+            elif isinstance(rec, PlaybackReport):
+                handler = self._reports.get(rec.kind)
+                acts = handler(rec, now_s) if handler is not None else []
+            elif isinstance(rec, MicAudio):
+                acts = self._mic(rec)
+            elif isinstance(rec, Tick):
+                acts = self._tick(now_s, heard_index)
+            elif isinstance(rec, Connected):
+                acts = self._connected(rec, now_s)
+            elif isinstance(rec, Disconnected):
+                acts = self._disconnected(rec)
+            else:
+                raise TypeError(f"not an input record: {rec!r}")
+        except Exception as exc:  # one odd event never loses the conversation
+            self.handler_failures += 1
+            what = rec.event.get("type") if isinstance(rec, ServerEvent) else getattr(rec, "topic", type(rec).__name__)
+            acts = [Publish("engine.error", {"source": "engine", "code": "handler_failed", "input": str(what),
+                                             "message": f"handling {what} failed: {type(exc).__name__}: {exc}; "
+                                                        "the conversation goes on"})]
+            acts.extend(self._restore(now_s))
+        return self.turns.in_order(acts)
+
+    def _restore(self, now_s: float) -> list[Action]:
+        """Invariants after a failed handler: queued requests are sent when they can be."""
+        try:
+            return self._drain(now_s)
+        except Exception:  # noqa: BLE001 - the error above is already reported
+            return []
+
+    # ================================================================ connection
+    def _connected(self, rec: Connected, now_s: float) -> list[Action]:
+        self.link = Link.CONNECTED
+        self.turns.clock.reset()
+        acts: list[Action] = [Send({"type": "session.update", "session": self._session_with_tools()})]
+        replay = self.history[-HISTORY_ITEMS:] if rec.reconnect else []
+        for item in replay:
+            acts.append(Send({"type": "conversation.item.create", "item": dict(item)}))
+        if rec.reconnect:
+            acts.append(Publish("engine.status", {"state": "reconnected", "reason": rec.reason,
+                                                  "history_items": len(replay)}))
+        return acts + self._drain(now_s)
+
+    def _disconnected(self, rec: Disconnected) -> list[Action]:
+        if self.link is Link.REFUSED:
+            return []
+        self.link = Link.DISCONNECTED
+        acts: list[Action] = [Publish("engine.status", {"state": "disconnected", "close_code": rec.code,
+                                                        "reason": rec.reason})]
+        lost = self.requests.socket_closed()
+        if self.playout.socket_lost():
+            acts.append(EndOfAudio())
+        for item in self.playout.items.values():  # what was said of an unfinished answer stays in the context
+            text = self.model_transcripts.pop(item.item_id, None)
+            if text:
+                self._remember({"type": "message", "role": "assistant",
+                                "content": [{"type": "output_text", "text": text}]}, acts)
+        acts.extend(self.turns.release_all())
+        for response_id, request_id in lost:
+            acts.append(self._failed(response_id, request_id, "disconnected",
+                                     f"the API socket closed ({rec.code}) before the answer was done"))
+        return acts
+
+    def restore_history(self, body: Mapping[str, Any]) -> list[Action]:
+        """A restarted realtime process takes the conversation its predecessor published, and
+        reports failed the answers it left in flight."""
+        items = body.get("items")
+        if isinstance(items, list):
+            self.history = [dict(i) for i in items if isinstance(i, dict)][-HISTORY_ITEMS:]
+        acts: list[Action] = []
+        for req_id in body.get("in_flight") or []:
+            acts.append(self._failed(None, str(req_id), "realtime_restarted",
+                                     "the realtime process restarted before the answer was done"))
+        return acts
+
+    def _failed(self, response_id: str | None, request_id: str | None, reason: str, message: str) -> Publish:
+        """``response.done`` for an answer that will never finish (waiters see it and stop waiting)."""
+        return Publish("response.done", {"response_id": response_id, "request_id": request_id, "status": "failed",
+                                         "reason": reason, "message": message, "text": "", "usage": None,
+                                         "usd": 0.0, "function_calls": 0, "metadata": None,
+                                         "session_usd": self.budget.total_usd()})
+
+    def _session_with_tools(self) -> dict[str, Any]:
+        s = dict(self.session_config)
+        s["tools"] = self.tools.session_tools(list(s.get("tools", [])))
+        return s
+
+    def _remember(self, item: dict[str, Any], acts: list[Action]) -> None:
+        self.history.append(item)
+        del self.history[:-HISTORY_ITEMS]
+        acts.append(self.history_message())
+
+    def history_message(self) -> Publish:
+        in_flight = [r for r in (self.requests.requested_for, *self.requests.response_requests.values()) if r]
+        return Publish("conversation.history", {"items": list(self.history), "in_flight": in_flight})
+
+    # ================================================================ server events
+    def _server_event(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        etype = ev.get("type")
+        if not isinstance(etype, str):
+            return [Publish("engine.error", {"source": "api", "code": "unknown_server_event",
+                                             "message": "a server event without a 'type'; ignored"})]
+        if etype in BETA_ONLY_EVENTS:
+            self.link = Link.REFUSED
+            return [Publish("engine.error", {"source": "api", "code": "beta_protocol", "fatal": True, "message":
+                    f"the server sent {etype!r}, an event of the retired beta Realtime protocol "
+                    "(OpenAI-Beta: realtime=v1, shut down in May 2026); realtalk speaks only the GA protocol. "
+                    "Point the engine at a GA endpoint (/v1/realtime with a GA model)."})]
+        acts: list[Action] = [Publish("server." + etype, _strip_audio(ev))]
+        handler = self._server_handlers.get(etype)
+        if handler is not None:
+            acts.extend(handler(ev, now_s, heard))
+        return acts
+
+    @property
+    def protocol_refused(self) -> bool:
+        return self.link is Link.REFUSED
+
+    def _on_session_created(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        session = ev["session"]
+        self.session_id, self.session = session.get("id"), dict(session)
+        acts: list[Action] = [Publish("engine.status", {"state": "connected", "session_id": self.session_id,
+                                                        "model": self.model})]
+        return acts + self._model_named(session)
+
+    def _on_session_updated(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        self.session = dict(ev["session"])
+        return [Publish("session.config", {"session": ev["session"]}), *self._model_named(ev["session"])]
+
+    def _model_named(self, session: Mapping[str, Any]) -> list[Action]:
+        model = session.get("model")
+        if isinstance(model, str) and model and model != self.budget.model and not self.budget.set_model(model):
+            return [Publish("engine.error", {"source": "engine", "code": "unpriced_model", "message":
+                             f"the server runs model {model!r}, which has no price in engine/pricing.json; "
+                             f"costs are counted at {self.budget.model!r} prices"})]
+        return []
+
+    def _on_error(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        err = ev.get("error") or {}
+        code, message = err.get("code"), err.get("message") or ""
+        benign = code in BENIGN_ERRORS or "already shorter than" in message
+        req = self.requests.refused(err.get("event_id") or "")
+        acts: list[Action] = [Publish("engine.error", {"source": "api", "code": code, "message": message,
+                                                       "param": err.get("param"), "benign": benign,
+                                                       "event_id": err.get("event_id"),
+                                                       "request_id": req.id if req else None,
+                                                       "fatal": code == "beta_api_shape_disabled"})]
+        if not benign:
+            self.errors += 1
+        if req is not None:
+            if code == "conversation_already_has_active_response":
+                self.requests.add_front(Request(req.id, "", req.role, True, req.source))  # retry the response only
+            else:
+                acts.append(Publish("cmd.ack", {"id": req.id, "ok": False, "error": message, "code": code}))
+        return acts + self._drain(now_s)
+
+    def _on_committed(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        input_cfg = (self.session.get("audio") or {}).get("input") or {}
+        if input_cfg.get("transcription") and ev.get("item_id"):
+            self.turns.transcript_due(ev["item_id"], now_s)
+        return []
+
+    def _on_speech_started(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        self.speech_started_at = now_s
+        acts: list[Action] = [Publish("user.speech.started", {"item_id": ev.get("item_id"),
+                                                             "audio_start_ms": ev.get("audio_start_ms")})]
+        if self.barge_in:
+            if self.min_speech_ms <= 0:
+                acts.extend(self.interrupt(self._server_interrupts(), "speech", now_s, heard))
+            else:
+                self.pending_barge_in = True
+        return acts
+
+    def _on_speech_stopped(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        self.pending_barge_in = False
+        self.turns.speech_stopped(ev.get("audio_end_ms"))
+        return [Publish("user.speech.stopped", {"item_id": ev.get("item_id"), "audio_end_ms": ev.get("audio_end_ms")})]
+
+    def _on_item_added(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        item = ev["item"]
+        req = self.requests.item_added(item.get("id", ""))
+        acts: list[Action] = []
+        if req is not None:
+            content_type = "output_text" if req.role == "assistant" else "input_text"
+            self._remember({"type": "message", "role": req.role, "content": [{"type": content_type, "text": req.text}]},
+                           acts)
+            acts.append(Publish("cmd.ack", {"id": req.id, "ok": True, "item_id": item["id"]}))
+            acts.append(Publish("user.text" if req.role == "user" else "system.text",
+                                {"text": req.text, "item_id": item["id"], "request_id": req.id, "source": req.source}))
+        elif item.get("role") == "user" and item.get("type") == "message":
+            for part in item.get("content") or []:
+                if part.get("type") == "input_text":
+                    acts.append(Publish("user.text", {"text": part["text"], "item_id": item["id"]}))
+        return acts
+
+    def _on_item_truncated(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        item_id = ev["item_id"]
+        return [Publish("model.transcript.truncated", {"item_id": item_id, "audio_end_ms": ev["audio_end_ms"],
+                                                       "text_received": self.model_transcripts.get(item_id, "")})]
+
+    def _on_user_transcript_delta(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        return [Publish("user.transcript.delta", {"text": ev.get("delta", ""), "item_id": ev["item_id"]})]
+
+    def _on_user_transcript_done(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        text = ev.get("transcript", "")
+        tr = ((self.session.get("audio") or {}).get("input") or {}).get("transcription") or {}
+        usd = self.budget.add_transcription(tr.get("model", ""), ev.get("usage"))
+        acts: list[Action] = [Publish("user.transcript.done", {"text": text, "item_id": ev["item_id"], "usd": usd})]
+        self._remember({"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}, acts)
+        return acts + self.turns.transcript_arrived(ev["item_id"]) + [self.budget.session_message()]
+
+    def _on_user_transcript_failed(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        err = ev.get("error") or {}
+        return [Publish("engine.error", {"source": "api", "code": err.get("code"), "benign": True,
+                                         "message": f"transcription of {ev.get('item_id')} failed: {err.get('message')}"}),
+                *self.turns.transcript_arrived(ev.get("item_id") or "")]
+
+    def _on_response_created(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        resp = ev["response"]
+        in_band = resp.get("conversation_id") is not None or not resp.get("metadata")
+        self.requests.created(resp["id"], in_band)
+        self.turns.response_created(resp["id"])
+        return [self.history_message()]
+
+    def _on_output_item_added(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        return []
+
+    def _on_audio_delta(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        rid, item_id = ev["response_id"], ev["item_id"]
+        try:
+            pcm = base64.b64decode(ev["delta"])
+        except (ValueError, TypeError):
+            return [Publish("engine.error", {"source": "api", "code": "bad_audio_delta",
+                                             "message": f"undecodable audio delta in {item_id}; skipped"})]
+        taken = self.playout.take_delta(rid, item_id, pcm)
+        if taken is None:
+            return []
+        self.turns.delta(rid, now_s, audio=True, item_id=item_id)
+        return [Play(taken[0], taken[1])]
+
+    def _on_audio_done(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        return [EndOfAudio()] if self.playout.audio_done(ev.get("item_id", "")) else []
+
+    def _on_text_delta(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        self.turns.delta(ev["response_id"], now_s, audio=False)
+        return [Publish("model.text.delta", {"text": ev["delta"], "item_id": ev["item_id"],
+                                             "response_id": ev["response_id"]})]
+
+    def _on_text_done(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        acts: list[Action] = [Publish("model.text.done", {"text": ev["text"], "item_id": ev["item_id"],
+                                                          "response_id": ev["response_id"]})]
+        self._remember({"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": ev["text"]}]},
+                       acts)
+        return acts
+
+    def _on_transcript_delta(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        if self._cut(ev["item_id"]):
+            return []
+        self.model_transcripts[ev["item_id"]] = self.model_transcripts.get(ev["item_id"], "") + ev["delta"]
+        return [Publish("model.transcript.delta", {"text": ev["delta"], "item_id": ev["item_id"],
+                                                   "response_id": ev["response_id"]})]
+
+    def _on_transcript_done(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        self.model_transcripts.pop(ev["item_id"], None)
+        if self._cut(ev["item_id"]):
+            return []  # the heard part was published when playback was interrupted
+        acts: list[Action] = [Publish("model.transcript.done", {"text": ev["transcript"], "item_id": ev["item_id"],
+                                                                "response_id": ev["response_id"]})]
+        self._remember({"type": "message", "role": "assistant",
+                        "content": [{"type": "output_text", "text": ev["transcript"]}]}, acts)
+        return acts
+
+    def _cut(self, item_id: str) -> bool:
+        item = self.playout.items.get(item_id)
+        return item is not None and item.state.value in ("interrupting", "truncated")
+
+    def _on_function_call(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        name = ev.get("name", "")
+        registered = self.tools.called(ev["call_id"], name, now_s)
+        acts: list[Action] = [Publish("tool.call", {"call_id": ev["call_id"], "name": name,
+                                                    "arguments": ev.get("arguments", ""), "item_id": ev.get("item_id"),
+                                                    "response_id": ev.get("response_id"), "registered": registered})]
+        self._remember({"type": "function_call", "call_id": ev["call_id"], "name": name,
+                        "arguments": ev.get("arguments", "")}, acts)
+        return acts
+
+    def _on_response_done(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        resp = ev["response"]
+        rid = resp["id"]
+        usage = resp.get("usage")
+        usd = self.budget.response_usd(usage)              # computed before anything changes
+        output = resp.get("output") or []
+        text = "".join(part.get("text") or part.get("transcript") or ""
+                       for out in output for part in out.get("content") or [])
+        calls = sum(1 for out in output if out.get("type") == "function_call")
+        # commit
+        request_id = self.requests.done(rid)
+        self.budget.add_response(usd)
+        acts: list[Action] = [
+            Publish("response.done", {"response_id": rid, "request_id": request_id,
+                                      "status": resp.get("status"), "function_calls": calls,
+                                      "reason": (resp.get("status_details") or {}).get("reason"),
+                                      "text": text, "usage": usage, "usd": usd, "metadata": resp.get("metadata"),
+                                      "session_usd": self.budget.total_usd()}),
+            Publish("cost.response", {"response_id": rid, "usd": usd, "usage": usage}),
+            self.budget.session_message(),
+        ]
+        acts.extend(self.turns.response_done(rid, True))
+        acts.extend(self.budget.check())
+        acts.append(self.history_message())
+        return acts + self._drain(now_s)
+
+    def _server_interrupts(self) -> bool:
+        td = ((self.session.get("audio") or {}).get("input") or {}).get("turn_detection")
+        return bool(td and td.get("interrupt_response", True))
+
+    # ================================================================ barge-in
+    def interrupt(self, server_cancels: bool, reason: str, now_s: float, heard: int) -> list[Action]:
+        """Stop the model's voice: flush playback (truncation follows playback's report) and
+        cancel the response unless the server does."""
+        acts: list[Action] = []
+        rid = self.requests.active_response
+        if rid is not None and not server_cancels:
+            acts.append(Send({"type": "response.cancel"}))
+        if self.playout.interrupt(rid, heard, now_s, reason):
+            acts.append(Flush())
+        return acts
+
+    def _truncated(self, t: Truncation) -> list[Action]:
+        item = t.item
+        received_ms = item.frames // FRAMES_PER_MS
+        acts: list[Action] = [Send({"type": "conversation.item.truncate", "item_id": item.item_id, "content_index": 0,
+                                    "audio_end_ms": t.played_ms})]
+        heard_text = _cut_transcript(self.model_transcripts.get(item.item_id, ""), t.played_ms, received_ms)
+        acts.append(Publish("playout.interrupted", {"item_id": item.item_id, "response_id": item.response_id,
+                                                    "played_ms": t.played_ms, "received_ms": received_ms,
+                                                    "reason": item.reason, "measured": t.measured,
+                                                    "interrupt_mono_ns": int(item.interrupted_at_s * 1e9)}))
+        acts.append(Publish("model.transcript.done", {"text": heard_text, "item_id": item.item_id,
+                                                      "response_id": item.response_id, "truncated": True}))
+        if heard_text:
+            self._remember({"type": "message", "role": "assistant",
+                            "content": [{"type": "output_text", "text": heard_text}]}, acts)
+        return acts
+
+    # ================================================================ playback reports
+    def _item_payload(self, rec: PlaybackReport, item: Any) -> dict[str, Any]:
+        out = {k: v for k, v in rec.body.items() if k not in ("v", "ts", "pub", "seq")}
+        out.update(item_id=item.item_id if item else None, response_id=item.response_id if item else None)
+        if item is not None and rec.index is not None:
+            out["played_ms"] = item.heard_ms(rec.index)
+        return out
+
+    def _report_started(self, rec: PlaybackReport, now_s: float) -> list[Action]:
+        item = self.playout.item_starting_at(rec.start_index) if rec.start_index is not None else None
+        acts: list[Action] = [Publish("playout.started", self._item_payload(rec, item))]
+        if item is not None:
+            ns = rec.body.get("first_sample_mono_ns")
+            at = ns / 1e9 if isinstance(ns, int) and ns > 0 else now_s
+            acts.extend(self.turns.device_started(item.response_id, at,
+                                                  float(rec.body.get("output_latency_ms") or 0.0)))
+        return acts
+
+    def _report_stopped(self, rec: PlaybackReport, now_s: float) -> list[Action]:
+        if rec.index is None:
+            return []
+        item = self.playout.item_starting_at(rec.start_index) if rec.start_index is not None else None
+        item = item or self.playout.item_at(max(0, rec.index - 1))
+        self.playout.stream_stopped(rec.index)
+        return [Publish("playout.stopped", self._item_payload(rec, item))]
+
+    def _report_underrun(self, rec: PlaybackReport, now_s: float) -> list[Action]:
+        item = self.playout.item_at(rec.index) if rec.index is not None else None
+        return [Publish("playout.underrun", self._item_payload(rec, item))]
+
+    def _report_position(self, rec: PlaybackReport, now_s: float) -> list[Action]:
+        item = self.playout.item_at(rec.index) if rec.index is not None else None
+        if item is None:
+            return []
+        return [Publish("playout.position", {"item_id": item.item_id, "response_id": item.response_id,
+                                             "played_ms": item.heard_ms(rec.index or 0), "index": rec.index})]
+
+    def _report_flushed(self, rec: PlaybackReport, now_s: float) -> list[Action]:
+        if rec.index is None:
+            return []
+        return [a for t in self.playout.flushed(rec.index) for a in self._truncated(t)]
+
+    # ================================================================ mic
+    def _mic(self, rec: MicAudio) -> list[Action]:
+        if self.link is not Link.CONNECTED:
+            return []  # the input buffer of a closed socket: dropped (the new session starts clean)
+        self.turns.clock.appended(len(rec.pcm) // 2, rec.captured_at_s)
+        return [SendAudio(rec.pcm)]
+
+    # ================================================================ commands
+    def _command(self, topic: str, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        cmd_id = body.get("id")
+        handler = self._commands.get(topic)
+        try:
+            if handler is None:
+                if topic == "cmd.ack":
+                    return []
+                raise ValueError(f"unknown command topic {topic!r} (known: {', '.join(COMMAND_TOPICS)})")
+            return handler(body, now_s, heard)
+        except (ValueError, TypeError, KeyError) as exc:
+            self.malformed_commands += 1
+            acts: list[Action] = [Publish("engine.error", {"source": "bus", "code": "bad_command", "topic": topic,
+                                                           "id": cmd_id, "message": str(exc)})]
+            if cmd_id:
+                acts.append(Publish("cmd.ack", {"id": cmd_id, "ok": False, "error": str(exc)}))
+            return acts
+
+    def _ack(self, body: Mapping[str, Any], **extra: Any) -> list[Action]:
+        return [Publish("cmd.ack", {"id": body["id"], "ok": True, **extra})] if body.get("id") else []
+
+    def _cmd_say(self, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        text, role = body.get("text"), body.get("role", "user")
+        if not isinstance(text, str) or not text:
+            raise ValueError("cmd.say needs 'text': a non-empty string")
+        if role not in ("user", "system"):
+            raise ValueError(f"cmd.say 'role' must be 'user' or 'system', not {role!r}")
+        respond = body.get("respond", role == "user")
+        if not isinstance(respond, bool):
+            raise ValueError("cmd.say 'respond' must be true or false")
+        req = Request(str(body.get("id") or self.new_id("say")), text, role, respond, str(body.get("pub", "")))
+        if not self.requests.add(req):
+            return []  # a client re-sending until it sees the ack: already queued or answered
+        return self._drain(now_s)
+
+    def _drain(self, now_s: float) -> list[Action]:
+        """Send queued requests while the socket is up and no response is in progress."""
+        acts: list[Action] = []
+        while self.requests.can_send(self.link is Link.CONNECTED):
+            req = self.requests.pop()
+            if req.text:
+                req.item_id = req.item_id or self.new_id("item")
+                event_id = self.new_id("event")
+                self.requests.awaiting_item[req.item_id] = req
+                self.requests.awaiting_event[event_id] = req
+                acts.append(Send({"type": "conversation.item.create", "event_id": event_id, "item": {
+                    "id": req.item_id, "type": "message", "role": req.role,
+                    "content": [{"type": "input_text", "text": req.text}]}}))
+            if req.respond:
+                if self.budget.exceeded():
+                    acts.append(Publish("engine.error", {"source": "engine", "code": "budget_exceeded",
+                                                         "request_id": req.id,
+                                                         "message": "budget_usd reached: no new responses"}))
+                    continue
+                event_id = self.new_id("event")
+                self.requests.requested(req, event_id)
+                self.turns.requested_at = now_s
+                acts.append(Send({"type": "response.create", "event_id": event_id}))
+        return acts
+
+    def _cmd_cancel(self, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        return self.interrupt(False, "cmd.cancel", now_s, heard) + self._ack(body)
+
+    def _cmd_session_update(self, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        session = body.get("session")
+        if not isinstance(session, dict):
+            raise ValueError("cmd.session.update needs 'session': a map of session fields")
+        if "tools" in session:
+            check_session_tools(session["tools"])
+        self.session_config = {**self.session_config, **session, "type": "realtime"}
+        update = {**session, "type": "realtime"}
+        if "tools" in session:
+            update["tools"] = self._session_with_tools()["tools"]
+        return [Send({"type": "session.update", "session": update})] + self._ack(body)
+
+    def _tools_changed(self) -> list[Action]:
+        return [Send({"type": "session.update", "session": {"type": "realtime",
+                                                            "tools": self._session_with_tools()["tools"]}}),
+                Publish("engine.tools", {"tools": sorted(self.tools.registered)})]
+
+    def _cmd_tool_register(self, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        self.tools.register(parse_registration(body))
+        return self._tools_changed() + self._ack(body)
+
+    def _cmd_tool_unregister(self, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        name = body.get("name")
+        if not isinstance(name, str) or not name:
+            raise ValueError("cmd.tool.unregister needs 'name': the tool's name")
+        gone = self.tools.unregister(name=name)
+        return (self._tools_changed() if gone else []) + self._ack(body, removed=gone)
+
+    def _presence_gone(self, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        owner = body.get("owner")
+        if not isinstance(owner, str) or not owner:
+            return []
+        return self._tools_changed() if self.tools.unregister(owner=owner) else []
+
+    def _cmd_tool_result(self, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        call_id = body.get("call_id")
+        if not isinstance(call_id, str):
+            raise ValueError("cmd.tool.result needs 'call_id': the call's id from tool.call")
+        output = self.tools.result(call_id, body.get("output"))
+        if output is None:
+            return self._ack(body, late=True)  # first result wins; late or duplicate results are ignored
+        return self._tool_output(call_id, output, now_s) + self._ack(body)
+
+    def _tool_output(self, call_id: str, output: str, now_s: float) -> list[Action]:
+        item = {"type": "function_call_output", "call_id": call_id, "output": output}
+        acts: list[Action] = [Send({"type": "conversation.item.create", "item": item})]
+        self._remember(item, acts)
+        self.requests.add(Request(self.new_id("tool"), "", "user", True, "tool"))
+        return acts + self._drain(now_s)
+
+    # ================================================================ timers
+    def next_deadline(self) -> float | None:
+        """When :class:`Tick` next has work (monotonic seconds), or None when no timer runs."""
+        due = [d for d in (self.playout.next_deadline(), self.turns.next_deadline(), self.tools.next_deadline())
+               if d is not None]
+        if self.pending_barge_in and self.speech_started_at is not None:
+            due.append(self.speech_started_at + self.min_speech_ms / 1000)
+        return min(due) if due else None
+
+    def _tick(self, now_s: float, heard: int) -> list[Action]:
+        acts: list[Action] = []
+        for t in self.playout.overdue(now_s):
+            acts.extend(self._truncated(t))
+        acts.extend(self.turns.overdue(now_s))
+        for call_id, name in self.tools.overdue(now_s):
+            acts.append(Publish("engine.error", {"source": "tool", "code": "tool_timeout", "message":
+                                                 f"tool {name!r} did not answer call {call_id} in time"}))
+            acts.extend(self._tool_output(call_id, '{"error": "the tool did not answer in time"}', now_s))
+        if self.pending_barge_in and self.speech_started_at is not None and \
+                (now_s - self.speech_started_at) * 1000 >= self.min_speech_ms:
+            self.pending_barge_in = False
+            acts.extend(self.interrupt(self._server_interrupts(), "speech", now_s, heard))
+        return acts
+
+    # ================================================================ views
+    def total_usd(self) -> float:
+        return self.budget.total_usd()
+
+    def at_turn_boundary(self) -> bool:
+        """Nothing in progress: no response, no queued request, nothing audible or interrupted."""
+        return (self.requests.active_response is None and self.requests.requested_for is None
+                and not self.requests.queue and not self.pending_barge_in
+                and all(i.state.value in ("played", "truncated", "received") for i in self.playout.items.values())
+                and not self.tools.calls)
+
+
+def _strip_audio(ev: Mapping[str, Any]) -> dict[str, Any]:
+    """The event for the bus: base64 audio replaced by its byte count."""
+    if ev.get("type") == "response.output_audio.delta":
+        out = dict(ev)
+        delta = out.pop("delta", "") or ""
+        out["delta_bytes"] = len(delta) * 3 // 4 - delta[-2:].count("=")
+        return out
+    if ev.get("type") == "conversation.item.retrieved":
+        out = dict(ev)
+        item = dict(out.get("item") or {})
+        parts = []
+        for part in item.get("content") or []:
+            part = dict(part)
+            if isinstance(part.get("audio"), str):
+                a = part.pop("audio")
+                part["audio_bytes"] = len(a) * 3 // 4
+            parts.append(part)
+        item["content"] = parts
+        out["item"] = item
+        return out
+    return dict(ev)
+
+
+def _cut_transcript(text: str, played_ms: int, received_ms: int) -> str:
+    """The part of ``text`` the listener heard, assuming words spread evenly over the audio."""
+    if received_ms <= 0 or played_ms >= received_ms:
+        return text
+    words = text.split()
+    return " ".join(words[:int(len(words) * played_ms / received_ms)])

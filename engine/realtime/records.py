@@ -1,0 +1,118 @@
+"""The realtime core's inputs and outputs: frozen records, no behaviour.
+
+Inputs are what the I/O layer (:mod:`engine.realtime.process`) saw: a server event, a bus
+command, a playback report, a mic chunk, the socket opening or closing, a timer. Each comes
+with the two values the core may not read for itself: the clock (``now_s``, monotonic
+seconds) and the speaker ring's heard index (``heard_index``, frames), read from shared memory
+by the I/O layer.
+
+Outputs are actions: socket events to send, bus messages to publish, ring operations.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+API_RATE_HZ = 24000
+FRAMES_PER_MS = API_RATE_HZ // 1000
+
+
+# ------------------------------------------------------------------ inputs
+@dataclass(frozen=True)
+class Connected:
+    """The API socket opened; ``reconnect``: a previous socket of this engine existed."""
+    reconnect: bool = False
+    reason: str = "start"        #: start, reconnect, recycle, restart (a new realtime process)
+
+
+@dataclass(frozen=True)
+class Disconnected:
+    """The API socket closed (``code``: the close frame's code, 1006 when there was none)."""
+    code: int
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class ServerEvent:
+    event: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Command:
+    """A bus message the core acts on (``cmd.*``, ``engine.presence.gone``)."""
+    topic: str
+    body: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class PlaybackReport:
+    """A report of the playback process, in speaker-ring indices (``playback.started``, ``.stopped``,
+    ``.underrun``, ``.flushed``, ``.position``): ``start_index`` is the stream's first frame,
+    ``index`` the heard position the report is about."""
+    kind: str
+    start_index: int | None
+    index: int | None
+    body: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MicAudio:
+    """PCM16 24 kHz mono mic frames read from the mic ring; ``captured_at_s``: when the last
+    frame was captured (monotonic seconds)."""
+    pcm: bytes
+    captured_at_s: float
+
+
+@dataclass(frozen=True)
+class Tick:
+    """A timer fired (see :meth:`RealtimeCore.next_deadline`)."""
+
+
+Input = Connected | Disconnected | ServerEvent | Command | PlaybackReport | MicAudio | Tick
+
+
+# ------------------------------------------------------------------ actions
+@dataclass(frozen=True)
+class Send:
+    """Send a client event on the socket."""
+    event: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SendAudio:
+    """Append mic PCM to the input buffer (``input_audio_buffer.append``, encoded by the I/O layer)."""
+    pcm: bytes
+
+
+@dataclass(frozen=True)
+class Publish:
+    """Publish a bus message."""
+    topic: str
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Play:
+    """Write PCM16 24 kHz frames to the playback ring; ``starts_item``: the first frames of an item
+    (the ring stamps when they arrived, and playback counts its prebuffer from then)."""
+    pcm: bytes
+    starts_item: bool = False
+
+
+@dataclass(frozen=True)
+class Flush:
+    """Drop everything written to the playback ring (barge-in)."""
+
+
+@dataclass(frozen=True)
+class EndOfAudio:
+    """The audio written so far completes a stream (not an underrun when it runs out)."""
+
+
+@dataclass(frozen=True)
+class Reconnect:
+    """Close the socket and open a new one (a session recycle at a turn boundary)."""
+    reason: str
+
+
+Action = Send | SendAudio | Publish | Play | Flush | EndOfAudio | Reconnect

@@ -1,0 +1,171 @@
+"""Requests: what clients asked the model to hear or answer (``cmd.say``, tool outputs), and the
+one response the conversation may have in progress. Pure: no I/O.
+
+Rules:
+- The API allows one in-band response at a time ("conversation_already_has_active_response"),
+  so requests queue and are sent only while the slot is IDLE **and** the socket is up.
+- A request is kept until the server acknowledges its item (``conversation.item.added`` with the
+  item id we chose); a socket that closes first puts it back at the head of the queue, so it
+  is sent again on the next socket, never lost. A duplicate of a request we still hold, or
+  answered, is not queued twice.
+- A response we asked for and did not see finish when the socket closed is reported failed,
+  with the request id that asked for it, so no waiter hangs.
+- Out-of-band responses (``conversation: "none"``) do not occupy the slot.
+
+The response slot (``Slot``):
+
+    IDLE      --response.create sent-->              REQUESTED
+    REQUESTED --response.created-->                  ACTIVE
+    IDLE      --response.created (server VAD)-->     ACTIVE
+    REQUESTED --error for our response.create-->     IDLE
+    ACTIVE    --response.done (same id)-->           IDLE
+    any       --socket closed-->                     IDLE
+"""
+from __future__ import annotations
+
+import enum
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+from engine.errors import EngineError
+
+#: request ids remembered for de-duplication
+SEEN_IDS = 1024
+
+
+class RequestError(EngineError):
+    """An illegal slot transition; the slot is left as it was."""
+
+
+class Slot(enum.Enum):
+    IDLE = "idle"
+    REQUESTED = "requested"
+    ACTIVE = "active"
+
+
+TRANSITIONS: dict[tuple[Slot, str], Slot] = {
+    (Slot.IDLE, "request"): Slot.REQUESTED,
+    (Slot.REQUESTED, "created"): Slot.ACTIVE,
+    (Slot.IDLE, "created"): Slot.ACTIVE,
+    (Slot.REQUESTED, "refused"): Slot.IDLE,
+    (Slot.ACTIVE, "done"): Slot.IDLE,
+    (Slot.IDLE, "closed"): Slot.IDLE,
+    (Slot.REQUESTED, "closed"): Slot.IDLE,
+    (Slot.ACTIVE, "closed"): Slot.IDLE,
+}
+
+
+@dataclass
+class Request:
+    id: str
+    text: str                     #: "" for a bare response request (e.g. after a tool output)
+    role: str = "user"
+    respond: bool = True
+    source: str = ""
+    item_id: str | None = None    #: the conversation item we create for it (set when first sent)
+    options: dict[str, object] = field(default_factory=dict)  #: per-response options (instructions, ...)
+
+
+class Requests:
+    def __init__(self) -> None:
+        self.slot = Slot.IDLE
+        self.active_response: str | None = None
+        self.requested_for: str | None = None           #: request id of the response.create in flight
+        self.response_requests: dict[str, str] = {}     #: response id -> request id
+        self.queue: deque[Request] = deque()
+        self.awaiting_item: dict[str, Request] = {}      #: item id -> request, sent, not acknowledged
+        self.awaiting_event: dict[str, Request] = {}     #: client event id -> request
+        self.seen: OrderedDict[str, None] = OrderedDict()
+
+    def _move(self, event: str) -> None:
+        to = TRANSITIONS.get((self.slot, event))
+        if to is None:
+            raise RequestError(f"response slot: {event!r} in state {self.slot.value}")
+        self.slot = to
+
+    # ------------------------------------------------------------ queue
+    def add(self, req: Request) -> bool:
+        """Queue ``req``; False for a duplicate (same id seen before)."""
+        if req.id in self.seen:
+            return False
+        self.seen[req.id] = None
+        while len(self.seen) > SEEN_IDS:
+            self.seen.popitem(last=False)
+        self.queue.append(req)
+        return True
+
+    def add_front(self, req: Request) -> None:
+        self.queue.appendleft(req)
+
+    def can_send(self, connected: bool) -> bool:
+        return connected and bool(self.queue) and self.slot is Slot.IDLE
+
+    def pop(self) -> Request:
+        return self.queue.popleft()
+
+    # ------------------------------------------------------------ slot
+    def requested(self, req: Request, event_id: str) -> None:
+        self._move("request")
+        self.requested_for = req.id
+        self.awaiting_event[event_id] = req
+
+    def created(self, response_id: str, in_band: bool) -> str | None:
+        """A response began; returns the request id that asked for it (None: the server's own, e.g. VAD)."""
+        rid = None
+        if self.slot is Slot.REQUESTED:
+            rid = self.requested_for
+            self.requested_for = None
+        if in_band or self.slot is Slot.REQUESTED:
+            self._move("created")
+            self.active_response = response_id
+        if rid is not None:
+            self.response_requests[response_id] = rid
+        return rid
+
+    def done(self, response_id: str) -> str | None:
+        """A response finished; returns the request id that asked for it."""
+        if self.slot is Slot.ACTIVE and self.active_response == response_id:
+            self._move("done")
+            self.active_response = None
+        return self.response_requests.pop(response_id, None)
+
+    def refused(self, event_id: str) -> Request | None:
+        """The server refused the client event ``event_id`` (an ``error`` naming it); returns its request."""
+        req = self.awaiting_event.pop(event_id, None)
+        if req is not None and self.slot is Slot.REQUESTED and self.requested_for == req.id:
+            self._move("refused")
+            self.requested_for = None
+        if req is not None and req.item_id is not None:
+            self.awaiting_item.pop(req.item_id, None)
+        return req
+
+    def item_added(self, item_id: str) -> Request | None:
+        """The server holds the item we created for a request: it is acknowledged."""
+        req = self.awaiting_item.pop(item_id, None)
+        if req is not None:
+            for eid, r in list(self.awaiting_event.items()):
+                if r is req and not req.respond:
+                    del self.awaiting_event[eid]
+        return req
+
+    def socket_closed(self) -> list[tuple[str | None, str | None]]:
+        """The socket closed. Unacknowledged requests go back to the queue's head (in order).
+        Returns the answers lost: (response id or None if not begun, request id or None if the
+        server began it by itself)."""
+        lost: list[tuple[str | None, str | None]] = []
+        if self.slot is Slot.REQUESTED and self.requested_for is not None:
+            lost.append((None, self.requested_for))
+        if self.slot is Slot.ACTIVE and self.active_response is not None:
+            lost.append((self.active_response, self.response_requests.pop(self.active_response, None)))
+        # sent but never acknowledged: sent again on the next socket, in the order they were sent
+        resend = list({id(r): r for r in self.awaiting_item.values()}.values())
+        for req in reversed(resend):
+            self.queue.appendleft(req)
+        requeued = {r.id for r in resend}
+        lost = [(resp, req) for resp, req in lost if req is None or req not in requeued]
+        self.awaiting_item.clear()
+        self.awaiting_event.clear()
+        self._move("closed")
+        self.active_response = None
+        self.requested_for = None
+        return lost

@@ -1,0 +1,98 @@
+"""Tools: functions other processes serve over the bus, and the model's calls to them. Pure.
+
+Rules:
+- A tool is registered by a bus client (``cmd.tool.register``) and owned by it; it goes when its
+  owner unregisters it or the broker announces the owner gone (``engine.presence.gone``).
+- The session's tool list is the configured tools plus the registered ones; every change is
+  sent to the server (``session.update``) and published (``engine.tools``).
+- A call (``response.function_call_arguments.done``) is published on ``tool.call`` and waits for
+  the first ``cmd.tool.result`` naming it; later results are ignored. Without one by the tool's
+  timeout the model is told the tool did not answer. Either way the output goes back to the
+  model and a response is requested.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+DEFAULT_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    name: str
+    description: str
+    parameters: dict[str, Any]
+    owner: str
+    timeout_s: float
+
+    def as_session_tool(self) -> dict[str, Any]:
+        return {"type": "function", "name": self.name, "description": self.description, "parameters": self.parameters}
+
+
+def parse_registration(body: Mapping[str, Any]) -> ToolSpec:
+    """A ``cmd.tool.register`` body as a spec; ValueError naming what is wrong."""
+    name = body.get("name")
+    if not isinstance(name, str) or not name:
+        raise ValueError("cmd.tool.register needs 'name': a non-empty string")
+    params = body.get("parameters") or {"type": "object", "properties": {}}
+    if not isinstance(params, dict):
+        raise ValueError("cmd.tool.register 'parameters' must be a JSON schema map")
+    timeout = body.get("timeout_s", DEFAULT_TIMEOUT_S)
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
+        raise ValueError("cmd.tool.register 'timeout_s' must be a positive number of seconds")
+    return ToolSpec(name, str(body.get("description", "")), params,
+                    str(body.get("owner") or body.get("pub", "")), float(timeout))
+
+
+def check_session_tools(tools: Any) -> list[dict[str, Any]]:
+    """Validate a session's ``tools`` value (from config or ``cmd.session.update``)."""
+    if not isinstance(tools, list):
+        raise ValueError("session 'tools' must be a list of tool maps")
+    for i, t in enumerate(tools):
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not t.get("name"):
+            raise ValueError(f"session 'tools'[{i}] must be a map with a 'name' (e.g. "
+                             "{type: function, name: ..., parameters: {...}})")
+    return tools
+
+
+class Tools:
+    def __init__(self) -> None:
+        self.registered: dict[str, ToolSpec] = {}
+        self.calls: dict[str, tuple[str, float]] = {}    #: call id -> (tool name, deadline)
+
+    def session_tools(self, configured: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        names = {t.get("name") for t in configured}
+        return list(configured) + [s.as_session_tool() for s in self.registered.values() if s.name not in names]
+
+    def register(self, spec: ToolSpec) -> None:
+        self.registered[spec.name] = spec
+
+    def unregister(self, name: str | None = None, owner: str | None = None) -> list[str]:
+        names = [n for n, t in self.registered.items() if n == name or (owner and t.owner == owner)]
+        for n in names:
+            del self.registered[n]
+        return names
+
+    def called(self, call_id: str, name: str, now_s: float) -> bool:
+        """The model called ``name``; True when a bus client registered it."""
+        spec = self.registered.get(name)
+        self.calls[call_id] = (name, now_s + (spec.timeout_s if spec else DEFAULT_TIMEOUT_S))
+        return spec is not None
+
+    def result(self, call_id: str, output: Any) -> str | None:
+        """The output to give the model, or None for a late or duplicate result."""
+        if call_id not in self.calls:
+            return None
+        del self.calls[call_id]
+        return output if isinstance(output, str) else json.dumps(output)
+
+    def overdue(self, now_s: float) -> list[tuple[str, str]]:
+        out = [(cid, name) for cid, (name, deadline) in self.calls.items() if now_s >= deadline]
+        for cid, _ in out:
+            del self.calls[cid]
+        return out
+
+    def next_deadline(self) -> float | None:
+        return min(d for _, d in self.calls.values()) if self.calls else None

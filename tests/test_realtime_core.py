@@ -1,0 +1,464 @@
+"""The realtime core, fed real server traces and hand-made sequences as if from the socket.
+No I/O: the clock and the heard index are given with each record."""
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import pytest
+
+from engine.errors import ConfigError
+from engine.realtime.core import RealtimeCore
+from engine.realtime.records import (Command, Connected, Disconnected, EndOfAudio, Flush, MicAudio, Play,
+                                     PlaybackReport, Publish, Send, SendAudio, ServerEvent, Tick)
+from tests.conftest import TRACES
+
+GA_TRACES = sorted(p.name for p in TRACES.glob("*.jsonl") if "-beta-" not in p.name)
+BETA_TRACES = sorted(p.name for p in TRACES.glob("*.jsonl") if "-beta-" in p.name)
+#: prices of gpt-realtime per 1M tokens, written out here (not read from the code under test)
+GPT_REALTIME_USD_PER_M = {"text": (4.0, 0.4, 16.0), "audio": (32.0, 0.4, 64.0), "image": (5.0, 0.5, 0.0)}
+
+
+class Harness:
+    """A core with a clock and a heard index the test moves."""
+
+    def __init__(self, core: RealtimeCore | None = None, heard: int = 0, **kw: Any) -> None:
+        self.core = core or RealtimeCore("gpt-realtime", {"type": "realtime"}, **kw)
+        self.now = 0.0
+        self.heard = heard
+
+    def __call__(self, rec: Any) -> list[Any]:
+        return self.core.handle(rec, self.now, self.heard)
+
+    def ev(self, event: dict[str, Any]) -> list[Any]:
+        return self(ServerEvent(event))
+
+    def cmd(self, topic: str, body: dict[str, Any]) -> list[Any]:
+        return self(Command(topic, body))
+
+    def report(self, kind: str, start: int | None, index: int | None, **body: Any) -> list[Any]:
+        return self(PlaybackReport(kind, start, index, body))
+
+    def tick(self) -> list[Any]:
+        return self(Tick())
+
+
+def connected(**kw: Any) -> Harness:
+    h = Harness(**kw)
+    h(Connected())
+    return h
+
+
+def published(acts: list[Any], topic: str) -> list[dict[str, Any]]:
+    return [a.payload for a in acts if isinstance(a, Publish) and a.topic == topic]
+
+
+def sent(acts: list[Any], etype: str | None = None) -> list[dict[str, Any]]:
+    return [a.event for a in acts if isinstance(a, Send) and (etype is None or a.event["type"] == etype)]
+
+
+def replay(name: str, h: Harness | None = None) -> tuple[Harness, list[Any], list[dict[str, Any]]]:
+    # nothing heard yet: the replay barges in where the trace does (trace 08)
+    h = h or connected()
+    events = [json.loads(line) for line in (TRACES / name).read_text().splitlines() if line.strip()]
+    acts: list[Any] = []
+    for ev in events:
+        acts.extend(h.ev(ev))
+    return h, acts, events
+
+
+def test_there_are_traces() -> None:
+    assert len(GA_TRACES) >= 10 and len(BETA_TRACES) == 3
+
+
+def _usd(usage: dict[str, Any] | None) -> float:
+    if not usage:
+        return 0.0
+    ind, outd = usage.get("input_token_details") or {}, usage.get("output_token_details") or {}
+    cached = ind.get("cached_tokens_details") or {}
+    usd = 0.0
+    for m, (rate_in, rate_cached, rate_out) in GPT_REALTIME_USD_PER_M.items():
+        total, c = ind.get(f"{m}_tokens", 0) or 0, min(cached.get(f"{m}_tokens", 0) or 0, ind.get(f"{m}_tokens", 0) or 0)
+        usd += (total - c) * rate_in + c * rate_cached + (outd.get(f"{m}_tokens", 0) or 0) * rate_out
+    return usd / 1e6
+
+
+@pytest.mark.parametrize("name", GA_TRACES)
+def test_ga_trace_replays(name: str) -> None:
+    h, acts, events = replay(name)
+    server_msgs = [a for a in acts if isinstance(a, Publish) and a.topic.startswith("server.")]
+    assert len(server_msgs) == len(events)
+    assert not any("delta" in a.payload for a in server_msgs if a.topic == "server.response.output_audio.delta")
+    api_errors = [e for e in events if e["type"] == "error"]
+    failed_tr = [e for e in events if e["type"].endswith("transcription.failed")]
+    errors = published(acts, "engine.error")
+    assert len(errors) == len(api_errors) + len(failed_tr), errors
+    assert all(e["source"] == "api" for e in errors)
+    assert h.core.handler_failures == 0
+    want_text = [e["text"] for e in events if e["type"] == "response.output_text.done"]
+    assert [p["text"] for p in published(acts, "model.text.done")] == want_text
+    want_user = [e["transcript"] for e in events if e["type"].endswith("input_audio_transcription.completed")]
+    assert sorted(p["text"] for p in published(acts, "user.transcript.done")) == sorted(want_user)
+    assert_turn_order(acts, events)
+    # responses priced at gpt-realtime prices written out above (trace 06 names gpt-realtime-2.1)
+    if all(e["session"].get("model", "gpt-realtime") == "gpt-realtime" for e in events if e["type"] == "session.created"):
+        want_usd = sum(_usd(e["response"].get("usage")) for e in events if e["type"] == "response.done")
+        assert h.core.budget.responses_usd == pytest.approx(want_usd)
+        if want_usd:
+            assert published(acts, "cost.session")[-1]["usd"] >= want_usd > 0
+    pcm = b"".join(a.pcm for a in acts if isinstance(a, Play))
+    want_pcm = b"".join(base64.b64decode(e["delta"]) for e in events if e["type"] == "response.output_audio.delta")
+    if not any(isinstance(a, Flush) for a in acts):
+        assert len(pcm) == len(want_pcm) // 2 * 2
+
+
+def test_trace_08_barges_in_and_truncates() -> None:
+    """Trace 08 interrupts the reply: replayed with nothing heard, the core flushes and truncates it."""
+    h, acts, events = replay("08-ga-barge-in-cancel-truncate.jsonl")
+    assert any(isinstance(a, Flush) for a in acts)
+    h.now = 1.0
+    truncs = sent(h.tick(), "conversation.item.truncate")
+    assert truncs and all(t["audio_end_ms"] == 0 for t in truncs)
+
+
+def test_ga_transcripts_match_when_everything_is_heard() -> None:
+    for name in GA_TRACES:
+        h, acts, events = replay(name, connected(heard=1 << 62))
+        want_tr = [e["transcript"] for e in events if e["type"] == "response.output_audio_transcript.done"]
+        assert [p["text"] for p in published(acts, "model.transcript.done")] == want_tr, name
+        deltas = "".join(e["delta"] for e in events if e["type"] == "response.output_audio_transcript.delta")
+        assert "".join(p["text"] for p in published(acts, "model.transcript.delta")) == deltas
+
+
+def assert_turn_order(acts: list[Any], events: list[dict[str, Any]]) -> None:
+    """Each user turn's transcript is on the bus before the words of the responses that follow it."""
+    transcribed = {e["item_id"] for e in events if e["type"].endswith("input_audio_transcription.completed")}
+    committed: list[str] = []
+    follows: dict[str, set[str]] = {}
+    for e in events:
+        if e["type"] == "input_audio_buffer.committed" and e["item_id"] in transcribed:
+            committed.append(e["item_id"])
+        elif e["type"] == "response.created":
+            follows[e["response"]["id"]] = set(committed)
+    seen_user: set[str] = set()
+    for a in acts:
+        if not isinstance(a, Publish):
+            continue
+        if a.topic == "user.transcript.done":
+            seen_user.add(a.payload["item_id"])
+        elif a.topic.startswith(("model.transcript.", "model.text.")):
+            missing = follows.get(a.payload.get("response_id"), set()) - seen_user
+            assert not missing, f"{a.topic} of {a.payload['response_id']} before the user transcript of {missing}"
+
+
+def test_trace_with_late_user_transcripts_reads_in_turn_order() -> None:
+    _, acts, _ = replay("08-ga-barge-in-cancel-truncate.jsonl", connected(heard=1 << 62))
+    order = [a.topic for a in acts if isinstance(a, Publish) and a.topic in ("user.transcript.done", "model.transcript.done")]
+    assert order == ["user.transcript.done", "model.transcript.done"] * 2
+
+
+@pytest.mark.parametrize("name", BETA_TRACES)
+def test_beta_trace_is_refused_by_name(name: str) -> None:
+    h, acts, _ = replay(name)
+    errors = published(acts, "engine.error")
+    assert errors and errors[0]["code"] == "beta_protocol" and errors[0]["fatal"]
+    assert "retired beta" in errors[0]["message"] and "GA" in errors[0]["message"]
+    assert h.core.protocol_refused
+    assert not published(acts, "model.text.done") and not any(isinstance(a, Play) for a in acts)
+
+
+def test_conversation_item_created_is_a_ga_event() -> None:
+    h = connected()
+    acts = h.ev({"type": "conversation.item.created", "event_id": "e", "previous_item_id": None,
+                 "item": {"id": "i", "type": "message", "role": "user", "content": []}})
+    assert not published(acts, "engine.error") and not h.core.protocol_refused
+
+
+# ------------------------------------------------------------------ barge-in and truncation
+def _audio_turn(h: Harness, rid: str = "resp_1", item: str = "item_a", ms: int = 1000, done: bool = False) -> None:
+    h.ev({"type": "response.created", "response": {"id": rid, "conversation_id": "conv_1"}})
+    h.ev({"type": "response.output_item.added", "response_id": rid, "item": {"id": item, "type": "message",
+                                                                             "role": "assistant"}})
+    for _ in range(ms // 100):
+        h.ev({"type": "response.output_audio.delta", "response_id": rid, "item_id": item,
+              "delta": base64.b64encode(bytes(4800)).decode()})
+    h.ev({"type": "response.output_audio_transcript.delta", "response_id": rid, "item_id": item,
+          "delta": "one two three four"})
+    if done:
+        h.ev({"type": "response.output_audio.done", "response_id": rid, "item_id": item})
+        h.ev({"type": "response.done", "response": {"id": rid, "status": "completed", "output": []}})
+
+
+def _session(interrupt: bool) -> dict[str, Any]:
+    return {"type": "session.updated", "session": {"model": "gpt-realtime", "audio": {"input": {
+        "turn_detection": {"type": "server_vad", "interrupt_response": interrupt}}}}}
+
+
+@pytest.mark.parametrize("played_ms, want", [(0, 0), (250, 250), (999, 999), (5000, 1000)])
+def test_barge_in_truncates_at_what_playback_played(played_ms: int, want: int) -> None:
+    h = connected(heard=100 * 24)  # the estimate before the flush: 100 ms
+    h.ev(_session(interrupt=True))
+    _audio_turn(h, ms=1000)
+    acts = h.ev({"type": "input_audio_buffer.speech_started", "audio_start_ms": 5, "item_id": "u"})
+    assert any(isinstance(a, Flush) for a in acts)
+    assert not sent(acts)  # the server cancels by itself; truncation waits for playback
+    acts = h.report("flushed", 0, played_ms * 24)
+    assert sent(acts, "conversation.item.truncate") == [{"type": "conversation.item.truncate", "item_id": "item_a",
+                                                         "content_index": 0, "audio_end_ms": want}]
+    assert published(acts, "playout.interrupted")[0]["measured"]
+    late = h.ev({"type": "response.output_audio.delta", "response_id": "resp_1", "item_id": "item_a",
+                 "delta": base64.b64encode(bytes(480)).decode()})
+    assert not any(isinstance(a, Play) for a in late)
+
+
+def test_truncation_falls_back_to_the_estimate_without_a_playback_report() -> None:
+    h = connected(heard=300 * 24)
+    h.ev(_session(interrupt=True))
+    _audio_turn(h, ms=1000)
+    h.ev({"type": "input_audio_buffer.speech_started", "audio_start_ms": 5, "item_id": "u"})
+    assert h.tick() == []
+    h.now = 1.0
+    acts = h.tick()
+    assert sent(acts, "conversation.item.truncate")[0]["audio_end_ms"] == 300
+    assert not published(acts, "playout.interrupted")[0]["measured"]
+
+
+def test_cancel_command_cancels_when_server_would_not() -> None:
+    h = connected(heard=2400)
+    h.ev(_session(interrupt=False))
+    _audio_turn(h)
+    acts = h.cmd("cmd.cancel", {"id": "c1"})
+    assert [e["type"] for e in sent(acts)] == ["response.cancel"]
+    assert published(acts, "cmd.ack") == [{"id": "c1", "ok": True}]
+    acts = h.report("flushed", 0, 2400)
+    assert [e["type"] for e in sent(acts)] == ["conversation.item.truncate"]
+    heard = published(acts, "model.transcript.done")[0]
+    assert heard["truncated"] and heard["text"] == ""  # 100 ms of 1000: not one of four words yet
+
+
+def test_a_finished_reply_is_never_cut_by_the_next_utterance() -> None:
+    """Issue 12's sequence: playback.stopped at 1565 ms, then speech 3.5 s later. The heard index in
+    shared memory lags the end (read position minus the output latency), yet nothing is flushed."""
+    h = connected()
+    h.ev(_session(interrupt=True))
+    _audio_turn(h, ms=1600, done=True)
+    h.heard = 1561 * 24                              # the lagging estimate
+    stopped = h.report("stopped", 0, 1600 * 24)
+    assert published(stopped, "playout.stopped")[0]["item_id"] == "item_a"
+    h.now = 3.5
+    acts = h.ev({"type": "input_audio_buffer.speech_started", "audio_start_ms": 5000, "item_id": "u2"})
+    assert not any(isinstance(a, Flush) for a in acts) and not sent(acts)
+    h.now = 4.0
+    assert not sent(h.tick(), "conversation.item.truncate")
+
+
+def test_every_item_of_a_response_plays_and_truncates_on_its_own() -> None:
+    """A preamble and an answer in one response: two streams; a barge-in in the second truncates
+    the second at what was heard of it and leaves the first (wholly heard) alone."""
+    h = connected()
+    h.ev(_session(interrupt=True))
+    h.ev({"type": "response.created", "response": {"id": "r", "conversation_id": "c"}})
+    starts = []
+    for item in ("pre", "ans"):
+        for _ in range(5):
+            acts = h.ev({"type": "response.output_audio.delta", "response_id": "r", "item_id": item,
+                         "delta": base64.b64encode(bytes(4800)).decode()})
+            starts += [a.starts_item for a in acts if isinstance(a, Play)]
+        assert any(isinstance(a, EndOfAudio) for a in h.ev({"type": "response.output_audio.done", "response_id": "r",
+                                                             "item_id": item}))
+    assert starts == [True, False, False, False, False] * 2
+    assert published(h.report("started", 0, 0, first_sample_mono_ns=1), "playout.started")[0]["item_id"] == "pre"
+    assert published(h.report("started", 500 * 24, 500 * 24), "playout.started")[0]["item_id"] == "ans"
+    h.report("stopped", 0, 500 * 24)
+    h.heard = 700 * 24
+    h.ev({"type": "input_audio_buffer.speech_started", "audio_start_ms": 5, "item_id": "u"})
+    truncs = sent(h.report("flushed", 500 * 24, 720 * 24), "conversation.item.truncate")
+    assert truncs == [{"type": "conversation.item.truncate", "item_id": "ans", "content_index": 0, "audio_end_ms": 220}]
+
+
+def test_back_to_back_replies_each_get_started_and_latency() -> None:
+    """Issue 15 point 19: replies queued back to back each get playout.started and latency.turn."""
+    h = connected()
+    for i in range(3):
+        h.cmd("cmd.say", {"text": f"q{i}", "id": f"s{i}"})
+    latencies = []
+    for i in range(3):
+        rid, item = f"r{i}", f"a{i}"
+        h.now = float(i)
+        h.ev({"type": "response.created", "response": {"id": rid, "conversation_id": "c"}})
+        h.ev({"type": "response.output_audio.delta", "response_id": rid, "item_id": item,
+              "delta": base64.b64encode(bytes(4800)).decode()})
+        h.ev({"type": "response.output_audio.done", "response_id": rid, "item_id": item})
+        latencies += published(h.ev({"type": "response.done", "response": {"id": rid, "status": "completed",
+                                                                              "output": []}}), "latency.turn")
+        start = h.core.playout.items[item].start_index
+        started = h.report("started", start, start, first_sample_mono_ns=int((i + 0.2) * 1e9))
+        assert published(started, "playout.started")[0]["item_id"] == item
+        latencies += published(started, "latency.turn")
+    assert [lat["response_id"] for lat in latencies] == ["r0", "r1", "r2"]
+
+
+def test_no_barge_in_when_audio_already_heard() -> None:
+    h = connected(heard=10**9)
+    h.ev(_session(interrupt=True))
+    _audio_turn(h)
+    h.ev({"type": "response.done", "response": {"id": "resp_1", "status": "completed", "output": []}})
+    acts = h.ev({"type": "input_audio_buffer.speech_started", "audio_start_ms": 5, "item_id": "u"})
+    assert not any(isinstance(a, (Send, Flush)) for a in acts)
+
+
+# ------------------------------------------------------------------ client text
+def test_say_waits_for_the_active_response_and_appears_on_user_text() -> None:
+    h = connected()
+    h.ev({"type": "response.created", "response": {"id": "r1", "conversation_id": "c"}})
+    assert not sent(h.cmd("cmd.say", {"text": "hi", "id": "s1"}))
+    acts = h.ev({"type": "response.done", "response": {"id": "r1", "status": "completed", "output": []}})
+    assert [e["type"] for e in sent(acts)] == ["conversation.item.create", "response.create"]
+    item_id = sent(acts)[0]["item"]["id"]
+    added = h.ev({"type": "conversation.item.added", "item": {"id": item_id, "type": "message", "role": "user",
+                                                               "content": []}})
+    assert published(added, "cmd.ack") == [{"id": "s1", "ok": True, "item_id": item_id}]
+    assert published(added, "user.text")[0]["text"] == "hi"
+    assert h.cmd("cmd.say", {"text": "hi", "id": "s1"}) == []  # a retry of an answered request
+
+
+def test_say_while_the_socket_is_down_is_kept_and_sent_on_reconnect() -> None:
+    """Issue 15 point 4: a say with the socket down and nothing active was lost for good."""
+    h = Harness()
+    assert not sent(h.cmd("cmd.say", {"text": "hello", "id": "s1"}))
+    assert h.cmd("cmd.say", {"text": "hello", "id": "s1"}) == []  # the client's retry: held once
+    acts = h(Connected(reconnect=True))
+    assert [e["type"] for e in sent(acts)] == ["session.update", "conversation.item.create", "response.create"]
+
+
+def test_an_unacknowledged_say_is_sent_again_after_a_drop() -> None:
+    h = connected()
+    first = sent(h.cmd("cmd.say", {"text": "hello", "id": "s1"}), "conversation.item.create")[0]
+    acts = h(Disconnected(1006, "lost"))
+    assert published(acts, "engine.status")[0]["state"] == "disconnected"
+    assert not published(acts, "response.done")  # it will be answered on the next socket
+    again = sent(h(Connected(reconnect=True)), "conversation.item.create")
+    assert again[-1]["item"]["content"] == first["item"]["content"]
+
+
+def test_an_answer_cut_by_a_drop_is_reported_failed_with_its_request() -> None:
+    """Issue 15 point 5: no response.done, so a waiter hung."""
+    h = connected()
+    item_id = sent(h.cmd("cmd.say", {"text": "hello", "id": "s1"}), "conversation.item.create")[0]["item"]["id"]
+    h.ev({"type": "conversation.item.added", "item": {"id": item_id, "type": "message", "role": "user", "content": []}})
+    h.ev({"type": "response.created", "response": {"id": "r1", "conversation_id": "c"}})
+    h.ev({"type": "response.output_audio.delta", "response_id": "r1", "item_id": "a",
+          "delta": base64.b64encode(bytes(4800)).decode()})
+    acts = h(Disconnected(1006, "lost"))
+    done = published(acts, "response.done")
+    assert done == [{**done[0], "response_id": "r1", "request_id": "s1", "status": "failed"}]
+    assert any(isinstance(a, EndOfAudio) for a in acts)  # playback ends the stream: not an underrun
+    # the next socket replays the conversation, and new requests go through
+    acts = h(Connected(reconnect=True))
+    replayed = [e["item"] for e in sent(acts, "conversation.item.create")]
+    assert replayed[0]["content"][0]["text"] == "hello"
+    assert sent(h.cmd("cmd.say", {"text": "again", "id": "s2"}), "response.create")
+
+
+def test_a_restarted_core_takes_the_conversation_and_fails_what_was_in_flight() -> None:
+    h = connected(heard=1 << 62)
+    item_id = sent(h.cmd("cmd.say", {"text": "hello", "id": "s1"}), "conversation.item.create")[0]["item"]["id"]
+    h.ev({"type": "conversation.item.added", "item": {"id": item_id, "type": "message", "role": "user", "content": []}})
+    history = published(h.ev({"type": "response.created", "response": {"id": "r1", "conversation_id": "c"}}),
+                        "conversation.history")[-1]
+    assert history["in_flight"] == ["s1"]
+    fresh = Harness()
+    failed = published(fresh.core.restore_history(history), "response.done")
+    assert failed[0]["request_id"] == "s1" and failed[0]["status"] == "failed"
+    replay_items = sent(fresh(Connected(reconnect=True, reason="restart")), "conversation.item.create")
+    assert replay_items[0]["item"]["content"][0]["text"] == "hello"
+
+
+def test_system_message_without_response() -> None:
+    h = connected()
+    sends = sent(h.cmd("cmd.say", {"text": "The user is Ada.", "role": "system", "respond": False}))
+    assert len(sends) == 1 and sends[0]["item"]["role"] == "system"
+
+
+@pytest.mark.parametrize("body, words", [({"text": ""}, "non-empty"), ({"text": "x", "role": "robot"}, "role"),
+                                         ({"text": "x", "respond": "yes"}, "respond")])
+def test_bad_commands_are_reported(body: dict[str, Any], words: str) -> None:
+    h = connected()
+    acts = h.cmd("cmd.say", {**body, "id": "bad"})
+    assert words in published(acts, "engine.error")[0]["message"]
+    assert published(acts, "cmd.ack")[0]["ok"] is False
+    assert h.core.malformed_commands == 1
+
+
+def test_unregister_without_a_name_and_bad_session_tools_are_refused() -> None:
+    h = connected()
+    assert published(h.cmd("cmd.tool.unregister", {"id": "u"}), "cmd.ack")[0]["ok"] is False
+    acts = h.cmd("cmd.session.update", {"id": "t", "session": {"tools": "lookup"}})
+    assert published(acts, "cmd.ack")[0]["ok"] is False and not sent(acts)
+    # the next registration still works
+    assert published(h.cmd("cmd.tool.register", {"name": "lookup", "id": "r"}), "cmd.ack")[0]["ok"]
+
+
+def test_an_error_caused_by_a_command_names_its_request() -> None:
+    h = connected()
+    acts = h.cmd("cmd.say", {"text": "x", "id": "s1"})
+    event_id = sent(acts, "conversation.item.create")[0]["event_id"]
+    acts = h.ev({"type": "error", "event_id": "e", "error": {"type": "invalid_request_error", "code": "invalid_value",
+                                                             "message": "bad", "event_id": event_id}})
+    assert published(acts, "engine.error")[0]["request_id"] == "s1"
+    assert published(acts, "cmd.ack") == [{"id": "s1", "ok": False, "error": "bad", "code": "invalid_value"}]
+
+
+def test_budget_stops_new_responses() -> None:
+    h = connected(budget_usd=0.0001)
+    usage = {"input_token_details": {"text_tokens": 1000}, "output_token_details": {"audio_tokens": 100}}
+    acts = h.ev({"type": "response.done", "response": {"id": "r", "status": "completed", "output": [], "usage": usage}})
+    assert published(acts, "engine.budget")[0]["exceeded"]
+    assert not sent(h.cmd("cmd.say", {"text": "more"}), "response.create")
+
+
+def test_an_unpriced_model_is_a_config_error_naming_the_priced_ones() -> None:
+    with pytest.raises(ConfigError, match="gpt-realtime"):
+        RealtimeCore("gpt-imaginary", {})
+
+
+def test_a_failing_handler_is_reported_and_the_queue_still_drains() -> None:
+    """Issue 14 point 2: a handler that raised left the response slot half-applied; queued says waited forever."""
+    h = connected()
+    h.ev({"type": "response.created", "response": {"id": "r1", "conversation_id": "c"}})
+    h.cmd("cmd.say", {"text": "next", "id": "s1"})
+    acts = h.ev({"type": "response.done", "response": {"id": "r1", "status": "completed", "output": [],
+                                                        "usage": {"input_token_details": "garbage"}}})
+    assert published(acts, "engine.error")[0]["code"] == "handler_failed"
+    assert h.core.requests.slot.value == "active"  # untouched by the failed handler ...
+    acts = h.ev({"type": "response.done", "response": {"id": "r1", "status": "completed", "output": []}})
+    assert sent(acts, "response.create")           # ... so the next done still drains the queue
+
+
+def test_tool_timeout_answers_the_model() -> None:
+    h = connected()
+    h.cmd("cmd.tool.register", {"name": "ask_client", "timeout_s": 2})
+    h.ev({"type": "response.function_call_arguments.done", "call_id": "call_1", "name": "ask_client",
+          "arguments": "{}", "item_id": "i", "response_id": "r"})
+    assert h.tick() == []
+    h.now = 3.0
+    sends = sent(h.tick())
+    assert sends[0]["item"]["type"] == "function_call_output" and "did not answer" in sends[0]["item"]["output"]
+    assert sends[1]["type"] == "response.create"
+
+
+def test_mic_audio_goes_through_the_core_only_when_connected() -> None:
+    h = Harness()
+    assert h(MicAudio(bytes(960), 1.0)) == []
+    h(Connected())
+    assert h(MicAudio(bytes(960), 1.0)) == [SendAudio(bytes(960))]
+
+
+def test_next_deadline_names_the_earliest_timer() -> None:
+    h = connected(min_speech_ms=300)
+    assert h.core.next_deadline() is None
+    h.cmd("cmd.tool.register", {"name": "lookup", "timeout_s": 30})
+    h.ev({"type": "response.function_call_arguments.done", "call_id": "c1", "name": "lookup", "arguments": "{}"})
+    h.ev({"type": "input_audio_buffer.speech_started", "audio_start_ms": 0, "item_id": "u"})
+    assert h.core.next_deadline() == pytest.approx(0.3)
