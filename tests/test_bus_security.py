@@ -250,3 +250,41 @@ def test_use_keys_makes_a_child_spec_the_default(ipc_broker: Broker, keys: BusKe
     assert _first(sub, "capture.echo")["mode"] == "off" and sub.malformed == 0
     sub.close()
     pub.close()
+
+
+def test_node_client_reads_signed_messages_over_curve(tcp_broker: Broker, keys: BusKeys, tmp_path: Path,
+                                                      node: str) -> None:
+    """clients/node/realtalk.js takes the CURVE keys from the connection file and reads 3-frame messages."""
+    import subprocess
+    from tests.conftest import REPO
+    conn = tmp_path / "engine.json"
+    conn.write_text(json.dumps({"publish": tcp_broker.pub_ep, "subscribe": tcp_broker.sub_ep,
+                                **keys.connection_keys()}))
+    script = """
+const { Bus } = require(process.argv[1]);
+const bus = new Bus({ name: "node-test", prefixes: ["engine.status", "x."], file: process.argv[2] });
+const timer = setInterval(() => bus.publish("x.from-node", { n: 1 }), 50);
+(async () => {
+  for await (const { topic, body } of bus.messages()) {
+    if (topic === "engine.status") { console.log(JSON.stringify({ topic, state: body.state, malformed: bus.malformed })); break; }
+  }
+  clearInterval(timer); bus.close();
+})();
+"""
+    sub = Subscriber(Endpoints(tcp_broker.pub_ep, tcp_broker.sub_ep, curve=keys.client()), ["x.from-node"])
+    proc = subprocess.Popen([node, "-e", script, str(REPO / "clients" / "node" / "realtalk.js"), str(conn)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert sub.recv(timeout_ms=10_000) is not None  # Node's publisher got through CURVE
+        engine = Publisher(Endpoints(tcp_broker.pub_ep, tcp_broker.sub_ep, curve=keys.client(),
+                                     signing_key=keys.signing_key), "supervisor:1")
+        deadline = time.monotonic() + 10
+        while proc.poll() is None and time.monotonic() < deadline:
+            engine.publish("engine.status", {"state": "ready"})  # signed: three frames
+            time.sleep(0.05)
+        out, _ = proc.communicate(timeout=5)
+        assert json.loads(out.strip().splitlines()[-1]) == {"topic": "engine.status", "state": "ready", "malformed": 0}
+        engine.close()
+    finally:
+        proc.kill()
+        sub.close()

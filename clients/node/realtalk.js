@@ -1,5 +1,7 @@
 // realtalk bus client for Node.js: subscribe to the conversation, send commands.
-// Wire format (docs/bus-protocol.md): [topic utf-8, msgpack map with v, ts, mono_ns, pub, seq, ...payload].
+// Wire format (docs/bus-protocol.md): [topic utf-8, msgpack map with v, ts, mono_ns, pub, seq, ...payload],
+// and on the engine's control topics a third frame, its signature (only the engine can sign; readers ignore it).
+// A tcp bus needs CURVE: the keys are in the connection file (curve_server_key, curve_public_key, curve_secret_key).
 "use strict";
 const fs = require("fs");
 const os = require("os");
@@ -14,15 +16,22 @@ function connectionFile() {
   return path.join(dir, "engine.json");
 }
 
+/** Socket options for the engine's bus: CURVE client keys when the connection file has them (tcp). */
+function socketOptions(conn) {
+  if (!conn.curve_server_key) return {};
+  return { curveServerKey: conn.curve_server_key, curvePublicKey: conn.curve_public_key, curveSecretKey: conn.curve_secret_key };
+}
+
 class Bus {
-  /** Connect to the running engine's bus (endpoints from its connection file). */
+  /** Connect to the running engine's bus (endpoints and, over tcp, CURVE keys from its connection file). */
   constructor({ name = `node:${process.pid}`, prefixes = [""], file = connectionFile() } = {}) {
     const conn = JSON.parse(fs.readFileSync(file, "utf8"));
+    this.conn = conn;
     this.name = name;
     this.seq = 0;
-    this.pub = new zmq.Publisher();
+    this.pub = new zmq.Publisher(socketOptions(conn));
     this.pub.connect(conn.publish);
-    this.sub = new zmq.Subscriber();
+    this.sub = new zmq.Subscriber(socketOptions(conn));
     this.sub.connect(conn.subscribe);
     for (const p of prefixes) this.sub.subscribe(p);
     this.malformed = 0;
@@ -35,10 +44,11 @@ class Bus {
     await this.pub.send([topic, encode(body)]);
   }
 
-  /** Async iterator of {topic, body}; malformed messages are counted and skipped. */
+  /** Async iterator of {topic, body}; malformed messages are counted and skipped.
+   *  A third frame is the engine's signature of a control message: accepted, not checked here. */
   async *messages() {
     for await (const frames of this.sub) {
-      if (frames.length !== 2) { this.malformed += 1; continue; }
+      if (frames.length !== 2 && frames.length !== 3) { this.malformed += 1; continue; }
       let body;
       try { body = decode(frames[1]); } catch { this.malformed += 1; continue; }
       if (body === null || typeof body !== "object" || Array.isArray(body)) { this.malformed += 1; continue; }
@@ -49,8 +59,8 @@ class Bus {
   /** Send a command and resolve with its cmd.ack (re-sent until acknowledged; the engine dedups by id). */
   async command(topic, payload, { timeoutMs = 10000 } = {}) {
     const id = payload.id || crypto.randomUUID();
-    const acks = new zmq.Subscriber();
-    acks.connect(this.subEndpoint || JSON.parse(fs.readFileSync(connectionFile(), "utf8")).subscribe);
+    const acks = new zmq.Subscriber(socketOptions(this.conn));
+    acks.connect(this.conn.subscribe);
     acks.subscribe("cmd.ack");
     const deadline = Date.now() + timeoutMs;
     const waitAck = (async () => {
@@ -78,4 +88,4 @@ class Bus {
   close() { this.pub.close(); this.sub.close(); }
 }
 
-module.exports = { Bus, connectionFile };
+module.exports = { Bus, connectionFile, socketOptions };
