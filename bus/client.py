@@ -9,8 +9,10 @@ Keys (bus/security.py): pass an :class:`Endpoints` (from :func:`load_endpoints` 
 ``tcp://`` endpoint, the signing key to sign (Publisher) and verify (Subscriber) the
 control topics. Given a plain endpoint string, they take this process's keys: those
 given to :func:`use_keys` (a child calls it with its spec's ``bus`` section), else
-``$REALTALK_BUS_KEYS`` (how the broker gets them), else none. Keyword arguments override
-all of these.
+``$REALTALK_BUS_KEYS`` (how the broker gets them), else none; and a ``tcp://`` endpoint
+with no CURVE keys from any of these takes them from the running engine's connection file
+when that file names the endpoint (so ``Subscriber(conn["subscribe"])`` keeps working over
+tcp). Keyword arguments override all of these.
 """
 from __future__ import annotations
 
@@ -110,10 +112,28 @@ def _keys(endpoint: str | Endpoints, curve: Any, key: Any) -> tuple[CurveClientK
     return (source_curve if curve is FROM_ENV else curve), (source_key if key is FROM_ENV else parse_signing_key(key))
 
 
-def _connect(sock: zmq.Socket, endpoint: str, curve: CurveClientKeys | None) -> None:
-    if curve is not None and endpoint.startswith("tcp://"):
-        apply_client_curve(sock, curve)
+def _connection_file_curve(endpoint: str) -> CurveClientKeys | None:
+    """The CURVE keys of the running engine's connection file if it names ``endpoint``."""
+    try:
+        data = json.loads(connection_file().read_text())
+        if endpoint in (data.get("publish"), data.get("subscribe")):
+            return curve_from(data)
+    except (OSError, ValueError, AttributeError, BusError):
+        pass
+    return None
+
+
+def _connect(sock: zmq.Socket, endpoint: str, curve: CurveClientKeys | None,
+             defaulted: bool) -> CurveClientKeys | None:
+    """Connect ``sock``, as a CURVE client on tcp (``defaulted``: no keys were given, look them
+    up); return the keys it uses."""
+    if endpoint.startswith("tcp://"):
+        if curve is None and defaulted:
+            curve = _connection_file_curve(endpoint)
+        if curve is not None:
+            apply_client_curve(sock, curve)
     sock.connect(endpoint)
+    return curve
 
 
 class Publisher:
@@ -139,7 +159,8 @@ class Publisher:
         if bind:
             self._sock.bind(address)
         else:
-            _connect(self._sock, address, self._curve)
+            self._curve = _connect(self._sock, address, self._curve,
+                                   curve is FROM_ENV and not isinstance(endpoint, Endpoints))
         self.name = name
         self.seq = 0
 
@@ -207,6 +228,7 @@ class Subscriber:
                  verify_key: bytes | str | None = FROM_ENV,
                  signed_topics: tuple[str, ...] = SIGNED_TOPICS) -> None:
         self._ctx = context or zmq.Context.instance()
+        defaulted = curve is FROM_ENV and not isinstance(endpoint, Endpoints)
         curve, self._verify_key = _keys(endpoint, curve, verify_key)
         self._signed = tuple(signed_topics)
         self.socket = self._ctx.socket(zmq.SUB)
@@ -214,7 +236,7 @@ class Subscriber:
         self.socket.setsockopt(zmq.RCVHWM, 100_000)
         for p in prefixes or ("",):
             self.socket.setsockopt(zmq.SUBSCRIBE, p.encode())
-        _connect(self.socket, endpoint.subscribe if isinstance(endpoint, Endpoints) else endpoint, curve)
+        _connect(self.socket, endpoint.subscribe if isinstance(endpoint, Endpoints) else endpoint, curve, defaulted)
         self.malformed = 0
         self.last_error: MalformedMessage | None = None
         self._rcvtimeo_ms = -1

@@ -288,3 +288,19 @@ const timer = setInterval(() => bus.publish("x.from-node", { n: 1 }), 50);
     finally:
         proc.kill()
         sub.close()
+
+
+def test_plain_tcp_endpoint_strings_take_the_keys_of_the_connection_file(tcp_broker: Broker, keys: BusKeys,
+                                                                         tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Subscriber(conn["subscribe"])``, as the CLI and the SDK write it, works over a CURVE tcp bus."""
+    monkeypatch.setenv("REALTALK_RUNTIME_DIR", str(tmp_path))
+    (tmp_path / "engine.json").write_text(json.dumps({"publish": tcp_broker.pub_ep, "subscribe": tcp_broker.sub_ep,
+                                                      **keys.connection_keys()}))
+    sub = Subscriber(tcp_broker.sub_ep, ["x."])
+    pub = Publisher(tcp_broker.pub_ep, "cli:1")
+    assert pub.join(tcp_broker.sub_ep)
+    pub.publish("x.hello", {})
+    assert _first(sub, "x.hello") is not None
+    sub.close()
+    pub.close()
