@@ -99,6 +99,7 @@ class Renderer:
     def __init__(self, ring: Ring, prebuffer_frames: int, max_prebuffer_frames: int = 7200,
                  ref: Ring | None = None, stretch: bool = True, fade_on_flush: bool = True) -> None:
         self.ring = ring
+        self.control = ring.control   # flush, end mark, start stamp, heard index
         #: False when the caller fades a flush itself, later in the chain (:class:`DeviceFeeder`)
         self.fade_on_flush = fade_on_flush
         self.ref = ref
@@ -134,12 +135,12 @@ class Renderer:
     def _stream_complete(self) -> bool:
         """The producer marked the end of the current stream and everything up to it is written."""
         ring = self.ring
-        end = ring.end_index
+        end = self.control.end_index
         return end > self.stream_start and end >= ring.write_index
 
     def _at_stream_end(self) -> bool:
         """The current stream is complete and all of it has been read."""
-        return self._stream_complete() and self.ring.read_index >= self.ring.end_index
+        return self._stream_complete() and self.ring.read_index >= self.control.end_index
 
     def render(self, out: np.ndarray, latency_frames: int, now: float) -> None:
         """Fill ``out`` completely (silence where there is nothing to play); copy it to the reference ring."""
@@ -152,14 +153,15 @@ class Renderer:
         n = len(out)
         # the first ring frame not yet handed to the device (the callback may hold resampled frames)
         heard_base = ring.read_index - self.backlog_frames
-        if ring.flush_pending:
+        ctl = self.control
+        if ctl.flush_pending:
             got = 0
             if self.state == PLAYING:
                 # only frames written before the flush request (a new stream may follow them); a
                 # caller that fades later in the chain gets the whole block, so its fade has audio
                 # to work on whatever its resampler holds back
                 want = min(n if not self.fade_on_flush else FLUSH_FADE_FRAMES, n,
-                           max(0, ring.flush_index - ring.read_index))
+                           max(0, ctl.flush_index - ring.read_index))
                 got = ring.read_into(out[:want])
             if self.fade_on_flush:
                 self._flush_fade.apply(out, got)
@@ -178,7 +180,7 @@ class Renderer:
             self.state, self.in_stream, self.waiting_since = IDLE, False, None
             self.dry_frames = 0
             # the report and the shared heard index carry the same number (one source of the heard position)
-            ring.set_heard(played_index, latency_frames)
+            ctl.set_heard(played_index, latency_frames)
             return
         if self.state == IDLE:
             avail = ring.read_available
@@ -191,7 +193,7 @@ class Renderer:
                     else:
                         self.dry_frames += n  # the gap grows (an underrun if more audio comes)
                 if not self.in_stream:
-                    ring.set_heard(heard_base, latency_frames)  # idle: everything handed out has been heard
+                    ctl.set_heard(heard_base, latency_frames)  # idle: everything handed out has been heard
                 return
             if self.in_stream and self.dry_frames:
                 # audio came back after the ring ran dry mid-stream: that was an underrun
@@ -208,7 +210,7 @@ class Renderer:
                 if self.in_stream:
                     self.waiting_since = now
                 else:
-                    start_ns = ring.stream_start_ns(self.stream_start)
+                    start_ns = ctl.stream_start_ns(self.stream_start)
                     self.waiting_since = min(now, (start_ns or ring.write_stamp[1]) / 1e9)
             # wait the prebuffer *time* after the first frame arrived: with deltas paced at real time
             # that is the margin every later delta has (a fill threshold would give none). Start at
@@ -250,7 +252,7 @@ class Renderer:
                 self.dry_frames = n - got
         else:
             self.stretcher.remember(out)
-        ring.set_heard(max(ring.heard_index, heard_base - latency_frames), latency_frames)
+        ctl.set_heard(max(ctl.heard_index, heard_base - latency_frames), latency_frames)
 
     def _event(self, kind: str, index: int) -> StreamEvent:
         return StreamEvent(kind, index, self.stream_start, self.stretch_frames, self.stream_expanded_frames,
@@ -269,7 +271,9 @@ class Renderer:
                       - min(MAX_PERIOD_FRAMES, self.stretch_frames) >= self.prebuffer_frames - n)
         if not (expand or accelerate) or self._stream_complete():
             return 0  # a complete stream has nothing to wait for and nothing to catch up
-        ahead = self._ahead[:ring.peek_into(self._ahead)]
+        # the audio due next, read in place; copied only where it wraps around the ring's end
+        first, rest = ring.read_regions(LOOKAHEAD_FRAMES)
+        ahead = first if not len(rest) else self._ahead[:ring.peek_into(self._ahead)]
         if expand:
             # the lower the ring, the more of the block is stretch: half of it, three quarters
             # under a quarter of the prebuffer (a 40 ms margin then lasts 160 ms)
@@ -320,7 +324,7 @@ class DeviceFeeder:
     def fill(self, frame_count: int, latency_frames: int, now: float) -> bytes:
         """``frame_count`` device-rate frames for the device (silence where there is nothing)."""
         r, fifo = self.renderer, self.fifo
-        flushing = r.ring.flush_pending  # one render applies it
+        flushing = r.control.flush_pending  # one render applies it
         while fifo.length < frame_count or flushing:
             r.backlog_frames = fifo.length * RATE_HZ // self.device_rate_hz
             r.render(self._block, latency_frames, now)
@@ -374,7 +378,7 @@ class PlaybackProcess:
             if kind == "started":
                 payload["first_sample_mono_ns"] = r.first_sample_mono_ns
                 payload["arrived_mono_ns"] = r.arrived_mono_ns
-                payload["output_latency_ms"] = round(ring.device_latency_frames / FRAMES_PER_MS, 2)
+                payload["output_latency_ms"] = round(ring.control.device_latency_frames / FRAMES_PER_MS, 2)
             else:
                 payload["played_ms"] = (index - start) // FRAMES_PER_MS
                 # how much longer (or shorter) the stream played than its audio: time-stretching
@@ -402,7 +406,7 @@ class PlaybackProcess:
         if r.in_stream and now >= self.next_position_at:
             self.next_position_at = now + POSITION_EVERY_S
             # the callback's own number (the shared heard index), not a second estimate
-            self.pub.publish("playback.position", {"start_index": r.stream_start, "index": ring.heard_index})
+            self.pub.publish("playback.position", {"start_index": r.stream_start, "index": ring.control.heard_index})
 
     # ------------------------------------------------------------ backends
     def run_null(self, wav: wave.Wave_write | None = None) -> None:

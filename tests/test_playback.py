@@ -328,3 +328,15 @@ def test_flush_keeps_what_was_written_after_the_request(ring: Ring) -> None:
     assert r.events[-1].kind == "flushed" and r.events[-1].index == 480 + 60
     assert not out[60:].any()
     assert ring.read_available == 480
+
+
+def test_the_stretcher_reads_the_ring_in_place(ring: Ring, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The look-ahead is a view of the ring's data; a copy only where it wraps the ring's end."""
+    copies = []
+    peek = ring.peek_into
+    from engine.stretch import LOOKAHEAD_FRAMES
+    monkeypatch.setattr(ring, "peek_into",  # read_into peeks too: count only the look-ahead's
+                        lambda out: (len(out) == LOOKAHEAD_FRAMES and copies.append(len(out))) or peek(out))
+    r = Renderer(ring, prebuffer_frames=1920)
+    play_deltas(r, ring, late_delta_schedule(30, 10, 0.11), voiced(30 * 480))
+    assert r.expanded_frames > 0 and copies == []     # 14400 frames in a 16384-frame ring: no wrap
