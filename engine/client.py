@@ -39,6 +39,15 @@ from engine.errors import EngineError, NotRunning
 _HEADER = ("v", "ts", "mono_ns", "pub", "seq")
 
 
+class ResponseFailed(EngineError):
+    """The answer will never come (the socket or a process died mid-answer); ``done`` is its
+    ``response.done`` (status ``failed``, ``reason``)."""
+
+    def __init__(self, message: str, done: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.done = done
+
+
 @dataclass
 class Reply:
     """The outcome of :meth:`Session.user`: what the model said, and what it cost."""
@@ -91,6 +100,7 @@ class Session:
         self.last_audio_response: str | None = None
         self._audio_idle = asyncio.Event()
         self._audio_idle.set()
+        self.fatal: EngineError | None = None
 
     # ------------------------------------------------------------ plumbing
     async def _start(self) -> None:
@@ -131,12 +141,15 @@ class Session:
                 self.cost = float(body.get("usd", self.cost))
             elif topic == "response.done" and "session_usd" in body:
                 self.cost = float(body["session_usd"])  # up to date when user() returns
-            elif topic == "playback.started":
+            elif topic == "playout.started":
                 self.playing = True
                 self._audio_idle.clear()
-            elif topic in ("playback.stopped", "playback.flushed"):
+            elif topic in ("playout.stopped", "playout.interrupted"):
                 self.playing = False
                 self._audio_idle.set()
+            elif topic == "engine.error" and body.get("fatal"):
+                self._fail_waiters(EngineError(f"the engine stopped: {body.get('source', 'engine')}: "
+                                               f"{body.get('message')}"))
             elif topic == "tool.call" and body.get("name") in self._tools:
                 asyncio.get_running_loop().create_task(self._run_tool(body))
             for pred, fut in list(self._waiters):
@@ -147,12 +160,31 @@ class Session:
                 if topic.startswith(prefix):
                     q.put_nowait(Event(topic, body))
 
+    def _fail_waiters(self, exc: EngineError) -> None:
+        """A fatal engine error: every waiter fails at once with it, instead of timing out later."""
+        self.fatal = exc
+        for _, fut in self._waiters:
+            if not fut.done():
+                fut.set_exception(exc)
+        self._waiters = []
+
+    async def _wait(self, fut: asyncio.Future[tuple[str, dict[str, Any]]], timeout_s: float,
+                    what: str) -> tuple[str, dict[str, Any]]:
+        if self.fatal is not None:
+            raise self.fatal
+        try:
+            return await asyncio.wait_for(fut, timeout_s)
+        except asyncio.TimeoutError:
+            raise EngineError(f"no {what} within {timeout_s:g} s; see `engine status` and `engine log --type engine.error`") from None
+
     async def command(self, topic: str, payload: dict[str, Any], timeout_s: float = 15.0) -> dict[str, Any]:
         """Publish a command and return its ``cmd.ack`` (re-sent until acknowledged; the engine dedups)."""
         cmd_id = payload.setdefault("id", uuid.uuid4().hex)
         fut = self._expect(lambda t, b: t == "cmd.ack" and b.get("id") == cmd_id)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            if self.fatal is not None:
+                raise self.fatal
             await self._publish(topic, payload)
             try:
                 _, ack = await asyncio.wait_for(asyncio.shield(fut), 0.5)
@@ -178,12 +210,15 @@ class Session:
         ack = await self.command("cmd.say", {"text": text, "role": "user", "respond": True, "id": cmd_id})
         if not ack.get("ok"):
             raise EngineError(f"message refused: {ack.get('error')}")
-        _, body = await asyncio.wait_for(done, timeout_s)
+        _, body = await self._wait(done, timeout_s, "answer")
+        if body.get("status") == "failed":
+            raise ResponseFailed(f"the answer to {text[:40]!r} failed ({body.get('reason')}): {body.get('message')}",
+                                 body)
         usd = float(body.get("usd", 0.0))
         while body.get("function_calls") and body.get("status") == "completed":
             # the model called tools: the answer is the response that follows their output
             nxt = self._expect(lambda t, b: t == "response.done" and b.get("response_id") != body["response_id"])
-            _, body = await asyncio.wait_for(nxt, timeout_s)
+            _, body = await self._wait(nxt, timeout_s, "answer after the tool calls")
             usd += float(body.get("usd", 0.0))
         usage = body.get("usage") or {}
         if (usage.get("output_token_details") or {}).get("audio_tokens"):

@@ -65,7 +65,7 @@ def run_demo(args: argparse.Namespace) -> int:
         import json
         conn = json.loads(connection_file().read_text())
         sub = Subscriber(conn["subscribe"], ["user.", "model.transcript.done", "cost.session", "response.done",
-                                             "playback.", "engine.error"])
+                                             "playback.", "playout.", "engine.error"])
         recorder = subprocess.Popen(["parecord", "--device=spk.monitor", "--rate=24000", "--channels=1",
                                      "--format=s16le", "--file-format=wav", str(reply_wav)])
         time.sleep(0.3)
@@ -90,7 +90,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 print(f"ERROR: {body.get('message')}")
             elif topic == "response.done":
                 answered = True
-            elif topic == "playback.stopped" and answered:
+            elif topic == "playout.stopped" and answered:
                 break
         time.sleep(0.5)
         return 0 if answered else 1

@@ -40,10 +40,10 @@ def _config(tmp_path: Path, echo: str) -> Path:
 def test_without_echo_cancellation_the_model_interrupts_itself(echo_path: None, start_engine: Any,
                                                                 tmp_path: Path) -> None:
     eng = start_engine("--config", str(_config(tmp_path, "off")))
-    sub = Subscriber(eng.conn["subscribe"], ["playback.interrupted", "user.speech.started"])
+    sub = Subscriber(eng.conn["subscribe"], ["playout.interrupted", "user.speech.started"])
     sub.recv(timeout_ms=0)
     assert say(eng.conn, "Tell me about the weather in Paris in the spring, please.")["ok"]
-    interrupted = wait_topic(sub, "playback.interrupted", timeout=20)
+    interrupted = wait_topic(sub, "playout.interrupted", timeout=20)
     assert interrupted["reason"] == "speech"
 
 
@@ -58,7 +58,7 @@ def test_echo_cancellation_keeps_the_model_talking_and_the_user_can_still_barge_
         wait_topic(sub, "playback.stopped", timeout=30, seen=seen)
     topics = [t for t, _ in seen]
     echo_stats = [b for t, b in seen if t == "capture.echo"]
-    assert "playback.interrupted" not in topics and "user.speech.started" not in topics, \
+    assert "playout.interrupted" not in topics and "user.speech.started" not in topics, \
         f"the echo canceller let the model's own voice through: {echo_stats}"
     assert topics.count("playback.started") == 10
     echo = wait_topic(sub, "capture.echo", timeout=5, where=lambda b: b.get("far_active_ms", 0) > 5000)
@@ -68,7 +68,7 @@ def test_echo_cancellation_keeps_the_model_talking_and_the_user_can_still_barge_
     wait_topic(sub, "playback.started", timeout=20)
     subprocess.run(["paplay", "--device=micsink", str(speech_wav("Stop, stop. Wait a moment.", pad_s=0.1))],
                    check=True, timeout=20, env=os.environ.copy())
-    interrupted = wait_topic(sub, "playback.interrupted", timeout=10)
+    interrupted = wait_topic(sub, "playout.interrupted", timeout=10)
     assert interrupted["reason"] == "speech" and interrupted["played_ms"] > 0
     # the session recording: mic on the left, what was played on the right
     session_dir = Path(eng.conn["session_dir"])

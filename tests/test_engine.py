@@ -188,8 +188,8 @@ def test_spoken_turn_through_real_devices(vaudio: dict[str, str], start_engine: 
     scenario.write_text('turns:\n  - match: {turn: 1}\n    reply: "The capital of France is Paris."\n')
     eng = start_engine("--mic", "vmic", "--speaker", "vspk", "--scenario", str(scenario))
     conn = eng.conn
-    sub = Subscriber(conn["subscribe"], ["user.", "model.transcript.done", "response.done", "playback.", "engine.error",
-                                         "latency."])
+    sub = Subscriber(conn["subscribe"], ["user.", "model.transcript.done", "response.done", "playback.", "playout.",
+                                         "engine.error", "latency."])
     sub.recv(timeout_ms=0)
     rec: dict[str, Any] = {}
     recorder = threading.Thread(target=record_monitor, args=(9.0, rec))
@@ -197,7 +197,7 @@ def test_spoken_turn_through_real_devices(vaudio: dict[str, str], start_engine: 
     subprocess.run(["paplay", "--device=micsink", str(speech_wav("What is the capital of France?", pad_s=0.3))],
                    check=True, timeout=20, env=os.environ.copy())
     seen: list[tuple[str, dict[str, Any]]] = []
-    stopped = wait_topic(sub, "playback.stopped", timeout=30, seen=seen)
+    stopped = wait_topic(sub, "playout.stopped", timeout=30, seen=seen)
     topics = [t for t, _ in seen]
     for t in ("user.speech.started", "user.speech.stopped", "playback.started"):
         assert t in topics, t
@@ -206,12 +206,13 @@ def test_spoken_turn_through_real_devices(vaudio: dict[str, str], start_engine: 
     recorder.join(20)
     sent = synthesize("The capital of France is Paris.", "marin", 1.0)
     assert stopped["index"] >= len(sent)  # every frame the server sent reached the device
-    # per item: started, positions that grow, stopped with the whole item played
-    started = next(b for t, b in seen if t == "playback.started")
+    # per item (the realtime process names the items playback reports by ring index): started,
+    # positions that grow, stopped with the whole item played
+    started = next(b for t, b in seen if t == "playout.started")
     item_id = started["item_id"]
     assert item_id and item_id.startswith("item_") and stopped["item_id"] == item_id
     assert stopped["played_ms"] == len(sent) // 24
-    positions = [b["played_ms"] for t, b in seen if t == "playback.position" and b["item_id"] == item_id]
+    positions = [b["played_ms"] for t, b in seen if t == "playout.position" and b["item_id"] == item_id]
     assert len(positions) >= 5 and positions == sorted(positions) and positions[-1] <= stopped["played_ms"]
     # latency per turn, from the user's speech end to the first sample at the device
     turn = next((b for t, b in seen if t == "latency.turn"), None) or wait_topic(sub, "latency.turn", timeout=10)
