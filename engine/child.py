@@ -30,7 +30,7 @@ import traceback
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
-from bus import Publisher
+from bus import Publisher, use_keys
 from engine.childstate import EXIT_CRASHED, EXIT_DEVICE_FAILED, EXIT_PARENT_GONE
 from engine.errors import DeviceError
 
@@ -121,14 +121,16 @@ def read_spec(argv: list[str], stdin: BinaryIO) -> dict[str, Any]:
     return json.loads(line)
 
 
-def watch_parent(stdin: BinaryIO, exit_after_s: float = PARENT_GONE_EXIT_S) -> threading.Thread:
-    """A daemon thread: at end of file on ``stdin`` (the supervisor's end closed: it stopped or
-    died) SIGTERM this process, and end it ``exit_after_s`` later if it is still there."""
+def watch_parent(fd: int, exit_after_s: float = PARENT_GONE_EXIT_S) -> threading.Thread:
+    """A daemon thread: at end of file on ``fd`` (the supervisor's end of the stdin pipe closed: it
+    stopped or died) SIGTERM this process, and end it ``exit_after_s`` later if it is still there.
+    Reads the raw fd: a daemon thread blocked inside ``sys.stdin.buffer`` would abort the
+    interpreter at exit (it cannot take the buffer's lock)."""
     def run() -> None:
         try:
-            while stdin.read(4096):
+            while os.read(fd, 4096):
                 pass
-        except (OSError, ValueError):
+        except OSError:
             pass
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(exit_after_s)
@@ -146,6 +148,7 @@ def main(process_class: Callable[[dict[str, Any]], Any]) -> int:
         return 2
     parent_death_signal(signal.SIGTERM)
     spec = read_spec(sys.argv, sys.stdin.buffer)
+    use_keys(spec.get("bus"))  # its sockets sign and verify the control topics, and use CURVE on tcp
     if len(sys.argv) == 1:
-        watch_parent(sys.stdin.buffer)
+        watch_parent(sys.stdin.fileno())
     return process_class(spec).run()

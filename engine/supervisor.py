@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote
 
-from bus import Endpoints, Publisher, Subscriber
+from bus import Endpoints, Publisher, Subscriber, generate_keys
 from bus.client import connection_file, runtime_dir
 from engine.config import resolve_backend, session_payload
 from engine.errors import EngineError
@@ -90,6 +90,7 @@ class Supervisor:
         os.chmod(self.session_dir, 0o700)
         #: signs the engine's own bus messages (spec key bus.signing_key, hex); never on disk or the bus
         self.signing_key = secrets.token_bytes(32)
+        self.bus_keys = generate_keys(self.signing_key)  # and CURVE keys for tcp (bus/security.py)
         self.endpoints = self._endpoints()
         self.session_id: str | None = None
         self.cost_usd = 0.0
@@ -110,8 +111,10 @@ class Supervisor:
             host = bus["tcp_host"]
             pub = bus["tcp_publish_port"] or free_port(host)
             sub = bus["tcp_subscribe_port"] or free_port(host)
-            return Endpoints(f"tcp://{host}:{pub}", f"tcp://{host}:{sub}")
-        return Endpoints(f"ipc://{self.run_dir}/bus-publish.sock", f"ipc://{self.run_dir}/bus-subscribe.sock")
+            return Endpoints(f"tcp://{host}:{pub}", f"tcp://{host}:{sub}", curve=self.bus_keys.client(),
+                             signing_key=self.signing_key)
+        return Endpoints(f"ipc://{self.run_dir}/bus-publish.sock", f"ipc://{self.run_dir}/bus-subscribe.sock",
+                         signing_key=self.signing_key)
 
     def _check_not_running(self) -> None:
         path = connection_file()
@@ -127,7 +130,9 @@ class Supervisor:
     def _spec(self, extra: dict[str, Any]) -> dict[str, Any]:
         """A child's spec; it goes to the child's stdin, never to a file (it holds secrets)."""
         return {"config": self.cfg, "bus": {"publish": self.endpoints.publish, "subscribe": self.endpoints.subscribe,
-                                            "signing_key": self.signing_key.hex()}, **extra}
+                                            "signing_key": self.signing_key.hex(),
+                                            **(self.bus_keys.connection_keys() if self.endpoints.curve else {})},
+                **extra}
 
     def _api_target(self) -> tuple[str, list[str]]:
         model = quote(self.cfg["model"])
@@ -196,8 +201,8 @@ class Supervisor:
                                    spec=self._spec(realtime_extra)))
         self.children.append(Child("playback", [py, "-m", "engine.playback"], spec=self._spec(pb_extra)))
         # the supervisor's own bus sockets, connected before anything is published
-        self.sub = Subscriber(self.endpoints.subscribe, [""])
-        self.pub = Publisher(self.endpoints.publish, f"supervisor:{os.getpid()}")
+        self.sub = Subscriber(self.endpoints, [""])  # verifies the signed control topics
+        self.pub = Publisher(self.endpoints, f"supervisor:{os.getpid()}")  # signs them
         log_fd = os.open(self.session_dir / "events.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self.log_file = open(log_fd, "a", buffering=1)
         broker = self.children[0]
@@ -212,6 +217,8 @@ class Supervisor:
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
         env.pop(self.cfg["api_key_env"], None)  # the realtime child gets the key in its spec, the others never
+        if child.name == "broker":  # its CURVE server keys and the signing key (it has no spec)
+            env.update(self.bus_keys.environment(broker=True))
         child.proc = subprocess.Popen(child.argv, pass_fds=child.pass_fds, env=env,
                                       stdin=subprocess.PIPE if child.spec is not None else subprocess.DEVNULL,
                                       stdout=child.stdout, start_new_session=False)
@@ -229,7 +236,8 @@ class Supervisor:
     def _write_connection_file(self) -> None:
         path = connection_file()
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.status(), indent=1))
+        tmp.write_text(json.dumps({**self.status(), **(self.bus_keys.connection_keys() if self.endpoints.curve else {})},
+                                  indent=1))
         os.chmod(tmp, 0o600)
         tmp.replace(path)
 
