@@ -37,6 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "bus": {"transport": "ipc", "tcp_host": "127.0.0.1", "tcp_publish_port": 0, "tcp_subscribe_port": 0},
     "local_server": {"host": "127.0.0.1", "port": 0, "speed": 1.0, "scenario": None, "asr": True},
     "budget_usd": None,
+    "session_recycle_s": 3300.0,
     "record": None,
     "sessions_dir": None,
 }
@@ -70,6 +71,7 @@ RULES: dict[str, tuple[tuple[type, ...], tuple[Any, ...] | None]] = {
     "local_server.speed": (_NUM, None),
     "local_server.scenario": ((str, type(None)), None),
     "budget_usd": ((int, float, type(None)), None),
+    "session_recycle_s": (_NUM, None),
     "record": ((str, type(None)), None),
     "sessions_dir": ((str, type(None)), None),
 }
@@ -164,6 +166,10 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str,
         for part in parts[:-1]:
             node = node[part]
         node[parts[-1]] = _check(value, _lookup(DEFAULTS, parts), dotted)
+    from engine.realtime.budget import check_priced  # the price table is part of the config's check
+    check_priced(cfg["model"])
+    if cfg["session_recycle_s"] < 60:
+        raise ConfigError(f"config key 'session_recycle_s': at least 60 seconds, got {cfg['session_recycle_s']}")
     return cfg
 
 

@@ -80,3 +80,12 @@ def test_bare_off_in_yaml_means_off(tmp_path: Path) -> None:
     p = tmp_path / "c.yaml"
     p.write_text("audio:\n  echo: off\n")  # YAML 1.1 reads this as false
     assert load_config(p)["audio"]["echo"] == "off"
+
+
+def test_a_model_without_prices_is_refused_at_start_naming_the_priced_ones(tmp_path: Path) -> None:
+    """Issue 15 point 14: an unpriced model started fine, then broke every answer."""
+    from engine.config import load_config
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: gpt-imaginary\n")
+    with pytest.raises(ConfigError, match=r"gpt-imaginary.*priced models: .*gpt-realtime"):
+        load_config(cfg)
