@@ -29,6 +29,10 @@ from bus.security import (FORGED_REASON, SIGNED_TOPICS, CurveClientKeys, apply_c
                           environment_keys, parse_signing_key, sign, verify)
 from bus.wire import BusError, MalformedMessage, decode, encode
 
+#: malformed messages one ``Subscriber.recv`` call skips at most before it returns None
+MAX_SKIPPED_PER_RECV = 1000
+#: the shortest interval between two reports of a Subscriber's malformed messages or drops
+REPORT_PERIOD_S = 1.0
 #: "take it from the Endpoints given, else this process's keys (use_keys, $REALTALK_BUS_KEYS)"
 FROM_ENV: Any = type("_FromEnv", (), {"__repr__": lambda self: "FROM_ENV"})()
 _process_keys: dict[str, Any] | None = None
@@ -220,7 +224,10 @@ class Subscriber:
     Malformed messages are counted in ``malformed`` and skipped, never raised;
     ``last_error`` describes the latest one. With a ``verify_key``, a message on
     ``signed_topics`` without a valid signature is malformed too (reason
-    "forged or unsigned control message") and never returned.
+    "forged or unsigned control message") and never returned. Skipping costs no wait:
+    ``recv`` goes on to the next message at once (at most :data:`MAX_SKIPPED_PER_RECV`
+    per call, so a flood of bad input still gives the caller back control).
+    :meth:`take_malformed_report` / :meth:`publish_reports` report them, once a second.
     """
 
     def __init__(self, endpoint: str | Endpoints, prefixes: list[str] | tuple[str, ...] = ("",),
@@ -240,11 +247,14 @@ class Subscriber:
         self.malformed = 0
         self.last_error: MalformedMessage | None = None
         self._rcvtimeo_ms = -1
+        self._malformed_reported = 0
+        self._malformed_report_at = float("-inf")
 
     def recv(self, timeout_ms: int | None = None) -> tuple[str, dict[str, Any]] | None:
         """Next well-formed message, or None when ``timeout_ms`` passes first."""
         deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
         wait_ms = -1 if timeout_ms is None else max(0, int(timeout_ms))
+        skipped = 0
         while True:
             if wait_ms == 0 and not self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 return None  # a cheap check: raising zmq.Again costs more than the message
@@ -263,12 +273,42 @@ class Subscriber:
                 raise MalformedMessage(f"{FORGED_REASON}: {topic!r} from {body.get('pub')!r} "
                                        "(only the engine's own processes may publish it)", len(frames))
             except MalformedMessage as exc:
-                self.malformed += 1
-                self.last_error = exc
-                if deadline is not None:
-                    wait_ms = int((deadline - time.monotonic()) * 1000)
-                    if wait_ms <= 0:
-                        return None
+                self._note_malformed(exc)
+                skipped += 1
+                if skipped >= MAX_SKIPPED_PER_RECV:
+                    return None
+                if deadline is not None:  # past the deadline: 0, what is already queued, no wait
+                    wait_ms = max(0, int((deadline - time.monotonic()) * 1000))
+
+    def _note_malformed(self, error: MalformedMessage | str) -> None:
+        self.malformed += 1
+        self.last_error = error if isinstance(error, MalformedMessage) else MalformedMessage(error)
+
+    def take_malformed_report(self, now: float | None = None) -> dict[str, Any] | None:
+        """At most once a second (``now``: time.monotonic()): ``{count, total, reason}`` of the
+        malformed messages since the last report, or None if there were none or it is too soon."""
+        now = time.monotonic() if now is None else now
+        if self.malformed == self._malformed_reported or now - self._malformed_report_at < REPORT_PERIOD_S:
+            return None
+        report = {"count": self.malformed - self._malformed_reported, "total": self.malformed,
+                  "reason": self.last_error.reason if self.last_error else ""}
+        self._malformed_reported = self.malformed
+        self._malformed_report_at = now
+        return report
+
+    def publish_reports(self, pub: Publisher, source: str) -> int:
+        """Publish what :meth:`take_malformed_report` has, as a benign ``engine.error`` (code
+        ``malformed_bus_message``) from ``source``; returns the number of messages published.
+        Call it from the loop that reads this subscriber; it costs nothing when there is nothing."""
+        report = self.take_malformed_report()
+        if report is None:
+            return 0
+        pub.publish("engine.error", {"source": source, "code": "malformed_bus_message", "benign": True,
+                                     "count": report["count"], "total": report["total"],
+                                     "reason": report["reason"],
+                                     "message": f"{source} dropped {report['count']} malformed bus message(s); "
+                                                f"last: {report['reason']}"})
+        return 1
 
     def _recv_frames(self) -> list[Any]:
         """One whole message's frames (as buffers); half the cost of ``recv_multipart``."""

@@ -1,0 +1,98 @@
+"""Malformed bus input never stalls a loop and is reported once a second with its reason."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Iterator
+
+import msgpack
+import pytest
+
+from bus import Publisher, Subscriber
+from tests.test_bus_security import Broker
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    b = Broker(f"ipc://{tmp_path}/p.sock", f"ipc://{tmp_path}/s.sock")
+    yield b
+    b.stop()
+
+
+def _joined(b: Broker, name: str) -> Publisher:
+    pub = Publisher(b.pub_ep, name, signing_key=None)
+    assert pub.join(b.sub_ep)
+    return pub
+
+
+def _wait_readable(sub: Subscriber, timeout_ms: int = 2000) -> None:
+    assert sub.socket.poll(timeout_ms), "nothing arrived"
+
+
+def test_a_malformed_message_does_not_hide_the_good_ones_behind_it(broker: Broker) -> None:
+    """Issue 15 point 7: a drain loop (recv(timeout_ms=0) until None) stopped at a malformed
+    message: the supervisor then slept its 250 ms with good messages waiting."""
+    sub = Subscriber(broker.sub_ep, ["x."], verify_key=None)
+    pub = _joined(broker, "fuzz")
+    for i in range(100):
+        pub.send_raw([b"x.bad", b"\xc1"])
+        pub.send_raw([b"x.bad"])
+    pub.publish("x.good", {"n": 1})
+    _wait_readable(sub)
+    time.sleep(0.2)  # let all 201 reach the subscriber's queue: what a loop finds after its sleep
+    t0 = time.monotonic()
+    got = sub.recv(timeout_ms=0)
+    assert got is not None and got[0] == "x.good"
+    assert time.monotonic() - t0 < 0.1 and sub.malformed == 200
+    sub.close()
+    pub.close()
+
+
+def test_a_flood_of_malformed_messages_returns_control(broker: Broker) -> None:
+    """recv(timeout_ms=0) on an endless stream of bad input still returns (bounded work per call)."""
+    sub = Subscriber(broker.sub_ep, ["x."], verify_key=None)
+    pub = _joined(broker, "fuzz")
+    for _ in range(5000):
+        pub.send_raw([b"x.bad", b"\xc1"])
+    _wait_readable(sub)
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    assert sub.recv(timeout_ms=0) is None
+    assert time.monotonic() - t0 < 0.5 and 0 < sub.malformed <= 5000
+    sub.close()
+    pub.close()
+
+
+def test_malformed_report_once_a_second_with_count_and_reason() -> None:
+    sub = Subscriber("inproc://nothing-here", [""], verify_key=None)
+    assert sub.take_malformed_report(now=100.0) is None
+    sub._note_malformed("body of 'x' is not msgpack (ExtraData)")
+    sub._note_malformed("expected 2 frames [topic, msgpack body] (3 with a signature), got 1")
+    first = sub.take_malformed_report(now=100.0)
+    assert first == {"count": 2, "total": 2,
+                     "reason": "expected 2 frames [topic, msgpack body] (3 with a signature), got 1"}
+    sub._note_malformed("topic is not valid UTF-8")
+    assert sub.take_malformed_report(now=100.5) is None  # at most one report a second
+    assert sub.take_malformed_report(now=101.0) == {"count": 1, "total": 3, "reason": "topic is not valid UTF-8"}
+    assert sub.take_malformed_report(now=105.0) is None  # nothing new
+    sub.close()
+
+
+def test_publish_reports_puts_the_report_on_engine_error(broker: Broker) -> None:
+    sub = Subscriber(broker.sub_ep, ["x."], verify_key=None)
+    watcher = Subscriber(broker.sub_ep, ["engine.error"], verify_key=None)
+    pub = _joined(broker, "fuzz")
+    reporter = _joined(broker, "supervisor:1")
+    pub.send_raw([b"x.bad", msgpack.packb([1, 2])])
+    pub.publish("x.good", {})
+    _wait_readable(sub)
+    assert sub.recv(timeout_ms=1000)[0] == "x.good"
+    assert sub.publish_reports(reporter, "supervisor") == 1
+    assert sub.publish_reports(reporter, "supervisor") == 0  # rate-limited
+    topic, body = watcher.recv(timeout_ms=2000)
+    assert topic == "engine.error" and body["code"] == "malformed_bus_message" and body["count"] == 1
+    assert "expected a map" in body["message"] and body["benign"] is True and body["source"] == "supervisor"
+    for s in (sub, watcher, pub, reporter):
+        s.close()
