@@ -11,6 +11,16 @@ through. ``auto`` is ``aec`` when the speaker is a device, else ``off``.
 
 Recording (``record``): the mic as captured and the reference, side by side in one
 stereo WAV (:mod:`engine.record`).
+
+Restarts: the mic ring outlives the capture process (the supervisor owns it), and a WAV
+mic is the ring's only writer, so a restarted capture continues the file at the ring's
+write index: the user's words are not sent twice.
+
+Failures: a mic file that cannot be read is a :class:`DeviceError` naming the file (the
+engine stops with it). Exceptions inside the device callback or the echo canceller are
+counted, never raised; the main thread publishes the counts on ``capture.echo``
+(``callback_errors``, ``aec_errors``) and each new kind of error once on ``engine.error``
+(code ``callback_error`` / ``aec_error``) with its type and message.
 """
 from __future__ import annotations
 
@@ -25,9 +35,10 @@ import numpy as np
 
 from bus import Publisher
 from engine import child
-from engine.child import every_period, run_reporting, stop_on_signals
+from engine.child import error_text, every_period, run_reporting, stop_on_signals
 from engine.codec import resample
 from engine.echo import EchoCanceller, EchoGate, FarEnd
+from engine.errors import DeviceError
 from engine.record import Recorder
 from engine.ring import Ring
 
@@ -57,6 +68,24 @@ class CaptureProcess:
         self.pub = Publisher(spec["bus"]["publish"], f"capture:{os.getpid()}")
         self.pub.join(spec["bus"]["subscribe"])
         self.next_stats_at = time.monotonic() + STATS_EVERY_S
+        self.callback_errors = 0                          #: exceptions in the device callback
+        self.callback_error: BaseException | None = None  #: the latest one (kept, reported by the main thread)
+        self._reported: set[str] = set()
+
+    def _report_errors(self) -> None:
+        """Main thread: each new kind of callback or echo-canceller error once on ``engine.error``."""
+        for code, exc in (("callback_error", self.callback_error),
+                          ("aec_error", self.aec.last_error if self.aec is not None else None)):
+            if exc is None:
+                continue
+            key = f"{code}:{type(exc).__name__}:{exc}"
+            if key in self._reported:
+                continue
+            self._reported.add(key)
+            what = ("the mic callback failed" if code == "callback_error"
+                    else "the echo canceller failed; the mic goes through uncancelled (echo included)")
+            self.pub.publish("engine.error", {"source": "capture", "code": code, "exception": type(exc).__name__,
+                                              "message": f"{what}: {type(exc).__name__}: {error_text(exc)}"})
 
     def _write(self, pcm: np.ndarray) -> None:
         """Audio path: mic frames (24 kHz) -> echo handling -> mic ring (and the recording)."""
@@ -76,9 +105,11 @@ class CaptureProcess:
         now = time.monotonic()
         if now >= self.next_stats_at:
             self.next_stats_at = now + STATS_EVERY_S
-            stats: dict[str, Any] = {"mode": self.echo_mode}
+            self._report_errors()
+            stats: dict[str, Any] = {"mode": self.echo_mode, "callback_errors": self.callback_errors}
             if self.aec is not None:
                 stats.update(self.aec.stats())
+                stats["aec_errors"] = self.aec.errors
             if self.far is not None:
                 stats.update(far_missing_frames=self.far.missing_frames, far_skipped_frames=self.far.skipped_frames)
             if self.gate is not None:
@@ -87,19 +118,34 @@ class CaptureProcess:
                 stats["record_dropped_frames"] = self.recorder.dropped_frames
             self.pub.publish("capture.echo", stats)
 
-    def run_wav(self, path: str) -> None:
-        with wave.open(path, "rb") as w:
-            if w.getsampwidth() != 2:
-                raise ValueError(f"{path}: only 16-bit PCM WAV files can be used as a mic")
-            rate, channels = w.getframerate(), w.getnchannels()
-            pcm = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
+    @staticmethod
+    def read_wav(path: str) -> tuple[np.ndarray, int]:
+        """The mic file's first channel at 24 kHz, and its own rate; :class:`DeviceError` naming
+        the file and the problem when it cannot be used."""
+        try:
+            with wave.open(path, "rb") as w:
+                if w.getsampwidth() != 2:
+                    raise DeviceError(f"mic file {path} is {8 * w.getsampwidth()}-bit: only 16-bit PCM WAV files "
+                                      "can be used as a mic (convert it, e.g. sox IN -b 16 OUT.wav)")
+                rate, channels = w.getframerate(), w.getnchannels()
+                pcm = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
+        except FileNotFoundError:
+            raise DeviceError(f"mic file {path} does not exist") from None
+        except (wave.Error, EOFError, ValueError, OSError) as exc:
+            raise DeviceError(f"mic file {path} is not a readable WAV file ({type(exc).__name__}: "
+                              f"{error_text(exc)}); use a 16-bit PCM WAV file") from None
         if channels > 1:
-            pcm = pcm.reshape(-1, channels)[:, 0].copy()
-        pcm = resample(pcm, rate, RATE_HZ)
+            pcm = pcm[: len(pcm) - len(pcm) % channels].reshape(-1, channels)[:, 0].copy()
+        return resample(pcm, rate, RATE_HZ), rate
+
+    def run_wav(self, path: str) -> None:
+        pcm, rate = self.read_wav(path)
         period = RATE_HZ * self.period_ms // 1000
         silence = np.zeros(period, dtype=np.int16)
-        pos = 0
-        self.pub.publish("capture.device", {"name": path, "rate_hz": rate, "duration_ms": len(pcm) * 1000 // RATE_HZ})
+        # a restart continues where the previous run was: the ring counts every frame written
+        pos = self.ring.write_index
+        self.pub.publish("capture.device", {"name": path, "rate_hz": rate, "duration_ms": len(pcm) * 1000 // RATE_HZ,
+                                            "resume_ms": pos * 1000 // RATE_HZ})
         for _ in every_period(self.stop, self.period_ms / 1000):
             chunk = pcm[pos:pos + period] if pos < len(pcm) else silence
             if len(chunk) < period:
@@ -118,7 +164,6 @@ class CaptureProcess:
         rate = self.spec["config"]["audio"]["device_rate_hz"] or dev["default_rate_hz"]
         frames = rate * self.period_ms // 1000
         resampler = resample_stream(rate, RATE_HZ) if rate != RATE_HZ else None
-        errors = [0]
 
         def callback(in_data: bytes | None, frame_count: int, time_info: Any, status: int) -> tuple[None, int]:
             try:
@@ -126,8 +171,9 @@ class CaptureProcess:
                 if resampler is not None:
                     pcm = resampler.resample_chunk(pcm)
                 self._write(pcm)
-            except Exception:
-                errors[0] += 1
+            except Exception as exc:  # counted; the main thread reports it (housekeeping)
+                self.callback_errors += 1
+                self.callback_error = exc
             return None, pyaudio.paContinue
 
         stream = pa.open(format=pyaudio.paInt16, channels=1, rate=rate, input=True, input_device_index=dev["index"],

@@ -72,14 +72,21 @@ def _alive(pid: int) -> bool:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
+    from bus.client import connection_file
+    from engine.supervisor import clean_stale, engine_identity
     conn = _connection()
-    pid = conn["pid"]
+    pid = conn.get("pid")
+    if not isinstance(pid, int) or not engine_identity(conn):
+        # the supervisor is gone (its pid may belong to another process now: never signal it)
+        done = clean_stale(conn, connection_file())
+        print(f"engine: the engine (pid {pid}) is not running; cleaned its stale runtime directory"
+              + (f": {'; '.join(done)}" if done else ""))
+        return 0
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
-        print(f"engine: pid {pid} was not running; removing its stale connection file")
-        from bus.client import connection_file
-        connection_file().unlink(missing_ok=True)
+        clean_stale(conn, connection_file())
+        print(f"engine: pid {pid} was not running; removed its stale connection file")
         return 0
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
@@ -112,7 +119,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"state {status['state']}  backend {status['backend']}  model {status['model']}  session {status.get('session_id')}")
     print(f"cost ${status.get('cost_usd', 0):.4f}   publish {status['publish']}   subscribe {status['subscribe']}")
     for c in status["children"]:
-        print(f"  {c['name']:<9} pid {c['pid']!s:<8} {c['state']:<8} restarts {c['restarts']}")
+        up = f"up {c['uptime_s']:.0f} s" if c.get("uptime_s") is not None else f"exit code {c.get('exit_code')}"
+        print(f"  {c['name']:<9} pid {c['pid']!s:<8} {c['state']:<9} restarts {c['restarts']}  {up}")
     for name, r in status.get("rings", {}).items():
         print(f"  ring {name:<8} fill {r['fill_frames']}/{r['capacity_frames']} frames  "
               f"overruns {r['overrun_frames']}  underruns {r['underrun_frames']}")

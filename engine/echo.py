@@ -113,11 +113,13 @@ class EchoCanceller:
         self._window_blocks = 0
         self.erle_windows_db: deque[float] = deque(maxlen=600)
         self.blocks = 0
-        self.errors = 0
+        self.errors = 0                                #: process() calls that failed (the mic went through as is)
+        self.last_error: BaseException | None = None   #: the latest such failure, for the main thread to report
         self.busy_ns = 0
 
     def process(self, near: np.ndarray, far: np.ndarray) -> np.ndarray:
-        """Cancel ``far``'s echo from ``near`` (both 24 kHz int16, same length)."""
+        """Cancel ``far``'s echo from ``near`` (both 24 kHz int16, same length). Never raises: a
+        failure counts in ``errors``, is kept in ``last_error`` and returns ``near`` uncancelled."""
         t0 = time.perf_counter_ns()
         try:
             self._near.push(self._up_near.resample_chunk(near))
@@ -160,8 +162,9 @@ class EchoCanceller:
             self._near.drop(n)
             self._far.drop(n)
             out = self._down.resample_chunk(self._out[:n]) if n else np.zeros(0, dtype=np.int16)
-        except Exception:
+        except Exception as exc:  # counted and kept; capture's main thread reports it on engine.error
             self.errors += 1
+            self.last_error = exc
             out = near
         self.busy_ns += time.perf_counter_ns() - t0
         return out

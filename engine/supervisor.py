@@ -5,11 +5,29 @@ local server (local backend), realtime, capture and playback. The supervisor cre
 the shared-memory rings and the mic ring's eventfd (passed to the children with
 ``pass_fds``), hands each child its spec as one JSON line on its stdin (never a file:
 the realtime spec holds the API key, every spec the bus signing key), writes the
-connection file, keeps the session's event log, publishes
-``engine.status`` every second, restarts a child that dies (with backoff, as
-supervisord's BACKOFF state), and on SIGINT/SIGTERM stops everything in reverse order
-(TERM, a grace period, then KILL), unlinks the rings and removes socket and connection
-files. Signal handlers only set a flag; the main loop does the work.
+connection file, keeps the session's event log, publishes ``engine.status`` every
+second, and on SIGINT/SIGTERM stops everything in reverse order (TERM, a grace period,
+then KILL), unlinks the rings and removes socket and connection files.
+
+Rules:
+
+* Each child's life is an explicit state machine (:mod:`engine.childstate`: STARTING,
+  RUNNING after ``startsecs``, BACKOFF, STOPPING, EXITED, FATAL); this module does the I/O
+  the machine asks for (spawn, SIGTERM, SIGKILL) and nothing else decides a restart. A
+  FATAL child stops the engine with its reason; exit code 3 (device) is FATAL at once.
+* Signal handlers only set a flag; the main loop does the work.
+* ``start()`` either returns with everything up or undoes everything it made (children,
+  rings, sockets, connection file) before it raises.
+* The children die with the supervisor: PR_SET_PDEATHSIG is set in each between fork and
+  exec, and the engine children also watch their stdin pipe (:mod:`engine.child`).
+* The connection file records the supervisor's and the children's identities (pid and
+  /proc start time) and the rings: a file whose supervisor is gone is stale; the next
+  ``engine start`` (or ``engine stop``) cleans it, and kills only processes whose identity
+  still matches, never a pid that now belongs to someone else.
+* The bus loop takes every queued message each round (a malformed one does not end the
+  round); at stop, what the children sent on their way out is logged before the log closes.
+* The supervisor's own events (``child_exited``, ``engine.status``) go straight into the
+  event log, and onto the bus once the broker is up (held while it restarts).
 """
 from __future__ import annotations
 
@@ -28,16 +46,21 @@ from urllib.parse import quote
 
 from bus import Endpoints, Publisher, Subscriber, generate_keys
 from bus.client import connection_file, runtime_dir
+from engine.child import error_text, parent_death_signal
+from engine.childstate import (ChildMachine, ChildState, GaveUp, Kill, Policy, Restarting, Spawn, Terminate)
 from engine.config import resolve_backend, session_payload
-from engine.errors import EngineError
+from engine.errors import ConfigError, EngineError
 from engine.ring import Ring
 
 MIC_RING_FRAMES = 1 << 16        # 2.7 s at 24 kHz
 SPEAKER_RING_FRAMES = 1 << 21    # 87 s: the API sends audio faster than real time
 REF_RING_FRAMES = 1 << 15        # 1.4 s: what playback played, read by capture in step
 GRACE_S = 3.0
-MAX_RESTARTS = 5
 LOOP_PERIOD_S = 0.25             # the main loop: bus messages, reaping, status
+DRAIN_BUDGET_S = 0.2             # a round of bus messages takes at most this long; the rest next round at once
+STOP_QUIET_S = 0.15              # at stop: the children are gone once the bus has been quiet this long
+STOP_DRAIN_MAX_S = 1.0
+TERMINAL_REPEAT_S = 10.0         #: the same error is printed on the terminal at most this often
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -51,25 +74,91 @@ def default_sessions_dir() -> Path:
     return Path(base) / "realtalk" / "sessions"
 
 
+# ---------------------------------------------------------------- process identity
+def proc_start_ticks(pid: int) -> int | None:
+    """When ``pid`` started (field 22 of /proc/PID/stat, clock ticks since boot), or None if no
+    such process runs (a zombie counts as gone). With the pid it names one process for good."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError, OSError):
+        return None
+    if fields[0] == "Z":
+        return None
+    return int(fields[19])
+
+
+def same_process(pid: Any, start_ticks: Any) -> bool:
+    """True if ``pid`` still is the process that had ``start_ticks`` (not a reused pid)."""
+    if not isinstance(pid, int) or not isinstance(start_ticks, int) or pid <= 0:
+        return False
+    return proc_start_ticks(pid) == start_ticks
+
+
+def clean_stale(conn: dict[str, Any], path: Path) -> list[str]:
+    """Clean what a dead engine left (``conn`` is its connection file at ``path``): kill its
+    children whose identity still matches (orphans), unlink its rings and sockets, remove the
+    file. Kills nothing else. Returns what it did, for the user."""
+    done: list[str] = []
+    for c in conn.get("children") or []:
+        if isinstance(c, dict) and same_process(c.get("pid"), c.get("start_ticks")):
+            try:
+                os.kill(c["pid"], signal.SIGKILL)
+                done.append(f"killed orphan {c.get('name')} (pid {c['pid']})")
+            except ProcessLookupError:
+                pass
+    for name in conn.get("ring_names") or []:
+        if isinstance(name, str) and name.startswith("realtalk-") and "/" not in name:
+            shm = Path("/dev/shm") / name
+            if shm.exists():
+                shm.unlink(missing_ok=True)
+                done.append(f"unlinked ring {name}")
+    for ep in (conn.get("publish"), conn.get("subscribe")):
+        if isinstance(ep, str) and ep.startswith("ipc://"):
+            sock = Path(ep[len("ipc://"):])
+            if sock.parent == path.parent:
+                sock.unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
+    return done
+
+
+def engine_identity(conn: dict[str, Any]) -> bool:
+    """True if the connection file ``conn`` names a supervisor that still runs."""
+    pid = conn.get("pid")
+    if "pid_start_ticks" in conn:
+        return same_process(pid, conn.get("pid_start_ticks"))
+    # a file from before identities were recorded: only an `engine start` process counts
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, TypeError):
+        return False
+    return b"start" in cmdline and any(b"engine" in a for a in cmdline[:3])
+
+
 @dataclass
 class Child:
     name: str
     argv: list[str]
-    required: bool = True
     pass_fds: tuple[int, ...] = ()
     stdout: Any = None
     spec: dict[str, Any] | None = None   #: written to the child's stdin (engine.child.read_spec)
+    death_signal: int = signal.SIGTERM   #: what the kernel sends it when the supervisor dies
+    policy: Policy = field(default_factory=Policy)
     proc: subprocess.Popen[bytes] | None = None
-    state: str = "stopped"
-    restarts: int = 0
-    started_at: float = 0.0
-    exit_code: int | None = None
-    restart_at: float | None = None
-    history: list[float] = field(default_factory=list)
+    start_ticks: int | None = None
+    last_error: str | None = None        #: the latest engine.error message it published
+    machine: ChildMachine = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.machine = ChildMachine(self.name, self.policy)
 
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
+
+    @property
+    def state(self) -> str:
+        return self.machine.state.value
 
 
 class Supervisor:
@@ -103,6 +192,16 @@ class Supervisor:
         self.log_file: TextIO | None = None
         self.server_url: str | None = None
         self.listener: socket.socket | None = None
+        self.sub: Subscriber | None = None
+        self.pub: Publisher | None = None
+        self.my_ticks = proc_start_ticks(os.getpid())
+        self.bus_up = False              #: the broker forwards our messages (our probe came back)
+        self._probe_topic = f"_join.supervisor.{os.getpid()}"
+        self._held: list[tuple[str, dict[str, Any]]] = []   #: own events waiting for the broker
+        self._printed: dict[str, float] = {}
+        self._malformed_seen = 0
+        self.malformed = 0               #: malformed bus messages the supervisor skipped
+        self.shut_down = False
 
     # ------------------------------------------------------------ setup
     def _endpoints(self) -> Endpoints:
@@ -116,16 +215,34 @@ class Supervisor:
         return Endpoints(f"ipc://{self.run_dir}/bus-publish.sock", f"ipc://{self.run_dir}/bus-subscribe.sock",
                          signing_key=self.signing_key)
 
+    def _check_audio_paths(self) -> None:
+        """A speaker WAV must go into a folder that exists (checked before anything starts)."""
+        speaker = self.cfg["audio"]["speaker"]
+        if self.text_only or not isinstance(speaker, str) or not speaker.lower().endswith(".wav"):
+            return
+        folder = Path(speaker).expanduser().absolute().parent
+        if not folder.is_dir():
+            raise ConfigError(f"audio.speaker: cannot write {speaker}: the folder {folder} does not exist "
+                              "(create it, or give a file in an existing folder)")
+
     def _check_not_running(self) -> None:
+        """Refuse to start beside a running engine; clean the runtime directory of a dead one."""
         path = connection_file()
-        if path.exists():
-            try:
-                pid = json.loads(path.read_text())["pid"]
-                os.kill(pid, 0)
-            except (ValueError, KeyError, ProcessLookupError, PermissionError):
-                path.unlink(missing_ok=True)  # stale file of an engine that died
-                return
-            raise EngineError(f"an engine is already running (pid {pid}); stop it with `engine stop`")
+        try:
+            conn = json.loads(path.read_text())
+        except FileNotFoundError:
+            return
+        except ValueError:
+            path.unlink(missing_ok=True)  # a torn file: no engine can be found through it anyway
+            return
+        if not isinstance(conn, dict):
+            path.unlink(missing_ok=True)
+            return
+        if engine_identity(conn):
+            raise EngineError(f"an engine is already running (pid {conn.get('pid')}); stop it with `engine stop`")
+        done = clean_stale(conn, path)
+        self.out.write(f"realtalk: cleaned the runtime directory of an engine that is gone (pid {conn.get('pid')})"
+                       + (f": {'; '.join(done)}" if done else "") + "\n")
 
     def _spec(self, extra: dict[str, Any]) -> dict[str, Any]:
         """A child's spec; it goes to the child's stdin, never to a file (it holds secrets)."""
@@ -166,9 +283,20 @@ class Supervisor:
         return f"{self.cfg['openai_url']}?model={model}", [f"Authorization: Bearer {key}"]
 
     def start(self) -> None:
+        """Make the rings, start the broker, then the children. On any failure everything made so
+        far is undone (children stopped, rings unlinked, sockets and files removed) and it raises."""
+        self._check_audio_paths()
         self._check_not_running()
+        try:
+            self._start()
+        except BaseException:
+            self.shutdown(quiet=True)
+            raise
+
+    def _start(self) -> None:
         py = sys.executable
-        self.children.append(Child("broker", [py, "-m", "bus.broker", self.endpoints.publish, self.endpoints.subscribe]))
+        self.children.append(Child("broker", [py, "-m", "bus.broker", self.endpoints.publish, self.endpoints.subscribe],
+                                   death_signal=signal.SIGKILL))
         url, headers = self._api_target()
         audio = self.cfg["audio"]
         mic = None if self.text_only else audio["mic"]
@@ -192,10 +320,10 @@ class Supervisor:
             pb_extra["ref_ring"] = ref_ring.name
             is_device = not (isinstance(speaker, str) and (speaker == "null" or speaker.lower().endswith(".wav")))
             cap_spec = self._spec({"mic_ring": mic_ring.name, "mic_fd": mic_ring.data_fd,
-                                              "mic_source": mic, "speaker_ring": speaker_ring.name,
-                                              "ref_ring": ref_ring.name, "speaker_is_device": is_device,
-                                              "record_path": str(self.session_dir / "conversation.wav")
-                                              if self.cfg["record"] else None})
+                                   "mic_source": mic, "speaker_ring": speaker_ring.name,
+                                   "ref_ring": ref_ring.name, "speaker_is_device": is_device,
+                                   "record_path": str(self.session_dir / "conversation.wav")
+                                   if self.cfg["record"] else None})
             self.children.append(Child("capture", [py, "-m", "engine.capture"], pass_fds=fds, spec=cap_spec))
         self.children.append(Child("realtime", [py, "-m", "engine.realtime.process"], pass_fds=fds,
                                    spec=self._spec(realtime_extra)))
@@ -204,11 +332,12 @@ class Supervisor:
         self.sub = Subscriber(self.endpoints, [""])  # verifies the signed control topics
         self.pub = Publisher(self.endpoints, f"supervisor:{os.getpid()}")  # signs them
         log_fd = os.open(self.session_dir / "events.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self.log_file = open(log_fd, "a", buffering=1)
+        self.log_file = open(log_fd, "a")  # flushed after every round of the bus loop
         broker = self.children[0]
         self._spawn(broker)
         if not self.pub.join(self.endpoints.subscribe, timeout_s=10):
             raise EngineError(f"the bus broker did not come up at {self.endpoints.publish}")
+        self.bus_up = True
         for child in self.children[1:]:
             self._spawn(child)
         self._write_connection_file()
@@ -219,26 +348,32 @@ class Supervisor:
         env.pop(self.cfg["api_key_env"], None)  # the realtime child gets the key in its spec, the others never
         if child.name == "broker":  # its CURVE server keys and the signing key (it has no spec)
             env.update(self.bus_keys.environment(broker=True))
+        if child.proc is not None and child.proc.stdin is not None:
+            child.proc.stdin.close()  # the previous run's pipe
+        death_signal = child.death_signal
         child.proc = subprocess.Popen(child.argv, pass_fds=child.pass_fds, env=env,
                                       stdin=subprocess.PIPE if child.spec is not None else subprocess.DEVNULL,
-                                      stdout=child.stdout, start_new_session=False)
+                                      stdout=child.stdout, start_new_session=False,
+                                      preexec_fn=lambda: parent_death_signal(death_signal))
+        child.start_ticks = proc_start_ticks(child.proc.pid)
+        child.last_error = None
+        child.machine.spawned(time.monotonic())
+        if child.name == "broker":
+            self.bus_up = False  # until our probe comes back through it
         if child.spec is not None and child.proc.stdin is not None:
             try:  # one line; the pipe stays open: its end of file tells the child the supervisor is gone
                 child.proc.stdin.write(json.dumps(child.spec).encode() + b"\n")
                 child.proc.stdin.flush()
             except BrokenPipeError:
                 pass  # the child died at once: reaped as an exit
-        child.state = "running"
-        child.started_at = time.monotonic()
-        child.exit_code = None
-        child.restart_at = None
 
     def _write_connection_file(self) -> None:
         path = connection_file()
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({**self.status(), **(self.bus_keys.connection_keys() if self.endpoints.curve else {})},
-                                  indent=1))
-        os.chmod(tmp, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "w") as f:
+            f.write(json.dumps({**self.status(), **(self.bus_keys.connection_keys() if self.endpoints.curve else {})},
+                               indent=1))
         tmp.replace(path)
 
     # ------------------------------------------------------------ status
@@ -247,30 +382,75 @@ class Supervisor:
         for ring in self.rings:
             kind = ring.name.rsplit("-", 1)[-1]
             rings[kind] = ring.stats()
+        now = time.monotonic()
         return {
-            "pid": os.getpid(), "state": "stopping" if self.stopping else ("ready" if self.connected else "starting"),
+            "pid": os.getpid(), "pid_start_ticks": self.my_ticks,
+            "state": "stopping" if self.stopping else ("ready" if self.connected else "starting"),
             "backend": self.backend, "model": self.cfg["model"], "server_url": self.server_url,
             "publish": self.endpoints.publish, "subscribe": self.endpoints.subscribe,
             "connection_file": str(connection_file()), "session_dir": str(self.session_dir),
             "session_id": self.session_id, "cost_usd": round(self.cost_usd, 6),
-            "children": [{"name": c.name, "pid": c.pid, "state": c.state, "restarts": c.restarts,
-                          "exit_code": c.exit_code} for c in self.children],
-            "rings": rings,
+            "children": [{"name": c.name, "pid": c.pid, "start_ticks": c.start_ticks, "state": c.state,
+                          "restarts": c.machine.restarts, "exit_code": c.machine.exit_code,
+                          "uptime_s": round(now - c.machine.started_at, 1) if c.machine.alive_states else None}
+                         for c in self.children],
+            "rings": rings, "ring_names": [r.name for r in self.rings],
             "ready_ms": round((self.ready_mono - self.started_mono) * 1000, 1) if self.ready_mono else None,
-            "errors": len(self.errors),
+            "errors": len(self.errors), "forged_errors": self.forged, "malformed_messages": self.malformed,
         }
+
+    # ------------------------------------------------------------ the event log and own events
+    def _log(self, topic: str, body: dict[str, Any]) -> None:
+        if self.log_file is not None:
+            self.log_file.write(json.dumps({"topic": topic, "wall": body.get("ts"), "mono_ns": body.get("mono_ns"),
+                                            "body": body}, default=str) + "\n")
+
+    def _emit(self, topic: str, payload: dict[str, Any], *, hold: bool = True) -> None:
+        """Publish one of the supervisor's own events: into the event log at once, and on the bus
+        now, or (``hold``) once the broker is back when it is down; a state message (``hold``
+        false) that cannot go now is dropped, the next one supersedes it."""
+        assert self.pub is not None
+        header = {"v": 1, "ts": time.time(), "mono_ns": time.monotonic_ns(), "pub": self.pub.name}
+        if self.bus_up:
+            self.pub.publish(topic, payload)
+            self._log(topic, {**header, "seq": self.pub.seq, **payload})
+        else:
+            self._log(topic, {**header, "seq": None, "held": hold, **payload})
+            if hold:
+                self._held.append((topic, payload))
+
+    def _bus_back(self) -> None:
+        """Our probe came back through the broker: send what was held while it was down."""
+        self.bus_up = True
+        assert self.pub is not None
+        for topic, payload in self._held:
+            self.pub.publish(topic, {**payload, "held": True})
+        self._held.clear()
+
+    def _print(self, line: str) -> None:
+        """A line on the engine's terminal; the same line at most every TERMINAL_REPEAT_S."""
+        now = time.monotonic()
+        if now - self._printed.get(line, -1e9) < TERMINAL_REPEAT_S:
+            return
+        self._printed[line] = now
+        self.out.write(line + "\n")
+        self.out.flush()
 
     # ------------------------------------------------------------ main loop
     def _on_message(self, topic: str, body: dict[str, Any]) -> None:
         """Log every bus event of the session; track what the status reports."""
-        if self.log_file is not None and not topic.startswith("_join."):
-            self.log_file.write(json.dumps({"topic": topic, "wall": body.get("ts"), "mono_ns": body.get("mono_ns"),
-                                            "body": body}, default=str) + "\n")
         if topic.startswith("_join."):
+            if topic == self._probe_topic and not self.bus_up:
+                self._bus_back()
             return
+        if self.pub is not None and body.get("pub") == self.pub.name:
+            return  # our own: logged when it was emitted
+        self._log(topic, body)
         if topic == "engine.status" and body.get("state") == "connected":
+            if self.stopping or not self._from_engine(body):  # (while stopping, the rings are gone: only log)
+                return
             self.session_id = body.get("session_id")
-            if not self.connected and not self.stopping:  # (while stopping, the rings are gone: only log)
+            if not self.connected:
                 self.connected = True
                 # when the realtime process said so (the loop takes messages up to LOOP_PERIOD_S later)
                 sent_ns = body.get("mono_ns")
@@ -283,11 +463,26 @@ class Supervisor:
             self.cost_usd = float(body.get("usd", 0.0))
         elif topic == "engine.error":
             self.errors.append(body)
-            if body.get("fatal"):
-                if self._from_engine(body):
-                    self.fatal = f"{body.get('source', 'engine')}: {body.get('message')}"
-                else:
+            trusted = self._from_engine(body)
+            if not trusted:
+                if body.get("fatal"):
                     self.forged += 1  # a fatal error from outside the engine does not stop it
+                return
+            child = self._child_of(body)
+            if child is not None and isinstance(body.get("message"), str):
+                child.last_error = body["message"]
+            source, message = body.get("source", "engine"), body.get("message")
+            if body.get("fatal"):
+                self.fatal = f"{source}: {message}"
+            elif source == "socket" and not body.get("benign"):
+                self._print(f"realtalk: {source} error ({body.get('code')}): {message}")
+
+    def _child_of(self, body: dict[str, Any]) -> Child | None:
+        pub = body.get("pub")
+        if not isinstance(pub, str):
+            return None
+        pid = pub.rpartition(":")[2]
+        return next((c for c in self.children if str(c.pid) == pid), None)
 
     def _from_engine(self, body: dict[str, Any]) -> bool:
         """True if ``body`` was published by one of this engine's own child processes (state and
@@ -297,8 +492,33 @@ class Supervisor:
         if not isinstance(pub, str) or ":" not in pub:
             return False
         name, _, pid = pub.rpartition(":")
-        own = {str(c.pid) for c in self.children if c.proc is not None and c.proc.poll() is None}
+        own = {str(c.pid) for c in self.children if c.pid is not None}  # (the latest run of each child)
         return pid in own and name.split("-")[0] in {c.name for c in self.children}
+
+    def drain(self, budget_s: float = DRAIN_BUDGET_S) -> bool:
+        """Take every queued bus message (a malformed one does not end the round) for at most
+        ``budget_s``; flush the log. True if the queue is empty."""
+        sub = self.sub
+        if sub is None:
+            return True
+        deadline = time.monotonic() + budget_s
+        empty = False
+        n = 0
+        while True:
+            msg = sub.recv(timeout_ms=0)
+            if msg is not None:
+                self._on_message(*msg)
+            elif sub.malformed == self._malformed_seen:
+                empty = True
+                break
+            self.malformed += sub.malformed - self._malformed_seen
+            self._malformed_seen = sub.malformed
+            n += 1
+            if n % 256 == 0 and time.monotonic() >= deadline:
+                break
+        if self.log_file is not None:
+            self.log_file.flush()
+        return empty
 
     def run(self) -> int:
         def _stop(_signo: int, _frame: object) -> None:
@@ -310,14 +530,15 @@ class Supervisor:
             while not self.stopping and self.fatal is None:
                 # wake four times a second and take what came meanwhile: a wake-up per bus message
                 # would cost more CPU than the rest of the supervisor's work
-                while (msg := self.sub.recv(timeout_ms=0)) is not None:
-                    self._on_message(*msg)
-                self._reap()
+                empty = self.drain()
+                self._manage(time.monotonic())
                 now = time.monotonic()
+                if not self.bus_up and self.pub is not None:
+                    self.pub.publish(self._probe_topic)  # comes back once the broker forwards again
                 if now >= next_status:
                     next_status = now + 1.0
-                    self.pub.publish("engine.status", self.status())
-                if not self.stopping:
+                    self._emit("engine.status", self.status(), hold=False)
+                if not self.stopping and empty:
                     time.sleep(LOOP_PERIOD_S)
         finally:
             self.shutdown()
@@ -326,53 +547,77 @@ class Supervisor:
             return 1
         return 0
 
-    def _reap(self) -> None:
-        now = time.monotonic()
+    def _manage(self, now: float) -> None:
+        """Reap exits and advance every child's state machine; do the I/O it asks for."""
         for child in self.children:
-            if child.proc is None:
-                continue
-            if child.state == "backoff" and child.restart_at is not None and now >= child.restart_at:
-                child.restarts += 1
-                self._spawn(child)
-                continue
-            code = child.proc.poll()
-            if code is None or child.state != "running":
-                continue
-            child.exit_code = code
-            child.history = [t for t in child.history if now - t < 60] + [now]
-            if len(child.history) > MAX_RESTARTS:
-                child.state = "fatal"
-                self.fatal = f"child {child.name} exited {len(child.history)} times in a minute (last code {code})"
-                return
-            child.state = "backoff"
-            child.restart_at = now + min(5.0, 0.25 * 2 ** (len(child.history) - 1))
-            self.pub.publish("engine.error", {"source": "supervisor", "code": "child_exited", "child": child.name,
-                                              "exit_code": code, "message": f"{child.name} exited with {code}; restarting"})
+            m = child.machine
+            if child.proc is not None and m.alive_states:
+                code = child.proc.poll()
+                if code is not None:
+                    self.drain(0.05)  # what it said before it exited (its last error) goes with the exit
+                    self._act(child, m.exited(code, now, child.last_error))
+            self._act(child, m.tick(now))
 
-    def shutdown(self) -> None:
-        self.stopping = True
-        try:
-            self.pub.publish("engine.status", self.status())
-        except Exception:
-            pass
-        for child in reversed(self.children):
-            if child.proc is not None and child.proc.poll() is None:
-                child.proc.terminate()
-        deadline = time.monotonic() + GRACE_S
-        for child in reversed(self.children):
-            if child.proc is None:
+    def _act(self, child: Child, action: Any) -> None:
+        if action is None:
+            return
+        if isinstance(action, Spawn):
+            self._spawn(child)
+        elif isinstance(action, Restarting):
+            m = child.machine
+            why = f"{child.name} exited with {m.exit_code}" + (f" ({child.last_error})" if child.last_error else "")
+            if child.name == "broker":
+                self.bus_up = False
+            self._emit("engine.error", {"source": "supervisor", "code": "child_exited", "child": child.name,
+                                        "exit_code": m.exit_code, "during_start": action.during_start,
+                                        "message": f"{why}; restarting"})
+        elif isinstance(action, GaveUp):
+            if self.fatal is None:
+                self.fatal = action.reason
+        elif isinstance(action, Terminate) and child.proc is not None:
+            child.proc.terminate()
+        elif isinstance(action, Kill) and child.proc is not None:
+            child.proc.kill()
+
+    def _stop_children(self, children: list[Child], grace_s: float = GRACE_S) -> None:
+        """SIGTERM each, wait for them all, SIGKILL what is left after ``grace_s``."""
+        now = time.monotonic()
+        for child in children:
+            self._act(child, child.machine.stop(now))
+        deadline = now + grace_s
+        for child in children:
+            if child.proc is None or not child.machine.alive_states:
                 continue
             try:
-                child.proc.wait(max(0.0, deadline - time.monotonic()))
+                code = child.proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 child.proc.kill()
-                child.proc.wait()
-            child.state = "stopped"
-            if child.proc.stdin is not None:
+                code = child.proc.wait()
+            child.machine.exited(code, time.monotonic())
+        for child in children:
+            if child.proc is not None and child.proc.stdin is not None:
                 child.proc.stdin.close()
+
+    def shutdown(self, quiet: bool = False) -> None:
+        """Stop the children (the broker last, once what they sent on their way out is logged),
+        unlink the rings, remove sockets and the connection file, close the log. Idempotent."""
+        if self.shut_down:
+            return
+        self.shut_down = True
+        self.stopping = True
+        try:
+            if self.pub is not None and self.bus_up:
+                self._emit("engine.status", self.status(), hold=False)
+        except Exception as exc:  # a broken bus must not keep the children alive
+            self.out.write(f"realtalk: could not publish the final status: {error_text(exc)}\n")
+        self._stop_children([c for c in reversed(self.children) if c.name != "broker"])
+        self._drain_quiet()
+        self._stop_children([c for c in self.children if c.name == "broker"])
         for ring in self.rings:
             ring.unlink()
             ring.close()
+        if self.listener is not None:
+            self.listener.close()
         for ep in (self.endpoints.publish, self.endpoints.subscribe):
             if ep.startswith("ipc://"):
                 Path(ep[len("ipc://"):]).unlink(missing_ok=True)
@@ -382,12 +627,24 @@ class Supervisor:
                 path.unlink()
         except (FileNotFoundError, ValueError):
             pass
-        sub = getattr(self, "sub", None)
-        if sub is not None:  # log what already arrived before closing the log
-            while (msg := sub.recv(timeout_ms=0)) is not None:
-                self._on_message(*msg)
-        for closer in (sub, getattr(self, "pub", None), self.log_file):
+        self.drain(budget_s=STOP_DRAIN_MAX_S)
+        for closer in (self.sub, self.pub, self.log_file):
             if closer is not None:
                 closer.close()
-        self.out.write(f"realtalk: stopped. Session cost ${self.cost_usd:.4f}; event log {self.session_dir / 'events.jsonl'}\n")
-        self.out.flush()
+        if not quiet:
+            self.out.write(f"realtalk: stopped. Session cost ${self.cost_usd:.4f}; "
+                           f"event log {self.session_dir / 'events.jsonl'}\n")
+            self.out.flush()
+
+    def _drain_quiet(self) -> None:
+        """Log what the stopped children sent on their way out: until the bus is quiet."""
+        if self.sub is None:
+            return
+        deadline = time.monotonic() + STOP_DRAIN_MAX_S
+        quiet_since = time.monotonic()
+        while time.monotonic() < deadline:
+            if self.drain(budget_s=0.05) and self.sub.socket.poll(int(STOP_QUIET_S * 1000)) == 0:
+                if time.monotonic() - quiet_since >= STOP_QUIET_S:
+                    break
+            else:
+                quiet_since = time.monotonic()

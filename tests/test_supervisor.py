@@ -1,0 +1,87 @@
+"""The supervisor's own guarantees: nothing leaks when start() fails half-way; child states
+in `engine status`; a device failure stops the engine with the child's message."""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.config import load_config
+from engine.errors import EngineError
+from engine.supervisor import Supervisor, proc_start_ticks
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
+
+
+def test_start_that_fails_late_leaves_nothing_behind(runtime_dir: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = load_config(None, {"backend": "local", "sessions_dir": str(tmp_path / "sessions")})
+    sup = Supervisor(cfg, text_only=False, out=io.StringIO())
+    cfg["audio"]["mic"] = str(tmp_path / "never-read.wav")   # a mic ring and a ref ring too
+    spawned: list[subprocess.Popen[bytes]] = []
+    real_spawn = Supervisor._spawn
+
+    def spawn_then_fail(self: Supervisor, child: Any) -> None:
+        real_spawn(self, child)
+        assert child.proc is not None
+        spawned.append(child.proc)
+        if child.name == "realtime":   # after the broker, the server and capture are up
+            raise OSError("a late step failed (test)")
+    monkeypatch.setattr(Supervisor, "_spawn", spawn_then_fail)
+    with pytest.raises(OSError, match="late step"):
+        sup.start()
+    assert len(spawned) >= 3
+    for proc in spawned:
+        assert proc.poll() is not None, f"child pid {proc.pid} still runs"
+        assert proc_start_ticks(proc.pid) is None
+    assert sup.rings and not [r.name for r in sup.rings if (Path("/dev/shm") / r.name).exists()]
+    assert not list(runtime_dir.glob("*.sock"))
+    assert not (runtime_dir / "engine.json").exists()
+    assert sup.listener is not None and sup.listener.fileno() == -1   # the local server's port is closed
+
+
+def test_status_shows_each_childs_state(start_engine: Any) -> None:
+    eng = start_engine("--text-only")
+    first = json.loads(eng.cli("status", "--json").stdout)
+    states = {c["name"]: c["state"] for c in first["children"]}
+    assert set(states.values()) <= {"starting", "running"}
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:   # RUNNING only after startsecs (1 s) up
+        status = json.loads(eng.cli("status", "--json").stdout)
+        if all(c["state"] == "running" for c in status["children"]):
+            break
+        time.sleep(0.2)
+    assert all(c["state"] == "running" and c["uptime_s"] >= 1.0 and c["restarts"] == 0
+               for c in status["children"]), status["children"]
+    text = eng.cli("status").stdout
+    assert "realtime" in text and "running" in text
+
+
+def test_device_failure_is_fatal_with_the_childs_message(runtime_dir: Path, tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.wav"
+    corrupt.write_bytes(b"RIFF\x10\x00\x00\x00WAVEfmt garbage")
+    out = subprocess.run([sys.executable, "-m", "engine.cli", "start", "--backend", "local", "--mic", str(corrupt),
+                          "--speaker", str(tmp_path / "out.wav")], capture_output=True, text=True, timeout=45,
+                         cwd=str(tmp_path))
+    assert out.returncode == 1, out.stdout + out.stderr
+    last = [l for l in out.stdout.splitlines() if "stopped:" in l]
+    assert last, out.stdout
+    assert str(corrupt) in last[0] and "WAV" in last[0], last[0]   # names the file and what is wrong with it
+    assert "Traceback" not in out.stderr, out.stderr
+    assert not (runtime_dir / "engine.json").exists()
+
+
+def test_speaker_file_in_a_missing_folder_is_a_clear_error(runtime_dir: Path, tmp_path: Path) -> None:
+    target = tmp_path / "no" / "such" / "folder" / "out.wav"
+    out = subprocess.run([sys.executable, "-m", "engine.cli", "start", "--backend", "local", "--mic", "null",
+                          "--speaker", str(target)], capture_output=True, text=True, timeout=45, cwd=str(tmp_path))
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert str(target.parent) in out.stderr and "does not exist" in out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+    assert not (runtime_dir / "engine.json").exists() and not list(runtime_dir.glob("*.sock"))
