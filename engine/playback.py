@@ -15,7 +15,6 @@ import os
 import sys
 import threading
 import time
-import wave
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -23,6 +22,7 @@ import numpy as np
 from bus import Publisher
 from engine import child
 from engine.child import every_period, run_reporting, stop_on_signals
+from engine.record import PcmWav
 from engine.ring import Ring, SampleFifo
 from engine.stretch import LOOKAHEAD_FRAMES, MAX_PERIOD_FRAMES, MIN_PERIOD_FRAMES, TimeStretcher
 
@@ -351,6 +351,8 @@ class PlaybackProcess:
         self.speaker = spec.get("speaker_target", cfg["speaker"])
         self.period_ms = cfg.get("playback_period_ms") or cfg["period_ms"]
         self.ring = Ring.attach(spec["speaker_ring"])
+        #: playback processes that ran on this ring before this one (a restart continues the speaker WAV)
+        self.earlier_starts = self.ring.control.count_consumer_start()
         # every frame handed to the device also goes to the reference ring (echo canceller, recording)
         self.ref = Ring.attach(spec["ref_ring"]) if spec.get("ref_ring") else None
         self.renderer = Renderer(self.ring, cfg["prebuffer_ms"] * RATE_HZ // 1000, ref=self.ref,
@@ -409,7 +411,7 @@ class PlaybackProcess:
             self.pub.publish("playback.position", {"start_index": r.stream_start, "index": ring.control.heard_index})
 
     # ------------------------------------------------------------ backends
-    def run_null(self, wav: wave.Wave_write | None = None) -> None:
+    def run_null(self, wav: PcmWav | None = None) -> None:
         period = self.period_ms * RATE_HZ // 1000
         out = np.zeros(period, dtype=np.int16)
         next_publish_s = 0.0
@@ -475,10 +477,10 @@ class PlaybackProcess:
             self.publish_events()
 
     def _run_wav(self, path: str) -> None:
-        with wave.open(path, "wb") as wav:
-            wav.setnchannels(1)
-            wav.setsampwidth(2)
-            wav.setframerate(RATE_HZ)
+        """Play into a WAV file in real time; a restarted playback continues the file its
+        predecessor wrote in this engine run (it never wipes what was played)."""
+        with PcmWav(path, channels=1, sample_width_bytes=2, rate_hz=RATE_HZ,
+                    append=self.earlier_starts > 0) as wav:
             self.run_null(wav)
 
 

@@ -8,10 +8,14 @@ process's main thread appends to the WAV file).
 """
 from __future__ import annotations
 
+import os
+import struct
 import wave
 from pathlib import Path
 
 import numpy as np
+
+from engine.errors import EngineError
 
 RATE_HZ = 24000
 
@@ -59,3 +63,96 @@ class Recorder:
     def close(self) -> None:
         self.drain()
         self._wav.close()
+
+
+class WavAppendError(EngineError):
+    """An existing file cannot be continued as the WAV asked for (names what differs)."""
+
+
+class PcmWav:
+    """A PCM WAV file written as it goes, that a later process can continue instead of wiping.
+
+    ``PcmWav(path, append=True)`` continues an existing file of the same format (channels,
+    sample width, rate): its data length is taken from the file's size, not its header, so a
+    file whose writer was killed mid-write is continued whole (a partial last frame is cut).
+    Without ``append``, or when there is no file yet, it starts a new one. The header's sizes
+    are patched after every write (as the ``wave`` module does), so a killed writer leaves a
+    readable file. Raises :class:`WavAppendError` if the file exists but is not such a WAV.
+    Writes are plain ``write``/``pwrite`` calls: for a writer thread, not a device callback.
+    """
+
+    _HEADER_BYTES = 44
+
+    def __init__(self, path: str | Path, channels: int = 1, sample_width_bytes: int = 2,
+                 rate_hz: int = RATE_HZ, append: bool = False) -> None:
+        self.path = Path(path)
+        self.bytes_per_frame = channels * sample_width_bytes
+        self.appended_frames = 0   # frames the file held when this writer continued it
+        fmt = struct.pack("<HHIIHH", 1, channels, rate_hz, rate_hz * self.bytes_per_frame,
+                          self.bytes_per_frame, 8 * sample_width_bytes)
+        if append and self.path.exists() and self.path.stat().st_size > 0:
+            self._fd = os.open(self.path, os.O_RDWR)
+            try:
+                self._data_offset, data_bytes = self._find_data(fmt)
+            except BaseException:
+                os.close(self._fd)
+                raise
+            data_bytes -= data_bytes % self.bytes_per_frame
+            os.ftruncate(self._fd, self._data_offset + data_bytes)
+            self.appended_frames = data_bytes // self.bytes_per_frame
+        else:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.write(self._fd, b"RIFF" + struct.pack("<I", 36) + b"WAVEfmt " + struct.pack("<I", 16) + fmt
+                     + b"data" + struct.pack("<I", 0))
+            self._data_offset, data_bytes = self._HEADER_BYTES, 0
+        self._data_bytes = data_bytes
+        os.lseek(self._fd, self._data_offset + data_bytes, os.SEEK_SET)
+        self._patch()
+
+    def _find_data(self, fmt: bytes) -> tuple[int, int]:
+        """(offset of the data chunk's payload, its length by the file's size); checks the format."""
+        size = os.fstat(self._fd).st_size
+        head = os.pread(self._fd, 12, 0)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            raise WavAppendError(f"{self.path} is not a WAV file; move it away or name another speaker file")
+        pos, seen_fmt = 12, None
+        while pos + 8 <= size:
+            cid, clen = struct.unpack("<4sI", os.pread(self._fd, 8, pos))
+            if cid == b"fmt ":
+                seen_fmt = os.pread(self._fd, 16, pos + 8)
+            elif cid == b"data":
+                if seen_fmt != fmt:
+                    raise WavAppendError(f"{self.path} holds audio of another format than this writer's "
+                                         f"(channels, width, rate); move it away or name another file")
+                return pos + 8, size - (pos + 8)
+            pos += 8 + clen + (clen & 1)
+        raise WavAppendError(f"{self.path} has no data chunk; move it away or name another file")
+
+    def _patch(self) -> None:
+        os.pwrite(self._fd, struct.pack("<I", self._data_offset - 8 + self._data_bytes), 4)
+        os.pwrite(self._fd, struct.pack("<I", self._data_bytes), self._data_offset - 4)
+
+    def writeframes(self, data: bytes | bytearray | memoryview) -> None:
+        """Append whole frames and patch the header's sizes."""
+        view = memoryview(data).cast("B")
+        while len(view):
+            n = os.write(self._fd, view)
+            view = view[n:]
+            self._data_bytes += n
+        self._patch()
+
+    @property
+    def frames(self) -> int:
+        """Frames in the file (the continued ones included)."""
+        return self._data_bytes // self.bytes_per_frame
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> "PcmWav":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -17,7 +17,8 @@ line; each counter has exactly one writer)::
     line 2  read_index, underrun_frames, reads, reader_waiting           (consumer)
     line 3  flush_seq, flush_index, end_index, stream_start_index,
             stream_start_mono_ns                                         (producer: control)
-    line 4  flush_ack_seq, heard_index, device_latency_frames            (consumer: control)
+    line 4  flush_ack_seq, heard_index, device_latency_frames,
+            consumer_starts                                              (consumer: control)
     data    capacity_frames * bytes_per_frame bytes, at offset 320
 
 Rules:
@@ -63,7 +64,7 @@ _VERSION, _CAPACITY, _BPF, _RATE, _WIDTH, _CHANNELS = 1, 2, 3, 4, 5, 6
 _W_INDEX, _OVERRUN, _WRITES, _W_NS = 8, 9, 10, 11
 _R_INDEX, _UNDERRUN, _READS, _R_WAITING = 16, 17, 18, 19
 _FLUSH_SEQ, _FLUSH_INDEX, _END, _START_INDEX, _START_NS = 24, 25, 26, 27, 28
-_FLUSH_ACK, _HEARD, _DEV_LATENCY = 32, 33, 34
+_FLUSH_ACK, _HEARD, _DEV_LATENCY, _CONSUMER_STARTS = 32, 33, 34, 35
 _DTYPES = {1: np.dtype("i1"), 2: np.dtype("<i2"), 4: np.dtype("<i4")}
 #: how long ``wait_readable`` polls before it sleeps: a burst then costs the producer no system
 #: call per write, a stream at 50 writes/s costs the consumer 50 x this of CPU per second
@@ -133,6 +134,13 @@ class PlaybackControl:
         until = hdr[_FLUSH_INDEX]
         hdr[_FLUSH_ACK] = seq
         return until
+
+    def count_consumer_start(self) -> int:
+        """Count a consumer process starting on this ring; return how many started before it (more
+        than 0: a restart within the same engine run, whose files are to be continued). Set-up only."""
+        earlier = self._hdr[_CONSUMER_STARTS]
+        self._hdr[_CONSUMER_STARTS] = earlier + 1
+        return earlier
 
     def set_heard(self, heard_index: int, device_latency_frames: int) -> None:
         """Publish the index of the next frame to reach the listener. Real-time safe."""
