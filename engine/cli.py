@@ -100,7 +100,11 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from bus import Subscriber
+    from engine.supervisor import engine_identity
     conn = _connection()
+    if not engine_identity(conn):
+        raise EngineError(f"the engine (pid {conn.get('pid')}) is not running; its connection file is stale "
+                          "(`engine start` or `engine stop` cleans it)")
     sub = Subscriber(conn["subscribe"], ["engine.status"])
     status = None
     deadline = time.monotonic() + 3.0
