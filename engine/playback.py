@@ -361,6 +361,9 @@ class PlaybackProcess:
         self.pub = Publisher(spec["bus"]["publish"], f"playback:{os.getpid()}")
         self.pub.join(spec["bus"]["subscribe"])
         self.callback_errors = 0     # exceptions in the device callback (answered with silence)
+        self.last_callback_error: BaseException | None = None   # the latest of them (set by the callback)
+        self.reported_callback_errors = 0
+        self.next_error_report_at = 0.0
         self.next_position_at = 0.0
         self.callback_ns = np.zeros(512, dtype=np.int64)  # when the latest device callbacks ran (a ring)
         self.callbacks = 0
@@ -392,6 +395,7 @@ class PlaybackProcess:
             if kind == "underrun":
                 payload["prebuffer_ms"] = r.prebuffer_frames * 1000 // RATE_HZ
             self.pub.publish(f"playback.{kind}", payload)
+        self._report_callback_errors()
         now = time.monotonic()
         if now >= self.next_cadence_at and self.callbacks > 2:
             self.next_cadence_at = now + CADENCE_EVERY_S
@@ -409,6 +413,24 @@ class PlaybackProcess:
             self.next_position_at = now + POSITION_EVERY_S
             # the callback's own number (the shared heard index), not a second estimate
             self.pub.publish("playback.position", {"start_index": r.stream_start, "index": ring.control.heard_index})
+
+    def _report_callback_errors(self) -> None:
+        """Say on ``engine.error`` what the device callback caught (it may not log): the latest
+        exception's type and message and how many there were since the last report, at most
+        once a second (a callback failing every period is one message a second, not a hundred)."""
+        count = self.callback_errors
+        now = time.monotonic()
+        if count == self.reported_callback_errors or now < self.next_error_report_at:
+            return
+        self.next_error_report_at = now + 1.0
+        exc = self.last_callback_error
+        what = f"{type(exc).__name__}: {exc}" if exc is not None else "unknown"
+        self.pub.publish("engine.error", {"source": "playback", "code": "callback_error",
+                                          "message": f"the speaker callback failed ({what}) and played silence "
+                                                     f"instead; {count - self.reported_callback_errors} time(s) "
+                                                     f"since the last report, {count} in all",
+                                          "count": count})
+        self.reported_callback_errors = count
 
     # ------------------------------------------------------------ backends
     def run_null(self, wav: PcmWav | None = None) -> None:
@@ -452,8 +474,9 @@ class PlaybackProcess:
                     self.renderer.render(out, latency_frames, time.monotonic())
                     return out.tobytes(), pyaudio.paContinue
                 return feeder.fill(frame_count, latency_frames, time.monotonic()), pyaudio.paContinue
-            except Exception:
-                self.callback_errors += 1   # published on playback.cadence
+            except Exception as exc:  # a bug: answered with silence, counted, reported by publish_events
+                self.callback_errors += 1
+                self.last_callback_error = exc
                 return bytes(frame_count * 2), pyaudio.paContinue
 
         stream_latency_s = 0.04

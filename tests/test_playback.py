@@ -233,6 +233,8 @@ def reporter(ring: Ring, r: Renderer) -> tuple[PlaybackProcess, FakePub]:
     p = PlaybackProcess.__new__(PlaybackProcess)
     p.ring, p.renderer, p.pub = ring, r, FakePub()
     p.callbacks, p.next_cadence_at, p.next_position_at = 0, float("inf"), 0.0
+    p.callback_errors = p.reported_callback_errors = 0
+    p.last_callback_error, p.next_error_report_at = None, 0.0
     return p, p.pub
 
 
@@ -340,3 +342,22 @@ def test_the_stretcher_reads_the_ring_in_place(ring: Ring, monkeypatch: pytest.M
     r = Renderer(ring, prebuffer_frames=1920)
     play_deltas(r, ring, late_delta_schedule(30, 10, 0.11), voiced(30 * 480))
     assert r.expanded_frames > 0 and copies == []     # 14400 frames in a 16384-frame ring: no wrap
+
+
+def test_what_the_device_callback_caught_is_reported(ring: Ring) -> None:
+    """Issue 14 point 9: the callback answers an exception with silence and counts it; the count
+    alone said nothing of what failed. Now its type and message go out on engine.error."""
+    p, pub = reporter(ring, Renderer(ring, prebuffer_frames=0))
+    p.publish_events()
+    assert pub.sent == []
+    p.callback_errors, p.last_callback_error = 3, ValueError("operands could not be broadcast")
+    p.publish_events()
+    (topic, body), = pub.sent
+    assert topic == "engine.error" and body["source"] == "playback" and body["code"] == "callback_error"
+    assert "ValueError: operands could not be broadcast" in body["message"] and body["count"] == 3
+    p.callback_errors = 5
+    p.publish_events()
+    assert len(pub.sent) == 1          # at most once a second
+    p.next_error_report_at = 0.0
+    p.publish_events()
+    assert len(pub.sent) == 2 and "2 time(s)" in pub.sent[-1][1]["message"]
