@@ -58,6 +58,7 @@ REF_RING_FRAMES = 1 << 15        # 1.4 s: what playback played, read by capture 
 GRACE_S = 3.0
 LOOP_PERIOD_S = 0.25             # the main loop: bus messages, reaping, status
 DRAIN_BUDGET_S = 0.2             # a round of bus messages takes at most this long; the rest next round at once
+HELD_DELAY_S = 0.5              # after the broker is back, held events wait this long for subscribers to reconnect
 STOP_QUIET_S = 0.15              # at stop: the children are gone once the bus has been quiet this long
 STOP_DRAIN_MAX_S = 1.0
 TERMINAL_REPEAT_S = 10.0         #: the same error is printed on the terminal at most this often
@@ -198,6 +199,7 @@ class Supervisor:
         self.bus_up = False              #: the broker forwards our messages (our probe came back)
         self._probe_topic = f"_join.supervisor.{os.getpid()}"
         self._held: list[tuple[str, dict[str, Any]]] = []   #: own events waiting for the broker
+        self._held_due = 0.0
         self._printed: dict[str, float] = {}
         self._malformed_seen = 0
         self.malformed = 0               #: malformed bus messages the supervisor skipped
@@ -411,7 +413,7 @@ class Supervisor:
         false) that cannot go now is dropped, the next one supersedes it."""
         assert self.pub is not None
         header = {"v": 1, "ts": time.time(), "mono_ns": time.monotonic_ns(), "pub": self.pub.name}
-        if self.bus_up:
+        if self.bus_up and not self._held:
             self.pub.publish(topic, payload)
             self._log(topic, {**header, "seq": self.pub.seq, **payload})
         else:
@@ -420,8 +422,12 @@ class Supervisor:
                 self._held.append((topic, payload))
 
     def _bus_back(self) -> None:
-        """Our probe came back through the broker: send what was held while it was down."""
+        """Our probe came back through the broker: what was held goes out HELD_DELAY_S later,
+        when the other subscribers have reconnected too (ZeroMQ retries every 100 ms)."""
         self.bus_up = True
+        self._held_due = time.monotonic() + HELD_DELAY_S
+
+    def _send_held(self) -> None:
         assert self.pub is not None
         for topic, payload in self._held:
             self.pub.publish(topic, {**payload, "held": True})
@@ -535,6 +541,8 @@ class Supervisor:
                 now = time.monotonic()
                 if not self.bus_up and self.pub is not None:
                     self.pub.publish(self._probe_topic)  # comes back once the broker forwards again
+                elif self._held and now >= self._held_due:
+                    self._send_held()
                 if now >= next_status:
                     next_status = now + 1.0
                     self._emit("engine.status", self.status(), hold=False)

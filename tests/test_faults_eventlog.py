@@ -1,0 +1,78 @@
+"""The event log keeps up: a burst of malformed messages does not stall the supervisor's bus
+loop, what is queued at stop is logged, and a broker crash leaves its trace in the log and on
+the bus."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+
+from bus import Publisher, Subscriber
+from tests.test_engine import wait_topic
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
+
+
+def _log_lines(session_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (session_dir / "events.jsonl").read_text().splitlines()]
+
+
+def test_every_good_message_of_a_mixed_burst_is_logged_even_at_stop(start_engine: Any) -> None:
+    eng = start_engine("--text-only")
+    conn = eng.conn
+    pub = Publisher(conn["publish"], "fuzzer")
+    assert pub.join(conn["subscribe"], timeout_s=5)
+    good = 3000
+    bad_frames = [[b"cmd.say", b"\xc1 not msgpack"], [b"fuzz.bad", msgpack.packb([1, 2])], [b"only one frame"],
+                  [b"fuzz.bad", b"\x00", b"three"]]
+    for i in range(good):
+        pub.publish("fuzz.good", {"i": i})
+        pub.send_raw(bad_frames[i % len(bad_frames)])
+    pub.close()
+    session_dir = Path(conn["session_dir"])
+    assert eng.stop() == 0   # at once: what is still queued must reach the log before it closes
+    logged = {e["body"]["i"] for e in _log_lines(session_dir) if e["topic"] == "fuzz.good"}
+    assert logged == set(range(good)), f"{good - len(logged)} of {good} good messages missing from the log"
+
+
+def test_malformed_messages_do_not_delay_the_log(start_engine: Any) -> None:
+    eng = start_engine("--text-only")
+    conn = eng.conn
+    pub = Publisher(conn["publish"], "fuzzer")
+    assert pub.join(conn["subscribe"], timeout_s=5)
+    for i in range(200):
+        pub.send_raw([b"cmd.say", b"\xc1 not msgpack"])
+        pub.publish("fuzz.good", {"i": i})
+    session_dir = Path(conn["session_dir"])
+    deadline = time.monotonic() + 1.5   # a 250 ms stall per malformed message would take 50 s
+    count = 0
+    while time.monotonic() < deadline:
+        count = sum(1 for e in _log_lines(session_dir) if e["topic"] == "fuzz.good")
+        if count == 200:
+            break
+        time.sleep(0.1)
+    assert count == 200
+    assert eng.stop() == 0
+
+
+def test_a_broker_crash_is_in_the_log_and_on_the_bus_once_it_is_back(start_engine: Any) -> None:
+    eng = start_engine("--text-only")
+    conn = eng.conn
+    broker = next(c for c in conn["children"] if c["name"] == "broker")
+    errors = Subscriber(conn["subscribe"], ["engine.error"])
+    time.sleep(0.3)  # (the subscription reaches the broker)
+    os.kill(broker["pid"], signal.SIGKILL)
+    # published after the broker is back, to subscribers that reconnect by themselves
+    err = wait_topic(errors, "engine.error", timeout=10, where=lambda b: b.get("code") == "child_exited")
+    assert err["child"] == "broker" and err["exit_code"] == -signal.SIGKILL
+    session_dir = Path(conn["session_dir"])
+    assert eng.stop() == 0
+    logged = [e for e in _log_lines(session_dir) if e["topic"] == "engine.error"
+              and e["body"].get("code") == "child_exited" and e["body"].get("child") == "broker"]
+    assert len(logged) == 1, logged
