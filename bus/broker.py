@@ -37,12 +37,12 @@ from bus.security import SIGNED_TOPICS, apply_server_curve, environment_keys, pa
 from bus.wire import encode
 
 #: topics whose last message is replayed to new subscribers (exact topic)
-LAST_VALUE_TOPICS = ("engine.status", "session.config", "cost.session", "engine.tools")
+LAST_VALUE_TOPICS = ("engine.status", "session.config", "cost.session", "engine.tools", "conversation.history")
 _STATE_TOPICS = frozenset(t.encode() for t in LAST_VALUE_TOPICS)
 #: a client that subscribes to ``_presence.<owner>`` is announced gone (``engine.presence.gone``)
 #: when that subscription disappears, e.g. because the client's process ended
 PRESENCE_PREFIX = b"_presence."
-_HWM = 100_000
+_HWM = 10_000
 _broker_ids = itertools.count()
 
 

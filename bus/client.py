@@ -31,6 +31,8 @@ from bus.wire import BusError, MalformedMessage, decode, encode
 
 #: malformed messages one ``Subscriber.recv`` call skips at most before it returns None
 MAX_SKIPPED_PER_RECV = 1000
+#: publishers whose seq a subscriber of every topic follows at most (the oldest is forgotten)
+MAX_TRACKED_PUBLISHERS = 4096
 #: the shortest interval between two reports of a Subscriber's malformed messages or drops
 REPORT_PERIOD_S = 1.0
 #: "take it from the Endpoints given, else this process's keys (use_keys, $REALTALK_BUS_KEYS)"
@@ -228,6 +230,14 @@ class Subscriber:
     ``recv`` goes on to the next message at once (at most :data:`MAX_SKIPPED_PER_RECV`
     per call, so a flood of bad input still gives the caller back control).
     :meth:`take_malformed_report` / :meth:`publish_reports` report them, once a second.
+
+    Drops: a subscriber of every topic (``prefixes`` ``("",)``) counts the gaps in each
+    publisher's ``seq`` in ``dropped`` (publisher name -> messages lost), which is how a
+    drop at any high-water mark on the way shows (ZeroMQ's PUB and XPUB drop silently). A
+    prefix subscriber cannot tell a drop from a message its filter left out, so it counts
+    nothing. A message sent before this subscriber existed (a last-value-cache replay) does
+    not start a count; a lower ``seq`` with a later ``mono_ns`` is a publisher restarted
+    under the same name and starts it again. :meth:`take_drop_report` reports them.
     """
 
     def __init__(self, endpoint: str | Endpoints, prefixes: list[str] | tuple[str, ...] = ("",),
@@ -249,6 +259,12 @@ class Subscriber:
         self._rcvtimeo_ms = -1
         self._malformed_reported = 0
         self._malformed_report_at = float("-inf")
+        self._count_gaps = tuple(prefixes or ("",)) == ("",)
+        self._created_ns = time.monotonic_ns()
+        self._last_seq: dict[str, tuple[int, int]] = {}   # publisher -> (seq, mono_ns) last seen
+        self.dropped: dict[str, int] = {}
+        self._dropped_reported: dict[str, int] = {}
+        self._drop_report_at = float("-inf")
 
     def recv(self, timeout_ms: int | None = None) -> tuple[str, dict[str, Any]] | None:
         """Next well-formed message, or None when ``timeout_ms`` passes first."""
@@ -269,6 +285,8 @@ class Subscriber:
                 topic, body = decode(frames)
                 if self._verify_key is None or not topic.startswith(self._signed) or verify(
                         self._verify_key, frames[0], frames[1], frames[2] if len(frames) == 3 else None):
+                    if self._count_gaps:
+                        self._count_gap(body)
                     return topic, body
                 raise MalformedMessage(f"{FORGED_REASON}: {topic!r} from {body.get('pub')!r} "
                                        "(only the engine's own processes may publish it)", len(frames))
@@ -279,6 +297,44 @@ class Subscriber:
                     return None
                 if deadline is not None:  # past the deadline: 0, what is already queued, no wait
                     wait_ms = max(0, int((deadline - time.monotonic()) * 1000))
+
+    def _count_gap(self, body: dict[str, Any]) -> None:
+        """Count the messages missing between this one and the last of its publisher."""
+        seq, pub, mono = body.get("seq"), body.get("pub"), body.get("mono_ns")
+        if type(seq) is not int or seq <= 0 or not isinstance(pub, str):
+            return  # join probes (seq 0) and bodies without a usable header
+        if type(mono) is not int:
+            mono = 0
+        last = self._last_seq.get(pub)
+        if last is None:
+            if mono and mono < self._created_ns:
+                return  # sent before we subscribed: a last-value-cache replay, not a start point
+            if len(self._last_seq) >= MAX_TRACKED_PUBLISHERS:
+                del self._last_seq[next(iter(self._last_seq))]  # the one seen longest ago
+            self._last_seq[pub] = (seq, mono)
+            return
+        last_seq, last_mono = last
+        if seq > last_seq:
+            if seq > last_seq + 1:
+                self.dropped[pub] = self.dropped.get(pub, 0) + seq - last_seq - 1
+            self._last_seq[pub] = (seq, mono)
+        elif mono > last_mono:
+            self._last_seq[pub] = (seq, mono)  # restarted under the same name: count from here
+        # else: an older message again (a state replay for another subscriber): nothing lost
+
+    def take_drop_report(self, now: float | None = None) -> list[dict[str, Any]] | None:
+        """At most once a second: ``[{publisher, count}]`` of the messages lost since the last
+        report (seq gaps, see the class docstring), or None if none were or it is too soon."""
+        now = time.monotonic() if now is None else now
+        if now - self._drop_report_at < REPORT_PERIOD_S:
+            return None
+        report = [{"publisher": pub, "count": n - self._dropped_reported.get(pub, 0)}
+                  for pub, n in self.dropped.items() if n != self._dropped_reported.get(pub, 0)]
+        if not report:
+            return None
+        self._dropped_reported = dict(self.dropped)
+        self._drop_report_at = now
+        return report
 
     def _note_malformed(self, error: MalformedMessage | str) -> None:
         self.malformed += 1
@@ -297,18 +353,25 @@ class Subscriber:
         return report
 
     def publish_reports(self, pub: Publisher, source: str) -> int:
-        """Publish what :meth:`take_malformed_report` has, as a benign ``engine.error`` (code
-        ``malformed_bus_message``) from ``source``; returns the number of messages published.
+        """Publish what :meth:`take_drop_report` has, one ``bus.dropped`` {subscriber (``pub``'s
+        name), publisher, count, total} each, and what :meth:`take_malformed_report` has, as a
+        benign ``engine.error`` (code ``malformed_bus_message``) from ``source``; returns the
+        number of messages published.
         Call it from the loop that reads this subscriber; it costs nothing when there is nothing."""
+        sent = 0
+        for drop in self.take_drop_report() or ():
+            pub.publish("bus.dropped", {"subscriber": pub.name, "publisher": drop["publisher"], "count": drop["count"],
+                                        "total": self.dropped[drop["publisher"]]})
+            sent += 1
         report = self.take_malformed_report()
         if report is None:
-            return 0
+            return sent
         pub.publish("engine.error", {"source": source, "code": "malformed_bus_message", "benign": True,
                                      "count": report["count"], "total": report["total"],
                                      "reason": report["reason"],
                                      "message": f"{source} dropped {report['count']} malformed bus message(s); "
                                                 f"last: {report['reason']}"})
-        return 1
+        return sent + 1
 
     def _recv_frames(self) -> list[Any]:
         """One whole message's frames (as buffers); half the cost of ``recv_multipart``."""
