@@ -24,11 +24,13 @@ with the engine's signing key, and replays kept messages with the signature they
 """
 from __future__ import annotations
 
+import ctypes
 import itertools
 import os
 import signal
 import sys
 import threading
+import time
 from typing import Any, Callable, Iterator
 
 import zmq
@@ -42,7 +44,18 @@ _STATE_TOPICS = frozenset(t.encode() for t in LAST_VALUE_TOPICS)
 #: a client that subscribes to ``_presence.<owner>`` is announced gone (``engine.presence.gone``)
 #: when that subscription disappears, e.g. because the client's process ended
 PRESENCE_PREFIX = b"_presence."
+#: per pipe (each publisher into the XSUB, each subscriber out of the XPUB): at about 1 kB a
+#: message, a subscriber that stops reading holds at most ~10 MB of the broker; past it the
+#: XPUB drops that subscriber's messages (it sees the gaps in ``seq``)
 _HWM = 10_000
+#: how often an idle keeper checks whether the queues' memory can go back to the system
+TRIM_PERIOD_S = 5.0
+#: RSS growth over the broker's start that makes the keeper call malloc_trim
+TRIM_OVER_BYTES = 8 << 20
+try:
+    _libc: Any = ctypes.CDLL("libc.so.6")
+except OSError:  # pragma: no cover (not glibc)
+    _libc = None
 _broker_ids = itertools.count()
 
 
@@ -142,6 +155,8 @@ def _keep(keeper_pub: zmq.Socket, keeper_sub: zmq.Socket, stop: zmq.Socket | Non
     """The last-value cache and presence loop (see the module docstring)."""
     cache: dict[bytes, list[bytes]] = {}
     seq = 0
+    base_rss = _rss_bytes()
+    next_trim = time.monotonic() + TRIM_PERIOD_S
     poller = zmq.Poller()
     poller.register(keeper_pub, zmq.POLLIN)
     poller.register(keeper_sub, zmq.POLLIN)
@@ -156,6 +171,11 @@ def _keep(keeper_pub: zmq.Socket, keeper_sub: zmq.Socket, stop: zmq.Socket | Non
             raise
         if stop is not None and stop in events:
             return
+        if not events and time.monotonic() >= next_trim:
+            # a drained queue's memory stays in glibc's arenas (the proxy thread's) unless trimmed
+            next_trim = time.monotonic() + TRIM_PERIOD_S
+            if _libc is not None and _rss_bytes() > base_rss + TRIM_OVER_BYTES:
+                _libc.malloc_trim(0)
         if keeper_sub in events:
             for frames in _drain(keeper_sub.recv_multipart):
                 if len(frames) in (2, 3) and frames[0] in _STATE_TOPICS:  # 3: with its signature
@@ -174,6 +194,15 @@ def _keep(keeper_pub: zmq.Socket, keeper_sub: zmq.Socket, stop: zmq.Socket | Non
                     if signing_key is not None and frames[0].decode().startswith(SIGNED_TOPICS):
                         frames.append(sign(signing_key, *frames))
                     keeper_pub.send_multipart(frames)
+
+
+def _rss_bytes() -> int:
+    """This process's resident set size (0 if /proc is not there)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ from typing import Iterator
 import pytest
 
 from bus import Publisher, Subscriber
+from bus.broker import TRIM_PERIOD_S
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.timeout(120)
@@ -18,6 +19,7 @@ pytestmark = pytest.mark.timeout(120)
 FLOOD = 200_000
 PAYLOAD = {"text": "x" * 950}     # the bench's message: about 1 kB
 BROKER_GROWTH_BOUND_MB = 40       # the broker's peak RSS over its idle RSS, with one subscriber that never reads
+GIVEN_BACK_MB = 10                # its RSS over idle once that subscriber has caught up
 
 
 def _rss_mb(pid: int, field: str = "VmRSS") -> float:
@@ -71,6 +73,11 @@ def test_slow_subscriber_bounds_broker_memory_and_counts_drops(
     assert slow.dropped == {"flood": lost}
     assert slow.take_drop_report() == [{"publisher": "flood", "count": lost}]
     assert slow.take_drop_report() is None
+    # and the broker gives the drained queue's memory back (glibc keeps it unless trimmed)
+    deadline = time.monotonic() + 3 * TRIM_PERIOD_S
+    while _rss_mb(proc.pid) - idle_mb > GIVEN_BACK_MB and time.monotonic() < deadline:
+        time.sleep(0.25)  # polling /proc: no event says memory went back
+    assert _rss_mb(proc.pid) - idle_mb <= GIVEN_BACK_MB, (idle_mb, peak_mb, _rss_mb(proc.pid))
     slow.close()
     pub.close()
 
