@@ -54,8 +54,10 @@ def published(acts: list[Any], topic: str) -> list[dict[str, Any]]:
     return [a.payload for a in acts if isinstance(a, Publish) and a.topic == topic]
 
 
-def sent(acts: list[Any], etype: str | None = None) -> list[dict[str, Any]]:
-    return [a.event for a in acts if isinstance(a, Send) and (etype is None or a.event["type"] == etype)]
+def sent(acts: list[Any], etype: str | None = None, ids: bool = False) -> list[dict[str, Any]]:
+    """Client events sent (of ``etype``); without their ``event_id`` unless ``ids``."""
+    return [a.event if ids else {k: v for k, v in a.event.items() if k != "event_id"}
+            for a in acts if isinstance(a, Send) and (etype is None or a.event["type"] == etype)]
 
 
 def replay(name: str, h: Harness | None = None) -> tuple[Harness, list[Any], list[dict[str, Any]]]:
@@ -403,7 +405,7 @@ def test_unregister_without_a_name_and_bad_session_tools_are_refused() -> None:
 def test_an_error_caused_by_a_command_names_its_request() -> None:
     h = connected()
     acts = h.cmd("cmd.say", {"text": "x", "id": "s1"})
-    event_id = sent(acts, "conversation.item.create")[0]["event_id"]
+    event_id = sent(acts, "conversation.item.create", ids=True)[0]["event_id"]
     acts = h.ev({"type": "error", "event_id": "e", "error": {"type": "invalid_request_error", "code": "invalid_value",
                                                              "message": "bad", "event_id": event_id}})
     assert published(acts, "engine.error")[0]["request_id"] == "s1"
@@ -462,3 +464,94 @@ def test_next_deadline_names_the_earliest_timer() -> None:
     h.ev({"type": "response.function_call_arguments.done", "call_id": "c1", "name": "lookup", "arguments": "{}"})
     h.ev({"type": "input_audio_buffer.speech_started", "audio_start_ms": 0, "item_id": "u"})
     assert h.core.next_deadline() == pytest.approx(0.3)
+
+
+# ------------------------------------------------------------------ conversation control (issue 12)
+def test_push_to_talk_commit_acks_on_committed_then_responds() -> None:
+    h = connected()
+    acts = h.cmd("cmd.input.commit", {"id": "p1"})
+    assert [e["type"] for e in sent(acts)] == ["input_audio_buffer.commit", "response.create"]
+    assert not published(acts, "cmd.ack")
+    acks = published(h.ev({"type": "input_audio_buffer.committed", "item_id": "u1", "previous_item_id": None}), "cmd.ack")
+    assert acks == [{"id": "p1", "ok": True, "item_id": "u1"}]
+
+
+def test_an_empty_commit_is_refused_on_its_ack() -> None:
+    h = connected()
+    event_id = sent(h.cmd("cmd.input.commit", {"id": "p1", "respond": False}), ids=True)[0]["event_id"]
+    acts = h.ev({"type": "error", "event_id": "e", "error": {"type": "invalid_request_error",
+                                                             "code": "input_audio_buffer_commit_empty",
+                                                             "message": "buffer too small", "event_id": event_id}})
+    assert published(acts, "cmd.ack") == [{"id": "p1", "ok": False, "error": "buffer too small",
+                                           "code": "input_audio_buffer_commit_empty"}]
+
+
+def test_mic_gate_and_clear() -> None:
+    h = connected()
+    assert published(h.cmd("cmd.mic", {"open": False, "id": "m"}), "cmd.ack")[0]["ok"]
+    assert h(MicAudio(bytes(960), 1.0)) == []
+    h.cmd("cmd.mic", {"open": True})
+    assert h(MicAudio(bytes(960), 1.0)) == [SendAudio(bytes(960))]
+    assert [e["type"] for e in sent(h.cmd("cmd.input.clear", {"id": "c"}))] == ["input_audio_buffer.clear"]
+    assert published(h.cmd("cmd.mic", {"open": "yes", "id": "m2"}), "cmd.ack")[0]["ok"] is False
+
+
+def test_an_out_of_band_reply_is_tagged_silent_and_outside_the_conversation() -> None:
+    h = connected()
+    h.ev({"type": "response.created", "response": {"id": "r_main", "conversation_id": "c"}})  # the model is talking
+    acts = h.cmd("cmd.respond", {"id": "q1", "response": {"conversation": "none", "instructions": "Classify.",
+                                                          "input": [], "metadata": {"topic": "x"}}})
+    create = sent(acts, "response.create")[0]  # not behind the active response
+    assert create["response"]["metadata"] == {"topic": "x", "realtalk_request_id": "q1"}
+    assert create["response"]["output_modalities"] == ["text"]
+    h.ev({"type": "response.created", "response": {"id": "r_oob", "conversation_id": None,
+                                                   "metadata": create["response"]["metadata"]}})
+    assert h.core.requests.active_response == "r_main"
+    audio = h.ev({"type": "response.output_audio.delta", "response_id": "r_oob", "item_id": "o",
+                  "delta": base64.b64encode(bytes(480)).decode()})
+    assert not any(isinstance(a, Play) for a in audio)
+    text = h.ev({"type": "response.output_text.done", "response_id": "r_oob", "item_id": "o", "text": "positive"})
+    assert published(text, "model.text.done")[0]["request_id"] == "q1"
+    assert not published(text, "conversation.history")
+    done = h.ev({"type": "response.done", "response": {"id": "r_oob", "status": "completed", "output": []}})
+    assert published(done, "response.done")[0]["request_id"] == "q1"
+    assert h.core.requests.active_response == "r_main"
+
+
+@pytest.mark.parametrize("options, word", [({"colour": "red"}, "unknown response option 'colour'"),
+                                           ({"output_modalities": ["smell"]}, "output_modalities"),
+                                           ({"max_output_tokens": 10**6}, "max_output_tokens")])
+def test_bad_response_options_are_refused_naming_the_known_ones(options: dict[str, Any], word: str) -> None:
+    h = connected()
+    ack = published(h.cmd("cmd.say", {"text": "x", "id": "s", "response": options}), "cmd.ack")[0]
+    assert ack["ok"] is False and word in ack["error"]
+
+
+def test_a_refused_session_update_is_refused_on_its_ack_and_rolled_back() -> None:
+    """Issue 12: session.update with a removed GA field was acked ok while the server refused it."""
+    h = connected()
+    h.ev({"type": "session.updated", "session": {"type": "realtime"}})  # confirms the update sent at connect
+    event_id = sent(h.cmd("cmd.session.update", {"id": "u1", "session": {"temperature": 0.7}}), ids=True)[0]["event_id"]
+    assert "temperature" in h.core.session_config
+    acts = h.ev({"type": "error", "event_id": "e", "error": {"type": "invalid_request_error",
+                                                             "code": "unknown_parameter", "param": "session.temperature",
+                                                             "message": "Unknown parameter", "event_id": event_id}})
+    assert published(acts, "cmd.ack") == [{"id": "u1", "ok": False, "error": "Unknown parameter",
+                                           "code": "unknown_parameter"}]
+    assert "temperature" not in h.core.session_config
+    sent(h.cmd("cmd.session.update", {"id": "u2", "session": {"instructions": "Be brief."}}))
+    assert published(h.ev({"type": "session.updated", "session": {"type": "realtime"}}), "cmd.ack") == \
+        [{"id": "u2", "ok": True}]
+
+
+def test_every_client_event_carries_an_event_id() -> None:
+    h = connected(heard=0)
+    acts = h.cmd("cmd.say", {"text": "x", "id": "s"})
+    h.ev(_session(interrupt=False))
+    _audio_turn(h, rid="r9", item="a9")
+    acts += h.cmd("cmd.cancel", {}) + h.report("flushed", None, 0) + h.cmd("cmd.input.clear", {})
+    acts += h.cmd("cmd.tool.register", {"name": "t"})
+    events = [a.event for a in acts if isinstance(a, Send)]
+    assert {e["type"] for e in events} >= {"conversation.item.create", "response.create", "response.cancel",
+                                           "conversation.item.truncate", "input_audio_buffer.clear", "session.update"}
+    assert all(e.get("event_id") for e in events)

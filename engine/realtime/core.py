@@ -37,7 +37,7 @@ from engine.realtime.playout import Playout, Truncation
 from engine.realtime.records import (FRAMES_PER_MS, Action, Command, Connected, Disconnected, EndOfAudio, Flush,
                                      Input, MicAudio, Play, PlaybackReport, Publish, Send, SendAudio, ServerEvent,
                                      Tick)
-from engine.realtime.requests import Request, Requests
+from engine.realtime.requests import Request, Requests, check_response_options
 from engine.realtime.tools import Tools, check_session_tools, parse_registration
 from engine.realtime.turns import Turns
 
@@ -52,8 +52,10 @@ BETA_ONLY_EVENTS = frozenset({
 BENIGN_ERRORS = frozenset({"response_cancel_not_active"})
 #: conversation items replayed into a new API session
 HISTORY_ITEMS = 50
-COMMAND_TOPICS = ("cmd.say", "cmd.cancel", "cmd.session.update", "cmd.tool.register", "cmd.tool.unregister",
-                  "cmd.tool.result")
+COMMAND_TOPICS = ("cmd.say", "cmd.respond", "cmd.cancel", "cmd.input.commit", "cmd.input.clear", "cmd.mic",
+                  "cmd.session.update", "cmd.tool.register", "cmd.tool.unregister", "cmd.tool.result")
+#: the metadata key that tags an out-of-band response with the request that asked for it
+REQUEST_TAG = "realtalk_request_id"
 
 
 def new_id(prefix: str) -> str:
@@ -91,6 +93,10 @@ class RealtimeCore:
         self.model_transcripts: dict[str, str] = {}      #: assistant item id -> transcript so far
         self.speech_started_at: float | None = None
         self.pending_barge_in = False
+        self.mic_open = True                             #: cmd.mic: a closed gate sends no mic audio
+        #: session.update sent, not yet confirmed: (event id, command id or None, config before it)
+        self.pending_updates: list[tuple[str, str | None, dict[str, Any]]] = []
+        self.silent_responses: set[str] = set()          #: out-of-band responses whose audio is not played
         self.errors = 0
         self.malformed_commands = 0
         self.handler_failures = 0
@@ -119,6 +125,10 @@ class RealtimeCore:
         }
         self._commands: dict[str, Callable[[Mapping[str, Any], float, int], list[Action]]] = {
             "cmd.say": self._cmd_say,
+            "cmd.respond": self._cmd_respond,
+            "cmd.input.commit": self._cmd_input_commit,
+            "cmd.input.clear": self._cmd_input_clear,
+            "cmd.mic": self._cmd_mic,
             "cmd.cancel": self._cmd_cancel,
             "cmd.session.update": self._cmd_session_update,
             "cmd.tool.register": self._cmd_tool_register,
@@ -172,10 +182,10 @@ class RealtimeCore:
     def _connected(self, rec: Connected, now_s: float) -> list[Action]:
         self.link = Link.CONNECTED
         self.turns.clock.reset()
-        acts: list[Action] = [Send({"type": "session.update", "session": self._session_with_tools()})]
+        acts: list[Action] = [self._session_update(self._session_with_tools(), None, dict(self.session_config))]
         replay = self.history[-HISTORY_ITEMS:] if rec.reconnect else []
         for item in replay:
-            acts.append(Send({"type": "conversation.item.create", "item": dict(item)}))
+            acts.append(self._send({"type": "conversation.item.create", "item": dict(item)}))
         if rec.reconnect:
             acts.append(Publish("engine.status", {"state": "reconnected", "reason": rec.reason,
                                                   "history_items": len(replay)}))
@@ -187,6 +197,14 @@ class RealtimeCore:
         self.link = Link.DISCONNECTED
         acts: list[Action] = [Publish("engine.status", {"state": "disconnected", "close_code": rec.code,
                                                         "reason": rec.reason})]
+        for _, cmd_id, _ in self.pending_updates:  # what they changed is in the config the next socket gets
+            if cmd_id:
+                acts.append(Publish("cmd.ack", {"id": cmd_id, "ok": True, "applied": "on reconnect"}))
+        self.pending_updates.clear()
+        for req in list(self.requests.pending_commits):
+            acts.append(Publish("cmd.ack", {"id": req.id, "ok": False, "error":
+                                            "the API socket closed before the input buffer was committed; "
+                                            "its audio is gone with that session: speak again"}))
         lost = self.requests.socket_closed()
         if self.playout.socket_lost():
             acts.append(EndOfAudio())
@@ -265,7 +283,17 @@ class RealtimeCore:
 
     def _on_session_updated(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
         self.session = dict(ev["session"])
-        return [Publish("session.config", {"session": ev["session"]}), *self._model_named(ev["session"])]
+        acts: list[Action] = [Publish("session.config", {"session": ev["session"]}), *self._model_named(ev["session"])]
+        if self.pending_updates:  # the server answers updates in order
+            _, cmd_id, _ = self.pending_updates.pop(0)
+            if cmd_id:
+                acts.append(Publish("cmd.ack", {"id": cmd_id, "ok": True}))
+        return acts
+
+    def _session_update(self, session: dict[str, Any], cmd_id: str | None, before: dict[str, Any]) -> Send:
+        event_id = self.new_id("event")
+        self.pending_updates.append((event_id, cmd_id, before))
+        return Send({"type": "session.update", "event_id": event_id, "session": session})
 
     def _model_named(self, session: Mapping[str, Any]) -> list[Action]:
         model = session.get("model")
@@ -279,12 +307,20 @@ class RealtimeCore:
         err = ev.get("error") or {}
         code, message = err.get("code"), err.get("message") or ""
         benign = code in BENIGN_ERRORS or "already shorter than" in message
-        req = self.requests.refused(err.get("event_id") or "")
+        event_id = err.get("event_id") or ""
+        req = self.requests.refused(event_id)
+        update = next((u for u in self.pending_updates if u[0] == event_id), None)
+        cause = req.id if req else (update[1] if update else None)
         acts: list[Action] = [Publish("engine.error", {"source": "api", "code": code, "message": message,
                                                        "param": err.get("param"), "benign": benign,
                                                        "event_id": err.get("event_id"),
-                                                       "request_id": req.id if req else None,
+                                                       "request_id": cause,
                                                        "fatal": code == "beta_api_shape_disabled"})]
+        if update is not None:  # the server refused the update: the config is what it was
+            self.pending_updates.remove(update)
+            self.session_config = update[2]
+            if update[1]:
+                acts.append(Publish("cmd.ack", {"id": update[1], "ok": False, "error": message, "code": code}))
         if not benign:
             self.errors += 1
         if req is not None:
@@ -298,7 +334,10 @@ class RealtimeCore:
         input_cfg = (self.session.get("audio") or {}).get("input") or {}
         if input_cfg.get("transcription") and ev.get("item_id"):
             self.turns.transcript_due(ev["item_id"], now_s)
-        return []
+        req = self.requests.committed()
+        if req is None:
+            return []
+        return [Publish("cmd.ack", {"id": req.id, "ok": True, "item_id": ev.get("item_id")})]
 
     def _on_speech_started(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
         self.speech_started_at = now_s
@@ -357,16 +396,28 @@ class RealtimeCore:
 
     def _on_response_created(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
         resp = ev["response"]
-        in_band = resp.get("conversation_id") is not None or not resp.get("metadata")
-        self.requests.created(resp["id"], in_band)
+        tag = (resp.get("metadata") or {}).get(REQUEST_TAG)
+        oob = self.requests.out_of_band.get(tag) if isinstance(tag, str) else None
+        if oob is not None:
+            self.requests.response_requests[resp["id"]] = oob.id
+            if not oob.options.get("speak"):
+                self.silent_responses.add(resp["id"])
+        else:
+            in_band = resp.get("conversation_id") is not None or not resp.get("metadata")
+            self.requests.created(resp["id"], in_band)
         self.turns.response_created(resp["id"])
         return [self.history_message()]
+
+    def _request_of(self, response_id: str) -> str | None:
+        return self.requests.response_requests.get(response_id)
 
     def _on_output_item_added(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
         return []
 
     def _on_audio_delta(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
         rid, item_id = ev["response_id"], ev["item_id"]
+        if rid in self.silent_responses:
+            return []  # an out-of-band reply nobody asked to hear
         try:
             pcm = base64.b64decode(ev["delta"])
         except (ValueError, TypeError):
@@ -384,11 +435,15 @@ class RealtimeCore:
     def _on_text_delta(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
         self.turns.delta(ev["response_id"], now_s, audio=False)
         return [Publish("model.text.delta", {"text": ev["delta"], "item_id": ev["item_id"],
-                                             "response_id": ev["response_id"]})]
+                                             "response_id": ev["response_id"],
+                                             "request_id": self._request_of(ev["response_id"])})]
 
     def _on_text_done(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
         acts: list[Action] = [Publish("model.text.done", {"text": ev["text"], "item_id": ev["item_id"],
-                                                          "response_id": ev["response_id"]})]
+                                                          "response_id": ev["response_id"],
+                                                          "request_id": self._request_of(ev["response_id"])})]
+        if ev["response_id"] in self.silent_responses or self._out_of_band(ev["response_id"]):
+            return acts  # out of band: not part of the conversation
         self._remember({"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": ev["text"]}]},
                        acts)
         return acts
@@ -398,17 +453,25 @@ class RealtimeCore:
             return []
         self.model_transcripts[ev["item_id"]] = self.model_transcripts.get(ev["item_id"], "") + ev["delta"]
         return [Publish("model.transcript.delta", {"text": ev["delta"], "item_id": ev["item_id"],
-                                                   "response_id": ev["response_id"]})]
+                                                   "response_id": ev["response_id"],
+                                                   "request_id": self._request_of(ev["response_id"])})]
 
     def _on_transcript_done(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
         self.model_transcripts.pop(ev["item_id"], None)
         if self._cut(ev["item_id"]):
             return []  # the heard part was published when playback was interrupted
         acts: list[Action] = [Publish("model.transcript.done", {"text": ev["transcript"], "item_id": ev["item_id"],
-                                                                "response_id": ev["response_id"]})]
+                                                                "response_id": ev["response_id"],
+                                                                "request_id": self._request_of(ev["response_id"])})]
+        if self._out_of_band(ev["response_id"]):
+            return acts
         self._remember({"type": "message", "role": "assistant",
                         "content": [{"type": "output_text", "text": ev["transcript"]}]}, acts)
         return acts
+
+    def _out_of_band(self, response_id: str) -> bool:
+        req_id = self.requests.response_requests.get(response_id)
+        return req_id is not None and req_id in self.requests.out_of_band
 
     def _cut(self, item_id: str) -> bool:
         item = self.playout.items.get(item_id)
@@ -435,6 +498,9 @@ class RealtimeCore:
         calls = sum(1 for out in output if out.get("type") == "function_call")
         # commit
         request_id = self.requests.done(rid)
+        if request_id is not None:
+            self.requests.out_of_band.pop(request_id, None)
+        self.silent_responses.discard(rid)
         self.budget.add_response(usd)
         acts: list[Action] = [
             Publish("response.done", {"response_id": rid, "request_id": request_id,
@@ -461,7 +527,7 @@ class RealtimeCore:
         acts: list[Action] = []
         rid = self.requests.active_response
         if rid is not None and not server_cancels:
-            acts.append(Send({"type": "response.cancel"}))
+            acts.append(self._send({"type": "response.cancel"}))
         if self.playout.interrupt(rid, heard, now_s, reason):
             acts.append(Flush())
         return acts
@@ -469,8 +535,8 @@ class RealtimeCore:
     def _truncated(self, t: Truncation) -> list[Action]:
         item = t.item
         received_ms = item.frames // FRAMES_PER_MS
-        acts: list[Action] = [Send({"type": "conversation.item.truncate", "item_id": item.item_id, "content_index": 0,
-                                    "audio_end_ms": t.played_ms})]
+        acts: list[Action] = [self._send({"type": "conversation.item.truncate", "item_id": item.item_id,
+                                          "content_index": 0, "audio_end_ms": t.played_ms})]
         heard_text = _cut_transcript(self.model_transcripts.get(item.item_id, ""), t.played_ms, received_ms)
         acts.append(Publish("playout.interrupted", {"item_id": item.item_id, "response_id": item.response_id,
                                                     "played_ms": t.played_ms, "received_ms": received_ms,
@@ -527,8 +593,8 @@ class RealtimeCore:
 
     # ================================================================ mic
     def _mic(self, rec: MicAudio) -> list[Action]:
-        if self.link is not Link.CONNECTED:
-            return []  # the input buffer of a closed socket: dropped (the new session starts clean)
+        if self.link is not Link.CONNECTED or not self.mic_open:
+            return []  # a closed socket's input buffer is gone (the new session starts clean); a closed gate
         self.turns.clock.appended(len(rec.pcm) // 2, rec.captured_at_s)
         return [SendAudio(rec.pcm)]
 
@@ -562,55 +628,127 @@ class RealtimeCore:
         respond = body.get("respond", role == "user")
         if not isinstance(respond, bool):
             raise ValueError("cmd.say 'respond' must be true or false")
-        req = Request(str(body.get("id") or self.new_id("say")), text, role, respond, str(body.get("pub", "")))
+        return self._queue(Request(self._req_id(body, "say"), text, role, respond, str(body.get("pub", "")),
+                                   options=check_response_options(body.get("response"))), now_s)
+
+    def _cmd_respond(self, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        """A response on demand (``response``: per-response options; ``conversation: none`` for out of band)."""
+        return self._queue(Request(self._req_id(body, "respond"), "", "user", True, str(body.get("pub", "")),
+                                   options=check_response_options(body.get("response")), kind="respond"), now_s)
+
+    def _cmd_input_commit(self, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        """Push-to-talk: commit the input buffer, then (unless ``respond: false``) ask for a response."""
+        respond = body.get("respond", True)
+        if not isinstance(respond, bool):
+            raise ValueError("cmd.input.commit 'respond' must be true or false")
+        return self._queue(Request(self._req_id(body, "commit"), "", "user", respond, str(body.get("pub", "")),
+                                   options=check_response_options(body.get("response")), kind="commit"), now_s)
+
+    def _cmd_input_clear(self, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        acts = [self._send({"type": "input_audio_buffer.clear"})] if self.link is Link.CONNECTED else []
+        return acts + self._ack(body)
+
+    def _cmd_mic(self, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        """Open or close the mic gate (push-to-talk): a closed gate sends nothing to the API."""
+        is_open = body.get("open")
+        if not isinstance(is_open, bool):
+            raise ValueError("cmd.mic needs 'open': true or false")
+        self.mic_open = is_open
+        return [Publish("input.mic", {"open": is_open})] + self._ack(body, open=is_open)
+
+    def _req_id(self, body: Mapping[str, Any], prefix: str) -> str:
+        return str(body.get("id") or self.new_id(prefix))
+
+    def _queue(self, req: Request, now_s: float) -> list[Action]:
         if not self.requests.add(req):
             return []  # a client re-sending until it sees the ack: already queued or answered
         return self._drain(now_s)
 
+    def _send(self, event: dict[str, Any]) -> Send:
+        """A client event with an ``event_id``, so an error that names it can be traced to its cause."""
+        return Send({**event, "event_id": event.get("event_id") or self.new_id("event")})
+
     def _drain(self, now_s: float) -> list[Action]:
-        """Send queued requests while the socket is up and no response is in progress."""
+        """Send what is queued while the socket is up: out-of-band requests at once, the others
+        one response at a time."""
         acts: list[Action] = []
-        while self.requests.can_send(self.link is Link.CONNECTED):
-            req = self.requests.pop()
-            if req.text:
-                req.item_id = req.item_id or self.new_id("item")
-                event_id = self.new_id("event")
-                self.requests.awaiting_item[req.item_id] = req
-                self.requests.awaiting_event[event_id] = req
-                acts.append(Send({"type": "conversation.item.create", "event_id": event_id, "item": {
-                    "id": req.item_id, "type": "message", "role": req.role,
-                    "content": [{"type": "input_text", "text": req.text}]}}))
-            if req.respond:
-                if self.budget.exceeded():
-                    acts.append(Publish("engine.error", {"source": "engine", "code": "budget_exceeded",
-                                                         "request_id": req.id,
-                                                         "message": "budget_usd reached: no new responses"}))
-                    continue
-                event_id = self.new_id("event")
-                self.requests.requested(req, event_id)
-                self.turns.requested_at = now_s
-                acts.append(Send({"type": "response.create", "event_id": event_id}))
+        if self.link is not Link.CONNECTED:
+            return acts
+        for req in [r for r in self.requests.queue if r.out_of_band]:
+            self.requests.queue.remove(req)
+            acts.extend(self._send_request(req, now_s))
+        while self.requests.can_send(True):
+            acts.extend(self._send_request(self.requests.pop(), now_s))
+        return acts
+
+    def _send_request(self, req: Request, now_s: float) -> list[Action]:
+        acts: list[Action] = []
+        if req.kind == "say" and req.text:
+            req.item_id = req.item_id or self.new_id("item")
+            event_id = self.new_id("event")
+            self.requests.awaiting_item[req.item_id] = req
+            self.requests.awaiting_event[event_id] = req
+            acts.append(Send({"type": "conversation.item.create", "event_id": event_id, "item": {
+                "id": req.item_id, "type": "message", "role": req.role,
+                "content": [{"type": "input_text", "text": req.text}]}}))
+        elif req.kind == "commit":
+            event_id = self.new_id("event")
+            self.requests.pending_commits.append(req)
+            self.requests.awaiting_event[event_id] = req
+            acts.append(Send({"type": "input_audio_buffer.commit", "event_id": event_id}))
+        if not req.respond:
+            return acts
+        if self.budget.exceeded():
+            acts.append(Publish("engine.error", {"source": "engine", "code": "budget_exceeded", "request_id": req.id,
+                                                 "message": "budget_usd reached: no new responses"}))
+            if req.kind == "respond":
+                acts.append(Publish("cmd.ack", {"id": req.id, "ok": False, "error": "budget_usd reached"}))
+            return acts
+        event_id = self.new_id("event")
+        options = {k: v for k, v in req.options.items() if k != "speak"}
+        if req.out_of_band:
+            options["metadata"] = {**dict(options.get("metadata") or {}), REQUEST_TAG: req.id}  # type: ignore[arg-type]
+            options.setdefault("output_modalities", ["audio"] if req.options.get("speak") else ["text"])
+            self.requests.out_of_band[req.id] = req
+            self.requests.awaiting_event[event_id] = req
+        else:
+            self.requests.requested(req, event_id)
+            self.turns.requested_at = now_s
+        event: dict[str, Any] = {"type": "response.create", "event_id": event_id}
+        if options:
+            event["response"] = options
+        acts.append(Send(event))
+        if req.kind == "respond":
+            acts.append(Publish("cmd.ack", {"id": req.id, "ok": True}))
         return acts
 
     def _cmd_cancel(self, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
         return self.interrupt(False, "cmd.cancel", now_s, heard) + self._ack(body)
 
     def _cmd_session_update(self, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        """Change the session; acknowledged when the server confirms it (``session.updated``), or
+        refused with the server's error."""
         session = body.get("session")
         if not isinstance(session, dict):
             raise ValueError("cmd.session.update needs 'session': a map of session fields")
         if "tools" in session:
             check_session_tools(session["tools"])
+        before = dict(self.session_config)
         self.session_config = {**self.session_config, **session, "type": "realtime"}
+        if self.link is not Link.CONNECTED:
+            return self._ack(body, applied="on reconnect")  # the next socket gets the whole config
         update = {**session, "type": "realtime"}
         if "tools" in session:
             update["tools"] = self._session_with_tools()["tools"]
-        return [Send({"type": "session.update", "session": update})] + self._ack(body)
+        cmd_id = body.get("id")
+        return [self._session_update(update, str(cmd_id) if cmd_id else None, before)]
 
     def _tools_changed(self) -> list[Action]:
-        return [Send({"type": "session.update", "session": {"type": "realtime",
-                                                            "tools": self._session_with_tools()["tools"]}}),
-                Publish("engine.tools", {"tools": sorted(self.tools.registered)})]
+        acts: list[Action] = [Publish("engine.tools", {"tools": sorted(self.tools.registered)})]
+        if self.link is Link.CONNECTED:
+            acts.insert(0, self._session_update({"type": "realtime", "tools": self._session_with_tools()["tools"]},
+                                                None, dict(self.session_config)))
+        return acts
 
     def _cmd_tool_register(self, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
         self.tools.register(parse_registration(body))
@@ -640,7 +778,7 @@ class RealtimeCore:
 
     def _tool_output(self, call_id: str, output: str, now_s: float) -> list[Action]:
         item = {"type": "function_call_output", "call_id": call_id, "output": output}
-        acts: list[Action] = [Send({"type": "conversation.item.create", "item": item})]
+        acts: list[Action] = [self._send({"type": "conversation.item.create", "item": item})]
         self._remember(item, acts)
         self.requests.add(Request(self.new_id("tool"), "", "user", True, "tool"))
         return acts + self._drain(now_s)

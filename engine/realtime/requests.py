@@ -55,6 +55,42 @@ TRANSITIONS: dict[tuple[Slot, str], Slot] = {
 }
 
 
+#: per-response options a request may carry (the GA ``response.create`` ``response`` fields), and ``speak``
+RESPONSE_OPTIONS = ("instructions", "output_modalities", "conversation", "input", "metadata", "tool_choice",
+                    "max_output_tokens", "speak")
+
+
+def check_response_options(options: object) -> dict[str, object]:
+    """Validate per-response options; ValueError naming the bad one and the known ones."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise ValueError("'response' must be a map of response options")
+    for key, value in options.items():
+        if key not in RESPONSE_OPTIONS:
+            raise ValueError(f"unknown response option {key!r} (known: {', '.join(RESPONSE_OPTIONS)})")
+        if key == "instructions" and not isinstance(value, str):
+            raise ValueError("response option 'instructions' must be a string")
+        if key == "output_modalities" and value not in (["audio"], ["text"]):
+            raise ValueError("response option 'output_modalities' must be [audio] or [text]")
+        if key == "conversation" and value not in ("auto", "none"):
+            raise ValueError("response option 'conversation' must be 'auto' or 'none'")
+        if key == "input" and not (isinstance(value, list) and all(isinstance(i, dict) for i in value)):
+            raise ValueError("response option 'input' must be a list of conversation items")
+        if key == "metadata" and not (isinstance(value, dict) and all(isinstance(v, str) for v in value.values())):
+            raise ValueError("response option 'metadata' must be a map of strings")
+        if key == "tool_choice" and not (value in ("auto", "none", "required") or
+                                         (isinstance(value, dict) and isinstance(value.get("name"), str))):
+            raise ValueError("response option 'tool_choice' must be auto, none, required or "
+                             "{type: function, name: ...}")
+        if key == "max_output_tokens" and not (value == "inf" or (isinstance(value, int) and not isinstance(value, bool)
+                                                                  and 1 <= value <= 32768)):
+            raise ValueError("response option 'max_output_tokens' must be 1..32768 or 'inf'")
+        if key == "speak" and not isinstance(value, bool):
+            raise ValueError("response option 'speak' must be true or false")
+    return dict(options)
+
+
 @dataclass
 class Request:
     id: str
@@ -64,6 +100,11 @@ class Request:
     source: str = ""
     item_id: str | None = None    #: the conversation item we create for it (set when first sent)
     options: dict[str, object] = field(default_factory=dict)  #: per-response options (instructions, ...)
+    kind: str = "say"             #: say (an item, then maybe a response), commit (the input buffer), respond
+
+    @property
+    def out_of_band(self) -> bool:
+        return self.options.get("conversation") == "none"
 
 
 class Requests:
@@ -75,6 +116,8 @@ class Requests:
         self.queue: deque[Request] = deque()
         self.awaiting_item: dict[str, Request] = {}      #: item id -> request, sent, not acknowledged
         self.awaiting_event: dict[str, Request] = {}     #: client event id -> request
+        self.pending_commits: deque[Request] = deque()   #: input_audio_buffer.commit sent, not yet committed
+        self.out_of_band: dict[str, Request] = {}        #: request id -> out-of-band request sent
         self.seen: OrderedDict[str, None] = OrderedDict()
 
     def _move(self, event: str) -> None:
@@ -129,9 +172,20 @@ class Requests:
             self.active_response = None
         return self.response_requests.pop(response_id, None)
 
+    def committed(self) -> Request | None:
+        """The server committed the input buffer: the oldest commit we asked for, if any."""
+        req = self.pending_commits.popleft() if self.pending_commits else None
+        if req is not None:
+            for eid, r in list(self.awaiting_event.items()):
+                if r is req and not req.respond:
+                    del self.awaiting_event[eid]
+        return req
+
     def refused(self, event_id: str) -> Request | None:
         """The server refused the client event ``event_id`` (an ``error`` naming it); returns its request."""
         req = self.awaiting_event.pop(event_id, None)
+        if req is not None and req in self.pending_commits:
+            self.pending_commits.remove(req)
         if req is not None and self.slot is Slot.REQUESTED and self.requested_for == req.id:
             self._move("refused")
             self.requested_for = None
@@ -157,6 +211,9 @@ class Requests:
             lost.append((None, self.requested_for))
         if self.slot is Slot.ACTIVE and self.active_response is not None:
             lost.append((self.active_response, self.response_requests.pop(self.active_response, None)))
+        running = {req: resp for resp, req in self.response_requests.items()}
+        lost.extend((running.get(req_id), req_id) for req_id in self.out_of_band)
+        self.response_requests.clear()
         # sent but never acknowledged: sent again on the next socket, in the order they were sent
         resend = list({id(r): r for r in self.awaiting_item.values()}.values())
         for req in reversed(resend):
@@ -165,6 +222,8 @@ class Requests:
         lost = [(resp, req) for resp, req in lost if req is None or req not in requeued]
         self.awaiting_item.clear()
         self.awaiting_event.clear()
+        self.pending_commits.clear()
+        self.out_of_band.clear()
         self._move("closed")
         self.active_response = None
         self.requested_for = None
