@@ -24,7 +24,6 @@ Pure functions and data, no sockets, except :func:`apply_client_curve`,
 """
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import os
@@ -37,7 +36,7 @@ from bus.wire import BusError
 
 #: topics only the engine's own processes may publish: signed by them, verified by them
 SIGNED_TOPICS: tuple[str, ...] = ("engine.status", "engine.error", "playback.", "capture.", "session.config",
-                                  "engine.presence.gone", "engine.tools")
+                                  "engine.presence.gone", "engine.tools", "conversation.history")
 #: the environment variable holding the keys of an engine's child process (JSON)
 ENV_KEYS = "REALTALK_BUS_KEYS"
 #: the malformed-message reason of a dropped control message
@@ -133,7 +132,7 @@ def signed(topic: str, prefixes: tuple[str, ...] = SIGNED_TOPICS) -> bool:
 
 def sign(key: bytes, topic: bytes, body: bytes) -> bytes:
     """The signature frame of ``[topic, body]``: hex HMAC-SHA256 (64 ASCII bytes)."""
-    return hmac.new(key, len(topic).to_bytes(2, "big") + topic + body, hashlib.sha256).hexdigest().encode()
+    return hmac.digest(key, b"".join((len(topic).to_bytes(2, "big"), topic, body)), "sha256").hex().encode()
 
 
 def verify(key: bytes, topic: bytes, body: bytes, signature: bytes | None) -> bool:
