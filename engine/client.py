@@ -16,6 +16,7 @@ to a running one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import os
@@ -57,6 +58,12 @@ class Reply:
     usd: float
     response_id: str
     item_id: str | None
+
+
+@dataclass
+class Turn:
+    """A push-to-talk turn (:meth:`Session.turn`); ``reply`` is set when the answer is done."""
+    reply: Reply | None = None
 
 
 @dataclass
@@ -194,26 +201,74 @@ class Session:
         raise EngineError(f"no acknowledgement for {topic} within {timeout_s}s")
 
     # ------------------------------------------------------------ the quick-start API
-    async def system(self, text: str) -> dict[str, Any]:
-        """Add context the model sees and nobody hears; no reply."""
+    async def system(self, text: str, respond: bool = False, **response: Any) -> dict[str, Any] | Reply:
+        """Add context the model sees and nobody hears; with ``respond=True`` the model answers
+        (a :class:`Reply`), else the ``cmd.ack``."""
+        if respond:
+            return await self._ask("cmd.say", {"text": text, "role": "system", "respond": True}, response, 120.0)
         ack = await self.command("cmd.say", {"text": text, "role": "system", "respond": False})
         if not ack.get("ok"):
             raise EngineError(f"system message refused: {ack.get('error')}")
         return ack
 
-    async def user(self, text: str, timeout_s: float = 120.0) -> Reply:
-        """Say ``text`` as the user; return when the response is done (text or transcript, usage, cost)."""
+    async def user(self, text: str, timeout_s: float = 120.0, **response: Any) -> Reply:
+        """Say ``text`` as the user; return when the response is done (text or transcript, usage, cost).
+        ``response``: per-response options (instructions, output_modalities, conversation, input,
+        metadata, tool_choice, max_output_tokens, speak; docs/bus-protocol.md)."""
+        return await self._ask("cmd.say", {"text": text, "role": "user", "respond": True}, response, timeout_s)
+
+    async def response(self, timeout_s: float = 120.0, **response: Any) -> Reply:
+        """A response now, with per-response options; ``conversation="none"`` for an out-of-band
+        reply (e.g. a classification) that does not enter the conversation and is not spoken."""
+        return await self._ask("cmd.respond", {}, response, timeout_s)
+
+    async def stream(self, text: str, timeout_s: float = 120.0, **response: Any) -> AsyncIterator[str]:
+        """Say ``text`` and yield the reply's text (or transcript) deltas as they arrive."""
+        req_id = uuid.uuid4().hex
+        q: asyncio.Queue[Event] = asyncio.Queue()
+        entry = ("", q)
+        self._streams.append(entry)
+        try:
+            await self._send_request("cmd.say", {"text": text, "role": "user", "respond": True, "id": req_id},
+                                     response)
+            deadline = time.monotonic() + timeout_s
+            while True:
+                if self.fatal is not None:
+                    raise self.fatal
+                try:
+                    ev = await asyncio.wait_for(q.get(), max(0.0, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    raise EngineError(f"no end of the answer within {timeout_s:g} s") from None
+                if ev.body.get("request_id") != req_id:
+                    continue
+                if ev.topic in ("model.text.delta", "model.transcript.delta"):
+                    yield ev.body.get("text", "")
+                elif ev.topic == "response.done":
+                    if ev.body.get("status") == "failed":
+                        raise ResponseFailed(f"the answer failed ({ev.body.get('reason')}): {ev.body.get('message')}",
+                                             ev.body)
+                    return
+        finally:
+            self._streams.remove(entry)
+
+    async def _send_request(self, topic: str, payload: dict[str, Any], response: dict[str, Any]) -> dict[str, Any]:
+        if response:
+            payload["response"] = dict(response)
         if self._pending_tools:
             await self.register_tools()
-        cmd_id = uuid.uuid4().hex
-        done = self._expect(lambda t, b: t == "response.done" and b.get("request_id") == cmd_id)
-        ack = await self.command("cmd.say", {"text": text, "role": "user", "respond": True, "id": cmd_id})
+        ack = await self.command(topic, payload)
         if not ack.get("ok"):
-            raise EngineError(f"message refused: {ack.get('error')}")
+            raise EngineError(f"{topic} refused: {ack.get('error')}")
+        return ack
+
+    async def _ask(self, topic: str, payload: dict[str, Any], response: dict[str, Any], timeout_s: float) -> Reply:
+        req_id = uuid.uuid4().hex
+        payload["id"] = req_id
+        done = self._expect(lambda t, b: t == "response.done" and b.get("request_id") == req_id)
+        ack = await self._send_request(topic, payload, response)
         _, body = await self._wait(done, timeout_s, "answer")
         if body.get("status") == "failed":
-            raise ResponseFailed(f"the answer to {text[:40]!r} failed ({body.get('reason')}): {body.get('message')}",
-                                 body)
+            raise ResponseFailed(f"the answer failed ({body.get('reason')}): {body.get('message')}", body)
         usd = float(body.get("usd", 0.0))
         while body.get("function_calls") and body.get("status") == "completed":
             # the model called tools: the answer is the response that follows their output
@@ -221,12 +276,34 @@ class Session:
             _, body = await self._wait(nxt, timeout_s, "answer after the tool calls")
             usd += float(body.get("usd", 0.0))
         usage = body.get("usage") or {}
-        if (usage.get("output_token_details") or {}).get("audio_tokens"):
+        if (usage.get("output_token_details") or {}).get("audio_tokens") and response.get("conversation") != "none":
             self.last_audio_response = body["response_id"]
             if not self.playing:
                 self._audio_idle.clear()  # its audio has yet to finish playing
         return Reply(body.get("text", ""), body.get("status", ""), body.get("usage"), usd,
                      body["response_id"], ack.get("item_id"))
+
+    async def mic(self, open: bool) -> dict[str, Any]:
+        """Open or close the mic gate: while closed no mic audio reaches the model."""
+        return await self.command("cmd.mic", {"open": open})
+
+    @contextlib.asynccontextmanager
+    async def turn(self, timeout_s: float = 120.0, **response: Any) -> AsyncIterator["Turn"]:
+        """Push-to-talk: ``async with session.turn() as t: ...`` opens the mic (stopping the model if it
+        speaks) and, on leaving, commits what was said and waits for the answer (``t.reply``).
+        Meant for ``turn_detection: null``; the gate is closed again afterwards."""
+        t = Turn()
+        await self.command("cmd.cancel", {})
+        await self.command("cmd.input.clear", {})
+        await self.mic(True)
+        try:
+            yield t
+        except BaseException:
+            await self.mic(False)
+            await self.command("cmd.input.clear", {})
+            raise
+        await self.mic(False)
+        t.reply = await self._ask("cmd.input.commit", {"respond": True}, response, timeout_s)
 
     async def audio_done(self, timeout_s: float = 120.0) -> None:
         """Resolve when playback of the last response has finished (at once if there was no audio)."""
@@ -304,6 +381,11 @@ class Session:
         await self.close()
 
 
+def _die_with_parent() -> None:
+    from engine.child import parent_death_signal
+    parent_death_signal()
+
+
 def _schema_from_signature(fn: Callable[..., Any]) -> dict[str, Any]:
     types = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array", dict: "object"}
     props, required = {}, []
@@ -328,6 +410,7 @@ async def connect(path: str | os.PathLike[str] | None = None, debug: bool = Fals
 
 
 _SESSION_KEYS = {"instructions", "voice", "output_modalities", "turn_detection", "transcription", "noise_reduction", "tools"}
+_OPTION_KEYS = {"model", "api_key", "debug", "text_only", "mic", "speaker", "backend", "scenario", "speed", "config"}
 
 
 async def create_session(session: dict[str, Any] | None = None, options: dict[str, Any] | None = None) -> Session:
@@ -342,6 +425,9 @@ async def create_session(session: dict[str, Any] | None = None, options: dict[st
     unknown = set(session) - _SESSION_KEYS
     if unknown:
         raise EngineError(f"unknown session key {sorted(unknown)[0]!r} (known: {', '.join(sorted(_SESSION_KEYS))})")
+    unknown = set(options) - _OPTION_KEYS
+    if unknown:
+        raise EngineError(f"unknown option {sorted(unknown)[0]!r} (known: {', '.join(sorted(_OPTION_KEYS))})")
     cfg: dict[str, Any] = {}
     if options.get("config"):
         cfg = yaml.safe_load(Path(options["config"]).read_text()) or {}
@@ -352,16 +438,21 @@ async def create_session(session: dict[str, Any] | None = None, options: dict[st
     if options.get("api_key"):
         env["OPENAI_API_KEY"] = options["api_key"]
     text_only = options.get("text_only", session.get("output_modalities") == ["text"])
-    tmp = Path(tempfile.mkdtemp(prefix="realtalk-session-"))
+    tmp = Path(tempfile.mkdtemp(prefix="realtalk-session-"))  # 0700: this engine's own runtime directory
     cfg_path = tmp / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
+    run_dir = tmp / "run"
+    run_dir.mkdir(mode=0o700)
+    env["REALTALK_RUNTIME_DIR"] = str(run_dir)  # several sessions in one program: one engine each
     argv = [sys.executable, "-m", "engine.cli", "start", "--config", str(cfg_path)]
     for key in ("backend", "mic", "speaker", "scenario", "speed"):
         if options.get(key) is not None:
             argv += [f"--{key}", str(options[key])]
     if text_only:
         argv.append("--text-only")
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    # the engine dies with this program, however it ends (a script that raises leaves no orphan)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                            preexec_fn=_die_with_parent)
     lines: list[str] = []
 
     def wait_ready() -> bool:
@@ -379,6 +470,6 @@ async def create_session(session: dict[str, Any] | None = None, options: dict[st
         raise EngineError("the engine did not start:\n" + "".join(lines))
     # keep draining its output so it never blocks on a full pipe
     asyncio.get_running_loop().run_in_executor(None, lambda: [None for _ in proc.stdout])  # type: ignore[union-attr]
-    s = Session(json.loads(connection_file().read_text()), process=proc, debug=bool(options.get("debug")))
+    s = Session(json.loads((run_dir / "engine.json").read_text()), process=proc, debug=bool(options.get("debug")))
     await s._start()
     return s

@@ -1,0 +1,102 @@
+"""The Python API's conversation control, end to end against the local server: the old
+JavaScript quick start's examples ported (a translator, streaming, out-of-band replies, sessions
+talking to each other) and a push-to-talk turn with a WAV mic."""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+
+TEXT = {"output_modalities": ["text"]}
+TEXT_OPTS: dict[str, Any] = {"mic": "null", "speaker": "null", "text_only": True}
+
+
+def test_translator_streaming_and_an_out_of_band_reply(runtime_dir: Path, tmp_path: Path) -> None:
+    from engine import create_session
+    scenario = tmp_path / "sc.yaml"
+    scenario.write_text('turns:\n  - match: {text: "Translate"}\n    reply: "Bonjour tout le monde."\n'
+                        '  - match: {text: "Classify"}\n    reply: "positive"\n')
+
+    async def main() -> None:
+        async with await create_session({"instructions": "You translate English to French.", **TEXT},
+                                        {**TEXT_OPTS, "scenario": str(scenario)}) as session:
+            await session.system("Answer with the translation only.")
+            reply = await session.user("Translate: hello everyone")
+            assert reply.text == "Bonjour tout le monde." and reply.status == "completed"
+            deltas = [d async for d in session.stream("Translate: hello everyone, again")]
+            assert len(deltas) > 1 and "".join(deltas) == "Bonjour tout le monde."
+            # an out-of-band classification: tagged, not in the conversation
+            oob = await session.response(conversation="none", instructions="Classify the sentiment.",
+                                         input=[{"type": "message", "role": "user",
+                                                 "content": [{"type": "input_text", "text": "Classify: I love it"}]}],
+                                         metadata={"kind": "sentiment"})
+            assert oob.text == "positive"
+            with pytest.raises(Exception, match="unknown response option 'colour'"):
+                await session.user("hi", colour="red")
+            context = await session.system("What did we say?", respond=True)
+            assert context.status == "completed"
+    asyncio.run(asyncio.wait_for(main(), 90))
+
+
+def test_unknown_options_are_refused_naming_the_known_ones(runtime_dir: Path) -> None:
+    from engine import EngineError, create_session
+    with pytest.raises(EngineError, match=r"unknown option 'spekaer' \(known: .*speaker"):
+        asyncio.run(create_session(TEXT, {"spekaer": "null"}))
+
+
+def test_two_sessions_in_one_program_talk_to_each_other(runtime_dir: Path) -> None:
+    """The old library's ensemble: each session has its own engine and runtime directory."""
+    from engine import create_session
+
+    async def main() -> None:
+        a, b = await asyncio.gather(create_session(TEXT, TEXT_OPTS), create_session(TEXT, TEXT_OPTS))
+        try:
+            assert a.conn["publish"] != b.conn["publish"]
+            line = "Hello from Ada"
+            for _ in range(2):
+                line = (await a.user(line)).text
+                line = (await b.user(line)).text
+            assert line.count("You said") == 4  # each engine's local server echoed what the other said
+        finally:
+            await asyncio.gather(a.close(), b.close())
+    asyncio.run(asyncio.wait_for(main(), 90))
+
+
+def test_push_to_talk_turn_with_a_wav_mic(runtime_dir: Path, tmp_path: Path, speech_wav: Any) -> None:
+    """turn_detection null: nothing answers until the turn is committed (issue 12: speech was
+    buffered and never answered, nothing could commit it)."""
+    import time
+    import wave
+    import yaml
+    from engine import create_session
+    scenario = tmp_path / "sc.yaml"
+    scenario.write_text('turns:\n  - match: {turn: 1}\n    reply: "Paris."\n')
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"session": {"turn_detection": None, "output_modalities": ["text"]}}))
+    wav = speech_wav("What is the capital of France?", pad_s=4.0)  # speech starts 4 s in
+    with wave.open(str(wav)) as w:
+        wav_s = w.getnframes() / w.getframerate()
+
+    async def main() -> None:
+        t0 = time.monotonic()
+        async with await create_session({}, {"config": str(cfg), "mic": str(wav), "speaker": "null",
+                                             "scenario": str(scenario), "text_only": False}) as session:
+            assert time.monotonic() - t0 < 3.5, "the engine took too long to start: the speech was missed"
+            done: list[Any] = []
+            watcher = asyncio.get_running_loop().create_task(_collect(session, "response.done", done))
+            async with session.turn() as turn:
+                # the mic is a WAV playing in real time: the turn lasts until its speech is over
+                await asyncio.sleep(max(0.0, t0 + wav_s - 2.0 - time.monotonic()))
+                assert done == []  # no VAD: nothing is answered while the user holds the turn
+            assert turn.reply is not None and turn.reply.text == "Paris."
+            watcher.cancel()
+    asyncio.run(asyncio.wait_for(main(), 90))
+
+
+async def _collect(session: Any, prefix: str, into: list[Any]) -> None:
+    async for event in session.events(prefix):
+        into.append(event)
