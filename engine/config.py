@@ -168,8 +168,8 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str,
         node[parts[-1]] = _check(value, _lookup(DEFAULTS, parts), dotted)
     from engine.realtime.budget import check_priced  # the price table is part of the config's check
     check_priced(cfg["model"])
-    if cfg["session_recycle_s"] < 60:
-        raise ConfigError(f"config key 'session_recycle_s': at least 60 seconds, got {cfg['session_recycle_s']}")
+    if cfg["session_recycle_s"] < 1:
+        raise ConfigError(f"config key 'session_recycle_s': at least 1 second, got {cfg['session_recycle_s']}")
     return cfg
 
 

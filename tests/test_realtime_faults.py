@@ -134,3 +134,45 @@ def test_a_refused_key_stops_the_engine_at_once_naming_the_variable(runtime_dir:
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(10)
+
+
+def test_the_sixty_minute_close_and_the_recycle_before_it_keep_the_conversation(start_engine: Any,
+                                                                                tmp_path: Path) -> None:
+    """Issue 15 "API socket": a 1001 close (the API's session limit, here after 2 s) is reconnected
+    within 2 s with the conversation replayed; with session_recycle_s the engine renews the
+    session itself at a turn boundary first."""
+    scenario = tmp_path / "sc.yaml"
+    scenario.write_text("faults:\n  max_session_s: 2.0\n")
+    eng = start_engine("--text-only", "--scenario", str(scenario))
+    conn = eng.conn
+    sub = Subscriber(conn["subscribe"], ["response.done", "engine.status", "server.conversation.item.added"])
+    pub = Publisher(conn["publish"], "test")
+    pub.join(conn["subscribe"])
+    seen: list[tuple[str, dict[str, Any]]] = []
+    assert answered(sub, ask(pub, "remember the word ZX9"), 20, seen)["status"] == "completed"
+    down = wait_topic(sub, "engine.status", timeout=10, where=lambda b: b.get("state") == "disconnected", seen=seen)
+    assert down["close_code"] == 1001 and "60 minutes" in down["reason"]
+    t_down = time.monotonic()
+    back = wait_topic(sub, "engine.status", timeout=5, where=lambda b: b.get("state") == "reconnected", seen=seen)
+    assert time.monotonic() - t_down < 2.0 and back["history_items"] >= 2
+    wait_topic(sub, "server.conversation.item.added", timeout=5, seen=seen, where=lambda b: "ZX9" in json.dumps(b))
+    sub.close()
+    pub.close()
+
+
+def test_the_engine_recycles_its_session_at_a_turn_boundary(start_engine: Any, tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("session_recycle_s: 2\n")
+    eng = start_engine("--text-only", "--config", str(cfg))
+    conn = eng.conn
+    sub = Subscriber(conn["subscribe"], ["response.done", "engine.status"])
+    pub = Publisher(conn["publish"], "test")
+    pub.join(conn["subscribe"])
+    seen: list[tuple[str, dict[str, Any]]] = []
+    assert answered(sub, ask(pub, "hello"), 20, seen)["status"] == "completed"
+    back = wait_topic(sub, "engine.status", timeout=10, where=lambda b: b.get("state") == "reconnected", seen=seen)
+    assert back["reason"] == "recycle" and back["history_items"] >= 2
+    assert not [b for t, b in seen if t == "response.done" and b.get("status") == "failed"]
+    assert answered(sub, ask(pub, "still there?"), 20, seen)["status"] == "completed"
+    sub.close()
+    pub.close()
