@@ -48,6 +48,8 @@ PRESENCE_PREFIX = b"_presence."
 #: message, a subscriber that stops reading holds at most ~10 MB of the broker; past it the
 #: XPUB drops that subscriber's messages (it sees the gaps in ``seq``)
 _HWM = 10_000
+#: after a crash, how long the new broker takes subscribers only: 2.5 of their reconnect intervals
+RESTART_GRACE_S = 0.25
 #: how often an idle keeper checks whether the queues' memory can go back to the system
 TRIM_PERIOD_S = 5.0
 #: RSS growth over the broker's start that makes the keeper call malloc_trim
@@ -62,7 +64,7 @@ _broker_ids = itertools.count()
 def run_broker(publish_endpoint: str, subscribe_endpoint: str, *, ready_fd: int | None = None,
                context: zmq.Context | None = None, stop_endpoint: str | None = None,
                curve_server: tuple[bytes, bytes] | None = None, curve_clients: list[bytes] | None = None,
-               signing_key: bytes | None = None) -> None:
+               signing_key: bytes | None = None, resubscribe_grace_s: float = 0.0) -> None:
     """Forward messages until SIGTERM/SIGINT (or a message on ``stop_endpoint``).
 
     ``publish_endpoint`` is where clients publish (XSUB binds there), ``subscribe_endpoint``
@@ -70,6 +72,8 @@ def run_broker(publish_endpoint: str, subscribe_endpoint: str, *, ready_fd: int 
     both sockets are bound. ``curve_server`` (public, secret; Z85) makes tcp endpoints CURVE
     servers that accept only ``curve_clients`` (Z85 public keys); a tcp endpoint without it
     is open to anyone who can reach the port. ``signing_key`` signs what the broker publishes.
+    ``resubscribe_grace_s`` (a restart): the subscribe side is bound that long before the
+    publish side, so that subscribers are back before publishers send what they queued.
     """
     ctx = context or zmq.Context.instance()
     auth = None
@@ -96,10 +100,15 @@ def run_broker(publish_endpoint: str, subscribe_endpoint: str, *, ready_fd: int 
             if endpoint.startswith("tcp://"):
                 apply_server_curve(server, *curve_server)
     keeper_pub.setsockopt(zmq.XPUB_VERBOSE, 1)  # so that each new subscriber gets its replay
-    xsub.bind(publish_endpoint)
-    xsub.bind(inproc + "-pub")
     xpub.bind(subscribe_endpoint)
     xpub.bind(inproc + "-sub")
+    if resubscribe_grace_s > 0:
+        # a restart: subscribers reconnect (every 100 ms) and subscribe again before the
+        # publishers' queued messages may come in; else those went to no one (the XPUB drops
+        # what matches no subscription yet): up to the whole outage, counted only as seq gaps
+        time.sleep(resubscribe_grace_s)
+    xsub.bind(publish_endpoint)
+    xsub.bind(inproc + "-pub")
     control_in.bind(inproc + "-control")
     control_out.connect(inproc + "-control")
     if stop is not None:
@@ -206,17 +215,23 @@ def _rss_bytes() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m bus.broker PUBLISH_ENDPOINT SUBSCRIBE_ENDPOINT``"""
+    """``python -m bus.broker PUBLISH_ENDPOINT SUBSCRIBE_ENDPOINT [--restart]``
+
+    ``--restart``: the engine's broker is started again after a crash; it waits
+    :data:`RESTART_GRACE_S` for the subscribers before it takes publishers' messages."""
     args = sys.argv[1:] if argv is None else argv
+    restart = "--restart" in args
+    args = [a for a in args if a != "--restart"]
     if len(args) != 2:
-        print("usage: python -m bus.broker PUBLISH_ENDPOINT SUBSCRIBE_ENDPOINT", file=sys.stderr)
+        print("usage: python -m bus.broker PUBLISH_ENDPOINT SUBSCRIBE_ENDPOINT [--restart]", file=sys.stderr)
         return 2
     keys = environment_keys()
     server = (keys["curve_server_key"].encode(), keys["curve_server_secret"].encode()) \
         if keys.get("curve_server_secret") else None
     run_broker(args[0], args[1], curve_server=server,
                curve_clients=[keys["curve_public_key"].encode()] if server else None,
-               signing_key=parse_signing_key(keys.get("signing_key")))
+               signing_key=parse_signing_key(keys.get("signing_key")),
+               resubscribe_grace_s=RESTART_GRACE_S if restart else 0.0)
     return 0
 
 
