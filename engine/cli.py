@@ -30,6 +30,10 @@ def _load_cfg(args: argparse.Namespace) -> dict[str, Any]:
         overrides["local_server.speed"] = args.speed
     if getattr(args, "text_only", False):
         overrides["session.output_modalities"] = ["text"]
+    if getattr(args, "instructions", None) is not None:
+        overrides["session.instructions"] = args.instructions
+    if getattr(args, "voice", None) is not None:
+        overrides["session.voice"] = args.voice
     path = args.config
     if path is None and REPO_CONFIG.exists() and os.path.abspath(os.getcwd()) == str(REPO_CONFIG.parent):
         path = str(REPO_CONFIG)
@@ -191,6 +195,46 @@ def cmd_say(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ptt(args: argparse.Namespace) -> int:
+    """Push to talk in a terminal: Enter opens the mic, Enter again sends the turn and prints the answer."""
+    from bus import Subscriber
+    conn = _connection()
+    sub = Subscriber(conn["subscribe"], ["model.text.delta", "model.transcript.delta", "response.done"])
+    lines = iter(sys.stdin.readline, "")
+    try:
+        _publish_with_ack("cmd.mic", {"open": False})
+        for turn in range(args.turns or 1 << 30):
+            print("engine ptt: press Enter to talk (Ctrl-D to quit)", flush=True)
+            if next(lines, None) is None:
+                break
+            for topic, payload in (("cmd.cancel", {}), ("cmd.input.clear", {}), ("cmd.mic", {"open": True})):
+                _publish_with_ack(topic, payload)
+            print("engine ptt: listening; press Enter to send", flush=True)
+            ended = next(lines, None) is None
+            _publish_with_ack("cmd.mic", {"open": False})
+            ack = _publish_with_ack("cmd.input.commit", {"respond": True}, timeout_s=args.timeout)
+            if not ack.get("ok"):
+                print(f"engine ptt: not sent: {ack.get('error')}", file=sys.stderr)
+                continue
+            deadline = time.monotonic() + args.timeout
+            while time.monotonic() < deadline:
+                msg = sub.recv(timeout_ms=200)
+                if msg is None:
+                    continue
+                topic, body = msg
+                if body.get("request_id") != ack["id"]:
+                    continue
+                if topic == "response.done":
+                    print(flush=True)
+                    break
+                print(body.get("text", ""), end="", flush=True)
+            if ended:
+                break
+    finally:
+        sub.close()
+    return 0
+
+
 def cmd_tail(args: argparse.Namespace) -> int:
     from bus import Subscriber
     conn = _connection()
@@ -251,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mic", help="device name or index, a .wav file, or null")
     s.add_argument("--speaker", help="device name or index, a .wav file, or null")
     s.add_argument("--text-only", action="store_true", help="no audio: text in, text out")
+    s.add_argument("--instructions", help="the model's instructions (session.instructions)")
+    s.add_argument("--voice", help="the model's voice (session.voice), e.g. marin, cedar, alloy")
     s.add_argument("--scenario", help="local server scenario file")
     s.add_argument("--speed", type=float, help="local server speech speed-up (tests)")
     s.set_defaults(func=cmd_start)
@@ -289,6 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--respond", action="store_true", help="ask for a response even for --system")
     s.set_defaults(func=cmd_say)
 
+    s = sp.add_parser("ptt", help="push to talk: Enter to talk, Enter to send (for turn_detection: null)")
+    s.add_argument("--turns", type=int, default=None, help="stop after this many turns")
+    s.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each answer")
+    s.set_defaults(func=cmd_ptt)
     s = sp.add_parser("tail", help="print bus messages")
     s.add_argument("prefixes", nargs="*", metavar="TOPIC_PREFIX")
     s.add_argument("--json", action="store_true")

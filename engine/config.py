@@ -28,6 +28,16 @@ DEFAULTS: dict[str, Any] = {
         "transcription": {"model": "gpt-4o-mini-transcribe"},
         "noise_reduction": None,
         "tools": [],
+        # GA session fields left to the API's default when null
+        "speed": None,
+        "max_output_tokens": None,
+        "tool_choice": None,
+        "truncation": None,
+        "reasoning": None,
+        "parallel_tool_calls": None,
+        "include": None,
+        "prompt": None,
+        "tracing": None,
     },
     "audio": {"mic": "default", "speaker": "default", "device_rate_hz": None, "period_ms": 20,
               "playback_period_ms": 10,
@@ -58,6 +68,18 @@ RULES: dict[str, tuple[tuple[type, ...], tuple[Any, ...] | None]] = {
     "session.transcription.prompt": ((str, type(None)), None),
     "session.noise_reduction": ((str, type(None)), (None, "near_field", "far_field")),
     "session.tools": ((list,), None),
+    "session.speed": ((int, float, type(None)), None),
+    "session.max_output_tokens": ((int, str, type(None)), None),
+    "session.tool_choice": ((str, dict, type(None)), None),
+    "session.truncation": ((str, dict, type(None)), None),
+    "session.reasoning": ((dict, type(None)), None),
+    "session.parallel_tool_calls": ((bool, type(None)), None),
+    "session.include": ((list, type(None)), None),
+    "session.prompt": ((dict, type(None)), None),
+    "session.tracing": ((str, dict, type(None)), None),
+    "session.transcription.languages": ((list, type(None)), None),
+    "session.transcription.keywords": ((list, type(None)), None),
+    "session.transcription.delay": ((str, type(None)), ("minimal", "low", "medium", "high", "xhigh", None)),
     "audio.mic": ((str, int, type(None)), None),
     "audio.speaker": ((str, int, type(None)), None),
     "audio.device_rate_hz": ((int, type(None)), None),
@@ -77,7 +99,7 @@ RULES: dict[str, tuple[tuple[type, ...], tuple[Any, ...] | None]] = {
 }
 # keys whose value is a free-form mapping (not checked key by key)
 _OPEN_KEYS = {"session.turn_detection": set(_TD) | {"eagerness", "idle_timeout_ms"},
-              "session.transcription": {"model", "language", "prompt"}}
+              "session.transcription": {"model", "language", "prompt", "languages", "keywords", "delay"}}
 
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"
 
@@ -168,9 +190,45 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str,
         node[parts[-1]] = _check(value, _lookup(DEFAULTS, parts), dotted)
     from engine.realtime.budget import check_priced  # the price table is part of the config's check
     check_priced(cfg["model"])
+    _check_session_fields(cfg["session"])
     if cfg["session_recycle_s"] < 1:
         raise ConfigError(f"config key 'session_recycle_s': at least 1 second, got {cfg['session_recycle_s']}")
     return cfg
+
+
+def _check_session_fields(s: dict[str, Any]) -> None:
+    """The GA session fields whose values are more than a type (the official types' ranges)."""
+    def bad(key: str, want: str) -> ConfigError:
+        return ConfigError(f"config key 'session.{key}': {want}, got {s[key]!r}")
+    if s["speed"] is not None and not 0.25 <= s["speed"] <= 1.5:
+        raise bad("speed", "a multiple of the voice's speed from 0.25 to 1.5")
+    mot = s["max_output_tokens"]
+    if mot is not None and mot != "inf" and not (isinstance(mot, int) and 1 <= mot <= 32768):
+        raise bad("max_output_tokens", "1 to 32768 tokens, or inf")
+    tc = s["tool_choice"]
+    if tc is not None and tc not in ("auto", "none", "required") and not (
+            isinstance(tc, dict) and tc.get("type") in ("function", "mcp") and isinstance(tc.get("name") or
+                                                                                tc.get("server_label"), str)):
+        raise bad("tool_choice", "auto, none, required or {type: function, name: ...}")
+    tr = s["truncation"]
+    if tr is not None and tr not in ("auto", "disabled") and not (
+            isinstance(tr, dict) and tr.get("type") == "retention_ratio"
+            and isinstance(tr.get("retention_ratio"), (int, float)) and 0 <= tr["retention_ratio"] <= 1):
+        raise bad("truncation", "auto, disabled or {type: retention_ratio, retention_ratio: 0..1}")
+    rs = s["reasoning"]
+    if rs is not None and (set(rs) - {"effort"} or rs.get("effort") not in ("minimal", "low", "medium", "high",
+                                                                            "xhigh")):
+        raise bad("reasoning", "{effort: minimal|low|medium|high|xhigh} (reasoning models such as gpt-realtime-2)")
+    if s["include"] is not None and not set(s["include"]) <= {"item.input_audio_transcription.logprobs"}:
+        raise bad("include", "a list of: item.input_audio_transcription.logprobs")
+    if s["prompt"] is not None and not isinstance(s["prompt"].get("id"), str):
+        raise bad("prompt", "{id: ..., version: ..., variables: {...}} (a stored prompt)")
+    if s["tracing"] is not None and s["tracing"] != "auto" and not isinstance(s["tracing"], dict):
+        raise bad("tracing", "auto or {workflow_name, group_id, metadata}")
+    for key in ("languages", "keywords"):
+        value = (s["transcription"] or {}).get(key)
+        if value is not None and not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"config key 'session.transcription.{key}': a list of strings, got {value!r}")
 
 
 def _lookup(tree: dict[str, Any], parts: list[str]) -> Any:
@@ -195,7 +253,13 @@ def session_payload(cfg: dict[str, Any]) -> dict[str, Any]:
         if td.get("type") == "semantic_vad":
             td = {k: v for k, v in td.items() if k in ("type", "eagerness", "create_response", "interrupt_response")}
     tools = [{"type": "function", **{k: v for k, v in t.items() if k != "type"}} for t in s["tools"]]
+    extra = {k: s[k] for k in ("max_output_tokens", "tool_choice", "truncation", "reasoning", "parallel_tool_calls",
+                                "include", "prompt", "tracing") if s[k] is not None}
+    output: dict[str, Any] = {"format": {"type": "audio/pcm", "rate": 24000}, "voice": s["voice"]}
+    if s["speed"] is not None:
+        output["speed"] = s["speed"]
     return {
+        **extra,
         "type": "realtime",
         "model": cfg["model"],
         "instructions": s["instructions"],
@@ -204,7 +268,7 @@ def session_payload(cfg: dict[str, Any]) -> dict[str, Any]:
             "input": {"format": {"type": "audio/pcm", "rate": 24000}, "turn_detection": td,
                       "transcription": s["transcription"],
                       "noise_reduction": {"type": s["noise_reduction"]} if s["noise_reduction"] else None},
-            "output": {"format": {"type": "audio/pcm", "rate": 24000}, "voice": s["voice"]},
+            "output": output,
         },
         "tools": tools,
     }

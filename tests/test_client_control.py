@@ -100,3 +100,31 @@ def test_push_to_talk_turn_with_a_wav_mic(runtime_dir: Path, tmp_path: Path, spe
 async def _collect(session: Any, prefix: str, into: list[Any]) -> None:
     async for event in session.events(prefix):
         into.append(event)
+
+
+def test_engine_ptt_in_a_terminal(start_engine: Any, tmp_path: Path, speech_wav: Any) -> None:
+    """`engine ptt`: Enter opens the mic, Enter sends the turn; the answer is printed."""
+    import subprocess
+    import sys
+    import time
+    import wave
+    scenario = tmp_path / "sc.yaml"
+    scenario.write_text('turns:\n  - match: {turn: 1}\n    reply: "Paris."\n')
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("session:\n  turn_detection: null\n  output_modalities: [text]\n")
+    wav = speech_wav("What is the capital of France?", pad_s=4.0)
+    with wave.open(str(wav)) as w:
+        wav_s = w.getnframes() / w.getframerate()
+    t0 = time.monotonic()
+    eng = start_engine("--config", str(cfg), "--mic", str(wav), "--speaker", "null", "--scenario", str(scenario))
+    ptt = subprocess.Popen([sys.executable, "-m", "engine.cli", "ptt", "--turns", "1", "--timeout", "30"],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert ptt.stdin is not None
+    ptt.stdin.write("\n")      # talk
+    ptt.stdin.flush()
+    time.sleep(max(0.0, t0 + wav_s - 2.0 - time.monotonic()))  # the WAV mic plays in real time
+    ptt.stdin.write("\n")      # send
+    ptt.stdin.flush()
+    out, _ = ptt.communicate(timeout=40)
+    assert ptt.returncode == 0 and "Paris." in out, out
+    assert eng.proc.poll() is None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -88,4 +89,38 @@ def test_a_model_without_prices_is_refused_at_start_naming_the_priced_ones(tmp_p
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model: gpt-imaginary\n")
     with pytest.raises(ConfigError, match=r"gpt-imaginary.*priced models: .*gpt-realtime"):
+        load_config(cfg)
+
+
+GA_FIELDS = {"speed": 1.2, "max_output_tokens": 20000, "tool_choice": "required",
+             "truncation": {"type": "retention_ratio", "retention_ratio": 0.8}, "reasoning": {"effort": "low"},
+             "parallel_tool_calls": True, "include": ["item.input_audio_transcription.logprobs"],
+             "prompt": {"id": "pmpt_1"}, "tracing": "auto"}
+
+
+def test_every_ga_session_field_has_a_checked_config_key(tmp_path: Path) -> None:
+    """Issue 12 point 7: reasoning, max_output_tokens, tool_choice, truncation and speed could only be set
+    with a raw cmd.session.update."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"session": {**GA_FIELDS, "transcription": {
+        "model": "gpt-4o-mini-transcribe", "languages": ["en", "fr"], "keywords": ["Avis"], "delay": "low"}}}))
+    payload = session_payload(load_config(cfg))
+    assert payload["audio"]["output"]["speed"] == 1.2
+    for key, value in GA_FIELDS.items():
+        if key != "speed":
+            assert payload[key] == value, key
+    assert payload["audio"]["input"]["transcription"]["languages"] == ["en", "fr"]
+    # the official types accept the payload
+    from openai.types.realtime.realtime_session_create_request import RealtimeSessionCreateRequest
+    RealtimeSessionCreateRequest.model_validate(payload)
+
+
+@pytest.mark.parametrize("key, value, words", [("speed", 3.0, "0.25 to 1.5"), ("max_output_tokens", 0, "32768"),
+                                               ("tool_choice", "sometimes", "required"),
+                                               ("reasoning", {"effort": "max"}, "xhigh"),
+                                               ("truncation", "cut", "retention_ratio")])
+def test_bad_ga_session_values_name_the_key(tmp_path: Path, key: str, value: Any, words: str) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"session": {key: value}}))
+    with pytest.raises(ConfigError, match=rf"session\.{key}.*{words}"):
         load_config(cfg)
