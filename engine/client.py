@@ -20,11 +20,13 @@ import contextlib
 import inspect
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+import wave
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
@@ -58,6 +60,23 @@ class Reply:
     usd: float
     response_id: str
     item_id: str | None
+    audio_path: str | None = None   #: the reply's audio as received (config ``reply_audio``)
+
+    @property
+    def audio(self) -> bytes:
+        """The reply's audio, 24 kHz mono PCM16 (b"" for a text reply, or with ``reply_audio`` off)."""
+        if not self.audio_path:
+            return b""
+        with wave.open(self.audio_path) as w:
+            return w.readframes(w.getnframes())
+
+    def save_wav(self, path: str | os.PathLike[str]) -> Path:
+        """Write the reply's audio to ``path`` as a WAV file; EngineError when there is none."""
+        if not self.audio_path:
+            raise EngineError("this reply has no audio (a text reply, or the engine runs with reply_audio: false)")
+        out = Path(path)
+        shutil.copyfile(self.audio_path, out)
+        return out
 
 
 @dataclass
@@ -281,7 +300,7 @@ class Session:
             if not self.playing:
                 self._audio_idle.clear()  # its audio has yet to finish playing
         return Reply(body.get("text", ""), body.get("status", ""), body.get("usage"), usd,
-                     body["response_id"], ack.get("item_id"))
+                     body["response_id"], ack.get("item_id"), body.get("audio_path"))
 
     async def mic(self, open: bool) -> dict[str, Any]:
         """Open or close the mic gate: while closed no mic audio reaches the model."""
@@ -432,6 +451,7 @@ async def create_session(session: dict[str, Any] | None = None, options: dict[st
     if options.get("config"):
         cfg = yaml.safe_load(Path(options["config"]).read_text()) or {}
     cfg.setdefault("session", {}).update(session)
+    cfg.setdefault("reply_audio", True)  # Reply.audio
     if options.get("model"):
         cfg["model"] = options["model"]
     env = dict(os.environ)

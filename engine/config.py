@@ -48,6 +48,7 @@ DEFAULTS: dict[str, Any] = {
     "local_server": {"host": "127.0.0.1", "port": 0, "speed": 1.0, "scenario": None, "asr": True},
     "budget_usd": None,
     "session_recycle_s": 3300.0,
+    "reply_audio": False,
     "record": None,
     "sessions_dir": None,
 }

@@ -306,7 +306,9 @@ class Supervisor:
         speaker_ring = Ring.create(f"realtalk-{os.getpid()}-speaker", SPEAKER_RING_FRAMES, with_eventfd=False)
         self.rings.append(speaker_ring)
         realtime_extra: dict[str, Any] = {"url": url, "headers": headers, "session": session_payload(self.cfg),
-                                          "speaker_ring": speaker_ring.name}
+                                          "speaker_ring": speaker_ring.name,
+                                          "replies_dir": str(self.session_dir / "replies")
+                                          if self.cfg["reply_audio"] else None}
         fds: tuple[int, ...] = ()
         pb_extra: dict[str, Any] = {"speaker_ring": speaker_ring.name, "speaker_target": speaker}
         if mic is not None:

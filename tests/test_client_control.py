@@ -128,3 +128,24 @@ def test_engine_ptt_in_a_terminal(start_engine: Any, tmp_path: Path, speech_wav:
     out, _ = ptt.communicate(timeout=40)
     assert ptt.returncode == 0 and "Paris." in out, out
     assert eng.proc.poll() is None
+
+
+def test_repeat_after_me_saves_each_reply_as_a_wav(runtime_dir: Path, tmp_path: Path) -> None:
+    """The old quick start's repeat-after-me voice, with each reply's audio saved (save_deltas_as_wav)."""
+    import wave
+    from engine import create_session
+    from engine.server.voice import synthesize
+
+    async def main() -> None:
+        async with await create_session({"instructions": "Repeat after me."},
+                                        {"mic": "null", "speaker": str(tmp_path / "spk.wav"), "speed": 4.0}) as s:
+            for i, line in enumerate(["Hello there.", "Good morning."]):
+                reply = await s.user(line)
+                assert reply.text == f"You said: {line}"
+                out = reply.save_wav(tmp_path / f"reply{i}.wav")
+                with wave.open(str(out)) as w:
+                    assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (24000, 1, 2)
+                    frames = w.getnframes()
+                assert frames == len(synthesize(reply.text, "marin", 1.0))  # every sample the server sent
+                assert len(reply.audio) == frames * 2
+    asyncio.run(asyncio.wait_for(main(), 90))

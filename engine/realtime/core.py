@@ -427,7 +427,7 @@ class RealtimeCore:
         if taken is None:
             return []
         self.turns.delta(rid, now_s, audio=True, item_id=item_id)
-        return [Play(taken[0], taken[1])]
+        return [Play(taken[0], taken[1], rid)]
 
     def _on_audio_done(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
         return [EndOfAudio()] if self.playout.audio_done(ev.get("item_id", "")) else []

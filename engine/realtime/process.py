@@ -23,6 +23,8 @@ import os
 import sys
 import threading
 import time
+import wave
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -69,6 +71,9 @@ class RealtimeProcess:
         self.speaker = Ring.attach(spec["speaker_ring"]) if spec.get("speaker_ring") else None
         cfg = spec["config"]
         self.recycle_after_s = float(cfg.get("session_recycle_s") or SESSION_RECYCLE_S)
+        #: reply_audio: each reply's audio as it was received, saved as <replies_dir>/<response id>.wav
+        self.replies_dir = Path(spec["replies_dir"]) if spec.get("replies_dir") else None
+        self.reply_pcm: dict[str, list[bytes]] = {}
         self.lock = threading.Lock()
         self.mic_latency_us = np.zeros(4096, dtype=np.float64)  #: capture -> on the socket, per chunk (ring)
         self.mic_latency_count = 0
@@ -112,6 +117,8 @@ class RealtimeProcess:
                 if act.starts_item:
                     speaker.mark_start()
                 speaker.write(act.pcm)
+                if self.replies_dir is not None:
+                    self.reply_pcm.setdefault(act.response_id, []).append(act.pcm)
             elif isinstance(act, Flush):
                 speaker.request_flush()
             elif isinstance(act, EndOfAudio):
@@ -121,6 +128,8 @@ class RealtimeProcess:
         """The socket and bus actions (outside the lock)."""
         for act in actions:
             if isinstance(act, Publish):
+                if act.topic == "response.done" and self.replies_dir is not None:
+                    self._save_reply(act.payload)
                 pub.publish(act.topic, act.payload)
             elif isinstance(act, SendAudio):
                 self.send_audio(act.pcm)
@@ -129,6 +138,24 @@ class RealtimeProcess:
             elif isinstance(act, Reconnect):
                 self.recycle.set()
                 self.close_socket()
+
+    def _save_reply(self, done: dict[str, Any]) -> None:
+        """Write a finished reply's audio (24 kHz mono PCM16) and name the file on its response.done."""
+        with self.lock:
+            chunks = self.reply_pcm.pop(done.get("response_id") or "", None)
+        if not chunks or self.replies_dir is None or done.get("status") == "failed":
+            return
+        path = self.replies_dir / f"{done['response_id']}.wav"
+        try:
+            self.replies_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with wave.open(str(path), "wb") as w:
+                w.setnchannels(1)
+                w.setsampwidth(2)
+                w.setframerate(API_RATE_HZ)
+                w.writeframes(b"".join(chunks))
+            done["audio_path"] = str(path)
+        except OSError as exc:
+            done["audio_error"] = f"could not save the reply's audio to {path}: {exc.strerror}"
 
     def send(self, event: dict[str, Any], pub: Publisher) -> None:
         ws = self.ws

@@ -97,6 +97,7 @@ class Play:
     (the ring stamps when they arrived, and playback counts its prebuffer from then)."""
     pcm: bytes
     starts_item: bool = False
+    response_id: str = ""
 
 
 @dataclass(frozen=True)
