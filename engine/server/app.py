@@ -7,6 +7,7 @@ runs espeak-ng and the recogniser in worker threads, and injects configured faul
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import signal
@@ -16,17 +17,19 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.exceptions import ConnectionClosed
-from websockets.asyncio.server import ServerConnection, serve
+from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response as HttpResponse
 
+from engine.server.errors import ServeError
 from engine.server.faults import MAX_SESSION_REASON, Faults
 from engine.server.protocol import error_event
 from engine.server.scenario import Scenario
 from engine.server.session import Actions, Item, Response, ServerSession
-from engine.server.voice import Recognizer, synthesize
+from engine.server.voice import Recognizer, VoiceError, synthesize
 
 log = logging.getLogger("realtalk.server")
 
+SHUTDOWN_GRACE_S = 1.0   #: how long a stop waits for clients to answer the close handshake
 BETA_MESSAGE = "The Realtime Beta API is no longer supported. Please use /v1/realtime for the GA API."
 
 
@@ -211,24 +214,73 @@ async def handle(ws: ServerConnection, cfg: ServerConfig) -> None:
 
 async def serve_forever(cfg: ServerConfig, ready: asyncio.Future[str] | None = None,
                         stop: asyncio.Event | None = None) -> None:
-    """Serve until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None)."""
+    """Serve until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None).
+
+    ``ready`` gets the URL once listening, or the exception if listening fails (so a
+    waiter on it never hangs); the exception is raised here too."""
     stop = stop or asyncio.Event()
     where: dict[str, Any] = {"host": cfg.host, "port": cfg.port}
     if cfg.listen_fd is not None:
         import socket
         where = {"sock": socket.socket(fileno=cfg.listen_fd)}
-    async with serve(lambda ws: handle(ws, cfg), max_size=32 * 1024 * 1024,
-                     process_request=make_process_request(cfg), ping_interval=None,
-                     compression=None, **where) as server:
+    try:
+        server = await serve(lambda ws: handle(ws, cfg), max_size=32 * 1024 * 1024,
+                                process_request=make_process_request(cfg), ping_interval=None,
+                                compression=None, **where)
+    except OSError as exc:
+        if ready is not None and not ready.done():
+            ready.set_exception(exc)
+        raise
+    try:
         port = server.sockets[0].getsockname()[1]
         url = f"ws://{cfg.host}:{port}/v1/realtime"
-        if ready is not None:
+        if ready is not None and not ready.done():
             ready.set_result(url)
         await stop.wait()
+    finally:
+        await _shut_down(server)
+
+
+async def _shut_down(server: Server) -> None:
+    """Close every connection (1001 "going away"); a client that does not answer the
+    close handshake within SHUTDOWN_GRACE_S is cut, so a stop is never held up."""
+    server.close(close_connections=True)
+    try:
+        await asyncio.wait_for(asyncio.shield(server.wait_closed()), SHUTDOWN_GRACE_S)
+    except asyncio.TimeoutError:
+        for conn in list(server.handlers):  # closing ones too (server.connections lists only OPEN)
+            conn.transport.abort()
+        await asyncio.wait_for(server.wait_closed(), SHUTDOWN_GRACE_S)
+
+
+def listen_error(cfg: ServerConfig, exc: OSError) -> ServeError:
+    """The message for a failed bind: which address, why, and what to do."""
+    if exc.errno == errno.EADDRINUSE:
+        return ServeError(f"port {cfg.port} on {cfg.host} is already in use (another `engine serve` or "
+                          f"engine may be running). Stop it, or pick another port: --port 0 picks a free one.")
+    return ServeError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}. "
+                      f"Check --host, or pick another port (--port 0 picks a free one).")
+
+
+async def _unless(stop: asyncio.Event, aw: Any) -> tuple[bool, Any]:
+    """Await ``aw`` unless ``stop`` is set first: ``(True, result)`` or ``(False, None)``."""
+    fut = asyncio.ensure_future(aw)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({fut, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if fut.done():
+        return True, fut.result()
+    fut.cancel()
+    return False, None
 
 
 def run(cfg: ServerConfig) -> int:
-    """Blocking entry point for ``engine serve``: prints the URL, serves until a signal."""
+    """Blocking entry point for ``engine serve``: prints the URL, serves until SIGTERM/SIGINT.
+
+    A signal stops it at any point, start-up included; an address it cannot listen on
+    raises :class:`ServeError` at once (the CLI prints it and exits non-zero)."""
     async def main() -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
@@ -236,15 +288,27 @@ def run(cfg: ServerConfig) -> int:
             loop.add_signal_handler(sig, stop.set)
         ready: asyncio.Future[str] = loop.create_future()
         task = loop.create_task(serve_forever(cfg, ready, stop))
-        url = await ready
-        # prewarm espeak-ng so the first reply is fast
-        await asyncio.to_thread(synthesize, "ready", "marin", 1.0)
-        print(f"realtalk local server listening on {url}?model=MODEL", flush=True)
-        await task
-    try:
-        asyncio.run(main())
-    except OSError as exc:
-        print(f"engine serve: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}. "
-              f"Pick another port with --port.", file=sys.stderr)
-        return 1
+        try:
+            ok, url = await _unless(stop, asyncio.shield(ready))
+            if ok:
+                # prewarm espeak-ng so the first reply is fast
+                try:
+                    await _unless(stop, asyncio.to_thread(synthesize, "ready", "marin", 1.0))
+                except VoiceError as exc:
+                    print(f"engine serve: warning: {exc}; spoken replies will fail until it is fixed",
+                          file=sys.stderr, flush=True)
+                if not stop.is_set():
+                    print(f"realtalk local server listening on {url}?model=MODEL", flush=True)
+                    await task  # serves until a signal sets stop
+        except OSError as exc:
+            raise listen_error(cfg, exc) from None
+        finally:
+            stop.set()
+            try:
+                await task
+            except OSError:
+                if not ready.done() or ready.exception() is None:
+                    raise
+                # else: already reported through ready
+    asyncio.run(main())
     return 0

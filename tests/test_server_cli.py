@@ -1,0 +1,101 @@
+"""`engine serve` as a process: a busy port fails at once with a clear message, and
+SIGTERM/SIGINT stop it promptly (issue 15 point 13)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+pytestmark = pytest.mark.timeout(60)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _serve(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--no-asr", *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    yield s.getsockname()[1]
+    s.close()
+
+
+def _ready_url(proc: subprocess.Popen[str]) -> str:
+    """The ws:// URL from the server's 'listening on' line (blocks until it is printed)."""
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert "listening on" in line, (line, proc.stderr.read() if proc.poll() is not None and proc.stderr else "")
+    return line.split("listening on ")[1].split("?")[0]
+
+
+def test_busy_port_exits_at_once_naming_the_port(busy_port: int) -> None:
+    t0 = time.monotonic()
+    proc = _serve("--port", str(busy_port))
+    try:
+        out, err = proc.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail(f"engine serve --port {busy_port} (in use) did not exit")
+    assert proc.returncode not in (0, None)
+    assert time.monotonic() - t0 < 10
+    assert str(busy_port) in err and "already in use" in err and "--port 0" in err, err
+    assert "Traceback" not in err, err
+
+
+def test_busy_port_with_sigterm_before_exit_never_hangs(busy_port: int) -> None:
+    """Even a SIGTERM racing the failed bind ends the process."""
+    proc = _serve("--port", str(busy_port))
+    time.sleep(0.3)  # land the signal somewhere in start-up; any instant must work
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=15)
+    assert proc.returncode is not None
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_a_serving_server_mid_response(sig: int) -> None:
+    import websocket
+    proc = _serve("--port", "0", "--speed", "1")
+    try:
+        url = _ready_url(proc)
+        ws = websocket.create_connection(url + "?model=gpt-realtime", timeout=10)
+        assert json.loads(ws.recv())["type"] == "session.created"
+        ws.send(json.dumps({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user",
+            "content": [{"type": "input_text", "text": "say something long enough to still be speaking " * 3}]}}))
+        ws.send(json.dumps({"type": "response.create"}))
+        while json.loads(ws.recv())["type"] != "response.output_audio.delta":
+            pass
+        t0 = time.monotonic()
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=10)
+        assert time.monotonic() - t0 < 3.0
+        assert proc.returncode == 0, err
+        assert "Traceback" not in err, err
+        ws.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_signal_during_start_up_stops_it() -> None:
+    proc = _serve("--port", "0")
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=10)
+    assert proc.returncode is not None
