@@ -69,3 +69,18 @@ def test_tcp_bus_needs_the_connection_files_keys(start_engine: Any, tmp_path: Pa
     for s in (plain_sub, plain_pub):
         s.close(0)
     assert eng.stop() == 0
+
+
+def test_supervisor_publishes_the_drops_it_sees(start_engine: Any) -> None:
+    """Gaps in a publisher's seq at the supervisor (which takes every topic) come out as bus.dropped."""
+    eng = start_engine("--text-only")
+    conn = eng.conn
+    sub = Subscriber(conn["subscribe"], ["bus.dropped"])
+    gappy = Publisher(conn["publish"], "gappy-tool", signing_key=None)
+    assert gappy.join(conn["subscribe"], timeout_s=5)
+    gappy.publish("tool.note", {"n": 1})       # seq 1
+    gappy.seq += 3                               # as if 2, 3 and 4 were lost on the way
+    gappy.publish("tool.note", {"n": 5})       # seq 5
+    body = wait_topic(sub, "bus.dropped")
+    assert body["publisher"] == "gappy-tool" and body["count"] == 3 and body["subscriber"].startswith("supervisor:")
+    assert eng.stop() == 0
