@@ -11,9 +11,9 @@ __all__ = ["create_session", "connect", "Session", "Reply", "EventLog", "EngineE
 
 def __getattr__(name: str):  # lazy: the processes import engine.* without the client's dependencies
     if name in ("create_session", "connect", "Session", "Reply"):
-        from engine import client
+        from engine.api import client
         return getattr(client, name)
     if name == "EventLog":
-        from engine.eventlog import EventLog
+        from engine.api.eventlog import EventLog
         return EventLog
     raise AttributeError(name)

@@ -222,7 +222,7 @@ class RunningEngine:
         return json.loads((self.runtime / "engine.json").read_text())
 
     def cli(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-m", "engine.api.cli", *args], capture_output=True, text=True,
                               timeout=timeout, env=os.environ.copy())
 
     def stop(self) -> int:
@@ -252,7 +252,7 @@ def start_engine(runtime_dir: Path, tmp_path: Path) -> Iterator[Any]:
     engines: list[RunningEngine] = []
 
     def start(*args: str, ready_timeout: float = 30) -> RunningEngine:
-        proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "start", "--backend", "local", *args],
+        proc = subprocess.Popen([sys.executable, "-m", "engine.api.cli", "start", "--backend", "local", *args],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy(),
                                 cwd=str(tmp_path))
         eng = RunningEngine(proc, runtime_dir, tmp_path / "data")

@@ -15,7 +15,7 @@ from bus import Endpoints, Publisher, Subscriber, decode, encode
 from bus.broker import run_broker
 from bus.client import endpoints_from, load_endpoints
 from bus.security import ENV_KEYS, FORGED_REASON, BusKeys, generate_keys, sign, verify
-from engine.supervisor import free_port
+from engine.supervisor.process import free_port
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -117,7 +117,7 @@ def test_engine_ptt_in_a_terminal(start_engine: Any, tmp_path: Path, speech_wav:
         wav_s = w.getnframes() / w.getframerate()
     t0 = time.monotonic()
     eng = start_engine("--config", str(cfg), "--mic", str(wav), "--speaker", "null", "--scenario", str(scenario))
-    ptt = subprocess.Popen([sys.executable, "-m", "engine.cli", "ptt", "--turns", "1", "--timeout", "30"],
+    ptt = subprocess.Popen([sys.executable, "-m", "engine.api.cli", "ptt", "--turns", "1", "--timeout", "30"],
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert ptt.stdin is not None
     ptt.stdin.write("\n")      # talk

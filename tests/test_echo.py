@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from bus import Subscriber
-from engine.echo import EchoCanceller
+from engine.capture.echo import EchoCanceller
 from tests.conftest import VAUDIO
 from tests.test_engine import say, wait_topic
 

@@ -132,7 +132,7 @@ def test_malformed_bus_message_is_reported_not_fatal(start_engine: Any) -> None:
 def test_bad_config_exits_before_starting(runtime_dir: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("audio:\n  speakr: null\n")
-    out = subprocess.run([sys.executable, "-m", "engine.cli", "start", "--config", str(bad)], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "engine.api.cli", "start", "--config", str(bad)], capture_output=True,
                          text=True, timeout=30)
     assert out.returncode != 0
     assert "audio.speakr" in out.stderr and "speaker" in out.stderr
@@ -151,7 +151,7 @@ def test_node_client_receives_model_text_and_injects_a_message(start_engine: Any
 # ---------------------------------------------------------------- real audio on virtual devices
 def record_monitor(seconds: float, result: dict[str, Any]) -> None:
     import pyaudio
-    from engine.audio import find_device, open_pyaudio
+    from engine.audio.devices import find_device, open_pyaudio
     pa = open_pyaudio()
     dev = find_device(pa, "vspkmon", "input")
     stream = pa.open(format=pyaudio.paInt16, channels=1, rate=24000, input=True, input_device_index=dev["index"],
@@ -236,7 +236,7 @@ def test_spoken_turn_through_real_devices(vaudio: dict[str, str], start_engine: 
 
 @pytest.mark.audio
 def test_missing_device_lists_the_devices(vaudio: dict[str, str], runtime_dir: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "engine.cli", "start", "--backend", "local", "--mic", "no-such-mic",
+    out = subprocess.run([sys.executable, "-m", "engine.api.cli", "start", "--backend", "local", "--mic", "no-such-mic",
                           "--speaker", "null"], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0
     assert "no-such-mic" in out.stdout and "vmic" in out.stdout

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from engine.supervisor import proc_start_ticks
+from engine.supervisor.process import proc_start_ticks
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
@@ -58,7 +58,7 @@ def test_stop_with_a_stale_file_never_kills_an_unrelated_process(runtime_dir: Pa
             stale["pid_start_ticks"] = ticks - 1
             stale["children"] = [{"name": "realtime", "pid": bystander.pid, "start_ticks": ticks - 1}]
         (runtime_dir / "engine.json").write_text(json.dumps(stale))
-        out = subprocess.run([sys.executable, "-m", "engine.cli", "stop"], capture_output=True, text=True, timeout=30)
+        out = subprocess.run([sys.executable, "-m", "engine.api.cli", "stop"], capture_output=True, text=True, timeout=30)
         assert out.returncode == 0, out.stderr
         assert "not running" in out.stdout
         assert bystander.poll() is None, "engine stop killed a process it did not start"

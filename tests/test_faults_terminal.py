@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.supervisor import free_port
+from engine.supervisor.process import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
@@ -20,7 +20,7 @@ def test_a_connection_failure_is_printed_on_the_terminal(runtime_dir: Path, tmp_
     cfg = tmp_path / "dead.yaml"
     cfg.write_text(f"backend: openai\nopenai_url: ws://127.0.0.1:{free_port()}/v1/realtime\n")
     env = {**os.environ, "OPENAI_API_KEY": "sk-test-terminal"}
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "start", "--config", str(cfg), "--text-only"],
+    proc = subprocess.Popen([sys.executable, "-m", "engine.api.cli", "start", "--config", str(cfg), "--text-only"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=str(tmp_path))
     lines: list[str] = []
     printed = threading.Event()

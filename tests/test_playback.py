@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from engine.playback import PlaybackProcess, Renderer
-from engine.ring import Ring
+from engine.playback.process import PlaybackProcess, Renderer
+from engine.audio.ring import Ring
 from tests.helpers import steepest, voiced
 
 
@@ -300,7 +300,7 @@ def test_a_flush_with_nothing_playing_cut_nothing(ring: Ring) -> None:
 def test_device_rate_flush_fades_once_and_leaves_nothing_behind(ring: Ring) -> None:
     """Through the resampler (48 kHz device): the flush fades what the callback hands out, from its
     start, over 5 ms at the device rate; nothing of the flushed audio comes out later."""
-    from engine.playback import DeviceFeeder
+    from engine.playback.process import DeviceFeeder
     r = Renderer(ring, prebuffer_frames=0, stretch=False)
     feeder = DeviceFeeder(r, 480, 48000)
     assert not r.fade_on_flush
@@ -336,7 +336,7 @@ def test_the_stretcher_reads_the_ring_in_place(ring: Ring, monkeypatch: pytest.M
     """The look-ahead is a view of the ring's data; a copy only where it wraps the ring's end."""
     copies = []
     peek = ring.peek_into
-    from engine.stretch import LOOKAHEAD_FRAMES
+    from engine.playback.stretch import LOOKAHEAD_FRAMES
     monkeypatch.setattr(ring, "peek_into",  # read_into peeks too: count only the look-ahead's
                         lambda out: (len(out) == LOOKAHEAD_FRAMES and copies.append(len(out))) or peek(out))
     r = Renderer(ring, prebuffer_frames=1920)

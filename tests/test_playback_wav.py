@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from engine.record import PcmWav, WavAppendError
-from engine.ring import Ring
+from engine.audio.record import PcmWav, WavAppendError
+from engine.audio.ring import Ring
 
 pytestmark = pytest.mark.timeout(90)
 

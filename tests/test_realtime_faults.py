@@ -108,9 +108,9 @@ def test_a_say_sent_while_the_socket_is_down_is_answered(text_engine: Any) -> No
 
 def test_a_refused_key_stops_the_engine_at_once_naming_the_variable(runtime_dir: Path, tmp_path: Path) -> None:
     """Issue 15 point 9: a wrong key (HTTP 401) was retried for ~47 s as a network fault, silently."""
-    from engine.supervisor import free_port
+    from engine.supervisor.process import free_port
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--port", str(port),
+    server = subprocess.Popen([sys.executable, "-m", "engine.api.cli", "serve", "--port", str(port),
                                "--require-key", "the-right-key"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True)
     try:
@@ -122,7 +122,7 @@ def test_a_refused_key_stops_the_engine_at_once_naming_the_variable(runtime_dir:
         cfg.write_text(f"openai_url: ws://127.0.0.1:{port}/v1/realtime\n")
         env = {**os.environ, "OPENAI_API_KEY": "sk-wrong-key-123"}
         t0 = time.monotonic()
-        out = subprocess.run([sys.executable, "-m", "engine.cli", "start", "--backend", "openai", "--text-only",
+        out = subprocess.run([sys.executable, "-m", "engine.api.cli", "start", "--backend", "openai", "--text-only",
                               "--config", str(cfg)], capture_output=True, text=True, timeout=30, env=env,
                              cwd=str(tmp_path))
         elapsed = time.monotonic() - t0

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.ring import Ring, RingError, SampleFifo
+from engine.audio.ring import Ring, RingError, SampleFifo
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from engine.errors import EngineError
-from engine.ring import _HEADER_BYTES, PlaybackControl, Ring, RingError
+from engine.audio.ring import _HEADER_BYTES, PlaybackControl, Ring, RingError
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -14,7 +14,7 @@ import pytest
 
 from engine.config import load_config
 from engine.errors import EngineError
-from engine.supervisor import Supervisor, proc_start_ticks
+from engine.supervisor.process import Supervisor, proc_start_ticks
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
@@ -66,7 +66,7 @@ def test_status_shows_each_childs_state(start_engine: Any) -> None:
 def test_device_failure_is_fatal_with_the_childs_message(runtime_dir: Path, tmp_path: Path) -> None:
     corrupt = tmp_path / "corrupt.wav"
     corrupt.write_bytes(b"RIFF\x10\x00\x00\x00WAVEfmt garbage")
-    out = subprocess.run([sys.executable, "-m", "engine.cli", "start", "--backend", "local", "--mic", str(corrupt),
+    out = subprocess.run([sys.executable, "-m", "engine.api.cli", "start", "--backend", "local", "--mic", str(corrupt),
                           "--speaker", str(tmp_path / "out.wav")], capture_output=True, text=True, timeout=45,
                          cwd=str(tmp_path))
     assert out.returncode == 1, out.stdout + out.stderr
@@ -79,7 +79,7 @@ def test_device_failure_is_fatal_with_the_childs_message(runtime_dir: Path, tmp_
 
 def test_speaker_file_in_a_missing_folder_is_a_clear_error(runtime_dir: Path, tmp_path: Path) -> None:
     target = tmp_path / "no" / "such" / "folder" / "out.wav"
-    out = subprocess.run([sys.executable, "-m", "engine.cli", "start", "--backend", "local", "--mic", "null",
+    out = subprocess.run([sys.executable, "-m", "engine.api.cli", "start", "--backend", "local", "--mic", "null",
                           "--speaker", str(target)], capture_output=True, text=True, timeout=45, cwd=str(tmp_path))
     assert out.returncode == 2, out.stdout + out.stderr
     assert str(target.parent) in out.stderr and "does not exist" in out.stderr

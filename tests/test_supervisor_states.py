@@ -1,9 +1,9 @@
-"""The child state machine (engine.childstate): pure, no processes."""
+"""The child state machine (engine.supervisor.children): pure, no processes."""
 from __future__ import annotations
 
 import pytest
 
-from engine.childstate import (EXIT_DEVICE_FAILED, TRANSITIONS, ChildMachine, ChildState, ChildStateError, GaveUp,
+from engine.supervisor.children import (EXIT_DEVICE_FAILED, TRANSITIONS, ChildMachine, ChildState, ChildStateError, GaveUp,
                                Kill, Policy, Restarting, Spawn, Terminate)
 
 S = ChildState

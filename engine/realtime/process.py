@@ -32,13 +32,13 @@ import websocket
 import zmq
 
 from bus import Publisher, Subscriber
-from engine import child
-from engine.child import stop_on_signals
+from engine.supervisor import child
+from engine.supervisor.child import stop_on_signals
 from engine.realtime.core import RealtimeCore
 from engine.realtime.records import (API_RATE_HZ, Action, Command, Connected, Disconnected, EndOfAudio, Flush,
                                      Input, MicAudio, Play, PlaybackReport, Publish, Reconnect, Send, SendAudio,
                                      ServerEvent, Tick)
-from engine.ring import Ring
+from engine.audio.ring import Ring
 
 MIC_CHUNK_MAX_FRAMES = 960      # 40 ms
 RECONNECT_DELAYS_S = (0.0, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0)

@@ -4,13 +4,13 @@ Backends: a PyAudio input callback stream at the device's rate (soxr to 24 kHz),
 WAV file played into the ring in real time, then silence (scripted runs). The callback
 never blocks: a full ring counts overrun frames.
 
-Echo handling (``audio.echo``, see :mod:`engine.echo`): ``aec`` runs WebRTC's echo
+Echo handling (``audio.echo``, see :mod:`engine.capture.echo`): ``aec`` runs WebRTC's echo
 canceller with what playback actually played (the reference ring) as the far end;
 ``half_duplex`` writes silence while the model is audible; ``off`` passes the mic
 through. ``auto`` is ``aec`` when the speaker is a device, else ``off``.
 
 Recording (``record``): the mic as captured and the reference, side by side in one
-stereo WAV (:mod:`engine.record`).
+stereo WAV (:mod:`engine.audio.record`).
 
 Restarts: the mic ring outlives the capture process (the supervisor owns it), and a WAV
 mic is the ring's only writer, so a restarted capture continues the file at the ring's
@@ -34,13 +34,13 @@ from typing import Any
 import numpy as np
 
 from bus import Publisher
-from engine import child
-from engine.child import error_text, every_period, run_reporting, stop_on_signals
+from engine.supervisor import child
+from engine.supervisor.child import error_text, every_period, run_reporting, stop_on_signals
 from engine.codec import resample
-from engine.echo import EchoCanceller, EchoGate, FarEnd
+from engine.capture.echo import EchoCanceller, EchoGate, FarEnd
 from engine.errors import DeviceError
-from engine.record import Recorder
-from engine.ring import Ring
+from engine.audio.record import Recorder
+from engine.audio.ring import Ring
 
 RATE_HZ = 24000
 STATS_EVERY_S = 2.0
@@ -158,7 +158,7 @@ class CaptureProcess:
 
     def run_pyaudio(self) -> None:
         import pyaudio
-        from engine.audio import find_device, keep_running, open_pyaudio, resample_stream
+        from engine.audio.devices import find_device, keep_running, open_pyaudio, resample_stream
         pa = open_pyaudio()
         dev = find_device(pa, self.mic, "input")
         rate = self.spec["config"]["audio"]["device_rate_hz"] or dev["default_rate_hz"]

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
 from bus import Publisher, use_keys
-from engine.childstate import EXIT_CRASHED, EXIT_DEVICE_FAILED, EXIT_PARENT_GONE
+from engine.supervisor.children import EXIT_CRASHED, EXIT_DEVICE_FAILED, EXIT_PARENT_GONE
 from engine.errors import DeviceError
 
 DEVICE_FAILED = EXIT_DEVICE_FAILED

@@ -21,7 +21,7 @@ from collections import deque
 
 import numpy as np
 
-from engine.ring import Ring, SampleFifo
+from engine.audio.ring import Ring, SampleFifo
 
 RATE_HZ = 24000
 AEC_RATE_HZ = 48000
@@ -87,7 +87,7 @@ class EchoCanceller:
     """
 
     def __init__(self, stream_delay_ms: int = 0, guard_db: float | None = -6.0) -> None:
-        from engine.audio import resample_stream
+        from engine.audio.devices import resample_stream
         from pywebrtc_audio import EchoCanceller as WebRtcAec
         self._aec = WebRtcAec(sample_rate=AEC_RATE_HZ, num_channels=1, stream_delay_ms=stream_delay_ms)
         self._up_near = resample_stream(RATE_HZ, AEC_RATE_HZ)

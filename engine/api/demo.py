@@ -20,7 +20,7 @@ import numpy as np
 from bus import Subscriber
 from bus.client import connection_file
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _ensure_devices() -> None:
@@ -49,7 +49,7 @@ def run_demo(args: argparse.Namespace) -> int:
         pad = np.zeros(4800, dtype=np.int16)
         w.writeframes(np.concatenate([pad, pcm, pad]).tobytes())
     reply_wav = runs / "demo-reply.wav"
-    engine = subprocess.Popen([sys.executable, "-m", "engine.cli", "start", "--backend", "local", "--mic", "vmic",
+    engine = subprocess.Popen([sys.executable, "-m", "engine.api.cli", "start", "--backend", "local", "--mic", "vmic",
                                "--speaker", "vspk", "--scenario", str(REPO / "scenarios" / "demo.yaml"),
                                "--speed", str(args.speed)], stdout=subprocess.PIPE, text=True)
     recorder = None

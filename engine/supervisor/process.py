@@ -11,7 +11,7 @@ then KILL), unlinks the rings and removes socket and connection files.
 
 Rules:
 
-* Each child's life is an explicit state machine (:mod:`engine.childstate`: STARTING,
+* Each child's life is an explicit state machine (:mod:`engine.supervisor.children`: STARTING,
   RUNNING after ``startsecs``, BACKOFF, STOPPING, EXITED, FATAL); this module does the I/O
   the machine asks for (spawn, SIGTERM, SIGKILL) and nothing else decides a restart. A
   FATAL child stops the engine with its reason; exit code 3 (device) is FATAL at once.
@@ -19,7 +19,7 @@ Rules:
 * ``start()`` either returns with everything up or undoes everything it made (children,
   rings, sockets, connection file) before it raises.
 * The children die with the supervisor: PR_SET_PDEATHSIG is set in each between fork and
-  exec, and the engine children also watch their stdin pipe (:mod:`engine.child`).
+  exec, and the engine children also watch their stdin pipe (:mod:`engine.supervisor.child`).
 * The connection file records the supervisor's and the children's identities (pid and
   /proc start time) and the rings: a file whose supervisor is gone is stale; the next
   ``engine start`` (or ``engine stop``) cleans it, and kills only processes whose identity
@@ -46,11 +46,11 @@ from urllib.parse import quote
 
 from bus import Endpoints, Publisher, Subscriber, generate_keys
 from bus.client import connection_file, runtime_dir
-from engine.child import error_text, parent_death_signal
-from engine.childstate import (ChildMachine, ChildState, GaveUp, Kill, Policy, Restarting, Spawn, Terminate)
+from engine.supervisor.child import error_text, parent_death_signal
+from engine.supervisor.children import (ChildMachine, ChildState, GaveUp, Kill, Policy, Restarting, Spawn, Terminate)
 from engine.config import resolve_backend, session_payload
 from engine.errors import ConfigError, EngineError
-from engine.ring import Ring
+from engine.audio.ring import Ring
 
 MIC_RING_FRAMES = 1 << 16        # 2.7 s at 24 kHz
 SPEAKER_RING_FRAMES = 1 << 21    # 87 s: the API sends audio faster than real time
@@ -142,7 +142,7 @@ class Child:
     argv: list[str]
     pass_fds: tuple[int, ...] = ()
     stdout: Any = None
-    spec: dict[str, Any] | None = None   #: written to the child's stdin (engine.child.read_spec)
+    spec: dict[str, Any] | None = None   #: written to the child's stdin (engine.supervisor.child.read_spec)
     death_signal: int = signal.SIGTERM   #: what the kernel sends it when the supervisor dies
     policy: Policy = field(default_factory=Policy)
     proc: subprocess.Popen[bytes] | None = None
@@ -269,7 +269,7 @@ class Supervisor:
             port = self.listener.getsockname()[1]
             fd = self.listener.fileno()
             os.set_inheritable(fd, True)
-            argv = [sys.executable, "-m", "engine.cli", "serve", "--host", ls["host"], "--port", str(port),
+            argv = [sys.executable, "-m", "engine.api.cli", "serve", "--host", ls["host"], "--port", str(port),
                     "--listen-fd", str(fd), "--speed", str(ls["speed"])]
             if ls["scenario"]:
                 argv += ["--scenario", ls["scenario"]]
@@ -328,10 +328,10 @@ class Supervisor:
                                    "ref_ring": ref_ring.name, "speaker_is_device": is_device,
                                    "record_path": str(self.session_dir / "conversation.wav")
                                    if self.cfg["record"] else None})
-            self.children.append(Child("capture", [py, "-m", "engine.capture"], pass_fds=fds, spec=cap_spec))
+            self.children.append(Child("capture", [py, "-m", "engine.capture.process"], pass_fds=fds, spec=cap_spec))
         self.children.append(Child("realtime", [py, "-m", "engine.realtime.process"], pass_fds=fds,
                                    spec=self._spec(realtime_extra)))
-        self.children.append(Child("playback", [py, "-m", "engine.playback"], spec=self._spec(pb_extra)))
+        self.children.append(Child("playback", [py, "-m", "engine.playback.process"], spec=self._spec(pb_extra)))
         # the supervisor's own bus sockets, connected before anything is published
         self.sub = Subscriber(self.endpoints, [""])  # verifies the signed control topics
         self.pub = Publisher(self.endpoints, f"supervisor:{os.getpid()}")  # signs them
@@ -355,7 +355,9 @@ class Supervisor:
         if child.proc is not None and child.proc.stdin is not None:
             child.proc.stdin.close()  # the previous run's pipe
         death_signal = child.death_signal
-        child.proc = subprocess.Popen(child.argv, pass_fds=child.pass_fds, env=env,
+        # a broker started again takes its subscribers before its publishers' queued messages
+        argv = child.argv + ["--restart"] if child.name == "broker" and child.proc is not None else child.argv
+        child.proc = subprocess.Popen(argv, pass_fds=child.pass_fds, env=env,
                                       stdin=subprocess.PIPE if child.spec is not None else subprocess.DEVNULL,
                                       stdout=child.stdout, start_new_session=False,
                                       preexec_fn=lambda: parent_death_signal(death_signal))
@@ -539,6 +541,8 @@ class Supervisor:
                 # wake four times a second and take what came meanwhile: a wake-up per bus message
                 # would cost more CPU than the rest of the supervisor's work
                 empty = self.drain()
+                if self.bus_up and self.pub is not None and self.sub is not None:
+                    self.sub.publish_reports(self.pub, "supervisor")  # bus.dropped, malformed: once a second
                 self._manage(time.monotonic())
                 now = time.monotonic()
                 if not self.bus_up and self.pub is not None:

@@ -20,11 +20,11 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from bus import Publisher
-from engine import child
-from engine.child import every_period, run_reporting, stop_on_signals
-from engine.record import PcmWav
-from engine.ring import Ring, SampleFifo
-from engine.stretch import LOOKAHEAD_FRAMES, MAX_PERIOD_FRAMES, MIN_PERIOD_FRAMES, TimeStretcher
+from engine.supervisor import child
+from engine.supervisor.child import every_period, run_reporting, stop_on_signals
+from engine.audio.record import PcmWav
+from engine.audio.ring import Ring, SampleFifo
+from engine.playback.stretch import LOOKAHEAD_FRAMES, MAX_PERIOD_FRAMES, MIN_PERIOD_FRAMES, TimeStretcher
 
 RATE_HZ = 24000
 FRAMES_PER_MS = RATE_HZ // 1000
@@ -310,7 +310,7 @@ class DeviceFeeder:
     """
 
     def __init__(self, renderer: Renderer, block_frames: int, device_rate_hz: int) -> None:
-        from engine.audio import resample_stream
+        from engine.audio.devices import resample_stream
         self.renderer = renderer
         renderer.fade_on_flush = False   # faded once, here, at the device rate
         self.device_rate_hz = device_rate_hz
@@ -448,7 +448,7 @@ class PlaybackProcess:
 
     def run_pyaudio(self) -> None:
         import pyaudio
-        from engine.audio import find_device, keep_running, open_pyaudio
+        from engine.audio.devices import find_device, keep_running, open_pyaudio
         pa = open_pyaudio()
         dev = find_device(pa, self.speaker, "output")
         rate = self.spec["config"]["audio"]["device_rate_hz"] or dev["default_rate_hz"]

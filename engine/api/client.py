@@ -401,7 +401,7 @@ class Session:
 
 
 def _die_with_parent() -> None:
-    from engine.child import parent_death_signal
+    from engine.supervisor.child import parent_death_signal
     parent_death_signal()
 
 
@@ -464,7 +464,7 @@ async def create_session(session: dict[str, Any] | None = None, options: dict[st
     run_dir = tmp / "run"
     run_dir.mkdir(mode=0o700)
     env["REALTALK_RUNTIME_DIR"] = str(run_dir)  # several sessions in one program: one engine each
-    argv = [sys.executable, "-m", "engine.cli", "start", "--config", str(cfg_path)]
+    argv = [sys.executable, "-m", "engine.api.cli", "start", "--config", str(cfg_path)]
     for key in ("backend", "mic", "speaker", "scenario", "speed"):
         if options.get(key) is not None:
             argv += [f"--{key}", str(options[key])]

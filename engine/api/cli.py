@@ -42,7 +42,7 @@ def _load_cfg(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_start(args: argparse.Namespace) -> int:
     from engine.config import resolve_backend
-    from engine.supervisor import Supervisor
+    from engine.supervisor.process import Supervisor
     cfg = _load_cfg(args)
     backend = resolve_backend(cfg)
     why = {"local": "offline local server" + ("" if cfg["backend"] == "local" else f" (no ${cfg['api_key_env']} set)"),
@@ -77,7 +77,7 @@ def _alive(pid: int) -> bool:
 
 def cmd_stop(args: argparse.Namespace) -> int:
     from bus.client import connection_file
-    from engine.supervisor import clean_stale, engine_identity
+    from engine.supervisor.process import clean_stale, engine_identity
     conn = _connection()
     pid = conn.get("pid")
     if not isinstance(pid, int) or not engine_identity(conn):
@@ -104,7 +104,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from bus import Subscriber
-    from engine.supervisor import engine_identity
+    from engine.supervisor.process import engine_identity
     conn = _connection()
     if not engine_identity(conn):
         raise EngineError(f"the engine (pid {conn.get('pid')}) is not running; its connection file is stale "
@@ -136,7 +136,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    from engine.audio import list_devices
+    from engine.audio.devices import list_devices
     devices = list_devices()
     if args.json:
         print(json.dumps(devices, indent=1))
@@ -259,7 +259,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 
 def cmd_log(args: argparse.Namespace) -> int:
-    from engine.eventlog import EventLog, find_session_log
+    from engine.api.eventlog import EventLog, find_session_log
     log = EventLog(find_session_log(args.session))
     events = log.filter(args.type)
     if args.csv:
@@ -280,7 +280,7 @@ def cmd_log(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from engine.demo import run_demo
+    from engine.api.demo import run_demo
     return run_demo(args)
 
 
