@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.playback import FLUSH_FADE_MS
+from engine.playback.process import FLUSH_FADE_MS
 
 REPO = Path(__file__).resolve().parent.parent
 REPLY = "The sea is wide and the ships are many, and every sailor knows the way home."
@@ -86,6 +86,106 @@ def loud_windows(pcm: np.ndarray, threshold: float) -> np.ndarray:
     n = len(pcm) // WINDOW
     frames = pcm[:n * WINDOW].astype(np.float64).reshape(n, WINDOW)
     return np.sqrt((frames ** 2).mean(axis=1)) > threshold
+
+
+MIN_GAP_SAMPLES = 48  # 2 ms of exact digital silence: the reply's own speech has no zero run over 1 ms
+
+
+def count_gaps(pcm: np.ndarray) -> int:
+    """Underruns of one response as the speaker played it: the runs of exact digital silence of at
+    least MIN_GAP_SAMPLES between the response's first and last non-zero sample (so the wait before
+    the first sample and the silence after the end are not gaps; a gap is counted once however
+    long it lasts). The one function both the engine's and the baseline's underruns are counted by."""
+    nz = np.flatnonzero(pcm)
+    if len(nz) < 2:
+        return 0
+    zero = (pcm[nz[0]:nz[-1] + 1] == 0).astype(np.int8)
+    edges = np.diff(np.concatenate(([0], zero, [0])))
+    runs = np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1)
+    return int((runs >= MIN_GAP_SAMPLES).sum())
+
+
+QUIET_FLOOR = 4   # the speaker monitor's silence is not exact: PulseAudio leaves +-1..3 LSB of noise
+
+
+def response_spans(recording: np.ndarray, starts_ns: list[int], floor: int = 0) -> list[tuple[int, int]]:
+    """Each response's span of a recording, as sample indices [a, b).
+
+    ``starts_ns``: CLOCK_MONOTONIC of each response's first sample handed to the device. A
+    response begins at an onset of the recording: a sample louder than ``floor`` after at least
+    50 ms no louder than it (responses are at least 80 ms apart, the prebuffer; the reply's own
+    pauses are under 50 ms). The first response takes the first onset, each later one the onset
+    nearest (within 150 ms) to where the previous one's onset and the two starts' distance put
+    it, so neither the recording's clock offset nor its drift matters. A span ends where the
+    next one begins; a response with no onset there gets an empty span."""
+    loud = np.flatnonzero(np.abs(recording.astype(np.int32)) > floor)
+    if not starts_ns or not len(loud):
+        return []
+    onsets = np.concatenate(([loud[0]], loud[1:][np.diff(loud) > 1200]))
+    found: list[int | None] = [int(onsets[0])]
+    anchor, anchor_ns = int(onsets[0]), starts_ns[0]
+    for s in starts_ns[1:]:
+        expect = anchor + int((s - anchor_ns) / 1e9 * 24000)
+        j = int(np.argmin(np.abs(onsets - expect)))
+        if abs(int(onsets[j]) - expect) <= 3600:
+            found.append(int(onsets[j]))
+            anchor, anchor_ns = int(onsets[j]), s
+        else:
+            found.append(None)
+    spans = []
+    for i, a in enumerate(found):
+        if a is None:
+            spans.append((0, 0))
+            continue
+        b = next((x for x in found[i + 1:] if x is not None), len(recording))
+        spans.append((a, b))
+    return spans
+
+
+def span_underruns(played: np.ndarray, spans: list[tuple[int, int]]) -> list[int]:
+    """``count_gaps`` of each response's span of what a player handed to the device (-1: not found)."""
+    return [count_gaps(played[a:b]) if b > a else -1 for a, b in spans]
+
+
+def gap_lengths_ms(recording: np.ndarray, spans: list[tuple[int, int]]) -> list[float]:
+    """The length of every gap ``count_gaps`` counts, in ms."""
+    out: list[float] = []
+    for a, b in spans:
+        pcm = recording[a:b]
+        nz = np.flatnonzero(pcm)
+        if len(nz) < 2:
+            continue
+        zero = (pcm[nz[0]:nz[-1] + 1] == 0).astype(np.int8)
+        edges = np.diff(np.concatenate(([0], zero, [0])))
+        runs = np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1)
+        out.extend(float(r) / 24 for r in runs if r >= MIN_GAP_SAMPLES)
+    return out
+
+
+def silence_after_cut_ms(recording: np.ndarray, span: tuple[int, int], cut_ms: float,
+                         threshold: float) -> float | None:
+    """In one item's span of the speaker monitor (it begins at the item's first sample): ms from
+    that first sample to the end of the last audible 1 ms (RMS above ``threshold``) before the
+    first run of at least 60 ms no louder than QUIET_FLOOR that starts after ``cut_ms - 20``
+    (the cut, as the engine's clock puts it; the reply's own pauses are under 50 ms). None if
+    there is no such run in the span or nothing audible before it."""
+    a, b = span
+    seg = recording[a:b]
+    if len(seg) < 24:
+        return None
+    quiet = (np.abs(seg.astype(np.int32)) <= QUIET_FLOOR).astype(np.int8)
+    edges = np.diff(np.concatenate(([0], quiet, [0])))
+    run_a, run_b = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    ok = np.flatnonzero((run_b - run_a >= 1440) & (run_a >= (cut_ms - 20) * 24))
+    if not len(ok):
+        return None
+    stop = int(run_a[ok[0]])
+    k = stop // 24
+    ms = seg[:k * 24].astype(np.float64).reshape(k, 24)
+    loud = np.flatnonzero(np.sqrt((ms ** 2).mean(axis=1)) > threshold)
+    if not len(loud):
+        return None
+    return float(loud[-1] + 1)
 
 
 def truncation_errors_from_recording(recording: np.ndarray, rec_start_s: float, reply: np.ndarray,
@@ -152,24 +252,37 @@ class MonitorRecorder:
 
 # ------------------------------------------------------------------ the engine
 class Engine:
-    def __init__(self, tmp: Path, scen: Path) -> None:
+    """``engine start`` on the virtual devices, with a bus subscriber and publisher for the bench.
+
+    ``audio`` / ``session`` / ``local_server``: YAML flow mappings merged over the bench's config."""
+
+    def __init__(self, tmp: Path, scen: Path, audio: str = "", session: str = "turn_detection: null, transcription: null",
+                 local_server: str = "asr: false", extra_prefixes: tuple[str, ...] = ()) -> None:
         cfg = tmp / "engine.yaml"
-        cfg.write_text(f"audio: {{mic: vmic, speaker: vspk, prebuffer_ms: {PREBUFFER_MS}, period_ms: {PERIOD_MS}, "
-                       f"playback_period_ms: {PLAYBACK_PERIOD_MS}, "
-                       f"echo: aec}}\nlocal_server: {{asr: false, scenario: {scen}}}\n"
-                       "session: {turn_detection: null, transcription: null}\n")
+        self.record_dir = tmp / "rec"
+        cfg.write_text(f"record: {self.record_dir}\n"
+                       f"audio: {{mic: vmic, speaker: vspk, prebuffer_ms: {PREBUFFER_MS}, period_ms: {PERIOD_MS}, "
+                       f"playback_period_ms: {PLAYBACK_PERIOD_MS}, echo: aec{', ' + audio if audio else ''}}}\n"
+                       f"local_server: {{{local_server}, scenario: {scen}}}\n"
+                       f"session: {{{session}}}\n")
         self.env = dict(os.environ, REALTALK_RUNTIME_DIR=str(tmp / "run"), XDG_DATA_HOME=str(tmp / "data"))
         self.env.pop("OPENAI_API_KEY", None)
-        self.proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "start", "--backend", "local", "--config",
+        self.exec_mono = time.monotonic()
+        self.proc = subprocess.Popen([sys.executable, "-m", "engine.api.cli", "start", "--backend", "local", "--config",
                                       str(cfg)], stdout=subprocess.PIPE, text=True, env=self.env, cwd=str(REPO))
+        self.ready_ms = None
         for line in self.proc.stdout:  # type: ignore[union-attr]
             if "ready in" in line:
+                self.ready_ms = (time.monotonic() - self.exec_mono) * 1000  # from the exec, seen from outside
                 break
+        if self.ready_ms is None:
+            raise RuntimeError(f"engine start exited with {self.proc.wait()} before it was ready")
         threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()  # type: ignore[union-attr]
         self.conn = json.loads((tmp / "run" / "engine.json").read_text())
         from bus import Publisher, Subscriber
-        self.sub = Subscriber(self.conn["subscribe"], ["playback.", "latency.", "engine.error", "response.done",
-                                                       "cmd.ack", "server.error", "capture.echo"])
+        self.sub = Subscriber(self.conn["subscribe"], ["playback.", "playout.", "latency.", "engine.error",
+                                                       "response.done", "cmd.ack", "server.error", "capture.echo",
+                                                       *extra_prefixes])
         self.pub = Publisher(self.conn["publish"], "bench")
         self.pub.join(self.conn["subscribe"])
         self.log: list[tuple[str, dict[str, Any]]] = []
@@ -185,6 +298,14 @@ class Engine:
                 return msg[1]
         raise TimeoutError(f"no {topic} within {timeout} s")
 
+    def pump(self, seconds: float) -> None:
+        """Log what comes for ``seconds``."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            msg = self.sub.recv(timeout_ms=50)
+            if msg is not None:
+                self.log.append(msg)
+
     def seen_or_wait(self, mark: int, topic: str, timeout: float = 20) -> dict[str, Any]:
         """The first ``topic`` message logged since ``mark``, waiting for it if need be."""
         for t, b in self.log[mark:]:
@@ -195,7 +316,7 @@ class Engine:
     def turn(self, n: int) -> None:
         mark = len(self.log)
         self.pub.publish("cmd.say", {"text": f"Turn {n}", "id": f"turn-{n}-{time.monotonic_ns()}"})
-        self.wait("playback.stopped", timeout=30)
+        self.wait("playout.stopped", timeout=30)
         if not any(t == "latency.turn" for t, _ in self.log[mark:]):
             self.wait("latency.turn", timeout=5)
 
@@ -203,13 +324,25 @@ class Engine:
         self.proc.send_signal(2)
         self.proc.wait(timeout=20)
 
+    def played(self) -> np.ndarray:
+        """What playback handed to the device this session (the recording's right channel)."""
+        import wave
+        path = next(self.record_dir.glob("*/conversation.wav"))
+        with wave.open(str(path)) as w:
+            pcm = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16)
+        return pcm.reshape(-1, 2)[:, 1].copy()
+
 
 def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
+    from engine.server.voice import synthesize
+    reply = synthesize(REPLY, "marin", 1.0)
+    level = float(np.sqrt(np.mean(reply.astype(np.float64) ** 2)))
     # the echo path: what the speaker plays reaches the mic at 60 % volume; the engine cancels it (AEC3)
     vaudio("echo-on", "60%")
     eng = Engine(tmp, scen)
     try:
         eng.turn(0)  # warm-up
+        warm_start = [b["first_sample_mono_ns"] for t, b in eng.log if t == "playout.started"][:1]
         eng.log.clear()
         for n in range(1, 11):
             eng.turn(n)
@@ -227,26 +360,33 @@ def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
         # interruptions at random points of the model's speech
         rng = random.Random(3)
         eng.log.clear()
-        silence_ms: list[float] = []   # cmd.cancel published (bench process) -> fade done
+        silence_ms: list[float] = []   # cmd.cancel published (bench process) -> fade done (old definition)
         engine_ms: list[float] = []    # the engine took the barge-in -> the device callback began the fade
+        cancel_ns: list[int] = []      # when the bench published each cmd.cancel
         # (first sample handed to the device, audio_end_ms, item id, stretch_ms at the cut)
         cut_points: list[tuple[int, int, str, float]] = []
+        interrupt_ns: list[int] = []
+        device_gapped: set[str] = set()   # items whose flush report counted a device underflow
         monitor = MonitorRecorder(tmp / "monitor.raw")
         for n in range(interruptions):
             mark = len(eng.log)
             eng.pub.publish("cmd.say", {"text": f"Interrupt {n}", "id": f"int-{n}-{time.monotonic_ns()}"})
-            started = eng.seen_or_wait(mark, "playback.started")
+            started = eng.seen_or_wait(mark, "playout.started")   # playback's report, mapped to its item
             time.sleep(rng.uniform(0.05, 1.5))
             t_ns = time.monotonic_ns()
             mark_cancel = len(eng.log)
             eng.pub.publish("cmd.cancel", {"id": f"cancel-{n}"})
             flushed = eng.seen_or_wait(mark_cancel, "playback.flushed", 5)
-            interrupted = eng.seen_or_wait(mark_cancel, "playback.interrupted", 5)
+            interrupted = eng.seen_or_wait(mark_cancel, "playout.interrupted", 5)
             eng.seen_or_wait(mark, "response.done", 10)
             silence_ms.append((flushed["flush_mono_ns"] - t_ns) / 1e6 + FLUSH_FADE_MS)  # + the fade
             engine_ms.append((flushed["flush_mono_ns"] - interrupted["interrupt_mono_ns"]) / 1e6)
+            cancel_ns.append(t_ns)
+            interrupt_ns.append(interrupted["interrupt_mono_ns"])
             cut_points.append((started["first_sample_mono_ns"], interrupted["played_ms"], started["item_id"],
                                flushed.get("stretch_ms", 0.0)))
+            if flushed.get("device_underflows"):
+                device_gapped.add(started["item_id"])
         time.sleep(0.5)  # the last fade reaches the monitor
         recording = monitor.stop()
         inter = eng.log[:]
@@ -254,60 +394,108 @@ def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
     finally:
         eng.stop()
         vaudio("echo-off")
-    from engine.server.voice import synthesize
+    played = eng.played()
     cuts = [(start, cut_points[i + 1][0] if i + 1 < len(cut_points) else None, end_ms, stretch_ms)
             for i, (start, end_ms, _, stretch_ms) in enumerate(cut_points)]
-    heard_err = truncation_errors_from_recording(recording, monitor.start_s, synthesize(REPLY, "marin", 1.0), cuts)
+    heard_err = truncation_errors_from_recording(recording, monitor.start_s, reply, cuts)
+    # barge-in to silence, at the speaker monitor: each item's span of the recording, aligned on its
+    # own first sample (= first_sample_mono_ns, when playback handed it to the device); silent =
+    # after the last 1 ms whose RMS is above -40 dB of the reply's RMS
+    spans = response_spans(recording, [c[0] for c in cut_points], QUIET_FLOOR)
+    silent_engine, silent_bus, already_quiet = [], [], 0
+    for (start_ns, _, _, _), span, i_ns, c_ns in zip(cut_points, spans, interrupt_ns, cancel_ns):
+        got = silence_after_cut_ms(recording, span, (i_ns - start_ns) / 1e6, 0.01 * level)
+        if got is None:
+            already_quiet += 1
+            continue
+        silent_ns = start_ns + got * 1e6
+        if silent_ns <= i_ns:   # the cut fell in a pause of the speech: nothing to silence
+            already_quiet += 1
+            continue
+        silent_engine.append((silent_ns - i_ns) / 1e6)
+        silent_bus.append((silent_ns - c_ns) / 1e6)
     if os.environ.get("REALTALK_BENCH_DUMP"):   # the raw material, to look into a bad figure
         dump = Path(os.environ["REALTALK_BENCH_DUMP"])
         dump.mkdir(parents=True, exist_ok=True)
         np.save(dump / "monitor.npy", recording)
+        np.save(dump / "played.npy", played)
         (dump / "run.json").write_text(json.dumps({"rec_start_s": monitor.start_s, "cuts": cuts,
                                                    "errors": heard_err, "log": inter}, default=str))
     # an underrun puts a gap in the recording that is not in the item's audio, and so does the device
-    # running dry (a scheduling stall of the playback process longer than the device's buffer): those
-    # items are left out, and counted
-    gapped = {b.get("item_id") for t, b in inter if t == "playback.underrun"
-              or (t == "playback.flushed" and b.get("device_underflows"))}
-    heard_err = [e for e, (_, _, item_id, _) in zip(heard_err, cut_points) if item_id not in gapped]
+    # running dry (a scheduling stall of the playback process longer than the device's buffer): the
+    # check is reported over all items, and without those
+    gapped = {b.get("item_id") for t, b in inter if t == "playout.underrun"} | device_gapped
+    heard_err_clean = [e for e, (_, _, item_id, _) in zip(heard_err, cut_points) if item_id not in gapped]
     turns = [b for t, b in quiet + loaded if t == "latency.turn"]
-    interrupted = [b for t, b in inter if t == "playback.interrupted"]
+    interrupted = [b for t, b in inter if t == "playout.interrupted"]
     flushed = [b for t, b in inter if t == "playback.flushed"]
     api_errors = [b for t, b in quiet + loaded + inter if t == "server.error"]
-    trunc_err = [abs(i["played_ms"] - f["played_ms"]) for i, f in zip(interrupted, flushed)]
+    trunc_self = [abs(i["played_ms"] - f["played_ms"]) for i, f in zip(interrupted, flushed)]
+    # underruns at the speaker monitor, one function for engine and baseline
+    starts = [b["first_sample_mono_ns"] for t, b in quiet + loaded if t == "playout.started"]
+    n_quiet = sum(1 for t, _ in quiet if t == "playout.started")
+    spans = response_spans(played, warm_start + starts)[len(warm_start):]
+    gaps = span_underruns(played, spans)
+    gap_ms = gap_lengths_ms(played, spans)
+    cadence = [b for t, b in quiet + loaded if t == "playback.cadence"]
+    echoes = [b for t, b in quiet + loaded if t == "capture.echo"]
+    d2d_p99 = pct([t["first_delta_to_device_ms"] for t in turns], 99)
+    added = (mic["p99_ms"] + d2d_p99 - PREBUFFER_MS) if d2d_p99 is not None and mic.get("p99_ms") is not None else None
     return {
         "engine_mic_to_socket_ms_p50": mic["p50_ms"], "engine_mic_to_socket_ms_p99": mic["p99_ms"],
         "engine_delta_to_device_ms_p50": pct([t["first_delta_to_device_ms"] for t in turns], 50),
-        "engine_delta_to_device_ms_p99": pct([t["first_delta_to_device_ms"] for t in turns], 99),
+        "engine_delta_to_device_ms_p99": d2d_p99,
         "engine_delta_to_device_bound_ms": PREBUFFER_MS + PLAYBACK_PERIOD_MS,
+        "engine_added_latency_ms_p99": round(added, 2) if added is not None else None,
+        "engine_added_latency_goal_ms": 5.0,
         "engine_request_to_device_ms_p50": pct([t["to_device_ms"] for t in turns], 50),
         "delta_interval_ms_std_mean": pct([t["delta_interval_ms_std"] for t in turns], 50),
-        "engine_underruns_jitter30": sum(1 for t, _ in quiet if t == "playback.underrun"),
-        "engine_underruns_under_cpu_load": sum(1 for t, _ in loaded if t == "playback.underrun"),
+        "engine_underruns_jitter30": sum(g for g in gaps[:n_quiet] if g > 0),
+        "engine_underruns_under_cpu_load": sum(g for g in gaps[n_quiet:] if g > 0),
+        "engine_underruns_responses_checked": sum(1 for g in gaps if g >= 0),
+        "engine_underrun_gap_ms_p50": pct(gap_ms, 50), "engine_underrun_gap_ms_max": max(gap_ms, default=None),
+        # the recording's reference is zero-padded where playback was behind the mic: such padding
+        # would read as a gap; 0 here means the recording is what playback handed out
+        "engine_recording_padded_frames_during_turns": (echoes[-1].get("far_missing_frames", 0)
+                                                         - echoes[0].get("far_missing_frames", 0)) if echoes else None,
+        "engine_underruns_recording_exact": bool(echoes) and echoes[-1].get("far_missing_frames", 0)
+        == echoes[0].get("far_missing_frames", 0),
+        "engine_device_underflows_during_turns": (cadence[-1].get("device_underflows", 0)
+                                                  - cadence[0].get("device_underflows", 0)) if cadence else None,
+        "engine_underruns_reported_jitter30": sum(1 for t, _ in quiet if t == "playout.underrun"),
+        "engine_underruns_reported_under_cpu_load": sum(1 for t, _ in loaded if t == "playout.underrun"),
         # time-stretching over late deltas (audio.time_stretch): responses it touched, and by how much
-        "engine_stretched_responses": sum(1 for t, b in quiet + loaded if t == "playback.stopped"
+        "engine_stretched_responses": sum(1 for t, b in quiet + loaded if t == "playout.stopped"
                                           and b.get("expanded_ms")),
-        "engine_stretched_responses_of": sum(1 for t, _ in quiet + loaded if t == "playback.stopped"),
+        "engine_stretched_responses_of": sum(1 for t, _ in quiet + loaded if t == "playout.stopped"),
         "engine_expanded_ms_max": max([b.get("expanded_ms", 0) for t, b in quiet + loaded
-                                       if t == "playback.stopped"], default=None),
+                                       if t == "playout.stopped"], default=None),
         "engine_stretch_left_ms_max": max([abs(b.get("stretch_ms", 0)) for t, b in quiet + loaded
-                                           if t == "playback.stopped"], default=None),
+                                           if t == "playout.stopped"], default=None),
         "stretched_interruptions": sum(1 for c in cut_points if c[3]),
         "engine_turns": len(turns),
         "bargein_fade_start_ms_p50": pct(engine_ms, 50), "bargein_fade_start_ms_p99": pct(engine_ms, 99),
-        "bargein_silent_ms_p50": pct([m + FLUSH_FADE_MS for m in engine_ms], 50),
-        "bargein_silent_ms_p99": pct([m + FLUSH_FADE_MS for m in engine_ms], 99),
-        "bargein_from_bus_command_silent_ms_p99": pct(silence_ms, 99),
+        "bargein_silent_ms_p50": pct(silent_engine, 50), "bargein_silent_ms_p99": pct(silent_engine, 99),
+        "bargein_silent_ms_max": max(silent_engine) if silent_engine else None,
+        "bargein_silent_measured": len(silent_engine), "bargein_cut_in_a_pause": already_quiet,
+        "bargein_from_bus_command_silent_ms_p99": pct(silent_bus, 99),
+        "old_bargein_silent_ms_p99_fade_start_plus_5ms": pct([m + FLUSH_FADE_MS for m in engine_ms], 99),
+        "old_bargein_from_bus_command_silent_ms_p99_fade_start_plus_5ms": pct(silence_ms, 99),
         "interruptions": len(interrupted),
         "truncations_measured": sum(1 for i in interrupted if i.get("measured")),
-        "truncation_error_ms_max": max(trunc_err) if trunc_err else None,
+        "truncation_sent_vs_flush_report_ms_max": max(trunc_self) if trunc_self else None,
         "truncation_api_errors": len(api_errors),
         "truncation_vs_speaker_monitor_error_ms_p50": pct(heard_err, 50),
         "truncation_vs_speaker_monitor_error_ms_p99": pct(heard_err, 99),
         "truncation_vs_speaker_monitor_error_ms_max": max(heard_err) if heard_err else None,
         "truncation_vs_speaker_monitor_within_10ms": sum(1 for e in heard_err if e <= 10),
         "truncation_vs_speaker_monitor_checked": len(heard_err),
-        "underruns_during_interruptions": sum(1 for t, _ in inter if t == "playback.underrun"),
+        "truncation_vs_speaker_monitor_no_gap_error_ms_p99": pct(heard_err_clean, 99),
+        "truncation_vs_speaker_monitor_no_gap_error_ms_max": max(heard_err_clean) if heard_err_clean else None,
+        "truncation_vs_speaker_monitor_no_gap_within_10ms": sum(1 for e in heard_err_clean if e <= 10),
+        "truncation_vs_speaker_monitor_no_gap_checked": len(heard_err_clean),
+        "truncation_items_with_gap": len(heard_err) - len(heard_err_clean),
+        "underruns_during_interruptions": sum(1 for t, _ in inter if t == "playout.underrun"),
         "interruptions_with_device_underflow": sum(1 for t, b in inter if t == "playback.flushed"
                                                    and b.get("device_underflows")),
         "device_underflows_total": max([b.get("device_underflows", 0) for t, b in inter
@@ -322,9 +510,9 @@ def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
 def bench_baseline(scen: Path, load: bool, turns: int = 8) -> dict[str, Any]:
     """openai SDK + PyAudio in one asyncio process, as the SDK's examples do it."""
     import socket
-    from engine.supervisor import free_port
+    from engine.supervisor.process import free_port
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--port", str(port), "--scenario",
+    server = subprocess.Popen([sys.executable, "-m", "engine.api.cli", "serve", "--port", str(port), "--scenario",
                                str(scen), "--no-asr"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               cwd=str(REPO))
     try:
@@ -334,20 +522,32 @@ def bench_baseline(scen: Path, load: bool, turns: int = 8) -> dict[str, Any]:
                 break
             except OSError:
                 time.sleep(0.05)
-        return asyncio.run(_baseline(f"ws://127.0.0.1:{port}/v1", load, turns))
+        result, played, starts, old_count = asyncio.run(_baseline(f"ws://127.0.0.1:{port}/v1", load, turns))
     finally:
         server.kill()
+    key = "baseline_under_cpu_load" if load else "baseline"
+    spans = [(a, b) for a, b in zip(starts, starts[1:] + [len(played)])]
+    gaps = span_underruns(played, spans)
+    gap_ms = gap_lengths_ms(played, spans)
+    result[f"{key}_underruns"] = sum(g for g in gaps if g > 0)   # what it handed the device, counted as the engine's are
+    result[f"{key}_underruns_responses_checked"] = sum(1 for g in gaps if g >= 0)
+    result[f"{key}_underrun_gap_ms_p50"] = pct(gap_ms, 50)
+    result[f"{key}_underrun_gap_ms_max"] = max(gap_ms, default=None)
+    result[f"old_{key}_underruns_short_callbacks"] = old_count   # the old count: every short callback
+    return result
 
 
-async def _baseline(url: str, load: bool, turns: int) -> dict[str, Any]:
+async def _baseline(url: str, load: bool, turns: int) -> tuple[dict[str, Any], np.ndarray, list[int], int]:
     import pyaudio
     from openai import AsyncOpenAI
-    from engine.audio import find_device, open_pyaudio
+    from engine.audio.devices import find_device, open_pyaudio
     pa = open_pyaudio()
     dev = find_device(pa, "vspk", "output")
     lock = threading.Lock()
     buf = bytearray()
-    state = {"underruns": 0, "in_response": False, "first_out": None, "done_audio": False}
+    state = {"underruns": 0, "in_response": False, "first_out": None, "first_at": 0, "done_audio": False,
+             "device_underflows": 0}
+    played = bytearray()   # every byte the callback handed to the device, silence included
 
     def callback(in_data: Any, frame_count: int, time_info: Any, status: int) -> tuple[bytes, int]:
         need = frame_count * 2
@@ -356,13 +556,19 @@ async def _baseline(url: str, load: bool, turns: int) -> dict[str, Any]:
             del buf[:need]
             if chunk and state["first_out"] is None:
                 state["first_out"] = time.monotonic()
+                state["first_at"] = len(played) // 2
+            if status & pyaudio.paOutputUnderflow:
+                state["device_underflows"] += 1
             if len(chunk) < need and state["in_response"] and not state["done_audio"]:
                 state["underruns"] += 1
-        return chunk + bytes(need - len(chunk)), pyaudio.paContinue
+        out = chunk + bytes(need - len(chunk))
+        played.extend(out)
+        return out, pyaudio.paContinue
 
     stream = pa.open(format=pyaudio.paInt16, channels=1, rate=24000, output=True, output_device_index=dev["index"],
                      frames_per_buffer=24 * PLAYBACK_PERIOD_MS, stream_callback=callback)
     delta_to_device: list[float] = []
+    starts: list[int] = []   # where each response's first sample is in ``played`` (frames)
     client = AsyncOpenAI(api_key="sk-local", websocket_base_url=url)
     async with client.realtime.connect(model="gpt-realtime") as conn:
         await conn.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": None}}})
@@ -397,15 +603,156 @@ async def _baseline(url: str, load: bool, turns: int) -> dict[str, Any]:
                 state["in_response"] = False
                 if state["first_out"] is not None and first_delta is not None:
                     delta_to_device.append((state["first_out"] - first_delta) * 1000)
+                    starts.append(state["first_at"])
     stream.stop_stream()
     stream.close()
     pa.terminate()
     key = "baseline_under_cpu_load" if load else "baseline"
-    return {f"{key}_underruns": state["underruns"], f"{key}_delta_to_device_ms_p50": pct(delta_to_device, 50),
-            f"{key}_delta_to_device_ms_p99": pct(delta_to_device, 99), f"{key}_turns": turns}
+    return ({f"{key}_delta_to_device_ms_p50": pct(delta_to_device, 50),
+             f"{key}_delta_to_device_ms_p99": pct(delta_to_device, 99), f"{key}_turns": turns,
+             f"{key}_device_underflows": state["device_underflows"]},
+            np.frombuffer(bytes(played), dtype=np.int16), starts, state["underruns"])
 
 
-def run(interruptions: int = 200) -> dict[str, Any]:
+# ------------------------------------------------------------------ double talk
+USER_SPEECH = "Wait, stop please, what is the weather like in Paris today?"
+DT_LEVELS_DB = (0, -10, -20)   # the user's speech at the mic relative to the model's echo there
+DT_REPLY = " ".join([REPLY] * 3)
+
+
+def rms_loud(pcm: np.ndarray) -> float:
+    """RMS over the 5 ms windows within 30 dB of the loudest one (speech, not its pauses)."""
+    n = len(pcm) // WINDOW
+    w = np.sqrt((pcm[:n * WINDOW].astype(np.float64).reshape(n, WINDOW) ** 2).mean(axis=1))
+    if not len(w) or w.max() <= 0:
+        return 0.0
+    loud = w[w > w.max() * 10 ** (-30 / 20)]
+    return float(np.sqrt((loud ** 2).mean()))
+
+
+def write_wav(path: Path, pcm: np.ndarray) -> None:
+    import wave
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(24000), w.writeframes(pcm.astype(np.int16).tobytes())
+
+
+def words(text: str) -> set[str]:
+    return {w.strip(".,?!").lower() for w in text.split() if len(w.strip(".,?!")) > 2}
+
+
+def bench_double_talk(tmp: Path, trials: int, echo_trials: int = 2) -> dict[str, Any]:
+    """The user talks over the model: their speech is played into the mic (PulseAudio's micsink, where
+    the echo path also lands) at 0, -10 and -20 dB relative to the model's echo at the mic, with
+    the echo guard on (audio.echo_guard_db -6) and off (null), server VAD on (it interrupts,
+    creates no response). Per setting: barge-ins that happened (user.speech.started, then
+    playout.interrupted with reason speech, within 2 s of the user's speech starting), how much
+    of the user's speech the server detected (its speech_started .. speech_stopped span, less
+    the VAD's prefix padding and silence, over the utterance's length), the words of the
+    server's transcript (the local server's offline recogniser) found in what the user said, and
+    false barge-ins from the echo alone (replies played in full, nobody talking)."""
+    from engine.server.voice import synthesize
+    scen = tmp / "dt.yaml"
+    scen.write_text(f'default_reply: "{DT_REPLY}"\n')
+    user = synthesize(USER_SPEECH, "alloy", 1.0)
+    user_ms = len(user) / 24
+    user_rms = rms_loud(user)
+    vaudio("echo-on", "60%")
+    out: dict[str, Any] = {"double_talk_user_speech_ms": round(user_ms), "double_talk_trials_per_level": trials}
+    echo_rms = None
+    rng = random.Random(11)
+    try:
+        for guard, guard_yaml in (("guard_on", "-6.0"), ("guard_off", "null")):
+            run_dir = tmp / f"dt-{guard}"
+            run_dir.mkdir()
+            eng = Engine(run_dir, scen, audio=f"echo_guard_db: {guard_yaml}",
+                         session="turn_detection: {type: server_vad, create_response: false, interrupt_response: true}",
+                         local_server="asr: true", extra_prefixes=("user.",))
+            try:
+                if echo_rms is None:   # the model's echo at the mic: record the mic sink during a reply
+                    rec = subprocess.Popen(["parec", "-d", "micsink.monitor", "--rate=24000", "--channels=1",
+                                            "--format=s16le", "--raw", "--latency-msec=10"], stdout=subprocess.PIPE)
+                    mark = len(eng.log)
+                    eng.pub.publish("cmd.say", {"text": "calibrate", "id": f"cal-{time.monotonic_ns()}"})
+                    eng.seen_or_wait(mark, "playout.started", 20)
+                    eng.pump(4.0)
+                    rec.terminate()
+                    echo_pcm = np.frombuffer(rec.communicate(timeout=10)[0], dtype=np.int16)
+                    echo_rms = rms_loud(echo_pcm)
+                    eng.pub.publish("cmd.cancel", {"id": f"cal-cancel-{time.monotonic_ns()}"})
+                    eng.pump(1.5)
+                    out["double_talk_echo_dbfs_at_mic"] = round(20 * np.log10(max(echo_rms, 1e-9) / 32768), 1)
+                # echo alone: whole replies, nobody talking
+                mark = len(eng.log)
+                for n in range(echo_trials):
+                    m = len(eng.log)
+                    eng.pub.publish("cmd.say", {"text": f"echo {n}", "id": f"echo-{guard}-{n}-{time.monotonic_ns()}"})
+                    try:
+                        eng.seen_or_wait(m, "response.done", 40)
+                    except TimeoutError:
+                        pass
+                    eng.pump(1.0)
+                seg = eng.log[mark:]
+                out[f"double_talk_{guard}_false_bargeins_echo_alone"] = sum(
+                    1 for t, b in seg if t == "playout.interrupted" and b.get("reason") == "speech")
+                out[f"double_talk_{guard}_false_speech_detected_echo_alone"] = sum(
+                    1 for t, _ in seg if t == "user.speech.started")
+                out[f"double_talk_{guard}_echo_alone_replies"] = echo_trials
+                for db in DT_LEVELS_DB:
+                    gain = (echo_rms or 1.0) * 10 ** (db / 20) / max(user_rms, 1e-9)
+                    wav = run_dir / f"user{db}.wav"
+                    write_wav(wav, np.clip(user.astype(np.float64) * gain, -32768, 32767))
+                    hits, valid, cut_before, transcripts, detected, heard_words = 0, 0, 0, 0, [], []
+                    for n in range(trials):
+                        m = len(eng.log)
+                        eng.pub.publish("cmd.say", {"text": f"talk {n}", "id": f"dt-{guard}-{db}-{n}-{time.monotonic_ns()}"})
+                        eng.seen_or_wait(m, "playout.started", 20)
+                        eng.pump(rng.uniform(1.0, 2.5))
+                        m_user = len(eng.log)
+                        t_user = time.monotonic()
+                        subprocess.run(["paplay", "--device=micsink", str(wav)], timeout=30)
+                        eng.pump(2.0)   # VAD silence, transcription
+                        if any(t in ("playout.interrupted", "playout.stopped") for t, _ in eng.log[m:m_user]):
+                            cut_before += 1   # the echo (or the reply's end) got there first: not a double-talk trial
+                            eng.pub.publish("cmd.cancel", {"id": f"dt-cancel-{guard}-{db}-{n}"})
+                            eng.pump(1.0)
+                            continue
+                        valid += 1
+                        seg = [(t, b) for t, b in eng.log[m_user:] if b.get("mono_ns", 0) >= t_user * 1e9 - 1e8]
+                        interrupted = [b for t, b in seg if t == "playout.interrupted" and b.get("reason") == "speech"
+                                       and b.get("mono_ns", 0) / 1e9 - t_user < user_ms / 1000 + 2.0]
+                        hits += bool(interrupted)
+                        transcripts += sum(1 for t, _ in seg if t == "user.transcript.done")
+                        started = [b for t, b in seg if t == "user.speech.started"]
+                        stopped = [b for t, b in seg if t == "user.speech.stopped"]
+                        span = 0.0
+                        for a, b in zip(started, stopped):
+                            if isinstance(a.get("audio_start_ms"), int) and isinstance(b.get("audio_end_ms"), int):
+                                span += max(0, b["audio_end_ms"] - a["audio_start_ms"] - 300 - 500)  # less padding, silence
+                        detected.append(min(1.0, span / user_ms))
+                        text = " ".join(b.get("text", "") for t, b in seg if t == "user.transcript.done")
+                        said = words(USER_SPEECH)
+                        heard_words.append(len(words(text) & said) / len(said))
+                        eng.pub.publish("cmd.cancel", {"id": f"dt-cancel-{guard}-{db}-{n}"})   # if still talking
+                        eng.pump(1.0)
+                    key = f"double_talk_{guard}_{'0' if db == 0 else 'minus' + str(-db)}db"
+                    out[f"{key}_bargein_rate"] = round(hits / valid, 2) if valid else None
+                    out[f"{key}_trials_valid"] = valid
+                    out[f"{key}_trials_reply_cut_before_user_spoke"] = cut_before
+                    out[f"{key}_transcripts_received"] = transcripts
+                    out[f"{key}_speech_detected_fraction_mean"] = round(float(np.mean(detected)), 2) if detected else None
+                    out[f"{key}_transcript_words_found_mean"] = round(float(np.mean(heard_words)), 2) if heard_words else None
+                echo = [b for t, b in eng.log if t == "capture.echo"]
+                if echo:
+                    out[f"double_talk_{guard}_guarded_ms"] = echo[-1].get("guarded_ms")
+                    out[f"double_talk_{guard}_far_active_ms"] = echo[-1].get("far_active_ms")
+            finally:
+                eng.stop()
+    finally:
+        vaudio("echo-off")
+    return out
+
+
+def run(interruptions: int = 200, double_talk_trials: int = 5) -> dict[str, Any]:
     vaudio_env()
     tmp = Path(tempfile.mkdtemp(prefix="rtconv"))
     scen = scenario(tmp)
@@ -414,4 +761,6 @@ def run(interruptions: int = 200) -> dict[str, Any]:
     result.update(bench_engine(tmp, scen, interruptions))
     result.update(bench_baseline(scen, load=False))
     result.update(bench_baseline(scen, load=True))
+    if double_talk_trials > 0:
+        result.update(bench_double_talk(tmp, double_talk_trials))
     return result

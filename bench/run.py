@@ -3,8 +3,12 @@ side by side with its reference in the same run.
 
     python bench/run.py core [--json]      rings, bus, engine CPU, engine start time (issue 3)
     python bench/run.py server [--json]    local server: first delta, 20 concurrent sessions (issue 2)
-    python bench/run.py conversation [--json] [--interruptions N]
-                                           engine vs an openai-SDK + PyAudio baseline (issue 4)
+    python bench/run.py conversation [--json] [--interruptions N] [--double-talk-trials N]
+                                           engine vs an openai-SDK + PyAudio baseline (issue 4), double talk
+    python bench/run.py faults [--json] [--soak-minutes N] [--fuzz N]
+                                           kills, socket drops, fuzz, slow subscriber, soak (issue 15)
+
+Every figure's definition: bench/README.md.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -51,8 +56,13 @@ def pct(values: list[float], q: float) -> float:
 
 
 # ------------------------------------------------------------------ rings
+FLOOD_BLOCKS = 400_000
+WAKE_BLOCKS = 2500
+WAKE_HZ = 500.0
+
+
 def _ring_flood(name: str, fd: int, frames: int) -> None:
-    from engine.ring import Ring
+    from engine.audio.ring import Ring
     ring = Ring.attach(name, fd)
     data = np.ones(FRAME, dtype=np.int16)
     sent = 0
@@ -65,7 +75,7 @@ def _ring_flood(name: str, fd: int, frames: int) -> None:
 
 
 def _ring_paced(name: str, fd: int, count: int, hz: float) -> None:
-    from engine.ring import Ring
+    from engine.audio.ring import Ring
     ring = Ring.attach(name, fd)
     data = np.zeros(FRAME, dtype=np.int16)
     for _ in paced(count, hz):
@@ -74,49 +84,151 @@ def _ring_paced(name: str, fd: int, count: int, hz: float) -> None:
         ring.write(data)
 
 
-def bench_ring() -> dict[str, Any]:
-    from engine.ring import Ring
+def _stamp_of(block: np.ndarray) -> int:
+    return int(np.frombuffer(block[:4].tobytes(), dtype=np.int64)[0])
+
+
+def bench_engine_ring() -> dict[str, Any]:
+    from engine.audio.ring import Ring
     ctx = mp.get_context("fork")
     name = f"realtalk-bench-{os.getpid()}"
     ring = Ring.create(name, 1 << 14)
-    frames = 400_000
-    p = ctx.Process(target=_ring_flood, args=(name, ring.data_fd, frames))
+    p = ctx.Process(target=_ring_flood, args=(name, ring.data_fd, FLOOD_BLOCKS))
     out = np.zeros(1 << 14, dtype=np.int16)
     t0 = time.perf_counter()
     p.start()
     got = 0
-    while got < frames * FRAME:
+    while got < FLOOD_BLOCKS * FRAME:
         ring.wait_readable(1.0)
         got += ring.read_into(out)
     elapsed = time.perf_counter() - t0
     p.join()
-    flood_fps = frames / elapsed
-    # reference: plain memcpy of 20 ms frames in one process
-    src = np.ones(FRAME, dtype=np.int16)
-    dst = np.zeros(FRAME, dtype=np.int16)
-    t0 = time.perf_counter()
-    for _ in range(frames):
-        np.copyto(dst, src)
-    memcpy_fps = frames / (time.perf_counter() - t0)
-    # wake-up latency at 500 Hz
-    count = 2500
-    p = ctx.Process(target=_ring_paced, args=(name, ring.data_fd, count, 500.0))
+    p = ctx.Process(target=_ring_paced, args=(name, ring.data_fd, WAKE_BLOCKS, WAKE_HZ))
     p.start()
     lat_us = []
     buf = np.zeros(FRAME, dtype=np.int16)
-    while len(lat_us) < count:
+    while len(lat_us) < WAKE_BLOCKS:
         if not ring.wait_readable(2.0) or ring.overrun_frames:
             break  # an overrun (the reader stalled a whole ring's worth) leaves part frames: stop there
         while ring.read_available >= FRAME:
             ring.read_into(buf)
-            now = time.monotonic_ns()
-            stamp = int(np.frombuffer(buf[:4].tobytes(), dtype=np.int64)[0])
-            lat_us.append((now - stamp) / 1000)
+            lat_us.append((time.monotonic_ns() - _stamp_of(buf)) / 1000)
     p.join()
     overruns = ring.overrun_frames
     ring.unlink()
-    return {"ring_wake_overrun_frames": overruns, "ring_frames_per_s": round(flood_fps), "ring_memcpy_reference_frames_per_s": round(memcpy_fps),
-            "ring_wake_p50_us": round(pct(lat_us, 50), 1), "ring_wake_p99_us": round(pct(lat_us, 99), 1)}
+    return {"blocks_per_s": FLOOD_BLOCKS / elapsed, "wake_us": lat_us, "overrun_frames": overruns}
+
+
+# the references: the same two processes, the same 20 ms blocks, the same reader loop shape
+def _shm_writer(shm_name: str, efd: int, count: int, hz: float) -> None:
+    from multiprocessing import shared_memory
+    shm = shared_memory.SharedMemory(shm_name)
+    idx = np.ndarray((2,), dtype=np.int64, buffer=shm.buf)           # [write, read] in blocks
+    data = np.ndarray((SHM_BLOCKS, FRAME), dtype=np.int16, buffer=shm.buf, offset=16)
+    block = np.ones(FRAME, dtype=np.int16)
+    ticks = paced(count, hz) if hz else range(count)
+    for _ in ticks:
+        while idx[0] - idx[1] >= SHM_BLOCKS:
+            os.sched_yield()
+        if hz:
+            block[:4] = np.frombuffer(np.int64(time.monotonic_ns()).tobytes(), dtype=np.int16)
+        data[idx[0] % SHM_BLOCKS] = block
+        idx[0] += 1
+        os.eventfd_write(efd, 1)   # a system call per block: the plain way
+    del idx, data
+    shm.close()
+
+
+SHM_BLOCKS = (1 << 14) // FRAME
+
+
+def bench_shm_eventfd() -> dict[str, Any]:
+    """A plain SPSC ring: multiprocessing.shared_memory, two indices, an eventfd write per block."""
+    from multiprocessing import shared_memory
+    ctx = mp.get_context("fork")
+    shm = shared_memory.SharedMemory(create=True, size=16 + SHM_BLOCKS * FRAME * 2)
+    idx = np.ndarray((2,), dtype=np.int64, buffer=shm.buf)
+    data = np.ndarray((SHM_BLOCKS, FRAME), dtype=np.int16, buffer=shm.buf, offset=16)
+    out = np.zeros(FRAME, dtype=np.int16)
+    result: dict[str, Any] = {}
+    for hz, count in ((0.0, FLOOD_BLOCKS), (WAKE_HZ, WAKE_BLOCKS)):
+        idx[:] = 0
+        efd = os.eventfd(0)
+        p = ctx.Process(target=_shm_writer, args=(shm.name, efd, count, hz))
+        t0 = time.perf_counter()
+        p.start()
+        got, lat = 0, []
+        while got < count:
+            os.eventfd_read(efd)
+            while idx[1] < idx[0]:
+                np.copyto(out, data[idx[1] % SHM_BLOCKS])
+                idx[1] += 1
+                got += 1
+                if hz:
+                    lat.append((time.monotonic_ns() - _stamp_of(out)) / 1000)
+        elapsed = time.perf_counter() - t0
+        p.join()
+        os.close(efd)
+        if hz:
+            result["wake_us"] = lat
+        else:
+            result["blocks_per_s"] = count / elapsed
+    del idx, data
+    shm.close()
+    shm.unlink()
+    return result
+
+
+def _pipe_writer(conn: Any, count: int, hz: float) -> None:
+    block = np.ones(FRAME, dtype=np.int16)
+    for _ in (paced(count, hz) if hz else range(count)):
+        if hz:
+            block[:4] = np.frombuffer(np.int64(time.monotonic_ns()).tobytes(), dtype=np.int16)
+        conn.send_bytes(block.tobytes())
+    conn.close()
+
+
+def bench_pipe() -> dict[str, Any]:
+    """multiprocessing.Pipe: one send_bytes per 20 ms block, the reader blocks in recv_bytes_into."""
+    ctx = mp.get_context("fork")
+    out = bytearray(FRAME * 2)
+    view = np.frombuffer(out, dtype=np.int16)
+    result: dict[str, Any] = {}
+    for hz, count in ((0.0, FLOOD_BLOCKS), (WAKE_HZ, WAKE_BLOCKS)):
+        rx, tx = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_pipe_writer, args=(tx, count, hz))
+        t0 = time.perf_counter()
+        p.start()
+        tx.close()
+        lat = []
+        for _ in range(count):
+            rx.recv_bytes_into(out)
+            if hz:
+                lat.append((time.monotonic_ns() - _stamp_of(view)) / 1000)
+        elapsed = time.perf_counter() - t0
+        p.join()
+        rx.close()
+        if hz:
+            result["wake_us"] = lat
+        else:
+            result["blocks_per_s"] = count / elapsed
+    return result
+
+
+def bench_ring() -> dict[str, Any]:
+    """Two processes move 20 ms blocks (480 int16 frames): flat out (blocks per second), and paced
+    at 500 Hz (wake-up latency: the writer's stamp to the reader holding the block). The engine's
+    ring against a plain shared-memory ring with an eventfd write per block, and a Pipe."""
+    out: dict[str, Any] = {}
+    for key, fn in (("ring", bench_engine_ring), ("ring_reference_shm_eventfd", bench_shm_eventfd),
+                    ("ring_reference_pipe", bench_pipe)):
+        r = fn()
+        out[f"{key}_blocks_20ms_per_s"] = round(r["blocks_per_s"])
+        out[f"{key}_wake_p50_us"] = round(pct(r["wake_us"], 50), 1)
+        out[f"{key}_wake_p99_us"] = round(pct(r["wake_us"], 99), 1)
+        if "overrun_frames" in r:
+            out["ring_wake_overrun_frames"] = r["overrun_frames"]
+    return out
 
 
 # ------------------------------------------------------------------ bus
@@ -261,51 +373,132 @@ def _cpu_ns(pid: int) -> int:
     return total
 
 
+def start_engine(args: list[str], env: dict[str, str], timeout_s: float = 60) -> tuple[subprocess.Popen, float, int | None]:
+    """Exec ``engine start ARGS``; (the process, ms from the exec until "ready in" on its stdout,
+    the supervisor's own "ready in" figure). Raises RuntimeError if it exits or times out first."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "engine.api.cli", "start", "--backend", "local", *args],
+                            stdout=subprocess.PIPE, text=True, env=env, cwd=str(REPO))
+    deadline = t0 + timeout_s
+    assert proc.stdout is not None
+    os.set_blocking(proc.stdout.fileno(), True)
+    import selectors
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    while time.monotonic() < deadline:
+        if not sel.select(timeout=0.5):
+            if proc.poll() is not None:
+                break
+            continue
+        line = proc.stdout.readline()
+        if not line:
+            break
+        m = re.search(r"ready in (\d+) ms", line)
+        if m:
+            outside = (time.monotonic() - t0) * 1000
+            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
+            return proc, outside, int(m.group(1))
+    proc.kill()
+    proc.wait()
+    raise RuntimeError(f"engine start {' '.join(args)} was not ready within {timeout_s} s")
+
+
+def stop_engine(proc: subprocess.Popen) -> None:
+    proc.send_signal(2)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _cpu_window(proc: subprocess.Popen, conn: dict[str, Any], seconds: float) -> tuple[dict[str, float], float, float]:
+    names = {c["pid"]: c["name"] for c in conn["children"] if c["name"] != "server"}   # the server stands in for OpenAI
+    names[proc.pid] = "supervisor"
+    t0 = time.monotonic()
+    before = {p: _cpu_ns(p) for p in names}
+    time.sleep(seconds)
+    t1 = time.monotonic()
+    by_process = {names[p]: round(100 * (_cpu_ns(p) - before[p]) / 1e9 / (t1 - t0), 2) for p in names}
+    return by_process, t0, t1
+
+
 def bench_engine() -> dict[str, Any]:
     from engine.server.voice import synthesize
     import wave
     tmp = Path(tempfile.mkdtemp(prefix="rtbench"))
     env = dict(os.environ, REALTALK_RUNTIME_DIR=str(tmp / "run"), XDG_DATA_HOME=str(tmp / "data"))
     env.pop("OPENAI_API_KEY", None)
-    ready = []
+    outside, inside = [], []
     for _ in range(3):
-        proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "start", "--backend", "local", "--text-only"],
-                                stdout=subprocess.PIPE, text=True, env=env)
-        for line in proc.stdout:  # type: ignore[union-attr]
-            m = re.search(r"ready in (\d+) ms", line)
-            if m:
-                ready.append(int(m.group(1)))
-                break
-        proc.send_signal(2)
-        proc.communicate(timeout=15)
-    # CPU while streaming both ways: a WAV mic (speech, then silence streamed in real time) and a null speaker
+        proc, ms, own = start_engine(["--text-only"], env)
+        outside.append(round(ms, 1))
+        inside.append(own)
+        stop_engine(proc)
+    result: dict[str, Any] = {"engine_start_ready_ms": statistics.median(outside), "engine_start_ready_ms_runs": outside,
+                              "engine_start_ready_ms_inside_supervisor": statistics.median(inside)}
+    # the real path: virtual PulseAudio devices through PyAudio, the device at 48 kHz (soxr both
+    # ways), echo cancellation (AEC3) on with an echo path from the speaker to the mic, a long reply
+    from bench.conversation import vaudio, vaudio_env
+    vaudio_env()
+    env = dict(os.environ, REALTALK_RUNTIME_DIR=str(tmp / "run"), XDG_DATA_HOME=str(tmp / "data"))
+    env.pop("OPENAI_API_KEY", None)
+    scen = tmp / "s.yaml"
+    scen.write_text('default_reply: "' + "The sea is wide and the ships are many. " * 12 + '"\n')
+    cfg = tmp / "real.yaml"
+    cfg.write_text(f"audio: {{mic: vmic, speaker: vspk, echo: aec, device_rate_hz: 48000}}\n"
+                   f"local_server: {{asr: false, scenario: {scen}}}\nsession: {{turn_detection: null, transcription: null}}\n")
+    vaudio("echo-on", "60%")
+    try:
+        proc, ms, _ = start_engine(["--config", str(cfg)], env)
+        result["engine_start_ready_ms_devices"] = round(ms, 1)
+        conn = json.loads((tmp / "run" / "engine.json").read_text())
+        from bus import Publisher, Subscriber
+        sub = Subscriber(conn["subscribe"], ["playout.", "playback.device", "capture.", "latency.mic"])
+        pub = Publisher(conn["publish"], "bench")
+        pub.join(conn["subscribe"])
+        pub.publish("cmd.say", {"text": "Tell me about the sea.", "id": f"cpu-{time.monotonic_ns()}"})
+        log: list[tuple[float, str, dict[str, Any]]] = []
+
+        def pump(until: float) -> None:
+            while time.monotonic() < until:
+                msg = sub.recv(timeout_ms=50)
+                if msg is not None:
+                    log.append((time.monotonic(), *msg))
+        pump(time.monotonic() + 1.5)
+        started = [t for t, topic, _ in log if topic == "playout.started"]
+        by_process, t0, t1 = _cpu_window(proc, conn, 8.0)
+        pump(time.monotonic() + 0.5)
+        ended = [t for t, topic, _ in log if topic in ("playout.stopped", "playout.interrupted", "playout.underrun")]
+        devices = [b for _, topic, b in log if topic == "playback.device"]
+        result.update({
+            "engine_cpu_percent_of_one_core_streaming": round(sum(by_process.values()), 2),
+            "engine_cpu_percent_by_process": by_process,
+            "engine_cpu_window_s": round(t1 - t0, 2),
+            # the check: a reply started before the window and neither stopped nor broke up in it
+            "engine_cpu_reply_streaming_whole_window": bool(started and started[0] < t0
+                                                           and not any(t0 <= t <= t1 + 0.1 for t in ended)),
+            "engine_cpu_path": "PyAudio on PulseAudio null sinks, device 48 kHz (soxr), echo aec, echo path 60 %",
+            "engine_cpu_device": devices[0] if devices else None,
+        })
+        sub.close()
+        pub.close()
+        stop_engine(proc)
+    finally:
+        vaudio("echo-off")
+    # the old figure's path, for comparison: a WAV mic and a null speaker (no PyAudio, AEC3, soxr)
     wav = tmp / "q.wav"
     pcm = np.concatenate([synthesize("Tell me a long story about the sea, the ships and the sailors.", "alloy", 1.0),
                           np.zeros(24000, dtype=np.int16)])
     with wave.open(str(wav), "wb") as w:
         w.setnchannels(1), w.setsampwidth(2), w.setframerate(24000), w.writeframes(pcm.tobytes())
-    scen = tmp / "s.yaml"
-    scen.write_text('default_reply: "' + "The sea is wide and the ships are many. " * 10 + '"\n')
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "start", "--backend", "local", "--mic", str(wav),
-                             "--speaker", "null", "--scenario", str(scen)], stdout=subprocess.PIPE, text=True, env=env)
-    for line in proc.stdout:  # type: ignore[union-attr]
-        if "ready in" in line:
-            break
+    proc, _, _ = start_engine(["--mic", str(wav), "--speaker", "null", "--scenario", str(scen)], env)
     conn = json.loads((tmp / "run" / "engine.json").read_text())
-    names = {c["pid"]: c["name"] for c in conn["children"] if c["name"] != "server"}
-    names[proc.pid] = "supervisor"
     time.sleep(len(pcm) / 24000 + 1.0)  # the question has been sent; the reply is streaming
-    t0 = time.monotonic()
-    before = {p: _cpu_ns(p) for p in names}
-    time.sleep(8.0)
-    elapsed_s = time.monotonic() - t0
-    by_process = {names[p]: round(100 * (_cpu_ns(p) - before[p]) / 1e9 / elapsed_s, 2) for p in names}
-    cpu_pct = sum(by_process.values())
-    proc.send_signal(2)
-    proc.communicate(timeout=15)
-    return {"engine_start_ready_ms": statistics.median(ready), "engine_start_ready_ms_runs": ready,
-            "engine_cpu_percent_of_one_core_streaming": round(cpu_pct, 2),
-            "engine_cpu_percent_by_process": by_process}
+    by_process, _, _ = _cpu_window(proc, conn, 8.0)
+    stop_engine(proc)
+    result["engine_cpu_percent_wav_mic_null_speaker"] = round(sum(by_process.values()), 2)
+    return result
 
 
 # ------------------------------------------------------------------ local server
@@ -402,15 +595,21 @@ def bench_server() -> dict[str, Any]:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("suite", choices=["core", "server", "conversation"])
+    ap.add_argument("suite", choices=["core", "server", "conversation", "faults"])
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--interruptions", type=int, default=200)
+    ap.add_argument("--soak-minutes", type=float, default=30.0, help="faults: the soak's length")
+    ap.add_argument("--fuzz", type=int, default=10_000, help="faults: fuzzed bus messages")
+    ap.add_argument("--double-talk-trials", type=int, default=5, help="per level and guard setting; 0: skip")
     args = ap.parse_args()
     if args.suite == "core":
         result = {**bench_ring(), **bench_bus(), **bench_engine()}
     elif args.suite == "conversation":
         from bench.conversation import run
-        result = run(args.interruptions)
+        result = run(args.interruptions, args.double_talk_trials)
+    elif args.suite == "faults":
+        from bench.faults import run as run_faults
+        result = run_faults(args.soak_minutes, args.fuzz)
     else:
         result = bench_server()
     print(json.dumps(result, indent=None if args.json else 1))
