@@ -1,0 +1,541 @@
+"""Fault benchmark (issue 15): the engine on virtual devices against its local server, under
+faults. Every wait has a timeout; what does not recover is reported as a figure
+(``recovered: false``, ``hanging`` > 0), never a hang. Definitions: bench/README.md.
+
+    python bench/run.py faults [--json] [--soak-minutes N] [--fuzz N]
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import msgpack
+
+REPO = Path(__file__).resolve().parent.parent
+REPLY = "The sea is wide and the ships are many, and the sailors know the way."   # about 4 s
+CHILD_MARKERS = {"capture": "engine.capture.process", "realtime": "engine.realtime.process", "playback": "engine.playback.process",
+                 "broker": "bus.broker", "server": "engine.api.cli serve"}
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def children_of(parent: int) -> dict[str, int]:
+    """The engine's children by name, from /proc (the supervisor is their parent)."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and _ppid(int(d.name)) == parent:
+            cmd = _cmdline(int(d.name))
+            for name, marker in CHILD_MARKERS.items():
+                if marker in cmd:
+                    out[name] = int(d.name)
+    return out
+
+
+def rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def fd_count(pid: int) -> int | None:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+
+
+class FaultEngine:
+    """``engine start`` on the virtual devices (no echo path), a reader thread logging every bus
+    message with its arrival time, and a publisher for the bench's commands."""
+
+    def __init__(self, tmp: Path, *, faults: str = "", speed: float = 1.0, reply: str = REPLY,
+                 extra_cfg: str = "") -> None:
+        from bench.run import start_engine
+        tmp.mkdir(parents=True, exist_ok=True)
+        scen = tmp / "scenario.yaml"
+        scen.write_text(f'default_reply: "{reply}"\n' + (f"faults: {{{faults}}}\n" if faults else ""))
+        cfg = tmp / "engine.yaml"
+        cfg.write_text("audio: {mic: vmic, speaker: vspk, echo: off}\n"
+                       f"local_server: {{asr: false, speed: {speed}, scenario: {scen}}}\n"
+                       "session: {turn_detection: null, transcription: null}\n" + extra_cfg)
+        self.env = dict(os.environ, REALTALK_RUNTIME_DIR=str(tmp / "run"), XDG_DATA_HOME=str(tmp / "data"))
+        self.env.pop("OPENAI_API_KEY", None)
+        self.proc, self.ready_ms, _ = start_engine(["--config", str(cfg)], self.env)
+        self.conn = json.loads((tmp / "run" / "engine.json").read_text())
+        from bus import Publisher, Subscriber
+        self.log: list[tuple[float, str, dict[str, Any]]] = []
+        self._stop = threading.Event()
+        self.sub = Subscriber(self.conn["subscribe"], [""])
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        self.pub = Publisher(self.conn["publish"], "bench-faults")
+        self.pub.join(self.conn["subscribe"])
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            msg = self.sub.recv(timeout_ms=100)
+            if msg is not None:
+                self.log.append((time.monotonic(), msg[0], msg[1]))
+
+    def find(self, pred: Callable[[float, str, dict[str, Any]], bool], since: float = 0.0) -> tuple[float, str, dict[str, Any]] | None:
+        for entry in list(self.log):
+            if entry[0] >= since and pred(*entry):
+                return entry
+        return None
+
+    def wait(self, pred: Callable[[float, str, dict[str, Any]], bool], timeout: float, since: float = 0.0
+             ) -> tuple[float, str, dict[str, Any]] | None:
+        end = time.monotonic() + timeout
+        while True:
+            got = self.find(pred, since)
+            if got is not None or time.monotonic() >= end:
+                return got
+            time.sleep(0.01)
+
+    def send_until_acked(self, topic: str, body: dict[str, Any], timeout: float = 15.0) -> float | None:
+        """Publish, and again every 0.5 s until ``cmd.ack`` for its id (as ``engine say`` does);
+        the ack's arrival time, or None."""
+        since = time.monotonic()
+        end = since + timeout
+        while time.monotonic() < end:
+            self.pub.publish(topic, body)
+            got = self.wait(lambda t, tp, b: tp == "cmd.ack" and b.get("id") == body["id"], 0.5, since)
+            if got is not None:
+                return got[0]
+        return None
+
+    def say(self, text: str) -> tuple[str, float | None]:
+        rid = f"say-{time.monotonic_ns()}-{random.randrange(1 << 30)}"
+        return rid, self.send_until_acked("cmd.say", {"text": text, "id": rid})
+
+    def done_for(self, rid: str) -> dict[str, Any] | None:
+        got = self.find(lambda t, tp, b: tp == "response.done" and b.get("request_id") == rid)
+        return got[2] if got else None
+
+    def status(self) -> dict[str, Any] | None:
+        """``engine status --json``."""
+        try:
+            out = subprocess.run([sys.executable, "-m", "engine.api.cli", "status", "--json"], env=self.env, cwd=str(REPO),
+                                 capture_output=True, text=True, timeout=15)
+            return json.loads(out.stdout)
+        except (subprocess.TimeoutExpired, ValueError):
+            return None
+
+    def stop(self) -> None:
+        from bench.run import stop_engine
+        stop_engine(self.proc)
+        self._stop.set()
+        self.reader.join(timeout=2)
+        self.sub.close()
+        self.pub.close()
+
+
+def _requests_outcome(eng: FaultEngine, ids: list[str], acked: list[float | None], timeout: float) -> dict[str, Any]:
+    """Wait up to ``timeout`` for a response.done of each id; what became of them."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and not all(eng.done_for(i) for i in ids):
+        time.sleep(0.05)
+    done = [eng.done_for(i) for i in ids]
+    return {"says_sent": len(ids), "says_acked": sum(1 for a in acked if a is not None),
+            "says_answered": sum(1 for d in done if d and d.get("status") == "completed"),
+            "says_reported_failed": sum(1 for d in done if d and d.get("status") == "failed"),
+            "says_other_status": sorted({str(d.get("status")) for d in done if d and d.get("status") not in ("completed", "failed")}),
+            # lost: never acked, or acked and never answered nor reported failed
+            "messages_lost": sum(1 for a, d in zip(acked, done) if a is None or d is None),
+            "waiters_hanging": sum(1 for d in done if d is None)}
+
+
+# ------------------------------------------------------------------ kill each child mid-answer
+def kill_child(tmp: Path, name: str) -> dict[str, Any]:
+    eng = FaultEngine(tmp)
+    try:
+        a_id, a_ack = eng.say("My name is Ada.")
+        eng.wait(lambda t, tp, b: tp == "response.done" and b.get("request_id") == a_id, 20)
+        eng.wait(lambda t, tp, b: tp == "playout.stopped", 20, a_ack or 0)
+        b_id, b_ack = eng.say("Tell me about the sea.")
+        playing = eng.wait(lambda t, tp, b: tp == "playout.started", 20, b_ack or time.monotonic())
+        time.sleep(0.5)   # mid-answer
+        status = eng.status() or eng.conn
+        pid = next((c["pid"] for c in status.get("children", []) if c.get("name") == name), None)
+        sup = eng.proc.pid
+        if pid is None:
+            return {"error": f"no {name} in engine status"}
+        t_kill = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        new_pid, respawn_ms = None, None
+        while time.monotonic() - t_kill < 10:
+            p = children_of(sup).get(name)
+            if p is not None and p != pid:
+                new_pid, respawn_ms = p, (time.monotonic() - t_kill) * 1000
+                break
+            time.sleep(0.005)
+        ids, acks = [b_id], [b_ack]
+        for n in range(2):   # client messages right after the kill
+            i, ack = eng.say(f"What is my name? ({n})")
+            ids.append(i)
+            acks.append(ack)
+
+        def ready(t: float, tp: str, b: dict[str, Any]) -> bool:
+            pub = str(b.get("pub", ""))
+            if name in ("realtime", "server"):
+                return tp == "engine.status" and pub.startswith("realtime") and b.get("state") in ("connected", "reconnected")
+            if name == "broker":
+                return pub.split(":")[0] in ("realtime", "capture", "playback", "supervisor", "realtime-reader")
+            return new_pid is not None and pub.endswith(f":{new_pid}")
+        back = eng.wait(ready, 10, t_kill + 0.001)
+        outcome = _requests_outcome(eng, ids, acks, 40)
+        recon = eng.find(lambda t, tp, b: tp == "engine.status" and b.get("state") == "reconnected", t_kill)
+        if name in ("realtime", "server"):
+            context = {"context_replayed": bool(recon and recon[2].get("history_items", 0) >= 2),
+                       "history_items": recon[2].get("history_items") if recon else None}
+        else:
+            context = {"context_replayed": None, "context_kept": recon is None}  # the API session was not touched
+        restarts = {c["name"]: c.get("restarts") for c in (eng.status() or {}).get("children", [])}
+        return {"answer_playing_at_kill": playing is not None, "respawn_ms": round(respawn_ms, 1) if respawn_ms else None,
+                "recovery_ms": round((back[0] - t_kill) * 1000, 1) if back else None, "recovered": back is not None,
+                **context, **outcome, "restarts": restarts.get(name)}
+    finally:
+        eng.stop()
+
+
+# ------------------------------------------------------------------ socket drops
+def socket_drop(tmp: Path, code: int, drop_after_s: float = 6.0) -> dict[str, Any]:
+    eng = FaultEngine(tmp, faults=f"drop_after_s: {drop_after_s}, drop_code: {code}")
+    try:
+        def connected_at() -> float:
+            got = [e for e in eng.log if e[1] == "engine.status" and str(e[2].get("pub", "")).startswith("realtime")
+                   and e[2].get("state") in ("connected", "reconnected")]
+            return got[-1][0] if got else time.monotonic()
+        a_id, a_ack = eng.say("My name is Ada.")
+        eng.wait(lambda t, tp, b: tp == "response.done" and b.get("request_id") == a_id, 20)
+        # the next say lands so that its answer is playing when the server drops the socket
+        t_send = connected_at() + drop_after_s - 1.2
+        time.sleep(max(0.0, t_send - time.monotonic()))
+        b_id, b_ack = eng.say("Tell me about the sea.")
+        down = eng.wait(lambda t, tp, b: tp == "engine.status" and b.get("state") == "disconnected", 10, b_ack or 0)
+        ids, acks = [b_id], [b_ack]
+        i, ack = eng.say("What is my name?")   # sent while the socket is down or just back
+        ids.append(i)
+        acks.append(ack)
+        up = eng.wait(lambda t, tp, b: tp == "engine.status" and b.get("state") == "reconnected", 10, down[0]) if down else None
+        outcome = _requests_outcome(eng, ids, acks, 30)
+        return {"dropped": down is not None, "close_code_reported": down[2].get("close_code") if down else None,
+                "reconnect_ms": round((up[2]["mono_ns"] - down[2]["mono_ns"]) / 1e6, 1) if up and down else None,
+                "reconnected": up is not None, "history_items": up[2].get("history_items") if up else None, **outcome}
+    finally:
+        eng.stop()
+
+
+# ------------------------------------------------------------------ fuzz
+def _fuzz_message(rng: random.Random) -> list[bytes]:
+    topics = ["cmd.say", "cmd.cancel", "cmd.session.update", "cmd.tool.register", "cmd.tool.unregister",
+              "cmd.tool.result", "cmd.bogus", "engine.error", "engine.status", "playback.flushed", "playback.started",
+              "capture.echo", "session.config", "engine.presence.gone", "engine.tools", "conversation.history",
+              "user.text", "fuzz.x", "", "\u00e9\u00e8"]
+    topic = rng.choice(topics).encode()
+    values = [None, 1, -1, 2 ** 63 - 1, 1.5, "x", "", "x" * 5000, [], [1, 2], {}, {"a": 1}, b"\xff\x00", True]
+    kind = rng.randrange(8)
+    if kind == 0:
+        return [topic]                                            # one frame
+    if kind == 1:
+        return [topic, os.urandom(rng.randrange(1, 64))]          # not msgpack
+    if kind == 2:
+        return [topic, msgpack.packb(rng.choice([1, "str", [1, 2], None]))]   # msgpack, not a map
+    if kind == 3:
+        return [topic, msgpack.packb({}), os.urandom(64), b"x"]   # four frames
+    body: dict[Any, Any] = {"v": rng.choice([1, 2, "1", None]), "ts": rng.choice([time.time(), "now"]),
+                            "mono_ns": rng.choice([time.monotonic_ns(), -5, "x"]),
+                            "pub": rng.choice(["fuzz", "realtime:1", "supervisor:1", 7]), "seq": rng.randrange(-3, 1 << 20)}
+    for key in rng.sample(["text", "role", "respond", "id", "name", "parameters", "session", "call_id", "output",
+                           "fatal", "state", "index", "start_index", "item_id", "timeout_s"], rng.randrange(1, 6)):
+        body[key] = rng.choice(values)
+    if topic == b"cmd.say":   # never a valid question: fuzzing must not start answers
+        body["text"] = rng.choice([None, 5, [], {}])
+    if kind == 4:
+        body[rng.choice([1, b"k"])] = "non-string key"
+    if kind == 5:
+        body["fatal"] = True   # a forged fatal error
+    frames = [topic, msgpack.packb(body, use_bin_type=True)]
+    if kind == 6:
+        frames.append(b"0" * 64)   # a bad signature
+    return frames
+
+
+def fuzz(tmp: Path, count: int, rate_hz: float = 2000.0) -> dict[str, Any]:
+    import zmq
+    eng = FaultEngine(tmp)
+    try:
+        before = {c["name"]: c.get("restarts", 0) for c in (eng.status() or {}).get("children", [])}
+        sock = zmq.Context.instance().socket(zmq.PUB)
+        sock.connect(eng.conn["publish"])
+        time.sleep(0.3)
+        rng = random.Random(5)
+        t0 = time.monotonic()
+        probes: list[tuple[str, float]] = []
+        for n in range(count):
+            sock.send_multipart(_fuzz_message(rng))
+            if n % 100 == 0:   # a probe the realtime loop answers: its ack latency is that loop's stall
+                pid = f"probe-{n}"
+                probes.append((pid, time.monotonic()))
+                eng.pub.publish("cmd.cancel", {"id": pid})
+            wait = t0 + (n + 1) / rate_hz - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+        t1 = time.monotonic()
+        time.sleep(3.0)
+        sock.close(linger=0)
+        lat = []
+        unanswered = 0
+        for pid, sent in probes:
+            got = eng.find(lambda t, tp, b: tp == "cmd.ack" and b.get("id") == pid)
+            if got is None:
+                unanswered += 1
+            else:
+                lat.append((got[0] - sent) * 1000)
+
+        def gaps(prefix: str) -> float | None:
+            beats = [t for t, tp, b in eng.log if tp == "engine.status" and str(b.get("pub", "")).startswith(prefix)
+                     and t0 - 2 <= t <= t1 + 3]
+            return round(max((b - a for a, b in zip(beats, beats[1:])), default=0) * 1000, 1) if len(beats) > 1 else None
+        status = eng.status()
+        own = {str(eng.proc.pid)} | {str(c.get("pid")) for c in (status or eng.conn).get("children", [])}
+        # the engine's own reports (the fuzz's forged engine.error messages reach this unverifying subscriber too)
+        reports = [b for t, tp, b in eng.log if tp == "engine.error" and t >= t0
+                   and str(b.get("pub", "")).rpartition(":")[2] in own]
+        after = {c["name"]: c.get("restarts", 0) for c in (status or {}).get("children", [])}
+        alive = eng.proc.poll() is None
+        exit_code = eng.proc.returncode
+        return {"fuzzed_messages": count, "fuzz_s": round(t1 - t0, 1), "engine_alive": alive,
+                "crashes": sum(after.get(k, 0) - before.get(k, 0) for k in after) if status else None,
+                "reports": len(reports),
+                "reported_malformed_total": sum(int(b.get("count", 1) or 1) for b in reports
+                                                if b.get("code") in ("malformed_bus_message", "malformed_message")),
+                "reported_bad_commands": sum(1 for b in reports if b.get("code") == "bad_command"),
+                "report_codes": sorted({str(b.get("code")) for b in reports}),
+                "engine_exit_code": exit_code,
+                "probe_ack_ms_p50": round(statistics.median(lat), 1) if lat else None,
+                "probe_ack_ms_max": round(max(lat), 1) if lat else None, "probes_unanswered": unanswered,
+                "supervisor_heartbeat_gap_ms_max": gaps("supervisor"),
+                "supervisor_malformed_counted": (status or {}).get("malformed_messages")}
+    finally:
+        eng.stop()
+
+
+# ------------------------------------------------------------------ slow subscriber
+def slow_subscriber(tmp: Path, seconds: float = 10.0) -> dict[str, Any]:
+    import zmq
+    eng = FaultEngine(tmp, reply=" ".join([REPLY] * 3))
+    stop = threading.Event()
+    try:
+        broker = next(c["pid"] for c in eng.conn["children"] if c["name"] == "broker")
+        base_rss = rss_mb(broker)
+        seen: dict[str, int] = {}
+        lost = [0, 0]   # messages the slow subscriber missed (seq gaps), messages it read
+
+        def slow() -> None:
+            s = zmq.Context.instance().socket(zmq.SUB)
+            s.setsockopt(zmq.SUBSCRIBE, b"")
+            s.connect(eng.conn["subscribe"])
+            while not stop.is_set():
+                try:
+                    frames = s.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    time.sleep(0.1)
+                    continue
+                try:
+                    body = msgpack.unpackb(frames[1])
+                    pub, seq = body.get("pub"), body.get("seq")
+                    if isinstance(seq, int) and pub in seen and seq > seen[pub] + 1:
+                        lost[0] += seq - seen[pub] - 1
+                    if isinstance(seq, int):
+                        seen[pub] = max(seq, seen.get(pub, 0))
+                except Exception:  # noqa: BLE001 - a message we cannot read is not what is measured
+                    pass
+                lost[1] += 1
+                time.sleep(0.01)   # 100 messages a second at most: slow
+            # then read what is still queued, fast: the gaps after the queue filled are the drops
+            end = time.monotonic() + 3.0
+            while time.monotonic() < end:
+                try:
+                    frames = s.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    time.sleep(0.01)
+                    continue
+                try:
+                    body = msgpack.unpackb(frames[1])
+                    pub, seq = body.get("pub"), body.get("seq")
+                    if isinstance(seq, int) and pub in seen and seq > seen[pub] + 1:
+                        lost[0] += seq - seen[pub] - 1
+                    if isinstance(seq, int):
+                        seen[pub] = max(seq, seen.get(pub, 0))
+                except Exception:  # noqa: BLE001
+                    pass
+                lost[1] += 1
+            s.close(linger=0)
+
+        def flood() -> None:   # traffic the slow subscriber cannot keep up with: 1 KB messages, 5,000/s
+            from bus import Publisher
+            p = Publisher(eng.conn["publish"], "bench-flood")
+            t = time.monotonic()
+            n = 0
+            while not stop.is_set():
+                p.publish("bench.flood", {"x": "x" * 1000})
+                n += 1
+                if n % 50 == 0:
+                    t += 0.01
+                    time.sleep(max(0.0, t - time.monotonic()))
+            p.close()
+        threads = [threading.Thread(target=slow, daemon=True), threading.Thread(target=flood, daemon=True)]
+        for th in threads:
+            th.start()
+        time.sleep(0.5)
+        rid, ack = eng.say("Tell me a long story.")
+        t0 = time.monotonic()
+        peak = base_rss or 0.0
+        while time.monotonic() - t0 < seconds:
+            peak = max(peak, rss_mb(broker) or 0.0)
+            time.sleep(0.2)
+        stop.set()
+        for th in threads:
+            th.join(timeout=8)
+        done = eng.wait(lambda t, tp, b: tp == "response.done" and b.get("request_id") == rid, 20)
+        eng.wait(lambda t, tp, b: tp == "playout.stopped", 20, t0)
+        time.sleep(6.0)   # the broker's keeper gives memory back every 5 s
+        dropped_reports = [b for t, tp, b in eng.log if tp == "bus.dropped" and t >= t0]
+        return {"broker_rss_mb_before": round(base_rss or 0, 1), "broker_rss_mb_peak": round(peak, 1),
+                "broker_rss_mb_after": round(rss_mb(broker) or 0, 1),
+                "slow_subscriber_read": lost[1], "slow_subscriber_missed_by_seq": lost[0],
+                "bus_dropped_messages": len(dropped_reports),
+                "bus_dropped_counted": sum(int(b.get("count", 0) or 0) for b in dropped_reports),
+                "underruns_reported": sum(1 for t, tp, _ in eng.log if tp == "playout.underrun" and t >= t0),
+                "reply_completed": bool(done and done[2].get("status") == "completed")}
+    finally:
+        stop.set()
+        eng.stop()
+
+
+# ------------------------------------------------------------------ soak
+def soak(tmp: Path, minutes: float, speed: float = 4.0) -> dict[str, Any]:
+    eng = FaultEngine(tmp, speed=speed, reply="The sea is wide and the ships are many.",
+                      extra_cfg="session_recycle_s: 60\n")
+    try:
+        sup = eng.proc.pid
+        end = time.monotonic() + minutes * 60
+        samples: list[tuple[float, dict[str, tuple[int, float | None, int | None]]]] = []
+
+        def sample() -> None:
+            procs = {"supervisor": sup, **children_of(sup)}
+            samples.append((time.monotonic(), {n: (p, rss_mb(p), fd_count(p)) for n, p in procs.items()}))
+        turns = failed = 0
+        next_sample = 0.0
+        warm = time.monotonic() + min(30.0, minutes * 60 / 4)
+        while time.monotonic() < end:
+            rid, ack = eng.say(f"Turn {turns}")
+            got = eng.wait(lambda t, tp, b: tp == "response.done" and b.get("request_id") == rid, 30)
+            played = eng.wait(lambda t, tp, b: tp == "playout.stopped", 30, ack or time.monotonic())
+            if got and got[2].get("status") == "completed" and played:
+                turns += 1
+            else:
+                failed += 1
+            now = time.monotonic()
+            if now >= warm and now >= next_sample:
+                next_sample = now + 10
+                sample()
+            if len(eng.log) > 200_000:
+                eng.log[:] = eng.log[-20_000:]   # the bench's own memory
+        sample()
+        first, last = samples[0][1], samples[-1][1]
+        per = {}
+        for name in first:
+            series = [s[1][name] for s in samples if name in s[1]]
+            rss = [r for _, r, _ in series if r is not None]
+            fds = [f for _, _, f in series if f is not None]
+            per[name] = {"rss_mb_start": round(rss[0], 1) if rss else None, "rss_mb_end": round(rss[-1], 1) if rss else None,
+                         "rss_growth_mb": round(rss[-1] - rss[0], 1) if rss else None,
+                         "fds_start": fds[0] if fds else None, "fds_end": fds[-1] if fds else None,
+                         "fds_max": max(fds) if fds else None,
+                         "restarted": len({p for p, _, _ in series}) > 1 or name not in last}
+        recycles = sum(1 for t, tp, b in eng.log if tp == "engine.status" and b.get("state") == "reconnected"
+                       and b.get("reason") == "recycle")
+        return {"soak_minutes": minutes, "server_speed": speed, "turns_answered": turns, "turns_failed": failed,
+                "measured_over_s": round(samples[-1][0] - samples[0][0], 1), "session_recycles": recycles,
+                "max_rss_growth_mb": max((v["rss_growth_mb"] or 0) for v in per.values()),
+                "fds_flat": all(v["fds_end"] == v["fds_start"] for v in per.values()), "by_process": per}
+    finally:
+        eng.stop()
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe: string keys, bytes as text."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return value
+
+
+def _guarded(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """Run one scenario; an exception becomes a figure, and the rest of the run goes on."""
+    t0 = time.monotonic()
+    try:
+        out = fn(*args)
+    except Exception as exc:  # noqa: BLE001 - the bench reports what failed and finishes
+        out = {"error": f"{type(exc).__name__}: {exc}"}
+    out["scenario_s"] = round(time.monotonic() - t0, 1)
+    out = _plain(out)
+    print(f"faults: {fn.__name__}{args[1:]}: {json.dumps(out)}", file=sys.stderr, flush=True)
+    return out
+
+
+def run(soak_minutes: float = 30.0, fuzz_count: int = 10_000) -> dict[str, Any]:
+    from bench.conversation import vaudio, vaudio_env
+    vaudio_env()
+    vaudio("echo-off")
+    tmp = Path(tempfile.mkdtemp(prefix="rtfaults"))
+    result: dict[str, Any] = {}
+    result["kill"] = {name: _guarded(kill_child, tmp / f"kill-{name}", name)
+                      for name in ("capture", "realtime", "playback", "broker", "server")}
+    result["socket_drop"] = {str(code): _guarded(socket_drop, tmp / f"drop-{code}", code) for code in (1006, 1011, 1001)}
+    result["fuzz"] = _guarded(fuzz, tmp / "fuzz", fuzz_count)
+    result["slow_subscriber"] = _guarded(slow_subscriber, tmp / "slow")
+    result["soak"] = _guarded(soak, tmp / "soak", soak_minutes)
+    kills = result["kill"].values()
+    result["summary"] = {
+        "kills_recovered": sum(1 for k in kills if k.get("recovered")),
+        "kill_recovery_ms_max": max((k.get("recovery_ms") or 0 for k in kills), default=None),
+        "kill_messages_lost": sum(k.get("messages_lost", 0) for k in kills),
+        "kill_waiters_hanging": sum(k.get("waiters_hanging", 0) for k in kills),
+        "drop_reconnect_ms_max": max((d.get("reconnect_ms") or 0 for d in result["socket_drop"].values()), default=None),
+        "drop_messages_lost": sum(d.get("messages_lost", 0) for d in result["socket_drop"].values()),
+        "soak_max_rss_growth_mb": result["soak"].get("max_rss_growth_mb"),
+        "soak_fds_flat": result["soak"].get("fds_flat"),
+    }
+    return result
