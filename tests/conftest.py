@@ -15,7 +15,8 @@ from typing import Any, Iterator
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = next((p for p in (Path(os.environ.get("REALTALK_SHARED", "/nonexistent")), REPO.parent / "shared", Path("/work/shared")) if (p / "traces").is_dir()), REPO.parent / "shared")
+SHARED = next((p for p in (Path(os.environ.get("REALTALK_SHARED", "/nonexistent")), REPO.parent / "shared",
+                           Path("/work/shared")) if (p / "traces").is_dir()), REPO.parent / "shared")
 TRACES = SHARED / "traces"
 VAUDIO = REPO / "tools" / "vaudio.sh"
 
@@ -29,7 +30,7 @@ class EventValidator:
         import pydantic
         from openai.types.realtime import realtime_server_event as se
         self.pydantic = pydantic
-        self.models: dict[str, type] = {}
+        self.models: dict[str, Any] = {}  # event type -> its pydantic model class
         stack: list[Any] = [se.RealtimeServerEvent]
         while stack:
             t = stack.pop()

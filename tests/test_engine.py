@@ -113,7 +113,7 @@ def test_malformed_bus_message_is_reported_not_fatal(start_engine: Any) -> None:
     eng = start_engine("--text-only")
     conn = eng.conn
     sub = Subscriber(conn["subscribe"], ["engine.error", "model.text.done"])
-    raw = zmq.Context.instance().socket(zmq.PUB)
+    raw: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PUB)
     raw.connect(conn["publish"])
     err = None
     deadline = time.monotonic() + 10
@@ -260,5 +260,5 @@ def test_event_log_reads_back_as_events_csv_and_json(start_engine: Any) -> None:
     assert texts == ["You said: log me."]
     csv_out = eng.cli("log", str(session_dir), "--type", "model.text.done", "--csv").stdout.splitlines()
     assert csv_out[0] == "wall,mono_ns,topic,publisher,text" and "You said: log me." in csv_out[1]
-    json_out = [json.loads(l) for l in eng.cli("log", str(session_dir), "--json").stdout.splitlines()]
+    json_out = [json.loads(line) for line in eng.cli("log", str(session_dir), "--json").stdout.splitlines()]
     assert len(json_out) == len(events)

@@ -37,7 +37,7 @@ def test_a_connection_failure_is_printed_on_the_terminal(runtime_dir: Path, tmp_
     try:
         assert printed.wait(15), "".join(lines)
         assert time.monotonic() - started < 10
-        line = next(l for l in lines if "socket error" in l)
+        line = next(line for line in lines if "socket error" in line)
         assert "connect" in line.lower() and "refused" in line.lower(), line
     finally:
         proc.terminate()

@@ -150,7 +150,7 @@ def assert_turn_order(acts: list[Any], events: list[dict[str, Any]]) -> None:
         if a.topic == "user.transcript.done":
             seen_user.add(a.payload["item_id"])
         elif a.topic.startswith(("model.transcript.", "model.text.")):
-            missing = follows.get(a.payload.get("response_id"), set()) - seen_user
+            missing = follows.get(str(a.payload.get("response_id")), set()) - seen_user
             assert not missing, f"{a.topic} of {a.payload['response_id']} before the user transcript of {missing}"
 
 

@@ -2,6 +2,8 @@
 wake-up, and a two-process stress test."""
 from __future__ import annotations
 
+from typing import Iterator
+
 import multiprocessing as mp
 import os
 import random
@@ -18,7 +20,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
-def ring_name(request: pytest.FixtureRequest) -> str:
+def ring_name(request: pytest.FixtureRequest) -> Iterator[str]:
     name = f"realtalk-test-{os.getpid()}-{request.node.name[:30].replace('[', '-').replace(']', '')}"
     yield name
     Path("/dev/shm", name).unlink(missing_ok=True)

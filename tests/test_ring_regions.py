@@ -2,6 +2,8 @@
 width field, and the playback control view."""
 from __future__ import annotations
 
+from typing import Iterator
+
 import mmap
 import os
 from pathlib import Path
@@ -16,7 +18,7 @@ pytestmark = pytest.mark.timeout(30)
 
 
 @pytest.fixture
-def ring_name(request: pytest.FixtureRequest) -> str:
+def ring_name(request: pytest.FixtureRequest) -> Iterator[str]:
     name = f"realtalk-test-rg-{os.getpid()}-{request.node.name[:30]}"
     yield name
     Path("/dev/shm", name).unlink(missing_ok=True)

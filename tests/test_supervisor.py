@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 
 from engine.config import load_config
-from engine.errors import EngineError
 from engine.supervisor.process import Supervisor, proc_start_ticks
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
@@ -70,7 +69,7 @@ def test_device_failure_is_fatal_with_the_childs_message(runtime_dir: Path, tmp_
                           "--speaker", str(tmp_path / "out.wav")], capture_output=True, text=True, timeout=45,
                          cwd=str(tmp_path))
     assert out.returncode == 1, out.stdout + out.stderr
-    last = [l for l in out.stdout.splitlines() if "stopped:" in l]
+    last = [line for line in out.stdout.splitlines() if "stopped:" in line]
     assert last, out.stdout
     assert str(corrupt) in last[0] and "WAV" in last[0], last[0]   # names the file and what is wrong with it
     assert "Traceback" not in out.stderr, out.stderr

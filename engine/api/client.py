@@ -35,7 +35,7 @@ import yaml
 import zmq
 import zmq.asyncio
 
-from bus.client import connection_file
+from bus.client import connection_file, runtime_dir
 from bus.wire import MalformedMessage, decode, encode
 from engine.errors import EngineError, NotRunning
 
@@ -127,6 +127,7 @@ class Session:
         self._audio_idle = asyncio.Event()
         self._audio_idle.set()
         self.fatal: EngineError | None = None
+        self.runtime_dir: Path | None = None   #: the engine's runtime directory (create_session's engine)
 
     # ------------------------------------------------------------ plumbing
     async def _start(self) -> None:
@@ -201,7 +202,8 @@ class Session:
         try:
             return await asyncio.wait_for(fut, timeout_s)
         except asyncio.TimeoutError:
-            raise EngineError(f"no {what} within {timeout_s:g} s; see `engine status` and `engine log --type engine.error`") from None
+            raise EngineError(f"no {what} within {timeout_s:g} s; "
+                              "see `engine status` and `engine log --type engine.error`") from None
 
     async def command(self, topic: str, payload: dict[str, Any], timeout_s: float = 15.0) -> dict[str, Any]:
         """Publish a command and return its ``cmd.ack`` (re-sent until acknowledged; the engine dedups)."""
@@ -291,7 +293,7 @@ class Session:
         usd = float(body.get("usd", 0.0))
         while body.get("function_calls") and body.get("status") == "completed":
             # the model called tools: the answer is the response that follows their output
-            nxt = self._expect(lambda t, b: t == "response.done" and b.get("response_id") != body["response_id"])
+            nxt = self._expect(_next_response_done(body["response_id"]))
             _, body = await self._wait(nxt, timeout_s, "answer after the tool calls")
             usd += float(body.get("usd", 0.0))
         usage = body.get("usage") or {}
@@ -392,12 +394,19 @@ class Session:
         if self.process is not None:
             self.process.send_signal(2)
             await asyncio.to_thread(self.process.wait, 20)
+            if self.runtime_dir is not None:
+                _claimed_dirs.discard(self.runtime_dir)
 
     async def __aenter__(self) -> "Session":
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _next_response_done(previous: str) -> Callable[[str, dict[str, Any]], bool]:
+    """A waiter's test: a response.done of a response other than ``previous``."""
+    return lambda t, b: t == "response.done" and b.get("response_id") != previous
 
 
 def _die_with_parent() -> None:
@@ -429,7 +438,34 @@ async def connect(path: str | os.PathLike[str] | None = None, debug: bool = Fals
 
 
 _SESSION_KEYS = {"instructions", "voice", "output_modalities", "turn_detection", "transcription", "noise_reduction", "tools"}
-_OPTION_KEYS = {"model", "api_key", "debug", "text_only", "mic", "speaker", "backend", "scenario", "speed", "config"}
+_OPTION_KEYS = {"model", "api_key", "debug", "text_only", "mic", "speaker", "backend", "scenario", "speed", "config",
+                "runtime_dir"}
+_claimed_dirs: set[Path] = set()  #: runtime directories this program's sessions use
+
+
+def _claim_runtime_dir(given: str | os.PathLike[str] | None, tmp: Path) -> Path:
+    """Where the new engine's sockets and connection file go. The first session of a program takes
+    the default runtime directory when no engine runs there, so `engine status`, `engine say`
+    and other processes find it as usual; each further one gets a private directory (several
+    sessions in one program, one engine each). ``given`` overrides both."""
+    if given is not None:
+        path = Path(given)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    else:
+        default = runtime_dir()
+        path = default if default not in _claimed_dirs and not _engine_runs_in(default) else tmp / "run"
+        path.mkdir(mode=0o700, exist_ok=True)
+    _claimed_dirs.add(path)
+    return path
+
+
+def _engine_runs_in(path: Path) -> bool:
+    try:
+        pid = int(json.loads((path / "engine.json").read_text())["pid"])
+        os.kill(pid, 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return True
 
 
 async def create_session(session: dict[str, Any] | None = None, options: dict[str, Any] | None = None) -> Session:
@@ -461,9 +497,8 @@ async def create_session(session: dict[str, Any] | None = None, options: dict[st
     tmp = Path(tempfile.mkdtemp(prefix="realtalk-session-"))  # 0700: this engine's own runtime directory
     cfg_path = tmp / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    run_dir = tmp / "run"
-    run_dir.mkdir(mode=0o700)
-    env["REALTALK_RUNTIME_DIR"] = str(run_dir)  # several sessions in one program: one engine each
+    run_dir = _claim_runtime_dir(options.get("runtime_dir"), tmp)
+    env["REALTALK_RUNTIME_DIR"] = str(run_dir)
     argv = [sys.executable, "-m", "engine.api.cli", "start", "--config", str(cfg_path)]
     for key in ("backend", "mic", "speaker", "scenario", "speed"):
         if options.get(key) is not None:
@@ -491,5 +526,6 @@ async def create_session(session: dict[str, Any] | None = None, options: dict[st
     # keep draining its output so it never blocks on a full pipe
     asyncio.get_running_loop().run_in_executor(None, lambda: [None for _ in proc.stdout])  # type: ignore[union-attr]
     s = Session(json.loads((run_dir / "engine.json").read_text()), process=proc, debug=bool(options.get("debug")))
+    s.runtime_dir = run_dir
     await s._start()
     return s

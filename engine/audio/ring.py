@@ -46,6 +46,7 @@ Rules:
 from __future__ import annotations
 
 import mmap
+from typing import Any
 import os
 import select
 import threading
@@ -65,7 +66,7 @@ _W_INDEX, _OVERRUN, _WRITES, _W_NS = 8, 9, 10, 11
 _R_INDEX, _UNDERRUN, _READS, _R_WAITING = 16, 17, 18, 19
 _FLUSH_SEQ, _FLUSH_INDEX, _END, _START_INDEX, _START_NS = 24, 25, 26, 27, 28
 _FLUSH_ACK, _HEARD, _DEV_LATENCY, _CONSUMER_STARTS = 32, 33, 34, 35
-_DTYPES = {1: np.dtype("i1"), 2: np.dtype("<i2"), 4: np.dtype("<i4")}
+_DTYPES: dict[int, np.dtype[Any]] = {1: np.dtype("i1"), 2: np.dtype("<i2"), 4: np.dtype("<i4")}
 #: how long ``wait_readable`` polls before it sleeps: a burst then costs the producer no system
 #: call per write, a stream at 50 writes/s costs the consumer 50 x this of CPU per second
 _SPIN_NS = 20_000
@@ -335,9 +336,9 @@ class Ring:
         if isinstance(frames, np.ndarray) and frames.dtype != self.dtype:
             frames = frames.astype(self.dtype)  # a caller's float or int32 samples: converted, not reinterpreted
         try:
-            src = memoryview(frames).cast("B")  # bytes: a plain memcpy, cheaper than numpy slicing
+            src = memoryview(frames).cast("B")  # type: ignore[arg-type]  # bytes: a plain memcpy, cheaper than slicing
         except TypeError:  # not C-contiguous
-            src = memoryview(np.ascontiguousarray(frames, dtype=self.dtype)).cast("B")
+            src = memoryview(np.ascontiguousarray(frames, dtype=self.dtype)).cast("B")  # type: ignore[arg-type]
         hdr = self._hdr
         w = hdr[_W_INDEX]
         cap = self.capacity_frames

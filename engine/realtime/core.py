@@ -707,7 +707,8 @@ class RealtimeCore:
         event_id = self.new_id("event")
         options = {k: v for k, v in req.options.items() if k != "speak"}
         if req.out_of_band:
-            options["metadata"] = {**dict(options.get("metadata") or {}), REQUEST_TAG: req.id}  # type: ignore[arg-type]
+            tags: dict[str, Any] = dict(options.get("metadata") or {})  # type: ignore[call-overload]
+            options["metadata"] = {**tags, REQUEST_TAG: req.id}
             options.setdefault("output_modalities", ["audio"] if req.options.get("speak") else ["text"])
             self.requests.out_of_band[req.id] = req
             self.requests.awaiting_event[event_id] = req

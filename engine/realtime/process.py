@@ -17,6 +17,7 @@ Socket faults:
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import math
 import os
@@ -379,7 +380,7 @@ class RealtimeProcess:
             try:
                 ready = dict(poller.poll(max(0, int((self.main_wakes_at - now) * 1000 + 0.999))))
             except zmq.ZMQError as exc:
-                if exc.errno != zmq.EINTR:
+                if exc.errno != errno.EINTR:
                     raise
                 ready = {}
             self.main_wakes_at = 0.0  # awake: the reader need not wake us
