@@ -1,4 +1,4 @@
-"""The ``engine`` command: start, stop, status, devices, serve, say, tail, log, demo."""
+"""The ``engine`` command: start, stop, status, devices, serve, say, tail, log, demo, console."""
 from __future__ import annotations
 
 import argparse
@@ -47,7 +47,8 @@ def cmd_start(args: argparse.Namespace) -> int:
     backend = resolve_backend(cfg)
     why = {"local": "offline local server" + ("" if cfg["backend"] == "local" else f" (no ${cfg['api_key_env']} set)"),
            "openai": "OpenAI Realtime API" + ("" if cfg["backend"] == "openai" else f" (${cfg['api_key_env']} is set)")}[backend]
-    sup = Supervisor(cfg, text_only=args.text_only)
+    console = {"host": args.console_host, "port": args.console_port} if args.console else None
+    sup = Supervisor(cfg, text_only=args.text_only, console=console)
     print(f"realtalk: starting with backend {backend}: {why}, model {cfg['model']}")
     sup.start()
     st = sup.status()
@@ -121,10 +122,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     if status is None:
         status = conn
     status = {k: v for k, v in status.items() if k not in ("v", "ts", "mono_ns", "pub", "seq")}
+    from engine.console.server import read_info
+    console = read_info()  # from the console's own file: its token stays off the bus
+    status["console"] = {"url": console["url"], "pid": console["pid"]} if console else None
     if args.json:
         print(json.dumps(status, indent=1))
         return 0
     print(f"state {status['state']}  backend {status['backend']}  model {status['model']}  session {status.get('session_id')}")
+    print(f"console {console['url']}" if console else "console: not running (engine console)")
     print(f"cost ${status.get('cost_usd', 0):.4f}   publish {status['publish']}   subscribe {status['subscribe']}")
     for c in status["children"]:
         up = f"up {c['uptime_s']:.0f} s" if c.get("uptime_s") is not None else f"exit code {c.get('exit_code')}"
@@ -203,7 +208,7 @@ def cmd_ptt(args: argparse.Namespace) -> int:
     lines = iter(sys.stdin.readline, "")
     try:
         _publish_with_ack("cmd.mic", {"open": False})
-        for turn in range(args.turns or 1 << 30):
+        for _ in range(args.turns or 1 << 30):
             print("engine ptt: press Enter to talk (Ctrl-D to quit)", flush=True)
             if next(lines, None) is None:
                 break
@@ -279,6 +284,29 @@ def cmd_log(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_console(args: argparse.Namespace) -> int:
+    """Serve the debug console for the running engine until Ctrl-C (or print the URL of the one
+    already running)."""
+    from pathlib import Path
+    from bus import load_endpoints
+    from engine.console.server import ConsoleServer, read_info, run
+    from engine.supervisor.process import engine_identity
+    conn = _connection()
+    if not engine_identity(conn):
+        raise EngineError(f"the engine (pid {conn.get('pid')}) is not running; start one with `engine start` "
+                          "(or `engine start --console`)")
+    running = read_info()
+    if running is not None:
+        print(f"realtalk: console already running (pid {running['pid']}): {running['url']}")
+        return 0
+    session_dir = Path(conn["session_dir"]) if conn.get("session_dir") else None
+    server = ConsoleServer(load_endpoints(), host=args.host, port=args.port,
+                           sessions_base=session_dir.parent if session_dir else None,
+                           live_session=session_dir.name if session_dir else None)
+    print("realtalk: Ctrl-C to stop the console (the engine goes on)", flush=True)
+    return run(server)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from engine.api.demo import run_demo
     return run_demo(args)
@@ -299,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--voice", help="the model's voice (session.voice), e.g. marin, cedar, alloy")
     s.add_argument("--scenario", help="local server scenario file")
     s.add_argument("--speed", type=float, help="local server speech speed-up (tests)")
+    s.add_argument("--console", action="store_true", help="also serve the debug console (prints its URL)")
+    s.add_argument("--console-host", default="127.0.0.1", help="the console's address (default loopback)")
+    s.add_argument("--console-port", type=int, default=0, help="the console's port (default 0: a free port)")
     s.set_defaults(func=cmd_start)
 
     s = sp.add_parser("stop", help="stop the running engine")
@@ -352,6 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true")
     g.add_argument("--csv", action="store_true")
     s.set_defaults(func=cmd_log)
+
+    s = sp.add_parser("console", help="serve the debug console for the running engine (prints its URL)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
+    s.add_argument("--port", type=int, default=0, help="port (default 0: a free port)")
+    s.set_defaults(func=cmd_console)
 
     s = sp.add_parser("demo", help="headless spoken conversation on virtual devices with the local server")
     s.add_argument("--question", default="What is the capital of France?")

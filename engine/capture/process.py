@@ -38,12 +38,14 @@ from engine.supervisor import child
 from engine.supervisor.child import error_text, every_period, run_reporting, stop_on_signals
 from engine.codec import resample
 from engine.capture.echo import EchoCanceller, EchoGate, FarEnd
+from engine.console.levels import LevelTap
 from engine.errors import DeviceError
 from engine.audio.record import Recorder
 from engine.audio.ring import Ring
 
 RATE_HZ = 24000
 STATS_EVERY_S = 2.0
+LEVELS_EVERY_S = 0.1          #: capture.levels: 20 ms windows, batched this often
 
 
 class CaptureProcess:
@@ -71,6 +73,10 @@ class CaptureProcess:
         self.callback_errors = 0                          #: exceptions in the device callback
         self.callback_error: BaseException | None = None  #: the latest one (kept, reported by the main thread)
         self._reported: set[str] = set()
+        # level meters for the console: the mic as captured, and as sent (after echo handling)
+        self.level_in = LevelTap(RATE_HZ)
+        self.level_out = LevelTap(RATE_HZ)
+        self.next_levels_at = time.monotonic() + LEVELS_EVERY_S
 
     def _report_errors(self) -> None:
         """Main thread: each new kind of callback or echo-canceller error once on ``engine.error``."""
@@ -89,6 +95,7 @@ class CaptureProcess:
 
     def _write(self, pcm: np.ndarray) -> None:
         """Audio path: mic frames (24 kHz) -> echo handling -> mic ring (and the recording)."""
+        self.level_in.push(pcm)
         far = self.far.take(len(pcm)) if self.far is not None else None
         if self.recorder is not None:
             self.recorder.push(pcm, far if far is not None else np.zeros_like(pcm))
@@ -96,6 +103,7 @@ class CaptureProcess:
             pcm = self.aec.process(pcm, far)
         elif self.gate is not None:
             pcm = self.gate.apply(pcm)
+        self.level_out.push(pcm)
         self.ring.write(pcm)
 
     def housekeeping(self) -> None:
@@ -103,6 +111,9 @@ class CaptureProcess:
         if self.recorder is not None:
             self.recorder.drain()
         now = time.monotonic()
+        if now >= self.next_levels_at:
+            self.next_levels_at = now + LEVELS_EVERY_S
+            self.publish_levels()
         if now >= self.next_stats_at:
             self.next_stats_at = now + STATS_EVERY_S
             self._report_errors()
@@ -117,6 +128,18 @@ class CaptureProcess:
             if self.recorder is not None:
                 stats["record_dropped_frames"] = self.recorder.dropped_frames
             self.pub.publish("capture.echo", stats)
+
+    def publish_levels(self) -> None:
+        """Main thread: ``capture.levels``, the 20 ms windows the callback handed over since the
+        last call, as captured (``mic_*``) and as sent to the API after echo handling (``sent_*``)."""
+        raw, sent = self.level_in.drain(), self.level_out.drain()
+        if raw.start_mono_ns is None:
+            return
+        # echo handling keeps the stream's length: both meters see the same frames, window for window
+        self.pub.publish("capture.levels", {"period_ms": self.level_in.window_ms, "start_mono_ns": raw.start_mono_ns,
+                                            "mic_dbfs": raw.rms_dbfs, "mic_peak_dbfs": raw.peak_dbfs,
+                                            "sent_dbfs": sent.rms_dbfs, "sent_peak_dbfs": sent.peak_dbfs,
+                                            "echo": self.echo_mode, "lost_frames": raw.lost_frames})
 
     @staticmethod
     def read_wav(path: str) -> tuple[np.ndarray, int]:

@@ -24,6 +24,7 @@ from engine.supervisor import child
 from engine.supervisor.child import every_period, run_reporting, stop_on_signals
 from engine.audio.record import PcmWav
 from engine.audio.ring import Ring, SampleFifo
+from engine.console.levels import LevelTap
 from engine.playback.stretch import LOOKAHEAD_FRAMES, MAX_PERIOD_FRAMES, MIN_PERIOD_FRAMES, TimeStretcher
 
 RATE_HZ = 24000
@@ -35,6 +36,7 @@ IDLE, PLAYING = 0, 1
 PUBLISH_EVERY_S = 0.02       # the renderer's events go out this often (from a thread, not the callback)
 POSITION_EVERY_S = 0.1       # playback.position while a stream plays
 CADENCE_EVERY_S = 5.0        # playback.cadence: how regularly the device asks for audio
+LEVELS_EVERY_S = 0.1         # playback.levels: 20 ms windows of what was played, batched this often
 
 
 def fade_out(frames: int) -> np.ndarray:
@@ -67,7 +69,7 @@ class StreamEvent(NamedTuple):
     or flushed; the counts are the current stream's so far. Indices are ring frame indices:
     playback knows streams, not items (the realtime process maps indices to items)."""
     kind: str
-    index: int                  # ring frame index it happened at (flushed: heard when the fade ends)
+    index: int  # type: ignore[assignment]  # shadows tuple.index: the bus field's name; ring frame index it happened at (flushed: heard when the fade ends)
     start_index: int            # ring index of the stream's first frame
     stretch_frames: int         # net time-stretch (output frames minus stream frames)
     expanded_frames: int        # pitch periods played again
@@ -103,6 +105,8 @@ class Renderer:
         #: False when the caller fades a flush itself, later in the chain (:class:`DeviceFeeder`)
         self.fade_on_flush = fade_on_flush
         self.ref = ref
+        #: level meter of what is handed to the device (the console's speaker envelope); set by the process
+        self.tap: LevelTap | None = None
         self.stretch = stretch
         self.stretcher = TimeStretcher()
         self._ahead = np.zeros(LOOKAHEAD_FRAMES, dtype=np.int16)
@@ -147,6 +151,8 @@ class Renderer:
         self._render(out, latency_frames, now)
         if self.ref is not None:
             self.ref.write(out)  # a full reference ring (no capture reading it) only counts overruns
+        if self.tap is not None:
+            self.tap.push(out)   # a copy into a preallocated buffer; measured by the publishing thread
 
     def _render(self, out: np.ndarray, latency_frames: int, now: float) -> None:
         ring = self.ring
@@ -369,6 +375,8 @@ class PlaybackProcess:
         self.callbacks = 0
         self.device_underflows = 0   # PortAudio's paOutputUnderflow: the device buffer ran dry
         self.next_cadence_at = time.monotonic() + CADENCE_EVERY_S
+        self.renderer.tap = LevelTap(RATE_HZ)
+        self.next_levels_at = time.monotonic() + LEVELS_EVERY_S
 
     def publish_events(self) -> None:
         """Publish what the renderer saw (from the loop thread, never the callback). Reports carry
@@ -397,6 +405,9 @@ class PlaybackProcess:
             self.pub.publish(f"playback.{kind}", payload)
         self._report_callback_errors()
         now = time.monotonic()
+        if now >= self.next_levels_at:
+            self.next_levels_at = now + LEVELS_EVERY_S
+            self.publish_levels()
         if now >= self.next_cadence_at and self.callbacks > 2:
             self.next_cadence_at = now + CADENCE_EVERY_S
             n = min(self.callbacks, len(self.callback_ns))
@@ -413,6 +424,21 @@ class PlaybackProcess:
             self.next_position_at = now + POSITION_EVERY_S
             # the callback's own number (the shared heard index), not a second estimate
             self.pub.publish("playback.position", {"start_index": r.stream_start, "index": ring.control.heard_index})
+
+    def publish_levels(self) -> None:
+        """``playback.levels``: the 20 ms windows handed to the device since the last call (not
+        published while all of them are digital silence: the console draws a gap as silence)."""
+        tap = self.renderer.tap
+        if tap is None:
+            return
+        lv = tap.drain()
+        if lv.start_mono_ns is None or (max(lv.peak_dbfs) <= -90.0 and not lv.lost_frames):
+            return
+        self.pub.publish("playback.levels", {"period_ms": tap.window_ms, "start_mono_ns": lv.start_mono_ns,
+                                             "dbfs": lv.rms_dbfs, "peak_dbfs": lv.peak_dbfs,
+                                             "output_latency_ms": round(self.ring.control.device_latency_frames
+                                                                        / FRAMES_PER_MS, 2),
+                                             "lost_frames": lv.lost_frames})
 
     def _report_callback_errors(self) -> None:
         """Say on ``engine.error`` what the device callback caught (it may not log): the latest

@@ -47,7 +47,7 @@ from urllib.parse import quote
 from bus import Endpoints, Publisher, Subscriber, generate_keys
 from bus.client import connection_file, runtime_dir
 from engine.supervisor.child import error_text, parent_death_signal
-from engine.supervisor.children import (ChildMachine, ChildState, GaveUp, Kill, Policy, Restarting, Spawn, Terminate)
+from engine.supervisor.children import (ChildMachine, GaveUp, Kill, Policy, Restarting, Spawn, Terminate)
 from engine.config import resolve_backend, session_payload
 from engine.errors import ConfigError, EngineError
 from engine.audio.ring import Ring
@@ -163,9 +163,12 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, cfg: dict[str, Any], *, text_only: bool = False, out: TextIO = sys.stdout) -> None:
+    def __init__(self, cfg: dict[str, Any], *, text_only: bool = False, out: TextIO = sys.stdout,
+                 console: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
         self.text_only = text_only
+        #: ``engine start --console``: {host, port} of the debug console, started as a child
+        self.console = console
         self.out = out
         self.backend = resolve_backend(cfg)
         self.stopping = False
@@ -332,6 +335,10 @@ class Supervisor:
         self.children.append(Child("realtime", [py, "-m", "engine.realtime.process"], pass_fds=fds,
                                    spec=self._spec(realtime_extra)))
         self.children.append(Child("playback", [py, "-m", "engine.playback.process"], spec=self._spec(pb_extra)))
+        if self.console is not None:
+            console_spec = self._spec({"console": self.console, "session_dir": str(self.session_dir)})
+            console_spec["bus"].pop("signing_key")  # it publishes cmd.* only: no key a page could ever reach
+            self.children.append(Child("console", [py, "-m", "engine.console.process"], spec=console_spec))
         # the supervisor's own bus sockets, connected before anything is published
         self.sub = Subscriber(self.endpoints, [""])  # verifies the signed control topics
         self.pub = Publisher(self.endpoints, f"supervisor:{os.getpid()}")  # signs them

@@ -1,0 +1,115 @@
+"""Level meters for the console: dBFS envelopes of what an audio process hands over.
+
+:class:`LevelTap` splits the work between two threads of one process. The audio callback
+calls :meth:`LevelTap.push` with the block it already has: a copy into a preallocated
+circular buffer and two stamps, no lock, no logging, no allocation beyond numpy views.
+Another thread of the process (the one that publishes ``capture.echo`` /
+``playback.cadence``) calls :meth:`LevelTap.drain` and gets the RMS and peak of each whole
+``window_ms`` window written since its last call. Only these numbers go on the bus
+(``capture.levels`` / ``playback.levels``); raw PCM never does.
+
+Times: each window carries the CLOCK_MONOTONIC instant its first frame was handed over
+(the callback's clock when it pushed the block, minus the frames after that one), so
+envelopes of different processes share one time axis with the bus's ``mono_ns`` and the
+``*_mono_ns`` fields of playback's reports.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+FLOOR_DBFS = -90.0           #: digital silence is drawn and reported at this level
+FULL_SCALE = 32768.0
+_STAMPS = 64
+
+
+@dataclass(frozen=True)
+class Levels:
+    """What :meth:`LevelTap.drain` found: ``start_mono_ns`` of the first window (None when
+    there is none), one RMS and one peak dBFS per window, and frames lost since the last call
+    (overwritten before the reader came: the reader was more than the buffer late)."""
+    start_mono_ns: int | None
+    rms_dbfs: list[float]
+    peak_dbfs: list[float]
+    lost_frames: int
+
+
+def dbfs(values: np.ndarray) -> list[float]:
+    """Amplitudes (0..32768) as dBFS rounded to 0.1 dB, floored at :data:`FLOOR_DBFS`."""
+    with np.errstate(divide="ignore"):
+        db = 20.0 * np.log10(np.maximum(values, 1e-9) / FULL_SCALE)
+    return [round(float(v), 1) for v in np.maximum(db, FLOOR_DBFS)]
+
+
+class LevelTap:
+    """One writer thread (:meth:`push`, real-time safe), one reader thread (:meth:`drain`)."""
+
+    def __init__(self, rate_hz: int = 24000, window_ms: int = 20, capacity_ms: int = 2000) -> None:
+        """Set-up only: allocates the buffer (``capacity_ms`` of audio)."""
+        if window_ms <= 0 or capacity_ms < 4 * window_ms:
+            raise ValueError("LevelTap needs window_ms > 0 and capacity_ms >= 4 * window_ms")
+        self.rate_hz = rate_hz
+        self.window_ms = window_ms
+        self.window_frames = rate_hz * window_ms // 1000
+        self._buf = np.zeros(rate_hz * capacity_ms // 1000, dtype=np.int16)
+        self._stamps = np.zeros((_STAMPS, 2), dtype=np.int64)   # (frames written after a push, mono_ns)
+        self._pushes = 0          # writer-owned
+        self._written = 0         # writer-owned: frames pushed in all
+        self._read = 0            # reader-owned: the next frame to measure
+        self._lost = 0            # reader-owned
+
+    def push(self, pcm: np.ndarray) -> None:
+        """Audio callback: remember ``pcm`` (int16 mono). Real-time safe: a copy into the
+        preallocated buffer, no lock, no allocation beyond views, never raises on length."""
+        buf = self._buf
+        cap = len(buf)
+        n = len(pcm)
+        if n == 0:
+            return
+        if n > cap:               # more than the whole buffer: only its tail can be kept
+            self._written += n - cap
+            pcm = pcm[n - cap:]
+            n = cap
+        pos = self._written % cap
+        first = min(n, cap - pos)
+        buf[pos:pos + first] = pcm[:first]
+        if first < n:
+            buf[:n - first] = pcm[first:]
+        self._written += n
+        slot = self._pushes % _STAMPS
+        self._stamps[slot, 0] = self._written
+        self._stamps[slot, 1] = time.monotonic_ns()
+        self._pushes += 1          # last: the slot is complete before the reader may use it
+
+    def drain(self) -> Levels:
+        """Reader thread: the windows written since the last call (whole windows only; the
+        rest waits for the next call)."""
+        pushes = self._pushes
+        if pushes == 0:
+            return Levels(None, [], [], 0)
+        limit, limit_ns = (int(v) for v in self._stamps[(pushes - 1) % _STAMPS])
+        cap = len(self._buf)
+        w = self.window_frames
+        if limit - self._read > cap - 2 * w:      # the writer is lapping us: keep the newest part
+            keep = (cap // 2) // w * w
+            self._lost += limit - keep - self._read
+            self._read = limit - keep
+        count = (limit - self._read) // w
+        lost, self._lost = self._lost, 0
+        if count <= 0:
+            return Levels(None, [], [], lost)
+        start = self._read
+        pos = start % cap
+        take = count * w
+        if pos + take <= cap:
+            block = self._buf[pos:pos + take].astype(np.float32)
+        else:
+            block = np.concatenate([self._buf[pos:], self._buf[:pos + take - cap]]).astype(np.float32)
+        self._read = start + take
+        x = block.reshape(count, w)
+        rms = np.sqrt(np.mean(x * x, axis=1))
+        peak = np.abs(x).max(axis=1)
+        start_ns = limit_ns - (limit - start) * 1_000_000_000 // self.rate_hz
+        return Levels(int(start_ns), dbfs(rms), dbfs(peak), lost)

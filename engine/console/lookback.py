@@ -1,0 +1,103 @@
+"""Finished sessions for the console's "look back" view: the session folders under the
+sessions directory, a session's event log (the firehose topics left out) and the level
+envelopes of its ``conversation.wav`` (left: the mic as captured, right: what was played).
+
+Keys are folder names only (``20260101-120000-abc123``): nothing outside the sessions
+directory can be named, and a bad key is a :class:`~engine.console.relay.ConsoleError`.
+"""
+from __future__ import annotations
+
+import json
+import re
+import wave
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.console.levels import dbfs
+from engine.console.relay import ConsoleError
+
+MAX_EVENTS = 50_000
+#: topics the look-back view does not need (many per second, nothing the page draws)
+SKIPPED_TOPICS = ("server.response.output_audio.delta", "playback.position", "playout.position",
+                  "server.rate_limits.updated", "server.input_audio_buffer.append", "_join.")
+_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+WINDOW_MS = 20
+
+
+def session_folder(base: Path, key: str) -> Path:
+    """The folder of session ``key`` under ``base``; ConsoleError when the key is malformed or unknown."""
+    if not isinstance(key, str) or not _KEY.match(key):
+        raise ConsoleError(f"session key {key!r} is not a session folder name (see the session list)")
+    folder = base / key
+    if not folder.is_dir():
+        raise ConsoleError(f"no session {key!r} in {base}")
+    return folder
+
+
+def list_sessions(base: Path, limit: int = 100) -> list[dict[str, Any]]:
+    """The newest ``limit`` session folders under ``base`` (newest first)."""
+    if not base.is_dir():
+        return []
+    out = []
+    for folder in sorted((p for p in base.iterdir() if p.is_dir() and _KEY.match(p.name)), reverse=True)[:limit]:
+        events, wav = folder / "events.jsonl", folder / "conversation.wav"
+        out.append({"key": folder.name, "events_bytes": events.stat().st_size if events.exists() else 0,
+                    "has_wav": wav.exists(), "mtime": folder.stat().st_mtime})
+    return out
+
+
+def read_events(folder: Path, limit: int = MAX_EVENTS) -> dict[str, Any]:
+    """A session's events as the live page gets them (``topic``, ``body``), the firehose left out;
+    the latest ``limit`` of them, and how many were left out."""
+    path = folder / "events.jsonl"
+    if not path.exists():
+        raise ConsoleError(f"session {folder.name} has no events.jsonl")
+    events: list[dict[str, Any]] = []
+    skipped = bad = 0
+    with path.open() as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+                topic, body = rec["topic"], rec["body"]
+            except (ValueError, KeyError, TypeError):
+                bad += 1
+                continue
+            if not isinstance(topic, str) or not isinstance(body, dict) or topic.startswith(SKIPPED_TOPICS):
+                skipped += 1
+                continue
+            events.append({"topic": topic, "body": body})
+    cut = max(0, len(events) - limit)
+    return {"events": events[cut:], "skipped": skipped, "unreadable": bad, "cut": cut,
+            "has_wav": (folder / "conversation.wav").exists()}
+
+
+def wav_levels(folder: Path) -> dict[str, Any]:
+    """RMS dBFS per 20 ms of each channel of ``conversation.wav`` (mic, played)."""
+    path = folder / "conversation.wav"
+    if not path.exists():
+        raise ConsoleError(f"session {folder.name} has no conversation.wav (record it with `record: DIR`)")
+    try:
+        w = wave.open(str(path), "rb")
+    except (wave.Error, EOFError, OSError) as exc:
+        raise ConsoleError(f"{path} is not a readable WAV file ({exc})") from None
+    with w:
+        rate, channels = w.getframerate(), w.getnchannels()
+        window = rate * WINDOW_MS // 1000
+        sums = [[] for _ in range(channels)]
+        while True:
+            raw = w.readframes(window * 500)
+            if not raw:
+                break
+            pcm = np.frombuffer(raw, dtype="<i2")
+            frames = len(pcm) // channels // window
+            if frames == 0:
+                break
+            x = pcm[: frames * window * channels].reshape(frames, window, channels).astype(np.float32)
+            rms = np.sqrt(np.mean(x * x, axis=1))
+            for c in range(channels):
+                sums[c].append(rms[:, c])
+    chans = [dbfs(np.concatenate(s)) if s else [] for s in sums]
+    return {"period_ms": WINDOW_MS, "rate_hz": rate, "channels": channels,
+            "mic_dbfs": chans[0] if chans else [], "played_dbfs": chans[1] if len(chans) > 1 else []}

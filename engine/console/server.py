@@ -1,0 +1,278 @@
+"""``engine console``: the debug console's web server (HTTP and a WebSocket, both from the
+``websockets`` library, on one port).
+
+* ``GET /?token=T`` the page; ``/static/...`` its files (shipped in the package: no build
+  step, nothing fetched at run time).
+* ``GET /ws?token=T`` a WebSocket: the server sends ``{"op": "hello"}`` then batches
+  ``{"op": "events", "now_ns", "dropped", "events": [{"topic", "body"}...]}`` of bus messages
+  (the backlog first); the page sends ``{"op": "say", "text", "role"}``, ``{"op": "cancel"}``,
+  ``{"op": "mic", "open"}`` and gets ``{"op": "sent", "id", "topic"}`` or ``{"op": "error", "message"}``.
+* ``GET /api/sessions``, ``/api/session/events?key=K``, ``/api/session/levels?key=K``,
+  ``/api/session/wav?key=K``: finished sessions (look back, :mod:`engine.console.lookback`).
+
+Access: it listens on loopback unless told otherwise, and everything but the static files
+needs the random token of its URL (as Jupyter does); the API key never reaches it (the
+console has no spec key but the bus endpoints). While it runs, ``console.json`` (0600) in
+the engine's runtime directory holds its URL for ``engine status``.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import mimetypes
+import os
+import secrets
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from bus import Endpoints
+from bus.client import runtime_dir
+from engine.console import lookback
+from engine.console.relay import BusRelay, ConsoleError, PageQueue
+
+STATIC = Path(__file__).resolve().parent / "static"
+INFO_FILE = "console.json"
+MAX_SAY_CHARS = 20_000
+
+
+def info_path() -> Path:
+    """Where a running console records its URL (the engine's runtime directory)."""
+    return runtime_dir() / INFO_FILE
+
+
+def read_info() -> dict[str, Any] | None:
+    """The running console's ``console.json`` ({url, pid, pid_start_ticks, host, port}) if its
+    process still runs, else None."""
+    from engine.supervisor.process import same_process
+    try:
+        info = json.loads(info_path().read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or not same_process(info.get("pid"), info.get("pid_start_ticks")):
+        return None
+    return info
+
+
+def _response(status: int, body: bytes | str, content_type: str = "text/plain; charset=utf-8") -> Response:
+    data = body.encode() if isinstance(body, str) else body
+    reason = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 500: "Internal Server Error"}
+    headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(data))),
+                       ("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"),
+                       ("Referrer-Policy", "no-referrer")])
+    return Response(status, reason.get(status, "Error"), headers, data)
+
+
+def _json(status: int, value: Any) -> Response:
+    return _response(status, json.dumps(value, default=str), "application/json")
+
+
+class ConsoleServer:
+    """Serves the page for the engine whose bus is ``endpoints``."""
+
+    def __init__(self, endpoints: Endpoints, *, host: str = "127.0.0.1", port: int = 0,
+                 sessions_base: Path | None = None, live_session: str | None = None,
+                 token: str | None = None, out: TextIO = sys.stdout) -> None:
+        self.endpoints = endpoints
+        self.host = host
+        self.port = port
+        self.sessions_base = sessions_base
+        self.live_session = live_session
+        self.token = token or secrets.token_urlsafe(24)
+        self.out = out
+        self.pages: set[PageQueue] = set()
+        self.relay: BusRelay | None = None
+        self.url = ""
+
+    # ------------------------------------------------------------ HTTP
+    def _authorized(self, query: dict[str, list[str]]) -> bool:
+        given = (query.get("token") or [""])[0]
+        return hmac.compare_digest(given.encode(), self.token.encode())
+
+    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Everything but the WebSocket handshake is answered here."""
+        parts = urlsplit(request.path)
+        path, query = parts.path, parse_qs(parts.query)
+        if path.startswith("/static/"):
+            return self._static(path[len("/static/"):])
+        if path == "/favicon.ico":
+            return _response(404, "")
+        if not self._authorized(query):
+            return _response(403, "the console needs the token of its URL (engine status prints it)")
+        if path == "/ws":
+            return None  # on to the WebSocket handshake
+        if path in ("/", "/index.html"):
+            return self._static("index.html")
+        try:
+            return self._api(path, query)
+        except ConsoleError as exc:
+            return _json(400, {"error": str(exc)})
+
+    def _static(self, name: str) -> Response:
+        target = (STATIC / name).resolve()
+        if STATIC not in target.parents or not target.is_file():
+            return _response(404, f"no such file: {name}")
+        ctype = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
+        if ctype.startswith("text/") or ctype in ("application/javascript",):
+            ctype += "; charset=utf-8"
+        return _response(200, target.read_bytes(), ctype)
+
+    def _api(self, path: str, query: dict[str, list[str]]) -> Response:
+        base = self.sessions_base
+        if path == "/api/info":
+            return _json(200, {"live_session": self.live_session, "sessions_dir": str(base) if base else None,
+                               "now_ns": time.monotonic_ns()})
+        if base is None:
+            raise ConsoleError("this console knows no sessions directory")
+        if path == "/api/sessions":
+            return _json(200, {"sessions": lookback.list_sessions(base), "live_session": self.live_session})
+        key = (query.get("key") or [""])[0]
+        if path == "/api/session/events":
+            return _json(200, lookback.read_events(lookback.session_folder(base, key)))
+        if path == "/api/session/levels":
+            return _json(200, lookback.wav_levels(lookback.session_folder(base, key)))
+        if path == "/api/session/wav":
+            wav = lookback.session_folder(base, key) / "conversation.wav"
+            if not wav.exists():
+                raise ConsoleError(f"session {key} has no conversation.wav")
+            return _response(200, wav.read_bytes(), "audio/wav")
+        return _response(404, f"no such page: {path}")
+
+    # ------------------------------------------------------------ WebSocket
+    def _deliver(self, batch: list[str]) -> None:
+        for page in self.pages:
+            page.put_many(batch)
+
+    async def _writer(self, ws: ServerConnection, page: PageQueue) -> None:
+        while True:
+            await page.ready.wait()
+            items = page.take()
+            dropped, page.dropped = page.dropped, 0
+            await ws.send('{"op":"events","now_ns":%d,"dropped":%d,"events":[%s]}'
+                          % (time.monotonic_ns(), dropped, ",".join(items)))
+
+    def _command(self, msg: Any) -> dict[str, Any]:
+        """A page's command → the bus command it publishes (checked; ConsoleError naming what is wrong)."""
+        if not isinstance(msg, dict):
+            raise ConsoleError("a command is a JSON object with an 'op'")
+        op = msg.get("op")
+        assert self.relay is not None
+        if op == "say":
+            text, role = msg.get("text"), msg.get("role", "user")
+            if not isinstance(text, str) or not text.strip():
+                raise ConsoleError("say: type some text first")
+            if len(text) > MAX_SAY_CHARS:
+                raise ConsoleError(f"say: the text is {len(text)} characters; at most {MAX_SAY_CHARS}")
+            if role not in ("user", "system"):
+                raise ConsoleError(f"say: role {role!r} is not 'user' or 'system'")
+            respond = bool(msg.get("respond", role == "user"))
+            topic, payload = "cmd.say", {"text": text, "role": role, "respond": respond}
+        elif op == "cancel":
+            topic, payload = "cmd.cancel", {}
+        elif op == "mic":
+            if not isinstance(msg.get("open"), bool):
+                raise ConsoleError("mic: 'open' must be true or false")
+            topic, payload = "cmd.mic", {"open": msg["open"]}
+        else:
+            raise ConsoleError(f"unknown op {op!r}: the page may send say, cancel, mic")
+        return {"op": "sent", "topic": topic, "id": self.relay.command(topic, payload)}
+
+    async def _reader(self, ws: ServerConnection) -> None:
+        async for raw in ws:
+            try:
+                reply = self._command(json.loads(raw))
+            except (ValueError, ConsoleError) as exc:
+                reply = {"op": "error", "message": str(exc)}
+            if isinstance(raw, str):
+                try:
+                    reply["ref"] = json.loads(raw).get("ref")
+                except (ValueError, AttributeError):
+                    pass
+            await ws.send(json.dumps(reply))
+
+    async def handler(self, ws: ServerConnection) -> None:
+        assert self.relay is not None
+        page = PageQueue()
+        await ws.send(json.dumps({"op": "hello", "now_ns": time.monotonic_ns(), "live_session": self.live_session}))
+        page.put_many(list(self.relay.backlog))
+        self.pages.add(page)
+        tasks = [asyncio.create_task(self._writer(ws, page)), asyncio.create_task(self._reader(ws))]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        except ConnectionClosed:
+            pass
+        finally:
+            self.pages.discard(page)
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ------------------------------------------------------------ lifecycle
+    def _write_info(self) -> None:
+        from engine.supervisor.process import proc_start_ticks
+        path = info_path()
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "w") as f:
+            json.dump({"url": self.url, "pid": os.getpid(), "pid_start_ticks": proc_start_ticks(os.getpid()),
+                       "host": self.host, "port": self.port}, f)
+        tmp.replace(path)
+
+    def _remove_info(self) -> None:
+        try:
+            if json.loads(info_path().read_text()).get("pid") == os.getpid():
+                info_path().unlink()
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set."""
+        loop = asyncio.get_running_loop()
+        self.relay = BusRelay(self.endpoints, loop, self._deliver)
+        self.relay.start()
+        try:
+            async with serve(self.handler, self.host, self.port, process_request=self.process_request,
+                             max_size=1 << 20, compression=None, ping_interval=20) as server:
+                sock = next(iter(server.sockets))
+                self.port = sock.getsockname()[1]
+                shown = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+                self.url = f"http://{shown}:{self.port}/?token={self.token}"
+                self._write_info()
+                self.out.write(f"realtalk: console {self.url}\n")
+                if self.host not in ("127.0.0.1", "localhost", "::1"):
+                    self.out.write(f"realtalk: console: listening on {self.host}, not only loopback: anyone "
+                                   "with the URL's token can see and steer the conversation\n")
+                self.out.flush()
+                while not stop.is_set():
+                    try:
+                        await asyncio.wait_for(stop.wait(), 0.5)
+                    except asyncio.TimeoutError:
+                        if self.relay.error is not None:
+                            raise ConsoleError(f"the console lost the bus: {self.relay.error}")
+        except OSError as exc:
+            raise ConsoleError(f"the console cannot listen on {self.host}:{self.port}: {exc.strerror or exc}; "
+                               "give another --console-port (0: any free port)") from None
+        finally:
+            self._remove_info()
+            self.relay.stop()
+
+
+def run(server: ConsoleServer) -> int:
+    """Run ``server`` until SIGINT/SIGTERM; 0 on a clean stop."""
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signo in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signo, stop.set)
+        await server.serve(stop)
+    asyncio.run(main())
+    return 0
