@@ -122,22 +122,25 @@ class Connection:
             self.streams[resp.id] = self.spawn(self.stream(resp))
 
     async def transcribe(self, item: Item) -> None:
-        words = item.heard
-        if words is None:
-            words = ""
-            if self.cfg.asr and item.audio is not None:
+        """Find the user item's words and send its transcription events; a response that
+        waits for them is released whatever happens (the future is always resolved)."""
+        words = item.heard or ""
+        try:
+            if item.heard is None and self.cfg.asr and item.audio is not None:
                 words = await asyncio.to_thread(Recognizer.transcribe, item.audio)
-        for ev in self.session.transcription_events(item, words):
-            await self.send(ev)
-        fut = self.transcripts.get(item.id)
-        if fut is not None and not fut.done():
-            fut.set_result(words)
+            for ev in self.session.transcription_events(item, words):
+                await self.send(ev)
+        finally:
+            fut = self.transcripts.pop(item.id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(words)
 
     async def stream(self, resp: Response) -> None:
         loop = asyncio.get_running_loop()
         waiting = self.session.pending_transcript(resp)
-        if waiting is not None and waiting.id in self.transcripts:
-            await self.transcripts[waiting.id]
+        fut = self.transcripts.get(waiting.id) if waiting is not None else None
+        if fut is not None:
+            await asyncio.shield(fut)
         self.session.plan(resp)
         speech = None
         if "audio" in resp.modalities and resp.text and not resp.cancelled:

@@ -25,15 +25,31 @@ from engine.server.vad import ServerVad
 
 DELTA_MS = 100                 #: audio per output delta
 MIN_COMMIT_MS = 100
+AUDIO_RETAIN_BYTES = 8 << 20   #: PCM kept for the newest items (about 3 minutes); older items retrieve without audio
+VAD_IDLE_KEEP_MS = 10_000      #: input buffer kept outside speech under VAD
 NO_USER_REPLY = "Hello! I am realtalk's local server. Say something and I will answer."
 
 
 @dataclass
 class Item:
+    """A conversation item. Its audio (PCM16 24 kHz) is a list of chunks, appended as it
+    arrives; ``audio_samples`` keeps its length even after the samples are forgotten
+    (``forget_audio``: the server keeps the PCM of its newest items only, AUDIO_RETAIN_BYTES)."""
     data: dict[str, Any]                         #: the item as the API shows it (no audio bytes)
-    audio: np.ndarray | None = None              #: PCM16 24 kHz (user input or model output so far)
     heard: str | None = None                     #: user's words (text, or transcript of audio)
     transcript_pending: bool = False
+    has_audio: bool = False                      #: an audio item (user input or model output)
+    audio_samples: int = 0                       #: its audio's length, kept when the samples go
+    chunks: list[np.ndarray] = field(default_factory=list)
+    audio_forgotten: bool = False
+
+    @classmethod
+    def with_audio(cls, data: dict[str, Any], pcm: np.ndarray | None, heard: str | None = None) -> "Item":
+        item = cls(data, heard=heard)
+        if pcm is not None:
+            item.has_audio = True
+            item.append_audio(pcm)
+        return item
 
     @property
     def id(self) -> str:
@@ -41,7 +57,37 @@ class Item:
 
     @property
     def audio_ms(self) -> float:
-        return 0.0 if self.audio is None else len(self.audio) * 1000.0 / API_RATE_HZ
+        return self.audio_samples * 1000.0 / API_RATE_HZ
+
+    @property
+    def audio_bytes(self) -> int:
+        return sum(c.nbytes for c in self.chunks)
+
+    @property
+    def audio(self) -> np.ndarray | None:
+        """The samples (joined once, then kept as one chunk); None if none or forgotten."""
+        if not self.has_audio or self.audio_forgotten:
+            return None
+        if len(self.chunks) != 1:
+            self.chunks = [np.concatenate(self.chunks) if self.chunks else np.zeros(0, dtype=np.int16)]
+        return self.chunks[0]
+
+    def append_audio(self, pcm: np.ndarray) -> None:
+        self.has_audio = True
+        if len(pcm):
+            self.chunks.append(pcm)
+            self.audio_samples += len(pcm)
+
+    def truncate_audio(self, samples: int) -> None:
+        """Keep the first ``samples`` (the forgotten samples' count shrinks the same way)."""
+        pcm = self.audio
+        if pcm is not None:
+            self.chunks = [pcm[:samples].copy()] if samples else []
+        self.audio_samples = min(self.audio_samples, samples)
+
+    def forget_audio(self) -> None:
+        self.chunks = []
+        self.audio_forgotten = True
 
 
 @dataclass
@@ -141,6 +187,31 @@ class ServerSession:
             self.items.insert(self.items.index(prev) + 1, item)
         self.by_id[item.id] = item
 
+    def _retain_audio(self) -> None:
+        """Keep the PCM of the newest items only, AUDIO_RETAIN_BYTES in all; older items keep
+        their audio's length (usage, truncation) but retrieve without audio. Memory stays flat."""
+        kept = 0
+        for item in reversed(self.items):
+            if item.audio_forgotten or not item.chunks:
+                continue
+            kept += item.audio_bytes
+            if kept > AUDIO_RETAIN_BYTES:
+                item.forget_audio()
+
+    def _trim_idle_buffer(self) -> None:
+        """Under VAD, outside speech, drop buffered audio no turn can still reach: a turn
+        starts at most prefix_padding_ms before its speech, so VAD_IDLE_KEEP_MS is plenty
+        (a manual commit in VAD mode then commits the newest VAD_IDLE_KEEP_MS)."""
+        td = self.turn_detection
+        keep = max(VAD_IDLE_KEEP_MS, int(td.get("prefix_padding_ms", 300)) + 1000) * API_RATE_HZ // 1000 if td else 0
+        if not keep or self.vad.in_speech or self.buffer_samples <= 2 * keep:
+            return  # trimmed in steps of ``keep``, so appends do not copy the buffer each time
+        pcm = self._buffer_pcm()
+        drop = len(pcm) - keep
+        self.buffer = [pcm[drop:].copy()]
+        self.buffer_samples = keep
+        self.buffer_start_sample += drop
+
     # ------------------------------------------------------------------ input
     def receive_text(self, raw: str | bytes) -> Actions:
         """Handle one websocket message; bad input becomes an ``error`` event."""
@@ -203,6 +274,7 @@ class ServerSession:
                 self.speech_item_id = None
                 if self.turn_detection.get("create_response", True) and self.active is None:
                     self._start_response({}, acts)
+        self._trim_idle_buffer()
 
     def _buffer_pcm(self) -> np.ndarray:
         if not self.buffer:
@@ -224,9 +296,10 @@ class ServerSession:
         self.buffer = [rest] if len(rest) else []
         self.buffer_samples = len(rest)
         prev = self.items[-1].id if self.items else None
-        item = Item({"id": item_id, "type": "message", "status": "completed", "role": "user",
-                     "content": [{"type": "input_audio", "transcript": None}]}, audio=np.array(audio))
+        item = Item.with_audio({"id": item_id, "type": "message", "status": "completed", "role": "user",
+                                "content": [{"type": "input_audio", "transcript": None}]}, audio.copy())
         self._insert(item)
+        self._retain_audio()
         self.user_turns += 1
         acts.send.append(self._ev("input_audio_buffer.committed", previous_item_id=prev, item_id=item_id))
         acts.send.append(self._ev("conversation.item.added", previous_item_id=prev, item=item.data))
@@ -263,6 +336,7 @@ class ServerSession:
         if item.id in self.by_id:
             raise ProtocolError("invalid_value", f"Item with id '{item.id}' already exists.", "item.id")
         self._insert(item, prev_id, append=prev_id is None)
+        self._retain_audio()
         if item.data.get("role") == "user" and item.data["type"] == "message":
             self.user_turns += 1
         prev = self._prev_id(item)
@@ -310,7 +384,7 @@ class ServerSession:
                 else:
                     parts.append({"type": ptype, "image_url": part.get("image_url"), "detail": part.get("detail", "auto")})
             data = {"id": item_id, "type": "message", "status": "completed", "role": role, "content": parts}
-            return Item(data, audio=audio, heard=" ".join(words) if words else None)
+            return Item.with_audio(data, audio, heard=" ".join(words) if words else None)
         if kind == "function_call_output":
             check_keys(raw, {"id", "type", "call_id", "output", "status", "object"}, "item")
             for k in ("call_id", "output"):
@@ -357,7 +431,7 @@ class ServerSession:
         if end_ms > have_ms:
             raise ProtocolError("invalid_value", f"Audio content of {have_ms}ms is already shorter than {end_ms}ms",
                                 "audio_end_ms")
-        item.audio = item.audio[: end_ms * API_RATE_HZ // 1000].copy() if item.audio is not None else None
+        item.truncate_audio(end_ms * API_RATE_HZ // 1000)
         for part in item.data["content"]:
             if part["type"] == "output_audio":
                 part["transcript"] = ""  # the server forgets words the user did not hear
@@ -499,6 +573,8 @@ class ServerSession:
         resp.done = True
         if self.active is resp:
             self.active = None
+        self.responses.pop(resp.id, None)   # a finished response cannot be cancelled; nothing else needs it
+        self._retain_audio()
         status = "cancelled" if resp.cancelled else "completed"
         yield 0.0, ev("response.done", response=self._response_obj(resp, status, self._usage(resp)))
 
@@ -556,7 +632,7 @@ class ServerSession:
         words = [w + " " for w in text.split(" ")]
         words[-1] = words[-1][:-1]
         if audio:
-            item.audio = np.zeros(0, dtype=np.int16)
+            item.has_audio = True
             pcm = speech if speech is not None else np.zeros(0, dtype=np.int16)
             chunk = DELTA_MS * API_RATE_HZ // 1000
             n_chunks = max(1, math.ceil(len(pcm) / chunk))
@@ -576,7 +652,7 @@ class ServerSession:
                 piece = pcm[c * chunk:(c + 1) * chunk]
                 yield delay, self._ev("response.output_audio.delta", **base,
                                       delta=b64encode(encode_audio(piece, resp.audio_format)))
-                item.audio = np.concatenate([item.audio, piece])
+                item.append_audio(piece.copy())  # a copy: the item must not pin the whole reply's speech
                 resp.audio_sent_ms += len(piece) * 1000 / API_RATE_HZ
                 resp.deltas_sent += 1
                 self.audio_was_output = True

@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import threading
 import wave
-from functools import lru_cache
+from collections import OrderedDict
 
 import numpy as np
 
@@ -32,16 +32,61 @@ def espeak_available() -> bool:
     return shutil.which("espeak-ng") is not None
 
 
-@lru_cache(maxsize=512)
+SPEECH_CACHE_BYTES = 8 << 20   #: speech kept for repeated replies (about 3 minutes of PCM)
+
+
+class _SpeechCache:
+    """A least-recently-used cache bounded in bytes (not entries: one reply can be a
+    minute of audio); thread-safe, since synthesis runs in worker threads."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple[str, str, float], np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str, float]) -> np.ndarray | None:
+        with self._lock:
+            pcm = self._entries.get(key)
+            if pcm is not None:
+                self._entries.move_to_end(key)
+            return pcm
+
+    def put(self, key: tuple[str, str, float], pcm: np.ndarray) -> None:
+        with self._lock:
+            if key in self._entries or pcm.nbytes > self.max_bytes:
+                return
+            self._entries[key] = pcm
+            self._bytes += pcm.nbytes
+            while self._bytes > self.max_bytes:
+                _, old = self._entries.popitem(last=False)
+                self._bytes -= old.nbytes
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+
+_speech_cache = _SpeechCache(SPEECH_CACHE_BYTES)
+
+
 def synthesize(text: str, voice: str = "marin", speed: float = 1.0) -> np.ndarray:
-    """Speak ``text`` with espeak-ng; PCM16 mono at 24 kHz (read-only array, cached)."""
+    """Speak ``text`` with espeak-ng; PCM16 mono at 24 kHz (read-only array, cached up to
+    SPEECH_CACHE_BYTES). Raises :class:`VoiceError` if espeak-ng is missing or fails."""
+    key = (text, voice, float(speed))
+    cached = _speech_cache.get(key)
+    if cached is not None:
+        return cached
     exe = shutil.which("espeak-ng")
     if exe is None:
         raise VoiceError("espeak-ng is not installed; run: bash tools/setup-system.sh")
     words_per_min = int(max(80, min(450, 175 * speed)))
-    proc = subprocess.run(
-        [exe, "-v", ESPEAK_VOICES.get(voice, "en-us"), "-s", str(words_per_min), "--stdout", text or " "],
-        capture_output=True, timeout=30, check=False)
+    try:
+        proc = subprocess.run(
+            [exe, "-v", ESPEAK_VOICES.get(voice, "en-us"), "-s", str(words_per_min), "--stdout", text or " "],
+            capture_output=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise VoiceError(f"espeak-ng could not run: {exc}") from None
     if proc.returncode != 0 or not proc.stdout:
         raise VoiceError(f"espeak-ng failed ({proc.returncode}): {proc.stderr.decode(errors='replace')[:200]}")
     with wave.open(io.BytesIO(proc.stdout)) as w:
@@ -49,6 +94,7 @@ def synthesize(text: str, voice: str = "marin", speed: float = 1.0) -> np.ndarra
         pcm = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
     out = resample(pcm, rate, API_RATE_HZ)
     out.setflags(write=False)
+    _speech_cache.put(key, out)
     return out
 
 
