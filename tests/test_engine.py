@@ -120,7 +120,7 @@ def test_malformed_bus_message_is_reported_not_fatal(start_engine: Any) -> None:
     while err is None and time.monotonic() < deadline:
         raw.send_multipart([b"cmd.say", b"\xc1 not msgpack"])
         msg = sub.recv(timeout_ms=200)
-        if msg and msg[0] == "engine.error" and msg[1].get("code") == "malformed_message":
+        if msg and msg[0] == "engine.error" and msg[1].get("code") == "malformed_bus_message":
             err = msg[1]
     raw.close()
     assert err is not None and "not msgpack" in err["message"]

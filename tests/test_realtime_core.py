@@ -549,9 +549,17 @@ def test_every_client_event_carries_an_event_id() -> None:
     acts = h.cmd("cmd.say", {"text": "x", "id": "s"})
     h.ev(_session(interrupt=False))
     _audio_turn(h, rid="r9", item="a9")
-    acts += h.cmd("cmd.cancel", {}) + h.report("flushed", None, 0) + h.cmd("cmd.input.clear", {})
+    acts += h.cmd("cmd.cancel", {}) + h.report("flushed", 0, 0) + h.cmd("cmd.input.clear", {})
     acts += h.cmd("cmd.tool.register", {"name": "t"})
     events = [a.event for a in acts if isinstance(a, Send)]
     assert {e["type"] for e in events} >= {"conversation.item.create", "response.create", "response.cancel",
                                            "conversation.item.truncate", "input_audio_buffer.clear", "session.update"}
     assert all(e.get("event_id") for e in events)
+
+
+def test_a_bad_playback_report_is_reported_not_ignored() -> None:
+    """Issue 15 point 8: a playback.flushed without an index was dropped silently."""
+    h = connected()
+    errors = published(h.report("flushed", None, None), "engine.error")
+    assert errors and errors[0]["code"] == "bad_playback_report" and "index" in errors[0]["message"]
+    assert published(h.report("cadence", None, None), "engine.error") == []

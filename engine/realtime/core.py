@@ -150,8 +150,7 @@ class RealtimeCore:
             elif isinstance(rec, Command):
                 acts = self._command(rec.topic, rec.body, now_s, heard_index)
             elif isinstance(rec, PlaybackReport):
-                handler = self._reports.get(rec.kind)
-                acts = handler(rec, now_s) if handler is not None else []
+                acts = self._report(rec, now_s)
             elif isinstance(rec, MicAudio):
                 acts = self._mic(rec)
             elif isinstance(rec, Tick):
@@ -247,6 +246,13 @@ class RealtimeCore:
         self.history.append(item)
         del self.history[:-HISTORY_ITEMS]
         acts.append(self.history_message())
+
+    def state_messages(self) -> list[Action]:
+        """The core's last-value topics, to publish again (a restarted broker's cache is empty)."""
+        acts: list[Action] = [self.history_message(), Publish("engine.tools", {"tools": sorted(self.tools.registered)})]
+        if self.session:
+            acts.append(Publish("session.config", {"session": self.session}))
+        return acts
 
     def history_message(self) -> Publish:
         in_flight = [r for r in (self.requests.requested_for, *self.requests.response_requests.values()) if r]
@@ -550,6 +556,16 @@ class RealtimeCore:
         return acts
 
     # ================================================================ playback reports
+    def _report(self, rec: PlaybackReport, now_s: float) -> list[Action]:
+        handler = self._reports.get(rec.kind)
+        if handler is None:
+            return []  # playback.cadence, .device: for observers
+        if rec.index is None or (rec.kind != "position" and rec.start_index is None):
+            return [Publish("engine.error", {"source": "engine", "code": "bad_playback_report", "topic": f"playback.{rec.kind}",
+                                             "message": f"playback.{rec.kind} without integer 'index' and 'start_index' "
+                                                        "(ring frame indices); ignored"})]
+        return handler(rec, now_s)
+
     def _item_payload(self, rec: PlaybackReport, item: Any) -> dict[str, Any]:
         out = {k: v for k, v in rec.body.items() if k not in ("v", "ts", "pub", "seq")}
         out.update(item_id=item.item_id if item else None, response_id=item.response_id if item else None)

@@ -352,7 +352,7 @@ class RealtimeProcess:
     def run(self) -> int:
         stop_on_signals(self.stop, self._wake_main)
         history_sub = Subscriber(self.sub_endpoint, ["conversation.history"])
-        sub = Subscriber(self.sub_endpoint, ["cmd.", "engine.presence.gone", *PLAYBACK_REPORTS])
+        sub = Subscriber(self.sub_endpoint, ["cmd.", "engine.presence.gone", "engine.error", *PLAYBACK_REPORTS])
         self.main_pub.join(self.sub_endpoint)
         self.restored = False
         self._restore(history_sub)
@@ -390,11 +390,15 @@ class RealtimeProcess:
                 except BlockingIOError:
                     pass
             while (msg := sub.recv(timeout_ms=0)) is not None:
-                self.step(self._bus_record(*msg), self.main_pub)
-            if sub.malformed:
-                self.main_pub.publish("engine.error", {"source": "bus", "code": "malformed_message",
-                                                       "count": sub.malformed, "message": str(sub.last_error)})
-                sub.malformed = 0
+                topic, body = msg
+                if topic == "engine.error":
+                    if body.get("code") == "child_exited" and body.get("child") == "broker":
+                        with self.lock:  # a new broker's last-value cache is empty: fill it again
+                            acts = self.core.state_messages()
+                        self.apply(acts, self.main_pub)
+                    continue
+                self.step(self._bus_record(topic, body), self.main_pub)
+            sub.publish_reports(self.main_pub, "realtime")  # malformed or forged messages, drops: once a second
             self.step(Tick(), self.main_pub)
             now = time.monotonic()
             if self.connected.is_set() and not self.recycle.is_set() and now - self.connected_at >= self.recycle_after_s:
