@@ -126,9 +126,15 @@ class Connection:
         waits for them is released whatever happens (the future is always resolved)."""
         words = item.heard or ""
         try:
-            if item.heard is None and self.cfg.asr and item.audio is not None:
-                words = await asyncio.to_thread(Recognizer.transcribe, item.audio)
-            for ev in self.session.transcription_events(item, words):
+            try:
+                if item.heard is None and self.cfg.asr and item.audio is not None:
+                    words = await asyncio.to_thread(Recognizer.transcribe, item.audio)
+                events = self.session.transcription_events(item, words)
+            except VoiceError as exc:
+                log.warning("%s (failures so far: %d)", exc, Recognizer.failures)
+                words = ""
+                events = self.session.transcription_failed_events(item, str(exc))
+            for ev in events:
                 await self.send(ev)
         finally:
             fut = self.transcripts.pop(item.id, None)

@@ -8,6 +8,8 @@ import string
 import time
 from typing import Any
 
+from engine.server.errors import ServerError
+
 _ALPHABET = string.ascii_letters + string.digits
 
 CLIENT_EVENT_FIELDS: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
@@ -53,7 +55,7 @@ def new_id(prefix: str) -> str:
     return prefix + "_" + "".join(secrets.choice(_ALPHABET) for _ in range(21))
 
 
-class ProtocolError(Exception):
+class ProtocolError(ServerError):
     """A client event the server refuses; becomes an ``error`` event, the socket stays open."""
 
     def __init__(self, code: str, message: str, param: str | None = None,

@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import read_yaml_file
+from engine.server.errors import ServerError
 from engine.server.faults import Faults
 
 
-class ScenarioError(ValueError):
+class ScenarioError(ServerError, ValueError):
     """A scenario file that cannot be used; the message names the key and the problem."""
 
 

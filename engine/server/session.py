@@ -717,6 +717,18 @@ class ServerSession:
                 "output_token_details": {"text_tokens": out_text, "audio_tokens": out_audio}}
 
     # ------------------------------------------------------------------ transcription
+    def transcription_failed_events(self, item: Item, reason: str) -> list[dict[str, Any]]:
+        """Recognition failed for ``item``: it has no words (the reply goes on without
+        them); the ``failed`` event to send if input transcription is on."""
+        item.heard = ""
+        item.transcript_pending = False
+        if self.session["audio"]["input"]["transcription"] is None:
+            return []
+        return [self._ev("conversation.item.input_audio_transcription.failed", item_id=item.id, content_index=0,
+                         error={"type": "server_error", "code": "transcription_failed",
+                                "message": f"Input transcription failed for item '{item.id}'. {reason}",
+                                "param": None})]
+
     def transcription_events(self, item: Item, words: str) -> list[dict[str, Any]]:
         """Set the user item's words; events to send if input transcription is on."""
         item.heard = words

@@ -9,12 +9,15 @@ import io
 import shutil
 import subprocess
 import threading
+import time
 import wave
 from collections import OrderedDict
+from typing import Any
 
 import numpy as np
 
 from engine.codec import API_RATE_HZ, resample
+from engine.server.errors import ServerError
 
 #: API voice -> espeak-ng voice variant (any unknown voice speaks en-us)
 ESPEAK_VOICES = {
@@ -24,7 +27,7 @@ ESPEAK_VOICES = {
 }
 
 
-class VoiceError(RuntimeError):
+class VoiceError(ServerError, RuntimeError):
     """espeak-ng is missing or failed."""
 
 
@@ -99,30 +102,58 @@ def synthesize(text: str, voice: str = "marin", speed: float = 1.0) -> np.ndarra
 
 
 class Recognizer:
-    """Offline rough speech recognition; thread-safe, loads its model on first use."""
+    """Offline rough speech recognition; thread-safe, loads its model on first use.
 
+    A failure (the model cannot load, or decoding raises) is never final: it is counted
+    (``failures``), kept with its cause (``last_error``) and raised as :class:`VoiceError`;
+    loading is tried again RETRY_S after a failed load, and a decoder that raised is
+    rebuilt on the next call."""
+
+    RETRY_S = 10.0
     _lock = threading.Lock()
-    _decoder = None
-    _failed = False
+    _decoder: Any = None
+    _load_failed_at: float | None = None
+    failures = 0
+    last_error: str | None = None
+
+    @classmethod
+    def _fail(cls, what: str, exc: BaseException) -> VoiceError:
+        cls.failures += 1
+        cls.last_error = f"{what}: {type(exc).__name__}: {exc}"
+        return VoiceError(f"speech recognition failed ({cls.last_error})")
+
+    @classmethod
+    def _load(cls) -> Any:
+        if cls._decoder is not None:
+            return cls._decoder
+        if cls._load_failed_at is not None and time.monotonic() - cls._load_failed_at < cls.RETRY_S:
+            raise VoiceError(f"speech recognition unavailable ({cls.last_error}); retrying in "
+                             f"{cls.RETRY_S - (time.monotonic() - cls._load_failed_at):.0f} s")
+        try:
+            from pocketsphinx import Decoder  # type: ignore[import-not-found]
+            cls._decoder = Decoder(samprate=16000, loglevel="FATAL")
+        except Exception as exc:  # noqa: BLE001 - any load failure is reported, then retried
+            cls._load_failed_at = time.monotonic()
+            raise cls._fail("cannot load pocketsphinx (pip install pocketsphinx, or run engine serve --no-asr)",
+                            exc) from None
+        cls._load_failed_at = None
+        return cls._decoder
 
     @classmethod
     def transcribe(cls, pcm24k: np.ndarray) -> str:
-        """Best-effort transcript of PCM16 24 kHz speech; "" when nothing is recognised."""
+        """Best-effort transcript of PCM16 24 kHz speech; "" when nothing is recognised.
+        Raises :class:`VoiceError` (with the cause) when recognition fails."""
         if len(pcm24k) < API_RATE_HZ // 10:
             return ""
         with cls._lock:
-            if cls._decoder is None and not cls._failed:
-                try:
-                    from pocketsphinx import Decoder  # type: ignore[import-not-found]
-                    cls._decoder = Decoder(samprate=16000, loglevel="FATAL")
-                except Exception:
-                    cls._failed = True
-            if cls._decoder is None:
-                return ""
-            pcm16k = resample(pcm24k, API_RATE_HZ, 16000)
-            dec = cls._decoder
-            dec.start_utt()
-            dec.process_raw(pcm16k.tobytes(), full_utt=True)
-            dec.end_utt()
-            hyp = dec.hyp()
+            dec = cls._load()
+            try:
+                pcm16k = resample(pcm24k, API_RATE_HZ, 16000)
+                dec.start_utt()
+                dec.process_raw(pcm16k.tobytes(), full_utt=True)
+                dec.end_utt()
+                hyp = dec.hyp()
+            except Exception as exc:  # noqa: BLE001 - reported with its cause; the decoder is rebuilt
+                cls._decoder = None
+                raise cls._fail("decoding failed", exc) from None
             return hyp.hypstr.strip() if hyp is not None else ""
