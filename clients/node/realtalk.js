@@ -85,7 +85,49 @@ class Bus {
     return this.command("cmd.say", { text, role, respond });
   }
 
-  close() { this.pub.close(); this.sub.close(); }
+  /** Serve a tool the model can call: `fn(args)` (may be async) returns a string or a JSON value.
+   *  The engine ties the tool to this client (`owner` = this bus's name) and unregisters it when
+   *  the client goes away: the broker sees its `_presence.<owner>` subscription end. */
+  async registerTool(name, fn, { description = "", parameters = { type: "object", properties: {} }, timeoutS = 10 } = {}) {
+    if (!this.tools) {
+      this.tools = new Map();
+      this.toolSub = new zmq.Subscriber(socketOptions(this.conn));
+      this.toolSub.connect(this.conn.subscribe);
+      this.toolSub.subscribe("tool.call");
+      this.toolSub.subscribe(`_presence.${this.name}`);  // held while this client lives: tool ownership
+      this.toolLoop = this._answerToolCalls();
+    }
+    this.tools.set(name, fn);
+    const ack = await this.command("cmd.tool.register", { name, description, parameters, timeout_s: timeoutS, owner: this.name });
+    if (!ack.ok) throw new Error(`tool ${name} refused: ${ack.error}`);
+    return ack;
+  }
+
+  async _answerToolCalls() {
+    try {
+      for await (const frames of this.toolSub) {
+        let body;
+        try { body = decode(frames[1]); } catch { this.malformed += 1; continue; }
+        if (frames[0].toString("utf8") !== "tool.call" || !this.tools.has(body.name)) continue;
+        let output;
+        try {
+          const result = await this.tools.get(body.name)(JSON.parse(body.arguments || "{}"));
+          output = typeof result === "string" ? result : JSON.stringify(result);
+        } catch (e) {
+          output = JSON.stringify({ error: `${e.name}: ${e.message}` });  // the model hears it instead of waiting
+        }
+        await this.publish("cmd.tool.result", { call_id: body.call_id, output });
+      }
+    } catch (e) {
+      if (!this.closed) throw e;
+    }
+  }
+
+  close() {
+    this.closed = true;
+    this.pub.close(); this.sub.close();
+    if (this.toolSub) this.toolSub.close();
+  }
 }
 
 module.exports = { Bus, connectionFile, socketOptions };
