@@ -6,7 +6,12 @@ import math
 import secrets
 import string
 import time
+from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
+
+from engine.codec import b64decode_strict, decode_audio
 
 from engine.server.errors import ServerError
 
@@ -215,10 +220,7 @@ def merge_session_update(current: dict[str, Any], update: dict[str, Any], audio_
                 raise ProtocolError("invalid_type", "Invalid type for 'session.model': expected a string.", "session.model")
             s["model"] = value
         elif key == "output_modalities":
-            if value not in (["audio"], ["text"]):
-                raise ProtocolError("invalid_value", "Invalid 'session.output_modalities': expected ['audio'] or ['text'].",
-                                    "session.output_modalities")
-            s[key] = list(value)
+            s[key] = check_modalities(value, "session.output_modalities")
         elif key == "instructions":
             if not isinstance(value, str):
                 raise ProtocolError("invalid_type", "Invalid type for 'session.instructions': expected a string.", "session.instructions")
@@ -266,10 +268,7 @@ def merge_session_update(current: dict[str, Any], update: dict[str, Any], audio_
                 if "format" in out:
                     s["audio"]["output"]["format"] = _check_format(out["format"], "session.audio.output.format")
                 if "voice" in out:
-                    voice = out["voice"]
-                    if not (voice in VOICES or (isinstance(voice, dict) and isinstance(voice.get("id"), str))):
-                        raise ProtocolError("invalid_value", f"Invalid value: '{voice}'. Supported values are: "
-                                            + ", ".join(f"'{v}'" for v in sorted(VOICES)) + ".", "session.audio.output.voice")
+                    voice = check_voice(out["voice"], "session.audio.output.voice")
                     if audio_was_output and voice != current["audio"]["output"]["voice"]:
                         raise ProtocolError("invalid_value", "Cannot update a conversation's voice if assistant audio is present.",
                                             "session.audio.output.voice")
@@ -283,6 +282,165 @@ def merge_session_update(current: dict[str, Any], update: dict[str, Any], audio_
         else:  # tool_choice, tracing, truncation, prompt, include, parallel_tool_calls, reasoning: stored as given
             s[key] = value
     return s
+
+
+@dataclass(frozen=True)
+class ParsedItem:
+    """A client item, checked: the item as the API shows it, its audio, and its words."""
+    data: dict[str, Any]
+    pcm: np.ndarray | None = None     #: PCM16 24 kHz of an input_audio part
+    heard: str | None = None          #: its text, or the transcript the client gave
+
+
+_ITEM_PARTS = {"user": ("input_text", "input_audio", "input_image"), "system": ("input_text",),
+               "assistant": ("output_text",)}
+
+
+def _check_str_fields(raw: dict[str, Any], keys: tuple[str, ...]) -> None:
+    for k in keys:
+        if not isinstance(raw.get(k), str):
+            raise ProtocolError("missing_required_parameter", f"Missing required parameter: 'item.{k}'.", f"item.{k}")
+
+
+def parse_item(raw: dict[str, Any], input_format: str) -> ParsedItem:
+    """The one check of a client item (``conversation.item.create`` and ``response.input``
+    alike); raises :class:`ProtocolError` naming the bad field."""
+    kind = raw.get("type", "message")
+    item_id = raw.get("id") or new_id("item")
+    if not isinstance(item_id, str):
+        raise ProtocolError("invalid_type", "Invalid type for 'item.id': expected a string.", "item.id")
+    if kind == "message":
+        check_keys(raw, {"id", "type", "role", "content", "status", "object"}, "item")
+        role = raw.get("role")
+        if role not in _ITEM_PARTS:
+            raise ProtocolError("invalid_value", f"Invalid value: '{role}'. Supported values are: 'user', "
+                                "'assistant', and 'system'.", "item.role")
+        content = raw.get("content")
+        if not isinstance(content, list) or not content:
+            raise ProtocolError("missing_required_parameter", "Missing required parameter: 'item.content'.", "item.content")
+        allowed = _ITEM_PARTS[role]
+        parts: list[dict[str, Any]] = []
+        words: list[str] = []
+        pcm = None
+        for i, part in enumerate(content):
+            ptype = part.get("type") if isinstance(part, dict) else None
+            if ptype not in allowed:
+                raise ProtocolError("invalid_value", f"Invalid value: '{ptype}'. Value must be "
+                                    + " or ".join(f"'{a}'" for a in allowed) + ".", f"item.content[{i}].type")
+            if ptype in ("input_text", "output_text"):
+                if not isinstance(part.get("text"), str):
+                    raise ProtocolError("missing_required_parameter", f"Missing required parameter: 'item.content[{i}].text'.",
+                                        f"item.content[{i}].text")
+                parts.append({"type": ptype, "text": part["text"]})
+                words.append(part["text"])
+            elif ptype == "input_audio":
+                try:
+                    data = b64decode_strict(part.get("audio") or "")
+                except ValueError:
+                    raise ProtocolError("invalid_value", "Invalid 'audio'. Expected base64-encoded audio bytes.",
+                                        f"item.content[{i}].audio") from None
+                pcm = decode_audio(data, input_format)
+                parts.append({"type": "input_audio", "transcript": part.get("transcript")})
+                if part.get("transcript"):
+                    words.append(part["transcript"])
+            else:
+                parts.append({"type": ptype, "image_url": part.get("image_url"), "detail": part.get("detail", "auto")})
+        data = {"id": item_id, "type": "message", "status": "completed", "role": role, "content": parts}
+        return ParsedItem(data, pcm, " ".join(words) if words else None)
+    if kind == "function_call_output":
+        check_keys(raw, {"id", "type", "call_id", "output", "status", "object"}, "item")
+        _check_str_fields(raw, ("call_id", "output"))
+        return ParsedItem({"id": item_id, "type": "function_call_output", "call_id": raw["call_id"],
+                           "output": raw["output"]})
+    if kind == "function_call":
+        check_keys(raw, {"id", "type", "call_id", "name", "arguments", "status", "object"}, "item")
+        _check_str_fields(raw, ("call_id", "name", "arguments"))
+        return ParsedItem({"id": item_id, "type": "function_call", "status": "completed", "name": raw["name"],
+                           "call_id": raw["call_id"], "arguments": raw["arguments"]})
+    raise ProtocolError("invalid_value", f"Invalid value: '{kind}'. Supported values are: 'message', "
+                        "'function_call', and 'function_call_output'.", "item.type")
+
+
+def copy_item_data(data: dict[str, Any]) -> dict[str, Any]:
+    """A copy of an item as the API shows it (its content parts are flat), without a JSON round trip."""
+    out = dict(data)
+    if "content" in out:
+        out["content"] = [dict(part) for part in out["content"]]
+    return out
+
+
+def check_modalities(value: Any, where: str) -> list[str]:
+    if value not in (["audio"], ["text"]):
+        raise ProtocolError("invalid_value", f"Invalid '{where}': expected ['audio'] or ['text'].", where)
+    return list(value)
+
+
+def check_voice(value: Any, where: str) -> str | dict[str, Any]:
+    if not ((isinstance(value, str) and value in VOICES) or (isinstance(value, dict) and isinstance(value.get("id"), str))):
+        raise ProtocolError("invalid_value", f"Invalid value: '{value}'. Supported values are: "
+                            + ", ".join(f"'{v}'" for v in sorted(VOICES)) + ".", where)
+    return value  # type: ignore[no-any-return]
+
+
+def response_conversation(params: dict[str, Any]) -> bool:
+    """True if a ``response.create`` writes to the conversation (``conversation: "auto"``)."""
+    conv = params.get("conversation", "auto")
+    if conv not in ("auto", "none"):
+        raise ProtocolError("invalid_value", f"Invalid value: '{conv}'. Supported values are: 'auto' and 'none'.",
+                            "response.conversation")
+    return conv == "auto"
+
+
+@dataclass(frozen=True)
+class ResponseParams:
+    """A ``response.create``'s options, checked; None = the session's value."""
+    modalities: list[str] | None
+    metadata: dict[str, str] | None
+    voice: str | dict[str, Any] | None
+    format: str | None
+    input: list[ParsedItem | str] | None   #: parsed items, or the ids of item references
+
+
+def check_response_params(params: dict[str, Any], input_format: str) -> ResponseParams:
+    """The one check of a ``response.create``'s options (after :func:`response_conversation`)."""
+    modalities = check_modalities(params["output_modalities"], "response.output_modalities") \
+        if "output_modalities" in params else None
+    metadata = params.get("metadata")
+    if metadata is not None and (not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values())):
+        raise ProtocolError("invalid_type", "Invalid type for 'response.metadata': expected a map of strings.", "response.metadata")
+    if "tools" in params:
+        check_tools(params["tools"], "response.tools")
+    voice = fmt = None
+    audio = params.get("audio")
+    if audio is not None:
+        if not isinstance(audio, dict):
+            raise ProtocolError("invalid_type", "Invalid type for 'response.audio': expected an object.", "response.audio")
+        check_keys(audio, {"output"}, "response.audio")
+        out = audio.get("output")
+        if out is not None:
+            if not isinstance(out, dict):
+                raise ProtocolError("invalid_type", "Invalid type for 'response.audio.output': expected an object.",
+                                    "response.audio.output")
+            check_keys(out, {"format", "voice"}, "response.audio.output")
+            if out.get("voice") is not None:
+                voice = check_voice(out["voice"], "response.audio.output.voice")
+            if out.get("format") is not None:
+                fmt = _check_format(out["format"], "response.audio.output.format")["type"]
+    inputs: list[ParsedItem | str] | None = None
+    if "input" in params:
+        if not isinstance(params["input"], list):
+            raise ProtocolError("invalid_type", "Invalid type for 'response.input': expected an array.", "response.input")
+        inputs = []
+        for i, raw in enumerate(params["input"]):
+            if isinstance(raw, dict) and raw.get("type") == "item_reference":
+                ref = raw.get("id")
+                inputs.append(ref if isinstance(ref, str) else "")
+            elif isinstance(raw, dict):
+                inputs.append(parse_item(raw, input_format))
+            else:
+                raise ProtocolError("invalid_type", f"Invalid type for 'response.input[{i}]': expected an object.",
+                                    f"response.input[{i}]")
+    return ResponseParams(modalities, metadata, voice, fmt, inputs)
 
 
 def check_tools(value: Any, where: str) -> list[dict[str, Any]]:

@@ -4,24 +4,38 @@ the actions the I/O layer must carry out (start a response, transcribe an item, 
 response task). A response is streamed by iterating ``response_steps``, which yields
 ``(delay_s, event)`` pairs and changes state only as each event is taken, so the state
 always matches what the client has been sent.
+
+Rules:
+- Every client event is checked by :mod:`engine.server.protocol` (items by ``parse_item``,
+  response options by ``check_response_params``, sessions by ``merge_session_update``)
+  before a handler changes anything, so a refused event (``ProtocolError``) changes
+  nothing and sends only its ``error``.
+- A bug in a handler is reported as a ``server_error`` and the session goes on.
+- Dispatch is the ``HANDLERS`` table at the bottom, one handler per client event type.
+- Audio is kept as chunks (``Item.append_audio``), never re-joined per delta; only the
+  newest AUDIO_RETAIN_BYTES of PCM is kept (memory stays flat).
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from engine.codec import API_RATE_HZ, b64decode_strict, b64encode, decode_audio, encode_audio
 from engine.server.faults import Faults
-from engine.server.protocol import (MAX_EVENT_BYTES, RESPONSE_KEYS, ProtocolError, check_keys, check_tools,
-                                    default_session, error_event, merge_session_update, model_audio_tokens,
-                                    new_id, text_tokens, user_audio_tokens, validate_client_event)
+from engine.server.protocol import (CLIENT_EVENT_FIELDS, MAX_EVENT_BYTES, RESPONSE_KEYS, ParsedItem, ProtocolError,
+                                    check_keys, check_response_params, copy_item_data, default_session,
+                                    error_event, merge_session_update, model_audio_tokens, new_id, parse_item,
+                                    response_conversation, text_tokens, user_audio_tokens, validate_client_event)
 from engine.server.scenario import Rule, Scenario
 from engine.server.vad import ServerVad
+
+log = logging.getLogger("realtalk.server")
 
 DELTA_MS = 100                 #: audio per output delta
 MIN_COMMIT_MS = 100
@@ -228,9 +242,14 @@ class ServerSession:
         client_event_id = event.get("event_id") if isinstance(event, dict) and isinstance(event.get("event_id"), str) else None
         try:
             etype = validate_client_event(event)
-            getattr(self, "_on_" + etype.replace(".", "_"))(event, acts)
+            HANDLERS[etype](self, event, acts)
         except ProtocolError as exc:
-            acts.send.append(error_event(exc.code, exc.message, exc.param, client_event_id, exc.error_type))
+            acts = Actions(send=[error_event(exc.code, exc.message, exc.param, client_event_id, exc.error_type)])
+        except Exception as exc:  # noqa: BLE001 - a bug must not end the client's conversation
+            log.exception("local server: handling %s failed", event.get("type"))
+            acts = Actions(send=[error_event("server_error", f"The server had an error while processing your "
+                                             f"request ({type(exc).__name__}: {exc}).", None, client_event_id,
+                                             "server_error")])
         return acts
 
     def _on_session_update(self, ev: dict[str, Any], acts: Actions) -> None:
@@ -344,62 +363,11 @@ class ServerSession:
         acts.send.append(self._ev("conversation.item.done", previous_item_id=prev, item=item.data))
 
     def _make_item(self, raw: dict[str, Any]) -> Item:
-        kind = raw.get("type", "message")
-        item_id = raw.get("id") or new_id("item")
-        if not isinstance(item_id, str):
-            raise ProtocolError("invalid_type", "Invalid type for 'item.id': expected a string.", "item.id")
-        if kind == "message":
-            check_keys(raw, {"id", "type", "role", "content", "status", "object"}, "item")
-            role = raw.get("role")
-            if role not in ("user", "assistant", "system"):
-                raise ProtocolError("invalid_value", f"Invalid value: '{role}'. Supported values are: 'user', "
-                                    "'assistant', and 'system'.", "item.role")
-            content = raw.get("content")
-            if not isinstance(content, list) or not content:
-                raise ProtocolError("missing_required_parameter", "Missing required parameter: 'item.content'.", "item.content")
-            allowed = {"user": ("input_text", "input_audio", "input_image"), "system": ("input_text",),
-                       "assistant": ("output_text",)}[role]
-            parts, words, audio = [], [], None
-            for i, part in enumerate(content):
-                ptype = part.get("type") if isinstance(part, dict) else None
-                if ptype not in allowed:
-                    raise ProtocolError("invalid_value", f"Invalid value: '{ptype}'. Value must be "
-                                        + " or ".join(f"'{a}'" for a in allowed) + ".", f"item.content[{i}].type")
-                if ptype in ("input_text", "output_text"):
-                    if not isinstance(part.get("text"), str):
-                        raise ProtocolError("missing_required_parameter", f"Missing required parameter: 'item.content[{i}].text'.",
-                                            f"item.content[{i}].text")
-                    parts.append({"type": ptype, "text": part["text"]})
-                    words.append(part["text"])
-                elif ptype == "input_audio":
-                    try:
-                        data = b64decode_strict(part.get("audio") or "")
-                    except ValueError:
-                        raise ProtocolError("invalid_value", "Invalid 'audio'. Expected base64-encoded audio bytes.",
-                                            f"item.content[{i}].audio") from None
-                    audio = decode_audio(data, self.input_format)
-                    parts.append({"type": "input_audio", "transcript": part.get("transcript")})
-                    if part.get("transcript"):
-                        words.append(part["transcript"])
-                else:
-                    parts.append({"type": ptype, "image_url": part.get("image_url"), "detail": part.get("detail", "auto")})
-            data = {"id": item_id, "type": "message", "status": "completed", "role": role, "content": parts}
-            return Item.with_audio(data, audio, heard=" ".join(words) if words else None)
-        if kind == "function_call_output":
-            check_keys(raw, {"id", "type", "call_id", "output", "status", "object"}, "item")
-            for k in ("call_id", "output"):
-                if not isinstance(raw.get(k), str):
-                    raise ProtocolError("missing_required_parameter", f"Missing required parameter: 'item.{k}'.", f"item.{k}")
-            return Item({"id": item_id, "type": "function_call_output", "call_id": raw["call_id"], "output": raw["output"]})
-        if kind == "function_call":
-            check_keys(raw, {"id", "type", "call_id", "name", "arguments", "status", "object"}, "item")
-            for k in ("call_id", "name", "arguments"):
-                if not isinstance(raw.get(k), str):
-                    raise ProtocolError("missing_required_parameter", f"Missing required parameter: 'item.{k}'.", f"item.{k}")
-            return Item({"id": item_id, "type": "function_call", "status": "completed", "name": raw["name"],
-                         "call_id": raw["call_id"], "arguments": raw["arguments"]})
-        raise ProtocolError("invalid_value", f"Invalid value: '{kind}'. Supported values are: 'message', "
-                            "'function_call', and 'function_call_output'.", "item.type")
+        return self._item_from(parse_item(raw, self.input_format))
+
+    @staticmethod
+    def _item_from(parsed: ParsedItem) -> Item:
+        return Item.with_audio(parsed.data, parsed.pcm, heard=parsed.heard)
 
     def _item_or_error(self, item_id: str, param: str = "item_id") -> Item:
         item = self.by_id.get(item_id)
@@ -409,7 +377,7 @@ class ServerSession:
 
     def _on_conversation_item_retrieve(self, ev: dict[str, Any], acts: Actions) -> None:
         item = self._item_or_error(ev["item_id"])
-        data = json.loads(json.dumps(item.data))
+        data = copy_item_data(item.data)
         if item.audio is not None and data.get("content"):
             fmt = self.input_format if data.get("role") == "user" else self.session["audio"]["output"]["format"]["type"]
             for part in data["content"]:
@@ -468,40 +436,21 @@ class ServerSession:
             acts.wake.append(resp)
 
     def _start_response(self, params: dict[str, Any], acts: Actions) -> None:
-        conv = params.get("conversation", "auto")
-        if conv not in ("auto", "none"):
-            raise ProtocolError("invalid_value", f"Invalid value: '{conv}'. Supported values are: 'auto' and 'none'.",
-                                "response.conversation")
-        in_conv = conv == "auto"
+        in_conv = response_conversation(params)
         if in_conv and self.active is not None:
             raise ProtocolError("conversation_already_has_active_response",
                                 f"Conversation already has an active response in progress: {self.active.id}. "
                                 "Wait until the response is finished before creating a new one.")
-        modalities = params.get("output_modalities", self.session["output_modalities"])
-        if modalities not in (["audio"], ["text"]):
-            raise ProtocolError("invalid_value", "Invalid 'response.output_modalities': expected ['audio'] or ['text'].",
-                                "response.output_modalities")
-        metadata = params.get("metadata")
-        if metadata is not None and (not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values())):
-            raise ProtocolError("invalid_type", "Invalid type for 'response.metadata': expected a map of strings.", "response.metadata")
-        if "tools" in params:
-            check_tools(params["tools"], "response.tools")
-        out_cfg = (params.get("audio") or {}).get("output") or {}
-        voice = out_cfg.get("voice", self.session["audio"]["output"]["voice"])
-        fmt = (out_cfg.get("format") or self.session["audio"]["output"]["format"])["type"]
+        checked = check_response_params(params, self.input_format)
         input_items = None
-        if "input" in params:
-            if not isinstance(params["input"], list):
-                raise ProtocolError("invalid_type", "Invalid type for 'response.input': expected an array.", "response.input")
-            input_items = []
-            for i, raw in enumerate(params["input"]):
-                if isinstance(raw, dict) and raw.get("type") == "item_reference":
-                    input_items.append(self._item_or_error(raw.get("id", ""), f"response.input[{i}].id"))
-                elif isinstance(raw, dict):
-                    input_items.append(self._make_item(raw))
-                else:
-                    raise ProtocolError("invalid_type", f"Invalid type for 'response.input[{i}]': expected an object.",
-                                        f"response.input[{i}]")
+        if checked.input is not None:
+            input_items = [self._item_or_error(ref, f"response.input[{i}].id") if isinstance(ref, str)
+                           else self._item_from(ref) for i, ref in enumerate(checked.input)]
+        out_cfg = self.session["audio"]["output"]
+        modalities = checked.modalities or self.session["output_modalities"]
+        voice = checked.voice if checked.voice is not None else out_cfg["voice"]
+        fmt = checked.format or out_cfg["format"]["type"]
+        metadata = checked.metadata
         resp = Response(new_id("resp"), params, in_conv, list(modalities), voice if isinstance(voice, str) else "marin",
                         fmt, metadata, input_items)
         self.responses[resp.id] = resp
@@ -756,3 +705,20 @@ class ServerSession:
         out.append(self._ev("conversation.item.input_audio_transcription.completed", item_id=item.id,
                             content_index=0, transcript=words, usage=usage))
         return out
+
+
+#: client event type -> its handler (every type validate_client_event accepts has one)
+HANDLERS: dict[str, Callable[[ServerSession, dict[str, Any], Actions], None]] = {
+    "session.update": ServerSession._on_session_update,
+    "input_audio_buffer.append": ServerSession._on_input_audio_buffer_append,
+    "input_audio_buffer.commit": ServerSession._on_input_audio_buffer_commit,
+    "input_audio_buffer.clear": ServerSession._on_input_audio_buffer_clear,
+    "conversation.item.create": ServerSession._on_conversation_item_create,
+    "conversation.item.retrieve": ServerSession._on_conversation_item_retrieve,
+    "conversation.item.truncate": ServerSession._on_conversation_item_truncate,
+    "conversation.item.delete": ServerSession._on_conversation_item_delete,
+    "response.create": ServerSession._on_response_create,
+    "response.cancel": ServerSession._on_response_cancel,
+    "output_audio_buffer.clear": ServerSession._on_output_audio_buffer_clear,
+}
+assert set(HANDLERS) == set(CLIENT_EVENT_FIELDS)
