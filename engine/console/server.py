@@ -65,11 +65,42 @@ def read_info() -> dict[str, Any] | None:
 
 def _response(status: int, body: bytes | str, content_type: str = "text/plain; charset=utf-8") -> Response:
     data = body.encode() if isinstance(body, str) else body
-    reason = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 500: "Internal Server Error"}
+    reason = {200: "OK", 206: "Partial Content", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
+              416: "Range Not Satisfiable", 500: "Internal Server Error"}
     headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(data))),
                        ("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"),
                        ("Referrer-Policy", "no-referrer")])
     return Response(status, reason.get(status, "Error"), headers, data)
+
+
+def _file_range(path: Path, byte_range: str | None, content_type: str) -> Response:
+    """``path``, or the part a ``Range: bytes=A-B`` header asks for (the browser seeks in a
+    recording that way, and reads a long one in parts)."""
+    size = path.stat().st_size
+    if not byte_range or not byte_range.startswith("bytes="):
+        resp = _response(200, path.read_bytes(), content_type)
+        resp.headers["Accept-Ranges"] = "bytes"
+        return resp
+    first, _, last = byte_range[len("bytes="):].split(",")[0].strip().partition("-")
+    try:
+        if first:
+            start, end = int(first), min(size - 1, int(last) if last else size - 1)
+        else:
+            start, end = max(0, size - int(last)), size - 1
+    except ValueError:
+        start, end = size, 0
+    end = min(end, start + (8 << 20) - 1)   # at most 8 MB a request: the browser asks for the rest
+    if start >= size or end < start:
+        resp = _response(416, b"")
+        resp.headers["Content-Range"] = f"bytes */{size}"
+        return resp
+    with path.open("rb") as f:
+        f.seek(start)
+        data = f.read(end - start + 1)
+    resp = _response(206, data, content_type)
+    resp.headers["Content-Range"] = f"bytes {start}-{start + len(data) - 1}/{size}"
+    resp.headers["Accept-Ranges"] = "bytes"
+    return resp
 
 
 def _json(status: int, value: Any) -> Response:
@@ -113,7 +144,7 @@ class ConsoleServer:
         if path in ("/", "/index.html"):
             return self._static("index.html")
         try:
-            return self._api(path, query)
+            return self._api(path, query, request.headers.get("Range"))
         except ConsoleError as exc:
             return _json(400, {"error": str(exc)})
 
@@ -126,7 +157,7 @@ class ConsoleServer:
             ctype += "; charset=utf-8"
         return _response(200, target.read_bytes(), ctype)
 
-    def _api(self, path: str, query: dict[str, list[str]]) -> Response:
+    def _api(self, path: str, query: dict[str, list[str]], byte_range: str | None = None) -> Response:
         base = self.sessions_base
         if path == "/api/info":
             return _json(200, {"live_session": self.live_session, "sessions_dir": str(base) if base else None,
@@ -144,7 +175,7 @@ class ConsoleServer:
             wav = lookback.session_folder(base, key) / "conversation.wav"
             if not wav.exists():
                 raise ConsoleError(f"session {key} has no conversation.wav")
-            return _response(200, wav.read_bytes(), "audio/wav")
+            return _file_range(wav, byte_range, "audio/wav")
         return _response(404, f"no such page: {path}")
 
     # ------------------------------------------------------------ WebSocket

@@ -130,8 +130,8 @@ const handlers = {
     if (t.t == null) t.t = ms(b.mono_ns); setText(t, b.text || ""); },
   "system.text": (b) => { const t = turn("s:" + b.item_id, "system", "system context" + (b.source ? " from " + b.source : ""));
     if (t.t == null) t.t = ms(b.mono_ns); setText(t, b.text || ""); },
-  "model.text.delta": (b) => { const t = modelTurn(b); setText(t, t.text + (b.text || "")); },
-  "model.transcript.delta": (b) => { const t = modelTurn(b); setText(t, t.text + (b.text || "")); },
+  "model.text.delta": (b) => { const t = modelTurn(b); t.streamed = (t.streamed || "") + (b.text || ""); setText(t, t.text + (b.text || "")); },
+  "model.transcript.delta": (b) => { const t = modelTurn(b); t.streamed = (t.streamed || "") + (b.text || ""); setText(t, t.text + (b.text || "")); },
   "model.text.done": (b) => { const t = modelTurn(b); setText(t, b.text || t.text); },
   "model.transcript.done": (b) => { const t = modelTurn(b); if (!b.truncated) setText(t, b.text || t.text); else showCut(t, b.text, null); },
   "model.transcript.truncated": (b) => { const t = turnOfItem(b.item_id); if (t) showCut(t, null, b.text_received, b.audio_end_ms); },
@@ -197,13 +197,14 @@ function firstDelta(responseId, monoNs) {
   state.firstDelta.add(responseId);
   mark(ms(monoNs), "delta", "first delta");
 }
-function showCut(t, heard, received, audioEndMs) {
+function showCut(t, heard, textReceived, audioEndMs) {
   if (heard != null) t.heard = heard;
-  if (received != null) t.received = received;
+  if (textReceived) t.received = textReceived;
   const heardText = t.heard != null ? t.heard : t.text;
+  const received = t.received || t.streamed || "";
   t.textEl.textContent = "";
-  t.textEl.append(document.createTextNode(heardText));
-  const rest = t.received && t.received.startsWith(heardText) ? t.received.slice(heardText.length) : "";
+  t.textEl.append(document.createTextNode(heardText || (received ? "" : "(nothing heard)")));
+  const rest = received.startsWith(heardText) ? received.slice(heardText.length) : "";
   const cut = t.cut || {};
   t.textEl.append(el("span", "cut", ` ✂ cut at ${cut.played ?? audioEndMs ?? "?"} ms${cut.received ? " of " + cut.received + " ms" : ""} `));
   if (rest) t.textEl.append(el("span", "unheard", rest));
