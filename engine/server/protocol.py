@@ -228,10 +228,9 @@ def merge_session_update(current: dict[str, Any], update: dict[str, Any], audio_
         elif key == "tools":
             s[key] = check_tools(value, "session.tools")
         elif key == "max_output_tokens":
-            if not (value == "inf" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 4096)):
-                raise ProtocolError("invalid_value", "Invalid 'session.max_output_tokens': expected an integer between 1 and 4096, or 'inf'.",
-                                    "session.max_output_tokens")
-            s[key] = value
+            s[key] = check_max_output_tokens(value, update.get("model", current["model"]), "session.max_output_tokens")
+        elif key == "tool_choice":
+            s[key] = value  # checked below, against the merged tools
         elif key == "audio":
             if not isinstance(value, dict):
                 raise ProtocolError("invalid_type", "Invalid type for 'session.audio': expected an object.", "session.audio")
@@ -246,14 +245,7 @@ def merge_session_update(current: dict[str, Any], update: dict[str, Any], audio_
                 if "turn_detection" in inp:
                     s["audio"]["input"]["turn_detection"] = _check_turn_detection(inp["turn_detection"])
                 if "transcription" in inp:
-                    tr = inp["transcription"]
-                    if tr is not None:
-                        if not isinstance(tr, dict):
-                            raise ProtocolError("invalid_type", "Invalid type for 'session.audio.input.transcription': expected an object or null.",
-                                                "session.audio.input.transcription")
-                        check_keys(tr, {"model", "language", "prompt"}, "session.audio.input.transcription")
-                        tr = {"model": tr.get("model", "whisper-1"), "language": tr.get("language"), "prompt": tr.get("prompt")}
-                    s["audio"]["input"]["transcription"] = tr
+                    s["audio"]["input"]["transcription"] = check_transcription(inp["transcription"])
                 if "noise_reduction" in inp:
                     nr = inp["noise_reduction"]
                     if nr is not None and (not isinstance(nr, dict) or nr.get("type") not in ("near_field", "far_field")):
@@ -279,9 +271,70 @@ def merge_session_update(current: dict[str, Any], update: dict[str, Any], audio_
                         raise ProtocolError("invalid_value", "Invalid 'session.audio.output.speed': expected a number between 0.25 and 1.5.",
                                             "session.audio.output.speed")
                     s["audio"]["output"]["speed"] = float(sp)
-        else:  # tool_choice, tracing, truncation, prompt, include, parallel_tool_calls, reasoning: stored as given
+        else:  # tracing, truncation, prompt, include, parallel_tool_calls, reasoning: stored as given
             s[key] = value
+    if "tool_choice" in update:
+        check_tool_choice(s["tool_choice"], s["tools"], "session.tool_choice")
     return s
+
+
+TRANSCRIPTION_DELAYS = ("minimal", "low", "medium", "high", "xhigh")
+
+
+def check_transcription(tr: Any) -> dict[str, Any] | None:
+    """``audio.input.transcription`` as GA's AudioTranscription accepts it."""
+    where = "session.audio.input.transcription"
+    if tr is None:
+        return None
+    if not isinstance(tr, dict):
+        raise ProtocolError("invalid_type", f"Invalid type for '{where}': expected an object or null.", where)
+    check_keys(tr, {"model", "language", "languages", "keywords", "prompt", "delay"}, where)
+    for k in ("model", "language", "prompt"):
+        if tr.get(k) is not None and not isinstance(tr[k], str):
+            raise ProtocolError("invalid_type", f"Invalid type for '{where}.{k}': expected a string.", f"{where}.{k}")
+    for k in ("languages", "keywords"):
+        v = tr.get(k)
+        if v is not None and not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+            raise ProtocolError("invalid_type", f"Invalid type for '{where}.{k}': expected an array of strings.",
+                                f"{where}.{k}")
+    if tr.get("delay") is not None and tr["delay"] not in TRANSCRIPTION_DELAYS:
+        raise ProtocolError("invalid_value", f"Invalid value: '{tr['delay']}'. Supported values are: "
+                            + ", ".join(f"'{d}'" for d in TRANSCRIPTION_DELAYS) + ".", f"{where}.delay")
+    out = {"model": tr.get("model", "whisper-1"), "language": tr.get("language"), "prompt": tr.get("prompt")}
+    for k in ("languages", "keywords", "delay"):
+        if tr.get(k) is not None:
+            out[k] = tr[k]
+    return out
+
+
+def max_output_tokens_limit(model: str) -> int:
+    """The model's largest max_output_tokens: 32,000 for the gpt-realtime-2 family, else 4,096."""
+    return 32000 if model.startswith("gpt-realtime-2") else 4096
+
+
+def check_max_output_tokens(value: Any, model: str, where: str) -> int | str:
+    limit = max_output_tokens_limit(model)
+    if not (value == "inf" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= limit)):
+        raise ProtocolError("invalid_value", f"Invalid '{where}': expected an integer between 1 and {limit} "
+                            f"(the limit of {model}), or 'inf'.", where)
+    return value  # type: ignore[no-any-return]
+
+
+def check_tool_choice(value: Any, tools: list[dict[str, Any]], where: str) -> Any:
+    """none | auto | required | {type: function, name} (a tool of ``tools``) | {type: mcp, server_label, name?}."""
+    if value in ("none", "auto", "required"):
+        return value
+    if isinstance(value, dict) and value.get("type") == "function":
+        check_keys(value, {"type", "name"}, where)
+        if not any(t.get("name") == value.get("name") for t in tools):
+            raise ProtocolError("invalid_value", f"Invalid '{where}': no function named '{value.get('name')}' among the "
+                                "tools (" + ", ".join(repr(t.get("name")) for t in tools) + ").", where)
+        return value
+    if isinstance(value, dict) and value.get("type") == "mcp" and isinstance(value.get("server_label"), str):
+        check_keys(value, {"type", "server_label", "name"}, where)
+        return value
+    raise ProtocolError("invalid_value", f"Invalid '{where}': expected 'none', 'auto', 'required', "
+                        "{'type': 'function', 'name': ...} or {'type': 'mcp', 'server_label': ...}.", where)
 
 
 @dataclass(frozen=True)
@@ -399,17 +452,25 @@ class ResponseParams:
     voice: str | dict[str, Any] | None
     format: str | None
     input: list[ParsedItem | str] | None   #: parsed items, or the ids of item references
+    max_output_tokens: int | str | None = None
+    tool_choice: Any = None
 
 
-def check_response_params(params: dict[str, Any], input_format: str) -> ResponseParams:
-    """The one check of a ``response.create``'s options (after :func:`response_conversation`)."""
+def check_response_params(params: dict[str, Any], input_format: str,
+                          session: dict[str, Any] | None = None) -> ResponseParams:
+    """The one check of a ``response.create``'s options (after :func:`response_conversation`);
+    ``session`` gives the model (token limit) and the tools a tool_choice may name."""
+    session = session or {"model": "gpt-realtime", "tools": []}
+    mot = check_max_output_tokens(params["max_output_tokens"], session["model"], "response.max_output_tokens") \
+        if "max_output_tokens" in params else None
     modalities = check_modalities(params["output_modalities"], "response.output_modalities") \
         if "output_modalities" in params else None
     metadata = params.get("metadata")
     if metadata is not None and (not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values())):
         raise ProtocolError("invalid_type", "Invalid type for 'response.metadata': expected a map of strings.", "response.metadata")
-    if "tools" in params:
-        check_tools(params["tools"], "response.tools")
+    tools = check_tools(params["tools"], "response.tools") if "tools" in params else session["tools"]
+    tool_choice = check_tool_choice(params["tool_choice"], tools, "response.tool_choice") \
+        if "tool_choice" in params else None
     voice = fmt = None
     audio = params.get("audio")
     if audio is not None:
@@ -440,7 +501,7 @@ def check_response_params(params: dict[str, Any], input_format: str) -> Response
             else:
                 raise ProtocolError("invalid_type", f"Invalid type for 'response.input[{i}]': expected an object.",
                                     f"response.input[{i}]")
-    return ResponseParams(modalities, metadata, voice, fmt, inputs)
+    return ResponseParams(modalities, metadata, voice, fmt, inputs, mot, tool_choice)
 
 
 def check_tools(value: Any, where: str) -> list[dict[str, Any]]:

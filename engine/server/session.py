@@ -115,6 +115,9 @@ class Response:
     metadata: dict[str, str] | None
     input_items: list[Item] | None = None        #: out-of-band input, else the conversation
     cancel_reason: str | None = None
+    max_output_tokens: int | None = None         #: None = no limit ('inf')
+    tool_choice: Any = "auto"
+    incomplete_reason: str | None = None         #: "max_output_tokens" once the limit stopped it
     done: bool = False
     text: str | None = None                      #: what it says (planned)
     call: tuple[str, str, str] | None = None     #: (name, arguments, call_id)
@@ -128,6 +131,20 @@ class Response:
     @property
     def cancelled(self) -> bool:
         return self.cancel_reason is not None
+
+    @property
+    def stopped(self) -> bool:
+        """Cancelled, or cut by its token limit: it sends no more content."""
+        return self.cancel_reason is not None or self.incomplete_reason is not None
+
+    def out_of_tokens(self, text: str = "", audio_ms: float = 0.0) -> bool:
+        """True (and marks it incomplete) if sending ``text``/``audio_ms`` more would pass its limit."""
+        if self.max_output_tokens is None:
+            return False
+        if text_tokens(self.text_sent + text) + model_audio_tokens(self.audio_sent_ms + audio_ms) > self.max_output_tokens:
+            self.incomplete_reason = "max_output_tokens"
+            return True
+        return False
 
 
 @dataclass
@@ -441,7 +458,7 @@ class ServerSession:
             raise ProtocolError("conversation_already_has_active_response",
                                 f"Conversation already has an active response in progress: {self.active.id}. "
                                 "Wait until the response is finished before creating a new one.")
-        checked = check_response_params(params, self.input_format)
+        checked = check_response_params(params, self.input_format, self.session)
         input_items = None
         if checked.input is not None:
             input_items = [self._item_or_error(ref, f"response.input[{i}].id") if isinstance(ref, str)
@@ -451,8 +468,11 @@ class ServerSession:
         voice = checked.voice if checked.voice is not None else out_cfg["voice"]
         fmt = checked.format or out_cfg["format"]["type"]
         metadata = checked.metadata
+        mot = checked.max_output_tokens if checked.max_output_tokens is not None else self.session["max_output_tokens"]
+        tool_choice = checked.tool_choice if checked.tool_choice is not None else self.session["tool_choice"]
         resp = Response(new_id("resp"), params, in_conv, list(modalities), voice if isinstance(voice, str) else "marin",
-                        fmt, metadata, input_items)
+                        fmt, metadata, input_items, max_output_tokens=None if mot == "inf" else mot,
+                        tool_choice=tool_choice)
         self.responses[resp.id] = resp
         if in_conv:
             self.active = resp
@@ -466,9 +486,12 @@ class ServerSession:
         details = None
         if status == "cancelled":
             details = {"type": "cancelled", "reason": r.cancel_reason}
+        elif status == "incomplete":
+            details = {"type": "incomplete", "reason": r.incomplete_reason}
         return {"object": "realtime.response", "id": r.id, "status": status, "status_details": details,
                 "output": r.output, "conversation_id": self.conversation_id if r.in_conversation else None,
-                "output_modalities": r.modalities, "max_output_tokens": self.session["max_output_tokens"],
+                "output_modalities": r.modalities,
+                "max_output_tokens": "inf" if r.max_output_tokens is None else r.max_output_tokens,
                 "audio": {"output": {"format": ({"type": "audio/pcm", "rate": 24000} if r.audio_format == "audio/pcm"
                                                 else {"type": r.audio_format}), "voice": r.voice}},
                 "usage": usage, "metadata": r.metadata}
@@ -497,12 +520,27 @@ class ServerSession:
         heard = (user.heard or "").strip()
         rule = self.scenario.rule_for(self.user_turns, heard)
         tools = resp.params.get("tools", self.session["tools"])
-        if rule is not None and rule.call_name:
-            if any(t.get("name") == rule.call_name for t in tools):
-                resp.call = (rule.call_name, rule.call_arguments, "call_" + new_id("x")[2:18])
+        names = [t.get("name") for t in tools if t.get("type", "function") == "function"]
+        wanted = rule.call_name if rule is not None and rule.call_name else None
+        choice = resp.tool_choice
+        # tool_choice: a named function or "required" forces a call; "none" forbids one
+        forced = None
+        if isinstance(choice, dict) and choice.get("type") == "function":
+            forced = choice.get("name")
+        elif choice == "required" and names:
+            forced = wanted if wanted in names else names[0]
+        if forced is not None:
+            args = rule.call_arguments if rule is not None and wanted == forced else "{}"
+            resp.call = (forced, args, "call_" + new_id("x")[2:18])
+            if rule is not None and wanted == forced:
                 self.pending_then[resp.call[2]] = rule
+            return
+        if wanted is not None and choice != "none":
+            if wanted in names:
+                resp.call = (wanted, rule.call_arguments, "call_" + new_id("x")[2:18])  # type: ignore[union-attr]
+                self.pending_then[resp.call[2]] = rule  # type: ignore[assignment]
                 return
-            resp.text = f"I wanted to call the tool {rule.call_name}, but the session has no such tool."
+            resp.text = f"I wanted to call the tool {wanted}, but the session has no such tool."
             return
         if rule is not None and rule.reply is not None:
             resp.text = rule.reply.format(user=heard)
@@ -524,7 +562,7 @@ class ServerSession:
             self.active = None
         self.responses.pop(resp.id, None)   # a finished response cannot be cancelled; nothing else needs it
         self._retain_audio()
-        status = "cancelled" if resp.cancelled else "completed"
+        status = "cancelled" if resp.cancelled else "incomplete" if resp.incomplete_reason else "completed"
         yield 0.0, ev("response.done", response=self._response_obj(resp, status, self._usage(resp)))
 
     def jitter_s(self) -> float:
@@ -590,15 +628,15 @@ class ServerSession:
             for c in range(n_chunks):
                 # transcript words due by the end of this chunk
                 due = math.ceil((c + 1) * len(words) / n_chunks)
-                while wi < due and not resp.cancelled:
+                while wi < due and not resp.stopped and not resp.out_of_tokens(text=words[wi]):
                     yield delay, self._ev("response.output_audio_transcript.delta", **base, delta=words[wi])
                     delay = 0.0
                     content["transcript"] += words[wi]
                     resp.text_sent += words[wi]
                     wi += 1
-                if resp.cancelled:
-                    break
                 piece = pcm[c * chunk:(c + 1) * chunk]
+                if resp.stopped or resp.out_of_tokens(audio_ms=len(piece) * 1000 / API_RATE_HZ):
+                    break
                 yield delay, self._ev("response.output_audio.delta", **base,
                                       delta=b64encode(encode_audio(piece, resp.audio_format)))
                 item.append_audio(piece.copy())  # a copy: the item must not pin the whole reply's speech
@@ -606,7 +644,7 @@ class ServerSession:
                 resp.deltas_sent += 1
                 self.audio_was_output = True
                 delay = len(piece) / API_RATE_HZ / speed
-            if not resp.cancelled:
+            if not resp.stopped:
                 # wait out the last chunk's playing time before saying it is done
                 yield delay, self._ev("response.output_audio.done", **base)
             else:
@@ -615,7 +653,7 @@ class ServerSession:
         else:
             delay = first_delay
             for w in words:
-                if resp.cancelled:
+                if resp.stopped or resp.out_of_tokens(text=w):
                     break
                 yield delay, self._ev("response.output_text.delta", **base, delta=w)
                 content["text"] += w
@@ -625,7 +663,7 @@ class ServerSession:
             yield 0.0, self._ev("response.output_text.done", **base, text=content["text"])
         yield 0.0, self._ev("response.content_part.done", **base, part=(
             {"type": "audio", "transcript": content["transcript"]} if audio else {"type": "text", "text": content["text"]}))
-        item.data["status"] = "incomplete" if resp.cancelled else "completed"
+        item.data["status"] = "incomplete" if resp.stopped else "completed"
         if resp.in_conversation:
             yield 0.0, self._ev("conversation.item.done", previous_item_id=self._prev_id(item), item=item.data)
         yield 0.0, self._ev("response.output_item.done", response_id=resp.id, output_index=0, item=item.data)

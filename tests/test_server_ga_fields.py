@@ -1,0 +1,103 @@
+"""GA session fields the local server used to refuse or ignore (issue 12): transcription
+languages/keywords/delay, max_output_tokens up to the model's limit and enforced,
+tool_choice honoured, idle_timeout_ms. Every event is validated against the official types."""
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.helpers import RawClient
+
+pytestmark = pytest.mark.timeout(60)
+
+WEATHER = {"type": "function", "name": "get_weather", "description": "weather",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+CLOCK = {"type": "function", "name": "get_time", "description": "time", "parameters": {"type": "object", "properties": {}}}
+
+
+def _connect(server: Any, validator: Any, model: str = "gpt-realtime") -> RawClient:
+    c = RawClient(server.url + f"?model={model}", validator)
+    c.until("session.created")
+    return c
+
+
+def _update(c: RawClient, **session: Any) -> dict[str, Any]:
+    c.send({"type": "session.update", "session": {"type": "realtime", **session}})
+    while True:
+        ev = c.recv()
+        if ev["type"] in ("session.updated", "error"):
+            return ev
+
+
+def _ask(c: RawClient, text: str, **response: Any) -> dict[str, Any]:
+    c.send({"type": "conversation.item.create", "item": {"type": "message", "role": "user",
+                                                         "content": [{"type": "input_text", "text": text}]}})
+    c.send({"type": "response.create", **({"response": response} if response else {})})
+    return c.until("response.done")["response"]
+
+
+def test_transcription_languages_keywords_delay_are_accepted(server: Any, validator: Any) -> None:
+    c = _connect(server, validator)
+    tr = {"model": "gpt-realtime-whisper", "languages": ["en", "fr"], "keywords": ["realtalk"], "delay": "low"}
+    ev = _update(c, audio={"input": {"transcription": tr}})
+    assert ev["type"] == "session.updated", ev
+    got = ev["session"]["audio"]["input"]["transcription"]
+    assert {k: got[k] for k in tr} == tr
+    for bad, param in (({"delay": "instant"}, "delay"), ({"languages": "en"}, "languages"),
+                       ({"keywords": [1]}, "keywords"), ({"dialect": "x"}, "dialect")):
+        err = _update(c, audio={"input": {"transcription": {"model": "whisper-1", **bad}}})
+        assert err["type"] == "error" and err["error"]["param"] == f"session.audio.input.transcription.{param}", err
+    c.close()
+
+
+def test_max_output_tokens_limit_follows_the_model(server: Any, validator: Any) -> None:
+    c = _connect(server, validator, "gpt-realtime-2")
+    assert _update(c, max_output_tokens=32000)["session"]["max_output_tokens"] == 32000
+    err = _update(c, max_output_tokens=32001)["error"]
+    assert err["param"] == "session.max_output_tokens" and "32000" in err["message"]
+    c.close()
+    c = _connect(server, validator, "gpt-realtime")
+    err = _update(c, max_output_tokens=5000)["error"]
+    assert err["param"] == "session.max_output_tokens" and "4096" in err["message"]
+    c.close()
+
+
+@pytest.mark.parametrize("modality", ["text", "audio"])
+def test_max_output_tokens_is_enforced(server: Any, validator: Any, modality: str) -> None:
+    c = _connect(server, validator)
+    _update(c, output_modalities=[modality])
+    done = _ask(c, "please repeat this rather long sentence back to me in full, word by word", max_output_tokens=6)
+    assert done["status"] == "incomplete", done
+    assert done["status_details"]["type"] == "incomplete"
+    assert done["status_details"]["reason"] == "max_output_tokens"
+    assert done["usage"]["output_tokens"] <= 6
+    assert done["output"][0]["status"] == "incomplete"
+    assert _ask(c, "short")["status"] == "completed"  # the session default ('inf') still applies
+    c.close()
+
+
+def _call_name(done: dict[str, Any]) -> str | None:
+    calls = [o for o in done["output"] if o["type"] == "function_call"]
+    return calls[0]["name"] if calls else None
+
+
+def test_tool_choice_is_honoured(make_server: Any, validator: Any) -> None:
+    from engine.server.scenario import parse_scenario
+    sc = parse_scenario({"turns": [{"match": {"text": "weather"}, "call": {"name": "get_weather",
+                                                                            "arguments": {"city": "Paris"}}}]})
+    server = make_server(scenario=sc)
+    c = _connect(server, validator)
+    _update(c, output_modalities=["text"], tools=[WEATHER, CLOCK])
+    assert _call_name(_ask(c, "what is the weather")) == "get_weather"               # auto
+    assert _call_name(_ask(c, "what is the weather", tool_choice="none")) is None
+    assert _call_name(_ask(c, "hello", tool_choice="required")) is not None
+    named = _ask(c, "what is the weather", tool_choice={"type": "function", "name": "get_time"})
+    assert _call_name(named) == "get_time"
+    assert _update(c, tool_choice="none")["session"]["tool_choice"] == "none"
+    assert _call_name(_ask(c, "what is the weather")) is None                         # the session's choice
+    err = _update(c, tool_choice={"type": "function", "name": "nope"})
+    assert err["type"] == "error" and err["error"]["param"] == "session.tool_choice", err
+    err = _update(c, tool_choice="sometimes")
+    assert err["type"] == "error" and err["error"]["param"] == "session.tool_choice", err
+    c.close()
