@@ -138,7 +138,7 @@ class RealtimeProcess:
                 self.send(act.event, pub)
             elif isinstance(act, Reconnect):
                 self.recycle.set()
-                self.close_socket()
+                self.send_close()
 
     def _save_reply(self, done: dict[str, Any]) -> None:
         """Write a finished reply's audio (24 kHz mono PCM16) and name the file on its response.done."""
@@ -204,6 +204,15 @@ class RealtimeProcess:
         pub.publish("engine.error", {"source": "socket", "code": "connect_failed", "first_try": first_try,
                                      "message": f"cannot connect to {self.url.split('?')[0]}: {cause}"
                                                 + ("; retrying with backoff" if first_try else "")})
+
+    def send_close(self) -> None:
+        """Start a clean close (1000); the reader sees the server's close frame and reconnects."""
+        ws = self.ws
+        if ws is not None:
+            try:
+                ws.send_close(websocket.STATUS_NORMAL, b"session recycle")
+            except (websocket.WebSocketException, OSError):
+                pass  # already broken: the reader sees it and reconnects
 
     def close_socket(self) -> None:
         ws = self.ws
