@@ -101,3 +101,38 @@ def test_tool_choice_is_honoured(make_server: Any, validator: Any) -> None:
     err = _update(c, tool_choice="sometimes")
     assert err["type"] == "error" and err["error"]["param"] == "session.tool_choice", err
     c.close()
+
+
+def test_idle_timeout_triggers_a_response(server: Any, validator: Any) -> None:
+    """server is at speed 20: idle_timeout_ms 5000 runs out after 0.25 s of silence."""
+    import base64
+    c = _connect(server, validator)
+    ev = _update(c, output_modalities=["text"], audio={"input": {"turn_detection": {
+        "type": "server_vad", "idle_timeout_ms": 5000}}})
+    assert ev["session"]["audio"]["input"]["turn_detection"]["idle_timeout_ms"] == 5000
+    silence = base64.b64encode(bytes(4800)).decode()
+    for _ in range(5):
+        c.send({"type": "input_audio_buffer.append", "audio": silence})  # a mic streaming silence is still idle
+    t = c.until("input_audio_buffer.timeout_triggered", timeout=10)
+    assert t["audio_end_ms"] >= t["audio_start_ms"] >= 0 and t["item_id"].startswith("item_")
+    committed = c.until("input_audio_buffer.committed")
+    assert committed["item_id"] == t["item_id"]
+    done = c.until("response.done")["response"]
+    assert done["status"] == "completed"
+    text = done["output"][0]["content"][0]["text"]
+    assert text == "Are you still there?"
+    # and again after that reply, once the silence lasts
+    assert c.until("input_audio_buffer.timeout_triggered", timeout=10)["item_id"] != t["item_id"]
+    err = _update(c, audio={"input": {"turn_detection": {"type": "server_vad", "idle_timeout_ms": -1}}})
+    assert err["type"] == "error" and err["error"]["param"].endswith("idle_timeout_ms")
+    c.close()
+
+
+def test_no_idle_timeout_without_the_setting(server: Any, validator: Any) -> None:
+    c = _connect(server, validator)
+    assert _ask(c, "hi", output_modalities=["text"])["status"] == "completed"
+    c.ws.settimeout(1.0)
+    import websocket
+    with pytest.raises(websocket.WebSocketTimeoutException):
+        c.ws.recv()  # nothing arrives on its own
+    c.close()

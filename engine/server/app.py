@@ -61,6 +61,8 @@ class Connection:
         self.sent_counts: dict[str, int] = {}
         self.pending_errors = list(self.faults.errors)
         self.closed = False
+        self.idle_task: asyncio.Task[Any] | None = None
+        self.idle_epoch: int | None = None      #: the session's idle_epoch the timer was armed at
 
     async def send(self, event: dict[str, Any]) -> None:
         if self.closed:
@@ -120,6 +122,26 @@ class Connection:
         for resp in acts.start:
             self.wakes[resp.id] = asyncio.Event()
             self.streams[resp.id] = self.spawn(self.stream(resp))
+        self.rearm_idle()
+
+    def rearm_idle(self) -> None:
+        """Run server_vad's idle timer while the session says it should, restarted whenever
+        the silence was broken (the session's ``idle_epoch`` moved)."""
+        timeout_s = self.session.idle_timeout_s()
+        epoch = self.session.idle_epoch
+        if timeout_s is not None and epoch == self.idle_epoch and self.idle_task is not None:
+            return  # already running for this stretch of silence
+        if self.idle_task is not None:
+            self.idle_task.cancel()
+            self.idle_task = None
+        self.idle_epoch = epoch if timeout_s is not None else None
+        if timeout_s is not None:
+            self.idle_task = self.spawn(self._idle_later(timeout_s / self.speed, epoch))
+
+    async def _idle_later(self, delay_s: float, epoch: int) -> None:
+        await asyncio.sleep(delay_s)
+        self.idle_task = None
+        await self.apply(self.session.idle_timeout_fired(epoch))
 
     async def transcribe(self, item: Item) -> None:
         """Find the user item's words and send its transcription events; a response that
@@ -169,9 +191,12 @@ class Connection:
         finally:
             self.wakes.pop(resp.id, None)
             self.streams.pop(resp.id, None)
+            if not self.closed:
+                self.rearm_idle()
 
     async def run(self) -> None:
         await self.send(self.session.created_event())
+        self.rearm_idle()
         if self.faults.drop_after_s is not None:
             self.spawn(self._drop_later(self.faults.drop_after_s, self.faults.drop_code, "injected fault"))
         self.spawn(self._drop_later(self.faults.max_session_s, 1001, MAX_SESSION_REASON))

@@ -192,6 +192,9 @@ def _check_turn_detection(td: Any) -> dict[str, Any] | None:
             raise ProtocolError("invalid_value", f"Invalid '{where}.threshold': expected a number between 0 and 1.", f"{where}.threshold")
         if k in ("prefix_padding_ms", "silence_duration_ms") and not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
             raise ProtocolError("invalid_value", f"Invalid '{where}.{k}': expected a non-negative integer.", f"{where}.{k}")
+        if k == "idle_timeout_ms" and v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            raise ProtocolError("invalid_value", f"Invalid '{where}.idle_timeout_ms': expected a positive integer or null.",
+                                f"{where}.idle_timeout_ms")
         if k in ("create_response", "interrupt_response") and not isinstance(v, bool):
             raise ProtocolError("invalid_type", f"Invalid type for '{where}.{k}': expected a boolean.", f"{where}.{k}")
         out[k] = v

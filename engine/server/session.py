@@ -41,6 +41,7 @@ DELTA_MS = 100                 #: audio per output delta
 MIN_COMMIT_MS = 100
 AUDIO_RETAIN_BYTES = 8 << 20   #: PCM kept for the newest items (about 3 minutes); older items retrieve without audio
 VAD_IDLE_KEEP_MS = 10_000      #: input buffer kept outside speech under VAD
+IDLE_REPLY = "Are you still there?"
 NO_USER_REPLY = "Hello! I am realtalk's local server. Say something and I will answer."
 
 
@@ -52,6 +53,7 @@ class Item:
     data: dict[str, Any]                         #: the item as the API shows it (no audio bytes)
     heard: str | None = None                     #: user's words (text, or transcript of audio)
     transcript_pending: bool = False
+    idle: bool = False                           #: the empty user turn an idle timeout committed
     has_audio: bool = False                      #: an audio item (user input or model output)
     audio_samples: int = 0                       #: its audio's length, kept when the samples go
     chunks: list[np.ndarray] = field(default_factory=list)
@@ -179,6 +181,7 @@ class ServerSession:
         self.prev_input_tokens = 0             #: billed input of the last response (cache prefix)
         self.pending_then: dict[str, Rule] = {}
         self.transcribe_turns = transcribe_turns
+        self.idle_epoch = 0                    #: bumped by everything that ends an idle stretch
         self._configure_vad()
 
     # ------------------------------------------------------------------ helpers
@@ -276,6 +279,7 @@ class ServerSession:
             self._configure_vad()
             if self.turn_detection is None:
                 self.vad.reset_speech()
+        self.idle_epoch += 1
         acts.send.append(self._ev("session.updated", session=self.session))
 
     def _on_input_audio_buffer_append(self, ev: dict[str, Any], acts: Actions) -> None:
@@ -296,6 +300,7 @@ class ServerSession:
             return
         for vev in self.vad.feed(pcm):
             if vev.kind == "started":
+                self.idle_epoch += 1
                 self.speech_item_id = new_id("item")
                 acts.send.append(self._ev("input_audio_buffer.speech_started", audio_start_ms=vev.ms,
                                           item_id=self.speech_item_id))
@@ -321,6 +326,7 @@ class ServerSession:
 
     def _commit(self, acts: Actions, item_id: str, start_sample: int | None = None,
                 end_sample: int | None = None) -> None:
+        self.idle_epoch += 1
         pcm = self._buffer_pcm()
         if start_sample is not None and end_sample is not None:
             lo = max(0, start_sample - self.buffer_start_sample)
@@ -476,6 +482,7 @@ class ServerSession:
         self.responses[resp.id] = resp
         if in_conv:
             self.active = resp
+            self.idle_epoch += 1
         acts.send.append(self._ev("response.created", response=self._response_obj(resp, "in_progress")))
         acts.send.append(self._ev("rate_limits.updated", rate_limits=[
             {"name": "requests", "limit": 10000, "remaining": 9999, "reset_seconds": 0.006},
@@ -516,6 +523,9 @@ class ServerSession:
         user = next((it for it in reversed(src) if it.data.get("type") == "message" and it.data.get("role") == "user"), None)
         if user is None:
             resp.text = NO_USER_REPLY
+            return
+        if user.idle:
+            resp.text = IDLE_REPLY
             return
         heard = (user.heard or "").strip()
         rule = self.scenario.rule_for(self.user_turns, heard)
@@ -560,6 +570,7 @@ class ServerSession:
         resp.done = True
         if self.active is resp:
             self.active = None
+            self.idle_epoch += 1  # the idle timer starts when the reply has been played
         self.responses.pop(resp.id, None)   # a finished response cannot be cancelled; nothing else needs it
         self._retain_audio()
         status = "cancelled" if resp.cancelled else "incomplete" if resp.incomplete_reason else "completed"
@@ -702,6 +713,39 @@ class ServerSession:
                                         "cached_tokens_details": {"text_tokens": cached_text, "audio_tokens": cached_audio,
                                                                   "image_tokens": 0}},
                 "output_token_details": {"text_tokens": out_text, "audio_tokens": out_audio}}
+
+    # ------------------------------------------------------------------ idle timeout
+    def idle_timeout_s(self) -> float | None:
+        """How long the user may stay silent before ``idle_timeout_fired`` (server_vad's
+        ``idle_timeout_ms``), if that timer should run now: no response in progress, no
+        speech. The I/O layer re-arms it whenever ``idle_epoch`` changes."""
+        td = self.turn_detection
+        if not td or td["type"] != "server_vad" or not td.get("idle_timeout_ms"):
+            return None
+        if self.active is not None or self.vad.in_speech:
+            return None
+        return float(td["idle_timeout_ms"]) / 1000.0
+
+    def idle_timeout_fired(self, epoch: int) -> Actions:
+        """The timer armed at ``epoch`` ran out: ``input_audio_buffer.timeout_triggered``, an
+        empty user audio item committed, and a response (as the API does). Nothing if the
+        silence was broken since (a stale timer)."""
+        acts = Actions()
+        if epoch != self.idle_epoch or self.idle_timeout_s() is None:
+            return acts
+        item_id = new_id("item")
+        start_ms = self.buffer_start_sample * 1000 // API_RATE_HZ
+        end_ms = self.total_samples * 1000 // API_RATE_HZ
+        acts.send.append(self._ev("input_audio_buffer.timeout_triggered", audio_start_ms=start_ms,
+                                  audio_end_ms=end_ms, item_id=item_id))
+        self.vad.reset_speech()
+        self._commit(acts, item_id, start_sample=self.total_samples, end_sample=self.total_samples)
+        self.user_turns -= 1  # not a turn of the user's: scenario turns count on as before
+        item = self.by_id[item_id]
+        item.idle, item.heard, item.transcript_pending = True, "", False
+        acts.transcribe = [t for t in acts.transcribe if t is not item]
+        self._start_response({}, acts)
+        return acts
 
     # ------------------------------------------------------------------ transcription
     def transcription_failed_events(self, item: Item, reason: str) -> list[dict[str, Any]]:
