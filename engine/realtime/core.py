@@ -34,8 +34,9 @@ from typing import Any, Callable, Mapping
 
 from engine.realtime import budget as budget_mod
 from engine.realtime.playout import Playout, Truncation
-from engine.realtime.records import (FRAMES_PER_MS, Action, Command, Connected, Disconnected, EndOfAudio, Flush,
-                                     Input, MicAudio, Play, PlaybackReport, Publish, Send, SendAudio, ServerEvent,
+from engine.errors import ConfigError
+from engine.realtime.records import (API_RATE_HZ, AUDIO_FORMATS, Action, Command, Connected, Disconnected, EndOfAudio,
+                                     Flush, Input, MicAudio, Play, PlaybackReport, Publish, Send, SendAudio, ServerEvent,
                                      Tick)
 from engine.realtime.requests import Request, Requests, check_response_options
 from engine.realtime.tools import Tools, check_session_tools, parse_registration
@@ -74,7 +75,11 @@ class RealtimeCore:
 
     def __init__(self, model: str, session_config: Mapping[str, Any], *, start_index: int = 0,
                  barge_in: bool = True, min_speech_ms: int = 0, budget_usd: float | None = None,
-                 new_id: Callable[[str], str] = new_id) -> None:
+                 new_id: Callable[[str], str] = new_id, audio_format: str = "audio/pcm") -> None:
+        if audio_format not in AUDIO_FORMATS:
+            raise ConfigError(f"audio_format {audio_format!r} is not one of {', '.join(AUDIO_FORMATS)}")
+        #: what Play / MicAudio / ring indices count: PCM16 24 kHz frames, or G.711 8 kHz bytes (phone calls)
+        self.audio_format = AUDIO_FORMATS[audio_format]
         self.model = model
         self.budget = budget_mod.Budget(model, budget_usd)   # ConfigError for an unpriced model
         self.session_config: dict[str, Any] = {**session_config}
@@ -85,7 +90,7 @@ class RealtimeCore:
         self.link = Link.DISCONNECTED
         self.session_id: str | None = None
         self.session: dict[str, Any] = {}
-        self.playout = Playout(start_index)
+        self.playout = Playout(start_index, self.audio_format)
         self.requests = Requests()
         self.turns = Turns()
         self.tools = Tools()
@@ -540,7 +545,7 @@ class RealtimeCore:
 
     def _truncated(self, t: Truncation) -> list[Action]:
         item = t.item
-        received_ms = item.frames // FRAMES_PER_MS
+        received_ms = item.frames // self.audio_format.frames_per_ms
         acts: list[Action] = [self._send({"type": "conversation.item.truncate", "item_id": item.item_id,
                                           "content_index": 0, "audio_end_ms": t.played_ms})]
         heard_text = _cut_transcript(self.model_transcripts.get(item.item_id, ""), t.played_ms, received_ms)
@@ -611,7 +616,8 @@ class RealtimeCore:
     def _mic(self, rec: MicAudio) -> list[Action]:
         if self.link is not Link.CONNECTED or not self.mic_open:
             return []  # a closed socket's input buffer is gone (the new session starts clean); a closed gate
-        self.turns.clock.appended(len(rec.pcm) // 2, rec.captured_at_s)
+        fmt = self.audio_format  # the input clock counts API-rate (24 kHz) frames: a unit of time
+        self.turns.clock.appended(len(rec.pcm) // fmt.bytes_per_frame * API_RATE_HZ // fmt.rate_hz, rec.captured_at_s)
         return [SendAudio(rec.pcm)]
 
     # ================================================================ commands

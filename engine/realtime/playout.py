@@ -3,6 +3,8 @@ barge-in (interrupt, then truncate at what was heard). Pure: no I/O; the heard i
 clock come in as arguments, playback's reports as :class:`PlaybackReport` records.
 
 Rules:
+- Frames are samples of the session's audio format (``Playout(audio_format=...)``): PCM16 24 kHz
+  (2 bytes, 24 per ms) by default, G.711 µ-law/A-law 8 kHz (1 byte, 8 per ms) for phone calls.
 - The core counts every frame it hands to the speaker ring (``frames_written``, the ring's
   index space). Each assistant item is one stream in the ring: it starts where the previous
   one ended (``Play(starts_item=True)``) and ends at its ``output_audio.done`` (``EndOfAudio``).
@@ -31,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.errors import EngineError
-from engine.realtime.records import FRAMES_PER_MS
+from engine.realtime.records import FRAMES_PER_MS, PCM16, AudioFormat
 
 #: how long a barge-in's truncation waits for playback to report what was really played
 TRUNCATE_WAIT_S = 0.25
@@ -72,6 +74,7 @@ class PlayedItem:
     deadline_s: float = 0.0            #: truncate at the estimate after this
     reason: str = ""
     played_ms: int | None = None       #: final: what the listener heard
+    frames_per_ms: int = FRAMES_PER_MS #: of the session's audio format (24 for PCM16, 8 for G.711)
 
     @property
     def end_index(self) -> int:
@@ -79,7 +82,7 @@ class PlayedItem:
 
     def heard_ms(self, heard_index: int) -> int:
         """Milliseconds of this item heard at ``heard_index``, clamped to what was received."""
-        return int(max(0, min(heard_index - self.start_index, self.frames)) // FRAMES_PER_MS)
+        return int(max(0, min(heard_index - self.start_index, self.frames)) // self.frames_per_ms)
 
     def move(self, to: ItemState) -> None:
         if to not in TRANSITIONS[self.state]:
@@ -96,7 +99,8 @@ class Truncation:
 
 
 class Playout:
-    def __init__(self, start_index: int = 0) -> None:
+    def __init__(self, start_index: int = 0, audio_format: AudioFormat = PCM16) -> None:
+        self.format = audio_format    #: frames are samples of this format (PCM16 24 kHz, or G.711 8 kHz bytes)
         self.frames_written = start_index
         self.items: dict[str, PlayedItem] = {}
         self.dropped_responses: set[str] = set()
@@ -114,14 +118,16 @@ class Playout:
         if self._carry:
             pcm = self._carry + pcm
             self._carry = b""
-        if len(pcm) % 2:
-            self._carry, pcm = pcm[-1:], pcm[:-1]
+        width = self.format.bytes_per_frame
+        if len(pcm) % width:
+            cut = len(pcm) - len(pcm) % width
+            self._carry, pcm = pcm[cut:], pcm[:cut]
         starts = item is None
         if item is None:
-            item = PlayedItem(item_id, response_id, self.frames_written)
+            item = PlayedItem(item_id, response_id, self.frames_written, frames_per_ms=self.format.frames_per_ms)
             self.items[item_id] = item
             self._forget_old()
-        frames = len(pcm) // 2
+        frames = len(pcm) // width
         item.frames += frames
         self.frames_written += frames
         return pcm, starts

@@ -17,6 +17,28 @@ API_RATE_HZ = 24000
 FRAMES_PER_MS = API_RATE_HZ // 1000
 
 
+@dataclass(frozen=True)
+class AudioFormat:
+    """The API session's audio format, as the core counts it: a frame is one sample of one channel
+    (PCM16: 2 bytes at 24 kHz; G.711 µ-law / A-law: 1 byte at 8 kHz)."""
+    name: str
+    rate_hz: int
+    bytes_per_frame: int
+
+    @property
+    def frames_per_ms(self) -> int:
+        return self.rate_hz // 1000
+
+
+#: GA audio format types the core can count (``RealtimeCore(..., audio_format=...)``)
+AUDIO_FORMATS: dict[str, AudioFormat] = {
+    "audio/pcm": AudioFormat("audio/pcm", API_RATE_HZ, 2),
+    "audio/pcmu": AudioFormat("audio/pcmu", 8000, 1),
+    "audio/pcma": AudioFormat("audio/pcma", 8000, 1),
+}
+PCM16 = AUDIO_FORMATS["audio/pcm"]
+
+
 # ------------------------------------------------------------------ inputs
 @dataclass(frozen=True)
 class Connected:
@@ -57,7 +79,8 @@ class PlaybackReport:
 
 @dataclass(frozen=True)
 class MicAudio:
-    """PCM16 24 kHz mono mic frames read from the mic ring; ``captured_at_s``: when the last
+    """Mic frames in the session's audio format (PCM16 24 kHz mono from the mic ring; µ-law 8 kHz
+    from a phone call); ``captured_at_s``: when the last
     frame was captured (monotonic seconds)."""
     pcm: bytes
     captured_at_s: float
@@ -93,7 +116,8 @@ class Publish:
 
 @dataclass(frozen=True)
 class Play:
-    """Write PCM16 24 kHz frames to the playback ring; ``starts_item``: the first frames of an item
+    """Write frames (the session's audio format: PCM16 24 kHz, µ-law 8 kHz for a call) to the ring;
+    ``starts_item``: the first frames of an item
     (the ring stamps when they arrived, and playback counts its prebuffer from then)."""
     pcm: bytes
     starts_item: bool = False

@@ -1,0 +1,47 @@
+"""The realtime core counting G.711 (audio/pcmu): 8 kHz, one byte a frame; truncation in those ms."""
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from engine.errors import ConfigError
+from engine.realtime.core import RealtimeCore
+from engine.realtime.records import Connected, Flush, Play, PlaybackReport, Send, ServerEvent
+
+pytestmark = pytest.mark.timeout(10)
+
+
+def _core() -> RealtimeCore:
+    core = RealtimeCore("gpt-realtime", {"type": "realtime"}, audio_format="audio/pcmu")
+    core.handle(Connected(), 0.0, 0)
+    core.handle(ServerEvent({"type": "response.created", "response": {"id": "r1", "conversation_id": "c"}}), 0.0, 0)
+    return core
+
+
+def test_pcmu_frames_are_bytes_at_8_khz() -> None:
+    core = _core()
+    acts = core.handle(ServerEvent({"type": "response.output_audio.delta", "response_id": "r1", "item_id": "i1",
+                                    "delta": base64.b64encode(b"\xff" * 8000).decode()}), 0.1, 0)
+    play = [a for a in acts if isinstance(a, Play)]
+    assert len(play) == 1 and len(play[0].pcm) == 8000 and play[0].starts_item
+    assert core.playout.frames_written == 8000          # one second of µ-law
+    item = core.playout.items["i1"]
+    assert item.heard_ms(4000) == 500                   # 4000 bytes heard = 500 ms
+
+
+def test_pcmu_truncation_counts_8_frames_a_ms() -> None:
+    core = _core()
+    core.handle(ServerEvent({"type": "response.output_audio.delta", "response_id": "r1", "item_id": "i1",
+                             "delta": base64.b64encode(b"\xff" * 16000).decode()}), 0.1, 0)
+    acts = core.handle(ServerEvent({"type": "input_audio_buffer.speech_started", "item_id": "u1",
+                                    "audio_start_ms": 0}), 1.0, 7200)
+    assert any(isinstance(a, Flush) for a in acts)
+    acts = core.handle(PlaybackReport("flushed", 0, 7200), 1.01, 7200)
+    trunc = [a.event for a in acts if isinstance(a, Send) and a.event["type"] == "conversation.item.truncate"]
+    assert trunc and trunc[0]["audio_end_ms"] == 900
+
+
+def test_unknown_audio_format_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="audio/opus"):
+        RealtimeCore("gpt-realtime", {"type": "realtime"}, audio_format="audio/opus")
