@@ -136,3 +136,26 @@ def test_no_idle_timeout_without_the_setting(server: Any, validator: Any) -> Non
     with pytest.raises(websocket.WebSocketTimeoutException):
         c.ws.recv()  # nothing arrives on its own
     c.close()
+
+
+def test_semantic_vad_eagerness_sets_the_end_of_turn_silence() -> None:
+    import base64
+    import json
+    import numpy as np
+    from engine.server.session import ServerSession
+    from engine.server.voice import synthesize
+    pcm = np.concatenate([np.zeros(12000, np.int16), synthesize("hello there how are you", "alloy", 1.0),
+                          np.zeros(24000 * 3, np.int16)])
+    ends = {}
+    for eagerness in ("low", "medium", "high", "auto"):
+        s = ServerSession("gpt-realtime")
+        s.receive_text(json.dumps({"type": "session.update", "session": {"type": "realtime", "audio": {"input": {
+            "turn_detection": {"type": "semantic_vad", "eagerness": eagerness}}}}}))
+        for i in range(0, len(pcm), 2400):
+            acts = s.receive_text(json.dumps({"type": "input_audio_buffer.append",
+                                              "audio": base64.b64encode(pcm[i:i + 2400].tobytes()).decode()}))
+            for ev in acts.send:
+                if ev["type"] == "input_audio_buffer.speech_stopped":
+                    ends[eagerness] = ev["audio_end_ms"]
+    assert ends["high"] < ends["medium"] < ends["low"]
+    assert ends["auto"] == ends["medium"]  # auto is medium, as the GA docs say

@@ -39,7 +39,7 @@ log = logging.getLogger("realtalk.server")
 
 DELTA_MS = 100                 #: audio per output delta
 MIN_COMMIT_MS = 100
-AUDIO_RETAIN_BYTES = 8 << 20   #: PCM kept for the newest items (about 3 minutes); older items retrieve without audio
+AUDIO_RETAIN_BYTES = 4 << 20   #: PCM kept for the newest items (about 90 s); older items retrieve without audio
 VAD_IDLE_KEEP_MS = 10_000      #: input buffer kept outside speech under VAD
 IDLE_REPLY = "Are you still there?"
 NO_USER_REPLY = "Hello! I am realtalk's local server. Say something and I will answer."

@@ -35,7 +35,7 @@ def espeak_available() -> bool:
     return shutil.which("espeak-ng") is not None
 
 
-SPEECH_CACHE_BYTES = 8 << 20   #: speech kept for repeated replies (about 3 minutes of PCM)
+SPEECH_CACHE_BYTES = 4 << 20   #: speech kept for repeated replies (about 90 s of PCM)
 
 
 class _SpeechCache:
