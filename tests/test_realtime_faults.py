@@ -42,6 +42,10 @@ def ask(pub: Publisher, text: str) -> str:
 
 
 def answered(sub: Subscriber, req_id: str, timeout: float, seen: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """The response.done of request ``req_id``: already seen, or the next one."""
+    done = [b for t, b in seen if t == "response.done" and b.get("request_id") == req_id]
+    if done:
+        return done[0]
     return wait_topic(sub, "response.done", timeout=timeout, where=lambda b: b.get("request_id") == req_id, seen=seen)
 
 
@@ -174,5 +178,32 @@ def test_the_engine_recycles_its_session_at_a_turn_boundary(start_engine: Any, t
     assert back["reason"] == "recycle" and back["history_items"] >= 2
     assert not [b for t, b in seen if t == "response.done" and b.get("status") == "failed"]
     assert answered(sub, ask(pub, "still there?"), 20, seen)["status"] == "completed"
+    sub.close()
+    pub.close()
+
+
+def test_after_a_realtime_crash_mid_reply_the_next_reply_plays_and_is_timed(start_engine: Any, tmp_path: Path) -> None:
+    """Issue 15 point 6: playback kept the dead item's stream, so the next reply had no
+    playback.started or latency.turn and underran at once."""
+    scenario = tmp_path / "sc.yaml"
+    scenario.write_text(f'turns:\n  - match: {{text: "story"}}\n    reply: "{" ".join(["story"] * 60)}"\n')
+    eng = start_engine("--mic", "null", "--speaker", str(tmp_path / "spk.wav"), "--scenario", str(scenario))
+    conn = eng.conn
+    sub = Subscriber(conn["subscribe"], ["response.done", "playout.", "latency.turn", "engine.status"])
+    pub = Publisher(conn["publish"], "test")
+    pub.join(conn["subscribe"])
+    seen: list[tuple[str, dict[str, Any]]] = []
+    story = ask(pub, "tell me a story")
+    first = wait_topic(sub, "playout.started", timeout=20, seen=seen)
+    os.kill(child_pid(eng, "realtime"), signal.SIGKILL)
+    assert answered(sub, story, 10, seen)["status"] == "failed"
+    wait_topic(sub, "engine.status", timeout=10, where=lambda b: b.get("state") == "reconnected", seen=seen)
+    again = ask(pub, "hello again")
+    started = wait_topic(sub, "playout.started", timeout=20, seen=seen, where=lambda b: b["item_id"] != first["item_id"])
+    turn = wait_topic(sub, "latency.turn", timeout=20, seen=seen, where=lambda b: b["item_id"] == started["item_id"])
+    assert turn["to_device_ms"] is not None
+    assert answered(sub, again, 20, seen)["status"] == "completed"
+    stopped = wait_topic(sub, "playout.stopped", timeout=20, seen=seen, where=lambda b: b["item_id"] == started["item_id"])
+    assert stopped["underrun_frames"] == 0
     sub.close()
     pub.close()
