@@ -1,4 +1,4 @@
-"""The ``engine`` command: start, stop, status, devices, serve, say, tail, log, demo, console."""
+"""The ``engine`` command: start, stop, status, devices, serve, say, tail, log, demo, console, phone."""
 from __future__ import annotations
 
 import argparse
@@ -55,6 +55,21 @@ def cmd_start(args: argparse.Namespace) -> int:
     print(f"realtalk: bus publish {st['publish']}  subscribe {st['subscribe']}")
     print(f"realtalk: connection file {st['connection_file']}; session folder {st['session_dir']}")
     print("realtalk: Ctrl-C or `engine stop` to end", flush=True)
+    return sup.run()
+
+
+def cmd_phone(args: argparse.Namespace) -> int:
+    """Phone calls over Twilio Media Streams (docs/phone.md): an engine whose only child is the bridge."""
+    from engine.config import resolve_backend
+    from engine.supervisor.process import Supervisor
+    cfg = _load_cfg(args)
+    ph = cfg["phone"]
+    phone = {"host": args.host or ph["host"], "port": ph["port"] if args.port is None else args.port,
+             "path": args.path or ph["path"]}
+    sup = Supervisor(cfg, phone=phone)
+    print(f"realtalk: phone bridge with backend {resolve_backend(cfg)}, model {cfg['model']}")
+    sup.start()
+    print(f"realtalk: connection file {sup.status()['connection_file']}; Ctrl-C or `engine stop` to end", flush=True)
     return sup.run()
 
 
@@ -130,6 +145,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"state {status['state']}  backend {status['backend']}  model {status['model']}  session {status.get('session_id')}")
     print(f"console {console['url']}" if console else "console: not running (engine console)")
+    if status.get("phone"):
+        ph = status["phone"]
+        print(f"phone {ph.get('url')}  calls {len(ph.get('calls') or [])}")
+        for c in ph.get("calls") or []:
+            print(f"  call {c['phone_call_id']}  {c['duration_s']:.0f} s  ${c['usd']:.4f}  {c.get('custom_parameters')}")
     print(f"cost ${status.get('cost_usd', 0):.4f}   publish {status['publish']}   subscribe {status['subscribe']}")
     for c in status["children"]:
         up = f"up {c['uptime_s']:.0f} s" if c.get("uptime_s") is not None else f"exit code {c.get('exit_code')}"
@@ -331,6 +351,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--console-host", default="127.0.0.1", help="the console's address (default loopback)")
     s.add_argument("--console-port", type=int, default=0, help="the console's port (default 0: a free port)")
     s.set_defaults(func=cmd_start)
+
+    s = sp.add_parser("phone", help="take phone calls over Twilio Media Streams (prints the ws:// URL)")
+    s.add_argument("--config")
+    s.add_argument("--backend", choices=["local", "openai"])
+    s.add_argument("--model")
+    s.add_argument("--host", help="address to listen on (phone.host)")
+    s.add_argument("--port", type=int, help="port (phone.port; 0: a free port)")
+    s.add_argument("--path", help="the URL's path (phone.path, default /twilio)")
+    s.add_argument("--instructions")
+    s.add_argument("--voice")
+    s.add_argument("--scenario", help="local server scenario file")
+    s.add_argument("--speed", type=float, help="local server speech speed-up (tests)")
+    s.set_defaults(func=cmd_phone)
 
     s = sp.add_parser("stop", help="stop the running engine")
     s.add_argument("--timeout", type=float, default=10.0)

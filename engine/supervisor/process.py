@@ -164,9 +164,12 @@ class Child:
 
 class Supervisor:
     def __init__(self, cfg: dict[str, Any], *, text_only: bool = False, out: TextIO = sys.stdout,
-                 console: dict[str, Any] | None = None) -> None:
+                 console: dict[str, Any] | None = None, phone: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
         self.text_only = text_only
+        #: ``engine phone`` / ``engine start --phone``: {host, port, path}: phone calls instead of the devices
+        self.phone = phone
+        self.phone_status: dict[str, Any] | None = None   #: the phone process's latest phone.status
         #: ``engine start --console``: {host, port} of the debug console, started as a child
         self.console = console
         self.out = out
@@ -303,6 +306,11 @@ class Supervisor:
         self.children.append(Child("broker", [py, "-m", "bus.broker", self.endpoints.publish, self.endpoints.subscribe],
                                    death_signal=signal.SIGKILL))
         url, headers = self._api_target()
+        if self.phone is not None:  # phone calls (engine/phone): no rings, no capture, realtime or playback
+            self.children.append(Child("phone", [py, "-m", "engine.phone.process"], spec=self._spec(
+                {"url": url, "headers": headers, "session": session_payload(self.cfg), "phone": self.phone})))
+            self._start_children()
+            return
         audio = self.cfg["audio"]
         mic = None if self.text_only else audio["mic"]
         speaker = "null" if self.text_only or audio["speaker"] in (None, "null") else audio["speaker"]
@@ -339,6 +347,9 @@ class Supervisor:
             console_spec = self._spec({"console": self.console, "session_dir": str(self.session_dir)})
             console_spec["bus"].pop("signing_key")  # it publishes cmd.* only: no key a page could ever reach
             self.children.append(Child("console", [py, "-m", "engine.console.process"], spec=console_spec))
+        self._start_children()
+
+    def _start_children(self) -> None:
         # the supervisor's own bus sockets, connected before anything is published
         self.sub = Subscriber(self.endpoints, [""])  # verifies the signed control topics
         self.pub = Publisher(self.endpoints, f"supervisor:{os.getpid()}")  # signs them
@@ -410,6 +421,7 @@ class Supervisor:
             "rings": rings, "ring_names": [r.name for r in self.rings],
             "ready_ms": round((self.ready_mono - self.started_mono) * 1000, 1) if self.ready_mono else None,
             "errors": len(self.errors), "forged_errors": self.forged, "malformed_messages": self.malformed,
+            "phone": self.phone_status if self.phone is not None else None,
         }
 
     # ------------------------------------------------------------ the event log and own events
@@ -474,6 +486,17 @@ class Supervisor:
                 self.ready_mono = sent_ns / 1e9 if isinstance(sent_ns, int) else time.monotonic()
                 self.out.write(f"realtalk: ready in {(self.ready_mono - self.started_mono) * 1000:.0f} ms "
                                f"(session {self.session_id})\n")
+                self.out.flush()
+                self._write_connection_file()
+        elif topic == "phone.status" and self.phone is not None:
+            if self.stopping or not self._from_engine(body):
+                return
+            self.phone_status = {k: v for k, v in body.items() if k not in ("v", "ts", "mono_ns", "pub", "seq")}
+            if not self.connected:
+                self.connected = True
+                self.ready_mono = time.monotonic()
+                self.out.write(f"realtalk: ready in {(self.ready_mono - self.started_mono) * 1000:.0f} ms; "
+                               f"phone calls at {body.get('url')}\n")
                 self.out.flush()
                 self._write_connection_file()
         elif topic == "cost.session":

@@ -1,0 +1,1 @@
+"""Phone calls over the Twilio Media Streams protocol (docs/phone.md)."""

@@ -1,0 +1,530 @@
+"""The phone bridge: Twilio Media Streams WebSockets in, one Realtime API session per call out,
+all in one asyncio loop. Each call is driven by the engine's own pure core (RealtimeCore with
+``audio_format="audio/pcmu"``): the phone side stands in for capture (caller audio -> MicAudio)
+and playback (Play -> ``media`` frames, marks -> the heard index, Flush -> ``clear``).
+
+I/O only; the decisions are the core's (:mod:`engine.realtime.core`), the protocol's
+(:mod:`engine.phone.twilio`) and the heard clock's (:mod:`engine.phone.heard`).
+
+Rules:
+- A call's sockets are written by one writer task each, from a queue: applying the core's
+  actions never waits on a socket, and their order is kept.
+- Every bus message of a call carries ``phone_call_id`` (``call_id`` is already the key of a
+  tool call's id); commands name the call the same way. Tool registrations without a
+  ``phone_call_id`` are for every call, present and future.
+- Whatever goes wrong in one call (a bad phone message, a handler bug, a dead API socket) is
+  reported with its ``phone_call_id`` and ends at most that call.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import secrets
+import threading
+import time
+from typing import Any, Mapping
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.http11 import Request, Response
+
+from bus import Publisher, Subscriber
+from engine.phone.heard import HeardClock
+from engine.phone.twilio import (FRAME_BYTES, MEDIA_RATE_HZ, DtmfMsg, MarkMsg, MediaMsg, PhoneProtocolError, StartMsg,
+                                 StopMsg, TwilioStream)
+from engine.realtime.core import RealtimeCore
+from engine.realtime.records import (Action, Command, Connected, Disconnected, EndOfAudio, Flush, Input, MicAudio, Play,
+                                     PlaybackReport, Publish, Reconnect, Send, SendAudio, ServerEvent, Tick)
+
+STATUS_EVERY_S = 1.0
+API_RETRIES_S = (0.0, 0.5, 1.0, 2.0)
+#: topics whose name is the engine's single session: a call's go out under phone.call.*
+CALL_TOPIC_RENAMES = {"engine.status": "phone.call.status"}
+DTMF_MODES = ("off", "context", "reply")
+OUTGOING_MAX = 20_000          #: messages queued for one socket before that call is ended (a stuck peer)
+
+
+def call_session(session: Mapping[str, Any]) -> dict[str, Any]:
+    """The engine's session config with G.711 µ-law both ways (no resampling anywhere)."""
+    out = json.loads(json.dumps(session))
+    audio = out.setdefault("audio", {})
+    audio.setdefault("input", {})["format"] = {"type": "audio/pcmu"}
+    audio.setdefault("output", {})["format"] = {"type": "audio/pcmu"}
+    return out
+
+
+class Outgoing:
+    """One socket's writer: a queue drained by a task, so senders never wait."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.queue: asyncio.Queue[str | None] = asyncio.Queue()
+        self.ws: ServerConnection | ClientConnection | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.sent = 0
+
+    def start(self, ws: ServerConnection | ClientConnection) -> None:
+        self.ws = ws
+        if self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self._run(), name=f"writer {self.name}")
+
+    def put(self, text: str) -> bool:
+        if self.queue.qsize() >= OUTGOING_MAX:
+            return False
+        self.queue.put_nowait(text)
+        return True
+
+    async def _run(self) -> None:
+        while True:
+            text = await self.queue.get()
+            if text is None:
+                return
+            ws = self.ws
+            if ws is None:
+                continue
+            try:
+                await ws.send(text)
+                self.sent += 1
+            except ConnectionClosed:
+                pass  # the reader sees it
+
+    def close(self) -> None:
+        self.queue.put_nowait(None)
+
+
+class Call:
+    """One phone call: its Twilio stream, its core, its API socket."""
+
+    def __init__(self, bridge: "PhoneBridge", ws: ServerConnection) -> None:
+        self.bridge = bridge
+        self.ws = ws
+        self.stream = TwilioStream()
+        self.clock = HeardClock(bridge.mark_every_frames)
+        self.core: RealtimeCore | None = None
+        self.id: str = ""
+        self.start: StartMsg | None = None
+        self.started_at_s = time.monotonic()
+        self.started_wall = time.time()
+        self.phone_out = Outgoing("phone")
+        self.api_out = Outgoing("api")
+        self.api: ClientConnection | None = None
+        self.api_task: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_due = float("inf")
+        self.item_start: int | None = None
+        self.ended = False
+        self.end_reason = ""
+        self.media_in_frames = 0
+        self.errors = 0
+        self.truncations = 0
+        #: phone frame in -> bytes on the API socket, and API delta -> media frame queued (µs, latest 4096)
+        self.in_latency_us: list[float] = []
+        self.out_latency_us: list[float] = []
+        self.clear_latency_us: list[float] = []
+
+    # ------------------------------------------------------------ the phone side
+    async def run(self) -> None:
+        self.phone_out.start(self.ws)
+        try:
+            async for text in self.ws:
+                self.on_phone(text)
+                if self.ended:
+                    break
+            if not self.ended:
+                self.end_reason = self.end_reason or "hangup"
+        except ConnectionClosed:
+            self.end_reason = self.end_reason or "hangup"
+        except Exception as exc:  # noqa: BLE001 - one call's bug ends that call only
+            self.end_reason = "error"
+            self.bridge.error(self, "call_failed", f"the call failed: {type(exc).__name__}: {exc}")
+        finally:
+            await self.end()
+
+    def on_phone(self, text: str | bytes) -> None:
+        now = time.monotonic()
+        try:
+            msg = self.stream.receive(text)
+        except PhoneProtocolError as exc:
+            self.errors += 1
+            self.bridge.error(self, exc.code, f"phone message refused: {exc}", fatal=exc.fatal)
+            if exc.fatal:
+                self.end_reason = "bad_start"
+                self.ended = True
+            return
+        if isinstance(msg, MediaMsg):
+            if msg.track != "outbound" and self.core is not None:
+                self.media_in_frames += 1
+                self.step(MicAudio(msg.ulaw, now))
+                if self.api is not None:
+                    self._note(self.in_latency_us, (time.monotonic() - now) * 1e6)
+        elif isinstance(msg, MarkMsg):
+            self.on_mark(msg.name, now)
+        elif isinstance(msg, StartMsg):
+            self.on_start(msg)
+        elif isinstance(msg, DtmfMsg):
+            self.on_dtmf(msg)
+        elif isinstance(msg, StopMsg):
+            self.end_reason = "stop"
+            self.ended = True
+
+    def on_start(self, msg: StartMsg) -> None:
+        b = self.bridge
+        self.start = msg
+        self.id = msg.call_sid if msg.call_sid not in b.calls else f"{msg.call_sid}-{secrets.token_hex(3)}"
+        b.calls[self.id] = self
+        self.core = RealtimeCore(b.model, b.session, barge_in=b.barge_in, min_speech_ms=b.min_speech_ms,
+                                 budget_usd=b.budget_usd, audio_format="audio/pcmu")
+        for body in b.global_tools.values():  # tools registered for every call
+            self.core.handle(Command("cmd.tool.register", {k: v for k, v in body.items() if k != "id"}), 0.0, 0)
+        b.publish(self, "phone.call.started", {"call_sid": msg.call_sid, "stream_sid": msg.stream_sid,
+                                               "account_sid": msg.account_sid, "tracks": list(msg.tracks),
+                                               "custom_parameters": msg.custom_parameters})
+        b.status_changed()
+        self.api_task = asyncio.get_running_loop().create_task(self.api_loop(), name=f"api {self.id}")
+
+    def on_dtmf(self, msg: DtmfMsg) -> None:
+        b = self.bridge
+        b.publish(self, "phone.dtmf", {"digit": msg.digit, "track": msg.track})
+        if b.dtmf_to_model != "off" and self.core is not None:
+            reply = b.dtmf_to_model == "reply"
+            self.step(Command("cmd.say", {"text": f"The caller pressed the key {msg.digit} on the phone keypad.",
+                                          "role": "user" if reply else "system", "respond": reply,
+                                          "pub": "phone-dtmf"}))
+
+    def on_mark(self, name: str, now: float) -> None:
+        echo = self.clock.echoed(name, now)
+        if echo is None:
+            return  # a mark a clear dropped (Twilio echoes those at once), or not ours
+        if echo.mark.end_of_item:
+            self.step(PlaybackReport("stopped", echo.mark.item_start, echo.mark.index, {}))
+        else:
+            self.step(PlaybackReport("position", None, echo.heard_index, {}))
+
+    # ------------------------------------------------------------ the core
+    def step(self, rec: Input) -> None:
+        core = self.core
+        if core is None:
+            return
+        now = time.monotonic()
+        acts = core.handle(rec, now, self.clock.heard_index(now))
+        follow = self.apply(acts, now)
+        for r in follow:
+            now = time.monotonic()
+            self.apply(core.handle(r, now, self.clock.heard_index(now)), now)
+        self.schedule()
+
+    def apply(self, acts: list[Action], now: float) -> list[Input]:
+        """Apply the core's actions; returns the reports they produce (fed back by step)."""
+        follow: list[Input] = []
+        b = self.bridge
+        for act in acts:
+            if isinstance(act, Play):
+                t0 = time.monotonic()
+                if act.starts_item:
+                    self.item_start = self.clock.sent_frames
+                    follow.append(PlaybackReport("started", self.item_start, self.item_start,
+                                                 {"first_sample_mono_ns": time.monotonic_ns(),
+                                                  "output_latency_ms": 0.0}))
+                pcm = act.pcm
+                for i in range(0, len(pcm), FRAME_BYTES):
+                    chunk = pcm[i:i + FRAME_BYTES]
+                    self.put_phone(self.stream.media(chunk))
+                    for mark in self.clock.sent(len(chunk), now):
+                        self.put_phone(self.stream.mark(mark.name))
+                self._note(self.out_latency_us, (time.monotonic() - t0) * 1e6)
+            elif isinstance(act, Publish):
+                b.publish(self, CALL_TOPIC_RENAMES.get(act.topic, act.topic), act.payload)
+                if act.topic == "playout.interrupted":
+                    self.truncations += 1
+            elif isinstance(act, SendAudio):
+                self.api_out.put('{"type":"input_audio_buffer.append","audio":"'
+                                 + base64.b64encode(act.pcm).decode("ascii") + '"}')
+            elif isinstance(act, Send):
+                self.api_out.put(json.dumps(act.event))
+                b.publish(self, "client." + act.event["type"], act.event)
+            elif isinstance(act, Flush):
+                heard_at = self.bridge.last_speech_started_s.pop(self.id, None)
+                self.put_phone(self.stream.clear())
+                if heard_at is not None:
+                    self._note(self.clear_latency_us, (time.monotonic() - heard_at) * 1e6)
+                heard = self.clock.clear(now)
+                follow.append(PlaybackReport("flushed", self.item_start if self.item_start is not None else heard,
+                                             heard, {"flush_mono_ns": time.monotonic_ns()}))
+            elif isinstance(act, EndOfAudio):
+                mark = self.clock.end_of_item(self.item_start)
+                self.put_phone(self.stream.mark(mark.name))
+            elif isinstance(act, Reconnect):
+                pass  # a call lasts less than a session (60 minutes): nothing to recycle
+        return follow
+
+    def put_phone(self, text: str) -> None:
+        if not self.phone_out.put(text) and not self.ended:
+            self.bridge.error(self, "phone_stuck", "the phone side does not read what is sent: ending the call")
+            self.end_reason = "phone_stuck"
+            self.ended = True
+            asyncio.get_running_loop().create_task(self.ws.close(1011, "not reading"))
+
+    def schedule(self) -> None:
+        core = self.core
+        due = core.next_deadline() if core is not None else None
+        if due is None or due >= self.timer_due:
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer_due = due
+        loop = asyncio.get_running_loop()
+        self.timer = loop.call_later(max(0.0, due - time.monotonic()), self._tick)
+
+    def _tick(self) -> None:
+        self.timer, self.timer_due = None, float("inf")
+        if not self.ended:
+            self.step(Tick())
+
+    @staticmethod
+    def _note(samples: list[float], value_us: float) -> None:
+        samples.append(value_us)
+        if len(samples) > 4096:
+            del samples[:1024]
+
+    # ------------------------------------------------------------ the API side
+    async def api_loop(self) -> None:
+        b = self.bridge
+        first = True
+        for delay in API_RETRIES_S:
+            if self.ended:
+                return
+            if delay:
+                await asyncio.sleep(delay)
+            try:
+                api = await connect(b.api_url, additional_headers=b.api_headers, max_size=None, open_timeout=10,
+                                    ping_interval=None, compression=None)
+            except (OSError, InvalidStatus, asyncio.TimeoutError) as exc:
+                b.error(self, "connect_failed", f"cannot connect to the API: {type(exc).__name__}: {exc}")
+                continue
+            self.api = api
+            self.api_out.start(api)
+            self.step(Connected(reconnect=not first, reason="start" if first else "reconnect"))
+            first = False
+            code, why = 1000, ""
+            try:
+                async for text in api:
+                    try:
+                        event = json.loads(text)
+                    except ValueError:
+                        b.error(self, "bad_server_message", "unparseable server message")
+                        continue
+                    if isinstance(event, dict):
+                        if event.get("type") == "input_audio_buffer.speech_started":
+                            b.last_speech_started_s[self.id] = time.monotonic()
+                        self.step(ServerEvent(event))
+            except ConnectionClosed as exc:
+                code, why = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else (1006, "no close frame")
+            self.api = None
+            self.step(Disconnected(code, why))
+            if self.ended:
+                return
+        b.error(self, "gave_up", "the API socket could not be kept open: ending the call", fatal=True)
+        self.end_reason = "api_failed"
+        self.ended = True
+        await self.ws.close(1011, "api unavailable")
+
+    # ------------------------------------------------------------ the end
+    async def end(self) -> None:
+        self.ended = True
+        self.stream.closed()
+        if self.timer is not None:
+            self.timer.cancel()
+        api = self.api
+        if api is not None:
+            await api.close()
+        if self.api_task is not None:
+            self.api_task.cancel()
+            try:
+                await self.api_task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - ending: nothing more to report
+                pass
+        self.phone_out.close()
+        self.api_out.close()
+        b = self.bridge
+        if self.id and b.calls.get(self.id) is self:
+            del b.calls[self.id]
+            core = self.core
+            b.publish(self, "phone.call.ended", {
+                "reason": self.end_reason or "hangup", "duration_s": round(time.monotonic() - self.started_at_s, 3),
+                "usd": round(core.total_usd(), 6) if core else 0.0,
+                "custom_parameters": self.start.custom_parameters if self.start else {},
+                "media_in_frames": self.media_in_frames, "media_out_frames": self.clock.sent_frames // FRAME_BYTES,
+                "marks_sent": self.clock.marks_sent, "marks_echoed": self.clock.echoes,
+                "truncations": self.truncations, "phone_errors": self.errors,
+                "api_errors": core.errors if core else 0})
+            b.status_changed()
+        if self.ws.state.name == "OPEN":
+            await self.ws.close()
+
+    def summary(self) -> dict[str, Any]:
+        s = self.start
+        return {"phone_call_id": self.id, "call_sid": s.call_sid if s else None,
+                "stream_sid": s.stream_sid if s else None,
+                "custom_parameters": s.custom_parameters if s else {},
+                "started_ts": round(self.started_wall, 3), "duration_s": round(time.monotonic() - self.started_at_s, 1),
+                "usd": round(self.core.total_usd(), 6) if self.core else 0.0,
+                "api": "connected" if self.api is not None else "disconnected"}
+
+
+class PhoneBridge:
+    """Listens for Media Streams calls; ``url`` once :meth:`listen` returned."""
+
+    def __init__(self, spec: Mapping[str, Any], publisher: Publisher | None = None) -> None:
+        cfg = spec["config"]
+        phone = {**cfg.get("phone", {}), **(spec.get("phone") or {})}
+        self.host: str = phone.get("host", "127.0.0.1")
+        self.port: int = int(phone.get("port", 0))
+        self.path: str = "/" + str(phone.get("path", "/twilio")).lstrip("/")
+        self.dtmf_to_model: str = phone.get("dtmf_to_model", "off")
+        self.max_calls: int = int(phone.get("max_calls", 100))
+        self.mark_every_frames = int(phone.get("mark_every_ms", 200)) * MEDIA_RATE_HZ // 1000
+        self.model: str = cfg["model"]
+        self.session = call_session(spec["session"])
+        self.barge_in = bool(cfg["barge_in"]["enabled"])
+        self.min_speech_ms = int(cfg["barge_in"]["min_speech_ms"])
+        self.budget_usd = cfg.get("budget_usd")
+        self.api_url: str = spec["url"]
+        self.api_headers: dict[str, str] = {}
+        for h in spec.get("headers", []):
+            k, _, v = h.partition(":")
+            self.api_headers[k.strip()] = v.strip()
+        key_env = spec.get("api_key_env")
+        if key_env and os.environ.get(key_env):
+            self.api_headers["Authorization"] = f"Bearer {os.environ[key_env]}"
+        self.sub_endpoint: str = spec["bus"]["subscribe"]
+        self.pub = publisher or Publisher(spec["bus"]["publish"], f"phone:{os.getpid()}")
+        self.calls: dict[str, Call] = {}
+        self.global_tools: dict[str, dict[str, Any]] = {}
+        self.last_speech_started_s: dict[str, float] = {}
+        self.server: Server | None = None
+        self.url = ""
+        self.stop = asyncio.Event()
+        self.calls_total = 0
+        self.refused_calls = 0
+        self._status_due = 0.0
+
+    # ------------------------------------------------------------ bus out
+    def publish(self, call: Call | None, topic: str, payload: Mapping[str, Any]) -> None:
+        body = dict(payload)
+        if call is not None:
+            body["phone_call_id"] = call.id
+        self.pub.publish(topic, body)
+
+    def error(self, call: Call | None, code: str, message: str, fatal: bool = False) -> None:
+        self.publish(call, "engine.error", {"source": "phone", "code": code, "message": message,
+                                            "call_fatal": fatal})
+
+    def status(self) -> dict[str, Any]:
+        return {"url": self.url, "calls": [c.summary() for c in list(self.calls.values())],
+                "calls_total": self.calls_total, "refused_calls": self.refused_calls, "max_calls": self.max_calls}
+
+    def status_changed(self) -> None:
+        self.publish(None, "phone.status", self.status())
+
+    # ------------------------------------------------------------ bus in
+    def on_bus(self, topic: str, body: dict[str, Any]) -> None:
+        try:
+            self._on_bus(topic, body)
+        except Exception as exc:  # noqa: BLE001 - one bad command never stops the bridge
+            self.error(None, "bad_command", f"{topic}: {type(exc).__name__}: {exc}")
+
+    def _ack(self, body: Mapping[str, Any], ok: bool, **extra: Any) -> None:
+        if body.get("id"):
+            self.pub.publish("cmd.ack", {"id": body["id"], "ok": ok, **extra})
+
+    def _on_bus(self, topic: str, body: dict[str, Any]) -> None:
+        if topic == "cmd.ack":
+            return
+        target = body.get("phone_call_id")
+        if topic == "engine.presence.gone":
+            owner = body.get("owner")
+            self.global_tools = {k: v for k, v in self.global_tools.items()
+                                 if (v.get("owner") or v.get("pub")) != owner}
+            for call in list(self.calls.values()):
+                call.step(Command(topic, body))
+            return
+        if target is None and topic in ("cmd.tool.register", "cmd.tool.unregister"):
+            self._all_calls_tool(topic, body)
+            return
+        if target is None and topic == "cmd.tool.result":
+            target = next((cid for cid, c in self.calls.items()
+                           if c.core is not None and body.get("call_id") in c.core.tools.calls), None)
+        found = self.calls.get(str(target)) if target is not None else None
+        if found is None or found.core is None:
+            why = (f"no active call {target!r}" if target is not None else
+                   f"{topic} needs 'phone_call_id': which call (active: {', '.join(self.calls) or 'none'})")
+            self.error(None, "no_such_call", why)
+            self._ack(body, False, error=why)
+            return
+        found.step(Command(topic, body))
+
+    def _all_calls_tool(self, topic: str, body: dict[str, Any]) -> None:
+        name = body.get("name")
+        if not isinstance(name, str) or not name:
+            self._ack(body, False, error=f"{topic} needs 'name'")
+            return
+        if topic == "cmd.tool.register":
+            self.global_tools[name] = {**body, "owner": body.get("owner") or body.get("pub")}
+        else:
+            self.global_tools.pop(name, None)
+        quiet = {k: v for k, v in body.items() if k != "id"}
+        for call in list(self.calls.values()):
+            call.step(Command(topic, quiet))
+        self._ack(body, True, calls=len(self.calls))
+
+    def bus_thread(self, loop: asyncio.AbstractEventLoop, stop: threading.Event) -> None:
+        sub = Subscriber(self.sub_endpoint, ["cmd.", "engine.presence.gone"])
+        try:
+            while not stop.is_set():
+                msg = sub.recv(timeout_ms=200)
+                if msg is not None:
+                    loop.call_soon_threadsafe(self.on_bus, *msg)
+        finally:
+            sub.close()
+
+    # ------------------------------------------------------------ calls in
+    def _check_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        if request.path.split("?")[0] != self.path:
+            return conn.respond(404, f"Media Streams calls are taken at {self.path}\n")
+        if len(self.calls) >= self.max_calls:
+            self.refused_calls += 1
+            return conn.respond(503, f"at capacity ({self.max_calls} calls)\n")
+        return None
+
+    async def handle(self, ws: ServerConnection) -> None:
+        self.calls_total += 1
+        call = Call(self, ws)
+        await call.run()
+
+    async def listen(self) -> str:
+        self.server = await serve(self.handle, self.host, self.port, process_request=self._check_request,
+                                  max_size=1 << 20, compression=None, ping_interval=None)
+        sockets = list(self.server.sockets)
+        port = sockets[0].getsockname()[1] if sockets else self.port
+        self.url = f"ws://{self.host}:{port}{self.path}"
+        return self.url
+
+    async def serve_forever(self) -> None:
+        while not self.stop.is_set():
+            self.status_changed()
+            try:
+                await asyncio.wait_for(self.stop.wait(), STATUS_EVERY_S)
+            except asyncio.TimeoutError:
+                pass
+        await self.close()
+
+    async def close(self) -> None:
+        for call in list(self.calls.values()):
+            call.end_reason = "bridge_stopped"
+            await call.ws.close(1001, "bridge stopping")
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()

@@ -1,0 +1,101 @@
+"""What the caller has heard, from the marks the phone side echoes. Pure: the clock comes in.
+
+The call's "ring index" is the count of µ-law frames (bytes, 8 kHz) sent to the phone side, in
+the same index space as the realtime core's playout (each ``Play`` is sent whole, at once).
+
+Rules:
+- A mark goes after every ``mark_every_frames`` of sent audio and at the end of each item; the
+  phone side echoes it once the audio before it has played (Twilio's documented behaviour).
+- The heard index is the index of the latest echoed mark, plus the wall time since that echo at
+  8 frames a ms; it never passes the oldest mark not yet echoed (its audio has not all been
+  heard), nor what was sent.
+- Audio sent while the caller hears nothing (everything sent was heard) starts playing when it
+  is sent: the interpolation restarts from there.
+- ``clear`` ends everything sent: the heard index at that instant is what the caller heard; the
+  marks still pending come back at once (Twilio echoes them when clear drops their audio) and are
+  ignored; the index space goes on from what was sent.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from engine.phone.twilio import MEDIA_RATE_HZ
+
+FRAMES_PER_S = MEDIA_RATE_HZ
+
+
+@dataclass(frozen=True)
+class PendingMark:
+    name: str
+    index: int                 #: frames sent before it
+    end_of_item: bool
+    item_start: int | None     #: for an end mark: the item's first frame
+
+
+@dataclass(frozen=True)
+class Echo:
+    """An echoed mark we were waiting for."""
+    mark: PendingMark
+    heard_index: int
+
+
+class HeardClock:
+    def __init__(self, mark_every_frames: int = 1600, start_index: int = 0) -> None:
+        self.mark_every_frames = mark_every_frames
+        self.sent_frames = start_index
+        self.pending: OrderedDict[str, PendingMark] = OrderedDict()
+        self.anchor_index = start_index        #: heard at anchor_s
+        self.anchor_s = 0.0
+        self.last_mark_index = start_index
+        self.marks_sent = 0
+        self.echoes = 0
+        self.stale_echoes = 0                  #: echoes of marks a clear dropped, or unknown names
+
+    def heard_index(self, now_s: float) -> int:
+        limit = self.sent_frames
+        if self.pending:
+            limit = min(limit, next(iter(self.pending.values())).index)
+        guess = self.anchor_index + int(max(0.0, now_s - self.anchor_s) * FRAMES_PER_S)
+        return max(self.anchor_index, min(guess, limit))
+
+    def sent(self, frames: int, now_s: float) -> list[PendingMark]:
+        """``frames`` more were sent; returns the marks to send after them (due every mark_every_frames)."""
+        if self.heard_index(now_s) >= self.sent_frames:   # the caller heard all: this starts playing now
+            self.anchor_index, self.anchor_s = self.sent_frames, now_s
+        self.sent_frames += frames
+        if self.sent_frames - self.last_mark_index >= self.mark_every_frames:
+            return [self._mark(False, None)]
+        return []
+
+    def end_of_item(self, item_start: int | None) -> PendingMark:
+        return self._mark(True, item_start)
+
+    def _mark(self, end: bool, item_start: int | None) -> PendingMark:
+        self.marks_sent += 1
+        mark = PendingMark(f"rt{self.marks_sent}", self.sent_frames, end, item_start)
+        self.pending[mark.name] = mark
+        self.last_mark_index = self.sent_frames
+        return mark
+
+    def echoed(self, name: str, now_s: float) -> Echo | None:
+        mark = self.pending.get(name)
+        if mark is None:
+            self.stale_echoes += 1
+            return None
+        for older in list(self.pending):   # marks come back in order: earlier ones are played too
+            done = self.pending.pop(older)
+            if done is mark:
+                break
+        self.echoes += 1
+        if mark.index >= self.heard_index(now_s) or mark.index > self.anchor_index:
+            self.anchor_index, self.anchor_s = mark.index, now_s
+        return Echo(mark, self.heard_index(now_s))
+
+    def clear(self, now_s: float) -> int:
+        """``clear`` was sent: returns what the caller heard; everything sent is gone from their ear."""
+        heard = self.heard_index(now_s)
+        self.pending.clear()
+        self.anchor_index, self.anchor_s = self.sent_frames, now_s
+        self.last_mark_index = self.sent_frames
+        return heard

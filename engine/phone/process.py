@@ -1,0 +1,51 @@
+"""The phone process: ``python -m engine.phone.process`` (a child of ``engine start --phone`` /
+``engine phone``): the Media Streams bridge of :mod:`engine.phone.bridge` in one asyncio loop,
+a core per call; the bus commands come in on a thread of their own."""
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import threading
+from typing import Any
+
+from engine.phone.bridge import PhoneBridge
+from engine.supervisor import child
+
+
+class PhoneProcess:
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spec = spec
+
+    def run(self) -> int:
+        return asyncio.run(self._run())
+
+    async def _run(self) -> int:
+        bridge = PhoneBridge(self.spec)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, bridge.stop.set)
+        bridge.pub.join(bridge.sub_endpoint)
+        stop = threading.Event()
+        thread = threading.Thread(target=bridge.bus_thread, args=(loop, stop), name="bus", daemon=True)
+        thread.start()
+        try:
+            url = await bridge.listen()
+        except OSError as exc:
+            bridge.error(None, "listen_failed", f"the phone bridge cannot listen on {bridge.host}:{bridge.port}: "
+                         f"{exc.strerror}; use --port 0 for a free port")
+            await asyncio.sleep(0.2)
+            return 3
+        bridge.publish(None, "phone.status", bridge.status())  # the supervisor prints the URL
+        del url
+        try:
+            await bridge.serve_forever()
+        finally:
+            stop.set()
+            thread.join(1.0)
+            bridge.pub.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(child.main(PhoneProcess))
