@@ -108,7 +108,7 @@ def test_old_items_keep_their_length_and_retrieve_without_audio(monkeypatch: pyt
     s = ServerSession("gpt-realtime")
     one_s = base64.b64encode(np.full(24000, 1000, dtype=np.int16).tobytes()).decode()
     ids = []
-    for n in range(4):
+    for _ in range(4):
         acts = s.receive_text(json.dumps({"type": "conversation.item.create", "item": {
             "type": "message", "role": "user", "content": [{"type": "input_audio", "audio": one_s}]}}))
         ids.append(acts.send[0]["item"]["id"])

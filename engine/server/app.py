@@ -266,7 +266,7 @@ async def serve_forever(cfg: ServerConfig, ready: asyncio.Future[str] | None = N
             ready.set_exception(exc)
         raise
     try:
-        port = server.sockets[0].getsockname()[1]
+        port = next(iter(server.sockets)).getsockname()[1]
         url = f"ws://{cfg.host}:{port}/v1/realtime"
         if ready is not None and not ready.done():
             ready.set_result(url)

@@ -320,7 +320,7 @@ def check_max_output_tokens(value: Any, model: str, where: str) -> int | str:
     if not (value == "inf" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= limit)):
         raise ProtocolError("invalid_value", f"Invalid '{where}': expected an integer between 1 and {limit} "
                             f"(the limit of {model}), or 'inf'.", where)
-    return value  # type: ignore[no-any-return]
+    return value
 
 
 def check_tool_choice(value: Any, tools: list[dict[str, Any]], where: str) -> Any:
@@ -391,11 +391,11 @@ def parse_item(raw: dict[str, Any], input_format: str) -> ParsedItem:
                 words.append(part["text"])
             elif ptype == "input_audio":
                 try:
-                    data = b64decode_strict(part.get("audio") or "")
+                    audio_bytes = b64decode_strict(part.get("audio") or "")
                 except ValueError:
                     raise ProtocolError("invalid_value", "Invalid 'audio'. Expected base64-encoded audio bytes.",
                                         f"item.content[{i}].audio") from None
-                pcm = decode_audio(data, input_format)
+                pcm = decode_audio(audio_bytes, input_format)
                 parts.append({"type": "input_audio", "transcript": part.get("transcript")})
                 if part.get("transcript"):
                     words.append(part["transcript"])
@@ -435,7 +435,7 @@ def check_voice(value: Any, where: str) -> str | dict[str, Any]:
     if not ((isinstance(value, str) and value in VOICES) or (isinstance(value, dict) and isinstance(value.get("id"), str))):
         raise ProtocolError("invalid_value", f"Invalid value: '{value}'. Supported values are: "
                             + ", ".join(f"'{v}'" for v in sorted(VOICES)) + ".", where)
-    return value  # type: ignore[no-any-return]
+    return value
 
 
 def response_conversation(params: dict[str, Any]) -> bool:
@@ -472,8 +472,8 @@ def check_response_params(params: dict[str, Any], input_format: str,
     if metadata is not None and (not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values())):
         raise ProtocolError("invalid_type", "Invalid type for 'response.metadata': expected a map of strings.", "response.metadata")
     tools = check_tools(params["tools"], "response.tools") if "tools" in params else session["tools"]
-    tool_choice = check_tool_choice(params["tool_choice"], tools, "response.tool_choice") \
-        if "tool_choice" in params else None
+    tool_choice = (check_tool_choice(params["tool_choice"], tools, "response.tool_choice")
+                   if "tool_choice" in params else None)
     voice = fmt = None
     audio = params.get("audio")
     if audio is not None:

@@ -217,6 +217,7 @@ class ServerSession:
         elif previous_item_id == "root":
             self.items.insert(0, item)
         else:
+            assert previous_item_id is not None
             prev = self.by_id[previous_item_id]  # caller checked it exists
             self.items.insert(self.items.index(prev) + 1, item)
         self.by_id[item.id] = item
@@ -477,7 +478,7 @@ class ServerSession:
         mot = checked.max_output_tokens if checked.max_output_tokens is not None else self.session["max_output_tokens"]
         tool_choice = checked.tool_choice if checked.tool_choice is not None else self.session["tool_choice"]
         resp = Response(new_id("resp"), params, in_conv, list(modalities), voice if isinstance(voice, str) else "marin",
-                        fmt, metadata, input_items, max_output_tokens=None if mot == "inf" else mot,
+                        fmt, metadata, input_items, max_output_tokens=None if mot == "inf" else int(mot),
                         tool_choice=tool_choice)
         self.responses[resp.id] = resp
         if in_conv:

@@ -130,7 +130,7 @@ class Recognizer:
             raise VoiceError(f"speech recognition unavailable ({cls.last_error}); retrying in "
                              f"{cls.RETRY_S - (time.monotonic() - cls._load_failed_at):.0f} s")
         try:
-            from pocketsphinx import Decoder  # type: ignore[import-not-found]
+            from pocketsphinx import Decoder
             cls._decoder = Decoder(samprate=16000, loglevel="FATAL")
         except Exception as exc:  # noqa: BLE001 - any load failure is reported, then retried
             cls._load_failed_at = time.monotonic()
