@@ -351,6 +351,9 @@ class DeviceFeeder:
 
 
 class PlaybackProcess:
+    #: when playback.levels goes out next (never for an instance built without __init__, as tests do)
+    next_levels_at: float = float("inf")
+
     def __init__(self, spec: dict[str, Any]) -> None:
         self.spec = spec
         cfg = spec["config"]["audio"]
