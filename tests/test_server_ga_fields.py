@@ -159,3 +159,35 @@ def test_semantic_vad_eagerness_sets_the_end_of_turn_silence() -> None:
                     ends[eagerness] = ev["audio_end_ms"]
     assert ends["high"] < ends["medium"] < ends["low"]
     assert ends["auto"] == ends["medium"]  # auto is medium, as the GA docs say
+
+
+@pytest.mark.parametrize("field, good, bad", [
+    ("truncation", {"type": "retention_ratio", "retention_ratio": 0.8, "token_limits": {"post_instructions": 5000}},
+     {"type": "retention_ratio", "retention_ratio": 2}),
+    ("truncation", "disabled", "sometimes"),
+    ("reasoning", {"effort": "low"}, {"effort": "extreme"}),
+    ("tracing", {"workflow_name": "w", "group_id": "g", "metadata": {"a": 1}}, "on"),
+    ("include", ["item.input_audio_transcription.logprobs"], ["everything"]),
+    ("parallel_tool_calls", False, "yes"),
+    ("prompt", {"id": "pmpt_1", "version": "2", "variables": {"name": "Ada"}}, {"version": "2"}),
+])
+def test_stored_session_fields_are_checked_by_their_ga_types(server: Any, validator: Any, field: str,
+                                                             good: Any, bad: Any) -> None:
+    c = _connect(server, validator)
+    ev = _update(c, **{field: good})
+    assert ev["type"] == "session.updated" and ev["session"][field] == good, ev
+    err = _update(c, **{field: bad})
+    assert err["type"] == "error" and err["error"]["param"].startswith(f"session.{field}"), err
+    c.close()
+
+
+@pytest.mark.parametrize("response, param", [
+    ({"reasoning": {"effort": "extreme"}}, "response.reasoning.effort"),
+    ({"parallel_tool_calls": "yes"}, "response.parallel_tool_calls"),
+    ({"instructions": 3}, "response.instructions"),
+])
+def test_response_options_are_checked_too(server: Any, validator: Any, response: dict[str, Any], param: str) -> None:
+    c = _connect(server, validator)
+    c.send({"type": "response.create", "response": response})
+    assert c.until("error")["error"]["param"] == param
+    c.close()

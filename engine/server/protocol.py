@@ -274,11 +274,72 @@ def merge_session_update(current: dict[str, Any], update: dict[str, Any], audio_
                         raise ProtocolError("invalid_value", "Invalid 'session.audio.output.speed': expected a number between 0.25 and 1.5.",
                                             "session.audio.output.speed")
                     s["audio"]["output"]["speed"] = float(sp)
-        else:  # tracing, truncation, prompt, include, parallel_tool_calls, reasoning: stored as given
-            s[key] = value
+        else:  # tracing, truncation, prompt, include, parallel_tool_calls, reasoning: checked, stored as given
+            s[key] = check_stored_field(key, value, f"session.{key}")
     if "tool_choice" in update:
         check_tool_choice(s["tool_choice"], s["tools"], "session.tool_choice")
     return s
+
+
+REASONING_EFFORTS = ("minimal", "low", "medium", "high", "xhigh")
+
+
+def _bad(where: str, expected: str) -> ProtocolError:
+    return ProtocolError("invalid_value", f"Invalid '{where}': expected {expected}.", where)
+
+
+def check_stored_field(key: str, value: Any, where: str) -> Any:
+    """The session fields the server keeps without acting on them, checked by their GA types
+    (so session.updated never echoes what the official types would refuse)."""
+    if key == "parallel_tool_calls":
+        if not isinstance(value, bool):
+            raise ProtocolError("invalid_type", f"Invalid type for '{where}': expected a boolean.", where)
+    elif key == "truncation":
+        if isinstance(value, dict):
+            check_keys(value, {"type", "retention_ratio", "token_limits"}, where)
+            ratio = value.get("retention_ratio")
+            if value.get("type") != "retention_ratio" or isinstance(ratio, bool) \
+                    or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+                raise _bad(where, "'auto', 'disabled' or {'type': 'retention_ratio', 'retention_ratio': 0.0-1.0}")
+            limits = value.get("token_limits")
+            if limits is not None:
+                if not isinstance(limits, dict):
+                    raise _bad(f"{where}.token_limits", "an object")
+                check_keys(limits, {"post_instructions"}, f"{where}.token_limits")
+                pi = limits.get("post_instructions")
+                if pi is not None and (isinstance(pi, bool) or not isinstance(pi, int) or pi < 1):
+                    raise _bad(f"{where}.token_limits.post_instructions", "a positive integer")
+        elif value not in ("auto", "disabled"):
+            raise _bad(where, "'auto', 'disabled' or {'type': 'retention_ratio', 'retention_ratio': 0.0-1.0}")
+    elif key == "reasoning":
+        if not isinstance(value, dict):
+            raise _bad(where, "an object like {'effort': 'low'}")
+        check_keys(value, {"effort"}, where)
+        if value.get("effort") is not None and value["effort"] not in REASONING_EFFORTS:
+            raise _bad(f"{where}.effort", "one of " + ", ".join(f"'{e}'" for e in REASONING_EFFORTS))
+    elif key == "tracing":
+        if value is not None and value != "auto":
+            if not isinstance(value, dict):
+                raise _bad(where, "'auto', null or {'workflow_name': ..., 'group_id': ..., 'metadata': ...}")
+            check_keys(value, {"workflow_name", "group_id", "metadata"}, where)
+            for k in ("workflow_name", "group_id"):
+                if value.get(k) is not None and not isinstance(value[k], str):
+                    raise ProtocolError("invalid_type", f"Invalid type for '{where}.{k}': expected a string.", f"{where}.{k}")
+    elif key == "include":
+        if value is not None and not (isinstance(value, list)
+                                      and all(v == "item.input_audio_transcription.logprobs" for v in value)):
+            raise _bad(where, "null or ['item.input_audio_transcription.logprobs']")
+    elif key == "prompt":
+        if value is not None:
+            if not isinstance(value, dict) or not isinstance(value.get("id"), str):
+                raise ProtocolError("missing_required_parameter", f"Missing required parameter: '{where}.id'.", f"{where}.id")
+            check_keys(value, {"id", "version", "variables"}, where)
+            if value.get("version") is not None and not isinstance(value["version"], str):
+                raise ProtocolError("invalid_type", f"Invalid type for '{where}.version': expected a string.", f"{where}.version")
+            if value.get("variables") is not None and not isinstance(value["variables"], dict):
+                raise ProtocolError("invalid_type", f"Invalid type for '{where}.variables': expected an object.",
+                                    f"{where}.variables")
+    return value
 
 
 TRANSCRIPTION_DELAYS = ("minimal", "low", "medium", "high", "xhigh")
@@ -471,6 +532,12 @@ def check_response_params(params: dict[str, Any], input_format: str,
     metadata = params.get("metadata")
     if metadata is not None and (not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values())):
         raise ProtocolError("invalid_type", "Invalid type for 'response.metadata': expected a map of strings.", "response.metadata")
+    for key in ("parallel_tool_calls", "prompt", "reasoning"):
+        if key in params:
+            check_stored_field(key, params[key], f"response.{key}")
+    if "instructions" in params and not isinstance(params["instructions"], str):
+        raise ProtocolError("invalid_type", "Invalid type for 'response.instructions': expected a string.",
+                            "response.instructions")
     tools = check_tools(params["tools"], "response.tools") if "tools" in params else session["tools"]
     tool_choice = (check_tool_choice(params["tool_choice"], tools, "response.tool_choice")
                    if "tool_choice" in params else None)
