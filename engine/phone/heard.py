@@ -56,7 +56,7 @@ class HeardClock:
         limit = self.sent_frames
         if self.pending:
             limit = min(limit, next(iter(self.pending.values())).index)
-        guess = self.anchor_index + int(max(0.0, now_s - self.anchor_s) * FRAMES_PER_S)
+        guess = self.anchor_index + round(max(0.0, now_s - self.anchor_s) * FRAMES_PER_S)
         return max(self.anchor_index, min(guess, limit))
 
     def sent(self, frames: int, now_s: float) -> list[PendingMark]:
