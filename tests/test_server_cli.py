@@ -95,7 +95,7 @@ def test_signal_stops_a_serving_server_mid_response(sig: int) -> None:
 
 def test_signal_during_start_up_stops_it() -> None:
     proc = _serve("--port", "0")
-    time.sleep(0.2)
+    time.sleep(0.2)  # no event to wait for: the point is a signal at an arbitrary instant of start-up
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=10)
     assert proc.returncode is not None

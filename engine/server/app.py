@@ -2,7 +2,10 @@
 
 Serves the GA protocol at ``ws://HOST:PORT/v1/realtime?model=MODEL``. The protocol
 itself lives in :mod:`engine.server.session`; this module only moves bytes, sleeps,
-runs espeak-ng and the recogniser in worker threads, and injects configured faults.
+runs espeak-ng and the recogniser in worker threads, runs server_vad's idle timer (the
+session says when it should run and what firing it sends), and injects configured faults.
+A stop (SIGTERM/SIGINT, or ``stop``) always ends it within SHUTDOWN_GRACE_S or so; a
+port it cannot listen on raises :class:`ServeError` at once.
 """
 from __future__ import annotations
 
