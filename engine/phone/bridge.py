@@ -56,6 +56,13 @@ def call_session(session: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _p99_ms(samples_us: list[float]) -> float | None:
+    if not samples_us:
+        return None
+    ordered = sorted(samples_us)
+    return round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] / 1000, 3)
+
+
 class Outgoing:
     """One socket's writer: a queue drained by a task, so senders never wait."""
 
@@ -359,6 +366,10 @@ class Call:
                 "media_in_frames": self.media_in_frames, "media_out_frames": self.clock.sent_frames // FRAME_BYTES,
                 "marks_sent": self.clock.marks_sent, "marks_echoed": self.clock.echoes,
                 "truncations": self.truncations, "phone_errors": self.errors,
+                # engine-added latency in this call (p99, ms): phone frame in -> on the API socket's queue,
+                # API delta -> its media frames queued for the phone, speech_started -> clear queued
+                "in_latency_p99_ms": _p99_ms(self.in_latency_us), "out_latency_p99_ms": _p99_ms(self.out_latency_us),
+                "clear_latency_p99_ms": _p99_ms(self.clear_latency_us),
                 "api_errors": core.errors if core else 0})
             b.status_changed()
         if self.ws.state.name == "OPEN":
