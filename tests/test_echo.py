@@ -50,7 +50,7 @@ def test_without_echo_cancellation_the_model_interrupts_itself(echo_path: None, 
 def test_echo_cancellation_keeps_the_model_talking_and_the_user_can_still_barge_in(
         echo_path: None, start_engine: Any, tmp_path: Path, speech_wav: Any) -> None:
     eng = start_engine("--config", str(_config(tmp_path, "aec")))
-    sub = Subscriber(eng.conn["subscribe"], ["playback.", "user.speech.started", "capture.echo", "response.done"])
+    sub = Subscriber(eng.conn["subscribe"], ["playback.", "playout.", "user.speech.started", "capture.echo", "response.done"])
     sub.recv(timeout_ms=0)
     seen: list[tuple[str, dict[str, Any]]] = []
     for n in range(10):

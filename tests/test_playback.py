@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Iterator, Any
 
 import numpy as np
 import pytest
@@ -14,7 +14,7 @@ from tests.helpers import steepest, voiced
 
 
 @pytest.fixture
-def ring() -> Ring:
+def ring() -> Iterator[Ring]:
     name = f"realtalk-test-pb-{os.getpid()}"
     r = Ring.create(name, 1 << 14, with_eventfd=False)
     yield r
@@ -53,7 +53,9 @@ def test_prebuffer_counts_from_when_the_stream_began_to_arrive(ring: Ring) -> No
     out = np.zeros(480, dtype=np.int16)
     ring.mark_start()
     ring.write(loud(480))
-    first_s = ring.stream_start_ns(0) / 1e9
+    start_ns = ring.stream_start_ns(0)
+    assert start_ns is not None
+    first_s = start_ns / 1e9
     time.sleep(0.03)  # a gap between deltas, so the latest write is 30 ms later than the first
     ring.write(loud(4800))
     assert ring.write_stamp[1] / 1e9 - first_s >= 0.03
@@ -231,11 +233,12 @@ class FakePub:
 def reporter(ring: Ring, r: Renderer) -> tuple[PlaybackProcess, FakePub]:
     """The playback process's publishing half, with no bus: it reads nothing from the bus."""
     p = PlaybackProcess.__new__(PlaybackProcess)
-    p.ring, p.renderer, p.pub = ring, r, FakePub()
+    fake = FakePub()
+    p.ring, p.renderer, p.pub = ring, r, fake  # type: ignore[assignment]
     p.callbacks, p.next_cadence_at, p.next_position_at = 0, float("inf"), 0.0
     p.callback_errors = p.reported_callback_errors = 0
     p.last_callback_error, p.next_error_report_at = None, 0.0
-    return p, p.pub
+    return p, fake
 
 
 def test_reports_carry_ring_indices_not_items(ring: Ring) -> None:
@@ -334,11 +337,15 @@ def test_flush_keeps_what_was_written_after_the_request(ring: Ring) -> None:
 
 def test_the_stretcher_reads_the_ring_in_place(ring: Ring, monkeypatch: pytest.MonkeyPatch) -> None:
     """The look-ahead is a view of the ring's data; a copy only where it wraps the ring's end."""
-    copies = []
+    copies: list[int] = []
     peek = ring.peek_into
     from engine.playback.stretch import LOOKAHEAD_FRAMES
-    monkeypatch.setattr(ring, "peek_into",  # read_into peeks too: count only the look-ahead's
-                        lambda out: (len(out) == LOOKAHEAD_FRAMES and copies.append(len(out))) or peek(out))
+
+    def counting_peek(out: Any) -> int:  # read_into peeks too: count only the look-ahead's
+        if len(out) == LOOKAHEAD_FRAMES:
+            copies.append(len(out))
+        return peek(out)
+    monkeypatch.setattr(ring, "peek_into", counting_peek)
     r = Renderer(ring, prebuffer_frames=1920)
     play_deltas(r, ring, late_delta_schedule(30, 10, 0.11), voiced(30 * 480))
     assert r.expanded_frames > 0 and copies == []     # 14400 frames in a 16384-frame ring: no wrap
