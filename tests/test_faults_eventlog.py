@@ -76,3 +76,25 @@ def test_a_broker_crash_is_in_the_log_and_on_the_bus_once_it_is_back(start_engin
     logged = [e for e in _log_lines(session_dir) if e["topic"] == "engine.error"
               and e["body"].get("code") == "child_exited" and e["body"].get("child") == "broker"]
     assert len(logged) == 1, logged
+
+
+def test_a_body_json_cannot_hold_is_logged_and_the_engine_goes_on(start_engine: Any) -> None:
+    """The faults bench: a msgpack map with a bytes key crashed the supervisor's event log (json.dumps)."""
+    eng = start_engine("--text-only")
+    conn = eng.conn
+    pub = Publisher(conn["publish"], "fuzzer")
+    assert pub.join(conn["subscribe"], timeout_s=5)
+    body = {"v": 1, "ts": time.time(), "mono_ns": time.monotonic_ns(), "pub": "fuzzer", "seq": 99,
+            b"raw-key": b"\xff\x00", 7: [1, {b"k": 2}]}
+    pub.send_raw([b"fuzz.odd", msgpack.packb(body, use_bin_type=True)])
+    pub.publish("fuzz.after", {"i": 1})
+    session_dir = Path(conn["session_dir"])
+    deadline = time.monotonic() + 5.0
+    lines: list[dict[str, Any]] = []
+    while time.monotonic() < deadline and not any(e["topic"] == "fuzz.after" for e in lines):
+        time.sleep(0.1)
+        lines = _log_lines(session_dir)
+    odd = [e for e in lines if e["topic"] == "fuzz.odd"]
+    assert odd and odd[0]["body"]["b'raw-key'"] == "b'\\xff\\x00'" and odd[0]["body"]["7"][1] == {"b'k'": 2}
+    assert eng.proc.poll() is None, "the supervisor died"
+    pub.close()

@@ -64,6 +64,17 @@ STOP_DRAIN_MAX_S = 1.0
 TERMINAL_REPEAT_S = 10.0         #: the same error is printed on the terminal at most this often
 
 
+def _jsonable(value: Any) -> Any:
+    """``value`` with every map key made a string and every non-JSON value its text."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -426,9 +437,17 @@ class Supervisor:
 
     # ------------------------------------------------------------ the event log and own events
     def _log(self, topic: str, body: dict[str, Any]) -> None:
-        if self.log_file is not None:
-            self.log_file.write(json.dumps({"topic": topic, "wall": body.get("ts"), "mono_ns": body.get("mono_ns"),
-                                            "body": body}, default=str) + "\n")
+        """One event-log line. A body JSON cannot hold as it is (a msgpack map with bytes or tuple
+        keys, from any bus client) is logged with its keys and odd values as text: never raises."""
+        if self.log_file is None:
+            return
+        line = {"topic": topic, "wall": body.get("ts"), "mono_ns": body.get("mono_ns"), "body": body}
+        try:
+            text = json.dumps(line, default=str)
+        except (TypeError, ValueError):
+            line["body"] = _jsonable(body)
+            text = json.dumps(line, default=str)
+        self.log_file.write(text + "\n")
 
     def _emit(self, topic: str, payload: dict[str, Any], *, hold: bool = True) -> None:
         """Publish one of the supervisor's own events: into the event log at once, and on the bus
