@@ -149,3 +149,54 @@ def test_repeat_after_me_saves_each_reply_as_a_wav(runtime_dir: Path, tmp_path: 
                 assert frames == len(synthesize(reply.text, "marin", 1.0))  # every sample the server sent
                 assert len(reply.audio) == frames * 2
     asyncio.run(asyncio.wait_for(main(), 90))
+
+
+def test_a_script_that_raises_leaves_no_engine_behind(runtime_dir: Path, tmp_path: Path) -> None:
+    """Issue 12: the engine dies with its parent; a script that raises must not leave an orphaned
+    engine, or hang on exit."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+    script = tmp_path / "boom.py"
+    script.write_text(
+        "import asyncio, json, sys\n"
+        "from engine import create_session\n"
+        "async def main():\n"
+        "    s = await create_session({'output_modalities': ['text']}, {'text_only': True})\n"
+        "    print(json.dumps({'pid': s.process.pid, 'dir': str(s.runtime_dir)}), flush=True)\n"
+        "    raise RuntimeError('the user script fails')\n"
+        "asyncio.run(main())\n")
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                         cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert out.returncode == 1 and "the user script fails" in out.stderr, out.stderr[-2000:]
+    assert time.monotonic() - t0 < 40, "the script hung on exit"
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and Path(f"/proc/{info['pid']}").exists():
+        time.sleep(0.1)
+    assert not Path(f"/proc/{info['pid']}").exists(), "the engine outlived the script"
+    conn = Path(info["dir"]) / "engine.json"
+    while time.monotonic() < deadline and conn.exists():
+        time.sleep(0.1)
+    assert not conn.exists(), "the engine did not clean up its runtime directory"
+
+
+def test_create_session_with_a_missing_mic_fails_naming_the_device(runtime_dir: Path, vaudio: Any) -> None:
+    """Issue 15 point 18: with a wrong mic create_session said ready and the first user() raised a bare
+    TimeoutError 21 s later."""
+    import time
+    from engine import EngineError, create_session
+
+    async def main() -> None:
+        t0 = time.monotonic()
+        with pytest.raises(EngineError, match="no-such-mic") as info:
+            s = await create_session({}, {"mic": "no-such-mic", "speaker": "null"})
+            try:
+                await s.user("hello", timeout_s=30)
+            finally:
+                await s.close()
+        assert time.monotonic() - t0 < 15, info.value
+    asyncio.run(asyncio.wait_for(main(), 60))

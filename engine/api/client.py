@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 import wave
@@ -409,6 +410,12 @@ def _next_response_done(previous: str) -> Callable[[str, dict[str, Any]], bool]:
     return lambda t, b: t == "response.done" and b.get("response_id") != previous
 
 
+def _drain(proc: subprocess.Popen[bytes]) -> None:
+    assert proc.stdout is not None
+    for _ in proc.stdout:
+        pass
+
+
 def _die_with_parent() -> None:
     from engine.supervisor.child import parent_death_signal
     parent_death_signal()
@@ -523,8 +530,9 @@ async def create_session(session: dict[str, Any] | None = None, options: dict[st
     if not await asyncio.to_thread(wait_ready):
         proc.wait()
         raise EngineError("the engine did not start:\n" + "".join(lines))
-    # keep draining its output so it never blocks on a full pipe
-    asyncio.get_running_loop().run_in_executor(None, lambda: [None for _ in proc.stdout])  # type: ignore[union-attr]
+    # keep draining its output so it never blocks on a full pipe; a daemon thread, so a program that
+    # ends (or raises) without close() does not wait for it (the default executor would: a hang)
+    threading.Thread(target=_drain, args=(proc,), name="realtalk-engine-output", daemon=True).start()
     s = Session(json.loads((run_dir / "engine.json").read_text()), process=proc, debug=bool(options.get("debug")))
     s.runtime_dir = run_dir
     await s._start()
