@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,7 @@ def scenario(tmp: Path) -> Path:
 def cpu_hog(endpoint: str | None, seconds: float) -> None:
     """A CPU-heavy bus subscriber: reads every message and burns a core on it."""
     import zmq
-    sock = None
+    sock: zmq.Socket[bytes] | None = None
     if endpoint:
         sock = zmq.Context.instance().socket(zmq.SUB)
         sock.connect(endpoint)
@@ -164,11 +165,12 @@ def gap_lengths_ms(recording: np.ndarray, spans: list[tuple[int, int]]) -> list[
 
 def silence_after_cut_ms(recording: np.ndarray, span: tuple[int, int], cut_ms: float,
                          threshold: float) -> float | None:
-    """In one item's span of the speaker monitor (it begins at the item's first sample): ms from
-    that first sample to the end of the last audible 1 ms (RMS above ``threshold``) before the
-    first run of at least 60 ms no louder than QUIET_FLOOR that starts after ``cut_ms - 20``
-    (the cut, as the engine's clock puts it; the reply's own pauses are under 50 ms). None if
-    there is no such run in the span or nothing audible before it."""
+    """In one item's span of the speaker monitor (it begins at the item's first sound, which is the
+    reply's leading near-silence after its first sample): ms from the span's start to the end of
+    the last audible 1 ms (RMS above ``threshold``) before the first run of at least 60 ms no
+    louder than QUIET_FLOOR that starts after ``cut_ms - 20`` (the cut, in ms into the span; the
+    reply's own pauses are under 50 ms). None if there is no such run in the span or nothing
+    audible before it."""
     a, b = span
     seg = recording[a:b]
     if len(seg) < 24:
@@ -189,12 +191,13 @@ def silence_after_cut_ms(recording: np.ndarray, span: tuple[int, int], cut_ms: f
 
 
 def truncation_errors_from_recording(recording: np.ndarray, rec_start_s: float, reply: np.ndarray,
-                                     cuts: list[tuple[int, int | None, int]]) -> list[float]:
+                                     cuts: list[tuple[int, int | None, int, float]]) -> list[float]:
     """How far each truncation's ``audio_end_ms`` is from what the speaker monitor recorded.
 
     ``cuts``: (first_sample_mono_ns, next item's first_sample_mono_ns or None, audio_end_ms,
     stretch_ms) per interruption; the item played ``stretch_ms`` longer than its audio up to the
-    cut (time-stretching), so the recording's span is that much longer than what it played. Every reply is the same speech (``reply``, the server's PCM), so in each item's
+    cut (time-stretching), so the recording's span is that much longer than what it played. Every reply is the
+    same speech (``reply``, the server's PCM), so in each item's
     stretch of the recording the item starts where the sound starts less the reply's own leading
     silence, and the cut is where the sound stops for good. A cut inside a pause of the reply can
     be anywhere up to the reply's next sound, and the fade ends below the threshold: within
@@ -366,6 +369,8 @@ def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
         # (first sample handed to the device, audio_end_ms, item id, stretch_ms at the cut)
         cut_points: list[tuple[int, int, str, float]] = []
         interrupt_ns: list[int] = []
+        # the flush callback: (flush_mono_ns, the item's ms where the fade it handed the device begins)
+        flush_points: list[tuple[int, float]] = []
         device_gapped: set[str] = set()   # items whose flush report counted a device underflow
         monitor = MonitorRecorder(tmp / "monitor.raw")
         for n in range(interruptions):
@@ -376,16 +381,18 @@ def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
             t_ns = time.monotonic_ns()
             mark_cancel = len(eng.log)
             eng.pub.publish("cmd.cancel", {"id": f"cancel-{n}"})
-            flushed = eng.seen_or_wait(mark_cancel, "playback.flushed", 5)
-            interrupted = eng.seen_or_wait(mark_cancel, "playout.interrupted", 5)
+            flush = eng.seen_or_wait(mark_cancel, "playback.flushed", 5)
+            cut = eng.seen_or_wait(mark_cancel, "playout.interrupted", 5)
             eng.seen_or_wait(mark, "response.done", 10)
-            silence_ms.append((flushed["flush_mono_ns"] - t_ns) / 1e6 + FLUSH_FADE_MS)  # + the fade
-            engine_ms.append((flushed["flush_mono_ns"] - interrupted["interrupt_mono_ns"]) / 1e6)
+            silence_ms.append((flush["flush_mono_ns"] - t_ns) / 1e6 + FLUSH_FADE_MS)  # + the fade
+            engine_ms.append((flush["flush_mono_ns"] - cut["interrupt_mono_ns"]) / 1e6)
             cancel_ns.append(t_ns)
-            interrupt_ns.append(interrupted["interrupt_mono_ns"])
-            cut_points.append((started["first_sample_mono_ns"], interrupted["played_ms"], started["item_id"],
-                               flushed.get("stretch_ms", 0.0)))
-            if flushed.get("device_underflows"):
+            interrupt_ns.append(cut["interrupt_mono_ns"])
+            # the flushed index is where the fade ends (what the listener has heard once it is done)
+            flush_points.append((flush["flush_mono_ns"], (flush["index"] - flush["start_index"]) / 24 - FLUSH_FADE_MS))
+            cut_points.append((started["first_sample_mono_ns"], cut["played_ms"], started["item_id"],
+                               flush.get("stretch_ms", 0.0)))
+            if flush.get("device_underflows"):
                 device_gapped.add(started["item_id"])
         time.sleep(0.5)  # the last fade reaches the monitor
         recording = monitor.stop()
@@ -402,13 +409,23 @@ def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
     # own first sample (= first_sample_mono_ns, when playback handed it to the device); silent =
     # after the last 1 ms whose RMS is above -40 dB of the reply's RMS
     spans = response_spans(recording, [c[0] for c in cut_points], QUIET_FLOOR)
-    silent_engine, silent_bus, already_quiet = [], [], 0
-    for (start_ns, _, _, _), span, i_ns, c_ns in zip(cut_points, spans, interrupt_ns, cancel_ns):
-        got = silence_after_cut_ms(recording, span, (i_ns - start_ns) / 1e6, 0.01 * level)
+    # a span begins at the item's first sound, the reply's own leading near-silence after its first sample
+    onset_ms = int(np.argmax(np.abs(reply.astype(np.int32)) > QUIET_FLOOR)) / 24
+    silent_engine: list[float] = []
+    silent_bus: list[float] = []
+    already_quiet = 0
+    for (_, _, _, stretch_ms), span, i_ns, c_ns, (flush_ns, fade_at_ms) in zip(cut_points, spans, interrupt_ns,
+                                                                                 cancel_ns, flush_points):
+        # item ms -> ms into its span: less the onset, plus what stretching added up to the cut
+        to_span_ms = stretch_ms - onset_ms
+        cut_item_ms = fade_at_ms - (flush_ns - i_ns) / 1e6   # what had been handed to the device at the cut
+        got = silence_after_cut_ms(recording, span, cut_item_ms + to_span_ms, 0.01 * level)
         if got is None:
             already_quiet += 1
             continue
-        silent_ns = start_ns + got * 1e6
+        # the item's ms at its last audible one, put on CLOCK_MONOTONIC by the flush callback (it handed
+        # the fade's first sample, ms fade_at_ms, at flush_ns), as the first sample is by first_sample_mono_ns
+        silent_ns = flush_ns + (got - to_span_ms - fade_at_ms) * 1e6
         if silent_ns <= i_ns:   # the cut fell in a pause of the speech: nothing to silence
             already_quiet += 1
             continue
@@ -537,6 +554,17 @@ def bench_baseline(scen: Path, load: bool, turns: int = 8) -> dict[str, Any]:
     return result
 
 
+@dataclass
+class _BaselineState:
+    """What the baseline's device callback and its asyncio loop share (under their lock)."""
+    underruns: int = 0              # short callbacks inside a response (the old count)
+    in_response: bool = False
+    first_out: float | None = None  # time.monotonic() of this response's first sample handed to the device
+    first_at: int = 0               # where that sample is in ``played`` (frames)
+    done_audio: bool = False
+    device_underflows: int = 0
+
+
 async def _baseline(url: str, load: bool, turns: int) -> tuple[dict[str, Any], np.ndarray, list[int], int]:
     import pyaudio
     from openai import AsyncOpenAI
@@ -545,8 +573,7 @@ async def _baseline(url: str, load: bool, turns: int) -> tuple[dict[str, Any], n
     dev = find_device(pa, "vspk", "output")
     lock = threading.Lock()
     buf = bytearray()
-    state = {"underruns": 0, "in_response": False, "first_out": None, "first_at": 0, "done_audio": False,
-             "device_underflows": 0}
+    state = _BaselineState()
     played = bytearray()   # every byte the callback handed to the device, silence included
 
     def callback(in_data: Any, frame_count: int, time_info: Any, status: int) -> tuple[bytes, int]:
@@ -554,13 +581,13 @@ async def _baseline(url: str, load: bool, turns: int) -> tuple[dict[str, Any], n
         with lock:
             chunk = bytes(buf[:need])
             del buf[:need]
-            if chunk and state["first_out"] is None:
-                state["first_out"] = time.monotonic()
-                state["first_at"] = len(played) // 2
+            if chunk and state.first_out is None:
+                state.first_out = time.monotonic()
+                state.first_at = len(played) // 2
             if status & pyaudio.paOutputUnderflow:
-                state["device_underflows"] += 1
-            if len(chunk) < need and state["in_response"] and not state["done_audio"]:
-                state["underruns"] += 1
+                state.device_underflows += 1
+            if len(chunk) < need and state.in_response and not state.done_audio:
+                state.underruns += 1
         out = chunk + bytes(need - len(chunk))
         played.extend(out)
         return out, pyaudio.paContinue
@@ -578,7 +605,7 @@ async def _baseline(url: str, load: bool, turns: int) -> tuple[dict[str, Any], n
             await conn.response.create()
             first_delta = None
             with lock:
-                state.update(in_response=True, first_out=None, done_audio=False)
+                state.in_response, state.first_out, state.done_audio = True, None, False
             async for ev in conn:
                 if ev.type == "response.output_audio.delta":
                     if first_delta is None:
@@ -591,7 +618,7 @@ async def _baseline(url: str, load: bool, turns: int) -> tuple[dict[str, Any], n
                         pass
                 elif ev.type == "response.output_audio.done":
                     with lock:
-                        state["done_audio"] = True
+                        state.done_audio = True
                 elif ev.type == "response.done":
                     break
             while True:
@@ -600,18 +627,18 @@ async def _baseline(url: str, load: bool, turns: int) -> tuple[dict[str, Any], n
                         break
                 await asyncio.sleep(0.02)
             with lock:
-                state["in_response"] = False
-                if state["first_out"] is not None and first_delta is not None:
-                    delta_to_device.append((state["first_out"] - first_delta) * 1000)
-                    starts.append(state["first_at"])
+                state.in_response = False
+                if state.first_out is not None and first_delta is not None:
+                    delta_to_device.append((state.first_out - first_delta) * 1000)
+                    starts.append(state.first_at)
     stream.stop_stream()
     stream.close()
     pa.terminate()
     key = "baseline_under_cpu_load" if load else "baseline"
     return ({f"{key}_delta_to_device_ms_p50": pct(delta_to_device, 50),
              f"{key}_delta_to_device_ms_p99": pct(delta_to_device, 99), f"{key}_turns": turns,
-             f"{key}_device_underflows": state["device_underflows"]},
-            np.frombuffer(bytes(played), dtype=np.int16), starts, state["underruns"])
+             f"{key}_device_underflows": state.device_underflows},
+            np.frombuffer(bytes(played), dtype=np.int16), starts, state.underruns)
 
 
 # ------------------------------------------------------------------ double talk
@@ -633,7 +660,10 @@ def rms_loud(pcm: np.ndarray) -> float:
 def write_wav(path: Path, pcm: np.ndarray) -> None:
     import wave
     with wave.open(str(path), "wb") as w:
-        w.setnchannels(1), w.setsampwidth(2), w.setframerate(24000), w.writeframes(pcm.astype(np.int16).tobytes())
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(24000)
+        w.writeframes(pcm.astype(np.int16).tobytes())
 
 
 def words(text: str) -> set[str]:

@@ -23,7 +23,8 @@ import msgpack
 
 REPO = Path(__file__).resolve().parent.parent
 REPLY = "The sea is wide and the ships are many, and the sailors know the way."   # about 4 s
-CHILD_MARKERS = {"capture": "engine.capture.process", "realtime": "engine.realtime.process", "playback": "engine.playback.process",
+CHILD_MARKERS = {"capture": "engine.capture.process", "realtime": "engine.realtime.process",
+                 "playback": "engine.playback.process",
                  "broker": "bus.broker", "server": "engine.api.cli serve"}
 
 
@@ -103,7 +104,8 @@ class FaultEngine:
             if msg is not None:
                 self.log.append((time.monotonic(), msg[0], msg[1]))
 
-    def find(self, pred: Callable[[float, str, dict[str, Any]], bool], since: float = 0.0) -> tuple[float, str, dict[str, Any]] | None:
+    def find(self, pred: Callable[[float, str, dict[str, Any]], bool],
+             since: float = 0.0) -> tuple[float, str, dict[str, Any]] | None:
         for entry in list(self.log):
             if entry[0] >= since and pred(*entry):
                 return entry
@@ -165,7 +167,8 @@ def _requests_outcome(eng: FaultEngine, ids: list[str], acked: list[float | None
     return {"says_sent": len(ids), "says_acked": sum(1 for a in acked if a is not None),
             "says_answered": sum(1 for d in done if d and d.get("status") == "completed"),
             "says_reported_failed": sum(1 for d in done if d and d.get("status") == "failed"),
-            "says_other_status": sorted({str(d.get("status")) for d in done if d and d.get("status") not in ("completed", "failed")}),
+            "says_other_status": sorted({str(d.get("status")) for d in done
+                                         if d and d.get("status") not in ("completed", "failed")}),
             # lost: never acked, or acked and never answered nor reported failed
             "messages_lost": sum(1 for a, d in zip(acked, done) if a is None or d is None),
             "waiters_hanging": sum(1 for d in done if d is None)}
@@ -292,7 +295,7 @@ def fuzz(tmp: Path, count: int, rate_hz: float = 2000.0) -> dict[str, Any]:
     eng = FaultEngine(tmp)
     try:
         before = {c["name"]: c.get("restarts", 0) for c in (eng.status() or {}).get("children", [])}
-        sock = zmq.Context.instance().socket(zmq.PUB)
+        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PUB)
         sock.connect(eng.conn["publish"])
         time.sleep(0.3)
         rng = random.Random(5)
@@ -313,7 +316,9 @@ def fuzz(tmp: Path, count: int, rate_hz: float = 2000.0) -> dict[str, Any]:
         lat = []
         unanswered = 0
         for pid, sent in probes:
-            got = eng.find(lambda t, tp, b: tp == "cmd.ack" and b.get("id") == pid)
+            def is_ack(t: float, tp: str, b: dict[str, Any], pid: str = pid) -> bool:
+                return tp == "cmd.ack" and b.get("id") == pid
+            got = eng.find(is_ack)
             if got is None:
                 unanswered += 1
             else:
@@ -359,7 +364,7 @@ def slow_subscriber(tmp: Path, seconds: float = 10.0) -> dict[str, Any]:
         lost = [0, 0]   # messages the slow subscriber missed (seq gaps), messages it read
 
         def slow() -> None:
-            s = zmq.Context.instance().socket(zmq.SUB)
+            s: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
             s.setsockopt(zmq.SUBSCRIBE, b"")
             s.connect(eng.conn["subscribe"])
             while not stop.is_set():
@@ -457,7 +462,9 @@ def soak(tmp: Path, minutes: float, speed: float = 4.0) -> dict[str, Any]:
         warm = time.monotonic() + min(30.0, minutes * 60 / 4)
         while time.monotonic() < end:
             rid, ack = eng.say(f"Turn {turns}")
-            got = eng.wait(lambda t, tp, b: tp == "response.done" and b.get("request_id") == rid, 30)
+            def is_done(t: float, tp: str, b: dict[str, Any], rid: str = rid) -> bool:
+                return tp == "response.done" and b.get("request_id") == rid
+            got = eng.wait(is_done, 30)
             played = eng.wait(lambda t, tp, b: tp == "playout.stopped", 30, ack or time.monotonic())
             if got and got[2].get("status") == "completed" and played:
                 turns += 1

@@ -105,7 +105,7 @@ def bench_engine_ring() -> dict[str, Any]:
     p.join()
     p = ctx.Process(target=_ring_paced, args=(name, ring.data_fd, WAKE_BLOCKS, WAKE_HZ))
     p.start()
-    lat_us = []
+    lat_us: list[float] = []
     buf = np.zeros(FRAME, dtype=np.int16)
     while len(lat_us) < WAKE_BLOCKS:
         if not ring.wait_readable(2.0) or ring.overrun_frames:
@@ -312,7 +312,8 @@ def _bus_measure(pub_ep: str, sub_ep: str) -> dict[str, Any]:
     p.join()
     sub.close()
     return {"msgs_per_s": round(rate), "runs": [round(r) for r in rates],
-            "raw_msgs_per_s": round(statistics.median(raw_rates)), "raw_runs": [round(r) for r in raw_rates], "delivered": round(min(delivered), 3),
+            "raw_msgs_per_s": round(statistics.median(raw_rates)), "raw_runs": [round(r) for r in raw_rates],
+            "delivered": round(min(delivered), 3),
             "p50_us": round(pct(lat, 50), 1),
             "p99_us": round(pct(lat, 99), 1)}
 
@@ -341,7 +342,8 @@ def bench_bus() -> dict[str, Any]:
     direct = _bus_measure(f"ipc://{tmp}/d.sock", f"ipc://{tmp}/d.sock")
     return {"bus_broker_msgs_per_s": via["msgs_per_s"], "bus_broker_msgs_per_s_runs": via["runs"],
             "bus_broker_raw_frames_msgs_per_s": via["raw_msgs_per_s"], "bus_broker_raw_frames_runs": via["raw_runs"],
-            "bus_reference_direct_raw_frames_msgs_per_s": direct["raw_msgs_per_s"], "bus_broker_delivered_fraction": via["delivered"],
+            "bus_reference_direct_raw_frames_msgs_per_s": direct["raw_msgs_per_s"],
+            "bus_broker_delivered_fraction": via["delivered"],
             "bus_broker_p50_us_at_1khz": via["p50_us"], "bus_broker_p99_us_at_1khz": via["p99_us"],
             "bus_reference_c_proxy_msgs_per_s": c_proxy["msgs_per_s"], "bus_reference_c_proxy_msgs_per_s_runs": c_proxy["runs"],
             "bus_reference_c_proxy_p99_us_at_1khz": c_proxy["p99_us"],
@@ -373,7 +375,7 @@ def _cpu_ns(pid: int) -> int:
     return total
 
 
-def start_engine(args: list[str], env: dict[str, str], timeout_s: float = 60) -> tuple[subprocess.Popen, float, int | None]:
+def start_engine(args: list[str], env: dict[str, str], timeout_s: float = 60) -> tuple[subprocess.Popen, float, int]:
     """Exec ``engine start ARGS``; (the process, ms from the exec until "ready in" on its stdout,
     the supervisor's own "ready in" figure). Raises RuntimeError if it exits or times out first."""
     t0 = time.monotonic()
@@ -429,7 +431,8 @@ def bench_engine() -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="rtbench"))
     env = dict(os.environ, REALTALK_RUNTIME_DIR=str(tmp / "run"), XDG_DATA_HOME=str(tmp / "data"))
     env.pop("OPENAI_API_KEY", None)
-    outside, inside = [], []
+    outside: list[float] = []
+    inside: list[int] = []
     for _ in range(3):
         proc, ms, own = start_engine(["--text-only"], env)
         outside.append(round(ms, 1))
@@ -491,7 +494,10 @@ def bench_engine() -> dict[str, Any]:
     pcm = np.concatenate([synthesize("Tell me a long story about the sea, the ships and the sailors.", "alloy", 1.0),
                           np.zeros(24000, dtype=np.int16)])
     with wave.open(str(wav), "wb") as w:
-        w.setnchannels(1), w.setsampwidth(2), w.setframerate(24000), w.writeframes(pcm.tobytes())
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(24000)
+        w.writeframes(pcm.tobytes())
     proc, _, _ = start_engine(["--mic", str(wav), "--speaker", "null", "--scenario", str(scen)], env)
     conn = json.loads((tmp / "run" / "engine.json").read_text())
     time.sleep(len(pcm) / 24000 + 1.0)  # the question has been sent; the reply is streaming
@@ -531,6 +537,8 @@ async def _first_delta(url: str, n: int) -> list[float]:
                     first = time.perf_counter() - t0
                 if ev["type"] == "response.done":
                     break
+            if first is None:
+                raise RuntimeError(f"response {i} of the local server had no audio delta")
             out.append(first * 1000)
     return out
 

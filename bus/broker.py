@@ -25,6 +25,7 @@ with the engine's signing key, and replays kept messages with the signature they
 from __future__ import annotations
 
 import ctypes
+import errno
 import itertools
 import os
 import signal
@@ -175,7 +176,7 @@ def _keep(keeper_pub: zmq.Socket, keeper_sub: zmq.Socket, stop: zmq.Socket | Non
         try:
             events = dict(poller.poll(500))
         except zmq.ZMQError as exc:
-            if exc.errno == zmq.EINTR:
+            if exc.errno == errno.EINTR:
                 continue
             raise
         if stop is not None and stop in events:

@@ -36,7 +36,7 @@ def test_malformed_messages_name_the_problem(frames: list[bytes], words: str) ->
 
 @pytest.fixture
 def broker(tmp_path: Path):
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     pub_ep, sub_ep = f"ipc://{tmp_path}/p.sock", f"ipc://{tmp_path}/s.sock"
     stop_ep = f"inproc://stop-{id(tmp_path)}"
     t = threading.Thread(target=run_broker, args=(pub_ep, sub_ep), kwargs={"context": ctx, "stop_endpoint": stop_ep},
@@ -64,7 +64,7 @@ def test_broker_forwards_and_subscriber_counts_malformed(broker: tuple[str, str]
     pub_ep, sub_ep = broker
     sub = Subscriber(sub_ep, ["x."])
     pub = Publisher(pub_ep, "test")
-    raw = zmq.Context.instance().socket(zmq.PUB)
+    raw: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PUB)
     raw.connect(pub_ep)
     got = None
     for _ in range(50):  # slow joiner: publish until the subscription has propagated

@@ -47,7 +47,7 @@ def test_tcp_bus_needs_the_connection_files_keys(start_engine: Any, tmp_path: Pa
     assert conn["publish"].startswith("tcp://") and conn["curve_server_key"] and conn["curve_secret_key"]
     assert stat.S_IMODE((eng.runtime / "engine.json").stat().st_mode) == 0o600
     # plain ZeroMQ without the keys: nothing comes (engine.status is published every second) ...
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     plain_sub = ctx.socket(zmq.SUB)
     plain_sub.setsockopt(zmq.SUBSCRIBE, b"")
     plain_sub.connect(conn["subscribe"])

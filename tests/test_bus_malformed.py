@@ -36,7 +36,7 @@ def test_a_malformed_message_does_not_hide_the_good_ones_behind_it(broker: Broke
     message: the supervisor then slept its 250 ms with good messages waiting."""
     sub = Subscriber(broker.sub_ep, ["x."], verify_key=None)
     pub = _joined(broker, "fuzz")
-    for i in range(100):
+    for _ in range(100):
         pub.send_raw([b"x.bad", b"\xc1"])
         pub.send_raw([b"x.bad"])
     pub.publish("x.good", {"n": 1})
@@ -88,10 +88,13 @@ def test_publish_reports_puts_the_report_on_engine_error(broker: Broker) -> None
     pub.send_raw([b"x.bad", msgpack.packb([1, 2])])
     pub.publish("x.good", {})
     _wait_readable(sub)
-    assert sub.recv(timeout_ms=1000)[0] == "x.good"
+    msg = sub.recv(timeout_ms=1000)
+    assert msg is not None and msg[0] == "x.good"
     assert sub.publish_reports(reporter, "supervisor") == 1
     assert sub.publish_reports(reporter, "supervisor") == 0  # rate-limited
-    topic, body = watcher.recv(timeout_ms=2000)
+    report = watcher.recv(timeout_ms=2000)
+    assert report is not None
+    topic, body = report
     assert topic == "engine.error" and body["code"] == "malformed_bus_message" and body["count"] == 1
     assert "expected a map" in body["message"] and body["benign"] is True and body["source"] == "supervisor"
     for s in (sub, watcher, pub, reporter):

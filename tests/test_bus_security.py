@@ -5,7 +5,7 @@ import json
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import msgpack
 import pytest
@@ -65,16 +65,18 @@ def tcp_broker(keys: BusKeys) -> Iterator[Broker]:
     b.stop()
 
 
-def _first(sub: Subscriber, topic: str, send: object = None, timeout_s: float = 3.0) -> dict | None:
-    """Wait for ``topic`` on ``sub``, calling ``send()`` between tries (slow joiner)."""
+def _first(sub: Subscriber, topic: str, send: Callable[[], object] | None = None,
+           timeout_s: float = 3.0) -> dict[str, Any]:
+    """Wait for ``topic`` on ``sub``, calling ``send()`` between tries (slow joiner); fails the test
+    if it does not come within ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if callable(send):
+        if send is not None:
             send()
         msg = sub.recv(timeout_ms=50)
         if msg is not None and msg[0] == topic:
             return msg[1]
-    return None
+    pytest.fail(f"no {topic} on the subscriber within {timeout_s} s")
 
 
 # ------------------------------------------------------------------ signatures (pure)
@@ -107,8 +109,8 @@ def test_forged_fatal_error_is_dropped_and_reported(ipc_broker: Broker, keys: Bu
     forger.publish("engine.error", {"source": "realtime", "fatal": True, "message": "forged"})
     forger.publish("model.text.delta", {"text": "anyone may publish this"})
     engine.publish("engine.error", {"source": "realtime", "fatal": True, "message": "real"})
-    got = [sub.recv(timeout_ms=2000) for _ in range(2)]
-    assert sorted((t, b.get("message", b.get("text"))) for t, b in got if t) == [  # two publishers: any order
+    got = [msg for msg in (sub.recv(timeout_ms=2000) for _ in range(2)) if msg is not None]
+    assert sorted((t, b.get("message", b.get("text"))) for t, b in got) == [  # two publishers: any order
         ("engine.error", "real"), ("model.text.delta", "anyone may publish this")]
     assert sub.malformed == 1 and FORGED_REASON in str(sub.last_error)
     # a badly signed copy (signed with another key) is dropped too
@@ -122,7 +124,7 @@ def test_forged_fatal_error_is_dropped_and_reported(ipc_broker: Broker, keys: Bu
 
 def test_readers_without_the_key_still_read_signed_messages(ipc_broker: Broker, keys: BusKeys) -> None:
     sub = Subscriber(ipc_broker.sub_ep, ["engine."], verify_key=None)
-    raw = zmq.Context.instance().socket(zmq.SUB)
+    raw: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
     raw.setsockopt(zmq.SUBSCRIBE, b"engine.")
     raw.connect(ipc_broker.sub_ep)
     engine = Publisher(ipc_broker.pub_ep, "supervisor:1", signing_key=keys.signing_key)
@@ -183,7 +185,7 @@ def test_tcp_needs_the_engine_keys(tcp_broker: Broker, keys: BusKeys) -> None:
     pub = Publisher(eps, "engine")
     assert pub.join(timeout_s=5)
     # plain ZeroMQ, no keys: the handshake fails, so nothing comes and nothing goes
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     plain_sub = ctx.socket(zmq.SUB)
     plain_sub.setsockopt(zmq.SUBSCRIBE, b"")
     plain_sub.connect(tcp_broker.sub_ep)
@@ -204,10 +206,10 @@ def test_tcp_needs_the_engine_keys(tcp_broker: Broker, keys: BusKeys) -> None:
     assert "x.engine" in got and "x.plain" not in got
     assert plain_sub.poll(300) == 0
     assert wrong.recv(timeout_ms=300) is None
-    for s in (plain_sub, plain_pub):
-        s.close(0)
-    for s in (sub, pub, wrong):
-        s.close()
+    for raw_sock in (plain_sub, plain_pub):
+        raw_sock.close(0)
+    for client in (sub, pub, wrong):
+        client.close()
 
 
 def test_broker_refuses_curve_without_client_keys(keys: BusKeys) -> None:

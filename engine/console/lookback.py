@@ -85,7 +85,7 @@ def wav_levels(folder: Path) -> dict[str, Any]:
     with w:
         rate, channels = w.getframerate(), w.getnchannels()
         window = rate * WINDOW_MS // 1000
-        sums = [[] for _ in range(channels)]
+        sums: list[list[np.ndarray]] = [[] for _ in range(channels)]
         while True:
             raw = w.readframes(window * 500)
             if not raw:
