@@ -782,6 +782,55 @@ def bench_double_talk(tmp: Path, trials: int, echo_trials: int = 2) -> dict[str,
     return out
 
 
+def bench_push_to_talk(tmp: Path, turns: int = 8) -> dict[str, Any]:
+    """Push to talk against server VAD, on the same devices and server: the user's question is
+    played into the mic (PulseAudio's micsink), then
+    - push to talk (``turn_detection: null``): the bench publishes ``cmd.input.commit`` once the
+      question has played; ``ptt_commit_to_speaker_ms`` runs from that publish to the reply's first
+      sample at the speaker (playout.started's ``first_sample_mono_ns`` + ``output_latency_ms``);
+    - server VAD: ``vad_speech_end_to_speaker_ms`` is latency.turn's ``to_speaker_ms``, from the
+      user's speech end (the server's ``audio_end_ms`` mapped to capture time) to the same instant;
+      it includes the VAD's ``silence_duration_ms`` (500) that push to talk does not wait for."""
+    from engine.server.voice import synthesize
+    scen = tmp / "ptt.yaml"
+    scen.write_text('default_reply: "Here is your answer."\n')
+    wav = tmp / "question.wav"
+    write_wav(wav, synthesize("What is the time in Paris?", "alloy", 1.0))
+    vaudio("echo-off")
+    out: dict[str, Any] = {"ptt_turns": turns}
+    ptt: list[float] = []
+    run_dir = tmp / "ptt"
+    run_dir.mkdir()
+    eng = Engine(run_dir, scen, session="turn_detection: null, transcription: null")
+    try:
+        for n in range(turns):
+            subprocess.run(["paplay", "--device=micsink", str(wav)], timeout=30, check=True)
+            sent_ns = time.monotonic_ns()
+            eng.pub.publish("cmd.input.commit", {"id": f"ptt-{n}-{sent_ns}", "respond": True})
+            started = eng.wait("playout.started", timeout=20)
+            ptt.append((started["first_sample_mono_ns"] - sent_ns) / 1e6 + float(started.get("output_latency_ms") or 0))
+            eng.wait("playout.stopped", timeout=30)
+    finally:
+        eng.stop()
+    vad: list[float] = []
+    run_dir = tmp / "vad"
+    run_dir.mkdir()
+    eng = Engine(run_dir, scen, session="transcription: null")
+    try:
+        for _ in range(turns):
+            subprocess.run(["paplay", "--device=micsink", str(wav)], timeout=30, check=True)
+            turn = eng.wait("latency.turn", timeout=20, where=lambda b: b.get("trigger") == "speech")
+            if turn.get("to_speaker_ms") is not None:
+                vad.append(float(turn["to_speaker_ms"]))
+            eng.wait("playout.stopped", timeout=30)
+    finally:
+        eng.stop()
+    out.update({"ptt_commit_to_speaker_ms_p50": pct(ptt, 50), "ptt_commit_to_speaker_ms_p99": pct(ptt, 99),
+                "vad_speech_end_to_speaker_ms_p50": pct(vad, 50), "vad_speech_end_to_speaker_ms_p99": pct(vad, 99),
+                "vad_turns_measured": len(vad)})
+    return out
+
+
 def run(interruptions: int = 200, double_talk_trials: int = 5) -> dict[str, Any]:
     vaudio_env()
     tmp = Path(tempfile.mkdtemp(prefix="rtconv"))
@@ -789,6 +838,7 @@ def run(interruptions: int = 200, double_talk_trials: int = 5) -> dict[str, Any]
     result: dict[str, Any] = {"jitter_ms": JITTER_MS, "prebuffer_ms": PREBUFFER_MS, "period_ms": PERIOD_MS,
                               "playback_period_ms": PLAYBACK_PERIOD_MS}
     result.update(bench_engine(tmp, scen, interruptions))
+    result.update(bench_push_to_talk(tmp))
     result.update(bench_baseline(scen, load=False))
     result.update(bench_baseline(scen, load=True))
     if double_talk_trials > 0:

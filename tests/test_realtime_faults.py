@@ -178,6 +178,12 @@ def test_the_engine_recycles_its_session_at_a_turn_boundary(start_engine: Any, t
     assert back["reason"] == "recycle" and back["history_items"] >= 2
     assert not [b for t, b in seen if t == "response.done" and b.get("status") == "failed"]
     assert answered(sub, ask(pub, "still there?"), 20, seen)["status"] == "completed"
+    # every recycle leaves no socket behind (the faults bench's soak saw the realtime process's fds grow)
+    fd_dir = Path(f"/proc/{child_pid(eng, 'realtime')}/fd")
+    before = len(list(fd_dir.iterdir()))
+    for _ in range(3):
+        wait_topic(sub, "engine.status", timeout=10, where=lambda b: b.get("state") == "reconnected", seen=seen)
+    assert len(list(fd_dir.iterdir())) <= before, "a recycled socket's file descriptor was left open"
     sub.close()
     pub.close()
 

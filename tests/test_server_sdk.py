@@ -75,7 +75,8 @@ def test_audio_turn_server_vad(server: Any, validator: Any, speech_wav: Any) -> 
 
 def test_function_call_round_trip(make_server: Any, validator: Any) -> None:
     from engine.server.scenario import parse_scenario
-    sc = parse_scenario({"turns": [{"match": {"text": "weather"}, "call": {"name": "get_weather", "arguments": {"city": "London"}},
+    sc = parse_scenario({"turns": [{"match": {"text": "weather"},
+                                    "call": {"name": "get_weather", "arguments": {"city": "London"}},
                                     "then": "It is {output}."}]})
     server = make_server(scenario=sc)
     with _client(server).realtime.connect(model="gpt-realtime") as conn:

@@ -433,15 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except EngineError as exc:
+    except EngineError as exc:  # the server's, the ring's and the core's errors are EngineErrors too
         print(f"engine {args.command}: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:
-        from engine.server.scenario import ScenarioError
-        if isinstance(exc, ScenarioError):
-            print(f"engine {args.command}: {exc}", file=sys.stderr)
-            return 2
-        raise
 
 
 if __name__ == "__main__":

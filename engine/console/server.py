@@ -288,7 +288,7 @@ class ConsoleServer:
                         await asyncio.wait_for(stop.wait(), 0.5)
                     except asyncio.TimeoutError:
                         if self.relay.error is not None:
-                            raise ConsoleError(f"the console lost the bus: {self.relay.error}")
+                            raise ConsoleError(f"the console lost the bus: {self.relay.error}") from None
         except OSError as exc:
             raise ConsoleError(f"the console cannot listen on {self.host}:{self.port}: {exc.strerror or exc}; "
                                "give another --console-port (0: any free port)") from None

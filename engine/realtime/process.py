@@ -205,6 +205,16 @@ class RealtimeProcess:
                                      "message": f"cannot connect to {self.url.split('?')[0]}: {cause}"
                                                 + ("; retrying with backoff" if first_try else "")})
 
+    def _discard_socket(self) -> None:
+        """The closed socket's file descriptor goes now, not when the garbage collector finds it
+        (each reconnect and session recycle leaked one)."""
+        ws = self.ws
+        if ws is not None:
+            try:
+                ws.shutdown()
+            except (websocket.WebSocketException, OSError):
+                pass  # already gone
+
     def send_close(self) -> None:
         """Start a clean close (1000); the reader sees the server's close frame and reconnects."""
         ws = self.ws
@@ -236,6 +246,7 @@ class RealtimeProcess:
                 first = False
                 code, why = self._read_loop(pub)
                 self.connected.clear()
+                self._discard_socket()
                 self.step(Disconnected(code, why), pub)
                 if self.stop.is_set():
                     break

@@ -413,7 +413,8 @@ class ServerSession:
         item = self._item_or_error(ev["item_id"])
         if ev["content_index"] != 0:
             raise ProtocolError("invalid_value", "Invalid 'content_index': expected 0.", "content_index")
-        is_audio = (item.data.get("role") == "assistant" and any(p["type"] == "output_audio" for p in item.data.get("content", [])))
+        is_audio = (item.data.get("role") == "assistant"
+                    and any(p["type"] == "output_audio" for p in item.data.get("content", [])))
         if not is_audio:
             raise ProtocolError("invalid_value", "Only model output audio messages can be truncated.", "item_id")
         end_ms = ev["audio_end_ms"]
@@ -558,7 +559,8 @@ class ServerSession:
         else:
             resp.text = self.scenario.default_reply.format(user=heard.rstrip(".!? ") or "something I could not make out")
 
-    def response_steps(self, resp: Response, speech: np.ndarray | None, speed: float = 1.0) -> Iterator[tuple[float, dict[str, Any]]]:
+    def response_steps(self, resp: Response, speech: np.ndarray | None,
+                       speed: float = 1.0) -> Iterator[tuple[float, dict[str, Any]]]:
         """Yield ``(delay_s, event)`` to stream ``resp``; ``speech`` is its PCM16 24 kHz audio."""
         ev = self._ev
         first_delay = self.faults.first_delta_delay_ms / 1000.0

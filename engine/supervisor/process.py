@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import select
 import signal
 import socket
 import subprocess
@@ -202,6 +203,11 @@ class Supervisor:
         self.session_id: str | None = None
         self.cost_usd = 0.0
         self.connected = False
+        #: device messages still to come before "ready": a device that fails to open fails the start,
+        #: instead of the engine saying ready and the first answer failing (issue 15 point 18)
+        self.devices_pending: set[str] = set()
+        self._connected_at_ns: int | None = None
+        self._last_device_ns = 0
         self.errors: list[dict[str, Any]] = []
         self.forged = 0                  #: fatal engine.error messages from outside the engine, ignored
         self.fatal: str | None = None
@@ -351,9 +357,12 @@ class Supervisor:
                                    "record_path": str(self.session_dir / "conversation.wav")
                                    if self.cfg["record"] else None})
             self.children.append(Child("capture", [py, "-m", "engine.capture.process"], pass_fds=fds, spec=cap_spec))
+            self.devices_pending.add("capture.device")
         self.children.append(Child("realtime", [py, "-m", "engine.realtime.process"], pass_fds=fds,
                                    spec=self._spec(realtime_extra)))
         self.children.append(Child("playback", [py, "-m", "engine.playback.process"], spec=self._spec(pb_extra)))
+        if not (isinstance(speaker, str) and (speaker == "null" or speaker.lower().endswith(".wav"))):
+            self.devices_pending.add("playback.device")  # a real speaker: ready once it is open
         if self.console is not None:
             console_spec = self._spec({"console": self.console, "session_dir": str(self.session_dir)})
             console_spec["bus"].pop("signing_key")  # it publishes cmd.* only: no key a page could ever reach
@@ -498,15 +507,15 @@ class Supervisor:
             if self.stopping or not self._from_engine(body):  # (while stopping, the rings are gone: only log)
                 return
             self.session_id = body.get("session_id")
-            if not self.connected:
-                self.connected = True
-                # when the realtime process said so (the loop takes messages up to LOOP_PERIOD_S later)
+            if self._connected_at_ns is None:
+                self._connected_at_ns = body.get("mono_ns") if isinstance(body.get("mono_ns"), int) else time.monotonic_ns()
+            self._maybe_ready()
+        elif topic in ("capture.device", "playback.device") and topic in self.devices_pending:
+            if self._from_engine(body):
+                self.devices_pending.discard(topic)
                 sent_ns = body.get("mono_ns")
-                self.ready_mono = sent_ns / 1e9 if isinstance(sent_ns, int) else time.monotonic()
-                self.out.write(f"realtalk: ready in {(self.ready_mono - self.started_mono) * 1000:.0f} ms "
-                               f"(session {self.session_id})\n")
-                self.out.flush()
-                self._write_connection_file()
+                self._last_device_ns = max(self._last_device_ns, sent_ns if isinstance(sent_ns, int) else time.monotonic_ns())
+                self._maybe_ready()
         elif topic == "phone.status" and self.phone is not None:
             if self.stopping or not self._from_engine(body):
                 return
@@ -535,6 +544,18 @@ class Supervisor:
                 self.fatal = f"{source}: {message}"
             elif source == "socket" and not body.get("benign"):
                 self._print(f"realtalk: {source} error ({body.get('code')}): {message}")
+
+    def _maybe_ready(self) -> None:
+        """Ready: the API session is up and every device is open."""
+        if self.connected or self._connected_at_ns is None or self.devices_pending or self.stopping:
+            return
+        self.connected = True
+        # when the last of them said so (the loop takes messages up to LOOP_PERIOD_S later)
+        self.ready_mono = max(self._connected_at_ns, self._last_device_ns) / 1e9
+        self.out.write(f"realtalk: ready in {(self.ready_mono - self.started_mono) * 1000:.0f} ms "
+                       f"(session {self.session_id})\n")
+        self.out.flush()
+        self._write_connection_file()
 
     def _child_of(self, body: dict[str, Any]) -> Child | None:
         pub = body.get("pub")
@@ -584,6 +605,10 @@ class Supervisor:
             self.stopping = True
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
+        # a child that exits wakes the loop at once (it slept up to 250 ms before reaping it)
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
         next_status = 0.0
         try:
             while not self.stopping and self.fatal is None:
@@ -602,13 +627,38 @@ class Supervisor:
                     next_status = now + 1.0
                     self._emit("engine.status", self.status(), hold=False)
                 if not self.stopping and empty:
-                    time.sleep(LOOP_PERIOD_S)
+                    self._sleep(wake_r, now)
         finally:
+            if self.fatal and self.pub is not None and self.bus_up:
+                # clients fail their waiters with the cause at once (an answer in flight would only
+                # see the socket close as the children stop)
+                self.pub.publish("engine.error", {"source": "supervisor", "code": "engine_stopped", "fatal": True,
+                                                  "message": self.fatal})
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            os.close(wake_r)
+            os.close(wake_w)
             self.shutdown()
         if self.fatal:
             self.out.write(f"realtalk: stopped: {self.fatal}\n")
             return 1
         return 0
+
+    def _sleep(self, wake_fd: int, now: float) -> None:
+        """Until the next round: LOOP_PERIOD_S, less when a child's restart falls due sooner; a
+        signal (a child's exit, SIGTERM) ends it at once."""
+        due = [c.machine.restart_at for c in self.children if c.machine.restart_at is not None]
+        timeout = max(0.0, min([LOOP_PERIOD_S, *(d - now for d in due)]))
+        try:
+            ready, _, _ = select.select([wake_fd], [], [], timeout)
+        except InterruptedError:
+            ready = []
+        if ready:
+            try:
+                while os.read(wake_fd, 512):
+                    pass
+            except BlockingIOError:
+                pass
 
     def _manage(self, now: float) -> None:
         """Reap exits and advance every child's state machine; do the I/O it asks for."""
