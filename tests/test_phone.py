@@ -211,6 +211,7 @@ def test_a_call_from_start_to_hang_up(phone_engine: Any, runtime_dir: Path) -> N
         await bus.wait("phone.call.status", state="connected", phone_call_id=phone.call_sid)
         status = json.loads(subprocess.run([sys.executable, "-m", "engine.api.cli", "status", "--json"],
                                            capture_output=True, text=True, timeout=30).stdout)
+        assert status["phone"] is not None, status
         assert status["phone"]["url"] == eng.url
         assert [c["phone_call_id"] for c in status["phone"]["calls"]] == [phone.call_sid]
         bus.pub.publish("cmd.say", {"text": "Good morning to you", "phone_call_id": phone.call_sid, "id": "s1"})

@@ -207,6 +207,7 @@ class Supervisor:
         #: instead of the engine saying ready and the first answer failing (issue 15 point 18)
         self.devices_pending: set[str] = set()
         self._connected_at_ns: int | None = None
+        self.next_status_at = 0.0   #: the next engine.status; 0 = at once (the state changed)
         self._last_device_ns = 0
         self.errors: list[dict[str, Any]] = []
         self.forged = 0                  #: fatal engine.error messages from outside the engine, ignored
@@ -520,6 +521,7 @@ class Supervisor:
             if self.stopping or not self._from_engine(body):
                 return
             self.phone_status = {k: v for k, v in body.items() if k not in ("v", "ts", "mono_ns", "pub", "seq")}
+            self.next_status_at = 0.0  # the broker's last-value copy of engine.status is current at once
             if not self.connected:
                 self.connected = True
                 self.ready_mono = time.monotonic()
@@ -550,6 +552,7 @@ class Supervisor:
         if self.connected or self._connected_at_ns is None or self.devices_pending or self.stopping:
             return
         self.connected = True
+        self.next_status_at = 0.0
         # when the last of them said so (the loop takes messages up to LOOP_PERIOD_S later)
         self.ready_mono = max(self._connected_at_ns, self._last_device_ns) / 1e9
         self.out.write(f"realtalk: ready in {(self.ready_mono - self.started_mono) * 1000:.0f} ms "
@@ -609,7 +612,7 @@ class Supervisor:
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGCHLD, lambda *_: None)
-        next_status = 0.0
+        self.next_status_at = 0.0
         try:
             while not self.stopping and self.fatal is None:
                 # wake four times a second and take what came meanwhile: a wake-up per bus message
@@ -623,8 +626,8 @@ class Supervisor:
                     self.pub.publish(self._probe_topic)  # comes back once the broker forwards again
                 elif self._held and now >= self._held_due:
                     self._send_held()
-                if now >= next_status:
-                    next_status = now + 1.0
+                if now >= self.next_status_at:
+                    self.next_status_at = now + 1.0
                     self._emit("engine.status", self.status(), hold=False)
                 if not self.stopping and empty:
                     self._sleep(wake_r, now)
