@@ -242,7 +242,7 @@ def test_console_in_chromium_during_a_spoken_conversation(vaudio: dict[str, str]
     # 3. barge-in: the user talks over a long reply; the page shows where it was cut
     page.fill("#say-text", "Tell me a story.")
     page.click("#say-send")
-    page.wait_for_function("() => window.consoleState.markers.filter(m => m.kind === 'played').length >= 3", timeout=30_000)
+    page.wait_for_function("() => window.consoleState.markers.filter(m => m.kind === 'played').length >= 3", timeout=60_000)
     page.wait_for_timeout(1500)
     subprocess.run(["paplay", "--device=micsink", str(speech_wav("Wait, please stop.", pad_s=0.3))],
                    check=True, timeout=20, env=env)
