@@ -217,8 +217,11 @@ def test_console_in_chromium_during_a_spoken_conversation(vaudio: dict[str, str]
                    check=True, timeout=20, env=env)
     page.wait_for_function("() => window.consoleState.markers.some(m => m.kind === 'played')", timeout=30_000)
     page.wait_for_function("() => window.consoleState.lanes.spk.some(p => p.db > -40)", timeout=10_000)
-    page.wait_for_timeout(300)   # two frames drawn since
-    spk_cols, mic_cols = lane_columns(page, 2, SPK), lane_columns(page, 0, MIC)
+    for _ in range(25):   # the envelope scrolls in as the reply plays: up to 5 s of drawing
+        page.wait_for_timeout(200)
+        spk_cols, mic_cols = lane_columns(page, 2, SPK), lane_columns(page, 0, MIC)
+        if spk_cols > 20 and mic_cols > 20:
+            break
     shot(page, "1-model-speaking.png")
     assert spk_cols > 20, f"the speaker lane is blank while the model speaks ({spk_cols} columns)"
     assert mic_cols > 20, f"the mic lane is blank after the user spoke ({mic_cols} columns)"

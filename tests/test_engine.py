@@ -218,7 +218,8 @@ def test_spoken_turn_through_real_devices(vaudio: dict[str, str], start_engine: 
     # latency per turn, from the user's speech end to the first sample at the device
     turn = next((b for t, b in seen if t == "latency.turn"), None) or wait_topic(sub, "latency.turn", timeout=10)
     assert turn["item_id"] == item_id and turn["trigger"] == "speech"
-    assert 0 < turn["to_first_delta_ms"] < turn["to_device_ms"] < 3000
+    # the order is the behaviour checked here (the figures are the conversation bench's); 10 s is a sanity bound
+    assert 0 < turn["to_first_delta_ms"] < turn["to_device_ms"] < 10_000
     assert turn["first_delta_to_device_ms"] >= 50  # the 60 ms prebuffer, less one device period at most
     assert turn["output_latency_ms"] > 0 and turn["deltas"] > 1
     # the mic sender is woken by the capture's writes (eventfd), not by its 200 ms safety timeout
