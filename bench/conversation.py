@@ -789,8 +789,9 @@ def bench_push_to_talk(tmp: Path, turns: int = 8) -> dict[str, Any]:
       question has played; ``ptt_commit_to_speaker_ms`` runs from that publish to the reply's first
       sample at the speaker (playout.started's ``first_sample_mono_ns`` + ``output_latency_ms``);
     - server VAD: ``vad_speech_end_to_speaker_ms`` is latency.turn's ``to_speaker_ms``, from the
-      user's speech end (the server's ``audio_end_ms`` mapped to capture time) to the same instant;
-      it includes the VAD's ``silence_duration_ms`` (500) that push to talk does not wait for."""
+      server's ``audio_end_ms`` mapped to capture time to the same instant; ``audio_end_ms``
+      already includes the VAD's ``silence_duration_ms`` (500), so the user waits that much more
+      after they stop talking; push to talk has no such wait."""
     from engine.server.voice import synthesize
     scen = tmp / "ptt.yaml"
     scen.write_text('default_reply: "Here is your answer."\n')
