@@ -198,10 +198,10 @@ def test_console_in_chromium_during_a_spoken_conversation(vaudio: dict[str, str]
     scenario = tmp_path / "sc.yaml"
     story = ("Once upon a time, in a small village by the sea, there lived an old fisherman who told long "
              "stories every evening, about storms and whales and the lights he saw far out on the water.")
-    scenario.write_text('turns:\n  - match: {turn: 1}\n    reply: "The capital of France is Paris."\n'
-                        '  - match: {turn: 2}\n    reply: "Rome is the capital of Italy."\n'
-                        f'  - match: {{turn: 3}}\n    reply: "{story}"\n'
-                        '  - match: {turn: 4}\n    reply: "All right, I stop."\n')
+    scenario.write_text(f'turns:\n  - match: {{text: "Tell me a story"}}\n    reply: "{story}"\n'
+                        '  - match: {turn: 1}\n    reply: "The capital of France is Paris."\n'
+                        '  - match: {text: "Italy"}\n    reply: "Rome is the capital of Italy."\n'
+                        'default_reply: "All right, I stop."\n')
     record = tmp_path / "rec"
     cfg = tmp_path / "cfg.yaml"
     # no echo path between the virtual devices; without the residual-echo guard the user's quieter
@@ -243,9 +243,18 @@ def test_console_in_chromium_during_a_spoken_conversation(vaudio: dict[str, str]
     page.wait_for_function("() => document.getElementById('say-status').innerText.startsWith('added as')", timeout=10_000)
 
     # 3. barge-in: the user talks over a long reply; the page shows where it was cut
-    page.fill("#say-text", "Tell me a story.")
-    page.click("#say-send")
-    page.wait_for_function("() => window.consoleState.markers.filter(m => m.kind === 'played').length >= 3", timeout=60_000)
+    # (on a loaded machine the model's own echo can cut a reply before its first sample: ask again once)
+    played = page.evaluate("() => window.consoleState.markers.filter(m => m.kind === 'played').length")
+    for attempt in range(2):
+        page.fill("#say-text", "Tell me a story.")
+        page.click("#say-send")
+        try:
+            page.wait_for_function(f"() => window.consoleState.markers.filter(m => m.kind === 'played').length > {played}",
+                                   timeout=30_000)
+            break
+        except Exception:
+            if attempt == 1:
+                raise
     page.wait_for_timeout(1500)
     subprocess.run(["paplay", "--device=micsink", str(speech_wav("Wait, please stop.", pad_s=0.3))],
                    check=True, timeout=20, env=env)
