@@ -363,6 +363,19 @@ def slow_subscriber(tmp: Path, seconds: float = 10.0) -> dict[str, Any]:
         seen: dict[str, int] = {}
         lost = [0, 0]   # messages the slow subscriber missed (seq gaps), messages it read
 
+        def take(frames: list[bytes]) -> None:
+            """Count one message read, and the gap in its publisher's ``seq`` before it."""
+            try:
+                body = msgpack.unpackb(frames[1])
+                pub, seq = body.get("pub"), body.get("seq")
+                if isinstance(seq, int) and pub in seen and seq > seen[pub] + 1:
+                    lost[0] += seq - seen[pub] - 1
+                if isinstance(seq, int):
+                    seen[pub] = max(seq, seen.get(pub, 0))
+            except Exception:  # noqa: BLE001 - a message we cannot read is not what is measured
+                pass
+            lost[1] += 1
+
         def slow() -> None:
             s: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
             s.setsockopt(zmq.SUBSCRIBE, b"")
@@ -373,16 +386,7 @@ def slow_subscriber(tmp: Path, seconds: float = 10.0) -> dict[str, Any]:
                 except zmq.Again:
                     time.sleep(0.1)
                     continue
-                try:
-                    body = msgpack.unpackb(frames[1])
-                    pub, seq = body.get("pub"), body.get("seq")
-                    if isinstance(seq, int) and pub in seen and seq > seen[pub] + 1:
-                        lost[0] += seq - seen[pub] - 1
-                    if isinstance(seq, int):
-                        seen[pub] = max(seq, seen.get(pub, 0))
-                except Exception:  # noqa: BLE001 - a message we cannot read is not what is measured
-                    pass
-                lost[1] += 1
+                take(frames)
                 time.sleep(0.01)   # 100 messages a second at most: slow
             # then read what is still queued, fast: the gaps after the queue filled are the drops
             end = time.monotonic() + 3.0
@@ -392,16 +396,7 @@ def slow_subscriber(tmp: Path, seconds: float = 10.0) -> dict[str, Any]:
                 except zmq.Again:
                     time.sleep(0.01)
                     continue
-                try:
-                    body = msgpack.unpackb(frames[1])
-                    pub, seq = body.get("pub"), body.get("seq")
-                    if isinstance(seq, int) and pub in seen and seq > seen[pub] + 1:
-                        lost[0] += seq - seen[pub] - 1
-                    if isinstance(seq, int):
-                        seen[pub] = max(seq, seen.get(pub, 0))
-                except Exception:  # noqa: BLE001
-                    pass
-                lost[1] += 1
+                take(frames)
             s.close(linger=0)
 
         def flood() -> None:   # traffic the slow subscriber cannot keep up with: 1 KB messages, 5,000/s

@@ -17,6 +17,8 @@ from typing import Any, Iterator
 import numpy as np
 import pytest
 
+from tests.conftest import RunningEngine
+
 from bus import Publisher, Subscriber
 from engine.codec import encode_audio
 from engine.phone.heard import HeardClock
@@ -108,32 +110,13 @@ def test_audio_after_silence_starts_playing_when_sent() -> None:
 
 
 # ================================================================ end to end
-class PhoneEngine:
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.proc = proc
-        self.lines: list[str] = []
-        self.url = ""
-        self.ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
+class PhoneEngine(RunningEngine):
+    """`engine phone`: ready on the line that also names its URL ("ready in ...; phone calls at ws://...")."""
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            m = re.search(r"phone calls at (ws://\S+)", line)
-            if m:
-                self.url = m.group(1)
-                self.ready.set()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(2)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+    @property
+    def url(self) -> str:
+        m = re.search(r"phone calls at (ws://\S+)", "".join(self.lines))
+        return m.group(1) if m else ""
 
 
 @pytest.fixture
@@ -144,7 +127,7 @@ def phone_engine(runtime_dir: Path, tmp_path: Path) -> Iterator[Any]:
         proc = subprocess.Popen([sys.executable, "-m", "engine.api.cli", "phone", "--backend", "local", "--port", "0",
                                  *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=os.environ.copy(), cwd=str(tmp_path))
-        eng = PhoneEngine(proc)
+        eng = PhoneEngine(proc, runtime_dir, tmp_path / "data")
         engines.append(eng)
         if not eng.ready.wait(30):
             eng.stop()

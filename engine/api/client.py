@@ -467,12 +467,14 @@ def _claim_runtime_dir(given: str | os.PathLike[str] | None, tmp: Path) -> Path:
 
 
 def _engine_runs_in(path: Path) -> bool:
+    """An engine's connection file is there and names a supervisor that still runs (by its identity,
+    as `engine start` checks it: a reused pid is not an engine)."""
+    from engine.supervisor.process import engine_identity
     try:
-        pid = int(json.loads((path / "engine.json").read_text())["pid"])
-        os.kill(pid, 0)
-    except (OSError, ValueError, KeyError, TypeError):
+        conn = json.loads((path / "engine.json").read_text())
+    except (OSError, ValueError):
         return False
-    return True
+    return isinstance(conn, dict) and engine_identity(conn)
 
 
 async def create_session(session: dict[str, Any] | None = None, options: dict[str, Any] | None = None) -> Session:

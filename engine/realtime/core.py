@@ -118,7 +118,6 @@ class RealtimeCore:
             "conversation.item.input_audio_transcription.completed": self._on_user_transcript_done,
             "conversation.item.input_audio_transcription.failed": self._on_user_transcript_failed,
             "response.created": self._on_response_created,
-            "response.output_item.added": self._on_output_item_added,
             "response.output_audio.delta": self._on_audio_delta,
             "response.output_audio.done": self._on_audio_done,
             "response.output_text.delta": self._on_text_delta,
@@ -422,9 +421,6 @@ class RealtimeCore:
     def _request_of(self, response_id: str) -> str | None:
         return self.requests.response_requests.get(response_id)
 
-    def _on_output_item_added(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
-        return []
-
     def _on_audio_delta(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
         rid, item_id = ev["response_id"], ev["item_id"]
         if rid in self.silent_responses:
@@ -522,7 +518,7 @@ class RealtimeCore:
             Publish("cost.response", {"response_id": rid, "usd": usd, "usage": usage}),
             self.budget.session_message(),
         ]
-        acts.extend(self.turns.response_done(rid, True))
+        acts.extend(self.turns.response_done(rid))
         acts.extend(self.budget.check())
         acts.append(self.history_message())
         return acts + self._drain(now_s)

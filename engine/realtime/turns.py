@@ -71,7 +71,6 @@ class TurnTiming:
     output_latency_ms: float = 0.0
     audio: bool = False
     done: bool = False
-    heard: bool = True            #: False when interrupted before any of it was played
     published: bool = False
     item_id: str | None = None    #: its first audio item
 
@@ -194,12 +193,11 @@ class Turns:
         t.output_latency_ms = output_latency_ms
         return self._latency(t)
 
-    def response_done(self, response_id: str, heard: bool) -> list[Publish]:
+    def response_done(self, response_id: str) -> list[Publish]:
         t = self.timings.get(response_id)
         if t is None:
             return []
         t.done = True
-        t.heard = heard
         return self._latency(t)
 
     def _latency(self, t: TurnTiming) -> list[Publish]:
