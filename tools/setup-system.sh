@@ -4,12 +4,13 @@
 #   portaudio19-dev           PyAudio builds against it
 #   pulseaudio(-utils), libasound2-plugins   virtual devices for headless machines and CI
 #   espeak-ng, sox            the local server's voice; test WAVs
+#   haproxy                   the two-worker phone test (load balancer in front of engine phone workers)
 #   chromium                  the console's browser tests (Playwright drives /usr/bin/chromium; no browser download)
 #   nodejs, npm               the Node.js client (optional; skipped if node exists)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-pkgs=(portaudio19-dev pulseaudio pulseaudio-utils libasound2-plugins espeak-ng sox chromium)
+pkgs=(portaudio19-dev pulseaudio pulseaudio-utils libasound2-plugins espeak-ng sox chromium haproxy)
 command -v node >/dev/null || pkgs+=(nodejs npm)
 missing=(); for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
