@@ -127,18 +127,20 @@ class EchoCanceller:
             blocks = min(self._near.length, self._far.length) // AEC_BLOCK_FRAMES
             n = blocks * AEC_BLOCK_FRAMES
             near_all, far_all = self._near.head(n), self._far.head(n)
+            if blocks:
+                # AEC3 takes several 10 ms blocks in one call; the statistics are per block
+                out_f = np.asarray(self._aec.process(near_all, far_all), dtype=np.float32).reshape(blocks, -1)
+                far_f = far_all.reshape(blocks, -1).astype(np.float32)
+                near_f = near_all.reshape(blocks, -1).astype(np.float32)
+                far_rms_all = np.sqrt(np.einsum("ij,ij->i", far_f, far_f) / AEC_BLOCK_FRAMES)
+                out_energy_all = np.einsum("ij,ij->i", out_f, out_f)
+                near_energy_all = np.einsum("ij,ij->i", near_f, near_f)
             for b in range(blocks):
-                s = slice(b * AEC_BLOCK_FRAMES, (b + 1) * AEC_BLOCK_FRAMES)
-                near_b, far_b = near_all[s], far_all[s]
-                out_b = self._aec.process(near_b, far_b)
                 self.blocks += 1
-                far_f = far_b.astype(np.float32)
-                out_f = np.asarray(out_b, dtype=np.float32)
-                far_rms = (float(np.dot(far_f, far_f)) / AEC_BLOCK_FRAMES) ** 0.5
-                out_energy = float(np.dot(out_f, out_f))
+                far_rms = float(far_rms_all[b])
+                out_energy = float(out_energy_all[b])
                 if far_rms > self._active_rms:
-                    near_f = near_b.astype(np.float32)
-                    near_energy = float(np.dot(near_f, near_f))
+                    near_energy = float(near_energy_all[b])
                     self.near_energy += near_energy
                     self.out_energy += out_energy
                     self.far_active_blocks += 1
@@ -156,9 +158,10 @@ class EchoCanceller:
                     far_peak = float(self._far_rms.max())
                     if far_peak > self._active_rms and \
                             (out_energy / AEC_BLOCK_FRAMES) ** 0.5 < self._guard_ratio * far_peak:
-                        out_f *= GUARD_ATTENUATION
+                        out_f[b] *= GUARD_ATTENUATION
                         self.guarded_blocks += 1
-                self._out[s] = out_f
+            if blocks:
+                self._out[:n] = out_f.reshape(-1)
             self._near.drop(n)
             self._far.drop(n)
             out = self._down.resample_chunk(self._out[:n]) if n else np.zeros(0, dtype=np.int16)
