@@ -1,13 +1,18 @@
-"""Connection failures the realtime process publishes (engine.error, source socket) are on the
-engine's terminal at once, with their message."""
+"""What the user reads: `engine start` prints each error on its terminal as it happens (a
+connection failure, a bad command), with its message, and `engine tail` shows the conversation
+(the reply's words, the error with its message) and not the firehose."""
 from __future__ import annotations
 
+import json
 import os
+import pty
+import select
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -16,30 +21,132 @@ from engine.supervisor.process import free_port
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
 
+class Lines:
+    """A process's stdout read by a thread; ``wait_for`` blocks until a line matches."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._t = threading.Thread(target=self._read, daemon=True)
+        self._t.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_for(self, pred: Callable[[str], bool], timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                hit = next((line for line in self.lines if pred(line)), None)
+                if hit is not None:
+                    return hit
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._t.is_alive()):
+                    raise AssertionError("no such line within the time; got:\n" + "\n".join(self.lines))
+                self._cond.wait(min(left, 0.5))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._t.join(2)
+
+
 def test_a_connection_failure_is_printed_on_the_terminal(runtime_dir: Path, tmp_path: Path) -> None:
     cfg = tmp_path / "dead.yaml"
     cfg.write_text(f"backend: openai\nopenai_url: ws://127.0.0.1:{free_port()}/v1/realtime\n")
     env = {**os.environ, "OPENAI_API_KEY": "sk-test-terminal"}
     proc = subprocess.Popen([sys.executable, "-m", "engine.api.cli", "start", "--config", str(cfg), "--text-only"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=str(tmp_path))
-    lines: list[str] = []
-    printed = threading.Event()
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if "socket error" in line:
-                printed.set()
-    t = threading.Thread(target=read, daemon=True)
-    t.start()
+    out = Lines(proc)
     started = time.monotonic()
     try:
-        assert printed.wait(15), "".join(lines)
+        line = out.wait_for(lambda s: s.startswith("error: socket:"), 15)
         assert time.monotonic() - started < 10
-        line = next(line for line in lines if "socket error" in line)
         assert "connect" in line.lower() and "refused" in line.lower(), line
+        assert "\r" not in "".join(out.lines) and "\x1b" not in "".join(out.lines)   # no live line off a TTY
     finally:
-        proc.terminate()
+        out.stop()
+
+
+def test_tail_shows_the_reply_and_an_error_and_start_prints_the_error(runtime_dir: Path, tmp_path: Path) -> None:
+    eng = Lines(subprocess.Popen([sys.executable, "-m", "engine.api.cli", "start", "--backend", "local", "--text-only"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy(),
+                                 cwd=str(tmp_path)))
+    tail: Lines | None = None
+    try:
+        eng.wait_for(lambda s: "ready in" in s, 30)
+        conn = json.loads((runtime_dir / "engine.json").read_text())
+        tail = Lines(subprocess.Popen([sys.executable, "-m", "engine.api.cli", "tail", "--seconds", "40"],
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      env=os.environ.copy()))
+        # the broker hands a new subscriber the last engine.status: the tail is subscribed once it shows
+        tail.wait_for(lambda s: s.endswith("engine  ready"), 15)
+        said = subprocess.run([sys.executable, "-m", "engine.api.cli", "say", "Hello there, how are you?"],
+                              capture_output=True, text=True, timeout=30, env=os.environ.copy())
+        assert said.returncode == 0, said.stderr
+        reply = tail.wait_for(lambda s: " model " in s, 15)
+        assert "You said: Hello there, how are you" in reply, reply
+        tail.wait_for(lambda s: " user " in s and "Hello there, how are you?" in s and "said by cli:" in s, 5)
+        tail.wait_for(lambda s: " turn " in s and "cost $" in s, 5)
+        from bus import Publisher
+        pub = Publisher(conn["publish"], "test-terminal")
+        assert pub.join(conn["subscribe"], timeout_s=10)
+        pub.publish("cmd.bogus", {"id": "bogus-1"})   # the realtime process reports a bad command
+        pub.close()
+        err = tail.wait_for(lambda s: " error " in s, 15)
+        assert "bus: unknown command topic 'cmd.bogus'" in err and "(bad_command)" in err, err
+        # the engine's own terminal: the same error, one line, with its source and message
+        line = eng.wait_for(lambda s: s.startswith("error: bus:"), 15)
+        assert "unknown command topic 'cmd.bogus'" in line, line
+        # no firehose in the default view: no status heartbeats, deltas, positions or levels
+        text = "\n".join(tail.lines)
+        for noise in ("model.text.delta", "engine.status", "capture.levels", "playout.position", "conversation.history"):
+            assert noise not in text, text
+        assert sum(1 for s in tail.lines if s.endswith("engine  ready")) == 1, text
+    finally:
+        if tail is not None:
+            tail.stop()
+        if eng.proc.poll() is None:
+            eng.proc.send_signal(2)   # a clean stop, as Ctrl-C
+            try:
+                eng.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                pass
+        eng.stop()
+    assert eng.proc.returncode == 0, "\n".join(eng.lines)
+    assert not any("\r" in s or "\x1b" in s for s in eng.lines)   # the live line is for a TTY only
+
+
+def test_on_a_tty_start_draws_the_live_line(runtime_dir: Path, tmp_path: Path) -> None:
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "engine.api.cli", "start", "--backend", "local", "--text-only"],
+                            stdout=slave, stderr=slave, stdin=subprocess.DEVNULL, env=os.environ.copy(),
+                            cwd=str(tmp_path))
+    os.close(slave)
+    seen = b""
+    try:
+        deadline = time.monotonic() + 30
+        while b"\r\x1b[Kspeaking: nobody | mic" not in seen:
+            ready, _, _ = select.select([master], [], [], max(0.0, deadline - time.monotonic()))
+            assert ready, seen.decode(errors="replace")
+            try:
+                seen += os.read(master, 4096)
+            except OSError:   # the engine closed the terminal: it exited
+                raise AssertionError(seen.decode(errors="replace")) from None
+        assert b"ready in" in seen.split(b"\r\x1b[K")[0]   # drawn once the engine is ready
+    finally:
+        proc.send_signal(2)
         proc.wait(15)
-        t.join(2)
+        os.close(master)

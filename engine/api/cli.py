@@ -261,17 +261,25 @@ def cmd_ptt(args: argparse.Namespace) -> int:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
+    """The conversation as readable lines (engine/api/view.py); topics the view leaves out are
+    printed one message a line only when a prefix asks for them (``engine tail cost.``).
+    ``--all`` (or ``--json``): every message of the given prefixes, one line each."""
     from bus import Subscriber
+    from engine.api.view import ConversationView
     conn = _connection()
     sub = Subscriber(conn["subscribe"], args.prefixes or [""])
     deadline = time.monotonic() + args.seconds if args.seconds else None
+    view = None if args.all or args.json else ConversationView()
     try:
         while deadline is None or time.monotonic() < deadline:
             msg = sub.recv(timeout_ms=200)
             if msg is None:
                 continue
             topic, body = msg
-            if args.json:
+            if view is not None and (view.shows(topic) or not args.prefixes):
+                for line in view.feed(topic, body):
+                    print(line, flush=True)
+            elif args.json:
                 print(json.dumps({"topic": topic, **body}, default=str), flush=True)
             else:
                 payload = {k: v for k, v in body.items() if k not in ("v", "ts", "mono_ns", "pub", "seq")}
@@ -280,6 +288,11 @@ def cmd_tail(args: argparse.Namespace) -> int:
                 print(f"{time.strftime('%H:%M:%S')} {topic:<32} {shown}", flush=True)
     except KeyboardInterrupt:
         pass
+    finally:
+        sub.close()
+        if view is not None:
+            for line in view.flush():   # model words still streaming when the view ended
+                print(line, flush=True)
     return 0
 
 
@@ -403,9 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--turns", type=int, default=None, help="stop after this many turns")
     s.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each answer")
     s.set_defaults(func=cmd_ptt)
-    s = sp.add_parser("tail", help="print bus messages")
-    s.add_argument("prefixes", nargs="*", metavar="TOPIC_PREFIX")
-    s.add_argument("--json", action="store_true")
+    s = sp.add_parser("tail", help="watch the conversation (--all: every bus message)")
+    s.add_argument("prefixes", nargs="*", metavar="TOPIC_PREFIX", help="only topics starting with these")
+    s.add_argument("--all", action="store_true", help="every message, one line each (levels, positions, deltas…)")
+    s.add_argument("--json", action="store_true", help="every message as one JSON line (implies --all)")
     s.add_argument("--seconds", type=float, default=None, help="stop after this long")
     s.set_defaults(func=cmd_tail)
 

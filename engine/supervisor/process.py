@@ -47,8 +47,10 @@ from urllib.parse import quote
 
 from bus import Endpoints, Publisher, Subscriber, generate_keys
 from bus.client import connection_file, runtime_dir
+from engine.api.view import TerminalView
 from engine.supervisor.child import error_text, parent_death_signal
 from engine.supervisor.children import (ChildMachine, GaveUp, Kill, Policy, Restarting, Spawn, Terminate)
+from engine.supervisor.terminal import Terminal
 from engine.config import resolve_backend, session_payload
 from engine.errors import ConfigError, EngineError
 from engine.audio.ring import Ring
@@ -225,6 +227,9 @@ class Supervisor:
         self._held: list[tuple[str, dict[str, Any]]] = []   #: own events waiting for the broker
         self._held_due = 0.0
         self._printed: dict[str, float] = {}
+        #: the terminal: error lines as they happen, and a live line on a TTY (engine/api/view.py)
+        self.view = TerminalView()
+        self.term = Terminal(out)
         self._malformed_seen = 0
         self.malformed = 0               #: malformed bus messages the supervisor skipped
         self.shut_down = False
@@ -464,6 +469,9 @@ class Supervisor:
         now, or (``hold``) once the broker is back when it is down; a state message (``hold``
         false) that cannot go now is dropped, the next one supersedes it."""
         assert self.pub is not None
+        if topic == "engine.error" and not payload.get("fatal"):
+            for line in self.view.feed(topic, payload):   # our own errors (a child exited) on the terminal too
+                self._print(line)
         header = {"v": 1, "ts": time.time(), "mono_ns": time.monotonic_ns(), "pub": self.pub.name}
         if self.bus_up and not self._held:
             self.pub.publish(topic, payload)
@@ -491,8 +499,7 @@ class Supervisor:
         if now - self._printed.get(line, -1e9) < TERMINAL_REPEAT_S:
             return
         self._printed[line] = now
-        self.out.write(line + "\n")
-        self.out.flush()
+        self.term.line(line)
 
     # ------------------------------------------------------------ main loop
     def _on_message(self, topic: str, body: dict[str, Any]) -> None:
@@ -504,6 +511,8 @@ class Supervisor:
         if self.pub is not None and body.get("pub") == self.pub.name:
             return  # our own: logged when it was emitted
         self._log(topic, body)
+        if topic != "engine.error":
+            self.view.feed(topic, body)   # the live line's state
         if topic == "engine.status" and body.get("state") == "connected":
             if self.stopping or not self._from_engine(body):  # (while stopping, the rings are gone: only log)
                 return
@@ -543,9 +552,10 @@ class Supervisor:
                 child.last_error = body["message"]
             source, message = body.get("source", "engine"), body.get("message")
             if body.get("fatal"):
-                self.fatal = f"{source}: {message}"
-            elif source == "socket" and not body.get("benign"):
-                self._print(f"realtalk: {source} error ({body.get('code')}): {message}")
+                self.fatal = f"{source}: {message}"   # printed as the cause of the stop
+            else:
+                for line in self.view.feed(topic, body):   # each error, with its message
+                    self._print(line)
 
     def _maybe_ready(self) -> None:
         """Ready: the API session is up and every device is open."""
@@ -629,6 +639,8 @@ class Supervisor:
                 if now >= self.next_status_at:
                     self.next_status_at = now + 1.0
                     self._emit("engine.status", self.status(), hold=False)
+                if self.connected and not self.stopping:
+                    self.term.draw(self.view.live_line(), now)   # a TTY only
                 if not self.stopping and empty:
                     self._sleep(wake_r, now)
         finally:
@@ -721,6 +733,7 @@ class Supervisor:
             return
         self.shut_down = True
         self.stopping = True
+        self.term.clear()
         try:
             if self.pub is not None and self.bus_up:
                 self._emit("engine.status", self.status(), hold=False)
