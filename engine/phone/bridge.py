@@ -45,6 +45,7 @@ API_RETRIES_S = (0.0, 0.5, 1.0, 2.0)
 CALL_TOPIC_RENAMES = {"engine.status": "phone.call.status"}
 DTMF_MODES = ("off", "context", "reply")
 OUTGOING_MAX = 20_000          #: messages queued for one socket before that call is ended (a stuck peer)
+LATE_S = 0.020                 #: a media frame handed to its socket later than this after its audio came in is late
 
 
 def call_session(session: Mapping[str, Any]) -> dict[str, Any]:
@@ -63,12 +64,32 @@ def _p99_ms(samples_us: list[float]) -> float | None:
     return round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] / 1000, 3)
 
 
+class Latency:
+    """One path's latencies (µs, the latest 4096) and how many were over :data:`LATE_S`."""
+
+    def __init__(self) -> None:
+        self.samples_us: list[float] = []
+        self.late = 0
+
+    def note(self, value_us: float) -> None:
+        self.samples_us.append(value_us)
+        self.late += value_us > LATE_S * 1e6
+        if len(self.samples_us) > 4096:
+            del self.samples_us[:1024]
+
+    def p99_ms(self) -> float | None:
+        return _p99_ms(self.samples_us)
+
+
 class Outgoing:
-    """One socket's writer: a queue drained by a task, so senders never wait."""
+    """One socket's writer: a queue drained by a task, so senders never wait.
+
+    A message put with ``since_s`` (a monotonic instant: when what it carries came in) and a
+    :class:`Latency` notes ``since_s`` -> the moment its bytes were handed to the socket."""
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.queue: asyncio.Queue[str | None] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[str, float, Latency | None] | None] = asyncio.Queue()
         self.ws: ServerConnection | ClientConnection | None = None
         self.task: asyncio.Task[None] | None = None
         self.sent = 0
@@ -78,25 +99,28 @@ class Outgoing:
         if self.task is None:
             self.task = asyncio.get_running_loop().create_task(self._run(), name=f"writer {self.name}")
 
-    def put(self, text: str) -> bool:
+    def put(self, text: str, since_s: float = 0.0, latency: Latency | None = None) -> bool:
         if self.queue.qsize() >= OUTGOING_MAX:
             return False
-        self.queue.put_nowait(text)
+        self.queue.put_nowait((text, since_s, latency))
         return True
 
     async def _run(self) -> None:
         while True:
-            text = await self.queue.get()
-            if text is None:
+            item = await self.queue.get()
+            if item is None:
                 return
             ws = self.ws
             if ws is None:
                 continue
+            text, since_s, latency = item
             try:
                 await ws.send(text)
                 self.sent += 1
             except ConnectionClosed:
-                pass  # the reader sees it
+                continue  # the reader sees it
+            if latency is not None:
+                latency.note((time.monotonic() - since_s) * 1e6)
 
     def close(self) -> None:
         self.queue.put_nowait(None)
@@ -127,10 +151,13 @@ class Call:
         self.media_in_frames = 0
         self.errors = 0
         self.truncations = 0
-        #: phone frame in -> bytes on the API socket, and API delta -> media frame queued (µs, latest 4096)
-        self.in_latency_us: list[float] = []
-        self.out_latency_us: list[float] = []
-        self.clear_latency_us: list[float] = []
+        #: phone frame in -> its audio handed to the API socket; API delta in -> each of its media frames
+        #: handed to the phone socket; speech_started in -> clear handed to the phone socket
+        self.in_latency = Latency()
+        self.out_latency = Latency()
+        self.clear_latency = Latency()
+        self.frame_in_s = 0.0          #: when the phone frame being handled came in
+        self.event_in_s = 0.0          #: when the API event being handled came in
 
     # ------------------------------------------------------------ the phone side
     async def run(self) -> None:
@@ -145,10 +172,21 @@ class Call:
         except ConnectionClosed:
             self.end_reason = self.end_reason or "hangup"
         except Exception as exc:  # noqa: BLE001 - one call's bug ends that call only
-            self.end_reason = "error"
-            self.bridge.error(self, "call_failed", f"the call failed: {type(exc).__name__}: {exc}")
+            self.fail(exc)
         finally:
             await self.end()
+
+    def fail(self, exc: BaseException) -> None:
+        """A bug in this call's handling (phone side, API side or a timer): ``engine.error``
+        ``call_failed`` for this call, and this call ends (its phone socket closes); no other call
+        is touched."""
+        if self.end_reason == "error":
+            return
+        self.end_reason = "error"
+        self.ended = True
+        self.bridge.error(self, "call_failed", f"the call failed: {type(exc).__name__}: {exc}", fatal=True)
+        if self.ws.state.name == "OPEN":
+            asyncio.get_running_loop().create_task(self.ws.close(1011, "call failed"))
 
     def on_phone(self, text: str | bytes) -> None:
         now = time.monotonic()
@@ -164,9 +202,8 @@ class Call:
         if isinstance(msg, MediaMsg):
             if msg.track != "outbound" and self.core is not None:
                 self.media_in_frames += 1
+                self.frame_in_s = now
                 self.step(MicAudio(msg.ulaw, now))
-                if self.api is not None:
-                    self._note(self.in_latency_us, (time.monotonic() - now) * 1e6)
         elif isinstance(msg, MarkMsg):
             self.on_mark(msg.name, now)
         elif isinstance(msg, StartMsg):
@@ -229,7 +266,6 @@ class Call:
         b = self.bridge
         for act in acts:
             if isinstance(act, Play):
-                t0 = time.monotonic()
                 if act.starts_item:
                     self.item_start = self.clock.sent_frames
                     follow.append(PlaybackReport("started", self.item_start, self.item_start,
@@ -238,25 +274,26 @@ class Call:
                 pcm = act.pcm
                 for i in range(0, len(pcm), FRAME_BYTES):
                     chunk = pcm[i:i + FRAME_BYTES]
-                    self.put_phone(self.stream.media(chunk))
+                    self.put_phone(self.stream.media(chunk), self.event_in_s or now, self.out_latency)
                     for mark in self.clock.sent(len(chunk), now):
                         self.put_phone(self.stream.mark(mark.name))
-                self._note(self.out_latency_us, (time.monotonic() - t0) * 1e6)
             elif isinstance(act, Publish):
                 b.publish(self, CALL_TOPIC_RENAMES.get(act.topic, act.topic), act.payload)
                 if act.topic == "playout.interrupted":
                     self.truncations += 1
             elif isinstance(act, SendAudio):
                 self.api_out.put('{"type":"input_audio_buffer.append","audio":"'
-                                 + base64.b64encode(act.pcm).decode("ascii") + '"}')
+                                 + base64.b64encode(act.pcm).decode("ascii") + '"}', self.frame_in_s or now,
+                                 self.in_latency if self.api is not None else None)
             elif isinstance(act, Send):
                 self.api_out.put(json.dumps(act.event))
                 b.publish(self, "client." + act.event["type"], act.event)
             elif isinstance(act, Flush):
                 heard_at = self.bridge.last_speech_started_s.pop(self.id, None)
-                self.put_phone(self.stream.clear())
                 if heard_at is not None:
-                    self._note(self.clear_latency_us, (time.monotonic() - heard_at) * 1e6)
+                    self.put_phone(self.stream.clear(), heard_at, self.clear_latency)
+                else:
+                    self.put_phone(self.stream.clear())
                 heard = self.clock.clear(now)
                 follow.append(PlaybackReport("flushed", self.item_start if self.item_start is not None else heard,
                                              heard, {"flush_mono_ns": time.monotonic_ns()}))
@@ -267,8 +304,8 @@ class Call:
                 pass  # a call lasts less than a session (60 minutes): nothing to recycle
         return follow
 
-    def put_phone(self, text: str) -> None:
-        if not self.phone_out.put(text) and not self.ended:
+    def put_phone(self, text: str, since_s: float = 0.0, latency: Latency | None = None) -> None:
+        if not self.phone_out.put(text, since_s, latency) and not self.ended:
             self.bridge.error(self, "phone_stuck", "the phone side does not read what is sent: ending the call")
             self.end_reason = "phone_stuck"
             self.ended = True
@@ -288,16 +325,20 @@ class Call:
     def _tick(self) -> None:
         self.timer, self.timer_due = None, float("inf")
         if not self.ended:
-            self.step(Tick())
-
-    @staticmethod
-    def _note(samples: list[float], value_us: float) -> None:
-        samples.append(value_us)
-        if len(samples) > 4096:
-            del samples[:1024]
+            try:
+                self.step(Tick())
+            except Exception as exc:  # noqa: BLE001 - one call's bug ends that call only
+                self.fail(exc)
 
     # ------------------------------------------------------------ the API side
     async def api_loop(self) -> None:
+        """The API socket's life; a bug in handling its events fails this call only (:meth:`fail`)."""
+        try:
+            await self._api_loop()
+        except Exception as exc:  # noqa: BLE001 - one call's bug ends that call only
+            self.fail(exc)
+
+    async def _api_loop(self) -> None:
         b = self.bridge
         first = True
         for delay in API_RETRIES_S:
@@ -318,6 +359,7 @@ class Call:
             code, why = 1000, ""
             try:
                 async for text in api:
+                    self.event_in_s = time.monotonic()
                     try:
                         event = json.loads(text)
                     except ValueError:
@@ -325,8 +367,9 @@ class Call:
                         continue
                     if isinstance(event, dict):
                         if event.get("type") == "input_audio_buffer.speech_started":
-                            b.last_speech_started_s[self.id] = time.monotonic()
+                            b.last_speech_started_s[self.id] = self.event_in_s
                         self.step(ServerEvent(event))
+                    self.event_in_s = 0.0
             except ConnectionClosed as exc:
                 code, why = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else (1006, "no close frame")
             self.api = None
@@ -366,10 +409,12 @@ class Call:
                 "media_in_frames": self.media_in_frames, "media_out_frames": self.clock.sent_frames // FRAME_BYTES,
                 "marks_sent": self.clock.marks_sent, "marks_echoed": self.clock.echoes,
                 "truncations": self.truncations, "phone_errors": self.errors,
-                # engine-added latency in this call (p99, ms): phone frame in -> on the API socket's queue,
-                # API delta -> its media frames queued for the phone, speech_started -> clear queued
-                "in_latency_p99_ms": _p99_ms(self.in_latency_us), "out_latency_p99_ms": _p99_ms(self.out_latency_us),
-                "clear_latency_p99_ms": _p99_ms(self.clear_latency_us),
+                # engine-added latency in this call (p99, ms), each up to its bytes handed to the socket: phone
+                # frame in -> the API socket, API delta in -> each of its media frames, speech_started in -> clear;
+                # and the frames of the first two that took over 20 ms
+                "in_latency_p99_ms": self.in_latency.p99_ms(), "out_latency_p99_ms": self.out_latency.p99_ms(),
+                "clear_latency_p99_ms": self.clear_latency.p99_ms(),
+                "media_in_late_frames": self.in_latency.late, "media_out_late_frames": self.out_latency.late,
                 "api_errors": core.errors if core else 0})
             b.status_changed()
         if self.ws.state.name == "OPEN":
@@ -396,6 +441,9 @@ class PhoneBridge:
         self.path: str = "/" + str(phone.get("path", "/twilio")).lstrip("/")
         self.dtmf_to_model: str = phone.get("dtmf_to_model", "off")
         self.max_calls: int = int(phone.get("max_calls", 100))
+        #: one of many bridge processes on one bus (a process per call, bench/phone.py's comparison):
+        #: commands for calls it does not hold are another process's, not refused; no status each second
+        self.solo = bool(phone.get("solo", False))
         self.mark_every_frames = int(phone.get("mark_every_ms", 200)) * MEDIA_RATE_HZ // 1000
         self.model: str = cfg["model"]
         self.session = call_session(spec["session"])
@@ -469,6 +517,8 @@ class PhoneBridge:
             target = next((cid for cid, c in self.calls.items()
                            if c.core is not None and body.get("call_id") in c.core.tools.calls), None)
         found = self.calls.get(str(target)) if target is not None else None
+        if (found is None or found.core is None) and self.solo:
+            return
         if found is None or found.core is None:
             why = (f"no active call {target!r}" if target is not None else
                    f"{topic} needs 'phone_call_id': which call (active: {', '.join(self.calls) or 'none'})")
@@ -525,7 +575,8 @@ class PhoneBridge:
 
     async def serve_forever(self) -> None:
         while not self.stop.is_set():
-            self.status_changed()
+            if not self.solo:
+                self.status_changed()
             try:
                 await asyncio.wait_for(self.stop.wait(), STATUS_EVERY_S)
             except asyncio.TimeoutError:

@@ -1,0 +1,102 @@
+"""A call that crashes takes no other call with it: the phone bridge in this test's own loop (a
+recording publisher instead of the bus), the local server in a thread, fake phones; one call's
+handler is made to raise, on the phone side and on the API side, and the other calls go on."""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Mapping
+
+import pytest
+
+from engine.config import load_config, session_payload
+from engine.phone.bridge import Call, PhoneBridge
+from engine.phone.simulator import FakePhone
+from engine.realtime.records import Input, ServerEvent
+
+
+class RecordingPublisher:
+    """Stands in for the bus Publisher: keeps what the bridge publishes."""
+
+    def __init__(self) -> None:
+        self.msgs: list[tuple[str, dict[str, Any]]] = []
+
+    def publish(self, topic: str, payload: Mapping[str, Any] | None = None) -> None:
+        self.msgs.append((topic, dict(payload or {})))
+
+    def all(self, topic: str, **match: Any) -> list[dict[str, Any]]:
+        return [b for t, b in self.msgs if t == topic and all(b.get(k) == v for k, v in match.items())]
+
+    async def wait(self, topic: str, timeout_s: float = 15, **match: Any) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            found = self.all(topic, **match)
+            if found:
+                return found[0]
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"no {topic} {match} in {timeout_s} s; saw {[t for t, _ in self.msgs][-30:]}")
+
+    def close(self) -> None:
+        pass
+
+
+def bridge_spec(api_url: str) -> dict[str, Any]:
+    cfg = load_config(None, {})
+    return {"config": cfg, "session": session_payload(cfg), "url": api_url + "?model=" + cfg["model"],
+            "headers": ["Authorization: Bearer local"], "phone": {"host": "127.0.0.1", "port": 0},
+            "bus": {"publish": "inproc://unused", "subscribe": "inproc://unused"}}
+
+
+@pytest.mark.timeout(40)
+def test_one_calls_crash_ends_that_call_only(make_server: Any) -> None:
+    server = make_server(speed=10.0)
+    pub = RecordingPublisher()
+
+    async def main() -> None:
+        bridge = PhoneBridge(bridge_spec(server.base + "/realtime"), publisher=pub)  # type: ignore[arg-type]
+        url = await bridge.listen()
+        phones = [await FakePhone(url).dial() for _ in range(3)]
+        for p in phones:
+            await pub.wait("session.config", phone_call_id=p.call_sid)
+        a, b, c = phones
+        calls: dict[str, Call] = dict(bridge.calls)
+
+        # phone side: a's DTMF handler raises (as a bug would)
+        def broken_dtmf(*_: Any) -> None:
+            raise RuntimeError("injected fault")
+        calls[a.call_sid].on_dtmf = broken_dtmf  # type: ignore[method-assign,assignment]
+        # API side: b's handling of its first audio delta raises
+        b_call = calls[b.call_sid]
+        b_step = b_call.step
+
+        def broken_step(rec: Input) -> None:
+            if isinstance(rec, ServerEvent) and rec.event.get("type") == "response.output_audio.delta":
+                raise RuntimeError("injected fault in the API side")
+            b_step(rec)
+        b_call.step = broken_step  # type: ignore[method-assign]
+
+        await a.press("5")
+        failed_a = await pub.wait("engine.error", code="call_failed", phone_call_id=a.call_sid)
+        assert "injected fault" in failed_a["message"] and failed_a["call_fatal"]
+        assert (await pub.wait("phone.call.ended", phone_call_id=a.call_sid))["reason"] == "error"
+        await asyncio.wait_for(a.closed.wait(), 5)   # the crashed call's phone socket is closed
+
+        bridge.on_bus("cmd.say", {"text": "Hello b", "phone_call_id": b.call_sid, "id": "b1"})
+        bridge.on_bus("cmd.say", {"text": "Hello c", "phone_call_id": c.call_sid, "id": "c1"})
+        await pub.wait("engine.error", code="call_failed", phone_call_id=b.call_sid)
+        assert (await pub.wait("phone.call.ended", phone_call_id=b.call_sid))["reason"] == "error"
+        await asyncio.wait_for(b.closed.wait(), 5)
+
+        # c never noticed: its reply plays to the end, and it takes the next one
+        await pub.wait("response.done", request_id="c1", phone_call_id=c.call_sid)
+        await pub.wait("playout.stopped", phone_call_id=c.call_sid)
+        bridge.on_bus("cmd.say", {"text": "Still there?", "phone_call_id": c.call_sid, "id": "c2"})
+        await pub.wait("response.done", request_id="c2", phone_call_id=c.call_sid)
+        assert c.played_frames > 0 and not c.closed.is_set()
+        assert set(bridge.calls) == {c.call_sid}
+        assert [e["phone_call_id"] for e in pub.all("engine.error", code="call_failed")] == [a.call_sid, b.call_sid]
+        await c.hang_up()
+        assert (await pub.wait("phone.call.ended", phone_call_id=c.call_sid))["reason"] == "stop"
+        bridge.stop.set()
+        await bridge.close()
+    asyncio.run(main())
