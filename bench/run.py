@@ -7,6 +7,8 @@ side by side with its reference in the same run.
                                            engine vs an openai-SDK + PyAudio baseline (issue 4), double talk
     python bench/run.py faults [--json] [--soak-minutes N] [--fuzz N]
                                            kills, socket drops, fuzz, slow subscriber, soak (issue 15)
+    python bench/run.py phone [--json]     phone calls at once (1-40) in three process layouts, truncation vs the SDK
+                                           sample (issue 13); bench/phone.py has the options
 
 Every figure's definition: bench/README.md.
 """
@@ -603,7 +605,7 @@ def bench_server() -> dict[str, Any]:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("suite", choices=["core", "server", "conversation", "faults"])
+    ap.add_argument("suite", choices=["core", "server", "conversation", "faults", "phone"])
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--interruptions", type=int, default=200)
     ap.add_argument("--soak-minutes", type=float, default=30.0, help="faults: the soak's length")
@@ -615,6 +617,9 @@ def main() -> int:
     elif args.suite == "conversation":
         from bench.conversation import run
         result = run(args.interruptions, args.double_talk_trials)
+    elif args.suite == "phone":
+        from bench.phone import run as run_phone
+        result = run_phone()
     elif args.suite == "faults":
         from bench.faults import run as run_faults
         result = run_faults(args.soak_minutes, args.fuzz)
