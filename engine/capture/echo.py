@@ -35,35 +35,53 @@ GUARD_ATTENUATION = 0.03                   # -30 dB on blocks the guard takes fo
 class FarEnd:
     """The consumer side of the reference ring, aligned with the mic frame for frame.
 
-    Any cut in the reference moves the echo's delay, and the canceller leaks until it has
-    found the new one; so the reference is cut only at the start (to line up with the
-    first mic frames) and when the backlog has stayed above ``max_backlog_frames`` for
-    ``patience_takes`` callbacks in a row (clock drift), never for a late callback.
+    Any cut or inserted silence in the reference moves the echo's delay, and the canceller
+    leaks until it has found the new one (on a loaded machine: echo the server takes for
+    speech). So the reference is cut only at the start (to line up with the first mic
+    frames) and when the backlog has stayed above ``max_backlog_frames`` for
+    ``patience_takes`` callbacks in a row (clock drift), never for a late callback; and
+    ``reserve_frames`` (20 ms) are held back in the ring, so a playback callback up to that
+    late still finds its frames waiting and nothing is zero-padded. Holding back delays the
+    reference by the reserve, which the echo's own delay (the device's output plus input
+    latency, 60 ms on PulseAudio here, tens of ms on any PortAudio device) covers: the far end
+    still leads its echo.
     """
 
-    def __init__(self, ring: Ring, max_backlog_frames: int = RATE_HZ // 4, patience_takes: int = 50) -> None:
+    def __init__(self, ring: Ring, max_backlog_frames: int = RATE_HZ // 4, patience_takes: int = 50,
+                 reserve_frames: int = RATE_HZ // 50) -> None:
         self.ring = ring
+        self.reserve_frames = reserve_frames
         self.max_backlog_frames = max_backlog_frames
         self.patience_takes = patience_takes
         self.buf = np.zeros(RATE_HZ, dtype=np.int16)   # one second: more than any callback asks for
         self.missing_frames = 0                        #: reference frames playback had not produced yet
         self.skipped_frames = 0                        #: reference frames dropped to keep the delay bounded
+        self.held_frames = 0                           #: silence handed out once, while the reserve was built
         self._aligned = False
         self._over_takes = 0
 
     def take(self, frames: int) -> np.ndarray:
         """The ``frames`` reference frames that go with the next ``frames`` mic frames (a view)."""
         frames = min(frames, len(self.buf))
-        excess = self.ring.read_available - frames
+        excess = self.ring.read_available - frames      # what stays in the ring after this take
         if not self._aligned:
+            if excess < self.reserve_frames:
+                # building the reserve (the first takes, before any echo): hand out what is above
+                # it and silence before it, once; not counted as missing
+                out = self.buf[:frames]
+                held = min(frames, self.reserve_frames - excess)
+                out[:held] = 0
+                self.ring.read_into(out[held:])
+                self.held_frames += held
+                return out
             self._aligned = True
-            if excess > 0:
-                self.skipped_frames += self.ring.skip(excess)
+            if excess > self.reserve_frames:
+                self.skipped_frames += self.ring.skip(excess - self.reserve_frames)
         elif excess > self.max_backlog_frames:
             self._over_takes += 1
             if self._over_takes >= self.patience_takes:
                 self._over_takes = 0
-                self.skipped_frames += self.ring.skip(excess)
+                self.skipped_frames += self.ring.skip(excess - self.reserve_frames)
         else:
             self._over_takes = 0
         out = self.buf[:frames]
