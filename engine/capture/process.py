@@ -12,6 +12,14 @@ through. ``auto`` is ``aec`` when the speaker is a device, else ``off``.
 Recording (``record``): the mic as captured and the reference, side by side in one
 stereo WAV (:mod:`engine.audio.record`).
 
+Mic source (the debug console's talk switch, :mod:`engine.console.audio`): while a
+``console.mic.source`` ``browser`` lease holds, each block the device (or the WAV file)
+gives is replaced by as many frames of the browser ring, silence where it is short
+(counted); the device stream keeps running and sets the pace. The browser's audio skips
+the engine's echo handling (the browser cancels its own loudspeaker's echo), and feeds the
+meters, the recording and the mic ring like the device's. ``capture.source`` says which
+source is on, at each switch and every 2 s, with the counts.
+
 Restarts: the mic ring outlives the capture process (the supervisor owns it), and a WAV
 mic is the ring's only writer, so a restarted capture continues the file at the ring's
 write index: the user's words are not sent twice.
@@ -33,11 +41,12 @@ from typing import Any
 
 import numpy as np
 
-from bus import Publisher
+from bus import Publisher, Subscriber
 from engine.supervisor import child
 from engine.supervisor.child import error_text, every_period, run_reporting, stop_on_signals
 from engine.codec import resample
 from engine.capture.echo import EchoCanceller, EchoGate, FarEnd
+from engine.console.audio import SOURCE_TOPIC, BrowserMicReader, SourceSwitch
 from engine.console.levels import LevelTap
 from engine.errors import DeviceError
 from engine.audio.record import Recorder
@@ -77,6 +86,15 @@ class CaptureProcess:
         self.level_in = LevelTap(RATE_HZ)
         self.level_out = LevelTap(RATE_HZ)
         self.next_levels_at = time.monotonic() + LEVELS_EVERY_S
+        # the mic source: the device, or the console's browser ring while its lease holds
+        self.browser = BrowserMicReader(Ring.attach(spec["browser_ring"])) if spec.get("browser_ring") else None
+        self.source_switch = SourceSwitch()
+        self.use_browser = False      #: set by the main thread, read by the callback
+        self._browser_on = False      #: the callback's own copy: a change starts the reader
+        self.device_name: str | None = None
+        self.next_source_at = 0.0
+        self.console_sub = (Subscriber(spec["bus"]["subscribe"], [SOURCE_TOPIC])
+                            if self.browser is not None else None)
 
     def _report_errors(self) -> None:
         """Main thread: each new kind of callback or echo-canceller error once on ``engine.error``."""
@@ -94,12 +112,23 @@ class CaptureProcess:
                                               "message": f"{what}: {type(exc).__name__}: {error_text(exc)}"})
 
     def _write(self, pcm: np.ndarray) -> None:
-        """Audio path: mic frames (24 kHz) -> echo handling -> mic ring (and the recording)."""
+        """Audio path: mic frames (24 kHz) -> echo handling -> mic ring (and the recording).
+        While the browser is the source, its frames replace the device's, as many as the
+        device gave (the device keeps the time), and skip the echo handling."""
+        reader = self.browser if self.use_browser else None
+        if (reader is not None) != self._browser_on:
+            self._browser_on = reader is not None
+            if reader is not None:
+                reader.start()
+        if reader is not None:
+            pcm = reader.read(len(pcm))
         self.level_in.push(pcm)
         far = self.far.take(len(pcm)) if self.far is not None else None
         if self.recorder is not None:
             self.recorder.push(pcm, far if far is not None else np.zeros_like(pcm))
-        if self.aec is not None and far is not None:
+        if reader is not None:
+            pass  # the browser's own echo cancellation handled its loudspeaker
+        elif self.aec is not None and far is not None:
             pcm = self.aec.process(pcm, far)
         elif self.gate is not None:
             pcm = self.gate.apply(pcm)
@@ -111,6 +140,8 @@ class CaptureProcess:
         if self.recorder is not None:
             self.recorder.drain()
         now = time.monotonic()
+        if self.console_sub is not None:
+            self._source_chores(now)
         if now >= self.next_levels_at:
             self.next_levels_at = now + LEVELS_EVERY_S
             self.publish_levels()
@@ -128,6 +159,27 @@ class CaptureProcess:
             if self.recorder is not None:
                 stats["record_dropped_frames"] = self.recorder.dropped_frames
             self.pub.publish("capture.echo", stats)
+
+    def _source_chores(self, now: float) -> None:
+        """Main thread: apply ``console.mic.source`` messages and the lease; ``capture.source``
+        at each switch and every STATS_EVERY_S."""
+        sub, br = self.console_sub, self.browser
+        assert sub is not None and br is not None
+        while (msg := sub.recv(timeout_ms=0)) is not None:
+            self.source_switch.on_message(msg[1], now)
+        source = self.source_switch.source(now)
+        browser = source == "browser"
+        if browser != self.use_browser:
+            self.source_switch.switches += 1
+            self.use_browser = browser
+        elif now < self.next_source_at:
+            return
+        self.next_source_at = now + STATS_EVERY_S
+        self.pub.publish("capture.source", {"source": source, "device": self.device_name,
+                                            "switches": self.source_switch.switches,
+                                            "browser_frames": br.frames, "browser_wait_frames": br.wait_frames,
+                                            "browser_short_frames": br.short_frames,
+                                            "browser_dropped_frames": br.dropped_frames})
 
     def publish_levels(self) -> None:
         """Main thread: ``capture.levels``, the 20 ms windows the callback handed over since the
@@ -167,6 +219,7 @@ class CaptureProcess:
         silence = np.zeros(period, dtype=np.int16)
         # a restart continues where the previous run was: the ring counts every frame written
         pos = self.ring.write_index
+        self.device_name = path
         self.pub.publish("capture.device", {"name": path, "rate_hz": rate, "duration_ms": len(pcm) * 1000 // RATE_HZ,
                                             "resume_ms": pos * 1000 // RATE_HZ})
         for _ in every_period(self.stop, self.period_ms / 1000):
@@ -201,6 +254,7 @@ class CaptureProcess:
 
         stream = pa.open(format=pyaudio.paInt16, channels=1, rate=rate, input=True, input_device_index=dev["index"],
                          frames_per_buffer=frames, stream_callback=callback)
+        self.device_name = dev["name"]
         self.pub.publish("capture.device", {"name": dev["name"], "rate_hz": rate, "period_frames": frames,
                                             "latency_ms": round(stream.get_input_latency() * 1000, 1),
                                             "echo": self.echo_mode})

@@ -1,7 +1,8 @@
 """The console as a child of the supervisor (``engine start --console``): its spec (one
 JSON line on stdin) holds the bus endpoints (no signing key: the console publishes only
-``cmd.*``, and it holds no secret the page could leak), ``console`` {``host``, ``port``}
-and ``session_dir``. It dies with the supervisor like every child."""
+``cmd.*``, and it holds no secret the page could leak), ``console`` {``host``, ``port``},
+``session_dir`` and ``rings`` (the engine's ring names by kind: listen and talk attach
+``listen`` and ``browser``). It dies with the supervisor like every child."""
 from __future__ import annotations
 
 import sys
@@ -23,7 +24,8 @@ class ConsoleProcess:
         self.server = ConsoleServer(endpoints_from(bus), host=opts.get("host", "127.0.0.1"),
                                     port=int(opts.get("port", 0)),
                                     sessions_base=session_dir.parent if session_dir else None,
-                                    live_session=session_dir.name if session_dir else None)
+                                    live_session=session_dir.name if session_dir else None,
+                                    rings=spec.get("rings"))
 
     def run(self) -> int:
         try:

@@ -6,7 +6,9 @@ SUB socket (the broker drops for it alone if it falls behind, never for the engi
 relay keeps the latest :data:`BACKLOG` messages for pages that open later, and each page
 has its own bounded queue (:class:`PageQueue`) whose oldest messages are dropped, and
 counted, when that page is slow. Commands are re-sent every 0.5 s until their ``cmd.ack``
-comes (the engine deduplicates by id), for at most 10 s.
+comes (the engine deduplicates by id), for at most 10 s. The listen and talk switches
+(``console.listen``, ``console.mic.source``: leases the console renews every second, no
+ack) go out once each (:meth:`BusRelay.publish`).
 """
 from __future__ import annotations
 
@@ -102,6 +104,12 @@ class BusRelay:
         self._commands.put((topic, payload))
         return payload["id"]
 
+    def publish(self, topic: str, payload: dict[str, Any]) -> None:
+        """Publish ``topic`` (a ``console.*`` switch) once, from any thread: no id, no ack."""
+        if not topic.startswith("console."):
+            raise ConsoleError(f"the console publishes its switches on console.* only, not {topic!r}")
+        self._commands.put((topic, dict(payload)))
+
     def _hand_over(self, batch: list[str]) -> None:
         try:
             self.loop.call_soon_threadsafe(self._on_loop, batch)
@@ -135,6 +143,9 @@ class BusRelay:
                         batch.append(encode(topic, {k: v for k, v in body.items() if k not in HEADER_KEYS}))
                 while not self._commands.empty():
                     topic, payload = self._commands.get_nowait()
+                    if "id" not in payload:   # a switch: once, no ack
+                        pub.publish(topic, payload)
+                        continue
                     pending[payload["id"]] = (topic, payload, now, now + COMMAND_TIMEOUT_S)
                 for cid, (topic, payload, due, give_up) in list(pending.items()):
                     if now >= give_up:

@@ -7,6 +7,9 @@
   ``{"op": "events", "now_ns", "dropped", "events": [{"topic", "body"}...]}`` of bus messages
   (the backlog first); the page sends ``{"op": "say", "text", "role"}``, ``{"op": "cancel"}``,
   ``{"op": "mic", "open"}`` and gets ``{"op": "sent", "id", "topic"}`` or ``{"op": "error", "message"}``.
+* ``GET /listen?token=T`` and ``/talk?token=T``: WebSockets of PCM, the speaker's sound to
+  the page and the page's microphone to the engine (:mod:`engine.console.sound`; the PCM
+  goes through shared-memory rings, never the bus).
 * ``GET /api/sessions``, ``/api/session/events?key=K``, ``/api/session/levels?key=K``,
   ``/api/session/wav?key=K``: finished sessions (look back, :mod:`engine.console.lookback`).
 
@@ -39,6 +42,7 @@ from bus import Endpoints
 from bus.client import runtime_dir
 from engine.console import lookback
 from engine.console.relay import BusRelay, ConsoleError, PageQueue
+from engine.console.sound import ListenHub, Rings, TalkHub
 
 STATIC = Path(__file__).resolve().parent / "static"
 INFO_FILE = "console.json"
@@ -112,7 +116,9 @@ class ConsoleServer:
 
     def __init__(self, endpoints: Endpoints, *, host: str = "127.0.0.1", port: int = 0,
                  sessions_base: Path | None = None, live_session: str | None = None,
-                 token: str | None = None, out: TextIO = sys.stdout) -> None:
+                 token: str | None = None, out: TextIO = sys.stdout, rings: dict[str, str] | None = None) -> None:
+        """``rings``: the engine's ring names by kind (the supervisor's spec); without them the
+        listen and talk rings are found in the running engine's ``engine.json``."""
         self.endpoints = endpoints
         self.host = host
         self.port = port
@@ -123,6 +129,9 @@ class ConsoleServer:
         self.pages: set[PageQueue] = set()
         self.relay: BusRelay | None = None
         self.url = ""
+        self.rings = Rings(rings)
+        self.listen = ListenHub(self.rings, self._publish)
+        self.talk = TalkHub(self.rings, self._publish)
 
     # ------------------------------------------------------------ HTTP
     def _authorized(self, query: dict[str, list[str]]) -> bool:
@@ -139,7 +148,7 @@ class ConsoleServer:
             return _response(404, "")
         if not self._authorized(query):
             return _response(403, "the console needs the token of its URL (engine status prints it)")
-        if path == "/ws":
+        if path in ("/ws", "/listen", "/talk"):
             return None  # on to the WebSocket handshake
         if path in ("/", "/index.html"):
             return self._static("index.html")
@@ -230,8 +239,17 @@ class ConsoleServer:
                     pass
             await ws.send(json.dumps(reply))
 
+    def _publish(self, topic: str, payload: dict[str, Any]) -> None:
+        if self.relay is not None:
+            self.relay.publish(topic, payload)
+
     async def handler(self, ws: ServerConnection) -> None:
         assert self.relay is not None
+        path = urlsplit(ws.request.path).path if ws.request is not None else "/ws"
+        if path == "/listen":
+            return await self.listen.serve(ws)
+        if path == "/talk":
+            return await self.talk.serve(ws)
         page = PageQueue()
         await ws.send(json.dumps({"op": "hello", "now_ns": time.monotonic_ns(), "live_session": self.live_session}))
         page.put_many(list(self.relay.backlog))
@@ -295,6 +313,7 @@ class ConsoleServer:
         finally:
             self._remove_info()
             self.relay.stop()
+            self.rings.close()
 
 
 def run(server: ConsoleServer) -> int:

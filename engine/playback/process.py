@@ -8,6 +8,11 @@ and tells the ring what the listener has heard (``heard_index``).
 
 Backends: a PyAudio callback stream at the device's rate (soxr resampling from
 24 kHz), a WAV file written in real time, or ``null`` (consumed in real time).
+
+Listen (the debug console, :mod:`engine.console.audio`): while a ``console.listen`` lease
+holds, the renderer also copies every block it hands out into the listen ring (a plain
+copy, never blocking; a full ring counts overrun frames: frames not listened). The
+publishing thread applies the lease and reports ``playback.listen``.
 """
 from __future__ import annotations
 
@@ -19,11 +24,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from bus import Publisher
+from bus import Publisher, Subscriber
 from engine.supervisor import child
 from engine.supervisor.child import every_period, run_reporting, stop_on_signals
 from engine.audio.record import PcmWav
 from engine.audio.ring import Ring, SampleFifo
+from engine.console.audio import LISTEN_TOPIC, ListenSwitch
 from engine.console.levels import LevelTap
 from engine.playback.stretch import LOOKAHEAD_FRAMES, MAX_PERIOD_FRAMES, MIN_PERIOD_FRAMES, TimeStretcher
 
@@ -37,6 +43,7 @@ PUBLISH_EVERY_S = 0.02       # the renderer's events go out this often (from a t
 POSITION_EVERY_S = 0.1       # playback.position while a stream plays
 CADENCE_EVERY_S = 5.0        # playback.cadence: how regularly the device asks for audio
 LEVELS_EVERY_S = 0.1         # playback.levels: 20 ms windows of what was played, batched this often
+LISTEN_EVERY_S = 2.0         # playback.listen while a console listens (and at each change)
 
 
 def fade_out(frames: int) -> np.ndarray:
@@ -107,6 +114,9 @@ class Renderer:
         self.ref = ref
         #: level meter of what is handed to the device (the console's speaker envelope); set by the process
         self.tap: LevelTap | None = None
+        #: the console's listen ring, written while ``listen_on`` (set by the publishing thread)
+        self.listen: Ring | None = None
+        self.listen_on = False
         self.stretch = stretch
         self.stretcher = TimeStretcher()
         self._ahead = np.zeros(LOOKAHEAD_FRAMES, dtype=np.int16)
@@ -153,6 +163,8 @@ class Renderer:
             self.ref.write(out)  # a full reference ring (no capture reading it) only counts overruns
         if self.tap is not None:
             self.tap.push(out)   # a copy into a preallocated buffer; measured by the publishing thread
+        if self.listen_on and self.listen is not None:
+            self.listen.write(out)  # a full listen ring (the console behind) only counts overruns
 
     def _render(self, out: np.ndarray, latency_frames: int, now: float) -> None:
         ring = self.ring
@@ -353,6 +365,7 @@ class DeviceFeeder:
 class PlaybackProcess:
     #: when playback.levels goes out next (never for an instance built without __init__, as tests do)
     next_levels_at: float = float("inf")
+    console_sub: Subscriber | None = None   #: console.listen (None for an instance built without __init__)
 
     def __init__(self, spec: dict[str, Any]) -> None:
         self.spec = spec
@@ -380,6 +393,11 @@ class PlaybackProcess:
         self.next_cadence_at = time.monotonic() + CADENCE_EVERY_S
         self.renderer.tap = LevelTap(RATE_HZ)
         self.next_levels_at = time.monotonic() + LEVELS_EVERY_S
+        # the console's listen switch: a ring to copy into, a lease from the bus
+        self.renderer.listen = Ring.attach(spec["listen_ring"]) if spec.get("listen_ring") else None
+        self.listen_switch = ListenSwitch()
+        self.next_listen_at = 0.0
+        self.console_sub = Subscriber(spec["bus"]["subscribe"], [LISTEN_TOPIC]) if self.renderer.listen else None
 
     def publish_events(self) -> None:
         """Publish what the renderer saw (from the loop thread, never the callback). Reports carry
@@ -408,6 +426,8 @@ class PlaybackProcess:
             self.pub.publish(f"playback.{kind}", payload)
         self._report_callback_errors()
         now = time.monotonic()
+        if self.console_sub is not None:
+            self._listen_chores(now)
         if now >= self.next_levels_at:
             self.next_levels_at = now + LEVELS_EVERY_S
             self.publish_levels()
@@ -427,6 +447,20 @@ class PlaybackProcess:
             self.next_position_at = now + POSITION_EVERY_S
             # the callback's own number (the shared heard index), not a second estimate
             self.pub.publish("playback.position", {"start_index": r.stream_start, "index": ring.control.heard_index})
+
+    def _listen_chores(self, now: float) -> None:
+        """Apply ``console.listen`` messages and the lease (publishing thread); report
+        ``playback.listen`` at each change and every LISTEN_EVERY_S while on."""
+        r, sub = self.renderer, self.console_sub
+        assert sub is not None and r.listen is not None
+        while (msg := sub.recv(timeout_ms=0)) is not None:
+            self.listen_switch.on_message(msg[1], now)
+        on = self.listen_switch.on(now)
+        if on != r.listen_on or (on and now >= self.next_listen_at):
+            r.listen_on = on
+            self.next_listen_at = now + LISTEN_EVERY_S
+            self.pub.publish("playback.listen", {"on": on, "written_frames": r.listen.write_index,
+                                                 "not_listened_frames": r.listen.overrun_frames})
 
     def publish_levels(self) -> None:
         """``playback.levels``: the 20 ms windows handed to the device since the last call (not

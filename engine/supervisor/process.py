@@ -58,6 +58,8 @@ from engine.audio.ring import Ring
 MIC_RING_FRAMES = 1 << 16        # 2.7 s at 24 kHz
 SPEAKER_RING_FRAMES = 1 << 21    # 87 s: the API sends audio faster than real time
 REF_RING_FRAMES = 1 << 15        # 1.4 s: what playback played, read by capture in step
+LISTEN_RING_FRAMES = 1 << 15     # 1.4 s: what playback played, for the console's listen switch
+BROWSER_RING_FRAMES = 1 << 15    # 1.4 s: the console's browser mic, read by capture while talk is on
 GRACE_S = 3.0
 LOOP_PERIOD_S = 0.25             # the main loop: bus messages, reaping, status
 DRAIN_BUDGET_S = 0.2             # a round of bus messages takes at most this long; the rest next round at once
@@ -345,6 +347,10 @@ class Supervisor:
                                           if self.cfg["reply_audio"] else None}
         fds: tuple[int, ...] = ()
         pb_extra: dict[str, Any] = {"speaker_ring": speaker_ring.name, "speaker_target": speaker}
+        # the console's listen and talk (engine/console/audio.py): PCM through rings, never the bus
+        listen_ring = Ring.create(f"realtalk-{os.getpid()}-listen", LISTEN_RING_FRAMES, with_eventfd=False)
+        self.rings.append(listen_ring)
+        pb_extra["listen_ring"] = listen_ring.name
         if mic is not None:
             mic_ring = Ring.create(f"realtalk-{os.getpid()}-mic", MIC_RING_FRAMES)
             self.rings.append(mic_ring)
@@ -356,10 +362,13 @@ class Supervisor:
             ref_ring = Ring.create(f"realtalk-{os.getpid()}-ref", REF_RING_FRAMES, with_eventfd=False)
             self.rings.append(ref_ring)
             pb_extra["ref_ring"] = ref_ring.name
+            browser_ring = Ring.create(f"realtalk-{os.getpid()}-browser", BROWSER_RING_FRAMES, with_eventfd=False)
+            self.rings.append(browser_ring)
             is_device = not (isinstance(speaker, str) and (speaker == "null" or speaker.lower().endswith(".wav")))
             cap_spec = self._spec({"mic_ring": mic_ring.name, "mic_fd": mic_ring.data_fd,
                                    "mic_source": mic, "speaker_ring": speaker_ring.name,
                                    "ref_ring": ref_ring.name, "speaker_is_device": is_device,
+                                   "browser_ring": browser_ring.name,
                                    "record_path": str(self.session_dir / "conversation.wav")
                                    if self.cfg["record"] else None})
             self.children.append(Child("capture", [py, "-m", "engine.capture.process"], pass_fds=fds, spec=cap_spec))
@@ -370,7 +379,8 @@ class Supervisor:
         if not (isinstance(speaker, str) and (speaker == "null" or speaker.lower().endswith(".wav"))):
             self.devices_pending.add("playback.device")  # a real speaker: ready once it is open
         if self.console is not None:
-            console_spec = self._spec({"console": self.console, "session_dir": str(self.session_dir)})
+            console_spec = self._spec({"console": self.console, "session_dir": str(self.session_dir),
+                                       "rings": {r.name.rsplit("-", 1)[-1]: r.name for r in self.rings}})
             console_spec["bus"].pop("signing_key")  # it publishes cmd.* only: no key a page could ever reach
             self.children.append(Child("console", [py, "-m", "engine.console.process"], spec=console_spec))
         self._start_children()

@@ -12,7 +12,7 @@ const MAX_TURNS = 400;
 const FIREHOSE = ["server.response.output_audio.delta", "playback.position", "playout.position",
   "capture.levels", "playback.levels", "server.rate_limits.updated", "model.transcript.delta",
   "model.text.delta", "server.response.output_audio_transcript.delta", "server.response.output_text.delta",
-  "user.transcript.delta", "conversation.history"];
+  "user.transcript.delta", "conversation.history", "console.listen", "console.mic.source"];
 
 // ------------------------------------------------------------------ state
 const state = {
@@ -32,6 +32,11 @@ const state = {
   lookback: null,             // {key, wavStartT, audio}
   counts: { levels: 0, batches: 0, drawn: 0 },
   lastDrawT: 0,
+  // listen: what the page played of the speaker (env: RMS dBFS per 20 ms window played)
+  listen: { on: false, engineOn: false, received: 0, played: 0, underrunFrames: 0, droppedFrames: 0,
+    serverDropped: 0, notListened: 0, queuedFrames: 0, env: [] },
+  // talk: the page's mic as the engine's; source is capture's (capture.source)
+  talk: { on: false, sentFrames: 0, rateHz: null, dropped: 0, writtenFrames: 0, source: "device", sourceMsg: null },
 };
 window.consoleState = state;  // for tests and the curious
 
@@ -118,6 +123,8 @@ const handlers = {
   "capture.levels": (b) => { pushLevels("mic", b.start_mono_ns, b.period_ms, b.mic_dbfs, b.mic_peak_dbfs);
     pushLevels("sent", b.start_mono_ns, b.period_ms, b.sent_dbfs, b.sent_peak_dbfs); },
   "playback.levels": (b) => pushLevels("spk", b.start_mono_ns, b.period_ms, b.dbfs, b.peak_dbfs),
+  "capture.source": (b) => setSource(b),
+  "playback.listen": (b) => { state.listen.engineOn = !!b.on; state.listen.notListened = b.not_listened_frames; },
   "user.speech.started": (b) => { mark(ms(b.mono_ns), "speech", "speech started");
     const t = turn("u:" + b.item_id, "user", "user (speaking)"); t.t = ms(b.mono_ns); if (!t.text) setText(t, "…"); },
   "user.speech.stopped": (b) => { mark(ms(b.mono_ns), "speech", "speech stopped");
@@ -452,7 +459,139 @@ function backToLive() {
   void queued;
 }
 
+// ------------------------------------------------------------------ listen and talk
+// The PCM goes over its own WebSockets (/listen, /talk), never through the bus; the page plays
+// and records it with the Web Audio API (AudioWorklet, or a ScriptProcessor where it is missing).
+const MAX_LISTEN_ENV = 3000;   // 60 s of played windows
+const audio = { ctx: null, listenWs: null, listenNode: null, talkWs: null, talkNode: null, talkStream: null, talkSrc: null };
+function sockUrl(path) { return `${location.protocol === "https:" ? "wss:" : "ws:"}//${location.host}${path}?token=${encodeURIComponent(TOKEN)}`; }
+async function audioContext() {
+  if (!audio.ctx) {
+    try { audio.ctx = new AudioContext({ sampleRate: 24000, latencyHint: "interactive" }); }
+    catch (e) { audio.ctx = new AudioContext(); }   // a browser that cannot run at 24 kHz: resampled
+    audio.worklet = false;
+    if (audio.ctx.audioWorklet) {
+      try { await audio.ctx.audioWorklet.addModule("/static/audio-worklet.js"); audio.worklet = true; }
+      catch (e) { console.warn("console: no AudioWorklet, using a ScriptProcessor", e); }
+    }
+  }
+  if (audio.ctx.state !== "running") await audio.ctx.resume();
+  return audio.ctx;
+}
+// a node that plays (listen) or taps (talk) through the worklet or, without one, a ScriptProcessor
+function listenNode(ctx, onStats) {
+  if (audio.worklet) {
+    const node = new AudioWorkletNode(ctx, "listen-player", { numberOfInputs: 0, outputChannelCount: [1] });
+    node.port.onmessage = (e) => onStats(e.data);
+    return { node, push: (f) => node.port.postMessage(f, [f.buffer]) };
+  }
+  const core = new window.ListenCore(ctx.sampleRate);
+  const node = ctx.createScriptProcessor(2048, 1, 1);
+  node.onaudioprocess = (e) => { core.render(e.outputBuffer.getChannelData(0)); onStats(core.stats()); };
+  return { node, push: (f) => core.push(f) };
+}
+function talkNode(ctx, onBlock) {
+  if (audio.worklet) {
+    const node = new AudioWorkletNode(ctx, "talk-capture", { numberOfInputs: 1, numberOfOutputs: 1, outputChannelCount: [1] });
+    node.port.onmessage = (e) => onBlock(e.data);
+    return node;
+  }
+  const core = new window.TalkCore(ctx.sampleRate);
+  const node = ctx.createScriptProcessor(2048, 1, 1);
+  node.onaudioprocess = (e) => { core.push(e.inputBuffer.getChannelData(0), onBlock); e.outputBuffer.getChannelData(0).fill(0); };
+  return node;
+}
+function avStatus() {
+  const L = state.listen, T = state.talk, parts = [];
+  if (L.on) parts.push(`listening: ${Math.round(L.queuedFrames / 24)} ms buffered` + (L.underrunFrames ? `, ${Math.round(L.underrunFrames / 24)} ms gaps` : "")
+    + (L.droppedFrames + L.serverDropped ? `, ${Math.round((L.droppedFrames + L.serverDropped) / 24)} ms dropped` : ""));
+  if (T.on) parts.push(`talking: ${(T.sentFrames / (T.rateHz || 24000)).toFixed(1)} s sent` + (T.dropped ? `, ${T.dropped} blocks dropped` : ""));
+  $("av-status").textContent = parts.join(" · ");
+}
+function setSource(b) {
+  const T = state.talk;
+  T.source = b.source; T.sourceMsg = b;
+  const p = $("mic-source");
+  p.textContent = "mic: " + b.source + (b.source === "browser" && b.browser_short_frames ? ` (${Math.round(b.browser_short_frames / 24)} ms short)` : "");
+  p.className = "pill" + (b.source === "browser" ? " browser" : "");
+  p.title = `capture.source: ${b.source}; device ${b.device || "?"}; browser frames ${b.browser_frames}, padded with silence ${b.browser_short_frames}, backlog cut ${b.browser_dropped_frames}`;
+}
+async function startListen() {
+  const ctx = await audioContext();
+  const L = state.listen;
+  const ws = new WebSocket(sockUrl("/listen"));
+  ws.binaryType = "arraybuffer";
+  audio.listenWs = ws;
+  const player = listenNode(ctx, (st) => {
+    L.played = st.played; L.received = st.received; L.underrunFrames = st.underrunFrames; L.droppedFrames = st.droppedFrames;
+    L.queuedFrames = st.queuedFrames;
+    for (const v of st.env) L.env.push(v);
+    if (L.env.length > MAX_LISTEN_ENV) L.env.splice(0, L.env.length - MAX_LISTEN_ENV);
+  });
+  player.node.connect(ctx.destination);
+  audio.listenNode = player.node;
+  L.on = true; $("listen").textContent = "Stop listening"; $("listen").classList.add("on");
+  ws.onmessage = (e) => {
+    if (typeof e.data === "string") {
+      const m = JSON.parse(e.data);
+      if (m.op === "stats") { L.serverDropped = m.dropped_frames; L.notListened = m.not_listened_frames; }
+      return;
+    }
+    const pcm = new Int16Array(e.data), f = new Float32Array(pcm.length);
+    for (let i = 0; i < pcm.length; i++) f[i] = pcm[i] / 32768;
+    player.push(f);
+  };
+  ws.onclose = (e) => { if (audio.listenWs === ws) { stopListen(); if (e.code !== 1000 && e.reason) banner("listen: " + e.reason); } };
+}
+function stopListen() {
+  const ws = audio.listenWs; audio.listenWs = null;
+  if (ws && ws.readyState <= WebSocket.OPEN) ws.close(1000);
+  if (audio.listenNode) { audio.listenNode.disconnect(); audio.listenNode = null; }
+  state.listen.on = false; $("listen").textContent = "Listen"; $("listen").classList.remove("on");
+}
+async function startTalk() {
+  if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
+    banner("talk: this page cannot use a microphone here (browsers allow it on https or localhost: open the console through an SSH tunnel)");
+    return;
+  }
+  const ctx = await audioContext();
+  const T = state.talk;
+  let stream;
+  try {
+    stream = await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1, echoCancellation: true, noiseSuppression: false, autoGainControl: false } });
+  } catch (e) { banner("talk: no microphone: " + e.message); return; }
+  const ws = new WebSocket(sockUrl("/talk"));
+  ws.binaryType = "arraybuffer";
+  audio.talkWs = ws; audio.talkStream = stream;
+  T.on = true; T.rateHz = ctx.sampleRate; T.sentFrames = 0; T.dropped = 0;
+  $("talk").textContent = "Stop talking"; $("talk").classList.add("on");
+  ws.onopen = () => {
+    ws.send(JSON.stringify({ op: "start", rate_hz: ctx.sampleRate }));
+    const src = ctx.createMediaStreamSource(stream);
+    const node = talkNode(ctx, (block) => {
+      if (ws.readyState !== WebSocket.OPEN) return;
+      if (ws.bufferedAmount > 256 * 1024) { T.dropped++; return; }   // the network is behind: drop, do not queue up delay
+      ws.send(block.buffer); T.sentFrames += block.length;
+    });
+    src.connect(node); node.connect(ctx.destination);   // the node outputs silence; connected so it runs
+    audio.talkSrc = src; audio.talkNode = node;
+  };
+  ws.onmessage = (e) => { const m = JSON.parse(e.data); if (m.op === "stats") T.writtenFrames = m.written_frames; };
+  ws.onclose = (e) => { if (audio.talkWs === ws) { stopTalk(); if (e.code !== 1000 && e.reason) banner("talk: " + e.reason); } };
+}
+function stopTalk() {
+  const ws = audio.talkWs; audio.talkWs = null;
+  if (ws && ws.readyState <= WebSocket.OPEN) ws.close(1000);   // the console switches the engine back to its device
+  if (audio.talkNode) { audio.talkNode.disconnect(); audio.talkNode = null; }
+  if (audio.talkSrc) { audio.talkSrc.disconnect(); audio.talkSrc = null; }
+  if (audio.talkStream) { for (const t of audio.talkStream.getTracks()) t.stop(); audio.talkStream = null; }
+  state.talk.on = false; $("talk").textContent = "Talk"; $("talk").classList.remove("on");
+}
+setInterval(avStatus, 500);
+
 // ------------------------------------------------------------------ controls
+$("listen").addEventListener("click", () => { if (state.listen.on) stopListen(); else startListen().catch((e) => { stopListen(); banner("listen: " + e.message); }); });
+$("talk").addEventListener("click", () => { if (state.talk.on) stopTalk(); else startTalk().catch((e) => { stopTalk(); banner("talk: " + e.message); }); });
 $("say-form").addEventListener("submit", (e) => {
   e.preventDefault();
   const text = $("say-text").value;

@@ -1,0 +1,212 @@
+"""The console's listen and talk WebSockets (asyncio, in the console's event loop).
+
+* ``GET /listen?token=T``: the server sends ``{"op": "listen", "rate_hz": 24000, "format":
+  "s16le"}``, then binary messages of int16 little-endian mono PCM at 24 kHz (what the
+  speaker plays, read from the listen ring every 20 ms), and about once a second
+  ``{"op": "stats", "dropped_frames", "not_listened_frames"}``. While at least one page
+  listens, the console holds playback's ``console.listen`` lease.
+* ``GET /talk?token=T``: the page sends ``{"op": "start", "rate_hz": R}``, then binary
+  messages of int16 little-endian mono PCM at R (its microphone). The console resamples them
+  to 24 kHz, writes them into the browser ring and holds capture's ``console.mic.source``
+  ``browser`` lease until the socket closes (then ``device``). One page talks at a time.
+  The server answers ``{"op": "talk", "rate_hz": 24000}`` and sends ``{"op": "stats",
+  "in_frames", "written_frames", "overrun_frames"}`` about once a second.
+
+Neither can hold the engine back: playback and capture only ever copy into or out of the
+rings; a listening page that falls behind loses its oldest chunks (counted,
+``dropped_frames``), and the listen ring itself drops what does not fit (playback counts
+it, ``not_listened_frames``).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import deque
+from typing import Any, Callable
+
+import numpy as np
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from engine.audio.ring import Ring, RingError
+from engine.console.audio import (LEASE_MS, LISTEN_TOPIC, RATE_HZ, RENEW_S, SOURCE_TOPIC, ConsoleAudioError,
+                                  TalkPcm, engine_ring_names, parse_talk_start)
+
+LISTEN_EVERY_S = 0.02            #: the listen ring is read this often
+LISTEN_QUEUE_CHUNKS = 50         #: chunks (about 1 s) waiting for one listener at most; the oldest go first
+STATS_EVERY_S = 1.0
+POLICY_VIOLATION, INTERNAL_ERROR, TRY_AGAIN = 1008, 1011, 1013
+
+Publish = Callable[[str, dict[str, Any]], None]
+
+
+class Rings:
+    """The engine's listen and browser rings, attached by name when a socket needs them: the
+    names the supervisor handed the console (``given``), else the running engine's
+    ``engine.json`` (``engine console`` attached to an engine that runs), looked up again
+    each time so a restarted engine's new rings are found."""
+
+    def __init__(self, given: dict[str, str] | None = None) -> None:
+        self.given = dict(given or {})
+        self._attached: dict[str, Ring] = {}
+
+    def get(self, kind: str) -> Ring:
+        """The ``kind`` ring (``listen`` or ``browser``); ConsoleAudioError saying why not."""
+        names = self.given or engine_ring_names()
+        name = names.get(kind)
+        if name is None:
+            what = ("the speaker's audio" if kind == "listen" else "a mic (is it text-only?)")
+            raise ConsoleAudioError(f"this engine has no {kind} ring: it has no {what}, or it is older than "
+                                    "the console's listen and talk")
+        ring = self._attached.get(kind)
+        if ring is not None and ring.name == name:
+            return ring
+        if ring is not None:
+            ring.close()
+        try:
+            ring = Ring.attach(name)
+        except RingError as exc:
+            raise ConsoleAudioError(f"cannot attach the {kind} ring: {exc}") from None
+        self._attached[kind] = ring
+        return ring
+
+    def close(self) -> None:
+        for ring in self._attached.values():
+            ring.close()
+        self._attached.clear()
+
+
+class _Listener:
+    def __init__(self) -> None:
+        self.chunks: deque[bytes] = deque(maxlen=LISTEN_QUEUE_CHUNKS)
+        self.ready = asyncio.Event()
+        self.dropped_frames = 0
+
+    def put(self, chunk: bytes) -> None:
+        if len(self.chunks) == self.chunks.maxlen:
+            self.dropped_frames += len(self.chunks[0]) // 2
+        self.chunks.append(chunk)
+        self.ready.set()
+
+
+class ListenHub:
+    """Every listening page, and the one task that reads the listen ring for them all."""
+
+    def __init__(self, rings: Rings, publish: Publish) -> None:
+        self.rings = rings
+        self.publish = publish
+        self.listeners: set[_Listener] = set()
+        self._pump: asyncio.Task[None] | None = None
+        self._buf = np.zeros(RATE_HZ, dtype=np.int16)   # 1 s: more than a pump round ever reads
+
+    async def serve(self, ws: ServerConnection) -> None:
+        try:
+            ring = self.rings.get("listen")
+        except ConsoleAudioError as exc:
+            await ws.close(INTERNAL_ERROR, str(exc)[:120])
+            return
+        me = _Listener()
+        if not self.listeners:
+            ring.skip(ring.read_available)   # what an earlier listener left: stale
+        self.listeners.add(me)
+        if self._pump is None or self._pump.done():
+            self._pump = asyncio.create_task(self._run(ring))
+        await ws.send(json.dumps({"op": "listen", "rate_hz": RATE_HZ, "format": "s16le"}))
+        writer = asyncio.create_task(self._writer(ws, me, ring))
+        try:
+            async for _ in ws:   # the page sends nothing that matters; this ends when it closes
+                pass
+        except ConnectionClosed:
+            pass
+        finally:
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+            self.listeners.discard(me)
+
+    async def _writer(self, ws: ServerConnection, me: _Listener, ring: Ring) -> None:
+        next_stats = time.monotonic() + STATS_EVERY_S
+        while True:
+            await me.ready.wait()
+            me.ready.clear()
+            while me.chunks:
+                await ws.send(me.chunks.popleft())
+            if time.monotonic() >= next_stats:
+                next_stats = time.monotonic() + STATS_EVERY_S
+                await ws.send(json.dumps({"op": "stats", "dropped_frames": me.dropped_frames,
+                                          "not_listened_frames": ring.overrun_frames}))
+
+    async def _run(self, ring: Ring) -> None:
+        """Hold playback's lease and hand the ring's audio to every listener, while any listens."""
+        renew_at = 0.0
+        try:
+            while self.listeners:
+                now = time.monotonic()
+                if now >= renew_at:
+                    renew_at = now + RENEW_S
+                    self.publish(LISTEN_TOPIC, {"on": True, "lease_ms": LEASE_MS})
+                n = ring.read_into(self._buf)
+                if n:
+                    chunk = self._buf[:n].tobytes()
+                    for listener in self.listeners:
+                        listener.put(chunk)
+                await asyncio.sleep(LISTEN_EVERY_S)
+        finally:
+            self.publish(LISTEN_TOPIC, {"on": False})
+
+
+class TalkHub:
+    """The one talking page: its microphone into the browser ring, and capture's lease."""
+
+    def __init__(self, rings: Rings, publish: Publish) -> None:
+        self.rings = rings
+        self.publish = publish
+        self.talking: ServerConnection | None = None
+
+    async def serve(self, ws: ServerConnection) -> None:
+        if self.talking is not None:
+            await ws.close(TRY_AGAIN, "another page is talking; stop it there first")
+            return
+        try:
+            ring = self.rings.get("browser")
+        except ConsoleAudioError as exc:
+            await ws.close(INTERNAL_ERROR, str(exc)[:120])
+            return
+        self.talking = ws
+        renew: asyncio.Task[None] | None = None
+        try:
+            try:
+                pcm = TalkPcm(parse_talk_start(await asyncio.wait_for(ws.recv(), 10)))
+            except (ConsoleAudioError, asyncio.TimeoutError) as exc:
+                await ws.close(POLICY_VIOLATION, (str(exc) or "talk: no start message")[:120])
+                return
+            await ws.send(json.dumps({"op": "talk", "rate_hz": RATE_HZ}))
+            renew = asyncio.create_task(self._renew(ws, pcm, ring))
+            async for msg in ws:
+                if isinstance(msg, str):
+                    continue   # nothing but audio is expected after the start
+                try:
+                    frames = pcm.convert(msg)
+                except ConsoleAudioError as exc:
+                    await ws.close(POLICY_VIOLATION, str(exc)[:120])
+                    return
+                if len(frames):
+                    ring.write(frames)   # a full ring (capture not reading) counts overrun frames
+        except ConnectionClosed:
+            pass
+        finally:
+            if renew is not None:
+                renew.cancel()
+                await asyncio.gather(renew, return_exceptions=True)
+            self.talking = None
+            self.publish(SOURCE_TOPIC, {"source": "device"})
+
+    async def _renew(self, ws: ServerConnection, pcm: TalkPcm, ring: Ring) -> None:
+        """Hold capture's lease while the page talks; report what went through."""
+        start_index, start_overrun = ring.write_index, ring.overrun_frames
+        while True:
+            self.publish(SOURCE_TOPIC, {"source": "browser", "lease_ms": LEASE_MS})
+            await ws.send(json.dumps({"op": "stats", "in_frames": pcm.in_frames,
+                                      "written_frames": ring.write_index - start_index,
+                                      "overrun_frames": ring.overrun_frames - start_overrun}))
+            await asyncio.sleep(RENEW_S)
