@@ -9,6 +9,7 @@ import json
 import os
 import secrets
 import subprocess
+import time
 import wave
 from pathlib import Path
 from typing import Any, Iterator
@@ -312,3 +313,117 @@ def test_listen_and_talk_in_chromium(vaudio: dict[str, str], start_engine: Any, 
                if '"capture.source"' in line]
     assert "browser" in sources and sources[-1] == "device", sources
     assert not any('"topic": "engine.error"' in line and "bad_command" in line for line in log.read_text().splitlines())
+
+
+# ---------------------------------------------------------------- `engine console` beside an engine, no devices
+def _talk_until(ws: Any, sub: Any, topic: str, where: Any, timeout_s: float, tone: np.ndarray) -> dict[str, Any]:
+    """Send ``tone`` (48 kHz int16) in 20 ms messages at real-time pace until a bus message on
+    ``topic`` satisfies ``where``; returns its body."""
+    deadline = time.monotonic() + timeout_s
+    next_send, pos = time.monotonic(), 0
+    while time.monotonic() < deadline:
+        if time.monotonic() >= next_send:
+            ws.send(tone[pos:pos + 960].tobytes())
+            pos = (pos + 960) % (len(tone) - 960)
+            next_send += 0.02
+        msg = sub.recv(timeout_ms=5)
+        if msg is not None and msg[0] == topic and where(msg[1]):
+            return msg[1]
+    raise AssertionError(f"no {topic} as expected within {timeout_s} s")
+
+
+def _wait_bus(sub: Any, topic: str, where: Any, timeout_s: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        msg = sub.recv(timeout_ms=50)
+        if msg is not None and msg[0] == topic and where(msg[1]):
+            return msg[1]
+    raise AssertionError(f"no {topic} as expected within {timeout_s} s")
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(90)
+def test_engine_console_finds_the_rings_and_the_mic_comes_back(start_engine: Any, tmp_path: Path) -> None:
+    """`engine console` attached to a running engine (a WAV mic, no speaker device) finds the rings
+    in engine.json: listen streams in real time, talk's 48 kHz tone reaches capture at its level,
+    and the mic is the WAV's again when the talk socket closes, and when the console is killed."""
+    import re
+    import signal
+    import sys
+    from bus import Subscriber
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+    silence = tmp_path / "silence.wav"
+    with wave.open(str(silence), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(24000)
+        w.writeframes(bytes(4800))
+    eng = start_engine("--mic", str(silence), "--speaker", "null")
+    sub = Subscriber(eng.conn["subscribe"], ["capture.source", "capture.levels", "playback.listen"])
+    console = subprocess.Popen([sys.executable, "-m", "engine.api.cli", "console"], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
+    try:
+        assert console.stdout is not None
+        url = None
+        for line in console.stdout:
+            m = re.search(r"realtalk: console (http://\S+)", line)
+            if m:
+                url = m.group(1)
+                break
+        assert url is not None, "engine console printed no URL"
+        base, token = url.split("/?token=")
+        ws_base = base.replace("http", "ws")
+
+        # listen: what the null speaker renders, in real time (silence here)
+        with connect(f"{ws_base}/listen?token={token}", open_timeout=5) as ws:
+            assert json.loads(ws.recv(5)) == {"op": "listen", "rate_hz": 24000, "format": "s16le"}
+            _wait_bus(sub, "playback.listen", lambda b: b["on"] is True, 5)
+            t0, frames = time.monotonic(), 0
+            while time.monotonic() - t0 < 1.0:
+                msg = ws.recv(2)
+                if isinstance(msg, bytes):
+                    frames += len(msg) // 2
+            rate = frames / (time.monotonic() - t0)
+        print(f"listen without a device: {rate:.0f} frames/s")
+        assert 24000 * 0.7 < rate < 24000 * 1.3, rate
+        _wait_bus(sub, "playback.listen", lambda b: b["on"] is False, 5)
+
+        # talk: a 48 kHz tone at -15.05 dBFS RMS becomes the engine's mic, at that level
+        t = np.arange(48000) / 48000
+        tone = (0.25 * 32767 * np.sin(2 * np.pi * 440 * t)).astype("<i2")
+        ws = connect(f"{ws_base}/talk?token={token}", open_timeout=5)
+        ws.send(json.dumps({"op": "start", "rate_hz": 48000}))
+        assert json.loads(ws.recv(5))["op"] == "talk"
+        with connect(f"{ws_base}/talk?token={token}", open_timeout=5) as second:
+            with pytest.raises(ConnectionClosed) as closed:
+                second.recv(5)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1013
+        _talk_until(ws, sub, "capture.source", lambda b: b["source"] == "browser", 5, tone)
+        levels = _talk_until(ws, sub, "capture.levels", lambda b: len(b["mic_dbfs"]) >= 4
+                             and all(abs(v + 15.05) < 0.5 for v in b["mic_dbfs"]), 5, tone)
+        print(f"talk: capture heard the browser's tone at {levels['mic_dbfs']} dBFS (sent at -15.05)")
+        closed_at = time.monotonic()
+        ws.close()
+        back = _wait_bus(sub, "capture.source", lambda b: b["source"] == "device", 3)
+        print(f"talk closed → capture.source device in {(time.monotonic() - closed_at) * 1000:.0f} ms")
+        assert back["browser_frames"] > 0 and back["device"] == str(silence)
+
+        # the console dies while a page talks: the lease lapses, the mic comes back
+        ws = connect(f"{ws_base}/talk?token={token}", open_timeout=5)
+        ws.send(json.dumps({"op": "start", "rate_hz": 48000}))
+        _talk_until(ws, sub, "capture.source", lambda b: b["source"] == "browser", 5, tone)
+        killed_at = time.monotonic()
+        console.send_signal(signal.SIGKILL)
+        console.wait(5)
+        _wait_bus(sub, "capture.source", lambda b: b["source"] == "device", 5)
+        lapse_s = time.monotonic() - killed_at
+        print(f"console killed → capture.source device in {lapse_s * 1000:.0f} ms (lease 3000 ms)")
+        assert lapse_s < 4.0
+        ws.close()
+    finally:
+        if console.poll() is None:
+            console.send_signal(signal.SIGINT)
+            console.wait(10)
+        sub.close()
+    assert eng.stop() == 0
