@@ -9,6 +9,8 @@ side by side with its reference in the same run.
                                            kills, socket drops, fuzz, slow subscriber, soak (issue 15)
     python bench/run.py phone [--json]     phone calls at once (1-40) in three process layouts, truncation vs the SDK
                                            sample (issue 13); bench/phone.py has the options
+    python bench/run.py console [--json] [--minutes N]
+                                           the console: CPU closed vs open, underruns, bus -> page, page heap (issue 11)
 
 Every figure's definition: bench/README.md.
 """
@@ -605,18 +607,22 @@ def bench_server() -> dict[str, Any]:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("suite", choices=["core", "server", "conversation", "faults", "phone"])
+    ap.add_argument("suite", choices=["core", "server", "conversation", "faults", "console", "phone"])
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--interruptions", type=int, default=200)
     ap.add_argument("--soak-minutes", type=float, default=30.0, help="faults: the soak's length")
     ap.add_argument("--fuzz", type=int, default=10_000, help="faults: fuzzed bus messages")
     ap.add_argument("--double-talk-trials", type=int, default=5, help="per level and guard setting; 0: skip")
+    ap.add_argument("--minutes", type=float, default=10.0, help="console: minutes of events with the page open")
     args = ap.parse_args()
     if args.suite == "core":
         result = {**bench_ring(), **bench_bus(), **bench_engine()}
     elif args.suite == "conversation":
         from bench.conversation import run
         result = run(args.interruptions, args.double_talk_trials)
+    elif args.suite == "console":
+        from bench.console import run as run_console
+        result = run_console(args.minutes)
     elif args.suite == "phone":
         from bench.phone import run as run_phone
         result = run_phone()
