@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from engine.audio.ring import Ring
-from engine.console.audio import (JITTER_FRAMES, ConsoleAudioError, BrowserMicReader, ListenSwitch, SourceSwitch,
-                                  TalkPcm, parse_talk_start, ring_names_from)
+from engine.console.audio import (JITTER_FRAMES, MAX_JITTER_FRAMES, BrowserMicReader, ConsoleAudioError, ListenSwitch,
+                                  SourceSwitch, TalkPcm, parse_talk_start, ring_names_from)
 from tests.test_console import CHROMIUM, console_url, shot
 
 SPEECH = "What is the time in Paris?"
@@ -93,11 +93,21 @@ def test_browser_mic_reader_waits_pads_and_cuts(ring: Ring) -> None:
     for _ in range(10):
         reader.read(block)
     assert reader.short_frames > 0 and reader.wait_frames == waited
-    # a burst of 500 ms (a network stall, or a fast clock): cut back to the jitter target
+    assert reader.gaps == 1 and reader.jitter_frames == JITTER_FRAMES + 480    # it waits 20 ms longer now
+    # a burst of 500 ms (a network stall, or a fast clock): cut back to the wait
     ring.write(ramp[:12_000])
     reader.read(block)
-    assert reader.dropped_frames == 12_000 - JITTER_FRAMES
-    assert ring.read_available == JITTER_FRAMES - block
+    assert reader.dropped_frames == 12_000 - reader.jitter_frames
+    assert ring.read_available == reader.jitter_frames - block
+    # the wait grows with each gap up to its limit, and starts afresh at the next switch
+    for _ in range(30):
+        ring.write(ramp[:reader.jitter_frames])
+        while ring.read_available:
+            reader.read(block)
+        reader.read(block)
+    assert reader.jitter_frames == MAX_JITTER_FRAMES
+    reader.start()
+    assert reader.jitter_frames == JITTER_FRAMES
     # exactly as many frames as the device gave, whatever the block
     for n in (1, 441, 1024):
         assert len(reader.read(n)) == n

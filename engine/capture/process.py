@@ -178,7 +178,8 @@ class CaptureProcess:
         self.pub.publish("capture.source", {"source": source, "device": self.device_name,
                                             "switches": self.source_switch.switches,
                                             "browser_frames": br.frames, "browser_wait_frames": br.wait_frames,
-                                            "browser_short_frames": br.short_frames,
+                                            "browser_short_frames": br.short_frames, "browser_gaps": br.gaps,
+                                            "browser_jitter_ms": br.jitter_frames * 1000 // RATE_HZ,
                                             "browser_dropped_frames": br.dropped_frames})
 
     def publish_levels(self) -> None:

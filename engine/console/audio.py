@@ -34,7 +34,9 @@ SOURCE_TOPIC = "console.mic.source"      #: {source: "browser"|"device", lease_m
 LEASE_MS = 3000                          #: a switch holds this long unless renewed
 RENEW_S = 1.0                            #: the console renews a held switch this often
 JITTER_FRAMES = 60 * FRAMES_PER_MS       #: capture waits for this much browser audio before it reads
-MAX_BACKLOG_FRAMES = 240 * FRAMES_PER_MS  #: more than this waiting (the browser's clock runs fast): cut to JITTER_FRAMES
+MAX_JITTER_FRAMES = 200 * FRAMES_PER_MS  #: the wait grows by GAP_STEP_FRAMES with each gap, up to this
+GAP_STEP_FRAMES = 20 * FRAMES_PER_MS
+MAX_BACKLOG_FRAMES = 180 * FRAMES_PER_MS  #: more than this beyond the wait (the browser's clock runs fast): cut to the wait
 MAX_TALK_MESSAGE_BYTES = 256 * 1024      #: one binary talk message at most (about 2.7 s at 48 kHz)
 TALK_RATES_HZ = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 88200, 96000)
 
@@ -96,17 +98,22 @@ class BrowserMicReader:
 
     Jitter: after a switch or a dry spell it waits until :data:`JITTER_FRAMES` are in the ring
     (silence meanwhile: ``wait_frames`` until the first browser audio after a switch, while the
-    page's microphone starts; ``short_frames`` after it, a gap); a backlog over :data:`MAX_BACKLOG_FRAMES`
-    (the browser's clock faster than the device's, or a burst after a network stall) is cut
-    back to :data:`JITTER_FRAMES`, counted in ``dropped_frames``.
+    page's microphone starts; ``short_frames`` after it, a gap, in ``gaps``). Each gap makes
+    the wait 20 ms longer, up to :data:`MAX_JITTER_FRAMES`, so a jittery network or a busy
+    page costs a few gaps, not one a second. A backlog over the wait plus
+    :data:`MAX_BACKLOG_FRAMES` (the browser's clock faster than the device's, or a burst after
+    a network stall) is cut back to the wait, counted in ``dropped_frames``.
     """
 
     def __init__(self, ring: Any, max_block_frames: int = 16384, jitter_frames: int = JITTER_FRAMES,
-                 max_backlog_frames: int = MAX_BACKLOG_FRAMES) -> None:
+                 max_backlog_frames: int = MAX_BACKLOG_FRAMES, max_jitter_frames: int = MAX_JITTER_FRAMES) -> None:
         """Set-up only: allocates the block buffer. ``ring`` is a :class:`engine.audio.ring.Ring`."""
         self.ring = ring
-        self.jitter_frames = jitter_frames
-        self.max_backlog_frames = max(max_backlog_frames, 2 * jitter_frames)
+        self.base_jitter_frames = jitter_frames
+        self.jitter_frames = jitter_frames              #: the wait now (grows with each gap)
+        self.max_jitter_frames = max(max_jitter_frames, jitter_frames)
+        self.max_backlog_frames = max_backlog_frames    #: beyond the wait
+        self.gaps = 0
         self._buf = np.zeros(max_block_frames, dtype=np.int16)
         self.filling = True
         self.heard = False         #: browser audio came since the latest switch
@@ -121,6 +128,7 @@ class BrowserMicReader:
         ring.skip(ring.read_available)
         self.filling = True
         self.heard = False
+        self.jitter_frames = self.base_jitter_frames
 
     def read(self, n: int) -> np.ndarray:
         """``n`` frames: the browser's, or silence where there are none (counted)."""
@@ -128,7 +136,7 @@ class BrowserMicReader:
         out = self._buf[:n]
         ring = self.ring
         avail = ring.read_available
-        if avail > self.max_backlog_frames:
+        if avail > self.jitter_frames + self.max_backlog_frames:
             cut = avail - self.jitter_frames
             self.dropped_frames += ring.skip(cut)
             avail -= cut
@@ -143,10 +151,12 @@ class BrowserMicReader:
             self.filling = False
             self.heard = True
         got = ring.read_into(out)
-        if got < n:
+        if got < n:   # a gap: wait longer before reading again
             out[got:] = 0
             self.short_frames += n - got
             self.filling = True
+            self.gaps += 1
+            self.jitter_frames = min(self.max_jitter_frames, self.jitter_frames + GAP_STEP_FRAMES)
         self.frames += got
         return out
 

@@ -4,14 +4,17 @@
 "use strict";
 
 // Plays 24 kHz float samples pushed by the page at the context's rate (linear interpolation
-// when that is not 24 kHz). Waits for startFrames before playing (again after running dry:
-// counted as underrun frames), cuts a backlog over maxFrames back to startFrames (counted
-// as dropped). Reports the RMS of each 20 ms window it played, in dBFS.
+// when that is not 24 kHz). Waits for startFrames (100 ms) before playing, and again after
+// running dry (counted as underrun frames; each time the wait grows 50 ms, up to 400 ms, so a
+// jittery network or a busy page costs one gap, not one a second); cuts a backlog over
+// maxFrames back to startFrames (counted as dropped). Reports the RMS of each 20 ms window
+// it played, in dBFS.
 class ListenCore {
   constructor(rate) {
     this.buf = new Float32Array(1 << 17); this.mask = (1 << 17) - 1;
     this.w = 0; this.r = 0; this.step = 24000 / rate;
     this.startFrames = 2400; this.maxFrames = 12000;    // 100 ms to start, 500 ms at most (24 kHz frames)
+    this.underruns = 0;
     this.playing = false; this.started = false;
     this.played = 0; this.underrunFrames = 0; this.droppedFrames = 0; this.received = 0;
     this.win = Math.max(1, Math.round(rate * 0.02)); this.acc = 0; this.accN = 0; this.env = [];
@@ -39,7 +42,10 @@ class ListenCore {
           const i0 = Math.floor(this.r), f = this.r - i0;
           v = buf[i0 & mask] * (1 - f) + buf[(i0 + 1) & mask] * f;
           this.r += this.step; this.played++;
-        } else { this.playing = false; }
+        } else {   // ran dry: wait longer before playing again
+          this.playing = false; this.underruns++;
+          this.startFrames = Math.min(9600, this.startFrames + 1200); this.maxFrames = this.startFrames + 9600;
+        }
       }
       if (!this.playing && this.started) this.underrunFrames++;
       out[i] = v;
@@ -54,6 +60,7 @@ class ListenCore {
   stats() {
     const env = this.env; this.env = [];
     return { op: "stats", played: this.played, received: this.received, underrunFrames: this.underrunFrames,
+      underruns: this.underruns, bufferMs: this.startFrames / 24,
       droppedFrames: this.droppedFrames, queuedFrames: this.w - this.r, env };
   }
 }

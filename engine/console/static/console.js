@@ -503,7 +503,7 @@ function talkNode(ctx, onBlock) {
 }
 function avStatus() {
   const L = state.listen, T = state.talk, parts = [];
-  if (L.on) parts.push(`listening: ${Math.round(L.queuedFrames / 24)} ms buffered` + (L.underrunFrames ? `, ${Math.round(L.underrunFrames / 24)} ms gaps` : "")
+  if (L.on) parts.push(`listening: ${Math.round(L.queuedFrames / 24)} ms buffered` + (L.underrunFrames ? `, ${L.underruns} gaps (${Math.round(L.underrunFrames / 24)} ms)` : "")
     + (L.droppedFrames + L.serverDropped ? `, ${Math.round((L.droppedFrames + L.serverDropped) / 24)} ms dropped` : ""));
   if (T.on) parts.push(`talking: ${(T.sentFrames / (T.rateHz || 24000)).toFixed(1)} s sent` + (T.dropped ? `, ${T.dropped} blocks dropped` : ""));
   $("av-status").textContent = parts.join(" · ");
@@ -524,7 +524,7 @@ async function startListen() {
   audio.listenWs = ws;
   const player = listenNode(ctx, (st) => {
     L.played = st.played; L.received = st.received; L.underrunFrames = st.underrunFrames; L.droppedFrames = st.droppedFrames;
-    L.queuedFrames = st.queuedFrames;
+    L.queuedFrames = st.queuedFrames; L.underruns = st.underruns; L.bufferMs = st.bufferMs;
     for (const v of st.env) L.env.push(v);
     if (L.env.length > MAX_LISTEN_ENV) L.env.splice(0, L.env.length - MAX_LISTEN_ENV);
   });
