@@ -93,6 +93,7 @@ def test_a_late_subscriber_gets_the_whole_text_at_done_and_odd_bodies_do_not_rai
         "note    api: m (x)"]
     assert view.feed("cmd.ack", {"id": "a", "ok": False, "error": "nope"}) == ["error   command a refused: nope"]
     assert view.feed("user.text", "not a map") == []  # type: ignore[arg-type]
+    assert view.feed("input.mic", {"open": False}) == ["engine  mic closed (muted)"]
     assert ConversationView.shows("model.text.delta") and not ConversationView.shows("playout.position")
 
 
@@ -116,6 +117,10 @@ def test_the_live_line_follows_the_session() -> None:
     term.feed("input.mic", {"open": False})
     assert "mic     muted" in term.live_line()
     assert term.feed("engine.error", {"source": "api", "message": "late", "benign": True}) == []
+    term.feed("engine.status", {"pub": "realtime:3", "state": "reconnecting", "close_code": 1006})
+    assert term.live_line().endswith("| API reconnecting | errors 1")
+    term.feed("engine.status", {"pub": "realtime:3", "state": "reconnected"})
+    assert "API" not in term.live_line()
 
 
 def test_levels_are_averaged_as_power() -> None:

@@ -270,6 +270,9 @@ class ConversationView:
             extra = f" (session {_s(b.get('session_id'))})"
         return [self._line(b, "engine", f"API {state}{extra}")]
 
+    def _mic(self, b: dict[str, Any]) -> list[str]:
+        return [self._line(b, "engine", "mic open" if b.get("open") else "mic closed (muted)")]
+
     def _call(self, b: dict[str, Any], what: str) -> list[str]:
         return [self._line(b, "phone", f"call {_s(b.get('phone_call_id'))} {what}")]
 
@@ -294,6 +297,7 @@ _HANDLERS: dict[str, Any] = {
     "response.done": ConversationView._response_done,
     "engine.budget": ConversationView._budget,
     "engine.status": ConversationView._status,
+    "input.mic": ConversationView._mic,
     "phone.call.started": lambda v, b: v._call(b, "started"),
     "phone.call.ended": lambda v, b: v._call(b, "ended"),
 }
@@ -316,9 +320,9 @@ class TerminalView:
     """``engine start``'s terminal. ``feed`` each bus message: it returns the error lines to print
     (``error: <source>: <message>``, one per non-benign ``engine.error``). ``live_line()`` is the
     compact state: who is speaking (user, model, both, nobody), the mic level (dBFS, RMS of the
-    latest ``capture.levels`` batch, about 100 ms), the latest turn's latency (``latency.turn``:
-    to the speaker, else to the device, else to the first delta) and the session's cost
-    (``cost.session``)."""
+    latest ``capture.levels`` batch, about 100 ms; ``muted`` while ``input.mic`` is closed), the
+    latest turn's latency (``latency.turn``: to the speaker, else to the device, else to the first
+    delta), the session's cost (``cost.session``), and the API connection while it is down."""
 
     user_speaking: bool = False
     model_playing: set[str] = field(default_factory=set)   #: item ids between playout.started and its end
@@ -327,6 +331,7 @@ class TerminalView:
     latency_ms: float | None = None
     cost_usd: float = 0.0
     errors: int = 0
+    api_state: str | None = None     #: the realtime process's latest engine.status state
 
     def feed(self, topic: str, body: dict[str, Any]) -> list[str]:
         if not isinstance(body, dict):
@@ -355,6 +360,9 @@ class TerminalView:
                 self.cost_usd = v
         elif topic == "input.mic":
             self.mic_open = bool(body.get("open", True))
+        elif topic == "engine.status" and _s(body.get("pub", "")).startswith("realtime"):
+            if isinstance(body.get("state"), str):
+                self.api_state = body["state"]
         elif topic == "engine.error":
             if body.get("benign"):
                 return []
@@ -371,4 +379,6 @@ class TerminalView:
         mic = "muted" if not self.mic_open else ("–" if self.mic_dbfs is None else f"{self.mic_dbfs:.0f} dBFS")
         lat = "–" if self.latency_ms is None else f"{self.latency_ms:.0f} ms"
         line = f"speaking: {self.speaking():<6} | mic {mic:>9} | last turn {lat:>7} | ${self.cost_usd:.4f}"
+        if self.api_state in ("disconnected", "reconnecting"):
+            line += f" | API {self.api_state}"
         return line + (f" | errors {self.errors}" if self.errors else "")
