@@ -37,10 +37,8 @@ from typing import Any, Callable, Iterator
 import zmq
 
 from bus.security import SIGNED_TOPICS, apply_server_curve, environment_keys, parse_signing_key, sign, start_authenticator
-from bus.wire import encode
+from bus.wire import LAST_VALUE_TOPICS, encode
 
-#: topics whose last message is replayed to new subscribers (exact topic)
-LAST_VALUE_TOPICS = ("engine.status", "session.config", "cost.session", "engine.tools", "conversation.history")
 _STATE_TOPICS = frozenset(t.encode() for t in LAST_VALUE_TOPICS)
 #: a client that subscribes to ``_presence.<owner>`` is announced gone (``engine.presence.gone``)
 #: when that subscription disappears, e.g. because the client's process ended
@@ -165,6 +163,7 @@ def _keep(keeper_pub: zmq.Socket, keeper_sub: zmq.Socket, stop: zmq.Socket | Non
     """The last-value cache and presence loop (see the module docstring)."""
     cache: dict[bytes, list[bytes]] = {}
     seq = 0
+    name = f"broker:{os.getpid()}"   # a restarted broker is another publisher (replay protection orders by it)
     base_rss = _rss_bytes()
     next_trim = time.monotonic() + TRIM_PERIOD_S
     poller = zmq.Poller()
@@ -200,7 +199,7 @@ def _keep(keeper_pub: zmq.Socket, keeper_sub: zmq.Socket, stop: zmq.Socket | Non
                     # the last subscriber of a presence topic left: its owner is gone
                     seq += 1
                     owner = sub[1 + len(PRESENCE_PREFIX):].decode(errors="replace")
-                    frames = encode("engine.presence.gone", {"owner": owner}, "broker", seq)
+                    frames = encode("engine.presence.gone", {"owner": owner}, name, seq)
                     if signing_key is not None and frames[0].decode().startswith(SIGNED_TOPICS):
                         frames.append(sign(signing_key, *frames))
                     keeper_pub.send_multipart(frames)

@@ -25,8 +25,8 @@ from typing import Any, Iterator, Mapping
 
 import zmq
 
-from bus.security import (FORGED_REASON, SIGNED_TOPICS, CurveClientKeys, apply_client_curve, curve_from,
-                          environment_keys, parse_signing_key, sign, verify)
+from bus.security import (FORGED_REASON, REPLAYED_REASON, SIGNED_TOPICS, CurveClientKeys, ReplayGuard, Verdict,
+                          apply_client_curve, curve_from, environment_keys, parse_signing_key, sign, verify)
 from bus.wire import BusError, MalformedMessage, decode, encode
 
 #: malformed messages one ``Subscriber.recv`` call skips at most before it returns None
@@ -226,7 +226,10 @@ class Subscriber:
     Malformed messages are counted in ``malformed`` and skipped, never raised;
     ``last_error`` describes the latest one. With a ``verify_key``, a message on
     ``signed_topics`` without a valid signature is malformed too (reason
-    "forged or unsigned control message") and never returned. Skipping costs no wait:
+    "forged or unsigned control message") and never returned, and so is a validly signed one
+    taken before, or too old to be new (reason "replayed control message"; a copy of the last
+    state message taken is skipped without a count: :class:`bus.security.ReplayGuard`).
+    Skipping costs no wait:
     ``recv`` goes on to the next message at once (at most :data:`MAX_SKIPPED_PER_RECV`
     per call, so a flood of bad input still gives the caller back control).
     :meth:`take_malformed_report` / :meth:`publish_reports` report them, once a second.
@@ -248,6 +251,8 @@ class Subscriber:
         defaulted = curve is FROM_ENV and not isinstance(endpoint, Endpoints)
         curve, self._verify_key = _keys(endpoint, curve, verify_key)
         self._signed = tuple(signed_topics)
+        self._guard = ReplayGuard() if self._verify_key is not None else None
+        self.duplicates = 0   #: copies of a state message already taken (last-value replays), skipped
         self.socket = self._ctx.socket(zmq.SUB)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.RCVHWM, 100_000)
@@ -283,20 +288,35 @@ class Subscriber:
                 return None
             try:
                 topic, body = decode(frames)
-                if self._verify_key is None or not topic.startswith(self._signed) or verify(
-                        self._verify_key, frames[0], frames[1], frames[2] if len(frames) == 3 else None):
+                if self._take(topic, body, frames):
                     if self._count_gaps:
                         self._count_gap(body)
                     return topic, body
-                raise MalformedMessage(f"{FORGED_REASON}: {topic!r} from {body.get('pub')!r} "
-                                       "(only the engine's own processes may publish it)", len(frames))
+                self.duplicates += 1  # a copy of a state message already taken: skipped, not counted
             except MalformedMessage as exc:
                 self._note_malformed(exc)
-                skipped += 1
-                if skipped >= MAX_SKIPPED_PER_RECV:
-                    return None
-                if deadline is not None:  # past the deadline: 0, what is already queued, no wait
-                    wait_ms = max(0, int((deadline - time.monotonic()) * 1000))
+            skipped += 1
+            if skipped >= MAX_SKIPPED_PER_RECV:
+                return None
+            if deadline is not None:  # past the deadline: 0, what is already queued, no wait
+                wait_ms = max(0, int((deadline - time.monotonic()) * 1000))
+
+    def _take(self, topic: str, body: dict[str, Any], frames: list[Any]) -> bool:
+        """True to return the message, False to skip a duplicate; raises MalformedMessage for a
+        signed topic whose signature fails or that is a replay (with a ``verify_key`` only)."""
+        if self._guard is None or not topic.startswith(self._signed):
+            return True
+        assert self._verify_key is not None
+        if not verify(self._verify_key, frames[0], frames[1], frames[2] if len(frames) == 3 else None):
+            raise MalformedMessage(f"{FORGED_REASON}: {topic!r} from {body.get('pub')!r} "
+                                   "(only the engine's own processes may publish it)", len(frames))
+        verdict = self._guard.check(topic, body, time.monotonic_ns())
+        if verdict is Verdict.ACCEPT:
+            return True
+        if verdict is Verdict.DUPLICATE:
+            return False
+        raise MalformedMessage(f"{REPLAYED_REASON} ({verdict.value}): {topic!r} from {body.get('pub')!r} "
+                               f"seq {body.get('seq')!r} (taken before, or too old to be new)", len(frames))
 
     def _count_gap(self, body: dict[str, Any]) -> None:
         """Count the messages missing between this one and the last of its publisher."""

@@ -14,6 +14,15 @@ Rules (docs/bus-protocol.md, "Transport security" and "Signed control messages")
   scheme, with the length so no bytes can move between topic and body). Readers that take
   frames 0 and 1 keep working. A verifying subscriber drops an unsigned or badly signed
   message on a signed topic.
+- Replay (:class:`ReplayGuard`): the signature covers the body's header, so its publisher
+  name (``pub``, which holds the process id: a restarted child has a new one), ``seq`` and
+  ``mono_ns`` cannot be changed. A verifying subscriber takes a signed message only if its
+  ``(mono_ns, seq)`` is later than that of the last one it took from the same publisher (per
+  publisher and topic for the last-value topics, which the broker legitimately sends again
+  to late subscribers); the first signed message it sees from a publisher must be at most
+  :data:`REPLAY_WINDOW_NS` old, unless it is a last-value topic. A copy of the last state
+  message it took is dropped quietly (the broker's replay for another subscriber); any other
+  repeat or stale message is dropped and counted as malformed ("replayed control message").
 - Secrets come from arguments or from ``REALTALK_BUS_KEYS`` in the process environment (JSON,
   for the broker: :meth:`BusKeys.environment`) or a child's spec (``bus.signing_key`` hex and
   the ``curve_*`` keys, given to ``bus.use_keys``); never from a file, never on the bus. The
@@ -24,6 +33,7 @@ Pure functions and data, no sockets, except :func:`apply_client_curve`,
 """
 from __future__ import annotations
 
+import enum
 import hmac
 import json
 import os
@@ -32,7 +42,7 @@ from typing import Any, Mapping
 
 import zmq
 
-from bus.wire import BusError
+from bus.wire import LAST_VALUE_TOPICS, BusError
 
 #: topics only the engine's own processes may publish: signed by them, verified by them
 SIGNED_TOPICS: tuple[str, ...] = ("engine.status", "engine.error", "playback.", "capture.", "session.config",
@@ -41,7 +51,14 @@ SIGNED_TOPICS: tuple[str, ...] = ("engine.status", "engine.error", "playback.", 
 ENV_KEYS = "REALTALK_BUS_KEYS"
 #: the malformed-message reason of a dropped control message
 FORGED_REASON = "forged or unsigned control message"
+#: the malformed-message reason of a signed message taken before (or too old to be new)
+REPLAYED_REASON = "replayed control message"
 SIGNATURE_HEX_BYTES = 64
+#: the first signed message a reader sees from a publisher is taken only if it is at most this
+#: old (its ``mono_ns`` against this machine's CLOCK_MONOTONIC; the engine's processes share it)
+REPLAY_WINDOW_NS = 10_000_000_000
+#: publishers (and publisher-topic pairs) a ReplayGuard remembers at most; the oldest is forgotten
+MAX_GUARDED_SENDERS = 4096
 _SIGNING_KEY_BYTES = 32
 
 
@@ -140,6 +157,50 @@ def verify(key: bytes, topic: bytes, body: bytes, signature: bytes | None) -> bo
     if signature is None or len(signature) != SIGNATURE_HEX_BYTES:
         return False
     return hmac.compare_digest(sign(key, bytes(topic), bytes(body)), bytes(signature))
+
+
+class Verdict(str, enum.Enum):
+    """What :meth:`ReplayGuard.check` says of a verified signed message."""
+    ACCEPT = "accept"          #: new: act on it
+    DUPLICATE = "duplicate"    #: the very last state message taken, again (a last-value replay): drop quietly
+    REPLAYED = "replayed"      #: not later than what was taken from its publisher: drop and report
+    STALE = "stale"            #: the first seen from its publisher, and older than the window: drop and report
+    NO_HEADER = "no_header"    #: no int ``mono_ns``/``seq`` or str ``pub`` to order it by: drop and report
+
+
+class ReplayGuard:
+    """Replay protection for signed messages (the rules are in this module's docstring).
+
+    Pure; one per verifying subscriber. Give it only messages whose signature checked out, so
+    nothing forged can move its marks. ``check`` remembers what it accepts."""
+
+    def __init__(self, state_topics: tuple[str, ...] = LAST_VALUE_TOPICS,
+                 window_ns: int = REPLAY_WINDOW_NS, max_senders: int = MAX_GUARDED_SENDERS) -> None:
+        self._state_topics = frozenset(state_topics)
+        self._window_ns = window_ns
+        self._max = max_senders
+        #: publisher, or (publisher, topic) for a state topic -> (mono_ns, seq) of the latest taken
+        self._last: dict[str | tuple[str, str], tuple[int, int]] = {}
+
+    def check(self, topic: str, body: Mapping[str, Any], now_ns: int) -> Verdict:
+        """Whether to act on a verified signed message ``body`` on ``topic``; ``now_ns`` is
+        CLOCK_MONOTONIC. Remembers the message if the verdict is ACCEPT."""
+        pub, seq, mono = body.get("pub"), body.get("seq"), body.get("mono_ns")
+        if not isinstance(pub, str) or type(seq) is not int or type(mono) is not int:
+            return Verdict.NO_HEADER
+        state = topic in self._state_topics
+        key: str | tuple[str, str] = (pub, topic) if state else pub
+        mark = (mono, seq)
+        last = self._last.get(key)
+        if last is None:
+            if not state and now_ns - mono > self._window_ns:
+                return Verdict.STALE
+            if len(self._last) >= self._max:
+                del self._last[next(iter(self._last))]  # the one first seen longest ago
+        elif mark <= last:
+            return Verdict.DUPLICATE if state and mark == last else Verdict.REPLAYED
+        self._last[key] = mark
+        return Verdict.ACCEPT
 
 
 def apply_client_curve(sock: zmq.Socket, keys: CurveClientKeys) -> None:

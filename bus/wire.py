@@ -17,6 +17,8 @@ MAX_TOPIC_BYTES = 256
 
 #: keys every body carries; payload keys must not collide with them
 HEADER_KEYS = ("v", "ts", "mono_ns", "pub", "seq")
+#: state topics: the broker keeps each one's last message and replays it to new subscribers (exact topic)
+LAST_VALUE_TOPICS = ("engine.status", "session.config", "cost.session", "engine.tools", "conversation.history")
 
 
 class BusError(Exception):

@@ -14,7 +14,8 @@ import zmq
 from bus import Endpoints, Publisher, Subscriber, decode, encode
 from bus.broker import run_broker
 from bus.client import endpoints_from, load_endpoints
-from bus.security import ENV_KEYS, FORGED_REASON, BusKeys, generate_keys, sign, verify
+from bus.security import (ENV_KEYS, FORGED_REASON, REPLAY_WINDOW_NS, REPLAYED_REASON, BusKeys, ReplayGuard, Verdict,
+                          generate_keys, sign, verify)
 from engine.supervisor.process import free_port
 
 pytestmark = pytest.mark.timeout(30)
@@ -306,3 +307,95 @@ def test_plain_tcp_endpoint_strings_take_the_keys_of_the_connection_file(tcp_bro
     assert _first(sub, "x.hello") is not None
     sub.close()
     pub.close()
+
+
+# ------------------------------------------------------------------ replay protection (issue 15)
+def _until_malformed(sub: Subscriber, count: int, timeout_s: float = 3.0) -> list[tuple[str, dict[str, Any]]]:
+    """Read ``sub`` until it has counted ``count`` malformed messages; what it returned meanwhile."""
+    got = []
+    deadline = time.monotonic() + timeout_s
+    while sub.malformed < count and time.monotonic() < deadline:
+        msg = sub.recv(timeout_ms=50)
+        if msg is not None:
+            got.append(msg)
+    assert sub.malformed == count, f"counted {sub.malformed} malformed, expected {count}"
+    return got
+
+
+def test_replayed_signed_fatal_is_rejected_and_reported(ipc_broker: Broker, keys: BusKeys) -> None:
+    """A captured, validly signed engine.error {fatal} sent again is dropped and reported; a fresh
+    one from the same publisher is still taken."""
+    sub = Subscriber(ipc_broker.sub_ep, ["engine.error"], verify_key=keys.signing_key)
+    spy: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)   # any client can read the frames
+    spy.setsockopt(zmq.SUBSCRIBE, b"engine.error")
+    spy.connect(ipc_broker.sub_ep)
+    engine = Publisher(ipc_broker.pub_ep, "realtime:2", signing_key=keys.signing_key)
+    attacker = Publisher(ipc_broker.pub_ep, "attacker", signing_key=None)
+    report = Publisher(ipc_broker.pub_ep, "supervisor:9", signing_key=keys.signing_key)
+    assert engine.join(ipc_broker.sub_ep) and attacker.join(ipc_broker.sub_ep)
+    engine.publish("engine.error", {"source": "socket", "fatal": True, "message": "first"})
+    assert _first(sub, "engine.error")["message"] == "first"
+    assert spy.poll(2000)
+    captured = spy.recv_multipart()
+    assert len(captured) == 3   # the signature frame came along
+    for _ in range(3):
+        attacker.send_raw(captured)
+    assert _until_malformed(sub, 3) == []   # none of the copies is returned
+    assert REPLAYED_REASON in str(sub.last_error) and "realtime:2" in str(sub.last_error)
+    engine.publish("engine.error", {"source": "socket", "fatal": True, "message": "fresh"})
+    assert _first(sub, "engine.error")["message"] == "fresh"
+    assert sub.publish_reports(report, "supervisor") == 1   # reported once: a benign engine.error
+    reported = _first(sub, "engine.error")
+    assert reported["code"] == "malformed_bus_message" and reported["count"] == 3
+    assert REPLAYED_REASON in reported["reason"]
+    spy.close(0)
+    for s in (sub, engine, attacker, report):
+        s.close()
+
+
+def test_a_restarted_broker_state_replay_and_a_new_process_are_not_replays(ipc_broker: Broker, keys: BusKeys) -> None:
+    """The broker's last-value replay to a late subscriber reaches an early one again: skipped,
+    not reported. A publisher that restarts (a new pid: a new name) is taken from its first message."""
+    engine = Publisher(ipc_broker.pub_ep, "supervisor:1", signing_key=keys.signing_key)
+    early = Subscriber(ipc_broker.sub_ep, ["engine.status"], verify_key=keys.signing_key)
+    assert _first(early, "engine.status", lambda: engine.publish("engine.status", {"state": "ready"}))
+    while early.recv(timeout_ms=100) is not None:   # the probes' extra copies
+        pass
+    late = Subscriber(ipc_broker.sub_ep, ["engine.status"], verify_key=keys.signing_key)
+    assert _first(late, "engine.status")["state"] == "ready"
+    assert early.recv(timeout_ms=300) is None   # the copy the broker sent for `late`
+    assert early.duplicates >= 1 and early.malformed == 0 and late.malformed == 0
+    again = Publisher(ipc_broker.pub_ep, "supervisor:2", signing_key=keys.signing_key)  # the restarted process
+    assert _first(early, "engine.status", lambda: again.publish("engine.status", {"state": "restarted"}))
+    assert early.malformed == 0
+    for s in (engine, again, early, late):
+        s.close()
+
+
+def test_replay_guard_rules() -> None:
+    """The pure rules: later (mono_ns, seq) from the same publisher only; state topics per topic,
+    their last copy again quietly; a first message from a publisher fresh unless it is state."""
+    now = 100 * 10**9
+    g = ReplayGuard()
+
+    def body(pub: str, seq: int, mono_ns: int) -> dict[str, Any]:
+        return {"pub": pub, "seq": seq, "mono_ns": mono_ns}
+    assert g.check("engine.error", body("realtime:2", 5, now - 10**9), now) is Verdict.ACCEPT
+    assert g.check("engine.error", body("realtime:2", 5, now - 10**9), now) is Verdict.REPLAYED
+    assert g.check("playback.flushed", body("realtime:2", 4, now - 2 * 10**9), now) is Verdict.REPLAYED
+    assert g.check("playback.flushed", body("realtime:2", 6, now - 10**8), now) is Verdict.ACCEPT
+    # pid reused by a new process of the same name: its seq starts again, its clock does not
+    assert g.check("engine.error", body("realtime:2", 1, now), now) is Verdict.ACCEPT
+    assert g.check("engine.error", body("realtime:2", 7, now - 10**8), now) is Verdict.REPLAYED
+    # a first message from a publisher: fresh, or a state topic (the broker's last value, any age)
+    assert g.check("engine.error", body("capture:3", 9, now - REPLAY_WINDOW_NS - 1), now) is Verdict.STALE
+    assert g.check("conversation.history", body("realtime:1", 40, now - 60 * 10**9), now) is Verdict.ACCEPT
+    assert g.check("conversation.history", body("realtime:1", 40, now - 60 * 10**9), now) is Verdict.DUPLICATE
+    assert g.check("conversation.history", body("realtime:1", 30, now - 70 * 10**9), now) is Verdict.REPLAYED
+    # state topics are ordered per topic: the broker's replay of an older state after a newer other topic
+    assert g.check("engine.status", body("realtime:1", 35, now - 65 * 10**9), now) is Verdict.ACCEPT
+    assert g.check("engine.error", {"pub": "x", "seq": "1", "mono_ns": now}, now) is Verdict.NO_HEADER
+    small = ReplayGuard(max_senders=2)
+    for n in range(3):
+        assert small.check("engine.error", body(f"p:{n}", 1, now), now) is Verdict.ACCEPT
+    assert len(small._last) == 2   # bounded: the first seen is forgotten

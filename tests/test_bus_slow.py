@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -113,3 +113,59 @@ def test_a_prefix_subscriber_counts_no_drops() -> None:
     sub = Subscriber("inproc://nothing-here", ["model."], verify_key=None)
     assert not sub._count_gaps
     sub.close()
+
+
+NODE_GAP_READER = r"""
+const { Bus } = require(process.argv[1]);
+(async () => {
+  const bus = new Bus({ file: process.argv[2], name: "node-reader:1" });
+  for await (const { topic } of bus.messages()) {
+    if (topic === "t.warm") { console.log("warm"); }
+    if (topic === "t.end") { console.log(JSON.stringify(bus.dropped)); break; }
+  }
+  await new Promise((r) => setTimeout(r, 1500));   // the second report is due a second after the first
+  bus.close();
+})();
+"""
+
+
+def test_node_client_counts_seq_gaps_and_publishes_them(broker_process: tuple[subprocess.Popen[bytes], str, str],
+                                                        node: str, tmp_path: Path) -> None:
+    """A foreign subscriber's losses are visible: the Node client counts the gaps in each
+    publisher's seq and publishes them on bus.dropped, as the engine's own subscribers do."""
+    import json
+
+    from bus import encode
+    _, pub_ep, sub_ep = broker_process
+    conn = tmp_path / "engine.json"
+    conn.write_text(json.dumps({"publish": pub_ep, "subscribe": sub_ep}))
+    watcher = Subscriber(sub_ep, ["bus.dropped"], verify_key=None)
+    pub = Publisher(pub_ep, "py-test", signing_key=None)
+    assert pub.join(sub_ep)
+    reader = subprocess.Popen([node, "-e", NODE_GAP_READER, str(REPO / "clients" / "node" / "realtalk.js"), str(conn)],
+                              stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        assert reader.stdout is not None
+        os.set_blocking(reader.stdout.fileno(), False)
+        deadline = time.monotonic() + 20
+        while "warm" not in (reader.stdout.readline() or "") and time.monotonic() < deadline:
+            pub.send_raw(encode("t.warm", {}, "py-test", 0))   # seq 0: counts nothing (a probe)
+            time.sleep(0.05)
+        os.set_blocking(reader.stdout.fileno(), True)
+        for seq in (1, 2, 5, 6, 10):   # 2 + 3 lost on the way
+            pub.send_raw(encode("t.data", {}, "py-test", seq))
+        pub.send_raw(encode("t.end", {}, "py-test", 11))
+        assert json.loads(reader.stdout.readline()) == {"py-test": 5}
+        reports: list[dict[str, Any]] = []
+        while sum(r["count"] for r in reports) < 5:
+            msg = watcher.recv(timeout_ms=3000)
+            assert msg is not None, f"bus.dropped reports so far: {reports}"
+            reports.append(msg[1])
+        assert {(r["subscriber"], r["publisher"]) for r in reports} == {("node-reader:1", "py-test")}
+        assert reports[-1]["total"] == 5
+        assert reader.wait(10) == 0
+    finally:
+        reader.kill()
+        reader.wait()
+        watcher.close()
+        pub.close()

@@ -82,3 +82,49 @@ def test_forged_fatal_error_does_not_stop_the_engine(start_engine: Any) -> None:
     assert "still there" in wait_topic(sub, "model.text.done")["text"]
     assert eng.stop() == 0
     assert "forged-by-a-test" not in "".join(eng.lines)
+
+
+def test_replayed_signed_message_is_not_taken_again(start_engine: Any) -> None:
+    """Issue 15: a validly signed control message, captured on the bus and sent again, was taken
+    again (a captured engine.error {fatal} would stop the engine). Now each engine process takes
+    it once and reports the copies."""
+    import json
+
+    import msgpack
+    import zmq
+    eng = start_engine("--text-only")
+    conn = eng.conn
+    spy: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)   # any local client can read the bus
+    spy.setsockopt(zmq.SUBSCRIBE, b"engine.error")
+    spy.connect(conn["subscribe"])
+    reports = Subscriber(conn["subscribe"], ["engine.error"], verify_key=None)
+    client = Publisher(conn["publish"], "replayer")
+    assert client.join(conn["subscribe"], timeout_s=5)
+    captured: list[bytes] | None = None
+    deadline = time.monotonic() + 10
+    while captured is None and time.monotonic() < deadline:
+        client.publish("cmd.bogus", {"id": "replay-probe"})   # the realtime process answers with a signed error
+        while spy.poll(300):
+            frames = spy.recv_multipart()
+            if len(frames) == 3 and msgpack.unpackb(frames[1]).get("code") == "bad_command":
+                captured = frames
+    assert captured is not None, "no signed bad_command error from the realtime process"
+    original = msgpack.unpackb(captured[1])
+    for _ in range(3):
+        client.send_raw(captured)
+    reasons: list[str] = []
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not any("supervisor" in r for r in reasons):
+        msg = reports.recv(timeout_ms=200)
+        if msg is not None and msg[1].get("code") == "malformed_bus_message":
+            reasons.append(f"{msg[1].get('source')}: {msg[1].get('reason')}")
+    assert any(r.startswith("supervisor") and "replayed control message" in r for r in reasons), reasons
+    assert eng.stop() == 0
+    log = Path(conn["session_dir"]) / "events.jsonl"
+    taken = [line for line in (json.loads(x) for x in log.read_text().splitlines())
+             if line["topic"] == "engine.error" and line["body"].get("pub") == original["pub"]
+             and line["body"].get("seq") == original["seq"]]
+    assert len(taken) == 1, f"the supervisor took the signed message {len(taken)} times"
+    spy.close(0)
+    reports.close()
+    client.close()

@@ -22,9 +22,63 @@ function socketOptions(conn) {
   return { curveServerKey: conn.curve_server_key, curvePublicKey: conn.curve_public_key, curveSecretKey: conn.curve_secret_key };
 }
 
+/** Messages lost on the way to a subscriber of every topic, from the gaps in each publisher's `seq`
+ *  (docs/bus-protocol.md, "Drops"; the same rules as the Python `Subscriber`): the broker and the
+ *  publishers drop past their high-water marks without telling anyone, so the reader counts.
+ *  A message sent before the counter existed (the broker's last-value replay) starts no count;
+ *  a lower `seq` with a later `mono_ns` is a publisher restarted under the same name. */
+class GapCounter {
+  constructor({ createdNs = Number(process.hrtime.bigint()), maxPublishers = 4096 } = {}) {
+    this.createdNs = createdNs;           // CLOCK_MONOTONIC, as the bodies' mono_ns
+    this.maxPublishers = maxPublishers;
+    this.last = new Map();                // publisher -> [seq, mono_ns] of the newest seen
+    this.dropped = {};                    // publisher -> messages lost in all
+    this.reported = {};
+  }
+
+  /** Count the messages missing between `body` and the previous one of its publisher. */
+  count(body) {
+    const { seq, pub } = body;
+    const mono = Number.isInteger(body.mono_ns) ? body.mono_ns : 0;
+    if (!Number.isInteger(seq) || seq <= 0 || typeof pub !== "string") return;  // join probes, foreign bodies
+    const last = this.last.get(pub);
+    if (last === undefined) {
+      if (mono && mono < this.createdNs) return;  // a replay of an older state message: no start point
+      if (this.last.size >= this.maxPublishers) this.last.delete(this.last.keys().next().value);
+      this.last.set(pub, [seq, mono]);
+      return;
+    }
+    const [lastSeq, lastMono] = last;
+    if (seq > lastSeq) {
+      if (seq > lastSeq + 1) this.dropped[pub] = (this.dropped[pub] || 0) + seq - lastSeq - 1;
+      this.last.set(pub, [seq, mono]);
+    } else if (mono > lastMono) {
+      this.last.set(pub, [seq, mono]);  // restarted under the same name: count from here
+    }  // else: an older message again (a state replay for another subscriber): nothing lost
+  }
+
+  /** True if losses were counted since the last report. */
+  pending() {
+    return Object.entries(this.dropped).some(([pub, total]) => total !== (this.reported[pub] || 0));
+  }
+
+  /** `[{publisher, count, total}]` of the losses since the last call (empty if none). */
+  takeReport() {
+    const out = [];
+    for (const [pub, total] of Object.entries(this.dropped)) {
+      const count = total - (this.reported[pub] || 0);
+      if (count > 0) out.push({ publisher: pub, count, total });
+      this.reported[pub] = total;
+    }
+    return out;
+  }
+}
+
 class Bus {
-  /** Connect to the running engine's bus (endpoints and, over tcp, CURVE keys from its connection file). */
-  constructor({ name = `node:${process.pid}`, prefixes = [""], file = connectionFile() } = {}) {
+  /** Connect to the running engine's bus (endpoints and, over tcp, CURVE keys from its connection file).
+   *  A bus of every topic (`prefixes` [""]) counts what it lost (`dropped`: publisher -> messages) and,
+   *  with `reportDrops`, publishes it at most once a second as `bus.dropped`, as the engine's own do. */
+  constructor({ name = `node:${process.pid}`, prefixes = [""], file = connectionFile(), reportDrops = true } = {}) {
     const conn = JSON.parse(fs.readFileSync(file, "utf8"));
     this.conn = conn;
     this.name = name;
@@ -35,6 +89,33 @@ class Bus {
     this.sub.connect(conn.subscribe);
     for (const p of prefixes) this.sub.subscribe(p);
     this.malformed = 0;
+    // a prefix subscriber cannot tell a drop from a message its filter left out: it counts nothing
+    this.gaps = prefixes.length === 1 && prefixes[0] === "" ? new GapCounter() : null;
+    this.reportDrops = reportDrops;
+    this.dropReportAt = 0;
+  }
+
+  /** Messages lost per publisher (seq gaps) since this bus connected; empty for a prefix subscriber. */
+  get dropped() {
+    return this.gaps ? { ...this.gaps.dropped } : {};
+  }
+
+  /** Publish the losses since the last report, one `bus.dropped` {subscriber, publisher, count, total}
+   *  each, at most once a second; resolves with the number published. */
+  async publishDropReports() {
+    if (!this.gaps || this.closed) return 0;
+    const wait = this.dropReportAt + 1000 - Date.now();
+    if (wait > 0) {  // too soon: what is counted meanwhile goes out when it is due, even if nothing else comes
+      if (!this.dropTimer && this.gaps.pending()) {
+        this.dropTimer = setTimeout(() => { this.dropTimer = null; this.publishDropReports().catch(() => {}); }, wait);
+        this.dropTimer.unref();
+      }
+      return 0;
+    }
+    const report = this.gaps.takeReport();
+    if (report.length) this.dropReportAt = Date.now();
+    for (const r of report) await this.publish("bus.dropped", { subscriber: this.name, ...r });
+    return report.length;
   }
 
   /** Publish `payload` on `topic`. */
@@ -52,6 +133,10 @@ class Bus {
       let body;
       try { body = decode(frames[1]); } catch { this.malformed += 1; continue; }
       if (body === null || typeof body !== "object" || Array.isArray(body)) { this.malformed += 1; continue; }
+      if (this.gaps) {
+        this.gaps.count(body);
+        if (this.reportDrops) await this.publishDropReports();
+      }
       yield { topic: frames[0].toString("utf8"), body };
     }
   }
@@ -125,9 +210,10 @@ class Bus {
 
   close() {
     this.closed = true;
+    if (this.dropTimer) clearTimeout(this.dropTimer);
     this.pub.close(); this.sub.close();
     if (this.toolSub) this.toolSub.close();
   }
 }
 
-module.exports = { Bus, connectionFile, socketOptions };
+module.exports = { Bus, GapCounter, connectionFile, socketOptions };
