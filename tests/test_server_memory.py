@@ -117,3 +117,30 @@ def test_old_items_keep_their_length_and_retrieve_without_audio(monkeypatch: pyt
     assert "audio" not in old["item"]["content"][0]
     assert len(base64.b64decode(new["item"]["content"][0]["audio"])) == 48000
     assert [s.by_id[i].audio_ms for i in ids] == [1000.0] * 4  # usage still bills every second
+
+
+def test_manual_turns_with_an_open_mic_do_not_grow_the_input_buffer() -> None:
+    """Without turn detection (push to talk) a client that streams its mic between turns filled
+    the buffer for the whole session (3.3 MB a minute here, about 200 MB in an hour-long session).
+    The server keeps the newest MANUAL_BUFFER_KEEP_MS; a commit takes that."""
+    from engine.server import session as session_mod
+    from engine.server.session import ServerSession
+    s = ServerSession("gpt-realtime")
+    s.receive_text(json.dumps({"type": "session.update", "session": {
+        "type": "realtime", "audio": {"input": {"turn_detection": None}}}}))
+    chunk = base64.b64encode(np.ones(480, dtype=np.int16).tobytes()).decode()   # 20 ms
+    event = json.dumps({"type": "input_audio_buffer.append", "audio": chunk})
+    tracemalloc.start(1)
+    try:
+        for _ in range(50 * 60 * 10):   # ten minutes of 20 ms appends
+            s.receive_text(event)
+        kept_bytes = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    keep = session_mod.MANUAL_BUFFER_KEEP_MS * 24
+    assert s.buffer_samples <= keep + session_mod.BUFFER_TRIM_STEP_MS * 24
+    assert kept_bytes < 2.5 * keep * 2, f"{kept_bytes / 1e6:.1f} MB kept for {keep * 2 / 1e6:.1f} MB of audio"
+    acts = s.receive_text(json.dumps({"type": "input_audio_buffer.commit"}))
+    item_id = next(ev["item_id"] for ev in acts.send if ev["type"] == "input_audio_buffer.committed")
+    assert keep <= s.by_id[item_id].audio_samples <= keep + session_mod.BUFFER_TRIM_STEP_MS * 24
+    assert s.buffer_samples == 0

@@ -13,7 +13,8 @@ Rules:
 - A bug in a handler is reported as a ``server_error`` and the session goes on.
 - Dispatch is the ``HANDLERS`` table at the bottom, one handler per client event type.
 - Audio is kept as chunks (``Item.append_audio``), never re-joined per delta; only the
-  newest AUDIO_RETAIN_BYTES of PCM is kept (memory stays flat).
+  newest AUDIO_RETAIN_BYTES of PCM is kept, and the input buffer holds at most
+  VAD_IDLE_KEEP_MS outside speech under VAD, MANUAL_BUFFER_KEEP_MS without it (memory stays flat).
 """
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ DELTA_MS = 100                 #: audio per output delta
 MIN_COMMIT_MS = 100
 AUDIO_RETAIN_BYTES = 4 << 20   #: PCM kept for the newest items (about 90 s); older items retrieve without audio
 VAD_IDLE_KEEP_MS = 10_000      #: input buffer kept outside speech under VAD
+MANUAL_BUFFER_KEEP_MS = 120_000  #: input buffer kept without turn detection (a commit takes the newest this much)
+BUFFER_TRIM_STEP_MS = 10_000   #: the manual buffer is trimmed once it is this much over its keep (no copy per append)
 IDLE_REPLY = "Are you still there?"
 NO_USER_REPLY = "Hello! I am realtalk's local server. Say something and I will answer."
 
@@ -241,6 +244,17 @@ class ServerSession:
         keep = max(VAD_IDLE_KEEP_MS, int(td.get("prefix_padding_ms", 300)) + 1000) * API_RATE_HZ // 1000 if td else 0
         if not keep or self.vad.in_speech or self.buffer_samples <= 2 * keep:
             return  # trimmed in steps of ``keep``, so appends do not copy the buffer each time
+        self._keep_newest(keep)
+
+    def _trim_manual_buffer(self) -> None:
+        """Without turn detection, keep the newest MANUAL_BUFFER_KEEP_MS: a client that streams its
+        mic between push-to-talk turns would otherwise fill the buffer for the whole session."""
+        keep = MANUAL_BUFFER_KEEP_MS * API_RATE_HZ // 1000
+        if self.buffer_samples > keep + BUFFER_TRIM_STEP_MS * API_RATE_HZ // 1000:
+            self._keep_newest(keep)
+
+    def _keep_newest(self, keep: int) -> None:
+        """Drop the buffer's audio but its newest ``keep`` samples (joined into one chunk)."""
         pcm = self._buffer_pcm()
         drop = len(pcm) - keep
         self.buffer = [pcm[drop:].copy()]
@@ -298,6 +312,7 @@ class ServerSession:
         self.total_samples += len(pcm)
         if self.turn_detection is None:
             self.vad.skip(len(pcm))
+            self._trim_manual_buffer()
             return
         for vev in self.vad.feed(pcm):
             if vev.kind == "started":
