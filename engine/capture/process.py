@@ -16,8 +16,9 @@ Mic source (the debug console's talk switch, :mod:`engine.console.audio`): while
 ``console.mic.source`` ``browser`` lease holds, each block the device (or the WAV file)
 gives is replaced by as many frames of the browser ring, silence where it is short
 (counted); the device stream keeps running and sets the pace. The browser's audio skips
-the engine's echo handling (the browser cancels its own loudspeaker's echo), and feeds the
-meters, the recording and the mic ring like the device's. ``capture.source`` says which
+the engine's echo handling (the browser cancels its own loudspeaker's echo; the canceller
+keeps running on the device's frames, so it is converged when the device is back), and
+feeds the meters, the recording and the mic ring like the device's. ``capture.source`` says which
 source is on, at each switch and every 2 s, with the counts.
 
 Restarts: the mic ring outlives the capture process (the supervisor owns it), and a WAV
@@ -72,7 +73,7 @@ class CaptureProcess:
         if echo == "aec" and self.far is None:
             echo = "half_duplex"  # no reference to cancel with
         self.echo_mode = echo
-        self.aec = EchoCanceller(guard_db=cfg["echo_guard_db"]) if echo == "aec" else None
+        self.aec = EchoCanceller(guard_db=cfg["echo_guard_db"], far_end=self.far) if echo == "aec" else None
         self.gate = EchoGate(speaker) if echo == "half_duplex" else None
         self.recorder = Recorder(spec["record_path"]) if spec.get("record_path") else None
         self.stop = threading.Event()
@@ -120,17 +121,21 @@ class CaptureProcess:
             self._browser_on = reader is not None
             if reader is not None:
                 reader.start()
+        device = pcm
         if reader is not None:
-            pcm = reader.read(len(pcm))
+            pcm = reader.read(len(device))
         self.level_in.push(pcm)
         far = self.far.take(len(pcm)) if self.far is not None else None
         if self.recorder is not None:
             self.recorder.push(pcm, far if far is not None else np.zeros_like(pcm))
-        if reader is not None:
-            pass  # the browser's own echo cancellation handled its loudspeaker
-        elif self.aec is not None and far is not None:
-            pcm = self.aec.process(pcm, far)
-        elif self.gate is not None:
+        if self.aec is not None and far is not None:
+            # with the browser as the source the canceller still runs on the device's frames (its
+            # output unused: the browser cancels its own loudspeaker's echo), so it is converged on
+            # the room's echo path when the device is the source again
+            cancelled = self.aec.process(device, far)
+            if reader is None:
+                pcm = cancelled
+        elif self.gate is not None and reader is None:
             pcm = self.gate.apply(pcm)
         self.level_out.push(pcm)
         self.ring.write(pcm)

@@ -56,9 +56,9 @@ class Rings:
         names = self.given or engine_ring_names()
         name = names.get(kind)
         if name is None:
-            what = ("the speaker's audio" if kind == "listen" else "a mic (is it text-only?)")
-            raise ConsoleAudioError(f"this engine has no {kind} ring: it has no {what}, or it is older than "
-                                    "the console's listen and talk")
+            why = "it has no mic (text-only?)" if kind == "browser" else "it has no speaker ring"
+            raise ConsoleAudioError(f"this engine has no {kind} ring: {why}, or it is older than the console's "
+                                    "listen and talk")
         ring = self._attached.get(kind)
         if ring is not None and ring.name == name:
             return ring
