@@ -100,3 +100,33 @@ def test_one_calls_crash_ends_that_call_only(make_server: Any) -> None:
         bridge.stop.set()
         await bridge.close()
     asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
+def test_twenty_calls_at_once_are_each_answered_and_end_cleanly(make_server: Any) -> None:
+    server = make_server(speed=4.0)
+    pub = RecordingPublisher()
+
+    async def main() -> None:
+        bridge = PhoneBridge(bridge_spec(server.base + "/realtime"), publisher=pub)  # type: ignore[arg-type]
+        url = await bridge.listen()
+        phones = await asyncio.gather(*(FakePhone(url, custom_parameters={"n": str(i)}).dial() for i in range(20)))
+        for p in phones:
+            await pub.wait("session.config", phone_call_id=p.call_sid, timeout_s=30)
+        for i, p in enumerate(phones):
+            bridge.on_bus("cmd.say", {"text": f"Hello caller number {i}", "phone_call_id": p.call_sid,
+                                      "id": f"s{i}"})
+        for i, p in enumerate(phones):
+            done = await pub.wait("response.done", request_id=f"s{i}", timeout_s=30)
+            assert done["phone_call_id"] == p.call_sid and f"number {i}" in done["text"]
+            await pub.wait("playout.stopped", phone_call_id=p.call_sid, timeout_s=30)
+        assert all(p.played_frames == p.received_frames > 0 for p in phones)
+        await asyncio.gather(*(p.hang_up() for p in phones))
+        for p in phones:
+            ended = await pub.wait("phone.call.ended", phone_call_id=p.call_sid)
+            assert ended["reason"] == "stop" and ended["phone_errors"] == 0 and ended["api_errors"] == 0
+            assert ended["custom_parameters"] == p.custom_parameters
+        assert pub.all("engine.error") == [] and bridge.calls == {}
+        bridge.stop.set()
+        await bridge.close()
+    asyncio.run(main())
