@@ -290,6 +290,47 @@ def _fuzz_message(rng: random.Random) -> list[bytes]:
     return frames
 
 
+SIGNED_PREFIXES = ("engine.status", "engine.error", "playback.", "capture.", "session.config", "engine.tools",
+                   "conversation.history", "engine.presence.gone")
+
+
+def _capture_signed(eng: FaultEngine, seconds: float) -> list[list[bytes]]:
+    """Signed messages of the engine's own processes, as any local client can read them off the bus."""
+    import zmq
+    spy: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
+    for prefix in SIGNED_PREFIXES:
+        spy.setsockopt(zmq.SUBSCRIBE, prefix.encode())
+    spy.connect(eng.conn["subscribe"])
+    out: list[list[bytes]] = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if spy.poll(50):
+            frames = spy.recv_multipart()
+            if len(frames) == 3:
+                out.append(frames)
+    spy.close(0)
+    return out
+
+
+def _taken_twice(session_dir: Path) -> int:
+    """Signed messages the supervisor logged more than once (the same topic, publisher and seq)."""
+    seen: dict[tuple[str, str, int], int] = {}
+    try:
+        lines = (session_dir / "events.jsonl").read_text().splitlines()
+    except OSError:
+        return -1
+    for line in lines:
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            continue
+        body = ev.get("body") or {}
+        if str(ev.get("topic", "")).startswith(SIGNED_PREFIXES) and isinstance(body.get("seq"), int):
+            key = (ev["topic"], str(body.get("pub")), body["seq"])
+            seen[key] = seen.get(key, 0) + 1
+    return sum(n - 1 for n in seen.values() if n > 1)
+
+
 def fuzz(tmp: Path, count: int, rate_hz: float = 2000.0) -> dict[str, Any]:
     import zmq
     eng = FaultEngine(tmp)
@@ -297,12 +338,16 @@ def fuzz(tmp: Path, count: int, rate_hz: float = 2000.0) -> dict[str, Any]:
         before = {c["name"]: c.get("restarts", 0) for c in (eng.status() or {}).get("children", [])}
         sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PUB)
         sock.connect(eng.conn["publish"])
-        time.sleep(0.3)
+        captured = _capture_signed(eng, 2.5)   # real signed messages (engine.status every second), to replay
         rng = random.Random(5)
         t0 = time.monotonic()
         probes: list[tuple[str, float]] = []
+        replays = 0
         for n in range(count):
             sock.send_multipart(_fuzz_message(rng))
+            if n % 50 == 25 and captured:   # a captured, validly signed message sent again
+                sock.send_multipart(captured[(n // 50) % len(captured)])
+                replays += 1
             if n % 100 == 0:   # a probe the realtime loop answers: its ack latency is that loop's stall
                 pid = f"probe-{n}"
                 probes.append((pid, time.monotonic()))
@@ -336,7 +381,8 @@ def fuzz(tmp: Path, count: int, rate_hz: float = 2000.0) -> dict[str, Any]:
         after = {c["name"]: c.get("restarts", 0) for c in (status or {}).get("children", [])}
         alive = eng.proc.poll() is None
         exit_code = eng.proc.returncode
-        return {"fuzzed_messages": count, "fuzz_s": round(t1 - t0, 1), "engine_alive": alive,
+        session_dir = Path((status or eng.conn).get("session_dir", tmp))
+        out = {"fuzzed_messages": count, "fuzz_s": round(t1 - t0, 1), "engine_alive": alive,
                 "crashes": sum(after.get(k, 0) - before.get(k, 0) for k in after) if status else None,
                 "reports": len(reports),
                 "reported_malformed_total": sum(int(b.get("count", 1) or 1) for b in reports
@@ -347,9 +393,12 @@ def fuzz(tmp: Path, count: int, rate_hz: float = 2000.0) -> dict[str, Any]:
                 "probe_ack_ms_p50": round(statistics.median(lat), 1) if lat else None,
                 "probe_ack_ms_max": round(max(lat), 1) if lat else None, "probes_unanswered": unanswered,
                 "supervisor_heartbeat_gap_ms_max": gaps("supervisor"),
-                "supervisor_malformed_counted": (status or {}).get("malformed_messages")}
+                "supervisor_malformed_counted": (status or {}).get("malformed_messages"),
+                "replays_sent": replays, "replay_kinds": sorted({f[0].decode() for f in captured})}
     finally:
         eng.stop()
+    out["replays_taken_by_supervisor"] = _taken_twice(session_dir)   # its event log is complete once it stopped
+    return out
 
 
 # ------------------------------------------------------------------ slow subscriber
@@ -437,6 +486,72 @@ def slow_subscriber(tmp: Path, seconds: float = 10.0) -> dict[str, Any]:
                 "reply_completed": bool(done and done[2].get("status") == "completed")}
     finally:
         stop.set()
+        eng.stop()
+
+
+# ------------------------------------------------------------------ a foreign slow subscriber
+NODE_SLOW_READER = r"""
+const { Bus } = require(process.argv[1]);
+(async () => {
+  const bus = new Bus({ file: process.argv[2], name: `node-slow:${process.pid}` });
+  let read = 0, fast = false;
+  process.stdin.on("data", () => { fast = true; });   // a line on stdin: read at full speed from now on
+  console.log("ready");
+  for await (const { topic, body } of bus.messages()) {
+    if (topic === "bench.flood") read += 1;
+    if (topic === "bench.flood.end") break;
+    if (!fast) await new Promise((r) => setTimeout(r, 10));   // 100 messages a second at most
+  }
+  await new Promise((r) => setTimeout(r, 1200));   // its last bus.dropped report is due
+  console.log(JSON.stringify({ read, dropped: bus.dropped }));
+  bus.close();
+})();
+"""
+
+
+def foreign_subscriber(tmp: Path, seconds: float = 5.0) -> dict[str, Any]:
+    """The Node client as a slow subscriber of every topic during a flood: what it lost by its own
+    count against what the flood sent and it read, and whether its bus.dropped reports reached the bus."""
+    import shutil
+    node = shutil.which("node")
+    if node is None:
+        return {"error": "node is not installed (bash tools/setup-system.sh)"}
+    eng = FaultEngine(tmp)
+    try:
+        reader = subprocess.Popen([node, "-e", NODE_SLOW_READER, str(REPO / "clients" / "node" / "realtalk.js"),
+                                   str(tmp / "run" / "engine.json")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  text=True, cwd=str(tmp))
+        assert reader.stdout is not None and reader.stdin is not None
+        if reader.stdout.readline().strip() != "ready":
+            return {"error": "the node reader did not start"}
+        time.sleep(0.5)   # its subscription reaches the broker
+        from bus import Publisher
+        p = Publisher(eng.conn["publish"], "bench-flood")
+        p.join(eng.conn["subscribe"])   # no message is lost to the slow joiner before the count starts
+        t0 = time.monotonic()
+        t = t0
+        while time.monotonic() - t0 < seconds:   # 1 KB messages at 5,000/s
+            p.publish("bench.flood", {"x": "x" * 1000})
+            if p.seq % 50 == 0:
+                t += 0.01
+                time.sleep(max(0.0, t - time.monotonic()))
+        sent = p.seq
+        reader.stdin.write("fast\n")
+        reader.stdin.flush()
+        time.sleep(3.0)   # it drains its queue at full speed
+        p.publish("bench.flood.end")   # after the pause: a loss at the flood's very end shows as a gap too
+        out, _ = reader.communicate(timeout=20)
+        got = json.loads(out.strip().splitlines()[-1])
+        time.sleep(0.3)
+        p.close()
+        counted = int(got["dropped"].get("bench-flood", 0))
+        reports = [b for _, tp, b in eng.log if tp == "bus.dropped" and str(b.get("subscriber", "")).startswith("node-slow")]
+        return {"flood_sent": sent, "node_read": got["read"], "node_counted_lost": counted,
+                "unaccounted": sent - got["read"] - counted,
+                "bus_dropped_reports_from_node": len(reports),
+                "bus_dropped_reported_total": sum(int(b.get("count", 0) or 0) for b in reports
+                                                  if b.get("publisher") == "bench-flood")}
+    finally:
         eng.stop()
 
 
@@ -528,6 +643,7 @@ def run(soak_minutes: float = 30.0, fuzz_count: int = 10_000) -> dict[str, Any]:
     result["socket_drop"] = {str(code): _guarded(socket_drop, tmp / f"drop-{code}", code) for code in (1006, 1011, 1001)}
     result["fuzz"] = _guarded(fuzz, tmp / "fuzz", fuzz_count)
     result["slow_subscriber"] = _guarded(slow_subscriber, tmp / "slow")
+    result["foreign_subscriber"] = _guarded(foreign_subscriber, tmp / "foreign")
     result["soak"] = _guarded(soak, tmp / "soak", soak_minutes)
     kills = result["kill"].values()
     result["summary"] = {
