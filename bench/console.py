@@ -46,6 +46,20 @@ OBSERVER_JS = """(token) => {
 }"""
 
 
+#: the lengths of the page's bounded windows (what its heap holds), by name
+PAGE_SIZES_JS = """() => {
+  const s = window.consoleState, out = {};
+  for (const [k, v] of Object.entries(s.lanes || {})) out["lane_" + k] = v.length;
+  for (const k of ["markers", "events", "turnOrder"]) if (s[k] && s[k].length != null) out[k] = s[k].length;
+  if (s.turns && s.turns.size != null) out.turns = s.turns.size;
+  if (s.items && s.items.size != null) out.items = s.items.size;
+  if (s.listen && s.listen.env) out.listen_env = s.listen.env.length;
+  out.conversation_nodes = document.getElementById("conversation").getElementsByTagName("*").length;
+  out.dom_nodes = document.getElementsByTagName("*").length;
+  return out;
+}"""
+
+
 class Markers:
     """Publishes ``{text: "mk-<token>-<n>"}`` on MARKER_TOPIC at MARKER_HZ from its own thread and
     keeps each one's ``time.time()`` just before its publish."""
@@ -246,11 +260,14 @@ def run(minutes: float = 10.0) -> dict[str, Any]:
             t0 = time.monotonic()
             end = t0 + minutes * 60
             heaps: list[tuple[float, dict[str, float]]] = [(0.0, heap_start)]
+            collections: list[tuple[float, float]] = []   #: wall-clock spans of the forced collections
             next_heap = t0 + HEAP_EVERY_S
             while time.monotonic() < end:
                 time.sleep(max(0.0, min(next_heap, end) - time.monotonic()))
                 if time.monotonic() >= next_heap:
-                    heaps.append((round((time.monotonic() - t0) / 60, 2), _heap(cdp, collect=False)))
+                    g0 = time.time()
+                    heaps.append((round((time.monotonic() - t0) / 60, 2), _heap(cdp, collect=True)))
+                    collections.append((g0, time.time()))
                     next_heap += HEAP_EVERY_S
             open_to_ns = time.monotonic_ns()
             observed_to = time.time()
@@ -262,6 +279,7 @@ def run(minutes: float = 10.0) -> dict[str, Any]:
             page_state = page.evaluate("() => ({events: window.consoleState.eventCount,"
                                        " rows: document.getElementById('events').childElementCount,"
                                        " errors: window.consoleState.errors})")
+            sizes = page.evaluate(PAGE_SIZES_JS)
             heap_end = _heap(cdp, collect=True)
             browser.close()
         _stop(console)
@@ -302,7 +320,8 @@ def run(minutes: float = 10.0) -> dict[str, Any]:
         "browser_cpu_percent_of_one_core_not_listening": browser_page,
     })
     # --- bus message -> drawn in the page
-    window = {n: sent for n, sent in markers.sent.items() if observed_from <= sent <= observed_to}
+    window = {n: sent for n, sent in markers.sent.items() if observed_from <= sent <= observed_to
+              and not any(g0 - 0.5 <= sent <= g1 + 1.0 for g0, g1 in collections)}   # a collection stalls the page
     lat = [marks[str(n)] - sent * 1000 for n, sent in window.items() if str(n) in marks]
     result.update({
         "bus_to_page_ms_p50": round(pct(lat, 50), 1) if lat else None,
@@ -325,7 +344,8 @@ def run(minutes: float = 10.0) -> dict[str, Any]:
         "page_js_heap_used_mb_start": heap_start["used_mb"], "page_js_heap_used_mb_end": heap_end["used_mb"],
         "page_js_heap_growth_mb": round(heap_end["used_mb"] - heap_start["used_mb"], 2),
         "page_js_heap_minutes": round((open_to_ns - listen_from_ns) / 60e9, 2),
-        "page_js_heap_used_mb_by_minute_uncollected": [[m, h["used_mb"]] for m, h in heaps],
+        "page_js_heap_used_mb_by_minute": [[m, h["used_mb"]] for m, h in heaps],
+        "page_window_sizes_at_end": sizes,
     })
     # --- underruns: count_gaps per response, in what playback handed out (the session recording),
     # on the responses whose recording is exact (capture zero-pads the played channel where playback
