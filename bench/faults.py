@@ -653,6 +653,8 @@ def run(soak_minutes: float = 30.0, fuzz_count: int = 10_000) -> dict[str, Any]:
         "kill_waiters_hanging": sum(k.get("waiters_hanging", 0) for k in kills),
         "drop_reconnect_ms_max": max((d.get("reconnect_ms") or 0 for d in result["socket_drop"].values()), default=None),
         "drop_messages_lost": sum(d.get("messages_lost", 0) for d in result["socket_drop"].values()),
+        "fuzz_replays_taken": result["fuzz"].get("replays_taken_by_supervisor"),
+        "foreign_subscriber_unaccounted": result["foreign_subscriber"].get("unaccounted"),
         "soak_max_rss_growth_mb": result["soak"].get("max_rss_growth_mb"),
         "soak_fds_flat": result["soak"].get("fds_flat"),
     }
