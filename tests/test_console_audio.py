@@ -305,6 +305,8 @@ def test_listen_and_talk_in_chromium(vaudio: dict[str, str], start_engine: Any, 
     print(f"talk: capture.source {src}; the page sent {talk['sentFrames']} frames at {talk['rateHz']} Hz, "
           f"{talk['dropped']} blocks dropped")
     assert src["source"] == "browser" and src["browser_frames"] > 24_000, src
+    own = page.evaluate("() => window.consoleState.events.filter(e => e.topic === 'console.audio').slice(-1)[0]")
+    print(f"talk: the console's count {own and own['body']}")
 
     # 4. talk off: the engine's mic is the device again, and it hears the device (once the model
     # is quiet: this checks the source, not the echo canceller's double talk)
@@ -349,29 +351,53 @@ def test_listen_and_talk_in_chromium(vaudio: dict[str, str], start_engine: Any, 
 
 
 # ---------------------------------------------------------------- `engine console` beside an engine, no devices
-def _talk_until(ws: Any, sub: Any, topic: str, where: Any, timeout_s: float, tone: np.ndarray) -> dict[str, Any]:
-    """Send ``tone`` (48 kHz int16) in 20 ms messages at real-time pace until a bus message on
-    ``topic`` satisfies ``where``; returns its body."""
-    deadline = time.monotonic() + timeout_s
-    next_send, pos = time.monotonic(), 0
-    while time.monotonic() < deadline:
-        if time.monotonic() >= next_send:
-            ws.send(tone[pos:pos + 960].tobytes())
-            pos = (pos + 960) % (len(tone) - 960)
-            next_send += 0.02
-        msg = sub.recv(timeout_ms=5)
-        if msg is not None and msg[0] == topic and where(msg[1]):
-            return msg[1]
-    raise AssertionError(f"no {topic} as expected within {timeout_s} s")
+class BusLog:
+    """A subscriber and what it received: :meth:`wait` finds a message among those already read
+    (while waiting for another topic) or the next ones."""
 
+    def __init__(self, sub: Any) -> None:
+        self.sub = sub
+        self.seen: list[tuple[str, dict[str, Any]]] = []
+        self.cursor = 0   #: messages before it are not looked at again
 
-def _wait_bus(sub: Any, topic: str, where: Any, timeout_s: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        msg = sub.recv(timeout_ms=50)
-        if msg is not None and msg[0] == topic and where(msg[1]):
-            return msg[1]
-    raise AssertionError(f"no {topic} as expected within {timeout_s} s")
+    def _match(self, topic: str, where: Any) -> dict[str, Any] | None:
+        for i in range(self.cursor, len(self.seen)):
+            t, body = self.seen[i]
+            if t == topic and where(body):
+                return body
+        return None
+
+    def poll(self, timeout_ms: int) -> None:
+        msg = self.sub.recv(timeout_ms=timeout_ms)
+        if msg is not None:
+            self.seen.append(msg)
+
+    def wait(self, topic: str, where: Any, timeout_s: float, *, talk: tuple[Any, np.ndarray] | None = None) -> dict[str, Any]:
+        """The first message on ``topic`` since the cursor that satisfies ``where``; with ``talk``
+        (a talk socket and a 48 kHz int16 tone) it sends the tone in 20 ms messages at real-time
+        pace meanwhile."""
+        deadline = time.monotonic() + timeout_s
+        next_send, pos = time.monotonic(), 0
+        while time.monotonic() < deadline:
+            if talk is not None and time.monotonic() >= next_send:
+                ws, tone = talk
+                ws.send(tone[pos:pos + 960].tobytes())
+                pos = (pos + 960) % (len(tone) - 960)
+                next_send += 0.02
+            found = self._match(topic, where)
+            if found is not None:
+                return found
+            self.poll(5 if talk is not None else 50)
+        raise AssertionError(f"no {topic} as expected within {timeout_s} s; saw {[t for t, _ in self.seen[-10:]]}")
+
+    def mark(self) -> None:
+        """Look only at what comes from now on."""
+        while True:
+            msg = self.sub.recv(timeout_ms=0)
+            if msg is None:
+                break
+            self.seen.append(msg)
+        self.cursor = len(self.seen)
 
 
 @pytest.mark.e2e
@@ -393,7 +419,8 @@ def test_engine_console_finds_the_rings_and_the_mic_comes_back(start_engine: Any
         w.setframerate(24000)
         w.writeframes(bytes(4800))
     eng = start_engine("--mic", str(silence), "--speaker", "null")
-    sub = Subscriber(eng.conn["subscribe"], ["capture.source", "capture.levels", "playback.listen"])
+    sub = Subscriber(eng.conn["subscribe"], ["capture.source", "capture.levels", "playback.listen", "console.audio"])
+    bus = BusLog(sub)
     console = subprocess.Popen([sys.executable, "-m", "engine.api.cli", "console"], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
     try:
@@ -411,7 +438,7 @@ def test_engine_console_finds_the_rings_and_the_mic_comes_back(start_engine: Any
         # listen: what the null speaker renders, in real time (silence here)
         with connect(f"{ws_base}/listen?token={token}", open_timeout=5) as ws:
             assert json.loads(ws.recv(5)) == {"op": "listen", "rate_hz": 24000, "format": "s16le"}
-            _wait_bus(sub, "playback.listen", lambda b: b["on"] is True, 5)
+            bus.wait("playback.listen", lambda b: b["on"] is True, 5)
             t0, frames = time.monotonic(), 0
             while time.monotonic() - t0 < 1.0:
                 msg = ws.recv(2)
@@ -420,7 +447,9 @@ def test_engine_console_finds_the_rings_and_the_mic_comes_back(start_engine: Any
             rate = frames / (time.monotonic() - t0)
         print(f"listen without a device: {rate:.0f} frames/s")
         assert 24000 * 0.7 < rate < 24000 * 1.3, rate
-        _wait_bus(sub, "playback.listen", lambda b: b["on"] is False, 5)
+        bus.wait("playback.listen", lambda b: b["on"] is False, 5)
+        counts = bus.wait("console.audio", lambda b: b["listeners"] == 0, 5)   # the console's own count
+        assert counts["listen_sent_frames"] >= frames and counts["listen_dropped_frames"] == 0, counts
 
         # talk: a 48 kHz tone at -15.05 dBFS RMS becomes the engine's mic, at that level
         t = np.arange(48000) / 48000
@@ -432,24 +461,31 @@ def test_engine_console_finds_the_rings_and_the_mic_comes_back(start_engine: Any
             with pytest.raises(ConnectionClosed) as closed:
                 second.recv(5)
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 1013
-        _talk_until(ws, sub, "capture.source", lambda b: b["source"] == "browser", 5, tone)
-        levels = _talk_until(ws, sub, "capture.levels", lambda b: len(b["mic_dbfs"]) >= 4
-                             and all(abs(v + 15.05) < 0.5 for v in b["mic_dbfs"]), 5, tone)
+        bus.mark()
+        bus.wait("capture.source", lambda b: b["source"] == "browser", 5, talk=(ws, tone))
+        levels = bus.wait("capture.levels", lambda b: len(b["mic_dbfs"]) >= 4
+                          and all(abs(v + 15.05) < 0.5 for v in b["mic_dbfs"]), 5, talk=(ws, tone))
         print(f"talk: capture heard the browser's tone at {levels['mic_dbfs']} dBFS (sent at -15.05)")
         closed_at = time.monotonic()
         ws.close()
-        back = _wait_bus(sub, "capture.source", lambda b: b["source"] == "device", 3)
+        bus.mark()
+        back = bus.wait("capture.source", lambda b: b["source"] == "device", 3)
         print(f"talk closed → capture.source device in {(time.monotonic() - closed_at) * 1000:.0f} ms")
         assert back["browser_frames"] > 0 and back["device"] == str(silence)
+        counts = bus.wait("console.audio", lambda b: not b["talking"], 3)
+        assert counts["talk_written_frames"] > 2400 and counts["talk_overrun_frames"] == 0, counts
+        assert abs(counts["talk_written_frames"] - counts["talk_in_frames"] / 2) < 480, counts   # 48 → 24 kHz
 
         # the console dies while a page talks: the lease lapses, the mic comes back
         ws = connect(f"{ws_base}/talk?token={token}", open_timeout=5)
         ws.send(json.dumps({"op": "start", "rate_hz": 48000}))
-        _talk_until(ws, sub, "capture.source", lambda b: b["source"] == "browser", 5, tone)
+        bus.mark()
+        bus.wait("capture.source", lambda b: b["source"] == "browser", 5, talk=(ws, tone))
         killed_at = time.monotonic()
         console.send_signal(signal.SIGKILL)
         console.wait(5)
-        _wait_bus(sub, "capture.source", lambda b: b["source"] == "device", 5)
+        bus.mark()
+        bus.wait("capture.source", lambda b: b["source"] == "device", 5)
         lapse_s = time.monotonic() - killed_at
         print(f"console killed → capture.source device in {lapse_s * 1000:.0f} ms (lease 3000 ms)")
         assert lapse_s < 4.0

@@ -42,11 +42,12 @@ from bus import Endpoints
 from bus.client import runtime_dir
 from engine.console import lookback
 from engine.console.relay import BusRelay, ConsoleError, PageQueue
-from engine.console.sound import ListenHub, Rings, TalkHub
+from engine.console.sound import ListenHub, Rings, TalkHub, audio_stats
 
 STATIC = Path(__file__).resolve().parent / "static"
 INFO_FILE = "console.json"
 MAX_SAY_CHARS = 20_000
+AUDIO_STATS_EVERY_S = 2.0
 
 
 def info_path() -> Path:
@@ -301,12 +302,19 @@ class ConsoleServer:
                     self.out.write(f"realtalk: console: listening on {self.host}, not only loopback: anyone "
                                    "with the URL's token can see and steer the conversation\n")
                 self.out.flush()
+                stats_at, changes = 0.0, 0
                 while not stop.is_set():
                     try:
                         await asyncio.wait_for(stop.wait(), 0.5)
                     except asyncio.TimeoutError:
                         if self.relay.error is not None:
                             raise ConsoleError(f"the console lost the bus: {self.relay.error}") from None
+                    # console.audio every 2 s while a page listens or talks, and when one starts or stops
+                    active = bool(self.listen.listeners) or self.talk.talking is not None
+                    was, changes = changes, self.listen.changes + self.talk.changes
+                    if (active and time.monotonic() >= stats_at) or changes != was:
+                        stats_at = time.monotonic() + AUDIO_STATS_EVERY_S
+                        self.relay.publish("console.audio", audio_stats(self.listen, self.talk))
         except OSError as exc:
             raise ConsoleError(f"the console cannot listen on {self.host}:{self.port}: {exc.strerror or exc}; "
                                "give another --console-port (0: any free port)") from None

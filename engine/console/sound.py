@@ -15,7 +15,8 @@
 Neither can hold the engine back: playback and capture only ever copy into or out of the
 rings; a listening page that falls behind loses its oldest chunks (counted,
 ``dropped_frames``), and the listen ring itself drops what does not fit (playback counts
-it, ``not_listened_frames``).
+it, ``not_listened_frames``). :func:`audio_stats` is the console's own count of both
+directions, published as ``console.audio`` every 2 s while a page listens or talks.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from engine.console.audio import (LEASE_MS, LISTEN_TOPIC, RATE_HZ, RENEW_S, SOUR
 LISTEN_EVERY_S = 0.02            #: the listen ring is read this often
 LISTEN_QUEUE_CHUNKS = 50         #: chunks (about 1 s) waiting for one listener at most; the oldest go first
 STATS_EVERY_S = 1.0
+LATE_MESSAGE_S = 0.1             #: a talk message this long after the one before is counted late (they come every 20 ms)
 POLICY_VIOLATION, INTERNAL_ERROR, TRY_AGAIN = 1008, 1011, 1013
 
 Publish = Callable[[str, dict[str, Any]], None]
@@ -99,6 +101,9 @@ class ListenHub:
         self.listeners: set[_Listener] = set()
         self._pump: asyncio.Task[None] | None = None
         self._buf = np.zeros(RATE_HZ, dtype=np.int16)   # 1 s: more than a pump round ever reads
+        self.sent_frames = 0        #: read from the ring and handed to the listeners (since the console started)
+        self.changes = 0            #: listeners that came or went
+        self.dropped_frames = 0     #: dropped for listeners that fell behind, in all
 
     async def serve(self, ws: ServerConnection) -> None:
         try:
@@ -110,6 +115,7 @@ class ListenHub:
         if not self.listeners:
             ring.skip(ring.read_available)   # what an earlier listener left: stale
         self.listeners.add(me)
+        self.changes += 1
         if self._pump is None or self._pump.done():
             self._pump = asyncio.create_task(self._run(ring))
         await ws.send(json.dumps({"op": "listen", "rate_hz": RATE_HZ, "format": "s16le"}))
@@ -123,6 +129,8 @@ class ListenHub:
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
             self.listeners.discard(me)
+            self.dropped_frames += me.dropped_frames
+            self.changes += 1
 
     async def _writer(self, ws: ServerConnection, me: _Listener, ring: Ring) -> None:
         next_stats = time.monotonic() + STATS_EVERY_S
@@ -147,6 +155,7 @@ class ListenHub:
                     self.publish(LISTEN_TOPIC, {"on": True, "lease_ms": LEASE_MS})
                 n = ring.read_into(self._buf)
                 if n:
+                    self.sent_frames += n
                     chunk = self._buf[:n].tobytes()
                     for listener in self.listeners:
                         listener.put(chunk)
@@ -162,6 +171,12 @@ class TalkHub:
         self.rings = rings
         self.publish = publish
         self.talking: ServerConnection | None = None
+        self.in_frames = 0          #: the pages' frames (at their rate), in all
+        self.written_frames = 0     #: 24 kHz frames written into the browser ring
+        self.overrun_frames = 0     #: 24 kHz frames the full ring dropped (capture not reading)
+        self.changes = 0            #: talks that began or ended
+        self.late_messages = 0      #: talk messages that came over LATE_MESSAGE_S after the one before
+        self.max_gap_ms = 0.0       #: the longest wait between two talk messages
 
     async def serve(self, ws: ServerConnection) -> None:
         if self.talking is not None:
@@ -173,6 +188,7 @@ class TalkHub:
             await ws.close(INTERNAL_ERROR, str(exc)[:120])
             return
         self.talking = ws
+        self.changes += 1
         renew: asyncio.Task[None] | None = None
         try:
             try:
@@ -182,16 +198,26 @@ class TalkHub:
                 return
             await ws.send(json.dumps({"op": "talk", "rate_hz": RATE_HZ}))
             renew = asyncio.create_task(self._renew(ws, pcm, ring))
+            last = None
             async for msg in ws:
                 if isinstance(msg, str):
                     continue   # nothing but audio is expected after the start
+                now = time.monotonic()
+                if last is not None:
+                    gap = now - last
+                    self.max_gap_ms = max(self.max_gap_ms, round(gap * 1000, 1))
+                    self.late_messages += gap > LATE_MESSAGE_S
+                last = now
                 try:
                     frames = pcm.convert(msg)
                 except ConsoleAudioError as exc:
                     await ws.close(POLICY_VIOLATION, str(exc)[:120])
                     return
+                self.in_frames += len(msg) // 2
                 if len(frames):
-                    ring.write(frames)   # a full ring (capture not reading) counts overrun frames
+                    written = ring.write(frames)   # a full ring (capture not reading) counts overrun frames
+                    self.written_frames += written
+                    self.overrun_frames += len(frames) - written
         except ConnectionClosed:
             pass
         finally:
@@ -199,6 +225,7 @@ class TalkHub:
                 renew.cancel()
                 await asyncio.gather(renew, return_exceptions=True)
             self.talking = None
+            self.changes += 1
             self.publish(SOURCE_TOPIC, {"source": "device"})
 
     async def _renew(self, ws: ServerConnection, pcm: TalkPcm, ring: Ring) -> None:
@@ -210,3 +237,14 @@ class TalkHub:
                                       "written_frames": ring.write_index - start_index,
                                       "overrun_frames": ring.overrun_frames - start_overrun}))
             await asyncio.sleep(RENEW_S)
+
+
+def audio_stats(listen: ListenHub, talk: TalkHub) -> dict[str, Any]:
+    """``console.audio``: listeners now and the frames sent to them and dropped for them; whether
+    a page talks, and its frames in, written into the browser ring and dropped there (all counts
+    since the console started)."""
+    return {"listeners": len(listen.listeners), "listen_sent_frames": listen.sent_frames,
+            "listen_dropped_frames": listen.dropped_frames + sum(x.dropped_frames for x in listen.listeners),
+            "talking": talk.talking is not None, "talk_in_frames": talk.in_frames,
+            "talk_written_frames": talk.written_frames, "talk_overrun_frames": talk.overrun_frames,
+            "talk_late_messages": talk.late_messages, "talk_max_gap_ms": talk.max_gap_ms}

@@ -1,6 +1,8 @@
 // realtalk console: the listen player and the talk capture, as AudioWorklet processors.
 // The same cores run in a ScriptProcessor where AudioWorklet is missing (this file is then
 // loaded as a plain script too). No allocation in the render path but the talk blocks posted.
+// The audio comes from and goes to the page's audio worker (audio-worker.js) through a
+// MessagePort handed over as {port}; stats go to the page on the node's own port.
 "use strict";
 
 // Plays 24 kHz float samples pushed by the page at the context's rate (linear interpolation
@@ -83,7 +85,10 @@ if (typeof registerProcessor === "function") {
       super();
       this.core = new ListenCore(sampleRate);
       this.blocks = 0;
-      this.port.onmessage = (e) => this.core.push(e.data);
+      this.port.onmessage = (e) => {
+        if (e.data && e.data.port) e.data.port.onmessage = (m) => this.core.push(m.data);   // the worker's
+        else this.core.push(e.data);
+      };
     }
     process(inputs, outputs) {
       const out = outputs[0];
@@ -94,10 +99,15 @@ if (typeof registerProcessor === "function") {
     }
   }
   class TalkCapture extends AudioWorkletProcessor {
-    constructor() { super(); this.core = new TalkCore(sampleRate); }
+    constructor() {
+      super();
+      this.core = new TalkCore(sampleRate);
+      this.out = this.port;
+      this.port.onmessage = (e) => { if (e.data && e.data.port) this.out = e.data.port; };   // the worker's
+    }
     process(inputs, outputs) {
       const input = inputs[0];
-      if (input && input[0]) this.core.push(input[0], (b) => this.port.postMessage(b, [b.buffer]));
+      if (input && input[0]) this.core.push(input[0], (b) => this.out.postMessage(b, [b.buffer]));
       for (const ch of outputs[0] || []) ch.fill(0);
       return true;
     }

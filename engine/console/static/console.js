@@ -460,10 +460,13 @@ function backToLive() {
 }
 
 // ------------------------------------------------------------------ listen and talk
-// The PCM goes over its own WebSockets (/listen, /talk), never through the bus; the page plays
-// and records it with the Web Audio API (AudioWorklet, or a ScriptProcessor where it is missing).
+// The PCM goes over its own WebSockets (/listen, /talk), never through the bus. A Worker holds
+// them (audio-worker.js), so a busy page never holds the sound up; the audio goes between it
+// and the audio thread through a MessagePort. The page plays and records with the Web Audio
+// API: an AudioWorklet, or a ScriptProcessor where it is missing.
 const MAX_LISTEN_ENV = 3000;   // 60 s of played windows
-const audio = { ctx: null, listenWs: null, listenNode: null, talkWs: null, talkNode: null, talkStream: null, talkSrc: null };
+const audio = { ctx: null, worker: null, gen: 0, listenId: 0, talkId: 0, listenNode: null, talkNode: null,
+  talkStream: null, talkSrc: null, talkPort: null };
 function sockUrl(path) { return `${location.protocol === "https:" ? "wss:" : "ws:"}//${location.host}${path}?token=${encodeURIComponent(TOKEN)}`; }
 async function audioContext() {
   if (!audio.ctx) {
@@ -478,28 +481,53 @@ async function audioContext() {
   if (audio.ctx.state !== "running") await audio.ctx.resume();
   return audio.ctx;
 }
-// a node that plays (listen) or taps (talk) through the worklet or, without one, a ScriptProcessor
-function listenNode(ctx, onStats) {
+function audioWorker() {
+  if (!audio.worker) { audio.worker = new Worker("/static/audio-worker.js"); audio.worker.onmessage = onWorker; }
+  return audio.worker;
+}
+// a node that plays (listen) or taps (talk) through the worklet or, without one, a ScriptProcessor;
+// ``port`` is the worker's end of the audio
+function listenNode(ctx, port, onStats) {
   if (audio.worklet) {
     const node = new AudioWorkletNode(ctx, "listen-player", { numberOfInputs: 0, outputChannelCount: [1] });
     node.port.onmessage = (e) => onStats(e.data);
-    return { node, push: (f) => node.port.postMessage(f, [f.buffer]) };
+    node.port.postMessage({ port }, [port]);
+    return node;
   }
   const core = new window.ListenCore(ctx.sampleRate);
+  port.onmessage = (e) => core.push(e.data);
   const node = ctx.createScriptProcessor(2048, 1, 1);
   node.onaudioprocess = (e) => { core.render(e.outputBuffer.getChannelData(0)); onStats(core.stats()); };
-  return { node, push: (f) => core.push(f) };
+  return node;
 }
-function talkNode(ctx, onBlock) {
+function talkNode(ctx, port) {
   if (audio.worklet) {
     const node = new AudioWorkletNode(ctx, "talk-capture", { numberOfInputs: 1, numberOfOutputs: 1, outputChannelCount: [1] });
-    node.port.onmessage = (e) => onBlock(e.data);
+    node.port.postMessage({ port }, [port]);
     return node;
   }
   const core = new window.TalkCore(ctx.sampleRate);
   const node = ctx.createScriptProcessor(2048, 1, 1);
-  node.onaudioprocess = (e) => { core.push(e.inputBuffer.getChannelData(0), onBlock); e.outputBuffer.getChannelData(0).fill(0); };
+  node.onaudioprocess = (e) => { core.push(e.inputBuffer.getChannelData(0), (b) => port.postMessage(b, [b.buffer])); e.outputBuffer.getChannelData(0).fill(0); };
   return node;
+}
+function onWorker(e) {
+  const m = e.data, L = state.listen, T = state.talk;
+  if (m.kind === "listen" && m.id === audio.listenId) {
+    if (m.msg.op === "stats") { L.serverDropped = m.msg.dropped_frames; L.notListened = m.msg.not_listened_frames; }
+  } else if (m.kind === "listen-closed" && m.id === audio.listenId) {
+    stopListen(); if (m.code !== 1000 && m.reason) banner("listen: " + m.reason);
+  } else if (m.kind === "talk-open" && m.id === audio.talkId) {
+    const src = audio.ctx.createMediaStreamSource(audio.talkStream);
+    const node = talkNode(audio.ctx, audio.talkPort);
+    src.connect(node); node.connect(audio.ctx.destination);   // the node outputs silence; connected so it runs
+    audio.talkSrc = src; audio.talkNode = node; audio.talkPort = null;
+  } else if (m.kind === "talk" && m.id === audio.talkId) {
+    T.sentFrames = m.sent; T.dropped = m.dropped;
+    if (m.msg.op === "stats") T.writtenFrames = m.msg.written_frames;
+  } else if (m.kind === "talk-closed" && m.id === audio.talkId) {
+    stopTalk(); if (m.code !== 1000 && m.reason) banner("talk: " + m.reason);
+  }
 }
 function avStatus() {
   const L = state.listen, T = state.talk, parts = [];
@@ -514,38 +542,26 @@ function setSource(b) {
   const p = $("mic-source");
   p.textContent = "mic: " + b.source + (b.source === "browser" && b.browser_short_frames ? ` (${Math.round(b.browser_short_frames / 24)} ms short)` : "");
   p.className = "pill" + (b.source === "browser" ? " browser" : "");
-  p.title = `capture.source: ${b.source}; device ${b.device || "?"}; browser frames ${b.browser_frames}, padded with silence ${b.browser_short_frames}, backlog cut ${b.browser_dropped_frames}`;
+  p.title = `capture.source: ${b.source}; device ${b.device || "?"}; browser frames ${b.browser_frames}, padded with silence ${b.browser_short_frames} in ${b.browser_gaps || 0} gaps, backlog cut ${b.browser_dropped_frames}`;
 }
 async function startListen() {
   const ctx = await audioContext();
   const L = state.listen;
-  const ws = new WebSocket(sockUrl("/listen"));
-  ws.binaryType = "arraybuffer";
-  audio.listenWs = ws;
-  const player = listenNode(ctx, (st) => {
+  const ch = new MessageChannel();
+  audio.listenNode = listenNode(ctx, ch.port1, (st) => {
     L.played = st.played; L.received = st.received; L.underrunFrames = st.underrunFrames; L.droppedFrames = st.droppedFrames;
     L.queuedFrames = st.queuedFrames; L.underruns = st.underruns; L.bufferMs = st.bufferMs;
     for (const v of st.env) L.env.push(v);
     if (L.env.length > MAX_LISTEN_ENV) L.env.splice(0, L.env.length - MAX_LISTEN_ENV);
   });
-  player.node.connect(ctx.destination);
-  audio.listenNode = player.node;
+  audio.listenNode.connect(ctx.destination);
+  audio.listenId = ++audio.gen;
+  audioWorker().postMessage({ op: "listen", id: audio.listenId, url: sockUrl("/listen"), port: ch.port2 }, [ch.port2]);
   L.on = true; $("listen").textContent = "Stop listening"; $("listen").classList.add("on");
-  ws.onmessage = (e) => {
-    if (typeof e.data === "string") {
-      const m = JSON.parse(e.data);
-      if (m.op === "stats") { L.serverDropped = m.dropped_frames; L.notListened = m.not_listened_frames; }
-      return;
-    }
-    const pcm = new Int16Array(e.data), f = new Float32Array(pcm.length);
-    for (let i = 0; i < pcm.length; i++) f[i] = pcm[i] / 32768;
-    player.push(f);
-  };
-  ws.onclose = (e) => { if (audio.listenWs === ws) { stopListen(); if (e.code !== 1000 && e.reason) banner("listen: " + e.reason); } };
 }
 function stopListen() {
-  const ws = audio.listenWs; audio.listenWs = null;
-  if (ws && ws.readyState <= WebSocket.OPEN) ws.close(1000);
+  audio.listenId = 0;
+  if (audio.worker) audio.worker.postMessage({ op: "stop", kind: "listen" });
   if (audio.listenNode) { audio.listenNode.disconnect(); audio.listenNode = null; }
   state.listen.on = false; $("listen").textContent = "Listen"; $("listen").classList.remove("on");
 }
@@ -560,31 +576,20 @@ async function startTalk() {
   try {
     stream = await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1, echoCancellation: true, noiseSuppression: false, autoGainControl: false } });
   } catch (e) { banner("talk: no microphone: " + e.message); return; }
-  const ws = new WebSocket(sockUrl("/talk"));
-  ws.binaryType = "arraybuffer";
-  audio.talkWs = ws; audio.talkStream = stream;
+  const ch = new MessageChannel();
+  audio.talkStream = stream; audio.talkPort = ch.port1;
+  audio.talkId = ++audio.gen;
+  audioWorker().postMessage({ op: "talk", id: audio.talkId, url: sockUrl("/talk"), rate: ctx.sampleRate, port: ch.port2 }, [ch.port2]);
   T.on = true; T.rateHz = ctx.sampleRate; T.sentFrames = 0; T.dropped = 0;
   $("talk").textContent = "Stop talking"; $("talk").classList.add("on");
-  ws.onopen = () => {
-    ws.send(JSON.stringify({ op: "start", rate_hz: ctx.sampleRate }));
-    const src = ctx.createMediaStreamSource(stream);
-    const node = talkNode(ctx, (block) => {
-      if (ws.readyState !== WebSocket.OPEN) return;
-      if (ws.bufferedAmount > 256 * 1024) { T.dropped++; return; }   // the network is behind: drop, do not queue up delay
-      ws.send(block.buffer); T.sentFrames += block.length;
-    });
-    src.connect(node); node.connect(ctx.destination);   // the node outputs silence; connected so it runs
-    audio.talkSrc = src; audio.talkNode = node;
-  };
-  ws.onmessage = (e) => { const m = JSON.parse(e.data); if (m.op === "stats") T.writtenFrames = m.written_frames; };
-  ws.onclose = (e) => { if (audio.talkWs === ws) { stopTalk(); if (e.code !== 1000 && e.reason) banner("talk: " + e.reason); } };
 }
 function stopTalk() {
-  const ws = audio.talkWs; audio.talkWs = null;
-  if (ws && ws.readyState <= WebSocket.OPEN) ws.close(1000);   // the console switches the engine back to its device
+  audio.talkId = 0;
+  if (audio.worker) audio.worker.postMessage({ op: "stop", kind: "talk" });   // the console switches the engine back to its device
   if (audio.talkNode) { audio.talkNode.disconnect(); audio.talkNode = null; }
   if (audio.talkSrc) { audio.talkSrc.disconnect(); audio.talkSrc = null; }
   if (audio.talkStream) { for (const t of audio.talkStream.getTracks()) t.stop(); audio.talkStream = null; }
+  audio.talkPort = null;
   state.talk.on = false; $("talk").textContent = "Talk"; $("talk").classList.remove("on");
 }
 setInterval(avStatus, 500);
