@@ -185,6 +185,17 @@ def test_console_url_status_token_and_commands(start_engine: Any) -> None:
         assert [r["op"] for r in replies] == ["error", "error", "sent"], replies
         assert "unknown op 'publish'" in replies[0]["message"] and "type some text" in replies[1]["message"]
         assert answered, "the console's cmd.say was not answered"
+    # listen works without a speaker device (the null speaker plays in real time); a text-only
+    # engine has no mic, so talk is refused with the reason
+    from websockets.exceptions import ConnectionClosed
+    with connect(base.replace("http", "ws") + "/listen?token=" + token, open_timeout=5) as ws:
+        assert json.loads(ws.recv(5))["op"] == "listen"
+        assert isinstance(ws.recv(5), bytes)
+    with connect(base.replace("http", "ws") + "/talk?token=" + token, open_timeout=5) as ws:
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(5)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
+        assert "no browser ring" in closed.value.rcvd.reason, closed.value.rcvd.reason
     assert eng.stop() == 0
     assert not (eng.runtime / "console.json").exists()
 
