@@ -192,6 +192,13 @@ def test_a_call_from_start_to_hang_up(phone_engine: Any, runtime_dir: Path) -> N
         started = await bus.wait("phone.call.started", phone_call_id=phone.call_sid)
         assert started["custom_parameters"] == {"booking": "ZX9"} and started["stream_sid"] == phone.stream_sid
         await bus.wait("phone.call.status", state="connected", phone_call_id=phone.call_sid)
+        # the supervisor's engine.status lists the call once it has taken the phone's status (it goes
+        # out at once, but on a loaded machine after the call's own messages): wait for that one
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(
+                phone.call_sid in [c.get("phone_call_id") for c in (b.get("phone") or {}).get("calls") or []]
+                for b in bus.all("engine.status")):
+            await asyncio.sleep(0.02)
         status = json.loads(subprocess.run([sys.executable, "-m", "engine.api.cli", "status", "--json"],
                                            capture_output=True, text=True, timeout=30).stdout)
         assert status["phone"] is not None, status
