@@ -106,11 +106,11 @@ class BusLog:
 class SoloBridges:
     """``n`` bridge processes of one call each (the process_per_call layout) on the engine's bus."""
 
-    def __init__(self, n: int, conn: dict[str, Any], bus: BusLog, tmp: Path) -> None:
+    def __init__(self, n: int, conn: dict[str, Any], bus: BusLog, tmp: Path, max_calls: int = 1) -> None:
         cfg = load_config(None, {"backend": "local"})
         spec = {"config": cfg, "session": session_payload(cfg),
                 "url": f"{conn['server_url']}?model={cfg['model']}", "headers": ["Authorization: Bearer local"],
-                "phone": {"host": "127.0.0.1", "port": 0, "path": "/twilio", "solo": True, "max_calls": 1},
+                "phone": {"host": "127.0.0.1", "port": 0, "path": "/twilio", "solo": True, "max_calls": max_calls},
                 "bus": {"publish": conn["publish"], "subscribe": conn["subscribe"]}}
         path = tmp / "solo-spec.json"
         path.write_text(json.dumps(spec))
@@ -221,10 +221,11 @@ def run_layout(layout: str, counts: list[int], seconds: float, conn: dict[str, A
         if layout == "one_process":
             out.append(asyncio.run(level([url], [phone_pid], n, seconds, bus, extra)))
             continue
-        solo = SoloBridges(n if layout == "process_per_call" else os.cpu_count() or 2, conn, bus, tmp)
+        per_call = layout == "process_per_call"
+        solo = SoloBridges(n if per_call else os.cpu_count() or 2, conn, bus, tmp, 1 if per_call else 100)
         try:
             row = asyncio.run(level([solo.urls[p] for p in solo.pids], solo.pids, n, seconds, bus, extra))
-            if layout == "process_per_call":
+            if per_call:
                 row["process_start_ms_median"] = round(statistics.median(solo.start_ms), 1)
             out.append(row)
         finally:
@@ -265,6 +266,7 @@ class SampleBridge:
         self.client = AsyncOpenAI(api_key="sk-local", websocket_base_url=api_base)
         self.model = model
         self.sent_audio_end_ms: dict[str, float] = {}    # call sid -> the truncation's audio_end_ms
+        self.clear_ms: dict[str, float] = {}             # call sid -> speech_started in -> clear sent
 
     async def handle(self, ws: Any) -> None:
         async with self.client.realtime.connect(model=self.model) as conn:
@@ -303,6 +305,7 @@ class SampleBridge:
                                                   "mark": {"name": "responsePart"}}))
                         state["marks"].append("responsePart")
                     elif ev.type == "input_audio_buffer.speech_started":
+                        heard_at = time.monotonic()
                         if state["marks"] and state["start_ts"] is not None:
                             elapsed = state["latest_ts"] - state["start_ts"]
                             if state["item"]:
@@ -310,6 +313,7 @@ class SampleBridge:
                                                                       audio_end_ms=elapsed)
                                 self.sent_audio_end_ms.setdefault(state["call"], elapsed)
                             await ws.send(json.dumps({"event": "clear", "streamSid": state["sid"]}))
+                            self.clear_ms.setdefault(state["call"], (time.monotonic() - heard_at) * 1000)
                             state["marks"].clear()
                             state["item"], state["start_ts"] = None, None
             tasks = [asyncio.ensure_future(from_twilio()), asyncio.ensure_future(to_twilio())]
@@ -327,6 +331,7 @@ async def truncations(url: str, conn: dict[str, Any], bus: BusLog, trials: int, 
     rng = random.Random(seed)
     cuts = [rng.uniform(1.0, 3.0) for _ in range(trials)]
     engine_err: list[float] = []
+    engine_clear: list[float] = []
     for heard_s in cuts:
         phone = await FakePhone(url).dial()
         deadline = time.monotonic() + 20
@@ -344,6 +349,14 @@ async def truncations(url: str, conn: dict[str, Any], bus: BusLog, trials: int, 
         if sent is not None and phone.clears:
             engine_err.append(truncation_error_ms(sent, phone))
         await phone.hang_up()
+        deadline = time.monotonic() + 10
+        ended = None
+        while ended is None and time.monotonic() < deadline:
+            ended = next((b for t, b in list(bus.msgs) if t == "phone.call.ended"
+                          and b.get("phone_call_id") == phone.call_sid), None)
+            await asyncio.sleep(0.02)
+        if ended is not None and ended.get("clear_latency_p99_ms") is not None:
+            engine_clear.append(ended["clear_latency_p99_ms"])
     model = load_config(None, {})["model"]
     sample = SampleBridge(conn["server_url"].rsplit("/realtime", 1)[0], model)
     base_err: list[float] = []
@@ -362,14 +375,15 @@ async def truncations(url: str, conn: dict[str, Any], bus: BusLog, trials: int, 
                 base_err.append(truncation_error_ms(sample.sent_audio_end_ms[phone.call_sid], phone))
             await phone.hang_up()
 
-    def summary(errs: list[float]) -> dict[str, Any]:
+    def summary(errs: list[float], clears: list[float]) -> dict[str, Any]:
         a = sorted(abs(e) for e in errs)
-        return {"trials": len(errs), "abs_error_ms_median": round(statistics.median(a), 1) if a else None,
+        return {"trials": len(errs), "clear_ms_max": round(max(clears), 3) if clears else None,
+                "abs_error_ms_median": round(statistics.median(a), 1) if a else None,
                 "abs_error_ms_max": round(a[-1], 1) if a else None,
                 "error_ms_mean": round(statistics.fmean(errs), 1) if errs else None,
                 "errors_ms": [round(e, 1) for e in errs]}
-    return {"cut_after_s": [round(c, 2) for c in cuts], "engine": summary(engine_err),
-            "sdk_sample_baseline": summary(base_err)}
+    return {"cut_after_s": [round(c, 2) for c in cuts], "engine": summary(engine_err, engine_clear),
+            "sdk_sample_baseline": summary(base_err, list(sample.clear_ms.values()))}
 
 
 def on_time(levels: list[dict[str, Any]]) -> int:
