@@ -176,6 +176,11 @@ def test_two_workers_behind_haproxy_serve_calls_and_one_office_reaches_both_buse
     try:
         wait_listening(port, haproxy)
         assert office.connected.wait(15) and office.error is None, office.error
+        plain = Subscriber(statuses[0]["subscribe"], ["engine.status"], curve=None, verify_key=None)
+        try:      # without the CURVE keys the same endpoint gives nothing (the keyed office got its status)
+            assert plain.recv(timeout_ms=500) is None
+        finally:
+            plain.close()
 
         async def main() -> None:
             url = f"ws://127.0.0.1:{port}/twilio"
