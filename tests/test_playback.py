@@ -59,12 +59,16 @@ def test_prebuffer_counts_from_when_the_stream_began_to_arrive(ring: Ring) -> No
     time.sleep(0.03)  # a gap between deltas, so the latest write is 30 ms later than the first
     ring.write(loud(4800))
     assert ring.write_stamp[1] / 1e9 - first_s >= 0.03
+    r.render(out, 0, now=first_s + 0.059)
+    assert not out.any()          # this 20 ms block ends before the 80 ms are up
+    # the block that reaches 80 ms after the first frames came (not after the latest): the stream
+    # starts inside it, after 11 ms of silence, so its first sample is due exactly at 80 ms
+    before_ns = time.monotonic_ns()
     r.render(out, 0, now=first_s + 0.069)
-    assert not out.any()
-    # at the callback nearest to 80 ms after the first frames came (not after the latest): the
-    # next one, 20 ms later, would be 10 ms further off
-    r.render(out, 0, now=first_s + 0.071)
-    assert out.all() and ev(r) == [("started", 0)]
+    lead = 11 * 24
+    assert not out[:lead].any() and out[lead:].all() and ev(r) == [("started", 0)]
+    assert 11_000_000 <= r.first_sample_mono_ns - before_ns < 12_000_000
+    assert ring.read_index == 480 - lead
     assert ring.stream_start_ns(480) is None  # only the marked index has a start time
 
 

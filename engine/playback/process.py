@@ -231,17 +231,22 @@ class Renderer:
                     start_ns = ctl.stream_start_ns(self.stream_start)
                     self.waiting_since = min(now, (start_ns or ring.write_stamp[1]) / 1e9)
             # wait the prebuffer *time* after the first frame arrived: with deltas paced at real time
-            # that is the margin every later delta has (a fill threshold would give none). Start at
-            # the callback nearest to it (half a period early at most, where the first callback after
-            # it could be a whole period, or more when the device's callbacks bunch, late)
-            waited_frames = (now - self.waiting_since) * RATE_HZ
-            if waited_frames + n // 2 < self.prebuffer_frames and not self._stream_complete():
+            # that is the margin every later delta has (a fill threshold would give none). A new
+            # stream starts inside the block that reaches it, after ``lead`` frames of silence, so its
+            # first sample is due exactly then (not up to half a period early or late); this block
+            # goes to the device after the ``backlog_frames`` a resampling caller still holds. After
+            # an underrun, play resumes at the block nearest to it (fading in from the block's start)
+            waited_frames = (now - self.waiting_since) * RATE_HZ + self.backlog_frames
+            complete = self._stream_complete()
+            early_frames = n // 2 if self.in_stream else n
+            if waited_frames + early_frames <= self.prebuffer_frames and not complete:
                 out[:] = 0
                 return
+            lead = 0 if complete or self.in_stream else min(n - 1, max(0, int(self.prebuffer_frames - waited_frames)))
             self.state = PLAYING
             if not self.in_stream:
                 self.in_stream = True
-                self.first_sample_mono_ns = time.monotonic_ns()
+                self.first_sample_mono_ns = time.monotonic_ns() + (self.backlog_frames + lead) * 1_000_000_000 // RATE_HZ
                 self.arrived_mono_ns = int(self.waiting_since * 1e9)
                 self.stretch_frames = self.stream_expanded_frames = self.stream_device_underflows = 0
                 self.events.append(self._event("started", ring.read_index))
@@ -249,8 +254,19 @@ class Renderer:
                 self.resumed = True  # after an underrun: fade back in
             self.stretcher.reset()   # a new stream or after a gap: no past to splice to
             self.waiting_since = None
+            if lead:
+                out[:lead] = 0
+                self._played(out[lead:], ring.read_into(out[lead:]), heard_base, latency_frames)
+                return
         got = self._stretch(out) if self.stretch and not self.resumed else 0
         got += ring.read_into(out[got:])
+        self._played(out, got, heard_base, latency_frames)
+
+    def _played(self, out: np.ndarray, got: int, heard_base: int, latency_frames: int) -> None:
+        """The rest of a playing block: ``got`` of ``out``'s frames were filled (fades, a
+        stream's end or a dry ring, the heard index from ``heard_base``, the first ring frame not
+        yet handed to the device before this block)."""
+        ring, ctl, n = self.ring, self.control, len(out)
         if self.resumed and got > 0:
             k = min(got, FADE_FRAMES)
             out[:k] = (out[:k] * self._fade_up[:k]).astype(np.int16)
