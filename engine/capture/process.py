@@ -158,7 +158,8 @@ class CaptureProcess:
                 stats.update(self.aec.stats())
                 stats["aec_errors"] = self.aec.errors
             if self.far is not None:
-                stats.update(far_missing_frames=self.far.missing_frames, far_skipped_frames=self.far.skipped_frames)
+                stats.update(far_missing_frames=self.far.missing_frames, far_skipped_frames=self.far.skipped_frames,
+                             far_held_frames=self.far.held_frames)
             if self.gate is not None:
                 stats["muted_frames"] = self.gate.muted_frames
             if self.recorder is not None:
