@@ -192,6 +192,15 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str,
     for dotted, value in (overrides or {}).items():
         node = cfg
         parts = dotted.split(".")
+        tree: Any = DEFAULTS
+        for i, part in enumerate(parts):
+            if not isinstance(tree, dict) or part not in tree:
+                where = ".".join(parts[:i])
+                known = sorted(tree) if isinstance(tree, dict) else []
+                raise ConfigError(f"config key '{dotted}' is unknown" + (
+                    f" ('{where}' has no key '{part}'; known keys: {', '.join(known)})" if known and where else
+                    f" (known keys: {', '.join(known)})" if known else f" ('{where}' is a value, not a section)"))
+            tree = tree[part]
         for part in parts[:-1]:
             node = node[part]
         node[parts[-1]] = _check(value, _lookup(DEFAULTS, parts), dotted)

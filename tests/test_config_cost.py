@@ -1,6 +1,7 @@
 """config.yaml checks and the price table."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -126,3 +127,11 @@ def test_bad_ga_session_values_name_the_key(tmp_path: Path, key: str, value: Any
     cfg.write_text(yaml.safe_dump({"session": {key: value}}))
     with pytest.raises(ConfigError, match=rf"session\.{key}.*{words}"):
         load_config(cfg)
+
+
+@pytest.mark.parametrize("dotted", ["phone.solo", "audio.mode", "nosuch", "audio.mic.name"])
+def test_an_unknown_override_key_is_a_config_error_naming_it(dotted: str) -> None:
+    """Overrides (CLI flags, create_session options) are checked like the file's keys: an
+    unknown one names itself, not a bare KeyError from deep inside."""
+    with pytest.raises(ConfigError, match=re.escape(dotted)):
+        load_config(None, {dotted: True})
