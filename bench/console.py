@@ -216,14 +216,20 @@ def _listen(page: Any) -> dict[str, Any]:
     return {"console_listen_switch": True, "console_listening": ok, "console_listen_at_start": got}
 
 
-def run(minutes: float = 10.0) -> dict[str, Any]:
-    from bench.conversation import Engine, count_gaps, response_spans, scenario, vaudio, vaudio_env, JITTER_MS
+def run(minutes: float = 10.0, closed_minutes: float | None = None) -> dict[str, Any]:
+    """The figures (bench/README.md, "console"); ``minutes`` of events with the page listening, and
+    ``closed_minutes`` (default a third of that, at least the CPU window) of turns before the console opens."""
+    from bench.conversation import (Engine, count_gaps, gap_lengths_ms, response_spans, scenario, vaudio, vaudio_env,
+                                    JITTER_MS)
+    if closed_minutes is None:
+        closed_minutes = max(CPU_WINDOW_S / 60, minutes / 3)
     from bench.run import pct
     from playwright.sync_api import sync_playwright
     vaudio_env()
     tmp = Path(tempfile.mkdtemp(prefix="rtconsole"))
     scen = scenario(tmp)   # the conversation suite's reply with delta_jitter_ms 30 (seed 7)
-    result: dict[str, Any] = {"jitter_ms": JITTER_MS, "minutes": minutes, "marker_hz": MARKER_HZ,
+    result: dict[str, Any] = {"jitter_ms": JITTER_MS, "minutes": minutes, "closed_minutes": closed_minutes,
+                              "marker_hz": MARKER_HZ,
                               "cpu_window_s": CPU_WINDOW_S,
                               "machine": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()}}
     vaudio("echo-on", "60%")
@@ -236,6 +242,7 @@ def run(minutes: float = 10.0) -> dict[str, Any]:
         loop = TurnLoop(eng)
         closed_from_ns = time.monotonic_ns()
         cpu_closed, _, _ = _cpu_windows(eng, {}, CPU_WINDOW_S)
+        time.sleep(max(0.0, closed_minutes * 60 - CPU_WINDOW_S))   # more closed turns, for the underruns
         closed_to_ns = time.monotonic_ns()
         console, url = _start_console(eng)
         # the page's listening goes to a sink nobody records, not to the engine's speaker
@@ -375,6 +382,8 @@ def run(minutes: float = 10.0) -> dict[str, Any]:
         result[f"engine_underruns_responses_padded_console_{phase}"] = len(idx) - len(exact)
         result[f"engine_underruns_incl_padded_console_{phase}"] = sum(gaps.values())
         result[f"engine_underruns_reported_console_{phase}"] = len(reported)
+        result[f"engine_underrun_gaps_ms_console_{phase}"] = [
+            round(g, 1) for i in exact if gaps[i] for g in gap_lengths_ms(played, [spans[i]])]
     result["engine_recording_padded_frames"] = (echoes[-1][1] - echoes[0][1]) if echoes else None
     result["machine"]["loadavg_end"] = os.getloadavg()
     result["turns"] = loop.turns + 1

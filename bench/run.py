@@ -9,7 +9,7 @@ side by side with its reference in the same run.
                                            kills, socket drops, fuzz, slow subscriber, soak (issue 15)
     python bench/run.py phone [--json]     phone calls at once (1-40) in three process layouts, truncation vs the SDK
                                            sample (issue 13); bench/phone.py has the options
-    python bench/run.py console [--json] [--minutes N]
+    python bench/run.py console [--json] [--minutes N] [--closed-minutes N]
                                            the console: CPU closed vs open, underruns, bus -> page, page heap (issue 11)
 
 Every figure's definition: bench/README.md.
@@ -614,6 +614,7 @@ def main() -> int:
     ap.add_argument("--fuzz", type=int, default=10_000, help="faults: fuzzed bus messages")
     ap.add_argument("--double-talk-trials", type=int, default=5, help="per level and guard setting; 0: skip")
     ap.add_argument("--minutes", type=float, default=10.0, help="console: minutes of events with the page open")
+    ap.add_argument("--closed-minutes", type=float, default=None, help="console: minutes of turns before it opens")
     args = ap.parse_args()
     if args.suite == "core":
         result = {**bench_ring(), **bench_bus(), **bench_engine()}
@@ -622,7 +623,7 @@ def main() -> int:
         result = run(args.interruptions, args.double_talk_trials)
     elif args.suite == "console":
         from bench.console import run as run_console
-        result = run_console(args.minutes)
+        result = run_console(args.minutes, args.closed_minutes)
     elif args.suite == "phone":
         from bench.phone import run as run_phone
         result = run_phone()
