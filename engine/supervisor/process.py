@@ -649,7 +649,7 @@ class Supervisor:
                 if now >= self.next_status_at:
                     self.next_status_at = now + 1.0
                     self._emit("engine.status", self.status(), hold=False)
-                if self.connected and not self.stopping:
+                if self.connected and not self.stopping and self.phone is None:   # (calls have their own state)
                     self.term.draw(self.view.live_line(), now)   # a TTY only
                 if not self.stopping and empty:
                     self._sleep(wake_r, now)
