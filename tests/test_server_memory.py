@@ -134,12 +134,15 @@ def test_manual_turns_with_an_open_mic_do_not_grow_the_input_buffer() -> None:
     try:
         for _ in range(50 * 60 * 10):   # ten minutes of 20 ms appends
             s.receive_text(event)
-        kept_bytes = tracemalloc.get_traced_memory()[0]
+        kept_bytes, peak_bytes = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     keep = session_mod.MANUAL_BUFFER_KEEP_MS * 24
-    assert s.buffer_samples <= keep + session_mod.BUFFER_TRIM_STEP_MS * 24
-    assert kept_bytes < 2.5 * keep * 2, f"{kept_bytes / 1e6:.1f} MB kept for {keep * 2 / 1e6:.1f} MB of audio"
+    most = keep + session_mod.BUFFER_TRIM_STEP_MS * 24
+    assert s.buffer_samples <= most
+    # the trim drops whole chunks from the head: no copy of the buffer (joining it first took 3x at each trim,
+    # and the allocator kept that peak: +22 MB of RSS in an hour-long push-to-talk session)
+    assert peak_bytes < 1.6 * most * 2, f"peak {peak_bytes / 1e6:.1f} MB for at most {most * 2 / 1e6:.1f} MB of audio"
     acts = s.receive_text(json.dumps({"type": "input_audio_buffer.commit"}))
     item_id = next(ev["item_id"] for ev in acts.send if ev["type"] == "input_audio_buffer.committed")
     assert keep <= s.by_id[item_id].audio_samples <= keep + session_mod.BUFFER_TRIM_STEP_MS * 24

@@ -254,10 +254,21 @@ class ServerSession:
             self._keep_newest(keep)
 
     def _keep_newest(self, keep: int) -> None:
-        """Drop the buffer's audio but its newest ``keep`` samples (joined into one chunk)."""
-        pcm = self._buffer_pcm()
-        drop = len(pcm) - keep
-        self.buffer = [pcm[drop:].copy()]
+        """Drop the buffer's audio but its newest ``keep`` samples: whole chunks from its head, and
+        the head of the first chunk kept (copied), so no copy of the buffer is ever made."""
+        drop = self.buffer_samples - keep
+        if drop <= 0:
+            return
+        whole = n = 0   # the first n chunks, ``whole`` samples, go entirely
+        for chunk in self.buffer:
+            if whole + len(chunk) > drop:
+                break
+            whole += len(chunk)
+            n += 1
+        del self.buffer[:n]
+        rest = drop - whole
+        if rest and self.buffer:
+            self.buffer[0] = self.buffer[0][rest:].copy()
         self.buffer_samples = keep
         self.buffer_start_sample += drop
 
