@@ -47,7 +47,8 @@ PRESENCE_PREFIX = b"_presence."
 #: message, a subscriber that stops reading holds at most ~10 MB of the broker; past it the
 #: XPUB drops that subscriber's messages (it sees the gaps in ``seq``)
 _HWM = 10_000
-#: after a crash, how long the new broker takes subscribers only: 2.5 of their reconnect intervals
+#: after a crash, how long the new broker takes subscribers only: 2.5 reconnect intervals of a foreign
+#: subscriber (ZeroMQ's default, 100 ms; the engine's own sockets retry every 10 ms on ipc)
 RESTART_GRACE_S = 0.25
 #: how often an idle keeper checks whether the queues' memory can go back to the system
 TRIM_PERIOD_S = 5.0

@@ -35,6 +35,9 @@ MAX_SKIPPED_PER_RECV = 1000
 MAX_TRACKED_PUBLISHERS = 4096
 #: the shortest interval between two reports of a Subscriber's malformed messages or drops
 REPORT_PERIOD_S = 1.0
+#: how often a socket on an ipc endpoint tries to reach a broker that is gone (ZeroMQ's default: 100 ms);
+#: a local connect attempt costs next to nothing, and a restarted broker is found this much sooner
+IPC_RECONNECT_IVL_MS = 10
 #: "take it from the Endpoints given, else this process's keys (use_keys, $REALTALK_BUS_KEYS)"
 FROM_ENV: Any = type("_FromEnv", (), {"__repr__": lambda self: "FROM_ENV"})()
 _process_keys: dict[str, Any] | None = None
@@ -132,12 +135,14 @@ def _connection_file_curve(endpoint: str) -> CurveClientKeys | None:
 def _connect(sock: zmq.Socket, endpoint: str, curve: CurveClientKeys | None,
              defaulted: bool) -> CurveClientKeys | None:
     """Connect ``sock``, as a CURVE client on tcp (``defaulted``: no keys were given, look them
-    up); return the keys it uses."""
+    up), retrying every IPC_RECONNECT_IVL_MS on ipc; return the keys it uses."""
     if endpoint.startswith("tcp://"):
         if curve is None and defaulted:
             curve = _connection_file_curve(endpoint)
         if curve is not None:
             apply_client_curve(sock, curve)
+    elif endpoint.startswith("ipc://"):
+        sock.setsockopt(zmq.RECONNECT_IVL, IPC_RECONNECT_IVL_MS)
     sock.connect(endpoint)
     return curve
 

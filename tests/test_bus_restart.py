@@ -82,3 +82,51 @@ def test_broker_restart_loses_only_what_it_held_and_counts_it(tmp_path: Path) ->
     sub.close()
     for p in pubs:
         p.close()
+
+
+RECONNECT_BOUND_MS = 60   # a restarted broker bound -> the first message through it, engine sockets on ipc
+
+
+def _bound_stamp(endpoint: str) -> tuple[int, int] | None:
+    """Identity of an ipc endpoint's socket file (a new bind makes a new file), or None."""
+    try:
+        st = os.stat(endpoint[len("ipc://"):])
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_ctime_ns
+
+
+def test_engine_sockets_find_a_restarted_broker_at_once(tmp_path: Path) -> None:
+    """Issue 15 point 1: the engine's publishers and subscribers found a restarted broker up to
+    ZeroMQ's default reconnect interval (100 ms) after it bound; on ipc they retry far sooner."""
+    pub_ep, sub_ep = f"ipc://{tmp_path}/p.sock", f"ipc://{tmp_path}/s.sock"
+    broker = _broker(pub_ep, sub_ep)
+    sub = Subscriber(sub_ep, ["x."], verify_key=None)
+    pub = Publisher(pub_ep, "p", signing_key=None)
+    waits_ms = []
+    try:
+        assert pub.join(sub_ep, timeout_s=10)
+        for _ in range(5):
+            broker.send_signal(signal.SIGKILL)
+            broker.wait(5)
+            while sub.recv(timeout_ms=50) is not None:
+                pass
+            old = (_bound_stamp(pub_ep), _bound_stamp(sub_ep))
+            broker = _broker(pub_ep, sub_ep)   # no --restart: both sides bind at once
+            bound = got = None
+            deadline = time.monotonic() + 10
+            while got is None and time.monotonic() < deadline:
+                pub.publish("x.t")
+                if bound is None and _bound_stamp(pub_ep) not in (None, old[0]) \
+                        and _bound_stamp(sub_ep) not in (None, old[1]):
+                    bound = time.monotonic()
+                if sub.recv(timeout_ms=1) is not None and bound is not None:
+                    got = time.monotonic()
+            assert bound is not None and got is not None, "nothing came through the restarted broker"
+            waits_ms.append((got - bound) * 1000)
+    finally:
+        broker.terminate()
+        broker.wait(5)
+        sub.close()
+        pub.close()
+    assert max(waits_ms) < RECONNECT_BOUND_MS, [round(w, 1) for w in waits_ms]
