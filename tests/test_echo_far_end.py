@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from engine.audio.ring import Ring
-from engine.capture.echo import EchoCanceller, FarEnd
+from engine.capture.echo import FarEnd
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -85,46 +85,3 @@ def test_the_reserve_is_built_once_with_silence_then_playback_later_than_it_is_p
     assert far.missing_frames == 0
     far.take(BLOCK)                       # nor for the next: the reserve is gone, the rest is missing
     assert far.missing_frames == 2 * BLOCK - far.reserve_frames
-
-
-def _run(aec: EchoCanceller, near: np.ndarray, far: np.ndarray, bump_at_frame: int | None = None) -> np.ndarray:
-    out = []
-    for i in range(0, len(far) - BLOCK + 1, BLOCK):
-        if bump_at_frame is not None and i == bump_at_frame and aec.far_end is not None:
-            aec.far_end.missing_frames += BLOCK   # as if playback had been late past the reserve here
-        out.append(aec.process(near[i:i + BLOCK], far[i:i + BLOCK]))
-    return np.concatenate(out)
-
-
-def _rms(x: np.ndarray) -> float:
-    return float(np.sqrt(np.mean(x.astype(np.float64) ** 2)) + 1e-9)
-
-
-def test_the_guard_lets_a_soft_user_through_in_steady_state_and_arms_after_a_delay_change(ring: Ring) -> None:
-    """Double talk: the user speaks 20 dB below the model's echo at the mic. In steady state
-    (AEC3 converged) the guard must not attenuate them; for 2 s after the echo's delay changed
-    it does (that is when AEC3 leaks)."""
-    rng = np.random.default_rng(5)
-    seconds = 12
-    n = 24000 * seconds
-    # the model: loud noise bursts (speech-like on/off), its echo at the mic 100 ms later at 40 %
-    env = np.repeat(rng.random(n // 2400) > 0.2, 2400).astype(np.float64)
-    far = (rng.standard_normal(n) * 6000 * env).clip(-32000, 32000).astype(np.int16)
-    echo = np.zeros(n)
-    echo[2400:] = far[:-2400] * 0.4
-    user = np.zeros(n)
-    echo_rms = _rms(echo[env > 0])
-    for start_s in (5, 9):           # the user at -20 dB re the echo: 5..7 s (steady), 9..11 s (after a change)
-        a, b = start_s * 24000, (start_s + 2) * 24000
-        user[a:b] = rng.standard_normal(b - a) * echo_rms * 0.1
-    near = (echo + user).clip(-32000, 32000).astype(np.int16)
-    plain = _run(EchoCanceller(guard_db=None), near, far)
-    guarded = _run(EchoCanceller(guard_db=-6.0, far_end=FarEnd(ring)), near, far, bump_at_frame=9 * 24000 - 4800)
-    lag = 1200  # the resamplers' delay is well under 50 ms: compare windows a little inside the user's speech
-    steady = slice(5 * 24000 + lag, 7 * 24000 - lag)
-    after = slice(9 * 24000 + lag, 11 * 24000 - lag)
-    assert 20 * np.log10(_rms(plain[steady]) / echo_rms) > -30, "AEC3 alone removed the user (test broken)"
-    loss_steady_db = 20 * np.log10(_rms(guarded[steady]) / _rms(plain[steady]))
-    loss_after_db = 20 * np.log10(_rms(guarded[after]) / _rms(plain[after]))
-    assert loss_steady_db > -1.0, f"the guard took {loss_steady_db:.1f} dB off a soft user in steady state"
-    assert loss_after_db < -10.0, f"the guard was not armed after the delay change ({loss_after_db:.1f} dB)"

@@ -30,7 +30,6 @@ FAR_ACTIVE_DBFS = -50.0                    # a reference block louder than this 
 ERLE_WINDOW_BLOCKS = 100                   # one ERLE figure per second of far-end speech
 GUARD_WINDOW_BLOCKS = 50                   # 500 ms of far-end history: longer than any echo path
 GUARD_ATTENUATION = 0.03                   # -30 dB on blocks the guard takes for residual echo
-GUARD_HOLD_BLOCKS = 200                    # the guard stays armed 2 s after the echo's delay changed
 
 
 class FarEnd:
@@ -96,20 +95,16 @@ class FarEnd:
 class EchoCanceller:
     """WebRTC AEC3 at 48 kHz behind a 24 kHz interface; ``process`` keeps the stream's length.
 
-    Behind AEC3 sits a residual-echo guard (a Geigel-style test on the output): an output block
-    quieter than ``guard_db`` below the loudest far-end block of the last 500 ms is taken for
-    echo and attenuated by 30 dB. A level test cannot tell a user who talks more softly than
-    the model's echo from echo that leaks, so the guard is *armed* only while AEC3 is known to
-    leak: its first 2 s of far-end speech (initial convergence) and 2 s after each change of
-    the echo's delay that the far end saw (reference frames zero-padded because playback was
-    late, or cut to bound the backlog; ``far_end`` gives those counts). In steady state the
-    guard is off and double talk reaches the server, however softly the user speaks (AEC3
-    alone removes the echo). ``guard_db=None`` turns it off altogether.
+    Behind AEC3 sits a residual-echo guard (a Geigel-style double-talk test on the output):
+    while the far end has been active within the last 500 ms, an output block quieter than
+    ``guard_db`` below the loudest recent far-end block cannot be the user talking over the
+    model (a person near the mic is louder than the speaker's echo), so it is attenuated by
+    30 dB. AEC3 removes the echo; the guard catches what leaks while AEC3 re-converges after
+    the echo path changes (a device's latency jumps). ``guard_db=None`` turns it off.
     ERLE is measured on AEC3's output, before the guard.
     """
 
-    def __init__(self, stream_delay_ms: int = 0, guard_db: float | None = -6.0,
-                 far_end: FarEnd | None = None) -> None:
+    def __init__(self, stream_delay_ms: int = 0, guard_db: float | None = -6.0) -> None:
         from engine.audio.devices import resample_stream
         from pywebrtc_audio import EchoCanceller as WebRtcAec
         self._aec = WebRtcAec(sample_rate=AEC_RATE_HZ, num_channels=1, stream_delay_ms=stream_delay_ms)
@@ -124,11 +119,6 @@ class EchoCanceller:
         self._far_pos = 0
         self._active_rms = 32768.0 * 10 ** (FAR_ACTIVE_DBFS / 20)
         self.guarded_blocks = 0
-        self.far_end = far_end
-        self._far_changes = 0                           # far_end's padded + cut frames when last looked at
-        self._armed_blocks = GUARD_HOLD_BLOCKS          # armed for AEC3's initial convergence (far-active blocks)
-        self.guard_armed_blocks = 0                     #: blocks the guard was armed for (far end active)
-        self.guard_arms = 0                             #: times an echo-delay change armed it
         # ERLE over blocks where the far end is active: 10*log10(sum near^2 / sum out^2)
         self.near_energy = 0.0
         self.out_energy = 0.0
@@ -155,11 +145,6 @@ class EchoCanceller:
             blocks = min(self._near.length, self._far.length) // AEC_BLOCK_FRAMES
             n = blocks * AEC_BLOCK_FRAMES
             near_all, far_all = self._near.head(n), self._far.head(n)
-            fe = self.far_end
-            if fe is not None and fe.missing_frames + fe.skipped_frames != self._far_changes:
-                self._far_changes = fe.missing_frames + fe.skipped_frames
-                self._armed_blocks = GUARD_HOLD_BLOCKS      # the echo's delay moved: AEC3 re-converges
-                self.guard_arms += 1
             if blocks:
                 # AEC3 takes several 10 ms blocks in one call; the statistics are per block
                 out_f = np.asarray(self._aec.process(near_all, far_all), dtype=np.float32).reshape(blocks, -1)
@@ -187,14 +172,12 @@ class EchoCanceller:
                         self._window_blocks = 0
                 self._far_rms[self._far_pos] = far_rms
                 self._far_pos = (self._far_pos + 1) % GUARD_WINDOW_BLOCKS
-                if self._guard_ratio is not None and self._armed_blocks > 0:
+                if self._guard_ratio is not None:
                     far_peak = float(self._far_rms.max())
-                    if far_peak > self._active_rms:
-                        self._armed_blocks -= 1     # the hold counts blocks with the far end active
-                        self.guard_armed_blocks += 1
-                        if (out_energy / AEC_BLOCK_FRAMES) ** 0.5 < self._guard_ratio * far_peak:
-                            out_f[b] *= GUARD_ATTENUATION
-                            self.guarded_blocks += 1
+                    if far_peak > self._active_rms and \
+                            (out_energy / AEC_BLOCK_FRAMES) ** 0.5 < self._guard_ratio * far_peak:
+                        out_f[b] *= GUARD_ATTENUATION
+                        self.guarded_blocks += 1
             if blocks:
                 self._out[:n] = out_f.reshape(-1)
             self._near.drop(n)
@@ -224,8 +207,7 @@ class EchoCanceller:
         return {"erle_db": self.erle_db(), "erle_total_db": self.erle_total_db(),
                 "erle_p10_db": round(float(np.percentile(self.erle_windows_db, 10)), 1) if self.erle_windows_db else None,
                 "far_active_ms": self.far_active_blocks * 10, "blocks": self.blocks,
-                "guarded_ms": self.guarded_blocks * 10, "guard_armed_ms": self.guard_armed_blocks * 10,
-                "guard_arms": self.guard_arms, "errors": self.errors, "cpu_ms": round(self.busy_ns / 1e6, 1)}
+                "guarded_ms": self.guarded_blocks * 10, "errors": self.errors, "cpu_ms": round(self.busy_ns / 1e6, 1)}
 
 
 class EchoGate:

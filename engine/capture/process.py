@@ -73,7 +73,7 @@ class CaptureProcess:
         if echo == "aec" and self.far is None:
             echo = "half_duplex"  # no reference to cancel with
         self.echo_mode = echo
-        self.aec = EchoCanceller(guard_db=cfg["echo_guard_db"], far_end=self.far) if echo == "aec" else None
+        self.aec = EchoCanceller(guard_db=cfg["echo_guard_db"]) if echo == "aec" else None
         self.gate = EchoGate(speaker) if echo == "half_duplex" else None
         self.recorder = Recorder(spec["record_path"]) if spec.get("record_path") else None
         self.stop = threading.Event()
