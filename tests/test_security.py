@@ -2,6 +2,7 @@
 outside the engine cannot stop it with a forged fatal error."""
 from __future__ import annotations
 
+import json
 import os
 import stat
 import time
@@ -128,3 +129,15 @@ def test_replayed_signed_message_is_not_taken_again(start_engine: Any) -> None:
     spy.close(0)
     reports.close()
     client.close()
+
+
+def test_engine_status_never_prints_the_connection_files_curve_keys() -> None:
+    """When no status message comes within 3 s, `engine status` shows the connection file; the
+    CURVE client keys in it (a tcp engine's) must not go to the terminal."""
+    from engine.api.cli import public_status
+    conn = {"pid": 1, "state": "ready", "publish": "tcp://127.0.0.1:1", "subscribe": "tcp://127.0.0.1:2",
+            "curve_server_key": "S" * 40, "curve_public_key": "P" * 40, "curve_secret_key": "X" * 40,
+            "v": 1, "seq": 3}
+    shown = public_status(conn)
+    assert "X" * 40 not in json.dumps(shown) and not any(k.startswith("curve_") for k in shown)
+    assert shown["state"] == "ready" and "seq" not in shown

@@ -118,6 +118,14 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 1
 
 
+def public_status(status: dict[str, Any]) -> dict[str, Any]:
+    """What ``engine status`` shows of a status message, or of the connection file when no
+    status message came: without the bus header, and never the CURVE keys the connection file
+    holds for clients (the secret one lets anyone who reads it onto a TCP bus)."""
+    return {k: v for k, v in status.items()
+            if k not in ("v", "ts", "mono_ns", "pub", "seq", "signing_key") and not k.startswith("curve_")}
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from bus import Subscriber
     from engine.supervisor.process import engine_identity
@@ -134,9 +142,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             status = msg[1]
             break
     sub.close()
-    if status is None:
-        status = conn
-    status = {k: v for k, v in status.items() if k not in ("v", "ts", "mono_ns", "pub", "seq")}
+    status = public_status(conn if status is None else status)
     from engine.console.server import read_info
     console = read_info()  # from the console's own file: its token stays off the bus
     status["console"] = {"url": console["url"], "pid": console["pid"]} if console else None
