@@ -242,7 +242,7 @@ class Renderer:
             if waited_frames + early_frames <= self.prebuffer_frames and not complete:
                 out[:] = 0
                 return
-            lead = 0 if complete or self.in_stream else min(n - 1, max(0, int(self.prebuffer_frames - waited_frames)))
+            lead = 0 if complete or self.in_stream else min(n - 1, max(0, round(self.prebuffer_frames - waited_frames)))
             self.state = PLAYING
             if not self.in_stream:
                 self.in_stream = True
