@@ -451,7 +451,10 @@ def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
     # underruns at the speaker monitor, one function for engine and baseline
     starts = [b["first_sample_mono_ns"] for t, b in quiet + loaded if t == "playout.started"]
     n_quiet = sum(1 for t, _ in quiet if t == "playout.started")
-    spans = response_spans(played, warm_start + starts)[len(warm_start):]
+    # the next response after the turns (the interruptions' first) bounds the last turn's span, which
+    # would otherwise run to the end of the recording and count every pause between those replies
+    after = [b["first_sample_mono_ns"] for t, b in inter if t == "playout.started"][:1]
+    spans = response_spans(played, warm_start + starts + after)[len(warm_start):len(warm_start) + len(starts)]
     gaps = span_underruns(played, spans)
     gap_ms = gap_lengths_ms(played, spans)
     cadence = [b for t, b in quiet + loaded if t == "playback.cadence"]

@@ -76,6 +76,7 @@ class TimeStretcher:
         np.subtract(fading_in, fading_out, out=mix, dtype=np.float32)
         mix *= ramp
         mix += fading_out
+        np.rint(mix, out=mix)   # rounded, not truncated toward zero (that turned +-1 LSB into runs of exact zeros)
         out[:] = mix
 
     def expand(self, ahead: np.ndarray, out: np.ndarray, max_frames: int) -> int:
