@@ -22,12 +22,14 @@ import uuid
 from collections import deque
 from typing import Any, Callable
 
+import zmq
+
 from bus import Endpoints, Publisher, Subscriber
 from engine.errors import EngineError
 
 BACKLOG = 3000              #: messages kept for a page that opens (or reloads) later
 PAGE_QUEUE = 5000           #: messages waiting for one page at most; the oldest go first
-BATCH_S = 0.05              #: the relay hands messages over this often
+BATCH_S = 0.025             #: the relay hands messages over this often
 RESEND_S = 0.5
 COMMAND_TIMEOUT_S = 10.0
 HEADER_KEYS = ("v", "seq")   #: header keys the page does not need (it keeps pub, ts, mono_ns)
@@ -85,6 +87,10 @@ class BusRelay:
         self.received = 0
         self._commands: queue.SimpleQueue[tuple[str, dict[str, Any]]] = queue.SimpleQueue()
         self._stop = threading.Event()
+        # wakes the bus thread for a command at once (it sleeps in poll until a message or a deadline)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         self._thread = threading.Thread(target=self._run, name="console-bus", daemon=True)
         self.error: BaseException | None = None
 
@@ -93,7 +99,19 @@ class BusRelay:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake()
         self._thread.join(3)
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass  # already due to wake (or closed: stopping)
 
     def command(self, topic: str, payload: dict[str, Any]) -> str:
         """Publish ``topic`` (a ``cmd.*``) with a fresh ``id``, re-sent until acknowledged; returns the id."""
@@ -102,6 +120,7 @@ class BusRelay:
         payload = dict(payload)
         payload.setdefault("id", uuid.uuid4().hex)
         self._commands.put((topic, payload))
+        self._wake()
         return payload["id"]
 
     def publish(self, topic: str, payload: dict[str, Any]) -> None:
@@ -109,6 +128,7 @@ class BusRelay:
         if not topic.startswith("console."):
             raise ConsoleError(f"the console publishes its switches on console.* only, not {topic!r}")
         self._commands.put((topic, dict(payload)))
+        self._wake()
 
     def _hand_over(self, batch: list[str]) -> None:
         try:
@@ -131,8 +151,23 @@ class BusRelay:
         try:
             batch: list[str] = []
             flush_at = time.monotonic() + BATCH_S
+            poller = zmq.Poller()
+            poller.register(sub.socket, zmq.POLLIN)
+            poller.register(self._wake_r, zmq.POLLIN)
+            msg: tuple[str, dict[str, Any]] | None = None
             while not self._stop.is_set():
-                msg = sub.recv(timeout_ms=10)
+                if msg is None:
+                    # sleep until a message, a command, or the next deadline (no polling while idle)
+                    deadlines = [due for _, _, due, _ in pending.values()]
+                    if batch:
+                        deadlines.append(flush_at)
+                    wait_s = (min(deadlines) - time.monotonic()) if deadlines else 1.0
+                    poller.poll(max(0, int(wait_s * 1000)) + 1)
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except (BlockingIOError, OSError):
+                        pass
+                msg = sub.recv(timeout_ms=0)
                 now = time.monotonic()
                 if msg is not None:
                     topic, body = msg
