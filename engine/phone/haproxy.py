@@ -1,5 +1,5 @@
-"""An haproxy configuration for several `engine phone` workers behind one address (docs/phone.md,
-"Many workers behind haproxy"). Pure text out; the CLI prints it:
+"""An haproxy configuration for several `engine phone` workers behind one address (docs/scaling.md).
+Pure text out; the CLI prints it:
 
     python -m engine.phone.haproxy --bind 0.0.0.0:8080 127.0.0.1:8766 127.0.0.1:8767 > phone.cfg
     haproxy -f phone.cfg
