@@ -8,4 +8,7 @@ bash tools/setup-system.sh
 .venv/bin/mypy
 trap 'bash tools/vaudio.sh stop >/dev/null 2>&1 || true' EXIT
 eval "$(bash tools/vaudio.sh start)"
-.venv/bin/python -m pytest -q "$@"
+status=0
+.venv/bin/python -m pytest -q "$@" || status=$?
+[ -d runs/console-screenshots ] && echo "console screenshots (the browser tests): $PWD/runs/console-screenshots"
+exit $status
