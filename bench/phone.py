@@ -203,6 +203,8 @@ async def level(urls: list[str], pids: list[int], n: int, seconds: float, bus: B
         "media_in_late_frames": int(sum(values("media_in_late_frames"))),
         "media_out_late_frames": int(sum(values("media_out_late_frames"))),
         "phone_late_frames": sum(p.late_frames for p in phones),
+        "phone_underruns": sum(p.underruns for p in phones),
+        "phone_underrun_ms": sum(p.underrun_frames for p in phones) * 20,
         "reply_frames_played_min": min(p.played_frames for p in phones) // 160,
         "in_latency_p99_ms_worst": worst("in_latency_p99_ms"), "in_latency_p99_ms_median": median("in_latency_p99_ms"),
         "out_latency_p99_ms_worst": worst("out_latency_p99_ms"),

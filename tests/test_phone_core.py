@@ -45,3 +45,19 @@ def test_pcmu_truncation_counts_8_frames_a_ms() -> None:
 def test_unknown_audio_format_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="audio/opus"):
         RealtimeCore("gpt-realtime", {"type": "realtime"}, audio_format="audio/opus")
+
+
+def test_the_fake_phone_counts_a_gap_in_the_audio_as_an_underrun_and_a_reply_end_not() -> None:
+    """The fake phone's player: a dry buffer mid-audio that audio follows within 500 ms is an
+    underrun; a longer silence (the reply ended) and a clear are not."""
+    from engine.phone.simulator import FRAME_BYTES, UNDERRUN_MAX_FRAMES, FakePhone
+    phone = FakePhone("ws://unused")
+    ticks = [FRAME_BYTES] * 10 + [0, 0] + [FRAME_BYTES] * 5 + [80] + [FRAME_BYTES] * 3   # two gaps
+    ticks += [0] * (UNDERRUN_MAX_FRAMES + 5) + [FRAME_BYTES] * 4                           # a reply ends, another begins
+    for got in ticks:
+        phone._count_gap(got)
+    assert (phone.underruns, phone.underrun_frames) == (2, 3)
+    phone._in_audio, phone._dry_frames = False, 0       # what a clear does
+    for got in [0, 0, FRAME_BYTES]:
+        phone._count_gap(got)
+    assert phone.underruns == 2

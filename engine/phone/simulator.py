@@ -30,6 +30,7 @@ from websockets.exceptions import ConnectionClosed
 
 FRAME_MS = 20
 FRAME_BYTES = 160
+UNDERRUN_MAX_FRAMES = 25        #: a dry spell up to 500 ms with audio after it is an underrun
 ULAW_SILENCE = b"\xff"
 
 
@@ -67,6 +68,10 @@ class FakePhone:
         self.marks_echoed = 0
         self.media_received = 0
         self.late_frames = 0                    # media we sent more than 20 ms after its time
+        self.underruns = 0                      # gaps in what we heard: the buffer ran dry mid-audio, audio came back
+        self.underrun_frames = 0                # 20 ms frames of those gaps
+        self._in_audio = False                  # the last whole frame played was audio, not the end of a reply
+        self._dry_frames = 0                    # ticks since the buffer ran dry while in audio
         self.messages: list[dict[str, Any]] = []  # every non-media message received
         self.closed = asyncio.Event()
         self.got_audio = asyncio.Event()
@@ -182,6 +187,7 @@ class FakePhone:
                     self.clears.append(ClearSeen(now, heard))
                     # what is playing now stops here; the rest of the buffer is dropped
                     self.played_frames, self.playing_now = heard, 0
+                    self._in_audio, self._dry_frames = False, 0   # a cut reply is not an underrun
                     self.buffer_start += len(self.buffer)
                     self.buffer.clear()
                     while self.marks:   # Twilio echoes the marks of the dropped audio at once
@@ -205,6 +211,21 @@ class FakePhone:
         while self.marks and self.marks[0][0] <= finished:
             await self._echo(self.marks.popleft()[1])
 
+    def _count_gap(self, got_bytes: int) -> None:
+        """One 20 ms tick of the player. An underrun is the buffer running dry (a short or empty
+        frame) while audio was playing, and audio coming back within UNDERRUN_MAX_FRAMES; a
+        longer silence is the end of a reply, and a ``clear`` ends one too."""
+        if got_bytes == FRAME_BYTES:
+            if self._dry_frames > 0:
+                self.underruns += 1
+                self.underrun_frames += self._dry_frames
+            self._dry_frames = 0
+            self._in_audio = True
+        elif self._in_audio:
+            self._dry_frames += 1
+            if self._dry_frames > UNDERRUN_MAX_FRAMES:
+                self._in_audio, self._dry_frames = False, 0
+
     async def _player(self) -> None:
         n = 0
         start = time.monotonic()
@@ -216,6 +237,7 @@ class FakePhone:
             # the frame that was playing is over: marks up to it have played
             await self._echo_played(self.buffer_start)
             take = bytes(self.buffer[:FRAME_BYTES])
+            self._count_gap(len(take))
             del self.buffer[:len(take)]
             self.buffer_start += len(take)
             self.tick_at = time.monotonic()
