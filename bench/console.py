@@ -13,7 +13,6 @@ import json
 import os
 import re
 import secrets
-import signal
 import subprocess
 import sys
 import tempfile
@@ -191,15 +190,6 @@ def _start_console(eng: Any) -> tuple[subprocess.Popen[str], str]:
     raise RuntimeError("engine console printed no URL:\n" + "".join(lines))
 
 
-def _stop(proc: subprocess.Popen[str]) -> None:
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def _listen(page: Any) -> dict[str, Any]:
     """Turn the page's listen switch on if the page has one; whether PCM arrived within 10 s."""
     if not page.evaluate("() => !!document.getElementById('listen')"):
@@ -223,7 +213,7 @@ def run(minutes: float = 10.0, closed_minutes: float | None = None) -> dict[str,
                                     JITTER_MS)
     if closed_minutes is None:
         closed_minutes = max(CPU_WINDOW_S / 60, minutes / 3)
-    from bench.run import pct
+    from bench.run import pct, stop_engine
     from playwright.sync_api import sync_playwright
     vaudio_env()
     tmp = Path(tempfile.mkdtemp(prefix="rtconsole"))
@@ -289,7 +279,7 @@ def run(minutes: float = 10.0, closed_minutes: float | None = None) -> dict[str,
             sizes = page.evaluate(PAGE_SIZES_JS)
             heap_end = _heap(cdp, collect=True)
             browser.close()
-        _stop(console)
+        stop_engine(console)
         console = None
         time.sleep(SETTLE_S)
         closed2_from_ns = time.monotonic_ns()
@@ -302,7 +292,7 @@ def run(minutes: float = 10.0, closed_minutes: float | None = None) -> dict[str,
             loop.stop()
         markers.stop()
         if console is not None:
-            _stop(console)
+            stop_engine(console)
         eng.stop()
         vaudio("echo-off")
 

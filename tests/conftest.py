@@ -9,8 +9,9 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -157,17 +158,11 @@ def speech_wav(tmp_path_factory: pytest.TempPathFactory) -> Any:
     def make(text: str, pad_s: float = 0.3) -> Path:
         if (text, pad_s) not in cache:
             import numpy as np
-            import wave
             from engine.server.voice import synthesize
+            from tests.helpers import write_wav
             pcm = synthesize(text, "alloy", 1.0)
             pad = np.zeros(int(24000 * pad_s), dtype=np.int16)
-            path = out / f"{len(cache)}.wav"
-            with wave.open(str(path), "wb") as w:
-                w.setnchannels(1)
-                w.setsampwidth(2)
-                w.setframerate(24000)
-                w.writeframes(np.concatenate([pad, pcm, pad]).tobytes())
-            cache[(text, pad_s)] = path
+            cache[(text, pad_s)] = write_wav(out / f"{len(cache)}.wav", np.concatenate([pad, pcm, pad]))
         return cache[(text, pad_s)]
     return make
 
@@ -201,32 +196,46 @@ def node() -> str:
 
 
 # ---------------------------------------------------------------- the engine
-class RunningEngine:
-    def __init__(self, proc: subprocess.Popen[str], runtime: Path, sessions: Path) -> None:
+class ProcessLines:
+    """A process's stdout read by a thread, line by line (newlines kept); ``wait_for`` blocks
+    until a line matches."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
         self.proc = proc
-        self.runtime = runtime
-        self.sessions = sessions
         self.lines: list[str] = []
-        self.ready = threading.Event()
+        self._cond = threading.Condition()
         self._t = threading.Thread(target=self._read, daemon=True)
         self._t.start()
+
+    def on_line(self, line: str) -> None:
+        """Called on the reader thread with each line, as it comes."""
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            self.lines.append(line)
-            if "ready in" in line:
-                self.ready.set()
+            with self._cond:
+                self.lines.append(line)
+                self.on_line(line)
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
 
-    @property
-    def conn(self) -> dict[str, Any]:
-        return json.loads((self.runtime / "engine.json").read_text())
-
-    def cli(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "engine.api.cli", *args], capture_output=True, text=True,
-                              timeout=timeout, env=os.environ.copy())
+    def wait_for(self, pred: Callable[[str], bool], timeout: float) -> str:
+        """The first line (without its newline) ``pred`` accepts; AssertionError, with what the
+        process printed, if none comes within ``timeout`` s or the process ends first."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                hit = next((line for line in (s.rstrip("\n") for s in self.lines) if pred(line)), None)
+                if hit is not None:
+                    return hit
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._t.is_alive()):
+                    raise AssertionError("no such line within the time; got:\n" + "".join(self.lines))
+                self._cond.wait(min(left, 0.5))
 
     def stop(self) -> int:
+        """Ctrl-C (SIGINT), then SIGKILL after 15 s; the exit code."""
         if self.proc.poll() is None:
             self.proc.send_signal(2)
             try:
@@ -236,6 +245,26 @@ class RunningEngine:
                 self.proc.wait()
         self._t.join(2)
         return self.proc.returncode
+
+
+class RunningEngine(ProcessLines):
+    def __init__(self, proc: subprocess.Popen[str], runtime: Path, sessions: Path) -> None:
+        self.runtime = runtime
+        self.sessions = sessions
+        self.ready = threading.Event()
+        super().__init__(proc)
+
+    def on_line(self, line: str) -> None:
+        if "ready in" in line:
+            self.ready.set()
+
+    @property
+    def conn(self) -> dict[str, Any]:
+        return json.loads((self.runtime / "engine.json").read_text())
+
+    def cli(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "engine.api.cli", *args], capture_output=True, text=True,
+                              timeout=timeout, env=os.environ.copy())
 
 
 @pytest.fixture

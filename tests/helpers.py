@@ -17,6 +17,16 @@ def read_wav(path: Path) -> np.ndarray:
         return np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
 
 
+def write_wav(path: Path, pcm: np.ndarray, rate_hz: int = 24000) -> Path:
+    """``pcm`` (int16 mono) as a 16-bit PCM WAV file at ``path``; returns ``path``."""
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate_hz)
+        w.writeframes(pcm.astype("<i2").tobytes())
+    return path
+
+
 def voiced(n: int, period_frames: int = 150) -> np.ndarray:
     """A periodic, speech-like tone (160 Hz with a harmonic by default) of ``n`` frames."""
     t = np.arange(n)

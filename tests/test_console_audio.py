@@ -10,7 +10,6 @@ import os
 import secrets
 import subprocess
 import time
-import wave
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,6 +19,7 @@ import pytest
 from engine.audio.ring import Ring
 from engine.console.audio import (JITTER_FRAMES, MAX_JITTER_FRAMES, BrowserMicReader, ConsoleAudioError, ListenSwitch,
                                   SourceSwitch, TalkPcm, parse_talk_start, ring_names_from)
+from tests.helpers import read_wav, write_wav
 from tests.test_console import CHROMIUM, console_url, shot
 
 SPEECH = "What is the time in Paris?"
@@ -201,16 +201,10 @@ def talking_browser(browser_sink: str, speech_wav: Any, tmp_path: Path) -> Itera
         pytest.fail("chromium is not installed: run bash tools/setup-system.sh")
     from playwright.sync_api import sync_playwright
     src = speech_wav(SPEECH, pad_s=0.3)
-    with wave.open(str(src), "rb") as w:
-        pcm = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
+    pcm = read_wav(src)
     # the question, then 4.5 s of silence, looped by Chromium: the next question comes while the
     # long reply plays (it starts within the pause, after the local server transcribed the question)
-    mic = tmp_path / "speech.wav"
-    with wave.open(str(mic), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(24000)
-        w.writeframes(np.concatenate([pcm, np.zeros(24000 * 9 // 2, dtype=np.int16)]).tobytes())
+    mic = write_wav(tmp_path / "speech.wav", np.concatenate([pcm, np.zeros(24000 * 9 // 2, dtype=np.int16)]))
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, env={**os.environ, "PULSE_SINK": browser_sink},
                               ignore_default_args=["--mute-audio"],
@@ -412,12 +406,7 @@ def test_engine_console_finds_the_rings_and_the_mic_comes_back(start_engine: Any
     from bus import Subscriber
     from websockets.exceptions import ConnectionClosed
     from websockets.sync.client import connect
-    silence = tmp_path / "silence.wav"
-    with wave.open(str(silence), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(24000)
-        w.writeframes(bytes(4800))
+    silence = write_wav(tmp_path / "silence.wav", np.zeros(2400, dtype=np.int16))
     eng = start_engine("--mic", str(silence), "--speaker", "null")
     sub = Subscriber(eng.conn["subscribe"], ["capture.source", "capture.levels", "playback.listen", "console.audio"])
     bus = BusLog(sub)

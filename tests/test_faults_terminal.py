@@ -9,58 +9,15 @@ import pty
 import select
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
 from engine.supervisor.process import free_port
+from tests.conftest import ProcessLines
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
-
-
-class Lines:
-    """A process's stdout read by a thread; ``wait_for`` blocks until a line matches."""
-
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.proc = proc
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        self._t = threading.Thread(target=self._read, daemon=True)
-        self._t.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self._cond:
-                self.lines.append(line.rstrip("\n"))
-                self._cond.notify_all()
-        with self._cond:
-            self._cond.notify_all()
-
-    def wait_for(self, pred: Callable[[str], bool], timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                hit = next((line for line in self.lines if pred(line)), None)
-                if hit is not None:
-                    return hit
-                left = deadline - time.monotonic()
-                if left <= 0 or (self.proc.poll() is not None and not self._t.is_alive()):
-                    raise AssertionError("no such line within the time; got:\n" + "\n".join(self.lines))
-                self._cond.wait(min(left, 0.5))
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._t.join(2)
 
 
 def test_a_connection_failure_is_printed_on_the_terminal(runtime_dir: Path, tmp_path: Path) -> None:
@@ -69,7 +26,7 @@ def test_a_connection_failure_is_printed_on_the_terminal(runtime_dir: Path, tmp_
     env = {**os.environ, "OPENAI_API_KEY": "sk-test-terminal"}
     proc = subprocess.Popen([sys.executable, "-m", "engine.api.cli", "start", "--config", str(cfg), "--text-only"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=str(tmp_path))
-    out = Lines(proc)
+    out = ProcessLines(proc)
     started = time.monotonic()
     try:
         line = out.wait_for(lambda s: s.startswith("error: socket:"), 15)
@@ -81,14 +38,14 @@ def test_a_connection_failure_is_printed_on_the_terminal(runtime_dir: Path, tmp_
 
 
 def test_tail_shows_the_reply_and_an_error_and_start_prints_the_error(runtime_dir: Path, tmp_path: Path) -> None:
-    eng = Lines(subprocess.Popen([sys.executable, "-m", "engine.api.cli", "start", "--backend", "local", "--text-only"],
+    eng = ProcessLines(subprocess.Popen([sys.executable, "-m", "engine.api.cli", "start", "--backend", "local", "--text-only"],
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy(),
                                  cwd=str(tmp_path)))
-    tail: Lines | None = None
+    tail: ProcessLines | None = None
     try:
         eng.wait_for(lambda s: "ready in" in s, 30)
         conn = json.loads((runtime_dir / "engine.json").read_text())
-        tail = Lines(subprocess.Popen([sys.executable, "-m", "engine.api.cli", "tail", "--seconds", "40"],
+        tail = ProcessLines(subprocess.Popen([sys.executable, "-m", "engine.api.cli", "tail", "--seconds", "40"],
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                       env=os.environ.copy()))
         # the broker hands a new subscriber the last engine.status: the tail is subscribed once it shows
@@ -114,18 +71,12 @@ def test_tail_shows_the_reply_and_an_error_and_start_prints_the_error(runtime_di
         text = "\n".join(tail.lines)
         for noise in ("model.text.delta", "engine.status", "capture.levels", "playout.position", "conversation.history"):
             assert noise not in text, text
-        assert sum(1 for s in tail.lines if s.endswith("engine  ready")) == 1, text
+        assert sum(1 for s in tail.lines if s.rstrip("\n").endswith("engine  ready")) == 1, text
     finally:
         if tail is not None:
             tail.stop()
-        if eng.proc.poll() is None:
-            eng.proc.send_signal(2)   # a clean stop, as Ctrl-C
-            try:
-                eng.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                pass
-        eng.stop()
-    assert eng.proc.returncode == 0, "\n".join(eng.lines)
+        code = eng.stop()   # a clean stop, as Ctrl-C
+    assert code == 0, "".join(eng.lines)
     assert not any("\r" in s or "\x1b" in s for s in eng.lines)   # the live line is for a TTY only
 
 
