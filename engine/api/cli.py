@@ -10,6 +10,7 @@ import time
 import uuid
 from typing import Any
 
+from bus.wire import HEADER_KEYS
 from engine.errors import EngineError
 
 
@@ -123,7 +124,7 @@ def public_status(status: dict[str, Any]) -> dict[str, Any]:
     status message came: without the bus header, and never the CURVE keys the connection file
     holds for clients (the secret one lets anyone who reads it onto a TCP bus)."""
     return {k: v for k, v in status.items()
-            if k not in ("v", "ts", "mono_ns", "pub", "seq", "signing_key") and not k.startswith("curve_")}
+            if k not in HEADER_KEYS and k != "signing_key" and not k.startswith("curve_")}
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -288,7 +289,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
             elif args.json:
                 print(json.dumps({"topic": topic, **body}, default=str), flush=True)
             else:
-                payload = {k: v for k, v in body.items() if k not in ("v", "ts", "mono_ns", "pub", "seq")}
+                payload = {k: v for k, v in body.items() if k not in HEADER_KEYS}
                 text = payload.get("text")
                 shown = repr(text) if isinstance(text, str) and len(payload) <= 4 else json.dumps(payload, default=str)[:200]
                 print(f"{time.strftime('%H:%M:%S')} {topic:<32} {shown}", flush=True)

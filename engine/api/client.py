@@ -37,10 +37,8 @@ import zmq
 import zmq.asyncio
 
 from bus.client import connection_file, runtime_dir
-from bus.wire import MalformedMessage, decode, encode
+from bus.wire import HEADER_KEYS, MalformedMessage, decode, encode
 from engine.errors import EngineError, NotRunning
-
-_HEADER = ("v", "ts", "mono_ns", "pub", "seq")
 
 
 class ResponseFailed(EngineError):
@@ -163,7 +161,7 @@ class Session:
             except MalformedMessage:
                 continue
             if self.debug and not topic.startswith(("_join.", "server.", "engine.status")):
-                shown = body.get("text", {k: v for k, v in body.items() if k not in _HEADER})
+                shown = body.get("text", {k: v for k, v in body.items() if k not in HEADER_KEYS})
                 print(f"[realtalk] {topic}: {shown}", file=sys.stderr)
             if topic == "cost.session":
                 self.cost = float(body.get("usd", self.cost))

@@ -27,11 +27,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from bus.wire import HEADER_KEYS
+
 #: topics the readable view never shows (many a second, or a delta each)
 FIREHOSE = ("capture.levels", "playback.levels", "playback.position", "playout.position", "playback.cadence",
             "capture.echo", "latency.mic", "server.", "client.", "conversation.history", "session.config",
             "_presence.", "_join.", "cost.session", "cost.response", "bus.dropped")
-HEADER_KEYS = ("v", "ts", "mono_ns", "pub", "seq")
 WRAP_CHARS = 100            #: a streamed model line goes out at this length (at a space) if no sentence ended
 WHO_WIDTH = 7
 _SENTENCE_END = re.compile(r"[.!?…](?:[\"')\]]*)\s+")

@@ -47,6 +47,7 @@ from urllib.parse import quote
 
 from bus import Endpoints, Publisher, Subscriber, generate_keys
 from bus.client import connection_file, runtime_dir
+from bus.wire import HEADER_KEYS
 from engine.api.view import TerminalView
 from engine.supervisor.child import error_text, parent_death_signal
 from engine.supervisor.children import (ChildMachine, GaveUp, Kill, Policy, Restarting, Spawn, Terminate)
@@ -539,7 +540,7 @@ class Supervisor:
         elif topic == "phone.status" and self.phone is not None:
             if self.stopping or not self._from_engine(body):
                 return
-            self.phone_status = {k: v for k, v in body.items() if k not in ("v", "ts", "mono_ns", "pub", "seq")}
+            self.phone_status = {k: v for k, v in body.items() if k not in HEADER_KEYS}
             self.next_status_at = 0.0  # the broker's last-value copy of engine.status is current at once
             if not self.connected:
                 self.connected = True
