@@ -46,47 +46,59 @@ class ConsoleAudioError(EngineError):
 
 
 # ---------------------------------------------------------------- the leases (non-callback thread)
-class SourceSwitch:
-    """Capture's mic source from ``console.mic.source`` messages: ``browser`` while a lease
-    holds, ``device`` otherwise. Pure: the caller hands in the message and the clock."""
+class Lease:
+    """On while the latest grant holds: ``lease_ms`` from the message (default LEASE_MS, held
+    to 0..60 s; a malformed one counts as the default). Pure: the caller hands in the clock."""
 
     def __init__(self) -> None:
         self.until_s = 0.0
+
+    def grant(self, body: dict[str, Any], now_s: float) -> None:
+        lease = body.get("lease_ms", LEASE_MS)
+        lease_ms = float(lease) if isinstance(lease, (int, float)) and not isinstance(lease, bool) else LEASE_MS
+        self.until_s = now_s + min(max(lease_ms, 0.0), 60_000.0) / 1000
+
+    def revoke(self) -> None:
+        self.until_s = 0.0
+
+    def held(self, now_s: float) -> bool:
+        return now_s < self.until_s
+
+
+class SourceSwitch(Lease):
+    """Capture's mic source from ``console.mic.source`` messages: ``browser`` while a lease
+    holds, ``device`` otherwise."""
+
+    def __init__(self) -> None:
+        super().__init__()
         self.switches = 0          #: changes of source so far
 
     def on_message(self, body: dict[str, Any], now_s: float) -> None:
         """Apply one ``console.mic.source`` body (a malformed one is ignored)."""
         source = body.get("source")
         if source == "browser":
-            lease = body.get("lease_ms", LEASE_MS)
-            lease_ms = float(lease) if isinstance(lease, (int, float)) and not isinstance(lease, bool) else LEASE_MS
-            self.until_s = now_s + min(max(lease_ms, 0.0), 60_000.0) / 1000
+            self.grant(body, now_s)
         elif source == "device":
-            self.until_s = 0.0
+            self.revoke()
 
     def source(self, now_s: float) -> str:
         """``browser`` or ``device`` at ``now_s``."""
-        return "browser" if now_s < self.until_s else "device"
+        return "browser" if self.held(now_s) else "device"
 
 
-class ListenSwitch:
+class ListenSwitch(Lease):
     """Playback's listen copy from ``console.listen`` messages: on while a lease holds."""
-
-    def __init__(self) -> None:
-        self.until_s = 0.0
 
     def on_message(self, body: dict[str, Any], now_s: float) -> None:
         """Apply one ``console.listen`` body (a malformed one is ignored)."""
         on = body.get("on")
         if on is True:
-            lease = body.get("lease_ms", LEASE_MS)
-            lease_ms = float(lease) if isinstance(lease, (int, float)) and not isinstance(lease, bool) else LEASE_MS
-            self.until_s = now_s + min(max(lease_ms, 0.0), 60_000.0) / 1000
+            self.grant(body, now_s)
         elif on is False:
-            self.until_s = 0.0
+            self.revoke()
 
     def on(self, now_s: float) -> bool:
-        return now_s < self.until_s
+        return self.held(now_s)
 
 
 # ---------------------------------------------------------------- capture's side (audio callback)
