@@ -10,8 +10,8 @@ Rules:
   :data:`WRAP_CHARS` long, and the rest at ``done``), text injected with ``cmd.say`` (its
   ``user.text`` / ``system.text``, with the process that sent it), tool calls and results,
   interruptions and underruns, errors with their messages, each turn's latency and cost,
-  connection changes. It leaves out the high-rate topics (:data:`FIREHOSE`) and every topic
-  it does not know.
+  connection changes. Topics it has no handler for (the high-rate ones among them: levels,
+  positions, server and client events) give no lines.
 * :class:`TerminalView` keeps the live state ``engine start`` shows (who is speaking, the
   mic level, the latest turn's latency, the session's cost) and returns a line per error
   (``error: <source>: <message>``); benign errors (expected races, counted reports) give none.
@@ -29,10 +29,6 @@ from typing import Any
 
 from bus.wire import HEADER_KEYS
 
-#: topics the readable view never shows (many a second, or a delta each)
-FIREHOSE = ("capture.levels", "playback.levels", "playback.position", "playout.position", "playback.cadence",
-            "capture.echo", "latency.mic", "server.", "client.", "conversation.history", "session.config",
-            "_presence.", "_join.", "cost.session", "cost.response", "bus.dropped")
 WRAP_CHARS = 100            #: a streamed model line goes out at this length (at a space) if no sentence ended
 WHO_WIDTH = 7
 _SENTENCE_END = re.compile(r"[.!?…](?:[\"')\]]*)\s+")
@@ -76,10 +72,6 @@ def error_text(body: dict[str, Any]) -> str:
     return text
 
 
-def is_firehose(topic: str) -> bool:
-    return topic.startswith(FIREHOSE)
-
-
 @dataclass
 class _Stream:
     """One model item's streamed words: what came, and how much of it is printed."""
@@ -106,7 +98,7 @@ class ConversationView:
 
     def feed(self, topic: str, body: dict[str, Any]) -> list[str]:
         """The lines ``topic``/``body`` adds to the conversation (often none)."""
-        if not isinstance(body, dict) or is_firehose(topic):
+        if not isinstance(body, dict):
             return []
         handler = _HANDLERS.get(topic)
         if handler is None:
@@ -118,8 +110,9 @@ class ConversationView:
 
     @staticmethod
     def shows(topic: str) -> bool:
-        """True if the view has lines for ``topic`` (it leaves out the firehose and unknown topics)."""
-        return topic in _HANDLERS and not is_firehose(topic)
+        """True if the view has lines for ``topic`` (it has none for the high-rate topics: levels,
+        positions, deltas one by one, server and client events)."""
+        return topic in _HANDLERS
 
     def flush(self) -> list[str]:
         """Every model stream's words not printed yet."""

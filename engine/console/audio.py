@@ -185,7 +185,6 @@ class TalkPcm:
             raise ConsoleAudioError(f"talk: rate_hz {rate_hz!r} is not one of {', '.join(map(str, TALK_RATES_HZ))}")
         self.rate_hz = rate_hz
         self.in_frames = 0
-        self.out_frames = 0
         self._resampler: Any = None
         if rate_hz != RATE_HZ:
             import soxr
@@ -201,7 +200,6 @@ class TalkPcm:
         self.in_frames += len(pcm)
         if self._resampler is not None:
             pcm = self._resampler.resample_chunk(pcm)
-        self.out_frames += len(pcm)
         return np.ascontiguousarray(pcm, dtype=np.int16)
 
 

@@ -206,7 +206,6 @@ class Supervisor:
         self.bus_keys = generate_keys(self.signing_key)  # and CURVE keys for tcp (bus/security.py)
         self.endpoints = self._endpoints()
         self.session_id: str | None = None
-        self.cost_usd = 0.0
         self.connected = False
         #: device messages still to come before "ready": a device that fails to open fails the start,
         #: instead of the engine saying ready and the first answer failing (issue 15 point 18)
@@ -340,6 +339,7 @@ class Supervisor:
         audio = self.cfg["audio"]
         mic = None if self.text_only else audio["mic"]
         speaker = "null" if self.text_only or audio["speaker"] in (None, "null") else audio["speaker"]
+        speaker_is_device = not (isinstance(speaker, str) and (speaker == "null" or speaker.lower().endswith(".wav")))
         speaker_ring = Ring.create(f"realtalk-{os.getpid()}-speaker", SPEAKER_RING_FRAMES, with_eventfd=False)
         self.rings.append(speaker_ring)
         realtime_extra: dict[str, Any] = {"url": url, "headers": headers, "session": session_payload(self.cfg),
@@ -365,10 +365,9 @@ class Supervisor:
             pb_extra["ref_ring"] = ref_ring.name
             browser_ring = Ring.create(f"realtalk-{os.getpid()}-browser", BROWSER_RING_FRAMES, with_eventfd=False)
             self.rings.append(browser_ring)
-            is_device = not (isinstance(speaker, str) and (speaker == "null" or speaker.lower().endswith(".wav")))
             cap_spec = self._spec({"mic_ring": mic_ring.name, "mic_fd": mic_ring.data_fd,
                                    "mic_source": mic, "speaker_ring": speaker_ring.name,
-                                   "ref_ring": ref_ring.name, "speaker_is_device": is_device,
+                                   "ref_ring": ref_ring.name, "speaker_is_device": speaker_is_device,
                                    "browser_ring": browser_ring.name,
                                    "record_path": str(self.session_dir / "conversation.wav")
                                    if self.cfg["record"] else None})
@@ -377,7 +376,7 @@ class Supervisor:
         self.children.append(Child("realtime", [py, "-m", "engine.realtime.process"], pass_fds=fds,
                                    spec=self._spec(realtime_extra)))
         self.children.append(Child("playback", [py, "-m", "engine.playback.process"], spec=self._spec(pb_extra)))
-        if not (isinstance(speaker, str) and (speaker == "null" or speaker.lower().endswith(".wav"))):
+        if speaker_is_device:
             self.devices_pending.add("playback.device")  # a real speaker: ready once it is open
         if self.console is not None:
             console_spec = self._spec({"console": self.console, "session_dir": str(self.session_dir),
@@ -450,7 +449,7 @@ class Supervisor:
             "backend": self.backend, "model": self.cfg["model"], "server_url": self.server_url,
             "publish": self.endpoints.publish, "subscribe": self.endpoints.subscribe,
             "connection_file": str(connection_file()), "session_dir": str(self.session_dir),
-            "session_id": self.session_id, "cost_usd": round(self.cost_usd, 6),
+            "session_id": self.session_id, "cost_usd": round(self.view.cost_usd, 6),
             "children": [{"name": c.name, "pid": c.pid, "start_ticks": c.start_ticks, "state": c.state,
                           "restarts": c.machine.restarts, "exit_code": c.machine.exit_code,
                           "uptime_s": round(now - c.machine.started_at, 1) if c.machine.alive_states else None}
@@ -549,8 +548,6 @@ class Supervisor:
                                f"phone calls at {body.get('url')}\n")
                 self.out.flush()
                 self._write_connection_file()
-        elif topic == "cost.session":
-            self.cost_usd = float(body.get("usd", 0.0))
         elif topic == "engine.error":
             self.errors.append(body)
             trusted = self._from_engine(body)
@@ -772,7 +769,7 @@ class Supervisor:
             if closer is not None:
                 closer.close()
         if not quiet:
-            self.out.write(f"realtalk: stopped. Session cost ${self.cost_usd:.4f}; "
+            self.out.write(f"realtalk: stopped. Session cost ${self.view.cost_usd:.4f}; "
                            f"event log {self.session_dir / 'events.jsonl'}\n")
             self.out.flush()
 

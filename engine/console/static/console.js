@@ -366,8 +366,7 @@ function frame(ts) {
 // ------------------------------------------------------------------ the WebSocket
 let ws = null, pendingSay = new Set(), nextRef = 1;
 function connect() {
-  const proto = location.protocol === "https:" ? "wss:" : "ws:";
-  ws = new WebSocket(`${proto}//${location.host}/ws?token=${encodeURIComponent(TOKEN)}`);
+  ws = new WebSocket(sockUrl("/ws"));
   ws.onopen = () => { const c = $("conn"); c.textContent = "connected"; c.className = "pill ok"; };
   ws.onclose = () => { const c = $("conn"); c.textContent = "offline (retrying)"; c.className = "pill off"; setTimeout(connect, 1000); };
   ws.onmessage = (e) => {
