@@ -1,10 +1,18 @@
-"""Bench: phone calls at once through `engine phone` with the fake Twilio phone, local server at real
-time, in two process layouts side by side. Prints JSON (``--json``: one line).
+"""Bench: phone calls at once through `engine phone` with the fake Twilio phone, in three process
+layouts and against the openai-SDK baseline, side by side. Prints JSON (``--json``: one line).
 
-    python bench/phone.py [--calls 1,5,10,20,40] [--seconds 8] [--runs 2] [--layouts one_process,process_per_call]
-    python bench/run.py phone [--json]        (the same, from the benchmark runner)
+    python bench/phone.py [--calls 1,5,10,20,40] [--seconds 8] [--runs 2] [--layouts one_process,...]
+                          [--speed 4] [--control-speed 1] [--truncations 10] [--json]
+    python bench/run.py phone [--json]        (the defaults, from the benchmark runner)
 
-Layouts:
+The local server stands in for OpenAI at ``--speed`` (default 4, its ``local_server.speed``): it
+streams each reply's audio deltas that many times faster than real time, as the Realtime API sends
+audio ahead of playback. ``speed`` changes only pacing (the delay between deltas, the server_vad
+idle timer, which these sessions do not set); the reply's words and audio are the same. A control
+run at ``--control-speed`` (default 1: exactly real time) repeats ``one_process`` and the baseline,
+to show what the stand-in's pacing alone does to the phone's underruns.
+
+Layouts (``runs``):
 - ``one_process``: what `engine phone` does: one asyncio phone process holding every call's two
   WebSockets and a RealtimeCore per call.
 - ``process_per_call``: each call's whole bridge (its Twilio socket, core and API socket) in a
@@ -14,15 +22,19 @@ Layouts:
   more), so its figures here are a lower bound of that layout's cost.
 - ``process_per_core``: as many one-process bridges as the machine has cores (``phone.solo``),
   calls dealt out in turn: what several `engine phone` workers behind haproxy are on one machine.
+- ``sdk_sample_baseline``: the most-forked Twilio sample's bridge (twilio-samples/speech-assistant-
+  openai-realtime-api-python) on the official ``openai`` SDK, one asyncio process
+  (``python bench/phone.py --sdk-bridge API_BASE``) bridging the same fake phones to the same
+  local server. It times its paths with the engine's own :class:`engine.phone.bridge.Latency`
+  at the same instants, and its calls are counted by the same :func:`level`.
 
-Per level: every call dials, asks for a reply (cmd.say) and listens at real pace; after
-``--seconds`` all hang up.
+Per level: every call dials, asks for a reply (cmd.say; the baseline: a user item and
+response.create, what cmd.say sends) and listens at real pace; after ``--seconds`` all hang up.
 
-Truncation (``--truncations N``, one call at a time): the caller interrupts a long reply after a
-random 1-3 s of it heard; the ``audio_end_ms`` each bridge sends is compared with what the fake
-phone had played when ``clear`` reached it, by one function (:func:`truncation_error_ms`). The
-baseline is the most-forked Twilio sample's pattern (twilio-samples/speech-assistant-openai-
-realtime-api-python) on the official ``openai`` SDK, in this process: a ``mark`` after every
+Truncation (``--truncations N`` per bridge, one call at a time, by one function
+:func:`truncation_trials`): the caller interrupts a long reply after a random 1-3 s of it heard;
+the ``audio_end_ms`` each bridge sends is compared with what the fake phone had played when
+``clear`` reached it (:func:`truncation_error_ms`). The sample's way: a ``mark`` after every
 delta, only to know whether audio is still playing, and ``audio_end_ms`` = the latest inbound
 media ``timestamp`` minus the one at the reply's first delta.
 
@@ -43,22 +55,29 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Protocol
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bus import Publisher, Subscriber  # noqa: E402
 from engine.config import load_config, session_payload  # noqa: E402
 from engine.codec import encode_audio  # noqa: E402
-from engine.phone.simulator import FakePhone  # noqa: E402
+from engine.phone.bridge import Latency  # noqa: E402
+from engine.phone.simulator import FRAME_BYTES, FakePhone  # noqa: E402
 from engine.server.voice import synthesize  # noqa: E402
 
 LEVELS = "1,5,10,20,40"
 LAYOUTS = ("one_process", "process_per_call", "process_per_core")
+BASELINE = "sdk_sample_baseline"
+SERVER_SPEED = 4.0       #: the stand-in's delta pacing, x real time (OpenAI sends audio ahead of playback)
+CONTROL_SPEED = 1.0      #: the control run's: exactly real time
 SAY = "Please tell me about the weather on the coast this weekend"
 STORY = ("Tell me a long story about the sea and the ships that sail on it, with many details, please, "
          "one after the other, and the harbours they call at")
 INTERRUPT = "Stop please, wait a moment"
+#: what each bridge reports per call at its end (the engine in phone.call.ended, the baseline on stdout)
+CALL_FIGURES = ("in_latency_p99_ms", "out_latency_p99_ms", "clear_latency_p99_ms", "media_in_late_frames",
+                "media_out_late_frames", "media_in_frames", "media_out_frames")
 
 
 def cpu_s(pid: int) -> float:
@@ -151,34 +170,125 @@ class SoloBridges:
                 p.wait()
 
 
-async def level(urls: list[str], pids: list[int], n: int, seconds: float, bus: BusLog,
+class Calls(Protocol):
+    """How the bench drives one bridge's calls and reads what the bridge counted."""
+
+    def up(self) -> set[str]:
+        """Call sids whose API session is up."""
+
+    def say(self, call: str, text: str) -> None:
+        """Ask ``call``'s model for a reply to ``text`` (a user item and a response)."""
+
+    def ended(self, ids: set[str]) -> list[dict[str, Any]]:
+        """The end reports (with :data:`CALL_FIGURES`) of the calls of ``ids`` that have ended."""
+
+    def truncation_sent_ms(self, call: str) -> float | None:
+        """The ``audio_end_ms`` of ``call``'s first ``conversation.item.truncate``, once sent."""
+
+
+class EngineCalls:
+    """`engine phone`'s calls, on its bus."""
+
+    def __init__(self, bus: BusLog) -> None:
+        self.bus = bus
+
+    def up(self) -> set[str]:
+        return {str(b.get("phone_call_id")) for t, b in list(self.bus.msgs) if t == "session.config"}
+
+    def say(self, call: str, text: str) -> None:
+        self.bus.pub.publish("cmd.say", {"text": text, "phone_call_id": call, "id": "b-" + call})
+
+    def ended(self, ids: set[str]) -> list[dict[str, Any]]:
+        return [b for t, b in list(self.bus.msgs) if t == "phone.call.ended" and b.get("phone_call_id") in ids]
+
+    def truncation_sent_ms(self, call: str) -> float | None:
+        return next((float(b["audio_end_ms"]) for t, b in list(self.bus.msgs)
+                     if t == "client.conversation.item.truncate" and b.get("phone_call_id") == call), None)
+
+
+class SdkBaseline:
+    """The baseline's process (``bench/phone.py --sdk-bridge``): commands on its stdin, one JSON
+    object a line on its stdout (``listening``, ``up``, ``truncate``, ``ended``)."""
+
+    def __init__(self, api_base: str, model: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--sdk-bridge", api_base,
+                                      "--model", model], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.lines: list[dict[str, Any]] = []
+        self.listening = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self.listening.wait(30):
+            self.close()
+            raise RuntimeError("the SDK baseline bridge did not listen")
+        self.url = next(m["url"] for m in self.lines if m["event"] == "listening")
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            msg = json.loads(line)
+            self.lines.append(msg)
+            if msg["event"] == "listening":
+                self.listening.set()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def up(self) -> set[str]:
+        return {m["call"] for m in list(self.lines) if m["event"] == "up"}
+
+    def say(self, call: str, text: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"say": call, "text": text}) + "\n")
+        self.proc.stdin.flush()
+
+    def ended(self, ids: set[str]) -> list[dict[str, Any]]:
+        return [m for m in list(self.lines) if m["event"] == "ended" and m["call"] in ids]
+
+    def truncation_sent_ms(self, call: str) -> float | None:
+        return next((float(m["audio_end_ms"]) for m in list(self.lines)
+                     if m["event"] == "truncate" and m["call"] == call), None)
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()    # its end: it stops when stdin closes
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+async def wait_until(check: Callable[[], bool], timeout_s: float, every_s: float = 0.02) -> bool:
+    """Poll ``check`` (the bus and the baseline's stdout are read on threads) until true or timeout."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(every_s)
+    return True
+
+
+async def level(urls: list[str], pids: list[int], n: int, seconds: float, calls: Calls,
                 extra_pids: dict[str, int]) -> dict[str, Any]:
-    """One level: ``n`` calls, call i dialing ``urls[i % len(urls)]``; ``pids``: the bridge processes."""
+    """One level: ``n`` calls, call i dialing ``urls[i % len(urls)]``; ``pids``: the bridge processes.
+    The engine's layouts and the baseline are counted by this one function."""
     idle_pss_kb = sum(memory_kb(p)[1] for p in pids)
     phones = [FakePhone(urls[i % len(urls)], custom_parameters={"n": str(i)}) for i in range(n)]
     await asyncio.gather(*(p.dial() for p in phones))
     ids = {p.call_sid for p in phones}
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:   # every call's API session is up
-        up = {b.get("phone_call_id") for t, b in list(bus.msgs) if t == "session.config"}
-        if ids <= up:
-            break
-        await asyncio.sleep(0.05)
+    await wait_until(lambda: ids <= calls.up(), 30, 0.05)   # every call's API session is up
     c0 = {p: cpu_s(p) for p in [*pids, *extra_pids.values()]}
     t0 = time.monotonic()
     for p in phones:
-        bus.pub.publish("cmd.say", {"text": SAY, "phone_call_id": p.call_sid, "id": "b-" + p.call_sid})
+        calls.say(p.call_sid, SAY)
     await asyncio.sleep(seconds / 2)
     mem = [memory_kb(p) for p in pids]
     await asyncio.sleep(seconds / 2)
     wall = time.monotonic() - t0
     cpu = {p: cpu_s(p) - c0[p] for p in c0}
     await asyncio.gather(*(p.hang_up() for p in phones))
-    deadline = time.monotonic() + 15
-    ended: list[dict[str, Any]] = []
-    while time.monotonic() < deadline and len(ended) < n:
-        ended = [b for t, b in list(bus.msgs) if t == "phone.call.ended" and b.get("phone_call_id") in ids]
-        await asyncio.sleep(0.1)
+    await wait_until(lambda: len(calls.ended(ids)) >= n, 15, 0.1)
+    ended = calls.ended(ids)
 
     def values(key: str) -> list[float]:
         return [e[key] for e in ended if e.get(key) is not None]
@@ -205,7 +315,8 @@ async def level(urls: list[str], pids: list[int], n: int, seconds: float, bus: B
         "phone_late_frames": sum(p.late_frames for p in phones),
         "phone_underruns": sum(p.underruns for p in phones),
         "phone_underrun_ms": sum(p.underrun_frames for p in phones) * 20,
-        "reply_frames_played_min": min(p.played_frames for p in phones) // 160,
+        "reply_frames_played_min": min(p.played_frames for p in phones) // FRAME_BYTES,
+        "reply_frames_played_max": max(p.played_frames for p in phones) // FRAME_BYTES,
         "in_latency_p99_ms_worst": worst("in_latency_p99_ms"), "in_latency_p99_ms_median": median("in_latency_p99_ms"),
         "out_latency_p99_ms_worst": worst("out_latency_p99_ms"),
         "out_latency_p99_ms_median": median("out_latency_p99_ms"),
@@ -214,19 +325,19 @@ async def level(urls: list[str], pids: list[int], n: int, seconds: float, bus: B
 
 def run_layout(layout: str, counts: list[int], seconds: float, conn: dict[str, Any], bus: BusLog, url: str,
                tmp: Path) -> list[dict[str, Any]]:
-    """Every level of one layout."""
+    """Every level of one of the engine's layouts."""
     phone_pid = next(c["pid"] for c in conn["children"] if c["name"] == "phone")
-    server = [c["pid"] for c in conn["children"] if c["name"] == "server"]
-    extra = {"bench": os.getpid(), **({"server": server[0]} if server else {})}
+    extra = extra_pids(conn)
+    engine = EngineCalls(bus)
     out = []
     for n in counts:
         if layout == "one_process":
-            out.append(asyncio.run(level([url], [phone_pid], n, seconds, bus, extra)))
+            out.append(asyncio.run(level([url], [phone_pid], n, seconds, engine, extra)))
             continue
         per_call = layout == "process_per_call"
         solo = SoloBridges(n if per_call else os.cpu_count() or 2, conn, bus, tmp, 1 if per_call else 100)
         try:
-            row = asyncio.run(level([solo.urls[p] for p in solo.pids], solo.pids, n, seconds, bus, extra))
+            row = asyncio.run(level([solo.urls[p] for p in solo.pids], solo.pids, n, seconds, engine, extra))
             if per_call:
                 row["process_start_ms_median"] = round(statistics.median(solo.start_ms), 1)
             out.append(row)
@@ -235,7 +346,26 @@ def run_layout(layout: str, counts: list[int], seconds: float, conn: dict[str, A
     return out
 
 
-# ------------------------------------------------------------------ truncation, and the SDK baseline
+def run_baseline(counts: list[int], seconds: float, conn: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every level through the SDK baseline (a fresh process for each run)."""
+    sdk = SdkBaseline(api_base(conn), load_config(None, {})["model"])
+    try:
+        return [asyncio.run(level([sdk.url], [sdk.pid], n, seconds, sdk, extra_pids(conn))) for n in counts]
+    finally:
+        sdk.close()
+
+
+def extra_pids(conn: dict[str, Any]) -> dict[str, int]:
+    server = [c["pid"] for c in conn["children"] if c["name"] == "server"]
+    return {"bench": os.getpid(), **({"server": server[0]} if server else {})}
+
+
+def api_base(conn: dict[str, Any]) -> str:
+    """The local server's base URL as the SDK takes it (``websocket_base_url``; it adds /realtime)."""
+    return str(conn["server_url"]).rsplit("/realtime", 1)[0]
+
+
+# ------------------------------------------------------------------ truncation
 def truncation_error_ms(audio_end_ms: float, phone: FakePhone) -> float:
     """``audio_end_ms`` sent minus what the fake phone had played of the reply when the (first)
     ``clear`` reached it (ms; > 0: the bridge said more was heard than was). Both bridges' figure."""
@@ -253,43 +383,138 @@ def interrupt_speech() -> bytes:
 async def interrupt_after(phone: FakePhone, heard_s: float, speech: bytes) -> None:
     """Wait until ``heard_s`` of the reply has played at the phone, then speak over it."""
     await asyncio.wait_for(phone.got_audio.wait(), 30)
-    deadline = time.monotonic() + 30
-    while phone.played_frames < heard_s * 8000 and time.monotonic() < deadline:
-        await asyncio.sleep(0.005)
+    await wait_until(lambda: phone.played_frames >= heard_s * 8000, 30, 0.005)
     await phone.say(speech)
+
+
+def p99(values: list[float]) -> float | None:
+    """The nearest-rank p99 (bench/README.md's p50 / p99), as the bridge's ``Latency.p99_ms`` takes it."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
+async def barge_in(url: str, calls: Calls, heard_s: float, speech: bytes) -> tuple[float | None, float | None]:
+    """One call through one bridge: a long reply interrupted after ``heard_s`` of it played;
+    returns (truncation error ms, the call's speech_started -> clear ms), None where not seen."""
+    phone = await FakePhone(url).dial()
+    call = phone.call_sid
+    await wait_until(lambda: call in calls.up(), 20)
+    calls.say(call, STORY)
+    await interrupt_after(phone, heard_s, speech)
+    await wait_until(lambda: calls.truncation_sent_ms(call) is not None and bool(phone.clears), 10)
+    sent = calls.truncation_sent_ms(call)
+    err = truncation_error_ms(sent, phone) if sent is not None and phone.clears else None
+    await phone.hang_up()
+    await wait_until(lambda: bool(calls.ended({call})), 10)
+    ended = calls.ended({call})
+    clear = ended[0].get("clear_latency_p99_ms") if ended else None
+    return err, (float(clear) if clear is not None else None)
+
+
+async def truncation_trials(url: str, calls: Calls, cuts: list[float], speech: bytes) -> dict[str, Any]:
+    """One barge-in per cut, one call at a time, through one bridge: the truncation errors and
+    speech_started -> clear. The engine and the baseline are counted by this one function."""
+    errs: list[float] = []
+    clear_ms: list[float] = []
+    for heard_s in cuts:
+        err, clear = await barge_in(url, calls, heard_s, speech)
+        if err is not None:
+            errs.append(err)
+        if clear is not None:
+            clear_ms.append(clear)
+    a = sorted(abs(e) for e in errs)
+    worst_clear = p99(clear_ms)
+    return {"trials": len(cuts), "truncations": len(errs), "clears_timed": len(clear_ms),
+            "clear_latency_p99_ms": round(worst_clear, 3) if worst_clear is not None else None,
+            "clear_latency_ms_max": round(max(clear_ms), 3) if clear_ms else None,
+            "abs_error_ms_median": round(statistics.median(a), 1) if a else None,
+            "abs_error_ms_p99": round(p99(a) or 0.0, 1) if a else None,
+            "abs_error_ms_max": round(a[-1], 1) if a else None,
+            "error_ms_mean": round(statistics.fmean(errs), 1) if errs else None,
+            "errors_ms": [round(e, 1) for e in errs]}
+
+
+async def truncations(url: str, conn: dict[str, Any], bus: BusLog, trials: int, seed: int) -> dict[str, Any]:
+    """``trials`` barge-ins through `engine phone` and as many through the SDK baseline, at the same cuts."""
+    speech = await asyncio.to_thread(interrupt_speech)
+    rng = random.Random(seed)
+    cuts = [rng.uniform(1.0, 3.0) for _ in range(trials)]
+    out: dict[str, Any] = {"cut_after_s": [round(c, 2) for c in cuts]}
+    out["engine"] = await truncation_trials(url, EngineCalls(bus), cuts, speech)
+    sdk = await asyncio.to_thread(SdkBaseline, api_base(conn), load_config(None, {})["model"])
+    try:
+        out[BASELINE] = await truncation_trials(sdk.url, sdk, cuts, speech)
+    finally:
+        await asyncio.to_thread(sdk.close)
+    return out
+
+
+# ------------------------------------------------------------------ the SDK baseline's process
+def b64_bytes(text: str) -> int:
+    """Bytes a base64 string decodes to (without decoding it)."""
+    return len(text) * 3 // 4 - (len(text) - len(text.rstrip("=")))
 
 
 class SampleBridge:
     """The most-forked Twilio sample's bridge, on the official openai SDK (AsyncOpenAI
-    ``realtime.connect``), to the same local server: what it does on barge-in, nothing more."""
+    ``realtime.connect``), to the same local server: what it does per message and on barge-in.
 
-    def __init__(self, api_base: str, model: str) -> None:
+    Timed like the engine's bridge, with its :class:`Latency`: phone frame taken off the Twilio
+    socket -> its ``input_audio_buffer.append`` handed to the API socket (the SDK's send returned);
+    API message taken off the API socket (``recv_bytes`` returned, before the SDK parses it) -> each
+    ``media`` message handed to the Twilio socket, noted once per 20 ms frame it carries (the
+    sample sends each delta whole); speech_started taken off the API socket -> ``clear`` handed to
+    the Twilio socket. ``emit`` gets ``up``, ``truncate`` and ``ended`` (the figures of
+    :data:`CALL_FIGURES`) per call."""
+
+    def __init__(self, api_base: str, model: str, emit: Callable[[dict[str, Any]], None]) -> None:
         from openai import AsyncOpenAI
         self.client = AsyncOpenAI(api_key="sk-local", websocket_base_url=api_base)
         self.model = model
-        self.sent_audio_end_ms: dict[str, float] = {}    # call sid -> the truncation's audio_end_ms
-        self.clear_ms: dict[str, float] = {}             # call sid -> speech_started in -> clear sent
+        self.emit = emit
+        self.conns: dict[str, Any] = {}      # call sid -> its SDK connection
+
+    async def say(self, call: str, text: str) -> None:
+        """The sample's "AI speaks first" (send_initial_conversation_item): a user item, a response."""
+        conn = self.conns.get(call)
+        if conn is None:
+            return
+        await conn.conversation.item.create(item={"type": "message", "role": "user", "content": [
+            {"type": "input_text", "text": text}]})
+        await conn.response.create()
 
     async def handle(self, ws: Any) -> None:
+        in_latency, out_latency, clear_latency = Latency(), Latency(), Latency()
+        counts = {"media_in_frames": 0, "media_out_frames": 0}
+        state: dict[str, Any] = {"sid": None, "call": None, "latest_ts": 0, "start_ts": None, "item": None,
+                                 "marks": [], "event_in_s": 0.0}
         async with self.client.realtime.connect(model=self.model) as conn:
+            recv_bytes = conn.recv_bytes
+
+            async def stamped() -> bytes:          # the instant a message is taken off the API socket
+                data: bytes = await recv_bytes()
+                state["event_in_s"] = time.monotonic()
+                return data
+            conn.recv_bytes = stamped   # type: ignore[method-assign]
             await conn.session.update(session={"type": "realtime", "output_modalities": ["audio"], "audio": {
                 "input": {"format": {"type": "audio/pcmu"}, "turn_detection": {"type": "server_vad"}},
                 "output": {"format": {"type": "audio/pcmu"}}}})
-            state: dict[str, Any] = {"sid": None, "call": None, "latest_ts": 0, "start_ts": None, "item": None,
-                                     "marks": []}
 
             async def from_twilio() -> None:
                 async for text in ws:
+                    frame_in_s = time.monotonic()
                     msg = json.loads(text)
                     if msg["event"] == "start":
                         state["sid"], state["call"] = msg["start"]["streamSid"], msg["start"]["callSid"]
-                        # the sample's "AI speaks first": an item and a response at the start
-                        await conn.conversation.item.create(item={"type": "message", "role": "user", "content": [
-                            {"type": "input_text", "text": STORY}]})
-                        await conn.response.create()
+                        self.conns[state["call"]] = conn
+                        self.emit({"event": "up", "call": state["call"]})
                     elif msg["event"] == "media":
                         state["latest_ts"] = int(msg["media"]["timestamp"])
                         await conn.input_audio_buffer.append(audio=msg["media"]["payload"])
+                        counts["media_in_frames"] += 1
+                        in_latency.note((time.monotonic() - frame_in_s) * 1e6)
                     elif msg["event"] == "mark" and state["marks"]:
                         state["marks"].pop(0)
                     elif msg["event"] == "stop":
@@ -297,9 +522,15 @@ class SampleBridge:
 
             async def to_twilio() -> None:
                 async for ev in conn:
+                    event_in_s = state["event_in_s"]
                     if ev.type == "response.output_audio.delta":
                         await ws.send(json.dumps({"event": "media", "streamSid": state["sid"],
                                                   "media": {"payload": ev.delta}}))
+                        frames = max(1, b64_bytes(ev.delta) // FRAME_BYTES)
+                        counts["media_out_frames"] += frames
+                        sent_us = (time.monotonic() - event_in_s) * 1e6
+                        for _ in range(frames):
+                            out_latency.note(sent_us)
                         if state["start_ts"] is None:
                             state["start_ts"] = state["latest_ts"]
                         state["item"] = ev.item_id
@@ -307,15 +538,14 @@ class SampleBridge:
                                                   "mark": {"name": "responsePart"}}))
                         state["marks"].append("responsePart")
                     elif ev.type == "input_audio_buffer.speech_started":
-                        heard_at = time.monotonic()
                         if state["marks"] and state["start_ts"] is not None:
                             elapsed = state["latest_ts"] - state["start_ts"]
                             if state["item"]:
                                 await conn.conversation.item.truncate(item_id=state["item"], content_index=0,
                                                                       audio_end_ms=elapsed)
-                                self.sent_audio_end_ms.setdefault(state["call"], elapsed)
+                                self.emit({"event": "truncate", "call": state["call"], "audio_end_ms": elapsed})
                             await ws.send(json.dumps({"event": "clear", "streamSid": state["sid"]}))
-                            self.clear_ms.setdefault(state["call"], (time.monotonic() - heard_at) * 1000)
+                            clear_latency.note((time.monotonic() - event_in_s) * 1e6)
                             state["marks"].clear()
                             state["item"], state["start_ts"] = None, None
             tasks = [asyncio.ensure_future(from_twilio()), asyncio.ensure_future(to_twilio())]
@@ -324,79 +554,51 @@ class SampleBridge:
             finally:
                 for t in tasks:
                     t.cancel()
+                self.conns.pop(state["call"], None)
+                self.emit({"event": "ended", "call": state["call"], **counts,
+                           "in_latency_p99_ms": in_latency.p99_ms(), "out_latency_p99_ms": out_latency.p99_ms(),
+                           "clear_latency_p99_ms": clear_latency.p99_ms(),
+                           "media_in_late_frames": in_latency.late, "media_out_late_frames": out_latency.late})
 
 
-async def truncations(url: str, conn: dict[str, Any], bus: BusLog, trials: int, seed: int) -> dict[str, Any]:
-    """``trials`` barge-ins through `engine phone` and as many through the sample's bridge."""
+async def sdk_bridge_main(api_base_url: str, model: str) -> None:
+    """``bench/phone.py --sdk-bridge``: serve Twilio calls with :class:`SampleBridge` until stdin
+    closes; ``{"say": call sid, "text": ...}`` lines on stdin ask a call's model for a reply."""
     from websockets.asyncio.server import serve
-    speech = await asyncio.to_thread(interrupt_speech)
-    rng = random.Random(seed)
-    cuts = [rng.uniform(1.0, 3.0) for _ in range(trials)]
-    engine_err: list[float] = []
-    engine_clear: list[float] = []
-    for heard_s in cuts:
-        phone = await FakePhone(url).dial()
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and not any(
-                t == "session.config" and b.get("phone_call_id") == phone.call_sid for t, b in list(bus.msgs)):
-            await asyncio.sleep(0.02)
-        bus.pub.publish("cmd.say", {"text": STORY, "phone_call_id": phone.call_sid})
-        await interrupt_after(phone, heard_s, speech)
-        sent = None
-        deadline = time.monotonic() + 10
-        while sent is None and time.monotonic() < deadline:
-            sent = next((b["audio_end_ms"] for t, b in list(bus.msgs) if t == "client.conversation.item.truncate"
-                         and b.get("phone_call_id") == phone.call_sid), None)
-            await asyncio.sleep(0.02)
-        if sent is not None and phone.clears:
-            engine_err.append(truncation_error_ms(sent, phone))
-        await phone.hang_up()
-        deadline = time.monotonic() + 10
-        ended = None
-        while ended is None and time.monotonic() < deadline:
-            ended = next((b for t, b in list(bus.msgs) if t == "phone.call.ended"
-                          and b.get("phone_call_id") == phone.call_sid), None)
-            await asyncio.sleep(0.02)
-        if ended is not None and ended.get("clear_latency_p99_ms") is not None:
-            engine_clear.append(ended["clear_latency_p99_ms"])
-    model = load_config(None, {})["model"]
-    sample = SampleBridge(conn["server_url"].rsplit("/realtime", 1)[0], model)
-    base_err: list[float] = []
-    async with serve(sample.handle, "127.0.0.1", 0, compression=None, ping_interval=None) as server:
+
+    def emit(msg: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(msg) + "\n")
+        sys.stdout.flush()
+    bridge = SampleBridge(api_base_url, model, emit)
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+
+    def read_stdin() -> None:
+        for line in sys.stdin:
+            cmd = json.loads(line)
+            asyncio.run_coroutine_threadsafe(bridge.say(cmd["say"], cmd["text"]), loop)
+        loop.call_soon_threadsafe(done.set)
+    async with serve(bridge.handle, "127.0.0.1", 0, compression=None, ping_interval=None) as server:
         port = list(server.sockets)[0].getsockname()[1]
-        for heard_s in cuts:
-            phone = await FakePhone(f"ws://127.0.0.1:{port}/").dial()
-            await interrupt_after(phone, heard_s, speech)
-            deadline = time.monotonic() + 10
-            while phone.call_sid not in sample.sent_audio_end_ms and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
-            deadline = time.monotonic() + 5
-            while not phone.clears and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
-            if phone.call_sid in sample.sent_audio_end_ms and phone.clears:
-                base_err.append(truncation_error_ms(sample.sent_audio_end_ms[phone.call_sid], phone))
-            await phone.hang_up()
-
-    def summary(errs: list[float], clears: list[float]) -> dict[str, Any]:
-        a = sorted(abs(e) for e in errs)
-        return {"trials": len(errs), "clear_ms_max": round(max(clears), 3) if clears else None,
-                "abs_error_ms_median": round(statistics.median(a), 1) if a else None,
-                "abs_error_ms_max": round(a[-1], 1) if a else None,
-                "error_ms_mean": round(statistics.fmean(errs), 1) if errs else None,
-                "errors_ms": [round(e, 1) for e in errs]}
-    return {"cut_after_s": [round(c, 2) for c in cuts], "engine": summary(engine_err, engine_clear),
-            "sdk_sample_baseline": summary(base_err, list(sample.clear_ms.values()))}
+        emit({"event": "listening", "url": f"ws://127.0.0.1:{port}/"})
+        threading.Thread(target=read_stdin, daemon=True).start()
+        await done.wait()
 
 
+# ------------------------------------------------------------------ the whole run
 def on_time(levels: list[dict[str, Any]]) -> int:
-    """The largest level whose every call ended and whose bridge sent no media frame late."""
+    """The largest level whose every call ended and played the whole reply, whose bridge sent no
+    media frame late (in or out) and at whose phones nothing underran."""
     ok = [r["calls"] for r in levels if r["calls_ended"] == r["calls"]
-          and r["media_in_late_frames"] == 0 and r["media_out_late_frames"] == 0]
+          and r["reply_frames_played_min"] == r["reply_frames_played_max"]
+          and r["media_in_late_frames"] == 0 and r["media_out_late_frames"] == 0 and r["phone_underruns"] == 0]
     return max(ok, default=0)
 
 
-def measure(counts: list[int], seconds: float, runs: int, layouts: list[str], trials: int = 0) -> dict[str, Any]:
-    """Start `engine phone` (broker, local server, the one-process bridge) and run every layout ``runs`` times."""
+def measure(counts: list[int], seconds: float, runs: int, layouts: list[str], trials: int = 0,
+            server_speed: float = SERVER_SPEED, baseline: bool = True) -> dict[str, Any]:
+    """Start `engine phone` (broker, local server at ``server_speed``, the one-process bridge) and
+    run every layout and the baseline ``runs`` times, interleaved (run 1 of each, then run 2)."""
     tmp = Path(tempfile.mkdtemp(prefix="bench-phone-"))
     run = tmp / "run"
     run.mkdir(mode=0o700)
@@ -404,7 +606,8 @@ def measure(counts: list[int], seconds: float, runs: int, layouts: list[str], tr
     env.pop("OPENAI_API_KEY", None)
     saved = {k: os.environ.get(k) for k in ("REALTALK_RUNTIME_DIR", "XDG_DATA_HOME")}
     os.environ.update({k: env[k] for k in saved})
-    proc = subprocess.Popen([sys.executable, "-m", "engine.api.cli", "phone", "--backend", "local", "--port", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "engine.api.cli", "phone", "--backend", "local", "--port", "0",
+                             "--speed", str(server_speed)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=str(tmp))
     url = ""
     assert proc.stdout is not None
@@ -416,12 +619,18 @@ def measure(counts: list[int], seconds: float, runs: int, layouts: list[str], tr
     threading.Thread(target=lambda: [None for _ in proc.stdout or []], daemon=True).start()
     conn = json.loads((run / "engine.json").read_text())
     bus = BusLog(conn, ["phone.", "session.config", "client.conversation.item.truncate"])
-    out: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "loadavg_at_start": list(os.getloadavg())},
+    out: dict[str, Any] = {"server_speed": server_speed,
+                           "machine": {"cpus": os.cpu_count(), "loadavg_at_start": list(os.getloadavg())},
                            "seconds_per_level": seconds, "runs": {}}
+    names = [*layouts, *([BASELINE] if baseline else [])]
     try:
-        for layout in layouts:
-            out["runs"][layout] = [run_layout(layout, counts, seconds, conn, bus, url, tmp) for _ in range(runs)]
-            out[f"{layout}_max_calls_on_time"] = [on_time(r) for r in out["runs"][layout]]
+        for _ in range(runs):
+            for name in names:
+                levels = (run_baseline(counts, seconds, conn) if name == BASELINE
+                          else run_layout(name, counts, seconds, conn, bus, url, tmp))
+                out["runs"].setdefault(name, []).append(levels)
+        for name in names:
+            out[f"{name}_max_calls_on_time"] = [on_time(r) for r in out["runs"][name]]
         if trials:
             out["truncation"] = asyncio.run(truncations(url, conn, bus, trials, seed=13))
     finally:
@@ -437,9 +646,21 @@ def measure(counts: list[int], seconds: float, runs: int, layouts: list[str], tr
     return out
 
 
+def full(counts: list[int], seconds: float, runs: int, layouts: list[str], trials: int, speed: float,
+         control_speed: float | None) -> dict[str, Any]:
+    """The run at ``speed``, then (unless None) the control: one_process and the baseline, one run,
+    at ``control_speed``."""
+    out = measure(counts, seconds, runs, layouts, trials, speed)
+    if control_speed is not None:
+        control_layouts = [x for x in layouts if x == "one_process"]
+        out["control"] = measure(counts, seconds, 1, control_layouts, 0, control_speed)
+    return out
+
+
 def run() -> dict[str, Any]:
-    """``python bench/run.py phone``: every level and layout twice, and the truncation comparison."""
-    return measure([int(x) for x in LEVELS.split(",")], 8.0, 2, list(LAYOUTS), 8)
+    """``python bench/run.py phone``: every level, layout and the baseline twice at speed 4, the
+    truncation comparison, and the control at speed 1."""
+    return full([int(x) for x in LEVELS.split(",")], 8.0, 2, list(LAYOUTS), 10, SERVER_SPEED, CONTROL_SPEED)
 
 
 def main() -> int:
@@ -447,16 +668,24 @@ def main() -> int:
     ap.add_argument("--calls", default=LEVELS)
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--runs", type=int, default=2, help="each layout's levels this many times (a loaded machine)")
-    ap.add_argument("--layouts", default=",".join(LAYOUTS))
-    ap.add_argument("--truncations", type=int, default=8, help="barge-ins per bridge (engine, SDK sample); 0: skip")
+    ap.add_argument("--layouts", default=",".join(LAYOUTS), help="the engine's layouts (the baseline always runs)")
+    ap.add_argument("--truncations", type=int, default=10, help="barge-ins per bridge (engine, SDK sample); 0: skip")
+    ap.add_argument("--speed", type=float, default=SERVER_SPEED, help="the local server's delta pacing, x real time")
+    ap.add_argument("--control-speed", type=float, default=CONTROL_SPEED,
+                    help="the control run's pacing (one_process and the baseline, one run); 0: no control")
+    ap.add_argument("--sdk-bridge", metavar="API_BASE", help=argparse.SUPPRESS)   # the baseline's own process
+    ap.add_argument("--model", default="gpt-realtime", help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.sdk_bridge:
+        asyncio.run(sdk_bridge_main(args.sdk_bridge, args.model))
+        return 0
     layouts = [x for x in args.layouts.split(",") if x]
     bad = [x for x in layouts if x not in LAYOUTS]
     if bad:
         ap.error(f"unknown layout {bad}; choose from {', '.join(LAYOUTS)}")
     counts = [int(x) for x in args.calls.split(",") if x]
-    out = measure(counts, args.seconds, args.runs, layouts, args.truncations)
+    out = full(counts, args.seconds, args.runs, layouts, args.truncations, args.speed, args.control_speed or None)
     print(json.dumps(out, indent=None if args.json else 1))
     return 0
 
