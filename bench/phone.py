@@ -487,7 +487,8 @@ class SampleBridge:
 
     async def handle(self, ws: Any) -> None:
         in_latency, out_latency, clear_latency = Latency(), Latency(), Latency()
-        counts = {"media_in_frames": 0, "media_out_frames": 0}
+        counts = {"media_in_frames": 0}
+        out_bytes = {"n": 0}
         state: dict[str, Any] = {"sid": None, "call": None, "latest_ts": 0, "start_ts": None, "item": None,
                                  "marks": [], "event_in_s": 0.0}
         async with self.client.realtime.connect(model=self.model) as conn:
@@ -526,10 +527,10 @@ class SampleBridge:
                     if ev.type == "response.output_audio.delta":
                         await ws.send(json.dumps({"event": "media", "streamSid": state["sid"],
                                                   "media": {"payload": ev.delta}}))
-                        frames = max(1, b64_bytes(ev.delta) // FRAME_BYTES)
-                        counts["media_out_frames"] += frames
                         sent_us = (time.monotonic() - event_in_s) * 1e6
-                        for _ in range(frames):
+                        n_bytes = b64_bytes(ev.delta)
+                        out_bytes["n"] += n_bytes
+                        for _ in range(0, n_bytes, FRAME_BYTES):   # per 20 ms frame (or part), as the engine
                             out_latency.note(sent_us)
                         if state["start_ts"] is None:
                             state["start_ts"] = state["latest_ts"]
@@ -556,6 +557,7 @@ class SampleBridge:
                     t.cancel()
                 self.conns.pop(state["call"], None)
                 self.emit({"event": "ended", "call": state["call"], **counts,
+                           "media_out_frames": out_bytes["n"] // FRAME_BYTES,
                            "in_latency_p99_ms": in_latency.p99_ms(), "out_latency_p99_ms": out_latency.p99_ms(),
                            "clear_latency_p99_ms": clear_latency.p99_ms(),
                            "media_in_late_frames": in_latency.late, "media_out_late_frames": out_latency.late})
