@@ -372,3 +372,74 @@ def test_what_the_device_callback_caught_is_reported(ring: Ring) -> None:
     p.next_error_report_at = 0.0
     p.publish_events()
     assert len(pub.sent) == 2 and "2 time(s)" in pub.sent[-1][1]["message"]
+
+
+def test_each_stream_event_wakes_the_publishing_thread(ring: Ring) -> None:
+    """The publisher sleeps 100 ms between chores; a started / stopped / flushed report must not
+    wait for that: the renderer writes its eventfd once per event (and not for plain blocks)."""
+    r = Renderer(ring, prebuffer_frames=0, stretch=False)
+    r.wake_fd = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        out = np.zeros(480, dtype=np.int16)
+        ring.write(loud(960))
+        ring.mark_end()
+        r.render(out, 0, 0.0)                       # started
+        assert os.eventfd_read(r.wake_fd) == 1
+        r.render(out, 0, 0.01)                      # a plain block: no wake
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(r.wake_fd)
+        r.render(out, 0, 0.02)                      # stopped
+        ring.write(loud(960))
+        r.render(out, 0, 0.03)                      # the next stream starts
+        ring.request_flush()
+        r.render(out, 0, 0.04)                      # flushed
+        assert os.eventfd_read(r.wake_fd) == 3
+        assert [k for k, _ in ev(r)] == ["started", "stopped", "started", "flushed"]
+    finally:
+        os.close(r.wake_fd)
+
+
+class _Stream:
+    def __init__(self) -> None:
+        self.closed = False
+
+    def is_active(self) -> bool:
+        return True
+
+    def stop_stream(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class _Pa:
+    def terminate(self) -> None:
+        pass
+
+
+@pytest.mark.timeout(10)
+def test_keep_running_does_its_chore_at_once_when_woken() -> None:
+    import threading
+    from engine.audio.devices import keep_running
+    stop = threading.Event()
+    fd = os.eventfd(0, os.EFD_NONBLOCK)
+    chores: list[float] = []
+    first, woke = threading.Event(), threading.Event()
+
+    def chore() -> None:
+        chores.append(time.monotonic())
+        (first if len(chores) == 1 else woke).set()
+    stream = _Stream()
+    t = threading.Thread(target=keep_running, args=(_Pa(), stream, stop, chore, 5.0, fd), daemon=True)
+    t.start()
+    assert first.wait(2.0)
+    sent = time.monotonic()
+    os.eventfd_write(fd, 1)
+    assert woke.wait(2.0), "the eventfd did not wake the chore loop"
+    assert chores[1] - sent < 1.0       # not the 5 s period
+    stop.set()
+    os.eventfd_write(fd, 1)             # what a stop signal does
+    t.join(2.0)
+    assert not t.is_alive() and stream.closed
+    os.close(fd)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import select
 import threading
 from typing import Any, Callable, Iterator
 
@@ -120,13 +121,25 @@ def find_device(pa: Any, spec: str | int, kind: str) -> dict[str, Any]:
                       + describe_devices(devices, kind))
 
 
-def keep_running(pa: Any, stream: Any, stop: threading.Event, chore: Callable[[], None], every_s: float) -> None:
+def keep_running(pa: Any, stream: Any, stop: threading.Event, chore: Callable[[], None], every_s: float,
+                 wake_fd: int | None = None) -> None:
     """Let a callback ``stream`` run until ``stop`` is set or it ends, doing ``chore`` every
-    ``every_s`` on this (non-audio) thread; then stop and close it and terminate ``pa``."""
+    ``every_s`` on this (non-audio) thread, and at once whenever ``wake_fd`` (an eventfd the
+    callback writes; whoever sets ``stop`` writes it too) becomes readable; then stop and close
+    the stream and terminate ``pa``."""
+    poller = select.poll()
+    if wake_fd is not None:
+        poller.register(wake_fd, select.POLLIN)
     try:
         while not stop.is_set() and stream.is_active():
             chore()
-            stop.wait(every_s)
+            if wake_fd is None:
+                stop.wait(every_s)
+            elif poller.poll(every_s * 1000):
+                try:
+                    os.eventfd_read(wake_fd)
+                except BlockingIOError:
+                    pass
     finally:
         stream.stop_stream()
         stream.close()

@@ -39,7 +39,7 @@ FADE_FRAMES = 120            # 5 ms fade over gaps
 FLUSH_FADE_FRAMES = 120      # 5 ms fade on barge-in (raised cosine: no click, and silent sooner)
 FLUSH_FADE_MS = FLUSH_FADE_FRAMES // FRAMES_PER_MS
 IDLE, PLAYING = 0, 1
-PUBLISH_EVERY_S = 0.02       # the renderer's events go out this often (from a thread, not the callback)
+PUBLISH_EVERY_S = 0.1        # the publishing thread's chores run this often; a renderer event wakes it at once
 POSITION_EVERY_S = 0.1       # playback.position while a stream plays
 CADENCE_EVERY_S = 5.0        # playback.cadence: how regularly the device asks for audio
 LEVELS_EVERY_S = 0.1         # playback.levels: 20 ms windows of what was played, batched this often
@@ -140,6 +140,9 @@ class Renderer:
         self._fade_up = np.linspace(0.0, 1.0, FADE_FRAMES, dtype=np.float32)
         self.resumed = False
         self.events: list[StreamEvent] = []        # drained by a thread
+        #: an eventfd the renderer writes when it adds an event (the publishing thread sleeps on it)
+        self.wake_fd: int | None = None
+        self.wake_errors = 0                       #: eventfd writes that failed (the event waits for the next chore)
         self.stream_device_underflows = 0          # counted by the device callback while a stream plays
         self.backlog_frames = 0                    # set by the callback: frames read but not yet handed to the device
         self.first_sample_mono_ns = 0              # when the latest stream's first sample was handed to the device
@@ -194,7 +197,7 @@ class Renderer:
                 # no stream playing or waiting for its prebuffer: the flush cut nothing
                 self.stream_start = played_index
                 self.stretch_frames = self.stream_expanded_frames = self.stream_device_underflows = 0
-            self.events.append(self._event("flushed", played_index))
+            self._emit("flushed", played_index)
             self.state, self.in_stream, self.waiting_since = IDLE, False, None
             self.dry_frames = 0
             # the report and the shared heard index carry the same number (one source of the heard position)
@@ -217,7 +220,7 @@ class Renderer:
                 # audio came back after the ring ran dry mid-stream: that was an underrun
                 self.stream_underruns += 1
                 ring.count_underrun(self.dry_frames)
-                self.events.append(self._event("underrun", self.dry_index))
+                self._emit("underrun", self.dry_index)
                 self.prebuffer_frames = min(self.max_prebuffer_frames, self.prebuffer_frames + RATE_HZ // 50)
                 self.dry_frames = 0
             if not self.in_stream:
@@ -249,7 +252,7 @@ class Renderer:
                 self.first_sample_mono_ns = time.monotonic_ns() + (self.backlog_frames + lead) * 1_000_000_000 // RATE_HZ
                 self.arrived_mono_ns = int(self.waiting_since * 1e9)
                 self.stretch_frames = self.stream_expanded_frames = self.stream_device_underflows = 0
-                self.events.append(self._event("started", ring.read_index))
+                self._emit("started", ring.read_index)
             else:
                 self.resumed = True  # after an underrun: fade back in
             self.stretcher.reset()   # a new stream or after a gap: no past to splice to
@@ -287,6 +290,16 @@ class Renderer:
         else:
             self.stretcher.remember(out)
         ctl.set_heard(max(ctl.heard_index, heard_base - latency_frames), latency_frames)
+
+    def _emit(self, kind: str, index: int) -> None:
+        """Queue a stream event for the publishing thread and wake it (one non-blocking eventfd
+        write: real-time safe)."""
+        self.events.append(self._event(kind, index))
+        if self.wake_fd is not None:
+            try:
+                os.eventfd_write(self.wake_fd, 1)
+            except OSError:
+                self.wake_errors += 1
 
     def _event(self, kind: str, index: int) -> StreamEvent:
         return StreamEvent(kind, index, self.stream_start, self.stretch_frames, self.stream_expanded_frames,
@@ -326,7 +339,7 @@ class Renderer:
     def _stream_ended(self) -> None:
         self.in_stream = False
         self.dry_frames = 0
-        self.events.append(self._event("stopped", self.ring.read_index))
+        self._emit("stopped", self.ring.read_index)
         if self.stream_underruns == 0:  # a clean stream: give back half of what underruns added
             extra = self.prebuffer_frames - self.base_prebuffer_frames
             self.prebuffer_frames -= extra // 2 if extra > RATE_HZ // 100 else extra
@@ -414,6 +427,7 @@ class PlaybackProcess:
         self.listen_switch = ListenSwitch()
         self.next_listen_at = 0.0
         self.console_sub = Subscriber(spec["bus"]["subscribe"], [LISTEN_TOPIC]) if self.renderer.listen else None
+        self.renderer.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
     def publish_events(self) -> None:
         """Publish what the renderer saw (from the loop thread, never the callback). Reports carry
@@ -521,7 +535,7 @@ class PlaybackProcess:
             self.renderer.render(out, 0, now)
             if wav is not None:
                 wav.writeframes(out.tobytes())
-            if now >= next_publish_s:  # as often as with a device, whatever the period
+            if self.renderer.events or now >= next_publish_s:  # as with a device, whatever the period
                 next_publish_s = now + PUBLISH_EVERY_S
                 self.publish_events()
 
@@ -564,10 +578,18 @@ class PlaybackProcess:
         stream_latency_s = stream.get_output_latency()
         self.pub.publish("playback.device", {"name": dev["name"], "rate_hz": rate, "period_frames": frames_dev,
                                              "latency_ms": round(stream_latency_s * 1000, 1)})
-        keep_running(pa, stream, self.stop, self.publish_events, PUBLISH_EVERY_S)
+        keep_running(pa, stream, self.stop, self.publish_events, PUBLISH_EVERY_S, self.renderer.wake_fd)
+
+    def _wake(self) -> None:
+        """Wake the publishing thread (from a signal handler: stopping)."""
+        if self.renderer.wake_fd is not None:
+            try:
+                os.eventfd_write(self.renderer.wake_fd, 1)
+            except OSError:
+                pass
 
     def run(self) -> int:
-        stop_on_signals(self.stop)
+        stop_on_signals(self.stop, self._wake)
         target = self.speaker
         try:
             if target is None or target == "null":
