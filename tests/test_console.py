@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from engine.console.levels import FLOOR_DBFS, LevelTap
+from engine.console.relay import decode_batch
 
 REPO = Path(__file__).resolve().parent.parent
 SHOTS = REPO / "runs" / "console-screenshots"
@@ -175,13 +176,16 @@ def test_console_url_status_token_and_commands(start_engine: Any) -> None:
         replies, said, answered = [], None, False
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not answered:
-            msg = json.loads(ws.recv(30))
+            raw = ws.recv(30)
+            if isinstance(raw, bytes):   # a batch of bus messages (binary: engine.console.relay.encode_batch)
+                for ev_topic, ev_body in decode_batch(raw)[2]:
+                    if ev_topic == "response.done" and said and ev_body.get("request_id") == said:
+                        answered = True
+                continue
+            msg = json.loads(raw)
             if msg["op"] in ("error", "sent"):
                 replies.append(msg)
                 said = msg["id"] if msg["op"] == "sent" else said
-            for ev in msg.get("events", []):
-                if ev["topic"] == "response.done" and said and ev["body"].get("request_id") == said:
-                    answered = True
         assert [r["op"] for r in replies] == ["error", "error", "sent"], replies
         assert "unknown op 'publish'" in replies[0]["message"] and "type some text" in replies[1]["message"]
         assert answered, "the console's cmd.say was not answered"

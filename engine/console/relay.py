@@ -1,205 +1,242 @@
-"""The console's bus side: one thread that reads every bus message and hands them, in
-batches, to the web server's event loop; and publishes the few commands the page may send.
+"""The console's bus side: one ZeroMQ SUB socket of every topic, read on the web server's event
+loop by its tick (every :data:`BATCH_S` while a page is open, :data:`IDLE_BATCH_S` otherwise:
+the console wakes on a timer, not once per message), and the few commands the page may send.
 
-Bounded everywhere, and the engine never waits for it: the subscriber is one more ZeroMQ
-SUB socket (the broker drops for it alone if it falls behind, never for the engine), the
-relay keeps the latest :data:`BACKLOG` messages for pages that open later, and each page
-has its own bounded queue (:class:`PageQueue`) whose oldest messages are dropped, and
-counted, when that page is slow. Commands are re-sent every 0.5 s until their ``cmd.ack``
-comes (the engine deduplicates by id), for at most 10 s. The listen and talk switches
-(``console.listen``, ``console.mic.source``: leases the console renews every second, no
-ack) go out once each (:meth:`BusRelay.publish`).
+Forwarding costs no decoding: each bus message goes to the page as it came, its topic and its
+msgpack body, as one record of a binary batch (:func:`encode_record`, :func:`encode_batch`;
+the format is in docs/console.md, "The events socket"). The page decodes msgpack itself
+(``static/wire.js``). The relay decodes only ``cmd.ack`` bodies, and only while one of its
+commands waits for its ack.
+
+Bounded everywhere, and the engine never waits for it: the subscriber is one more SUB socket
+(the broker drops for it alone if it falls behind, never for the engine), the relay keeps the
+latest :data:`BACKLOG` messages for pages that open later, and each page has its own bounded
+queue (:class:`PageQueue`) whose oldest messages are dropped, and counted, when that page is
+slow. Commands are published at once and re-sent every 0.5 s until their ``cmd.ack`` comes
+(the engine deduplicates by id), for at most 10 s. The listen and talk switches
+(``console.listen``, ``console.mic.source``: leases the console renews every second, no ack)
+go out once each (:meth:`BusRelay.publish`). Everything here runs on the event loop's thread.
 """
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import queue
-import threading
+import struct
 import time
 import uuid
 from collections import deque
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
+import msgpack
 import zmq
 
 from bus import Endpoints, Publisher, Subscriber
+from bus.wire import MAX_TOPIC_BYTES
 from engine.errors import EngineError
 
 BACKLOG = 3000              #: messages kept for a page that opens (or reloads) later
 PAGE_QUEUE = 5000           #: messages waiting for one page at most; the oldest go first
-BATCH_S = 0.025             #: the relay hands messages over this often
+BATCH_S = 0.04              #: the tick's period while a page is open (or listens): one batch per page per tick
+IDLE_BATCH_S = 0.25         #: the tick's period while no page is open (the backlog is kept up to date)
+MAX_DRAIN = 5000            #: messages read in one tick at most (the rest wait for the next)
 RESEND_S = 0.5
 COMMAND_TIMEOUT_S = 10.0
-HEADER_KEYS = ("v", "seq")   #: header keys the page does not need (it keeps pub, ts, mono_ns)
+BATCH_VERSION = 1
+BATCH_HEADER = struct.Struct("<B3xIQ")    #: version, 3 zero bytes, dropped (u32), now_ns (u64); little-endian
+RECORD_HEADER = struct.Struct("<HI")      #: topic length (u16), body length (u32); then topic, body
 
 
 class ConsoleError(EngineError):
     """The console cannot start or was asked something it cannot do."""
 
 
-def encode(topic: str, body: dict[str, Any]) -> str:
-    """One bus message as the JSON text the page gets: ``{"topic", "body"}`` (bytes as their length)."""
-    return json.dumps({"topic": topic, "body": body}, default=_json_default, separators=(",", ":"))
+def encode_record(topic: bytes, body: bytes) -> bytes:
+    """One bus message as a batch record: its topic (UTF-8, at most MAX_TOPIC_BYTES) and its
+    msgpack body, both as the bus carried them."""
+    return RECORD_HEADER.pack(len(topic), len(body)) + topic + body
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return {"bytes": len(value)}
-    return str(value)
+def encode_batch(records: Sequence[bytes], now_ns: int, dropped: int = 0) -> bytes:
+    """One binary WebSocket message: the header (``now_ns``: the console's CLOCK_MONOTONIC;
+    ``dropped``: messages this page lost since its last batch, capped at 2^32 − 1) and ``records``."""
+    return BATCH_HEADER.pack(BATCH_VERSION, min(max(dropped, 0), 0xFFFF_FFFF), now_ns) + b"".join(records)
+
+
+def decode_batch(data: bytes) -> tuple[int, int, list[tuple[str, dict[str, Any]]]]:
+    """``(now_ns, dropped, [(topic, body)])`` of a batch (what the page's decodeBatch does, for
+    tests and tools): a record whose body is not a msgpack map is left out (the page counts
+    it); ValueError naming what is wrong with the batch itself. bin values stay bytes here."""
+    if len(data) < BATCH_HEADER.size:
+        raise ValueError("batch: shorter than its header")
+    version, dropped, now_ns = BATCH_HEADER.unpack_from(data)
+    if version != BATCH_VERSION:
+        raise ValueError(f"batch: version {version}, expected {BATCH_VERSION}")
+    out: list[tuple[str, dict[str, Any]]] = []
+    pos = BATCH_HEADER.size
+    while pos < len(data):
+        if pos + RECORD_HEADER.size > len(data):
+            raise ValueError(f"batch: a truncated record header at byte {pos}")
+        tlen, blen = RECORD_HEADER.unpack_from(data, pos)
+        t0 = pos + RECORD_HEADER.size
+        end = t0 + tlen + blen
+        if end > len(data):
+            raise ValueError(f"batch: a truncated record at byte {pos}")
+        try:
+            body = msgpack.unpackb(data[t0 + tlen:end], raw=False, strict_map_key=False)
+        except Exception:   # msgpack raises several unrelated types
+            body = None
+        if isinstance(body, dict):
+            out.append((data[t0:t0 + tlen].decode(errors="replace"), body))
+        pos = end
+    return now_ns, dropped, out
 
 
 class PageQueue:
-    """What is waiting for one page: a bounded deque (oldest dropped, counted in ``dropped``)
-    and an asyncio event for its writer task. Used from the event loop's thread only."""
+    """What is waiting for one page: a bounded deque of records (oldest dropped, counted in
+    ``dropped``) and an asyncio event for its writer task. Used from the event loop's thread only."""
 
     def __init__(self, limit: int = PAGE_QUEUE) -> None:
-        self.items: deque[str] = deque(maxlen=limit)
+        self.items: deque[bytes] = deque(maxlen=limit)
         self.ready = asyncio.Event()
         self.dropped = 0
 
-    def put_many(self, items: list[str]) -> None:
+    def put_many(self, items: Sequence[bytes]) -> None:
         over = len(self.items) + len(items) - (self.items.maxlen or 0)
         if over > 0:
             self.dropped += over
         self.items.extend(items)
         self.ready.set()
 
-    def take(self) -> list[str]:
+    def take(self) -> list[bytes]:
         items = list(self.items)
         self.items.clear()
         self.ready.clear()
         return items
 
 
-class BusRelay:
-    """Reads the bus on its own thread; ``deliver(batch)`` runs on ``loop`` with each batch of
-    encoded messages. :meth:`command` publishes a page's command (from any thread)."""
+@dataclass
+class _Pending:
+    topic: str
+    payload: dict[str, Any]
+    due_s: float        #: the next re-send (time.monotonic())
+    give_up_s: float
 
-    def __init__(self, endpoints: Endpoints, loop: asyncio.AbstractEventLoop,
-                 deliver: Callable[[list[str]], None], name: str | None = None) -> None:
+
+class BusRelay:
+    """The console's subscriber and publisher. :meth:`open` connects; :meth:`drain` (the server's
+    tick) reads every waiting message and hands their records to ``deliver`` in one list.
+    Event loop's thread only; nothing here blocks."""
+
+    def __init__(self, endpoints: Endpoints, deliver: Callable[[list[bytes]], None], name: str | None = None) -> None:
         self.endpoints = endpoints
-        self.loop = loop
         self.deliver = deliver
         self.name = name or f"console:{os.getpid()}"
-        self.backlog: deque[str] = deque(maxlen=BACKLOG)   # read and written on the loop's thread
-        self.received = 0
-        self._commands: queue.SimpleQueue[tuple[str, dict[str, Any]]] = queue.SimpleQueue()
-        self._stop = threading.Event()
-        # wakes the bus thread for a command at once (it sleeps in poll until a message or a deadline)
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        self._thread = threading.Thread(target=self._run, name="console-bus", daemon=True)
-        self.error: BaseException | None = None
+        self.backlog: deque[bytes] = deque(maxlen=BACKLOG)
+        self.received = 0       #: bus messages forwarded
+        self.malformed = 0      #: messages skipped: not [topic, body(, signature)], or a topic too long or not UTF-8
+        self.error: BaseException | None = None   #: set when the bus failed under the relay (the server reports it)
+        self._sub: Subscriber | None = None
+        self._pub: Publisher | None = None
+        self._pending: dict[str, _Pending] = {}
 
-    def start(self) -> None:
-        self._thread.start()
+    @property
+    def waiting(self) -> bool:
+        """A command waits for its ack (the tick keeps its fast period for its re-sends)."""
+        return bool(self._pending)
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake()
-        self._thread.join(3)
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-    def _wake(self) -> None:
+    def open(self) -> None:
+        """Connect to the bus; ConsoleError saying why not."""
         try:
-            os.write(self._wake_w, b"x")
-        except (BlockingIOError, OSError):
-            pass  # already due to wake (or closed: stopping)
+            self._sub = Subscriber(self.endpoints, [""], verify_key=None)
+            self._pub = Publisher(self.endpoints, self.name, curve=self.endpoints.curve, signing_key=None)
+        except Exception as exc:
+            self.close()
+            raise ConsoleError(f"the console cannot reach the bus: {exc}") from None
+
+    def close(self) -> None:
+        for sock in (self._sub, self._pub):
+            if sock is not None:
+                sock.close()
+        self._sub = self._pub = None
 
     def command(self, topic: str, payload: dict[str, Any]) -> str:
-        """Publish ``topic`` (a ``cmd.*``) with a fresh ``id``, re-sent until acknowledged; returns the id."""
+        """Publish ``topic`` (a ``cmd.*``) with a fresh ``id`` now, re-sent until acknowledged; returns the id."""
         if not topic.startswith("cmd."):
             raise ConsoleError(f"the console publishes commands only, not {topic!r}")
         payload = dict(payload)
         payload.setdefault("id", uuid.uuid4().hex)
-        self._commands.put((topic, payload))
-        self._wake()
-        return payload["id"]
+        now = time.monotonic()
+        self._send(topic, payload)
+        self._pending[payload["id"]] = _Pending(topic, payload, now + RESEND_S, now + COMMAND_TIMEOUT_S)
+        return str(payload["id"])
 
     def publish(self, topic: str, payload: dict[str, Any]) -> None:
-        """Publish ``topic`` (a ``console.*`` switch) once, from any thread: no id, no ack."""
+        """Publish ``topic`` (a ``console.*`` switch) once: no id, no ack."""
         if not topic.startswith("console."):
             raise ConsoleError(f"the console publishes its switches on console.* only, not {topic!r}")
-        self._commands.put((topic, dict(payload)))
-        self._wake()
+        self._send(topic, dict(payload))
 
-    def _hand_over(self, batch: list[str]) -> None:
+    def _send(self, topic: str, payload: dict[str, Any]) -> None:
+        if self._pub is None:
+            raise ConsoleError("the console is not connected to the bus")
+        self._pub.publish(topic, payload)
+
+    def drain(self, now_s: float | None = None) -> int:
+        """Read every message waiting (at most MAX_DRAIN), re-send the commands due, and hand the
+        records to ``deliver`` (and the backlog); returns how many records. zmq errors propagate."""
+        if self._sub is None:
+            return 0
+        sock = self._sub.socket
+        records: list[bytes] = []
+        ack_wait = bool(self._pending)
+        pack = RECORD_HEADER.pack
+        for _ in range(MAX_DRAIN):
+            try:
+                topic = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            frames = [topic]
+            while sock.rcvmore:           # the rest of a message is there with its first frame
+                frames.append(sock.recv())
+            if len(frames) not in (2, 3) or len(topic) > MAX_TOPIC_BYTES:
+                self.malformed += 1
+                continue
+            if topic.startswith(b"_join."):
+                continue
+            try:
+                topic.decode()
+            except UnicodeDecodeError:
+                self.malformed += 1
+                continue
+            body = frames[1]
+            if ack_wait and topic == b"cmd.ack":
+                self._on_ack(body)
+            records.append(pack(len(topic), len(body)) + topic + body)
+        self.received += len(records)
+        if self._pending:
+            self._resend(time.monotonic() if now_s is None else now_s, records)
+        if records:
+            self.backlog.extend(records)
+            self.deliver(records)
+        return len(records)
+
+    def _on_ack(self, body: bytes) -> None:
         try:
-            self.loop.call_soon_threadsafe(self._on_loop, batch)
-        except RuntimeError:   # the loop is closed: the console is stopping
-            self._stop.set()
-
-    def _on_loop(self, batch: list[str]) -> None:
-        self.backlog.extend(batch)
-        self.deliver(batch)
-
-    def _run(self) -> None:
-        try:
-            sub = Subscriber(self.endpoints, [""], verify_key=None)
-            pub = Publisher(self.endpoints, self.name, curve=self.endpoints.curve, signing_key=None)
-        except Exception as exc:  # reported by the server (it checks relay.error)
-            self.error = exc
+            ack = msgpack.unpackb(body, raw=False, strict_map_key=False)
+        except Exception:   # msgpack raises several unrelated types: the page shows it as malformed
             return
-        pending: dict[str, tuple[str, dict[str, Any], float, float]] = {}  # id -> topic, payload, next, give up
-        try:
-            batch: list[str] = []
-            flush_at = time.monotonic() + BATCH_S
-            poller = zmq.Poller()
-            poller.register(sub.socket, zmq.POLLIN)
-            poller.register(self._wake_r, zmq.POLLIN)
-            msg: tuple[str, dict[str, Any]] | None = None
-            while not self._stop.is_set():
-                if msg is None:
-                    # sleep until a message, a command, or the next deadline (no polling while idle)
-                    deadlines = [due for _, _, due, _ in pending.values()]
-                    if batch:
-                        deadlines.append(flush_at)
-                    wait_s = (min(deadlines) - time.monotonic()) if deadlines else 1.0
-                    poller.poll(max(0, int(wait_s * 1000)) + 1)
-                    try:
-                        os.read(self._wake_r, 4096)
-                    except (BlockingIOError, OSError):
-                        pass
-                msg = sub.recv(timeout_ms=0)
-                now = time.monotonic()
-                if msg is not None:
-                    topic, body = msg
-                    if not topic.startswith("_join."):
-                        self.received += 1
-                        if topic == "cmd.ack" and body.get("id") in pending:
-                            pending.pop(body["id"], None)
-                        batch.append(encode(topic, {k: v for k, v in body.items() if k not in HEADER_KEYS}))
-                while not self._commands.empty():
-                    topic, payload = self._commands.get_nowait()
-                    if "id" not in payload:   # a switch: once, no ack
-                        pub.publish(topic, payload)
-                        continue
-                    pending[payload["id"]] = (topic, payload, now, now + COMMAND_TIMEOUT_S)
-                for cid, (topic, payload, due, give_up) in list(pending.items()):
-                    if now >= give_up:
-                        pending.pop(cid)
-                        batch.append(encode("console.command_failed", {"id": cid, "topic": topic,
-                                                                       "message": f"no cmd.ack for {topic} within "
-                                                                                  f"{COMMAND_TIMEOUT_S:.0f} s: is the "
-                                                                                  "engine connected?",
-                                                                       "mono_ns": time.monotonic_ns()}))
-                    elif now >= due:
-                        pub.publish(topic, payload)
-                        pending[cid] = (topic, payload, now + RESEND_S, give_up)
-                if batch and (now >= flush_at or len(batch) >= 500):
-                    self._hand_over(batch)
-                    batch = []
-                if now >= flush_at:
-                    flush_at = now + BATCH_S
-        except Exception as exc:
-            self.error = exc
-        finally:
-            sub.close()
-            pub.close()
+        if isinstance(ack, dict) and isinstance(ack.get("id"), str):
+            self._pending.pop(ack["id"], None)
+
+    def _resend(self, now: float, records: list[bytes]) -> None:
+        for cid, p in list(self._pending.items()):
+            if now >= p.give_up_s:
+                del self._pending[cid]
+                body = {"ts": time.time(), "mono_ns": time.monotonic_ns(), "pub": self.name, "id": cid,
+                        "topic": p.topic, "message": f"no cmd.ack for {p.topic} within {COMMAND_TIMEOUT_S:.0f} s: "
+                                                     "is the engine connected?"}
+                records.append(encode_record(b"console.command_failed", msgpack.packb(body, use_bin_type=True)))
+            elif now >= p.due_s:
+                self._send(p.topic, p.payload)
+                p.due_s = now + RESEND_S

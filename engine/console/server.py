@@ -3,9 +3,10 @@
 
 * ``GET /?token=T`` the page; ``/static/...`` its files (shipped in the package: no build
   step, nothing fetched at run time).
-* ``GET /ws?token=T`` a WebSocket: the server sends ``{"op": "hello"}`` then batches
-  ``{"op": "events", "now_ns", "dropped", "events": [{"topic", "body"}...]}`` of bus messages
-  (the backlog first); the page sends ``{"op": "say", "text", "role"}``, ``{"op": "cancel"}``,
+* ``GET /ws?token=T`` a WebSocket: the server sends ``{"op": "hello"}`` (text) then binary
+  batches of bus messages, each message's topic and msgpack body as the bus carried them
+  (:func:`engine.console.relay.encode_batch`; the backlog first); the page sends
+  ``{"op": "say", "text", "role"}``, ``{"op": "cancel"}``,
   ``{"op": "mic", "open"}`` and gets ``{"op": "sent", "id", "topic"}`` or ``{"op": "error", "message"}``.
 * ``GET /listen?token=T`` and ``/talk?token=T``: WebSockets of PCM, the speaker's sound to
   the page and the page's microphone to the engine (:mod:`engine.console.sound`; the PCM
@@ -41,7 +42,7 @@ from websockets.http11 import Request, Response
 from bus import Endpoints
 from bus.client import runtime_dir
 from engine.console import lookback
-from engine.console.relay import BusRelay, ConsoleError, PageQueue
+from engine.console.relay import BATCH_S, IDLE_BATCH_S, BusRelay, ConsoleError, PageQueue, encode_batch
 from engine.console.sound import ListenHub, Rings, TalkHub, audio_stats
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -189,7 +190,7 @@ class ConsoleServer:
         return _response(404, f"no such page: {path}")
 
     # ------------------------------------------------------------ WebSocket
-    def _deliver(self, batch: list[str]) -> None:
+    def _deliver(self, batch: list[bytes]) -> None:
         for page in self.pages:
             page.put_many(batch)
 
@@ -198,8 +199,24 @@ class ConsoleServer:
             await page.ready.wait()
             items = page.take()
             dropped, page.dropped = page.dropped, 0
-            await ws.send('{"op":"events","now_ns":%d,"dropped":%d,"events":[%s]}'
-                          % (time.monotonic_ns(), dropped, ",".join(items)))
+            await ws.send(encode_batch(items, time.monotonic_ns(), dropped))
+
+    async def _tick(self, relay: BusRelay) -> None:
+        """The console's one timer: every BATCH_S while a page is open, listens or a command waits
+        for its ack (IDLE_BATCH_S otherwise), the bus messages that came meanwhile to every page
+        (one batch each) and the listen ring's audio to every listener. A bus failure ends it,
+        in ``relay.error``."""
+        try:
+            while True:
+                busy = bool(self.pages) or bool(self.listen.listeners) or relay.waiting
+                await asyncio.sleep(BATCH_S if busy else IDLE_BATCH_S)
+                now = time.monotonic()
+                relay.drain(now)
+                self.listen.pump(now)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:   # zmq failing under us: serve() reports it and stops
+            relay.error = exc
 
     def _command(self, msg: Any) -> dict[str, Any]:
         """A page's command → the bus command it publishes (checked; ConsoleError naming what is wrong)."""
@@ -253,6 +270,7 @@ class ConsoleServer:
             return await self.talk.serve(ws)
         page = PageQueue()
         await ws.send(json.dumps({"op": "hello", "now_ns": time.monotonic_ns(), "live_session": self.live_session}))
+        self.relay.drain()   # the backlog up to now (the tick may have been idle)
         page.put_many(list(self.relay.backlog))
         self.pages.add(page)
         tasks = [asyncio.create_task(self._writer(ws, page)), asyncio.create_task(self._reader(ws))]
@@ -286,9 +304,9 @@ class ConsoleServer:
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set."""
-        loop = asyncio.get_running_loop()
-        self.relay = BusRelay(self.endpoints, loop, self._deliver)
-        self.relay.start()
+        self.relay = BusRelay(self.endpoints, self._deliver)
+        self.relay.open()
+        tick = asyncio.create_task(self._tick(self.relay))
         try:
             async with serve(self.handler, self.host, self.port, process_request=self.process_request,
                              max_size=1 << 20, compression=None, ping_interval=20) as server:
@@ -320,7 +338,9 @@ class ConsoleServer:
                                "give another --console-port (0: any free port)") from None
         finally:
             self._remove_info()
-            self.relay.stop()
+            tick.cancel()
+            await asyncio.gather(tick, return_exceptions=True)
+            self.relay.close()
             self.rings.close()
 
 

@@ -34,8 +34,7 @@ from engine.audio.ring import Ring, RingError
 from engine.console.audio import (LEASE_MS, LISTEN_TOPIC, RATE_HZ, RENEW_S, SOURCE_TOPIC, ConsoleAudioError,
                                   TalkPcm, engine_ring_names, parse_talk_start)
 
-LISTEN_EVERY_S = 0.02            #: the listen ring is read this often
-LISTEN_QUEUE_CHUNKS = 50         #: chunks (about 1 s) waiting for one listener at most; the oldest go first
+LISTEN_QUEUE_CHUNKS = 25         #: chunks (about 1 s at one a tick) waiting for one listener at most; the oldest go first
 STATS_EVERY_S = 1.0
 LATE_MESSAGE_S = 0.1             #: a talk message this long after the one before is counted late (they come every 20 ms)
 POLICY_VIOLATION, INTERNAL_ERROR, TRY_AGAIN = 1008, 1011, 1013
@@ -93,13 +92,15 @@ class _Listener:
 
 
 class ListenHub:
-    """Every listening page, and the one task that reads the listen ring for them all."""
+    """Every listening page; :meth:`pump` (the server's tick, every ``relay.BATCH_S`` while
+    anyone listens) reads the listen ring for them all. Event loop's thread only."""
 
     def __init__(self, rings: Rings, publish: Publish) -> None:
         self.rings = rings
         self.publish = publish
         self.listeners: set[_Listener] = set()
-        self._pump: asyncio.Task[None] | None = None
+        self._ring: Ring | None = None   # the listen ring while anyone listens (holding playback's lease)
+        self._renew_at_s = 0.0
         self._buf = np.zeros(RATE_HZ, dtype=np.int16)   # 1 s: more than a pump round ever reads
         self.sent_frames = 0        #: read from the ring and handed to the listeners (since the console started)
         self.changes = 0            #: listeners that came or went
@@ -116,8 +117,9 @@ class ListenHub:
             ring.skip(ring.read_available)   # what an earlier listener left: stale
         self.listeners.add(me)
         self.changes += 1
-        if self._pump is None or self._pump.done():
-            self._pump = asyncio.create_task(self._run(ring))
+        if self._ring is not ring:
+            self._ring, self._renew_at_s = ring, 0.0
+        self.pump(time.monotonic())   # the lease at once, not at the next tick
         await ws.send(json.dumps({"op": "listen", "rate_hz": RATE_HZ, "format": "s16le"}))
         writer = asyncio.create_task(self._writer(ws, me, ring))
         try:
@@ -144,24 +146,25 @@ class ListenHub:
                 await ws.send(json.dumps({"op": "stats", "dropped_frames": me.dropped_frames,
                                           "not_listened_frames": ring.overrun_frames}))
 
-    async def _run(self, ring: Ring) -> None:
-        """Hold playback's lease and hand the ring's audio to every listener, while any listens."""
-        renew_at = 0.0
-        try:
-            while self.listeners:
-                now = time.monotonic()
-                if now >= renew_at:
-                    renew_at = now + RENEW_S
-                    self.publish(LISTEN_TOPIC, {"on": True, "lease_ms": LEASE_MS})
-                n = ring.read_into(self._buf)
-                if n:
-                    self.sent_frames += n
-                    chunk = self._buf[:n].tobytes()
-                    for listener in self.listeners:
-                        listener.put(chunk)
-                await asyncio.sleep(LISTEN_EVERY_S)
-        finally:
+    def pump(self, now_s: float) -> None:
+        """Renew playback's lease every RENEW_S and hand what the listen ring holds (one chunk) to
+        every listener, while any listens; once the last one left, give the lease back."""
+        ring = self._ring
+        if ring is None:
+            return
+        if not self.listeners:
+            self._ring = None
             self.publish(LISTEN_TOPIC, {"on": False})
+            return
+        if now_s >= self._renew_at_s:
+            self._renew_at_s = now_s + RENEW_S
+            self.publish(LISTEN_TOPIC, {"on": True, "lease_ms": LEASE_MS})
+        n = ring.read_into(self._buf)
+        if n:
+            self.sent_frames += n
+            chunk = self._buf[:n].tobytes()
+            for listener in self.listeners:
+                listener.put(chunk)
 
 
 class TalkHub:

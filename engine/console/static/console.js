@@ -1,5 +1,6 @@
-// realtalk debug console: plain JS, no build step. One WebSocket brings the bus (batches of
-// {topic, body}); the page keeps bounded windows of everything it draws.
+// realtalk debug console: plain JS, no build step. One WebSocket brings the bus (binary batches
+// of the bus's own msgpack messages, decoded by wire.js); the page keeps bounded windows of
+// everything it draws.
 "use strict";
 
 const TOKEN = new URLSearchParams(location.search).get("token") || "";
@@ -367,17 +368,14 @@ function frame(ts) {
 let ws = null, pendingSay = new Set(), nextRef = 1;
 function connect() {
   ws = new WebSocket(sockUrl("/ws"));
+  ws.binaryType = "arraybuffer";   // bus batches come binary (wire.js), replies as JSON text
   ws.onopen = () => { const c = $("conn"); c.textContent = "connected"; c.className = "pill ok"; };
   ws.onclose = () => { const c = $("conn"); c.textContent = "offline (retrying)"; c.className = "pill off"; setTimeout(connect, 1000); };
   ws.onmessage = (e) => {
+    if (typeof e.data !== "string") { onBatch(e.data); return; }
     const msg = JSON.parse(e.data);
-    if (msg.now_ns != null) { const off = msg.now_ns / 1e6 - performance.now(); if (state.offsetMs == null || off > state.offsetMs) state.offsetMs = off; }
-    if (msg.op === "events") {
-      state.counts.batches++;
-      if (state.lookback) { state.liveQueue = (state.liveQueue || []).concat(msg.events).slice(-MAX_EVENTS); return; }
-      for (const ev of msg.events) handle(ev.topic, ev.body);
-      if (msg.dropped) banner(`the console dropped ${msg.dropped} bus messages for this page (it fell behind)`);
-    } else if (msg.op === "sent") {
+    clockFrom(msg.now_ns);
+    if (msg.op === "sent") {
       if (msg.topic === "cmd.say") { pendingSay.add(msg.id); $("say-status").textContent = "sent, waiting for the engine…"; }
     } else if (msg.op === "error") {
       $("say-status").textContent = msg.message;
@@ -385,6 +383,23 @@ function connect() {
       state.liveSession = msg.live_session;
     }
   };
+}
+// the engine's CLOCK_MONOTONIC in page time: the smallest delay seen is the best estimate
+function clockFrom(nowNs) {
+  if (nowNs == null) return;
+  const off = nowNs / 1e6 - performance.now();
+  if (state.offsetMs == null || off > state.offsetMs) state.offsetMs = off;
+}
+function onBatch(buffer) {
+  let batch;
+  try { batch = decodeBatch(buffer); }
+  catch (e) { state.counts.badBatches = (state.counts.badBatches || 0) + 1; console.error("console: a bad batch", e); return; }
+  clockFrom(batch.nowNs);
+  state.counts.batches++;
+  if (batch.malformed) state.counts.malformed = (state.counts.malformed || 0) + batch.malformed;
+  if (state.lookback) { state.liveQueue = (state.liveQueue || []).concat(batch.events).slice(-MAX_EVENTS); return; }
+  for (const ev of batch.events) handle(ev.topic, ev.body);
+  if (batch.dropped) banner(`the console dropped ${batch.dropped} bus messages for this page (it fell behind)`);
 }
 function send(obj) {
   if (!ws || ws.readyState !== WebSocket.OPEN) { $("say-status").textContent = "not connected to the console"; return; }

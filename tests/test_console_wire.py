@@ -1,0 +1,216 @@
+"""The console's events socket (docs/console.md, "The events socket"): the binary batch the
+relay builds from the bus's raw frames, the relay itself against a real broker (no decoding but
+cmd.ack, commands re-sent and given up), and the page's own decoder (static/wire.js) in a real
+headless Chromium on the same bytes."""
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import msgpack
+import pytest
+import zmq
+
+from bus import Endpoints, Publisher
+from bus.broker import run_broker
+from engine.console import relay as relay_mod
+from engine.console.relay import (BATCH_HEADER, BusRelay, ConsoleError, PageQueue, decode_batch, encode_batch,
+                                  encode_record)
+
+STATIC = Path(__file__).resolve().parent.parent / "engine" / "console" / "static"
+CHROMIUM = "/usr/bin/chromium"
+
+#: bodies that cover every msgpack type the decoder reads (and the widths of each)
+BODIES: list[dict[str, Any]] = [
+    {"v": 1, "ts": 1764640000.123456, "mono_ns": 123_456_789_012_345, "pub": "realtime:42", "seq": 7,
+     "text": "héllo ✂ — 🎧", "none": None, "yes": True, "no": False},
+    {"ints": [0, 1, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**53 - 1,
+              -1, -32, -33, -128, -129, -32768, -32769, -2**31, -2**31 - 1, -2**53 + 1]},
+    {"floats": [0.5, -1.25, 1e300, -2.5e-300], "nested": {"a": [1, [2, [3, {"b": {}}]]], "empty": []}},
+    {"s8": "x" * 40, "s16": "y" * 300, "s32": "z" * 70_000, "arr16": list(range(20)),
+     "map16": {f"k{i}": i for i in range(20)}},
+    {"delta_bytes": b"\x00\x01" * 10, "b16": b"\xff" * 300, "b32": b"\x00" * 70_000},
+    {},
+]
+
+
+def _jsonish(value: Any) -> Any:
+    """What the page makes of a value: bytes as {bytes: length}, tuples as lists."""
+    if isinstance(value, (bytes, bytearray)):
+        return {"bytes": len(value)}
+    if isinstance(value, dict):
+        return {k: _jsonish(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonish(v) for v in value]
+    return value
+
+
+def _records(bodies: list[dict[str, Any]]) -> list[bytes]:
+    return [encode_record(f"test.t{i}.é".encode(), msgpack.packb(b, use_bin_type=True)) for i, b in enumerate(bodies)]
+
+
+# ---------------------------------------------------------------- the batch format
+@pytest.mark.timeout(10)
+def test_a_batch_carries_the_bus_frames_as_they_came() -> None:
+    records = _records(BODIES)
+    data = encode_batch(records, now_ns=2**60 + 5, dropped=3)
+    assert data[0] == 1 and data[1:4] == b"\0\0\0" and len(data) == BATCH_HEADER.size + sum(map(len, records))
+    now_ns, dropped, events = decode_batch(data)
+    assert (now_ns, dropped) == (2**60 + 5, 3)
+    assert [t for t, _ in events] == [f"test.t{i}.é" for i in range(len(BODIES))]
+    assert [b for _, b in events] == BODIES
+    # a record is u16 topic length, u32 body length, the topic, the body: nothing re-encoded
+    body = msgpack.packb({"x": 1})
+    assert encode_record(b"a.b", body) == b"\x03\x00" + len(body).to_bytes(4, "little") + b"a.b" + body
+    assert decode_batch(encode_batch([], 1))[2] == []
+    assert decode_batch(encode_batch([], 1, dropped=2**40))[1] == 2**32 - 1   # capped, not wrapped
+    for bad, words in [(data[:10], "shorter than its header"), (b"\x02" + data[1:], "version 2"),
+                       (data[:-1], "truncated record"), (data + b"\x01", "truncated record header")]:
+        with pytest.raises(ValueError, match=words):
+            decode_batch(bad)
+
+
+@pytest.mark.timeout(10)
+def test_a_page_queue_drops_its_oldest_and_counts_them() -> None:
+    q = PageQueue(limit=3)
+    q.put_many([b"1", b"2"])
+    q.put_many([b"3", b"4", b"5"])
+    assert q.ready.is_set() and q.dropped == 2
+    assert q.take() == [b"3", b"4", b"5"] and not q.ready.is_set()
+
+
+# ---------------------------------------------------------------- the relay on a real broker
+@pytest.fixture
+def endpoints(tmp_path: Path) -> Iterator[Endpoints]:
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    pub_ep, sub_ep = f"ipc://{tmp_path}/p.sock", f"ipc://{tmp_path}/s.sock"
+    stop_ep = f"inproc://stop-console-{id(tmp_path)}"
+    t = threading.Thread(target=run_broker, args=(pub_ep, sub_ep), kwargs={"context": ctx, "stop_endpoint": stop_ep},
+                         daemon=True)
+    t.start()
+    yield Endpoints(pub_ep, sub_ep)
+    s = ctx.socket(zmq.PUSH)
+    s.connect(stop_ep)
+    s.send(b"stop")
+    t.join(5)
+    s.close()
+
+
+class Collected:
+    def __init__(self) -> None:
+        self.batches: list[list[bytes]] = []
+
+    def __call__(self, records: list[bytes]) -> None:
+        self.batches.append(records)
+
+    def events(self) -> list[tuple[str, dict[str, Any]]]:
+        return [ev for b in self.batches for ev in decode_batch(encode_batch(b, 0))[2]]
+
+
+def _drain_until(relay: BusRelay, got: Collected, pred: Any, timeout_s: float = 5.0, tick_s: float = 0.01) -> None:
+    """The server's tick, in short: drain until ``pred(events)`` holds."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        relay.drain()
+        if pred(got.events()):
+            return
+        time.sleep(tick_s)   # (the tick's timer: nothing to await on a non-blocking drain)
+    raise AssertionError(f"not within {timeout_s} s; got {got.events()}")
+
+
+@pytest.mark.timeout(30)
+def test_the_relay_forwards_raw_and_reads_only_acks(endpoints: Endpoints) -> None:
+    got = Collected()
+    relay = BusRelay(endpoints, got, name="console:test")
+    relay.open()
+    pub = Publisher(endpoints, "engine-fake", signing_key=None)
+    try:
+        # the subscription reaches the broker: ping until one comes through
+        def pinged(evs: list[tuple[str, dict[str, Any]]]) -> bool:
+            pub.publish("test.ping", {})
+            return any(t == "test.ping" for t, _ in evs)
+        _drain_until(relay, got, pinged)
+        got.batches.clear()
+        pub.publish("model.text.delta", {"text": "hé", "data": b"\x01\x02\x03"})
+        pub.send_raw([b"_join.somebody", msgpack.packb({})])                # a join probe: not forwarded
+        pub.send_raw([b"a", b"b", b"c", b"d"])                              # four frames: malformed, skipped
+        pub.send_raw([b"\xff\xfe", msgpack.packb({})])                      # not UTF-8: skipped
+        pub.send_raw([b"weird.body", b"\xc1"])                              # not msgpack: forwarded (the page counts it)
+        pub.send_raw([b"signed.thing", msgpack.packb({"x": 1}), b"sig"])   # a signature frame: forwarded, without it
+        pub.publish("test.last", {})
+        _drain_until(relay, got, lambda evs: any(t == "test.last" for t, _ in evs))
+        records = [r for b in got.batches for r in b if not r[6:].startswith(b"test.ping")]   # (late pings)
+        topics = [bytes(r[6:6 + int.from_bytes(r[:2], "little")]) for r in records]
+        assert topics == [b"model.text.delta", b"weird.body", b"signed.thing", b"test.last"], topics
+        assert relay.malformed == 2 and relay.received >= 4
+        body = records[0][6 + len(b"model.text.delta"):]
+        assert msgpack.unpackb(body)["data"] == b"\x01\x02\x03"    # the bus's bytes, as published
+        assert len(relay.backlog) == relay.received
+
+        # a command: published at once, re-sent until its ack, which the relay reads
+        cid = relay.command("cmd.say", {"text": "hi"})
+        assert relay.waiting
+        _drain_until(relay, got, lambda evs: sum(t == "cmd.say" for t, _ in evs) >= 1)
+        relay.drain(now_s=time.monotonic() + relay_mod.RESEND_S + 0.01)   # due: sent again
+        _drain_until(relay, got, lambda evs: sum(t == "cmd.say" and b.get("id") == cid for t, b in evs) >= 2)
+        pub.publish("cmd.ack", {"id": "someone-else", "ok": True})
+        pub.publish("cmd.ack", {"id": cid, "ok": True})
+        _drain_until(relay, got, lambda evs: any(t == "cmd.ack" and b.get("id") == cid for t, b in evs))
+        assert not relay.waiting
+        # a command nobody acknowledges is given up, and the page told
+        cid2 = relay.command("cmd.cancel", {})
+        relay.drain(now_s=time.monotonic() + relay_mod.COMMAND_TIMEOUT_S + 1)
+        failed = [b for t, b in got.events() if t == "console.command_failed"]
+        assert [b["id"] for b in failed] == [cid2] and "no cmd.ack for cmd.cancel" in failed[0]["message"]
+        assert failed[0]["pub"] == "console:test" and isinstance(failed[0]["mono_ns"], int)
+        assert not relay.waiting
+        with pytest.raises(ConsoleError, match="commands only"):
+            relay.command("engine.error", {})
+        with pytest.raises(ConsoleError, match="console"):
+            relay.publish("cmd.say", {})
+    finally:
+        pub.close()
+        relay.close()
+
+
+# ---------------------------------------------------------------- the page's decoder (Chromium)
+@pytest.mark.e2e
+@pytest.mark.timeout(60)
+def test_the_page_decodes_a_batch_as_the_relay_builds_it() -> None:
+    if not Path(CHROMIUM).exists():
+        pytest.fail("chromium is not installed: run bash tools/setup-system.sh")
+    from playwright.sync_api import sync_playwright
+    bad = encode_record(b"weird.body", b"\xc1") + encode_record(b"not.a.map", msgpack.packb([1, 2]))
+    records = _records(BODIES)
+    data = encode_batch(records[:3] + [bad] + records[3:], now_ns=987_654_321_000, dropped=4)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.add_script_tag(content=(STATIC / "wire.js").read_text())
+            out = page.evaluate("""(b64) => {
+                const bin = atob(b64), u = new Uint8Array(bin.length);
+                for (let i = 0; i < bin.length; i++) u[i] = bin.charCodeAt(i);
+                const t0 = performance.now(), batch = decodeBatch(u.buffer);
+                let bad = 0;
+                for (const x of [new Uint8Array([0xc1]), new Uint8Array([0x92, 0x01]), new Uint8Array([0xa5, 0x61])])
+                  try { msgpackDecode(x); } catch (e) { bad++; }
+                let badBatch = "";
+                try { decodeBatch(u.slice(0, u.length - 1).buffer); } catch (e) { badBatch = e.message; }
+                return JSON.stringify({ batch, bad, badBatch, ms: performance.now() - t0 });
+            }""", base64.b64encode(data).decode())
+            assert errors == [], errors
+        finally:
+            browser.close()
+    got = json.loads(out)
+    batch = got["batch"]
+    assert batch["nowNs"] == 987_654_321_000 and batch["dropped"] == 4 and batch["malformed"] == 2
+    assert [e["topic"] for e in batch["events"]] == [f"test.t{i}.é" for i in range(len(BODIES))]
+    assert [e["body"] for e in batch["events"]] == [_jsonish(b) for b in BODIES]
+    assert got["bad"] == 3 and "truncated" in got["badBatch"]
