@@ -491,6 +491,12 @@ def bench_engine() -> dict[str, Any]:
         sub.close()
         pub.close()
         stop_engine(proc)
+        # the floor: the same devices, rate and periods, PyAudio + soxr + AEC3 and nothing of the engine
+        from bench.floor import measure
+        floor = measure(48000, 20, 10, 8.0, env)
+        result.update(floor)
+        result["engine_cpu_percent_above_floor"] = round(result["engine_cpu_percent_of_one_core_streaming"]
+                                                         - floor["floor_cpu_percent_of_one_core"], 2)
     finally:
         vaudio("echo-off")
     # the old figure's path, for comparison: a WAV mic and a null speaker (no PyAudio, AEC3, soxr)
