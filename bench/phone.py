@@ -530,8 +530,7 @@ class SampleBridge:
                         sent_us = (time.monotonic() - event_in_s) * 1e6
                         n_bytes = b64_bytes(ev.delta)
                         out_bytes["n"] += n_bytes
-                        for _ in range(0, n_bytes, FRAME_BYTES):   # per 20 ms frame (or part), as the engine
-                            out_latency.note(sent_us)
+                        out_latency.note(sent_us, -(-n_bytes // FRAME_BYTES))   # per 20 ms frame (or part)
                         if state["start_ts"] is None:
                             state["start_ts"] = state["latest_ts"]
                         state["item"] = ev.item_id

@@ -3,16 +3,12 @@ the local server and reports the figures the engine's bridge reports, counted th
 from __future__ import annotations
 
 import asyncio
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # bench/ is not an installed package
-
-from bench.phone import CALL_FIGURES, SAY, SdkBaseline, b64_bytes, on_time, wait_until  # noqa: E402
-from engine.phone.simulator import FRAME_BYTES, FakePhone  # noqa: E402
+from bench.phone import CALL_FIGURES, SAY, SdkBaseline, b64_bytes, on_time, wait_until
+from engine.phone.simulator import FRAME_BYTES, FakePhone
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,7 +1,8 @@
 """The phone bridge: Twilio Media Streams WebSockets in, one Realtime API session per call out,
 all in one asyncio loop. Each call is driven by the engine's own pure core (RealtimeCore with
 ``audio_format="audio/pcmu"``): the phone side stands in for capture (caller audio -> MicAudio)
-and playback (Play -> ``media`` frames, marks -> the heard index, Flush -> ``clear``).
+and playback (Play -> ``media`` messages as the audio arrives, never re-paced: the phone side
+buffers and plays it; marks -> the heard index, Flush -> ``clear``).
 
 I/O only; the decisions are the core's (:mod:`engine.realtime.core`), the protocol's
 (:mod:`engine.phone.twilio`) and the heard clock's (:mod:`engine.phone.heard`).
@@ -65,17 +66,18 @@ def _p99_ms(samples_us: list[float]) -> float | None:
 
 
 class Latency:
-    """One path's latencies (µs, the latest 4096) and how many were over :data:`LATE_S`."""
+    """One path's latencies (µs, the latest 4096 frames') and how many frames were over :data:`LATE_S`."""
 
     def __init__(self) -> None:
         self.samples_us: list[float] = []
         self.late = 0
 
-    def note(self, value_us: float) -> None:
-        self.samples_us.append(value_us)
-        self.late += value_us > LATE_S * 1e6
+    def note(self, value_us: float, frames: int = 1) -> None:
+        """``frames`` 20 ms frames (one message may carry several) took ``value_us``."""
+        self.samples_us.extend([value_us] * frames)
+        self.late += frames if value_us > LATE_S * 1e6 else 0
         if len(self.samples_us) > 4096:
-            del self.samples_us[:1024]
+            del self.samples_us[:len(self.samples_us) - 3072]
 
     def p99_ms(self) -> float | None:
         return _p99_ms(self.samples_us)
@@ -85,11 +87,12 @@ class Outgoing:
     """One socket's writer: a queue drained by a task, so senders never wait.
 
     A message put with ``since_s`` (a monotonic instant: when what it carries came in) and a
-    :class:`Latency` notes ``since_s`` -> the moment its bytes were handed to the socket."""
+    :class:`Latency` notes ``since_s`` -> the moment its bytes were handed to the socket, once per
+    20 ms frame it carries (``frames``)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.queue: asyncio.Queue[tuple[str, float, Latency | None] | None] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[str, float, Latency | None, int] | None] = asyncio.Queue()
         self.ws: ServerConnection | ClientConnection | None = None
         self.task: asyncio.Task[None] | None = None
         self.sent = 0
@@ -99,10 +102,10 @@ class Outgoing:
         if self.task is None:
             self.task = asyncio.get_running_loop().create_task(self._run(), name=f"writer {self.name}")
 
-    def put(self, text: str, since_s: float = 0.0, latency: Latency | None = None) -> bool:
+    def put(self, text: str, since_s: float = 0.0, latency: Latency | None = None, frames: int = 1) -> bool:
         if self.queue.qsize() >= OUTGOING_MAX:
             return False
-        self.queue.put_nowait((text, since_s, latency))
+        self.queue.put_nowait((text, since_s, latency, frames))
         return True
 
     async def _run(self) -> None:
@@ -113,14 +116,14 @@ class Outgoing:
             ws = self.ws
             if ws is None:
                 continue
-            text, since_s, latency = item
+            text, since_s, latency, frames = item
             try:
                 await ws.send(text)
                 self.sent += 1
             except ConnectionClosed:
                 continue  # the reader sees it
             if latency is not None:
-                latency.note((time.monotonic() - since_s) * 1e6)
+                latency.note((time.monotonic() - since_s) * 1e6, frames)
 
     def close(self) -> None:
         self.queue.put_nowait(None)
@@ -271,10 +274,14 @@ class Call:
                     follow.append(PlaybackReport("started", self.item_start, self.item_start,
                                                  {"first_sample_mono_ns": time.monotonic_ns(),
                                                   "output_latency_ms": 0.0}))
+                # forwarded as it came, one media message up to each mark (Twilio buffers and paces it)
                 pcm = act.pcm
-                for i in range(0, len(pcm), FRAME_BYTES):
-                    chunk = pcm[i:i + FRAME_BYTES]
-                    self.put_phone(self.stream.media(chunk), self.event_in_s or now, self.out_latency)
+                i = 0
+                while i < len(pcm):
+                    chunk = pcm[i:i + self.clock.frames_to_next_mark()]
+                    i += len(chunk)
+                    self.put_phone(self.stream.media(chunk), self.event_in_s or now, self.out_latency,
+                                   -(-len(chunk) // FRAME_BYTES))
                     for mark in self.clock.sent(len(chunk), now):
                         self.put_phone(self.stream.mark(mark.name))
             elif isinstance(act, Publish):
@@ -304,8 +311,8 @@ class Call:
                 pass  # a call lasts less than a session (60 minutes): nothing to recycle
         return follow
 
-    def put_phone(self, text: str, since_s: float = 0.0, latency: Latency | None = None) -> None:
-        if not self.phone_out.put(text, since_s, latency) and not self.ended:
+    def put_phone(self, text: str, since_s: float = 0.0, latency: Latency | None = None, frames: int = 1) -> None:
+        if not self.phone_out.put(text, since_s, latency, frames) and not self.ended:
             self.bridge.error(self, "phone_stuck", "the phone side does not read what is sent: ending the call")
             self.end_reason = "phone_stuck"
             self.ended = True

@@ -59,6 +59,10 @@ class HeardClock:
         guess = self.anchor_index + round(max(0.0, now_s - self.anchor_s) * FRAMES_PER_S)
         return max(self.anchor_index, min(guess, limit))
 
+    def frames_to_next_mark(self) -> int:
+        """Frames still to send before the next periodic mark is due (at least 1)."""
+        return max(1, self.mark_every_frames - (self.sent_frames - self.last_mark_index))
+
     def sent(self, frames: int, now_s: float) -> list[PendingMark]:
         """``frames`` more were sent; returns the marks to send after them (due every mark_every_frames)."""
         if self.heard_index(now_s) >= self.sent_frames:   # the caller heard all: this starts playing now

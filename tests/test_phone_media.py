@@ -1,0 +1,65 @@
+"""The bridge forwards the model's audio to the phone as it arrives: each API delta goes out in as
+few ``media`` messages as the marks allow (one up to each mark), not re-cut into 20 ms frames; the
+marks still fall every ``mark_every_ms`` of sent audio. The bridge in this test's own loop, the
+local server in a thread, a fake phone."""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from engine.phone.bridge import Latency, PhoneBridge
+from engine.phone.heard import HeardClock
+from engine.phone.simulator import FRAME_BYTES, FakePhone
+from tests.test_phone_isolation import RecordingPublisher, bridge_spec
+
+pytestmark = pytest.mark.timeout(40)
+
+
+def test_the_heard_clock_says_how_far_the_next_mark_is() -> None:
+    clock = HeardClock(mark_every_frames=1600)
+    assert clock.frames_to_next_mark() == 1600
+    assert clock.sent(1000, 0.0) == []
+    assert clock.frames_to_next_mark() == 600
+    assert [m.index for m in clock.sent(600, 0.0)] == [1600]
+    assert clock.frames_to_next_mark() == 1600
+
+
+def test_a_latency_counts_every_frame_a_message_carries() -> None:
+    lat = Latency()
+    lat.note(1000.0, 5)
+    lat.note(30_000.0, 3)          # over 20 ms: 3 late frames
+    assert len(lat.samples_us) == 8 and lat.late == 3
+
+
+def test_each_delta_goes_to_the_phone_whole_with_marks_every_200_ms() -> None:
+    from tests.conftest import LocalServer
+    server = LocalServer(speed=4.0, asr=False)
+    pub = RecordingPublisher()
+
+    async def main() -> tuple[FakePhone, dict[str, Any]]:
+        bridge = PhoneBridge(bridge_spec(server.base + "/realtime"), publisher=pub)  # type: ignore[arg-type]
+        await bridge.listen()
+        phone = await FakePhone(bridge.url).dial()
+        await pub.wait("session.config", phone_call_id=phone.call_sid)
+        bridge.on_bus("cmd.say", {"text": "Please tell me about the weather on the coast this weekend",
+                                  "phone_call_id": phone.call_sid})
+        await pub.wait("response.done", phone_call_id=phone.call_sid)
+        await pub.wait("playout.stopped", phone_call_id=phone.call_sid)   # the end mark came back: all played
+        await phone.hang_up()
+        ended = await pub.wait("phone.call.ended", phone_call_id=phone.call_sid)
+        await bridge.close()
+        return phone, ended
+    try:
+        phone, ended = asyncio.run(main())
+    finally:
+        server.close()
+    frames = phone.received_frames // FRAME_BYTES
+    deltas = len(pub.all("response.output_audio.delta", phone_call_id=phone.call_sid)) or None
+    assert frames > 100 and ended["media_out_frames"] == frames
+    # the local server's deltas are 100 ms (5 frames) and marks every 200 ms fall between them:
+    # one media message a delta (it was one a 20 ms frame)
+    assert phone.media_received <= -(-frames // 5) + 1, (phone.media_received, frames, deltas)
+    assert ended["marks_sent"] == phone.received_frames // 1600 + 1      # the periodic marks and the end's
+    assert phone.underruns == 0
