@@ -79,8 +79,8 @@ def test_a_page_queue_drops_its_oldest_and_counts_them() -> None:
     q = PageQueue(limit=3)
     q.put_many([b"1", b"2"])
     q.put_many([b"3", b"4", b"5"])
-    assert q.ready.is_set() and q.dropped == 2
-    assert q.take() == [b"3", b"4", b"5"] and not q.ready.is_set()
+    assert q.dropped == 2
+    assert q.take() == [b"3", b"4", b"5"] and q.take() == []
 
 
 # ---------------------------------------------------------------- the relay on a real broker
@@ -214,3 +214,93 @@ def test_the_page_decodes_a_batch_as_the_relay_builds_it() -> None:
     assert [e["topic"] for e in batch["events"]] == [f"test.t{i}.é" for i in range(len(BODIES))]
     assert [e["body"] for e in batch["events"]] == [_jsonish(b) for b in BODIES]
     assert got["bad"] == 3 and "truncated" in got["badBatch"]
+
+
+# ---------------------------------------------------------------- the tick's senders (no sockets)
+class FakeWs:
+    """A page's socket: records what is sent; ``paused`` as websockets sets it when behind."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes | str] = []
+        self.paused = False
+
+    async def send(self, data: bytes | str) -> None:
+        self.sent.append(data)
+
+
+class FakeRing:
+    """The listen ring: ``frames`` int16 frames waiting."""
+
+    def __init__(self) -> None:
+        self.frames = 0
+        self.overrun_frames = 0
+
+    def read_into(self, buf: Any) -> int:
+        n = min(self.frames, len(buf))
+        buf[:n] = 7
+        self.frames -= n
+        return n
+
+
+@pytest.mark.timeout(10)
+def test_listen_sends_a_chunk_every_other_tick_and_does_not_wait_for_a_slow_page() -> None:
+    import asyncio
+
+    from engine.console import sound
+    from engine.console.sound import LISTEN_EVERY_TICKS, LISTEN_QUEUE_CHUNKS, ListenHub, _Listener
+    published: list[tuple[str, dict[str, Any]]] = []
+    hub = ListenHub(sound.Rings({}), lambda t, p: published.append((t, p)))
+    ring = FakeRing()
+    fast, slow = FakeWs(), FakeWs()
+    a, b = _Listener(fast), _Listener(slow)   # type: ignore[arg-type]
+    hub.listeners |= {a, b}
+    hub._ring = ring   # type: ignore[assignment]  # as serve() attaches it
+
+    async def ticks(n: int, frames_per_tick: int, t0: float) -> None:
+        for i in range(n):
+            ring.frames += frames_per_tick
+            await hub.pump(t0 + i * 0.05)
+
+    assert LISTEN_EVERY_TICKS == 2
+    asyncio.run(ticks(4, 1200, 100.0))
+    pcm = [x for x in fast.sent if isinstance(x, bytes)]
+    assert [len(x) for x in pcm] == [4800, 4800]   # 2 ticks of 50 ms each: 100 ms of 24 kHz int16
+    assert published == [("console.listen", {"on": True, "lease_ms": sound.LEASE_MS})]
+    # a paused socket is not written to: its chunks wait (bounded, the oldest dropped and counted)
+    slow.sent.clear()
+    slow.paused = True
+    asyncio.run(ticks(2 * (LISTEN_QUEUE_CHUNKS + 3), 1200, 101.0))
+    assert slow.sent == [] and len(b.chunks) == LISTEN_QUEUE_CHUNKS and b.dropped_frames == 3 * 2400
+    assert sum(isinstance(x, bytes) for x in fast.sent) == 2 + LISTEN_QUEUE_CHUNKS + 3
+    assert published[-1][1]["on"] is True and len(published) >= 2   # renewed every RENEW_S
+    slow.paused = False
+    asyncio.run(ticks(2, 0, 103.0))
+    assert sum(isinstance(x, bytes) for x in slow.sent) == LISTEN_QUEUE_CHUNKS   # caught up at once
+    # the last listener gone: the lease is given back once
+    hub.listeners.clear()
+    asyncio.run(ticks(3, 0, 104.0))
+    assert published[-1] == ("console.listen", {"on": False})
+    assert sum(p == {"on": False} for _, p in published) == 1
+
+
+@pytest.mark.timeout(10)
+def test_the_tick_sends_each_page_one_batch_and_skips_a_paused_one() -> None:
+    import asyncio
+
+    from engine.console.server import ConsoleServer
+    server = ConsoleServer(Endpoints("ipc:///nowhere-p", "ipc:///nowhere-s"))
+    fast, slow = FakeWs(), FakeWs()
+    slow.paused = True
+    server.pages = {fast: PageQueue(), slow: PageQueue()}   # type: ignore[dict-item]
+    records = _records(BODIES[:3])
+    server._deliver(records[:2])
+    server._deliver(records[2:])
+    asyncio.run(server._send_batches())
+    assert len(fast.sent) == 1 and isinstance(fast.sent[0], bytes)
+    assert [b for _, b in decode_batch(fast.sent[0])[2]] == BODIES[:3]
+    assert slow.sent == [] and len(server.pages[slow].items) == 3   # type: ignore[index]
+    asyncio.run(server._send_batches())
+    assert len(fast.sent) == 1   # nothing new: nothing sent
+    slow.paused = False
+    asyncio.run(server._send_batches())
+    assert len(slow.sent) == 1 and len(decode_batch(slow.sent[0])[2]) == 3   # type: ignore[arg-type]

@@ -1,5 +1,5 @@
 """The console's bus side: one ZeroMQ SUB socket of every topic, read on the web server's event
-loop by its tick (every :data:`BATCH_S` while a page is open, :data:`IDLE_BATCH_S` otherwise:
+loop by its tick (every :data:`BATCH_S`, 50 ms, while a page is open, :data:`IDLE_BATCH_S` otherwise:
 the console wakes on a timer, not once per message), and the few commands the page may send.
 
 Forwarding costs no decoding: each bus message goes to the page as it came, its topic and its
@@ -19,7 +19,6 @@ go out once each (:meth:`BusRelay.publish`). Everything here runs on the event l
 """
 from __future__ import annotations
 
-import asyncio
 import os
 import struct
 import time
@@ -37,7 +36,7 @@ from engine.errors import EngineError
 
 BACKLOG = 3000              #: messages kept for a page that opens (or reloads) later
 PAGE_QUEUE = 5000           #: messages waiting for one page at most; the oldest go first
-BATCH_S = 0.04              #: the tick's period while a page is open (or listens): one batch per page per tick
+BATCH_S = 0.05              #: the tick's period while a page is open (or listens): one batch per page per tick
 IDLE_BATCH_S = 0.25         #: the tick's period while no page is open (the backlog is kept up to date)
 MAX_DRAIN = 5000            #: messages read in one tick at most (the rest wait for the next)
 RESEND_S = 0.5
@@ -94,11 +93,10 @@ def decode_batch(data: bytes) -> tuple[int, int, list[tuple[str, dict[str, Any]]
 
 class PageQueue:
     """What is waiting for one page: a bounded deque of records (oldest dropped, counted in
-    ``dropped``) and an asyncio event for its writer task. Used from the event loop's thread only."""
+    ``dropped``), sent by the server's tick. Used from the event loop's thread only."""
 
     def __init__(self, limit: int = PAGE_QUEUE) -> None:
         self.items: deque[bytes] = deque(maxlen=limit)
-        self.ready = asyncio.Event()
         self.dropped = 0
 
     def put_many(self, items: Sequence[bytes]) -> None:
@@ -106,12 +104,10 @@ class PageQueue:
         if over > 0:
             self.dropped += over
         self.items.extend(items)
-        self.ready.set()
 
     def take(self) -> list[bytes]:
         items = list(self.items)
         self.items.clear()
-        self.ready.clear()
         return items
 
 
@@ -192,13 +188,10 @@ class BusRelay:
         ack_wait = bool(self._pending)
         pack = RECORD_HEADER.pack
         for _ in range(MAX_DRAIN):
-            try:
-                topic = sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
+            if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:   # cheaper than raising zmq.Again
                 break
-            frames = [topic]
-            while sock.rcvmore:           # the rest of a message is there with its first frame
-                frames.append(sock.recv())
+            frames = sock.recv_multipart()   # the whole message is there with its first frame
+            topic = frames[0]
             if len(frames) not in (2, 3) or len(topic) > MAX_TOPIC_BYTES:
                 self.malformed += 1
                 continue

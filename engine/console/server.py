@@ -128,7 +128,7 @@ class ConsoleServer:
         self.live_session = live_session
         self.token = token or secrets.token_urlsafe(24)
         self.out = out
-        self.pages: set[PageQueue] = set()
+        self.pages: dict[ServerConnection, PageQueue] = {}   #: the open pages' queues, by socket
         self.relay: BusRelay | None = None
         self.url = ""
         self.rings = Rings(rings)
@@ -191,15 +191,21 @@ class ConsoleServer:
 
     # ------------------------------------------------------------ WebSocket
     def _deliver(self, batch: list[bytes]) -> None:
-        for page in self.pages:
+        for page in self.pages.values():
             page.put_many(batch)
 
-    async def _writer(self, ws: ServerConnection, page: PageQueue) -> None:
-        while True:
-            await page.ready.wait()
+    async def _send_batches(self) -> None:
+        """Each page's waiting records as one batch. A page whose socket is behind (its write
+        buffer over the high-water mark) is not waited for: its records wait in its bounded queue."""
+        for ws, page in list(self.pages.items()):
+            if not page.items or ws.paused:   # (a send does not wait unless the socket is paused)
+                continue
             items = page.take()
             dropped, page.dropped = page.dropped, 0
-            await ws.send(encode_batch(items, time.monotonic_ns(), dropped))
+            try:
+                await ws.send(encode_batch(items, time.monotonic_ns(), dropped))
+            except ConnectionClosed:
+                self.pages.pop(ws, None)   # its handler ends too
 
     async def _tick(self, relay: BusRelay) -> None:
         """The console's one timer: every BATCH_S while a page is open, listens or a command waits
@@ -212,7 +218,8 @@ class ConsoleServer:
                 await asyncio.sleep(BATCH_S if busy else IDLE_BATCH_S)
                 now = time.monotonic()
                 relay.drain(now)
-                self.listen.pump(now)
+                await self._send_batches()
+                await self.listen.pump(now)
         except asyncio.CancelledError:
             raise
         except Exception as exc:   # zmq failing under us: serve() reports it and stops
@@ -270,19 +277,15 @@ class ConsoleServer:
             return await self.talk.serve(ws)
         page = PageQueue()
         await ws.send(json.dumps({"op": "hello", "now_ns": time.monotonic_ns(), "live_session": self.live_session}))
-        self.relay.drain()   # the backlog up to now (the tick may have been idle)
+        self.relay.drain()   # the backlog up to now (the tick may have been idle); sent at the next tick
         page.put_many(list(self.relay.backlog))
-        self.pages.add(page)
-        tasks = [asyncio.create_task(self._writer(ws, page)), asyncio.create_task(self._reader(ws))]
+        self.pages[ws] = page
         try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            await self._reader(ws)
         except ConnectionClosed:
             pass
         finally:
-            self.pages.discard(page)
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            self.pages.pop(ws, None)
 
     # ------------------------------------------------------------ lifecycle
     def _write_info(self) -> None:
@@ -323,7 +326,7 @@ class ConsoleServer:
                 stats_at, changes = 0.0, 0
                 while not stop.is_set():
                     try:
-                        await asyncio.wait_for(stop.wait(), 0.5)
+                        await asyncio.wait_for(stop.wait(), 1.0)
                     except asyncio.TimeoutError:
                         if self.relay.error is not None:
                             raise ConsoleError(f"the console lost the bus: {self.relay.error}") from None

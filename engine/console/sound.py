@@ -34,7 +34,8 @@ from engine.audio.ring import Ring, RingError
 from engine.console.audio import (LEASE_MS, LISTEN_TOPIC, RATE_HZ, RENEW_S, SOURCE_TOPIC, ConsoleAudioError,
                                   TalkPcm, engine_ring_names, parse_talk_start)
 
-LISTEN_QUEUE_CHUNKS = 25         #: chunks (about 1 s at one a tick) waiting for one listener at most; the oldest go first
+LISTEN_EVERY_TICKS = 2           #: the listen ring is read every other tick of the server (100 ms chunks)
+LISTEN_QUEUE_CHUNKS = 10         #: chunks (about 1 s) waiting for one listener at most; the oldest go first
 STATS_EVERY_S = 1.0
 LATE_MESSAGE_S = 0.1             #: a talk message this long after the one before is counted late (they come every 20 ms)
 POLICY_VIOLATION, INTERNAL_ERROR, TRY_AGAIN = 1008, 1011, 1013
@@ -79,21 +80,25 @@ class Rings:
 
 
 class _Listener:
-    def __init__(self) -> None:
+    """One listening page: its socket and what waits for it (bounded: the oldest chunks go first,
+    counted in ``dropped_frames``)."""
+
+    def __init__(self, ws: ServerConnection) -> None:
+        self.ws = ws
         self.chunks: deque[bytes] = deque(maxlen=LISTEN_QUEUE_CHUNKS)
-        self.ready = asyncio.Event()
         self.dropped_frames = 0
+        self.next_stats_s = time.monotonic() + STATS_EVERY_S
 
     def put(self, chunk: bytes) -> None:
         if len(self.chunks) == self.chunks.maxlen:
             self.dropped_frames += len(self.chunks[0]) // 2
         self.chunks.append(chunk)
-        self.ready.set()
 
 
 class ListenHub:
     """Every listening page; :meth:`pump` (the server's tick, every ``relay.BATCH_S`` while
-    anyone listens) reads the listen ring for them all. Event loop's thread only."""
+    anyone listens) reads the listen ring for them all and sends each its chunk. Event loop's
+    thread only."""
 
     def __init__(self, rings: Rings, publish: Publish) -> None:
         self.rings = rings
@@ -101,6 +106,7 @@ class ListenHub:
         self.listeners: set[_Listener] = set()
         self._ring: Ring | None = None   # the listen ring while anyone listens (holding playback's lease)
         self._renew_at_s = 0.0
+        self._ticks = 0
         self._buf = np.zeros(RATE_HZ, dtype=np.int16)   # 1 s: more than a pump round ever reads
         self.sent_frames = 0        #: read from the ring and handed to the listeners (since the console started)
         self.changes = 0            #: listeners that came or went
@@ -112,43 +118,31 @@ class ListenHub:
         except ConsoleAudioError as exc:
             await ws.close(INTERNAL_ERROR, str(exc)[:120])
             return
-        me = _Listener()
+        me = _Listener(ws)
+        await ws.send(json.dumps({"op": "listen", "rate_hz": RATE_HZ, "format": "s16le"}))   # before any PCM
         if not self.listeners:
             ring.skip(ring.read_available)   # what an earlier listener left: stale
         self.listeners.add(me)
         self.changes += 1
         if self._ring is not ring:
             self._ring, self._renew_at_s = ring, 0.0
-        self.pump(time.monotonic())   # the lease at once, not at the next tick
-        await ws.send(json.dumps({"op": "listen", "rate_hz": RATE_HZ, "format": "s16le"}))
-        writer = asyncio.create_task(self._writer(ws, me, ring))
         try:
+            await self.pump(time.monotonic(), tick=False)   # the lease at once, not at the next tick
             async for _ in ws:   # the page sends nothing that matters; this ends when it closes
                 pass
         except ConnectionClosed:
             pass
         finally:
-            writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
             self.listeners.discard(me)
             self.dropped_frames += me.dropped_frames
             self.changes += 1
 
-    async def _writer(self, ws: ServerConnection, me: _Listener, ring: Ring) -> None:
-        next_stats = time.monotonic() + STATS_EVERY_S
-        while True:
-            await me.ready.wait()
-            me.ready.clear()
-            while me.chunks:
-                await ws.send(me.chunks.popleft())
-            if time.monotonic() >= next_stats:
-                next_stats = time.monotonic() + STATS_EVERY_S
-                await ws.send(json.dumps({"op": "stats", "dropped_frames": me.dropped_frames,
-                                          "not_listened_frames": ring.overrun_frames}))
-
-    def pump(self, now_s: float) -> None:
-        """Renew playback's lease every RENEW_S and hand what the listen ring holds (one chunk) to
-        every listener, while any listens; once the last one left, give the lease back."""
+    async def pump(self, now_s: float, tick: bool = True) -> None:
+        """Renew playback's lease every RENEW_S and, every LISTEN_EVERY_TICKS ``tick``s (``tick``
+        False: now), read what the listen ring holds (one chunk) and send it to every listener,
+        while any listens; once the last one left, give the lease back. A
+        listener whose socket is behind (its write buffer over the high-water mark) is not waited
+        for: its chunks wait in its bounded queue."""
         ring = self._ring
         if ring is None:
             return
@@ -159,12 +153,24 @@ class ListenHub:
         if now_s >= self._renew_at_s:
             self._renew_at_s = now_s + RENEW_S
             self.publish(LISTEN_TOPIC, {"on": True, "lease_ms": LEASE_MS})
+        self._ticks += tick
+        if tick and self._ticks % LISTEN_EVERY_TICKS:
+            return
         n = ring.read_into(self._buf)
-        if n:
-            self.sent_frames += n
-            chunk = self._buf[:n].tobytes()
-            for listener in self.listeners:
-                listener.put(chunk)
+        chunk = self._buf[:n].tobytes() if n else b""
+        self.sent_frames += n
+        for me in list(self.listeners):
+            if chunk:
+                me.put(chunk)
+            try:
+                while me.chunks and not me.ws.paused:   # (a send does not wait unless the socket is paused)
+                    await me.ws.send(me.chunks.popleft())
+                if now_s >= me.next_stats_s:
+                    me.next_stats_s = now_s + STATS_EVERY_S
+                    await me.ws.send(json.dumps({"op": "stats", "dropped_frames": me.dropped_frames,
+                                                 "not_listened_frames": ring.overrun_frames}))
+            except ConnectionClosed:
+                self.listeners.discard(me)   # its serve() ends too, and counts it
 
 
 class TalkHub:
