@@ -218,14 +218,26 @@ def test_the_page_decodes_a_batch_as_the_relay_builds_it() -> None:
 
 # ---------------------------------------------------------------- the tick's senders (no sockets)
 class FakeWs:
-    """A page's socket: records what is sent; ``paused`` as websockets sets it when behind."""
+    """A page's socket as :func:`engine.console.sound.send_now` sees it (its Sans-I/O protocol,
+    ``send_data``, ``paused`` as websockets sets it when the socket is behind); records what is sent."""
 
     def __init__(self) -> None:
+        from websockets.protocol import State
         self.sent: list[bytes | str] = []
         self.paused = False
+        self.protocol = self
+        self.state = State.OPEN
+        self._out: list[bytes | str] = []
 
-    async def send(self, data: bytes | str) -> None:
-        self.sent.append(data)
+    def send_binary(self, data: bytes) -> None:
+        self._out.append(bytes(data))
+
+    def send_text(self, data: bytes) -> None:
+        self._out.append(data.decode())
+
+    def send_data(self) -> None:
+        self.sent += self._out
+        self._out.clear()
 
 
 class FakeRing:
@@ -244,8 +256,6 @@ class FakeRing:
 
 @pytest.mark.timeout(10)
 def test_listen_sends_a_chunk_every_other_tick_and_does_not_wait_for_a_slow_page() -> None:
-    import asyncio
-
     from engine.console import sound
     from engine.console.sound import LISTEN_EVERY_TICKS, LISTEN_QUEUE_CHUNKS, ListenHub, _Listener
     published: list[tuple[str, dict[str, Any]]] = []
@@ -256,37 +266,35 @@ def test_listen_sends_a_chunk_every_other_tick_and_does_not_wait_for_a_slow_page
     hub.listeners |= {a, b}
     hub._ring = ring   # type: ignore[assignment]  # as serve() attaches it
 
-    async def ticks(n: int, frames_per_tick: int, t0: float) -> None:
+    def ticks(n: int, frames_per_tick: int, t0: float) -> None:
         for i in range(n):
             ring.frames += frames_per_tick
-            await hub.pump(t0 + i * 0.05)
+            hub.pump(t0 + i * 0.05)
 
     assert LISTEN_EVERY_TICKS == 2
-    asyncio.run(ticks(4, 1200, 100.0))
+    ticks(4, 1200, 100.0)
     pcm = [x for x in fast.sent if isinstance(x, bytes)]
     assert [len(x) for x in pcm] == [4800, 4800]   # 2 ticks of 50 ms each: 100 ms of 24 kHz int16
     assert published == [("console.listen", {"on": True, "lease_ms": sound.LEASE_MS})]
     # a paused socket is not written to: its chunks wait (bounded, the oldest dropped and counted)
     slow.sent.clear()
     slow.paused = True
-    asyncio.run(ticks(2 * (LISTEN_QUEUE_CHUNKS + 3), 1200, 101.0))
+    ticks(2 * (LISTEN_QUEUE_CHUNKS + 3), 1200, 101.0)
     assert slow.sent == [] and len(b.chunks) == LISTEN_QUEUE_CHUNKS and b.dropped_frames == 3 * 2400
     assert sum(isinstance(x, bytes) for x in fast.sent) == 2 + LISTEN_QUEUE_CHUNKS + 3
     assert published[-1][1]["on"] is True and len(published) >= 2   # renewed every RENEW_S
     slow.paused = False
-    asyncio.run(ticks(2, 0, 103.0))
+    ticks(2, 0, 103.0)
     assert sum(isinstance(x, bytes) for x in slow.sent) == LISTEN_QUEUE_CHUNKS   # caught up at once
     # the last listener gone: the lease is given back once
     hub.listeners.clear()
-    asyncio.run(ticks(3, 0, 104.0))
+    ticks(3, 0, 104.0)
     assert published[-1] == ("console.listen", {"on": False})
     assert sum(p == {"on": False} for _, p in published) == 1
 
 
 @pytest.mark.timeout(10)
 def test_the_tick_sends_each_page_one_batch_and_skips_a_paused_one() -> None:
-    import asyncio
-
     from engine.console.server import ConsoleServer
     server = ConsoleServer(Endpoints("ipc:///nowhere-p", "ipc:///nowhere-s"))
     fast, slow = FakeWs(), FakeWs()
@@ -295,12 +303,18 @@ def test_the_tick_sends_each_page_one_batch_and_skips_a_paused_one() -> None:
     records = _records(BODIES[:3])
     server._deliver(records[:2])
     server._deliver(records[2:])
-    asyncio.run(server._send_batches())
+    server._send_batches()
     assert len(fast.sent) == 1 and isinstance(fast.sent[0], bytes)
     assert [b for _, b in decode_batch(fast.sent[0])[2]] == BODIES[:3]
     assert slow.sent == [] and len(server.pages[slow].items) == 3   # type: ignore[index]
-    asyncio.run(server._send_batches())
+    server._send_batches()
     assert len(fast.sent) == 1   # nothing new: nothing sent
     slow.paused = False
-    asyncio.run(server._send_batches())
+    server._send_batches()
     assert len(slow.sent) == 1 and len(decode_batch(slow.sent[0])[2]) == 3   # type: ignore[arg-type]
+    # a socket that is closing gets nothing (its handler ends and drops the page)
+    from websockets.protocol import State
+    fast.state = State.CLOSING
+    server._deliver(records[:1])
+    server._send_batches()
+    assert len(fast.sent) == 1 and len(server.pages[fast].items) == 1   # type: ignore[index]

@@ -43,7 +43,7 @@ from bus import Endpoints
 from bus.client import runtime_dir
 from engine.console import lookback
 from engine.console.relay import BATCH_S, IDLE_BATCH_S, BusRelay, ConsoleError, PageQueue, encode_batch
-from engine.console.sound import ListenHub, Rings, TalkHub, audio_stats
+from engine.console.sound import ListenHub, Rings, TalkHub, audio_stats, send_now
 
 STATIC = Path(__file__).resolve().parent / "static"
 INFO_FILE = "console.json"
@@ -130,6 +130,7 @@ class ConsoleServer:
         self.out = out
         self.pages: dict[ServerConnection, PageQueue] = {}   #: the open pages' queues, by socket
         self.relay: BusRelay | None = None
+        self._tick_handle: asyncio.TimerHandle | None = None
         self.url = ""
         self.rings = Rings(rings)
         self.listen = ListenHub(self.rings, self._publish)
@@ -194,36 +195,30 @@ class ConsoleServer:
         for page in self.pages.values():
             page.put_many(batch)
 
-    async def _send_batches(self) -> None:
-        """Each page's waiting records as one batch. A page whose socket is behind (its write
-        buffer over the high-water mark) is not waited for: its records wait in its bounded queue."""
-        for ws, page in list(self.pages.items()):
-            if not page.items or ws.paused:   # (a send does not wait unless the socket is paused)
-                continue
-            items = page.take()
-            dropped, page.dropped = page.dropped, 0
-            try:
-                await ws.send(encode_batch(items, time.monotonic_ns(), dropped))
-            except ConnectionClosed:
-                self.pages.pop(ws, None)   # its handler ends too
+    def _send_batches(self) -> None:
+        """Each page's waiting records as one batch. A page whose socket is behind is not waited
+        for: its records wait in its bounded queue (:func:`engine.console.sound.send_now`)."""
+        for ws, page in self.pages.items():
+            if page.items and send_now(ws, encode_batch(page.items, time.monotonic_ns(), page.dropped)):
+                page.take()
+                page.dropped = 0
 
-    async def _tick(self, relay: BusRelay) -> None:
-        """The console's one timer: every BATCH_S while a page is open, listens or a command waits
-        for its ack (IDLE_BATCH_S otherwise), the bus messages that came meanwhile to every page
-        (one batch each) and the listen ring's audio to every listener. A bus failure ends it,
-        in ``relay.error``."""
+    def _tick(self, relay: BusRelay) -> None:
+        """The console's one timer (a plain callback, which schedules the next): every BATCH_S
+        while a page is open, listens or a command waits for its ack (IDLE_BATCH_S otherwise),
+        the bus messages that came meanwhile to every page (one batch each) and the listen
+        ring's audio to every listener. A bus failure stops it, in ``relay.error``."""
+        loop = asyncio.get_running_loop()
         try:
-            while True:
-                busy = bool(self.pages) or bool(self.listen.listeners) or relay.waiting
-                await asyncio.sleep(BATCH_S if busy else IDLE_BATCH_S)
-                now = time.monotonic()
-                relay.drain(now)
-                await self._send_batches()
-                await self.listen.pump(now)
-        except asyncio.CancelledError:
-            raise
+            now = time.monotonic()
+            relay.drain(now)
+            self._send_batches()
+            self.listen.pump(now)
         except Exception as exc:   # zmq failing under us: serve() reports it and stops
             relay.error = exc
+            return
+        busy = bool(self.pages) or bool(self.listen.listeners) or relay.waiting
+        self._tick_handle = loop.call_later(BATCH_S if busy else IDLE_BATCH_S, self._tick, relay)
 
     def _command(self, msg: Any) -> dict[str, Any]:
         """A page's command → the bus command it publishes (checked; ConsoleError naming what is wrong)."""
@@ -309,7 +304,7 @@ class ConsoleServer:
         """Serve until ``stop`` is set."""
         self.relay = BusRelay(self.endpoints, self._deliver)
         self.relay.open()
-        tick = asyncio.create_task(self._tick(self.relay))
+        self._tick_handle = asyncio.get_running_loop().call_later(BATCH_S, self._tick, self.relay)
         try:
             async with serve(self.handler, self.host, self.port, process_request=self.process_request,
                              max_size=1 << 20, compression=None, ping_interval=20) as server:
@@ -341,8 +336,8 @@ class ConsoleServer:
                                "give another --console-port (0: any free port)") from None
         finally:
             self._remove_info()
-            tick.cancel()
-            await asyncio.gather(tick, return_exceptions=True)
+            if self._tick_handle is not None:
+                self._tick_handle.cancel()
             self.relay.close()
             self.rings.close()
 

@@ -29,6 +29,7 @@ from typing import Any, Callable
 import numpy as np
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from engine.audio.ring import Ring, RingError
 from engine.console.audio import (LEASE_MS, LISTEN_TOPIC, RATE_HZ, RENEW_S, SOURCE_TOPIC, ConsoleAudioError,
@@ -41,6 +42,25 @@ LATE_MESSAGE_S = 0.1             #: a talk message this long after the one befor
 POLICY_VIOLATION, INTERNAL_ERROR, TRY_AGAIN = 1008, 1011, 1013
 
 Publish = Callable[[str, dict[str, Any]], None]
+
+
+def send_now(ws: ServerConnection, data: bytes | str) -> bool:
+    """Write one whole WebSocket message to ``ws`` at once, from a plain callback (the server's
+    tick): no await, so no task and no extra turn of the event loop. False, and nothing sent,
+    when the socket is not open or is behind (its write buffer over the high-water mark: what
+    waits for it stays in its bounded queue). Uses the connection's Sans-I/O ``protocol`` and
+    its ``send_data`` (what ``Connection.send`` does for a whole message, without the wait)."""
+    if ws.protocol.state is not State.OPEN or ws.paused:
+        return False
+    try:
+        if isinstance(data, str):
+            ws.protocol.send_text(data.encode())
+        else:
+            ws.protocol.send_binary(data)
+        ws.send_data()
+    except OSError:   # the transport failed: the connection's own reader sees it close
+        return False
+    return True
 
 
 class Rings:
@@ -127,7 +147,7 @@ class ListenHub:
         if self._ring is not ring:
             self._ring, self._renew_at_s = ring, 0.0
         try:
-            await self.pump(time.monotonic(), tick=False)   # the lease at once, not at the next tick
+            self.pump(time.monotonic(), tick=False)   # the lease at once, not at the next tick
             async for _ in ws:   # the page sends nothing that matters; this ends when it closes
                 pass
         except ConnectionClosed:
@@ -137,12 +157,11 @@ class ListenHub:
             self.dropped_frames += me.dropped_frames
             self.changes += 1
 
-    async def pump(self, now_s: float, tick: bool = True) -> None:
+    def pump(self, now_s: float, tick: bool = True) -> None:
         """Renew playback's lease every RENEW_S and, every LISTEN_EVERY_TICKS ``tick``s (``tick``
         False: now), read what the listen ring holds (one chunk) and send it to every listener,
-        while any listens; once the last one left, give the lease back. A
-        listener whose socket is behind (its write buffer over the high-water mark) is not waited
-        for: its chunks wait in its bounded queue."""
+        while any listens; once the last one left, give the lease back. A listener whose socket
+        is behind is not waited for: its chunks wait in its bounded queue (:func:`send_now`)."""
         ring = self._ring
         if ring is None:
             return
@@ -159,18 +178,14 @@ class ListenHub:
         n = ring.read_into(self._buf)
         chunk = self._buf[:n].tobytes() if n else b""
         self.sent_frames += n
-        for me in list(self.listeners):
+        for me in self.listeners:
             if chunk:
                 me.put(chunk)
-            try:
-                while me.chunks and not me.ws.paused:   # (a send does not wait unless the socket is paused)
-                    await me.ws.send(me.chunks.popleft())
-                if now_s >= me.next_stats_s:
-                    me.next_stats_s = now_s + STATS_EVERY_S
-                    await me.ws.send(json.dumps({"op": "stats", "dropped_frames": me.dropped_frames,
-                                                 "not_listened_frames": ring.overrun_frames}))
-            except ConnectionClosed:
-                self.listeners.discard(me)   # its serve() ends too, and counts it
+            while me.chunks and send_now(me.ws, me.chunks[0]):
+                me.chunks.popleft()
+            if now_s >= me.next_stats_s and send_now(me.ws, json.dumps({
+                    "op": "stats", "dropped_frames": me.dropped_frames, "not_listened_frames": ring.overrun_frames})):
+                me.next_stats_s = now_s + STATS_EVERY_S
 
 
 class TalkHub:
