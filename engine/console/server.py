@@ -131,6 +131,8 @@ class ConsoleServer:
         self.pages: dict[ServerConnection, PageQueue] = {}   #: the open pages' queues, by socket
         self.relay: BusRelay | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
+        self._audio_stats_at_s = 0.0
+        self._audio_changes = 0
         self.url = ""
         self.rings = Rings(rings)
         self.listen = ListenHub(self.rings, self._publish)
@@ -203,22 +205,34 @@ class ConsoleServer:
                 page.take()
                 page.dropped = 0
 
-    def _tick(self, relay: BusRelay) -> None:
+    def _tick(self, relay: BusRelay, stop: asyncio.Event) -> None:
         """The console's one timer (a plain callback, which schedules the next): every BATCH_S
         while a page is open, listens or a command waits for its ack (IDLE_BATCH_S otherwise),
-        the bus messages that came meanwhile to every page (one batch each) and the listen
-        ring's audio to every listener. A bus failure stops it, in ``relay.error``."""
+        the bus messages that came meanwhile to every page (one batch each), the listen ring's
+        audio to every listener, and ``console.audio`` (:meth:`_audio_stats`). A bus failure
+        stops the console (``relay.error``, then ``stop``)."""
         loop = asyncio.get_running_loop()
         try:
             now = time.monotonic()
             relay.drain(now)
             self._send_batches()
             self.listen.pump(now)
-        except Exception as exc:   # zmq failing under us: serve() reports it and stops
+            self._audio_stats(now)
+        except Exception as exc:   # zmq failing under us: serve() reports it
             relay.error = exc
+            stop.set()
             return
         busy = bool(self.pages) or bool(self.listen.listeners) or relay.waiting
-        self._tick_handle = loop.call_later(BATCH_S if busy else IDLE_BATCH_S, self._tick, relay)
+        self._tick_handle = loop.call_later(BATCH_S if busy else IDLE_BATCH_S, self._tick, relay, stop)
+
+    def _audio_stats(self, now_s: float) -> None:
+        """``console.audio`` every AUDIO_STATS_EVERY_S while a page listens or talks, and when one starts or stops."""
+        assert self.relay is not None
+        active = bool(self.listen.listeners) or self.talk.talking is not None
+        was, self._audio_changes = self._audio_changes, self.listen.changes + self.talk.changes
+        if (active and now_s >= self._audio_stats_at_s) or self._audio_changes != was:
+            self._audio_stats_at_s = now_s + AUDIO_STATS_EVERY_S
+            self.relay.publish("console.audio", audio_stats(self.listen, self.talk))
 
     def _command(self, msg: Any) -> dict[str, Any]:
         """A page's command → the bus command it publishes (checked; ConsoleError naming what is wrong)."""
@@ -304,7 +318,7 @@ class ConsoleServer:
         """Serve until ``stop`` is set."""
         self.relay = BusRelay(self.endpoints, self._deliver)
         self.relay.open()
-        self._tick_handle = asyncio.get_running_loop().call_later(BATCH_S, self._tick, self.relay)
+        self._tick_handle = asyncio.get_running_loop().call_later(BATCH_S, self._tick, self.relay, stop)
         try:
             async with serve(self.handler, self.host, self.port, process_request=self.process_request,
                              max_size=1 << 20, compression=None, ping_interval=20) as server:
@@ -318,19 +332,9 @@ class ConsoleServer:
                     self.out.write(f"realtalk: console: listening on {self.host}, not only loopback: anyone "
                                    "with the URL's token can see and steer the conversation\n")
                 self.out.flush()
-                stats_at, changes = 0.0, 0
-                while not stop.is_set():
-                    try:
-                        await asyncio.wait_for(stop.wait(), 1.0)
-                    except asyncio.TimeoutError:
-                        if self.relay.error is not None:
-                            raise ConsoleError(f"the console lost the bus: {self.relay.error}") from None
-                    # console.audio every 2 s while a page listens or talks, and when one starts or stops
-                    active = bool(self.listen.listeners) or self.talk.talking is not None
-                    was, changes = changes, self.listen.changes + self.talk.changes
-                    if (active and time.monotonic() >= stats_at) or changes != was:
-                        stats_at = time.monotonic() + AUDIO_STATS_EVERY_S
-                        self.relay.publish("console.audio", audio_stats(self.listen, self.talk))
+                await stop.wait()
+                if self.relay.error is not None:
+                    raise ConsoleError(f"the console lost the bus: {self.relay.error}")
         except OSError as exc:
             raise ConsoleError(f"the console cannot listen on {self.host}:{self.port}: {exc.strerror or exc}; "
                                "give another --console-port (0: any free port)") from None
