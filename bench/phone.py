@@ -587,13 +587,37 @@ async def sdk_bridge_main(api_base_url: str, model: str) -> None:
 
 
 # ------------------------------------------------------------------ the whole run
+def level_on_time(r: dict[str, Any]) -> bool:
+    """Every call ended and played the whole reply, the bridge sent no media frame late (in or
+    out) and nothing underran at the phones."""
+    return (r["calls_ended"] == r["calls"] and r["reply_frames_played_min"] == r["reply_frames_played_max"]
+            and r["media_in_late_frames"] == 0 and r["media_out_late_frames"] == 0 and r["phone_underruns"] == 0)
+
+
 def on_time(levels: list[dict[str, Any]]) -> int:
-    """The largest level whose every call ended and played the whole reply, whose bridge sent no
-    media frame late (in or out) and at whose phones nothing underran."""
-    ok = [r["calls"] for r in levels if r["calls_ended"] == r["calls"]
-          and r["reply_frames_played_min"] == r["reply_frames_played_max"]
-          and r["media_in_late_frames"] == 0 and r["media_out_late_frames"] == 0 and r["phone_underruns"] == 0]
-    return max(ok, default=0)
+    """The largest level that is on time with every smaller level of the run on time too (0: the
+    smallest is not)."""
+    best = 0
+    for r in sorted(levels, key=lambda r: r["calls"]):
+        if not level_on_time(r):
+            break
+        best = r["calls"]
+    return best
+
+
+#: how the baseline's figures relate to the engine's (bench/README.md, "phone")
+BASELINE_NOTES = {
+    "counted_by": "the same level(), truncation_trials(), truncation_error_ms() and engine.phone.bridge.Latency",
+    "in_latency": "same instants: the media message taken off the Twilio socket -> the SDK's append returned "
+                  "(it awaits the same websockets send)",
+    "out_latency": "from the SDK's recv_bytes returned (before its parsing) -> the media message sent; "
+                   "noted per 20 ms frame it carries, as the engine",
+    "clear_latency": "the sample sends conversation.item.truncate before clear (the engine: clear first), "
+                     "so its figure includes that send",
+    "pss_mb_added_per_call": "its first call imports the SDK's realtime modules (about 6.5 MB): read it at 5+ calls",
+    "not_measured": "nothing of the engine's figures: the sample has no bus, so its per-call figures come on "
+                    "its stdout instead of phone.call.ended",
+}
 
 
 def measure(counts: list[int], seconds: float, runs: int, layouts: list[str], trials: int = 0,
@@ -624,6 +648,8 @@ def measure(counts: list[int], seconds: float, runs: int, layouts: list[str], tr
                            "machine": {"cpus": os.cpu_count(), "loadavg_at_start": list(os.getloadavg())},
                            "seconds_per_level": seconds, "runs": {}}
     names = [*layouts, *([BASELINE] if baseline else [])]
+    if baseline:
+        out["baseline_notes"] = BASELINE_NOTES
     try:
         for _ in range(runs):
             for name in names:
