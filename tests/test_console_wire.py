@@ -274,7 +274,7 @@ def test_listen_sends_a_chunk_every_other_tick_and_does_not_wait_for_a_slow_page
     assert LISTEN_EVERY_TICKS == 2
     ticks(4, 1200, 100.0)
     pcm = [x for x in fast.sent if isinstance(x, bytes)]
-    assert [len(x) for x in pcm] == [4800, 4800]   # 2 ticks of 50 ms each: 100 ms of 24 kHz int16
+    assert [len(x) for x in pcm] == [4800, 4800]   # one chunk every other tick: 2 x 1200 frames of int16
     assert published == [("console.listen", {"on": True, "lease_ms": sound.LEASE_MS})]
     # a paused socket is not written to: its chunks wait (bounded, the oldest dropped and counted)
     slow.sent.clear()

@@ -1,5 +1,5 @@
 """The console's bus side: one ZeroMQ SUB socket of every topic, read on the web server's event
-loop by its tick (every :data:`BATCH_S`, 50 ms, while a page is open, :data:`IDLE_BATCH_S` otherwise:
+loop by its tick (every :data:`BATCH_S`, 60 ms, while a page is open, :data:`IDLE_BATCH_S` otherwise:
 the console wakes on a timer, not once per message), and the few commands the page may send.
 
 Forwarding costs no decoding: each bus message goes to the page as it came, its topic and its
@@ -36,7 +36,7 @@ from engine.errors import EngineError
 
 BACKLOG = 3000              #: messages kept for a page that opens (or reloads) later
 PAGE_QUEUE = 5000           #: messages waiting for one page at most; the oldest go first
-BATCH_S = 0.05              #: the tick's period while a page is open (or listens): one batch per page per tick
+BATCH_S = 0.06              #: the tick's period while a page is open (or listens): one batch per page per tick
 IDLE_BATCH_S = 0.25         #: the tick's period while no page is open (the backlog is kept up to date)
 MAX_DRAIN = 5000            #: messages read in one tick at most (the rest wait for the next)
 RESEND_S = 0.5

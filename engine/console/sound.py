@@ -35,7 +35,7 @@ from engine.audio.ring import Ring, RingError
 from engine.console.audio import (LEASE_MS, LISTEN_TOPIC, RATE_HZ, RENEW_S, SOURCE_TOPIC, ConsoleAudioError,
                                   TalkPcm, engine_ring_names, parse_talk_start)
 
-LISTEN_EVERY_TICKS = 2           #: the listen ring is read every other tick of the server (100 ms chunks)
+LISTEN_EVERY_TICKS = 2           #: the listen ring is read every other tick of the server (120 ms chunks)
 LISTEN_QUEUE_CHUNKS = 10         #: chunks (about 1 s) waiting for one listener at most; the oldest go first
 STATS_EVERY_S = 1.0
 LATE_MESSAGE_S = 0.1             #: a talk message this long after the one before is counted late (they come every 20 ms)

@@ -6,8 +6,8 @@
 "use strict";
 
 // Plays 24 kHz float samples pushed by the page at the context's rate (linear interpolation
-// when that is not 24 kHz). The console sends them in chunks of about 100 ms, every 100 ms.
-// Waits for startFrames (200 ms: a chunk and its jitter) before playing, and again after
+// when that is not 24 kHz). The console sends them in chunks of about 120 ms, every 120 ms.
+// Waits for startFrames (240 ms: two chunks) before playing, and again after
 // running dry (counted as underrun frames; each time the wait grows 50 ms, up to 400 ms, so a
 // jittery network or a busy page costs one gap, not one a second); cuts a backlog over
 // maxFrames back to startFrames (counted as dropped). Reports the RMS of each 20 ms window
@@ -16,7 +16,7 @@ class ListenCore {
   constructor(rate) {
     this.buf = new Float32Array(1 << 17); this.mask = (1 << 17) - 1;
     this.w = 0; this.r = 0; this.step = 24000 / rate;
-    this.startFrames = 4800; this.maxFrames = 14400;    // 200 ms to start, 600 ms at most (24 kHz frames)
+    this.startFrames = 5760; this.maxFrames = 15360;    // 240 ms to start, 640 ms at most (24 kHz frames)
     this.underruns = 0;
     this.playing = false; this.started = false;
     this.played = 0; this.underrunFrames = 0; this.droppedFrames = 0; this.received = 0;
