@@ -7,7 +7,7 @@ the user's voice.
   lasting backlog is cut (clock drift, start-up), so the delay between reference and
   echo stays steady and bounded for the canceller's delay estimator.
 * :class:`EchoCanceller` is WebRTC's audio processing module (pywebrtc-audio, AEC3) at
-  32 kHz, fed 10 ms blocks of mic (near end) and reference (far end), in and out at the
+  48 kHz, fed 10 ms blocks of mic (near end) and reference (far end), in and out at the
   engine's 24 kHz through soxr. It also measures its echo return loss enhancement (ERLE).
 * :class:`EchoGate` is half-duplex: the mic is silent while the model is audible.
 
@@ -24,9 +24,7 @@ import numpy as np
 from engine.audio.ring import Ring, SampleFifo
 
 RATE_HZ = 24000
-#: AEC3's rate: the lowest of its rates (16, 32, 48 kHz) that keeps all of the 24 kHz stream's band
-#: (0-12 kHz); at 48 kHz it costs a quarter more for a band the API never gets
-AEC_RATE_HZ = 32000
+AEC_RATE_HZ = 48000
 AEC_BLOCK_FRAMES = AEC_RATE_HZ // 100      # WebRTC processes 10 ms blocks
 FAR_ACTIVE_DBFS = -50.0                    # a reference block louder than this counts for ERLE
 ERLE_WINDOW_BLOCKS = 100                   # one ERLE figure per second of far-end speech
@@ -95,7 +93,7 @@ class FarEnd:
 
 
 class EchoCanceller:
-    """WebRTC AEC3 at 32 kHz behind a 24 kHz interface; ``process`` keeps the stream's length.
+    """WebRTC AEC3 at 48 kHz behind a 24 kHz interface; ``process`` keeps the stream's length.
 
     Behind AEC3 sits a residual-echo guard (a Geigel-style double-talk test on the output):
     while the far end has been active within the last 500 ms, an output block quieter than
@@ -113,7 +111,7 @@ class EchoCanceller:
         self._up_near = resample_stream(RATE_HZ, AEC_RATE_HZ)
         self._up_far = resample_stream(RATE_HZ, AEC_RATE_HZ)
         self._down = resample_stream(AEC_RATE_HZ, RATE_HZ)
-        self._near = SampleFifo(AEC_RATE_HZ)    # AEC rate, waiting for whole 10 ms blocks
+        self._near = SampleFifo(AEC_RATE_HZ)    # 48 kHz, waiting for whole 10 ms blocks
         self._far = SampleFifo(AEC_RATE_HZ)
         self._out = np.zeros(AEC_RATE_HZ, dtype=np.int16)
         self._guard_ratio = None if guard_db is None else 10 ** (guard_db / 20)
