@@ -30,6 +30,9 @@ FAR_ACTIVE_DBFS = -50.0                    # a reference block louder than this 
 ERLE_WINDOW_BLOCKS = 100                   # one ERLE figure per second of far-end speech
 GUARD_WINDOW_BLOCKS = 50                   # 500 ms of far-end history: longer than any echo path
 GUARD_ATTENUATION = 0.03                   # -30 dB on blocks the guard takes for residual echo
+TALK_DB = -40.0                            # a block above this (re the far end's recent peak) may be a talker
+TALK_ONSET_BLOCKS = 15                     # 150 ms above TALK_DB in a row: a talker (AEC3's leaks are shorter)
+TALK_HANG_BLOCKS = 30                      # a talker's blocks pass 300 ms past their last one above TALK_DB
 
 
 class FarEnd:
@@ -92,15 +95,76 @@ class FarEnd:
         return out
 
 
+class TalkGuard:
+    """The residual-echo guard behind AEC3: per 10 ms block, whether to attenuate it. Pure.
+
+    States: ``QUIET`` (the far end silent for the last 500 ms), ``ECHO`` (the far end active and
+    no talker found), ``TALK`` (a talker is speaking over the far end). Inputs per block: the
+    cancelled block's RMS and the loudest far-end block RMS of the last 500 ms (``far_peak``).
+
+    | state       | block                                        | next  | block is   |
+    |-------------|----------------------------------------------|-------|------------|
+    | any         | far_peak not active                          | QUIET | passed     |
+    | QUIET       | far_peak active                              | ECHO  | (as ECHO)  |
+    | ECHO        | above ``loud_db``                            | ECHO  | passed     |
+    | ECHO        | above TALK_DB, TALK_ONSET_BLOCKS in a row    | TALK  | passed     |
+    | ECHO        | otherwise                                    | ECHO  | attenuated |
+    | TALK        | above TALK_DB                                | TALK  | passed     |
+    | TALK        | below, within TALK_HANG_BLOCKS of the last   | TALK  | passed     |
+    | TALK        | below, longer                                | ECHO  | attenuated |
+
+    Why: AEC3 leaves echo 50 dB down once converged, but leaks for tens of ms after the echo
+    path moves; a threshold on level alone (``loud_db``, the old guard) cannot tell such a leak
+    from someone talking more softly than the model's echo, and so lost soft double talk. A
+    talker lasts: 150 ms above TALK_DB (well above a converged residual) makes one, whose
+    speech then passes until 300 ms after it last rose above it. The cost: the first 150 ms of
+    soft double talk are attenuated (a loud talker passes at once).
+    """
+
+    QUIET, ECHO, TALK = "quiet", "echo", "talk"
+
+    def __init__(self, loud_db: float, active_rms: float) -> None:
+        self.loud_ratio = 10 ** (loud_db / 20)
+        self.talk_ratio = 10 ** (TALK_DB / 20)
+        self.active_rms = active_rms
+        self.state = self.QUIET
+        self.run_blocks = 0       # blocks above TALK_DB in a row (ECHO)
+        self.hang_blocks = 0      # blocks since the last one above TALK_DB (TALK)
+        self.talks = 0            #: ECHO -> TALK transitions (talkers found over the far end)
+
+    def attenuate(self, out_rms: float, far_peak: float) -> bool:
+        """Advance by one block; True if this block is taken for residual echo."""
+        if far_peak <= self.active_rms:
+            self.state, self.run_blocks, self.hang_blocks = self.QUIET, 0, 0
+            return False
+        above = out_rms >= self.talk_ratio * far_peak
+        if self.state == self.TALK:
+            if above:
+                self.hang_blocks = 0
+                return False
+            self.hang_blocks += 1
+            if self.hang_blocks <= TALK_HANG_BLOCKS:
+                return False
+            self.state, self.run_blocks = self.ECHO, 0
+            return True
+        self.state = self.ECHO
+        self.run_blocks = self.run_blocks + 1 if above else 0
+        if self.run_blocks >= TALK_ONSET_BLOCKS:
+            self.state, self.hang_blocks = self.TALK, 0
+            self.talks += 1
+            return False
+        return out_rms < self.loud_ratio * far_peak
+
+
 class EchoCanceller:
     """WebRTC AEC3 at 48 kHz behind a 24 kHz interface; ``process`` keeps the stream's length.
 
-    Behind AEC3 sits a residual-echo guard (a Geigel-style double-talk test on the output):
-    while the far end has been active within the last 500 ms, an output block quieter than
-    ``guard_db`` below the loudest recent far-end block cannot be the user talking over the
-    model (a person near the mic is louder than the speaker's echo), so it is attenuated by
-    30 dB. AEC3 removes the echo; the guard catches what leaks while AEC3 re-converges after
-    the echo path changes (a device's latency jumps). ``guard_db=None`` turns it off.
+    Behind AEC3 sits a residual-echo guard (:class:`TalkGuard`): while the far end has been
+    active within the last 500 ms, an output block is attenuated by 30 dB unless it is louder
+    than ``guard_db`` below the loudest recent far-end block, or belongs to a talker (150 ms
+    above TALK_DB in a row, then until 300 ms after it last was). AEC3 removes the echo; the
+    guard catches what leaks for tens of ms while AEC3 re-converges after the echo path changes
+    (a device's latency jumps). ``guard_db=None`` turns it off.
     ERLE is measured on AEC3's output, before the guard.
     """
 
@@ -114,10 +178,10 @@ class EchoCanceller:
         self._near = SampleFifo(AEC_RATE_HZ)    # 48 kHz, waiting for whole 10 ms blocks
         self._far = SampleFifo(AEC_RATE_HZ)
         self._out = np.zeros(AEC_RATE_HZ, dtype=np.int16)
-        self._guard_ratio = None if guard_db is None else 10 ** (guard_db / 20)
         self._far_rms = np.zeros(GUARD_WINDOW_BLOCKS, dtype=np.float64)   # recent far-end block levels
         self._far_pos = 0
         self._active_rms = 32768.0 * 10 ** (FAR_ACTIVE_DBFS / 20)
+        self.guard = TalkGuard(guard_db, self._active_rms) if guard_db is not None else None
         self.guarded_blocks = 0
         # ERLE over blocks where the far end is active: 10*log10(sum near^2 / sum out^2)
         self.near_energy = 0.0
@@ -172,12 +236,10 @@ class EchoCanceller:
                         self._window_blocks = 0
                 self._far_rms[self._far_pos] = far_rms
                 self._far_pos = (self._far_pos + 1) % GUARD_WINDOW_BLOCKS
-                if self._guard_ratio is not None:
-                    far_peak = float(self._far_rms.max())
-                    if far_peak > self._active_rms and \
-                            (out_energy / AEC_BLOCK_FRAMES) ** 0.5 < self._guard_ratio * far_peak:
-                        out_f[b] *= GUARD_ATTENUATION
-                        self.guarded_blocks += 1
+                if self.guard is not None and \
+                        self.guard.attenuate((out_energy / AEC_BLOCK_FRAMES) ** 0.5, float(self._far_rms.max())):
+                    out_f[b] *= GUARD_ATTENUATION
+                    self.guarded_blocks += 1
             if blocks:
                 self._out[:n] = out_f.reshape(-1)
             self._near.drop(n)
@@ -207,7 +269,9 @@ class EchoCanceller:
         return {"erle_db": self.erle_db(), "erle_total_db": self.erle_total_db(),
                 "erle_p10_db": round(float(np.percentile(self.erle_windows_db, 10)), 1) if self.erle_windows_db else None,
                 "far_active_ms": self.far_active_blocks * 10, "blocks": self.blocks,
-                "guarded_ms": self.guarded_blocks * 10, "errors": self.errors, "cpu_ms": round(self.busy_ns / 1e6, 1)}
+                "guarded_ms": self.guarded_blocks * 10,
+                "talkers": self.guard.talks if self.guard is not None else 0, "errors": self.errors,
+                "cpu_ms": round(self.busy_ns / 1e6, 1)}
 
 
 class EchoGate:
