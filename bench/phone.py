@@ -388,11 +388,10 @@ async def interrupt_after(phone: FakePhone, heard_s: float, speech: bytes) -> No
 
 
 def p99(values: list[float]) -> float | None:
-    """The nearest-rank p99 (bench/README.md's p50 / p99), as the bridge's ``Latency.p99_ms`` takes it."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    """The nearest-rank p99 (bench/README.md's p50 / p99: ``bench.run.pct``, as the bridge's
+    ``Latency.p99_ms`` takes it); None when nothing was measured."""
+    from bench.run import pct
+    return pct(values, 99) if values else None
 
 
 async def barge_in(url: str, calls: Calls, heard_s: float, speech: bytes) -> tuple[float | None, float | None]:

@@ -186,7 +186,6 @@ class BusRelay:
         sock = self._sub.socket
         records: list[bytes] = []
         ack_wait = bool(self._pending)
-        pack = RECORD_HEADER.pack
         for _ in range(MAX_DRAIN):
             if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:   # cheaper than raising zmq.Again
                 break
@@ -205,7 +204,7 @@ class BusRelay:
             body = frames[1]
             if ack_wait and topic == b"cmd.ack":
                 self._on_ack(body)
-            records.append(pack(len(topic), len(body)) + topic + body)
+            records.append(encode_record(topic, body))
         self.received += len(records)
         if self._pending:
             self._resend(time.monotonic() if now_s is None else now_s, records)

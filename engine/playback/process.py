@@ -292,9 +292,13 @@ class Renderer:
         ctl.set_heard(max(ctl.heard_index, heard_base - latency_frames), latency_frames)
 
     def _emit(self, kind: str, index: int) -> None:
-        """Queue a stream event for the publishing thread and wake it (one non-blocking eventfd
-        write: real-time safe)."""
+        """Queue a stream event for the publishing thread and wake it."""
         self.events.append(self._event(kind, index))
+        self.wake()
+
+    def wake(self) -> None:
+        """Wake the publishing thread, if it sleeps on ``wake_fd``: one non-blocking eventfd write,
+        real-time safe (a failure is counted in ``wake_errors``, published on playback.cadence)."""
         if self.wake_fd is not None:
             try:
                 os.eventfd_write(self.wake_fd, 1)
@@ -427,7 +431,6 @@ class PlaybackProcess:
         self.listen_switch = ListenSwitch()
         self.next_listen_at = 0.0
         self.console_sub = Subscriber(spec["bus"]["subscribe"], [LISTEN_TOPIC]) if self.renderer.listen else None
-        self.renderer.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
     def publish_events(self) -> None:
         """Publish what the renderer saw (from the loop thread, never the callback). Reports carry
@@ -468,6 +471,7 @@ class PlaybackProcess:
             self.pub.publish("playback.cadence", {"callbacks": self.callbacks, "period_ms": self.period_ms,
                                                   "device_underflows": self.device_underflows,
                                                   "callback_errors": self.callback_errors,
+                                                  "wake_errors": r.wake_errors,
                                                   "expanded_ms": r.expanded_frames // FRAMES_PER_MS,
                                                   "accelerated_ms": r.accelerated_frames // FRAMES_PER_MS,
                                                   "interval_ms_p50": round(float(np.percentile(gaps_ms, 50)), 2),
@@ -578,18 +582,17 @@ class PlaybackProcess:
         stream_latency_s = stream.get_output_latency()
         self.pub.publish("playback.device", {"name": dev["name"], "rate_hz": rate, "period_frames": frames_dev,
                                              "latency_ms": round(stream_latency_s * 1000, 1)})
-        keep_running(pa, stream, self.stop, self.publish_events, PUBLISH_EVERY_S, self.renderer.wake_fd)
-
-    def _wake(self) -> None:
-        """Wake the publishing thread (from a signal handler: stopping)."""
-        if self.renderer.wake_fd is not None:
-            try:
-                os.eventfd_write(self.renderer.wake_fd, 1)
-            except OSError:
-                pass
+        # the publishing thread sleeps on this between chores; the renderer (and a stop signal) wakes it
+        wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.renderer.wake_fd = wake_fd
+        try:
+            keep_running(pa, stream, self.stop, self.publish_events, PUBLISH_EVERY_S, wake_fd)
+        finally:
+            self.renderer.wake_fd = None
+            os.close(wake_fd)
 
     def run(self) -> int:
-        stop_on_signals(self.stop, self._wake)
+        stop_on_signals(self.stop, self.renderer.wake)
         target = self.speaker
         try:
             if target is None or target == "null":
