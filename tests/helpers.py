@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import threading
 import time
 import wave
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import websocket
@@ -80,3 +82,25 @@ def structural(types: list[str]) -> list[str]:
     """Event types without deltas, rate limits and input transcription (which interleave freely)."""
     return [t for t in types if not t.endswith(".delta") and t != "rate_limits.updated"
             and not t.startswith("conversation.item.input_audio_transcription")]
+
+
+@contextlib.contextmanager
+def thread_broker(tmp_path: Path, name: str = "broker") -> Iterator[tuple[str, str]]:
+    """The engine's broker on a thread of this process, on ipc sockets in ``tmp_path``: yields
+    (publish endpoint, subscribe endpoint); stopped through its stop endpoint on exit."""
+    import zmq
+    from bus.broker import run_broker
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    pub_ep, sub_ep = f"ipc://{tmp_path}/p.sock", f"ipc://{tmp_path}/s.sock"
+    stop_ep = f"inproc://stop-{name}-{id(tmp_path)}"
+    t = threading.Thread(target=run_broker, args=(pub_ep, sub_ep), kwargs={"context": ctx, "stop_endpoint": stop_ep},
+                         daemon=True)
+    t.start()
+    try:
+        yield pub_ep, sub_ep
+    finally:
+        s = ctx.socket(zmq.PUSH)
+        s.connect(stop_ep)
+        s.send(b"stop")
+        t.join(5)
+        s.close()

@@ -1,7 +1,6 @@
 """Bus wire format, broker forwarding and last-value cache."""
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import pytest
 import zmq
 
 from bus import MalformedMessage, Publisher, Subscriber, decode, encode
-from bus.broker import run_broker
+from tests.helpers import thread_broker
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -36,20 +35,9 @@ def test_malformed_messages_name_the_problem(frames: list[bytes], words: str) ->
 
 @pytest.fixture
 def broker(tmp_path: Path):
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-    pub_ep, sub_ep = f"ipc://{tmp_path}/p.sock", f"ipc://{tmp_path}/s.sock"
-    stop_ep = f"inproc://stop-{id(tmp_path)}"
-    t = threading.Thread(target=run_broker, args=(pub_ep, sub_ep), kwargs={"context": ctx, "stop_endpoint": stop_ep},
-                         daemon=True)
-    t.start()
-    time.sleep(0.1)
-    yield pub_ep, sub_ep
-    s = ctx.socket(zmq.PUSH)
-    s.connect(stop_ep)
-    s.send(b"stop")
-    t.join(5)
-    s.close()
-
+    with thread_broker(tmp_path) as endpoints:
+        time.sleep(0.1)
+        yield endpoints
 
 def _wait_for(sub: Subscriber, topic: str, timeout_ms: int = 3000) -> dict | None:
     deadline = time.monotonic() + timeout_ms / 1000

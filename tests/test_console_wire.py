@@ -6,18 +6,16 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import msgpack
 import pytest
-import zmq
 
 from bus import Endpoints, Publisher
-from bus.broker import run_broker
 from engine.console import relay as relay_mod
+from tests.helpers import thread_broker
 from engine.console.relay import (BATCH_HEADER, BusRelay, ConsoleError, PageQueue, decode_batch, encode_batch,
                                   encode_record)
 
@@ -86,19 +84,8 @@ def test_a_page_queue_drops_its_oldest_and_counts_them() -> None:
 # ---------------------------------------------------------------- the relay on a real broker
 @pytest.fixture
 def endpoints(tmp_path: Path) -> Iterator[Endpoints]:
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-    pub_ep, sub_ep = f"ipc://{tmp_path}/p.sock", f"ipc://{tmp_path}/s.sock"
-    stop_ep = f"inproc://stop-console-{id(tmp_path)}"
-    t = threading.Thread(target=run_broker, args=(pub_ep, sub_ep), kwargs={"context": ctx, "stop_endpoint": stop_ep},
-                         daemon=True)
-    t.start()
-    yield Endpoints(pub_ep, sub_ep)
-    s = ctx.socket(zmq.PUSH)
-    s.connect(stop_ep)
-    s.send(b"stop")
-    t.join(5)
-    s.close()
-
+    with thread_broker(tmp_path, "console") as (pub_ep, sub_ep):
+        yield Endpoints(pub_ep, sub_ep)
 
 class Collected:
     def __init__(self) -> None:
