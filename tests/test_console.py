@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import numpy as np
 import pytest
 
-from engine.console.levels import FLOOR_DBFS, LevelTap
+from engine.console.levels import FLOOR_DBFS, LevelTap, amplitude_dbfs, dbfs
 from engine.console.relay import decode_batch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,6 +45,15 @@ def test_level_tap_measures_windows_with_their_time() -> None:
     silent = tap.drain()
     assert silent.rms_dbfs == [FLOOR_DBFS] and silent.start_mono_ns is not None
     assert silent.start_mono_ns > lv.start_mono_ns + 290_000_000
+
+
+def test_one_amplitude_in_dbfs_is_what_the_array_form_gives() -> None:
+    values = [0.0, 1e-12, 0.5, 1.0, 1.04, 1.05, 100.0, 3000.0, 23170.0, 32767.0, 32768.0]
+    assert [amplitude_dbfs(v) for v in values] == dbfs(np.array(values))
+    assert amplitude_dbfs(32768.0) == 0.0 and amplitude_dbfs(0.0) == FLOOR_DBFS
+    tap = LevelTap(24000)
+    tap.push(np.full(480, -32768, dtype=np.int16))   # full scale, negative: no int16 overflow in the peak
+    assert tap.drain().peak_dbfs == [0.0]
 
 
 @pytest.mark.timeout(10)

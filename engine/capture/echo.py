@@ -266,8 +266,11 @@ class EchoCanceller:
         return round(10 * math.log10(self.near_energy / max(self.out_energy, 1.0)), 1)
 
     def stats(self) -> dict[str, float | int | None]:
-        return {"erle_db": self.erle_db(), "erle_total_db": self.erle_total_db(),
-                "erle_p10_db": round(float(np.percentile(self.erle_windows_db, 10)), 1) if self.erle_windows_db else None,
+        erle_db, erle_p10_db = self.erle_total_db(), None
+        if self.erle_windows_db:   # erle_db() and the 10th percentile in one pass (every 2 s, on a cold cache)
+            p10, p50 = np.percentile(np.fromiter(self.erle_windows_db, np.float64), [10, 50])
+            erle_db, erle_p10_db = round(float(p50), 1), round(float(p10), 1)
+        return {"erle_db": erle_db, "erle_total_db": self.erle_total_db(), "erle_p10_db": erle_p10_db,
                 "far_active_ms": self.far_active_blocks * 10, "blocks": self.blocks,
                 "guarded_ms": self.guarded_blocks * 10,
                 "talkers": self.guard.talks if self.guard is not None else 0, "errors": self.errors,

@@ -468,14 +468,14 @@ class PlaybackProcess:
             self.next_cadence_at = now + CADENCE_EVERY_S
             n = min(self.callbacks, len(self.callback_ns))
             gaps_ms = np.diff(np.sort(self.callback_ns[:n])) / 1e6  # the ring's stamps, back in time order
+            p50, p99 = np.percentile(gaps_ms, [50, 99]).tolist()
             self.pub.publish("playback.cadence", {"callbacks": self.callbacks, "period_ms": self.period_ms,
                                                   "device_underflows": self.device_underflows,
                                                   "callback_errors": self.callback_errors,
                                                   "wake_errors": r.wake_errors,
                                                   "expanded_ms": r.expanded_frames // FRAMES_PER_MS,
                                                   "accelerated_ms": r.accelerated_frames // FRAMES_PER_MS,
-                                                  "interval_ms_p50": round(float(np.percentile(gaps_ms, 50)), 2),
-                                                  "interval_ms_p99": round(float(np.percentile(gaps_ms, 99)), 2),
+                                                  "interval_ms_p50": round(p50, 2), "interval_ms_p99": round(p99, 2),
                                                   "interval_ms_max": round(float(gaps_ms.max()), 2)})
         if r.in_stream and now >= self.next_position_at:
             self.next_position_at = now + POSITION_EVERY_S
