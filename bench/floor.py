@@ -9,12 +9,13 @@ Same CPU measure as the engine's figure (``bench.run._cpu_ns``). Definitions: be
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -61,10 +62,11 @@ def _side(kind: str, rate_hz: int, period_ms: int) -> None:
     pa.terminate()
 
 
-def measure(rate_hz: int, mic_period_ms: int, speaker_period_ms: int, seconds: float,
-            env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Start both sides, wait until they run, then the CPU window: % of one core per side and in all."""
-    from bench.run import _cpu_ns
+@contextlib.contextmanager
+def running(rate_hz: int, mic_period_ms: int, speaker_period_ms: int,
+            env: dict[str, str] | None = None) -> Iterator[dict[str, int]]:
+    """Both sides running (``{"input": pid, "output": pid}``) for the ``with`` block: started and
+    past their streams' start-up on entry, stopped on exit."""
     procs = {kind: subprocess.Popen([sys.executable, "-m", "bench.floor", kind, str(rate_hz), str(period)],
                                     cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=subprocess.DEVNULL, text=True)
@@ -75,11 +77,7 @@ def measure(rate_hz: int, mic_period_ms: int, speaker_period_ms: int, seconds: f
             if line.strip() != "ready":
                 raise RuntimeError(f"bench.floor {kind} did not start (exit {p.poll()})")
         time.sleep(1.0)   # past the streams' start-up
-        before = {k: _cpu_ns(p.pid) for k, p in procs.items()}
-        t0 = time.monotonic()
-        time.sleep(seconds)
-        wall = time.monotonic() - t0
-        by_side = {k: round(100 * (_cpu_ns(p.pid) - before[k]) / 1e9 / wall, 2) for k, p in procs.items()}
+        yield {kind: p.pid for kind, p in procs.items()}
     finally:
         for p in procs.values():
             if p.stdin:
@@ -89,9 +87,25 @@ def measure(rate_hz: int, mic_period_ms: int, speaker_period_ms: int, seconds: f
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def figures(by_side: dict[str, float]) -> dict[str, float]:
+    """The floor's figures from the % of one core of each side over one window."""
     return {"floor_cpu_percent_of_one_core": round(sum(by_side.values()), 2),
-            "floor_cpu_percent_mic_pyaudio_soxr_aec3": by_side["input"],
-            "floor_cpu_percent_speaker_pyaudio": by_side["output"]}
+            "floor_cpu_percent_mic_pyaudio_soxr_aec3": round(by_side["input"], 2),
+            "floor_cpu_percent_speaker_pyaudio": round(by_side["output"], 2)}
+
+
+def measure(rate_hz: int, mic_period_ms: int, speaker_period_ms: int, seconds: float,
+            env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Start both sides, wait until they run, then the CPU window: % of one core per side and in all."""
+    from bench.run import _cpu_ns
+    with running(rate_hz, mic_period_ms, speaker_period_ms, env) as pids:
+        before = {k: _cpu_ns(pid) for k, pid in pids.items()}
+        t0 = time.monotonic()
+        time.sleep(seconds)
+        wall = time.monotonic() - t0
+        return figures({k: 100 * (_cpu_ns(pid) - before[k]) / 1e9 / wall for k, pid in pids.items()})
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ sys.path.insert(0, str(REPO))
 
 FRAME = 480  # 20 ms at 24 kHz
 FLOOD_RUNS = 5  # bus throughput: the median of this many floods
+CPU_WINDOWS = 3     # the real path's CPU: the median of this many windows, engine and floor measured together
+CPU_WINDOW_S = 6.0
 
 
 def paced(count: int, hz: float):
@@ -418,9 +420,13 @@ def stop_engine(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def _cpu_window(proc: subprocess.Popen, conn: dict[str, Any], seconds: float) -> tuple[dict[str, float], float, float]:
+def _cpu_window(proc: subprocess.Popen, conn: dict[str, Any], seconds: float,
+                also: dict[str, int] | None = None) -> tuple[dict[str, float], float, float]:
+    """% of one core of each engine process (and of each of ``also``, name -> pid, in the same
+    window) over ``seconds``; (by name, window start, window end) in monotonic seconds."""
     names = {c["pid"]: c["name"] for c in conn["children"] if c["name"] != "server"}   # the server stands in for OpenAI
     names[proc.pid] = "supervisor"
+    names.update({pid: name for name, pid in (also or {}).items()})
     t0 = time.monotonic()
     before = {p: _cpu_ns(p) for p in names}
     time.sleep(seconds)
@@ -451,7 +457,7 @@ def bench_engine() -> dict[str, Any]:
     env = dict(os.environ, REALTALK_RUNTIME_DIR=str(tmp / "run"), XDG_DATA_HOME=str(tmp / "data"))
     env.pop("OPENAI_API_KEY", None)
     scen = tmp / "s.yaml"
-    scen.write_text('default_reply: "' + "The sea is wide and the ships are many. " * 12 + '"\n')
+    scen.write_text('default_reply: "' + "The sea is wide and the ships are many. " * 16 + '"\n')   # ~38 s
     cfg = tmp / "real.yaml"
     cfg.write_text(f"audio: {{mic: vmic, speaker: vspk, echo: aec, device_rate_hz: 48000}}\n"
                    f"local_server: {{asr: false, scenario: {scen}}}\nsession: {{turn_detection: null, transcription: null}}\n")
@@ -465,38 +471,53 @@ def bench_engine() -> dict[str, Any]:
         pub = Publisher(conn["publish"], "bench")
         pub.join(conn["subscribe"])
         pub.publish("cmd.say", {"text": "Tell me about the sea.", "id": f"cpu-{time.monotonic_ns()}"})
-        log: list[tuple[float, str, dict[str, Any]]] = []
+        log: list[tuple[float, str, dict[str, Any]]] = []   # (sent at: the message's mono_ns, in s), topic, body
 
         def pump(until: float) -> None:
             while time.monotonic() < until:
                 msg = sub.recv(timeout_ms=50)
                 if msg is not None:
-                    log.append((time.monotonic(), *msg))
+                    log.append((msg[1].get("mono_ns", time.monotonic_ns()) / 1e9, *msg))
         pump(time.monotonic() + 1.5)
-        started = [t for t, topic, _ in log if topic == "playout.started"]
-        by_process, t0, t1 = _cpu_window(proc, conn, 8.0)
+        # the floor (bench/floor.py: the same devices, rate and periods, PyAudio + soxr + AEC3 and
+        # nothing of the engine) runs beside the engine and is measured in the same windows: this
+        # machine's speed moves by a quarter from minute to minute, a window apart it moves too
+        from bench.floor import figures, running
+        windows: list[tuple[dict[str, float], dict[str, float], float, float]] = []
+        with running(48000, 20, 10, env) as floor_pids:
+            for _ in range(CPU_WINDOWS):
+                by_name, t0, t1 = _cpu_window(proc, conn, CPU_WINDOW_S, {f"floor_{k}": v for k, v in floor_pids.items()})
+                floor = {k[len("floor_"):]: v for k, v in by_name.items() if k.startswith("floor_")}
+                windows.append(({k: v for k, v in by_name.items() if not k.startswith("floor_")}, floor, t0, t1))
         pump(time.monotonic() + 0.5)
+        started = [t for t, topic, _ in log if topic == "playout.started"]
         ended = [t for t, topic, _ in log if topic in ("playout.stopped", "playout.interrupted", "playout.underrun")]
         devices = [b for _, topic, b in log if topic == "playback.device"]
+        totals = [round(sum(w[0].values()), 2) for w in windows]
+        floors = [figures(w[1])["floor_cpu_percent_of_one_core"] for w in windows]
+        above = [round(t - f, 2) for t, f in zip(totals, floors)]
+        mid = sorted(range(len(windows)), key=lambda i: totals[i])[len(windows) // 2]   # the median window
+        first_t0, last_t1 = windows[0][2], windows[-1][3]
         result.update({
-            "engine_cpu_percent_of_one_core_streaming": round(sum(by_process.values()), 2),
-            "engine_cpu_percent_by_process": by_process,
-            "engine_cpu_window_s": round(t1 - t0, 2),
-            # the check: a reply started before the window and neither stopped nor broke up in it
-            "engine_cpu_reply_streaming_whole_window": bool(started and started[0] < t0
-                                                           and not any(t0 <= t <= t1 + 0.1 for t in ended)),
+            "engine_cpu_percent_of_one_core_streaming": statistics.median(totals),
+            "engine_cpu_percent_of_one_core_streaming_runs": totals,
+            "engine_cpu_percent_by_process": windows[mid][0],
+            "engine_cpu_window_s": round(windows[mid][3] - windows[mid][2], 2),
+            "engine_cpu_windows": len(windows),
+            # the check: a reply started before the first window and neither stopped nor broke up in any
+            "engine_cpu_reply_streaming_whole_window": bool(started and started[0] < first_t0
+                                                           and not any(first_t0 <= t <= last_t1 for t in ended)),
             "engine_cpu_path": "PyAudio on PulseAudio null sinks, device 48 kHz (soxr), echo aec, echo path 60 %",
             "engine_cpu_device": devices[0] if devices else None,
         })
+        result.update(figures(windows[mid][1]))
+        result["floor_cpu_percent_of_one_core"] = statistics.median(floors)
+        result["floor_cpu_percent_of_one_core_runs"] = floors
+        result["engine_cpu_percent_above_floor"] = statistics.median(above)
+        result["engine_cpu_percent_above_floor_runs"] = above
         sub.close()
         pub.close()
         stop_engine(proc)
-        # the floor: the same devices, rate and periods, PyAudio + soxr + AEC3 and nothing of the engine
-        from bench.floor import measure
-        floor = measure(48000, 20, 10, 8.0, env)
-        result.update(floor)
-        result["engine_cpu_percent_above_floor"] = round(result["engine_cpu_percent_of_one_core_streaming"]
-                                                         - floor["floor_cpu_percent_of_one_core"], 2)
     finally:
         vaudio("echo-off")
     # the old figure's path, for comparison: a WAV mic and a null speaker (no PyAudio, AEC3, soxr)
