@@ -149,14 +149,14 @@ class RealtimeCore:
     def handle(self, rec: Input, now_s: float, heard_index: int) -> list[Action]:
         """Apply one input record. Never raises: a failing handler is reported and repaired."""
         try:
-            if isinstance(rec, ServerEvent):
+            if isinstance(rec, MicAudio):       # the most frequent input first: 50 a second
+                acts = self._mic(rec)
+            elif isinstance(rec, ServerEvent):
                 acts = self._server_event(rec.event, now_s, heard_index)
             elif isinstance(rec, Command):
                 acts = self._command(rec.topic, rec.body, now_s, heard_index)
             elif isinstance(rec, PlaybackReport):
                 acts = self._report(rec, now_s)
-            elif isinstance(rec, MicAudio):
-                acts = self._mic(rec)
             elif isinstance(rec, Tick):
                 acts = self._tick(now_s, heard_index)
             elif isinstance(rec, Connected):

@@ -104,7 +104,8 @@ class RealtimeProcess:
         with self.lock:
             acts = self.core.handle(rec, time.monotonic(), self.heard_index())
             self.apply_audio(acts)
-            due = self.core.next_deadline()
+            # mic audio (50 chunks a second) starts no timer: the deadlines stay as they were
+            due = self.core.next_deadline() if not isinstance(rec, MicAudio) else None
             if due is not None and due < self.main_wakes_at:
                 self._wake_main()
         self.apply(acts, pub)
