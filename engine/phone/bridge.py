@@ -34,6 +34,7 @@ from websockets.http11 import Request, Response
 
 from bus import Publisher, Subscriber
 from engine.phone.heard import HeardClock
+from engine.phone.hold import Out, StartHold
 from engine.phone.twilio import (FRAME_BYTES, MEDIA_RATE_HZ, DtmfMsg, MarkMsg, MediaMsg, PhoneProtocolError, StartMsg,
                                  StopMsg, TwilioStream)
 from engine.realtime.core import RealtimeCore
@@ -147,6 +148,8 @@ class Call:
         self.api: ClientConnection | None = None
         self.api_task: asyncio.Task[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.hold = StartHold(bridge.prebuffer_ms)      #: each reply's start held audio.prebuffer_ms
+        self.hold_timer: asyncio.TimerHandle | None = None
         self.timer_due = float("inf")
         self.item_start: int | None = None
         self.ended = False
@@ -269,21 +272,16 @@ class Call:
         b = self.bridge
         for act in acts:
             if isinstance(act, Play):
+                drained = self.clock.heard_index(now) >= self.clock.sent_frames
+                outs = self.hold.audio(act.pcm, self.event_in_s or now, now, drained)
                 if act.starts_item:
                     self.item_start = self.clock.sent_frames
                     follow.append(PlaybackReport("started", self.item_start, self.item_start,
                                                  {"first_sample_mono_ns": time.monotonic_ns(),
-                                                  "output_latency_ms": 0.0}))
-                # forwarded as it came, one media message up to each mark (Twilio buffers and paces it)
-                pcm = act.pcm
-                i = 0
-                while i < len(pcm):
-                    chunk = pcm[i:i + self.clock.frames_to_next_mark()]
-                    i += len(chunk)
-                    self.put_phone(self.stream.media(chunk), self.event_in_s or now, self.out_latency,
-                                   -(-len(chunk) // FRAME_BYTES))
-                    for mark in self.clock.sent(len(chunk), now):
-                        self.put_phone(self.stream.mark(mark.name))
+                                                  "output_latency_ms": self.bridge.prebuffer_ms
+                                                  if self.hold.holding else 0.0}))
+                self.send_out(outs, now)
+                self.arm_hold()
             elif isinstance(act, Publish):
                 b.publish(self, CALL_TOPIC_RENAMES.get(act.topic, act.topic), act.payload)
                 if act.topic == "playout.interrupted":
@@ -296,6 +294,10 @@ class Call:
                 self.api_out.put(json.dumps(act.event))
                 b.publish(self, "client." + act.event["type"], act.event)
             elif isinstance(act, Flush):
+                self.hold.drop()
+                if self.hold_timer is not None:
+                    self.hold_timer.cancel()
+                    self.hold_timer = None
                 heard_at = self.bridge.last_speech_started_s.pop(self.id, None)
                 if heard_at is not None:
                     self.put_phone(self.stream.clear(), heard_at, self.clear_latency)
@@ -305,11 +307,45 @@ class Call:
                 follow.append(PlaybackReport("flushed", self.item_start if self.item_start is not None else heard,
                                              heard, {"flush_mono_ns": time.monotonic_ns()}))
             elif isinstance(act, EndOfAudio):
-                mark = self.clock.end_of_item(self.item_start)
-                self.put_phone(self.stream.mark(mark.name))
+                self.send_out(self.hold.end_of_item(now), now)
             elif isinstance(act, Reconnect):
                 pass  # a call lasts less than a session (60 minutes): nothing to recycle
         return follow
+
+    def send_out(self, outs: list[Out], now: float) -> None:
+        """Send what the hold let go, in order: audio as one media message up to each mark (not re-cut
+        into 20 ms frames: Twilio buffers and paces it), the marks due after it; the item's end mark."""
+        for out in outs:
+            pcm = out.pcm
+            if pcm is None:
+                mark = self.clock.end_of_item(self.item_start)
+                self.put_phone(self.stream.mark(mark.name))
+                continue
+            i = 0
+            while i < len(pcm):
+                chunk = pcm[i:i + self.clock.frames_to_next_mark()]
+                i += len(chunk)
+                self.put_phone(self.stream.media(chunk), out.since_s, self.out_latency, -(-len(chunk) // FRAME_BYTES))
+                for mark in self.clock.sent(len(chunk), now):
+                    self.put_phone(self.stream.mark(mark.name))
+
+    def arm_hold(self) -> None:
+        """A timer for the hold's release, if it holds audio and none is armed."""
+        due = self.hold.release_at_s
+        if due is None or self.hold_timer is not None:
+            return
+        self.hold_timer = asyncio.get_running_loop().call_later(max(0.0, due - time.monotonic()), self._release)
+
+    def _release(self) -> None:
+        self.hold_timer = None
+        if self.ended:
+            return
+        try:
+            now = time.monotonic()
+            self.send_out(self.hold.due(now), now)
+            self.arm_hold()
+        except Exception as exc:  # noqa: BLE001 - one call's bug ends that call only
+            self.fail(exc)
 
     def put_phone(self, text: str, since_s: float = 0.0, latency: Latency | None = None, frames: int = 1) -> None:
         if not self.phone_out.put(text, since_s, latency, frames) and not self.ended:
@@ -394,6 +430,8 @@ class Call:
         self.stream.closed()
         if self.timer is not None:
             self.timer.cancel()
+        if self.hold_timer is not None:
+            self.hold_timer.cancel()
         api = self.api
         if api is not None:
             await api.close()
@@ -452,6 +490,8 @@ class PhoneBridge:
         #: commands for calls it does not hold are another process's, not refused; no status each second
         self.solo = bool(phone.get("solo", False))
         self.mark_every_frames = int(phone.get("mark_every_ms", 200)) * MEDIA_RATE_HZ // 1000
+        #: each reply's start is held this long before it goes to the phone (engine.phone.hold)
+        self.prebuffer_ms = int(phone.get("prebuffer_ms", (cfg.get("audio") or {}).get("prebuffer_ms", 60)))
         self.model: str = cfg["model"]
         self.session = call_session(spec["session"])
         self.barge_in = bool(cfg["barge_in"]["enabled"])

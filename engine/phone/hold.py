@@ -1,0 +1,78 @@
+"""The start of each stretch of audio to the phone is held back ``hold_ms`` (a prebuffer). Pure:
+the clock comes in.
+
+Twilio plays ``media`` as it comes, from a buffer that is empty when a reply starts. Sent at once,
+a reply's first delta leaves the phone's buffer only the phase of its 20 ms player as margin
+(0-20 ms), so when the API paces audio at real time any later delta a few ms late is a gap in
+what the caller hears. The engine's own playback starts a response ``audio.prebuffer_ms`` after its
+first audio for the same reason; this is the phone side's prebuffer, the same setting.
+
+Rules:
+- Audio offered while the caller has heard everything sent (``drained``: a reply's start, or a
+  drain the marks proved) and nothing is held starts a hold: it and whatever follows wait until
+  ``release_at_s`` (its arrival + ``hold_ms``), then all go in order (:meth:`due`).
+- Audio offered while not drained and nothing is held goes at once: a reply's later deltas are
+  never delayed, so the hold is margin gained once, not latency added to every delta.
+- The end of the item while holding releases everything at once (the whole reply is here: there
+  is nothing to wait for), the end after it.
+- ``drop`` (a barge-in's ``clear``): what is held is never sent.
+- ``hold_ms`` 0: nothing is ever held.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Out:
+    """One thing to send to the phone, in order: audio (``pcm``) or the item's end (``pcm`` None)."""
+    pcm: bytes | None
+    since_s: float        #: when it came in (audio: its API delta; held audio: the hold's release)
+
+
+class StartHold:
+    def __init__(self, hold_ms: int) -> None:
+        self.hold_s = max(0, hold_ms) / 1000
+        self.held: list[Out] = []
+        self.release_at_s: float | None = None   #: while holding: when the held audio goes
+        self.holds = 0                           #: holds started
+        self.early_releases = 0                  #: holds ended by the item's end before release_at_s
+
+    @property
+    def holding(self) -> bool:
+        return self.release_at_s is not None
+
+    def audio(self, pcm: bytes, since_s: float, now_s: float, drained: bool) -> list[Out]:
+        """``pcm`` came (at ``since_s``); returns what to send now (nothing while holding)."""
+        if self.release_at_s is None:
+            if not drained or self.hold_s <= 0:
+                return [Out(pcm, since_s)]
+            self.release_at_s = now_s + self.hold_s
+            self.holds += 1
+        self.held.append(Out(pcm, since_s))
+        return []
+
+    def end_of_item(self, now_s: float) -> list[Out]:
+        """The item's audio is all here (at ``now_s``): what is held, then the end (``Out(None, ...)``),
+        to send now."""
+        if self.release_at_s is None:
+            return [Out(None, now_s)]
+        self.early_releases += 1
+        return self._release(min(self.release_at_s, now_s)) + [Out(None, now_s)]
+
+    def due(self, now_s: float) -> list[Out]:
+        """What the hold releases by ``now_s`` (all it holds once ``release_at_s`` has come)."""
+        if self.release_at_s is None or now_s < self.release_at_s:
+            return []
+        return self._release(self.release_at_s)
+
+    def drop(self) -> int:
+        """A ``clear``: forget what is held; returns its bytes (never sent)."""
+        n = sum(len(o.pcm or b"") for o in self.held)
+        self.held, self.release_at_s = [], None
+        return n
+
+    def _release(self, at_s: float) -> list[Out]:
+        out = [Out(o.pcm, max(o.since_s, at_s)) for o in self.held]
+        self.held, self.release_at_s = [], None
+        return out
