@@ -48,7 +48,7 @@ DEFAULTS: dict[str, Any] = {
     "local_server": {"host": "127.0.0.1", "port": 0, "speed": 1.0, "scenario": None, "asr": True},
     # engine phone / engine start --phone: Twilio Media Streams calls (docs/phone.md)
     "phone": {"host": "127.0.0.1", "port": 8766, "path": "/twilio", "dtmf_to_model": "off", "mark_every_ms": 200,
-              "max_calls": 100},
+              "max_calls": 100, "prebuffer_ms": None},
     "budget_usd": None,
     "session_recycle_s": 3300.0,
     "reply_audio": False,
@@ -99,6 +99,7 @@ RULES: dict[str, tuple[tuple[type, ...], tuple[Any, ...] | None]] = {
     "phone.dtmf_to_model": ((str,), ("off", "context", "reply")),
     "phone.mark_every_ms": ((int,), None),
     "phone.max_calls": ((int,), None),
+    "phone.prebuffer_ms": ((int, type(None)), None),
     "budget_usd": ((int, float, type(None)), None),
     "session_recycle_s": (_NUM, None),
     "record": ((str, type(None)), None),

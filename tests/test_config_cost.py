@@ -45,6 +45,7 @@ def test_every_key_is_documented() -> None:
     ({"session": {"turn_detection": {"treshold": 0.5}}}, "did you mean 'threshold'"),
     ({"budget_usd": -1}, "must not be negative"),
     ({"barge_in": {"enabled": "yes"}}, "'barge_in.enabled': expected true/false"),
+    ({"phone": {"prebuffer_ms": "60"}}, "'phone.prebuffer_ms': expected an integer"),
 ])
 def test_bad_config_names_key_and_problem(tmp_path: Path, data: dict, words: str) -> None:
     p = tmp_path / "c.yaml"

@@ -491,7 +491,8 @@ class PhoneBridge:
         self.solo = bool(phone.get("solo", False))
         self.mark_every_frames = int(phone.get("mark_every_ms", 200)) * MEDIA_RATE_HZ // 1000
         #: each reply's start is held this long before it goes to the phone (engine.phone.hold)
-        self.prebuffer_ms = int(phone.get("prebuffer_ms", (cfg.get("audio") or {}).get("prebuffer_ms", 60)))
+        hold_ms = phone.get("prebuffer_ms")   # None: the speaker's own setting, audio.prebuffer_ms
+        self.prebuffer_ms = int(hold_ms if hold_ms is not None else (cfg.get("audio") or {}).get("prebuffer_ms", 60))
         self.model: str = cfg["model"]
         self.session = call_session(spec["session"])
         self.barge_in = bool(cfg["barge_in"]["enabled"])
