@@ -85,3 +85,62 @@ def test_failed_recognition_sends_the_failed_event_and_still_answers(
     assert "boom" in failed["error"]["message"] and failed["item_id"].startswith("item_")
     assert c.until("response.done")["response"]["status"] == "completed"
     c.close()
+
+
+def test_concurrent_requests_for_the_same_speech_share_one_synthesis(monkeypatch: pytest.MonkeyPatch) -> None:
+    """40 phone calls asking for the same reply at once ran espeak-ng 40 times, and every call's
+    first deltas came late: now the calls in flight wait for the one synthesis (a failure reaches
+    each of them as a VoiceError)."""
+    import threading
+    from engine.server import voice
+    runs: list[str] = []
+    release = threading.Event()
+
+    def slow_espeak(text: str, v: str, speed: float) -> np.ndarray:
+        runs.append(text)
+        release.wait(10)   # every caller is in flight before the first synthesis ends
+        if text == "fails":
+            raise voice.VoiceError("espeak-ng failed (1): no voice")
+        out = np.full(2400, len(runs), dtype=np.int16)
+        out.setflags(write=False)
+        return out
+    monkeypatch.setattr(voice, "_espeak", slow_espeak)
+    waiting = threading.Condition()
+    waiters = [0]
+
+    class CountedEvent(threading.Event):
+        def wait(self, timeout: float | None = None) -> bool:
+            with waiting:
+                waiters[0] += 1
+                waiting.notify_all()
+            return super().wait(timeout)
+
+    class CountedFlight(voice._Flight):
+        def __init__(self) -> None:
+            super().__init__()
+            self.done = CountedEvent()
+    monkeypatch.setattr(voice, "_Flight", CountedFlight)
+    for text in (f"a reply nobody asked for yet {id(runs)}", "fails"):
+        results: list[Any] = []
+
+        def ask(text: str = text, results: list[Any] = results) -> None:
+            try:
+                results.append(voice.synthesize(text, "marin", 1.0))
+            except voice.VoiceError as exc:
+                results.append(exc)
+        waiters[0] = 0
+        threads = [threading.Thread(target=ask) for _ in range(8)]
+        for t in threads:
+            t.start()
+        with waiting:   # one caller synthesizes, the seven others wait for it
+            assert waiting.wait_for(lambda: waiters[0] == 7, timeout=10), waiters
+        release.set()
+        for t in threads:
+            t.join(10)
+        release.clear()
+        assert len(results) == 8 and runs.count(text) == 1, (runs, results)
+        if text == "fails":
+            assert all(isinstance(r, voice.VoiceError) for r in results), results
+        else:
+            assert all(r is results[0] for r in results)
+    assert voice._flights == {}

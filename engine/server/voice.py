@@ -73,13 +73,54 @@ class _SpeechCache:
 _speech_cache = _SpeechCache(SPEECH_CACHE_BYTES)
 
 
+class _Flight:
+    """One synthesis in progress; callers asking for the same speech meanwhile wait for it."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.pcm: np.ndarray | None = None
+        self.error: BaseException | None = None
+
+
+_flights: dict[tuple[str, str, float], _Flight] = {}
+_flights_lock = threading.Lock()
+
+
 def synthesize(text: str, voice: str = "marin", speed: float = 1.0) -> np.ndarray:
     """Speak ``text`` with espeak-ng; PCM16 mono at 24 kHz (read-only array, cached up to
-    SPEECH_CACHE_BYTES). Raises :class:`VoiceError` if espeak-ng is missing or fails."""
+    SPEECH_CACHE_BYTES). Raises :class:`VoiceError` if espeak-ng is missing or fails.
+
+    Concurrent calls for the same speech share one espeak-ng run (40 phone calls asking for the
+    same reply at once made 40 runs, and every call's first deltas came ~350 ms late)."""
     key = (text, voice, float(speed))
     cached = _speech_cache.get(key)
     if cached is not None:
         return cached
+    with _flights_lock:
+        flight = _flights.get(key)
+        leader = flight is None
+        if flight is None:
+            flight = _flights[key] = _Flight()
+    if not leader:
+        flight.done.wait()
+        if flight.pcm is None:
+            raise VoiceError(f"speech synthesis failed: {flight.error}")
+        return flight.pcm
+    try:
+        flight.pcm = _espeak(text, voice, speed)
+        _speech_cache.put(key, flight.pcm)
+        return flight.pcm
+    except BaseException as exc:
+        flight.error = exc
+        raise
+    finally:
+        with _flights_lock:
+            del _flights[key]
+        flight.done.set()
+
+
+def _espeak(text: str, voice: str, speed: float) -> np.ndarray:
+    """One espeak-ng run: ``text`` as PCM16 mono at 24 kHz, read-only; VoiceError if it fails."""
     exe = shutil.which("espeak-ng")
     if exe is None:
         raise VoiceError("espeak-ng is not installed; run: bash tools/setup-system.sh")
@@ -97,7 +138,6 @@ def synthesize(text: str, voice: str = "marin", speed: float = 1.0) -> np.ndarra
         pcm = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
     out = resample(pcm, rate, API_RATE_HZ)
     out.setflags(write=False)
-    _speech_cache.put(key, out)
     return out
 
 
