@@ -282,8 +282,8 @@ def _bus_measure(pub_ep: str, sub_ep: str) -> dict[str, Any]:
                     t0 = time.perf_counter()
                 got += 1
         # an end marker dropped at a full queue ends the flood by the wait: that wait is not the bus's
-        t_end = time.perf_counter() - (FLOOD_WAIT_S if msg is None else 0.0)
-        rates.append(got / (t_end - t0) if t0 else 0.0)
+        waited = FLOOD_WAIT_S if msg is None else 0.0
+        rates.append(got / (time.perf_counter() - waited - t0) if t0 else 0.0)
         delivered.append(got / n)
         p.join()
     rate = statistics.median(rates)
@@ -507,11 +507,11 @@ def bench_engine() -> dict[str, Any]:
         # machine's speed moves by a quarter from minute to minute, a window apart it moves too
         from bench.floor import figures, running
         windows: list[tuple[dict[str, float], dict[str, float], float, float]] = []
-        with running(48000, 20, 10, env) as floor_pids:
+        with running(48000, 20, 10, env) as floor_pids:   # named "input" and "output": no engine process is
             for _ in range(CPU_WINDOWS):
-                by_name, t0, t1 = _cpu_window(proc, conn, CPU_WINDOW_S, {f"floor_{k}": v for k, v in floor_pids.items()})
-                floor = {k[len("floor_"):]: v for k, v in by_name.items() if k.startswith("floor_")}
-                windows.append(({k: v for k, v in by_name.items() if not k.startswith("floor_")}, floor, t0, t1))
+                by_name, t0, t1 = _cpu_window(proc, conn, CPU_WINDOW_S, floor_pids)
+                windows.append(({k: v for k, v in by_name.items() if k not in floor_pids},
+                                {k: by_name[k] for k in floor_pids}, t0, t1))
         pump(time.monotonic() + 0.5)
         started = [t for t, topic, _ in log if topic == "playout.started"]
         ended = [t for t, topic, _ in log if topic in ("playout.stopped", "playout.interrupted", "playout.underrun")]

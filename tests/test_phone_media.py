@@ -58,6 +58,8 @@ def test_each_delta_goes_to_the_phone_whole_with_marks_every_200_ms() -> None:
     frames = phone.received_frames // FRAME_BYTES
     deltas = len(pub.all("response.output_audio.delta", phone_call_id=phone.call_sid)) or None
     assert frames > 100 and ended["media_out_frames"] == frames
+    # one reply: its start was held once (the start hold's counts go out with the call's end)
+    assert ended["start_holds"] == 1 and ended["start_hold_dropped_bytes"] == 0, ended
     # the local server's deltas are 100 ms (5 frames) and marks every 200 ms fall between them:
     # one media message a delta (it was one a 20 ms frame)
     assert phone.media_received <= -(-frames // 5) + 1, (phone.media_received, frames, deltas)

@@ -255,9 +255,7 @@ class EchoCanceller:
     def erle_db(self) -> float | None:
         """Echo return loss enhancement, steady state: the median over seconds of far-end speech
         (before the first whole second: the ratio so far)."""
-        if self.erle_windows_db:
-            return round(float(np.median(self.erle_windows_db)), 1)
-        return self.erle_total_db()
+        return self._erle_percentiles_db()[1]
 
     def erle_total_db(self) -> float | None:
         """One ratio over every block where the far end was active, re-convergence included."""
@@ -265,11 +263,16 @@ class EchoCanceller:
             return None
         return round(10 * math.log10(self.near_energy / max(self.out_energy, 1.0)), 1)
 
+    def _erle_percentiles_db(self) -> tuple[float | None, float | None]:
+        """(10th percentile, median) of the per-second ERLE, in one pass; before the first whole
+        second (None, the ratio so far)."""
+        if not self.erle_windows_db:
+            return None, self.erle_total_db()
+        p10, p50 = np.percentile(np.fromiter(self.erle_windows_db, np.float64), [10, 50]).tolist()
+        return round(p10, 1), round(p50, 1)
+
     def stats(self) -> dict[str, float | int | None]:
-        erle_db, erle_p10_db = self.erle_total_db(), None
-        if self.erle_windows_db:   # erle_db() and the 10th percentile in one pass (every 2 s, on a cold cache)
-            p10, p50 = np.percentile(np.fromiter(self.erle_windows_db, np.float64), [10, 50])
-            erle_db, erle_p10_db = round(float(p50), 1), round(float(p10), 1)
+        erle_p10_db, erle_db = self._erle_percentiles_db()
         return {"erle_db": erle_db, "erle_total_db": self.erle_total_db(), "erle_p10_db": erle_p10_db,
                 "far_active_ms": self.far_active_blocks * 10, "blocks": self.blocks,
                 "guarded_ms": self.guarded_blocks * 10,

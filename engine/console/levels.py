@@ -38,16 +38,14 @@ class Levels:
     lost_frames: int
 
 
-def dbfs(values: np.ndarray) -> list[float]:
-    """Amplitudes (0..32768) as dBFS rounded to 0.1 dB, floored at :data:`FLOOR_DBFS`."""
-    with np.errstate(divide="ignore"):
-        db = 20.0 * np.log10(np.maximum(values, 1e-9) / FULL_SCALE)
-    return [round(float(v), 1) for v in np.maximum(db, FLOOR_DBFS)]
-
-
 def amplitude_dbfs(value: float) -> float:
-    """One amplitude (0..32768) as dBFS, as :func:`dbfs` gives it (for a few values: no numpy)."""
+    """One amplitude (0..32768) as dBFS rounded to 0.1 dB, floored at :data:`FLOOR_DBFS`."""
     return round(20.0 * math.log10(value / FULL_SCALE), 1) if value > _FLOOR_AMPLITUDE else FLOOR_DBFS
+
+
+def dbfs(values: np.ndarray) -> list[float]:
+    """Amplitudes (0..32768) as dBFS, each as :func:`amplitude_dbfs` gives it."""
+    return [amplitude_dbfs(v) for v in np.asarray(values, dtype=np.float64).tolist()]
 
 
 class LevelTap:

@@ -295,9 +295,7 @@ class Call:
                 b.publish(self, "client." + act.event["type"], act.event)
             elif isinstance(act, Flush):
                 self.hold.drop()
-                if self.hold_timer is not None:
-                    self.hold_timer.cancel()
-                    self.hold_timer = None
+                self._cancel_hold_timer()
                 heard_at = self.bridge.last_speech_started_s.pop(self.id, None)
                 if heard_at is not None:
                     self.put_phone(self.stream.clear(), heard_at, self.clear_latency)
@@ -335,6 +333,11 @@ class Call:
         if due is None or self.hold_timer is not None:
             return
         self.hold_timer = asyncio.get_running_loop().call_later(max(0.0, due - time.monotonic()), self._release)
+
+    def _cancel_hold_timer(self) -> None:
+        if self.hold_timer is not None:
+            self.hold_timer.cancel()
+            self.hold_timer = None
 
     def _release(self) -> None:
         self.hold_timer = None
@@ -430,8 +433,7 @@ class Call:
         self.stream.closed()
         if self.timer is not None:
             self.timer.cancel()
-        if self.hold_timer is not None:
-            self.hold_timer.cancel()
+        self._cancel_hold_timer()
         api = self.api
         if api is not None:
             await api.close()
@@ -460,6 +462,10 @@ class Call:
                 "in_latency_p99_ms": self.in_latency.p99_ms(), "out_latency_p99_ms": self.out_latency.p99_ms(),
                 "clear_latency_p99_ms": self.clear_latency.p99_ms(),
                 "media_in_late_frames": self.in_latency.late, "media_out_late_frames": self.out_latency.late,
+                # the start hold (engine.phone.hold): holds, those the item's end released early,
+                # held audio a clear dropped
+                "start_holds": self.hold.holds, "start_holds_released_early": self.hold.early_releases,
+                "start_hold_dropped_bytes": self.hold.dropped_bytes,
                 "api_errors": core.errors if core else 0})
             b.status_changed()
         if self.ws.state.name == "OPEN":

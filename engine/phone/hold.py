@@ -37,6 +37,7 @@ class StartHold:
         self.release_at_s: float | None = None   #: while holding: when the held audio goes
         self.holds = 0                           #: holds started
         self.early_releases = 0                  #: holds ended by the item's end before release_at_s
+        self.dropped_bytes = 0                   #: held audio a clear dropped (never sent)
 
     @property
     def holding(self) -> bool:
@@ -70,6 +71,7 @@ class StartHold:
         """A ``clear``: forget what is held; returns its bytes (never sent)."""
         n = sum(len(o.pcm or b"") for o in self.held)
         self.held, self.release_at_s = [], None
+        self.dropped_bytes += n
         return n
 
     def _release(self, at_s: float) -> list[Out]:

@@ -48,7 +48,6 @@ class FakePhone:
     stream_sid: str = field(default_factory=lambda: "MZ" + secrets.token_hex(16))
     account_sid: str = "AC" + "0" * 32
     echo_marks: bool = True
-    trace: bool = False     #: keep when each media message came and the buffer's depth at each player tick
 
     def __post_init__(self) -> None:
         self.ws: ClientConnection | None = None
@@ -77,8 +76,6 @@ class FakePhone:
         self.closed = asyncio.Event()
         self.got_audio = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
-        self.arrivals: list[tuple[float, int]] = []      # trace: (monotonic s, bytes) per media message
-        self.ticks: list[tuple[float, int]] = []         # trace: (monotonic s, bytes buffered) per player tick
 
     # ------------------------------------------------------------ call control
     async def dial(self) -> "FakePhone":
@@ -179,8 +176,6 @@ class FakePhone:
                     self.received_frames += len(data)
                     self.media_received += 1
                     self.got_audio.set()
-                    if self.trace:
-                        self.arrivals.append((time.monotonic(), len(data)))
                     continue
                 self.messages.append(msg)
                 if event == "mark":
@@ -241,8 +236,6 @@ class FakePhone:
                 await asyncio.sleep(delay)
             # the frame that was playing is over: marks up to it have played
             await self._echo_played(self.buffer_start)
-            if self.trace:
-                self.ticks.append((time.monotonic(), len(self.buffer)))
             take = bytes(self.buffer[:FRAME_BYTES])
             self._count_gap(len(take))
             del self.buffer[:len(take)]
