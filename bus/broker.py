@@ -43,10 +43,14 @@ _STATE_TOPICS = frozenset(t.encode() for t in LAST_VALUE_TOPICS)
 #: a client that subscribes to ``_presence.<owner>`` is announced gone (``engine.presence.gone``)
 #: when that subscription disappears, e.g. because the client's process ended
 PRESENCE_PREFIX = b"_presence."
-#: per pipe (each publisher into the XSUB, each subscriber out of the XPUB): at about 1 kB a
-#: message, a subscriber that stops reading holds at most ~10 MB of the broker; past it the
-#: XPUB drops that subscriber's messages (it sees the gaps in ``seq``)
-_HWM = 10_000
+#: per pipe (each publisher into the XSUB, each subscriber out of the XPUB): past it the XPUB
+#: drops that subscriber's messages (it sees the gaps in ``seq``). A queued message costs the
+#: broker far more than its size: libzmq decodes into shared 8 kB receive buffers, each with a
+#: slot table beside it, and a buffer lives while any of its messages is queued. Measured with
+#: 1 kB messages and a subscriber that stops reading: 2.3-4.7 kB a queued message, so at 10,000
+#: the broker's peak grew 19-47 MB (tests/test_bus_slow.py); at 5,000, 11-23 MB (14 runs). A subscriber's
+#: own process holds far more (bus.Subscriber's RCVHWM is 100,000).
+_HWM = 5_000
 #: after a crash, how long the new broker takes subscribers only: 2.5 reconnect intervals of a foreign
 #: subscriber (ZeroMQ's default, 100 ms; the engine's own sockets retry every 10 ms on ipc)
 RESTART_GRACE_S = 0.25
