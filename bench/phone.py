@@ -315,6 +315,9 @@ async def level(urls: list[str], pids: list[int], n: int, seconds: float, calls:
         "phone_late_frames": sum(p.late_frames for p in phones),
         "phone_underruns": sum(p.underruns for p in phones),
         "phone_underrun_ms": sum(p.underrun_frames for p in phones) * 20,
+        # each call hears one reply here: a silence over 500 ms with audio after it is a stall, not a reply's end
+        "phone_stalls_over_500ms": sum(p.long_silences for p in phones),
+        "phone_stall_ms": sum(p.long_silence_frames for p in phones) * 20,
         "reply_frames_played_min": min(p.played_frames for p in phones) // FRAME_BYTES,
         "reply_frames_played_max": max(p.played_frames for p in phones) // FRAME_BYTES,
         "in_latency_p99_ms_worst": worst("in_latency_p99_ms"), "in_latency_p99_ms_median": median("in_latency_p99_ms"),
@@ -588,9 +591,10 @@ async def sdk_bridge_main(api_base_url: str, model: str) -> None:
 # ------------------------------------------------------------------ the whole run
 def level_on_time(r: dict[str, Any]) -> bool:
     """Every call ended and played the whole reply, the bridge sent no media frame late (in or
-    out) and nothing underran at the phones."""
+    out) and nothing underran or stalled at the phones."""
     return (r["calls_ended"] == r["calls"] and r["reply_frames_played_min"] == r["reply_frames_played_max"]
-            and r["media_in_late_frames"] == 0 and r["media_out_late_frames"] == 0 and r["phone_underruns"] == 0)
+            and r["media_in_late_frames"] == 0 and r["media_out_late_frames"] == 0 and r["phone_underruns"] == 0
+            and r["phone_stalls_over_500ms"] == 0)
 
 
 def on_time(levels: list[dict[str, Any]]) -> int:

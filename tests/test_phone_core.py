@@ -57,7 +57,12 @@ def test_the_fake_phone_counts_a_gap_in_the_audio_as_an_underrun_and_a_reply_end
     for got in ticks:
         phone._count_gap(got)
     assert (phone.underruns, phone.underrun_frames) == (2, 3)
+    # the longer silence is not lost: a bench whose calls hear one reply each counts it as a stall
+    assert (phone.long_silences, phone.long_silence_frames) == (1, UNDERRUN_MAX_FRAMES + 5)
     phone._in_audio, phone._dry_frames = False, 0       # what a clear does
     for got in [0, 0, FRAME_BYTES]:
         phone._count_gap(got)
     assert phone.underruns == 2
+    for got in [0] * (UNDERRUN_MAX_FRAMES + 1):          # the call's audio ended: silence with no audio after it
+        phone._count_gap(got)
+    assert (phone.long_silences, phone.long_silence_frames) == (1, UNDERRUN_MAX_FRAMES + 5)

@@ -70,7 +70,9 @@ class FakePhone:
         self.late_frames = 0                    # media we sent more than 20 ms after its time
         self.underruns = 0                      # gaps in what we heard: the buffer ran dry mid-audio, audio came back
         self.underrun_frames = 0                # 20 ms frames of those gaps
-        self._in_audio = False                  # the last whole frame played was audio, not the end of a reply
+        self.long_silences = 0                  # dry spells over UNDERRUN_MAX_FRAMES that audio came after: a new
+        self.long_silence_frames = 0            # reply, or a stall (where a call hears one reply); and their frames
+        self._in_audio = False                  # audio has played since the call began or the last clear
         self._dry_frames = 0                    # ticks since the buffer ran dry while in audio
         self.messages: list[dict[str, Any]] = []  # every non-media message received
         self.closed = asyncio.Event()
@@ -214,17 +216,20 @@ class FakePhone:
     def _count_gap(self, got_bytes: int) -> None:
         """One 20 ms tick of the player. An underrun is the buffer running dry (a short or empty
         frame) while audio was playing, and audio coming back within UNDERRUN_MAX_FRAMES; a
-        longer silence is the end of a reply, and a ``clear`` ends one too."""
+        longer silence that audio comes after is counted apart (``long_silences``): the phone cannot
+        tell a reply's end from a stall, a bench that knows its calls' replies can. A ``clear`` ends
+        the audio too: what follows it is neither."""
         if got_bytes == FRAME_BYTES:
-            if self._dry_frames > 0:
+            if 0 < self._dry_frames <= UNDERRUN_MAX_FRAMES:
                 self.underruns += 1
                 self.underrun_frames += self._dry_frames
+            elif self._dry_frames > UNDERRUN_MAX_FRAMES:
+                self.long_silences += 1
+                self.long_silence_frames += self._dry_frames
             self._dry_frames = 0
             self._in_audio = True
         elif self._in_audio:
             self._dry_frames += 1
-            if self._dry_frames > UNDERRUN_MAX_FRAMES:
-                self._in_audio, self._dry_frames = False, 0
 
     async def _player(self) -> None:
         n = 0
