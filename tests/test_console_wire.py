@@ -205,16 +205,23 @@ def test_the_page_decodes_a_batch_as_the_relay_builds_it() -> None:
 
 # ---------------------------------------------------------------- the tick's senders (no sockets)
 class FakeWs:
-    """A page's socket as :func:`engine.console.sound.send_now` sees it (its Sans-I/O protocol,
-    ``send_data``, ``paused`` as websockets sets it when the socket is behind); records what is sent."""
+    """A page's socket as :func:`engine.console.sound.send_now` sees it: websockets' ``broadcast``
+    writes through its Sans-I/O ``protocol`` and ``send_data``; ``behind`` puts its transport's write
+    buffer over the limit, as a page that does not read does. Records what is sent."""
 
     def __init__(self) -> None:
         from websockets.protocol import State
         self.sent: list[bytes | str] = []
-        self.paused = False
+        self.behind = False
         self.protocol = self
+        self.transport = self
         self.state = State.OPEN
+        self.fragmented_send_waiter = None
         self._out: list[bytes | str] = []
+
+    def get_write_buffer_size(self) -> int:
+        from engine.console.sound import WRITE_LIMIT_BYTES
+        return WRITE_LIMIT_BYTES + 1 if self.behind else 0
 
     def send_binary(self, data: bytes) -> None:
         self._out.append(bytes(data))
@@ -263,14 +270,14 @@ def test_listen_sends_a_chunk_every_other_tick_and_does_not_wait_for_a_slow_page
     pcm = [x for x in fast.sent if isinstance(x, bytes)]
     assert [len(x) for x in pcm] == [4800, 4800]   # one chunk every other tick: 2 x 1200 frames of int16
     assert published == [("console.listen", {"on": True, "lease_ms": sound.LEASE_MS})]
-    # a paused socket is not written to: its chunks wait (bounded, the oldest dropped and counted)
+    # a socket that is behind is not written to: its chunks wait (bounded, the oldest dropped and counted)
     slow.sent.clear()
-    slow.paused = True
+    slow.behind = True
     ticks(2 * (LISTEN_QUEUE_CHUNKS + 3), 1200, 101.0)
     assert slow.sent == [] and len(b.chunks) == LISTEN_QUEUE_CHUNKS and b.dropped_frames == 3 * 2400
     assert sum(isinstance(x, bytes) for x in fast.sent) == 2 + LISTEN_QUEUE_CHUNKS + 3
     assert published[-1][1]["on"] is True and len(published) >= 2   # renewed every RENEW_S
-    slow.paused = False
+    slow.behind = False
     ticks(2, 0, 103.0)
     assert sum(isinstance(x, bytes) for x in slow.sent) == LISTEN_QUEUE_CHUNKS   # caught up at once
     # the last listener gone: the lease is given back once
@@ -281,11 +288,11 @@ def test_listen_sends_a_chunk_every_other_tick_and_does_not_wait_for_a_slow_page
 
 
 @pytest.mark.timeout(10)
-def test_the_tick_sends_each_page_one_batch_and_skips_a_paused_one() -> None:
+def test_the_tick_sends_each_page_one_batch_and_skips_one_that_is_behind() -> None:
     from engine.console.server import ConsoleServer
     server = ConsoleServer(Endpoints("ipc:///nowhere-p", "ipc:///nowhere-s"))
     fast, slow = FakeWs(), FakeWs()
-    slow.paused = True
+    slow.behind = True
     server.pages = {fast: PageQueue(), slow: PageQueue()}   # type: ignore[dict-item]
     records = _records(BODIES[:3])
     server._deliver(records[:2])
@@ -296,7 +303,7 @@ def test_the_tick_sends_each_page_one_batch_and_skips_a_paused_one() -> None:
     assert slow.sent == [] and len(server.pages[slow].items) == 3   # type: ignore[index]
     server._send_batches()
     assert len(fast.sent) == 1   # nothing new: nothing sent
-    slow.paused = False
+    slow.behind = False
     server._send_batches()
     assert len(slow.sent) == 1 and len(decode_batch(slow.sent[0])[2]) == 3   # type: ignore[arg-type]
     # a socket that is closing gets nothing (its handler ends and drops the page)

@@ -43,7 +43,7 @@ from bus import Endpoints
 from bus.client import runtime_dir
 from engine.console import lookback
 from engine.console.relay import BATCH_S, IDLE_BATCH_S, BusRelay, ConsoleError, PageQueue, encode_batch
-from engine.console.sound import ListenHub, Rings, TalkHub, audio_stats, send_now
+from engine.console.sound import WRITE_LIMIT_BYTES, ListenHub, Rings, TalkHub, audio_stats, send_now
 
 STATIC = Path(__file__).resolve().parent / "static"
 INFO_FILE = "console.json"
@@ -321,7 +321,8 @@ class ConsoleServer:
         self._tick_handle = asyncio.get_running_loop().call_later(BATCH_S, self._tick, self.relay, stop)
         try:
             async with serve(self.handler, self.host, self.port, process_request=self.process_request,
-                             max_size=1 << 20, compression=None, ping_interval=20) as server:
+                             max_size=1 << 20, compression=None, ping_interval=20,
+                             write_limit=WRITE_LIMIT_BYTES) as server:
                 sock = next(iter(server.sockets))
                 self.port = sock.getsockname()[1]
                 shown = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host

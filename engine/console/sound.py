@@ -27,7 +27,7 @@ from collections import deque
 from typing import Any, Callable
 
 import numpy as np
-from websockets.asyncio.server import ServerConnection
+from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
@@ -40,6 +40,7 @@ LISTEN_QUEUE_CHUNKS = 10         #: chunks (about 1 s) waiting for one listener 
 STATS_EVERY_S = 1.0
 LATE_MESSAGE_S = 0.1             #: a talk message this long after the one before is counted late (they come every 20 ms)
 POLICY_VIOLATION, INTERNAL_ERROR, TRY_AGAIN = 1008, 1011, 1013
+WRITE_LIMIT_BYTES = 32768        #: a page socket is behind past this much unsent (the server's ``write_limit``)
 
 Publish = Callable[[str, dict[str, Any]], None]
 
@@ -47,20 +48,13 @@ Publish = Callable[[str, dict[str, Any]], None]
 def send_now(ws: ServerConnection, data: bytes | str) -> bool:
     """Write one whole WebSocket message to ``ws`` at once, from a plain callback (the server's
     tick): no await, so no task and no extra turn of the event loop. False, and nothing sent,
-    when the socket is not open or is behind (its write buffer over the high-water mark: what
-    waits for it stays in its bounded queue). Uses the connection's Sans-I/O ``protocol`` and
-    its ``send_data`` (what ``Connection.send`` does for a whole message, without the wait)."""
-    if ws.protocol.state is not State.OPEN or ws.paused:
+    when the socket is not open or is behind (its transport's write buffer over
+    WRITE_LIMIT_BYTES: what waits for it stays in its bounded queue). The write is websockets'
+    documented synchronous ``broadcast``, to this one connection."""
+    if ws.state is not State.OPEN or ws.transport.get_write_buffer_size() > WRITE_LIMIT_BYTES:
         return False
-    try:
-        if isinstance(data, str):
-            ws.protocol.send_text(data.encode())
-        else:
-            ws.protocol.send_binary(data)
-        ws.send_data()
-    except OSError:   # the transport failed: the connection's own reader sees it close
-        return False
-    return True
+    broadcast((ws,), data)   # a failed write is logged by websockets; the connection's reader sees it close
+    return ws.state is State.OPEN
 
 
 class Rings:
