@@ -97,3 +97,65 @@ def test_the_bridge_holds_as_long_as_the_engines_playback_prebuffer() -> None:
     cfg = load_config(None, {"backend": "local"})
     bridge = PhoneBridge(bridge_spec("ws://127.0.0.1:9/v1/realtime"), publisher=RecordingPublisher())  # type: ignore[arg-type]
     assert bridge.prebuffer_ms == cfg["audio"]["prebuffer_ms"] == 60
+
+
+# ---------------------------------------------------------------- a gap the marks show grows the hold
+def test_a_gap_grows_the_hold_20_ms_up_to_its_cap_and_a_reply_without_one_gives_half_back() -> None:
+    """As the engine's own speaker prebuffer does (playback Renderer): +20 ms per gap, at most
+    MAX_HOLD_MS; a reply played through without a gap gives half the growth back."""
+    from engine.phone.hold import GROW_MS, MAX_HOLD_MS
+    hold = StartHold(60)
+    hold.gap()
+    assert hold.hold_ms == 60 + GROW_MS == 80
+    hold.item_played()                      # that reply had the gap: no give-back
+    assert hold.hold_ms == 80
+    hold.item_played()                      # the next played clean
+    assert hold.hold_ms == 70
+    for _ in range(50):
+        hold.gap()
+    assert hold.hold_ms == MAX_HOLD_MS and hold.hold_ms_max == MAX_HOLD_MS and hold.gaps == 51
+    assert StartHold(60).audio(b"x", 0.0, 0.0, drained=True) == [] and hold.audio(b"x", 0.0, 1.0, drained=True) == []
+    assert hold.release_at_s == 1.0 + MAX_HOLD_MS / 1000   # the grown hold is what the next start waits
+    off = StartHold(0)                      # phone.prebuffer_ms 0: never held, never grows
+    off.gap()
+    assert off.hold_ms == 0 and off.audio(b"x", 0.0, 0.0, drained=True) == [Out(b"x", 0.0)]
+
+
+def test_one_gap_later_the_grown_hold_rides_out_the_same_late_delta() -> None:
+    late = [100.0 * k + (70.0 if k == 5 else 0.0) for k in range(38)]   # the fifth delta 70 ms late
+    assert underruns_at_the_phone(60, late, phase_ms=3.0) == 1
+    hold = StartHold(60)
+    hold.gap()
+    assert underruns_at_the_phone(hold.hold_ms, late, phase_ms=3.0) == 0
+
+
+def test_the_marks_show_a_gap_at_the_phone_but_not_the_echo_latency_nor_the_players_ticks() -> None:
+    """Twilio echoes a mark once the audio before it has played: within one stretch of audio the
+    echoes keep the audio's own pace unless the phone's buffer ran dry. The first echo of a stretch
+    carries the network's latency and sets the baseline; the phone player's 20 ms ticks move an echo
+    by less than GAP_TOLERANCE_MS."""
+    from engine.phone.heard import GAP_TOLERANCE_MS, HeardClock
+    clock = HeardClock(mark_every_frames=1600)
+    marks = [m for _ in range(6) for m in clock.sent(1600, 0.0)]          # 1.2 s sent at once
+    assert [m.index for m in marks] == [1600 * k for k in range(1, 7)]
+    # echoes: 80 ms of network latency, the second 19 ms earlier by the player's tick (the baseline
+    # is the earliest), the third back 19 ms later (not a gap), then 100 ms late: a gap
+    at_s = [0.28, 0.461, 0.68, 0.961, 1.161, 1.361]
+    echoes = [clock.echoed(m.name, t) for m, t in zip(marks, at_s)]
+    assert [round(e.gap_ms) if e else None for e in echoes] == [0, 0, 0, 100, 0, 0]
+    assert clock.gaps == 1 and round(clock.gap_ms) == 100 and GAP_TOLERANCE_MS < 100
+    # the item's audio came 3 s late: the phone drained mid-item, and the echoes show that gap
+    late = clock.sent(1600, 4.0)
+    assert round(clock.echoed(late[0].name, 4.561).gap_ms) == 3000 and clock.gaps == 2   # type: ignore[union-attr]
+    # the item ended and the phone drained: the next item's stretch starts when it is sent, and
+    # its first echo (with the network's latency) is a new baseline, not a gap
+    end = clock.end_of_item(0)
+    assert clock.echoed(end.name, 4.561) is not None
+    more = clock.sent(1600, 5.0)
+    assert clock.echoed(more[0].name, 5.5) is not None and clock.gaps == 2
+    # a clear ends the stretch too
+    m2 = clock.sent(1600, 5.6)
+    clock.clear(5.7)
+    m3 = clock.sent(1600, 5.8)
+    assert clock.echoed(m3[0].name, 6.4) is not None and clock.gaps == 2
+    assert m2  # (its echo, dropped by the clear, would be stale)

@@ -65,3 +65,38 @@ def test_each_delta_goes_to_the_phone_whole_with_marks_every_200_ms() -> None:
     assert phone.media_received <= -(-frames // 5) + 1, (phone.media_received, frames, deltas)
     assert ended["marks_sent"] == phone.received_frames // 1600 + 1      # the periodic marks and the end's
     assert phone.underruns == 0
+
+
+def test_a_gap_at_the_phone_is_seen_in_the_marks_published_and_grows_the_start_hold() -> None:
+    """The bridge cannot see the phone's buffer; it sees the marks come back late when the buffer
+    ran dry. Deltas paced at real time with 150 ms of jitter leave the fake phone's buffer dry
+    mid-reply (more than the 60 ms start hold covers): the bridge publishes ``phone.underrun`` and
+    the hold grows, as the speaker's prebuffer does."""
+    from engine.server.faults import Faults
+    from tests.conftest import LocalServer
+    server = LocalServer(speed=1.0, asr=False, faults=Faults(delta_jitter_ms=150.0, seed=3))
+    pub = RecordingPublisher()
+
+    async def main() -> tuple[FakePhone, dict[str, Any]]:
+        bridge = PhoneBridge(bridge_spec(server.base + "/realtime"), publisher=pub)  # type: ignore[arg-type]
+        await bridge.listen()
+        phone = await FakePhone(bridge.url).dial()
+        await pub.wait("session.config", phone_call_id=phone.call_sid)
+        bridge.on_bus("cmd.say", {"text": "Please tell me about the weather on the coast this weekend",
+                                  "phone_call_id": phone.call_sid})
+        await pub.wait("playout.stopped", phone_call_id=phone.call_sid, timeout_s=30)
+        await phone.hang_up()
+        ended = await pub.wait("phone.call.ended", phone_call_id=phone.call_sid)
+        await bridge.close()
+        return phone, ended
+    try:
+        phone, ended = asyncio.run(main())
+    finally:
+        server.close()
+    heard_gaps = phone.underruns + phone.long_silences
+    assert heard_gaps >= 1, "the jitter left no gap at the phone: this test shows nothing"
+    seen = pub.all("phone.underrun", phone_call_id=phone.call_sid)
+    # (not bounded by heard_gaps: this process's own loop lagging 30 ms late makes an echo look late)
+    assert len(seen) >= 1 and all(m["gap_ms"] > 0 for m in seen), (seen, heard_gaps)
+    assert ended["phone_underruns"] == len(seen) and ended["phone_underrun_ms"] > 0
+    assert seen[-1]["prebuffer_ms"] == ended["start_hold_ms_max"] == 60 + 20 * len(seen), (seen, ended)

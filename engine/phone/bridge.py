@@ -248,7 +248,12 @@ class Call:
         echo = self.clock.echoed(name, now)
         if echo is None:
             return  # a mark a clear dropped (Twilio echoes those at once), or not ours
+        if echo.gap_ms > 0:   # the phone's buffer ran dry: the caller heard a gap; hold longer from now on
+            self.hold.gap()
+            self.bridge.publish(self, "phone.underrun", {"gap_ms": round(echo.gap_ms, 1), "index": echo.mark.index,
+                                                         "prebuffer_ms": self.hold.hold_ms})
         if echo.mark.end_of_item:
+            self.hold.item_played()
             self.step(PlaybackReport("stopped", echo.mark.item_start, echo.mark.index, {}))
         else:
             self.step(PlaybackReport("position", None, echo.heard_index, {}))
@@ -278,7 +283,7 @@ class Call:
                     self.item_start = self.clock.sent_frames
                     follow.append(PlaybackReport("started", self.item_start, self.item_start,
                                                  {"first_sample_mono_ns": time.monotonic_ns(),
-                                                  "output_latency_ms": self.bridge.prebuffer_ms
+                                                  "output_latency_ms": self.hold.hold_ms
                                                   if self.hold.holding else 0.0}))
                 self.send_out(outs, now)
                 self.arm_hold()
@@ -463,9 +468,10 @@ class Call:
                 "clear_latency_p99_ms": self.clear_latency.p99_ms(),
                 "media_in_late_frames": self.in_latency.late, "media_out_late_frames": self.out_latency.late,
                 # the start hold (engine.phone.hold): holds, those the item's end released early,
-                # held audio a clear dropped
+                # held audio a clear dropped, the longest it grew to; gaps the marks showed at the phone
                 "start_holds": self.hold.holds, "start_holds_released_early": self.hold.early_releases,
-                "start_hold_dropped_bytes": self.hold.dropped_bytes,
+                "start_hold_dropped_bytes": self.hold.dropped_bytes, "start_hold_ms_max": self.hold.hold_ms_max,
+                "phone_underruns": self.clock.gaps, "phone_underrun_ms": round(self.clock.gap_ms, 1),
                 "api_errors": core.errors if core else 0})
             b.status_changed()
         if self.ws.state.name == "OPEN":

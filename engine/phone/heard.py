@@ -14,6 +14,15 @@ Rules:
 - ``clear`` ends everything sent: the heard index at that instant is what the caller heard; the
   marks still pending come back at once (Twilio echoes them when clear drops their audio) and are
   ignored; the index space goes on from what was sent.
+- A *stretch* is audio meant to play without a pause: it starts with an item's first audio sent
+  while the caller heard everything (after an item's end mark, or a ``clear``), and goes on until
+  the next such start. Audio of the same item sent after the phone drained does not start one: the
+  drain was a gap, and the echoes that follow show it. Within a stretch, each echo says when frame 0
+  of the index space would have played (echo time less the mark's index at 8 frames a ms); the earliest is
+  the stretch's baseline (the first echo carries the network's latency, the phone player's 20 ms
+  ticks move each echo by up to a tick). An echo more than GAP_TOLERANCE_MS after the baseline is
+  a gap in what the caller heard (the phone's buffer ran dry: audio came late): counted, and the
+  baseline moves to it.
 """
 from __future__ import annotations
 
@@ -23,6 +32,9 @@ from dataclasses import dataclass
 from engine.phone.twilio import MEDIA_RATE_HZ
 
 FRAMES_PER_S = MEDIA_RATE_HZ
+#: an echo this much later than its stretch's pace is a gap: one tick of the phone's 20 ms player
+#: (where in a tick a mark's audio ends) plus 10 ms of echo jitter
+GAP_TOLERANCE_MS = 30
 
 
 @dataclass(frozen=True)
@@ -38,6 +50,7 @@ class Echo:
     """An echoed mark we were waiting for."""
     mark: PendingMark
     heard_index: int
+    gap_ms: float = 0.0        #: the gap at the phone this echo shows (0: none)
 
 
 class HeardClock:
@@ -51,6 +64,10 @@ class HeardClock:
         self.marks_sent = 0
         self.echoes = 0
         self.stale_echoes = 0                  #: echoes of marks a clear dropped, or unknown names
+        self.gaps = 0                          #: gaps at the phone the echoes showed
+        self.gap_ms = 0.0                      #: their length in all
+        self._baseline_s: float | None = None  #: the stretch's earliest "frame 0 played at" (None: no echo yet)
+        self._item_start_next = True           #: the next audio sent is an item's first (after an end mark, a clear)
 
     def heard_index(self, now_s: float) -> int:
         limit = self.sent_frames
@@ -67,12 +84,16 @@ class HeardClock:
         """``frames`` more were sent; returns the marks to send after them (due every mark_every_frames)."""
         if self.heard_index(now_s) >= self.sent_frames:   # the caller heard all: this starts playing now
             self.anchor_index, self.anchor_s = self.sent_frames, now_s
+            if self._item_start_next:
+                self._baseline_s = None                   # a new stretch (mid-item, the drain was a gap)
+        self._item_start_next = False
         self.sent_frames += frames
         if self.sent_frames - self.last_mark_index >= self.mark_every_frames:
             return [self._mark(False, None)]
         return []
 
     def end_of_item(self, item_start: int | None) -> PendingMark:
+        self._item_start_next = True
         return self._mark(True, item_start)
 
     def _mark(self, end: bool, item_start: int | None) -> PendingMark:
@@ -92,9 +113,17 @@ class HeardClock:
             if done is mark:
                 break
         self.echoes += 1
+        gap_s = 0.0
+        start_s = now_s - mark.index / FRAMES_PER_S       # when the index space's frame 0 would have played
+        if self._baseline_s is None or start_s < self._baseline_s:
+            self._baseline_s = start_s
+        elif start_s - self._baseline_s > GAP_TOLERANCE_MS / 1000:
+            gap_s, self._baseline_s = start_s - self._baseline_s, start_s
+            self.gaps += 1
+            self.gap_ms += gap_s * 1000
         if mark.index >= self.heard_index(now_s) or mark.index > self.anchor_index:
             self.anchor_index, self.anchor_s = mark.index, now_s
-        return Echo(mark, self.heard_index(now_s))
+        return Echo(mark, self.heard_index(now_s), gap_s * 1000)
 
     def clear(self, now_s: float) -> int:
         """``clear`` was sent: returns what the caller heard; everything sent is gone from their ear."""
@@ -102,4 +131,5 @@ class HeardClock:
         self.pending.clear()
         self.anchor_index, self.anchor_s = self.sent_frames, now_s
         self.last_mark_index = self.sent_frames
+        self._baseline_s, self._item_start_next = None, True
         return heard

@@ -16,11 +16,17 @@ Rules:
 - The end of the item while holding releases everything at once (the whole reply is here: there
   is nothing to wait for), the end after it.
 - ``drop`` (a barge-in's ``clear``): what is held is never sent.
-- ``hold_ms`` 0: nothing is ever held.
+- A gap at the phone (the marks show it: engine.phone.heard) grows the hold GROW_MS, up to
+  MAX_HOLD_MS; a reply whose audio all played without one gives half the growth back. So one late
+  delta does not cost latency for the rest of the call (the engine's speaker prebuffer does the same).
+- ``hold_ms`` 0: nothing is ever held, and the hold never grows.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+GROW_MS = 20          #: the hold's growth per gap at the phone (one frame)
+MAX_HOLD_MS = 300     #: the most it grows to (the speaker's max prebuffer)
 
 
 @dataclass(frozen=True)
@@ -32,7 +38,11 @@ class Out:
 
 class StartHold:
     def __init__(self, hold_ms: int) -> None:
-        self.hold_s = max(0, hold_ms) / 1000
+        self.base_ms = max(0, hold_ms)
+        self.hold_ms = self.base_ms              #: what the next hold waits (grows with gaps)
+        self.hold_ms_max = self.hold_ms          #: the most it was
+        self.gaps = 0                            #: gaps at the phone reported to it
+        self._gap_in_item = False
         self.held: list[Out] = []
         self.release_at_s: float | None = None   #: while holding: when the held audio goes
         self.holds = 0                           #: holds started
@@ -46,9 +56,9 @@ class StartHold:
     def audio(self, pcm: bytes, since_s: float, now_s: float, drained: bool) -> list[Out]:
         """``pcm`` came (at ``since_s``); returns what to send now (nothing while holding)."""
         if self.release_at_s is None:
-            if not drained or self.hold_s <= 0:
+            if not drained or self.hold_ms <= 0:
                 return [Out(pcm, since_s)]
-            self.release_at_s = now_s + self.hold_s
+            self.release_at_s = now_s + self.hold_ms / 1000
             self.holds += 1
         self.held.append(Out(pcm, since_s))
         return []
@@ -66,6 +76,20 @@ class StartHold:
         if self.release_at_s is None or now_s < self.release_at_s:
             return []
         return self._release(self.release_at_s)
+
+    def gap(self) -> None:
+        """The phone's buffer ran dry mid-reply (a late echo): hold longer from the next start."""
+        self.gaps += 1
+        self._gap_in_item = True
+        if self.base_ms > 0:
+            self.hold_ms = min(MAX_HOLD_MS, self.hold_ms + GROW_MS)
+            self.hold_ms_max = max(self.hold_ms_max, self.hold_ms)
+
+    def item_played(self) -> None:
+        """A reply's audio has all played (its end mark came back): without a gap, half the growth back."""
+        if not self._gap_in_item:
+            self.hold_ms = self.base_ms + (self.hold_ms - self.base_ms) // 2
+        self._gap_in_item = False
 
     def drop(self) -> int:
         """A ``clear``: forget what is held; returns its bytes (never sent)."""
