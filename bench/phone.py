@@ -318,6 +318,9 @@ async def level(urls: list[str], pids: list[int], n: int, seconds: float, calls:
         # each call hears one reply here: a silence over 500 ms with audio after it is a stall, not a reply's end
         "phone_stalls_over_500ms": sum(p.long_silences for p in phones),
         "phone_stall_ms": sum(p.long_silence_frames for p in phones) * 20,
+        # the gaps the engine's bridge saw in the marks (phone.call.ended phone_underruns; the baseline has none)
+        "bridge_seen_phone_underruns": int(sum(values("phone_underruns"))) if values("phone_underruns") else None,
+        "start_hold_ms_max": worst("start_hold_ms_max"),
         "reply_frames_played_min": min(p.played_frames for p in phones) // FRAME_BYTES,
         "reply_frames_played_max": max(p.played_frames for p in phones) // FRAME_BYTES,
         "in_latency_p99_ms_worst": worst("in_latency_p99_ms"), "in_latency_p99_ms_median": median("in_latency_p99_ms"),

@@ -129,33 +129,33 @@ def test_one_gap_later_the_grown_hold_rides_out_the_same_late_delta() -> None:
     assert underruns_at_the_phone(hold.hold_ms, late, phase_ms=3.0) == 0
 
 
-def test_the_marks_show_a_gap_at_the_phone_but_not_the_echo_latency_nor_the_players_ticks() -> None:
-    """Twilio echoes a mark once the audio before it has played: within one stretch of audio the
-    echoes keep the audio's own pace unless the phone's buffer ran dry. The first echo of a stretch
-    carries the network's latency and sets the baseline; the phone player's 20 ms ticks move an echo
-    by less than GAP_TOLERANCE_MS."""
+def test_audio_sent_after_the_phone_ran_out_mid_item_is_a_gap_and_a_late_echo_is_not() -> None:
+    """The heard clock's gap: an item's audio sent after the caller had heard all that was sent
+    before it (by the marks); its length from when the phone ran out. Not a gap: an item's first
+    audio, a shortfall within GAP_TOLERANCE_MS, an echo that comes late."""
     from engine.phone.heard import GAP_TOLERANCE_MS, HeardClock
     clock = HeardClock(mark_every_frames=1600)
-    marks = [m for _ in range(6) for m in clock.sent(1600, 0.0)]          # 1.2 s sent at once
-    assert [m.index for m in marks] == [1600 * k for k in range(1, 7)]
-    # echoes: 80 ms of network latency, the second 19 ms earlier by the player's tick (the baseline
-    # is the earliest), the third back 19 ms later (not a gap), then 100 ms late: a gap
-    at_s = [0.28, 0.461, 0.68, 0.961, 1.161, 1.361]
-    echoes = [clock.echoed(m.name, t) for m, t in zip(marks, at_s)]
-    assert [round(e.gap_ms) if e else None for e in echoes] == [0, 0, 0, 100, 0, 0]
-    assert clock.gaps == 1 and round(clock.gap_ms) == 100 and GAP_TOLERANCE_MS < 100
-    # the item's audio came 3 s late: the phone drained mid-item, and the echoes show that gap
-    late = clock.sent(1600, 4.0)
-    assert round(clock.echoed(late[0].name, 4.561).gap_ms) == 3000 and clock.gaps == 2   # type: ignore[union-attr]
-    # the item ended and the phone drained: the next item's stretch starts when it is sent, and
-    # its first echo (with the network's latency) is a new baseline, not a gap
-    end = clock.end_of_item(0)
-    assert clock.echoed(end.name, 4.561) is not None
-    more = clock.sent(1600, 5.0)
-    assert clock.echoed(more[0].name, 5.5) is not None and clock.gaps == 2
-    # a clear ends the stretch too
-    m2 = clock.sent(1600, 5.6)
-    clock.clear(5.7)
-    m3 = clock.sent(1600, 5.8)
-    assert clock.echoed(m3[0].name, 6.4) is not None and clock.gaps == 2
-    assert m2  # (its echo, dropped by the clear, would be stale)
+    first = clock.sent(1600, 10.0)                  # an item's first 200 ms: not a gap (the phone was quiet)
+    assert clock.take_gaps() == [] and first
+    second = clock.sent(1600, 10.1)                 # 400 ms sent by 10.1: the phone plays until 10.4
+    # the first mark's echo, due at 10.2, held back 150 ms (our loop, the network): it moves the
+    # heard index later, and the audio sent at 10.38 (before the phone ran out) is no gap
+    clock.echoed(first[0].name, 10.35)
+    clock.sent(800, 10.38)
+    assert clock.take_gaps() == [] and second
+    # the second mark's echo on time (10.4): the phone plays the last 800 frames until 10.5; audio
+    # sent at 10.7 came 200 ms after it ran out
+    clock.echoed(second[0].name, 10.4)
+    clock.sent(800, 10.7)
+    gaps = clock.take_gaps()
+    assert [(round(ms), i) for ms, i in gaps] == [(200, 4000)] and clock.gaps == 1 and round(clock.gap_ms) == 200
+    assert clock.take_gaps() == []
+    # within the tolerance of running out (10.8): not counted
+    clock.sent(800, 10.8 + GAP_TOLERANCE_MS / 1000 - 0.005)
+    assert clock.take_gaps() == []
+    # the item ends; the next item's first audio, however long after, is not a gap; nor after a clear
+    clock.end_of_item(0)
+    clock.sent(800, 20.0)
+    clock.clear(20.05)
+    clock.sent(800, 30.0)
+    assert clock.take_gaps() == [] and clock.gaps == 1

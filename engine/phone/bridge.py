@@ -248,10 +248,6 @@ class Call:
         echo = self.clock.echoed(name, now)
         if echo is None:
             return  # a mark a clear dropped (Twilio echoes those at once), or not ours
-        if echo.gap_ms > 0:   # the phone's buffer ran dry: the caller heard a gap; hold longer from now on
-            self.hold.gap()
-            self.bridge.publish(self, "phone.underrun", {"gap_ms": round(echo.gap_ms, 1), "index": echo.mark.index,
-                                                         "prebuffer_ms": self.hold.hold_ms})
         if echo.mark.end_of_item:
             self.hold.item_played()
             self.step(PlaybackReport("stopped", echo.mark.item_start, echo.mark.index, {}))
@@ -331,6 +327,10 @@ class Call:
                 self.put_phone(self.stream.media(chunk), out.since_s, self.out_latency, -(-len(chunk) // FRAME_BYTES))
                 for mark in self.clock.sent(len(chunk), now):
                     self.put_phone(self.stream.mark(mark.name))
+        for gap_ms, index in self.clock.take_gaps():   # the phone had run out: a gap; hold longer from now on
+            self.hold.gap()
+            self.bridge.publish(self, "phone.underrun", {"gap_ms": round(gap_ms, 1), "index": index,
+                                                         "prebuffer_ms": self.hold.hold_ms})
 
     def arm_hold(self) -> None:
         """A timer for the hold's release, if it holds audio and none is armed."""
@@ -468,7 +468,7 @@ class Call:
                 "clear_latency_p99_ms": self.clear_latency.p99_ms(),
                 "media_in_late_frames": self.in_latency.late, "media_out_late_frames": self.out_latency.late,
                 # the start hold (engine.phone.hold): holds, those the item's end released early,
-                # held audio a clear dropped, the longest it grew to; gaps the marks showed at the phone
+                # held audio a clear dropped, the longest it grew to; gaps at the phone (engine.phone.heard)
                 "start_holds": self.hold.holds, "start_holds_released_early": self.hold.early_releases,
                 "start_hold_dropped_bytes": self.hold.dropped_bytes, "start_hold_ms_max": self.hold.hold_ms_max,
                 "phone_underruns": self.clock.gaps, "phone_underrun_ms": round(self.clock.gap_ms, 1),

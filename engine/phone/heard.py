@@ -14,15 +14,13 @@ Rules:
 - ``clear`` ends everything sent: the heard index at that instant is what the caller heard; the
   marks still pending come back at once (Twilio echoes them when clear drops their audio) and are
   ignored; the index space goes on from what was sent.
-- A *stretch* is audio meant to play without a pause: it starts with an item's first audio sent
-  while the caller heard everything (after an item's end mark, or a ``clear``), and goes on until
-  the next such start. Audio of the same item sent after the phone drained does not start one: the
-  drain was a gap, and the echoes that follow show it. Within a stretch, each echo says when frame 0
-  of the index space would have played (echo time less the mark's index at 8 frames a ms); the earliest is
-  the stretch's baseline (the first echo carries the network's latency, the phone player's 20 ms
-  ticks move each echo by up to a tick). An echo more than GAP_TOLERANCE_MS after the baseline is
-  a gap in what the caller heard (the phone's buffer ran dry: audio came late): counted, and the
-  baseline moves to it.
+- A *gap* is an item's audio sent after the caller, by the heard index, had heard everything sent
+  before it, mid-item (not the item's first audio: after an end mark or a ``clear`` the phone is
+  meant to be quiet). Its length is from when the phone ran out (the anchor plus what was sent
+  after it, at 8 frames a ms) to the send; one over GAP_TOLERANCE_MS is counted. The network's
+  latency moves both ends alike, so it cancels. The echoes are not timed for this: an echo our
+  own loop or the network holds back would look like a gap, while it only moves the heard index
+  later (gaps are then missed, never invented).
 """
 from __future__ import annotations
 
@@ -32,8 +30,8 @@ from dataclasses import dataclass
 from engine.phone.twilio import MEDIA_RATE_HZ
 
 FRAMES_PER_S = MEDIA_RATE_HZ
-#: an echo this much later than its stretch's pace is a gap: one tick of the phone's 20 ms player
-#: (where in a tick a mark's audio ends) plus 10 ms of echo jitter
+#: a gap shorter than this is not counted: the phone's 20 ms player starts a stretch up to a tick
+#: after it arrives (so the estimate runs up to 20 ms early), plus 10 ms of scheduling
 GAP_TOLERANCE_MS = 30
 
 
@@ -50,7 +48,6 @@ class Echo:
     """An echoed mark we were waiting for."""
     mark: PendingMark
     heard_index: int
-    gap_ms: float = 0.0        #: the gap at the phone this echo shows (0: none)
 
 
 class HeardClock:
@@ -64,9 +61,9 @@ class HeardClock:
         self.marks_sent = 0
         self.echoes = 0
         self.stale_echoes = 0                  #: echoes of marks a clear dropped, or unknown names
-        self.gaps = 0                          #: gaps at the phone the echoes showed
+        self.gaps = 0                          #: gaps at the phone (audio sent after it ran out mid-item)
         self.gap_ms = 0.0                      #: their length in all
-        self._baseline_s: float | None = None  #: the stretch's earliest "frame 0 played at" (None: no echo yet)
+        self.new_gaps: list[tuple[float, int]] = []   #: (ms, index) of gaps not yet taken (:meth:`take_gaps`)
         self._item_start_next = True           #: the next audio sent is an item's first (after an end mark, a clear)
 
     def heard_index(self, now_s: float) -> int:
@@ -83,9 +80,13 @@ class HeardClock:
     def sent(self, frames: int, now_s: float) -> list[PendingMark]:
         """``frames`` more were sent; returns the marks to send after them (due every mark_every_frames)."""
         if self.heard_index(now_s) >= self.sent_frames:   # the caller heard all: this starts playing now
+            if not self._item_start_next:                 # mid-item: the phone ran out before this came
+                gap_s = now_s - self.anchor_s - (self.sent_frames - self.anchor_index) / FRAMES_PER_S
+                if gap_s * 1000 > GAP_TOLERANCE_MS:
+                    self.gaps += 1
+                    self.gap_ms += gap_s * 1000
+                    self.new_gaps.append((gap_s * 1000, self.sent_frames))
             self.anchor_index, self.anchor_s = self.sent_frames, now_s
-            if self._item_start_next:
-                self._baseline_s = None                   # a new stretch (mid-item, the drain was a gap)
         self._item_start_next = False
         self.sent_frames += frames
         if self.sent_frames - self.last_mark_index >= self.mark_every_frames:
@@ -113,17 +114,14 @@ class HeardClock:
             if done is mark:
                 break
         self.echoes += 1
-        gap_s = 0.0
-        start_s = now_s - mark.index / FRAMES_PER_S       # when the index space's frame 0 would have played
-        if self._baseline_s is None or start_s < self._baseline_s:
-            self._baseline_s = start_s
-        elif start_s - self._baseline_s > GAP_TOLERANCE_MS / 1000:
-            gap_s, self._baseline_s = start_s - self._baseline_s, start_s
-            self.gaps += 1
-            self.gap_ms += gap_s * 1000
         if mark.index >= self.heard_index(now_s) or mark.index > self.anchor_index:
             self.anchor_index, self.anchor_s = mark.index, now_s
-        return Echo(mark, self.heard_index(now_s), gap_s * 1000)
+        return Echo(mark, self.heard_index(now_s))
+
+    def take_gaps(self) -> list[tuple[float, int]]:
+        """The gaps (ms, index) counted since the last call."""
+        out, self.new_gaps = self.new_gaps, []
+        return out
 
     def clear(self, now_s: float) -> int:
         """``clear`` was sent: returns what the caller heard; everything sent is gone from their ear."""
@@ -131,5 +129,5 @@ class HeardClock:
         self.pending.clear()
         self.anchor_index, self.anchor_s = self.sent_frames, now_s
         self.last_mark_index = self.sent_frames
-        self._baseline_s, self._item_start_next = None, True
+        self._item_start_next = True
         return heard
