@@ -452,7 +452,10 @@ def _devices_logged(conn: dict[str, Any]) -> dict[str, Any]:
     except OSError:
         return out
     for line in lines:
-        ev = json.loads(line)
+        try:
+            ev = json.loads(line)
+        except ValueError:   # the live log's last line may be cut off mid-write
+            continue
         if ev.get("topic") in ("capture.device", "playback.device") and ev["topic"] not in out:
             out[ev["topic"]] = {k: v for k, v in ev["body"].items() if k not in ("v", "ts", "mono_ns", "pub", "seq")}
     return out

@@ -219,6 +219,9 @@ class FakeWs:
         self.fragmented_send_waiter = None
         self._out: list[bytes | str] = []
 
+    def is_closing(self) -> bool:
+        return False
+
     def get_write_buffer_size(self) -> int:
         from engine.console.sound import WRITE_LIMIT_BYTES
         return WRITE_LIMIT_BYTES + 1 if self.behind else 0

@@ -21,10 +21,10 @@ def test_b64_bytes_counts_what_a_base64_string_decodes_to() -> None:
 
 def test_calls_on_time_need_no_late_frame_no_underrun_every_reply_whole_and_every_smaller_level_too() -> None:
     ok = {"calls": 5, "calls_ended": 5, "reply_frames_played_min": 190, "reply_frames_played_max": 190,
-          "media_in_late_frames": 0, "media_out_late_frames": 0, "phone_underruns": 0}
+          "media_in_late_frames": 0, "media_out_late_frames": 0, "phone_underruns": 0, "phone_stalls_over_500ms": 0}
     one = {**ok, "calls": 1, "calls_ended": 1}
     assert on_time([one, ok]) == 5
-    for bad in ({"phone_underruns": 1}, {"media_out_late_frames": 1}, {"calls_ended": 4},
+    for bad in ({"phone_underruns": 1}, {"phone_stalls_over_500ms": 1}, {"media_out_late_frames": 1}, {"calls_ended": 4},
                 {"reply_frames_played_min": 150}):
         assert on_time([one, {**ok, **bad}]) == 1
         # a larger level on time after a smaller one that is not does not count

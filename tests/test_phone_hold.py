@@ -159,3 +159,20 @@ def test_audio_sent_after_the_phone_ran_out_mid_item_is_a_gap_and_a_late_echo_is
     clock.clear(20.05)
     clock.sent(800, 30.0)
     assert clock.take_gaps() == [] and clock.gaps == 1
+
+
+def test_mid_item_the_hold_starts_only_at_a_gap_and_a_dropped_hold_is_skipped_in_the_index_space() -> None:
+    """A delta that may still be in time (the run-out estimate is up to a tick early) is not held:
+    holding it would make the very gap it feared. Frames a clear dropped while held were counted by
+    the core: the clock's index space moves past them."""
+    from engine.phone.heard import GAP_TOLERANCE_MS, HeardClock
+    clock = HeardClock(mark_every_frames=1600)
+    assert clock.drained(0.0)                                   # an item's start: the phone is quiet
+    clock.sent(800, 1.0)                                        # 100 ms: the phone runs out at 1.1
+    assert not clock.drained(1.05) and clock.ran_out_s(1.05) is None
+    assert clock.ran_out_s(1.11) is not None and not clock.drained(1.11)   # just out: maybe still in time
+    assert clock.drained(1.1 + GAP_TOLERANCE_MS / 1000 + 0.001)           # out for longer: a gap, hold
+    clock.clear(1.2)
+    clock.skip(4800)                                            # 600 ms held and dropped by that clear
+    assert clock.sent_frames == 5600 and clock.skipped_frames == 4800 and clock.drained(1.3)
+    assert clock.heard_index(1.3) == 5600 and clock.frames_to_next_mark() == 1600

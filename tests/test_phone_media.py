@@ -68,8 +68,8 @@ def test_each_delta_goes_to_the_phone_whole_with_marks_every_200_ms() -> None:
 
 
 def test_a_gap_at_the_phone_is_seen_in_the_marks_published_and_grows_the_start_hold() -> None:
-    """The bridge cannot see the phone's buffer; it sees the marks come back late when the buffer
-    ran dry. Deltas paced at real time with 150 ms of jitter leave the fake phone's buffer dry
+    """The bridge cannot see the phone's buffer; its heard clock says when the phone ran out of what
+    was sent. Deltas paced at real time with 150 ms of jitter leave the fake phone's buffer dry
     mid-reply (more than the 60 ms start hold covers): the bridge publishes ``phone.underrun`` and
     the hold grows, as the speaker's prebuffer does."""
     from engine.server.faults import Faults
@@ -96,7 +96,47 @@ def test_a_gap_at_the_phone_is_seen_in_the_marks_published_and_grows_the_start_h
     heard_gaps = phone.underruns + phone.long_silences
     assert heard_gaps >= 1, "the jitter left no gap at the phone: this test shows nothing"
     seen = pub.all("phone.underrun", phone_call_id=phone.call_sid)
-    # (not bounded by heard_gaps: this process's own loop lagging 30 ms late makes an echo look late)
+    # (not bounded by heard_gaps: this process runs the fake phone too, and its loop lagging moves the count)
     assert len(seen) >= 1 and all(m["gap_ms"] > 0 for m in seen), (seen, heard_gaps)
     assert ended["phone_underruns"] == len(seen) and ended["phone_underrun_ms"] > 0
     assert seen[-1]["prebuffer_ms"] == ended["start_hold_ms_max"] == 60 + 20 * len(seen), (seen, ended)
+
+
+def test_a_barge_in_while_a_reply_start_is_held_leaves_the_next_reply_named_and_ended_right() -> None:
+    """The core counts a Play's frames when it hands them over; a clear during the start hold drops
+    them unsent. The bridge's index space must still move past them, or every later report names
+    a ring index the core gave the interrupted item: the next reply's ``playout.started`` named
+    the old item and its ``playout.stopped`` never came."""
+    from tests.conftest import LocalServer
+    server = LocalServer(speed=4.0, asr=False)
+    pub = RecordingPublisher()
+    spec = bridge_spec(server.base + "/realtime")
+    spec["phone"]["prebuffer_ms"] = 5000          # the first reply is still held when it is cancelled
+
+    async def main() -> tuple[FakePhone, dict[str, Any]]:
+        bridge = PhoneBridge(spec, publisher=pub)  # type: ignore[arg-type]
+        await bridge.listen()
+        phone = await FakePhone(bridge.url).dial()
+        call: dict[str, Any] = {"phone_call_id": phone.call_sid}
+        await pub.wait("session.config", **call)
+        bridge.on_bus("cmd.say", {"text": "Tell me a long story about the sea, please", **call})
+        first = await pub.wait("playout.started", **call)
+        bridge.on_bus("cmd.cancel", call)
+        await pub.wait("playout.interrupted", **call)
+        assert phone.received_frames == 0, "the reply's start was not held: this test shows nothing"
+        bridge.on_bus("cmd.say", {"text": "Now just say yes", **call})
+        while len(pub.all("playout.started", **call)) < 2:
+            await asyncio.sleep(0.02)
+        second = pub.all("playout.started", **call)[1]
+        assert second["item_id"] != first["item_id"], (first, second)
+        stopped = await pub.wait("playout.stopped", item_id=second["item_id"], **call)
+        await phone.hang_up()
+        ended = await pub.wait("phone.call.ended", **call)
+        await bridge.close()
+        return phone, {"stopped": stopped, "ended": ended}
+    try:
+        phone, got = asyncio.run(main())
+    finally:
+        server.close()
+    assert got["ended"]["media_out_frames"] == phone.received_frames // FRAME_BYTES, got["ended"]
+    assert got["ended"]["start_hold_dropped_bytes"] > 0

@@ -54,7 +54,7 @@ def send_now(ws: ServerConnection, data: bytes | str) -> bool:
     if ws.state is not State.OPEN or ws.transport.get_write_buffer_size() > WRITE_LIMIT_BYTES:
         return False
     broadcast((ws,), data)   # a failed write is logged by websockets; the connection's reader sees it close
-    return ws.state is State.OPEN
+    return ws.state is State.OPEN and not ws.transport.is_closing()
 
 
 class Rings:

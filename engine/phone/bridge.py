@@ -273,8 +273,7 @@ class Call:
         b = self.bridge
         for act in acts:
             if isinstance(act, Play):
-                drained = self.clock.heard_index(now) >= self.clock.sent_frames
-                outs = self.hold.audio(act.pcm, self.event_in_s or now, now, drained)
+                outs = self.hold.audio(act.pcm, self.event_in_s or now, now, self.clock.drained(now))
                 if act.starts_item:
                     self.item_start = self.clock.sent_frames
                     follow.append(PlaybackReport("started", self.item_start, self.item_start,
@@ -295,7 +294,7 @@ class Call:
                 self.api_out.put(json.dumps(act.event))
                 b.publish(self, "client." + act.event["type"], act.event)
             elif isinstance(act, Flush):
-                self.hold.drop()
+                dropped = self.hold.drop()   # counted by the core, never sent: skipped below
                 self._cancel_hold_timer()
                 heard_at = self.bridge.last_speech_started_s.pop(self.id, None)
                 if heard_at is not None:
@@ -303,6 +302,7 @@ class Call:
                 else:
                     self.put_phone(self.stream.clear())
                 heard = self.clock.clear(now)
+                self.clock.skip(dropped)
                 follow.append(PlaybackReport("flushed", self.item_start if self.item_start is not None else heard,
                                              heard, {"flush_mono_ns": time.monotonic_ns()}))
             elif isinstance(act, EndOfAudio):
@@ -458,7 +458,8 @@ class Call:
                 "reason": self.end_reason or "hangup", "duration_s": round(time.monotonic() - self.started_at_s, 3),
                 "usd": round(core.total_usd(), 6) if core else 0.0,
                 "custom_parameters": self.start.custom_parameters if self.start else {},
-                "media_in_frames": self.media_in_frames, "media_out_frames": self.clock.sent_frames // FRAME_BYTES,
+                "media_in_frames": self.media_in_frames,
+                "media_out_frames": (self.clock.sent_frames - self.clock.skipped_frames) // FRAME_BYTES,
                 "marks_sent": self.clock.marks_sent, "marks_echoed": self.clock.echoes,
                 "truncations": self.truncations, "phone_errors": self.errors,
                 # engine-added latency in this call (p99, ms), each up to its bytes handed to the socket: phone

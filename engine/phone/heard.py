@@ -14,13 +14,20 @@ Rules:
 - ``clear`` ends everything sent: the heard index at that instant is what the caller heard; the
   marks still pending come back at once (Twilio echoes them when clear drops their audio) and are
   ignored; the index space goes on from what was sent.
-- A *gap* is an item's audio sent after the caller, by the heard index, had heard everything sent
-  before it, mid-item (not the item's first audio: after an end mark or a ``clear`` the phone is
-  meant to be quiet). Its length is from when the phone ran out (the anchor plus what was sent
-  after it, at 8 frames a ms) to the send; one over GAP_TOLERANCE_MS is counted. The network's
-  latency moves both ends alike, so it cancels. The echoes are not timed for this: an echo our
-  own loop or the network holds back would look like a gap, while it only moves the heard index
-  later (gaps are then missed, never invented).
+- The phone *ran out* when the heard index reached what was sent: at the anchor plus what was
+  sent after it, at 8 frames a ms. The estimate runs up to a player tick (20 ms) early.
+- A *gap* is an item's audio sent more than GAP_TOLERANCE_MS after the phone ran out, mid-item
+  (not the item's first audio: after an end mark or a ``clear`` the phone is meant to be quiet);
+  counted, with its length from the run-out to the send. The network's latency moves both ends
+  alike, so it cancels. The echoes are not timed for this: an echo our own loop or the network
+  holds back would look like a gap, while it only moves the heard index later (gaps are then
+  missed). A message's wait in the bridge's own send queue is not seen (under load a gap can read
+  longer than the caller heard).
+- ``drained`` (the start hold's question: does the next audio start a stretch?): the phone ran out,
+  and mid-item over GAP_TOLERANCE_MS ago (a gap). So a delta that may still be in time is never
+  held: holding it would make the gap it feared.
+- ``skip``: frames the core counted that were never sent (a ``clear`` dropped them while held):
+  the index space moves past them, as the core's does.
 """
 from __future__ import annotations
 
@@ -64,6 +71,7 @@ class HeardClock:
         self.gaps = 0                          #: gaps at the phone (audio sent after it ran out mid-item)
         self.gap_ms = 0.0                      #: their length in all
         self.new_gaps: list[tuple[float, int]] = []   #: (ms, index) of gaps not yet taken (:meth:`take_gaps`)
+        self.skipped_frames = 0                #: counted by the core, never sent (:meth:`skip`)
         self._item_start_next = True           #: the next audio sent is an item's first (after an end mark, a clear)
 
     def heard_index(self, now_s: float) -> int:
@@ -73,19 +81,35 @@ class HeardClock:
         guess = self.anchor_index + round(max(0.0, now_s - self.anchor_s) * FRAMES_PER_S)
         return max(self.anchor_index, min(guess, limit))
 
+    def ran_out_s(self, now_s: float) -> float | None:
+        """How long ago the phone ran out of what was sent (None: it has not, by the heard index)."""
+        if self.heard_index(now_s) < self.sent_frames:
+            return None
+        return max(0.0, now_s - self.anchor_s - (self.sent_frames - self.anchor_index) / FRAMES_PER_S)
+
+    def drained(self, now_s: float) -> bool:
+        """Whether audio now starts a stretch: the phone ran out, and mid-item over GAP_TOLERANCE_MS ago."""
+        ran_out_s = self.ran_out_s(now_s)
+        return ran_out_s is not None and (self._item_start_next or ran_out_s * 1000 > GAP_TOLERANCE_MS)
+
+    def skip(self, frames: int) -> None:
+        """``frames`` the core counted were never sent (dropped while held): move the index space past them."""
+        self.sent_frames += frames
+        self.skipped_frames += frames
+        self.anchor_index = self.last_mark_index = self.sent_frames
+
     def frames_to_next_mark(self) -> int:
         """Frames still to send before the next periodic mark is due (at least 1)."""
         return max(1, self.mark_every_frames - (self.sent_frames - self.last_mark_index))
 
     def sent(self, frames: int, now_s: float) -> list[PendingMark]:
         """``frames`` more were sent; returns the marks to send after them (due every mark_every_frames)."""
-        if self.heard_index(now_s) >= self.sent_frames:   # the caller heard all: this starts playing now
-            if not self._item_start_next:                 # mid-item: the phone ran out before this came
-                gap_s = now_s - self.anchor_s - (self.sent_frames - self.anchor_index) / FRAMES_PER_S
-                if gap_s * 1000 > GAP_TOLERANCE_MS:
-                    self.gaps += 1
-                    self.gap_ms += gap_s * 1000
-                    self.new_gaps.append((gap_s * 1000, self.sent_frames))
+        ran_out_s = self.ran_out_s(now_s)
+        if ran_out_s is not None:                           # the caller heard all: this starts playing now
+            if not self._item_start_next and ran_out_s * 1000 > GAP_TOLERANCE_MS:   # mid-item: a gap
+                self.gaps += 1
+                self.gap_ms += ran_out_s * 1000
+                self.new_gaps.append((ran_out_s * 1000, self.sent_frames))
             self.anchor_index, self.anchor_s = self.sent_frames, now_s
         self._item_start_next = False
         self.sent_frames += frames

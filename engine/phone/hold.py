@@ -8,17 +8,18 @@ what the caller hears. The engine's own playback starts a response ``audio.prebu
 first audio for the same reason; this is the phone side's prebuffer, the same setting.
 
 Rules:
-- Audio offered while the caller has heard everything sent (``drained``: a reply's start, or a
-  drain the marks proved) and nothing is held starts a hold: it and whatever follows wait until
-  ``release_at_s`` (its arrival + ``hold_ms``), then all go in order (:meth:`due`).
+- Audio offered while the caller has heard everything sent (``drained``, engine.phone.heard: a
+  reply's start, or mid-item a gap) and nothing is held starts a hold: it and whatever follows
+  wait until ``release_at_s`` (its arrival + ``hold_ms``), then all go in order (:meth:`due`).
 - Audio offered while not drained and nothing is held goes at once: a reply's later deltas are
   never delayed, so the hold is margin gained once, not latency added to every delta.
 - The end of the item while holding releases everything at once (the whole reply is here: there
   is nothing to wait for), the end after it.
 - ``drop`` (a barge-in's ``clear``): what is held is never sent.
-- A gap at the phone (the marks show it: engine.phone.heard) grows the hold GROW_MS, up to
-  MAX_HOLD_MS; a reply whose audio all played without one gives half the growth back. So one late
-  delta does not cost latency for the rest of the call (the engine's speaker prebuffer does the same).
+- A gap at the phone (audio sent after it ran out mid-item: engine.phone.heard) grows the hold
+  GROW_MS, up to MAX_HOLD_MS; a reply whose audio all played without one gives half the growth
+  back. So one late delta does not cost latency for the rest of the call (the engine's speaker
+  prebuffer does the same).
 - ``hold_ms`` 0: nothing is ever held, and the hold never grows.
 """
 from __future__ import annotations
@@ -78,7 +79,7 @@ class StartHold:
         return self._release(self.release_at_s)
 
     def gap(self) -> None:
-        """The phone's buffer ran dry mid-reply (a late echo): hold longer from the next start."""
+        """The phone's buffer ran dry mid-reply: hold longer from the next start."""
         self.gaps += 1
         self._gap_in_item = True
         if self.base_ms > 0:
@@ -96,6 +97,7 @@ class StartHold:
         n = sum(len(o.pcm or b"") for o in self.held)
         self.held, self.release_at_s = [], None
         self.dropped_bytes += n
+        self._gap_in_item = False   # that item's end mark never comes: the next item is judged on its own
         return n
 
     def _release(self, at_s: float) -> list[Out]:

@@ -97,6 +97,9 @@ def synthesize(text: str, voice: str = "marin", speed: float = 1.0) -> np.ndarra
     if cached is not None:
         return cached
     with _flights_lock:
+        cached = _speech_cache.get(key)   # again: a run may have finished since (it caches before it lands)
+        if cached is not None:
+            return cached
         flight = _flights.get(key)
         leader = flight is None
         if flight is None:
