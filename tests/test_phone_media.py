@@ -5,6 +5,7 @@ local server in a thread, a fake phone."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -140,3 +141,64 @@ def test_a_barge_in_while_a_reply_start_is_held_leaves_the_next_reply_named_and_
         server.close()
     assert got["ended"]["media_out_frames"] == phone.received_frames // FRAME_BYTES, got["ended"]
     assert got["ended"]["start_hold_dropped_bytes"] > 0
+
+
+class _FakeConn:
+    """A websockets connection as Outgoing and websockets' ``broadcast`` see it: writes in order into
+    ``wire``; ``send`` (the queue's path) waits for ``release``; ``buffered`` is the transport's write buffer."""
+
+    def __init__(self) -> None:
+        from websockets.protocol import State
+        self.state = State.OPEN
+        self.protocol = self
+        self.transport = self
+        self.fragmented_send_waiter = None
+        self.wire: list[str] = []
+        self.buffered = 0
+        self.release = asyncio.Event()
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return (8192, 32768)
+
+    def send_text(self, data: bytes) -> None:
+        self.wire.append(data.decode())
+
+    def send_data(self) -> None:
+        pass
+
+    async def send(self, text: str) -> None:
+        await self.release.wait()
+        self.wire.append(text)
+
+
+def test_a_socket_that_keeps_up_is_written_at_once_and_one_behind_is_queued_in_order() -> None:
+    from engine.phone.bridge import Outgoing
+
+    async def main() -> None:
+        out, ws = Outgoing("phone"), _FakeConn()
+        lat = Latency()
+        out.start(ws)  # type: ignore[arg-type]
+        assert out.put("a", time.monotonic(), lat) and ws.wire == ["a"] and len(lat.samples_us) == 1   # at once
+        ws.buffered = 40_000                      # the peer reads slowly: over the high-water mark
+        out.put("b")
+        out.put("c")
+        assert ws.wire == ["a"]                   # waiting, in the queue
+        ws.buffered = 0                           # it caught up, but b and c wait first: d goes after them
+        out.put("d")
+        await asyncio.sleep(0)
+        assert ws.wire == ["a"]                   # the task holds b until its send returns
+        ws.release.set()
+        while len(ws.wire) < 4:
+            await asyncio.sleep(0.001)
+        assert ws.wire == ["a", "b", "c", "d"]
+        out.put("e")
+        assert ws.wire[-1] == "e"                 # the queue is empty again: at once
+        out.close()
+        await asyncio.wait_for(out.task, 2)  # type: ignore[arg-type]
+    asyncio.run(main())

@@ -28,9 +28,10 @@ import time
 from typing import Any, Mapping
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from bus import Publisher, Subscriber
 from engine.phone.heard import HeardClock
@@ -84,8 +85,19 @@ class Latency:
         return _p99_ms(self.samples_us)
 
 
+def _keeps_up(ws: ServerConnection | ClientConnection) -> bool:
+    """Open, and its transport's write buffer under the high-water mark (the connection's write_limit)."""
+    transport = ws.transport
+    return ws.state is State.OPEN and not transport.is_closing() \
+        and transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[1]
+
+
 class Outgoing:
-    """One socket's writer: a queue drained by a task, so senders never wait.
+    """One socket's writer; senders never wait. A message is written at once, in the sender's own
+    callback, when nothing waits before it and the socket keeps up (open, its transport's write
+    buffer under the high-water mark): websockets' documented synchronous ``broadcast`` to this one
+    connection, with no task hop, so it does not wait behind every other call's work in the loop's
+    next turns. Otherwise it waits in a queue that a task drains in order (``ws.send``: backpressure).
 
     A message put with ``since_s`` (a monotonic instant: when what it carries came in) and a
     :class:`Latency` notes ``since_s`` -> the moment its bytes were handed to the socket, once per
@@ -96,7 +108,7 @@ class Outgoing:
         self.queue: asyncio.Queue[tuple[str, float, Latency | None, int] | None] = asyncio.Queue()
         self.ws: ServerConnection | ClientConnection | None = None
         self.task: asyncio.Task[None] | None = None
-        self.sent = 0
+        self._sending = False          #: the task is between taking a message and its send's end
 
     def start(self, ws: ServerConnection | ClientConnection) -> None:
         self.ws = ws
@@ -104,6 +116,12 @@ class Outgoing:
             self.task = asyncio.get_running_loop().create_task(self._run(), name=f"writer {self.name}")
 
     def put(self, text: str, since_s: float = 0.0, latency: Latency | None = None, frames: int = 1) -> bool:
+        ws = self.ws
+        if ws is not None and not self._sending and self.queue.empty() and _keeps_up(ws):
+            broadcast((ws,), text)   # a failed write is logged by websockets; the reader sees the close
+            if latency is not None:
+                latency.note((time.monotonic() - since_s) * 1e6, frames)
+            return True
         if self.queue.qsize() >= OUTGOING_MAX:
             return False
         self.queue.put_nowait((text, since_s, latency, frames))
@@ -118,11 +136,13 @@ class Outgoing:
             if ws is None:
                 continue
             text, since_s, latency, frames = item
+            self._sending = True
             try:
                 await ws.send(text)
-                self.sent += 1
             except ConnectionClosed:
                 continue  # the reader sees it
+            finally:
+                self._sending = False
             if latency is not None:
                 latency.note((time.monotonic() - since_s) * 1e6, frames)
 
