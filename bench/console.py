@@ -149,17 +149,30 @@ def _watched(console_pid: int) -> dict[int, str]:
 
 def _cpu_windows(eng: Any, extra: dict[int, str], seconds: float) -> tuple[dict[str, float], float, float]:
     """bench.run's CPU window (``_cpu_window``: schedstat of every thread, % of one core) over the
-    engine's processes and ``extra`` {pid: name} (the console, the browser's processes)."""
+    engine's processes and ``extra`` {pid: name} (the console, the browser's processes), with the
+    floor (bench/floor.py: PyAudio + soxr + AEC3 on the same devices, none of the engine) running
+    beside them and measured in the same window, as ``floor:input`` and ``floor:output``: this
+    machine's speed moves by a quarter from minute to minute, and windows minutes apart are
+    compared here."""
+    from bench.floor import running
     from bench.run import _cpu_window
-    conn = {"children": [*eng.conn["children"], *({"pid": p, "name": n} for p, n in extra.items())]}
-    return _cpu_window(eng.proc, conn, seconds)
+    with running(48000, 20, 10, eng.env) as floor_pids:
+        named = {**extra, **{pid: f"floor:{side}" for side, pid in floor_pids.items()}}
+        conn = {"children": [*eng.conn["children"], *({"pid": p, "name": n} for p, n in named.items())]}
+        return _cpu_window(eng.proc, conn, seconds)
 
 
 def _split(by_process: dict[str, float]) -> tuple[float, float, float]:
-    """(engine total, console, browser) of one window's per-process figures."""
+    """(engine total, console, browser) of one window's per-process figures (the floor left out)."""
     browser = sum(v for k, v in by_process.items() if k.startswith("browser"))
     console = by_process.get("console", 0.0)
-    return round(sum(by_process.values()) - browser - console, 2), round(console, 2), round(browser, 2)
+    floor = _floor(by_process)
+    return round(sum(by_process.values()) - browser - console - floor, 2), round(console, 2), round(browser, 2)
+
+
+def _floor(by_process: dict[str, float]) -> float:
+    """The floor's % of one core in one window (both its sides)."""
+    return round(sum(v for k, v in by_process.items() if k.startswith("floor:")), 2)
 
 
 def _heap(cdp: Any, collect: bool) -> dict[str, float]:
@@ -302,12 +315,23 @@ def run(minutes: float = 10.0, closed_minutes: float | None = None) -> dict[str,
     eng_page, console_page, browser_page = _split(cpu_page)
     eng_open, console_cpu, browser_cpu = _split(cpu_open)
     eng_closed = round((eng_c1 + eng_c2) / 2, 2)
+    # each window's engine less the floor measured in it: the machine's speed mostly cancels
+    above = {name: round(eng - _floor(w), 2) for name, eng, w in
+             (("closed", eng_c1, cpu_closed), ("closed2", eng_c2, cpu_closed2),
+              ("page", eng_page, cpu_page), ("open", eng_open, cpu_open))}
+    above_closed = round((above["closed"] + above["closed2"]) / 2, 2)
     result.update({
+        "floor_cpu_percent_of_one_core_runs": {"closed": _floor(cpu_closed), "closed2": _floor(cpu_closed2),
+                                               "page": _floor(cpu_page), "open": _floor(cpu_open)},
+        "engine_cpu_percent_above_floor_runs": above,
+        "console_added_cpu_percent_above_floor": round(console_cpu + above["open"] - above_closed, 2),
+        "console_added_cpu_percent_above_floor_not_listening": round(console_page + above["page"] - above_closed, 2),
         "engine_cpu_percent_console_closed": eng_closed,
         "engine_cpu_percent_console_closed_runs": [eng_c1, eng_c2],
         "engine_cpu_percent_console_open": eng_open,
-        "engine_cpu_percent_by_process_closed": cpu_closed,
-        "engine_cpu_percent_by_process_open": {k: v for k, v in cpu_open.items() if not k.startswith("browser")},
+        "engine_cpu_percent_by_process_closed": {k: v for k, v in cpu_closed.items() if not k.startswith("floor:")},
+        "engine_cpu_percent_by_process_open": {k: v for k, v in cpu_open.items()
+                                               if not k.startswith(("browser", "floor:"))},
         "console_process_cpu_percent": console_cpu,
         "console_added_cpu_percent_of_one_core": round(console_cpu + eng_open - eng_closed, 2),
         "console_added_cpu_goal_percent": 1.0,
