@@ -226,6 +226,10 @@ class FakeWs:
         from engine.console.sound import WRITE_LIMIT_BYTES
         return WRITE_LIMIT_BYTES + 1 if self.behind else 0
 
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        from engine.console.sound import WRITE_LIMIT_BYTES
+        return WRITE_LIMIT_BYTES // 4, WRITE_LIMIT_BYTES   # as websockets sets them from write_limit
+
     def send_binary(self, data: bytes) -> None:
         self._out.append(bytes(data))
 

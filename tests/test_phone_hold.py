@@ -172,7 +172,6 @@ def test_mid_item_the_hold_starts_only_at_a_gap_and_a_dropped_hold_is_skipped_in
     assert not clock.drained(1.05) and clock.ran_out_s(1.05) is None
     assert clock.ran_out_s(1.11) is not None and not clock.drained(1.11)   # just out: maybe still in time
     assert clock.drained(1.1 + GAP_TOLERANCE_MS / 1000 + 0.001)           # out for longer: a gap, hold
-    clock.clear(1.2)
-    clock.skip(4800)                                            # 600 ms held and dropped by that clear
+    clock.clear(1.2, unsent_frames=4800)                        # 600 ms held and dropped by that clear
     assert clock.sent_frames == 5600 and clock.skipped_frames == 4800 and clock.drained(1.3)
     assert clock.heard_index(1.3) == 5600 and clock.frames_to_next_mark() == 1600

@@ -34,10 +34,9 @@ def test_a_latency_counts_every_frame_a_message_carries() -> None:
     assert len(lat.samples_us) == 8 and lat.late == 3
 
 
-def test_each_delta_goes_to_the_phone_whole_with_marks_every_200_ms() -> None:
-    from tests.conftest import LocalServer
-    server = LocalServer(speed=4.0, asr=False)
-    pub = RecordingPublisher()
+def one_reply(server: Any, pub: RecordingPublisher, timeout_s: float = 15) -> tuple[FakePhone, dict[str, Any]]:
+    """One call through a bridge in this test's own loop: one reply, played to its end (each within
+    ``timeout_s``), then a hang-up; the fake phone and its ``phone.call.ended``."""
 
     async def main() -> tuple[FakePhone, dict[str, Any]]:
         bridge = PhoneBridge(bridge_spec(server.base + "/realtime"), publisher=pub)  # type: ignore[arg-type]
@@ -46,16 +45,22 @@ def test_each_delta_goes_to_the_phone_whole_with_marks_every_200_ms() -> None:
         await pub.wait("session.config", phone_call_id=phone.call_sid)
         bridge.on_bus("cmd.say", {"text": "Please tell me about the weather on the coast this weekend",
                                   "phone_call_id": phone.call_sid})
-        await pub.wait("response.done", phone_call_id=phone.call_sid)
-        await pub.wait("playout.stopped", phone_call_id=phone.call_sid)   # the end mark came back: all played
+        await pub.wait("response.done", phone_call_id=phone.call_sid, timeout_s=timeout_s)
+        await pub.wait("playout.stopped", phone_call_id=phone.call_sid, timeout_s=timeout_s)   # the end mark came back
         await phone.hang_up()
         ended = await pub.wait("phone.call.ended", phone_call_id=phone.call_sid)
         await bridge.close()
         return phone, ended
     try:
-        phone, ended = asyncio.run(main())
+        return asyncio.run(main())
     finally:
         server.close()
+
+
+def test_each_delta_goes_to_the_phone_whole_with_marks_every_200_ms() -> None:
+    from tests.conftest import LocalServer
+    pub = RecordingPublisher()
+    phone, ended = one_reply(LocalServer(speed=4.0, asr=False), pub)
     frames = phone.received_frames // FRAME_BYTES
     deltas = len(pub.all("response.output_audio.delta", phone_call_id=phone.call_sid)) or None
     assert frames > 100 and ended["media_out_frames"] == frames
@@ -68,32 +73,16 @@ def test_each_delta_goes_to_the_phone_whole_with_marks_every_200_ms() -> None:
     assert phone.underruns == 0
 
 
-def test_a_gap_at_the_phone_is_seen_in_the_marks_published_and_grows_the_start_hold() -> None:
+def test_a_gap_at_the_phone_is_counted_published_and_grows_the_start_hold() -> None:
     """The bridge cannot see the phone's buffer; its heard clock says when the phone ran out of what
     was sent. Deltas paced at real time with 150 ms of jitter leave the fake phone's buffer dry
     mid-reply (more than the 60 ms start hold covers): the bridge publishes ``phone.underrun`` and
     the hold grows, as the speaker's prebuffer does."""
     from engine.server.faults import Faults
     from tests.conftest import LocalServer
-    server = LocalServer(speed=1.0, asr=False, faults=Faults(delta_jitter_ms=150.0, seed=3))
     pub = RecordingPublisher()
-
-    async def main() -> tuple[FakePhone, dict[str, Any]]:
-        bridge = PhoneBridge(bridge_spec(server.base + "/realtime"), publisher=pub)  # type: ignore[arg-type]
-        await bridge.listen()
-        phone = await FakePhone(bridge.url).dial()
-        await pub.wait("session.config", phone_call_id=phone.call_sid)
-        bridge.on_bus("cmd.say", {"text": "Please tell me about the weather on the coast this weekend",
-                                  "phone_call_id": phone.call_sid})
-        await pub.wait("playout.stopped", phone_call_id=phone.call_sid, timeout_s=30)
-        await phone.hang_up()
-        ended = await pub.wait("phone.call.ended", phone_call_id=phone.call_sid)
-        await bridge.close()
-        return phone, ended
-    try:
-        phone, ended = asyncio.run(main())
-    finally:
-        server.close()
+    server = LocalServer(speed=1.0, asr=False, faults=Faults(delta_jitter_ms=150.0, seed=3))
+    phone, ended = one_reply(server, pub, timeout_s=30)
     heard_gaps = phone.underruns + phone.long_silences
     assert heard_gaps >= 1, "the jitter left no gap at the phone: this test shows nothing"
     seen = pub.all("phone.underrun", phone_call_id=phone.call_sid)

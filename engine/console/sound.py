@@ -32,6 +32,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
 from engine.audio.ring import Ring, RingError
+from engine.wsio import keeps_up
 from engine.console.audio import (LEASE_MS, LISTEN_TOPIC, RATE_HZ, RENEW_S, SOURCE_TOPIC, ConsoleAudioError,
                                   TalkPcm, engine_ring_names, parse_talk_start)
 
@@ -40,18 +41,17 @@ LISTEN_QUEUE_CHUNKS = 10         #: chunks (about 1 s) waiting for one listener 
 STATS_EVERY_S = 1.0
 LATE_MESSAGE_S = 0.1             #: a talk message this long after the one before is counted late (they come every 20 ms)
 POLICY_VIOLATION, INTERNAL_ERROR, TRY_AGAIN = 1008, 1011, 1013
-WRITE_LIMIT_BYTES = 32768        #: a page socket is behind past this much unsent (the server's ``write_limit``)
+WRITE_LIMIT_BYTES = 32768        #: the server's ``write_limit``: a page socket is behind past this much unsent
 
 Publish = Callable[[str, dict[str, Any]], None]
 
 
 def send_now(ws: ServerConnection, data: bytes | str) -> bool:
     """Write one whole WebSocket message to ``ws`` at once, from a plain callback (the server's
-    tick): no await, so no task and no extra turn of the event loop. False, and nothing sent,
-    when the socket is not open or is behind (its transport's write buffer over
-    WRITE_LIMIT_BYTES: what waits for it stays in its bounded queue). The write is websockets'
-    documented synchronous ``broadcast``, to this one connection."""
-    if ws.state is not State.OPEN or ws.transport.get_write_buffer_size() > WRITE_LIMIT_BYTES:
+    tick). False, and nothing sent, when the socket does not keep up (:func:`engine.wsio.keeps_up`:
+    not open, or its write buffer over the server's WRITE_LIMIT_BYTES): what waits for it stays in
+    its bounded queue."""
+    if not keeps_up(ws):
         return False
     broadcast((ws,), data)   # a failed write is logged by websockets; the connection's reader sees it close
     return ws.state is State.OPEN and not ws.transport.is_closing()

@@ -31,7 +31,6 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.http11 import Request, Response
-from websockets.protocol import State
 
 from bus import Publisher, Subscriber
 from engine.phone.heard import HeardClock
@@ -39,6 +38,7 @@ from engine.phone.hold import Out, StartHold
 from engine.phone.twilio import (FRAME_BYTES, MEDIA_RATE_HZ, DtmfMsg, MarkMsg, MediaMsg, PhoneProtocolError, StartMsg,
                                  StopMsg, TwilioStream)
 from engine.realtime.core import RealtimeCore
+from engine.wsio import keeps_up
 from engine.realtime.records import (Action, Command, Connected, Disconnected, EndOfAudio, Flush, Input, MicAudio, Play,
                                      PlaybackReport, Publish, Reconnect, Send, SendAudio, ServerEvent, Tick)
 
@@ -85,13 +85,6 @@ class Latency:
         return _p99_ms(self.samples_us)
 
 
-def _keeps_up(ws: ServerConnection | ClientConnection) -> bool:
-    """Open, and its transport's write buffer under the high-water mark (the connection's write_limit)."""
-    transport = ws.transport
-    return ws.state is State.OPEN and not transport.is_closing() \
-        and transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[1]
-
-
 class Outgoing:
     """One socket's writer; senders never wait. A message is written at once, in the sender's own
     callback, when nothing waits before it and the socket keeps up (open, its transport's write
@@ -117,7 +110,7 @@ class Outgoing:
 
     def put(self, text: str, since_s: float = 0.0, latency: Latency | None = None, frames: int = 1) -> bool:
         ws = self.ws
-        if ws is not None and not self._sending and self.queue.empty() and _keeps_up(ws):
+        if ws is not None and not self._sending and self.queue.empty() and keeps_up(ws):
             broadcast((ws,), text)   # a failed write is logged by websockets; the reader sees the close
             if latency is not None:
                 latency.note((time.monotonic() - since_s) * 1e6, frames)
@@ -314,15 +307,14 @@ class Call:
                 self.api_out.put(json.dumps(act.event))
                 b.publish(self, "client." + act.event["type"], act.event)
             elif isinstance(act, Flush):
-                dropped = self.hold.drop()   # counted by the core, never sent: skipped below
+                dropped = self.hold.drop()   # counted by the core, never sent
                 self._cancel_hold_timer()
                 heard_at = self.bridge.last_speech_started_s.pop(self.id, None)
                 if heard_at is not None:
                     self.put_phone(self.stream.clear(), heard_at, self.clear_latency)
                 else:
                     self.put_phone(self.stream.clear())
-                heard = self.clock.clear(now)
-                self.clock.skip(dropped)
+                heard = self.clock.clear(now, unsent_frames=dropped)
                 follow.append(PlaybackReport("flushed", self.item_start if self.item_start is not None else heard,
                                              heard, {"flush_mono_ns": time.monotonic_ns()}))
             elif isinstance(act, EndOfAudio):

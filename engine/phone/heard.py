@@ -26,8 +26,8 @@ Rules:
 - ``drained`` (the start hold's question: does the next audio start a stretch?): the phone ran out,
   and mid-item over GAP_TOLERANCE_MS ago (a gap). So a delta that may still be in time is never
   held: holding it would make the gap it feared.
-- ``skip``: frames the core counted that were never sent (a ``clear`` dropped them while held):
-  the index space moves past them, as the core's does.
+- Frames the core counted that were never sent (a ``clear`` dropped them while held) are passed
+  to ``clear``: the index space moves past them, as the core's does.
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ class HeardClock:
         self.gaps = 0                          #: gaps at the phone (audio sent after it ran out mid-item)
         self.gap_ms = 0.0                      #: their length in all
         self.new_gaps: list[tuple[float, int]] = []   #: (ms, index) of gaps not yet taken (:meth:`take_gaps`)
-        self.skipped_frames = 0                #: counted by the core, never sent (:meth:`skip`)
+        self.skipped_frames = 0                #: counted by the core, never sent (``clear``'s unsent_frames)
         self._item_start_next = True           #: the next audio sent is an item's first (after an end mark, a clear)
 
     def heard_index(self, now_s: float) -> int:
@@ -87,16 +87,14 @@ class HeardClock:
             return None
         return max(0.0, now_s - self.anchor_s - (self.sent_frames - self.anchor_index) / FRAMES_PER_S)
 
-    def drained(self, now_s: float) -> bool:
-        """Whether audio now starts a stretch: the phone ran out, and mid-item over GAP_TOLERANCE_MS ago."""
-        ran_out_s = self.ran_out_s(now_s)
-        return ran_out_s is not None and (self._item_start_next or ran_out_s * 1000 > GAP_TOLERANCE_MS)
+    def _is_gap(self, ran_out_s: float | None) -> bool:
+        """Whether audio sent ``ran_out_s`` after the phone ran out is a gap (mid-item, over the tolerance)."""
+        return ran_out_s is not None and not self._item_start_next and ran_out_s * 1000 > GAP_TOLERANCE_MS
 
-    def skip(self, frames: int) -> None:
-        """``frames`` the core counted were never sent (dropped while held): move the index space past them."""
-        self.sent_frames += frames
-        self.skipped_frames += frames
-        self.anchor_index = self.last_mark_index = self.sent_frames
+    def drained(self, now_s: float) -> bool:
+        """Whether audio now starts a stretch: an item's first audio once the phone ran out, or a gap."""
+        ran_out_s = self.ran_out_s(now_s)
+        return (ran_out_s is not None and self._item_start_next) or self._is_gap(ran_out_s)
 
     def frames_to_next_mark(self) -> int:
         """Frames still to send before the next periodic mark is due (at least 1)."""
@@ -106,7 +104,7 @@ class HeardClock:
         """``frames`` more were sent; returns the marks to send after them (due every mark_every_frames)."""
         ran_out_s = self.ran_out_s(now_s)
         if ran_out_s is not None:                           # the caller heard all: this starts playing now
-            if not self._item_start_next and ran_out_s * 1000 > GAP_TOLERANCE_MS:   # mid-item: a gap
+            if self._is_gap(ran_out_s):
                 self.gaps += 1
                 self.gap_ms += ran_out_s * 1000
                 self.new_gaps.append((ran_out_s * 1000, self.sent_frames))
@@ -147,9 +145,13 @@ class HeardClock:
         out, self.new_gaps = self.new_gaps, []
         return out
 
-    def clear(self, now_s: float) -> int:
-        """``clear`` was sent: returns what the caller heard; everything sent is gone from their ear."""
+    def clear(self, now_s: float, unsent_frames: int = 0) -> int:
+        """``clear`` was sent: returns what the caller heard; everything sent is gone from their ear.
+        ``unsent_frames``: what the core counted that the clear dropped before it was sent (held):
+        the index space moves past it too."""
         heard = self.heard_index(now_s)
+        self.sent_frames += unsent_frames
+        self.skipped_frames += unsent_frames
         self.pending.clear()
         self.anchor_index, self.anchor_s = self.sent_frames, now_s
         self.last_mark_index = self.sent_frames
