@@ -77,7 +77,7 @@ class FaultEngine:
 
     def __init__(self, tmp: Path, *, faults: str = "", speed: float = 1.0, reply: str = REPLY,
                  extra_cfg: str = "") -> None:
-        from bench.run import start_engine
+        from bench.common import start_engine
         tmp.mkdir(parents=True, exist_ok=True)
         scen = tmp / "scenario.yaml"
         scen.write_text(f'default_reply: "{reply}"\n' + (f"faults: {{{faults}}}\n" if faults else ""))
@@ -150,7 +150,7 @@ class FaultEngine:
             return None
 
     def stop(self) -> None:
-        from bench.run import stop_engine
+        from bench.common import stop_engine
         stop_engine(self.proc)
         self._stop.set()
         self.reader.join(timeout=2)
@@ -633,7 +633,7 @@ def _guarded(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
 
 
 def run(soak_minutes: float = 30.0, fuzz_count: int = 10_000) -> dict[str, Any]:
-    from bench.conversation import vaudio, vaudio_env
+    from bench.common import vaudio, vaudio_env
     vaudio_env()
     vaudio("echo-off")
     tmp = Path(tempfile.mkdtemp(prefix="rtfaults"))

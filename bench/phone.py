@@ -396,7 +396,7 @@ async def interrupt_after(phone: FakePhone, heard_s: float, speech: bytes) -> No
 def p99(values: list[float]) -> float | None:
     """The nearest-rank p99 (bench/README.md's p50 / p99: ``bench.run.pct``, as the bridge's
     ``Latency.p99_ms`` takes it); None when nothing was measured."""
-    from bench.run import pct
+    from bench.common import pct
     return pct(values, 99) if values else None
 
 

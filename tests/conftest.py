@@ -16,10 +16,46 @@ from typing import Any, Callable, Iterator
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = next((p for p in (Path(os.environ.get("REALTALK_SHARED", "/nonexistent")), REPO.parent / "shared",
-                           Path("/work/shared")) if (p / "traces").is_dir()), REPO.parent / "shared")
-TRACES = SHARED / "traces"
+#: captured server-event traces of the real service (tests/data/traces/README.md says where each came from)
+TRACES = REPO / "tests" / "data" / "traces"
 VAUDIO = REPO / "tools" / "vaudio.sh"
+
+
+# ---------------------------------------------------------------- the quick loop
+#: one-shot tools a quick test may run (the local server synthesizes speech with them, like a library call)
+QUICK_PROGRAMS = frozenset({"espeak-ng", "sox", "soxi"})
+#: fixtures that start processes or need the virtual audio devices: their tests are e2e
+PROCESS_FIXTURES = frozenset({"vaudio", "start_engine", "node", "engine", "haproxy"})
+
+
+def _program(args: Any) -> str:
+    first = args[0] if isinstance(args, (list, tuple)) and args else str(args).split(" ", 1)[0]
+    return os.path.basename(str(first))
+
+
+@pytest.fixture(autouse=True)
+def _processes_mean_e2e(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test that starts a process carries ``@pytest.mark.e2e``, so ``pytest -m "not e2e"`` is a
+    quick loop with no process, device or engine in it. A test without the marker that starts one
+    (or uses a fixture that does) fails, naming what it started."""
+    if request.node.get_closest_marker("e2e"):
+        return
+    node = request.node.nodeid
+    used = sorted(PROCESS_FIXTURES & set(request.fixturenames))
+    if used:
+        raise AssertionError(f"{node} uses {', '.join(used)}, which start processes: mark it @pytest.mark.e2e")
+    real_init = subprocess.Popen.__init__
+
+    def guarded(self: subprocess.Popen[Any], args: Any, *rest: Any, **kw: Any) -> None:
+        if _program(args) not in QUICK_PROGRAMS:
+            raise AssertionError(f"{node} starts a process ({_program(args)}): mark it @pytest.mark.e2e")
+        real_init(self, args, *rest, **kw)
+
+    def no_fork() -> int:
+        raise AssertionError(f"{node} forks a process: mark it @pytest.mark.e2e")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", guarded)
+    monkeypatch.setattr(os, "fork", no_fork)
 
 
 # ---------------------------------------------------------------- event validation

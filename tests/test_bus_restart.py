@@ -26,6 +26,7 @@ def _broker(pub_ep: str, sub_ep: str, *extra: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "bus.broker", pub_ep, sub_ep, *extra], cwd=REPO, env=env)
 
 
+@pytest.mark.e2e
 def test_broker_restart_loses_only_what_it_held_and_counts_it(tmp_path: Path) -> None:
     """Issue 15 point 12 (bus half). Before: a new broker took the publishers' queued messages
     before the subscribers were back and dropped them: up to the whole outage (~600 messages
@@ -96,6 +97,7 @@ def _bound_stamp(endpoint: str) -> tuple[int, int] | None:
     return st.st_ino, st.st_ctime_ns
 
 
+@pytest.mark.e2e
 def test_engine_sockets_find_a_restarted_broker_at_once(tmp_path: Path) -> None:
     """Issue 15 point 1: the engine's publishers and subscribers found a restarted broker up to
     ZeroMQ's default reconnect interval (100 ms) after it bound; on ipc they retry far sooner."""

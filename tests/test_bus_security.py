@@ -255,6 +255,7 @@ def test_use_keys_makes_a_child_spec_the_default(ipc_broker: Broker, keys: BusKe
     pub.close()
 
 
+@pytest.mark.e2e
 def test_node_client_reads_signed_messages_over_curve(tcp_broker: Broker, keys: BusKeys, tmp_path: Path,
                                                       node: str) -> None:
     """clients/node/realtalk.js takes the CURVE keys from the connection file and reads 3-frame messages."""

@@ -39,6 +39,7 @@ def broker_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], st
     proc.wait(10)
 
 
+@pytest.mark.e2e
 def test_slow_subscriber_bounds_broker_memory_and_counts_drops(
         broker_process: tuple[subprocess.Popen[bytes], str, str]) -> None:
     """Issue 15 point 16: broker memory grew to ~120 MB and the drops were counted nowhere."""
@@ -129,6 +130,7 @@ const { Bus } = require(process.argv[1]);
 """
 
 
+@pytest.mark.e2e
 def test_node_client_counts_seq_gaps_and_publishes_them(broker_process: tuple[subprocess.Popen[bytes], str, str],
                                                         node: str, tmp_path: Path) -> None:
     """A foreign subscriber's losses are visible: the Node client counts the gaps in each

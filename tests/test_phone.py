@@ -182,6 +182,7 @@ def ulaw_speech(path: Path) -> bytes:
     return encode_audio(pcm, "audio/pcmu")
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(90)
 def test_a_call_from_start_to_hang_up(phone_engine: Any, runtime_dir: Path) -> None:
     eng = phone_engine("--speed", "4")
@@ -224,6 +225,7 @@ def test_a_call_from_start_to_hang_up(phone_engine: Any, runtime_dir: Path) -> N
         bus.close()
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(120)
 def test_barge_in_truncates_at_what_the_caller_heard(phone_engine: Any, runtime_dir: Path, speech_wav: Any) -> None:
     eng = phone_engine()                         # real time: the truncation is measured
@@ -255,6 +257,7 @@ def test_barge_in_truncates_at_what_the_caller_heard(phone_engine: Any, runtime_
         bus.close()
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(90)
 def test_a_bad_message_is_that_calls_error_only_and_a_hang_up_mid_reply_leaks_nothing(
         phone_engine: Any, runtime_dir: Path) -> None:
@@ -290,6 +293,7 @@ def test_a_bad_message_is_that_calls_error_only_and_a_hang_up_mid_reply_leaks_no
         bus.close()
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(120)
 def test_car_rental_back_office_serves_two_calls_at_once(phone_engine: Any, runtime_dir: Path,
                                                          tmp_path: Path) -> None:

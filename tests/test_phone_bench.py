@@ -31,6 +31,7 @@ def test_calls_on_time_need_no_late_frame_no_underrun_every_reply_whole_and_ever
         assert on_time([one, {**ok, **bad}, {**ok, "calls": 10, "calls_ended": 10}]) == 1
 
 
+@pytest.mark.e2e
 def test_a_call_through_the_sdk_baseline_plays_the_whole_reply_and_reports_the_engines_figures(
         make_server: Any) -> None:
     server = make_server(speed=4.0)

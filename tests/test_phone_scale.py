@@ -151,6 +151,7 @@ class Office:
         self.thread.join(5)
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(60)
 @pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (tools/setup-system.sh installs it)")
 def test_two_workers_behind_haproxy_serve_calls_and_one_office_reaches_both_buses(

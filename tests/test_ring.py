@@ -89,6 +89,7 @@ def _producer(name: str, fd: int, frames: int, chunk: int) -> None:
         sent += n
 
 
+@pytest.mark.e2e
 def test_two_process_stress(ring_name: str) -> None:
     """A producer process writes a counting sequence; we read it all back in order, woken by eventfd."""
     ring = Ring.create(ring_name, 4096)

@@ -42,6 +42,7 @@ def _ready_url(proc: subprocess.Popen[str]) -> str:
     return line.split("listening on ")[1].split("?")[0]
 
 
+@pytest.mark.e2e
 def test_busy_port_exits_at_once_naming_the_port(busy_port: int) -> None:
     t0 = time.monotonic()
     proc = _serve("--port", str(busy_port))
@@ -57,6 +58,7 @@ def test_busy_port_exits_at_once_naming_the_port(busy_port: int) -> None:
     assert "Traceback" not in err, err
 
 
+@pytest.mark.e2e
 def test_busy_port_with_sigterm_before_exit_never_hangs(busy_port: int) -> None:
     """Even a SIGTERM racing the failed bind ends the process."""
     proc = _serve("--port", str(busy_port))
@@ -66,6 +68,7 @@ def test_busy_port_with_sigterm_before_exit_never_hangs(busy_port: int) -> None:
     assert proc.returncode is not None
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_a_serving_server_mid_response(sig: int) -> None:
     import websocket
@@ -93,6 +96,7 @@ def test_signal_stops_a_serving_server_mid_response(sig: int) -> None:
             proc.communicate()
 
 
+@pytest.mark.e2e
 def test_signal_during_start_up_stops_it() -> None:
     proc = _serve("--port", "0")
     time.sleep(0.2)  # no event to wait for: the point is a signal at an arbitrary instant of start-up
