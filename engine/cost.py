@@ -27,6 +27,27 @@ def model_prices(model: str) -> dict[str, Any]:
     raise KeyError(f"no price for model {model!r}; add it to {PRICING_FILE}")
 
 
+def live_prices(model: str) -> dict[str, Any]:
+    """Per-minute prices of a GPT-Live ``model`` (``per_minute``, ``standby_per_minute``); KeyError if none."""
+    table = pricing()["live"]
+    if model in table:
+        return table[model]
+    raise KeyError(f"no price for GPT-Live model {model!r}; add it to {PRICING_FILE}")
+
+
+def live_cost_usd(model: str, usage: dict[str, Any] | None) -> float:
+    """USD of a GPT-Live session's cumulative ``usage``: active seconds at the active rate, paused
+    seconds at the standby rate (``seconds`` is all active when the split is absent)."""
+    if not usage:
+        return 0.0
+    p = live_prices(model)
+    seconds = float(usage.get("seconds") or 0)
+    paused = float(usage.get("paused_seconds") or 0)
+    active = float(usage.get("active_seconds", seconds - paused) or 0)
+    standby = p.get("standby_per_minute")
+    return (active * p["per_minute"] + paused * (standby if standby is not None else p["per_minute"])) / 60.0
+
+
 def response_cost_usd(model: str, usage: dict[str, Any] | None) -> float:
     """USD of one ``response.done`` usage: uncached and cached input per modality, plus output."""
     if not usage:
