@@ -136,10 +136,6 @@ def check_live_model(model: str) -> None:
                           f"GPT-Live models: {', '.join(LIVE_MODELS)}") from None
 
 
-def is_live_model(model: str) -> bool:
-    return model.startswith("gpt-live-")
-
-
 @dataclass
 class Append:
     """A context append sent or waiting: which command asked for it, and what it said."""
