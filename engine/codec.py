@@ -60,6 +60,11 @@ def resample(pcm: np.ndarray, from_hz: int, to_hz: int) -> np.ndarray:
     return soxr.resample(pcm.astype(np.int16, copy=False), from_hz, to_hz, quality="HQ").astype(np.int16)
 
 
+def g711_table(fmt: str) -> np.ndarray:
+    """The decode table of ``audio/pcmu`` or ``audio/pcma``: code byte -> int16 sample (8 kHz)."""
+    return _tables()["ulaw_dec" if fmt == "audio/pcmu" else "alaw_dec"]
+
+
 def decode_audio(data: bytes, fmt: str) -> np.ndarray:
     """Wire bytes in ``fmt`` -> PCM16 at 24 kHz."""
     if fmt == "audio/pcm":

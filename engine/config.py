@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from engine.cost import check_priced, is_live_model
 from engine.errors import ConfigError
 
 _TD = {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500,
@@ -60,7 +61,7 @@ DEFAULTS: dict[str, Any] = {
 _NUM = (int, float)
 RULES: dict[str, tuple[tuple[type, ...], tuple[Any, ...] | None]] = {
     "backend": ((str,), ("auto", "local", "openai")),
-    "session.voice": ((str,), ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar")),
+    "session.voice": ((str,), None),   # checked against the model's API: REALTIME_VOICES or LIVE_VOICES
     "session.output_modalities": ((list,), (["audio"], ["text"])),
     "session.turn_detection": ((dict, type(None)), None),
     "session.turn_detection.type": ((str,), ("server_vad", "semantic_vad")),
@@ -108,6 +109,25 @@ RULES: dict[str, tuple[tuple[type, ...], tuple[Any, ...] | None]] = {
 # keys whose value is a free-form mapping (not checked key by key)
 _OPEN_KEYS = {"session.turn_detection": set(_TD) | {"eagerness", "idle_timeout_ms"},
               "session.transcription": {"model", "language", "prompt", "languages", "keywords", "delay"}}
+
+REALTIME_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar")
+#: openai.types.live BuiltInVoice; GPT-Live refuses fable, nova and onyx
+LIVE_VOICES = ("alloy", "ash", "ballad", "beacon", "bossa", "cedar", "cinder", "coral", "delta", "echo", "gleam",
+               "marin", "meridian", "quartz", "ripple", "sage", "shida", "shimmer", "stone", "tempo", "verse",
+               "vesper", "willow")
+#: GPT-Live is full duplex: the session keys it has no place for, and why
+LIVE_UNUSED_SESSION_KEYS = {
+    "turn_detection": "the model decides turns by itself (no VAD setting, no push to talk)",
+    "output_modalities": "GPT-Live always speaks",
+    "transcription": "transcripts of both sides always come as timed fragments",
+    "noise_reduction": "GPT-Live has no such setting",
+    "tools": "a delegation goes to the tools registered on the bus (cmd.tool.register)",
+    "speed": "GPT-Live has no voice speed", "max_output_tokens": "GPT-Live has no such setting",
+    "tool_choice": "GPT-Live delegates instead of calling tools", "truncation": "the server compacts the context",
+    "reasoning": "GPT-Live has no such setting", "parallel_tool_calls": "GPT-Live delegates instead of calling tools",
+    "include": "GPT-Live has no such setting", "prompt": "GPT-Live takes instructions only",
+    "tracing": "GPT-Live has no such setting",
+}
 
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"
 
@@ -205,12 +225,30 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str,
         for part in parts[:-1]:
             node = node[part]
         node[parts[-1]] = _check(value, _lookup(DEFAULTS, parts), dotted)
-    from engine.realtime.budget import check_priced  # the price table is part of the config's check
-    check_priced(cfg["model"])
-    _check_session_fields(cfg["session"])
+    check_priced(cfg["model"])   # the price table is part of the config's check
+    if is_live_model(cfg["model"]):
+        _check_live_session(cfg["session"], cfg["model"])
+    else:
+        if cfg["session"]["voice"] not in REALTIME_VOICES:
+            raise ConfigError(f"config key 'session.voice': {cfg['session']['voice']!r} is not one of: "
+                              f"{', '.join(REALTIME_VOICES)}")
+        _check_session_fields(cfg["session"])
     if cfg["session_recycle_s"] < 1:
         raise ConfigError(f"config key 'session_recycle_s': at least 1 second, got {cfg['session_recycle_s']}")
     return cfg
+
+
+def _check_live_session(s: dict[str, Any], model: str) -> None:
+    """A GPT-Live model takes instructions and a voice; a Realtime-only key set away from its
+    default is an error naming the key and why (it would be silently ignored otherwise)."""
+    if s["voice"] not in LIVE_VOICES:
+        raise ConfigError(f"config key 'session.voice': {s['voice']!r} is not a GPT-Live voice ({model}); "
+                          f"GPT-Live voices: {', '.join(LIVE_VOICES)}")
+    defaults = DEFAULTS["session"]
+    for key, why in LIVE_UNUSED_SESSION_KEYS.items():
+        if s[key] != defaults[key]:
+            raise ConfigError(f"config key 'session.{key}' does not apply to {model}: {why}. "
+                              "Remove it, or choose a Realtime model.")
 
 
 def _check_session_fields(s: dict[str, Any]) -> None:
@@ -259,6 +297,14 @@ def resolve_backend(cfg: dict[str, Any]) -> str:
     if cfg["backend"] != "auto":
         return cfg["backend"]
     return "openai" if os.environ.get(cfg["api_key_env"]) else "local"
+
+
+def live_url(realtime_url: str) -> str:
+    """The GPT-Live socket URL beside a Realtime one (``…/v1/realtime`` -> ``…/v1/live/sessions``)."""
+    base = realtime_url.split("?", 1)[0].rstrip("/")
+    if base.endswith("/realtime"):
+        base = base[: -len("/realtime")]
+    return f"{base}/live/sessions"
 
 
 def session_payload(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -52,7 +52,8 @@ from engine.api.view import TerminalView
 from engine.supervisor.child import error_text, parent_death_signal
 from engine.supervisor.children import (ChildMachine, GaveUp, Kill, Policy, Restarting, Spawn, Terminate)
 from engine.supervisor.terminal import Terminal
-from engine.config import resolve_backend, session_payload
+from engine.config import live_url, resolve_backend, session_payload
+from engine.cost import is_live_model
 from engine.errors import ConfigError, EngineError
 from engine.audio.ring import Ring
 
@@ -308,12 +309,19 @@ class Supervisor:
                 argv += ["--no-asr"]
             self.children.append(Child("server", argv, stdout=subprocess.DEVNULL, pass_fds=(fd,)))
             self.server_url = f"ws://{ls['host']}:{port}/v1/realtime"
-            return f"{self.server_url}?model={model}", ["Authorization: Bearer local"]
+            return self._api_url(self.server_url, model), ["Authorization: Bearer local"]
         key = os.environ.get(self.cfg["api_key_env"])
         if not key:
             raise EngineError(f"backend openai needs an API key in ${self.cfg['api_key_env']} "
                               "(or use --backend local for the offline server)")
-        return f"{self.cfg['openai_url']}?model={model}", [f"Authorization: Bearer {key}"]
+        return self._api_url(self.cfg["openai_url"], model), [f"Authorization: Bearer {key}"]
+
+    def _api_url(self, realtime_url: str, quoted_model: str) -> str:
+        """The socket's URL: Realtime names the model in the query; GPT-Live has its own path
+        (``/v1/live/sessions``, no query: the model goes in ``session.start``)."""
+        if is_live_model(self.cfg["model"]):
+            return live_url(realtime_url)
+        return f"{realtime_url}?model={quoted_model}"
 
     def start(self) -> None:
         """Make the rings, start the broker, then the children. On any failure everything made so
