@@ -32,7 +32,6 @@ KNOWN_EXCEPTIONS: set[tuple[str, str]] = {
     ("engine.playback.process", "engine.console.levels"),
     ("engine.console.server", "engine.supervisor.process"),
     ("engine.supervisor.process", "engine.api.view"),
-    ("engine.config", "engine.realtime.budget"),
 }
 
 
