@@ -347,3 +347,25 @@ def test_a_sideband_attaches_sees_reflected_audio_and_speaks(make_server: Any, l
             side.reader.join(5)
             assert side.ended
         talk.stop_mic()
+
+
+def test_faults_apply_to_live_sessions(make_server: Any, live_validator: Any) -> None:
+    from engine.server.faults import Faults
+    from tests.helpers import RawClient
+    server = make_server(speed=SPEED, faults=Faults(errors=[{"after_event": "session.started", "code": "injected",
+                                                             "message": "An injected error."}],
+                                                    drop_at_event="session.output_audio.delta#3", drop_code=1006))
+    raw = RawClient(f"{server.base}/live/sessions", live_validator)
+    raw.send({"type": "session.start", "session": {"model": "gpt-live-1"}})
+    assert raw.recv()["type"] == "session.started"
+    assert raw.recv()["error"]["code"] == "injected"
+    assert raw.recv()["type"] == raw.recv()["type"] == "session.output_audio.delta"
+    with pytest.raises(Exception, match="Connection to remote host was lost|closed"):
+        raw.recv(timeout=5)   # the third delta is never sent: the socket is cut without a close frame
+    expiring = make_server(speed=SPEED, faults=Faults(max_session_s=0.3))
+    raw = RawClient(f"{expiring.base}/live/sessions", live_validator)
+    raw.send({"type": "session.start", "session": {"model": "gpt-live-1"}})
+    started = raw.recv()
+    closed = raw.until("session.closed", timeout=5)
+    assert closed["reason"] == "expired" and closed["session"]["expires_at"] == started["session"]["expires_at"]
+    raw.close()

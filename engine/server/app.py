@@ -348,6 +348,8 @@ def run(cfg: ServerConfig) -> int:
                           file=sys.stderr, flush=True)
                 if not stop.is_set():
                     print(f"realtalk local server listening on {url}?model=MODEL", flush=True)
+                    print(f"realtalk local server: GPT-Live at {url.replace('/v1/realtime', '/v1/live/sessions')}",
+                          flush=True)
                     await task  # serves until a signal sets stop
         except OSError as exc:
             raise listen_error(cfg, exc) from None

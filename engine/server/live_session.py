@@ -55,10 +55,9 @@ import enum
 import json
 import logging
 import math
-import string
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import numpy as np
 
@@ -68,7 +67,7 @@ from engine.server.live_protocol import (APPEND_MAX_TOKENS, FIXTURE_MAX_MS, MAX_
                                          OutputEncoder, apply_session_update, error_event, resolve_session, text_tokens,
                                          validate_client_event)
 from engine.server.protocol import ProtocolError, new_id
-from engine.server.scenario import Rule, Scenario
+from engine.server.scenario import Rule, Scenario, fill
 from engine.server.vad import ServerVad
 
 log = logging.getLogger("realtalk.server")
@@ -214,18 +213,6 @@ class Fixture:
     event_id: str | None
     sender: str
     pos: int = 0
-
-
-class _Blank(dict[str, str]):
-    """Template values: an unknown placeholder stays as written."""
-
-    def __missing__(self, key: str) -> str:
-        return "{" + key + "}"
-
-
-def fill(template: str, values: Mapping[str, str]) -> str:
-    """``template`` with ``{user}``, ``{context}``, ``{output}``… filled in; others left as they are."""
-    return string.Formatter().vformat(template, (), _Blank(values))
 
 
 def spread_words(text: str, span: int) -> list[tuple[int, str]]:

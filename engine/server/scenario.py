@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import re
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,19 @@ class ScenarioError(ServerError, ValueError):
 
 
 DEFAULT_DELEGATION_ACK = "One moment, let me check."
+
+
+class _Blank(dict[str, str]):
+    """Template values: an unknown placeholder stays as written."""
+
+    def __missing__(self, key: str) -> str:
+        return "{" + key + "}"
+
+
+def fill(template: str, values: dict[str, str]) -> str:
+    """``template`` with ``{user}``, ``{context}``, ``{output}``… filled in; a placeholder with no
+    value stays as written (``str.format`` would raise KeyError)."""
+    return string.Formatter().vformat(template, (), _Blank(values))
 
 
 @dataclass
