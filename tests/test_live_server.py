@@ -369,3 +369,16 @@ def test_faults_apply_to_live_sessions(make_server: Any, live_validator: Any) ->
     closed = raw.until("session.closed", timeout=5)
     assert closed["reason"] == "expired" and closed["session"]["expires_at"] == started["session"]["expires_at"]
     raw.close()
+
+
+def test_the_recogniser_hears_a_turn_the_scenario_does_not_script(make_server: Any, live_validator: Any,
+                                                                   speech_wav: Any) -> None:
+    server = make_server(speed=SPEED, asr=True)
+    with _client(server).live.connect() as conn:
+        talk = LiveTalk(conn, live_validator)
+        talk.start()
+        talk.say(speech(speech_wav, "What is the capital of France?"))
+        talk.wait(lambda e: e["type"] == "session.output_transcript.delta" and talk.said().endswith("."), timeout=30)
+        heard = talk.heard().strip()
+        assert talk.said() == f"You said: {heard.rstrip('.!? ') or 'something I could not make out'}."
+        talk.stop_mic()

@@ -589,3 +589,18 @@ def test_streaming_codecs_keep_the_duration_exact() -> None:
 def test_spread_words_keeps_leading_spaces_in_order() -> None:
     assert spread_words("a bb ccc", 800) == [(0, "a"), (100, " bb"), (400, " ccc")]
     assert spread_words("", 100) == []
+
+
+def test_a_bug_in_a_handler_is_a_server_error_and_the_session_goes_on(live: Any, monkeypatch: Any) -> None:
+    import engine.server.live_session as ls
+
+    def broken(self: Any, ev: Any, acts: Any, sender: Any) -> None:
+        raise KeyError("boom")
+    lv = live()
+    lv.start()
+    monkeypatch.setitem(ls.HANDLERS, "session.input_audio.mute", broken)
+    lv.send({"type": "session.input_audio.mute", "event_id": "m"})
+    err = lv.errors()[-1]
+    assert err["type"] == "server_error" and "boom" in err["message"] and err["client_event_id"] == "m"
+    lv.send({"type": "session.input_audio.unmute"})
+    assert lv.events()[-1]["type"] == "session.input_audio.unmuted" and lv.s.phase is Phase.ACTIVE

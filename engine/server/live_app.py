@@ -15,7 +15,7 @@ import json
 import logging
 import random
 import re
-from typing import Any
+from typing import Any, Awaitable, Callable
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import ServerConnection
@@ -59,7 +59,8 @@ class Outbox:
         self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self.closed = False
         self.task = asyncio.get_running_loop().create_task(self._write())
-        self.on_send: Any = None     #: called with each event before it is written (faults)
+        #: called with each event before it is written (faults); True: do not write it
+        self.on_send: Callable[[dict[str, Any]], Awaitable[bool]] | None = None
 
     def put(self, event: dict[str, Any]) -> None:
         if self.closed:
@@ -112,6 +113,21 @@ class LiveConnection:
         self.pending_errors = list(faults.errors)
         self.rng = random.Random(faults.seed)
         self.session_id: str | None = None
+        self.failures = 0
+
+    def step(self, what: str, fn: Callable[[], LiveActions]) -> None:
+        """Run one session input and carry out its actions. A bug in the session is logged and
+        reported once (a ``server_error``), and the session goes on."""
+        try:
+            acts = fn()
+        except Exception as exc:  # noqa: BLE001 - a bug must not end the client's conversation
+            self.failures += 1
+            log.exception("local live server: %s failed (%d failures)", what, self.failures)
+            if self.failures > 1:
+                return
+            acts = LiveActions(out=[(ALL, error_event("server_error", f"The server had an error ({what}: "
+                                                      f"{type(exc).__name__}: {exc}).", error_type="server_error"))])
+        self.apply(acts)
 
     # ------------------------------------------------------------------ output
     def apply(self, acts: LiveActions) -> None:
@@ -177,7 +193,7 @@ class LiveConnection:
                     words = await asyncio.to_thread(Recognizer.transcribe, turn.pcm)
                 except VoiceError as exc:
                     log.warning("%s (failures so far: %d)", exc, Recognizer.failures)
-        self.apply(self.session.heard(turn.id, words))
+        self.step("recognition", lambda: self.session.heard(turn.id, words or ""))
 
     async def synthesise(self, utt: Utterance) -> None:
         voice = self.session.session["audio"]["output"]["voice"]
@@ -185,9 +201,10 @@ class LiveConnection:
             pcm = await asyncio.to_thread(synthesize, utt.text, voice if isinstance(voice, str) else "marin", 1.0)
         except VoiceError as exc:
             log.warning("local live server: %s", exc)
-            self.apply(self.session.spoken(utt.id, None, str(exc)))
+            why = str(exc)
+            self.step("synthesis", lambda: self.session.spoken(utt.id, None, why))
             return
-        self.apply(self.session.spoken(utt.id, pcm))
+        self.step("synthesis", lambda: self.session.spoken(utt.id, pcm))
 
     async def ticker(self) -> None:
         """The output track: one step every OUTPUT_CHUNK_MS / speed, paced on a fixed schedule
@@ -198,7 +215,7 @@ class LiveConnection:
             await asyncio.sleep(self.faults.first_delta_delay_ms / 1000)
         t_next = loop.time()
         while self.session.phase in (Phase.ACTIVE, Phase.CLOSING) and not self.outbox.closed:
-            self.apply(self.session.tick())
+            self.step("output step", self.session.tick)
             t_next += period
             now = loop.time()
             if now - t_next > BEHIND_RESET_S:
@@ -211,7 +228,7 @@ class LiveConnection:
     async def _later(self, after_s: float, what: str) -> None:
         await asyncio.sleep(after_s)
         if what == "expire":
-            self.apply(self.session.expire())
+            self.step("expiry", self.session.expire)
         else:
             self.outbox.close(self.faults.drop_code, "injected fault")
 
@@ -236,6 +253,8 @@ class LiveConnection:
         finally:
             self.apply(self.session.disconnected())   # sidebands learn it ended (nothing if it had closed)
             self.end(1000, "")
+            log.info("local live server: session %s ended: %s", self.session_id,
+                     ", ".join(f"{k} {v}" for k, v in self.session.counts.items()))
             for task in list(self.tasks):
                 task.cancel()
             try:
