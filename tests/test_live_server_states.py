@@ -604,3 +604,16 @@ def test_a_bug_in_a_handler_is_a_server_error_and_the_session_goes_on(live: Any,
     assert err["type"] == "server_error" and "boom" in err["message"] and err["client_event_id"] == "m"
     lv.send({"type": "session.input_audio.unmute"})
     assert lv.events()[-1]["type"] == "session.input_audio.unmuted" and lv.s.phase is Phase.ACTIVE
+
+
+def test_an_output_fragment_follows_the_audio_it_transcribes(live: Any) -> None:
+    lv = live(scenario={"default_reply": "one two three"})
+    lv.start()
+    lv.audio(voiced(CHUNK * 5))
+    lv.silence(END_OF_TURN_MS + 1000)
+    seq = [e["type"] for e in lv.events() if e["type"] in ("session.output_audio.delta", "session.output_transcript.delta")]
+    deltas = lv.deltas()
+    loud_at = [i for i, t in enumerate(seq) if t == "session.output_audio.delta"]
+    last_loud = max(n for n, d in zip(loud_at, deltas) if loud(d))
+    last_fragment = max(i for i, t in enumerate(seq) if t == "session.output_transcript.delta")
+    assert last_fragment == last_loud + 1

@@ -651,8 +651,8 @@ class LiveSession:
         if self.sidebands:
             acts.to(SIDEBANDS, {"type": "session.output_audio.delta", "delta": b64encode(pcm.astype("<i2").tobytes()),
                                 "start_ms": start, "end_ms": end})
-        if self.out_fragment is not None and self.out_fragment[0] + GRID_MS <= end:
-            self._flush_fragment(acts)
+        if self.out_fragment is not None and (self.out_fragment[0] + GRID_MS <= end or self.voice is not Voice.SPEAKING):
+            self._flush_fragment(acts)   # its window is over, or the utterance is
         if fixture_done and self.fixture is not None:
             fx, self.fixture = self.fixture, None
             self.vad.reset_speech()
@@ -679,8 +679,7 @@ class LiveSession:
         utt.pos += OUTPUT_CHUNK_SAMPLES
         if utt.pos >= len(utt.pcm):
             self.queue.pop(0)
-            self._flush_fragment(acts)   # after this step's delta: the caller sends the audio first
-            self._go_voice("utterance_done", Voice.SILENT)
+            self._go_voice("utterance_done", Voice.SILENT)   # tick sends its last fragment after the audio
 
     def _out_word(self, t_ms: int, text: str, acts: LiveActions) -> None:
         window = t_ms // GRID_MS * GRID_MS
