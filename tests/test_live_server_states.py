@@ -617,3 +617,14 @@ def test_an_output_fragment_follows_the_audio_it_transcribes(live: Any) -> None:
     last_loud = max(n for n, d in zip(loud_at, deltas) if loud(d))
     last_fragment = max(i for i, t in enumerate(seq) if t == "session.output_transcript.delta")
     assert last_fragment == last_loud + 1
+
+
+def test_memory_stays_flat_over_a_long_session(live: Any) -> None:
+    lv = live()
+    lv.start()
+    second = np.concatenate([voiced(CHUNK * 4), np.zeros(CHUNK * 6, dtype=np.int16)])   # 400 ms speech a second
+    for _ in range(300):                                                                 # five minutes
+        lv.take(lv.s.receive_text(json.dumps({"type": "session.input_audio.append", "audio": b64(second)})))
+    assert lv.s.timeline_ms == 300_000 and lv.s.counts["turns"] == 300 and len(lv.s.queue) <= 2
+    assert lv.s.heard_samples <= 24 * 4000 and not lv.s.turns
+    lv.out.clear()

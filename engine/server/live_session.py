@@ -436,7 +436,7 @@ class LiveSession:
         raise ProtocolError("delegation_mismatch", f"{ev['type']} requires Responses delegation.", "type")
 
     def _on_dtmf(self, ev: dict[str, Any], acts: LiveActions, sender: str) -> None:
-        raise ProtocolError("invalid_request", "transport.dtmf.send is for SIP calls; this session is not a SIP "
+        raise ProtocolError("not_a_sip_call", "transport.dtmf.send is for SIP calls; this session is not a SIP "
                             "call.", "type")
 
     def _on_close(self, ev: dict[str, Any], acts: LiveActions, sender: str) -> None:
