@@ -628,3 +628,14 @@ def test_memory_stays_flat_over_a_long_session(live: Any) -> None:
     assert lv.s.timeline_ms == 300_000 and lv.s.counts["turns"] == 300 and len(lv.s.queue) <= 2
     assert lv.s.heard_samples <= 24 * 4000 and not lv.s.turns
     lv.out.clear()
+
+
+def test_speech_inside_one_long_append_still_makes_the_model_yield(live: Any) -> None:
+    lv = live(scenario={"default_reply": "one two three four five six seven eight nine ten"})
+    lv.start()
+    lv.audio(voiced(CHUNK * 5))
+    lv.silence(END_OF_TURN_MS + 200)
+    assert lv.s.voice is Voice.SPEAKING
+    one_second = np.concatenate([voiced(CHUNK * 4), np.zeros(CHUNK * 6, dtype=np.int16)])
+    lv.send({"type": "session.input_audio.append", "audio": b64(one_second)})
+    assert lv.s.counts["yields"] == 1 and lv.s.voice is Voice.SILENT

@@ -448,18 +448,25 @@ class LiveSession:
 
     # ------------------------------------------------------------------ hearing (rule 4)
     def _hear(self, pcm: np.ndarray, acts: LiveActions) -> None:
+        """Feed the VAD in OUTPUT_CHUNK_MS slices, so an append of any size yields at the same
+        point (speech that starts and ends inside one long append still makes the model yield)."""
         if not len(pcm):
             return
         self.heard_chunks.append(pcm)
         self.heard_samples += len(pcm)
-        for vev in self.vad.feed(pcm):
-            if vev.kind == "started":
-                self.yielded_this_speech = False
-            else:
-                self._speech_ended(self.vad.speech_start_ms, vev.ms - END_OF_TURN_MS, acts)
-        if self.vad.in_speech and not self.yielded_this_speech and self.vad.speech_ms >= YIELD_AFTER_MS:
-            self.yielded_this_speech = True
-            self._yield(acts)
+        for i in range(0, len(pcm), OUTPUT_CHUNK_SAMPLES):
+            for vev in self.vad.feed(pcm[i:i + OUTPUT_CHUNK_SAMPLES]):
+                if vev.kind == "started":
+                    self.yielded_this_speech = False
+                    continue
+                start_ms, end_ms = self.vad.speech_start_ms, vev.ms - END_OF_TURN_MS
+                if not self.yielded_this_speech and end_ms - start_ms >= YIELD_AFTER_MS:
+                    self.yielded_this_speech = True
+                    self._yield(acts)
+                self._speech_ended(start_ms, end_ms, acts)
+            if self.vad.in_speech and not self.yielded_this_speech and self.vad.speech_ms >= YIELD_AFTER_MS:
+                self.yielded_this_speech = True
+                self._yield(acts)
         self._trim_heard()
 
     def _trim_heard(self) -> None:
