@@ -131,6 +131,43 @@ def validator() -> EventValidator:
     return EventValidator()
 
 
+class LiveEventValidator:
+    """Validates GPT-Live server events against openai.types.live: dispatch on ``type`` (as
+    live-protocol.md section 9.1 shows), pydantic strict mode, and no field the types do not know
+    (their models allow extras, so ``model_extra`` is checked at every level). Sideband traffic
+    is checked against ``ConnectServerEvent``."""
+
+    def __init__(self) -> None:
+        import typing
+        import pydantic
+        from openai.types.live import ConnectServerEvent, ServerEvent
+        self.pydantic = pydantic
+
+        def by_type(union: Any) -> dict[str, Any]:
+            members = typing.get_args(typing.get_args(union)[0])
+            return {typing.get_args(m.model_fields["type"].annotation)[0]: m for m in members}
+        self.primary = by_type(ServerEvent)
+        self.sideband = by_type(ConnectServerEvent)
+        self.checked = 0
+
+    def check(self, event: dict[str, Any], sideband: bool = False) -> None:
+        models = self.sideband if sideband else self.primary
+        etype = event.get("type")
+        assert etype in models, f"{etype!r} is not a GPT-Live {'sideband' if sideband else 'server'} event type"
+        try:
+            obj = models[etype].model_validate_json(json.dumps(event), strict=True)
+        except self.pydantic.ValidationError as exc:
+            raise AssertionError(f"{etype} does not validate: {exc}\n{json.dumps(event)[:600]}") from None
+        extras = list(_extra_keys(obj, self.pydantic))
+        assert not extras, f"{etype} has fields the official types do not know: {extras}"
+        self.checked += 1
+
+
+@pytest.fixture(scope="session")
+def live_validator() -> LiveEventValidator:
+    return LiveEventValidator()
+
+
 # ---------------------------------------------------------------- local server in a thread
 class LocalServer:
     def __init__(self, **kwargs: Any) -> None:

@@ -4,7 +4,8 @@ Serves the GA protocol at ``ws://HOST:PORT/v1/realtime?model=MODEL``. The protoc
 itself lives in :mod:`engine.server.session`; this module only moves bytes, sleeps,
 runs espeak-ng and the recogniser in worker threads, runs server_vad's idle timer (the
 session says when it should run and what firing it sends), and injects configured faults.
-A stop (SIGTERM/SIGINT, or ``stop``) always ends it within SHUTDOWN_GRACE_S or so; a
+GPT-Live (``/v1/live/sessions`` and its sideband ``…/{id}/attach``) is routed to
+:mod:`engine.server.live_app`. A stop (SIGTERM/SIGINT, or ``stop``) always ends it within SHUTDOWN_GRACE_S or so; a
 port it cannot listen on raises :class:`ServeError` at once.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ from websockets.http11 import Request, Response as HttpResponse
 
 from engine.server.errors import ServeError
 from engine.server.faults import MAX_SESSION_REASON, Faults
+from engine.server.live_app import SESSIONS as LIVE_SESSIONS, handle_live, live_route
 from engine.server.protocol import error_event
 from engine.server.scenario import Scenario
 from engine.server.session import Actions, Item, Response, ServerSession
@@ -221,14 +223,20 @@ class Connection:
 def make_process_request(cfg: ServerConfig):
     def process_request(connection: ServerConnection, request: Request) -> HttpResponse | None:
         url = urlsplit(request.path)
-        if url.path.rstrip("/") != "/v1/realtime":
-            return connection.respond(404, f"Not found: {url.path}. The realtime endpoint is /v1/realtime?model=MODEL\n")
+        live = live_route(request.path)
+        if url.path.rstrip("/") != "/v1/realtime" and live is None:
+            return connection.respond(404, f"Not found: {url.path}. The endpoints are /v1/realtime?model=MODEL "
+                                      "(Realtime) and /v1/live/sessions (GPT-Live)\n")
         if cfg.api_key is not None:
             auth = request.headers.get("Authorization", "")
             if auth != f"Bearer {cfg.api_key}":
                 body = json.dumps({"error": {"type": "invalid_request_error", "code": "invalid_api_key",
                                              "message": "Incorrect API key provided.", "param": None}})
                 return connection.respond(401, body + "\n")
+        if live is not None and live[0] == "attach" and live[1] not in LIVE_SESSIONS:
+            body = json.dumps({"error": {"type": "invalid_request_error", "code": "session_not_found",
+                                         "message": f"No running Live session '{live[1]}'.", "param": None}})
+            return connection.respond(404, body + "\n")
         return None
     return process_request
 
@@ -236,6 +244,10 @@ def make_process_request(cfg: ServerConfig):
 async def handle(ws: ServerConnection, cfg: ServerConfig) -> None:
     req = ws.request
     assert req is not None
+    live = live_route(req.path)
+    if live is not None:   # GPT-Live: engine.server.live_app
+        await handle_live(ws, live, cfg.scenario, cfg.faults.merged(cfg.scenario.faults), cfg.asr, cfg.speed)
+        return
     if req.headers.get("OpenAI-Beta", "").strip().lower().startswith("realtime"):
         await ws.send(json.dumps(error_event("beta_api_shape_disabled", BETA_MESSAGE)))
         await ws.close(4000, "beta_api_shape_disabled")
@@ -336,6 +348,8 @@ def run(cfg: ServerConfig) -> int:
                           file=sys.stderr, flush=True)
                 if not stop.is_set():
                     print(f"realtalk local server listening on {url}?model=MODEL", flush=True)
+                    print(f"realtalk local server: GPT-Live at {url.replace('/v1/realtime', '/v1/live/sessions')}",
+                          flush=True)
                     await task  # serves until a signal sets stop
         except OSError as exc:
             raise listen_error(cfg, exc) from None
