@@ -264,6 +264,7 @@ def test_node_client_reads_signed_messages_over_curve(tcp_broker: Broker, keys: 
     conn = tmp_path / "engine.json"
     conn.write_text(json.dumps({"publish": tcp_broker.pub_ep, "subscribe": tcp_broker.sub_ep,
                                 **keys.connection_keys()}))
+    conn.chmod(0o600)   # the user's own private file: the client believes it
     script = """
 const { Bus } = require(process.argv[1]);
 const bus = new Bus({ name: "node-test", prefixes: ["engine.status", "x."], file: process.argv[2] });
