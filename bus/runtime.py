@@ -8,7 +8,8 @@ nothing here is believed because of where it is, only because of whose it is:
   when ``$XDG_RUNTIME_DIR`` is a directory of this user's with mode 0700 (the login
   manager's); else ``$TMPDIR/realtalk-UID`` (``/tmp`` without ``TMPDIR``). It is made new
   (``mkdir``, mode 0700) or, if it exists, used only when ``lstat`` shows a directory (not a
-  symbolic link) owned by this user with no group or other permission bits. Anything else
+  symbolic link) owned by this user with no group or other permission bits, below folders
+  only root or this user can change (or sticky ones, as /tmp). Anything else
   is refused with :class:`TrustError`, naming the directory, whose it is and the fix: it is
   never repaired (``chmod``) or adopted. Its mode protects the ipc sockets of the bus, the
   connection file and ``console.json`` inside it.
@@ -71,7 +72,7 @@ def private_problem(st: os.stat_result, *, directory: bool) -> str | None:
     if directory and not stat.S_ISDIR(st.st_mode) or not directory and not stat.S_ISREG(st.st_mode):
         return f"is not a {kind}"
     if st.st_uid != os.geteuid():
-        return f"is owned by {_owner(st.st_uid)}, not by you ({_owner(os.geteuid())})"
+        return f"is owned by {_owner(st.st_uid)}, not by you (uid {os.geteuid()})"
     if st.st_mode & 0o077:
         return f"has mode {stat.S_IMODE(st.st_mode):04o}: others may use it (it must be {'0700' if directory else '0600'})"
     return None
@@ -94,6 +95,7 @@ def private_dir(path: str | os.PathLike[str], what: str = "runtime directory") -
     st = os.lstat(path)
     problem = private_problem(st, directory=True)
     if problem is None:
+        _check_ancestors(path, what)
         return path
     if st.st_uid == os.geteuid() and stat.S_ISDIR(st.st_mode):
         fix = f"make it private (chmod 700 {path}) or remove it, then start again"
@@ -101,6 +103,23 @@ def private_dir(path: str | os.PathLike[str], what: str = "runtime directory") -
         fix = (f"it is not yours, so it is not used: have it removed (its owner or root: rm -r {path}), "
                "or set REALTALK_RUNTIME_DIR to a directory of yours")
     raise TrustError(f"refused the {what} {path}: it {problem}; {fix}")
+
+
+def _check_ancestors(path: Path, what: str) -> None:
+    """TrustError unless every folder above ``path`` is root's or this user's, and writable by
+    no one else unless sticky (as /tmp): else another user could rename the directory away and
+    put one of theirs in its place after it was checked (OpenSSH checks its paths the same way)."""
+    parent = Path(os.path.realpath(path.parent))
+    for folder in [*parent.parents, parent]:
+        st = os.stat(folder)
+        if st.st_uid not in (0, os.geteuid()):
+            problem = f"is owned by {_owner(st.st_uid)}"
+        elif st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            problem = f"has mode {stat.S_IMODE(st.st_mode):04o}: others may rename what is in it"
+        else:
+            continue
+        raise TrustError(f"refused the {what} {path}: the folder {folder} above it {problem}; use a directory "
+                         "whose parents only you or root can change (set REALTALK_RUNTIME_DIR)")
 
 
 def _xdg_runtime_dir() -> Path | None:
@@ -264,9 +283,9 @@ def unproven_error(conn: dict[str, Any], file: Path) -> TrustError:
     pid = conn.get("pid")
     exe = proc_exe(pid) if isinstance(pid, int) else None
     uids = proc_uids(pid) if isinstance(pid, int) else None
-    who = f"{exe or 'an executable you cannot see'}, {_owner(uids[0]) if uids else 'another user'}"
+    who = f"{exe or 'an executable you cannot see'} as {_owner(uids[0]) if uids else 'another user'}"
     return TrustError(f"refused the connection file {file}: it names pid {pid}, which runs but is not provably your "
-                      f"engine ({who}); nothing it names is used or signalled. If no engine of yours runs, "
+                      f"engine (it runs {who}); nothing it names is used or signalled. If no engine of yours runs, "
                       f"remove it (rm {file}); if one does, stop it with the `engine stop` it was started with")
 
 

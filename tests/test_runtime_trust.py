@@ -69,6 +69,18 @@ def test_a_runtime_directory_of_another_uid_is_refused(env: Path) -> None:
         runtime_dir()
 
 
+def test_a_runtime_directory_below_a_folder_others_may_change_is_refused(env: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    shared = env / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)   # anyone could rename the directory away and put theirs in its place
+    monkeypatch.setenv("REALTALK_RUNTIME_DIR", str(shared / "run"))
+    with pytest.raises(TrustError, match=f"the folder {shared} above it has mode 0777"):
+        runtime_dir()
+    shared.chmod(0o1777)  # sticky, as /tmp: only the owner renames what is in it
+    assert runtime_dir() == shared / "run"
+
+
 def test_xdg_runtime_dir_is_used_only_when_it_is_the_users_own_and_private(env: Path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     xdg = env / "xdg"
