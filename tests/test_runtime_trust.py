@@ -156,6 +156,7 @@ def _conn(pid: int, exe: str | None, tmp_path: Path, children: list[subprocess.P
                          for i, c in enumerate(children)]}
 
 
+@pytest.mark.e2e
 def test_engine_state_running_gone_or_unproven(tmp_path: Path, sleepers: tuple[subprocess.Popen[bytes], ...]) -> None:
     ours, other = sleepers
     me = proc_exe("self")
@@ -170,6 +171,7 @@ def test_engine_state_running_gone_or_unproven(tmp_path: Path, sleepers: tuple[s
         running_engine(file)
 
 
+@pytest.mark.e2e
 def test_stale_cleanup_kills_only_provable_engine_children(tmp_path: Path,
                                                            sleepers: tuple[subprocess.Popen[bytes], ...]) -> None:
     from engine.supervisor.process import clean_stale
