@@ -332,6 +332,12 @@ class Ring:
         except FileNotFoundError:
             pass
 
+    @property
+    def mapping(self) -> mmap.mmap:
+        """The shared block itself, for the native backend (engine/audio/native.py), which reads
+        and writes it through its own view of this layout. Set-up only."""
+        return self._mm
+
     # -- counters (real-time safe) ----------------------------------------------------
     @property
     def write_index(self) -> int:

@@ -121,3 +121,35 @@ class LevelTap:
         start_ns = limit_ns - (limit - start) * 1_000_000_000 // self.rate_hz
         return Levels(int(start_ns), [amplitude_dbfs(math.sqrt(e / w)) for e in energy],
                       [amplitude_dbfs(p) for p in peak], lost)
+
+
+class ExternalLevelTap(LevelTap):
+    """A :class:`LevelTap` whose writer may be native code (the native audio backend's callbacks,
+    engine/audio/_native.c): the writer's two counters live in an int64 array that code updates
+    (pushes last, after the stamp slot), so :meth:`drain` reads them unchanged. ``arrays`` is what
+    the native writer is handed: (buffer, stamps, counts). :meth:`push` still works from Python."""
+
+    def __init__(self, rate_hz: int = 24000, window_ms: int = 20, capacity_ms: int = 2000) -> None:
+        self._counts = np.zeros(2, dtype=np.int64)   # pushes, frames written
+        super().__init__(rate_hz, window_ms, capacity_ms)
+
+    @property
+    def _pushes(self) -> int:
+        return int(self._counts[0])
+
+    @_pushes.setter
+    def _pushes(self, value: int) -> None:
+        self._counts[0] = value
+
+    @property
+    def _written(self) -> int:
+        return int(self._counts[1])
+
+    @_written.setter
+    def _written(self, value: int) -> None:
+        self._counts[1] = value
+
+    @property
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(buffer, stamps, counts): the writer's side, for native code."""
+        return self._buf, self._stamps, self._counts
