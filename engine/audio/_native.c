@@ -1642,8 +1642,11 @@ static PyObject *Capture_wait(Capture *c, PyObject *args) {
         Py_RETURN_TRUE;
     struct pollfd p = {c->wake_fd, POLLIN, 0};
     int rc;
+    uint64_t drained;
     Py_BEGIN_ALLOW_THREADS
     rc = poll(&p, 1, (int)(timeout * 1000));
+    if (rc > 0 && read(c->wake_fd, &drained, sizeof drained) < 0)   /* a wake-up for frames already taken */
+        rc = 0;
     Py_END_ALLOW_THREADS
     if (rc < 0 && errno != EINTR)
         return PyErr_SetFromErrno(PyExc_OSError);
