@@ -32,6 +32,7 @@ JITTER_MS = 30
 PREBUFFER_MS = 80
 PERIOD_MS = 20            # the mic's device period (the API gets 20 ms chunks)
 PLAYBACK_PERIOD_MS = 10   # the speaker's (audio.playback_period_ms): barge-in waits for its next callback
+BACKEND = "native"   #: audio.backend of the engines started (run() sets it for each backend measured)
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -252,7 +253,8 @@ class Engine:
         cfg = tmp / "engine.yaml"
         self.record_dir = tmp / "rec"
         cfg.write_text(f"record: {self.record_dir}\n"
-                       f"audio: {{mic: vmic, speaker: vspk, prebuffer_ms: {PREBUFFER_MS}, period_ms: {PERIOD_MS}, "
+                       f"audio: {{backend: {BACKEND}, mic: vmic, speaker: vspk, prebuffer_ms: {PREBUFFER_MS}, "
+                       f"period_ms: {PERIOD_MS}, "
                        f"playback_period_ms: {PLAYBACK_PERIOD_MS}, echo: aec{', ' + audio if audio else ''}}}\n"
                        f"local_server: {{{local_server}, scenario: {scen}}}\n"
                        f"session: {{{session}}}\n")
@@ -823,16 +825,27 @@ def bench_push_to_talk(tmp: Path, turns: int = 8) -> dict[str, Any]:
     return out
 
 
-def run(interruptions: int = 200, double_talk_trials: int = 5) -> dict[str, Any]:
+def run(interruptions: int = 200, double_talk_trials: int = 5,
+        backends: tuple[str, ...] = ("native", "pyaudio")) -> dict[str, Any]:
+    """Every engine figure once per audio backend (``audio.backend``), in the same run: the first
+    backend's under the plain names, the others' with ``_<backend>`` after each name; the SDK
+    baseline once."""
+    global BACKEND
     vaudio_env()
     tmp = Path(tempfile.mkdtemp(prefix="rtconv"))
     scen = scenario(tmp)
     result: dict[str, Any] = {"jitter_ms": JITTER_MS, "prebuffer_ms": PREBUFFER_MS, "period_ms": PERIOD_MS,
-                              "playback_period_ms": PLAYBACK_PERIOD_MS}
-    result.update(bench_engine(tmp, scen, interruptions))
-    result.update(bench_push_to_talk(tmp))
+                              "playback_period_ms": PLAYBACK_PERIOD_MS, "backends": list(backends)}
+    for backend in backends:
+        BACKEND = backend
+        figures: dict[str, Any] = {}
+        figures.update(bench_engine(tmp, scen, interruptions))
+        figures.update(bench_push_to_talk(tmp))
+        if double_talk_trials > 0:
+            figures.update(bench_double_talk(tmp, double_talk_trials))
+        suffix = "" if backend == backends[0] else f"_{backend}"
+        result.update({k + suffix: v for k, v in figures.items()})
+    BACKEND = backends[0]
     result.update(bench_baseline(scen, load=False))
     result.update(bench_baseline(scen, load=True))
-    if double_talk_trials > 0:
-        result.update(bench_double_talk(tmp, double_talk_trials))
     return result

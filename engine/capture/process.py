@@ -1,8 +1,14 @@
 """The capture process: microphone -> mic ring (PCM16 24 kHz).
 
-Backends: a PyAudio input callback stream at the device's rate (soxr to 24 kHz), or a
-WAV file played into the ring in real time, then silence (scripted runs). The callback
-never blocks: a full ring counts overrun frames.
+Backends: for a device, ``audio.backend`` ``native`` (the default where it is built): a
+PortAudio input callback in C writes the device's frames to a ring and wakes a worker thread,
+whose one call per chunk (:meth:`engine.audio.native.NativeCapture.step`) resamples with
+libsoxr, makes the echo canceller's call, keeps its statistics and guard in C and writes the
+mic ring (what C does not do, the browser mic, the recording and half duplex, it hands to
+:meth:`CaptureProcess._route`); or ``pyaudio``: a PyAudio input callback stream at the device's
+rate (soxr to 24 kHz) running :meth:`CaptureProcess._write`. Or a WAV file played into the ring
+in real time, then silence (scripted runs). The callbacks never block: a full ring counts
+overrun frames.
 
 Echo handling (``audio.echo``, see :mod:`engine.capture.echo`): ``aec`` runs WebRTC's echo
 canceller with what playback actually played (the reference ring) as the far end;
@@ -48,7 +54,7 @@ from engine.supervisor.child import error_text, every_period, run_reporting, sto
 from engine.codec import resample
 from engine.capture.echo import EchoCanceller, EchoGate, FarEnd
 from engine.console.audio import SOURCE_TOPIC, BrowserMicReader, SourceSwitch
-from engine.console.levels import LevelTap
+from engine.console.levels import ExternalLevelTap, LevelTap
 from engine.errors import DeviceError
 from engine.audio.record import Recorder
 from engine.audio.ring import Ring
@@ -59,6 +65,9 @@ LEVELS_EVERY_S = 0.1          #: capture.levels: 20 ms windows, batched this oft
 
 
 class CaptureProcess:
+    backend: str = "pyaudio"                #: the device backend that runs: native or pyaudio (set by run)
+    backend_note: str | None = None         #: why it is not the one asked for, if it is not
+
     def __init__(self, spec: dict[str, Any]) -> None:
         self.spec = spec
         cfg = spec["config"]["audio"]
@@ -264,18 +273,107 @@ class CaptureProcess:
         self.device_name = dev["name"]
         self.pub.publish("capture.device", {"name": dev["name"], "rate_hz": rate, "period_frames": frames,
                                             "latency_ms": round(stream.get_input_latency() * 1000, 1),
-                                            "echo": self.echo_mode})
+                                            "echo": self.echo_mode, "backend": "pyaudio",
+                                            "backend_note": self.backend_note})
         keep_running(pa, stream, self.stop, self.housekeeping, 0.1)
+
+    def _route(self, raw: np.ndarray, far: np.ndarray, sent: np.ndarray | None) -> None:
+        """The native backend's worker, for what its C step does not do (the browser mic, the
+        recording, half duplex): ``raw`` is this chunk of the device at 24 kHz, ``far`` the
+        reference frames taken with it, ``sent`` what the echo canceller made of ``raw`` (None
+        without one). The same routing as :meth:`_write`, after the echo handling C did."""
+        reader = self.browser if self.use_browser else None
+        if (reader is not None) != self._browser_on:
+            self._browser_on = reader is not None
+            if reader is not None:
+                reader.start()
+        pcm = reader.read(len(raw)) if reader is not None else raw
+        self.level_in.push(pcm)
+        if self.recorder is not None:
+            self.recorder.push(pcm, far)
+        if reader is None:
+            if sent is not None:
+                pcm = sent
+            elif self.gate is not None:
+                pcm = self.gate.apply(pcm)
+        self.level_out.push(pcm)
+        self.ring.write(pcm)
+
+    def run_native(self) -> None:
+        """The device through the native backend: the C input callback writes the device's frames
+        to a ring; the worker thread makes one step per chunk; this thread does the chores."""
+        from engine.audio.devices import find_device, keep_running, open_pyaudio
+        from engine.audio.native import NativeCapture
+        pa = open_pyaudio()   # device lookup (and the library PortAudio shares with PyAudio)
+        try:
+            dev = find_device(pa, self.mic, "input")
+            rate = self.spec["config"]["audio"]["device_rate_hz"] or dev["default_rate_hz"]
+            frames = rate * self.period_ms // 1000
+            self.level_in, self.level_out = ExternalLevelTap(RATE_HZ), ExternalLevelTap(RATE_HZ)
+            cap = NativeCapture(self.ring, rate, frames, aec=self.aec is not None,
+                                guard_db=self.spec["config"]["audio"]["echo_guard_db"],
+                                tap_in=self.level_in, tap_out=self.level_out)
+            if self.aec is not None:
+                self.aec = cap   # type: ignore[assignment]  # EchoCanceller's statistics, from C
+            latency_s = cap.open(dev["index"], rate, frames)
+        except BaseException:
+            pa.terminate()
+            raise
+        self.device_name = dev["name"]
+        self.pub.publish("capture.device", {"name": dev["name"], "rate_hz": rate, "period_frames": frames,
+                                            "latency_ms": round(latency_s * 1000, 1), "echo": self.echo_mode,
+                                            "backend": "native", "backend_note": self.backend_note})
+        worker = threading.Thread(target=self._native_worker, args=(cap,), name="capture-worker", daemon=True)
+        worker.start()
+        try:
+            keep_running(pa, _NativeStream(cap), self.stop, self.housekeeping, 0.1)
+        finally:
+            self.stop.set()
+            worker.join(1.0)
+
+    def _native_worker(self, cap: Any) -> None:
+        """One step per chunk the C callback wrote: C does it all unless the browser mic, the
+        recording or half duplex need :meth:`_route`. An exception is counted, as the PyAudio
+        callback's are, and reported by the main thread."""
+        far_take = self.far.take if self.far is not None else None
+        while not self.stop.is_set():
+            if not cap.wait(0.2):
+                continue
+            extras = self._route if (self.use_browser or self._browser_on or self.recorder is not None
+                                     or self.gate is not None) else None
+            try:
+                cap.step(far_take, extras)
+            except Exception as exc:  # counted; the main thread reports it (housekeeping)
+                self.callback_errors += 1
+                self.callback_error = exc
 
     def run(self) -> int:
         stop_on_signals(self.stop)
         try:
             if isinstance(self.mic, str) and self.mic.lower().endswith(".wav"):
                 return run_reporting(self.pub, "capture", lambda: self.run_wav(self.mic))
-            return run_reporting(self.pub, "capture", self.run_pyaudio)
+            from engine.audio.native import resolve_backend
+            self.backend, self.backend_note = resolve_backend(self.spec["config"]["audio"].get("backend", "native"))
+            return run_reporting(self.pub, "capture", self.run_native if self.backend == "native" else self.run_pyaudio)
         finally:
             if self.recorder is not None:
                 self.recorder.close()
+
+
+class _NativeStream:
+    """What :func:`keep_running` needs of a stream, for the native capture's."""
+
+    def __init__(self, cap: Any) -> None:
+        self.cap = cap
+
+    def is_active(self) -> bool:
+        return bool(self.cap.is_active())
+
+    def stop_stream(self) -> None:
+        self.cap.close()
+
+    def close(self) -> None:
+        self.cap.close()
 
 
 if __name__ == "__main__":
