@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import RunningEngine
+from tests.helpers import set_twilio_token
 
 from bus import Publisher, Subscriber
 from engine.codec import encode_audio
@@ -30,6 +31,12 @@ START = {"event": "start", "sequenceNumber": "1", "streamSid": "MZ1",
          "start": {"streamSid": "MZ1", "accountSid": "AC1", "callSid": "CA1", "tracks": ["inbound"],
                    "customParameters": {"booking": "ZX9"},
                    "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}}
+
+
+@pytest.fixture(autouse=True)
+def _twilio_token(monkeypatch: pytest.MonkeyPatch) -> str:
+    """`engine phone` checks Twilio's signature (phone.auth twilio): a token for the engines and phones here."""
+    return set_twilio_token(monkeypatch)
 
 
 # ================================================================ the pure machine
