@@ -185,6 +185,8 @@ class Call:
         self.item_start: int | None = None
         self.ended = False
         self.pending = True                    #: waiting for its start (counted in bridge.pending)
+        self.close_with: tuple[int, str] = (1000, "")   #: the close code and reason the phone socket ends with
+        self.closing = False                   #: close_phone() began the close handshake
         self.end_reason = ""
         self.media_in_frames = 0
         self.errors = 0
@@ -203,12 +205,14 @@ class Call:
         self.arm_guard()
         try:
             async for text in self.ws:
+                if self.closing:
+                    continue   # our close is under way: what still comes is read and dropped, so it can finish
                 close = self.guard.frame(time.monotonic())
                 if close is not None:
                     self.refuse(close)
-                    break
+                    continue
                 self.on_phone(text)
-                if self.ended:
+                if self.ended and not self.closing:
                     break
             if not self.ended:
                 self.end_reason = self.end_reason or "hangup"
@@ -236,8 +240,17 @@ class Call:
         b.port_event(close.code, f"{who} closed ({close.close_code}): {close.reason}{limit}")
         self.end_reason = self.end_reason or close.code
         self.ended = True
-        if not sent and self.ws.state is State.OPEN:
-            asyncio.get_running_loop().create_task(self.ws.close(close.close_code, close.reason))
+        if not sent:
+            self.close_phone(close.close_code, close.reason)
+
+    def close_phone(self, code: int, reason: str) -> None:
+        """Close the phone socket with ``code`` and ``reason``. The reader goes on reading (and
+        dropping) until the peer's close comes: a reader that stopped would leave a flooding peer's
+        frames unread, the transport paused, and the close handshake stalled for its timeout."""
+        self.close_with = (code, reason)
+        if not self.closing and self.ws.state is State.OPEN:
+            self.closing = True
+            asyncio.get_running_loop().create_task(self.ws.close(code, reason))
 
     def arm_guard(self) -> None:
         due = self.guard.deadline()
@@ -285,8 +298,7 @@ class Call:
         self.end_reason = "error"
         self.ended = True
         self.bridge.error(self, "call_failed", f"the call failed: {type(exc).__name__}: {exc}", fatal=True)
-        if self.ws.state.name == "OPEN":
-            asyncio.get_running_loop().create_task(self.ws.close(1011, "call failed"))
+        self.close_phone(1011, "call failed")
 
     def on_phone(self, text: str | bytes) -> None:
         now = time.monotonic()
@@ -465,7 +477,7 @@ class Call:
             self.bridge.error(self, "phone_stuck", "the phone side does not read what is sent: ending the call")
             self.end_reason = "phone_stuck"
             self.ended = True
-            asyncio.get_running_loop().create_task(self.ws.close(1011, "not reading"))
+            self.close_phone(1011, "not reading")
 
     def schedule(self) -> None:
         core = self.core
@@ -588,7 +600,7 @@ class Call:
                 "api_errors": core.errors if core else 0})
             b.status_changed()
         if self.ws.state.name == "OPEN":
-            await self.ws.close()
+            await self.ws.close(*self.close_with)
 
     def summary(self) -> dict[str, Any]:
         s = self.start
