@@ -341,3 +341,16 @@ def test_car_rental_back_office_serves_two_calls_at_once(phone_engine: Any, runt
         bus.close()
         office.terminate()
         office.wait(5)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(60)
+def test_engine_phone_without_its_auth_token_stops_at_once_naming_the_variable(
+        runtime_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TWILIO_AUTH_TOKEN")
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "engine.api.cli", "phone", "--backend", "local", "--port", "0"],
+                          capture_output=True, text=True, timeout=45, env=os.environ.copy(), cwd=str(tmp_path))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "$TWILIO_AUTH_TOKEN is empty" in out, out
+    assert "Traceback" not in out and time.monotonic() - t0 < 20

@@ -213,3 +213,16 @@ def test_bad_media_and_digits_name_the_field() -> None:
     with pytest.raises(PhoneProtocolError) as err:
         s.receive(json.dumps({"event": "media", "media": {"payload": big}}))
     assert len(str(err.value)) < 120 and "characters" in str(err.value)
+
+
+def test_the_config_refuses_auth_none_off_loopback_and_a_public_url_that_is_not_a_websocket() -> None:
+    from engine.config import load_config
+    assert load_config(None, {"phone.auth": "none"})["phone"]["auth"] == "none"     # 127.0.0.1 by default
+    with pytest.raises(ConfigError, match="only allowed on a loopback address"):
+        load_config(None, {"phone.auth": "none", "phone.host": "0.0.0.0"})
+    with pytest.raises(ConfigError, match="is not one of: twilio, token, none"):
+        load_config(None, {"phone.auth": "off"})
+    with pytest.raises(ConfigError, match="phone.public_url"):
+        load_config(None, {"phone.public_url": "https://phone.example.com/twilio"})
+    with pytest.raises(ConfigError, match="phone.max_frame_bytes"):
+        load_config(None, {"phone.max_frame_bytes": 10})
