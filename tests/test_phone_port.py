@@ -267,7 +267,7 @@ def test_a_start_with_a_bad_sample_rate_names_the_field_and_the_value(make_serve
         bad = json.loads(start_msg("CAbad"))
         bad["start"]["mediaFormat"]["sampleRate"] = "abc"
         await ws.send(json.dumps(bad))
-        await closed_with(ws)
+        assert await closed_with(ws) == (1008, "bad start: media_format")
         err = await pub.wait("engine.error", code="media_format")
         assert err["message"] == ("phone message refused: start.mediaFormat.sampleRate: 'abc' is not an integer "
                                   "(only audio/x-mulaw at 8000 Hz mono is spoken)") and err["call_fatal"]

@@ -309,6 +309,7 @@ class Call:
             if exc.fatal:
                 self.end_reason = "bad_start"
                 self.ended = True
+                self.close_phone(1008, f"bad start: {exc.code}")
             return
         if isinstance(msg, MediaMsg):
             if msg.track != "outbound" and self.core is not None:
