@@ -813,14 +813,18 @@ def phone_port(tmp: Path, connections: int = 200, max_calls: int = 5, junk_frame
             flood = await connect(eng.url, additional_headers=signed, compression=None, ping_interval=None)
             await flood.send(_start_frame("CAflood"))
             sent = 0
+
+            async def drain() -> None:
+                async for _ in flood:
+                    pass
             try:
                 for _ in range(flood_frames):
                     await flood.send("{junk")
                     sent += 1
-                async for _ in flood:
-                    pass
-            except ConnectionClosed:
+                await asyncio.wait_for(drain(), 10)
+            except (ConnectionClosed, TimeoutError):
                 pass
+            await flood.close()
             await asyncio.sleep(1.0)
             ended = [b for b in eng.since(tf, "phone.call.ended") if b.get("phone_call_id") == "CAflood"]
             return {"junk_frames": junk_frames, "junk_rate_hz": junk_rate_hz, "junk_s": round(junk_s, 1),
@@ -842,11 +846,17 @@ def phone_port(tmp: Path, connections: int = 200, max_calls: int = 5, junk_frame
             from websockets.exceptions import ConnectionClosed
             ws = await connect(eng.url, additional_headers=signed, compression=None, ping_interval=None)
             t = time.monotonic()
-            try:
+
+            async def drain() -> None:
                 async for _ in ws:
                     pass
+            try:
+                await asyncio.wait_for(drain(), 30)
             except ConnectionClosed:
                 pass
+            except TimeoutError:                     # still open after 30 s: never closed
+                await ws.close()
+                return {"closed_after_s": None, "close_code": None, "close_reason": "still open after 30 s"}
             return {"closed_after_s": round(time.monotonic() - t, 2), "close_code": ws.close_code,
                     "close_reason": ws.close_reason}
         out["socket_without_start"] = asyncio.run(silent())
