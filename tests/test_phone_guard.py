@@ -74,6 +74,9 @@ def test_an_upgrade_is_refused_without_a_good_signature_or_token() -> None:
     later = check_upgrade(tok, {}, "/twilio")                              # may come in start.customParameters
     assert later.status is None and not later.authenticated
     assert check_upgrade(Auth("none"), {}, "/twilio").authenticated
+    from websockets.datastructures import Headers
+    twice = Headers([("X-Twilio-Signature", TWILIO_VECTORS["wss://phone.example.com/twilio"])] * 2)
+    assert check_upgrade(auth, twice, "/twilio").status == 403              # given twice: refused, not a crash
 
 
 def test_auth_comes_from_the_environment_and_none_only_on_loopback() -> None:

@@ -208,14 +208,21 @@ class UpgradeVerdict:
     authenticated: bool = False
 
 
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    try:
+        return headers.get(name)
+    except LookupError:      # given more than once (websockets' Headers raises): as good as none
+        return None
+
+
 def check_upgrade(auth: Auth, headers: Mapping[str, str], target: str) -> UpgradeVerdict:
     """Authenticate an upgrade request (``headers``: a case-insensitive mapping; ``target``: its
     path and query). Capacity is the caller's (it knows the calls)."""
     if auth.mode == "none":
         return UpgradeVerdict(None, authenticated=True)
     if auth.mode == "twilio":
-        urls = signed_urls(auth.public_url, headers.get("Host"), target)
-        if twilio_signature_ok(auth.secret, headers.get(SIGNATURE_HEADER), urls):
+        urls = signed_urls(auth.public_url, _header(headers, "Host"), target)
+        if twilio_signature_ok(auth.secret, _header(headers, SIGNATURE_HEADER), urls):
             return UpgradeVerdict(None, authenticated=True)
         return UpgradeVerdict(403, "unauthenticated")
     from urllib.parse import parse_qs
