@@ -16,7 +16,6 @@ from engine.phone.bridge import PhoneBridge
 from engine.supervisor import child
 
 
-
 class PhoneProcess:
     def __init__(self, spec: dict[str, Any]) -> None:
         self.spec = spec
