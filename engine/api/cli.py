@@ -219,9 +219,14 @@ def _publish_with_ack(topic: str, payload: dict[str, Any], timeout_s: float = 10
 def cmd_say(args: argparse.Namespace) -> int:
     role = "system" if args.system else "user"
     respond = args.respond or (role == "user" and not args.no_respond)
-    ack = _publish_with_ack("cmd.say", {"text": args.text, "role": role, "respond": respond})
+    payload: dict[str, Any] = {"text": args.text, "role": role, "respond": respond}
+    if args.call:
+        payload["phone_call_id"] = args.call   # one call of `engine phone` (docs/phone.md, "The bus")
+    ack = _publish_with_ack("cmd.say", payload)
     if not ack.get("ok"):
-        print(f"engine say: refused: {ack.get('error')}", file=sys.stderr)
+        error = str(ack.get("error"))
+        hint = "; name one with --call ID" if not args.call and "phone_call_id" in error else ""
+        print(f"engine say: refused: {error}{hint}", file=sys.stderr)
         return 1
     print(f"engine say: added as {ack.get('item_id')}")
     return 0
@@ -270,7 +275,8 @@ def cmd_ptt(args: argparse.Namespace) -> int:
 def cmd_tail(args: argparse.Namespace) -> int:
     """The conversation as readable lines (engine/api/view.py); topics the view leaves out are
     printed one message a line only when a prefix asks for them (``engine tail cost.``).
-    ``--all`` (or ``--json``): every message of the given prefixes, one line each."""
+    ``--all`` (or ``--json``): every message of the given prefixes, one line each. ``--call ID``:
+    only the messages of that phone call (their ``phone_call_id``)."""
     from bus import Subscriber
     from engine.api.view import ConversationView
     conn = _connection()
@@ -283,6 +289,8 @@ def cmd_tail(args: argparse.Namespace) -> int:
             if msg is None:
                 continue
             topic, body = msg
+            if args.call and body.get("phone_call_id") != args.call:
+                continue   # another call's, or the engine's own
             if view is not None and (view.shows(topic) or not args.prefixes):
                 for line in view.feed(topic, body):
                     print(line, flush=True)
@@ -417,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--system", action="store_true", help="context the model sees but nobody hears")
     s.add_argument("--no-respond", action="store_true")
     s.add_argument("--respond", action="store_true", help="ask for a response even for --system")
+    s.add_argument("--call", metavar="ID", help="the phone call to say it in (engine phone: its phone_call_id, "
+                                                "as engine status lists them)")
     s.set_defaults(func=cmd_say)
 
     s = sp.add_parser("ptt", help="push to talk: Enter to talk, Enter to send (for turn_detection: null)")
@@ -428,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--all", action="store_true", help="every message, one line each (levels, positions, deltas…)")
     s.add_argument("--json", action="store_true", help="every message as one JSON line (implies --all)")
     s.add_argument("--seconds", type=float, default=None, help="stop after this long")
+    s.add_argument("--call", metavar="ID", help="only this phone call's messages (engine phone: its phone_call_id)")
     s.set_defaults(func=cmd_tail)
 
     s = sp.add_parser("log", help="read a session's event log")
