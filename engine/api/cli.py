@@ -48,7 +48,8 @@ def cmd_start(args: argparse.Namespace) -> int:
     backend = resolve_backend(cfg)
     why = {"local": "offline local server" + ("" if cfg["backend"] == "local" else f" (no ${cfg['api_key_env']} set)"),
            "openai": "OpenAI Realtime API" + ("" if cfg["backend"] == "openai" else f" (${cfg['api_key_env']} is set)")}[backend]
-    console = {"host": args.console_host, "port": args.console_port} if args.console else None
+    console = ({"host": args.console_host, "port": args.console_port, "allowed_hosts": args.console_allow_host or []}
+               if args.console else None)
     sup = Supervisor(cfg, text_only=args.text_only, console=console)
     print(f"realtalk: starting with backend {backend}: {why}, model {cfg['model']}")
     sup.start()
@@ -350,7 +351,8 @@ def cmd_console(args: argparse.Namespace) -> int:
     session_dir = Path(conn["session_dir"]) if conn.get("session_dir") else None
     server = ConsoleServer(load_endpoints(), host=args.host, port=args.port,
                            sessions_base=session_dir.parent if session_dir else None,
-                           live_session=session_dir.name if session_dir else None)
+                           live_session=session_dir.name if session_dir else None,
+                           allowed_hosts=args.allow_host or ())
     print("realtalk: Ctrl-C to stop the console (the engine goes on)", flush=True)
     return run(server)
 
@@ -378,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--console", action="store_true", help="also serve the debug console (prints its URL)")
     s.add_argument("--console-host", default="127.0.0.1", help="the console's address (default loopback)")
     s.add_argument("--console-port", type=int, default=0, help="the console's port (default 0: a free port)")
+    s.add_argument("--console-allow-host", action="append", metavar="NAME",
+                   help="a host name the console may be opened by (besides IP addresses, localhost and this "
+                        "machine's name); repeatable")
     s.set_defaults(func=cmd_start)
 
     s = sp.add_parser("phone", help="take phone calls over Twilio Media Streams (prints the ws:// URL)")
@@ -452,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sp.add_parser("console", help="serve the debug console for the running engine (prints its URL)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
     s.add_argument("--port", type=int, default=0, help="port (default 0: a free port)")
+    s.add_argument("--allow-host", action="append", metavar="NAME",
+                   help="a host name the console may be opened by (besides IP addresses, localhost and this "
+                        "machine's name); repeatable")
     s.set_defaults(func=cmd_console)
 
     s = sp.add_parser("demo", help="headless spoken conversation on virtual devices with the local server")
