@@ -105,5 +105,5 @@ def test_publish_reports_puts_the_report_on_engine_error(broker: Broker) -> None
     assert topic == "engine.error" and body["code"] == "malformed_bus_message" and body["count"] == 1
     assert "expected a map" in body["message"] and body["benign"] is True and body["source"] == "supervisor"
     assert watcher.recv(timeout_ms=300) is None   # once
-    for s in (every, sub, watcher, pub, reporter):
-        s.close()
+    for closing in (every, sub, watcher, pub, reporter):
+        closing.close()

@@ -241,7 +241,7 @@ def test_missing_device_lists_the_devices(vaudio: dict[str, str], runtime_dir: P
     out = subprocess.run([sys.executable, "-m", "engine.api.cli", "start", "--backend", "local", "--mic", "no-such-mic",
                           "--speaker", "null"], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0
-    assert "no-such-mic" in out.stdout and "vmic" in out.stdout
+    assert "no-such-mic" in out.stderr and "vmic" in out.stderr   # checked before any child starts
     assert not set(Path("/dev/shm").glob("realtalk-*-mic")) - before, "the failed start left its mic ring"
 
 

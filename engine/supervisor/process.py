@@ -51,9 +51,10 @@ from bus.wire import HEADER_KEYS
 from engine.api.view import TerminalView
 from engine.supervisor.child import error_text, parent_death_signal
 from engine.supervisor.children import (ChildMachine, GaveUp, Kill, Policy, Restarting, Spawn, Terminate)
+from engine.supervisor.preflight import check_audio
 from engine.supervisor.terminal import Terminal
 from engine.config import resolve_backend, session_payload
-from engine.errors import ConfigError, EngineError
+from engine.errors import EngineError
 from engine.audio.ring import Ring
 
 MIC_RING_FRAMES = 1 << 16        # 2.7 s at 24 kHz
@@ -191,6 +192,7 @@ class Supervisor:
         self.console = console
         self.out = out
         self.backend = resolve_backend(cfg)
+        self._check_audio_paths()   # before anything is made (the session folder included)
         self.stopping = False
         self.children: list[Child] = []
         self.rings: list[Ring] = []
@@ -249,14 +251,10 @@ class Supervisor:
                          signing_key=self.signing_key)
 
     def _check_audio_paths(self) -> None:
-        """A speaker WAV must go into a folder that exists (checked before anything starts)."""
-        speaker = self.cfg["audio"]["speaker"]
-        if self.text_only or not isinstance(speaker, str) or not speaker.lower().endswith(".wav"):
-            return
-        folder = Path(speaker).expanduser().absolute().parent
-        if not folder.is_dir():
-            raise ConfigError(f"audio.speaker: cannot write {speaker}: the folder {folder} does not exist "
-                              "(create it, or give a file in an existing folder)")
+        """The mic and speaker files and devices, before anything starts (:mod:`engine.supervisor.preflight`:
+        a corrupt mic WAV, a missing device fail the start at once, with one error)."""
+        if self.phone is None:
+            check_audio(self.cfg["audio"], text_only=self.text_only)
 
     def _check_not_running(self) -> None:
         """Refuse to start beside a running engine; clean the runtime directory of a dead one."""
@@ -317,8 +315,8 @@ class Supervisor:
 
     def start(self) -> None:
         """Make the rings, start the broker, then the children. On any failure everything made so
-        far is undone (children stopped, rings unlinked, sockets and files removed) and it raises."""
-        self._check_audio_paths()
+        far is undone (children stopped, rings unlinked, sockets and files removed) and it raises.
+        (The mic and speaker were checked when the supervisor was made.)"""
         self._check_not_running()
         try:
             self._start()
@@ -561,7 +559,7 @@ class Supervisor:
             source, message = body.get("source", "engine"), body.get("message")
             if body.get("fatal"):
                 self.fatal = f"{source}: {message}"   # printed as the cause of the stop
-            else:
+            elif self.fatal is None:   # once stopping for a cause, what the children say as they stop is only logged
                 for line in self.view.feed(topic, body):   # each error, with its message
                     self._print(line)
 
