@@ -124,6 +124,7 @@ def test_once_the_engine_stops_for_a_cause_other_errors_are_logged_not_printed(r
     import json
     from types import SimpleNamespace
     from engine.config import load_config
+    from engine.supervisor.logfile import SessionLog
     from engine.supervisor.process import Child, Supervisor
     out = io.StringIO()
     sup = Supervisor(load_config(None, {"backend": "local", "sessions_dir": str(tmp_path / "s")}), text_only=True,
@@ -132,7 +133,7 @@ def test_once_the_engine_stops_for_a_cause_other_errors_are_logged_not_printed(r
     child.proc = SimpleNamespace(pid=4242)   # type: ignore[assignment]
     sup.children.append(child)
     log = sup.session_dir / "events.jsonl"
-    sup.log_file = open(log, "a")
+    sup.log_file = log_file = SessionLog(log)
 
     def socket_error(n: int) -> dict[str, Any]:
         return {"v": 1, "ts": 0.0, "mono_ns": 0, "pub": "realtime:4242", "seq": n, "source": "realtime",
@@ -141,6 +142,6 @@ def test_once_the_engine_stops_for_a_cause_other_errors_are_logged_not_printed(r
     assert "HTTP 503 (1)" in out.getvalue()          # while running, errors are shown as they come
     sup.fatal = "capture: the mic failed"
     sup._on_message("engine.error", socket_error(2))
-    sup.log_file.close()
+    log_file.close()
     assert "HTTP 503 (2)" not in out.getvalue()      # the stop's cause is the one line that counts
     assert "HTTP 503 (2)" in "".join(json.loads(line)["body"]["message"] for line in log.read_text().splitlines())

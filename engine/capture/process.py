@@ -143,9 +143,14 @@ class CaptureProcess:
         self.ring.write(pcm)
 
     def housekeeping(self) -> None:
-        """Main-thread chores: write the recording, publish echo statistics."""
+        """Main-thread chores: write the recording, publish echo statistics. A recording that
+        cannot be written (a full disk) stops the engine: a DeviceError naming the file."""
         if self.recorder is not None:
-            self.recorder.drain()
+            try:
+                self.recorder.drain()
+            except OSError as exc:
+                raise DeviceError(f"cannot write the recording {self.recorder.path}: {error_text(exc)}; "
+                                  "the session is stopped, what was written is kept") from None
         now = time.monotonic()
         if self.console_sub is not None:
             self._source_chores(now)
@@ -276,7 +281,12 @@ class CaptureProcess:
             return run_reporting(self.pub, "capture", self.run_pyaudio)
         finally:
             if self.recorder is not None:
-                self.recorder.close()
+                try:
+                    self.recorder.close()
+                except OSError as exc:   # a full disk at the last write: said, never a traceback
+                    self.pub.publish("engine.error", {"source": "capture", "code": "record_failed",
+                                                      "message": f"the recording {self.recorder.path} could not be "
+                                                                 f"finished: {error_text(exc)}"})
 
 
 if __name__ == "__main__":
