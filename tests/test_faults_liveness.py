@@ -111,3 +111,53 @@ def test_drop_watch_reports_an_episode_once_when_it_ends() -> None:
     assert len(reports) == 1 and reports[0][0] >= 8.25, reports
     last = w.update(960 + 480 * 30, 11.0)                                # it ends: the rest
     assert last is not None and reports[0][1] + last == 480 * 30
+
+
+@pytest.mark.e2e
+def test_native_code_holding_the_interpreter_lock_is_alive_and_a_stopped_process_is_not(tmp_path: Path) -> None:
+    """The local server's recogniser holds the interpreter lock for seconds while it decodes a long
+    utterance: its beating thread waits, but the process works. A SIGSTOPped one does neither."""
+    import subprocess
+    import sys
+    from engine.supervisor.heartbeat import HeartbeatPipe, cpu_ticks, period_for
+    (tmp_path / "busy_child.py").write_text(
+        "import re, time\n"
+        "time.sleep(0.5)\n"
+        "re.match(r'(a|aa)*b', 'a' * 35)   # backtracking in C: the interpreter lock held for seconds\n"
+        "time.sleep(60)\n")
+    pipe = HeartbeatPipe(period_for(1.0))
+    env = {**os.environ, **pipe.environment(), "PYTHONPATH": f"{tmp_path}:{os.getcwd()}"}
+    proc = subprocess.Popen([sys.executable, "-m", "engine.supervisor.heartbeat", "busy_child"],
+                            pass_fds=(pipe.child_fd,), env=env, cwd=os.getcwd())
+    pipe.child_started()
+    try:
+        beat_at = proof_at = time.monotonic()
+        beats_gap = proof_gap = 0.0
+        last_ticks = None
+        end = time.monotonic() + 6.0
+        while time.monotonic() < end:
+            time.sleep(0.1)
+            now = time.monotonic()
+            beat = pipe.beats() > 0
+            ticks = cpu_ticks(proc.pid)
+            ran = ticks is not None and last_ticks is not None and ticks > last_ticks
+            last_ticks = ticks
+            if beat:
+                beat_at = now
+            if beat or ran:
+                proof_at = now
+            beats_gap, proof_gap = max(beats_gap, now - beat_at), max(proof_gap, now - proof_at)
+        assert beats_gap > 1.0, f"the child never held the lock long (beats stopped {beats_gap:.2f} s at most)"
+        assert proof_gap < 0.5, f"{proof_gap:.2f} s without a beat or CPU while it worked"
+        os.kill(proc.pid, signal.SIGSTOP)
+        time.sleep(0.3)
+        pipe.alive(proc.pid)                 # what came before the stop
+        time.sleep(0.6)
+        assert not pipe.alive(proc.pid)      # stopped: no beat, no CPU
+        os.kill(proc.pid, signal.SIGCONT)
+        time.sleep(0.6)
+        assert pipe.alive(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+        pipe.close()

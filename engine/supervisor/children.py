@@ -13,7 +13,8 @@ Rules:
   FATAL at once, from any state: restarting cannot fix it.
 * Liveness (with ``heartbeat_timeout_s`` set): a child proves it is alive with heartbeats
   (``beat``; :mod:`engine.supervisor.heartbeat`: a byte on a pipe every fraction of the
-  timeout, from a thread of its own, never through the bus). It is RUNNING only once it is up
+  timeout, from a thread of its own, never through the bus; or CPU time it used, busy in
+  native code that holds the interpreter lock). It is RUNNING only once it is up
   ``startsecs`` *and* has beaten once. A child silent for ``heartbeat_timeout_s`` while RUNNING,
   or without a first beat ``first_beat_timeout_s`` after its spawn while STARTING, goes to
   UNRESPONSIVE: the supervisor reports it and SIGKILLs it (a stopped or hung process cannot

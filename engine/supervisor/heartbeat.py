@@ -11,10 +11,12 @@ its loop (the beats never wake it) and hands "beats came" to the child's state m
 (:mod:`engine.supervisor.children`), which finds a child silent past ``heartbeat_timeout_s``
 UNRESPONSIVE.
 
-What it shows: the process is scheduled and its interpreter runs. A process stopped
-(SIGSTOP), frozen, or stuck in native code that holds the GIL goes silent. What it does not
-show: a main loop blocked in Python while its other threads run (a deadlock on a lock) keeps
-beating.
+Proof of life (:meth:`HeartbeatPipe.alive`) is a beat, or CPU time the process used since
+the supervisor last looked (``/proc/PID/stat``): native code that holds the interpreter lock
+for seconds (the local server's recogniser decoding a long utterance) starves the beating
+thread but is working, not hung. A process that is stopped (SIGSTOP), frozen, or blocked
+holding the lock gives neither. What it does not catch: a main loop deadlocked in Python
+while its other threads run keeps beating; native code spinning for ever keeps using CPU.
 """
 from __future__ import annotations
 
@@ -62,14 +64,36 @@ def start_from_environment() -> threading.Thread | None:
     return t
 
 
+def cpu_ticks(pid: int) -> int | None:
+    """User and system CPU time ``pid`` has used (clock ticks, /proc/PID/stat fields 14 and 15),
+    or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 class HeartbeatPipe:
     """The supervisor's end of one child process's heartbeat pipe: ``child_fd`` goes to the child
     (``pass_fds``, and :meth:`environment`), then :meth:`child_started` closes it here; :meth:`beats`
-    drains what came."""
+    drains what came; :meth:`alive` is the proof of life the child's state machine takes as a beat."""
 
     def __init__(self, period_s: float) -> None:
         self.period_s = period_s
         self.read_fd, self.child_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._cpu_ticks: int | None = None   #: the process's CPU time at the last look
+
+    def alive(self, pid: int) -> bool:
+        """Proof of life since the last call: a beat came, or the process ``pid`` used CPU time
+        (busy in native code that holds the interpreter lock, its beating thread waiting for it)."""
+        beat = self.beats() > 0
+        ticks = cpu_ticks(pid)
+        ran = ticks is not None and self._cpu_ticks is not None and ticks > self._cpu_ticks
+        if ticks is not None:
+            self._cpu_ticks = ticks
+        return beat or ran
 
     def environment(self) -> dict[str, str]:
         return {FD_ENV: str(self.child_fd), PERIOD_ENV: f"{self.period_s:g}"}

@@ -16,9 +16,10 @@ Rules:
   the machine asks for (spawn, SIGTERM, SIGKILL) and nothing else decides a restart. A
   FATAL child stops the engine with its reason; exit code 3 (device) is FATAL at once.
 * Liveness: every child runs under :mod:`engine.supervisor.heartbeat` and beats on a pipe of its
-  own; the main loop reads the pipes each round (they never wake it) and the child's machine
-  finds one silent for ``supervisor.heartbeat_timeout_s`` UNRESPONSIVE: ``engine.error``
-  ``child_unresponsive`` naming it, SIGKILL, and the restart any exit gets.
+  own; the main loop reads the pipes each round (they never wake it), and a beat or CPU time the
+  child used since the last round is its proof of life; the child's machine finds one without
+  for ``supervisor.heartbeat_timeout_s`` UNRESPONSIVE: ``engine.error`` ``child_unresponsive``
+  naming it, SIGKILL, and the restart any exit gets.
 * Dropped mic audio: the mic ring's overruns (its reader, the realtime process, stalled or
   restarting) are published as ``engine.error`` ``mic_dropped``, once per stall
   (:class:`DropWatch`), and counted in ``engine.status`` (``rings.mic.overrun_frames``).
@@ -765,8 +766,8 @@ class Supervisor:
                 if code is not None:
                     self.drain(0.05)  # what it said before it exited (its last error) goes with the exit
                     self._act(child, m.exited(code, now, child.last_error))
-                elif child.heartbeat is not None and child.heartbeat.beats():
-                    m.beat(now)
+                elif child.heartbeat is not None and child.heartbeat.alive(child.proc.pid):
+                    m.beat(now)   # a heartbeat, or CPU it used (busy holding the interpreter lock)
             self._act(child, m.tick(now))
         self._watch_mic(now)
 
