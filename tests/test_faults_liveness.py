@@ -89,8 +89,8 @@ def test_mic_audio_dropped_while_its_reader_stalls_is_counted_and_published(star
     dropped = _next(sub, "engine.error", 10, code="mic_dropped")
     assert dropped["ring"] == "mic" and dropped["source"] == "supervisor", dropped
     assert 500 <= dropped["dropped_ms"] <= 1600, dropped     # 4 s stalled, 2.7 s held
-    assert dropped["dropped_frames"] == dropped["dropped_frames_total"] == dropped["dropped_ms"] * 24 + \
-        dropped["dropped_frames"] % 24, dropped
+    assert dropped["dropped_ms"] == dropped["dropped_frames"] // 24, dropped
+    assert dropped["dropped_frames_total"] >= dropped["dropped_frames"], dropped   # (the ring's count since its start)
     assert "realtime" in dropped["message"]
     with pytest.raises(AssertionError):                       # one report for the one stall
         _next(sub, "engine.error", 2.5, code="mic_dropped")

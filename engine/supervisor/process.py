@@ -773,11 +773,15 @@ class Supervisor:
 
     def _watch_mic(self, now: float) -> None:
         """Publish the mic audio dropped since the last report (the mic ring's overruns: its reader
-        stalled or restarting), once per stall (:class:`DropWatch`)."""
+        stalled or restarting), once per stall (:class:`DropWatch`), from the engine's ready on
+        (before it, the realtime process has not begun to read the ring)."""
         mic = next((r for r in self.rings if r.name.rsplit("-", 1)[-1] == "mic"), None)   # as status() names them
         if mic is None or self.pub is None:
             return
         total = mic.overrun_frames
+        if not self.connected:   # before ready nobody reads the mic yet: only drops after it count
+            self.mic_drops = DropWatch(reported=total, seen=total)
+            return
         frames = self.mic_drops.update(total, now)
         if frames is None:
             return
