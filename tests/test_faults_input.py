@@ -84,11 +84,11 @@ def _one_error_no_child(out: subprocess.CompletedProcess[str], *names: str) -> N
 def test_a_corrupt_mic_wav_stops_engine_start_before_any_child(runtime_dir: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.wav"
     bad.write_bytes(CORRUPT["zero_rate"][0])
-    before = set(Path("/dev/shm").glob("realtalk-*"))
     out, took_s = _start("--mic", str(bad), "--speaker", "null")
     _one_error_no_child(out, str(bad), "sample rate is 0 Hz")
-    assert not set(Path("/dev/shm").glob("realtalk-*")) - before
-    assert not (runtime_dir / "engine.json").exists()
+    # checked before anything is made: no session folder, no connection file (nor rings, sockets)
+    assert not list((tmp_path / "data").glob("realtalk/sessions/*"))   # XDG_DATA_HOME (the runtime_dir fixture)
+    assert not (runtime_dir / "engine.json").exists() and not list(runtime_dir.iterdir())
     print(f"refused in {took_s * 1000:.0f} ms from exec")
 
 
