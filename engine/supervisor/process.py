@@ -73,7 +73,7 @@ from engine.supervisor.children import (ChildMachine, GaveUp, Kill, Policy, Rest
                                         Unresponsive)
 from engine.supervisor.heartbeat import HeartbeatPipe, period_for
 from engine.supervisor.logfile import SessionLog
-from engine.supervisor.preflight import check_audio
+from engine.audio.preflight import check_audio
 from engine.supervisor.terminal import Terminal
 from engine.config import live_url, resolve_backend, session_payload
 from engine.cost import is_live_model
@@ -309,7 +309,7 @@ class Supervisor:
                          signing_key=self.signing_key)
 
     def _check_audio_paths(self) -> None:
-        """The mic and speaker files and devices, before anything starts (:mod:`engine.supervisor.preflight`:
+        """The mic and speaker files and devices, before anything starts (:mod:`engine.audio.preflight`:
         a corrupt mic WAV, a missing device fail the start at once, with one error)."""
         if self.phone is None:
             check_audio(self.cfg["audio"], text_only=self.text_only)
