@@ -463,7 +463,8 @@ class ServerSession:
         acts.send.append(self._ev("conversation.item.deleted", item_id=item.id))
 
     def _on_response_create(self, ev: dict[str, Any], acts: Actions) -> None:
-        params = ev.get("response") or {}
+        # null: not given (the session's value); LiveKit sends "instructions": null after each tool result
+        params = {k: v for k, v in (ev.get("response") or {}).items() if v is not None}
         check_keys(params, RESPONSE_KEYS, "response")
         self._start_response(params, acts)
 
