@@ -216,7 +216,7 @@ class Recognizer:
         try:
             from pocketsphinx import Decoder
             cls._decoder = Decoder(samprate=16000, loglevel="FATAL")
-            cls._free_search = cls._decoder.current_search()
+            cls._free_search = cls._decoder.current_search() if hasattr(cls._decoder, "current_search") else "_default"
             cls._searches = OrderedDict()
         except Exception as exc:  # noqa: BLE001 - any load failure is reported, then retried
             cls._load_failed_at = time.monotonic()
@@ -242,7 +242,7 @@ class Recognizer:
                 raw = resample(pcm24k, API_RATE_HZ, 16000).tobytes()
                 searches = cls._searches_for(dec, phrases) if phrases else None
                 if searches is None:
-                    return Heard(" ".join(w for w, _, _ in cls._decode(dec, raw, cls._free_search)), "free")
+                    return Heard(cls._free(dec, raw), "free")
                 sentence = cls._grammar(dec, raw, searches)
                 spotted = _best_spotted(dec, cls._decode(dec, raw, searches.keywords)) if searches.keywords else []
                 # a sentence stands unless a phrase spotted in the audio is not in it (a long
@@ -258,6 +258,17 @@ class Recognizer:
             except Exception as exc:  # noqa: BLE001 - reported with its cause; the decoder is rebuilt
                 cls._decoder = None
                 raise cls._fail("decoding failed", exc) from None
+
+    @classmethod
+    def _free(cls, dec: Any, raw: bytes) -> str:
+        """Free decoding with the general language model: its best hypothesis."""
+        if cls._searches:
+            dec.activate_search(cls._free_search)
+        dec.start_utt()
+        dec.process_raw(raw, full_utt=True)
+        dec.end_utt()
+        hyp = dec.hyp()
+        return hyp.hypstr.strip() if hyp is not None else ""
 
     @staticmethod
     def _decode(dec: Any, raw: bytes, search: str) -> list[tuple[str, int, int]]:
