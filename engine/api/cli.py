@@ -15,7 +15,7 @@ from engine.errors import EngineError
 
 
 def _load_cfg(args: argparse.Namespace) -> dict[str, Any]:
-    from engine.config import REPO_CONFIG, load_config
+    from engine.config import load_config
     overrides: dict[str, Any] = {}
     if getattr(args, "backend", None):
         overrides["backend"] = args.backend
@@ -35,10 +35,7 @@ def _load_cfg(args: argparse.Namespace) -> dict[str, Any]:
         overrides["session.instructions"] = args.instructions
     if getattr(args, "voice", None) is not None:
         overrides["session.voice"] = args.voice
-    path = args.config
-    if path is None and REPO_CONFIG.exists() and os.path.abspath(os.getcwd()) == str(REPO_CONFIG.parent):
-        path = str(REPO_CONFIG)
-    return load_config(path, overrides)
+    return load_config(args.config, overrides)
 
 
 def cmd_start(args: argparse.Namespace) -> int:
@@ -366,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = p.add_subparsers(dest="command", required=True)
 
     s = sp.add_parser("start", help="start the engine (supervisor and its processes)")
-    s.add_argument("--config", help="config file (default: built-in defaults, or ./config.yaml in the repo)")
+    s.add_argument("--config", help="config file (default: the built-in defaults, which the repository's config.yaml lists)")
     s.add_argument("--backend", choices=["local", "openai"], help="default: openai if $OPENAI_API_KEY is set, else local")
     s.add_argument("--model")
     s.add_argument("--mic", help="device name or index, a .wav file, or null")

@@ -675,7 +675,9 @@ class Supervisor:
     def _from_engine(self, body: dict[str, Any]) -> bool:
         """True if ``body`` was published by one of this engine's own child processes (state and
         fatal errors are accepted only from them): the publisher name against the children's
-        live pids. (To be replaced by the bus's signature check, ``bus.signing_key``.)"""
+        live pids. The bus's signature check (bus/security.py) has already dropped a forged
+        message on a signed topic; this one says which child sent it, and that it is the child's
+        latest run, and it is the only check on a topic that is not signed (``phone.status``)."""
         pub = body.get("pub")
         if not isinstance(pub, str) or ":" not in pub:
             return False
