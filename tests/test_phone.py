@@ -339,6 +339,7 @@ def test_car_rental_example_calls_its_tool_offline_when_asked_by_voice(phone_eng
         office.wait(5)
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(120)
 def test_car_rental_back_office_serves_two_calls_at_once(phone_engine: Any, runtime_dir: Path,
                                                          tmp_path: Path) -> None:
