@@ -16,7 +16,8 @@ main loop) sees only two small streams, both filtered by ZeroMQ itself:
 
 With an intake (:mod:`bus.intake`; ``engine start`` runs the broker with ``--intake hold``) the
 keeper also takes every ``cmd.*``: it acks each command at once on ``cmd.ack`` and holds it
-until the realtime process's state (``conversation.history``) says it was taken; when that
+until the realtime process says it took it (in its state, ``conversation.history``, or on
+``intake.taken`` when the command changed nothing in it); when that
 process subscribes to ``intake.realtime`` (after a crash: its successor), the keeper hands it
 every held command and the latest state in one signed message, and offers again what stays
 untaken. The broker is the always-alive side for this because every message passes it anyway:
@@ -50,10 +51,11 @@ import zmq
 from bus.intake import Intake, Mode
 from bus.security import (SIGNED_TOPICS, apply_server_curve, environment_keys, parse_signing_key, sign,
                           start_authenticator, verify)
-from bus.wire import INTAKE_TOPIC, LAST_VALUE_TOPICS, STATE_TOPIC, MalformedMessage, decode, encode
+from bus.wire import INTAKE_TOPIC, LAST_VALUE_TOPICS, STATE_TOPIC, TAKEN_TOPIC, MalformedMessage, decode, encode
 
 _STATE_TOPICS = frozenset(t.encode() for t in LAST_VALUE_TOPICS)
 _STATE = STATE_TOPIC.encode()
+_TAKEN = TAKEN_TOPIC.encode()
 _INTAKE_SUBSCRIBE = b"\x01" + INTAKE_TOPIC.encode()
 _INTAKE_UNSUBSCRIBE = b"\x00" + INTAKE_TOPIC.encode()
 #: a client that subscribes to ``_presence.<owner>`` is announced gone (``engine.presence.gone``)
@@ -144,6 +146,7 @@ def run_broker(publish_endpoint: str, subscribe_endpoint: str, *, ready_fd: int 
         keeper_sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
     if intake is not None:
         keeper_sub.setsockopt(zmq.SUBSCRIBE, b"cmd.")
+        keeper_sub.setsockopt(zmq.SUBSCRIBE, _TAKEN)
     if ready_fd is not None:
         os.write(ready_fd, b"1")
         os.close(ready_fd)
@@ -222,6 +225,11 @@ class _Keeper:
                 self._state(frames)
             elif self.intake is not None and frames[0].startswith(b"cmd."):
                 self._command(frames)
+            elif self.intake is not None and frames[0] == _TAKEN and self._genuine(frames):
+                try:
+                    self.intake.state(decode(frames)[1])
+                except MalformedMessage:
+                    pass
 
     def _state(self, frames: list[bytes]) -> None:
         if not self._genuine(frames):

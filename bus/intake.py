@@ -16,7 +16,8 @@ Rules:
 - A command is held until the realtime process's state (``conversation.history``, signed by
   it) lists its key in ``taken``: the process publishes that state after it took the command,
   so from then on a crash of the process loses nothing (the state is what its successor starts
-  from). A copy of a command held or taken already is not held twice.
+  from). A command that changed nothing in that state is let go on ``intake.taken`` (signed,
+  the same ``taken`` list). A copy of a command held or taken already is not held twice.
 - Hand-over: when the realtime process subscribes to :data:`bus.wire.INTAKE_TOPIC`, it gets one
   message with every command held, in the order they came, and the latest state; a command
   still held :data:`REOFFER_S` after it was last offered is offered again (the process
@@ -110,7 +111,8 @@ class Intake:
         return ack
 
     def state(self, body: Mapping[str, Any]) -> int:
-        """The realtime process published its state: release what it lists as taken; returns how many."""
+        """The realtime process published its state (or ``intake.taken``): release what it lists as
+        taken; returns how many."""
         keys = body.get("taken")
         if not isinstance(keys, list):
             return 0

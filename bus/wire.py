@@ -33,6 +33,8 @@ DONE_TOPIC = "cmd.done"
 INTAKE_TOPIC = "intake.realtime"
 #: the realtime process's state, a last-value topic: the conversation and the commands it has taken
 STATE_TOPIC = "conversation.history"
+#: the realtime process took commands that changed nothing in its state (signed): the broker lets them go
+TAKEN_TOPIC = "intake.taken"
 #: the longest command ``id`` taken (a longer one is refused)
 MAX_ID_CHARS = 200
 

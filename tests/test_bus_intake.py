@@ -149,7 +149,15 @@ def test_the_broker_acks_at_once_and_hands_over_in_order(broker: tuple[str, str]
     # what stays untaken is offered again, to whoever subscribes
     _, offered = _until(again, lambda t, b: b.get("restore") is False, timeout_s=REOFFER_S * 3)
     assert [msgpack.unpackb(f[1])["id"] for f in offered["commands"]] == ["s3", "s4"]
-    for s in (client, acks, realtime, engine, again):
+    # a command that changed nothing in the state is let go on intake.taken, signed; a forged one lets nothing go
+    forger = Publisher(pub_ep, "realtime:1", signing_key=None)
+    assert forger.join(sub_ep)
+    forger.publish("intake.taken", {"taken": ["s4"]})
+    engine.publish("intake.taken", {"taken": ["s3"]})
+    third = Subscriber(sub_ep, ["intake.realtime"], verify_key=keys.signing_key)
+    _, last = _until(third, lambda t, b: b.get("restore") is True)
+    assert [msgpack.unpackb(f[1])["id"] for f in last["commands"]] == ["s4"]
+    for s in (client, acks, realtime, engine, again, forger, third):
         s.close()
 
 

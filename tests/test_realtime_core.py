@@ -60,9 +60,10 @@ def sent(acts: list[Any], etype: str | None = None, ids: bool = False) -> list[d
             for a in acts if isinstance(a, Send) and (etype is None or a.event["type"] == etype)]
 
 
-def only_state(acts: list[Any]) -> bool:
-    """Nothing done but the state published again (a command taken before: the broker lets it go)."""
-    return [(type(a).__name__, getattr(a, "topic", None)) for a in acts] == [("Publish", "conversation.history")]
+def only_taken(acts: list[Any], key: str) -> bool:
+    """Nothing done but ``key`` said taken again (a copy of a command taken before: the broker lets it go)."""
+    return [(type(a).__name__, getattr(a, "topic", None), getattr(a, "payload", None)) for a in acts] == \
+        [("Publish", "intake.taken", {"taken": [key]})]
 
 
 def replay(name: str, h: Harness | None = None) -> tuple[Harness, list[Any], list[dict[str, Any]]]:
@@ -327,14 +328,14 @@ def test_say_waits_for_the_active_response_and_appears_on_user_text() -> None:
                                                                "content": []}})
     assert published(added, "cmd.done") == [{"id": "s1", "ok": True, "item_id": item_id}]
     assert published(added, "user.text")[0]["text"] == "hi"
-    assert only_state(h.cmd("cmd.say", {"text": "hi", "id": "s1"}))  # a copy of an answered request
+    assert only_taken(h.cmd("cmd.say", {"text": "hi", "id": "s1"}), "s1")  # a copy of an answered request
 
 
 def test_say_while_the_socket_is_down_is_kept_and_sent_on_reconnect() -> None:
     """Issue 15 point 4: a say with the socket down and nothing active was lost for good."""
     h = Harness()
     assert not sent(h.cmd("cmd.say", {"text": "hello", "id": "s1"}))
-    assert only_state(h.cmd("cmd.say", {"text": "hello", "id": "s1"}))  # the client's retry: held once
+    assert only_taken(h.cmd("cmd.say", {"text": "hello", "id": "s1"}), "s1")  # the client's retry: held once
     acts = h(Connected(reconnect=True))
     assert [e["type"] for e in sent(acts)] == ["session.update", "conversation.item.create", "response.create"]
 
@@ -597,7 +598,7 @@ def test_a_say_taken_but_not_yet_added_is_sent_by_the_successor_after_the_conver
         "id": first, "type": "message", "role": "user", "content": [{"type": "input_text", "text": "my code is ZX9"}]}}),
         "conversation.history")
     assert sent(acts, "response.create")                            # s2 is answered in the new session
-    assert only_state(fresh.cmd("cmd.say", {"text": "which code?", "id": "s2"}))   # the broker's copy: taken once
+    assert only_taken(fresh.cmd("cmd.say", {"text": "which code?", "id": "s2"}), "s2")   # the broker's copy: once
 
 
 def test_a_say_sent_with_its_response_but_not_added_is_sent_again_not_failed() -> None:
@@ -675,3 +676,16 @@ def test_a_tool_answer_to_a_call_made_before_a_restart_still_reaches_the_model()
     assert sends[1]["type"] == "response.create"
     assert published(fresh.cmd("cmd.tool.result", {"call_id": "call_1", "output": "again", "id": "t2"}),
                      "cmd.done")[0]["late"] is True
+
+
+def test_taking_a_command_tells_the_broker_with_the_state_only_when_it_changed_it() -> None:
+    """A junk command made the realtime process publish its whole state (50 items) for each one."""
+    h = connected()
+    say = h.cmd("cmd.say", {"text": "hello", "id": "s1", "respond": False})
+    assert "s1" in published(say, "conversation.history")[-1]["taken"]     # the say is pending in the state
+    cancel = h.cmd("cmd.cancel", {"id": "c1"})
+    assert not published(cancel, "conversation.history") and published(cancel, "intake.taken") == [{"taken": ["c1"]}]
+    bad = h.cmd("cmd.mic", {"open": "yes", "id": "m1"})
+    assert published(bad, "cmd.done")[0]["ok"] is False and published(bad, "intake.taken") == [{"taken": ["m1"]}]
+    mic = h.cmd("cmd.mic", {"open": False, "id": "m2"})
+    assert published(mic, "conversation.history")[-1]["mic_open"] is False

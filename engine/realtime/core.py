@@ -26,9 +26,10 @@ Rules of the dispatcher:
   requests held, the tools registered, the session config, the mic gate, and the keys of the
   latest commands taken. A restarted realtime process starts from it (:meth:`RealtimeCore.restore_history`).
 - Commands: each is taken once (by ``id``, else publisher and ``seq``: the broker hands a
-  restarted process what it held, which may have come live too); taking one publishes the
-  state, which tells the broker it may let it go. Its outcome is published on ``cmd.done``
-  (the broker acked it on ``cmd.ack`` when it came).
+  restarted process what it held, which may have come live too). Taking one tells the broker
+  it may let it go: with the state, when the command changed it (so it is safe first), else
+  with the short ``intake.taken``. Its outcome is published on ``cmd.done`` (the broker acked
+  it on ``cmd.ack`` when it came).
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ from typing import Any, Callable, Mapping
 
 from collections import OrderedDict
 
-from bus.wire import ACK_TOPIC, COMMAND_TOPICS, DONE_TOPIC, STATE_TOPIC, command_key, id_problem
+from bus.wire import ACK_TOPIC, COMMAND_TOPICS, DONE_TOPIC, STATE_TOPIC, TAKEN_TOPIC, command_key, id_problem
 from engine.realtime import budget as budget_mod
 from engine.realtime.history import REPLAYED, History
 from engine.realtime.playout import Playout, Truncation
@@ -696,12 +697,24 @@ class RealtimeCore:
         if topic in (ACK_TOPIC, DONE_TOPIC):
             return []
         key = command_key(body) if topic.startswith("cmd.") else None
-        if key is not None:
-            if key in self.taken:
-                return [self.history_message()]
-            self._mark_taken(key)
+        if key is None:
+            return self._carry_out(topic, body, now_s, heard)
+        if key in self.taken:
+            return [Publish(TAKEN_TOPIC, {"taken": [key]})]
+        self._mark_taken(key)
+        before = self._durable_mark()
         acts = self._carry_out(topic, body, now_s, heard)
-        return acts + [self.history_message()] if key is not None else acts
+        if any(isinstance(a, Publish) and a.topic == STATE_TOPIC for a in acts):
+            return acts                                   # the state with this key went out already
+        if self._durable_mark() != before:
+            return acts + [self.history_message()]        # what it changed is safe before the broker lets it go
+        return acts + [Publish(TAKEN_TOPIC, {"taken": [key]})]   # it changed nothing a successor needs
+
+    def _durable_mark(self) -> tuple[Any, ...]:
+        """Changes when the state a successor starts from changes (cheap: versions and identities)."""
+        return (self.conversation.version, tuple((r.id, r.item_id) for r in self.requests.pending()),
+                tuple(id(t) for t in self.tools.registered.values()), id(self.session_config), self.mic_open,
+                tuple(self.requests.out_of_band), self.requests.requested_for)
 
     def _carry_out(self, topic: str, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
         cmd_id = body.get("id")

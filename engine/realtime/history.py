@@ -78,6 +78,7 @@ class History:
     def __init__(self) -> None:
         self.entries: list[Entry] = []
         self.by_id: dict[str, Entry] = {}
+        self.version = 0            #: counts changes (added, done, text, deleted, restore)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -96,8 +97,10 @@ class History:
             if old.complete or not complete:
                 return False
             old.item, old.complete = client, True
+            self.version += 1
             return True
         entry = Entry(item_id, client, complete, audio)
+        self.version += 1
         prev = self.by_id.get(previous_item_id) if previous_item_id else None
         self.entries.insert(self.entries.index(prev) + 1 if prev is not None else len(self.entries), entry)
         self.by_id[item_id] = entry
@@ -115,6 +118,7 @@ class History:
         if entry is None or made is None or entry.complete or not made[1]:
             return False
         entry.item, entry.complete = made[0], True
+        self.version += 1
         return True
 
     def text(self, item_id: str, text: str, *, final: bool = True) -> bool:
@@ -128,6 +132,7 @@ class History:
             return False
         entry.item = {**entry.item, "content": [part]}
         entry.complete = True
+        self.version += 1
         return True
 
     def unanswered_call(self, call_id: str) -> bool:
@@ -142,6 +147,7 @@ class History:
         if entry is None:
             return False
         self.entries.remove(entry)
+        self.version += 1
         return True
 
     def replayable(self) -> list[dict[str, Any]]:
@@ -163,6 +169,7 @@ class History:
     def restore(self, items: list[Any]) -> None:
         """Take the entries a predecessor published (client items with ids, as :meth:`replayable` gives)."""
         self.entries, self.by_id = [], {}
+        self.version += 1
         for raw in items[-KEPT:]:
             if not isinstance(raw, Mapping) or not isinstance(raw.get("id"), str):
                 continue
