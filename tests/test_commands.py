@@ -183,6 +183,38 @@ def test_a_say_is_acked_within_50_ms_while_an_answer_plays(start_engine: Any, tm
     sub.close()
 
 
+def test_after_a_realtime_crash_the_next_answer_is_heard_at_once(start_engine: Any, tmp_path: Path) -> None:
+    """The dead process's audio stayed in the speaker ring and played to its end first: with the API
+    sending faster than real time, the next answer was heard seconds (up to the ring's 87 s) later."""
+    scenario = tmp_path / "sc.yaml"
+    story = " ".join(["The sea is wide and the ships are many."] * 5)   # about 15 s of speech
+    scenario.write_text(f'turns:\n  - match: {{text: "story"}}\n    reply: "{story}"\n'
+                        '  - match: {text: "code"}\n    reply: "Noted."\n')
+    eng = start_engine("--mic", "null", "--speaker", "null", "--scenario", str(scenario), "--speed", "8")
+    conn = eng.conn
+    sub = Subscriber(conn["subscribe"], ["_join.raw", "playout.started", "engine.status", "response.done",
+                                         "server.response.output_audio.delta"])
+    raw = RawPublisher(conn)
+    assert raw.joined(sub)
+    seen: list[tuple[float, str, dict[str, Any]]] = []
+    raw.send("cmd.say", {"text": "tell me a story", "id": uuid.uuid4().hex})
+    recv_until(sub, lambda t, b: t == "playout.started", 20, seen)
+    # the reply comes 8 times faster than it plays: kill once 8 s of it (80 deltas of 100 ms) wait in the ring
+    for _ in range(80):
+        recv_until(sub, lambda t, b: t == "server.response.output_audio.delta", 10, [])
+    os.kill(child_pid(eng, "realtime"), signal.SIGKILL)
+    killed_at = time.monotonic()
+    held = uuid.uuid4().hex
+    raw.send("cmd.say", {"text": "my code is ZX9", "id": held})
+    back = recv_until(sub, lambda t, b: t == "engine.status" and b.get("state") == "reconnected", 10, seen)
+    done = recv_until(sub, lambda t, b: t == "response.done" and b.get("request_id") == held, 20, seen)
+    heard = recv_until(sub, lambda t, b: t == "playout.started" and b.get("response_id") == done[2]["response_id"],
+                       20, seen)
+    assert heard[0] - back[0] < 2.0, f"heard {heard[0] - killed_at:.1f} s after the kill"
+    raw.close()
+    sub.close()
+
+
 def test_connect_reaches_a_tcp_curve_engine(start_engine: Any, tmp_path: Path) -> None:
     """connect() ignored the connection file's CURVE keys: it could not reach a tcp bus."""
     config = tmp_path / "tcp.yaml"
