@@ -38,9 +38,8 @@ import enum
 import json
 import secrets
 import string
-from typing import Any, Callable, Mapping
-
 from collections import OrderedDict
+from typing import Any, Callable, Mapping
 
 from bus.wire import ACK_TOPIC, COMMAND_TOPICS, DONE_TOPIC, STATE_TOPIC, TAKEN_TOPIC, command_key, id_problem
 from engine.realtime import budget as budget_mod
@@ -693,7 +692,7 @@ class RealtimeCore:
     # ================================================================ commands
     def _command(self, topic: str, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
         """A command, taken once: a copy (the broker's hand-over of what also came live, a client's
-        re-send) only publishes the state again, so that the broker lets it go."""
+        re-send) is only said taken again (``intake.taken``), so that the broker lets it go."""
         if topic in (ACK_TOPIC, DONE_TOPIC):
             return []
         key = command_key(body) if topic.startswith("cmd.") else None
