@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 import uuid
 from typing import Any, AsyncIterator, Callable, Mapping
@@ -165,7 +166,10 @@ class BusClient:
     async def _read(self) -> None:
         async for topic, body in self.sub:
             for listener in list(self._listeners):
-                listener(topic, body)
+                try:
+                    listener(topic, body)
+                except Exception as exc:  # noqa: BLE001 - one failing listener must not stop every waiter
+                    print(f"realtalk: a bus listener failed on {topic}: {type(exc).__name__}: {exc}", file=sys.stderr)
             if self._waiters:
                 for pred, fut in self._waiters:
                     if not fut.done() and pred(topic, body):

@@ -178,3 +178,54 @@ def test_an_unsigned_state_is_not_kept(broker: tuple[str, str], keys: Any) -> No
     assert body["items"] == [{"type": "message"}] and body["state_seq"] == 5
     for s in (engine, forger, late):
         s.close()
+
+
+# ------------------------------------------------------------------ the one call
+def test_call_sends_once_when_acked_and_returns_the_outcome(broker: tuple[str, str], keys: Any) -> None:
+    import asyncio
+    from bus import Endpoints
+    from bus.aio import BusClient
+    endpoints = Endpoints(*broker)
+    copies: list[dict[str, Any]] = []
+
+    async def main() -> dict[str, Any]:
+        engine = await BusClient.connect(endpoints, "stand-in", ["cmd.say"])   # carries commands out
+
+        def carry_out(topic: str, body: dict[str, Any]) -> None:
+            if topic == "cmd.say":
+                copies.append(body)
+                engine.publish("cmd.done", {"id": body["id"], "ok": True, "item_id": "item_1"})
+        engine.listen(carry_out)
+        client = await BusClient.connect(endpoints, "caller")
+        try:
+            ack = await client.call("cmd.mic", {"open": True})
+            assert ack["ok"] and ack["state"] == "queued"
+            return await client.call("cmd.say", {"text": "hi"}, outcome=True, outcome_timeout_s=5)
+        finally:
+            await client.close()
+            await engine.close()
+    done = asyncio.run(main())
+    assert done["item_id"] == "item_1" and len(copies) == 1
+
+
+def test_call_without_an_intake_says_nothing_acked_it(tmp_path: Path) -> None:
+    import asyncio
+    from bus import Endpoints
+    from bus.aio import RESEND_S, BusClient, NoAck
+    with thread_broker(tmp_path) as endpoints:   # no intake: nothing acks
+        sent: list[dict[str, Any]] = []
+
+        async def main() -> None:
+            watcher = await BusClient.connect(Endpoints(*endpoints), "watcher", ["cmd.say"])
+            watcher.listen(lambda t, b: sent.append(b) if t == "cmd.say" else None)
+            client = await BusClient.connect(Endpoints(*endpoints), "caller")
+            try:
+                with pytest.raises(NoAck, match="no cmd.ack for cmd.say"):
+                    await client.call("cmd.say", {"text": "hi"}, ack_timeout_s=RESEND_S * 2.5)
+                await asyncio.sleep(0.1)   # the last copy reaches the watcher
+            finally:
+                await client.close()
+                await watcher.close()
+        asyncio.run(main())
+    # sent again (every RESEND_S) while no ack came, always the same command; once acked, once (the test above)
+    assert len(sent) >= 2 and len({b["id"] for b in sent}) == 1
