@@ -394,8 +394,11 @@ class Supervisor:
 
     def _start(self) -> None:
         py = sys.executable
-        self.children.append(Child("broker", [py, "-m", "bus.broker", self.endpoints.publish, self.endpoints.subscribe],
-                                   death_signal=signal.SIGKILL))
+        # the broker's intake acks each command at once; for the realtime process it also holds them
+        # across that process's restarts (bus/intake.py); the phone bridge takes them itself
+        intake = "ack" if self.phone is not None else "hold"
+        self.children.append(Child("broker", [py, "-m", "bus.broker", self.endpoints.publish, self.endpoints.subscribe,
+                                              "--intake", intake], death_signal=signal.SIGKILL))
         url, headers = self._api_target()
         if self.phone is not None:  # phone calls (engine/phone): no rings, no capture, realtime or playback
             self.children.append(Child("phone", [py, "-m", "engine.phone.process"], spec=self._spec(
