@@ -13,6 +13,8 @@ side by side with its reference in the same run.
                                            sample (issue 13); bench/phone.py has the options
     python bench/run.py console [--json] [--minutes N] [--closed-minutes N]
                                            the console: CPU closed vs open, underruns, bus -> page, page heap (issue 11)
+    python bench/run.py asr [--json]       the local server's recogniser on espeak-ng speech: word accuracy, free
+                                           decoding vs expected phrases (issue 23); bench/asr.py has the options
 
 Every figure's definition: bench/README.md.
 """
@@ -600,7 +602,7 @@ def bench_server() -> dict[str, Any]:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("suite", choices=["core", "server", "conversation", "faults", "console", "phone"])
+    ap.add_argument("suite", choices=["core", "server", "conversation", "faults", "console", "phone", "asr"])
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--backend", choices=["native", "pyaudio", "both"], default="both",
                     help="core, conversation: the audio backend(s) the engine's figures are measured on")
@@ -623,6 +625,9 @@ def main() -> int:
     elif args.suite == "phone":
         from bench.phone import run as run_phone
         result = run_phone()
+    elif args.suite == "asr":
+        from bench.asr import run as run_asr
+        result = run_asr(["marin", "alloy", "cedar", "ash"])
     elif args.suite == "faults":
         from bench.faults import run as run_faults
         result = run_faults(args.soak_minutes, args.fuzz)

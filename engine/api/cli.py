@@ -7,7 +7,6 @@ import os
 import signal
 import sys
 import time
-import uuid
 from typing import Any
 
 from bus.wire import HEADER_KEYS, BusError
@@ -15,7 +14,7 @@ from engine.errors import EngineError
 
 
 def _load_cfg(args: argparse.Namespace) -> dict[str, Any]:
-    from engine.config import REPO_CONFIG, load_config
+    from engine.config import load_config
     overrides: dict[str, Any] = {}
     if getattr(args, "backend", None):
         overrides["backend"] = args.backend
@@ -35,10 +34,7 @@ def _load_cfg(args: argparse.Namespace) -> dict[str, Any]:
         overrides["session.instructions"] = args.instructions
     if getattr(args, "voice", None) is not None:
         overrides["session.voice"] = args.voice
-    path = args.config
-    if path is None and REPO_CONFIG.exists() and os.path.abspath(os.getcwd()) == str(REPO_CONFIG.parent):
-        path = str(REPO_CONFIG)
-    return load_config(path, overrides)
+    return load_config(args.config, overrides)
 
 
 def cmd_start(args: argparse.Namespace) -> int:
@@ -48,7 +44,8 @@ def cmd_start(args: argparse.Namespace) -> int:
     backend = resolve_backend(cfg)
     why = {"local": "offline local server" + ("" if cfg["backend"] == "local" else f" (no ${cfg['api_key_env']} set)"),
            "openai": "OpenAI Realtime API" + ("" if cfg["backend"] == "openai" else f" (${cfg['api_key_env']} is set)")}[backend]
-    console = {"host": args.console_host, "port": args.console_port} if args.console else None
+    console = ({"host": args.console_host, "port": args.console_port, "allowed_hosts": args.console_allow_host or []}
+               if args.console else None)
     sup = Supervisor(cfg, text_only=args.text_only, console=console)
     print(f"realtalk: starting with backend {backend}: {why}, model {cfg['model']}")
     sup.start()
@@ -197,36 +194,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run(cfg)
 
 
-def _publish_with_ack(topic: str, payload: dict[str, Any], timeout_s: float = 10.0) -> dict[str, Any]:
-    """Publish a command and wait for its ``cmd.ack``, re-sending until it comes (the engine dedups by id)."""
-    from bus import Publisher, Subscriber
-    conn = _connection()
-    cmd_id = payload.setdefault("id", uuid.uuid4().hex)
-    sub = Subscriber(conn["subscribe"], ["cmd.ack"])
-    pub = Publisher(conn["publish"], f"cli:{os.getpid()}")
-    deadline = time.monotonic() + timeout_s
+def _call(topic: str, payload: dict[str, Any], timeout_s: float = 60.0) -> dict[str, Any]:
+    """Send a command (bus.aio's call: acked at once, re-sent only until then) and return its outcome
+    (``cmd.done``), or its ``cmd.ack`` if the engine refused it; EngineError if no engine acks it,
+    NoOutcome (a BusError) if it is acked but not carried out within ``timeout_s``."""
+    from bus.aio import NoAck, call_sync
+    from bus.client import endpoints_from
     try:
-        while time.monotonic() < deadline:
-            pub.publish(topic, payload)
-            resend_at = time.monotonic() + 0.3
-            while time.monotonic() < min(resend_at, deadline):
-                msg = sub.recv(timeout_ms=50)
-                if msg and msg[1].get("id") == cmd_id:
-                    return msg[1]
-        raise EngineError(f"no acknowledgement for {topic} within {timeout_s}s (is the engine connected?)")
-    finally:
-        sub.close()
-        pub.close()
+        return call_sync(endpoints_from(_connection()), topic, payload, name=f"cli:{os.getpid()}", outcome=True,
+                         outcome_timeout_s=timeout_s)
+    except NoAck as exc:
+        raise EngineError(str(exc)) from None
 
 
 def cmd_say(args: argparse.Namespace) -> int:
+    from bus.aio import NoOutcome
     role = "system" if args.system else "user"
     respond = args.respond or (role == "user" and not args.no_respond)
-    ack = _publish_with_ack("cmd.say", {"text": args.text, "role": role, "respond": respond})
-    if not ack.get("ok"):
-        print(f"engine say: refused: {ack.get('error')}", file=sys.stderr)
+    payload: dict[str, Any] = {"text": args.text, "role": role, "respond": respond}
+    if args.call:
+        payload["phone_call_id"] = args.call   # one call of `engine phone` (docs/phone.md, "The bus")
+    try:
+        done = _call("cmd.say", payload, timeout_s=args.timeout)
+    except NoOutcome as exc:
+        print(f"engine say: {exc}; the engine holds it and adds it when it can", file=sys.stderr)
+        return 0
+    if not done.get("ok"):
+        error = str(done.get("error"))
+        hint = "; name one with --call ID" if not args.call and "phone_call_id" in error else ""
+        print(f"engine say: refused: {error}{hint}", file=sys.stderr)
         return 1
-    print(f"engine say: added as {ack.get('item_id')}")
+    print(f"engine say: added as {done.get('item_id')}")
     return 0
 
 
@@ -237,17 +235,17 @@ def cmd_ptt(args: argparse.Namespace) -> int:
     sub = Subscriber(conn["subscribe"], ["model.text.delta", "model.transcript.delta", "response.done"])
     lines = iter(sys.stdin.readline, "")
     try:
-        _publish_with_ack("cmd.mic", {"open": False})
+        _call("cmd.mic", {"open": False})
         for _ in range(args.turns or 1 << 30):
             print("engine ptt: press Enter to talk (Ctrl-D to quit)", flush=True)
             if next(lines, None) is None:
                 break
             for topic, payload in (("cmd.cancel", {}), ("cmd.input.clear", {}), ("cmd.mic", {"open": True})):
-                _publish_with_ack(topic, payload)
+                _call(topic, payload)
             print("engine ptt: listening; press Enter to send", flush=True)
             ended = next(lines, None) is None
-            _publish_with_ack("cmd.mic", {"open": False})
-            ack = _publish_with_ack("cmd.input.commit", {"respond": True}, timeout_s=args.timeout)
+            _call("cmd.mic", {"open": False})
+            ack = _call("cmd.input.commit", {"respond": True}, timeout_s=args.timeout)
             if not ack.get("ok"):
                 print(f"engine ptt: not sent: {ack.get('error')}", file=sys.stderr)
                 continue
@@ -273,7 +271,8 @@ def cmd_ptt(args: argparse.Namespace) -> int:
 def cmd_tail(args: argparse.Namespace) -> int:
     """The conversation as readable lines (engine/api/view.py); topics the view leaves out are
     printed one message a line only when a prefix asks for them (``engine tail cost.``).
-    ``--all`` (or ``--json``): every message of the given prefixes, one line each."""
+    ``--all`` (or ``--json``): every message of the given prefixes, one line each. ``--call ID``:
+    only the messages of that phone call (their ``phone_call_id``)."""
     from bus import Subscriber
     from engine.api.view import ConversationView
     conn = _connection()
@@ -286,6 +285,8 @@ def cmd_tail(args: argparse.Namespace) -> int:
             if msg is None:
                 continue
             topic, body = msg
+            if args.call and body.get("phone_call_id") != args.call:
+                continue   # another call's, or the engine's own
             if view is not None and (view.shows(topic) or not args.prefixes):
                 for line in view.feed(topic, body):
                     print(line, flush=True)
@@ -341,7 +342,8 @@ def cmd_console(args: argparse.Namespace) -> int:
     session_dir = Path(conn["session_dir"]) if conn.get("session_dir") else None
     server = ConsoleServer(load_endpoints(), host=args.host, port=args.port,
                            sessions_base=session_dir.parent if session_dir else None,
-                           live_session=session_dir.name if session_dir else None)
+                           live_session=session_dir.name if session_dir else None,
+                           allowed_hosts=args.allow_host or ())
     print("realtalk: Ctrl-C to stop the console (the engine goes on)", flush=True)
     return run(server)
 
@@ -356,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = p.add_subparsers(dest="command", required=True)
 
     s = sp.add_parser("start", help="start the engine (supervisor and its processes)")
-    s.add_argument("--config", help="config file (default: built-in defaults, or ./config.yaml in the repo)")
+    s.add_argument("--config", help="config file (default: the built-in defaults, which the repository's config.yaml lists)")
     s.add_argument("--backend", choices=["local", "openai"], help="default: openai if $OPENAI_API_KEY is set, else local")
     s.add_argument("--model")
     s.add_argument("--mic", help="device name or index, a .wav file, or null")
@@ -369,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--console", action="store_true", help="also serve the debug console (prints its URL)")
     s.add_argument("--console-host", default="127.0.0.1", help="the console's address (default loopback)")
     s.add_argument("--console-port", type=int, default=0, help="the console's port (default 0: a free port)")
+    s.add_argument("--console-allow-host", action="append", metavar="NAME",
+                   help="a host name the console may be opened by (besides IP addresses, localhost and this "
+                        "machine's name); repeatable")
     s.set_defaults(func=cmd_start)
 
     s = sp.add_parser("phone", help="take phone calls over Twilio Media Streams (prints the ws:// URL)")
@@ -416,6 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--system", action="store_true", help="context the model sees but nobody hears")
     s.add_argument("--no-respond", action="store_true")
     s.add_argument("--respond", action="store_true", help="ask for a response even for --system")
+    s.add_argument("--call", metavar="ID", help="the phone call to say it in (engine phone: its phone_call_id, "
+                                                "as engine status lists them)")
+    s.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds to wait for the engine to add it (it is acked at once, and held until then)")
     s.set_defaults(func=cmd_say)
 
     s = sp.add_parser("ptt", help="push to talk: Enter to talk, Enter to send (for turn_detection: null)")
@@ -427,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--all", action="store_true", help="every message, one line each (levels, positions, deltas…)")
     s.add_argument("--json", action="store_true", help="every message as one JSON line (implies --all)")
     s.add_argument("--seconds", type=float, default=None, help="stop after this long")
+    s.add_argument("--call", metavar="ID", help="only this phone call's messages (engine phone: its phone_call_id)")
     s.set_defaults(func=cmd_tail)
 
     s = sp.add_parser("log", help="read a session's event log")
@@ -440,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sp.add_parser("console", help="serve the debug console for the running engine (prints its URL)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
     s.add_argument("--port", type=int, default=0, help="port (default 0: a free port)")
+    s.add_argument("--allow-host", action="append", metavar="NAME",
+                   help="a host name the console may be opened by (besides IP addresses, localhost and this "
+                        "machine's name); repeatable")
     s.set_defaults(func=cmd_console)
 
     s = sp.add_parser("demo", help="headless spoken conversation on virtual devices with the local server")
