@@ -267,3 +267,21 @@ def test_an_install_without_a_compiler_says_so_in_one_line_and_the_package_impor
             "assert not native.available(); print(native.resolve_backend('native')[0])")
     run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and run.stdout.strip() == "pyaudio", run.stderr
+
+
+@needs_native
+def test_the_meters_measured_in_c_read_as_numpy_measures_them() -> None:
+    """ExternalLevelTap(measure=window_levels): the same windows, levels and stamps as LevelTap's own."""
+    from engine.console.levels import LevelTap
+    rng = np.random.default_rng(5)
+    py, c = LevelTap(24000, capacity_ms=200), ExternalLevelTap(24000, capacity_ms=200, measure=native.window_levels)
+    for k in range(60):
+        pcm = (rng.normal(0, 10 ** rng.uniform(1, 4), int(rng.integers(100, 1500)))).clip(-32768, 32767).astype(np.int16)
+        py.push(pcm)
+        c.push(pcm)
+        c._stamps[:] = py._stamps   # the same push times
+        if k % 7 == 6:
+            a, b = py.drain(), c.drain()
+            assert a.start_mono_ns == b.start_mono_ns and a.lost_frames == b.lost_frames
+            assert np.allclose(a.rms_dbfs, b.rms_dbfs, atol=0.11) and a.peak_dbfs == b.peak_dbfs
+            assert len(a.rms_dbfs) > 0 or k < 7

@@ -1805,13 +1805,52 @@ static PyTypeObject CaptureType = {
 };
 
 /* ------------------------------------------------------------------ module */
-/* resample(pcm, in_rate, out_rate) -> bytes: one streaming chunk through a fresh LQ resampler
- * (tests: the same soxr as the python-soxr wheel's). */
 static PyObject *py_versions(PyObject *mod, PyObject *unused) {
     return Py_BuildValue("{s:s,s:s}", "portaudio", Pa_GetVersionText(), "soxr", soxr_version());
 }
 
+/* window_levels(buffer, pos, count, window) -> (energies, peaks): LevelTap's measure of ``count``
+ * windows of ``window`` int16 frames from ``pos`` in a circular buffer (the console's meters),
+ * in one call where numpy makes four. */
+static PyObject *py_window_levels(PyObject *mod, PyObject *args) {
+    PyObject *obj;
+    Py_ssize_t pos, count, w;
+    if (!PyArg_ParseTuple(args, "Onnn", &obj, &pos, &count, &w))
+        return NULL;
+    Py_buffer v;
+    if (PyObject_GetBuffer(obj, &v, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
+        return NULL;
+    Py_ssize_t cap = v.len / 2;
+    if (v.itemsize != 2 || w <= 0 || count < 0 || pos < 0 || pos >= cap || count * w > cap) {
+        PyBuffer_Release(&v);
+        PyErr_SetString(PyExc_ValueError, "window_levels: an int16 buffer, and windows that fit in it");
+        return NULL;
+    }
+    const int16_t *buf = v.buf;
+    PyObject *energies = PyList_New(count), *peaks = PyList_New(count);
+    for (Py_ssize_t k = 0; energies && peaks && k < count; k++) {
+        double e = 0;
+        int peak = 0;
+        for (Py_ssize_t i = 0; i < w; i++) {
+            int x = buf[(pos + k * w + i) % cap];
+            e += (double)x * x;
+            peak = abs(x) > peak ? abs(x) : peak;
+        }
+        PyList_SET_ITEM(energies, k, PyFloat_FromDouble(e));
+        PyList_SET_ITEM(peaks, k, PyFloat_FromDouble(peak));
+    }
+    PyBuffer_Release(&v);
+    if (!energies || !peaks) {
+        Py_XDECREF(energies);
+        Py_XDECREF(peaks);
+        return NULL;
+    }
+    return Py_BuildValue("(NN)", energies, peaks);
+}
+
 static PyMethodDef module_methods[] = {
+    {"window_levels", py_window_levels, METH_VARARGS,
+     "window_levels(buffer, pos, count, window) -> (energies, peaks): the level meter's windows."},
     {"talk_guard", py_talk_guard, METH_VARARGS,
      "talk_guard(loud_db, active_rms, out_rms, far_peak) -> list[bool]: the C TalkGuard over a sequence."},
     {"versions", py_versions, METH_NOARGS, "The PortAudio and libsoxr this module was linked with."},

@@ -303,6 +303,12 @@ class NativeCapture:
                 "talkers": c.talks if self.guard_on else 0, "errors": c.errors, "cpu_ms": round(c.busy_ns / 1e6, 1)}
 
 
+def window_levels(buffer: np.ndarray, pos: int, count: int, window: int) -> tuple[list[float], list[float]]:
+    """The level meters' windows measured in C (``ExternalLevelTap(measure=...)``): energy, peak."""
+    energies, peaks = _ext_or_raise().window_levels(buffer, pos, count, window)
+    return energies, peaks
+
+
 def talk_guard(loud_db: float, active_rms: float, out_rms: list[float], far_peak: list[float]) -> list[bool]:
     """The C TalkGuard's decisions over a sequence of blocks (tests hold it against the Python one)."""
     return list(_ext_or_raise().talk_guard(loud_db, active_rms, out_rms, far_peak))

@@ -309,13 +309,14 @@ class CaptureProcess:
         """The device through the native backend: the C input callback writes the device's frames
         to a ring; the worker thread makes one step per chunk; this thread does the chores."""
         from engine.audio.devices import find_device, keep_running, open_pyaudio
-        from engine.audio.native import NativeCapture
+        from engine.audio.native import NativeCapture, window_levels
         pa = open_pyaudio()   # device lookup (and the library PortAudio shares with PyAudio)
         try:
             dev = find_device(pa, self.mic, "input")
             rate = self.spec["config"]["audio"]["device_rate_hz"] or dev["default_rate_hz"]
             frames = rate * self.period_ms // 1000
-            self.level_in, self.level_out = ExternalLevelTap(RATE_HZ), ExternalLevelTap(RATE_HZ)
+            self.level_in = ExternalLevelTap(RATE_HZ, measure=window_levels)
+            self.level_out = ExternalLevelTap(RATE_HZ, measure=window_levels)
             cap = NativeCapture(self.ring, rate, frames, aec=self.aec is not None,
                                 guard_db=self.spec["config"]["audio"]["echo_guard_db"],
                                 tap_in=self.level_in, tap_out=self.level_out)

@@ -559,7 +559,7 @@ class PlaybackProcess:
         """The device through the native backend: the renderer in C behind a PortAudio output
         callback; this thread publishes what it saw and does the chores, woken by its events."""
         from engine.audio.devices import find_device, keep_running, open_pyaudio
-        from engine.audio.native import NativeRenderer
+        from engine.audio.native import NativeRenderer, window_levels
         pa = open_pyaudio()   # device lookup (and the library PortAudio shares with PyAudio)
         try:
             dev = find_device(pa, self.speaker, "output")
@@ -568,7 +568,8 @@ class PlaybackProcess:
             old = self.renderer
             r = NativeRenderer(self.ring, old.base_prebuffer_frames, max_prebuffer_frames=old.max_prebuffer_frames,
                                ref=self.ref, stretch=old.stretch, device_rate_hz=rate,
-                               block_frames=RATE_HZ * self.period_ms // 1000, tap=ExternalLevelTap(RATE_HZ))
+                               block_frames=RATE_HZ * self.period_ms // 1000,
+                               tap=ExternalLevelTap(RATE_HZ, measure=window_levels))
             r.listen = old.listen
             wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             r.wake_fd = wake_fd
