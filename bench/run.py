@@ -489,6 +489,10 @@ def _real_path_cpu(tmp: Path, env: dict[str, str], backend: str) -> dict[str, An
             # the check: a reply started before the first window and neither stopped nor broke up in any
             "engine_cpu_reply_streaming_whole_window": bool(started and started[0] < first_t0
                                                            and not any(first_t0 <= t <= last_t1 for t in ended)),
+            # when it is false, why: what ended or broke the reply inside the windows (topic, s into them)
+            "engine_cpu_reply_broken_by": [(topic, round(t - first_t0, 2)) for t, topic, _ in log
+                                           if topic in ("playout.stopped", "playout.interrupted", "playout.underrun")
+                                           and first_t0 <= t <= last_t1],
             "engine_cpu_path": f"audio.backend {backend} on PulseAudio null sinks, device 48 kHz (soxr), echo aec, "
                                "echo path 60 %",
             "engine_cpu_devices": devices,

@@ -180,6 +180,16 @@ def test_the_capture_step_cancels_the_echo_and_writes_one_chunk_per_period(rings
     assert stats["errors"] == 0 and (stats["far_active_ms"] or 0) > 5000 and (stats["blocks"] or 0) > 700
     erle_db = stats["erle_db"]
     assert erle_db is not None and erle_db > 20, stats
+    # the Python EchoCanceller on the same mic (resampled to 24 kHz as the PyAudio callback does) and far end
+    from engine.audio.devices import resample_stream
+    py, rs = EchoCanceller(guard_db=-6.0), resample_stream(rate, 24000)
+    pos = 0
+    for k in range(len(mic_pcm) // period):
+        near = rs.resample_chunk(mic_pcm[k * period:(k + 1) * period])
+        py.process(near, far[pos:pos + len(near)] if pos + len(near) <= len(far) else np.zeros(len(near), np.int16))
+        pos += len(near)
+    py_erle = py.stats()["erle_db"]
+    assert py_erle is not None and abs(erle_db - py_erle) < 3, (erle_db, py_erle)
     assert len(heard) > 380 and len(sent) > 380 and max(heard) > -30
     assert np.median(sent[-100:]) < np.median(heard[-100:]) - 15   # what was sent: the echo cancelled
 

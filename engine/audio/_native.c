@@ -1212,7 +1212,7 @@ typedef struct {
     int wake_fd;
     int aec_on;
     /* worker buffers */
-    soxr_t to24, to48, far_up, down;
+    soxr_t to24, near_up, far_up, down;
     int64_t chunk_cap;            /* device frames per step at most */
     int16_t *chunk, *raw24, *near48_tmp, *far48_tmp, *out24;
     int64_t raw24_cap, x48_cap;
@@ -1303,7 +1303,9 @@ static int Capture_init(Capture *c, PyObject *args, PyObject *kw) {
         c->guard_on = 1;
     }
     if (aec) {
-        if (rate != AEC_RATE_HZ && !(c->to48 = soxr_new((double)rate, AEC_RATE_HZ)))
+        /* the near end goes to AEC3's rate from the 24 kHz mic, as EchoCanceller takes it (not from the
+         * device's frames): both ends band-limited alike, and the same echo path as the PyAudio backend */
+        if (!(c->near_up = soxr_new(RATE_HZ, AEC_RATE_HZ)))
             return -1;
         if (!(c->far_up = soxr_new(RATE_HZ, AEC_RATE_HZ)) || !(c->down = soxr_new(AEC_RATE_HZ, RATE_HZ)))
             return -1;
@@ -1377,7 +1379,7 @@ static void Capture_dealloc(Capture *c) {
     Py_XDECREF(c->far_view);
     Py_XDECREF(c->out_view);
     Py_XDECREF(c->last_error);
-    soxr_t all[4] = {c->to24, c->to48, c->far_up, c->down};
+    soxr_t all[4] = {c->to24, c->near_up, c->far_up, c->down};
     for (int i = 0; i < 4; i++)
         if (all[i])
             soxr_delete(all[i]);
@@ -1591,12 +1593,8 @@ static PyObject *Capture_step(Capture *c, PyObject *args) {
         const int16_t *final = raw;
         int64_t nfinal = n24;
         if (aec != Py_None) {
-            if (c->to48) {
-                int64_t m = soxr_chunk(c->to48, c->chunk, n, c->near48_tmp, c->x48_cap);
-                fifo_push(&c->near48, c->near48_tmp, m);
-            } else {
-                fifo_push(&c->near48, c->chunk, n);
-            }
+            int64_t mn = soxr_chunk(c->near_up, raw, n24, c->near48_tmp, c->x48_cap);
+            fifo_push(&c->near48, c->near48_tmp, mn);
             int64_t m = soxr_chunk(c->far_up, far_copy, n24, c->far48_tmp, c->raw24_cap * 2 + 512);
             fifo_push(&c->far48, c->far48_tmp, m);
             int64_t blocks = imin(imin(c->near48.len, c->far48.len) / AEC_BLOCK, MAX_AEC_BLOCKS);
