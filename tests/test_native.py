@@ -220,6 +220,36 @@ def test_the_capture_step_without_echo_handling_passes_the_mic_and_extras_get_vi
 
 
 @needs_native
+def test_the_far_end_is_asked_for_when_each_chunk_was_captured(rings: Any) -> None:
+    """far_take(n, adc_ns): the chunk's first 24 kHz frame's capture time, from the device's stamp (a
+    pushed block counts as captured over the period before its push) less what soxr held back."""
+    import time
+    mic = rings(1 << 16, eventfd=True)
+    cap = native.NativeCapture(mic, 48000, 960, aec=False, far_adc=True)
+    pcm = voiced(960 * 30, 300)
+    asks: list[tuple[int, int, int]] = []
+    for k in range(30):
+        pushed = time.monotonic_ns()
+        cap.push(pcm[k * 960:(k + 1) * 960])
+
+        def take(n: int, adc_ns: int, pushed: int = pushed) -> np.ndarray:
+            asks.append((n, adc_ns, pushed))
+            return np.zeros(n, dtype=np.int16)
+        cap.step(take)
+    # each chunk the device gave is one step here: chunk k's first device frame was captured 20 ms before
+    # its push; soxr holds back what it has not handed out yet (device frames before it less 24 kHz ones)
+    made = 0
+    chunk = 30 - len(asks)   # the first steps may hand out nothing (soxr's delay): no far end asked for
+    for n, adc, pushed in asks:
+        held_ns = chunk * 960 * 1_000_000_000 // 48000 - made * 1_000_000_000 // 24000
+        assert abs(pushed - 20_000_000 - held_ns - adc) < 1_000_000, (chunk, n, held_ns)
+        assert 0 <= held_ns < 25_000_000   # soxr LQ's own delay, not a drift
+        made += n
+        chunk += 1
+    assert len(asks) >= 28
+
+
+@needs_native
 def test_a_failing_echo_canceller_is_counted_and_the_mic_goes_through(rings: Any) -> None:
     mic = rings(1 << 16, eventfd=True)
     cap = native.NativeCapture(mic, 48000, 960, aec=True)

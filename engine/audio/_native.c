@@ -1201,6 +1201,7 @@ static PyObject *py_talk_guard(PyObject *mod, PyObject *args) {
 
 /* ------------------------------------------------------------------ capture */
 #define MAX_AEC_BLOCKS 16
+#define ADC_STAMPS 64
 
 typedef struct {
     PyObject_HEAD
@@ -1240,18 +1241,24 @@ typedef struct {
     PaStream *stream;
     int64_t callbacks, input_overflows;
     int64_t callback_ns[CB_STAMPS];
+    /* when device frames were captured (the callback's, written before dev_w publishes them):
+     * (device frame index, its ADC time in CLOCK_MONOTONIC ns) per callback */
+    int64_t adc_index[ADC_STAMPS], adc_ns[ADC_STAMPS];
+    int64_t adc_count;
+    int64_t out24_total;          /* 24 kHz frames made so far (the worker's): what soxr holds back */
+    int far_adc;                  /* far_take(n, adc_ns) rather than far_take(n) */
     double stream_latency_s;
     int running;
 } Capture;
 
 static int Capture_init(Capture *c, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"mic", "mic_fd", "device_rate_hz", "period_frames", "aec", "guard_db", "buffers",
-                             "tap_in", "tap_out", NULL};
+                             "tap_in", "tap_out", "far_adc", NULL};
     PyObject *mic, *guard_db = Py_None, *bufs = Py_None, *tap_in = Py_None, *tap_out = Py_None;
-    int mic_fd = -1, aec = 0;
+    int mic_fd = -1, aec = 0, far_adc = 0;
     long long rate, period;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OiLL|pOOOO", kwlist, &mic, &mic_fd, &rate, &period, &aec, &guard_db,
-                                     &bufs, &tap_in, &tap_out))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OiLL|pOOOOp", kwlist, &mic, &mic_fd, &rate, &period, &aec, &guard_db,
+                                     &bufs, &tap_in, &tap_out, &far_adc))
         return -1;
     if (c->mic.attached) {
         PyErr_SetString(PyExc_RuntimeError, "a Capture is initialised once");
@@ -1268,6 +1275,7 @@ static int Capture_init(Capture *c, PyObject *args, PyObject *kw) {
         return -1;
     c->device_rate_hz = rate;
     c->period_frames = period;
+    c->far_adc = far_adc;
     c->dev_cap = 1;
     while (c->dev_cap < rate)   /* a second of the device */
         c->dev_cap <<= 1;
@@ -1399,7 +1407,7 @@ static void Capture_dealloc(Capture *c) {
 }
 
 /* The device's frames into the capture's own ring (the callback's half, also push() in tests). */
-static void cap_push(Capture *c, const int16_t *in, int64_t n) {
+static void cap_push(Capture *c, const int16_t *in, int64_t n, int64_t adc_ns) {
     int64_t w = ld_rlx(&c->dev_w), room = c->dev_cap - (w - ld_acq(&c->dev_r));
     if (n > room) {
         st_rlx(&c->dev_dropped, c->dev_dropped + n - room);
@@ -1407,6 +1415,10 @@ static void cap_push(Capture *c, const int16_t *in, int64_t n) {
     }
     if (n <= 0)
         return;
+    int64_t k = ld_rlx(&c->adc_count);   /* the stamp goes out with the frames (dev_w's release) */
+    st_rlx(&c->adc_index[k % ADC_STAMPS], w);
+    st_rlx(&c->adc_ns[k % ADC_STAMPS], adc_ns);
+    st_rel(&c->adc_count, k + 1);
     int64_t pos = w & (c->dev_cap - 1), first = imin(n, c->dev_cap - pos);
     memcpy(c->dev + pos, in, (size_t)first * 2);
     if (n > first)
@@ -1425,8 +1437,13 @@ static int cap_callback(const void *input, void *output, unsigned long frames, c
     st_rel(&c->callbacks, k + 1);
     if (flags & paInputOverflow)
         st_rlx(&c->input_overflows, c->input_overflows + 1);
+    /* when the block's first frame was captured: PortAudio's ADC time, as an age (its clock need not
+     * be CLOCK_MONOTONIC); the stream's latency and a period when the device gives none */
+    double age_s = ti ? ti->currentTime - ti->inputBufferAdcTime : 0.0;
+    if (!(age_s > 0 && age_s < 2))
+        age_s = c->stream_latency_s + (double)c->period_frames / (double)c->device_rate_hz;
     if (input)
-        cap_push(c, input, (int64_t)frames);
+        cap_push(c, input, (int64_t)frames, now_ns() - (int64_t)(age_s * 1e9));
     return paContinue;
 }
 
@@ -1514,7 +1531,8 @@ static int cap_aec(Capture *c, PyObject *aec, int64_t blocks) {
 
 /* step(far_take, aec, extras) -> chunks: the worker's batch, with the GIL: every device frame
  * the callback wrote since the last step, at most chunk_cap a chunk, each chunk:
- *   device -> 24 kHz (raw); the far end: far_take(len(raw)) (FarEnd.take), or silence;
+ *   device -> 24 kHz (raw); the far end: far_take(len(raw)) (FarEnd.take; with far_adc,
+ *   far_take(len(raw), adc_ns): when raw's first frame was captured), or silence;
  *   with aec: device -> 48 kHz and far -> 48 kHz into the FIFOs, one aec.process call on their
  *   whole 10 ms blocks, the statistics and the guard, 48 -> 24 kHz (cancelled);
  *   then extras(raw, far, cancelled) if given (it writes the mic ring itself), else the level taps
@@ -1556,12 +1574,26 @@ static PyObject *Capture_step(Capture *c, PyObject *args) {
             raw = c->chunk;
             n24 = n;
         }
+        /* when this chunk's first 24 kHz frame was captured: its first device frame's stamp, less
+         * what soxr holds back (the device frames before it, less the 24 kHz frames made before it) */
+        int64_t adc = 0, kk = ld_acq(&c->adc_count);
+        for (int64_t j = kk - 1; j >= 0 && j >= kk - ADC_STAMPS; j--) {
+            int64_t idx = ld_rlx(&c->adc_index[j % ADC_STAMPS]);
+            if (idx <= rd) {
+                adc = ld_rlx(&c->adc_ns[j % ADC_STAMPS]) + (rd - idx) * 1000000000LL / c->device_rate_hz;
+                break;
+            }
+        }
+        if (c->to24)
+            adc -= rd * 1000000000LL / c->device_rate_hz - c->out24_total * 1000000000LL / RATE_HZ;
+        c->out24_total += n24;
         /* the far end, frame for frame with the 24 kHz mic */
         const int16_t *far = NULL;
         Py_buffer fv;
         int have_fv = 0;
         if (far_take != Py_None && n24 > 0) {
-            PyObject *arr = PyObject_CallFunction(far_take, "L", (long long)n24);
+            PyObject *arr = c->far_adc ? PyObject_CallFunction(far_take, "LL", (long long)n24, (long long)adc)
+                                       : PyObject_CallFunction(far_take, "L", (long long)n24);
             if (arr && PyObject_GetBuffer(arr, &fv, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) == 0) {
                 if (fv.itemsize == 2 && fv.len >= n24 * 2) {
                     far = fv.buf;
@@ -1665,7 +1697,8 @@ static PyObject *Capture_push(Capture *c, PyObject *obj) {
         PyErr_SetString(PyExc_TypeError, "an int16 buffer is needed");
         return NULL;
     }
-    cap_push(c, v.buf, v.len / 2);
+    int64_t n = v.len / 2;   /* as if its last frame was captured just now */
+    cap_push(c, v.buf, n, now_ns() - n * 1000000000LL / c->device_rate_hz);
     PyBuffer_Release(&v);
     Py_RETURN_NONE;
 }

@@ -196,7 +196,7 @@ class NativeCapture:
     """
 
     def __init__(self, mic: Ring, device_rate_hz: int, period_frames: int, aec: bool = False,
-                 guard_db: float | None = -6.0, tap_in: Any = None, tap_out: Any = None) -> None:
+                 guard_db: float | None = -6.0, tap_in: Any = None, tap_out: Any = None, far_adc: bool = False) -> None:
         ext = _ext_or_raise()
         blocks = ext.MAX_AEC_BLOCKS
         self._near = np.zeros(blocks * AEC_BLOCK_FRAMES, dtype=np.int16)
@@ -211,7 +211,7 @@ class NativeCapture:
                               period_frames, aec, guard_db,
                               (self._near, self._far48, near_views, far_views, self.raw, self.far, self.sent),
                               tap_in.arrays if tap_in is not None else None,
-                              tap_out.arrays if tap_out is not None else None)
+                              tap_out.arrays if tap_out is not None else None, far_adc)
         self.aec: Any = None
         if aec:
             from pywebrtc_audio import EchoCanceller as WebRtcAec
