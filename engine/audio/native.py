@@ -224,7 +224,7 @@ class NativeCapture:
         """Sleep (the GIL released) until the callback has written frames; False on timeout."""
         return bool(self._c.wait(timeout_s))
 
-    def step(self, far_take: Callable[[int], np.ndarray] | None,
+    def step(self, far_take: Callable[..., np.ndarray] | None,
              extras: Callable[[np.ndarray, np.ndarray, np.ndarray | None], None] | None = None) -> int:
         """Process every chunk the callback wrote since the last step; how many chunks."""
         if extras is None:
