@@ -31,6 +31,7 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <stdlib.h>
 #include <math.h>
 #include <poll.h>
 #include <stdint.h>
@@ -47,6 +48,7 @@
 #define FADE_FRAMES 120          /* 5 ms fade over gaps (Renderer) */
 #define FLUSH_FADE_MS 5          /* the barge-in fade (FlushFade) */
 #define FLUSH_FADE_FRAMES 120
+#define REF_RUN_TOLERANCE_NS 2000000   /* a reference block due this much off the end of the last begins a new run */
 #define MIN_PERIOD 60            /* stretch.py */
 #define MAX_PERIOD 360
 #define MATCH 120
@@ -70,6 +72,7 @@
 enum {
     S_MAGIC = 0, S_VERSION = 1, S_CAPACITY = 2, S_BPF = 3, S_RATE = 4, S_WIDTH = 5, S_CHANNELS = 6,
     S_W_INDEX = 8, S_OVERRUN = 9, S_WRITES = 10, S_W_NS = 11,
+    S_DUE_SEQ = 12, S_DUE_INDEX = 13, S_DUE_NS = 14, S_DUE_RUN = 15,
     S_R_INDEX = 16, S_UNDERRUN = 17, S_READS = 18, S_R_WAITING = 19,
     S_FLUSH_SEQ = 24, S_FLUSH_INDEX = 25, S_END = 26, S_START_INDEX = 27, S_START_NS = 28,
     S_FLUSH_ACK = 32, S_HEARD = 33, S_DEV_LATENCY = 34,
@@ -479,6 +482,7 @@ typedef struct {
     int64_t wake_errors;
     int64_t stream_device_underflows, backlog_frames;
     int64_t first_sample_mono_ns, arrived_mono_ns, flush_mono_ns;
+    int64_t ref_next_due_ns, ref_run_index;   /* the reference's due stamps (Renderer._stamp_ref) */
     tap_t tap;
     /* the device side (DeviceFeeder) */
     int64_t device_rate_hz, block_frames, device_block;
@@ -706,11 +710,32 @@ static void r_render_core(Renderer *r, int16_t *out, int64_t n, int64_t latency,
     r_played(r, out, n, got, heard_base, latency);
 }
 
-/* Renderer.render: the block, then the reference ring, the level tap and the listen ring. */
+/* Renderer._stamp_ref: the reference block about to be written, when it is due at the DAC (the
+ * callback's time, the output latency and what the callback still holds), and where its run
+ * without a gap began; a sequence lock around the three (odd while written). */
+static void stamp_ref(Renderer *r, int64_t frames, int64_t latency, double now) {
+    int64_t *h = r->ref.hdr;
+    int64_t due = (int64_t)(now * 1e9) + (latency + r->backlog_frames) * 1000000000LL / RATE_HZ;
+    int64_t w = ld_rlx(&h[S_W_INDEX]);
+    if (llabs(due - r->ref_next_due_ns) > REF_RUN_TOLERANCE_NS)
+        r->ref_run_index = w;
+    r->ref_next_due_ns = due + frames * 1000000000LL / RATE_HZ;
+    int64_t seq = ld_rlx(&h[S_DUE_SEQ]);
+    st_rlx(&h[S_DUE_SEQ], seq + 1);
+    __atomic_thread_fence(__ATOMIC_RELEASE);   /* odd before the fields change */
+    st_rlx(&h[S_DUE_INDEX], w);
+    st_rlx(&h[S_DUE_NS], due);
+    st_rlx(&h[S_DUE_RUN], r->ref_run_index);
+    st_rel(&h[S_DUE_SEQ], seq + 2);            /* even after them */
+}
+
+/* Renderer.render: the block, then the reference ring (stamped), the level tap and the listen ring. */
 static void r_render(Renderer *r, int16_t *out, int64_t n, int64_t latency, double now) {
     r_render_core(r, out, n, latency, now);
-    if (r->has_ref)
+    if (r->has_ref) {
+        stamp_ref(r, n, latency, now);
         ring_write(&r->ref, out, n);
+    }
     tap_push(&r->tap, out, n);
     if (r->has_listen && ld_rlx(&r->listen_on))
         ring_write(&r->listen, out, n);
