@@ -746,6 +746,8 @@ static void r_fill(Renderer *r, int16_t *dst, int64_t frame_count, int64_t laten
     fifo_t *f = &r->fifo;
     int flushing = flush_pending(&r->ring);
     while (f->len < frame_count || flushing) {
+        if (f->len + r->rs_cap > f->cap)   /* more than the FIFO holds was asked for: never loop on a full one */
+            break;
         r->backlog_frames = f->len * RATE_HZ / r->device_rate_hz;
         r_render(r, r->block, r->block_frames, latency, now);
         int64_t m = soxr_chunk(r->resampler, r->block, r->block_frames, r->rs_out, r->rs_cap);
@@ -764,8 +766,11 @@ static void r_fill(Renderer *r, int16_t *dst, int64_t frame_count, int64_t laten
         soxr_clear(r->resampler);
         return;
     }
-    memcpy(dst, f->buf, (size_t)frame_count * 2);
-    fifo_drop(f, frame_count);
+    int64_t m = imin(frame_count, f->len);
+    memcpy(dst, f->buf, (size_t)m * 2);
+    if (frame_count > m)
+        memset(dst + m, 0, (size_t)(frame_count - m) * 2);
+    fifo_drop(f, m);
 }
 
 static int pb_callback(const void *input, void *output, unsigned long frames, const PaStreamCallbackTimeInfo *ti,
