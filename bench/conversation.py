@@ -838,11 +838,13 @@ def run(interruptions: int = 200, double_talk_trials: int = 5,
                               "playback_period_ms": PLAYBACK_PERIOD_MS, "backends": list(backends)}
     for backend in backends:
         BACKEND = backend
+        btmp = tmp / backend   # each backend's engines, recordings and logs apart
+        btmp.mkdir()
         figures: dict[str, Any] = {}
-        figures.update(bench_engine(tmp, scen, interruptions))
-        figures.update(bench_push_to_talk(tmp))
+        figures.update(bench_engine(btmp, scen, interruptions))
+        figures.update(bench_push_to_talk(btmp))
         if double_talk_trials > 0:
-            figures.update(bench_double_talk(tmp, double_talk_trials))
+            figures.update(bench_double_talk(btmp, double_talk_trials))
         suffix = "" if backend == backends[0] else f"_{backend}"
         result.update({k + suffix: v for k, v in figures.items()})
     BACKEND = backends[0]
