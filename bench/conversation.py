@@ -422,7 +422,7 @@ def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
         silent_engine.append((silent_ns - i_ns) / 1e6)
         silent_bus.append((silent_ns - c_ns) / 1e6)
     if os.environ.get("REALTALK_BENCH_DUMP"):   # the raw material, to look into a bad figure
-        dump = Path(os.environ["REALTALK_BENCH_DUMP"])
+        dump = Path(os.environ["REALTALK_BENCH_DUMP"]) / BACKEND   # each backend apart
         dump.mkdir(parents=True, exist_ok=True)
         np.save(dump / "monitor.npy", recording)
         np.save(dump / "played.npy", played)
