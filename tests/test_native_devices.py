@@ -3,8 +3,10 @@ output callback plays the speaker ring on vspk, the C input callback records the
 and nothing in Python runs per period but the capture worker's one step."""
 from __future__ import annotations
 
+import json
 import os
 import time
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -88,3 +90,37 @@ def test_the_native_speaker_plays_the_ring_and_the_native_mic_hears_it(pa: Any, 
         cap.close()
         os.close(wake)
     assert not r.is_active()
+
+
+def _device_messages(eng: Any, timeout_s: float = 15) -> dict[str, dict[str, Any]]:
+    """capture.device and playback.device from the session's event log (they went out at start)."""
+    deadline = time.monotonic() + timeout_s
+    found: dict[str, dict[str, Any]] = {}
+    while time.monotonic() < deadline and len(found) < 2:
+        path = Path(eng.conn["session_dir"]) / "events.jsonl"
+        for line in path.read_text().splitlines() if path.exists() else []:
+            try:
+                ev = json.loads(line)
+            except ValueError:   # the last line may be cut off mid-write
+                continue
+            if ev.get("topic") in ("capture.device", "playback.device"):
+                found[ev["topic"]] = ev["body"]
+        time.sleep(0.2)
+    return found
+
+
+@pytest.mark.parametrize("forced_off", [False, True])
+def test_the_engine_runs_its_devices_on_the_backend_it_says(vaudio: dict[str, str], start_engine: Any,
+                                                            monkeypatch: pytest.MonkeyPatch, forced_off: bool) -> None:
+    """audio.backend native (the default) runs the C callbacks; with the extension taken away
+    (REALTALK_NATIVE=0) the same config runs PyAudio's, and says why, once, in each device message."""
+    if forced_off:
+        monkeypatch.setenv("REALTALK_NATIVE", "0")
+    eng = start_engine("--mic", "vmic", "--speaker", "vspk")
+    msgs = _device_messages(eng)
+    assert msgs.keys() == {"capture.device", "playback.device"}, msgs
+    for body in msgs.values():
+        if forced_off:
+            assert body["backend"] == "pyaudio" and "REALTALK_NATIVE=0" in body["backend_note"], body
+        else:
+            assert body["backend"] == "native" and body["backend_note"] is None, body
