@@ -2,21 +2,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from bus import Publisher, Subscriber
 from engine.phone.simulator import FakePhone
-from tests.conftest import RunningEngine
-from tests.helpers import set_twilio_token
+from tests.helpers import BusRecorder, RunningEngine, set_twilio_token
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
@@ -34,33 +31,12 @@ def test_say_and_tail_name_one_call(runtime_dir: Path, tmp_path: Path, monkeypat
                              "--speed", "4"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=os.environ.copy(), cwd=str(tmp_path))
     eng = RunningEngine(proc, runtime_dir, tmp_path / "data")
-    msgs: list[tuple[str, dict[str, Any]]] = []
-    stop = threading.Event()
     try:
         assert eng.ready.wait(30), "".join(eng.lines)
         m = re.search(r"phone calls at (ws://\S+)", "".join(eng.lines))
         assert m is not None
-        conn = eng.conn
-        sub = Subscriber(conn["subscribe"], [""])
-        pub = Publisher(conn["publish"], "test")
-        assert pub.join(conn["subscribe"])
-
-        def read() -> None:
-            while not stop.is_set():
-                got = sub.recv(timeout_ms=100)
-                if got is not None:
-                    msgs.append(got)
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-
-        async def wait(topic: str, timeout_s: float = 20, **match: Any) -> dict[str, Any]:
-            deadline = time.monotonic() + timeout_s
-            while time.monotonic() < deadline:
-                for t, b in list(msgs):
-                    if t == topic and all(b.get(k) == v for k, v in match.items()):
-                        return b
-                await asyncio.sleep(0.02)
-            raise AssertionError(f"no {topic} {match}; saw {[t for t, _ in msgs][-30:]}")
+        bus = BusRecorder(eng.conn)
+        wait, pub = bus.wait, bus.pub
 
         async def main() -> None:
             a = await FakePhone(m.group(1)).dial()
@@ -70,7 +46,15 @@ def test_say_and_tail_name_one_call(runtime_dir: Path, tmp_path: Path, monkeypat
             tail = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "engine.api.cli", "tail", "--call", a.call_sid, "--seconds", "6",
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-            await asyncio.sleep(1.0)   # the tail's subscriber is connected
+            assert tail.stdout is not None
+            deadline = time.monotonic() + 15   # until the tail prints what we say on the call: it is subscribed
+            while time.monotonic() < deadline:
+                pub.publish("system.text", {"text": "tail probe", "phone_call_id": a.call_sid})
+                with contextlib.suppress(asyncio.TimeoutError):
+                    if b"tail probe" in await asyncio.wait_for(tail.stdout.readline(), 0.1):
+                        break
+            else:
+                raise AssertionError("`engine tail --call` printed nothing of the call")
             said = await asyncio.to_thread(_cli, "say", "--call", a.call_sid, "Good morning to you")
             assert said.returncode == 0, said.stderr
             assert "added as item_" in said.stdout
@@ -91,9 +75,6 @@ def test_say_and_tail_name_one_call(runtime_dir: Path, tmp_path: Path, monkeypat
         try:
             asyncio.run(main())
         finally:
-            stop.set()
-            reader.join(2)
-            sub.close()
-            pub.close()
+            bus.close()
     finally:
         assert eng.stop() == 0, "".join(eng.lines)

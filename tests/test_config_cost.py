@@ -11,7 +11,7 @@ import yaml
 from engine.config import DEFAULTS, load_config, session_payload
 from engine.cost import model_prices, pricing, response_cost_usd, transcription_cost_usd
 from engine.errors import ConfigError
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def _flat(d: dict, prefix: str = "") -> list[str]:

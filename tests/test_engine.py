@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +13,7 @@ import numpy as np
 import pytest
 
 from bus import Subscriber
-from tests.conftest import REPO
-from tests.helpers import say, wait_topic  # noqa: F401 - other modules still import them from here
+from tests.helpers import REPO, say, wait_topic
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -82,15 +80,10 @@ def test_malformed_bus_message_is_reported_not_fatal(start_engine: Any) -> None:
     sub = Subscriber(conn["subscribe"], ["engine.error", "model.text.done"])
     raw: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PUB)
     raw.connect(conn["publish"])
-    err = None
-    deadline = time.monotonic() + 10
-    while err is None and time.monotonic() < deadline:
-        raw.send_multipart([b"cmd.say", b"\xc1 not msgpack"])
-        msg = sub.recv(timeout_ms=200)
-        if msg and msg[0] == "engine.error" and msg[1].get("code") == "malformed_bus_message":
-            err = msg[1]
+    err = wait_topic(sub, "engine.error", 10, send=lambda: raw.send_multipart([b"cmd.say", b"\xc1 not msgpack"]),
+                     code="malformed_bus_message")
     raw.close()
-    assert err is not None and "not msgpack" in err["message"]
+    assert "not msgpack" in err["message"]
     assert say(conn, "still alive?")["ok"]
     assert "still alive" in wait_topic(sub, "model.text.done")["text"]
     assert eng.proc.poll() is None

@@ -24,8 +24,7 @@ from bus.client import load_endpoints
 from engine.errors import ConfigError
 from engine.phone.haproxy import haproxy_config, parse_address
 from engine.phone.simulator import FakePhone
-from tests.conftest import RunningEngine
-from tests.helpers import set_twilio_token
+from tests.helpers import RunningEngine, set_twilio_token
 
 HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
 

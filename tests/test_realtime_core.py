@@ -12,7 +12,7 @@ from engine.errors import ConfigError
 from engine.realtime.core import RealtimeCore
 from engine.realtime.records import (Command, Connected, Disconnected, EndOfAudio, Flush, MicAudio, Play,
                                      PlaybackReport, Publish, Send, SendAudio, ServerEvent, Tick)
-from tests.conftest import TRACES
+from tests.helpers import TRACES
 
 GA_TRACES = sorted(p.name for p in TRACES.glob("*.jsonl") if "-beta-" not in p.name)
 BETA_TRACES = sorted(p.name for p in TRACES.glob("*.jsonl") if "-beta-" in p.name)

@@ -9,14 +9,13 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-pytestmark = pytest.mark.timeout(60)
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.timeout(60)
 
 
 def _serve(*args: str) -> subprocess.Popen[str]:
