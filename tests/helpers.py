@@ -283,7 +283,8 @@ def wait_topic(sub: "Subscriber", topic: str, timeout: float = 20, where: Callab
         seen.append(msg)
         if msg[0] == topic and _matches(msg[1], where, match):
             return msg[1]
-    raise AssertionError(f"no {topic} {match or ''}within {timeout} s; saw {[t for t, _ in seen[-15:]]}")
+    which = f"{topic}{f' {match}' if match else ''}{' passing where' if where is not None else ''}"
+    raise AssertionError(f"no {which} within {timeout} s; saw {[t for t, _ in seen[-15:]]}")
 
 
 _probes = itertools.count()

@@ -29,12 +29,16 @@ def test_text_chat_say_status_and_clean_stop(start_engine: Any) -> None:
     assert "capital of France" in done["text"]
     cost = wait_topic(sub, "cost.session")
     assert cost["usd"] > 0
+    # each child is STARTING until up 1 s (startsecs), then RUNNING: the supervisor says so on the bus
+    statuses = Subscriber(conn["subscribe"], ["engine.status"])
+    wait_topic(statuses, "engine.status", 10, where=lambda b: str(b.get("pub")).startswith("supervisor") and bool(
+        b.get("children")) and all(c["state"] == "running" for c in b["children"]))
+    statuses.close()
     status = json.loads(eng.cli("status", "--json").stdout)
     assert status["publish"] == conn["publish"] and status["subscribe"] == conn["subscribe"]
     assert status["backend"] == "local" and status["session_id"].startswith("sess_")
     assert {c["name"] for c in status["children"]} >= {"broker", "server", "realtime", "playback"}
-    # STARTING until up 1 s (startsecs), then RUNNING; never restarted (test_supervisor.py waits for RUNNING)
-    assert all(c["state"] in ("starting", "running") and c["restarts"] == 0 for c in status["children"])
+    assert all(c["state"] == "running" and c["restarts"] == 0 for c in status["children"]), status["children"]
     assert "speaker" in status["rings"]
     pids = [c["pid"] for c in status["children"]]
     stopped = eng.cli("stop")
