@@ -241,12 +241,30 @@ def runtime_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return d
 
 
+#: how many times faster than real time the engine's local server streams its replies, unless the
+#: test passes its own ``--speed`` (``1`` where timing is measured or a reply must still be streaming)
+ENGINE_SPEED = "8"
+
+
+def _sets_speed(args: tuple[str, ...]) -> bool:
+    """True if ``engine start`` arguments set the local server's speed (``--speed``, or a
+    ``--config`` file's ``local_server.speed``)."""
+    if "--speed" in args:
+        return True
+    if "--config" in args:
+        import yaml
+        cfg = yaml.safe_load(Path(args[args.index("--config") + 1]).read_text()) or {}
+        return "speed" in (cfg.get("local_server") or {})
+    return False
+
+
 @pytest.fixture
 def start_engine(runtime_dir: Path, tmp_path: Path) -> Iterator[Any]:
     engines: list[RunningEngine] = []
 
     def start(*args: str, ready_timeout: float = 30) -> RunningEngine:
-        proc = subprocess.Popen([sys.executable, "-m", "engine.api.cli", "start", "--backend", "local", *args],
+        speed = () if _sets_speed(args) else ("--speed", ENGINE_SPEED)
+        proc = subprocess.Popen([sys.executable, "-m", "engine.api.cli", "start", "--backend", "local", *speed, *args],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy(),
                                 cwd=str(tmp_path))
         eng = RunningEngine(proc, runtime_dir, tmp_path / "data")

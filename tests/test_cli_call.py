@@ -44,17 +44,24 @@ def test_say_and_tail_name_one_call(runtime_dir: Path, tmp_path: Path, monkeypat
             for phone in (a, b):
                 await wait("phone.call.status", state="connected", phone_call_id=phone.call_sid)
             tail = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "engine.api.cli", "tail", "--call", a.call_sid, "--seconds", "6",
+                sys.executable, "-m", "engine.api.cli", "tail", "--call", a.call_sid, "--seconds", "60",
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
             assert tail.stdout is not None
-            deadline = time.monotonic() + 15   # until the tail prints what we say on the call: it is subscribed
-            while time.monotonic() < deadline:
-                pub.publish("system.text", {"text": "tail probe", "phone_call_id": a.call_sid})
-                with contextlib.suppress(asyncio.TimeoutError):
-                    if b"tail probe" in await asyncio.wait_for(tail.stdout.readline(), 0.1):
-                        break
-            else:
-                raise AssertionError("`engine tail --call` printed nothing of the call")
+            shown: list[bytes] = []
+
+            async def tail_prints(mark: str) -> None:
+                """Say ``mark`` on call a until the tail prints it: it has read all that came before."""
+                assert tail.stdout is not None
+                deadline = time.monotonic() + 15
+                while time.monotonic() < deadline:
+                    pub.publish("system.text", {"text": mark, "phone_call_id": a.call_sid})
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        while True:
+                            shown.append(await asyncio.wait_for(tail.stdout.readline(), 0.1))
+                            if mark.encode() in shown[-1]:
+                                return
+                raise AssertionError(f"`engine tail --call` did not print {mark!r}; it printed {b''.join(shown)!r}")
+            await tail_prints("tail probe")   # it is subscribed
             said = await asyncio.to_thread(_cli, "say", "--call", a.call_sid, "Good morning to you")
             assert said.returncode == 0, said.stderr
             assert "added as item_" in said.stdout
@@ -66,8 +73,13 @@ def test_say_and_tail_name_one_call(runtime_dir: Path, tmp_path: Path, monkeypat
             refused = await asyncio.to_thread(_cli, "say", "Hello whoever")
             assert refused.returncode != 0
             assert "--call" in refused.stderr and a.call_sid in refused.stderr and b.call_sid in refused.stderr
+            # b's reply reached the tail before our mark did (the broker forwards each message to every
+            # subscriber at once): then it can stop, without waiting out a time (SIGTERM: a shell's
+            # background job ignores SIGINT, and so would the tail)
+            await tail_prints("tail end")
+            tail.terminate()
             out, err = await asyncio.wait_for(tail.communicate(), 20)
-            text = out.decode()
+            text = b"".join(shown).decode() + out.decode()
             assert "Good morning to you" in text, (text, err.decode())
             assert "caller b" not in text, text
             for phone in (a, b):

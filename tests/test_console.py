@@ -209,8 +209,9 @@ def test_console_in_chromium_during_a_spoken_conversation(vaudio: dict[str, str]
     # no echo path between the virtual devices; without the residual-echo guard the user's quieter
     # voice over the model's is not taken for echo, so the barge-in below happens
     cfg.write_text(f"record: {record}\naudio:\n  echo_guard_db: null\n")
+    # real time: the barge-in below cuts a reply the server is still streaming
     eng = start_engine("--config", str(cfg), "--mic", "vmic", "--speaker", "vspk", "--scenario", str(scenario),
-                       "--console")
+                       "--console", "--speed", "1")
     page = open_page(browser, console_url(eng))
     env = os.environ.copy()
 

@@ -53,7 +53,7 @@ def answered(sub: Subscriber, req_id: str, timeout: float, seen: list[tuple[str,
 def text_engine(start_engine: Any, tmp_path: Path) -> Any:
     scenario = tmp_path / "sc.yaml"
     scenario.write_text(SCENARIO)
-    return start_engine("--text-only", "--scenario", str(scenario))
+    return start_engine("--text-only", "--scenario", str(scenario), "--speed", "1")   # kills land mid-story
 
 
 @pytest.mark.parametrize("victim, reason", [("realtime", "realtime_restarted"), ("server", "disconnected")])
@@ -195,7 +195,8 @@ def test_after_a_realtime_crash_mid_reply_the_next_reply_plays_and_is_timed(star
     playback.started or latency.turn and underran at once."""
     scenario = tmp_path / "sc.yaml"
     scenario.write_text(f'turns:\n  - match: {{text: "story"}}\n    reply: "{" ".join(["story"] * 60)}"\n')
-    eng = start_engine("--mic", "null", "--speaker", str(tmp_path / "spk.wav"), "--scenario", str(scenario))
+    eng = start_engine("--mic", "null", "--speaker", str(tmp_path / "spk.wav"), "--scenario", str(scenario),
+                       "--speed", "1")   # real time: the kill lands while the story is still streaming
     conn = eng.conn
     sub = Subscriber(conn["subscribe"], ["response.done", "playout.", "latency.turn", "engine.status"])
     pub = Publisher(conn["publish"], "test")
