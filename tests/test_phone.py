@@ -209,13 +209,13 @@ def test_barge_in_truncates_at_what_the_caller_heard(phone_engine: Any, runtime_
                                     "phone_call_id": phone.call_sid, "id": "long"})
         await asyncio.wait_for(phone.got_audio.wait(), 20)
         while phone.played_frames < 8000 * 1.5:      # 1.5 s of the reply heard
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.02)                # (the fake phone plays in real time: no event per frame)
         await phone.say(speech)
         cut = await bus.wait("playout.interrupted", phone_call_id=phone.call_sid)
         assert phone.clears, "the bridge sent no clear"
         heard_ms = phone.clears[0].played_frames / 8
         assert cut["measured"] and abs(cut["played_ms"] - heard_ms) <= 40, (cut, heard_ms)
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.5)   # a window for an error that must not come (no event says it will not)
         errors = [e for e in bus.all("engine.error") if "shorter" in str(e.get("message"))]
         assert errors == []
         await bus.wait("server.conversation.item.truncated", phone_call_id=phone.call_sid)

@@ -183,11 +183,11 @@ def test_a_socket_that_keeps_up_is_written_at_once_and_one_behind_is_queued_in_o
         assert ws.wire == ["a"]                   # waiting, in the queue
         ws.buffered = 0                           # it caught up, but b and c wait first: d goes after them
         out.put("d")
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)                    # one turn of the loop: the writer task runs
         assert ws.wire == ["a"]                   # the task holds b until its send returns
         ws.release.set()
         while len(ws.wire) < 4:
-            await asyncio.sleep(0.001)
+            await asyncio.sleep(0.001)            # the fake socket records sends; it has no event
         assert ws.wire == ["a", "b", "c", "d"]
         out.put("e")
         assert ws.wire[-1] == "e"                 # the queue is empty again: at once
