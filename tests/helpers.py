@@ -272,6 +272,8 @@ def wait_topic(sub: "Subscriber", topic: str, timeout: float = 20, where: Callab
     values and satisfies ``where``; everything read on the way is appended to ``seen``.
     ``send`` is called before each try (every 50 ms): a message to publish until it comes (the
     slow joiner). AssertionError naming what came instead if nothing does within ``timeout`` s."""
+    if "timeout_s" in match:
+        raise TypeError("wait_topic takes timeout=, not timeout_s= (it would be a body value to match)")
     deadline = time.monotonic() + timeout
     seen = [] if seen is None else seen
     while time.monotonic() < deadline:
@@ -355,6 +357,8 @@ class TopicLog:
     async def wait_many(self, topic: str, count: int, /, timeout_s: float = 20,
                         where: Callable[[dict[str, Any]], bool] | None = None, **match: Any) -> list[dict[str, Any]]:
         """What :meth:`all` gives once it gives at least ``count`` bodies (it wakes on each message)."""
+        if "timeout" in match:
+            raise TypeError("TopicLog waits take timeout_s=, not timeout= (it would be a body value to match)")
         loop = asyncio.get_running_loop()
         waiter = (loop, asyncio.Event())
         deadline = loop.time() + timeout_s
