@@ -16,8 +16,7 @@ from engine.audio.ring import Ring
 from engine.capture.echo import EchoCanceller, FAR_ACTIVE_DBFS, TalkGuard
 from engine.console.levels import ExternalLevelTap
 from engine.playback.process import DeviceFeeder, Renderer
-from tests.conftest import REPO
-from tests.helpers import voiced
+from tests.helpers import REPO, voiced
 
 needs_native = pytest.mark.skipif(not native.available(), reason=f"{native.unavailable_reason()}")
 
