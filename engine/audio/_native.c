@@ -1892,8 +1892,9 @@ static PyObject *py_window_levels(PyObject *mod, PyObject *args) {
     for (Py_ssize_t k = 0; energies && peaks && k < count; k++) {
         double e = 0;
         int peak = 0;
-        for (Py_ssize_t i = 0; i < w; i++) {
-            int x = buf[(pos + k * w + i) % cap];
+        Py_ssize_t at = (pos + k * w) % cap, first = w < cap - at ? w : cap - at;
+        for (Py_ssize_t i = 0; i < w; i++) {   /* the window, wrapping at the buffer's end at most once */
+            int x = buf[i < first ? at + i : i - first];
             e += (double)x * x;
             peak = abs(x) > peak ? abs(x) : peak;
         }
