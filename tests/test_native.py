@@ -249,6 +249,24 @@ def test_the_far_end_is_asked_for_when_each_chunk_was_captured(rings: Any) -> No
 
 
 @needs_native
+def test_with_echo_cancellation_extras_never_get_the_mic_in_place_of_what_it_made(rings: Any) -> None:
+    """A chunk too short for a whole 10 ms block leaves the canceller nothing to hand out yet: extras
+    (the recording's path) gets an empty ``sent``, not None (None means "no canceller", and the
+    mic, echo and all, went to the API in its place: false barge-ins on a 24 kHz device)."""
+    mic = rings(1 << 16, eventfd=True)
+    cap = native.NativeCapture(mic, 24000, 480, aec=True)
+    sents: list[int | None] = []
+
+    def extras(raw: np.ndarray, far: np.ndarray, sent: np.ndarray | None) -> None:
+        sents.append(None if sent is None else len(sent))
+    pcm = voiced(24000, 300)
+    for k in range(60):
+        cap.push(pcm[k * 130:(k + 1) * 130])   # 5.4 ms a chunk: most make no whole block
+        cap.step(lambda n: np.zeros(n, dtype=np.int16), extras)
+    assert None not in sents and 0 in sents and max(s or 0 for s in sents) > 0
+
+
+@needs_native
 def test_a_failing_echo_canceller_is_counted_and_the_mic_goes_through(rings: Any) -> None:
     mic = rings(1 << 16, eventfd=True)
     cap = native.NativeCapture(mic, 48000, 960, aec=True)

@@ -1677,8 +1677,10 @@ static PyObject *Capture_step(Capture *c, PyObject *args) {
         if (extras != Py_None) {
             memcpy(c->raw_buf.buf, raw, (size_t)n24 * 2);
             memcpy(c->outv_buf.buf, final, (size_t)nfinal * 2);
+            /* with echo cancellation, what it made is what goes on, even none of it (no whole 10 ms
+             * block yet): never the mic's own frames in its place */
             PyObject *res = PyObject_CallFunction(extras, "LLO", (long long)n24, (long long)nfinal,
-                                                  final == raw ? Py_False : Py_True);
+                                                  aec != Py_None ? Py_True : Py_False);
             if (!res)
                 return NULL;   /* extras is the process's own code: its exception is the caller's */
             Py_DECREF(res);
