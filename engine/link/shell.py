@@ -10,7 +10,8 @@ not the socket's: the audio out (a ring, a phone socket), the bus, the heard ind
 Rules:
 - One thread, one order. Everything runs on the loop that runs :meth:`ApiLink.run`: a record is
   handed to the core and every action it returns is applied, sends included, in the order
-  decided, before the next record is taken (:meth:`ApiLink.step`). A send is written at once
+  decided, before the next record is taken (:meth:`ApiLink.step`; a record a host hands in
+  while those are applied waits for them). A send is written at once
   or queued behind the sends before it (:class:`engine.wsio.Outgoing`), never around them. So
   ``Connected``'s replay (config, tools, history) goes out before anything decided after it:
   a say that arrived during an outage, or just after the reconnect, follows the history.
@@ -132,6 +133,9 @@ class ApiLink:
         self._recycle_timer: asyncio.TimerHandle | None = None
         self._wake: asyncio.Event | None = None
         self._opening: asyncio.Task[ClientConnection] | None = None
+        self._closing: set[asyncio.Task[None]] = set()   #: clean closes under way (held: tasks are weakly kept)
+        self._stepping = False                          #: a step is applying its actions
+        self._held: deque[Input] = deque()              #: records handed in meanwhile, in order
 
     @property
     def connected(self) -> bool:
@@ -141,7 +145,22 @@ class ApiLink:
     # ------------------------------------------------------------ the core
     def step(self, rec: Input) -> None:
         """Hand ``rec`` to the core and apply every action it decided, in order; then the
-        records those actions produced (the host's reports), each the same way."""
+        records those actions produced (the host's reports), each the same way. A record handed
+        in while a step applies its actions (a host that reacts to a publish by stepping) waits
+        until they are all applied: the core never decides between a decision and its sends."""
+        if self._stepping:
+            self._held.append(rec)
+            return
+        self._stepping = True
+        try:
+            self._step(rec)
+            while self._held:
+                self._step(self._held.popleft())
+        finally:
+            self._stepping = False
+            self._held.clear()
+
+    def _step(self, rec: Input) -> None:
         core, host = self.core, self.host
         now = time.monotonic()
         acts = core.handle(rec, now, host.heard_index(now))
@@ -183,12 +202,17 @@ class ApiLink:
     def _api_stuck(self) -> None:
         """The API has not read what was sent (the writer's queue is full): end this socket; the
         policy reconnects as after any drop."""
-        ws = self._ws
-        if ws is not None and self._out is not None:
+        ws, out = self._ws, self._out
+        if ws is not None and out is not None:
             self.stuck += 1
-            self._out.close(drop=True)
+            waiting = out.queue.qsize()
+            out.close(drop=True)
             self._out = None
             ws.transport.abort()
+            self.host.perform(Publish("engine.error", {"source": "socket", "code": "send_stuck", "message":
+                                                       f"the API at {self.policy.rules.url} did not read what was "
+                                                       f"sent ({waiting} messages waiting): reconnecting"}),
+                              time.monotonic())
 
     def _carry_out(self, acts: list[LinkAction]) -> None:
         """The policy's actions that take no waiting: the core's records, reports, a clean close."""
@@ -200,7 +224,9 @@ class ApiLink:
             elif isinstance(act, Close):
                 ws = self._ws
                 if ws is not None:
-                    asyncio.get_running_loop().create_task(ws.close(act.code, act.reason))
+                    task = asyncio.get_running_loop().create_task(ws.close(act.code, act.reason))
+                    self._closing.add(task)
+                    task.add_done_callback(self._closing.discard)
 
     # ------------------------------------------------------------ timers
     def _schedule(self) -> None:

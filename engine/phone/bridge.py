@@ -161,7 +161,7 @@ class Call:
             core.handle(Command("cmd.tool.register", {k: v for k, v in body.items() if k != "id"}), 0.0, 0)
         self.link = ApiLink(b.backend, core, self, b.api_url, b.api_headers,
                             LinkRules(b.api_url.split("?")[0], key_env=b.key_env, max_tries=API_RECONNECT_TRIES,
-                                      hint=UNREACHABLE_HINT),
+                                      recycle_after_s=b.recycle_after_s, hint=UNREACHABLE_HINT),
                             name=f"api {self.id}", audio_latency=self.in_latency, on_error=self.fail)
         b.publish(self, "phone.call.started", {"call_sid": msg.call_sid, "stream_sid": msg.stream_sid,
                                                "account_sid": msg.account_sid, "tracks": list(msg.tracks),
@@ -377,6 +377,7 @@ class PhoneBridge:
         self.prebuffer_ms = int(hold_ms if hold_ms is not None else (cfg.get("audio") or {}).get("prebuffer_ms", 60))
         self.model: str = cfg["model"]
         self.backend = backend_for(self.model)
+        self.recycle_after_s = float(cfg.get("session_recycle_s") or self.backend.session_recycle_s)
         self.session = call_session(spec["session"])
         self.barge_in = bool(cfg["barge_in"]["enabled"])
         self.min_speech_ms = int(cfg["barge_in"]["min_speech_ms"])
