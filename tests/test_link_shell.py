@@ -83,6 +83,9 @@ class Host:
     def heard_index(self, now_s: float) -> int:
         return 0
 
+    def received(self, event: Any, in_s: float) -> None:
+        pass
+
     def perform(self, act: Play | Flush | EndOfAudio | Publish, now_s: float) -> Input | None:
         if isinstance(act, Publish):
             self.published.append((act.topic, act.payload))
@@ -229,6 +232,29 @@ def test_a_first_socket_that_cannot_be_opened_ends_the_link_at_once_naming_url_a
     run(main)
 
 
+def test_a_host_that_does_not_answer_at_the_first_socket_is_fatal_after_the_reach_timeout() -> None:
+    """A wss:// port whose listener never accepts: TCP connects (the kernel's backlog), TLS gets no
+    answer. Bounded by FIRST_REACH_TIMEOUT_S, not by the whole opening's 10 s."""
+    from engine.link.policy import FIRST_REACH_TIMEOUT_S
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    url = f"wss://127.0.0.1:{silent.getsockname()[1]}/v1/realtime"
+
+    async def main() -> None:
+        host = Host()
+        link, _ = make_link(url, host)
+        t0 = time.monotonic()
+        end = await asyncio.wait_for(link.run(), 8)
+        took = time.monotonic() - t0
+        assert end is not None and end.code == "unreachable" and "timed out" in end.message, end
+        assert FIRST_REACH_TIMEOUT_S - 0.1 < took < FIRST_REACH_TIMEOUT_S + 1.0, took
+    try:
+        run(main)
+    finally:
+        silent.close()
+
+
 @pytest.mark.parametrize("status, code", [(401, "auth_refused"), (403, "auth_refused"), (404, "unreachable")])
 def test_an_http_status_at_the_first_socket_is_fatal_and_a_refused_key_names_its_variable(status: int,
                                                                                           code: str) -> None:
@@ -271,6 +297,16 @@ def test_a_stop_during_the_backoff_ends_the_link_at_once() -> None:
             link.stop()
             assert await asyncio.wait_for(task, 2) is None
             assert time.monotonic() - t0 < 0.5
+    run(main)
+
+
+def test_a_link_stopped_before_it_ran_ends_quietly() -> None:
+    """A call that ends as it starts stops its link before the link's task has run."""
+    async def main() -> None:
+        host = Host()
+        link, _ = make_link(closed_port_url(), host)
+        link.stop()
+        assert await asyncio.wait_for(link.run(), 2) is None and not host.published
     run(main)
 
 

@@ -57,7 +57,7 @@ from engine.realtime.records import Connected, Disconnected, Publish
 
 #: the first socket's way to the host (resolve, TCP, TLS, a proxy): rule 1. With the engine's own
 #: start-up before it, a backend that cannot be reached ends ``engine start`` within 5 s
-FIRST_REACH_TIMEOUT_S = 3.5
+FIRST_REACH_TIMEOUT_S = 3.0
 #: any socket's whole opening, the HTTP upgrade's answer included; a later socket's way to the host
 OPEN_TIMEOUT_S = 10.0
 #: the wait before the n-th try in a row after a drop (the last one repeats): rule 3

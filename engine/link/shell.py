@@ -10,7 +10,8 @@ not the socket's: the audio out (a ring, a phone socket), the bus, the heard ind
 Rules:
 - One thread, one order. Everything runs on the loop that runs :meth:`ApiLink.run`: a record is
   handed to the core and every action it returns is applied, sends included, in the order
-  decided, before the next record is taken (:meth:`ApiLink.step`; a record a host hands in
+  decided (the host's audio out first: a ring write or a phone ``media`` waits for no bus
+  message), before the next record is taken (:meth:`ApiLink.step`; a record a host hands in
   while those are applied waits for them). A send is written at once
   or queued behind the sends before it (:class:`engine.wsio.Outgoing`), never around them. So
   ``Connected``'s replay (config, tools, history) goes out before anything decided after it:
@@ -59,6 +60,9 @@ class LinkHost(Protocol):
         """Carry out an action that is not the socket's; may return a record to hand straight
         back to the core (a report the action produced: the phone's playback reports)."""
 
+    def received(self, event: Mapping[str, Any], in_s: float) -> None:
+        """A server event came in at ``in_s`` (monotonic s), before the core has it."""
+
 
 class _ReachTimeout(ConnectionError):
     """The host was not reached (resolve, TCP, TLS) within the reach timeout."""
@@ -75,7 +79,7 @@ class _connect(connect):
     async def create_connection(self) -> ClientConnection:
         try:
             return await asyncio.wait_for(super().create_connection(), self.reach_timeout_s)
-        except TimeoutError:
+        except asyncio.TimeoutError:   # TimeoutError itself from Python 3.11
             raise _ReachTimeout(f"no answer from the host within {self.reach_timeout_s:g} s") from None
 
 
@@ -88,7 +92,7 @@ def classify(exc: BaseException, act: Connect) -> ConnectFailure:
         return ConnectFailure(Cause.BAD_URL, str(exc))
     if isinstance(exc, _ReachTimeout):
         return ConnectFailure(Cause.TIMEOUT, str(exc))
-    if isinstance(exc, TimeoutError):
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
         return ConnectFailure(Cause.TIMEOUT, f"the WebSocket upgrade was not answered within {act.open_timeout_s:g} s")
     if isinstance(exc, socket.gaierror):
         return ConnectFailure(Cause.DNS, str(exc))
@@ -175,7 +179,15 @@ class ApiLink:
             self._schedule()
 
     def _apply(self, acts: list[Action], now: float, since_s: float) -> deque[Input]:
+        """The audio out first (the ring, the phone: it waits for nothing on the bus), then the
+        sends and publishes; each in the order decided."""
         follow: deque[Input] = deque()
+        host = self.host
+        for act in acts:
+            if isinstance(act, (Play, Flush, EndOfAudio)):
+                r = host.perform(act, now)
+                if r is not None:
+                    follow.append(r)
         for act in acts:
             if isinstance(act, SendAudio):
                 out = self._out
@@ -190,13 +202,13 @@ class ApiLink:
                 r = self.host.perform(Publish("client." + act.event["type"], act.event), now)
                 if r is not None:
                     follow.append(r)
+            elif isinstance(act, Publish):
+                r = host.perform(act, now)
+                if r is not None:
+                    follow.append(r)
             elif isinstance(act, Reconnect):
                 if self.policy.state in (LinkState.OPEN, LinkState.RECYCLING):
                     self._carry_out(self.policy.recycle(now, act.reason))
-            else:
-                r = self.host.perform(act, now)
-                if r is not None:
-                    follow.append(r)
         return follow
 
     def _api_stuck(self) -> None:
@@ -275,6 +287,8 @@ class ApiLink:
     async def run(self) -> Fatal | None:
         """Open, read, reopen as the policy says, until a stop (None) or a fatal failure."""
         self._wake = asyncio.Event()
+        if self.policy.final:
+            return None   # stopped before it ran (a call that ended at once)
         pending: deque[LinkAction] = deque(self.policy.start(time.monotonic()))
         try:
             while pending:
@@ -314,7 +328,7 @@ class ApiLink:
         assert self._wake is not None
         try:
             await asyncio.wait_for(self._wake.wait(), max(0.0, until_s - time.monotonic()))
-        except TimeoutError:
+        except asyncio.TimeoutError:
             pass
 
     async def _session(self, act: Connect) -> list[LinkAction]:
@@ -370,6 +384,7 @@ class ApiLink:
                                                                "message": f"unparseable server message: {exc}"}), in_s)
                     continue
                 self.event_in_s = in_s
+                self.host.received(event, in_s)
                 try:
                     self.step(ServerEvent(event))
                 finally:

@@ -198,13 +198,19 @@ class Call:
     def heard_index(self, now_s: float) -> int:
         return self.clock.heard_index(now_s)
 
+    def received(self, event: Mapping[str, Any], in_s: float) -> None:
+        """A server event came in (before the core has it): when the caller started to speak, the
+        start of the clear's latency."""
+        if event.get("type") == "input_audio_buffer.speech_started":
+            self.bridge.last_speech_started_s[self.id] = in_s
+
     def perform(self, act: Play | Flush | EndOfAudio | Publish, now: float) -> Input | None:
         """The core's actions that are not the API socket's (the link's host); returns the
         playback report an action makes (fed straight back to the core by the link)."""
         b = self.bridge
-        link = self.link
-        event_in_s = (link.event_in_s if link is not None else 0.0) or now   #: when the API event came in
         if isinstance(act, Play):
+            link = self.link
+            event_in_s = (link.event_in_s if link is not None else 0.0) or now   #: when its API event came in
             outs = self.hold.audio(act.pcm, event_in_s, now, self.clock.drained(now))
             report: Input | None = None
             if act.starts_item:
@@ -216,8 +222,6 @@ class Call:
             self.arm_hold()
             return report
         if isinstance(act, Publish):
-            if act.topic == "user.speech.started":
-                b.last_speech_started_s[self.id] = event_in_s
             b.publish(self, CALL_TOPIC_RENAMES.get(act.topic, act.topic), act.payload)
             if act.topic == "playout.interrupted":
                 self.truncations += 1

@@ -81,7 +81,8 @@ class RealtimeProcess:
                                       start_index=self.speaker.write_index if self.speaker else 0,
                                       barge_in=cfg["barge_in"]["enabled"], min_speech_ms=cfg["barge_in"]["min_speech_ms"],
                                       budget_usd=cfg.get("budget_usd"))
-        self.stop = threading.Event()
+        self.stop = threading.Event()              #: the main loop ends (a signal, or the link ended)
+        self.signalled = threading.Event()         #: SIGTERM / SIGINT: the supervisor stops this process
         self.restored = False                      #: a restarted process took its predecessor's conversation
         self.main_pub = Publisher(self.pub_endpoint, f"realtime:{os.getpid()}")
         #: wakes the main thread early: a stop signal, or the link thread ending
@@ -121,6 +122,9 @@ class RealtimeProcess:
         elif isinstance(act, EndOfAudio):
             speaker.mark_end()
         return None
+
+    def received(self, event: Any, in_s: float) -> None:
+        pass   # the core stamps what it needs with now_s
 
     def _save_reply(self, done: dict[str, Any]) -> None:
         """Write a finished reply's audio (24 kHz mono PCM16) and name the file on its response.done."""
@@ -286,7 +290,10 @@ class RealtimeProcess:
                 self.link_pub.publish(act.topic, act.payload)
 
     def run(self) -> int:
-        stop_on_signals(self.stop, self._wake_main)
+        def on_signal() -> None:
+            self.stop.set()
+            self._wake_main()
+        stop_on_signals(self.signalled, on_signal)
         history_sub = Subscriber(self.sub_endpoint, ["conversation.history"])
         sub = Subscriber(self.sub_endpoint, ["cmd.", "engine.presence.gone", "engine.error", *PLAYBACK_REPORTS])
         self.main_pub.join(self.sub_endpoint)
@@ -319,11 +326,8 @@ class RealtimeProcess:
                     continue
                 self.submit(self._bus_record(topic, body))
             sub.publish_reports(self.main_pub, "realtime")  # malformed or forged messages, drops: once a second
-        if self.fatal:   # the supervisor stops the engine on the error; exit when it says so, or soon after
-            self.stop.clear()
-            deadline = time.monotonic() + FATAL_LINGER_S
-            while not self.stop.is_set() and time.monotonic() < deadline:
-                self.stop.wait(0.05)
+        if self.fatal:   # the supervisor stops the engine on the error: exit when it says so, or soon after
+            self.signalled.wait(FATAL_LINGER_S)
         link = self.link
         if link is not None:
             self.in_link(link.stop)
