@@ -119,8 +119,8 @@ class Outgoing:
             if item is None:
                 return
             ws = self.ws
-            if ws is None:
-                continue
+            if ws is None or ws.state is not State.OPEN:
+                continue   # closing: the reader sees it (a send now would only abort a transport that is gone)
             text, since_s, latency, frames = item
             self._sending = True
             try:

@@ -22,12 +22,13 @@ from engine.phone.bridge import PhoneBridge
 from engine.phone.simulator import FakePhone
 from engine.realtime.core import RealtimeCore
 from engine.realtime.records import Command, EndOfAudio, Flush, Input, MicAudio, Play, Publish
-from tests.test_phone_isolation import RecordingPublisher, bridge_spec
+from tests.helpers import RecordingPublisher, bridge_spec, set_twilio_token
 
 pytestmark = pytest.mark.timeout(30)
 
-HISTORY = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": f"note {i}"}]}
-           for i in range(30)]
+#: a predecessor's conversation as the core publishes it (client items with their ids)
+HISTORY = [{"id": f"item_note{i}", "type": "message", "role": "user",
+            "content": [{"type": "input_text", "text": f"note {i}"}]} for i in range(30)]
 
 
 class RecordingServer:
@@ -312,8 +313,10 @@ def test_a_link_stopped_before_it_ran_ends_quietly() -> None:
 
 # ---------------------------------------------------------------- a phone call's link
 @pytest.mark.parametrize("status", [None, 401])
-def test_a_call_whose_api_cannot_be_opened_at_its_start_ends_at_once(status: int | None) -> None:
+def test_a_call_whose_api_cannot_be_opened_at_its_start_ends_at_once(status: int | None,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """The phone bridge retried its API 4 times (a refused key too) while the caller heard nothing."""
+    set_twilio_token(monkeypatch)   # the fake phone signs its upgrade with it
     pub = RecordingPublisher()
 
     async def main() -> None:

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from engine.link.policy import SESSION_RECYCLE_S
+from engine.cost import is_live_model
 from engine.realtime.core import RealtimeCore
+from engine.realtime.live_core import LiveCore
 from engine.realtime.records import Action, Input
 
 
@@ -21,8 +23,9 @@ class ProtocolCore(Protocol):
     """What the link and its hosts (the realtime process, a phone call) need of a protocol core.
     Pure: it does no I/O and never raises from ``handle``."""
 
-    #: the conversation so far, as the client items a new session is given
-    history: list[dict[str, Any]]
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """The conversation so far, as the client items a new session is given."""
     #: error events the API sent (not the benign ones)
     errors: int
     #: the registered tools and the model's open calls (``tools.calls``: call id -> call)
@@ -65,15 +68,26 @@ class Backend:
         text frame to send: built here only, by hand (no dict, no json.dumps: 50 a second)."""
         return '{"type":"' + self.audio_event + '","audio":"' + base64.b64encode(pcm).decode("ascii") + '"}'
 
+    def recycle_after_s(self, configured_s: float | None) -> float:
+        """How old a session is recycled: ``session_recycle_s`` from the config for an API that
+        closes sessions at an age (Realtime), never for one that renews its own (GPT-Live)."""
+        if self.session_recycle_s == float("inf"):
+            return self.session_recycle_s
+        return float(configured_s or self.session_recycle_s)
+
     def core(self, model: str, session_config: Any, **options: Any) -> ProtocolCore:
         return self.make_core(model, session_config, **options)
 
 
 #: OpenAI's Realtime API (GA protocol), ``/v1/realtime``: closes a session at 60 minutes
 REALTIME = Backend("realtime", "input_audio_buffer.append", RealtimeCore)
-BACKENDS = {b.name: b for b in (REALTIME,)}
+#: OpenAI's GPT-Live, ``/v1/live/sessions``: a session expires by itself (``session.closed`` ``expired``,
+#: which the core renews), so the link does not recycle it by age
+LIVE = Backend("live", "session.input_audio.append", LiveCore, session_recycle_s=float("inf"))
+BACKENDS = {b.name: b for b in (REALTIME, LIVE)}
 
 
 def backend_for(model: str) -> Backend:
-    """The backend that speaks to ``model`` (every model the engine knows is a Realtime model)."""
-    return REALTIME
+    """The backend that speaks to ``model``: GPT-Live models (``gpt-live-*``) their own protocol,
+    every other model Realtime's."""
+    return LIVE if is_live_model(model) else REALTIME
