@@ -28,6 +28,8 @@ from engine.server.errors import ServeError
 from engine.server.faults import MAX_SESSION_REASON, Faults
 from engine.server.live_app import SESSIONS as LIVE_SESSIONS, handle_live, live_route
 from engine.server.protocol import error_event
+from engine.server.rest import rest_connection
+from engine.server import sip
 from engine.server.scenario import Scenario
 from engine.server.session import Actions, Item, Response, ServerSession
 from engine.server.voice import Recognizer, VoiceError, synthesize
@@ -224,6 +226,7 @@ def make_process_request(cfg: ServerConfig):
     def process_request(connection: ServerConnection, request: Request) -> HttpResponse | None:
         url = urlsplit(request.path)
         live = live_route(request.path)
+        call_id = parse_qs(url.query).get("call_id", [None])[0]
         if url.path.rstrip("/") != "/v1/realtime" and live is None:
             return connection.respond(404, f"Not found: {url.path}. The endpoints are /v1/realtime?model=MODEL "
                                       "(Realtime) and /v1/live/sessions (GPT-Live)\n")
@@ -237,6 +240,10 @@ def make_process_request(cfg: ServerConfig):
             body = json.dumps({"error": {"type": "invalid_request_error", "code": "session_not_found",
                                          "message": f"No running Live session '{live[1]}'.", "param": None}})
             return connection.respond(404, body + "\n")
+        if call_id is not None:   # a SIP call's socket (engine.server.sip)
+            refused = sip.realtime_call_socket_refusal(call_id)
+            if refused is not None:
+                return connection.respond(refused[0], json.dumps(refused[1]) + "\n")
         return None
     return process_request
 
@@ -253,6 +260,9 @@ async def handle(ws: ServerConnection, cfg: ServerConfig) -> None:
         await ws.close(4000, "beta_api_shape_disabled")
         return
     query = parse_qs(urlsplit(req.path).query)
+    if "call_id" in query:   # a SIP call's socket: the call's session (engine.server.sip)
+        await sip.attach_realtime(ws, query["call_id"][0])
+        return
     model = query.get("model", ["gpt-realtime"])[0]
     try:
         speed = float(query.get("x_speed", [cfg.speed])[0])
@@ -274,8 +284,9 @@ async def serve_forever(cfg: ServerConfig, ready: asyncio.Future[str] | None = N
         where = {"sock": socket.socket(fileno=cfg.listen_fd)}
     try:
         server = await serve(lambda ws: handle(ws, cfg), max_size=32 * 1024 * 1024,
-                                process_request=make_process_request(cfg), ping_interval=None,
-                                compression=None, **where)
+                                process_request=make_process_request(cfg), ping_interval=None, compression=None,
+                                create_connection=rest_connection(lambda req: sip.handle_http(req, cfg)),  # REST
+                                **where)
     except OSError as exc:
         if ready is not None and not ready.done():
             ready.set_exception(exc)
@@ -287,6 +298,7 @@ async def serve_forever(cfg: ServerConfig, ready: asyncio.Future[str] | None = N
             ready.set_result(url)
         await stop.wait()
     finally:
+        sip.end_all()
         await _shut_down(server)
 
 
