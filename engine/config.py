@@ -21,6 +21,12 @@ DEFAULTS: dict[str, Any] = {
     "model": "gpt-realtime",
     "api_key_env": "OPENAI_API_KEY",
     "openai_url": "wss://api.openai.com/v1/realtime",
+    # which service (engine/providers.py, docs/providers.md); null: as `backend` says
+    "provider": None,
+    "auth_header": None,
+    "azure": {"endpoint": None, "deployment": None, "auth": "api-key", "api_key_env": "AZURE_OPENAI_API_KEY",
+              "token_env": "AZURE_OPENAI_AD_TOKEN"},
+    "xai": {"url": "wss://api.x.ai/v1/realtime", "api_key_env": "XAI_API_KEY"},
     "session": {
         "instructions": "You are a helpful, concise voice assistant.",
         "voice": "marin",
@@ -50,6 +56,9 @@ DEFAULTS: dict[str, Any] = {
     # engine phone / engine start --phone: Twilio Media Streams calls (docs/phone.md)
     "phone": {"host": "127.0.0.1", "port": 8766, "path": "/twilio", "dtmf_to_model": "off", "mark_every_ms": 200,
               "max_calls": 100, "prebuffer_ms": None},
+    # engine sip: OpenAI's SIP calls through signed webhooks (docs/sip.md)
+    "sip": {"host": "127.0.0.1", "port": 8767, "path": "/openai/webhook", "max_calls": 100, "no_route_status": 404,
+            "routes": []},
     "budget_usd": None,
     "session_recycle_s": 3300.0,
     "reply_audio": False,
@@ -61,6 +70,12 @@ DEFAULTS: dict[str, Any] = {
 _NUM = (int, float)
 RULES: dict[str, tuple[tuple[type, ...], tuple[Any, ...] | None]] = {
     "backend": ((str,), ("auto", "local", "openai")),
+    "provider": ((str, type(None)), (None, "openai", "azure", "xai", "local")),
+    "auth_header": ((str, type(None)), None),
+    "azure.endpoint": ((str, type(None)), None),
+    "azure.deployment": ((str, type(None)), None),
+    "azure.auth": ((str,), ("api-key", "entra")),
+    "sip.no_route_status": ((int,), (404, 603)),
     "session.voice": ((str,), None),   # checked against the model's API: REALTIME_VOICES or LIVE_VOICES
     "session.output_modalities": ((list,), (["audio"], ["text"])),
     "session.turn_detection": ((dict, type(None)), None),
@@ -293,7 +308,10 @@ def _lookup(tree: dict[str, Any], parts: list[str]) -> Any:
 
 
 def resolve_backend(cfg: dict[str, Any]) -> str:
-    """'local' or 'openai': auto picks openai when the API key variable is set."""
+    """'local' or 'openai' (any remote provider): ``provider`` when set; else auto picks openai when
+    the API key variable is set."""
+    if cfg.get("provider"):
+        return "local" if cfg["provider"] == "local" else "openai"
     if cfg["backend"] != "auto":
         return cfg["backend"]
     return "openai" if os.environ.get(cfg["api_key_env"]) else "local"
