@@ -1,12 +1,15 @@
 """Where the voice API is, and how to sign in: one place for every provider. Pure (the
 environment is passed in).
 
-| provider | socket | key | dialect |
-|---|---|---|---|
-| ``openai`` | ``openai_url`` (``wss://api.openai.com/v1/realtime``), else ``$OPENAI_BASE_URL`` + ``/realtime`` | ``Authorization: Bearer $OPENAI_API_KEY`` (``auth_header``) | GA |
-| ``azure`` | ``wss://RESOURCE.openai.azure.com/openai/v1/realtime?model=DEPLOYMENT``; Live ``…/openai/v1/live/sessions`` | ``api-key: $AZURE_OPENAI_API_KEY``, or ``Authorization: Bearer $AZURE_OPENAI_AD_TOKEN`` (Entra) | GA; the deployment stands for the model |
-| ``xai`` | ``wss://api.x.ai/v1/realtime?model=MODEL`` | ``Authorization: Bearer $XAI_API_KEY`` | xAI's (:mod:`engine.realtime.dialects`) |
-| ``local`` | the engine's own local server | none | GA |
+- ``openai``: ``openai_url`` (``wss://api.openai.com/v1/realtime``), or ``$OPENAI_BASE_URL`` +
+  ``/realtime`` when ``openai_url`` is left at its default; ``Authorization: Bearer $OPENAI_API_KEY``
+  (or ``auth_header``); the GA dialect.
+- ``azure``: ``wss://RESOURCE.openai.azure.com/openai/v1/realtime?model=DEPLOYMENT``, Live at
+  ``…/openai/v1/live/sessions``; ``api-key: $AZURE_OPENAI_API_KEY`` or, with ``azure.auth: entra``,
+  ``Authorization: Bearer $AZURE_OPENAI_AD_TOKEN``; GA events, the deployment named for the model.
+- ``xai``: ``wss://api.x.ai/v1/realtime?model=MODEL``; ``Authorization: Bearer $XAI_API_KEY``; xAI's
+  dialect (:mod:`engine.realtime.dialects`).
+- ``local``: the engine's own local server; no key.
 
 Any other Realtime-compatible server is ``provider: openai`` with its ``openai_url`` (or
 ``$OPENAI_BASE_URL``) and, when it wants the key elsewhere, ``auth_header`` (``"X-API-Key: {key}"``).

@@ -60,7 +60,7 @@ def test_no_route_rejects_with_the_configured_status_once() -> None:
     assert isinstance(d, Reject) and (d.status, d.api, d.id) == (603, "live", "live_abc")
     assert isinstance(t.offer(offer("realtime"), 0), Ignore)
     t.rejected(d.key, True)
-    assert t.get("rtc_abc").state is State.REJECTED
+    assert (c := t.get("rtc_abc")) is not None and c.state is State.REJECTED
     with pytest.raises(ConfigError):
         table([], no_route=500)
 
@@ -84,7 +84,7 @@ def test_a_call_offered_only_on_the_other_api_is_given_up_with_the_fix() -> None
     assert t.tick(OFFER_WAIT_S - 0.1) == []
     [m] = t.tick(OFFER_WAIT_S)
     assert isinstance(m, Missed) and "live.transport.incoming" in m.why
-    assert t.get("rtc_abc").state is State.FAILED
+    assert (c := t.get("rtc_abc")) is not None and c.state is State.FAILED
 
 
 def test_failed_accept_is_final_and_the_table_refuses_bad_transitions() -> None:
