@@ -13,10 +13,13 @@ given to :func:`use_keys` (a child calls it with its spec's ``bus`` section), el
 with no CURVE keys from any of these takes them from the running engine's connection file
 when that file names the endpoint (so ``Subscriber(conn["subscribe"])`` keeps working over
 tcp). Keyword arguments override all of these.
+
+Where the broker is: the runtime directory and the connection file (``runtime_dir``,
+``connection_file``, :func:`load_endpoints`) are believed only when they are this user's own
+and private (bus/runtime.py).
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -27,6 +30,8 @@ import zmq
 
 from bus.security import (FORGED_REASON, REPLAYED_REASON, SIGNED_TOPICS, CurveClientKeys, ReplayGuard, Verdict,
                           apply_client_curve, curve_from, environment_keys, parse_signing_key, sign, verify)
+from bus.runtime import connection_file as connection_file, runtime_dir as runtime_dir  # (where they were)
+from bus.runtime import read_connection, read_private_json, running_engine
 from bus.wire import BusError, MalformedMessage, decode, encode
 
 #: malformed messages one ``Subscriber.recv`` call skips at most before it returns None
@@ -54,24 +59,6 @@ def use_keys(bus_spec: Mapping[str, Any] | None) -> None:
     _process_keys = None if bus_spec is None else dict(bus_spec)
 
 
-def runtime_dir() -> Path:
-    """The per-user runtime directory (mode 0700) holding sockets and the connection file."""
-    base = os.environ.get("REALTALK_RUNTIME_DIR")
-    if base:
-        path = Path(base)
-    elif os.environ.get("XDG_RUNTIME_DIR"):
-        path = Path(os.environ["XDG_RUNTIME_DIR"]) / "realtalk"
-    else:
-        path = Path(f"/tmp/realtalk-{os.getuid()}")
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path, 0o700)
-    return path
-
-
-def connection_file() -> Path:
-    return runtime_dir() / "engine.json"
-
-
 @dataclass(frozen=True)
 class Endpoints:
     """Where clients publish (broker XSUB) and subscribe (broker XPUB), and the keys to use:
@@ -93,16 +80,16 @@ def endpoints_from(data: Mapping[str, Any]) -> Endpoints:
 
 
 def load_endpoints(path: str | os.PathLike[str] | None = None) -> Endpoints:
-    """Read the endpoints (and CURVE keys, with tcp) from a connection file (default: the running engine's)."""
-    file = Path(path) if path else connection_file()
-    try:
-        data = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise BusError(f"no engine is running: {file} does not exist (start one with `engine start`)") from None
-    except ValueError as exc:
-        raise BusError(f"connection file {file} is unreadable ({exc}); restart the engine") from None
-    if not isinstance(data, dict):
-        raise BusError(f"connection file {file} is not a JSON object; restart the engine")
+    """Read the endpoints (and CURVE keys, with tcp) from a connection file: by default the one of
+    this user's engine that runs now (bus/runtime.py: the file must be this user's own and private
+    and its supervisor provably running), else the file at ``path`` (this user's own and private:
+    a copy of another machine's is fine). Raises BusError naming the file and what to do."""
+    if path:
+        file = Path(path)
+        data = read_connection(file)
+    else:
+        file = connection_file()
+        data = running_engine(file)
     try:
         return endpoints_from(data)
     except BusError as exc:
@@ -124,7 +111,7 @@ def _keys(endpoint: str | Endpoints, curve: Any, key: Any) -> tuple[CurveClientK
 def _connection_file_curve(endpoint: str) -> CurveClientKeys | None:
     """The CURVE keys of the running engine's connection file if it names ``endpoint``."""
     try:
-        data = json.loads(connection_file().read_text())
+        data = read_private_json(connection_file())   # this user's own private file only
         if endpoint in (data.get("publish"), data.get("subscribe")):
             return curve_from(data)
     except (OSError, ValueError, AttributeError, BusError):

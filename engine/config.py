@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import ipaddress
 import difflib
 import os
 from pathlib import Path
@@ -55,7 +56,12 @@ DEFAULTS: dict[str, Any] = {
     "local_server": {"host": "127.0.0.1", "port": 0, "speed": 1.0, "scenario": None, "asr": True},
     # engine phone / engine start --phone: Twilio Media Streams calls (docs/phone.md)
     "phone": {"host": "127.0.0.1", "port": 8766, "path": "/twilio", "dtmf_to_model": "off", "mark_every_ms": 200,
-              "max_calls": 100, "prebuffer_ms": None},
+              "max_calls": 100, "prebuffer_ms": None,
+              # who may connect (engine/phone/guard.py): Twilio's signature, a token, or none (loopback only)
+              "auth": "twilio", "auth_token_env": "TWILIO_AUTH_TOKEN", "token_env": "REALTALK_PHONE_TOKEN",
+              "public_url": None,
+              # per connection: frame size, message rate, time to start, time with nothing received
+              "max_frame_bytes": 65536, "max_messages_per_s": 200, "start_timeout_s": 5.0, "idle_timeout_s": 60.0},
     # engine sip: OpenAI's SIP calls through signed webhooks (docs/sip.md)
     "sip": {"host": "127.0.0.1", "port": 8767, "path": "/openai/webhook", "max_calls": 100, "no_route_status": 404,
             "routes": []},
@@ -116,6 +122,12 @@ RULES: dict[str, tuple[tuple[type, ...], tuple[Any, ...] | None]] = {
     "phone.mark_every_ms": ((int,), None),
     "phone.max_calls": ((int,), None),
     "phone.prebuffer_ms": ((int, type(None)), None),
+    "phone.auth": ((str,), ("twilio", "token", "none")),
+    "phone.public_url": ((str, type(None)), None),
+    "phone.max_frame_bytes": ((int,), None),
+    "phone.max_messages_per_s": (_NUM, None),
+    "phone.start_timeout_s": (_NUM, None),
+    "phone.idle_timeout_s": (_NUM, None),
     "budget_usd": ((int, float, type(None)), None),
     "session_recycle_s": (_NUM, None),
     "record": ((str, type(None)), None),
@@ -250,6 +262,7 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str,
         _check_session_fields(cfg["session"])
     if cfg["session_recycle_s"] < 1:
         raise ConfigError(f"config key 'session_recycle_s': at least 1 second, got {cfg['session_recycle_s']}")
+    _check_phone(cfg["phone"])
     return cfg
 
 
@@ -264,6 +277,30 @@ def _check_live_session(s: dict[str, Any], model: str) -> None:
         if s[key] != defaults[key]:
             raise ConfigError(f"config key 'session.{key}' does not apply to {model}: {why}. "
                               "Remove it, or choose a Realtime model.")
+def is_loopback(host: str) -> bool:
+    """``host`` is a loopback address or ``localhost``."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_phone(ph: dict[str, Any]) -> None:
+    """The phone port's keys whose values are more than a type (its secrets are the environment's,
+    checked when the port opens: engine/phone/guard.py)."""
+    if ph["auth"] == "none" and not is_loopback(ph["host"]):
+        raise ConfigError(f"config key 'phone.auth': none (no authentication) is only allowed on a loopback address, "
+                          f"and phone.host is {ph['host']!r}: anyone who reaches the port would open paid API "
+                          "sessions; use phone.auth: twilio (the default) or token")
+    if ph["public_url"] is not None and not ph["public_url"].startswith(("ws://", "wss://")):
+        raise ConfigError(f"config key 'phone.public_url': {ph['public_url']!r} is not a ws:// or wss:// URL (the "
+                          "stream URL exactly as given to Twilio, e.g. wss://phone.example.com/twilio)")
+    for key, least in (("max_frame_bytes", 1024), ("max_messages_per_s", 1), ("start_timeout_s", 0.1),
+                       ("idle_timeout_s", 1), ("max_calls", 1)):
+        if ph[key] < least:
+            raise ConfigError(f"config key 'phone.{key}': at least {least}, got {ph[key]}")
 
 
 def _check_session_fields(s: dict[str, Any]) -> None:

@@ -1,6 +1,7 @@
 """Small helpers for the tests: talking to the local server, test signals."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -8,7 +9,7 @@ import threading
 import time
 import wave
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import websocket
@@ -104,6 +105,51 @@ def thread_broker(tmp_path: Path, name: str = "broker") -> Iterator[tuple[str, s
         s.send(b"stop")
         t.join(5)
         s.close()
+
+
+class RecordingPublisher:
+    """Stands in for the bus Publisher: keeps what the bridge publishes."""
+
+    def __init__(self) -> None:
+        self.msgs: list[tuple[str, dict[str, Any]]] = []
+
+    def publish(self, topic: str, payload: Mapping[str, Any] | None = None) -> None:
+        self.msgs.append((topic, dict(payload or {})))
+
+    def all(self, topic: str, **match: Any) -> list[dict[str, Any]]:
+        return [b for t, b in self.msgs if t == topic and all(b.get(k) == v for k, v in match.items())]
+
+    async def wait(self, topic: str, timeout_s: float = 15, **match: Any) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            found = self.all(topic, **match)
+            if found:
+                return found[0]
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"no {topic} {match} in {timeout_s} s; saw {[t for t, _ in self.msgs][-30:]}")
+
+    def close(self) -> None:
+        pass
+
+
+def bridge_spec(api_url: str, **phone: Any) -> dict[str, Any]:
+    """A phone bridge's spec for a bridge in the test's own loop (a recording publisher, no bus):
+    ``phone`` keys over the defaults (``phone.auth`` twilio: set the token with
+    :func:`set_twilio_token`)."""
+    from engine.config import load_config, session_payload
+    cfg = load_config(None, {})
+    return {"config": cfg, "session": session_payload(cfg), "url": api_url + "?model=" + cfg["model"],
+            "headers": ["Authorization: Bearer local"], "phone": {"host": "127.0.0.1", "port": 0, **phone},
+            "bus": {"publish": "inproc://unused", "subscribe": "inproc://unused"}}
+
+
+def set_twilio_token(monkeypatch: Any) -> str:
+    """A fresh Twilio auth token in ``$TWILIO_AUTH_TOKEN`` for this test: `engine phone` (its
+    default ``phone.auth: twilio``) checks signatures with it, the fake phones sign with it."""
+    import secrets
+    token = secrets.token_hex(16)
+    monkeypatch.setenv("TWILIO_AUTH_TOKEN", token)
+    return token
 
 
 # ---------------------------------------------------------------- SIP (engine.server.sip, engine.sip)

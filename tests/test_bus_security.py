@@ -229,6 +229,7 @@ def test_connection_keys_and_environment_hold_no_more_than_each_needs(keys: BusK
     assert json.loads(keys.environment(broker=True)[ENV_KEYS])["curve_server_secret"] == keys.server_secret.decode()
     file = tmp_path / "engine.json"
     file.write_text(json.dumps({"publish": "tcp://127.0.0.1:1", "subscribe": "tcp://127.0.0.1:2", **conn}))
+    file.chmod(0o600)   # a connection file is believed only when it is the user's own and private
     eps = load_endpoints(file)
     assert eps.curve == keys.client() and eps.signing_key is None
     spec = endpoints_from({"publish": "ipc:///a", "subscribe": "ipc:///b", "signing_key": keys.signing_key.hex()})
@@ -264,6 +265,7 @@ def test_node_client_reads_signed_messages_over_curve(tcp_broker: Broker, keys: 
     conn = tmp_path / "engine.json"
     conn.write_text(json.dumps({"publish": tcp_broker.pub_ep, "subscribe": tcp_broker.sub_ep,
                                 **keys.connection_keys()}))
+    conn.chmod(0o600)   # the user's own private file: the client believes it
     script = """
 const { Bus } = require(process.argv[1]);
 const bus = new Bus({ name: "node-test", prefixes: ["engine.status", "x."], file: process.argv[2] });
@@ -301,6 +303,7 @@ def test_plain_tcp_endpoint_strings_take_the_keys_of_the_connection_file(tcp_bro
     monkeypatch.setenv("REALTALK_RUNTIME_DIR", str(tmp_path))
     (tmp_path / "engine.json").write_text(json.dumps({"publish": tcp_broker.pub_ep, "subscribe": tcp_broker.sub_ep,
                                                       **keys.connection_keys()}))
+    (tmp_path / "engine.json").chmod(0o600)   # the user's own private file: believed
     sub = Subscriber(tcp_broker.sub_ep, ["x."])
     pub = Publisher(tcp_broker.pub_ep, "cli:1")
     assert pub.join(tcp_broker.sub_ep)

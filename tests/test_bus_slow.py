@@ -141,6 +141,7 @@ def test_node_client_counts_seq_gaps_and_publishes_them(broker_process: tuple[su
     _, pub_ep, sub_ep = broker_process
     conn = tmp_path / "engine.json"
     conn.write_text(json.dumps({"publish": pub_ep, "subscribe": sub_ep}))
+    conn.chmod(0o600)   # the user's own private file: the client believes it
     watcher = Subscriber(sub_ep, ["bus.dropped"], verify_key=None)
     pub = Publisher(pub_ep, "py-test", signing_key=None)
     assert pub.join(sub_ep)

@@ -146,8 +146,10 @@ def test_talk_pcm_resamples_whatever_the_framing() -> None:
     for bad in ("nope", '{"op": "go"}', '{"op": "start", "rate_hz": "fast"}', "[]"):
         with pytest.raises(ConsoleAudioError):
             parse_talk_start(bad)
-    names = ring_names_from({"ring_names": ["realtalk-9-speaker", "realtalk-9-listen", "realtalk-9-browser", 3, "x"]})
-    assert names == {"speaker": "realtalk-9-speaker", "listen": "realtalk-9-listen", "browser": "realtalk-9-browser"}
+    # kind -> name as the connection file has it: the (random) names are never parsed for a kind
+    names = ring_names_from({"ring_names": {"speaker": "realtalk-ab12", "listen": "realtalk-cd34", "browser": 3}})
+    assert names == {"speaker": "realtalk-ab12", "listen": "realtalk-cd34"}
+    assert ring_names_from({"ring_names": ["realtalk-9-speaker", "realtalk-9-listen"]}) == {}
 
 
 # ---------------------------------------------------------------- in Chromium, against a real engine

@@ -77,7 +77,7 @@ def test_text_chat_say_status_and_clean_stop(start_engine: Any) -> None:
     assert eng.proc.wait(15) == 0
     for pid in pids:  # no orphans
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
-    assert not list(Path("/dev/shm").glob(f"realtalk-{eng.proc.pid}-*"))  # no leaked shared memory
+    assert conn["ring_names"] and not [n for n in conn["ring_names"].values() if Path("/dev/shm", n).exists()]
     assert not (eng.runtime / "engine.json").exists()
     assert not list(eng.runtime.glob("*.sock"))
     # the session's event log holds the conversation
@@ -237,12 +237,15 @@ def test_spoken_turn_through_real_devices(vaudio: dict[str, str], start_engine: 
 
 @pytest.mark.audio
 def test_missing_device_lists_the_devices(vaudio: dict[str, str], runtime_dir: Path) -> None:
-    before = set(Path("/dev/shm").glob("realtalk-*-mic"))  # other engines' (a killed one's) are not this test's
     out = subprocess.run([sys.executable, "-m", "engine.api.cli", "start", "--backend", "local", "--mic", "no-such-mic",
                           "--speaker", "null"], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0
     assert "no-such-mic" in out.stdout and "vmic" in out.stdout
-    assert not set(Path("/dev/shm").glob("realtalk-*-mic")) - before, "the failed start left its mic ring"
+    # the rings it made (random names: its engine.status lines in the event log name them) are gone
+    made = {name for log in (runtime_dir.parent / "data").glob("realtalk/sessions/*/events.jsonl")
+            for line in log.read_text().splitlines() if json.loads(line)["topic"] == "engine.status"
+            for name in (json.loads(line)["body"].get("ring_names") or {}).values()}
+    assert not [n for n in made if Path("/dev/shm", n).exists()], "the failed start left its rings"
 
 
 def test_event_log_reads_back_as_events_csv_and_json(start_engine: Any) -> None:

@@ -24,7 +24,7 @@ def test_children_die_with_a_killed_supervisor_and_the_next_start_cleans_up(star
     conn = eng.conn
     children = [(c["name"], c["pid"]) for c in conn["children"]]
     assert {n for n, _ in children} >= {"broker", "server", "realtime", "playback"}
-    rings = conn["ring_names"]
+    rings = list(conn["ring_names"].values())
     assert rings and all((Path("/dev/shm") / r).exists() for r in rings)
     os.kill(eng.proc.pid, signal.SIGKILL)
     eng.proc.wait(5)
@@ -58,6 +58,7 @@ def test_stop_with_a_stale_file_never_kills_an_unrelated_process(runtime_dir: Pa
             stale["pid_start_ticks"] = ticks - 1
             stale["children"] = [{"name": "realtime", "pid": bystander.pid, "start_ticks": ticks - 1}]
         (runtime_dir / "engine.json").write_text(json.dumps(stale))
+        (runtime_dir / "engine.json").chmod(0o600)   # the user's own private file, as the engine writes it
         out = subprocess.run([sys.executable, "-m", "engine.api.cli", "stop"], capture_output=True, text=True, timeout=30)
         assert out.returncode == 0, out.stderr
         assert "not running" in out.stdout

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import RunningEngine
+from tests.helpers import set_twilio_token
 
 from bus import Publisher, Subscriber
 from engine.codec import encode_audio
@@ -30,6 +31,12 @@ START = {"event": "start", "sequenceNumber": "1", "streamSid": "MZ1",
          "start": {"streamSid": "MZ1", "accountSid": "AC1", "callSid": "CA1", "tracks": ["inbound"],
                    "customParameters": {"booking": "ZX9"},
                    "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}}
+
+
+@pytest.fixture(autouse=True)
+def _twilio_token(monkeypatch: pytest.MonkeyPatch) -> str:
+    """`engine phone` checks Twilio's signature (phone.auth twilio): a token for the engines and phones here."""
+    return set_twilio_token(monkeypatch)
 
 
 # ================================================================ the pure machine
@@ -338,3 +345,16 @@ def test_car_rental_back_office_serves_two_calls_at_once(phone_engine: Any, runt
         bus.close()
         office.terminate()
         office.wait(5)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(60)
+def test_engine_phone_without_its_auth_token_stops_at_once_naming_the_variable(
+        runtime_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TWILIO_AUTH_TOKEN")
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "engine.api.cli", "phone", "--backend", "local", "--port", "0"],
+                          capture_output=True, text=True, timeout=45, env=os.environ.copy(), cwd=str(tmp_path))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "$TWILIO_AUTH_TOKEN is empty" in out, out
+    assert "Traceback" not in out and time.monotonic() - t0 < 20

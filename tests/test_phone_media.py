@@ -13,9 +13,14 @@ import pytest
 from engine.phone.bridge import Latency, PhoneBridge
 from engine.phone.heard import HeardClock
 from engine.phone.simulator import FRAME_BYTES, FakePhone
-from tests.test_phone_isolation import RecordingPublisher, bridge_spec
+from tests.helpers import RecordingPublisher, bridge_spec, set_twilio_token
 
 pytestmark = pytest.mark.timeout(40)
+
+
+@pytest.fixture(autouse=True)
+def _twilio_token(monkeypatch: pytest.MonkeyPatch) -> str:
+    return set_twilio_token(monkeypatch)
 
 
 def test_the_heard_clock_says_how_far_the_next_mark_is() -> None:

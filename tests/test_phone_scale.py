@@ -25,8 +25,15 @@ from engine.errors import ConfigError
 from engine.phone.haproxy import haproxy_config, parse_address
 from engine.phone.simulator import FakePhone
 from tests.conftest import RunningEngine
+from tests.helpers import set_twilio_token
 
 HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
+
+
+@pytest.fixture(autouse=True)
+def _twilio_token(monkeypatch: pytest.MonkeyPatch) -> str:
+    """`engine phone` checks Twilio's signature (phone.auth twilio): a token for the engines and phones here."""
+    return set_twilio_token(monkeypatch)
 
 
 @pytest.mark.timeout(5)

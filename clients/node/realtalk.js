@@ -10,10 +10,40 @@ const crypto = require("crypto");
 const zmq = require("zeromq");
 const { encode, decode } = require("@msgpack/msgpack");
 
+/** Why an lstat/fstat result is not this user's own private directory or regular file (null: it is),
+ *  as bus/runtime.py decides: another user's connection file or directory is never believed. */
+function privateProblem(st, directory) {
+  if (st.isSymbolicLink()) return "is a symbolic link";
+  if (directory ? !st.isDirectory() : !st.isFile()) return `is not a ${directory ? "directory" : "regular file"}`;
+  if (st.uid !== process.geteuid()) return `is owned by uid ${st.uid}, not by you (uid ${process.geteuid()})`;
+  if (st.mode & 0o077) return `has mode ${(st.mode & 0o777).toString(8).padStart(4, "0")}: others may use it`;
+  return null;
+}
+
 function connectionFile() {
+  let xdg = process.env.XDG_RUNTIME_DIR;   // only the user's own 0700 one; else $TMPDIR/realtalk-UID
+  try { if (xdg && privateProblem(fs.lstatSync(xdg), true)) xdg = null; } catch { xdg = null; }
   const dir = process.env.REALTALK_RUNTIME_DIR
-    || (process.env.XDG_RUNTIME_DIR ? path.join(process.env.XDG_RUNTIME_DIR, "realtalk") : `/tmp/realtalk-${os.userInfo().uid}`);
+    || (xdg ? path.join(xdg, "realtalk") : path.join(os.tmpdir(), `realtalk-${process.geteuid()}`));
   return path.join(dir, "engine.json");
+}
+
+/** The connection file's JSON if it is this user's own private file (opened without following a link). */
+function readConnection(file) {
+  let fd;
+  try {
+    fd = fs.openSync(file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW);
+  } catch (e) {
+    if (e.code !== "ELOOP") throw e;
+    throw new Error(`refused the connection file ${file}: it is a symbolic link; it is not trusted: remove it`);
+  }
+  try {
+    const problem = privateProblem(fs.fstatSync(fd), false);
+    if (problem) throw new Error(`refused the connection file ${file}: it ${problem}; it is not trusted: remove it`);
+    return JSON.parse(fs.readFileSync(fd, "utf8"));
+  } finally {
+    fs.closeSync(fd);
+  }
 }
 
 /** Socket options for the engine's bus: CURVE client keys when the connection file has them (tcp). */
@@ -79,7 +109,7 @@ class Bus {
    *  A bus of every topic (`prefixes` [""]) counts what it lost (`dropped`: publisher -> messages) and,
    *  with `reportDrops`, publishes it at most once a second as `bus.dropped`, as the engine's own do. */
   constructor({ name = `node:${process.pid}`, prefixes = [""], file = connectionFile(), reportDrops = true } = {}) {
-    const conn = JSON.parse(fs.readFileSync(file, "utf8"));
+    const conn = readConnection(file);
     this.conn = conn;
     this.name = name;
     this.seq = 0;
@@ -216,4 +246,4 @@ class Bus {
   }
 }
 
-module.exports = { Bus, GapCounter, connectionFile, socketOptions };
+module.exports = { Bus, GapCounter, connectionFile, readConnection, socketOptions };

@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Any
 
-from bus.wire import HEADER_KEYS
+from bus.wire import HEADER_KEYS, BusError
 from engine.errors import EngineError
 
 
@@ -74,13 +74,16 @@ def cmd_phone(args: argparse.Namespace) -> int:
     return sup.run()
 
 
-def _connection() -> dict[str, Any]:
-    from bus.client import connection_file
-    path = connection_file()
+def _connection(running: bool = True) -> dict[str, Any]:
+    """The connection file of this user's engine (bus/runtime.py): believed only when it is this
+    user's own private file in this user's own private runtime directory, and (``running``) when
+    its supervisor is provably this user's engine that runs now. EngineError naming what is wrong."""
+    from bus import BusError
+    from bus.runtime import read_connection, running_engine
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise EngineError("no engine is running (start one with `engine start`)") from None
+        return running_engine() if running else read_connection()
+    except BusError as exc:
+        raise EngineError(str(exc)) from None
 
 
 def _alive(pid: int) -> bool:
@@ -94,10 +97,14 @@ def _alive(pid: int) -> bool:
 
 def cmd_stop(args: argparse.Namespace) -> int:
     from bus.client import connection_file
-    from engine.supervisor.process import clean_stale, engine_identity
-    conn = _connection()
+    from bus.runtime import GONE, UNPROVEN, engine_state, unproven_error
+    from engine.supervisor.process import clean_stale
+    conn = _connection(running=False)
     pid = conn.get("pid")
-    if not isinstance(pid, int) or not engine_identity(conn):
+    state = engine_state(conn)
+    if state == UNPROVEN:   # a live process that is not provably this user's engine: never signal it
+        raise EngineError(str(unproven_error(conn, connection_file())))
+    if not isinstance(pid, int) or state == GONE:
         # the supervisor is gone (its pid may belong to another process now: never signal it)
         done = clean_stale(conn, connection_file())
         print(f"engine: the engine (pid {pid}) is not running; cleaned its stale runtime directory"
@@ -129,11 +136,7 @@ def public_status(status: dict[str, Any]) -> dict[str, Any]:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from bus import Subscriber
-    from engine.supervisor.process import engine_identity
     conn = _connection()
-    if not engine_identity(conn):
-        raise EngineError(f"the engine (pid {conn.get('pid')}) is not running; its connection file is stale "
-                          "(`engine start` or `engine stop` cleans it)")
     sub = Subscriber(conn["subscribe"], ["engine.status"])
     status = None
     deadline = time.monotonic() + 3.0
@@ -330,11 +333,7 @@ def cmd_console(args: argparse.Namespace) -> int:
     from pathlib import Path
     from bus import load_endpoints
     from engine.console.server import ConsoleServer, read_info, run
-    from engine.supervisor.process import engine_identity
     conn = _connection()
-    if not engine_identity(conn):
-        raise EngineError(f"the engine (pid {conn.get('pid')}) is not running; start one with `engine start` "
-                          "(or `engine start --console`)")
     running = read_info()
     if running is not None:
         print(f"realtalk: console already running (pid {running['pid']}): {running['url']}")
@@ -454,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except EngineError as exc:  # the server's, the ring's and the core's errors are EngineErrors too
+    except (EngineError, BusError) as exc:  # the server's, the ring's and the core's errors are EngineErrors too
         print(f"engine {args.command}: {exc}", file=sys.stderr)
         return 2
 

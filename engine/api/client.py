@@ -36,7 +36,8 @@ import yaml
 import zmq
 import zmq.asyncio
 
-from bus.client import connection_file, runtime_dir
+from bus import BusError
+from bus.runtime import NoEngine, engine_alive, private_dir, read_connection, runtime_dir, running_engine
 from bus.wire import HEADER_KEYS, MalformedMessage, decode, encode
 from engine.errors import EngineError, NotRunning
 
@@ -430,13 +431,16 @@ def _schema_from_signature(fn: Callable[..., Any]) -> dict[str, Any]:
 
 
 async def connect(path: str | os.PathLike[str] | None = None, debug: bool = False) -> Session:
-    """Attach to the engine that is already running (its connection file)."""
-    file = Path(path) if path else connection_file()
+    """Attach to the engine of this user's that is already running (its connection file, default
+    the runtime directory's): the file must be this user's own private file and its supervisor
+    provably this user's running engine (bus/runtime.py), else NotRunning or EngineError naming
+    the file and the fix; nothing is sent to the bus an untrusted file names."""
     try:
-        conn = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise NotRunning(f"no engine is running ({file} does not exist); start one with `engine start` "
-                         "or use create_session()") from None
+        conn = running_engine(path)
+    except NoEngine as exc:
+        raise NotRunning(f"{exc}; or use create_session()") from None
+    except BusError as exc:
+        raise EngineError(str(exc)) from None
     session = Session(conn, debug=debug)
     await session._start()
     return session
@@ -452,27 +456,27 @@ def _claim_runtime_dir(given: str | os.PathLike[str] | None, tmp: Path) -> Path:
     """Where the new engine's sockets and connection file go. The first session of a program takes
     the default runtime directory when no engine runs there, so `engine status`, `engine say`
     and other processes find it as usual; each further one gets a private directory (several
-    sessions in one program, one engine each). ``given`` overrides both."""
-    if given is not None:
-        path = Path(given)
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    else:
-        default = runtime_dir()
-        path = default if default not in _claimed_dirs and not _engine_runs_in(default) else tmp / "run"
-        path.mkdir(mode=0o700, exist_ok=True)
+    sessions in one program, one engine each). ``given`` overrides both. Each is this user's own
+    private directory (made new with mode 0700, or refused naming it: bus/runtime.py)."""
+    try:
+        if given is not None:
+            path = private_dir(given)
+        else:
+            default = runtime_dir()
+            path = default if default not in _claimed_dirs and not _engine_runs_in(default) else private_dir(tmp / "run")
+    except BusError as exc:
+        raise EngineError(str(exc)) from None
     _claimed_dirs.add(path)
     return path
 
 
 def _engine_runs_in(path: Path) -> bool:
-    """An engine's connection file is there and names a supervisor that still runs (by its identity,
-    as `engine start` checks it: a reused pid is not an engine)."""
-    from engine.supervisor.process import engine_identity
+    """An engine's connection file is there, this user's own, and names a supervisor that is this
+    user's engine running now (by its identity, as `engine start` checks it: a reused pid is not an engine)."""
     try:
-        conn = json.loads((path / "engine.json").read_text())
-    except (OSError, ValueError):
+        return engine_alive(read_connection(path / "engine.json"))
+    except (OSError, BusError):
         return False
-    return isinstance(conn, dict) and engine_identity(conn)
 
 
 async def create_session(session: dict[str, Any] | None = None, options: dict[str, Any] | None = None) -> Session:
@@ -533,7 +537,12 @@ async def create_session(session: dict[str, Any] | None = None, options: dict[st
     # keep draining its output so it never blocks on a full pipe; a daemon thread, so a program that
     # ends (or raises) without close() does not wait for it (the default executor would: a hang)
     threading.Thread(target=_drain, args=(proc,), name="realtalk-engine-output", daemon=True).start()
-    s = Session(json.loads((run_dir / "engine.json").read_text()), process=proc, debug=bool(options.get("debug")))
+    try:
+        conn = read_connection(run_dir / "engine.json")   # this user's own private file only
+    except BusError as exc:
+        proc.send_signal(2)
+        raise EngineError(f"the engine started but its connection file is not usable: {exc}") from None
+    s = Session(conn, process=proc, debug=bool(options.get("debug")))
     s.runtime_dir = run_dir
     await s._start()
     return s

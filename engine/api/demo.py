@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from bus import Subscriber
-from bus.client import connection_file
+from bus.runtime import connection_file, read_connection
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -62,8 +62,7 @@ def run_demo(args: argparse.Namespace) -> int:
         else:
             print("demo: the engine did not start", file=sys.stderr)
             return 1
-        import json
-        conn = json.loads(connection_file().read_text())
+        conn = read_connection(connection_file())   # this user's own private file only (bus/runtime.py)
         sub = Subscriber(conn["subscribe"], ["user.", "model.transcript.done", "cost.session", "response.done",
                                              "playback.", "playout.", "engine.error"])
         recorder = subprocess.Popen(["parecord", "--device=spk.monitor", "--rate=24000", "--channels=1",

@@ -16,8 +16,10 @@
 
 Access: it listens on loopback unless told otherwise, and everything but the static files
 needs the random token of its URL (as Jupyter does); the API key never reaches it (the
-console has no spec key but the bus endpoints). While it runs, ``console.json`` (0600) in
-the engine's runtime directory holds its URL for ``engine status``.
+console has no spec key but the bus endpoints). While it runs, ``console.json`` (0600, written
+to a new file renamed over it) in the engine's runtime directory (0700) holds its URL and
+token for ``engine status``; it is believed only when it is this user's own private file and
+names a console process of this user's that runs (bus/runtime.py).
 """
 from __future__ import annotations
 
@@ -40,7 +42,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from bus import Endpoints
-from bus.client import runtime_dir
+from bus import BusError
+from bus.runtime import own_process, proc_exe, proc_start_ticks, read_private_json, runtime_dir, write_private_file
 from engine.console import lookback
 from engine.console.relay import BATCH_S, IDLE_BATCH_S, BusRelay, ConsoleError, PageQueue, encode_batch
 from engine.console.sound import WRITE_LIMIT_BYTES, ListenHub, Rings, TalkHub, audio_stats, send_now
@@ -57,14 +60,14 @@ def info_path() -> Path:
 
 
 def read_info() -> dict[str, Any] | None:
-    """The running console's ``console.json`` ({url, pid, pid_start_ticks, host, port}) if its
-    process still runs, else None."""
-    from engine.supervisor.process import same_process
+    """The running console's ``console.json`` ({url, pid, pid_start_ticks, exe, host, port}) if it
+    is this user's own private file and its process is provably this user's console still
+    running, else None."""
     try:
-        info = json.loads(info_path().read_text())
-    except (OSError, ValueError):
+        info = read_private_json(info_path(), "console file")
+    except (OSError, BusError):
         return None
-    if not isinstance(info, dict) or not same_process(info.get("pid"), info.get("pid_start_ticks")):
+    if not isinstance(info, dict) or not own_process(info.get("pid"), info.get("pid_start_ticks"), info.get("exe")):
         return None
     return info
 
@@ -298,20 +301,15 @@ class ConsoleServer:
 
     # ------------------------------------------------------------ lifecycle
     def _write_info(self) -> None:
-        from engine.supervisor.process import proc_start_ticks
-        path = info_path()
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with open(fd, "w") as f:
-            json.dump({"url": self.url, "pid": os.getpid(), "pid_start_ticks": proc_start_ticks(os.getpid()),
-                       "host": self.host, "port": self.port}, f)
-        tmp.replace(path)
+        write_private_file(info_path(), json.dumps({
+            "url": self.url, "pid": os.getpid(), "pid_start_ticks": proc_start_ticks(os.getpid()),
+            "exe": proc_exe("self"), "host": self.host, "port": self.port}))
 
     def _remove_info(self) -> None:
         try:
-            if json.loads(info_path().read_text()).get("pid") == os.getpid():
+            if read_private_json(info_path(), "console file").get("pid") == os.getpid():
                 info_path().unlink()
-        except (OSError, ValueError, AttributeError):
+        except (OSError, BusError, AttributeError):
             pass
 
     async def serve(self, stop: asyncio.Event) -> None:

@@ -15,28 +15,41 @@ Rules:
   ``phone_call_id`` are for every call, present and future.
 - Whatever goes wrong in one call (a bad phone message, a handler bug, a dead API socket) is
   reported with its ``phone_call_id`` and ends at most that call.
+- The port is guarded (:mod:`engine.phone.guard`): the upgrade is authenticated (403) and held
+  under ``max_calls`` (503); each socket's message rate, time to ``start`` and idleness are
+  watched; ``start`` is admitted (authenticated, under ``max_calls``) before the API socket opens.
+  A refused socket is closed with a code and a reason, counted (``phone.status`` ``refused``).
+- A phone's malformed messages are counted and published at most once a second per call (the
+  count since the last report and an example); the port's own refusals and the WebSocket
+  layer's errors once a second per code. Nothing of them goes to stderr.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
+import logging
 import os
 import secrets
 import threading
 import time
+from collections import Counter
 from typing import Any, Mapping
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from bus import Publisher, Subscriber
+from engine.phone.guard import (CLOSE_TOO_BIG, TOKEN_PARAMETER, Close, ConnectionGuard, ErrorSampler, Report,
+                                auth_from_config, check_upgrade, limits_from_config, token_ok)
 from engine.phone.heard import HeardClock
 from engine.phone.hold import Out, StartHold
 from engine.phone.twilio import (FRAME_BYTES, MEDIA_RATE_HZ, DtmfMsg, MarkMsg, MediaMsg, PhoneProtocolError, StartMsg,
-                                 StopMsg, TwilioStream)
+                                 StopMsg, TwilioStream, show)
 from engine.realtime.core import RealtimeCore
 from engine.wsio import keeps_up
 from engine.realtime.records import (Action, Command, Connected, Disconnected, EndOfAudio, Flush, Input, MicAudio, Play,
@@ -126,8 +139,8 @@ class Outgoing:
             if item is None:
                 return
             ws = self.ws
-            if ws is None:
-                continue
+            if ws is None or ws.state is not State.OPEN:
+                continue   # closing: the reader sees it (a send now would only abort a transport that is gone)
             text, since_s, latency, frames = item
             self._sending = True
             try:
@@ -146,9 +159,14 @@ class Outgoing:
 class Call:
     """One phone call: its Twilio stream, its core, its API socket."""
 
-    def __init__(self, bridge: "PhoneBridge", ws: ServerConnection) -> None:
+    def __init__(self, bridge: "PhoneBridge", ws: ServerConnection, authenticated: bool) -> None:
         self.bridge = bridge
         self.ws = ws
+        self.authenticated = authenticated     #: at the upgrade (a signature, a token in the URL, or auth none)
+        self.guard = ConnectionGuard(bridge.limits, time.monotonic())
+        self.guard_timer: asyncio.TimerHandle | None = None
+        self.reports = ErrorSampler()          #: this call's malformed messages, published at most once a second
+        self.report_timer: asyncio.TimerHandle | None = None
         self.stream = TwilioStream()
         self.clock = HeardClock(bridge.mark_every_frames)
         self.core: RealtimeCore | None = None
@@ -166,6 +184,9 @@ class Call:
         self.timer_due = float("inf")
         self.item_start: int | None = None
         self.ended = False
+        self.pending = True                    #: waiting for its start (counted in bridge.pending)
+        self.close_with: tuple[int, str] = (1000, "")   #: the close code and reason the phone socket ends with
+        self.closing = False                   #: close_phone() began the close handshake
         self.end_reason = ""
         self.media_in_frames = 0
         self.errors = 0
@@ -181,19 +202,92 @@ class Call:
     # ------------------------------------------------------------ the phone side
     async def run(self) -> None:
         self.phone_out.start(self.ws)
+        self.arm_guard()
         try:
             async for text in self.ws:
+                if self.closing:
+                    continue   # our close is under way: what still comes is read and dropped, so it can finish
+                close = self.guard.frame(time.monotonic())
+                if close is not None:
+                    self.refuse(close)
+                    continue
                 self.on_phone(text)
-                if self.ended:
+                if self.ended and not self.closing:
                     break
             if not self.ended:
                 self.end_reason = self.end_reason or "hangup"
-        except ConnectionClosed:
+        except ConnectionClosed as exc:
+            if exc.sent is not None and exc.sent.code == CLOSE_TOO_BIG:   # the WebSocket layer refused a frame
+                self.refuse(Close("frame_too_big", CLOSE_TOO_BIG, exc.sent.reason), sent=True)
             self.end_reason = self.end_reason or "hangup"
         except Exception as exc:  # noqa: BLE001 - one call's bug ends that call only
             self.fail(exc)
         finally:
             await self.end()
+
+    # ------------------------------------------------------------ the guard
+    def refuse(self, close: Close, sent: bool = False) -> None:
+        """Close this socket as the guard decided (unless the WebSocket layer already did,
+        ``sent``): counted and reported port-wide, and the call's end reason."""
+        b = self.bridge
+        b.refused[close.code] += 1
+        b.refused_calls += 1
+        who = f"call {show(self.id)}" if self.id else "a connection"
+        limit = {"frame_too_big": f" (phone.max_frame_bytes {b.limits.max_frame_bytes})",
+                 "rate_limited": " (phone.max_messages_per_s)", "start_timeout": " (phone.start_timeout_s)",
+                 "idle_timeout": " (phone.idle_timeout_s)", "at_capacity": " (phone.max_calls)",
+                 "unauthenticated": f" (phone.auth {b.auth.mode})"}.get(close.code, "")
+        b.port_event(close.code, f"{who} closed ({close.close_code}): {close.reason}{limit}")
+        self.end_reason = self.end_reason or close.code
+        self.ended = True
+        if not sent:
+            self.close_phone(close.close_code, close.reason)
+
+    def close_phone(self, code: int, reason: str) -> None:
+        """Close the phone socket with ``code`` and ``reason``. The reader goes on reading (and
+        dropping) until the peer's close comes: a reader that stopped would leave a flooding peer's
+        frames unread, the transport paused, and the close handshake stalled for its timeout."""
+        self.close_with = (code, reason)
+        if not self.closing and self.ws.state is State.OPEN:
+            self.closing = True
+            asyncio.get_running_loop().create_task(self.ws.close(code, reason))
+
+    def arm_guard(self) -> None:
+        due = self.guard.deadline()
+        if due is None or self.ended:
+            return
+        self.guard_timer = asyncio.get_running_loop().call_later(max(0.0, due - time.monotonic()), self._guard_tick)
+
+    def _guard_tick(self) -> None:
+        self.guard_timer = None
+        if self.ended:
+            return
+        close = self.guard.tick(time.monotonic())
+        if close is not None:
+            self.refuse(close)
+        else:
+            self.arm_guard()
+
+    def report(self, code: str, message: str, fatal: bool = False) -> None:
+        """A malformed phone message: counted; published now, or summed into the next report."""
+        self.errors += 1
+        out = self.reports.note(code, message, time.monotonic(), fatal)
+        if out is not None:
+            self._publish_report(out)
+        elif self.report_timer is None:
+            due = self.reports.due_s()
+            if due is not None:
+                self.report_timer = asyncio.get_running_loop().call_later(max(0.0, due - time.monotonic()),
+                                                                          self._flush_reports)
+
+    def _flush_reports(self) -> None:
+        self.report_timer = None
+        out = self.reports.flush(time.monotonic())
+        if out is not None:
+            self._publish_report(out)
+
+    def _publish_report(self, r: Report) -> None:
+        self.bridge.error(self, r.code, f"phone message refused: {r.message}", fatal=r.fatal, count=r.count)
 
     def fail(self, exc: BaseException) -> None:
         """A bug in this call's handling (phone side, API side or a timer): ``engine.error``
@@ -204,19 +298,18 @@ class Call:
         self.end_reason = "error"
         self.ended = True
         self.bridge.error(self, "call_failed", f"the call failed: {type(exc).__name__}: {exc}", fatal=True)
-        if self.ws.state.name == "OPEN":
-            asyncio.get_running_loop().create_task(self.ws.close(1011, "call failed"))
+        self.close_phone(1011, "call failed")
 
     def on_phone(self, text: str | bytes) -> None:
         now = time.monotonic()
         try:
             msg = self.stream.receive(text)
         except PhoneProtocolError as exc:
-            self.errors += 1
-            self.bridge.error(self, exc.code, f"phone message refused: {exc}", fatal=exc.fatal)
+            self.report(exc.code, str(exc), exc.fatal)
             if exc.fatal:
                 self.end_reason = "bad_start"
                 self.ended = True
+                self.close_phone(1008, f"bad start: {exc.code}")
             return
         if isinstance(msg, MediaMsg):
             if msg.track != "outbound" and self.core is not None:
@@ -235,6 +328,19 @@ class Call:
 
     def on_start(self, msg: StartMsg) -> None:
         b = self.bridge
+        params = msg.custom_parameters
+        authenticated = self.authenticated
+        if b.auth.mode == "token":   # the token never goes further than this
+            authenticated = authenticated or token_ok(b.auth.secret, params.get(TOKEN_PARAMETER))
+            msg = dataclasses.replace(msg, custom_parameters={k: v for k, v in params.items() if k != TOKEN_PARAMETER})
+        self.id = msg.call_sid   # (named in the refusal's report; only an admitted call is in b.calls)
+        close = self.guard.start(authenticated, len(b.calls), b.max_calls)
+        if close is not None:
+            self.refuse(close)
+            self.id = ""
+            return
+        b.pending -= 1
+        self.pending = False
         self.start = msg
         self.id = msg.call_sid if msg.call_sid not in b.calls else f"{msg.call_sid}-{secrets.token_hex(3)}"
         b.calls[self.id] = self
@@ -372,7 +478,7 @@ class Call:
             self.bridge.error(self, "phone_stuck", "the phone side does not read what is sent: ending the call")
             self.end_reason = "phone_stuck"
             self.ended = True
-            asyncio.get_running_loop().create_task(self.ws.close(1011, "not reading"))
+            self.close_phone(1011, "not reading")
 
     def schedule(self) -> None:
         core = self.core
@@ -448,6 +554,13 @@ class Call:
     async def end(self) -> None:
         self.ended = True
         self.stream.closed()
+        if self.pending:
+            self.pending = False
+            self.bridge.pending -= 1
+        for timer in (self.guard_timer, self.report_timer):
+            if timer is not None:
+                timer.cancel()
+        self._flush_reports()   # what waited, if its second has passed (phone_errors below counts them all)
         if self.timer is not None:
             self.timer.cancel()
         self._cancel_hold_timer()
@@ -488,7 +601,7 @@ class Call:
                 "api_errors": core.errors if core else 0})
             b.status_changed()
         if self.ws.state.name == "OPEN":
-            await self.ws.close()
+            await self.ws.close(*self.close_with)
 
     def summary(self) -> dict[str, Any]:
         s = self.start
@@ -500,12 +613,41 @@ class Call:
                 "api": "connected" if self.api is not None else "disconnected"}
 
 
-class PhoneBridge:
-    """Listens for Media Streams calls; ``url`` once :meth:`listen` returned."""
+class _PortLog(logging.Handler):
+    """The WebSocket layer's warnings and errors (a failed opening handshake, a failed write): to
+    the port's rate-limited reports, as one line naming the peer and what failed, never a traceback."""
 
-    def __init__(self, spec: Mapping[str, Any], publisher: Publisher | None = None) -> None:
+    def __init__(self, bridge: "PhoneBridge") -> None:
+        super().__init__(logging.WARNING)
+        self.bridge = bridge
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            what = record.getMessage()
+            peer = getattr(getattr(record, "websocket", None), "remote_address", None)
+            where = f" (from {peer[0]}:{peer[1]})" if isinstance(peer, tuple) and len(peer) >= 2 else ""
+            exc: BaseException | None = record.exc_info[1] if record.exc_info else None
+            causes: list[str] = []
+            while exc is not None and len(causes) < 3:
+                causes.append(str(exc) or type(exc).__name__)
+                exc = exc.__cause__
+            detail = f": {'; '.join(causes)}" if causes else ""
+            code = "bad_handshake" if "handshake" in what else "websocket"
+            self.bridge.port_event(code, f"{what}{where}{detail}")
+        except Exception:  # noqa: BLE001 - a report must never raise into the WebSocket layer
+            self.handleError(record)
+
+
+class PhoneBridge:
+    """Listens for Media Streams calls; ``url`` once :meth:`listen` returned. ConfigError at once
+    when ``phone.auth`` cannot be met (its secret missing from ``environ``, ``none`` off loopback)."""
+
+    def __init__(self, spec: Mapping[str, Any], publisher: Publisher | None = None,
+                 environ: Mapping[str, str] | None = None) -> None:
         cfg = spec["config"]
         phone = {**cfg.get("phone", {}), **(spec.get("phone") or {})}
+        self.auth = auth_from_config(phone, os.environ if environ is None else environ)
+        self.limits = limits_from_config(phone)
         self.host: str = phone.get("host", "127.0.0.1")
         self.port: int = int(phone.get("port", 0))
         self.path: str = "/" + str(phone.get("path", "/twilio")).lstrip("/")
@@ -541,6 +683,12 @@ class PhoneBridge:
         self.stop = asyncio.Event()
         self.calls_total = 0
         self.refused_calls = 0
+        self.refused: Counter[str] = Counter()       #: refusals by code (unauthenticated, at_capacity, …)
+        self.pending = 0                             #: sockets open and not yet admitted at start
+        self.port_reports: dict[str, ErrorSampler] = {}
+        self.ws_logger = logging.Logger("realtalk.phone.websockets", logging.WARNING)
+        self.ws_logger.addHandler(_PortLog(self))
+        self.ws_logger.propagate = False
         self._status_due = 0.0
 
     # ------------------------------------------------------------ bus out
@@ -550,13 +698,30 @@ class PhoneBridge:
             body["phone_call_id"] = call.id
         self.pub.publish(topic, body)
 
-    def error(self, call: Call | None, code: str, message: str, fatal: bool = False) -> None:
+    def error(self, call: Call | None, code: str, message: str, fatal: bool = False, count: int = 1) -> None:
         self.publish(call, "engine.error", {"source": "phone", "code": code, "message": message,
-                                            "call_fatal": fatal})
+                                            "call_fatal": fatal, "count": count})
+
+    def port_event(self, code: str, message: str) -> None:
+        """Something the port refused or its WebSocket layer failed at: published at most once a
+        second per ``code`` (the count since the last and this first example); the rest waits for
+        :meth:`flush_port_reports`."""
+        sampler = self.port_reports.setdefault(code, ErrorSampler())
+        out = sampler.note(code, message, time.monotonic())
+        if out is not None:
+            self.error(None, out.code, out.message, count=out.count)
+
+    def flush_port_reports(self) -> None:
+        now = time.monotonic()
+        for sampler in self.port_reports.values():
+            out = sampler.flush(now)
+            if out is not None:
+                self.error(None, out.code, out.message, count=out.count)
 
     def status(self) -> dict[str, Any]:
         return {"url": self.url, "calls": [c.summary() for c in list(self.calls.values())],
-                "calls_total": self.calls_total, "refused_calls": self.refused_calls, "max_calls": self.max_calls}
+                "calls_total": self.calls_total, "refused_calls": self.refused_calls, "max_calls": self.max_calls,
+                "refused": dict(self.refused), "pending": self.pending, "auth": self.auth.mode}
 
     def status_changed(self) -> None:
         self.publish(None, "phone.status", self.status())
@@ -626,21 +791,39 @@ class PhoneBridge:
 
     # ------------------------------------------------------------ calls in
     def _check_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        """The upgrade: the path (404), who it is (403, no detail), room (503: the calls at
+        max_calls, or as many sockets already waiting for their start)."""
         if request.path.split("?")[0] != self.path:
             return conn.respond(404, f"Media Streams calls are taken at {self.path}\n")
-        if len(self.calls) >= self.max_calls:
+        verdict = check_upgrade(self.auth, request.headers, request.path)
+        if verdict.status is not None:
+            self.refused[verdict.code] += 1
             self.refused_calls += 1
+            peer = conn.remote_address
+            self.port_event(verdict.code, f"an upgrade from {peer[0] if peer else '?'} was refused (403): no valid "
+                                          f"{'X-Twilio-Signature' if self.auth.mode == 'twilio' else 'token'} "
+                                          f"(phone.auth {self.auth.mode})")
+            return conn.respond(verdict.status, "Forbidden\n")
+        if len(self.calls) >= self.max_calls or self.pending >= self.max_calls:
+            self.refused["at_capacity"] += 1
+            self.refused_calls += 1
+            self.port_event("at_capacity", f"an upgrade was refused (503): {len(self.calls)} calls and "
+                                           f"{self.pending} waiting for their start, phone.max_calls {self.max_calls}")
             return conn.respond(503, f"at capacity ({self.max_calls} calls)\n")
         return None
 
     async def handle(self, ws: ServerConnection) -> None:
         self.calls_total += 1
-        call = Call(self, ws)
+        request = ws.request
+        authenticated = request is not None and check_upgrade(self.auth, request.headers, request.path).authenticated
+        self.pending += 1      # from here until its start is admitted or it closes (Call.end)
+        call = Call(self, ws, authenticated)
         await call.run()
 
     async def listen(self) -> str:
         self.server = await serve(self.handle, self.host, self.port, process_request=self._check_request,
-                                  max_size=1 << 20, compression=None, ping_interval=None)
+                                  max_size=self.limits.max_frame_bytes, open_timeout=self.limits.start_timeout_s,
+                                  compression=None, ping_interval=None, logger=self.ws_logger)
         sockets = list(self.server.sockets)
         port = sockets[0].getsockname()[1] if sockets else self.port
         self.url = f"ws://{self.host}:{port}{self.path}"
@@ -648,6 +831,7 @@ class PhoneBridge:
 
     async def serve_forever(self) -> None:
         while not self.stop.is_set():
+            self.flush_port_reports()
             if not self.solo:
                 self.status_changed()
             try:

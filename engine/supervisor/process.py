@@ -20,10 +20,16 @@ Rules:
   rings, sockets, connection file) before it raises.
 * The children die with the supervisor: PR_SET_PDEATHSIG is set in each between fork and
   exec, and the engine children also watch their stdin pipe (:mod:`engine.supervisor.child`).
+* Another local user gets nothing (bus/runtime.py): the runtime directory is this user's own,
+  mode 0700, or the start is refused naming it; the rings have random names and are made new,
+  0600; the connection file is written 0600 through a new file renamed over it, and believed
+  only when it is this user's own private file.
 * The connection file records the supervisor's and the children's identities (pid and
-  /proc start time) and the rings: a file whose supervisor is gone is stale; the next
-  ``engine start`` (or ``engine stop``) cleans it, and kills only processes whose identity
-  still matches, never a pid that now belongs to someone else.
+  /proc start time), the interpreter they all run (``exe``) and the rings by kind
+  (``ring_names``): a file whose supervisor is not provably this user's running engine is
+  stale; the next ``engine start`` (or ``engine stop``) cleans it, and kills only processes
+  that are provably this user's engine children (start time, executable and uid), never a pid
+  that now belongs to someone else; it unlinks only rings and sockets of this user's.
 * The bus loop takes every queued message each round (a malformed one does not end the
   round); at stop, what the children sent on their way out is logged before the log closes.
 * The supervisor's own events (``child_exited``, ``engine.status``) go straight into the
@@ -37,6 +43,7 @@ import secrets
 import select
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -45,8 +52,11 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote
 
-from bus import Endpoints, Publisher, Subscriber, generate_keys
-from bus.client import connection_file, runtime_dir
+from bus import BusError, Endpoints, Publisher, Subscriber, generate_keys
+from bus.runtime import (GONE, UNPROVEN, NoEngine, TrustError, engine_alive, engine_state, own_process, proc_exe,
+                         read_connection, read_private_json, runtime_dir, unproven_error, write_private_file)
+# process identity lives in bus/runtime.py (a client checks a connection file with it too); importable from here
+from bus.runtime import proc_start_ticks as proc_start_ticks, same_process as same_process
 from bus.wire import HEADER_KEYS
 from engine.api.view import TerminalView
 from engine.supervisor.child import error_text, parent_death_signal
@@ -55,7 +65,7 @@ from engine.supervisor.terminal import Terminal
 from engine.config import live_url, resolve_backend, session_payload
 from engine.cost import is_live_model
 from engine.errors import ConfigError, EngineError
-from engine.audio.ring import Ring
+from engine.audio.ring import Ring, new_ring_name
 
 MIC_RING_FRAMES = 1 << 16        # 2.7 s at 24 kHz
 SPEAKER_RING_FRAMES = 1 << 21    # 87 s: the API sends audio faster than real time
@@ -93,65 +103,51 @@ def default_sessions_dir() -> Path:
     return Path(base) / "realtalk" / "sessions"
 
 
-# ---------------------------------------------------------------- process identity
-def proc_start_ticks(pid: int) -> int | None:
-    """When ``pid`` started (field 22 of /proc/PID/stat, clock ticks since boot), or None if no
-    such process runs (a zombie counts as gone). With the pid it names one process for good."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError, IndexError, OSError):
-        return None
-    if fields[0] == "Z":
-        return None
-    return int(fields[19])
-
-
-def same_process(pid: Any, start_ticks: Any) -> bool:
-    """True if ``pid`` still is the process that had ``start_ticks`` (not a reused pid)."""
-    if not isinstance(pid, int) or not isinstance(start_ticks, int) or pid <= 0:
-        return False
-    return proc_start_ticks(pid) == start_ticks
-
-
+# ---------------------------------------------------------------- stale engines
 def clean_stale(conn: dict[str, Any], path: Path) -> list[str]:
-    """Clean what a dead engine left (``conn`` is its connection file at ``path``): kill its
-    children whose identity still matches (orphans), unlink its rings and sockets, remove the
-    file. Kills nothing else. Returns what it did, for the user."""
+    """Clean what a dead engine left (``conn`` is its connection file at ``path``, already checked
+    to be this user's own private file, its supervisor gone: bus.runtime.engine_state GONE): kill
+    its children that are provably this user's engine children still (pid, start time, the
+    interpreter ``exe``, uid: orphans), unlink its rings and sockets that are this user's, remove
+    the file. Signals nothing else. Returns what it did."""
     done: list[str] = []
+    exe = conn.get("exe")
     for c in conn.get("children") or []:
-        if isinstance(c, dict) and same_process(c.get("pid"), c.get("start_ticks")):
+        if isinstance(c, dict) and own_process(c.get("pid"), c.get("start_ticks"), exe):
             try:
                 os.kill(c["pid"], signal.SIGKILL)
                 done.append(f"killed orphan {c.get('name')} (pid {c['pid']})")
             except ProcessLookupError:
                 pass
-    for name in conn.get("ring_names") or []:
+    names = conn.get("ring_names") or {}
+    for name in names.values() if isinstance(names, dict) else names:   # (a list: written by an older engine)
         if isinstance(name, str) and name.startswith("realtalk-") and "/" not in name:
             shm = Path("/dev/shm") / name
-            if shm.exists():
+            if _own_entry(shm, stat.S_ISREG):
                 shm.unlink(missing_ok=True)
                 done.append(f"unlinked ring {name}")
     for ep in (conn.get("publish"), conn.get("subscribe")):
         if isinstance(ep, str) and ep.startswith("ipc://"):
             sock = Path(ep[len("ipc://"):])
-            if sock.parent == path.parent:
+            if sock.parent == path.parent and _own_entry(sock, stat.S_ISSOCK):
                 sock.unlink(missing_ok=True)
     path.unlink(missing_ok=True)
     return done
 
 
-def engine_identity(conn: dict[str, Any]) -> bool:
-    """True if the connection file ``conn`` names a supervisor that still runs."""
-    pid = conn.get("pid")
-    if "pid_start_ticks" in conn:
-        return same_process(pid, conn.get("pid_start_ticks"))
-    # a file from before identities were recorded: only an `engine start` process counts
+def _own_entry(path: Path, is_kind: Any) -> bool:
+    """True if ``path`` (not followed) is of the kind ``is_kind`` tests and this user's."""
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except (OSError, TypeError):
+        st = os.lstat(path)
+    except OSError:
         return False
-    return b"start" in cmdline and any(b"engine" in a for a in cmdline[:3])
+    return bool(is_kind(st.st_mode)) and st.st_uid == os.geteuid()
+
+
+def engine_identity(conn: dict[str, Any]) -> bool:
+    """True if the connection file ``conn`` names a supervisor that is provably this user's
+    running engine (pid, start time, executable, uid: bus.runtime.engine_alive)."""
+    return engine_alive(conn)
 
 
 @dataclass
@@ -195,13 +191,17 @@ class Supervisor:
         self.stopping = False
         self.children: list[Child] = []
         self.rings: list[Ring] = []
-        self.run_dir = runtime_dir()
+        self.rings_by_kind: dict[str, Ring] = {}   #: kind (mic, speaker, ref, listen, browser) -> the ring
+        try:
+            self.run_dir = runtime_dir()
+        except BusError as exc:   # another user's, or too open: refused, naming it and the fix
+            raise EngineError(str(exc)) from None
+        self.connection_path = self.run_dir / "engine.json"
         self.session_key = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
         base = Path(cfg["record"] or cfg["sessions_dir"] or default_sessions_dir())
         self.session_dir = base / self.session_key
         os.umask(0o077)  # session files (events.jsonl, conversation.wav) and children's files: 0600
-        self.session_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.session_dir, 0o700)
+        self._make_session_dir()
         #: signs the engine's own bus messages (spec key bus.signing_key, hex); never on disk or the bus
         self.signing_key = secrets.token_bytes(32)
         self.bus_keys = generate_keys(self.signing_key)  # and CURVE keys for tcp (bus/security.py)
@@ -225,6 +225,8 @@ class Supervisor:
         self.sub: Subscriber | None = None
         self.pub: Publisher | None = None
         self.my_ticks = proc_start_ticks(os.getpid())
+        #: the interpreter the supervisor and every child run: a process named in engine.json is ours only with it
+        self.my_exe = proc_exe("self")
         self.bus_up = False              #: the broker forwards our messages (our probe came back)
         self._probe_topic = f"_join.supervisor.{os.getpid()}"
         self._held: list[tuple[str, dict[str, Any]]] = []   #: own events waiting for the broker
@@ -238,6 +240,19 @@ class Supervisor:
         self.shut_down = False
 
     # ------------------------------------------------------------ setup
+    def _make_session_dir(self) -> None:
+        """The session folder, made new (mode 0700) under its base: never one that exists."""
+        try:
+            self.session_dir.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.session_dir.mkdir(mode=0o700)
+        except FileExistsError:
+            raise EngineError(f"the session folder {self.session_dir} already exists: a session folder is only "
+                              "ever made new; start again (the next one has another name)") from None
+        except OSError as exc:
+            raise EngineError(f"cannot make the session folder {self.session_dir}: {exc.strerror} (check "
+                              "sessions_dir / record in the config)") from None
+        os.chmod(self.session_dir, 0o700)
+
     def _endpoints(self) -> Endpoints:
         bus = self.cfg["bus"]
         if bus["transport"] == "tcp":
@@ -260,19 +275,22 @@ class Supervisor:
                               "(create it, or give a file in an existing folder)")
 
     def _check_not_running(self) -> None:
-        """Refuse to start beside a running engine; clean the runtime directory of a dead one."""
-        path = connection_file()
+        """Refuse to start beside a running engine, or on a connection file that is not this user's
+        own private file (named, with the fix); clean the runtime directory of a dead engine."""
+        path = self.run_dir / "engine.json"
         try:
-            conn = json.loads(path.read_text())
-        except FileNotFoundError:
+            conn = read_connection(path)
+        except NoEngine:
             return
-        except ValueError:
-            path.unlink(missing_ok=True)  # a torn file: no engine can be found through it anyway
+        except TrustError as exc:   # not this user's own private file: nothing it names is touched
+            raise EngineError(str(exc)) from None
+        except BusError:
+            path.unlink(missing_ok=True)  # a torn file of ours: no engine can be found through it anyway
             return
-        if not isinstance(conn, dict):
-            path.unlink(missing_ok=True)
-            return
-        if engine_identity(conn):
+        state = engine_state(conn)
+        if state == UNPROVEN:   # a live process that is not provably ours: nothing cleaned, nothing signalled
+            raise EngineError(str(unproven_error(conn, path)))
+        if state != GONE:
             raise EngineError(f"an engine is already running (pid {conn.get('pid')}); stop it with `engine stop`")
         done = clean_stale(conn, path)
         self.out.write(f"realtalk: cleaned the runtime directory of an engine that is gone (pid {conn.get('pid')})"
@@ -348,8 +366,7 @@ class Supervisor:
         mic = None if self.text_only else audio["mic"]
         speaker = "null" if self.text_only or audio["speaker"] in (None, "null") else audio["speaker"]
         speaker_is_device = not (isinstance(speaker, str) and (speaker == "null" or speaker.lower().endswith(".wav")))
-        speaker_ring = Ring.create(f"realtalk-{os.getpid()}-speaker", SPEAKER_RING_FRAMES, with_eventfd=False)
-        self.rings.append(speaker_ring)
+        speaker_ring = self._ring("speaker", SPEAKER_RING_FRAMES, with_eventfd=False)
         realtime_extra: dict[str, Any] = {"url": url, "headers": headers, "session": session_payload(self.cfg),
                                           "speaker_ring": speaker_ring.name,
                                           "replies_dir": str(self.session_dir / "replies")
@@ -357,22 +374,18 @@ class Supervisor:
         fds: tuple[int, ...] = ()
         pb_extra: dict[str, Any] = {"speaker_ring": speaker_ring.name, "speaker_target": speaker}
         # the console's listen and talk (engine/console/audio.py): PCM through rings, never the bus
-        listen_ring = Ring.create(f"realtalk-{os.getpid()}-listen", LISTEN_RING_FRAMES, with_eventfd=False)
-        self.rings.append(listen_ring)
+        listen_ring = self._ring("listen", LISTEN_RING_FRAMES, with_eventfd=False)
         pb_extra["listen_ring"] = listen_ring.name
         if mic is not None:
-            mic_ring = Ring.create(f"realtalk-{os.getpid()}-mic", MIC_RING_FRAMES)
-            self.rings.append(mic_ring)
+            mic_ring = self._ring("mic", MIC_RING_FRAMES)
             assert mic_ring.data_fd is not None
             os.set_inheritable(mic_ring.data_fd, True)
             fds = (mic_ring.data_fd,)
             realtime_extra.update(mic_ring=mic_ring.name, mic_fd=mic_ring.data_fd)
             # what playback hands to the device, for the echo canceller and the recording
-            ref_ring = Ring.create(f"realtalk-{os.getpid()}-ref", REF_RING_FRAMES, with_eventfd=False)
-            self.rings.append(ref_ring)
+            ref_ring = self._ring("ref", REF_RING_FRAMES, with_eventfd=False)
             pb_extra["ref_ring"] = ref_ring.name
-            browser_ring = Ring.create(f"realtalk-{os.getpid()}-browser", BROWSER_RING_FRAMES, with_eventfd=False)
-            self.rings.append(browser_ring)
+            browser_ring = self._ring("browser", BROWSER_RING_FRAMES, with_eventfd=False)
             cap_spec = self._spec({"mic_ring": mic_ring.name, "mic_fd": mic_ring.data_fd,
                                    "mic_source": mic, "speaker_ring": speaker_ring.name,
                                    "ref_ring": ref_ring.name, "speaker_is_device": speaker_is_device,
@@ -388,16 +401,30 @@ class Supervisor:
             self.devices_pending.add("playback.device")  # a real speaker: ready once it is open
         if self.console is not None:
             console_spec = self._spec({"console": self.console, "session_dir": str(self.session_dir),
-                                       "rings": {r.name.rsplit("-", 1)[-1]: r.name for r in self.rings}})
+                                       "rings": self.ring_names})
             console_spec["bus"].pop("signing_key")  # it publishes cmd.* only: no key a page could ever reach
             self.children.append(Child("console", [py, "-m", "engine.console.process"], spec=console_spec))
         self._start_children()
+
+    @property
+    def ring_names(self) -> dict[str, str]:
+        """The rings' names by kind (engine.json, engine.status, the console's spec)."""
+        return {kind: ring.name for kind, ring in self.rings_by_kind.items()}
+
+    def _ring(self, kind: str, capacity_frames: int, with_eventfd: bool = True) -> Ring:
+        """A new ring of ``kind`` under a random name (made exclusively, 0600: engine/audio/ring.py),
+        kept for the stop and listed by kind in ``ring_names``."""
+        ring = Ring.create(new_ring_name(), capacity_frames, with_eventfd=with_eventfd)
+        self.rings.append(ring)
+        self.rings_by_kind[kind] = ring
+        return ring
 
     def _start_children(self) -> None:
         # the supervisor's own bus sockets, connected before anything is published
         self.sub = Subscriber(self.endpoints, [""])  # verifies the signed control topics
         self.pub = Publisher(self.endpoints, f"supervisor:{os.getpid()}")  # signs them
-        log_fd = os.open(self.session_dir / "events.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        log_fd = os.open(self.session_dir / "events.jsonl",   # new, in the new session folder
+                         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         self.log_file = open(log_fd, "a")  # flushed after every round of the bus loop
         broker = self.children[0]
         self._spawn(broker)
@@ -436,33 +463,27 @@ class Supervisor:
                 pass  # the child died at once: reaped as an exit
 
     def _write_connection_file(self) -> None:
-        path = connection_file()
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with open(fd, "w") as f:
-            f.write(json.dumps({**self.status(), **(self.bus_keys.connection_keys() if self.endpoints.curve else {})},
-                               indent=1))
-        tmp.replace(path)
+        """engine.json: written 0600 to a new file beside it, renamed over it (bus/runtime.py)."""
+        write_private_file(self.connection_path,
+                           json.dumps({**self.status(), **(self.bus_keys.connection_keys() if self.endpoints.curve else {})},
+                                      indent=1))
 
     # ------------------------------------------------------------ status
     def status(self) -> dict[str, Any]:
-        rings = {}
-        for ring in self.rings:
-            kind = ring.name.rsplit("-", 1)[-1]
-            rings[kind] = ring.stats()
+        rings = {kind: ring.stats() for kind, ring in self.rings_by_kind.items()}
         now = time.monotonic()
         return {
-            "pid": os.getpid(), "pid_start_ticks": self.my_ticks,
+            "pid": os.getpid(), "pid_start_ticks": self.my_ticks, "exe": self.my_exe,
             "state": "stopping" if self.stopping else ("ready" if self.connected else "starting"),
             "backend": self.backend, "model": self.cfg["model"], "server_url": self.server_url,
             "publish": self.endpoints.publish, "subscribe": self.endpoints.subscribe,
-            "connection_file": str(connection_file()), "session_dir": str(self.session_dir),
+            "connection_file": str(self.connection_path), "session_dir": str(self.session_dir),
             "session_id": self.session_id, "cost_usd": round(self.view.cost_usd, 6),
             "children": [{"name": c.name, "pid": c.pid, "start_ticks": c.start_ticks, "state": c.state,
                           "restarts": c.machine.restarts, "exit_code": c.machine.exit_code,
                           "uptime_s": round(now - c.machine.started_at, 1) if c.machine.alive_states else None}
                          for c in self.children],
-            "rings": rings, "ring_names": [r.name for r in self.rings],
+            "rings": rings, "ring_names": self.ring_names,
             "ready_ms": round((self.ready_mono - self.started_mono) * 1000, 1) if self.ready_mono else None,
             "errors": len(self.errors), "forged_errors": self.forged, "malformed_messages": self.malformed,
             "phone": self.phone_status if self.phone is not None else None,
@@ -766,11 +787,11 @@ class Supervisor:
         for ep in (self.endpoints.publish, self.endpoints.subscribe):
             if ep.startswith("ipc://"):
                 Path(ep[len("ipc://"):]).unlink(missing_ok=True)
-        path = connection_file()
+        path = self.connection_path
         try:
-            if json.loads(path.read_text()).get("pid") == os.getpid():
+            if read_private_json(path).get("pid") == os.getpid():
                 path.unlink()
-        except (FileNotFoundError, ValueError):
+        except (OSError, BusError, AttributeError):
             pass
         self.drain(budget_s=STOP_DRAIN_MAX_S)
         for closer in (self.sub, self.pub, self.log_file):
