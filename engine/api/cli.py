@@ -193,7 +193,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     max_session_s=args.max_session_s)
     cfg = ServerConfig(host=args.host, port=args.port, speed=args.speed, api_key=args.require_key,
                        asr=not args.no_asr, scenario=load_scenario(args.scenario), faults=faults,
-                       listen_fd=args.listen_fd)
+                       listen_fd=args.listen_fd, dialect=args.dialect)
     return run(cfg)
 
 
@@ -408,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--drop-after-s", type=float, default=None, help="drop each connection after this long")
     s.add_argument("--drop-code", type=int, default=1006, choices=[1001, 1006, 1011])
     s.add_argument("--max-session-s", type=float, default=3600.0)
+    s.add_argument("--dialect", default="openai", choices=["openai", "azure", "xai"],
+                   help="speak as this provider (docs/providers.md): Azure's URLs and api-key, or xAI's dialect")
     s.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_serve)
 

@@ -25,6 +25,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response as HttpResponse
 
 from engine.server.errors import ServeError
+from engine.server.dialects import azure_path, server_dialect
 from engine.server.faults import MAX_SESSION_REASON, Faults
 from engine.server.live_app import SESSIONS as LIVE_SESSIONS, handle_live, live_route
 from engine.server.protocol import error_event
@@ -50,6 +51,7 @@ class ServerConfig:
     scenario: Scenario = field(default_factory=Scenario)
     faults: Faults = field(default_factory=Faults)
     listen_fd: int | None = None       #: an already bound, listening socket to serve on (from a supervisor)
+    dialect: str = "openai"            #: openai | azure | xai: the provider this server speaks as (dialects.py)
 
 
 class Connection:
@@ -70,6 +72,7 @@ class Connection:
         self.closed = False
         self.idle_task: asyncio.Task[Any] | None = None
         self.idle_epoch: int | None = None      #: the session's idle_epoch the timer was armed at
+        self.dialect = server_dialect(cfg.dialect)
 
     async def send(self, event: dict[str, Any]) -> None:
         if self.closed:
@@ -80,7 +83,8 @@ class Connection:
         if drop and (drop == etype or drop == f"{etype}#{n}"):
             await self.drop(self.faults.drop_code, "injected fault")
             return
-        await self.ws.send(json.dumps(event))
+        for wire in self.dialect.outbound(event):
+            await self.ws.send(json.dumps(wire))
         for err in list(self.pending_errors):
             if err.get("after_event") == etype:
                 self.pending_errors.remove(err)
@@ -208,7 +212,13 @@ class Connection:
             self.spawn(self._drop_later(self.faults.drop_after_s, self.faults.drop_code, "injected fault"))
         self.spawn(self._drop_later(self.faults.max_session_s, 1001, MAX_SESSION_REASON))
         try:
+            if self.dialect.ping_every_s:
+                self.spawn(self._ping())
             async for message in self.ws:
+                message, refused = self.dialect.inbound(message)
+                if refused is not None:
+                    await self.ws.send(json.dumps(refused))
+                    continue
                 await self.apply(self.session.receive_text(message))
         except ConnectionClosed:
             pass  # the client went away, or the server is shutting down (1001): the session ends
@@ -217,6 +227,15 @@ class Connection:
             for task in list(self.tasks):
                 task.cancel()
 
+    async def _ping(self) -> None:
+        """The dialect's keep-alive events (xAI's ``ping``), every ``ping_every_s`` / speed."""
+        assert self.dialect.ping_every_s
+        while not self.closed:
+            await asyncio.sleep(self.dialect.ping_every_s / self.speed)
+            ping = self.dialect.ping()
+            if ping is not None and not self.closed:
+                await self.ws.send(json.dumps(ping))
+
     async def _drop_later(self, after_s: float, code: int, reason: str) -> None:
         await asyncio.sleep(after_s)
         await self.drop(code, reason)
@@ -224,6 +243,14 @@ class Connection:
 
 def make_process_request(cfg: ServerConfig):
     def process_request(connection: ServerConnection, request: Request) -> HttpResponse | None:
+        if cfg.dialect == "azure":   # Azure's shape: /openai/v1/…, the key in api-key (or a bearer token)
+            own = azure_path(request.path)
+            if own is None:
+                return connection.respond(404, f"Not found: {urlsplit(request.path).path}. Azure OpenAI's endpoints "
+                                          "are /openai/v1/realtime?model=DEPLOYMENT and /openai/v1/live/sessions\n")
+            request.path = own
+            if "api-key" in request.headers and "Authorization" not in request.headers:
+                request.headers["Authorization"] = f"Bearer {request.headers['api-key']}"
         url = urlsplit(request.path)
         live = live_route(request.path)
         call_id = parse_qs(url.query).get("call_id", [None])[0]

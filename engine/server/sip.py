@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
+from engine.server.dialects import azure_path
 from engine.httpio import HttpClientError, HttpRequest, HttpResponse, request
 from engine.server.live_app import Outbox, LiveConnection
 from engine.server.live_protocol import SESSION_CONFIG
@@ -389,7 +390,8 @@ def end_call(call: StandInCall, by: str) -> None:
 # ---------------------------------------------------------------------------------- HTTP endpoints
 def _check_auth(req: HttpRequest, cfg: "ServerConfig") -> HttpResponse | None:
     key = cfg.api_key
-    if key is not None and req.headers.get("authorization", "") != f"Bearer {key}":
+    if key is not None and req.headers.get("authorization", "") != f"Bearer {key}" \
+            and not (cfg.dialect == "azure" and req.headers.get("api-key") == key):
         return api_error(401, "invalid_api_key", "Incorrect API key provided.")
     return None
 
@@ -399,6 +401,11 @@ async def handle_http(req: HttpRequest, cfg: "ServerConfig") -> HttpResponse:
     denied = _check_auth(req, cfg)
     if denied is not None:
         return denied
+    if cfg.dialect == "azure":   # Azure OpenAI's paths: /openai/v1/…
+        own = azure_path(req.path)
+        if own is None:
+            return api_error(404, "not_found", f"Not found: {req.path}. Azure OpenAI's paths start /openai/v1/.")
+        req.target = own + req.target[len(req.path):]
     m = _CALL_PATH.match(req.path)
     if m is not None:
         if req.method != "POST":
