@@ -137,6 +137,8 @@ RULES: dict[str, tuple[tuple[type, ...], tuple[Any, ...] | None]] = {
 _OPEN_KEYS = {"session.turn_detection": set(_TD) | {"eagerness", "idle_timeout_ms"},
               "session.transcription": {"model", "language", "prompt", "languages", "keywords", "delay"}}
 
+#: xAI's Grok voices (case-insensitive; docs.x.ai, pipecat; more via GET /v1/tts/voices)
+XAI_VOICES = ("eve", "ara", "rex", "sal", "leo")
 REALTIME_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar")
 #: openai.types.live BuiltInVoice; GPT-Live refuses fable, nova and onyx
 LIVE_VOICES = ("alloy", "ash", "ballad", "beacon", "bossa", "cedar", "cinder", "coral", "delta", "echo", "gleam",
@@ -255,6 +257,10 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str,
     check_priced(cfg["model"])   # the price table is part of the config's check
     if is_live_model(cfg["model"]):
         _check_live_session(cfg["session"], cfg["model"])
+    elif cfg.get("provider") == "xai":
+        if cfg["session"]["voice"].lower() not in XAI_VOICES:   # xAI also has custom voices: a clear refusal first
+            raise ConfigError(f"config key 'session.voice': {cfg['session']['voice']!r} is not one of xAI's: "
+                              f"{', '.join(XAI_VOICES)}")
     else:
         if cfg["session"]["voice"] not in REALTIME_VOICES:
             raise ConfigError(f"config key 'session.voice': {cfg['session']['voice']!r} is not one of: "

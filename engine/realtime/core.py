@@ -126,6 +126,7 @@ class RealtimeCore:
             "response.output_audio_transcript.done": self._on_transcript_done,
             "response.function_call_arguments.done": self._on_function_call,
             "response.done": self._on_response_done,
+            "input_audio_buffer.dtmf_event_received": self._on_dtmf,
         }
         self._commands: dict[str, Callable[[Mapping[str, Any], float, int], list[Action]]] = {
             "cmd.say": self._cmd_say,
@@ -138,6 +139,7 @@ class RealtimeCore:
             "cmd.tool.register": self._cmd_tool_register,
             "cmd.tool.unregister": self._cmd_tool_unregister,
             "cmd.tool.result": self._cmd_tool_result,
+            "cmd.dtmf": self._cmd_dtmf,
             "engine.presence.gone": self._presence_gone,
         }
         self._reports: dict[str, Callable[[PlaybackReport, float], list[Action]]] = {
@@ -283,6 +285,17 @@ class RealtimeCore:
     @property
     def protocol_refused(self) -> bool:
         return self.link is Link.REFUSED
+
+    def _on_dtmf(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        """A SIP caller pressed a key (the call socket's ``input_audio_buffer.dtmf_event_received``)."""
+        return [Publish("sip.dtmf", {"key": ev.get("event"), "from": "caller", "received_at": ev.get("received_at")})]
+
+    def _cmd_dtmf(self, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        why = ("Realtime has no client event that sends DTMF (openai 3.63.0 has none): a route with api: live "
+               "sends keys (transport.dtmf.send)")
+        cmd_id = body.get("id")
+        return [Publish("cmd.ack", {"id": cmd_id, "ok": False, "error": why})] if isinstance(cmd_id, str) else \
+            [Publish("engine.error", {"source": "engine", "code": "bad_command", "message": why})]
 
     def _on_session_created(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
         session = ev["session"]

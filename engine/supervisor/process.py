@@ -63,6 +63,7 @@ from engine.supervisor.child import error_text, parent_death_signal
 from engine.supervisor.children import (ChildMachine, GaveUp, Kill, Policy, Restarting, Spawn, Terminate)
 from engine.supervisor.terminal import Terminal
 from engine.config import live_url, resolve_backend, session_payload
+from engine.providers import Target, api_target
 from engine.cost import is_live_model
 from engine.errors import ConfigError, EngineError
 from engine.audio.ring import Ring, new_ring_name
@@ -188,6 +189,7 @@ class Supervisor:
         self.console = console
         self.out = out
         self.backend = resolve_backend(cfg)
+        self.target: Target | None = None    #: the remote API (None: the local server)
         self.stopping = False
         self.children: list[Child] = []
         self.rings: list[Ring] = []
@@ -328,11 +330,15 @@ class Supervisor:
             self.children.append(Child("server", argv, stdout=subprocess.DEVNULL, pass_fds=(fd,)))
             self.server_url = f"ws://{ls['host']}:{port}/v1/realtime"
             return self._api_url(self.server_url, model), ["Authorization: Bearer local"]
-        key = os.environ.get(self.cfg["api_key_env"])
-        if not key:
-            raise EngineError(f"backend openai needs an API key in ${self.cfg['api_key_env']} "
-                              "(or use --backend local for the offline server)")
-        return self._api_url(self.cfg["openai_url"], model), [f"Authorization: Bearer {key}"]
+        # a remote provider (engine/providers.py): openai, azure, xai, or any Realtime-compatible server
+        self.target = api_target(self.cfg, os.environ)
+        return self.target.url, list(self.target.headers)
+
+    def _dialect_spec(self) -> dict[str, Any]:
+        """Which provider's dialect the API socket speaks (engine/realtime/dialects.py)."""
+        t = self.target
+        return {"provider": t.provider if t else "local", "dialect": t.dialect if t else "openai",
+                "deployment": t.deployment if t else None}
 
     def _api_url(self, realtime_url: str, quoted_model: str) -> str:
         """The socket's URL: Realtime names the model in the query; GPT-Live has its own path
@@ -359,7 +365,8 @@ class Supervisor:
         url, headers = self._api_target()
         if self.phone is not None:  # phone calls (engine/phone): no rings, no capture, realtime or playback
             self.children.append(Child("phone", [py, "-m", "engine.phone.process"], spec=self._spec(
-                {"url": url, "headers": headers, "session": session_payload(self.cfg), "phone": self.phone})))
+                {"url": url, "headers": headers, "session": session_payload(self.cfg), "phone": self.phone,
+                 **self._dialect_spec()})))
             self._start_children()
             return
         audio = self.cfg["audio"]
@@ -368,6 +375,7 @@ class Supervisor:
         speaker_is_device = not (isinstance(speaker, str) and (speaker == "null" or speaker.lower().endswith(".wav")))
         speaker_ring = self._ring("speaker", SPEAKER_RING_FRAMES, with_eventfd=False)
         realtime_extra: dict[str, Any] = {"url": url, "headers": headers, "session": session_payload(self.cfg),
+                                          **self._dialect_spec(),
                                           "speaker_ring": speaker_ring.name,
                                           "replies_dir": str(self.session_dir / "replies")
                                           if self.cfg["reply_audio"] else None}
@@ -439,6 +447,8 @@ class Supervisor:
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
         env.pop(self.cfg["api_key_env"], None)  # the realtime child gets the key in its spec, the others never
+        if self.target is not None:
+            env.pop(self.target.key_env, None)
         if child.name == "broker":  # its CURVE server keys and the signing key (it has no spec)
             env.update(self.bus_keys.environment(broker=True))
         if child.proc is not None and child.proc.stdin is not None:
