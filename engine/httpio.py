@@ -164,7 +164,7 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.close()
 
 
-async def serve_http(handler: Handler, host: str, port: int, *, sock: Any = None) -> asyncio.AbstractServer:
+async def serve_http(handler: Handler, host: str, port: int, *, sock: Any = None) -> asyncio.Server:
     """Listen for HTTP requests (``sock``: an already bound socket instead of host and port)."""
     loop = asyncio.get_running_loop()
     if sock is not None:
