@@ -77,6 +77,9 @@ class SipService:
         session = cfg.get("session") or {}
         defaults = {"model": cfg.get("model"), "instructions": session.get("instructions"),
                     "voice": session.get("voice")}
+        if not sip.get("routes"):   # no routes: every call is answered with the engine's model, on its API
+            sip = {**sip, "routes": [{"api": "live" if str(cfg.get("model", "")).startswith("gpt-live-")
+                                      else "realtime"}]}
         self.table = CallTable(parse_routes(sip, defaults), int(sip.get("max_calls", 100)),
                                int(sip.get("no_route_status", 404)))
         self.secret = secret_from_env(environ)          # WebhookError (no_secret) ends the start

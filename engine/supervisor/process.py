@@ -179,12 +179,16 @@ class Child:
 
 class Supervisor:
     def __init__(self, cfg: dict[str, Any], *, text_only: bool = False, out: TextIO = sys.stdout,
-                 console: dict[str, Any] | None = None, phone: dict[str, Any] | None = None) -> None:
+                 console: dict[str, Any] | None = None, phone: dict[str, Any] | None = None,
+                 sip: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
         self.text_only = text_only
         #: ``engine phone`` / ``engine start --phone``: {host, port, path}: phone calls instead of the devices
         self.phone = phone
         self.phone_status: dict[str, Any] | None = None   #: the phone process's latest phone.status
+        #: ``engine sip``: {host, port, path}: OpenAI SIP webhooks instead of the devices (docs/sip.md)
+        self.sip = sip
+        self.sip_status: dict[str, Any] | None = None     #: the sip process's latest sip.status
         #: ``engine start --console``: {host, port} of the debug console, started as a child
         self.console = console
         self.out = out
@@ -334,6 +338,14 @@ class Supervisor:
         self.target = api_target(self.cfg, os.environ)
         return self.target.url, list(self.target.headers)
 
+    def _rest_spec(self, url: str) -> dict[str, Any]:
+        """Where a SIP call's REST calls and control sockets go: the API's base URLs."""
+        if self.target is not None:
+            return {"rest_base": self.target.rest_base, "ws_base": self.target.url.split("?", 1)[0]
+                    .removesuffix("/realtime").removesuffix("/live/sessions")}
+        base = (self.server_url or url).split("?", 1)[0].removesuffix("/realtime")
+        return {"rest_base": "http://" + base.removeprefix("ws://"), "ws_base": base}
+
     def _dialect_spec(self) -> dict[str, Any]:
         """Which provider's dialect the API socket speaks (engine/realtime/dialects.py)."""
         t = self.target
@@ -363,6 +375,11 @@ class Supervisor:
         self.children.append(Child("broker", [py, "-m", "bus.broker", self.endpoints.publish, self.endpoints.subscribe],
                                    death_signal=signal.SIGKILL))
         url, headers = self._api_target()
+        if self.sip is not None:  # SIP calls (engine/sip): the audio is OpenAI's; no rings or devices
+            self.children.append(Child("sip", [py, "-m", "engine.sip.process"], spec=self._spec(
+                {"headers": headers, "sip": self.sip, **self._rest_spec(url), **self._dialect_spec()})))
+            self._start_children()
+            return
         if self.phone is not None:  # phone calls (engine/phone): no rings, no capture, realtime or playback
             self.children.append(Child("phone", [py, "-m", "engine.phone.process"], spec=self._spec(
                 {"url": url, "headers": headers, "session": session_payload(self.cfg), "phone": self.phone,
@@ -497,6 +514,7 @@ class Supervisor:
             "ready_ms": round((self.ready_mono - self.started_mono) * 1000, 1) if self.ready_mono else None,
             "errors": len(self.errors), "forged_errors": self.forged, "malformed_messages": self.malformed,
             "phone": self.phone_status if self.phone is not None else None,
+            "sip": self.sip_status if self.sip is not None else None,
         }
 
     # ------------------------------------------------------------ the event log and own events
@@ -575,6 +593,18 @@ class Supervisor:
                 sent_ns = body.get("mono_ns")
                 self._last_device_ns = max(self._last_device_ns, sent_ns if isinstance(sent_ns, int) else time.monotonic_ns())
                 self._maybe_ready()
+        elif topic == "sip.status" and self.sip is not None:
+            if self.stopping or not self._from_engine(body):
+                return
+            self.sip_status = {k: v for k, v in body.items() if k not in HEADER_KEYS}
+            self.next_status_at = 0.0
+            if not self.connected:
+                self.connected = True
+                self.ready_mono = time.monotonic()
+                self.out.write(f"realtalk: ready in {(self.ready_mono - self.started_mono) * 1000:.0f} ms; "
+                               f"SIP webhooks at {body.get('url')}\n")
+                self.out.flush()
+                self._write_connection_file()
         elif topic == "phone.status" and self.phone is not None:
             if self.stopping or not self._from_engine(body):
                 return
@@ -686,7 +716,7 @@ class Supervisor:
                 if now >= self.next_status_at:
                     self.next_status_at = now + 1.0
                     self._emit("engine.status", self.status(), hold=False)
-                if self.connected and not self.stopping and self.phone is None:   # (calls have their own state)
+                if self.connected and not self.stopping and self.phone is None and self.sip is None:   # (calls' own)
                     self.term.draw(self.view.live_line(), now)   # a TTY only
                 if not self.stopping and empty:
                     self._sleep(wake_r, now)
