@@ -124,6 +124,8 @@ class StandInCall:
     placed_s: float = field(default_factory=time.monotonic)
     answered_s: float | None = None
     ended_s: float | None = None
+    first_webhook_s: float | None = None   #: when the first delivery of it went out (monotonic)
+    accept_asked_s: float | None = None    #: when an accept for it came in
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
     def go(self, event: str) -> None:
@@ -141,6 +143,9 @@ class StandInCall:
                 "phase": self.phase.value, "api": self.api, "accepted_with": self.accepted_with,
                 "reject_status": self.reject_status, "refer_to": self.refer_to, "ended_by": self.ended_by,
                 "duration_s": round(end - self.answered_s, 3) if self.answered_s else 0.0,
+                "webhook_to_accept_ms": round((self.accept_asked_s - self.first_webhook_s) * 1000, 2)
+                if self.accept_asked_s is not None and self.first_webhook_s is not None else None,
+                "first_webhook_mono_s": self.first_webhook_s, "accept_asked_mono_s": self.accept_asked_s,
                 "sip_headers": self.headers, "caller": self.caller.report(), "warnings": list(self.warnings),
                 "webhooks": [d.__dict__ for d in self.deliveries],
                 "monitors": self.leg.monitor_count() if self.leg is not None else 0}
@@ -473,6 +478,8 @@ async def call_endpoint(api: str, call_id: str, action: str, req: HttpRequest,
 
 
 async def accept(call: StandInCall, api: str, body: dict[str, Any], cfg: "ServerConfig") -> HttpResponse:
+    if call.accept_asked_s is None:
+        call.accept_asked_s = time.monotonic()
     if call.phase is Phase.MISSED or (call.phase is Phase.RINGING
                                       and time.monotonic() - call.placed_s > call.ring_timeout_s):
         if call.phase is Phase.RINGING:
@@ -623,6 +630,8 @@ async def _deliver(call: StandInCall, kind: str, url: str, secret: str, sign: st
                 key = secret if sign != "forged" else "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
                 headers.update(signed_headers(key, webhook_id, ts, body))
             t0 = time.monotonic()
+            if call.first_webhook_s is None:
+                call.first_webhook_s = t0
             try:
                 resp = await request("POST", url, headers=headers, body=body, timeout_s=10.0)
                 call.deliveries.append(Delivery(etype, attempt + 1, resp.status, ms=(time.monotonic() - t0) * 1000))
