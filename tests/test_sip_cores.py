@@ -55,3 +55,15 @@ def test_realtime_call_socket_publishes_the_callers_keys_and_refuses_sending() -
     assert published(acts, "sip.dtmf") == [{"key": "#", "from": "caller", "received_at": 1791000000}]
     refused = core.handle(Command("cmd.dtmf", {"keys": "1", "id": "x"}), 0.0, 0)
     assert "live" in published(refused, "cmd.ack")[0]["error"]
+
+
+def test_a_call_socket_that_reconnects_replays_no_history() -> None:
+    from engine.realtime.records import Disconnected
+    for keeps, replayed in ((False, True), (True, False)):
+        core = RealtimeCore("gpt-realtime", {"type": "realtime"}, keeps_session=keeps)
+        core.handle(Connected(reconnect=False, reason="start"), 0.0, 0)
+        core.history.append({"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]})
+        core.handle(Disconnected(1006, "lost"), 0.2, 0)
+        acts = core.handle(Connected(reconnect=True, reason="reconnect"), 0.3, 0)
+        items = [a for a in acts if isinstance(a, Send) and a.event["type"] == "conversation.item.create"]
+        assert bool(items) is replayed

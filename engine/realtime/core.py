@@ -75,7 +75,8 @@ class RealtimeCore:
 
     def __init__(self, model: str, session_config: Mapping[str, Any], *, start_index: int = 0,
                  barge_in: bool = True, min_speech_ms: int = 0, budget_usd: float | None = None,
-                 new_id: Callable[[str], str] = new_id, audio_format: str = "audio/pcm") -> None:
+                 new_id: Callable[[str], str] = new_id, audio_format: str = "audio/pcm",
+                 keeps_session: bool = False) -> None:
         if audio_format not in AUDIO_FORMATS:
             raise ConfigError(f"audio_format {audio_format!r} is not one of {', '.join(AUDIO_FORMATS)}")
         #: what Play / MicAudio / ring indices count: PCM16 24 kHz frames, or G.711 8 kHz bytes (phone calls)
@@ -105,6 +106,8 @@ class RealtimeCore:
         self.errors = 0
         self.malformed_commands = 0
         self.handler_failures = 0
+        #: the server keeps the session across sockets (a SIP call's socket): a reconnect replays nothing
+        self.keeps_session = keeps_session
         self._server_handlers: dict[str, Callable[[Mapping[str, Any], float, int], list[Action]]] = {
             "session.created": self._on_session_created,
             "session.updated": self._on_session_updated,
@@ -188,7 +191,7 @@ class RealtimeCore:
         self.link = Link.CONNECTED
         self.turns.clock.reset()
         acts: list[Action] = [self._session_update(self._session_with_tools(), None, dict(self.session_config))]
-        replay = self.history[-HISTORY_ITEMS:] if rec.reconnect else []
+        replay = self.history[-HISTORY_ITEMS:] if rec.reconnect and not self.keeps_session else []
         for item in replay:
             acts.append(self._send({"type": "conversation.item.create", "item": dict(item)}))
         if rec.reconnect:
