@@ -684,7 +684,7 @@ class PhoneEngine:
         return [b for at, tp, b in list(self.log) if at >= t and tp == topic]
 
     def stop(self) -> None:
-        from bench.run import stop_engine
+        from bench.common import stop_engine
         stop_engine(self.proc)
         self.out.close()
         if hasattr(self, "sub"):

@@ -225,6 +225,10 @@ class Subscriber:
     ``recv`` goes on to the next message at once (at most :data:`MAX_SKIPPED_PER_RECV`
     per call, so a flood of bad input still gives the caller back control).
     :meth:`take_malformed_report` / :meth:`publish_reports` report them, once a second.
+    :meth:`publish_reports` reports them only from a subscriber of every topic: a prefix
+    subscriber's malformed message reaches the engine's subscriber of every topic (the
+    supervisor's) too, which reports it, so each is reported once (the prefix subscriber still
+    counts it in ``malformed``).
 
     Drops: a subscriber of every topic (``prefixes`` ``("",)``) counts the gaps in each
     publisher's ``seq`` in ``dropped`` (publisher name -> messages lost), which is how a
@@ -367,7 +371,8 @@ class Subscriber:
     def publish_reports(self, pub: Publisher, source: str) -> int:
         """Publish what :meth:`take_drop_report` has, one ``bus.dropped`` {subscriber (``pub``'s
         name), publisher, count, total} each, and what :meth:`take_malformed_report` has, as a
-        benign ``engine.error`` (code ``malformed_bus_message``) from ``source``; returns the
+        benign ``engine.error`` (code ``malformed_bus_message``) from ``source`` (a subscriber of
+        every topic only, see the class docstring); returns the
         number of messages published.
         Call it from the loop that reads this subscriber; it costs nothing when there is nothing."""
         sent = 0
@@ -375,7 +380,8 @@ class Subscriber:
             pub.publish("bus.dropped", {"subscriber": pub.name, "publisher": drop["publisher"], "count": drop["count"],
                                         "total": self.dropped[drop["publisher"]]})
             sent += 1
-        report = self.take_malformed_report()
+        # a prefix subscriber's malformed messages are the every-topic subscriber's too: it reports them
+        report = self.take_malformed_report() if self._count_gaps else None
         if report is None:
             return sent
         pub.publish("engine.error", {"source": source, "code": "malformed_bus_message", "benign": True,

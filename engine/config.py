@@ -53,6 +53,8 @@ DEFAULTS: dict[str, Any] = {
               "echo_guard_db": -6.0},
     "barge_in": {"enabled": True, "min_speech_ms": 0},
     "bus": {"transport": "ipc", "tcp_host": "127.0.0.1", "tcp_publish_port": 0, "tcp_subscribe_port": 0},
+    # liveness: a child silent this long (no heartbeat) is reported and restarted; null: not checked
+    "supervisor": {"heartbeat_timeout_s": 3.0},
     "local_server": {"host": "127.0.0.1", "port": 0, "speed": 1.0, "scenario": None, "asr": True},
     # engine phone / engine start --phone: Twilio Media Streams calls (docs/phone.md)
     "phone": {"host": "127.0.0.1", "port": 8766, "path": "/twilio", "dtmf_to_model": "off", "mark_every_ms": 200,
@@ -116,6 +118,7 @@ RULES: dict[str, tuple[tuple[type, ...], tuple[Any, ...] | None]] = {
     "audio.echo_guard_db": ((int, float, type(None)), None),
     "barge_in.min_speech_ms": ((int,), None),
     "bus.transport": ((str,), ("ipc", "tcp")),
+    "supervisor.heartbeat_timeout_s": ((int, float, type(None)), None),
     "local_server.speed": (_NUM, None),
     "local_server.scenario": ((str, type(None)), None),
     "phone.dtmf_to_model": ((str,), ("off", "context", "reply")),
@@ -269,6 +272,10 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str,
     if cfg["session_recycle_s"] < 1:
         raise ConfigError(f"config key 'session_recycle_s': at least 1 second, got {cfg['session_recycle_s']}")
     _check_phone(cfg["phone"])
+    heartbeat_s = cfg["supervisor"]["heartbeat_timeout_s"]
+    if heartbeat_s is not None and heartbeat_s < 0.5:
+        raise ConfigError(f"config key 'supervisor.heartbeat_timeout_s': at least 0.5 s (or null: no liveness "
+                          f"check), got {heartbeat_s}")
     return cfg
 
 

@@ -81,21 +81,29 @@ def test_malformed_report_once_a_second_with_count_and_reason() -> None:
 
 
 def test_publish_reports_puts_the_report_on_engine_error(broker: Broker) -> None:
+    """Only a subscriber of every topic reports (issue 23 point 7): the same malformed message
+    reaches it and every prefix subscriber of its topic, and was reported by each."""
+    every = Subscriber(broker.sub_ep, [""], verify_key=None)
     sub = Subscriber(broker.sub_ep, ["x."], verify_key=None)
     watcher = Subscriber(broker.sub_ep, ["engine.error"], verify_key=None)
     pub = _joined(broker, "fuzz")
     reporter = _joined(broker, "supervisor:1")
     pub.send_raw([b"x.bad", msgpack.packb([1, 2])])
     pub.publish("x.good", {})
-    _wait_readable(sub)
-    msg = sub.recv(timeout_ms=1000)
-    assert msg is not None and msg[0] == "x.good"
-    assert sub.publish_reports(reporter, "supervisor") == 1
-    assert sub.publish_reports(reporter, "supervisor") == 0  # rate-limited
+    for s in (sub, every):
+        _wait_readable(s)
+        deadline = time.monotonic() + 2
+        while (msg := s.recv(timeout_ms=100)) is None or msg[0] != "x.good":
+            assert time.monotonic() < deadline, "x.good did not come"
+        assert s.malformed == 1
+    assert sub.publish_reports(reporter, "realtime") == 0  # counted, not reported: `every` reports it
+    assert every.publish_reports(reporter, "supervisor") == 1
+    assert every.publish_reports(reporter, "supervisor") == 0  # rate-limited
     report = watcher.recv(timeout_ms=2000)
     assert report is not None
     topic, body = report
     assert topic == "engine.error" and body["code"] == "malformed_bus_message" and body["count"] == 1
     assert "expected a map" in body["message"] and body["benign"] is True and body["source"] == "supervisor"
-    for s in (sub, watcher, pub, reporter):
-        s.close()
+    assert watcher.recv(timeout_ms=300) is None   # once
+    for closing in (every, sub, watcher, pub, reporter):
+        closing.close()

@@ -48,7 +48,8 @@ def cmd_start(args: argparse.Namespace) -> int:
     backend = resolve_backend(cfg)
     why = {"local": "offline local server" + ("" if cfg["backend"] == "local" else f" (no ${cfg['api_key_env']} set)"),
            "openai": "OpenAI Realtime API" + ("" if cfg["backend"] == "openai" else f" (${cfg['api_key_env']} is set)")}[backend]
-    console = {"host": args.console_host, "port": args.console_port} if args.console else None
+    console = ({"host": args.console_host, "port": args.console_port, "allowed_hosts": args.console_allow_host or []}
+               if args.console else None)
     sup = Supervisor(cfg, text_only=args.text_only, console=console)
     print(f"realtalk: starting with backend {backend}: {why}, model {cfg['model']}")
     sup.start()
@@ -243,9 +244,14 @@ def _publish_with_ack(topic: str, payload: dict[str, Any], timeout_s: float = 10
 def cmd_say(args: argparse.Namespace) -> int:
     role = "system" if args.system else "user"
     respond = args.respond or (role == "user" and not args.no_respond)
-    ack = _publish_with_ack("cmd.say", {"text": args.text, "role": role, "respond": respond})
+    payload: dict[str, Any] = {"text": args.text, "role": role, "respond": respond}
+    if args.call:
+        payload["phone_call_id"] = args.call   # one call of `engine phone` (docs/phone.md, "The bus")
+    ack = _publish_with_ack("cmd.say", payload)
     if not ack.get("ok"):
-        print(f"engine say: refused: {ack.get('error')}", file=sys.stderr)
+        error = str(ack.get("error"))
+        hint = "; name one with --call ID" if not args.call and "phone_call_id" in error else ""
+        print(f"engine say: refused: {error}{hint}", file=sys.stderr)
         return 1
     print(f"engine say: added as {ack.get('item_id')}")
     return 0
@@ -294,7 +300,8 @@ def cmd_ptt(args: argparse.Namespace) -> int:
 def cmd_tail(args: argparse.Namespace) -> int:
     """The conversation as readable lines (engine/api/view.py); topics the view leaves out are
     printed one message a line only when a prefix asks for them (``engine tail cost.``).
-    ``--all`` (or ``--json``): every message of the given prefixes, one line each."""
+    ``--all`` (or ``--json``): every message of the given prefixes, one line each. ``--call ID``:
+    only the messages of that phone call (their ``phone_call_id``)."""
     from bus import Subscriber
     from engine.api.view import ConversationView
     conn = _connection()
@@ -307,6 +314,8 @@ def cmd_tail(args: argparse.Namespace) -> int:
             if msg is None:
                 continue
             topic, body = msg
+            if args.call and body.get("phone_call_id") != args.call:
+                continue   # another call's, or the engine's own
             if view is not None and (view.shows(topic) or not args.prefixes):
                 for line in view.feed(topic, body):
                     print(line, flush=True)
@@ -362,7 +371,8 @@ def cmd_console(args: argparse.Namespace) -> int:
     session_dir = Path(conn["session_dir"]) if conn.get("session_dir") else None
     server = ConsoleServer(load_endpoints(), host=args.host, port=args.port,
                            sessions_base=session_dir.parent if session_dir else None,
-                           live_session=session_dir.name if session_dir else None)
+                           live_session=session_dir.name if session_dir else None,
+                           allowed_hosts=args.allow_host or ())
     print("realtalk: Ctrl-C to stop the console (the engine goes on)", flush=True)
     return run(server)
 
@@ -390,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--console", action="store_true", help="also serve the debug console (prints its URL)")
     s.add_argument("--console-host", default="127.0.0.1", help="the console's address (default loopback)")
     s.add_argument("--console-port", type=int, default=0, help="the console's port (default 0: a free port)")
+    s.add_argument("--console-allow-host", action="append", metavar="NAME",
+                   help="a host name the console may be opened by (besides IP addresses, localhost and this "
+                        "machine's name); repeatable")
     s.set_defaults(func=cmd_start)
 
     s = sp.add_parser("phone", help="take phone calls over Twilio Media Streams (prints the ws:// URL)")
@@ -452,6 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--system", action="store_true", help="context the model sees but nobody hears")
     s.add_argument("--no-respond", action="store_true")
     s.add_argument("--respond", action="store_true", help="ask for a response even for --system")
+    s.add_argument("--call", metavar="ID", help="the phone call to say it in (engine phone: its phone_call_id, "
+                                                "as engine status lists them)")
     s.set_defaults(func=cmd_say)
 
     s = sp.add_parser("ptt", help="push to talk: Enter to talk, Enter to send (for turn_detection: null)")
@@ -463,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--all", action="store_true", help="every message, one line each (levels, positions, deltas…)")
     s.add_argument("--json", action="store_true", help="every message as one JSON line (implies --all)")
     s.add_argument("--seconds", type=float, default=None, help="stop after this long")
+    s.add_argument("--call", metavar="ID", help="only this phone call's messages (engine phone: its phone_call_id)")
     s.set_defaults(func=cmd_tail)
 
     s = sp.add_parser("log", help="read a session's event log")
@@ -476,6 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sp.add_parser("console", help="serve the debug console for the running engine (prints its URL)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
     s.add_argument("--port", type=int, default=0, help="port (default 0: a free port)")
+    s.add_argument("--allow-host", action="append", metavar="NAME",
+                   help="a host name the console may be opened by (besides IP addresses, localhost and this "
+                        "machine's name); repeatable")
     s.set_defaults(func=cmd_console)
 
     s = sp.add_parser("demo", help="headless spoken conversation on virtual devices with the local server")

@@ -20,20 +20,32 @@ console has no spec key but the bus endpoints). While it runs, ``console.json`` 
 to a new file renamed over it) in the engine's runtime directory (0700) holds its URL and
 token for ``engine status``; it is believed only when it is this user's own private file and
 names a console process of this user's that runs (bus/runtime.py).
+
+Host and Origin, checked on every request before the token (403 and one log line per refused
+value a minute): the ``Host`` header must name the console by an IP address, ``localhost``, this
+machine's host name or a name given with ``--allow-host`` (:func:`host_allowed`: a DNS-rebinding
+page reaches 127.0.0.1 under its own domain name, which its requests carry as Host); an
+``Origin`` header, when there is one, must be the console's own, ``http(s)://`` + that Host
+(:func:`origin_allowed`: another site's page that learnt a token cannot open the console's
+WebSockets, the listen and talk sockets among them, in its visitor's browser). A request
+without ``Origin`` is not a browser's cross-site request (browsers send it on every WebSocket
+handshake) and goes on to the token check.
 """
 from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import mimetypes
 import os
 import secrets
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Iterable, TextIO
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import ServerConnection, serve
@@ -52,6 +64,48 @@ STATIC = Path(__file__).resolve().parent / "static"
 INFO_FILE = "console.json"
 MAX_SAY_CHARS = 20_000
 AUDIO_STATS_EVERY_S = 2.0
+REFUSAL_LOG_EVERY_S = 60.0     #: a refused Host or Origin value is logged at most this often
+
+
+def _host_name(host: str) -> str | None:
+    """The name in a ``Host`` header (``name``, ``name:port``, ``[v6]:port``), lower case, without
+    port or brackets; None if it is not of that form."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        name, sep, rest = host[1:].partition("]")
+        if not sep or (rest and not (rest[0] == ":" and rest[1:].isdigit())):
+            return None
+        return name or None
+    name, sep, port = host.partition(":")
+    if sep and not port.isdigit():
+        return None
+    return name or None
+
+
+def host_allowed(host: str | None, names: Iterable[str]) -> bool:
+    """The DNS-rebinding check: ``host`` (a ``Host`` header) names the console by an IP address,
+    ``localhost`` or one of ``names`` (this machine's host name, ``--allow-host``). A rebinding
+    page's requests carry the attacker's own domain name, never one of these."""
+    name = _host_name(host or "")
+    if name is None:
+        return False
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        pass
+    return name == "localhost" or name in {n.strip().lower() for n in names}
+
+
+def origin_allowed(origin: str | None, host: str | None) -> bool:
+    """The cross-site check: no ``Origin`` (not a browser's cross-site request), or the console's
+    own, ``http://`` or ``https://`` (behind a TLS proxy) + its ``Host``. ``null`` (a sandboxed
+    frame, a file) is refused."""
+    if origin is None:
+        return True
+    parts = urlsplit(origin.strip())
+    return (parts.scheme in ("http", "https") and bool(parts.netloc) and host is not None
+            and parts.netloc.lower() == host.strip().lower() and not parts.path.strip("/"))
 
 
 def info_path() -> Path:
@@ -121,9 +175,12 @@ class ConsoleServer:
 
     def __init__(self, endpoints: Endpoints, *, host: str = "127.0.0.1", port: int = 0,
                  sessions_base: Path | None = None, live_session: str | None = None,
-                 token: str | None = None, out: TextIO = sys.stdout, rings: dict[str, str] | None = None) -> None:
+                 token: str | None = None, out: TextIO = sys.stdout, rings: dict[str, str] | None = None,
+                 allowed_hosts: Iterable[str] = ()) -> None:
         """``rings``: the engine's ring names by kind (the supervisor's spec); without them the
-        listen and talk rings are found in the running engine's ``engine.json``."""
+        listen and talk rings are found in the running engine's ``engine.json``. ``allowed_hosts``:
+        host names the console may be reached by besides IP addresses, ``localhost`` and this
+        machine's name (a reverse proxy's, a DNS name of this machine)."""
         self.endpoints = endpoints
         self.host = host
         self.port = port
@@ -140,8 +197,37 @@ class ConsoleServer:
         self.rings = Rings(rings)
         self.listen = ListenHub(self.rings, self._publish)
         self.talk = TalkHub(self.rings, self._publish)
+        self.host_names = (socket.gethostname(), *allowed_hosts)
+        self.refused_requests = 0                      #: requests refused for their Host or Origin
+        self._refusals_logged: dict[str, float] = {}   #: refused value -> when it was last logged
 
     # ------------------------------------------------------------ HTTP
+    def _foreign(self, path: str, headers: Any) -> Response | None:
+        """403 for a request whose Host or Origin is not the console's own (module docstring),
+        with a log line (each refused value at most once a REFUSAL_LOG_EVERY_S); None if both are."""
+        hosts, origins = headers.get_all("Host"), headers.get_all("Origin")
+        host = hosts[0] if len(hosts) == 1 else ", ".join(hosts)     # two are refused: neither is trusted
+        origin = origins[0] if len(origins) == 1 else (", ".join(origins) if origins else None)
+        if not host_allowed(host, self.host_names):
+            what = f"Host {host!r}"
+            why = (f"the console refuses {what}: open it by its IP address, localhost or this machine's name "
+                   f"({self.host_names[0]}); another name must be allowed with --allow-host NAME "
+                   "(a page under a foreign name may be a DNS-rebinding attack)")
+        elif not origin_allowed(origin, host):
+            what = f"Origin {origin!r}"
+            why = (f"the console refuses requests from the page at {what}: only its own pages "
+                   f"(http://{host}) may use it (cross-site WebSocket hijacking)")
+        else:
+            return None
+        self.refused_requests += 1
+        now = time.monotonic()
+        if now - self._refusals_logged.get(what, -1e9) >= REFUSAL_LOG_EVERY_S:
+            self._refusals_logged[what] = now
+            self.out.write(f"realtalk: console: refused {path} with 403: {why} "
+                           f"({self.refused_requests} refused so far)\n")
+            self.out.flush()
+        return _response(403, why + "\n")
+
     def _authorized(self, query: dict[str, list[str]]) -> bool:
         given = (query.get("token") or [""])[0]
         return hmac.compare_digest(given.encode(), self.token.encode())
@@ -150,6 +236,9 @@ class ConsoleServer:
         """Everything but the WebSocket handshake is answered here."""
         parts = urlsplit(request.path)
         path, query = parts.path, parse_qs(parts.query)
+        foreign = self._foreign(path, request.headers)
+        if foreign is not None:
+            return foreign
         if path.startswith("/static/"):
             return self._static(path[len("/static/"):])
         if path == "/favicon.ico":

@@ -14,7 +14,6 @@ from bus import Publisher
 from engine.errors import ConfigError
 from engine.phone.bridge import PhoneBridge
 from engine.supervisor import child
-from engine.supervisor.children import EXIT_DEVICE_FAILED
 
 
 class PhoneProcess:
@@ -33,7 +32,7 @@ class PhoneProcess:
             pub.publish("engine.error", {"source": "phone", "code": "config", "message": str(exc), "fatal": True})
             await asyncio.sleep(0.2)
             pub.close()
-            return EXIT_DEVICE_FAILED
+            return child.DEVICE_FAILED
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, bridge.stop.set)
@@ -46,7 +45,7 @@ class PhoneProcess:
             bridge.error(None, "listen_failed", f"the phone bridge cannot listen on {bridge.host}:{bridge.port}: "
                          f"{exc.strerror}; use --port 0 for a free port")
             await asyncio.sleep(0.2)
-            return EXIT_DEVICE_FAILED
+            return child.DEVICE_FAILED
         bridge.publish(None, "phone.status", bridge.status())  # the supervisor prints the URL
         del url
         try:

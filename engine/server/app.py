@@ -7,6 +7,11 @@ session says when it should run and what firing it sends), and injects configure
 GPT-Live (``/v1/live/sessions`` and its sideband ``…/{id}/attach``) is routed to
 :mod:`engine.server.live_app`. A stop (SIGTERM/SIGINT, or ``stop``) always ends it within SHUTDOWN_GRACE_S or so; a
 port it cannot listen on raises :class:`ServeError` at once.
+
+Limits on what a client sends (each breach is an ``error`` event naming the limit; the session
+goes on): a message over 15 MiB (the session's ``MAX_EVENT_BYTES``), JSON nested deeper than
+:data:`MAX_JSON_DEPTH` arrays and objects (checked here before it is parsed: Python's parser
+recurses, and past about 1,000 levels raised ``RecursionError``, which closed the socket).
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import asyncio
 import errno
 import json
 import logging
+import re
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -39,6 +45,30 @@ log = logging.getLogger("realtalk.server")
 
 SHUTDOWN_GRACE_S = 1.0   #: how long a stop waits for clients to answer the close handshake
 BETA_MESSAGE = "The Realtime Beta API is no longer supported. Please use /v1/realtime for the GA API."
+MAX_JSON_DEPTH = 100     #: arrays and objects nested deeper than this in one client event are refused
+_JSON_NESTING = re.compile(r'"(?:[^"\\]|\\.)*+"|[\[\]{}]')   # a string (skipped whole), or a bracket
+
+
+def json_depth_exceeds(text: str | bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """True if the JSON ``text`` nests arrays and objects deeper than ``limit`` (brackets inside
+    strings do not count). Linear in the text; one with at most ``limit`` opening brackets in
+    all (every audio append: base64 has none) is answered without a scan."""
+    if isinstance(text, bytes):
+        if text.count(b"[") + text.count(b"{") <= limit:
+            return False
+        text = text.decode("utf-8", "replace")   # brackets, quotes and backslashes are ASCII: kept as they are
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    depth = 0
+    for m in _JSON_NESTING.finditer(text):
+        token = m.group()
+        if token in ("[", "{"):
+            depth += 1
+            if depth > limit:
+                return True
+        elif token in ("]", "}"):
+            depth -= 1
+    return False
 
 
 @dataclass
@@ -215,6 +245,11 @@ class Connection:
             if self.dialect.ping_every_s:
                 self.spawn(self._ping())
             async for message in self.ws:
+                if json_depth_exceeds(message, MAX_JSON_DEPTH):
+                    await self.send(error_event("invalid_json", f"The JSON body of your request nests arrays and "
+                                                f"objects more than {MAX_JSON_DEPTH} levels deep, this server's "
+                                                "limit. Send a flatter event."))
+                    continue
                 message, refused = self.dialect.inbound(message)
                 if refused is not None:
                     await self.ws.send(json.dumps(refused))

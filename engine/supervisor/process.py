@@ -15,6 +15,14 @@ Rules:
   RUNNING after ``startsecs``, BACKOFF, STOPPING, EXITED, FATAL); this module does the I/O
   the machine asks for (spawn, SIGTERM, SIGKILL) and nothing else decides a restart. A
   FATAL child stops the engine with its reason; exit code 3 (device) is FATAL at once.
+* Liveness: every child runs under :mod:`engine.supervisor.heartbeat` and beats on a pipe of its
+  own; the main loop reads the pipes each round (they never wake it), and a beat or CPU time the
+  child used since the last round is its proof of life; the child's machine finds one without
+  for ``supervisor.heartbeat_timeout_s`` UNRESPONSIVE: ``engine.error`` ``child_unresponsive``
+  naming it, SIGKILL, and the restart any exit gets.
+* Dropped mic audio: the mic ring's overruns (its reader, the realtime process, stalled or
+  restarting) are published as ``engine.error`` ``mic_dropped``, once per stall
+  (:class:`DropWatch`), and counted in ``engine.status`` (``rings.mic.overrun_frames``).
 * Signal handlers only set a flag; the main loop does the work.
 * ``start()`` either returns with everything up or undoes everything it made (children,
   rings, sockets, connection file) before it raises.
@@ -37,6 +45,7 @@ Rules:
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -47,7 +56,7 @@ import stat
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote
@@ -60,12 +69,16 @@ from bus.runtime import proc_start_ticks as proc_start_ticks, same_process as sa
 from bus.wire import HEADER_KEYS
 from engine.api.view import TerminalView
 from engine.supervisor.child import error_text, parent_death_signal
-from engine.supervisor.children import (ChildMachine, GaveUp, Kill, Policy, Restarting, Spawn, Terminate)
+from engine.supervisor.children import (ChildMachine, GaveUp, Kill, Policy, Restarting, Spawn, Terminate,
+                                        Unresponsive)
+from engine.supervisor.heartbeat import HeartbeatPipe, period_for
+from engine.supervisor.logfile import SessionLog
+from engine.supervisor.preflight import check_audio
 from engine.supervisor.terminal import Terminal
 from engine.config import live_url, resolve_backend, session_payload
 from engine.providers import Target, api_target
 from engine.cost import is_live_model
-from engine.errors import ConfigError, EngineError
+from engine.errors import EngineError
 from engine.audio.ring import Ring, new_ring_name
 
 MIC_RING_FRAMES = 1 << 16        # 2.7 s at 24 kHz
@@ -79,6 +92,8 @@ DRAIN_BUDGET_S = 0.2             # a round of bus messages takes at most this lo
 HELD_DELAY_S = 0.5              # after the broker is back, held events wait this long for subscribers to reconnect
 STOP_QUIET_S = 0.15              # at stop: the children are gone once the bus has been quiet this long
 STOP_DRAIN_MAX_S = 1.0
+DROP_REPORT_EVERY_S = 5.0        #: mic audio dropped in a stall that goes on is reported this often
+RATE_HZ = 24000                  #: the rings' rate
 TERMINAL_REPEAT_S = 10.0         #: the same error is printed on the terminal at most this often
 
 
@@ -152,6 +167,29 @@ def engine_identity(conn: dict[str, Any]) -> bool:
 
 
 @dataclass
+class DropWatch:
+    """A ring's overrun count as episodes (pure): :meth:`update` with the count each round returns
+    the frames to report once the count stops growing, or every ``every_s`` while it grows."""
+    every_s: float = DROP_REPORT_EVERY_S
+    reported: int = 0                 #: the count at the last report
+    seen: int = 0                     #: the count at the last update
+    since: float | None = None        #: when the unreported frames began
+
+    def update(self, total: int, now: float) -> int | None:
+        grew = total > self.seen
+        self.seen = total
+        pending = total - self.reported
+        if pending <= 0:
+            return None
+        if self.since is None:
+            self.since = now
+        if grew and now - self.since < self.every_s:
+            return None
+        self.reported, self.since = total, None
+        return pending
+
+
+@dataclass
 class Child:
     name: str
     argv: list[str]
@@ -163,6 +201,8 @@ class Child:
     proc: subprocess.Popen[bytes] | None = None
     start_ticks: int | None = None
     last_error: str | None = None        #: the latest engine.error message it published
+    heartbeat: HeartbeatPipe | None = None   #: the current process's heartbeat pipe (liveness)
+    unresponsive: int = 0                #: times it was found silent and killed
     machine: ChildMachine = field(init=False)
 
     def __post_init__(self) -> None:
@@ -194,6 +234,7 @@ class Supervisor:
         self.out = out
         self.backend = resolve_backend(cfg)
         self.target: Target | None = None    #: the remote API (None: the local server)
+        self._check_audio_paths()   # before anything is made (the session folder included)
         self.stopping = False
         self.children: list[Child] = []
         self.rings: list[Ring] = []
@@ -225,7 +266,7 @@ class Supervisor:
         self.fatal: str | None = None
         self.started_mono = time.monotonic()
         self.ready_mono: float | None = None
-        self.log_file: TextIO | None = None
+        self.log_file: SessionLog | None = None
         self.server_url: str | None = None
         self.listener: socket.socket | None = None
         self.sub: Subscriber | None = None
@@ -244,6 +285,9 @@ class Supervisor:
         self._malformed_seen = 0
         self.malformed = 0               #: malformed bus messages the supervisor skipped
         self.shut_down = False
+        #: liveness: a child silent this long is reported and restarted (None: not checked)
+        self.heartbeat_timeout_s: float | None = cfg.get("supervisor", {}).get("heartbeat_timeout_s")
+        self.mic_drops = DropWatch()
 
     # ------------------------------------------------------------ setup
     def _make_session_dir(self) -> None:
@@ -271,14 +315,10 @@ class Supervisor:
                          signing_key=self.signing_key)
 
     def _check_audio_paths(self) -> None:
-        """A speaker WAV must go into a folder that exists (checked before anything starts)."""
-        speaker = self.cfg["audio"]["speaker"]
-        if self.text_only or not isinstance(speaker, str) or not speaker.lower().endswith(".wav"):
-            return
-        folder = Path(speaker).expanduser().absolute().parent
-        if not folder.is_dir():
-            raise ConfigError(f"audio.speaker: cannot write {speaker}: the folder {folder} does not exist "
-                              "(create it, or give a file in an existing folder)")
+        """The mic and speaker files and devices, before anything starts (:mod:`engine.supervisor.preflight`:
+        a corrupt mic WAV, a missing device fail the start at once, with one error)."""
+        if self.phone is None:
+            check_audio(self.cfg["audio"], text_only=self.text_only)
 
     def _check_not_running(self) -> None:
         """Refuse to start beside a running engine, or on a connection file that is not this user's
@@ -361,8 +401,8 @@ class Supervisor:
 
     def start(self) -> None:
         """Make the rings, start the broker, then the children. On any failure everything made so
-        far is undone (children stopped, rings unlinked, sockets and files removed) and it raises."""
-        self._check_audio_paths()
+        far is undone (children stopped, rings unlinked, sockets and files removed) and it raises.
+        (The mic and speaker were checked when the supervisor was made.)"""
         self._check_not_running()
         try:
             self._start()
@@ -445,12 +485,13 @@ class Supervisor:
         return ring
 
     def _start_children(self) -> None:
+        for child in self.children:   # liveness for every child (children.py)
+            child.policy = replace(child.policy, heartbeat_timeout_s=self.heartbeat_timeout_s)
+            child.machine.policy = child.policy
         # the supervisor's own bus sockets, connected before anything is published
         self.sub = Subscriber(self.endpoints, [""])  # verifies the signed control topics
         self.pub = Publisher(self.endpoints, f"supervisor:{os.getpid()}")  # signs them
-        log_fd = os.open(self.session_dir / "events.jsonl",   # new, in the new session folder
-                         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        self.log_file = open(log_fd, "a")  # flushed after every round of the bus loop
+        self.log_file = SessionLog(self.session_dir / "events.jsonl")  # new (O_EXCL), flushed every bus round
         broker = self.children[0]
         self._spawn(broker)
         if not self.pub.join(self.endpoints.subscribe, timeout_s=10):
@@ -473,10 +514,24 @@ class Supervisor:
         death_signal = child.death_signal
         # a broker started again takes its subscribers before its publishers' queued messages
         argv = child.argv + ["--restart"] if child.name == "broker" and child.proc is not None else child.argv
-        child.proc = subprocess.Popen(argv, pass_fds=child.pass_fds, env=env,
-                                      stdin=subprocess.PIPE if child.spec is not None else subprocess.DEVNULL,
-                                      stdout=child.stdout, start_new_session=False,
-                                      preexec_fn=lambda: parent_death_signal(death_signal))
+        pass_fds = child.pass_fds
+        if child.heartbeat is not None:
+            child.heartbeat.close()   # the previous run's
+            child.heartbeat = None
+        if self.heartbeat_timeout_s is not None and argv[1:2] == ["-m"]:
+            # `python -m engine.supervisor.heartbeat MODULE ...`: beats on the pipe, then runs MODULE
+            child.heartbeat = HeartbeatPipe(period_for(self.heartbeat_timeout_s))
+            env.update(child.heartbeat.environment())
+            pass_fds = (*pass_fds, child.heartbeat.child_fd)
+            argv = [argv[0], "-m", "engine.supervisor.heartbeat", *argv[2:]]
+        try:
+            child.proc = subprocess.Popen(argv, pass_fds=pass_fds, env=env,
+                                          stdin=subprocess.PIPE if child.spec is not None else subprocess.DEVNULL,
+                                          stdout=child.stdout, start_new_session=False,
+                                          preexec_fn=lambda: parent_death_signal(death_signal))
+        finally:
+            if child.heartbeat is not None:
+                child.heartbeat.child_started()   # the child has its copy (or never will)
         child.start_ticks = proc_start_ticks(child.proc.pid)
         child.last_error = None
         child.machine.spawned(time.monotonic())
@@ -508,7 +563,10 @@ class Supervisor:
             "session_id": self.session_id, "cost_usd": round(self.view.cost_usd, 6),
             "children": [{"name": c.name, "pid": c.pid, "start_ticks": c.start_ticks, "state": c.state,
                           "restarts": c.machine.restarts, "exit_code": c.machine.exit_code,
-                          "uptime_s": round(now - c.machine.started_at, 1) if c.machine.alive_states else None}
+                          "uptime_s": round(now - c.machine.started_at, 1) if c.machine.alive_states else None,
+                          "silent_s": round(now - c.machine.last_beat_at, 1)
+                          if c.heartbeat is not None and c.machine.alive_states else None,
+                          "unresponsive": c.unresponsive}
                          for c in self.children],
             "rings": rings, "ring_names": self.ring_names,
             "ready_ms": round((self.ready_mono - self.started_mono) * 1000, 1) if self.ready_mono else None,
@@ -529,7 +587,7 @@ class Supervisor:
         except (TypeError, ValueError):
             line["body"] = _jsonable(body)
             text = json.dumps(line, default=str)
-        self.log_file.write(text + "\n")
+        self.log_file.write(text + "\n")   # never raises: a failed write shows at the flush (drain)
 
     def _emit(self, topic: str, payload: dict[str, Any], *, hold: bool = True) -> None:
         """Publish one of the supervisor's own events: into the event log at once, and on the bus
@@ -630,7 +688,7 @@ class Supervisor:
             source, message = body.get("source", "engine"), body.get("message")
             if body.get("fatal"):
                 self.fatal = f"{source}: {message}"   # printed as the cause of the stop
-            else:
+            elif self.fatal is None:   # once stopping for a cause, what the children say as they stop is only logged
                 for line in self.view.feed(topic, body):   # each error, with its message
                     self._print(line)
 
@@ -670,6 +728,7 @@ class Supervisor:
         ``budget_s``; flush the log. True if the queue is empty."""
         sub = self.sub
         if sub is None:
+            self._flush_log()
             return True
         deadline = time.monotonic() + budget_s
         empty = False
@@ -686,9 +745,23 @@ class Supervisor:
             n += 1
             if n % 256 == 0 and time.monotonic() >= deadline:
                 break
-        if self.log_file is not None:
-            self.log_file.flush()
+        self._flush_log()
         return empty
+
+    def _flush_log(self) -> None:
+        """Write the queued event-log lines; a failed write (a full disk) stops the session."""
+        if self.log_file is not None:
+            failed = self.log_file.flush()
+            if failed is not None:
+                self._log_failed(failed)
+
+    def _log_failed(self, exc: OSError) -> None:
+        """The event log cannot be written (a full disk): the session stops with the cause; what
+        was written is kept (:class:`SessionLog` cut it back to whole lines)."""
+        if self.fatal is None:
+            full = " (the disk is full)" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+            self.fatal = (f"cannot write the event log {self.session_dir / 'events.jsonl'}: {error_text(exc)}{full}; "
+                          "the session is stopped, what was written is kept")
 
     def run(self) -> int:
         def _stop(_signo: int, _frame: object) -> None:
@@ -761,7 +834,31 @@ class Supervisor:
                 if code is not None:
                     self.drain(0.05)  # what it said before it exited (its last error) goes with the exit
                     self._act(child, m.exited(code, now, child.last_error))
+                elif child.heartbeat is not None and child.heartbeat.alive(child.proc.pid):
+                    m.beat(now)   # a heartbeat, or CPU it used (busy holding the interpreter lock)
             self._act(child, m.tick(now))
+        self._watch_mic(now)
+
+    def _watch_mic(self, now: float) -> None:
+        """Publish the mic audio dropped since the last report (the mic ring's overruns: its reader
+        stalled or restarting), once per stall (:class:`DropWatch`), from the engine's ready on
+        (before it, the realtime process has not begun to read the ring)."""
+        mic = self.rings_by_kind.get("mic")
+        if mic is None or self.pub is None:
+            return
+        total = mic.overrun_frames
+        if not self.connected:   # before ready nobody reads the mic yet: only drops after it count
+            self.mic_drops = DropWatch(reported=total, seen=total)
+            return
+        frames = self.mic_drops.update(total, now)
+        if frames is None:
+            return
+        self._emit("engine.error", {"source": "supervisor", "code": "mic_dropped", "ring": "mic",
+                                    "dropped_frames": frames, "dropped_ms": frames * 1000 // RATE_HZ,
+                                    "dropped_frames_total": total,
+                                    "message": f"{frames / RATE_HZ:.2f} s of mic audio dropped: the mic ring was full "
+                                               "(its reader, the realtime process, stalled or was restarting); "
+                                               f"{total / RATE_HZ:.2f} s in this session"})
 
     def _act(self, child: Child, action: Any) -> None:
         if action is None:
@@ -776,6 +873,19 @@ class Supervisor:
             self._emit("engine.error", {"source": "supervisor", "code": "child_exited", "child": child.name,
                                         "exit_code": m.exit_code, "during_start": action.during_start,
                                         "message": f"{why}; restarting"})
+        elif isinstance(action, Unresponsive):
+            child.unresponsive += 1
+            if child.proc is not None:
+                child.proc.kill()   # stopped or hung: SIGTERM would wait for it to run again
+            if child.name == "broker":
+                self.bus_up = False   # the report waits for the new broker
+            what = "since its start" if action.during_start else f"for {action.silent_s:.1f} s"
+            message = (f"{child.name} did not answer {what} (no heartbeat; supervisor.heartbeat_timeout_s "
+                       f"{self.heartbeat_timeout_s:g}): killed, to be restarted")
+            child.last_error = message
+            self._emit("engine.error", {"source": "supervisor", "code": "child_unresponsive", "child": child.name,
+                                        "pid": child.pid, "silent_ms": round(action.silent_s * 1000),
+                                        "during_start": action.during_start, "message": message})
         elif isinstance(action, GaveUp):
             if self.fatal is None:
                 self.fatal = action.reason
@@ -819,6 +929,10 @@ class Supervisor:
         self._stop_children([c for c in reversed(self.children) if c.name != "broker"])
         self._drain_quiet()
         self._stop_children([c for c in self.children if c.name == "broker"])
+        for child in self.children:
+            if child.heartbeat is not None:
+                child.heartbeat.close()
+                child.heartbeat = None
         for ring in self.rings:
             ring.unlink()
             ring.close()
@@ -838,8 +952,10 @@ class Supervisor:
             if closer is not None:
                 closer.close()
         if not quiet:
+            lost = self.log_file.lost_lines if self.log_file is not None else 0
             self.out.write(f"realtalk: stopped. Session cost ${self.view.cost_usd:.4f}; "
-                           f"event log {self.session_dir / 'events.jsonl'}\n")
+                           f"event log {self.session_dir / 'events.jsonl'}"
+                           + (f" (the last {lost} events could not be written)" if lost else "") + "\n")
             self.out.flush()
 
     def _drain_quiet(self) -> None:
