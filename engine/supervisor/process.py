@@ -317,7 +317,7 @@ class Supervisor:
     def _check_audio_paths(self) -> None:
         """The mic and speaker files and devices, before anything starts (:mod:`engine.supervisor.preflight`:
         a corrupt mic WAV, a missing device fail the start at once, with one error)."""
-        if self.phone is None:
+        if self.phone is None and self.sip is None:   # calls use no audio device
             check_audio(self.cfg["audio"], text_only=self.text_only)
 
     def _check_not_running(self) -> None:
