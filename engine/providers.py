@@ -104,7 +104,9 @@ def api_target(cfg: Mapping[str, Any], environ: Mapping[str, str], model: str | 
         if not endpoint:
             raise ConfigError("provider azure needs azure.endpoint: the resource's endpoint, "
                               "https://RESOURCE.openai.azure.com (Azure portal, Keys and Endpoint)")
-        host = urlsplit(endpoint if "://" in endpoint else "https://" + endpoint).netloc
+        parts = urlsplit(endpoint if "://" in endpoint else "https://" + endpoint)
+        host = parts.netloc
+        secure = parts.scheme != "http"          # http:// only for a local stand-in (engine serve --dialect azure)
         deployment = az.get("deployment") or model
         if az.get("auth", "api-key") == "entra":
             var = az.get("token_env") or "AZURE_OPENAI_AD_TOKEN"
@@ -116,8 +118,9 @@ def api_target(cfg: Mapping[str, Any], environ: Mapping[str, str], model: str | 
             var = az.get("api_key_env") or "AZURE_OPENAI_API_KEY"
             header = "api-key: " + _key(environ, var, "azure", "the resource's key (Azure portal, Keys and "
                                         "Endpoint), or set azure.auth: entra")
-        url = _socket_url(f"wss://{host}/openai/v1/realtime", model, deployment)
-        return Target("azure", url, [header], f"https://{host}/openai/v1", var, "azure", deployment)
+        url = _socket_url(f"{'wss' if secure else 'ws'}://{host}/openai/v1/realtime", model, deployment)
+        return Target("azure", url, [header], f"{'https' if secure else 'http'}://{host}/openai/v1", var, "azure",
+                      deployment)
     if provider == "xai":
         if is_live_model(model):
             raise ConfigError(f"provider xai has no GPT-Live: model {model!r} is OpenAI's; use a Grok voice model "

@@ -119,3 +119,10 @@ def test_azure_names_the_model_back_and_openai_is_the_identity() -> None:
     ident = dialect_for("openai", "gpt-realtime")
     e = {"type": "session.update", "session": {"type": "realtime"}}
     assert ident.outgoing(e) == e and ident.incoming(e, 0.0) == [e]
+
+
+def test_azure_endpoint_over_plain_http_is_a_local_stand_in() -> None:
+    c = cfg(provider="azure", azure__endpoint="http://127.0.0.1:8765")
+    t = api_target(c, {"AZURE_OPENAI_API_KEY": "az"})
+    assert t.url == "ws://127.0.0.1:8765/openai/v1/realtime?model=gpt-realtime"
+    assert t.rest_base == "http://127.0.0.1:8765/openai/v1"
