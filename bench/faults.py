@@ -123,16 +123,15 @@ class FaultEngine:
             time.sleep(0.01)
 
     def send_until_acked(self, topic: str, body: dict[str, Any], timeout: float = 15.0) -> float | None:
-        """Publish, and again every 0.5 s until ``cmd.ack`` for its id (as ``engine say`` does);
-        the ack's arrival time, or None."""
-        since = time.monotonic()
-        end = since + timeout
-        while time.monotonic() < end:
-            self.pub.publish(topic, body)
-            got = self.wait(lambda t, tp, b: tp == "cmd.ack" and b.get("id") == body["id"], 0.5, since)
-            if got is not None:
-                return got[0]
-        return None
+        """Send a command as ``engine say`` does (bus.aio's call: re-sent only while no ``cmd.ack``
+        came); when its ack came (monotonic seconds), or None."""
+        from bus.aio import NoAck, call_sync
+        from bus.client import endpoints_from
+        try:
+            call_sync(endpoints_from(self.conn), topic, body, name="bench-faults-call", ack_timeout_s=timeout)
+        except NoAck:
+            return None
+        return time.monotonic()
 
     def say(self, text: str) -> tuple[str, float | None]:
         rid = f"say-{time.monotonic_ns()}-{random.randrange(1 << 30)}"
@@ -226,6 +225,77 @@ def kill_child(tmp: Path, name: str) -> dict[str, Any]:
                 "recovery_ms": round((back[0] - t_kill) * 1000, 1) if back else None, "recovered": back is not None,
                 **context, **outcome, "restarts": restarts.get(name)}
     finally:
+        eng.stop()
+
+
+# ------------------------------------------------------------------ commands sent once across a realtime crash
+def commands_across_realtime_crash(tmp: Path, says: int = 50, interval_s: float = 0.010) -> dict[str, Any]:
+    """Issue 23 point 4: ``says`` cmd.say sent once each, from a plain pyzmq PUB (a client in any
+    language), one every ``interval_s`` from the SIGKILL of the realtime child on, so that they span
+    its restart. What became of each: acked (when), answered (in order), or lost."""
+    import msgpack
+    import zmq
+    eng = FaultEngine(tmp, speed=8.0, reply="Noted.")
+    raw: Any = zmq.Context.instance().socket(zmq.PUB)
+    try:
+        raw.connect(eng.conn["publish"])
+        seq = 0
+
+        def send(topic: str, payload: dict[str, Any]) -> float:
+            nonlocal seq
+            seq += 1
+            t = time.monotonic()
+            raw.send_multipart([topic.encode(), msgpack.packb({"v": 2, "ts": time.time(), "mono_ns": time.monotonic_ns(),
+                                                               "pub": "bench-raw", "seq": seq, **payload})])
+            return t
+        joined = None
+        while joined is None and seq < 500:   # the slow joiner: until a probe of ours comes back
+            since = send("bench.join", {})
+            joined = eng.wait(lambda t, tp, b: tp == "bench.join", 0.02, since)
+        first = f"before-{time.monotonic_ns()}"
+        send("cmd.say", {"text": "My name is Ada.", "id": first})
+        if eng.wait(lambda t, tp, b: tp == "response.done" and b.get("request_id") == first, 20) is None:
+            return {"error": "the say before the kill was not answered"}
+        status = eng.status() or eng.conn
+        pid = next((c["pid"] for c in status.get("children", []) if c.get("name") == "realtime"), None)
+        if pid is None:
+            return {"error": "no realtime child in engine status"}
+        t_kill = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        sent: list[tuple[str, float]] = []
+        for n in range(says):
+            rid = f"once-{n}-{time.monotonic_ns()}"
+            sent.append((rid, send("cmd.say", {"text": f"Say number {n}.", "id": rid})))
+            time.sleep(max(0.0, t_kill + (n + 1) * interval_s - time.monotonic()))
+        back = eng.wait(lambda t, tp, b: tp == "engine.status" and b.get("state") == "reconnected", 15, t_kill)
+        ids = {rid for rid, _ in sent}
+        end = time.monotonic() + 60
+        while time.monotonic() < end and len({b.get("request_id") for _, tp, b in list(eng.log)
+                                                if tp == "response.done" and b.get("request_id") in ids}) < says:
+            time.sleep(0.05)
+        acks = {b["id"]: t for t, tp, b in list(eng.log) if tp == "cmd.ack" and b.get("id") in ids}
+        dones = [(t, b) for t, tp, b in list(eng.log) if tp == "response.done" and b.get("request_id") in ids]
+        answered = {b["request_id"] for _, b in dones if b.get("status") == "completed"}
+        ack_ms = sorted((acks[rid] - t) * 1000 for rid, t in sent if rid in acks)
+        order = [b["request_id"] for _, b in dones if b.get("status") == "completed"]
+
+        def pct(q: float) -> float | None:
+            return round(ack_ms[min(len(ack_ms) - 1, int(q * len(ack_ms)))], 2) if ack_ms else None
+        first_after = min((t for t, b in dones), default=None)
+        return {"says_sent_once": says, "send_interval_ms": interval_s * 1000,
+                "sent_before_reconnect": sum(1 for _, t in sent if back is None or t < back[0]),
+                "commands_never_acked": sum(1 for rid, _ in sent if rid not in acks),
+                "commands_never_answered": sum(1 for rid, _ in sent if rid not in answered),
+                "commands_lost": sum(1 for rid, _ in sent if rid not in acks or rid not in answered),
+                "answered_more_than_once": sum(1 for rid in ids if sum(1 for _, b in dones if b["request_id"] == rid) > 1),
+                "answered_in_send_order": order == [rid for rid, _ in sent if rid in answered],
+                "ack_ms_p50": pct(0.50), "ack_ms_p99": pct(0.99), "ack_ms_max": round(ack_ms[-1], 2) if ack_ms else None,
+                "reconnect_after_kill_ms": round((back[0] - t_kill) * 1000, 1) if back else None,
+                "history_items_replayed": back[2].get("history_items") if back else None,
+                "first_answer_after_reconnect_ms": round((first_after - back[0]) * 1000, 1)
+                if back and first_after is not None else None}
+    finally:
+        raw.close(0)
         eng.stop()
 
 
@@ -350,7 +420,7 @@ def fuzz(tmp: Path, count: int, rate_hz: float = 2000.0) -> dict[str, Any]:
             if n % 50 == 25 and captured:   # a captured, validly signed message sent again
                 sock.send_multipart(captured[(n // 50) % len(captured)])
                 replays += 1
-            if n % 100 == 0:   # a probe the realtime loop answers: its ack latency is that loop's stall
+            if n % 100 == 0:   # a probe the realtime loop carries out: its cmd.done latency is that loop's stall
                 pid = f"probe-{n}"
                 probes.append((pid, time.monotonic()))
                 eng.pub.publish("cmd.cancel", {"id": pid})
@@ -364,7 +434,7 @@ def fuzz(tmp: Path, count: int, rate_hz: float = 2000.0) -> dict[str, Any]:
         unanswered = 0
         for pid, sent in probes:
             def is_ack(t: float, tp: str, b: dict[str, Any], pid: str = pid) -> bool:
-                return tp == "cmd.ack" and b.get("id") == pid
+                return tp == "cmd.done" and b.get("id") == pid
             got = eng.find(is_ack)
             if got is None:
                 unanswered += 1
@@ -918,6 +988,7 @@ def run(soak_minutes: float = 30.0, fuzz_count: int = 10_000) -> dict[str, Any]:
     result: dict[str, Any] = {}
     result["kill"] = {name: _guarded(kill_child, tmp / f"kill-{name}", name)
                       for name in ("capture", "realtime", "playback", "broker", "server")}
+    result["commands_across_realtime_crash"] = _guarded(commands_across_realtime_crash, tmp / "commands")
     result["socket_drop"] = {str(code): _guarded(socket_drop, tmp / f"drop-{code}", code) for code in (1006, 1011, 1001)}
     result["fuzz"] = _guarded(fuzz, tmp / "fuzz", fuzz_count)
     result["slow_subscriber"] = _guarded(slow_subscriber, tmp / "slow")
@@ -930,6 +1001,7 @@ def run(soak_minutes: float = 30.0, fuzz_count: int = 10_000) -> dict[str, Any]:
         "kill_recovery_ms_max": max((k.get("recovery_ms") or 0 for k in kills), default=None),
         "kill_messages_lost": sum(k.get("messages_lost", 0) for k in kills),
         "kill_waiters_hanging": sum(k.get("waiters_hanging", 0) for k in kills),
+        "commands_lost_across_realtime_crash": result["commands_across_realtime_crash"].get("commands_lost"),
         "drop_reconnect_ms_max": max((d.get("reconnect_ms") or 0 for d in result["socket_drop"].values()), default=None),
         "drop_messages_lost": sum(d.get("messages_lost", 0) for d in result["socket_drop"].values()),
         "fuzz_replays_taken": result["fuzz"].get("replays_taken_by_supervisor"),

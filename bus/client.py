@@ -24,7 +24,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Protocol
 
 import zmq
 
@@ -134,6 +134,13 @@ def _connect(sock: zmq.Socket, endpoint: str, curve: CurveClientKeys | None,
     return curve
 
 
+class _Publishes(Protocol):
+    """What :meth:`MessageChecks.publish_reports` publishes through (a Publisher, an AsyncPublisher)."""
+    name: str
+
+    def publish(self, topic: str, payload: Mapping[str, Any] | None = None) -> None: ...
+
+
 class Publisher:
     """Publishes messages to the broker. ``name`` identifies this publisher in every body.
 
@@ -212,52 +219,20 @@ class Publisher:
         self._sock.close()
 
 
-class Subscriber:
-    """Receives messages whose topic starts with one of ``prefixes`` (all if empty).
+class MessageChecks:
+    """What every subscriber does with a message it read, whatever its socket (threaded or asyncio):
+    decode it, check a signed topic's signature and order (with a verify key), count a malformed
+    one, count the gaps in each publisher's ``seq`` (a subscriber of every topic), and report
+    both once a second. The rules are :class:`Subscriber`'s."""
 
-    Malformed messages are counted in ``malformed`` and skipped, never raised;
-    ``last_error`` describes the latest one. With a ``verify_key``, a message on
-    ``signed_topics`` without a valid signature is malformed too (reason
-    "forged or unsigned control message") and never returned, and so is a validly signed one
-    taken before, or too old to be new (reason "replayed control message"; a copy of the last
-    state message taken is skipped without a count: :class:`bus.security.ReplayGuard`).
-    Skipping costs no wait:
-    ``recv`` goes on to the next message at once (at most :data:`MAX_SKIPPED_PER_RECV`
-    per call, so a flood of bad input still gives the caller back control).
-    :meth:`take_malformed_report` / :meth:`publish_reports` report them, once a second.
-    :meth:`publish_reports` reports them only from a subscriber of every topic: a prefix
-    subscriber's malformed message reaches the engine's subscriber of every topic (the
-    supervisor's) too, which reports it, so each is reported once (the prefix subscriber still
-    counts it in ``malformed``).
-
-    Drops: a subscriber of every topic (``prefixes`` ``("",)``) counts the gaps in each
-    publisher's ``seq`` in ``dropped`` (publisher name -> messages lost), which is how a
-    drop at any high-water mark on the way shows (ZeroMQ's PUB and XPUB drop silently). A
-    prefix subscriber cannot tell a drop from a message its filter left out, so it counts
-    nothing. A message sent before this subscriber existed (a last-value-cache replay) does
-    not start a count; a lower ``seq`` with a later ``mono_ns`` is a publisher restarted
-    under the same name and starts it again. :meth:`take_drop_report` reports them.
-    """
-
-    def __init__(self, endpoint: str | Endpoints, prefixes: list[str] | tuple[str, ...] = ("",),
-                 context: zmq.Context | None = None, *, curve: CurveClientKeys | None = FROM_ENV,
-                 verify_key: bytes | str | None = FROM_ENV,
-                 signed_topics: tuple[str, ...] = SIGNED_TOPICS) -> None:
-        self._ctx = context or zmq.Context.instance()
-        defaulted = curve is FROM_ENV and not isinstance(endpoint, Endpoints)
-        curve, self._verify_key = _keys(endpoint, curve, verify_key)
+    def _init_reading(self, verify_key: bytes | None, signed_topics: tuple[str, ...],
+                      prefixes: list[str] | tuple[str, ...]) -> None:
+        self._verify_key = verify_key
         self._signed = tuple(signed_topics)
-        self._guard = ReplayGuard() if self._verify_key is not None else None
+        self._guard = ReplayGuard() if verify_key is not None else None
         self.duplicates = 0   #: copies of a state message already taken (last-value replays), skipped
-        self.socket = self._ctx.socket(zmq.SUB)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.RCVHWM, 100_000)
-        for p in prefixes or ("",):
-            self.socket.setsockopt(zmq.SUBSCRIBE, p.encode())
-        _connect(self.socket, endpoint.subscribe if isinstance(endpoint, Endpoints) else endpoint, curve, defaulted)
         self.malformed = 0
         self.last_error: MalformedMessage | None = None
-        self._rcvtimeo_ms = -1
         self._malformed_reported = 0
         self._malformed_report_at = float("-inf")
         self._count_gaps = tuple(prefixes or ("",)) == ("",)
@@ -267,35 +242,31 @@ class Subscriber:
         self._dropped_reported: dict[str, int] = {}
         self._drop_report_at = float("-inf")
 
-    def recv(self, timeout_ms: int | None = None) -> tuple[str, dict[str, Any]] | None:
-        """Next well-formed message, or None when ``timeout_ms`` passes first."""
-        deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
-        wait_ms = -1 if timeout_ms is None else max(0, int(timeout_ms))
-        skipped = 0
-        while True:
-            if wait_ms == 0 and not self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                return None  # a cheap check: raising zmq.Again costs more than the message
-            if wait_ms != self._rcvtimeo_ms:  # a blocking recv with a timeout: no poll, no exception
-                self.socket.setsockopt(zmq.RCVTIMEO, wait_ms)
-                self._rcvtimeo_ms = wait_ms
-            try:
-                frames = self._recv_frames()
-            except zmq.Again:
-                return None
-            try:
-                topic, body = decode(frames)
-                if self._take(topic, body, frames):
-                    if self._count_gaps:
-                        self._count_gap(body)
-                    return topic, body
-                self.duplicates += 1  # a copy of a state message already taken: skipped, not counted
-            except MalformedMessage as exc:
-                self._note_malformed(exc)
-            skipped += 1
-            if skipped >= MAX_SKIPPED_PER_RECV:
-                return None
-            if deadline is not None:  # past the deadline: 0, what is already queued, no wait
-                wait_ms = max(0, int((deadline - time.monotonic()) * 1000))
+    def _checked(self, frames: list[Any]) -> tuple[str, dict[str, Any]] | None:
+        """A message read from the socket: (topic, body), or None when it is skipped (counted)."""
+        try:
+            topic, body = decode(frames)
+            if self._take(topic, body, frames):
+                if self._count_gaps:
+                    self._count_gap(body)
+                return topic, body
+            self.duplicates += 1  # a copy of a state message already taken: skipped, not counted
+        except MalformedMessage as exc:
+            self._note_malformed(exc)
+        return None
+
+    def accept(self, frames: list[Any]) -> tuple[str, dict[str, Any]] | None:
+        """A message that came inside another (the broker's hand-over of held commands) as if this
+        subscriber had read it: decoded and checked by the same rules (a malformed one is counted,
+        a copy of a state message taken is skipped); None when it is not taken."""
+        try:
+            topic, body = decode(frames)
+            if self._take(topic, body, frames):
+                return topic, body
+            self.duplicates += 1
+        except MalformedMessage as exc:
+            self._note_malformed(exc)
+        return None
 
     def _take(self, topic: str, body: dict[str, Any], frames: list[Any]) -> bool:
         """True to return the message, False to skip a duplicate; raises MalformedMessage for a
@@ -368,7 +339,7 @@ class Subscriber:
         self._malformed_report_at = now
         return report
 
-    def publish_reports(self, pub: Publisher, source: str) -> int:
+    def publish_reports(self, pub: "Publisher | _Publishes", source: str) -> int:
         """Publish what :meth:`take_drop_report` has, one ``bus.dropped`` {subscriber (``pub``'s
         name), publisher, count, total} each, and what :meth:`take_malformed_report` has, as a
         benign ``engine.error`` (code ``malformed_bus_message``) from ``source`` (a subscriber of
@@ -390,6 +361,81 @@ class Subscriber:
                                      "message": f"{source} dropped {report['count']} malformed bus message(s); "
                                                 f"last: {report['reason']}"})
         return sent + 1
+
+
+
+class Subscriber(MessageChecks):
+    """Receives messages whose topic starts with one of ``prefixes`` (all if empty).
+
+    Malformed messages are counted in ``malformed`` and skipped, never raised;
+    ``last_error`` describes the latest one. With a ``verify_key``, a message on
+    ``signed_topics`` without a valid signature is malformed too (reason
+    "forged or unsigned control message") and never returned, and so is a validly signed one
+    taken before, or too old to be new (reason "replayed control message"; a copy of the last
+    state message taken is skipped without a count: :class:`bus.security.ReplayGuard`).
+    Skipping costs no wait:
+    ``recv`` goes on to the next message at once (at most :data:`MAX_SKIPPED_PER_RECV`
+    per call, so a flood of bad input still gives the caller back control).
+    :meth:`take_malformed_report` / :meth:`publish_reports` report them, once a second.
+    :meth:`publish_reports` reports them only from a subscriber of every topic: a prefix
+    subscriber's malformed message reaches the engine's subscriber of every topic (the
+    supervisor's) too, which reports it, so each is reported once (the prefix subscriber still
+    counts it in ``malformed``).
+
+    Drops: a subscriber of every topic (``prefixes`` ``("",)``) counts the gaps in each
+    publisher's ``seq`` in ``dropped`` (publisher name -> messages lost), which is how a
+    drop at any high-water mark on the way shows (ZeroMQ's PUB and XPUB drop silently). A
+    prefix subscriber cannot tell a drop from a message its filter left out, so it counts
+    nothing. A message sent before this subscriber existed (a last-value-cache replay) does
+    not start a count; a lower ``seq`` with a later ``mono_ns`` is a publisher restarted
+    under the same name and starts it again. :meth:`take_drop_report` reports them.
+    """
+
+    def __init__(self, endpoint: str | Endpoints, prefixes: list[str] | tuple[str, ...] = ("",),
+                 context: zmq.Context | None = None, *, curve: CurveClientKeys | None = FROM_ENV,
+                 verify_key: bytes | str | None = FROM_ENV,
+                 signed_topics: tuple[str, ...] = SIGNED_TOPICS) -> None:
+        self._ctx = context or zmq.Context.instance()
+        defaulted = curve is FROM_ENV and not isinstance(endpoint, Endpoints)
+        curve, verify_key = _keys(endpoint, curve, verify_key)
+        self._init_reading(verify_key, signed_topics, prefixes)
+        self.socket = self._ctx.socket(zmq.SUB)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.RCVHWM, 100_000)
+        for p in prefixes or ("",):
+            self.socket.setsockopt(zmq.SUBSCRIBE, p.encode())
+        _connect(self.socket, endpoint.subscribe if isinstance(endpoint, Endpoints) else endpoint, curve, defaulted)
+        self._rcvtimeo_ms = -1
+
+    def recv(self, timeout_ms: int | None = None) -> tuple[str, dict[str, Any]] | None:
+        """Next well-formed message, or None when ``timeout_ms`` passes first."""
+        deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
+        wait_ms = -1 if timeout_ms is None else max(0, int(timeout_ms))
+        skipped = 0
+        while True:
+            if wait_ms == 0 and not self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                return None  # a cheap check: raising zmq.Again costs more than the message
+            if wait_ms != self._rcvtimeo_ms:  # a blocking recv with a timeout: no poll, no exception
+                self.socket.setsockopt(zmq.RCVTIMEO, wait_ms)
+                self._rcvtimeo_ms = wait_ms
+            try:
+                frames = self._recv_frames()
+            except zmq.Again:
+                return None
+            try:
+                topic, body = decode(frames)
+                if self._take(topic, body, frames):
+                    if self._count_gaps:
+                        self._count_gap(body)
+                    return topic, body
+                self.duplicates += 1  # a copy of a state message already taken: skipped, not counted
+            except MalformedMessage as exc:
+                self._note_malformed(exc)
+            skipped += 1
+            if skipped >= MAX_SKIPPED_PER_RECV:
+                return None
+            if deadline is not None:  # past the deadline: 0, what is already queued, no wait
+                wait_ms = max(0, int((deadline - time.monotonic()) * 1000))
 
     def _recv_frames(self) -> list[Any]:
         """One whole message's frames (as buffers); half the cost of ``recv_multipart``."""

@@ -161,9 +161,6 @@ LIVE_UNUSED_SESSION_KEYS = {
     "tracing": "GPT-Live has no such setting",
 }
 
-REPO_CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"
-
-
 _SIGNED_KEYS = {"audio.echo_guard_db"}
 
 

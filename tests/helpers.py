@@ -1,4 +1,4 @@
-"""Small helpers for the tests: talking to the local server, test signals."""
+"""Small helpers for the tests: talking to the local server and to the bus, test signals."""
 from __future__ import annotations
 
 import asyncio
@@ -9,10 +9,13 @@ import threading
 import time
 import wave
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import numpy as np
 import websocket
+
+if TYPE_CHECKING:
+    from bus import Subscriber
 
 
 def read_wav(path: Path) -> np.ndarray:
@@ -86,16 +89,17 @@ def structural(types: list[str]) -> list[str]:
 
 
 @contextlib.contextmanager
-def thread_broker(tmp_path: Path, name: str = "broker") -> Iterator[tuple[str, str]]:
+def thread_broker(tmp_path: Path, name: str = "broker", **options: Any) -> Iterator[tuple[str, str]]:
     """The engine's broker on a thread of this process, on ipc sockets in ``tmp_path``: yields
-    (publish endpoint, subscribe endpoint); stopped through its stop endpoint on exit."""
+    (publish endpoint, subscribe endpoint); stopped through its stop endpoint on exit.
+    ``options`` go to ``run_broker`` (``signing_key``, ``intake``)."""
     import zmq
     from bus.broker import run_broker
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     pub_ep, sub_ep = f"ipc://{tmp_path}/p.sock", f"ipc://{tmp_path}/s.sock"
     stop_ep = f"inproc://stop-{name}-{id(tmp_path)}"
-    t = threading.Thread(target=run_broker, args=(pub_ep, sub_ep), kwargs={"context": ctx, "stop_endpoint": stop_ep},
-                         daemon=True)
+    t = threading.Thread(target=run_broker, args=(pub_ep, sub_ep), daemon=True,
+                         kwargs={"context": ctx, "stop_endpoint": stop_ep, **options})
     t.start()
     try:
         yield pub_ep, sub_ep
@@ -150,6 +154,30 @@ def set_twilio_token(monkeypatch: Any) -> str:
     token = secrets.token_hex(16)
     monkeypatch.setenv("TWILIO_AUTH_TOKEN", token)
     return token
+
+
+def wait_topic(sub: "Subscriber", topic: str, timeout: float = 20, where: Any = None,
+               seen: list[tuple[str, dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """The next message on ``topic``; everything read on the way is appended to ``seen``."""
+    deadline = time.monotonic() + timeout
+    seen = [] if seen is None else seen
+    while time.monotonic() < deadline:
+        msg = sub.recv(timeout_ms=100)
+        if msg is None:
+            continue
+        seen.append(msg)
+        if msg[0] == topic and (where is None or where(msg[1])):
+            return msg[1]
+    raise AssertionError(f"no {topic} within {timeout}s; saw {[t for t, _ in seen[-15:]]}")
+
+
+def say(conn: dict[str, Any], text: str, timeout_s: float = 30.0, **payload: Any) -> dict[str, Any]:
+    """Send ``cmd.say`` through the bus's one ``call`` and return its outcome (``cmd.done``: ``ok``,
+    ``item_id``), or its ``cmd.ack`` if the engine refused it."""
+    from bus.aio import call_sync
+    from bus.client import endpoints_from
+    return call_sync(endpoints_from(conn), "cmd.say", {"text": text, **payload}, name="test", outcome=True,
+                     outcome_timeout_s=timeout_s)
 
 
 # ---------------------------------------------------------------- SIP (engine.server.sip, engine.sip)

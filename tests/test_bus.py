@@ -17,7 +17,7 @@ pytestmark = pytest.mark.timeout(30)
 def test_roundtrip_carries_header() -> None:
     topic, body = decode(encode("model.text.delta", {"text": "hé"}, "me:1", 7))
     assert topic == "model.text.delta"
-    assert body["text"] == "hé" and body["v"] == 1 and body["pub"] == "me:1" and body["seq"] == 7
+    assert body["text"] == "hé" and body["v"] == 2 and body["pub"] == "me:1" and body["seq"] == 7
     assert isinstance(body["ts"], float) and isinstance(body["mono_ns"], int)
 
 

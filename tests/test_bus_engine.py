@@ -11,7 +11,7 @@ import pytest
 import zmq
 
 from bus import Publisher, Subscriber, encode
-from tests.test_engine import say, wait_topic
+from tests.helpers import say, wait_topic
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 

@@ -16,6 +16,7 @@ import pytest
 from bus import Publisher, Subscriber
 from engine.phone.simulator import FakePhone
 from tests.conftest import RunningEngine
+from tests.helpers import set_twilio_token
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
@@ -25,9 +26,10 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
                           timeout=30, env=os.environ.copy())
 
 
-def test_say_and_tail_name_one_call(runtime_dir: Path, tmp_path: Path) -> None:
+def test_say_and_tail_name_one_call(runtime_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 23 point 7: a say to a phone engine was refused for naming no call, and the CLI had no
     way to name one."""
+    set_twilio_token(monkeypatch)   # the fake phones sign their upgrade with it
     proc = subprocess.Popen([sys.executable, "-m", "engine.api.cli", "phone", "--backend", "local", "--port", "0",
                              "--speed", "4"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=os.environ.copy(), cwd=str(tmp_path))

@@ -164,3 +164,28 @@ def test_tool_that_never_answers_gets_an_error_output(runtime_dir: Path, tmp_pat
         finally:
             await session.close()
     asyncio.run(main())
+
+
+def test_readme_tool_example_calls_its_tool_offline(runtime_dir: Path) -> None:
+    """README.md's Python section, as written: the tool is registered after the session starts and the
+    local server calls it when the user names it (no scenario), with the booking from the context."""
+    from engine import create_session
+
+    async def main() -> None:
+        session = await create_session({"instructions": "You are a helpful travel agent.", "turn_detection": None},
+                                       {"mic": "null", "speaker": "null", "speed": 4})
+        try:
+            await session.system("The customer's booking is Avis ZX9, collection at 10:00.")
+            asked: list[str] = []
+
+            @session.tool
+            def collection_point(booking: str) -> str:
+                """Where a booking's car is collected."""
+                asked.append(booking)
+                return "Northern Train Station, desk 4"
+            reply = await session.user("Where exactly is the collection point?")
+            assert asked == ["Avis ZX9"]
+            assert "Northern Train Station, desk 4" in reply.text
+        finally:
+            await session.close()
+    asyncio.run(main())

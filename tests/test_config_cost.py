@@ -26,6 +26,9 @@ def _flat(d: dict, prefix: str = "") -> list[str]:
 
 
 def test_config_yaml_is_the_defaults() -> None:
+    """The repository's config.yaml is the user-facing copy of DEFAULTS, which the engine reads
+    from inside its package: every key and every value, none left to the defaults."""
+    assert yaml.safe_load((REPO / "config.yaml").read_text()) == DEFAULTS
     assert load_config(REPO / "config.yaml") == DEFAULTS
 
 

@@ -7,50 +7,17 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from bus import Publisher, Subscriber
+from bus import Subscriber
 from tests.conftest import REPO
+from tests.helpers import say, wait_topic  # noqa: F401 - other modules still import them from here
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
-
-
-def wait_topic(sub: Subscriber, topic: str, timeout: float = 20, where: Any = None,
-               seen: list[tuple[str, dict[str, Any]]] | None = None) -> dict[str, Any]:
-    """The next message on ``topic``; everything read on the way is appended to ``seen``."""
-    deadline = time.monotonic() + timeout
-    seen = [] if seen is None else seen
-    while time.monotonic() < deadline:
-        msg = sub.recv(timeout_ms=100)
-        if msg is None:
-            continue
-        seen.append(msg)
-        if msg[0] == topic and (where is None or where(msg[1])):
-            return msg[1]
-    raise AssertionError(f"no {topic} within {timeout}s; saw {[t for t, _ in seen[-15:]]}")
-
-
-def say(conn: dict[str, Any], text: str, **kw: Any) -> dict[str, Any]:
-    cmd_id = uuid.uuid4().hex
-    acks = Subscriber(conn["subscribe"], ["cmd.ack"])
-    pub = Publisher(conn["publish"], "test")
-    try:
-        for _ in range(60):
-            pub.publish("cmd.say", {"text": text, "id": cmd_id, **kw})
-            t_end = time.monotonic() + 0.3
-            while time.monotonic() < t_end:
-                msg = acks.recv(timeout_ms=50)
-                if msg and msg[1].get("id") == cmd_id:
-                    return msg[1]
-        raise AssertionError("no cmd.ack")
-    finally:
-        acks.close()
-        pub.close()
 
 
 def test_text_chat_say_status_and_clean_stop(start_engine: Any) -> None:

@@ -100,7 +100,7 @@ def test_a_full_sessions_disk_ends_the_session_cleanly(runtime_dir: Path, tmp_pa
         if "ready in" in line:
             break
     conn = json.loads((runtime_dir / "engine.json").read_text())
-    rings = [Path("/dev/shm") / name for name in conn["ring_names"]]
+    rings = [Path("/dev/shm") / name for name in conn["ring_names"].values()]   # kind -> random name
     assert rings and all(r.exists() for r in rings)
     fd = os.open(tiny_disk / "filler", os.O_WRONLY | os.O_CREAT, 0o600)   # the disk fills up (another program)
     try:

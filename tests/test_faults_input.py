@@ -15,7 +15,7 @@ import pytest
 
 from engine.capture.process import CaptureProcess
 from engine.errors import DeviceError
-from engine.supervisor.preflight import MAX_MIC_WAV_S, mic_wav_format
+from engine.audio.preflight import MAX_MIC_WAV_S, mic_wav_format
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -302,6 +302,45 @@ def test_a_bad_message_is_that_calls_error_only_and_a_hang_up_mid_reply_leaks_no
 
 @pytest.mark.e2e
 @pytest.mark.timeout(120)
+def test_car_rental_example_calls_its_tool_offline_when_asked_by_voice(phone_engine: Any, runtime_dir: Path) -> None:
+    """The caller asks aloud (espeak-ng, µ-law); with the example's scenario (expected sentences, no
+    rules) the local server hears the question (docs/local-server.md, "What it hears"), the tool's name
+    in it makes it call collection_point, and the back office answers."""
+    eng = phone_engine("--speed", "4", "--scenario", str(REPO / "scenarios" / "car_rental.yaml"))
+    office = subprocess.Popen([sys.executable, str(REPO / "examples" / "car_rental.py")], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
+    bus = Bus(runtime_dir)
+    from engine.server.voice import synthesize    # the server's own voice (marin), as a caller at 8 kHz
+    pad = np.zeros(7200, dtype=np.int16)
+    question = encode_audio(np.concatenate([pad, synthesize("Where is the collection point?", "marin"), pad]),
+                            "audio/pcmu")
+
+    async def main() -> None:
+        assert office.stdout is not None
+        assert "serving calls" in await asyncio.to_thread(office.stdout.readline)
+        phone = await FakePhone(eng.url, custom_parameters={"booking": "ZX9"}).dial()
+        await bus.wait("system.text", phone_call_id=phone.call_sid)
+        await phone.say(question)
+        call = await bus.wait("tool.call", timeout_s=30, phone_call_id=phone.call_sid)
+        assert call["name"] == "collection_point"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(
+                "Northern Train Station" in (d.get("text") or "") for d in bus.all("response.done")):
+            await asyncio.sleep(0.05)
+        assert any("Northern Train Station" in (d.get("text") or "") for d in bus.all("response.done")), \
+            [d.get("text") for d in bus.all("response.done")]
+        await phone.hang_up()
+        await bus.wait("phone.call.ended", phone_call_id=phone.call_sid)
+    try:
+        asyncio.run(main())
+    finally:
+        bus.close()
+        office.terminate()
+        office.wait(5)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(120)
 def test_car_rental_back_office_serves_two_calls_at_once(phone_engine: Any, runtime_dir: Path,
                                                          tmp_path: Path) -> None:
     scenario = tmp_path / "rental.yaml"

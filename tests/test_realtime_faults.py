@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from bus import Publisher, Subscriber
-from tests.test_engine import wait_topic
+from tests.helpers import wait_topic
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -92,7 +92,7 @@ def test_a_say_sent_while_the_socket_is_down_is_answered(text_engine: Any) -> No
     """Issue 15 point 4: a say with the socket down and nothing active was lost for good (never
     acked, its retries dropped as duplicates)."""
     conn = text_engine.conn
-    sub = Subscriber(conn["subscribe"], ["response.done", "engine.status", "cmd.ack"])
+    sub = Subscriber(conn["subscribe"], ["response.done", "engine.status", "cmd.ack", "cmd.done"])
     pub = Publisher(conn["publish"], "test")
     pub.join(conn["subscribe"])
     seen: list[tuple[str, dict[str, Any]]] = []
@@ -104,7 +104,9 @@ def test_a_say_sent_while_the_socket_is_down_is_answered(text_engine: Any) -> No
     done = answered(sub, req, 20, seen)
     assert done["status"] == "completed"
     acks = [b for t, b in seen if t == "cmd.ack" and b.get("id") == req]
-    assert len(acks) == 1 and acks[0]["ok"]
+    assert acks and all(a["ok"] for a in acks)   # each copy is acked (protocol 2) ...
+    dones = [b for t, b in seen if t == "cmd.done" and b.get("id") == req]
+    assert len(dones) == 1 and dones[0]["ok"]      # ... and carried out once
     assert sum(1 for t, b in seen if t == "response.done" and b.get("request_id") == req) == 1
     sub.close()
     pub.close()

@@ -62,7 +62,8 @@ def test_a_call_socket_that_reconnects_replays_no_history() -> None:
     for keeps, replayed in ((False, True), (True, False)):
         core = RealtimeCore("gpt-realtime", {"type": "realtime"}, keeps_session=keeps)
         core.handle(Connected(reconnect=False, reason="start"), 0.0, 0)
-        core.history.append({"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]})
+        core.conversation.restore([{"id": "item_1", "type": "message", "role": "user",
+                                    "content": [{"type": "input_text", "text": "hi"}]}])
         core.handle(Disconnected(1006, "lost"), 0.2, 0)
         acts = core.handle(Connected(reconnect=True, reason="reconnect"), 0.3, 0)
         items = [a for a in acts if isinstance(a, Send) and a.event["type"] == "conversation.item.create"]

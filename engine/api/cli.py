@@ -7,7 +7,6 @@ import os
 import signal
 import sys
 import time
-import uuid
 from typing import Any
 
 from bus.wire import HEADER_KEYS, BusError
@@ -15,7 +14,7 @@ from engine.errors import EngineError
 
 
 def _load_cfg(args: argparse.Namespace) -> dict[str, Any]:
-    from engine.config import REPO_CONFIG, load_config
+    from engine.config import load_config
     overrides: dict[str, Any] = {}
     if getattr(args, "backend", None):
         overrides["backend"] = args.backend
@@ -35,10 +34,7 @@ def _load_cfg(args: argparse.Namespace) -> dict[str, Any]:
         overrides["session.instructions"] = args.instructions
     if getattr(args, "voice", None) is not None:
         overrides["session.voice"] = args.voice
-    path = args.config
-    if path is None and REPO_CONFIG.exists() and os.path.abspath(os.getcwd()) == str(REPO_CONFIG.parent):
-        path = str(REPO_CONFIG)
-    return load_config(path, overrides)
+    return load_config(args.config, overrides)
 
 
 def cmd_start(args: argparse.Namespace) -> int:
@@ -219,41 +215,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run(cfg)
 
 
-def _publish_with_ack(topic: str, payload: dict[str, Any], timeout_s: float = 10.0) -> dict[str, Any]:
-    """Publish a command and wait for its ``cmd.ack``, re-sending until it comes (the engine dedups by id)."""
-    from bus import Publisher, Subscriber
-    conn = _connection()
-    cmd_id = payload.setdefault("id", uuid.uuid4().hex)
-    sub = Subscriber(conn["subscribe"], ["cmd.ack"])
-    pub = Publisher(conn["publish"], f"cli:{os.getpid()}")
-    deadline = time.monotonic() + timeout_s
+def _call(topic: str, payload: dict[str, Any], timeout_s: float = 60.0) -> dict[str, Any]:
+    """Send a command (bus.aio's call: acked at once, re-sent only until then) and return its outcome
+    (``cmd.done``), or its ``cmd.ack`` if the engine refused it; EngineError if no engine acks it,
+    NoOutcome (a BusError) if it is acked but not carried out within ``timeout_s``."""
+    from bus.aio import NoAck, call_sync
+    from bus.client import endpoints_from
     try:
-        while time.monotonic() < deadline:
-            pub.publish(topic, payload)
-            resend_at = time.monotonic() + 0.3
-            while time.monotonic() < min(resend_at, deadline):
-                msg = sub.recv(timeout_ms=50)
-                if msg and msg[1].get("id") == cmd_id:
-                    return msg[1]
-        raise EngineError(f"no acknowledgement for {topic} within {timeout_s}s (is the engine connected?)")
-    finally:
-        sub.close()
-        pub.close()
+        return call_sync(endpoints_from(_connection()), topic, payload, name=f"cli:{os.getpid()}", outcome=True,
+                         outcome_timeout_s=timeout_s)
+    except NoAck as exc:
+        raise EngineError(str(exc)) from None
 
 
 def cmd_say(args: argparse.Namespace) -> int:
+    from bus.aio import NoOutcome
     role = "system" if args.system else "user"
     respond = args.respond or (role == "user" and not args.no_respond)
     payload: dict[str, Any] = {"text": args.text, "role": role, "respond": respond}
     if args.call:
         payload["phone_call_id"] = args.call   # one call of `engine phone` (docs/phone.md, "The bus")
-    ack = _publish_with_ack("cmd.say", payload)
-    if not ack.get("ok"):
-        error = str(ack.get("error"))
+    try:
+        done = _call("cmd.say", payload, timeout_s=args.timeout)
+    except NoOutcome as exc:
+        print(f"engine say: {exc}; the engine holds it and adds it when it can", file=sys.stderr)
+        return 0
+    if not done.get("ok"):
+        error = str(done.get("error"))
         hint = "; name one with --call ID" if not args.call and "phone_call_id" in error else ""
         print(f"engine say: refused: {error}{hint}", file=sys.stderr)
         return 1
-    print(f"engine say: added as {ack.get('item_id')}")
+    print(f"engine say: added as {done.get('item_id')}")
     return 0
 
 
@@ -264,17 +256,17 @@ def cmd_ptt(args: argparse.Namespace) -> int:
     sub = Subscriber(conn["subscribe"], ["model.text.delta", "model.transcript.delta", "response.done"])
     lines = iter(sys.stdin.readline, "")
     try:
-        _publish_with_ack("cmd.mic", {"open": False})
+        _call("cmd.mic", {"open": False})
         for _ in range(args.turns or 1 << 30):
             print("engine ptt: press Enter to talk (Ctrl-D to quit)", flush=True)
             if next(lines, None) is None:
                 break
             for topic, payload in (("cmd.cancel", {}), ("cmd.input.clear", {}), ("cmd.mic", {"open": True})):
-                _publish_with_ack(topic, payload)
+                _call(topic, payload)
             print("engine ptt: listening; press Enter to send", flush=True)
             ended = next(lines, None) is None
-            _publish_with_ack("cmd.mic", {"open": False})
-            ack = _publish_with_ack("cmd.input.commit", {"respond": True}, timeout_s=args.timeout)
+            _call("cmd.mic", {"open": False})
+            ack = _call("cmd.input.commit", {"respond": True}, timeout_s=args.timeout)
             if not ack.get("ok"):
                 print(f"engine ptt: not sent: {ack.get('error')}", file=sys.stderr)
                 continue
@@ -387,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = p.add_subparsers(dest="command", required=True)
 
     s = sp.add_parser("start", help="start the engine (supervisor and its processes)")
-    s.add_argument("--config", help="config file (default: built-in defaults, or ./config.yaml in the repo)")
+    s.add_argument("--config", help="config file (default: the built-in defaults, which the repository's config.yaml lists)")
     s.add_argument("--backend", choices=["local", "openai"], help="default: openai if $OPENAI_API_KEY is set, else local")
     s.add_argument("--model")
     s.add_argument("--mic", help="device name or index, a .wav file, or null")
@@ -467,6 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--respond", action="store_true", help="ask for a response even for --system")
     s.add_argument("--call", metavar="ID", help="the phone call to say it in (engine phone: its phone_call_id, "
                                                 "as engine status lists them)")
+    s.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds to wait for the engine to add it (it is acked at once, and held until then)")
     s.set_defaults(func=cmd_say)
 
     s = sp.add_parser("ptt", help="push to talk: Enter to talk, Enter to send (for turn_detection: null)")

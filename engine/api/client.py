@@ -10,8 +10,9 @@
     await session.close()
 
 Everything goes over the same bus wire protocol any other language uses
-(docs/bus-protocol.md); :func:`create_session` starts an engine, :func:`connect` attaches
-to a running one.
+(docs/bus-protocol.md), through the bus's asyncio client (:class:`bus.aio.BusClient`: the
+connection file's endpoints and, over tcp, its CURVE keys; one ``call`` for every command);
+:func:`create_session` starts an engine, :func:`connect` attaches to a running one.
 """
 from __future__ import annotations
 
@@ -33,13 +34,16 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 import yaml
-import zmq
-import zmq.asyncio
 
-from bus import BusError
+from bus.aio import BusClient, NoAck, NoOutcome
+from bus.client import endpoints_from
 from bus.runtime import NoEngine, engine_alive, private_dir, read_connection, runtime_dir, running_engine
-from bus.wire import HEADER_KEYS, MalformedMessage, decode, encode
+from bus.wire import HEADER_KEYS, BusError
 from engine.errors import EngineError, NotRunning
+
+#: what a session reads (``events(prefix)`` adds its prefix)
+SESSION_TOPICS = ("model.", "user.", "response.done", "cost.session", "playout.started", "playout.stopped",
+                  "playout.interrupted", "engine.error", "tool.call")
 
 
 class ResponseFailed(EngineError):
@@ -103,24 +107,10 @@ class Session:
         self.process = process
         self.debug = debug
         self.name = f"py:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        self._ctx = zmq.asyncio.Context.instance()
-        self._pub = self._ctx.socket(zmq.PUB)
-        self._pub.setsockopt(zmq.LINGER, 500)
-        self._pub.connect(conn["publish"])
-        self._sub = self._ctx.socket(zmq.SUB)
-        self._sub.setsockopt(zmq.LINGER, 0)
-        self._sub.setsockopt(zmq.SUBSCRIBE, b"")
-        self._sub.connect(conn["subscribe"])
-        self._presence = self._ctx.socket(zmq.SUB)  # its subscription says we are here (tool ownership)
-        self._presence.setsockopt(zmq.LINGER, 0)
-        self._presence.setsockopt(zmq.SUBSCRIBE, b"_presence." + self.name.encode())
-        self._presence.connect(conn["subscribe"])
-        self._seq = 0
-        self._waiters: list[tuple[Callable[[str, dict[str, Any]], bool], asyncio.Future[tuple[str, dict[str, Any]]]]] = []
+        self._bus: BusClient | None = None
         self._streams: list[tuple[str, asyncio.Queue[Event]]] = []
         self._tools: dict[str, Callable[..., Any]] = {}
         self._pending_tools: list[dict[str, Any]] = []
-        self._reader: asyncio.Task[None] | None = None
         self.cost = 0.0
         self.playing = False
         self.last_audio_response: str | None = None
@@ -131,69 +121,53 @@ class Session:
 
     # ------------------------------------------------------------ plumbing
     async def _start(self) -> None:
-        self._reader = asyncio.get_running_loop().create_task(self._read())
-        # slow joiner: wait until our own probe comes back through the broker
-        probe = f"_join.{self.name}"
-        fut = self._expect(lambda t, b: t == probe)
-        for _ in range(200):
-            await self._publish(probe, {})
-            try:
-                await asyncio.wait_for(asyncio.shield(fut), 0.05)
-                break
-            except asyncio.TimeoutError:
-                continue
-        else:
-            raise NotRunning(f"the bus at {self.conn['publish']} does not answer; is the engine running?")
+        try:
+            endpoints = endpoints_from(self.conn)
+            # presence: our subscription to _presence.<name> says we are here (we own our tools)
+            self._bus = await BusClient.connect(endpoints, self.name, SESSION_TOPICS, presence=True)
+        except BusError as exc:
+            raise NotRunning(f"{exc}") from None
+        self._bus.listen(self._on_message)
+
+    @property
+    def bus(self) -> BusClient:
+        if self._bus is None:
+            raise EngineError("the session is not connected (use create_session() or connect())")
+        return self._bus
 
     async def _publish(self, topic: str, payload: dict[str, Any]) -> None:
-        self._seq += 1
-        await self._pub.send_multipart(encode(topic, payload, self.name, self._seq))
+        self.bus.publish(topic, payload)
 
     def _expect(self, pred: Callable[[str, dict[str, Any]], bool]) -> asyncio.Future[tuple[str, dict[str, Any]]]:
-        fut: asyncio.Future[tuple[str, dict[str, Any]]] = asyncio.get_running_loop().create_future()
-        self._waiters.append((pred, fut))
-        return fut
+        return self.bus.expect(pred)
 
-    async def _read(self) -> None:
-        while True:
-            frames = await self._sub.recv_multipart()
-            try:
-                topic, body = decode(frames)
-            except MalformedMessage:
-                continue
-            if self.debug and not topic.startswith(("_join.", "server.", "engine.status")):
-                shown = body.get("text", {k: v for k, v in body.items() if k not in HEADER_KEYS})
-                print(f"[realtalk] {topic}: {shown}", file=sys.stderr)
-            if topic == "cost.session":
-                self.cost = float(body.get("usd", self.cost))
-            elif topic == "response.done" and "session_usd" in body:
-                self.cost = float(body["session_usd"])  # up to date when user() returns
-            elif topic == "playout.started":
-                self.playing = True
-                self._audio_idle.clear()
-            elif topic in ("playout.stopped", "playout.interrupted"):
-                self.playing = False
-                self._audio_idle.set()
-            elif topic == "engine.error" and body.get("fatal"):
-                self._fail_waiters(EngineError(f"the engine stopped: {body.get('source', 'engine')}: "
-                                               f"{body.get('message')}"))
-            elif topic == "tool.call" and body.get("name") in self._tools:
-                asyncio.get_running_loop().create_task(self._run_tool(body))
-            for pred, fut in list(self._waiters):
-                if not fut.done() and pred(topic, body):
-                    fut.set_result((topic, body))
-            self._waiters = [(p, f) for p, f in self._waiters if not f.done()]
-            for prefix, q in self._streams:
-                if topic.startswith(prefix):
-                    q.put_nowait(Event(topic, body))
+    def _on_message(self, topic: str, body: dict[str, Any]) -> None:
+        if self.debug and not topic.startswith(("_join.", "server.", "engine.status", "cmd.")):
+            shown = body.get("text", {k: v for k, v in body.items() if k not in HEADER_KEYS})
+            print(f"[realtalk] {topic}: {shown}", file=sys.stderr)
+        if topic == "cost.session":
+            self.cost = float(body.get("usd", self.cost))
+        elif topic == "response.done" and "session_usd" in body:
+            self.cost = float(body["session_usd"])  # up to date when user() returns
+        elif topic == "playout.started":
+            self.playing = True
+            self._audio_idle.clear()
+        elif topic in ("playout.stopped", "playout.interrupted"):
+            self.playing = False
+            self._audio_idle.set()
+        elif topic == "engine.error" and body.get("fatal"):
+            self._fail_waiters(EngineError(f"the engine stopped: {body.get('source', 'engine')}: "
+                                           f"{body.get('message')}"))
+        elif topic == "tool.call" and body.get("name") in self._tools:
+            asyncio.get_running_loop().create_task(self._run_tool(body))
+        for prefix, q in self._streams:
+            if topic.startswith(prefix):
+                q.put_nowait(Event(topic, body))
 
     def _fail_waiters(self, exc: EngineError) -> None:
         """A fatal engine error: every waiter fails at once with it, instead of timing out later."""
         self.fatal = exc
-        for _, fut in self._waiters:
-            if not fut.done():
-                fut.set_exception(exc)
-        self._waiters = []
+        self.bus.fail(exc)
 
     async def _wait(self, fut: asyncio.Future[tuple[str, dict[str, Any]]], timeout_s: float,
                     what: str) -> tuple[str, dict[str, Any]]:
@@ -205,21 +179,17 @@ class Session:
             raise EngineError(f"no {what} within {timeout_s:g} s; "
                               "see `engine status` and `engine log --type engine.error`") from None
 
-    async def command(self, topic: str, payload: dict[str, Any], timeout_s: float = 15.0) -> dict[str, Any]:
-        """Publish a command and return its ``cmd.ack`` (re-sent until acknowledged; the engine dedups)."""
-        cmd_id = payload.setdefault("id", uuid.uuid4().hex)
-        fut = self._expect(lambda t, b: t == "cmd.ack" and b.get("id") == cmd_id)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.fatal is not None:
-                raise self.fatal
-            await self._publish(topic, payload)
-            try:
-                _, ack = await asyncio.wait_for(asyncio.shield(fut), 0.5)
-                return ack
-            except asyncio.TimeoutError:
-                continue
-        raise EngineError(f"no acknowledgement for {topic} within {timeout_s}s")
+    async def command(self, topic: str, payload: dict[str, Any], timeout_s: float = 120.0) -> dict[str, Any]:
+        """Send a command (once: re-sent only until the engine acks it, which it does at once) and
+        return its outcome, ``cmd.done`` (``ok``, ``item_id`` or ``error``), or its ``cmd.ack`` if the
+        engine refused it. A command the engine holds (its realtime process restarting, a say
+        queued behind an answer) is waited for up to ``timeout_s``."""
+        if self.fatal is not None:
+            raise self.fatal
+        try:
+            return await self.bus.call(topic, payload, outcome=True, outcome_timeout_s=timeout_s)
+        except (NoAck, NoOutcome) as exc:
+            raise EngineError(str(exc)) from None
 
     # ------------------------------------------------------------ the quick-start API
     async def system(self, text: str, respond: bool = False, **response: Any) -> dict[str, Any] | Reply:
@@ -342,6 +312,7 @@ class Session:
 
     async def events(self, prefix: str = "") -> AsyncIterator[Event]:
         """Every bus event whose topic starts with ``prefix``, from now on."""
+        self.bus.subscribe(prefix)
         q: asyncio.Queue[Event] = asyncio.Queue()
         entry = (prefix, q)
         self._streams.append(entry)
@@ -387,10 +358,8 @@ class Session:
 
     async def close(self) -> None:
         """Detach; stop the engine if this session started it."""
-        if self._reader is not None:
-            self._reader.cancel()
-        for s in (self._pub, self._sub, self._presence):
-            s.close()
+        if self._bus is not None:
+            await self._bus.close()
         if self.process is not None:
             self.process.send_signal(2)
             await asyncio.to_thread(self.process.wait, 20)
@@ -432,9 +401,10 @@ def _schema_from_signature(fn: Callable[..., Any]) -> dict[str, Any]:
 
 async def connect(path: str | os.PathLike[str] | None = None, debug: bool = False) -> Session:
     """Attach to the engine of this user's that is already running (its connection file, default
-    the runtime directory's): the file must be this user's own private file and its supervisor
-    provably this user's running engine (bus/runtime.py), else NotRunning or EngineError naming
-    the file and the fix; nothing is sent to the bus an untrusted file names."""
+    the runtime directory's: the endpoints and, with ``bus.transport: tcp``, the CURVE keys): the
+    file must be this user's own private file and its supervisor provably this user's running
+    engine (bus/runtime.py), else NotRunning or EngineError naming the file and the fix; nothing
+    is sent to the bus an untrusted file names."""
     try:
         conn = running_engine(path)
     except NoEngine as exc:

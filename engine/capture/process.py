@@ -46,7 +46,7 @@ import numpy as np
 from bus import Publisher, Subscriber
 from engine.supervisor import child
 from engine.supervisor.child import error_text, every_period, run_reporting, stop_on_signals
-from engine.supervisor.preflight import mic_wav_format
+from engine.audio.preflight import mic_wav_format
 from engine.codec import resample
 from engine.capture.echo import EchoCanceller, EchoGate, FarEnd
 from engine.console.audio import SOURCE_TOPIC, BrowserMicReader, SourceSwitch
@@ -211,7 +211,7 @@ class CaptureProcess:
     def read_wav(path: str) -> tuple[np.ndarray, int]:
         """The mic file's first channel at 24 kHz, and its own rate; :class:`DeviceError` naming
         the file and the problem when it cannot be used (the header as the supervisor checked it
-        before starting anything, :func:`engine.supervisor.preflight.mic_wav_format`, then the
+        before starting anything, :func:`engine.audio.preflight.mic_wav_format`, then the
         data: any failure reading or converting it is the file's, never a crash)."""
         fmt = mic_wav_format(path)
         try:

@@ -734,11 +734,12 @@ class PhoneBridge:
             self.error(None, "bad_command", f"{topic}: {type(exc).__name__}: {exc}")
 
     def _ack(self, body: Mapping[str, Any], ok: bool, **extra: Any) -> None:
+        """The command's outcome (the broker acked it on cmd.ack when it came: bus protocol 2)."""
         if body.get("id"):
-            self.pub.publish("cmd.ack", {"id": body["id"], "ok": ok, **extra})
+            self.pub.publish("cmd.done", {"id": body["id"], "ok": ok, **extra})
 
     def _on_bus(self, topic: str, body: dict[str, Any]) -> None:
-        if topic == "cmd.ack":
+        if topic in ("cmd.ack", "cmd.done"):
             return
         target = body.get("phone_call_id")
         if topic == "engine.presence.gone":

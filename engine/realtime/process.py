@@ -33,6 +33,7 @@ import websocket
 import zmq
 
 from bus import Publisher, Subscriber
+from bus.wire import INTAKE_TOPIC, STATE_TOPIC
 from engine.supervisor import child
 from engine.supervisor.child import stop_on_signals
 from engine.realtime.core import RealtimeCore
@@ -50,7 +51,9 @@ IDLE_WAKE_S = 0.5               # the main thread sleeps until its next timer, a
 SESSION_RECYCLE_S = 55 * 60.0
 PLAYBACK_REPORTS = ("playback.started", "playback.stopped", "playback.underrun", "playback.flushed",
                     "playback.position")
-HISTORY_WAIT_S = 0.3            # a restarted process waits this long for its predecessor's conversation
+#: how long a starting process waits for the broker's hand-over (it comes in milliseconds; the bound is for a
+#: machine under heavy load, and a broker without an intake)
+INTAKE_WAIT_S = 5.0
 
 
 class AuthRefused(Exception):
@@ -88,6 +91,7 @@ class RealtimeProcess:
         self.connected = threading.Event()
         self.recycle = threading.Event()
         self.restored = False                      #: a restarted process took its predecessor's conversation
+        self.bus_sub: Subscriber | None = None     #: the main thread's subscriber (commands, reports, hand-overs)
         self.main_pub = Publisher(self.pub_endpoint, f"realtime:{os.getpid()}")
         #: wakes the main thread early: a stop signal, or a timer the reader set
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK)
@@ -351,33 +355,79 @@ class RealtimeProcess:
                                   index if isinstance(index, int) else None, body)
         return Command(topic, body)
 
-    def _restore(self, sub: Subscriber) -> None:
-        """A restarted process: take the conversation its predecessor published (a last-value topic)."""
-        previous_life = (self.speaker is not None and self.speaker.write_index > 0) or \
-                        (self.mic is not None and self.mic.read_index > 0)
-        if self.speaker is not None and previous_life:
-            self.speaker.mark_end()  # the dead process's stream ends here: playback starts the next one afresh
-        deadline = time.monotonic() + (HISTORY_WAIT_S if previous_life else 0.0)
-        while True:
+    def _take_over(self, sub: Subscriber) -> None:
+        """Start from what the broker holds: it answers our subscription to ``intake.realtime`` with
+        the state our predecessor published (none at the engine's start) and the commands no
+        realtime process has taken yet, in the order they came (bus/intake.py). Before the first
+        socket opens: the conversation is replayed first, then what was held is sent. Messages
+        that come live meanwhile are handled after them (copies are taken once: the core
+        de-duplicates by command key)."""
+        early: list[tuple[str, dict[str, Any]]] = []
+        deadline = time.monotonic() + INTAKE_WAIT_S
+        handover = None
+        while handover is None:
             msg = sub.recv(timeout_ms=max(0, int((deadline - time.monotonic()) * 1000)))
             if msg is None:
-                return
-            topic, body = msg
-            if topic == "conversation.history":
-                with self.lock:
-                    acts = self.core.restore_history(body)
-                self.restored = bool(self.core.history) or bool(acts)
+                self.main_pub.publish("engine.error", {
+                    "source": "realtime", "code": "no_handover", "benign": True,
+                    "message": f"the broker handed over no state within {INTAKE_WAIT_S:g} s; starting without "
+                               "the conversation and the commands it holds (they are offered again)"})
+                break
+            if msg[0] == INTAKE_TOPIC and msg[1].get("restore") is True:
+                handover = msg[1]
+            else:
+                early.append(msg)
+        state = self._accept_inner(sub, handover.get("state")) if handover else None
+        previous_life = state is not None or (self.speaker is not None and self.speaker.write_index > 0) or \
+            (self.mic is not None and self.mic.read_index > 0)
+        if self.speaker is not None and previous_life:
+            # what the dead process wrote is an answer reported failed: it stops now (faded), so the
+            # next answer plays at once instead of after it (up to the ring's 87 s), then a new stream
+            self.speaker.request_flush()
+            self.speaker.mark_end()
+        if state is not None and state[0] == STATE_TOPIC:
+            with self.lock:
+                acts = self.core.restore_history(state[1])
+            self.restored = True
+            self.apply(acts, self.main_pub)
+        for frames in (handover or {}).get("commands") or []:
+            held = self._accept_inner(sub, frames)
+            if held is not None:
+                self.step(self._bus_record(*held), self.main_pub)
+        for topic, body in early:
+            self._on_bus(topic, body)
+
+    @staticmethod
+    def _accept_inner(sub: Subscriber, frames: Any) -> tuple[str, dict[str, Any]] | None:
+        """A message inside the broker's hand-over, checked as if read from the bus (signature included)."""
+        if not isinstance(frames, list) or not all(isinstance(f, bytes) for f in frames):
+            return None
+        return sub.accept(frames)
+
+    def _on_bus(self, topic: str, body: dict[str, Any]) -> None:
+        """One bus message on the main thread: a command, a playback report, a hand-over of held commands."""
+        if topic == INTAKE_TOPIC:   # held commands offered (again): the core takes each once
+            for frames in body.get("commands") or []:
+                held = self._accept_inner(self.bus_sub, frames) if self.bus_sub is not None else None
+                if held is not None:
+                    self.step(self._bus_record(*held), self.main_pub)
+            return
+        if topic == "engine.error":
+            if body.get("code") == "child_exited" and body.get("child") == "broker":
+                with self.lock:  # a new broker's last-value cache is empty: fill it again
+                    acts = self.core.state_messages()
                 self.apply(acts, self.main_pub)
-                return
+            return
+        self.step(self._bus_record(topic, body), self.main_pub)
 
     def run(self) -> int:
         stop_on_signals(self.stop, self._wake_main)
-        history_sub = Subscriber(self.sub_endpoint, ["conversation.history"])
         sub = Subscriber(self.sub_endpoint, ["cmd.", "engine.presence.gone", "engine.error", *PLAYBACK_REPORTS])
+        self.bus_sub = sub
         self.main_pub.join(self.sub_endpoint)
+        sub.socket.setsockopt(zmq.SUBSCRIBE, INTAKE_TOPIC.encode())   # after the others: the broker answers it
         self.restored = False
-        self._restore(history_sub)
-        history_sub.close()
+        self._take_over(sub)
         try:
             if not self.connect(self.main_pub, first_try=True) and not self._reconnect(self.main_pub):
                 return 1
@@ -411,14 +461,7 @@ class RealtimeProcess:
                 except BlockingIOError:
                     pass
             while (msg := sub.recv(timeout_ms=0)) is not None:
-                topic, body = msg
-                if topic == "engine.error":
-                    if body.get("code") == "child_exited" and body.get("child") == "broker":
-                        with self.lock:  # a new broker's last-value cache is empty: fill it again
-                            acts = self.core.state_messages()
-                        self.apply(acts, self.main_pub)
-                    continue
-                self.step(self._bus_record(topic, body), self.main_pub)
+                self._on_bus(*msg)
             sub.publish_reports(self.main_pub, "realtime")  # malformed or forged messages, drops: once a second
             self.step(Tick(), self.main_pub)
             now = time.monotonic()

@@ -191,7 +191,7 @@ class Connection:
         try:
             try:
                 if item.heard is None and self.cfg.asr and item.audio is not None:
-                    words = await asyncio.to_thread(Recognizer.transcribe, item.audio)
+                    words = await asyncio.to_thread(Recognizer.transcribe, item.audio, item.expect)
                 events = self.session.transcription_events(item, words)
             except VoiceError as exc:
                 log.warning("%s (failures so far: %d)", exc, Recognizer.failures)

@@ -26,6 +26,7 @@ from engine.server.live_protocol import error_event
 from engine.server.live_session import (ALL, LIVE_MAX_SESSION_S, OUTPUT_CHUNK_MS, PRIMARY, SIDEBANDS, LiveActions,
                                         LiveSession, Phase, UserTurn, Utterance)
 from engine.server.protocol import new_id
+from engine.server.expect import expected_phrases
 from engine.server.voice import Recognizer, VoiceError, synthesize
 
 log = logging.getLogger("realtalk.server")
@@ -192,7 +193,10 @@ class LiveConnection:
             words = ""
             if self.asr and len(turn.pcm):
                 try:
-                    words = await asyncio.to_thread(Recognizer.transcribe, turn.pcm)
+                    s = self.session
+                    phrases = expected_phrases(s.scenario.phrases(), [], str(s.session.get("instructions") or ""),
+                                               [("system", c) for c in s.context])
+                    words = await asyncio.to_thread(Recognizer.transcribe, turn.pcm, phrases)
                 except VoiceError as exc:
                     log.warning("%s (failures so far: %d)", exc, Recognizer.failures)
         self.step("recognition", lambda: self.session.heard(turn.id, words or ""))

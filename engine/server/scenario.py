@@ -18,6 +18,7 @@ Format (YAML; documented in docs/local-server.md)::
       - match: {text: "booking"}
         delegate: {ack: "Let me check."}   # GPT-Live: a client delegation (a `call` delegates too)
         then: "Here it is: {output}"       # said with the application's commentary ({output})
+    expect: ["where is the collection point"]  # phrases the recogniser listens for (engine/server/expect.py)
     faults: {...}                           # same keys as engine.server.faults.Faults
 
 A rule may also set ``hear`` for audio turns matched by ``turn``, so tests get exact
@@ -90,6 +91,14 @@ class Scenario:
     rules: list[Rule] = field(default_factory=list)
     default_reply: str = "You said: {user}."
     faults: Faults = field(default_factory=Faults)
+    expect: list[str] = field(default_factory=list)
+
+    def phrases(self) -> list[str]:
+        """What the scenario expects users to say: ``expect``, then each rule's ``hear`` and ``match.text``."""
+        out = list(self.expect)
+        for rule in self.rules:
+            out += [t for t in (rule.hear, rule.text) if t]
+        return out
 
     def rule_for(self, turn: int, user_text: str, context: str = "") -> Rule | None:
         for rule in self.rules:
@@ -113,14 +122,18 @@ def parse_scenario(data: Any, source: str = "scenario") -> Scenario:
         return Scenario()
     if not isinstance(data, dict):
         raise ScenarioError(f"{source}: expected a mapping at the top level")
-    unknown = set(data) - {"turns", "default_reply", "faults"}
+    unknown = set(data) - {"turns", "default_reply", "faults", "expect"}
     if unknown:
-        raise ScenarioError(f"{source}: unknown key {sorted(unknown)[0]!r} (allowed: turns, default_reply, faults)")
+        raise ScenarioError(f"{source}: unknown key {sorted(unknown)[0]!r} (allowed: turns, default_reply, expect, faults)")
     sc = Scenario()
     if "default_reply" in data:
         if not isinstance(data["default_reply"], str):
             raise ScenarioError(f"{source}: default_reply must be a string")
         sc.default_reply = data["default_reply"]
+    expect = data.get("expect") or []
+    if not isinstance(expect, list) or not all(isinstance(e, str) for e in expect):
+        raise ScenarioError(f"{source}: expect must be a list of phrases (strings)")
+    sc.expect = list(expect)
     turns = data.get("turns") or []
     if not isinstance(turns, list):
         raise ScenarioError(f"{source}: turns must be a list of rules")

@@ -73,7 +73,7 @@ from engine.supervisor.children import (ChildMachine, GaveUp, Kill, Policy, Rest
                                         Unresponsive)
 from engine.supervisor.heartbeat import HeartbeatPipe, period_for
 from engine.supervisor.logfile import SessionLog
-from engine.supervisor.preflight import check_audio
+from engine.audio.preflight import check_audio
 from engine.supervisor.terminal import Terminal
 from engine.config import live_url, resolve_backend, session_payload
 from engine.providers import Target, api_target
@@ -315,7 +315,7 @@ class Supervisor:
                          signing_key=self.signing_key)
 
     def _check_audio_paths(self) -> None:
-        """The mic and speaker files and devices, before anything starts (:mod:`engine.supervisor.preflight`:
+        """The mic and speaker files and devices, before anything starts (:mod:`engine.audio.preflight`:
         a corrupt mic WAV, a missing device fail the start at once, with one error)."""
         if self.phone is None and self.sip is None:   # calls use no audio device
             check_audio(self.cfg["audio"], text_only=self.text_only)
@@ -412,8 +412,11 @@ class Supervisor:
 
     def _start(self) -> None:
         py = sys.executable
-        self.children.append(Child("broker", [py, "-m", "bus.broker", self.endpoints.publish, self.endpoints.subscribe],
-                                   death_signal=signal.SIGKILL))
+        # the broker's intake acks each command at once; for the realtime process it also holds them
+        # across that process's restarts (bus/intake.py); the phone bridge takes them itself
+        intake = "ack" if self.phone is not None else "hold"
+        self.children.append(Child("broker", [py, "-m", "bus.broker", self.endpoints.publish, self.endpoints.subscribe,
+                                              "--intake", intake], death_signal=signal.SIGKILL))
         url, headers = self._api_target()
         if self.sip is not None:  # SIP calls (engine/sip): the audio is OpenAI's; no rings or devices
             self.children.append(Child("sip", [py, "-m", "engine.sip.process"], spec=self._spec(
@@ -715,7 +718,9 @@ class Supervisor:
     def _from_engine(self, body: dict[str, Any]) -> bool:
         """True if ``body`` was published by one of this engine's own child processes (state and
         fatal errors are accepted only from them): the publisher name against the children's
-        live pids. (To be replaced by the bus's signature check, ``bus.signing_key``.)"""
+        live pids. The bus's signature check (bus/security.py) has already dropped a forged
+        message on a signed topic; this one says which child sent it, and that it is the child's
+        latest run, and it is the only check on a topic that is not signed (``phone.status``)."""
         pub = body.get("pub")
         if not isinstance(pub, str) or ":" not in pub:
             return False
