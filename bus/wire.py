@@ -24,7 +24,9 @@ LAST_VALUE_TOPICS = ("engine.status", "session.config", "cost.session", "engine.
 #: the commands the realtime process carries out (docs/bus-protocol.md, "Commands"); the broker's intake
 #: acks each at once and holds it until that process has taken it
 COMMAND_TOPICS = ("cmd.say", "cmd.respond", "cmd.cancel", "cmd.input.commit", "cmd.input.clear", "cmd.mic",
-                  "cmd.session.update", "cmd.tool.register", "cmd.tool.unregister", "cmd.tool.result")
+                  "cmd.session.update", "cmd.tool.register", "cmd.tool.unregister", "cmd.tool.result",
+                  # a SIP call's control (engine sip, docs/sip.md)
+                  "cmd.sip.refer", "cmd.sip.hangup", "cmd.dtmf")
 #: a command's receipt, at once: ``id``, ``ok``, ``state`` (queued, accepted, taken, refused), ``topic``
 ACK_TOPIC = "cmd.ack"
 #: a command's outcome, from the process that carried it out: ``id``, ``ok``, ``item_id`` or ``error``, ...

@@ -40,12 +40,12 @@ def test_live_sideband_dtmf_both_ways() -> None:
                 0.3, 0)
     done = core.handle(ServerEvent({"type": "transport.dtmf.sent", "event": "#",
                                     "client_event_id": sends[1]["event_id"]}), 0.4, 0)
-    assert published(done, "cmd.ack") == [{"id": "d1", "ok": True, "key": "#"}]
+    assert published(done, "cmd.done") == [{"id": "d1", "ok": True, "key": "#"}]
     bad = core.handle(Command("cmd.dtmf", {"keys": "x", "id": "d2"}), 0.5, 0)
-    assert published(bad, "cmd.ack")[0]["ok"] is False
+    assert published(bad, "cmd.done")[0]["ok"] is False
     plain = LiveCore("gpt-live-1", {})
     refused = plain.handle(Command("cmd.dtmf", {"keys": "1", "id": "d3"}), 0.0, 0)
-    assert "SIP" in published(refused, "cmd.ack")[0]["error"]
+    assert "SIP" in published(refused, "cmd.done")[0]["error"]
 
 
 def test_realtime_call_socket_publishes_the_callers_keys_and_refuses_sending() -> None:
@@ -54,7 +54,7 @@ def test_realtime_call_socket_publishes_the_callers_keys_and_refuses_sending() -
                                     "received_at": 1791000000}), 0.0, 0)
     assert published(acts, "sip.dtmf") == [{"key": "#", "from": "caller", "received_at": 1791000000}]
     refused = core.handle(Command("cmd.dtmf", {"keys": "1", "id": "x"}), 0.0, 0)
-    assert "live" in published(refused, "cmd.ack")[0]["error"]
+    assert "live" in published(refused, "cmd.done")[0]["error"]
 
 
 def test_a_call_socket_that_reconnects_replays_no_history() -> None:

@@ -359,7 +359,7 @@ class RealtimeCore:
         why = ("Realtime has no client event that sends DTMF (openai 3.63.0 has none): a route with api: live "
                "sends keys (transport.dtmf.send)")
         cmd_id = body.get("id")
-        return [Publish("cmd.ack", {"id": cmd_id, "ok": False, "error": why})] if isinstance(cmd_id, str) else \
+        return [Publish(DONE_TOPIC, {"id": cmd_id, "ok": False, "error": why})] if isinstance(cmd_id, str) else \
             [Publish("engine.error", {"source": "engine", "code": "bad_command", "message": why})]
 
     def _on_session_created(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:

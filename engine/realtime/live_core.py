@@ -782,7 +782,7 @@ class LiveCore:
         ref = ev.get("client_event_id")
         owner = self.sent_dtmf.pop(ref, None) if isinstance(ref, str) else None
         if owner:
-            acts.append(Publish("cmd.ack", {"id": owner, "ok": True, "key": key}))
+            acts.append(Publish("cmd.done", {"id": owner, "ok": True, "key": key}))
         return acts
 
     def _cmd_dtmf(self, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
@@ -796,7 +796,7 @@ class LiveCore:
         elif self.state is not LiveState.ACTIVE:
             why = "the call's sideband is not attached"
         if why is not None:
-            return [Publish("cmd.ack", {"id": cmd_id, "ok": False, "error": why})] if cmd_id else \
+            return [Publish("cmd.done", {"id": cmd_id, "ok": False, "error": why})] if cmd_id else \
                 [Publish("engine.error", {"source": "engine", "code": "bad_command", "message": why})]
         acts: list[Action] = []
         assert isinstance(keys, str)

@@ -310,8 +310,9 @@ class SipService:
         return self.runs.get(key) if key else None
 
     def ack(self, body: Mapping[str, Any], ok: bool, **extra: Any) -> None:
+        """The command's outcome (the broker acked it on cmd.ack when it came: bus protocol 2)."""
         if body.get("id"):
-            self.pub.publish("cmd.ack", {"id": body["id"], "ok": ok, **extra})
+            self.pub.publish("cmd.done", {"id": body["id"], "ok": ok, **extra})
 
     def on_bus(self, topic: str, body: dict[str, Any]) -> None:
         try:
@@ -320,7 +321,7 @@ class SipService:
             self.error(None, "bad_command", f"{topic}: {type(exc).__name__}: {exc}")
 
     def _on_bus(self, topic: str, body: dict[str, Any]) -> None:
-        if topic == "cmd.ack":
+        if topic in ("cmd.ack", "cmd.done"):
             return
         target = body.get("sip_call_id")
         if target is None and topic == "cmd.tool.result":   # a tool result names its tool call

@@ -414,7 +414,7 @@ class Supervisor:
         py = sys.executable
         # the broker's intake acks each command at once; for the realtime process it also holds them
         # across that process's restarts (bus/intake.py); the phone bridge takes them itself
-        intake = "ack" if self.phone is not None else "hold"
+        intake = "ack" if self.phone is not None or self.sip is not None else "hold"   # calls take their own
         self.children.append(Child("broker", [py, "-m", "bus.broker", self.endpoints.publish, self.endpoints.subscribe,
                                               "--intake", intake], death_signal=signal.SIGKILL))
         url, headers = self._api_target()
