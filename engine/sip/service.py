@@ -53,6 +53,8 @@ class CallRun:
     ending: str | None = None              #: how we are ending it (hangup, refer), before the socket closes
     transcripts: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    #: bus commands for the call that came before its control socket existed, in order
+    pending: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         inc = self.call.first
@@ -362,6 +364,8 @@ class SipService:
         """Hand a bus command to a call's core (its control socket: engine.sip.control)."""
         if run.link is not None:
             run.link.command(topic, body)
+        else:
+            run.pending.append((topic, body))
 
     def control_all(self, topic: str, body: dict[str, Any]) -> None:
         """A command for every call, present and future (a tool registered without a call)."""
