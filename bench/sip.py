@@ -70,11 +70,14 @@ class SipEngine:
         if not self.url:
             self.close()
             raise RuntimeError("engine sip was not ready within 60 s")
-        out = subprocess.run([sys.executable, "-m", "engine.api.cli", "status", "--json"], env=self.env,
-                             capture_output=True, text=True, cwd=str(REPO), timeout=30)
-        status = json.loads(out.stdout)
+        status = self.status()
         self.base = "http://" + status["server_url"].removeprefix("ws://").removesuffix("/realtime")
         self.sip_pid = next(c["pid"] for c in status["children"] if c["name"] == "sip")
+
+    def status(self) -> dict[str, Any]:
+        out = subprocess.run([sys.executable, "-m", "engine.api.cli", "status", "--json"], env=self.env,
+                             capture_output=True, text=True, cwd=str(REPO), timeout=30)
+        return dict(json.loads(out.stdout))
 
     def close(self) -> None:
         self.proc.send_signal(2)
@@ -111,6 +114,7 @@ async def level(eng: SipEngine, n: int) -> dict[str, Any]:
         await asyncio.sleep(0.05)
     lat = [r["webhook_to_accept_ms"] for r in reports if r.get("webhook_to_accept_ms") is not None]
     accepted = [r for r in reports if r["phase"] == "answered"]
+    own = [c["accept_ms"] for c in eng.status()["sip"]["calls"]]   # engine sip's own: webhook in -> accept answered
     for r in accepted:
         kind = "realtime/calls" if r["api"] == "realtime" else "live/sessions"
         rid = r["call_id"] if r["api"] == "realtime" else r["session_id"]
@@ -121,6 +125,7 @@ async def level(eng: SipEngine, n: int) -> dict[str, Any]:
     return {f"sip_accept_at_{n}_p50_ms": round(pct(lat, 50), 1), f"sip_accept_at_{n}_p99_ms": round(pct(lat, 99), 1),
             f"sip_accept_at_{n}_max_ms": round(max(lat), 1) if lat else None,
             f"sip_accepted_at_{n}": len(accepted),
+            f"sip_own_accept_at_{n}_p50_ms": round(pct(own, 50), 1), f"sip_own_accept_at_{n}_p99_ms": round(pct(own, 99), 1),
             f"sip_calls_accepted_per_s_at_{n}": round(len(accepted) / span_s, 1) if span_s else None}
 
 
