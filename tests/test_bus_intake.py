@@ -12,7 +12,7 @@ import pytest
 from bus import Publisher, Subscriber, decode, encode, generate_keys
 from bus.intake import MAX_HELD, REOFFER_S, Intake, Mode
 from bus.security import sign, verify
-from tests.helpers import thread_broker
+from tests.helpers import thread_broker, wait_topic
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -109,15 +109,6 @@ def broker(tmp_path: Path, keys: Any) -> Iterator[tuple[str, str]]:
         yield endpoints
 
 
-def _until(sub: Subscriber, pred: Any, timeout_s: float = 3.0) -> tuple[str, dict[str, Any]]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        msg = sub.recv(timeout_ms=20)
-        if msg is not None and pred(*msg):
-            return msg
-    raise AssertionError("nothing came")
-
-
 def test_the_broker_acks_at_once_and_hands_over_in_order(broker: tuple[str, str], keys: Any) -> None:
     pub_ep, sub_ep = broker
     client = Publisher(pub_ep, "client", signing_key=None)
@@ -127,12 +118,12 @@ def test_the_broker_acks_at_once_and_hands_over_in_order(broker: tuple[str, str]
     for n in range(5):
         sent = time.monotonic()
         client.publish("cmd.say", {"text": f"q{n}", "id": f"s{n}"})
-        _until(acks, lambda t, b, n=n: b.get("id") == f"s{n}")
+        wait_topic(acks, "cmd.ack", 3, id=f"s{n}")
         latencies.append(time.monotonic() - sent)
     assert max(latencies) < 0.05, latencies
     # the realtime process comes: one signed message with what is held, in order, frames as they came
     realtime = Subscriber(sub_ep, ["intake.realtime"], verify_key=keys.signing_key)
-    _, handed = _until(realtime, lambda t, b: b.get("restore") is True)
+    handed = wait_topic(realtime, "intake.realtime", 3, restore=True)
     assert [msgpack.unpackb(f[1])["id"] for f in handed["commands"]] == [f"s{n}" for n in range(5)]
     assert all(msgpack.unpackb(f[1])["pub"] == "client" for f in handed["commands"])
     assert handed["state"] is None
@@ -141,13 +132,13 @@ def test_the_broker_acks_at_once_and_hands_over_in_order(broker: tuple[str, str]
     assert engine.join(sub_ep)
     engine.publish("conversation.history", {"items": [], "taken": ["s0", "s1", "s2"], "core": "c", "state_seq": 2})
     again = Subscriber(sub_ep, ["intake.realtime"], verify_key=keys.signing_key)
-    _, second = _until(again, lambda t, b: b.get("restore") is True)
+    second = wait_topic(again, "intake.realtime", 3, restore=True)
     assert [msgpack.unpackb(f[1])["id"] for f in second["commands"]] == ["s3", "s4"]
     state = second["state"]
     assert verify(keys.signing_key, state[0], state[1], state[2])
     assert msgpack.unpackb(state[1])["taken"] == ["s0", "s1", "s2"]
     # what stays untaken is offered again, to whoever subscribes
-    _, offered = _until(again, lambda t, b: b.get("restore") is False, timeout_s=REOFFER_S * 3)
+    offered = wait_topic(again, "intake.realtime", REOFFER_S * 3, restore=False)
     assert [msgpack.unpackb(f[1])["id"] for f in offered["commands"]] == ["s3", "s4"]
     # a command that changed nothing in the state is let go on intake.taken, signed; a forged one lets nothing go
     forger = Publisher(pub_ep, "realtime:1", signing_key=None)
@@ -155,7 +146,7 @@ def test_the_broker_acks_at_once_and_hands_over_in_order(broker: tuple[str, str]
     forger.publish("intake.taken", {"taken": ["s4"]})
     engine.publish("intake.taken", {"taken": ["s3"]})
     third = Subscriber(sub_ep, ["intake.realtime"], verify_key=keys.signing_key)
-    _, last = _until(third, lambda t, b: b.get("restore") is True)
+    last = wait_topic(third, "intake.realtime", 3, restore=True)
     assert [msgpack.unpackb(f[1])["id"] for f in last["commands"]] == ["s4"]
     for s in (client, acks, realtime, engine, again, forger, third):
         s.close()
@@ -172,9 +163,10 @@ def test_an_unsigned_state_is_not_kept(broker: tuple[str, str], keys: Any) -> No
     forged = encode("conversation.history", {"items": [], "taken": []}, "realtime:1", 99)
     forger.send_raw(forged + [sign(b"not the key", *forged)])
     engine.publish("conversation.history", {"items": [], "taken": [], "core": "c", "state_seq": 4})   # older
-    time.sleep(0.2)   # nothing to await: the broker keeps one or the other, silently
+    # each one's probe comes back after all it sent: the keeper's queue holds them before the late subscription
+    assert engine.join(sub_ep) and forger.join(sub_ep)
     late = Subscriber(sub_ep, ["conversation.history"], verify_key=keys.signing_key)
-    _, body = _until(late, lambda t, b: True)
+    body = wait_topic(late, "conversation.history", 3)
     assert body["items"] == [{"type": "message"}] and body["state_seq"] == 5
     for s in (engine, forger, late):
         s.close()
@@ -222,7 +214,9 @@ def test_call_without_an_intake_says_nothing_acked_it(tmp_path: Path) -> None:
             try:
                 with pytest.raises(NoAck, match="no cmd.ack for cmd.say"):
                     await client.call("cmd.say", {"text": "hi"}, ack_timeout_s=RESEND_S * 2.5)
-                await asyncio.sleep(0.1)   # the last copy reaches the watcher
+                last = watcher.expect(lambda t, b: t == "cmd.say.last")
+                client.publish("cmd.say.last", {})   # comes after every copy: one publisher's messages keep their order
+                await asyncio.wait_for(last, 5)
             finally:
                 await client.close()
                 await watcher.close()

@@ -2,7 +2,6 @@
 still unregisters the tools of a client that went away."""
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import pytest
@@ -10,7 +9,7 @@ import pytest
 from bus import Subscriber
 from bus.aio import call_sync
 from bus.client import endpoints_from
-from tests.helpers import wait_topic
+from tests.helpers import subscribed, wait_topic
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
@@ -26,7 +25,7 @@ def test_a_gone_owners_tool_is_unregistered(start_engine: Any) -> None:
         outcome=True, outcome_timeout_s=10)
     assert done["ok"], done
     assert "probe_tool" in wait_topic(tools, "engine.tools", where=lambda b: "probe_tool" in b["tools"])["tools"]
-    time.sleep(0.2)  # no event says the broker holds the presence subscription; it must, before it goes
+    subscribed(presence, conn["publish"])   # the broker holds the presence subscription: now it can go
     presence.close()  # the owner goes: the broker publishes engine.presence.gone (signed)
     body = wait_topic(tools, "engine.tools", timeout=10, where=lambda b: "probe_tool" not in b["tools"])
     assert "probe_tool" not in body["tools"]

@@ -2,21 +2,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from bus import Publisher, Subscriber
 from engine.phone.simulator import FakePhone
-from tests.conftest import RunningEngine
-from tests.helpers import set_twilio_token
+from tests.helpers import BusRecorder, RunningEngine, set_twilio_token
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
@@ -34,33 +31,12 @@ def test_say_and_tail_name_one_call(runtime_dir: Path, tmp_path: Path, monkeypat
                              "--speed", "4"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=os.environ.copy(), cwd=str(tmp_path))
     eng = RunningEngine(proc, runtime_dir, tmp_path / "data")
-    msgs: list[tuple[str, dict[str, Any]]] = []
-    stop = threading.Event()
     try:
         assert eng.ready.wait(30), "".join(eng.lines)
         m = re.search(r"phone calls at (ws://\S+)", "".join(eng.lines))
         assert m is not None
-        conn = eng.conn
-        sub = Subscriber(conn["subscribe"], [""])
-        pub = Publisher(conn["publish"], "test")
-        assert pub.join(conn["subscribe"])
-
-        def read() -> None:
-            while not stop.is_set():
-                got = sub.recv(timeout_ms=100)
-                if got is not None:
-                    msgs.append(got)
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-
-        async def wait(topic: str, timeout_s: float = 20, **match: Any) -> dict[str, Any]:
-            deadline = time.monotonic() + timeout_s
-            while time.monotonic() < deadline:
-                for t, b in list(msgs):
-                    if t == topic and all(b.get(k) == v for k, v in match.items()):
-                        return b
-                await asyncio.sleep(0.02)
-            raise AssertionError(f"no {topic} {match}; saw {[t for t, _ in msgs][-30:]}")
+        bus = BusRecorder(eng.conn)
+        wait, pub = bus.wait, bus.pub
 
         async def main() -> None:
             a = await FakePhone(m.group(1)).dial()
@@ -68,9 +44,24 @@ def test_say_and_tail_name_one_call(runtime_dir: Path, tmp_path: Path, monkeypat
             for phone in (a, b):
                 await wait("phone.call.status", state="connected", phone_call_id=phone.call_sid)
             tail = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "engine.api.cli", "tail", "--call", a.call_sid, "--seconds", "6",
+                sys.executable, "-m", "engine.api.cli", "tail", "--call", a.call_sid, "--seconds", "60",
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-            await asyncio.sleep(1.0)   # the tail's subscriber is connected
+            assert tail.stdout is not None
+            shown: list[bytes] = []
+
+            async def tail_prints(mark: str) -> None:
+                """Say ``mark`` on call a until the tail prints it: it has read all that came before."""
+                assert tail.stdout is not None
+                deadline = time.monotonic() + 15
+                while time.monotonic() < deadline:
+                    pub.publish("system.text", {"text": mark, "phone_call_id": a.call_sid})
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        while True:
+                            shown.append(await asyncio.wait_for(tail.stdout.readline(), 0.1))
+                            if mark.encode() in shown[-1]:
+                                return
+                raise AssertionError(f"`engine tail --call` did not print {mark!r}; it printed {b''.join(shown)!r}")
+            await tail_prints("tail probe")   # it is subscribed
             said = await asyncio.to_thread(_cli, "say", "--call", a.call_sid, "Good morning to you")
             assert said.returncode == 0, said.stderr
             assert "added as item_" in said.stdout
@@ -82,8 +73,13 @@ def test_say_and_tail_name_one_call(runtime_dir: Path, tmp_path: Path, monkeypat
             refused = await asyncio.to_thread(_cli, "say", "Hello whoever")
             assert refused.returncode != 0
             assert "--call" in refused.stderr and a.call_sid in refused.stderr and b.call_sid in refused.stderr
+            # b's reply reached the tail before our mark did (the broker forwards each message to every
+            # subscriber at once): then it can stop, without waiting out a time (SIGTERM: a shell's
+            # background job ignores SIGINT, and so would the tail)
+            await tail_prints("tail end")
+            tail.terminate()
             out, err = await asyncio.wait_for(tail.communicate(), 20)
-            text = out.decode()
+            text = b"".join(shown).decode() + out.decode()
             assert "Good morning to you" in text, (text, err.decode())
             assert "caller b" not in text, text
             for phone in (a, b):
@@ -91,9 +87,6 @@ def test_say_and_tail_name_one_call(runtime_dir: Path, tmp_path: Path, monkeypat
         try:
             asyncio.run(main())
         finally:
-            stop.set()
-            reader.join(2)
-            sub.close()
-            pub.close()
+            bus.close()
     finally:
         assert eng.stop() == 0, "".join(eng.lines)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -44,7 +44,7 @@ def test_text_chatbot_without_audio_devices(runtime_dir: Path) -> None:
             assert "Spain" in second.text
             assert session.cost == pytest.approx(reply.usd + second.usd)
             await session.audio_done()  # no audio: resolves at once
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)   # the watcher's stream runs beside the replies: it gets its events, and no third
             assert [ev.text for ev in seen] == [reply.text, second.text]
             watcher.cancel()
         finally:

@@ -146,7 +146,7 @@ def test_a_forged_history_does_not_erase_the_conversation_a_restart_replays(text
     forger = Publisher(conn["publish"], "forger", signing_key=None)
     assert forger.join(conn["subscribe"])
     forger.publish("conversation.history", {"items": [], "in_flight": [], "taken": []})
-    time.sleep(0.2)   # nothing to await: the broker takes it or not, silently
+    assert forger.join(conn["subscribe"])   # its probe comes after the forgery: the broker has had it
     os.kill(child_pid(text_engine, "realtime"), signal.SIGKILL)
     back = wait_topic(sub, "engine.status", timeout=10, where=lambda b: b.get("state") == "reconnected")
     assert back["history_items"] == 2, back

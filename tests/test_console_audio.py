@@ -19,8 +19,7 @@ import pytest
 from engine.audio.ring import Ring
 from engine.console.audio import (JITTER_FRAMES, MAX_JITTER_FRAMES, BrowserMicReader, ConsoleAudioError, ListenSwitch,
                                   SourceSwitch, TalkPcm, parse_talk_start, ring_names_from)
-from tests.helpers import read_wav, write_wav
-from tests.test_console import CHROMIUM, console_url, shot
+from tests.helpers import CHROMIUM, console_url, read_wav, shot, write_wav
 
 SPEECH = "What is the time in Paris?"
 LONG_REPLY = ("It is nine in the evening in Paris, and the streets by the river are full of people "

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 SKIP_DIRS = {".venv", "node_modules", ".git", ".pytest_cache", "runs", "build"}
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")

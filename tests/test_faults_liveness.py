@@ -13,26 +13,13 @@ import pytest
 
 from bus import Subscriber
 from engine.supervisor.process import DropWatch
-from tests.helpers import write_wav
+from tests.helpers import wait_topic, write_wav
 
 pytestmark = pytest.mark.timeout(90)
 
 
 def _pid(conn: dict[str, Any], name: str) -> int:
     return next(c["pid"] for c in conn["children"] if c["name"] == name)
-
-
-def _next(sub: Subscriber, topic: str, timeout_s: float, **match: Any) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    seen = []
-    while time.monotonic() < deadline:
-        msg = sub.recv(timeout_ms=100)
-        if msg is None:
-            continue
-        seen.append((msg[0], msg[1].get("code"), msg[1].get("child")))
-        if msg[0] == topic and all(msg[1].get(k) == v for k, v in match.items()):
-            return msg[1]
-    raise AssertionError(f"no {topic} {match} within {timeout_s} s; saw {seen[-20:]}")
 
 
 def _engine(start_engine: Any, tmp_path: Path, timeout_s: str) -> Any:
@@ -52,11 +39,11 @@ def test_a_stopped_child_is_reported_by_name_killed_and_restarted(start_engine: 
     os.kill(realtime, signal.SIGSTOP)
     stopped_at = time.monotonic()
     try:
-        hung = _next(sub, "engine.error", 15, code="child_unresponsive")
+        hung = wait_topic(sub, "engine.error", 15, code="child_unresponsive")
         found_after_s = time.monotonic() - stopped_at
         assert hung["child"] == "realtime" and hung["source"] == "supervisor", hung
         assert "realtime" in hung["message"] and hung["silent_ms"] >= 1500, hung
-        restarted = _next(sub, "engine.error", 15, code="child_exited", child="realtime")
+        restarted = wait_topic(sub, "engine.error", 15, code="child_exited", child="realtime")
         assert restarted["exit_code"] == -signal.SIGKILL and "restarting" in restarted["message"], restarted
     finally:
         try:
@@ -64,7 +51,7 @@ def test_a_stopped_child_is_reported_by_name_killed_and_restarted(start_engine: 
         except ProcessLookupError:
             pass
     # the new realtime process is connected again and answers
-    _next(sub, "engine.status", 20, state="connected")
+    wait_topic(sub, "engine.status", 20, state="connected")
     said = eng.cli("say", "--no-respond", "are you back?")
     assert said.returncode == 0, said.stderr
     status = eng.cli("status", "--json")
@@ -84,16 +71,16 @@ def test_mic_audio_dropped_while_its_reader_stalls_is_counted_and_published(star
     sub = Subscriber(conn["subscribe"], ["engine.error"])
     realtime = _pid(conn, "realtime")
     os.kill(realtime, signal.SIGSTOP)    # the mic ring holds 2.7 s; the rest of the stall is dropped
-    time.sleep(4.0)
+    time.sleep(4.0)                      # the stall itself
     os.kill(realtime, signal.SIGCONT)
-    dropped = _next(sub, "engine.error", 10, code="mic_dropped")
+    dropped = wait_topic(sub, "engine.error", 10, code="mic_dropped")
     assert dropped["ring"] == "mic" and dropped["source"] == "supervisor", dropped
     assert 500 <= dropped["dropped_ms"] <= 1600, dropped     # 4 s stalled, 2.7 s held
     assert dropped["dropped_ms"] == dropped["dropped_frames"] // 24, dropped
     assert dropped["dropped_frames_total"] >= dropped["dropped_frames"], dropped   # (the ring's count since its start)
     assert "realtime" in dropped["message"]
     with pytest.raises(AssertionError):                       # one report for the one stall
-        _next(sub, "engine.error", 2.5, code="mic_dropped")
+        wait_topic(sub, "engine.error", 2.5, code="mic_dropped")
     assert eng.stop() == 0
 
 
@@ -136,7 +123,7 @@ def test_native_code_holding_the_interpreter_lock_is_alive_and_a_stopped_process
         last_ticks = None
         end = time.monotonic() + 6.0
         while time.monotonic() < end:
-            time.sleep(0.1)
+            time.sleep(0.1)   # sampling beats and CPU over 6 s: the gaps between them are what is measured
             now = time.monotonic()
             beat = pipe.beats() > 0
             ticks = cpu_ticks(proc.pid)
@@ -150,12 +137,12 @@ def test_native_code_holding_the_interpreter_lock_is_alive_and_a_stopped_process
         assert beats_gap > 1.0, f"the child never held the lock long (beats stopped {beats_gap:.2f} s at most)"
         assert proof_gap < 0.5, f"{proof_gap:.2f} s without a beat or CPU while it worked"
         os.kill(proc.pid, signal.SIGSTOP)
-        time.sleep(0.3)
+        time.sleep(0.3)                      # (a stopped process sends nothing: only time tells)
         pipe.alive(proc.pid)                 # what came before the stop
-        time.sleep(0.6)
+        time.sleep(0.6)                      # longer than a beat's period: the test is that none comes
         assert not pipe.alive(proc.pid)      # stopped: no beat, no CPU
         os.kill(proc.pid, signal.SIGCONT)
-        time.sleep(0.6)
+        time.sleep(0.6)                      # (a beat's period: alive() reads what came meanwhile)
         assert pipe.alive(proc.pid)
     finally:
         proc.kill()

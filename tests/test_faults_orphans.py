@@ -32,7 +32,7 @@ def test_children_die_with_a_killed_supervisor_and_the_next_start_cleans_up(star
     alive = children
     while alive and time.monotonic() - killed_at < 1.0:
         alive = [(n, p) for n, p in alive if proc_start_ticks(p) is not None]
-        time.sleep(0.02)
+        time.sleep(0.02)   # polling /proc: they are not our children, no event says they ended
     assert not alive, f"children still running 1 s after the supervisor died: {alive}"
     # the stale runtime directory: engine.json, rings and sockets of a dead engine
     assert (eng.runtime / "engine.json").exists()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, ProcessLines, RunningEngine
+from tests.helpers import REPO, ProcessLines, RunningEngine
 
 #: what setup.cfg builds the package from; nothing else of the repository is copied
 PACKAGE_SOURCES = ("setup.cfg", "pyproject.toml", "README.md", "engine", "bus")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 PROCESSES = ("capture", "playback", "realtime", "phone", "console", "server")
 SHARED = ("errors", "codec", "cost", "config", "wsio", "audio", "view", "child")

@@ -122,7 +122,7 @@ class LiveTalk:
             t_next += period
             delay = t_next - time.monotonic()
             if delay > 0:
-                time.sleep(delay)
+                time.sleep(delay)   # the mic's real-time pace
 
     def say(self, pcm: np.ndarray) -> int:
         """Queue ``pcm`` on the mic; the timeline ms at which it will start."""
@@ -199,7 +199,7 @@ def test_talking_over_the_model_makes_it_yield(make_server: Any, live_validator:
         talk.start()
         talk.say(speech(speech_wav, "Tell me a story."))
         talk.wait("session.output_transcript.delta")
-        time.sleep(0.5 / SPEED)
+        time.sleep(0.5 / SPEED)   # half a second of the reply (server time) before the user talks over it
         interrupt_ms = talk.say(speech(speech_wav, "Wait, stop please, stop."))
         talk.wait_said("Okay, I will stop.")
         said = talk.said()

@@ -37,7 +37,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.conftest import RunningEngine
+from tests.helpers import RunningEngine
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 

@@ -12,12 +12,14 @@ from engine.errors import ConfigError
 from engine.realtime.core import RealtimeCore
 from engine.realtime.records import (Command, Connected, Disconnected, EndOfAudio, Flush, MicAudio, Play,
                                      PlaybackReport, Publish, Send, SendAudio, ServerEvent, Tick)
-from tests.conftest import TRACES
+from tests.helpers import TRACES
 
 GA_TRACES = sorted(p.name for p in TRACES.glob("*.jsonl") if "-beta-" not in p.name)
 BETA_TRACES = sorted(p.name for p in TRACES.glob("*.jsonl") if "-beta-" in p.name)
-#: prices of gpt-realtime per 1M tokens, written out here (not read from the code under test)
+#: prices per 1M tokens (in, cached in, out), written out here (not read from the code under test)
 GPT_REALTIME_USD_PER_M = {"text": (4.0, 0.4, 16.0), "audio": (32.0, 0.4, 64.0), "image": (5.0, 0.5, 0.0)}
+USD_PER_M = {"gpt-realtime": GPT_REALTIME_USD_PER_M,
+             "gpt-realtime-2.1": {"text": (4.0, 0.4, 24.0), "audio": (32.0, 0.4, 64.0), "image": (5.0, 0.5, 0.0)}}
 
 
 class Harness:
@@ -80,13 +82,13 @@ def test_there_are_traces() -> None:
     assert len(GA_TRACES) >= 10 and len(BETA_TRACES) == 3
 
 
-def _usd(usage: dict[str, Any] | None) -> float:
+def _usd(usage: dict[str, Any] | None, rates: dict[str, tuple[float, float, float]] = GPT_REALTIME_USD_PER_M) -> float:
     if not usage:
         return 0.0
     ind, outd = usage.get("input_token_details") or {}, usage.get("output_token_details") or {}
     cached = ind.get("cached_tokens_details") or {}
     usd = 0.0
-    for m, (rate_in, rate_cached, rate_out) in GPT_REALTIME_USD_PER_M.items():
+    for m, (rate_in, rate_cached, rate_out) in rates.items():
         total, c = ind.get(f"{m}_tokens", 0) or 0, min(cached.get(f"{m}_tokens", 0) or 0, ind.get(f"{m}_tokens", 0) or 0)
         usd += (total - c) * rate_in + c * rate_cached + (outd.get(f"{m}_tokens", 0) or 0) * rate_out
     return usd / 1e6
@@ -109,16 +111,32 @@ def test_ga_trace_replays(name: str) -> None:
     want_user = [e["transcript"] for e in events if e["type"].endswith("input_audio_transcription.completed")]
     assert sorted(p["text"] for p in published(acts, "user.transcript.done")) == sorted(want_user)
     assert_turn_order(acts, events)
-    # responses priced at gpt-realtime prices written out above (trace 06 names gpt-realtime-2.1)
-    if all(e["session"].get("model", "gpt-realtime") == "gpt-realtime" for e in events if e["type"] == "session.created"):
-        want_usd = sum(_usd(e["response"].get("usage")) for e in events if e["type"] == "response.done")
-        assert h.core.budget.responses_usd == pytest.approx(want_usd)
-        if want_usd:
-            assert published(acts, "cost.session")[-1]["usd"] >= want_usd > 0
+    # responses priced at the prices written out above for the model the session names (trace 06: gpt-realtime-2.1;
+    # without a session.created, the core's own gpt-realtime)
+    model = next((e["session"]["model"] for e in events if e["type"] == "session.created"), "gpt-realtime")
+    want_usd = sum(_usd(e["response"].get("usage"), USD_PER_M[model]) for e in events if e["type"] == "response.done")
+    assert h.core.budget.responses_usd == pytest.approx(want_usd)
+    if want_usd:
+        assert published(acts, "cost.session")[-1]["usd"] >= want_usd > 0
     pcm = b"".join(a.pcm for a in acts if isinstance(a, Play))
-    want_pcm = b"".join(base64.b64decode(e["delta"]) for e in events if e["type"] == "response.output_audio.delta")
-    if not any(isinstance(a, Flush) for a in acts):
-        assert len(pcm) == len(want_pcm) // 2 * 2
+    want_pcm = _played(events)
+    want_pcm = want_pcm[:len(want_pcm) // 2 * 2]   # (an odd last byte waits for a next delta)
+    assert pcm == want_pcm, f"played {len(pcm)} bytes; the deltas not cut give {len(want_pcm)}"
+
+
+def _played(events: list[dict[str, Any]]) -> bytes:
+    """The audio a replay plays: every delta but those of a reply cut (a Flush: trace 08's barge-in)
+    before they came."""
+    h, cut, last_response = connected(), set(), None
+    pcm = b""
+    for ev in events:
+        if any(isinstance(a, Flush) for a in h.ev(ev)) and last_response is not None:
+            cut.add(last_response)
+        if ev["type"] == "response.output_audio.delta":
+            last_response = ev["response_id"]
+            if ev["response_id"] not in cut:
+                pcm += base64.b64decode(ev["delta"])
+    return pcm
 
 
 def test_trace_08_barges_in_and_truncates() -> None:

@@ -101,7 +101,9 @@ def test_the_supervisor_refuses_a_runtime_directory_with_an_engine_error(env: Pa
     loose.mkdir()
     loose.chmod(0o775)
     monkeypatch.setenv("REALTALK_RUNTIME_DIR", str(loose))
-    cfg = load_config(None, {"backend": "local", "sessions_dir": str(env / "sessions")})
+    # null mic and speaker: the quick loop has no PulseAudio, and the device check comes before this one
+    cfg = load_config(None, {"backend": "local", "sessions_dir": str(env / "sessions"), "audio.mic": "null",
+                             "audio.speaker": "null"})
     with pytest.raises(EngineError, match=str(loose)):
         Supervisor(cfg, out=io.StringIO())
 

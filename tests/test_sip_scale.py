@@ -20,8 +20,7 @@ import pytest
 from engine.errors import ConfigError
 from engine.phone.haproxy import parse_address
 from engine.sip.haproxy import haproxy_config
-from tests.conftest import RunningEngine
-from tests.helpers import call_report, place_call
+from tests.helpers import RunningEngine, call_report, place_call
 
 HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
 SECRET = "whsec_" + base64.b64encode(b"two workers share this secret!!!").decode()

@@ -6,7 +6,6 @@ import io
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import pytest
 
 from engine.config import load_config
 from engine.supervisor.process import Supervisor, proc_start_ticks
-from tests.helpers import write_wav
+from tests.helpers import wait_topic, write_wav
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
@@ -53,12 +52,12 @@ def test_status_shows_each_childs_state(start_engine: Any) -> None:
     first = json.loads(eng.cli("status", "--json").stdout)
     states = {c["name"]: c["state"] for c in first["children"]}
     assert set(states.values()) <= {"starting", "running"}
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:   # RUNNING only after startsecs (1 s) up
-        status = json.loads(eng.cli("status", "--json").stdout)
-        if all(c["state"] == "running" for c in status["children"]):
-            break
-        time.sleep(0.2)
+    from bus import Subscriber
+    sub = Subscriber(eng.conn["subscribe"], ["engine.status"])   # the supervisor's, every second
+    wait_topic(sub, "engine.status", 10, where=lambda b: str(b.get("pub")).startswith("supervisor") and bool(
+        b.get("children")) and all(c["state"] == "running" for c in b["children"]))   # after startsecs (1 s) up
+    sub.close()
+    status = json.loads(eng.cli("status", "--json").stdout)
     assert all(c["state"] == "running" and c["uptime_s"] >= 1.0 and c["restarts"] == 0
                for c in status["children"]), status["children"]
     text = eng.cli("status").stdout

@@ -435,5 +435,11 @@ def run(cfg: ServerConfig) -> int:
                 if not ready.done() or ready.exception() is None:
                     raise
                 # else: already reported through ready
+            finally:
+                # stopping: a later signal ends the process by its default action. Left to asyncio.run,
+                # the handlers outlived the fd they write to, and a signal then printed a traceback
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+                    signal.signal(sig, signal.SIG_DFL)
     asyncio.run(main())
     return 0
