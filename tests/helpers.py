@@ -500,22 +500,23 @@ class WebhookSink:
             self.server.close()
 
 
-async def place_call(base_http: str, **body: Any) -> dict[str, Any]:
+async def place_call(base_http: str, key: str = "x", **body: Any) -> dict[str, Any]:
     """Ring the application through the local server's stand-in (``POST /v1/x/sip/calls``)."""
     from engine.httpio import request
-    resp = await request("POST", f"{base_http}/x/sip/calls", json_body=body, headers={"authorization": "Bearer x"})
+    resp = await request("POST", f"{base_http}/x/sip/calls", json_body=body, headers={"authorization": f"Bearer {key}"})
     assert resp.status == 201, resp.body
     return dict(resp.parsed())
 
 
-async def call_report(base_http: str, call_id: str, wait_ended: bool = False, timeout_s: float = 30.0) -> dict[str, Any]:
+async def call_report(base_http: str, call_id: str, wait_ended: bool = False, timeout_s: float = 30.0,
+                      key: str = "x") -> dict[str, Any]:
     """A stand-in call's report; with ``wait_ended``, once it has ended (or ``timeout_s`` passed)."""
     import time as _time
     from engine.httpio import request
     deadline = _time.monotonic() + timeout_s
     while True:
         resp = await request("GET", f"{base_http}/x/sip/calls/{call_id}" + ("?wait=ended" if wait_ended else ""),
-                             headers={"authorization": "Bearer x"}, timeout_s=timeout_s)
+                             headers={"authorization": f"Bearer {key}"}, timeout_s=timeout_s)
         rep = dict(resp.parsed())
         if not wait_ended or rep["phase"] not in ("ringing", "answered") or _time.monotonic() > deadline:
             return rep

@@ -17,7 +17,9 @@ from websockets.asyncio.server import ServerConnection
 
 from engine.httpio import Handler, HttpProtocol
 
-PLAIN_HTTP_GET = b"GET /v1/x/"    #: GETs that are the stand-in's own reports, not upgrades
+#: GETs that are the stand-in's own reports, not upgrades (Azure's dialect: under /openai)
+PLAIN_HTTP_GETS = (b"GET /v1/x/", b"GET /openai/v1/x/")
+_LONGEST = max(len(p) for p in PLAIN_HTTP_GETS)
 
 
 def rest_connection(handler: Handler) -> type[ServerConnection]:
@@ -38,12 +40,11 @@ class HttpOrWebSocket(ServerConnection):
             super().data_received(data)
             return
         head = self._head + data
-        if len(head) < len(PLAIN_HTTP_GET) and PLAIN_HTTP_GET.startswith(head[:len(PLAIN_HTTP_GET)]) \
-                and b"\r\n" not in head:
+        if len(head) < _LONGEST and b"\r\n" not in head and any(p.startswith(head) for p in PLAIN_HTTP_GETS):
             self._head = head          # too short to tell yet
             return
         self._head = b""
-        if head.startswith(b"GET ") and not head.startswith(PLAIN_HTTP_GET):
+        if head.startswith(b"GET ") and not head.startswith(PLAIN_HTTP_GETS):
             super().data_received(head)
             return
         proto = HttpProtocol(self.http_handler)
