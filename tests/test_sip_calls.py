@@ -6,7 +6,7 @@ import pytest
 from engine.errors import ConfigError
 from engine.sip.calls import (OFFER_WAIT_S, STATES, Accept, CallTable, Ignore, Missed, Reject, SipStateError, State,
                               parse_routes)
-from engine.sip.webhooks import Incoming
+from engine.webhooks import Incoming
 
 DEFAULTS = {"model": "gpt-realtime", "instructions": "Be brief.", "voice": "marin"}
 

@@ -11,7 +11,7 @@ import pytest
 from engine.config import load_config
 from engine.httpio import request
 from engine.sip.service import SipService
-from engine.sip.webhooks import WebhookError
+from engine.webhooks import WebhookError
 from tests.helpers import RecordingPublisher, call_report, place_call
 
 SECRET = "whsec_" + base64.b64encode(b"engine sip service test secret!!").decode()

@@ -8,7 +8,7 @@ import time
 import pytest
 from openai import InvalidWebhookSignatureError, OpenAI
 
-from engine.sip.webhooks import (Dedup, Incoming, WebhookError, parse_incoming, secret_from_env, signed_headers,
+from engine.webhooks import (Dedup, Incoming, WebhookError, parse_incoming, secret_from_env, signed_headers,
                                  verify)
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()

@@ -54,7 +54,7 @@ from engine.server.live_protocol import SESSION_CONFIG
 from engine.server.protocol import ProtocolError, default_session, merge_session_update, new_id
 from engine.server.session import Actions, Item
 from engine.server.sip_caller import Caller, ScriptError, parse_script
-from engine.sip.webhooks import SECRET_ENV, signed_headers
+from engine.webhooks import SECRET_ENV, signed_headers
 
 if TYPE_CHECKING:
     from engine.server.app import ServerConfig

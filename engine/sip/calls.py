@@ -3,7 +3,7 @@
 One incoming call raises two webhooks, ``realtime.call.incoming`` (``rtc_…``) and
 ``live.transport.incoming`` (``live_…``), and the first successful accept picks the API. Both
 carry the same INVITE headers, so the call is keyed by its SIP ``Call-ID``
-(:attr:`engine.sip.webhooks.Incoming.call_key`).
+(:attr:`engine.webhooks.Incoming.call_key`).
 
 The call's machine (``STATES``: (state, event) -> allowed next states)::
 
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from engine.errors import ConfigError, EngineError
-from engine.sip.webhooks import Incoming
+from engine.webhooks import Incoming
 
 OFFER_WAIT_S = 3.0            #: how long a call offered on the other API waits for the route's API
 ENDED_KEEP = 1000             #: finished calls remembered (a late duplicate webhook is still recognised)

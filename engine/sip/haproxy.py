@@ -20,12 +20,19 @@ import argparse
 import sys
 
 from engine.errors import ConfigError
-from engine.phone.haproxy import parse_address
 
 #: the body's Call-ID value (``…{"name":"Call-ID","value":"…"}…``, whatever the spacing) as haproxy's sample
 #: expression: single quotes for the config's tokenizer, double quotes for the converter's arguments,
 #: ``\x22`` for a quote inside the regex (checked with haproxy 2.6)
 CALL_ID_EXPR = r"""'req.body,regsub("^.*\x22[Cc]all-[Ii][Dd]\x22[^\x22]*\x22value\x22[^\x22]*\x22([^\x22]*)\x22.*$","\1")'"""
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` -> (host, port); ConfigError naming the text otherwise."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:8767)")
+    return host, int(port)
 
 
 def haproxy_config(bind: tuple[str, int], workers: list[tuple[str, int]], path: str = "/openai/webhook",

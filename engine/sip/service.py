@@ -1,5 +1,5 @@
 """``engine sip``'s I/O: the webhook endpoint, the REST calls that answer calls, the control
-socket of each call, the bus. The decisions are :mod:`engine.sip.webhooks` (is a delivery
+socket of each call, the bus. The decisions are :mod:`engine.webhooks` (is a delivery
 genuine and new), :mod:`engine.sip.calls` (accept, reject, with what) and the protocol cores
 (what to say on a call's control socket).
 
@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping
 from bus import Publisher, Subscriber
 from engine.httpio import HttpClientError, HttpRequest, HttpResponse, request, serve_http
 from engine.sip.calls import Accept, CallTable, Ignore, Missed, Reject, SipCall, called_number, parse_routes
-from engine.sip.webhooks import Dedup, Incoming, WebhookError, parse_incoming, secret_from_env, verify
+from engine.webhooks import Dedup, Incoming, WebhookError, parse_incoming, secret_from_env, verify
 
 log = logging.getLogger("realtalk.sip")
 
