@@ -12,14 +12,14 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.helpers import REPO, TRACES, VAUDIO, LocalServer, RunningEngine
+from tests.helpers import REPO, TRACES, VAUDIO, LocalServer, PhoneEngine, RunningEngine
 
 
 # ---------------------------------------------------------------- the quick loop
 #: one-shot tools a quick test may run (the local server synthesizes speech with them, like a library call)
 QUICK_PROGRAMS = frozenset({"espeak-ng", "sox", "soxi"})
 #: fixtures that start processes or need the virtual audio devices: their tests are e2e
-PROCESS_FIXTURES = frozenset({"vaudio", "start_engine", "node", "engine", "haproxy"})
+PROCESS_FIXTURES = frozenset({"vaudio", "start_engine", "node", "engine", "haproxy", "phone_engine"})
 
 
 def _program(args: Any) -> str:
@@ -272,6 +272,25 @@ def start_engine(runtime_dir: Path, tmp_path: Path) -> Iterator[Any]:
         if not eng.ready.wait(ready_timeout):
             eng.stop()
             raise AssertionError("engine did not become ready:\n" + "".join(eng.lines))
+        return eng
+    yield start
+    for e in engines:
+        e.stop()
+
+
+@pytest.fixture
+def phone_engine(runtime_dir: Path, tmp_path: Path) -> Iterator[Any]:
+    engines: list[PhoneEngine] = []
+
+    def start(*args: str) -> PhoneEngine:
+        proc = subprocess.Popen([sys.executable, "-m", "engine.api.cli", "phone", "--backend", "local", "--port", "0",
+                                 *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=os.environ.copy(), cwd=str(tmp_path))
+        eng = PhoneEngine(proc, runtime_dir, tmp_path / "data")
+        engines.append(eng)
+        if not eng.ready.wait(30):
+            eng.stop()
+            raise AssertionError("engine phone did not print its URL:\n" + "".join(eng.lines))
         return eng
     yield start
     for e in engines:

@@ -217,6 +217,15 @@ class RunningEngine(ProcessLines):
                               timeout=timeout, env=os.environ.copy())
 
 
+class PhoneEngine(RunningEngine):
+    """`engine phone`: ready on the line that also names its URL ("ready in ...; phone calls at ws://...")."""
+
+    @property
+    def url(self) -> str:
+        m = re.search(r"phone calls at (ws://\S+)", "".join(self.lines))
+        return m.group(1) if m else ""
+
+
 # ---------------------------------------------------------------- the bus
 class Broker:
     """The engine's broker on a thread of this process, with its own ZeroMQ context; the constructor

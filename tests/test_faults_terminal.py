@@ -29,7 +29,8 @@ def test_a_connection_failure_is_printed_on_the_terminal(runtime_dir: Path, tmp_
     out = ProcessLines(proc)
     started = time.monotonic()
     try:
-        line = out.wait_for(lambda s: s.startswith("error: socket:"), 15)
+        # at the first start an unreachable backend is fatal at once (issue 23 part 7): the stop's cause
+        line = out.wait_for(lambda s: s.startswith("realtalk: stopped: socket:"), 15)
         assert time.monotonic() - started < 10
         assert "connect" in line.lower() and "refused" in line.lower(), line
         assert "\r" not in "".join(out.lines) and "\x1b" not in "".join(out.lines)   # no live line off a TTY

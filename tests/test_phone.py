@@ -5,18 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import subprocess
 import sys
 import time
 import wave
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 
-from tests.helpers import REPO, BusRecorder, RunningEngine, set_twilio_token
+from tests.helpers import REPO, BusRecorder, set_twilio_token
 
 from engine.codec import encode_audio
 from engine.phone.heard import HeardClock
@@ -113,32 +112,6 @@ def test_audio_after_silence_starts_playing_when_sent() -> None:
 
 
 # ================================================================ end to end
-class PhoneEngine(RunningEngine):
-    """`engine phone`: ready on the line that also names its URL ("ready in ...; phone calls at ws://...")."""
-
-    @property
-    def url(self) -> str:
-        m = re.search(r"phone calls at (ws://\S+)", "".join(self.lines))
-        return m.group(1) if m else ""
-
-
-@pytest.fixture
-def phone_engine(runtime_dir: Path, tmp_path: Path) -> Iterator[Any]:
-    engines: list[PhoneEngine] = []
-
-    def start(*args: str) -> PhoneEngine:
-        proc = subprocess.Popen([sys.executable, "-m", "engine.api.cli", "phone", "--backend", "local", "--port", "0",
-                                 *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=os.environ.copy(), cwd=str(tmp_path))
-        eng = PhoneEngine(proc, runtime_dir, tmp_path / "data")
-        engines.append(eng)
-        if not eng.ready.wait(30):
-            eng.stop()
-            raise AssertionError("engine phone did not print its URL:\n" + "".join(eng.lines))
-        return eng
-    yield start
-    for e in engines:
-        e.stop()
 
 
 class Bus(BusRecorder):

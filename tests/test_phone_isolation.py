@@ -37,15 +37,16 @@ def test_one_calls_crash_ends_that_call_only(make_server: Any) -> None:
         def broken_dtmf(*_: Any) -> None:
             raise RuntimeError("injected fault")
         calls[a.call_sid].on_dtmf = broken_dtmf  # type: ignore[method-assign,assignment]
-        # API side: b's handling of its first audio delta raises
-        b_call = calls[b.call_sid]
-        b_step = b_call.step
+        # API side: b's handling of its first audio delta raises (in its API link, which reads the socket)
+        b_link = calls[b.call_sid].link
+        assert b_link is not None
+        b_step = b_link.step
 
         def broken_step(rec: Input) -> None:
             if isinstance(rec, ServerEvent) and rec.event.get("type") == "response.output_audio.delta":
                 raise RuntimeError("injected fault in the API side")
             b_step(rec)
-        b_call.step = broken_step  # type: ignore[method-assign]
+        b_link.step = broken_step  # type: ignore[method-assign]
 
         await a.press("5")
         failed_a = await pub.wait("engine.error", code="call_failed", phone_call_id=a.call_sid)

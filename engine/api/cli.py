@@ -15,6 +15,7 @@ from engine.errors import EngineError
 
 def _load_cfg(args: argparse.Namespace) -> dict[str, Any]:
     from engine.config import load_config
+    from engine.cost import is_live_model
     overrides: dict[str, Any] = {}
     if getattr(args, "backend", None):
         overrides["backend"] = args.backend
@@ -28,13 +29,15 @@ def _load_cfg(args: argparse.Namespace) -> dict[str, Any]:
         overrides["local_server.scenario"] = os.path.abspath(args.scenario)
     if getattr(args, "speed", None):
         overrides["local_server.speed"] = args.speed
-    if getattr(args, "text_only", False):
-        overrides["session.output_modalities"] = ["text"]
     if getattr(args, "instructions", None) is not None:
         overrides["session.instructions"] = args.instructions
     if getattr(args, "voice", None) is not None:
         overrides["session.voice"] = args.voice
-    return load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)
+    if getattr(args, "text_only", False) and not is_live_model(cfg["model"]):
+        # Realtime answers in text; GPT-Live always speaks (its track is not played without devices)
+        cfg = load_config(args.config, {**overrides, "session.output_modalities": ["text"]})
+    return cfg
 
 
 def cmd_start(args: argparse.Namespace) -> int:
@@ -232,11 +235,15 @@ def cmd_say(args: argparse.Namespace) -> int:
     from bus.aio import NoOutcome
     role = "system" if args.system else "user"
     respond = args.respond or (role == "user" and not args.no_respond)
+    topic = "cmd.say"
     payload: dict[str, Any] = {"text": args.text, "role": role, "respond": respond}
+    if args.instructions or args.commentary:   # GPT-Live's own context (docs/live.md)
+        topic = "cmd.instructions" if args.instructions else "cmd.commentary"
+        payload = {"text": args.text}
     if args.call:
         payload["phone_call_id"] = args.call   # one call of `engine phone` (docs/phone.md, "The bus")
     try:
-        done = _call("cmd.say", payload, timeout_s=args.timeout)
+        done = _call(topic, payload, timeout_s=args.timeout)
     except NoOutcome as exc:
         print(f"engine say: {exc}; the engine holds it and adds it when it can", file=sys.stderr)
         return 0
@@ -245,7 +252,10 @@ def cmd_say(args: argparse.Namespace) -> int:
         hint = "; name one with --call ID" if not args.call and "phone_call_id" in error else ""
         print(f"engine say: refused: {error}{hint}", file=sys.stderr)
         return 1
-    print(f"engine say: added as {done.get('item_id')}")
+    if done.get("item_id"):
+        print(f"engine say: added as {done.get('item_id')}")
+    else:   # GPT-Live places context on its timeline
+        print(f"engine say: placed at {done.get('start_ms')} ms of the session")
     return 0
 
 
@@ -457,6 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--system", action="store_true", help="context the model sees but nobody hears")
     s.add_argument("--no-respond", action="store_true")
     s.add_argument("--respond", action="store_true", help="ask for a response even for --system")
+    live = s.add_mutually_exclusive_group()
+    live.add_argument("--instructions", action="store_true",
+                      help="GPT-Live: add it to the model's instructions (session.instructions.append)")
+    live.add_argument("--commentary", action="store_true",
+                      help="GPT-Live: the model says it in its own words (session.commentary.append)")
     s.add_argument("--call", metavar="ID", help="the phone call to say it in (engine phone: its phone_call_id, "
                                                 "as engine status lists them)")
     s.add_argument("--timeout", type=float, default=60.0,

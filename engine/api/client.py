@@ -39,8 +39,11 @@ from bus.aio import BusClient, NoAck, NoOutcome
 from bus.client import endpoints_from
 from bus.runtime import NoEngine, engine_alive, private_dir, read_connection, runtime_dir, running_engine
 from bus.wire import HEADER_KEYS, BusError
+from engine.cost import is_live_model
 from engine.errors import EngineError, NotRunning
 
+USER_TEXT_ON_LIVE = ("GPT-Live takes no user text message: speak to it (the mic), or give it context with "
+                     "system(text) (silent), instructions(text) or commentary(text) (said in its own words)")
 #: what a session reads (``events(prefix)`` adds its prefix)
 SESSION_TOPICS = ("model.", "user.", "response.done", "cost.session", "playout.started", "playout.stopped",
                   "playout.interrupted", "engine.error", "tool.call")
@@ -118,6 +121,8 @@ class Session:
         self._audio_idle.set()
         self.fatal: EngineError | None = None
         self.runtime_dir: Path | None = None   #: the engine's runtime directory (create_session's engine)
+        #: the engine talks to GPT-Live (docs/live.md): no user text, no responses on demand, context instead
+        self.live = is_live_model(str(conn.get("model") or ""))
 
     # ------------------------------------------------------------ plumbing
     async def _start(self) -> None:
@@ -191,11 +196,19 @@ class Session:
         except (NoAck, NoOutcome) as exc:
             raise EngineError(str(exc)) from None
 
+    def _not_on_live(self, what: str, instead: str) -> None:
+        """A call GPT-Live cannot do raises at once, naming why and what to use (docs/live.md)."""
+        if self.live:
+            raise EngineError(f"{what} is not available on GPT-Live ({self.conn.get('model')}): {instead}")
+
     # ------------------------------------------------------------ the quick-start API
     async def system(self, text: str, respond: bool = False, **response: Any) -> dict[str, Any] | Reply:
         """Add context the model sees and nobody hears; with ``respond=True`` the model answers
-        (a :class:`Reply`), else the ``cmd.ack``."""
+        (a :class:`Reply`), else the command's outcome (``cmd.done``). On GPT-Live it is silent
+        context (``session.thinking.append``), done when placed on the session's timeline."""
         if respond:
+            self._not_on_live("system(respond=True)", "the model decides when to speak; use commentary(text) "
+                                                      "for something it should say")
             return await self._ask("cmd.say", {"text": text, "role": "system", "respond": True}, response, 120.0)
         ack = await self.command("cmd.say", {"text": text, "role": "system", "respond": False})
         if not ack.get("ok"):
@@ -205,16 +218,44 @@ class Session:
     async def user(self, text: str, timeout_s: float = 120.0, **response: Any) -> Reply:
         """Say ``text`` as the user; return when the response is done (text or transcript, usage, cost).
         ``response``: per-response options (instructions, output_modalities, conversation, input,
-        metadata, tool_choice, max_output_tokens, speak; docs/bus-protocol.md)."""
+        metadata, tool_choice, max_output_tokens, speak; docs/bus-protocol.md). Realtime only."""
+        self._not_on_live("user(text)", USER_TEXT_ON_LIVE)
         return await self._ask("cmd.say", {"text": text, "role": "user", "respond": True}, response, timeout_s)
 
     async def response(self, timeout_s: float = 120.0, **response: Any) -> Reply:
         """A response now, with per-response options; ``conversation="none"`` for an out-of-band
         reply (e.g. a classification) that does not enter the conversation and is not spoken."""
+        self._not_on_live("response()", "the model decides when to speak; use commentary(text)")
         return await self._ask("cmd.respond", {}, response, timeout_s)
 
+    async def commentary(self, text: str) -> dict[str, Any]:
+        """GPT-Live: something the model says to the user in its own words (``cmd.commentary``);
+        returns when it is placed on the session's timeline (``start_ms``)."""
+        return await self._context("cmd.commentary", text)
+
+    async def instructions(self, text: str) -> dict[str, Any]:
+        """GPT-Live: more instructions for the model (``cmd.instructions``; kept through compaction)."""
+        return await self._context("cmd.instructions", text)
+
+    async def _context(self, topic: str, text: str) -> dict[str, Any]:
+        if not self.live:
+            raise EngineError(f"{topic} is GPT-Live's; on Realtime use system(text) for context, "
+                              "update(instructions=...) for instructions")
+        done = await self.command(topic, {"text": text})
+        if not done.get("ok"):
+            raise EngineError(f"{topic} refused: {done.get('error')}")
+        return done
+
+    async def model_turn(self, timeout_s: float = 120.0) -> str:
+        """The model's next whole turn, as text (``model.transcript.done``): on GPT-Live, where the
+        model speaks when it decides to, this is how to wait for what it says."""
+        _, body = await self._wait(self._expect(lambda t, b: t == "model.transcript.done"), timeout_s,
+                                   "model turn")
+        return str(body.get("text", ""))
+
     async def stream(self, text: str, timeout_s: float = 120.0, **response: Any) -> AsyncIterator[str]:
-        """Say ``text`` and yield the reply's text (or transcript) deltas as they arrive."""
+        """Say ``text`` and yield the reply's text (or transcript) deltas as they arrive. Realtime only."""
+        self._not_on_live("stream(text)", USER_TEXT_ON_LIVE)
         req_id = uuid.uuid4().hex
         q: asyncio.Queue[Event] = asyncio.Queue()
         entry = ("", q)
@@ -282,7 +323,9 @@ class Session:
     async def turn(self, timeout_s: float = 120.0, **response: Any) -> AsyncIterator["Turn"]:
         """Push-to-talk: ``async with session.turn() as t: ...`` opens the mic (stopping the model if it
         speaks) and, on leaving, commits what was said and waits for the answer (``t.reply``).
-        Meant for ``turn_detection: null``; the gate is closed again afterwards."""
+        Meant for ``turn_detection: null``; the gate is closed again afterwards. Realtime only."""
+        self._not_on_live("turn()", "there is no input buffer: the mic streams all the time and the model decides "
+                                    "when the user's turn ends (mic(False) mutes the user)")
         t = Turn()
         await self.command("cmd.cancel", {})
         await self.command("cmd.input.clear", {})
@@ -303,7 +346,8 @@ class Session:
         await asyncio.wait_for(self._audio_idle.wait(), timeout_s)
 
     async def cancel(self) -> dict[str, Any]:
-        """Stop the current response and its playback."""
+        """Stop the current response and its playback. Realtime only."""
+        self._not_on_live("cancel()", "the model yields by itself when the user talks over it")
         return await self.command("cmd.cancel", {})
 
     async def update(self, **session: Any) -> dict[str, Any]:
@@ -348,6 +392,8 @@ class Session:
         fn = self._tools[call["name"]]
         try:
             args = json.loads(call.get("arguments") or "{}")
+            if isinstance(args, dict):
+                args = _fitting(fn, args)   # a GPT-Live delegation carries `request` beside the tool's own
             result = fn(**args) if isinstance(args, dict) else fn(args)
             if inspect.isawaitable(result):
                 result = await result
@@ -371,6 +417,17 @@ class Session:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _fitting(fn: Callable[..., Any], args: dict[str, Any]) -> dict[str, Any]:
+    """The arguments ``fn`` takes (all of them if it takes ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return args
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return args
+    return {k: v for k, v in args.items() if k in params}
 
 
 def _next_response_done(previous: str) -> Callable[[str, dict[str, Any]], bool]:

@@ -536,6 +536,29 @@ class Ring:
         """Count frames the consumer found missing. Real-time safe."""
         self._hdr[_UNDERRUN] += frames
 
+    def arm_wake(self) -> bool:
+        """For a consumer on an event loop (watching ``data_fd`` for readability) in place of
+        :meth:`wait_readable`: raise ``reader_waiting``, so the producer's next write signals the
+        eventfd. True if the ring is still empty (wait for the fd); False if frames came in
+        meanwhile (the flag is lowered again: read them). Real-time safe."""
+        hdr = self._hdr
+        hdr[_R_WAITING] = 1
+        _full_barrier()  # reader_waiting is seen before write_index is read (see the module docstring)
+        if hdr[_W_INDEX] != hdr[_R_INDEX]:
+            hdr[_R_WAITING] = 0
+            return False
+        return True
+
+    def take_wake(self) -> None:
+        """The eventfd signalled (see :meth:`arm_wake`): absorb it and lower ``reader_waiting``.
+        Real-time safe."""
+        if self.data_fd is not None:
+            try:
+                os.eventfd_read(self.data_fd)
+            except BlockingIOError:
+                pass  # already absorbed
+        self._hdr[_R_WAITING] = 0
+
     def wait_readable(self, timeout_s: float) -> bool:
         """Block until frames are available or ``timeout_s`` passes; True if readable. Blocks: for
         a consumer thread, never a device callback. Raises RingError without an eventfd.

@@ -1,15 +1,20 @@
-"""The phone bridge: Twilio Media Streams WebSockets in, one Realtime API session per call out,
-all in one asyncio loop. Each call is driven by the engine's own pure core (RealtimeCore with
-``audio_format="audio/pcmu"``): the phone side stands in for capture (caller audio -> MicAudio)
-and playback (Play -> ``media`` messages as the audio arrives, never re-paced: the phone side
-buffers and plays it; marks -> the heard index, Flush -> ``clear``).
+"""The phone bridge: Twilio Media Streams WebSockets in, one API session per call out, all in one
+asyncio loop. Each call is driven by the engine's own pure core (the model's backend's, as the
+engine's: RealtimeCore with ``audio_format="audio/pcmu"``) through the engine's own API link
+(:mod:`engine.link`, as the realtime process): the phone side stands in for capture (caller
+audio -> MicAudio) and playback (Play -> ``media`` messages as the audio arrives, never re-paced:
+the phone side buffers and plays it; marks -> the heard index, Flush -> ``clear``).
 
-I/O only; the decisions are the core's (:mod:`engine.realtime.core`), the protocol's
-(:mod:`engine.phone.twilio`) and the heard clock's (:mod:`engine.phone.heard`).
+I/O only; the decisions are the core's (:mod:`engine.realtime.core`), the link policy's
+(:mod:`engine.link.policy`), the protocol's (:mod:`engine.phone.twilio`) and the heard clock's
+(:mod:`engine.phone.heard`).
 
 Rules:
-- A call's sockets are written by one writer task each, from a queue: applying the core's
-  actions never waits on a socket, and their order is kept.
+- A call's sockets are written by one writer each (:class:`engine.wsio.Outgoing`): applying the
+  core's actions never waits on a socket, and their order is kept.
+- A call's API socket is its :class:`~engine.link.shell.ApiLink`: the same connect, reconnect,
+  fatal-failure and recycle rules as the engine's (a call gives up sooner: a caller waits in
+  silence). A call whose API cannot be reached at its start, or whose key is refused, ends at once.
 - Every bus message of a call carries ``phone_call_id`` (``call_id`` is already the key of a
   tool call's id); commands name the call the same way. Tool registrations without a
   ``phone_call_id`` are for every call, present and future.
@@ -26,7 +31,6 @@ Rules:
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
 import json
 import logging
@@ -37,9 +41,8 @@ import time
 from collections import Counter
 from typing import Any, Mapping
 
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
@@ -50,18 +53,21 @@ from engine.phone.heard import HeardClock
 from engine.phone.hold import Out, StartHold
 from engine.phone.twilio import (FRAME_BYTES, MEDIA_RATE_HZ, DtmfMsg, MarkMsg, MediaMsg, PhoneProtocolError, StartMsg,
                                  StopMsg, TwilioStream, show)
-from engine.realtime.core import RealtimeCore
-from engine.wsio import keeps_up
-from engine.realtime.records import (Action, Command, Connected, Disconnected, EndOfAudio, Flush, Input, MicAudio, Play,
-                                     PlaybackReport, Publish, Reconnect, Send, SendAudio, ServerEvent, Tick)
+from engine.link.backends import ProtocolCore, backend_for
+from engine.link.policy import LinkRules
+from engine.link.shell import ApiLink
+from engine.realtime.records import Command, EndOfAudio, Flush, Input, MicAudio, Play, PlaybackReport, Publish
+from engine.wsio import LATE_S as LATE_S, OUTGOING_MAX as OUTGOING_MAX, Latency as Latency, Outgoing as Outgoing
 
 STATUS_EVERY_S = 1.0
-API_RETRIES_S = (0.0, 0.5, 1.0, 2.0)
+#: failed API connects in a row before a call gives up (about 8 s: 0, 0.2, 0.5, 1, 2, 4 s); the engine's is 18
+API_RECONNECT_TRIES = 6
+API_CLOSE_WAIT_S = 3.0         #: a call's end waits this long for its API link to close
 #: topics whose name is the engine's single session: a call's go out under phone.call.*
 CALL_TOPIC_RENAMES = {"engine.status": "phone.call.status"}
 DTMF_MODES = ("off", "context", "reply")
-OUTGOING_MAX = 20_000          #: messages queued for one socket before that call is ended (a stuck peer)
-LATE_S = 0.020                 #: a media frame handed to its socket later than this after its audio came in is late
+#: what to do when a call's API cannot be reached at its start (named in its error)
+UNREACHABLE_HINT = "check openai_url in the config and the network"
 
 
 def call_session(session: Mapping[str, Any]) -> dict[str, Any]:
@@ -71,89 +77,6 @@ def call_session(session: Mapping[str, Any]) -> dict[str, Any]:
     audio.setdefault("input", {})["format"] = {"type": "audio/pcmu"}
     audio.setdefault("output", {})["format"] = {"type": "audio/pcmu"}
     return out
-
-
-def _p99_ms(samples_us: list[float]) -> float | None:
-    if not samples_us:
-        return None
-    ordered = sorted(samples_us)
-    return round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] / 1000, 3)
-
-
-class Latency:
-    """One path's latencies (µs, the latest 4096 frames') and how many frames were over :data:`LATE_S`."""
-
-    def __init__(self) -> None:
-        self.samples_us: list[float] = []
-        self.late = 0
-
-    def note(self, value_us: float, frames: int = 1) -> None:
-        """``frames`` 20 ms frames (one message may carry several) took ``value_us``."""
-        self.samples_us.extend([value_us] * frames)
-        self.late += frames if value_us > LATE_S * 1e6 else 0
-        if len(self.samples_us) > 4096:
-            del self.samples_us[:len(self.samples_us) - 3072]
-
-    def p99_ms(self) -> float | None:
-        return _p99_ms(self.samples_us)
-
-
-class Outgoing:
-    """One socket's writer; senders never wait. A message is written at once, in the sender's own
-    callback, when nothing waits before it and the socket keeps up (open, its transport's write
-    buffer under the high-water mark): websockets' documented synchronous ``broadcast`` to this one
-    connection, with no task hop, so it does not wait behind every other call's work in the loop's
-    next turns. Otherwise it waits in a queue that a task drains in order (``ws.send``: backpressure).
-
-    A message put with ``since_s`` (a monotonic instant: when what it carries came in) and a
-    :class:`Latency` notes ``since_s`` -> the moment its bytes were handed to the socket, once per
-    20 ms frame it carries (``frames``)."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.queue: asyncio.Queue[tuple[str, float, Latency | None, int] | None] = asyncio.Queue()
-        self.ws: ServerConnection | ClientConnection | None = None
-        self.task: asyncio.Task[None] | None = None
-        self._sending = False          #: the task is between taking a message and its send's end
-
-    def start(self, ws: ServerConnection | ClientConnection) -> None:
-        self.ws = ws
-        if self.task is None:
-            self.task = asyncio.get_running_loop().create_task(self._run(), name=f"writer {self.name}")
-
-    def put(self, text: str, since_s: float = 0.0, latency: Latency | None = None, frames: int = 1) -> bool:
-        ws = self.ws
-        if ws is not None and not self._sending and self.queue.empty() and keeps_up(ws):
-            broadcast((ws,), text)   # a failed write is logged by websockets; the reader sees the close
-            if latency is not None:
-                latency.note((time.monotonic() - since_s) * 1e6, frames)
-            return True
-        if self.queue.qsize() >= OUTGOING_MAX:
-            return False
-        self.queue.put_nowait((text, since_s, latency, frames))
-        return True
-
-    async def _run(self) -> None:
-        while True:
-            item = await self.queue.get()
-            if item is None:
-                return
-            ws = self.ws
-            if ws is None or ws.state is not State.OPEN:
-                continue   # closing: the reader sees it (a send now would only abort a transport that is gone)
-            text, since_s, latency, frames = item
-            self._sending = True
-            try:
-                await ws.send(text)
-            except ConnectionClosed:
-                continue  # the reader sees it
-            finally:
-                self._sending = False
-            if latency is not None:
-                latency.note((time.monotonic() - since_s) * 1e6, frames)
-
-    def close(self) -> None:
-        self.queue.put_nowait(None)
 
 
 class Call:
@@ -169,19 +92,16 @@ class Call:
         self.report_timer: asyncio.TimerHandle | None = None
         self.stream = TwilioStream()
         self.clock = HeardClock(bridge.mark_every_frames)
-        self.core: RealtimeCore | None = None
+        self.core: ProtocolCore | None = None
+        self.link: ApiLink | None = None
         self.id: str = ""
         self.start: StartMsg | None = None
         self.started_at_s = time.monotonic()
         self.started_wall = time.time()
         self.phone_out = Outgoing("phone")
-        self.api_out = Outgoing("api")
-        self.api: ClientConnection | None = None
         self.api_task: asyncio.Task[None] | None = None
-        self.timer: asyncio.TimerHandle | None = None
         self.hold = StartHold(bridge.prebuffer_ms)      #: each reply's start held audio.prebuffer_ms
         self.hold_timer: asyncio.TimerHandle | None = None
-        self.timer_due = float("inf")
         self.item_start: int | None = None
         self.ended = False
         self.pending = True                    #: waiting for its start (counted in bridge.pending)
@@ -196,8 +116,6 @@ class Call:
         self.in_latency = Latency()
         self.out_latency = Latency()
         self.clear_latency = Latency()
-        self.frame_in_s = 0.0          #: when the phone frame being handled came in
-        self.event_in_s = 0.0          #: when the API event being handled came in
 
     # ------------------------------------------------------------ the phone side
     async def run(self) -> None:
@@ -314,7 +232,6 @@ class Call:
         if isinstance(msg, MediaMsg):
             if msg.track != "outbound" and self.core is not None:
                 self.media_in_frames += 1
-                self.frame_in_s = now
                 self.step(MicAudio(msg.ulaw, now))
         elif isinstance(msg, MarkMsg):
             self.on_mark(msg.name, now)
@@ -344,10 +261,14 @@ class Call:
         self.start = msg
         self.id = msg.call_sid if msg.call_sid not in b.calls else f"{msg.call_sid}-{secrets.token_hex(3)}"
         b.calls[self.id] = self
-        self.core = RealtimeCore(b.model, b.session, barge_in=b.barge_in, min_speech_ms=b.min_speech_ms,
-                                 budget_usd=b.budget_usd, audio_format="audio/pcmu")
+        self.core = core = b.backend.core(b.model, b.session, barge_in=b.barge_in, min_speech_ms=b.min_speech_ms,
+                                          budget_usd=b.budget_usd, audio_format="audio/pcmu")
         for body in b.global_tools.values():  # tools registered for every call
-            self.core.handle(Command("cmd.tool.register", {k: v for k, v in body.items() if k != "id"}), 0.0, 0)
+            core.handle(Command("cmd.tool.register", {k: v for k, v in body.items() if k != "id"}), 0.0, 0)
+        self.link = ApiLink(b.backend, core, self, b.api_url, b.api_headers,
+                            LinkRules(b.api_url.split("?")[0], key_env=b.key_env, max_tries=API_RECONNECT_TRIES,
+                                      recycle_after_s=b.recycle_after_s, hint=UNREACHABLE_HINT),
+                            name=f"api {self.id}", audio_latency=self.in_latency, on_error=self.fail)
         b.publish(self, "phone.call.started", {"call_sid": msg.call_sid, "stream_sid": msg.stream_sid,
                                                "account_sid": msg.account_sid, "tracks": list(msg.tracks),
                                                "custom_parameters": msg.custom_parameters})
@@ -373,61 +294,58 @@ class Call:
         else:
             self.step(PlaybackReport("position", None, echo.heard_index, {}))
 
-    # ------------------------------------------------------------ the core
+    # ------------------------------------------------------------ the core (through the API link)
     def step(self, rec: Input) -> None:
-        core = self.core
-        if core is None:
-            return
-        now = time.monotonic()
-        acts = core.handle(rec, now, self.clock.heard_index(now))
-        follow = self.apply(acts, now)
-        for r in follow:
-            now = time.monotonic()
-            self.apply(core.handle(r, now, self.clock.heard_index(now)), now)
-        self.schedule()
+        """Hand a record of this call's (a phone frame, a mark, a command) to its core; the link
+        applies what it decides, in order."""
+        if self.link is not None:
+            self.link.step(rec)
 
-    def apply(self, acts: list[Action], now: float) -> list[Input]:
-        """Apply the core's actions; returns the reports they produce (fed back by step)."""
-        follow: list[Input] = []
+    def heard_index(self, now_s: float) -> int:
+        return self.clock.heard_index(now_s)
+
+    def received(self, event: Mapping[str, Any], in_s: float) -> None:
+        """A server event came in (before the core has it): when the caller started to speak, the
+        start of the clear's latency."""
+        if event.get("type") == "input_audio_buffer.speech_started":
+            self.bridge.last_speech_started_s[self.id] = in_s
+
+    def perform(self, act: Play | Flush | EndOfAudio | Publish, now: float) -> Input | None:
+        """The core's actions that are not the API socket's (the link's host); returns the
+        playback report an action makes (fed straight back to the core by the link)."""
         b = self.bridge
-        for act in acts:
-            if isinstance(act, Play):
-                outs = self.hold.audio(act.pcm, self.event_in_s or now, now, self.clock.drained(now))
-                if act.starts_item:
-                    self.item_start = self.clock.sent_frames
-                    follow.append(PlaybackReport("started", self.item_start, self.item_start,
-                                                 {"first_sample_mono_ns": time.monotonic_ns(),
-                                                  "output_latency_ms": self.hold.hold_ms
-                                                  if self.hold.holding else 0.0}))
-                self.send_out(outs, now)
-                self.arm_hold()
-            elif isinstance(act, Publish):
-                b.publish(self, CALL_TOPIC_RENAMES.get(act.topic, act.topic), act.payload)
-                if act.topic == "playout.interrupted":
-                    self.truncations += 1
-            elif isinstance(act, SendAudio):
-                self.api_out.put('{"type":"input_audio_buffer.append","audio":"'
-                                 + base64.b64encode(act.pcm).decode("ascii") + '"}', self.frame_in_s or now,
-                                 self.in_latency if self.api is not None else None)
-            elif isinstance(act, Send):
-                self.api_out.put(json.dumps(act.event))
-                b.publish(self, "client." + act.event["type"], act.event)
-            elif isinstance(act, Flush):
-                dropped = self.hold.drop()   # counted by the core, never sent
-                self._cancel_hold_timer()
-                heard_at = self.bridge.last_speech_started_s.pop(self.id, None)
-                if heard_at is not None:
-                    self.put_phone(self.stream.clear(), heard_at, self.clear_latency)
-                else:
-                    self.put_phone(self.stream.clear())
-                heard = self.clock.clear(now, unsent_frames=dropped)
-                follow.append(PlaybackReport("flushed", self.item_start if self.item_start is not None else heard,
-                                             heard, {"flush_mono_ns": time.monotonic_ns()}))
-            elif isinstance(act, EndOfAudio):
-                self.send_out(self.hold.end_of_item(now), now)
-            elif isinstance(act, Reconnect):
-                pass  # a call lasts less than a session (60 minutes): nothing to recycle
-        return follow
+        if isinstance(act, Play):
+            link = self.link
+            event_in_s = (link.event_in_s if link is not None else 0.0) or now   #: when its API event came in
+            outs = self.hold.audio(act.pcm, event_in_s, now, self.clock.drained(now))
+            report: Input | None = None
+            if act.starts_item:
+                self.item_start = self.clock.sent_frames
+                report = PlaybackReport("started", self.item_start, self.item_start,
+                                        {"first_sample_mono_ns": time.monotonic_ns(),
+                                         "output_latency_ms": self.hold.hold_ms if self.hold.holding else 0.0})
+            self.send_out(outs, now)
+            self.arm_hold()
+            return report
+        if isinstance(act, Publish):
+            b.publish(self, CALL_TOPIC_RENAMES.get(act.topic, act.topic), act.payload)
+            if act.topic == "playout.interrupted":
+                self.truncations += 1
+            return None
+        if isinstance(act, Flush):
+            dropped = self.hold.drop()   # counted by the core, never sent
+            self._cancel_hold_timer()
+            heard_at = b.last_speech_started_s.pop(self.id, None)
+            if heard_at is not None:
+                self.put_phone(self.stream.clear(), heard_at, self.clear_latency)
+            else:
+                self.put_phone(self.stream.clear())
+            heard = self.clock.clear(now, unsent_frames=dropped)
+            return PlaybackReport("flushed", self.item_start if self.item_start is not None else heard,
+                                  heard, {"flush_mono_ns": time.monotonic_ns()})
+        if isinstance(act, EndOfAudio):
+            self.send_out(self.hold.end_of_item(now), now)
+        return None
 
     def send_out(self, outs: list[Out], now: float) -> None:
         """Send what the hold let go, in order: audio as one media message up to each mark (not re-cut
@@ -480,25 +398,6 @@ class Call:
             self.ended = True
             self.close_phone(1011, "not reading")
 
-    def schedule(self) -> None:
-        core = self.core
-        due = core.next_deadline() if core is not None else None
-        if due is None or due >= self.timer_due:
-            return
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer_due = due
-        loop = asyncio.get_running_loop()
-        self.timer = loop.call_later(max(0.0, due - time.monotonic()), self._tick)
-
-    def _tick(self) -> None:
-        self.timer, self.timer_due = None, float("inf")
-        if not self.ended:
-            try:
-                self.step(Tick())
-            except Exception as exc:  # noqa: BLE001 - one call's bug ends that call only
-                self.fail(exc)
-
     # ------------------------------------------------------------ the API side
     async def api_loop(self) -> None:
         """The API socket's life; a bug in handling its events fails this call only (:meth:`fail`)."""
@@ -508,44 +407,11 @@ class Call:
             self.fail(exc)
 
     async def _api_loop(self) -> None:
-        b = self.bridge
-        first = True
-        for delay in API_RETRIES_S:
-            if self.ended:
-                return
-            if delay:
-                await asyncio.sleep(delay)
-            try:
-                api = await connect(b.api_url, additional_headers=b.api_headers, max_size=None, open_timeout=10,
-                                    ping_interval=None, compression=None)
-            except (OSError, InvalidStatus, asyncio.TimeoutError) as exc:
-                b.error(self, "connect_failed", f"cannot connect to the API: {type(exc).__name__}: {exc}")
-                continue
-            self.api = api
-            self.api_out.start(api)
-            self.step(Connected(reconnect=not first, reason="start" if first else "reconnect"))
-            first = False
-            code, why = 1000, ""
-            try:
-                async for text in api:
-                    self.event_in_s = time.monotonic()
-                    try:
-                        event = json.loads(text)
-                    except ValueError:
-                        b.error(self, "bad_server_message", "unparseable server message")
-                        continue
-                    if isinstance(event, dict):
-                        if event.get("type") == "input_audio_buffer.speech_started":
-                            b.last_speech_started_s[self.id] = self.event_in_s
-                        self.step(ServerEvent(event))
-                    self.event_in_s = 0.0
-            except ConnectionClosed as exc:
-                code, why = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else (1006, "no close frame")
-            self.api = None
-            self.step(Disconnected(code, why))
-            if self.ended:
-                return
-        b.error(self, "gave_up", "the API socket could not be kept open: ending the call", fatal=True)
+        assert self.link is not None
+        end = await self.link.run()
+        if end is None or self.ended:
+            return
+        self.bridge.error(self, end.code, f"{end.message}: ending the call", fatal=True)
         self.end_reason = "api_failed"
         self.ended = True
         await self.ws.close(1011, "api unavailable")
@@ -561,20 +427,15 @@ class Call:
             if timer is not None:
                 timer.cancel()
         self._flush_reports()   # what waited, if its second has passed (phone_errors below counts them all)
-        if self.timer is not None:
-            self.timer.cancel()
         self._cancel_hold_timer()
-        api = self.api
-        if api is not None:
-            await api.close()
+        if self.link is not None:
+            self.link.stop()
         if self.api_task is not None:
-            self.api_task.cancel()
             try:
-                await self.api_task
+                await asyncio.wait_for(asyncio.shield(self.api_task), API_CLOSE_WAIT_S)
             except (asyncio.CancelledError, Exception):  # noqa: BLE001 - ending: nothing more to report
-                pass
+                self.api_task.cancel()
         self.phone_out.close()
-        self.api_out.close()
         b = self.bridge
         if self.id and b.calls.get(self.id) is self:
             del b.calls[self.id]
@@ -610,7 +471,7 @@ class Call:
                 "custom_parameters": s.custom_parameters if s else {},
                 "started_ts": round(self.started_wall, 3), "duration_s": round(time.monotonic() - self.started_at_s, 1),
                 "usd": round(self.core.total_usd(), 6) if self.core else 0.0,
-                "api": "connected" if self.api is not None else "disconnected"}
+                "api": "connected" if self.link is not None and self.link.connected else "disconnected"}
 
 
 class _PortLog(logging.Handler):
@@ -661,6 +522,8 @@ class PhoneBridge:
         hold_ms = phone.get("prebuffer_ms")   # None: the speaker's own setting, audio.prebuffer_ms
         self.prebuffer_ms = int(hold_ms if hold_ms is not None else (cfg.get("audio") or {}).get("prebuffer_ms", 60))
         self.model: str = cfg["model"]
+        self.backend = backend_for(self.model)
+        self.recycle_after_s = self.backend.recycle_after_s(cfg.get("session_recycle_s"))
         self.session = call_session(spec["session"])
         self.barge_in = bool(cfg["barge_in"]["enabled"])
         self.min_speech_ms = int(cfg["barge_in"]["min_speech_ms"])
@@ -673,6 +536,7 @@ class PhoneBridge:
         key_env = spec.get("api_key_env")
         if key_env and os.environ.get(key_env):
             self.api_headers["Authorization"] = f"Bearer {os.environ[key_env]}"
+        self.key_env: str = key_env or "OPENAI_API_KEY"
         self.sub_endpoint: str = spec["bus"]["subscribe"]
         self.pub = publisher or Publisher(spec["bus"]["publish"], f"phone:{os.getpid()}")
         self.calls: dict[str, Call] = {}

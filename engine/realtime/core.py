@@ -66,6 +66,12 @@ BENIGN_ERRORS = frozenset({"response_cancel_not_active"})
 HISTORY_ITEMS = REPLAYED
 #: keys of the latest commands taken, in the published state (the broker lets them go)
 TAKEN_PUBLISHED = 64
+#: GPT-Live's context commands, and what does their job on Realtime
+LIVE_ONLY = {
+    "cmd.instructions": "add instructions with cmd.session.update {session: {instructions}} or context with "
+                        "cmd.say role system",
+    "cmd.commentary": "have the model say something with cmd.say role system and respond: true",
+}
 #: the metadata key that tags an out-of-band response with the request that asked for it
 REQUEST_TAG = "realtalk_request_id"
 
@@ -325,7 +331,7 @@ class RealtimeCore:
         return Publish(STATE_TOPIC, {
             "items": self.conversation.replayable(), "in_flight": list(dict.fromkeys(in_flight)),
             "pending": [r.to_wire() for r in self.requests.pending()],
-            "tools": [_registration(t) for t in self.tools.registered.values()],
+            "tools": [registration(t) for t in self.tools.registered.values()],
             "session": self.session_config, "mic_open": self.mic_open,
             "taken": list(self.taken)[-TAKEN_PUBLISHED:], "core": self.core_id, "state_seq": self.state_seq})
 
@@ -740,6 +746,8 @@ class RealtimeCore:
                 cmd_id = None
                 raise ValueError(problem)
             if handler is None:
+                if topic in LIVE_ONLY:
+                    raise ValueError(f"{topic} is a GPT-Live command (docs/live.md); on Realtime {LIVE_ONLY[topic]}")
                 raise ValueError(f"unknown command topic {topic!r} (known: {', '.join(COMMAND_TOPICS)})")
             return handler(body, now_s, heard)
         except (ValueError, TypeError, KeyError) as exc:
@@ -989,7 +997,7 @@ def _cut_transcript(text: str, played_ms: int, received_ms: int) -> str:
     return " ".join(words[:int(len(words) * played_ms / received_ms)])
 
 
-def _registration(spec: ToolSpec) -> dict[str, Any]:
+def registration(spec: ToolSpec) -> dict[str, Any]:
     """A registered tool as its ``cmd.tool.register`` body (the published state carries it)."""
     return {"name": spec.name, "description": spec.description, "parameters": spec.parameters,
             "owner": spec.owner, "timeout_s": spec.timeout_s}

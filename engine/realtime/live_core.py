@@ -25,8 +25,13 @@ Rules:
   truncate and no barge-in to make: the model yields by itself.
 - Context: ``cmd.say`` with role ``system`` is silent context (``session.thinking.append``);
   ``cmd.instructions`` and ``cmd.commentary`` append instructions and something the model says in
-  its own words. Each is acknowledged (``cmd.ack``) when the server places it on the timeline
-  (``*.appended``), or refused with the server's error. A ``cmd.*`` Live cannot do (a user text
+  its own words. Each is done (``cmd.done``) when the server places it on the timeline
+  (``*.appended``), or refused with the server's error.
+- Commands are taken once, as the Realtime core takes them (by ``id``, else publisher and
+  ``seq``; the broker acked them on ``cmd.ack`` and holds them until taken): a command that changed
+  the state a successor starts from is let go with that state (``conversation.history``: the
+  conversation, the context not yet placed, the tools, the mic gate, the keys taken), any other
+  with ``intake.taken``. A restarted realtime process starts from that state. A ``cmd.*`` Live cannot do (a user text
   message, a response on demand, cancel, commit) is refused at once, naming the Live alternative.
 - Delegation: the model hands a task to the application (``session.delegation.created``, no task
   text). The core routes it to a tool registered on the bus (:func:`pick_tool`) as a ``tool.call``
@@ -49,7 +54,8 @@ import base64
 import enum
 import json
 import re
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -57,11 +63,13 @@ import numpy as np
 from engine.codec import g711_table
 from engine.cost import live_cost_usd, live_prices
 from engine.errors import ConfigError, EngineError
-from engine.realtime.core import COMMAND_TOPICS, new_id as default_new_id
+from bus.wire import COMMAND_TOPICS, DONE_TOPIC, STATE_TOPIC, TAKEN_TOPIC, command_key, id_problem
+from engine.realtime.core import TAKEN_PUBLISHED, new_id as default_new_id, registration
 from engine.realtime.live_turns import Speaker, TurnEvent, TurnGrouper
 from engine.realtime.records import (API_RATE_HZ, AUDIO_FORMATS, Action, Command, Connected, Disconnected, EndOfAudio,
                                      Input, MicAudio, PlaybackReport, Play, Publish, Reconnect, Send, SendAudio,
                                      ServerEvent, Tick)
+from engine.realtime.requests import SEEN_IDS
 from engine.realtime.tools import Tools, parse_registration
 from engine.realtime.turns import InputClock
 
@@ -95,7 +103,7 @@ NOT_ON_LIVE = {
 USER_TEXT_REFUSED = ("GPT-Live takes no user text message: speak to it, or send context with cmd.say role "
                      "system (silent context), cmd.instructions or cmd.commentary (the model says it in its "
                      "own words)")
-LIVE_COMMAND_TOPICS = (*COMMAND_TOPICS, "cmd.instructions", "cmd.commentary")
+LIVE_COMMAND_TOPICS = COMMAND_TOPICS
 
 
 class LiveState(enum.Enum):
@@ -194,7 +202,11 @@ class LiveCore:
 
     def __init__(self, model: str, session_config: Mapping[str, Any], *, start_index: int = 0,
                  budget_usd: float | None = None, new_id: Callable[[str], str] = default_new_id,
-                 audio_format: str = "audio/pcm", sideband: bool = False) -> None:
+                 audio_format: str = "audio/pcm", barge_in: bool = True, min_speech_ms: int = 0,
+                 sideband: bool = False) -> None:
+        """``barge_in`` and ``min_speech_ms`` are the Realtime core's; GPT-Live yields by itself, so
+        they are taken (one constructor for both backends) and have no effect. ``sideband``: attached
+        to a running session (a SIP call's ``/attach``)."""
         check_live_model(model)
         if audio_format not in AUDIO_FORMATS:
             raise ConfigError(f"audio_format {audio_format!r} is not one of {', '.join(AUDIO_FORMATS)}")
@@ -237,6 +249,9 @@ class LiveCore:
         self.errors = 0
         self.malformed_commands = 0
         self.handler_failures = 0
+        self.taken: OrderedDict[str, None] = OrderedDict()   #: keys of the commands taken (de-duplication)
+        self.core_id = new_id("core")                        #: names this core's state messages
+        self.state_seq = 0
         self.sent_dtmf: dict[str, str] = {}     #: transport.dtmf.send event id -> the cmd.dtmf it acks
         self._server_handlers: dict[str, Callable[[Mapping[str, Any], float, int], list[Action]]] = {
             "session.started": self._on_started,
@@ -367,7 +382,7 @@ class LiveCore:
         self.sent.clear()
         for _, cmd_id in self.mute_acks:
             if cmd_id:
-                acts.append(Publish("cmd.ack", {"id": cmd_id, "ok": True, "applied": "on reconnect"}))
+                acts.append(Publish(DONE_TOPIC, {"id": cmd_id, "ok": True, "applied": "on reconnect"}))
         self.mute_acks.clear()
         self.earlier_seconds += self.session_seconds
         self.earlier_usd += live_cost_usd(self.model, self.session_usage)
@@ -418,7 +433,7 @@ class LiveCore:
         cmd_id = ev.get("client_event_id")
         owner = self.sent_updates.pop(cmd_id, None) if isinstance(cmd_id, str) else None
         if owner:
-            acts.append(Publish("cmd.ack", {"id": owner, "ok": True}))
+            acts.append(Publish(DONE_TOPIC, {"id": owner, "ok": True}))
         return acts
 
     def _on_closed(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
@@ -428,7 +443,7 @@ class LiveCore:
                                               "session_id": self.session_id}))
         for app in self.sent.values():   # never placed on the timeline
             if app.cmd_id:
-                acts.append(Publish("cmd.ack", {"id": app.cmd_id, "ok": False, "code": "context_injection_incomplete",
+                acts.append(Publish(DONE_TOPIC, {"id": app.cmd_id, "ok": False, "code": "context_injection_incomplete",
                                                 "error": "the session closed before this context was placed"}))
         self.sent.clear()
         acts.extend(self._session_over("session_closed"))
@@ -452,7 +467,7 @@ class LiveCore:
         acts.append(Publish("engine.error", {"source": "api", "code": code, "message": message,
                                              "param": err.get("param"), "event_id": ref, "request_id": owner}))
         if owner:
-            acts.append(Publish("cmd.ack", {"id": owner, "ok": False, "error": message, "code": code}))
+            acts.append(Publish(DONE_TOPIC, {"id": owner, "ok": False, "error": message, "code": code}))
         return acts
 
     def _on_audio_delta(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
@@ -533,7 +548,7 @@ class LiveCore:
         placed = {"start_ms": ev.get("start_ms"), "end_ms": ev.get("end_ms")}
         acts: list[Action] = []
         if app.cmd_id:
-            acts.append(Publish("cmd.ack", {"id": app.cmd_id, "ok": True, **placed}))
+            acts.append(Publish(DONE_TOPIC, {"id": app.cmd_id, "ok": True, **placed}))
         acts.append(Publish("live.context", {"kind": app.kind, "text": app.content, "request_id": app.cmd_id,
                                              "delegation_id": app.delegation_id, **placed}))
         if app.kind in ("thinking", "instructions"):
@@ -550,7 +565,7 @@ class LiveCore:
             if event_id == ref:
                 del self.mute_acks[i]
                 if cmd_id:
-                    acts.append(Publish("cmd.ack", {"id": cmd_id, "ok": True, "open": not muted}))
+                    acts.append(Publish(DONE_TOPIC, {"id": cmd_id, "ok": True, "open": not muted}))
                 break
         return acts
 
@@ -635,12 +650,44 @@ class LiveCore:
 
     # ================================================================ commands
     def _command(self, topic: str, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        """A command, taken once: a copy (the broker's hand-over of what also came live, a client's
+        re-send) is only said taken again (``intake.taken``), so that the broker lets it go."""
+        if topic in ("cmd.ack", DONE_TOPIC):
+            return []
+        key = command_key(body) if topic.startswith("cmd.") else None
+        if key is None:
+            return self._carry_out(topic, body, now_s, heard)
+        if key in self.taken:
+            return [Publish(TAKEN_TOPIC, {"taken": [key]})]
+        self._mark_taken(key)
+        before = self._durable_mark()
+        acts = self._carry_out(topic, body, now_s, heard)
+        if any(isinstance(a, Publish) and a.topic == STATE_TOPIC for a in acts):
+            return acts
+        if self._durable_mark() != before:
+            return acts + [self.history_message()]        # what it changed is safe before the broker lets it go
+        return acts + [Publish(TAKEN_TOPIC, {"taken": [key]})]
+
+    def _mark_taken(self, key: str) -> None:
+        self.taken[key] = None
+        self.taken.move_to_end(key)
+        while len(self.taken) > SEEN_IDS:
+            self.taken.popitem(last=False)
+
+    def _durable_mark(self) -> tuple[Any, ...]:
+        """Changes when the state a successor starts from changes (cheap: lengths and identities)."""
+        return (len(self.history), tuple(id(a) for a in self.waiting), tuple(self.sent),
+                tuple(id(t) for t in self.tools.registered.values()), self.mic_open)
+
+    def _carry_out(self, topic: str, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
         cmd_id = body.get("id")
         handler = self._commands.get(topic)
         try:
+            problem = id_problem(body) if topic.startswith("cmd.") else None
+            if problem is not None:
+                cmd_id = None
+                raise ValueError(problem)
             if handler is None:
-                if topic == "cmd.ack":
-                    return []
                 if topic in NOT_ON_LIVE:
                     raise ValueError(f"{topic} is not available on GPT-Live: {NOT_ON_LIVE[topic]}")
                 raise ValueError(f"unknown command topic {topic!r} (known: {', '.join(LIVE_COMMAND_TOPICS)})")
@@ -650,11 +697,11 @@ class LiveCore:
             acts: list[Action] = [Publish("engine.error", {"source": "bus", "code": "bad_command", "topic": topic,
                                                            "id": cmd_id, "message": str(exc)})]
             if cmd_id:
-                acts.append(Publish("cmd.ack", {"id": cmd_id, "ok": False, "error": str(exc)}))
+                acts.append(Publish(DONE_TOPIC, {"id": cmd_id, "ok": False, "error": str(exc)}))
             return acts
 
     def _ack(self, body: Mapping[str, Any], **extra: Any) -> list[Action]:
-        return [Publish("cmd.ack", {"id": body["id"], "ok": True, **extra})] if body.get("id") else []
+        return [Publish(DONE_TOPIC, {"id": body["id"], "ok": True, **extra})] if body.get("id") else []
 
     def _cmd_say(self, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
         role = body.get("role", "user")
@@ -840,7 +887,14 @@ class LiveCore:
         return self.history_message()
 
     def history_message(self) -> Publish:
-        return Publish("conversation.history", {"items": list(self.history), "in_flight": []})
+        """The state a successor starts from (``conversation.history``): the conversation, the
+        context not yet placed, the tools, the mic gate, the keys of the latest commands taken."""
+        self.state_seq += 1
+        pending = [asdict(a) for a in (*self.sent.values(), *self.waiting)]
+        return Publish(STATE_TOPIC, {
+            "items": list(self.history), "in_flight": [], "live_pending": pending,
+            "tools": [registration(t) for t in self.tools.registered.values()], "mic_open": self.mic_open,
+            "taken": list(self.taken)[-TAKEN_PUBLISHED:], "core": self.core_id, "state_seq": self.state_seq})
 
     def state_messages(self) -> list[Action]:
         acts: list[Action] = [self.history_message(), Publish("engine.tools", {"tools": sorted(self.tools.registered)})]
@@ -849,10 +903,28 @@ class LiveCore:
         return acts
 
     def restore_history(self, body: Mapping[str, Any]) -> list[Action]:
-        """A restarted realtime process takes the conversation its predecessor published."""
+        """A restarted realtime process starts from the state its predecessor published: the
+        conversation (as Live input messages), the context it had not placed yet (sent again in
+        the new session), the tools, the mic gate and the commands it took."""
         items = body.get("items")
         if isinstance(items, list):
             self.history = [m for m in (_as_live_message(i) for i in items) if m is not None][-INPUT_MESSAGES:]
+        for raw in body.get("live_pending") or []:
+            if isinstance(raw, dict) and raw.get("kind") in ("instructions", "thinking", "commentary") \
+                    and isinstance(raw.get("content"), str):
+                self.waiting.append(Append(raw["kind"], raw["content"], raw.get("cmd_id"), raw.get("delegation_id")))
+        for raw in body.get("tools") or []:
+            try:
+                self.tools.register(parse_registration(raw))
+            except (ValueError, TypeError, AttributeError):
+                continue
+        if isinstance(body.get("mic_open"), bool):
+            self.mic_open = body["mic_open"]
+        for key in body.get("taken") or []:
+            if isinstance(key, str):
+                self._mark_taken(key)
+        if self.tools.registered:
+            return [Publish("engine.tools", {"tools": sorted(self.tools.registered)})]
         return []
 
 

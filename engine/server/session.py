@@ -578,6 +578,8 @@ class ServerSession:
             return
         heard = (user.heard or "").strip()
         rule = self.scenario.rule_for(self.user_turns, heard)
+        if rule is not None and rule.delegate and not rule.call_name and rule.reply is None:
+            rule = None   # a GPT-Live delegation: Realtime has none, so the rule is passed over
         tools = resp.params.get("tools", self.session["tools"])
         functions = [t for t in tools if (t.get("type") or "function") == "function"]
         names = [t.get("name") for t in functions]
