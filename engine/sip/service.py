@@ -55,6 +55,7 @@ class CallRun:
     extra: dict[str, Any] = field(default_factory=dict)
     #: bus commands for the call that came before its control socket existed, in order
     pending: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    api_connected: bool = False            #: its control socket has been open once
 
     def summary(self) -> dict[str, Any]:
         inc = self.call.first
@@ -92,6 +93,7 @@ class SipService:
             k, _, v = h.partition(":")
             self.api_headers[k.strip()] = v.strip()
         self.provider: str = spec.get("provider", "openai")
+        self.key_env: str = spec.get("key_env") or cfg.get("api_key_env", "OPENAI_API_KEY")
         self.sub_endpoint: str = spec["bus"]["subscribe"] if "bus" in spec else ""
         self.pub = publisher if publisher is not None else Publisher(spec["bus"]["publish"], f"sip:{os.getpid()}")
         self.dedup = Dedup()

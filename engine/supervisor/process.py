@@ -390,7 +390,7 @@ class Supervisor:
         """Which provider's dialect the API socket speaks (engine/realtime/dialects.py)."""
         t = self.target
         return {"provider": t.provider if t else "local", "dialect": t.dialect if t else "openai",
-                "deployment": t.deployment if t else None}
+                "deployment": t.deployment if t else None, "key_env": t.key_env if t else None}
 
     def _api_url(self, realtime_url: str, quoted_model: str) -> str:
         """The socket's URL: Realtime names the model in the query; GPT-Live has its own path
