@@ -58,12 +58,13 @@ class Dialect:
     counts: dict[str, int] = field(default_factory=dict)
 
     def outgoing(self, event: Mapping[str, Any]) -> dict[str, Any] | None:
-        """The client event as this provider takes it; None: the provider has no such event."""
-        return dict(event)
+        """The client event as this provider takes it; None: the provider has no such event.
+        (The identity hands the event back as it is: no copy on the audio path.)"""
+        return event if isinstance(event, dict) else dict(event)
 
     def incoming(self, event: Mapping[str, Any], now_s: float) -> list[dict[str, Any]]:
         """The GA events a server event stands for (none for a keep-alive)."""
-        return [dict(event)]
+        return [event if isinstance(event, dict) else dict(event)]
 
     def count(self, what: str) -> None:
         self.counts[what] = self.counts.get(what, 0) + 1
