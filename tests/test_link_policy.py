@@ -1,6 +1,8 @@
 """The API link's policy (engine/link/policy.py), pure: no sockets, times passed in."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import pytest
 
 from engine.link.policy import (BACKOFF_S, FIRST_REACH_TIMEOUT_S, OPEN_TIMEOUT_S, RECYCLE_CHECK_S, TRANSITIONS,
@@ -19,7 +21,7 @@ def opened(rules: LinkRules | None = None, now_s: float = 0.0) -> LinkPolicy:
     return p
 
 
-def only(acts: list[object], kind: type) -> list[object]:
+def only(acts: Sequence[object], kind: type) -> list[object]:
     return [a for a in acts if isinstance(a, kind)]
 
 
