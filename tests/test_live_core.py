@@ -79,7 +79,7 @@ def test_the_transition_table_names_every_state_and_only_known_inputs() -> None:
     states = {s for pair in TRANSITIONS for s in (pair[0],)} | set(TRANSITIONS.values())
     assert states == set(LiveState)
     inputs = {what for _, what in TRANSITIONS}
-    assert inputs == {"connected", "session.started", "error", "disconnected", "close", "session.closed"}
+    assert inputs == {"connected", "attached", "session.started", "error", "disconnected", "close", "session.closed"}
 
 
 def test_a_realtime_model_is_refused_naming_the_live_models() -> None:
