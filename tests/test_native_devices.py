@@ -124,3 +124,25 @@ def test_the_engine_runs_its_devices_on_the_backend_it_says(vaudio: dict[str, st
             assert body["backend"] == "pyaudio" and "REALTALK_NATIVE=0" in body["backend_note"], body
         else:
             assert body["backend"] == "native" and body["backend_note"] is None, body
+
+
+def test_a_running_renderer_refuses_python_writes_but_the_listen_switch(pa: Any, rings: Any) -> None:
+    """While the C callback runs the renderer, its fields have one writer, the callback: Python
+    may flip only the listen switch (rule 3 of _native.c); after close, the fields are settable."""
+    speaker = rings(1 << 14)
+    spk = find_device(pa, "vspk", "output")
+    r = native.NativeRenderer(speaker, prebuffer_frames=1440, device_rate_hz=48000, block_frames=240)
+    try:
+        r.open(spk["index"], 48000, 480)
+        for name in ("prebuffer_frames", "backlog_frames", "low_water_frames"):
+            with pytest.raises(AttributeError, match="while the device stream runs"):
+                setattr(r, name, 100)
+        with pytest.raises(AttributeError, match="before the device stream starts"):
+            r.wake_fd = -1
+        r.listen_on = 1
+        assert r.listen_on == 1 and r.prebuffer_frames == 1440
+    finally:
+        r.close()
+    r.prebuffer_frames = 2000
+    r.wake_fd = -1
+    assert r.prebuffer_frames == 2000 and r.wake_fd == -1

@@ -17,11 +17,14 @@
  *     mic ring's wake-up is ring.py's Dekker pattern: store write_index, full fence, load
  *     reader_waiting, write the eventfd only if it is up.
  *  3. Python talks to a running callback only through fields with one writer each (relaxed atomic
- *     loads and stores of aligned 64-bit values) and through the SPSC event queue the callback
- *     fills and Python drains. Python is never called back from an audio thread.
+ *     loads and stores of aligned 64-bit values: while a stream runs, Python writes only the
+ *     listen switch and reads the rest), through the SPSC event queue the callback fills and
+ *     Python drains, and through the capture's device ring (the callback writes, the worker's
+ *     step reads). Python is never called back from an audio thread.
  *  4. Every buffer is allocated when its object is made; a callback's work is bounded by its
- *     period. Methods that drive the renderer or the capture step from Python refuse to run
- *     while a device stream of theirs is running (one producer, one consumer).
+ *     period. What drives the renderer or feeds the capture from Python (render, fill, push,
+ *     set_listen, the renderer's settable fields) refuses to run while a device stream of theirs
+ *     is running: one producer, one consumer.
  *  5. The behaviour is the Python implementation's, line for line (engine/playback/process.py
  *     Renderer and DeviceFeeder, engine/playback/stretch.py, engine/capture/echo.py TalkGuard and
  *     EchoCanceller's statistics): tests drive both with the same input. A change there is a
@@ -1114,6 +1117,10 @@ static int Renderer_setattro(Renderer *r, PyObject *name, PyObject *value) {
         return -1;
     }
     if (strcmp(s, "wake_fd") == 0) {
+        if (r->running) {
+            PyErr_SetString(PyExc_AttributeError, "wake_fd is set before the device stream starts");
+            return -1;
+        }
         int fd = value == Py_None ? -1 : (int)PyLong_AsLong(value);
         if (fd == -1 && PyErr_Occurred())
             return -1;
@@ -1122,8 +1129,9 @@ static int Renderer_setattro(Renderer *r, PyObject *name, PyObject *value) {
     }
     for (const field_t *f = R_FIELDS; f->name; f++) {
         if (strcmp(s, f->name) == 0) {
-            if (!f->writable) {
-                PyErr_Format(PyExc_AttributeError, "%s is the callback's to write", s);
+            if (!f->writable || (r->running && strcmp(s, "listen_on") != 0)) {
+                PyErr_Format(PyExc_AttributeError, "%s is the callback's to write%s", s,
+                             r->running ? " while the device stream runs" : "");
                 return -1;
             }
             long long v = PyLong_AsLongLong(value);
