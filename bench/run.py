@@ -621,7 +621,8 @@ def main() -> int:
     args = ap.parse_args()
     backends = BACKENDS if args.backend == "both" else (args.backend,)
     if args.suite == "core":
-        result = {**bench_ring(), **bench_bus(), **bench_engine(backends)}
+        from bench.capture_step import run as run_capture_step
+        result = {**bench_ring(), **bench_bus(), **run_capture_step(), **bench_engine(backends)}
     elif args.suite == "conversation":
         from bench.conversation import run
         result = run(args.interruptions, args.double_talk_trials, backends)

@@ -191,6 +191,9 @@ def test_the_capture_step_cancels_the_echo_and_writes_one_chunk_per_period(rings
     assert py_erle is not None and abs(erle_db - py_erle) < 3, (erle_db, py_erle)
     assert len(heard) > 380 and len(sent) > 380 and max(heard) > -30
     assert np.median(sent[-100:]) < np.median(heard[-100:]) - 15   # what was sent: the echo cancelled
+    # the worker's CPU in the steps, and the part of it in the AEC's and the far end's Python calls
+    step_ns, aec_ns, far_ns = cap.cpu_split_ns()
+    assert 0 < aec_ns and 0 < far_ns and aec_ns + far_ns < step_ns
 
 
 @needs_native

@@ -98,6 +98,12 @@ static inline int64_t now_ns(void) {
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 static inline double now_s(void) { return (double)now_ns() / 1e9; }
+/* The calling thread's CPU time (the worker's step only: never in a device callback). */
+static inline int64_t thread_cpu_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
 static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 static inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 /* Python's floor division for a possibly negative numerator */
@@ -1266,6 +1272,9 @@ typedef struct {
     /* echo statistics (EchoCanceller) */
     double near_energy, out_energy, window_near, window_out;
     int64_t far_active_blocks, window_blocks, blocks, guarded_blocks, errors, busy_ns, steps;
+    /* the worker thread's CPU time (CLOCK_THREAD_CPUTIME_ID): in step(), and of it inside the AEC's
+     * Python call and inside far_take (bench/capture_step.py: what the batched call costs) */
+    int64_t step_cpu_ns, aec_call_cpu_ns, far_take_cpu_ns;
     double erle_windows[ERLE_WINDOWS];
     int64_t erle_count;
     double far_rms[GUARD_WINDOW_BLOCKS];
@@ -1495,8 +1504,10 @@ static int cap_aec(Capture *c, PyObject *aec, int64_t blocks) {
     static PyObject *process_name = NULL;
     if (!process_name && !(process_name = PyUnicode_InternFromString("process")))
         return -1;
+    int64_t t0 = thread_cpu_ns();
     PyObject *res = PyObject_CallMethodObjArgs(aec, process_name, PyTuple_GET_ITEM(c->near_views, blocks - 1),
                                                PyTuple_GET_ITEM(c->far_views, blocks - 1), NULL);
+    c->aec_call_cpu_ns += thread_cpu_ns() - t0;
     Py_buffer v;
     if (res && PyObject_GetBuffer(res, &v, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) == 0) {
         if (v.itemsize != 2 || v.len < n * 2) {
@@ -1591,6 +1602,7 @@ static PyObject *Capture_step(Capture *c, PyObject *args) {
     ssize_t rc = read(c->wake_fd, &drained, sizeof drained);
     (void)rc;
     long chunks = 0;
+    int64_t cpu0 = thread_cpu_ns();
     for (;;) {
         int64_t rd = ld_rlx(&c->dev_r), avail = ld_acq(&c->dev_w) - rd;
         if (avail <= 0)
@@ -1630,8 +1642,10 @@ static PyObject *Capture_step(Capture *c, PyObject *args) {
         Py_buffer fv;
         int have_fv = 0;
         if (far_take != Py_None && n24 > 0) {
+            int64_t t_far = thread_cpu_ns();
             PyObject *arr = c->far_adc ? PyObject_CallFunction(far_take, "LL", (long long)n24, (long long)adc)
                                        : PyObject_CallFunction(far_take, "L", (long long)n24);
+            c->far_take_cpu_ns += thread_cpu_ns() - t_far;
             if (arr && PyObject_GetBuffer(arr, &fv, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) == 0) {
                 if (fv.itemsize == 2 && fv.len >= n24 * 2) {
                     far = fv.buf;
@@ -1700,6 +1714,7 @@ static PyObject *Capture_step(Capture *c, PyObject *args) {
         c->busy_ns += now_ns() - t0;
         c->steps += 1;
     }
+    c->step_cpu_ns += thread_cpu_ns() - cpu0;
     return PyLong_FromLong(chunks);
 }
 
@@ -1847,6 +1862,7 @@ static PyObject *Capture_getattro(Capture *c, PyObject *name) {
 #define INT_FIELD(f) if (strcmp(s, #f) == 0) return PyLong_FromLongLong(ld_rlx(&c->f));
     INT_FIELD(callbacks) INT_FIELD(input_overflows) INT_FIELD(dev_dropped) INT_FIELD(blocks)
     INT_FIELD(far_active_blocks) INT_FIELD(guarded_blocks) INT_FIELD(errors) INT_FIELD(busy_ns) INT_FIELD(steps)
+    INT_FIELD(step_cpu_ns) INT_FIELD(aec_call_cpu_ns) INT_FIELD(far_take_cpu_ns)
 #undef INT_FIELD
     if (strcmp(s, "near_energy") == 0)
         return PyFloat_FromDouble(c->near_energy);

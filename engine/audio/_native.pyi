@@ -38,6 +38,9 @@ class Capture:
     errors: int
     busy_ns: int
     steps: int
+    step_cpu_ns: int
+    aec_call_cpu_ns: int
+    far_take_cpu_ns: int
     near_energy: float
     out_energy: float
     talks: int

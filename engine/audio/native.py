@@ -278,6 +278,12 @@ class NativeCapture:
     def busy_ns(self) -> int:
         return int(self._c.busy_ns)
 
+    def cpu_split_ns(self) -> tuple[int, int, int]:
+        """The worker thread's CPU time in :meth:`step` so far, and of it the time inside the echo
+        canceller's Python call and inside ``far_take`` (bench/capture_step.py), ns."""
+        c = self._c
+        return int(c.step_cpu_ns), int(c.aec_call_cpu_ns), int(c.far_take_cpu_ns)
+
     def erle_total_db(self) -> float | None:
         c = self._c
         if c.far_active_blocks == 0 or c.near_energy <= 0:
