@@ -252,6 +252,26 @@ def test_the_far_end_is_asked_for_when_each_chunk_was_captured(rings: Any) -> No
 
 
 @needs_native
+def test_pushed_frames_carry_the_capture_time_they_are_given(rings: Any) -> None:
+    """push(frames, adc_ns): a replay in simulated time hands each block's capture time, and the
+    far end is asked for exactly that time (a 24 kHz device: no resampler holds frames back)."""
+    mic = rings(1 << 16, eventfd=True)
+    cap = native.NativeCapture(mic, 24000, 480, aec=False, far_adc=True)
+    asks: list[int] = []
+
+    def take(n: int, adc_ns: int) -> np.ndarray:
+        asks.append(adc_ns)
+        return np.zeros(n, dtype=np.int16)
+    base = 10**12
+    for k in range(5):
+        cap.push(voiced(480, 300), base + k * 20_000_000 + 7)
+        cap.step(take)
+    cap.push(voiced(960, 300), base + 500_000_000)   # two blocks in one push: one chunk, its first frame's time
+    cap.step(take)
+    assert asks == [base + k * 20_000_000 + 7 for k in range(5)] + [base + 500_000_000]
+
+
+@needs_native
 def test_with_echo_cancellation_extras_never_get_the_mic_in_place_of_what_it_made(rings: Any) -> None:
     """A chunk too short for a whole 10 ms block leaves the canceller nothing to hand out yet: extras
     (the recording's path) gets an empty ``sent``, not None (None means "no canceller", and the

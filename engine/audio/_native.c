@@ -1738,13 +1738,20 @@ static PyObject *Capture_wait(Capture *c, PyObject *args) {
     return PyBool_FromLong(ld_acq(&c->dev_w) != ld_rlx(&c->dev_r));
 }
 
-/* push(frames): device frames as the callback would write them (tests, and a WAV mic). */
-static PyObject *Capture_push(Capture *c, PyObject *obj) {
+/* push(frames, adc_ns=None): device frames as the callback would write them (tests, and a WAV mic),
+ * the first captured at adc_ns (CLOCK_MONOTONIC; None: as if the last was captured just now). */
+static PyObject *Capture_push(Capture *c, PyObject *args) {
+    PyObject *obj, *adc = Py_None;
     Py_buffer v;
+    if (!PyArg_ParseTuple(args, "O|O", &obj, &adc))
+        return NULL;
     if (c->running) {
         PyErr_SetString(PyExc_RuntimeError, "the device stream writes this capture: stop it first");
         return NULL;
     }
+    long long adc_ns = 0;
+    if (adc != Py_None && (adc_ns = PyLong_AsLongLong(adc)) == -1 && PyErr_Occurred())
+        return NULL;
     if (PyObject_GetBuffer(obj, &v, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
         return NULL;
     if (v.itemsize != 2) {
@@ -1752,8 +1759,8 @@ static PyObject *Capture_push(Capture *c, PyObject *obj) {
         PyErr_SetString(PyExc_TypeError, "an int16 buffer is needed");
         return NULL;
     }
-    int64_t n = v.len / 2;   /* as if its last frame was captured just now */
-    cap_push(c, v.buf, n, now_ns() - n * 1000000000LL / c->device_rate_hz);
+    int64_t n = v.len / 2;
+    cap_push(c, v.buf, n, adc != Py_None ? (int64_t)adc_ns : now_ns() - n * 1000000000LL / c->device_rate_hz);
     PyBuffer_Release(&v);
     Py_RETURN_NONE;
 }
@@ -1843,7 +1850,8 @@ static PyMethodDef Capture_methods[] = {
     {"step", (PyCFunction)Capture_step, METH_VARARGS,
      "step(far_take=None, aec=None, extras=None) -> chunks: process what the callback wrote (see the source)."},
     {"wait", (PyCFunction)Capture_wait, METH_VARARGS, "wait(timeout_s) -> bool: frames are waiting (GIL released)."},
-    {"push", (PyCFunction)Capture_push, METH_O, "push(int16 frames): device frames, as the callback writes them."},
+    {"push", (PyCFunction)Capture_push, METH_VARARGS,
+     "push(int16 frames, adc_ns=None): device frames, as the callback writes them, first captured at adc_ns."},
     {"open", (PyCFunction)Capture_open, METH_VARARGS,
      "open(device_index, rate_hz, frames_per_buffer) -> input latency s: start the device stream."},
     {"close", (PyCFunction)Capture_close, METH_NOARGS, "Stop and close the device stream."},

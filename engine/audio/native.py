@@ -235,9 +235,10 @@ class NativeCapture:
             extras(raw[:n24], far[:n24], sent[:nsent] if cancelled else None)
         return int(self._c.step(far_take, self.aec, call))
 
-    def push(self, frames: np.ndarray) -> None:
-        """Device frames as the callback writes them (tests). Not while a device stream runs."""
-        self._c.push(np.ascontiguousarray(frames, dtype=np.int16))
+    def push(self, frames: np.ndarray, adc_ns: int | None = None) -> None:
+        """Device frames as the callback writes them (tests), the first captured at ``adc_ns``
+        (CLOCK_MONOTONIC; None: the last one just now). Not while a device stream runs."""
+        self._c.push(np.ascontiguousarray(frames, dtype=np.int16), adc_ns)
 
     # -- the device -------------------------------------------------------------------
     def open(self, device_index: int, rate_hz: int, frames_per_buffer: int) -> float:
