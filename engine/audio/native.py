@@ -276,6 +276,16 @@ class NativeCapture:
         return err if isinstance(err, BaseException) else None
 
     @property
+    def near_energy(self) -> float:
+        """The mic's energy (at AEC3's rate) over the blocks whose far end was active, as EchoCanceller's."""
+        return float(self._c.near_energy)
+
+    @property
+    def out_energy(self) -> float:
+        """AEC3's output energy over the same blocks (before the guard), as EchoCanceller's."""
+        return float(self._c.out_energy)
+
+    @property
     def busy_ns(self) -> int:
         return int(self._c.busy_ns)
 
