@@ -608,6 +608,17 @@ def soak(tmp: Path, minutes: float, speed: float = 4.0) -> dict[str, Any]:
         eng.stop()
 
 
+def playback_stalls(tmp: Path, replies: int = 10) -> dict[str, Any]:
+    """The playback process stopped (SIGSTOP) 60, 120, 250 and 500 ms mid-reply with the echo path
+    on: the conversation suite's stall test (``bench.conversation.bench_playback_stalls``, the
+    same engine and definitions); false barge-ins by stall length. Goal 0 at every length."""
+    from bench.conversation import STALLS_MS, bench_playback_stalls
+    tmp.mkdir(parents=True, exist_ok=True)
+    got = bench_playback_stalls(tmp, replies)
+    got["false_bargeins_by_stall_ms"] = {str(ms): got[f"stall_{ms}ms_false_bargeins"] for ms in STALLS_MS}
+    return got
+
+
 def _plain(value: Any) -> Any:
     """JSON-safe: string keys, bytes as text."""
     if isinstance(value, dict):
@@ -645,6 +656,7 @@ def run(soak_minutes: float = 30.0, fuzz_count: int = 10_000) -> dict[str, Any]:
     result["slow_subscriber"] = _guarded(slow_subscriber, tmp / "slow")
     result["foreign_subscriber"] = _guarded(foreign_subscriber, tmp / "foreign")
     result["soak"] = _guarded(soak, tmp / "soak", soak_minutes)
+    result["playback_stalls"] = _guarded(playback_stalls, tmp / "stalls")
     kills = result["kill"].values()
     result["summary"] = {
         "kills_recovered": sum(1 for k in kills if k.get("recovered")),
@@ -657,5 +669,6 @@ def run(soak_minutes: float = 30.0, fuzz_count: int = 10_000) -> dict[str, Any]:
         "foreign_subscriber_unaccounted": result["foreign_subscriber"].get("unaccounted"),
         "soak_max_rss_growth_mb": result["soak"].get("max_rss_growth_mb"),
         "soak_fds_flat": result["soak"].get("fds_flat"),
+        "stall_false_bargeins_by_ms": result["playback_stalls"].get("false_bargeins_by_stall_ms"),
     }
     return result
