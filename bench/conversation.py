@@ -797,6 +797,43 @@ STALL_ECHO_COUNTERS = ("far_missing_frames", "far_skipped_frames", "far_gap_fram
                        "far_uncertain_ms", "guard_holds", "guard_held_ms", "talkers")
 
 
+def _delay_ms(mic: np.ndarray, ref: np.ndarray, at: int, window: int = 12000, lags: int = 24 * 300) -> float | None:
+    """How far (ms) the reference leads its echo in the mic over ``window`` frames from ``at`` (the
+    lag of the best correlation), or None where the mic is quiet or the match poor (under 0.5)."""
+    if at < lags or at + window > min(len(mic), len(ref)):
+        return None
+    m, r = mic[at:at + window], ref[at - lags:at + window]
+    if np.sqrt(np.mean(m ** 2)) < 100:
+        return None
+    c = np.correlate(r, m, mode="valid")
+    k = int(np.argmax(np.abs(c)))
+    if abs(c[k]) / (np.linalg.norm(m) * np.linalg.norm(r[k:k + window]) + 1e-9) <= 0.5:
+        return None
+    return (lags - k) / 24
+
+
+def echo_delay_shifts_ms(recording: Path) -> list[float]:
+    """Per stall in a session recording (mic left, the reference the canceller got right): how far
+    the echo's delay moved across it. A stall is a run of at least 40 ms of exact zeros in the
+    reference inside speech; its shift is the median delay (``_delay_ms``) of the three 0.5 s windows
+    starting 0.5 s after it, less that of the three ending 1 s before it."""
+    import wave
+    with wave.open(str(recording)) as w:
+        pcm = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16).reshape(-1, 2).astype(np.float64)
+    mic, ref = pcm[:, 0], pcm[:, 1]
+    zero = (ref == 0).astype(np.int8)
+    edges = np.diff(np.concatenate(([0], zero, [0])))
+    shifts = []
+    for a, b in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)):
+        if b - a < 960 or a < 72000 or np.abs(ref[a - 4800:a]).max() < 2000 or np.abs(ref[b:b + 4800]).max() < 2000:
+            continue
+        before = [d for k in (2, 3, 4) if (d := _delay_ms(mic, ref, int(a) - k * 12000)) is not None]
+        after = [d for k in (1, 2, 3) if (d := _delay_ms(mic, ref, int(b) + k * 12000)) is not None]
+        if before and after:
+            shifts.append(float(np.median(after) - np.median(before)))
+    return shifts
+
+
 def _engine_pid(run_dir: Path, name: str) -> int:
     conn = json.loads((run_dir / "run" / "engine.json").read_text())
     return next(int(c["pid"]) for c in conn["children"] if c["name"] == name)
@@ -870,6 +907,12 @@ def bench_playback_stalls(tmp: Path, replies: int = 10, stalls_ms: tuple[int, ..
     finally:
         eng.stop()
         vaudio("echo-off")
+    shifts = np.abs(echo_delay_shifts_ms(next(eng.record_dir.glob("*/conversation.wav"))))
+    out["stall_echo_delay_shift_ms_p50"] = pct(list(shifts), 50)
+    out["stall_echo_delay_shift_ms_p90"] = pct(list(shifts), 90)
+    out["stall_echo_delay_shift_ms_max"] = round(float(shifts.max()), 1) if len(shifts) else None
+    out["stall_echo_delay_shift_over_5ms"] = int((shifts > 5).sum())
+    out["stall_echo_delay_shifts_measured"] = len(shifts)
     return out
 
 

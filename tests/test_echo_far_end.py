@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from engine.audio.ring import Ring
-from engine.capture.echo import FAR_LEAD_MS, MIC_CLOCK_JUMP_BLOCKS, FarEnd, MicClock
+from engine.capture.echo import FAR_LEAD_MS, FAR_UNCERTAIN_MS, MIC_CLOCK_JUMP_BLOCKS, FarEnd, MicClock
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -135,6 +135,28 @@ def test_frames_written_too_late_for_their_time_are_skipped(ring: Ring) -> None:
         assert abs(due_of(int(stream[j]), T0 + 80_000_000) - (T0 + int(j) * 10**9 // 24000)
                    - FAR_LEAD_MS * 10**6) < 100_000
     assert not far.uncertain
+
+
+def test_a_few_missing_frames_are_no_guess_but_a_stall_is(ring: Ring) -> None:
+    """Under load playback's callback is a little late many times a minute: a few ms of zeros make
+    AEC3 leak for less than the guard's talker onset, so the far end is not uncertain for them;
+    zeros for FAR_UNCERTAIN_MS in a row or more (a stall) are."""
+    far, spk = FarEnd(ring), Speaker(ring)
+    uncertain, zeros = [], []
+    for i in range(60):
+        mic_ns = T0 + i * BLOCK_NS
+        late = i in (10, 20, 30) or 40 <= i < 44    # three callbacks 20 ms late; later one 80 ms late
+        if not late:   # written 15 ms before it is due; a late callback's blocks come with the next
+            for _ in range({11: 2, 21: 2, 31: 2, 44: 5}.get(i, 1)):
+                spk.write(T0 + 15_000_000 + spk.frames * 10**9 // 24000)
+        missing = far.missing_frames
+        far.take(BLOCK, mic_ns)
+        uncertain.append(far.uncertain)
+        zeros.append(far.missing_frames - missing)
+    assert all(zeros[i] > 0 for i in (10, 20, 30, 40, 41, 42, 43)), zeros     # each late callback left zeros
+    assert not any(uncertain[5:40]), "a callback 20 ms late made the far end uncertain"
+    assert any(uncertain[40:46]), "zeros for 75 ms in a row left the far end certain"
+    assert FAR_UNCERTAIN_MS <= 40
 
 
 def test_without_stamps_the_reference_goes_by_count(ring: Ring) -> None:

@@ -150,6 +150,8 @@ def test_a_playback_stall_leaves_the_echo_delay_as_it_was_and_nothing_passes_for
     assert abs(after - before) <= 1.0, f"the stall moved the echo's delay from {before} to {after} ms"
     assert speech_heard(r.out) == [], "the model's own echo reached the API as speech"
     assert r.canceller.guard is not None and r.canceller.guard.talks == 0
-    assert r.far_end.gap_frames > 0 and r.canceller.guard.holds >= 1     # the far end knew it was short
+    assert r.far_end.gap_frames > 0                     # the speaker ran dry, and the far end knew
+    # a stall the speaker rode out but for a few ms is no guess; a longer one is, and the guard held
+    assert r.canceller.guard.holds >= (1 if stall_ms >= 120 else 0)
     erle_before, erle_after = r.erle_db(1.5, 3.2), r.erle_db(4.5, 7.0)
     assert erle_after >= erle_before - 3, f"AEC3 cancels less after the stall: {erle_before:.1f} -> {erle_after:.1f} dB"

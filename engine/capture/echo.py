@@ -7,8 +7,8 @@ the user's voice.
   the speaker plays :data:`FAR_LEAD_MS` after that block was captured (:class:`MicClock`
   says when, from the device's ADC times): lined up by time, not by count, so a late
   playback callback, or a stall that made the speaker run dry, never moves the echo's delay
-  for good. Where it must guess (frames not written yet) or had to move, the far end is
-  *uncertain* for that block.
+  for good. Where it must guess (frames not written yet, the silence of a gap right after the
+  speaker ran dry), the far end is *uncertain* for that block.
 * :class:`EchoCanceller` is WebRTC's audio processing module (pywebrtc-audio, AEC3) at
   48 kHz, fed 10 ms blocks of mic (near end) and reference (far end), in and out at the
   engine's 24 kHz through soxr. It also measures its echo return loss enhancement (ERLE).
@@ -40,16 +40,18 @@ TALK_ONSET_BLOCKS = 15                     # 150 ms above TALK_DB in a row: a ta
 TALK_HANG_BLOCKS = 50                      # a talker's blocks pass 500 ms past their last one above TALK_DB
 HOLD_BLOCKS = 20                           # the guard holds at least 200 ms past a block whose far end was uncertain
 HOLD_RELEASE_DB = 6.0                      # ...and then until what AEC3 leaves is this far under the talk threshold
-HOLD_MAX_BLOCKS = 150                      # ...but 1.5 s past that block at most
+HOLD_MAX_BLOCKS = 150                      # ...but 1.5 s of far-end speech past that block at most
 HOLD_DECAY = 0.8                           # what AEC3 leaves: an energy sum decaying 1 dB a block (50 ms time constant)
 ECHO_BEAT_DB = 6.0                         # held: a block is speech if the mic is this far above the echo it may hold
-ERL_DECAY_DB = 0.01                        # the echo path's gain estimate falls 1 dB a second unless echo renews it
-ERL_LEARN_BLOCKS = 50                      # echo-only blocks before that estimate is used (0 dB until then)
+ERL_UP_DB, ERL_DOWN_DB = 0.2, 0.02        # the echo path's gain estimate moves this far a block toward a block's
+ERL_LEARN_BLOCKS = 50                      # ratio above it, below it (its 90th percentile); the loudest of the first
+                                           # this many blocks to start with (0 dB before them)
 FAR_LEAD_MS = 10                           # the reference handed with a mic block plays this long after its capture
 FAR_TOLERANCE_MS = 6                       # a misalignment this small is left to AEC3 (the stream stays continuous)
 FAR_RETIME_MS = 1                          # ...but after zeros for missing frames, it is re-timed to the ms
 FAR_SETTLE_MS = 2                          # ...and for FAR_SETTLE_S after the speaker ran dry, to this
 FAR_SETTLE_S = 2                           # (its DAC times are off by a few ms for a while after: they settle)
+FAR_UNCERTAIN_MS = 30                      # zeros for missing frames this long in a row make the far end uncertain
 MIC_CLOCK_TOLERANCE_MS = 6                 # an ADC time this far off the mic's clock is jitter, or a jump
 MIC_CLOCK_JUMP_BLOCKS = 3                  # so many in a row: the clock jumps to them
 MIC_CLOCK_SETTLE_REPORTS = 16              # the clock is the mean of its first reports, then follows 1/16 of each
@@ -147,11 +149,14 @@ class FarEnd:
     re-timed to FAR_RETIME_MS; and for FAR_SETTLE_S after a gap, to FAR_SETTLE_MS (the run's
     later stamps are truer than its first, and the guard holds then anyway).
 
-    ``uncertain`` says whether the latest take had to guess: zeros for missing frames, silence
-    for a gap (the speaker's stamps right after it ran dry) and moves while they settle, the
-    mic clock in doubt. The canceller's guard then holds. Skipping frames due before their time
-    is otherwise no guess (the stamps are exact within a run, and a flush's dropped frames never
-    played).
+    ``uncertain`` says whether the latest take had to guess: zeros for missing frames for
+    FAR_UNCERTAIN_MS in a row or more, the silence of a gap and moves in the FAR_SETTLE_S after
+    it (the speaker's stamps are off by a few ms right after it ran dry, and under load it runs
+    dry for a few ms many times a minute), the mic clock in doubt. The canceller's guard then
+    holds. Shorter runs of zeros for missing frames (a playback callback a little late: its
+    frames come with their stamps and are skipped) make AEC3 leak for less than the guard's
+    talker onset: no hold. Skipping frames due before their time is otherwise no guess (the
+    stamps are exact within a run, and a flush's dropped frames never played).
     Before playback has stamped anything, frames are taken by count.
     """
 
@@ -174,6 +179,8 @@ class FarEnd:
         self._padded = False      # zeros went out for frames not written yet: the next ones are re-timed to the ms
         self.settle_frames = RATE_HZ * FAR_SETTLE_MS // 1000
         self._settle_until = 0    # mic frame (the clock's count) until which the tolerance is settle_frames
+        self.uncertain_zero_frames = RATE_HZ * FAR_UNCERTAIN_MS // 1000
+        self._zero_run = 0        # zeros handed out in takes in a row
 
     def _follow_stamps(self, read_index: int) -> None:
         stamp = self.ring.due_stamp()
@@ -201,7 +208,7 @@ class FarEnd:
                 self.missing_frames += frames - got
             self._set_uncertain(uncertain, frames)
             return out
-        pos = 0
+        pos = zeros = 0           # zeros: for missing frames (a gap's are measured)
         while pos < frames:
             r = ring.read_index
             if self._next is not None and r >= self._next[0]:
@@ -225,14 +232,15 @@ class FarEnd:
                 pos += n
                 self.missing_frames += n
                 self.gap_frames += n
-                # the speaker ran dry: its DAC times right after it are off by up to 5 ms for a while
+                # the speaker ran dry: its DAC times right after that are off by a few ms for a while
                 if self._moved():
                     uncertain = True
                     self._settle_until = self.clock.frames + RATE_HZ * FAR_SETTLE_S
             elif available <= 0:
                 out[pos:] = 0
+                zeros += frames - pos
                 self.missing_frames += frames - pos
-                uncertain = self._padded = True
+                self._padded = True
                 break
             else:
                 n = min(frames - pos, available)
@@ -240,6 +248,10 @@ class FarEnd:
                     n = min(n, self._next[0] - r)
                 pos += ring.read_into(out[pos:pos + n])
                 self._aligned, self._padded = True, False
+        # zeros for missing frames for a while in a row (a stall) are a guess AEC3 leaks on for longer
+        # than the guard's onset; a few (a callback a little late, its frames then skipped) are not
+        self._zero_run = self._zero_run + zeros if zeros else 0
+        uncertain = uncertain or self._zero_run >= self.uncertain_zero_frames
         self._set_uncertain(uncertain, frames)
         return out
 
@@ -267,15 +279,20 @@ class TalkGuard:
     see :class:`FarEnd`) lasts HOLD_BLOCKS past its latest uncertain block, then until what AEC3
     leaves (its recent output while the far end speaks, an energy sum decaying 1 dB a block) is
     HOLD_RELEASE_DB under the talk threshold, so it can no longer make a talker (after a stall
-    AEC3 re-converges in 0.2 to 1 s on this machine's echo path), HOLD_MAX_BLOCKS at most.
+    AEC3 re-converges in 0.2 to 1 s on this machine's echo path), HOLD_MAX_BLOCKS of far-end
+    speech at most. The guard also holds from its start until AEC3 has first converged (its first
+    seconds of far-end speech leak as much: on a loaded machine they made talkers), for
+    HOLD_BLOCKS of far-end speech at least: the echo path's delay leaves AEC3's output silent
+    for the first blocks, converged or not.
 
     Evidence of a talker in a block:
 
     - ``out`` above TALK_DB re ``far_peak`` (well above what AEC3 leaves of echo), except in
       ECHO while held: AEC3's output may then be echo it could not cancel;
     - there, instead: ``near`` ECHO_BEAT_DB above the echo estimate, ``far_peak`` times the
-      echo path's measured gain (``erl``: learned on echo-only blocks, the loudest ratio of mic
-      to far end, falling 1 dB a second unless renewed; 0 dB until ERL_LEARN_BLOCKS of them):
+      echo path's measured gain (``erl``: learned on echo-only blocks, the 90th percentile of the
+      ratio of mic to far end, tracked in dB from the loudest of the first ERL_LEARN_BLOCKS; 0 dB
+      before them):
       the mic is louder than any echo it can hold, so someone is talking whatever the
       canceller did.
 
@@ -311,17 +328,17 @@ class TalkGuard:
         self.talk_ratio = 10 ** (TALK_DB / 20)
         self.beat_ratio = 10 ** (ECHO_BEAT_DB / 20)
         self.release_ratio = 10 ** ((TALK_DB - HOLD_RELEASE_DB) / 20)
-        self.erl_decay = 10 ** (-ERL_DECAY_DB / 20)
         self.active_rms = active_rms
         self.state = self.QUIET
         self.run_blocks = 0       # blocks with evidence in a row (ECHO)
         self.hang_blocks = 0      # blocks since the last one with evidence (TALK)
-        self.holding = False
+        self.holding = True       # from the start: until AEC3 has converged on the echo path
+        self.hold_min_age = HOLD_BLOCKS   # far-end speech blocks the first hold lasts at least (its echo must arrive)
         self.hold_blocks = 0      # blocks the hold lasts at least
-        self.hold_age = 0         # blocks since the latest uncertain one
+        self.hold_age = 0         # far-end speech blocks since the latest uncertain one
         self.out_energy = 0.0     # recent output energy while the far end is active (a decaying sum)
         self.far_peak = 0.0       # the latest block's far_peak
-        self.erl_peak = 0.0       # the echo path's gain (mic RMS / far_peak), a decaying peak
+        self.erl_db = 0.0         # the echo path's gain (mic RMS / far_peak, dB): its 90th percentile, tracked
         self.erl_blocks = 0       # echo-only blocks it learnt from
         self.talks = 0            #: ECHO -> TALK transitions (talkers found over the far end)
         self.holds = 0            #: holds begun while the far end was active
@@ -329,8 +346,8 @@ class TalkGuard:
 
     @property
     def erl(self) -> float:
-        """The echo path's gain the guard uses: mic RMS over far_peak at most, in echo (1 until learnt)."""
-        return self.erl_peak if self.erl_blocks >= ERL_LEARN_BLOCKS else 1.0
+        """The echo path's gain the guard uses: the 90th percentile of mic RMS over far_peak in echo (1 until learnt)."""
+        return 10 ** (self.erl_db / 20) if self.erl_blocks >= ERL_LEARN_BLOCKS else 1.0
 
     def hold(self, blocks: int) -> None:
         """The far end is uncertain: hold for at least the next ``blocks`` blocks, then until AEC3
@@ -353,11 +370,12 @@ class TalkGuard:
         if far_peak > self.active_rms:
             self.out_energy = self.out_energy * HOLD_DECAY + out_rms * out_rms
         if held:   # this block is judged held; the hold may end after it
-            self.hold_age += 1
+            self.hold_age += far_peak > self.active_rms
             if self.hold_blocks > 0:
                 self.hold_blocks -= 1
-            elif self.recent_out_rms <= self.release_ratio * far_peak or self.hold_age >= HOLD_MAX_BLOCKS:
-                self.holding = False
+            elif ((self.hold_age >= self.hold_min_age and self.recent_out_rms <= self.release_ratio * far_peak)
+                  or self.hold_age >= HOLD_MAX_BLOCKS):
+                self.holding, self.hold_min_age = False, 0
         if far_peak <= self.active_rms:
             self.state, self.run_blocks, self.hang_blocks = self.QUIET, 0, 0
             return False
@@ -377,8 +395,12 @@ class TalkGuard:
             self.state, self.run_blocks = self.ECHO, 0
             return True
         self.state = self.ECHO
-        if not held and not evidence:   # echo only: learn the echo path's gain from it
-            self.erl_peak = max(near_rms / far_peak, self.erl_peak * self.erl_decay)
+        if not evidence:   # echo only (the mic's level says nothing of AEC3): learn the echo path's gain
+            ratio_db = 20 * math.log10(max(near_rms, 1e-3) / far_peak)
+            if self.erl_blocks < ERL_LEARN_BLOCKS:    # the loudest of the first blocks: an upper start
+                self.erl_db = ratio_db if self.erl_blocks == 0 else max(self.erl_db, ratio_db)
+            else:
+                self.erl_db += ERL_UP_DB if ratio_db > self.erl_db else -ERL_DOWN_DB
             self.erl_blocks += 1
         self.run_blocks = self.run_blocks + 1 if evidence else 0
         if self.run_blocks >= TALK_ONSET_BLOCKS:
@@ -520,8 +542,8 @@ class EchoCanceller:
                 "talkers": self.guard.talks if self.guard is not None else 0,
                 "guard_holds": self.guard.holds if self.guard is not None else 0,
                 "guard_held_ms": self.guard.held_blocks * 10 if self.guard is not None else 0,
-                "echo_path_db": (round(20 * math.log10(self.guard.erl_peak), 1)
-                                 if self.guard is not None and self.guard.erl_peak > 0 else None),
+                "echo_path_db": (round(self.guard.erl_db, 1)
+                                 if self.guard is not None and self.guard.erl_blocks else None),
                 "errors": self.errors,
                 "cpu_ms": round(self.busy_ns / 1e6, 1)}
 
