@@ -75,7 +75,7 @@ class Markers:
         self._t.start()
 
     def _run(self) -> None:
-        from bench.run import paced
+        from bench.common import paced
         n = 0
         for _ in paced(1 << 30, MARKER_HZ):
             if self._stop.is_set():
@@ -155,11 +155,11 @@ def _cpu_windows(eng: Any, extra: dict[int, str], seconds: float) -> tuple[dict[
     machine's speed moves by a quarter from minute to minute, and windows minutes apart are
     compared here."""
     from bench.floor import running
-    from bench.run import _cpu_window
+    from bench.common import cpu_window
     with running(48000, 20, 10, eng.env) as floor_pids:
         named = {**extra, **{pid: f"floor:{side}" for side, pid in floor_pids.items()}}
         conn = {"children": [*eng.conn["children"], *({"pid": p, "name": n} for p, n in named.items())]}
-        return _cpu_window(eng.proc, conn, seconds)
+        return cpu_window(eng.proc, conn, seconds)
 
 
 def _split(by_process: dict[str, float]) -> tuple[float, float, float]:
@@ -222,11 +222,11 @@ def _listen(page: Any) -> dict[str, Any]:
 def run(minutes: float = 10.0, closed_minutes: float | None = None) -> dict[str, Any]:
     """The figures (bench/README.md, "console"); ``minutes`` of events with the page listening, and
     ``closed_minutes`` (default a third of that, at least the CPU window) of turns before the console opens."""
-    from bench.conversation import (Engine, count_gaps, gap_lengths_ms, response_spans, scenario, vaudio, vaudio_env,
-                                    JITTER_MS)
+    from bench.common import vaudio, vaudio_env
+    from bench.conversation import JITTER_MS, Engine, count_gaps, gap_lengths_ms, response_spans, scenario
     if closed_minutes is None:
         closed_minutes = max(CPU_WINDOW_S / 60, minutes / 3)
-    from bench.run import pct, stop_engine
+    from bench.common import pct, stop_engine
     from playwright.sync_api import sync_playwright
     vaudio_env()
     tmp = Path(tempfile.mkdtemp(prefix="rtconsole"))

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.common import vaudio, vaudio_env
 from engine.playback.process import FLUSH_FADE_MS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,21 +37,8 @@ PLAYBACK_PERIOD_MS = 10   # the speaker's (audio.playback_period_ms): barge-in w
 
 def pct(values: list[float], q: float) -> float | None:
     """``bench.run.pct`` rounded for the report; None (valid JSON) when nothing was measured."""
-    from bench.run import pct as percentile
+    from bench.common import pct as percentile
     return round(percentile(values, q), 2) if values else None
-
-
-def vaudio(*args: str) -> str:
-    """Run ``tools/vaudio.sh ARGS``; its output."""
-    return subprocess.run(["bash", str(REPO / "tools" / "vaudio.sh"), *args], capture_output=True, text=True,
-                          check=True, timeout=60).stdout
-
-
-def vaudio_env() -> dict[str, str]:
-    out = vaudio("start")
-    env = dict(part.split("=", 1) for part in out.strip().split()[1:])
-    os.environ.update(env)
-    return env
 
 
 def scenario(tmp: Path) -> Path:

@@ -99,13 +99,13 @@ def figures(by_side: dict[str, float]) -> dict[str, float]:
 def measure(rate_hz: int, mic_period_ms: int, speaker_period_ms: int, seconds: float,
             env: dict[str, str] | None = None) -> dict[str, Any]:
     """Start both sides, wait until they run, then the CPU window: % of one core per side and in all."""
-    from bench.run import _cpu_ns
+    from bench.common import cpu_ns
     with running(rate_hz, mic_period_ms, speaker_period_ms, env) as pids:
-        before = {k: _cpu_ns(pid) for k, pid in pids.items()}
+        before = {k: cpu_ns(pid) for k, pid in pids.items()}
         t0 = time.monotonic()
         time.sleep(seconds)
         wall = time.monotonic() - t0
-        return figures({k: 100 * (_cpu_ns(pid) - before[k]) / 1e9 / wall for k, pid in pids.items()})
+        return figures({k: 100 * (cpu_ns(pid) - before[k]) / 1e9 / wall for k, pid in pids.items()})
 
 
 if __name__ == "__main__":

@@ -9,8 +9,12 @@ side by side with its reference in the same run.
                                            kills, socket drops, fuzz, slow subscriber, soak (issue 15)
     python bench/run.py phone [--json]     phone calls at once (1-40) in three process layouts, truncation vs the SDK
                                            sample (issue 13); bench/phone.py has the options
+    python bench/run.py sip [--json]       engine sip: webhook -> accept at 1, 10, 50 calls together, CPU and memory
+                                           per talking call (issue 22)
     python bench/run.py console [--json] [--minutes N] [--closed-minutes N]
                                            the console: CPU closed vs open, underruns, bus -> page, page heap (issue 11)
+    python bench/run.py asr [--json]       the local server's recogniser on espeak-ng speech: word accuracy, free
+                                           decoding vs expected phrases (issue 23); bench/asr.py has the options
 
 Every figure's definition: bench/README.md.
 """
@@ -22,12 +26,9 @@ import base64
 import json
 import multiprocessing as mp
 import os
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -35,31 +36,15 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))   # `python bench/run.py` from anywhere
+
+from bench.common import cpu_window, paced, pct, start_engine, stop_engine, vaudio, vaudio_env  # noqa: E402
 
 FRAME = 480  # 20 ms at 24 kHz
 FLOOD_RUNS = 5  # bus throughput: the median of this many floods
 FLOOD_WAIT_S = 5.0  # a flood ends at its end marker, or this long after its last message
 CPU_WINDOWS = 3     # the real path's CPU: the median of this many windows, engine and floor measured together
 CPU_WINDOW_S = 6.0
-
-
-def paced(count: int, hz: float):
-    """Yield ``count`` times, ``hz`` times a second, on a fixed schedule (no drift)."""
-    period = 1.0 / hz
-    t = time.monotonic()
-    for _ in range(count):
-        t += period
-        while time.monotonic() < t:
-            time.sleep(max(0.0, t - time.monotonic() - 0.0002))
-        yield
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    v = sorted(values)
-    return v[min(len(v) - 1, int(q / 100 * len(v)))]
 
 
 # ------------------------------------------------------------------ rings
@@ -377,71 +362,6 @@ def _c_proxy(pub_ep: str, sub_ep: str) -> None:
 
 
 # ------------------------------------------------------------------ engine
-def _cpu_ns(pid: int) -> int:
-    """CPU time of every thread of ``pid`` so far, in ns (``/proc/PID/task/*/schedstat``)."""
-    total = 0
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            total += int((task / "schedstat").read_text().split()[0])
-        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
-            pass
-    return total
-
-
-def start_engine(args: list[str], env: dict[str, str], timeout_s: float = 60) -> tuple[subprocess.Popen, float, int]:
-    """Exec ``engine start ARGS``; (the process, ms from the exec until "ready in" on its stdout,
-    the supervisor's own "ready in" figure). Raises RuntimeError if it exits or times out first."""
-    t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "engine.api.cli", "start", "--backend", "local", *args],
-                            stdout=subprocess.PIPE, text=True, env=env, cwd=str(REPO))
-    deadline = t0 + timeout_s
-    assert proc.stdout is not None
-    os.set_blocking(proc.stdout.fileno(), True)
-    import selectors
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    while time.monotonic() < deadline:
-        if not sel.select(timeout=0.5):
-            if proc.poll() is not None:
-                break
-            continue
-        line = proc.stdout.readline()
-        if not line:
-            break
-        m = re.search(r"ready in (\d+) ms", line)
-        if m:
-            outside = (time.monotonic() - t0) * 1000
-            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
-            return proc, outside, int(m.group(1))
-    proc.kill()
-    proc.wait()
-    raise RuntimeError(f"engine start {' '.join(args)} was not ready within {timeout_s} s")
-
-
-def stop_engine(proc: subprocess.Popen) -> None:
-    proc.send_signal(2)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def _cpu_window(proc: subprocess.Popen, conn: dict[str, Any], seconds: float,
-                also: dict[str, int] | None = None) -> tuple[dict[str, float], float, float]:
-    """% of one core of each engine process (and of each of ``also``, name -> pid, in the same
-    window) over ``seconds``; (by name, window start, window end) in monotonic seconds."""
-    names = {c["pid"]: c["name"] for c in conn["children"] if c["name"] != "server"}   # the server stands in for OpenAI
-    names[proc.pid] = "supervisor"
-    names.update({pid: name for name, pid in (also or {}).items()})
-    t0 = time.monotonic()
-    before = {p: _cpu_ns(p) for p in names}
-    time.sleep(seconds)
-    t1 = time.monotonic()
-    by_process = {names[p]: round(100 * (_cpu_ns(p) - before[p]) / 1e9 / (t1 - t0), 2) for p in names}
-    return by_process, t0, t1
-
-
 def _devices_logged(conn: dict[str, Any]) -> dict[str, Any]:
     """The session's ``capture.device`` and ``playback.device`` (from its event log: they went out
     before the bench subscribed), without the bus header."""
@@ -478,7 +398,6 @@ def bench_engine() -> dict[str, Any]:
                               "engine_start_ready_ms_inside_supervisor": statistics.median(inside)}
     # the real path: virtual PulseAudio devices through PyAudio, the device at 48 kHz (soxr both
     # ways), echo cancellation (AEC3) on with an echo path from the speaker to the mic, a long reply
-    from bench.conversation import vaudio, vaudio_env
     vaudio_env()
     env = dict(os.environ, REALTALK_RUNTIME_DIR=str(tmp / "run"), XDG_DATA_HOME=str(tmp / "data"))
     env.pop("OPENAI_API_KEY", None)
@@ -512,7 +431,7 @@ def bench_engine() -> dict[str, Any]:
         windows: list[tuple[dict[str, float], dict[str, float], float, float]] = []
         with running(48000, 20, 10, env) as floor_pids:   # named "input" and "output": no engine process is
             for _ in range(CPU_WINDOWS):
-                by_name, t0, t1 = _cpu_window(proc, conn, CPU_WINDOW_S, floor_pids)
+                by_name, t0, t1 = cpu_window(proc, conn, CPU_WINDOW_S, floor_pids)
                 windows.append(({k: v for k, v in by_name.items() if k not in floor_pids},
                                 {k: by_name[k] for k in floor_pids}, t0, t1))
         pump(time.monotonic() + 0.5)
@@ -558,7 +477,7 @@ def bench_engine() -> dict[str, Any]:
     proc, _, _ = start_engine(["--mic", str(wav), "--speaker", "null", "--scenario", str(scen)], env)
     conn = json.loads((tmp / "run" / "engine.json").read_text())
     time.sleep(len(pcm) / 24000 + 1.0)  # the question has been sent; the reply is streaming
-    by_process, _, _ = _cpu_window(proc, conn, 8.0)
+    by_process, _, _ = cpu_window(proc, conn, 8.0)
     stop_engine(proc)
     result["engine_cpu_percent_wav_mic_null_speaker"] = round(sum(by_process.values()), 2)
     return result
@@ -660,7 +579,7 @@ def bench_server() -> dict[str, Any]:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("suite", choices=["core", "server", "conversation", "faults", "console", "phone"])
+    ap.add_argument("suite", choices=["core", "server", "conversation", "faults", "console", "phone", "asr", "sip"])
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--interruptions", type=int, default=200)
     ap.add_argument("--soak-minutes", type=float, default=30.0, help="faults: the soak's length")
@@ -681,6 +600,12 @@ def main() -> int:
     elif args.suite == "phone":
         from bench.phone import run as run_phone
         result = run_phone()
+    elif args.suite == "sip":
+        from bench.sip import run as run_sip
+        result = run_sip()
+    elif args.suite == "asr":
+        from bench.asr import run as run_asr
+        result = run_asr(["marin", "alloy", "cedar", "ash"])
     elif args.suite == "faults":
         from bench.faults import run as run_faults
         result = run_faults(args.soak_minutes, args.fuzz)

@@ -60,6 +60,11 @@ def resample(pcm: np.ndarray, from_hz: int, to_hz: int) -> np.ndarray:
     return soxr.resample(pcm.astype(np.int16, copy=False), from_hz, to_hz, quality="HQ").astype(np.int16)
 
 
+def g711_table(fmt: str) -> np.ndarray:
+    """The decode table of ``audio/pcmu`` or ``audio/pcma``: code byte -> int16 sample (8 kHz)."""
+    return _tables()["ulaw_dec" if fmt == "audio/pcmu" else "alaw_dec"]
+
+
 def decode_audio(data: bytes, fmt: str) -> np.ndarray:
     """Wire bytes in ``fmt`` -> PCM16 at 24 kHz."""
     if fmt == "audio/pcm":
@@ -74,6 +79,17 @@ def encode_audio(pcm24k: np.ndarray, fmt: str) -> bytes:
     if fmt == "audio/pcm":
         return pcm24k.astype("<i2", copy=False).tobytes()
     pcm8k = resample(pcm24k, API_RATE_HZ, G711_RATE_HZ)
+    key = "ulaw_enc" if fmt == "audio/pcmu" else "alaw_enc"
+    return _tables()[key][pcm8k.astype(np.int32) + 32768].tobytes()
+
+
+def g711_decode(data: bytes, fmt: str) -> np.ndarray:
+    """G.711 wire bytes (``audio/pcmu`` or ``audio/pcma``) -> PCM16 at 8 kHz (no resampling)."""
+    return _tables()["ulaw_dec" if fmt == "audio/pcmu" else "alaw_dec"][np.frombuffer(data, dtype=np.uint8)]
+
+
+def g711_encode(pcm8k: np.ndarray, fmt: str) -> bytes:
+    """PCM16 at 8 kHz -> G.711 wire bytes (``audio/pcmu`` or ``audio/pcma``), no resampling."""
     key = "ulaw_enc" if fmt == "audio/pcmu" else "alaw_enc"
     return _tables()[key][pcm8k.astype(np.int32) + 32768].tobytes()
 

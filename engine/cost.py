@@ -8,6 +8,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from engine.errors import ConfigError
+
 PRICING_FILE = Path(__file__).with_name("pricing.json")
 
 
@@ -27,11 +29,53 @@ def model_prices(model: str) -> dict[str, Any]:
     raise KeyError(f"no price for model {model!r}; add it to {PRICING_FILE}")
 
 
+LIVE_MODEL_PREFIX = "gpt-live-"
+
+
+def is_live_model(model: str) -> bool:
+    """GPT-Live models (``/v1/live/sessions``) speak another protocol than the Realtime ones."""
+    return model.startswith(LIVE_MODEL_PREFIX)
+
+
+def check_priced(model: str) -> None:
+    """Raise :class:`ConfigError` unless ``model`` has prices (a Realtime or a GPT-Live model)."""
+    try:
+        live_prices(model) if is_live_model(model) else model_prices(model)
+    except KeyError:
+        table = pricing()
+        raise ConfigError(f"model {model!r} has no price in engine/pricing.json, so its cost cannot be counted; "
+                          f"priced Realtime models: {', '.join(sorted(table['realtime']))}; GPT-Live models: "
+                          f"{', '.join(sorted(table['live']))}. Set 'model' to one of them or add its prices.") from None
+
+
+def live_prices(model: str) -> dict[str, Any]:
+    """Per-minute prices of a GPT-Live ``model`` (``per_minute``, ``standby_per_minute``); KeyError if none."""
+    table = pricing()["live"]
+    if model in table:
+        return table[model]
+    raise KeyError(f"no price for GPT-Live model {model!r}; add it to {PRICING_FILE}")
+
+
+def live_cost_usd(model: str, usage: dict[str, Any] | None) -> float:
+    """USD of a GPT-Live session's cumulative ``usage``: active seconds at the active rate, paused
+    seconds at the standby rate (``seconds`` is all active when the split is absent)."""
+    if not usage:
+        return 0.0
+    p = live_prices(model)
+    seconds = float(usage.get("seconds") or 0)
+    paused = float(usage.get("paused_seconds") or 0)
+    active = float(usage.get("active_seconds", seconds - paused) or 0)
+    standby = p.get("standby_per_minute")
+    return (active * p["per_minute"] + paused * (standby if standby is not None else p["per_minute"])) / 60.0
+
+
 def response_cost_usd(model: str, usage: dict[str, Any] | None) -> float:
     """USD of one ``response.done`` usage: uncached and cached input per modality, plus output."""
     if not usage:
         return 0.0
     p = model_prices(model)
+    if "per_minute" in p:   # billed by the minute (xAI): the dialect puts the connection time on each response.done
+        return float(usage.get("billed_seconds") or 0) / 60.0 * float(p["per_minute"])
     ind = usage.get("input_token_details") or {}
     cached = ind.get("cached_tokens_details") or {}
     outd = usage.get("output_token_details") or {}

@@ -11,7 +11,7 @@ import yaml
 from engine.config import DEFAULTS, load_config, session_payload
 from engine.cost import model_prices, pricing, response_cost_usd, transcription_cost_usd
 from engine.errors import ConfigError
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def _flat(d: dict, prefix: str = "") -> list[str]:
@@ -26,15 +26,25 @@ def _flat(d: dict, prefix: str = "") -> list[str]:
 
 
 def test_config_yaml_is_the_defaults() -> None:
+    """The repository's config.yaml is the user-facing copy of DEFAULTS, which the engine reads
+    from inside its package: every key and every value, none left to the defaults."""
+    assert yaml.safe_load((REPO / "config.yaml").read_text()) == DEFAULTS
     assert load_config(REPO / "config.yaml") == DEFAULTS
+
+
+def _undocumented(keys: list[str], doc: str) -> list[str]:
+    """The keys ``doc`` does not name whole, in backticks: a fallback to the last word let an
+    invented key pass ("mode" is in the doc)."""
+    return [key for key in keys if f"`{key}`" not in doc]
 
 
 def test_every_key_is_documented() -> None:
     doc = (REPO / "docs" / "config.md").read_text()
-    # the whole key, in backticks: a fallback to its last word let an invented key pass ("mode" is in the doc)
-    missing = [key for key in _flat(DEFAULTS) if f"`{key}`" not in doc]
+    missing = _undocumented(_flat(DEFAULTS), doc)
     assert not missing, f"undocumented config keys: {missing}"
-    assert "`audio.mode`" not in doc  # the check can fail: a key that does not exist is not found
+    # the check can fail: invented keys are missing, even those whose last word the doc has (`model`, mode)
+    invented = ["audio.mode", "phone.model"]
+    assert _undocumented(invented, doc) == invented
 
 
 @pytest.mark.parametrize("data, words", [
@@ -92,7 +102,7 @@ def test_a_model_without_prices_is_refused_at_start_naming_the_priced_ones(tmp_p
     from engine.config import load_config
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model: gpt-imaginary\n")
-    with pytest.raises(ConfigError, match=r"gpt-imaginary.*priced models: .*gpt-realtime"):
+    with pytest.raises(ConfigError, match=r"gpt-imaginary.*priced Realtime models: .*gpt-realtime"):
         load_config(cfg)
 
 
@@ -136,3 +146,37 @@ def test_an_unknown_override_key_is_a_config_error_naming_it(dotted: str) -> Non
     unknown one names itself, not a bare KeyError from deep inside."""
     with pytest.raises(ConfigError, match=re.escape(dotted)):
         load_config(None, {dotted: True})
+
+
+# ------------------------------------------------------------------ GPT-Live models
+def test_a_live_model_is_accepted_with_a_live_voice() -> None:
+    cfg = load_config(None, {"model": "gpt-live-1.1", "session.voice": "beacon"})
+    assert cfg["model"] == "gpt-live-1.1"
+
+
+def test_a_live_voice_is_refused_for_a_realtime_model_and_the_reverse() -> None:
+    with pytest.raises(ConfigError, match=r"session\.voice.*'beacon'"):
+        load_config(None, {"session.voice": "beacon"})
+    with pytest.raises(ConfigError, match=r"session\.voice.*'fable'.*GPT-Live voices"):
+        load_config(None, {"model": "gpt-live-1", "session.voice": "fable"})
+
+
+@pytest.mark.parametrize("key, value, why", [
+    ("session.turn_detection", None, "decides turns"),
+    ("session.output_modalities", ["text"], "always speaks"),
+    ("session.tools", [{"name": "x"}], "cmd.tool.register"),
+])
+def test_a_realtime_only_key_set_for_a_live_model_is_an_error_saying_why(key: str, value: Any, why: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(f"'{key}' does not apply to gpt-live-1") + ".*" + why):
+        load_config(None, {"model": "gpt-live-1", key: value})
+
+
+def test_an_unpriced_model_names_both_families() -> None:
+    with pytest.raises(ConfigError, match="priced Realtime models: .*GPT-Live models: gpt-live-1, gpt-live-1.1"):
+        load_config(None, {"model": "gpt-live-9"})
+
+
+def test_the_live_url_sits_beside_the_realtime_one() -> None:
+    from engine.config import live_url
+    assert live_url("wss://api.openai.com/v1/realtime") == "wss://api.openai.com/v1/live/sessions"
+    assert live_url("ws://127.0.0.1:8765/v1/realtime?model=x") == "ws://127.0.0.1:8765/v1/live/sessions"

@@ -12,24 +12,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.cost import model_prices, pricing, response_cost_usd, transcription_cost_usd
+from engine.cost import check_priced, is_live_model, model_prices, response_cost_usd, transcription_cost_usd
 from engine.errors import ConfigError
 from engine.realtime.records import Publish
 
-
-def check_priced(model: str) -> None:
-    """Raise :class:`ConfigError` unless ``model`` has prices."""
-    try:
-        model_prices(model)
-    except KeyError:
-        priced = ", ".join(sorted(pricing()["realtime"]))
-        raise ConfigError(f"model {model!r} has no price in engine/pricing.json, so its cost cannot be counted; "
-                          f"priced models: {priced}. Set 'model' to one of them or add its prices.") from None
+__all__ = ["Budget", "check_priced"]
 
 
 class Budget:
     def __init__(self, model: str, budget_usd: float | None) -> None:
         check_priced(model)
+        if is_live_model(model):
+            raise ConfigError(f"model {model!r} is a GPT-Live model: it speaks the Live protocol "
+                              "(engine.realtime.live_core), not Realtime")
         self.model = model
         self.budget_usd = budget_usd
         self.responses_usd = 0.0

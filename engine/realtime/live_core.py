@@ -1,0 +1,963 @@
+"""The GPT-Live core: one engine session on OpenAI's full-duplex voice API, without I/O.
+
+GPT-Live (``/v1/live/sessions``, models ``gpt-live-1`` and ``gpt-live-1.1``) is a second protocol
+beside Realtime, not a dialect of it (live-protocol.md). This core takes the same input records
+and returns the same actions as :class:`~engine.realtime.core.RealtimeCore`, so the same I/O
+shell drives either: ``handle(record, now_s, heard_index)`` -> actions.
+
+Rules:
+- The session is DISCONNECTED, STARTING (the socket is open and ``session.start`` sent), ACTIVE
+  (``session.started`` came), CLOSING (we sent ``session.close``: the budget is spent) or
+  REFUSED (an ``error`` before ``session.started``: the session could not start, so nothing
+  is sent any more and the process stops). The transitions are :data:`TRANSITIONS`; any other
+  is a :class:`LiveStateError`.
+- A socket that opens starts a new session: ``session.start`` carries the model, the
+  instructions, the voice, the audio format and the conversation so far as its text ``input``
+  (at most :data:`INPUT_MESSAGES` messages). A Live session cannot be resumed, so a reconnect
+  is a new session told what was said.
+- Nothing but ``session.start`` is sent before ``session.started``. Commands that need the
+  session (context appends, mute) wait in order and go out after it: after the history, always.
+- The mic streams continuously: the session clock advances only with input audio, and text sent
+  while no audio flows is never placed. With no mic (text only, or a file that ended) the core
+  sends silence in its place (:data:`KEEPALIVE_S`).
+- Output audio is one continuous track, silence included: every delta is played, the first of
+  a session starts a stream, and the stream ends only when the session does. There is nothing to
+  truncate and no barge-in to make: the model yields by itself.
+- Context: ``cmd.say`` with role ``system`` is silent context (``session.thinking.append``);
+  ``cmd.instructions`` and ``cmd.commentary`` append instructions and something the model says in
+  its own words. Each is done (``cmd.done``) when the server places it on the timeline
+  (``*.appended``), or refused with the server's error.
+- Commands are taken once, as the Realtime core takes them (by ``id``, else publisher and
+  ``seq``; the broker acked them on ``cmd.ack`` and holds them until taken): a command that changed
+  the state a successor starts from is let go with that state (``conversation.history``: the
+  conversation, the context not yet placed, the tools, the mic gate, the keys taken), any other
+  with ``intake.taken``. A restarted realtime process starts from that state. A ``cmd.*`` Live cannot do (a user text
+  message, a response on demand, cancel, commit) is refused at once, naming the Live alternative.
+- Delegation: the model hands a task to the application (``session.delegation.created``, no task
+  text). The core routes it to a tool registered on the bus (:func:`pick_tool`) as a ``tool.call``
+  whose arguments carry the user's words since the previous delegation; the tool's
+  ``cmd.tool.result`` goes back as ``session.commentary.append`` with that delegation id, and the
+  model says it. With no tool, or none in time, the model is told so (it holds the conversation
+  until a delegation says something).
+- Transcripts are grouped into turns (:mod:`~engine.realtime.live_turns`) and published as
+  ``user.transcript.*`` and ``model.transcript.*``; each raw fragment also goes out on
+  ``live.transcript.fragment``.
+- Cost is the cumulative seconds of ``session.usage.updated`` at the model's per-minute price
+  (across sessions of one engine: each new session's seconds add to the earlier ones'). At the
+  budget the session is closed.
+- A handler computes first and changes state last; one that raises is reported
+  (``engine.error`` ``handler_failed``) and the conversation goes on.
+"""
+from __future__ import annotations
+
+import base64
+import enum
+import json
+import re
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from engine.codec import g711_table
+from engine.cost import live_cost_usd, live_prices
+from engine.errors import ConfigError, EngineError
+from bus.wire import COMMAND_TOPICS, DONE_TOPIC, STATE_TOPIC, TAKEN_TOPIC, command_key, id_problem
+from engine.realtime.core import TAKEN_PUBLISHED, new_id as default_new_id, registration
+from engine.realtime.live_turns import Speaker, TurnEvent, TurnGrouper
+from engine.realtime.records import (API_RATE_HZ, AUDIO_FORMATS, Action, Command, Connected, Disconnected, EndOfAudio,
+                                     Input, MicAudio, PlaybackReport, Play, Publish, Reconnect, Send, SendAudio,
+                                     ServerEvent, Tick)
+from engine.realtime.requests import SEEN_IDS
+from engine.realtime.tools import Tools, parse_registration
+from engine.realtime.turns import InputClock
+
+LIVE_MODELS = ("gpt-live-1", "gpt-live-1.1")
+#: at most this many messages of history in ``session.start``'s ``input`` (the API's limit)
+INPUT_MESSAGES = 128
+#: a context append is at most 500 tokens; refused locally past this estimate (4 characters a token)
+APPEND_MAX_TOKENS = 500
+#: with no mic audio for this long, silence is sent in its place (the session clock needs audio)
+KEEPALIVE_S = 0.1
+#: at most this much silence is sent at once (a long stall is not made up)
+KEEPALIVE_MAX_S = 0.5
+#: output samples whose peak is below this are silence (the track carries digital silence between turns)
+SILENCE_PEAK = 64
+#: Live voices (openai.types.live BuiltInVoice); any other string is passed through as a custom voice
+LIVE_VOICES = ("alloy", "ash", "ballad", "beacon", "bossa", "cedar", "cinder", "coral", "delta", "echo", "gleam",
+               "marin", "meridian", "quartz", "ripple", "sage", "shida", "shimmer", "stone", "tempo", "verse",
+               "vesper", "willow")
+#: session.closed reasons after which a new session is opened (the conversation goes on)
+RENEW_REASONS = frozenset({"expired", "connection_lost"})
+#: what Live offers in place of each Realtime command it cannot do
+NOT_ON_LIVE = {
+    "cmd.respond": "GPT-Live decides by itself when to speak; to make it say something send cmd.commentary "
+                   "(it says it in its own words)",
+    "cmd.cancel": "GPT-Live yields by itself when the user talks over it; there is nothing to cancel "
+                  "(cmd.mic with open: false mutes the user instead)",
+    "cmd.input.commit": "GPT-Live has no input buffer: the mic streams continuously and the model decides "
+                        "when the user's turn ends",
+    "cmd.input.clear": "GPT-Live has no input buffer to clear",
+}
+USER_TEXT_REFUSED = ("GPT-Live takes no user text message: speak to it, or send context with cmd.say role "
+                     "system (silent context), cmd.instructions or cmd.commentary (the model says it in its "
+                     "own words)")
+LIVE_COMMAND_TOPICS = COMMAND_TOPICS
+
+
+class LiveState(enum.Enum):
+    DISCONNECTED = "disconnected"
+    STARTING = "starting"
+    ACTIVE = "active"
+    CLOSING = "closing"
+    REFUSED = "refused"
+
+
+S = LiveState
+#: (state, what happened) -> next state
+TRANSITIONS: dict[tuple[LiveState, str], LiveState] = {
+    (S.DISCONNECTED, "connected"): S.STARTING,
+    (S.DISCONNECTED, "attached"): S.ACTIVE,              # a sideband: the session already runs
+    (S.ACTIVE, "session.started"): S.ACTIVE,             # a sideband's replay of it
+    (S.STARTING, "session.started"): S.ACTIVE,
+    (S.STARTING, "error"): S.REFUSED,
+    (S.STARTING, "disconnected"): S.DISCONNECTED,
+    (S.ACTIVE, "close"): S.CLOSING,
+    (S.ACTIVE, "session.closed"): S.DISCONNECTED,
+    (S.ACTIVE, "disconnected"): S.DISCONNECTED,
+    (S.CLOSING, "session.closed"): S.DISCONNECTED,
+    (S.CLOSING, "disconnected"): S.DISCONNECTED,
+    (S.DISCONNECTED, "disconnected"): S.DISCONNECTED,
+    (S.REFUSED, "disconnected"): S.REFUSED,
+}
+
+
+class LiveStateError(EngineError):
+    """An illegal session transition (a bug: the table above is the contract)."""
+
+
+def check_live_model(model: str) -> None:
+    """Raise :class:`ConfigError` unless ``model`` is a priced GPT-Live model."""
+    try:
+        live_prices(model)
+    except KeyError:
+        raise ConfigError(f"model {model!r} is not a GPT-Live model with a price in engine/pricing.json; "
+                          f"GPT-Live models: {', '.join(LIVE_MODELS)}") from None
+
+
+@dataclass
+class Append:
+    """A context append sent or waiting: which command asked for it, and what it said."""
+    kind: str                 #: instructions, thinking, commentary
+    content: str
+    cmd_id: str | None
+    delegation_id: str | None = None
+    event_id: str = ""
+
+
+@dataclass
+class Delegation:
+    delegation_id: str
+    tool: str | None
+    request: str
+    deadline_s: float
+
+
+def pick_tool(tools: Tools, request: str) -> str | None:
+    """The registered tool a delegation goes to: the only one, else the one whose name and
+    description share the most words with the request (ties: the first registered)."""
+    specs = list(tools.registered.values())
+    if len(specs) <= 1:
+        return specs[0].name if specs else None
+    words = set(_words(request))
+
+    def score(spec: Any) -> int:
+        return len(words & set(_words(spec.name.replace("_", " ") + " " + spec.description)))
+    best = max(specs, key=score)
+    return best.name
+
+
+def _words(text: str) -> list[str]:
+    return [w for w in re.findall(r"[a-z0-9]+", text.lower()) if len(w) > 2]
+
+
+def tool_arguments(spec_parameters: Mapping[str, Any], request: str) -> dict[str, Any]:
+    """A delegation's arguments: ``request`` (the user's words since the previous delegation), and
+    the same text as each required string parameter the tool declares (a delegation names no
+    arguments of its own)."""
+    args: dict[str, Any] = {"request": request}
+    props = spec_parameters.get("properties") or {}
+    for name in spec_parameters.get("required") or []:
+        if (props.get(name) or {}).get("type", "string") == "string":
+            args[name] = request
+    props_known = set(props)
+    if props_known and "request" not in props_known and spec_parameters.get("additionalProperties") is False:
+        del args["request"]
+    return args
+
+
+class LiveCore:
+    """State of one engine session on GPT-Live. ``handle(record, now_s, heard_index)`` -> actions."""
+
+    def __init__(self, model: str, session_config: Mapping[str, Any], *, start_index: int = 0,
+                 budget_usd: float | None = None, new_id: Callable[[str], str] = default_new_id,
+                 audio_format: str = "audio/pcm", barge_in: bool = True, min_speech_ms: int = 0,
+                 sideband: bool = False) -> None:
+        """``barge_in`` and ``min_speech_ms`` are the Realtime core's; GPT-Live yields by itself, so
+        they are taken (one constructor for both backends) and have no effect. ``sideband``: attached
+        to a running session (a SIP call's ``/attach``)."""
+        check_live_model(model)
+        if audio_format not in AUDIO_FORMATS:
+            raise ConfigError(f"audio_format {audio_format!r} is not one of {', '.join(AUDIO_FORMATS)}")
+        self.audio_format = AUDIO_FORMATS[audio_format]
+        self.model = model
+        self.session_config: dict[str, Any] = dict(session_config)
+        #: attached to a running session (a SIP call's ``/attach``): no session.start, no audio either
+        #: way (the audio is on the SIP leg), DTMF both ways
+        self.sideband = sideband
+        self.per_minute_usd = live_prices(model)["per_minute"]
+        self.budget_usd = budget_usd
+        self.new_id = new_id
+        self.state = LiveState.DISCONNECTED
+        self.session_id: str | None = None
+        self.session: dict[str, Any] = {}
+        self.sessions = 0
+        self.earlier_seconds = 0          #: billed seconds of this engine's earlier sessions
+        self.earlier_usd = 0.0            #: and their dollars
+        self.session_usage: dict[str, Any] = {}   #: the current session's cumulative usage
+        self.budget_warned = False
+        self.history: list[dict[str, Any]] = []          #: Live input messages to give a new session
+        self.waiting: list[Append] = []                  #: appends not yet sent (no active session)
+        self.sent: dict[str, Append] = {}                #: event id -> append sent, not yet placed
+        self.mute_acks: list[tuple[str, str | None]] = []  #: (event id, command id) mute/unmute sent
+        self.sent_updates: dict[str, str] = {}           #: session.update event id -> command id
+        self.mic_open = True
+        self.tools = Tools()
+        self.delegations: dict[str, Delegation] = {}
+        self.said_since_delegation: list[str] = []       #: the user's words since the previous delegation
+        self.grouper = TurnGrouper(new_id)
+        self.clock = InputClock()
+        self.last_audio_s: float | None = None           #: when audio last went to the socket
+        self.start_index = start_index
+        self.written_frames = start_index               #: speaker-ring index after the track so far
+        self.stream_open = False
+        self.stream_start_index = start_index
+        #: user turns ended, waiting for the model's first audible sample: (turn id, speech end s)
+        self.awaiting_reply: tuple[str, float | None] | None = None
+        self.reply_at_index: tuple[str, float | None, int] | None = None
+        self.errors = 0
+        self.malformed_commands = 0
+        self.handler_failures = 0
+        self.taken: OrderedDict[str, None] = OrderedDict()   #: keys of the commands taken (de-duplication)
+        self.core_id = new_id("core")                        #: names this core's state messages
+        self.state_seq = 0
+        self.sent_dtmf: dict[str, str] = {}     #: transport.dtmf.send event id -> the cmd.dtmf it acks
+        self._server_handlers: dict[str, Callable[[Mapping[str, Any], float, int], list[Action]]] = {
+            "session.started": self._on_started,
+            "session.updated": self._on_updated,
+            "session.closed": self._on_closed,
+            "error": self._on_error,
+            "session.output_audio.delta": self._on_audio_delta,
+            "session.input_transcript.delta": self._on_input_transcript,
+            "session.output_transcript.delta": self._on_output_transcript,
+            "session.instructions.appended": self._on_appended,
+            "session.thinking.appended": self._on_appended,
+            "session.commentary.appended": self._on_appended,
+            "session.input_audio.muted": self._on_muted,
+            "session.input_audio.unmuted": self._on_muted,
+            "session.delegation.created": self._on_delegation,
+            "session.usage.updated": self._on_usage,
+            "transport.dtmf.received": self._on_dtmf,
+            "transport.dtmf.sent": self._on_dtmf,
+        }
+        self._commands: dict[str, Callable[[Mapping[str, Any], float, int], list[Action]]] = {
+            "cmd.say": self._cmd_say,
+            "cmd.instructions": self._cmd_instructions,
+            "cmd.commentary": self._cmd_commentary,
+            "cmd.mic": self._cmd_mic,
+            "cmd.session.update": self._cmd_session_update,
+            "cmd.tool.register": self._cmd_tool_register,
+            "cmd.tool.unregister": self._cmd_tool_unregister,
+            "cmd.tool.result": self._cmd_tool_result,
+            "cmd.dtmf": self._cmd_dtmf,
+            "engine.presence.gone": self._presence_gone,
+        }
+
+    # ================================================================ dispatch
+    def handle(self, rec: Input, now_s: float, heard_index: int) -> list[Action]:
+        """Apply one input record. Never raises: a failing handler is reported."""
+        try:
+            if isinstance(rec, MicAudio):
+                acts = self._mic(rec)
+            elif isinstance(rec, ServerEvent):
+                acts = self._server_event(rec.event, now_s, heard_index)
+            elif isinstance(rec, Command):
+                acts = self._command(rec.topic, rec.body, now_s, heard_index)
+            elif isinstance(rec, PlaybackReport):
+                acts = self._report(rec)
+            elif isinstance(rec, Tick):
+                acts = self._tick(now_s)
+            elif isinstance(rec, Connected):
+                acts = self._connected(rec, now_s)
+            elif isinstance(rec, Disconnected):
+                acts = self._disconnected(rec, now_s)
+            else:
+                raise TypeError(f"not an input record: {rec!r}")
+        except Exception as exc:  # one odd event never loses the conversation
+            self.handler_failures += 1
+            what = rec.event.get("type") if isinstance(rec, ServerEvent) else getattr(rec, "topic", type(rec).__name__)
+            acts = [Publish("engine.error", {"source": "engine", "code": "handler_failed", "input": str(what),
+                                             "message": f"handling {what} failed: {type(exc).__name__}: {exc}; "
+                                                        "the conversation goes on"})]
+        return acts + self._heard(now_s, heard_index)
+
+    def _move(self, what: str) -> None:
+        nxt = TRANSITIONS.get((self.state, what))
+        if nxt is None:
+            raise LiveStateError(f"GPT-Live session: {what!r} is not allowed in state {self.state.value}")
+        self.state = nxt
+
+    @property
+    def protocol_refused(self) -> bool:
+        return self.state is LiveState.REFUSED
+
+    # ================================================================ connection
+    def start_event(self) -> dict[str, Any]:
+        """``session.start`` for a new session: config plus the conversation so far."""
+        cfg = self.session_config
+        output = (cfg.get("audio") or {}).get("output") or {}
+        voice = output.get("voice") or cfg.get("voice")
+        fmt = self.audio_format
+        audio: dict[str, Any] = {"format": {"type": fmt.name, "rate": fmt.rate_hz}}
+        if voice:
+            audio["output"] = {"voice": voice}
+        session: dict[str, Any] = {"model": self.model, "audio": audio}
+        if cfg.get("instructions"):
+            session["instructions"] = cfg["instructions"]
+        if self.history:
+            session["input"] = [dict(m) for m in self.history[-INPUT_MESSAGES:]]
+        for key in ("delegation", "triggers", "store", "safety_identifier"):
+            if cfg.get(key) is not None:
+                session[key] = cfg[key]
+        return {"type": "session.start", "event_id": self.new_id("event"), "session": session}
+
+    def _connected(self, rec: Connected, now_s: float) -> list[Action]:
+        if self.sideband:   # the session runs already: never session.start on /attach
+            self._move("attached")
+            self.sessions += 1
+            return [Publish("engine.status", {"state": "connected", "session_id": self.session_id,
+                                              "model": self.model, "api": "live", "sideband": True}),
+                    *self._activated()]
+        event = self.start_event()
+        self._move("connected")
+        self.clock.reset()
+        self.last_audio_s = None
+        self.sessions += 1
+        acts: list[Action] = [Send(event)]
+        if self.sessions > 1 or rec.reconnect:
+            acts.append(Publish("engine.status", {"state": "reconnected", "reason": rec.reason,
+                                                  "history_items": len(event["session"].get("input", []))}))
+        return acts
+
+    def _disconnected(self, rec: Disconnected, now_s: float) -> list[Action]:
+        if self.state is LiveState.REFUSED:
+            return []
+        acts: list[Action] = [Publish("engine.status", {"state": "disconnected", "close_code": rec.code,
+                                                        "reason": rec.reason})]
+        acts.extend(self._session_over("disconnected"))
+        self._move("disconnected")
+        return acts
+
+    def _session_over(self, reason: str) -> list[Action]:
+        """What a session's end settles: turns close, the track ends, unplaced appends wait for the
+        next session, delegations die with it (their results go as plain context later)."""
+        acts: list[Action] = []
+        for ev in self.grouper.close_all(reason):
+            acts.extend(self._turn_event(ev, None))
+        if self.stream_open:
+            self.stream_open = False
+            acts.append(EndOfAudio())
+        self.waiting[:0] = list(self.sent.values())
+        self.sent.clear()
+        for _, cmd_id in self.mute_acks:
+            if cmd_id:
+                acts.append(Publish(DONE_TOPIC, {"id": cmd_id, "ok": True, "applied": "on reconnect"}))
+        self.mute_acks.clear()
+        self.earlier_seconds += self.session_seconds
+        self.earlier_usd += live_cost_usd(self.model, self.session_usage)
+        self.session_usage = {}
+        self.awaiting_reply = None
+        self.reply_at_index = None
+        return acts
+
+    # ================================================================ server events
+    def _server_event(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        etype = ev.get("type")
+        if not isinstance(etype, str):
+            return [Publish("engine.error", {"source": "api", "code": "unknown_server_event",
+                                             "message": "a server event without a 'type'; ignored"})]
+        acts: list[Action] = []
+        if etype not in ("session.output_audio.delta", "session.input_audio.append"):   # audio: not the bus's
+            acts.append(Publish("server." + etype, dict(ev)))
+        handler = self._server_handlers.get(etype)
+        if handler is not None:
+            acts.extend(handler(ev, now_s, heard))
+        return acts
+
+    def _on_started(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        session = dict(ev.get("session") or {})
+        replay = self.state is LiveState.ACTIVE     # a sideband's replay: nothing to start
+        self._move("session.started")
+        self.session_id, self.session = session.get("id"), session
+        if replay:
+            return [Publish("session.config", {"session": session})]
+        acts: list[Action] = [Publish("engine.status", {"state": "connected", "session_id": self.session_id,
+                                                        "model": self.model, "api": "live"}),
+                              Publish("session.config", {"session": session})]
+        return acts + self._activated()
+
+    def _activated(self) -> list[Action]:
+        """The session takes commands: what waited goes out, in order."""
+        acts: list[Action] = []
+        waiting, self.waiting = self.waiting, []
+        for app in waiting:
+            acts.extend(self._send_append(app))
+        if not self.mic_open:
+            acts.append(self._send_mute(False, None))
+        return acts
+
+    def _on_updated(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        self.session = dict(ev.get("session") or {})
+        acts: list[Action] = [Publish("session.config", {"session": self.session})]
+        cmd_id = ev.get("client_event_id")
+        owner = self.sent_updates.pop(cmd_id, None) if isinstance(cmd_id, str) else None
+        if owner:
+            acts.append(Publish(DONE_TOPIC, {"id": owner, "ok": True}))
+        return acts
+
+    def _on_closed(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        reason = str(ev.get("reason") or "")
+        acts = self._usage(ev.get("usage"))
+        acts.append(Publish("engine.status", {"state": "session_closed", "reason": reason,
+                                              "session_id": self.session_id}))
+        for app in self.sent.values():   # never placed on the timeline
+            if app.cmd_id:
+                acts.append(Publish(DONE_TOPIC, {"id": app.cmd_id, "ok": False, "code": "context_injection_incomplete",
+                                                "error": "the session closed before this context was placed"}))
+        self.sent.clear()
+        acts.extend(self._session_over("session_closed"))
+        self._move("session.closed")
+        if reason in RENEW_REASONS:
+            acts.append(Reconnect(f"session {reason}"))
+        return acts
+
+    def _on_error(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        err = dict(ev.get("error") or {})
+        code, message = err.get("code"), str(err.get("message") or "")
+        ref = err.get("client_event_id") or ev.get("client_event_id")
+        acts: list[Action] = []
+        if self.state is LiveState.STARTING:   # an error before session.started: the session did not start
+            self._move("error")
+            return [Publish("engine.error", {"source": "api", "code": code, "fatal": True, "param": err.get("param"),
+                                             "message": f"GPT-Live refused to start the session: {message}"})]
+        self.errors += 1
+        app = self.sent.pop(ref, None) if isinstance(ref, str) else None
+        owner = app.cmd_id if app else (self.sent_updates.pop(ref, None) if isinstance(ref, str) else None)
+        acts.append(Publish("engine.error", {"source": "api", "code": code, "message": message,
+                                             "param": err.get("param"), "event_id": ref, "request_id": owner}))
+        if owner:
+            acts.append(Publish(DONE_TOPIC, {"id": owner, "ok": False, "error": message, "code": code}))
+        return acts
+
+    def _on_audio_delta(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        if self.sideband:
+            return []        # the caller hears it on the SIP leg
+        try:
+            pcm = base64.b64decode(ev["delta"])
+        except (ValueError, TypeError, KeyError):
+            return [Publish("engine.error", {"source": "api", "code": "bad_audio_delta",
+                                             "message": "an undecodable session.output_audio.delta; skipped"})]
+        fmt = self.audio_format
+        frames = len(pcm) // fmt.bytes_per_frame
+        if frames == 0:
+            return []
+        starts = not self.stream_open
+        if starts:
+            self.stream_open = True
+            self.stream_start_index = self.written_frames
+        if self.awaiting_reply is not None and self.reply_at_index is None:
+            first = _first_sound(pcm, fmt.name)
+            if first is not None:
+                turn_id, speech_end_s = self.awaiting_reply
+                self.reply_at_index = (turn_id, speech_end_s, self.written_frames + first)
+                self.awaiting_reply = None
+        self.written_frames += frames
+        return [Play(pcm, starts_item=starts, response_id=self.session_id or "")]
+
+    def _on_input_transcript(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        return self._fragment(Speaker.USER, ev, now_s)
+
+    def _on_output_transcript(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        return self._fragment(Speaker.MODEL, ev, now_s)
+
+    def _fragment(self, speaker: Speaker, ev: Mapping[str, Any], now_s: float) -> list[Action]:
+        text = ev.get("delta")
+        start_ms, end_ms = ev.get("start_ms"), ev.get("end_ms")
+        if not isinstance(text, str) or not isinstance(start_ms, int) or not isinstance(end_ms, int):
+            return [Publish("engine.error", {"source": "api", "code": "bad_transcript_fragment",
+                                             "message": f"{ev.get('type')} without a string 'delta' and integer "
+                                                        "'start_ms'/'end_ms'; skipped"})]
+        acts: list[Action] = [Publish("live.transcript.fragment", {"speaker": speaker.value, "text": text,
+                                                                   "start_ms": start_ms, "end_ms": end_ms})]
+        for tev in self.grouper.fragment(speaker, text, start_ms, end_ms, now_s):
+            acts.extend(self._turn_event(tev, now_s))
+        return acts
+
+    def _turn_event(self, tev: TurnEvent, now_s: float | None) -> list[Action]:
+        turn = tev.turn
+        who = turn.speaker.value
+        base = {"turn_id": turn.turn_id, "item_id": turn.turn_id, "start_ms": turn.start_ms, "end_ms": turn.end_ms}
+        if tev.kind == "opened":
+            if turn.speaker is Speaker.USER:
+                return [Publish("user.speech.started", {"turn_id": turn.turn_id, "item_id": turn.turn_id,
+                                                        "audio_start_ms": turn.start_ms})]
+            return []
+        if tev.kind == "fragment":
+            if turn.speaker is Speaker.USER:
+                self.said_since_delegation.append(tev.fragment)
+            return [Publish(f"{who}.transcript.delta", {**base, "text": tev.fragment})]
+        # closed
+        text = turn.text
+        acts: list[Action] = [Publish(f"{who}.transcript.done", {**base, "text": text, "reason": tev.reason})]
+        if turn.speaker is Speaker.USER:
+            acts.append(Publish("user.speech.stopped", {"turn_id": turn.turn_id, "item_id": turn.turn_id,
+                                                        "audio_end_ms": turn.end_ms}))
+            self.awaiting_reply = (turn.turn_id, self.clock.time_of(turn.end_ms))
+            self.reply_at_index = None
+        if text:
+            role, part = ("user", "input_text") if turn.speaker is Speaker.USER else ("assistant", "output_text")
+            acts.append(self._remember({"type": "message", "role": role, "content": [{"type": part, "text": text}]}))
+        return acts
+
+    def _on_appended(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        ref = ev.get("client_event_id")
+        app = self.sent.pop(ref, None) if isinstance(ref, str) else None
+        if app is None:
+            return []
+        placed = {"start_ms": ev.get("start_ms"), "end_ms": ev.get("end_ms")}
+        acts: list[Action] = []
+        if app.cmd_id:
+            acts.append(Publish(DONE_TOPIC, {"id": app.cmd_id, "ok": True, **placed}))
+        acts.append(Publish("live.context", {"kind": app.kind, "text": app.content, "request_id": app.cmd_id,
+                                             "delegation_id": app.delegation_id, **placed}))
+        if app.kind in ("thinking", "instructions"):
+            acts.append(Publish("system.text", {"text": app.content, "request_id": app.cmd_id, "kind": app.kind}))
+            acts.append(self._remember({"type": "message", "role": "developer",
+                                        "content": [{"type": "input_text", "text": app.content}]}))
+        return acts
+
+    def _on_muted(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        ref = ev.get("client_event_id")
+        muted = ev.get("type") == "session.input_audio.muted"
+        acts: list[Action] = [Publish("input.mic", {"open": not muted})]
+        for i, (event_id, cmd_id) in enumerate(self.mute_acks):
+            if event_id == ref:
+                del self.mute_acks[i]
+                if cmd_id:
+                    acts.append(Publish(DONE_TOPIC, {"id": cmd_id, "ok": True, "open": not muted}))
+                break
+        return acts
+
+    def _on_delegation(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        d = ev.get("delegation") or {}
+        did = d.get("id")
+        if not isinstance(did, str) or not did:
+            return [Publish("engine.error", {"source": "api", "code": "bad_delegation",
+                                             "message": "session.delegation.created without a delegation id; ignored"})]
+        if d.get("target", "client") != "client":
+            return []   # the server runs it (responses, decisions): its events are published as they come
+        request = "".join(self.said_since_delegation).strip()
+        self.said_since_delegation.clear()
+        tool = pick_tool(self.tools, request)
+        if tool is None:
+            return [Publish("tool.call", {"call_id": did, "name": None, "arguments": json.dumps({"request": request}),
+                                          "delegation": True, "registered": False}),
+                    *self._send_append(Append("commentary", "No tool is available for that request right now.",
+                                              None, did))]
+        spec = self.tools.registered[tool]
+        self.tools.called(did, tool, now_s)
+        self.delegations[did] = Delegation(did, tool, request, now_s + spec.timeout_s)
+        return [Publish("tool.call", {"call_id": did, "name": tool,
+                                      "arguments": json.dumps(tool_arguments(spec.parameters, request)),
+                                      "delegation": True, "request": request, "registered": True,
+                                      "offset_ms": ev.get("offset_ms")})]
+
+    def _on_usage(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        return self._usage(ev.get("usage"))
+
+    def _usage(self, usage: Any) -> list[Action]:
+        if not isinstance(usage, Mapping) or not isinstance(usage.get("seconds"), (int, float)):
+            return []
+        self.session_usage = dict(usage)
+        usd = self.total_usd()
+        acts: list[Action] = [Publish("cost.session", {"usd": usd, "seconds": self.earlier_seconds + self.session_seconds,
+                                                       "per_minute_usd": self.per_minute_usd,
+                                                       "context_window": None})]
+        if self.budget_usd is None:
+            return acts
+        if usd >= self.budget_usd and self.state is LiveState.ACTIVE:
+            self._move("close")
+            acts.append(Publish("engine.budget", {"usd": usd, "budget_usd": self.budget_usd, "exceeded": True,
+                                                  "message": f"budget of ${self.budget_usd:.4f} reached; "
+                                                             "the GPT-Live session is closed"}))
+            acts.append(Send({"type": "session.close", "event_id": self.new_id("event")}))
+        elif usd >= 0.8 * self.budget_usd and not self.budget_warned:
+            self.budget_warned = True
+            acts.append(Publish("engine.budget", {"usd": usd, "budget_usd": self.budget_usd, "exceeded": False,
+                                                  "message": f"80% of the ${self.budget_usd:.4f} budget is spent"}))
+        return acts
+
+    # ================================================================ playback reports
+    def _report(self, rec: PlaybackReport) -> list[Action]:
+        if rec.kind in ("started", "stopped", "underrun"):
+            body = {k: v for k, v in rec.body.items() if k not in ("v", "ts", "pub", "seq")}
+            return [Publish(f"playout.{rec.kind}", {**body, "item_id": None, "response_id": self.session_id})]
+        return []
+
+    def _heard(self, now_s: float, heard_index: int) -> list[Action]:
+        """``latency.turn`` once the reply's first audible sample reaches the listener."""
+        pending = self.reply_at_index
+        if pending is None or heard_index < pending[2]:
+            return []
+        turn_id, speech_end_s, index = pending
+        self.reply_at_index = None
+        heard_at_s = now_s - (heard_index - index) / self.audio_format.rate_hz
+        payload: dict[str, Any] = {"api": "live", "turn_id": turn_id, "heard_mono_ns": int(heard_at_s * 1e9)}
+        if speech_end_s is not None:
+            payload["speech_end_mono_ns"] = int(speech_end_s * 1e9)
+            payload["speech_end_to_heard_ms"] = round((heard_at_s - speech_end_s) * 1000, 1)
+        return [Publish("latency.turn", payload)]
+
+    # ================================================================ mic
+    def _mic(self, rec: MicAudio) -> list[Action]:
+        if self.state is not LiveState.ACTIVE and self.state is not LiveState.CLOSING:
+            return []   # nothing but session.start before session.started
+        fmt = self.audio_format
+        self.clock.appended(len(rec.pcm) // fmt.bytes_per_frame * API_RATE_HZ // fmt.rate_hz, rec.captured_at_s)
+        self.last_audio_s = rec.captured_at_s
+        return [SendAudio(rec.pcm)]
+
+    # ================================================================ commands
+    def _command(self, topic: str, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        """A command, taken once: a copy (the broker's hand-over of what also came live, a client's
+        re-send) is only said taken again (``intake.taken``), so that the broker lets it go."""
+        if topic in ("cmd.ack", DONE_TOPIC):
+            return []
+        key = command_key(body) if topic.startswith("cmd.") else None
+        if key is None:
+            return self._carry_out(topic, body, now_s, heard)
+        if key in self.taken:
+            return [Publish(TAKEN_TOPIC, {"taken": [key]})]
+        self._mark_taken(key)
+        before = self._durable_mark()
+        acts = self._carry_out(topic, body, now_s, heard)
+        if any(isinstance(a, Publish) and a.topic == STATE_TOPIC for a in acts):
+            return acts
+        if self._durable_mark() != before:
+            return acts + [self.history_message()]        # what it changed is safe before the broker lets it go
+        return acts + [Publish(TAKEN_TOPIC, {"taken": [key]})]
+
+    def _mark_taken(self, key: str) -> None:
+        self.taken[key] = None
+        self.taken.move_to_end(key)
+        while len(self.taken) > SEEN_IDS:
+            self.taken.popitem(last=False)
+
+    def _durable_mark(self) -> tuple[Any, ...]:
+        """Changes when the state a successor starts from changes (cheap: lengths and identities)."""
+        return (len(self.history), tuple(id(a) for a in self.waiting), tuple(self.sent),
+                tuple(id(t) for t in self.tools.registered.values()), self.mic_open)
+
+    def _carry_out(self, topic: str, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        cmd_id = body.get("id")
+        handler = self._commands.get(topic)
+        if topic.startswith("cmd.") and topic not in COMMAND_TOPICS and id_problem(body) is None \
+                and isinstance(cmd_id, str):
+            # the broker's intake refused it on its cmd.ack, naming the known topics: one report, not two
+            self.malformed_commands += 1
+            return []
+        try:
+            problem = id_problem(body) if topic.startswith("cmd.") else None
+            if problem is not None:
+                cmd_id = None
+                raise ValueError(problem)
+            if handler is None:
+                if topic in NOT_ON_LIVE:
+                    raise ValueError(f"{topic} is not available on GPT-Live: {NOT_ON_LIVE[topic]}")
+                raise ValueError(f"unknown command topic {topic!r} (known: {', '.join(LIVE_COMMAND_TOPICS)})")
+            return handler(body, now_s, heard)
+        except (ValueError, TypeError, KeyError) as exc:
+            self.malformed_commands += 1
+            acts: list[Action] = [Publish("engine.error", {"source": "bus", "code": "bad_command", "topic": topic,
+                                                           "id": cmd_id, "message": str(exc)})]
+            if cmd_id:
+                acts.append(Publish(DONE_TOPIC, {"id": cmd_id, "ok": False, "error": str(exc)}))
+            return acts
+
+    def _ack(self, body: Mapping[str, Any], **extra: Any) -> list[Action]:
+        return [Publish(DONE_TOPIC, {"id": body["id"], "ok": True, **extra})] if body.get("id") else []
+
+    def _cmd_say(self, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        role = body.get("role", "user")
+        if role != "system":
+            raise ValueError(USER_TEXT_REFUSED)
+        return self._append("thinking", body)
+
+    def _cmd_instructions(self, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        return self._append("instructions", body)
+
+    def _cmd_commentary(self, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        return self._append("commentary", body)
+
+    def _append(self, kind: str, body: Mapping[str, Any]) -> list[Action]:
+        text = body.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{_topic_of(kind)} needs 'text': a non-empty string")
+        if len(text) > APPEND_MAX_TOKENS * 4:
+            raise ValueError(f"{_topic_of(kind)} 'text' is {len(text)} characters; GPT-Live takes at most "
+                             f"{APPEND_MAX_TOKENS} tokens (about {APPEND_MAX_TOKENS * 4} characters) an append: "
+                             "split it")
+        cmd_id = str(body["id"]) if body.get("id") else None
+        if cmd_id and (any(a.cmd_id == cmd_id for a in self.waiting)
+                       or any(a.cmd_id == cmd_id for a in self.sent.values())):
+            return []   # a client re-sending until it sees the ack
+        return self._send_append(Append(kind, text, cmd_id))
+
+    def _send_append(self, app: Append) -> list[Action]:
+        if self.state is not LiveState.ACTIVE:
+            self.waiting.append(app)
+            return []
+        app.event_id = self.new_id("event")
+        self.sent[app.event_id] = app
+        return [Send({"type": f"session.{app.kind}.append", "event_id": app.event_id, "content": app.content,
+                      "delegation_id": app.delegation_id})]
+
+    def _cmd_mic(self, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        """Mute or unmute the user: GPT-Live's own mute (the model hears silence; the clock goes on)."""
+        is_open = body.get("open")
+        if not isinstance(is_open, bool):
+            raise ValueError("cmd.mic needs 'open': true or false")
+        self.mic_open = is_open
+        cmd_id = str(body["id"]) if body.get("id") else None
+        if self.state is not LiveState.ACTIVE:
+            return [Publish("input.mic", {"open": is_open})] + self._ack(body, open=is_open, applied="on start")
+        return [self._send_mute(is_open, cmd_id)]
+
+    def _send_mute(self, is_open: bool, cmd_id: str | None) -> Send:
+        event_id = self.new_id("event")
+        self.mute_acks.append((event_id, cmd_id))
+        kind = "unmute" if is_open else "mute"
+        return Send({"type": f"session.input_audio.{kind}", "event_id": event_id})
+
+    def _cmd_session_update(self, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        session = body.get("session")
+        if not isinstance(session, dict):
+            raise ValueError("cmd.session.update needs 'session': a map of session fields")
+        fixed = sorted(set(session) - {"delegation", "triggers"})
+        if fixed:
+            raise ValueError(f"GPT-Live fixes {', '.join(fixed)} for the session's life; only 'delegation' "
+                             "settings and 'triggers' can change (instructions: use cmd.instructions)")
+        self.session_config.update(session)
+        if self.state is not LiveState.ACTIVE:
+            return self._ack(body, applied="on start")
+        event_id = self.new_id("event")
+        if body.get("id"):
+            self.sent_updates[event_id] = str(body["id"])
+        return [Send({"type": "session.update", "event_id": event_id, "session": dict(session)})]
+
+    def _cmd_tool_register(self, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        self.tools.register(parse_registration(body))
+        return [Publish("engine.tools", {"tools": sorted(self.tools.registered)})] + self._ack(body)
+
+    def _cmd_tool_unregister(self, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        name = body.get("name")
+        if not isinstance(name, str) or not name:
+            raise ValueError("cmd.tool.unregister needs 'name': the tool's name")
+        gone = self.tools.unregister(name=name)
+        acts: list[Action] = [Publish("engine.tools", {"tools": sorted(self.tools.registered)})] if gone else []
+        return acts + self._ack(body, removed=gone)
+
+    def _presence_gone(self, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        owner = body.get("owner")
+        if not isinstance(owner, str) or not owner:
+            return []
+        gone = self.tools.unregister(owner=owner)
+        return [Publish("engine.tools", {"tools": sorted(self.tools.registered)})] if gone else []
+
+    def _cmd_tool_result(self, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        call_id = body.get("call_id")
+        if not isinstance(call_id, str):
+            raise ValueError("cmd.tool.result needs 'call_id': the call's id from tool.call")
+        output = self.tools.result(call_id, body.get("output"))
+        if output is None:
+            return self._ack(body, late=True)   # first result wins
+        self.delegations.pop(call_id, None)
+        return self._send_append(Append("commentary", output[:APPEND_MAX_TOKENS * 4], None, call_id)) + self._ack(body)
+
+    # ================================================================ timers
+    def next_deadline(self) -> float | None:
+        due = [d for d in (self.grouper.next_deadline(), self.tools.next_deadline()) if d is not None]
+        if self.state is LiveState.ACTIVE and not self.sideband:
+            due.append((self.last_audio_s or 0.0) + KEEPALIVE_S)
+        return min(due) if due else None
+
+    def _tick(self, now_s: float) -> list[Action]:
+        acts: list[Action] = []
+        for tev in self.grouper.overdue(now_s):
+            acts.extend(self._turn_event(tev, now_s))
+        for call_id, name in self.tools.overdue(now_s):
+            self.delegations.pop(call_id, None)
+            acts.append(Publish("engine.error", {"source": "tool", "code": "tool_timeout", "message":
+                                                 f"tool {name!r} did not answer delegation {call_id} in time"}))
+            acts.extend(self._send_append(Append("commentary", "The lookup did not answer in time.", None, call_id)))
+        if self.state is LiveState.ACTIVE and not self.sideband:
+            acts.extend(self._keepalive(now_s))
+        return acts
+
+    # ================================================================ DTMF (a SIP call's sideband)
+    def _on_dtmf(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        key = ev.get("event")
+        if ev.get("type") == "transport.dtmf.received":
+            return [Publish("sip.dtmf", {"key": key, "from": "caller"})]
+        acts: list[Action] = [Publish("sip.dtmf", {"key": key, "from": "application"})]
+        ref = ev.get("client_event_id")
+        owner = self.sent_dtmf.pop(ref, None) if isinstance(ref, str) else None
+        if owner:
+            acts.append(Publish("cmd.done", {"id": owner, "ok": True, "key": key}))
+        return acts
+
+    def _cmd_dtmf(self, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        keys = body.get("keys")
+        cmd_id = body.get("id") if isinstance(body.get("id"), str) else None
+        why = None
+        if not self.sideband:
+            why = "cmd.dtmf needs a SIP call (engine sip): this session has no phone line"
+        elif not isinstance(keys, str) or not keys or set(keys) - set("0123456789ABCD*#"):
+            why = "cmd.dtmf needs 'keys': one or more of 0-9, A-D, * and #"
+        elif self.state is not LiveState.ACTIVE:
+            why = "the call's sideband is not attached"
+        if why is not None:
+            return [Publish("cmd.done", {"id": cmd_id, "ok": False, "error": why})] if cmd_id else \
+                [Publish("engine.error", {"source": "engine", "code": "bad_command", "message": why})]
+        acts: list[Action] = []
+        assert isinstance(keys, str)
+        for i, key in enumerate(keys):
+            event_id = self.new_id("event")
+            if cmd_id and i == len(keys) - 1:
+                self.sent_dtmf[event_id] = cmd_id     # acked when the last key reached the trunk
+            acts.append(Send({"type": "transport.dtmf.send", "event_id": event_id, "event": key}))
+        return acts
+
+    def _keepalive(self, now_s: float) -> list[Action]:
+        """Silence in place of a mic that is not streaming: the session clock moves only with audio."""
+        last = self.last_audio_s
+        if last is None:
+            last = now_s - KEEPALIVE_S
+        gap_s = now_s - last
+        if gap_s < KEEPALIVE_S:
+            return []
+        send_s = min(gap_s, KEEPALIVE_MAX_S)
+        fmt = self.audio_format
+        frames = round(send_s * fmt.rate_hz)
+        silence = (b"\xff" if fmt.name == "audio/pcmu" else b"\xd5" if fmt.name == "audio/pcma" else b"\x00\x00") \
+            * frames
+        return self._mic(MicAudio(silence, now_s))
+
+    # ================================================================ views
+    @property
+    def session_seconds(self) -> int:
+        return int(self.session_usage.get("seconds") or 0)
+
+    def total_usd(self) -> float:
+        return self.earlier_usd + live_cost_usd(self.model, self.session_usage)
+
+    def at_turn_boundary(self) -> bool:
+        """Nothing in progress: no open turn, no delegation, no context waiting to be placed."""
+        return not self.grouper.open and not self.delegations and not self.sent and not self.waiting
+
+    def _remember(self, item: dict[str, Any]) -> Publish:
+        self.history.append(item)
+        del self.history[:-INPUT_MESSAGES]
+        return self.history_message()
+
+    def history_message(self) -> Publish:
+        """The state a successor starts from (``conversation.history``): the conversation, the
+        context not yet placed, the tools, the mic gate, the keys of the latest commands taken."""
+        self.state_seq += 1
+        pending = [asdict(a) for a in (*self.sent.values(), *self.waiting)]
+        return Publish(STATE_TOPIC, {
+            "items": list(self.history), "in_flight": [], "live_pending": pending,
+            "tools": [registration(t) for t in self.tools.registered.values()], "mic_open": self.mic_open,
+            "taken": list(self.taken)[-TAKEN_PUBLISHED:], "core": self.core_id, "state_seq": self.state_seq})
+
+    def state_messages(self) -> list[Action]:
+        acts: list[Action] = [self.history_message(), Publish("engine.tools", {"tools": sorted(self.tools.registered)})]
+        if self.session:
+            acts.append(Publish("session.config", {"session": self.session}))
+        return acts
+
+    def restore_history(self, body: Mapping[str, Any]) -> list[Action]:
+        """A restarted realtime process starts from the state its predecessor published: the
+        conversation (as Live input messages), the context it had not placed yet (sent again in
+        the new session), the tools, the mic gate and the commands it took."""
+        items = body.get("items")
+        if isinstance(items, list):
+            self.history = [m for m in (_as_live_message(i) for i in items) if m is not None][-INPUT_MESSAGES:]
+        for raw in body.get("live_pending") or []:
+            if isinstance(raw, dict) and raw.get("kind") in ("instructions", "thinking", "commentary") \
+                    and isinstance(raw.get("content"), str):
+                self.waiting.append(Append(raw["kind"], raw["content"], raw.get("cmd_id"), raw.get("delegation_id")))
+        for raw in body.get("tools") or []:
+            try:
+                self.tools.register(parse_registration(raw))
+            except (ValueError, TypeError, AttributeError):
+                continue
+        if isinstance(body.get("mic_open"), bool):
+            self.mic_open = body["mic_open"]
+        for key in body.get("taken") or []:
+            if isinstance(key, str):
+                self._mark_taken(key)
+        if self.tools.registered:
+            return [Publish("engine.tools", {"tools": sorted(self.tools.registered)})]
+        return []
+
+
+def _topic_of(kind: str) -> str:
+    return {"thinking": "cmd.say (role system)", "instructions": "cmd.instructions",
+            "commentary": "cmd.commentary"}[kind]
+
+
+def _as_live_message(item: Any) -> dict[str, Any] | None:
+    """A conversation item as a Live ``input`` message (text only; ``system`` becomes ``developer``)."""
+    if not isinstance(item, dict) or item.get("type", "message") != "message":
+        return None
+    role = {"system": "developer"}.get(item.get("role", ""), item.get("role"))
+    if role not in ("user", "assistant", "developer"):
+        return None
+    text = "".join(str(p.get("text") or p.get("transcript") or "") for p in item.get("content") or []
+                   if isinstance(p, dict))
+    if not text:
+        return None
+    part = "output_text" if role == "assistant" else "input_text"
+    return {"type": "message", "role": role, "content": [{"type": part, "text": text}]}
+
+
+def _first_sound(pcm: bytes, fmt: str) -> int | None:
+    """Index (in the format's frames) of the first frame of ``pcm`` louder than silence, or None."""
+    if fmt == "audio/pcm":
+        samples = np.frombuffer(pcm[: len(pcm) // 2 * 2], dtype="<i2")
+    else:   # G.711: one byte a frame; decode without resampling
+        samples = g711_table(fmt)[np.frombuffer(pcm, dtype=np.uint8)]
+    loud = np.flatnonzero(np.abs(samples.astype(np.int32)) > SILENCE_PEAK)
+    return int(loud[0]) if loud.size else None

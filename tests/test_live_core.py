@@ -1,0 +1,421 @@
+"""The GPT-Live core, fed hand-made event sequences as if from the socket. No I/O: the clock and
+the heard index are given with each record. Every client event it sends is checked against the
+official SDK's ``openai.types.live.ClientEventParam``."""
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import pytest
+
+from engine.errors import ConfigError
+from engine.realtime.live_core import (INPUT_MESSAGES, LIVE_COMMAND_TOPICS, NOT_ON_LIVE, TRANSITIONS, LiveCore,
+                                       LiveState, pick_tool)
+from engine.realtime.records import (Command, Connected, Disconnected, EndOfAudio, MicAudio, Play, PlaybackReport,
+                                     Publish, Reconnect, Send, SendAudio, ServerEvent, Tick)
+
+live_types = pytest.importorskip("openai.types.live")
+from pydantic import TypeAdapter  # noqa: E402
+
+CLIENT_EVENT = TypeAdapter(live_types.ClientEventParam)
+#: gpt-live-1's price, written out here (not read from the code under test)
+USD_PER_MINUTE = 0.05
+
+
+class Harness:
+    def __init__(self, model: str = "gpt-live-1", config: dict[str, Any] | None = None, **kw: Any) -> None:
+        self.core = LiveCore(model, config or {"instructions": "Be brief.", "audio": {"output": {"voice": "cedar"}}},
+                             **kw)
+        self.now = 100.0
+        self.heard = 0
+        self.ids = 0
+
+    def __call__(self, rec: Any) -> list[Any]:
+        acts = self.core.handle(rec, self.now, self.heard)
+        for a in acts:
+            if isinstance(a, Send):   # every event the core sends is a valid GPT-Live client event
+                CLIENT_EVENT.validate_python(a.event)
+        return acts
+
+    def ev(self, event: dict[str, Any]) -> list[Any]:
+        self.ids += 1
+        return self(ServerEvent({"event_id": f"ev_{self.ids}", **event}))
+
+    def cmd(self, topic: str, body: dict[str, Any]) -> list[Any]:
+        return self(Command(topic, body))
+
+    def started(self) -> list[Any]:
+        acts = self(Connected())
+        acts += self.ev({"type": "session.started", "client_event_id": sent(acts)[0]["event_id"],
+                         "session": {"id": "live_abc", "model": "gpt-live-1", "status": "active",
+                                     "expires_at": 2_000_000_000}})
+        return acts
+
+    def fragment(self, who: str, text: str, start_ms: int, end_ms: int) -> list[Any]:
+        etype = "session.input_transcript.delta" if who == "user" else "session.output_transcript.delta"
+        return self.ev({"type": etype, "delta": text, "start_ms": start_ms, "end_ms": end_ms})
+
+
+def sent(acts: list[Any], etype: str | None = None) -> list[dict[str, Any]]:
+    return [a.event for a in acts if isinstance(a, Send) and (etype is None or a.event["type"] == etype)]
+
+
+def published(acts: list[Any], topic: str) -> list[dict[str, Any]]:
+    return [a.payload for a in acts if isinstance(a, Publish) and a.topic == topic]
+
+
+def audio(ms: int, loud_from_ms: int | None = None) -> str:
+    frames = ms * 24
+    pcm = bytearray(frames * 2)
+    if loud_from_ms is not None:
+        for i in range(loud_from_ms * 24, frames):
+            pcm[2 * i:2 * i + 2] = (3000).to_bytes(2, "little", signed=True)
+    return base64.b64encode(bytes(pcm)).decode()
+
+
+# ------------------------------------------------------------------ the table
+def test_the_transition_table_names_every_state_and_only_known_inputs() -> None:
+    states = {s for pair in TRANSITIONS for s in (pair[0],)} | set(TRANSITIONS.values())
+    assert states == set(LiveState)
+    inputs = {what for _, what in TRANSITIONS}
+    assert inputs == {"connected", "attached", "session.started", "error", "disconnected", "close", "session.closed"}
+
+
+def test_a_realtime_model_is_refused_naming_the_live_models() -> None:
+    with pytest.raises(ConfigError, match="gpt-live-1"):
+        LiveCore("gpt-realtime", {})
+
+
+# ------------------------------------------------------------------ starting
+def test_the_socket_opening_sends_only_session_start_with_the_config() -> None:
+    h = Harness()
+    acts = h(Connected())
+    (start,) = sent(acts)
+    assert start["type"] == "session.start"
+    assert start["session"] == {"model": "gpt-live-1", "instructions": "Be brief.",
+                                "audio": {"format": {"type": "audio/pcm", "rate": 24000}, "output": {"voice": "cedar"}}}
+    assert h.core.state is LiveState.STARTING
+    # nothing else goes out before session.started: not the mic, not context
+    assert h(MicAudio(b"\x00" * 960, h.now)) == []
+    assert sent(h.cmd("cmd.say", {"text": "The booking is ZX9.", "role": "system", "id": "c1"})) == []
+
+
+def test_context_sent_before_the_session_started_goes_out_after_it_in_order() -> None:
+    h = Harness()
+    h(Connected())
+    h.cmd("cmd.say", {"text": "The booking is ZX9.", "role": "system", "id": "c1"})
+    h.cmd("cmd.instructions", {"text": "Speak French.", "id": "c2"})
+    acts = h.ev({"type": "session.started", "session": {"id": "live_1"}})
+    assert [(e["type"], e["content"]) for e in sent(acts)] == [
+        ("session.thinking.append", "The booking is ZX9."), ("session.instructions.append", "Speak French.")]
+    assert published(acts, "engine.status")[0]["state"] == "connected"
+
+
+def test_an_error_before_session_started_refuses_the_session_for_good() -> None:
+    h = Harness()
+    h(Connected())
+    acts = h.ev({"type": "error", "error": {"type": "invalid_request_error", "code": "model_not_found",
+                                            "message": "no such model"}})
+    (err,) = published(acts, "engine.error")
+    assert err["fatal"] is True and err["code"] == "model_not_found"
+    assert h.core.protocol_refused
+    assert h(Disconnected(1000)) == []
+
+
+# ------------------------------------------------------------------ audio
+def test_the_output_track_is_one_stream_until_the_session_ends() -> None:
+    h = Harness()
+    h.started()
+    first = h.ev({"type": "session.output_audio.delta", "delta": audio(100)})
+    second = h.ev({"type": "session.output_audio.delta", "delta": audio(100)})
+    plays = [a for a in first + second if isinstance(a, Play)]
+    assert [p.starts_item for p in plays] == [True, False]
+    assert all(len(p.pcm) == 4800 for p in plays)
+    assert not any(isinstance(a, EndOfAudio) for a in first + second)
+    assert not published(first, "server.session.output_audio.delta")   # audio is for the ring, not the bus
+    assert any(isinstance(a, EndOfAudio) for a in h(Disconnected(1006)))
+
+
+def test_mic_audio_streams_once_active_and_silence_keeps_the_clock_moving_without_it() -> None:
+    h = Harness()
+    h.started()
+    (a,) = h(MicAudio(b"\x01\x00" * 480, h.now))
+    assert isinstance(a, SendAudio) and len(a.pcm) == 960
+    h.now += 0.3   # no mic for 300 ms (text only, or a file that ended)
+    due = h.core.next_deadline()
+    assert due is not None and due <= h.now
+    silences = [x for x in h(Tick()) if isinstance(x, SendAudio)]
+    assert len(silences) == 1 and silences[0].pcm == b"\x00\x00" * 7200
+
+
+# ------------------------------------------------------------------ transcripts and turns
+def test_fragments_are_grouped_into_turns_and_the_history_keeps_them() -> None:
+    h = Harness()
+    h.started()
+    acts = h.fragment("user", "Where is", 600, 800) + h.fragment("user", " the car?", 800, 1000)
+    assert [p["text"] for p in published(acts, "user.transcript.delta")] == ["Where is", " the car?"]
+    assert len(published(acts, "live.transcript.fragment")) == 2
+    assert published(acts, "user.speech.started")
+    assert not published(acts, "user.transcript.done")
+    h.now += 0.9   # no fragment for longer than the turn gap
+    done = h(Tick())
+    (turn,) = published(done, "user.transcript.done")
+    assert turn["text"] == "Where is the car?" and turn["reason"] == "inactivity"
+    assert published(done, "conversation.history")[-1]["items"] == [
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Where is the car?"}]}]
+    model = h.fragment("model", "At desk", 1400, 1600) + h.fragment("model", " four.", 3000, 3200)
+    (first_model_turn,) = published(model, "model.transcript.done")   # a gap over 800 ms of timeline
+    assert first_model_turn["text"] == "At desk" and first_model_turn["reason"] == "gap"
+
+
+def test_a_reconnect_starts_a_new_session_told_the_conversation_so_far() -> None:
+    h = Harness()
+    h.started()
+    h.fragment("user", "Hello", 0, 200)
+    h.now += 1
+    h(Tick())
+    h.cmd("cmd.say", {"text": "Ada is a gold member.", "role": "system", "id": "c1"})
+    acts = h(Disconnected(1006))
+    assert published(acts, "engine.status")[0]["state"] == "disconnected"
+    h.cmd("cmd.commentary", {"text": "Welcome back.", "id": "c2"})  # said during the outage
+    acts = h(Connected(reconnect=True, reason="reconnect"))
+    (start,) = sent(acts)
+    assert start["session"]["input"] == [
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello"}]}]
+    acts = h.ev({"type": "session.started", "session": {"id": "live_2"}})
+    # the append the old session never placed, then the one sent during the outage: after the history
+    assert [e["content"] for e in sent(acts)] == ["Ada is a gold member.", "Welcome back."]
+
+
+def test_the_new_session_gets_at_most_128_messages_of_history() -> None:
+    h = Harness()
+    h.core.restore_history({"items": [{"type": "message", "role": "system", "content": [
+        {"type": "input_text", "text": f"fact {i}"}]} for i in range(200)]})
+    (start,) = sent(h(Connected()))
+    msgs = start["session"]["input"]
+    assert len(msgs) == INPUT_MESSAGES and msgs[-1]["content"][0]["text"] == "fact 199"
+    assert {m["role"] for m in msgs} == {"developer"}   # Realtime's system role is Live's developer
+
+
+# ------------------------------------------------------------------ commands
+def test_context_is_acked_when_the_server_places_it_and_refused_with_its_error() -> None:
+    h = Harness()
+    h.started()
+    (ev,) = sent(h.cmd("cmd.commentary", {"text": "Say hello to Ada.", "id": "c1"}))
+    assert ev["type"] == "session.commentary.append" and ev["delegation_id"] is None
+    acts = h.ev({"type": "session.commentary.appended", "client_event_id": ev["event_id"], "start_ms": 400,
+                 "end_ms": 400})
+    assert published(acts, "cmd.done") == [{"id": "c1", "ok": True, "start_ms": 400, "end_ms": 400}]
+    (ev2,) = sent(h.cmd("cmd.instructions", {"text": "x", "id": "c2"}))
+    acts = h.ev({"type": "error", "error": {"type": "invalid_request_error", "code": "invalid_value",
+                                            "message": "Context append text must not exceed 500 tokens.",
+                                            "param": "content", "client_event_id": ev2["event_id"]}})
+    (ack,) = published(acts, "cmd.done")
+    assert ack["id"] == "c2" and ack["ok"] is False and "500 tokens" in ack["error"]
+
+
+def test_a_long_append_is_refused_at_once_naming_the_limit() -> None:
+    h = Harness()
+    h.started()
+    acts = h.cmd("cmd.instructions", {"text": "word " * 1000, "id": "c1"})
+    assert sent(acts) == []
+    (ack,) = published(acts, "cmd.done")
+    assert ack["ok"] is False and "500 tokens" in ack["error"]
+
+
+@pytest.mark.parametrize("topic", sorted(NOT_ON_LIVE))
+def test_a_command_live_cannot_do_is_refused_naming_the_alternative(topic: str) -> None:
+    h = Harness()
+    h.started()
+    acts = h.cmd(topic, {"id": "c1"})
+    (ack,) = published(acts, "cmd.done")
+    assert ack["ok"] is False and "GPT-Live" in ack["error"] and topic in ack["error"]
+    assert sent(acts) == []
+
+
+def test_a_user_text_message_is_refused_naming_speech_and_the_context_commands() -> None:
+    h = Harness()
+    h.started()
+    (ack,) = published(h.cmd("cmd.say", {"text": "What time is it?", "id": "c1"}), "cmd.done")
+    assert ack["ok"] is False
+    assert "cmd.commentary" in ack["error"] and "role system" in ack["error"]
+    assert "cmd.commentary" in LIVE_COMMAND_TOPICS
+
+
+def test_the_mic_command_mutes_with_lives_own_mute() -> None:
+    h = Harness()
+    h.started()
+    (ev,) = sent(h.cmd("cmd.mic", {"open": False, "id": "m1"}))
+    assert ev["type"] == "session.input_audio.mute"
+    acts = h.ev({"type": "session.input_audio.muted", "client_event_id": ev["event_id"]})
+    assert published(acts, "cmd.done") == [{"id": "m1", "ok": True, "open": False}]
+    assert published(acts, "input.mic") == [{"open": False}]
+
+
+def test_only_delegation_and_triggers_can_change_mid_session() -> None:
+    h = Harness()
+    h.started()
+    (ack,) = published(h.cmd("cmd.session.update", {"session": {"instructions": "x"}, "id": "u1"}), "cmd.done")
+    assert ack["ok"] is False and "instructions" in ack["error"]
+    (ev,) = sent(h.cmd("cmd.session.update", {"session": {"triggers": []}, "id": "u2"}))
+    acts = h.ev({"type": "session.updated", "client_event_id": ev["event_id"], "session": {"id": "live_abc"}})
+    assert published(acts, "cmd.done") == [{"id": "u2", "ok": True}]
+
+
+# ------------------------------------------------------------------ delegation
+def test_a_delegation_goes_to_the_bus_tool_and_its_answer_is_spoken_as_commentary() -> None:
+    h = Harness()
+    h.started()
+    h.cmd("cmd.tool.register", {"name": "collection_point", "description": "Where a booking's car is collected.",
+                                "parameters": {"type": "object", "properties": {"booking": {"type": "string"}},
+                                               "required": ["booking"]}, "owner": "crm"})
+    h.cmd("cmd.tool.register", {"name": "weather", "description": "The weather forecast.", "owner": "crm"})
+    h.fragment("user", "Where is the collection point", 0, 200)
+    h.fragment("user", " for my car?", 200, 400)
+    acts = h.ev({"type": "session.delegation.created", "offset_ms": 600,
+                 "delegation": {"id": "item_d1", "type": "delegation", "target": "client"}})
+    (call,) = published(acts, "tool.call")
+    assert call["name"] == "collection_point" and call["call_id"] == "item_d1" and call["delegation"] is True
+    args = json.loads(call["arguments"])
+    assert args["request"] == "Where is the collection point for my car?" and args["booking"] == args["request"]
+    acts = h.cmd("cmd.tool.result", {"call_id": "item_d1", "output": "Northern Train Station, desk 4", "id": "r1"})
+    (ev,) = sent(acts)
+    assert ev["type"] == "session.commentary.append" and ev["delegation_id"] == "item_d1"
+    assert ev["content"] == "Northern Train Station, desk 4"
+    assert published(acts, "cmd.done") == [{"id": "r1", "ok": True}]
+    # a second answer is late: ignored
+    assert sent(h.cmd("cmd.tool.result", {"call_id": "item_d1", "output": "x", "id": "r2"})) == []
+
+
+def test_a_delegation_nobody_answers_is_told_to_the_model_in_time() -> None:
+    h = Harness()
+    h.started()
+    h.cmd("cmd.tool.register", {"name": "lookup", "timeout_s": 2, "owner": "crm"})
+    h.ev({"type": "session.delegation.created", "offset_ms": 0,
+          "delegation": {"id": "item_d2", "type": "delegation", "target": "client"}})
+    h.now += 2.1
+    acts = h(Tick())
+    (ev,) = sent(acts, "session.commentary.append")
+    assert ev["delegation_id"] == "item_d2"
+    assert published(acts, "engine.error")[0]["code"] == "tool_timeout"
+
+
+def test_a_delegation_with_no_tool_registered_is_answered_at_once() -> None:
+    h = Harness()
+    h.started()
+    acts = h.ev({"type": "session.delegation.created", "offset_ms": 0,
+                 "delegation": {"id": "item_d3", "type": "delegation", "target": "client"}})
+    (ev,) = sent(acts, "session.commentary.append")
+    assert ev["delegation_id"] == "item_d3"
+    assert published(acts, "tool.call")[0]["registered"] is False
+
+
+def test_pick_tool_prefers_the_tool_whose_words_match_the_request() -> None:
+    from engine.realtime.tools import Tools, parse_registration
+    tools = Tools()
+    for name, desc in (("weather", "Forecast for a city."), ("collection_point", "Where the car is collected.")):
+        tools.register(parse_registration({"name": name, "description": desc, "owner": "x"}))
+    assert pick_tool(tools, "where do I collect the car") == "collection_point"
+    assert pick_tool(tools, "is it raining in the city") == "weather"
+
+
+# ------------------------------------------------------------------ cost, budget, end
+def test_cost_comes_from_the_cumulative_seconds_across_sessions() -> None:
+    h = Harness()
+    h.started()
+    (cost,) = published(h.ev({"type": "session.usage.updated", "usage": {"seconds": 30}}), "cost.session")
+    assert cost["usd"] == pytest.approx(30 / 60 * USD_PER_MINUTE)
+    (cost,) = published(h.ev({"type": "session.usage.updated", "usage": {"seconds": 45}}), "cost.session")
+    assert cost["usd"] == pytest.approx(45 / 60 * USD_PER_MINUTE)   # cumulative: never summed
+    h(Disconnected(1006))
+    h(Connected(reconnect=True))
+    h.ev({"type": "session.started", "session": {"id": "live_2"}})
+    (cost,) = published(h.ev({"type": "session.usage.updated", "usage": {"seconds": 15}}), "cost.session")
+    assert cost["usd"] == pytest.approx(60 / 60 * USD_PER_MINUTE) and cost["seconds"] == 60
+
+
+def test_the_budget_closes_the_session() -> None:
+    h = Harness(budget_usd=0.05)
+    h.started()
+    acts = h.ev({"type": "session.usage.updated", "usage": {"seconds": 60}})
+    assert sent(acts, "session.close")
+    assert published(acts, "engine.budget")[0]["exceeded"] is True
+    assert h.core.state is LiveState.CLOSING
+    acts = h.ev({"type": "session.closed", "reason": "close_requested", "session": {"id": "live_abc"},
+                 "usage": {"seconds": 61}})
+    assert not any(isinstance(a, Reconnect) for a in acts)
+    assert published(acts, "engine.status")[0] == {"state": "session_closed", "reason": "close_requested",
+                                                    "session_id": "live_abc"}
+
+
+def test_an_expired_session_is_renewed_with_the_conversation() -> None:
+    h = Harness()
+    h.started()
+    h.ev({"type": "session.output_audio.delta", "delta": audio(100)})
+    acts = h.ev({"type": "session.closed", "reason": "expired", "session": {"id": "live_abc"},
+                 "usage": {"seconds": 7200}})
+    assert [a.reason for a in acts if isinstance(a, Reconnect)] == ["session expired"]
+    assert any(isinstance(a, EndOfAudio) for a in acts)
+
+
+# ------------------------------------------------------------------ latency
+def test_latency_runs_from_the_users_speech_end_to_the_first_audible_sample_heard() -> None:
+    h = Harness()
+    h.started()
+    for _ in range(50):   # one second of mic: the input clock maps timeline ms to capture time
+        h(MicAudio(b"\x00\x00" * 480, h.now))
+        h.now += 0.02
+    speech_end_s = h.now - 0.02 - 0.2   # the last chunk's capture time, 200 ms before the timeline's end
+    h.fragment("user", "Hi", 600, 800)
+    h.now += 0.9
+    h(Tick())   # the user's turn closes
+    h.ev({"type": "session.output_audio.delta", "delta": audio(100)})           # silence: frames 0-2399
+    h.ev({"type": "session.output_audio.delta", "delta": audio(100, loud_from_ms=50)})  # sound from 3600
+    h.heard = 3000
+    assert not published(h(Tick()), "latency.turn")
+    h.now += 0.1
+    h.heard = 3600 + 240     # 10 ms past the first sound
+    (lat,) = published(h(Tick()), "latency.turn")
+    heard_at = h.now - 0.010
+    assert lat["speech_end_to_heard_ms"] == pytest.approx((heard_at - speech_end_s) * 1000, abs=1)
+
+
+def test_playback_reports_become_playout_topics_of_the_track() -> None:
+    h = Harness()
+    h.started()
+    acts = h(PlaybackReport("underrun", 0, 4800, {"underrun_frames": 240}))
+    (u,) = published(acts, "playout.underrun")
+    assert u["underrun_frames"] == 240 and u["response_id"] == "live_abc"
+
+
+# ------------------------------------------------------------------ commands across a crash
+def test_a_command_is_taken_once_and_the_state_lets_the_broker_go() -> None:
+    h = Harness()
+    h.started()
+    body = {"text": "The booking is ZX9.", "role": "system", "id": "c1"}
+    first = h.cmd("cmd.say", body)
+    assert len(sent(first, "session.thinking.append")) == 1
+    (state,) = published(first, "conversation.history")          # the append it holds is safe first
+    assert "c1" in state["taken"] and state["live_pending"][0]["content"] == "The booking is ZX9."
+    again = h.cmd("cmd.say", body)                                # the broker's hand-over of a live copy
+    assert sent(again) == [] and published(again, "intake.taken") == [{"taken": ["c1"]}]
+
+
+def test_a_restarted_process_starts_from_its_predecessors_state() -> None:
+    old = Harness()
+    old.started()
+    old.cmd("cmd.tool.register", {"name": "lookup", "owner": "crm", "id": "t1"})
+    old.fragment("user", "Hello there", 0, 200)
+    old.now += 1
+    old(Tick())
+    acts = old.cmd("cmd.commentary", {"text": "Greet Ada.", "id": "c2"})   # sent, not placed when it died
+    state = published(acts, "conversation.history")[-1]
+    new = Harness()
+    new.core.restore_history(state)
+    assert sorted(new.core.tools.registered) == ["lookup"]
+    (start,) = sent(new(Connected(reconnect=True, reason="restart")))
+    assert start["session"]["input"][0]["content"][0]["text"] == "Hello there"
+    acts = new.ev({"type": "session.started", "session": {"id": "live_9"}})
+    assert [e["content"] for e in sent(acts, "session.commentary.append")] == ["Greet Ada."]
+    assert published(new.cmd("cmd.commentary", {"text": "Greet Ada.", "id": "c2"}), "intake.taken")
