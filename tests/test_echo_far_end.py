@@ -137,6 +137,32 @@ def test_frames_written_too_late_for_their_time_are_skipped(ring: Ring) -> None:
     assert not far.uncertain
 
 
+def test_a_new_run_whose_stamps_jump_back_is_skipped_into_line_but_uncertain(ring: Ring) -> None:
+    """After a flush (a barge-in, ``cmd.cancel``) or an idle speaker the next reply is a new run,
+    and its first DAC times can be off by 15 ms and more (bench: 365 frames skipped at a reply's
+    start, then AEC3 leaked enough for a false barge-in, guard on and off). Its frames are skipped
+    into line by their stamps, but that move is a guess: the far end is uncertain, so the guard
+    holds, and the stamps are followed to the ms for a while after."""
+    far, spk = FarEnd(ring), Speaker(ring)
+    uncertain, gap_before, run_due_ns = [], 0, 0
+    for i in range(40):
+        mic_ns = T0 + i * BLOCK_NS
+        if i < 20:
+            spk.write(mic_ns + 30_000_000)
+        elif i == 20:   # the new run, 60 ms at once: stamped 45 ms before the last run's pace had it
+            run_due_ns = mic_ns - 15_000_000
+            for k in range(3):
+                spk.write(run_due_ns + k * BLOCK_NS)
+        else:
+            spk.write(run_due_ns + (i - 18) * BLOCK_NS)
+        far.take(BLOCK, mic_ns)
+        uncertain.append(far.uncertain)
+        if i == 19:
+            gap_before = far.gap_frames       # the speaker's first 30 ms: nothing played yet
+    assert far.skipped_frames > 0 and far.realignments >= 1 and far.gap_frames == gap_before
+    assert not any(uncertain[5:20]) and any(uncertain[20:23]), uncertain
+
+
 def test_a_few_missing_frames_are_no_guess_but_a_stall_is(ring: Ring) -> None:
     """Under load playback's callback is a little late many times a minute: a few ms of zeros make
     AEC3 leak for less than the guard's talker onset, so the far end is not uncertain for them;

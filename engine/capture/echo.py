@@ -152,8 +152,10 @@ class FarEnd:
     ``uncertain`` says whether the latest take had to guess: zeros for missing frames for
     FAR_UNCERTAIN_MS in a row or more, the silence of a gap and moves in the FAR_SETTLE_S after
     it (the speaker's stamps are off by a few ms right after it ran dry, and under load it runs
-    dry for a few ms many times a minute), the mic clock in doubt. The canceller's guard then
-    holds. Shorter runs of zeros for missing frames (a playback callback a little late: its
+    dry for a few ms many times a minute), frames of a new run (after a flush, or an idle
+    speaker) skipped into line before any of it was taken (its first DAC times can be 15 ms off:
+    a reply's start then leaked enough for a false barge-in), the mic clock in doubt. The
+    canceller's guard then holds. Shorter runs of zeros for missing frames (a playback callback a little late: its
     frames come with their stamps and are skipped) make AEC3 leak for less than the guard's
     talker onset: no hold. Skipping frames due before their time is otherwise no guess (the
     stamps are exact within a run, and a flush's dropped frames never played).
@@ -181,6 +183,8 @@ class FarEnd:
         self._settle_until = 0    # mic frame (the clock's count) until which the tolerance is settle_frames
         self.uncertain_zero_frames = RATE_HZ * FAR_UNCERTAIN_MS // 1000
         self._zero_run = 0        # zeros handed out in takes in a row
+        self._run = -1            # ring index where the read position's run began
+        self._run_fresh = False   # no frame of that run taken yet: its first DAC times may be off
 
     def _follow_stamps(self, read_index: int) -> None:
         stamp = self.ring.due_stamp()
@@ -189,6 +193,7 @@ class FarEnd:
         index, due_ns, run_index = stamp
         if run_index <= read_index or self._anchor is None:
             self._anchor, self._next = (index, due_ns), None
+            self._begin_run(run_index)
         else:   # unread frames of an earlier run before it: they keep that run's anchor
             self._next = (run_index, due_ns - _frames_ns(index - run_index))
 
@@ -212,6 +217,7 @@ class FarEnd:
         while pos < frames:
             r = ring.read_index
             if self._next is not None and r >= self._next[0]:
+                self._begin_run(self._next[0])
                 self._anchor, self._next = self._next, None
             index, due_ns = self._anchor
             # > 0: frame r is due after the mic frame at pos (silence first); < 0: it is due before (skip)
@@ -225,7 +231,11 @@ class FarEnd:
                 # never played (a flush dropped what the device feeder held): measured, not a guess,
                 # unless the DAC times are still settling after the speaker ran dry
                 self.skipped_frames += ring.skip(min(-early_frames, available))
-                uncertain = (self._moved() and self.clock.frames < self._settle_until) or uncertain
+                # ...or a new run's first DAC times (after a flush, or an idle speaker) are off
+                if self._moved() and (self._run_fresh or self.clock.frames < self._settle_until):
+                    uncertain = True
+                    if self._run_fresh:
+                        self._settle_until = self.clock.frames + RATE_HZ * FAR_SETTLE_S
             elif early_frames > tolerance:
                 n = min(early_frames, frames - pos)
                 out[pos:pos + n] = 0
@@ -247,13 +257,17 @@ class FarEnd:
                 if self._next is not None:
                     n = min(n, self._next[0] - r)
                 pos += ring.read_into(out[pos:pos + n])
-                self._aligned, self._padded = True, False
+                self._aligned, self._padded, self._run_fresh = True, False, False
         # zeros for missing frames for a while in a row (a stall) are a guess AEC3 leaks on for longer
         # than the guard's onset; a few (a callback a little late, its frames then skipped) are not
         self._zero_run = self._zero_run + zeros if zeros else 0
         uncertain = uncertain or self._zero_run >= self.uncertain_zero_frames
         self._set_uncertain(uncertain, frames)
         return out
+
+    def _begin_run(self, run_index: int) -> None:
+        if run_index != self._run:
+            self._run, self._run_fresh = run_index, True
 
     def _moved(self) -> bool:
         """Count a realignment (not those at the start, while the mic clock settles); whether it counted."""
