@@ -5,7 +5,8 @@ side by side with its reference in the same run.
                                            rings, bus, engine CPU (each audio backend, the floor beside it),
                                            engine start time (issues 3, 25)
     python bench/run.py server [--json]    local server: first delta, 20 concurrent sessions (issue 2)
-    python bench/run.py conversation [--json] [--interruptions N] [--double-talk-trials N] [--backend ...]
+    python bench/run.py conversation [--json] [--interruptions N] [--double-talk-trials N] [--stall-replies N]
+                                     [--backend ...]
                                            engine vs an openai-SDK + PyAudio baseline (issue 4), double talk
     python bench/run.py faults [--json] [--soak-minutes N] [--fuzz N]
                                            kills, socket drops, fuzz, slow subscriber, soak (issue 15)
@@ -616,6 +617,7 @@ def main() -> int:
     ap.add_argument("--soak-minutes", type=float, default=30.0, help="faults: the soak's length")
     ap.add_argument("--fuzz", type=int, default=10_000, help="faults: fuzzed bus messages")
     ap.add_argument("--double-talk-trials", type=int, default=5, help="per level and guard setting; 0: skip")
+    ap.add_argument("--stall-replies", type=int, default=10, help="conversation: replies per playback stall length; 0: skip")
     ap.add_argument("--minutes", type=float, default=10.0, help="console: minutes of events with the page open")
     ap.add_argument("--closed-minutes", type=float, default=None, help="console: minutes of turns before it opens")
     args = ap.parse_args()
@@ -625,7 +627,7 @@ def main() -> int:
         result = {**bench_ring(), **bench_bus(), **run_capture_step(), **bench_engine(backends)}
     elif args.suite == "conversation":
         from bench.conversation import run
-        result = run(args.interruptions, args.double_talk_trials, backends)
+        result = run(args.interruptions, args.double_talk_trials, backends, args.stall_replies)
     elif args.suite == "console":
         from bench.console import run as run_console
         result = run_console(args.minutes, args.closed_minutes)
