@@ -90,6 +90,8 @@ def test_the_native_renderer_plays_what_the_python_one_plays(rings: Any, seed: i
             assert [tuple(e) for e in py.events] == [tuple(e) for e in c.events]
             for attr in ("read_index", "heard_index", "underrun_frames", "device_latency_frames"):
                 assert getattr(py_ring, attr) == getattr(c_ring, attr), attr
+            # the reference's due stamp: when the block reaches the DAC, and where its run began
+            assert py_ref.due_stamp() == c_ref.due_stamp() is not None
             for attr in ("prebuffer_frames", "expanded_frames", "accelerated_frames", "stretch_frames",
                          "in_stream", "stream_start", "arrived_mono_ns"):
                 assert getattr(py, attr) == getattr(c, attr), attr
@@ -121,16 +123,27 @@ def test_the_native_feeder_resamples_and_fades_as_the_python_one(rings: Any) -> 
 
 @needs_native
 def test_the_native_guard_decides_as_talk_guard() -> None:
+    """The same blocks (far end on and off, echo, leaks, soft and loud talkers, holds for an
+    uncertain far end) through TalkGuard and its C twin: the same decision for every block, and
+    the same counts."""
+    from engine.capture.echo import HOLD_BLOCKS, native_constants
     rng = np.random.default_rng(3)
     active = 32768.0 * 10 ** (FAR_ACTIVE_DBFS / 20)
-    far = list(np.where(rng.random(3000) < 0.8, 10_000.0, active / 2) * rng.uniform(0.5, 1.5, 3000))
-    out = list(np.array(far) * 10 ** (rng.choice([-60, -45, -30, -20, -3], 3000) / 20))
-    # runs of the same level, as speech and silence come
-    out = [out[i // 7 * 7] for i in range(3000)]
+    n = 6000
+    far = np.where(rng.random(n) < 0.8, 10_000.0, active / 2) * rng.uniform(0.5, 1.5, n)
+    out = far * 10 ** (rng.choice([-60, -45, -38, -30, -20, -3], n) / 20)
+    near = far * 10 ** (rng.choice([-13, -10, -3, 0, 6], n) / 20)
+    hold = np.where(rng.random(n) < 0.01, HOLD_BLOCKS, 0)
+    # runs of the same levels, as speech and silence come
+    blocks = [(float(out[i // 7 * 7]), float(far[i // 5 * 5]), float(near[i // 7 * 7]), int(hold[i])) for i in range(n)]
     py = TalkGuard(-6.0, active)
-    expect = [py.attenuate(o, f) for o, f in zip(out, far)]
-    assert native.talk_guard(-6.0, active, out, far) == expect
-    assert py.talks > 3 and sum(expect) > 100
+    expect = []
+    for o, f, nr, h in blocks:
+        if h:
+            py.hold(h)
+        expect.append(py.attenuate(o, f, nr))
+    assert native.talk_guard(native_constants(), -6.0, blocks) == expect
+    assert py.talks > 3 and py.holds > 3 and py.held_blocks > 100 and sum(expect) > 100
 
 
 def _echo_signals(seconds: float, rate: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -150,7 +163,9 @@ def _echo_signals(seconds: float, rate: int) -> tuple[np.ndarray, np.ndarray, np
 def test_the_capture_step_cancels_the_echo_and_writes_one_chunk_per_period(rings: Any, rate: int) -> None:
     mic = rings(1 << 16, eventfd=True)
     tap_in, tap_out = ExternalLevelTap(24000), ExternalLevelTap(24000)
-    cap = native.NativeCapture(mic, rate, rate // 50, aec=True, guard_db=-6.0, tap_in=tap_in, tap_out=tap_out)
+    from engine.capture.echo import native_constants
+    cap = native.NativeCapture(mic, rate, rate // 50, aec=True, guard_db=-6.0, tap_in=tap_in, tap_out=tap_out,
+                               echo=native_constants())
     far, mic_pcm, _ = _echo_signals(8.0, rate)
     period = rate // 50
     far_pos = [0]
@@ -277,7 +292,8 @@ def test_with_echo_cancellation_extras_never_get_the_mic_in_place_of_what_it_mad
     (the recording's path) gets an empty ``sent``, not None (None means "no canceller", and the
     mic, echo and all, went to the API in its place: false barge-ins on a 24 kHz device)."""
     mic = rings(1 << 16, eventfd=True)
-    cap = native.NativeCapture(mic, 24000, 480, aec=True)
+    from engine.capture.echo import native_constants
+    cap = native.NativeCapture(mic, 24000, 480, aec=True, echo=native_constants())
     sents: list[int | None] = []
 
     def extras(raw: np.ndarray, far: np.ndarray, sent: np.ndarray | None) -> None:
@@ -292,7 +308,8 @@ def test_with_echo_cancellation_extras_never_get_the_mic_in_place_of_what_it_mad
 @needs_native
 def test_a_failing_echo_canceller_is_counted_and_the_mic_goes_through(rings: Any) -> None:
     mic = rings(1 << 16, eventfd=True)
-    cap = native.NativeCapture(mic, 48000, 960, aec=True)
+    from engine.capture.echo import native_constants
+    cap = native.NativeCapture(mic, 48000, 960, aec=True, echo=native_constants())
 
     class Broken:
         def process(self, near: Any, far: Any) -> Any:

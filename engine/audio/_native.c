@@ -62,14 +62,10 @@
 #define TAP_STAMPS 64            /* LevelTap's stamp slots */
 #define AEC_RATE_HZ 48000
 #define AEC_BLOCK 480            /* 10 ms at 48 kHz */
-#define ERLE_WINDOW_BLOCKS 100
 #define ERLE_WINDOWS 600
-#define GUARD_WINDOW_BLOCKS 50
-#define GUARD_ATTENUATION 0.03f
-#define TALK_DB (-40.0)
-#define TALK_ONSET_BLOCKS 15
-#define TALK_HANG_BLOCKS 30
-#define FAR_ACTIVE_DBFS (-50.0)
+#define MAX_GUARD_WINDOW 256     /* far-end history blocks at most (echo.py's GUARD_WINDOW_BLOCKS is 50) */
+/* The echo statistics' and the guard's constants are echo.py's own, handed in by name at set-up
+ * (``guard`` of Capture, and talk_guard): one source of truth for both implementations. */
 
 /* ring.py's int64 slots */
 enum {
@@ -1169,77 +1165,161 @@ static PyTypeObject RendererType = {
 /* ------------------------------------------------------------------ the residual-echo guard (echo.py) */
 enum { G_QUIET = 0, G_ECHO = 1, G_TALK = 2 };
 typedef struct {
-    double loud_ratio, talk_ratio, active_rms;
-    int state;
-    int64_t run_blocks, hang_blocks, talks;
+    /* echo.py's constants */
+    double talk_db, hold_release_db, hold_decay, echo_beat_db, erl_decay_db, far_active_dbfs, attenuation;
+    int64_t onset_blocks, hang_blocks_max, hold_blocks_min, hold_max_blocks, erl_learn_blocks, window_blocks,
+            erle_window_blocks;
+    /* TalkGuard */
+    double loud_ratio, talk_ratio, beat_ratio, release_ratio, erl_decay, active_rms;
+    int state, holding;
+    int64_t run_blocks, hang_blocks, hold_blocks, hold_age, erl_blocks, talks, holds, held_blocks;
+    double out_energy, far_peak, erl_peak;
 } guard_t;
 
-static void guard_init(guard_t *g, double loud_db, double active_rms) {
+/* Read echo.py's constants from a dict (set-up only). */
+static int guard_constants(guard_t *g, PyObject *d) {
+    if (!PyDict_Check(d)) {
+        PyErr_SetString(PyExc_TypeError, "the guard's constants are a dict (engine.capture.echo's, by name)");
+        return -1;
+    }
+    struct { const char *name; double *f; int64_t *i; } want[] = {
+        {"TALK_DB", &g->talk_db, NULL}, {"HOLD_RELEASE_DB", &g->hold_release_db, NULL},
+        {"HOLD_DECAY", &g->hold_decay, NULL}, {"ECHO_BEAT_DB", &g->echo_beat_db, NULL},
+        {"ERL_DECAY_DB", &g->erl_decay_db, NULL}, {"FAR_ACTIVE_DBFS", &g->far_active_dbfs, NULL},
+        {"GUARD_ATTENUATION", &g->attenuation, NULL},
+        {"TALK_ONSET_BLOCKS", NULL, &g->onset_blocks}, {"TALK_HANG_BLOCKS", NULL, &g->hang_blocks_max},
+        {"HOLD_BLOCKS", NULL, &g->hold_blocks_min}, {"HOLD_MAX_BLOCKS", NULL, &g->hold_max_blocks},
+        {"ERL_LEARN_BLOCKS", NULL, &g->erl_learn_blocks}, {"GUARD_WINDOW_BLOCKS", NULL, &g->window_blocks},
+        {"ERLE_WINDOW_BLOCKS", NULL, &g->erle_window_blocks},
+    };
+    for (size_t k = 0; k < sizeof want / sizeof want[0]; k++) {
+        PyObject *v = PyDict_GetItemString(d, want[k].name);
+        if (!v) {
+            PyErr_Format(PyExc_KeyError, "the guard's constants lack %s", want[k].name);
+            return -1;
+        }
+        if (want[k].f)
+            *want[k].f = PyFloat_AsDouble(v);
+        else
+            *want[k].i = PyLong_AsLongLong(v);
+        if (PyErr_Occurred())
+            return -1;
+    }
+    if (g->window_blocks < 1 || g->window_blocks > MAX_GUARD_WINDOW || g->erle_window_blocks < 1) {
+        PyErr_SetString(PyExc_ValueError, "GUARD_WINDOW_BLOCKS must be 1..256, ERLE_WINDOW_BLOCKS positive");
+        return -1;
+    }
+    g->active_rms = 32768.0 * pow(10.0, g->far_active_dbfs / 20.0);
+    return 0;
+}
+
+/* TalkGuard.__init__ (the constants already read). */
+static void guard_init(guard_t *g, double loud_db) {
     g->loud_ratio = pow(10.0, loud_db / 20.0);
-    g->talk_ratio = pow(10.0, TALK_DB / 20.0);
-    g->active_rms = active_rms;
+    g->talk_ratio = pow(10.0, g->talk_db / 20.0);
+    g->beat_ratio = pow(10.0, g->echo_beat_db / 20.0);
+    g->release_ratio = pow(10.0, (g->talk_db - g->hold_release_db) / 20.0);
+    g->erl_decay = pow(10.0, -g->erl_decay_db / 20.0);
     g->state = G_QUIET;
-    g->run_blocks = g->hang_blocks = g->talks = 0;
+    g->holding = 0;
+    g->run_blocks = g->hang_blocks = g->hold_blocks = g->hold_age = g->erl_blocks = 0;
+    g->talks = g->holds = g->held_blocks = 0;
+    g->out_energy = g->far_peak = g->erl_peak = 0.0;
+}
+
+/* TalkGuard.hold: the far end is uncertain. */
+static void guard_hold(guard_t *g, int64_t blocks) {
+    if (!g->holding) {
+        g->holding = 1;
+        g->holds += g->far_peak > g->active_rms;
+    }
+    g->hold_blocks = imax(g->hold_blocks, blocks);
+    g->hold_age = 0;
 }
 
 /* TalkGuard.attenuate: advance by one block; 1 if the block is taken for residual echo. */
-static int guard_attenuate(guard_t *g, double out_rms, double far_peak) {
+static int guard_attenuate(guard_t *g, double out_rms, double far_peak, double near_rms) {
+    int held = g->holding;
+    g->far_peak = far_peak;
+    if (far_peak > g->active_rms)
+        g->out_energy = g->out_energy * g->hold_decay + out_rms * out_rms;
+    if (held) {   /* this block is judged held; the hold may end after it */
+        g->hold_age += 1;
+        if (g->hold_blocks > 0)
+            g->hold_blocks -= 1;
+        else if (sqrt(g->out_energy * (1 - g->hold_decay)) <= g->release_ratio * far_peak ||
+                 g->hold_age >= g->hold_max_blocks)
+            g->holding = 0;
+    }
     if (far_peak <= g->active_rms) {
         g->state = G_QUIET;
         g->run_blocks = g->hang_blocks = 0;
         return 0;
     }
-    int above = out_rms >= g->talk_ratio * far_peak;
+    if (held)
+        g->held_blocks += 1;
+    double erl = g->erl_blocks >= g->erl_learn_blocks ? g->erl_peak : 1.0;
+    int evidence = (held && g->state != G_TALK) ? near_rms >= g->beat_ratio * erl * far_peak
+                                                 : out_rms >= g->talk_ratio * far_peak;
     if (g->state == G_TALK) {
-        if (above) {
+        if (evidence) {
             g->hang_blocks = 0;
             return 0;
         }
         g->hang_blocks += 1;
-        if (g->hang_blocks <= TALK_HANG_BLOCKS)
+        if (g->hang_blocks <= g->hang_blocks_max)
             return 0;
         g->state = G_ECHO;
         g->run_blocks = 0;
         return 1;
     }
     g->state = G_ECHO;
-    g->run_blocks = above ? g->run_blocks + 1 : 0;
-    if (g->run_blocks >= TALK_ONSET_BLOCKS) {
+    if (!held && !evidence) {   /* echo only: learn the echo path's gain from it */
+        double r = near_rms / far_peak, decayed = g->erl_peak * g->erl_decay;
+        g->erl_peak = r > decayed ? r : decayed;
+        g->erl_blocks += 1;
+    }
+    g->run_blocks = evidence ? g->run_blocks + 1 : 0;
+    if (g->run_blocks >= g->onset_blocks) {
         g->state = G_TALK;
         g->hang_blocks = 0;
         g->talks += 1;
         return 0;
     }
+    if (held)
+        return !evidence;
     return out_rms < g->loud_ratio * far_peak;
 }
 
-/* talk_guard(loud_db, active_rms, out_rms, far_peak) -> list of bools: TalkGuard over a sequence
- * (the tests hold it against the Python one). */
+/* talk_guard(constants, loud_db, blocks) -> list of bools: TalkGuard over a sequence of blocks, each
+ * (out_rms, far_peak, near_rms, hold_blocks): hold_blocks > 0 calls hold() before the block (the
+ * tests hold it against the Python one). */
 static PyObject *py_talk_guard(PyObject *mod, PyObject *args) {
-    double loud_db, active_rms;
-    PyObject *outs, *peaks;
-    if (!PyArg_ParseTuple(args, "ddOO", &loud_db, &active_rms, &outs, &peaks))
+    PyObject *consts, *blocks;
+    double loud_db;
+    if (!PyArg_ParseTuple(args, "OdO", &consts, &loud_db, &blocks))
         return NULL;
-    PyObject *o = PySequence_Fast(outs, "out_rms must be a sequence");
-    PyObject *p = o ? PySequence_Fast(peaks, "far_peak must be a sequence") : NULL;
-    if (!p) {
-        Py_XDECREF(o);
-        return NULL;
-    }
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
-    PyObject *res = PyList_New(n);
     guard_t g;
-    guard_init(&g, loud_db, active_rms);
-    for (Py_ssize_t i = 0; res && i < n && i < PySequence_Fast_GET_SIZE(p); i++) {
-        double a = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(o, i)), b = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(p, i));
-        if (PyErr_Occurred()) {
+    if (guard_constants(&g, consts) < 0)
+        return NULL;
+    guard_init(&g, loud_db);
+    PyObject *seq = PySequence_Fast(blocks, "blocks must be a sequence");
+    if (!seq)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject *res = PyList_New(n);
+    for (Py_ssize_t i = 0; res && i < n; i++) {
+        double out_rms, far_peak, near_rms;
+        long long hold;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "dddL", &out_rms, &far_peak, &near_rms, &hold)) {
             Py_CLEAR(res);
             break;
         }
-        PyList_SET_ITEM(res, i, PyBool_FromLong(guard_attenuate(&g, a, b)));
+        if (hold > 0)
+            guard_hold(&g, hold);
+        PyList_SET_ITEM(res, i, PyBool_FromLong(guard_attenuate(&g, out_rms, far_peak, near_rms)));
     }
-    Py_DECREF(o);
-    Py_DECREF(p);
+    Py_DECREF(seq);
     return res;
 }
 
@@ -1277,11 +1357,10 @@ typedef struct {
     int64_t step_cpu_ns, aec_call_cpu_ns, far_take_cpu_ns;
     double erle_windows[ERLE_WINDOWS];
     int64_t erle_count;
-    double far_rms[GUARD_WINDOW_BLOCKS];
+    double far_rms[MAX_GUARD_WINDOW];
     int64_t far_pos;
-    double active_rms;
     int guard_on;
-    guard_t guard;
+    guard_t guard;                /* its constants serve the statistics too, with the guard off */
     PyObject *last_error;
     tap_t tap_in, tap_out;
     /* the stream */
@@ -1300,12 +1379,12 @@ typedef struct {
 
 static int Capture_init(Capture *c, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"mic", "mic_fd", "device_rate_hz", "period_frames", "aec", "guard_db", "buffers",
-                             "tap_in", "tap_out", "far_adc", NULL};
-    PyObject *mic, *guard_db = Py_None, *bufs = Py_None, *tap_in = Py_None, *tap_out = Py_None;
+                             "tap_in", "tap_out", "far_adc", "echo", NULL};
+    PyObject *mic, *guard_db = Py_None, *bufs = Py_None, *tap_in = Py_None, *tap_out = Py_None, *echo = Py_None;
     int mic_fd = -1, aec = 0, far_adc = 0;
     long long rate, period;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OiLL|pOOOOp", kwlist, &mic, &mic_fd, &rate, &period, &aec, &guard_db,
-                                     &bufs, &tap_in, &tap_out, &far_adc))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OiLL|pOOOOpO", kwlist, &mic, &mic_fd, &rate, &period, &aec, &guard_db,
+                                     &bufs, &tap_in, &tap_out, &far_adc, &echo))
         return -1;
     if (c->mic.attached) {
         PyErr_SetString(PyExc_RuntimeError, "a Capture is initialised once");
@@ -1349,13 +1428,21 @@ static int Capture_init(Capture *c, PyObject *args, PyObject *kw) {
     if (rate != RATE_HZ && !(c->to24 = soxr_new((double)rate, RATE_HZ)))
         return -1;
     c->aec_on = aec;
-    c->active_rms = 32768.0 * pow(10.0, FAR_ACTIVE_DBFS / 20.0);
-    if (guard_db != Py_None) {
-        double db = PyFloat_AsDouble(guard_db);
-        if (PyErr_Occurred())
+    if (aec) {   /* echo.py's constants, for the statistics and the guard */
+        if (echo == Py_None) {
+            PyErr_SetString(PyExc_ValueError, "echo cancellation needs echo.py's constants (echo=)");
             return -1;
-        guard_init(&c->guard, db, c->active_rms);
-        c->guard_on = 1;
+        }
+        if (guard_constants(&c->guard, echo) < 0)
+            return -1;
+        double db = 0.0;
+        if (guard_db != Py_None) {
+            db = PyFloat_AsDouble(guard_db);
+            if (PyErr_Occurred())
+                return -1;
+            c->guard_on = 1;
+        }
+        guard_init(&c->guard, db);
     }
     if (aec) {
         /* the near end goes to AEC3's rate from the 24 kHz mic, as EchoCanceller takes it (not from the
@@ -1497,7 +1584,7 @@ static int cap_callback(const void *input, void *output, unsigned long frames, c
 /* One AEC call on ``blocks`` 10 ms blocks from the 48 kHz FIFOs (EchoCanceller.process's middle):
  * statistics, the guard; the cancelled 48 kHz blocks land in out48. 0, or -1 when the call
  * failed (counted; the caller passes the mic through). */
-static int cap_aec(Capture *c, PyObject *aec, int64_t blocks) {
+static int cap_aec(Capture *c, PyObject *aec, int64_t blocks, int far_uncertain) {
     int64_t n = blocks * AEC_BLOCK;
     memcpy(c->near_buf.buf, c->near48.buf, (size_t)n * 2);
     memcpy(c->far_buf.buf, c->far48.buf, (size_t)n * 2);
@@ -1532,6 +1619,7 @@ static int cap_aec(Capture *c, PyObject *aec, int64_t blocks) {
         return -1;
     }
     const int16_t *near = c->near48.buf, *far = c->far48.buf;
+    guard_t *g = &c->guard;
     for (int64_t b = 0; b < blocks; b++) {
         const int16_t *fb = far + b * AEC_BLOCK, *nb = near + b * AEC_BLOCK;
         float *ob = c->out_f + b * AEC_BLOCK;
@@ -1543,14 +1631,14 @@ static int cap_aec(Capture *c, PyObject *aec, int64_t blocks) {
         }
         double far_rms = sqrt(fe / AEC_BLOCK);
         c->blocks += 1;
-        if (far_rms > c->active_rms) {
+        if (far_rms > g->active_rms) {
             c->near_energy += ne;
             c->out_energy += oe;
             c->far_active_blocks += 1;
             c->window_near += ne;
             c->window_out += oe;
             c->window_blocks += 1;
-            if (c->window_blocks == ERLE_WINDOW_BLOCKS) {
+            if (c->window_blocks == g->erle_window_blocks) {
                 if (c->window_near > 0) {
                     c->erle_windows[c->erle_count % ERLE_WINDOWS] =
                         10 * log10(c->window_near / (c->window_out > 1.0 ? c->window_out : 1.0));
@@ -1560,15 +1648,20 @@ static int cap_aec(Capture *c, PyObject *aec, int64_t blocks) {
                 c->window_blocks = 0;
             }
         }
-        c->far_rms[c->far_pos] = far_rms;
-        c->far_pos = (c->far_pos + 1) % GUARD_WINDOW_BLOCKS;
+        double peak = 0;
+        for (int64_t i = 0; i < g->window_blocks; i++)
+            peak = c->far_rms[i] > peak ? c->far_rms[i] : peak;
+        /* a reference that may not be what the speaker played (zeros for missing frames) says nothing
+         * of the far end's level: the window keeps its loudest instead */
+        c->far_rms[c->far_pos] = far_uncertain && peak > far_rms ? peak : far_rms;
+        c->far_pos = (c->far_pos + 1) % g->window_blocks;
         if (c->guard_on) {
-            double peak = 0;
-            for (int i = 0; i < GUARD_WINDOW_BLOCKS; i++)
-                peak = c->far_rms[i] > peak ? c->far_rms[i] : peak;
-            if (guard_attenuate(&c->guard, sqrt(oe / AEC_BLOCK), peak)) {
+            double now_peak = 0;
+            for (int64_t i = 0; i < g->window_blocks; i++)
+                now_peak = c->far_rms[i] > now_peak ? c->far_rms[i] : now_peak;
+            if (guard_attenuate(g, sqrt(oe / AEC_BLOCK), now_peak, sqrt(ne / AEC_BLOCK))) {
                 for (int i = 0; i < AEC_BLOCK; i++)
-                    ob[i] *= GUARD_ATTENUATION;
+                    ob[i] *= (float)g->attenuation;
                 c->guarded_blocks += 1;
             }
         }
@@ -1641,10 +1734,25 @@ static PyObject *Capture_step(Capture *c, PyObject *args) {
         const int16_t *far = NULL;
         Py_buffer fv;
         int have_fv = 0;
+        int far_uncertain = 0;
         if (far_take != Py_None && n24 > 0) {
+            /* a FarEnd (its take(), then its ``uncertain``), or a plain function of the frame count */
+            static PyObject *take_name = NULL;
+            if (!take_name && !(take_name = PyUnicode_InternFromString("take")))
+                return NULL;
             int64_t t_far = thread_cpu_ns();
-            PyObject *arr = c->far_adc ? PyObject_CallFunction(far_take, "LL", (long long)n24, (long long)adc)
-                                       : PyObject_CallFunction(far_take, "L", (long long)n24);
+            PyObject *fn = PyObject_HasAttr(far_take, take_name) ? PyObject_GetAttr(far_take, take_name)
+                                                                : (Py_INCREF(far_take), far_take);
+            PyObject *arr = !fn ? NULL
+                          : c->far_adc ? PyObject_CallFunction(fn, "LL", (long long)n24, (long long)adc)
+                                       : PyObject_CallFunction(fn, "L", (long long)n24);
+            Py_XDECREF(fn);
+            if (arr && fn != far_take) {
+                PyObject *u = PyObject_GetAttrString(far_take, "uncertain");
+                far_uncertain = u ? PyObject_IsTrue(u) == 1 : 0;
+                Py_XDECREF(u);
+                PyErr_Clear();   /* a reader without the flag: certain */
+            }
             c->far_take_cpu_ns += thread_cpu_ns() - t_far;
             if (arr && PyObject_GetBuffer(arr, &fv, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) == 0) {
                 if (fv.itemsize == 2 && fv.len >= n24 * 2) {
@@ -1677,6 +1785,8 @@ static PyObject *Capture_step(Capture *c, PyObject *args) {
         const int16_t *final = raw;
         int64_t nfinal = n24;
         if (aec != Py_None) {
+            if (far_uncertain && c->guard_on)   /* EchoCanceller.process(..., far_uncertain) */
+                guard_hold(&c->guard, c->guard.hold_blocks_min);
             int64_t mn = soxr_chunk(c->near_up, raw, n24, c->near48_tmp, c->x48_cap);
             fifo_push(&c->near48, c->near48_tmp, mn);
             int64_t m = soxr_chunk(c->far_up, far_copy, n24, c->far48_tmp, c->raw24_cap * 2 + 512);
@@ -1684,7 +1794,7 @@ static PyObject *Capture_step(Capture *c, PyObject *args) {
             int64_t blocks = imin(imin(c->near48.len, c->far48.len) / AEC_BLOCK, MAX_AEC_BLOCKS);
             nfinal = 0;
             if (blocks > 0) {
-                if (cap_aec(c, aec, blocks) == 0) {
+                if (cap_aec(c, aec, blocks, far_uncertain) == 0) {
                     nfinal = soxr_chunk(c->down, c->out48, blocks * AEC_BLOCK, c->out24,
                                         c->raw24_cap + MAX_AEC_BLOCKS * AEC_BLOCK);
                     final = c->out24;
@@ -1878,6 +1988,12 @@ static PyObject *Capture_getattro(Capture *c, PyObject *name) {
         return PyFloat_FromDouble(c->out_energy);
     if (strcmp(s, "talks") == 0)
         return PyLong_FromLongLong(c->guard.talks);
+    if (strcmp(s, "holds") == 0)
+        return PyLong_FromLongLong(c->guard.holds);
+    if (strcmp(s, "held_blocks") == 0)
+        return PyLong_FromLongLong(c->guard.held_blocks);
+    if (strcmp(s, "erl_peak") == 0)
+        return PyFloat_FromDouble(c->guard.erl_peak);
     if (strcmp(s, "guard_state") == 0)
         return PyUnicode_FromString(c->guard_on ? (const char *[]){"quiet", "echo", "talk"}[c->guard.state] : "off");
     if (strcmp(s, "wake_fd") == 0)
@@ -1948,7 +2064,7 @@ static PyMethodDef module_methods[] = {
     {"window_levels", py_window_levels, METH_VARARGS,
      "window_levels(buffer, pos, count, window) -> (energies, peaks): the level meter's windows."},
     {"talk_guard", py_talk_guard, METH_VARARGS,
-     "talk_guard(loud_db, active_rms, out_rms, far_peak) -> list[bool]: the C TalkGuard over a sequence."},
+     "talk_guard(constants, loud_db, blocks) -> list[bool]: the C TalkGuard over (out, far_peak, near, hold) blocks."},
     {"versions", py_versions, METH_NOARGS, "The PortAudio and libsoxr this module was linked with."},
     {NULL, NULL, 0, NULL},
 };

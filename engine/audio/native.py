@@ -186,17 +186,24 @@ class NativeCapture:
     """The capture path in C (see the module docstring).
 
     ``aec``: cancel the echo (WebRTC AEC3 at 48 kHz; ``guard_db`` as EchoCanceller's, None: no
-    guard). The echo statistics are EchoCanceller's (``stats``, ``errors``, ``last_error``), so the
-    process reports them the same way. :meth:`step` takes ``far_take`` (FarEnd.take: n reference
-    frames for n mic frames at 24 kHz) and ``extras``: None for the plain path (level taps and the
-    mic ring in C), or a function ``extras(raw, far, sent)`` for what C does not do (the console's
-    browser mic, the session recording, half duplex), which gets views of this chunk's device
-    frames at 24 kHz, its reference frames, and what echo handling made of them, and writes the
-    mic ring itself.
+    guard; ``echo``: the statistics' and the guard's constants, engine.capture.echo's by name, which
+    the capture process hands in: one source for both implementations). The echo statistics are
+    EchoCanceller's (``stats``, ``errors``, ``last_error``), so the process reports them the same way.
+
+    :meth:`step` takes ``far_take``, the far end: a FarEnd (its ``take``, then its ``uncertain``,
+    which makes the guard hold) or a plain function; either is called with n, the chunk's mic
+    frames at 24 kHz, and with ``far_adc`` also with ``adc_ns``, when the first of them was
+    captured (CLOCK_MONOTONIC: PortAudio's ADC time less what soxr held back), and returns n
+    reference frames. ``extras``: None for the plain path (level taps and the mic ring in C), or a
+    function ``extras(raw, far, sent)`` for what C does not do (the console's browser mic, the
+    session recording, half duplex), which gets views of this chunk's device frames at 24 kHz, its
+    reference frames and what echo handling made of them (None without echo cancellation; empty
+    when the canceller has nothing to hand out yet), and writes the mic ring itself.
     """
 
     def __init__(self, mic: Ring, device_rate_hz: int, period_frames: int, aec: bool = False,
-                 guard_db: float | None = -6.0, tap_in: Any = None, tap_out: Any = None, far_adc: bool = False) -> None:
+                 guard_db: float | None = -6.0, tap_in: Any = None, tap_out: Any = None, far_adc: bool = False,
+                 echo: dict[str, float] | None = None) -> None:
         ext = _ext_or_raise()
         blocks = ext.MAX_AEC_BLOCKS
         self._near = np.zeros(blocks * AEC_BLOCK_FRAMES, dtype=np.int16)
@@ -211,7 +218,7 @@ class NativeCapture:
                               period_frames, aec, guard_db,
                               (self._near, self._far48, near_views, far_views, self.raw, self.far, self.sent),
                               tap_in.arrays if tap_in is not None else None,
-                              tap_out.arrays if tap_out is not None else None, far_adc)
+                              tap_out.arrays if tap_out is not None else None, far_adc, echo)
         self.aec: Any = None
         if aec:
             from pywebrtc_audio import EchoCanceller as WebRtcAec
@@ -315,9 +322,14 @@ class NativeCapture:
         """EchoCanceller.stats(), from the C counters."""
         c = self._c
         erle_p10_db, erle_db = self._erle_percentiles_db()
+        erl_peak = float(c.erl_peak)
         return {"erle_db": erle_db, "erle_total_db": self.erle_total_db(), "erle_p10_db": erle_p10_db,
                 "far_active_ms": c.far_active_blocks * 10, "blocks": c.blocks, "guarded_ms": c.guarded_blocks * 10,
-                "talkers": c.talks if self.guard_on else 0, "errors": c.errors, "cpu_ms": round(c.busy_ns / 1e6, 1)}
+                "talkers": c.talks if self.guard_on else 0,
+                "guard_holds": c.holds if self.guard_on else 0,
+                "guard_held_ms": c.held_blocks * 10 if self.guard_on else 0,
+                "echo_path_db": (round(20 * float(np.log10(erl_peak)), 1) if self.guard_on and erl_peak > 0 else None),
+                "errors": c.errors, "cpu_ms": round(c.busy_ns / 1e6, 1)}
 
 
 def window_levels(buffer: np.ndarray, pos: int, count: int, window: int) -> tuple[list[float], list[float]]:
@@ -326,6 +338,9 @@ def window_levels(buffer: np.ndarray, pos: int, count: int, window: int) -> tupl
     return energies, peaks
 
 
-def talk_guard(loud_db: float, active_rms: float, out_rms: list[float], far_peak: list[float]) -> list[bool]:
-    """The C TalkGuard's decisions over a sequence of blocks (tests hold it against the Python one)."""
-    return list(_ext_or_raise().talk_guard(loud_db, active_rms, out_rms, far_peak))
+def talk_guard(constants: dict[str, float], loud_db: float,
+               blocks: list[tuple[float, float, float, int]]) -> list[bool]:
+    """The C TalkGuard's decisions over blocks of (out_rms, far_peak, near_rms, hold_blocks), a hold
+    (hold_blocks > 0) before its block; ``constants`` are engine.capture.echo's (tests hold it
+    against the Python one)."""
+    return list(_ext_or_raise().talk_guard(constants, loud_db, blocks))

@@ -54,7 +54,7 @@ from engine.supervisor import child
 from engine.supervisor.child import error_text, every_period, run_reporting, stop_on_signals
 from engine.audio.preflight import mic_wav_format
 from engine.codec import resample
-from engine.capture.echo import EchoCanceller, EchoGate, FarEnd
+from engine.capture.echo import EchoCanceller, EchoGate, FarEnd, native_constants
 from engine.console.audio import SOURCE_TOPIC, BrowserMicReader, SourceSwitch
 from engine.console.levels import ExternalLevelTap, LevelTap
 from engine.errors import DeviceError
@@ -340,7 +340,8 @@ class CaptureProcess:
             self.level_out = ExternalLevelTap(RATE_HZ, measure=window_levels)
             cap = NativeCapture(self.ring, rate, frames, aec=self.aec is not None,
                                 guard_db=self.spec["config"]["audio"]["echo_guard_db"],
-                                tap_in=self.level_in, tap_out=self.level_out)
+                                tap_in=self.level_in, tap_out=self.level_out, far_adc=True,
+                                echo=native_constants())
             if self.aec is not None:
                 self.aec = cap   # type: ignore[assignment]  # EchoCanceller's statistics, from C
             latency_s = cap.open(dev["index"], rate, frames)
@@ -363,7 +364,7 @@ class CaptureProcess:
         """One step per chunk the C callback wrote: C does it all unless the browser mic, the
         recording or half duplex need :meth:`_route`. An exception is counted, as the PyAudio
         callback's are, and reported by the main thread."""
-        far_take = self.far.take if self.far is not None else None
+        far_take = self.far   # its take(n, adc_ns), then its uncertain flag (the guard holds)
         while not self.stop.is_set():
             if not cap.wait(0.2):
                 continue
