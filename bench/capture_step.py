@@ -56,7 +56,9 @@ def _worker_chunks() -> dict[str, list[float]]:
     mic = Ring.create(f"{tag}-mic", 1 << 17, with_eventfd=True)
     ref = Ring.create(f"{tag}-ref", 1 << 17)
     try:
-        cap = native.NativeCapture(mic, DEVICE_RATE_HZ, CHUNK_FRAMES, aec=True, guard_db=-6.0)
+        from engine.capture.echo import native_constants
+        cap = native.NativeCapture(mic, DEVICE_RATE_HZ, CHUNK_FRAMES, aec=True, guard_db=-6.0, far_adc=True,
+                                   echo=native_constants())
         far = FarEnd(ref)
         per: dict[str, list[float]] = {"worker": [], "step": [], "aec_call": [], "far_take": []}
         done = threading.Event()
@@ -67,7 +69,7 @@ def _worker_chunks() -> dict[str, list[float]]:
                 if not cap.wait(0.2):
                     continue
                 s0, a0, f0 = cap.cpu_split_ns()
-                cap.step(far.take)
+                cap.step(far)   # as the process hands it: its take(n, adc_ns), then its uncertain
                 per["worker"].append((time.thread_time_ns() - t0) / 1e3)
                 s1, a1, f1 = cap.cpu_split_ns()
                 per["step"].append((s1 - s0) / 1e3)
@@ -78,6 +80,8 @@ def _worker_chunks() -> dict[str, list[float]]:
         th.start()
         t = time.monotonic()
         for i in range(CHUNKS):
+            # as playback writes the reference: each block stamped with when it reaches the DAC (one run)
+            ref.stamp_due(ref.write_index, time.monotonic_ns() + 20_000_000, 0)
             ref.write(far24[i * CHUNK_FRAMES // 2:(i + 1) * CHUNK_FRAMES // 2])
             cap.push(mic48[i * CHUNK_FRAMES:(i + 1) * CHUNK_FRAMES])
             mic.skip(mic.read_available)

@@ -1166,14 +1166,15 @@ static PyTypeObject RendererType = {
 enum { G_QUIET = 0, G_ECHO = 1, G_TALK = 2 };
 typedef struct {
     /* echo.py's constants */
-    double talk_db, hold_release_db, hold_decay, echo_beat_db, erl_decay_db, far_active_dbfs, attenuation;
+    double talk_db, hold_release_db, hold_decay, echo_beat_db, erl_up_db, erl_down_db, far_active_dbfs, attenuation;
     int64_t onset_blocks, hang_blocks_max, hold_blocks_min, hold_max_blocks, erl_learn_blocks, window_blocks,
             erle_window_blocks;
     /* TalkGuard */
-    double loud_ratio, talk_ratio, beat_ratio, release_ratio, erl_decay, active_rms;
+    double loud_ratio, talk_ratio, beat_ratio, release_ratio, active_rms;
     int state, holding;
     int64_t run_blocks, hang_blocks, hold_blocks, hold_age, erl_blocks, talks, holds, held_blocks;
-    double out_energy, far_peak, erl_peak;
+    int64_t hold_min_age;         /* far-end speech blocks the first hold lasts at least */
+    double out_energy, far_peak, erl_db;   /* erl_db: the echo path's gain, its 90th percentile tracked in dB */
 } guard_t;
 
 /* Read echo.py's constants from a dict (set-up only). */
@@ -1185,7 +1186,8 @@ static int guard_constants(guard_t *g, PyObject *d) {
     struct { const char *name; double *f; int64_t *i; } want[] = {
         {"TALK_DB", &g->talk_db, NULL}, {"HOLD_RELEASE_DB", &g->hold_release_db, NULL},
         {"HOLD_DECAY", &g->hold_decay, NULL}, {"ECHO_BEAT_DB", &g->echo_beat_db, NULL},
-        {"ERL_DECAY_DB", &g->erl_decay_db, NULL}, {"FAR_ACTIVE_DBFS", &g->far_active_dbfs, NULL},
+        {"ERL_UP_DB", &g->erl_up_db, NULL}, {"ERL_DOWN_DB", &g->erl_down_db, NULL},
+        {"FAR_ACTIVE_DBFS", &g->far_active_dbfs, NULL},
         {"GUARD_ATTENUATION", &g->attenuation, NULL},
         {"TALK_ONSET_BLOCKS", NULL, &g->onset_blocks}, {"TALK_HANG_BLOCKS", NULL, &g->hang_blocks_max},
         {"HOLD_BLOCKS", NULL, &g->hold_blocks_min}, {"HOLD_MAX_BLOCKS", NULL, &g->hold_max_blocks},
@@ -1219,12 +1221,12 @@ static void guard_init(guard_t *g, double loud_db) {
     g->talk_ratio = pow(10.0, g->talk_db / 20.0);
     g->beat_ratio = pow(10.0, g->echo_beat_db / 20.0);
     g->release_ratio = pow(10.0, (g->talk_db - g->hold_release_db) / 20.0);
-    g->erl_decay = pow(10.0, -g->erl_decay_db / 20.0);
     g->state = G_QUIET;
-    g->holding = 0;
+    g->holding = 1;                        /* from the start: until AEC3 has converged on the echo path */
+    g->hold_min_age = g->hold_blocks_min;  /* its echo must arrive first */
     g->run_blocks = g->hang_blocks = g->hold_blocks = g->hold_age = g->erl_blocks = 0;
     g->talks = g->holds = g->held_blocks = 0;
-    g->out_energy = g->far_peak = g->erl_peak = 0.0;
+    g->out_energy = g->far_peak = g->erl_db = 0.0;
 }
 
 /* TalkGuard.hold: the far end is uncertain. */
@@ -1244,12 +1246,15 @@ static int guard_attenuate(guard_t *g, double out_rms, double far_peak, double n
     if (far_peak > g->active_rms)
         g->out_energy = g->out_energy * g->hold_decay + out_rms * out_rms;
     if (held) {   /* this block is judged held; the hold may end after it */
-        g->hold_age += 1;
-        if (g->hold_blocks > 0)
+        g->hold_age += far_peak > g->active_rms;   /* far-end speech blocks */
+        if (g->hold_blocks > 0) {
             g->hold_blocks -= 1;
-        else if (sqrt(g->out_energy * (1 - g->hold_decay)) <= g->release_ratio * far_peak ||
-                 g->hold_age >= g->hold_max_blocks)
+        } else if ((g->hold_age >= g->hold_min_age &&
+                    sqrt(g->out_energy * (1 - g->hold_decay)) <= g->release_ratio * far_peak) ||
+                   g->hold_age >= g->hold_max_blocks) {
             g->holding = 0;
+            g->hold_min_age = 0;
+        }
     }
     if (far_peak <= g->active_rms) {
         g->state = G_QUIET;
@@ -1258,7 +1263,7 @@ static int guard_attenuate(guard_t *g, double out_rms, double far_peak, double n
     }
     if (held)
         g->held_blocks += 1;
-    double erl = g->erl_blocks >= g->erl_learn_blocks ? g->erl_peak : 1.0;
+    double erl = g->erl_blocks >= g->erl_learn_blocks ? pow(10.0, g->erl_db / 20.0) : 1.0;
     int evidence = (held && g->state != G_TALK) ? near_rms >= g->beat_ratio * erl * far_peak
                                                  : out_rms >= g->talk_ratio * far_peak;
     if (g->state == G_TALK) {
@@ -1274,9 +1279,12 @@ static int guard_attenuate(guard_t *g, double out_rms, double far_peak, double n
         return 1;
     }
     g->state = G_ECHO;
-    if (!held && !evidence) {   /* echo only: learn the echo path's gain from it */
-        double r = near_rms / far_peak, decayed = g->erl_peak * g->erl_decay;
-        g->erl_peak = r > decayed ? r : decayed;
+    if (!evidence) {   /* echo only (the mic's level says nothing of AEC3): learn the echo path's gain */
+        double ratio_db = 20 * log10((near_rms > 1e-3 ? near_rms : 1e-3) / far_peak);
+        if (g->erl_blocks < g->erl_learn_blocks)   /* the loudest of the first blocks: an upper start */
+            g->erl_db = (g->erl_blocks == 0 || ratio_db > g->erl_db) ? ratio_db : g->erl_db;
+        else   /* then its 90th percentile, tracked */
+            g->erl_db += ratio_db > g->erl_db ? g->erl_up_db : -g->erl_down_db;
         g->erl_blocks += 1;
     }
     g->run_blocks = evidence ? g->run_blocks + 1 : 0;
@@ -1291,9 +1299,9 @@ static int guard_attenuate(guard_t *g, double out_rms, double far_peak, double n
     return out_rms < g->loud_ratio * far_peak;
 }
 
-/* talk_guard(constants, loud_db, blocks) -> list of bools: TalkGuard over a sequence of blocks, each
- * (out_rms, far_peak, near_rms, hold_blocks): hold_blocks > 0 calls hold() before the block (the
- * tests hold it against the Python one). */
+/* talk_guard(constants, loud_db, blocks) -> (list of bools, counts): TalkGuard over a sequence of
+ * blocks, each (out_rms, far_peak, near_rms, hold_blocks): hold_blocks > 0 calls hold() before the
+ * block; then its counters and state (the tests hold both against the Python one). */
 static PyObject *py_talk_guard(PyObject *mod, PyObject *args) {
     PyObject *consts, *blocks;
     double loud_db;
@@ -1320,7 +1328,11 @@ static PyObject *py_talk_guard(PyObject *mod, PyObject *args) {
         PyList_SET_ITEM(res, i, PyBool_FromLong(guard_attenuate(&g, out_rms, far_peak, near_rms)));
     }
     Py_DECREF(seq);
-    return res;
+    if (!res)
+        return NULL;
+    return Py_BuildValue("(N{s:L,s:L,s:L,s:d,s:L,s:s})", res, "talks", (long long)g.talks, "holds", (long long)g.holds,
+                         "held_blocks", (long long)g.held_blocks, "erl_db", g.erl_db, "erl_blocks",
+                         (long long)g.erl_blocks, "state", (const char *[]){"quiet", "echo", "talk"}[g.state]);
 }
 
 /* ------------------------------------------------------------------ capture */
@@ -1992,8 +2004,10 @@ static PyObject *Capture_getattro(Capture *c, PyObject *name) {
         return PyLong_FromLongLong(c->guard.holds);
     if (strcmp(s, "held_blocks") == 0)
         return PyLong_FromLongLong(c->guard.held_blocks);
-    if (strcmp(s, "erl_peak") == 0)
-        return PyFloat_FromDouble(c->guard.erl_peak);
+    if (strcmp(s, "erl_db") == 0)
+        return PyFloat_FromDouble(c->guard.erl_db);
+    if (strcmp(s, "erl_blocks") == 0)
+        return PyLong_FromLongLong(c->guard.erl_blocks);
     if (strcmp(s, "guard_state") == 0)
         return PyUnicode_FromString(c->guard_on ? (const char *[]){"quiet", "echo", "talk"}[c->guard.state] : "off");
     if (strcmp(s, "wake_fd") == 0)
@@ -2064,7 +2078,7 @@ static PyMethodDef module_methods[] = {
     {"window_levels", py_window_levels, METH_VARARGS,
      "window_levels(buffer, pos, count, window) -> (energies, peaks): the level meter's windows."},
     {"talk_guard", py_talk_guard, METH_VARARGS,
-     "talk_guard(constants, loud_db, blocks) -> list[bool]: the C TalkGuard over (out, far_peak, near, hold) blocks."},
+     "talk_guard(constants, loud_db, blocks) -> (decisions, counts): the C TalkGuard over (out, far_peak, near, hold) blocks."},
     {"versions", py_versions, METH_NOARGS, "The PortAudio and libsoxr this module was linked with."},
     {NULL, NULL, 0, NULL},
 };

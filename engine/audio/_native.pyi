@@ -46,7 +46,8 @@ class Capture:
     talks: int
     holds: int
     held_blocks: int
-    erl_peak: float
+    erl_db: float
+    erl_blocks: int
     guard_state: str
     wake_fd: int
 
@@ -63,6 +64,6 @@ class Capture:
     def last_error(self) -> BaseException | None: ...
 
 
-def talk_guard(constants: Any, loud_db: float, blocks: Any) -> list[bool]: ...
+def talk_guard(constants: Any, loud_db: float, blocks: Any) -> tuple[list[bool], dict[str, Any]]: ...
 def versions() -> dict[str, str]: ...
 def window_levels(buffer: Any, pos: int, count: int, window: int) -> tuple[list[float], list[float]]: ...

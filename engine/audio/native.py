@@ -23,7 +23,7 @@ count as absent (build and run time). PyAudio stays for device listing and as th
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Protocol
 
 import numpy as np
 
@@ -82,6 +82,15 @@ def _ext_or_raise() -> Any:
     if why is not None:
         raise RuntimeError(f"the native audio backend is not available: {why}")
     return _ext
+
+
+class FarReader(Protocol):
+    """What the capture step takes the far end from (engine.capture.echo.FarEnd's face): ``take``
+    n reference frames for the chunk whose first frame was captured at ``adc_ns``; then
+    ``uncertain``: whether it had to guess (the guard holds)."""
+    uncertain: bool
+
+    def take(self, frames: int, adc_ns: int) -> np.ndarray: ...
 
 
 class NativeEvent(NamedTuple):
@@ -231,7 +240,7 @@ class NativeCapture:
         """Sleep (the GIL released) until the callback has written frames; False on timeout."""
         return bool(self._c.wait(timeout_s))
 
-    def step(self, far_take: Callable[..., np.ndarray] | None,
+    def step(self, far_take: FarReader | Callable[..., np.ndarray] | None,
              extras: Callable[[np.ndarray, np.ndarray, np.ndarray | None], None] | None = None) -> int:
         """Process every chunk the callback wrote since the last step; how many chunks."""
         if extras is None:
@@ -322,13 +331,12 @@ class NativeCapture:
         """EchoCanceller.stats(), from the C counters."""
         c = self._c
         erle_p10_db, erle_db = self._erle_percentiles_db()
-        erl_peak = float(c.erl_peak)
         return {"erle_db": erle_db, "erle_total_db": self.erle_total_db(), "erle_p10_db": erle_p10_db,
                 "far_active_ms": c.far_active_blocks * 10, "blocks": c.blocks, "guarded_ms": c.guarded_blocks * 10,
                 "talkers": c.talks if self.guard_on else 0,
                 "guard_holds": c.holds if self.guard_on else 0,
                 "guard_held_ms": c.held_blocks * 10 if self.guard_on else 0,
-                "echo_path_db": (round(20 * float(np.log10(erl_peak)), 1) if self.guard_on and erl_peak > 0 else None),
+                "echo_path_db": round(float(c.erl_db), 1) if self.guard_on and c.erl_blocks else None,
                 "errors": c.errors, "cpu_ms": round(c.busy_ns / 1e6, 1)}
 
 
@@ -339,8 +347,10 @@ def window_levels(buffer: np.ndarray, pos: int, count: int, window: int) -> tupl
 
 
 def talk_guard(constants: dict[str, float], loud_db: float,
-               blocks: list[tuple[float, float, float, int]]) -> list[bool]:
-    """The C TalkGuard's decisions over blocks of (out_rms, far_peak, near_rms, hold_blocks), a hold
-    (hold_blocks > 0) before its block; ``constants`` are engine.capture.echo's (tests hold it
-    against the Python one)."""
-    return list(_ext_or_raise().talk_guard(constants, loud_db, blocks))
+               blocks: list[tuple[float, float, float, int]]) -> tuple[list[bool], dict[str, Any]]:
+    """The C TalkGuard over blocks of (out_rms, far_peak, near_rms, hold_blocks), a hold
+    (hold_blocks > 0) before its block; ``constants`` are engine.capture.echo's. Its decisions,
+    and then its counters and state (talks, holds, held_blocks, erl_db, erl_blocks, state): the
+    tests hold both against the Python one."""
+    decisions, counts = _ext_or_raise().talk_guard(constants, loud_db, blocks)
+    return list(decisions), dict(counts)

@@ -62,7 +62,8 @@ def native_constants() -> dict[str, float]:
     """The echo statistics' and the guard's constants by name, for the native backend's twin of
     :class:`EchoCanceller` and :class:`TalkGuard` (engine/audio/_native.c): one source for both."""
     return {"TALK_DB": TALK_DB, "HOLD_RELEASE_DB": HOLD_RELEASE_DB, "HOLD_DECAY": HOLD_DECAY,
-            "ECHO_BEAT_DB": ECHO_BEAT_DB, "ERL_DECAY_DB": ERL_DECAY_DB, "FAR_ACTIVE_DBFS": FAR_ACTIVE_DBFS,
+            "ECHO_BEAT_DB": ECHO_BEAT_DB, "ERL_UP_DB": ERL_UP_DB, "ERL_DOWN_DB": ERL_DOWN_DB,
+            "FAR_ACTIVE_DBFS": FAR_ACTIVE_DBFS,
             "GUARD_ATTENUATION": GUARD_ATTENUATION, "TALK_ONSET_BLOCKS": TALK_ONSET_BLOCKS,
             "TALK_HANG_BLOCKS": TALK_HANG_BLOCKS, "HOLD_BLOCKS": HOLD_BLOCKS, "HOLD_MAX_BLOCKS": HOLD_MAX_BLOCKS,
             "ERL_LEARN_BLOCKS": ERL_LEARN_BLOCKS, "GUARD_WINDOW_BLOCKS": GUARD_WINDOW_BLOCKS,
