@@ -7,19 +7,22 @@ Counting frames (the old far end) zero-padded the reference for the stall and th
 frames as they came: with a 50 ms device buffer the reference then led its echo by 20 ms less for
 good, AEC3 leaked while it looked for the new delay, and the guard took the leak for a talker
 (the server's VAD heard speech in it). Lined up by the DAC times playback stamps, the echo's delay
-is the same after the stall as before it, and nothing passes for speech."""
+is the same after the stall as before it, and nothing passes for speech. The replay runs through
+the Python canceller (the PyAudio backend's) and through the native backend's C capture step (its
+guard in C, the same FarEnd), which must hold alike."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import pytest
 
+from engine.audio import native
 from engine.audio.ring import Ring
-from engine.capture.echo import EchoCanceller, FarEnd
+from engine.capture.echo import EchoCanceller, FarEnd, native_constants
 from engine.server.vad import ServerVad
 
 pytestmark = pytest.mark.timeout(60)
@@ -49,7 +52,7 @@ class Replay:
     far_handed: np.ndarray     # the reference the canceller got, mic frame by mic frame
     mic: np.ndarray
     out: np.ndarray            # what the capture process sends to the API
-    canceller: EchoCanceller
+    canceller: Any             # EchoCanceller, or the native backend's NativeCapture (its statistics' face)
     far_end: FarEnd
     energies: np.ndarray       # per mic block: the canceller's near and out energy so far (far end active)
 
@@ -60,7 +63,9 @@ class Replay:
         return float(10 * np.log10(near / max(out, 1.0)))
 
 
-def replay(room: Room, speech: np.ndarray, ring: Ring) -> Replay:
+def replay(room: Room, speech: np.ndarray, ring: Ring, mic_ring: Ring | None = None) -> Replay:
+    """The room in simulated time; with ``mic_ring``, the capture is the native backend's C step (the
+    mic's blocks pushed with their ADC times, one step each) instead of EchoCanceller.process."""
     rng = np.random.default_rng(7)
     total_ms = len(speech) // MS + 500
     played = np.zeros(total_ms * MS + RATE)          # what the speaker played, by frame of time
@@ -70,7 +75,9 @@ def replay(room: Room, speech: np.ndarray, ring: Ring) -> Replay:
     ir *= room.echo_gain
     taps = np.flatnonzero(ir)
     noise = rng.standard_normal(len(played)) * 3.0
-    far_end, canceller = FarEnd(ring), EchoCanceller()
+    far_end = FarEnd(ring)
+    canceller: Any = EchoCanceller() if mic_ring is None else native.NativeCapture(
+        mic_ring, RATE, 480, aec=True, guard_db=-6.0, far_adc=True, echo=native_constants())
     rendered = 0                                      # speech frames handed to the device
     queue_end = 0                                     # frame of time when the device's buffer runs out
     next_due_ns: int | None = None
@@ -103,9 +110,16 @@ def replay(room: Room, speech: np.ndarray, ring: Ring) -> Replay:
                     echo[480 - len(src):] += ir[k] * src
             mic = np.clip(echo + noise[a:b], -32768, 32767).astype(np.int16)
             adc_ns = BASE_NS + a * 10**9 // RATE + int(rng.normal(0, room.adc_jitter_ms) * 1e6)
-            far = far_end.take(480, adc_ns)
-            outs.append(canceller.process(mic, far, far_end.uncertain).copy())
-            handed.append(far.copy())
+            if mic_ring is None:
+                far = far_end.take(480, adc_ns)
+                outs.append(canceller.process(mic, far, far_end.uncertain).copy())
+                handed.append(far.copy())
+            else:
+                def keep(raw: np.ndarray, far: np.ndarray, sent: np.ndarray | None) -> None:
+                    handed.append(far.copy())
+                    outs.append(sent.copy() if sent is not None else raw.copy())
+                canceller.push(mic, adc_ns)
+                canceller.step(far_end, keep)
             energies.append((canceller.near_energy, canceller.out_energy))
             mics.append(mic)
             mic_at = b
@@ -142,16 +156,28 @@ def ring(request: pytest.FixtureRequest) -> Iterator[Ring]:
     Path("/dev/shm", name).unlink(missing_ok=True)
 
 
+@pytest.fixture
+def mic_ring(request: pytest.FixtureRequest) -> Iterator[Ring]:
+    name = f"realtalk-test-{os.getpid()}-mic-{request.node.name[:26]}"
+    r = Ring.create(name, 32768, with_eventfd=True)
+    yield r
+    r.close()
+    Path("/dev/shm", name).unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("capture", ["python", pytest.param("native", marks=pytest.mark.skipif(
+    not native.available(), reason=f"{native.unavailable_reason()}"))])
 @pytest.mark.parametrize("stall_ms", [60, 120, 250, 500])
 def test_a_playback_stall_leaves_the_echo_delay_as_it_was_and_nothing_passes_for_speech(
-        stall_ms: int, speech: np.ndarray, ring: Ring) -> None:
-    r = replay(Room(stalls=[(3.3, stall_ms)]), speech, ring)
+        stall_ms: int, capture: str, speech: np.ndarray, ring: Ring, mic_ring: Ring) -> None:
+    r = replay(Room(stalls=[(3.3, stall_ms)]), speech, ring, mic_ring if capture == "native" else None)
+    stats = r.canceller.stats()
     before, after = echo_delay_ms(r, 1.5, 3.2), echo_delay_ms(r, 4.5, 7.0)
     assert abs(after - before) <= 1.0, f"the stall moved the echo's delay from {before} to {after} ms"
     assert speech_heard(r.out) == [], "the model's own echo reached the API as speech"
-    assert r.canceller.guard is not None and r.canceller.guard.talks == 0
+    assert stats["talkers"] == 0
     assert r.far_end.gap_frames > 0                     # the speaker ran dry, and the far end knew
     # a stall the speaker rode out but for a few ms is no guess; a longer one is, and the guard held
-    assert r.canceller.guard.holds >= (1 if stall_ms >= 120 else 0)
+    assert stats["guard_holds"] >= (1 if stall_ms >= 120 else 0)
     erle_before, erle_after = r.erle_db(1.5, 3.2), r.erle_db(4.5, 7.0)
     assert erle_after >= erle_before - 3, f"AEC3 cancels less after the stall: {erle_before:.1f} -> {erle_after:.1f} dB"
