@@ -218,9 +218,10 @@ def test_the_capture_step_cancels_the_echo_and_writes_one_chunk_per_period(rings
 def test_the_capture_step_guards_as_the_echo_canceller_through_a_stall(rings: Any) -> None:
     """A 24 kHz device (no resampling before the canceller), the echo 40 ms late, a talker 6 dB over
     it, and two stalls (the far end zeros and uncertain): the C step and EchoCanceller.process, each
-    with the guard, hold as often and as long, find the same talker and learn the same echo path.
-    Not sample for sample: soxr dithers its int16 output, so AEC3's input differs by a bit, and a
-    block near a threshold may go either way (guarded within 5 %)."""
+    with the guard, hold as often and as long, guard as much, find the same talker and learn the
+    same echo path. AEC3 is not deterministic (nor is soxr's dither: the same input through the
+    same canceller twice gives echo paths 4 dB apart), so both get the same fixed canceller in its
+    place: it takes the known echo off. What differs is then only the dither, a bit of the input."""
     from engine.capture.echo import native_constants
     rate, period = 24000, 480
     n = rate * 10
@@ -243,9 +244,20 @@ def test_the_capture_step_guards_as_the_echo_canceller_through_a_stall(rings: An
             self.uncertain = self.pos // period in stalled
             self.pos += frames
             return far_seen[self.pos - frames:self.pos]
+
+    class FixedCanceller:   # AEC3's place at 48 kHz: the echo path known (0.3, 40 ms), no adaptation
+        def __init__(self) -> None:
+            self.past = np.zeros(1920)
+
+        def process(self, near: np.ndarray, far: np.ndarray) -> np.ndarray:
+            f = np.concatenate([self.past, far.astype(np.float64)])
+            self.past = f[-1920:]
+            return np.clip(near - 0.3 * f[:len(far)], -32768, 32767).astype(np.int16)
     mic = rings(1 << 16, eventfd=True)
     cap = native.NativeCapture(mic, rate, period, aec=True, guard_db=-6.0, far_adc=True, echo=native_constants())
+    cap.aec = FixedCanceller()
     py = EchoCanceller(guard_db=-6.0)
+    py._aec = FixedCanceller()   # type: ignore[assignment]  # AEC3's face: process(near, far)
     far_end = Far()
     for k in range(n // period):
         chunk = mic_pcm[k * period:(k + 1) * period]
@@ -256,9 +268,8 @@ def test_the_capture_step_guards_as_the_echo_canceller_through_a_stall(rings: An
     c = {k: float(v) for k, v in cap.stats().items() if v is not None}
     p = {k: float(v) for k, v in py.stats().items() if v is not None}
     assert c["guard_holds"] == p["guard_holds"] >= 2 and c["guard_held_ms"] == p["guard_held_ms"] > 0, (c, p)
-    assert c["talkers"] == p["talkers"] == 1, (c, p)
-    assert abs(c["guarded_ms"] - p["guarded_ms"]) <= 0.05 * p["guarded_ms"], (c, p)
-    assert abs(c["echo_path_db"] - p["echo_path_db"]) < 1.0 and abs(c["erle_db"] - p["erle_db"]) < 1.0, (c, p)
+    assert c["talkers"] == p["talkers"] == 1 and c["guarded_ms"] == p["guarded_ms"] > 0, (c, p)
+    assert abs(c["echo_path_db"] - p["echo_path_db"]) <= 0.1 and abs(c["erle_db"] - p["erle_db"]) <= 0.5, (c, p)
 
 
 @needs_native
