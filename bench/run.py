@@ -13,6 +13,9 @@ side by side with its reference in the same run.
                                            the console: CPU closed vs open, underruns, bus -> page, page heap (issue 11)
     python bench/run.py asr [--json]       the local server's recogniser on espeak-ng speech: word accuracy, free
                                            decoding vs expected phrases (issue 23); bench/asr.py has the options
+    python bench/run.py live [--json] [--yields N] [--utterances N]
+                                           the engine on GPT-Live: latency, yield time, underruns vs an SDK
+                                           baseline, CPU beside the floor (issue 21)
 
 Every figure's definition: bench/README.md.
 """
@@ -577,7 +580,8 @@ def bench_server() -> dict[str, Any]:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("suite", choices=["core", "server", "conversation", "faults", "console", "phone", "asr"])
+    ap.add_argument("suite", choices=["core", "server", "conversation", "faults", "console", "phone", "asr",
+                                          "live"])
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--interruptions", type=int, default=200)
     ap.add_argument("--soak-minutes", type=float, default=30.0, help="faults: the soak's length")
@@ -585,6 +589,8 @@ def main() -> int:
     ap.add_argument("--double-talk-trials", type=int, default=5, help="per level and guard setting; 0: skip")
     ap.add_argument("--minutes", type=float, default=10.0, help="console: minutes of events with the page open")
     ap.add_argument("--closed-minutes", type=float, default=None, help="console: minutes of turns before it opens")
+    ap.add_argument("--yields", type=int, default=20, help="live: times the user talks over the model")
+    ap.add_argument("--utterances", type=int, default=10, help="live: utterances at 30 ms jitter, engine and baseline")
     args = ap.parse_args()
     if args.suite == "core":
         result = {**bench_ring(), **bench_bus(), **bench_engine()}
@@ -600,6 +606,9 @@ def main() -> int:
     elif args.suite == "asr":
         from bench.asr import run as run_asr
         result = run_asr(["marin", "alloy", "cedar", "ash"])
+    elif args.suite == "live":
+        from bench.live import run as run_live
+        result = run_live(args.yields, args.utterances)
     elif args.suite == "faults":
         from bench.faults import run as run_faults
         result = run_faults(args.soak_minutes, args.fuzz)
