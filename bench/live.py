@@ -58,13 +58,14 @@ LONG = " ".join(["The sea is wide and the ships are many, and every sailor knows
 # ------------------------------------------------------------------ the engine on GPT-Live
 class LiveEngine:
     """``engine start --backend local`` on GPT-Live and the virtual devices, with a bus subscriber
-    and publisher for the bench. ``audio``: YAML flow-mapping items added to the bench's."""
+    and publisher for the bench. ``audio``: YAML flow-mapping items added to the bench's; ``model``
+    and ``extra`` (more config lines): the Realtime engine beside it, for the CPU figure."""
 
-    def __init__(self, tmp: Path, scen: Path, audio: str = "") -> None:
+    def __init__(self, tmp: Path, scen: Path, audio: str = "", model: str = MODEL, extra: str = "") -> None:
         tmp.mkdir(parents=True, exist_ok=True)
         cfg = tmp / "engine.yaml"
         self.record_dir = tmp / "rec"
-        cfg.write_text(f"model: {MODEL}\nrecord: {self.record_dir}\n"
+        cfg.write_text(f"model: {model}\nrecord: {self.record_dir}\n{extra}"
                        f"audio: {{mic: vmic, speaker: vspk, prebuffer_ms: {PREBUFFER_MS}, period_ms: {PERIOD_MS}, "
                        f"playback_period_ms: {PLAYBACK_PERIOD_MS}, echo: aec{', ' + audio if audio else ''}}}\n"
                        f"local_server: {{asr: false, scenario: {scen}}}\n")
@@ -82,7 +83,7 @@ class LiveEngine:
         threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()  # type: ignore[union-attr]
         self.conn = json.loads((tmp / "run" / "engine.json").read_text())
         for _ in range(100):   # the Live session's id comes into the connection file once it started
-            if self.conn.get("session_id"):
+            if self.conn.get("session_id") or model != MODEL:
                 break
             time.sleep(0.1)
             self.conn = json.loads((tmp / "run" / "engine.json").read_text())
@@ -238,6 +239,13 @@ class Sideband:
             rms = [r for t, r in zip(self.input_ns, self.input_rms) if from_ns <= t <= to_ns]
         return 20 * float(np.log10(max(max(rms, default=0.0), 1e-3) / 32768))
 
+    def input_first_loud_ns(self, from_ns: int, dbfs: float = -40.0) -> int | None:
+        """When the first input chunk louder than ``dbfs`` reached the sideband after ``from_ns``: about
+        when the server heard it (the server reflects each append as it takes it)."""
+        level = 32768 * 10 ** (dbfs / 20)
+        with self.lock:
+            return next((t for t, r in zip(self.input_ns, self.input_rms) if t >= from_ns and r > level), None)
+
     def resyncs(self) -> int:
         """Jumps of the track's ``start_ms`` (the ordinal still counts deltas, as the engine's ring does)."""
         with self.lock:
@@ -377,6 +385,15 @@ def align(monitor: np.ndarray, track: np.ndarray, a: int, b: int, lo: int, hi: i
     return lo_m + best - a, float(score[best])
 
 
+def first_onset(monitor: np.ndarray) -> int | None:
+    """The first sample of the monitor louder than QUIET after at least 50 ms no louder than it."""
+    loud = np.flatnonzero(np.abs(monitor.astype(np.int32)) > QUIET)
+    if not len(loud):
+        return None
+    onsets = np.concatenate(([loud[0]], loud[1:][np.diff(loud) > 1200]))
+    return int(onsets[0])
+
+
 def silent_from(monitor: np.ndarray, start: int, threshold: float) -> int | None:
     """Where the model's audio goes silent in the monitor after ``start``: the end of the last
     1 ms whose RMS is above ``threshold`` before the first run of at least SILENT_RUN_MS no
@@ -475,29 +492,48 @@ def bench_latency_and_yields(tmp: Path, yields: int) -> dict[str, Any]:
     underruns = [b for t, b in eng.log if t == "playout.underrun"]
     cadence = eng.logged("playback.cadence")
 
-    # every delta's wait in the engine: received (the sideband's arrival) -> its first frame handed to the device
+    # every delta's wait in the engine: received (the sideband's arrival) -> its first frame handed to the
+    # device; and the same less the track's shift then (what playback's stalls inserted and the
+    # continuous track keeps: the engine's own wait against the track's schedule)
     d2d: list[float] = []
+    d2d_less_shift: list[float] = []
     for t_ns, n in zip(side.recv_ns, side.ordinal):
-        handed = clock.handed_ns(n * OUTPUT_CHUNK_SAMPLES)
-        if handed is not None:
-            d2d.append((handed - t_ns) / 1e6)
-    shifts = [clock.shift_ns(clock.t[-1] - 5e8)] if len(clock.t) else [None]
+        plain = f_ns + n * OUTPUT_CHUNK_MS * 1e6
+        shift = clock.shift_ns(plain)
+        if shift is not None:
+            d2d.append((plain + shift - t_ns) / 1e6)
+            d2d_less_shift.append((plain - t_ns) / 1e6)
+    shift_end = clock.shift_ns(float(clock.t[-1]) - 5e8) if len(clock.t) else None
 
     # each yield: where the monitor goes silent, as a track frame (the monitor aligned on the track's
-    # last 200 ms before the cut), put on the hand-off clock
+    # last 200 ms before the cut, searched near where the hand-off clock puts it: the story is the
+    # same each time), put on the hand-off clock
     results: list[dict[str, Any]] = []
-    lag: int | None = None
+    c0: float | None = None   # monitor position - track frame - shift (frames), from the first story's onset
+    first_sound = first_onset(recording)
     for tr in trials:
-        if not tr["yielded"]:
+        if c0 is None and first_sound is not None:
+            i_on = tr["onset"]
+            k = int(np.argmax(np.abs(side.pcm[i_on].astype(np.int32)) > QUIET))
+            onset = (side.ordinal[i_on] - n0) * OUTPUT_CHUNK_SAMPLES + k
+            got = align(recording, track, onset - 2400, onset + 4800, first_sound - onset - RATE // 4,
+                        first_sound - onset + RATE // 4)
+            shift = clock.shift_ns(f_ns + (onset + base) / RATE * 1e9)
+            if got is not None and shift is not None:
+                c0 = got[0] - shift / 1e9 * RATE
+        if not tr["yielded"] or c0 is None:
             continue
         y = tr["yield"]
         cut = (side.ordinal[y] - n0) * OUTPUT_CHUNK_SAMPLES            # the track's first silent frame
-        span = (-RATE, len(recording)) if lag is None else (lag - RATE, lag + RATE)
-        got = align(recording, track, cut - 4800, cut, *span)
+        shift = clock.shift_ns(f_ns + (cut + base) / RATE * 1e9)
+        if shift is None:
+            continue
+        expect = int(c0 + shift / 1e9 * RATE)
+        got = align(recording, track, cut - 4800, cut, expect - RATE // 4, expect + RATE // 4)
         if got is None:
             continue
         lag = got[0]
-        u_frame = (tr["user_ns"] - f_ns) / 1e9 * RATE - base           # about where the user began, on the track
+        u_frame = (tr["user_ns"] - f_ns - shift) / 1e9 * RATE - base   # about where the user began, on the track
         sil = silent_from(recording, max(0, int(u_frame + lag)), 0.01 * story_rms)
         if sil is None or abs(sil - (cut + lag)) > RATE // 2:
             continue   # silent elsewhere than where the track was cut: not this yield's silence
@@ -506,9 +542,12 @@ def bench_latency_and_yields(tmp: Path, yields: int) -> dict[str, Any]:
             continue
         prev = np.flatnonzero(np.abs(side.pcm[y - 1].astype(np.int32)) > QUIET)
         track_last = cut - OUTPUT_CHUNK_SAMPLES + (int(prev[-1]) + 1 if len(prev) else 0)
-        results.append({"yield_ms": (silent_ns - tr["user_ns"]) / 1e6,
+        engine_ms = (silent_ns - side.recv_ns[y]) / 1e6
+        heard_ns = side.input_first_loud_ns(tr["user_ns"])
+        results.append({"user_at_server_ms": (heard_ns - tr["user_ns"]) / 1e6 if heard_ns else None,
+                        "yield_ms": (silent_ns - tr["user_ns"]) / 1e6,
                         "server_ms": (side.recv_ns[y] - tr["user_ns"]) / 1e6,
-                        "engine_ms": (silent_ns - side.recv_ns[y]) / 1e6,
+                        "engine_ms": engine_ms, "engine_less_shift_ms": engine_ms - shift / 1e6,
                         "monitor_vs_track_ms": (sil - lag - track_last) / 24,
                         "user_heard_dbfs": side.input_dbfs(tr["user_ns"], tr["user_ns"] + 1_500_000_000)})
     late = delta_lateness_ms(side.recv_ns, side.ordinal)
@@ -523,23 +562,30 @@ def bench_latency_and_yields(tmp: Path, yields: int) -> dict[str, Any]:
         np.save(dump / "live-track.npy", track)
         (dump / "live-run.json").write_text(json.dumps({
             "f_ns": f_ns, "n0": n0, "trials": trials, "recv_ns": side.recv_ns, "ordinal": side.ordinal,
-            "results": results, "d2d": d2d, "positions": list(zip(clock.t.tolist(), clock.bound.tolist()))}, default=str))
+            "results": results, "d2d": d2d, "c0": c0,
+            "positions": list(zip(clock.t.tolist(), clock.bound.tolist()))}, default=str))
     ys = [r["yield_ms"] for r in results]
     servers = [r["server_ms"] for r in results]
     engines = [r["engine_ms"] for r in results]
     engine_p99 = pct(engines, 99)
+    engines_less = [r["engine_less_shift_ms"] for r in results]
     underflows = (cadence[-1].get("device_underflows", 0) - cadence[0].get("device_underflows", 0)) if cadence else None
     return {
         "engine_mic_to_socket_ms_p50": mic.get("p50_ms"), "engine_mic_to_socket_ms_p99": mic.get("p99_ms"),
         "engine_delta_to_device_ms_p50": pct(d2d, 50), "engine_delta_to_device_ms_p99": d2d_p99,
         "engine_delta_to_device_ms_max": round(max(d2d), 2) if d2d else None,
         "engine_delta_to_device_deltas": len(d2d),
+        "engine_delta_to_device_less_shift_ms_p50": pct(d2d_less_shift, 50),
+        "engine_delta_to_device_less_shift_ms_p99": pct(d2d_less_shift, 99),
+        "engine_added_latency_less_shift_ms_p99": round(mic["p99_ms"] + pct(d2d_less_shift, 99) - PREBUFFER_MS, 2)
+        if mic.get("p99_ms") is not None and d2d_less_shift else None,
         "engine_added_latency_ms_p99": added, "engine_added_latency_goal_ms": 5.0,
         "engine_stream_start_wait_beyond_prebuffer_ms": round(stream_wait_ms - PREBUFFER_MS, 2),
-        "engine_track_shift_ms_at_end": round(shifts[-1] / 1e6, 2) if shifts[-1] is not None else None,
+        "engine_track_shift_ms_at_end": round(shift_end / 1e6, 2) if shift_end is not None else None,
         "handoff_clock_constant_ms": round(clock.zero / 1e6, 2),
         "engine_output_latency_ms": out_latency_ms,
         "engine_device_underflows_no_jitter": underflows,
+        "engine_callback_interval_ms_max_no_jitter": max((c.get("interval_ms_max", 0) for c in cadence), default=None),
         "engine_underruns_reported_no_jitter": len(underruns),
         "engine_stretch_ms_no_jitter": (cadence[-1].get("expanded_ms", 0) + cadence[-1].get("accelerated_ms", 0))
         if cadence else None,
@@ -548,10 +594,13 @@ def bench_latency_and_yields(tmp: Path, yields: int) -> dict[str, Any]:
         "yield_measured": len(results),
         "yield_ms_p50": pct(ys, 50), "yield_ms_p99": pct(ys, 99), "yield_ms_max": round(max(ys), 2) if ys else None,
         "yield_server_ms_p50": pct(servers, 50), "yield_server_ms_p99": pct(servers, 99),
+        "yield_user_at_server_ms_p50": pct([r["user_at_server_ms"] for r in results if r["user_at_server_ms"]], 50),
         "yield_engine_part_ms_p50": pct(engines, 50), "yield_engine_part_ms_p99": engine_p99,
         "yield_engine_part_ms_max": round(max(engines), 2) if engines else None,
         "yield_engine_part_beyond_prebuffer_ms_p99": round(engine_p99 - PREBUFFER_MS, 2)
         if engine_p99 is not None else None,
+        "yield_engine_part_less_shift_ms_p50": pct(engines_less, 50),
+        "yield_engine_part_less_shift_ms_p99": pct(engines_less, 99),
         "yield_engine_part_goal_ms": 15.0,
         "yield_monitor_vs_track_ms_max": round(max(abs(r["monitor_vs_track_ms"]) for r in results), 2)
         if results else None,
@@ -708,14 +757,45 @@ CPU_WINDOWS = 3
 CPU_WINDOW_S = 6.0
 
 
+def cpu_windows(eng: LiveEngine) -> list[tuple[dict[str, float], dict[str, float], float, float]]:
+    """CPU_WINDOWS windows of ``bench/run.py core``'s measure, the floor (bench/floor.py) running beside
+    the engine and measured in the same windows: (engine by process, floor by side, start, end)."""
+    from bench.floor import running
+    windows = []
+    with running(48000, 20, 10, eng.env) as floor_pids:
+        for _ in range(CPU_WINDOWS):
+            by_name, t0, t1 = cpu_window(eng.proc, eng.conn, CPU_WINDOW_S, floor_pids)
+            windows.append(({k: v for k, v in by_name.items() if k not in floor_pids},
+                            {k: by_name[k] for k in floor_pids}, t0, t1))
+    return windows
+
+
+def cpu_figures(prefix: str, windows: list[tuple[dict[str, float], dict[str, float], float, float]]) -> dict[str, Any]:
+    import statistics
+    from bench.floor import figures
+    totals = [round(sum(w[0].values()), 2) for w in windows]
+    floors = [figures(w[1])["floor_cpu_percent_of_one_core"] for w in windows]
+    above = [round(t - f, 2) for t, f in zip(totals, floors)]
+    mid = sorted(range(len(windows)), key=lambda i: totals[i])[len(windows) // 2]
+    return {f"{prefix}engine_cpu_percent_of_one_core_streaming": statistics.median(totals),
+            f"{prefix}engine_cpu_percent_of_one_core_streaming_runs": totals,
+            f"{prefix}engine_cpu_percent_by_process": windows[mid][0],
+            f"{prefix}floor_cpu_percent_of_one_core": statistics.median(floors),
+            f"{prefix}floor_cpu_percent_of_one_core_runs": floors,
+            f"{prefix}engine_cpu_percent_above_floor": statistics.median(above),
+            f"{prefix}engine_cpu_percent_above_floor_runs": above}
+
+
 def bench_cpu(tmp: Path) -> dict[str, Any]:
     """``bench/run.py core``'s real path (48 kHz device: soxr both ways, AEC3, echo path 60 %) on
     GPT-Live: three 6 s windows while the model speaks, the floor beside it in the same windows,
-    then one window while the track is silent (the mic and the track still stream)."""
-    import statistics
-    from bench.floor import figures, running
+    then one window while the track is silent (the mic and the track still stream); then the
+    same windows for a Realtime engine on the same path answering a ``cmd.say`` (``bench core``'s
+    own run), side by side in the same run."""
     scen = tmp / "cpu.yaml"
-    scen.write_text('default_reply: "Okay."\n')
+    scen.write_text(f'default_reply: "{LONG}"\n')
+    out: dict[str, Any] = {"engine_cpu_path": "PyAudio on PulseAudio null sinks, device 48 kHz (soxr), echo aec, "
+                                              "echo path 60 %", "engine_cpu_window_s": CPU_WINDOW_S}
     vaudio("echo-on", "60%")
     try:
         eng = LiveEngine(tmp / "p3", scen, audio="device_rate_hz: 48000")
@@ -724,41 +804,37 @@ def bench_cpu(tmp: Path) -> dict[str, Any]:
             eng.commentary(LONG, f"cpu-{time.monotonic_ns()}")
             eng.wait("model.transcript.delta", 20, since=mark)
             eng.pump(1.5)
-            windows = []
-            with running(48000, 20, 10, eng.env) as floor_pids:
-                for _ in range(CPU_WINDOWS):
-                    by_name, t0, t1 = cpu_window(eng.proc, eng.conn, CPU_WINDOW_S, floor_pids)
-                    windows.append(({k: v for k, v in by_name.items() if k not in floor_pids},
-                                    {k: by_name[k] for k in floor_pids}, t0, t1))
+            windows = cpu_windows(eng)
             eng.pump(0.3)
             first_t0, last_t1 = windows[0][2], windows[-1][3]
-            broke = [b for t, b in eng.log[mark:] if (t == "model.transcript.done" or t == "playout.underrun")
-                     and first_t0 <= b.get("mono_ns", 0) / 1e9 <= last_t1]
+            out["engine_cpu_model_speaking_whole_window"] = not [
+                b for t, b in eng.log[mark:] if t in ("model.transcript.done", "playout.underrun")
+                and first_t0 <= b.get("mono_ns", 0) / 1e9 <= last_t1]
             eng.wait("model.transcript.done", 120)   # the long utterance ends
             eng.pump(2.0)
             silent, _, _ = cpu_window(eng.proc, eng.conn, CPU_WINDOW_S)
+            out["engine_cpu_percent_of_one_core_model_silent"] = round(sum(silent.values()), 2)
         finally:
             eng.stop()
+        out.update(cpu_figures("", windows))
+        rt = LiveEngine(tmp / "p3-realtime", scen, audio="device_rate_hz: 48000", model="gpt-realtime",
+                        extra="session: {turn_detection: null, transcription: null}\n")
+        try:
+            mark = len(rt.log)
+            rt.pub.publish("cmd.say", {"text": "Tell me about the sea.", "id": f"cpu-rt-{time.monotonic_ns()}"})
+            rt.wait("playout.started", 20, since=mark)
+            rt.pump(1.5)
+            windows = cpu_windows(rt)
+            rt.pump(0.3)
+            first_t0, last_t1 = windows[0][2], windows[-1][3]
+            out["realtime_engine_cpu_reply_streaming_whole_window"] = not [
+                b for t, b in rt.log[mark:] if t in ("playout.stopped", "playout.interrupted", "playout.underrun")
+                and first_t0 <= b.get("mono_ns", 0) / 1e9 <= last_t1]
+        finally:
+            rt.stop()
+        out.update(cpu_figures("realtime_", windows))
     finally:
         vaudio("echo-off")
-    totals = [round(sum(w[0].values()), 2) for w in windows]
-    floors = [figures(w[1])["floor_cpu_percent_of_one_core"] for w in windows]
-    above = [round(t - f, 2) for t, f in zip(totals, floors)]
-    mid = sorted(range(len(windows)), key=lambda i: totals[i])[len(windows) // 2]
-    out: dict[str, Any] = {
-        "engine_cpu_percent_of_one_core_streaming": statistics.median(totals),
-        "engine_cpu_percent_of_one_core_streaming_runs": totals,
-        "engine_cpu_percent_by_process": windows[mid][0],
-        "engine_cpu_window_s": round(windows[mid][3] - windows[mid][2], 2),
-        "engine_cpu_model_speaking_whole_window": not broke,
-        "engine_cpu_path": "PyAudio on PulseAudio null sinks, device 48 kHz (soxr), echo aec, echo path 60 %",
-        "floor_cpu_percent_of_one_core": statistics.median(floors),
-        "floor_cpu_percent_of_one_core_runs": floors,
-        "engine_cpu_percent_above_floor": statistics.median(above),
-        "engine_cpu_percent_above_floor_runs": above,
-        "engine_cpu_percent_of_one_core_model_silent": round(sum(silent.values()), 2),
-    }
-    out.update({k: v for k, v in figures(windows[mid][1]).items() if k != "floor_cpu_percent_of_one_core"})
     return out
 
 
