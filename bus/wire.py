@@ -25,7 +25,8 @@ LAST_VALUE_TOPICS = ("engine.status", "session.config", "cost.session", "engine.
 #: acks each at once and holds it until that process has taken it
 COMMAND_TOPICS = ("cmd.say", "cmd.respond", "cmd.cancel", "cmd.input.commit", "cmd.input.clear", "cmd.mic",
                   "cmd.session.update", "cmd.tool.register", "cmd.tool.unregister", "cmd.tool.result",
-                  "cmd.instructions", "cmd.commentary")   # the last two: GPT-Live context (docs/live.md)
+                  "cmd.instructions", "cmd.commentary",   # GPT-Live context (docs/live.md)
+                  "cmd.sip.refer", "cmd.sip.hangup", "cmd.dtmf")   # a SIP call's control (engine sip, docs/sip.md)
 #: a command's receipt, at once: ``id``, ``ok``, ``state`` (queued, accepted, taken, refused), ``topic``
 ACK_TOPIC = "cmd.ack"
 #: a command's outcome, from the process that carried it out: ``id``, ``ok``, ``item_id`` or ``error``, ...

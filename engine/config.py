@@ -22,6 +22,12 @@ DEFAULTS: dict[str, Any] = {
     "model": "gpt-realtime",
     "api_key_env": "OPENAI_API_KEY",
     "openai_url": "wss://api.openai.com/v1/realtime",
+    # which service (engine/providers.py, docs/providers.md); null: as `backend` says
+    "provider": None,
+    "auth_header": None,
+    "azure": {"endpoint": None, "deployment": None, "auth": "api-key", "api_key_env": "AZURE_OPENAI_API_KEY",
+              "token_env": "AZURE_OPENAI_AD_TOKEN"},
+    "xai": {"url": "wss://api.x.ai/v1/realtime", "api_key_env": "XAI_API_KEY"},
     "session": {
         "instructions": "You are a helpful, concise voice assistant.",
         "voice": "marin",
@@ -58,6 +64,9 @@ DEFAULTS: dict[str, Any] = {
               "public_url": None,
               # per connection: frame size, message rate, time to start, time with nothing received
               "max_frame_bytes": 65536, "max_messages_per_s": 200, "start_timeout_s": 5.0, "idle_timeout_s": 60.0},
+    # engine sip: OpenAI's SIP calls through signed webhooks (docs/sip.md)
+    "sip": {"host": "127.0.0.1", "port": 8767, "path": "/openai/webhook", "max_calls": 100, "no_route_status": 404,
+            "routes": []},
     "budget_usd": None,
     "session_recycle_s": 3300.0,
     "reply_audio": False,
@@ -69,6 +78,12 @@ DEFAULTS: dict[str, Any] = {
 _NUM = (int, float)
 RULES: dict[str, tuple[tuple[type, ...], tuple[Any, ...] | None]] = {
     "backend": ((str,), ("auto", "local", "openai")),
+    "provider": ((str, type(None)), (None, "openai", "azure", "xai", "local")),
+    "auth_header": ((str, type(None)), None),
+    "azure.endpoint": ((str, type(None)), None),
+    "azure.deployment": ((str, type(None)), None),
+    "azure.auth": ((str,), ("api-key", "entra")),
+    "sip.no_route_status": ((int,), (404, 603)),
     "session.voice": ((str,), None),   # checked against the model's API: REALTIME_VOICES or LIVE_VOICES
     "session.output_modalities": ((list,), (["audio"], ["text"])),
     "session.turn_detection": ((dict, type(None)), None),
@@ -125,6 +140,8 @@ RULES: dict[str, tuple[tuple[type, ...], tuple[Any, ...] | None]] = {
 _OPEN_KEYS = {"session.turn_detection": set(_TD) | {"eagerness", "idle_timeout_ms"},
               "session.transcription": {"model", "language", "prompt", "languages", "keywords", "delay"}}
 
+#: xAI's Grok voices (case-insensitive; docs.x.ai, pipecat; more via GET /v1/tts/voices)
+XAI_VOICES = ("eve", "ara", "rex", "sal", "leo")
 REALTIME_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar")
 #: openai.types.live BuiltInVoice; GPT-Live refuses fable, nova and onyx
 LIVE_VOICES = ("alloy", "ash", "ballad", "beacon", "bossa", "cedar", "cinder", "coral", "delta", "echo", "gleam",
@@ -240,6 +257,10 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str,
     check_priced(cfg["model"])   # the price table is part of the config's check
     if is_live_model(cfg["model"]):
         _check_live_session(cfg["session"], cfg["model"])
+    elif cfg.get("provider") == "xai":
+        if cfg["session"]["voice"].lower() not in XAI_VOICES:   # xAI also has custom voices: a clear refusal first
+            raise ConfigError(f"config key 'session.voice': {cfg['session']['voice']!r} is not one of xAI's: "
+                              f"{', '.join(XAI_VOICES)}")
     else:
         if cfg["session"]["voice"] not in REALTIME_VOICES:
             raise ConfigError(f"config key 'session.voice': {cfg['session']['voice']!r} is not one of: "
@@ -334,7 +355,10 @@ def _lookup(tree: dict[str, Any], parts: list[str]) -> Any:
 
 
 def resolve_backend(cfg: dict[str, Any]) -> str:
-    """'local' or 'openai': auto picks openai when the API key variable is set."""
+    """'local' or 'openai' (any remote provider): ``provider`` when set; else auto picks openai when
+    the API key variable is set."""
+    if cfg.get("provider"):
+        return "local" if cfg["provider"] == "local" else "openai"
     if cfg["backend"] != "auto":
         return cfg["backend"]
     return "openai" if os.environ.get(cfg["api_key_env"]) else "local"

@@ -476,3 +476,56 @@ def shot(page: Any, name: str) -> Path:
     page.screenshot(path=str(path), full_page=True)
     print(f"console screenshot: {path}")
     return path
+
+
+# ---------------------------------------------------------------- SIP (engine.server.sip, engine.sip)
+class WebhookSink:
+    """An HTTP endpoint on 127.0.0.1 that keeps every delivery it gets (``deliveries``, an asyncio
+    queue of :class:`engine.httpio.HttpRequest`) and answers ``status``. Use inside a running loop."""
+
+    def __init__(self, status: int = 200) -> None:
+        import asyncio
+        self.status = status
+        self.deliveries: "asyncio.Queue[Any]" = asyncio.Queue()
+        self.server: Any = None
+        self.url = ""
+
+    async def start(self) -> str:
+        from engine.httpio import HttpResponse, serve_http
+
+        async def handler(req: Any) -> Any:
+            await self.deliveries.put(req)
+            return HttpResponse(self.status)
+        self.server = await serve_http(handler, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/webhook"
+        return self.url
+
+    async def take(self, n: int, timeout_s: float = 10.0) -> list[Any]:
+        import asyncio
+        return [await asyncio.wait_for(self.deliveries.get(), timeout_s) for _ in range(n)]
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+async def place_call(base_http: str, key: str = "x", **body: Any) -> dict[str, Any]:
+    """Ring the application through the local server's stand-in (``POST /v1/x/sip/calls``)."""
+    from engine.httpio import request
+    resp = await request("POST", f"{base_http}/x/sip/calls", json_body=body, headers={"authorization": f"Bearer {key}"})
+    assert resp.status == 201, resp.body
+    return dict(resp.parsed())
+
+
+async def call_report(base_http: str, call_id: str, wait_ended: bool = False, timeout_s: float = 30.0,
+                      key: str = "x") -> dict[str, Any]:
+    """A stand-in call's report; with ``wait_ended``, once it has ended (or ``timeout_s`` passed)."""
+    import time as _time
+    from engine.httpio import request
+    deadline = _time.monotonic() + timeout_s
+    while True:
+        resp = await request("GET", f"{base_http}/x/sip/calls/{call_id}" + ("?wait=ended" if wait_ended else ""),
+                             headers={"authorization": f"Bearer {key}"}, timeout_s=timeout_s)
+        rep = dict(resp.parsed())
+        if not wait_ended or rep["phase"] not in ("ringing", "answered") or _time.monotonic() > deadline:
+            return rep

@@ -33,7 +33,7 @@ def test_the_replayed_history_reaches_the_server_before_anything_sent_during_the
     eng = start_engine("--text-only", "--scenario", str(scenario))
     conn = eng.conn
     sub = Subscriber(conn["subscribe"], ["engine.status", "server.session.created", "server.conversation.item.added",
-                                         "cmd.ack", "conversation.history"])
+                                         "cmd.done", "conversation.history"])
     pub = Publisher(conn["publish"], "test")
     pub.join(conn["subscribe"])
     seen: list[tuple[str, dict[str, Any]]] = []
@@ -48,9 +48,10 @@ def test_the_replayed_history_reaches_the_server_before_anything_sent_during_the
         time.sleep(0.001)
     back = wait_topic(sub, "engine.status", timeout=10, seen=seen, where=lambda b: b.get("state") == "reconnected")
     assert back["history_items"] >= HISTORY_NOTES
-    acked = {f"outage-{i}" for i in range(OUTAGE_SAYS)}
-    while acked:
-        acked.discard(wait_topic(sub, "cmd.ack", timeout=10, seen=seen, where=lambda b: b.get("id") in acked)["id"])
+    added = {f"outage-{i}" for i in range(OUTAGE_SAYS)}   # each say's item added (cmd.done; its ack came at once)
+    added -= {b.get("id") for t, b in seen if t == "cmd.done"}
+    while added:
+        added.discard(wait_topic(sub, "cmd.done", timeout=10, seen=seen, where=lambda b: b.get("id") in added)["id"])
     # the new session's items, in the order the server took them
     sessions = [i for i, (t, _) in enumerate(seen) if t == "server.session.created"]
     assert sessions, "the new session's session.created was not seen"

@@ -675,9 +675,24 @@ def test_a_user_turn_without_a_transcript_is_replayed_as_such() -> None:
 
 def test_a_command_id_that_is_not_a_string_is_refused() -> None:
     h = connected()
-    acts = h.cmd("cmd.say", {"text": "x", "id": 5})
+    acts = h.cmd("cmd.say", {"text": "x", "id": 5})   # no ack can name it: the core reports it
     assert "'id' must be a non-empty string" in published(acts, "engine.error")[0]["message"]
     assert not sent(acts)
+
+
+def test_an_unknown_command_the_intake_refused_is_not_reported_again() -> None:
+    """The broker's intake refuses an unknown cmd.* topic on its cmd.ack (naming the known ones);
+    the core, which sees the same message live, counts it and stays silent (issue 23 point 7:
+    each malformed bus message is reported once)."""
+    from bus.intake import Intake
+    h = connected()
+    acts = h.cmd("cmd.bogus", {"id": "b1"})
+    assert not published(acts, "engine.error") and not published(acts, "cmd.done") and not sent(acts)
+    assert h.core.malformed_commands == 1
+    ack = Intake().command("cmd.bogus", {"id": "b1"}, [b"", b""], 0.0)
+    assert ack is not None and ack["ok"] is False and "unknown command 'cmd.bogus'" in ack["error"]
+    (err,) = published(h.cmd("cmd.bogus", {}), "engine.error")   # with no id the intake cannot say it
+    assert "unknown command topic 'cmd.bogus'" in err["message"]
 
 
 def test_a_tool_answer_to_a_call_made_before_a_restart_still_reaches_the_model() -> None:

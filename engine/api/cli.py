@@ -1,4 +1,4 @@
-"""The ``engine`` command: start, stop, status, devices, serve, say, tail, log, demo, console, phone."""
+"""The ``engine`` command: start, stop, status, devices, serve, say, tail, log, demo, console, phone, sip."""
 from __future__ import annotations
 
 import argparse
@@ -69,6 +69,21 @@ def cmd_phone(args: argparse.Namespace) -> int:
              "path": args.path or ph["path"]}
     sup = Supervisor(cfg, phone=phone)
     print(f"realtalk: phone bridge with backend {resolve_backend(cfg)}, model {cfg['model']}")
+    sup.start()
+    print(f"realtalk: connection file {sup.status()['connection_file']}; Ctrl-C or `engine stop` to end", flush=True)
+    return sup.run()
+
+
+def cmd_sip(args: argparse.Namespace) -> int:
+    """OpenAI SIP calls (docs/sip.md): an engine whose only child answers the calls' webhooks."""
+    from engine.config import resolve_backend
+    from engine.supervisor.process import Supervisor
+    cfg = _load_cfg(args)
+    sc = cfg["sip"]
+    sip = {"host": args.host or sc["host"], "port": sc["port"] if args.port is None else args.port,
+           "path": args.path or sc["path"]}
+    sup = Supervisor(cfg, sip=sip)
+    print(f"realtalk: SIP calls with backend {resolve_backend(cfg)}")
     sup.start()
     print(f"realtalk: connection file {sup.status()['connection_file']}; Ctrl-C or `engine stop` to end", flush=True)
     return sup.run()
@@ -155,6 +170,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"state {status['state']}  backend {status['backend']}  model {status['model']}  session {status.get('session_id')}")
     print(f"console {console['url']}" if console else "console: not running (engine console)")
+    if status.get("sip"):
+        sp_ = status["sip"]
+        print(f"sip {sp_.get('url')}  calls {len(sp_.get('calls') or [])}  accepted {sp_.get('accepted', 0)}  "
+              f"rejected {sp_.get('rejected', 0)}  refused webhooks {sp_.get('refused', 0)}")
+        for c in sp_.get("calls") or []:
+            print(f"  call {c['sip_call_id']}  {c['api']}  {c['duration_s']:.0f} s  ${c['usd']:.4f}  from {c.get('from')}")
     if status.get("phone"):
         ph = status["phone"]
         print(f"phone {ph.get('url')}  calls {len(ph.get('calls') or [])}")
@@ -193,7 +214,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     max_session_s=args.max_session_s)
     cfg = ServerConfig(host=args.host, port=args.port, speed=args.speed, api_key=args.require_key,
                        asr=not args.no_asr, scenario=load_scenario(args.scenario), faults=faults,
-                       listen_fd=args.listen_fd)
+                       listen_fd=args.listen_fd, dialect=args.dialect)
     return run(cfg)
 
 
@@ -399,6 +420,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--speed", type=float, help="local server speech speed-up (tests)")
     s.set_defaults(func=cmd_phone)
 
+    s = sp.add_parser("sip", help="answer OpenAI SIP calls through signed webhooks (prints the http:// URL)")
+    s.add_argument("--config")
+    s.add_argument("--backend", choices=["local", "openai"])
+    s.add_argument("--model")
+    s.add_argument("--host", help="address to listen on (sip.host)")
+    s.add_argument("--port", type=int, help="port (sip.port; 0: a free port)")
+    s.add_argument("--path", help="the webhook URL's path (sip.path, default /openai/webhook)")
+    s.add_argument("--instructions")
+    s.add_argument("--voice")
+    s.add_argument("--scenario", help="local server scenario file")
+    s.add_argument("--speed", type=float, help="local server speech speed-up (tests)")
+    s.set_defaults(func=cmd_sip)
+
     s = sp.add_parser("stop", help="stop the running engine")
     s.add_argument("--timeout", type=float, default=10.0)
     s.set_defaults(func=cmd_stop)
@@ -423,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--drop-after-s", type=float, default=None, help="drop each connection after this long")
     s.add_argument("--drop-code", type=int, default=1006, choices=[1001, 1006, 1011])
     s.add_argument("--max-session-s", type=float, default=3600.0)
+    s.add_argument("--dialect", default="openai", choices=["openai", "azure", "xai"],
+                   help="speak as this provider (docs/providers.md): Azure's URLs and api-key, or xAI's dialect")
     s.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_serve)
 

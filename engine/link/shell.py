@@ -40,6 +40,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from engine.link.backends import Backend, ProtocolCore
+from engine.realtime.dialects import Dialect, DialectError
 from engine.link.policy import (Cause, Close, Connect, ConnectFailure, Fatal, LinkAction, LinkPolicy, LinkRules,
                                 LinkState, ToCore, Wait)
 from engine.realtime.records import (Action, EndOfAudio, Flush, Input, MicAudio, Play, Publish, Reconnect, Send,
@@ -116,8 +117,11 @@ class ApiLink:
     def __init__(self, backend: Backend, core: ProtocolCore, host: LinkHost, url: str,
                  headers: Mapping[str, str], rules: LinkRules, *, name: str = "api",
                  audio_latency: Latency | None = None,
-                 on_error: Callable[[BaseException], None] | None = None) -> None:
+                 on_error: Callable[[BaseException], None] | None = None,
+                 dialect: Dialect | None = None) -> None:
         self.backend = backend
+        #: the provider's dialect, translated at the wire (engine.realtime.dialects): the core sees GA only
+        self.dialect = dialect if dialect is not None else Dialect()
         self.core = core
         self.host = host
         self.url = url
@@ -197,7 +201,8 @@ class ApiLink:
                 out = self._out
                 if out is None:
                     continue   # no socket: the core settles it when it hears Disconnected
-                if not out.put(json.dumps(act.event)):
+                wire = self.dialect.outgoing(act.event)
+                if wire is not None and not out.put(json.dumps(wire)):
                     self._api_stuck()
                 r = self.host.perform(Publish("client." + act.event["type"], act.event), now)
                 if r is not None:
@@ -386,7 +391,12 @@ class ApiLink:
                 self.event_in_s = in_s
                 self.host.received(event, in_s)
                 try:
-                    self.step(ServerEvent(event))
+                    for ga in self.dialect.incoming(event, in_s):
+                        self.step(ServerEvent(ga))
+                except DialectError as exc:
+                    self.host.perform(Publish("engine.error", {"source": "api", "code": "unknown_server_event",
+                                                               "provider": self.dialect.provider,
+                                                               "message": str(exc)}), in_s)
                 finally:
                     self.event_in_s = 0.0
         except ConnectionClosed as exc:

@@ -56,6 +56,7 @@ from engine.phone.twilio import (FRAME_BYTES, MEDIA_RATE_HZ, DtmfMsg, MarkMsg, M
 from engine.link.backends import ProtocolCore, backend_for
 from engine.link.policy import LinkRules
 from engine.link.shell import ApiLink
+from engine.realtime.dialects import dialect_for
 from engine.realtime.records import Command, EndOfAudio, Flush, Input, MicAudio, Play, PlaybackReport, Publish
 from engine.wsio import LATE_S as LATE_S, OUTGOING_MAX as OUTGOING_MAX, Latency as Latency, Outgoing as Outgoing
 
@@ -268,7 +269,8 @@ class Call:
         self.link = ApiLink(b.backend, core, self, b.api_url, b.api_headers,
                             LinkRules(b.api_url.split("?")[0], key_env=b.key_env, max_tries=API_RECONNECT_TRIES,
                                       recycle_after_s=b.recycle_after_s, hint=UNREACHABLE_HINT),
-                            name=f"api {self.id}", audio_latency=self.in_latency, on_error=self.fail)
+                            name=f"api {self.id}", audio_latency=self.in_latency, on_error=self.fail,
+                            dialect=dialect_for(b.provider, b.model, b.deployment))
         b.publish(self, "phone.call.started", {"call_sid": msg.call_sid, "stream_sid": msg.stream_sid,
                                                "account_sid": msg.account_sid, "tracks": list(msg.tracks),
                                                "custom_parameters": msg.custom_parameters})
@@ -536,7 +538,9 @@ class PhoneBridge:
         key_env = spec.get("api_key_env")
         if key_env and os.environ.get(key_env):
             self.api_headers["Authorization"] = f"Bearer {os.environ[key_env]}"
-        self.key_env: str = key_env or "OPENAI_API_KEY"
+        self.key_env: str = spec.get("key_env") or key_env or "OPENAI_API_KEY"
+        self.provider: str = spec.get("provider") or "openai"
+        self.deployment: str | None = spec.get("deployment")
         self.sub_endpoint: str = spec["bus"]["subscribe"]
         self.pub = publisher or Publisher(spec["bus"]["publish"], f"phone:{os.getpid()}")
         self.calls: dict[str, Call] = {}

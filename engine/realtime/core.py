@@ -92,7 +92,8 @@ class RealtimeCore:
 
     def __init__(self, model: str, session_config: Mapping[str, Any], *, start_index: int = 0,
                  barge_in: bool = True, min_speech_ms: int = 0, budget_usd: float | None = None,
-                 new_id: Callable[[str], str] = new_id, audio_format: str = "audio/pcm") -> None:
+                 new_id: Callable[[str], str] = new_id, audio_format: str = "audio/pcm",
+                 keeps_session: bool = False) -> None:
         if audio_format not in AUDIO_FORMATS:
             raise ConfigError(f"audio_format {audio_format!r} is not one of {', '.join(AUDIO_FORMATS)}")
         #: what Play / MicAudio / ring indices count: PCM16 24 kHz frames, or G.711 8 kHz bytes (phone calls)
@@ -126,6 +127,8 @@ class RealtimeCore:
         self.errors = 0
         self.malformed_commands = 0
         self.handler_failures = 0
+        #: the server keeps the session across sockets (a SIP call's socket): a reconnect replays nothing
+        self.keeps_session = keeps_session
         self._server_handlers: dict[str, Callable[[Mapping[str, Any], float, int], list[Action]]] = {
             "session.created": self._on_session_created,
             "session.updated": self._on_session_updated,
@@ -149,6 +152,7 @@ class RealtimeCore:
             "response.output_audio_transcript.done": self._on_transcript_done,
             "response.function_call_arguments.done": self._on_function_call,
             "response.done": self._on_response_done,
+            "input_audio_buffer.dtmf_event_received": self._on_dtmf,
         }
         self._commands: dict[str, Callable[[Mapping[str, Any], float, int], list[Action]]] = {
             "cmd.say": self._cmd_say,
@@ -161,6 +165,7 @@ class RealtimeCore:
             "cmd.tool.register": self._cmd_tool_register,
             "cmd.tool.unregister": self._cmd_tool_unregister,
             "cmd.tool.result": self._cmd_tool_result,
+            "cmd.dtmf": self._cmd_dtmf,
             "engine.presence.gone": self._presence_gone,
         }
         self._reports: dict[str, Callable[[PlaybackReport, float], list[Action]]] = {
@@ -209,7 +214,7 @@ class RealtimeCore:
         self.link = Link.CONNECTED
         self.turns.clock.reset()
         acts: list[Action] = [self._session_update(self._session_with_tools(), None, dict(self.session_config))]
-        replay = self.conversation.replayable() if rec.reconnect else []
+        replay = self.conversation.replayable() if rec.reconnect and not self.keeps_session else []
         for item in replay:
             acts.append(self._send({"type": "conversation.item.create", "item": item}))
         if rec.reconnect:
@@ -351,6 +356,17 @@ class RealtimeCore:
     @property
     def protocol_refused(self) -> bool:
         return self.link is Link.REFUSED
+
+    def _on_dtmf(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        """A SIP caller pressed a key (the call socket's ``input_audio_buffer.dtmf_event_received``)."""
+        return [Publish("sip.dtmf", {"key": ev.get("event"), "from": "caller", "received_at": ev.get("received_at")})]
+
+    def _cmd_dtmf(self, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        why = ("Realtime has no client event that sends DTMF (openai 3.63.0 has none): a route with api: live "
+               "sends keys (transport.dtmf.send)")
+        cmd_id = body.get("id")
+        return [Publish(DONE_TOPIC, {"id": cmd_id, "ok": False, "error": why})] if isinstance(cmd_id, str) else \
+            [Publish("engine.error", {"source": "engine", "code": "bad_command", "message": why})]
 
     def _on_session_created(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
         session = ev["session"]
@@ -724,6 +740,11 @@ class RealtimeCore:
     def _carry_out(self, topic: str, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
         cmd_id = body.get("id")
         handler = self._commands.get(topic)
+        if topic.startswith("cmd.") and topic not in COMMAND_TOPICS and id_problem(body) is None \
+                and isinstance(cmd_id, str):
+            # the broker's intake refused it on its cmd.ack, naming the known topics: one report, not two
+            self.malformed_commands += 1
+            return []
         try:
             problem = id_problem(body) if topic.startswith("cmd.") else None
             if problem is not None:

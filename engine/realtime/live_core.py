@@ -118,6 +118,8 @@ S = LiveState
 #: (state, what happened) -> next state
 TRANSITIONS: dict[tuple[LiveState, str], LiveState] = {
     (S.DISCONNECTED, "connected"): S.STARTING,
+    (S.DISCONNECTED, "attached"): S.ACTIVE,              # a sideband: the session already runs
+    (S.ACTIVE, "session.started"): S.ACTIVE,             # a sideband's replay of it
     (S.STARTING, "session.started"): S.ACTIVE,
     (S.STARTING, "error"): S.REFUSED,
     (S.STARTING, "disconnected"): S.DISCONNECTED,
@@ -200,15 +202,20 @@ class LiveCore:
 
     def __init__(self, model: str, session_config: Mapping[str, Any], *, start_index: int = 0,
                  budget_usd: float | None = None, new_id: Callable[[str], str] = default_new_id,
-                 audio_format: str = "audio/pcm", barge_in: bool = True, min_speech_ms: int = 0) -> None:
+                 audio_format: str = "audio/pcm", barge_in: bool = True, min_speech_ms: int = 0,
+                 sideband: bool = False) -> None:
         """``barge_in`` and ``min_speech_ms`` are the Realtime core's; GPT-Live yields by itself, so
-        they are taken (one constructor for both backends) and have no effect."""
+        they are taken (one constructor for both backends) and have no effect. ``sideband``: attached
+        to a running session (a SIP call's ``/attach``)."""
         check_live_model(model)
         if audio_format not in AUDIO_FORMATS:
             raise ConfigError(f"audio_format {audio_format!r} is not one of {', '.join(AUDIO_FORMATS)}")
         self.audio_format = AUDIO_FORMATS[audio_format]
         self.model = model
         self.session_config: dict[str, Any] = dict(session_config)
+        #: attached to a running session (a SIP call's ``/attach``): no session.start, no audio either
+        #: way (the audio is on the SIP leg), DTMF both ways
+        self.sideband = sideband
         self.per_minute_usd = live_prices(model)["per_minute"]
         self.budget_usd = budget_usd
         self.new_id = new_id
@@ -245,6 +252,7 @@ class LiveCore:
         self.taken: OrderedDict[str, None] = OrderedDict()   #: keys of the commands taken (de-duplication)
         self.core_id = new_id("core")                        #: names this core's state messages
         self.state_seq = 0
+        self.sent_dtmf: dict[str, str] = {}     #: transport.dtmf.send event id -> the cmd.dtmf it acks
         self._server_handlers: dict[str, Callable[[Mapping[str, Any], float, int], list[Action]]] = {
             "session.started": self._on_started,
             "session.updated": self._on_updated,
@@ -260,6 +268,8 @@ class LiveCore:
             "session.input_audio.unmuted": self._on_muted,
             "session.delegation.created": self._on_delegation,
             "session.usage.updated": self._on_usage,
+            "transport.dtmf.received": self._on_dtmf,
+            "transport.dtmf.sent": self._on_dtmf,
         }
         self._commands: dict[str, Callable[[Mapping[str, Any], float, int], list[Action]]] = {
             "cmd.say": self._cmd_say,
@@ -270,6 +280,7 @@ class LiveCore:
             "cmd.tool.register": self._cmd_tool_register,
             "cmd.tool.unregister": self._cmd_tool_unregister,
             "cmd.tool.result": self._cmd_tool_result,
+            "cmd.dtmf": self._cmd_dtmf,
             "engine.presence.gone": self._presence_gone,
         }
 
@@ -332,6 +343,12 @@ class LiveCore:
         return {"type": "session.start", "event_id": self.new_id("event"), "session": session}
 
     def _connected(self, rec: Connected, now_s: float) -> list[Action]:
+        if self.sideband:   # the session runs already: never session.start on /attach
+            self._move("attached")
+            self.sessions += 1
+            return [Publish("engine.status", {"state": "connected", "session_id": self.session_id,
+                                              "model": self.model, "api": "live", "sideband": True}),
+                    *self._activated()]
         event = self.start_event()
         self._move("connected")
         self.clock.reset()
@@ -381,7 +398,7 @@ class LiveCore:
             return [Publish("engine.error", {"source": "api", "code": "unknown_server_event",
                                              "message": "a server event without a 'type'; ignored"})]
         acts: list[Action] = []
-        if etype != "session.output_audio.delta":    # 10 a second, and the audio is for the ring
+        if etype not in ("session.output_audio.delta", "session.input_audio.append"):   # audio: not the bus's
             acts.append(Publish("server." + etype, dict(ev)))
         handler = self._server_handlers.get(etype)
         if handler is not None:
@@ -390,11 +407,19 @@ class LiveCore:
 
     def _on_started(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
         session = dict(ev.get("session") or {})
+        replay = self.state is LiveState.ACTIVE     # a sideband's replay: nothing to start
         self._move("session.started")
         self.session_id, self.session = session.get("id"), session
+        if replay:
+            return [Publish("session.config", {"session": session})]
         acts: list[Action] = [Publish("engine.status", {"state": "connected", "session_id": self.session_id,
                                                         "model": self.model, "api": "live"}),
                               Publish("session.config", {"session": session})]
+        return acts + self._activated()
+
+    def _activated(self) -> list[Action]:
+        """The session takes commands: what waited goes out, in order."""
+        acts: list[Action] = []
         waiting, self.waiting = self.waiting, []
         for app in waiting:
             acts.extend(self._send_append(app))
@@ -446,6 +471,8 @@ class LiveCore:
         return acts
 
     def _on_audio_delta(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        if self.sideband:
+            return []        # the caller hears it on the SIP leg
         try:
             pcm = base64.b64decode(ev["delta"])
         except (ValueError, TypeError, KeyError):
@@ -655,6 +682,11 @@ class LiveCore:
     def _carry_out(self, topic: str, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
         cmd_id = body.get("id")
         handler = self._commands.get(topic)
+        if topic.startswith("cmd.") and topic not in COMMAND_TOPICS and id_problem(body) is None \
+                and isinstance(cmd_id, str):
+            # the broker's intake refused it on its cmd.ack, naming the known topics: one report, not two
+            self.malformed_commands += 1
+            return []
         try:
             problem = id_problem(body) if topic.startswith("cmd.") else None
             if problem is not None:
@@ -776,7 +808,7 @@ class LiveCore:
     # ================================================================ timers
     def next_deadline(self) -> float | None:
         due = [d for d in (self.grouper.next_deadline(), self.tools.next_deadline()) if d is not None]
-        if self.state is LiveState.ACTIVE:
+        if self.state is LiveState.ACTIVE and not self.sideband:
             due.append((self.last_audio_s or 0.0) + KEEPALIVE_S)
         return min(due) if due else None
 
@@ -789,8 +821,42 @@ class LiveCore:
             acts.append(Publish("engine.error", {"source": "tool", "code": "tool_timeout", "message":
                                                  f"tool {name!r} did not answer delegation {call_id} in time"}))
             acts.extend(self._send_append(Append("commentary", "The lookup did not answer in time.", None, call_id)))
-        if self.state is LiveState.ACTIVE:
+        if self.state is LiveState.ACTIVE and not self.sideband:
             acts.extend(self._keepalive(now_s))
+        return acts
+
+    # ================================================================ DTMF (a SIP call's sideband)
+    def _on_dtmf(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        key = ev.get("event")
+        if ev.get("type") == "transport.dtmf.received":
+            return [Publish("sip.dtmf", {"key": key, "from": "caller"})]
+        acts: list[Action] = [Publish("sip.dtmf", {"key": key, "from": "application"})]
+        ref = ev.get("client_event_id")
+        owner = self.sent_dtmf.pop(ref, None) if isinstance(ref, str) else None
+        if owner:
+            acts.append(Publish("cmd.done", {"id": owner, "ok": True, "key": key}))
+        return acts
+
+    def _cmd_dtmf(self, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        keys = body.get("keys")
+        cmd_id = body.get("id") if isinstance(body.get("id"), str) else None
+        why = None
+        if not self.sideband:
+            why = "cmd.dtmf needs a SIP call (engine sip): this session has no phone line"
+        elif not isinstance(keys, str) or not keys or set(keys) - set("0123456789ABCD*#"):
+            why = "cmd.dtmf needs 'keys': one or more of 0-9, A-D, * and #"
+        elif self.state is not LiveState.ACTIVE:
+            why = "the call's sideband is not attached"
+        if why is not None:
+            return [Publish("cmd.done", {"id": cmd_id, "ok": False, "error": why})] if cmd_id else \
+                [Publish("engine.error", {"source": "engine", "code": "bad_command", "message": why})]
+        acts: list[Action] = []
+        assert isinstance(keys, str)
+        for i, key in enumerate(keys):
+            event_id = self.new_id("event")
+            if cmd_id and i == len(keys) - 1:
+                self.sent_dtmf[event_id] = cmd_id     # acked when the last key reached the trunk
+            acts.append(Send({"type": "transport.dtmf.send", "event_id": event_id, "event": key}))
         return acts
 
     def _keepalive(self, now_s: float) -> list[Action]:

@@ -42,6 +42,7 @@ from engine.link.policy import LinkRules
 from engine.link.shell import ApiLink
 from engine.supervisor import child
 from engine.supervisor.child import stop_on_signals
+from engine.realtime.dialects import dialect_for
 from engine.realtime.records import (API_RATE_HZ, Action, Command, EndOfAudio, Flush, Input, MicAudio, Play,
                                      PlaybackReport, Publish)
 from engine.audio.ring import Ring
@@ -69,7 +70,9 @@ class RealtimeProcess:
         key_env = spec.get("api_key_env")
         if key_env and os.environ.get(key_env):  # the key lives in this process's environment only
             self.headers["Authorization"] = f"Bearer {os.environ[key_env]}"
-        self.key_env = key_env or "OPENAI_API_KEY"
+        self.key_env = spec.get("key_env") or key_env or "OPENAI_API_KEY"
+        #: the provider's dialect, translated at the wire by the link (engine/providers.py, realtime/dialects.py)
+        self.dialect = dialect_for(spec.get("provider") or "openai", spec["config"]["model"], spec.get("deployment"))
         self.pub_endpoint = spec["bus"]["publish"]
         self.sub_endpoint = spec["bus"]["subscribe"]
         self.mic = Ring.attach(spec["mic_ring"], spec.get("mic_fd")) if spec.get("mic_ring") else None
@@ -216,7 +219,7 @@ class RealtimeProcess:
         self.link = ApiLink(self.backend, self.core, self, self.url, self.headers,
                             LinkRules(self.url.split("?")[0], key_env=self.key_env, resumed=self.restored,
                                       recycle_after_s=self.recycle_after_s, hint=UNREACHABLE_HINT),
-                            name="realtime", on_error=self._link_error)
+                            name="realtime", on_error=self._link_error, dialect=self.dialect)
         if self.mic is not None and self.mic.data_fd is not None:
             on_mic = self._guarded(self._on_mic)
             self.loop.add_reader(self.mic.data_fd, on_mic)

@@ -31,9 +31,12 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response as HttpResponse
 
 from engine.server.errors import ServeError
+from engine.server.dialects import azure_path, server_dialect
 from engine.server.faults import MAX_SESSION_REASON, Faults
 from engine.server.live_app import SESSIONS as LIVE_SESSIONS, handle_live, live_route
 from engine.server.protocol import error_event
+from engine.server.rest import rest_connection
+from engine.server import sip
 from engine.server.scenario import Scenario
 from engine.server.session import Actions, Item, Response, ServerSession
 from engine.server.voice import Recognizer, VoiceError, synthesize
@@ -78,6 +81,7 @@ class ServerConfig:
     scenario: Scenario = field(default_factory=Scenario)
     faults: Faults = field(default_factory=Faults)
     listen_fd: int | None = None       #: an already bound, listening socket to serve on (from a supervisor)
+    dialect: str = "openai"            #: openai | azure | xai: the provider this server speaks as (dialects.py)
 
 
 class Connection:
@@ -98,6 +102,7 @@ class Connection:
         self.closed = False
         self.idle_task: asyncio.Task[Any] | None = None
         self.idle_epoch: int | None = None      #: the session's idle_epoch the timer was armed at
+        self.dialect = server_dialect(cfg.dialect)
 
     async def send(self, event: dict[str, Any]) -> None:
         if self.closed:
@@ -108,7 +113,8 @@ class Connection:
         if drop and (drop == etype or drop == f"{etype}#{n}"):
             await self.drop(self.faults.drop_code, "injected fault")
             return
-        await self.ws.send(json.dumps(event))
+        for wire in self.dialect.outbound(event):
+            await self.ws.send(json.dumps(wire))
         for err in list(self.pending_errors):
             if err.get("after_event") == etype:
                 self.pending_errors.remove(err)
@@ -236,11 +242,17 @@ class Connection:
             self.spawn(self._drop_later(self.faults.drop_after_s, self.faults.drop_code, "injected fault"))
         self.spawn(self._drop_later(self.faults.max_session_s, 1001, MAX_SESSION_REASON))
         try:
+            if self.dialect.ping_every_s:
+                self.spawn(self._ping())
             async for message in self.ws:
                 if json_depth_exceeds(message, MAX_JSON_DEPTH):
                     await self.send(error_event("invalid_json", f"The JSON body of your request nests arrays and "
                                                 f"objects more than {MAX_JSON_DEPTH} levels deep, this server's "
                                                 "limit. Send a flatter event."))
+                    continue
+                message, refused = self.dialect.inbound(message)
+                if refused is not None:
+                    await self.ws.send(json.dumps(refused))
                     continue
                 await self.apply(self.session.receive_text(message))
         except ConnectionClosed:
@@ -250,6 +262,15 @@ class Connection:
             for task in list(self.tasks):
                 task.cancel()
 
+    async def _ping(self) -> None:
+        """The dialect's keep-alive events (xAI's ``ping``), every ``ping_every_s`` / speed."""
+        assert self.dialect.ping_every_s
+        while not self.closed:
+            await asyncio.sleep(self.dialect.ping_every_s / self.speed)
+            ping = self.dialect.ping()
+            if ping is not None and not self.closed:
+                await self.ws.send(json.dumps(ping))
+
     async def _drop_later(self, after_s: float, code: int, reason: str) -> None:
         await asyncio.sleep(after_s)
         await self.drop(code, reason)
@@ -257,8 +278,17 @@ class Connection:
 
 def make_process_request(cfg: ServerConfig):
     def process_request(connection: ServerConnection, request: Request) -> HttpResponse | None:
+        if cfg.dialect == "azure":   # Azure's shape: /openai/v1/…, the key in api-key (or a bearer token)
+            own = azure_path(request.path)
+            if own is None:
+                return connection.respond(404, f"Not found: {urlsplit(request.path).path}. Azure OpenAI's endpoints "
+                                          "are /openai/v1/realtime?model=DEPLOYMENT and /openai/v1/live/sessions\n")
+            request.path = own
+            if "api-key" in request.headers and "Authorization" not in request.headers:
+                request.headers["Authorization"] = f"Bearer {request.headers['api-key']}"
         url = urlsplit(request.path)
         live = live_route(request.path)
+        call_id = parse_qs(url.query).get("call_id", [None])[0]
         if url.path.rstrip("/") != "/v1/realtime" and live is None:
             return connection.respond(404, f"Not found: {url.path}. The endpoints are /v1/realtime?model=MODEL "
                                       "(Realtime) and /v1/live/sessions (GPT-Live)\n")
@@ -272,6 +302,10 @@ def make_process_request(cfg: ServerConfig):
             body = json.dumps({"error": {"type": "invalid_request_error", "code": "session_not_found",
                                          "message": f"No running Live session '{live[1]}'.", "param": None}})
             return connection.respond(404, body + "\n")
+        if call_id is not None:   # a SIP call's socket (engine.server.sip)
+            refused = sip.realtime_call_socket_refusal(call_id)
+            if refused is not None:
+                return connection.respond(refused[0], json.dumps(refused[1]) + "\n")
         return None
     return process_request
 
@@ -288,6 +322,9 @@ async def handle(ws: ServerConnection, cfg: ServerConfig) -> None:
         await ws.close(4000, "beta_api_shape_disabled")
         return
     query = parse_qs(urlsplit(req.path).query)
+    if "call_id" in query:   # a SIP call's socket: the call's session (engine.server.sip)
+        await sip.attach_realtime(ws, query["call_id"][0])
+        return
     model = query.get("model", ["gpt-realtime"])[0]
     try:
         speed = float(query.get("x_speed", [cfg.speed])[0])
@@ -309,8 +346,9 @@ async def serve_forever(cfg: ServerConfig, ready: asyncio.Future[str] | None = N
         where = {"sock": socket.socket(fileno=cfg.listen_fd)}
     try:
         server = await serve(lambda ws: handle(ws, cfg), max_size=32 * 1024 * 1024,
-                                process_request=make_process_request(cfg), ping_interval=None,
-                                compression=None, **where)
+                                process_request=make_process_request(cfg), ping_interval=None, compression=None,
+                                create_connection=rest_connection(lambda req: sip.handle_http(req, cfg)),  # REST
+                                **where)
     except OSError as exc:
         if ready is not None and not ready.done():
             ready.set_exception(exc)
@@ -322,6 +360,7 @@ async def serve_forever(cfg: ServerConfig, ready: asyncio.Future[str] | None = N
             ready.set_result(url)
         await stop.wait()
     finally:
+        sip.end_all()
         await _shut_down(server)
 
 

@@ -115,6 +115,8 @@ class LiveConnection:
         self.rng = random.Random(faults.seed)
         self.session_id: str | None = None
         self.failures = 0
+        #: session.closed's reason when the primary goes away (a SIP call sets remote_hangup)
+        self.end_reason = "connection_lost"
 
     def step(self, what: str, fn: Callable[[], LiveActions]) -> None:
         """Run one session input and carry out its actions. A bug in the session is logged and
@@ -255,7 +257,7 @@ class LiveConnection:
         except ConnectionClosed:
             pass   # the client went away, or the server is shutting down
         finally:
-            self.apply(self.session.disconnected())   # sidebands learn it ended (nothing if it had closed)
+            self.apply(self.session.disconnected(self.end_reason))   # sidebands learn it ended (nothing if closed)
             self.end(1000, "")
             log.info("local live server: session %s ended: %s", self.session_id,
                      ", ".join(f"{k} {v}" for k, v in self.session.counts.items()))

@@ -67,7 +67,7 @@ from engine.server.live_protocol import (APPEND_MAX_TOKENS, FIXTURE_MAX_MS, MAX_
                                          OutputEncoder, apply_session_update, error_event, resolve_session, text_tokens,
                                          validate_client_event)
 from engine.server.protocol import ProtocolError, new_id
-from engine.server.scenario import Rule, Scenario, fill
+from engine.server.scenario import Rule, Scenario, fill, speakable
 from engine.server.vad import ServerVad
 
 log = logging.getLogger("realtalk.server")
@@ -86,6 +86,7 @@ LIVE_MAX_SESSION_S = 7200      #: expires_at; the service's limit is unverified 
 PREROLL_MS = 300               #: input audio kept before speech, for the recogniser
 MAX_TURN_AUDIO_MS = 60_000     #: the newest this much of a long turn is recognised
 NO_WORDS = "something I could not make out"
+DTMF_KEYS = frozenset("0123456789ABCD*#")
 
 PRIMARY = "primary"            #: the sender / audience id of the primary socket
 ALL = "*"                      #: audience: the primary and every sideband
@@ -270,6 +271,9 @@ class LiveSession:
         self.close_event_id: str | None = None
         self.drain_until_ms = 0
         self.counts: dict[str, int] = {"yields": 0, "turns": 0, "backchannels": 0, "synthesis_failures": 0}
+        #: a SIP call (engine.server.sip): DTMF both ways; the primary is the caller's line
+        self.sip = False
+        self.preset_id: str | None = None        #: the session's id when it is given (a SIP call's live_…)
 
     # ------------------------------------------------------------------ machines
     def _go_phase(self, event: str, new: Phase) -> None:
@@ -350,7 +354,7 @@ class LiveSession:
 
     def _on_start(self, ev: dict[str, Any], acts: LiveActions, sender: str) -> None:
         now = self.wall_clock()
-        session = resolve_session(ev["session"], new_id("live"), int(now + self.max_session_s))
+        session = resolve_session(ev["session"], self.preset_id or new_id("live"), int(now + self.max_session_s))
         fmt = AudioFormat.of(session)
         # checked: change state last
         self.session, self.fmt = session, fmt
@@ -436,8 +440,22 @@ class LiveSession:
         raise ProtocolError("delegation_mismatch", f"{ev['type']} requires Responses delegation.", "type")
 
     def _on_dtmf(self, ev: dict[str, Any], acts: LiveActions, sender: str) -> None:
-        raise ProtocolError("not_a_sip_call", "transport.dtmf.send is for SIP calls; this session is not a SIP "
-                            "call.", "type")
+        if not self.sip:
+            raise ProtocolError("not_a_sip_call", "transport.dtmf.send is for SIP calls; this session is not a SIP "
+                                "call.", "type")
+        key = ev["event"]
+        if not isinstance(key, str) or len(key) != 1 or key not in DTMF_KEYS:
+            raise ProtocolError("invalid_value", f"Invalid 'event': {key!r}. Send one key per event: 0-9, A-D, * "
+                                "or #.", "event")
+        acts.to(PRIMARY, {"type": "transport.dtmf.sent", "event": key})   # the caller's line plays it
+        acts.to(sender, self._ev("transport.dtmf.sent", ev.get("event_id"), event=key))
+
+    def dtmf_received(self, key: str) -> LiveActions:
+        """The SIP caller pressed ``key``: the sidebands are told (``transport.dtmf.received``)."""
+        acts = LiveActions()
+        if self.phase is Phase.ACTIVE:
+            acts.to(SIDEBANDS, self._ev("transport.dtmf.received", event=key))
+        return acts
 
     def _on_close(self, ev: dict[str, Any], acts: LiveActions, sender: str) -> None:
         self.close_event_id = ev.get("event_id")
@@ -624,7 +642,8 @@ class LiveSession:
         if d is not None and not d.resolved:
             d.resolved = True
             template = d.rule.then if d.rule.then is not None else "{output}"
-            values = {"output": a.content, "result": a.content, "user": d.user_words.rstrip(".!? ") or NO_WORDS,
+            said = speakable(a.content)   # a tool's JSON is said as its values, as a model would
+            values = {"output": said, "result": said, "user": d.user_words.rstrip(".!? ") or NO_WORDS,
                       "context": self.context[-1] if self.context else ""}
             self._say(fill(template, values), "result", d.id, acts)
         else:
@@ -726,11 +745,12 @@ class LiveSession:
             self._finish("expired", "expire", acts)
         return acts
 
-    def disconnected(self) -> LiveActions:
-        """The primary socket went away: sidebands learn the session ended."""
+    def disconnected(self, reason: str = "connection_lost") -> LiveActions:
+        """The primary socket went away (a SIP call: ``remote_hangup`` when the caller hung up):
+        sidebands learn the session ended."""
         acts = LiveActions()
         if self.phase in (Phase.ACTIVE, Phase.CLOSING):
-            self._finish("connection_lost", "disconnect", acts)
+            self._finish(reason, "disconnect", acts)
         elif self.phase is Phase.NEW:
             self._go_phase("disconnect", Phase.CLOSED)
         return acts

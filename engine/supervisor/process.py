@@ -76,6 +76,7 @@ from engine.supervisor.logfile import SessionLog
 from engine.audio.preflight import check_audio
 from engine.supervisor.terminal import Terminal
 from engine.config import live_url, resolve_backend, session_payload
+from engine.providers import Target, api_target
 from engine.cost import is_live_model
 from engine.errors import EngineError
 from engine.audio.ring import Ring, new_ring_name
@@ -218,16 +219,21 @@ class Child:
 
 class Supervisor:
     def __init__(self, cfg: dict[str, Any], *, text_only: bool = False, out: TextIO = sys.stdout,
-                 console: dict[str, Any] | None = None, phone: dict[str, Any] | None = None) -> None:
+                 console: dict[str, Any] | None = None, phone: dict[str, Any] | None = None,
+                 sip: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
         self.text_only = text_only
         #: ``engine phone`` / ``engine start --phone``: {host, port, path}: phone calls instead of the devices
         self.phone = phone
         self.phone_status: dict[str, Any] | None = None   #: the phone process's latest phone.status
+        #: ``engine sip``: {host, port, path}: OpenAI SIP webhooks instead of the devices (docs/sip.md)
+        self.sip = sip
+        self.sip_status: dict[str, Any] | None = None     #: the sip process's latest sip.status
         #: ``engine start --console``: {host, port} of the debug console, started as a child
         self.console = console
         self.out = out
         self.backend = resolve_backend(cfg)
+        self.target: Target | None = None    #: the remote API (None: the local server)
         self._check_audio_paths()   # before anything is made (the session folder included)
         self.stopping = False
         self.children: list[Child] = []
@@ -311,7 +317,7 @@ class Supervisor:
     def _check_audio_paths(self) -> None:
         """The mic and speaker files and devices, before anything starts (:mod:`engine.audio.preflight`:
         a corrupt mic WAV, a missing device fail the start at once, with one error)."""
-        if self.phone is None:
+        if self.phone is None and self.sip is None:   # calls use no audio device
             check_audio(self.cfg["audio"], text_only=self.text_only)
 
     def _check_not_running(self) -> None:
@@ -368,11 +374,23 @@ class Supervisor:
             self.children.append(Child("server", argv, stdout=subprocess.DEVNULL, pass_fds=(fd,)))
             self.server_url = f"ws://{ls['host']}:{port}/v1/realtime"
             return self._api_url(self.server_url, model), ["Authorization: Bearer local"]
-        key = os.environ.get(self.cfg["api_key_env"])
-        if not key:
-            raise EngineError(f"backend openai needs an API key in ${self.cfg['api_key_env']} "
-                              "(or use --backend local for the offline server)")
-        return self._api_url(self.cfg["openai_url"], model), [f"Authorization: Bearer {key}"]
+        # a remote provider (engine/providers.py): openai, azure, xai, or any Realtime-compatible server
+        self.target = api_target(self.cfg, os.environ)
+        return self.target.url, list(self.target.headers)
+
+    def _rest_spec(self, url: str) -> dict[str, Any]:
+        """Where a SIP call's REST calls and control sockets go: the API's base URLs."""
+        if self.target is not None:
+            return {"rest_base": self.target.rest_base, "ws_base": self.target.url.split("?", 1)[0]
+                    .removesuffix("/realtime").removesuffix("/live/sessions")}
+        base = (self.server_url or url).split("?", 1)[0].removesuffix("/realtime")
+        return {"rest_base": "http://" + base.removeprefix("ws://"), "ws_base": base}
+
+    def _dialect_spec(self) -> dict[str, Any]:
+        """Which provider's dialect the API socket speaks (engine/realtime/dialects.py)."""
+        t = self.target
+        return {"provider": t.provider if t else "local", "dialect": t.dialect if t else "openai",
+                "deployment": t.deployment if t else None, "key_env": t.key_env if t else None}
 
     def _api_url(self, realtime_url: str, quoted_model: str) -> str:
         """The socket's URL: Realtime names the model in the query; GPT-Live has its own path
@@ -396,13 +414,19 @@ class Supervisor:
         py = sys.executable
         # the broker's intake acks each command at once; for the realtime process it also holds them
         # across that process's restarts (bus/intake.py); the phone bridge takes them itself
-        intake = "ack" if self.phone is not None else "hold"
+        intake = "ack" if self.phone is not None or self.sip is not None else "hold"   # calls take their own
         self.children.append(Child("broker", [py, "-m", "bus.broker", self.endpoints.publish, self.endpoints.subscribe,
                                               "--intake", intake], death_signal=signal.SIGKILL))
         url, headers = self._api_target()
+        if self.sip is not None:  # SIP calls (engine/sip): the audio is OpenAI's; no rings or devices
+            self.children.append(Child("sip", [py, "-m", "engine.sip.process"], spec=self._spec(
+                {"headers": headers, "sip": self.sip, **self._rest_spec(url), **self._dialect_spec()})))
+            self._start_children()
+            return
         if self.phone is not None:  # phone calls (engine/phone): no rings, no capture, realtime or playback
             self.children.append(Child("phone", [py, "-m", "engine.phone.process"], spec=self._spec(
-                {"url": url, "headers": headers, "session": session_payload(self.cfg), "phone": self.phone})))
+                {"url": url, "headers": headers, "session": session_payload(self.cfg), "phone": self.phone,
+                 **self._dialect_spec()})))
             self._start_children()
             return
         audio = self.cfg["audio"]
@@ -411,6 +435,7 @@ class Supervisor:
         speaker_is_device = not (isinstance(speaker, str) and (speaker == "null" or speaker.lower().endswith(".wav")))
         speaker_ring = self._ring("speaker", SPEAKER_RING_FRAMES, with_eventfd=False)
         realtime_extra: dict[str, Any] = {"url": url, "headers": headers, "session": session_payload(self.cfg),
+                                          **self._dialect_spec(),
                                           "speaker_ring": speaker_ring.name,
                                           "replies_dir": str(self.session_dir / "replies")
                                           if self.cfg["reply_audio"] else None}
@@ -483,6 +508,8 @@ class Supervisor:
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
         env.pop(self.cfg["api_key_env"], None)  # the realtime child gets the key in its spec, the others never
+        if self.target is not None:
+            env.pop(self.target.key_env, None)
         if child.name == "broker":  # its CURVE server keys and the signing key (it has no spec)
             env.update(self.bus_keys.environment(broker=True))
         if child.proc is not None and child.proc.stdin is not None:
@@ -548,6 +575,7 @@ class Supervisor:
             "ready_ms": round((self.ready_mono - self.started_mono) * 1000, 1) if self.ready_mono else None,
             "errors": len(self.errors), "forged_errors": self.forged, "malformed_messages": self.malformed,
             "phone": self.phone_status if self.phone is not None else None,
+            "sip": self.sip_status if self.sip is not None else None,
         }
 
     # ------------------------------------------------------------ the event log and own events
@@ -626,6 +654,18 @@ class Supervisor:
                 sent_ns = body.get("mono_ns")
                 self._last_device_ns = max(self._last_device_ns, sent_ns if isinstance(sent_ns, int) else time.monotonic_ns())
                 self._maybe_ready()
+        elif topic == "sip.status" and self.sip is not None:
+            if self.stopping or not self._from_engine(body):
+                return
+            self.sip_status = {k: v for k, v in body.items() if k not in HEADER_KEYS}
+            self.next_status_at = 0.0
+            if not self.connected:
+                self.connected = True
+                self.ready_mono = time.monotonic()
+                self.out.write(f"realtalk: ready in {(self.ready_mono - self.started_mono) * 1000:.0f} ms; "
+                               f"SIP webhooks at {body.get('url')}\n")
+                self.out.flush()
+                self._write_connection_file()
         elif topic == "phone.status" and self.phone is not None:
             if self.stopping or not self._from_engine(body):
                 return
@@ -754,7 +794,7 @@ class Supervisor:
                 if now >= self.next_status_at:
                     self.next_status_at = now + 1.0
                     self._emit("engine.status", self.status(), hold=False)
-                if self.connected and not self.stopping and self.phone is None:   # (calls have their own state)
+                if self.connected and not self.stopping and self.phone is None and self.sip is None:   # (calls' own)
                     self.term.draw(self.view.live_line(), now)   # a TTY only
                 if not self.stopping and empty:
                     self._sleep(wake_r, now)
