@@ -336,6 +336,7 @@ class ConsoleServer:
             raise ConsoleError("a command is a JSON object with an 'op'")
         op = msg.get("op")
         assert self.relay is not None
+        payload: dict[str, Any]
         if op == "say":
             text, role = msg.get("text"), msg.get("role", "user")
             if not isinstance(text, str) or not text.strip():
