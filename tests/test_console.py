@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 import urllib.error
@@ -362,6 +363,17 @@ def test_console_on_gpt_live_shows_the_track_fragments_context_and_cost(start_en
     assert "".join(t for t, _, _ in frags).startswith("The capital of France is Paris")
     page.wait_for_function("() => [...document.querySelectorAll('.turn.model .nums')].some(n => "
                            "n.innerText.includes('fragments') && n.innerText.includes('session'))", timeout=10_000)
+    # the turn's latency: speech end -> the reply's first sound heard, which is about the gap between the
+    # turns on the session's timeline (the engine closes the user's turn 800 ms after its last fragment,
+    # when the reply has already begun: measured from then, it read 800 ms and more too long)
+    page.wait_for_function("() => [...document.querySelectorAll('.turn.model .nums')].some(n => "
+                           "n.innerText.includes('first sound heard'))", timeout=10_000)
+    spans = page.evaluate("() => [...document.querySelectorAll('.turn.user .nums, .turn.model .nums')]"
+                          ".map(n => n.innerText)")
+    user_end_s = float(re.search(r"session [\d.]+[–-]([\d.]+) s", spans[0]).group(1))   # type: ignore[union-attr]
+    heard_ms = float(re.search(r"first sound heard (\d+) ms", spans[1]).group(1))        # type: ignore[union-attr]
+    model_start_s = float(re.search(r"session ([\d.]+)[–-]", spans[1]).group(1))          # type: ignore[union-attr]
+    assert 0 < heard_ms < (model_start_s - user_end_s) * 1000 + 600, spans
     page.wait_for_function("() => window.consoleState.track.now === 'silent'", timeout=15_000)
 
     # context and commentary typed into the page are placed; the model says the commentary

@@ -399,6 +399,33 @@ def test_latency_runs_from_the_users_speech_end_to_the_first_audible_sample_hear
     assert lat["speech_end_to_heard_ms"] == pytest.approx((heard_at - speech_end_s) * 1000, abs=1)
 
 
+def test_latency_counts_from_the_replys_first_sound_even_when_it_came_before_the_turn_closed() -> None:
+    """The console showed ~2 s for a reply that began 0.8 s after the question: the server sends the
+    user's fragments when its turn ends and answers at once, but the engine closes the user's turn
+    only 800 ms later (the grouper's gap), and measured to the first sound after that, inside the reply."""
+    h = Harness()
+    h.started()
+    for _ in range(50):
+        h(MicAudio(b"\x00\x00" * 480, h.now))
+        h.now += 0.02
+    speech_end_s = h.now - 0.02 - 0.2
+    h.ev({"type": "session.output_audio.delta", "delta": audio(100)})                   # silence: frames 0-2399
+    h.fragment("user", "Hi", 600, 800)
+    h.ev({"type": "session.output_audio.delta", "delta": audio(100, loud_from_ms=50)})  # the reply: sound from 3600
+    h.heard = 3600 + 240      # 10 ms past the first sound
+    reply_heard_at = h.now - 0.010
+    for _ in range(8):        # the reply goes on while the user's turn is still open
+        h.now += 0.1
+        h.heard += 2400
+        h.ev({"type": "session.output_audio.delta", "delta": audio(100, loud_from_ms=0)})
+    h.now += 0.1
+    h.heard += 2400
+    acts = h(Tick())          # the user's turn closes (800 ms without a fragment)
+    assert published(acts, "user.transcript.done")
+    (lat,) = published(acts + h(Tick()), "latency.turn")
+    assert lat["speech_end_to_heard_ms"] == pytest.approx((reply_heard_at - speech_end_s) * 1000, abs=1)
+
+
 def test_playback_reports_become_playout_topics_of_the_track() -> None:
     h = Harness()
     h.started()
