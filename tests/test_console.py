@@ -374,6 +374,10 @@ def test_console_on_gpt_live_shows_the_track_fragments_context_and_cost(start_en
     heard_ms = float(re.search(r"first sound heard (\d+) ms", spans[1]).group(1))        # type: ignore[union-attr]
     model_start_s = float(re.search(r"session ([\d.]+)[–-]", spans[1]).group(1))          # type: ignore[union-attr]
     assert 0 < heard_ms < (model_start_s - user_end_s) * 1000 + 600, spans
+    # the user's speech is marked where it was, not when its fragments came (after it)
+    marks = page.evaluate("() => Object.fromEntries(window.consoleState.markers.map(m => [m.label, m.t]))")
+    assert abs(marks["speech stopped"] - marks["speech end"]) < 50, marks
+    assert 0 < marks["speech end"] - marks["speech started"] < 3000, marks
     page.wait_for_function("() => window.consoleState.track.now === 'silent'", timeout=15_000)
 
     # context and commentary typed into the page are placed; the model says the commentary

@@ -410,7 +410,9 @@ def test_latency_counts_from_the_replys_first_sound_even_when_it_came_before_the
         h.now += 0.02
     speech_end_s = h.now - 0.02 - 0.2
     h.ev({"type": "session.output_audio.delta", "delta": audio(100)})                   # silence: frames 0-2399
-    h.fragment("user", "Hi", 600, 800)
+    (started,) = published(h.fragment("user", "Hi", 600, 800), "user.speech.started")
+    # the speech's times on the capture clock, for the console's marks (the fragments come after it)
+    assert started["audio_start_mono_ns"] == pytest.approx((speech_end_s - 0.2) * 1e9, abs=1e6)
     h.ev({"type": "session.output_audio.delta", "delta": audio(100, loud_from_ms=50)})  # the reply: sound from 3600
     h.heard = 3600 + 240      # 10 ms past the first sound
     reply_heard_at = h.now - 0.010
@@ -421,7 +423,8 @@ def test_latency_counts_from_the_replys_first_sound_even_when_it_came_before_the
     h.now += 0.1
     h.heard += 2400
     acts = h(Tick())          # the user's turn closes (800 ms without a fragment)
-    assert published(acts, "user.transcript.done")
+    (stopped,) = published(acts, "user.speech.stopped")
+    assert stopped["audio_end_mono_ns"] == pytest.approx(speech_end_s * 1e9, abs=1e6)
     (lat,) = published(acts + h(Tick()), "latency.turn")
     assert lat["speech_end_to_heard_ms"] == pytest.approx((reply_heard_at - speech_end_s) * 1000, abs=1)
 

@@ -531,9 +531,10 @@ class LiveCore:
         who = turn.speaker.value
         base = {"turn_id": turn.turn_id, "item_id": turn.turn_id, "start_ms": turn.start_ms, "end_ms": turn.end_ms}
         if tev.kind == "opened":
-            if turn.speaker is Speaker.USER:
+            if turn.speaker is Speaker.USER:   # the fragments come late: when the speech began, on the capture clock
                 return [Publish("user.speech.started", {"turn_id": turn.turn_id, "item_id": turn.turn_id,
-                                                        "audio_start_ms": turn.start_ms})]
+                                                        "audio_start_ms": turn.start_ms,
+                                                        "audio_start_mono_ns": _mono_ns(self.clock.time_of(turn.start_ms))})]
             return []
         if tev.kind == "fragment":
             if turn.speaker is Speaker.USER:
@@ -543,9 +544,10 @@ class LiveCore:
         text = turn.text
         acts: list[Action] = [Publish(f"{who}.transcript.done", {**base, "text": text, "reason": tev.reason})]
         if turn.speaker is Speaker.USER:
-            acts.append(Publish("user.speech.stopped", {"turn_id": turn.turn_id, "item_id": turn.turn_id,
-                                                        "audio_end_ms": turn.end_ms}))
             speech_end_s = self.clock.time_of(turn.end_ms)
+            acts.append(Publish("user.speech.stopped", {"turn_id": turn.turn_id, "item_id": turn.turn_id,
+                                                        "audio_end_ms": turn.end_ms,
+                                                        "audio_end_mono_ns": _mono_ns(speech_end_s)}))
             onset = next((i for t, i in self.onsets if speech_end_s is not None and t >= speech_end_s), None)
             if onset is None:   # the reply has not begun yet: its first audible sample will tell
                 self.awaiting_reply, self.reply_at_index = (turn.turn_id, speech_end_s), None
@@ -967,6 +969,10 @@ def _as_live_message(item: Any) -> dict[str, Any] | None:
         return None
     part = "output_text" if role == "assistant" else "input_text"
     return {"type": "message", "role": role, "content": [{"type": part, "text": text}]}
+
+
+def _mono_ns(at_s: float | None) -> int | None:
+    return None if at_s is None else int(at_s * 1e9)
 
 
 def _first_sound(pcm: bytes, fmt: str) -> int | None:

@@ -139,9 +139,10 @@ const handlers = {
   "playback.levels": (b) => { pushLevels("spk", b.start_mono_ns, b.period_ms, b.dbfs, b.peak_dbfs); trackSpeech(b); },
   "capture.source": (b) => setSource(b),
   "playback.listen": (b) => { state.listen.engineOn = !!b.on; state.listen.notListened = b.not_listened_frames; },
-  "user.speech.started": (b) => { mark(ms(b.mono_ns), "speech", "speech started");
+  // on GPT-Live these come with the turn's fragments, after the speech: marked where the speech was
+  "user.speech.started": (b) => { mark(ms(b.audio_start_mono_ns ?? b.mono_ns), "speech", "speech started");
     const t = turn("u:" + b.item_id, "user", "user (speaking)"); t.t = ms(b.mono_ns); if (!t.text) setText(t, "…"); },
-  "user.speech.stopped": (b) => { mark(ms(b.mono_ns), "speech", "speech stopped");
+  "user.speech.stopped": (b) => { mark(ms(b.audio_end_mono_ns ?? b.mono_ns), "speech", "speech stopped");
     const t = state.turns.get("u:" + b.item_id); if (t) t.whoEl.textContent = "user (spoken)"; },
   "user.transcript.delta": (b) => { const t = turn("u:" + b.item_id, "user", "user (spoken)");
     if (b.turn_id) { fragment(t, "user", b); return; }
