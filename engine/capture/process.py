@@ -44,8 +44,8 @@ from typing import Any
 import numpy as np
 
 from bus import Publisher, Subscriber
-from engine.supervisor import child
-from engine.supervisor.child import error_text, every_period, run_reporting, stop_on_signals
+from engine import child
+from engine.child import error_text, every_period, run_reporting, stop_on_signals
 from engine.audio.preflight import mic_wav_format
 from engine.codec import resample
 from engine.capture.echo import EchoCanceller, EchoGate, FarEnd

@@ -12,8 +12,7 @@ from typing import Any
 from bus import endpoints_from
 from engine.console.relay import ConsoleError
 from engine.console.server import ConsoleServer, run
-from engine.supervisor import child
-from engine.supervisor.child import DEVICE_FAILED
+from engine import child
 
 
 class ConsoleProcess:
@@ -32,7 +31,7 @@ class ConsoleProcess:
             return run(self.server)
         except ConsoleError as exc:
             print(f"realtalk: console: {exc}", file=sys.stderr, flush=True)
-            return DEVICE_FAILED   # a port that cannot be had: restarting would not help
+            return child.EXIT_DEVICE_FAILED   # a port that cannot be had: restarting would not help
 
 
 if __name__ == "__main__":

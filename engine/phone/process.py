@@ -13,7 +13,7 @@ from typing import Any
 from bus import Publisher
 from engine.errors import ConfigError
 from engine.phone.bridge import PhoneBridge
-from engine.supervisor import child
+from engine import child
 
 
 class PhoneProcess:
@@ -32,7 +32,7 @@ class PhoneProcess:
             pub.publish("engine.error", {"source": "phone", "code": "config", "message": str(exc), "fatal": True})
             await asyncio.sleep(0.2)
             pub.close()
-            return child.DEVICE_FAILED
+            return child.EXIT_DEVICE_FAILED
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, bridge.stop.set)
@@ -45,7 +45,7 @@ class PhoneProcess:
             bridge.error(None, "listen_failed", f"the phone bridge cannot listen on {bridge.host}:{bridge.port}: "
                          f"{exc.strerror}; use --port 0 for a free port")
             await asyncio.sleep(0.2)
-            return child.DEVICE_FAILED
+            return child.EXIT_DEVICE_FAILED
         bridge.publish(None, "phone.status", bridge.status())  # the supervisor prints the URL
         del url
         try:

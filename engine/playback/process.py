@@ -25,8 +25,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from bus import Publisher, Subscriber
-from engine.supervisor import child
-from engine.supervisor.child import every_period, run_reporting, stop_on_signals
+from engine import child
+from engine.child import every_period, run_reporting, stop_on_signals
 from engine.audio.record import PcmWav
 from engine.audio.ring import Ring, SampleFifo
 from engine.console.audio import LISTEN_TOPIC, ListenSwitch

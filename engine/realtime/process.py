@@ -40,8 +40,8 @@ from bus.wire import INTAKE_TOPIC, STATE_TOPIC
 from engine.link.backends import backend_for
 from engine.link.policy import LinkRules
 from engine.link.shell import ApiLink
-from engine.supervisor import child
-from engine.supervisor.child import stop_on_signals
+from engine import child
+from engine.child import stop_on_signals
 from engine.realtime.dialects import dialect_for
 from engine.realtime.records import (API_RATE_HZ, Action, Command, EndOfAudio, Flush, Input, MicAudio, Play,
                                      PlaybackReport, Publish)

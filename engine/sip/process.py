@@ -13,7 +13,7 @@ from typing import Any
 
 from engine.sip.service import SipService
 from engine.webhooks import WebhookError
-from engine.supervisor import child
+from engine import child
 
 
 class SipProcess:
@@ -33,7 +33,7 @@ class SipProcess:
             pub.publish("engine.error", {"source": "sip", "code": exc.code, "fatal": True,
                                          "message": f"engine sip cannot start: {exc}"})
             await asyncio.sleep(0.2)
-            return child.DEVICE_FAILED        # a setting, not a crash: the supervisor stops with the message
+            return child.EXIT_DEVICE_FAILED        # a setting, not a crash: the supervisor stops with the message
         try:
             from engine.sip.control import attach   # the calls' control sockets (the API link)
             svc.attacher = lambda run: attach(svc, run)
@@ -52,7 +52,7 @@ class SipProcess:
             svc.error(None, "listen_failed", f"engine sip cannot listen on {svc.host}:{svc.port}: {exc.strerror}; "
                       "use --port 0 for a free port")
             await asyncio.sleep(0.2)
-            return child.DEVICE_FAILED
+            return child.EXIT_DEVICE_FAILED
         svc.status_changed()          # the supervisor prints the URL
         try:
             await svc.serve_forever()

@@ -11,7 +11,7 @@ then KILL), unlinks the rings and removes socket and connection files.
 
 Rules:
 
-* Each child's life is an explicit state machine (:mod:`engine.supervisor.children`: STARTING,
+* Each child's life is an explicit state machine (:mod:`engine.children`: STARTING,
   RUNNING after ``startsecs``, BACKOFF, STOPPING, EXITED, FATAL); this module does the I/O
   the machine asks for (spawn, SIGTERM, SIGKILL) and nothing else decides a restart. A
   FATAL child stops the engine with its reason; exit code 3 (device) is FATAL at once.
@@ -27,7 +27,7 @@ Rules:
 * ``start()`` either returns with everything up or undoes everything it made (children,
   rings, sockets, connection file) before it raises.
 * The children die with the supervisor: PR_SET_PDEATHSIG is set in each between fork and
-  exec, and the engine children also watch their stdin pipe (:mod:`engine.supervisor.child`).
+  exec, and the engine children also watch their stdin pipe (:mod:`engine.child`).
 * Another local user gets nothing (bus/runtime.py): the runtime directory is this user's own,
   mode 0700, or the start is refused naming it; the rings have random names and are made new,
   0600; the connection file is written 0600 through a new file renamed over it, and believed
@@ -68,8 +68,8 @@ from bus.runtime import (GONE, UNPROVEN, NoEngine, TrustError, engine_alive, eng
 from bus.runtime import proc_start_ticks as proc_start_ticks, same_process as same_process
 from bus.wire import HEADER_KEYS
 from engine.api.view import TerminalView
-from engine.supervisor.child import error_text, parent_death_signal
-from engine.supervisor.children import (ChildMachine, GaveUp, Kill, Policy, Restarting, Spawn, Terminate,
+from engine.child import error_text, parent_death_signal
+from engine.children import (ChildMachine, GaveUp, Kill, Policy, Restarting, Spawn, Terminate,
                                         Unresponsive)
 from engine.supervisor.heartbeat import HeartbeatPipe, period_for
 from engine.supervisor.logfile import SessionLog
@@ -195,7 +195,7 @@ class Child:
     argv: list[str]
     pass_fds: tuple[int, ...] = ()
     stdout: Any = None
-    spec: dict[str, Any] | None = None   #: written to the child's stdin (engine.supervisor.child.read_spec)
+    spec: dict[str, Any] | None = None   #: written to the child's stdin (engine.child.read_spec)
     death_signal: int = signal.SIGTERM   #: what the kernel sends it when the supervisor dies
     policy: Policy = field(default_factory=Policy)
     proc: subprocess.Popen[bytes] | None = None

@@ -1,5 +1,7 @@
 """What every child process of the supervisor shares: how it gets its spec, how it dies
-with the supervisor, stop signals, and how a failure is reported.
+with the supervisor, stop signals, its exit codes, and how a failure is reported. Shared
+(layer 1, below the processes and the supervisor): the children import it, and so does the
+supervisor, for the exit codes and the death signal it sets between fork and exec.
 
 Spec: the supervisor writes the child's spec as one JSON line on the child's stdin and
 keeps the pipe open; nothing holding a secret (the API key, the bus signing key) is ever
@@ -32,10 +34,11 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
 from bus import Publisher, use_keys
-from engine.supervisor.children import EXIT_CRASHED, EXIT_DEVICE_FAILED, EXIT_PARENT_GONE
 from engine.errors import DeviceError
 
-DEVICE_FAILED = EXIT_DEVICE_FAILED
+EXIT_DEVICE_FAILED = 3     #: the child's device or file cannot be used: FATAL, no restart
+EXIT_CRASHED = 4           #: a bug in the child (an unexpected exception): restart with backoff
+EXIT_PARENT_GONE = 5       #: the supervisor died; the child left on its own
 PARENT_GONE_EXIT_S = 0.7       #: after the supervisor is gone, a child that has not stopped is ended
 _PR_SET_PDEATHSIG = 1
 try:
