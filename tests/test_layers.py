@@ -27,7 +27,6 @@ KNOWN_EXCEPTIONS: set[tuple[str, str]] = {
     ("engine.capture.process", "engine.console.levels"),
     ("engine.playback.process", "engine.console.audio"),
     ("engine.playback.process", "engine.console.levels"),
-    ("engine.supervisor.process", "engine.api.view"),
 }
 
 

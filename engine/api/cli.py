@@ -300,12 +300,12 @@ def cmd_ptt(args: argparse.Namespace) -> int:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
-    """The conversation as readable lines (engine/api/view.py); topics the view leaves out are
+    """The conversation as readable lines (engine/view.py); topics the view leaves out are
     printed one message a line only when a prefix asks for them (``engine tail cost.``).
     ``--all`` (or ``--json``): every message of the given prefixes, one line each. ``--call ID``:
     only the messages of that phone call (their ``phone_call_id``)."""
     from bus import Subscriber
-    from engine.api.view import ConversationView
+    from engine.view import ConversationView
     conn = _connection()
     sub = Subscriber(conn["subscribe"], args.prefixes or [""])
     deadline = time.monotonic() + args.seconds if args.seconds else None

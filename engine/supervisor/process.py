@@ -67,7 +67,7 @@ from bus.runtime import (GONE, UNPROVEN, NoEngine, TrustError, engine_alive, eng
 # process identity lives in bus/runtime.py (a client checks a connection file with it too); importable from here
 from bus.runtime import proc_start_ticks as proc_start_ticks, same_process as same_process
 from bus.wire import HEADER_KEYS
-from engine.api.view import TerminalView
+from engine.view import TerminalView
 from engine.child import error_text, parent_death_signal
 from engine.children import (ChildMachine, GaveUp, Kill, Policy, Restarting, Spawn, Terminate,
                                         Unresponsive)
@@ -279,7 +279,7 @@ class Supervisor:
         self._held: list[tuple[str, dict[str, Any]]] = []   #: own events waiting for the broker
         self._held_due = 0.0
         self._printed: dict[str, float] = {}
-        #: the terminal: error lines as they happen, and a live line on a TTY (engine/api/view.py)
+        #: the terminal: error lines as they happen, and a live line on a TTY (engine/view.py)
         self.view = TerminalView()
         self.term = Terminal(out)
         self._malformed_seen = 0
