@@ -13,6 +13,7 @@ import yaml
 
 from engine.cost import check_priced, is_live_model
 from engine.errors import ConfigError
+from engine.pcm import api_format
 
 _TD = {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500,
        "create_response": True, "interrupt_response": True}
@@ -383,7 +384,7 @@ def session_payload(cfg: dict[str, Any]) -> dict[str, Any]:
     tools = [{"type": "function", **{k: v for k, v in t.items() if k != "type"}} for t in s["tools"]]
     extra = {k: s[k] for k in ("max_output_tokens", "tool_choice", "truncation", "reasoning", "parallel_tool_calls",
                                 "include", "prompt", "tracing") if s[k] is not None}
-    output: dict[str, Any] = {"format": {"type": "audio/pcm", "rate": 24000}, "voice": s["voice"]}
+    output: dict[str, Any] = {"format": api_format(), "voice": s["voice"]}
     if s["speed"] is not None:
         output["speed"] = s["speed"]
     return {
@@ -393,7 +394,7 @@ def session_payload(cfg: dict[str, Any]) -> dict[str, Any]:
         "instructions": s["instructions"],
         "output_modalities": list(s["output_modalities"]),
         "audio": {
-            "input": {"format": {"type": "audio/pcm", "rate": 24000}, "turn_detection": td,
+            "input": {"format": api_format(), "turn_detection": td,
                       "transcription": s["transcription"],
                       "noise_reduction": {"type": s["noise_reduction"]} if s["noise_reduction"] else None},
             "output": output,

@@ -54,8 +54,8 @@ from engine.console.levels import LevelTap
 from engine.errors import DeviceError
 from engine.audio.record import Recorder
 from engine.audio.ring import Ring
+from engine.pcm import RATE_HZ
 
-RATE_HZ = 24000
 STATS_EVERY_S = 2.0
 LEVELS_EVERY_S = 0.1          #: capture.levels: 20 ms windows, batched this often
 

@@ -26,9 +26,8 @@ from typing import Any
 import numpy as np
 
 from engine.errors import EngineError
+from engine.pcm import FRAMES_PER_MS, RATE_HZ
 
-RATE_HZ = 24000
-FRAMES_PER_MS = RATE_HZ // 1000
 LISTEN_TOPIC = "console.listen"          #: {on: bool, lease_ms}: playback copies what it plays to the listen ring
 SOURCE_TOPIC = "console.mic.source"      #: {source: "browser"|"device", lease_ms}: capture's mic source
 LEASE_MS = 3000                          #: a switch holds this long unless renewed

@@ -32,9 +32,8 @@ from engine.audio.ring import Ring, SampleFifo
 from engine.console.audio import LISTEN_TOPIC, ListenSwitch
 from engine.console.levels import LevelTap
 from engine.playback.stretch import LOOKAHEAD_FRAMES, MAX_PERIOD_FRAMES, MIN_PERIOD_FRAMES, TimeStretcher
+from engine.pcm import FRAMES_PER_MS, RATE_HZ
 
-RATE_HZ = 24000
-FRAMES_PER_MS = RATE_HZ // 1000
 FADE_FRAMES = 120            # 5 ms fade over gaps
 FLUSH_FADE_FRAMES = 120      # 5 ms fade on barge-in (raised cosine: no click, and silent sooner)
 FLUSH_FADE_MS = FLUSH_FADE_FRAMES // FRAMES_PER_MS

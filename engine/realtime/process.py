@@ -43,9 +43,10 @@ from engine.link.shell import ApiLink
 from engine import child
 from engine.child import stop_on_signals
 from engine.realtime.dialects import dialect_for
-from engine.realtime.records import (API_RATE_HZ, Action, Command, EndOfAudio, Flush, Input, MicAudio, Play,
+from engine.realtime.records import (Action, Command, EndOfAudio, Flush, Input, MicAudio, Play,
                                      PlaybackReport, Publish)
 from engine.audio.ring import Ring
+from engine.pcm import CHANNELS, RATE_HZ, SAMPLE_WIDTH_BYTES
 
 MIC_CHUNK_MAX_FRAMES = 960      # 40 ms
 MIC_LATENCY_REPORT_S = 5.0
@@ -146,9 +147,9 @@ class RealtimeProcess:
         try:
             self.replies_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             with wave.open(str(path), "wb") as w:
-                w.setnchannels(1)
-                w.setsampwidth(2)
-                w.setframerate(API_RATE_HZ)
+                w.setnchannels(CHANNELS)
+                w.setsampwidth(SAMPLE_WIDTH_BYTES)
+                w.setframerate(RATE_HZ)
                 w.writeframes(b"".join(chunks))
             done["audio_path"] = str(path)
         except OSError as exc:
@@ -185,7 +186,7 @@ class RealtimeProcess:
             if not link.connected:
                 continue  # mic audio while the socket is down is dropped
             # capture time of the chunk's last frame, from the producer's stamp of its latest write
-            captured_ns = stamp_ns - (stamp_index - mic.read_index) * 1_000_000_000 // API_RATE_HZ
+            captured_ns = stamp_ns - (stamp_index - mic.read_index) * 1_000_000_000 // RATE_HZ
             link.step(MicAudio(buf[:n].tobytes(), captured_ns / 1e9))
 
     def _report_mic_latency(self) -> None:

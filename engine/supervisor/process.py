@@ -80,6 +80,7 @@ from engine.providers import Target, api_target
 from engine.cost import is_live_model
 from engine.errors import EngineError
 from engine.audio.ring import Ring, new_ring_name
+from engine.pcm import RATE_HZ
 
 MIC_RING_FRAMES = 1 << 16        # 2.7 s at 24 kHz
 SPEAKER_RING_FRAMES = 1 << 21    # 87 s: the API sends audio faster than real time
@@ -93,7 +94,6 @@ HELD_DELAY_S = 0.5              # after the broker is back, held events wait thi
 STOP_QUIET_S = 0.15              # at stop: the children are gone once the bus has been quiet this long
 STOP_DRAIN_MAX_S = 1.0
 DROP_REPORT_EVERY_S = 5.0        #: mic audio dropped in a stall that goes on is reported this often
-RATE_HZ = 24000                  #: the rings' rate
 TERMINAL_REPEAT_S = 10.0         #: the same error is printed on the terminal at most this often
 
 
