@@ -12,7 +12,7 @@ through. ``auto`` is ``aec`` when the speaker is a device, else ``off``.
 Recording (``record``): the mic as captured and the reference, side by side in one
 stereo WAV (:mod:`engine.audio.record`).
 
-Mic source (the debug console's talk switch, :mod:`engine.console.audio`): while a
+Mic source (the debug console's talk switch, :mod:`engine.audio.listen_talk`): while a
 ``console.mic.source`` ``browser`` lease holds, each block the device (or the WAV file)
 gives is replaced by as many frames of the browser ring, silence where it is short
 (counted); the device stream keeps running and sets the pace. The browser's audio skips
@@ -49,8 +49,8 @@ from engine.child import error_text, every_period, run_reporting, stop_on_signal
 from engine.audio.preflight import mic_wav_format
 from engine.codec import resample
 from engine.capture.echo import EchoCanceller, EchoGate, FarEnd
-from engine.console.audio import SOURCE_TOPIC, BrowserMicReader, SourceSwitch
-from engine.console.levels import LevelTap
+from engine.audio.listen_talk import SOURCE_TOPIC, BrowserMicReader, SourceSwitch
+from engine.audio.levels import LevelTap
 from engine.errors import DeviceError
 from engine.audio.record import Recorder
 from engine.audio.ring import Ring

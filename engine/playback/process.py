@@ -9,7 +9,7 @@ and tells the ring what the listener has heard (``heard_index``).
 Backends: a PyAudio callback stream at the device's rate (soxr resampling from
 24 kHz), a WAV file written in real time, or ``null`` (consumed in real time).
 
-Listen (the debug console, :mod:`engine.console.audio`): while a ``console.listen`` lease
+Listen (the debug console, :mod:`engine.audio.listen_talk`): while a ``console.listen`` lease
 holds, the renderer also copies every block it hands out into the listen ring (a plain
 copy, never blocking; a full ring counts overrun frames: frames not listened). The
 publishing thread applies the lease and reports ``playback.listen``.
@@ -29,8 +29,8 @@ from engine import child
 from engine.child import every_period, run_reporting, stop_on_signals
 from engine.audio.record import PcmWav
 from engine.audio.ring import Ring, SampleFifo
-from engine.console.audio import LISTEN_TOPIC, ListenSwitch
-from engine.console.levels import LevelTap
+from engine.audio.listen_talk import LISTEN_TOPIC, ListenSwitch
+from engine.audio.levels import LevelTap
 from engine.playback.stretch import LOOKAHEAD_FRAMES, MAX_PERIOD_FRAMES, MIN_PERIOD_FRAMES, TimeStretcher
 from engine.pcm import FRAMES_PER_MS, RATE_HZ
 

@@ -11,7 +11,7 @@ then KILL), unlinks the rings and removes socket and connection files.
 
 Rules:
 
-* Each child's life is an explicit state machine (:mod:`engine.children`: STARTING,
+* Each child's life is an explicit state machine (:mod:`engine.supervisor.children`: STARTING,
   RUNNING after ``startsecs``, BACKOFF, STOPPING, EXITED, FATAL); this module does the I/O
   the machine asks for (spawn, SIGTERM, SIGKILL) and nothing else decides a restart. A
   FATAL child stops the engine with its reason; exit code 3 (device) is FATAL at once.
@@ -69,7 +69,7 @@ from bus.runtime import proc_start_ticks as proc_start_ticks, same_process as sa
 from bus.wire import HEADER_KEYS
 from engine.view import TerminalView
 from engine.child import error_text, parent_death_signal
-from engine.children import (ChildMachine, GaveUp, Kill, Policy, Restarting, Spawn, Terminate,
+from engine.supervisor.children import (ChildMachine, GaveUp, Kill, Policy, Restarting, Spawn, Terminate,
                                         Unresponsive)
 from engine.supervisor.heartbeat import HeartbeatPipe, period_for
 from engine.supervisor.logfile import SessionLog
@@ -441,7 +441,7 @@ class Supervisor:
                                           if self.cfg["reply_audio"] else None}
         fds: tuple[int, ...] = ()
         pb_extra: dict[str, Any] = {"speaker_ring": speaker_ring.name, "speaker_target": speaker}
-        # the console's listen and talk (engine/console/audio.py): PCM through rings, never the bus
+        # the console's listen and talk (engine/audio/listen_talk.py): PCM through rings, never the bus
         listen_ring = self._ring("listen", LISTEN_RING_FRAMES, with_eventfd=False)
         pb_extra["listen_ring"] = listen_ring.name
         if mic is not None:
