@@ -1,5 +1,12 @@
 """Load and check config.yaml. The defaults here are the documented ones in config.yaml
-(a test keeps them equal). Every problem raises ConfigError naming the key."""
+(a test keeps them equal). Every problem raises ConfigError naming the key.
+
+:func:`load_config` returns a :class:`Config`: typed structures (TypedDicts) that mypy checks,
+so ``cfg["audio"]["prebufer_ms"]`` is a type error. They describe :data:`DEFAULTS`, which stays
+the one source of the keys and their defaults; ``tests/test_config_cost.py`` checks that every
+section's keys are the defaults' keys, each default has its declared type, and each ``Literal``
+lists the choices :data:`RULES` allows.
+"""
 from __future__ import annotations
 
 import copy
@@ -7,13 +14,135 @@ import ipaddress
 import difflib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypedDict, cast
 
 import yaml
 
 from engine.cost import check_priced, is_live_model
 from engine.errors import ConfigError
 from engine.pcm import api_format
+
+# ---------------------------------------------------------------- the config's types (mypy checks every read)
+class AzureConfig(TypedDict):
+    endpoint: str | None
+    deployment: str | None
+    auth: Literal["api-key", "entra"]
+    api_key_env: str
+    token_env: str
+
+
+class XaiConfig(TypedDict):
+    url: str
+    api_key_env: str
+
+
+class SessionConfig(TypedDict):
+    """The ``session`` section: what ``session.update`` sends (:func:`session_payload`)."""
+    instructions: str
+    voice: str
+    output_modalities: list[str]
+    turn_detection: dict[str, Any] | None          #: open: its keys are checked against _OPEN_KEYS
+    transcription: dict[str, Any] | None
+    noise_reduction: Literal["near_field", "far_field"] | None
+    tools: list[dict[str, Any]]
+    speed: float | None
+    max_output_tokens: int | str | None
+    tool_choice: str | dict[str, Any] | None
+    truncation: str | dict[str, Any] | None
+    reasoning: dict[str, Any] | None
+    parallel_tool_calls: bool | None
+    include: list[str] | None
+    prompt: dict[str, Any] | None
+    tracing: str | dict[str, Any] | None
+
+
+class AudioConfig(TypedDict):
+    mic: str | int | None
+    speaker: str | int | None
+    device_rate_hz: int | None
+    period_ms: Literal[10, 20, 40]
+    playback_period_ms: Literal[10, 20, 40] | None
+    prebuffer_ms: int
+    time_stretch: bool
+    echo: Literal["auto", "aec", "half_duplex", "off"]
+    echo_guard_db: float | None
+
+
+class BargeInConfig(TypedDict):
+    enabled: bool
+    min_speech_ms: int
+
+
+class BusConfig(TypedDict):
+    transport: Literal["ipc", "tcp"]
+    tcp_host: str
+    tcp_publish_port: int
+    tcp_subscribe_port: int
+
+
+class SupervisorConfig(TypedDict):
+    heartbeat_timeout_s: float | None
+
+
+class LocalServerConfig(TypedDict):
+    host: str
+    port: int
+    speed: float
+    scenario: str | None
+    asr: bool
+
+
+class PhoneConfig(TypedDict):
+    host: str
+    port: int
+    path: str
+    dtmf_to_model: Literal["off", "context", "reply"]
+    mark_every_ms: int
+    max_calls: int
+    prebuffer_ms: int | None
+    auth: Literal["twilio", "token", "none"]
+    auth_token_env: str
+    token_env: str
+    public_url: str | None
+    max_frame_bytes: int
+    max_messages_per_s: float
+    start_timeout_s: float
+    idle_timeout_s: float
+
+
+class SipConfig(TypedDict):
+    host: str
+    port: int
+    path: str
+    max_calls: int
+    no_route_status: Literal[404, 603]
+    routes: list[dict[str, Any]]
+
+
+class Config(TypedDict):
+    """The whole config, as :func:`load_config` returns it (every key present, checked)."""
+    backend: Literal["auto", "local", "openai"]
+    model: str
+    api_key_env: str
+    openai_url: str
+    provider: Literal["openai", "azure", "xai", "local"] | None
+    auth_header: str | None
+    azure: AzureConfig
+    xai: XaiConfig
+    session: SessionConfig
+    audio: AudioConfig
+    barge_in: BargeInConfig
+    bus: BusConfig
+    supervisor: SupervisorConfig
+    local_server: LocalServerConfig
+    phone: PhoneConfig
+    sip: SipConfig
+    budget_usd: float | None
+    session_recycle_s: float
+    reply_audio: bool
+    record: str | None
+    sessions_dir: str | None
+
 
 _TD = {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500,
        "create_response": True, "interrupt_response": True}
@@ -230,9 +359,9 @@ def read_yaml_file(path: Path, what: str, error: type[Exception]) -> Any:
         raise error(f"{what} file {path} is not valid YAML: {exc}") from None
 
 
-def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Defaults, then the file (if any), then ``overrides`` (dotted keys, e.g. from CLI flags)."""
-    cfg = copy.deepcopy(DEFAULTS)
+    cfg: dict[str, Any] = copy.deepcopy(DEFAULTS)
     if path is not None:
         p = Path(path)
         data = read_yaml_file(p, "config", ConfigError)
@@ -274,7 +403,7 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str,
     if heartbeat_s is not None and heartbeat_s < 0.5:
         raise ConfigError(f"config key 'supervisor.heartbeat_timeout_s': at least 0.5 s (or null: no liveness "
                           f"check), got {heartbeat_s}")
-    return cfg
+    return cast(Config, cfg)   # every key checked against DEFAULTS, which Config describes (a test keeps them equal)
 
 
 def _check_live_session(s: dict[str, Any], model: str) -> None:
@@ -355,7 +484,7 @@ def _lookup(tree: dict[str, Any], parts: list[str]) -> Any:
     return tree
 
 
-def resolve_backend(cfg: dict[str, Any]) -> str:
+def resolve_backend(cfg: Config) -> str:
     """'local' or 'openai' (any remote provider): ``provider`` when set; else auto picks openai when
     the API key variable is set."""
     if cfg.get("provider"):
@@ -373,7 +502,7 @@ def live_url(realtime_url: str) -> str:
     return f"{base}/live/sessions"
 
 
-def session_payload(cfg: dict[str, Any]) -> dict[str, Any]:
+def session_payload(cfg: Config) -> dict[str, Any]:
     """The GA ``session.update`` session built from the config's ``session`` section."""
     s = cfg["session"]
     td = s["turn_detection"]

@@ -7,13 +7,16 @@ import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bus.wire import HEADER_KEYS, BusError
 from engine.errors import EngineError
 
+if TYPE_CHECKING:
+    from engine.config import Config
 
-def _load_cfg(args: argparse.Namespace) -> dict[str, Any]:
+
+def _load_cfg(args: argparse.Namespace) -> Config:
     from engine.config import load_config
     from engine.cost import is_live_model
     overrides: dict[str, Any] = {}

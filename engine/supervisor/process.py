@@ -75,7 +75,7 @@ from engine.supervisor.heartbeat import HeartbeatPipe, period_for
 from engine.supervisor.logfile import SessionLog
 from engine.audio.preflight import check_audio
 from engine.supervisor.terminal import Terminal
-from engine.config import live_url, resolve_backend, session_payload
+from engine.config import Config, live_url, resolve_backend, session_payload
 from engine.providers import Target, api_target
 from engine.cost import is_live_model
 from engine.errors import EngineError
@@ -218,7 +218,7 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, cfg: dict[str, Any], *, text_only: bool = False, out: TextIO = sys.stdout,
+    def __init__(self, cfg: Config, *, text_only: bool = False, out: TextIO = sys.stdout,
                  console: dict[str, Any] | None = None, phone: dict[str, Any] | None = None,
                  sip: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
