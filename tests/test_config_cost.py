@@ -9,7 +9,8 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints, is
 import pytest
 import yaml
 
-from engine.config import DEFAULTS, RULES, Config, load_config, session_payload
+from engine.config import DEFAULTS, RULES, load_config, session_payload
+from engine.config_types import Config
 from engine.cost import model_prices, pricing, response_cost_usd, transcription_cost_usd
 from engine.errors import ConfigError
 from tests.helpers import REPO

@@ -8,7 +8,8 @@ from typing import Any, cast
 import pytest
 import websocket
 
-from engine.config import DEFAULTS, Config, session_payload
+from engine.config import DEFAULTS, session_payload
+from engine.config_types import Config
 from engine.realtime.dialects import AzureDialect, XaiDialect
 
 

@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from engine.config import DEFAULTS, Config, resolve_backend, session_payload
+from engine.config import DEFAULTS, resolve_backend, session_payload
+from engine.config_types import Config
 from engine.cost import response_cost_usd
 from engine.errors import ConfigError
 from engine.providers import api_target, provider_of, refused

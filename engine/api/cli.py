@@ -7,13 +7,11 @@ import os
 import signal
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bus.wire import HEADER_KEYS, BusError
+from engine.config_types import Config
 from engine.errors import EngineError
-
-if TYPE_CHECKING:
-    from engine.config import Config
 
 
 def _load_cfg(args: argparse.Namespace) -> Config:

@@ -17,12 +17,10 @@ from __future__ import annotations
 import wave
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import Any, TypeGuard
 
+from engine.config_types import AudioConfig
 from engine.errors import ConfigError, DeviceError
-
-if TYPE_CHECKING:
-    from engine.config import AudioConfig
 
 MIN_RATE_HZ = 1000
 MAX_RATE_HZ = 384_000

@@ -75,7 +75,8 @@ from engine.supervisor.heartbeat import HeartbeatPipe, period_for
 from engine.supervisor.logfile import SessionLog
 from engine.audio.preflight import check_audio
 from engine.supervisor.terminal import Terminal
-from engine.config import Config, live_url, resolve_backend, session_payload
+from engine.config import live_url, resolve_backend, session_payload
+from engine.config_types import Config
 from engine.providers import Target, api_target
 from engine.cost import is_live_model
 from engine.errors import EngineError
