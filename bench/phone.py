@@ -66,6 +66,7 @@ from engine.codec import encode_audio  # noqa: E402
 from engine.phone.bridge import Latency  # noqa: E402
 from engine.phone.simulator import FRAME_BYTES, FakePhone  # noqa: E402
 from engine.server.voice import synthesize  # noqa: E402
+from engine.specs import ApiAccess, BusSpec, PhoneSpec, encode  # noqa: E402
 
 LEVELS = "1,5,10,20,40"
 LAYOUTS = ("one_process", "process_per_call", "process_per_core")
@@ -128,12 +129,12 @@ class SoloBridges:
 
     def __init__(self, n: int, conn: dict[str, Any], bus: BusLog, tmp: Path, max_calls: int = 1) -> None:
         cfg = load_config(None, {"backend": "local"})
-        spec = {"config": cfg, "session": session_payload(cfg),
-                "url": f"{conn['server_url']}?model={cfg['model']}", "headers": ["Authorization: Bearer local"],
-                "phone": {"host": "127.0.0.1", "port": 0, "path": "/twilio", "solo": True, "max_calls": max_calls},
-                "bus": {"publish": conn["publish"], "subscribe": conn["subscribe"]}}
+        spec = PhoneSpec(config=cfg, session=session_payload(cfg), url=f"{conn['server_url']}?model={cfg['model']}",
+                         api=ApiAccess(headers=("Authorization: Bearer local",)), solo=True,
+                         phone={**cfg["phone"], "host": "127.0.0.1", "port": 0, "path": "/twilio", "max_calls": max_calls},
+                         bus=BusSpec(publish=conn["publish"], subscribe=conn["subscribe"]))
         path = tmp / "solo-spec.json"
-        path.write_text(json.dumps(spec))
+        path.write_bytes(encode(spec))
         os.chmod(path, 0o600)
         t0 = time.monotonic()
         self.procs = [subprocess.Popen([sys.executable, "-m", "engine.phone.process", str(path)],

@@ -8,24 +8,24 @@ import os
 import signal
 import sys
 import threading
-from typing import Any
 
 from bus import Publisher
 from engine.errors import ConfigError
 from engine.phone.bridge import PhoneBridge
 from engine import child
+from engine.specs import PhoneSpec
 
 
 class PhoneProcess:
-    def __init__(self, spec: dict[str, Any]) -> None:
+    def __init__(self, spec: PhoneSpec) -> None:
         self.spec = spec
 
     def run(self) -> int:
         return asyncio.run(self._run())
 
     async def _run(self) -> int:
-        pub = Publisher(self.spec["bus"]["publish"], f"phone:{os.getpid()}")
-        pub.join(self.spec["bus"]["subscribe"])
+        pub = Publisher(self.spec.bus.publish, f"phone:{os.getpid()}")
+        pub.join(self.spec.bus.subscribe)
         try:
             bridge = PhoneBridge(self.spec, publisher=pub)
         except ConfigError as exc:   # phone.auth cannot be met: restarting would not help (exit 3: FATAL)
@@ -58,4 +58,4 @@ class PhoneProcess:
 
 
 if __name__ == "__main__":
-    sys.exit(child.main(PhoneProcess))
+    sys.exit(child.main(PhoneProcess, PhoneSpec))

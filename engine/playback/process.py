@@ -33,6 +33,7 @@ from engine.audio.listen_talk import LISTEN_TOPIC, ListenSwitch
 from engine.audio.levels import LevelTap
 from engine.playback.stretch import LOOKAHEAD_FRAMES, MAX_PERIOD_FRAMES, MIN_PERIOD_FRAMES, TimeStretcher
 from engine.pcm import FRAMES_PER_MS, RATE_HZ
+from engine.specs import PlaybackSpec
 
 FADE_FRAMES = 120            # 5 ms fade over gaps
 FLUSH_FADE_FRAMES = 120      # 5 ms fade on barge-in (raised cosine: no click, and silent sooner)
@@ -399,21 +400,21 @@ class PlaybackProcess:
     next_levels_at: float = float("inf")
     console_sub: Subscriber | None = None   #: console.listen (None for an instance built without __init__)
 
-    def __init__(self, spec: dict[str, Any]) -> None:
+    def __init__(self, spec: PlaybackSpec) -> None:
         self.spec = spec
-        cfg = spec["config"]["audio"]
-        self.speaker = spec.get("speaker_target", cfg["speaker"])
+        cfg = spec.config["audio"]
+        self.speaker = spec.speaker_target
         self.period_ms = cfg.get("playback_period_ms") or cfg["period_ms"]
-        self.ring = Ring.attach(spec["speaker_ring"])
+        self.ring = Ring.attach(spec.speaker_ring)
         #: playback processes that ran on this ring before this one (a restart continues the speaker WAV)
         self.earlier_starts = self.ring.control.count_consumer_start()
         # every frame handed to the device also goes to the reference ring (echo canceller, recording)
-        self.ref = Ring.attach(spec["ref_ring"]) if spec.get("ref_ring") else None
+        self.ref = Ring.attach(spec.ref_ring) if spec.ref_ring else None
         self.renderer = Renderer(self.ring, cfg["prebuffer_ms"] * RATE_HZ // 1000, ref=self.ref,
                                  stretch=cfg.get("time_stretch", True))
         self.stop = threading.Event()
-        self.pub = Publisher(spec["bus"]["publish"], f"playback:{os.getpid()}")
-        self.pub.join(spec["bus"]["subscribe"])
+        self.pub = Publisher(spec.bus.publish, f"playback:{os.getpid()}")
+        self.pub.join(spec.bus.subscribe)
         self.callback_errors = 0     # exceptions in the device callback (answered with silence)
         self.last_callback_error: BaseException | None = None   # the latest of them (set by the callback)
         self.reported_callback_errors = 0
@@ -426,10 +427,10 @@ class PlaybackProcess:
         self.renderer.tap = LevelTap(RATE_HZ)
         self.next_levels_at = time.monotonic() + LEVELS_EVERY_S
         # the console's listen switch: a ring to copy into, a lease from the bus
-        self.renderer.listen = Ring.attach(spec["listen_ring"]) if spec.get("listen_ring") else None
+        self.renderer.listen = Ring.attach(spec.listen_ring) if spec.listen_ring else None
         self.listen_switch = ListenSwitch()
         self.next_listen_at = 0.0
-        self.console_sub = Subscriber(spec["bus"]["subscribe"], [LISTEN_TOPIC]) if self.renderer.listen else None
+        self.console_sub = Subscriber(spec.bus.subscribe, [LISTEN_TOPIC]) if self.renderer.listen else None
 
     def publish_events(self) -> None:
         """Publish what the renderer saw (from the loop thread, never the callback). Reports carry
@@ -547,7 +548,7 @@ class PlaybackProcess:
         from engine.audio.devices import find_device, keep_running, open_pyaudio
         pa = open_pyaudio()
         dev = find_device(pa, self.speaker, "output")
-        rate = self.spec["config"]["audio"]["device_rate_hz"] or dev["default_rate_hz"]
+        rate = self.spec.config["audio"]["device_rate_hz"] or dev["default_rate_hz"]
         frames_dev = rate * self.period_ms // 1000
         feeder = DeviceFeeder(self.renderer, RATE_HZ * self.period_ms // 1000, rate) if rate != RATE_HZ else None
         latency_frames = 0
@@ -611,4 +612,4 @@ class PlaybackProcess:
 
 
 if __name__ == "__main__":
-    sys.exit(child.main(PlaybackProcess))
+    sys.exit(child.main(PlaybackProcess, PlaybackSpec))

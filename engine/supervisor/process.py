@@ -58,7 +58,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 from urllib.parse import quote
 
 from bus import BusError, Endpoints, Publisher, Subscriber, generate_keys
@@ -76,18 +76,15 @@ from engine.supervisor.logfile import SessionLog
 from engine.audio.preflight import check_audio
 from engine.supervisor.terminal import Terminal
 from engine.config import live_url, resolve_backend, session_payload
-from engine.config_types import Config
+from engine.config_types import Config, PhoneConfig, SipConfig
+from engine.specs import (RINGS, ApiAccess, BusSpec, CaptureSpec, ChildSpec, ConsoleSpec, PhoneSpec, PlaybackSpec,
+                          Process, RealtimeSpec, SipSpec, encode, ring_kinds)
 from engine.providers import Target, api_target
 from engine.cost import is_live_model
 from engine.errors import EngineError
 from engine.audio.ring import Ring, new_ring_name
 from engine.pcm import RATE_HZ
 
-MIC_RING_FRAMES = 1 << 16        # 2.7 s at 24 kHz
-SPEAKER_RING_FRAMES = 1 << 21    # 87 s: the API sends audio faster than real time
-REF_RING_FRAMES = 1 << 15        # 1.4 s: what playback played, read by capture in step
-LISTEN_RING_FRAMES = 1 << 15     # 1.4 s: what playback played, for the console's listen switch
-BROWSER_RING_FRAMES = 1 << 15    # 1.4 s: the console's browser mic, read by capture while talk is on
 GRACE_S = 3.0
 LOOP_PERIOD_S = 0.25             # the main loop: bus messages, reaping, status
 DRAIN_BUDGET_S = 0.2             # a round of bus messages takes at most this long; the rest next round at once
@@ -196,7 +193,7 @@ class Child:
     argv: list[str]
     pass_fds: tuple[int, ...] = ()
     stdout: Any = None
-    spec: dict[str, Any] | None = None   #: written to the child's stdin (engine.child.read_spec)
+    spec: ChildSpec | None = None        #: written to the child's stdin (engine/specs.py encode, engine.child.main)
     death_signal: int = signal.SIGTERM   #: what the kernel sends it when the supervisor dies
     policy: Policy = field(default_factory=Policy)
     proc: subprocess.Popen[bytes] | None = None
@@ -343,12 +340,14 @@ class Supervisor:
         self.out.write(f"realtalk: cleaned the runtime directory of an engine that is gone (pid {conn.get('pid')})"
                        + (f": {'; '.join(done)}" if done else "") + "\n")
 
-    def _spec(self, extra: dict[str, Any]) -> dict[str, Any]:
-        """A child's spec; it goes to the child's stdin, never to a file (it holds secrets)."""
-        return {"config": self.cfg, "bus": {"publish": self.endpoints.publish, "subscribe": self.endpoints.subscribe,
-                                            "signing_key": self.signing_key.hex(),
-                                            **(self.bus_keys.connection_keys() if self.endpoints.curve else {})},
-                **extra}
+    def _bus_spec(self, *, signing: bool = True) -> BusSpec:
+        """The bus section of a child's spec: the endpoints, the signing key (``signing``) and the
+        CURVE keys over tcp. The spec goes to the child's stdin, never to a file (it holds secrets)."""
+        curve = self.bus_keys.connection_keys() if self.endpoints.curve else {}
+        return BusSpec(publish=self.endpoints.publish, subscribe=self.endpoints.subscribe,
+                       signing_key=self.signing_key.hex() if signing else None,
+                       curve_server_key=curve.get("curve_server_key"), curve_public_key=curve.get("curve_public_key"),
+                       curve_secret_key=curve.get("curve_secret_key"))
 
     def _api_target(self) -> tuple[str, list[str]]:
         model = quote(self.cfg["model"])
@@ -379,19 +378,19 @@ class Supervisor:
         self.target = api_target(self.cfg, os.environ)
         return self.target.url, list(self.target.headers)
 
-    def _rest_spec(self, url: str) -> dict[str, Any]:
-        """Where a SIP call's REST calls and control sockets go: the API's base URLs."""
+    def _rest_bases(self, url: str) -> tuple[str, str]:
+        """Where a SIP call's REST calls and control sockets go: the API's base URLs (REST, socket)."""
         if self.target is not None:
-            return {"rest_base": self.target.rest_base, "ws_base": self.target.url.split("?", 1)[0]
-                    .removesuffix("/realtime").removesuffix("/live/sessions")}
+            return self.target.rest_base, (self.target.url.split("?", 1)[0]
+                                           .removesuffix("/realtime").removesuffix("/live/sessions"))
         base = (self.server_url or url).split("?", 1)[0].removesuffix("/realtime")
-        return {"rest_base": "http://" + base.removeprefix("ws://"), "ws_base": base}
+        return "http://" + base.removeprefix("ws://"), base
 
-    def _dialect_spec(self) -> dict[str, Any]:
-        """Which provider's dialect the API socket speaks (engine/realtime/dialects.py)."""
+    def _api_access(self, headers: list[str]) -> ApiAccess:
+        """How a child signs in, and which provider's dialect the socket speaks (engine/realtime/dialects.py)."""
         t = self.target
-        return {"provider": t.provider if t else "local", "dialect": t.dialect if t else "openai",
-                "deployment": t.deployment if t else None, "key_env": t.key_env if t else None}
+        return ApiAccess(headers=tuple(headers), provider=t.provider if t else "local",
+                         deployment=t.deployment if t else None, key_env=t.key_env if t else None)
 
     def _api_url(self, realtime_url: str, quoted_model: str) -> str:
         """The socket's URL: Realtime names the model in the query; GPT-Live has its own path
@@ -419,60 +418,58 @@ class Supervisor:
         self.children.append(Child("broker", [py, "-m", "bus.broker", self.endpoints.publish, self.endpoints.subscribe,
                                               "--intake", intake], death_signal=signal.SIGKILL))
         url, headers = self._api_target()
+        api = self._api_access(headers)
         if self.sip is not None:  # SIP calls (engine/sip): the audio is OpenAI's; no rings or devices
-            self.children.append(Child("sip", [py, "-m", "engine.sip.process"], spec=self._spec(
-                {"headers": headers, "sip": self.sip, **self._rest_spec(url), **self._dialect_spec()})))
+            rest_base, ws_base = self._rest_bases(url)
+            self.children.append(Child("sip", [py, "-m", "engine.sip.process"], spec=SipSpec(
+                config=self.cfg, bus=self._bus_spec(), api=api, rest_base=rest_base, ws_base=ws_base,
+                sip=cast(SipConfig, {**self.cfg["sip"], **self.sip}))))
             self._start_children()
             return
         if self.phone is not None:  # phone calls (engine/phone): no rings, no capture, realtime or playback
-            self.children.append(Child("phone", [py, "-m", "engine.phone.process"], spec=self._spec(
-                {"url": url, "headers": headers, "session": session_payload(self.cfg), "phone": self.phone,
-                 **self._dialect_spec()})))
+            self.children.append(Child("phone", [py, "-m", "engine.phone.process"], spec=PhoneSpec(
+                config=self.cfg, bus=self._bus_spec(), url=url, api=api, session=session_payload(self.cfg),
+                phone=cast(PhoneConfig, {**self.cfg["phone"], **self.phone}))))
             self._start_children()
             return
         audio = self.cfg["audio"]
         mic = None if self.text_only else audio["mic"]
         speaker = "null" if self.text_only or audio["speaker"] in (None, "null") else audio["speaker"]
         speaker_is_device = not (isinstance(speaker, str) and (speaker == "null" or speaker.lower().endswith(".wav")))
-        speaker_ring = self._ring("speaker", SPEAKER_RING_FRAMES, with_eventfd=False)
-        realtime_extra: dict[str, Any] = {"url": url, "headers": headers, "session": session_payload(self.cfg),
-                                          **self._dialect_spec(),
-                                          "speaker_ring": speaker_ring.name,
-                                          "replies_dir": str(self.session_dir / "replies")
-                                          if self.cfg["reply_audio"] else None}
-        fds: tuple[int, ...] = ()
-        pb_extra: dict[str, Any] = {"speaker_ring": speaker_ring.name, "speaker_target": speaker}
-        # the console's listen and talk (engine/audio/listen_talk.py): PCM through rings, never the bus
-        listen_ring = self._ring("listen", LISTEN_RING_FRAMES, with_eventfd=False)
-        pb_extra["listen_ring"] = listen_ring.name
+        # the rings (engine/specs.py RINGS): each whose producer and consumer run; the console's
+        # listen and talk rings (engine/audio/listen_talk.py) whether it runs now or attaches later
+        processes: list[Process] = ["realtime", "playback", "console"]
         if mic is not None:
-            mic_ring = self._ring("mic", MIC_RING_FRAMES)
-            assert mic_ring.data_fd is not None
-            os.set_inheritable(mic_ring.data_fd, True)
-            fds = (mic_ring.data_fd,)
-            realtime_extra.update(mic_ring=mic_ring.name, mic_fd=mic_ring.data_fd)
-            # what playback hands to the device, for the echo canceller and the recording
-            ref_ring = self._ring("ref", REF_RING_FRAMES, with_eventfd=False)
-            pb_extra["ref_ring"] = ref_ring.name
-            browser_ring = self._ring("browser", BROWSER_RING_FRAMES, with_eventfd=False)
-            cap_spec = self._spec({"mic_ring": mic_ring.name, "mic_fd": mic_ring.data_fd,
-                                   "mic_source": mic, "speaker_ring": speaker_ring.name,
-                                   "ref_ring": ref_ring.name, "speaker_is_device": speaker_is_device,
-                                   "browser_ring": browser_ring.name,
-                                   "record_path": str(self.session_dir / "conversation.wav")
-                                   if self.cfg["record"] else None})
-            self.children.append(Child("capture", [py, "-m", "engine.capture.process"], pass_fds=fds, spec=cap_spec))
+            processes.append("capture")
+        for kind in ring_kinds(processes):
+            self._ring(kind)
+        names = self.ring_names
+        mic_fd = self.rings_by_kind["mic"].data_fd if mic is not None else None
+        fds = (mic_fd,) if mic_fd is not None else ()
+        for fd in fds:
+            os.set_inheritable(fd, True)
+        if mic is not None:
+            self.children.append(Child("capture", [py, "-m", "engine.capture.process"], pass_fds=fds, spec=CaptureSpec(
+                config=self.cfg, bus=self._bus_spec(), mic_ring=names["mic"], mic_fd=mic_fd, mic_source=mic,
+                speaker_ring=names["speaker"], ref_ring=names["ref"], speaker_is_device=speaker_is_device,
+                browser_ring=names["browser"],
+                record_path=str(self.session_dir / "conversation.wav") if self.cfg["record"] else None)))
             self.devices_pending.add("capture.device")
-        self.children.append(Child("realtime", [py, "-m", "engine.realtime.process"], pass_fds=fds,
-                                   spec=self._spec(realtime_extra)))
-        self.children.append(Child("playback", [py, "-m", "engine.playback.process"], spec=self._spec(pb_extra)))
+        self.children.append(Child("realtime", [py, "-m", "engine.realtime.process"], pass_fds=fds, spec=RealtimeSpec(
+            config=self.cfg, bus=self._bus_spec(), url=url, api=api, session=session_payload(self.cfg),
+            speaker_ring=names["speaker"], mic_ring=names.get("mic"), mic_fd=mic_fd,
+            replies_dir=str(self.session_dir / "replies") if self.cfg["reply_audio"] else None)))
+        self.children.append(Child("playback", [py, "-m", "engine.playback.process"], spec=PlaybackSpec(
+            config=self.cfg, bus=self._bus_spec(), speaker_ring=names["speaker"], speaker_target=speaker,
+            listen_ring=names["listen"], ref_ring=names.get("ref"))))
         if speaker_is_device:
             self.devices_pending.add("playback.device")  # a real speaker: ready once it is open
         if self.console is not None:
-            console_spec = self._spec({"console": self.console, "session_dir": str(self.session_dir),
-                                       "rings": self.ring_names})
-            console_spec["bus"].pop("signing_key")  # it publishes cmd.* only: no key a page could ever reach
-            self.children.append(Child("console", [py, "-m", "engine.console.process"], spec=console_spec))
+            c = self.console   # it publishes cmd.* only: no signing key a page could ever reach
+            self.children.append(Child("console", [py, "-m", "engine.console.process"], spec=ConsoleSpec(
+                config=self.cfg, bus=self._bus_spec(signing=False), host=c.get("host") or "127.0.0.1",
+                port=int(c.get("port") or 0), allowed_hosts=tuple(c.get("allowed_hosts") or ()),
+                session_dir=str(self.session_dir), rings=names)))
         self._start_children()
 
     @property
@@ -480,10 +477,12 @@ class Supervisor:
         """The rings' names by kind (engine.json, engine.status, the console's spec)."""
         return {kind: ring.name for kind, ring in self.rings_by_kind.items()}
 
-    def _ring(self, kind: str, capacity_frames: int, with_eventfd: bool = True) -> Ring:
-        """A new ring of ``kind`` under a random name (made exclusively, 0600: engine/audio/ring.py),
-        kept for the stop and listed by kind in ``ring_names``."""
-        ring = Ring.create(new_ring_name(), capacity_frames, with_eventfd=with_eventfd)
+    def _ring(self, kind: str) -> Ring:
+        """A new ring of ``kind`` (its size and eventfd from engine/specs.py RINGS) under a random
+        name (made exclusively, 0600: engine/audio/ring.py), kept for the stop and listed by kind
+        in ``ring_names``."""
+        layout = RINGS[kind]
+        ring = Ring.create(new_ring_name(), layout.frames, with_eventfd=layout.eventfd)
         self.rings.append(ring)
         self.rings_by_kind[kind] = ring
         return ring
@@ -543,7 +542,7 @@ class Supervisor:
             self.bus_up = False  # until our probe comes back through it
         if child.spec is not None and child.proc.stdin is not None:
             try:  # one line; the pipe stays open: its end of file tells the child the supervisor is gone
-                child.proc.stdin.write(json.dumps(child.spec).encode() + b"\n")
+                child.proc.stdin.write(encode(child.spec))
                 child.proc.stdin.flush()
             except BrokenPipeError:
                 pass  # the child died at once: reaped as an exit
