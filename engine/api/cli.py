@@ -114,7 +114,7 @@ def _alive(pid: int) -> bool:
 def cmd_stop(args: argparse.Namespace) -> int:
     from bus.client import connection_file
     from bus.runtime import GONE, UNPROVEN, engine_state, unproven_error
-    from engine.supervisor.process import clean_stale
+    from engine.supervisor.rundir import clean_stale
     conn = _connection(running=False)
     pid = conn.get("pid")
     state = engine_state(conn)
