@@ -164,9 +164,27 @@ def test_fragments_are_grouped_into_turns_and_the_history_keeps_them() -> None:
     assert turn["text"] == "Where is the car?" and turn["reason"] == "inactivity"
     assert published(done, "conversation.history")[-1]["items"] == [
         {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Where is the car?"}]}]
-    model = h.fragment("model", "At desk", 1400, 1600) + h.fragment("model", " four.", 3000, 3200)
-    (first_model_turn,) = published(model, "model.transcript.done")   # a gap over 800 ms of timeline
+    model = h.fragment("model", "At desk", 1400, 1600) + h.fragment("model", " four.", 3800, 4000)
+    (first_model_turn,) = published(model, "model.transcript.done")   # a gap over 2,000 ms of timeline
     assert first_model_turn["text"] == "At desk" and first_model_turn["reason"] == "gap"
+
+
+def test_a_model_pausing_mid_reply_on_a_busy_machine_stays_one_turn() -> None:
+    """CI, under load: the model's reply "...collected at" / 1 s pause / "Northern Train Station"
+    came as three model.transcript.done (800 ms of silence closed the turn). The model's silence
+    is the SDK grouper's 2 s; the user's stays 800 ms."""
+    h = Harness()
+    h.started()
+    h.fragment("model", "The car is collected at", 4200, 7600)
+    h.now += 1.2   # the fragments come late: the machine is busy, the model paused on the timeline
+    acts = h(Tick()) + h.fragment("model", " Northern", 8600, 8800)
+    assert not published(acts, "model.transcript.done")
+    h.now += 1.0
+    acts = h(Tick()) + h.fragment("model", " Train Station.", 9400, 10000)
+    assert not published(acts, "model.transcript.done")
+    h.now += 2.1
+    (turn,) = published(h(Tick()), "model.transcript.done")
+    assert turn["text"] == "The car is collected at Northern Train Station." and turn["reason"] == "inactivity"
 
 
 def test_a_reconnect_starts_a_new_session_told_the_conversation_so_far() -> None:
