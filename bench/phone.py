@@ -16,11 +16,11 @@ Layouts (``runs``):
 - ``one_process``: what `engine phone` does: one asyncio phone process holding every call's two
   WebSockets and a RealtimeCore per call.
 - ``process_per_call``: each call's whole bridge (its Twilio socket, core and API socket) in a
-  process of its own: ``python -m engine.phone.process`` per call with ``phone.solo`` (it leaves
+  process of its own: ``python -m engine.phone.process`` per call with the spec's ``solo`` (it leaves
   other calls' commands alone and publishes no status each second), started before the call
   dials. A real per-call layout also needs a front to route each call to its process (a hop
   more), so its figures here are a lower bound of that layout's cost.
-- ``process_per_core``: as many one-process bridges as the machine has cores (``phone.solo``),
+- ``process_per_core``: as many one-process bridges as the machine has cores (the spec's ``solo``),
   calls dealt out in turn: what several `engine phone` workers behind haproxy are on one machine.
 - ``sdk_sample_baseline``: the most-forked Twilio sample's bridge (twilio-samples/speech-assistant-
   openai-realtime-api-python) on the official ``openai`` SDK, one asyncio process
