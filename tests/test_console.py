@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import numpy as np
 import pytest
 
-from engine.console.levels import FLOOR_DBFS, LevelTap, amplitude_dbfs, dbfs
+from engine.audio.levels import FLOOR_DBFS, LevelTap, amplitude_dbfs, dbfs
 from engine.console.relay import decode_batch
 from tests.helpers import CHROMIUM, console_url, shot
 
