@@ -657,7 +657,7 @@ def bench_baseline(tmp: Path, utterances: int) -> dict[str, Any]:
     session's clock needs input audio), each delta appended to a buffer the device callback
     takes from, zeros when it is short."""
     import socket
-    from engine.supervisor.process import free_port
+    from engine.supervisor.rundir import free_port
     scen = jitter_scenario(tmp)
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "engine.api.cli", "serve", "--port", str(port), "--scenario",
