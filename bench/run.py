@@ -3,7 +3,7 @@ side by side with its reference in the same run.
 
     python bench/run.py core [--json]      rings, bus, engine CPU, engine start time (issue 3)
     python bench/run.py server [--json]    local server: first delta, 20 concurrent sessions (issue 2)
-    python bench/run.py conversation [--json] [--interruptions N] [--double-talk-trials N]
+    python bench/run.py conversation [--json] [--interruptions N] [--double-talk-trials N] [--stall-replies N]
                                            engine vs an openai-SDK + PyAudio baseline (issue 4), double talk
     python bench/run.py faults [--json] [--soak-minutes N] [--fuzz N]
                                            kills, socket drops, fuzz, slow subscriber, soak (issue 15)
@@ -589,6 +589,7 @@ def main() -> int:
     ap.add_argument("--soak-minutes", type=float, default=30.0, help="faults: the soak's length")
     ap.add_argument("--fuzz", type=int, default=10_000, help="faults: fuzzed bus messages")
     ap.add_argument("--double-talk-trials", type=int, default=5, help="per level and guard setting; 0: skip")
+    ap.add_argument("--stall-replies", type=int, default=10, help="conversation: replies per playback stall length; 0: skip")
     ap.add_argument("--minutes", type=float, default=10.0, help="console: minutes of events with the page open")
     ap.add_argument("--closed-minutes", type=float, default=None, help="console: minutes of turns before it opens")
     ap.add_argument("--yields", type=int, default=20, help="live: times the user talks over the model")
@@ -598,7 +599,7 @@ def main() -> int:
         result = {**bench_ring(), **bench_bus(), **bench_engine()}
     elif args.suite == "conversation":
         from bench.conversation import run
-        result = run(args.interruptions, args.double_talk_trials)
+        result = run(args.interruptions, args.double_talk_trials, args.stall_replies)
     elif args.suite == "console":
         from bench.console import run as run_console
         result = run_console(args.minutes, args.closed_minutes)

@@ -115,8 +115,9 @@ class CaptureProcess:
             self.pub.publish("engine.error", {"source": "capture", "code": code, "exception": type(exc).__name__,
                                               "message": f"{what}: {type(exc).__name__}: {error_text(exc)}"})
 
-    def _write(self, pcm: np.ndarray) -> None:
-        """Audio path: mic frames (24 kHz) -> echo handling -> mic ring (and the recording).
+    def _write(self, pcm: np.ndarray, adc_ns: int) -> None:
+        """Audio path: mic frames (24 kHz), the first captured at ``adc_ns`` (CLOCK_MONOTONIC, as
+        the device reports it) -> echo handling -> mic ring (and the recording).
         While the browser is the source, its frames replace the device's, as many as the
         device gave (the device keeps the time), and skip the echo handling."""
         reader = self.browser if self.use_browser else None
@@ -128,14 +129,15 @@ class CaptureProcess:
         if reader is not None:
             pcm = reader.read(len(device))
         self.level_in.push(pcm)
-        far = self.far.take(len(pcm)) if self.far is not None else None
+        far_end = self.far
+        far = far_end.take(len(pcm), adc_ns) if far_end is not None else None
         if self.recorder is not None:
             self.recorder.push(pcm, far if far is not None else np.zeros_like(pcm))
-        if self.aec is not None and far is not None:
+        if self.aec is not None and far_end is not None and far is not None:
             # with the browser as the source the canceller still runs on the device's frames (its
             # output unused: the browser cancels its own loudspeaker's echo), so it is converged on
             # the room's echo path when the device is the source again
-            cancelled = self.aec.process(device, far)
+            cancelled = self.aec.process(device, far, far_end.uncertain)
             if reader is None:
                 pcm = cancelled
         elif self.gate is not None and reader is None:
@@ -166,8 +168,11 @@ class CaptureProcess:
                 stats.update(self.aec.stats())
                 stats["aec_errors"] = self.aec.errors
             if self.far is not None:
-                stats.update(far_missing_frames=self.far.missing_frames, far_skipped_frames=self.far.skipped_frames,
-                             far_held_frames=self.far.held_frames)
+                far = self.far
+                stats.update(far_missing_frames=far.missing_frames, far_gap_frames=far.gap_frames,
+                             far_skipped_frames=far.skipped_frames, far_realignments=far.realignments,
+                             far_uncertain_ms=far.uncertain_frames * 1000 // RATE_HZ,
+                             mic_clock_jumps=far.clock.jumps)
             if self.gate is not None:
                 stats["muted_frames"] = self.gate.muted_frames
             if self.recorder is not None:
@@ -243,7 +248,7 @@ class CaptureProcess:
             pos += period
             if pos >= len(pcm) and pos - period < len(pcm):
                 self.pub.publish("capture.file_done", {"name": path})
-            self._write(chunk)
+            self._write(chunk, time.monotonic_ns() - period * 1_000_000_000 // RATE_HZ)
             self.housekeeping()
 
     def run_pyaudio(self) -> None:
@@ -255,19 +260,35 @@ class CaptureProcess:
         frames = rate * self.period_ms // 1000
         resampler = resample_stream(rate, RATE_HZ) if rate != RATE_HZ else None
 
+        device_frames = 0      # frames the device has given, and the 24 kHz frames made of them
+        out_frames = 0
+
         def callback(in_data: bytes | None, frame_count: int, time_info: Any, status: int) -> tuple[None, int]:
+            nonlocal device_frames, out_frames
             try:
+                # when the block's first frame was captured: PortAudio's ADC time, as an age (its clock
+                # need not be CLOCK_MONOTONIC); the stream's latency when the device gives none
+                age_s = time_info.get("current_time", 0) - time_info.get("input_buffer_adc_time", 0)
+                if not 0 < age_s < 2:
+                    age_s = stream_latency_s + self.period_ms / 1000
                 pcm = np.frombuffer(in_data or b"", dtype=np.int16)
+                # soxr holds some frames back (0 to a block's worth): the first frame out is that much older
+                held_s = (device_frames / rate - out_frames / RATE_HZ) if resampler is not None else 0.0
+                adc_ns = time.monotonic_ns() - int((age_s + held_s) * 1e9)
+                device_frames += len(pcm)
                 if resampler is not None:
                     pcm = resampler.resample_chunk(pcm)
-                self._write(pcm)
+                out_frames += len(pcm)
+                self._write(pcm, adc_ns)
             except Exception as exc:  # counted; the main thread reports it (housekeeping)
                 self.callback_errors += 1
                 self.callback_error = exc
             return None, pyaudio.paContinue
 
+        stream_latency_s = 0.04
         stream = pa.open(format=pyaudio.paInt16, channels=1, rate=rate, input=True, input_device_index=dev["index"],
                          frames_per_buffer=frames, stream_callback=callback)
+        stream_latency_s = stream.get_input_latency()
         self.device_name = dev["name"]
         self.pub.publish("capture.device", {"name": dev["name"], "rate_hz": rate, "period_frames": frames,
                                             "latency_ms": round(stream.get_input_latency() * 1000, 1),

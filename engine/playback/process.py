@@ -44,6 +44,7 @@ POSITION_EVERY_S = 0.1       # playback.position while a stream plays
 CADENCE_EVERY_S = 5.0        # playback.cadence: how regularly the device asks for audio
 LEVELS_EVERY_S = 0.1         # playback.levels: 20 ms windows of what was played, batched this often
 LISTEN_EVERY_S = 2.0         # playback.listen while a console listens (and at each change)
+REF_RUN_TOLERANCE_NS = 2_000_000   # a reference block due this much off the end of the last begins a new run
 
 
 def fade_out(frames: int) -> np.ndarray:
@@ -112,6 +113,8 @@ class Renderer:
         #: False when the caller fades a flush itself, later in the chain (:class:`DeviceFeeder`)
         self.fade_on_flush = fade_on_flush
         self.ref = ref
+        self._ref_next_due_ns = 0    # when the frame after the latest reference block is due at the DAC
+        self._ref_run_index = 0      # where the reference's latest run without a gap began
         #: level meter of what is handed to the device (the console's speaker envelope); set by the process
         self.tap: LevelTap | None = None
         #: the console's listen ring, written while ``listen_on`` (set by the publishing thread)
@@ -160,14 +163,29 @@ class Renderer:
         return self._stream_complete() and self.ring.read_index >= self.control.end_index
 
     def render(self, out: np.ndarray, latency_frames: int, now: float) -> None:
-        """Fill ``out`` completely (silence where there is nothing to play); copy it to the reference ring."""
+        """Fill ``out`` completely (silence where there is nothing to play); copy it to the reference
+        ring, stamped with when its first frame reaches the DAC: ``now`` (the callback's
+        CLOCK_MONOTONIC time) plus the device's output latency and the frames handed to the device
+        before it (``backlog_frames``)."""
         self._render(out, latency_frames, now)
         if self.ref is not None:
+            self._stamp_ref(len(out), latency_frames, now)
             self.ref.write(out)  # a full reference ring (no capture reading it) only counts overruns
         if self.tap is not None:
             self.tap.push(out)   # a copy into a preallocated buffer; measured by the publishing thread
         if self.listen_on and self.listen is not None:
             self.listen.write(out)  # a full listen ring (the console behind) only counts overruns
+
+    def _stamp_ref(self, frames: int, latency_frames: int, now: float) -> None:
+        """The reference block about to be written: when it is due at the DAC, and whether it follows
+        the last one without a gap (the device ran dry after a late callback: a new run)."""
+        ref = self.ref
+        assert ref is not None
+        due_ns = int(now * 1e9) + (latency_frames + self.backlog_frames) * 1_000_000_000 // RATE_HZ
+        if abs(due_ns - self._ref_next_due_ns) > REF_RUN_TOLERANCE_NS:
+            self._ref_run_index = ref.write_index
+        self._ref_next_due_ns = due_ns + frames * 1_000_000_000 // RATE_HZ
+        ref.stamp_due(ref.write_index, due_ns, self._ref_run_index)
 
     def _render(self, out: np.ndarray, latency_frames: int, now: float) -> None:
         ring = self.ring
