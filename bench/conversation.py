@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import vaudio, vaudio_env
+from bench.common import BusLog, vaudio, vaudio_env
 from engine.playback.process import FLUSH_FADE_MS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -244,7 +244,7 @@ class MonitorRecorder:
 
 
 # ------------------------------------------------------------------ the engine
-class Engine:
+class Engine(BusLog):
     """``engine start`` on the virtual devices, with a bus subscriber and publisher for the bench.
 
     ``audio`` / ``session`` / ``local_server``: YAML flow mappings merged over the bench's config."""
@@ -280,25 +280,6 @@ class Engine:
         self.pub = Publisher(self.conn["publish"], "bench")
         self.pub.join(self.conn["subscribe"])
         self.log: list[tuple[str, dict[str, Any]]] = []
-
-    def wait(self, topic: str, timeout: float = 20, where: Any = None) -> dict[str, Any]:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            msg = self.sub.recv(timeout_ms=100)
-            if msg is None:
-                continue
-            self.log.append(msg)
-            if msg[0] == topic and (where is None or where(msg[1])):
-                return msg[1]
-        raise TimeoutError(f"no {topic} within {timeout} s")
-
-    def pump(self, seconds: float) -> None:
-        """Log what comes for ``seconds``."""
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            msg = self.sub.recv(timeout_ms=50)
-            if msg is not None:
-                self.log.append(msg)
 
     def seen_or_wait(self, mark: int, topic: str, timeout: float = 20) -> dict[str, Any]:
         """The first ``topic`` message logged since ``mark``, waiting for it if need be."""
@@ -524,7 +505,7 @@ def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
 def bench_baseline(scen: Path, load: bool, turns: int = 8) -> dict[str, Any]:
     """openai SDK + PyAudio in one asyncio process, as the SDK's examples do it."""
     import socket
-    from engine.supervisor.process import free_port
+    from engine.supervisor.rundir import free_port
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "engine.api.cli", "serve", "--port", str(port), "--scenario",
                                str(scen), "--no-asr"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

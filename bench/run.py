@@ -18,6 +18,9 @@ side by side with its reference in the same run.
                                            the console: CPU closed vs open, underruns, bus -> page, page heap (issue 11)
     python bench/run.py asr [--json]       the local server's recogniser on espeak-ng speech: word accuracy, free
                                            decoding vs expected phrases (issue 23); bench/asr.py has the options
+    python bench/run.py live [--json] [--yields N] [--utterances N]
+                                           the engine on GPT-Live: latency, yield time, underruns vs an SDK
+                                           baseline, CPU beside the floor (issue 21)
 
 Every figure's definition: bench/README.md.
 """
@@ -609,7 +612,8 @@ def bench_server() -> dict[str, Any]:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("suite", choices=["core", "server", "conversation", "faults", "console", "phone", "asr", "sip"])
+    ap.add_argument("suite", choices=["core", "server", "conversation", "faults", "console", "phone", "asr", "sip",
+                                       "live"])
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--backend", choices=["native", "pyaudio", "both"], default="both",
                     help="core, conversation: the audio backend(s) the engine's figures are measured on")
@@ -620,6 +624,8 @@ def main() -> int:
     ap.add_argument("--stall-replies", type=int, default=10, help="conversation: replies per playback stall length; 0: skip")
     ap.add_argument("--minutes", type=float, default=10.0, help="console: minutes of events with the page open")
     ap.add_argument("--closed-minutes", type=float, default=None, help="console: minutes of turns before it opens")
+    ap.add_argument("--yields", type=int, default=20, help="live: times the user talks over the model")
+    ap.add_argument("--utterances", type=int, default=10, help="live: utterances at 30 ms jitter, engine and baseline")
     args = ap.parse_args()
     backends = BACKENDS if args.backend == "both" else (args.backend,)
     if args.suite == "core":
@@ -640,6 +646,9 @@ def main() -> int:
     elif args.suite == "asr":
         from bench.asr import run as run_asr
         result = run_asr(["marin", "alloy", "cedar", "ash"])
+    elif args.suite == "live":
+        from bench.live import run as run_live
+        result = run_live(args.yields, args.utterances)
     elif args.suite == "faults":
         from bench.faults import run as run_faults
         result = run_faults(args.soak_minutes, args.fuzz)

@@ -14,7 +14,7 @@ import pytest
 from engine.audio import native
 from engine.audio.ring import Ring
 from engine.capture.echo import EchoCanceller, FAR_ACTIVE_DBFS, TalkGuard
-from engine.console.levels import ExternalLevelTap
+from engine.audio.levels import ExternalLevelTap
 from engine.playback.process import DeviceFeeder, Renderer
 from tests.helpers import REPO, voiced
 
@@ -430,7 +430,7 @@ def test_an_install_without_a_compiler_says_so_in_one_line_and_the_package_impor
 @needs_native
 def test_the_meters_measured_in_c_read_as_numpy_measures_them() -> None:
     """ExternalLevelTap(measure=window_levels): the same windows, levels and stamps as LevelTap's own."""
-    from engine.console.levels import LevelTap
+    from engine.audio.levels import LevelTap
     rng = np.random.default_rng(5)
     py, c = LevelTap(24000, capacity_ms=200), ExternalLevelTap(24000, capacity_ms=200, measure=native.window_levels)
     for k in range(60):

@@ -243,7 +243,7 @@ static int64_t stream_start_ns(ring_t *r, int64_t index) {
     return ns > 0 ? ns : 0;
 }
 
-/* ------------------------------------------------------------------ level tap (console/levels.py) */
+/* ------------------------------------------------------------------ level tap (engine/audio/levels.py) */
 /* The writer half of LevelTap, into arrays the Python reader owns: buf (int16), stamps (64 x 2
  * int64: frames written after a push, mono ns) and counts (int64: pushes, written). */
 typedef struct {

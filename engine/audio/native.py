@@ -28,6 +28,7 @@ from typing import Any, Callable, NamedTuple, Protocol
 import numpy as np
 
 from engine.audio.ring import Ring
+from engine.pcm import RATE_HZ
 
 _ext: Any
 try:  # the extension is optional: a machine without a compiler installs without it
@@ -37,7 +38,6 @@ except ImportError as exc:  # pragma: no cover - depends on the build
     _ext = None
     _IMPORT_ERROR = str(exc)
 
-RATE_HZ = 24000
 AEC_RATE_HZ = 48000
 AEC_BLOCK_FRAMES = AEC_RATE_HZ // 100
 BACKENDS = ("native", "pyaudio")
@@ -107,7 +107,7 @@ class NativeRenderer:
     """:class:`engine.playback.process.Renderer` in C (see the module docstring).
 
     ``device_rate_hz`` other than 24 kHz makes it its own :class:`DeviceFeeder` too (``fill``;
-    the flush then fades at the device rate). ``tap`` is an object with ``arrays`` (the console's
+    the flush then fades at the device rate). ``tap`` is an object with ``arrays`` (engine.audio.levels'
     ``ExternalLevelTap``). The counters and fields the Python renderer has are attributes here
     (``prebuffer_frames``, ``expanded_frames``, ``first_sample_mono_ns``, ...), read from C.
     ``render`` and ``fill`` drive it without a device (tests, and only while no stream runs).

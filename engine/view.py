@@ -1,7 +1,8 @@
 """What a person reads of the bus: ``engine tail``'s conversation view and the live line and
 error lines of ``engine start``'s terminal. Pure: bus messages (``topic``, msgpack ``body``
 with its header keys) go in, lines of text come out; no I/O, no clock (times come from the
-bodies' ``ts``).
+bodies' ``ts``). Shared (layer 1): the supervisor draws its terminal with it, the CLI its
+``engine tail``.
 
 Rules:
 
@@ -141,7 +142,8 @@ class ConversationView:
 
     def _system_text(self, b: dict[str, Any]) -> list[str]:
         src = f"  (from {_s(b['source'])})" if b.get("source") else ""
-        return [self._line(b, "system", _s(b.get("text", "")) + src)]
+        kind = "[instructions] " if b.get("kind") == "instructions" else ""   # GPT-Live: thinking reads as context
+        return [self._line(b, "system", kind + _s(b.get("text", "")) + src)]
 
     def _key(self, b: dict[str, Any]) -> str:
         return _s(b.get("item_id") or b.get("response_id") or "")
