@@ -137,6 +137,22 @@ def test_the_output_track_is_one_stream_until_the_session_ends() -> None:
     assert any(isinstance(a, EndOfAudio) for a in h(Disconnected(1006)))
 
 
+def test_with_no_mic_at_all_silence_starts_at_once_whatever_the_clock_reads() -> None:
+    """Text only on a machine up 5 hours (monotonic 18655.655 s): ``now - (now - 0.1)`` is
+    0.09999999999854481 < 0.1, so the first keepalive never went out; its deadline stayed in the
+    past and the link's timer spun (540,000 ticks in 6 s) while the session clock never moved, so
+    no context was ever placed."""
+    h = Harness()
+    h.now = 18655.655071114
+    h.started()
+    due = h.core.next_deadline()
+    assert due is not None and due <= h.now
+    silences = [x for x in h(Tick()) if isinstance(x, SendAudio)]
+    assert len(silences) == 1 and len(silences[0].pcm) == 2 * 2400   # 100 ms at 24 kHz
+    nxt = h.core.next_deadline()
+    assert nxt is not None and nxt > h.now   # the next one is in the future: no spinning timer
+
+
 def test_mic_audio_streams_once_active_and_silence_keeps_the_clock_moving_without_it() -> None:
     h = Harness()
     h.started()

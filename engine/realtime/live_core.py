@@ -85,6 +85,8 @@ INPUT_MESSAGES = 128
 APPEND_MAX_TOKENS = 500
 #: with no mic audio for this long, silence is sent in its place (the session clock needs audio)
 KEEPALIVE_S = 0.1
+#: a keepalive due now is sent even when ``now - last`` rounds a little under KEEPALIVE_S
+KEEPALIVE_SLACK_S = 0.001
 #: at most this much silence is sent at once (a long stall is not made up)
 KEEPALIVE_MAX_S = 0.5
 #: the track's onsets are kept this long: a user's turn closes well within it after its reply began
@@ -880,11 +882,10 @@ class LiveCore:
     def _keepalive(self, now_s: float) -> list[Action]:
         """Silence in place of a mic that is not streaming: the session clock moves only with audio."""
         last = self.last_audio_s
-        if last is None:
-            last = now_s - KEEPALIVE_S
-        gap_s = now_s - last
-        if gap_s < KEEPALIVE_S:
-            return []
+        gap_s = KEEPALIVE_S if last is None else now_s - last
+        if gap_s < KEEPALIVE_S - KEEPALIVE_SLACK_S:   # a timer is due at last + KEEPALIVE_S: it sends then,
+            return []                                   # whatever the float rounding of a large clock says
+        gap_s = max(gap_s, KEEPALIVE_S)
         send_s = min(gap_s, KEEPALIVE_MAX_S)
         fmt = self.audio_format
         frames = round(send_s * fmt.rate_hz)
