@@ -1,0 +1,110 @@
+"""The adaptive jitter buffer's target: how long a stream waits before it plays, from the delta
+arrival jitter this session has measured. Pure: arrival times and audio lengths in, a target out.
+
+WebRTC's NetEQ sets its target delay from the jitter it measures and changes it continuously
+(``DelayManager``: relative arrival delays into a forgetting histogram, a high quantile of it as
+the target). This is that idea, written for this engine's streams:
+
+Rules:
+- A stream is one reply's audio (Realtime) or a session's continuous track (GPT-Live). Each
+  delta's *relative arrival delay* is how much later than real-time playout it came, measured
+  against the earliest-arriving schedule of the stream's last :data:`WINDOW_S` seconds:
+  ``r = (arrival - audio_before_it) - min(arrival_j - audio_before_j)`` over that window. The
+  first delta of a stream has ``r = 0``; a server sending ahead of real time gives ``r = 0``
+  (the buffer fills by itself); a late delta gives the lateness the buffer must have absorbed.
+  The window makes a continuous track immune to clock drift, as NetEQ's is.
+- Delays go into a histogram of :data:`BUCKET_MS` buckets up to :data:`MAX_MS`, which forgets:
+  each new delay scales the others by :data:`FORGET` (a half-life of about 500 deltas: a late
+  delta is remembered for several replies, a clean stretch slowly lowers the target).
+- The target is the :data:`QUANTILE` of the histogram plus :data:`MARGIN_MS` (one device
+  period: a stream starts inside the callback that reaches its start), clamped to
+  [:data:`MIN_MS`, :data:`MAX_MS`]. Until :data:`MIN_DELTAS` delays are measured the target is
+  the configured start value (``audio.prebuffer_ms``): no history, no bet.
+- An underrun the listener heard raises the target at once to at least the delay that caused
+  it plus the margin (the histogram catches up as it learns).
+- ``fixed`` mode always answers the configured value (the old constant prebuffer).
+"""
+from __future__ import annotations
+
+from collections import deque
+
+BUCKET_MS = 5
+MAX_MS = 500
+MIN_MS = 0
+WINDOW_S = 2.0
+FORGET = 0.9986           #: 0.5 ** (1 / 500): a delay weighs half as much 500 deltas later
+QUANTILE = 0.99             #: the time-stretcher covers the rest: it expands below half the target
+MARGIN_MS = 10.0
+MIN_DELTAS = 20
+
+
+class JitterEstimator:
+    """``stream_started`` / ``delta`` as audio arrives; ``target_ms()`` for the next start."""
+
+    def __init__(self, start_ms: float, adaptive: bool = True) -> None:
+        self.start_ms = float(start_ms)
+        self.adaptive = adaptive
+        self.buckets = [0.0] * (MAX_MS // BUCKET_MS + 1)
+        self.weight = 0.0                      #: the histogram's total weight
+        self.deltas = 0                        #: delays measured in this session
+        self.floor_ms = 0.0                    #: raised by an underrun, decays with the histogram
+        self._audio_s = 0.0                    #: audio of the current stream before the next delta
+        #: (arrival - audio before it) of the window's deltas, for the earliest-schedule minimum
+        self._schedule: deque[tuple[float, float]] = deque()
+        self.last_delay_ms = 0.0
+        self.max_delay_ms = 0.0
+
+    def stream_started(self) -> None:
+        """The next delta is a new stream's first: it anchors the schedule."""
+        self._audio_s = 0.0
+        self._schedule.clear()
+
+    def delta(self, arrival_s: float, audio_s: float) -> float:
+        """A delta of ``audio_s`` seconds of audio arrived at ``arrival_s``; its relative delay (ms)."""
+        offset = arrival_s - self._audio_s             # when real-time playout of it would be due, less a constant
+        self._audio_s += audio_s
+        sched = self._schedule
+        while sched and arrival_s - sched[0][0] > WINDOW_S:
+            sched.popleft()
+        while sched and sched[-1][1] >= offset:       # a monotonic queue: its front is the window's minimum
+            sched.pop()
+        sched.append((arrival_s, offset))
+        delay_ms = max(0.0, (offset - sched[0][1]) * 1000.0)
+        self._add(delay_ms)
+        self.last_delay_ms = delay_ms
+        self.max_delay_ms = max(self.max_delay_ms, delay_ms)
+        return delay_ms
+
+    def _add(self, delay_ms: float) -> None:
+        i = min(len(self.buckets) - 1, int(delay_ms // BUCKET_MS))
+        buckets = self.buckets
+        for k in range(len(buckets)):
+            buckets[k] *= FORGET
+        buckets[i] += 1.0
+        self.weight = self.weight * FORGET + 1.0
+        self.floor_ms *= FORGET
+        self.deltas += 1
+
+    def underrun(self, late_ms: float) -> None:
+        """The stream ran dry: the target is at least ``late_ms`` (how long it was dry, or the
+        delay that caused it) beyond the current one from now on, until the histogram forgets it."""
+        self.floor_ms = max(self.floor_ms, self.target_ms() + late_ms)
+
+    def quantile_ms(self, q: float = QUANTILE) -> float:
+        """The ``q`` quantile of the measured delays (upper edge of its bucket)."""
+        if self.weight <= 0:
+            return 0.0
+        need = q * self.weight
+        acc = 0.0
+        for i, w in enumerate(self.buckets):
+            acc += w
+            if acc >= need:
+                return float((i + 1) * BUCKET_MS)
+        return float(MAX_MS)
+
+    def target_ms(self) -> float:
+        """How long the next stream waits after its first delta arrived, in ms."""
+        if not self.adaptive or self.deltas < MIN_DELTAS:
+            return max(self.start_ms, self.floor_ms) if self.adaptive else self.start_ms
+        measured = self.quantile_ms() + MARGIN_MS
+        return float(min(MAX_MS, max(MIN_MS, measured, self.floor_ms)))

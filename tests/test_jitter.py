@@ -1,0 +1,94 @@
+"""The adaptive jitter buffer's target, fed arrival schedules. Pure."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from engine.realtime.jitter import MARGIN_MS, MIN_DELTAS, JitterEstimator
+
+DELTA_S = 0.1   # 100 ms of audio a delta
+
+
+def reply(est: JitterEstimator, t0: float, deltas: int, delays_s: list[float], speed: float = 1.0) -> float:
+    """One stream: delta i due at t0 + i * DELTA_S / speed, arriving delays_s[i] late; returns its end."""
+    est.stream_started()
+    for i in range(deltas):
+        est.delta(t0 + i * DELTA_S / speed + delays_s[i], DELTA_S)
+    return t0 + deltas * DELTA_S / speed + 1.0
+
+
+def test_without_history_the_configured_start_is_the_target() -> None:
+    est = JitterEstimator(60)
+    assert est.target_ms() == 60
+    reply(est, 0.0, MIN_DELTAS - 1, [0.0] * 50)
+    assert est.target_ms() == 60
+
+
+def test_a_clean_link_brings_the_target_down_to_the_margin() -> None:
+    est = JitterEstimator(60)
+    t = 0.0
+    for _ in range(5):
+        t = reply(est, t, 30, [0.0] * 30)
+    assert est.target_ms() == pytest.approx(5 + MARGIN_MS)   # the first bucket's edge plus one device period
+
+
+def test_a_server_sending_ahead_of_real_time_needs_no_wait() -> None:
+    est = JitterEstimator(60)
+    t = 0.0
+    for _ in range(5):
+        t = reply(est, t, 30, [0.0] * 30, speed=4.0)
+    assert est.target_ms() <= 5 + MARGIN_MS
+
+
+def test_jitter_raises_the_target_to_what_covers_nearly_every_delta() -> None:
+    rng = random.Random(7)
+    est = JitterEstimator(60)
+    t = 0.0
+    delays: list[float] = []
+    for _ in range(30):
+        d = [max(0.0, rng.gauss(0, 0.030)) for _ in range(30)]
+        delays.append(max(x - d[0] for x in d))
+        t = reply(est, t, 30, d)
+    target = est.target_ms()
+    assert 60 <= target <= 90, target          # sigma 30 ms: the goal is a start delay of at most 90 ms
+    late = sum(1 for worst in delays if worst * 1000 > target)
+    assert late <= 3, (late, target)             # almost every reply's latest delta is covered
+
+
+def test_a_late_first_delta_does_not_make_the_rest_look_late_for_long() -> None:
+    """Relative delays are against the window's earliest schedule, not the first delta alone."""
+    est = JitterEstimator(60)
+    est.stream_started()
+    est.delta(0.05, DELTA_S)                     # the first delta 50 ms late
+    assert est.delta(0.1, DELTA_S) == 0.0        # the second on time: it is not late
+    assert est.delta(0.28, DELTA_S) == pytest.approx(80, abs=0.01)
+
+
+def test_a_continuous_track_is_immune_to_clock_drift() -> None:
+    est = JitterEstimator(60)
+    est.stream_started()
+    drift = 1.0005     # the server's clock runs 500 ppm fast: its deltas come ever earlier by ours
+    for i in range(6000):  # ten minutes of 100 ms deltas
+        est.delta(i * DELTA_S / drift, DELTA_S)
+    assert est.max_delay_ms < 1
+
+
+def test_an_underrun_raises_the_target_at_once_and_it_decays() -> None:
+    est = JitterEstimator(60)
+    t = 0.0
+    for _ in range(3):
+        t = reply(est, t, 30, [0.0] * 30)
+    low = est.target_ms()
+    est.underrun(40)
+    assert est.target_ms() >= low + 40
+    for _ in range(100):
+        t = reply(est, t, 30, [0.0] * 30)
+    assert est.target_ms() == pytest.approx(low)
+
+
+def test_fixed_mode_is_the_constant() -> None:
+    est = JitterEstimator(80, adaptive=False)
+    reply(est, 0.0, 50, [0.2] * 50)
+    est.underrun(100)
+    assert est.target_ms() == 80
