@@ -6,6 +6,7 @@ faults. Every wait has a timeout; what does not recover is reported as a figure
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import random
@@ -16,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
@@ -121,16 +123,15 @@ class FaultEngine:
             time.sleep(0.01)
 
     def send_until_acked(self, topic: str, body: dict[str, Any], timeout: float = 15.0) -> float | None:
-        """Publish, and again every 0.5 s until ``cmd.ack`` for its id (as ``engine say`` does);
-        the ack's arrival time, or None."""
-        since = time.monotonic()
-        end = since + timeout
-        while time.monotonic() < end:
-            self.pub.publish(topic, body)
-            got = self.wait(lambda t, tp, b: tp == "cmd.ack" and b.get("id") == body["id"], 0.5, since)
-            if got is not None:
-                return got[0]
-        return None
+        """Send a command as ``engine say`` does (bus.aio's call: re-sent only while no ``cmd.ack``
+        came); when its ack came (monotonic seconds), or None."""
+        from bus.aio import NoAck, call_sync
+        from bus.client import endpoints_from
+        try:
+            call_sync(endpoints_from(self.conn), topic, body, name="bench-faults-call", ack_timeout_s=timeout)
+        except NoAck:
+            return None
+        return time.monotonic()
 
     def say(self, text: str) -> tuple[str, float | None]:
         rid = f"say-{time.monotonic_ns()}-{random.randrange(1 << 30)}"
@@ -224,6 +225,77 @@ def kill_child(tmp: Path, name: str) -> dict[str, Any]:
                 "recovery_ms": round((back[0] - t_kill) * 1000, 1) if back else None, "recovered": back is not None,
                 **context, **outcome, "restarts": restarts.get(name)}
     finally:
+        eng.stop()
+
+
+# ------------------------------------------------------------------ commands sent once across a realtime crash
+def commands_across_realtime_crash(tmp: Path, says: int = 50, interval_s: float = 0.010) -> dict[str, Any]:
+    """Issue 23 point 4: ``says`` cmd.say sent once each, from a plain pyzmq PUB (a client in any
+    language), one every ``interval_s`` from the SIGKILL of the realtime child on, so that they span
+    its restart. What became of each: acked (when), answered (in order), or lost."""
+    import msgpack
+    import zmq
+    eng = FaultEngine(tmp, speed=8.0, reply="Noted.")
+    raw: Any = zmq.Context.instance().socket(zmq.PUB)
+    try:
+        raw.connect(eng.conn["publish"])
+        seq = 0
+
+        def send(topic: str, payload: dict[str, Any]) -> float:
+            nonlocal seq
+            seq += 1
+            t = time.monotonic()
+            raw.send_multipart([topic.encode(), msgpack.packb({"v": 2, "ts": time.time(), "mono_ns": time.monotonic_ns(),
+                                                               "pub": "bench-raw", "seq": seq, **payload})])
+            return t
+        joined = None
+        while joined is None and seq < 500:   # the slow joiner: until a probe of ours comes back
+            since = send("bench.join", {})
+            joined = eng.wait(lambda t, tp, b: tp == "bench.join", 0.02, since)
+        first = f"before-{time.monotonic_ns()}"
+        send("cmd.say", {"text": "My name is Ada.", "id": first})
+        if eng.wait(lambda t, tp, b: tp == "response.done" and b.get("request_id") == first, 20) is None:
+            return {"error": "the say before the kill was not answered"}
+        status = eng.status() or eng.conn
+        pid = next((c["pid"] for c in status.get("children", []) if c.get("name") == "realtime"), None)
+        if pid is None:
+            return {"error": "no realtime child in engine status"}
+        t_kill = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        sent: list[tuple[str, float]] = []
+        for n in range(says):
+            rid = f"once-{n}-{time.monotonic_ns()}"
+            sent.append((rid, send("cmd.say", {"text": f"Say number {n}.", "id": rid})))
+            time.sleep(max(0.0, t_kill + (n + 1) * interval_s - time.monotonic()))
+        back = eng.wait(lambda t, tp, b: tp == "engine.status" and b.get("state") == "reconnected", 15, t_kill)
+        ids = {rid for rid, _ in sent}
+        end = time.monotonic() + 60
+        while time.monotonic() < end and len({b.get("request_id") for _, tp, b in list(eng.log)
+                                                if tp == "response.done" and b.get("request_id") in ids}) < says:
+            time.sleep(0.05)
+        acks = {b["id"]: t for t, tp, b in list(eng.log) if tp == "cmd.ack" and b.get("id") in ids}
+        dones = [(t, b) for t, tp, b in list(eng.log) if tp == "response.done" and b.get("request_id") in ids]
+        answered = {b["request_id"] for _, b in dones if b.get("status") == "completed"}
+        ack_ms = sorted((acks[rid] - t) * 1000 for rid, t in sent if rid in acks)
+        order = [b["request_id"] for _, b in dones if b.get("status") == "completed"]
+
+        def pct(q: float) -> float | None:
+            return round(ack_ms[min(len(ack_ms) - 1, int(q * len(ack_ms)))], 2) if ack_ms else None
+        first_after = min((t for t, b in dones), default=None)
+        return {"says_sent_once": says, "send_interval_ms": interval_s * 1000,
+                "sent_before_reconnect": sum(1 for _, t in sent if back is None or t < back[0]),
+                "commands_never_acked": sum(1 for rid, _ in sent if rid not in acks),
+                "commands_never_answered": sum(1 for rid, _ in sent if rid not in answered),
+                "commands_lost": sum(1 for rid, _ in sent if rid not in acks or rid not in answered),
+                "answered_more_than_once": sum(1 for rid in ids if sum(1 for _, b in dones if b["request_id"] == rid) > 1),
+                "answered_in_send_order": order == [rid for rid, _ in sent if rid in answered],
+                "ack_ms_p50": pct(0.50), "ack_ms_p99": pct(0.99), "ack_ms_max": round(ack_ms[-1], 2) if ack_ms else None,
+                "reconnect_after_kill_ms": round((back[0] - t_kill) * 1000, 1) if back else None,
+                "history_items_replayed": back[2].get("history_items") if back else None,
+                "first_answer_after_reconnect_ms": round((first_after - back[0]) * 1000, 1)
+                if back and first_after is not None else None}
+    finally:
+        raw.close(0)
         eng.stop()
 
 
@@ -348,7 +420,7 @@ def fuzz(tmp: Path, count: int, rate_hz: float = 2000.0) -> dict[str, Any]:
             if n % 50 == 25 and captured:   # a captured, validly signed message sent again
                 sock.send_multipart(captured[(n // 50) % len(captured)])
                 replays += 1
-            if n % 100 == 0:   # a probe the realtime loop answers: its ack latency is that loop's stall
+            if n % 100 == 0:   # a probe the realtime loop carries out: its cmd.done latency is that loop's stall
                 pid = f"probe-{n}"
                 probes.append((pid, time.monotonic()))
                 eng.pub.publish("cmd.cancel", {"id": pid})
@@ -362,7 +434,7 @@ def fuzz(tmp: Path, count: int, rate_hz: float = 2000.0) -> dict[str, Any]:
         unanswered = 0
         for pid, sent in probes:
             def is_ack(t: float, tp: str, b: dict[str, Any], pid: str = pid) -> bool:
-                return tp == "cmd.ack" and b.get("id") == pid
+                return tp == "cmd.done" and b.get("id") == pid
             got = eng.find(is_ack)
             if got is None:
                 unanswered += 1
@@ -608,6 +680,282 @@ def soak(tmp: Path, minutes: float, speed: float = 4.0) -> dict[str, Any]:
         eng.stop()
 
 
+# ------------------------------------------------------------------ the phone port (issue 23)
+class PhoneEngine:
+    """``engine phone --backend local`` with ``phone.*`` keys from ``phone_cfg``, its secrets in the
+    environment only; its console output to a file (counted as log bytes), its bus read on a
+    thread with arrival times."""
+
+    def __init__(self, tmp: Path, phone_cfg: str, env_extra: dict[str, str]) -> None:
+        import re
+        tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / "run").mkdir(mode=0o700, exist_ok=True)
+        cfg = tmp / "engine.yaml"
+        cfg.write_text("local_server: {asr: false, speed: 4.0}\nsession: {transcription: null}\n"
+                       f"phone: {{{phone_cfg}}}\n")
+        self.env = dict(os.environ, REALTALK_RUNTIME_DIR=str(tmp / "run"), XDG_DATA_HOME=str(tmp / "data"),
+                        **env_extra)
+        self.env.pop("OPENAI_API_KEY", None)
+        self.out_path = tmp / "console.txt"
+        self.out = self.out_path.open("w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "engine.api.cli", "phone", "--config", str(cfg),
+                                      "--backend", "local", "--port", "0"], stdout=self.out,
+                                     stderr=subprocess.STDOUT, env=self.env, cwd=str(REPO))
+        deadline = time.monotonic() + 60
+        self.url = ""
+        while not self.url and time.monotonic() < deadline and self.proc.poll() is None:
+            m = re.search(r"phone calls at (ws://\S+)", self.out_path.read_text())
+            self.url = m.group(1) if m else ""
+            time.sleep(0.05)
+        if not self.url:
+            self.stop()
+            raise RuntimeError("engine phone did not print its URL: " + self.out_path.read_text()[-2000:])
+        self.conn = json.loads((tmp / "run" / "engine.json").read_text())
+        from bus import Subscriber
+        self.log: list[tuple[float, str, dict[str, Any]]] = []
+        self._stop = threading.Event()
+        self.sub = Subscriber(self.conn["subscribe"], [""])
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        out = subprocess.run([sys.executable, "-m", "engine.api.cli", "status", "--json"], env=self.env,
+                             cwd=str(REPO), capture_output=True, text=True, timeout=15)
+        self.event_log = Path(json.loads(out.stdout)["session_dir"]) / "events.jsonl"
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            msg = self.sub.recv(timeout_ms=100)
+            if msg is not None:
+                self.log.append((time.monotonic(), msg[0], msg[1]))
+
+    def log_bytes(self) -> int:
+        """The event log's size plus what the engine printed."""
+        return self.event_log_offset() + self.out_path.stat().st_size
+
+    def event_log_offset(self) -> int:
+        time.sleep(0.6)   # the supervisor writes the event log every few hundred ms
+        return self.event_log.stat().st_size if self.event_log.exists() else 0
+
+    def event_log_bytes(self, start: int, pred: Callable[[str, dict[str, Any]], bool], until: int | None = None) -> int:
+        """Bytes of the event log's lines from offset ``start`` (to ``until``) whose topic and body match."""
+        with self.event_log.open("rb") as f:
+            f.seek(start)
+            data = f.read() if until is None else f.read(until - start)
+        total = 0
+        for line in data.splitlines(keepends=True):
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if pred(str(entry.get("topic")), entry.get("body") or {}):
+                total += len(line)
+        return total
+
+    def since(self, t: float, topic: str) -> list[dict[str, Any]]:
+        return [b for at, tp, b in list(self.log) if at >= t and tp == topic]
+
+    def stop(self) -> None:
+        from bench.common import stop_engine
+        stop_engine(self.proc)
+        self.out.close()
+        if hasattr(self, "sub"):
+            self._stop.set()
+            self.reader.join(timeout=2)
+            self.sub.close()
+
+
+def _start_frame(call_sid: str, params: dict[str, str] | None = None) -> str:
+    return json.dumps({"event": "start", "sequenceNumber": "1", "streamSid": "MZ" + call_sid,
+                       "start": {"streamSid": "MZ" + call_sid, "accountSid": "AC" + "0" * 32, "callSid": call_sid,
+                                 "tracks": ["inbound"], "customParameters": params or {},
+                                 "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}})
+
+
+MEDIA_FRAME = json.dumps({"event": "media", "media": {"track": "inbound",
+                                                       "payload": base64.b64encode(b"\xff" * 160).decode("ascii")}})
+
+
+async def _caller(url: str, call_sid: str, headers: dict[str, str], params: dict[str, str] | None,
+                  hold_s: float) -> str:
+    """One connection that sends ``start`` then 20 ms media frames for ``hold_s``: how it ended
+    (``http_403``, ``http_503``, ``closed_1013``, ``held``, ...)."""
+    import asyncio
+
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
+    try:
+        ws = await connect(url, additional_headers=headers, compression=None, ping_interval=None, open_timeout=30)
+    except InvalidStatus as exc:
+        return f"http_{exc.response.status_code}"
+    except (OSError, TimeoutError) as exc:
+        return type(exc).__name__
+    try:
+        await ws.send(_start_frame(call_sid, params))
+        end = time.monotonic() + hold_s
+        while time.monotonic() < end:
+            await ws.send(MEDIA_FRAME)
+            await asyncio.sleep(0.02)
+        await ws.close()
+        return "held"
+    except ConnectionClosed as exc:
+        return f"closed_{exc.rcvd.code if exc.rcvd else 1006}"
+
+
+def _calls_peak(log: list[tuple[float, str, dict[str, Any]]], t0: float) -> int:
+    """The most calls at once, from phone.call.started / ended and every phone.status after ``t0``."""
+    now = peak = 0
+    for at, topic, body in log:
+        if at < t0:
+            continue
+        if topic == "phone.call.started":
+            now += 1
+        elif topic == "phone.call.ended":
+            now -= 1
+        elif topic == "phone.status":
+            peak = max(peak, len(body.get("calls") or []))
+        peak = max(peak, now)
+    return peak
+
+
+def phone_port(tmp: Path, connections: int = 200, max_calls: int = 5, junk_frames: int = 1000,
+               junk_rate_hz: float = 150.0, flood_frames: int = 5000) -> dict[str, Any]:
+    """The phone port probe (issue 23; bench/README.md, "faults", ``phone_port``): ``connections``
+    sockets that each send ``start``, unauthenticated (no signature, a wrong one, and in token mode
+    no or a wrong token) and then with Twilio's signature against ``phone.max_calls``; junk frames
+    on one call (log bytes per 1,000), a flood past the message rate, a socket that never starts."""
+    import asyncio
+    import secrets
+
+    from engine.phone.guard import SIGNATURE_HEADER, twilio_signature
+    token = secrets.token_hex(16)
+    out: dict[str, Any] = {"connections": connections, "max_calls": max_calls}
+    eng = PhoneEngine(tmp / "twilio", f"max_calls: {max_calls}, auth: twilio", {"TWILIO_AUTH_TOKEN": token})
+    try:
+        signed = {SIGNATURE_HEADER: twilio_signature(token, eng.url)}
+        wrong = {SIGNATURE_HEADER: twilio_signature("not-" + token, eng.url)}
+
+        async def many(headers: Any, prefix: str, hold_s: float) -> list[str]:
+            return await asyncio.gather(*(_caller(eng.url, f"{prefix}{i}", headers(i), None, hold_s)
+                                          for i in range(connections)))
+        t0 = time.monotonic()
+        ends = asyncio.run(many(lambda i: {} if i % 2 else wrong, "CAstranger", 1.0))
+        time.sleep(1.0)
+        out["twilio_unauthenticated"] = {
+            "sessions_opened": len({b.get("phone_call_id") for b in eng.since(t0, "phone.call.started")}
+                                   | {b.get("phone_call_id") for b in eng.since(t0, "session.config")}),
+            "outcomes": dict(sorted(Counter(ends).items()))}
+        t1 = time.monotonic()
+        ends = asyncio.run(many(lambda i: signed, "CAcaller", 2.0))
+        time.sleep(1.5)
+        status = (eng.since(t1, "phone.status") or [{}])[-1]
+        out["twilio_signed"] = {"calls_peak": _calls_peak(list(eng.log), t1), "outcomes": dict(sorted(Counter(ends).items())),
+                                "refused": status.get("refused"), "calls_started": len(eng.since(t1, "phone.call.started"))}
+
+        async def junk_call() -> dict[str, Any]:
+            from websockets.asyncio.client import connect
+            from websockets.exceptions import ConnectionClosed
+            ws = await connect(eng.url, additional_headers=signed, compression=None, ping_interval=None)
+            await ws.send(_start_frame("CAjunk"))
+            window_s = junk_frames / junk_rate_hz
+
+            async def media(seconds: float) -> None:
+                end = time.monotonic() + seconds
+                while time.monotonic() < end:
+                    await ws.send(MEDIA_FRAME)
+                    await asyncio.sleep(0.02)
+            await media(2.0)                         # the call's start is logged before the windows
+            b0, o0 = eng.log_bytes(), eng.event_log_offset()
+            await media(window_s + 1.2)              # the baseline: the same call, as long, no junk
+            b1, o1, p1 = eng.log_bytes(), eng.event_log_offset(), eng.out_path.stat().st_size
+            tj = time.monotonic()
+            for i in range(junk_frames):            # under the message rate: every frame is read
+                await ws.send("{junk" if i % 2 else json.dumps({"event": "wobble", "n": i}))
+                await asyncio.sleep(1 / junk_rate_hz)
+            await asyncio.sleep(1.2)                # the last second's count goes out
+            b2 = eng.log_bytes()
+            junk_s = time.monotonic() - tj
+            reports = [b for b in eng.since(tj, "engine.error") if b.get("phone_call_id") == "CAjunk"]
+            await ws.close()
+            errors_logged = eng.event_log_bytes(o1, lambda topic, body: topic == "engine.error"
+                                                and body.get("phone_call_id") == "CAjunk")
+            printed = eng.out_path.stat().st_size
+            # a flood as the issue's probe sent it (5,000 at once): the message rate closes it
+            tf = time.monotonic()
+            flood = await connect(eng.url, additional_headers=signed, compression=None, ping_interval=None)
+            await flood.send(_start_frame("CAflood"))
+            sent = 0
+
+            async def drain() -> None:
+                async for _ in flood:
+                    pass
+            try:
+                for _ in range(flood_frames):
+                    await flood.send("{junk")
+                    sent += 1
+                await asyncio.wait_for(drain(), 10)
+            except (ConnectionClosed, TimeoutError):
+                pass
+            await flood.close()
+            await asyncio.sleep(1.0)
+            ended = [b for b in eng.since(tf, "phone.call.ended") if b.get("phone_call_id") == "CAflood"]
+            return {"junk_frames": junk_frames, "junk_rate_hz": junk_rate_hz, "junk_s": round(junk_s, 1),
+                    # the junk's engine.error lines in the event log, and all the engine printed meanwhile
+                    "junk_log_bytes_per_1000_frames": round((errors_logged + printed - p1) * 1000 / junk_frames),
+                    "junk_window_log_bytes": b2 - b1, "baseline_window_log_bytes": b1 - b0,
+                    "baseline_engine_errors_logged_bytes": eng.event_log_bytes(o0, lambda t, b: t == "engine.error",
+                                                                               until=o1),
+                    "junk_error_reports": len(reports), "junk_errors_counted": sum(r.get("count", 1) for r in reports),
+                    "junk_report_example": reports[0].get("message") if reports else None,
+                    "flood_frames_sent": sent, "flood_close_code": flood.close_code,
+                    "flood_close_reason": flood.close_reason,
+                    "flood_end_reason": ended[0].get("reason") if ended else None,
+                    "flood_frames_read_before_close": ended[0].get("phone_errors") if ended else None}
+        out["junk"] = asyncio.run(junk_call())
+
+        async def silent() -> dict[str, Any]:
+            from websockets.asyncio.client import connect
+            from websockets.exceptions import ConnectionClosed
+            ws = await connect(eng.url, additional_headers=signed, compression=None, ping_interval=None)
+            t = time.monotonic()
+
+            async def drain() -> None:
+                async for _ in ws:
+                    pass
+            try:
+                await asyncio.wait_for(drain(), 30)
+            except ConnectionClosed:
+                pass
+            except TimeoutError:                     # still open after 30 s: never closed
+                await ws.close()
+                return {"closed_after_s": None, "close_code": None, "close_reason": "still open after 30 s"}
+            return {"closed_after_s": round(time.monotonic() - t, 2), "close_code": ws.close_code,
+                    "close_reason": ws.close_reason}
+        out["socket_without_start"] = asyncio.run(silent())
+        out["engine_tracebacks"] = eng.out_path.read_text().count("Traceback")
+    finally:
+        eng.stop()
+    tok = PhoneEngine(tmp / "token", f"max_calls: {max_calls}, auth: token", {"REALTALK_PHONE_TOKEN": token})
+    try:
+        t0 = time.monotonic()
+
+        async def strangers() -> list[str]:
+            return await asyncio.gather(*(_caller(tok.url, f"CAstranger{i}", {}, {} if i % 2 else {"token": "x"}, 1.0)
+                                          for i in range(connections)))
+        ends = asyncio.run(strangers())
+        time.sleep(1.0)
+        out["token_unauthenticated"] = {
+            "sessions_opened": len({b.get("phone_call_id") for b in tok.since(t0, "phone.call.started")}
+                                   | {b.get("phone_call_id") for b in tok.since(t0, "session.config")}),
+            "outcomes": dict(sorted(Counter(ends).items()))}
+    finally:
+        tok.stop()
+    out["summary"] = {
+        "sessions_opened_unauthenticated": out["twilio_unauthenticated"]["sessions_opened"]
+        + out["token_unauthenticated"]["sessions_opened"],
+        "calls_peak_signed": out["twilio_signed"]["calls_peak"], "max_calls": max_calls,
+        "junk_log_bytes_per_1000_frames": out["junk"]["junk_log_bytes_per_1000_frames"]}
+    return out
+
+
 def _plain(value: Any) -> Any:
     """JSON-safe: string keys, bytes as text."""
     if isinstance(value, dict):
@@ -640,22 +988,26 @@ def run(soak_minutes: float = 30.0, fuzz_count: int = 10_000) -> dict[str, Any]:
     result: dict[str, Any] = {}
     result["kill"] = {name: _guarded(kill_child, tmp / f"kill-{name}", name)
                       for name in ("capture", "realtime", "playback", "broker", "server")}
+    result["commands_across_realtime_crash"] = _guarded(commands_across_realtime_crash, tmp / "commands")
     result["socket_drop"] = {str(code): _guarded(socket_drop, tmp / f"drop-{code}", code) for code in (1006, 1011, 1001)}
     result["fuzz"] = _guarded(fuzz, tmp / "fuzz", fuzz_count)
     result["slow_subscriber"] = _guarded(slow_subscriber, tmp / "slow")
     result["foreign_subscriber"] = _guarded(foreign_subscriber, tmp / "foreign")
     result["soak"] = _guarded(soak, tmp / "soak", soak_minutes)
+    result["phone_port"] = _guarded(phone_port, tmp / "phone-port")
     kills = result["kill"].values()
     result["summary"] = {
         "kills_recovered": sum(1 for k in kills if k.get("recovered")),
         "kill_recovery_ms_max": max((k.get("recovery_ms") or 0 for k in kills), default=None),
         "kill_messages_lost": sum(k.get("messages_lost", 0) for k in kills),
         "kill_waiters_hanging": sum(k.get("waiters_hanging", 0) for k in kills),
+        "commands_lost_across_realtime_crash": result["commands_across_realtime_crash"].get("commands_lost"),
         "drop_reconnect_ms_max": max((d.get("reconnect_ms") or 0 for d in result["socket_drop"].values()), default=None),
         "drop_messages_lost": sum(d.get("messages_lost", 0) for d in result["socket_drop"].values()),
         "fuzz_replays_taken": result["fuzz"].get("replays_taken_by_supervisor"),
         "foreign_subscriber_unaccounted": result["foreign_subscriber"].get("unaccounted"),
         "soak_max_rss_growth_mb": result["soak"].get("max_rss_growth_mb"),
         "soak_fds_flat": result["soak"].get("fds_flat"),
+        **{f"phone_port_{k}": v for k, v in (result["phone_port"].get("summary") or {}).items()},
     }
     return result

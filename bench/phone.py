@@ -48,6 +48,7 @@ import json
 import os
 import random
 import re
+import secrets
 import statistics
 import subprocess
 import sys
@@ -633,9 +634,11 @@ def measure(counts: list[int], seconds: float, runs: int, layouts: list[str], tr
     tmp = Path(tempfile.mkdtemp(prefix="bench-phone-"))
     run = tmp / "run"
     run.mkdir(mode=0o700)
-    env = {**os.environ, "REALTALK_RUNTIME_DIR": str(run), "XDG_DATA_HOME": str(tmp / "data")}
+    # the engine checks Twilio's signature (phone.auth twilio); the fake phones sign with the same token
+    env = {**os.environ, "REALTALK_RUNTIME_DIR": str(run), "XDG_DATA_HOME": str(tmp / "data"),
+           "TWILIO_AUTH_TOKEN": secrets.token_hex(16)}
     env.pop("OPENAI_API_KEY", None)
-    saved = {k: os.environ.get(k) for k in ("REALTALK_RUNTIME_DIR", "XDG_DATA_HOME")}
+    saved = {k: os.environ.get(k) for k in ("REALTALK_RUNTIME_DIR", "XDG_DATA_HOME", "TWILIO_AUTH_TOKEN")}
     os.environ.update({k: env[k] for k in saved})
     proc = subprocess.Popen([sys.executable, "-m", "engine.api.cli", "phone", "--backend", "local", "--port", "0",
                              "--speed", str(server_speed)],

@@ -9,8 +9,12 @@ side by side with its reference in the same run.
                                            kills, socket drops, fuzz, slow subscriber, soak (issue 15)
     python bench/run.py phone [--json]     phone calls at once (1-40) in three process layouts, truncation vs the SDK
                                            sample (issue 13); bench/phone.py has the options
+    python bench/run.py sip [--json]       engine sip: webhook -> accept at 1, 10, 50 calls together, CPU and memory
+                                           per talking call (issue 22)
     python bench/run.py console [--json] [--minutes N] [--closed-minutes N]
                                            the console: CPU closed vs open, underruns, bus -> page, page heap (issue 11)
+    python bench/run.py asr [--json]       the local server's recogniser on espeak-ng speech: word accuracy, free
+                                           decoding vs expected phrases (issue 23); bench/asr.py has the options
 
 Every figure's definition: bench/README.md.
 """
@@ -575,7 +579,7 @@ def bench_server() -> dict[str, Any]:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("suite", choices=["core", "server", "conversation", "faults", "console", "phone"])
+    ap.add_argument("suite", choices=["core", "server", "conversation", "faults", "console", "phone", "asr", "sip"])
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--interruptions", type=int, default=200)
     ap.add_argument("--soak-minutes", type=float, default=30.0, help="faults: the soak's length")
@@ -595,6 +599,12 @@ def main() -> int:
     elif args.suite == "phone":
         from bench.phone import run as run_phone
         result = run_phone()
+    elif args.suite == "sip":
+        from bench.sip import run as run_sip
+        result = run_sip()
+    elif args.suite == "asr":
+        from bench.asr import run as run_asr
+        result = run_asr(["marin", "alloy", "cedar", "ash"])
     elif args.suite == "faults":
         from bench.faults import run as run_faults
         result = run_faults(args.soak_minutes, args.fuzz)

@@ -9,6 +9,11 @@ map is the topic's payload.
 Control topics (``SIGNED_TOPICS``) carry a third frame, an HMAC signature, when the engine's
 processes publish them; tcp transports need CURVE keys (bus/security.py).
 
+Commands (``cmd.*``) are taken by the broker first (:mod:`bus.intake`): acked at once on
+``cmd.ack``, held for the realtime process, their outcome on ``cmd.done``. For asyncio programs,
+:mod:`bus.aio` has the publisher, the subscriber and ``BusClient.call``, the one way to send a
+command (imported on its own: the engine's processes do not load asyncio).
+
 Errors: every error this package raises is a :class:`BusError`.
 """
 from bus.wire import PROTOCOL_VERSION, BusError, MalformedMessage, encode, decode

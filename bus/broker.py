@@ -14,12 +14,24 @@ main loop) sees only two small streams, both filtered by ZeroMQ itself:
   zguide's last-value cache). When the last subscriber of ``_presence.<owner>`` leaves,
   the keeper publishes ``engine.presence.gone`` with that owner.
 
+With an intake (:mod:`bus.intake`; ``engine start`` runs the broker with ``--intake hold``) the
+keeper also takes every ``cmd.*``: it acks each command at once on ``cmd.ack`` and holds it
+until the realtime process says it took it (in its state, ``conversation.history``, or on
+``intake.taken`` when the command changed nothing in it); when that
+process subscribes to ``intake.realtime`` (after a crash: its successor), the keeper hands it
+every held command and the latest state in one signed message, and offers again what stays
+untaken. The broker is the always-alive side for this because every message passes it anyway:
+it sees a command the moment it is published, without a hop, and it already keeps the state
+and sees the subscription that says the realtime process is back (docs/architecture.md).
+
 Because the keeper's XPUB holds the new subscription before it hands it up, the replay
 cannot be dropped by PUB-side filtering.
 
 Access (bus/security.py): on a tcp endpoint the XSUB and XPUB are CURVE servers and a ZAP
-handler accepts only the engine's client key(s); the keeper signs ``engine.presence.gone``
-with the engine's signing key, and replays kept messages with the signature they came with.
+handler accepts only the engine's client key(s); the keeper signs ``engine.presence.gone`` and
+``intake.realtime`` with the engine's signing key, keeps a signed state topic only when its
+signature checks out (an unsigned copy from a client never replaces the engine's state), and
+replays kept messages with the signature they came with.
 ``python -m bus.broker`` takes its keys from ``$REALTALK_BUS_KEYS``.
 """
 from __future__ import annotations
@@ -36,10 +48,16 @@ from typing import Any, Callable, Iterator
 
 import zmq
 
-from bus.security import SIGNED_TOPICS, apply_server_curve, environment_keys, parse_signing_key, sign, start_authenticator
-from bus.wire import LAST_VALUE_TOPICS, encode
+from bus.intake import Intake, Mode
+from bus.security import (SIGNED_TOPICS, apply_server_curve, environment_keys, parse_signing_key, sign,
+                          start_authenticator, verify)
+from bus.wire import INTAKE_TOPIC, LAST_VALUE_TOPICS, STATE_TOPIC, TAKEN_TOPIC, MalformedMessage, decode, encode
 
 _STATE_TOPICS = frozenset(t.encode() for t in LAST_VALUE_TOPICS)
+_STATE = STATE_TOPIC.encode()
+_TAKEN = TAKEN_TOPIC.encode()
+_INTAKE_SUBSCRIBE = b"\x01" + INTAKE_TOPIC.encode()
+_INTAKE_UNSUBSCRIBE = b"\x00" + INTAKE_TOPIC.encode()
 #: a client that subscribes to ``_presence.<owner>`` is announced gone (``engine.presence.gone``)
 #: when that subscription disappears, e.g. because the client's process ended
 PRESENCE_PREFIX = b"_presence."
@@ -68,7 +86,8 @@ _broker_ids = itertools.count()
 def run_broker(publish_endpoint: str, subscribe_endpoint: str, *, ready_fd: int | None = None,
                context: zmq.Context | None = None, stop_endpoint: str | None = None,
                curve_server: tuple[bytes, bytes] | None = None, curve_clients: list[bytes] | None = None,
-               signing_key: bytes | None = None, resubscribe_grace_s: float = 0.0) -> None:
+               signing_key: bytes | None = None, resubscribe_grace_s: float = 0.0,
+               intake: Mode | None = None) -> None:
     """Forward messages until SIGTERM/SIGINT (or a message on ``stop_endpoint``).
 
     ``publish_endpoint`` is where clients publish (XSUB binds there), ``subscribe_endpoint``
@@ -78,6 +97,8 @@ def run_broker(publish_endpoint: str, subscribe_endpoint: str, *, ready_fd: int 
     is open to anyone who can reach the port. ``signing_key`` signs what the broker publishes.
     ``resubscribe_grace_s`` (a restart): the subscribe side is bound that long before the
     publish side, so that subscribers are back before publishers send what they queued.
+    ``intake``: take commands (:mod:`bus.intake`): ack each at once, and with ``Mode.HOLD``
+    hold it for the realtime process.
     """
     ctx = context or zmq.Context.instance()
     auth = None
@@ -123,6 +144,9 @@ def run_broker(publish_endpoint: str, subscribe_endpoint: str, *, ready_fd: int 
     keeper_sub.connect(inproc + "-sub")
     for topic in LAST_VALUE_TOPICS:
         keeper_sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
+    if intake is not None:
+        keeper_sub.setsockopt(zmq.SUBSCRIBE, b"cmd.")
+        keeper_sub.setsockopt(zmq.SUBSCRIBE, _TAKEN)
     if ready_fd is not None:
         os.write(ready_fd, b"1")
         os.close(ready_fd)
@@ -137,7 +161,8 @@ def run_broker(publish_endpoint: str, subscribe_endpoint: str, *, ready_fd: int 
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
     try:
-        _keep(keeper_pub, keeper_sub, stop, lambda: running, signing_key)
+        _keep(keeper_pub, keeper_sub, stop, lambda: running, signing_key,
+              Intake(intake) if intake is not None else None)
     finally:
         control_out.send(b"TERMINATE")
         proxy.join(5)
@@ -163,12 +188,118 @@ def _drain(recv: Callable[[int], Any]) -> Iterator[Any]:
             return
 
 
+class _Keeper:
+    """The keeper's state: the last-value cache, the intake, its own publisher name and seq."""
+
+    def __init__(self, keeper_pub: zmq.Socket, keeper_sub: zmq.Socket, signing_key: bytes | None,
+                 intake: Intake | None) -> None:
+        self.pub = keeper_pub
+        self.sub = keeper_sub
+        self.signing_key = signing_key
+        self.intake = intake
+        self.cache: dict[bytes, list[bytes]] = {}
+        self.state_mark: tuple[Any, int] | None = None   #: (core, state_seq) of the kept state message
+        self.intake_subscribed = False
+        self.seq = 0
+        self.name = f"broker:{os.getpid()}"   # a restarted broker is another publisher (replay protection orders by it)
+
+    def publish(self, topic: str, payload: dict[str, Any]) -> None:
+        self.seq += 1
+        frames = encode(topic, payload, self.name, self.seq)
+        if self.signing_key is not None and topic.startswith(SIGNED_TOPICS):
+            frames.append(sign(self.signing_key, *frames))
+        self.pub.send_multipart(frames)
+
+    def _genuine(self, frames: list[bytes]) -> bool:
+        """A signed topic's message is kept only with a valid signature (when the broker has the key)."""
+        if self.signing_key is None or not frames[0].decode(errors="replace").startswith(SIGNED_TOPICS):
+            return True
+        return len(frames) == 3 and verify(self.signing_key, frames[0], frames[1], frames[2])
+
+    def take_messages(self) -> None:
+        """Everything waiting on the keeper's SUB: state topics and (with an intake) commands."""
+        for frames in _drain(self.sub.recv_multipart):
+            if len(frames) not in (2, 3):   # 3: with its signature
+                continue
+            if frames[0] in _STATE_TOPICS:
+                self._state(frames)
+            elif self.intake is not None and frames[0].startswith(b"cmd."):
+                self._command(frames)
+            elif self.intake is not None and frames[0] == _TAKEN and self._genuine(frames):
+                try:
+                    self.intake.state(decode(frames)[1])
+                except MalformedMessage:
+                    pass
+
+    def _state(self, frames: list[bytes]) -> None:
+        if not self._genuine(frames):
+            return   # a forged state message: never kept, never replayed (the engine's processes report it)
+        if frames[0] != _STATE:
+            self.cache[frames[0]] = frames
+            return
+        try:
+            _, body = decode(frames)
+        except MalformedMessage:
+            return
+        mark = (body.get("core"), body.get("state_seq"))
+        if isinstance(mark[1], int) and self.state_mark is not None and mark[0] == self.state_mark[0] \
+                and mark[1] < self.state_mark[1]:
+            pass   # an older state of the same process, sent by another of its threads after a newer one
+        else:
+            self.cache[frames[0]] = frames
+            self.state_mark = (mark[0], mark[1]) if isinstance(mark[1], int) else None
+        if self.intake is not None:
+            self.intake.state(body)
+
+    def _command(self, frames: list[bytes]) -> None:
+        assert self.intake is not None
+        try:
+            topic, body = decode(frames)
+        except MalformedMessage:
+            return   # the realtime process counts and reports it
+        ack = self.intake.command(topic, body, frames, time.monotonic())
+        if ack is not None:
+            self.publish("cmd.ack", ack)
+
+    def subscription(self, sub: bytes) -> None:
+        """A (un)subscription the XSUB passed up."""
+        if sub == _INTAKE_SUBSCRIBE and self.intake is not None:
+            self.intake_subscribed = True
+            self.take_messages()   # commands already forwarded to us are in the hand-over too
+            state = self.cache.get(_STATE)
+            self.publish(INTAKE_TOPIC, {"restore": True, "state": state,
+                                        "commands": self.intake.handover(time.monotonic())})
+        elif sub == _INTAKE_UNSUBSCRIBE:
+            self.intake_subscribed = False
+        elif sub[:1] == b"\x01":
+            for frames in list(self.cache.values()):
+                if frames[0].startswith(sub[1:]):
+                    self.pub.send_multipart(frames)
+        elif sub[:1] == b"\x00" and sub[1:].startswith(PRESENCE_PREFIX):
+            # the last subscriber of a presence topic left: its owner is gone
+            owner = sub[1 + len(PRESENCE_PREFIX):].decode(errors="replace")
+            self.publish("engine.presence.gone", {"owner": owner})
+
+    def offer_again(self) -> None:
+        """Offer the held commands that are still not taken (the realtime process de-duplicates)."""
+        if self.intake is None or not self.intake_subscribed:
+            return
+        due = self.intake.due(time.monotonic())
+        if due:
+            self.publish(INTAKE_TOPIC, {"restore": False, "state": None, "commands": due})
+
+    def wait_ms(self) -> int:
+        """How long the poll may wait: the next re-offer, at most 500 ms."""
+        due = self.intake.next_due() if self.intake is not None and self.intake_subscribed else None
+        if due is None:
+            return 500
+        return max(0, min(500, int((due - time.monotonic()) * 1000) + 1))
+
+
 def _keep(keeper_pub: zmq.Socket, keeper_sub: zmq.Socket, stop: zmq.Socket | None,
-          running: Callable[[], bool], signing_key: bytes | None = None) -> None:
-    """The last-value cache and presence loop (see the module docstring)."""
-    cache: dict[bytes, list[bytes]] = {}
-    seq = 0
-    name = f"broker:{os.getpid()}"   # a restarted broker is another publisher (replay protection orders by it)
+          running: Callable[[], bool], signing_key: bytes | None = None, intake: Intake | None = None) -> None:
+    """The last-value cache, presence and command intake loop (see the module docstring)."""
+    keeper = _Keeper(keeper_pub, keeper_sub, signing_key, intake)
     base_rss = _rss_bytes()
     next_trim = time.monotonic() + TRIM_PERIOD_S
     poller = zmq.Poller()
@@ -178,7 +309,7 @@ def _keep(keeper_pub: zmq.Socket, keeper_sub: zmq.Socket, stop: zmq.Socket | Non
         poller.register(stop, zmq.POLLIN)
     while running():
         try:
-            events = dict(poller.poll(500))
+            events = dict(poller.poll(keeper.wait_ms()))
         except zmq.ZMQError as exc:
             if exc.errno == errno.EINTR:
                 continue
@@ -191,23 +322,11 @@ def _keep(keeper_pub: zmq.Socket, keeper_sub: zmq.Socket, stop: zmq.Socket | Non
             if _libc is not None and _rss_bytes() > base_rss + TRIM_OVER_BYTES:
                 _libc.malloc_trim(0)
         if keeper_sub in events:
-            for frames in _drain(keeper_sub.recv_multipart):
-                if len(frames) in (2, 3) and frames[0] in _STATE_TOPICS:  # 3: with its signature
-                    cache[frames[0]] = frames
+            keeper.take_messages()
         if keeper_pub in events:
             for sub in _drain(keeper_pub.recv):
-                if sub[:1] == b"\x01":
-                    for frames in list(cache.values()):
-                        if frames[0].startswith(sub[1:]):
-                            keeper_pub.send_multipart(frames)
-                elif sub[:1] == b"\x00" and sub[1:].startswith(PRESENCE_PREFIX):
-                    # the last subscriber of a presence topic left: its owner is gone
-                    seq += 1
-                    owner = sub[1 + len(PRESENCE_PREFIX):].decode(errors="replace")
-                    frames = encode("engine.presence.gone", {"owner": owner}, name, seq)
-                    if signing_key is not None and frames[0].decode().startswith(SIGNED_TOPICS):
-                        frames.append(sign(signing_key, *frames))
-                    keeper_pub.send_multipart(frames)
+                keeper.subscription(sub)
+        keeper.offer_again()
 
 
 def _rss_bytes() -> int:
@@ -219,16 +338,30 @@ def _rss_bytes() -> int:
         return 0
 
 
+USAGE = "usage: python -m bus.broker PUBLISH_ENDPOINT SUBSCRIBE_ENDPOINT [--restart] [--intake hold|ack]"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m bus.broker PUBLISH_ENDPOINT SUBSCRIBE_ENDPOINT [--restart]``
+    """``python -m bus.broker PUBLISH_ENDPOINT SUBSCRIBE_ENDPOINT [--restart] [--intake hold|ack]``
 
     ``--restart``: the engine's broker is started again after a crash; it waits
-    :data:`RESTART_GRACE_S` for the subscribers before it takes publishers' messages."""
-    args = sys.argv[1:] if argv is None else argv
+    :data:`RESTART_GRACE_S` for the subscribers before it takes publishers' messages.
+    ``--intake``: take commands (:mod:`bus.intake`): ``hold`` them for the realtime process
+    (``engine start``), or only ``ack`` them (``engine phone``)."""
+    args = sys.argv[1:] if argv is None else list(argv)
     restart = "--restart" in args
     args = [a for a in args if a != "--restart"]
+    intake = None
+    if "--intake" in args:
+        at = args.index("--intake")
+        try:
+            intake = Mode(args[at + 1])
+        except (IndexError, ValueError):
+            print(USAGE, file=sys.stderr)
+            return 2
+        del args[at:at + 2]
     if len(args) != 2:
-        print("usage: python -m bus.broker PUBLISH_ENDPOINT SUBSCRIBE_ENDPOINT [--restart]", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         return 2
     keys = environment_keys()
     server = (keys["curve_server_key"].encode(), keys["curve_server_secret"].encode()) \
@@ -236,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     run_broker(args[0], args[1], curve_server=server,
                curve_clients=[keys["curve_public_key"].encode()] if server else None,
                signing_key=parse_signing_key(keys.get("signing_key")),
-               resubscribe_grace_s=RESTART_GRACE_S if restart else 0.0)
+               resubscribe_grace_s=RESTART_GRACE_S if restart else 0.0, intake=intake)
     return 0
 
 

@@ -13,20 +13,25 @@ given to :func:`use_keys` (a child calls it with its spec's ``bus`` section), el
 with no CURVE keys from any of these takes them from the running engine's connection file
 when that file names the endpoint (so ``Subscriber(conn["subscribe"])`` keeps working over
 tcp). Keyword arguments override all of these.
+
+Where the broker is: the runtime directory and the connection file (``runtime_dir``,
+``connection_file``, :func:`load_endpoints`) are believed only when they are this user's own
+and private (bus/runtime.py).
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Protocol
 
 import zmq
 
 from bus.security import (FORGED_REASON, REPLAYED_REASON, SIGNED_TOPICS, CurveClientKeys, ReplayGuard, Verdict,
                           apply_client_curve, curve_from, environment_keys, parse_signing_key, sign, verify)
+from bus.runtime import connection_file as connection_file, runtime_dir as runtime_dir  # (where they were)
+from bus.runtime import read_connection, read_private_json, running_engine
 from bus.wire import BusError, MalformedMessage, decode, encode
 
 #: malformed messages one ``Subscriber.recv`` call skips at most before it returns None
@@ -54,24 +59,6 @@ def use_keys(bus_spec: Mapping[str, Any] | None) -> None:
     _process_keys = None if bus_spec is None else dict(bus_spec)
 
 
-def runtime_dir() -> Path:
-    """The per-user runtime directory (mode 0700) holding sockets and the connection file."""
-    base = os.environ.get("REALTALK_RUNTIME_DIR")
-    if base:
-        path = Path(base)
-    elif os.environ.get("XDG_RUNTIME_DIR"):
-        path = Path(os.environ["XDG_RUNTIME_DIR"]) / "realtalk"
-    else:
-        path = Path(f"/tmp/realtalk-{os.getuid()}")
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path, 0o700)
-    return path
-
-
-def connection_file() -> Path:
-    return runtime_dir() / "engine.json"
-
-
 @dataclass(frozen=True)
 class Endpoints:
     """Where clients publish (broker XSUB) and subscribe (broker XPUB), and the keys to use:
@@ -93,16 +80,16 @@ def endpoints_from(data: Mapping[str, Any]) -> Endpoints:
 
 
 def load_endpoints(path: str | os.PathLike[str] | None = None) -> Endpoints:
-    """Read the endpoints (and CURVE keys, with tcp) from a connection file (default: the running engine's)."""
-    file = Path(path) if path else connection_file()
-    try:
-        data = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise BusError(f"no engine is running: {file} does not exist (start one with `engine start`)") from None
-    except ValueError as exc:
-        raise BusError(f"connection file {file} is unreadable ({exc}); restart the engine") from None
-    if not isinstance(data, dict):
-        raise BusError(f"connection file {file} is not a JSON object; restart the engine")
+    """Read the endpoints (and CURVE keys, with tcp) from a connection file: by default the one of
+    this user's engine that runs now (bus/runtime.py: the file must be this user's own and private
+    and its supervisor provably running), else the file at ``path`` (this user's own and private:
+    a copy of another machine's is fine). Raises BusError naming the file and what to do."""
+    if path:
+        file = Path(path)
+        data = read_connection(file)
+    else:
+        file = connection_file()
+        data = running_engine(file)
     try:
         return endpoints_from(data)
     except BusError as exc:
@@ -124,7 +111,7 @@ def _keys(endpoint: str | Endpoints, curve: Any, key: Any) -> tuple[CurveClientK
 def _connection_file_curve(endpoint: str) -> CurveClientKeys | None:
     """The CURVE keys of the running engine's connection file if it names ``endpoint``."""
     try:
-        data = json.loads(connection_file().read_text())
+        data = read_private_json(connection_file())   # this user's own private file only
         if endpoint in (data.get("publish"), data.get("subscribe")):
             return curve_from(data)
     except (OSError, ValueError, AttributeError, BusError):
@@ -145,6 +132,13 @@ def _connect(sock: zmq.Socket, endpoint: str, curve: CurveClientKeys | None,
         sock.setsockopt(zmq.RECONNECT_IVL, IPC_RECONNECT_IVL_MS)
     sock.connect(endpoint)
     return curve
+
+
+class _Publishes(Protocol):
+    """What :meth:`MessageChecks.publish_reports` publishes through (a Publisher, an AsyncPublisher)."""
+    name: str
+
+    def publish(self, topic: str, payload: Mapping[str, Any] | None = None) -> None: ...
 
 
 class Publisher:
@@ -225,48 +219,20 @@ class Publisher:
         self._sock.close()
 
 
-class Subscriber:
-    """Receives messages whose topic starts with one of ``prefixes`` (all if empty).
+class MessageChecks:
+    """What every subscriber does with a message it read, whatever its socket (threaded or asyncio):
+    decode it, check a signed topic's signature and order (with a verify key), count a malformed
+    one, count the gaps in each publisher's ``seq`` (a subscriber of every topic), and report
+    both once a second. The rules are :class:`Subscriber`'s."""
 
-    Malformed messages are counted in ``malformed`` and skipped, never raised;
-    ``last_error`` describes the latest one. With a ``verify_key``, a message on
-    ``signed_topics`` without a valid signature is malformed too (reason
-    "forged or unsigned control message") and never returned, and so is a validly signed one
-    taken before, or too old to be new (reason "replayed control message"; a copy of the last
-    state message taken is skipped without a count: :class:`bus.security.ReplayGuard`).
-    Skipping costs no wait:
-    ``recv`` goes on to the next message at once (at most :data:`MAX_SKIPPED_PER_RECV`
-    per call, so a flood of bad input still gives the caller back control).
-    :meth:`take_malformed_report` / :meth:`publish_reports` report them, once a second.
-
-    Drops: a subscriber of every topic (``prefixes`` ``("",)``) counts the gaps in each
-    publisher's ``seq`` in ``dropped`` (publisher name -> messages lost), which is how a
-    drop at any high-water mark on the way shows (ZeroMQ's PUB and XPUB drop silently). A
-    prefix subscriber cannot tell a drop from a message its filter left out, so it counts
-    nothing. A message sent before this subscriber existed (a last-value-cache replay) does
-    not start a count; a lower ``seq`` with a later ``mono_ns`` is a publisher restarted
-    under the same name and starts it again. :meth:`take_drop_report` reports them.
-    """
-
-    def __init__(self, endpoint: str | Endpoints, prefixes: list[str] | tuple[str, ...] = ("",),
-                 context: zmq.Context | None = None, *, curve: CurveClientKeys | None = FROM_ENV,
-                 verify_key: bytes | str | None = FROM_ENV,
-                 signed_topics: tuple[str, ...] = SIGNED_TOPICS) -> None:
-        self._ctx = context or zmq.Context.instance()
-        defaulted = curve is FROM_ENV and not isinstance(endpoint, Endpoints)
-        curve, self._verify_key = _keys(endpoint, curve, verify_key)
+    def _init_reading(self, verify_key: bytes | None, signed_topics: tuple[str, ...],
+                      prefixes: list[str] | tuple[str, ...]) -> None:
+        self._verify_key = verify_key
         self._signed = tuple(signed_topics)
-        self._guard = ReplayGuard() if self._verify_key is not None else None
+        self._guard = ReplayGuard() if verify_key is not None else None
         self.duplicates = 0   #: copies of a state message already taken (last-value replays), skipped
-        self.socket = self._ctx.socket(zmq.SUB)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.RCVHWM, 100_000)
-        for p in prefixes or ("",):
-            self.socket.setsockopt(zmq.SUBSCRIBE, p.encode())
-        _connect(self.socket, endpoint.subscribe if isinstance(endpoint, Endpoints) else endpoint, curve, defaulted)
         self.malformed = 0
         self.last_error: MalformedMessage | None = None
-        self._rcvtimeo_ms = -1
         self._malformed_reported = 0
         self._malformed_report_at = float("-inf")
         self._count_gaps = tuple(prefixes or ("",)) == ("",)
@@ -276,35 +242,31 @@ class Subscriber:
         self._dropped_reported: dict[str, int] = {}
         self._drop_report_at = float("-inf")
 
-    def recv(self, timeout_ms: int | None = None) -> tuple[str, dict[str, Any]] | None:
-        """Next well-formed message, or None when ``timeout_ms`` passes first."""
-        deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
-        wait_ms = -1 if timeout_ms is None else max(0, int(timeout_ms))
-        skipped = 0
-        while True:
-            if wait_ms == 0 and not self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                return None  # a cheap check: raising zmq.Again costs more than the message
-            if wait_ms != self._rcvtimeo_ms:  # a blocking recv with a timeout: no poll, no exception
-                self.socket.setsockopt(zmq.RCVTIMEO, wait_ms)
-                self._rcvtimeo_ms = wait_ms
-            try:
-                frames = self._recv_frames()
-            except zmq.Again:
-                return None
-            try:
-                topic, body = decode(frames)
-                if self._take(topic, body, frames):
-                    if self._count_gaps:
-                        self._count_gap(body)
-                    return topic, body
-                self.duplicates += 1  # a copy of a state message already taken: skipped, not counted
-            except MalformedMessage as exc:
-                self._note_malformed(exc)
-            skipped += 1
-            if skipped >= MAX_SKIPPED_PER_RECV:
-                return None
-            if deadline is not None:  # past the deadline: 0, what is already queued, no wait
-                wait_ms = max(0, int((deadline - time.monotonic()) * 1000))
+    def _checked(self, frames: list[Any]) -> tuple[str, dict[str, Any]] | None:
+        """A message read from the socket: (topic, body), or None when it is skipped (counted)."""
+        try:
+            topic, body = decode(frames)
+            if self._take(topic, body, frames):
+                if self._count_gaps:
+                    self._count_gap(body)
+                return topic, body
+            self.duplicates += 1  # a copy of a state message already taken: skipped, not counted
+        except MalformedMessage as exc:
+            self._note_malformed(exc)
+        return None
+
+    def accept(self, frames: list[Any]) -> tuple[str, dict[str, Any]] | None:
+        """A message that came inside another (the broker's hand-over of held commands) as if this
+        subscriber had read it: decoded and checked by the same rules (a malformed one is counted,
+        a copy of a state message taken is skipped); None when it is not taken."""
+        try:
+            topic, body = decode(frames)
+            if self._take(topic, body, frames):
+                return topic, body
+            self.duplicates += 1
+        except MalformedMessage as exc:
+            self._note_malformed(exc)
+        return None
 
     def _take(self, topic: str, body: dict[str, Any], frames: list[Any]) -> bool:
         """True to return the message, False to skip a duplicate; raises MalformedMessage for a
@@ -377,10 +339,11 @@ class Subscriber:
         self._malformed_report_at = now
         return report
 
-    def publish_reports(self, pub: Publisher, source: str) -> int:
+    def publish_reports(self, pub: "Publisher | _Publishes", source: str) -> int:
         """Publish what :meth:`take_drop_report` has, one ``bus.dropped`` {subscriber (``pub``'s
         name), publisher, count, total} each, and what :meth:`take_malformed_report` has, as a
-        benign ``engine.error`` (code ``malformed_bus_message``) from ``source``; returns the
+        benign ``engine.error`` (code ``malformed_bus_message``) from ``source`` (a subscriber of
+        every topic only, see the class docstring); returns the
         number of messages published.
         Call it from the loop that reads this subscriber; it costs nothing when there is nothing."""
         sent = 0
@@ -388,7 +351,8 @@ class Subscriber:
             pub.publish("bus.dropped", {"subscriber": pub.name, "publisher": drop["publisher"], "count": drop["count"],
                                         "total": self.dropped[drop["publisher"]]})
             sent += 1
-        report = self.take_malformed_report()
+        # a prefix subscriber's malformed messages are the every-topic subscriber's too: it reports them
+        report = self.take_malformed_report() if self._count_gaps else None
         if report is None:
             return sent
         pub.publish("engine.error", {"source": source, "code": "malformed_bus_message", "benign": True,
@@ -397,6 +361,81 @@ class Subscriber:
                                      "message": f"{source} dropped {report['count']} malformed bus message(s); "
                                                 f"last: {report['reason']}"})
         return sent + 1
+
+
+
+class Subscriber(MessageChecks):
+    """Receives messages whose topic starts with one of ``prefixes`` (all if empty).
+
+    Malformed messages are counted in ``malformed`` and skipped, never raised;
+    ``last_error`` describes the latest one. With a ``verify_key``, a message on
+    ``signed_topics`` without a valid signature is malformed too (reason
+    "forged or unsigned control message") and never returned, and so is a validly signed one
+    taken before, or too old to be new (reason "replayed control message"; a copy of the last
+    state message taken is skipped without a count: :class:`bus.security.ReplayGuard`).
+    Skipping costs no wait:
+    ``recv`` goes on to the next message at once (at most :data:`MAX_SKIPPED_PER_RECV`
+    per call, so a flood of bad input still gives the caller back control).
+    :meth:`take_malformed_report` / :meth:`publish_reports` report them, once a second.
+    :meth:`publish_reports` reports them only from a subscriber of every topic: a prefix
+    subscriber's malformed message reaches the engine's subscriber of every topic (the
+    supervisor's) too, which reports it, so each is reported once (the prefix subscriber still
+    counts it in ``malformed``).
+
+    Drops: a subscriber of every topic (``prefixes`` ``("",)``) counts the gaps in each
+    publisher's ``seq`` in ``dropped`` (publisher name -> messages lost), which is how a
+    drop at any high-water mark on the way shows (ZeroMQ's PUB and XPUB drop silently). A
+    prefix subscriber cannot tell a drop from a message its filter left out, so it counts
+    nothing. A message sent before this subscriber existed (a last-value-cache replay) does
+    not start a count; a lower ``seq`` with a later ``mono_ns`` is a publisher restarted
+    under the same name and starts it again. :meth:`take_drop_report` reports them.
+    """
+
+    def __init__(self, endpoint: str | Endpoints, prefixes: list[str] | tuple[str, ...] = ("",),
+                 context: zmq.Context | None = None, *, curve: CurveClientKeys | None = FROM_ENV,
+                 verify_key: bytes | str | None = FROM_ENV,
+                 signed_topics: tuple[str, ...] = SIGNED_TOPICS) -> None:
+        self._ctx = context or zmq.Context.instance()
+        defaulted = curve is FROM_ENV and not isinstance(endpoint, Endpoints)
+        curve, verify_key = _keys(endpoint, curve, verify_key)
+        self._init_reading(verify_key, signed_topics, prefixes)
+        self.socket = self._ctx.socket(zmq.SUB)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.RCVHWM, 100_000)
+        for p in prefixes or ("",):
+            self.socket.setsockopt(zmq.SUBSCRIBE, p.encode())
+        _connect(self.socket, endpoint.subscribe if isinstance(endpoint, Endpoints) else endpoint, curve, defaulted)
+        self._rcvtimeo_ms = -1
+
+    def recv(self, timeout_ms: int | None = None) -> tuple[str, dict[str, Any]] | None:
+        """Next well-formed message, or None when ``timeout_ms`` passes first."""
+        deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
+        wait_ms = -1 if timeout_ms is None else max(0, int(timeout_ms))
+        skipped = 0
+        while True:
+            if wait_ms == 0 and not self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                return None  # a cheap check: raising zmq.Again costs more than the message
+            if wait_ms != self._rcvtimeo_ms:  # a blocking recv with a timeout: no poll, no exception
+                self.socket.setsockopt(zmq.RCVTIMEO, wait_ms)
+                self._rcvtimeo_ms = wait_ms
+            try:
+                frames = self._recv_frames()
+            except zmq.Again:
+                return None
+            try:
+                topic, body = decode(frames)
+                if self._take(topic, body, frames):
+                    if self._count_gaps:
+                        self._count_gap(body)
+                    return topic, body
+                self.duplicates += 1  # a copy of a state message already taken: skipped, not counted
+            except MalformedMessage as exc:
+                self._note_malformed(exc)
+            skipped += 1
+            if skipped >= MAX_SKIPPED_PER_RECV:
+                return None
+            if deadline is not None:  # past the deadline: 0, what is already queued, no wait
+                wait_ms = max(0, int((deadline - time.monotonic()) * 1000))
 
     def _recv_frames(self) -> list[Any]:
         """One whole message's frames (as buffers); half the cost of ``recv_multipart``."""

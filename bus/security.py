@@ -46,7 +46,7 @@ from bus.wire import LAST_VALUE_TOPICS, BusError
 
 #: topics only the engine's own processes may publish: signed by them, verified by them
 SIGNED_TOPICS: tuple[str, ...] = ("engine.status", "engine.error", "playback.", "capture.", "session.config",
-                                  "engine.presence.gone", "engine.tools", "conversation.history")
+                                  "engine.presence.gone", "engine.tools", "conversation.history", "intake.")
 #: the environment variable holding the keys of an engine's child process (JSON)
 ENV_KEYS = "REALTALK_BUS_KEYS"
 #: the malformed-message reason of a dropped control message

@@ -12,13 +12,33 @@ from typing import Any, Mapping
 
 import msgpack
 
-PROTOCOL_VERSION = 1
+#: 2: commands are acked at once by the broker's intake (``cmd.ack`` with a ``state``), their outcome comes
+#: on ``cmd.done`` (docs/bus-protocol.md, "Changes"); readers take any version and ignore keys they do not know
+PROTOCOL_VERSION = 2
 MAX_TOPIC_BYTES = 256
 
 #: keys every body carries; payload keys must not collide with them
 HEADER_KEYS = ("v", "ts", "mono_ns", "pub", "seq")
 #: state topics: the broker keeps each one's last message and replays it to new subscribers (exact topic)
 LAST_VALUE_TOPICS = ("engine.status", "session.config", "cost.session", "engine.tools", "conversation.history")
+#: the commands the realtime process carries out (docs/bus-protocol.md, "Commands"); the broker's intake
+#: acks each at once and holds it until that process has taken it
+COMMAND_TOPICS = ("cmd.say", "cmd.respond", "cmd.cancel", "cmd.input.commit", "cmd.input.clear", "cmd.mic",
+                  "cmd.session.update", "cmd.tool.register", "cmd.tool.unregister", "cmd.tool.result",
+                  "cmd.instructions", "cmd.commentary",   # GPT-Live context (docs/live.md)
+                  "cmd.sip.refer", "cmd.sip.hangup", "cmd.dtmf")   # a SIP call's control (engine sip, docs/sip.md)
+#: a command's receipt, at once: ``id``, ``ok``, ``state`` (queued, accepted, taken, refused), ``topic``
+ACK_TOPIC = "cmd.ack"
+#: a command's outcome, from the process that carried it out: ``id``, ``ok``, ``item_id`` or ``error``, ...
+DONE_TOPIC = "cmd.done"
+#: the broker hands held commands (and the conversation state) to the realtime process on this topic
+INTAKE_TOPIC = "intake.realtime"
+#: the realtime process's state, a last-value topic: the conversation and the commands it has taken
+STATE_TOPIC = "conversation.history"
+#: the realtime process took commands that changed nothing in its state (signed): the broker lets them go
+TAKEN_TOPIC = "intake.taken"
+#: the longest command ``id`` taken (a longer one is refused)
+MAX_ID_CHARS = 200
 
 
 class BusError(Exception):
@@ -67,3 +87,28 @@ def decode(frames: list[bytes]) -> tuple[str, dict[str, Any]]:
     if not isinstance(body, dict):
         raise MalformedMessage(f"body of {topic!r} is a {type(body).__name__}, expected a map", len(frames))
     return topic, body
+
+
+def command_key(body: Mapping[str, Any]) -> str | None:
+    """What identifies a command for de-duplication: its ``id``, else its publisher and ``seq``
+    (``"<pub>#<seq>"``: one message, so a re-sent command without an id is a new one); None
+    when it has neither."""
+    cmd_id = body.get("id")
+    if isinstance(cmd_id, str) and cmd_id:
+        return cmd_id
+    pub, seq = body.get("pub"), body.get("seq")
+    if isinstance(pub, str) and type(seq) is int:
+        return f"{pub}#{seq}"
+    return None
+
+
+def id_problem(body: Mapping[str, Any]) -> str | None:
+    """Why a command's ``id`` cannot be taken (None: it is fine, or there is none)."""
+    if "id" not in body or body["id"] is None:
+        return None
+    cmd_id = body["id"]
+    if not isinstance(cmd_id, str) or not cmd_id:
+        return f"'id' must be a non-empty string (got {type(cmd_id).__name__}); send a fresh one, e.g. a UUID"
+    if len(cmd_id) > MAX_ID_CHARS:
+        return f"'id' is {len(cmd_id)} characters; at most {MAX_ID_CHARS}"
+    return None

@@ -83,6 +83,17 @@ def encode_audio(pcm24k: np.ndarray, fmt: str) -> bytes:
     return _tables()[key][pcm8k.astype(np.int32) + 32768].tobytes()
 
 
+def g711_decode(data: bytes, fmt: str) -> np.ndarray:
+    """G.711 wire bytes (``audio/pcmu`` or ``audio/pcma``) -> PCM16 at 8 kHz (no resampling)."""
+    return _tables()["ulaw_dec" if fmt == "audio/pcmu" else "alaw_dec"][np.frombuffer(data, dtype=np.uint8)]
+
+
+def g711_encode(pcm8k: np.ndarray, fmt: str) -> bytes:
+    """PCM16 at 8 kHz -> G.711 wire bytes (``audio/pcmu`` or ``audio/pcma``), no resampling."""
+    key = "ulaw_enc" if fmt == "audio/pcmu" else "alaw_enc"
+    return _tables()[key][pcm8k.astype(np.int32) + 32768].tobytes()
+
+
 def duration_ms(n_bytes: int, fmt: str) -> float:
     """Duration of ``n_bytes`` of wire audio in ``fmt``."""
     rate, width = FORMATS[fmt]

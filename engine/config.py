@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import ipaddress
 import difflib
 import os
 from pathlib import Path
@@ -21,6 +22,12 @@ DEFAULTS: dict[str, Any] = {
     "model": "gpt-realtime",
     "api_key_env": "OPENAI_API_KEY",
     "openai_url": "wss://api.openai.com/v1/realtime",
+    # which service (engine/providers.py, docs/providers.md); null: as `backend` says
+    "provider": None,
+    "auth_header": None,
+    "azure": {"endpoint": None, "deployment": None, "auth": "api-key", "api_key_env": "AZURE_OPENAI_API_KEY",
+              "token_env": "AZURE_OPENAI_AD_TOKEN"},
+    "xai": {"url": "wss://api.x.ai/v1/realtime", "api_key_env": "XAI_API_KEY"},
     "session": {
         "instructions": "You are a helpful, concise voice assistant.",
         "voice": "marin",
@@ -46,10 +53,20 @@ DEFAULTS: dict[str, Any] = {
               "echo_guard_db": -6.0},
     "barge_in": {"enabled": True, "min_speech_ms": 0},
     "bus": {"transport": "ipc", "tcp_host": "127.0.0.1", "tcp_publish_port": 0, "tcp_subscribe_port": 0},
+    # liveness: a child silent this long (no heartbeat) is reported and restarted; null: not checked
+    "supervisor": {"heartbeat_timeout_s": 3.0},
     "local_server": {"host": "127.0.0.1", "port": 0, "speed": 1.0, "scenario": None, "asr": True},
     # engine phone / engine start --phone: Twilio Media Streams calls (docs/phone.md)
     "phone": {"host": "127.0.0.1", "port": 8766, "path": "/twilio", "dtmf_to_model": "off", "mark_every_ms": 200,
-              "max_calls": 100, "prebuffer_ms": None},
+              "max_calls": 100, "prebuffer_ms": None,
+              # who may connect (engine/phone/guard.py): Twilio's signature, a token, or none (loopback only)
+              "auth": "twilio", "auth_token_env": "TWILIO_AUTH_TOKEN", "token_env": "REALTALK_PHONE_TOKEN",
+              "public_url": None,
+              # per connection: frame size, message rate, time to start, time with nothing received
+              "max_frame_bytes": 65536, "max_messages_per_s": 200, "start_timeout_s": 5.0, "idle_timeout_s": 60.0},
+    # engine sip: OpenAI's SIP calls through signed webhooks (docs/sip.md)
+    "sip": {"host": "127.0.0.1", "port": 8767, "path": "/openai/webhook", "max_calls": 100, "no_route_status": 404,
+            "routes": []},
     "budget_usd": None,
     "session_recycle_s": 3300.0,
     "reply_audio": False,
@@ -61,6 +78,12 @@ DEFAULTS: dict[str, Any] = {
 _NUM = (int, float)
 RULES: dict[str, tuple[tuple[type, ...], tuple[Any, ...] | None]] = {
     "backend": ((str,), ("auto", "local", "openai")),
+    "provider": ((str, type(None)), (None, "openai", "azure", "xai", "local")),
+    "auth_header": ((str, type(None)), None),
+    "azure.endpoint": ((str, type(None)), None),
+    "azure.deployment": ((str, type(None)), None),
+    "azure.auth": ((str,), ("api-key", "entra")),
+    "sip.no_route_status": ((int,), (404, 603)),
     "session.voice": ((str,), None),   # checked against the model's API: REALTIME_VOICES or LIVE_VOICES
     "session.output_modalities": ((list,), (["audio"], ["text"])),
     "session.turn_detection": ((dict, type(None)), None),
@@ -95,12 +118,19 @@ RULES: dict[str, tuple[tuple[type, ...], tuple[Any, ...] | None]] = {
     "audio.echo_guard_db": ((int, float, type(None)), None),
     "barge_in.min_speech_ms": ((int,), None),
     "bus.transport": ((str,), ("ipc", "tcp")),
+    "supervisor.heartbeat_timeout_s": ((int, float, type(None)), None),
     "local_server.speed": (_NUM, None),
     "local_server.scenario": ((str, type(None)), None),
     "phone.dtmf_to_model": ((str,), ("off", "context", "reply")),
     "phone.mark_every_ms": ((int,), None),
     "phone.max_calls": ((int,), None),
     "phone.prebuffer_ms": ((int, type(None)), None),
+    "phone.auth": ((str,), ("twilio", "token", "none")),
+    "phone.public_url": ((str, type(None)), None),
+    "phone.max_frame_bytes": ((int,), None),
+    "phone.max_messages_per_s": (_NUM, None),
+    "phone.start_timeout_s": (_NUM, None),
+    "phone.idle_timeout_s": (_NUM, None),
     "budget_usd": ((int, float, type(None)), None),
     "session_recycle_s": (_NUM, None),
     "record": ((str, type(None)), None),
@@ -110,6 +140,8 @@ RULES: dict[str, tuple[tuple[type, ...], tuple[Any, ...] | None]] = {
 _OPEN_KEYS = {"session.turn_detection": set(_TD) | {"eagerness", "idle_timeout_ms"},
               "session.transcription": {"model", "language", "prompt", "languages", "keywords", "delay"}}
 
+#: xAI's Grok voices (case-insensitive; docs.x.ai, pipecat; more via GET /v1/tts/voices)
+XAI_VOICES = ("eve", "ara", "rex", "sal", "leo")
 REALTIME_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar")
 #: openai.types.live BuiltInVoice; GPT-Live refuses fable, nova and onyx
 LIVE_VOICES = ("alloy", "ash", "ballad", "beacon", "bossa", "cedar", "cinder", "coral", "delta", "echo", "gleam",
@@ -128,9 +160,6 @@ LIVE_UNUSED_SESSION_KEYS = {
     "include": "GPT-Live has no such setting", "prompt": "GPT-Live takes instructions only",
     "tracing": "GPT-Live has no such setting",
 }
-
-REPO_CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"
-
 
 _SIGNED_KEYS = {"audio.echo_guard_db"}
 
@@ -228,6 +257,10 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str,
     check_priced(cfg["model"])   # the price table is part of the config's check
     if is_live_model(cfg["model"]):
         _check_live_session(cfg["session"], cfg["model"])
+    elif cfg.get("provider") == "xai":
+        if cfg["session"]["voice"].lower() not in XAI_VOICES:   # xAI also has custom voices: a clear refusal first
+            raise ConfigError(f"config key 'session.voice': {cfg['session']['voice']!r} is not one of xAI's: "
+                              f"{', '.join(XAI_VOICES)}")
     else:
         if cfg["session"]["voice"] not in REALTIME_VOICES:
             raise ConfigError(f"config key 'session.voice': {cfg['session']['voice']!r} is not one of: "
@@ -235,6 +268,11 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str,
         _check_session_fields(cfg["session"])
     if cfg["session_recycle_s"] < 1:
         raise ConfigError(f"config key 'session_recycle_s': at least 1 second, got {cfg['session_recycle_s']}")
+    _check_phone(cfg["phone"])
+    heartbeat_s = cfg["supervisor"]["heartbeat_timeout_s"]
+    if heartbeat_s is not None and heartbeat_s < 0.5:
+        raise ConfigError(f"config key 'supervisor.heartbeat_timeout_s': at least 0.5 s (or null: no liveness "
+                          f"check), got {heartbeat_s}")
     return cfg
 
 
@@ -249,6 +287,30 @@ def _check_live_session(s: dict[str, Any], model: str) -> None:
         if s[key] != defaults[key]:
             raise ConfigError(f"config key 'session.{key}' does not apply to {model}: {why}. "
                               "Remove it, or choose a Realtime model.")
+def is_loopback(host: str) -> bool:
+    """``host`` is a loopback address or ``localhost``."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_phone(ph: dict[str, Any]) -> None:
+    """The phone port's keys whose values are more than a type (its secrets are the environment's,
+    checked when the port opens: engine/phone/guard.py)."""
+    if ph["auth"] == "none" and not is_loopback(ph["host"]):
+        raise ConfigError(f"config key 'phone.auth': none (no authentication) is only allowed on a loopback address, "
+                          f"and phone.host is {ph['host']!r}: anyone who reaches the port would open paid API "
+                          "sessions; use phone.auth: twilio (the default) or token")
+    if ph["public_url"] is not None and not ph["public_url"].startswith(("ws://", "wss://")):
+        raise ConfigError(f"config key 'phone.public_url': {ph['public_url']!r} is not a ws:// or wss:// URL (the "
+                          "stream URL exactly as given to Twilio, e.g. wss://phone.example.com/twilio)")
+    for key, least in (("max_frame_bytes", 1024), ("max_messages_per_s", 1), ("start_timeout_s", 0.1),
+                       ("idle_timeout_s", 1), ("max_calls", 1)):
+        if ph[key] < least:
+            raise ConfigError(f"config key 'phone.{key}': at least {least}, got {ph[key]}")
 
 
 def _check_session_fields(s: dict[str, Any]) -> None:
@@ -293,7 +355,10 @@ def _lookup(tree: dict[str, Any], parts: list[str]) -> Any:
 
 
 def resolve_backend(cfg: dict[str, Any]) -> str:
-    """'local' or 'openai': auto picks openai when the API key variable is set."""
+    """'local' or 'openai' (any remote provider): ``provider`` when set; else auto picks openai when
+    the API key variable is set."""
+    if cfg.get("provider"):
+        return "local" if cfg["provider"] == "local" else "openai"
     if cfg["backend"] != "auto":
         return cfg["backend"]
     return "openai" if os.environ.get(cfg["api_key_env"]) else "local"

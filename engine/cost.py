@@ -74,6 +74,8 @@ def response_cost_usd(model: str, usage: dict[str, Any] | None) -> float:
     if not usage:
         return 0.0
     p = model_prices(model)
+    if "per_minute" in p:   # billed by the minute (xAI): the dialect puts the connection time on each response.done
+        return float(usage.get("billed_seconds") or 0) / 60.0 * float(p["per_minute"])
     ind = usage.get("input_token_details") or {}
     cached = ind.get("cached_tokens_details") or {}
     outd = usage.get("output_token_details") or {}

@@ -2,30 +2,24 @@
 engine, and validation of every server event against the official openai types."""
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-#: captured server-event traces of the real service (tests/data/traces/README.md says where each came from)
-TRACES = REPO / "tests" / "data" / "traces"
-VAUDIO = REPO / "tools" / "vaudio.sh"
+from tests.helpers import REPO, TRACES, VAUDIO, LocalServer, PhoneEngine, RunningEngine
 
 
 # ---------------------------------------------------------------- the quick loop
 #: one-shot tools a quick test may run (the local server synthesizes speech with them, like a library call)
 QUICK_PROGRAMS = frozenset({"espeak-ng", "sox", "soxi"})
 #: fixtures that start processes or need the virtual audio devices: their tests are e2e
-PROCESS_FIXTURES = frozenset({"vaudio", "start_engine", "node", "engine", "haproxy"})
+PROCESS_FIXTURES = frozenset({"vaudio", "start_engine", "node", "engine", "haproxy", "phone_engine"})
 
 
 def _program(args: Any) -> str:
@@ -131,39 +125,44 @@ def validator() -> EventValidator:
     return EventValidator()
 
 
-# ---------------------------------------------------------------- local server in a thread
-class LocalServer:
-    def __init__(self, **kwargs: Any) -> None:
-        from engine.server.app import ServerConfig, serve_forever
-        self.cfg = ServerConfig(port=0, **kwargs)
-        self._ready = threading.Event()
-        self.url = ""
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
+class LiveEventValidator:
+    """Validates GPT-Live server events against openai.types.live: dispatch on ``type`` (as
+    live-protocol.md section 9.1 shows), pydantic strict mode, and no field the types do not know
+    (their models allow extras, so ``model_extra`` is checked at every level). Sideband traffic
+    is checked against ``ConnectServerEvent``."""
 
-        def run() -> None:
-            async def main() -> None:
-                self._loop = asyncio.get_running_loop()
-                self._stop = asyncio.Event()
-                ready = self._loop.create_future()
-                task = self._loop.create_task(serve_forever(self.cfg, ready, self._stop))
-                self.url = await ready
-                self._ready.set()
-                await task
-            asyncio.run(main())
+    def __init__(self) -> None:
+        import typing
+        import pydantic
+        from openai.types.live import ConnectServerEvent, ServerEvent
+        self.pydantic = pydantic
 
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-        assert self._ready.wait(10), "local server did not start"
-        self.port = int(self.url.split(":")[2].split("/")[0])
-        self.base = f"ws://127.0.0.1:{self.port}/v1"
+        def by_type(union: Any) -> dict[str, Any]:
+            members = typing.get_args(typing.get_args(union)[0])
+            return {typing.get_args(m.model_fields["type"].annotation)[0]: m for m in members}
+        self.primary = by_type(ServerEvent)
+        self.sideband = by_type(ConnectServerEvent)
+        self.checked = 0
 
-    def close(self) -> None:
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(5)
+    def check(self, event: dict[str, Any], sideband: bool = False) -> None:
+        models = self.sideband if sideband else self.primary
+        etype = event.get("type")
+        assert etype in models, f"{etype!r} is not a GPT-Live {'sideband' if sideband else 'server'} event type"
+        try:
+            obj = models[etype].model_validate_json(json.dumps(event), strict=True)
+        except self.pydantic.ValidationError as exc:
+            raise AssertionError(f"{etype} does not validate: {exc}\n{json.dumps(event)[:600]}") from None
+        extras = list(_extra_keys(obj, self.pydantic))
+        assert not extras, f"{etype} has fields the official types do not know: {extras}"
+        self.checked += 1
 
 
+@pytest.fixture(scope="session")
+def live_validator() -> LiveEventValidator:
+    return LiveEventValidator()
+
+
+# ---------------------------------------------------------------- local servers in threads
 @pytest.fixture
 def make_server() -> Iterator[Any]:
     servers: list[LocalServer] = []
@@ -232,77 +231,6 @@ def node() -> str:
 
 
 # ---------------------------------------------------------------- the engine
-class ProcessLines:
-    """A process's stdout read by a thread, line by line (newlines kept); ``wait_for`` blocks
-    until a line matches."""
-
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.proc = proc
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        self._t = threading.Thread(target=self._read, daemon=True)
-        self._t.start()
-
-    def on_line(self, line: str) -> None:
-        """Called on the reader thread with each line, as it comes."""
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self._cond:
-                self.lines.append(line)
-                self.on_line(line)
-                self._cond.notify_all()
-        with self._cond:
-            self._cond.notify_all()
-
-    def wait_for(self, pred: Callable[[str], bool], timeout: float) -> str:
-        """The first line (without its newline) ``pred`` accepts; AssertionError, with what the
-        process printed, if none comes within ``timeout`` s or the process ends first."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                hit = next((line for line in (s.rstrip("\n") for s in self.lines) if pred(line)), None)
-                if hit is not None:
-                    return hit
-                left = deadline - time.monotonic()
-                if left <= 0 or (self.proc.poll() is not None and not self._t.is_alive()):
-                    raise AssertionError("no such line within the time; got:\n" + "".join(self.lines))
-                self._cond.wait(min(left, 0.5))
-
-    def stop(self) -> int:
-        """Ctrl-C (SIGINT), then SIGKILL after 15 s; the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(2)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._t.join(2)
-        return self.proc.returncode
-
-
-class RunningEngine(ProcessLines):
-    def __init__(self, proc: subprocess.Popen[str], runtime: Path, sessions: Path) -> None:
-        self.runtime = runtime
-        self.sessions = sessions
-        self.ready = threading.Event()
-        super().__init__(proc)
-
-    def on_line(self, line: str) -> None:
-        if "ready in" in line:
-            self.ready.set()
-
-    @property
-    def conn(self) -> dict[str, Any]:
-        return json.loads((self.runtime / "engine.json").read_text())
-
-    def cli(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "engine.api.cli", *args], capture_output=True, text=True,
-                              timeout=timeout, env=os.environ.copy())
-
-
 @pytest.fixture
 def runtime_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     d = tmp_path / "run"
@@ -313,12 +241,30 @@ def runtime_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return d
 
 
+#: how many times faster than real time the engine's local server streams its replies, unless the
+#: test passes its own ``--speed`` (``1`` where timing is measured or a reply must still be streaming)
+ENGINE_SPEED = "8"
+
+
+def _sets_speed(args: tuple[str, ...]) -> bool:
+    """True if ``engine start`` arguments set the local server's speed (``--speed``, or a
+    ``--config`` file's ``local_server.speed``)."""
+    if "--speed" in args:
+        return True
+    if "--config" in args:
+        import yaml
+        cfg = yaml.safe_load(Path(args[args.index("--config") + 1]).read_text()) or {}
+        return "speed" in (cfg.get("local_server") or {})
+    return False
+
+
 @pytest.fixture
 def start_engine(runtime_dir: Path, tmp_path: Path) -> Iterator[Any]:
     engines: list[RunningEngine] = []
 
     def start(*args: str, ready_timeout: float = 30) -> RunningEngine:
-        proc = subprocess.Popen([sys.executable, "-m", "engine.api.cli", "start", "--backend", "local", *args],
+        speed = () if _sets_speed(args) else ("--speed", ENGINE_SPEED)
+        proc = subprocess.Popen([sys.executable, "-m", "engine.api.cli", "start", "--backend", "local", *speed, *args],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy(),
                                 cwd=str(tmp_path))
         eng = RunningEngine(proc, runtime_dir, tmp_path / "data")
@@ -326,6 +272,25 @@ def start_engine(runtime_dir: Path, tmp_path: Path) -> Iterator[Any]:
         if not eng.ready.wait(ready_timeout):
             eng.stop()
             raise AssertionError("engine did not become ready:\n" + "".join(eng.lines))
+        return eng
+    yield start
+    for e in engines:
+        e.stop()
+
+
+@pytest.fixture
+def phone_engine(runtime_dir: Path, tmp_path: Path) -> Iterator[Any]:
+    engines: list[PhoneEngine] = []
+
+    def start(*args: str) -> PhoneEngine:
+        proc = subprocess.Popen([sys.executable, "-m", "engine.api.cli", "phone", "--backend", "local", "--port", "0",
+                                 *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=os.environ.copy(), cwd=str(tmp_path))
+        eng = PhoneEngine(proc, runtime_dir, tmp_path / "data")
+        engines.append(eng)
+        if not eng.ready.wait(30):
+            eng.stop()
+            raise AssertionError("engine phone did not print its URL:\n" + "".join(eng.lines))
         return eng
     yield start
     for e in engines:

@@ -9,7 +9,7 @@ import pytest
 import zmq
 
 from bus import MalformedMessage, Publisher, Subscriber, decode, encode
-from tests.helpers import thread_broker
+from tests.helpers import thread_broker, wait_topic
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.timeout(30)
 def test_roundtrip_carries_header() -> None:
     topic, body = decode(encode("model.text.delta", {"text": "hé"}, "me:1", 7))
     assert topic == "model.text.delta"
-    assert body["text"] == "hé" and body["v"] == 1 and body["pub"] == "me:1" and body["seq"] == 7
+    assert body["text"] == "hé" and body["v"] == 2 and body["pub"] == "me:1" and body["seq"] == 7
     assert isinstance(body["ts"], float) and isinstance(body["mono_ns"], int)
 
 
@@ -36,16 +36,7 @@ def test_malformed_messages_name_the_problem(frames: list[bytes], words: str) ->
 @pytest.fixture
 def broker(tmp_path: Path):
     with thread_broker(tmp_path) as endpoints:
-        time.sleep(0.1)
         yield endpoints
-
-def _wait_for(sub: Subscriber, topic: str, timeout_ms: int = 3000) -> dict | None:
-    deadline = time.monotonic() + timeout_ms / 1000
-    while time.monotonic() < deadline:
-        msg = sub.recv(timeout_ms=100)
-        if msg and msg[0] == topic:
-            return msg[1]
-    return None
 
 
 def test_broker_forwards_and_subscriber_counts_malformed(broker: tuple[str, str]) -> None:
@@ -74,13 +65,9 @@ def test_late_subscriber_gets_last_status(broker: tuple[str, str]) -> None:
     pub_ep, sub_ep = broker
     early = Subscriber(sub_ep, ["engine.status"])
     pub = Publisher(pub_ep, "supervisor")
-    for i in range(50):
-        pub.publish("engine.status", {"state": "ready", "n": i})
-        if early.recv(timeout_ms=50):
-            break
+    wait_topic(early, "engine.status", 3, send=lambda: pub.publish("engine.status", {"state": "ready", "n": 0}))
     pub.publish("engine.status", {"state": "ready", "n": "last"})
-    assert _wait_for(early, "engine.status")
+    wait_topic(early, "engine.status", 3, n="last")
     # nothing is published after this point; a late subscriber still gets the state at once
     late = Subscriber(sub_ep, ["engine."])
-    body = _wait_for(late, "engine.status", 2000)
-    assert body is not None and body["n"] == "last"
+    assert wait_topic(late, "engine.status", 2)["n"] == "last"

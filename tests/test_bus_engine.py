@@ -11,7 +11,7 @@ import pytest
 import zmq
 
 from bus import Publisher, Subscriber, encode
-from tests.test_engine import say, wait_topic
+from tests.helpers import say, wait_topic
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
@@ -58,7 +58,7 @@ def test_tcp_bus_needs_the_connection_files_keys(start_engine: Any, tmp_path: Pa
     for _ in range(10):
         plain_pub.send_multipart([b"cmd.say", msgpack.packb({"v": 1, "ts": 0.0, "mono_ns": 0, "pub": "plain",
                                                               "seq": 1, "text": "plain", "id": "plain-1"})])
-        time.sleep(0.1)
+        time.sleep(0.1)   # a second of tries: nothing must come of them, and no event says so
     assert plain_sub.poll(1500) == 0
     assert all(m is None or m[1].get("id") != "plain-1" for m in (acks.recv(timeout_ms=100) for _ in range(5)))
     # the engine's own CLI and the Python client go through with the keys
@@ -83,4 +83,25 @@ def test_supervisor_publishes_the_drops_it_sees(start_engine: Any) -> None:
     gappy.publish("tool.note", {"n": 5})       # seq 5
     body = wait_topic(sub, "bus.dropped")
     assert body["publisher"] == "gappy-tool" and body["count"] == 3 and body["subscriber"].startswith("supervisor:")
+    assert eng.stop() == 0
+
+
+def test_one_malformed_message_is_reported_once(start_engine: Any) -> None:
+    """Issue 23 point 7: a malformed cmd.* message was reported twice, by the supervisor (which takes
+    every topic) and by the realtime process (which takes cmd.*)."""
+    eng = start_engine("--text-only")
+    conn = eng.conn
+    own = {str(c["pid"]) for c in conn["children"]} | {str(eng.proc.pid)}
+    sub = Subscriber(conn["subscribe"], ["engine.error"])
+    bad = Publisher(conn["publish"], "fuzz", signing_key=None)
+    assert bad.join(conn["subscribe"], timeout_s=5)   # the broker forwards our messages from here on
+    bad.send_raw([b"cmd.say", b"\xc1 not msgpack"])
+    reports = []
+    deadline = time.monotonic() + 3.0                  # reports go out at most once a second
+    while time.monotonic() < deadline:
+        msg = sub.recv(timeout_ms=100)
+        if msg and msg[1].get("code") == "malformed_bus_message" and msg[1]["pub"].rpartition(":")[2] in own:
+            reports.append(msg[1])
+    assert [(r["count"], r["total"]) for r in reports] == [(1, 1)], reports
+    assert "not msgpack" in reports[0]["message"]
     assert eng.stop() == 0

@@ -2,13 +2,14 @@
 still unregisters the tools of a client that went away."""
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import pytest
 
-from bus import Publisher, Subscriber
-from tests.test_engine import wait_topic
+from bus import Subscriber
+from bus.aio import call_sync
+from bus.client import endpoints_from
+from tests.helpers import subscribed, wait_topic
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
@@ -16,19 +17,15 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 def test_a_gone_owners_tool_is_unregistered(start_engine: Any) -> None:
     eng = start_engine("--text-only")
     conn = eng.conn
-    tools = Subscriber(conn["subscribe"], ["engine.tools", "cmd.ack"])
+    tools = Subscriber(conn["subscribe"], ["engine.tools"])
     owner = "presence-test-1"
     presence = Subscriber(conn["subscribe"], [f"_presence.{owner}"])
-    pub = Publisher(conn["publish"], owner)
-    assert pub.join(conn["subscribe"], timeout_s=5)
-    for _ in range(20):  # until acked (cmd ids are deduplicated)
-        pub.publish("cmd.tool.register", {"name": "probe_tool", "description": "d", "id": "reg-1", "owner": owner,
-                                          "parameters": {"type": "object", "properties": {}}})
-        msg = tools.recv(timeout_ms=250)
-        if msg and msg[0] == "cmd.ack" and msg[1].get("id") == "reg-1":
-            break
+    done = call_sync(endpoints_from(conn), "cmd.tool.register", {
+        "name": "probe_tool", "description": "d", "owner": owner, "parameters": {"type": "object", "properties": {}}},
+        outcome=True, outcome_timeout_s=10)
+    assert done["ok"], done
     assert "probe_tool" in wait_topic(tools, "engine.tools", where=lambda b: "probe_tool" in b["tools"])["tools"]
-    time.sleep(0.2)  # no event says the broker holds the presence subscription; it must, before it goes
+    subscribed(presence, conn["publish"])   # the broker holds the presence subscription: now it can go
     presence.close()  # the owner goes: the broker publishes engine.presence.gone (signed)
     body = wait_topic(tools, "engine.tools", timeout=10, where=lambda b: "probe_tool" not in b["tools"])
     assert "probe_tool" not in body["tools"]

@@ -10,9 +10,9 @@ from typing import Any, Iterator
 
 import pytest
 
-from bus import Publisher, Subscriber
+from bus import Publisher, Subscriber, encode
 from bus.broker import TRIM_PERIOD_S
-from tests.conftest import REPO
+from tests.helpers import REPO, subscribed, wait_topic
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -54,11 +54,16 @@ def test_slow_subscriber_bounds_broker_memory_and_counts_drops(
             break
     while slow.recv(timeout_ms=100) is not None:  # the other x.ready and join probes
         pass
+    watcher = Subscriber(sub_ep, ["x.end"], verify_key=None)
+    subscribed(watcher, pub)
     first_seq = pub.seq + 1
     idle_mb = _rss_mb(proc.pid)
     for _ in range(FLOOD):
         pub.publish("x.flood", PAYLOAD)
-    time.sleep(1.0)  # no event says the broker has forwarded or dropped it all; its peak is what counts
+    # one publisher's messages keep their order: once its end mark is through, the broker has forwarded
+    # (or dropped) the whole flood before it; seq 0 counts no drop. Sent until it comes: PUB drops at its HWM
+    wait_topic(watcher, "x.end", 30, send=lambda: pub.send_raw(encode("x.end", {}, pub.name, 0)))
+    watcher.close()
     peak_mb = _rss_mb(proc.pid, "VmHWM")
     assert peak_mb - idle_mb < BROKER_GROWTH_BOUND_MB, (idle_mb, peak_mb)
     # now read it all, then one more message closes the count
@@ -137,13 +142,14 @@ def test_node_client_counts_seq_gaps_and_publishes_them(broker_process: tuple[su
     publisher's seq and publishes them on bus.dropped, as the engine's own subscribers do."""
     import json
 
-    from bus import encode
     _, pub_ep, sub_ep = broker_process
     conn = tmp_path / "engine.json"
     conn.write_text(json.dumps({"publish": pub_ep, "subscribe": sub_ep}))
+    conn.chmod(0o600)   # the user's own private file: the client believes it
     watcher = Subscriber(sub_ep, ["bus.dropped"], verify_key=None)
     pub = Publisher(pub_ep, "py-test", signing_key=None)
     assert pub.join(sub_ep)
+    subscribed(watcher, pub)
     reader = subprocess.Popen([node, "-e", NODE_GAP_READER, str(REPO / "clients" / "node" / "realtalk.js"), str(conn)],
                               stdout=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
@@ -152,7 +158,7 @@ def test_node_client_counts_seq_gaps_and_publishes_them(broker_process: tuple[su
         deadline = time.monotonic() + 20
         while "warm" not in (reader.stdout.readline() or "") and time.monotonic() < deadline:
             pub.send_raw(encode("t.warm", {}, "py-test", 0))   # seq 0: counts nothing (a probe)
-            time.sleep(0.05)
+            time.sleep(0.05)   # between probes (the event is the reader's "warm" line)
         os.set_blocking(reader.stdout.fileno(), True)
         for seq in (1, 2, 5, 6, 10):   # 2 + 3 lost on the way
             pub.send_raw(encode("t.data", {}, "py-test", seq))

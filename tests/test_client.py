@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -44,7 +44,7 @@ def test_text_chatbot_without_audio_devices(runtime_dir: Path) -> None:
             assert "Spain" in second.text
             assert session.cost == pytest.approx(reply.usd + second.usd)
             await session.audio_done()  # no audio: resolves at once
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)   # the watcher's stream runs beside the replies: it gets its events, and no third
             assert [ev.text for ev in seen] == [reply.text, second.text]
             watcher.cancel()
         finally:
@@ -161,6 +161,31 @@ def test_tool_that_never_answers_gets_an_error_output(runtime_dir: Path, tmp_pat
             assert "did not answer in time" in reply.text
             assert any(e.body.get("code") == "tool_timeout" for e in errors)
             watcher.cancel()
+        finally:
+            await session.close()
+    asyncio.run(main())
+
+
+def test_readme_tool_example_calls_its_tool_offline(runtime_dir: Path) -> None:
+    """README.md's Python section, as written: the tool is registered after the session starts and the
+    local server calls it when the user names it (no scenario), with the booking from the context."""
+    from engine import create_session
+
+    async def main() -> None:
+        session = await create_session({"instructions": "You are a helpful travel agent.", "turn_detection": None},
+                                       {"mic": "null", "speaker": "null", "speed": 4})
+        try:
+            await session.system("The customer's booking is Avis ZX9, collection at 10:00.")
+            asked: list[str] = []
+
+            @session.tool
+            def collection_point(booking: str) -> str:
+                """Where a booking's car is collected."""
+                asked.append(booking)
+                return "Northern Train Station, desk 4"
+            reply = await session.user("Where exactly is the collection point?")
+            assert asked == ["Avis ZX9"]
+            assert "Northern Train Station, desk 4" in reply.text
         finally:
             await session.close()
     asyncio.run(main())

@@ -176,11 +176,11 @@ def test_a_script_that_raises_leaves_no_engine_behind(runtime_dir: Path, tmp_pat
     info = json.loads(out.stdout.strip().splitlines()[-1])
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and Path(f"/proc/{info['pid']}").exists():
-        time.sleep(0.1)
+        time.sleep(0.1)   # polling /proc: the engine is not our child, no event says it ended
     assert not Path(f"/proc/{info['pid']}").exists(), "the engine outlived the script"
     conn = Path(info["dir"]) / "engine.json"
     while time.monotonic() < deadline and conn.exists():
-        time.sleep(0.1)
+        time.sleep(0.1)   # polling the file: no event says it was removed
     assert not conn.exists(), "the engine did not clean up its runtime directory"
 
 

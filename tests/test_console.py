@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import time
 import urllib.error
@@ -18,10 +17,8 @@ import pytest
 
 from engine.console.levels import FLOOR_DBFS, LevelTap, amplitude_dbfs, dbfs
 from engine.console.relay import decode_batch
+from tests.helpers import CHROMIUM, console_url, shot
 
-REPO = Path(__file__).resolve().parent.parent
-SHOTS = REPO / "runs" / "console-screenshots"
-CHROMIUM = "/usr/bin/chromium"
 
 
 # ---------------------------------------------------------------- level meters (no engine)
@@ -70,17 +67,6 @@ def test_level_tap_counts_what_a_late_reader_lost() -> None:
 
 
 # ---------------------------------------------------------------- helpers
-def console_url(eng: Any, timeout: float = 20) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in eng.lines:
-            m = re.search(r"realtalk: console (http://\S+)", line)
-            if m:
-                return m.group(1)
-        time.sleep(0.05)
-    raise AssertionError("the console printed no URL:\n" + "".join(eng.lines))
-
-
 def http(url: str) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=10) as r:
@@ -126,14 +112,6 @@ def lane_columns(page: Any, lane: int, rgb: tuple[int, int, int]) -> int:
             cols.add((i / 4) % c.width);
         }
         return cols.size; }""", [lane, list(rgb)])
-
-
-def shot(page: Any, name: str) -> Path:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    path = SHOTS / name
-    page.screenshot(path=str(path), full_page=True)
-    print(f"console screenshot: {path}")
-    return path
 
 
 def conversation(page: Any) -> str:
@@ -231,8 +209,9 @@ def test_console_in_chromium_during_a_spoken_conversation(vaudio: dict[str, str]
     # no echo path between the virtual devices; without the residual-echo guard the user's quieter
     # voice over the model's is not taken for echo, so the barge-in below happens
     cfg.write_text(f"record: {record}\naudio:\n  echo_guard_db: null\n")
+    # real time: the barge-in below cuts a reply the server is still streaming
     eng = start_engine("--config", str(cfg), "--mic", "vmic", "--speaker", "vspk", "--scenario", str(scenario),
-                       "--console")
+                       "--console", "--speed", "1")
     page = open_page(browser, console_url(eng))
     env = os.environ.copy()
 

@@ -19,8 +19,7 @@ import pytest
 from engine.audio.ring import Ring
 from engine.console.audio import (JITTER_FRAMES, MAX_JITTER_FRAMES, BrowserMicReader, ConsoleAudioError, ListenSwitch,
                                   SourceSwitch, TalkPcm, parse_talk_start, ring_names_from)
-from tests.helpers import read_wav, write_wav
-from tests.test_console import CHROMIUM, console_url, shot
+from tests.helpers import CHROMIUM, console_url, read_wav, shot, write_wav
 
 SPEECH = "What is the time in Paris?"
 LONG_REPLY = ("It is nine in the evening in Paris, and the streets by the river are full of people "
@@ -146,8 +145,10 @@ def test_talk_pcm_resamples_whatever_the_framing() -> None:
     for bad in ("nope", '{"op": "go"}', '{"op": "start", "rate_hz": "fast"}', "[]"):
         with pytest.raises(ConsoleAudioError):
             parse_talk_start(bad)
-    names = ring_names_from({"ring_names": ["realtalk-9-speaker", "realtalk-9-listen", "realtalk-9-browser", 3, "x"]})
-    assert names == {"speaker": "realtalk-9-speaker", "listen": "realtalk-9-listen", "browser": "realtalk-9-browser"}
+    # kind -> name as the connection file has it: the (random) names are never parsed for a kind
+    names = ring_names_from({"ring_names": {"speaker": "realtalk-ab12", "listen": "realtalk-cd34", "browser": 3}})
+    assert names == {"speaker": "realtalk-ab12", "listen": "realtalk-cd34"}
+    assert ring_names_from({"ring_names": ["realtalk-9-speaker", "realtalk-9-listen"]}) == {}
 
 
 # ---------------------------------------------------------------- in Chromium, against a real engine

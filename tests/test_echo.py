@@ -12,8 +12,7 @@ import pytest
 
 from bus import Subscriber
 from engine.capture.echo import EchoCanceller
-from tests.conftest import VAUDIO
-from tests.test_engine import say, wait_topic
+from tests.helpers import VAUDIO, say, wait_topic
 
 pytestmark = [pytest.mark.audio, pytest.mark.e2e, pytest.mark.timeout(180)]
 

@@ -14,7 +14,7 @@ import msgpack
 import pytest
 
 from bus import Publisher, Subscriber
-from tests.test_engine import wait_topic
+from tests.helpers import subscribed, wait_topic
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
@@ -56,7 +56,7 @@ def test_malformed_messages_do_not_delay_the_log(start_engine: Any) -> None:
         count = sum(1 for e in _log_lines(session_dir) if e["topic"] == "fuzz.good")
         if count == 200:
             break
-        time.sleep(0.1)
+        time.sleep(0.1)   # polling the log file: no event says the supervisor wrote a line
     assert count == 200
     assert eng.stop() == 0
 
@@ -66,7 +66,7 @@ def test_a_broker_crash_is_in_the_log_and_on_the_bus_once_it_is_back(start_engin
     conn = eng.conn
     broker = next(c for c in conn["children"] if c["name"] == "broker")
     errors = Subscriber(conn["subscribe"], ["engine.error"])
-    time.sleep(0.3)  # (the subscription reaches the broker)
+    subscribed(errors, conn["publish"])   # the broker holds our subscription before it dies
     os.kill(broker["pid"], signal.SIGKILL)
     # published after the broker is back, to subscribers that reconnect by themselves
     err = wait_topic(errors, "engine.error", timeout=10, where=lambda b: b.get("code") == "child_exited")
@@ -92,7 +92,7 @@ def test_a_body_json_cannot_hold_is_logged_and_the_engine_goes_on(start_engine: 
     deadline = time.monotonic() + 5.0
     lines: list[dict[str, Any]] = []
     while time.monotonic() < deadline and not any(e["topic"] == "fuzz.after" for e in lines):
-        time.sleep(0.1)
+        time.sleep(0.1)   # polling the log file: no event says the supervisor wrote a line
         lines = _log_lines(session_dir)
     odd = [e for e in lines if e["topic"] == "fuzz.odd"]
     assert odd and odd[0]["body"]["b'raw-key'"] == "b'\\xff\\x00'" and odd[0]["body"]["7"][1] == {"b'k'": 2}

@@ -24,7 +24,7 @@ def test_children_die_with_a_killed_supervisor_and_the_next_start_cleans_up(star
     conn = eng.conn
     children = [(c["name"], c["pid"]) for c in conn["children"]]
     assert {n for n, _ in children} >= {"broker", "server", "realtime", "playback"}
-    rings = conn["ring_names"]
+    rings = list(conn["ring_names"].values())
     assert rings and all((Path("/dev/shm") / r).exists() for r in rings)
     os.kill(eng.proc.pid, signal.SIGKILL)
     eng.proc.wait(5)
@@ -32,7 +32,7 @@ def test_children_die_with_a_killed_supervisor_and_the_next_start_cleans_up(star
     alive = children
     while alive and time.monotonic() - killed_at < 1.0:
         alive = [(n, p) for n, p in alive if proc_start_ticks(p) is not None]
-        time.sleep(0.02)
+        time.sleep(0.02)   # polling /proc: they are not our children, no event says they ended
     assert not alive, f"children still running 1 s after the supervisor died: {alive}"
     # the stale runtime directory: engine.json, rings and sockets of a dead engine
     assert (eng.runtime / "engine.json").exists()
@@ -58,6 +58,7 @@ def test_stop_with_a_stale_file_never_kills_an_unrelated_process(runtime_dir: Pa
             stale["pid_start_ticks"] = ticks - 1
             stale["children"] = [{"name": "realtime", "pid": bystander.pid, "start_ticks": ticks - 1}]
         (runtime_dir / "engine.json").write_text(json.dumps(stale))
+        (runtime_dir / "engine.json").chmod(0o600)   # the user's own private file, as the engine writes it
         out = subprocess.run([sys.executable, "-m", "engine.api.cli", "stop"], capture_output=True, text=True, timeout=30)
         assert out.returncode == 0, out.stderr
         assert "not running" in out.stdout

@@ -2,12 +2,14 @@
 
 Layers, lowest first; a module may import its own package and any lower layer:
   0  bus                                  the wire, the broker, the clients (usable without the engine)
-  1  engine's shared modules              errors, codec, cost, config, wsio, audio/, view
-  2  the processes                        capture, playback, realtime, phone, console, server
+  1  engine's shared modules              errors, codec, cost, config, wsio, audio/, view; the API link
+                                          (link/) and the protocol cores it drives (realtime/ but its
+                                          process.py: pure, used by the realtime and the phone process)
+  2  the processes                        capture, playback, realtime (process.py), phone, console, server
   3  the supervisor                       starts and watches the processes
   4  engine.api                           what users call (client, cli)
-Processes do not import each other, with one exception: the phone process runs the realtime
-process's protocol cores (``engine.realtime`` core modules) for each call. No package imports the
+Processes do not import each other (the phone process runs the protocol cores and the API link,
+which are shared, layer 1). No package imports the
 debug console but the console itself. bench/ imports engine freely and has no import circle.
 """
 from __future__ import annotations
@@ -15,9 +17,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
-PROCESSES = ("capture", "playback", "realtime", "phone", "console", "server")
+PROCESSES = ("capture", "playback", "realtime", "phone", "console", "server", "sip")
 SHARED = ("errors", "codec", "cost", "config", "wsio", "audio", "view", "child")
 #: imports that break the rules today, each to be removed (a new one fails this test)
 KNOWN_EXCEPTIONS: set[tuple[str, str]] = {
@@ -26,11 +28,11 @@ KNOWN_EXCEPTIONS: set[tuple[str, str]] = {
     ("engine.realtime.process", "engine.supervisor.child"),
     ("engine.phone.process", "engine.supervisor.child"),
     ("engine.console.process", "engine.supervisor.child"),
+    ("engine.sip.process", "engine.supervisor.child"),
     ("engine.capture.process", "engine.console.audio"),
     ("engine.capture.process", "engine.console.levels"),
     ("engine.playback.process", "engine.console.audio"),
     ("engine.playback.process", "engine.console.levels"),
-    ("engine.console.server", "engine.supervisor.process"),
     ("engine.supervisor.process", "engine.api.view"),
 }
 
@@ -45,6 +47,8 @@ def layer(module: str) -> tuple[int, str]:
     if parts[0] != "engine":
         return 1, "engine"
     top = parts[1]
+    if top == "realtime" and module != "engine.realtime.process":
+        return 1, "protocol"   # the pure cores beside the realtime process: shared with the phone bridge
     if top in PROCESSES:
         return 2, top
     if top == "supervisor":
@@ -88,7 +92,7 @@ def violations() -> list[str]:
             bad.append(f"{importer} imports the debug console ({imported})")
         elif li > lo:
             bad.append(f"{importer} (layer {lo}) imports upward: {imported} (layer {li})")
-        elif li == lo == 2 and not (pkg_from == "phone" and pkg_to == "realtime"):
+        elif li == lo == 2:
             bad.append(f"{importer} imports another process's package: {imported}")
     return bad
 
@@ -107,9 +111,9 @@ def test_the_check_catches_an_upward_import(monkeypatch) -> None:
     import tests.test_layers as me
     real = me.imports
     monkeypatch.setattr(me, "imports", lambda root, pkg: real(root, pkg) + (
-        [("engine.codec", "engine.realtime.core"), ("engine.playback.process", "engine.capture.echo"),
+        [("engine.codec", "engine.phone.bridge"), ("engine.playback.process", "engine.capture.echo"),
          ("engine.server.app", "engine.console.levels")] if pkg == "engine" else []))
-    assert me.violations() == ["engine.codec (layer 1) imports upward: engine.realtime.core (layer 2)",
+    assert me.violations() == ["engine.codec (layer 1) imports upward: engine.phone.bridge (layer 2)",
                                "engine.playback.process imports another process's package: engine.capture.echo",
                                "engine.server.app imports the debug console (engine.console.levels)"]
 

@@ -79,7 +79,7 @@ def test_the_transition_table_names_every_state_and_only_known_inputs() -> None:
     states = {s for pair in TRANSITIONS for s in (pair[0],)} | set(TRANSITIONS.values())
     assert states == set(LiveState)
     inputs = {what for _, what in TRANSITIONS}
-    assert inputs == {"connected", "session.started", "error", "disconnected", "close", "session.closed"}
+    assert inputs == {"connected", "attached", "session.started", "error", "disconnected", "close", "session.closed"}
 
 
 def test_a_realtime_model_is_refused_naming_the_live_models() -> None:
@@ -206,12 +206,12 @@ def test_context_is_acked_when_the_server_places_it_and_refused_with_its_error()
     assert ev["type"] == "session.commentary.append" and ev["delegation_id"] is None
     acts = h.ev({"type": "session.commentary.appended", "client_event_id": ev["event_id"], "start_ms": 400,
                  "end_ms": 400})
-    assert published(acts, "cmd.ack") == [{"id": "c1", "ok": True, "start_ms": 400, "end_ms": 400}]
+    assert published(acts, "cmd.done") == [{"id": "c1", "ok": True, "start_ms": 400, "end_ms": 400}]
     (ev2,) = sent(h.cmd("cmd.instructions", {"text": "x", "id": "c2"}))
     acts = h.ev({"type": "error", "error": {"type": "invalid_request_error", "code": "invalid_value",
                                             "message": "Context append text must not exceed 500 tokens.",
                                             "param": "content", "client_event_id": ev2["event_id"]}})
-    (ack,) = published(acts, "cmd.ack")
+    (ack,) = published(acts, "cmd.done")
     assert ack["id"] == "c2" and ack["ok"] is False and "500 tokens" in ack["error"]
 
 
@@ -220,7 +220,7 @@ def test_a_long_append_is_refused_at_once_naming_the_limit() -> None:
     h.started()
     acts = h.cmd("cmd.instructions", {"text": "word " * 1000, "id": "c1"})
     assert sent(acts) == []
-    (ack,) = published(acts, "cmd.ack")
+    (ack,) = published(acts, "cmd.done")
     assert ack["ok"] is False and "500 tokens" in ack["error"]
 
 
@@ -229,7 +229,7 @@ def test_a_command_live_cannot_do_is_refused_naming_the_alternative(topic: str) 
     h = Harness()
     h.started()
     acts = h.cmd(topic, {"id": "c1"})
-    (ack,) = published(acts, "cmd.ack")
+    (ack,) = published(acts, "cmd.done")
     assert ack["ok"] is False and "GPT-Live" in ack["error"] and topic in ack["error"]
     assert sent(acts) == []
 
@@ -237,7 +237,7 @@ def test_a_command_live_cannot_do_is_refused_naming_the_alternative(topic: str) 
 def test_a_user_text_message_is_refused_naming_speech_and_the_context_commands() -> None:
     h = Harness()
     h.started()
-    (ack,) = published(h.cmd("cmd.say", {"text": "What time is it?", "id": "c1"}), "cmd.ack")
+    (ack,) = published(h.cmd("cmd.say", {"text": "What time is it?", "id": "c1"}), "cmd.done")
     assert ack["ok"] is False
     assert "cmd.commentary" in ack["error"] and "role system" in ack["error"]
     assert "cmd.commentary" in LIVE_COMMAND_TOPICS
@@ -249,18 +249,18 @@ def test_the_mic_command_mutes_with_lives_own_mute() -> None:
     (ev,) = sent(h.cmd("cmd.mic", {"open": False, "id": "m1"}))
     assert ev["type"] == "session.input_audio.mute"
     acts = h.ev({"type": "session.input_audio.muted", "client_event_id": ev["event_id"]})
-    assert published(acts, "cmd.ack") == [{"id": "m1", "ok": True, "open": False}]
+    assert published(acts, "cmd.done") == [{"id": "m1", "ok": True, "open": False}]
     assert published(acts, "input.mic") == [{"open": False}]
 
 
 def test_only_delegation_and_triggers_can_change_mid_session() -> None:
     h = Harness()
     h.started()
-    (ack,) = published(h.cmd("cmd.session.update", {"session": {"instructions": "x"}, "id": "u1"}), "cmd.ack")
+    (ack,) = published(h.cmd("cmd.session.update", {"session": {"instructions": "x"}, "id": "u1"}), "cmd.done")
     assert ack["ok"] is False and "instructions" in ack["error"]
     (ev,) = sent(h.cmd("cmd.session.update", {"session": {"triggers": []}, "id": "u2"}))
     acts = h.ev({"type": "session.updated", "client_event_id": ev["event_id"], "session": {"id": "live_abc"}})
-    assert published(acts, "cmd.ack") == [{"id": "u2", "ok": True}]
+    assert published(acts, "cmd.done") == [{"id": "u2", "ok": True}]
 
 
 # ------------------------------------------------------------------ delegation
@@ -283,7 +283,7 @@ def test_a_delegation_goes_to_the_bus_tool_and_its_answer_is_spoken_as_commentar
     (ev,) = sent(acts)
     assert ev["type"] == "session.commentary.append" and ev["delegation_id"] == "item_d1"
     assert ev["content"] == "Northern Train Station, desk 4"
-    assert published(acts, "cmd.ack") == [{"id": "r1", "ok": True}]
+    assert published(acts, "cmd.done") == [{"id": "r1", "ok": True}]
     # a second answer is late: ignored
     assert sent(h.cmd("cmd.tool.result", {"call_id": "item_d1", "output": "x", "id": "r2"})) == []
 
@@ -387,3 +387,35 @@ def test_playback_reports_become_playout_topics_of_the_track() -> None:
     acts = h(PlaybackReport("underrun", 0, 4800, {"underrun_frames": 240}))
     (u,) = published(acts, "playout.underrun")
     assert u["underrun_frames"] == 240 and u["response_id"] == "live_abc"
+
+
+# ------------------------------------------------------------------ commands across a crash
+def test_a_command_is_taken_once_and_the_state_lets_the_broker_go() -> None:
+    h = Harness()
+    h.started()
+    body = {"text": "The booking is ZX9.", "role": "system", "id": "c1"}
+    first = h.cmd("cmd.say", body)
+    assert len(sent(first, "session.thinking.append")) == 1
+    (state,) = published(first, "conversation.history")          # the append it holds is safe first
+    assert "c1" in state["taken"] and state["live_pending"][0]["content"] == "The booking is ZX9."
+    again = h.cmd("cmd.say", body)                                # the broker's hand-over of a live copy
+    assert sent(again) == [] and published(again, "intake.taken") == [{"taken": ["c1"]}]
+
+
+def test_a_restarted_process_starts_from_its_predecessors_state() -> None:
+    old = Harness()
+    old.started()
+    old.cmd("cmd.tool.register", {"name": "lookup", "owner": "crm", "id": "t1"})
+    old.fragment("user", "Hello there", 0, 200)
+    old.now += 1
+    old(Tick())
+    acts = old.cmd("cmd.commentary", {"text": "Greet Ada.", "id": "c2"})   # sent, not placed when it died
+    state = published(acts, "conversation.history")[-1]
+    new = Harness()
+    new.core.restore_history(state)
+    assert sorted(new.core.tools.registered) == ["lookup"]
+    (start,) = sent(new(Connected(reconnect=True, reason="restart")))
+    assert start["session"]["input"][0]["content"][0]["text"] == "Hello there"
+    acts = new.ev({"type": "session.started", "session": {"id": "live_9"}})
+    assert [e["content"] for e in sent(acts, "session.commentary.append")] == ["Greet Ada."]
+    assert published(new.cmd("cmd.commentary", {"text": "Greet Ada.", "id": "c2"}), "intake.taken")

@@ -54,6 +54,11 @@ def test_a_call_through_the_sdk_baseline_plays_the_whole_reply_and_reports_the_e
         sdk.close()
     assert set(CALL_FIGURES) <= set(ended)
     assert ended["media_out_frames"] == phone.received_frames // FRAME_BYTES > 100
-    assert ended["media_in_frames"] > 0 and ended["in_latency_p99_ms"] is not None
-    assert ended["out_latency_p99_ms"] is not None and ended["clear_latency_p99_ms"] is None   # no barge-in
+    assert ended["media_in_frames"] > 0 and ended["clear_latency_p99_ms"] is None   # no barge-in
+    # each figure has its value, counted as the engine's bridge counts it (bench/README.md, "phone"):
+    # the late frames are some of the frames, and none is late only if the p99 is within the 20 ms
+    for way in ("in", "out"):
+        frames, late, p99 = ended[f"media_{way}_frames"], ended[f"media_{way}_late_frames"], ended[f"{way}_latency_p99_ms"]
+        assert type(frames) is int and type(late) is int and 0 <= late <= frames, (way, ended)
+        assert isinstance(p99, float) and p99 >= 0 and (late > 0 or p99 <= 20.0), (way, ended)
     assert phone.underruns == 0

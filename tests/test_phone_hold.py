@@ -90,10 +90,11 @@ def test_hold_0_holds_nothing() -> None:
     assert hold.audio(b"a", 1.0, 1.0, drained=True) == [Out(b"a", 1.0)] and not hold.holding
 
 
-def test_the_bridge_holds_as_long_as_the_engines_playback_prebuffer() -> None:
+def test_the_bridge_holds_as_long_as_the_engines_playback_prebuffer(monkeypatch: pytest.MonkeyPatch) -> None:
     from engine.config import load_config
     from engine.phone.bridge import PhoneBridge
-    from tests.test_phone_isolation import RecordingPublisher, bridge_spec
+    from tests.helpers import RecordingPublisher, bridge_spec, set_twilio_token
+    set_twilio_token(monkeypatch)
     cfg = load_config(None, {"backend": "local"})
     bridge = PhoneBridge(bridge_spec("ws://127.0.0.1:9/v1/realtime"), publisher=RecordingPublisher())  # type: ignore[arg-type]
     assert bridge.prebuffer_ms == cfg["audio"]["prebuffer_ms"] == 60

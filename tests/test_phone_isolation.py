@@ -4,47 +4,19 @@ handler is made to raise, on the phone side and on the API side, and the other c
 from __future__ import annotations
 
 import asyncio
-import time
-from typing import Any, Mapping
+from typing import Any
 
 import pytest
 
-from engine.config import load_config, session_payload
 from engine.phone.bridge import Call, PhoneBridge
 from engine.phone.simulator import FakePhone
 from engine.realtime.records import Input, ServerEvent
+from tests.helpers import RecordingPublisher, bridge_spec, set_twilio_token
 
 
-class RecordingPublisher:
-    """Stands in for the bus Publisher: keeps what the bridge publishes."""
-
-    def __init__(self) -> None:
-        self.msgs: list[tuple[str, dict[str, Any]]] = []
-
-    def publish(self, topic: str, payload: Mapping[str, Any] | None = None) -> None:
-        self.msgs.append((topic, dict(payload or {})))
-
-    def all(self, topic: str, **match: Any) -> list[dict[str, Any]]:
-        return [b for t, b in self.msgs if t == topic and all(b.get(k) == v for k, v in match.items())]
-
-    async def wait(self, topic: str, timeout_s: float = 15, **match: Any) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            found = self.all(topic, **match)
-            if found:
-                return found[0]
-            await asyncio.sleep(0.02)
-        raise AssertionError(f"no {topic} {match} in {timeout_s} s; saw {[t for t, _ in self.msgs][-30:]}")
-
-    def close(self) -> None:
-        pass
-
-
-def bridge_spec(api_url: str) -> dict[str, Any]:
-    cfg = load_config(None, {})
-    return {"config": cfg, "session": session_payload(cfg), "url": api_url + "?model=" + cfg["model"],
-            "headers": ["Authorization: Bearer local"], "phone": {"host": "127.0.0.1", "port": 0},
-            "bus": {"publish": "inproc://unused", "subscribe": "inproc://unused"}}
+@pytest.fixture(autouse=True)
+def _twilio_token(monkeypatch: pytest.MonkeyPatch) -> str:
+    return set_twilio_token(monkeypatch)
 
 
 @pytest.mark.timeout(40)
@@ -65,15 +37,16 @@ def test_one_calls_crash_ends_that_call_only(make_server: Any) -> None:
         def broken_dtmf(*_: Any) -> None:
             raise RuntimeError("injected fault")
         calls[a.call_sid].on_dtmf = broken_dtmf  # type: ignore[method-assign,assignment]
-        # API side: b's handling of its first audio delta raises
-        b_call = calls[b.call_sid]
-        b_step = b_call.step
+        # API side: b's handling of its first audio delta raises (in its API link, which reads the socket)
+        b_link = calls[b.call_sid].link
+        assert b_link is not None
+        b_step = b_link.step
 
         def broken_step(rec: Input) -> None:
             if isinstance(rec, ServerEvent) and rec.event.get("type") == "response.output_audio.delta":
                 raise RuntimeError("injected fault in the API side")
             b_step(rec)
-        b_call.step = broken_step  # type: ignore[method-assign]
+        b_link.step = broken_step  # type: ignore[method-assign]
 
         await a.press("5")
         failed_a = await pub.wait("engine.error", code="call_failed", phone_call_id=a.call_sid)

@@ -13,9 +13,14 @@ import pytest
 from engine.phone.bridge import Latency, PhoneBridge
 from engine.phone.heard import HeardClock
 from engine.phone.simulator import FRAME_BYTES, FakePhone
-from tests.test_phone_isolation import RecordingPublisher, bridge_spec
+from tests.helpers import RecordingPublisher, bridge_spec, set_twilio_token
 
 pytestmark = pytest.mark.timeout(40)
+
+
+@pytest.fixture(autouse=True)
+def _twilio_token(monkeypatch: pytest.MonkeyPatch) -> str:
+    return set_twilio_token(monkeypatch)
 
 
 def test_the_heard_clock_says_how_far_the_next_mark_is() -> None:
@@ -58,7 +63,7 @@ def one_reply(server: Any, pub: RecordingPublisher, timeout_s: float = 15) -> tu
 
 
 def test_each_delta_goes_to_the_phone_whole_with_marks_every_200_ms() -> None:
-    from tests.conftest import LocalServer
+    from tests.helpers import LocalServer
     pub = RecordingPublisher()
     phone, ended = one_reply(LocalServer(speed=4.0, asr=False), pub)
     frames = phone.received_frames // FRAME_BYTES
@@ -79,7 +84,7 @@ def test_a_gap_at_the_phone_is_counted_published_and_grows_the_start_hold() -> N
     mid-reply (more than the 60 ms start hold covers): the bridge publishes ``phone.underrun`` and
     the hold grows, as the speaker's prebuffer does."""
     from engine.server.faults import Faults
-    from tests.conftest import LocalServer
+    from tests.helpers import LocalServer
     pub = RecordingPublisher()
     server = LocalServer(speed=1.0, asr=False, faults=Faults(delta_jitter_ms=150.0, seed=3))
     phone, ended = one_reply(server, pub, timeout_s=30)
@@ -97,7 +102,7 @@ def test_a_barge_in_while_a_reply_start_is_held_leaves_the_next_reply_named_and_
     them unsent. The bridge's index space must still move past them, or every later report names
     a ring index the core gave the interrupted item: the next reply's ``playout.started`` named
     the old item and its ``playout.stopped`` never came."""
-    from tests.conftest import LocalServer
+    from tests.helpers import LocalServer
     server = LocalServer(speed=4.0, asr=False)
     pub = RecordingPublisher()
     spec = bridge_spec(server.base + "/realtime")
@@ -115,9 +120,7 @@ def test_a_barge_in_while_a_reply_start_is_held_leaves_the_next_reply_named_and_
         await pub.wait("playout.interrupted", **call)
         assert phone.received_frames == 0, "the reply's start was not held: this test shows nothing"
         bridge.on_bus("cmd.say", {"text": "Now just say yes", **call})
-        while len(pub.all("playout.started", **call)) < 2:
-            await asyncio.sleep(0.02)
-        second = pub.all("playout.started", **call)[1]
+        second = (await pub.wait_many("playout.started", 2, **call))[1]
         assert second["item_id"] != first["item_id"], (first, second)
         stopped = await pub.wait("playout.stopped", item_id=second["item_id"], **call)
         await phone.hang_up()
@@ -180,11 +183,11 @@ def test_a_socket_that_keeps_up_is_written_at_once_and_one_behind_is_queued_in_o
         assert ws.wire == ["a"]                   # waiting, in the queue
         ws.buffered = 0                           # it caught up, but b and c wait first: d goes after them
         out.put("d")
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)                    # one turn of the loop: the writer task runs
         assert ws.wire == ["a"]                   # the task holds b until its send returns
         ws.release.set()
         while len(ws.wire) < 4:
-            await asyncio.sleep(0.001)
+            await asyncio.sleep(0.001)            # the fake socket records sends; it has no event
         assert ws.wire == ["a", "b", "c", "d"]
         out.put("e")
         assert ws.wire[-1] == "e"                 # the queue is empty again: at once

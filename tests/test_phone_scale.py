@@ -24,9 +24,15 @@ from bus.client import load_endpoints
 from engine.errors import ConfigError
 from engine.phone.haproxy import haproxy_config, parse_address
 from engine.phone.simulator import FakePhone
-from tests.conftest import RunningEngine
+from tests.helpers import RunningEngine, set_twilio_token
 
 HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
+
+
+@pytest.fixture(autouse=True)
+def _twilio_token(monkeypatch: pytest.MonkeyPatch) -> str:
+    """`engine phone` checks Twilio's signature (phone.auth twilio): a token for the engines and phones here."""
+    return set_twilio_token(monkeypatch)
 
 
 @pytest.mark.timeout(5)
@@ -191,12 +197,12 @@ def test_two_workers_behind_haproxy_serve_calls_and_one_office_reaches_both_buse
                 phones.append(phone)
                 deadline = time.monotonic() + 15
                 while phone.call_sid not in office.started and time.monotonic() < deadline:
-                    await asyncio.sleep(0.02)
+                    await asyncio.sleep(0.02)   # the office's thread fills a dict: polled
                 assert phone.call_sid in office.started, "a call through haproxy never started on a worker"
             await asyncio.gather(*(asyncio.wait_for(p.got_audio.wait(), 20) for p in phones))
             deadline = time.monotonic() + 20
             while len(office.replies) < 4 and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.05)   # (the same)
             await asyncio.gather(*(p.hang_up() for p in phones))
             assert set(office.replies) == {p.call_sid for p in phones}, office.replies
             assert sorted(office.started.values()) == [0, 0, 1, 1], office.started   # calls landed on both

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from bus import Subscriber
-from tests.test_engine import wait_topic
+from tests.helpers import wait_topic
 
 pytestmark = [pytest.mark.e2e, pytest.mark.audio, pytest.mark.timeout(120)]
 

@@ -84,7 +84,7 @@ def _producer(name: str, fd: int, frames: int, chunk: int) -> None:
         n = min(chunk, frames - sent)
         data = (np.arange(sent, sent + n) % 32768).astype(np.int16)
         while ring.write_available < n:
-            time.sleep(0.0001)
+            time.sleep(0.0001)   # the ring wakes its reader only: the writer polls for room
         assert ring.write(data) == n
         sent += n
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from bus import Publisher, Subscriber
-from tests.test_engine import say, wait_topic
+from tests.helpers import say, wait_topic
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
@@ -113,13 +113,9 @@ def test_replayed_signed_message_is_not_taken_again(start_engine: Any) -> None:
     original = msgpack.unpackb(captured[1])
     for _ in range(3):
         client.send_raw(captured)
-    reasons: list[str] = []
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and not any("supervisor" in r for r in reasons):
-        msg = reports.recv(timeout_ms=200)
-        if msg is not None and msg[1].get("code") == "malformed_bus_message":
-            reasons.append(f"{msg[1].get('source')}: {msg[1].get('reason')}")
-    assert any(r.startswith("supervisor") and "replayed control message" in r for r in reasons), reasons
+    report = wait_topic(reports, "engine.error", 5, code="malformed_bus_message",
+                        where=lambda b: "supervisor" in str(b.get("source")))
+    assert str(report["source"]).startswith("supervisor") and "replayed control message" in report["reason"], report
     assert eng.stop() == 0
     log = Path(conn["session_dir"]) / "events.jsonl"
     taken = [line for line in (json.loads(x) for x in log.read_text().splitlines())

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import websocket
 
-from tests.conftest import TRACES
-from tests.helpers import RawClient, chunks_b64, read_wav, structural
+from tests.helpers import TRACES, RawClient, chunks_b64, read_wav, structural
 
 pytestmark = pytest.mark.timeout(60)
 

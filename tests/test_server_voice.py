@@ -70,7 +70,7 @@ def test_failed_recognition_sends_the_failed_event_and_still_answers(
         make_server: Any, validator: Any, speech_wav: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from engine.server.voice import Recognizer, VoiceError
 
-    def broken(pcm: Any) -> str:
+    def broken(pcm: Any, phrases: Any = ()) -> str:
         raise VoiceError("speech recognition failed (decoding failed: RuntimeError: boom)")
     monkeypatch.setattr(Recognizer, "transcribe", staticmethod(broken))
     server = make_server(asr=True)

@@ -6,23 +6,25 @@ import io
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from engine.config import load_config
 from engine.supervisor.process import Supervisor, proc_start_ticks
+from tests.helpers import wait_topic, write_wav
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
 
 def test_start_that_fails_late_leaves_nothing_behind(runtime_dir: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = load_config(None, {"backend": "local", "sessions_dir": str(tmp_path / "sessions")})
+    mic = write_wav(tmp_path / "mic.wav", np.zeros(2400, dtype=np.int16))   # a mic ring and a ref ring too
+    cfg = load_config(None, {"backend": "local", "sessions_dir": str(tmp_path / "sessions"), "audio.mic": str(mic),
+                             "audio.speaker": "null"})
     sup = Supervisor(cfg, text_only=False, out=io.StringIO())
-    cfg["audio"]["mic"] = str(tmp_path / "never-read.wav")   # a mic ring and a ref ring too
     spawned: list[subprocess.Popen[bytes]] = []
     real_spawn = Supervisor._spawn
 
@@ -50,12 +52,12 @@ def test_status_shows_each_childs_state(start_engine: Any) -> None:
     first = json.loads(eng.cli("status", "--json").stdout)
     states = {c["name"]: c["state"] for c in first["children"]}
     assert set(states.values()) <= {"starting", "running"}
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:   # RUNNING only after startsecs (1 s) up
-        status = json.loads(eng.cli("status", "--json").stdout)
-        if all(c["state"] == "running" for c in status["children"]):
-            break
-        time.sleep(0.2)
+    from bus import Subscriber
+    sub = Subscriber(eng.conn["subscribe"], ["engine.status"])   # the supervisor's, every second
+    wait_topic(sub, "engine.status", 10, where=lambda b: str(b.get("pub")).startswith("supervisor") and bool(
+        b.get("children")) and all(c["state"] == "running" for c in b["children"]))   # after startsecs (1 s) up
+    sub.close()
+    status = json.loads(eng.cli("status", "--json").stdout)
     assert all(c["state"] == "running" and c["uptime_s"] >= 1.0 and c["restarts"] == 0
                for c in status["children"]), status["children"]
     text = eng.cli("status").stdout
@@ -63,15 +65,17 @@ def test_status_shows_each_childs_state(start_engine: Any) -> None:
 
 
 def test_device_failure_is_fatal_with_the_childs_message(runtime_dir: Path, tmp_path: Path) -> None:
-    corrupt = tmp_path / "corrupt.wav"
-    corrupt.write_bytes(b"RIFF\x10\x00\x00\x00WAVEfmt garbage")
-    out = subprocess.run([sys.executable, "-m", "engine.api.cli", "start", "--backend", "local", "--mic", str(corrupt),
-                          "--speaker", str(tmp_path / "out.wav")], capture_output=True, text=True, timeout=45,
+    # what only the child finds (a corrupt WAV or a missing device is refused before any child
+    # starts, tests/test_faults_input.py): a speaker file that is a link into a folder that is gone
+    speaker = tmp_path / "out.wav"
+    speaker.symlink_to(tmp_path / "gone" / "out.wav")
+    out = subprocess.run([sys.executable, "-m", "engine.api.cli", "start", "--backend", "local", "--mic", "null",
+                          "--speaker", str(speaker)], capture_output=True, text=True, timeout=45,
                          cwd=str(tmp_path))
     assert out.returncode == 1, out.stdout + out.stderr
     last = [line for line in out.stdout.splitlines() if "stopped:" in line]
     assert last, out.stdout
-    assert str(corrupt) in last[0] and "WAV" in last[0], last[0]   # names the file and what is wrong with it
+    assert "playback" in last[0] and str(speaker) in last[0], last[0]   # names the child and the file
     assert "Traceback" not in out.stderr, out.stderr
     assert not (runtime_dir / "engine.json").exists()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from engine.supervisor.children import (EXIT_DEVICE_FAILED, TRANSITIONS, ChildMachine, ChildState, ChildStateError, GaveUp,
-                               Kill, Policy, Restarting, Spawn, Terminate)
+                                        Kill, Policy, Restarting, Spawn, Terminate, Unresponsive)
 
 S = ChildState
 pytestmark = pytest.mark.timeout(10)
@@ -109,3 +109,76 @@ def test_every_transition_target_is_a_state_and_final_states_stay_final() -> Non
         assert targets
         if state in (S.EXITED, S.FATAL):
             assert targets == {state}, (state, event)
+
+
+# ---------------------------------------------------------------- liveness (heartbeats)
+def beating(**kw: float) -> ChildMachine:
+    return machine(startsecs=1.0, heartbeat_timeout_s=3.0, first_beat_timeout_s=10.0, **kw)
+
+
+def test_with_heartbeats_running_needs_a_first_beat() -> None:
+    m = beating()
+    m.spawned(0.0)
+    assert m.tick(1.5) is None and m.state is S.STARTING   # up 1 s, but it has not said it is alive
+    m.beat(1.6)
+    m.tick(1.7)
+    assert m.state is S.RUNNING
+
+
+def test_a_silent_child_is_unresponsive_then_killed_and_restarted() -> None:
+    """Issue 23 point 5: a child stopped (SIGSTOP) for 5 s was never reported nor restarted."""
+    m = beating()
+    m.spawned(0.0)
+    m.beat(0.1)
+    m.tick(1.1)
+    m.beat(2.0)
+    assert m.tick(4.9) is None and m.state is S.RUNNING      # silent 2.9 s: within the timeout
+    act = m.tick(5.1)
+    assert isinstance(act, Unresponsive) and act.silent_s == pytest.approx(3.1) and not act.during_start
+    assert m.state is S.UNRESPONSIVE and m.alive_states
+    m.beat(5.2)                                             # a beat after the verdict changes nothing
+    assert m.state is S.UNRESPONSIVE and m.tick(5.3) is None
+    restart = m.exited(-9, 5.4)
+    assert isinstance(restart, Restarting) and not restart.during_start and m.state is S.BACKOFF
+    assert isinstance(m.tick(restart.at), Spawn)
+    m.spawned(restart.at)
+    assert m.restarts == 1 and m.last_beat_at == restart.at   # the new process's clock starts at its spawn
+
+
+def test_a_child_that_never_beats_fails_its_starts_and_is_fatal() -> None:
+    m = beating(startretries=2, backoff_s=0.5)
+    m.spawned(0.0)
+    act = m.tick(10.1)
+    assert isinstance(act, Unresponsive) and act.during_start
+    restart = m.exited(-9, 10.2)
+    assert isinstance(restart, Restarting) and restart.during_start
+    m.spawned(restart.at)
+    assert isinstance(m.tick(restart.at + 10.1), Unresponsive)
+    gave_up = m.exited(-9, restart.at + 10.2)
+    assert isinstance(gave_up, GaveUp) and m.state is S.FATAL and "did not answer" in gave_up.reason
+
+
+def test_stop_while_unresponsive_ends_it_without_a_restart() -> None:
+    m = beating()
+    m.spawned(0.0)
+    m.beat(0.5)
+    m.tick(1.0)
+    assert isinstance(m.tick(4.0), Unresponsive)
+    assert m.stop(4.1) is None and m.state is S.STOPPING     # SIGKILL is already on its way
+    assert m.exited(-9, 4.2) is None and m.state is S.EXITED
+
+
+def test_without_heartbeats_silence_is_never_a_verdict() -> None:
+    m = machine(startsecs=1.0)
+    m.spawned(0.0)
+    m.tick(1.0)
+    assert m.state is S.RUNNING and m.tick(1000.0) is None and m.state is S.RUNNING
+
+
+def test_a_beat_from_a_process_that_is_gone_is_a_supervisor_bug() -> None:
+    m = beating()
+    m.spawned(0.0)
+    m.exited(1, 0.2)
+    with pytest.raises(ChildStateError):
+        m.beat(0.3)            # BACKOFF: no process; the supervisor reads beats of alive children only
+    assert m.state is S.BACKOFF and m.beats == 0

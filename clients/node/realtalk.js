@@ -1,7 +1,9 @@
 // realtalk bus client for Node.js: subscribe to the conversation, send commands.
-// Wire format (docs/bus-protocol.md): [topic utf-8, msgpack map with v, ts, mono_ns, pub, seq, ...payload],
+// Wire format (docs/bus-protocol.md, protocol 2): [topic utf-8, msgpack map with v, ts, mono_ns, pub, seq, ...payload],
 // and on the engine's control topics a third frame, its signature (only the engine can sign; readers ignore it).
 // A tcp bus needs CURVE: the keys are in the connection file (curve_server_key, curve_public_key, curve_secret_key).
+// Commands: the engine acks each at once on cmd.ack (queued, accepted, taken or refused) and reports what it did
+// on cmd.done; a command is sent again only while no ack came.
 "use strict";
 const fs = require("fs");
 const os = require("os");
@@ -10,10 +12,43 @@ const crypto = require("crypto");
 const zmq = require("zeromq");
 const { encode, decode } = require("@msgpack/msgpack");
 
+const PROTOCOL_VERSION = 2;
+const RESEND_MS = 500;    // a command not acked this long after it was sent is sent again (slow joiner)
+
+/** Why an lstat/fstat result is not this user's own private directory or regular file (null: it is),
+ *  as bus/runtime.py decides: another user's connection file or directory is never believed. */
+function privateProblem(st, directory) {
+  if (st.isSymbolicLink()) return "is a symbolic link";
+  if (directory ? !st.isDirectory() : !st.isFile()) return `is not a ${directory ? "directory" : "regular file"}`;
+  if (st.uid !== process.geteuid()) return `is owned by uid ${st.uid}, not by you (uid ${process.geteuid()})`;
+  if (st.mode & 0o077) return `has mode ${(st.mode & 0o777).toString(8).padStart(4, "0")}: others may use it`;
+  return null;
+}
+
 function connectionFile() {
+  let xdg = process.env.XDG_RUNTIME_DIR;   // only the user's own 0700 one; else $TMPDIR/realtalk-UID
+  try { if (xdg && privateProblem(fs.lstatSync(xdg), true)) xdg = null; } catch { xdg = null; }
   const dir = process.env.REALTALK_RUNTIME_DIR
-    || (process.env.XDG_RUNTIME_DIR ? path.join(process.env.XDG_RUNTIME_DIR, "realtalk") : `/tmp/realtalk-${os.userInfo().uid}`);
+    || (xdg ? path.join(xdg, "realtalk") : path.join(os.tmpdir(), `realtalk-${process.geteuid()}`));
   return path.join(dir, "engine.json");
+}
+
+/** The connection file's JSON if it is this user's own private file (opened without following a link). */
+function readConnection(file) {
+  let fd;
+  try {
+    fd = fs.openSync(file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW);
+  } catch (e) {
+    if (e.code !== "ELOOP") throw e;
+    throw new Error(`refused the connection file ${file}: it is a symbolic link; it is not trusted: remove it`);
+  }
+  try {
+    const problem = privateProblem(fs.fstatSync(fd), false);
+    if (problem) throw new Error(`refused the connection file ${file}: it ${problem}; it is not trusted: remove it`);
+    return JSON.parse(fs.readFileSync(fd, "utf8"));
+  } finally {
+    fs.closeSync(fd);
+  }
 }
 
 /** Socket options for the engine's bus: CURVE client keys when the connection file has them (tcp). */
@@ -79,7 +114,7 @@ class Bus {
    *  A bus of every topic (`prefixes` [""]) counts what it lost (`dropped`: publisher -> messages) and,
    *  with `reportDrops`, publishes it at most once a second as `bus.dropped`, as the engine's own do. */
   constructor({ name = `node:${process.pid}`, prefixes = [""], file = connectionFile(), reportDrops = true } = {}) {
-    const conn = JSON.parse(fs.readFileSync(file, "utf8"));
+    const conn = readConnection(file);
     this.conn = conn;
     this.name = name;
     this.seq = 0;
@@ -121,7 +156,7 @@ class Bus {
   /** Publish `payload` on `topic`. */
   async publish(topic, payload = {}) {
     this.seq += 1;
-    const body = { v: 1, ts: Date.now() / 1000, mono_ns: Number(process.hrtime.bigint()), pub: this.name, seq: this.seq, ...payload };
+    const body = { v: PROTOCOL_VERSION, ts: Date.now() / 1000, mono_ns: Number(process.hrtime.bigint()), pub: this.name, seq: this.seq, ...payload };
     await this.pub.send([topic, encode(body)]);
   }
 
@@ -141,33 +176,77 @@ class Bus {
     }
   }
 
-  /** Send a command and resolve with its cmd.ack (re-sent until acknowledged; the engine dedups by id). */
-  async command(topic, payload, { timeoutMs = 10000 } = {}) {
-    const id = payload.id || crypto.randomUUID();
-    const acks = new zmq.Subscriber(socketOptions(this.conn));
-    acks.connect(this.conn.subscribe);
-    acks.subscribe("cmd.ack");
-    const deadline = Date.now() + timeoutMs;
-    const waitAck = (async () => {
-      for await (const [, raw] of acks) {
-        const body = decode(raw);
-        if (body.id === id) return body;
-      }
-    })();
-    let ack = null;
-    waitAck.then((a) => { ack = a; });
-    while (ack === null && Date.now() < deadline) {
-      await this.publish(topic, { ...payload, id });
-      await new Promise((r) => setTimeout(r, 300));
+  /** The subscriber of acks and outcomes (cmd.ack, cmd.done), made at the first command; waiters by topic and id. */
+  _replies() {
+    if (!this.replySub) {
+      this.replySub = new zmq.Subscriber(socketOptions(this.conn));
+      this.replySub.connect(this.conn.subscribe);
+      this.replySub.subscribe("cmd.ack");
+      this.replySub.subscribe("cmd.done");
+      this.waiting = new Map();   // "cmd.ack id" / "cmd.done id" -> resolve
+      this.replyLoop = (async () => {
+        try {
+          for await (const frames of this.replySub) {
+            let body;
+            try { body = decode(frames[1]); } catch { this.malformed += 1; continue; }
+            const key = `${frames[0].toString("utf8")} ${body && body.id}`;
+            const resolve = this.waiting.get(key);
+            if (resolve) { this.waiting.delete(key); resolve(body); }
+          }
+        } catch (e) {
+          if (!this.closed) throw e;
+        }
+      })();
     }
-    acks.close();
-    if (ack === null) throw new Error(`no cmd.ack for ${topic} within ${timeoutMs} ms`);
-    return ack;
+    return this.replySub;
   }
 
-  /** Add a message to the conversation (role user or system); the model answers if respond. */
+  _expect(topic, id) {
+    return new Promise((resolve) => this.waiting.set(`${topic} ${id}`, resolve));
+  }
+
+  /** Send a command and resolve with its cmd.ack (`state` queued, accepted, taken; or `ok: false`, refused).
+   *  Sent again only while no ack came (every 500 ms), for at most `timeoutMs`. With `outcome`, resolve
+   *  instead with its cmd.done (what the engine did: a say's `item_id`, a refusal), waited for up to
+   *  `outcomeTimeoutMs` (null: as long as the engine holds it). */
+  async command(topic, payload, { timeoutMs = 10000, outcome = false, outcomeTimeoutMs = 120000 } = {}) {
+    const id = payload.id || crypto.randomUUID();
+    this._replies();
+    const acked = this._expect("cmd.ack", id);
+    const done = outcome ? this._expect("cmd.done", id) : null;
+    let ack = null;
+    acked.then((a) => { ack = a; });
+    const deadline = Date.now() + timeoutMs;
+    while (ack === null && Date.now() < deadline) {
+      await this.publish(topic, { ...payload, id });
+      let timer;
+      await Promise.race([acked, new Promise((r) => { timer = setTimeout(r, Math.min(RESEND_MS, deadline - Date.now())); })]);
+      clearTimeout(timer);
+    }
+    if (ack === null) {
+      this.waiting.delete(`cmd.ack ${id}`);
+      this.waiting.delete(`cmd.done ${id}`);
+      throw new Error(`no cmd.ack for ${topic} within ${timeoutMs} ms: is the engine running?`);
+    }
+    if (!outcome || !ack.ok) {
+      this.waiting.delete(`cmd.done ${id}`);
+      return ack;
+    }
+    if (outcomeTimeoutMs === null) return done;
+    let timer;
+    const result = await Promise.race([done, new Promise((r) => { timer = setTimeout(() => r(null), outcomeTimeoutMs); })]);
+    clearTimeout(timer);
+    if (result === null) {
+      this.waiting.delete(`cmd.done ${id}`);
+      throw new Error(`${topic} ${id} was acked (${ack.state}) but not carried out within ${outcomeTimeoutMs} ms`);
+    }
+    return result;
+  }
+
+  /** Add a message to the conversation (role user or system); the model answers if respond. Resolves
+   *  with its cmd.done once the engine added it (`ok`, `item_id`), or its refusal. */
   say(text, { role = "user", respond = role === "user" } = {}) {
-    return this.command("cmd.say", { text, role, respond });
+    return this.command("cmd.say", { text, role, respond }, { outcome: true });
   }
 
   /** Serve a tool the model can call: `fn(args)` (may be async) returns a string or a JSON value.
@@ -183,9 +262,10 @@ class Bus {
       this.toolLoop = this._answerToolCalls();
     }
     this.tools.set(name, fn);
-    const ack = await this.command("cmd.tool.register", { name, description, parameters, timeout_s: timeoutS, owner: this.name });
-    if (!ack.ok) throw new Error(`tool ${name} refused: ${ack.error}`);
-    return ack;
+    const done = await this.command("cmd.tool.register", { name, description, parameters, timeout_s: timeoutS, owner: this.name },
+                                    { outcome: true });
+    if (!done.ok) throw new Error(`tool ${name} refused: ${done.error}`);
+    return done;
   }
 
   async _answerToolCalls() {
@@ -213,7 +293,8 @@ class Bus {
     if (this.dropTimer) clearTimeout(this.dropTimer);
     this.pub.close(); this.sub.close();
     if (this.toolSub) this.toolSub.close();
+    if (this.replySub) this.replySub.close();
   }
 }
 
-module.exports = { Bus, GapCounter, connectionFile, socketOptions };
+module.exports = { Bus, GapCounter, connectionFile, readConnection, socketOptions, PROTOCOL_VERSION };

@@ -1,4 +1,4 @@
-"""The ``engine`` command: start, stop, status, devices, serve, say, tail, log, demo, console, phone."""
+"""The ``engine`` command: start, stop, status, devices, serve, say, tail, log, demo, console, phone, sip."""
 from __future__ import annotations
 
 import argparse
@@ -7,15 +7,15 @@ import os
 import signal
 import sys
 import time
-import uuid
 from typing import Any
 
-from bus.wire import HEADER_KEYS
+from bus.wire import HEADER_KEYS, BusError
 from engine.errors import EngineError
 
 
 def _load_cfg(args: argparse.Namespace) -> dict[str, Any]:
-    from engine.config import REPO_CONFIG, load_config
+    from engine.config import load_config
+    from engine.cost import is_live_model
     overrides: dict[str, Any] = {}
     if getattr(args, "backend", None):
         overrides["backend"] = args.backend
@@ -29,16 +29,15 @@ def _load_cfg(args: argparse.Namespace) -> dict[str, Any]:
         overrides["local_server.scenario"] = os.path.abspath(args.scenario)
     if getattr(args, "speed", None):
         overrides["local_server.speed"] = args.speed
-    if getattr(args, "text_only", False):
-        overrides["session.output_modalities"] = ["text"]
     if getattr(args, "instructions", None) is not None:
         overrides["session.instructions"] = args.instructions
     if getattr(args, "voice", None) is not None:
         overrides["session.voice"] = args.voice
-    path = args.config
-    if path is None and REPO_CONFIG.exists() and os.path.abspath(os.getcwd()) == str(REPO_CONFIG.parent):
-        path = str(REPO_CONFIG)
-    return load_config(path, overrides)
+    cfg = load_config(args.config, overrides)
+    if getattr(args, "text_only", False) and not is_live_model(cfg["model"]):
+        # Realtime answers in text; GPT-Live always speaks (its track is not played without devices)
+        cfg = load_config(args.config, {**overrides, "session.output_modalities": ["text"]})
+    return cfg
 
 
 def cmd_start(args: argparse.Namespace) -> int:
@@ -48,7 +47,8 @@ def cmd_start(args: argparse.Namespace) -> int:
     backend = resolve_backend(cfg)
     why = {"local": "offline local server" + ("" if cfg["backend"] == "local" else f" (no ${cfg['api_key_env']} set)"),
            "openai": "OpenAI Realtime API" + ("" if cfg["backend"] == "openai" else f" (${cfg['api_key_env']} is set)")}[backend]
-    console = {"host": args.console_host, "port": args.console_port} if args.console else None
+    console = ({"host": args.console_host, "port": args.console_port, "allowed_hosts": args.console_allow_host or []}
+               if args.console else None)
     sup = Supervisor(cfg, text_only=args.text_only, console=console)
     print(f"realtalk: starting with backend {backend}: {why}, model {cfg['model']}")
     sup.start()
@@ -74,13 +74,31 @@ def cmd_phone(args: argparse.Namespace) -> int:
     return sup.run()
 
 
-def _connection() -> dict[str, Any]:
-    from bus.client import connection_file
-    path = connection_file()
+def cmd_sip(args: argparse.Namespace) -> int:
+    """OpenAI SIP calls (docs/sip.md): an engine whose only child answers the calls' webhooks."""
+    from engine.config import resolve_backend
+    from engine.supervisor.process import Supervisor
+    cfg = _load_cfg(args)
+    sc = cfg["sip"]
+    sip = {"host": args.host or sc["host"], "port": sc["port"] if args.port is None else args.port,
+           "path": args.path or sc["path"]}
+    sup = Supervisor(cfg, sip=sip)
+    print(f"realtalk: SIP calls with backend {resolve_backend(cfg)}")
+    sup.start()
+    print(f"realtalk: connection file {sup.status()['connection_file']}; Ctrl-C or `engine stop` to end", flush=True)
+    return sup.run()
+
+
+def _connection(running: bool = True) -> dict[str, Any]:
+    """The connection file of this user's engine (bus/runtime.py): believed only when it is this
+    user's own private file in this user's own private runtime directory, and (``running``) when
+    its supervisor is provably this user's engine that runs now. EngineError naming what is wrong."""
+    from bus import BusError
+    from bus.runtime import read_connection, running_engine
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise EngineError("no engine is running (start one with `engine start`)") from None
+        return running_engine() if running else read_connection()
+    except BusError as exc:
+        raise EngineError(str(exc)) from None
 
 
 def _alive(pid: int) -> bool:
@@ -94,10 +112,14 @@ def _alive(pid: int) -> bool:
 
 def cmd_stop(args: argparse.Namespace) -> int:
     from bus.client import connection_file
-    from engine.supervisor.process import clean_stale, engine_identity
-    conn = _connection()
+    from bus.runtime import GONE, UNPROVEN, engine_state, unproven_error
+    from engine.supervisor.process import clean_stale
+    conn = _connection(running=False)
     pid = conn.get("pid")
-    if not isinstance(pid, int) or not engine_identity(conn):
+    state = engine_state(conn)
+    if state == UNPROVEN:   # a live process that is not provably this user's engine: never signal it
+        raise EngineError(str(unproven_error(conn, connection_file())))
+    if not isinstance(pid, int) or state == GONE:
         # the supervisor is gone (its pid may belong to another process now: never signal it)
         done = clean_stale(conn, connection_file())
         print(f"engine: the engine (pid {pid}) is not running; cleaned its stale runtime directory"
@@ -129,11 +151,7 @@ def public_status(status: dict[str, Any]) -> dict[str, Any]:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from bus import Subscriber
-    from engine.supervisor.process import engine_identity
     conn = _connection()
-    if not engine_identity(conn):
-        raise EngineError(f"the engine (pid {conn.get('pid')}) is not running; its connection file is stale "
-                          "(`engine start` or `engine stop` cleans it)")
     sub = Subscriber(conn["subscribe"], ["engine.status"])
     status = None
     deadline = time.monotonic() + 3.0
@@ -152,6 +170,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"state {status['state']}  backend {status['backend']}  model {status['model']}  session {status.get('session_id')}")
     print(f"console {console['url']}" if console else "console: not running (engine console)")
+    if status.get("sip"):
+        sp_ = status["sip"]
+        print(f"sip {sp_.get('url')}  calls {len(sp_.get('calls') or [])}  accepted {sp_.get('accepted', 0)}  "
+              f"rejected {sp_.get('rejected', 0)}  refused webhooks {sp_.get('refused', 0)}")
+        for c in sp_.get("calls") or []:
+            print(f"  call {c['sip_call_id']}  {c['api']}  {c['duration_s']:.0f} s  ${c['usd']:.4f}  from {c.get('from')}")
     if status.get("phone"):
         ph = status["phone"]
         print(f"phone {ph.get('url')}  calls {len(ph.get('calls') or [])}")
@@ -190,40 +214,48 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     max_session_s=args.max_session_s)
     cfg = ServerConfig(host=args.host, port=args.port, speed=args.speed, api_key=args.require_key,
                        asr=not args.no_asr, scenario=load_scenario(args.scenario), faults=faults,
-                       listen_fd=args.listen_fd)
+                       listen_fd=args.listen_fd, dialect=args.dialect)
     return run(cfg)
 
 
-def _publish_with_ack(topic: str, payload: dict[str, Any], timeout_s: float = 10.0) -> dict[str, Any]:
-    """Publish a command and wait for its ``cmd.ack``, re-sending until it comes (the engine dedups by id)."""
-    from bus import Publisher, Subscriber
-    conn = _connection()
-    cmd_id = payload.setdefault("id", uuid.uuid4().hex)
-    sub = Subscriber(conn["subscribe"], ["cmd.ack"])
-    pub = Publisher(conn["publish"], f"cli:{os.getpid()}")
-    deadline = time.monotonic() + timeout_s
+def _call(topic: str, payload: dict[str, Any], timeout_s: float = 60.0) -> dict[str, Any]:
+    """Send a command (bus.aio's call: acked at once, re-sent only until then) and return its outcome
+    (``cmd.done``), or its ``cmd.ack`` if the engine refused it; EngineError if no engine acks it,
+    NoOutcome (a BusError) if it is acked but not carried out within ``timeout_s``."""
+    from bus.aio import NoAck, call_sync
+    from bus.client import endpoints_from
     try:
-        while time.monotonic() < deadline:
-            pub.publish(topic, payload)
-            resend_at = time.monotonic() + 0.3
-            while time.monotonic() < min(resend_at, deadline):
-                msg = sub.recv(timeout_ms=50)
-                if msg and msg[1].get("id") == cmd_id:
-                    return msg[1]
-        raise EngineError(f"no acknowledgement for {topic} within {timeout_s}s (is the engine connected?)")
-    finally:
-        sub.close()
-        pub.close()
+        return call_sync(endpoints_from(_connection()), topic, payload, name=f"cli:{os.getpid()}", outcome=True,
+                         outcome_timeout_s=timeout_s)
+    except NoAck as exc:
+        raise EngineError(str(exc)) from None
 
 
 def cmd_say(args: argparse.Namespace) -> int:
+    from bus.aio import NoOutcome
     role = "system" if args.system else "user"
     respond = args.respond or (role == "user" and not args.no_respond)
-    ack = _publish_with_ack("cmd.say", {"text": args.text, "role": role, "respond": respond})
-    if not ack.get("ok"):
-        print(f"engine say: refused: {ack.get('error')}", file=sys.stderr)
+    topic = "cmd.say"
+    payload: dict[str, Any] = {"text": args.text, "role": role, "respond": respond}
+    if args.instructions or args.commentary:   # GPT-Live's own context (docs/live.md)
+        topic = "cmd.instructions" if args.instructions else "cmd.commentary"
+        payload = {"text": args.text}
+    if args.call:
+        payload["phone_call_id"] = args.call   # one call of `engine phone` (docs/phone.md, "The bus")
+    try:
+        done = _call(topic, payload, timeout_s=args.timeout)
+    except NoOutcome as exc:
+        print(f"engine say: {exc}; the engine holds it and adds it when it can", file=sys.stderr)
+        return 0
+    if not done.get("ok"):
+        error = str(done.get("error"))
+        hint = "; name one with --call ID" if not args.call and "phone_call_id" in error else ""
+        print(f"engine say: refused: {error}{hint}", file=sys.stderr)
         return 1
-    print(f"engine say: added as {ack.get('item_id')}")
+    if done.get("item_id"):
+        print(f"engine say: added as {done.get('item_id')}")
+    else:   # GPT-Live places context on its timeline
+        print(f"engine say: placed at {done.get('start_ms')} ms of the session")
     return 0
 
 
@@ -234,17 +266,17 @@ def cmd_ptt(args: argparse.Namespace) -> int:
     sub = Subscriber(conn["subscribe"], ["model.text.delta", "model.transcript.delta", "response.done"])
     lines = iter(sys.stdin.readline, "")
     try:
-        _publish_with_ack("cmd.mic", {"open": False})
+        _call("cmd.mic", {"open": False})
         for _ in range(args.turns or 1 << 30):
             print("engine ptt: press Enter to talk (Ctrl-D to quit)", flush=True)
             if next(lines, None) is None:
                 break
             for topic, payload in (("cmd.cancel", {}), ("cmd.input.clear", {}), ("cmd.mic", {"open": True})):
-                _publish_with_ack(topic, payload)
+                _call(topic, payload)
             print("engine ptt: listening; press Enter to send", flush=True)
             ended = next(lines, None) is None
-            _publish_with_ack("cmd.mic", {"open": False})
-            ack = _publish_with_ack("cmd.input.commit", {"respond": True}, timeout_s=args.timeout)
+            _call("cmd.mic", {"open": False})
+            ack = _call("cmd.input.commit", {"respond": True}, timeout_s=args.timeout)
             if not ack.get("ok"):
                 print(f"engine ptt: not sent: {ack.get('error')}", file=sys.stderr)
                 continue
@@ -270,7 +302,8 @@ def cmd_ptt(args: argparse.Namespace) -> int:
 def cmd_tail(args: argparse.Namespace) -> int:
     """The conversation as readable lines (engine/api/view.py); topics the view leaves out are
     printed one message a line only when a prefix asks for them (``engine tail cost.``).
-    ``--all`` (or ``--json``): every message of the given prefixes, one line each."""
+    ``--all`` (or ``--json``): every message of the given prefixes, one line each. ``--call ID``:
+    only the messages of that phone call (their ``phone_call_id``)."""
     from bus import Subscriber
     from engine.api.view import ConversationView
     conn = _connection()
@@ -283,6 +316,8 @@ def cmd_tail(args: argparse.Namespace) -> int:
             if msg is None:
                 continue
             topic, body = msg
+            if args.call and body.get("phone_call_id") != args.call:
+                continue   # another call's, or the engine's own
             if view is not None and (view.shows(topic) or not args.prefixes):
                 for line in view.feed(topic, body):
                     print(line, flush=True)
@@ -330,11 +365,7 @@ def cmd_console(args: argparse.Namespace) -> int:
     from pathlib import Path
     from bus import load_endpoints
     from engine.console.server import ConsoleServer, read_info, run
-    from engine.supervisor.process import engine_identity
     conn = _connection()
-    if not engine_identity(conn):
-        raise EngineError(f"the engine (pid {conn.get('pid')}) is not running; start one with `engine start` "
-                          "(or `engine start --console`)")
     running = read_info()
     if running is not None:
         print(f"realtalk: console already running (pid {running['pid']}): {running['url']}")
@@ -342,7 +373,8 @@ def cmd_console(args: argparse.Namespace) -> int:
     session_dir = Path(conn["session_dir"]) if conn.get("session_dir") else None
     server = ConsoleServer(load_endpoints(), host=args.host, port=args.port,
                            sessions_base=session_dir.parent if session_dir else None,
-                           live_session=session_dir.name if session_dir else None)
+                           live_session=session_dir.name if session_dir else None,
+                           allowed_hosts=args.allow_host or ())
     print("realtalk: Ctrl-C to stop the console (the engine goes on)", flush=True)
     return run(server)
 
@@ -357,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = p.add_subparsers(dest="command", required=True)
 
     s = sp.add_parser("start", help="start the engine (supervisor and its processes)")
-    s.add_argument("--config", help="config file (default: built-in defaults, or ./config.yaml in the repo)")
+    s.add_argument("--config", help="config file (default: the built-in defaults, which the repository's config.yaml lists)")
     s.add_argument("--backend", choices=["local", "openai"], help="default: openai if $OPENAI_API_KEY is set, else local")
     s.add_argument("--model")
     s.add_argument("--mic", help="device name or index, a .wav file, or null")
@@ -370,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--console", action="store_true", help="also serve the debug console (prints its URL)")
     s.add_argument("--console-host", default="127.0.0.1", help="the console's address (default loopback)")
     s.add_argument("--console-port", type=int, default=0, help="the console's port (default 0: a free port)")
+    s.add_argument("--console-allow-host", action="append", metavar="NAME",
+                   help="a host name the console may be opened by (besides IP addresses, localhost and this "
+                        "machine's name); repeatable")
     s.set_defaults(func=cmd_start)
 
     s = sp.add_parser("phone", help="take phone calls over Twilio Media Streams (prints the ws:// URL)")
@@ -384,6 +419,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scenario", help="local server scenario file")
     s.add_argument("--speed", type=float, help="local server speech speed-up (tests)")
     s.set_defaults(func=cmd_phone)
+
+    s = sp.add_parser("sip", help="answer OpenAI SIP calls through signed webhooks (prints the http:// URL)")
+    s.add_argument("--config")
+    s.add_argument("--backend", choices=["local", "openai"])
+    s.add_argument("--model")
+    s.add_argument("--host", help="address to listen on (sip.host)")
+    s.add_argument("--port", type=int, help="port (sip.port; 0: a free port)")
+    s.add_argument("--path", help="the webhook URL's path (sip.path, default /openai/webhook)")
+    s.add_argument("--instructions")
+    s.add_argument("--voice")
+    s.add_argument("--scenario", help="local server scenario file")
+    s.add_argument("--speed", type=float, help="local server speech speed-up (tests)")
+    s.set_defaults(func=cmd_sip)
 
     s = sp.add_parser("stop", help="stop the running engine")
     s.add_argument("--timeout", type=float, default=10.0)
@@ -409,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--drop-after-s", type=float, default=None, help="drop each connection after this long")
     s.add_argument("--drop-code", type=int, default=1006, choices=[1001, 1006, 1011])
     s.add_argument("--max-session-s", type=float, default=3600.0)
+    s.add_argument("--dialect", default="openai", choices=["openai", "azure", "xai"],
+                   help="speak as this provider (docs/providers.md): Azure's URLs and api-key, or xAI's dialect")
     s.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_serve)
 
@@ -417,6 +467,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--system", action="store_true", help="context the model sees but nobody hears")
     s.add_argument("--no-respond", action="store_true")
     s.add_argument("--respond", action="store_true", help="ask for a response even for --system")
+    live = s.add_mutually_exclusive_group()
+    live.add_argument("--instructions", action="store_true",
+                      help="GPT-Live: add it to the model's instructions (session.instructions.append)")
+    live.add_argument("--commentary", action="store_true",
+                      help="GPT-Live: the model says it in its own words (session.commentary.append)")
+    s.add_argument("--call", metavar="ID", help="the phone call to say it in (engine phone: its phone_call_id, "
+                                                "as engine status lists them)")
+    s.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds to wait for the engine to add it (it is acked at once, and held until then)")
     s.set_defaults(func=cmd_say)
 
     s = sp.add_parser("ptt", help="push to talk: Enter to talk, Enter to send (for turn_detection: null)")
@@ -428,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--all", action="store_true", help="every message, one line each (levels, positions, deltas…)")
     s.add_argument("--json", action="store_true", help="every message as one JSON line (implies --all)")
     s.add_argument("--seconds", type=float, default=None, help="stop after this long")
+    s.add_argument("--call", metavar="ID", help="only this phone call's messages (engine phone: its phone_call_id)")
     s.set_defaults(func=cmd_tail)
 
     s = sp.add_parser("log", help="read a session's event log")
@@ -441,6 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sp.add_parser("console", help="serve the debug console for the running engine (prints its URL)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
     s.add_argument("--port", type=int, default=0, help="port (default 0: a free port)")
+    s.add_argument("--allow-host", action="append", metavar="NAME",
+                   help="a host name the console may be opened by (besides IP addresses, localhost and this "
+                        "machine's name); repeatable")
     s.set_defaults(func=cmd_console)
 
     s = sp.add_parser("demo", help="headless spoken conversation on virtual devices with the local server")
@@ -454,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except EngineError as exc:  # the server's, the ring's and the core's errors are EngineErrors too
+    except (EngineError, BusError) as exc:  # the server's, the ring's and the core's errors are EngineErrors too
         print(f"engine {args.command}: {exc}", file=sys.stderr)
         return 2
 

@@ -10,8 +10,9 @@
     await session.close()
 
 Everything goes over the same bus wire protocol any other language uses
-(docs/bus-protocol.md); :func:`create_session` starts an engine, :func:`connect` attaches
-to a running one.
+(docs/bus-protocol.md), through the bus's asyncio client (:class:`bus.aio.BusClient`: the
+connection file's endpoints and, over tcp, its CURVE keys; one ``call`` for every command);
+:func:`create_session` starts an engine, :func:`connect` attaches to a running one.
 """
 from __future__ import annotations
 
@@ -33,12 +34,19 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 import yaml
-import zmq
-import zmq.asyncio
 
-from bus.client import connection_file, runtime_dir
-from bus.wire import HEADER_KEYS, MalformedMessage, decode, encode
+from bus.aio import BusClient, NoAck, NoOutcome
+from bus.client import endpoints_from
+from bus.runtime import NoEngine, engine_alive, private_dir, read_connection, runtime_dir, running_engine
+from bus.wire import HEADER_KEYS, BusError
+from engine.cost import is_live_model
 from engine.errors import EngineError, NotRunning
+
+USER_TEXT_ON_LIVE = ("GPT-Live takes no user text message: speak to it (the mic), or give it context with "
+                     "system(text) (silent), instructions(text) or commentary(text) (said in its own words)")
+#: what a session reads (``events(prefix)`` adds its prefix)
+SESSION_TOPICS = ("model.", "user.", "response.done", "cost.session", "playout.started", "playout.stopped",
+                  "playout.interrupted", "engine.error", "tool.call")
 
 
 class ResponseFailed(EngineError):
@@ -102,24 +110,10 @@ class Session:
         self.process = process
         self.debug = debug
         self.name = f"py:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        self._ctx = zmq.asyncio.Context.instance()
-        self._pub = self._ctx.socket(zmq.PUB)
-        self._pub.setsockopt(zmq.LINGER, 500)
-        self._pub.connect(conn["publish"])
-        self._sub = self._ctx.socket(zmq.SUB)
-        self._sub.setsockopt(zmq.LINGER, 0)
-        self._sub.setsockopt(zmq.SUBSCRIBE, b"")
-        self._sub.connect(conn["subscribe"])
-        self._presence = self._ctx.socket(zmq.SUB)  # its subscription says we are here (tool ownership)
-        self._presence.setsockopt(zmq.LINGER, 0)
-        self._presence.setsockopt(zmq.SUBSCRIBE, b"_presence." + self.name.encode())
-        self._presence.connect(conn["subscribe"])
-        self._seq = 0
-        self._waiters: list[tuple[Callable[[str, dict[str, Any]], bool], asyncio.Future[tuple[str, dict[str, Any]]]]] = []
+        self._bus: BusClient | None = None
         self._streams: list[tuple[str, asyncio.Queue[Event]]] = []
         self._tools: dict[str, Callable[..., Any]] = {}
         self._pending_tools: list[dict[str, Any]] = []
-        self._reader: asyncio.Task[None] | None = None
         self.cost = 0.0
         self.playing = False
         self.last_audio_response: str | None = None
@@ -127,72 +121,58 @@ class Session:
         self._audio_idle.set()
         self.fatal: EngineError | None = None
         self.runtime_dir: Path | None = None   #: the engine's runtime directory (create_session's engine)
+        #: the engine talks to GPT-Live (docs/live.md): no user text, no responses on demand, context instead
+        self.live = is_live_model(str(conn.get("model") or ""))
 
     # ------------------------------------------------------------ plumbing
     async def _start(self) -> None:
-        self._reader = asyncio.get_running_loop().create_task(self._read())
-        # slow joiner: wait until our own probe comes back through the broker
-        probe = f"_join.{self.name}"
-        fut = self._expect(lambda t, b: t == probe)
-        for _ in range(200):
-            await self._publish(probe, {})
-            try:
-                await asyncio.wait_for(asyncio.shield(fut), 0.05)
-                break
-            except asyncio.TimeoutError:
-                continue
-        else:
-            raise NotRunning(f"the bus at {self.conn['publish']} does not answer; is the engine running?")
+        try:
+            endpoints = endpoints_from(self.conn)
+            # presence: our subscription to _presence.<name> says we are here (we own our tools)
+            self._bus = await BusClient.connect(endpoints, self.name, SESSION_TOPICS, presence=True)
+        except BusError as exc:
+            raise NotRunning(f"{exc}") from None
+        self._bus.listen(self._on_message)
+
+    @property
+    def bus(self) -> BusClient:
+        if self._bus is None:
+            raise EngineError("the session is not connected (use create_session() or connect())")
+        return self._bus
 
     async def _publish(self, topic: str, payload: dict[str, Any]) -> None:
-        self._seq += 1
-        await self._pub.send_multipart(encode(topic, payload, self.name, self._seq))
+        self.bus.publish(topic, payload)
 
     def _expect(self, pred: Callable[[str, dict[str, Any]], bool]) -> asyncio.Future[tuple[str, dict[str, Any]]]:
-        fut: asyncio.Future[tuple[str, dict[str, Any]]] = asyncio.get_running_loop().create_future()
-        self._waiters.append((pred, fut))
-        return fut
+        return self.bus.expect(pred)
 
-    async def _read(self) -> None:
-        while True:
-            frames = await self._sub.recv_multipart()
-            try:
-                topic, body = decode(frames)
-            except MalformedMessage:
-                continue
-            if self.debug and not topic.startswith(("_join.", "server.", "engine.status")):
-                shown = body.get("text", {k: v for k, v in body.items() if k not in HEADER_KEYS})
-                print(f"[realtalk] {topic}: {shown}", file=sys.stderr)
-            if topic == "cost.session":
-                self.cost = float(body.get("usd", self.cost))
-            elif topic == "response.done" and "session_usd" in body:
-                self.cost = float(body["session_usd"])  # up to date when user() returns
-            elif topic == "playout.started":
-                self.playing = True
-                self._audio_idle.clear()
-            elif topic in ("playout.stopped", "playout.interrupted"):
-                self.playing = False
-                self._audio_idle.set()
-            elif topic == "engine.error" and body.get("fatal"):
-                self._fail_waiters(EngineError(f"the engine stopped: {body.get('source', 'engine')}: "
-                                               f"{body.get('message')}"))
-            elif topic == "tool.call" and body.get("name") in self._tools:
-                asyncio.get_running_loop().create_task(self._run_tool(body))
-            for pred, fut in list(self._waiters):
-                if not fut.done() and pred(topic, body):
-                    fut.set_result((topic, body))
-            self._waiters = [(p, f) for p, f in self._waiters if not f.done()]
-            for prefix, q in self._streams:
-                if topic.startswith(prefix):
-                    q.put_nowait(Event(topic, body))
+    def _on_message(self, topic: str, body: dict[str, Any]) -> None:
+        if self.debug and not topic.startswith(("_join.", "server.", "engine.status", "cmd.")):
+            shown = body.get("text", {k: v for k, v in body.items() if k not in HEADER_KEYS})
+            print(f"[realtalk] {topic}: {shown}", file=sys.stderr)
+        if topic == "cost.session":
+            self.cost = float(body.get("usd", self.cost))
+        elif topic == "response.done" and "session_usd" in body:
+            self.cost = float(body["session_usd"])  # up to date when user() returns
+        elif topic == "playout.started":
+            self.playing = True
+            self._audio_idle.clear()
+        elif topic in ("playout.stopped", "playout.interrupted"):
+            self.playing = False
+            self._audio_idle.set()
+        elif topic == "engine.error" and body.get("fatal"):
+            self._fail_waiters(EngineError(f"the engine stopped: {body.get('source', 'engine')}: "
+                                           f"{body.get('message')}"))
+        elif topic == "tool.call" and body.get("name") in self._tools:
+            asyncio.get_running_loop().create_task(self._run_tool(body))
+        for prefix, q in self._streams:
+            if topic.startswith(prefix):
+                q.put_nowait(Event(topic, body))
 
     def _fail_waiters(self, exc: EngineError) -> None:
         """A fatal engine error: every waiter fails at once with it, instead of timing out later."""
         self.fatal = exc
-        for _, fut in self._waiters:
-            if not fut.done():
-                fut.set_exception(exc)
-        self._waiters = []
+        self.bus.fail(exc)
 
     async def _wait(self, fut: asyncio.Future[tuple[str, dict[str, Any]]], timeout_s: float,
                     what: str) -> tuple[str, dict[str, Any]]:
@@ -204,27 +184,31 @@ class Session:
             raise EngineError(f"no {what} within {timeout_s:g} s; "
                               "see `engine status` and `engine log --type engine.error`") from None
 
-    async def command(self, topic: str, payload: dict[str, Any], timeout_s: float = 15.0) -> dict[str, Any]:
-        """Publish a command and return its ``cmd.ack`` (re-sent until acknowledged; the engine dedups)."""
-        cmd_id = payload.setdefault("id", uuid.uuid4().hex)
-        fut = self._expect(lambda t, b: t == "cmd.ack" and b.get("id") == cmd_id)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.fatal is not None:
-                raise self.fatal
-            await self._publish(topic, payload)
-            try:
-                _, ack = await asyncio.wait_for(asyncio.shield(fut), 0.5)
-                return ack
-            except asyncio.TimeoutError:
-                continue
-        raise EngineError(f"no acknowledgement for {topic} within {timeout_s}s")
+    async def command(self, topic: str, payload: dict[str, Any], timeout_s: float = 120.0) -> dict[str, Any]:
+        """Send a command (once: re-sent only until the engine acks it, which it does at once) and
+        return its outcome, ``cmd.done`` (``ok``, ``item_id`` or ``error``), or its ``cmd.ack`` if the
+        engine refused it. A command the engine holds (its realtime process restarting, a say
+        queued behind an answer) is waited for up to ``timeout_s``."""
+        if self.fatal is not None:
+            raise self.fatal
+        try:
+            return await self.bus.call(topic, payload, outcome=True, outcome_timeout_s=timeout_s)
+        except (NoAck, NoOutcome) as exc:
+            raise EngineError(str(exc)) from None
+
+    def _not_on_live(self, what: str, instead: str) -> None:
+        """A call GPT-Live cannot do raises at once, naming why and what to use (docs/live.md)."""
+        if self.live:
+            raise EngineError(f"{what} is not available on GPT-Live ({self.conn.get('model')}): {instead}")
 
     # ------------------------------------------------------------ the quick-start API
     async def system(self, text: str, respond: bool = False, **response: Any) -> dict[str, Any] | Reply:
         """Add context the model sees and nobody hears; with ``respond=True`` the model answers
-        (a :class:`Reply`), else the ``cmd.ack``."""
+        (a :class:`Reply`), else the command's outcome (``cmd.done``). On GPT-Live it is silent
+        context (``session.thinking.append``), done when placed on the session's timeline."""
         if respond:
+            self._not_on_live("system(respond=True)", "the model decides when to speak; use commentary(text) "
+                                                      "for something it should say")
             return await self._ask("cmd.say", {"text": text, "role": "system", "respond": True}, response, 120.0)
         ack = await self.command("cmd.say", {"text": text, "role": "system", "respond": False})
         if not ack.get("ok"):
@@ -234,16 +218,44 @@ class Session:
     async def user(self, text: str, timeout_s: float = 120.0, **response: Any) -> Reply:
         """Say ``text`` as the user; return when the response is done (text or transcript, usage, cost).
         ``response``: per-response options (instructions, output_modalities, conversation, input,
-        metadata, tool_choice, max_output_tokens, speak; docs/bus-protocol.md)."""
+        metadata, tool_choice, max_output_tokens, speak; docs/bus-protocol.md). Realtime only."""
+        self._not_on_live("user(text)", USER_TEXT_ON_LIVE)
         return await self._ask("cmd.say", {"text": text, "role": "user", "respond": True}, response, timeout_s)
 
     async def response(self, timeout_s: float = 120.0, **response: Any) -> Reply:
         """A response now, with per-response options; ``conversation="none"`` for an out-of-band
         reply (e.g. a classification) that does not enter the conversation and is not spoken."""
+        self._not_on_live("response()", "the model decides when to speak; use commentary(text)")
         return await self._ask("cmd.respond", {}, response, timeout_s)
 
+    async def commentary(self, text: str) -> dict[str, Any]:
+        """GPT-Live: something the model says to the user in its own words (``cmd.commentary``);
+        returns when it is placed on the session's timeline (``start_ms``)."""
+        return await self._context("cmd.commentary", text)
+
+    async def instructions(self, text: str) -> dict[str, Any]:
+        """GPT-Live: more instructions for the model (``cmd.instructions``; kept through compaction)."""
+        return await self._context("cmd.instructions", text)
+
+    async def _context(self, topic: str, text: str) -> dict[str, Any]:
+        if not self.live:
+            raise EngineError(f"{topic} is GPT-Live's; on Realtime use system(text) for context, "
+                              "update(instructions=...) for instructions")
+        done = await self.command(topic, {"text": text})
+        if not done.get("ok"):
+            raise EngineError(f"{topic} refused: {done.get('error')}")
+        return done
+
+    async def model_turn(self, timeout_s: float = 120.0) -> str:
+        """The model's next whole turn, as text (``model.transcript.done``): on GPT-Live, where the
+        model speaks when it decides to, this is how to wait for what it says."""
+        _, body = await self._wait(self._expect(lambda t, b: t == "model.transcript.done"), timeout_s,
+                                   "model turn")
+        return str(body.get("text", ""))
+
     async def stream(self, text: str, timeout_s: float = 120.0, **response: Any) -> AsyncIterator[str]:
-        """Say ``text`` and yield the reply's text (or transcript) deltas as they arrive."""
+        """Say ``text`` and yield the reply's text (or transcript) deltas as they arrive. Realtime only."""
+        self._not_on_live("stream(text)", USER_TEXT_ON_LIVE)
         req_id = uuid.uuid4().hex
         q: asyncio.Queue[Event] = asyncio.Queue()
         entry = ("", q)
@@ -311,7 +323,9 @@ class Session:
     async def turn(self, timeout_s: float = 120.0, **response: Any) -> AsyncIterator["Turn"]:
         """Push-to-talk: ``async with session.turn() as t: ...`` opens the mic (stopping the model if it
         speaks) and, on leaving, commits what was said and waits for the answer (``t.reply``).
-        Meant for ``turn_detection: null``; the gate is closed again afterwards."""
+        Meant for ``turn_detection: null``; the gate is closed again afterwards. Realtime only."""
+        self._not_on_live("turn()", "there is no input buffer: the mic streams all the time and the model decides "
+                                    "when the user's turn ends (mic(False) mutes the user)")
         t = Turn()
         await self.command("cmd.cancel", {})
         await self.command("cmd.input.clear", {})
@@ -332,7 +346,8 @@ class Session:
         await asyncio.wait_for(self._audio_idle.wait(), timeout_s)
 
     async def cancel(self) -> dict[str, Any]:
-        """Stop the current response and its playback."""
+        """Stop the current response and its playback. Realtime only."""
+        self._not_on_live("cancel()", "the model yields by itself when the user talks over it")
         return await self.command("cmd.cancel", {})
 
     async def update(self, **session: Any) -> dict[str, Any]:
@@ -341,6 +356,7 @@ class Session:
 
     async def events(self, prefix: str = "") -> AsyncIterator[Event]:
         """Every bus event whose topic starts with ``prefix``, from now on."""
+        self.bus.subscribe(prefix)
         q: asyncio.Queue[Event] = asyncio.Queue()
         entry = (prefix, q)
         self._streams.append(entry)
@@ -376,6 +392,8 @@ class Session:
         fn = self._tools[call["name"]]
         try:
             args = json.loads(call.get("arguments") or "{}")
+            if isinstance(args, dict):
+                args = _fitting(fn, args)   # a GPT-Live delegation carries `request` beside the tool's own
             result = fn(**args) if isinstance(args, dict) else fn(args)
             if inspect.isawaitable(result):
                 result = await result
@@ -386,10 +404,8 @@ class Session:
 
     async def close(self) -> None:
         """Detach; stop the engine if this session started it."""
-        if self._reader is not None:
-            self._reader.cancel()
-        for s in (self._pub, self._sub, self._presence):
-            s.close()
+        if self._bus is not None:
+            await self._bus.close()
         if self.process is not None:
             self.process.send_signal(2)
             await asyncio.to_thread(self.process.wait, 20)
@@ -401,6 +417,17 @@ class Session:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _fitting(fn: Callable[..., Any], args: dict[str, Any]) -> dict[str, Any]:
+    """The arguments ``fn`` takes (all of them if it takes ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return args
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return args
+    return {k: v for k, v in args.items() if k in params}
 
 
 def _next_response_done(previous: str) -> Callable[[str, dict[str, Any]], bool]:
@@ -430,13 +457,17 @@ def _schema_from_signature(fn: Callable[..., Any]) -> dict[str, Any]:
 
 
 async def connect(path: str | os.PathLike[str] | None = None, debug: bool = False) -> Session:
-    """Attach to the engine that is already running (its connection file)."""
-    file = Path(path) if path else connection_file()
+    """Attach to the engine of this user's that is already running (its connection file, default
+    the runtime directory's: the endpoints and, with ``bus.transport: tcp``, the CURVE keys): the
+    file must be this user's own private file and its supervisor provably this user's running
+    engine (bus/runtime.py), else NotRunning or EngineError naming the file and the fix; nothing
+    is sent to the bus an untrusted file names."""
     try:
-        conn = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise NotRunning(f"no engine is running ({file} does not exist); start one with `engine start` "
-                         "or use create_session()") from None
+        conn = running_engine(path)
+    except NoEngine as exc:
+        raise NotRunning(f"{exc}; or use create_session()") from None
+    except BusError as exc:
+        raise EngineError(str(exc)) from None
     session = Session(conn, debug=debug)
     await session._start()
     return session
@@ -452,27 +483,27 @@ def _claim_runtime_dir(given: str | os.PathLike[str] | None, tmp: Path) -> Path:
     """Where the new engine's sockets and connection file go. The first session of a program takes
     the default runtime directory when no engine runs there, so `engine status`, `engine say`
     and other processes find it as usual; each further one gets a private directory (several
-    sessions in one program, one engine each). ``given`` overrides both."""
-    if given is not None:
-        path = Path(given)
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    else:
-        default = runtime_dir()
-        path = default if default not in _claimed_dirs and not _engine_runs_in(default) else tmp / "run"
-        path.mkdir(mode=0o700, exist_ok=True)
+    sessions in one program, one engine each). ``given`` overrides both. Each is this user's own
+    private directory (made new with mode 0700, or refused naming it: bus/runtime.py)."""
+    try:
+        if given is not None:
+            path = private_dir(given)
+        else:
+            default = runtime_dir()
+            path = default if default not in _claimed_dirs and not _engine_runs_in(default) else private_dir(tmp / "run")
+    except BusError as exc:
+        raise EngineError(str(exc)) from None
     _claimed_dirs.add(path)
     return path
 
 
 def _engine_runs_in(path: Path) -> bool:
-    """An engine's connection file is there and names a supervisor that still runs (by its identity,
-    as `engine start` checks it: a reused pid is not an engine)."""
-    from engine.supervisor.process import engine_identity
+    """An engine's connection file is there, this user's own, and names a supervisor that is this
+    user's engine running now (by its identity, as `engine start` checks it: a reused pid is not an engine)."""
     try:
-        conn = json.loads((path / "engine.json").read_text())
-    except (OSError, ValueError):
+        return engine_alive(read_connection(path / "engine.json"))
+    except (OSError, BusError):
         return False
-    return isinstance(conn, dict) and engine_identity(conn)
 
 
 async def create_session(session: dict[str, Any] | None = None, options: dict[str, Any] | None = None) -> Session:
@@ -533,7 +564,12 @@ async def create_session(session: dict[str, Any] | None = None, options: dict[st
     # keep draining its output so it never blocks on a full pipe; a daemon thread, so a program that
     # ends (or raises) without close() does not wait for it (the default executor would: a hang)
     threading.Thread(target=_drain, args=(proc,), name="realtalk-engine-output", daemon=True).start()
-    s = Session(json.loads((run_dir / "engine.json").read_text()), process=proc, debug=bool(options.get("debug")))
+    try:
+        conn = read_connection(run_dir / "engine.json")   # this user's own private file only
+    except BusError as exc:
+        proc.send_signal(2)
+        raise EngineError(f"the engine started but its connection file is not usable: {exc}") from None
+    s = Session(conn, process=proc, debug=bool(options.get("debug")))
     s.runtime_dir = run_dir
     await s._start()
     return s

@@ -18,15 +18,22 @@ from pathlib import Path
 import numpy as np
 
 from bus import Subscriber
-from bus.client import connection_file
+from bus.runtime import connection_file, read_connection
 
-REPO = Path(__file__).resolve().parents[2]
+#: the local server's script for the demo (package data: `engine demo` runs from an installed package too)
+SCENARIO = Path(__file__).with_name("demo.yaml")
+#: starts virtual devices when no sound server is reachable; only in a clone of the repository
+VAUDIO = Path(__file__).resolve().parents[2] / "tools" / "vaudio.sh"
 
 
 def _ensure_devices() -> None:
     if subprocess.run(["pactl", "info"], capture_output=True).returncode == 0 and os.environ.get("PULSE_SERVER"):
         return
-    out = subprocess.run(["bash", str(REPO / "tools" / "vaudio.sh"), "start"], capture_output=True, text=True)
+    if not VAUDIO.exists():
+        raise SystemExit("engine demo: no virtual audio devices are up (PULSE_SERVER unset or not answering), and "
+                         "tools/vaudio.sh, which starts them, comes with the repository, not the package: "
+                         "run bash tools/demo.sh from a clone")
+    out = subprocess.run(["bash", str(VAUDIO), "start"], capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"engine demo: cannot start virtual audio devices: {out.stderr.strip()}")
     for part in out.stdout.split()[1:]:
@@ -50,7 +57,7 @@ def run_demo(args: argparse.Namespace) -> int:
         w.writeframes(np.concatenate([pad, pcm, pad]).tobytes())
     reply_wav = runs / "demo-reply.wav"
     engine = subprocess.Popen([sys.executable, "-m", "engine.api.cli", "start", "--backend", "local", "--mic", "vmic",
-                               "--speaker", "vspk", "--scenario", str(REPO / "scenarios" / "demo.yaml"),
+                               "--speaker", "vspk", "--scenario", str(SCENARIO),
                                "--speed", str(args.speed)], stdout=subprocess.PIPE, text=True)
     recorder = None
     try:
@@ -62,8 +69,7 @@ def run_demo(args: argparse.Namespace) -> int:
         else:
             print("demo: the engine did not start", file=sys.stderr)
             return 1
-        import json
-        conn = json.loads(connection_file().read_text())
+        conn = read_connection(connection_file())   # this user's own private file only (bus/runtime.py)
         sub = Subscriber(conn["subscribe"], ["user.", "model.transcript.done", "cost.session", "response.done",
                                              "playback.", "playout.", "engine.error"])
         recorder = subprocess.Popen(["parecord", "--device=spk.monitor", "--rate=24000", "--channels=1",

@@ -287,6 +287,7 @@ _HANDLERS: dict[str, Any] = {
     "cmd.tool.result": ConversationView._tool_result,
     "engine.error": ConversationView._error,
     "cmd.ack": ConversationView._ack,
+    "cmd.done": ConversationView._ack,     # bus protocol 2: what the engine did (a refusal shows here)
     "latency.turn": ConversationView._latency,
     "response.done": ConversationView._response_done,
     "engine.budget": ConversationView._budget,

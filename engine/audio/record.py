@@ -61,8 +61,12 @@ class Recorder:
             self.frames_written += n
 
     def close(self) -> None:
-        self.drain()
-        self._wav.close()
+        """Write what is left and close; the file is closed even when a write fails (a full disk:
+        the header already counts what was written before)."""
+        try:
+            self.drain()
+        finally:
+            self._wav.close()
 
 
 class WavAppendError(EngineError):

@@ -42,13 +42,20 @@ Rules:
   written so far; the consumer applies it at its next read (``Ring.take_flush``).
 - ``attach`` checks the header (magic, version, size, rate, sample width, channels,
   capacity) and raises :class:`RingError` naming the mismatch.
+- Another local user gets nothing: the engine's ring names are random (:func:`new_ring_name`,
+  128 bits, nothing to guess from a pid); ``create`` makes the block new (``O_CREAT|O_EXCL``,
+  never a file that exists, never through a symbolic link), mode 0600; ``attach`` opens it with
+  ``O_NOFOLLOW`` and maps it only if ``fstat`` shows a regular file of this user's with no
+  group or other bits, else :class:`RingError` naming the ring and whose it is.
 """
 from __future__ import annotations
 
 import mmap
 from typing import Any
 import os
+import secrets
 import select
+import stat
 import threading
 import time
 from pathlib import Path
@@ -89,6 +96,26 @@ def _shm_path(name: str) -> Path:
     if "/" in name:
         raise RingError(f"ring name {name!r} must not contain '/'")
     return SHM_DIR / name
+
+
+def new_ring_name(prefix: str = "realtalk") -> str:
+    """A fresh ring name nobody can guess: ``PREFIX-`` and 128 random bits in hex."""
+    return f"{prefix}-{secrets.token_hex(16)}"
+
+
+def _check_private(name: str, fd: int) -> None:
+    """RingError unless the open block ``fd`` is a regular file of this user's, mode 0600 or
+    stricter (set-up only)."""
+    st = os.fstat(fd)
+    where = f"/dev/shm/{name}"
+    if not stat.S_ISREG(st.st_mode):
+        raise RingError(f"ring {where} is not a regular file: refused")
+    if st.st_uid != os.geteuid():
+        raise RingError(f"ring {where} belongs to uid {st.st_uid}, not to you (uid {os.geteuid()}): refused "
+                        "(another user made it; the engine's rings are made new and private under random names)")
+    if st.st_mode & 0o077:
+        raise RingError(f"ring {where} has mode {stat.S_IMODE(st.st_mode):04o}: others may read or write it, "
+                        "refused (a ring is 0600; remove it and start the engine again)")
 
 
 class PlaybackControl:
@@ -211,7 +238,9 @@ class Ring:
     @classmethod
     def create(cls, name: str, capacity_frames: int, sample_rate: int = 24000,
                with_eventfd: bool = True, sample_width_bytes: int = 2, channels: int = 1) -> "Ring":
-        """Create (or replace) the shared block; the creator unlinks it with ``unlink``. Set-up only."""
+        """Create the shared block ``name`` new (exclusively, mode 0600: a name that exists is
+        refused, never reused; give it :func:`new_ring_name`); the creator unlinks it with
+        ``unlink``. Set-up only."""
         if capacity_frames <= 0 or capacity_frames & (capacity_frames - 1):
             raise RingError(f"capacity_frames must be a power of two, got {capacity_frames}")
         if sample_width_bytes not in _DTYPES:
@@ -221,10 +250,20 @@ class Ring:
         bpf = sample_width_bytes * channels
         size = _HEADER_BYTES + capacity_frames * bpf
         path = _shm_path(name)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            raise RingError(f"ring /dev/shm/{name} already exists: a ring is only ever made new, refused (another "
+                            "process, maybe another user's, made it; use a fresh name: new_ring_name())") from None
+        except OSError as exc:
+            raise RingError(f"cannot make the ring /dev/shm/{name}: {exc.strerror}") from None
+        try:
+            os.fchmod(fd, 0o600)   # exactly 0600 whatever the umask
             os.ftruncate(fd, size)
             mm = mmap.mmap(fd, size)
+        except OSError as exc:   # /dev/shm full: the name made just now goes again
+            path.unlink(missing_ok=True)
+            raise RingError(f"cannot make the ring /dev/shm/{name} ({size} bytes): {exc.strerror}") from None
         finally:
             os.close(fd)
         hdr = np.frombuffer(mm, dtype="<i8", count=_HEADER_BYTES // 8)
@@ -240,7 +279,8 @@ class Ring:
     def attach(cls, name: str, data_fd: int | None = None, *, sample_rate: int | None = 24000,
                sample_width_bytes: int | None = 2, channels: int | None = 1,
                capacity_frames: int | None = None) -> "Ring":
-        """Attach to an existing ring; ``data_fd`` is the inherited eventfd, if any. Set-up only.
+        """Attach to an existing ring of this user's (its owner and mode are checked before it is
+        mapped); ``data_fd`` is the inherited eventfd, if any. Set-up only.
 
         The header must match what this caller will read and write: each expectation that is
         not None is checked, and a mismatch (or a block that is not a ring of this version)
@@ -248,10 +288,13 @@ class Ring:
         """
         path = _shm_path(name)
         try:
-            fd = os.open(path, os.O_RDWR)
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             raise RingError(f"ring {name!r} does not exist in /dev/shm (is the engine running?)") from None
+        except OSError as exc:   # a symbolic link (ELOOP), or another user's block (EACCES)
+            raise RingError(f"cannot open the ring /dev/shm/{name}: {exc.strerror}; refused") from None
         try:
+            _check_private(name, fd)
             size = os.fstat(fd).st_size
             if size < _HEADER_BYTES:
                 raise RingError(f"/dev/shm/{name} is too small to be a ring ({size} bytes)")
@@ -492,6 +535,29 @@ class Ring:
     def count_underrun(self, frames: int) -> None:
         """Count frames the consumer found missing. Real-time safe."""
         self._hdr[_UNDERRUN] += frames
+
+    def arm_wake(self) -> bool:
+        """For a consumer on an event loop (watching ``data_fd`` for readability) in place of
+        :meth:`wait_readable`: raise ``reader_waiting``, so the producer's next write signals the
+        eventfd. True if the ring is still empty (wait for the fd); False if frames came in
+        meanwhile (the flag is lowered again: read them). Real-time safe."""
+        hdr = self._hdr
+        hdr[_R_WAITING] = 1
+        _full_barrier()  # reader_waiting is seen before write_index is read (see the module docstring)
+        if hdr[_W_INDEX] != hdr[_R_INDEX]:
+            hdr[_R_WAITING] = 0
+            return False
+        return True
+
+    def take_wake(self) -> None:
+        """The eventfd signalled (see :meth:`arm_wake`): absorb it and lower ``reader_waiting``.
+        Real-time safe."""
+        if self.data_fd is not None:
+            try:
+                os.eventfd_read(self.data_fd)
+            except BlockingIOError:
+                pass  # already absorbed
+        self._hdr[_R_WAITING] = 0
 
     def wait_readable(self, timeout_s: float) -> bool:
         """Block until frames are available or ``timeout_s`` passes; True if readable. Blocks: for

@@ -26,10 +26,11 @@ mic is the ring's only writer, so a restarted capture continues the file at the 
 write index: the user's words are not sent twice.
 
 Failures: a mic file that cannot be read is a :class:`DeviceError` naming the file (the
-engine stops with it). Exceptions inside the device callback or the echo canceller are
-counted, never raised; the main thread publishes the counts on ``capture.echo``
-(``callback_errors``, ``aec_errors``) and each new kind of error once on ``engine.error``
-(code ``callback_error`` / ``aec_error``) with its type and message.
+engine stops with it; the supervisor checks its header before starting anything).
+Exceptions inside the device callback or the echo canceller are counted, never raised; the
+main thread publishes the counts on ``capture.echo`` (``callback_errors``, ``aec_errors``)
+and each new kind of error once on ``engine.error`` (code ``callback_error`` /
+``aec_error``) with its type and message.
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ import numpy as np
 from bus import Publisher, Subscriber
 from engine.supervisor import child
 from engine.supervisor.child import error_text, every_period, run_reporting, stop_on_signals
+from engine.audio.preflight import mic_wav_format
 from engine.codec import resample
 from engine.capture.echo import EchoCanceller, EchoGate, FarEnd
 from engine.console.audio import SOURCE_TOPIC, BrowserMicReader, SourceSwitch
@@ -141,9 +143,14 @@ class CaptureProcess:
         self.ring.write(pcm)
 
     def housekeeping(self) -> None:
-        """Main-thread chores: write the recording, publish echo statistics."""
+        """Main-thread chores: write the recording, publish echo statistics. A recording that
+        cannot be written (a full disk) stops the engine: a DeviceError naming the file."""
         if self.recorder is not None:
-            self.recorder.drain()
+            try:
+                self.recorder.drain()
+            except OSError as exc:
+                raise DeviceError(f"cannot write the recording {self.recorder.path}: {error_text(exc)}; "
+                                  "the session is stopped, what was written is kept") from None
         now = time.monotonic()
         if self.console_sub is not None:
             self._source_chores(now)
@@ -203,22 +210,21 @@ class CaptureProcess:
     @staticmethod
     def read_wav(path: str) -> tuple[np.ndarray, int]:
         """The mic file's first channel at 24 kHz, and its own rate; :class:`DeviceError` naming
-        the file and the problem when it cannot be used."""
+        the file and the problem when it cannot be used (the header as the supervisor checked it
+        before starting anything, :func:`engine.audio.preflight.mic_wav_format`, then the
+        data: any failure reading or converting it is the file's, never a crash)."""
+        fmt = mic_wav_format(path)
         try:
             with wave.open(path, "rb") as w:
-                if w.getsampwidth() != 2:
-                    raise DeviceError(f"mic file {path} is {8 * w.getsampwidth()}-bit: only 16-bit PCM WAV files "
-                                      "can be used as a mic (convert it, e.g. sox IN -b 16 OUT.wav)")
-                rate, channels = w.getframerate(), w.getnchannels()
-                pcm = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
-        except FileNotFoundError:
-            raise DeviceError(f"mic file {path} does not exist") from None
-        except (wave.Error, EOFError, ValueError, OSError) as exc:
-            raise DeviceError(f"mic file {path} is not a readable WAV file ({type(exc).__name__}: "
-                              f"{error_text(exc)}); use a 16-bit PCM WAV file") from None
-        if channels > 1:
-            pcm = pcm[: len(pcm) - len(pcm) % channels].reshape(-1, channels)[:, 0].copy()
-        return resample(pcm, rate, RATE_HZ), rate
+                data = w.readframes(fmt.frames)
+            data = data[: len(data) - len(data) % (2 * fmt.channels)]   # a truncated last frame is cut
+            pcm = np.frombuffer(data, dtype="<i2")
+            if fmt.channels > 1:
+                pcm = pcm.reshape(-1, fmt.channels)[:, 0].copy()
+            return resample(pcm, fmt.rate_hz, RATE_HZ), fmt.rate_hz
+        except Exception as exc:  # noqa: BLE001 - whatever a corrupt file makes fail, it is the file's fault
+            raise DeviceError(f"mic file {path} cannot be read as a mic ({type(exc).__name__}: {error_text(exc)}); "
+                              "use a 16-bit PCM WAV file") from None
 
     def run_wav(self, path: str) -> None:
         pcm, rate = self.read_wav(path)
@@ -275,7 +281,12 @@ class CaptureProcess:
             return run_reporting(self.pub, "capture", self.run_pyaudio)
         finally:
             if self.recorder is not None:
-                self.recorder.close()
+                try:
+                    self.recorder.close()
+                except OSError as exc:   # a full disk at the last write: said, never a traceback
+                    self.pub.publish("engine.error", {"source": "capture", "code": "record_failed",
+                                                      "message": f"the recording {self.recorder.path} could not be "
+                                                                 f"finished: {error_text(exc)}"})
 
 
 if __name__ == "__main__":

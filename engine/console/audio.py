@@ -221,16 +221,20 @@ def parse_talk_start(raw: str | bytes) -> int:
 
 def ring_names_from(conn: dict[str, Any]) -> dict[str, str]:
     """The engine's ring names by kind (``listen``, ``browser``, …) from its connection file's
-    ``ring_names`` (each ``realtalk-PID-KIND``)."""
-    names = conn.get("ring_names") or []
-    return {n.rsplit("-", 1)[-1]: n for n in names if isinstance(n, str) and n.startswith("realtalk-")}
+    ``ring_names`` map (kind -> name; the names are random, the kind is never read from them)."""
+    names = conn.get("ring_names")
+    if not isinstance(names, dict):
+        return {}
+    return {k: n for k, n in names.items() if isinstance(k, str) and isinstance(n, str)}
 
 
 def engine_ring_names(path: Path | None = None) -> dict[str, str]:
-    """The running engine's ring names by kind (its ``engine.json``); empty without one."""
-    from bus.client import connection_file
+    """The running engine's ring names by kind (its ``engine.json``, believed only when it is this
+    user's own private file: bus/runtime.py); empty without one."""
+    from bus import BusError
+    from bus.runtime import read_connection
     try:
-        conn = json.loads((path or connection_file()).read_text())
-    except (OSError, ValueError):
+        conn = read_connection(path)
+    except (OSError, BusError):
         return {}
-    return ring_names_from(conn) if isinstance(conn, dict) else {}
+    return ring_names_from(conn)

@@ -1,6 +1,6 @@
 """The console as a child of the supervisor (``engine start --console``): its spec (one
 JSON line on stdin) holds the bus endpoints (no signing key: the console publishes only
-``cmd.*``, and it holds no secret the page could leak), ``console`` {``host``, ``port``},
+``cmd.*``, and it holds no secret the page could leak), ``console`` {``host``, ``port``, ``allowed_hosts``},
 ``session_dir`` and ``rings`` (the engine's ring names by kind: listen and talk attach
 ``listen`` and ``browser``). It dies with the supervisor like every child."""
 from __future__ import annotations
@@ -25,7 +25,7 @@ class ConsoleProcess:
                                     port=int(opts.get("port", 0)),
                                     sessions_base=session_dir.parent if session_dir else None,
                                     live_session=session_dir.name if session_dir else None,
-                                    rings=spec.get("rings"))
+                                    rings=spec.get("rings"), allowed_hosts=opts.get("allowed_hosts") or ())
 
     def run(self) -> int:
         try:

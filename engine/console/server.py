@@ -16,22 +16,36 @@
 
 Access: it listens on loopback unless told otherwise, and everything but the static files
 needs the random token of its URL (as Jupyter does); the API key never reaches it (the
-console has no spec key but the bus endpoints). While it runs, ``console.json`` (0600) in
-the engine's runtime directory holds its URL for ``engine status``.
+console has no spec key but the bus endpoints). While it runs, ``console.json`` (0600, written
+to a new file renamed over it) in the engine's runtime directory (0700) holds its URL and
+token for ``engine status``; it is believed only when it is this user's own private file and
+names a console process of this user's that runs (bus/runtime.py).
+
+Host and Origin, checked on every request before the token (403 and one log line per refused
+value a minute): the ``Host`` header must name the console by an IP address, ``localhost``, this
+machine's host name or a name given with ``--allow-host`` (:func:`host_allowed`: a DNS-rebinding
+page reaches 127.0.0.1 under its own domain name, which its requests carry as Host); an
+``Origin`` header, when there is one, must be the console's own, ``http(s)://`` + that Host
+(:func:`origin_allowed`: another site's page that learnt a token cannot open the console's
+WebSockets, the listen and talk sockets among them, in its visitor's browser). A request
+without ``Origin`` is not a browser's cross-site request (browsers send it on every WebSocket
+handshake) and goes on to the token check.
 """
 from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import mimetypes
 import os
 import secrets
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Iterable, TextIO
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import ServerConnection, serve
@@ -40,7 +54,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from bus import Endpoints
-from bus.client import runtime_dir
+from bus import BusError
+from bus.runtime import own_process, proc_exe, proc_start_ticks, read_private_json, runtime_dir, write_private_file
 from engine.console import lookback
 from engine.console.relay import BATCH_S, IDLE_BATCH_S, BusRelay, ConsoleError, PageQueue, encode_batch
 from engine.console.sound import WRITE_LIMIT_BYTES, ListenHub, Rings, TalkHub, audio_stats, send_now
@@ -49,6 +64,48 @@ STATIC = Path(__file__).resolve().parent / "static"
 INFO_FILE = "console.json"
 MAX_SAY_CHARS = 20_000
 AUDIO_STATS_EVERY_S = 2.0
+REFUSAL_LOG_EVERY_S = 60.0     #: a refused Host or Origin value is logged at most this often
+
+
+def _host_name(host: str) -> str | None:
+    """The name in a ``Host`` header (``name``, ``name:port``, ``[v6]:port``), lower case, without
+    port or brackets; None if it is not of that form."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        name, sep, rest = host[1:].partition("]")
+        if not sep or (rest and not (rest[0] == ":" and rest[1:].isdigit())):
+            return None
+        return name or None
+    name, sep, port = host.partition(":")
+    if sep and not port.isdigit():
+        return None
+    return name or None
+
+
+def host_allowed(host: str | None, names: Iterable[str]) -> bool:
+    """The DNS-rebinding check: ``host`` (a ``Host`` header) names the console by an IP address,
+    ``localhost`` or one of ``names`` (this machine's host name, ``--allow-host``). A rebinding
+    page's requests carry the attacker's own domain name, never one of these."""
+    name = _host_name(host or "")
+    if name is None:
+        return False
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        pass
+    return name == "localhost" or name in {n.strip().lower() for n in names}
+
+
+def origin_allowed(origin: str | None, host: str | None) -> bool:
+    """The cross-site check: no ``Origin`` (not a browser's cross-site request), or the console's
+    own, ``http://`` or ``https://`` (behind a TLS proxy) + its ``Host``. ``null`` (a sandboxed
+    frame, a file) is refused."""
+    if origin is None:
+        return True
+    parts = urlsplit(origin.strip())
+    return (parts.scheme in ("http", "https") and bool(parts.netloc) and host is not None
+            and parts.netloc.lower() == host.strip().lower() and not parts.path.strip("/"))
 
 
 def info_path() -> Path:
@@ -57,14 +114,14 @@ def info_path() -> Path:
 
 
 def read_info() -> dict[str, Any] | None:
-    """The running console's ``console.json`` ({url, pid, pid_start_ticks, host, port}) if its
-    process still runs, else None."""
-    from engine.supervisor.process import same_process
+    """The running console's ``console.json`` ({url, pid, pid_start_ticks, exe, host, port}) if it
+    is this user's own private file and its process is provably this user's console still
+    running, else None."""
     try:
-        info = json.loads(info_path().read_text())
-    except (OSError, ValueError):
+        info = read_private_json(info_path(), "console file")
+    except (OSError, BusError):
         return None
-    if not isinstance(info, dict) or not same_process(info.get("pid"), info.get("pid_start_ticks")):
+    if not isinstance(info, dict) or not own_process(info.get("pid"), info.get("pid_start_ticks"), info.get("exe")):
         return None
     return info
 
@@ -118,9 +175,12 @@ class ConsoleServer:
 
     def __init__(self, endpoints: Endpoints, *, host: str = "127.0.0.1", port: int = 0,
                  sessions_base: Path | None = None, live_session: str | None = None,
-                 token: str | None = None, out: TextIO = sys.stdout, rings: dict[str, str] | None = None) -> None:
+                 token: str | None = None, out: TextIO = sys.stdout, rings: dict[str, str] | None = None,
+                 allowed_hosts: Iterable[str] = ()) -> None:
         """``rings``: the engine's ring names by kind (the supervisor's spec); without them the
-        listen and talk rings are found in the running engine's ``engine.json``."""
+        listen and talk rings are found in the running engine's ``engine.json``. ``allowed_hosts``:
+        host names the console may be reached by besides IP addresses, ``localhost`` and this
+        machine's name (a reverse proxy's, a DNS name of this machine)."""
         self.endpoints = endpoints
         self.host = host
         self.port = port
@@ -137,8 +197,37 @@ class ConsoleServer:
         self.rings = Rings(rings)
         self.listen = ListenHub(self.rings, self._publish)
         self.talk = TalkHub(self.rings, self._publish)
+        self.host_names = (socket.gethostname(), *allowed_hosts)
+        self.refused_requests = 0                      #: requests refused for their Host or Origin
+        self._refusals_logged: dict[str, float] = {}   #: refused value -> when it was last logged
 
     # ------------------------------------------------------------ HTTP
+    def _foreign(self, path: str, headers: Any) -> Response | None:
+        """403 for a request whose Host or Origin is not the console's own (module docstring),
+        with a log line (each refused value at most once a REFUSAL_LOG_EVERY_S); None if both are."""
+        hosts, origins = headers.get_all("Host"), headers.get_all("Origin")
+        host = hosts[0] if len(hosts) == 1 else ", ".join(hosts)     # two are refused: neither is trusted
+        origin = origins[0] if len(origins) == 1 else (", ".join(origins) if origins else None)
+        if not host_allowed(host, self.host_names):
+            what = f"Host {host!r}"
+            why = (f"the console refuses {what}: open it by its IP address, localhost or this machine's name "
+                   f"({self.host_names[0]}); another name must be allowed with --allow-host NAME "
+                   "(a page under a foreign name may be a DNS-rebinding attack)")
+        elif not origin_allowed(origin, host):
+            what = f"Origin {origin!r}"
+            why = (f"the console refuses requests from the page at {what}: only its own pages "
+                   f"(http://{host}) may use it (cross-site WebSocket hijacking)")
+        else:
+            return None
+        self.refused_requests += 1
+        now = time.monotonic()
+        if now - self._refusals_logged.get(what, -1e9) >= REFUSAL_LOG_EVERY_S:
+            self._refusals_logged[what] = now
+            self.out.write(f"realtalk: console: refused {path} with 403: {why} "
+                           f"({self.refused_requests} refused so far)\n")
+            self.out.flush()
+        return _response(403, why + "\n")
+
     def _authorized(self, query: dict[str, list[str]]) -> bool:
         given = (query.get("token") or [""])[0]
         return hmac.compare_digest(given.encode(), self.token.encode())
@@ -147,6 +236,9 @@ class ConsoleServer:
         """Everything but the WebSocket handshake is answered here."""
         parts = urlsplit(request.path)
         path, query = parts.path, parse_qs(parts.query)
+        foreign = self._foreign(path, request.headers)
+        if foreign is not None:
+            return foreign
         if path.startswith("/static/"):
             return self._static(path[len("/static/"):])
         if path == "/favicon.ico":
@@ -298,20 +390,15 @@ class ConsoleServer:
 
     # ------------------------------------------------------------ lifecycle
     def _write_info(self) -> None:
-        from engine.supervisor.process import proc_start_ticks
-        path = info_path()
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with open(fd, "w") as f:
-            json.dump({"url": self.url, "pid": os.getpid(), "pid_start_ticks": proc_start_ticks(os.getpid()),
-                       "host": self.host, "port": self.port}, f)
-        tmp.replace(path)
+        write_private_file(info_path(), json.dumps({
+            "url": self.url, "pid": os.getpid(), "pid_start_ticks": proc_start_ticks(os.getpid()),
+            "exe": proc_exe("self"), "host": self.host, "port": self.port}))
 
     def _remove_info(self) -> None:
         try:
-            if json.loads(info_path().read_text()).get("pid") == os.getpid():
+            if read_private_json(info_path(), "console file").get("pid") == os.getpid():
                 info_path().unlink()
-        except (OSError, ValueError, AttributeError):
+        except (OSError, BusError, AttributeError):
             pass
 
     async def serve(self, stop: asyncio.Event) -> None:

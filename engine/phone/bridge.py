@@ -1,54 +1,74 @@
-"""The phone bridge: Twilio Media Streams WebSockets in, one Realtime API session per call out,
-all in one asyncio loop. Each call is driven by the engine's own pure core (RealtimeCore with
-``audio_format="audio/pcmu"``): the phone side stands in for capture (caller audio -> MicAudio)
-and playback (Play -> ``media`` messages as the audio arrives, never re-paced: the phone side
-buffers and plays it; marks -> the heard index, Flush -> ``clear``).
+"""The phone bridge: Twilio Media Streams WebSockets in, one API session per call out, all in one
+asyncio loop. Each call is driven by the engine's own pure core (the model's backend's, as the
+engine's: RealtimeCore with ``audio_format="audio/pcmu"``) through the engine's own API link
+(:mod:`engine.link`, as the realtime process): the phone side stands in for capture (caller
+audio -> MicAudio) and playback (Play -> ``media`` messages as the audio arrives, never re-paced:
+the phone side buffers and plays it; marks -> the heard index, Flush -> ``clear``).
 
-I/O only; the decisions are the core's (:mod:`engine.realtime.core`), the protocol's
-(:mod:`engine.phone.twilio`) and the heard clock's (:mod:`engine.phone.heard`).
+I/O only; the decisions are the core's (:mod:`engine.realtime.core`), the link policy's
+(:mod:`engine.link.policy`), the protocol's (:mod:`engine.phone.twilio`) and the heard clock's
+(:mod:`engine.phone.heard`).
 
 Rules:
-- A call's sockets are written by one writer task each, from a queue: applying the core's
-  actions never waits on a socket, and their order is kept.
+- A call's sockets are written by one writer each (:class:`engine.wsio.Outgoing`): applying the
+  core's actions never waits on a socket, and their order is kept.
+- A call's API socket is its :class:`~engine.link.shell.ApiLink`: the same connect, reconnect,
+  fatal-failure and recycle rules as the engine's (a call gives up sooner: a caller waits in
+  silence). A call whose API cannot be reached at its start, or whose key is refused, ends at once.
 - Every bus message of a call carries ``phone_call_id`` (``call_id`` is already the key of a
   tool call's id); commands name the call the same way. Tool registrations without a
   ``phone_call_id`` are for every call, present and future.
 - Whatever goes wrong in one call (a bad phone message, a handler bug, a dead API socket) is
   reported with its ``phone_call_id`` and ends at most that call.
+- The port is guarded (:mod:`engine.phone.guard`): the upgrade is authenticated (403) and held
+  under ``max_calls`` (503); each socket's message rate, time to ``start`` and idleness are
+  watched; ``start`` is admitted (authenticated, under ``max_calls``) before the API socket opens.
+  A refused socket is closed with a code and a reason, counted (``phone.status`` ``refused``).
+- A phone's malformed messages are counted and published at most once a second per call (the
+  count since the last report and an example); the port's own refusals and the WebSocket
+  layer's errors once a second per code. Nothing of them goes to stderr.
 """
 from __future__ import annotations
 
 import asyncio
-import base64
+import dataclasses
 import json
+import logging
 import os
 import secrets
 import threading
 import time
+from collections import Counter
 from typing import Any, Mapping
 
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from bus import Publisher, Subscriber
+from engine.phone.guard import (CLOSE_TOO_BIG, TOKEN_PARAMETER, Close, ConnectionGuard, ErrorSampler, Report,
+                                auth_from_config, check_upgrade, limits_from_config, token_ok)
 from engine.phone.heard import HeardClock
 from engine.phone.hold import Out, StartHold
 from engine.phone.twilio import (FRAME_BYTES, MEDIA_RATE_HZ, DtmfMsg, MarkMsg, MediaMsg, PhoneProtocolError, StartMsg,
-                                 StopMsg, TwilioStream)
-from engine.realtime.core import RealtimeCore
-from engine.wsio import keeps_up
-from engine.realtime.records import (Action, Command, Connected, Disconnected, EndOfAudio, Flush, Input, MicAudio, Play,
-                                     PlaybackReport, Publish, Reconnect, Send, SendAudio, ServerEvent, Tick)
+                                 StopMsg, TwilioStream, show)
+from engine.link.backends import ProtocolCore, backend_for
+from engine.link.policy import LinkRules
+from engine.link.shell import ApiLink
+from engine.realtime.dialects import dialect_for
+from engine.realtime.records import Command, EndOfAudio, Flush, Input, MicAudio, Play, PlaybackReport, Publish
+from engine.wsio import LATE_S as LATE_S, OUTGOING_MAX as OUTGOING_MAX, Latency as Latency, Outgoing as Outgoing
 
 STATUS_EVERY_S = 1.0
-API_RETRIES_S = (0.0, 0.5, 1.0, 2.0)
+#: failed API connects in a row before a call gives up (about 8 s: 0, 0.2, 0.5, 1, 2, 4 s); the engine's is 18
+API_RECONNECT_TRIES = 6
+API_CLOSE_WAIT_S = 3.0         #: a call's end waits this long for its API link to close
 #: topics whose name is the engine's single session: a call's go out under phone.call.*
 CALL_TOPIC_RENAMES = {"engine.status": "phone.call.status"}
 DTMF_MODES = ("off", "context", "reply")
-OUTGOING_MAX = 20_000          #: messages queued for one socket before that call is ended (a stuck peer)
-LATE_S = 0.020                 #: a media frame handed to its socket later than this after its audio came in is late
+#: what to do when a call's API cannot be reached at its start (named in its error)
+UNREACHABLE_HINT = "check openai_url in the config and the network"
 
 
 def call_session(session: Mapping[str, Any]) -> dict[str, Any]:
@@ -60,112 +80,34 @@ def call_session(session: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _p99_ms(samples_us: list[float]) -> float | None:
-    if not samples_us:
-        return None
-    ordered = sorted(samples_us)
-    return round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] / 1000, 3)
-
-
-class Latency:
-    """One path's latencies (µs, the latest 4096 frames') and how many frames were over :data:`LATE_S`."""
-
-    def __init__(self) -> None:
-        self.samples_us: list[float] = []
-        self.late = 0
-
-    def note(self, value_us: float, frames: int = 1) -> None:
-        """``frames`` 20 ms frames (one message may carry several) took ``value_us``."""
-        self.samples_us.extend([value_us] * frames)
-        self.late += frames if value_us > LATE_S * 1e6 else 0
-        if len(self.samples_us) > 4096:
-            del self.samples_us[:len(self.samples_us) - 3072]
-
-    def p99_ms(self) -> float | None:
-        return _p99_ms(self.samples_us)
-
-
-class Outgoing:
-    """One socket's writer; senders never wait. A message is written at once, in the sender's own
-    callback, when nothing waits before it and the socket keeps up (open, its transport's write
-    buffer under the high-water mark): websockets' documented synchronous ``broadcast`` to this one
-    connection, with no task hop, so it does not wait behind every other call's work in the loop's
-    next turns. Otherwise it waits in a queue that a task drains in order (``ws.send``: backpressure).
-
-    A message put with ``since_s`` (a monotonic instant: when what it carries came in) and a
-    :class:`Latency` notes ``since_s`` -> the moment its bytes were handed to the socket, once per
-    20 ms frame it carries (``frames``)."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.queue: asyncio.Queue[tuple[str, float, Latency | None, int] | None] = asyncio.Queue()
-        self.ws: ServerConnection | ClientConnection | None = None
-        self.task: asyncio.Task[None] | None = None
-        self._sending = False          #: the task is between taking a message and its send's end
-
-    def start(self, ws: ServerConnection | ClientConnection) -> None:
-        self.ws = ws
-        if self.task is None:
-            self.task = asyncio.get_running_loop().create_task(self._run(), name=f"writer {self.name}")
-
-    def put(self, text: str, since_s: float = 0.0, latency: Latency | None = None, frames: int = 1) -> bool:
-        ws = self.ws
-        if ws is not None and not self._sending and self.queue.empty() and keeps_up(ws):
-            broadcast((ws,), text)   # a failed write is logged by websockets; the reader sees the close
-            if latency is not None:
-                latency.note((time.monotonic() - since_s) * 1e6, frames)
-            return True
-        if self.queue.qsize() >= OUTGOING_MAX:
-            return False
-        self.queue.put_nowait((text, since_s, latency, frames))
-        return True
-
-    async def _run(self) -> None:
-        while True:
-            item = await self.queue.get()
-            if item is None:
-                return
-            ws = self.ws
-            if ws is None:
-                continue
-            text, since_s, latency, frames = item
-            self._sending = True
-            try:
-                await ws.send(text)
-            except ConnectionClosed:
-                continue  # the reader sees it
-            finally:
-                self._sending = False
-            if latency is not None:
-                latency.note((time.monotonic() - since_s) * 1e6, frames)
-
-    def close(self) -> None:
-        self.queue.put_nowait(None)
-
-
 class Call:
     """One phone call: its Twilio stream, its core, its API socket."""
 
-    def __init__(self, bridge: "PhoneBridge", ws: ServerConnection) -> None:
+    def __init__(self, bridge: "PhoneBridge", ws: ServerConnection, authenticated: bool) -> None:
         self.bridge = bridge
         self.ws = ws
+        self.authenticated = authenticated     #: at the upgrade (a signature, a token in the URL, or auth none)
+        self.guard = ConnectionGuard(bridge.limits, time.monotonic())
+        self.guard_timer: asyncio.TimerHandle | None = None
+        self.reports = ErrorSampler()          #: this call's malformed messages, published at most once a second
+        self.report_timer: asyncio.TimerHandle | None = None
         self.stream = TwilioStream()
         self.clock = HeardClock(bridge.mark_every_frames)
-        self.core: RealtimeCore | None = None
+        self.core: ProtocolCore | None = None
+        self.link: ApiLink | None = None
         self.id: str = ""
         self.start: StartMsg | None = None
         self.started_at_s = time.monotonic()
         self.started_wall = time.time()
         self.phone_out = Outgoing("phone")
-        self.api_out = Outgoing("api")
-        self.api: ClientConnection | None = None
         self.api_task: asyncio.Task[None] | None = None
-        self.timer: asyncio.TimerHandle | None = None
         self.hold = StartHold(bridge.prebuffer_ms)      #: each reply's start held audio.prebuffer_ms
         self.hold_timer: asyncio.TimerHandle | None = None
-        self.timer_due = float("inf")
         self.item_start: int | None = None
         self.ended = False
+        self.pending = True                    #: waiting for its start (counted in bridge.pending)
+        self.close_with: tuple[int, str] = (1000, "")   #: the close code and reason the phone socket ends with
+        self.closing = False                   #: close_phone() began the close handshake
         self.end_reason = ""
         self.media_in_frames = 0
         self.errors = 0
@@ -175,25 +117,96 @@ class Call:
         self.in_latency = Latency()
         self.out_latency = Latency()
         self.clear_latency = Latency()
-        self.frame_in_s = 0.0          #: when the phone frame being handled came in
-        self.event_in_s = 0.0          #: when the API event being handled came in
 
     # ------------------------------------------------------------ the phone side
     async def run(self) -> None:
         self.phone_out.start(self.ws)
+        self.arm_guard()
         try:
             async for text in self.ws:
+                if self.closing:
+                    continue   # our close is under way: what still comes is read and dropped, so it can finish
+                close = self.guard.frame(time.monotonic())
+                if close is not None:
+                    self.refuse(close)
+                    continue
                 self.on_phone(text)
-                if self.ended:
+                if self.ended and not self.closing:
                     break
             if not self.ended:
                 self.end_reason = self.end_reason or "hangup"
-        except ConnectionClosed:
+        except ConnectionClosed as exc:
+            if exc.sent is not None and exc.sent.code == CLOSE_TOO_BIG:   # the WebSocket layer refused a frame
+                self.refuse(Close("frame_too_big", CLOSE_TOO_BIG, exc.sent.reason), sent=True)
             self.end_reason = self.end_reason or "hangup"
         except Exception as exc:  # noqa: BLE001 - one call's bug ends that call only
             self.fail(exc)
         finally:
             await self.end()
+
+    # ------------------------------------------------------------ the guard
+    def refuse(self, close: Close, sent: bool = False) -> None:
+        """Close this socket as the guard decided (unless the WebSocket layer already did,
+        ``sent``): counted and reported port-wide, and the call's end reason."""
+        b = self.bridge
+        b.refused[close.code] += 1
+        b.refused_calls += 1
+        who = f"call {show(self.id)}" if self.id else "a connection"
+        limit = {"frame_too_big": f" (phone.max_frame_bytes {b.limits.max_frame_bytes})",
+                 "rate_limited": " (phone.max_messages_per_s)", "start_timeout": " (phone.start_timeout_s)",
+                 "idle_timeout": " (phone.idle_timeout_s)", "at_capacity": " (phone.max_calls)",
+                 "unauthenticated": f" (phone.auth {b.auth.mode})"}.get(close.code, "")
+        b.port_event(close.code, f"{who} closed ({close.close_code}): {close.reason}{limit}")
+        self.end_reason = self.end_reason or close.code
+        self.ended = True
+        if not sent:
+            self.close_phone(close.close_code, close.reason)
+
+    def close_phone(self, code: int, reason: str) -> None:
+        """Close the phone socket with ``code`` and ``reason``. The reader goes on reading (and
+        dropping) until the peer's close comes: a reader that stopped would leave a flooding peer's
+        frames unread, the transport paused, and the close handshake stalled for its timeout."""
+        self.close_with = (code, reason)
+        if not self.closing and self.ws.state is State.OPEN:
+            self.closing = True
+            asyncio.get_running_loop().create_task(self.ws.close(code, reason))
+
+    def arm_guard(self) -> None:
+        due = self.guard.deadline()
+        if due is None or self.ended:
+            return
+        self.guard_timer = asyncio.get_running_loop().call_later(max(0.0, due - time.monotonic()), self._guard_tick)
+
+    def _guard_tick(self) -> None:
+        self.guard_timer = None
+        if self.ended:
+            return
+        close = self.guard.tick(time.monotonic())
+        if close is not None:
+            self.refuse(close)
+        else:
+            self.arm_guard()
+
+    def report(self, code: str, message: str, fatal: bool = False) -> None:
+        """A malformed phone message: counted; published now, or summed into the next report."""
+        self.errors += 1
+        out = self.reports.note(code, message, time.monotonic(), fatal)
+        if out is not None:
+            self._publish_report(out)
+        elif self.report_timer is None:
+            due = self.reports.due_s()
+            if due is not None:
+                self.report_timer = asyncio.get_running_loop().call_later(max(0.0, due - time.monotonic()),
+                                                                          self._flush_reports)
+
+    def _flush_reports(self) -> None:
+        self.report_timer = None
+        out = self.reports.flush(time.monotonic())
+        if out is not None:
+            self._publish_report(out)
+
+    def _publish_report(self, r: Report) -> None:
+        self.bridge.error(self, r.code, f"phone message refused: {r.message}", fatal=r.fatal, count=r.count)
 
     def fail(self, exc: BaseException) -> None:
         """A bug in this call's handling (phone side, API side or a timer): ``engine.error``
@@ -204,24 +217,22 @@ class Call:
         self.end_reason = "error"
         self.ended = True
         self.bridge.error(self, "call_failed", f"the call failed: {type(exc).__name__}: {exc}", fatal=True)
-        if self.ws.state.name == "OPEN":
-            asyncio.get_running_loop().create_task(self.ws.close(1011, "call failed"))
+        self.close_phone(1011, "call failed")
 
     def on_phone(self, text: str | bytes) -> None:
         now = time.monotonic()
         try:
             msg = self.stream.receive(text)
         except PhoneProtocolError as exc:
-            self.errors += 1
-            self.bridge.error(self, exc.code, f"phone message refused: {exc}", fatal=exc.fatal)
+            self.report(exc.code, str(exc), exc.fatal)
             if exc.fatal:
                 self.end_reason = "bad_start"
                 self.ended = True
+                self.close_phone(1008, f"bad start: {exc.code}")
             return
         if isinstance(msg, MediaMsg):
             if msg.track != "outbound" and self.core is not None:
                 self.media_in_frames += 1
-                self.frame_in_s = now
                 self.step(MicAudio(msg.ulaw, now))
         elif isinstance(msg, MarkMsg):
             self.on_mark(msg.name, now)
@@ -235,13 +246,31 @@ class Call:
 
     def on_start(self, msg: StartMsg) -> None:
         b = self.bridge
+        params = msg.custom_parameters
+        authenticated = self.authenticated
+        if b.auth.mode == "token":   # the token never goes further than this
+            authenticated = authenticated or token_ok(b.auth.secret, params.get(TOKEN_PARAMETER))
+            msg = dataclasses.replace(msg, custom_parameters={k: v for k, v in params.items() if k != TOKEN_PARAMETER})
+        self.id = msg.call_sid   # (named in the refusal's report; only an admitted call is in b.calls)
+        close = self.guard.start(authenticated, len(b.calls), b.max_calls)
+        if close is not None:
+            self.refuse(close)
+            self.id = ""
+            return
+        b.pending -= 1
+        self.pending = False
         self.start = msg
         self.id = msg.call_sid if msg.call_sid not in b.calls else f"{msg.call_sid}-{secrets.token_hex(3)}"
         b.calls[self.id] = self
-        self.core = RealtimeCore(b.model, b.session, barge_in=b.barge_in, min_speech_ms=b.min_speech_ms,
-                                 budget_usd=b.budget_usd, audio_format="audio/pcmu")
+        self.core = core = b.backend.core(b.model, b.session, barge_in=b.barge_in, min_speech_ms=b.min_speech_ms,
+                                          budget_usd=b.budget_usd, audio_format="audio/pcmu")
         for body in b.global_tools.values():  # tools registered for every call
-            self.core.handle(Command("cmd.tool.register", {k: v for k, v in body.items() if k != "id"}), 0.0, 0)
+            core.handle(Command("cmd.tool.register", {k: v for k, v in body.items() if k != "id"}), 0.0, 0)
+        self.link = ApiLink(b.backend, core, self, b.api_url, b.api_headers,
+                            LinkRules(b.api_url.split("?")[0], key_env=b.key_env, max_tries=API_RECONNECT_TRIES,
+                                      recycle_after_s=b.recycle_after_s, hint=UNREACHABLE_HINT),
+                            name=f"api {self.id}", audio_latency=self.in_latency, on_error=self.fail,
+                            dialect=dialect_for(b.provider, b.model, b.deployment))
         b.publish(self, "phone.call.started", {"call_sid": msg.call_sid, "stream_sid": msg.stream_sid,
                                                "account_sid": msg.account_sid, "tracks": list(msg.tracks),
                                                "custom_parameters": msg.custom_parameters})
@@ -267,61 +296,58 @@ class Call:
         else:
             self.step(PlaybackReport("position", None, echo.heard_index, {}))
 
-    # ------------------------------------------------------------ the core
+    # ------------------------------------------------------------ the core (through the API link)
     def step(self, rec: Input) -> None:
-        core = self.core
-        if core is None:
-            return
-        now = time.monotonic()
-        acts = core.handle(rec, now, self.clock.heard_index(now))
-        follow = self.apply(acts, now)
-        for r in follow:
-            now = time.monotonic()
-            self.apply(core.handle(r, now, self.clock.heard_index(now)), now)
-        self.schedule()
+        """Hand a record of this call's (a phone frame, a mark, a command) to its core; the link
+        applies what it decides, in order."""
+        if self.link is not None:
+            self.link.step(rec)
 
-    def apply(self, acts: list[Action], now: float) -> list[Input]:
-        """Apply the core's actions; returns the reports they produce (fed back by step)."""
-        follow: list[Input] = []
+    def heard_index(self, now_s: float) -> int:
+        return self.clock.heard_index(now_s)
+
+    def received(self, event: Mapping[str, Any], in_s: float) -> None:
+        """A server event came in (before the core has it): when the caller started to speak, the
+        start of the clear's latency."""
+        if event.get("type") == "input_audio_buffer.speech_started":
+            self.bridge.last_speech_started_s[self.id] = in_s
+
+    def perform(self, act: Play | Flush | EndOfAudio | Publish, now: float) -> Input | None:
+        """The core's actions that are not the API socket's (the link's host); returns the
+        playback report an action makes (fed straight back to the core by the link)."""
         b = self.bridge
-        for act in acts:
-            if isinstance(act, Play):
-                outs = self.hold.audio(act.pcm, self.event_in_s or now, now, self.clock.drained(now))
-                if act.starts_item:
-                    self.item_start = self.clock.sent_frames
-                    follow.append(PlaybackReport("started", self.item_start, self.item_start,
-                                                 {"first_sample_mono_ns": time.monotonic_ns(),
-                                                  "output_latency_ms": self.hold.hold_ms
-                                                  if self.hold.holding else 0.0}))
-                self.send_out(outs, now)
-                self.arm_hold()
-            elif isinstance(act, Publish):
-                b.publish(self, CALL_TOPIC_RENAMES.get(act.topic, act.topic), act.payload)
-                if act.topic == "playout.interrupted":
-                    self.truncations += 1
-            elif isinstance(act, SendAudio):
-                self.api_out.put('{"type":"input_audio_buffer.append","audio":"'
-                                 + base64.b64encode(act.pcm).decode("ascii") + '"}', self.frame_in_s or now,
-                                 self.in_latency if self.api is not None else None)
-            elif isinstance(act, Send):
-                self.api_out.put(json.dumps(act.event))
-                b.publish(self, "client." + act.event["type"], act.event)
-            elif isinstance(act, Flush):
-                dropped = self.hold.drop()   # counted by the core, never sent
-                self._cancel_hold_timer()
-                heard_at = self.bridge.last_speech_started_s.pop(self.id, None)
-                if heard_at is not None:
-                    self.put_phone(self.stream.clear(), heard_at, self.clear_latency)
-                else:
-                    self.put_phone(self.stream.clear())
-                heard = self.clock.clear(now, unsent_frames=dropped)
-                follow.append(PlaybackReport("flushed", self.item_start if self.item_start is not None else heard,
-                                             heard, {"flush_mono_ns": time.monotonic_ns()}))
-            elif isinstance(act, EndOfAudio):
-                self.send_out(self.hold.end_of_item(now), now)
-            elif isinstance(act, Reconnect):
-                pass  # a call lasts less than a session (60 minutes): nothing to recycle
-        return follow
+        if isinstance(act, Play):
+            link = self.link
+            event_in_s = (link.event_in_s if link is not None else 0.0) or now   #: when its API event came in
+            outs = self.hold.audio(act.pcm, event_in_s, now, self.clock.drained(now))
+            report: Input | None = None
+            if act.starts_item:
+                self.item_start = self.clock.sent_frames
+                report = PlaybackReport("started", self.item_start, self.item_start,
+                                        {"first_sample_mono_ns": time.monotonic_ns(),
+                                         "output_latency_ms": self.hold.hold_ms if self.hold.holding else 0.0})
+            self.send_out(outs, now)
+            self.arm_hold()
+            return report
+        if isinstance(act, Publish):
+            b.publish(self, CALL_TOPIC_RENAMES.get(act.topic, act.topic), act.payload)
+            if act.topic == "playout.interrupted":
+                self.truncations += 1
+            return None
+        if isinstance(act, Flush):
+            dropped = self.hold.drop()   # counted by the core, never sent
+            self._cancel_hold_timer()
+            heard_at = b.last_speech_started_s.pop(self.id, None)
+            if heard_at is not None:
+                self.put_phone(self.stream.clear(), heard_at, self.clear_latency)
+            else:
+                self.put_phone(self.stream.clear())
+            heard = self.clock.clear(now, unsent_frames=dropped)
+            return PlaybackReport("flushed", self.item_start if self.item_start is not None else heard,
+                                  heard, {"flush_mono_ns": time.monotonic_ns()})
+        if isinstance(act, EndOfAudio):
+            self.send_out(self.hold.end_of_item(now), now)
+        return None
 
     def send_out(self, outs: list[Out], now: float) -> None:
         """Send what the hold let go, in order: audio as one media message up to each mark (not re-cut
@@ -372,26 +398,7 @@ class Call:
             self.bridge.error(self, "phone_stuck", "the phone side does not read what is sent: ending the call")
             self.end_reason = "phone_stuck"
             self.ended = True
-            asyncio.get_running_loop().create_task(self.ws.close(1011, "not reading"))
-
-    def schedule(self) -> None:
-        core = self.core
-        due = core.next_deadline() if core is not None else None
-        if due is None or due >= self.timer_due:
-            return
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer_due = due
-        loop = asyncio.get_running_loop()
-        self.timer = loop.call_later(max(0.0, due - time.monotonic()), self._tick)
-
-    def _tick(self) -> None:
-        self.timer, self.timer_due = None, float("inf")
-        if not self.ended:
-            try:
-                self.step(Tick())
-            except Exception as exc:  # noqa: BLE001 - one call's bug ends that call only
-                self.fail(exc)
+            self.close_phone(1011, "not reading")
 
     # ------------------------------------------------------------ the API side
     async def api_loop(self) -> None:
@@ -402,44 +409,11 @@ class Call:
             self.fail(exc)
 
     async def _api_loop(self) -> None:
-        b = self.bridge
-        first = True
-        for delay in API_RETRIES_S:
-            if self.ended:
-                return
-            if delay:
-                await asyncio.sleep(delay)
-            try:
-                api = await connect(b.api_url, additional_headers=b.api_headers, max_size=None, open_timeout=10,
-                                    ping_interval=None, compression=None)
-            except (OSError, InvalidStatus, asyncio.TimeoutError) as exc:
-                b.error(self, "connect_failed", f"cannot connect to the API: {type(exc).__name__}: {exc}")
-                continue
-            self.api = api
-            self.api_out.start(api)
-            self.step(Connected(reconnect=not first, reason="start" if first else "reconnect"))
-            first = False
-            code, why = 1000, ""
-            try:
-                async for text in api:
-                    self.event_in_s = time.monotonic()
-                    try:
-                        event = json.loads(text)
-                    except ValueError:
-                        b.error(self, "bad_server_message", "unparseable server message")
-                        continue
-                    if isinstance(event, dict):
-                        if event.get("type") == "input_audio_buffer.speech_started":
-                            b.last_speech_started_s[self.id] = self.event_in_s
-                        self.step(ServerEvent(event))
-                    self.event_in_s = 0.0
-            except ConnectionClosed as exc:
-                code, why = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else (1006, "no close frame")
-            self.api = None
-            self.step(Disconnected(code, why))
-            if self.ended:
-                return
-        b.error(self, "gave_up", "the API socket could not be kept open: ending the call", fatal=True)
+        assert self.link is not None
+        end = await self.link.run()
+        if end is None or self.ended:
+            return
+        self.bridge.error(self, end.code, f"{end.message}: ending the call", fatal=True)
         self.end_reason = "api_failed"
         self.ended = True
         await self.ws.close(1011, "api unavailable")
@@ -448,20 +422,22 @@ class Call:
     async def end(self) -> None:
         self.ended = True
         self.stream.closed()
-        if self.timer is not None:
-            self.timer.cancel()
+        if self.pending:
+            self.pending = False
+            self.bridge.pending -= 1
+        for timer in (self.guard_timer, self.report_timer):
+            if timer is not None:
+                timer.cancel()
+        self._flush_reports()   # what waited, if its second has passed (phone_errors below counts them all)
         self._cancel_hold_timer()
-        api = self.api
-        if api is not None:
-            await api.close()
+        if self.link is not None:
+            self.link.stop()
         if self.api_task is not None:
-            self.api_task.cancel()
             try:
-                await self.api_task
+                await asyncio.wait_for(asyncio.shield(self.api_task), API_CLOSE_WAIT_S)
             except (asyncio.CancelledError, Exception):  # noqa: BLE001 - ending: nothing more to report
-                pass
+                self.api_task.cancel()
         self.phone_out.close()
-        self.api_out.close()
         b = self.bridge
         if self.id and b.calls.get(self.id) is self:
             del b.calls[self.id]
@@ -488,7 +464,7 @@ class Call:
                 "api_errors": core.errors if core else 0})
             b.status_changed()
         if self.ws.state.name == "OPEN":
-            await self.ws.close()
+            await self.ws.close(*self.close_with)
 
     def summary(self) -> dict[str, Any]:
         s = self.start
@@ -497,15 +473,44 @@ class Call:
                 "custom_parameters": s.custom_parameters if s else {},
                 "started_ts": round(self.started_wall, 3), "duration_s": round(time.monotonic() - self.started_at_s, 1),
                 "usd": round(self.core.total_usd(), 6) if self.core else 0.0,
-                "api": "connected" if self.api is not None else "disconnected"}
+                "api": "connected" if self.link is not None and self.link.connected else "disconnected"}
+
+
+class _PortLog(logging.Handler):
+    """The WebSocket layer's warnings and errors (a failed opening handshake, a failed write): to
+    the port's rate-limited reports, as one line naming the peer and what failed, never a traceback."""
+
+    def __init__(self, bridge: "PhoneBridge") -> None:
+        super().__init__(logging.WARNING)
+        self.bridge = bridge
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            what = record.getMessage()
+            peer = getattr(getattr(record, "websocket", None), "remote_address", None)
+            where = f" (from {peer[0]}:{peer[1]})" if isinstance(peer, tuple) and len(peer) >= 2 else ""
+            exc: BaseException | None = record.exc_info[1] if record.exc_info else None
+            causes: list[str] = []
+            while exc is not None and len(causes) < 3:
+                causes.append(str(exc) or type(exc).__name__)
+                exc = exc.__cause__
+            detail = f": {'; '.join(causes)}" if causes else ""
+            code = "bad_handshake" if "handshake" in what else "websocket"
+            self.bridge.port_event(code, f"{what}{where}{detail}")
+        except Exception:  # noqa: BLE001 - a report must never raise into the WebSocket layer
+            self.handleError(record)
 
 
 class PhoneBridge:
-    """Listens for Media Streams calls; ``url`` once :meth:`listen` returned."""
+    """Listens for Media Streams calls; ``url`` once :meth:`listen` returned. ConfigError at once
+    when ``phone.auth`` cannot be met (its secret missing from ``environ``, ``none`` off loopback)."""
 
-    def __init__(self, spec: Mapping[str, Any], publisher: Publisher | None = None) -> None:
+    def __init__(self, spec: Mapping[str, Any], publisher: Publisher | None = None,
+                 environ: Mapping[str, str] | None = None) -> None:
         cfg = spec["config"]
         phone = {**cfg.get("phone", {}), **(spec.get("phone") or {})}
+        self.auth = auth_from_config(phone, os.environ if environ is None else environ)
+        self.limits = limits_from_config(phone)
         self.host: str = phone.get("host", "127.0.0.1")
         self.port: int = int(phone.get("port", 0))
         self.path: str = "/" + str(phone.get("path", "/twilio")).lstrip("/")
@@ -519,6 +524,8 @@ class PhoneBridge:
         hold_ms = phone.get("prebuffer_ms")   # None: the speaker's own setting, audio.prebuffer_ms
         self.prebuffer_ms = int(hold_ms if hold_ms is not None else (cfg.get("audio") or {}).get("prebuffer_ms", 60))
         self.model: str = cfg["model"]
+        self.backend = backend_for(self.model)
+        self.recycle_after_s = self.backend.recycle_after_s(cfg.get("session_recycle_s"))
         self.session = call_session(spec["session"])
         self.barge_in = bool(cfg["barge_in"]["enabled"])
         self.min_speech_ms = int(cfg["barge_in"]["min_speech_ms"])
@@ -531,6 +538,9 @@ class PhoneBridge:
         key_env = spec.get("api_key_env")
         if key_env and os.environ.get(key_env):
             self.api_headers["Authorization"] = f"Bearer {os.environ[key_env]}"
+        self.key_env: str = spec.get("key_env") or key_env or "OPENAI_API_KEY"
+        self.provider: str = spec.get("provider") or "openai"
+        self.deployment: str | None = spec.get("deployment")
         self.sub_endpoint: str = spec["bus"]["subscribe"]
         self.pub = publisher or Publisher(spec["bus"]["publish"], f"phone:{os.getpid()}")
         self.calls: dict[str, Call] = {}
@@ -541,6 +551,12 @@ class PhoneBridge:
         self.stop = asyncio.Event()
         self.calls_total = 0
         self.refused_calls = 0
+        self.refused: Counter[str] = Counter()       #: refusals by code (unauthenticated, at_capacity, …)
+        self.pending = 0                             #: sockets open and not yet admitted at start
+        self.port_reports: dict[str, ErrorSampler] = {}
+        self.ws_logger = logging.Logger("realtalk.phone.websockets", logging.WARNING)
+        self.ws_logger.addHandler(_PortLog(self))
+        self.ws_logger.propagate = False
         self._status_due = 0.0
 
     # ------------------------------------------------------------ bus out
@@ -550,13 +566,30 @@ class PhoneBridge:
             body["phone_call_id"] = call.id
         self.pub.publish(topic, body)
 
-    def error(self, call: Call | None, code: str, message: str, fatal: bool = False) -> None:
+    def error(self, call: Call | None, code: str, message: str, fatal: bool = False, count: int = 1) -> None:
         self.publish(call, "engine.error", {"source": "phone", "code": code, "message": message,
-                                            "call_fatal": fatal})
+                                            "call_fatal": fatal, "count": count})
+
+    def port_event(self, code: str, message: str) -> None:
+        """Something the port refused or its WebSocket layer failed at: published at most once a
+        second per ``code`` (the count since the last and this first example); the rest waits for
+        :meth:`flush_port_reports`."""
+        sampler = self.port_reports.setdefault(code, ErrorSampler())
+        out = sampler.note(code, message, time.monotonic())
+        if out is not None:
+            self.error(None, out.code, out.message, count=out.count)
+
+    def flush_port_reports(self) -> None:
+        now = time.monotonic()
+        for sampler in self.port_reports.values():
+            out = sampler.flush(now)
+            if out is not None:
+                self.error(None, out.code, out.message, count=out.count)
 
     def status(self) -> dict[str, Any]:
         return {"url": self.url, "calls": [c.summary() for c in list(self.calls.values())],
-                "calls_total": self.calls_total, "refused_calls": self.refused_calls, "max_calls": self.max_calls}
+                "calls_total": self.calls_total, "refused_calls": self.refused_calls, "max_calls": self.max_calls,
+                "refused": dict(self.refused), "pending": self.pending, "auth": self.auth.mode}
 
     def status_changed(self) -> None:
         self.publish(None, "phone.status", self.status())
@@ -569,11 +602,12 @@ class PhoneBridge:
             self.error(None, "bad_command", f"{topic}: {type(exc).__name__}: {exc}")
 
     def _ack(self, body: Mapping[str, Any], ok: bool, **extra: Any) -> None:
+        """The command's outcome (the broker acked it on cmd.ack when it came: bus protocol 2)."""
         if body.get("id"):
-            self.pub.publish("cmd.ack", {"id": body["id"], "ok": ok, **extra})
+            self.pub.publish("cmd.done", {"id": body["id"], "ok": ok, **extra})
 
     def _on_bus(self, topic: str, body: dict[str, Any]) -> None:
-        if topic == "cmd.ack":
+        if topic in ("cmd.ack", "cmd.done"):
             return
         target = body.get("phone_call_id")
         if topic == "engine.presence.gone":
@@ -626,21 +660,39 @@ class PhoneBridge:
 
     # ------------------------------------------------------------ calls in
     def _check_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        """The upgrade: the path (404), who it is (403, no detail), room (503: the calls at
+        max_calls, or as many sockets already waiting for their start)."""
         if request.path.split("?")[0] != self.path:
             return conn.respond(404, f"Media Streams calls are taken at {self.path}\n")
-        if len(self.calls) >= self.max_calls:
+        verdict = check_upgrade(self.auth, request.headers, request.path)
+        if verdict.status is not None:
+            self.refused[verdict.code] += 1
             self.refused_calls += 1
+            peer = conn.remote_address
+            self.port_event(verdict.code, f"an upgrade from {peer[0] if peer else '?'} was refused (403): no valid "
+                                          f"{'X-Twilio-Signature' if self.auth.mode == 'twilio' else 'token'} "
+                                          f"(phone.auth {self.auth.mode})")
+            return conn.respond(verdict.status, "Forbidden\n")
+        if len(self.calls) >= self.max_calls or self.pending >= self.max_calls:
+            self.refused["at_capacity"] += 1
+            self.refused_calls += 1
+            self.port_event("at_capacity", f"an upgrade was refused (503): {len(self.calls)} calls and "
+                                           f"{self.pending} waiting for their start, phone.max_calls {self.max_calls}")
             return conn.respond(503, f"at capacity ({self.max_calls} calls)\n")
         return None
 
     async def handle(self, ws: ServerConnection) -> None:
         self.calls_total += 1
-        call = Call(self, ws)
+        request = ws.request
+        authenticated = request is not None and check_upgrade(self.auth, request.headers, request.path).authenticated
+        self.pending += 1      # from here until its start is admitted or it closes (Call.end)
+        call = Call(self, ws, authenticated)
         await call.run()
 
     async def listen(self) -> str:
         self.server = await serve(self.handle, self.host, self.port, process_request=self._check_request,
-                                  max_size=1 << 20, compression=None, ping_interval=None)
+                                  max_size=self.limits.max_frame_bytes, open_timeout=self.limits.start_timeout_s,
+                                  compression=None, ping_interval=None, logger=self.ws_logger)
         sockets = list(self.server.sockets)
         port = sockets[0].getsockname()[1] if sockets else self.port
         self.url = f"ws://{self.host}:{port}{self.path}"
@@ -648,6 +700,7 @@ class PhoneBridge:
 
     async def serve_forever(self) -> None:
         while not self.stop.is_set():
+            self.flush_port_reports()
             if not self.solo:
                 self.status_changed()
             try:

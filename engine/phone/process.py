@@ -4,11 +4,14 @@ a core per call; the bus commands come in on a thread of their own."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 import threading
 from typing import Any
 
+from bus import Publisher
+from engine.errors import ConfigError
 from engine.phone.bridge import PhoneBridge
 from engine.supervisor import child
 
@@ -21,11 +24,18 @@ class PhoneProcess:
         return asyncio.run(self._run())
 
     async def _run(self) -> int:
-        bridge = PhoneBridge(self.spec)
+        pub = Publisher(self.spec["bus"]["publish"], f"phone:{os.getpid()}")
+        pub.join(self.spec["bus"]["subscribe"])
+        try:
+            bridge = PhoneBridge(self.spec, publisher=pub)
+        except ConfigError as exc:   # phone.auth cannot be met: restarting would not help (exit 3: FATAL)
+            pub.publish("engine.error", {"source": "phone", "code": "config", "message": str(exc), "fatal": True})
+            await asyncio.sleep(0.2)
+            pub.close()
+            return child.DEVICE_FAILED
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, bridge.stop.set)
-        bridge.pub.join(bridge.sub_endpoint)
         stop = threading.Event()
         thread = threading.Thread(target=bridge.bus_thread, args=(loop, stop), name="bus", daemon=True)
         thread.start()
@@ -35,7 +45,7 @@ class PhoneProcess:
             bridge.error(None, "listen_failed", f"the phone bridge cannot listen on {bridge.host}:{bridge.port}: "
                          f"{exc.strerror}; use --port 0 for a free port")
             await asyncio.sleep(0.2)
-            return 3
+            return child.DEVICE_FAILED
         bridge.publish(None, "phone.status", bridge.status())  # the supervisor prints the URL
         del url
         try:

@@ -8,7 +8,12 @@ It does what Twilio does on a bidirectional stream (``<Connect><Stream>``), in r
   but ``connected`` with a ``sequenceNumber`` (a string counting from "1");
 - plays what it receives at real pace, 20 ms a tick (the caller's ear, kept for a WAV), and echoes
   each ``mark`` once the audio received before it has played;
-- on ``clear`` drops the audio not yet played and echoes the pending marks at once.
+- on ``clear`` drops the audio not yet played and echoes the pending marks at once;
+- signs its WebSocket upgrade as Twilio does (``X-Twilio-Signature``: base64 HMAC-SHA1 of the
+  URL it dials, keyed with ``auth_token``, by default ``$TWILIO_AUTH_TOKEN``); with ``token`` it
+  carries a deployment's token in ``start.customParameters.token`` instead (``phone.auth: token``);
+- once its socket has closed it stops talking and playing (its tasks end; nothing is written to a
+  socket whose closing has begun).
 
 ``played_frames_at(t)`` is its own played position (frames of received audio heard by monotonic
 time t); each ``clear`` is logged with the position at that instant, to check truncations against.
@@ -18,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import secrets
 import time
 import wave
@@ -27,11 +33,18 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
+
+from engine.phone.guard import SIGNATURE_HEADER, TOKEN_PARAMETER, twilio_signature
 
 FRAME_MS = 20
 FRAME_BYTES = 160
 UNDERRUN_MAX_FRAMES = 25        #: a dry spell up to 500 ms with audio after it is an underrun
 ULAW_SILENCE = b"\xff"
+
+
+class LineClosed(ConnectionClosed):
+    """The phone's own socket is closing or closed: it writes nothing more."""
 
 
 @dataclass
@@ -48,6 +61,8 @@ class FakePhone:
     stream_sid: str = field(default_factory=lambda: "MZ" + secrets.token_hex(16))
     account_sid: str = "AC" + "0" * 32
     echo_marks: bool = True
+    auth_token: str | None = None      #: signs the upgrade; None: $TWILIO_AUTH_TOKEN (if set); "": unsigned
+    token: str | None = None           #: phone.auth token: sent as start.customParameters.token
 
     def __post_init__(self) -> None:
         self.ws: ClientConnection | None = None
@@ -80,12 +95,21 @@ class FakePhone:
         self.tasks: list[asyncio.Task[None]] = []
 
     # ------------------------------------------------------------ call control
+    def headers(self) -> dict[str, str]:
+        """The upgrade's headers: Twilio's signature of :attr:`url`, when there is an auth token."""
+        key = os.environ.get("TWILIO_AUTH_TOKEN", "") if self.auth_token is None else self.auth_token
+        return {SIGNATURE_HEADER: twilio_signature(key, self.url)} if key else {}
+
     async def dial(self) -> "FakePhone":
-        self.ws = await connect(self.url, max_size=None, compression=None, ping_interval=None)
+        self.ws = await connect(self.url, max_size=None, compression=None, ping_interval=None,
+                                additional_headers=self.headers())
+        params = dict(self.custom_parameters)
+        if self.token is not None:
+            params[TOKEN_PARAMETER] = self.token
         await self._send({"event": "connected", "protocol": "Call", "version": "1.0.0"}, seq=False)
         await self._send({"event": "start", "start": {
             "streamSid": self.stream_sid, "accountSid": self.account_sid, "callSid": self.call_sid,
-            "tracks": ["inbound"], "customParameters": dict(self.custom_parameters),
+            "tracks": ["inbound"], "customParameters": params,
             "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}})
         self.t0 = time.monotonic()
         loop = asyncio.get_running_loop()
@@ -137,6 +161,8 @@ class FakePhone:
     # ------------------------------------------------------------ internals
     async def _send(self, msg: dict[str, Any], seq: bool = True) -> None:
         assert self.ws is not None
+        if self.ws.state is not State.OPEN:   # closing or closed: the line is dead
+            raise LineClosed(None, None)
         if seq:
             self.seq += 1
             msg = {"event": msg["event"], "sequenceNumber": str(self.seq), **msg, "streamSid": self.stream_sid}
@@ -198,6 +224,9 @@ class FakePhone:
             pass
         finally:
             self.closed.set()
+            for task in self.tasks:           # the line is dead: stop talking and playing
+                if task is not asyncio.current_task():
+                    task.cancel()
 
     async def _echo(self, name: str) -> None:
         if not self.echo_marks:

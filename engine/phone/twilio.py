@@ -18,6 +18,8 @@ Rules:
   base64, a media format other than µ-law 8 kHz mono, or comes in a state where it has no place
   raises :class:`PhoneProtocolError` (with a ``code``); the machine's state is unchanged, so the
   caller reports it for this call and reads on. Only a bad ``start`` ends the call (``fatal``).
+  Its message names the field and shows the bad value (:func:`show`: cut to 40 characters),
+  e.g. ``start.mediaFormat.sampleRate: 'abc' is not an integer``; never a bare exception's text.
 - ``connected`` is optional (some providers that speak this protocol skip it).
 
 States and transitions (anything else is refused):
@@ -117,10 +119,23 @@ class StopMsg:
 PhoneEvent = ConnectedMsg | StartMsg | MediaMsg | DtmfMsg | MarkMsg | StopMsg
 
 
+def show(value: object, limit: int = 40) -> str:
+    """``value`` for an error message: its repr, cut to ``limit`` characters (it may be anything
+    the peer sent, of any size)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+def _kind(value: object) -> str:
+    return {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
+            bool: "true/false", type(None): "null"}.get(type(value), type(value).__name__)
+
+
 def _obj(msg: Mapping[str, Any], key: str, event: str) -> Mapping[str, Any]:
     value = msg.get(key)
     if not isinstance(value, dict):
-        raise PhoneProtocolError("missing_field", f"a {event!r} message needs {key!r}: an object",
+        got = "missing" if key not in msg else f"{_kind(value)}, not an object"
+        raise PhoneProtocolError("missing_field", f"{key}: {got}; a {event!r} message needs {key!r} as an object",
                                  fatal=event == "start")
     return value
 
@@ -130,9 +145,32 @@ def _str(obj: Mapping[str, Any], key: str, event: str, *, required: bool = True)
     if isinstance(value, str) and value:
         return value
     if required:
-        raise PhoneProtocolError("missing_field", f"a {event!r} message needs {key!r}: a non-empty string",
-                                 fatal=event == "start")
+        got = "missing" if key not in obj else f"{show(value)} is not a non-empty string"
+        raise PhoneProtocolError("missing_field", f"{event}.{key}: {got}", fatal=event == "start")
     return ""
+
+
+def _media_format(fmt: object) -> None:
+    """``start.mediaFormat``: absent keys take Twilio's values; anything else but µ-law 8 kHz mono
+    is refused, naming the field and its value."""
+    def bad(key: str, why: str) -> PhoneProtocolError:
+        return PhoneProtocolError("media_format", f"start.mediaFormat.{key}: {why} (only {MEDIA_ENCODING} at "
+                                  f"{MEDIA_RATE_HZ} Hz mono is spoken)", fatal=True)
+    if fmt is None:
+        return
+    if not isinstance(fmt, dict):
+        raise PhoneProtocolError("media_format", f"start.mediaFormat: {_kind(fmt)}, not an object", fatal=True)
+    encoding = fmt.get("encoding", MEDIA_ENCODING)
+    if encoding != MEDIA_ENCODING:
+        raise bad("encoding", f"{show(encoding)} is not {MEDIA_ENCODING!r}")
+    for key, want in (("sampleRate", MEDIA_RATE_HZ), ("channels", 1)):
+        value = fmt.get(key, want)
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad(key, f"{show(value)} is not an integer")
+        if value != want:
+            raise bad(key, f"{value} is not {want}")
 
 
 class TwilioStream:
@@ -150,16 +188,21 @@ class TwilioStream:
         """Parse one frame and move the state; :class:`PhoneProtocolError` leaves the state as it was."""
         try:
             msg = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise self._refuse("not_json", f"not JSON: {exc}") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:   # (JSON nested past the parser's depth)
+            where = f" (at character {exc.pos})" if isinstance(exc, json.JSONDecodeError) else ""
+            raise self._refuse("not_json", f"a frame that is not JSON{where}: {show(text)}") from None
         if not isinstance(msg, dict):
-            raise self._refuse("not_an_object", "a Media Streams message is a JSON object")
+            raise self._refuse("not_an_object", f"a Media Streams message is a JSON object, not {_kind(msg)}: "
+                                                f"{show(msg)}")
         event = msg.get("event")
         if event not in EVENTS:
-            raise self._refuse("unknown_event", f"unknown event {event!r} (known: {', '.join(sorted(EVENTS))})")
+            got = "missing" if "event" not in msg else f"{show(event)} is not one of {', '.join(sorted(EVENTS))}"
+            raise self._refuse("unknown_event", f"event: {got}")
         to = TRANSITIONS.get((self.state, event))
         if to is None:
-            raise self._refuse("out_of_order", f"{event!r} cannot come while the stream is {self.state.value}")
+            before = self.state in (StreamState.OPEN, StreamState.CONNECTED)
+            raise self._refuse("out_of_order", f"event: {event!r} cannot come while the stream is {self.state.value}"
+                                               + (" (before its 'start')" if before else ""))
         try:
             parsed = getattr(self, "_parse_" + event)(msg)
         except PhoneProtocolError:
@@ -184,14 +227,11 @@ class TwilioStream:
 
     def _parse_start(self, msg: Mapping[str, Any]) -> StartMsg:
         start = _obj(msg, "start", "start")
-        fmt = start.get("mediaFormat") or {}
-        if not isinstance(fmt, dict) or fmt.get("encoding", MEDIA_ENCODING) != MEDIA_ENCODING \
-                or int(fmt.get("sampleRate", MEDIA_RATE_HZ)) != MEDIA_RATE_HZ or int(fmt.get("channels", 1)) != 1:
-            raise PhoneProtocolError("media_format", f"mediaFormat {fmt!r}: only {MEDIA_ENCODING} at "
-                                     f"{MEDIA_RATE_HZ} Hz mono is spoken", fatal=True)
+        _media_format(start.get("mediaFormat"))
         params = start.get("customParameters") or {}
-        if not isinstance(params, dict):
-            raise PhoneProtocolError("missing_field", "start.customParameters must be an object", fatal=True)
+        if not isinstance(params, dict):   # (its value is not shown: it may hold a token)
+            raise PhoneProtocolError("missing_field", f"start.customParameters: {_kind(params)}, not an object",
+                                     fatal=True)
         tracks = start.get("tracks") or ["inbound"]
         return StartMsg(stream_sid=_str(start, "streamSid", "start"), call_sid=_str(start, "callSid", "start"),
                         account_sid=_str(start, "accountSid", "start", required=False),
@@ -202,11 +242,12 @@ class TwilioStream:
         media = _obj(msg, "media", "media")
         payload = media.get("payload")
         if not isinstance(payload, str):
-            raise PhoneProtocolError("missing_field", "a 'media' message needs media.payload: base64 text")
+            got = "missing" if "payload" not in media else f"{_kind(payload)}, not base64 text"
+            raise PhoneProtocolError("missing_field", f"media.payload: {got}")
         try:
             ulaw = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise PhoneProtocolError("bad_payload", f"media.payload is not base64: {exc}") from None
+        except (binascii.Error, ValueError):
+            raise PhoneProtocolError("bad_payload", f"media.payload: {show(payload)} is not base64") from None
         ts = media.get("timestamp")
         try:
             timestamp_ms = int(ts) if ts is not None else None
@@ -218,7 +259,7 @@ class TwilioStream:
         dtmf = _obj(msg, "dtmf", "dtmf")
         digit = _str(dtmf, "digit", "dtmf")
         if digit not in DTMF_DIGITS:
-            raise PhoneProtocolError("bad_digit", f"dtmf.digit {digit!r} is not one of 0-9 * # A-D")
+            raise PhoneProtocolError("bad_digit", f"dtmf.digit: {show(digit)} is not one of 0-9 * # A-D")
         return DtmfMsg(digit, str(dtmf.get("track") or "inbound_track"))
 
     def _parse_mark(self, msg: Mapping[str, Any]) -> MarkMsg:

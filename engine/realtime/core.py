@@ -21,25 +21,36 @@ Rules of the dispatcher:
   responses that were asked for are reported failed (``response.done`` with status
   ``failed``), the audio that arrived plays out, held words are released. When a socket opens
   the session config, the tools and the conversation so far are replayed.
-- The conversation (what was said and heard, tool calls and outputs) is published on
-  ``conversation.history`` (a last-value topic), so a restarted realtime process replays it.
+- The state a successor needs is published on ``conversation.history`` (a last-value topic the
+  broker keeps) at every change: the conversation (:mod:`~engine.realtime.history`), the
+  requests held, the tools registered, the session config, the mic gate, and the keys of the
+  latest commands taken. A restarted realtime process starts from it (:meth:`RealtimeCore.restore_history`).
+- Commands: each is taken once (by ``id``, else publisher and ``seq``: the broker hands a
+  restarted process what it held, which may have come live too). Taking one tells the broker
+  it may let it go: with the state, when the command changed it (so it is safe first), else
+  with the short ``intake.taken``. Its outcome is published on ``cmd.done`` (the broker acked
+  it on ``cmd.ack`` when it came).
 """
 from __future__ import annotations
 
 import base64
 import enum
+import json
 import secrets
 import string
+from collections import OrderedDict
 from typing import Any, Callable, Mapping
 
+from bus.wire import ACK_TOPIC, COMMAND_TOPICS, DONE_TOPIC, STATE_TOPIC, TAKEN_TOPIC, command_key, id_problem
 from engine.realtime import budget as budget_mod
+from engine.realtime.history import REPLAYED, History
 from engine.realtime.playout import Playout, Truncation
 from engine.errors import ConfigError
 from engine.realtime.records import (API_RATE_HZ, AUDIO_FORMATS, Action, Command, Connected, Disconnected, EndOfAudio,
                                      Flush, Input, MicAudio, Play, PlaybackReport, Publish, Send, SendAudio, ServerEvent,
                                      Tick)
-from engine.realtime.requests import Request, Requests, check_response_options
-from engine.realtime.tools import Tools, check_session_tools, parse_registration
+from engine.realtime.requests import SEEN_IDS, Request, Requests, check_response_options
+from engine.realtime.tools import ToolSpec, Tools, check_session_tools, parse_registration
 from engine.realtime.turns import Turns
 
 #: server event types of the retired beta protocol; seeing one means the peer is not GA
@@ -52,9 +63,15 @@ BETA_ONLY_EVENTS = frozenset({
 #: errors that are benign races; reported, never fatal
 BENIGN_ERRORS = frozenset({"response_cancel_not_active"})
 #: conversation items replayed into a new API session
-HISTORY_ITEMS = 50
-COMMAND_TOPICS = ("cmd.say", "cmd.respond", "cmd.cancel", "cmd.input.commit", "cmd.input.clear", "cmd.mic",
-                  "cmd.session.update", "cmd.tool.register", "cmd.tool.unregister", "cmd.tool.result")
+HISTORY_ITEMS = REPLAYED
+#: keys of the latest commands taken, in the published state (the broker lets them go)
+TAKEN_PUBLISHED = 64
+#: GPT-Live's context commands, and what does their job on Realtime
+LIVE_ONLY = {
+    "cmd.instructions": "add instructions with cmd.session.update {session: {instructions}} or context with "
+                        "cmd.say role system",
+    "cmd.commentary": "have the model say something with cmd.say role system and respond: true",
+}
 #: the metadata key that tags an out-of-band response with the request that asked for it
 REQUEST_TAG = "realtalk_request_id"
 
@@ -75,7 +92,8 @@ class RealtimeCore:
 
     def __init__(self, model: str, session_config: Mapping[str, Any], *, start_index: int = 0,
                  barge_in: bool = True, min_speech_ms: int = 0, budget_usd: float | None = None,
-                 new_id: Callable[[str], str] = new_id, audio_format: str = "audio/pcm") -> None:
+                 new_id: Callable[[str], str] = new_id, audio_format: str = "audio/pcm",
+                 keeps_session: bool = False) -> None:
         if audio_format not in AUDIO_FORMATS:
             raise ConfigError(f"audio_format {audio_format!r} is not one of {', '.join(AUDIO_FORMATS)}")
         #: what Play / MicAudio / ring indices count: PCM16 24 kHz frames, or G.711 8 kHz bytes (phone calls)
@@ -94,7 +112,11 @@ class RealtimeCore:
         self.requests = Requests()
         self.turns = Turns()
         self.tools = Tools()
-        self.history: list[dict[str, Any]] = []          #: client conversation items to replay
+        self.conversation = History()                    #: what the API holds, to replay into a new session
+        self.taken: OrderedDict[str, None] = OrderedDict()  #: keys of the commands taken (de-duplication)
+        self.core_id = new_id("core")                    #: names this core's state messages (their order: state_seq)
+        self.restored = False                            #: started from a predecessor's state (restore_history)
+        self.state_seq = 0
         self.model_transcripts: dict[str, str] = {}      #: assistant item id -> transcript so far
         self.speech_started_at: float | None = None
         self.pending_barge_in = False
@@ -105,6 +127,8 @@ class RealtimeCore:
         self.errors = 0
         self.malformed_commands = 0
         self.handler_failures = 0
+        #: the server keeps the session across sockets (a SIP call's socket): a reconnect replays nothing
+        self.keeps_session = keeps_session
         self._server_handlers: dict[str, Callable[[Mapping[str, Any], float, int], list[Action]]] = {
             "session.created": self._on_session_created,
             "session.updated": self._on_session_updated,
@@ -113,6 +137,8 @@ class RealtimeCore:
             "input_audio_buffer.speech_started": self._on_speech_started,
             "input_audio_buffer.speech_stopped": self._on_speech_stopped,
             "conversation.item.added": self._on_item_added,
+            "conversation.item.done": self._on_item_done,
+            "conversation.item.deleted": self._on_item_deleted,
             "conversation.item.truncated": self._on_item_truncated,
             "conversation.item.input_audio_transcription.delta": self._on_user_transcript_delta,
             "conversation.item.input_audio_transcription.completed": self._on_user_transcript_done,
@@ -126,6 +152,7 @@ class RealtimeCore:
             "response.output_audio_transcript.done": self._on_transcript_done,
             "response.function_call_arguments.done": self._on_function_call,
             "response.done": self._on_response_done,
+            "input_audio_buffer.dtmf_event_received": self._on_dtmf,
         }
         self._commands: dict[str, Callable[[Mapping[str, Any], float, int], list[Action]]] = {
             "cmd.say": self._cmd_say,
@@ -138,6 +165,7 @@ class RealtimeCore:
             "cmd.tool.register": self._cmd_tool_register,
             "cmd.tool.unregister": self._cmd_tool_unregister,
             "cmd.tool.result": self._cmd_tool_result,
+            "cmd.dtmf": self._cmd_dtmf,
             "engine.presence.gone": self._presence_gone,
         }
         self._reports: dict[str, Callable[[PlaybackReport, float], list[Action]]] = {
@@ -186,11 +214,12 @@ class RealtimeCore:
         self.link = Link.CONNECTED
         self.turns.clock.reset()
         acts: list[Action] = [self._session_update(self._session_with_tools(), None, dict(self.session_config))]
-        replay = self.history[-HISTORY_ITEMS:] if rec.reconnect else []
+        replay = self.conversation.replayable() if rec.reconnect and not self.keeps_session else []
         for item in replay:
-            acts.append(self._send({"type": "conversation.item.create", "item": dict(item)}))
+            acts.append(self._send({"type": "conversation.item.create", "item": item}))
         if rec.reconnect:
-            acts.append(Publish("engine.status", {"state": "reconnected", "reason": rec.reason,
+            reason = "restart" if self.restored and rec.reason == "start" else rec.reason
+            acts.append(Publish("engine.status", {"state": "reconnected", "reason": reason,
                                                   "history_items": len(replay)}))
         return acts + self._drain(now_s)
 
@@ -202,10 +231,10 @@ class RealtimeCore:
                                                         "reason": rec.reason})]
         for _, cmd_id, _ in self.pending_updates:  # what they changed is in the config the next socket gets
             if cmd_id:
-                acts.append(Publish("cmd.ack", {"id": cmd_id, "ok": True, "applied": "on reconnect"}))
+                acts.append(Publish(DONE_TOPIC, {"id": cmd_id, "ok": True, "applied": "on reconnect"}))
         self.pending_updates.clear()
         for req in list(self.requests.pending_commits):
-            acts.append(Publish("cmd.ack", {"id": req.id, "ok": False, "error":
+            acts.append(Publish(DONE_TOPIC, {"id": req.id, "ok": False, "error":
                                             "the API socket closed before the input buffer was committed; "
                                             "its audio is gone with that session: speak again"}))
         lost = self.requests.socket_closed()
@@ -213,25 +242,60 @@ class RealtimeCore:
             acts.append(EndOfAudio())
         for item in self.playout.items.values():  # what was said of an unfinished answer stays in the context
             text = self.model_transcripts.pop(item.item_id, None)
-            if text:
-                self._remember({"type": "message", "role": "assistant",
-                                "content": [{"type": "output_text", "text": text}]}, acts)
+            if text and self.conversation.text(item.item_id, text, final=False):
+                acts.append(self.history_message())
         acts.extend(self.turns.release_all())
         for response_id, request_id in lost:
             acts.append(self._failed(response_id, request_id, "disconnected",
                                      f"the API socket closed ({rec.code}) before the answer was done"))
         return acts
 
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """The conversation as it would be replayed now (client items with their ids)."""
+        return self.conversation.replayable()
+
     def restore_history(self, body: Mapping[str, Any]) -> list[Action]:
-        """A restarted realtime process takes the conversation its predecessor published, and
-        reports failed the answers it left in flight."""
+        """A restarted realtime process starts from the state its predecessor published (call it
+        before the first socket opens): the conversation, the requests it held (sent again; a
+        push-to-talk commit is refused, its audio went with that session), the tools, the session
+        config, the mic gate and the commands it took. The answers it left in flight are reported
+        failed, unless their request is held (it is answered anew)."""
         items = body.get("items")
         if isinstance(items, list):
-            self.history = [dict(i) for i in items if isinstance(i, dict)][-HISTORY_ITEMS:]
+            self.conversation.restore(items)
+        self.restored = True
         acts: list[Action] = []
+        pending = [r for r in (Request.from_wire(w) for w in body.get("pending") or []) if r is not None]
+        for req in pending:
+            self._mark_taken(req.id)
+            self.requests.seen[req.id] = None
+            if req.kind == "commit":
+                acts.append(Publish(DONE_TOPIC, {"id": req.id, "ok": False, "error":
+                                                 "the realtime process restarted before the input buffer was "
+                                                 "committed; its audio is gone with that session: speak again"}))
+            else:
+                self.requests.queue.append(req)
+        held = {r.id for r in pending}
         for req_id in body.get("in_flight") or []:
-            acts.append(self._failed(None, str(req_id), "realtime_restarted",
-                                     "the realtime process restarted before the answer was done"))
+            if str(req_id) not in held:
+                acts.append(self._failed(None, str(req_id), "realtime_restarted",
+                                         "the realtime process restarted before the answer was done"))
+        for raw in body.get("tools") or []:
+            try:
+                self.tools.register(parse_registration(raw))
+            except (ValueError, TypeError, AttributeError):
+                continue
+        session = body.get("session")
+        if isinstance(session, dict):
+            self.session_config = dict(session)
+        if isinstance(body.get("mic_open"), bool):
+            self.mic_open = body["mic_open"]
+        for key in body.get("taken") or []:
+            if isinstance(key, str):
+                self._mark_taken(key)
+        if self.tools.registered:
+            acts.append(Publish("engine.tools", {"tools": sorted(self.tools.registered)}))
         return acts
 
     def _failed(self, response_id: str | None, request_id: str | None, reason: str, message: str) -> Publish:
@@ -246,10 +310,11 @@ class RealtimeCore:
         s["tools"] = self.tools.session_tools(list(s.get("tools", [])))
         return s
 
-    def _remember(self, item: dict[str, Any], acts: list[Action]) -> None:
-        self.history.append(item)
-        del self.history[:-HISTORY_ITEMS]
-        acts.append(self.history_message())
+    def _mark_taken(self, key: str) -> None:
+        self.taken[key] = None
+        self.taken.move_to_end(key)
+        while len(self.taken) > SEEN_IDS:
+            self.taken.popitem(last=False)
 
     def state_messages(self) -> list[Action]:
         """The core's last-value topics, to publish again (a restarted broker's cache is empty)."""
@@ -259,8 +324,16 @@ class RealtimeCore:
         return acts
 
     def history_message(self) -> Publish:
-        in_flight = [r for r in (self.requests.requested_for, *self.requests.response_requests.values()) if r]
-        return Publish("conversation.history", {"items": list(self.history), "in_flight": in_flight})
+        """The state a successor starts from (``conversation.history``; the module docstring)."""
+        in_flight = [r for r in (self.requests.requested_for, *self.requests.response_requests.values(),
+                                 *self.requests.out_of_band) if r]
+        self.state_seq += 1
+        return Publish(STATE_TOPIC, {
+            "items": self.conversation.replayable(), "in_flight": list(dict.fromkeys(in_flight)),
+            "pending": [r.to_wire() for r in self.requests.pending()],
+            "tools": [registration(t) for t in self.tools.registered.values()],
+            "session": self.session_config, "mic_open": self.mic_open,
+            "taken": list(self.taken)[-TAKEN_PUBLISHED:], "core": self.core_id, "state_seq": self.state_seq})
 
     # ================================================================ server events
     def _server_event(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
@@ -284,6 +357,17 @@ class RealtimeCore:
     def protocol_refused(self) -> bool:
         return self.link is Link.REFUSED
 
+    def _on_dtmf(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        """A SIP caller pressed a key (the call socket's ``input_audio_buffer.dtmf_event_received``)."""
+        return [Publish("sip.dtmf", {"key": ev.get("event"), "from": "caller", "received_at": ev.get("received_at")})]
+
+    def _cmd_dtmf(self, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        why = ("Realtime has no client event that sends DTMF (openai 3.63.0 has none): a route with api: live "
+               "sends keys (transport.dtmf.send)")
+        cmd_id = body.get("id")
+        return [Publish(DONE_TOPIC, {"id": cmd_id, "ok": False, "error": why})] if isinstance(cmd_id, str) else \
+            [Publish("engine.error", {"source": "engine", "code": "bad_command", "message": why})]
+
     def _on_session_created(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
         session = ev["session"]
         self.session_id, self.session = session.get("id"), dict(session)
@@ -297,7 +381,7 @@ class RealtimeCore:
         if self.pending_updates:  # the server answers updates in order
             _, cmd_id, _ = self.pending_updates.pop(0)
             if cmd_id:
-                acts.append(Publish("cmd.ack", {"id": cmd_id, "ok": True}))
+                acts.append(Publish(DONE_TOPIC, {"id": cmd_id, "ok": True}))
         return acts
 
     def _session_update(self, session: dict[str, Any], cmd_id: str | None, before: dict[str, Any]) -> Send:
@@ -330,14 +414,14 @@ class RealtimeCore:
             self.pending_updates.remove(update)
             self.session_config = update[2]
             if update[1]:
-                acts.append(Publish("cmd.ack", {"id": update[1], "ok": False, "error": message, "code": code}))
+                acts.append(Publish(DONE_TOPIC, {"id": update[1], "ok": False, "error": message, "code": code}))
         if not benign:
             self.errors += 1
         if req is not None:
             if code == "conversation_already_has_active_response":
                 self.requests.add_front(Request(req.id, "", req.role, True, req.source))  # retry the response only
             else:
-                acts.append(Publish("cmd.ack", {"id": req.id, "ok": False, "error": message, "code": code}))
+                acts.append(Publish(DONE_TOPIC, {"id": req.id, "ok": False, "error": message, "code": code}))
         return acts + self._drain(now_s)
 
     def _on_committed(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
@@ -347,7 +431,7 @@ class RealtimeCore:
         req = self.requests.committed()
         if req is None:
             return []
-        return [Publish("cmd.ack", {"id": req.id, "ok": True, "item_id": ev.get("item_id")})]
+        return [Publish(DONE_TOPIC, {"id": req.id, "ok": True, "item_id": ev.get("item_id")}), self.history_message()]
 
     def _on_speech_started(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
         self.speech_started_at = now_s
@@ -368,12 +452,12 @@ class RealtimeCore:
     def _on_item_added(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
         item = ev["item"]
         req = self.requests.item_added(item.get("id", ""))
-        acts: list[Action] = []
+        changed = self.conversation.added(item, ev.get("previous_item_id"))
+        if req is not None and req.text:   # ours: what we sent, whatever the echo shows of it
+            changed = self.conversation.text(item["id"], req.text, final=False) or changed
+        acts: list[Action] = [self.history_message()] if changed or req is not None else []
         if req is not None:
-            content_type = "output_text" if req.role == "assistant" else "input_text"
-            self._remember({"type": "message", "role": req.role, "content": [{"type": content_type, "text": req.text}]},
-                           acts)
-            acts.append(Publish("cmd.ack", {"id": req.id, "ok": True, "item_id": item["id"]}))
+            acts.append(Publish(DONE_TOPIC, {"id": req.id, "ok": True, "item_id": item["id"]}))
             acts.append(Publish("user.text" if req.role == "user" else "system.text",
                                 {"text": req.text, "item_id": item["id"], "request_id": req.id, "source": req.source}))
         elif item.get("role") == "user" and item.get("type") == "message":
@@ -381,6 +465,15 @@ class RealtimeCore:
                 if part.get("type") == "input_text":
                     acts.append(Publish("user.text", {"text": part["text"], "item_id": item["id"]}))
         return acts
+
+    def _on_item_done(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        item = ev.get("item")
+        if not isinstance(item, Mapping) or self._cut(str(item.get("id"))):
+            return []   # a cut answer's text is the part heard (set at its truncation)
+        return [self.history_message()] if self.conversation.done(item) else []
+
+    def _on_item_deleted(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        return [self.history_message()] if self.conversation.deleted(str(ev.get("item_id"))) else []
 
     def _on_item_truncated(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
         item_id = ev["item_id"]
@@ -395,7 +488,8 @@ class RealtimeCore:
         tr = ((self.session.get("audio") or {}).get("input") or {}).get("transcription") or {}
         usd = self.budget.add_transcription(tr.get("model", ""), ev.get("usage"))
         acts: list[Action] = [Publish("user.transcript.done", {"text": text, "item_id": ev["item_id"], "usd": usd})]
-        self._remember({"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}, acts)
+        if self.conversation.text(ev["item_id"], text):
+            acts.append(self.history_message())
         return acts + self.turns.transcript_arrived(ev["item_id"]) + [self.budget.session_message()]
 
     def _on_user_transcript_failed(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
@@ -451,8 +545,8 @@ class RealtimeCore:
                                                           "request_id": self._request_of(ev["response_id"])})]
         if ev["response_id"] in self.silent_responses or self._out_of_band(ev["response_id"]):
             return acts  # out of band: not part of the conversation
-        self._remember({"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": ev["text"]}]},
-                       acts)
+        if self.conversation.text(ev["item_id"], ev["text"]):
+            acts.append(self.history_message())
         return acts
 
     def _on_transcript_delta(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
@@ -472,8 +566,8 @@ class RealtimeCore:
                                                                 "request_id": self._request_of(ev["response_id"])})]
         if self._out_of_band(ev["response_id"]):
             return acts
-        self._remember({"type": "message", "role": "assistant",
-                        "content": [{"type": "output_text", "text": ev["transcript"]}]}, acts)
+        if self.conversation.text(ev["item_id"], ev["transcript"]):
+            acts.append(self.history_message())
         return acts
 
     def _out_of_band(self, response_id: str) -> bool:
@@ -490,8 +584,10 @@ class RealtimeCore:
         acts: list[Action] = [Publish("tool.call", {"call_id": ev["call_id"], "name": name,
                                                     "arguments": ev.get("arguments", ""), "item_id": ev.get("item_id"),
                                                     "response_id": ev.get("response_id"), "registered": registered})]
-        self._remember({"type": "function_call", "call_id": ev["call_id"], "name": name,
-                        "arguments": ev.get("arguments", "")}, acts)
+        if isinstance(ev.get("item_id"), str) and self.conversation.done(
+                {"id": ev["item_id"], "type": "function_call", "call_id": ev["call_id"], "name": name,
+                 "arguments": ev.get("arguments", ""), "status": "completed"}):
+            acts.append(self.history_message())
         return acts
 
     def _on_response_done(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
@@ -551,9 +647,8 @@ class RealtimeCore:
                                                     "interrupt_mono_ns": int(item.interrupted_at_s * 1e9)}))
         acts.append(Publish("model.transcript.done", {"text": heard_text, "item_id": item.item_id,
                                                       "response_id": item.response_id, "truncated": True}))
-        if heard_text:
-            self._remember({"type": "message", "role": "assistant",
-                            "content": [{"type": "output_text", "text": heard_text}]}, acts)
+        if self.conversation.text(item.item_id, heard_text):
+            acts.append(self.history_message())
         return acts
 
     # ================================================================ playback reports
@@ -618,12 +713,46 @@ class RealtimeCore:
 
     # ================================================================ commands
     def _command(self, topic: str, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        """A command, taken once: a copy (the broker's hand-over of what also came live, a client's
+        re-send) is only said taken again (``intake.taken``), so that the broker lets it go."""
+        if topic in (ACK_TOPIC, DONE_TOPIC):
+            return []
+        key = command_key(body) if topic.startswith("cmd.") else None
+        if key is None:
+            return self._carry_out(topic, body, now_s, heard)
+        if key in self.taken:
+            return [Publish(TAKEN_TOPIC, {"taken": [key]})]
+        self._mark_taken(key)
+        before = self._durable_mark()
+        acts = self._carry_out(topic, body, now_s, heard)
+        if any(isinstance(a, Publish) and a.topic == STATE_TOPIC for a in acts):
+            return acts                                   # the state with this key went out already
+        if self._durable_mark() != before:
+            return acts + [self.history_message()]        # what it changed is safe before the broker lets it go
+        return acts + [Publish(TAKEN_TOPIC, {"taken": [key]})]   # it changed nothing a successor needs
+
+    def _durable_mark(self) -> tuple[Any, ...]:
+        """Changes when the state a successor starts from changes (cheap: versions and identities)."""
+        return (self.conversation.version, tuple((r.id, r.item_id) for r in self.requests.pending()),
+                tuple(id(t) for t in self.tools.registered.values()), id(self.session_config), self.mic_open,
+                tuple(self.requests.out_of_band), self.requests.requested_for)
+
+    def _carry_out(self, topic: str, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
         cmd_id = body.get("id")
         handler = self._commands.get(topic)
+        if topic.startswith("cmd.") and topic not in COMMAND_TOPICS and id_problem(body) is None \
+                and isinstance(cmd_id, str):
+            # the broker's intake refused it on its cmd.ack, naming the known topics: one report, not two
+            self.malformed_commands += 1
+            return []
         try:
+            problem = id_problem(body) if topic.startswith("cmd.") else None
+            if problem is not None:
+                cmd_id = None
+                raise ValueError(problem)
             if handler is None:
-                if topic == "cmd.ack":
-                    return []
+                if topic in LIVE_ONLY:
+                    raise ValueError(f"{topic} is a GPT-Live command (docs/live.md); on Realtime {LIVE_ONLY[topic]}")
                 raise ValueError(f"unknown command topic {topic!r} (known: {', '.join(COMMAND_TOPICS)})")
             return handler(body, now_s, heard)
         except (ValueError, TypeError, KeyError) as exc:
@@ -631,11 +760,12 @@ class RealtimeCore:
             acts: list[Action] = [Publish("engine.error", {"source": "bus", "code": "bad_command", "topic": topic,
                                                            "id": cmd_id, "message": str(exc)})]
             if cmd_id:
-                acts.append(Publish("cmd.ack", {"id": cmd_id, "ok": False, "error": str(exc)}))
+                acts.append(Publish(DONE_TOPIC, {"id": cmd_id, "ok": False, "error": str(exc)}))
             return acts
 
     def _ack(self, body: Mapping[str, Any], **extra: Any) -> list[Action]:
-        return [Publish("cmd.ack", {"id": body["id"], "ok": True, **extra})] if body.get("id") else []
+        """The command's outcome: carried out (``cmd.done`` ``ok``)."""
+        return [Publish(DONE_TOPIC, {"id": body["id"], "ok": True, **extra})] if body.get("id") else []
 
     def _cmd_say(self, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
         text, role = body.get("text"), body.get("role", "user")
@@ -720,7 +850,7 @@ class RealtimeCore:
             acts.append(Publish("engine.error", {"source": "engine", "code": "budget_exceeded", "request_id": req.id,
                                                  "message": "budget_usd reached: no new responses"}))
             if req.kind == "respond":
-                acts.append(Publish("cmd.ack", {"id": req.id, "ok": False, "error": "budget_usd reached"}))
+                acts.append(Publish(DONE_TOPIC, {"id": req.id, "ok": False, "error": "budget_usd reached"}))
             return acts
         event_id = self.new_id("event")
         options = {k: v for k, v in req.options.items() if k != "speak"}
@@ -738,7 +868,7 @@ class RealtimeCore:
             event["response"] = options
         acts.append(Send(event))
         if req.kind == "respond":
-            acts.append(Publish("cmd.ack", {"id": req.id, "ok": True}))
+            acts.append(Publish(DONE_TOPIC, {"id": req.id, "ok": True}))
         return acts
 
     def _cmd_cancel(self, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
@@ -791,16 +921,19 @@ class RealtimeCore:
         if not isinstance(call_id, str):
             raise ValueError("cmd.tool.result needs 'call_id': the call's id from tool.call")
         output = self.tools.result(call_id, body.get("output"))
+        if output is None and self.conversation.unanswered_call(call_id):   # a call made before a restart
+            raw = body.get("output")
+            output = raw if isinstance(raw, str) else json.dumps(raw)
         if output is None:
             return self._ack(body, late=True)  # first result wins; late or duplicate results are ignored
         return self._tool_output(call_id, output, now_s) + self._ack(body)
 
     def _tool_output(self, call_id: str, output: str, now_s: float) -> list[Action]:
-        item = {"type": "function_call_output", "call_id": call_id, "output": output}
+        item = {"id": self.new_id("item"), "type": "function_call_output", "call_id": call_id, "output": output}
         acts: list[Action] = [self._send({"type": "conversation.item.create", "item": item})]
-        self._remember(item, acts)
+        self.conversation.added(item)   # kept now: a socket that closes first has it replayed
         self.requests.add(Request(self.new_id("tool"), "", "user", True, "tool"))
-        return acts + self._drain(now_s)
+        return acts + self._drain(now_s) + [self.history_message()]
 
     # ================================================================ timers
     def next_deadline(self) -> float | None:
@@ -867,3 +1000,9 @@ def _cut_transcript(text: str, played_ms: int, received_ms: int) -> str:
         return text
     words = text.split()
     return " ".join(words[:int(len(words) * played_ms / received_ms)])
+
+
+def registration(spec: ToolSpec) -> dict[str, Any]:
+    """A registered tool as its ``cmd.tool.register`` body (the published state carries it)."""
+    return {"name": spec.name, "description": spec.description, "parameters": spec.parameters,
+            "owner": spec.owner, "timeout_s": spec.timeout_s}

@@ -25,8 +25,13 @@ Rules:
   truncate and no barge-in to make: the model yields by itself.
 - Context: ``cmd.say`` with role ``system`` is silent context (``session.thinking.append``);
   ``cmd.instructions`` and ``cmd.commentary`` append instructions and something the model says in
-  its own words. Each is acknowledged (``cmd.ack``) when the server places it on the timeline
-  (``*.appended``), or refused with the server's error. A ``cmd.*`` Live cannot do (a user text
+  its own words. Each is done (``cmd.done``) when the server places it on the timeline
+  (``*.appended``), or refused with the server's error.
+- Commands are taken once, as the Realtime core takes them (by ``id``, else publisher and
+  ``seq``; the broker acked them on ``cmd.ack`` and holds them until taken): a command that changed
+  the state a successor starts from is let go with that state (``conversation.history``: the
+  conversation, the context not yet placed, the tools, the mic gate, the keys taken), any other
+  with ``intake.taken``. A restarted realtime process starts from that state. A ``cmd.*`` Live cannot do (a user text
   message, a response on demand, cancel, commit) is refused at once, naming the Live alternative.
 - Delegation: the model hands a task to the application (``session.delegation.created``, no task
   text). The core routes it to a tool registered on the bus (:func:`pick_tool`) as a ``tool.call``
@@ -49,7 +54,8 @@ import base64
 import enum
 import json
 import re
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -57,11 +63,13 @@ import numpy as np
 from engine.codec import g711_table
 from engine.cost import live_cost_usd, live_prices
 from engine.errors import ConfigError, EngineError
-from engine.realtime.core import COMMAND_TOPICS, new_id as default_new_id
+from bus.wire import COMMAND_TOPICS, DONE_TOPIC, STATE_TOPIC, TAKEN_TOPIC, command_key, id_problem
+from engine.realtime.core import TAKEN_PUBLISHED, new_id as default_new_id, registration
 from engine.realtime.live_turns import Speaker, TurnEvent, TurnGrouper
 from engine.realtime.records import (API_RATE_HZ, AUDIO_FORMATS, Action, Command, Connected, Disconnected, EndOfAudio,
                                      Input, MicAudio, PlaybackReport, Play, Publish, Reconnect, Send, SendAudio,
                                      ServerEvent, Tick)
+from engine.realtime.requests import SEEN_IDS
 from engine.realtime.tools import Tools, parse_registration
 from engine.realtime.turns import InputClock
 
@@ -95,7 +103,7 @@ NOT_ON_LIVE = {
 USER_TEXT_REFUSED = ("GPT-Live takes no user text message: speak to it, or send context with cmd.say role "
                      "system (silent context), cmd.instructions or cmd.commentary (the model says it in its "
                      "own words)")
-LIVE_COMMAND_TOPICS = (*COMMAND_TOPICS, "cmd.instructions", "cmd.commentary")
+LIVE_COMMAND_TOPICS = COMMAND_TOPICS
 
 
 class LiveState(enum.Enum):
@@ -110,6 +118,8 @@ S = LiveState
 #: (state, what happened) -> next state
 TRANSITIONS: dict[tuple[LiveState, str], LiveState] = {
     (S.DISCONNECTED, "connected"): S.STARTING,
+    (S.DISCONNECTED, "attached"): S.ACTIVE,              # a sideband: the session already runs
+    (S.ACTIVE, "session.started"): S.ACTIVE,             # a sideband's replay of it
     (S.STARTING, "session.started"): S.ACTIVE,
     (S.STARTING, "error"): S.REFUSED,
     (S.STARTING, "disconnected"): S.DISCONNECTED,
@@ -192,13 +202,20 @@ class LiveCore:
 
     def __init__(self, model: str, session_config: Mapping[str, Any], *, start_index: int = 0,
                  budget_usd: float | None = None, new_id: Callable[[str], str] = default_new_id,
-                 audio_format: str = "audio/pcm") -> None:
+                 audio_format: str = "audio/pcm", barge_in: bool = True, min_speech_ms: int = 0,
+                 sideband: bool = False) -> None:
+        """``barge_in`` and ``min_speech_ms`` are the Realtime core's; GPT-Live yields by itself, so
+        they are taken (one constructor for both backends) and have no effect. ``sideband``: attached
+        to a running session (a SIP call's ``/attach``)."""
         check_live_model(model)
         if audio_format not in AUDIO_FORMATS:
             raise ConfigError(f"audio_format {audio_format!r} is not one of {', '.join(AUDIO_FORMATS)}")
         self.audio_format = AUDIO_FORMATS[audio_format]
         self.model = model
         self.session_config: dict[str, Any] = dict(session_config)
+        #: attached to a running session (a SIP call's ``/attach``): no session.start, no audio either
+        #: way (the audio is on the SIP leg), DTMF both ways
+        self.sideband = sideband
         self.per_minute_usd = live_prices(model)["per_minute"]
         self.budget_usd = budget_usd
         self.new_id = new_id
@@ -232,6 +249,10 @@ class LiveCore:
         self.errors = 0
         self.malformed_commands = 0
         self.handler_failures = 0
+        self.taken: OrderedDict[str, None] = OrderedDict()   #: keys of the commands taken (de-duplication)
+        self.core_id = new_id("core")                        #: names this core's state messages
+        self.state_seq = 0
+        self.sent_dtmf: dict[str, str] = {}     #: transport.dtmf.send event id -> the cmd.dtmf it acks
         self._server_handlers: dict[str, Callable[[Mapping[str, Any], float, int], list[Action]]] = {
             "session.started": self._on_started,
             "session.updated": self._on_updated,
@@ -247,6 +268,8 @@ class LiveCore:
             "session.input_audio.unmuted": self._on_muted,
             "session.delegation.created": self._on_delegation,
             "session.usage.updated": self._on_usage,
+            "transport.dtmf.received": self._on_dtmf,
+            "transport.dtmf.sent": self._on_dtmf,
         }
         self._commands: dict[str, Callable[[Mapping[str, Any], float, int], list[Action]]] = {
             "cmd.say": self._cmd_say,
@@ -257,6 +280,7 @@ class LiveCore:
             "cmd.tool.register": self._cmd_tool_register,
             "cmd.tool.unregister": self._cmd_tool_unregister,
             "cmd.tool.result": self._cmd_tool_result,
+            "cmd.dtmf": self._cmd_dtmf,
             "engine.presence.gone": self._presence_gone,
         }
 
@@ -319,6 +343,12 @@ class LiveCore:
         return {"type": "session.start", "event_id": self.new_id("event"), "session": session}
 
     def _connected(self, rec: Connected, now_s: float) -> list[Action]:
+        if self.sideband:   # the session runs already: never session.start on /attach
+            self._move("attached")
+            self.sessions += 1
+            return [Publish("engine.status", {"state": "connected", "session_id": self.session_id,
+                                              "model": self.model, "api": "live", "sideband": True}),
+                    *self._activated()]
         event = self.start_event()
         self._move("connected")
         self.clock.reset()
@@ -352,7 +382,7 @@ class LiveCore:
         self.sent.clear()
         for _, cmd_id in self.mute_acks:
             if cmd_id:
-                acts.append(Publish("cmd.ack", {"id": cmd_id, "ok": True, "applied": "on reconnect"}))
+                acts.append(Publish(DONE_TOPIC, {"id": cmd_id, "ok": True, "applied": "on reconnect"}))
         self.mute_acks.clear()
         self.earlier_seconds += self.session_seconds
         self.earlier_usd += live_cost_usd(self.model, self.session_usage)
@@ -368,7 +398,7 @@ class LiveCore:
             return [Publish("engine.error", {"source": "api", "code": "unknown_server_event",
                                              "message": "a server event without a 'type'; ignored"})]
         acts: list[Action] = []
-        if etype != "session.output_audio.delta":    # 10 a second, and the audio is for the ring
+        if etype not in ("session.output_audio.delta", "session.input_audio.append"):   # audio: not the bus's
             acts.append(Publish("server." + etype, dict(ev)))
         handler = self._server_handlers.get(etype)
         if handler is not None:
@@ -377,11 +407,19 @@ class LiveCore:
 
     def _on_started(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
         session = dict(ev.get("session") or {})
+        replay = self.state is LiveState.ACTIVE     # a sideband's replay: nothing to start
         self._move("session.started")
         self.session_id, self.session = session.get("id"), session
+        if replay:
+            return [Publish("session.config", {"session": session})]
         acts: list[Action] = [Publish("engine.status", {"state": "connected", "session_id": self.session_id,
                                                         "model": self.model, "api": "live"}),
                               Publish("session.config", {"session": session})]
+        return acts + self._activated()
+
+    def _activated(self) -> list[Action]:
+        """The session takes commands: what waited goes out, in order."""
+        acts: list[Action] = []
         waiting, self.waiting = self.waiting, []
         for app in waiting:
             acts.extend(self._send_append(app))
@@ -395,7 +433,7 @@ class LiveCore:
         cmd_id = ev.get("client_event_id")
         owner = self.sent_updates.pop(cmd_id, None) if isinstance(cmd_id, str) else None
         if owner:
-            acts.append(Publish("cmd.ack", {"id": owner, "ok": True}))
+            acts.append(Publish(DONE_TOPIC, {"id": owner, "ok": True}))
         return acts
 
     def _on_closed(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
@@ -405,7 +443,7 @@ class LiveCore:
                                               "session_id": self.session_id}))
         for app in self.sent.values():   # never placed on the timeline
             if app.cmd_id:
-                acts.append(Publish("cmd.ack", {"id": app.cmd_id, "ok": False, "code": "context_injection_incomplete",
+                acts.append(Publish(DONE_TOPIC, {"id": app.cmd_id, "ok": False, "code": "context_injection_incomplete",
                                                 "error": "the session closed before this context was placed"}))
         self.sent.clear()
         acts.extend(self._session_over("session_closed"))
@@ -429,10 +467,12 @@ class LiveCore:
         acts.append(Publish("engine.error", {"source": "api", "code": code, "message": message,
                                              "param": err.get("param"), "event_id": ref, "request_id": owner}))
         if owner:
-            acts.append(Publish("cmd.ack", {"id": owner, "ok": False, "error": message, "code": code}))
+            acts.append(Publish(DONE_TOPIC, {"id": owner, "ok": False, "error": message, "code": code}))
         return acts
 
     def _on_audio_delta(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        if self.sideband:
+            return []        # the caller hears it on the SIP leg
         try:
             pcm = base64.b64decode(ev["delta"])
         except (ValueError, TypeError, KeyError):
@@ -508,7 +548,7 @@ class LiveCore:
         placed = {"start_ms": ev.get("start_ms"), "end_ms": ev.get("end_ms")}
         acts: list[Action] = []
         if app.cmd_id:
-            acts.append(Publish("cmd.ack", {"id": app.cmd_id, "ok": True, **placed}))
+            acts.append(Publish(DONE_TOPIC, {"id": app.cmd_id, "ok": True, **placed}))
         acts.append(Publish("live.context", {"kind": app.kind, "text": app.content, "request_id": app.cmd_id,
                                              "delegation_id": app.delegation_id, **placed}))
         if app.kind in ("thinking", "instructions"):
@@ -525,7 +565,7 @@ class LiveCore:
             if event_id == ref:
                 del self.mute_acks[i]
                 if cmd_id:
-                    acts.append(Publish("cmd.ack", {"id": cmd_id, "ok": True, "open": not muted}))
+                    acts.append(Publish(DONE_TOPIC, {"id": cmd_id, "ok": True, "open": not muted}))
                 break
         return acts
 
@@ -610,12 +650,49 @@ class LiveCore:
 
     # ================================================================ commands
     def _command(self, topic: str, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        """A command, taken once: a copy (the broker's hand-over of what also came live, a client's
+        re-send) is only said taken again (``intake.taken``), so that the broker lets it go."""
+        if topic in ("cmd.ack", DONE_TOPIC):
+            return []
+        key = command_key(body) if topic.startswith("cmd.") else None
+        if key is None:
+            return self._carry_out(topic, body, now_s, heard)
+        if key in self.taken:
+            return [Publish(TAKEN_TOPIC, {"taken": [key]})]
+        self._mark_taken(key)
+        before = self._durable_mark()
+        acts = self._carry_out(topic, body, now_s, heard)
+        if any(isinstance(a, Publish) and a.topic == STATE_TOPIC for a in acts):
+            return acts
+        if self._durable_mark() != before:
+            return acts + [self.history_message()]        # what it changed is safe before the broker lets it go
+        return acts + [Publish(TAKEN_TOPIC, {"taken": [key]})]
+
+    def _mark_taken(self, key: str) -> None:
+        self.taken[key] = None
+        self.taken.move_to_end(key)
+        while len(self.taken) > SEEN_IDS:
+            self.taken.popitem(last=False)
+
+    def _durable_mark(self) -> tuple[Any, ...]:
+        """Changes when the state a successor starts from changes (cheap: lengths and identities)."""
+        return (len(self.history), tuple(id(a) for a in self.waiting), tuple(self.sent),
+                tuple(id(t) for t in self.tools.registered.values()), self.mic_open)
+
+    def _carry_out(self, topic: str, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
         cmd_id = body.get("id")
         handler = self._commands.get(topic)
+        if topic.startswith("cmd.") and topic not in COMMAND_TOPICS and id_problem(body) is None \
+                and isinstance(cmd_id, str):
+            # the broker's intake refused it on its cmd.ack, naming the known topics: one report, not two
+            self.malformed_commands += 1
+            return []
         try:
+            problem = id_problem(body) if topic.startswith("cmd.") else None
+            if problem is not None:
+                cmd_id = None
+                raise ValueError(problem)
             if handler is None:
-                if topic == "cmd.ack":
-                    return []
                 if topic in NOT_ON_LIVE:
                     raise ValueError(f"{topic} is not available on GPT-Live: {NOT_ON_LIVE[topic]}")
                 raise ValueError(f"unknown command topic {topic!r} (known: {', '.join(LIVE_COMMAND_TOPICS)})")
@@ -625,11 +702,11 @@ class LiveCore:
             acts: list[Action] = [Publish("engine.error", {"source": "bus", "code": "bad_command", "topic": topic,
                                                            "id": cmd_id, "message": str(exc)})]
             if cmd_id:
-                acts.append(Publish("cmd.ack", {"id": cmd_id, "ok": False, "error": str(exc)}))
+                acts.append(Publish(DONE_TOPIC, {"id": cmd_id, "ok": False, "error": str(exc)}))
             return acts
 
     def _ack(self, body: Mapping[str, Any], **extra: Any) -> list[Action]:
-        return [Publish("cmd.ack", {"id": body["id"], "ok": True, **extra})] if body.get("id") else []
+        return [Publish(DONE_TOPIC, {"id": body["id"], "ok": True, **extra})] if body.get("id") else []
 
     def _cmd_say(self, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
         role = body.get("role", "user")
@@ -731,7 +808,7 @@ class LiveCore:
     # ================================================================ timers
     def next_deadline(self) -> float | None:
         due = [d for d in (self.grouper.next_deadline(), self.tools.next_deadline()) if d is not None]
-        if self.state is LiveState.ACTIVE:
+        if self.state is LiveState.ACTIVE and not self.sideband:
             due.append((self.last_audio_s or 0.0) + KEEPALIVE_S)
         return min(due) if due else None
 
@@ -744,8 +821,42 @@ class LiveCore:
             acts.append(Publish("engine.error", {"source": "tool", "code": "tool_timeout", "message":
                                                  f"tool {name!r} did not answer delegation {call_id} in time"}))
             acts.extend(self._send_append(Append("commentary", "The lookup did not answer in time.", None, call_id)))
-        if self.state is LiveState.ACTIVE:
+        if self.state is LiveState.ACTIVE and not self.sideband:
             acts.extend(self._keepalive(now_s))
+        return acts
+
+    # ================================================================ DTMF (a SIP call's sideband)
+    def _on_dtmf(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        key = ev.get("event")
+        if ev.get("type") == "transport.dtmf.received":
+            return [Publish("sip.dtmf", {"key": key, "from": "caller"})]
+        acts: list[Action] = [Publish("sip.dtmf", {"key": key, "from": "application"})]
+        ref = ev.get("client_event_id")
+        owner = self.sent_dtmf.pop(ref, None) if isinstance(ref, str) else None
+        if owner:
+            acts.append(Publish("cmd.done", {"id": owner, "ok": True, "key": key}))
+        return acts
+
+    def _cmd_dtmf(self, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        keys = body.get("keys")
+        cmd_id = body.get("id") if isinstance(body.get("id"), str) else None
+        why = None
+        if not self.sideband:
+            why = "cmd.dtmf needs a SIP call (engine sip): this session has no phone line"
+        elif not isinstance(keys, str) or not keys or set(keys) - set("0123456789ABCD*#"):
+            why = "cmd.dtmf needs 'keys': one or more of 0-9, A-D, * and #"
+        elif self.state is not LiveState.ACTIVE:
+            why = "the call's sideband is not attached"
+        if why is not None:
+            return [Publish("cmd.done", {"id": cmd_id, "ok": False, "error": why})] if cmd_id else \
+                [Publish("engine.error", {"source": "engine", "code": "bad_command", "message": why})]
+        acts: list[Action] = []
+        assert isinstance(keys, str)
+        for i, key in enumerate(keys):
+            event_id = self.new_id("event")
+            if cmd_id and i == len(keys) - 1:
+                self.sent_dtmf[event_id] = cmd_id     # acked when the last key reached the trunk
+            acts.append(Send({"type": "transport.dtmf.send", "event_id": event_id, "event": key}))
         return acts
 
     def _keepalive(self, now_s: float) -> list[Action]:
@@ -781,7 +892,14 @@ class LiveCore:
         return self.history_message()
 
     def history_message(self) -> Publish:
-        return Publish("conversation.history", {"items": list(self.history), "in_flight": []})
+        """The state a successor starts from (``conversation.history``): the conversation, the
+        context not yet placed, the tools, the mic gate, the keys of the latest commands taken."""
+        self.state_seq += 1
+        pending = [asdict(a) for a in (*self.sent.values(), *self.waiting)]
+        return Publish(STATE_TOPIC, {
+            "items": list(self.history), "in_flight": [], "live_pending": pending,
+            "tools": [registration(t) for t in self.tools.registered.values()], "mic_open": self.mic_open,
+            "taken": list(self.taken)[-TAKEN_PUBLISHED:], "core": self.core_id, "state_seq": self.state_seq})
 
     def state_messages(self) -> list[Action]:
         acts: list[Action] = [self.history_message(), Publish("engine.tools", {"tools": sorted(self.tools.registered)})]
@@ -790,10 +908,28 @@ class LiveCore:
         return acts
 
     def restore_history(self, body: Mapping[str, Any]) -> list[Action]:
-        """A restarted realtime process takes the conversation its predecessor published."""
+        """A restarted realtime process starts from the state its predecessor published: the
+        conversation (as Live input messages), the context it had not placed yet (sent again in
+        the new session), the tools, the mic gate and the commands it took."""
         items = body.get("items")
         if isinstance(items, list):
             self.history = [m for m in (_as_live_message(i) for i in items) if m is not None][-INPUT_MESSAGES:]
+        for raw in body.get("live_pending") or []:
+            if isinstance(raw, dict) and raw.get("kind") in ("instructions", "thinking", "commentary") \
+                    and isinstance(raw.get("content"), str):
+                self.waiting.append(Append(raw["kind"], raw["content"], raw.get("cmd_id"), raw.get("delegation_id")))
+        for raw in body.get("tools") or []:
+            try:
+                self.tools.register(parse_registration(raw))
+            except (ValueError, TypeError, AttributeError):
+                continue
+        if isinstance(body.get("mic_open"), bool):
+            self.mic_open = body["mic_open"]
+        for key in body.get("taken") or []:
+            if isinstance(key, str):
+                self._mark_taken(key)
+        if self.tools.registered:
+            return [Publish("engine.tools", {"tools": sorted(self.tools.registered)})]
         return []
 
 

@@ -11,6 +11,9 @@ Rules:
 - A response we asked for and did not see finish when the socket closed is reported failed,
   with the request id that asked for it, so no waiter hangs.
 - Out-of-band responses (``conversation: "none"``) do not occupy the slot.
+- What is held (queued, or sent and not acknowledged) is part of the state the realtime process
+  publishes (:meth:`Requests.pending`), so its successor after a crash sends it
+  (:meth:`Request.from_wire`); an input-buffer commit cannot be, its audio is in the dead session.
 
 The response slot (``Slot``):
 
@@ -106,6 +109,22 @@ class Request:
     def out_of_band(self) -> bool:
         return self.options.get("conversation") == "none"
 
+    def to_wire(self) -> dict[str, object]:
+        """The request as the published state carries it."""
+        return {"id": self.id, "text": self.text, "role": self.role, "respond": self.respond, "source": self.source,
+                "item_id": self.item_id, "options": dict(self.options), "kind": self.kind}
+
+    @classmethod
+    def from_wire(cls, data: object) -> "Request | None":
+        """A request from a predecessor's state; None when it is not one."""
+        if not isinstance(data, dict) or not isinstance(data.get("id"), str) or not isinstance(data.get("text"), str):
+            return None
+        options = data.get("options")
+        item_id = data.get("item_id")
+        return cls(data["id"], data["text"], str(data.get("role") or "user"), bool(data.get("respond", True)),
+                   str(data.get("source") or ""), item_id if isinstance(item_id, str) else None,
+                   dict(options) if isinstance(options, dict) else {}, str(data.get("kind") or "say"))
+
 
 class Requests:
     def __init__(self) -> None:
@@ -139,6 +158,11 @@ class Requests:
 
     def add_front(self, req: Request) -> None:
         self.queue.appendleft(req)
+
+    def pending(self) -> list[Request]:
+        """What a crash now would lose: sent and not acknowledged (in the order sent), then queued."""
+        sent = list({id(r): r for r in [*self.awaiting_item.values(), *self.pending_commits]}.values())
+        return sent + [r for r in self.queue if r not in sent]
 
     def can_send(self, connected: bool) -> bool:
         return connected and bool(self.queue) and self.slot is Slot.IDLE

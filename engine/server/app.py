@@ -4,8 +4,14 @@ Serves the GA protocol at ``ws://HOST:PORT/v1/realtime?model=MODEL``. The protoc
 itself lives in :mod:`engine.server.session`; this module only moves bytes, sleeps,
 runs espeak-ng and the recogniser in worker threads, runs server_vad's idle timer (the
 session says when it should run and what firing it sends), and injects configured faults.
-A stop (SIGTERM/SIGINT, or ``stop``) always ends it within SHUTDOWN_GRACE_S or so; a
+GPT-Live (``/v1/live/sessions`` and its sideband ``…/{id}/attach``) is routed to
+:mod:`engine.server.live_app`. A stop (SIGTERM/SIGINT, or ``stop``) always ends it within SHUTDOWN_GRACE_S or so; a
 port it cannot listen on raises :class:`ServeError` at once.
+
+Limits on what a client sends (each breach is an ``error`` event naming the limit; the session
+goes on): a message over 15 MiB (the session's ``MAX_EVENT_BYTES``), JSON nested deeper than
+:data:`MAX_JSON_DEPTH` arrays and objects (checked here before it is parsed: Python's parser
+recurses, and past about 1,000 levels raised ``RecursionError``, which closed the socket).
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ import asyncio
 import errno
 import json
 import logging
+import re
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -24,8 +31,12 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response as HttpResponse
 
 from engine.server.errors import ServeError
+from engine.server.dialects import azure_path, server_dialect
 from engine.server.faults import MAX_SESSION_REASON, Faults
+from engine.server.live_app import SESSIONS as LIVE_SESSIONS, handle_live, live_route
 from engine.server.protocol import error_event
+from engine.server.rest import rest_connection
+from engine.server import sip
 from engine.server.scenario import Scenario
 from engine.server.session import Actions, Item, Response, ServerSession
 from engine.server.voice import Recognizer, VoiceError, synthesize
@@ -34,6 +45,30 @@ log = logging.getLogger("realtalk.server")
 
 SHUTDOWN_GRACE_S = 1.0   #: how long a stop waits for clients to answer the close handshake
 BETA_MESSAGE = "The Realtime Beta API is no longer supported. Please use /v1/realtime for the GA API."
+MAX_JSON_DEPTH = 100     #: arrays and objects nested deeper than this in one client event are refused
+_JSON_NESTING = re.compile(r'"(?:[^"\\]|\\.)*+"|[\[\]{}]')   # a string (skipped whole), or a bracket
+
+
+def json_depth_exceeds(text: str | bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """True if the JSON ``text`` nests arrays and objects deeper than ``limit`` (brackets inside
+    strings do not count). Linear in the text; one with at most ``limit`` opening brackets in
+    all (every audio append: base64 has none) is answered without a scan."""
+    if isinstance(text, bytes):
+        if text.count(b"[") + text.count(b"{") <= limit:
+            return False
+        text = text.decode("utf-8", "replace")   # brackets, quotes and backslashes are ASCII: kept as they are
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    depth = 0
+    for m in _JSON_NESTING.finditer(text):
+        token = m.group()
+        if token in ("[", "{"):
+            depth += 1
+            if depth > limit:
+                return True
+        elif token in ("]", "}"):
+            depth -= 1
+    return False
 
 
 @dataclass
@@ -46,6 +81,7 @@ class ServerConfig:
     scenario: Scenario = field(default_factory=Scenario)
     faults: Faults = field(default_factory=Faults)
     listen_fd: int | None = None       #: an already bound, listening socket to serve on (from a supervisor)
+    dialect: str = "openai"            #: openai | azure | xai: the provider this server speaks as (dialects.py)
 
 
 class Connection:
@@ -66,6 +102,7 @@ class Connection:
         self.closed = False
         self.idle_task: asyncio.Task[Any] | None = None
         self.idle_epoch: int | None = None      #: the session's idle_epoch the timer was armed at
+        self.dialect = server_dialect(cfg.dialect)
 
     async def send(self, event: dict[str, Any]) -> None:
         if self.closed:
@@ -76,7 +113,8 @@ class Connection:
         if drop and (drop == etype or drop == f"{etype}#{n}"):
             await self.drop(self.faults.drop_code, "injected fault")
             return
-        await self.ws.send(json.dumps(event))
+        for wire in self.dialect.outbound(event):
+            await self.ws.send(json.dumps(wire))
         for err in list(self.pending_errors):
             if err.get("after_event") == etype:
                 self.pending_errors.remove(err)
@@ -153,7 +191,7 @@ class Connection:
         try:
             try:
                 if item.heard is None and self.cfg.asr and item.audio is not None:
-                    words = await asyncio.to_thread(Recognizer.transcribe, item.audio)
+                    words = await asyncio.to_thread(Recognizer.transcribe, item.audio, item.expect)
                 events = self.session.transcription_events(item, words)
             except VoiceError as exc:
                 log.warning("%s (failures so far: %d)", exc, Recognizer.failures)
@@ -204,7 +242,18 @@ class Connection:
             self.spawn(self._drop_later(self.faults.drop_after_s, self.faults.drop_code, "injected fault"))
         self.spawn(self._drop_later(self.faults.max_session_s, 1001, MAX_SESSION_REASON))
         try:
+            if self.dialect.ping_every_s:
+                self.spawn(self._ping())
             async for message in self.ws:
+                if json_depth_exceeds(message, MAX_JSON_DEPTH):
+                    await self.send(error_event("invalid_json", f"The JSON body of your request nests arrays and "
+                                                f"objects more than {MAX_JSON_DEPTH} levels deep, this server's "
+                                                "limit. Send a flatter event."))
+                    continue
+                message, refused = self.dialect.inbound(message)
+                if refused is not None:
+                    await self.ws.send(json.dumps(refused))
+                    continue
                 await self.apply(self.session.receive_text(message))
         except ConnectionClosed:
             pass  # the client went away, or the server is shutting down (1001): the session ends
@@ -213,6 +262,15 @@ class Connection:
             for task in list(self.tasks):
                 task.cancel()
 
+    async def _ping(self) -> None:
+        """The dialect's keep-alive events (xAI's ``ping``), every ``ping_every_s`` / speed."""
+        assert self.dialect.ping_every_s
+        while not self.closed:
+            await asyncio.sleep(self.dialect.ping_every_s / self.speed)
+            ping = self.dialect.ping()
+            if ping is not None and not self.closed:
+                await self.ws.send(json.dumps(ping))
+
     async def _drop_later(self, after_s: float, code: int, reason: str) -> None:
         await asyncio.sleep(after_s)
         await self.drop(code, reason)
@@ -220,15 +278,34 @@ class Connection:
 
 def make_process_request(cfg: ServerConfig):
     def process_request(connection: ServerConnection, request: Request) -> HttpResponse | None:
+        if cfg.dialect == "azure":   # Azure's shape: /openai/v1/…, the key in api-key (or a bearer token)
+            own = azure_path(request.path)
+            if own is None:
+                return connection.respond(404, f"Not found: {urlsplit(request.path).path}. Azure OpenAI's endpoints "
+                                          "are /openai/v1/realtime?model=DEPLOYMENT and /openai/v1/live/sessions\n")
+            request.path = own
+            if "api-key" in request.headers and "Authorization" not in request.headers:
+                request.headers["Authorization"] = f"Bearer {request.headers['api-key']}"
         url = urlsplit(request.path)
-        if url.path.rstrip("/") != "/v1/realtime":
-            return connection.respond(404, f"Not found: {url.path}. The realtime endpoint is /v1/realtime?model=MODEL\n")
+        live = live_route(request.path)
+        call_id = parse_qs(url.query).get("call_id", [None])[0]
+        if url.path.rstrip("/") != "/v1/realtime" and live is None:
+            return connection.respond(404, f"Not found: {url.path}. The endpoints are /v1/realtime?model=MODEL "
+                                      "(Realtime) and /v1/live/sessions (GPT-Live)\n")
         if cfg.api_key is not None:
             auth = request.headers.get("Authorization", "")
             if auth != f"Bearer {cfg.api_key}":
                 body = json.dumps({"error": {"type": "invalid_request_error", "code": "invalid_api_key",
                                              "message": "Incorrect API key provided.", "param": None}})
                 return connection.respond(401, body + "\n")
+        if live is not None and live[0] == "attach" and live[1] not in LIVE_SESSIONS:
+            body = json.dumps({"error": {"type": "invalid_request_error", "code": "session_not_found",
+                                         "message": f"No running Live session '{live[1]}'.", "param": None}})
+            return connection.respond(404, body + "\n")
+        if call_id is not None:   # a SIP call's socket (engine.server.sip)
+            refused = sip.realtime_call_socket_refusal(call_id)
+            if refused is not None:
+                return connection.respond(refused[0], json.dumps(refused[1]) + "\n")
         return None
     return process_request
 
@@ -236,11 +313,18 @@ def make_process_request(cfg: ServerConfig):
 async def handle(ws: ServerConnection, cfg: ServerConfig) -> None:
     req = ws.request
     assert req is not None
+    live = live_route(req.path)
+    if live is not None:   # GPT-Live: engine.server.live_app
+        await handle_live(ws, live, cfg.scenario, cfg.faults.merged(cfg.scenario.faults), cfg.asr, cfg.speed)
+        return
     if req.headers.get("OpenAI-Beta", "").strip().lower().startswith("realtime"):
         await ws.send(json.dumps(error_event("beta_api_shape_disabled", BETA_MESSAGE)))
         await ws.close(4000, "beta_api_shape_disabled")
         return
     query = parse_qs(urlsplit(req.path).query)
+    if "call_id" in query:   # a SIP call's socket: the call's session (engine.server.sip)
+        await sip.attach_realtime(ws, query["call_id"][0])
+        return
     model = query.get("model", ["gpt-realtime"])[0]
     try:
         speed = float(query.get("x_speed", [cfg.speed])[0])
@@ -262,8 +346,9 @@ async def serve_forever(cfg: ServerConfig, ready: asyncio.Future[str] | None = N
         where = {"sock": socket.socket(fileno=cfg.listen_fd)}
     try:
         server = await serve(lambda ws: handle(ws, cfg), max_size=32 * 1024 * 1024,
-                                process_request=make_process_request(cfg), ping_interval=None,
-                                compression=None, **where)
+                                process_request=make_process_request(cfg), ping_interval=None, compression=None,
+                                create_connection=rest_connection(lambda req: sip.handle_http(req, cfg)),  # REST
+                                **where)
     except OSError as exc:
         if ready is not None and not ready.done():
             ready.set_exception(exc)
@@ -275,6 +360,7 @@ async def serve_forever(cfg: ServerConfig, ready: asyncio.Future[str] | None = N
             ready.set_result(url)
         await stop.wait()
     finally:
+        sip.end_all()
         await _shut_down(server)
 
 
@@ -336,6 +422,8 @@ def run(cfg: ServerConfig) -> int:
                           file=sys.stderr, flush=True)
                 if not stop.is_set():
                     print(f"realtalk local server listening on {url}?model=MODEL", flush=True)
+                    print(f"realtalk local server: GPT-Live at {url.replace('/v1/realtime', '/v1/live/sessions')}",
+                          flush=True)
                     await task  # serves until a signal sets stop
         except OSError as exc:
             raise listen_error(cfg, exc) from None
@@ -347,5 +435,11 @@ def run(cfg: ServerConfig) -> int:
                 if not ready.done() or ready.exception() is None:
                     raise
                 # else: already reported through ready
+            finally:
+                # stopping: a later signal ends the process by its default action. Left to asyncio.run,
+                # the handlers outlived the fd they write to, and a signal then printed a traceback
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+                    signal.signal(sig, signal.SIG_DFL)
     asyncio.run(main())
     return 0

@@ -1,5 +1,13 @@
 """GA wire-protocol facts for the local server: ids, error events, client-event
-validation and the session schema. Pure functions."""
+validation and the session schema. Pure functions.
+
+Null: a field the GA types mark ``Optional`` may be sent as ``null``, and it means "not given"
+(the session keeps its value, a response takes the session's, an item gets the default), as
+OpenAI treats it; LiveKit's agent plugin sends ``"instructions": null`` with every reply after a
+tool result. Only where the API gives null its own meaning does it keep it: ``turn_detection``,
+``transcription`` and ``noise_reduction`` (off), a session's ``tracing``, ``prompt`` and
+``include`` (cleared). Required fields still refuse null. ``tests/test_server_nulls.py`` walks
+the official types to hold this for every optional field."""
 from __future__ import annotations
 
 import math
@@ -45,6 +53,8 @@ SESSION_KEYS = {"type", "model", "output_modalities", "instructions", "audio", "
                 "parallel_tool_calls", "max_output_tokens", "tracing", "truncation", "prompt", "include",
                 "reasoning"}
 AUDIO_INPUT_KEYS = {"format", "noise_reduction", "transcription", "turn_detection"}
+#: session fields whose null is not "not given" but clears them (the others' null changes nothing)
+SESSION_NULL_CLEARS = {"tracing", "prompt", "include"}
 AUDIO_OUTPUT_KEYS = {"format", "voice", "speed"}
 TURN_DETECTION_KEYS = {"type", "threshold", "prefix_padding_ms", "silence_duration_ms", "create_response",
                        "interrupt_response", "idle_timeout_ms", "eagerness"}
@@ -154,11 +164,13 @@ def _check_format(fmt: Any, where: str) -> dict[str, Any]:
     if not isinstance(fmt, dict):
         raise ProtocolError("invalid_type", f"Invalid type for '{where}': expected an object.", where)
     check_keys(fmt, {"type", "rate"}, where)
+    if fmt.get("type") is None:  # not given: the format whose type is optional is audio/pcm
+        fmt = {**fmt, "type": "audio/pcm"}
     if fmt.get("type") not in AUDIO_FORMATS:
         raise ProtocolError("invalid_value", f"Invalid value: '{fmt.get('type')}'. Supported values are: "
                             "'audio/pcm', 'audio/pcmu' and 'audio/pcma'.", f"{where}.type")
     if fmt["type"] == "audio/pcm":
-        if fmt.get("rate", 24000) != 24000:
+        if fmt.get("rate") not in (None, 24000):
             raise ProtocolError("invalid_value", "Only a 24kHz sample rate is supported.", f"{where}.rate")
         return {"type": "audio/pcm", "rate": 24000}
     return {"type": fmt["type"]}
@@ -175,18 +187,18 @@ def _check_turn_detection(td: Any) -> dict[str, Any] | None:
     if kind == "server_vad":
         out = {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500,
                "idle_timeout_ms": None, "create_response": True, "interrupt_response": True}
-        if "eagerness" in td:
+        if td.get("eagerness") is not None:
             raise ProtocolError("unknown_parameter", f"Unknown parameter: '{where}.eagerness'.", f"{where}.eagerness")
     elif kind == "semantic_vad":
         out = {"type": "semantic_vad", "eagerness": "auto", "create_response": True, "interrupt_response": True}
         for k in ("threshold", "prefix_padding_ms", "silence_duration_ms", "idle_timeout_ms"):
-            if k in td:
+            if td.get(k) is not None:
                 raise ProtocolError("unknown_parameter", f"Unknown parameter: '{where}.{k}'.", f"{where}.{k}")
     else:
         raise ProtocolError("invalid_value", f"Invalid value: '{kind}'. Supported values are: 'server_vad' and "
                             "'semantic_vad'.", f"{where}.type")
     for k, v in td.items():
-        if k == "type":
+        if k == "type" or v is None and k != "idle_timeout_ms":  # null: the default (idle_timeout_ms: none)
             continue
         if k == "threshold" and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1):
             raise ProtocolError("invalid_value", f"Invalid '{where}.threshold': expected a number between 0 and 1.", f"{where}.threshold")
@@ -216,8 +228,8 @@ def merge_session_update(current: dict[str, Any], update: dict[str, Any], audio_
                             "session; transcription sessions connect with ?intent=transcription.", "session.type")
     s = {**current, "audio": {"input": dict(current["audio"]["input"]), "output": dict(current["audio"]["output"])}}
     for key, value in update.items():
-        if key == "type":
-            continue
+        if key == "type" or (value is None and key not in SESSION_NULL_CLEARS):
+            continue  # null: not given, the session keeps its value
         if key == "model":
             if not isinstance(value, str):
                 raise ProtocolError("invalid_type", "Invalid type for 'session.model': expected a string.", "session.model")
@@ -231,44 +243,40 @@ def merge_session_update(current: dict[str, Any], update: dict[str, Any], audio_
         elif key == "tools":
             s[key] = check_tools(value, "session.tools")
         elif key == "max_output_tokens":
-            s[key] = check_max_output_tokens(value, update.get("model", current["model"]), "session.max_output_tokens")
+            s[key] = check_max_output_tokens(value, update.get("model") or current["model"], "session.max_output_tokens")
         elif key == "tool_choice":
             s[key] = value  # checked below, against the merged tools
         elif key == "audio":
             if not isinstance(value, dict):
                 raise ProtocolError("invalid_type", "Invalid type for 'session.audio': expected an object.", "session.audio")
             check_keys(value, {"input", "output"}, "session.audio")
-            if "input" in value:
+            if value.get("input") is not None:
                 inp = value["input"]
                 if not isinstance(inp, dict):
                     raise ProtocolError("invalid_type", "Invalid type for 'session.audio.input': expected an object.", "session.audio.input")
                 check_keys(inp, AUDIO_INPUT_KEYS, "session.audio.input")
-                if "format" in inp:
+                if inp.get("format") is not None:
                     s["audio"]["input"]["format"] = _check_format(inp["format"], "session.audio.input.format")
                 if "turn_detection" in inp:
                     s["audio"]["input"]["turn_detection"] = _check_turn_detection(inp["turn_detection"])
                 if "transcription" in inp:
                     s["audio"]["input"]["transcription"] = check_transcription(inp["transcription"])
                 if "noise_reduction" in inp:
-                    nr = inp["noise_reduction"]
-                    if nr is not None and (not isinstance(nr, dict) or nr.get("type") not in ("near_field", "far_field")):
-                        raise ProtocolError("invalid_value", "Invalid 'session.audio.input.noise_reduction': expected "
-                                            "{'type': 'near_field' | 'far_field'} or null.", "session.audio.input.noise_reduction")
-                    s["audio"]["input"]["noise_reduction"] = nr
-            if "output" in value:
+                    s["audio"]["input"]["noise_reduction"] = check_noise_reduction(inp["noise_reduction"])
+            if value.get("output") is not None:
                 out = value["output"]
                 if not isinstance(out, dict):
                     raise ProtocolError("invalid_type", "Invalid type for 'session.audio.output': expected an object.", "session.audio.output")
                 check_keys(out, AUDIO_OUTPUT_KEYS, "session.audio.output")
-                if "format" in out:
+                if out.get("format") is not None:
                     s["audio"]["output"]["format"] = _check_format(out["format"], "session.audio.output.format")
-                if "voice" in out:
+                if out.get("voice") is not None:
                     voice = check_voice(out["voice"], "session.audio.output.voice")
                     if audio_was_output and voice != current["audio"]["output"]["voice"]:
                         raise ProtocolError("invalid_value", "Cannot update a conversation's voice if assistant audio is present.",
                                             "session.audio.output.voice")
                     s["audio"]["output"]["voice"] = voice
-                if "speed" in out:
+                if out.get("speed") is not None:
                     sp = out["speed"]
                     if not (isinstance(sp, (int, float)) and not isinstance(sp, bool) and 0.25 <= sp <= 1.5):
                         raise ProtocolError("invalid_value", "Invalid 'session.audio.output.speed': expected a number between 0.25 and 1.5.",
@@ -276,9 +284,53 @@ def merge_session_update(current: dict[str, Any], update: dict[str, Any], audio_
                     s["audio"]["output"]["speed"] = float(sp)
         else:  # tracing, truncation, prompt, include, parallel_tool_calls, reasoning: checked, stored as given
             s[key] = check_stored_field(key, value, f"session.{key}")
-    if "tool_choice" in update:
+    if update.get("tool_choice") is not None:
         check_tool_choice(s["tool_choice"], s["tools"], "session.tool_choice")
     return s
+
+
+def check_noise_reduction(nr: Any) -> dict[str, Any] | None:
+    """``audio.input.noise_reduction``: null = off; an object without a type is near_field."""
+    where = "session.audio.input.noise_reduction"
+    if nr is None:
+        return None
+    if not isinstance(nr, dict):
+        raise ProtocolError("invalid_type", f"Invalid type for '{where}': expected an object or null.", where)
+    check_keys(nr, {"type", "strength"}, where)
+    kind = nr.get("type") or "near_field"
+    if kind not in ("near_field", "far_field"):
+        raise ProtocolError("invalid_value", f"Invalid value: '{kind}'. Supported values are: 'near_field' and "
+                            "'far_field'.", f"{where}.type")
+    strength = nr.get("strength")
+    if strength is not None and (isinstance(strength, bool) or not isinstance(strength, (int, float))):
+        raise ProtocolError("invalid_type", f"Invalid type for '{where}.strength': expected a number.", f"{where}.strength")
+    return {"type": kind, **({"strength": float(strength)} if strength is not None else {})}
+
+
+_PROMPT_VARIABLE_FIELDS = {"input_text": ("text",), "input_image": ("detail",), "input_file": ()}
+
+
+def _check_prompt_variables(variables: Any, where: str) -> None:
+    """A prompt's variables: strings, or input_text / input_image / input_file objects."""
+    if not isinstance(variables, dict):
+        raise ProtocolError("invalid_type", f"Invalid type for '{where}': expected an object.", where)
+    for name, v in variables.items():
+        at = f"{where}.{name}"
+        if isinstance(v, str):
+            continue
+        if not isinstance(v, dict):
+            raise ProtocolError("invalid_type", f"Invalid type for '{at}': expected a string or an object.", at)
+        kind = v.get("type")
+        if kind not in _PROMPT_VARIABLE_FIELDS:
+            raise ProtocolError("invalid_value", f"Invalid value: '{kind}'. Supported values are: 'input_text', "
+                                "'input_image' and 'input_file'.", f"{at}.type")
+        for k in _PROMPT_VARIABLE_FIELDS[kind]:
+            if not isinstance(v.get(k), str):
+                raise ProtocolError("missing_required_parameter", f"Missing required parameter: '{at}.{k}'.", f"{at}.{k}")
+        bp = v.get("prompt_cache_breakpoint")
+        if bp is not None and (not isinstance(bp, dict) or bp.get("mode") != "explicit"):
+            raise ProtocolError("invalid_value", f"Invalid '{at}.prompt_cache_breakpoint': expected "
+                                "{'mode': 'explicit', 'ttl': ...}.", f"{at}.prompt_cache_breakpoint.mode")
 
 
 REASONING_EFFORTS = ("minimal", "low", "medium", "high", "xhigh")
@@ -336,9 +388,8 @@ def check_stored_field(key: str, value: Any, where: str) -> Any:
             check_keys(value, {"id", "version", "variables"}, where)
             if value.get("version") is not None and not isinstance(value["version"], str):
                 raise ProtocolError("invalid_type", f"Invalid type for '{where}.version': expected a string.", f"{where}.version")
-            if value.get("variables") is not None and not isinstance(value["variables"], dict):
-                raise ProtocolError("invalid_type", f"Invalid type for '{where}.variables': expected an object.",
-                                    f"{where}.variables")
+            if value.get("variables") is not None:
+                _check_prompt_variables(value["variables"], f"{where}.variables")
     return value
 
 
@@ -364,7 +415,7 @@ def check_transcription(tr: Any) -> dict[str, Any] | None:
     if tr.get("delay") is not None and tr["delay"] not in TRANSCRIPTION_DELAYS:
         raise ProtocolError("invalid_value", f"Invalid value: '{tr['delay']}'. Supported values are: "
                             + ", ".join(f"'{d}'" for d in TRANSCRIPTION_DELAYS) + ".", f"{where}.delay")
-    out = {"model": tr.get("model", "whisper-1"), "language": tr.get("language"), "prompt": tr.get("prompt")}
+    out = {"model": tr.get("model") or "whisper-1", "language": tr.get("language"), "prompt": tr.get("prompt")}
     for k in ("languages", "keywords", "delay"):
         if tr.get(k) is not None:
             out[k] = tr[k]
@@ -419,6 +470,21 @@ def _check_str_fields(raw: dict[str, Any], keys: tuple[str, ...]) -> None:
             raise ProtocolError("missing_required_parameter", f"Missing required parameter: 'item.{k}'.", f"item.{k}")
 
 
+def _part_type(part: dict[str, Any], allowed: tuple[str, ...]) -> Any:
+    """A content part's type; one not given (optional in GA) is the role's only kind, or, for a
+    user part, the kind its fields show (audio -> input_audio, image_url -> input_image, else input_text)."""
+    given = part.get("type")
+    if given is not None:
+        return given
+    if len(allowed) == 1:
+        return allowed[0]
+    if part.get("audio") is not None:
+        return "input_audio"
+    if part.get("image_url") is not None:
+        return "input_image"
+    return "input_text"
+
+
 def parse_item(raw: dict[str, Any], input_format: str) -> ParsedItem:
     """The one check of a client item (``conversation.item.create`` and ``response.input``
     alike); raises :class:`ProtocolError` naming the bad field."""
@@ -440,11 +506,13 @@ def parse_item(raw: dict[str, Any], input_format: str) -> ParsedItem:
         words: list[str] = []
         pcm = None
         for i, part in enumerate(content):
-            ptype = part.get("type") if isinstance(part, dict) else None
+            ptype = _part_type(part, allowed) if isinstance(part, dict) else None
             if ptype not in allowed:
                 raise ProtocolError("invalid_value", f"Invalid value: '{ptype}'. Value must be "
                                     + " or ".join(f"'{a}'" for a in allowed) + ".", f"item.content[{i}].type")
             if ptype in ("input_text", "output_text"):
+                if part.get("text") is None:
+                    part = {**part, "text": ""}   # null: not given (an empty text)
                 if not isinstance(part.get("text"), str):
                     raise ProtocolError("missing_required_parameter", f"Missing required parameter: 'item.content[{i}].text'.",
                                         f"item.content[{i}].text")
@@ -471,9 +539,12 @@ def parse_item(raw: dict[str, Any], input_format: str) -> ParsedItem:
                            "output": raw["output"]})
     if kind == "function_call":
         check_keys(raw, {"id", "type", "call_id", "name", "arguments", "status", "object"}, "item")
-        _check_str_fields(raw, ("call_id", "name", "arguments"))
+        _check_str_fields(raw, ("name", "arguments"))
+        call_id = raw.get("call_id") or "call_" + new_id("x")[2:18]   # optional in GA: the server makes one
+        if not isinstance(call_id, str):
+            raise ProtocolError("invalid_type", "Invalid type for 'item.call_id': expected a string.", "item.call_id")
         return ParsedItem({"id": item_id, "type": "function_call", "status": "completed", "name": raw["name"],
-                           "call_id": raw["call_id"], "arguments": raw["arguments"]})
+                           "call_id": call_id, "arguments": raw["arguments"]})
     raise ProtocolError("invalid_value", f"Invalid value: '{kind}'. Supported values are: 'message', "
                         "'function_call', and 'function_call_output'.", "item.type")
 
@@ -579,15 +650,21 @@ def check_tools(value: Any, where: str) -> list[dict[str, Any]]:
         raise ProtocolError("invalid_type", f"Invalid type for '{where}': expected an array.", where)
     out = []
     for i, tool in enumerate(value):
-        if not isinstance(tool, dict) or tool.get("type", "function") not in ("function", "mcp"):
+        kind = (tool.get("type") or "function") if isinstance(tool, dict) else None   # null type: a function
+        if kind not in ("function", "mcp"):
             raise ProtocolError("invalid_value", f"Invalid '{where}[{i}]': expected a function tool.", f"{where}[{i}]")
-        if tool.get("type", "function") == "function":
+        assert isinstance(tool, dict)
+        if kind == "function":
             check_keys(tool, {"type", "name", "description", "parameters"}, f"{where}[{i}]")
             if not isinstance(tool.get("name"), str):
                 raise ProtocolError("missing_required_parameter", f"Missing required parameter: '{where}[{i}].name'.", f"{where}[{i}].name")
-            out.append({"type": "function", "name": tool["name"], "description": tool.get("description", ""),
-                        "parameters": tool.get("parameters", {"type": "object", "properties": {}})})
+            params = tool.get("parameters")
+            out.append({"type": "function", "name": tool["name"], "description": tool.get("description") or "",
+                        "parameters": params if params is not None else {"type": "object", "properties": {}}})
         else:
+            if not isinstance(tool.get("server_label"), str):
+                raise ProtocolError("missing_required_parameter", f"Missing required parameter: '{where}[{i}].server_label'.",
+                                    f"{where}[{i}].server_label")
             out.append(tool)
     return out
 

@@ -22,12 +22,14 @@ import json
 import logging
 import math
 import random
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from engine.codec import API_RATE_HZ, b64decode_strict, b64encode, decode_audio, encode_audio
+from engine.server.expect import expected_phrases, phrase, tool_phrase
 from engine.server.faults import Faults
 from engine.server.protocol import (CLIENT_EVENT_FIELDS, MAX_EVENT_BYTES, RESPONSE_KEYS, ParsedItem, ProtocolError,
                                     check_keys, check_response_params, copy_item_data, default_session,
@@ -61,6 +63,7 @@ class Item:
     audio_samples: int = 0                       #: its audio's length, kept when the samples go
     chunks: list[np.ndarray] = field(default_factory=list)
     audio_forgotten: bool = False
+    expect: tuple[str, ...] = ()                 #: phrases its recogniser listens for (engine/server/expect.py)
 
     @classmethod
     def with_audio(cls, data: dict[str, Any], pcm: np.ndarray | None, heard: str | None = None) -> "Item":
@@ -376,6 +379,7 @@ class ServerSession:
         item.heard = self.scenario.heard_for_turn(self.user_turns)
         if item.heard is None:
             item.transcript_pending = True
+            item.expect = self.expected_phrases()
         acts.transcribe.append(item)
 
     def _on_input_audio_buffer_commit(self, ev: dict[str, Any], acts: Actions) -> None:
@@ -463,7 +467,8 @@ class ServerSession:
         acts.send.append(self._ev("conversation.item.deleted", item_id=item.id))
 
     def _on_response_create(self, ev: dict[str, Any], acts: Actions) -> None:
-        params = ev.get("response") or {}
+        # null: not given (the session's value); LiveKit sends "instructions": null after each tool result
+        params = {k: v for k, v in (ev.get("response") or {}).items() if v is not None}
         check_keys(params, RESPONSE_KEYS, "response")
         self._start_response(params, acts)
 
@@ -531,6 +536,22 @@ class ServerSession:
                                                 else {"type": r.audio_format}), "voice": r.voice}},
                 "usage": usage, "metadata": r.metadata}
 
+    def _texts(self) -> list[tuple[str, str]]:
+        """(role, text) of the conversation's text messages, oldest first."""
+        out = []
+        for it in self.items:
+            if it.data.get("type") == "message":
+                text = " ".join(p.get("text") or "" for p in it.data.get("content", [])
+                                if p.get("type") in ("input_text", "output_text"))
+                if text:
+                    out.append((it.data["role"], text))
+        return out
+
+    def expected_phrases(self) -> tuple[str, ...]:
+        """What the recogniser listens for now (engine/server/expect.py)."""
+        return expected_phrases(self.scenario.phrases(), self.session["tools"], self.session["instructions"],
+                                self._texts())
+
     def pending_transcript(self, resp: Response) -> Item | None:
         """The user item whose words this response waits for, if they are not known yet."""
         src = resp.input_items if resp.input_items is not None else self.items
@@ -546,7 +567,7 @@ class ServerSession:
         if last is not None and last.data["type"] == "function_call_output":
             rule = self.pending_then.pop(last.data["call_id"], None)
             out = last.data["output"]
-            resp.text = rule.then.format(output=out) if rule and rule.then else f"The tool answered: {out}"
+            resp.text = rule.then.format(output=out) if rule and rule.then else f"The tool answered: {speakable(out)}."
             return
         user = next((it for it in reversed(src) if it.data.get("type") == "message" and it.data.get("role") == "user"), None)
         if user is None:
@@ -557,18 +578,26 @@ class ServerSession:
             return
         heard = (user.heard or "").strip()
         rule = self.scenario.rule_for(self.user_turns, heard)
+        if rule is not None and rule.delegate and not rule.call_name and rule.reply is None:
+            rule = None   # a GPT-Live delegation: Realtime has none, so the rule is passed over
         tools = resp.params.get("tools", self.session["tools"])
-        names = [t.get("name") for t in tools if t.get("type", "function") == "function"]
+        functions = [t for t in tools if (t.get("type") or "function") == "function"]
+        names = [t.get("name") for t in functions]
         wanted = rule.call_name if rule is not None and rule.call_name else None
+        mentioned = mentioned_tool(heard, functions)
         choice = resp.tool_choice
         # tool_choice: a named function or "required" forces a call; "none" forbids one
         forced = None
         if isinstance(choice, dict) and choice.get("type") == "function":
             forced = choice.get("name")
         elif choice == "required" and names:
-            forced = wanted if wanted in names else names[0]
+            forced = wanted if wanted in names else mentioned["name"] if mentioned else names[0]
+        if forced is None and rule is None and mentioned is not None and choice == "auto":
+            forced = mentioned["name"]   # no scenario rule decides: the user named the tool
         if forced is not None:
-            args = rule.call_arguments if rule is not None and wanted == forced else "{}"
+            tool: dict[str, Any] = next((t for t in functions if t.get("name") == forced), {})
+            args = rule.call_arguments if rule is not None and wanted == forced else \
+                tool_arguments(tool, [text for _, text in self._texts()])
             resp.call = (forced, args, "call_" + new_id("x")[2:18])
             if rule is not None and wanted == forced:
                 self.pending_then[resp.call[2]] = rule
@@ -816,6 +845,62 @@ class ServerSession:
         out.append(self._ev("conversation.item.input_audio_transcription.completed", item_id=item.id,
                             content_index=0, transcript=words, usage=usage))
         return out
+
+
+def mentioned_tool(heard: str, functions: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The function tool whose name's words the user said, in order (``collection_point``: "...
+    the collection point?"); of several, the one with the longest name. None if none."""
+    said = f" {phrase(heard)} "
+    named = [t for t in functions if isinstance(t.get("name"), str) and tool_phrase(t["name"])
+             and f" {tool_phrase(t['name'])} " in said]
+    return max(named, key=lambda t: len(tool_phrase(t["name"]).split()), default=None)
+
+
+_EMPTY = {"string": "", "integer": 0, "number": 0, "boolean": False, "array": [], "object": {}}
+
+
+def tool_arguments(tool: dict[str, Any], texts: list[str]) -> str:
+    """Arguments for a call the user asked for: each required parameter takes its schema's
+    ``default``, else its first ``enum`` value, else (a string) what the newest text message says it
+    is ("The customer's booking is Avis ZX9, ..." gives ``booking`` "Avis ZX9"), else an empty
+    value of its type. Parameters that are not required are left out."""
+    params = tool.get("parameters") or {}
+    props = params.get("properties") or {}
+    args: dict[str, Any] = {}
+    for name in params.get("required") or []:
+        schema = props.get(name) or {}
+        if "default" in schema:
+            args[name] = schema["default"]
+        elif schema.get("enum"):
+            args[name] = schema["enum"][0]
+        else:
+            kind = schema.get("type", "string")
+            said = _said_value(name, texts) if kind == "string" else None
+            args[name] = said if said is not None else _EMPTY.get(kind if isinstance(kind, str) else "string", "")
+    return json.dumps(args)
+
+
+def _said_value(name: str, texts: list[str]) -> str | None:
+    words = r"\W+".join(map(re.escape, tool_phrase(name).split()))
+    if not words:
+        return None
+    pattern = re.compile(rf"\b{words}\b(?:'s)?\s*(?:is|was|=|:)\s*([^,.;:!?\n]+)", re.IGNORECASE)
+    for text in reversed(texts):
+        m = pattern.search(text)
+        if m:
+            return m.group(1).strip()
+    return None
+
+
+def speakable(output: str) -> str:
+    """A tool's output as words to say: a JSON object's values, a JSON string's text, else as it is."""
+    try:
+        value = json.loads(output)
+    except ValueError:
+        return output
+    if isinstance(value, dict):
+        return ", ".join(str(v) for v in value.values() if not isinstance(v, (dict, list))) or output
+    return value if isinstance(value, str) else output
 
 
 #: client event type -> its handler (every type validate_client_event accepts has one)

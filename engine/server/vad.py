@@ -86,6 +86,12 @@ class ServerVad:
                         events.append(VadEvent("stopped", self._last_voiced_end_ms + self.silence_duration_ms))
         return events
 
+    @property
+    def speech_ms(self) -> int:
+        """In speech: from its start (with the prefix padding) to the end of its last voiced
+        frame; 0 outside speech. (GPT-Live's stand-in yields on it.)"""
+        return self._last_voiced_end_ms - self.speech_start_ms if self.in_speech else 0
+
     def reset_speech(self) -> None:
         """Forget a speech segment in progress (buffer cleared)."""
         self.in_speech = False

@@ -20,6 +20,7 @@ exception type and message, exit code 4, and the supervisor restarts the child.
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import signal
@@ -52,7 +53,12 @@ def parent_death_signal(signo: int = signal.SIGTERM) -> bool:
 
 
 def error_text(exc: BaseException) -> str:
-    """``str(exc)``, or the exception's type when it has no message (``EOFError()``)."""
+    """``str(exc)``, or the exception's type when it has no message (``EOFError()``). An OSError
+    with an errno reads ``No space left on device (ENOSPC): FILE``: the errno's name is what a
+    user searches for."""
+    if isinstance(exc, OSError) and exc.errno is not None and exc.errno in errno.errorcode and exc.strerror:
+        return (f"{exc.strerror} ({errno.errorcode[exc.errno]})"
+                + (f": {exc.filename}" if exc.filename is not None else ""))
     text = str(exc)
     return text if text else type(exc).__name__
 

@@ -15,15 +15,29 @@ Rules:
   RUNNING after ``startsecs``, BACKOFF, STOPPING, EXITED, FATAL); this module does the I/O
   the machine asks for (spawn, SIGTERM, SIGKILL) and nothing else decides a restart. A
   FATAL child stops the engine with its reason; exit code 3 (device) is FATAL at once.
+* Liveness: every child runs under :mod:`engine.supervisor.heartbeat` and beats on a pipe of its
+  own; the main loop reads the pipes each round (they never wake it), and a beat or CPU time the
+  child used since the last round is its proof of life; the child's machine finds one without
+  for ``supervisor.heartbeat_timeout_s`` UNRESPONSIVE: ``engine.error`` ``child_unresponsive``
+  naming it, SIGKILL, and the restart any exit gets.
+* Dropped mic audio: the mic ring's overruns (its reader, the realtime process, stalled or
+  restarting) are published as ``engine.error`` ``mic_dropped``, once per stall
+  (:class:`DropWatch`), and counted in ``engine.status`` (``rings.mic.overrun_frames``).
 * Signal handlers only set a flag; the main loop does the work.
 * ``start()`` either returns with everything up or undoes everything it made (children,
   rings, sockets, connection file) before it raises.
 * The children die with the supervisor: PR_SET_PDEATHSIG is set in each between fork and
   exec, and the engine children also watch their stdin pipe (:mod:`engine.supervisor.child`).
+* Another local user gets nothing (bus/runtime.py): the runtime directory is this user's own,
+  mode 0700, or the start is refused naming it; the rings have random names and are made new,
+  0600; the connection file is written 0600 through a new file renamed over it, and believed
+  only when it is this user's own private file.
 * The connection file records the supervisor's and the children's identities (pid and
-  /proc start time) and the rings: a file whose supervisor is gone is stale; the next
-  ``engine start`` (or ``engine stop``) cleans it, and kills only processes whose identity
-  still matches, never a pid that now belongs to someone else.
+  /proc start time), the interpreter they all run (``exe``) and the rings by kind
+  (``ring_names``): a file whose supervisor is not provably this user's running engine is
+  stale; the next ``engine start`` (or ``engine stop``) cleans it, and kills only processes
+  that are provably this user's engine children (start time, executable and uid), never a pid
+  that now belongs to someone else; it unlinks only rings and sockets of this user's.
 * The bus loop takes every queued message each round (a malformed one does not end the
   round); at stop, what the children sent on their way out is logged before the log closes.
 * The supervisor's own events (``child_exited``, ``engine.status``) go straight into the
@@ -31,31 +45,41 @@ Rules:
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
 import select
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote
 
-from bus import Endpoints, Publisher, Subscriber, generate_keys
-from bus.client import connection_file, runtime_dir
+from bus import BusError, Endpoints, Publisher, Subscriber, generate_keys
+from bus.runtime import (GONE, UNPROVEN, NoEngine, TrustError, engine_alive, engine_state, own_process, proc_exe,
+                         read_connection, read_private_json, runtime_dir, unproven_error, write_private_file)
+# process identity lives in bus/runtime.py (a client checks a connection file with it too); importable from here
+from bus.runtime import proc_start_ticks as proc_start_ticks, same_process as same_process
 from bus.wire import HEADER_KEYS
 from engine.api.view import TerminalView
 from engine.supervisor.child import error_text, parent_death_signal
-from engine.supervisor.children import (ChildMachine, GaveUp, Kill, Policy, Restarting, Spawn, Terminate)
+from engine.supervisor.children import (ChildMachine, GaveUp, Kill, Policy, Restarting, Spawn, Terminate,
+                                        Unresponsive)
+from engine.supervisor.heartbeat import HeartbeatPipe, period_for
+from engine.supervisor.logfile import SessionLog
+from engine.audio.preflight import check_audio
 from engine.supervisor.terminal import Terminal
 from engine.config import live_url, resolve_backend, session_payload
+from engine.providers import Target, api_target
 from engine.cost import is_live_model
-from engine.errors import ConfigError, EngineError
-from engine.audio.ring import Ring
+from engine.errors import EngineError
+from engine.audio.ring import Ring, new_ring_name
 
 MIC_RING_FRAMES = 1 << 16        # 2.7 s at 24 kHz
 SPEAKER_RING_FRAMES = 1 << 21    # 87 s: the API sends audio faster than real time
@@ -68,6 +92,8 @@ DRAIN_BUDGET_S = 0.2             # a round of bus messages takes at most this lo
 HELD_DELAY_S = 0.5              # after the broker is back, held events wait this long for subscribers to reconnect
 STOP_QUIET_S = 0.15              # at stop: the children are gone once the bus has been quiet this long
 STOP_DRAIN_MAX_S = 1.0
+DROP_REPORT_EVERY_S = 5.0        #: mic audio dropped in a stall that goes on is reported this often
+RATE_HZ = 24000                  #: the rings' rate
 TERMINAL_REPEAT_S = 10.0         #: the same error is printed on the terminal at most this often
 
 
@@ -93,65 +119,74 @@ def default_sessions_dir() -> Path:
     return Path(base) / "realtalk" / "sessions"
 
 
-# ---------------------------------------------------------------- process identity
-def proc_start_ticks(pid: int) -> int | None:
-    """When ``pid`` started (field 22 of /proc/PID/stat, clock ticks since boot), or None if no
-    such process runs (a zombie counts as gone). With the pid it names one process for good."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError, IndexError, OSError):
-        return None
-    if fields[0] == "Z":
-        return None
-    return int(fields[19])
-
-
-def same_process(pid: Any, start_ticks: Any) -> bool:
-    """True if ``pid`` still is the process that had ``start_ticks`` (not a reused pid)."""
-    if not isinstance(pid, int) or not isinstance(start_ticks, int) or pid <= 0:
-        return False
-    return proc_start_ticks(pid) == start_ticks
-
-
+# ---------------------------------------------------------------- stale engines
 def clean_stale(conn: dict[str, Any], path: Path) -> list[str]:
-    """Clean what a dead engine left (``conn`` is its connection file at ``path``): kill its
-    children whose identity still matches (orphans), unlink its rings and sockets, remove the
-    file. Kills nothing else. Returns what it did, for the user."""
+    """Clean what a dead engine left (``conn`` is its connection file at ``path``, already checked
+    to be this user's own private file, its supervisor gone: bus.runtime.engine_state GONE): kill
+    its children that are provably this user's engine children still (pid, start time, the
+    interpreter ``exe``, uid: orphans), unlink its rings and sockets that are this user's, remove
+    the file. Signals nothing else. Returns what it did."""
     done: list[str] = []
+    exe = conn.get("exe")
     for c in conn.get("children") or []:
-        if isinstance(c, dict) and same_process(c.get("pid"), c.get("start_ticks")):
+        if isinstance(c, dict) and own_process(c.get("pid"), c.get("start_ticks"), exe):
             try:
                 os.kill(c["pid"], signal.SIGKILL)
                 done.append(f"killed orphan {c.get('name')} (pid {c['pid']})")
             except ProcessLookupError:
                 pass
-    for name in conn.get("ring_names") or []:
+    names = conn.get("ring_names") or {}
+    for name in names.values() if isinstance(names, dict) else names:   # (a list: written by an older engine)
         if isinstance(name, str) and name.startswith("realtalk-") and "/" not in name:
             shm = Path("/dev/shm") / name
-            if shm.exists():
+            if _own_entry(shm, stat.S_ISREG):
                 shm.unlink(missing_ok=True)
                 done.append(f"unlinked ring {name}")
     for ep in (conn.get("publish"), conn.get("subscribe")):
         if isinstance(ep, str) and ep.startswith("ipc://"):
             sock = Path(ep[len("ipc://"):])
-            if sock.parent == path.parent:
+            if sock.parent == path.parent and _own_entry(sock, stat.S_ISSOCK):
                 sock.unlink(missing_ok=True)
     path.unlink(missing_ok=True)
     return done
 
 
-def engine_identity(conn: dict[str, Any]) -> bool:
-    """True if the connection file ``conn`` names a supervisor that still runs."""
-    pid = conn.get("pid")
-    if "pid_start_ticks" in conn:
-        return same_process(pid, conn.get("pid_start_ticks"))
-    # a file from before identities were recorded: only an `engine start` process counts
+def _own_entry(path: Path, is_kind: Any) -> bool:
+    """True if ``path`` (not followed) is of the kind ``is_kind`` tests and this user's."""
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except (OSError, TypeError):
+        st = os.lstat(path)
+    except OSError:
         return False
-    return b"start" in cmdline and any(b"engine" in a for a in cmdline[:3])
+    return bool(is_kind(st.st_mode)) and st.st_uid == os.geteuid()
+
+
+def engine_identity(conn: dict[str, Any]) -> bool:
+    """True if the connection file ``conn`` names a supervisor that is provably this user's
+    running engine (pid, start time, executable, uid: bus.runtime.engine_alive)."""
+    return engine_alive(conn)
+
+
+@dataclass
+class DropWatch:
+    """A ring's overrun count as episodes (pure): :meth:`update` with the count each round returns
+    the frames to report once the count stops growing, or every ``every_s`` while it grows."""
+    every_s: float = DROP_REPORT_EVERY_S
+    reported: int = 0                 #: the count at the last report
+    seen: int = 0                     #: the count at the last update
+    since: float | None = None        #: when the unreported frames began
+
+    def update(self, total: int, now: float) -> int | None:
+        grew = total > self.seen
+        self.seen = total
+        pending = total - self.reported
+        if pending <= 0:
+            return None
+        if self.since is None:
+            self.since = now
+        if grew and now - self.since < self.every_s:
+            return None
+        self.reported, self.since = total, None
+        return pending
 
 
 @dataclass
@@ -166,6 +201,8 @@ class Child:
     proc: subprocess.Popen[bytes] | None = None
     start_ticks: int | None = None
     last_error: str | None = None        #: the latest engine.error message it published
+    heartbeat: HeartbeatPipe | None = None   #: the current process's heartbeat pipe (liveness)
+    unresponsive: int = 0                #: times it was found silent and killed
     machine: ChildMachine = field(init=False)
 
     def __post_init__(self) -> None:
@@ -182,26 +219,36 @@ class Child:
 
 class Supervisor:
     def __init__(self, cfg: dict[str, Any], *, text_only: bool = False, out: TextIO = sys.stdout,
-                 console: dict[str, Any] | None = None, phone: dict[str, Any] | None = None) -> None:
+                 console: dict[str, Any] | None = None, phone: dict[str, Any] | None = None,
+                 sip: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
         self.text_only = text_only
         #: ``engine phone`` / ``engine start --phone``: {host, port, path}: phone calls instead of the devices
         self.phone = phone
         self.phone_status: dict[str, Any] | None = None   #: the phone process's latest phone.status
+        #: ``engine sip``: {host, port, path}: OpenAI SIP webhooks instead of the devices (docs/sip.md)
+        self.sip = sip
+        self.sip_status: dict[str, Any] | None = None     #: the sip process's latest sip.status
         #: ``engine start --console``: {host, port} of the debug console, started as a child
         self.console = console
         self.out = out
         self.backend = resolve_backend(cfg)
+        self.target: Target | None = None    #: the remote API (None: the local server)
+        self._check_audio_paths()   # before anything is made (the session folder included)
         self.stopping = False
         self.children: list[Child] = []
         self.rings: list[Ring] = []
-        self.run_dir = runtime_dir()
+        self.rings_by_kind: dict[str, Ring] = {}   #: kind (mic, speaker, ref, listen, browser) -> the ring
+        try:
+            self.run_dir = runtime_dir()
+        except BusError as exc:   # another user's, or too open: refused, naming it and the fix
+            raise EngineError(str(exc)) from None
+        self.connection_path = self.run_dir / "engine.json"
         self.session_key = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
         base = Path(cfg["record"] or cfg["sessions_dir"] or default_sessions_dir())
         self.session_dir = base / self.session_key
         os.umask(0o077)  # session files (events.jsonl, conversation.wav) and children's files: 0600
-        self.session_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.session_dir, 0o700)
+        self._make_session_dir()
         #: signs the engine's own bus messages (spec key bus.signing_key, hex); never on disk or the bus
         self.signing_key = secrets.token_bytes(32)
         self.bus_keys = generate_keys(self.signing_key)  # and CURVE keys for tcp (bus/security.py)
@@ -219,12 +266,14 @@ class Supervisor:
         self.fatal: str | None = None
         self.started_mono = time.monotonic()
         self.ready_mono: float | None = None
-        self.log_file: TextIO | None = None
+        self.log_file: SessionLog | None = None
         self.server_url: str | None = None
         self.listener: socket.socket | None = None
         self.sub: Subscriber | None = None
         self.pub: Publisher | None = None
         self.my_ticks = proc_start_ticks(os.getpid())
+        #: the interpreter the supervisor and every child run: a process named in engine.json is ours only with it
+        self.my_exe = proc_exe("self")
         self.bus_up = False              #: the broker forwards our messages (our probe came back)
         self._probe_topic = f"_join.supervisor.{os.getpid()}"
         self._held: list[tuple[str, dict[str, Any]]] = []   #: own events waiting for the broker
@@ -236,8 +285,24 @@ class Supervisor:
         self._malformed_seen = 0
         self.malformed = 0               #: malformed bus messages the supervisor skipped
         self.shut_down = False
+        #: liveness: a child silent this long is reported and restarted (None: not checked)
+        self.heartbeat_timeout_s: float | None = cfg.get("supervisor", {}).get("heartbeat_timeout_s")
+        self.mic_drops = DropWatch()
 
     # ------------------------------------------------------------ setup
+    def _make_session_dir(self) -> None:
+        """The session folder, made new (mode 0700) under its base: never one that exists."""
+        try:
+            self.session_dir.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.session_dir.mkdir(mode=0o700)
+        except FileExistsError:
+            raise EngineError(f"the session folder {self.session_dir} already exists: a session folder is only "
+                              "ever made new; start again (the next one has another name)") from None
+        except OSError as exc:
+            raise EngineError(f"cannot make the session folder {self.session_dir}: {exc.strerror} (check "
+                              "sessions_dir / record in the config)") from None
+        os.chmod(self.session_dir, 0o700)
+
     def _endpoints(self) -> Endpoints:
         bus = self.cfg["bus"]
         if bus["transport"] == "tcp":
@@ -250,29 +315,28 @@ class Supervisor:
                          signing_key=self.signing_key)
 
     def _check_audio_paths(self) -> None:
-        """A speaker WAV must go into a folder that exists (checked before anything starts)."""
-        speaker = self.cfg["audio"]["speaker"]
-        if self.text_only or not isinstance(speaker, str) or not speaker.lower().endswith(".wav"):
-            return
-        folder = Path(speaker).expanduser().absolute().parent
-        if not folder.is_dir():
-            raise ConfigError(f"audio.speaker: cannot write {speaker}: the folder {folder} does not exist "
-                              "(create it, or give a file in an existing folder)")
+        """The mic and speaker files and devices, before anything starts (:mod:`engine.audio.preflight`:
+        a corrupt mic WAV, a missing device fail the start at once, with one error)."""
+        if self.phone is None and self.sip is None:   # calls use no audio device
+            check_audio(self.cfg["audio"], text_only=self.text_only)
 
     def _check_not_running(self) -> None:
-        """Refuse to start beside a running engine; clean the runtime directory of a dead one."""
-        path = connection_file()
+        """Refuse to start beside a running engine, or on a connection file that is not this user's
+        own private file (named, with the fix); clean the runtime directory of a dead engine."""
+        path = self.run_dir / "engine.json"
         try:
-            conn = json.loads(path.read_text())
-        except FileNotFoundError:
+            conn = read_connection(path)
+        except NoEngine:
             return
-        except ValueError:
-            path.unlink(missing_ok=True)  # a torn file: no engine can be found through it anyway
+        except TrustError as exc:   # not this user's own private file: nothing it names is touched
+            raise EngineError(str(exc)) from None
+        except BusError:
+            path.unlink(missing_ok=True)  # a torn file of ours: no engine can be found through it anyway
             return
-        if not isinstance(conn, dict):
-            path.unlink(missing_ok=True)
-            return
-        if engine_identity(conn):
+        state = engine_state(conn)
+        if state == UNPROVEN:   # a live process that is not provably ours: nothing cleaned, nothing signalled
+            raise EngineError(str(unproven_error(conn, path)))
+        if state != GONE:
             raise EngineError(f"an engine is already running (pid {conn.get('pid')}); stop it with `engine stop`")
         done = clean_stale(conn, path)
         self.out.write(f"realtalk: cleaned the runtime directory of an engine that is gone (pid {conn.get('pid')})"
@@ -310,11 +374,23 @@ class Supervisor:
             self.children.append(Child("server", argv, stdout=subprocess.DEVNULL, pass_fds=(fd,)))
             self.server_url = f"ws://{ls['host']}:{port}/v1/realtime"
             return self._api_url(self.server_url, model), ["Authorization: Bearer local"]
-        key = os.environ.get(self.cfg["api_key_env"])
-        if not key:
-            raise EngineError(f"backend openai needs an API key in ${self.cfg['api_key_env']} "
-                              "(or use --backend local for the offline server)")
-        return self._api_url(self.cfg["openai_url"], model), [f"Authorization: Bearer {key}"]
+        # a remote provider (engine/providers.py): openai, azure, xai, or any Realtime-compatible server
+        self.target = api_target(self.cfg, os.environ)
+        return self.target.url, list(self.target.headers)
+
+    def _rest_spec(self, url: str) -> dict[str, Any]:
+        """Where a SIP call's REST calls and control sockets go: the API's base URLs."""
+        if self.target is not None:
+            return {"rest_base": self.target.rest_base, "ws_base": self.target.url.split("?", 1)[0]
+                    .removesuffix("/realtime").removesuffix("/live/sessions")}
+        base = (self.server_url or url).split("?", 1)[0].removesuffix("/realtime")
+        return {"rest_base": "http://" + base.removeprefix("ws://"), "ws_base": base}
+
+    def _dialect_spec(self) -> dict[str, Any]:
+        """Which provider's dialect the API socket speaks (engine/realtime/dialects.py)."""
+        t = self.target
+        return {"provider": t.provider if t else "local", "dialect": t.dialect if t else "openai",
+                "deployment": t.deployment if t else None, "key_env": t.key_env if t else None}
 
     def _api_url(self, realtime_url: str, quoted_model: str) -> str:
         """The socket's URL: Realtime names the model in the query; GPT-Live has its own path
@@ -325,8 +401,8 @@ class Supervisor:
 
     def start(self) -> None:
         """Make the rings, start the broker, then the children. On any failure everything made so
-        far is undone (children stopped, rings unlinked, sockets and files removed) and it raises."""
-        self._check_audio_paths()
+        far is undone (children stopped, rings unlinked, sockets and files removed) and it raises.
+        (The mic and speaker were checked when the supervisor was made.)"""
         self._check_not_running()
         try:
             self._start()
@@ -336,43 +412,48 @@ class Supervisor:
 
     def _start(self) -> None:
         py = sys.executable
-        self.children.append(Child("broker", [py, "-m", "bus.broker", self.endpoints.publish, self.endpoints.subscribe],
-                                   death_signal=signal.SIGKILL))
+        # the broker's intake acks each command at once; for the realtime process it also holds them
+        # across that process's restarts (bus/intake.py); the phone bridge takes them itself
+        intake = "ack" if self.phone is not None or self.sip is not None else "hold"   # calls take their own
+        self.children.append(Child("broker", [py, "-m", "bus.broker", self.endpoints.publish, self.endpoints.subscribe,
+                                              "--intake", intake], death_signal=signal.SIGKILL))
         url, headers = self._api_target()
+        if self.sip is not None:  # SIP calls (engine/sip): the audio is OpenAI's; no rings or devices
+            self.children.append(Child("sip", [py, "-m", "engine.sip.process"], spec=self._spec(
+                {"headers": headers, "sip": self.sip, **self._rest_spec(url), **self._dialect_spec()})))
+            self._start_children()
+            return
         if self.phone is not None:  # phone calls (engine/phone): no rings, no capture, realtime or playback
             self.children.append(Child("phone", [py, "-m", "engine.phone.process"], spec=self._spec(
-                {"url": url, "headers": headers, "session": session_payload(self.cfg), "phone": self.phone})))
+                {"url": url, "headers": headers, "session": session_payload(self.cfg), "phone": self.phone,
+                 **self._dialect_spec()})))
             self._start_children()
             return
         audio = self.cfg["audio"]
         mic = None if self.text_only else audio["mic"]
         speaker = "null" if self.text_only or audio["speaker"] in (None, "null") else audio["speaker"]
         speaker_is_device = not (isinstance(speaker, str) and (speaker == "null" or speaker.lower().endswith(".wav")))
-        speaker_ring = Ring.create(f"realtalk-{os.getpid()}-speaker", SPEAKER_RING_FRAMES, with_eventfd=False)
-        self.rings.append(speaker_ring)
+        speaker_ring = self._ring("speaker", SPEAKER_RING_FRAMES, with_eventfd=False)
         realtime_extra: dict[str, Any] = {"url": url, "headers": headers, "session": session_payload(self.cfg),
+                                          **self._dialect_spec(),
                                           "speaker_ring": speaker_ring.name,
                                           "replies_dir": str(self.session_dir / "replies")
                                           if self.cfg["reply_audio"] else None}
         fds: tuple[int, ...] = ()
         pb_extra: dict[str, Any] = {"speaker_ring": speaker_ring.name, "speaker_target": speaker}
         # the console's listen and talk (engine/console/audio.py): PCM through rings, never the bus
-        listen_ring = Ring.create(f"realtalk-{os.getpid()}-listen", LISTEN_RING_FRAMES, with_eventfd=False)
-        self.rings.append(listen_ring)
+        listen_ring = self._ring("listen", LISTEN_RING_FRAMES, with_eventfd=False)
         pb_extra["listen_ring"] = listen_ring.name
         if mic is not None:
-            mic_ring = Ring.create(f"realtalk-{os.getpid()}-mic", MIC_RING_FRAMES)
-            self.rings.append(mic_ring)
+            mic_ring = self._ring("mic", MIC_RING_FRAMES)
             assert mic_ring.data_fd is not None
             os.set_inheritable(mic_ring.data_fd, True)
             fds = (mic_ring.data_fd,)
             realtime_extra.update(mic_ring=mic_ring.name, mic_fd=mic_ring.data_fd)
             # what playback hands to the device, for the echo canceller and the recording
-            ref_ring = Ring.create(f"realtalk-{os.getpid()}-ref", REF_RING_FRAMES, with_eventfd=False)
-            self.rings.append(ref_ring)
+            ref_ring = self._ring("ref", REF_RING_FRAMES, with_eventfd=False)
             pb_extra["ref_ring"] = ref_ring.name
-            browser_ring = Ring.create(f"realtalk-{os.getpid()}-browser", BROWSER_RING_FRAMES, with_eventfd=False)
-            self.rings.append(browser_ring)
+            browser_ring = self._ring("browser", BROWSER_RING_FRAMES, with_eventfd=False)
             cap_spec = self._spec({"mic_ring": mic_ring.name, "mic_fd": mic_ring.data_fd,
                                    "mic_source": mic, "speaker_ring": speaker_ring.name,
                                    "ref_ring": ref_ring.name, "speaker_is_device": speaker_is_device,
@@ -388,17 +469,32 @@ class Supervisor:
             self.devices_pending.add("playback.device")  # a real speaker: ready once it is open
         if self.console is not None:
             console_spec = self._spec({"console": self.console, "session_dir": str(self.session_dir),
-                                       "rings": {r.name.rsplit("-", 1)[-1]: r.name for r in self.rings}})
+                                       "rings": self.ring_names})
             console_spec["bus"].pop("signing_key")  # it publishes cmd.* only: no key a page could ever reach
             self.children.append(Child("console", [py, "-m", "engine.console.process"], spec=console_spec))
         self._start_children()
 
+    @property
+    def ring_names(self) -> dict[str, str]:
+        """The rings' names by kind (engine.json, engine.status, the console's spec)."""
+        return {kind: ring.name for kind, ring in self.rings_by_kind.items()}
+
+    def _ring(self, kind: str, capacity_frames: int, with_eventfd: bool = True) -> Ring:
+        """A new ring of ``kind`` under a random name (made exclusively, 0600: engine/audio/ring.py),
+        kept for the stop and listed by kind in ``ring_names``."""
+        ring = Ring.create(new_ring_name(), capacity_frames, with_eventfd=with_eventfd)
+        self.rings.append(ring)
+        self.rings_by_kind[kind] = ring
+        return ring
+
     def _start_children(self) -> None:
+        for child in self.children:   # liveness for every child (children.py)
+            child.policy = replace(child.policy, heartbeat_timeout_s=self.heartbeat_timeout_s)
+            child.machine.policy = child.policy
         # the supervisor's own bus sockets, connected before anything is published
         self.sub = Subscriber(self.endpoints, [""])  # verifies the signed control topics
         self.pub = Publisher(self.endpoints, f"supervisor:{os.getpid()}")  # signs them
-        log_fd = os.open(self.session_dir / "events.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self.log_file = open(log_fd, "a")  # flushed after every round of the bus loop
+        self.log_file = SessionLog(self.session_dir / "events.jsonl")  # new (O_EXCL), flushed every bus round
         broker = self.children[0]
         self._spawn(broker)
         if not self.pub.join(self.endpoints.subscribe, timeout_s=10):
@@ -412,6 +508,8 @@ class Supervisor:
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
         env.pop(self.cfg["api_key_env"], None)  # the realtime child gets the key in its spec, the others never
+        if self.target is not None:
+            env.pop(self.target.key_env, None)
         if child.name == "broker":  # its CURVE server keys and the signing key (it has no spec)
             env.update(self.bus_keys.environment(broker=True))
         if child.proc is not None and child.proc.stdin is not None:
@@ -419,10 +517,24 @@ class Supervisor:
         death_signal = child.death_signal
         # a broker started again takes its subscribers before its publishers' queued messages
         argv = child.argv + ["--restart"] if child.name == "broker" and child.proc is not None else child.argv
-        child.proc = subprocess.Popen(argv, pass_fds=child.pass_fds, env=env,
-                                      stdin=subprocess.PIPE if child.spec is not None else subprocess.DEVNULL,
-                                      stdout=child.stdout, start_new_session=False,
-                                      preexec_fn=lambda: parent_death_signal(death_signal))
+        pass_fds = child.pass_fds
+        if child.heartbeat is not None:
+            child.heartbeat.close()   # the previous run's
+            child.heartbeat = None
+        if self.heartbeat_timeout_s is not None and argv[1:2] == ["-m"]:
+            # `python -m engine.supervisor.heartbeat MODULE ...`: beats on the pipe, then runs MODULE
+            child.heartbeat = HeartbeatPipe(period_for(self.heartbeat_timeout_s))
+            env.update(child.heartbeat.environment())
+            pass_fds = (*pass_fds, child.heartbeat.child_fd)
+            argv = [argv[0], "-m", "engine.supervisor.heartbeat", *argv[2:]]
+        try:
+            child.proc = subprocess.Popen(argv, pass_fds=pass_fds, env=env,
+                                          stdin=subprocess.PIPE if child.spec is not None else subprocess.DEVNULL,
+                                          stdout=child.stdout, start_new_session=False,
+                                          preexec_fn=lambda: parent_death_signal(death_signal))
+        finally:
+            if child.heartbeat is not None:
+                child.heartbeat.child_started()   # the child has its copy (or never will)
         child.start_ticks = proc_start_ticks(child.proc.pid)
         child.last_error = None
         child.machine.spawned(time.monotonic())
@@ -436,36 +548,34 @@ class Supervisor:
                 pass  # the child died at once: reaped as an exit
 
     def _write_connection_file(self) -> None:
-        path = connection_file()
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with open(fd, "w") as f:
-            f.write(json.dumps({**self.status(), **(self.bus_keys.connection_keys() if self.endpoints.curve else {})},
-                               indent=1))
-        tmp.replace(path)
+        """engine.json: written 0600 to a new file beside it, renamed over it (bus/runtime.py)."""
+        write_private_file(self.connection_path,
+                           json.dumps({**self.status(), **(self.bus_keys.connection_keys() if self.endpoints.curve else {})},
+                                      indent=1))
 
     # ------------------------------------------------------------ status
     def status(self) -> dict[str, Any]:
-        rings = {}
-        for ring in self.rings:
-            kind = ring.name.rsplit("-", 1)[-1]
-            rings[kind] = ring.stats()
+        rings = {kind: ring.stats() for kind, ring in self.rings_by_kind.items()}
         now = time.monotonic()
         return {
-            "pid": os.getpid(), "pid_start_ticks": self.my_ticks,
+            "pid": os.getpid(), "pid_start_ticks": self.my_ticks, "exe": self.my_exe,
             "state": "stopping" if self.stopping else ("ready" if self.connected else "starting"),
             "backend": self.backend, "model": self.cfg["model"], "server_url": self.server_url,
             "publish": self.endpoints.publish, "subscribe": self.endpoints.subscribe,
-            "connection_file": str(connection_file()), "session_dir": str(self.session_dir),
+            "connection_file": str(self.connection_path), "session_dir": str(self.session_dir),
             "session_id": self.session_id, "cost_usd": round(self.view.cost_usd, 6),
             "children": [{"name": c.name, "pid": c.pid, "start_ticks": c.start_ticks, "state": c.state,
                           "restarts": c.machine.restarts, "exit_code": c.machine.exit_code,
-                          "uptime_s": round(now - c.machine.started_at, 1) if c.machine.alive_states else None}
+                          "uptime_s": round(now - c.machine.started_at, 1) if c.machine.alive_states else None,
+                          "silent_s": round(now - c.machine.last_beat_at, 1)
+                          if c.heartbeat is not None and c.machine.alive_states else None,
+                          "unresponsive": c.unresponsive}
                          for c in self.children],
-            "rings": rings, "ring_names": [r.name for r in self.rings],
+            "rings": rings, "ring_names": self.ring_names,
             "ready_ms": round((self.ready_mono - self.started_mono) * 1000, 1) if self.ready_mono else None,
             "errors": len(self.errors), "forged_errors": self.forged, "malformed_messages": self.malformed,
             "phone": self.phone_status if self.phone is not None else None,
+            "sip": self.sip_status if self.sip is not None else None,
         }
 
     # ------------------------------------------------------------ the event log and own events
@@ -480,7 +590,7 @@ class Supervisor:
         except (TypeError, ValueError):
             line["body"] = _jsonable(body)
             text = json.dumps(line, default=str)
-        self.log_file.write(text + "\n")
+        self.log_file.write(text + "\n")   # never raises: a failed write shows at the flush (drain)
 
     def _emit(self, topic: str, payload: dict[str, Any], *, hold: bool = True) -> None:
         """Publish one of the supervisor's own events: into the event log at once, and on the bus
@@ -544,6 +654,18 @@ class Supervisor:
                 sent_ns = body.get("mono_ns")
                 self._last_device_ns = max(self._last_device_ns, sent_ns if isinstance(sent_ns, int) else time.monotonic_ns())
                 self._maybe_ready()
+        elif topic == "sip.status" and self.sip is not None:
+            if self.stopping or not self._from_engine(body):
+                return
+            self.sip_status = {k: v for k, v in body.items() if k not in HEADER_KEYS}
+            self.next_status_at = 0.0
+            if not self.connected:
+                self.connected = True
+                self.ready_mono = time.monotonic()
+                self.out.write(f"realtalk: ready in {(self.ready_mono - self.started_mono) * 1000:.0f} ms; "
+                               f"SIP webhooks at {body.get('url')}\n")
+                self.out.flush()
+                self._write_connection_file()
         elif topic == "phone.status" and self.phone is not None:
             if self.stopping or not self._from_engine(body):
                 return
@@ -569,7 +691,7 @@ class Supervisor:
             source, message = body.get("source", "engine"), body.get("message")
             if body.get("fatal"):
                 self.fatal = f"{source}: {message}"   # printed as the cause of the stop
-            else:
+            elif self.fatal is None:   # once stopping for a cause, what the children say as they stop is only logged
                 for line in self.view.feed(topic, body):   # each error, with its message
                     self._print(line)
 
@@ -596,7 +718,9 @@ class Supervisor:
     def _from_engine(self, body: dict[str, Any]) -> bool:
         """True if ``body`` was published by one of this engine's own child processes (state and
         fatal errors are accepted only from them): the publisher name against the children's
-        live pids. (To be replaced by the bus's signature check, ``bus.signing_key``.)"""
+        live pids. The bus's signature check (bus/security.py) has already dropped a forged
+        message on a signed topic; this one says which child sent it, and that it is the child's
+        latest run, and it is the only check on a topic that is not signed (``phone.status``)."""
         pub = body.get("pub")
         if not isinstance(pub, str) or ":" not in pub:
             return False
@@ -609,6 +733,7 @@ class Supervisor:
         ``budget_s``; flush the log. True if the queue is empty."""
         sub = self.sub
         if sub is None:
+            self._flush_log()
             return True
         deadline = time.monotonic() + budget_s
         empty = False
@@ -625,9 +750,23 @@ class Supervisor:
             n += 1
             if n % 256 == 0 and time.monotonic() >= deadline:
                 break
-        if self.log_file is not None:
-            self.log_file.flush()
+        self._flush_log()
         return empty
+
+    def _flush_log(self) -> None:
+        """Write the queued event-log lines; a failed write (a full disk) stops the session."""
+        if self.log_file is not None:
+            failed = self.log_file.flush()
+            if failed is not None:
+                self._log_failed(failed)
+
+    def _log_failed(self, exc: OSError) -> None:
+        """The event log cannot be written (a full disk): the session stops with the cause; what
+        was written is kept (:class:`SessionLog` cut it back to whole lines)."""
+        if self.fatal is None:
+            full = " (the disk is full)" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+            self.fatal = (f"cannot write the event log {self.session_dir / 'events.jsonl'}: {error_text(exc)}{full}; "
+                          "the session is stopped, what was written is kept")
 
     def run(self) -> int:
         def _stop(_signo: int, _frame: object) -> None:
@@ -655,7 +794,7 @@ class Supervisor:
                 if now >= self.next_status_at:
                     self.next_status_at = now + 1.0
                     self._emit("engine.status", self.status(), hold=False)
-                if self.connected and not self.stopping and self.phone is None:   # (calls have their own state)
+                if self.connected and not self.stopping and self.phone is None and self.sip is None:   # (calls' own)
                     self.term.draw(self.view.live_line(), now)   # a TTY only
                 if not self.stopping and empty:
                     self._sleep(wake_r, now)
@@ -700,7 +839,31 @@ class Supervisor:
                 if code is not None:
                     self.drain(0.05)  # what it said before it exited (its last error) goes with the exit
                     self._act(child, m.exited(code, now, child.last_error))
+                elif child.heartbeat is not None and child.heartbeat.alive(child.proc.pid):
+                    m.beat(now)   # a heartbeat, or CPU it used (busy holding the interpreter lock)
             self._act(child, m.tick(now))
+        self._watch_mic(now)
+
+    def _watch_mic(self, now: float) -> None:
+        """Publish the mic audio dropped since the last report (the mic ring's overruns: its reader
+        stalled or restarting), once per stall (:class:`DropWatch`), from the engine's ready on
+        (before it, the realtime process has not begun to read the ring)."""
+        mic = self.rings_by_kind.get("mic")
+        if mic is None or self.pub is None:
+            return
+        total = mic.overrun_frames
+        if not self.connected:   # before ready nobody reads the mic yet: only drops after it count
+            self.mic_drops = DropWatch(reported=total, seen=total)
+            return
+        frames = self.mic_drops.update(total, now)
+        if frames is None:
+            return
+        self._emit("engine.error", {"source": "supervisor", "code": "mic_dropped", "ring": "mic",
+                                    "dropped_frames": frames, "dropped_ms": frames * 1000 // RATE_HZ,
+                                    "dropped_frames_total": total,
+                                    "message": f"{frames / RATE_HZ:.2f} s of mic audio dropped: the mic ring was full "
+                                               "(its reader, the realtime process, stalled or was restarting); "
+                                               f"{total / RATE_HZ:.2f} s in this session"})
 
     def _act(self, child: Child, action: Any) -> None:
         if action is None:
@@ -715,6 +878,19 @@ class Supervisor:
             self._emit("engine.error", {"source": "supervisor", "code": "child_exited", "child": child.name,
                                         "exit_code": m.exit_code, "during_start": action.during_start,
                                         "message": f"{why}; restarting"})
+        elif isinstance(action, Unresponsive):
+            child.unresponsive += 1
+            if child.proc is not None:
+                child.proc.kill()   # stopped or hung: SIGTERM would wait for it to run again
+            if child.name == "broker":
+                self.bus_up = False   # the report waits for the new broker
+            what = "since its start" if action.during_start else f"for {action.silent_s:.1f} s"
+            message = (f"{child.name} did not answer {what} (no heartbeat; supervisor.heartbeat_timeout_s "
+                       f"{self.heartbeat_timeout_s:g}): killed, to be restarted")
+            child.last_error = message
+            self._emit("engine.error", {"source": "supervisor", "code": "child_unresponsive", "child": child.name,
+                                        "pid": child.pid, "silent_ms": round(action.silent_s * 1000),
+                                        "during_start": action.during_start, "message": message})
         elif isinstance(action, GaveUp):
             if self.fatal is None:
                 self.fatal = action.reason
@@ -758,6 +934,10 @@ class Supervisor:
         self._stop_children([c for c in reversed(self.children) if c.name != "broker"])
         self._drain_quiet()
         self._stop_children([c for c in self.children if c.name == "broker"])
+        for child in self.children:
+            if child.heartbeat is not None:
+                child.heartbeat.close()
+                child.heartbeat = None
         for ring in self.rings:
             ring.unlink()
             ring.close()
@@ -766,19 +946,21 @@ class Supervisor:
         for ep in (self.endpoints.publish, self.endpoints.subscribe):
             if ep.startswith("ipc://"):
                 Path(ep[len("ipc://"):]).unlink(missing_ok=True)
-        path = connection_file()
+        path = self.connection_path
         try:
-            if json.loads(path.read_text()).get("pid") == os.getpid():
+            if read_private_json(path).get("pid") == os.getpid():
                 path.unlink()
-        except (FileNotFoundError, ValueError):
+        except (OSError, BusError, AttributeError):
             pass
         self.drain(budget_s=STOP_DRAIN_MAX_S)
         for closer in (self.sub, self.pub, self.log_file):
             if closer is not None:
                 closer.close()
         if not quiet:
+            lost = self.log_file.lost_lines if self.log_file is not None else 0
             self.out.write(f"realtalk: stopped. Session cost ${self.view.cost_usd:.4f}; "
-                           f"event log {self.session_dir / 'events.jsonl'}\n")
+                           f"event log {self.session_dir / 'events.jsonl'}"
+                           + (f" (the last {lost} events could not be written)" if lost else "") + "\n")
             self.out.flush()
 
     def _drain_quiet(self) -> None:

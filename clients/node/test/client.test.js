@@ -56,8 +56,14 @@ test("registerTool answers the model and goes with its client", { timeout: 90000
     const asked = [];
     await tools.registerTool("ask_client", ({ question }) => { asked.push(question); return "Northern Train Station"; },
                              { parameters: { type: "object", properties: { question: { type: "string" } } } });
-    const ack = await watcher.say("Where is the collection point?");
-    assert.strictEqual(ack.ok, true);
+    const said = await watcher.say("Where is the collection point?");   // its outcome: the item the engine added
+    assert.strictEqual(said.ok, true);
+    assert.ok(said.item_id.startsWith("item_"), JSON.stringify(said));
+    const ack = await watcher.command("cmd.mic", { open: true });         // acked at once by the engine's intake
+    assert.strictEqual(ack.state, "queued");
+    const refused = await watcher.command("cmd.nonsense", {});
+    assert.strictEqual(refused.ok, false);
+    assert.match(refused.error, /unknown command/);
     const done = await next(watcher, (m) => m.topic === "model.text.done", 30000);
     assert.strictEqual(done.body.text, "Northern Train Station");
     assert.deepStrictEqual(asked, ["Where is the collection point?"]);

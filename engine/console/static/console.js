@@ -196,7 +196,9 @@ const handlers = {
     t.t = ms(b.mono_ns); setText(t, b.message || JSON.stringify(b));
     banner(`${b.source || "engine"}: ${b.message || b.code}`);
   },
-  "cmd.ack": (b) => { if (pendingSay.has(b.id)) { $("say-status").textContent = b.ok ? `added as ${b.item_id || "ok"}` : `refused: ${b.error}`; pendingSay.delete(b.id); } },
+  // bus protocol 2: the engine acks a command at once (queued), and reports what it did on cmd.done
+  "cmd.ack": (b) => { if (pendingSay.has(b.id)) { $("say-status").textContent = b.ok ? `${b.state || "accepted"}, waiting for the engine to add it…` : `refused: ${b.error}`; if (!b.ok) pendingSay.delete(b.id); } },
+  "cmd.done": (b) => { if (pendingSay.has(b.id)) { $("say-status").textContent = b.ok ? `added as ${b.item_id || "ok"}` : `refused: ${b.error}`; pendingSay.delete(b.id); } },
   "console.command_failed": (b) => { $("say-status").textContent = b.message; },
 };
 
