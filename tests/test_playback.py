@@ -443,3 +443,56 @@ def test_keep_running_does_its_chore_at_once_when_woken() -> None:
     t.join(2.0)
     assert not t.is_alive() and stream.closed
     os.close(fd)
+
+
+# ---------------------------------------------------------------- the adaptive jitter buffer's target
+def first_sample_after_ms(r: Renderer, ring: Ring, period_frames: int = 240) -> float:
+    """A stream marked at t=0 and written whole (still arriving: no end mark); callbacks every
+    period from t=0; when its first sample is due, in ms after its first frames arrived."""
+    out = np.zeros(period_frames, dtype=np.int16)
+    ring.mark_start()
+    start_s = (ring.stream_start_ns(ring.write_index) or 0) / 1e9
+    ring.write(loud(4800))
+    for k in range(100):
+        r.render(out, 0, start_s + k * period_frames / 24000)
+        if r.state == 1:   # PLAYING
+            lead = int(np.argmax(out != 0))
+            return (k * period_frames + lead) / 24
+    raise AssertionError("the stream never started")
+
+
+def test_a_stream_starts_at_the_rings_target_else_at_the_configured_prebuffer(ring: Ring) -> None:
+    """First reply (no target yet: 0) waits the configured prebuffer; once the producer publishes a
+    target, a stream starts that long after its first frames arrived, to the frame."""
+    r = Renderer(ring, prebuffer_frames=1920)                    # 80 ms configured
+    assert first_sample_after_ms(r, ring) == pytest.approx(80, abs=0.05)
+    ring.mark_end()
+    while r.in_stream:
+        r.render(np.zeros(240, dtype=np.int16), 0, 99.0)
+    ring.control.set_target(360)                                 # 15 ms, the estimate on a clean link
+    assert first_sample_after_ms(r, ring) == pytest.approx(15, abs=0.05)
+    assert r.start_delay_frames == 360
+
+
+def test_an_underrun_grows_the_start_on_top_of_the_target_and_clean_streams_give_it_back(ring: Ring) -> None:
+    r = Renderer(ring, prebuffer_frames=1920, stretch=False)
+    ring.control.set_target(480)                                 # 20 ms
+    play_deltas(r, ring, late_delta_schedule(30, 10, 0.11), voiced(30 * 480))
+    assert [k for k, _ in ev(r)] == ["started", "underrun", "stopped"]
+    assert r.growth_frames == 480 and r.prebuffer_frames == 960  # the target plus 20 ms
+    ring.control.set_target(720)                                 # the target moved: the growth stays on top
+    play_deltas(r, ring, [i * 0.02 for i in range(10)], voiced(10 * 480))
+    assert r.growth_frames == 240 and r.prebuffer_frames == 960  # a clean stream gave half back
+    play_deltas(r, ring, [i * 0.02 for i in range(10)], voiced(10 * 480))
+    assert r.growth_frames == 0 and r.prebuffer_frames == 720    # under 10 ms left: all of it
+
+
+def test_the_time_stretcher_keeps_the_level_the_target_asks_for(ring: Ring) -> None:
+    """A 50 ms late delta under a 60 ms target: the stretcher expands once the ring holds under half
+    the target (30 ms, not half the configured 80) and rides it out, then gives the latency back."""
+    r = Renderer(ring, prebuffer_frames=1920)
+    ring.control.set_target(1440)                                # 60 ms
+    play_deltas(r, ring, late_delta_schedule(60, 20, 0.05), voiced(60 * 480))
+    assert ring.underrun_frames == 0 and r.low_water_frames == 720
+    assert r.expanded_frames > 0                                 # it dipped under half the target: expanded
+    assert r.stretch_frames <= 360                               # and gave nearly all of it back

@@ -91,10 +91,17 @@ class Renderer:
     whole stream is already in the ring) and ends when the reader reaches the end mark
     the producer set for it. Running dry before that is an underrun once more of the stream
     comes (if the end mark comes first, it was the stream's end): the tail fades out, the gap
-    is counted, playback waits for the prebuffer again, and the prebuffer grows
-    (adaptive, up to ``max_prebuffer_frames``) so the next stream rides out the jitter; each
-    stream that plays without an underrun gives half of that growth back, so one late delta
-    does not cost latency for the rest of the session.
+    is counted, playback waits for the prebuffer again, and the prebuffer grows by 20 ms
+    (``growth_frames``, up to ``max_prebuffer_frames`` in all) so the next stream rides out the
+    jitter; each stream that plays without an underrun gives half of that growth back, so one
+    late delta does not cost latency for the rest of the session.
+
+    The prebuffer is the jitter buffer's target plus that growth: the ring's ``target_frames``
+    when the producer sets one (``audio.jitter_buffer: adaptive``: the realtime process's
+    estimate from the delta arrival jitter it measures, engine/realtime/jitter.py), else the
+    configured ``prebuffer_frames``. It is read at every callback: a stream's start delay and the
+    level the time-stretcher keeps follow the target as it changes (engine/audio/ring.py states
+    the field's contract).
 
     Time-stretching (``stretch``, NetEQ-style): while a stream is still arriving and the ring
     holds less than half the configured prebuffer beyond this block, a pitch period of the
@@ -120,14 +127,16 @@ class Renderer:
         self.stretch = stretch
         self.stretcher = TimeStretcher()
         self._ahead = np.zeros(LOOKAHEAD_FRAMES, dtype=np.int16)
-        self.low_water_frames = prebuffer_frames // 2
+        self.low_water_frames = prebuffer_frames // 2   # the time-stretcher expands below it
         self.stretch_frames = 0                         # the current stream's net stretch
         self.stream_expanded_frames = 0                 # the current stream's expansions
         self.expanded_frames = 0                        # in total, for playback.cadence
         self.accelerated_frames = 0
-        self.prebuffer_frames = prebuffer_frames
-        self.base_prebuffer_frames = prebuffer_frames   # what the config asked for: the floor it decays back to
+        self.prebuffer_frames = prebuffer_frames        # in effect: the target plus the growth (see _retarget)
+        self.base_prebuffer_frames = prebuffer_frames   # what the config asked for: used when the ring has no target
         self.max_prebuffer_frames = max(prebuffer_frames, max_prebuffer_frames)
+        self.growth_frames = 0                          # added by underruns, half given back per clean stream
+        self.start_delay_frames = 0                     # the prebuffer the latest stream started with
         self.stream_underruns = 0                       # underruns in the current stream
         self.dry_index = 0                              # where the ring ran dry mid-stream
         self.dry_frames = 0                             # silence since then, counted if audio comes back
@@ -169,9 +178,18 @@ class Renderer:
         if self.listen_on and self.listen is not None:
             self.listen.write(out)  # a full listen ring (the console behind) only counts overruns
 
+    def _retarget(self) -> None:
+        """The prebuffer in effect: the ring's jitter-buffer target (else the configured one) plus
+        the growth after underruns, capped. Real-time safe (one shared-memory read)."""
+        target = self.control.target_frames
+        p = min(self.max_prebuffer_frames, (target if target > 0 else self.base_prebuffer_frames) + self.growth_frames)
+        self.prebuffer_frames = p
+        self.low_water_frames = p // 2
+
     def _render(self, out: np.ndarray, latency_frames: int, now: float) -> None:
         ring = self.ring
         n = len(out)
+        self._retarget()
         # the first ring frame not yet handed to the device (the callback may hold resampled frames)
         heard_base = ring.read_index - self.backlog_frames
         ctl = self.control
@@ -221,7 +239,8 @@ class Renderer:
                 self.stream_underruns += 1
                 ring.count_underrun(self.dry_frames)
                 self._emit("underrun", self.dry_index)
-                self.prebuffer_frames = min(self.max_prebuffer_frames, self.prebuffer_frames + RATE_HZ // 50)
+                self.growth_frames = min(self.max_prebuffer_frames, self.growth_frames + RATE_HZ // 50)
+                self._retarget()
                 self.dry_frames = 0
             if not self.in_stream:
                 self.stream_start = ring.read_index
@@ -251,6 +270,7 @@ class Renderer:
                 self.in_stream = True
                 self.first_sample_mono_ns = time.monotonic_ns() + (self.backlog_frames + lead) * 1_000_000_000 // RATE_HZ
                 self.arrived_mono_ns = int(self.waiting_since * 1e9)
+                self.start_delay_frames = self.prebuffer_frames
                 self.stretch_frames = self.stream_expanded_frames = self.stream_device_underflows = 0
                 self._emit("started", ring.read_index)
             else:
@@ -345,8 +365,9 @@ class Renderer:
         self.dry_frames = 0
         self._emit("stopped", self.ring.read_index)
         if self.stream_underruns == 0:  # a clean stream: give back half of what underruns added
-            extra = self.prebuffer_frames - self.base_prebuffer_frames
-            self.prebuffer_frames -= extra // 2 if extra > RATE_HZ // 100 else extra
+            extra = self.growth_frames
+            self.growth_frames -= extra // 2 if extra > RATE_HZ // 100 else extra
+            self._retarget()
         self.stream_underruns = 0
 
 
@@ -446,6 +467,8 @@ class PlaybackProcess:
                 payload["first_sample_mono_ns"] = r.first_sample_mono_ns
                 payload["arrived_mono_ns"] = r.arrived_mono_ns
                 payload["output_latency_ms"] = round(ring.control.device_latency_frames / FRAMES_PER_MS, 2)
+                # the start delay this stream waited after its first frames arrived (target + growth)
+                payload["prebuffer_ms"] = round(r.start_delay_frames / FRAMES_PER_MS, 1)
             else:
                 payload["played_ms"] = (index - start) // FRAMES_PER_MS
                 # how much longer (or shorter) the stream played than its audio: time-stretching

@@ -20,9 +20,14 @@ Rules:
   period: a stream starts inside the callback that reaches its start), clamped to
   [:data:`MIN_MS`, :data:`MAX_MS`]. Until :data:`MIN_DELTAS` delays are measured the target is
   the configured start value (``audio.prebuffer_ms``): no history, no bet.
-- An underrun the listener heard raises the target at once to at least the delay that caused
-  it plus the margin (the histogram catches up as it learns).
-- ``fixed`` mode always answers the configured value (the old constant prebuffer).
+- A delay the histogram holds as an outlier (beyond the quantile) does not move the target: the
+  time-stretcher rides it out, and if the player still runs dry, the player's own growth after
+  an underrun (the speaker's renderer, the phone's start hold: +20 ms, half given back per clean
+  reply) adds to the target. So one late delta costs latency for a few replies, not the session.
+- Hosts time each delta where it arrives (:meth:`audio`, in the callback that took the API
+  event) and hand the target on: the realtime process in the speaker ring's ``target_frames``
+  (engine/audio/ring.py), a phone call to its start hold. ``audio.jitter_buffer: fixed`` makes
+  no estimator at all: the players keep the configured ``audio.prebuffer_ms``.
 """
 from __future__ import annotations
 
@@ -39,20 +44,27 @@ MIN_DELTAS = 20
 
 
 class JitterEstimator:
-    """``stream_started`` / ``delta`` as audio arrives; ``target_ms()`` for the next start."""
+    """``audio`` (or ``stream_started`` / ``delta``) as audio arrives; ``target_ms()`` for the next
+    start and the level while a stream plays."""
 
-    def __init__(self, start_ms: float, adaptive: bool = True) -> None:
+    def __init__(self, start_ms: float) -> None:
         self.start_ms = float(start_ms)
-        self.adaptive = adaptive
         self.buckets = [0.0] * (MAX_MS // BUCKET_MS + 1)
         self.weight = 0.0                      #: the histogram's total weight
         self.deltas = 0                        #: delays measured in this session
-        self.floor_ms = 0.0                    #: raised by an underrun, decays with the histogram
         self._audio_s = 0.0                    #: audio of the current stream before the next delta
         #: (arrival - audio before it) of the window's deltas, for the earliest-schedule minimum
         self._schedule: deque[tuple[float, float]] = deque()
         self.last_delay_ms = 0.0
         self.max_delay_ms = 0.0
+
+    def audio(self, arrival_s: float, audio_s: float, starts: bool) -> float:
+        """A delta of ``audio_s`` seconds arrived at ``arrival_s`` (``starts``: a stream's first);
+        the target after it, in ms."""
+        if starts:
+            self.stream_started()
+        self.delta(arrival_s, audio_s)
+        return self.target_ms()
 
     def stream_started(self) -> None:
         """The next delta is a new stream's first: it anchors the schedule."""
@@ -82,13 +94,7 @@ class JitterEstimator:
             buckets[k] *= FORGET
         buckets[i] += 1.0
         self.weight = self.weight * FORGET + 1.0
-        self.floor_ms *= FORGET
         self.deltas += 1
-
-    def underrun(self, late_ms: float) -> None:
-        """The stream ran dry: the target is at least ``late_ms`` (how long it was dry, or the
-        delay that caused it) beyond the current one from now on, until the histogram forgets it."""
-        self.floor_ms = max(self.floor_ms, self.target_ms() + late_ms)
 
     def quantile_ms(self, q: float = QUANTILE) -> float:
         """The ``q`` quantile of the measured delays (upper edge of its bucket)."""
@@ -104,7 +110,10 @@ class JitterEstimator:
 
     def target_ms(self) -> float:
         """How long the next stream waits after its first delta arrived, in ms."""
-        if not self.adaptive or self.deltas < MIN_DELTAS:
-            return max(self.start_ms, self.floor_ms) if self.adaptive else self.start_ms
-        measured = self.quantile_ms() + MARGIN_MS
-        return float(min(MAX_MS, max(MIN_MS, measured, self.floor_ms)))
+        if self.deltas < MIN_DELTAS:
+            return self.start_ms
+        return float(min(MAX_MS, max(MIN_MS, self.quantile_ms() + MARGIN_MS)))
+
+    def target_frames(self, rate_hz: int) -> int:
+        """``target_ms()`` in frames at ``rate_hz`` (at least 1: 0 means "no target" in the ring)."""
+        return max(1, round(self.target_ms() * rate_hz / 1000))
