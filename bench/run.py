@@ -579,13 +579,16 @@ def bench_server() -> dict[str, Any]:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("suite", choices=["core", "server", "conversation", "faults", "console", "phone", "asr", "sip"])
+    ap.add_argument("suite", choices=["core", "server", "conversation", "faults", "console", "phone", "asr", "sip",
+                                          "jitter"])
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--interruptions", type=int, default=200)
     ap.add_argument("--soak-minutes", type=float, default=30.0, help="faults: the soak's length")
     ap.add_argument("--fuzz", type=int, default=10_000, help="faults: fuzzed bus messages")
     ap.add_argument("--double-talk-trials", type=int, default=5, help="per level and guard setting; 0: skip")
     ap.add_argument("--minutes", type=float, default=10.0, help="console: minutes of events with the page open")
+    ap.add_argument("--turns", type=int, default=12, help="jitter: replies per session (after a warm-up)")
+    ap.add_argument("--out", default=None, help="jitter: where the target plot (PNG) and its CSVs go")
     ap.add_argument("--closed-minutes", type=float, default=None, help="console: minutes of turns before it opens")
     args = ap.parse_args()
     if args.suite == "core":
@@ -599,6 +602,9 @@ def main() -> int:
     elif args.suite == "phone":
         from bench.phone import run as run_phone
         result = run_phone()
+    elif args.suite == "jitter":
+        from bench.jitter import run as run_jitter
+        result = run_jitter(args.turns, Path(args.out) if args.out else None)
     elif args.suite == "sip":
         from bench.sip import run as run_sip
         result = run_sip()
