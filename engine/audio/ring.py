@@ -48,8 +48,8 @@ Rules:
   * N > 0: the adaptive jitter buffer's target, in ring frames (at the ring's sample rate).
     The consumer uses N in place of its configured prebuffer, in both places it uses it:
     a stream's start delay (its first frame is due N frames after ``stream_start_mono_ns``),
-    and the time-stretcher's level while the stream plays (expand below N/2 left after the
-    block, accelerate back down to N). Its own growth after an underrun (+20 ms, half given
+    and the time-stretcher's level while the stream plays (expand below (N - block)/2 left
+    after the block, block = the consumer's device period, accelerate back to N - block). Its own growth after an underrun (+20 ms, half given
     back per clean stream, capped at its maximum) adds to N as it added to the prebuffer.
   * The consumer reads it at every callback (it may change at any delta: a GPT-Live track is
     one endless stream). The producer stores the target that covers a stream *before* that

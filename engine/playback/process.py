@@ -104,11 +104,16 @@ class Renderer:
     the field's contract).
 
     Time-stretching (``stretch``, NetEQ-style): while a stream is still arriving and the ring
-    holds less than half the configured prebuffer beyond this block, a pitch period of the
+    holds less than half the prebuffer's *headroom* beyond this block, a pitch period of the
     latest output plays again (the ring drains slower, so a late delta lands before it runs
-    dry); once the ring holds more than the prebuffer, periods are left out until that
-    stream's added latency is given back. A stream that is already complete is never stretched,
-    and neither is audio that arrives faster than real time (the ring is full then).
+    dry); once the ring holds the headroom again with a period to spare, periods are left out
+    until that stream's added latency is given back. The headroom is the prebuffer less one
+    block: each callback reads a block ahead of the device, so a stream whose deltas come on
+    time dips to exactly the headroom beyond the block just before each delta (with 100 ms
+    deltas and a 15 ms target, 5 ms), and only a delta later than that is a risk. Half the
+    whole prebuffer would sit above that dip on a small target and expand around every delta.
+    A stream that is already complete is never stretched, and neither is audio that arrives
+    faster than real time (the ring is full then).
     ``stretch_frames`` is the current stream's net stretch (output frames minus stream frames).
     """
 
@@ -127,7 +132,8 @@ class Renderer:
         self.stretch = stretch
         self.stretcher = TimeStretcher()
         self._ahead = np.zeros(LOOKAHEAD_FRAMES, dtype=np.int16)
-        self.low_water_frames = prebuffer_frames // 2   # the time-stretcher expands below it
+        self.low_water_frames = prebuffer_frames // 2   # the time-stretcher expands below it (see _retarget)
+        self.block_frames = 0                           # the latest block's length (one device period)
         self.stretch_frames = 0                         # the current stream's net stretch
         self.stream_expanded_frames = 0                 # the current stream's expansions
         self.expanded_frames = 0                        # in total, for playback.cadence
@@ -184,11 +190,12 @@ class Renderer:
         target = self.control.target_frames
         p = min(self.max_prebuffer_frames, (target if target > 0 else self.base_prebuffer_frames) + self.growth_frames)
         self.prebuffer_frames = p
-        self.low_water_frames = p // 2
+        self.low_water_frames = max(0, p - self.block_frames) // 2   # half the headroom (class docstring)
 
     def _render(self, out: np.ndarray, latency_frames: int, now: float) -> None:
         ring = self.ring
         n = len(out)
+        self.block_frames = n
         self._retarget()
         # the first ring frame not yet handed to the device (the callback may hold resampled frames)
         heard_base = ring.read_index - self.backlog_frames
