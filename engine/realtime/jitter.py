@@ -15,7 +15,11 @@ Rules:
   The window makes a continuous track immune to clock drift, as NetEQ's is.
 - Delays go into a histogram of :data:`BUCKET_MS` buckets up to :data:`MAX_MS`, which forgets:
   each new delay scales the others by :data:`FORGET` (a half-life of about 500 deltas: a late
-  delta is remembered for several replies, a clean stretch slowly lowers the target).
+  delta is remembered for several replies, a clean stretch slowly lowers the target). The
+  buckets are 1 ms: the quantile is read at its bucket's upper edge, and NetEQ's 20 ms (or
+  our first 5 ms) would add up to a bucket of pure rounding to a clean link's 15 ms target.
+  Forgetting is done by weighing each new delay 1/FORGET more than the last (renormalised
+  now and then), so a delta costs one bucket's update, not a pass over the histogram.
 - The target is the :data:`QUANTILE` of the histogram plus :data:`MARGIN_MS` (one device
   period: a stream starts inside the callback that reaches its start), clamped to
   [:data:`MIN_MS`, :data:`MAX_MS`]. Until :data:`MIN_DELTAS` delays are measured the target is
@@ -33,7 +37,9 @@ from __future__ import annotations
 
 from collections import deque
 
-BUCKET_MS = 5
+import numpy as np
+
+BUCKET_MS = 1
 MAX_MS = 500
 MIN_MS = 0
 WINDOW_S = 2.0
@@ -49,8 +55,9 @@ class JitterEstimator:
 
     def __init__(self, start_ms: float) -> None:
         self.start_ms = float(start_ms)
-        self.buckets = [0.0] * (MAX_MS // BUCKET_MS + 1)
-        self.weight = 0.0                      #: the histogram's total weight
+        self.buckets = np.zeros(MAX_MS // BUCKET_MS + 1)
+        self.weight = 0.0                      #: the histogram's total weight (in units of ``_inc``)
+        self._inc = 1.0                        #: the weight the next delay gets: 1/FORGET times the last
         self.deltas = 0                        #: delays measured in this session
         self._audio_s = 0.0                    #: audio of the current stream before the next delta
         #: (arrival - audio before it) of the window's deltas, for the earliest-schedule minimum
@@ -89,24 +96,21 @@ class JitterEstimator:
 
     def _add(self, delay_ms: float) -> None:
         i = min(len(self.buckets) - 1, int(delay_ms // BUCKET_MS))
-        buckets = self.buckets
-        for k in range(len(buckets)):
-            buckets[k] *= FORGET
-        buckets[i] += 1.0
-        self.weight = self.weight * FORGET + 1.0
+        self.buckets[i] += self._inc
+        self.weight += self._inc
+        self._inc /= FORGET            # the same as scaling every older delay by FORGET
+        if self._inc > 1e12:           # renormalise long before a float could lose a delay's weight
+            self.buckets /= self._inc
+            self.weight /= self._inc
+            self._inc = 1.0
         self.deltas += 1
 
     def quantile_ms(self, q: float = QUANTILE) -> float:
         """The ``q`` quantile of the measured delays (upper edge of its bucket)."""
         if self.weight <= 0:
             return 0.0
-        need = q * self.weight
-        acc = 0.0
-        for i, w in enumerate(self.buckets):
-            acc += w
-            if acc >= need:
-                return float((i + 1) * BUCKET_MS)
-        return float(MAX_MS)
+        i = int(np.searchsorted(np.cumsum(self.buckets), q * self.weight * (1 - 1e-12)))
+        return float(min(MAX_MS, (i + 1) * BUCKET_MS))
 
     def target_ms(self) -> float:
         """How long the next stream waits after its first delta arrived, in ms."""
