@@ -89,6 +89,8 @@ def session(tmp: Path, mode: str, jitter_ms: float, turns: int, sample: bool = F
         "first_delta_to_device_ms_p50": pct(waits, 50), "first_delta_to_device_ms_p99": pct(waits, 99),
         "first_delta_to_device_ms_max": max(waits, default=None),
         "start_delay_ms_p50": pct([b["prebuffer_ms"] for b in started if "prebuffer_ms" in b], 50),
+        "start_delay_ms_max": max([b["prebuffer_ms"] for b in started if "prebuffer_ms" in b], default=None),
+        "device_lead_ms_p50": pct([b["device_lead_ms"] for b in started if "device_lead_ms" in b], 50),
         "short_gaps": sum(g for g in gaps if g > 0),
         "short_gaps_per_reply": round(sum(g for g in gaps if g > 0) / max(1, sum(1 for g in gaps if g >= 0)), 3),
         "replies_checked_for_gaps": sum(1 for g in gaps if g >= 0),
@@ -99,7 +101,12 @@ def session(tmp: Path, mode: str, jitter_ms: float, turns: int, sample: bool = F
         if len(echoes) > 1 else None,
         "device_underflows": sum(int(b.get("device_underflows") or 0) for t, b in log if t == "playback.stopped"),
         "expanded_ms": round(sum(float(b.get("expanded_ms") or 0) for t, b in log if t == "playback.stopped"), 1),
+        "expanded_percent_of_played": round(100 * sum(float(b.get("expanded_ms") or 0) for t, b in log
+                                                      if t == "playback.stopped")
+                                            / max(1, sum(int(b.get("played_ms") or 0) for t, b in log
+                                                         if t == "playback.stopped")), 2),
         "delta_interval_ms_std_p50": pct([t["delta_interval_ms_std"] for t in lat], 50),
+        "delta_interval_ms_max": max([t["delta_interval_ms_max"] for t in lat], default=None),
     }
     if sample:
         out["_samples"] = [(round(t - t0, 3), ms) for t, ms in samples]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import time
+from types import SimpleNamespace
 from typing import Iterator, Any
 
 import numpy as np
@@ -560,3 +561,44 @@ def test_under_30_ms_of_delta_jitter_the_target_rides_it_out(ring: Ring) -> None
         play_stream(r, ring, arrivals, voiced(30 * 2400), phase_s=rng.random() * 0.01)
     assert ring.underrun_frames == 0, (ring.underrun_frames, est.target_ms())
     assert 50 <= est.target_ms() <= 100
+
+
+def test_a_device_whose_callbacks_bunch_gets_its_read_ahead_spread_on_top_of_the_target(
+        ring: Ring, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PulseAudio's ALSA plugin asks for 10 ms blocks 13.3 and 6.7 ms apart: a block read right
+    after another is read 3.3 ms earlier than one a stream may have started in. The renderer
+    measures that spread and waits it on top of an adaptive target, so 100 ms deltas on time
+    under a 13 ms target are neither stretched nor run dry (without it, every few deltas
+    expanded); the fixed prebuffer stays what it is."""
+    import engine.audio.ring as ring_module
+    clock = [100.0]
+    monkeypatch.setattr(ring_module, "time", SimpleNamespace(monotonic_ns=lambda: int(clock[0] * 1e9)))
+    r = Renderer(ring, prebuffer_frames=1920)
+    ring.control.set_target(13 * 24)
+    out = np.zeros(240, dtype=np.int16)
+    pcm = voiced(30 * 2400)
+
+    def callback_s(k: int) -> float:
+        return 100.0 + (k // 2) * 0.02 + (0.0133 if k % 2 else 0.0)
+    k = 0
+    for reply in range(10):
+        first_s = callback_s(k) + 0.3 + reply * 0.0031    # each reply's first delta at another phase
+        sent = 0
+        while sent < 30 or r.in_stream:
+            now = callback_s(k)
+            while sent < 30 and first_s + sent * 0.1 <= now:
+                clock[0] = first_s + sent * 0.1
+                if sent == 0:
+                    ring.mark_start()
+                ring.write(pcm[sent * 2400:(sent + 1) * 2400])
+                sent += 1
+                if sent == 30:
+                    ring.mark_end()
+            r.render(out, 0, now)
+            k += 1
+    assert ring.underrun_frames == 0 and r.expanded_frames == 0
+    assert r.device_lead_frames == pytest.approx(79, abs=2)          # 13.3 - 10 ms, in frames
+    assert r.prebuffer_frames == 13 * 24 + r.device_lead_frames
+    ring.control.set_target(0)                                       # fixed: the configured prebuffer alone
+    r.render(out, 0, callback_s(k))
+    assert r.prebuffer_frames == 1920

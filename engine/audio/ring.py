@@ -43,14 +43,19 @@ Rules:
 - Jitter-buffer target (slot 29, ``target_frames``; the whole contract a renderer, Python or
   C, must honour). One int64, written only by the producer (a plain aligned store, no ordering
   beyond the x86-64/ARM64 acquire on ``stream_start_index`` below), read by the consumer:
-  * 0 (a new ring, ``audio.jitter_buffer: fixed``, or an older producer): no target; the
-    consumer uses its own configured prebuffer, exactly as before the field existed.
+  * 0 (a new ring, ``audio.jitter_buffer: fixed``, an adaptive producer that has not measured
+    the link yet, or an older producer): no target; the consumer uses its own configured
+    prebuffer, exactly as before the field existed.
   * N > 0: the adaptive jitter buffer's target, in ring frames (at the ring's sample rate).
     The consumer uses N in place of its configured prebuffer, in both places it uses it:
     a stream's start delay (its first frame is due N frames after ``stream_start_mono_ns``),
     and the time-stretcher's level while the stream plays (expand below (N - block)/2 left
-    after the block, block = the consumer's device period, accelerate back to N - block). Its own growth after an underrun (+20 ms, half given
-    back per clean stream, capped at its maximum) adds to N as it added to the prebuffer.
+    after the block, block = the consumer's device period; accelerate back to N - block).
+    Its own growth after an underrun (+20 ms, half given back per clean stream, capped at its
+    maximum) adds to N as it added to the prebuffer. N includes one device period of margin
+    (engine/realtime/jitter.py): the block a callback reads ahead; the consumer adds, to N only,
+    the spread of its own device's read-ahead beyond that (callbacks that bunch), which it
+    measures, and leaves that out of the stretcher's headroom.
   * The consumer reads it at every callback (it may change at any delta: a GPT-Live track is
     one endless stream). The producer stores the target that covers a stream *before* that
     stream's ``mark_start``, so a consumer that sees the new ``stream_start_index`` sees it.

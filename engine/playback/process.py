@@ -44,6 +44,10 @@ POSITION_EVERY_S = 0.1       # playback.position while a stream plays
 CADENCE_EVERY_S = 5.0        # playback.cadence: how regularly the device asks for audio
 LEVELS_EVERY_S = 0.1         # playback.levels: 20 ms windows of what was played, batched this often
 LISTEN_EVERY_S = 2.0         # playback.listen while a console listens (and at each change)
+#: the device's read-ahead spread (Renderer._measure_lead): the mean lead follows over ~100 blocks
+#: (1 s at 10 ms), the spread's peaks are held and forgotten over ~200 blocks
+LEAD_MEAN_WEIGHT = 0.01
+LEAD_PEAK_DECAY = 0.995
 
 
 def fade_out(frames: int) -> np.ndarray:
@@ -99,7 +103,14 @@ class Renderer:
     The prebuffer is the jitter buffer's target plus that growth: the ring's ``target_frames``
     when the producer sets one (``audio.jitter_buffer: adaptive``: the realtime process's
     estimate from the delta arrival jitter it measures, engine/realtime/jitter.py), else the
-    configured ``prebuffer_frames``. It is read at every callback: a stream's start delay and the
+    configured ``prebuffer_frames``. An adaptive target also gets the device's read-ahead
+    spread (``device_lead_frames``): the target's margin covers the one block a callback reads
+    ahead, but a device whose callbacks bunch (PulseAudio's ALSA plugin asks for 10 ms blocks
+    13.3 and 6.6 ms apart, and catches up after a stall) reads some blocks earlier still than the
+    one a stream started in; that spread is measured here (the lead of each block's handoff
+    against the clock, its peaks above and below its mean held and slowly forgotten, at most one
+    block; a step of more than 4 blocks, a stall the device lost frames over, starts afresh) and
+    waited on top, so deltas on time never find the ring dry. It is read at every callback: a stream's start delay and the
     level the time-stretcher keeps follow the target as it changes (engine/audio/ring.py states
     the field's contract).
 
@@ -134,6 +145,13 @@ class Renderer:
         self._ahead = np.zeros(LOOKAHEAD_FRAMES, dtype=np.int16)
         self.low_water_frames = prebuffer_frames // 2   # the time-stretcher expands below it (see _retarget)
         self.block_frames = 0                           # the latest block's length (one device period)
+        #: how far ahead of the clock the device reads at its earliest against its latest, in frames
+        #: (added to an adaptive target; see _measure_lead)
+        self.device_lead_frames = 0
+        self.handed_frames = 0                          # frames rendered, less the backlog: handed to the device
+        self.lead_mean_frames = 0.0
+        self.lead_up_frames = 0.0                       # the held peak of the lead above its mean
+        self.lead_down_frames = 0.0                     # and below it
         self.stretch_frames = 0                         # the current stream's net stretch
         self.stream_expanded_frames = 0                 # the current stream's expansions
         self.expanded_frames = 0                        # in total, for playback.cadence
@@ -143,6 +161,7 @@ class Renderer:
         self.max_prebuffer_frames = max(prebuffer_frames, max_prebuffer_frames)
         self.growth_frames = 0                          # added by underruns, half given back per clean stream
         self.start_delay_frames = 0                     # the prebuffer the latest stream started with
+        self.start_device_lead_frames = 0               # the device lead in it
         self.stream_underruns = 0                       # underruns in the current stream
         self.dry_index = 0                              # where the ring ran dry mid-stream
         self.dry_frames = 0                             # silence since then, counted if audio comes back
@@ -188,14 +207,35 @@ class Renderer:
         """The prebuffer in effect: the ring's jitter-buffer target (else the configured one) plus
         the growth after underruns, capped. Real-time safe (one shared-memory read)."""
         target = self.control.target_frames
-        p = min(self.max_prebuffer_frames, (target if target > 0 else self.base_prebuffer_frames) + self.growth_frames)
+        lead = self.device_lead_frames if target > 0 else 0
+        p = min(self.max_prebuffer_frames, (target + lead if target > 0 else self.base_prebuffer_frames)
+                + self.growth_frames)
         self.prebuffer_frames = p
-        self.low_water_frames = max(0, p - self.block_frames) // 2   # half the headroom (class docstring)
+        # half the headroom (class docstring): the device's read-ahead spread is not headroom
+        self.low_water_frames = max(0, p - self.block_frames - lead) // 2
+
+    def _measure_lead(self, n: int, now: float) -> None:
+        """The device's read-ahead spread (class docstring), from this block's handoff: the frames
+        handed to the device before it against ``now``. Real-time safe (arithmetic only)."""
+        lead = (self.handed_frames - self.backlog_frames) - now * RATE_HZ   # plus a constant
+        d = lead - self.lead_mean_frames
+        if self.handed_frames == 0 or abs(d) > 4 * n:
+            # the first block, or a step: a stall the device lost frames over (it underflowed and
+            # goes on from there), or a clock that jumped: the past no longer describes the device
+            self.lead_mean_frames = lead
+            self.lead_up_frames = self.lead_down_frames = 0.0
+            d = 0.0
+        self.lead_mean_frames += d * LEAD_MEAN_WEIGHT
+        self.lead_up_frames = max(d, self.lead_up_frames * LEAD_PEAK_DECAY)
+        self.lead_down_frames = max(-d, self.lead_down_frames * LEAD_PEAK_DECAY)
+        self.device_lead_frames = min(n, round(self.lead_up_frames + self.lead_down_frames))
+        self.handed_frames += n
 
     def _render(self, out: np.ndarray, latency_frames: int, now: float) -> None:
         ring = self.ring
         n = len(out)
         self.block_frames = n
+        self._measure_lead(n, now)
         self._retarget()
         # the first ring frame not yet handed to the device (the callback may hold resampled frames)
         heard_base = ring.read_index - self.backlog_frames
@@ -278,6 +318,7 @@ class Renderer:
                 self.first_sample_mono_ns = time.monotonic_ns() + (self.backlog_frames + lead) * 1_000_000_000 // RATE_HZ
                 self.arrived_mono_ns = int(self.waiting_since * 1e9)
                 self.start_delay_frames = self.prebuffer_frames
+                self.start_device_lead_frames = self.device_lead_frames if ctl.target_frames > 0 else 0
                 self.stretch_frames = self.stream_expanded_frames = self.stream_device_underflows = 0
                 self._emit("started", ring.read_index)
             else:
@@ -476,6 +517,7 @@ class PlaybackProcess:
                 payload["output_latency_ms"] = round(ring.control.device_latency_frames / FRAMES_PER_MS, 2)
                 # the start delay this stream waited after its first frames arrived (target + growth)
                 payload["prebuffer_ms"] = round(r.start_delay_frames / FRAMES_PER_MS, 1)
+                payload["device_lead_ms"] = round(r.start_device_lead_frames / FRAMES_PER_MS, 1)
             else:
                 payload["played_ms"] = (index - start) // FRAMES_PER_MS
                 # how much longer (or shorter) the stream played than its audio: time-stretching

@@ -112,9 +112,14 @@ class JitterEstimator:
         i = int(np.searchsorted(np.cumsum(self.buckets), q * self.weight * (1 - 1e-12)))
         return float(min(MAX_MS, (i + 1) * BUCKET_MS))
 
+    @property
+    def measured(self) -> bool:
+        """Enough delays are measured to trust the estimate (before: the configured start)."""
+        return self.deltas >= MIN_DELTAS
+
     def target_ms(self) -> float:
         """How long the next stream waits after its first delta arrived, in ms."""
-        if self.deltas < MIN_DELTAS:
+        if not self.measured:
             return self.start_ms
         return float(min(MAX_MS, max(MIN_MS, self.quantile_ms() + MARGIN_MS)))
 

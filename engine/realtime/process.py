@@ -134,7 +134,8 @@ class RealtimeProcess:
                 # actions here, in the callback that read it); the target covering this stream is
                 # stored before its start mark (the ring's contract)
                 self.jitter.audio(now_s, len(act.pcm) / (2 * API_RATE_HZ), act.starts_item)
-                speaker.control.set_target(self.jitter.target_frames(speaker.sample_rate))
+                # nothing measured yet: no target (0), playback waits its configured prebuffer
+                speaker.control.set_target(self.jitter.target_frames(speaker.sample_rate) if self.jitter.measured else 0)
             if act.starts_item:
                 speaker.mark_start()
             speaker.write(act.pcm)
