@@ -144,7 +144,7 @@ class Renderer:
         self.stretcher = TimeStretcher()
         self._ahead = np.zeros(LOOKAHEAD_FRAMES, dtype=np.int16)
         self.low_water_frames = prebuffer_frames // 2   # the time-stretcher expands below it (see _retarget)
-        self.block_frames = 0                           # the latest block's length (one device period)
+        self.render_frames = 0                          # the latest block's length (one device period)
         #: how far ahead of the clock the device reads at its earliest against its latest, in frames
         #: (added to an adaptive target; see _measure_lead)
         self.device_lead_frames = 0
@@ -212,7 +212,7 @@ class Renderer:
                 + self.growth_frames)
         self.prebuffer_frames = p
         # half the headroom (class docstring): the device's read-ahead spread is not headroom
-        self.low_water_frames = max(0, p - self.block_frames - lead) // 2
+        self.low_water_frames = max(0, p - self.render_frames - lead) // 2
 
     def _measure_lead(self, n: int, now: float) -> None:
         """The device's read-ahead spread (class docstring), from this block's handoff: the frames
@@ -234,7 +234,7 @@ class Renderer:
     def _render(self, out: np.ndarray, latency_frames: int, now: float) -> None:
         ring = self.ring
         n = len(out)
-        self.block_frames = n
+        self.render_frames = n
         self._measure_lead(n, now)
         self._retarget()
         # the first ring frame not yet handed to the device (the callback may hold resampled frames)
