@@ -525,7 +525,7 @@ def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
 def bench_baseline(scen: Path, load: bool, turns: int = 8) -> dict[str, Any]:
     """openai SDK + PyAudio in one asyncio process, as the SDK's examples do it."""
     import socket
-    from engine.supervisor.process import free_port
+    from engine.supervisor.rundir import free_port
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "engine.api.cli", "serve", "--port", str(port), "--scenario",
                                str(scen), "--no-asr"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -16,11 +16,11 @@ Layouts (``runs``):
 - ``one_process``: what `engine phone` does: one asyncio phone process holding every call's two
   WebSockets and a RealtimeCore per call.
 - ``process_per_call``: each call's whole bridge (its Twilio socket, core and API socket) in a
-  process of its own: ``python -m engine.phone.process`` per call with ``phone.solo`` (it leaves
+  process of its own: ``python -m engine.phone.process`` per call with the spec's ``solo`` (it leaves
   other calls' commands alone and publishes no status each second), started before the call
   dials. A real per-call layout also needs a front to route each call to its process (a hop
   more), so its figures here are a lower bound of that layout's cost.
-- ``process_per_core``: as many one-process bridges as the machine has cores (``phone.solo``),
+- ``process_per_core``: as many one-process bridges as the machine has cores (the spec's ``solo``),
   calls dealt out in turn: what several `engine phone` workers behind haproxy are on one machine.
 - ``sdk_sample_baseline``: the most-forked Twilio sample's bridge (twilio-samples/speech-assistant-
   openai-realtime-api-python) on the official ``openai`` SDK, one asyncio process
@@ -66,6 +66,7 @@ from engine.codec import encode_audio  # noqa: E402
 from engine.phone.bridge import Latency  # noqa: E402
 from engine.phone.simulator import FRAME_BYTES, FakePhone  # noqa: E402
 from engine.server.voice import synthesize  # noqa: E402
+from engine.specs import ApiAccess, BusSpec, PhoneSpec, encode  # noqa: E402
 
 LEVELS = "1,5,10,20,40"
 LAYOUTS = ("one_process", "process_per_call", "process_per_core")
@@ -128,12 +129,12 @@ class SoloBridges:
 
     def __init__(self, n: int, conn: dict[str, Any], bus: BusLog, tmp: Path, max_calls: int = 1) -> None:
         cfg = load_config(None, {"backend": "local"})
-        spec = {"config": cfg, "session": session_payload(cfg),
-                "url": f"{conn['server_url']}?model={cfg['model']}", "headers": ["Authorization: Bearer local"],
-                "phone": {"host": "127.0.0.1", "port": 0, "path": "/twilio", "solo": True, "max_calls": max_calls},
-                "bus": {"publish": conn["publish"], "subscribe": conn["subscribe"]}}
+        spec = PhoneSpec(config=cfg, session=session_payload(cfg), url=f"{conn['server_url']}?model={cfg['model']}",
+                         api=ApiAccess(headers=("Authorization: Bearer local",)), solo=True,
+                         phone={**cfg["phone"], "host": "127.0.0.1", "port": 0, "path": "/twilio", "max_calls": max_calls},
+                         bus=BusSpec(publish=conn["publish"], subscribe=conn["subscribe"]))
         path = tmp / "solo-spec.json"
-        path.write_text(json.dumps(spec))
+        path.write_bytes(encode(spec))
         os.chmod(path, 0o600)
         t0 = time.monotonic()
         self.procs = [subprocess.Popen([sys.executable, "-m", "engine.phone.process", str(path)],

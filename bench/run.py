@@ -15,6 +15,12 @@ side by side with its reference in the same run.
                                            the console: CPU closed vs open, underruns, bus -> page, page heap (issue 11)
     python bench/run.py asr [--json]       the local server's recogniser on espeak-ng speech: word accuracy, free
                                            decoding vs expected phrases (issue 23); bench/asr.py has the options
+    python bench/run.py live [--json] [--yields N] [--utterances N]
+                                           the engine on GPT-Live: latency, yield time, underruns vs an SDK
+                                           baseline, CPU beside the floor (issue 21)
+    python bench/run.py jitter [--json] [--turns N] [--out DIR]
+                                           the adaptive jitter buffer against the fixed prebuffer, clean and at
+                                           30 ms jitter, and a plot of its target (issue 25)
 
 Every figure's definition: bench/README.md.
 """
@@ -580,7 +586,7 @@ def bench_server() -> dict[str, Any]:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("suite", choices=["core", "server", "conversation", "faults", "console", "phone", "asr", "sip",
-                                          "jitter"])
+                                       "live", "jitter"])
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--interruptions", type=int, default=200)
     ap.add_argument("--soak-minutes", type=float, default=30.0, help="faults: the soak's length")
@@ -590,6 +596,8 @@ def main() -> int:
     ap.add_argument("--turns", type=int, default=12, help="jitter: replies per session (after a warm-up)")
     ap.add_argument("--out", default=None, help="jitter: where the target plot (PNG) and its CSVs go")
     ap.add_argument("--closed-minutes", type=float, default=None, help="console: minutes of turns before it opens")
+    ap.add_argument("--yields", type=int, default=20, help="live: times the user talks over the model")
+    ap.add_argument("--utterances", type=int, default=10, help="live: utterances at 30 ms jitter, engine and baseline")
     args = ap.parse_args()
     if args.suite == "core":
         result = {**bench_ring(), **bench_bus(), **bench_engine()}
@@ -611,6 +619,9 @@ def main() -> int:
     elif args.suite == "asr":
         from bench.asr import run as run_asr
         result = run_asr(["marin", "alloy", "cedar", "ash"])
+    elif args.suite == "live":
+        from bench.live import run as run_live
+        result = run_live(args.yields, args.utterances)
     elif args.suite == "faults":
         from bench.faults import run as run_faults
         result = run_faults(args.soak_minutes, args.fuzz)

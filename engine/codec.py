@@ -12,11 +12,13 @@ from functools import lru_cache
 import numpy as np
 import soxr
 
-API_RATE_HZ = 24000
+from engine.pcm import RATE_HZ as API_RATE_HZ   # the APIs' audio/pcm is the engine's format (engine/pcm.py)
+from engine.pcm import SAMPLE_WIDTH_BYTES
+
 G711_RATE_HZ = 8000
 
 #: GA format descriptor type -> (sample rate, bytes per sample)
-FORMATS = {"audio/pcm": (API_RATE_HZ, 2), "audio/pcmu": (G711_RATE_HZ, 1), "audio/pcma": (G711_RATE_HZ, 1)}
+FORMATS = {"audio/pcm": (API_RATE_HZ, SAMPLE_WIDTH_BYTES), "audio/pcmu": (G711_RATE_HZ, 1), "audio/pcma": (G711_RATE_HZ, 1)}
 
 
 def _ulaw_decode_table() -> np.ndarray:

@@ -1,5 +1,10 @@
 """Load and check config.yaml. The defaults here are the documented ones in config.yaml
-(a test keeps them equal). Every problem raises ConfigError naming the key."""
+(a test keeps them equal). Every problem raises ConfigError naming the key.
+
+:func:`load_config` returns a :class:`engine.config_types.Config`: typed structures that mypy
+checks, so ``cfg["audio"]["prebufer_ms"]`` is a type error (they are a module of their own, so
+the children parse their specs without importing this loader and YAML).
+"""
 from __future__ import annotations
 
 import copy
@@ -7,12 +12,14 @@ import ipaddress
 import difflib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
+from engine.config_types import Config
 from engine.cost import check_priced, is_live_model
 from engine.errors import ConfigError
+from engine.pcm import api_format
 
 _TD = {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500,
        "create_response": True, "interrupt_response": True}
@@ -230,9 +237,9 @@ def read_yaml_file(path: Path, what: str, error: type[Exception]) -> Any:
         raise error(f"{what} file {path} is not valid YAML: {exc}") from None
 
 
-def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Defaults, then the file (if any), then ``overrides`` (dotted keys, e.g. from CLI flags)."""
-    cfg = copy.deepcopy(DEFAULTS)
+    cfg: dict[str, Any] = copy.deepcopy(DEFAULTS)
     if path is not None:
         p = Path(path)
         data = read_yaml_file(p, "config", ConfigError)
@@ -274,7 +281,7 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str,
     if heartbeat_s is not None and heartbeat_s < 0.5:
         raise ConfigError(f"config key 'supervisor.heartbeat_timeout_s': at least 0.5 s (or null: no liveness "
                           f"check), got {heartbeat_s}")
-    return cfg
+    return cast(Config, cfg)   # every key checked against DEFAULTS, which Config describes (a test keeps them equal)
 
 
 def _check_live_session(s: dict[str, Any], model: str) -> None:
@@ -355,7 +362,7 @@ def _lookup(tree: dict[str, Any], parts: list[str]) -> Any:
     return tree
 
 
-def resolve_backend(cfg: dict[str, Any]) -> str:
+def resolve_backend(cfg: Config) -> str:
     """'local' or 'openai' (any remote provider): ``provider`` when set; else auto picks openai when
     the API key variable is set."""
     if cfg.get("provider"):
@@ -373,7 +380,7 @@ def live_url(realtime_url: str) -> str:
     return f"{base}/live/sessions"
 
 
-def session_payload(cfg: dict[str, Any]) -> dict[str, Any]:
+def session_payload(cfg: Config) -> dict[str, Any]:
     """The GA ``session.update`` session built from the config's ``session`` section."""
     s = cfg["session"]
     td = s["turn_detection"]
@@ -384,7 +391,7 @@ def session_payload(cfg: dict[str, Any]) -> dict[str, Any]:
     tools = [{"type": "function", **{k: v for k, v in t.items() if k != "type"}} for t in s["tools"]]
     extra = {k: s[k] for k in ("max_output_tokens", "tool_choice", "truncation", "reasoning", "parallel_tool_calls",
                                 "include", "prompt", "tracing") if s[k] is not None}
-    output: dict[str, Any] = {"format": {"type": "audio/pcm", "rate": 24000}, "voice": s["voice"]}
+    output: dict[str, Any] = {"format": api_format(), "voice": s["voice"]}
     if s["speed"] is not None:
         output["speed"] = s["speed"]
     return {
@@ -394,7 +401,7 @@ def session_payload(cfg: dict[str, Any]) -> dict[str, Any]:
         "instructions": s["instructions"],
         "output_modalities": list(s["output_modalities"]),
         "audio": {
-            "input": {"format": {"type": "audio/pcm", "rate": 24000}, "turn_detection": td,
+            "input": {"format": api_format(), "turn_detection": td,
                       "transcription": s["transcription"],
                       "noise_reduction": {"type": s["noise_reduction"]} if s["noise_reduction"] else None},
             "output": output,

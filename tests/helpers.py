@@ -431,15 +431,17 @@ class RecordingPublisher(TopicLog):
         pass
 
 
-def bridge_spec(api_url: str, **phone: Any) -> dict[str, Any]:
-    """A phone bridge's spec for a bridge in the test's own loop (a recording publisher, no bus):
-    ``phone`` keys over the defaults (``phone.auth`` twilio: set the token with
-    :func:`set_twilio_token`)."""
+def bridge_spec(api_url: str, **phone: Any) -> Any:
+    """A phone bridge's spec (engine.specs.PhoneSpec) for a bridge in the test's own loop (a
+    recording publisher, no bus): ``phone`` keys over the config's phone section (``phone.auth``
+    twilio: set the token with :func:`set_twilio_token`)."""
     from engine.config import load_config, session_payload
+    from engine.specs import ApiAccess, BusSpec, PhoneSpec
     cfg = load_config(None, {})
-    return {"config": cfg, "session": session_payload(cfg), "url": api_url + "?model=" + cfg["model"],
-            "headers": ["Authorization: Bearer local"], "phone": {"host": "127.0.0.1", "port": 0, **phone},
-            "bus": {"publish": "inproc://unused", "subscribe": "inproc://unused"}}
+    return PhoneSpec(config=cfg, session=session_payload(cfg), url=api_url + "?model=" + cfg["model"],
+                     api=ApiAccess(headers=("Authorization: Bearer local",)),
+                     phone={**cfg["phone"], "host": "127.0.0.1", "port": 0, **phone},  # type: ignore[typeddict-item]
+                     bus=BusSpec(publish="inproc://unused", subscribe="inproc://unused"))
 
 
 def set_twilio_token(monkeypatch: Any) -> str:

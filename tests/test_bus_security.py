@@ -15,7 +15,7 @@ from bus.broker import run_broker
 from bus.client import endpoints_from, load_endpoints
 from bus.security import (ENV_KEYS, FORGED_REASON, REPLAY_WINDOW_NS, REPLAYED_REASON, BusKeys, ReplayGuard, Verdict,
                           generate_keys, sign, verify)
-from engine.supervisor.process import free_port
+from engine.supervisor.rundir import free_port
 from tests.helpers import Broker, subscribed, wait_topic
 
 pytestmark = pytest.mark.timeout(30)

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import re
+import types
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints, is_typeddict
 
 import pytest
 import yaml
 
-from engine.config import DEFAULTS, load_config, session_payload
+from engine.config import DEFAULTS, RULES, load_config, session_payload
+from engine.config_types import Config
 from engine.cost import model_prices, pricing, response_cost_usd, transcription_cost_usd
 from engine.errors import ConfigError
 from tests.helpers import REPO
@@ -30,6 +32,80 @@ def test_config_yaml_is_the_defaults() -> None:
     from inside its package: every key and every value, none left to the defaults."""
     assert yaml.safe_load((REPO / "config.yaml").read_text()) == DEFAULTS
     assert load_config(REPO / "config.yaml") == DEFAULTS
+
+
+def _type_errors(value: Any, tp: Any, path: str) -> list[str]:
+    """Where ``value`` does not have the type ``tp`` (a TypedDict's keys must be exactly the
+    value's, recursively), as ``path: why`` lines."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return []
+    if is_typeddict(tp):
+        if not isinstance(value, dict):
+            return [f"{path}: {value!r} is not a section"]
+        hints = get_type_hints(tp)
+        out = [f"{path}.{k}: in the defaults, not in {tp.__name__}" for k in value if k not in hints]
+        out += [f"{path}.{k}: in {tp.__name__}, not in the defaults" for k in hints if k not in value]
+        return out + [e for k in hints if k in value for e in _type_errors(value[k], hints[k], f"{path}.{k}")]
+    if origin in (Union, types.UnionType):
+        return [] if any(not _type_errors(value, a, path) for a in get_args(tp)) else [f"{path}: {value!r} is not {tp}"]
+    if origin is Literal:
+        return [] if value in get_args(tp) and type(value) in {type(a) for a in get_args(tp)} else [
+            f"{path}: {value!r} is not one of {get_args(tp)}"]
+    if origin is list:
+        return ([f"{path}: {value!r} is not a list"] if not isinstance(value, list) else
+                [e for i, v in enumerate(value) for e in _type_errors(v, get_args(tp)[0], f"{path}[{i}]")])
+    if origin is dict:
+        return [] if isinstance(value, dict) else [f"{path}: {value!r} is not a mapping"]
+    if tp is type(None):
+        return [] if value is None else [f"{path}: {value!r} is not null"]
+    if isinstance(value, bool) and tp is not bool:
+        return [f"{path}: {value!r} is not {tp.__name__}"]
+    ok = isinstance(value, (int, float)) if tp is float else isinstance(value, tp)
+    return [] if ok else [f"{path}: {value!r} is not {tp.__name__}"]
+
+
+def _literal_at(path: str) -> tuple[Any, ...] | None:
+    """The choices Config's type at the dotted ``path`` allows (None with it when nullable), or
+    None when that type is no Literal (or the path goes into an open mapping)."""
+    tp: Any = Config
+    for part in path.split("."):
+        if not is_typeddict(tp):
+            return None
+        tp = get_type_hints(tp).get(part)
+    args = get_args(tp) if get_origin(tp) in (Union, types.UnionType) else (tp,)
+    literals = [a for a in args if get_origin(a) is Literal]
+    if not literals:
+        return None
+    return tuple(v for lit in literals for v in get_args(lit)) + ((None,) if type(None) in args else ())
+
+
+def test_the_config_types_describe_the_defaults() -> None:
+    """engine.config.Config (what mypy checks every read against) has exactly DEFAULTS' keys, in
+    every section, and each default has the declared type."""
+    assert _type_errors(DEFAULTS, Config, "config") == []
+    # the check can fail: a key the types lack, a key the defaults lack, a default of another type
+    broken = {**DEFAULTS, "audio": {**{k: v for k, v in DEFAULTS["audio"].items() if k != "echo"},
+                                    "backend": "native", "prebuffer_ms": "60"}}
+    assert _type_errors(broken, Config, "config") == ["config.audio.backend: in the defaults, not in AudioConfig",
+                                                      "config.audio.echo: in AudioConfig, not in the defaults",
+                                                      "config.audio.prebuffer_ms: '60' is not int"]
+
+
+def test_the_config_types_choices_are_the_checked_ones() -> None:
+    """Each key whose type is a Literal allows exactly the choices load_config checks (RULES), and
+    each key RULES limits to choices of plain values has that Literal."""
+    mismatched = []
+    for path, (_types, choices) in RULES.items():
+        if choices is None or any(isinstance(c, (list, dict)) for c in choices):
+            continue
+        declared = _literal_at(path)
+        if path.startswith(("session.turn_detection.", "session.transcription.")):
+            assert declared is None   # open mappings: their keys are RULES' alone
+            continue
+        if declared is None or set(declared) != set(choices):
+            mismatched.append(f"{path}: RULES {choices}, Config {declared}")
+    assert mismatched == []
 
 
 def _undocumented(keys: list[str], doc: str) -> list[str]:
@@ -68,7 +144,7 @@ def test_bad_config_names_key_and_problem(tmp_path: Path, data: dict, words: str
 
 
 def test_session_payload_is_ga(validator: object) -> None:
-    s = session_payload(DEFAULTS)
+    s = session_payload(load_config(None, {}))
     assert s["type"] == "realtime" and s["audio"]["output"]["voice"] == "marin"
     from openai.types.realtime import SessionUpdateEvent
     SessionUpdateEvent.model_validate({"type": "session.update", "session": s})

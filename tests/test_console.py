@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 import urllib.error
@@ -15,7 +16,7 @@ from typing import Any, Iterator
 import numpy as np
 import pytest
 
-from engine.console.levels import FLOOR_DBFS, LevelTap, amplitude_dbfs, dbfs
+from engine.audio.levels import FLOOR_DBFS, LevelTap, amplitude_dbfs, dbfs
 from engine.console.relay import decode_batch
 from tests.helpers import CHROMIUM, console_url, shot
 
@@ -305,3 +306,98 @@ def test_console_in_chromium_during_a_spoken_conversation(vaudio: dict[str, str]
     assert lane_columns(page, 2, SPK) > 20
     assert "cut at" in conversation(page)
     assert page.errors == [], page.errors
+
+
+# ---------------------------------------------------------------- GPT-Live in Chromium
+def band_columns(page: Any, rgb: tuple[int, int, int]) -> int:
+    """Distinct x columns of the speaker lane's track band (GPT-Live: 14-19 px below the lane's
+    top) that have pixels of colour ``rgb``."""
+    return page.evaluate("""(rgb) => {
+        const c = document.getElementById('levels'), g = c.getContext('2d'), dpr = window.devicePixelRatio || 1;
+        const laneH = (c.height - 16 * dpr) / 3, y0 = Math.round(2 * laneH + 15 * dpr), h = Math.max(1, Math.round(3 * dpr));
+        const d = g.getImageData(0, y0, c.width, h).data, cols = new Set();
+        for (let i = 0; i < d.length; i += 4) {
+          if (Math.abs(d[i] - rgb[0]) < 12 && Math.abs(d[i + 1] - rgb[1]) < 12 && Math.abs(d[i + 2] - rgb[2]) < 12)
+            cols.add((i / 4) % c.width);
+        }
+        return cols.size; }""", list(rgb))
+
+
+TRACK = (0x3a, 0x46, 0x54)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(120)
+def test_console_on_gpt_live_shows_the_track_fragments_context_and_cost(start_engine: Any, speech_wav: Any,
+                                                                         tmp_path: Path, browser: Any) -> None:
+    """A Live engine (the local server's GPT-Live, a spoken question as the mic, the null speaker):
+    the page knows it is GPT-Live, draws the model's continuous track with where the model speaks on
+    it, shows each turn's raw transcript fragments with their times on the session's timeline,
+    places context and commentary typed into it, and shows the cost by the second."""
+    scenario = tmp_path / "sc.yaml"
+    scenario.write_text('turns:\n  - match: {turn: 1}\n    hear: "what is the capital of france"\n'
+                        '    reply: "The capital of France is Paris, a city on the Seine."\n')
+    mic = speech_wav("What is the capital of France?", pad_s=4.0)   # time for the page to open first
+    eng = start_engine("--model", "gpt-live-1", "--mic", str(mic), "--speaker", "null", "--scenario", str(scenario),
+                       "--console", "--speed", "1")
+    page = open_page(browser, console_url(eng))
+    page.wait_for_function("() => window.consoleState.api === 'live'", timeout=10_000)
+    assert page.inner_text("#api") == "GPT-Live"
+    assert page.is_hidden("#cancel") and page.is_visible("#track-stat")
+    assert page.evaluate("() => [...document.querySelectorAll('#say-role option')].map(o => o.value)") == \
+        ["system", "instructions", "commentary"]
+    page.wait_for_function("() => window.consoleState.track.segments.length >= 1", timeout=10_000)
+
+    # the spoken question and the answer, as turns of raw fragments with their session times
+    page.wait_for_function("() => document.querySelector('.turn.user .frag[data-start-ms]') !== null", timeout=30_000)
+    page.wait_for_function("() => window.consoleState.track.now === 'model speaking'", timeout=30_000)
+    page.wait_for_timeout(1000)
+    shot(page, "live-1-model-speaking.png")
+    assert band_columns(page, SPK) > 10, "the track band shows no speech while the model speaks"
+    assert band_columns(page, TRACK) > 10, "the track band shows no silent track"
+    page.wait_for_function("() => document.getElementById('conversation').innerText.includes('a city on the Seine')",
+                           timeout=30_000)
+    frags = page.evaluate("() => [...document.querySelectorAll('.turn.model .frag')].map(f => [f.textContent, "
+                          "Number(f.dataset.startMs), Number(f.dataset.endMs)])")
+    assert len(frags) >= 3 and all(e - s == 200 and s % 200 == 0 for _, s, e in frags), frags
+    assert "".join(t for t, _, _ in frags).startswith("The capital of France is Paris")
+    page.wait_for_function("() => [...document.querySelectorAll('.turn.model .nums')].some(n => "
+                           "n.innerText.includes('fragments') && n.innerText.includes('session'))", timeout=10_000)
+    # the turn's latency: speech end -> the reply's first sound heard, which is about the gap between the
+    # turns on the session's timeline (the engine closes the user's turn 800 ms after its last fragment,
+    # when the reply has already begun: measured from then, it read 800 ms and more too long)
+    page.wait_for_function("() => [...document.querySelectorAll('.turn.model .nums')].some(n => "
+                           "n.innerText.includes('first sound heard'))", timeout=10_000)
+    spans = page.evaluate("() => [...document.querySelectorAll('.turn.user .nums, .turn.model .nums')]"
+                          ".map(n => n.innerText)")
+    user_end_s = float(re.search(r"session [\d.]+[–-]([\d.]+) s", spans[0]).group(1))   # type: ignore[union-attr]
+    heard_ms = float(re.search(r"first sound heard (\d+) ms", spans[1]).group(1))        # type: ignore[union-attr]
+    model_start_s = float(re.search(r"session ([\d.]+)[–-]", spans[1]).group(1))          # type: ignore[union-attr]
+    assert 0 < heard_ms < (model_start_s - user_end_s) * 1000 + 600, spans
+    # the user's speech is marked where it was, not when its fragments came (after it)
+    marks = page.evaluate("() => Object.fromEntries(window.consoleState.markers.map(m => [m.label, m.t]))")
+    assert abs(marks["speech stopped"] - marks["speech end"]) < 50, marks
+    assert 0 < marks["speech end"] - marks["speech started"] < 3000, marks
+    page.wait_for_function("() => window.consoleState.track.now === 'silent'", timeout=15_000)
+
+    # context and commentary typed into the page are placed; the model says the commentary
+    page.select_option("#say-role", "system")
+    page.fill("#say-text", "The booking is ZX9.")
+    page.click("#say-send")
+    page.wait_for_function("() => document.getElementById('say-status').innerText.startsWith('placed at')", timeout=15_000)
+    page.select_option("#say-role", "commentary")
+    page.fill("#say-text", "The museum opens at nine.")
+    page.click("#say-send")
+    page.wait_for_function("() => [...document.querySelectorAll('.turn.model')].some(t => "
+                           "t.innerText.includes('The museum opens at nine.'))", timeout=30_000)
+    placed = page.evaluate("() => [...document.querySelectorAll('.turn.system')].map(t => t.innerText)")
+    assert any("context (silent) placed" in t and "ZX9" in t and "of the session" in t for t in placed), placed
+    assert any("commentary placed" in t and "museum" in t for t in placed), placed
+
+    # cost by the second (session.usage.updated every 15 s of the session)
+    page.wait_for_function("() => /\\d+ s at \\$0.05\\/min/.test(document.getElementById('cost-seconds').innerText)",
+                           timeout=30_000)
+    shot(page, "live-2-context-and-cost.png")
+    assert page.errors == [], page.errors
+    page.close()
+    assert eng.stop() == 0

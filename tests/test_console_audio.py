@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from engine.audio.ring import Ring
-from engine.console.audio import (JITTER_FRAMES, MAX_JITTER_FRAMES, BrowserMicReader, ConsoleAudioError, ListenSwitch,
-                                  SourceSwitch, TalkPcm, parse_talk_start, ring_names_from)
+from engine.audio.listen_talk import JITTER_FRAMES, MAX_JITTER_FRAMES, BrowserMicReader, ListenSwitch, SourceSwitch
+from engine.console.audio import ConsoleAudioError, TalkPcm, parse_talk_start, ring_names_from
 from tests.helpers import CHROMIUM, console_url, read_wav, shot, write_wav
 
 SPEECH = "What is the time in Paris?"

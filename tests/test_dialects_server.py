@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import websocket
 
 from engine.config import DEFAULTS, session_payload
+from engine.config_types import Config
 from engine.realtime.dialects import AzureDialect, XaiDialect
 
 
@@ -51,7 +52,7 @@ def test_xai_dialect_round_trip_through_the_adapter(make_server: Any, validator:
     assert first["type"] == "conversation.created"
     take(first)
     assert ga[0]["type"] == "session.created" and ga[0]["session"]["model"] == model
-    session = session_payload({**DEFAULTS, "model": model})
+    session = session_payload(cast(Config, {**DEFAULTS, "model": model}))
     ws.send(json.dumps({"type": "session.update", "event_id": "raw", "session": session}))   # GA shape: refused
     err = recv(ws)
     assert err["type"] == "error" and err["error"]["code"] == "unknown_parameter" and "flat" in err["error"]["message"]

@@ -125,7 +125,8 @@ def test_once_the_engine_stops_for_a_cause_other_errors_are_logged_not_printed(r
     from types import SimpleNamespace
     from engine.config import load_config
     from engine.supervisor.logfile import SessionLog
-    from engine.supervisor.process import Child, Supervisor
+    from engine.supervisor.process import Supervisor
+    from engine.supervisor.table import Child
     out = io.StringIO()
     sup = Supervisor(load_config(None, {"backend": "local", "sessions_dir": str(tmp_path / "s")}), text_only=True,
                      out=out)

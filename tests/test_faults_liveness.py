@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from bus import Subscriber
-from engine.supervisor.process import DropWatch
+from engine.supervisor.watch import DropWatch
 from tests.helpers import wait_topic, write_wav
 
 pytestmark = pytest.mark.timeout(90)

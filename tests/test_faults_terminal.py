@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.supervisor.process import free_port
+from engine.supervisor.rundir import free_port
 from tests.helpers import ProcessLines
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]

@@ -1,16 +1,21 @@
 """The tree is the import graph: nothing imports upward. Read from the source (ast), no imports run.
 
 Layers, lowest first; a module may import its own package and any lower layer:
-  0  bus                                  the wire, the broker, the clients (usable without the engine)
-  1  engine's shared modules              errors, codec, cost, config, wsio, audio/, view; the API link
-                                          (link/) and the protocol cores it drives (realtime/ but its
-                                          process.py: pure, used by the realtime and the phone process)
-  2  the processes                        capture, playback, realtime (process.py), phone, console, server
-  3  the supervisor                       starts and watches the processes
-  4  engine.api                           what users call (client, cli)
-Processes do not import each other (the phone process runs the protocol cores and the API link,
-which are shared, layer 1). No package imports the
-debug console but the console itself. bench/ imports engine freely and has no import circle.
+  0  bus          the wire, the broker, the clients (usable without the engine)
+  1  foundation   what every part of the engine shares, with no process of its own: errors, pcm
+                  (the PCM format), config_types, config, cost, providers, specs (the supervisor-
+                  child contract and the ring table), child (a child's entry), codec, wsio,
+                  httpio, webhooks, view, audio/ (ring, devices, levels, listen_talk, preflight,
+                  record)
+  2  protocol     the sans-I/O protocol cores (realtime/ but its process.py) and the API link
+                  that drives them (link/): shared by the realtime and the phone process
+  3  processes    capture, playback, realtime (process.py), phone, sip, console, server: each a
+                  package whose process.py is its entry
+  4  supervisor   starts and watches the processes (supervisor/)
+  5  api          what users call (engine.api: client, cli; the package's face, engine/__init__)
+Processes do not import each other. No package imports the debug console but the console
+itself. Every top-level module of engine/ is placed in a layer here: a new one fails
+test_every_module_has_a_layer until it is. bench/ imports engine freely and has no import circle.
 """
 from __future__ import annotations
 
@@ -20,21 +25,12 @@ from pathlib import Path
 from tests.helpers import REPO
 
 PROCESSES = ("capture", "playback", "realtime", "phone", "console", "server", "sip")
-SHARED = ("errors", "codec", "cost", "config", "wsio", "audio", "view", "child")
-#: imports that break the rules today, each to be removed (a new one fails this test)
-KNOWN_EXCEPTIONS: set[tuple[str, str]] = {
-    ("engine.capture.process", "engine.supervisor.child"),
-    ("engine.playback.process", "engine.supervisor.child"),
-    ("engine.realtime.process", "engine.supervisor.child"),
-    ("engine.phone.process", "engine.supervisor.child"),
-    ("engine.console.process", "engine.supervisor.child"),
-    ("engine.sip.process", "engine.supervisor.child"),
-    ("engine.capture.process", "engine.console.audio"),
-    ("engine.capture.process", "engine.console.levels"),
-    ("engine.playback.process", "engine.console.audio"),
-    ("engine.playback.process", "engine.console.levels"),
-    ("engine.supervisor.process", "engine.api.view"),
-}
+PROTOCOL = ("realtime", "link")   # realtime/: all but process.py
+FOUNDATION = ("errors", "pcm", "config_types", "config", "cost", "providers", "specs", "child", "codec", "wsio",
+              "httpio", "webhooks", "view", "audio")
+LAYER_NAMES = {0: "bus", 1: "foundation", 2: "protocol", 3: "processes", 4: "supervisor", 5: "api"}
+#: imports that break the rules, each to be removed (a new one fails this test): none left
+KNOWN_EXCEPTIONS: set[tuple[str, str]] = set()
 
 
 def layer(module: str) -> tuple[int, str]:
@@ -43,19 +39,21 @@ def layer(module: str) -> tuple[int, str]:
     if parts[0] == "bus":
         return 0, "bus"
     if module == "engine":
-        return 4, "api"   # the package's face: engine.create_session and friends, lazily from engine.api
+        return 5, "api"   # the package's face: engine.create_session and friends, lazily from engine.api
     if parts[0] != "engine":
-        return 1, "engine"
+        return 1, parts[0]
     top = parts[1]
-    if top == "realtime" and module != "engine.realtime.process":
-        return 1, "protocol"   # the pure cores beside the realtime process: shared with the phone bridge
+    if top in PROTOCOL and module != "engine.realtime.process":
+        return 2, "protocol"   # the pure cores beside the realtime process and the link: shared with the phone bridge
     if top in PROCESSES:
-        return 2, top
-    if top == "supervisor":
         return 3, top
-    if top == "api":
+    if top == "supervisor":
         return 4, top
-    return 1, top
+    if top == "api":
+        return 5, top
+    if top in FOUNDATION:
+        return 1, top
+    return -1, top   # not placed: test_every_module_has_a_layer
 
 
 def imports(root: Path, package: str) -> list[tuple[str, str]]:
@@ -68,7 +66,7 @@ def imports(root: Path, package: str) -> list[tuple[str, str]]:
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                # ``from engine.supervisor import child`` imports the module engine.supervisor.child
+                # ``from engine import child`` imports the module engine.child
                 names = [f"{node.module}.{a.name}" if _is_module(f"{node.module}.{a.name}") else node.module
                          for a in node.names]
             else:
@@ -92,13 +90,30 @@ def violations() -> list[str]:
             bad.append(f"{importer} imports the debug console ({imported})")
         elif li > lo:
             bad.append(f"{importer} (layer {lo}) imports upward: {imported} (layer {li})")
-        elif li == lo == 2:
+        elif li == lo == 3:
             bad.append(f"{importer} imports another process's package: {imported}")
     return bad
 
 
 def test_nothing_imports_upward() -> None:
     assert violations() == []
+
+
+def test_every_module_has_a_layer() -> None:
+    """Each top-level module and package of engine/ is placed in the layers above."""
+    tops = {p.stem for p in (REPO / "engine").glob("*.py") if p.stem != "__init__"}
+    tops |= {p.name for p in (REPO / "engine").iterdir() if (p / "__init__.py").is_file()}
+    unplaced = sorted(t for t in tops if layer(f"engine.{t}")[0] < 0)
+    assert unplaced == [], f"place these in tests/test_layers.py's layers: {unplaced}"
+
+
+def test_every_import_names_a_module() -> None:
+    """An import of a module of this repository that does not exist fails here (mypy runs with
+    ignore_missing_imports, so a module moved away from under an import is not its error)."""
+    missing = sorted({f"{importer} imports {imported}" for root, pkg in ((REPO / "engine", "engine"), (REPO / "bus", "bus"),
+                                                                      (REPO / "bench", "bench"), (REPO / "tests", "tests"))
+                      for importer, imported in imports(root, pkg) if not _is_module(imported)})
+    assert missing == []
 
 
 def test_the_known_exceptions_still_exist() -> None:
@@ -112,10 +127,12 @@ def test_the_check_catches_an_upward_import(monkeypatch) -> None:
     real = me.imports
     monkeypatch.setattr(me, "imports", lambda root, pkg: real(root, pkg) + (
         [("engine.codec", "engine.phone.bridge"), ("engine.playback.process", "engine.capture.echo"),
-         ("engine.server.app", "engine.console.levels")] if pkg == "engine" else []))
-    assert me.violations() == ["engine.codec (layer 1) imports upward: engine.phone.bridge (layer 2)",
+         ("engine.server.app", "engine.console.levels"), ("engine.config", "engine.realtime.budget")]
+        if pkg == "engine" else []))
+    assert me.violations() == ["engine.codec (layer 1) imports upward: engine.phone.bridge (layer 3)",
                                "engine.playback.process imports another process's package: engine.capture.echo",
-                               "engine.server.app imports the debug console (engine.console.levels)"]
+                               "engine.server.app imports the debug console (engine.console.levels)",
+                               "engine.config (layer 1) imports upward: engine.realtime.budget (layer 2)"]
 
 
 def test_bench_has_no_import_circle() -> None:

@@ -164,9 +164,27 @@ def test_fragments_are_grouped_into_turns_and_the_history_keeps_them() -> None:
     assert turn["text"] == "Where is the car?" and turn["reason"] == "inactivity"
     assert published(done, "conversation.history")[-1]["items"] == [
         {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Where is the car?"}]}]
-    model = h.fragment("model", "At desk", 1400, 1600) + h.fragment("model", " four.", 3000, 3200)
-    (first_model_turn,) = published(model, "model.transcript.done")   # a gap over 800 ms of timeline
+    model = h.fragment("model", "At desk", 1400, 1600) + h.fragment("model", " four.", 3800, 4000)
+    (first_model_turn,) = published(model, "model.transcript.done")   # a gap over 2,000 ms of timeline
     assert first_model_turn["text"] == "At desk" and first_model_turn["reason"] == "gap"
+
+
+def test_a_model_pausing_mid_reply_on_a_busy_machine_stays_one_turn() -> None:
+    """CI, under load: the model's reply "...collected at" / 1 s pause / "Northern Train Station"
+    came as three model.transcript.done (800 ms of silence closed the turn). The model's silence
+    is the SDK grouper's 2 s; the user's stays 800 ms."""
+    h = Harness()
+    h.started()
+    h.fragment("model", "The car is collected at", 4200, 7600)
+    h.now += 1.2   # the fragments come late: the machine is busy, the model paused on the timeline
+    acts = h(Tick()) + h.fragment("model", " Northern", 8600, 8800)
+    assert not published(acts, "model.transcript.done")
+    h.now += 1.0
+    acts = h(Tick()) + h.fragment("model", " Train Station.", 9400, 10000)
+    assert not published(acts, "model.transcript.done")
+    h.now += 2.1
+    (turn,) = published(h(Tick()), "model.transcript.done")
+    assert turn["text"] == "The car is collected at Northern Train Station." and turn["reason"] == "inactivity"
 
 
 def test_a_reconnect_starts_a_new_session_told_the_conversation_so_far() -> None:
@@ -379,6 +397,36 @@ def test_latency_runs_from_the_users_speech_end_to_the_first_audible_sample_hear
     (lat,) = published(h(Tick()), "latency.turn")
     heard_at = h.now - 0.010
     assert lat["speech_end_to_heard_ms"] == pytest.approx((heard_at - speech_end_s) * 1000, abs=1)
+
+
+def test_latency_counts_from_the_replys_first_sound_even_when_it_came_before_the_turn_closed() -> None:
+    """The console showed ~2 s for a reply that began 0.8 s after the question: the server sends the
+    user's fragments when its turn ends and answers at once, but the engine closes the user's turn
+    only 800 ms later (the grouper's gap), and measured to the first sound after that, inside the reply."""
+    h = Harness()
+    h.started()
+    for _ in range(50):
+        h(MicAudio(b"\x00\x00" * 480, h.now))
+        h.now += 0.02
+    speech_end_s = h.now - 0.02 - 0.2
+    h.ev({"type": "session.output_audio.delta", "delta": audio(100)})                   # silence: frames 0-2399
+    (started,) = published(h.fragment("user", "Hi", 600, 800), "user.speech.started")
+    # the speech's times on the capture clock, for the console's marks (the fragments come after it)
+    assert started["audio_start_mono_ns"] == pytest.approx((speech_end_s - 0.2) * 1e9, abs=1e6)
+    h.ev({"type": "session.output_audio.delta", "delta": audio(100, loud_from_ms=50)})  # the reply: sound from 3600
+    h.heard = 3600 + 240      # 10 ms past the first sound
+    reply_heard_at = h.now - 0.010
+    for _ in range(8):        # the reply goes on while the user's turn is still open
+        h.now += 0.1
+        h.heard += 2400
+        h.ev({"type": "session.output_audio.delta", "delta": audio(100, loud_from_ms=0)})
+    h.now += 0.1
+    h.heard += 2400
+    acts = h(Tick())          # the user's turn closes (800 ms without a fragment)
+    (stopped,) = published(acts, "user.speech.stopped")
+    assert stopped["audio_end_mono_ns"] == pytest.approx(speech_end_s * 1e9, abs=1e6)
+    (lat,) = published(acts + h(Tick()), "latency.turn")
+    assert lat["speech_end_to_heard_ms"] == pytest.approx((reply_heard_at - speech_end_s) * 1000, abs=1)
 
 
 def test_playback_reports_become_playout_topics_of_the_track() -> None:

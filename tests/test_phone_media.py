@@ -105,8 +105,7 @@ def test_a_barge_in_while_a_reply_start_is_held_leaves_the_next_reply_named_and_
     from tests.helpers import LocalServer
     server = LocalServer(speed=4.0, asr=False)
     pub = RecordingPublisher()
-    spec = bridge_spec(server.base + "/realtime")
-    spec["phone"]["prebuffer_ms"] = 5000          # the first reply is still held when it is cancelled
+    spec = bridge_spec(server.base + "/realtime", prebuffer_ms=5000)   # the first reply is still held when it is cancelled
 
     async def main() -> tuple[FakePhone, dict[str, Any]]:
         bridge = PhoneBridge(spec, publisher=pub)  # type: ignore[arg-type]

@@ -2,18 +2,20 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 
 from engine.config import DEFAULTS, resolve_backend, session_payload
+from engine.config_types import Config
 from engine.cost import response_cost_usd
 from engine.errors import ConfigError
 from engine.providers import api_target, provider_of, refused
 from engine.realtime.dialects import AzureDialect, DialectError, XaiDialect, dialect_for
 
 
-def cfg(**over: object) -> dict:
-    c = copy.deepcopy(DEFAULTS)
+def cfg(**over: object) -> Config:
+    c: Any = copy.deepcopy(DEFAULTS)
     for k, v in over.items():
         node = c
         parts = k.split("__")

@@ -114,7 +114,7 @@ def test_a_say_sent_while_the_socket_is_down_is_answered(text_engine: Any) -> No
 
 def test_a_refused_key_stops_the_engine_at_once_naming_the_variable(runtime_dir: Path, tmp_path: Path) -> None:
     """Issue 15 point 9: a wrong key (HTTP 401) was retried for ~47 s as a network fault, silently."""
-    from engine.supervisor.process import free_port
+    from engine.supervisor.rundir import free_port
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "engine.api.cli", "serve", "--port", str(port),
                                "--require-key", "the-right-key"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -176,7 +176,7 @@ def test_engine_state_running_gone_or_unproven(tmp_path: Path, sleepers: tuple[s
 @pytest.mark.e2e
 def test_stale_cleanup_kills_only_provable_engine_children(tmp_path: Path,
                                                            sleepers: tuple[subprocess.Popen[bytes], ...]) -> None:
-    from engine.supervisor.process import clean_stale
+    from engine.supervisor.rundir import clean_stale
     ours, other = sleepers
     gone = subprocess.Popen(["true"])
     gone.wait()

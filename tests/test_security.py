@@ -103,8 +103,10 @@ def test_replayed_signed_message_is_not_taken_again(start_engine: Any) -> None:
     assert client.join(conn["subscribe"], timeout_s=5)
     captured: list[bytes] | None = None
     deadline = time.monotonic() + 10
+    probes = 0
     while captured is None and time.monotonic() < deadline:
-        client.publish("cmd.bogus", {"id": "replay-probe"})   # the realtime process answers with a signed error
+        probes += 1   # a GPT-Live command on Realtime: the realtime process answers with a signed error
+        client.publish("cmd.instructions", {"id": f"replay-probe-{probes}", "text": "be brief"})
         while spy.poll(300):
             frames = spy.recv_multipart()
             if len(frames) == 3 and msgpack.unpackb(frames[1]).get("code") == "bad_command":

@@ -11,6 +11,7 @@ import pytest
 from engine.config import load_config
 from engine.httpio import request
 from engine.sip.service import SipService
+from engine.specs import ApiAccess, BusSpec, SipSpec
 from engine.webhooks import WebhookError
 from tests.helpers import RecordingPublisher, call_report, place_call
 
@@ -26,8 +27,10 @@ def stand_in(make_server: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
 def service(stand_in: Any, **sip: Any) -> tuple[SipService, RecordingPublisher]:
     cfg = load_config(None, {})
     pub = RecordingPublisher()
-    spec = {"config": cfg, "sip": {"host": "127.0.0.1", "port": 0, **sip},
-            "rest_base": f"http://127.0.0.1:{stand_in.port}/v1", "headers": ["Authorization: Bearer sk-test"]}
+    spec = SipSpec(config=cfg, sip={**cfg["sip"], "host": "127.0.0.1", "port": 0, **sip},  # type: ignore[typeddict-item]
+                   bus=BusSpec(publish="inproc://unused", subscribe="inproc://unused"),
+                   rest_base=f"http://127.0.0.1:{stand_in.port}/v1",
+                   api=ApiAccess(headers=("Authorization: Bearer sk-test",)))
     return SipService(spec, publisher=pub), pub
 
 

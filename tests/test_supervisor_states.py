@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from engine.supervisor.children import (EXIT_DEVICE_FAILED, TRANSITIONS, ChildMachine, ChildState, ChildStateError, GaveUp,
-                                        Kill, Policy, Restarting, Spawn, Terminate, Unresponsive)
+from engine.child import EXIT_DEVICE_FAILED
+from engine.supervisor.children import (TRANSITIONS, ChildMachine, ChildState, ChildStateError, GaveUp, Kill, Policy,
+                                        Restarting, Spawn, Terminate, Unresponsive)
 
 S = ChildState
 pytestmark = pytest.mark.timeout(10)

@@ -1,4 +1,4 @@
-"""The pure terminal views (engine/api/view.py) fed a recorded session, and the terminal writer's
+"""The pure terminal views (engine/view.py) fed a recorded session, and the terminal writer's
 TTY rule (engine/supervisor/terminal.py).
 
 tests/data/terminal_session.jsonl is the bus of a real session (engine start on the virtual
@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from engine.api.view import ConversationView, TerminalView, power_dbfs
+from engine.view import ConversationView, TerminalView, power_dbfs
 from engine.supervisor.terminal import CLEAR, Terminal
 
 pytestmark = pytest.mark.timeout(10)

@@ -244,14 +244,33 @@ class Bus {
   }
 
   /** Add a message to the conversation (role user or system); the model answers if respond. Resolves
-   *  with its cmd.done once the engine added it (`ok`, `item_id`), or its refusal. */
+   *  with its cmd.done once the engine added it (`ok`, `item_id`), or its refusal. On GPT-Live
+   *  (docs/live.md) role system is silent context, done when placed on the session's timeline
+   *  (`start_ms`, `end_ms`), and role user is refused (`ok: false`, `error` names the Live commands). */
   say(text, { role = "user", respond = role === "user" } = {}) {
     return this.command("cmd.say", { text, role, respond }, { outcome: true });
   }
 
+  /** GPT-Live: something the model says in its own words (`cmd.commentary`). Resolves with its
+   *  cmd.done once the server placed it (`ok`, `start_ms`, `end_ms`), or its refusal (on Realtime:
+   *  refused, naming `say(text, {role: "system", respond: true})`). */
+  commentary(text) {
+    return this.command("cmd.commentary", { text }, { outcome: true });
+  }
+
+  /** GPT-Live: more instructions for the model (`cmd.instructions`), kept through the server's
+   *  compaction. Resolves with its cmd.done once placed, or its refusal (on Realtime: refused,
+   *  naming `cmd.session.update`). */
+  instructions(text) {
+    return this.command("cmd.instructions", { text }, { outcome: true });
+  }
+
   /** Serve a tool the model can call: `fn(args)` (may be async) returns a string or a JSON value.
    *  The engine ties the tool to this client (`owner` = this bus's name) and unregisters it when
-   *  the client goes away: the broker sees its `_presence.<owner>` subscription end. */
+   *  the client goes away: the broker sees its `_presence.<owner>` subscription end. On GPT-Live
+   *  the same tool answers a delegation: the call (`tool.call` with `delegation: true`) carries
+   *  `request`, what the user said since the previous delegation, also given as each required
+   *  string parameter; the answer goes back as commentary on that delegation, and the model says it. */
   async registerTool(name, fn, { description = "", parameters = { type: "object", properties: {} }, timeoutS = 10 } = {}) {
     if (!this.tools) {
       this.tools = new Map();

@@ -10,10 +10,11 @@ import time
 from typing import Any
 
 from bus.wire import HEADER_KEYS, BusError
+from engine.config_types import Config
 from engine.errors import EngineError
 
 
-def _load_cfg(args: argparse.Namespace) -> dict[str, Any]:
+def _load_cfg(args: argparse.Namespace) -> Config:
     from engine.config import load_config
     from engine.cost import is_live_model
     overrides: dict[str, Any] = {}
@@ -113,7 +114,7 @@ def _alive(pid: int) -> bool:
 def cmd_stop(args: argparse.Namespace) -> int:
     from bus.client import connection_file
     from bus.runtime import GONE, UNPROVEN, engine_state, unproven_error
-    from engine.supervisor.process import clean_stale
+    from engine.supervisor.rundir import clean_stale
     conn = _connection(running=False)
     pid = conn.get("pid")
     state = engine_state(conn)
@@ -300,12 +301,12 @@ def cmd_ptt(args: argparse.Namespace) -> int:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
-    """The conversation as readable lines (engine/api/view.py); topics the view leaves out are
+    """The conversation as readable lines (engine/view.py); topics the view leaves out are
     printed one message a line only when a prefix asks for them (``engine tail cost.``).
     ``--all`` (or ``--json``): every message of the given prefixes, one line each. ``--call ID``:
     only the messages of that phone call (their ``phone_call_id``)."""
     from bus import Subscriber
-    from engine.api.view import ConversationView
+    from engine.view import ConversationView
     conn = _connection()
     sub = Subscriber(conn["subscribe"], args.prefixes or [""])
     deadline = time.monotonic() + args.seconds if args.seconds else None

@@ -442,7 +442,7 @@ def _drain(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _die_with_parent() -> None:
-    from engine.supervisor.child import parent_death_signal
+    from engine.child import parent_death_signal
     parent_death_signal()
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from bus import Subscriber
 from bus.runtime import connection_file, read_connection
+from engine.pcm import CHANNELS, RATE_HZ, SAMPLE_WIDTH_BYTES
 
 #: the local server's script for the demo (package data: `engine demo` runs from an installed package too)
 SCENARIO = Path(__file__).with_name("demo.yaml")
@@ -50,9 +51,9 @@ def run_demo(args: argparse.Namespace) -> int:
     question_wav = runs / "demo-question.wav"
     pcm = synthesize(args.question, "alloy", 1.0)
     with wave.open(str(question_wav), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(24000)
+        w.setnchannels(CHANNELS)
+        w.setsampwidth(SAMPLE_WIDTH_BYTES)
+        w.setframerate(RATE_HZ)
         pad = np.zeros(4800, dtype=np.int16)
         w.writeframes(np.concatenate([pad, pcm, pad]).tobytes())
     reply_wav = runs / "demo-reply.wav"
@@ -72,7 +73,7 @@ def run_demo(args: argparse.Namespace) -> int:
         conn = read_connection(connection_file())   # this user's own private file only (bus/runtime.py)
         sub = Subscriber(conn["subscribe"], ["user.", "model.transcript.done", "cost.session", "response.done",
                                              "playback.", "playout.", "engine.error"])
-        recorder = subprocess.Popen(["parecord", "--device=spk.monitor", "--rate=24000", "--channels=1",
+        recorder = subprocess.Popen(["parecord", "--device=spk.monitor", f"--rate={RATE_HZ}", f"--channels={CHANNELS}",
                                      "--format=s16le", "--file-format=wav", str(reply_wav)])
         time.sleep(0.3)
         print(f"\nYOU (spoken into the virtual mic): {args.question}")

@@ -49,7 +49,7 @@ class EventLog:
 
 
 def find_session_log(session: str | None) -> Path:
-    from engine.supervisor.process import default_sessions_dir
+    from engine.supervisor.rundir import default_sessions_dir
     if session and Path(session).exists():
         return Path(session)
     base = default_sessions_dir()

@@ -17,8 +17,9 @@ from __future__ import annotations
 import wave
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
+from engine.config_types import AudioConfig
 from engine.errors import ConfigError, DeviceError
 
 MIN_RATE_HZ = 1000
@@ -60,7 +61,7 @@ def mic_wav_format(path: str) -> WavFormat:
     return WavFormat(rate, channels, frames)
 
 
-def _is_wav(target: Any) -> bool:
+def _is_wav(target: object) -> TypeGuard[str]:
     return isinstance(target, str) and target.lower().endswith(".wav")
 
 
@@ -95,7 +96,7 @@ def check_devices(mic: Any, speaker: Any) -> None:
         pa.terminate()
 
 
-def check_audio(audio: dict[str, Any], *, text_only: bool = False) -> None:
+def check_audio(audio: AudioConfig, *, text_only: bool = False) -> None:
     """Everything above for the config's ``audio`` section (nothing when ``text_only``)."""
     if text_only:
         return

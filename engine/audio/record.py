@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import EngineError
-
-RATE_HZ = 24000
+from engine.pcm import RATE_HZ, SAMPLE_WIDTH_BYTES
 
 
 class Recorder:
@@ -26,7 +25,7 @@ class Recorder:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._wav = wave.open(str(self.path), "wb")
         self._wav.setnchannels(2)
-        self._wav.setsampwidth(2)
+        self._wav.setsampwidth(SAMPLE_WIDTH_BYTES)
         self._wav.setframerate(RATE_HZ)
         self._buf = np.zeros((capacity_frames, 2), dtype=np.int16)
         self._cap = capacity_frames

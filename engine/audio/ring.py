@@ -84,6 +84,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import EngineError
+from engine.pcm import CHANNELS, RATE_HZ, SAMPLE_WIDTH_BYTES
 
 _MAGIC = 0x52_54_52_49_4E_47_30_31  # "RTRING01"
 VERSION = 2                          #: of the shared layout; 1 had the control fields mixed in
@@ -268,8 +269,8 @@ class Ring:
 
     # -- creation -------------------------------------------------------------------
     @classmethod
-    def create(cls, name: str, capacity_frames: int, sample_rate: int = 24000,
-               with_eventfd: bool = True, sample_width_bytes: int = 2, channels: int = 1) -> "Ring":
+    def create(cls, name: str, capacity_frames: int, sample_rate: int = RATE_HZ,
+               with_eventfd: bool = True, sample_width_bytes: int = SAMPLE_WIDTH_BYTES, channels: int = CHANNELS) -> "Ring":
         """Create the shared block ``name`` new (exclusively, mode 0600: a name that exists is
         refused, never reused; give it :func:`new_ring_name`); the creator unlinks it with
         ``unlink``. Set-up only."""
@@ -308,8 +309,8 @@ class Ring:
         return cls(name, mm, efd, owner=True)
 
     @classmethod
-    def attach(cls, name: str, data_fd: int | None = None, *, sample_rate: int | None = 24000,
-               sample_width_bytes: int | None = 2, channels: int | None = 1,
+    def attach(cls, name: str, data_fd: int | None = None, *, sample_rate: int | None = RATE_HZ,
+               sample_width_bytes: int | None = SAMPLE_WIDTH_BYTES, channels: int | None = CHANNELS,
                capacity_frames: int | None = None) -> "Ring":
         """Attach to an existing ring of this user's (its owner and mode are checked before it is
         mapped); ``data_fd`` is the inherited eventfd, if any. Set-up only.

@@ -22,8 +22,8 @@ from collections import deque
 import numpy as np
 
 from engine.audio.ring import Ring, SampleFifo
+from engine.pcm import RATE_HZ
 
-RATE_HZ = 24000
 AEC_RATE_HZ = 48000
 AEC_BLOCK_FRAMES = AEC_RATE_HZ // 100      # WebRTC processes 10 ms blocks
 FAR_ACTIVE_DBFS = -50.0                    # a reference block louder than this counts for ERLE

@@ -12,7 +12,7 @@ through. ``auto`` is ``aec`` when the speaker is a device, else ``off``.
 Recording (``record``): the mic as captured and the reference, side by side in one
 stereo WAV (:mod:`engine.audio.record`).
 
-Mic source (the debug console's talk switch, :mod:`engine.console.audio`): while a
+Mic source (the debug console's talk switch, :mod:`engine.audio.listen_talk`): while a
 ``console.mic.source`` ``browser`` lease holds, each block the device (or the WAV file)
 gives is replaced by as many frames of the browser ring, silence where it is short
 (counted); the device stream keeps running and sets the pace. The browser's audio skips
@@ -44,43 +44,44 @@ from typing import Any
 import numpy as np
 
 from bus import Publisher, Subscriber
-from engine.supervisor import child
-from engine.supervisor.child import error_text, every_period, run_reporting, stop_on_signals
+from engine import child
+from engine.child import error_text, every_period, run_reporting, stop_on_signals
 from engine.audio.preflight import mic_wav_format
 from engine.codec import resample
 from engine.capture.echo import EchoCanceller, EchoGate, FarEnd
-from engine.console.audio import SOURCE_TOPIC, BrowserMicReader, SourceSwitch
-from engine.console.levels import LevelTap
+from engine.audio.listen_talk import SOURCE_TOPIC, BrowserMicReader, SourceSwitch
+from engine.audio.levels import LevelTap
 from engine.errors import DeviceError
 from engine.audio.record import Recorder
 from engine.audio.ring import Ring
+from engine.pcm import RATE_HZ
+from engine.specs import CaptureSpec
 
-RATE_HZ = 24000
 STATS_EVERY_S = 2.0
 LEVELS_EVERY_S = 0.1          #: capture.levels: 20 ms windows, batched this often
 
 
 class CaptureProcess:
-    def __init__(self, spec: dict[str, Any]) -> None:
+    def __init__(self, spec: CaptureSpec) -> None:
         self.spec = spec
-        cfg = spec["config"]["audio"]
-        self.mic = spec.get("mic_source", cfg["mic"])
+        cfg = spec.config["audio"]
+        self.mic = spec.mic_source
         self.period_ms = cfg["period_ms"]
-        self.ring = Ring.attach(spec["mic_ring"], spec.get("mic_fd"))  # the eventfd wakes the sender
-        speaker = Ring.attach(spec["speaker_ring"]) if spec.get("speaker_ring") else None
-        self.far = FarEnd(Ring.attach(spec["ref_ring"])) if spec.get("ref_ring") else None
+        self.ring = Ring.attach(spec.mic_ring, spec.mic_fd)  # the eventfd wakes the sender
+        speaker = Ring.attach(spec.speaker_ring) if spec.speaker_ring else None
+        self.far = FarEnd(Ring.attach(spec.ref_ring)) if spec.ref_ring else None
         echo = cfg["echo"]
         if echo == "auto":
-            echo = "aec" if speaker is not None and spec.get("speaker_is_device") else "off"
+            echo = "aec" if speaker is not None and spec.speaker_is_device else "off"
         if echo == "aec" and self.far is None:
             echo = "half_duplex"  # no reference to cancel with
         self.echo_mode = echo
         self.aec = EchoCanceller(guard_db=cfg["echo_guard_db"]) if echo == "aec" else None
         self.gate = EchoGate(speaker) if echo == "half_duplex" else None
-        self.recorder = Recorder(spec["record_path"]) if spec.get("record_path") else None
+        self.recorder = Recorder(spec.record_path) if spec.record_path else None
         self.stop = threading.Event()
-        self.pub = Publisher(spec["bus"]["publish"], f"capture:{os.getpid()}")
-        self.pub.join(spec["bus"]["subscribe"])
+        self.pub = Publisher(spec.bus.publish, f"capture:{os.getpid()}")
+        self.pub.join(spec.bus.subscribe)
         self.next_stats_at = time.monotonic() + STATS_EVERY_S
         self.callback_errors = 0                          #: exceptions in the device callback
         self.callback_error: BaseException | None = None  #: the latest one (kept, reported by the main thread)
@@ -90,13 +91,13 @@ class CaptureProcess:
         self.level_out = LevelTap(RATE_HZ)
         self.next_levels_at = time.monotonic() + LEVELS_EVERY_S
         # the mic source: the device, or the console's browser ring while its lease holds
-        self.browser = BrowserMicReader(Ring.attach(spec["browser_ring"])) if spec.get("browser_ring") else None
+        self.browser = BrowserMicReader(Ring.attach(spec.browser_ring)) if spec.browser_ring else None
         self.source_switch = SourceSwitch()
         self.use_browser = False      #: set by the main thread, read by the callback
         self._browser_on = False      #: the callback's own copy: a change starts the reader
         self.device_name: str | None = None
         self.next_source_at = 0.0
-        self.console_sub = (Subscriber(spec["bus"]["subscribe"], [SOURCE_TOPIC])
+        self.console_sub = (Subscriber(spec.bus.subscribe, [SOURCE_TOPIC])
                             if self.browser is not None else None)
 
     def _report_errors(self) -> None:
@@ -250,7 +251,7 @@ class CaptureProcess:
         from engine.audio.devices import find_device, keep_running, open_pyaudio, resample_stream
         pa = open_pyaudio()
         dev = find_device(pa, self.mic, "input")
-        rate = self.spec["config"]["audio"]["device_rate_hz"] or dev["default_rate_hz"]
+        rate = self.spec.config["audio"]["device_rate_hz"] or dev["default_rate_hz"]
         frames = rate * self.period_ms // 1000
         resampler = resample_stream(rate, RATE_HZ) if rate != RATE_HZ else None
 
@@ -277,7 +278,7 @@ class CaptureProcess:
         stop_on_signals(self.stop)
         try:
             if isinstance(self.mic, str) and self.mic.lower().endswith(".wav"):
-                return run_reporting(self.pub, "capture", lambda: self.run_wav(self.mic))
+                return run_reporting(self.pub, "capture", lambda: self.run_wav(str(self.mic)))
             return run_reporting(self.pub, "capture", self.run_pyaudio)
         finally:
             if self.recorder is not None:
@@ -290,4 +291,4 @@ class CaptureProcess:
 
 
 if __name__ == "__main__":
-    sys.exit(child.main(CaptureProcess))
+    sys.exit(child.main(CaptureProcess, CaptureSpec))

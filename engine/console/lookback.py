@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.console.levels import dbfs
+from engine.audio.levels import dbfs
 from engine.console.relay import ConsoleError
 
 MAX_EVENTS = 50_000

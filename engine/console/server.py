@@ -6,7 +6,8 @@
 * ``GET /ws?token=T`` a WebSocket: the server sends ``{"op": "hello"}`` (text) then binary
   batches of bus messages, each message's topic and msgpack body as the bus carried them
   (:func:`engine.console.relay.encode_batch`; the backlog first); the page sends
-  ``{"op": "say", "text", "role"}``, ``{"op": "cancel"}``,
+  ``{"op": "say", "text", "role"}`` (role user, system, or on GPT-Live instructions or
+  commentary), ``{"op": "cancel"}``,
   ``{"op": "mic", "open"}`` and gets ``{"op": "sent", "id", "topic"}`` or ``{"op": "error", "message"}``.
 * ``GET /listen?token=T`` and ``/talk?token=T``: WebSockets of PCM, the speaker's sound to
   the page and the page's microphone to the engine (:mod:`engine.console.sound`; the PCM
@@ -63,6 +64,9 @@ from engine.console.sound import WRITE_LIMIT_BYTES, ListenHub, Rings, TalkHub, a
 STATIC = Path(__file__).resolve().parent / "static"
 INFO_FILE = "console.json"
 MAX_SAY_CHARS = 20_000
+#: a page's ``say`` roles: a user message or system context (``cmd.say``; on GPT-Live, system is
+#: silent context), and GPT-Live's instructions and commentary (``cmd.instructions``, ``cmd.commentary``)
+SAY_ROLES = ("user", "system", "instructions", "commentary")
 AUDIO_STATS_EVERY_S = 2.0
 REFUSAL_LOG_EVERY_S = 60.0     #: a refused Host or Origin value is logged at most this often
 
@@ -332,16 +336,20 @@ class ConsoleServer:
             raise ConsoleError("a command is a JSON object with an 'op'")
         op = msg.get("op")
         assert self.relay is not None
+        payload: dict[str, Any]
         if op == "say":
             text, role = msg.get("text"), msg.get("role", "user")
             if not isinstance(text, str) or not text.strip():
                 raise ConsoleError("say: type some text first")
             if len(text) > MAX_SAY_CHARS:
                 raise ConsoleError(f"say: the text is {len(text)} characters; at most {MAX_SAY_CHARS}")
-            if role not in ("user", "system"):
-                raise ConsoleError(f"say: role {role!r} is not 'user' or 'system'")
-            respond = bool(msg.get("respond", role == "user"))
-            topic, payload = "cmd.say", {"text": text, "role": role, "respond": respond}
+            if role not in SAY_ROLES:
+                raise ConsoleError(f"say: role {role!r} is not one of {', '.join(SAY_ROLES)}")
+            if role in ("instructions", "commentary"):   # GPT-Live's own context commands (docs/live.md)
+                topic, payload = f"cmd.{role}", {"text": text}
+            else:
+                respond = bool(msg.get("respond", role == "user"))
+                topic, payload = "cmd.say", {"text": text, "role": role, "respond": respond}
         elif op == "cancel":
             topic, payload = "cmd.cancel", {}
         elif op == "mic":

@@ -33,8 +33,9 @@ from websockets.protocol import State
 
 from engine.audio.ring import Ring, RingError
 from engine.wsio import keeps_up
-from engine.console.audio import (LEASE_MS, LISTEN_TOPIC, RATE_HZ, RENEW_S, SOURCE_TOPIC, ConsoleAudioError,
-                                  TalkPcm, engine_ring_names, parse_talk_start)
+from engine.audio.listen_talk import LEASE_MS, LISTEN_TOPIC, RENEW_S, SOURCE_TOPIC
+from engine.console.audio import ConsoleAudioError, TalkPcm, engine_ring_names, parse_talk_start
+from engine.pcm import RATE_HZ
 
 LISTEN_EVERY_TICKS = 2           #: the listen ring is read every other tick of the server (120 ms chunks)
 LISTEN_QUEUE_CHUNKS = 10         #: chunks (about 1 s) waiting for one listener at most; the oldest go first

@@ -58,6 +58,7 @@ from engine.link.backends import ProtocolCore, backend_for
 from engine.link.policy import LinkRules
 from engine.link.shell import ApiLink
 from engine.realtime.dialects import dialect_for
+from engine.specs import PhoneSpec
 from engine.realtime.records import Command, EndOfAudio, Flush, Input, MicAudio, Play, PlaybackReport, Publish
 from engine.wsio import LATE_S as LATE_S, OUTGOING_MAX as OUTGOING_MAX, Latency as Latency, Outgoing as Outgoing
 
@@ -510,10 +511,10 @@ class PhoneBridge:
     """Listens for Media Streams calls; ``url`` once :meth:`listen` returned. ConfigError at once
     when ``phone.auth`` cannot be met (its secret missing from ``environ``, ``none`` off loopback)."""
 
-    def __init__(self, spec: Mapping[str, Any], publisher: Publisher | None = None,
+    def __init__(self, spec: PhoneSpec, publisher: Publisher | None = None,
                  environ: Mapping[str, str] | None = None) -> None:
-        cfg = spec["config"]
-        phone = {**cfg.get("phone", {}), **(spec.get("phone") or {})}
+        cfg = spec.config
+        phone: Mapping[str, Any] = spec.phone
         self.auth = auth_from_config(phone, os.environ if environ is None else environ)
         self.limits = limits_from_config(phone)
         self.host: str = phone.get("host", "127.0.0.1")
@@ -523,7 +524,7 @@ class PhoneBridge:
         self.max_calls: int = int(phone.get("max_calls", 100))
         #: one of many bridge processes on one bus (a process per call, bench/phone.py's comparison):
         #: commands for calls it does not hold are another process's, not refused; no status each second
-        self.solo = bool(phone.get("solo", False))
+        self.solo = spec.solo
         self.mark_every_frames = int(phone.get("mark_every_ms", 200)) * MEDIA_RATE_HZ // 1000
         #: each reply's start is held this long before it goes to the phone (engine.phone.hold)
         hold_ms = phone.get("prebuffer_ms")   # None: the speaker's own setting, audio.prebuffer_ms
@@ -533,23 +534,17 @@ class PhoneBridge:
         self.model: str = cfg["model"]
         self.backend = backend_for(self.model)
         self.recycle_after_s = self.backend.recycle_after_s(cfg.get("session_recycle_s"))
-        self.session = call_session(spec["session"])
+        self.session = call_session(spec.session)
         self.barge_in = bool(cfg["barge_in"]["enabled"])
         self.min_speech_ms = int(cfg["barge_in"]["min_speech_ms"])
         self.budget_usd = cfg.get("budget_usd")
-        self.api_url: str = spec["url"]
-        self.api_headers: dict[str, str] = {}
-        for h in spec.get("headers", []):
-            k, _, v = h.partition(":")
-            self.api_headers[k.strip()] = v.strip()
-        key_env = spec.get("api_key_env")
-        if key_env and os.environ.get(key_env):
-            self.api_headers["Authorization"] = f"Bearer {os.environ[key_env]}"
-        self.key_env: str = spec.get("key_env") or key_env or "OPENAI_API_KEY"
-        self.provider: str = spec.get("provider") or "openai"
-        self.deployment: str | None = spec.get("deployment")
-        self.sub_endpoint: str = spec["bus"]["subscribe"]
-        self.pub = publisher or Publisher(spec["bus"]["publish"], f"phone:{os.getpid()}")
+        self.api_url: str = spec.url
+        self.api_headers: dict[str, str] = spec.api.header_map(os.environ)
+        self.key_env: str = spec.api.key_name()
+        self.provider: str = spec.api.provider
+        self.deployment: str | None = spec.api.deployment
+        self.sub_endpoint: str = spec.bus.subscribe
+        self.pub = publisher or Publisher(spec.bus.publish, f"phone:{os.getpid()}")
         self.calls: dict[str, Call] = {}
         self.global_tools: dict[str, dict[str, Any]] = {}
         self.last_speech_started_s: dict[str, float] = {}

@@ -8,31 +8,31 @@ import os
 import signal
 import sys
 import threading
-from typing import Any
 
 from bus import Publisher
 from engine.errors import ConfigError
 from engine.phone.bridge import PhoneBridge
-from engine.supervisor import child
+from engine import child
+from engine.specs import PhoneSpec
 
 
 class PhoneProcess:
-    def __init__(self, spec: dict[str, Any]) -> None:
+    def __init__(self, spec: PhoneSpec) -> None:
         self.spec = spec
 
     def run(self) -> int:
         return asyncio.run(self._run())
 
     async def _run(self) -> int:
-        pub = Publisher(self.spec["bus"]["publish"], f"phone:{os.getpid()}")
-        pub.join(self.spec["bus"]["subscribe"])
+        pub = Publisher(self.spec.bus.publish, f"phone:{os.getpid()}")
+        pub.join(self.spec.bus.subscribe)
         try:
             bridge = PhoneBridge(self.spec, publisher=pub)
         except ConfigError as exc:   # phone.auth cannot be met: restarting would not help (exit 3: FATAL)
             pub.publish("engine.error", {"source": "phone", "code": "config", "message": str(exc), "fatal": True})
             await asyncio.sleep(0.2)
             pub.close()
-            return child.DEVICE_FAILED
+            return child.EXIT_DEVICE_FAILED
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, bridge.stop.set)
@@ -45,7 +45,7 @@ class PhoneProcess:
             bridge.error(None, "listen_failed", f"the phone bridge cannot listen on {bridge.host}:{bridge.port}: "
                          f"{exc.strerror}; use --port 0 for a free port")
             await asyncio.sleep(0.2)
-            return child.DEVICE_FAILED
+            return child.EXIT_DEVICE_FAILED
         bridge.publish(None, "phone.status", bridge.status())  # the supervisor prints the URL
         del url
         try:
@@ -58,4 +58,4 @@ class PhoneProcess:
 
 
 if __name__ == "__main__":
-    sys.exit(child.main(PhoneProcess))
+    sys.exit(child.main(PhoneProcess, PhoneSpec))

@@ -9,7 +9,7 @@ and tells the ring what the listener has heard (``heard_index``).
 Backends: a PyAudio callback stream at the device's rate (soxr resampling from
 24 kHz), a WAV file written in real time, or ``null`` (consumed in real time).
 
-Listen (the debug console, :mod:`engine.console.audio`): while a ``console.listen`` lease
+Listen (the debug console, :mod:`engine.audio.listen_talk`): while a ``console.listen`` lease
 holds, the renderer also copies every block it hands out into the listen ring (a plain
 copy, never blocking; a full ring counts overrun frames: frames not listened). The
 publishing thread applies the lease and reports ``playback.listen``.
@@ -25,16 +25,16 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from bus import Publisher, Subscriber
-from engine.supervisor import child
-from engine.supervisor.child import every_period, run_reporting, stop_on_signals
+from engine import child
+from engine.child import every_period, run_reporting, stop_on_signals
 from engine.audio.record import PcmWav
 from engine.audio.ring import Ring, SampleFifo
-from engine.console.audio import LISTEN_TOPIC, ListenSwitch
-from engine.console.levels import LevelTap
+from engine.audio.listen_talk import LISTEN_TOPIC, ListenSwitch
+from engine.audio.levels import LevelTap
 from engine.playback.stretch import LOOKAHEAD_FRAMES, MAX_PERIOD_FRAMES, MIN_PERIOD_FRAMES, TimeStretcher
+from engine.pcm import FRAMES_PER_MS, RATE_HZ
+from engine.specs import PlaybackSpec
 
-RATE_HZ = 24000
-FRAMES_PER_MS = RATE_HZ // 1000
 FADE_FRAMES = 120            # 5 ms fade over gaps
 FLUSH_FADE_FRAMES = 120      # 5 ms fade on barge-in (raised cosine: no click, and silent sooner)
 FLUSH_FADE_MS = FLUSH_FADE_FRAMES // FRAMES_PER_MS
@@ -469,21 +469,21 @@ class PlaybackProcess:
     next_levels_at: float = float("inf")
     console_sub: Subscriber | None = None   #: console.listen (None for an instance built without __init__)
 
-    def __init__(self, spec: dict[str, Any]) -> None:
+    def __init__(self, spec: PlaybackSpec) -> None:
         self.spec = spec
-        cfg = spec["config"]["audio"]
-        self.speaker = spec.get("speaker_target", cfg["speaker"])
+        cfg = spec.config["audio"]
+        self.speaker = spec.speaker_target
         self.period_ms = cfg.get("playback_period_ms") or cfg["period_ms"]
-        self.ring = Ring.attach(spec["speaker_ring"])
+        self.ring = Ring.attach(spec.speaker_ring)
         #: playback processes that ran on this ring before this one (a restart continues the speaker WAV)
         self.earlier_starts = self.ring.control.count_consumer_start()
         # every frame handed to the device also goes to the reference ring (echo canceller, recording)
-        self.ref = Ring.attach(spec["ref_ring"]) if spec.get("ref_ring") else None
+        self.ref = Ring.attach(spec.ref_ring) if spec.ref_ring else None
         self.renderer = Renderer(self.ring, cfg["prebuffer_ms"] * RATE_HZ // 1000, ref=self.ref,
                                  stretch=cfg.get("time_stretch", True))
         self.stop = threading.Event()
-        self.pub = Publisher(spec["bus"]["publish"], f"playback:{os.getpid()}")
-        self.pub.join(spec["bus"]["subscribe"])
+        self.pub = Publisher(spec.bus.publish, f"playback:{os.getpid()}")
+        self.pub.join(spec.bus.subscribe)
         self.callback_errors = 0     # exceptions in the device callback (answered with silence)
         self.last_callback_error: BaseException | None = None   # the latest of them (set by the callback)
         self.reported_callback_errors = 0
@@ -496,10 +496,10 @@ class PlaybackProcess:
         self.renderer.tap = LevelTap(RATE_HZ)
         self.next_levels_at = time.monotonic() + LEVELS_EVERY_S
         # the console's listen switch: a ring to copy into, a lease from the bus
-        self.renderer.listen = Ring.attach(spec["listen_ring"]) if spec.get("listen_ring") else None
+        self.renderer.listen = Ring.attach(spec.listen_ring) if spec.listen_ring else None
         self.listen_switch = ListenSwitch()
         self.next_listen_at = 0.0
-        self.console_sub = Subscriber(spec["bus"]["subscribe"], [LISTEN_TOPIC]) if self.renderer.listen else None
+        self.console_sub = Subscriber(spec.bus.subscribe, [LISTEN_TOPIC]) if self.renderer.listen else None
 
     def publish_events(self) -> None:
         """Publish what the renderer saw (from the loop thread, never the callback). Reports carry
@@ -620,7 +620,7 @@ class PlaybackProcess:
         from engine.audio.devices import find_device, keep_running, open_pyaudio
         pa = open_pyaudio()
         dev = find_device(pa, self.speaker, "output")
-        rate = self.spec["config"]["audio"]["device_rate_hz"] or dev["default_rate_hz"]
+        rate = self.spec.config["audio"]["device_rate_hz"] or dev["default_rate_hz"]
         frames_dev = rate * self.period_ms // 1000
         feeder = DeviceFeeder(self.renderer, RATE_HZ * self.period_ms // 1000, rate) if rate != RATE_HZ else None
         latency_frames = 0
@@ -684,4 +684,4 @@ class PlaybackProcess:
 
 
 if __name__ == "__main__":
-    sys.exit(child.main(PlaybackProcess))
+    sys.exit(child.main(PlaybackProcess, PlaybackSpec))

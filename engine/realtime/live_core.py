@@ -42,6 +42,11 @@ Rules:
 - Transcripts are grouped into turns (:mod:`~engine.realtime.live_turns`) and published as
   ``user.transcript.*`` and ``model.transcript.*``; each raw fragment also goes out on
   ``live.transcript.fragment``.
+- ``latency.turn`` runs from the end of the user's speech to the reply's first audible sample
+  heard. The server answers as soon as its turn ends, often before the engine's grouper closes
+  the user's turn, so the track's recent onsets (a first audible sample after a silent delta)
+  are kept with when they came (:data:`ONSET_MEMORY_S`): the reply's is the first that came
+  after the speech ended, whether before or after the turn closed.
 - Cost is the cumulative seconds of ``session.usage.updated`` at the model's per-minute price
   (across sessions of one engine: each new session's seconds add to the earlier ones'). At the
   budget the session is closed.
@@ -82,6 +87,8 @@ APPEND_MAX_TOKENS = 500
 KEEPALIVE_S = 0.1
 #: at most this much silence is sent at once (a long stall is not made up)
 KEEPALIVE_MAX_S = 0.5
+#: the track's onsets are kept this long: a user's turn closes well within it after its reply began
+ONSET_MEMORY_S = 5.0
 #: output samples whose peak is below this are silence (the track carries digital silence between turns)
 SILENCE_PEAK = 64
 #: Live voices (openai.types.live BuiltInVoice); any other string is passed through as a custom voice
@@ -246,6 +253,9 @@ class LiveCore:
         #: user turns ended, waiting for the model's first audible sample: (turn id, speech end s)
         self.awaiting_reply: tuple[str, float | None] | None = None
         self.reply_at_index: tuple[str, float | None, int] | None = None
+        #: the track's recent onsets: (when the delta came, s; ring index of its first audible sample)
+        self.onsets: list[tuple[float, int]] = []
+        self.last_delta_silent = True
         self.errors = 0
         self.malformed_commands = 0
         self.handler_failures = 0
@@ -486,12 +496,14 @@ class LiveCore:
         if starts:
             self.stream_open = True
             self.stream_start_index = self.written_frames
-        if self.awaiting_reply is not None and self.reply_at_index is None:
-            first = _first_sound(pcm, fmt.name)
-            if first is not None:
-                turn_id, speech_end_s = self.awaiting_reply
-                self.reply_at_index = (turn_id, speech_end_s, self.written_frames + first)
-                self.awaiting_reply = None
+        first = _first_sound(pcm, fmt.name)
+        if first is not None and self.last_delta_silent:
+            self.onsets = [o for o in self.onsets if o[0] >= now_s - ONSET_MEMORY_S] + [(now_s, self.written_frames + first)]
+        if self.awaiting_reply is not None and self.reply_at_index is None and first is not None:
+            turn_id, speech_end_s = self.awaiting_reply
+            self.reply_at_index = (turn_id, speech_end_s, self.written_frames + first)
+            self.awaiting_reply = None
+        self.last_delta_silent = first is None
         self.written_frames += frames
         return [Play(pcm, starts_item=starts, response_id=self.session_id or "")]
 
@@ -519,9 +531,10 @@ class LiveCore:
         who = turn.speaker.value
         base = {"turn_id": turn.turn_id, "item_id": turn.turn_id, "start_ms": turn.start_ms, "end_ms": turn.end_ms}
         if tev.kind == "opened":
-            if turn.speaker is Speaker.USER:
+            if turn.speaker is Speaker.USER:   # the fragments come late: when the speech began, on the capture clock
                 return [Publish("user.speech.started", {"turn_id": turn.turn_id, "item_id": turn.turn_id,
-                                                        "audio_start_ms": turn.start_ms})]
+                                                        "audio_start_ms": turn.start_ms,
+                                                        "audio_start_mono_ns": _mono_ns(self.clock.time_of(turn.start_ms))})]
             return []
         if tev.kind == "fragment":
             if turn.speaker is Speaker.USER:
@@ -531,10 +544,15 @@ class LiveCore:
         text = turn.text
         acts: list[Action] = [Publish(f"{who}.transcript.done", {**base, "text": text, "reason": tev.reason})]
         if turn.speaker is Speaker.USER:
+            speech_end_s = self.clock.time_of(turn.end_ms)
             acts.append(Publish("user.speech.stopped", {"turn_id": turn.turn_id, "item_id": turn.turn_id,
-                                                        "audio_end_ms": turn.end_ms}))
-            self.awaiting_reply = (turn.turn_id, self.clock.time_of(turn.end_ms))
-            self.reply_at_index = None
+                                                        "audio_end_ms": turn.end_ms,
+                                                        "audio_end_mono_ns": _mono_ns(speech_end_s)}))
+            onset = next((i for t, i in self.onsets if speech_end_s is not None and t >= speech_end_s), None)
+            if onset is None:   # the reply has not begun yet: its first audible sample will tell
+                self.awaiting_reply, self.reply_at_index = (turn.turn_id, speech_end_s), None
+            else:               # it began before the turn closed
+                self.awaiting_reply, self.reply_at_index = None, (turn.turn_id, speech_end_s, onset)
         if text:
             role, part = ("user", "input_text") if turn.speaker is Speaker.USER else ("assistant", "output_text")
             acts.append(self._remember({"type": "message", "role": role, "content": [{"type": part, "text": text}]}))
@@ -951,6 +969,10 @@ def _as_live_message(item: Any) -> dict[str, Any] | None:
         return None
     part = "output_text" if role == "assistant" else "input_text"
     return {"type": "message", "role": role, "content": [{"type": part, "text": text}]}
+
+
+def _mono_ns(at_s: float | None) -> int | None:
+    return None if at_s is None else int(at_s * 1e9)
 
 
 def _first_sound(pcm: bytes, fmt: str) -> int | None:

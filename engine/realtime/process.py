@@ -40,13 +40,15 @@ from bus.wire import INTAKE_TOPIC, STATE_TOPIC
 from engine.link.backends import backend_for
 from engine.link.policy import LinkRules
 from engine.link.shell import ApiLink
-from engine.supervisor import child
-from engine.supervisor.child import stop_on_signals
+from engine import child
+from engine.child import stop_on_signals
 from engine.realtime.dialects import dialect_for
 from engine.realtime.jitter import JitterEstimator
-from engine.realtime.records import (API_RATE_HZ, Action, Command, EndOfAudio, Flush, Input, MicAudio, Play,
+from engine.realtime.records import (Action, Command, EndOfAudio, Flush, Input, MicAudio, Play,
                                      PlaybackReport, Publish)
 from engine.audio.ring import Ring
+from engine.pcm import CHANNELS, RATE_HZ, SAMPLE_WIDTH_BYTES
+from engine.specs import RealtimeSpec
 
 MIC_CHUNK_MAX_FRAMES = 960      # 40 ms
 MIC_LATENCY_REPORT_S = 5.0
@@ -61,35 +63,30 @@ UNREACHABLE_HINT = "check openai_url in the config and the network, or run offli
 
 
 class RealtimeProcess:
-    def __init__(self, spec: dict[str, Any]) -> None:
+    def __init__(self, spec: RealtimeSpec) -> None:
         self.spec = spec
-        self.url: str = spec["url"]
-        self.headers: dict[str, str] = {}
-        for h in spec.get("headers", []):
-            k, _, v = h.partition(":")
-            self.headers[k.strip()] = v.strip()
-        key_env = spec.get("api_key_env")
-        if key_env and os.environ.get(key_env):  # the key lives in this process's environment only
-            self.headers["Authorization"] = f"Bearer {os.environ[key_env]}"
-        self.key_env = spec.get("key_env") or key_env or "OPENAI_API_KEY"
+        self.url: str = spec.url
+        # a hand-written spec's api_key_env: the key lives in this process's environment only
+        self.headers: dict[str, str] = spec.api.header_map(os.environ)
+        self.key_env = spec.api.key_name()
         #: the provider's dialect, translated at the wire by the link (engine/providers.py, realtime/dialects.py)
-        self.dialect = dialect_for(spec.get("provider") or "openai", spec["config"]["model"], spec.get("deployment"))
-        self.pub_endpoint = spec["bus"]["publish"]
-        self.sub_endpoint = spec["bus"]["subscribe"]
-        self.mic = Ring.attach(spec["mic_ring"], spec.get("mic_fd")) if spec.get("mic_ring") else None
-        self.speaker = Ring.attach(spec["speaker_ring"]) if spec.get("speaker_ring") else None
-        cfg = spec["config"]
+        self.dialect = dialect_for(spec.api.provider, spec.config["model"], spec.api.deployment)
+        self.pub_endpoint = spec.bus.publish
+        self.sub_endpoint = spec.bus.subscribe
+        self.mic = Ring.attach(spec.mic_ring, spec.mic_fd) if spec.mic_ring else None
+        self.speaker = Ring.attach(spec.speaker_ring) if spec.speaker_ring else None
+        cfg = spec.config
         self.cfg = cfg
         self.backend = backend_for(cfg["model"])
         self.recycle_after_s = self.backend.recycle_after_s(cfg.get("session_recycle_s"))
         #: reply_audio: each reply's audio as it was received, saved as <replies_dir>/<response id>.wav
-        self.replies_dir = Path(spec["replies_dir"]) if spec.get("replies_dir") else None
+        self.replies_dir = Path(spec.replies_dir) if spec.replies_dir else None
         self.reply_pcm: dict[str, list[bytes]] = {}
         #: the adaptive jitter buffer (audio.jitter_buffer: adaptive): each delta timed where it arrives,
         #: the target handed to playback in the speaker ring's target_frames; None: fixed, the ring has none
         self.jitter = JitterEstimator(cfg["audio"]["prebuffer_ms"]) \
             if cfg["audio"].get("jitter_buffer", "adaptive") == "adaptive" and self.speaker is not None else None
-        self.core = self.backend.core(cfg["model"], spec["session"],
+        self.core = self.backend.core(cfg["model"], spec.session,
                                       start_index=self.speaker.write_index if self.speaker else 0,
                                       barge_in=cfg["barge_in"]["enabled"], min_speech_ms=cfg["barge_in"]["min_speech_ms"],
                                       budget_usd=cfg.get("budget_usd"))
@@ -133,7 +130,7 @@ class RealtimeProcess:
                 # this delta arrived now (the link hands each server event to the core, and its
                 # actions here, in the callback that read it); the target covering this stream is
                 # stored before its start mark (the ring's contract)
-                self.jitter.audio(now_s, len(act.pcm) / (2 * API_RATE_HZ), act.starts_item)
+                self.jitter.audio(now_s, len(act.pcm) / (SAMPLE_WIDTH_BYTES * RATE_HZ), act.starts_item)
                 # nothing measured yet: no target (0), playback waits its configured prebuffer
                 speaker.control.set_target(self.jitter.target_frames(speaker.sample_rate) if self.jitter.measured else 0)
             if act.starts_item:
@@ -158,9 +155,9 @@ class RealtimeProcess:
         try:
             self.replies_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             with wave.open(str(path), "wb") as w:
-                w.setnchannels(1)
-                w.setsampwidth(2)
-                w.setframerate(API_RATE_HZ)
+                w.setnchannels(CHANNELS)
+                w.setsampwidth(SAMPLE_WIDTH_BYTES)
+                w.setframerate(RATE_HZ)
                 w.writeframes(b"".join(chunks))
             done["audio_path"] = str(path)
         except OSError as exc:
@@ -197,7 +194,7 @@ class RealtimeProcess:
             if not link.connected:
                 continue  # mic audio while the socket is down is dropped
             # capture time of the chunk's last frame, from the producer's stamp of its latest write
-            captured_ns = stamp_ns - (stamp_index - mic.read_index) * 1_000_000_000 // API_RATE_HZ
+            captured_ns = stamp_ns - (stamp_index - mic.read_index) * 1_000_000_000 // RATE_HZ
             link.step(MicAudio(buf[:n].tobytes(), captured_ns / 1e9))
 
     def _report_mic_latency(self) -> None:
@@ -413,4 +410,4 @@ class RealtimeProcess:
 
 
 if __name__ == "__main__":
-    sys.exit(child.main(RealtimeProcess))
+    sys.exit(child.main(RealtimeProcess, RealtimeSpec))

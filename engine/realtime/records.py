@@ -13,8 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-API_RATE_HZ = 24000
-FRAMES_PER_MS = API_RATE_HZ // 1000
+from engine.pcm import FRAMES_PER_MS as FRAMES_PER_MS   # the API's audio/pcm is the engine's format
+from engine.pcm import RATE_HZ as API_RATE_HZ
+from engine.pcm import SAMPLE_WIDTH_BYTES
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class AudioFormat:
 
 #: GA audio format types the core can count (``RealtimeCore(..., audio_format=...)``)
 AUDIO_FORMATS: dict[str, AudioFormat] = {
-    "audio/pcm": AudioFormat("audio/pcm", API_RATE_HZ, 2),
+    "audio/pcm": AudioFormat("audio/pcm", API_RATE_HZ, SAMPLE_WIDTH_BYTES),
     "audio/pcmu": AudioFormat("audio/pcmu", 8000, 1),
     "audio/pcma": AudioFormat("audio/pcma", 8000, 1),
 }

@@ -67,7 +67,7 @@ from engine.server.live_protocol import (APPEND_MAX_TOKENS, FIXTURE_MAX_MS, MAX_
                                          OutputEncoder, apply_session_update, error_event, resolve_session, text_tokens,
                                          validate_client_event)
 from engine.server.protocol import ProtocolError, new_id
-from engine.server.scenario import Rule, Scenario, fill
+from engine.server.scenario import Rule, Scenario, fill, speakable
 from engine.server.vad import ServerVad
 
 log = logging.getLogger("realtalk.server")
@@ -642,7 +642,8 @@ class LiveSession:
         if d is not None and not d.resolved:
             d.resolved = True
             template = d.rule.then if d.rule.then is not None else "{output}"
-            values = {"output": a.content, "result": a.content, "user": d.user_words.rstrip(".!? ") or NO_WORDS,
+            said = speakable(a.content)   # a tool's JSON is said as its values, as a model would
+            values = {"output": said, "result": said, "user": d.user_words.rstrip(".!? ") or NO_WORDS,
                       "context": self.context[-1] if self.context else ""}
             self._say(fill(template, values), "result", d.id, acts)
         else:

@@ -60,6 +60,17 @@ def fill(template: str, values: dict[str, str]) -> str:
     return string.Formatter().vformat(template, (), _Blank(values))
 
 
+def speakable(output: str) -> str:
+    """A tool's output as words to say: a JSON object's values, a JSON string's text, else as it is."""
+    try:
+        value = json.loads(output)
+    except ValueError:
+        return output
+    if isinstance(value, dict):
+        return ", ".join(str(v) for v in value.values() if not isinstance(v, (dict, list))) or output
+    return value if isinstance(value, str) else output
+
+
 @dataclass
 class Rule:
     turn: int | None = None

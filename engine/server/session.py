@@ -35,7 +35,7 @@ from engine.server.protocol import (CLIENT_EVENT_FIELDS, MAX_EVENT_BYTES, RESPON
                                     check_keys, check_response_params, copy_item_data, default_session,
                                     error_event, merge_session_update, model_audio_tokens, new_id, parse_item,
                                     response_conversation, text_tokens, user_audio_tokens, validate_client_event)
-from engine.server.scenario import Rule, Scenario
+from engine.server.scenario import Rule, Scenario, fill, speakable
 from engine.server.vad import ServerVad
 
 log = logging.getLogger("realtalk.server")
@@ -567,7 +567,8 @@ class ServerSession:
         if last is not None and last.data["type"] == "function_call_output":
             rule = self.pending_then.pop(last.data["call_id"], None)
             out = last.data["output"]
-            resp.text = rule.then.format(output=out) if rule and rule.then else f"The tool answered: {speakable(out)}."
+            resp.text = fill(rule.then, {"output": speakable(out)}) if rule and rule.then else \
+                f"The tool answered: {speakable(out)}."
             return
         user = next((it for it in reversed(src) if it.data.get("type") == "message" and it.data.get("role") == "user"), None)
         if user is None:
@@ -890,17 +891,6 @@ def _said_value(name: str, texts: list[str]) -> str | None:
         if m:
             return m.group(1).strip()
     return None
-
-
-def speakable(output: str) -> str:
-    """A tool's output as words to say: a JSON object's values, a JSON string's text, else as it is."""
-    try:
-        value = json.loads(output)
-    except ValueError:
-        return output
-    if isinstance(value, dict):
-        return ", ".join(str(v) for v in value.values() if not isinstance(v, (dict, list))) or output
-    return value if isinstance(value, str) else output
 
 
 #: client event type -> its handler (every type validate_client_event accepts has one)

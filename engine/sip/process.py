@@ -9,15 +9,15 @@ import os
 import signal
 import sys
 import threading
-from typing import Any
 
 from engine.sip.service import SipService
 from engine.webhooks import WebhookError
-from engine.supervisor import child
+from engine import child
+from engine.specs import SipSpec
 
 
 class SipProcess:
-    def __init__(self, spec: dict[str, Any]) -> None:
+    def __init__(self, spec: SipSpec) -> None:
         self.spec = spec
 
     def run(self) -> int:
@@ -26,14 +26,14 @@ class SipProcess:
     async def _run(self) -> int:
         from bus import Publisher
         try:
-            svc = SipService(self.spec, publisher=Publisher(self.spec["bus"]["publish"], f"sip:{os.getpid()}"))
+            svc = SipService(self.spec, publisher=Publisher(self.spec.bus.publish, f"sip:{os.getpid()}"))
         except WebhookError as exc:
-            pub = Publisher(self.spec["bus"]["publish"], "sip")
-            pub.join(self.spec["bus"]["subscribe"])
+            pub = Publisher(self.spec.bus.publish, "sip")
+            pub.join(self.spec.bus.subscribe)
             pub.publish("engine.error", {"source": "sip", "code": exc.code, "fatal": True,
                                          "message": f"engine sip cannot start: {exc}"})
             await asyncio.sleep(0.2)
-            return child.DEVICE_FAILED        # a setting, not a crash: the supervisor stops with the message
+            return child.EXIT_DEVICE_FAILED        # a setting, not a crash: the supervisor stops with the message
         try:
             from engine.sip.control import attach   # the calls' control sockets (the API link)
             svc.attacher = lambda run: attach(svc, run)
@@ -52,7 +52,7 @@ class SipProcess:
             svc.error(None, "listen_failed", f"engine sip cannot listen on {svc.host}:{svc.port}: {exc.strerror}; "
                       "use --port 0 for a free port")
             await asyncio.sleep(0.2)
-            return child.DEVICE_FAILED
+            return child.EXIT_DEVICE_FAILED
         svc.status_changed()          # the supervisor prints the URL
         try:
             await svc.serve_forever()
@@ -64,4 +64,4 @@ class SipProcess:
 
 
 if __name__ == "__main__":
-    sys.exit(child.main(SipProcess))
+    sys.exit(child.main(SipProcess, SipSpec))

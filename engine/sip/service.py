@@ -29,6 +29,7 @@ from bus import Publisher, Subscriber
 from engine.httpio import HttpClientError, HttpRequest, HttpResponse, request, serve_http
 from engine.sip.calls import Accept, CallTable, Ignore, Missed, Reject, SipCall, called_number, parse_routes
 from engine.webhooks import Dedup, Incoming, WebhookError, parse_incoming, secret_from_env, verify
+from engine.specs import SipSpec
 
 log = logging.getLogger("realtalk.sip")
 
@@ -68,15 +69,15 @@ class CallRun:
 class SipService:
     """The webhook endpoint and every call of this process (module rules)."""
 
-    def __init__(self, spec: Mapping[str, Any], publisher: Any = None,
+    def __init__(self, spec: SipSpec, publisher: Any = None,
                  environ: Mapping[str, str] = os.environ) -> None:
-        cfg = spec["config"]
-        sip = {**cfg.get("sip", {}), **(spec.get("sip") or {})}
+        cfg: Mapping[str, Any] = spec.config
+        sip: dict[str, Any] = dict(spec.sip)
         self.cfg = cfg
         self.host: str = sip.get("host", "127.0.0.1")
         self.port: int = int(sip.get("port", 0))
         self.path: str = "/" + str(sip.get("path", "/openai/webhook")).lstrip("/")
-        self.solo = bool(sip.get("solo", False))
+        self.solo = spec.solo
         session = cfg.get("session") or {}
         defaults = {"model": cfg.get("model"), "instructions": session.get("instructions"),
                     "voice": session.get("voice")}
@@ -86,16 +87,13 @@ class SipService:
         self.table = CallTable(parse_routes(sip, defaults), int(sip.get("max_calls", 100)),
                                int(sip.get("no_route_status", 404)))
         self.secret = secret_from_env(environ)          # WebhookError (no_secret) ends the start
-        self.rest_base: str = str(spec.get("rest_base") or "").rstrip("/")
-        self.ws_base: str = str(spec.get("ws_base") or "").rstrip("/")
-        self.api_headers: dict[str, str] = {}
-        for h in spec.get("headers", []):
-            k, _, v = h.partition(":")
-            self.api_headers[k.strip()] = v.strip()
-        self.provider: str = spec.get("provider", "openai")
-        self.key_env: str = spec.get("key_env") or cfg.get("api_key_env", "OPENAI_API_KEY")
-        self.sub_endpoint: str = spec["bus"]["subscribe"] if "bus" in spec else ""
-        self.pub = publisher if publisher is not None else Publisher(spec["bus"]["publish"], f"sip:{os.getpid()}")
+        self.rest_base: str = spec.rest_base.rstrip("/")
+        self.ws_base: str = spec.ws_base.rstrip("/")
+        self.api_headers: dict[str, str] = spec.api.header_map(environ)
+        self.provider: str = spec.api.provider
+        self.key_env: str = spec.api.key_name(spec.config["api_key_env"])
+        self.sub_endpoint: str = spec.bus.subscribe
+        self.pub = publisher if publisher is not None else Publisher(spec.bus.publish, f"sip:{os.getpid()}")
         self.dedup = Dedup()
         self.runs: dict[str, CallRun] = {}              #: call key -> the running call
         self.by_sip_id: dict[str, str] = {}             #: sip_call_id -> call key

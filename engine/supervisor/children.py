@@ -36,11 +36,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from engine.child import EXIT_DEVICE_FAILED
 from engine.errors import EngineError
-
-EXIT_DEVICE_FAILED = 3     #: the child's device or file cannot be used: FATAL, no restart
-EXIT_CRASHED = 4           #: a bug in the child (an unexpected exception): restart with backoff
-EXIT_PARENT_GONE = 5       #: the supervisor died; the child left on its own
 
 
 class ChildState(str, enum.Enum):

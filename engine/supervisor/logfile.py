@@ -6,12 +6,15 @@ the supervisor's bus loop) writes what is queued with plain ``write`` calls. Nei
 raises. A write that fails (a full disk, ENOSPC; a quota, EDQUOT; an I/O error) leaves the file
 cut back to its last whole line, so what was written is kept and reads back; ``flush`` returns
 the error (and keeps it in ``error``) and every later line is counted in ``lost_lines``, not
-written: the supervisor stops the session with the cause.
+written: the supervisor stops the session with the cause. :func:`log_line` makes a line of any
+bus body and never raises.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 
 class SessionLog:
@@ -63,3 +66,27 @@ class SessionLog:
             except OSError:
                 pass
             self._fd = -1
+
+
+def log_line(topic: str, body: dict[str, Any]) -> str:
+    """One event-log line (newline included). A body JSON cannot hold as it is (a msgpack map with
+    bytes or tuple keys, from any bus client) is logged with its keys and odd values as text:
+    never raises."""
+    line = {"topic": topic, "wall": body.get("ts"), "mono_ns": body.get("mono_ns"), "body": body}
+    try:
+        text = json.dumps(line, default=str)
+    except (TypeError, ValueError):
+        line["body"] = _jsonable(body)
+        text = json.dumps(line, default=str)
+    return text + "\n"
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` with every map key made a string and every non-JSON value its text."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)

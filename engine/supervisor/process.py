@@ -9,6 +9,14 @@ connection file, keeps the session's event log, publishes ``engine.status`` ever
 second, and on SIGINT/SIGTERM stops everything in reverse order (TERM, a grace period,
 then KILL), unlinks the rings and removes socket and connection files.
 
+This module is the supervisor's loop: it makes the specs and rings, reads the bus, decides
+readiness and the status, and acts on what each child's machine asks. Its parts, one job each:
+:mod:`~engine.supervisor.children` (a child's life: the machine), :mod:`~engine.supervisor.table`
+(the process table: a child's start, which child sent a message), :mod:`~engine.supervisor.rundir`
+(the session folder, the connection file, a dead engine's leftovers),
+:mod:`~engine.supervisor.logfile` (the event log), :mod:`~engine.supervisor.watch` (mic drops),
+:mod:`~engine.supervisor.heartbeat` (liveness) and :mod:`~engine.supervisor.terminal`.
+
 Rules:
 
 * Each child's life is an explicit state machine (:mod:`engine.supervisor.children`: STARTING,
@@ -22,12 +30,12 @@ Rules:
   naming it, SIGKILL, and the restart any exit gets.
 * Dropped mic audio: the mic ring's overruns (its reader, the realtime process, stalled or
   restarting) are published as ``engine.error`` ``mic_dropped``, once per stall
-  (:class:`DropWatch`), and counted in ``engine.status`` (``rings.mic.overrun_frames``).
+  (:class:`engine.supervisor.watch.DropWatch`), and counted in ``engine.status`` (``rings.mic.overrun_frames``).
 * Signal handlers only set a flag; the main loop does the work.
 * ``start()`` either returns with everything up or undoes everything it made (children,
   rings, sockets, connection file) before it raises.
 * The children die with the supervisor: PR_SET_PDEATHSIG is set in each between fork and
-  exec, and the engine children also watch their stdin pipe (:mod:`engine.supervisor.child`).
+  exec, and the engine children also watch their stdin pipe (:mod:`engine.child`).
 * Another local user gets nothing (bus/runtime.py): the runtime directory is this user's own,
   mode 0700, or the start is refused naming it; the rings have random names and are made new,
   0600; the connection file is written 0600 through a new file renamed over it, and believed
@@ -52,173 +60,60 @@ import secrets
 import select
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 from urllib.parse import quote
 
 from bus import BusError, Endpoints, Publisher, Subscriber, generate_keys
-from bus.runtime import (GONE, UNPROVEN, NoEngine, TrustError, engine_alive, engine_state, own_process, proc_exe,
-                         read_connection, read_private_json, runtime_dir, unproven_error, write_private_file)
+from bus.runtime import proc_exe, runtime_dir, write_private_file
 # process identity lives in bus/runtime.py (a client checks a connection file with it too); importable from here
-from bus.runtime import proc_start_ticks as proc_start_ticks, same_process as same_process
+from bus.runtime import proc_start_ticks as proc_start_ticks
+from bus.runtime import same_process as same_process
 from bus.wire import HEADER_KEYS
-from engine.api.view import TerminalView
-from engine.supervisor.child import error_text, parent_death_signal
-from engine.supervisor.children import (ChildMachine, GaveUp, Kill, Policy, Restarting, Spawn, Terminate,
-                                        Unresponsive)
-from engine.supervisor.heartbeat import HeartbeatPipe, period_for
-from engine.supervisor.logfile import SessionLog
 from engine.audio.preflight import check_audio
-from engine.supervisor.terminal import Terminal
+from engine.audio.ring import Ring, new_ring_name
+from engine.child import error_text
 from engine.config import live_url, resolve_backend, session_payload
-from engine.providers import Target, api_target
+from engine.config_types import Config, PhoneConfig, SipConfig
 from engine.cost import is_live_model
 from engine.errors import EngineError
-from engine.audio.ring import Ring, new_ring_name
+from engine.providers import Target, api_target
+from engine.specs import (
+    RINGS,
+    ApiAccess,
+    BusSpec,
+    CaptureSpec,
+    ConsoleSpec,
+    PhoneSpec,
+    PlaybackSpec,
+    Process,
+    RealtimeSpec,
+    SipSpec,
+    ring_kinds,
+)
+from engine.supervisor.children import GaveUp, Kill, Restarting, Spawn, Terminate, Unresponsive
+from engine.supervisor.logfile import SessionLog, log_line
+from engine.supervisor.rundir import check_not_running, default_sessions_dir, free_port, make_session_dir, remove_own_files
+from engine.supervisor.table import Child, child_of, from_engine, launch, status_rows
+from engine.supervisor.terminal import Terminal
+from engine.supervisor.watch import DropWatch, mic_dropped
+from engine.view import TerminalView
 
-MIC_RING_FRAMES = 1 << 16        # 2.7 s at 24 kHz
-SPEAKER_RING_FRAMES = 1 << 21    # 87 s: the API sends audio faster than real time
-REF_RING_FRAMES = 1 << 15        # 1.4 s: what playback played, read by capture in step
-LISTEN_RING_FRAMES = 1 << 15     # 1.4 s: what playback played, for the console's listen switch
-BROWSER_RING_FRAMES = 1 << 15    # 1.4 s: the console's browser mic, read by capture while talk is on
 GRACE_S = 3.0
 LOOP_PERIOD_S = 0.25             # the main loop: bus messages, reaping, status
 DRAIN_BUDGET_S = 0.2             # a round of bus messages takes at most this long; the rest next round at once
 HELD_DELAY_S = 0.5              # after the broker is back, held events wait this long for subscribers to reconnect
 STOP_QUIET_S = 0.15              # at stop: the children are gone once the bus has been quiet this long
 STOP_DRAIN_MAX_S = 1.0
-DROP_REPORT_EVERY_S = 5.0        #: mic audio dropped in a stall that goes on is reported this often
-RATE_HZ = 24000                  #: the rings' rate
 TERMINAL_REPEAT_S = 10.0         #: the same error is printed on the terminal at most this often
 
 
-def _jsonable(value: Any) -> Any:
-    """``value`` with every map key made a string and every non-JSON value its text."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    return str(value)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def default_sessions_dir() -> Path:
-    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
-    return Path(base) / "realtalk" / "sessions"
-
-
-# ---------------------------------------------------------------- stale engines
-def clean_stale(conn: dict[str, Any], path: Path) -> list[str]:
-    """Clean what a dead engine left (``conn`` is its connection file at ``path``, already checked
-    to be this user's own private file, its supervisor gone: bus.runtime.engine_state GONE): kill
-    its children that are provably this user's engine children still (pid, start time, the
-    interpreter ``exe``, uid: orphans), unlink its rings and sockets that are this user's, remove
-    the file. Signals nothing else. Returns what it did."""
-    done: list[str] = []
-    exe = conn.get("exe")
-    for c in conn.get("children") or []:
-        if isinstance(c, dict) and own_process(c.get("pid"), c.get("start_ticks"), exe):
-            try:
-                os.kill(c["pid"], signal.SIGKILL)
-                done.append(f"killed orphan {c.get('name')} (pid {c['pid']})")
-            except ProcessLookupError:
-                pass
-    names = conn.get("ring_names") or {}
-    for name in names.values() if isinstance(names, dict) else names:   # (a list: written by an older engine)
-        if isinstance(name, str) and name.startswith("realtalk-") and "/" not in name:
-            shm = Path("/dev/shm") / name
-            if _own_entry(shm, stat.S_ISREG):
-                shm.unlink(missing_ok=True)
-                done.append(f"unlinked ring {name}")
-    for ep in (conn.get("publish"), conn.get("subscribe")):
-        if isinstance(ep, str) and ep.startswith("ipc://"):
-            sock = Path(ep[len("ipc://"):])
-            if sock.parent == path.parent and _own_entry(sock, stat.S_ISSOCK):
-                sock.unlink(missing_ok=True)
-    path.unlink(missing_ok=True)
-    return done
-
-
-def _own_entry(path: Path, is_kind: Any) -> bool:
-    """True if ``path`` (not followed) is of the kind ``is_kind`` tests and this user's."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return False
-    return bool(is_kind(st.st_mode)) and st.st_uid == os.geteuid()
-
-
-def engine_identity(conn: dict[str, Any]) -> bool:
-    """True if the connection file ``conn`` names a supervisor that is provably this user's
-    running engine (pid, start time, executable, uid: bus.runtime.engine_alive)."""
-    return engine_alive(conn)
-
-
-@dataclass
-class DropWatch:
-    """A ring's overrun count as episodes (pure): :meth:`update` with the count each round returns
-    the frames to report once the count stops growing, or every ``every_s`` while it grows."""
-    every_s: float = DROP_REPORT_EVERY_S
-    reported: int = 0                 #: the count at the last report
-    seen: int = 0                     #: the count at the last update
-    since: float | None = None        #: when the unreported frames began
-
-    def update(self, total: int, now: float) -> int | None:
-        grew = total > self.seen
-        self.seen = total
-        pending = total - self.reported
-        if pending <= 0:
-            return None
-        if self.since is None:
-            self.since = now
-        if grew and now - self.since < self.every_s:
-            return None
-        self.reported, self.since = total, None
-        return pending
-
-
-@dataclass
-class Child:
-    name: str
-    argv: list[str]
-    pass_fds: tuple[int, ...] = ()
-    stdout: Any = None
-    spec: dict[str, Any] | None = None   #: written to the child's stdin (engine.supervisor.child.read_spec)
-    death_signal: int = signal.SIGTERM   #: what the kernel sends it when the supervisor dies
-    policy: Policy = field(default_factory=Policy)
-    proc: subprocess.Popen[bytes] | None = None
-    start_ticks: int | None = None
-    last_error: str | None = None        #: the latest engine.error message it published
-    heartbeat: HeartbeatPipe | None = None   #: the current process's heartbeat pipe (liveness)
-    unresponsive: int = 0                #: times it was found silent and killed
-    machine: ChildMachine = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.machine = ChildMachine(self.name, self.policy)
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
-
-    @property
-    def state(self) -> str:
-        return self.machine.state.value
-
-
 class Supervisor:
-    def __init__(self, cfg: dict[str, Any], *, text_only: bool = False, out: TextIO = sys.stdout,
+    def __init__(self, cfg: Config, *, text_only: bool = False, out: TextIO = sys.stdout,
                  console: dict[str, Any] | None = None, phone: dict[str, Any] | None = None,
                  sip: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
@@ -248,7 +143,7 @@ class Supervisor:
         base = Path(cfg["record"] or cfg["sessions_dir"] or default_sessions_dir())
         self.session_dir = base / self.session_key
         os.umask(0o077)  # session files (events.jsonl, conversation.wav) and children's files: 0600
-        self._make_session_dir()
+        make_session_dir(self.session_dir)
         #: signs the engine's own bus messages (spec key bus.signing_key, hex); never on disk or the bus
         self.signing_key = secrets.token_bytes(32)
         self.bus_keys = generate_keys(self.signing_key)  # and CURVE keys for tcp (bus/security.py)
@@ -279,7 +174,7 @@ class Supervisor:
         self._held: list[tuple[str, dict[str, Any]]] = []   #: own events waiting for the broker
         self._held_due = 0.0
         self._printed: dict[str, float] = {}
-        #: the terminal: error lines as they happen, and a live line on a TTY (engine/api/view.py)
+        #: the terminal: error lines as they happen, and a live line on a TTY (engine/view.py)
         self.view = TerminalView()
         self.term = Terminal(out)
         self._malformed_seen = 0
@@ -290,19 +185,6 @@ class Supervisor:
         self.mic_drops = DropWatch()
 
     # ------------------------------------------------------------ setup
-    def _make_session_dir(self) -> None:
-        """The session folder, made new (mode 0700) under its base: never one that exists."""
-        try:
-            self.session_dir.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self.session_dir.mkdir(mode=0o700)
-        except FileExistsError:
-            raise EngineError(f"the session folder {self.session_dir} already exists: a session folder is only "
-                              "ever made new; start again (the next one has another name)") from None
-        except OSError as exc:
-            raise EngineError(f"cannot make the session folder {self.session_dir}: {exc.strerror} (check "
-                              "sessions_dir / record in the config)") from None
-        os.chmod(self.session_dir, 0o700)
-
     def _endpoints(self) -> Endpoints:
         bus = self.cfg["bus"]
         if bus["transport"] == "tcp":
@@ -320,34 +202,14 @@ class Supervisor:
         if self.phone is None and self.sip is None:   # calls use no audio device
             check_audio(self.cfg["audio"], text_only=self.text_only)
 
-    def _check_not_running(self) -> None:
-        """Refuse to start beside a running engine, or on a connection file that is not this user's
-        own private file (named, with the fix); clean the runtime directory of a dead engine."""
-        path = self.run_dir / "engine.json"
-        try:
-            conn = read_connection(path)
-        except NoEngine:
-            return
-        except TrustError as exc:   # not this user's own private file: nothing it names is touched
-            raise EngineError(str(exc)) from None
-        except BusError:
-            path.unlink(missing_ok=True)  # a torn file of ours: no engine can be found through it anyway
-            return
-        state = engine_state(conn)
-        if state == UNPROVEN:   # a live process that is not provably ours: nothing cleaned, nothing signalled
-            raise EngineError(str(unproven_error(conn, path)))
-        if state != GONE:
-            raise EngineError(f"an engine is already running (pid {conn.get('pid')}); stop it with `engine stop`")
-        done = clean_stale(conn, path)
-        self.out.write(f"realtalk: cleaned the runtime directory of an engine that is gone (pid {conn.get('pid')})"
-                       + (f": {'; '.join(done)}" if done else "") + "\n")
-
-    def _spec(self, extra: dict[str, Any]) -> dict[str, Any]:
-        """A child's spec; it goes to the child's stdin, never to a file (it holds secrets)."""
-        return {"config": self.cfg, "bus": {"publish": self.endpoints.publish, "subscribe": self.endpoints.subscribe,
-                                            "signing_key": self.signing_key.hex(),
-                                            **(self.bus_keys.connection_keys() if self.endpoints.curve else {})},
-                **extra}
+    def _bus_spec(self, *, signing: bool = True) -> BusSpec:
+        """The bus section of a child's spec: the endpoints, the signing key (``signing``) and the
+        CURVE keys over tcp. The spec goes to the child's stdin, never to a file (it holds secrets)."""
+        curve = self.bus_keys.connection_keys() if self.endpoints.curve else {}
+        return BusSpec(publish=self.endpoints.publish, subscribe=self.endpoints.subscribe,
+                       signing_key=self.signing_key.hex() if signing else None,
+                       curve_server_key=curve.get("curve_server_key"), curve_public_key=curve.get("curve_public_key"),
+                       curve_secret_key=curve.get("curve_secret_key"))
 
     def _api_target(self) -> tuple[str, list[str]]:
         model = quote(self.cfg["model"])
@@ -378,19 +240,19 @@ class Supervisor:
         self.target = api_target(self.cfg, os.environ)
         return self.target.url, list(self.target.headers)
 
-    def _rest_spec(self, url: str) -> dict[str, Any]:
-        """Where a SIP call's REST calls and control sockets go: the API's base URLs."""
+    def _rest_bases(self, url: str) -> tuple[str, str]:
+        """Where a SIP call's REST calls and control sockets go: the API's base URLs (REST, socket)."""
         if self.target is not None:
-            return {"rest_base": self.target.rest_base, "ws_base": self.target.url.split("?", 1)[0]
-                    .removesuffix("/realtime").removesuffix("/live/sessions")}
+            return self.target.rest_base, (self.target.url.split("?", 1)[0]
+                                           .removesuffix("/realtime").removesuffix("/live/sessions"))
         base = (self.server_url or url).split("?", 1)[0].removesuffix("/realtime")
-        return {"rest_base": "http://" + base.removeprefix("ws://"), "ws_base": base}
+        return "http://" + base.removeprefix("ws://"), base
 
-    def _dialect_spec(self) -> dict[str, Any]:
-        """Which provider's dialect the API socket speaks (engine/realtime/dialects.py)."""
+    def _api_access(self, headers: list[str]) -> ApiAccess:
+        """How a child signs in, and which provider's dialect the socket speaks (engine/realtime/dialects.py)."""
         t = self.target
-        return {"provider": t.provider if t else "local", "dialect": t.dialect if t else "openai",
-                "deployment": t.deployment if t else None, "key_env": t.key_env if t else None}
+        return ApiAccess(headers=tuple(headers), provider=t.provider if t else "local",
+                         deployment=t.deployment if t else None, key_env=t.key_env if t else None)
 
     def _api_url(self, realtime_url: str, quoted_model: str) -> str:
         """The socket's URL: Realtime names the model in the query; GPT-Live has its own path
@@ -403,7 +265,7 @@ class Supervisor:
         """Make the rings, start the broker, then the children. On any failure everything made so
         far is undone (children stopped, rings unlinked, sockets and files removed) and it raises.
         (The mic and speaker were checked when the supervisor was made.)"""
-        self._check_not_running()
+        check_not_running(self.connection_path, self.out)
         try:
             self._start()
         except BaseException:
@@ -418,60 +280,58 @@ class Supervisor:
         self.children.append(Child("broker", [py, "-m", "bus.broker", self.endpoints.publish, self.endpoints.subscribe,
                                               "--intake", intake], death_signal=signal.SIGKILL))
         url, headers = self._api_target()
+        api = self._api_access(headers)
         if self.sip is not None:  # SIP calls (engine/sip): the audio is OpenAI's; no rings or devices
-            self.children.append(Child("sip", [py, "-m", "engine.sip.process"], spec=self._spec(
-                {"headers": headers, "sip": self.sip, **self._rest_spec(url), **self._dialect_spec()})))
+            rest_base, ws_base = self._rest_bases(url)
+            self.children.append(Child("sip", [py, "-m", "engine.sip.process"], spec=SipSpec(
+                config=self.cfg, bus=self._bus_spec(), api=api, rest_base=rest_base, ws_base=ws_base,
+                sip=cast(SipConfig, {**self.cfg["sip"], **self.sip}))))
             self._start_children()
             return
         if self.phone is not None:  # phone calls (engine/phone): no rings, no capture, realtime or playback
-            self.children.append(Child("phone", [py, "-m", "engine.phone.process"], spec=self._spec(
-                {"url": url, "headers": headers, "session": session_payload(self.cfg), "phone": self.phone,
-                 **self._dialect_spec()})))
+            self.children.append(Child("phone", [py, "-m", "engine.phone.process"], spec=PhoneSpec(
+                config=self.cfg, bus=self._bus_spec(), url=url, api=api, session=session_payload(self.cfg),
+                phone=cast(PhoneConfig, {**self.cfg["phone"], **self.phone}))))
             self._start_children()
             return
         audio = self.cfg["audio"]
         mic = None if self.text_only else audio["mic"]
         speaker = "null" if self.text_only or audio["speaker"] in (None, "null") else audio["speaker"]
         speaker_is_device = not (isinstance(speaker, str) and (speaker == "null" or speaker.lower().endswith(".wav")))
-        speaker_ring = self._ring("speaker", SPEAKER_RING_FRAMES, with_eventfd=False)
-        realtime_extra: dict[str, Any] = {"url": url, "headers": headers, "session": session_payload(self.cfg),
-                                          **self._dialect_spec(),
-                                          "speaker_ring": speaker_ring.name,
-                                          "replies_dir": str(self.session_dir / "replies")
-                                          if self.cfg["reply_audio"] else None}
-        fds: tuple[int, ...] = ()
-        pb_extra: dict[str, Any] = {"speaker_ring": speaker_ring.name, "speaker_target": speaker}
-        # the console's listen and talk (engine/console/audio.py): PCM through rings, never the bus
-        listen_ring = self._ring("listen", LISTEN_RING_FRAMES, with_eventfd=False)
-        pb_extra["listen_ring"] = listen_ring.name
+        # the rings (engine/specs.py RINGS): each whose producer and consumer run; the console's
+        # listen and talk rings (engine/audio/listen_talk.py) whether it runs now or attaches later
+        processes: list[Process] = ["realtime", "playback", "console"]
         if mic is not None:
-            mic_ring = self._ring("mic", MIC_RING_FRAMES)
-            assert mic_ring.data_fd is not None
-            os.set_inheritable(mic_ring.data_fd, True)
-            fds = (mic_ring.data_fd,)
-            realtime_extra.update(mic_ring=mic_ring.name, mic_fd=mic_ring.data_fd)
-            # what playback hands to the device, for the echo canceller and the recording
-            ref_ring = self._ring("ref", REF_RING_FRAMES, with_eventfd=False)
-            pb_extra["ref_ring"] = ref_ring.name
-            browser_ring = self._ring("browser", BROWSER_RING_FRAMES, with_eventfd=False)
-            cap_spec = self._spec({"mic_ring": mic_ring.name, "mic_fd": mic_ring.data_fd,
-                                   "mic_source": mic, "speaker_ring": speaker_ring.name,
-                                   "ref_ring": ref_ring.name, "speaker_is_device": speaker_is_device,
-                                   "browser_ring": browser_ring.name,
-                                   "record_path": str(self.session_dir / "conversation.wav")
-                                   if self.cfg["record"] else None})
-            self.children.append(Child("capture", [py, "-m", "engine.capture.process"], pass_fds=fds, spec=cap_spec))
+            processes.append("capture")
+        for kind in ring_kinds(processes):
+            self._ring(kind)
+        names = self.ring_names
+        mic_fd = self.rings_by_kind["mic"].data_fd if mic is not None else None
+        fds = (mic_fd,) if mic_fd is not None else ()
+        for fd in fds:
+            os.set_inheritable(fd, True)
+        if mic is not None:
+            self.children.append(Child("capture", [py, "-m", "engine.capture.process"], pass_fds=fds, spec=CaptureSpec(
+                config=self.cfg, bus=self._bus_spec(), mic_ring=names["mic"], mic_fd=mic_fd, mic_source=mic,
+                speaker_ring=names["speaker"], ref_ring=names["ref"], speaker_is_device=speaker_is_device,
+                browser_ring=names["browser"],
+                record_path=str(self.session_dir / "conversation.wav") if self.cfg["record"] else None)))
             self.devices_pending.add("capture.device")
-        self.children.append(Child("realtime", [py, "-m", "engine.realtime.process"], pass_fds=fds,
-                                   spec=self._spec(realtime_extra)))
-        self.children.append(Child("playback", [py, "-m", "engine.playback.process"], spec=self._spec(pb_extra)))
+        self.children.append(Child("realtime", [py, "-m", "engine.realtime.process"], pass_fds=fds, spec=RealtimeSpec(
+            config=self.cfg, bus=self._bus_spec(), url=url, api=api, session=session_payload(self.cfg),
+            speaker_ring=names["speaker"], mic_ring=names.get("mic"), mic_fd=mic_fd,
+            replies_dir=str(self.session_dir / "replies") if self.cfg["reply_audio"] else None)))
+        self.children.append(Child("playback", [py, "-m", "engine.playback.process"], spec=PlaybackSpec(
+            config=self.cfg, bus=self._bus_spec(), speaker_ring=names["speaker"], speaker_target=speaker,
+            listen_ring=names["listen"], ref_ring=names.get("ref"))))
         if speaker_is_device:
             self.devices_pending.add("playback.device")  # a real speaker: ready once it is open
         if self.console is not None:
-            console_spec = self._spec({"console": self.console, "session_dir": str(self.session_dir),
-                                       "rings": self.ring_names})
-            console_spec["bus"].pop("signing_key")  # it publishes cmd.* only: no key a page could ever reach
-            self.children.append(Child("console", [py, "-m", "engine.console.process"], spec=console_spec))
+            c = self.console   # it publishes cmd.* only: no signing key a page could ever reach
+            self.children.append(Child("console", [py, "-m", "engine.console.process"], spec=ConsoleSpec(
+                config=self.cfg, bus=self._bus_spec(signing=False), host=c.get("host") or "127.0.0.1",
+                port=int(c.get("port") or 0), allowed_hosts=tuple(c.get("allowed_hosts") or ()),
+                session_dir=str(self.session_dir), rings=names)))
         self._start_children()
 
     @property
@@ -479,10 +339,12 @@ class Supervisor:
         """The rings' names by kind (engine.json, engine.status, the console's spec)."""
         return {kind: ring.name for kind, ring in self.rings_by_kind.items()}
 
-    def _ring(self, kind: str, capacity_frames: int, with_eventfd: bool = True) -> Ring:
-        """A new ring of ``kind`` under a random name (made exclusively, 0600: engine/audio/ring.py),
-        kept for the stop and listed by kind in ``ring_names``."""
-        ring = Ring.create(new_ring_name(), capacity_frames, with_eventfd=with_eventfd)
+    def _ring(self, kind: str) -> Ring:
+        """A new ring of ``kind`` (its size and eventfd from engine/specs.py RINGS) under a random
+        name (made exclusively, 0600: engine/audio/ring.py), kept for the stop and listed by kind
+        in ``ring_names``."""
+        layout = RINGS[kind]
+        ring = Ring.create(new_ring_name(), layout.frames, with_eventfd=layout.eventfd)
         self.rings.append(ring)
         self.rings_by_kind[kind] = ring
         return ring
@@ -512,40 +374,9 @@ class Supervisor:
             env.pop(self.target.key_env, None)
         if child.name == "broker":  # its CURVE server keys and the signing key (it has no spec)
             env.update(self.bus_keys.environment(broker=True))
-        if child.proc is not None and child.proc.stdin is not None:
-            child.proc.stdin.close()  # the previous run's pipe
-        death_signal = child.death_signal
-        # a broker started again takes its subscribers before its publishers' queued messages
-        argv = child.argv + ["--restart"] if child.name == "broker" and child.proc is not None else child.argv
-        pass_fds = child.pass_fds
-        if child.heartbeat is not None:
-            child.heartbeat.close()   # the previous run's
-            child.heartbeat = None
-        if self.heartbeat_timeout_s is not None and argv[1:2] == ["-m"]:
-            # `python -m engine.supervisor.heartbeat MODULE ...`: beats on the pipe, then runs MODULE
-            child.heartbeat = HeartbeatPipe(period_for(self.heartbeat_timeout_s))
-            env.update(child.heartbeat.environment())
-            pass_fds = (*pass_fds, child.heartbeat.child_fd)
-            argv = [argv[0], "-m", "engine.supervisor.heartbeat", *argv[2:]]
-        try:
-            child.proc = subprocess.Popen(argv, pass_fds=pass_fds, env=env,
-                                          stdin=subprocess.PIPE if child.spec is not None else subprocess.DEVNULL,
-                                          stdout=child.stdout, start_new_session=False,
-                                          preexec_fn=lambda: parent_death_signal(death_signal))
-        finally:
-            if child.heartbeat is not None:
-                child.heartbeat.child_started()   # the child has its copy (or never will)
-        child.start_ticks = proc_start_ticks(child.proc.pid)
-        child.last_error = None
-        child.machine.spawned(time.monotonic())
+        launch(child, env, self.heartbeat_timeout_s)
         if child.name == "broker":
             self.bus_up = False  # until our probe comes back through it
-        if child.spec is not None and child.proc.stdin is not None:
-            try:  # one line; the pipe stays open: its end of file tells the child the supervisor is gone
-                child.proc.stdin.write(json.dumps(child.spec).encode() + b"\n")
-                child.proc.stdin.flush()
-            except BrokenPipeError:
-                pass  # the child died at once: reaped as an exit
 
     def _write_connection_file(self) -> None:
         """engine.json: written 0600 to a new file beside it, renamed over it (bus/runtime.py)."""
@@ -564,13 +395,7 @@ class Supervisor:
             "publish": self.endpoints.publish, "subscribe": self.endpoints.subscribe,
             "connection_file": str(self.connection_path), "session_dir": str(self.session_dir),
             "session_id": self.session_id, "cost_usd": round(self.view.cost_usd, 6),
-            "children": [{"name": c.name, "pid": c.pid, "start_ticks": c.start_ticks, "state": c.state,
-                          "restarts": c.machine.restarts, "exit_code": c.machine.exit_code,
-                          "uptime_s": round(now - c.machine.started_at, 1) if c.machine.alive_states else None,
-                          "silent_s": round(now - c.machine.last_beat_at, 1)
-                          if c.heartbeat is not None and c.machine.alive_states else None,
-                          "unresponsive": c.unresponsive}
-                         for c in self.children],
+            "children": status_rows(self.children, now),
             "rings": rings, "ring_names": self.ring_names,
             "ready_ms": round((self.ready_mono - self.started_mono) * 1000, 1) if self.ready_mono else None,
             "errors": len(self.errors), "forged_errors": self.forged, "malformed_messages": self.malformed,
@@ -582,15 +407,8 @@ class Supervisor:
     def _log(self, topic: str, body: dict[str, Any]) -> None:
         """One event-log line. A body JSON cannot hold as it is (a msgpack map with bytes or tuple
         keys, from any bus client) is logged with its keys and odd values as text: never raises."""
-        if self.log_file is None:
-            return
-        line = {"topic": topic, "wall": body.get("ts"), "mono_ns": body.get("mono_ns"), "body": body}
-        try:
-            text = json.dumps(line, default=str)
-        except (TypeError, ValueError):
-            line["body"] = _jsonable(body)
-            text = json.dumps(line, default=str)
-        self.log_file.write(text + "\n")   # never raises: a failed write shows at the flush (drain)
+        if self.log_file is not None:
+            self.log_file.write(log_line(topic, body))   # never raises: a failed write shows at the flush (drain)
 
     def _emit(self, topic: str, payload: dict[str, Any], *, hold: bool = True) -> None:
         """Publish one of the supervisor's own events: into the event log at once, and on the bus
@@ -709,24 +527,11 @@ class Supervisor:
         self._write_connection_file()
 
     def _child_of(self, body: dict[str, Any]) -> Child | None:
-        pub = body.get("pub")
-        if not isinstance(pub, str):
-            return None
-        pid = pub.rpartition(":")[2]
-        return next((c for c in self.children if str(c.pid) == pid), None)
+        return child_of(self.children, body)
 
     def _from_engine(self, body: dict[str, Any]) -> bool:
-        """True if ``body`` was published by one of this engine's own child processes (state and
-        fatal errors are accepted only from them): the publisher name against the children's
-        live pids. The bus's signature check (bus/security.py) has already dropped a forged
-        message on a signed topic; this one says which child sent it, and that it is the child's
-        latest run, and it is the only check on a topic that is not signed (``phone.status``)."""
-        pub = body.get("pub")
-        if not isinstance(pub, str) or ":" not in pub:
-            return False
-        name, _, pid = pub.rpartition(":")
-        own = {str(c.pid) for c in self.children if c.pid is not None}  # (the latest run of each child)
-        return pid in own and name.split("-")[0] in {c.name for c in self.children}
+        """True if ``body`` came from one of this engine's own children (:func:`table.from_engine`)."""
+        return from_engine(self.children, body)
 
     def drain(self, budget_s: float = DRAIN_BUDGET_S) -> bool:
         """Take every queued bus message (a malformed one does not end the round) for at most
@@ -858,12 +663,7 @@ class Supervisor:
         frames = self.mic_drops.update(total, now)
         if frames is None:
             return
-        self._emit("engine.error", {"source": "supervisor", "code": "mic_dropped", "ring": "mic",
-                                    "dropped_frames": frames, "dropped_ms": frames * 1000 // RATE_HZ,
-                                    "dropped_frames_total": total,
-                                    "message": f"{frames / RATE_HZ:.2f} s of mic audio dropped: the mic ring was full "
-                                               "(its reader, the realtime process, stalled or was restarting); "
-                                               f"{total / RATE_HZ:.2f} s in this session"})
+        self._emit("engine.error", mic_dropped(frames, total))
 
     def _act(self, child: Child, action: Any) -> None:
         if action is None:
@@ -943,15 +743,7 @@ class Supervisor:
             ring.close()
         if self.listener is not None:
             self.listener.close()
-        for ep in (self.endpoints.publish, self.endpoints.subscribe):
-            if ep.startswith("ipc://"):
-                Path(ep[len("ipc://"):]).unlink(missing_ok=True)
-        path = self.connection_path
-        try:
-            if read_private_json(path).get("pid") == os.getpid():
-                path.unlink()
-        except (OSError, BusError, AttributeError):
-            pass
+        remove_own_files(self.connection_path, (self.endpoints.publish, self.endpoints.subscribe))
         self.drain(budget_s=STOP_DRAIN_MAX_S)
         for closer in (self.sub, self.pub, self.log_file):
             if closer is not None:

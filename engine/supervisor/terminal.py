@@ -1,6 +1,6 @@
 """``engine start``'s terminal: error lines as they happen and, on a TTY only, one live line
 redrawn in place (``\\r`` and clear-to-end-of-line). The text comes from the pure
-:class:`engine.api.view.TerminalView`; this class only writes it.
+:class:`engine.view.TerminalView`; this class only writes it.
 
 Contract: when ``out`` is not a TTY (a pipe, CI, a test reading "ready in") nothing is
 written but the lines given to :meth:`Terminal.line`; the live line is drawn at most once

@@ -1,5 +1,6 @@
 // The Node client against a real engine on the local server: a tool served with registerTool
-// answers the model, and goes when its client does (presence). Run with `npm test`.
+// answers the model, and goes when its client does (presence); on GPT-Live the same tool answers a
+// delegation, and context, instructions and commentary are placed. Run with `npm test`.
 "use strict";
 const test = require("node:test");
 const assert = require("node:assert");
@@ -17,12 +18,21 @@ const SCENARIO = `turns:
     then: "{output}"
 `;
 
-function startEngine(dir) {
-  fs.writeFileSync(path.join(dir, "sc.yaml"), SCENARIO);
+// GPT-Live: the caller's question (turn 1) is delegated; the answer is said with the booking the
+// context gave ({context}) and the tool's output
+const LIVE_SCENARIO = `turns:
+  - match: {turn: 1}
+    hear: "where is the collection point"
+    delegate: {ack: "Let me check."}
+    then: "For booking {context}, the car is at {output}."
+`;
+
+function startEngine(dir, { scenario = SCENARIO, args = ["--text-only"] } = {}) {
+  fs.writeFileSync(path.join(dir, "sc.yaml"), scenario);
   const env = { ...process.env, REALTALK_RUNTIME_DIR: path.join(dir, "run"), XDG_DATA_HOME: path.join(dir, "data") };
   delete env.OPENAI_API_KEY;
   fs.mkdirSync(env.REALTALK_RUNTIME_DIR, { mode: 0o700 });
-  const proc = spawn(PYTHON, ["-m", "engine.api.cli", "start", "--backend", "local", "--text-only", "--scenario",
+  const proc = spawn(PYTHON, ["-m", "engine.api.cli", "start", "--backend", "local", ...args, "--scenario",
                               path.join(dir, "sc.yaml")], { cwd: dir, env, stdio: ["ignore", "pipe", "pipe"] });
   const ready = new Promise((resolve, reject) => {
     let out = "";
@@ -71,6 +81,63 @@ test("registerTool answers the model and goes with its client", { timeout: 90000
     await next(watcher, (m) => m.topic === "engine.tools" && !m.body.tools.includes("ask_client"), 15000);
     watcher.close();
   } finally {
+    engine.proc.kill("SIGINT");
+    await new Promise((r) => engine.proc.on("exit", r));
+  }
+});
+
+/** A spoken question as the engine's mic: `pad` seconds of silence, the local server's own voice, 2 s of silence. */
+function questionWav(file, text, pad) {
+  const code = "import sys, wave, numpy as np\nfrom engine.server.voice import synthesize\n"
+    + "z = lambda s: np.zeros(int(24000 * s), dtype=np.int16)\n"
+    + "pcm = np.concatenate([z(float(sys.argv[3])), synthesize(sys.argv[2], 'marin', 1.0), z(2)])\n"
+    + "w = wave.open(sys.argv[1], 'wb'); w.setnchannels(1); w.setsampwidth(2); w.setframerate(24000)\n"
+    + "w.writeframes(pcm.astype('<i2').tobytes()); w.close()\n";
+  const out = require("child_process").spawnSync(PYTHON, ["-c", code, file, text, String(pad)], { cwd: REPO, encoding: "utf8" });
+  if (out.status !== 0) throw new Error(`could not make ${file}: ${out.stderr}`);
+}
+
+test("on GPT-Live: registerTool answers a delegation; context, instructions and commentary are placed",
+     { timeout: 120000 }, async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "realtalk-node-live-"));
+  const wav = path.join(dir, "question.wav");
+  questionWav(wav, "Where is the collection point?", 5);   // time for the tool to register first
+  const engine = startEngine(dir, { scenario: LIVE_SCENARIO,
+                                    args: ["--model", "gpt-live-1", "--mic", wav, "--speaker", "null", "--speed", "2"] });
+  const buses = [];
+  try {
+    await engine.ready;
+    const watcher = new Bus({ file: engine.file, prefixes: ["model.transcript.done", "tool.call"] });
+    const tools = new Bus({ file: engine.file, name: `node-live-tools:${process.pid}`, prefixes: [] });
+    buses.push(watcher, tools);
+    const asked = [];
+    await tools.registerTool("collection_point", (args) => { asked.push(args); return "Northern Train Station, desk 4"; }, {
+      description: "Where a booking's car is collected",
+      parameters: { type: "object", properties: { booking: { type: "string" } }, required: ["booking"] },
+    });
+    const instructions = await watcher.instructions("Answer in one short sentence.");
+    assert.strictEqual(instructions.ok, true, JSON.stringify(instructions));
+    assert.ok(Number.isInteger(instructions.start_ms), JSON.stringify(instructions));
+    const context = await watcher.say("Avis ZX9", { role: "system" });   // silent context, placed on the timeline
+    assert.strictEqual(context.ok, true, JSON.stringify(context));
+    assert.ok(Number.isInteger(context.start_ms) && context.end_ms > context.start_ms, JSON.stringify(context));
+    const user = await watcher.say("What time is it?");                  // no user text on GPT-Live
+    assert.strictEqual(user.ok, false);
+    assert.match(user.error, /GPT-Live takes no user text/);
+    const call = await next(watcher, (m) => m.topic === "tool.call", 40000);
+    assert.strictEqual(call.body.delegation, true);
+    assert.strictEqual(call.body.name, "collection_point");
+    const answer = await next(watcher, (m) => m.topic === "model.transcript.done"
+                              && m.body.text.includes("Northern Train Station"), 40000);
+    assert.match(answer.body.text, /Avis ZX9/);
+    assert.strictEqual(asked.length, 1);
+    assert.match(asked[0].request, /collection point/);
+    assert.strictEqual(asked[0].booking, asked[0].request);             // a required string parameter gets the request
+    const said = await watcher.commentary("Thank you for waiting.");    // the model says it in its own words
+    assert.strictEqual(said.ok, true, JSON.stringify(said));
+    await next(watcher, (m) => m.topic === "model.transcript.done" && m.body.text.includes("Thank you for waiting"), 30000);
+  } finally {
+    for (const bus of buses) bus.close();   // open sockets would keep the test process alive
     engine.proc.kill("SIGINT");
     await new Promise((r) => engine.proc.on("exit", r));
   }

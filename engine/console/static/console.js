@@ -38,6 +38,15 @@ const state = {
     serverDropped: 0, notListened: 0, queuedFrames: 0, env: [] },
   // talk: the page's mic as the engine's; source is capture's (capture.source)
   talk: { on: false, sentFrames: 0, rateHz: null, dropped: 0, writtenFrames: 0, source: "device", sourceMsg: null },
+  // GPT-Live (docs/live.md): the voice API, the model's continuous output track (segments: when it
+  // played; speech: where the model spoke on it, from playback.levels), the latest raw transcript
+  // fragment per speaker, a latency.turn waiting for its reply's turn
+  api: null,
+  track: { segments: [], speech: [], now: "–" },
+  lastFragment: { user: null, model: null },
+  lastContext: null,
+  pendingLatency: null,
+  contexts: 0,
 };
 window.consoleState = state;  // for tests and the curious
 
@@ -94,7 +103,7 @@ function turn(key, kind, who) {
   if (stick) conv.scrollTop = conv.scrollHeight;
   return t;
 }
-function setText(t, text) { t.text = text; t.textEl.textContent = text; }
+function setText(t, text) { t.text = text; t.textEl.textContent = text; t.frags = 0; }
 function setNums(t, patch) {
   Object.assign(t.nums, patch);
   const n = t.nums, parts = [];
@@ -104,12 +113,16 @@ function setNums(t, patch) {
   if (n.underruns) parts.push(`<b style="color:var(--bad)">${n.underruns} underrun${n.underruns > 1 ? "s" : ""}</b>`);
   if (n.stretch != null && n.stretch !== 0) parts.push(`stretch <b>${n.stretch.toFixed(0)} ms</b>`);
   if (n.status && n.status !== "completed") parts.push(`<b style="color:var(--bad)">${n.status}${n.reason ? " (" + n.reason + ")" : ""}</b>`);
+  if (n.timeline) parts.push(n.timeline);
+  if (n.placed) parts.push(n.placed);
   if (n.extra) parts.push(n.extra);
   t.numsEl.innerHTML = parts.join(" · ");
 }
 function modelTurn(b) {
   const key = "r:" + (b.response_id || b.item_id);
+  const fresh = !state.turns.has(key);
   const t = turn(key, "model", "model");
+  if (fresh && state.pendingLatency) { setNums(t, { latency: state.pendingLatency }); state.pendingLatency = null; }
   if (b.item_id) { t.itemId = b.item_id; state.items.set(b.item_id, Object.assign(state.items.get(b.item_id) || {}, { key })); }
   if (t.t == null) t.t = ms(b.mono_ns);
   return t;
@@ -123,33 +136,49 @@ function turnOfItem(itemId) {
 const handlers = {
   "capture.levels": (b) => { pushLevels("mic", b.start_mono_ns, b.period_ms, b.mic_dbfs, b.mic_peak_dbfs);
     pushLevels("sent", b.start_mono_ns, b.period_ms, b.sent_dbfs, b.sent_peak_dbfs); },
-  "playback.levels": (b) => pushLevels("spk", b.start_mono_ns, b.period_ms, b.dbfs, b.peak_dbfs),
+  "playback.levels": (b) => { pushLevels("spk", b.start_mono_ns, b.period_ms, b.dbfs, b.peak_dbfs); trackSpeech(b); },
   "capture.source": (b) => setSource(b),
   "playback.listen": (b) => { state.listen.engineOn = !!b.on; state.listen.notListened = b.not_listened_frames; },
-  "user.speech.started": (b) => { mark(ms(b.mono_ns), "speech", "speech started");
+  // on GPT-Live these come with the turn's fragments, after the speech: marked where the speech was
+  "user.speech.started": (b) => { mark(ms(b.audio_start_mono_ns ?? b.mono_ns), "speech", "speech started");
     const t = turn("u:" + b.item_id, "user", "user (speaking)"); t.t = ms(b.mono_ns); if (!t.text) setText(t, "…"); },
-  "user.speech.stopped": (b) => { mark(ms(b.mono_ns), "speech", "speech stopped");
+  "user.speech.stopped": (b) => { mark(ms(b.audio_end_mono_ns ?? b.mono_ns), "speech", "speech stopped");
     const t = state.turns.get("u:" + b.item_id); if (t) t.whoEl.textContent = "user (spoken)"; },
   "user.transcript.delta": (b) => { const t = turn("u:" + b.item_id, "user", "user (spoken)");
+    if (b.turn_id) { fragment(t, "user", b); return; }
     setText(t, (t.text === "…" ? "" : t.text) + (b.text || "")); },
   "user.transcript.done": (b) => { const t = turn("u:" + b.item_id, "user", "user (spoken)"); if (t.t == null) t.t = ms(b.mono_ns);
+    if (b.turn_id) { turnDone(t, b); return; }
     setText(t, b.text || "(no transcript)"); if (b.usd != null) setNums(t, { extra: `transcription $${b.usd.toFixed(4)}` }); },
   "user.text": (b) => { const t = turn("u:" + b.item_id, "user", "user (typed" + (b.source ? " by " + b.source : "") + ")");
     if (t.t == null) t.t = ms(b.mono_ns); setText(t, b.text || ""); },
-  "system.text": (b) => { const t = turn("s:" + b.item_id, "system", "system context" + (b.source ? " from " + b.source : ""));
+  "system.text": (b) => {
+    if (b.kind) {   // GPT-Live: the placed append, already shown by its live.context
+      const c = state.lastContext;
+      if ((b.request_id && state.turns.has("x:" + b.request_id)) || (c && c.text === b.text)) return;
+      liveContext({ kind: b.kind, text: b.text, request_id: b.request_id, mono_ns: b.mono_ns }); return;
+    }
+    const t = turn("s:" + b.item_id, "system", "system context" + (b.source ? " from " + b.source : ""));
     if (t.t == null) t.t = ms(b.mono_ns); setText(t, b.text || ""); },
+  "live.transcript.fragment": (b) => { setApi("live"); if (b.speaker === "user" || b.speaker === "model") state.lastFragment[b.speaker] = b; },
+  "live.context": (b) => { setApi("live"); liveContext(b); },
   "model.text.delta": (b) => { const t = modelTurn(b); t.streamed = (t.streamed || "") + (b.text || ""); setText(t, t.text + (b.text || "")); },
-  "model.transcript.delta": (b) => { const t = modelTurn(b); t.streamed = (t.streamed || "") + (b.text || ""); setText(t, t.text + (b.text || "")); },
+  "model.transcript.delta": (b) => { const t = modelTurn(b); t.streamed = (t.streamed || "") + (b.text || "");
+    if (b.turn_id) { fragment(t, "model", b); return; }
+    setText(t, t.text + (b.text || "")); },
   "model.text.done": (b) => { const t = modelTurn(b); setText(t, b.text || t.text); },
-  "model.transcript.done": (b) => { const t = modelTurn(b); if (!b.truncated) setText(t, b.text || t.text); else showCut(t, b.text, null); },
+  "model.transcript.done": (b) => { const t = modelTurn(b); if (b.turn_id) { turnDone(t, b); return; }
+    if (!b.truncated) setText(t, b.text || t.text); else showCut(t, b.text, null); },
   "model.transcript.truncated": (b) => { const t = turnOfItem(b.item_id); if (t) showCut(t, null, b.text_received, b.audio_end_ms); },
   "server.response.created": (b) => { mark(ms(b.mono_ns), "response", "response created"); },
   "server.response.output_audio.delta": (b) => firstDelta(b.response_id, b.mono_ns),
   "server.response.output_text.delta": (b) => firstDelta(b.response_id, b.mono_ns),
   "playout.started": (b) => { const t0 = ms(b.first_sample_mono_ns) ?? ms(b.mono_ns);
+    if (b.item_id == null) { setApi("live"); trackStarted(t0); mark(t0, "played", "the model's track starts"); return; }   // GPT-Live: one track
     mark(t0, "played", "first sample played");
     if (b.item_id) state.items.set(b.item_id, Object.assign(state.items.get(b.item_id) || {}, { firstSampleT: t0 })); },
-  "playout.stopped": (b) => { const t = turnOfItem(b.item_id) || (b.response_id && state.turns.get("r:" + b.response_id));
+  "playout.stopped": (b) => { if (b.item_id == null) trackStopped(ms(b.mono_ns));
+    const t = turnOfItem(b.item_id) || (b.response_id && state.turns.get("r:" + b.response_id));
     if (b.stretch_ms) mark(ms(b.mono_ns), "stretch", `stretch ${b.stretch_ms > 0 ? "+" : ""}${b.stretch_ms} ms`);
     if (t) setNums(t, { stretch: b.stretch_ms }); },
   "playout.underrun": (b) => { state.underruns++; $("underruns").textContent = state.underruns;
@@ -164,6 +193,7 @@ const handlers = {
   },
   "playback.flushed": (b) => mark(ms(b.flush_mono_ns) ?? ms(b.mono_ns), "cut", "fade to silence"),
   "latency.turn": (b) => {
+    if (b.api === "live") { liveLatency(b); return; }
     const text = b.trigger === "speech" ? "speech end" : "request";
     const lat = `${text} → first delta <b>${fmt(b.to_first_delta_ms)} ms</b> → speaker <b>${fmt(b.to_speaker_ms)} ms</b>`;
     $("latency").textContent = b.to_speaker_ms != null ? `${fmt(b.to_first_delta_ms)} / ${fmt(b.to_speaker_ms)} ms` : `${fmt(b.to_first_delta_ms)} ms`;
@@ -172,17 +202,26 @@ const handlers = {
   "response.done": (b) => { const t = b.response_id ? state.turns.get("r:" + b.response_id) : null;
     if (t) setNums(t, { usd: b.usd, sessionUsd: b.session_usd, status: b.status, reason: b.reason, erle: state.lastErle });
     if (b.session_usd != null) setCost(b.session_usd); },
-  "cost.session": (b) => setCost(b.usd),
+  "cost.session": (b) => { setCost(b.usd);
+    if (b.seconds != null) { setApi("live");   // GPT-Live bills by the second of the session
+      $("cost-seconds").textContent = ` · ${Number(b.seconds).toFixed(0)} s` + (b.per_minute_usd != null ? ` at $${b.per_minute_usd}/min` : ""); } },
+  "session.config": (b) => { const m = b.session && b.session.model; if (typeof m === "string") setApi(m.startsWith("gpt-live") ? "live" : "realtime"); },
   "engine.budget": (b) => { state.budgetUsd = b.budget_usd; setCost(state.sessionUsd); if (b.message) banner(b.message); },
   "capture.echo": (b) => { if (b.erle_db != null) { state.lastErle = b.erle_db; $("erle").textContent = b.erle_db.toFixed(1) + " dB"; }
     else if (b.mode) $("erle").textContent = b.mode; },
   "input.mic": (b) => setMic(b.open),
-  "tool.call": (b) => { const t = turn("c:" + b.call_id, "tool", `tool call ${b.name}` + (b.registered === false ? " (no handler registered)" : ""));
+  "tool.call": (b) => {
+    if (b.delegation) {   // GPT-Live: the model delegated a task; the engine gave it to a bus tool
+      const t = turn("c:" + b.call_id, "tool", b.registered === false ? "delegation (no tool registered)" : `delegation to ${b.name}`);
+      if (t.t == null) t.t = ms(b.mono_ns); setText(t, `request: ${JSON.stringify(b.request || "")}` + (b.name ? `\n${b.name}(${b.arguments || ""})` : "")); return;
+    }
+    const t = turn("c:" + b.call_id, "tool", `tool call ${b.name}` + (b.registered === false ? " (no handler registered)" : ""));
     if (t.t == null) t.t = ms(b.mono_ns); setText(t, `${b.name}(${b.arguments || ""})`); },
   "cmd.tool.result": (b) => { const t = turn("c:" + b.call_id, "tool", "tool call");
     const out = typeof b.output === "string" ? b.output : JSON.stringify(b.output);
     setNums(t, { extra: `→ <b>${escapeHtml(out).slice(0, 400)}</b> answered by ${escapeHtml(b.pub || "?")}` }); },
   "engine.status": (b) => {
+    if (b.api === "live") setApi("live");
     if ((b.pub || "").startsWith("supervisor")) { state.supervisorState = b.state; if (b.cost_usd != null) setCost(b.cost_usd); }
     else if ((b.pub || "").startsWith("realtime")) state.realtimeState = b.state + (b.close_code ? " " + b.close_code : "");
     const s = [state.supervisorState, state.realtimeState].filter(Boolean).join(" · ");
@@ -198,9 +237,96 @@ const handlers = {
   },
   // bus protocol 2: the engine acks a command at once (queued), and reports what it did on cmd.done
   "cmd.ack": (b) => { if (pendingSay.has(b.id)) { $("say-status").textContent = b.ok ? `${b.state || "accepted"}, waiting for the engine to add it…` : `refused: ${b.error}`; if (!b.ok) pendingSay.delete(b.id); } },
-  "cmd.done": (b) => { if (pendingSay.has(b.id)) { $("say-status").textContent = b.ok ? `added as ${b.item_id || "ok"}` : `refused: ${b.error}`; pendingSay.delete(b.id); } },
+  "cmd.done": (b) => { if (pendingSay.has(b.id)) {   // GPT-Live: placed on the session's timeline
+      $("say-status").textContent = !b.ok ? `refused: ${b.error}` : b.start_ms != null ? `placed at ${secs(b.start_ms)}–${secs(b.end_ms)} s of the session`
+        : `added as ${b.item_id || "ok"}`;
+      pendingSay.delete(b.id); } },
   "console.command_failed": (b) => { $("say-status").textContent = b.message; },
 };
+
+// ------------------------------------------------------------------ GPT-Live
+const SPEAK_DBFS = -50;      // a level window of the track louder than this: the model speaks
+const SPEECH_JOIN_MS = 100;  // speaking windows this close are one stretch of speech
+const LIVE_CONTEXT_KIND = { thinking: "context (silent)", instructions: "instructions", commentary: "commentary" };
+function setApi(api) {
+  if (state.api === api) return;
+  state.api = api;
+  const live = api === "live", pill = $("api");
+  pill.hidden = false; pill.textContent = live ? "GPT-Live" : "Realtime"; pill.className = "pill" + (live ? " gptlive" : "");
+  $("track-stat").hidden = !live; $("track-legend").hidden = !live;
+  $("cancel").hidden = live;   // GPT-Live yields by itself: there is nothing to cancel
+  const sel = $("say-role");
+  sel.textContent = "";
+  const roles = live ? [["system", "as context (silent)"], ["instructions", "as instructions"], ["commentary", "as commentary (the model says it)"]]
+    : [["user", "as user"], ["system", "as system context"]];
+  for (const [v, label] of roles) { const o = el("option", null, label); o.value = v; sel.append(o); }
+  $("say-text").placeholder = live ? "Context, instructions or commentary for the model…" : "Type a message (cmd.say)…";
+}
+function trackStarted(t0) {
+  const segs = state.track.segments;
+  if (segs.length && segs[segs.length - 1].end == null) segs[segs.length - 1].end = t0;
+  segs.push({ start: t0, end: null });
+  if (segs.length > MAX_MARKERS) segs.splice(0, segs.length - MAX_MARKERS);
+}
+function trackStopped(t) {
+  const segs = state.track.segments;
+  if (segs.length && segs[segs.length - 1].end == null) segs[segs.length - 1].end = t;
+  mark(t, "played", "the model's track ends");
+}
+function trackSpeech(b) {
+  if (state.api !== "live" || !Array.isArray(b.dbfs)) return;
+  const sp = state.track.speech, t0 = ms(b.start_mono_ns);
+  if (t0 == null) return;
+  for (let i = 0; i < b.dbfs.length; i++) {
+    if (b.dbfs[i] <= SPEAK_DBFS) continue;
+    const a = t0 + i * b.period_ms, e = a + b.period_ms, last = sp[sp.length - 1];
+    if (last && a - last.end <= SPEECH_JOIN_MS) last.end = Math.max(last.end, e); else sp.push({ start: a, end: e });
+  }
+  if (sp.length > MAX_MARKERS) sp.splice(0, sp.length - MAX_MARKERS);
+}
+function trackNow(now) {   // what the track carries now: the model speaking, silence, or no track
+  const segs = state.track.segments, last = segs[segs.length - 1];
+  if (!last || (last.end != null && last.end <= now)) return segs.length ? "stopped" : "–";
+  const sp = state.track.speech[state.track.speech.length - 1];
+  return sp && sp.end >= now - 300 ? "model speaking" : "silent";
+}
+function secs(msv) { return typeof msv === "number" ? (msv / 1000).toFixed(1) : "?"; }
+function fragment(t, speaker, b) {   // one raw fragment of a GPT-Live turn, with its time on the session's timeline
+  if (t.text === "…" || !t.frags) { t.textEl.textContent = ""; t.text = ""; }
+  const f = state.lastFragment[speaker], span = el("span", "frag", b.text || "");
+  const times = f && f.text === b.text ? f : null;
+  if (times) { span.dataset.startMs = times.start_ms; span.dataset.endMs = times.end_ms; span.title = `${times.start_ms}–${times.end_ms} ms of the session`; }
+  t.textEl.append(span);
+  t.text += b.text || ""; t.frags = (t.frags || 0) + 1;
+}
+function turnDone(t, b) {   // a GPT-Live turn closed: its text, its span on the session's timeline
+  if (!t.frags || t.text !== (b.text || "")) setText(t, b.text || "(no transcript)");
+  if (t.kind === "user") t.whoEl.textContent = "user (spoken)";
+  setNums(t, { timeline: `session <b>${secs(b.start_ms)}–${secs(b.end_ms)} s</b>` + (t.frags ? ` · ${t.frags} fragment${t.frags > 1 ? "s" : ""}` : "") });
+}
+function liveContext(b) {   // a GPT-Live append placed on the session's timeline (live.context)
+  const key = "x:" + (b.request_id || b.delegation_id || `n${++state.contexts}`);
+  const who = (LIVE_CONTEXT_KIND[b.kind] || b.kind || "context") + (b.delegation_id ? " for a delegation" : "") + " placed";
+  const t = turn(key, "system", who);
+  t.whoEl.textContent = who;
+  if (t.t == null) t.t = ms(b.mono_ns);
+  setText(t, b.text || "");
+  if (b.start_ms != null) setNums(t, { placed: `at <b>${secs(b.start_ms)}–${secs(b.end_ms)} s</b> of the session` });
+  state.lastContext = { text: b.text, key };
+}
+function liveLatency(b) {   // GPT-Live: the user's speech end -> the reply's first sound heard
+  const v = b.speech_end_to_heard_ms;
+  $("latency").textContent = `${fmt(v)} ms`;
+  mark(ms(b.speech_end_mono_ns), "speech", "speech end");
+  mark(ms(b.heard_mono_ns), "played", "first sound heard");
+  const text = `speech end → first sound heard <b>${fmt(v)} ms</b>`;
+  const end = ms(b.speech_end_mono_ns);
+  for (let i = state.turnOrder.length - 1; i >= 0; i--) {
+    const t = state.turns.get(state.turnOrder[i]);
+    if (t && t.kind === "model" && t.t != null && end != null && t.t >= end) { setNums(t, { latency: text }); return; }
+  }
+  state.pendingLatency = text;   // its reply's words have not come yet
+}
 
 function firstDelta(responseId, monoNs) {
   if (!responseId || state.firstDelta.has(responseId)) return;
@@ -297,6 +423,7 @@ function rerenderRows() {
 
 // ------------------------------------------------------------------ drawing
 const COLORS = { mic: "#4fb3ff", sent: "#57d18a", spk: "#ffb347" };
+const TRACK_COLOR = "#3a4654";
 const MARK_COLORS = { speech: "#4fb3ff", response: "#a58bff", delta: "#ffe066", played: "#ffb347",
   bargein: "#ff6b6b", cut: "#ff3b8d", underrun: "#ff3030", stretch: "#4fd1c5" };
 const LANES = [["mic", "mic as captured"], ["sent", "mic after echo cancellation"], ["spk", "speaker as played"]];
@@ -332,8 +459,17 @@ function draw() {
       g.fillStyle = col + "55"; g.fillRect(x0, base - hp, x1 - x0, hp);
       g.fillStyle = col; g.fillRect(x0, base - hr, x1 - x0, hr);
     }
-    g.fillStyle = "#8793a0"; g.fillText(label + "  (RMS solid, peak light; -70…0 dBFS)", left + 4, top + 11);
+    g.fillStyle = "#8793a0"; g.fillText(label + (lane === "spk" && state.api === "live" ? " — the model's track" : "")
+      + "  (RMS solid, peak light; -70…0 dBFS)", left + 4, top + 11);
+    if (lane === "spk" && state.track.segments.length) {   // GPT-Live: where the track played, where the model spoke
+      const y = top + 14, bh = 5;
+      g.fillStyle = TRACK_COLOR;
+      for (const sg of state.track.segments) { const a = Math.max(sg.start, start), e = Math.min(sg.end ?? end, end); if (e > a) g.fillRect(x(a), y, x(e) - x(a), bh); }
+      g.fillStyle = COLORS.spk;
+      for (const sp of state.track.speech) { const a = Math.max(sp.start, start), e = Math.min(sp.end, end); if (e > a) g.fillRect(x(a), y, Math.max(1, x(e) - x(a)), bh); }
+    }
   });
+  if (state.api === "live") { state.track.now = trackNow(end); $("track").textContent = state.track.now; }
   // markers across all lanes, labels staggered
   let slot = 0;
   for (const m of state.markers) {
@@ -378,7 +514,7 @@ function connect() {
     const msg = JSON.parse(e.data);
     clockFrom(msg.now_ns);
     if (msg.op === "sent") {
-      if (msg.topic === "cmd.say") { pendingSay.add(msg.id); $("say-status").textContent = "sent, waiting for the engine…"; }
+      if (["cmd.say", "cmd.instructions", "cmd.commentary"].includes(msg.topic)) { pendingSay.add(msg.id); $("say-status").textContent = "sent, waiting for the engine…"; }
     } else if (msg.op === "error") {
       $("say-status").textContent = msg.message;
     } else if (msg.op === "hello") {
@@ -432,6 +568,8 @@ function resetViews() {
   state.lanes = { mic: [], sent: [], spk: [] }; state.markers = []; state.events = []; state.eventCount = 0;
   state.turns.clear(); state.turnOrder = []; state.items.clear(); state.firstDelta.clear();
   state.underruns = 0; state.errors = 0;
+  state.track = { segments: [], speech: [], now: "–" }; state.lastFragment = { user: null, model: null };
+  state.lastContext = null; state.pendingLatency = null;
   $("conversation").textContent = ""; $("events").textContent = ""; pendingRows = [];
   $("underruns").textContent = "0"; $("errors").textContent = "0";
 }

@@ -1,4 +1,4 @@
-"""Level meters for the console: dBFS envelopes of what an audio process hands over.
+"""Level meters: dBFS envelopes of what an audio process hands over (the console draws them).
 
 :class:`LevelTap` splits the work between two threads of one process. The audio callback
 calls :meth:`LevelTap.push` with the block it already has: a copy into a preallocated
@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+
+from engine.pcm import RATE_HZ
 
 FLOOR_DBFS = -90.0           #: digital silence is drawn and reported at this level
 FULL_SCALE = 32768.0
@@ -51,7 +53,7 @@ def dbfs(values: np.ndarray) -> list[float]:
 class LevelTap:
     """One writer thread (:meth:`push`, real-time safe), one reader thread (:meth:`drain`)."""
 
-    def __init__(self, rate_hz: int = 24000, window_ms: int = 20, capacity_ms: int = 2000) -> None:
+    def __init__(self, rate_hz: int = RATE_HZ, window_ms: int = 20, capacity_ms: int = 2000) -> None:
         """Set-up only: allocates the buffer (``capacity_ms`` of audio)."""
         if window_ms <= 0 or capacity_ms < 4 * window_ms:
             raise ValueError("LevelTap needs window_ms > 0 and capacity_ms >= 4 * window_ms")

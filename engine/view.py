@@ -1,7 +1,8 @@
 """What a person reads of the bus: ``engine tail``'s conversation view and the live line and
 error lines of ``engine start``'s terminal. Pure: bus messages (``topic``, msgpack ``body``
 with its header keys) go in, lines of text come out; no I/O, no clock (times come from the
-bodies' ``ts``).
+bodies' ``ts``). Shared (layer 1): the supervisor draws its terminal with it, the CLI its
+``engine tail``.
 
 Rules:
 

@@ -1,8 +1,10 @@
 """What every child process of the supervisor shares: how it gets its spec, how it dies
-with the supervisor, stop signals, and how a failure is reported.
+with the supervisor, stop signals, its exit codes, and how a failure is reported. Shared
+(layer 1, below the processes and the supervisor): the children import it, and so does the
+supervisor, for the exit codes and the death signal it sets between fork and exec.
 
-Spec: the supervisor writes the child's spec as one JSON line on the child's stdin and
-keeps the pipe open; nothing holding a secret (the API key, the bus signing key) is ever
+Spec (engine/specs.py: one frozen type per child): the supervisor writes the child's spec as
+one JSON line on the child's stdin and keeps the pipe open; nothing holding a secret (the API key, the bus signing key) is ever
 written to a file. ``python -m engine.<process> SPEC.json`` still reads a file, for
 running a child by hand.
 
@@ -32,10 +34,12 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
 from bus import Publisher, use_keys
-from engine.supervisor.children import EXIT_CRASHED, EXIT_DEVICE_FAILED, EXIT_PARENT_GONE
 from engine.errors import DeviceError
+from engine.specs import S, SpecError, parse
 
-DEVICE_FAILED = EXIT_DEVICE_FAILED
+EXIT_DEVICE_FAILED = 3     #: the child's device or file cannot be used: FATAL, no restart
+EXIT_CRASHED = 4           #: a bug in the child (an unexpected exception): restart with backoff
+EXIT_PARENT_GONE = 5       #: the supervisor died; the child left on its own
 PARENT_GONE_EXIT_S = 0.7       #: after the supervisor is gone, a child that has not stopped is ended
 _PR_SET_PDEATHSIG = 1
 try:
@@ -117,7 +121,7 @@ def every_period(stop: threading.Event, period_s: float) -> Iterator[None]:
             next_t = time.monotonic()
 
 
-def read_spec(argv: list[str], stdin: BinaryIO) -> dict[str, Any]:
+def read_spec(argv: list[str], stdin: BinaryIO) -> Any:
     """The spec: from the file named in ``argv[1]``, else the first line of ``stdin``."""
     if len(argv) == 2:
         return json.loads(Path(argv[1]).read_text())
@@ -146,15 +150,21 @@ def watch_parent(fd: int, exit_after_s: float = PARENT_GONE_EXIT_S) -> threading
     return t
 
 
-def main(process_class: Callable[[dict[str, Any]], Any]) -> int:
-    """``python -m engine.<process> [SPEC.json]``: build the process from its spec and run it."""
+def main(process_class: Callable[[S], Any], spec_type: type[S]) -> int:
+    """``python -m engine.<process> [SPEC.json]``: parse its spec once, as ``spec_type``
+    (engine/specs.py: a spec that does not fit is refused at once, naming the field), build the
+    process from it and run it."""
     if len(sys.argv) > 2:
         print(f"usage: python -m {process_class.__module__} [SPEC.json]  (default: the spec on stdin)",
               file=sys.stderr)
         return 2
     parent_death_signal(signal.SIGTERM)
-    spec = read_spec(sys.argv, sys.stdin.buffer)
-    use_keys(spec.get("bus"))  # its sockets sign and verify the control topics, and use CURVE on tcp
+    try:
+        spec = parse(spec_type, read_spec(sys.argv, sys.stdin.buffer))
+    except SpecError as exc:
+        print(f"realtalk: {process_class.__module__}: bad spec: {exc}", file=sys.stderr, flush=True)
+        return EXIT_DEVICE_FAILED   # a spec that does not fit does not fit the next time either
+    use_keys(spec.bus.keys())  # its sockets sign and verify the control topics, and use CURVE on tcp
     if len(sys.argv) == 1:
         watch_parent(sys.stdin.fileno())
     return process_class(spec).run()
