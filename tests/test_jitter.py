@@ -19,10 +19,14 @@ def reply(est: JitterEstimator, t0: float, deltas: int, delays_s: list[float], s
 
 
 def test_without_history_the_configured_start_is_the_target() -> None:
+    """And the estimate says it has measured nothing (the realtime process then leaves the speaker
+    ring's target at 0: playback waits its own configured prebuffer)."""
     est = JitterEstimator(60)
-    assert est.target_ms() == 60
+    assert est.target_ms() == 60 and not est.measured
     reply(est, 0.0, MIN_DELTAS - 1, [0.0] * 50)
-    assert est.target_ms() == 60
+    assert est.target_ms() == 60 and not est.measured
+    est.delta(10.0, DELTA_S)
+    assert est.measured and est.target_ms() < 60
 
 
 def test_a_clean_link_brings_the_target_down_to_the_margin() -> None:
