@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -109,3 +109,36 @@ def vaudio_env() -> dict[str, str]:
     env = dict(part.split("=", 1) for part in out.strip().split()[1:])
     os.environ.update(env)
     return env
+
+
+class BusLog:
+    """A bench engine's bus, logged: ``self.sub`` (a :class:`bus.Subscriber`) and ``self.log``
+    (every message received, in order) are set by the class that mixes this in."""
+
+    sub: Any
+    log: list[tuple[str, dict[str, Any]]]
+
+    def wait(self, topic: str, timeout: float = 20, where: Callable[[dict[str, Any]], bool] | None = None,
+             since: int | None = None) -> dict[str, Any]:
+        """The first ``topic`` message (logged from index ``since``, else from now) ``where`` accepts."""
+        if since is not None:
+            for t, b in self.log[since:]:
+                if t == topic and (where is None or where(b)):
+                    return b
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            msg = self.sub.recv(timeout_ms=100)
+            if msg is None:
+                continue
+            self.log.append(msg)
+            if msg[0] == topic and (where is None or where(msg[1])):
+                return msg[1]
+        raise TimeoutError(f"no {topic} within {timeout} s")
+
+    def pump(self, seconds: float) -> None:
+        """Log what comes for ``seconds``."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            msg = self.sub.recv(timeout_ms=50)
+            if msg is not None:
+                self.log.append(msg)

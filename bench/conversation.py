@@ -3,7 +3,7 @@ written on the official openai SDK with PyAudio in one asyncio process, the way 
 examples do it. Both use the same local server, scenario (30 ms delta jitter) and virtual
 devices (PulseAudio null sinks, started with tools/vaudio.sh).
 
-    python bench/run.py conversation [--json] [--interruptions N]
+    python bench/run.py conversation [--json] [--interruptions N] [--double-talk-trials N] [--stall-replies N]
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import base64
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -23,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import vaudio, vaudio_env
+from bench.common import BusLog, vaudio, vaudio_env
 from engine.playback.process import FLUSH_FADE_MS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,6 +33,7 @@ JITTER_MS = 30
 PREBUFFER_MS = 80
 PERIOD_MS = 20            # the mic's device period (the API gets 20 ms chunks)
 PLAYBACK_PERIOD_MS = 10   # the speaker's (audio.playback_period_ms): barge-in waits for its next callback
+BACKEND = "native"   #: audio.backend of the engines started (run() sets it for each backend measured)
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -242,7 +244,7 @@ class MonitorRecorder:
 
 
 # ------------------------------------------------------------------ the engine
-class Engine:
+class Engine(BusLog):
     """``engine start`` on the virtual devices, with a bus subscriber and publisher for the bench.
 
     ``audio`` / ``session`` / ``local_server``: YAML flow mappings merged over the bench's config."""
@@ -252,7 +254,8 @@ class Engine:
         cfg = tmp / "engine.yaml"
         self.record_dir = tmp / "rec"
         cfg.write_text(f"record: {self.record_dir}\n"
-                       f"audio: {{mic: vmic, speaker: vspk, prebuffer_ms: {PREBUFFER_MS}, period_ms: {PERIOD_MS}, "
+                       f"audio: {{backend: {BACKEND}, mic: vmic, speaker: vspk, prebuffer_ms: {PREBUFFER_MS}, "
+                       f"period_ms: {PERIOD_MS}, "
                        f"playback_period_ms: {PLAYBACK_PERIOD_MS}, echo: aec{', ' + audio if audio else ''}}}\n"
                        f"local_server: {{{local_server}, scenario: {scen}}}\n"
                        f"session: {{{session}}}\n")
@@ -277,25 +280,6 @@ class Engine:
         self.pub = Publisher(self.conn["publish"], "bench")
         self.pub.join(self.conn["subscribe"])
         self.log: list[tuple[str, dict[str, Any]]] = []
-
-    def wait(self, topic: str, timeout: float = 20, where: Any = None) -> dict[str, Any]:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            msg = self.sub.recv(timeout_ms=100)
-            if msg is None:
-                continue
-            self.log.append(msg)
-            if msg[0] == topic and (where is None or where(msg[1])):
-                return msg[1]
-        raise TimeoutError(f"no {topic} within {timeout} s")
-
-    def pump(self, seconds: float) -> None:
-        """Log what comes for ``seconds``."""
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            msg = self.sub.recv(timeout_ms=50)
-            if msg is not None:
-                self.log.append(msg)
 
     def seen_or_wait(self, mark: int, topic: str, timeout: float = 20) -> dict[str, Any]:
         """The first ``topic`` message logged since ``mark``, waiting for it if need be."""
@@ -420,7 +404,7 @@ def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
         silent_engine.append((silent_ns - i_ns) / 1e6)
         silent_bus.append((silent_ns - c_ns) / 1e6)
     if os.environ.get("REALTALK_BENCH_DUMP"):   # the raw material, to look into a bad figure
-        dump = Path(os.environ["REALTALK_BENCH_DUMP"])
+        dump = Path(os.environ["REALTALK_BENCH_DUMP"]) / BACKEND   # each backend apart
         dump.mkdir(parents=True, exist_ok=True)
         np.save(dump / "monitor.npy", recording)
         np.save(dump / "played.npy", played)
@@ -469,12 +453,15 @@ def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
         "engine_underruns_under_cpu_load": sum(g for g in gaps[n_quiet:] if g > 0),
         "engine_underruns_responses_checked": sum(1 for g in gaps if g >= 0),
         "engine_underrun_gap_ms_p50": pct(gap_ms, 50), "engine_underrun_gap_ms_max": max(gap_ms, default=None),
-        # the recording's reference is zero-padded where playback was behind the mic: such padding
-        # would read as a gap; 0 here means the recording is what playback handed out
+        # the recording's reference is zero-padded where playback was behind the mic (or the speaker
+        # ran dry), and frames are skipped where they came too late for their time: a padding would
+        # read as a gap; 0 here means the recording is what playback handed out
         "engine_recording_padded_frames_during_turns": (echoes[-1].get("far_missing_frames", 0)
                                                          - echoes[0].get("far_missing_frames", 0)) if echoes else None,
-        "engine_underruns_recording_exact": bool(echoes) and echoes[-1].get("far_missing_frames", 0)
-        == echoes[0].get("far_missing_frames", 0),
+        "engine_recording_skipped_frames_during_turns": (echoes[-1].get("far_skipped_frames", 0)
+                                                          - echoes[0].get("far_skipped_frames", 0)) if echoes else None,
+        "engine_underruns_recording_exact": bool(echoes) and all(
+            echoes[-1].get(k, 0) == echoes[0].get(k, 0) for k in ("far_missing_frames", "far_skipped_frames")),
         "engine_device_underflows_during_turns": (cadence[-1].get("device_underflows", 0)
                                                   - cadence[0].get("device_underflows", 0)) if cadence else None,
         "engine_underruns_reported_jitter30": sum(1 for t, _ in quiet if t == "playout.underrun"),
@@ -780,6 +767,133 @@ def bench_double_talk(tmp: Path, trials: int, echo_trials: int = 2) -> dict[str,
     return out
 
 
+# ------------------------------------------------------------------ playback stalls
+STALLS_MS = (60, 120, 250, 500)
+STALL_REPLY = " ".join([REPLY] * 2)     # about 9 s: every stall falls inside it with 5 s or more after
+#: capture.echo counters whose growth each stall length reports (those the running engine publishes)
+STALL_ECHO_COUNTERS = ("far_missing_frames", "far_skipped_frames", "far_gap_frames", "far_realignments",
+                       "far_uncertain_ms", "guard_holds", "guard_held_ms", "talkers")
+
+
+def _delay_ms(mic: np.ndarray, ref: np.ndarray, at: int, window: int = 12000, lags: int = 24 * 300) -> float | None:
+    """How far (ms) the reference leads its echo in the mic over ``window`` frames from ``at`` (the
+    lag of the best correlation), or None where the mic is quiet or the match poor (under 0.5)."""
+    if at < lags or at + window > min(len(mic), len(ref)):
+        return None
+    m, r = mic[at:at + window], ref[at - lags:at + window]
+    if np.sqrt(np.mean(m ** 2)) < 100:
+        return None
+    c = np.correlate(r, m, mode="valid")
+    k = int(np.argmax(np.abs(c)))
+    if abs(c[k]) / (np.linalg.norm(m) * np.linalg.norm(r[k:k + window]) + 1e-9) <= 0.5:
+        return None
+    return (lags - k) / 24
+
+
+def echo_delay_shifts_ms(recording: Path) -> list[float]:
+    """Per stall in a session recording (mic left, the reference the canceller got right): how far
+    the echo's delay moved across it. A stall is a run of at least 40 ms of exact zeros in the
+    reference inside speech; its shift is the median delay (``_delay_ms``) of the three 0.5 s windows
+    starting 0.5 s after it, less that of the three ending 1 s before it."""
+    import wave
+    with wave.open(str(recording)) as w:
+        pcm = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16).reshape(-1, 2).astype(np.float64)
+    mic, ref = pcm[:, 0], pcm[:, 1]
+    zero = (ref == 0).astype(np.int8)
+    edges = np.diff(np.concatenate(([0], zero, [0])))
+    shifts = []
+    for a, b in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)):
+        if b - a < 960 or a < 72000 or np.abs(ref[a - 4800:a]).max() < 2000 or np.abs(ref[b:b + 4800]).max() < 2000:
+            continue
+        before = [d for k in (2, 3, 4) if (d := _delay_ms(mic, ref, int(a) - k * 12000)) is not None]
+        after = [d for k in (1, 2, 3) if (d := _delay_ms(mic, ref, int(b) + k * 12000)) is not None]
+        if before and after:
+            shifts.append(float(np.median(after) - np.median(before)))
+    return shifts
+
+
+def _engine_pid(run_dir: Path, name: str) -> int:
+    conn = json.loads((run_dir / "run" / "engine.json").read_text())
+    return next(int(c["pid"]) for c in conn["children"] if c["name"] == name)
+
+
+def bench_playback_stalls(tmp: Path, replies: int = 10, stalls_ms: tuple[int, ...] = STALLS_MS) -> dict[str, Any]:
+    """The playback process stalls mid-reply (SIGSTOP, then SIGCONT ``stall`` ms later) with the echo
+    path on (60 %), server VAD on (it interrupts on speech, creates no response), guard as configured
+    (default): per stall length, ``replies`` replies, each stalled once at a random 1-3 s after its
+    playout.started and then played to its end. A false barge-in is a ``playout.interrupted`` with
+    reason speech during such a reply: nobody talks, so whatever the server took for speech was the
+    model's own echo. Also the echo counters' growth over each length's replies and the ERLE after
+    them (capture.echo). Definitions: bench/README.md "playback stalls"."""
+    scen = tmp / "stall.yaml"
+    scen.write_text(f'default_reply: "{STALL_REPLY}"\n')
+    run_dir = tmp / "stall"
+    run_dir.mkdir()
+    vaudio("echo-on", "60%")
+    out: dict[str, Any] = {"stall_replies_per_length": replies, "stall_lengths_ms": list(stalls_ms)}
+    rng = random.Random(23)
+    eng = Engine(run_dir, scen, session="turn_detection: {type: server_vad, create_response: false, "
+                 "interrupt_response: true}, transcription: null", extra_prefixes=("user.",))
+    try:
+        def reply(label: str, stall_ms: int | None) -> tuple[list[tuple[str, dict[str, Any]]], float]:
+            """One reply (stalled once if ``stall_ms``); its log from the say on, and how long playback stood."""
+            m = len(eng.log)
+            eng.pub.publish("cmd.say", {"text": label, "id": f"{label}-{time.monotonic_ns()}"})
+            eng.seen_or_wait(m, "playout.started", 20)
+            stood_ms = 0.0
+            if stall_ms is not None:
+                eng.pump(rng.uniform(1.0, 3.0))
+                pid = _engine_pid(run_dir, "playback")
+                t0 = time.monotonic()
+                os.kill(pid, signal.SIGSTOP)
+                try:
+                    time.sleep(stall_ms / 1000)
+                finally:
+                    os.kill(pid, signal.SIGCONT)
+                stood_ms = (time.monotonic() - t0) * 1000
+            end = time.monotonic() + 30
+            while time.monotonic() < end and not any(t in ("playout.stopped", "playout.interrupted")
+                                                     for t, _ in eng.log[m:]):
+                eng.pump(0.1)
+            eng.pump(0.5)
+            return eng.log[m:], stood_ms
+
+        reply("warm-up", None)   # AEC3 converges on the echo path
+        for stall_ms in stalls_ms:
+            key = f"stall_{stall_ms}ms"
+            echo_before = eng.wait("capture.echo", timeout=5)
+            false_bargeins, speech_started, completed, stood = 0, 0, 0, []
+            for n in range(replies):
+                seg, stood_ms = reply(f"stall-{stall_ms}-{n}", stall_ms)
+                stood.append(stood_ms)
+                false_bargeins += sum(1 for t, b in seg if t == "playout.interrupted" and b.get("reason") == "speech")
+                speech_started += sum(1 for t, _ in seg if t == "user.speech.started")
+                completed += any(t == "playout.stopped" for t, _ in seg)
+            echo_after = eng.wait("capture.echo", timeout=5)
+            out[f"{key}_false_bargeins"] = false_bargeins
+            out[f"{key}_false_speech_started"] = speech_started
+            out[f"{key}_replies_played_to_end"] = completed
+            out[f"{key}_stopped_ms_max"] = round(max(stood), 1)
+            out[f"{key}_erle_db"] = echo_after.get("erle_db")
+            for name in STALL_ECHO_COUNTERS:
+                if name in echo_after:
+                    out[f"{key}_{name}"] = echo_after[name] - echo_before.get(name, 0)
+        out["stall_false_bargeins_total"] = sum(out[f"stall_{s}ms_false_bargeins"] for s in stalls_ms)
+        echo = eng.wait("capture.echo", timeout=5)
+        out["stall_echo_erle_db"] = echo.get("erle_db")
+        out["stall_echo_erle_total_db"] = echo.get("erle_total_db")
+    finally:
+        eng.stop()
+        vaudio("echo-off")
+    shifts = np.abs(echo_delay_shifts_ms(next(eng.record_dir.glob("*/conversation.wav"))))
+    out["stall_echo_delay_shift_ms_p50"] = pct(list(shifts), 50)
+    out["stall_echo_delay_shift_ms_p90"] = pct(list(shifts), 90)
+    out["stall_echo_delay_shift_ms_max"] = round(float(shifts.max()), 1) if len(shifts) else None
+    out["stall_echo_delay_shift_over_5ms"] = int((shifts > 5).sum())
+    out["stall_echo_delay_shifts_measured"] = len(shifts)
+    return out
+
+
 def bench_push_to_talk(tmp: Path, turns: int = 8) -> dict[str, Any]:
     """Push to talk against server VAD, on the same devices and server: the user's question is
     played into the mic (PulseAudio's micsink), then
@@ -830,16 +944,31 @@ def bench_push_to_talk(tmp: Path, turns: int = 8) -> dict[str, Any]:
     return out
 
 
-def run(interruptions: int = 200, double_talk_trials: int = 5) -> dict[str, Any]:
+def run(interruptions: int = 200, double_talk_trials: int = 5,
+        backends: tuple[str, ...] = ("native", "pyaudio"), stall_replies: int = 10) -> dict[str, Any]:
+    """Every engine figure once per audio backend (``audio.backend``), in the same run: the first
+    backend's under the plain names, the others' with ``_<backend>`` after each name; the SDK
+    baseline once."""
+    global BACKEND
     vaudio_env()
     tmp = Path(tempfile.mkdtemp(prefix="rtconv"))
     scen = scenario(tmp)
     result: dict[str, Any] = {"jitter_ms": JITTER_MS, "prebuffer_ms": PREBUFFER_MS, "period_ms": PERIOD_MS,
-                              "playback_period_ms": PLAYBACK_PERIOD_MS}
-    result.update(bench_engine(tmp, scen, interruptions))
-    result.update(bench_push_to_talk(tmp))
+                              "playback_period_ms": PLAYBACK_PERIOD_MS, "backends": list(backends)}
+    for backend in backends:
+        BACKEND = backend
+        btmp = tmp / backend   # each backend's engines, recordings and logs apart
+        btmp.mkdir()
+        figures: dict[str, Any] = {}
+        figures.update(bench_engine(btmp, scen, interruptions))
+        figures.update(bench_push_to_talk(btmp))
+        if double_talk_trials > 0:
+            figures.update(bench_double_talk(btmp, double_talk_trials))
+        if stall_replies > 0:   # the echo guard runs in C on the native backend, in Python on PyAudio's
+            figures.update(bench_playback_stalls(btmp, stall_replies))
+        suffix = "" if backend == backends[0] else f"_{backend}"
+        result.update({k + suffix: v for k, v in figures.items()})
+    BACKEND = backends[0]
     result.update(bench_baseline(scen, load=False))
     result.update(bench_baseline(scen, load=True))
-    if double_talk_trials > 0:
-        result.update(bench_double_talk(tmp, double_talk_trials))
     return result

@@ -680,6 +680,17 @@ def soak(tmp: Path, minutes: float, speed: float = 4.0) -> dict[str, Any]:
         eng.stop()
 
 
+def playback_stalls(tmp: Path, replies: int = 10) -> dict[str, Any]:
+    """The playback process stopped (SIGSTOP) 60, 120, 250 and 500 ms mid-reply with the echo path
+    on: the conversation suite's stall test (``bench.conversation.bench_playback_stalls``, the
+    same engine and definitions); false barge-ins by stall length. Goal 0 at every length."""
+    from bench.conversation import STALLS_MS, bench_playback_stalls
+    tmp.mkdir(parents=True, exist_ok=True)
+    got = bench_playback_stalls(tmp, replies)
+    got["false_bargeins_by_stall_ms"] = {str(ms): got[f"stall_{ms}ms_false_bargeins"] for ms in STALLS_MS}
+    return got
+
+
 # ------------------------------------------------------------------ the phone port (issue 23)
 class PhoneEngine:
     """``engine phone --backend local`` with ``phone.*`` keys from ``phone_cfg``, its secrets in the
@@ -994,6 +1005,7 @@ def run(soak_minutes: float = 30.0, fuzz_count: int = 10_000) -> dict[str, Any]:
     result["slow_subscriber"] = _guarded(slow_subscriber, tmp / "slow")
     result["foreign_subscriber"] = _guarded(foreign_subscriber, tmp / "foreign")
     result["soak"] = _guarded(soak, tmp / "soak", soak_minutes)
+    result["playback_stalls"] = _guarded(playback_stalls, tmp / "stalls")
     result["phone_port"] = _guarded(phone_port, tmp / "phone-port")
     kills = result["kill"].values()
     result["summary"] = {
@@ -1008,6 +1020,7 @@ def run(soak_minutes: float = 30.0, fuzz_count: int = 10_000) -> dict[str, Any]:
         "foreign_subscriber_unaccounted": result["foreign_subscriber"].get("unaccounted"),
         "soak_max_rss_growth_mb": result["soak"].get("max_rss_growth_mb"),
         "soak_fds_flat": result["soak"].get("fds_flat"),
+        "stall_false_bargeins_by_ms": result["playback_stalls"].get("false_bargeins_by_stall_ms"),
         **{f"phone_port_{k}": v for k, v in (result["phone_port"].get("summary") or {}).items()},
     }
     return result

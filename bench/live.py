@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from bench.common import cpu_window, vaudio, vaudio_env
+from bench.common import BusLog, cpu_window, vaudio, vaudio_env
 from bench.conversation import REPLY, MonitorRecorder, count_gaps, gap_lengths_ms, pct
 from engine.server.live_session import OUTPUT_CHUNK_MS, OUTPUT_CHUNK_SAMPLES
 
@@ -56,7 +56,7 @@ LONG = " ".join(["The sea is wide and the ships are many, and every sailor knows
 
 
 # ------------------------------------------------------------------ the engine on GPT-Live
-class LiveEngine:
+class LiveEngine(BusLog):
     """``engine start --backend local`` on GPT-Live and the virtual devices, with a bus subscriber
     and publisher for the bench. ``audio``: YAML flow-mapping items added to the bench's; ``model``
     and ``extra`` (more config lines): the Realtime engine beside it, for the CPU figure."""
@@ -94,30 +94,6 @@ class LiveEngine:
         self.pub = Publisher(self.conn["publish"], "bench")
         self.pub.join(self.conn["subscribe"])
         self.log: list[tuple[str, dict[str, Any]]] = []
-
-    def wait(self, topic: str, timeout: float = 20, where: Callable[[dict[str, Any]], bool] | None = None,
-             since: int | None = None) -> dict[str, Any]:
-        """The first ``topic`` message (logged from index ``since``, else from now) ``where`` accepts."""
-        if since is not None:
-            for t, b in self.log[since:]:
-                if t == topic and (where is None or where(b)):
-                    return b
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            msg = self.sub.recv(timeout_ms=100)
-            if msg is None:
-                continue
-            self.log.append(msg)
-            if msg[0] == topic and (where is None or where(msg[1])):
-                return msg[1]
-        raise TimeoutError(f"no {topic} within {timeout} s")
-
-    def pump(self, seconds: float) -> None:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            msg = self.sub.recv(timeout_ms=50)
-            if msg is not None:
-                self.log.append(msg)
 
     def commentary(self, text: str, cmd_id: str) -> None:
         """``cmd.commentary``: the model says ``text`` (the local server says it as it is)."""

@@ -1,9 +1,12 @@
 """Benchmarks. Each prints one JSON object (``--json``) with a key per figure, measured
 side by side with its reference in the same run.
 
-    python bench/run.py core [--json]      rings, bus, engine CPU, engine start time (issue 3)
+    python bench/run.py core [--json] [--backend native|pyaudio|both]
+                                           rings, bus, engine CPU (each audio backend, the floor beside it),
+                                           engine start time (issues 3, 25)
     python bench/run.py server [--json]    local server: first delta, 20 concurrent sessions (issue 2)
-    python bench/run.py conversation [--json] [--interruptions N] [--double-talk-trials N]
+    python bench/run.py conversation [--json] [--interruptions N] [--double-talk-trials N] [--stall-replies N]
+                                     [--backend ...]
                                            engine vs an openai-SDK + PyAudio baseline (issue 4), double talk
     python bench/run.py faults [--json] [--soak-minutes N] [--fuzz N]
                                            kills, socket drops, fuzz, slow subscriber, soak (issue 15)
@@ -387,7 +390,17 @@ def _devices_logged(conn: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def bench_engine() -> dict[str, Any]:
+#: the audio backends the engine's device figures are measured on; the first one's figures keep their
+#: plain names, every other one's carry its name as a suffix (``..._pyaudio``)
+BACKENDS = ("native", "pyaudio")
+
+
+def backend_suffix(backend: str, backends: tuple[str, ...]) -> str:
+    """``""`` for the first backend measured, ``_<backend>`` for the others."""
+    return "" if backend == backends[0] else f"_{backend}"
+
+
+def bench_engine(backends: tuple[str, ...] = BACKENDS) -> dict[str, Any]:
     from engine.server.voice import synthesize
     import wave
     tmp = Path(tempfile.mkdtemp(prefix="rtbench"))
@@ -402,15 +415,42 @@ def bench_engine() -> dict[str, Any]:
         stop_engine(proc)
     result: dict[str, Any] = {"engine_start_ready_ms": statistics.median(outside), "engine_start_ready_ms_runs": outside,
                               "engine_start_ready_ms_inside_supervisor": statistics.median(inside)}
-    # the real path: virtual PulseAudio devices through PyAudio, the device at 48 kHz (soxr both
-    # ways), echo cancellation (AEC3) on with an echo path from the speaker to the mic, a long reply
+    # the real path: virtual PulseAudio devices, the device at 48 kHz (soxr both ways), echo
+    # cancellation (AEC3) on with an echo path from the speaker to the mic, a long reply; once per
+    # audio backend, each with the floor beside it in its own windows
     vaudio_env()
     env = dict(os.environ, REALTALK_RUNTIME_DIR=str(tmp / "run"), XDG_DATA_HOME=str(tmp / "data"))
     env.pop("OPENAI_API_KEY", None)
+    result["engine_cpu_backends"] = list(backends)
+    for backend in backends:
+        figures = _real_path_cpu(tmp, env, backend)
+        result.update({k + backend_suffix(backend, backends): v for k, v in figures.items()})
+    # the old figure's path, for comparison: a WAV mic and a null speaker (no device, AEC3 or soxr)
+    wav = tmp / "q.wav"
+    scen = tmp / "s.yaml"
+    pcm = np.concatenate([synthesize("Tell me a long story about the sea, the ships and the sailors.", "alloy", 1.0),
+                          np.zeros(24000, dtype=np.int16)])
+    with wave.open(str(wav), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(24000)
+        w.writeframes(pcm.tobytes())
+    proc, _, _ = start_engine(["--mic", str(wav), "--speaker", "null", "--scenario", str(scen)], env)
+    conn = json.loads((tmp / "run" / "engine.json").read_text())
+    time.sleep(len(pcm) / 24000 + 1.0)  # the question has been sent; the reply is streaming
+    by_process, _, _ = cpu_window(proc, conn, 8.0)
+    stop_engine(proc)
+    result["engine_cpu_percent_wav_mic_null_speaker"] = round(sum(by_process.values()), 2)
+    return result
+
+
+def _real_path_cpu(tmp: Path, env: dict[str, str], backend: str) -> dict[str, Any]:
+    """The real path's CPU figures with ``audio.backend: BACKEND``, the floor beside it."""
+    result: dict[str, Any] = {}
     scen = tmp / "s.yaml"
     scen.write_text('default_reply: "' + "The sea is wide and the ships are many. " * 16 + '"\n')   # ~38 s
     cfg = tmp / "real.yaml"
-    cfg.write_text(f"audio: {{mic: vmic, speaker: vspk, echo: aec, device_rate_hz: 48000}}\n"
+    cfg.write_text(f"audio: {{backend: {backend}, mic: vmic, speaker: vspk, echo: aec, device_rate_hz: 48000}}\n"
                    f"local_server: {{asr: false, scenario: {scen}}}\nsession: {{turn_detection: null, transcription: null}}\n")
     vaudio("echo-on", "60%")
     try:
@@ -458,7 +498,12 @@ def bench_engine() -> dict[str, Any]:
             # the check: a reply started before the first window and neither stopped nor broke up in any
             "engine_cpu_reply_streaming_whole_window": bool(started and started[0] < first_t0
                                                            and not any(first_t0 <= t <= last_t1 for t in ended)),
-            "engine_cpu_path": "PyAudio on PulseAudio null sinks, device 48 kHz (soxr), echo aec, echo path 60 %",
+            # when it is false, why: what ended or broke the reply inside the windows (topic, s into them)
+            "engine_cpu_reply_broken_by": [(topic, round(t - first_t0, 2)) for t, topic, _ in log
+                                           if topic in ("playout.stopped", "playout.interrupted", "playout.underrun")
+                                           and first_t0 <= t <= last_t1],
+            "engine_cpu_path": f"audio.backend {backend} on PulseAudio null sinks, device 48 kHz (soxr), echo aec, "
+                               "echo path 60 %",
             "engine_cpu_devices": devices,
         })
         result.update(figures(windows[mid][1]))
@@ -471,21 +516,6 @@ def bench_engine() -> dict[str, Any]:
         stop_engine(proc)
     finally:
         vaudio("echo-off")
-    # the old figure's path, for comparison: a WAV mic and a null speaker (no PyAudio, AEC3, soxr)
-    wav = tmp / "q.wav"
-    pcm = np.concatenate([synthesize("Tell me a long story about the sea, the ships and the sailors.", "alloy", 1.0),
-                          np.zeros(24000, dtype=np.int16)])
-    with wave.open(str(wav), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(24000)
-        w.writeframes(pcm.tobytes())
-    proc, _, _ = start_engine(["--mic", str(wav), "--speaker", "null", "--scenario", str(scen)], env)
-    conn = json.loads((tmp / "run" / "engine.json").read_text())
-    time.sleep(len(pcm) / 24000 + 1.0)  # the question has been sent; the reply is streaming
-    by_process, _, _ = cpu_window(proc, conn, 8.0)
-    stop_engine(proc)
-    result["engine_cpu_percent_wav_mic_null_speaker"] = round(sum(by_process.values()), 2)
     return result
 
 
@@ -588,10 +618,13 @@ def main() -> int:
     ap.add_argument("suite", choices=["core", "server", "conversation", "faults", "console", "phone", "asr", "sip",
                                        "live", "jitter"])
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--backend", choices=["native", "pyaudio", "both"], default="both",
+                    help="core, conversation: the audio backend(s) the engine's figures are measured on")
     ap.add_argument("--interruptions", type=int, default=200)
     ap.add_argument("--soak-minutes", type=float, default=30.0, help="faults: the soak's length")
     ap.add_argument("--fuzz", type=int, default=10_000, help="faults: fuzzed bus messages")
     ap.add_argument("--double-talk-trials", type=int, default=5, help="per level and guard setting; 0: skip")
+    ap.add_argument("--stall-replies", type=int, default=10, help="conversation: replies per playback stall length; 0: skip")
     ap.add_argument("--minutes", type=float, default=10.0, help="console: minutes of events with the page open")
     ap.add_argument("--turns", type=int, default=12, help="jitter: replies per session (after a warm-up)")
     ap.add_argument("--out", default=None, help="jitter: where the target plot (PNG) and its CSVs go")
@@ -599,11 +632,13 @@ def main() -> int:
     ap.add_argument("--yields", type=int, default=20, help="live: times the user talks over the model")
     ap.add_argument("--utterances", type=int, default=10, help="live: utterances at 30 ms jitter, engine and baseline")
     args = ap.parse_args()
+    backends = BACKENDS if args.backend == "both" else (args.backend,)
     if args.suite == "core":
-        result = {**bench_ring(), **bench_bus(), **bench_engine()}
+        from bench.capture_step import run as run_capture_step
+        result = {**bench_ring(), **bench_bus(), **run_capture_step(), **bench_engine(backends)}
     elif args.suite == "conversation":
         from bench.conversation import run
-        result = run(args.interruptions, args.double_talk_trials)
+        result = run(args.interruptions, args.double_talk_trials, backends, args.stall_replies)
     elif args.suite == "console":
         from bench.console import run as run_console
         result = run_console(args.minutes, args.closed_minutes)

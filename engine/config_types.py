@@ -46,6 +46,7 @@ class SessionConfig(TypedDict):
 
 
 class AudioConfig(TypedDict):
+    backend: Literal["native", "pyaudio"]   #: the device callbacks: C (engine/audio/native.py) or PyAudio's
     mic: str | int | None
     speaker: str | int | None
     device_rate_hz: int | None

@@ -142,7 +142,8 @@ class ConversationView:
 
     def _system_text(self, b: dict[str, Any]) -> list[str]:
         src = f"  (from {_s(b['source'])})" if b.get("source") else ""
-        return [self._line(b, "system", _s(b.get("text", "")) + src)]
+        kind = "[instructions] " if b.get("kind") == "instructions" else ""   # GPT-Live: thinking reads as context
+        return [self._line(b, "system", kind + _s(b.get("text", "")) + src)]
 
     def _key(self, b: dict[str, Any]) -> str:
         return _s(b.get("item_id") or b.get("response_id") or "")

@@ -295,3 +295,12 @@ def phone_engine(runtime_dir: Path, tmp_path: Path) -> Iterator[Any]:
     yield start
     for e in engines:
         e.stop()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``tools/test.sh``: ``-n 2 --dist loadgroup``) every e2e test is in one
+    group, so they run one at a time, in order, on one worker and one set of virtual devices, while
+    the pure tests run on the other worker. Without xdist the mark does nothing."""
+    for item in items:
+        if item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.xdist_group("e2e"))

@@ -86,8 +86,8 @@ def test_the_config_types_describe_the_defaults() -> None:
     assert _type_errors(DEFAULTS, Config, "config") == []
     # the check can fail: a key the types lack, a key the defaults lack, a default of another type
     broken = {**DEFAULTS, "audio": {**{k: v for k, v in DEFAULTS["audio"].items() if k != "echo"},
-                                    "backend": "native", "prebuffer_ms": "60"}}
-    assert _type_errors(broken, Config, "config") == ["config.audio.backend: in the defaults, not in AudioConfig",
+                                    "colour": "blue", "prebuffer_ms": "60"}}
+    assert _type_errors(broken, Config, "config") == ["config.audio.colour: in the defaults, not in AudioConfig",
                                                       "config.audio.echo: in AudioConfig, not in the defaults",
                                                       "config.audio.prebuffer_ms: '60' is not int"]
 

@@ -3,7 +3,10 @@ virtual mic (module-loopback, volume dropped), the way a laptop speaker reaches 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import time
+import wave
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -72,12 +75,43 @@ def test_echo_cancellation_keeps_the_model_talking_and_the_user_can_still_barge_
     # the session recording: mic on the left, what was played on the right
     session_dir = Path(eng.conn["session_dir"])
     eng.stop()
-    import wave
     with wave.open(str(session_dir / "conversation.wav"), "rb") as w:
         assert (w.getnchannels(), w.getframerate()) == (2, 24000)
         pcm = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16).reshape(-1, 2)
     assert (session_dir / "events.jsonl").exists() and session_dir.parent == tmp_path / "rec"
     assert len(pcm) > 24000 * 10 and np.abs(pcm[:, 1]).max() > 3000 and np.abs(pcm[:, 0]).max() > 1000
+
+
+def test_a_stalled_playback_does_not_make_the_model_interrupt_itself(echo_path: None, start_engine: Any,
+                                                                     tmp_path: Path) -> None:
+    """Issue 23: the playback process stops for 120 ms twice mid-reply (SIGSTOP, as a loaded
+    machine stops it): the speaker runs dry, the late frames come after. The far end knew it was
+    short (the guard held), and the model is not interrupted by its own voice."""
+    eng = start_engine("--config", str(_config(tmp_path, "aec")))
+    sub = Subscriber(eng.conn["subscribe"], ["playback.", "playout.", "user.speech.started", "capture.echo"])
+    sub.recv(timeout_ms=0)
+    playback_pid = next(c["pid"] for c in eng.conn["children"] if c["name"] == "playback")
+    seen: list[tuple[str, dict[str, Any]]] = []
+    assert say(eng.conn, "Tell me about the sea, the wide water, the ships and the sailors who know "
+                         "their way home, and take your time, please.")["ok"]
+    wait_topic(sub, "playback.started", timeout=30, seen=seen)
+    for _ in range(2):
+        time.sleep(1.5)                  # into the reply; then the stall itself
+        os.kill(playback_pid, signal.SIGSTOP)
+        try:
+            time.sleep(0.12)
+        finally:
+            os.kill(playback_pid, signal.SIGCONT)
+    wait_topic(sub, "playback.stopped", timeout=30, seen=seen)
+    echo = wait_topic(sub, "capture.echo", timeout=5, seen=seen)
+    topics = [t for t, _ in seen]
+    assert "playout.interrupted" not in topics and "user.speech.started" not in topics, \
+        f"the model's own voice interrupted it after a playback stall: {echo}"
+    assert echo["far_gap_frames"] > 0 and echo["guard_holds"] >= 1, echo   # the far end knew it was short
+    eng.stop()
+    # How far the reference moves against its echo across a stall is a figure, not a bound here:
+    # bench/run.py conversation --stall-replies measures it (bench/README.md, "playback stalls");
+    # on a loaded machine the speaker's times just after it ran dry are off by 2 to 4 ms a stall.
 
 
 def test_canceller_on_a_synthetic_echo() -> None:

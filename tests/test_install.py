@@ -22,8 +22,12 @@ import pytest
 
 from tests.helpers import REPO, ProcessLines, RunningEngine
 
-#: what setup.cfg builds the package from; nothing else of the repository is copied
-PACKAGE_SOURCES = ("setup.cfg", "pyproject.toml", "README.md", "engine", "bus")
+#: what setup.cfg (and setup.py, for the native audio extension) builds the package from; nothing else of
+#: the repository is copied
+PACKAGE_SOURCES = ("setup.cfg", "setup.py", "pyproject.toml", "README.md", "engine", "bus")
+#: files of the packages that are not read at run time: the native extension's C source, and what a build
+#: of it in place left (the wheel builds its own)
+BUILD_ONLY_SUFFIXES = (".py", ".pyc", ".c", ".so")
 
 
 def _run(args: list[str | Path], what: str, timeout: float = 120, cwd: Path | None = None,
@@ -38,7 +42,7 @@ def _data_files(src: Path) -> set[str]:
     found = set()
     for top in ("engine", "bus"):
         for path in (src / top).rglob("*"):
-            if path.is_file() and "__pycache__" not in path.parts and path.suffix not in (".py", ".pyc"):
+            if path.is_file() and "__pycache__" not in path.parts and path.suffix not in BUILD_ONLY_SUFFIXES:
                 found.add(path.relative_to(src).as_posix())
     return found
 
@@ -50,7 +54,7 @@ def test_installed_wheel_runs_without_the_repository(tmp_path: Path, runtime_dir
     src.mkdir()
     for name in PACKAGE_SOURCES:
         if (REPO / name).is_dir():
-            shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.so"))
         else:
             shutil.copy2(REPO / name, src / name)
     wheels = tmp_path / "wheels"
@@ -61,8 +65,13 @@ def test_installed_wheel_runs_without_the_repository(tmp_path: Path, runtime_dir
     # every data file of the packages is in the wheel (pricing.json, the console's page, the demo's scenario)
     data = _data_files(src)
     assert {"engine/pricing.json", "engine/console/static/index.html", "engine/api/demo.yaml"} <= data
-    missing = data - set(zipfile.ZipFile(wheel).namelist())
+    names = set(zipfile.ZipFile(wheel).namelist())
+    missing = data - names
     assert not missing, f"package data missing from the wheel (add them to setup.cfg's package_data): {sorted(missing)}"
+    # the native audio backend is built into the wheel where this machine can build it (gcc and the headers)
+    from engine.audio import native
+    if native.available():
+        assert any(n.startswith("engine/audio/_native.") and n.endswith(".so") for n in names), sorted(names)
 
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", venv], "making the venv")

@@ -76,13 +76,14 @@ def closed_port() -> int:
 
 
 @pytest.mark.parametrize("url, cause", [
-    (f"ws://127.0.0.1:{closed_port()}/v1/realtime", "refused"),
+    ("ws://127.0.0.1:{closed_port}/v1/realtime", "refused"),   # the port is closed when the test runs
     ("ws://no-such-host.invalid/v1/realtime", "cannot resolve"),
 ])
 def test_a_backend_that_cannot_be_reached_at_the_first_start_ends_engine_start_naming_it(
         runtime_dir: Path, tmp_path: Path, url: str, cause: str) -> None:
     """Issue 23 part 7: a closed port or a bad URL at the first start was retried for more than 40 s
     without becoming ready or exiting; reconnect retries are for drops after a session existed."""
+    url = url.format(closed_port=closed_port())
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"openai_url: {url}\n")
     env = {**os.environ, "OPENAI_API_KEY": "sk-some-key-123"}

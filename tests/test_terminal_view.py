@@ -157,3 +157,12 @@ def test_the_live_line_is_drawn_on_a_tty_only_and_at_most_four_times_a_second() 
     t.draw("c", 0.6)
     t.clear()
     assert tty.getvalue() == CLEAR + "a" + CLEAR + "error: x: y\n" + CLEAR + "a" + CLEAR + "c" + CLEAR
+
+
+def test_live_instructions_are_named_as_such_and_thinking_reads_as_system_context() -> None:
+    """`engine tail` on GPT-Live printed instructions as plain system context: system.text's
+    ``kind`` (thinking or instructions) was ignored."""
+    view = ConversationView(clock=False)
+    assert view.feed("system.text", {"text": "Be brief.", "kind": "instructions"}) == ["system  [instructions] Be brief."]
+    assert view.feed("system.text", {"text": "The caller is Ada.", "kind": "thinking"}) == ["system  The caller is Ada."]
+    assert view.feed("system.text", {"text": "x", "kind": 5}) == ["system  x"]

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs the system packages realtalk needs (Debian/Ubuntu, as root or with sudo),
 # then a virtualenv in .venv with every Python dependency (pip install -e ".[test]").
-#   portaudio19-dev           PyAudio builds against it
+#   portaudio19-dev           PyAudio builds against it; so does the native audio backend (engine/audio/_native.c)
+#   libsoxr-dev               the native backend resamples in its callbacks with libsoxr (the soxr wheel bundles its own)
+#   gcc                       builds PyAudio and the native backend (without it the install falls back to PyAudio)
 #   pulseaudio(-utils), libasound2-plugins   virtual devices for headless machines and CI
 #   espeak-ng, sox            the local server's voice; test WAVs
 #   haproxy                   the two-worker phone test (load balancer in front of engine phone workers)
@@ -10,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-pkgs=(portaudio19-dev pulseaudio pulseaudio-utils libasound2-plugins espeak-ng sox chromium haproxy)
+pkgs=(gcc portaudio19-dev libsoxr-dev pulseaudio pulseaudio-utils libasound2-plugins espeak-ng sox chromium haproxy)
 command -v node >/dev/null || pkgs+=(nodejs npm)
 missing=(); for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -22,4 +24,5 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check -e ".[test]"
 if command -v npm >/dev/null; then (cd clients/node && npm install --no-audit --no-fund --loglevel=error >/dev/null); fi
+echo "setup: $(.venv/bin/python -c 'from engine.audio.native import status_line; print(status_line())')"
 echo "setup: ok (.venv ready; activate with: . .venv/bin/activate)"

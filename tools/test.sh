@@ -9,6 +9,7 @@ bash tools/setup-system.sh
 trap 'bash tools/vaudio.sh stop >/dev/null 2>&1 || true' EXIT
 eval "$(bash tools/vaudio.sh start)"
 status=0
-.venv/bin/python -m pytest -q "$@" || status=$?
+# the pure tests run on a second worker beside the e2e tests, which stay one at a time (tests/conftest.py)
+.venv/bin/python -m pytest -q -n 2 --dist loadgroup "$@" || status=$?
 [ -d runs/console-screenshots ] && echo "console screenshots (the browser tests): $PWD/runs/console-screenshots"
 exit $status

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -108,18 +109,63 @@ class LevelTap:
         if count <= 0:
             return Levels(None, [], [], lost)
         start = self._read
-        pos = start % cap
+        energy, peak = self._measure(start % cap, count)
+        self._read = start + count * w
+        start_ns = limit_ns - (limit - start) * 1_000_000_000 // self.rate_hz
+        return Levels(int(start_ns), [amplitude_dbfs(math.sqrt(e / w)) for e in energy],
+                      [amplitude_dbfs(p) for p in peak], lost)
+
+
+    def _measure(self, pos: int, count: int) -> tuple[list[float], list[float]]:
+        """The energy (sum of squares) and peak of ``count`` windows from buffer position ``pos``."""
+        w, cap = self.window_frames, len(self._buf)
         take = count * w
         if pos + take <= cap:
             block = self._buf[pos:pos + take].astype(np.float32)
         else:
             block = np.concatenate([self._buf[pos:], self._buf[:pos + take - cap]]).astype(np.float32)
-        self._read = start + take
         # four numpy calls for all the windows, then a few floats in Python: run every 100 ms
         # on a cold cache, each numpy call costs tens of microseconds
         x = block.reshape(count, w)
-        energy = np.einsum("ij,ij->i", x, x).tolist()
-        peak = np.abs(x).max(axis=1).tolist()
-        start_ns = limit_ns - (limit - start) * 1_000_000_000 // self.rate_hz
-        return Levels(int(start_ns), [amplitude_dbfs(math.sqrt(e / w)) for e in energy],
-                      [amplitude_dbfs(p) for p in peak], lost)
+        return np.einsum("ij,ij->i", x, x).tolist(), np.abs(x).max(axis=1).tolist()
+
+
+class ExternalLevelTap(LevelTap):
+    """A :class:`LevelTap` whose writer may be native code (the native audio backend's callbacks,
+    engine/audio/_native.c): the writer's two counters live in an int64 array that code updates
+    (pushes last, after the stamp slot), so :meth:`drain` reads them unchanged. ``arrays`` is what
+    the native writer is handed: (buffer, stamps, counts). :meth:`push` still works from Python."""
+
+    def __init__(self, rate_hz: int = 24000, window_ms: int = 20, capacity_ms: int = 2000,
+                 measure: Callable[[np.ndarray, int, int, int], tuple[list[float], list[float]]] | None = None) -> None:
+        """``measure(buffer, pos, count, window_frames)``, if given, measures the windows in one call
+        (the native backend's, in C) instead of numpy's four."""
+        self._counts = np.zeros(2, dtype=np.int64)   # pushes, frames written
+        self._native_measure = measure
+        super().__init__(rate_hz, window_ms, capacity_ms)
+
+    def _measure(self, pos: int, count: int) -> tuple[list[float], list[float]]:
+        if self._native_measure is None:
+            return super()._measure(pos, count)
+        return self._native_measure(self._buf, pos, count, self.window_frames)
+
+    @property
+    def _pushes(self) -> int:
+        return int(self._counts[0])
+
+    @_pushes.setter
+    def _pushes(self, value: int) -> None:
+        self._counts[0] = value
+
+    @property
+    def _written(self) -> int:
+        return int(self._counts[1])
+
+    @_written.setter
+    def _written(self, value: int) -> None:
+        self._counts[1] = value
+
+    @property
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(buffer, stamps, counts): the writer's side, for native code."""
+        return self._buf, self._stamps, self._counts

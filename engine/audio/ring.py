@@ -13,7 +13,8 @@ line; each counter has exactly one writer)::
 
     line 0  magic, version, capacity_frames, bytes_per_frame, sample_rate_hz,
             sample_width_bytes, channels                                 (creator)
-    line 1  write_index, overrun_frames, writes, write_mono_ns           (producer)
+    line 1  write_index, overrun_frames, writes, write_mono_ns,
+            due_seq, due_index, due_mono_ns, due_run_index              (producer)
     line 2  read_index, underrun_frames, reads, reader_waiting           (consumer)
     line 3  flush_seq, flush_index, end_index, stream_start_index,
             stream_start_mono_ns, target_frames                          (producer: control)
@@ -38,6 +39,11 @@ Rules:
   (``_full_barrier``: an uncontended lock). The eventfd is created by the ring's creator
   and must be inherited by the other process (``pass_fds``). ``reader_waiting`` stays in
   the ring proper: it is the data path's wake-up, used on the mic ring, not playback control.
+- Due stamp (the reference ring): the producer says when a frame is due at its far end
+  (``stamp_due``: the frame at ``due_index`` reaches the DAC at CLOCK_MONOTONIC
+  ``due_mono_ns``, and the frames from ``due_run_index`` up to it follow one another without a
+  gap), so the consumer can line frames up by time rather than by count. ``due_seq`` is a
+  sequence lock (odd while the three are written), so a reader never mixes two stamps.
 - Flush (barge-in): the producer's ``request_flush`` asks the consumer to drop everything
   written so far; the consumer applies it at its next read (``Ring.take_flush``).
 - Jitter-buffer target (slot 29, ``target_frames``; the whole contract a renderer, Python or
@@ -92,6 +98,7 @@ _HEADER_BYTES = 320
 # int64 slots
 _VERSION, _CAPACITY, _BPF, _RATE, _WIDTH, _CHANNELS = 1, 2, 3, 4, 5, 6
 _W_INDEX, _OVERRUN, _WRITES, _W_NS = 8, 9, 10, 11
+_DUE_SEQ, _DUE_INDEX, _DUE_NS, _DUE_RUN = 12, 13, 14, 15
 _R_INDEX, _UNDERRUN, _READS, _R_WAITING = 16, 17, 18, 19
 _FLUSH_SEQ, _FLUSH_INDEX, _END, _START_INDEX, _START_NS, _TARGET = 24, 25, 26, 27, 28, 29
 _FLUSH_ACK, _HEARD, _DEV_LATENCY, _CONSUMER_STARTS = 32, 33, 34, 35
@@ -365,6 +372,12 @@ class Ring:
         except FileNotFoundError:
             pass
 
+    @property
+    def mapping(self) -> mmap.mmap:
+        """The shared block itself, for the native backend (engine/audio/native.py), which reads
+        and writes it through its own view of this layout. Set-up only."""
+        return self._mm
+
     # -- counters (real-time safe) ----------------------------------------------------
     @property
     def write_index(self) -> int:
@@ -479,6 +492,33 @@ class Ring:
                     os.eventfd_write(self.data_fd, 1)
                 except BlockingIOError:
                     pass  # counter saturated: the reader is already due to wake
+
+    def stamp_due(self, index: int, due_ns: int, run_index: int) -> None:
+        """Producer: the frame at ``index`` is due at its far end (the reference ring: reaches the
+        DAC) at CLOCK_MONOTONIC ``due_ns``, and the frames from ``run_index`` to it are due one
+        after another, without a gap. Real-time safe."""
+        hdr = self._hdr
+        seq = hdr[_DUE_SEQ]
+        hdr[_DUE_SEQ] = seq + 1       # odd: a reader now retries
+        hdr[_DUE_INDEX] = index
+        hdr[_DUE_NS] = due_ns
+        hdr[_DUE_RUN] = run_index
+        hdr[_DUE_SEQ] = seq + 2
+
+    def due_stamp(self) -> tuple[int, int, int] | None:
+        """The producer's latest ``stamp_due`` as (index, due_ns, run_index); None if it never
+        stamped (or was writing a stamp at each of three tries). Real-time safe."""
+        hdr = self._hdr
+        for _ in range(3):
+            seq = hdr[_DUE_SEQ]
+            if seq == 0:
+                return None
+            if seq & 1:
+                continue
+            stamp = (hdr[_DUE_INDEX], hdr[_DUE_NS], hdr[_DUE_RUN])
+            if hdr[_DUE_SEQ] == seq:
+                return stamp
+        return None
 
     @property
     def write_stamp(self) -> tuple[int, int]:

@@ -1,8 +1,14 @@
 """The capture process: microphone -> mic ring (PCM16 24 kHz).
 
-Backends: a PyAudio input callback stream at the device's rate (soxr to 24 kHz), or a
-WAV file played into the ring in real time, then silence (scripted runs). The callback
-never blocks: a full ring counts overrun frames.
+Backends: for a device, ``audio.backend`` ``native`` (the default where it is built): a
+PortAudio input callback in C writes the device's frames to a ring and wakes a worker thread,
+whose one call per chunk (:meth:`engine.audio.native.NativeCapture.step`) resamples with
+libsoxr, makes the echo canceller's call, keeps its statistics and guard in C and writes the
+mic ring (what C does not do, the browser mic, the recording and half duplex, it hands to
+:meth:`CaptureProcess._route`); or ``pyaudio``: a PyAudio input callback stream at the device's
+rate (soxr to 24 kHz) running :meth:`CaptureProcess._write`. Or a WAV file played into the ring
+in real time, then silence (scripted runs). The callbacks never block: a full ring counts
+overrun frames.
 
 Echo handling (``audio.echo``, see :mod:`engine.capture.echo`): ``aec`` runs WebRTC's echo
 canceller with what playback actually played (the reference ring) as the far end;
@@ -48,9 +54,9 @@ from engine import child
 from engine.child import error_text, every_period, run_reporting, stop_on_signals
 from engine.audio.preflight import mic_wav_format
 from engine.codec import resample
-from engine.capture.echo import EchoCanceller, EchoGate, FarEnd
+from engine.capture.echo import EchoCanceller, EchoGate, FarEnd, native_constants
 from engine.audio.listen_talk import SOURCE_TOPIC, BrowserMicReader, SourceSwitch
-from engine.audio.levels import LevelTap
+from engine.audio.levels import ExternalLevelTap, LevelTap
 from engine.errors import DeviceError
 from engine.audio.record import Recorder
 from engine.audio.ring import Ring
@@ -62,6 +68,9 @@ LEVELS_EVERY_S = 0.1          #: capture.levels: 20 ms windows, batched this oft
 
 
 class CaptureProcess:
+    backend: str = "pyaudio"                #: the device backend that runs: native or pyaudio (set by run)
+    backend_note: str | None = None         #: why it is not the one asked for, if it is not
+
     def __init__(self, spec: CaptureSpec) -> None:
         self.spec = spec
         cfg = spec.config["audio"]
@@ -115,8 +124,9 @@ class CaptureProcess:
             self.pub.publish("engine.error", {"source": "capture", "code": code, "exception": type(exc).__name__,
                                               "message": f"{what}: {type(exc).__name__}: {error_text(exc)}"})
 
-    def _write(self, pcm: np.ndarray) -> None:
-        """Audio path: mic frames (24 kHz) -> echo handling -> mic ring (and the recording).
+    def _write(self, pcm: np.ndarray, adc_ns: int) -> None:
+        """Audio path: mic frames (24 kHz), the first captured at ``adc_ns`` (CLOCK_MONOTONIC, as
+        the device reports it) -> echo handling -> mic ring (and the recording).
         While the browser is the source, its frames replace the device's, as many as the
         device gave (the device keeps the time), and skip the echo handling."""
         reader = self.browser if self.use_browser else None
@@ -128,14 +138,15 @@ class CaptureProcess:
         if reader is not None:
             pcm = reader.read(len(device))
         self.level_in.push(pcm)
-        far = self.far.take(len(pcm)) if self.far is not None else None
+        far_end = self.far
+        far = far_end.take(len(pcm), adc_ns) if far_end is not None else None
         if self.recorder is not None:
             self.recorder.push(pcm, far if far is not None else np.zeros_like(pcm))
-        if self.aec is not None and far is not None:
+        if self.aec is not None and far_end is not None and far is not None:
             # with the browser as the source the canceller still runs on the device's frames (its
             # output unused: the browser cancels its own loudspeaker's echo), so it is converged on
             # the room's echo path when the device is the source again
-            cancelled = self.aec.process(device, far)
+            cancelled = self.aec.process(device, far, far_end.uncertain)
             if reader is None:
                 pcm = cancelled
         elif self.gate is not None and reader is None:
@@ -166,8 +177,11 @@ class CaptureProcess:
                 stats.update(self.aec.stats())
                 stats["aec_errors"] = self.aec.errors
             if self.far is not None:
-                stats.update(far_missing_frames=self.far.missing_frames, far_skipped_frames=self.far.skipped_frames,
-                             far_held_frames=self.far.held_frames)
+                far = self.far
+                stats.update(far_missing_frames=far.missing_frames, far_gap_frames=far.gap_frames,
+                             far_skipped_frames=far.skipped_frames, far_realignments=far.realignments,
+                             far_uncertain_ms=far.uncertain_frames * 1000 // RATE_HZ,
+                             mic_clock_jumps=far.clock.jumps)
             if self.gate is not None:
                 stats["muted_frames"] = self.gate.muted_frames
             if self.recorder is not None:
@@ -243,7 +257,7 @@ class CaptureProcess:
             pos += period
             if pos >= len(pcm) and pos - period < len(pcm):
                 self.pub.publish("capture.file_done", {"name": path})
-            self._write(chunk)
+            self._write(chunk, time.monotonic_ns() - period * 1_000_000_000 // RATE_HZ)
             self.housekeeping()
 
     def run_pyaudio(self) -> None:
@@ -255,31 +269,122 @@ class CaptureProcess:
         frames = rate * self.period_ms // 1000
         resampler = resample_stream(rate, RATE_HZ) if rate != RATE_HZ else None
 
+        device_frames = 0      # frames the device has given, and the 24 kHz frames made of them
+        out_frames = 0
+
         def callback(in_data: bytes | None, frame_count: int, time_info: Any, status: int) -> tuple[None, int]:
+            nonlocal device_frames, out_frames
             try:
+                # when the block's first frame was captured: PortAudio's ADC time, as an age (its clock
+                # need not be CLOCK_MONOTONIC); the stream's latency when the device gives none
+                age_s = time_info.get("current_time", 0) - time_info.get("input_buffer_adc_time", 0)
+                if not 0 < age_s < 2:
+                    age_s = stream_latency_s + self.period_ms / 1000
                 pcm = np.frombuffer(in_data or b"", dtype=np.int16)
+                # soxr holds some frames back (0 to a block's worth): the first frame out is that much older
+                held_s = (device_frames / rate - out_frames / RATE_HZ) if resampler is not None else 0.0
+                adc_ns = time.monotonic_ns() - int((age_s + held_s) * 1e9)
+                device_frames += len(pcm)
                 if resampler is not None:
                     pcm = resampler.resample_chunk(pcm)
-                self._write(pcm)
+                out_frames += len(pcm)
+                self._write(pcm, adc_ns)
             except Exception as exc:  # counted; the main thread reports it (housekeeping)
                 self.callback_errors += 1
                 self.callback_error = exc
             return None, pyaudio.paContinue
 
+        stream_latency_s = 0.04
         stream = pa.open(format=pyaudio.paInt16, channels=1, rate=rate, input=True, input_device_index=dev["index"],
                          frames_per_buffer=frames, stream_callback=callback)
+        stream_latency_s = stream.get_input_latency()
         self.device_name = dev["name"]
         self.pub.publish("capture.device", {"name": dev["name"], "rate_hz": rate, "period_frames": frames,
                                             "latency_ms": round(stream.get_input_latency() * 1000, 1),
-                                            "echo": self.echo_mode})
+                                            "echo": self.echo_mode, "backend": "pyaudio",
+                                            "backend_note": self.backend_note})
         keep_running(pa, stream, self.stop, self.housekeeping, 0.1)
+
+    def _route(self, raw: np.ndarray, far: np.ndarray, sent: np.ndarray | None) -> None:
+        """The native backend's worker, for what its C step does not do (the browser mic, the
+        recording, half duplex): ``raw`` is this chunk of the device at 24 kHz, ``far`` the
+        reference frames taken with it, ``sent`` what the echo canceller made of ``raw`` (None
+        without one). The same routing as :meth:`_write`, after the echo handling C did."""
+        reader = self.browser if self.use_browser else None
+        if (reader is not None) != self._browser_on:
+            self._browser_on = reader is not None
+            if reader is not None:
+                reader.start()
+        pcm = reader.read(len(raw)) if reader is not None else raw
+        self.level_in.push(pcm)
+        if self.recorder is not None:
+            self.recorder.push(pcm, far)
+        if reader is None:
+            if sent is not None:
+                pcm = sent
+            elif self.gate is not None:
+                pcm = self.gate.apply(pcm)
+        self.level_out.push(pcm)
+        self.ring.write(pcm)
+
+    def run_native(self) -> None:
+        """The device through the native backend: the C input callback writes the device's frames
+        to a ring; the worker thread makes one step per chunk; this thread does the chores."""
+        from engine.audio.devices import find_device, keep_running, open_pyaudio
+        from engine.audio.native import NativeCapture, window_levels
+        pa = open_pyaudio()   # device lookup (and the library PortAudio shares with PyAudio)
+        try:
+            dev = find_device(pa, self.mic, "input")
+            rate = self.spec.config["audio"]["device_rate_hz"] or dev["default_rate_hz"]
+            frames = rate * self.period_ms // 1000
+            self.level_in = ExternalLevelTap(RATE_HZ, measure=window_levels)
+            self.level_out = ExternalLevelTap(RATE_HZ, measure=window_levels)
+            cap = NativeCapture(self.ring, rate, frames, aec=self.aec is not None,
+                                guard_db=self.spec.config["audio"]["echo_guard_db"],
+                                tap_in=self.level_in, tap_out=self.level_out, far_adc=True,
+                                echo=native_constants())
+            if self.aec is not None:
+                self.aec = cap   # type: ignore[assignment]  # EchoCanceller's statistics, from C
+            latency_s = cap.open(dev["index"], rate, frames)
+        except BaseException:
+            pa.terminate()
+            raise
+        self.device_name = dev["name"]
+        self.pub.publish("capture.device", {"name": dev["name"], "rate_hz": rate, "period_frames": frames,
+                                            "latency_ms": round(latency_s * 1000, 1), "echo": self.echo_mode,
+                                            "backend": "native", "backend_note": self.backend_note})
+        worker = threading.Thread(target=self._native_worker, args=(cap,), name="capture-worker", daemon=True)
+        worker.start()
+        try:
+            keep_running(pa, _NativeStream(cap), self.stop, self.housekeeping, 0.1)
+        finally:
+            self.stop.set()
+            worker.join(1.0)
+
+    def _native_worker(self, cap: Any) -> None:
+        """One step per chunk the C callback wrote: C does it all unless the browser mic, the
+        recording or half duplex need :meth:`_route`. An exception is counted, as the PyAudio
+        callback's are, and reported by the main thread."""
+        far_take = self.far   # its take(n, adc_ns), then its uncertain flag (the guard holds)
+        while not self.stop.is_set():
+            if not cap.wait(0.2):
+                continue
+            extras = self._route if (self.use_browser or self._browser_on or self.recorder is not None
+                                     or self.gate is not None) else None
+            try:
+                cap.step(far_take, extras)
+            except Exception as exc:  # counted; the main thread reports it (housekeeping)
+                self.callback_errors += 1
+                self.callback_error = exc
 
     def run(self) -> int:
         stop_on_signals(self.stop)
         try:
             if isinstance(self.mic, str) and self.mic.lower().endswith(".wav"):
                 return run_reporting(self.pub, "capture", lambda: self.run_wav(str(self.mic)))
-            return run_reporting(self.pub, "capture", self.run_pyaudio)
+            from engine.audio.native import resolve_backend
+            self.backend, self.backend_note = resolve_backend(self.spec.config["audio"].get("backend", "native"))
+            return run_reporting(self.pub, "capture", self.run_native if self.backend == "native" else self.run_pyaudio)
         finally:
             if self.recorder is not None:
                 try:
@@ -288,6 +393,22 @@ class CaptureProcess:
                     self.pub.publish("engine.error", {"source": "capture", "code": "record_failed",
                                                       "message": f"the recording {self.recorder.path} could not be "
                                                                  f"finished: {error_text(exc)}"})
+
+
+class _NativeStream:
+    """What :func:`keep_running` needs of a stream, for the native capture's."""
+
+    def __init__(self, cap: Any) -> None:
+        self.cap = cap
+
+    def is_active(self) -> bool:
+        return bool(self.cap.is_active())
+
+    def stop_stream(self) -> None:
+        self.cap.close()
+
+    def close(self) -> None:
+        self.cap.close()
 
 
 if __name__ == "__main__":

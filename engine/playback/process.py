@@ -6,8 +6,11 @@ keeps a prebuffer before a stream starts, fades out within 5 ms when asked to fl
 (barge-in), fades over a ring that runs dry mid-stream and counts it as an underrun,
 and tells the ring what the listener has heard (``heard_index``).
 
-Backends: a PyAudio callback stream at the device's rate (soxr resampling from
-24 kHz), a WAV file written in real time, or ``null`` (consumed in real time).
+Backends: for a device, ``audio.backend`` ``native`` (the default where it is built): the same
+renderer in C behind a PortAudio output callback (engine/audio/native.py; no Python runs per
+period, the publishing thread reads its events and counters), or ``pyaudio``: a PyAudio callback
+stream at the device's rate (soxr resampling from 24 kHz) running :class:`Renderer` and
+:class:`DeviceFeeder`; a WAV file written in real time, or ``null`` (consumed in real time).
 
 Listen (the debug console, :mod:`engine.audio.listen_talk`): while a ``console.listen`` lease
 holds, the renderer also copies every block it hands out into the listen ring (a plain
@@ -30,7 +33,7 @@ from engine.child import every_period, run_reporting, stop_on_signals
 from engine.audio.record import PcmWav
 from engine.audio.ring import Ring, SampleFifo
 from engine.audio.listen_talk import LISTEN_TOPIC, ListenSwitch
-from engine.audio.levels import LevelTap
+from engine.audio.levels import ExternalLevelTap, LevelTap
 from engine.playback.stretch import LOOKAHEAD_FRAMES, MAX_PERIOD_FRAMES, MIN_PERIOD_FRAMES, TimeStretcher
 from engine.pcm import FRAMES_PER_MS, RATE_HZ
 from engine.specs import PlaybackSpec
@@ -44,6 +47,7 @@ POSITION_EVERY_S = 0.1       # playback.position while a stream plays
 CADENCE_EVERY_S = 5.0        # playback.cadence: how regularly the device asks for audio
 LEVELS_EVERY_S = 0.1         # playback.levels: 20 ms windows of what was played, batched this often
 LISTEN_EVERY_S = 2.0         # playback.listen while a console listens (and at each change)
+REF_RUN_TOLERANCE_NS = 2_000_000   # a reference block due this much off the end of the last begins a new run
 #: the device's read-ahead spread (Renderer._measure_lead): the mean lead follows over ~100 blocks
 #: (1 s at 10 ms), the spread's peaks are held and forgotten over ~200 blocks
 LEAD_MEAN_WEIGHT = 0.01
@@ -135,6 +139,8 @@ class Renderer:
         #: False when the caller fades a flush itself, later in the chain (:class:`DeviceFeeder`)
         self.fade_on_flush = fade_on_flush
         self.ref = ref
+        self._ref_next_due_ns = 0    # when the frame after the latest reference block is due at the DAC
+        self._ref_run_index = 0      # where the reference's latest run without a gap began
         #: level meter of what is handed to the device (the console's speaker envelope); set by the process
         self.tap: LevelTap | None = None
         #: the console's listen ring, written while ``listen_on`` (set by the publishing thread)
@@ -194,14 +200,29 @@ class Renderer:
         return self._stream_complete() and self.ring.read_index >= self.control.end_index
 
     def render(self, out: np.ndarray, latency_frames: int, now: float) -> None:
-        """Fill ``out`` completely (silence where there is nothing to play); copy it to the reference ring."""
+        """Fill ``out`` completely (silence where there is nothing to play); copy it to the reference
+        ring, stamped with when its first frame reaches the DAC: ``now`` (the callback's
+        CLOCK_MONOTONIC time) plus the device's output latency and the frames handed to the device
+        before it (``backlog_frames``)."""
         self._render(out, latency_frames, now)
         if self.ref is not None:
+            self._stamp_ref(len(out), latency_frames, now)
             self.ref.write(out)  # a full reference ring (no capture reading it) only counts overruns
         if self.tap is not None:
             self.tap.push(out)   # a copy into a preallocated buffer; measured by the publishing thread
         if self.listen_on and self.listen is not None:
             self.listen.write(out)  # a full listen ring (the console behind) only counts overruns
+
+    def _stamp_ref(self, frames: int, latency_frames: int, now: float) -> None:
+        """The reference block about to be written: when it is due at the DAC, and whether it follows
+        the last one without a gap (the device ran dry after a late callback: a new run)."""
+        ref = self.ref
+        assert ref is not None
+        due_ns = int(now * 1e9) + (latency_frames + self.backlog_frames) * 1_000_000_000 // RATE_HZ
+        if abs(due_ns - self._ref_next_due_ns) > REF_RUN_TOLERANCE_NS:
+            self._ref_run_index = ref.write_index
+        self._ref_next_due_ns = due_ns + frames * 1_000_000_000 // RATE_HZ
+        ref.stamp_due(ref.write_index, due_ns, self._ref_run_index)
 
     def _retarget(self) -> None:
         """The prebuffer in effect: the ring's jitter-buffer target (else the configured one) plus
@@ -468,6 +489,8 @@ class PlaybackProcess:
     #: when playback.levels goes out next (never for an instance built without __init__, as tests do)
     next_levels_at: float = float("inf")
     console_sub: Subscriber | None = None   #: console.listen (None for an instance built without __init__)
+    backend: str = "pyaudio"                #: the device backend that runs: native or pyaudio (set by run)
+    backend_note: str | None = None         #: why it is not the one asked for, if it is not
 
     def __init__(self, spec: PlaybackSpec) -> None:
         self.spec = spec
@@ -536,8 +559,15 @@ class PlaybackProcess:
         if now >= self.next_levels_at:
             self.next_levels_at = now + LEVELS_EVERY_S
             self.publish_levels()
+        native = self.backend == "native"
+        nr: Any = r
+        if native:   # the C callback's counters (no Python runs in it)
+            self.callbacks, self.device_underflows = nr.callbacks, nr.device_underflows
         if now >= self.next_cadence_at and self.callbacks > 2:
             self.next_cadence_at = now + CADENCE_EVERY_S
+            if native:
+                stamps = nr.callback_stamps()
+                self.callback_ns[:len(stamps)] = stamps
             n = min(self.callbacks, len(self.callback_ns))
             gaps_ms = np.diff(np.sort(self.callback_ns[:n])) / 1e6  # the ring's stamps, back in time order
             p50, p99 = np.percentile(gaps_ms, [50, 99]).tolist()
@@ -615,6 +645,38 @@ class PlaybackProcess:
                 next_publish_s = now + PUBLISH_EVERY_S
                 self.publish_events()
 
+    def run_native(self) -> None:
+        """The device through the native backend: the renderer in C behind a PortAudio output
+        callback; this thread publishes what it saw and does the chores, woken by its events."""
+        from engine.audio.devices import find_device, keep_running, open_pyaudio
+        from engine.audio.native import NativeRenderer, window_levels
+        pa = open_pyaudio()   # device lookup (and the library PortAudio shares with PyAudio)
+        try:
+            dev = find_device(pa, self.speaker, "output")
+            rate = self.spec.config["audio"]["device_rate_hz"] or dev["default_rate_hz"]
+            frames_dev = rate * self.period_ms // 1000
+            old = self.renderer
+            r = NativeRenderer(self.ring, old.base_prebuffer_frames, max_prebuffer_frames=old.max_prebuffer_frames,
+                               ref=self.ref, stretch=old.stretch, device_rate_hz=rate,
+                               block_frames=RATE_HZ * self.period_ms // 1000,
+                               tap=ExternalLevelTap(RATE_HZ, measure=window_levels))
+            r.listen = old.listen
+            wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            r.wake_fd = wake_fd
+            self.renderer = r   # type: ignore[assignment]  # the same interface, in C
+            latency_s = r.open(dev["index"], rate, frames_dev)
+        except BaseException:
+            pa.terminate()
+            raise
+        self.pub.publish("playback.device", {"name": dev["name"], "rate_hz": rate, "period_frames": frames_dev,
+                                             "latency_ms": round(latency_s * 1000, 1), "backend": "native",
+                                             "backend_note": self.backend_note})
+        try:
+            keep_running(pa, _NativeStream(r), self.stop, self.publish_events, PUBLISH_EVERY_S, wake_fd)
+        finally:
+            r.wake_fd = -1
+            os.close(wake_fd)
+
     def run_pyaudio(self) -> None:
         import pyaudio
         from engine.audio.devices import find_device, keep_running, open_pyaudio
@@ -653,7 +715,8 @@ class PlaybackProcess:
                          output_device_index=dev["index"], frames_per_buffer=frames_dev, stream_callback=callback)
         stream_latency_s = stream.get_output_latency()
         self.pub.publish("playback.device", {"name": dev["name"], "rate_hz": rate, "period_frames": frames_dev,
-                                             "latency_ms": round(stream_latency_s * 1000, 1)})
+                                             "latency_ms": round(stream_latency_s * 1000, 1), "backend": "pyaudio",
+                                             "backend_note": self.backend_note})
         # the publishing thread sleeps on this between chores; the renderer (and a stop signal) wakes it
         wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.renderer.wake_fd = wake_fd
@@ -664,14 +727,16 @@ class PlaybackProcess:
             os.close(wake_fd)
 
     def run(self) -> int:
-        stop_on_signals(self.stop, self.renderer.wake)
+        stop_on_signals(self.stop, lambda: self.renderer.wake())   # the renderer of whichever backend runs
         target = self.speaker
         try:
             if target is None or target == "null":
                 return run_reporting(self.pub, "playback", self.run_null)
             if isinstance(target, str) and target.lower().endswith(".wav"):
                 return run_reporting(self.pub, "playback", lambda: self._run_wav(target))
-            return run_reporting(self.pub, "playback", self.run_pyaudio)
+            from engine.audio.native import resolve_backend
+            self.backend, self.backend_note = resolve_backend(self.spec.config["audio"].get("backend", "native"))
+            return run_reporting(self.pub, "playback", self.run_native if self.backend == "native" else self.run_pyaudio)
         finally:
             self.publish_events()
 
@@ -681,6 +746,22 @@ class PlaybackProcess:
         with PcmWav(path, channels=1, sample_width_bytes=2, rate_hz=RATE_HZ,
                     append=self.earlier_starts > 0) as wav:
             self.run_null(wav)
+
+
+class _NativeStream:
+    """What :func:`keep_running` needs of a stream, for the native renderer's."""
+
+    def __init__(self, renderer: Any) -> None:
+        self.renderer = renderer
+
+    def is_active(self) -> bool:
+        return bool(self.renderer.is_active())
+
+    def stop_stream(self) -> None:
+        self.renderer.close()
+
+    def close(self) -> None:
+        self.renderer.close()
 
 
 if __name__ == "__main__":

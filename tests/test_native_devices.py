@@ -1,0 +1,148 @@
+"""The native backend's PortAudio callbacks on the virtual devices (PulseAudio null sinks): the C
+output callback plays the speaker ring on vspk, the C input callback records the speaker's monitor,
+and nothing in Python runs per period but the capture worker's one step."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+
+from engine.audio import native
+from engine.audio.devices import find_device, open_pyaudio
+from engine.audio.ring import Ring
+
+pytestmark = [pytest.mark.e2e, pytest.mark.audio, pytest.mark.timeout(60),
+              pytest.mark.skipif(not native.available(), reason=f"{native.unavailable_reason()}")]
+
+
+@pytest.fixture
+def pa(vaudio: dict[str, str]) -> Iterator[Any]:
+    p = open_pyaudio()
+    yield p
+    p.terminate()
+
+
+@pytest.fixture
+def rings() -> Iterator[Any]:
+    made: list[Ring] = []
+
+    def make(capacity: int, eventfd: bool = False) -> Ring:
+        r = Ring.create(f"realtalk-test-nd-{os.getpid()}-{len(made)}", capacity, with_eventfd=eventfd)
+        made.append(r)
+        return r
+    yield make
+    for r in made:
+        r.close()
+        r.unlink()
+
+
+def tone(seconds: float, hz: float = 1000.0) -> np.ndarray:
+    t = np.arange(int(seconds * 24000)) / 24000
+    return (8000 * np.sin(2 * np.pi * hz * t)).astype(np.int16)
+
+
+def test_the_native_speaker_plays_the_ring_and_the_native_mic_hears_it(pa: Any, rings: Any) -> None:
+    speaker, ref, mic = rings(1 << 16), rings(1 << 16), rings(1 << 17, eventfd=True)
+    spk = find_device(pa, "vspk", "output")
+    mon = find_device(pa, "vspkmon", "input")
+    r = native.NativeRenderer(speaker, prebuffer_frames=1440, ref=ref, device_rate_hz=48000, block_frames=240)
+    wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    r.wake_fd = wake
+    cap = native.NativeCapture(mic, 48000, 960)
+    try:
+        assert 0 < cap.open(mon["index"], 48000, 960) < 1
+        latency_s = r.open(spk["index"], 48000, 480)
+        assert 0 < latency_s < 1 and r.is_active() and cap.is_active()
+        time.sleep(0.3)
+        speaker.mark_start()
+        speaker.write(tone(1.0))
+        speaker.mark_end()
+        kinds: list[str] = []
+        deadline = time.monotonic() + 10
+        while "stopped" not in kinds and time.monotonic() < deadline:
+            if cap.wait(0.1):
+                cap.step(None)
+            kinds = [e.kind for e in r.events]
+        end = time.monotonic() + 0.4          # the device's buffer and the monitor's latency play out
+        while time.monotonic() < end:
+            if cap.wait(0.05):
+                cap.step(None)
+        assert kinds == ["started", "stopped"]
+        assert os.eventfd_read(wake) >= 1      # each event woke the publishing thread
+        assert r.callbacks > 100 and ref.write_index >= 24000
+        assert speaker.heard_index >= 24000 - latency_s * 24000 - 240
+        heard = mic.read(mic.read_available).astype(np.float64)
+        loud = np.abs(heard) > 2000
+        assert loud.sum() > 20000, "the tone did not come back from the speaker's monitor"
+        first, last = np.nonzero(loud)[0][[0, -1]]
+        seg = heard[first:last]
+        assert abs(len(seg) - 24000) < 480                                 # all of it, once
+        spectrum = np.abs(np.fft.rfft(seg * np.hanning(len(seg))))
+        assert abs(np.argmax(spectrum) * 24000 / len(seg) - 1000) < 5     # the tone itself
+        assert cap.callbacks > 50 and cap.dropped_frames == 0
+    finally:
+        r.close()
+        cap.close()
+        os.close(wake)
+    assert not r.is_active()
+
+
+def _device_messages(eng: Any, timeout_s: float = 15) -> dict[str, dict[str, Any]]:
+    """capture.device and playback.device from the session's event log (they went out at start)."""
+    deadline = time.monotonic() + timeout_s
+    found: dict[str, dict[str, Any]] = {}
+    while time.monotonic() < deadline and len(found) < 2:
+        path = Path(eng.conn["session_dir"]) / "events.jsonl"
+        for line in path.read_text().splitlines() if path.exists() else []:
+            try:
+                ev = json.loads(line)
+            except ValueError:   # the last line may be cut off mid-write
+                continue
+            if ev.get("topic") in ("capture.device", "playback.device"):
+                found[ev["topic"]] = ev["body"]
+        time.sleep(0.2)
+    return found
+
+
+@pytest.mark.parametrize("forced_off", [False, True])
+def test_the_engine_runs_its_devices_on_the_backend_it_says(vaudio: dict[str, str], start_engine: Any,
+                                                            monkeypatch: pytest.MonkeyPatch, forced_off: bool) -> None:
+    """audio.backend native (the default) runs the C callbacks; with the extension taken away
+    (REALTALK_NATIVE=0) the same config runs PyAudio's, and says why, once, in each device message."""
+    if forced_off:
+        monkeypatch.setenv("REALTALK_NATIVE", "0")
+    eng = start_engine("--mic", "vmic", "--speaker", "vspk")
+    msgs = _device_messages(eng)
+    assert msgs.keys() == {"capture.device", "playback.device"}, msgs
+    for body in msgs.values():
+        if forced_off:
+            assert body["backend"] == "pyaudio" and "REALTALK_NATIVE=0" in body["backend_note"], body
+        else:
+            assert body["backend"] == "native" and body["backend_note"] is None, body
+
+
+def test_a_running_renderer_refuses_python_writes_but_the_listen_switch(pa: Any, rings: Any) -> None:
+    """While the C callback runs the renderer, its fields have one writer, the callback: Python
+    may flip only the listen switch (rule 3 of _native.c); after close, the fields are settable."""
+    speaker = rings(1 << 14)
+    spk = find_device(pa, "vspk", "output")
+    r = native.NativeRenderer(speaker, prebuffer_frames=1440, device_rate_hz=48000, block_frames=240)
+    try:
+        r.open(spk["index"], 48000, 480)
+        for name in ("prebuffer_frames", "backlog_frames", "low_water_frames"):
+            with pytest.raises(AttributeError, match="while the device stream runs"):
+                setattr(r, name, 100)
+        with pytest.raises(AttributeError, match="before the device stream starts"):
+            r.wake_fd = -1
+        r.listen_on = 1
+        assert r.listen_on == 1 and r.prebuffer_frames == 1440
+    finally:
+        r.close()
+    r.prebuffer_frames = 2000
+    r.wake_fd = -1
+    assert r.prebuffer_frames == 2000 and r.wake_fd == -1
