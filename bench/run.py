@@ -21,6 +21,9 @@ side by side with its reference in the same run.
     python bench/run.py live [--json] [--yields N] [--utterances N]
                                            the engine on GPT-Live: latency, yield time, underruns vs an SDK
                                            baseline, CPU beside the floor (issue 21)
+    python bench/run.py jitter [--json] [--turns N] [--out DIR]
+                                           the adaptive jitter buffer against the fixed prebuffer, clean and at
+                                           30 ms jitter, and a plot of its target (issue 25)
 
 Every figure's definition: bench/README.md.
 """
@@ -613,7 +616,7 @@ def bench_server() -> dict[str, Any]:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("suite", choices=["core", "server", "conversation", "faults", "console", "phone", "asr", "sip",
-                                       "live"])
+                                       "live", "jitter"])
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--backend", choices=["native", "pyaudio", "both"], default="both",
                     help="core, conversation: the audio backend(s) the engine's figures are measured on")
@@ -623,6 +626,8 @@ def main() -> int:
     ap.add_argument("--double-talk-trials", type=int, default=5, help="per level and guard setting; 0: skip")
     ap.add_argument("--stall-replies", type=int, default=10, help="conversation: replies per playback stall length; 0: skip")
     ap.add_argument("--minutes", type=float, default=10.0, help="console: minutes of events with the page open")
+    ap.add_argument("--turns", type=int, default=12, help="jitter: replies per session (after a warm-up)")
+    ap.add_argument("--out", default=None, help="jitter: where the target plot (PNG) and its CSVs go")
     ap.add_argument("--closed-minutes", type=float, default=None, help="console: minutes of turns before it opens")
     ap.add_argument("--yields", type=int, default=20, help="live: times the user talks over the model")
     ap.add_argument("--utterances", type=int, default=10, help="live: utterances at 30 ms jitter, engine and baseline")
@@ -640,6 +645,9 @@ def main() -> int:
     elif args.suite == "phone":
         from bench.phone import run as run_phone
         result = run_phone()
+    elif args.suite == "jitter":
+        from bench.jitter import run as run_jitter
+        result = run_jitter(args.turns, Path(args.out) if args.out else None)
     elif args.suite == "sip":
         from bench.sip import run as run_sip
         result = run_sip()

@@ -53,6 +53,7 @@ class AudioConfig(TypedDict):
     period_ms: Literal[10, 20, 40]
     playback_period_ms: Literal[10, 20, 40] | None
     prebuffer_ms: int
+    jitter_buffer: Literal["adaptive", "fixed"]
     time_stretch: bool
     echo: Literal["auto", "aec", "half_duplex", "off"]
     echo_guard_db: float | None

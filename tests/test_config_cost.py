@@ -132,6 +132,8 @@ def test_every_key_is_documented() -> None:
     ({"budget_usd": -1}, "must not be negative"),
     ({"barge_in": {"enabled": "yes"}}, "'barge_in.enabled': expected true/false"),
     ({"phone": {"prebuffer_ms": "60"}}, "'phone.prebuffer_ms': expected an integer"),
+    ({"audio": {"jitter_buffer": "auto"}}, "'audio.jitter_buffer': 'auto' is not one of: adaptive, fixed"),
+    ({"audio": {"jitter_buffer": True}}, "'audio.jitter_buffer': expected a string"),
 ])
 def test_bad_config_names_key_and_problem(tmp_path: Path, data: dict, words: str) -> None:
     p = tmp_path / "c.yaml"

@@ -49,6 +49,8 @@ def _schedule(seed: int) -> list[tuple[str, int]]:
             acts.append(("flush", 0))
         elif x < 0.58:
             acts.append(("start", 0))
+        elif x < 0.62:   # the jitter buffer's target (ring.py's target_frames): none, small, large
+            acts.append(("target", int(rng.choice([0, 312, 480, 1440, 2400]))))
         acts.append(("render", int(rng.choice([240, 480, 441]))))
     return acts
 
@@ -56,15 +58,20 @@ def _schedule(seed: int) -> list[tuple[str, int]]:
 @needs_native
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("stretch", [True, False])
-def test_the_native_renderer_plays_what_the_python_one_plays(rings: Any, seed: int, stretch: bool) -> None:
-    """Same writes, marks, flushes and callbacks: the same samples out, the same events, the same
-    ring indices, heard index and counters, block after block."""
+@pytest.mark.parametrize("bunch", [False, True])
+def test_the_native_renderer_plays_what_the_python_one_plays(rings: Any, seed: int, stretch: bool,
+                                                             bunch: bool) -> None:
+    """Same writes, marks, flushes, jitter-buffer targets and callbacks: the same samples out, the
+    same events, the same ring indices, heard index and counters, block after block. ``bunch``:
+    the callbacks come 4/3 and 2/3 of a block apart and now and then a stall, as PulseAudio's do,
+    so the device's read-ahead spread (and the start delay it adds to a target) is measured."""
     py_ring, c_ring = rings(), rings()
     py_ref, c_ref = rings(), rings()
     py = Renderer(py_ring, prebuffer_frames=1440, ref=py_ref, stretch=stretch)
     c = native.NativeRenderer(c_ring, prebuffer_frames=1440, ref=c_ref, stretch=stretch)
     pcm = voiced(1 << 16)
-    pos, now = 0, 0.0
+    pos, now, k = 0, 0.0, 0
+    leads: list[int] = []
     for act, n in _schedule(seed):
         if act == "write":
             chunk = pcm[pos % 60000:pos % 60000 + n]
@@ -80,12 +87,17 @@ def test_the_native_renderer_plays_what_the_python_one_plays(rings: Any, seed: i
         elif act == "start":
             py_ring.mark_start()
             c_ring.mark_start()
+        elif act == "target":
+            py_ring.control.set_target(n)
+            c_ring.control.set_target(n)
         else:
             a, b = np.zeros(n, dtype=np.int16), np.zeros(n, dtype=np.int16)
             latency = n // 2
             py.render(a, latency, now)
             c.render(b, latency, now)
-            now += n / 24000
+            k += 1
+            leads.append(py.device_lead_frames)
+            now += n / 24000 * ((4 / 3 if k % 2 else 2 / 3) if bunch else 1) + (0.05 if bunch and k % 97 == 0 else 0)
             assert np.array_equal(a, b), f"block {now:.3f} s differs at {np.nonzero(a != b)[0][:5]}"
             assert [tuple(e) for e in py.events] == [tuple(e) for e in c.events]
             for attr in ("read_index", "heard_index", "underrun_frames", "device_latency_frames"):
@@ -93,11 +105,15 @@ def test_the_native_renderer_plays_what_the_python_one_plays(rings: Any, seed: i
             # the reference's due stamp: when the block reaches the DAC, and where its run began
             assert py_ref.due_stamp() == c_ref.due_stamp() is not None
             for attr in ("prebuffer_frames", "expanded_frames", "accelerated_frames", "stretch_frames",
-                         "in_stream", "stream_start", "arrived_mono_ns"):
+                         "in_stream", "stream_start", "arrived_mono_ns", "low_water_frames", "growth_frames",
+                         "start_delay_frames", "start_device_lead_frames", "device_lead_frames",
+                         "render_frames"):
                 assert getattr(py, attr) == getattr(c, attr), attr
     assert py_ref.write_index == c_ref.write_index > 0
     assert np.array_equal(py_ref.read(py_ref.read_available), c_ref.read(c_ref.read_available))
     assert len(py.events) > 5
+    if bunch:
+        assert max(leads) > 0   # the spread was measured (and both measured it alike, block after block)
 
 
 @needs_native

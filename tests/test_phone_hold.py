@@ -176,3 +176,26 @@ def test_mid_item_the_hold_starts_only_at_a_gap_and_a_dropped_hold_is_skipped_in
     clock.clear(1.2, unsent_frames=4800)                        # 600 ms held and dropped by that clear
     assert clock.sent_frames == 5600 and clock.skipped_frames == 4800 and clock.drained(1.3)
     assert clock.heard_index(1.3) == 5600 and clock.frames_to_next_mark() == 1600
+
+
+def test_the_jitter_target_sets_the_hold_and_gaps_grow_on_top_of_it() -> None:
+    """audio.jitter_buffer adaptive: the call's estimate is the hold's base (a clean link: a short
+    hold), a gap grows it by GROW_MS on top, a clean reply gives half of that back; a hold of 0
+    (phone.prebuffer_ms 0) stays off whatever the estimate."""
+    from engine.phone.hold import GROW_MS
+    hold = StartHold(60)
+    hold.retarget(15.2)
+    assert hold.hold_ms == 15
+    hold.audio(b"a", 1.0, 1.0, drained=True)
+    assert hold.release_at_s == pytest.approx(1.015)
+    hold.due(2.0)
+    hold.gap()
+    assert hold.hold_ms == 15 + GROW_MS
+    hold.retarget(40)
+    assert hold.hold_ms == 40 + GROW_MS
+    hold.item_played()
+    hold.item_played()
+    assert hold.hold_ms == 40 + GROW_MS // 2
+    off = StartHold(0)
+    off.retarget(50)
+    assert off.hold_ms == 0 and off.audio(b"x", 0.0, 0.0, drained=True) == [Out(b"x", 0.0)]

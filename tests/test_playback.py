@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import time
+from types import SimpleNamespace
 from typing import Iterator, Any
 
 import numpy as np
@@ -195,9 +196,11 @@ def test_heard_index_lags_by_device_latency(ring: Ring) -> None:
 
 
 def play_deltas(r: Any, ring: Ring, arrivals_s: list[float], pcm: np.ndarray,
-                period_frames: int = 480) -> np.ndarray:
-    """Deltas of ``period_frames`` arriving at ``arrivals_s`` (in order), the end mark with the
-    last; device callbacks every period from t=0 until the stream stops. Returns what was played."""
+                period_frames: int = 480, delta_frames: int | None = None) -> np.ndarray:
+    """Deltas of ``delta_frames`` (default ``period_frames``) arriving at ``arrivals_s`` (in
+    order), the end mark with the last; device callbacks every period from t=0 until the stream
+    stops. Returns what was played."""
+    delta_frames = delta_frames or period_frames
     out = np.zeros(period_frames, dtype=np.int16)
     period_s = period_frames / 24000
     played, sent, k = [], 0, 0
@@ -205,14 +208,14 @@ def play_deltas(r: Any, ring: Ring, arrivals_s: list[float], pcm: np.ndarray,
     while [kind for kind, _ in ev(r)].count("stopped") == stops:
         now = k * period_s
         while sent < len(arrivals_s) and arrivals_s[sent] <= now:
-            ring.write(pcm[sent * period_frames:(sent + 1) * period_frames])
+            ring.write(pcm[sent * delta_frames:(sent + 1) * delta_frames])
             sent += 1
             if sent == len(arrivals_s):
                 ring.mark_end()
         r.render(out, 0, now)
         played.append(out.copy())
         k += 1
-        assert k < 1000, "the stream never ended"
+        assert k < 5000, "the stream never ended"
     return np.concatenate(played)
 
 
@@ -471,3 +474,159 @@ def test_keep_running_does_its_chore_at_once_when_woken() -> None:
     t.join(2.0)
     assert not t.is_alive() and stream.closed
     os.close(fd)
+
+
+# ---------------------------------------------------------------- the adaptive jitter buffer's target
+def first_sample_after_ms(r: Any, ring: Ring, period_frames: int = 240) -> float:
+    """A stream marked at t=0 and written whole (still arriving: no end mark); callbacks every
+    period from t=0; when its first sample is due, in ms after its first frames arrived."""
+    out = np.zeros(period_frames, dtype=np.int16)
+    ring.mark_start()
+    start_s = (ring.stream_start_ns(ring.write_index) or 0) / 1e9
+    ring.write(loud(4800))
+    for k in range(100):
+        r.render(out, 0, start_s + k * period_frames / 24000)
+        if r.in_stream:   # it started in this block
+            lead = int(np.argmax(out != 0))
+            return (k * period_frames + lead) / 24
+    raise AssertionError("the stream never started")
+
+
+def test_a_stream_starts_at_the_rings_target_else_at_the_configured_prebuffer(ring: Ring) -> None:
+    """First reply (no target yet: 0) waits the configured prebuffer; once the producer publishes a
+    target, a stream starts that long after its first frames arrived, to the frame."""
+    r = Renderer(ring, prebuffer_frames=1920)                    # 80 ms configured
+    assert first_sample_after_ms(r, ring) == pytest.approx(80, abs=0.05)
+    ring.mark_end()
+    while r.in_stream:
+        r.render(np.zeros(240, dtype=np.int16), 0, 99.0)
+    ring.control.set_target(360)                                 # 15 ms, the estimate on a clean link
+    assert first_sample_after_ms(r, ring) == pytest.approx(15, abs=0.05)
+    assert r.start_delay_frames == 360
+
+
+def test_an_underrun_grows_the_start_on_top_of_the_target_and_clean_streams_give_it_back(ring: Ring) -> None:
+    r = Renderer(ring, prebuffer_frames=1920, stretch=False)
+    ring.control.set_target(480)                                 # 20 ms
+    play_deltas(r, ring, late_delta_schedule(30, 10, 0.11), voiced(30 * 480))
+    assert [k for k, _ in ev(r)] == ["started", "underrun", "stopped"]
+    assert r.growth_frames == 480 and r.prebuffer_frames == 960  # the target plus 20 ms
+    ring.control.set_target(720)                                 # the target moved: the growth stays on top
+    play_deltas(r, ring, [i * 0.02 for i in range(10)], voiced(10 * 480))
+    assert r.growth_frames == 240 and r.prebuffer_frames == 960  # a clean stream gave half back
+    play_deltas(r, ring, [i * 0.02 for i in range(10)], voiced(10 * 480))
+    assert r.growth_frames == 0 and r.prebuffer_frames == 720    # under 10 ms left: all of it
+
+
+def test_the_time_stretcher_keeps_the_level_the_target_asks_for(ring: Ring) -> None:
+    """A 50 ms late delta under a 60 ms target, 20 ms periods: the stretcher expands once the ring
+    holds under half the target's headroom beyond a period ((60 - 20) / 2 = 20 ms, not from the
+    configured 80) and rides it out, then gives the latency back."""
+    r = Renderer(ring, prebuffer_frames=1920)
+    ring.control.set_target(1440)                                # 60 ms
+    play_deltas(r, ring, late_delta_schedule(60, 20, 0.05), voiced(60 * 480))
+    assert ring.underrun_frames == 0 and r.low_water_frames == 480
+    assert r.expanded_frames > 0                                 # it dipped under the low water: expanded
+    assert r.stretch_frames <= 360                               # and gave nearly all of it back
+
+
+
+def play_stream(r: Any, ring: Ring, arrivals_s: list[float], pcm: np.ndarray, delta_frames: int = 2400,
+                period_frames: int = 240, phase_s: float = 0.0) -> None:
+    """One stream as the engine delivers it: the producer stamps its start when the first delta
+    arrives (``mark_start``, arrivals_s[0] = 0), deltas of ``delta_frames`` at ``arrivals_s``
+    after it, the end mark with the last; device callbacks every period, ``phase_s`` before the
+    first delta's arrival and on, until the stream stops."""
+    out = np.zeros(period_frames, dtype=np.int16)
+    ring.mark_start()
+    stamp_s = (ring.stream_start_ns(ring.write_index) or 0) / 1e9
+    stops = [kind for kind, _ in ev(r)].count("stopped")
+    sent, k = 0, 0
+    while [kind for kind, _ in ev(r)].count("stopped") == stops:
+        now = stamp_s - phase_s + k * period_frames / 24000
+        while sent < len(arrivals_s) and stamp_s + arrivals_s[sent] <= now:
+            ring.write(pcm[sent * delta_frames:(sent + 1) * delta_frames])
+            sent += 1
+            if sent == len(arrivals_s):
+                ring.mark_end()
+        r.render(out, 0, now)
+        k += 1
+        assert k < 5000, "the stream never ended"
+
+
+@pytest.mark.parametrize("target_ms", [15, 20, 30])
+@pytest.mark.parametrize("phase_s", [0.0003, 0.005, 0.0097])
+def test_deltas_on_time_are_not_stretched_under_a_small_target(ring: Ring, target_ms: int, phase_s: float) -> None:
+    """A clean link: 100 ms deltas on time, 10 ms device periods, the target the estimator gives
+    such a link (the ring's level dips to the target less a period just before each delta). The
+    time-stretcher has nothing to ride out: it must not expand (nor accelerate) around every delta."""
+    r = Renderer(ring, prebuffer_frames=1920)
+    ring.control.set_target(target_ms * 24)
+    for _ in range(2):
+        play_stream(r, ring, [i * 0.1 for i in range(30)], voiced(30 * 2400), phase_s=phase_s)
+    assert ring.underrun_frames == 0
+    assert r.expanded_frames == r.accelerated_frames == 0
+
+
+def test_under_30_ms_of_delta_jitter_the_target_rides_it_out(ring: Ring) -> None:
+    """100 ms deltas each up to |N(0, 30 ms)| late (the bench's jitter30 link, seeded; a late delta
+    holds back those behind it), under the target the estimator measures for them: no underrun."""
+    import random
+    from engine.realtime.jitter import JitterEstimator
+    rng = random.Random(7)
+    est = JitterEstimator(80)
+    r = Renderer(ring, prebuffer_frames=1920)
+    for reply in range(16):
+        arrivals, t = [], 0.0
+        for i in range(30):
+            t = max(t, i * 0.1 + abs(rng.gauss(0, 0.030)))
+            arrivals.append(t)
+        arrivals = [a - arrivals[0] for a in arrivals]
+        est.stream_started()
+        for a in arrivals:
+            est.delta(reply * 10.0 + a, 0.1)
+        ring.control.set_target(est.target_frames(24000))
+        play_stream(r, ring, arrivals, voiced(30 * 2400), phase_s=rng.random() * 0.01)
+    assert ring.underrun_frames == 0, (ring.underrun_frames, est.target_ms())
+    assert 50 <= est.target_ms() <= 100
+
+
+def test_a_device_whose_callbacks_bunch_gets_its_read_ahead_spread_on_top_of_the_target(
+        ring: Ring, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PulseAudio's ALSA plugin asks for 10 ms blocks 13.3 and 6.7 ms apart: a block read right
+    after another is read 3.3 ms earlier than one a stream may have started in. The renderer
+    measures that spread and waits it on top of an adaptive target, so 100 ms deltas on time
+    under a 13 ms target are neither stretched nor run dry (without it, every few deltas
+    expanded); the fixed prebuffer stays what it is."""
+    import engine.audio.ring as ring_module
+    clock = [100.0]
+    monkeypatch.setattr(ring_module, "time", SimpleNamespace(monotonic_ns=lambda: int(clock[0] * 1e9)))
+    r = Renderer(ring, prebuffer_frames=1920)
+    ring.control.set_target(13 * 24)
+    out = np.zeros(240, dtype=np.int16)
+    pcm = voiced(30 * 2400)
+
+    def callback_s(k: int) -> float:
+        return 100.0 + (k // 2) * 0.02 + (0.0133 if k % 2 else 0.0)
+    k = 0
+    for reply in range(10):
+        first_s = callback_s(k) + 0.3 + reply * 0.0031    # each reply's first delta at another phase
+        sent = 0
+        while sent < 30 or r.in_stream:
+            now = callback_s(k)
+            while sent < 30 and first_s + sent * 0.1 <= now:
+                clock[0] = first_s + sent * 0.1
+                if sent == 0:
+                    ring.mark_start()
+                ring.write(pcm[sent * 2400:(sent + 1) * 2400])
+                sent += 1
+                if sent == 30:
+                    ring.mark_end()
+            r.render(out, 0, now)
+            k += 1
+    assert ring.underrun_frames == 0 and r.expanded_frames == 0
+    assert r.device_lead_frames == pytest.approx(79, abs=2)          # 13.3 - 10 ms, in frames
+    assert r.prebuffer_frames == 13 * 24 + r.device_lead_frames
+    ring.control.set_target(0)                                       # fixed: the configured prebuffer alone
+    r.render(out, 0, callback_s(k))
+    assert r.prebuffer_frames == 1920

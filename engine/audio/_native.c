@@ -1,7 +1,8 @@
 /* engine.audio._native: realtalk's audio periods in C (the native backend, issue 25).
  *
  * What is here: a view of the engine's shared-memory PCM rings (engine/audio/ring.py's layout,
- * version 2), the playback renderer (prebuffer, end marks, flush fade, underruns, heard index,
+ * version 2), the playback renderer (prebuffer or the ring's jitter-buffer target plus the
+ * device's read-ahead spread, end marks, flush fade, underruns and growth, heard index,
  * time-stretching, soxr to the device rate) run from a PortAudio output callback, and the
  * capture path (a PortAudio input callback that writes the device's frames to a ring; a worker
  * step that resamples, runs the echo canceller's one Python call, guards and writes the mic ring).
@@ -67,13 +68,16 @@
 /* The echo statistics' and the guard's constants are echo.py's own, handed in by name at set-up
  * (``guard`` of Capture, and talk_guard): one source of truth for both implementations. */
 
+#define LEAD_MEAN_WEIGHT 0.01    /* process.py: the device's read-ahead spread */
+#define LEAD_PEAK_DECAY 0.995
+
 /* ring.py's int64 slots */
 enum {
     S_MAGIC = 0, S_VERSION = 1, S_CAPACITY = 2, S_BPF = 3, S_RATE = 4, S_WIDTH = 5, S_CHANNELS = 6,
     S_W_INDEX = 8, S_OVERRUN = 9, S_WRITES = 10, S_W_NS = 11,
     S_DUE_SEQ = 12, S_DUE_INDEX = 13, S_DUE_NS = 14, S_DUE_RUN = 15,
     S_R_INDEX = 16, S_UNDERRUN = 17, S_READS = 18, S_R_WAITING = 19,
-    S_FLUSH_SEQ = 24, S_FLUSH_INDEX = 25, S_END = 26, S_START_INDEX = 27, S_START_NS = 28,
+    S_FLUSH_SEQ = 24, S_FLUSH_INDEX = 25, S_END = 26, S_START_INDEX = 27, S_START_NS = 28, S_TARGET = 29,
     S_FLUSH_ACK = 32, S_HEARD = 33, S_DEV_LATENCY = 34,
 };
 #define HEADER_BYTES 320
@@ -476,6 +480,12 @@ typedef struct {
     int16_t ahead[LOOKAHEAD];
     int64_t low_water_frames, stretch_frames, stream_expanded_frames, expanded_frames, accelerated_frames;
     int64_t prebuffer_frames, base_prebuffer_frames, max_prebuffer_frames;
+    /* the jitter buffer (Renderer._retarget): growth after underruns, what the latest stream
+     * started with, the latest block's length */
+    int64_t growth_frames, start_delay_frames, start_device_lead_frames, render_frames;
+    /* the device's read-ahead spread (Renderer._measure_lead) */
+    int64_t device_lead_frames, handed_frames;
+    double lead_mean_frames, lead_up_frames, lead_down_frames;
     int64_t stream_underruns, dry_index, dry_frames;
     int playing, in_stream, resumed, waiting;
     int64_t stream_start;
@@ -540,13 +550,43 @@ static int at_stream_end(Renderer *r) {
     return stream_complete(r) && ring_read_index(&r->ring) >= end_index(&r->ring);
 }
 
+/* Renderer._retarget: the prebuffer in effect, the ring's jitter-buffer target (ring.py's
+ * target_frames contract) plus the device's read-ahead spread, else the configured prebuffer,
+ * plus the growth after underruns, capped; the stretcher's low water, half the headroom. */
+static void r_retarget(Renderer *r) {
+    int64_t target = ld_rlx(&r->ring.hdr[S_TARGET]);
+    int64_t lead = target > 0 ? r->device_lead_frames : 0;
+    int64_t p = imin(r->max_prebuffer_frames, (target > 0 ? target + lead : r->base_prebuffer_frames) + r->growth_frames);
+    st_rlx(&r->prebuffer_frames, p);
+    st_rlx(&r->low_water_frames, floordiv(imax(0, p - r->render_frames - lead), 2));
+}
+
+/* Renderer._measure_lead: the device's read-ahead spread, from this block's handoff (the frames
+ * handed to the device before it) against now; Python's float arithmetic, in the same order. */
+static void r_measure_lead(Renderer *r, int64_t n, double now) {
+    double lead = (double)(r->handed_frames - r->backlog_frames) - now * RATE_HZ;
+    double d = lead - r->lead_mean_frames;
+    if (r->handed_frames == 0 || fabs(d) > (double)(4 * n)) {   /* the first block, or a step */
+        r->lead_mean_frames = lead;
+        r->lead_up_frames = r->lead_down_frames = 0.0;
+        d = 0.0;
+    }
+    r->lead_mean_frames += d * LEAD_MEAN_WEIGHT;
+    double up = r->lead_up_frames * LEAD_PEAK_DECAY, down = r->lead_down_frames * LEAD_PEAK_DECAY;
+    r->lead_up_frames = up > d ? up : d;            /* max(d, up): Python's max keeps the first on a tie */
+    r->lead_down_frames = down > -d ? down : -d;
+    st_rlx(&r->device_lead_frames, imin(n, (int64_t)nearbyint(r->lead_up_frames + r->lead_down_frames)));
+    r->handed_frames += n;
+}
+
 static void stream_ended(Renderer *r) {
     r->in_stream = 0;
     r->dry_frames = 0;
     r_emit(r, EV_STOPPED, ring_read_index(&r->ring));
     if (r->stream_underruns == 0) {   /* a clean stream: give back half of what underruns added */
-        int64_t extra = r->prebuffer_frames - r->base_prebuffer_frames;
-        st_rlx(&r->prebuffer_frames, r->prebuffer_frames - (extra > RATE_HZ / 100 ? floordiv(extra, 2) : extra));
+        int64_t extra = r->growth_frames;
+        st_rlx(&r->growth_frames, r->growth_frames - (extra > RATE_HZ / 100 ? floordiv(extra, 2) : extra));
+        r_retarget(r);
     }
     r->stream_underruns = 0;
 }
@@ -618,6 +658,9 @@ static void r_played(Renderer *r, int16_t *out, int64_t n, int64_t got, int64_t 
 /* Renderer._render: fill out[:n] completely. */
 static void r_render_core(Renderer *r, int16_t *out, int64_t n, int64_t latency, double now) {
     ring_t *ring = &r->ring;
+    st_rlx(&r->render_frames, n);
+    r_measure_lead(r, n, now);
+    r_retarget(r);
     int64_t heard_base = ring_read_index(ring) - r->backlog_frames;
     if (flush_pending(ring)) {
         int64_t got = 0;
@@ -664,7 +707,8 @@ static void r_render_core(Renderer *r, int16_t *out, int64_t n, int64_t latency,
             r->stream_underruns += 1;
             st_rlx(&ring->hdr[S_UNDERRUN], ld_rlx(&ring->hdr[S_UNDERRUN]) + r->dry_frames);
             r_emit(r, EV_UNDERRUN, r->dry_index);
-            st_rlx(&r->prebuffer_frames, imin(r->max_prebuffer_frames, r->prebuffer_frames + RATE_HZ / 50));
+            st_rlx(&r->growth_frames, imin(r->max_prebuffer_frames, r->growth_frames + RATE_HZ / 50));
+            r_retarget(r);
             r->dry_frames = 0;
         }
         if (!r->in_stream)
@@ -696,6 +740,8 @@ static void r_render_core(Renderer *r, int16_t *out, int64_t n, int64_t latency,
             r->in_stream = 1;
             st_rlx(&r->first_sample_mono_ns, now_ns() + (r->backlog_frames + lead) * 1000000000LL / RATE_HZ);
             st_rlx(&r->arrived_mono_ns, (int64_t)(r->waiting_since * 1e9));
+            st_rlx(&r->start_delay_frames, r->prebuffer_frames);
+            st_rlx(&r->start_device_lead_frames, ld_rlx(&ring->hdr[S_TARGET]) > 0 ? r->device_lead_frames : 0);
             r->stretch_frames = r->stream_expanded_frames = r->stream_device_underflows = 0;
             r_emit(r, EV_STARTED, ring_read_index(ring));
         } else {
@@ -1085,6 +1131,8 @@ static const field_t R_FIELDS[] = {
     I64(dry_index, 0), I64(stream_start, 0), I64(wake_errors, 0), I64(stream_device_underflows, 0),
     I64(backlog_frames, 1), I64(first_sample_mono_ns, 0), I64(arrived_mono_ns, 0), I64(flush_mono_ns, 0),
     I64(callbacks, 0), I64(device_underflows, 0), I64(listen_on, 1), I64(ev_dropped, 0),
+    I64(growth_frames, 0), I64(start_delay_frames, 0), I64(start_device_lead_frames, 0), I64(render_frames, 0),
+    I64(device_lead_frames, 0), I64(handed_frames, 0),
     {NULL, 0, 0},
 };
 

@@ -4,8 +4,10 @@ processes use.
 
 * :class:`NativeRenderer` is the playback renderer with :class:`engine.playback.process.Renderer`'s
   interface (and :class:`DeviceFeeder`'s ``fill``), run by a PortAudio output callback in C
-  (``open``): prebuffer from the stream start stamp, end marks, the heard index, the flush fade and
-  its report, underrun counting and prebuffer growth, time-stretching, soxr to the device rate,
+  (``open``): prebuffer from the stream start stamp (the adaptive jitter buffer's target from the
+  ring's ``target_frames``, plus the device's read-ahead spread it measures), end marks, the heard
+  index, the flush fade and its report, underrun counting and prebuffer growth, time-stretching
+  around half the headroom, soxr to the device rate,
   the reference, listen and level-tap copies, callback stamps and device underflows. Its stream
   events queue in C (an SPSC queue) and are read here, by the publishing thread, never by a call
   from the audio thread.

@@ -4,7 +4,7 @@ The ring is indices and data. :class:`Ring` moves frames (copying ``write`` /
 ``read_into``, or in place: ``write_regions`` / ``read_regions``, then ``commit_write`` /
 ``commit_read``); :class:`PlaybackControl` is a separate view of the few fields the speaker
 ring's two ends use to talk about streams (flush request and acknowledgement, end mark,
-stream start stamp, heard index). Each method says whether it is *real-time safe* (no
+stream start stamp, jitter-buffer target, heard index). Each method says whether it is *real-time safe* (no
 system call but the eventfd wake-up, no allocation beyond a view, never blocks, never
 raises) or *set-up only*.
 
@@ -17,7 +17,7 @@ line; each counter has exactly one writer)::
             due_seq, due_index, due_mono_ns, due_run_index              (producer)
     line 2  read_index, underrun_frames, reads, reader_waiting           (consumer)
     line 3  flush_seq, flush_index, end_index, stream_start_index,
-            stream_start_mono_ns                                         (producer: control)
+            stream_start_mono_ns, target_frames                          (producer: control)
     line 4  flush_ack_seq, heard_index, device_latency_frames,
             consumer_starts                                              (consumer: control)
     data    capacity_frames * bytes_per_frame bytes, at offset 320
@@ -46,6 +46,27 @@ Rules:
   sequence lock (odd while the three are written), so a reader never mixes two stamps.
 - Flush (barge-in): the producer's ``request_flush`` asks the consumer to drop everything
   written so far; the consumer applies it at its next read (``Ring.take_flush``).
+- Jitter-buffer target (slot 29, ``target_frames``; the whole contract a renderer, Python or
+  C, must honour). One int64, written only by the producer (a plain aligned store, no ordering
+  beyond the x86-64/ARM64 acquire on ``stream_start_index`` below), read by the consumer:
+  * 0 (a new ring, ``audio.jitter_buffer: fixed``, an adaptive producer that has not measured
+    the link yet, or an older producer): no target; the consumer uses its own configured
+    prebuffer, exactly as before the field existed.
+  * N > 0: the adaptive jitter buffer's target, in ring frames (at the ring's sample rate).
+    The consumer uses N in place of its configured prebuffer, in both places it uses it:
+    a stream's start delay (its first frame is due N frames after ``stream_start_mono_ns``),
+    and the time-stretcher's level while the stream plays (expand below (N - block)/2 left
+    after the block, block = the consumer's device period; accelerate back to N - block).
+    Its own growth after an underrun (+20 ms, half given back per clean stream, capped at its
+    maximum) adds to N as it added to the prebuffer. N includes one device period of margin
+    (engine/realtime/jitter.py): the block a callback reads ahead; the consumer adds, to N only,
+    the spread of its own device's read-ahead beyond that (callbacks that bunch), which it
+    measures, and leaves that out of the stretcher's headroom.
+  * The consumer reads it at every callback (it may change at any delta: a GPT-Live track is
+    one endless stream). The producer stores the target that covers a stream *before* that
+    stream's ``mark_start``, so a consumer that sees the new ``stream_start_index`` sees it.
+  Adding it did not change the layout's version: the slot was zero and unused in version 2, and
+  zero means "as before" on both sides.
 - ``attach`` checks the header (magic, version, size, rate, sample width, channels,
   capacity) and raises :class:`RingError` naming the mismatch.
 - Another local user gets nothing: the engine's ring names are random (:func:`new_ring_name`,
@@ -79,7 +100,7 @@ _VERSION, _CAPACITY, _BPF, _RATE, _WIDTH, _CHANNELS = 1, 2, 3, 4, 5, 6
 _W_INDEX, _OVERRUN, _WRITES, _W_NS = 8, 9, 10, 11
 _DUE_SEQ, _DUE_INDEX, _DUE_NS, _DUE_RUN = 12, 13, 14, 15
 _R_INDEX, _UNDERRUN, _READS, _R_WAITING = 16, 17, 18, 19
-_FLUSH_SEQ, _FLUSH_INDEX, _END, _START_INDEX, _START_NS = 24, 25, 26, 27, 28
+_FLUSH_SEQ, _FLUSH_INDEX, _END, _START_INDEX, _START_NS, _TARGET = 24, 25, 26, 27, 28, 29
 _FLUSH_ACK, _HEARD, _DEV_LATENCY, _CONSUMER_STARTS = 32, 33, 34, 35
 _DTYPES: dict[int, np.dtype[Any]] = {1: np.dtype("i1"), 2: np.dtype("<i2"), 4: np.dtype("<i4")}
 #: how long ``wait_readable`` polls before it sleeps: a burst then costs the producer no system
@@ -129,7 +150,7 @@ def _check_private(name: str, fd: int) -> None:
 class PlaybackControl:
     """The speaker ring's control fields, a view of the same shared block as its :class:`Ring`.
 
-    Producer (the realtime process): ``mark_start``, ``mark_end``, ``request_flush``.
+    Producer (the realtime process): ``mark_start``, ``mark_end``, ``request_flush``, ``set_target``.
     Consumer (the playback callback): ``take_flush`` (through :meth:`Ring.take_flush`, which
     also drops the frames), ``set_heard``. Both may read every field. All methods are
     real-time safe.
@@ -148,6 +169,11 @@ class PlaybackControl:
         consumer's prebuffer). Real-time safe."""
         self._hdr[_START_NS] = time.monotonic_ns()
         self._hdr[_START_INDEX] = write_index  # stored last: a reader that sees it sees the time too
+
+    def set_target(self, frames: int) -> None:
+        """Publish the jitter buffer's target in frames (0: none, the consumer's own prebuffer).
+        Before ``mark_start`` for the stream it covers. Real-time safe."""
+        self._hdr[_TARGET] = max(0, frames)
 
     def mark_end(self, write_index: int) -> None:
         """Say that the frames before ``write_index`` end a stream. Real-time safe."""
@@ -203,6 +229,12 @@ class PlaybackControl:
         """When the stream starting at ``index`` began to arrive, if the producer marked it. Real-time safe."""
         ns = self._hdr[_START_NS]
         return ns if self._hdr[_START_INDEX] == index and ns > 0 else None
+
+    @property
+    def target_frames(self) -> int:
+        """The producer's jitter-buffer target in frames; 0: none (use the configured prebuffer).
+        Real-time safe."""
+        return self._hdr[_TARGET]
 
     @property
     def heard_index(self) -> int:

@@ -51,6 +51,7 @@ from engine.phone.guard import (CLOSE_TOO_BIG, TOKEN_PARAMETER, Close, Connectio
                                 auth_from_config, check_upgrade, limits_from_config, token_ok)
 from engine.phone.heard import HeardClock
 from engine.phone.hold import Out, StartHold
+from engine.realtime.jitter import JitterEstimator
 from engine.phone.twilio import (FRAME_BYTES, MEDIA_RATE_HZ, DtmfMsg, MarkMsg, MediaMsg, PhoneProtocolError, StartMsg,
                                  StopMsg, TwilioStream, show)
 from engine.link.backends import ProtocolCore, backend_for
@@ -103,6 +104,8 @@ class Call:
         self.phone_out = Outgoing("phone")
         self.api_task: asyncio.Task[None] | None = None
         self.hold = StartHold(bridge.prebuffer_ms)      #: each reply's start held audio.prebuffer_ms
+        #: audio.jitter_buffer adaptive: the hold follows the API delta jitter this call measures
+        self.jitter = JitterEstimator(bridge.prebuffer_ms) if bridge.adaptive and bridge.prebuffer_ms > 0 else None
         self.hold_timer: asyncio.TimerHandle | None = None
         self.item_start: int | None = None
         self.ended = False
@@ -320,6 +323,8 @@ class Call:
         if isinstance(act, Play):
             link = self.link
             event_in_s = (link.event_in_s if link is not None else 0.0) or now   #: when its API event came in
+            if self.jitter is not None:   # µ-law 8 kHz: a byte a frame
+                self.hold.retarget(self.jitter.audio(event_in_s, len(act.pcm) / MEDIA_RATE_HZ, act.starts_item))
             outs = self.hold.audio(act.pcm, event_in_s, now, self.clock.drained(now))
             report: Input | None = None
             if act.starts_item:
@@ -524,6 +529,8 @@ class PhoneBridge:
         #: each reply's start is held this long before it goes to the phone (engine.phone.hold)
         hold_ms = phone.get("prebuffer_ms")   # None: the speaker's own setting, audio.prebuffer_ms
         self.prebuffer_ms = int(hold_ms if hold_ms is not None else (cfg.get("audio") or {}).get("prebuffer_ms", 60))
+        #: audio.jitter_buffer: adaptive (the hold's base follows each call's measured jitter) or fixed
+        self.adaptive = (cfg.get("audio") or {}).get("jitter_buffer", "adaptive") == "adaptive"
         self.model: str = cfg["model"]
         self.backend = backend_for(self.model)
         self.recycle_after_s = self.backend.recycle_after_s(cfg.get("session_recycle_s"))

@@ -21,6 +21,10 @@ Rules:
   back. So one late delta does not cost latency for the rest of the call (the engine's speaker
   prebuffer does the same).
 - ``hold_ms`` 0: nothing is ever held, and the hold never grows.
+- Adaptive (``audio.jitter_buffer: adaptive``): the call's jitter estimator
+  (engine.realtime.jitter) sets the base with :meth:`retarget` as API deltas arrive, and the
+  growth after gaps adds to it; the configured ``hold_ms`` is only the start, before the
+  estimator has history. ``fixed``: the base stays ``hold_ms``.
 """
 from __future__ import annotations
 
@@ -39,8 +43,8 @@ class Out:
 
 class StartHold:
     def __init__(self, hold_ms: int) -> None:
-        self.base_ms = max(0, hold_ms)
-        self.hold_ms = self.base_ms              #: what the next hold waits (grows with gaps)
+        self.base_ms = max(0, hold_ms)           #: the configured hold, or the jitter buffer's target
+        self.growth_ms = 0                       #: added by gaps at the phone, half given back per clean reply
         self.hold_ms_max = self.hold_ms          #: the most it was
         self.gaps = 0                            #: gaps at the phone reported to it
         self._gap_in_item = False
@@ -49,6 +53,16 @@ class StartHold:
         self.holds = 0                           #: holds started
         self.early_releases = 0                  #: holds ended by the item's end before release_at_s
         self.dropped_bytes = 0                   #: held audio a clear dropped (never sent)
+
+    @property
+    def hold_ms(self) -> int:
+        """What the next hold waits: the base plus the growth after gaps, at most MAX_HOLD_MS."""
+        return min(MAX_HOLD_MS, self.base_ms + self.growth_ms) if self.base_ms > 0 else 0
+
+    def retarget(self, target_ms: float) -> None:
+        """The jitter buffer's target (ms) is the base from the next hold on (never 0: 0 means no hold)."""
+        if self.base_ms > 0:
+            self.base_ms = max(1, round(target_ms))
 
     @property
     def holding(self) -> bool:
@@ -83,13 +97,13 @@ class StartHold:
         self.gaps += 1
         self._gap_in_item = True
         if self.base_ms > 0:
-            self.hold_ms = min(MAX_HOLD_MS, self.hold_ms + GROW_MS)
+            self.growth_ms = min(MAX_HOLD_MS, self.growth_ms + GROW_MS)
             self.hold_ms_max = max(self.hold_ms_max, self.hold_ms)
 
     def item_played(self) -> None:
         """A reply's audio has all played (its end mark came back): without a gap, half the growth back."""
         if not self._gap_in_item:
-            self.hold_ms = self.base_ms + (self.hold_ms - self.base_ms) // 2
+            self.growth_ms //= 2
         self._gap_in_item = False
 
     def drop(self) -> int:

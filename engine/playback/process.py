@@ -48,6 +48,10 @@ CADENCE_EVERY_S = 5.0        # playback.cadence: how regularly the device asks f
 LEVELS_EVERY_S = 0.1         # playback.levels: 20 ms windows of what was played, batched this often
 LISTEN_EVERY_S = 2.0         # playback.listen while a console listens (and at each change)
 REF_RUN_TOLERANCE_NS = 2_000_000   # a reference block due this much off the end of the last begins a new run
+#: the device's read-ahead spread (Renderer._measure_lead): the mean lead follows over ~100 blocks
+#: (1 s at 10 ms), the spread's peaks are held and forgotten over ~200 blocks
+LEAD_MEAN_WEIGHT = 0.01
+LEAD_PEAK_DECAY = 0.995
 
 
 def fade_out(frames: int) -> np.ndarray:
@@ -95,17 +99,36 @@ class Renderer:
     whole stream is already in the ring) and ends when the reader reaches the end mark
     the producer set for it. Running dry before that is an underrun once more of the stream
     comes (if the end mark comes first, it was the stream's end): the tail fades out, the gap
-    is counted, playback waits for the prebuffer again, and the prebuffer grows
-    (adaptive, up to ``max_prebuffer_frames``) so the next stream rides out the jitter; each
-    stream that plays without an underrun gives half of that growth back, so one late delta
-    does not cost latency for the rest of the session.
+    is counted, playback waits for the prebuffer again, and the prebuffer grows by 20 ms
+    (``growth_frames``, up to ``max_prebuffer_frames`` in all) so the next stream rides out the
+    jitter; each stream that plays without an underrun gives half of that growth back, so one
+    late delta does not cost latency for the rest of the session.
+
+    The prebuffer is the jitter buffer's target plus that growth: the ring's ``target_frames``
+    when the producer sets one (``audio.jitter_buffer: adaptive``: the realtime process's
+    estimate from the delta arrival jitter it measures, engine/realtime/jitter.py), else the
+    configured ``prebuffer_frames``. An adaptive target also gets the device's read-ahead
+    spread (``device_lead_frames``): the target's margin covers the one block a callback reads
+    ahead, but a device whose callbacks bunch (PulseAudio's ALSA plugin asks for 10 ms blocks
+    13.3 and 6.6 ms apart, and catches up after a stall) reads some blocks earlier still than the
+    one a stream started in; that spread is measured here (the lead of each block's handoff
+    against the clock, its peaks above and below its mean held and slowly forgotten, at most one
+    block; a step of more than 4 blocks, a stall the device lost frames over, starts afresh) and
+    waited on top, so deltas on time never find the ring dry. It is read at every callback: a stream's start delay and the
+    level the time-stretcher keeps follow the target as it changes (engine/audio/ring.py states
+    the field's contract).
 
     Time-stretching (``stretch``, NetEQ-style): while a stream is still arriving and the ring
-    holds less than half the configured prebuffer beyond this block, a pitch period of the
+    holds less than half the prebuffer's *headroom* beyond this block, a pitch period of the
     latest output plays again (the ring drains slower, so a late delta lands before it runs
-    dry); once the ring holds more than the prebuffer, periods are left out until that
-    stream's added latency is given back. A stream that is already complete is never stretched,
-    and neither is audio that arrives faster than real time (the ring is full then).
+    dry); once the ring holds the headroom again with a period to spare, periods are left out
+    until that stream's added latency is given back. The headroom is the prebuffer less one
+    block: each callback reads a block ahead of the device, so a stream whose deltas come on
+    time dips to exactly the headroom beyond the block just before each delta (with 100 ms
+    deltas and a 15 ms target, 5 ms), and only a delta later than that is a risk. Half the
+    whole prebuffer would sit above that dip on a small target and expand around every delta.
+    A stream that is already complete is never stretched, and neither is audio that arrives
+    faster than real time (the ring is full then).
     ``stretch_frames`` is the current stream's net stretch (output frames minus stream frames).
     """
 
@@ -126,14 +149,25 @@ class Renderer:
         self.stretch = stretch
         self.stretcher = TimeStretcher()
         self._ahead = np.zeros(LOOKAHEAD_FRAMES, dtype=np.int16)
-        self.low_water_frames = prebuffer_frames // 2
+        self.low_water_frames = prebuffer_frames // 2   # the time-stretcher expands below it (see _retarget)
+        self.render_frames = 0                          # the latest block's length (one device period)
+        #: how far ahead of the clock the device reads at its earliest against its latest, in frames
+        #: (added to an adaptive target; see _measure_lead)
+        self.device_lead_frames = 0
+        self.handed_frames = 0                          # frames rendered, less the backlog: handed to the device
+        self.lead_mean_frames = 0.0
+        self.lead_up_frames = 0.0                       # the held peak of the lead above its mean
+        self.lead_down_frames = 0.0                     # and below it
         self.stretch_frames = 0                         # the current stream's net stretch
         self.stream_expanded_frames = 0                 # the current stream's expansions
         self.expanded_frames = 0                        # in total, for playback.cadence
         self.accelerated_frames = 0
-        self.prebuffer_frames = prebuffer_frames
-        self.base_prebuffer_frames = prebuffer_frames   # what the config asked for: the floor it decays back to
+        self.prebuffer_frames = prebuffer_frames        # in effect: the target plus the growth (see _retarget)
+        self.base_prebuffer_frames = prebuffer_frames   # what the config asked for: used when the ring has no target
         self.max_prebuffer_frames = max(prebuffer_frames, max_prebuffer_frames)
+        self.growth_frames = 0                          # added by underruns, half given back per clean stream
+        self.start_delay_frames = 0                     # the prebuffer the latest stream started with
+        self.start_device_lead_frames = 0               # the device lead in it
         self.stream_underruns = 0                       # underruns in the current stream
         self.dry_index = 0                              # where the ring ran dry mid-stream
         self.dry_frames = 0                             # silence since then, counted if audio comes back
@@ -190,9 +224,40 @@ class Renderer:
         self._ref_next_due_ns = due_ns + frames * 1_000_000_000 // RATE_HZ
         ref.stamp_due(ref.write_index, due_ns, self._ref_run_index)
 
+    def _retarget(self) -> None:
+        """The prebuffer in effect: the ring's jitter-buffer target (else the configured one) plus
+        the growth after underruns, capped. Real-time safe (one shared-memory read)."""
+        target = self.control.target_frames
+        lead = self.device_lead_frames if target > 0 else 0
+        p = min(self.max_prebuffer_frames, (target + lead if target > 0 else self.base_prebuffer_frames)
+                + self.growth_frames)
+        self.prebuffer_frames = p
+        # half the headroom (class docstring): the device's read-ahead spread is not headroom
+        self.low_water_frames = max(0, p - self.render_frames - lead) // 2
+
+    def _measure_lead(self, n: int, now: float) -> None:
+        """The device's read-ahead spread (class docstring), from this block's handoff: the frames
+        handed to the device before it against ``now``. Real-time safe (arithmetic only)."""
+        lead = (self.handed_frames - self.backlog_frames) - now * RATE_HZ   # plus a constant
+        d = lead - self.lead_mean_frames
+        if self.handed_frames == 0 or abs(d) > 4 * n:
+            # the first block, or a step: a stall the device lost frames over (it underflowed and
+            # goes on from there), or a clock that jumped: the past no longer describes the device
+            self.lead_mean_frames = lead
+            self.lead_up_frames = self.lead_down_frames = 0.0
+            d = 0.0
+        self.lead_mean_frames += d * LEAD_MEAN_WEIGHT
+        self.lead_up_frames = max(d, self.lead_up_frames * LEAD_PEAK_DECAY)
+        self.lead_down_frames = max(-d, self.lead_down_frames * LEAD_PEAK_DECAY)
+        self.device_lead_frames = min(n, round(self.lead_up_frames + self.lead_down_frames))
+        self.handed_frames += n
+
     def _render(self, out: np.ndarray, latency_frames: int, now: float) -> None:
         ring = self.ring
         n = len(out)
+        self.render_frames = n
+        self._measure_lead(n, now)
+        self._retarget()
         # the first ring frame not yet handed to the device (the callback may hold resampled frames)
         heard_base = ring.read_index - self.backlog_frames
         ctl = self.control
@@ -242,7 +307,8 @@ class Renderer:
                 self.stream_underruns += 1
                 ring.count_underrun(self.dry_frames)
                 self._emit("underrun", self.dry_index)
-                self.prebuffer_frames = min(self.max_prebuffer_frames, self.prebuffer_frames + RATE_HZ // 50)
+                self.growth_frames = min(self.max_prebuffer_frames, self.growth_frames + RATE_HZ // 50)
+                self._retarget()
                 self.dry_frames = 0
             if not self.in_stream:
                 self.stream_start = ring.read_index
@@ -272,6 +338,8 @@ class Renderer:
                 self.in_stream = True
                 self.first_sample_mono_ns = time.monotonic_ns() + (self.backlog_frames + lead) * 1_000_000_000 // RATE_HZ
                 self.arrived_mono_ns = int(self.waiting_since * 1e9)
+                self.start_delay_frames = self.prebuffer_frames
+                self.start_device_lead_frames = self.device_lead_frames if ctl.target_frames > 0 else 0
                 self.stretch_frames = self.stream_expanded_frames = self.stream_device_underflows = 0
                 self._emit("started", ring.read_index)
             else:
@@ -366,8 +434,9 @@ class Renderer:
         self.dry_frames = 0
         self._emit("stopped", self.ring.read_index)
         if self.stream_underruns == 0:  # a clean stream: give back half of what underruns added
-            extra = self.prebuffer_frames - self.base_prebuffer_frames
-            self.prebuffer_frames -= extra // 2 if extra > RATE_HZ // 100 else extra
+            extra = self.growth_frames
+            self.growth_frames -= extra // 2 if extra > RATE_HZ // 100 else extra
+            self._retarget()
         self.stream_underruns = 0
 
 
@@ -469,6 +538,9 @@ class PlaybackProcess:
                 payload["first_sample_mono_ns"] = r.first_sample_mono_ns
                 payload["arrived_mono_ns"] = r.arrived_mono_ns
                 payload["output_latency_ms"] = round(ring.control.device_latency_frames / FRAMES_PER_MS, 2)
+                # the start delay this stream waited after its first frames arrived (target + growth)
+                payload["prebuffer_ms"] = round(r.start_delay_frames / FRAMES_PER_MS, 1)
+                payload["device_lead_ms"] = round(r.start_device_lead_frames / FRAMES_PER_MS, 1)
             else:
                 payload["played_ms"] = (index - start) // FRAMES_PER_MS
                 # how much longer (or shorter) the stream played than its audio: time-stretching

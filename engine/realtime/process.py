@@ -43,6 +43,7 @@ from engine.link.shell import ApiLink
 from engine import child
 from engine.child import stop_on_signals
 from engine.realtime.dialects import dialect_for
+from engine.realtime.jitter import JitterEstimator
 from engine.realtime.records import (Action, Command, EndOfAudio, Flush, Input, MicAudio, Play,
                                      PlaybackReport, Publish)
 from engine.audio.ring import Ring
@@ -81,6 +82,10 @@ class RealtimeProcess:
         #: reply_audio: each reply's audio as it was received, saved as <replies_dir>/<response id>.wav
         self.replies_dir = Path(spec.replies_dir) if spec.replies_dir else None
         self.reply_pcm: dict[str, list[bytes]] = {}
+        #: the adaptive jitter buffer (audio.jitter_buffer: adaptive): each delta timed where it arrives,
+        #: the target handed to playback in the speaker ring's target_frames; None: fixed, the ring has none
+        self.jitter = JitterEstimator(cfg["audio"]["prebuffer_ms"]) \
+            if cfg["audio"].get("jitter_buffer", "adaptive") == "adaptive" and self.speaker is not None else None
         self.core = self.backend.core(cfg["model"], spec.session,
                                       start_index=self.speaker.write_index if self.speaker else 0,
                                       barge_in=cfg["barge_in"]["enabled"], min_speech_ms=cfg["barge_in"]["min_speech_ms"],
@@ -113,14 +118,21 @@ class RealtimeProcess:
             assert self.link_pub is not None
             self.link_pub.publish(act.topic, act.payload)
             return None
-        self._ring_action(act)
+        self._ring_action(act, now_s)
         return None
 
-    def _ring_action(self, act: Play | Flush | EndOfAudio) -> None:
+    def _ring_action(self, act: Play | Flush | EndOfAudio, now_s: float) -> None:
         speaker = self.speaker
         if speaker is None:
             return
         if isinstance(act, Play):
+            if self.jitter is not None:
+                # this delta arrived now (the link hands each server event to the core, and its
+                # actions here, in the callback that read it); the target covering this stream is
+                # stored before its start mark (the ring's contract)
+                self.jitter.audio(now_s, len(act.pcm) / (SAMPLE_WIDTH_BYTES * RATE_HZ), act.starts_item)
+                # nothing measured yet: no target (0), playback waits its configured prebuffer
+                speaker.control.set_target(self.jitter.target_frames(speaker.sample_rate) if self.jitter.measured else 0)
             if act.starts_item:
                 speaker.mark_start()
             speaker.write(act.pcm)
@@ -158,7 +170,7 @@ class RealtimeProcess:
             if isinstance(act, Publish):
                 pub.publish(act.topic, act.payload)
             elif isinstance(act, (Play, Flush, EndOfAudio)):
-                self._ring_action(act)
+                self._ring_action(act, time.monotonic())
 
     def _step_before_link(self, rec: Input) -> None:
         """Hand a record to the core while the link does not run yet (this thread owns the core)."""
