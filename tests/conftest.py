@@ -297,10 +297,19 @@ def phone_engine(runtime_dir: Path, tmp_path: Path) -> Iterator[Any]:
         e.stop()
 
 
+#: fixtures of the tests that play and record through the virtual devices (timing measured at the device)
+DEVICE_FIXTURES = frozenset({"vaudio", "browser", "talking_browser", "echo_path"})
+#: modules whose engines run at real time on WAV mics (speed 1: a reply must still be streaming)
+REAL_TIME_MODULES = frozenset({"test_client_control.py", "test_live_engine.py"})
+
+
+@pytest.hookimpl(tryfirst=True)   # before -m selects on the marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (``tools/test.sh``: ``-n 2 --dist loadgroup``) every e2e test is in one
-    group, so they run one at a time, in order, on one worker and one set of virtual devices, while
-    the pure tests run on the other worker. Without xdist the mark does nothing."""
+    """An e2e test on the virtual devices, or at real time on a WAV mic, also carries ``timed``.
+    ``tools/test.sh`` runs those alone, one at a time, while everything else (the pure tests and
+    the other e2e tests) runs beside them in a second pytest at a lower priority."""
     for item in items:
-        if item.get_closest_marker("e2e"):
-            item.add_marker(pytest.mark.xdist_group("e2e"))
+        if not item.get_closest_marker("e2e"):
+            continue
+        if DEVICE_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.name in REAL_TIME_MODULES:
+            item.add_marker(pytest.mark.timed)

@@ -15,7 +15,7 @@ import pytest
 
 from bus import Subscriber
 from engine.capture.echo import EchoCanceller
-from tests.helpers import VAUDIO, say, wait_topic
+from tests.helpers import VAUDIO, say, subscribed, wait_topic
 
 pytestmark = [pytest.mark.audio, pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -43,7 +43,7 @@ def test_without_echo_cancellation_the_model_interrupts_itself(echo_path: None, 
                                                                 tmp_path: Path) -> None:
     eng = start_engine("--config", str(_config(tmp_path, "off")))
     sub = Subscriber(eng.conn["subscribe"], ["playout.interrupted", "user.speech.started"])
-    sub.recv(timeout_ms=0)
+    subscribed(sub, eng.conn["publish"])   # the broker holds the subscriptions before anything is said
     assert say(eng.conn, "Tell me about the weather in Paris in the spring, please.")["ok"]
     interrupted = wait_topic(sub, "playout.interrupted", timeout=20)
     assert interrupted["reason"] == "speech"
@@ -53,7 +53,7 @@ def test_echo_cancellation_keeps_the_model_talking_and_the_user_can_still_barge_
         echo_path: None, start_engine: Any, tmp_path: Path, speech_wav: Any) -> None:
     eng = start_engine("--config", str(_config(tmp_path, "aec")))
     sub = Subscriber(eng.conn["subscribe"], ["playback.", "playout.", "user.speech.started", "capture.echo", "response.done"])
-    sub.recv(timeout_ms=0)
+    subscribed(sub, eng.conn["publish"])   # the broker holds the subscriptions before anything is said
     seen: list[tuple[str, dict[str, Any]]] = []
     for n in range(10):
         assert say(eng.conn, f"This is request number {n + 1}, answer it please.")["ok"]
@@ -89,7 +89,7 @@ def test_a_stalled_playback_does_not_make_the_model_interrupt_itself(echo_path: 
     short (the guard held), and the model is not interrupted by its own voice."""
     eng = start_engine("--config", str(_config(tmp_path, "aec")))
     sub = Subscriber(eng.conn["subscribe"], ["playback.", "playout.", "user.speech.started", "capture.echo"])
-    sub.recv(timeout_ms=0)
+    subscribed(sub, eng.conn["publish"])   # the broker holds the subscriptions before anything is said
     playback_pid = next(c["pid"] for c in eng.conn["children"] if c["name"] == "playback")
     seen: list[tuple[str, dict[str, Any]]] = []
     assert say(eng.conn, "Tell me about the sea, the wide water, the ships and the sailors who know "

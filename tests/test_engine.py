@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bus import Subscriber
-from tests.helpers import REPO, say, wait_topic
+from tests.helpers import REPO, say, subscribed, wait_topic
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -158,7 +158,7 @@ def test_spoken_turn_through_real_devices(vaudio: dict[str, str], start_engine: 
     conn = eng.conn
     sub = Subscriber(conn["subscribe"], ["user.", "model.transcript.done", "response.done", "playback.", "playout.",
                                          "engine.error", "latency."])
-    sub.recv(timeout_ms=0)
+    subscribed(sub, conn["publish"])   # the broker holds the subscriptions before anything is said
     rec: dict[str, Any] = {}
     heard_all = threading.Event()
     recorder = threading.Thread(target=record_monitor, args=(15.0, rec, heard_all))

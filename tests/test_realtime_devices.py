@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from bus import Subscriber
-from tests.helpers import wait_topic
+from tests.helpers import subscribed, wait_topic
 
 pytestmark = [pytest.mark.e2e, pytest.mark.audio, pytest.mark.timeout(120)]
 
@@ -26,7 +26,7 @@ def test_a_finished_reply_is_never_cut_by_the_next_utterance(vaudio: dict[str, s
     eng = start_engine("--mic", "vmic", "--speaker", "vspk", "--scenario", str(scenario))
     sub = Subscriber(eng.conn["subscribe"], ["playout.", "user.speech.", "client.conversation.item.truncate",
                                              "model.transcript.done", "response.done"])
-    sub.recv(timeout_ms=0)
+    subscribed(sub, eng.conn["publish"])   # the broker holds the subscriptions before anything is said
     seen: list[tuple[str, dict[str, Any]]] = []
     subprocess.run(["paplay", "--device=micsink", str(speech_wav("What is the capital of France?", pad_s=0.3))],
                    check=True, timeout=20, env=os.environ.copy())
