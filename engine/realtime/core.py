@@ -41,15 +41,16 @@ import string
 from collections import OrderedDict
 from typing import Any, Callable, Mapping
 
-from bus.wire import ACK_TOPIC, COMMAND_TOPICS, DONE_TOPIC, STATE_TOPIC, TAKEN_TOPIC, command_key, id_problem
+from bus.wire import COMMAND_TOPICS, DONE_TOPIC, STATE_TOPIC, id_problem
 from engine.realtime import budget as budget_mod
 from engine.realtime.history import REPLAYED, History
 from engine.realtime.playout import Playout, Truncation
 from engine.errors import ConfigError
+from engine.realtime.taken import TakesCommandsOnce
 from engine.realtime.records import (API_RATE_HZ, AUDIO_FORMATS, Action, Command, Connected, Disconnected, EndOfAudio,
                                      Flush, Input, MicAudio, Play, PlaybackReport, Publish, Send, SendAudio, ServerEvent,
                                      Tick)
-from engine.realtime.requests import SEEN_IDS, Request, Requests, check_response_options
+from engine.realtime.requests import Request, Requests, check_response_options
 from engine.realtime.tools import ToolSpec, Tools, check_session_tools, parse_registration
 from engine.realtime.turns import Turns
 
@@ -87,7 +88,7 @@ class Link(enum.Enum):
     REFUSED = "refused"
 
 
-class RealtimeCore:
+class RealtimeCore(TakesCommandsOnce):
     """State of one engine session. ``handle(record, now_s, heard_index)`` -> actions."""
 
     def __init__(self, model: str, session_config: Mapping[str, Any], *, start_index: int = 0,
@@ -309,12 +310,6 @@ class RealtimeCore:
         s = dict(self.session_config)
         s["tools"] = self.tools.session_tools(list(s.get("tools", [])))
         return s
-
-    def _mark_taken(self, key: str) -> None:
-        self.taken[key] = None
-        self.taken.move_to_end(key)
-        while len(self.taken) > SEEN_IDS:
-            self.taken.popitem(last=False)
 
     def state_messages(self) -> list[Action]:
         """The core's last-value topics, to publish again (a restarted broker's cache is empty)."""
@@ -712,25 +707,6 @@ class RealtimeCore:
         return [SendAudio(rec.pcm)]
 
     # ================================================================ commands
-    def _command(self, topic: str, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
-        """A command, taken once: a copy (the broker's hand-over of what also came live, a client's
-        re-send) is only said taken again (``intake.taken``), so that the broker lets it go."""
-        if topic in (ACK_TOPIC, DONE_TOPIC):
-            return []
-        key = command_key(body) if topic.startswith("cmd.") else None
-        if key is None:
-            return self._carry_out(topic, body, now_s, heard)
-        if key in self.taken:
-            return [Publish(TAKEN_TOPIC, {"taken": [key]})]
-        self._mark_taken(key)
-        before = self._durable_mark()
-        acts = self._carry_out(topic, body, now_s, heard)
-        if any(isinstance(a, Publish) and a.topic == STATE_TOPIC for a in acts):
-            return acts                                   # the state with this key went out already
-        if self._durable_mark() != before:
-            return acts + [self.history_message()]        # what it changed is safe before the broker lets it go
-        return acts + [Publish(TAKEN_TOPIC, {"taken": [key]})]   # it changed nothing a successor needs
-
     def _durable_mark(self) -> tuple[Any, ...]:
         """Changes when the state a successor starts from changes (cheap: versions and identities)."""
         return (self.conversation.version, tuple((r.id, r.item_id) for r in self.requests.pending()),

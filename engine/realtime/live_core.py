@@ -68,13 +68,13 @@ import numpy as np
 from engine.codec import g711_table
 from engine.cost import live_cost_usd, live_prices
 from engine.errors import ConfigError, EngineError
-from bus.wire import COMMAND_TOPICS, DONE_TOPIC, STATE_TOPIC, TAKEN_TOPIC, command_key, id_problem
+from bus.wire import COMMAND_TOPICS, DONE_TOPIC, STATE_TOPIC, id_problem
 from engine.realtime.core import TAKEN_PUBLISHED, new_id as default_new_id, registration
 from engine.realtime.live_turns import Speaker, TurnEvent, TurnGrouper
+from engine.realtime.taken import TakesCommandsOnce
 from engine.realtime.records import (API_RATE_HZ, AUDIO_FORMATS, Action, Command, Connected, Disconnected, EndOfAudio,
                                      Input, MicAudio, PlaybackReport, Play, Publish, Reconnect, Send, SendAudio,
                                      ServerEvent, Tick)
-from engine.realtime.requests import SEEN_IDS
 from engine.realtime.tools import Tools, parse_registration
 from engine.realtime.turns import InputClock
 
@@ -206,7 +206,7 @@ def tool_arguments(spec_parameters: Mapping[str, Any], request: str) -> dict[str
     return args
 
 
-class LiveCore:
+class LiveCore(TakesCommandsOnce):
     """State of one engine session on GPT-Live. ``handle(record, now_s, heard_index)`` -> actions."""
 
     def __init__(self, model: str, session_config: Mapping[str, Any], *, start_index: int = 0,
@@ -669,31 +669,6 @@ class LiveCore:
         return [SendAudio(rec.pcm)]
 
     # ================================================================ commands
-    def _command(self, topic: str, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
-        """A command, taken once: a copy (the broker's hand-over of what also came live, a client's
-        re-send) is only said taken again (``intake.taken``), so that the broker lets it go."""
-        if topic in ("cmd.ack", DONE_TOPIC):
-            return []
-        key = command_key(body) if topic.startswith("cmd.") else None
-        if key is None:
-            return self._carry_out(topic, body, now_s, heard)
-        if key in self.taken:
-            return [Publish(TAKEN_TOPIC, {"taken": [key]})]
-        self._mark_taken(key)
-        before = self._durable_mark()
-        acts = self._carry_out(topic, body, now_s, heard)
-        if any(isinstance(a, Publish) and a.topic == STATE_TOPIC for a in acts):
-            return acts
-        if self._durable_mark() != before:
-            return acts + [self.history_message()]        # what it changed is safe before the broker lets it go
-        return acts + [Publish(TAKEN_TOPIC, {"taken": [key]})]
-
-    def _mark_taken(self, key: str) -> None:
-        self.taken[key] = None
-        self.taken.move_to_end(key)
-        while len(self.taken) > SEEN_IDS:
-            self.taken.popitem(last=False)
-
     def _durable_mark(self) -> tuple[Any, ...]:
         """Changes when the state a successor starts from changes (cheap: lengths and identities)."""
         return (len(self.history), tuple(id(a) for a in self.waiting), tuple(self.sent),
