@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import BusLog, vaudio, vaudio_env
-from engine.playback.process import FLUSH_FADE_MS
+from engine.playback.renderer import FLUSH_FADE_MS
 
 REPO = Path(__file__).resolve().parent.parent
 REPLY = "The sea is wide and the ships are many, and every sailor knows the way home."

@@ -215,7 +215,7 @@ def test_playback_stamps_each_reference_block_with_when_it_reaches_the_dac(ring:
     plus the device's output latency plus what the device feeder still holds before it; a block
     that does not follow the last one in time (the callback came after the device ran dry)
     begins a new run."""
-    from engine.playback.process import Renderer
+    from engine.playback.renderer import Renderer
     name = ring.name + "-spk"
     speaker = Ring.create(name, 16384, with_eventfd=False)
     try:

@@ -15,7 +15,7 @@ from engine.audio import native
 from engine.audio.ring import Ring
 from engine.capture.echo import EchoCanceller, FAR_ACTIVE_DBFS, TalkGuard
 from engine.audio.levels import ExternalLevelTap
-from engine.playback.process import DeviceFeeder, Renderer
+from engine.playback.renderer import DeviceFeeder, Renderer
 from tests.helpers import REPO, voiced
 
 needs_native = pytest.mark.skipif(not native.available(), reason=f"{native.unavailable_reason()}")

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from engine.audio import native
-from engine.playback.process import DeviceFeeder, PlaybackProcess, Renderer as PyRenderer
+from engine.playback.process import PlaybackProcess
+from engine.playback.renderer import DeviceFeeder, Renderer as PyRenderer
 from engine.audio.ring import Ring
 from tests.helpers import steepest, voiced
 

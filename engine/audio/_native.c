@@ -26,7 +26,7 @@
  *     period. What drives the renderer or feeds the capture from Python (render, fill, push,
  *     set_listen, the renderer's settable fields) refuses to run while a device stream of theirs
  *     is running: one producer, one consumer.
- *  5. The behaviour is the Python implementation's, line for line (engine/playback/process.py
+ *  5. The behaviour is the Python implementation's, line for line (engine/playback/renderer.py
  *     Renderer and DeviceFeeder, engine/playback/stretch.py, engine/capture/echo.py TalkGuard and
  *     EchoCanceller's statistics): tests drive both with the same input. A change there is a
  *     change here, in the same commit.
@@ -1200,7 +1200,7 @@ static PyTypeObject RendererType = {
     .tp_name = "engine.audio._native.Renderer",
     .tp_basicsize = sizeof(Renderer),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "The playback renderer in C: Renderer and DeviceFeeder of engine/playback/process.py, "
+    .tp_doc = "The playback renderer in C: Renderer and DeviceFeeder of engine/playback/renderer.py, "
               "run from a PortAudio output callback (open) or driven by render()/fill() in tests.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Renderer_init,

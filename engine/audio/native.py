@@ -2,7 +2,7 @@
 are written at the top of ``_native.c``), whether it is there, and the two objects the
 processes use.
 
-* :class:`NativeRenderer` is the playback renderer with :class:`engine.playback.process.Renderer`'s
+* :class:`NativeRenderer` is the playback renderer with :class:`engine.playback.renderer.Renderer`'s
   interface (and :class:`DeviceFeeder`'s ``fill``), run by a PortAudio output callback in C
   (``open``): prebuffer from the stream start stamp (the adaptive jitter buffer's target from the
   ring's ``target_frames``, plus the device's read-ahead spread it measures), end marks, the heard
@@ -96,7 +96,7 @@ class FarReader(Protocol):
 
 
 class NativeEvent(NamedTuple):
-    """A stream event, with the fields of engine.playback.process.StreamEvent."""
+    """A stream event, with the fields of engine.playback.renderer.StreamEvent."""
     kind: str
     index: int  # type: ignore[assignment]  # shadows tuple.index, as StreamEvent's does
     start_index: int
@@ -106,7 +106,7 @@ class NativeEvent(NamedTuple):
 
 
 class NativeRenderer:
-    """:class:`engine.playback.process.Renderer` in C (see the module docstring).
+    """:class:`engine.playback.renderer.Renderer` in C (see the module docstring).
 
     ``device_rate_hz`` other than 24 kHz makes it its own :class:`DeviceFeeder` too (``fill``;
     the flush then fades at the device rate). ``tap`` is an object with ``arrays`` (engine.audio.levels'
