@@ -64,6 +64,26 @@ def voiced(n: int, period_frames: int = 150) -> np.ndarray:
             + 3000 * np.sin(4 * np.pi * t / period_frames + 1)).astype(np.int16)
 
 
+def speaker_ring_schedule(seed: int) -> list[tuple[str, int]]:
+    """A random mix of what the realtime process does to the speaker ring between callbacks."""
+    rng = np.random.default_rng(seed)
+    acts: list[tuple[str, int]] = []
+    for _ in range(400):
+        x = rng.random()
+        if x < 0.45:
+            acts.append(("write", int(rng.integers(60, 900))))
+        elif x < 0.5:
+            acts.append(("end", 0))
+        elif x < 0.53:
+            acts.append(("flush", 0))
+        elif x < 0.58:
+            acts.append(("start", 0))
+        elif x < 0.62:   # the jitter buffer's target (ring.py's target_frames): none, small, large
+            acts.append(("target", int(rng.choice([0, 312, 480, 1440, 2400]))))
+        acts.append(("render", int(rng.choice([240, 480, 441]))))
+    return acts
+
+
 def steepest(pcm: np.ndarray) -> int:
     """The largest sample-to-sample step: a splice that clicks makes a steeper one."""
     return int(np.abs(np.diff(pcm.astype(np.int32))).max())

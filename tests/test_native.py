@@ -16,7 +16,7 @@ from engine.audio.ring import Ring
 from engine.capture.echo import EchoCanceller, FAR_ACTIVE_DBFS, TalkGuard
 from engine.audio.levels import ExternalLevelTap
 from engine.playback.renderer import DeviceFeeder, Renderer
-from tests.helpers import REPO, voiced
+from tests.helpers import REPO, speaker_ring_schedule, voiced
 
 needs_native = pytest.mark.skipif(not native.available(), reason=f"{native.unavailable_reason()}")
 
@@ -33,26 +33,6 @@ def rings() -> Iterator[list[Ring]]:
     for r in made:
         r.close()
         r.unlink()
-
-
-def _schedule(seed: int) -> list[tuple[str, int]]:
-    """A random mix of what the realtime process does to the speaker ring between callbacks."""
-    rng = np.random.default_rng(seed)
-    acts: list[tuple[str, int]] = []
-    for _ in range(400):
-        x = rng.random()
-        if x < 0.45:
-            acts.append(("write", int(rng.integers(60, 900))))
-        elif x < 0.5:
-            acts.append(("end", 0))
-        elif x < 0.53:
-            acts.append(("flush", 0))
-        elif x < 0.58:
-            acts.append(("start", 0))
-        elif x < 0.62:   # the jitter buffer's target (ring.py's target_frames): none, small, large
-            acts.append(("target", int(rng.choice([0, 312, 480, 1440, 2400]))))
-        acts.append(("render", int(rng.choice([240, 480, 441]))))
-    return acts
 
 
 @needs_native
@@ -72,7 +52,7 @@ def test_the_native_renderer_plays_what_the_python_one_plays(rings: Any, seed: i
     pcm = voiced(1 << 16)
     pos, now, k = 0, 0.0, 0
     leads: list[int] = []
-    for act, n in _schedule(seed):
+    for act, n in speaker_ring_schedule(seed):
         if act == "write":
             chunk = pcm[pos % 60000:pos % 60000 + n]
             pos += n
@@ -107,7 +87,7 @@ def test_the_native_renderer_plays_what_the_python_one_plays(rings: Any, seed: i
             for attr in ("prebuffer_frames", "expanded_frames", "accelerated_frames", "stretch_frames",
                          "in_stream", "stream_start", "arrived_mono_ns", "low_water_frames", "growth_frames",
                          "start_delay_frames", "start_device_lead_frames", "device_lead_frames",
-                         "render_frames"):
+                         "render_frames", "state", "transition_errors"):
                 assert getattr(py, attr) == getattr(c, attr), attr
     assert py_ref.write_index == c_ref.write_index > 0
     assert np.array_equal(py_ref.read(py_ref.read_available), c_ref.read(c_ref.read_available))

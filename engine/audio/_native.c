@@ -465,6 +465,24 @@ static int64_t stretch_accelerate(stretcher_t *s, const int16_t *ahead, int64_t 
 }
 
 /* ------------------------------------------------------------------ the renderer (playback) */
+/* The renderer's state machine: engine/playback/renderer.py's RenderState, RenderEvent and
+ * TRANSITIONS, numbered alike (that module's rules 1-6 bind here too). The state changes only in
+ * r_go, by a row of R_NEXT; an event the table does not allow changes nothing and is counted. */
+enum { R_IDLE = 0, R_PREBUFFERING = 1, R_PLAYING = 2, R_DRY = 3, R_REBUFFERING = 4, R_STATES = 5 };
+enum { RE_ARRIVED = 0, RE_PREBUFFERED = 1, RE_RAN_DRY = 2, RE_RETURNED = 3, RE_ENDED = 4, RE_FLUSHED = 5,
+       R_EVENTS = 6 };
+static const char *R_STATE_NAMES[R_STATES] = {"IDLE", "PREBUFFERING", "PLAYING", "DRY", "REBUFFERING"};
+static const char *R_EVENT_NAMES[R_EVENTS] = {"ARRIVED", "PREBUFFERED", "RAN_DRY", "RETURNED", "ENDED", "FLUSHED"};
+#define NO_STATE (-1)
+static const int8_t R_NEXT[R_STATES][R_EVENTS] = {
+    /*                 ARRIVED         PREBUFFERED  RAN_DRY    RETURNED         ENDED      FLUSHED */
+    [R_IDLE]        = {R_PREBUFFERING, NO_STATE,    NO_STATE,  NO_STATE,        NO_STATE,  R_IDLE},
+    [R_PREBUFFERING]= {NO_STATE,       R_PLAYING,   NO_STATE,  NO_STATE,        NO_STATE,  R_IDLE},
+    [R_PLAYING]     = {NO_STATE,       NO_STATE,    R_DRY,     NO_STATE,        R_IDLE,    R_IDLE},
+    [R_DRY]         = {NO_STATE,       NO_STATE,    NO_STATE,  R_REBUFFERING,   R_IDLE,    R_IDLE},
+    [R_REBUFFERING] = {NO_STATE,       R_PLAYING,   NO_STATE,  NO_STATE,        NO_STATE,  R_IDLE},
+};
+
 typedef struct {
     int64_t kind, index, start_index, stretch_frames, expanded_frames, device_underflows;
 } event_t;
@@ -487,7 +505,8 @@ typedef struct {
     int64_t device_lead_frames, handed_frames;
     double lead_mean_frames, lead_up_frames, lead_down_frames;
     int64_t stream_underruns, dry_index, dry_frames;
-    int playing, in_stream, resumed, waiting;
+    int64_t state;               /* R_IDLE...: written by r_go only */
+    int64_t transition_errors;   /* events R_NEXT did not allow (0 expected) */
     int64_t stream_start;
     double waiting_since;
     float flush_ramp[FLUSH_FADE_FRAMES], fade_down[FADE_FRAMES], fade_up[FADE_FRAMES];
@@ -541,6 +560,21 @@ static void r_emit(Renderer *r, int kind, int64_t index) {
     r_wake(r);
 }
 
+/* Take event's transition from the current state: the one writer of state (rule 1). */
+static void r_go(Renderer *r, int event) {
+    int next = R_NEXT[r->state][event];
+    if (next == NO_STATE)
+        st_rlx(&r->transition_errors, r->transition_errors + 1);
+    else
+        st_rlx(&r->state, next);
+}
+
+/* A stream is on: playing, or waiting out a gap in it (rule 4). */
+static inline int r_in_stream(Renderer *r) {
+    int64_t s = ld_rlx(&r->state);
+    return s == R_PLAYING || s == R_DRY || s == R_REBUFFERING;
+}
+
 static int stream_complete(Renderer *r) {
     int64_t end = end_index(&r->ring);
     return end > r->stream_start && end >= ring_write_index(&r->ring);
@@ -579,8 +613,8 @@ static void r_measure_lead(Renderer *r, int64_t n, double now) {
     r->handed_frames += n;
 }
 
+/* Renderer._stream_ended: PLAYING or DRY at the stream's end mark: report, give growth back, IDLE. */
 static void stream_ended(Renderer *r) {
-    r->in_stream = 0;
     r->dry_frames = 0;
     r_emit(r, EV_STOPPED, ring_read_index(&r->ring));
     if (r->stream_underruns == 0) {   /* a clean stream: give back half of what underruns added */
@@ -589,6 +623,7 @@ static void stream_ended(Renderer *r) {
         r_retarget(r);
     }
     r->stream_underruns = 0;
+    r_go(r, RE_ENDED);
 }
 
 /* FlushFade.apply: fade buf[:valid] from its start, silence the rest; frames still sounding. */
@@ -627,13 +662,13 @@ static int64_t r_stretch(Renderer *r, int16_t *out, int64_t n) {
 }
 
 /* Renderer._played: got of out's n frames were filled. */
-static void r_played(Renderer *r, int16_t *out, int64_t n, int64_t got, int64_t heard_base, int64_t latency) {
+static void r_played(Renderer *r, int16_t *out, int64_t n, int64_t got, int64_t heard_base, int64_t latency,
+                     int fade_in) {
     ring_t *ring = &r->ring;
-    if (r->resumed && got > 0) {
+    if (fade_in && got > 0) {
         int64_t k = imin(got, FADE_FRAMES);
         for (int64_t i = 0; i < k; i++)
             out[i] = (int16_t)((float)out[i] * r->fade_up[i]);
-        r->resumed = 0;
     }
     if (got < n) {
         memset(out + got, 0, (size_t)(n - got) * 2);
@@ -642,17 +677,124 @@ static void r_played(Renderer *r, int16_t *out, int64_t n, int64_t got, int64_t 
             for (int64_t i = 0; i < k; i++)
                 out[got - k + i] = (int16_t)((float)out[got - k + i] * r->fade_down[FADE_FRAMES - k + i]);
         }
-        r->playing = 0;
         if (at_stream_end(r)) {
             stream_ended(r);
         } else {   /* dry mid-stream: an underrun if more of it comes, its end if the end mark comes first */
             r->dry_index = ring_read_index(ring);
             r->dry_frames = n - got;
+            r_go(r, RE_RAN_DRY);
         }
     } else {
         stretch_remember(&r->st, out, n);
     }
     set_heard(ring, imax(heard_index(ring), heard_base - latency), latency);
+}
+
+/* Renderer._play: PLAYING: lead frames of silence, then the stream (stretched unless it starts
+ * here or fades in after a gap). */
+static void r_play(Renderer *r, int16_t *out, int64_t n, int64_t lead, int64_t heard_base, int64_t latency,
+                   int fade_in) {
+    ring_t *ring = &r->ring;
+    if (lead) {
+        memset(out, 0, (size_t)lead * 2);
+        int64_t got = ring_read(ring, out + lead, n - lead);
+        r_played(r, out + lead, n - lead, got, heard_base, latency, fade_in);
+        return;
+    }
+    int64_t got = (r->stretch && !fade_in) ? r_stretch(r, out, n) : 0;
+    got += ring_read(ring, out + got, n - got);
+    r_played(r, out, n, got, heard_base, latency, fade_in);
+}
+
+/* Renderer._flush: a pending flush, from any state (rule 3): fade out what plays, drop the rest. */
+static void r_flush(Renderer *r, int16_t *out, int64_t n, int64_t heard_base, int64_t latency) {
+    ring_t *ring = &r->ring;
+    int64_t got = 0;
+    if (r->state == R_PLAYING) {
+        int64_t want = imin(imin(r->fade_on_flush ? FLUSH_FADE_FRAMES : n, n),
+                            imax(0, flush_index(ring) - ring_read_index(ring)));
+        got = ring_read(ring, out, want);
+    }
+    if (r->fade_on_flush)
+        flush_fade(r->flush_ramp, FLUSH_FADE_FRAMES, out, n, got);
+    else if (n > got)
+        memset(out + got, 0, (size_t)(n - got) * 2);
+    int64_t played_index = heard_base + imin(FLUSH_FADE_FRAMES, r->backlog_frames + got);
+    take_flush(ring);
+    st_rlx(&r->flush_mono_ns, now_ns());
+    if (r->state == R_IDLE) {   /* nothing playing or waiting: the flush cut nothing */
+        r->stream_start = played_index;
+        r->stretch_frames = r->stream_expanded_frames = r->stream_device_underflows = 0;
+    }
+    r_emit(r, EV_FLUSHED, played_index);
+    r->dry_frames = 0;
+    r_go(r, RE_FLUSHED);
+    set_heard(ring, played_index, latency);
+}
+
+/* Renderer._arrive: IDLE or DRY. Silence while the ring is empty (DRY: the gap grows, or the
+ * stream ends when its end mark came late); returns 1 when frames are there and the wait for the
+ * prebuffer begins (a new stream, or an underrun after a gap). */
+static int r_arrive(Renderer *r, int16_t *out, int64_t n, int64_t heard_base, int64_t latency, double now) {
+    ring_t *ring = &r->ring;
+    if (ring_available(ring) == 0) {
+        memset(out, 0, (size_t)n * 2);
+        if (r->state == R_DRY) {
+            if (at_stream_end(r))
+                stream_ended(r);   /* it ran dry at its very end: the end mark came late */
+            else
+                r->dry_frames += n;
+        }
+        if (r->state == R_IDLE)
+            set_heard(ring, heard_base, latency);
+        return 0;
+    }
+    if (r->state == R_DRY) {   /* audio came back after running dry: an underrun */
+        r->stream_underruns += 1;
+        st_rlx(&ring->hdr[S_UNDERRUN], ld_rlx(&ring->hdr[S_UNDERRUN]) + r->dry_frames);
+        r_emit(r, EV_UNDERRUN, r->dry_index);
+        st_rlx(&r->growth_frames, imin(r->max_prebuffer_frames, r->growth_frames + RATE_HZ / 50));
+        r_retarget(r);
+        r->dry_frames = 0;
+        r->waiting_since = now;
+        r_go(r, RE_RETURNED);
+    } else {
+        r->stream_start = ring_read_index(ring);
+        int64_t start_ns = stream_start_ns(ring, r->stream_start);
+        double since = (double)(start_ns ? start_ns : ld_rlx(&ring->hdr[S_W_NS])) / 1e9;
+        r->waiting_since = now < since ? now : since;
+        r_go(r, RE_ARRIVED);
+    }
+    return 1;
+}
+
+/* Renderer._wait_prebuffer: PREBUFFERING or REBUFFERING: silence until the prebuffer has passed. */
+static void r_wait_prebuffer(Renderer *r, int16_t *out, int64_t n, int64_t heard_base, int64_t latency, double now) {
+    ring_t *ring = &r->ring;
+    int rebuffering = r->state == R_REBUFFERING;
+    double waited = (now - r->waiting_since) * RATE_HZ + (double)r->backlog_frames;
+    int complete = stream_complete(r);
+    int64_t early = rebuffering ? n / 2 : n;
+    if (waited + (double)early <= (double)r->prebuffer_frames && !complete) {
+        memset(out, 0, (size_t)n * 2);
+        return;
+    }
+    int64_t lead = 0;
+    if (!complete && !rebuffering) {
+        double want = nearbyint((double)r->prebuffer_frames - waited);   /* round half to even, as round() */
+        lead = imin(n - 1, imax(0, (int64_t)want));
+    }
+    if (!rebuffering) {
+        st_rlx(&r->first_sample_mono_ns, now_ns() + (r->backlog_frames + lead) * 1000000000LL / RATE_HZ);
+        st_rlx(&r->arrived_mono_ns, (int64_t)(r->waiting_since * 1e9));
+        st_rlx(&r->start_delay_frames, r->prebuffer_frames);
+        st_rlx(&r->start_device_lead_frames, ld_rlx(&ring->hdr[S_TARGET]) > 0 ? r->device_lead_frames : 0);
+        r->stretch_frames = r->stream_expanded_frames = r->stream_device_underflows = 0;
+        r_emit(r, EV_STARTED, ring_read_index(ring));
+    }
+    r->st.history_frames = 0;   /* a new stream or after a gap: no past to splice to */
+    r_go(r, RE_PREBUFFERED);
+    r_play(r, out, n, lead, heard_base, latency, rebuffering);
 }
 
 /* Renderer._render: fill out[:n] completely. */
@@ -663,102 +805,17 @@ static void r_render_core(Renderer *r, int16_t *out, int64_t n, int64_t latency,
     r_retarget(r);
     int64_t heard_base = ring_read_index(ring) - r->backlog_frames;
     if (flush_pending(ring)) {
-        int64_t got = 0;
-        if (r->playing) {
-            int64_t want = imin(imin(r->fade_on_flush ? FLUSH_FADE_FRAMES : n, n),
-                                imax(0, flush_index(ring) - ring_read_index(ring)));
-            got = ring_read(ring, out, want);
-        }
-        if (r->fade_on_flush)
-            flush_fade(r->flush_ramp, FLUSH_FADE_FRAMES, out, n, got);
-        else if (n > got)
-            memset(out + got, 0, (size_t)(n - got) * 2);
-        int64_t played_index = heard_base + imin(FLUSH_FADE_FRAMES, r->backlog_frames + got);
-        take_flush(ring);
-        st_rlx(&r->flush_mono_ns, now_ns());
-        if (!r->in_stream && !r->waiting) {   /* nothing playing or waiting: the flush cut nothing */
-            r->stream_start = played_index;
-            r->stretch_frames = r->stream_expanded_frames = r->stream_device_underflows = 0;
-        }
-        r_emit(r, EV_FLUSHED, played_index);
-        r->playing = 0;
-        r->in_stream = 0;
-        r->waiting = 0;
-        r->dry_frames = 0;
-        set_heard(ring, played_index, latency);
+        r_flush(r, out, n, heard_base, latency);
         return;
     }
-    if (!r->playing) {
-        int64_t avail = ring_available(ring);
-        if (avail == 0) {
-            memset(out, 0, (size_t)n * 2);
-            r->waiting = 0;
-            if (r->in_stream) {
-                if (at_stream_end(r))
-                    stream_ended(r);   /* it ran dry at its very end: the end mark came late */
-                else
-                    r->dry_frames += n;
-            }
-            if (!r->in_stream)
-                set_heard(ring, heard_base, latency);
-            return;
-        }
-        if (r->in_stream && r->dry_frames) {   /* audio came back after running dry: an underrun */
-            r->stream_underruns += 1;
-            st_rlx(&ring->hdr[S_UNDERRUN], ld_rlx(&ring->hdr[S_UNDERRUN]) + r->dry_frames);
-            r_emit(r, EV_UNDERRUN, r->dry_index);
-            st_rlx(&r->growth_frames, imin(r->max_prebuffer_frames, r->growth_frames + RATE_HZ / 50));
-            r_retarget(r);
-            r->dry_frames = 0;
-        }
-        if (!r->in_stream)
-            r->stream_start = ring_read_index(ring);
-        if (!r->waiting) {
-            if (r->in_stream) {
-                r->waiting_since = now;
-            } else {
-                int64_t start_ns = stream_start_ns(ring, r->stream_start);
-                double since = (double)(start_ns ? start_ns : ld_rlx(&ring->hdr[S_W_NS])) / 1e9;
-                r->waiting_since = now < since ? now : since;
-            }
-            r->waiting = 1;
-        }
-        double waited = (now - r->waiting_since) * RATE_HZ + (double)r->backlog_frames;
-        int complete = stream_complete(r);
-        int64_t early = r->in_stream ? n / 2 : n;
-        if (waited + (double)early <= (double)r->prebuffer_frames && !complete) {
-            memset(out, 0, (size_t)n * 2);
-            return;
-        }
-        int64_t lead = 0;
-        if (!complete && !r->in_stream) {
-            double want = nearbyint((double)r->prebuffer_frames - waited);   /* round half to even, as round() */
-            lead = imin(n - 1, imax(0, (int64_t)want));
-        }
-        r->playing = 1;
-        if (!r->in_stream) {
-            r->in_stream = 1;
-            st_rlx(&r->first_sample_mono_ns, now_ns() + (r->backlog_frames + lead) * 1000000000LL / RATE_HZ);
-            st_rlx(&r->arrived_mono_ns, (int64_t)(r->waiting_since * 1e9));
-            st_rlx(&r->start_delay_frames, r->prebuffer_frames);
-            st_rlx(&r->start_device_lead_frames, ld_rlx(&ring->hdr[S_TARGET]) > 0 ? r->device_lead_frames : 0);
-            r->stretch_frames = r->stream_expanded_frames = r->stream_device_underflows = 0;
-            r_emit(r, EV_STARTED, ring_read_index(ring));
-        } else {
-            r->resumed = 1;   /* after an underrun: fade back in */
-        }
-        r->st.history_frames = 0;   /* a new stream or after a gap: no past to splice to */
-        r->waiting = 0;
-        if (lead) {
-            memset(out, 0, (size_t)lead * 2);
-            int64_t got = ring_read(ring, out + lead, n - lead);
-            r_played(r, out + lead, n - lead, got, heard_base, latency);
-            return;
-        }
+    int64_t state = r->state;
+    if (state == R_PLAYING) {
+        r_play(r, out, n, 0, heard_base, latency, 0);
+        return;
     }
-    int64_t got = (r->stretch && !r->resumed) ? r_stretch(r, out, n) : 0;
-    got += ring_read(ring, out + got, n - got);
-    r_played(r, out, n, got, heard_base, latency);
+    if ((state == R_IDLE || state == R_DRY) && !r_arrive(r, out, n, heard_base, latency, now))
+        return;
+    r_wait_prebuffer(r, out, n, heard_base, latency, now);
 }
 
 /* Renderer._stamp_ref: the reference block about to be written, when it is due at the DAC (the
@@ -832,7 +889,7 @@ static int pb_callback(const void *input, void *output, unsigned long frames, co
     st_rel(&r->callbacks, k + 1);
     if (flags & paOutputUnderflow) {   /* the device ran out before this callback: a click we caused */
         st_rlx(&r->device_underflows, r->device_underflows + 1);
-        if (r->in_stream)
+        if (r_in_stream(r))
             r->stream_device_underflows += 1;
     }
     double latency_s = ti ? ti->outputBufferDacTime - ti->currentTime : 0.0;
@@ -1132,7 +1189,7 @@ static const field_t R_FIELDS[] = {
     I64(backlog_frames, 1), I64(first_sample_mono_ns, 0), I64(arrived_mono_ns, 0), I64(flush_mono_ns, 0),
     I64(callbacks, 0), I64(device_underflows, 0), I64(listen_on, 1), I64(ev_dropped, 0),
     I64(growth_frames, 0), I64(start_delay_frames, 0), I64(start_device_lead_frames, 0), I64(render_frames, 0),
-    I64(device_lead_frames, 0), I64(handed_frames, 0),
+    I64(device_lead_frames, 0), I64(handed_frames, 0), I64(state, 0), I64(transition_errors, 0),
     {NULL, 0, 0},
 };
 
@@ -1143,9 +1200,7 @@ static PyObject *Renderer_getattro(Renderer *r, PyObject *name) {
             if (strcmp(s, f->name) == 0)
                 return PyLong_FromLongLong(ld_rlx((int64_t *)((char *)r + f->offset)));
         if (strcmp(s, "in_stream") == 0)
-            return PyBool_FromLong(r->in_stream);
-        if (strcmp(s, "playing") == 0)
-            return PyBool_FromLong(r->playing);
+            return PyBool_FromLong(r_in_stream(r));
         if (strcmp(s, "wake_fd") == 0)
             return PyLong_FromLong(r->wake_fd);
         if (strcmp(s, "fade_on_flush") == 0)
@@ -2137,6 +2192,36 @@ static struct PyModuleDef moduledef = {
     -1, module_methods,
 };
 
+/* The renderer's table for Python: (state names, event names, ((state, event, next), ...)), so
+ * tests/test_playback.py can check it is engine/playback/renderer.py's TRANSITIONS. */
+static PyObject *render_table(void) {
+    PyObject *states = PyTuple_New(R_STATES), *events = PyTuple_New(R_EVENTS), *rows = PyList_New(0);
+    if (!states || !events || !rows)
+        goto fail;
+    for (int i = 0; i < R_STATES; i++)
+        PyTuple_SET_ITEM(states, i, PyUnicode_FromString(R_STATE_NAMES[i]));
+    for (int i = 0; i < R_EVENTS; i++)
+        PyTuple_SET_ITEM(events, i, PyUnicode_FromString(R_EVENT_NAMES[i]));
+    for (int i = 0; i < R_STATES; i++)
+        for (int e = 0; e < R_EVENTS; e++)
+            if (R_NEXT[i][e] != NO_STATE) {
+                PyObject *row = Py_BuildValue("(iii)", i, e, (int)R_NEXT[i][e]);
+                if (!row || PyList_Append(rows, row) < 0) {
+                    Py_XDECREF(row);
+                    goto fail;
+                }
+                Py_DECREF(row);
+            }
+    PyObject *table = Py_BuildValue("(NNN)", states, events, PyList_AsTuple(rows));
+    Py_DECREF(rows);
+    return table;
+fail:
+    Py_XDECREF(states);
+    Py_XDECREF(events);
+    Py_XDECREF(rows);
+    return NULL;
+}
+
 PyMODINIT_FUNC PyInit__native(void) {
     if (PyType_Ready(&RendererType) < 0 || PyType_Ready(&CaptureType) < 0)
         return NULL;
@@ -2149,7 +2234,8 @@ PyMODINIT_FUNC PyInit__native(void) {
         PyModule_AddObject(m, "Capture", (PyObject *)&CaptureType) < 0 ||
         PyModule_AddIntConstant(m, "RATE_HZ", RATE_HZ) < 0 ||
         PyModule_AddIntConstant(m, "LAYOUT_VERSION", LAYOUT_VERSION) < 0 ||
-        PyModule_AddIntConstant(m, "MAX_AEC_BLOCKS", MAX_AEC_BLOCKS) < 0) {
+        PyModule_AddIntConstant(m, "MAX_AEC_BLOCKS", MAX_AEC_BLOCKS) < 0 ||
+        PyModule_AddObject(m, "RENDER_TABLE", render_table()) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -4,6 +4,8 @@ from typing import Any
 RATE_HZ: int
 LAYOUT_VERSION: int
 MAX_AEC_BLOCKS: int
+#: the renderer's state machine: (state names, event names, ((state, event, next state), ...))
+RENDER_TABLE: tuple[tuple[str, ...], tuple[str, ...], tuple[tuple[int, int, int], ...]]
 
 
 class Renderer:
@@ -14,6 +16,8 @@ class Renderer:
     backlog_frames: int
     listen_on: int
     wake_fd: int
+    state: int
+    transition_errors: int
 
     def __init__(self, speaker: Any, prebuffer_frames: int, max_prebuffer_frames: int = ..., ref: Any = ...,
                  stretch: bool = ..., device_rate_hz: int = ..., block_frames: int = ..., tap: Any = ...) -> None: ...

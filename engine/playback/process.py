@@ -132,6 +132,7 @@ class PlaybackProcess:
                                                   "device_underflows": self.device_underflows,
                                                   "callback_errors": self.callback_errors,
                                                   "wake_errors": r.wake_errors,
+                                                  "transition_errors": r.transition_errors,
                                                   "expanded_ms": r.expanded_frames // FRAMES_PER_MS,
                                                   "accelerated_ms": r.accelerated_frames // FRAMES_PER_MS,
                                                   "interval_ms_p50": round(p50, 2), "interval_ms_p99": round(p99, 2),

@@ -6,9 +6,39 @@ wrong. It keeps a prebuffer before a stream starts, fades out within 5 ms when a
 ring what the listener has heard (``heard_index``). :class:`DeviceFeeder` is the resampling half of
 a PyAudio callback. engine/audio/_native.c is the same renderer in C (the native backend); both are
 driven with the same input by tests/test_native.py.
+
+The renderer is a state machine (:class:`RenderState`, table :data:`TRANSITIONS`):
+
+=============  ==========================================================================
+IDLE           no stream: silence; everything handed to the device counts as heard
+PREBUFFERING   a stream's first frames arrived: silence until the prebuffer time has passed
+               since they arrived (or at once if the whole stream is in the ring)
+PLAYING        the stream goes to the device (time-stretched around the jitter target)
+DRY            the ring ran dry mid-stream: silence, and the gap grows; more of the stream
+               makes it an underrun, the stream's end mark makes it the end
+REBUFFERING    audio came back after running dry (the underrun is counted, the prebuffer
+               grows): silence until the prebuffer time has passed again, then a fade-in
+=============  ==========================================================================
+
+Rules (binding for this module and for its twin in engine/audio/_native.c):
+
+1. The state changes only in :meth:`Renderer._go`, by a row of :data:`TRANSITIONS`. An event the
+   table does not allow in the current state changes nothing and is counted
+   (``transition_errors``): an audio callback never raises.
+2. A callback first computes what it hands out and its counts, then takes the transition, so a
+   state's data (below) is always whole when the state is.
+3. A pending flush is applied before anything else, from any state, to IDLE.
+4. State data: ``waiting_since`` is set in PREBUFFERING and REBUFFERING only; ``dry_frames`` and
+   ``dry_index`` describe DRY (``dry_frames`` is 0 elsewhere); a stream is on (``in_stream``) in
+   PLAYING, DRY and REBUFFERING.
+5. Several transitions may happen in one callback (a stream that starts inside a block can run
+   dry in the same block), each by rule 1.
+6. The C renderer has the same states, events and table, numbered alike; tests check both tables
+   are equal and both renderers pass through the same states block by block.
 """
 from __future__ import annotations
 
+import enum
 import os
 import time
 from typing import NamedTuple
@@ -23,12 +53,49 @@ from engine.pcm import FRAMES_PER_MS, RATE_HZ
 FADE_FRAMES = 120            # 5 ms fade over gaps
 FLUSH_FADE_FRAMES = 120      # 5 ms fade on barge-in (raised cosine: no click, and silent sooner)
 FLUSH_FADE_MS = FLUSH_FADE_FRAMES // FRAMES_PER_MS
-IDLE, PLAYING = 0, 1
 REF_RUN_TOLERANCE_NS = 2_000_000   # a reference block due this much off the end of the last begins a new run
 #: the device's read-ahead spread (Renderer._measure_lead): the mean lead follows over ~100 blocks
 #: (1 s at 10 ms), the spread's peaks are held and forgotten over ~200 blocks
 LEAD_MEAN_WEIGHT = 0.01
 LEAD_PEAK_DECAY = 0.995
+
+
+class RenderState(enum.IntEnum):
+    """The renderer's states (module docstring); the numbers are the C renderer's too."""
+    IDLE = 0
+    PREBUFFERING = 1
+    PLAYING = 2
+    DRY = 3
+    REBUFFERING = 4
+
+
+class RenderEvent(enum.IntEnum):
+    """What moves the renderer (module docstring); the numbers are the C renderer's too."""
+    ARRIVED = 0       # frames of a new stream are in the ring
+    PREBUFFERED = 1   # the prebuffer time has passed since they (or the audio after a gap) arrived
+    RAN_DRY = 2       # the ring ran out mid-stream, before its end mark
+    RETURNED = 3      # audio came back after running dry: an underrun
+    ENDED = 4         # the stream's end mark was reached
+    FLUSHED = 5       # a flush (barge-in) was applied
+
+
+S, E = RenderState, RenderEvent
+#: every transition the renderer takes: (state, event) -> next state
+TRANSITIONS: dict[tuple[RenderState, RenderEvent], RenderState] = {
+    (S.IDLE, E.ARRIVED): S.PREBUFFERING,
+    (S.PREBUFFERING, E.PREBUFFERED): S.PLAYING,
+    (S.PLAYING, E.RAN_DRY): S.DRY,
+    (S.PLAYING, E.ENDED): S.IDLE,
+    (S.DRY, E.RETURNED): S.REBUFFERING,
+    (S.DRY, E.ENDED): S.IDLE,
+    (S.REBUFFERING, E.PREBUFFERED): S.PLAYING,
+    **{(state, E.FLUSHED): S.IDLE for state in S},
+}
+#: TRANSITIONS as a lookup the audio path can use without allocating: _NEXT[state][event]
+_NEXT: tuple[tuple[RenderState | None, ...], ...] = tuple(
+    tuple(TRANSITIONS.get((state, event)) for event in E) for state in S)
+IDLE, PREBUFFERING, PLAYING, DRY, REBUFFERING = S.IDLE, S.PREBUFFERING, S.PLAYING, S.DRY, S.REBUFFERING
+del S, E
 
 
 def fade_out(frames: int) -> np.ndarray:
@@ -148,14 +215,15 @@ class Renderer:
         self.stream_underruns = 0                       # underruns in the current stream
         self.dry_index = 0                              # where the ring ran dry mid-stream
         self.dry_frames = 0                             # silence since then, counted if audio comes back
-        self.state = IDLE
-        self.in_stream = False
+        self.state = IDLE                               # the only writer is _go (rule 1)
+        self.transition_errors = 0                      # events the table did not allow (0 expected)
+        #: transitions taken, by row: ``transition_counts[state * len(RenderEvent) + event]``
+        self.transition_counts = [0] * (len(RenderState) * len(RenderEvent))
         self.stream_start = 0
-        self.waiting_since: float | None = None
+        self.waiting_since: float | None = None         # PREBUFFERING, REBUFFERING: since when
         self._flush_fade = FlushFade(RATE_HZ)
         self._fade_down = np.linspace(1.0, 0.0, FADE_FRAMES, dtype=np.float32)
         self._fade_up = np.linspace(0.0, 1.0, FADE_FRAMES, dtype=np.float32)
-        self.resumed = False
         self.events: list[StreamEvent] = []        # drained by a thread
         #: an eventfd the renderer writes when it adds an event (the publishing thread sleeps on it)
         self.wake_fd: int | None = None
@@ -165,6 +233,21 @@ class Renderer:
         self.first_sample_mono_ns = 0              # when the latest stream's first sample was handed to the device
         self.arrived_mono_ns = 0                   # when its first frames arrived (the prebuffer counts from there)
         self.flush_mono_ns = 0                     # when the latest flush was applied (fade handed to the device)
+
+    @property
+    def in_stream(self) -> bool:
+        """A stream is on: playing, or waiting out a gap in it (rule 4)."""
+        return self.state is PLAYING or self.state is DRY or self.state is REBUFFERING
+
+    def _go(self, event: RenderEvent) -> None:
+        """Take ``event``'s transition from the current state (rule 1): the one writer of
+        ``state``. Real-time safe: a tuple lookup, no allocation."""
+        to = _NEXT[self.state][event]
+        if to is None:
+            self.transition_errors += 1
+            return
+        self.transition_counts[self.state * len(RenderEvent) + event] += 1
+        self.state = to
 
     def _stream_complete(self) -> bool:
         """The producer marked the end of the current stream and everything up to it is written."""
@@ -237,115 +320,140 @@ class Renderer:
         self._retarget()
         # the first ring frame not yet handed to the device (the callback may hold resampled frames)
         heard_base = ring.read_index - self.backlog_frames
-        ctl = self.control
-        if ctl.flush_pending:
-            got = 0
-            if self.state == PLAYING:
-                # only frames written before the flush request (a new stream may follow them); a
-                # caller that fades later in the chain gets the whole block, so its fade has audio
-                # to work on whatever its resampler holds back
-                want = min(n if not self.fade_on_flush else FLUSH_FADE_FRAMES, n,
-                           max(0, ctl.flush_index - ring.read_index))
-                got = ring.read_into(out[:want])
-            if self.fade_on_flush:
-                self._flush_fade.apply(out, got)
-            else:
-                out[got:] = 0
-            # what the listener will have heard when the fade ends: everything already handed to the
-            # device (its buffer plays out, nothing takes it back), then the fade
-            played_index = heard_base + min(FLUSH_FADE_FRAMES, self.backlog_frames + got)
-            ring.take_flush()
-            self.flush_mono_ns = time.monotonic_ns()
-            if not self.in_stream and self.waiting_since is None:
-                # no stream playing or waiting for its prebuffer: the flush cut nothing
-                self.stream_start = played_index
-                self.stretch_frames = self.stream_expanded_frames = self.stream_device_underflows = 0
-            self._emit("flushed", played_index)
-            self.state, self.in_stream, self.waiting_since = IDLE, False, None
-            self.dry_frames = 0
-            # the report and the shared heard index carry the same number (one source of the heard position)
-            ctl.set_heard(played_index, latency_frames)
+        if self.control.flush_pending:
+            self._flush(out, heard_base, latency_frames)
             return
-        if self.state == IDLE:
-            avail = ring.read_available
-            if avail == 0:
-                out[:] = 0
-                self.waiting_since = None
-                if self.in_stream:
-                    if self._at_stream_end():
-                        self._stream_ended()  # it ran dry at its very end: the end mark came late
-                    else:
-                        self.dry_frames += n  # the gap grows (an underrun if more audio comes)
-                if not self.in_stream:
-                    ctl.set_heard(heard_base, latency_frames)  # idle: everything handed out has been heard
+        state = self.state
+        if state is PLAYING:
+            self._play(out, 0, heard_base, latency_frames, fade_in=False)
+            return
+        if state is IDLE or state is DRY:
+            if not self._arrive(out, heard_base, latency_frames, now):
                 return
-            if self.in_stream and self.dry_frames:
-                # audio came back after the ring ran dry mid-stream: that was an underrun
-                self.stream_underruns += 1
-                ring.count_underrun(self.dry_frames)
-                self._emit("underrun", self.dry_index)
-                self.growth_frames = min(self.max_prebuffer_frames, self.growth_frames + RATE_HZ // 50)
-                self._retarget()
-                self.dry_frames = 0
-            if not self.in_stream:
-                self.stream_start = ring.read_index
-            if self.waiting_since is None:
-                # count the prebuffer from when the stream's first frames arrived: the producer's
-                # stamp, else the latest write (a later bound), after an underrun from now
-                if self.in_stream:
-                    self.waiting_since = now
-                else:
-                    start_ns = ctl.stream_start_ns(self.stream_start)
-                    self.waiting_since = min(now, (start_ns or ring.write_stamp[1]) / 1e9)
-            # wait the prebuffer *time* after the first frame arrived: with deltas paced at real time
-            # that is the margin every later delta has (a fill threshold would give none). A new
-            # stream starts inside the block that reaches it, after ``lead`` frames of silence, so its
-            # first sample is due exactly then (not up to half a period early or late); this block
-            # goes to the device after the ``backlog_frames`` a resampling caller still holds. After
-            # an underrun, play resumes at the block nearest to it (fading in from the block's start)
-            waited_frames = (now - self.waiting_since) * RATE_HZ + self.backlog_frames
-            complete = self._stream_complete()
-            early_frames = n // 2 if self.in_stream else n
-            if waited_frames + early_frames <= self.prebuffer_frames and not complete:
-                out[:] = 0
-                return
-            lead = 0 if complete or self.in_stream else min(n - 1, max(0, round(self.prebuffer_frames - waited_frames)))
-            self.state = PLAYING
-            if not self.in_stream:
-                self.in_stream = True
-                self.first_sample_mono_ns = time.monotonic_ns() + (self.backlog_frames + lead) * 1_000_000_000 // RATE_HZ
-                self.arrived_mono_ns = int(self.waiting_since * 1e9)
-                self.start_delay_frames = self.prebuffer_frames
-                self.start_device_lead_frames = self.device_lead_frames if ctl.target_frames > 0 else 0
-                self.stretch_frames = self.stream_expanded_frames = self.stream_device_underflows = 0
-                self._emit("started", ring.read_index)
-            else:
-                self.resumed = True  # after an underrun: fade back in
-            self.stretcher.reset()   # a new stream or after a gap: no past to splice to
-            self.waiting_since = None
-            if lead:
-                out[:lead] = 0
-                self._played(out[lead:], ring.read_into(out[lead:]), heard_base, latency_frames)
-                return
-        got = self._stretch(out) if self.stretch and not self.resumed else 0
-        got += ring.read_into(out[got:])
-        self._played(out, got, heard_base, latency_frames)
+        self._wait_prebuffer(out, heard_base, latency_frames, now)
 
-    def _played(self, out: np.ndarray, got: int, heard_base: int, latency_frames: int) -> None:
+    def _flush(self, out: np.ndarray, heard_base: int, latency_frames: int) -> None:
+        """Apply a pending flush from any state (rule 3): fade out what plays, drop the rest."""
+        ring, ctl, n = self.ring, self.control, len(out)
+        got = 0
+        if self.state is PLAYING:
+            # only frames written before the flush request (a new stream may follow them); a
+            # caller that fades later in the chain gets the whole block, so its fade has audio
+            # to work on whatever its resampler holds back
+            want = min(n if not self.fade_on_flush else FLUSH_FADE_FRAMES, n,
+                       max(0, ctl.flush_index - ring.read_index))
+            got = ring.read_into(out[:want])
+        if self.fade_on_flush:
+            self._flush_fade.apply(out, got)
+        else:
+            out[got:] = 0
+        # what the listener will have heard when the fade ends: everything already handed to the
+        # device (its buffer plays out, nothing takes it back), then the fade
+        played_index = heard_base + min(FLUSH_FADE_FRAMES, self.backlog_frames + got)
+        ring.take_flush()
+        self.flush_mono_ns = time.monotonic_ns()
+        if self.state is IDLE:
+            # no stream playing or waiting for its prebuffer: the flush cut nothing
+            self.stream_start = played_index
+            self.stretch_frames = self.stream_expanded_frames = self.stream_device_underflows = 0
+        self._emit("flushed", played_index)
+        self.waiting_since = None
+        self.dry_frames = 0
+        self._go(RenderEvent.FLUSHED)
+        # the report and the shared heard index carry the same number (one source of the heard position)
+        ctl.set_heard(played_index, latency_frames)
+
+    def _arrive(self, out: np.ndarray, heard_base: int, latency_frames: int, now: float) -> bool:
+        """IDLE or DRY: silence while the ring is empty (DRY: the gap grows, or the stream ends
+        when its end mark came late); when frames are there, start waiting for the prebuffer
+        (a new stream, or an underrun after a gap) and return True."""
+        ring, ctl = self.ring, self.control
+        if ring.read_available == 0:
+            out[:] = 0
+            if self.state is DRY:
+                if self._at_stream_end():
+                    self._stream_ended()  # it ran dry at its very end: the end mark came late
+                else:
+                    self.dry_frames += len(out)  # the gap grows (an underrun if more audio comes)
+            if self.state is IDLE:
+                ctl.set_heard(heard_base, latency_frames)  # idle: everything handed out has been heard
+            return False
+        if self.state is DRY:
+            # audio came back after the ring ran dry mid-stream: that was an underrun; wait the
+            # prebuffer again from now
+            self.stream_underruns += 1
+            ring.count_underrun(self.dry_frames)
+            self._emit("underrun", self.dry_index)
+            self.growth_frames = min(self.max_prebuffer_frames, self.growth_frames + RATE_HZ // 50)
+            self._retarget()
+            self.dry_frames = 0
+            self.waiting_since = now
+            self._go(RenderEvent.RETURNED)
+        else:
+            # count the prebuffer from when the stream's first frames arrived: the producer's
+            # stamp, else the latest write (a later bound)
+            self.stream_start = ring.read_index
+            start_ns = ctl.stream_start_ns(self.stream_start)
+            self.waiting_since = min(now, (start_ns or ring.write_stamp[1]) / 1e9)
+            self._go(RenderEvent.ARRIVED)
+        return True
+
+    def _wait_prebuffer(self, out: np.ndarray, heard_base: int, latency_frames: int, now: float) -> None:
+        """PREBUFFERING or REBUFFERING: silence until the prebuffer has passed, then play.
+
+        Wait the prebuffer *time* after the first frame arrived: with deltas paced at real time
+        that is the margin every later delta has (a fill threshold would give none). A new stream
+        starts inside the block that reaches it, after ``lead`` frames of silence, so its first
+        sample is due exactly then (not up to half a period early or late); this block goes to the
+        device after the ``backlog_frames`` a resampling caller still holds. After an underrun,
+        play resumes at the block nearest to it (fading in from the block's start)."""
+        ring, n = self.ring, len(out)
+        rebuffering = self.state is REBUFFERING
+        assert self.waiting_since is not None   # rule 4
+        waited_frames = (now - self.waiting_since) * RATE_HZ + self.backlog_frames
+        complete = self._stream_complete()
+        early_frames = n // 2 if rebuffering else n
+        if waited_frames + early_frames <= self.prebuffer_frames and not complete:
+            out[:] = 0
+            return
+        lead = 0 if complete or rebuffering else min(n - 1, max(0, round(self.prebuffer_frames - waited_frames)))
+        if not rebuffering:
+            self.first_sample_mono_ns = time.monotonic_ns() + (self.backlog_frames + lead) * 1_000_000_000 // RATE_HZ
+            self.arrived_mono_ns = int(self.waiting_since * 1e9)
+            self.start_delay_frames = self.prebuffer_frames
+            self.start_device_lead_frames = self.device_lead_frames if self.control.target_frames > 0 else 0
+            self.stretch_frames = self.stream_expanded_frames = self.stream_device_underflows = 0
+            self._emit("started", ring.read_index)
+        self.stretcher.reset()   # a new stream or after a gap: no past to splice to
+        self.waiting_since = None
+        self._go(RenderEvent.PREBUFFERED)
+        self._play(out, lead, heard_base, latency_frames, fade_in=rebuffering)
+
+    def _play(self, out: np.ndarray, lead: int, heard_base: int, latency_frames: int, fade_in: bool) -> None:
+        """PLAYING: ``lead`` frames of silence, then the stream (time-stretched unless it starts
+        here or fades in after a gap)."""
+        ring = self.ring
+        if lead:
+            out[:lead] = 0
+            self._played(out[lead:], ring.read_into(out[lead:]), heard_base, latency_frames, fade_in)
+            return
+        got = self._stretch(out) if self.stretch and not fade_in else 0
+        got += ring.read_into(out[got:])
+        self._played(out, got, heard_base, latency_frames, fade_in)
+
+    def _played(self, out: np.ndarray, got: int, heard_base: int, latency_frames: int, fade_in: bool) -> None:
         """The rest of a playing block: ``got`` of ``out``'s frames were filled (fades, a
         stream's end or a dry ring, the heard index from ``heard_base``, the first ring frame not
         yet handed to the device before this block)."""
         ring, ctl, n = self.ring, self.control, len(out)
-        if self.resumed and got > 0:
+        if fade_in and got > 0:
             k = min(got, FADE_FRAMES)
             out[:k] = (out[:k] * self._fade_up[:k]).astype(np.int16)
-            self.resumed = False
         if got < n:
             out[got:] = 0
             if got > 0:
                 k = min(got, FADE_FRAMES)
                 out[got - k:got] = (out[got - k:got] * self._fade_down[FADE_FRAMES - k:]).astype(np.int16)
-            self.state = IDLE
             if self._at_stream_end():
                 self._stream_ended()
             else:
@@ -353,6 +461,7 @@ class Renderer:
                 # comes first (the API may say "done" a little after the last delta)
                 self.dry_index = ring.read_index
                 self.dry_frames = n - got
+                self._go(RenderEvent.RAN_DRY)
         else:
             self.stretcher.remember(out)
         ctl.set_heard(max(ctl.heard_index, heard_base - latency_frames), latency_frames)
@@ -407,7 +516,7 @@ class Renderer:
         return t
 
     def _stream_ended(self) -> None:
-        self.in_stream = False
+        """PLAYING or DRY at the stream's end mark: report it, give growth back, go IDLE."""
         self.dry_frames = 0
         self._emit("stopped", self.ring.read_index)
         if self.stream_underruns == 0:  # a clean stream: give back half of what underruns added
@@ -415,6 +524,7 @@ class Renderer:
             self.growth_frames -= extra // 2 if extra > RATE_HZ // 100 else extra
             self._retarget()
         self.stream_underruns = 0
+        self._go(RenderEvent.ENDED)
 
 
 class DeviceFeeder:
