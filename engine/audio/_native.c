@@ -1081,69 +1081,87 @@ static PyObject *pa_error(const char *what, PaError err) {
     return NULL;
 }
 
-/* open(device_index, rate_hz, frames_per_buffer): open and start the output stream; returns its
- * output latency in seconds. PortAudio as PyAudio opens it: the device's default low latency, no
- * clipping. */
-static PyObject *Renderer_open(Renderer *r, PyObject *args) {
+/* Open and start a PortAudio stream of one int16 channel, as PyAudio opens one: the device's
+ * default low latency, no clipping. ``running`` is set before the callback can run, and cleared
+ * with everything undone on a failure (an OSError naming ``what``). On success *stream is the
+ * stream and *latency_s its latency as PortAudio reports it (0 when it does not). */
+static int pa_open(PyObject *args, int64_t made_for_hz, int output, PaStreamCallback *cb, void *user,
+                   PaStream **stream, int *running, double *latency_s, const char *what) {
     int device;
     double rate;
     unsigned long frames;
     if (!PyArg_ParseTuple(args, "idk", &device, &rate, &frames))
-        return NULL;
-    if (r->stream) {
+        return -1;
+    if (*stream) {
         PyErr_SetString(PyExc_RuntimeError, "the stream is already open");
-        return NULL;
+        return -1;
     }
-    if ((int64_t)rate != r->device_rate_hz) {
-        PyErr_Format(PyExc_ValueError, "the renderer was made for %lld Hz, not %g", (long long)r->device_rate_hz, rate);
-        return NULL;
+    if ((int64_t)rate != made_for_hz) {
+        PyErr_Format(PyExc_ValueError, "the %s was made for %lld Hz, not %g", what, (long long)made_for_hz, rate);
+        return -1;
     }
     PaError err;
     Py_BEGIN_ALLOW_THREADS
     err = Pa_Initialize();
     Py_END_ALLOW_THREADS
-    if (err != paNoError)
-        return pa_error("PortAudio", err);
+    if (err != paNoError) {
+        pa_error("PortAudio", err);
+        return -1;
+    }
     const PaDeviceInfo *info = Pa_GetDeviceInfo(device);
     if (!info) {
         Pa_Terminate();
         PyErr_Format(PyExc_OSError, "no PortAudio device %d", device);
-        return NULL;
+        return -1;
     }
-    PaStreamParameters p = {device, 1, paInt16, info->defaultLowOutputLatency, NULL};
-    PaStream *stream = NULL;
-    r->running = 1;
+    PaStreamParameters p = {device, 1, paInt16,
+                            output ? info->defaultLowOutputLatency : info->defaultLowInputLatency, NULL};
+    PaStream *opened = NULL;
+    *running = 1;
     Py_BEGIN_ALLOW_THREADS
-    err = Pa_OpenStream(&stream, NULL, &p, rate, frames, paClipOff, pb_callback, r);
+    err = Pa_OpenStream(&opened, output ? NULL : &p, output ? &p : NULL, rate, frames, paClipOff, cb, user);
+    if (err == paNoError && (err = Pa_StartStream(opened)) != paNoError)
+        Pa_CloseStream(opened);
     Py_END_ALLOW_THREADS
     if (err != paNoError) {
-        r->running = 0;
+        *running = 0;
         Pa_Terminate();
-        return pa_error("opening the speaker", err);
+        PyErr_Format(PyExc_OSError, "opening the %s: %s", output ? "speaker" : "mic", Pa_GetErrorText(err));
+        return -1;
     }
-    const PaStreamInfo *si = Pa_GetStreamInfo(stream);
-    if (si && si->outputLatency > 0)
-        r->stream_latency_s = si->outputLatency;
-    r->stream = stream;
-    Py_BEGIN_ALLOW_THREADS
-    err = Pa_StartStream(stream);
-    Py_END_ALLOW_THREADS
-    if (err != paNoError)
-        return pa_error("starting the speaker", err);
-    return PyFloat_FromDouble(r->stream_latency_s);
+    const PaStreamInfo *si = Pa_GetStreamInfo(opened);
+    *latency_s = si ? (output ? si->outputLatency : si->inputLatency) : 0.0;
+    *stream = opened;
+    return 0;
 }
 
-static PyObject *Renderer_close(Renderer *r, PyObject *unused) {
-    if (r->stream) {
-        PaStream *s = r->stream;
+/* Stop and close a stream opened by pa_open, if open; the callback has returned when this does. */
+static void pa_close(PaStream **stream, int *running) {
+    if (*stream) {
+        PaStream *s = *stream;
         Py_BEGIN_ALLOW_THREADS
         Pa_StopStream(s);
         Pa_CloseStream(s);
         Py_END_ALLOW_THREADS
-        r->stream = NULL;
+        *stream = NULL;
         Pa_Terminate();
     }
-    r->running = 0;
+    *running = 0;
+}
+
+/* open(device_index, rate_hz, frames_per_buffer): open and start the output stream; returns its
+ * output latency in seconds (the one made with when PortAudio reports none). */
+static PyObject *Renderer_open(Renderer *r, PyObject *args) {
+    double latency_s;
+    if (pa_open(args, r->device_rate_hz, 1, pb_callback, r, &r->stream, &r->running, &latency_s, "renderer") < 0)
+        return NULL;
+    if (latency_s > 0)
+        r->stream_latency_s = latency_s;
+    return PyFloat_FromDouble(r->stream_latency_s);
+}
+
+static PyObject *Renderer_close(Renderer *r, PyObject *unused) {
+    pa_close(&r->stream, &r->running);
     Py_RETURN_NONE;
 }
 
@@ -1991,64 +2009,14 @@ static PyObject *Capture_push(Capture *c, PyObject *args) {
 }
 
 static PyObject *Capture_open(Capture *c, PyObject *args) {
-    int device;
-    double rate;
-    unsigned long frames;
-    if (!PyArg_ParseTuple(args, "idk", &device, &rate, &frames))
+    if (pa_open(args, c->device_rate_hz, 0, cap_callback, c, &c->stream, &c->running, &c->stream_latency_s,
+                "capture") < 0)
         return NULL;
-    if (c->stream) {
-        PyErr_SetString(PyExc_RuntimeError, "the stream is already open");
-        return NULL;
-    }
-    if ((int64_t)rate != c->device_rate_hz) {
-        PyErr_Format(PyExc_ValueError, "the capture was made for %lld Hz, not %g", (long long)c->device_rate_hz, rate);
-        return NULL;
-    }
-    PaError err;
-    Py_BEGIN_ALLOW_THREADS
-    err = Pa_Initialize();
-    Py_END_ALLOW_THREADS
-    if (err != paNoError)
-        return pa_error("PortAudio", err);
-    const PaDeviceInfo *info = Pa_GetDeviceInfo(device);
-    if (!info) {
-        Pa_Terminate();
-        PyErr_Format(PyExc_OSError, "no PortAudio device %d", device);
-        return NULL;
-    }
-    PaStreamParameters p = {device, 1, paInt16, info->defaultLowInputLatency, NULL};
-    PaStream *stream = NULL;
-    c->running = 1;
-    Py_BEGIN_ALLOW_THREADS
-    err = Pa_OpenStream(&stream, &p, NULL, rate, frames, paClipOff, cap_callback, c);
-    Py_END_ALLOW_THREADS
-    if (err != paNoError) {
-        c->running = 0;
-        Pa_Terminate();
-        return pa_error("opening the mic", err);
-    }
-    const PaStreamInfo *si = Pa_GetStreamInfo(stream);
-    c->stream_latency_s = si ? si->inputLatency : 0.0;
-    c->stream = stream;
-    Py_BEGIN_ALLOW_THREADS
-    err = Pa_StartStream(stream);
-    Py_END_ALLOW_THREADS
-    if (err != paNoError)
-        return pa_error("starting the mic", err);
     return PyFloat_FromDouble(c->stream_latency_s);
 }
 
 static PyObject *Capture_close(Capture *c, PyObject *unused) {
-    if (c->stream) {
-        PaStream *s = c->stream;
-        Py_BEGIN_ALLOW_THREADS
-        Pa_StopStream(s);
-        Pa_CloseStream(s);
-        Py_END_ALLOW_THREADS
-        c->stream = NULL;
-        Pa_Terminate();
-    }
-    c->running = 0;
+    pa_close(&c->stream, &c->running);
     Py_RETURN_NONE;
 }
 
