@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import BusLog, vaudio, vaudio_env
+from bench.common import BusLog, local_server, played_channel, stop_engine, vaudio, vaudio_env
 from engine.playback.renderer import FLUSH_FADE_MS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -296,16 +296,11 @@ class Engine(BusLog):
             self.wait("latency.turn", timeout=5)
 
     def stop(self) -> None:
-        self.proc.send_signal(2)
-        self.proc.wait(timeout=20)
+        stop_engine(self.proc)
 
     def played(self) -> np.ndarray:
         """What playback handed to the device this session (the recording's right channel)."""
-        import wave
-        path = next(self.record_dir.glob("*/conversation.wav"))
-        with wave.open(str(path)) as w:
-            pcm = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16)
-        return pcm.reshape(-1, 2)[:, 1].copy()
+        return played_channel(self.record_dir)
 
 
 # ------------------------------------------------------------------ the first delta's wait (issue 25)
@@ -630,22 +625,8 @@ def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
 # ------------------------------------------------------------------ the baseline
 def bench_baseline(scen: Path, load: bool, turns: int = 8) -> dict[str, Any]:
     """openai SDK + PyAudio in one asyncio process, as the SDK's examples do it."""
-    import socket
-    from engine.supervisor.rundir import free_port
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "engine.api.cli", "serve", "--port", str(port), "--scenario",
-                               str(scen), "--no-asr"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              cwd=str(REPO))
-    try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        result, played, starts, old_count = asyncio.run(_baseline(f"ws://127.0.0.1:{port}/v1", load, turns))
-    finally:
-        server.kill()
+    with local_server(scen) as url:
+        result, played, starts, old_count = asyncio.run(_baseline(url, load, turns))
     key = "baseline_under_cpu_load" if load else "baseline"
     spans = [(a, b) for a, b in zip(starts, starts[1:] + [len(played)])]
     gaps = span_underruns(played, spans)
