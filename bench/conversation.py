@@ -305,7 +305,11 @@ class Engine(BusLog):
 
 # ------------------------------------------------------------------ the first delta's wait (issue 25)
 LINKS = (("clean", 0.0), ("jitter30", float(JITTER_MS)))   #: (name, the server's delta_jitter_ms)
-FIRST_DELTA_TURNS = 6      #: the conversation suite's replies per link (after a warm-up); the jitter suite's: --turns
+FIRST_DELTA_TURNS = 5      #: the conversation suite's replies per link (after a warm-up); the jitter suite's: --turns
+#: silence between one reply's end and the next request: with the server's answer and a small start delay
+#: the recording then has the 50 ms of silence before each reply ``response_spans`` finds replies by
+#: (without it a clean link's replies, 20 ms apart, were not found and their gaps not counted)
+BETWEEN_REPLIES_S = 0.1
 TARGET_SAMPLE_S = 0.02     #: the adaptive target is read from the speaker ring this often (the plot)
 
 
@@ -356,6 +360,7 @@ def first_delta_session(tmp: Path, mode: str, jitter_ms: float, turns: int, samp
         first = [b for t, b in eng.log if t == "latency.turn"][:1]
         eng.log.clear()
         for n in range(1, turns + 1):
+            eng.pump(BETWEEN_REPLIES_S)
             eng.turn(n)
         eng.pump(0.5)
         log = eng.log[:]
@@ -395,6 +400,7 @@ def first_delta_session(tmp: Path, mode: str, jitter_ms: float, turns: int, samp
                                                                            for b in stopped)), 2),
         "delta_interval_ms_std_p50": pct([t["delta_interval_ms_std"] for t in lat], 50),
         "delta_interval_ms_max": max([t["delta_interval_ms_max"] for t in lat], default=None),
+        "deltas_per_reply_p50": pct([t["deltas"] for t in lat if t.get("deltas") is not None], 50),
     }
     if sample:
         out["_samples"] = [(round(t - t0, 3), ms) for t, ms in samples]

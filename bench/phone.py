@@ -783,7 +783,7 @@ async def first_delta_call(eng: PhoneEngine, turns: int) -> dict[str, Any]:
             turn = {"arrival_s": started["first_sample_mono_ns"] / 1e9 - float(lat["first_delta_to_device_ms"]) / 1000,
                     "start_delay_ms": started.get("output_latency_ms"),
                     "delta_interval_ms_std": lat.get("delta_interval_ms_std"),
-                    "delta_interval_ms_max": lat.get("delta_interval_ms_max")}
+                    "delta_interval_ms_max": lat.get("delta_interval_ms_max"), "deltas": lat.get("deltas")}
             if n == 0:
                 warm = turn
             else:
@@ -807,7 +807,9 @@ async def first_delta_call(eng: PhoneEngine, turns: int) -> dict[str, Any]:
         "delta_interval_ms_std_p50": rounded(statistics.median([float(t["delta_interval_ms_std"]) for t in measured
                                                                  if t["delta_interval_ms_std"] is not None] or [0.0])),
         "delta_interval_ms_max": max((float(t["delta_interval_ms_max"]) for t in measured
-                                      if t["delta_interval_ms_max"] is not None), default=None)})
+                                      if t["delta_interval_ms_max"] is not None), default=None),
+        "deltas_per_reply_p50": pct([float(t["deltas"]) for t in measured if t["deltas"] is not None], 50)
+        if measured else None})
     return out
 
 

@@ -631,7 +631,7 @@ def main() -> int:
     ap.add_argument("--minutes", type=float, default=10.0, help="console: minutes of events with the page open")
     ap.add_argument("--turns", type=int, default=12, help="jitter: replies per session (after a warm-up)")
     ap.add_argument("--first-delta-turns", type=int, default=None,
-                    help="conversation (default 6 per link and backend), phone (10 per link and hold): replies "
+                    help="conversation (default 5 per link and backend), phone (10 per link and hold): replies "
                          "per session of the first delta's wait, after a warm-up; 0: skip")
     ap.add_argument("--out", default=None, help="jitter: where the target plot (PNG) and its CSVs go")
     ap.add_argument("--closed-minutes", type=float, default=None, help="console: minutes of turns before it opens")
