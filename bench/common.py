@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
 import time
+import wave
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -81,6 +86,38 @@ def stop_engine(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+@contextmanager
+def local_server(scenario: Path) -> Iterator[str]:
+    """`engine serve` (the local server alone, no recogniser) with ``scenario`` on a free port, once
+    it listens: its base URL (``ws://127.0.0.1:PORT/v1``, what the SDK baselines connect to). Killed
+    at the end."""
+    from engine.supervisor.rundir import free_port
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "engine.api.cli", "serve", "--port", str(port), "--scenario",
+                               str(scenario), "--no-asr"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              cwd=str(REPO))
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield f"ws://127.0.0.1:{port}/v1"
+    finally:
+        server.kill()
+        server.wait()
+
+
+def played_channel(record_dir: Path) -> np.ndarray:
+    """What playback handed to the device in a session recorded under ``record_dir`` (``record:``):
+    the right channel of its conversation.wav."""
+    path = next(record_dir.glob("*/conversation.wav"))
+    with wave.open(str(path)) as w:
+        pcm = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16)
+    return pcm.reshape(-1, 2)[:, 1].copy()
 
 
 def cpu_window(proc: subprocess.Popen, conn: dict[str, Any], seconds: float,

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import BusLog, vaudio, vaudio_env
+from bench.common import BusLog, local_server, played_channel, stop_engine, vaudio, vaudio_env
 from engine.playback.renderer import FLUSH_FADE_MS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -296,16 +296,136 @@ class Engine(BusLog):
             self.wait("latency.turn", timeout=5)
 
     def stop(self) -> None:
-        self.proc.send_signal(2)
-        self.proc.wait(timeout=20)
+        stop_engine(self.proc)
 
     def played(self) -> np.ndarray:
         """What playback handed to the device this session (the recording's right channel)."""
-        import wave
-        path = next(self.record_dir.glob("*/conversation.wav"))
-        with wave.open(str(path)) as w:
-            pcm = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16)
-        return pcm.reshape(-1, 2)[:, 1].copy()
+        return played_channel(self.record_dir)
+
+
+# ------------------------------------------------------------------ the first delta's wait (issue 25)
+LINKS = (("clean", 0.0), ("jitter30", float(JITTER_MS)))   #: (name, the server's delta_jitter_ms)
+FIRST_DELTA_TURNS = 5      #: the conversation suite's replies per link (after a warm-up); the jitter suite's: --turns
+#: silence between one reply's end and the next request: with the server's answer and a small start delay
+#: the recording then has the 50 ms of silence before each reply ``response_spans`` finds replies by
+#: (without it a clean link's replies, 20 ms apart, were not found and their gaps not counted)
+BETWEEN_REPLIES_S = 0.1
+TARGET_SAMPLE_S = 0.02     #: the adaptive target is read from the speaker ring this often (the plot)
+
+
+def jitter_scenario(tmp: Path, jitter_ms: float) -> Path:
+    """The conversation's reply, each delta up to |N(0, ``jitter_ms``)| late (seed 7)."""
+    path = tmp / f"jitter{jitter_ms:g}.yaml"
+    path.write_text(f'default_reply: "{REPLY}"\nfaults: {{delta_jitter_ms: {jitter_ms}, seed: 7}}\n')
+    return path
+
+
+class TargetSampler:
+    """Reads the speaker ring's ``target_frames`` (and the time) every TARGET_SAMPLE_S, from a thread."""
+
+    def __init__(self, conn: dict[str, Any]) -> None:
+        from engine.audio.ring import Ring
+        self.ring = Ring.attach(conn["ring_names"]["speaker"])
+        self.samples: list[tuple[float, float]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(TARGET_SAMPLE_S):
+            self.samples.append((time.monotonic(), self.ring.control.target_frames / 24))
+
+    def close(self) -> list[tuple[float, float]]:
+        self.stop.set()
+        self.thread.join(1)
+        self.ring.close()
+        return self.samples
+
+
+def first_delta_session(tmp: Path, mode: str, jitter_ms: float, turns: int, sample: bool = False) -> dict[str, Any]:
+    """One engine (``audio.jitter_buffer: mode``) against the local server at real time, its deltas
+    ``jitter_ms`` late at most: a warm-up reply, then ``turns`` replies one after another. Per reply:
+    first delta -> first sample handed to the device (latency.turn), the start delay playback used,
+    short gaps in what playback handed the device (``count_gaps``), and the delta arrival figures the
+    realtime core measured. ``sample``: also the ring's target over the session (``_samples``,
+    ``_jitter``), for the jitter suite's plot. The conversation and jitter suites' one function."""
+    run = tmp / f"{mode}-{jitter_ms:g}"
+    run.mkdir()
+    eng = Engine(run, jitter_scenario(run, jitter_ms), audio=f"jitter_buffer: {mode}")
+    sampler = TargetSampler(eng.conn) if sample else None
+    t0 = time.monotonic()
+    try:
+        eng.turn(0)
+        warm_start = [b["first_sample_mono_ns"] for t, b in eng.log if t == "playout.started"][:1]
+        first = [b for t, b in eng.log if t == "latency.turn"][:1]
+        eng.log.clear()
+        for n in range(1, turns + 1):
+            eng.pump(BETWEEN_REPLIES_S)
+            eng.turn(n)
+        eng.pump(0.5)
+        log = eng.log[:]
+    finally:
+        samples = sampler.close() if sampler is not None else []
+        eng.stop()
+    played = eng.played()
+    lat = [b for t, b in log if t == "latency.turn"]
+    started = [b for t, b in log if t == "playback.started"]
+    starts = [b["first_sample_mono_ns"] for t, b in log if t == "playout.started"]
+    spans = response_spans(played, warm_start + starts)[len(warm_start):]
+    gaps = span_underruns(played, spans)
+    echoes = [b for t, b in log if t == "capture.echo"]
+    waits = [t["first_delta_to_device_ms"] for t in lat if t.get("first_delta_to_device_ms") is not None]
+    delays = [b["prebuffer_ms"] for b in started if "prebuffer_ms" in b]
+    stopped = [b for t, b in log if t == "playback.stopped"]
+    expanded_ms = sum(float(b.get("expanded_ms") or 0) for b in stopped)
+    out: dict[str, Any] = {
+        "replies": len(waits),
+        "first_reply_first_delta_to_device_ms": first[0]["first_delta_to_device_ms"] if first else None,
+        "first_delta_to_device_ms_p50": pct(waits, 50), "first_delta_to_device_ms_p99": pct(waits, 99),
+        "first_delta_to_device_ms_max": max(waits, default=None),
+        "start_delay_ms_p50": pct(delays, 50), "start_delay_ms_p99": pct(delays, 99),
+        "start_delay_ms_max": max(delays, default=None),
+        "device_lead_ms_p50": pct([b["device_lead_ms"] for b in started if "device_lead_ms" in b], 50),
+        "short_gaps": sum(g for g in gaps if g > 0),
+        "short_gaps_per_reply": round(sum(g for g in gaps if g > 0) / max(1, sum(1 for g in gaps if g >= 0)), 3),
+        "replies_checked_for_gaps": sum(1 for g in gaps if g >= 0),
+        "underruns_reported": sum(1 for t, _ in log if t == "playout.underrun"),
+        # the recording's reference is zero-padded where playback was behind the mic (a loaded machine):
+        # such padding reads as a short gap; not 0 here means short_gaps counts some that were not played
+        "recording_padded_frames": (echoes[-1].get("far_missing_frames", 0) - echoes[0].get("far_missing_frames", 0))
+        if len(echoes) > 1 else None,
+        "device_underflows": sum(int(b.get("device_underflows") or 0) for b in stopped),
+        "expanded_ms": round(expanded_ms, 1),
+        "expanded_percent_of_played": round(100 * expanded_ms / max(1, sum(int(b.get("played_ms") or 0)
+                                                                           for b in stopped)), 2),
+        "delta_interval_ms_std_p50": pct([t["delta_interval_ms_std"] for t in lat], 50),
+        "delta_interval_ms_max": max([t["delta_interval_ms_max"] for t in lat], default=None),
+        "deltas_per_reply_p50": pct([t["deltas"] for t in lat if t.get("deltas") is not None], 50),
+    }
+    if sample:
+        out["_samples"] = [(round(t - t0, 3), ms) for t, ms in samples]
+        replies = [round(b["first_sample_mono_ns"] / 1e9 - t0, 3) for b in started]
+        out["_jitter"] = [(at, t["delta_interval_ms_std"], t["delta_interval_ms_max"]) for at, t in zip(replies, lat)]
+    return out
+
+
+def bench_first_delta(tmp: Path, turns: int, modes: tuple[str, ...] = ("adaptive",),
+                      sample: bool = False) -> dict[str, Any]:
+    """:func:`first_delta_session` on each link (clean, 30 ms jitter) for each jitter buffer mode, one
+    session after another: ``<mode>_<figure>_<link>``, and the issue's names
+    ``engine_first_delta_to_device_ms_p99_<link>`` (the adaptive buffer's; ``..._fixed`` beside it when
+    measured). ``sample``: the adaptive jittery session's target over time under ``_plot``."""
+    out: dict[str, Any] = {}
+    for link, jitter in LINKS:
+        for mode in modes:
+            got = first_delta_session(tmp, mode, jitter, turns, sample=sample and mode == "adaptive" and jitter > 0)
+            if "_samples" in got:
+                out["_plot"] = {"samples": got.pop("_samples"), "jitter": got.pop("_jitter")}
+            out.update({f"{mode}_{k}_{link}": v for k, v in got.items()})
+        for mode in modes:
+            suffix = "" if mode == "adaptive" else f"_{mode}"
+            out[f"engine_first_delta_to_device_ms_p99_{link}{suffix}"] = out[f"{mode}_first_delta_to_device_ms_p99_{link}"]
+    return out
 
 
 def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
@@ -511,22 +631,8 @@ def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
 # ------------------------------------------------------------------ the baseline
 def bench_baseline(scen: Path, load: bool, turns: int = 8) -> dict[str, Any]:
     """openai SDK + PyAudio in one asyncio process, as the SDK's examples do it."""
-    import socket
-    from engine.supervisor.rundir import free_port
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "engine.api.cli", "serve", "--port", str(port), "--scenario",
-                               str(scen), "--no-asr"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              cwd=str(REPO))
-    try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        result, played, starts, old_count = asyncio.run(_baseline(f"ws://127.0.0.1:{port}/v1", load, turns))
-    finally:
-        server.kill()
+    with local_server(scen) as url:
+        result, played, starts, old_count = asyncio.run(_baseline(url, load, turns))
     key = "baseline_under_cpu_load" if load else "baseline"
     spans = [(a, b) for a, b in zip(starts, starts[1:] + [len(played)])]
     gaps = span_underruns(played, spans)
@@ -945,16 +1051,18 @@ def bench_push_to_talk(tmp: Path, turns: int = 8) -> dict[str, Any]:
 
 
 def run(interruptions: int = 200, double_talk_trials: int = 5,
-        backends: tuple[str, ...] = ("native", "pyaudio"), stall_replies: int = 10) -> dict[str, Any]:
+        backends: tuple[str, ...] = ("native", "pyaudio"), stall_replies: int = 10,
+        first_delta_turns: int = FIRST_DELTA_TURNS) -> dict[str, Any]:
     """Every engine figure once per audio backend (``audio.backend``), in the same run: the first
     backend's under the plain names, the others' with ``_<backend>`` after each name; the SDK
-    baseline once."""
+    baseline once. ``first_delta_turns``: replies per link of :func:`bench_first_delta` (0: skip)."""
     global BACKEND
     vaudio_env()
     tmp = Path(tempfile.mkdtemp(prefix="rtconv"))
     scen = scenario(tmp)
     result: dict[str, Any] = {"jitter_ms": JITTER_MS, "prebuffer_ms": PREBUFFER_MS, "period_ms": PERIOD_MS,
-                              "playback_period_ms": PLAYBACK_PERIOD_MS, "backends": list(backends)}
+                              "playback_period_ms": PLAYBACK_PERIOD_MS, "backends": list(backends),
+                              "first_delta_turns": first_delta_turns}
     for backend in backends:
         BACKEND = backend
         btmp = tmp / backend   # each backend's engines, recordings and logs apart
@@ -966,6 +1074,8 @@ def run(interruptions: int = 200, double_talk_trials: int = 5,
             figures.update(bench_double_talk(btmp, double_talk_trials))
         if stall_replies > 0:   # the echo guard runs in C on the native backend, in Python on PyAudio's
             figures.update(bench_playback_stalls(btmp, stall_replies))
+        if first_delta_turns > 0:   # the adaptive buffer, clean and at 30 ms jitter: the jitter suite's function
+            figures.update(bench_first_delta(btmp, first_delta_turns))
         suffix = "" if backend == backends[0] else f"_{backend}"
         result.update({k + suffix: v for k, v in figures.items()})
     BACKEND = backends[0]

@@ -73,7 +73,35 @@ def fd_count(pid: int) -> int | None:
         return None
 
 
-class FaultEngine:
+class TimedLog:
+    """An engine's every bus message with its arrival time (``log``: monotonic s, topic, body), read
+    by a thread from :meth:`start_log` on; ``_stop`` ends it."""
+
+    log: list[tuple[float, str, dict[str, Any]]]
+
+    def start_log(self, conn: dict[str, Any]) -> None:
+        from bus import Subscriber
+        self.log = []
+        self._stop = threading.Event()
+        self.sub = Subscriber(conn["subscribe"], [""])
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            msg = self.sub.recv(timeout_ms=100)
+            if msg is not None:
+                self.log.append((time.monotonic(), msg[0], msg[1]))
+
+    def stop_log(self) -> None:
+        """End the reading (if it began) and close the subscriber."""
+        if hasattr(self, "sub"):
+            self._stop.set()
+            self.reader.join(timeout=2)
+            self.sub.close()
+
+
+class FaultEngine(TimedLog):
     """``engine start`` on the virtual devices (no echo path), a reader thread logging every bus
     message with its arrival time, and a publisher for the bench's commands."""
 
@@ -91,20 +119,10 @@ class FaultEngine:
         self.env.pop("OPENAI_API_KEY", None)
         self.proc, self.ready_ms, _ = start_engine(["--config", str(cfg)], self.env)
         self.conn = json.loads((tmp / "run" / "engine.json").read_text())
-        from bus import Publisher, Subscriber
-        self.log: list[tuple[float, str, dict[str, Any]]] = []
-        self._stop = threading.Event()
-        self.sub = Subscriber(self.conn["subscribe"], [""])
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
+        from bus import Publisher
+        self.start_log(self.conn)
         self.pub = Publisher(self.conn["publish"], "bench-faults")
         self.pub.join(self.conn["subscribe"])
-
-    def _read(self) -> None:
-        while not self._stop.is_set():
-            msg = self.sub.recv(timeout_ms=100)
-            if msg is not None:
-                self.log.append((time.monotonic(), msg[0], msg[1]))
 
     def find(self, pred: Callable[[float, str, dict[str, Any]], bool],
              since: float = 0.0) -> tuple[float, str, dict[str, Any]] | None:
@@ -153,9 +171,7 @@ class FaultEngine:
     def stop(self) -> None:
         from bench.common import stop_engine
         stop_engine(self.proc)
-        self._stop.set()
-        self.reader.join(timeout=2)
-        self.sub.close()
+        self.stop_log()
         self.pub.close()
 
 
@@ -692,7 +708,7 @@ def playback_stalls(tmp: Path, replies: int = 10) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ the phone port (issue 23)
-class PhoneEngine:
+class PhoneEngine(TimedLog):
     """``engine phone --backend local`` with ``phone.*`` keys from ``phone_cfg``, its secrets in the
     environment only; its console output to a file (counted as log bytes), its bus read on a
     thread with arrival times."""
@@ -722,21 +738,10 @@ class PhoneEngine:
             self.stop()
             raise RuntimeError("engine phone did not print its URL: " + self.out_path.read_text()[-2000:])
         self.conn = json.loads((tmp / "run" / "engine.json").read_text())
-        from bus import Subscriber
-        self.log: list[tuple[float, str, dict[str, Any]]] = []
-        self._stop = threading.Event()
-        self.sub = Subscriber(self.conn["subscribe"], [""])
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
+        self.start_log(self.conn)
         out = subprocess.run([sys.executable, "-m", "engine.api.cli", "status", "--json"], env=self.env,
                              cwd=str(REPO), capture_output=True, text=True, timeout=15)
         self.event_log = Path(json.loads(out.stdout)["session_dir"]) / "events.jsonl"
-
-    def _read(self) -> None:
-        while not self._stop.is_set():
-            msg = self.sub.recv(timeout_ms=100)
-            if msg is not None:
-                self.log.append((time.monotonic(), msg[0], msg[1]))
 
     def log_bytes(self) -> int:
         """The event log's size plus what the engine printed."""
@@ -768,10 +773,7 @@ class PhoneEngine:
         from bench.common import stop_engine
         stop_engine(self.proc)
         self.out.close()
-        if hasattr(self, "sub"):
-            self._stop.set()
-            self.reader.join(timeout=2)
-            self.sub.close()
+        self.stop_log()
 
 
 def _start_frame(call_sid: str, params: dict[str, str] | None = None) -> str:

@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from bench.common import BusLog, cpu_window, vaudio, vaudio_env
+from bench.common import BusLog, cpu_window, local_server, played_channel, stop_engine, vaudio, vaudio_env
 from bench.conversation import REPLY, MonitorRecorder, count_gaps, gap_lengths_ms, pct
 from engine.server.live_session import OUTPUT_CHUNK_MS, OUTPUT_CHUNK_SAMPLES
 
@@ -114,19 +114,10 @@ class LiveEngine(BusLog):
 
     def played(self) -> np.ndarray:
         """What playback handed to the device this session (the recording's right channel)."""
-        import wave
-        path = next(self.record_dir.glob("*/conversation.wav"))
-        with wave.open(str(path)) as w:
-            pcm = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16)
-        return pcm.reshape(-1, 2)[:, 1].copy()
+        return played_channel(self.record_dir)
 
     def stop(self) -> None:
-        self.proc.send_signal(2)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_engine(self.proc)
 
 
 class Sideband:
@@ -632,24 +623,8 @@ def bench_baseline(tmp: Path, utterances: int) -> dict[str, Any]:
     bench.conversation's Realtime baseline): one asyncio process, silence streamed as the mic (the
     session's clock needs input audio), each delta appended to a buffer the device callback
     takes from, zeros when it is short."""
-    import socket
-    from engine.supervisor.rundir import free_port
-    scen = jitter_scenario(tmp)
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "engine.api.cli", "serve", "--port", str(port), "--scenario",
-                               str(scen), "--no-asr"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              cwd=str(REPO))
-    try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        played, underflows = asyncio.run(_baseline(f"ws://127.0.0.1:{port}/v1", utterances))
-    finally:
-        server.kill()
-        server.wait()
+    with local_server(jitter_scenario(tmp)) as url:
+        played, underflows = asyncio.run(_baseline(url, utterances))
     spans = utterance_spans(played)[1:]
     gaps, gap_ms = span_gaps(played, spans)
     return {"baseline_underruns_jitter30": gaps, "baseline_underruns_responses_checked": len(spans),

@@ -2,7 +2,7 @@
 layouts and against the openai-SDK baseline, side by side. Prints JSON (``--json``: one line).
 
     python bench/phone.py [--calls 1,5,10,20,40] [--seconds 8] [--runs 2] [--layouts one_process,...]
-                          [--speed 4] [--control-speed 1] [--truncations 10] [--json]
+                          [--speed 4] [--control-speed 1] [--truncations 10] [--first-delta-turns 10] [--json]
     python bench/run.py phone [--json]        (the defaults, from the benchmark runner)
 
 The local server stands in for OpenAI at ``--speed`` (default 4, its ``local_server.speed``): it
@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import random
@@ -55,11 +56,14 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import pct  # noqa: E402
 from bus import Publisher, Subscriber  # noqa: E402
 from engine.config import load_config, session_payload  # noqa: E402
 from engine.codec import encode_audio  # noqa: E402
@@ -398,7 +402,6 @@ async def interrupt_after(phone: FakePhone, heard_s: float, speech: bytes) -> No
 def p99(values: list[float]) -> float | None:
     """The nearest-rank p99 (bench/README.md's p50 / p99: ``bench.run.pct``, as the bridge's
     ``Latency.p99_ms`` takes it); None when nothing was measured."""
-    from bench.common import pct
     return pct(values, 99) if values else None
 
 
@@ -628,50 +631,53 @@ BASELINE_NOTES = {
 }
 
 
-def measure(counts: list[int], seconds: float, runs: int, layouts: list[str], trials: int = 0,
-            server_speed: float = SERVER_SPEED, baseline: bool = True) -> dict[str, Any]:
-    """Start `engine phone` (broker, local server at ``server_speed``, the one-process bridge) and
-    run every layout and the baseline ``runs`` times, interleaved (run 1 of each, then run 2)."""
+@dataclass
+class PhoneEngine:
+    """A running `engine phone` (broker, local server, its phone process) and the bench's view of it."""
+    url: str                      #: where the fake phones dial
+    conn: dict[str, Any]          #: its connection file
+    bus: BusLog
+    tmp: Path                     #: its folder (runtime, data)
+
+
+@contextmanager
+def phone_engine(server_speed: float, prefixes: list[str], config: str | None = None) -> Iterator[PhoneEngine]:
+    """Start `engine phone --backend local` (the local server at ``server_speed``; ``config``: a YAML
+    config's text), read its bus (``prefixes``), stop it at the end. Twilio's signature is checked
+    (``phone.auth: twilio``): ``$TWILIO_AUTH_TOKEN`` is set to a fresh token meanwhile, which the fake
+    phones sign with."""
     tmp = Path(tempfile.mkdtemp(prefix="bench-phone-"))
     run = tmp / "run"
     run.mkdir(mode=0o700)
-    # the engine checks Twilio's signature (phone.auth twilio); the fake phones sign with the same token
     env = {**os.environ, "REALTALK_RUNTIME_DIR": str(run), "XDG_DATA_HOME": str(tmp / "data"),
            "TWILIO_AUTH_TOKEN": secrets.token_hex(16)}
     env.pop("OPENAI_API_KEY", None)
+    args = [sys.executable, "-m", "engine.api.cli", "phone", "--backend", "local", "--port", "0",
+            "--speed", str(server_speed)]
+    if config is not None:
+        (tmp / "engine.yaml").write_text(config)
+        args += ["--config", str(tmp / "engine.yaml")]
     saved = {k: os.environ.get(k) for k in ("REALTALK_RUNTIME_DIR", "XDG_DATA_HOME", "TWILIO_AUTH_TOKEN")}
     os.environ.update({k: env[k] for k in saved})
-    proc = subprocess.Popen([sys.executable, "-m", "engine.api.cli", "phone", "--backend", "local", "--port", "0",
-                             "--speed", str(server_speed)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=str(tmp))
-    url = ""
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        m = re.search(r"phone calls at (ws://\S+)", line)
-        if m:
-            url = m.group(1)
-            break
-    threading.Thread(target=lambda: [None for _ in proc.stdout or []], daemon=True).start()
-    conn = json.loads((run / "engine.json").read_text())
-    bus = BusLog(conn, ["phone.", "session.config", "client.conversation.item.truncate"])
-    out: dict[str, Any] = {"server_speed": server_speed,
-                           "machine": {"cpus": os.cpu_count(), "loadavg_at_start": list(os.getloadavg())},
-                           "seconds_per_level": seconds, "runs": {}}
-    names = [*layouts, *([BASELINE] if baseline else [])]
-    if baseline:
-        out["baseline_notes"] = BASELINE_NOTES
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=str(tmp))
+    bus: BusLog | None = None
     try:
-        for _ in range(runs):
-            for name in names:
-                levels = (run_baseline(counts, seconds, conn) if name == BASELINE
-                          else run_layout(name, counts, seconds, conn, bus, url, tmp))
-                out["runs"].setdefault(name, []).append(levels)
-        for name in names:
-            out[f"{name}_max_calls_on_time"] = [on_time(r) for r in out["runs"][name]]
-        if trials:
-            out["truncation"] = asyncio.run(truncations(url, conn, bus, trials, seed=13))
+        url = ""
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            m = re.search(r"phone calls at (ws://\S+)", line)
+            if m:
+                url = m.group(1)
+                break
+        if not url:
+            raise RuntimeError(f"engine phone exited with {proc.wait()} before it listened")
+        threading.Thread(target=lambda: [None for _ in proc.stdout or []], daemon=True).start()
+        conn = json.loads((run / "engine.json").read_text())
+        bus = BusLog(conn, prefixes)
+        yield PhoneEngine(url, conn, bus, tmp)
     finally:
-        bus.close()
+        if bus is not None:
+            bus.close()
         proc.send_signal(2)
         proc.wait(30)
         for k, v in saved.items():
@@ -679,25 +685,181 @@ def measure(counts: list[int], seconds: float, runs: int, layouts: list[str], tr
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def measure(counts: list[int], seconds: float, runs: int, layouts: list[str], trials: int = 0,
+            server_speed: float = SERVER_SPEED, baseline: bool = True) -> dict[str, Any]:
+    """Start `engine phone` (broker, local server at ``server_speed``, the one-process bridge) and
+    run every layout and the baseline ``runs`` times, interleaved (run 1 of each, then run 2)."""
+    out: dict[str, Any] = {"server_speed": server_speed,
+                           "machine": {"cpus": os.cpu_count(), "loadavg_at_start": list(os.getloadavg())},
+                           "seconds_per_level": seconds, "runs": {}}
+    names = [*layouts, *([BASELINE] if baseline else [])]
+    if baseline:
+        out["baseline_notes"] = BASELINE_NOTES
+    with phone_engine(server_speed, ["phone.", "session.config", "client.conversation.item.truncate"]) as eng:
+        for _ in range(runs):
+            for name in names:
+                levels = (run_baseline(counts, seconds, eng.conn) if name == BASELINE
+                          else run_layout(name, counts, seconds, eng.conn, eng.bus, eng.url, eng.tmp))
+                out["runs"].setdefault(name, []).append(levels)
+        for name in names:
+            out[f"{name}_max_calls_on_time"] = [on_time(r) for r in out["runs"][name]]
+        if trials:
+            out["truncation"] = asyncio.run(truncations(eng.url, eng.conn, eng.bus, trials, seed=13))
     out["machine"]["loadavg_at_end"] = list(os.getloadavg())
     return out
 
 
-def full(counts: list[int], seconds: float, runs: int, layouts: list[str], trials: int, speed: float,
-         control_speed: float | None) -> dict[str, Any]:
-    """The run at ``speed``, then (unless None) the control: one_process and the baseline, one run,
-    at ``control_speed``."""
-    out = measure(counts, seconds, runs, layouts, trials, speed)
-    if control_speed is not None:
-        control_layouts = [x for x in layouts if x == "one_process"]
-        out["control"] = measure(counts, seconds, 1, control_layouts, 0, control_speed)
+# ------------------------------------------------------------------ a reply's first delta to the phone (issue 25)
+LINKS = (("clean", 0.0), ("jitter30", 30.0))   #: (name, the local server's delta_jitter_ms), at real time
+HOLD_MODES = ("adaptive", "fixed")             #: audio.jitter_buffer: the start hold follows the call's jitter, or not
+HOLD_MS = 60                                   #: audio.prebuffer_ms: the fixed hold, and the adaptive one's start
+FIRST_DELTA_TURNS = 10                         #: replies per session after a warm-up
+REPLY = "The sea is wide and the ships are many, and every sailor knows the way home."   #: the conversation suite's
+BETWEEN_REPLIES_S = 0.6   #: after a reply has played: the phone's silence then is over 500 ms, a reply's end, no gap
+
+
+def first_delta_figures(turns: list[dict[str, Any]], phone: FakePhone) -> dict[str, Any]:
+    """Per reply (``turns``: each its ``arrival_s``, the bridge's ``start_delay_ms``): the reply's first
+    delta taken by the bridge's core -> the first media message the fake phone received after it, and
+    -> the player tick that began playing it; p50 / p99 / max of each, ms."""
+    to_phone: list[float] = []
+    to_playout: list[float] = []
+    for t in turns:
+        got = next((s for s in phone.media_in_s if s >= t["arrival_s"]), None)
+        began = next((s for s in phone.audio_began_s if s >= t["arrival_s"]), None)
+        if got is not None:
+            to_phone.append((got - t["arrival_s"]) * 1000)
+        if began is not None:
+            to_playout.append((began - t["arrival_s"]) * 1000)
+    delays = [float(t["start_delay_ms"]) for t in turns if t.get("start_delay_ms") is not None]
+
+    def three(name: str, v: list[float]) -> dict[str, Any]:
+        return {f"{name}_p50": rounded(pct(v, 50) if v else None), f"{name}_p99": rounded(pct(v, 99) if v else None),
+                f"{name}_max": rounded(max(v) if v else None)}
+    return {"replies": len(turns), **three("first_delta_to_phone_ms", to_phone),
+            **three("first_delta_to_playout_ms", to_playout), **three("start_delay_ms", delays)}
+
+
+def rounded(x: float | None) -> float | None:
+    return None if x is None else round(x, 2)
+
+
+def call_msgs(bus: BusLog, call: str, since: int, topic: str) -> list[dict[str, Any]]:
+    """``topic`` messages of ``call`` logged from index ``since`` on."""
+    return [b for t, b in list(bus.msgs)[since:] if t == topic and b.get("phone_call_id") == call]
+
+
+def reply_played(bus: BusLog, call: str, since: int) -> bool:
+    """Since index ``since``, ``call``'s reply started, played to its end and had its latency.turn."""
+    return all(call_msgs(bus, call, since, t) for t in ("playout.started", "playout.stopped", "latency.turn"))
+
+
+async def first_delta_call(eng: PhoneEngine, turns: int) -> dict[str, Any]:
+    """One call through `engine phone`: a warm-up reply, then ``turns`` replies one after another,
+    each asked once the last has played (its end mark came back) and ``BETWEEN_REPLIES_S`` passed."""
+    bus = eng.bus
+    phone = await FakePhone(eng.url).dial()
+    call = phone.call_sid
+    try:
+        if not await wait_until(lambda: call in EngineCalls(bus).up(), 30):
+            raise RuntimeError("the call's API session did not come up")
+        measured: list[dict[str, Any]] = []
+        warm: dict[str, Any] = {}
+        before = (0, 0, 0)
+        mark_all = len(bus.msgs)
+        for n in range(turns + 1):
+            if n == 1:   # the warm-up is over: count the phone's gaps from here
+                before = (phone.underruns, phone.underrun_frames, phone.long_silences)
+                mark_all = len(bus.msgs)
+            mark = len(bus.msgs)
+            bus.pub.publish("cmd.say", {"text": f"Turn {n}", "phone_call_id": call, "id": f"fd-{call}-{n}"})
+            if not await wait_until(functools.partial(reply_played, bus, call, mark), 30):
+                raise RuntimeError(f"reply {n} did not play to its end within 30 s")
+            started = call_msgs(bus, call, mark, "playout.started")[0]
+            lat = call_msgs(bus, call, mark, "latency.turn")[0]
+            # the core's instant of the first delta: latency.turn counts from it to playout.started's stamp
+            turn = {"arrival_s": started["first_sample_mono_ns"] / 1e9 - float(lat["first_delta_to_device_ms"]) / 1000,
+                    "start_delay_ms": started.get("output_latency_ms"),
+                    "delta_interval_ms_std": lat.get("delta_interval_ms_std"),
+                    "delta_interval_ms_max": lat.get("delta_interval_ms_max"), "deltas": lat.get("deltas")}
+            if n == 0:
+                warm = turn
+            else:
+                measured.append(turn)
+            await asyncio.sleep(BETWEEN_REPLIES_S)
+        after = (phone.underruns, phone.underrun_frames, phone.long_silences)
+        bridge_gaps = call_msgs(bus, call, mark_all, "phone.underrun")
+    finally:
+        await phone.hang_up()
+    out = first_delta_figures(measured, phone)
+    first = first_delta_figures([warm], phone)
+    out.update({
+        "first_reply_first_delta_to_phone_ms": first["first_delta_to_phone_ms_p50"],
+        "first_reply_first_delta_to_playout_ms": first["first_delta_to_playout_ms_p50"],
+        "first_reply_start_delay_ms": first["start_delay_ms_p50"],
+        # gaps at the fake phone (a dry spell of at most 500 ms that audio came back after), the replies after the warm-up
+        "phone_underruns": after[0] - before[0], "phone_underrun_ms": (after[1] - before[1]) * 20,
+        # each reply follows a pause of over 500 ms (a long silence each): more are stalls inside replies
+        "phone_stalls_over_500ms": max(0, after[2] - before[2] - turns),
+        "bridge_seen_phone_underruns": len(bridge_gaps),
+        "delta_interval_ms_std_p50": rounded(statistics.median([float(t["delta_interval_ms_std"]) for t in measured
+                                                                 if t["delta_interval_ms_std"] is not None] or [0.0])),
+        "delta_interval_ms_max": max((float(t["delta_interval_ms_max"]) for t in measured
+                                      if t["delta_interval_ms_max"] is not None), default=None),
+        "deltas_per_reply_p50": pct([float(t["deltas"]) for t in measured if t["deltas"] is not None], 50)
+        if measured else None})
     return out
 
 
-def run() -> dict[str, Any]:
+def first_delta_session(mode: str, jitter_ms: float, turns: int) -> dict[str, Any]:
+    """`engine phone` with ``audio.jitter_buffer: mode`` and ``audio.prebuffer_ms: HOLD_MS``, its local
+    server at real time with deltas up to |N(0, ``jitter_ms``)| late (seed 7): :func:`first_delta_call`."""
+    scen = Path(tempfile.mkdtemp(prefix="bench-phone-scen-")) / "jitter.yaml"
+    scen.write_text(f'default_reply: "{REPLY}"\nfaults: {{delta_jitter_ms: {jitter_ms}, seed: 7}}\n')
+    config = (f"audio: {{jitter_buffer: {mode}, prebuffer_ms: {HOLD_MS}}}\n"
+              f"local_server: {{asr: false, scenario: {scen}}}\n")
+    with phone_engine(1.0, ["phone.", "session.config", "playout.", "latency."], config) as eng:
+        return asyncio.run(first_delta_call(eng, turns))
+
+
+def bench_first_delta(turns: int = FIRST_DELTA_TURNS, modes: tuple[str, ...] = HOLD_MODES) -> dict[str, Any]:
+    """:func:`first_delta_session` for each link (clean, 30 ms jitter) and hold mode, one after another:
+    ``<mode>_<figure>_<link>``, and the issue's names ``engine_first_delta_to_device_ms_p99_<link>`` (the
+    adaptive hold's first delta -> the phone's playout; ``..._fixed``: the fixed hold's)."""
+    out: dict[str, Any] = {"first_delta_turns": turns, "first_delta_hold_ms": HOLD_MS,
+                           "first_delta_loadavg_at_start": list(os.getloadavg())}
+    for link, jitter in LINKS:
+        for mode in modes:
+            got = first_delta_session(mode, jitter, turns)
+            out.update({f"{mode}_{k}_{link}": v for k, v in got.items()})
+        for mode in modes:
+            suffix = "" if mode == "adaptive" else f"_{mode}"
+            out[f"engine_first_delta_to_device_ms_p99_{link}{suffix}"] = out[f"{mode}_first_delta_to_playout_ms_p99_{link}"]
+    out["first_delta_loadavg_at_end"] = list(os.getloadavg())
+    return out
+
+
+def full(counts: list[int], seconds: float, runs: int, layouts: list[str], trials: int, speed: float,
+         control_speed: float | None, first_delta_turns: int = FIRST_DELTA_TURNS) -> dict[str, Any]:
+    """The run at ``speed``, then (unless None) the control: one_process and the baseline, one run,
+    at ``control_speed``; then (unless 0 turns) a reply's first delta to the phone, adaptive and
+    fixed hold, clean and at 30 ms jitter (:func:`bench_first_delta`)."""
+    out = measure(counts, seconds, runs, layouts, trials, speed) if counts else {}
+    if control_speed is not None and counts:
+        control_layouts = [x for x in layouts if x == "one_process"]
+        out["control"] = measure(counts, seconds, 1, control_layouts, 0, control_speed)
+    if first_delta_turns > 0:
+        out.update(bench_first_delta(first_delta_turns))
+    return out
+
+
+def run(first_delta_turns: int = FIRST_DELTA_TURNS) -> dict[str, Any]:
     """``python bench/run.py phone``: every level, layout and the baseline twice at speed 4, the
-    truncation comparison, and the control at speed 1."""
-    return full([int(x) for x in LEVELS.split(",")], 8.0, 2, list(LAYOUTS), 10, SERVER_SPEED, CONTROL_SPEED)
+    truncation comparison, the control at speed 1, and the first delta's wait to the phone."""
+    return full([int(x) for x in LEVELS.split(",")], 8.0, 2, list(LAYOUTS), 10, SERVER_SPEED, CONTROL_SPEED,
+                first_delta_turns)
 
 
 def main() -> int:
@@ -710,6 +872,8 @@ def main() -> int:
     ap.add_argument("--speed", type=float, default=SERVER_SPEED, help="the local server's delta pacing, x real time")
     ap.add_argument("--control-speed", type=float, default=CONTROL_SPEED,
                     help="the control run's pacing (one_process and the baseline, one run); 0: no control")
+    ap.add_argument("--first-delta-turns", type=int, default=FIRST_DELTA_TURNS,
+                    help="replies per session of the first delta's wait to the phone (4 sessions); 0: skip")
     ap.add_argument("--sdk-bridge", metavar="API_BASE", help=argparse.SUPPRESS)   # the baseline's own process
     ap.add_argument("--model", default="gpt-realtime", help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true")
@@ -721,8 +885,9 @@ def main() -> int:
     bad = [x for x in layouts if x not in LAYOUTS]
     if bad:
         ap.error(f"unknown layout {bad}; choose from {', '.join(LAYOUTS)}")
-    counts = [int(x) for x in args.calls.split(",") if x]
-    out = full(counts, args.seconds, args.runs, layouts, args.truncations, args.speed, args.control_speed or None)
+    counts = [int(x) for x in args.calls.split(",") if x]   # none (--calls ''): only the first delta's wait
+    out = full(counts, args.seconds, args.runs, layouts, args.truncations, args.speed, args.control_speed or None,
+               args.first_delta_turns)
     print(json.dumps(out, indent=None if args.json else 1))
     return 0
 

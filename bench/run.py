@@ -6,12 +6,15 @@ side by side with its reference in the same run.
                                            engine start time (issues 3, 25)
     python bench/run.py server [--json]    local server: first delta, 20 concurrent sessions (issue 2)
     python bench/run.py conversation [--json] [--interruptions N] [--double-talk-trials N] [--stall-replies N]
-                                     [--backend ...]
-                                           engine vs an openai-SDK + PyAudio baseline (issue 4), double talk
+                                     [--first-delta-turns N] [--backend ...]
+                                           engine vs an openai-SDK + PyAudio baseline (issue 4), double talk,
+                                           a reply's first delta to the device clean and at 30 ms jitter (issue 25)
     python bench/run.py faults [--json] [--soak-minutes N] [--fuzz N]
                                            kills, socket drops, fuzz, slow subscriber, soak (issue 15)
-    python bench/run.py phone [--json]     phone calls at once (1-40) in three process layouts, truncation vs the SDK
-                                           sample (issue 13); bench/phone.py has the options
+    python bench/run.py phone [--json] [--first-delta-turns N]
+                                           phone calls at once (1-40) in three process layouts, truncation vs the SDK
+                                           sample (issue 13), a reply's first delta to the phone's playout clean and
+                                           at 30 ms jitter (issue 25); bench/phone.py has the options
     python bench/run.py sip [--json]       engine sip: webhook -> accept at 1, 10, 50 calls together, CPU and memory
                                            per talking call (issue 22)
     python bench/run.py console [--json] [--minutes N] [--closed-minutes N]
@@ -627,6 +630,9 @@ def main() -> int:
     ap.add_argument("--stall-replies", type=int, default=10, help="conversation: replies per playback stall length; 0: skip")
     ap.add_argument("--minutes", type=float, default=10.0, help="console: minutes of events with the page open")
     ap.add_argument("--turns", type=int, default=12, help="jitter: replies per session (after a warm-up)")
+    ap.add_argument("--first-delta-turns", type=int, default=None,
+                    help="conversation (default 5 per link and backend), phone (10 per link and hold): replies "
+                         "per session of the first delta's wait, after a warm-up; 0: skip")
     ap.add_argument("--out", default=None, help="jitter: where the target plot (PNG) and its CSVs go")
     ap.add_argument("--closed-minutes", type=float, default=None, help="console: minutes of turns before it opens")
     ap.add_argument("--yields", type=int, default=20, help="live: times the user talks over the model")
@@ -637,14 +643,15 @@ def main() -> int:
         from bench.capture_step import run as run_capture_step
         result = {**bench_ring(), **bench_bus(), **run_capture_step(), **bench_engine(backends)}
     elif args.suite == "conversation":
-        from bench.conversation import run
-        result = run(args.interruptions, args.double_talk_trials, backends, args.stall_replies)
+        from bench.conversation import FIRST_DELTA_TURNS, run
+        result = run(args.interruptions, args.double_talk_trials, backends, args.stall_replies,
+                     FIRST_DELTA_TURNS if args.first_delta_turns is None else args.first_delta_turns)
     elif args.suite == "console":
         from bench.console import run as run_console
         result = run_console(args.minutes, args.closed_minutes)
     elif args.suite == "phone":
-        from bench.phone import run as run_phone
-        result = run_phone()
+        from bench.phone import FIRST_DELTA_TURNS as PHONE_TURNS, run as run_phone
+        result = run_phone(PHONE_TURNS if args.first_delta_turns is None else args.first_delta_turns)
     elif args.suite == "jitter":
         from bench.jitter import run as run_jitter
         result = run_jitter(args.turns, Path(args.out) if args.out else None)

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import REPO, cpu_ns, pct
+from bench.common import REPO, cpu_ns, pct, stop_engine
 
 LEVELS = (1, 10, 50)
 TALK_CALLS = 20
@@ -80,12 +80,7 @@ class SipEngine:
         return dict(json.loads(out.stdout))
 
     def close(self) -> None:
-        self.proc.send_signal(2)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_engine(self.proc)
 
 
 async def _post(url: str, body: Any = None) -> Any:

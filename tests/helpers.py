@@ -17,13 +17,14 @@ import itertools
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
 import time
 import wave
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, TypeVar
 
 import numpy as np
 import websocket
@@ -237,6 +238,88 @@ class RunningEngine(ProcessLines):
                               timeout=timeout, env=os.environ.copy())
 
 
+E = TypeVar("E", bound=RunningEngine)
+
+
+@contextlib.contextmanager
+def engine_workers(tmp_path: Path, kind: type[E], args: list[str], n: int = 2,
+                   env: Mapping[str, str] | None = None) -> Iterator[list[E]]:
+    """``n`` engines (``engine ARGS``, each with its own runtime folder ``w<i>/run`` and sessions
+    ``w<i>/data`` under ``tmp_path``, and ``env`` over this process's), once each is ready; stopped
+    at the end."""
+    started: list[E] = []
+    try:
+        for i in range(n):
+            run = tmp_path / f"w{i}" / "run"
+            run.mkdir(parents=True, mode=0o700)
+            proc = subprocess.Popen([sys.executable, "-m", "engine.api.cli", *args], stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, cwd=str(tmp_path),
+                                    env={**os.environ, "REALTALK_RUNTIME_DIR": str(run),
+                                         "XDG_DATA_HOME": str(tmp_path / f"w{i}" / "data"), **(env or {})})
+            started.append(kind(proc, run, tmp_path / f"w{i}" / "data"))
+        for w in started:
+            assert w.ready.wait(30), "a worker did not become ready:\n" + "".join(w.lines)
+        yield started
+    finally:
+        for w in started:
+            w.stop()
+
+
+def wait_listening(port: int, proc: subprocess.Popen[Any], timeout_s: float = 10, name: str = "haproxy") -> None:
+    """Until ``proc`` (``name``: haproxy gives no readiness signal but its listening socket) listens
+    on ``port``; AssertionError if it exits or does not within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{name} exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise AssertionError(f"{name} did not listen on {port} in {timeout_s} s")
+
+
+def failed_start(openai_url: str, key: str, tmp_path: Path) -> tuple[str, float]:
+    """`engine start --backend openai --text-only` against ``openai_url`` with ``$OPENAI_API_KEY``
+    ``key``, which must fail: (what it printed, stdout and stderr, and the seconds it took)."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"openai_url: {openai_url}\n")
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "engine.api.cli", "start", "--backend", "openai", "--text-only",
+                          "--config", str(cfg)], capture_output=True, text=True, timeout=30,
+                         env={**os.environ, "OPENAI_API_KEY": key}, cwd=str(tmp_path))
+    elapsed = time.monotonic() - t0
+    text = out.stdout + out.stderr
+    assert out.returncode != 0, text
+    return text, elapsed
+
+
+@contextlib.contextmanager
+def car_rental_office() -> Iterator[subprocess.Popen[str]]:
+    """examples/car_rental.py, the back office serving every call of the running engine, once it
+    says it serves calls; terminated at the end."""
+    office = subprocess.Popen([sys.executable, str(REPO / "examples" / "car_rental.py")], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
+    try:
+        assert office.stdout is not None
+        line = office.stdout.readline()
+        assert "serving calls" in line, line
+        yield office
+    finally:
+        office.terminate()
+        office.wait(5)
+
+
+def caller_speech(text: str, voice: str = "marin") -> bytes:
+    """``text`` spoken by espeak-ng (the local server's own voice), 300 ms of silence each side, as
+    a phone caller's µ-law at 8 kHz."""
+    from engine.codec import encode_audio
+    from engine.server.voice import synthesize
+    pad = np.zeros(7200, dtype=np.int16)
+    return encode_audio(np.concatenate([pad, synthesize(text, voice), pad]), "audio/pcmu")
+
+
 class PhoneEngine(RunningEngine):
     """`engine phone`: ready on the line that also names its URL ("ready in ...; phone calls at ws://...")."""
 
@@ -437,6 +520,12 @@ class BusRecorder(TopicLog):
         self.t.join(1)
         self.sub.close()
         self.pub.close()
+
+    def __enter__(self) -> "BusRecorder":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class RecordingPublisher(TopicLog):

@@ -3,10 +3,7 @@ cannot be reached at the first start does. The engine against the local server w
 injection (engine/server/faults.py)."""
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +11,7 @@ from typing import Any
 import pytest
 
 from bus import Publisher, Subscriber
-from tests.helpers import wait_topic
+from tests.helpers import failed_start, wait_topic
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
@@ -84,16 +81,7 @@ def test_a_backend_that_cannot_be_reached_at_the_first_start_ends_engine_start_n
     """Issue 23 part 7: a closed port or a bad URL at the first start was retried for more than 40 s
     without becoming ready or exiting; reconnect retries are for drops after a session existed."""
     url = url.format(closed_port=closed_port())
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"openai_url: {url}\n")
-    env = {**os.environ, "OPENAI_API_KEY": "sk-some-key-123"}
-    t0 = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "engine.api.cli", "start", "--backend", "openai", "--text-only",
-                          "--config", str(cfg)], capture_output=True, text=True, timeout=30, env=env,
-                         cwd=str(tmp_path))
-    elapsed = time.monotonic() - t0
-    text = out.stdout + out.stderr
-    assert out.returncode != 0, text
+    text, elapsed = failed_start(url, "sk-some-key-123", tmp_path)
     assert url in text and cause in text, text
     assert "sk-some-key-123" not in text
     assert elapsed < 5.0, (elapsed, text)

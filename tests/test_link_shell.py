@@ -8,7 +8,8 @@ import base64
 import json
 import socket
 import time
-from typing import Any, Callable, Coroutine
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Callable, Coroutine
 
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
@@ -115,6 +116,24 @@ def make_link(url: str, host: Host, **rules: Any) -> tuple[ApiLink, RealtimeCore
     return ApiLink(REALTIME, core, host, url, {"Authorization": "Bearer test"}, LinkRules(url, **rules)), core
 
 
+@asynccontextmanager
+async def running_link(server: RecordingServer, history: list[dict[str, Any]] | None = None,
+                       **rules: Any) -> AsyncIterator[tuple[Host, ApiLink, RealtimeCore, asyncio.Task[Any]]]:
+    """A link to ``server`` running in this loop (its core given ``history`` first), once it has
+    reported connected: (host, link, core, the link's task). Stopped, and its task awaited, at the end."""
+    host = Host()
+    link, core = make_link(server.url, host, **rules)
+    if history is not None:
+        core.restore_history({"items": history})
+    task = asyncio.get_running_loop().create_task(link.run())
+    try:
+        await host.wait("engine.status", lambda b: b.get("state") == "connected")
+        yield host, link, core, task
+    finally:
+        link.stop()
+        await asyncio.wait_for(task, 5)
+
+
 def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     asyncio.run(main())
 
@@ -130,11 +149,7 @@ def test_after_a_drop_the_replay_goes_out_before_every_say_made_during_the_outag
     """Issue 23 part 5 at its cause: the core decides and the link sends in one callback, so a say
     handed in at any moment around a reconnect follows the whole replay on the new socket."""
     async def main() -> None:
-        async with RecordingServer() as server:
-            host = Host()
-            link, core = make_link(server.url, host)
-            core.restore_history({"items": HISTORY})
-            task = asyncio.get_running_loop().create_task(link.run())
+        async with RecordingServer() as server, running_link(server, HISTORY) as (host, link, _, task):
             await server.until(lambda: len(server.sockets) == 1 and len(says(server.sockets[0])) == 0
                                and any(m["type"] == "session.update" for m in server.sockets[0]))
             n = iter(range(1000))
@@ -151,58 +166,40 @@ def test_after_a_drop_the_replay_goes_out_before_every_say_made_during_the_outag
             assert second[len(HISTORY):] == [f"outage {i}" for i in range(len(second) - len(HISTORY))]
             assert server.sockets[1][0]["type"] == "session.update"   # the config first
             link.stop()
-            assert await asyncio.wait_for(task, 5) is None
+            assert await asyncio.wait_for(task, 5) is None   # stopped: no end of its own
     run(main)
 
 
 def test_mic_audio_goes_out_as_the_backends_append_and_its_latency_is_counted() -> None:
     async def main() -> None:
-        async with RecordingServer() as server:
-            host = Host()
-            link, _ = make_link(server.url, host)
-            task = asyncio.get_running_loop().create_task(link.run())
-            await host.wait("engine.status", lambda b: b.get("state") == "connected")
+        async with RecordingServer() as server, running_link(server) as (_, link, _, _):
             pcm = bytes(range(256)) * 4
             link.step(MicAudio(pcm, time.monotonic() - 0.002))
             await server.until(lambda: any(m["type"] == "input_audio_buffer.append" for m in server.sockets[0]))
             (append,) = [m for m in server.sockets[0] if m["type"] == "input_audio_buffer.append"]
             assert base64.b64decode(append["audio"]) == pcm and set(append) == {"type", "audio"}
             assert link.audio_latency.count == 1 and 2000 <= link.audio_latency.samples_us[0] < 1_000_000
-            link.stop()
-            await asyncio.wait_for(task, 5)
     run(main)
 
 
 # ---------------------------------------------------------------- recycling
 def test_an_old_session_is_recycled_at_a_quiet_moment_and_the_new_one_gets_the_conversation() -> None:
     async def main() -> None:
-        async with RecordingServer() as server:
-            host = Host()
-            link, core = make_link(server.url, host, recycle_after_s=0.3)
-            core.restore_history({"items": HISTORY[:3]})
-            task = asyncio.get_running_loop().create_task(link.run())
+        async with RecordingServer() as server, running_link(server, HISTORY[:3], recycle_after_s=0.3) as (host, *_):
             back = await host.wait("engine.status", lambda b: b.get("state") == "reconnected" and b.get("reason") == "recycle")
             assert back["history_items"] == 3 and len(server.sockets) == 2
             assert not host.topics("engine.error") and not [b for b in host.topics("engine.status")
                                                             if b.get("state") == "reconnecting"]
             assert says(server.sockets[1]) == ["note 0", "note 1", "note 2"]
-            link.stop()
-            await asyncio.wait_for(task, 5)
     run(main)
 
 
 def test_a_busy_session_is_not_recycled_until_it_is_quiet() -> None:
     async def main() -> None:
-        async with RecordingServer() as server:
-            host = Host()
-            link, core = make_link(server.url, host, recycle_after_s=0.1)
-            task = asyncio.get_running_loop().create_task(link.run())
-            await host.wait("engine.status", lambda b: b.get("state") == "connected")
+        async with RecordingServer() as server, running_link(server, recycle_after_s=0.1) as (_, link, core, _):
             link.step(Command("cmd.say", {"text": "hello", "id": "s1"}))   # a response is asked for: busy
             await asyncio.sleep(0.8)
             assert len(server.sockets) == 1 and not core.at_turn_boundary()
-            link.stop()
-            await asyncio.wait_for(task, 5)
     run(main)
 
 
@@ -273,11 +270,7 @@ def test_an_http_status_at_the_first_socket_is_fatal_and_a_refused_key_names_its
 
 def test_a_refused_key_after_a_drop_is_fatal_at_once() -> None:
     async def main() -> None:
-        async with RecordingServer() as server:
-            host = Host()
-            link, _ = make_link(server.url, host)
-            task = asyncio.get_running_loop().create_task(link.run())
-            await host.wait("engine.status", lambda b: b.get("state") == "connected")
+        async with RecordingServer() as server, running_link(server) as (host, _, _, task):
             server.status = 401
             server.drop()
             end = await asyncio.wait_for(task, 5)
@@ -288,11 +281,7 @@ def test_a_refused_key_after_a_drop_is_fatal_at_once() -> None:
 
 def test_a_stop_during_the_backoff_ends_the_link_at_once() -> None:
     async def main() -> None:
-        async with RecordingServer() as server:
-            host = Host()
-            link, _ = make_link(server.url, host)
-            task = asyncio.get_running_loop().create_task(link.run())
-            await host.wait("engine.status", lambda b: b.get("state") == "connected")
+        async with RecordingServer() as server, running_link(server) as (host, link, _, task):
             server.server.close()               # nothing listens any more: the retries back off
             server.drop()
             await host.wait("engine.error", lambda b: b.get("code") == "connect_failed")

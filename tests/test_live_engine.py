@@ -18,9 +18,8 @@ import numpy as np
 import pytest
 
 from engine import EngineError, create_session
-from engine.codec import encode_audio
 from engine.phone.simulator import FakePhone
-from tests.helpers import REPO, BusRecorder, set_twilio_token, write_wav
+from tests.helpers import REPO, BusRecorder, car_rental_office, caller_speech, set_twilio_token, write_wav
 
 STORY = ("Once upon a time a small red car lived in a garage by the sea, and every morning it drove along "
          "the coast road to the market, where it carried bread, apples and fish for the people of the "
@@ -138,17 +137,9 @@ def test_a_phone_call_on_live_passes_mulaw_straight_through_and_the_back_office_
         phone_engine: Any, runtime_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     set_twilio_token(monkeypatch)
     eng = phone_engine("--model", "gpt-live-1", "--speed", "1", "--scenario", str(REPO / "scenarios" / "car_rental.yaml"))
-    office = subprocess.Popen([sys.executable, str(REPO / "examples" / "car_rental.py")], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
-    bus = BusRecorder(json.loads((runtime_dir / "engine.json").read_text()))
-    from engine.server.voice import synthesize
-    pad = np.zeros(7200, dtype=np.int16)
-    question = encode_audio(np.concatenate([pad, synthesize("Where is the collection point?", "marin"), pad]),
-                            "audio/pcmu")
+    question = caller_speech("Where is the collection point?")
 
     async def main() -> None:
-        assert office.stdout is not None
-        assert "serving calls" in await asyncio.to_thread(office.stdout.readline)
         phone = await FakePhone(eng.url, custom_parameters={"booking": "ZX9"}).dial()
         started = await bus.wait("session.config", timeout_s=20, phone_call_id=phone.call_sid)
         assert started["session"]["audio"]["format"] == {"type": "audio/pcmu", "rate": 8000}   # no resampling
@@ -161,14 +152,12 @@ def test_a_phone_call_on_live_passes_mulaw_straight_through_and_the_back_office_
         assert phone.media_received > 50   # the caller heard the answer (µ-law media back)
         await phone.hang_up()
         await bus.wait("phone.call.ended", timeout_s=20, phone_call_id=phone.call_sid)
-    try:
-        asyncio.run(main())
-    except AssertionError:   # what the call's bus said, for the failure's report
-        for t, b in bus.msgs:
-            if t not in ("phone.status", "engine.status", "playback.position", "capture.levels"):
-                print(t, {k: v for k, v in b.items() if k not in ("v", "ts", "mono_ns", "pub", "seq")}, file=sys.stderr)
-        raise
-    finally:
-        bus.close()
-        office.terminate()
-        office.wait(5)
+    with car_rental_office(), BusRecorder(json.loads((runtime_dir / "engine.json").read_text())) as bus:
+        try:
+            asyncio.run(main())
+        except AssertionError:   # what the call's bus said, for the failure's report
+            for t, b in bus.msgs:
+                if t not in ("phone.status", "engine.status", "playback.position", "capture.levels"):
+                    print(t, {k: v for k, v in b.items() if k not in ("v", "ts", "mono_ns", "pub", "seq")},
+                          file=sys.stderr)
+            raise

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.helpers import REPO, BusRecorder, set_twilio_token
+from tests.helpers import REPO, BusRecorder, car_rental_office, caller_speech, set_twilio_token
 
 from engine.codec import encode_audio
 from engine.phone.heard import HeardClock
@@ -161,10 +161,8 @@ def test_a_call_from_start_to_hang_up(phone_engine: Any, runtime_dir: Path) -> N
         assert ended["reason"] == "stop" and ended["usd"] == pytest.approx(done["session_usd"])
         assert ended["duration_s"] > 0.5 and ended["phone_errors"] == 0
         assert [e for e in bus.all("engine.error") if not e.get("benign")] == []
-    try:
+    with bus:
         asyncio.run(main())
-    finally:
-        bus.close()
 
 
 @pytest.mark.e2e
@@ -193,10 +191,8 @@ def test_barge_in_truncates_at_what_the_caller_heard(phone_engine: Any, runtime_
         assert errors == []
         await bus.wait("server.conversation.item.truncated", phone_call_id=phone.call_sid)
         await phone.hang_up()
-    try:
+    with bus:
         asyncio.run(main())
-    finally:
-        bus.close()
 
 
 @pytest.mark.e2e
@@ -229,10 +225,8 @@ def test_a_bad_message_is_that_calls_error_only_and_a_hang_up_mid_reply_leaks_no
         await b.hang_up()
         await bus.wait("phone.call.ended", phone_call_id=b.call_sid)
         assert bus.all("engine.error", code="call_failed") == []
-    try:
+    with bus:
         asyncio.run(main())
-    finally:
-        bus.close()
 
 
 @pytest.mark.e2e
@@ -242,17 +236,9 @@ def test_car_rental_example_calls_its_tool_offline_when_asked_by_voice(phone_eng
     rules) the local server hears the question (docs/local-server.md, "What it hears"), the tool's name
     in it makes it call collection_point, and the back office answers."""
     eng = phone_engine("--speed", "4", "--scenario", str(REPO / "scenarios" / "car_rental.yaml"))
-    office = subprocess.Popen([sys.executable, str(REPO / "examples" / "car_rental.py")], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
-    bus = Bus(runtime_dir)
-    from engine.server.voice import synthesize    # the server's own voice (marin), as a caller at 8 kHz
-    pad = np.zeros(7200, dtype=np.int16)
-    question = encode_audio(np.concatenate([pad, synthesize("Where is the collection point?", "marin"), pad]),
-                            "audio/pcmu")
+    question = caller_speech("Where is the collection point?")   # the server's own voice, as a caller at 8 kHz
 
     async def main() -> None:
-        assert office.stdout is not None
-        assert "serving calls" in await asyncio.to_thread(office.stdout.readline)
         phone = await FakePhone(eng.url, custom_parameters={"booking": "ZX9"}).dial()
         await bus.wait("system.text", phone_call_id=phone.call_sid)
         await phone.say(question)
@@ -261,12 +247,8 @@ def test_car_rental_example_calls_its_tool_offline_when_asked_by_voice(phone_eng
         await bus.wait("response.done", 30, where=lambda d: "Northern Train Station" in (d.get("text") or ""))
         await phone.hang_up()
         await bus.wait("phone.call.ended", phone_call_id=phone.call_sid)
-    try:
+    with car_rental_office(), Bus(runtime_dir) as bus:
         asyncio.run(main())
-    finally:
-        bus.close()
-        office.terminate()
-        office.wait(5)
 
 
 @pytest.mark.e2e
@@ -278,13 +260,8 @@ def test_car_rental_back_office_serves_two_calls_at_once(phone_engine: Any, runt
                         '    call: {name: collection_point, arguments: {}}\n'
                         '    then: "Your car is waiting at {output}."\n')
     eng = phone_engine("--speed", "4", "--scenario", str(scenario))
-    office = subprocess.Popen([sys.executable, str(REPO / "examples" / "car_rental.py")], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
-    bus = Bus(runtime_dir)
 
     async def main() -> None:
-        assert office.stdout is not None
-        assert "serving calls" in await asyncio.to_thread(office.stdout.readline)
         a, b = FakePhone(eng.url, custom_parameters={"booking": "ZX9"}), FakePhone(eng.url, custom_parameters={
             "booking": "QK2"})
         await asyncio.gather(a.dial(), b.dial())
@@ -305,12 +282,8 @@ def test_car_rental_back_office_serves_two_calls_at_once(phone_engine: Any, runt
         await asyncio.gather(a.hang_up(), b.hang_up())
         await bus.wait("phone.call.ended", phone_call_id=a.call_sid)
         await bus.wait("phone.call.ended", phone_call_id=b.call_sid)
-    try:
+    with car_rental_office(), Bus(runtime_dir) as bus:
         asyncio.run(main())
-    finally:
-        bus.close()
-        office.terminate()
-        office.wait(5)
 
 
 @pytest.mark.e2e

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from bench.phone import CALL_FIGURES, SAY, SdkBaseline, b64_bytes, on_time, wait_until
+from bench.phone import CALL_FIGURES, SAY, SdkBaseline, b64_bytes, first_delta_figures, on_time, wait_until
 from engine.phone.simulator import FRAME_BYTES, FakePhone
 
 pytestmark = pytest.mark.timeout(60)
@@ -29,6 +29,21 @@ def test_calls_on_time_need_no_late_frame_no_underrun_every_reply_whole_and_ever
         assert on_time([one, {**ok, **bad}]) == 1
         # a larger level on time after a smaller one that is not does not count
         assert on_time([one, {**ok, **bad}, {**ok, "calls": 10, "calls_ended": 10}]) == 1
+
+
+def test_a_replys_first_delta_is_timed_to_the_phones_next_media_and_to_the_tick_that_began_playing_it() -> None:
+    phone = FakePhone("ws://127.0.0.1:9/twilio")
+    phone.media_in_s = [0.5, 10.012, 10.2, 20.030, 20.2]   # the warm-up's, then the replies' first and later media
+    phone.audio_began_s = [0.51, 10.020, 20.045]
+    turns = [{"arrival_s": 10.0, "start_delay_ms": 12.0}, {"arrival_s": 20.0, "start_delay_ms": 25.0}]
+    got = first_delta_figures(turns, phone)
+    assert got["replies"] == 2
+    assert (got["first_delta_to_phone_ms_p50"], got["first_delta_to_phone_ms_max"]) == (30.0, 30.0)   # nearest rank
+    assert got["first_delta_to_phone_ms_p99"] == 30.0 and got["first_delta_to_playout_ms_p99"] == 45.0
+    assert got["start_delay_ms_max"] == 25.0
+    # nothing reached the phone after the first delta: not counted, not zero
+    none = first_delta_figures([{"arrival_s": 30.0, "start_delay_ms": 12.0}], phone)
+    assert none["first_delta_to_phone_ms_p99"] is None and none["first_delta_to_playout_ms_p99"] is None
 
 
 @pytest.mark.e2e

@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -24,7 +23,8 @@ from bus.client import load_endpoints
 from engine.errors import ConfigError
 from engine.phone.haproxy import haproxy_config, parse_address
 from engine.phone.simulator import FakePhone
-from tests.helpers import RunningEngine, set_twilio_token
+from engine.supervisor.rundir import free_port
+from tests.helpers import RunningEngine, engine_workers, set_twilio_token, wait_listening
 
 HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
 
@@ -67,41 +67,9 @@ def workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Wo
     monkeypatch.delenv("REALTALK_BUS_KEYS", raising=False)
     cfg = tmp_path / "worker.yaml"
     cfg.write_text("bus:\n  transport: tcp\n  tcp_host: 127.0.0.1\n")
-    started: list[Worker] = []
-    try:
-        for i in range(2):
-            run = tmp_path / f"w{i}" / "run"
-            run.mkdir(parents=True, mode=0o700)
-            env = {**os.environ, "REALTALK_RUNTIME_DIR": str(run), "XDG_DATA_HOME": str(tmp_path / f"w{i}" / "data")}
-            proc = subprocess.Popen([sys.executable, "-m", "engine.api.cli", "phone", "--backend", "local", "--port",
-                                     "0", "--speed", "4", "--config", str(cfg)], stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True, env=env, cwd=str(tmp_path))
-            started.append(Worker(proc, run, tmp_path / f"w{i}" / "data"))
-        for w in started:
-            assert w.ready.wait(30), "a worker did not become ready:\n" + "".join(w.lines)
+    with engine_workers(tmp_path, Worker, ["phone", "--backend", "local", "--port", "0", "--speed", "4",
+                                           "--config", str(cfg)]) as started:
         yield started
-    finally:
-        for w in started:
-            w.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_listening(port: int, proc: subprocess.Popen[Any], timeout_s: float = 10) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"haproxy exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.02)   # haproxy gives no readiness signal but its listening socket
-    raise AssertionError(f"haproxy did not listen on {port} in {timeout_s} s")
 
 
 class Office:

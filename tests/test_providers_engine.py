@@ -24,29 +24,27 @@ def converse(eng: Any) -> dict[str, Any]:
         sub.close()
 
 
-@pytest.mark.e2e
-@pytest.mark.timeout(60)
-def test_a_conversation_on_xai(start_engine: Any, make_server: Any, tmp_path: Path,
-                               monkeypatch: pytest.MonkeyPatch) -> None:
-    server = make_server(dialect="xai", api_key="xai-key")
-    monkeypatch.setenv("XAI_API_KEY", "xai-key")
-    cfg = tmp_path / "xai.yaml"
-    cfg.write_text(f"provider: xai\nmodel: grok-voice-think-fast-1.0\nsession:\n  voice: eve\n"
-                   f"xai:\n  url: ws://127.0.0.1:{server.port}/v1/realtime\n")
-    eng = start_engine("--config", str(cfg), "--text-only")
-    cost = converse(eng)
-    assert cost["usd"] > 0                      # per minute of connection: the dialect's billed_seconds
+#: dialect -> (the key's variable, the engine's config with {port}: the local server's). Cost is
+#: counted either way: xAI per minute of connection (its dialect's billed_seconds), Azure priced as
+#: the model its deployment serves.
+PROVIDERS = {
+    "xai": ("XAI_API_KEY", "provider: xai\nmodel: grok-voice-think-fast-1.0\nsession:\n  voice: eve\n"
+                           "xai:\n  url: ws://127.0.0.1:{port}/v1/realtime\n"),
+    "azure": ("AZURE_OPENAI_API_KEY", "provider: azure\nmodel: gpt-realtime\nazure:\n"
+                                      "  endpoint: http://127.0.0.1:{port}\n  deployment: rt-prod\n"),
+}
 
 
 @pytest.mark.e2e
 @pytest.mark.timeout(60)
-def test_a_conversation_on_azure(start_engine: Any, make_server: Any, tmp_path: Path,
-                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    server = make_server(dialect="azure", api_key="az-key")
-    monkeypatch.setenv("AZURE_OPENAI_API_KEY", "az-key")
-    cfg = tmp_path / "azure.yaml"
-    cfg.write_text(f"provider: azure\nmodel: gpt-realtime\nazure:\n  endpoint: http://127.0.0.1:{server.port}\n"
-                   "  deployment: rt-prod\n")
+@pytest.mark.parametrize("dialect", sorted(PROVIDERS))
+def test_a_conversation_on_the_providers_dialect(dialect: str, start_engine: Any, make_server: Any, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    key_env, config = PROVIDERS[dialect]
+    server = make_server(dialect=dialect, api_key=f"{dialect}-key")
+    monkeypatch.setenv(key_env, f"{dialect}-key")
+    cfg = tmp_path / f"{dialect}.yaml"
+    cfg.write_text(config.format(port=server.port))
     eng = start_engine("--config", str(cfg), "--text-only")
     cost = converse(eng)
-    assert cost["usd"] > 0                      # priced as the model the deployment serves
+    assert cost["usd"] > 0

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from bus import Publisher, Subscriber
-from tests.helpers import wait_topic
+from tests.helpers import failed_start, wait_topic
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -124,16 +124,7 @@ def test_a_refused_key_stops_the_engine_at_once_naming_the_variable(runtime_dir:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and "ws://" not in (server.stdout.readline() or ""):
             pass
-        cfg = tmp_path / "c.yaml"
-        cfg.write_text(f"openai_url: ws://127.0.0.1:{port}/v1/realtime\n")
-        env = {**os.environ, "OPENAI_API_KEY": "sk-wrong-key-123"}
-        t0 = time.monotonic()
-        out = subprocess.run([sys.executable, "-m", "engine.api.cli", "start", "--backend", "openai", "--text-only",
-                              "--config", str(cfg)], capture_output=True, text=True, timeout=30, env=env,
-                             cwd=str(tmp_path))
-        elapsed = time.monotonic() - t0
-        text = out.stdout + out.stderr
-        assert out.returncode != 0, text
+        text, elapsed = failed_start(f"ws://127.0.0.1:{port}/v1/realtime", "sk-wrong-key-123", tmp_path)
         assert "401" in text and "OPENAI_API_KEY" in text and "--backend local" in text, text
         assert "sk-wrong-key-123" not in text
         assert elapsed < 10, (elapsed, text)

@@ -8,7 +8,6 @@ import base64
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,8 @@ import pytest
 from engine.errors import ConfigError
 from engine.phone.haproxy import parse_address
 from engine.sip.haproxy import haproxy_config
-from tests.helpers import RunningEngine, call_report, place_call
+from engine.supervisor.rundir import free_port
+from tests.helpers import RunningEngine, call_report, engine_workers, place_call, wait_listening
 
 HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
 SECRET = "whsec_" + base64.b64encode(b"two workers share this secret!!!").decode()
@@ -51,30 +51,10 @@ def stand_in(make_server: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
 
 @pytest.fixture
 def workers(tmp_path: Path, stand_in: Any) -> Iterator[list[Worker]]:
-    started: list[Worker] = []
-    try:
-        for i in range(2):
-            run = tmp_path / f"w{i}" / "run"
-            run.mkdir(parents=True, mode=0o700)
-            env = {**os.environ, "REALTALK_RUNTIME_DIR": str(run), "XDG_DATA_HOME": str(tmp_path / f"w{i}" / "data"),
-                   "OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": f"http://127.0.0.1:{stand_in.port}/v1",
-                   "OPENAI_WEBHOOK_SECRET": SECRET}
-            proc = subprocess.Popen([sys.executable, "-m", "engine.api.cli", "sip", "--backend", "openai", "--port",
-                                     "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                    cwd=str(tmp_path))
-            started.append(Worker(proc, run, tmp_path / f"w{i}" / "data"))
-        for w in started:
-            assert w.ready.wait(30), "a worker did not become ready:\n" + "".join(w.lines)
+    env = {"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": f"http://127.0.0.1:{stand_in.port}/v1",
+           "OPENAI_WEBHOOK_SECRET": SECRET}
+    with engine_workers(tmp_path, Worker, ["sip", "--backend", "openai", "--port", "0"], env=env) as started:
         yield started
-    finally:
-        for w in started:
-            w.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.e2e
@@ -90,14 +70,7 @@ def test_two_workers_behind_haproxy_accept_each_call_once(workers: list[Worker],
     cfg.write_text(haproxy_config(("127.0.0.1", port), ports))
     haproxy = subprocess.Popen([HAPROXY, "-db", "-f", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline and haproxy.poll() is None, "haproxy did not listen"
-                time.sleep(0.02)   # haproxy gives no readiness signal but its listening socket
+        wait_listening(port, haproxy)
         base = f"http://127.0.0.1:{stand_in.port}/v1"
 
         async def main() -> list[dict[str, Any]]:

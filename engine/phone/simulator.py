@@ -17,6 +17,8 @@ It does what Twilio does on a bidirectional stream (``<Connect><Stream>``), in r
 
 ``played_frames_at(t)`` is its own played position (frames of received audio heard by monotonic
 time t); each ``clear`` is logged with the position at that instant, to check truncations against.
+``media_in_s`` and ``audio_began_s`` say when each media message came and when the player began
+each stretch of audio (the bench's first-delta figures, bench/README.md "phone").
 """
 from __future__ import annotations
 
@@ -89,6 +91,9 @@ class FakePhone:
         self.long_silence_frames = 0            # reply, or a stall (where a call hears one reply); and their frames
         self._in_audio = False                  # audio has played since the call began or the last clear
         self._dry_frames = 0                    # ticks since the buffer ran dry while in audio
+        self.media_in_s: list[float] = []       # when each media message came (monotonic s)
+        self.audio_began_s: list[float] = []    # player ticks that began playing audio after none
+        self._took_audio = False                # the last tick took audio
         self.messages: list[dict[str, Any]] = []  # every non-media message received
         self.closed = asyncio.Event()
         self.got_audio = asyncio.Event()
@@ -203,6 +208,7 @@ class FakePhone:
                     self.buffer += data
                     self.received_frames += len(data)
                     self.media_received += 1
+                    self.media_in_s.append(time.monotonic())
                     self.got_audio.set()
                     continue
                 self.messages.append(msg)
@@ -275,6 +281,9 @@ class FakePhone:
             del self.buffer[:len(take)]
             self.buffer_start += len(take)
             self.tick_at = time.monotonic()
+            if take and not self._took_audio:
+                self.audio_began_s.append(self.tick_at)
+            self._took_audio = bool(take)
             self.playing_now = len(take)
             self.played_frames += len(take)
             self.ear += take.ljust(FRAME_BYTES, ULAW_SILENCE)
