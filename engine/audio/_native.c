@@ -971,15 +971,21 @@ static int Renderer_init(Renderer *r, PyObject *args, PyObject *kw) {
     return 0;
 }
 
-static void Renderer_dealloc(Renderer *r) {
-    if (r->stream) {
+/* A stream still open when its object goes: abort it (nothing more will be played or read). */
+static void pa_abort(PaStream **stream) {
+    if (*stream) {
+        PaStream *s = *stream;
         Py_BEGIN_ALLOW_THREADS
-        Pa_AbortStream(r->stream);
-        Pa_CloseStream(r->stream);
+        Pa_AbortStream(s);
+        Pa_CloseStream(s);
         Py_END_ALLOW_THREADS
-        r->stream = NULL;
+        *stream = NULL;
         Pa_Terminate();
     }
+}
+
+static void Renderer_dealloc(Renderer *r) {
+    pa_abort(&r->stream);
     ring_release(&r->ring);
     ring_release(&r->ref);
     ring_release(&r->listen);
@@ -1630,14 +1636,7 @@ static int Capture_init(Capture *c, PyObject *args, PyObject *kw) {
 }
 
 static void Capture_dealloc(Capture *c) {
-    if (c->stream) {
-        Py_BEGIN_ALLOW_THREADS
-        Pa_AbortStream(c->stream);
-        Pa_CloseStream(c->stream);
-        Py_END_ALLOW_THREADS
-        c->stream = NULL;
-        Pa_Terminate();
-    }
+    pa_abort(&c->stream);
     ring_release(&c->mic);
     tap_release(&c->tap_in);
     tap_release(&c->tap_out);

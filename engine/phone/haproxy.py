@@ -15,21 +15,19 @@ Rules:
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 from engine.errors import ConfigError
+from engine.haproxy import Address, print_config, server_lines
+from engine.haproxy import parse_address as shared_parse_address
 
 
-def parse_address(text: str) -> tuple[str, int]:
+def parse_address(text: str) -> Address:
     """``HOST:PORT`` -> (host, port); ConfigError naming the text otherwise."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:8766)")
-    return host, int(port)
+    return shared_parse_address(text, '127.0.0.1:8766')
 
 
-def haproxy_config(bind: tuple[str, int], workers: list[tuple[str, int]], path: str = "/twilio",
+def haproxy_config(bind: Address, workers: list[Address], path: str = "/twilio",
                    tunnel_timeout_s: int = 3600, max_calls: int = 4096) -> str:
     """haproxy's configuration: Media Streams calls on ``bind`` at ``path``, spread over ``workers``
     (each an `engine phone` listening at ``host:port``)."""
@@ -55,25 +53,12 @@ def haproxy_config(bind: tuple[str, int], workers: list[tuple[str, int]], path: 
         "backend workers",
         "    balance leastconn",
     ]
-    lines += [f"    server w{i + 1} {host}:{port} check inter 1s fall 2 rise 1"
-              for i, (host, port) in enumerate(workers)]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + server_lines(workers)) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m engine.phone.haproxy",
-                                 description="print an haproxy config for engine phone workers")
-    ap.add_argument("--bind", default="127.0.0.1:8080", help="HOST:PORT haproxy listens on")
-    ap.add_argument("--path", default="/twilio", help="the Media Streams path (phone.path)")
-    ap.add_argument("workers", nargs="+", metavar="HOST:PORT", help="each worker's engine phone address")
-    args = ap.parse_args(argv)
-    try:
-        text = haproxy_config(parse_address(args.bind), [parse_address(w) for w in args.workers], args.path)
-    except ConfigError as exc:
-        print(f"engine.phone.haproxy: {exc}", file=sys.stderr)
-        return 2
-    sys.stdout.write(text)
-    return 0
+    return print_config(argv, "engine.phone.haproxy", "engine phone",
+                        "/twilio", "the Media Streams path (phone.path)", "127.0.0.1:8766", haproxy_config)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ import string
 from collections import OrderedDict
 from typing import Any, Callable, Mapping
 
-from bus.wire import COMMAND_TOPICS, DONE_TOPIC, STATE_TOPIC, id_problem
+from bus.wire import COMMAND_TOPICS, DONE_TOPIC, STATE_TOPIC
 from engine.realtime import budget as budget_mod
 from engine.realtime.history import REPLAYED, History
 from engine.realtime.playout import Playout, Truncation
@@ -713,35 +713,10 @@ class RealtimeCore(TakesCommandsOnce):
                 tuple(id(t) for t in self.tools.registered.values()), id(self.session_config), self.mic_open,
                 tuple(self.requests.out_of_band), self.requests.requested_for)
 
-    def _carry_out(self, topic: str, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
-        cmd_id = body.get("id")
-        handler = self._commands.get(topic)
-        if topic.startswith("cmd.") and topic not in COMMAND_TOPICS and id_problem(body) is None \
-                and isinstance(cmd_id, str):
-            # the broker's intake refused it on its cmd.ack, naming the known topics: one report, not two
-            self.malformed_commands += 1
-            return []
-        try:
-            problem = id_problem(body) if topic.startswith("cmd.") else None
-            if problem is not None:
-                cmd_id = None
-                raise ValueError(problem)
-            if handler is None:
-                if topic in LIVE_ONLY:
-                    raise ValueError(f"{topic} is a GPT-Live command (docs/live.md); on Realtime {LIVE_ONLY[topic]}")
-                raise ValueError(f"unknown command topic {topic!r} (known: {', '.join(COMMAND_TOPICS)})")
-            return handler(body, now_s, heard)
-        except (ValueError, TypeError, KeyError) as exc:
-            self.malformed_commands += 1
-            acts: list[Action] = [Publish("engine.error", {"source": "bus", "code": "bad_command", "topic": topic,
-                                                           "id": cmd_id, "message": str(exc)})]
-            if cmd_id:
-                acts.append(Publish(DONE_TOPIC, {"id": cmd_id, "ok": False, "error": str(exc)}))
-            return acts
-
-    def _ack(self, body: Mapping[str, Any], **extra: Any) -> list[Action]:
-        """The command's outcome: carried out (``cmd.done`` ``ok``)."""
-        return [Publish(DONE_TOPIC, {"id": body["id"], "ok": True, **extra})] if body.get("id") else []
+    def _no_handler(self, topic: str) -> str:
+        if topic in LIVE_ONLY:
+            return f"{topic} is a GPT-Live command (docs/live.md); on Realtime {LIVE_ONLY[topic]}"
+        return f"unknown command topic {topic!r} (known: {', '.join(COMMAND_TOPICS)})"
 
     def _cmd_say(self, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
         text, role = body.get("text"), body.get("role", "user")

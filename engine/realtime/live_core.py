@@ -68,7 +68,7 @@ import numpy as np
 from engine.codec import g711_table
 from engine.cost import live_cost_usd, live_prices
 from engine.errors import ConfigError, EngineError
-from bus.wire import COMMAND_TOPICS, DONE_TOPIC, STATE_TOPIC, id_problem
+from bus.wire import COMMAND_TOPICS, DONE_TOPIC, STATE_TOPIC
 from engine.realtime.core import TAKEN_PUBLISHED, new_id as default_new_id, registration
 from engine.realtime.live_turns import Speaker, TurnEvent, TurnGrouper
 from engine.realtime.taken import TakesCommandsOnce
@@ -674,34 +674,10 @@ class LiveCore(TakesCommandsOnce):
         return (len(self.history), tuple(id(a) for a in self.waiting), tuple(self.sent),
                 tuple(id(t) for t in self.tools.registered.values()), self.mic_open)
 
-    def _carry_out(self, topic: str, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
-        cmd_id = body.get("id")
-        handler = self._commands.get(topic)
-        if topic.startswith("cmd.") and topic not in COMMAND_TOPICS and id_problem(body) is None \
-                and isinstance(cmd_id, str):
-            # the broker's intake refused it on its cmd.ack, naming the known topics: one report, not two
-            self.malformed_commands += 1
-            return []
-        try:
-            problem = id_problem(body) if topic.startswith("cmd.") else None
-            if problem is not None:
-                cmd_id = None
-                raise ValueError(problem)
-            if handler is None:
-                if topic in NOT_ON_LIVE:
-                    raise ValueError(f"{topic} is not available on GPT-Live: {NOT_ON_LIVE[topic]}")
-                raise ValueError(f"unknown command topic {topic!r} (known: {', '.join(LIVE_COMMAND_TOPICS)})")
-            return handler(body, now_s, heard)
-        except (ValueError, TypeError, KeyError) as exc:
-            self.malformed_commands += 1
-            acts: list[Action] = [Publish("engine.error", {"source": "bus", "code": "bad_command", "topic": topic,
-                                                           "id": cmd_id, "message": str(exc)})]
-            if cmd_id:
-                acts.append(Publish(DONE_TOPIC, {"id": cmd_id, "ok": False, "error": str(exc)}))
-            return acts
-
-    def _ack(self, body: Mapping[str, Any], **extra: Any) -> list[Action]:
-        return [Publish(DONE_TOPIC, {"id": body["id"], "ok": True, **extra})] if body.get("id") else []
+    def _no_handler(self, topic: str) -> str:
+        if topic in NOT_ON_LIVE:
+            return f"{topic} is not available on GPT-Live: {NOT_ON_LIVE[topic]}"
+        return f"unknown command topic {topic!r} (known: {', '.join(LIVE_COMMAND_TOPICS)})"
 
     def _cmd_say(self, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
         role = body.get("role", "user")

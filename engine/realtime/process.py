@@ -185,7 +185,7 @@ class RealtimeProcess:
         mic.take_wake()
         buf = self._mic_buf
         while True:
-            stamp_index, stamp_ns = mic.write_stamp
+            _, stamp_ns = mic.write_stamp
             n = mic.read_into(buf)
             if n == 0:
                 if mic.arm_wake():
@@ -193,9 +193,12 @@ class RealtimeProcess:
                 continue
             if not link.connected:
                 continue  # mic audio while the socket is down is dropped
-            # capture time of the chunk's last frame, from the producer's stamp of its latest write
-            captured_ns = stamp_ns - (stamp_index - mic.read_index) * 1_000_000_000 // RATE_HZ
-            link.step(MicAudio(buf[:n].tobytes(), captured_ns / 1e9))
+            # when the engine had the chunk: the producer's stamp of its latest write. A chunk read
+            # behind another is not dated back at real-time pace: PulseAudio hands captures over in
+            # bursts (periods 26.6 ms apart, then one at once), so the frames of a backlog mostly
+            # came together, and pacing them back charged up to 19 ms of the device's bunching to
+            # the engine (bench/results/2026-12.md)
+            link.step(MicAudio(buf[:n].tobytes(), stamp_ns / 1e9))
 
     def _report_mic_latency(self) -> None:
         """p50/p99/max of capture -> socket over the recent chunks (engine-added mic latency), every 5 s."""

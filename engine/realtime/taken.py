@@ -1,4 +1,5 @@
-"""Each command taken once, shared by the Realtime and GPT-Live cores. Pure: no I/O.
+"""Each command taken once and carried out by its handler, shared by the Realtime and GPT-Live
+cores. Pure: no I/O.
 
 Rules:
 - ``cmd.ack`` and ``cmd.done`` are the engine's own answers: never commands.
@@ -9,24 +10,38 @@ Rules:
   it changed what a successor starts from (the state is safe before the broker lets it go), else
   by ``intake.taken``.
 - At most ``SEEN_IDS`` keys are remembered, the oldest forgotten first.
+- A command is carried out by the core's handler for its topic. A malformed one (a bad id, no
+  handler, a field a handler refuses with ValueError, TypeError or KeyError) is counted and
+  reported once on ``engine.error``, and on ``cmd.done`` ``ok: false`` when it has an id; a
+  ``cmd.*`` topic the bus does not know, with a good id, was refused by the broker's intake on
+  its ``cmd.ack`` already, so it is only counted.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
-from bus.wire import ACK_TOPIC, DONE_TOPIC, STATE_TOPIC, TAKEN_TOPIC, command_key
+from bus.wire import ACK_TOPIC, COMMAND_TOPICS, DONE_TOPIC, STATE_TOPIC, TAKEN_TOPIC, command_key, id_problem
 from engine.realtime.records import Action, Publish
 from engine.realtime.requests import SEEN_IDS
 
 
+#: a core's command handler: (body, now_s, heard index) -> actions; raises ValueError (or
+#: TypeError, KeyError) naming what is wrong with the body
+Handler = Callable[[Mapping[str, Any], float, int], "list[Action]"]
+
+
 class TakesCommandsOnce:
-    """Mixed into a core, which provides ``_carry_out``, ``_durable_mark`` (changes when the state
-    a successor starts from changes) and ``history_message`` (that state, to publish)."""
+    """Mixed into a core, which provides ``_commands`` (topic -> handler), ``malformed_commands``
+    (a count), ``_no_handler`` (the problem with a topic it has no handler for),
+    ``_durable_mark`` (changes when the state a successor starts from changes) and
+    ``history_message`` (that state, to publish)."""
 
     taken: OrderedDict[str, None]
+    _commands: dict[str, Handler]
+    malformed_commands: int
 
-    def _carry_out(self, topic: str, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+    def _no_handler(self, topic: str) -> str:
         raise NotImplementedError
 
     def _durable_mark(self) -> tuple[Any, ...]:
@@ -52,6 +67,35 @@ class TakesCommandsOnce:
         if self._durable_mark() != before:
             return acts + [self.history_message()]        # what it changed is safe before the broker lets it go
         return acts + [Publish(TAKEN_TOPIC, {"taken": [key]})]   # it changed nothing a successor needs
+
+    def _carry_out(self, topic: str, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
+        """One command to its handler; a malformed one reported (the rules above)."""
+        cmd_id = body.get("id")
+        handler = self._commands.get(topic)
+        if topic.startswith("cmd.") and topic not in COMMAND_TOPICS and id_problem(body) is None \
+                and isinstance(cmd_id, str):
+            # the broker's intake refused it on its cmd.ack, naming the known topics: one report, not two
+            self.malformed_commands += 1
+            return []
+        try:
+            problem = id_problem(body) if topic.startswith("cmd.") else None
+            if problem is not None:
+                cmd_id = None
+                raise ValueError(problem)
+            if handler is None:
+                raise ValueError(self._no_handler(topic))
+            return handler(body, now_s, heard)
+        except (ValueError, TypeError, KeyError) as exc:
+            self.malformed_commands += 1
+            acts: list[Action] = [Publish("engine.error", {"source": "bus", "code": "bad_command", "topic": topic,
+                                                           "id": cmd_id, "message": str(exc)})]
+            if cmd_id:
+                acts.append(Publish(DONE_TOPIC, {"id": cmd_id, "ok": False, "error": str(exc)}))
+            return acts
+
+    def _ack(self, body: Mapping[str, Any], **extra: Any) -> list[Action]:
+        """The command's outcome: carried out (``cmd.done`` ``ok``)."""
+        return [Publish(DONE_TOPIC, {"id": body["id"], "ok": True, **extra})] if body.get("id") else []
 
     def _mark_taken(self, key: str) -> None:
         self.taken[key] = None

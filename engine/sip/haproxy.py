@@ -16,10 +16,11 @@ Rules:
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 from engine.errors import ConfigError
+from engine.haproxy import Address, print_config, server_lines
+from engine.haproxy import parse_address as shared_parse_address
 
 #: the body's Call-ID value (``…{"name":"Call-ID","value":"…"}…``, whatever the spacing) as haproxy's sample
 #: expression: single quotes for the config's tokenizer, double quotes for the converter's arguments,
@@ -27,15 +28,12 @@ from engine.errors import ConfigError
 CALL_ID_EXPR = r"""'req.body,regsub("^.*\x22[Cc]all-[Ii][Dd]\x22[^\x22]*\x22value\x22[^\x22]*\x22([^\x22]*)\x22.*$","\1")'"""
 
 
-def parse_address(text: str) -> tuple[str, int]:
+def parse_address(text: str) -> Address:
     """``HOST:PORT`` -> (host, port); ConfigError naming the text otherwise."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:8767)")
-    return host, int(port)
+    return shared_parse_address(text, '127.0.0.1:8767')
 
 
-def haproxy_config(bind: tuple[str, int], workers: list[tuple[str, int]], path: str = "/openai/webhook",
+def haproxy_config(bind: Address, workers: list[Address], path: str = "/openai/webhook",
                    max_conn: int = 4096) -> str:
     """haproxy's configuration: SIP webhooks on ``bind`` at ``path``, each call's two on one of ``workers``."""
     if not workers:
@@ -62,25 +60,12 @@ def haproxy_config(bind: tuple[str, int], workers: list[tuple[str, int]], path: 
         "    balance hash var(txn.call_id)",
         "    hash-type consistent",
     ]
-    lines += [f"    server w{i + 1} {host}:{port} check inter 1s fall 2 rise 1"
-              for i, (host, port) in enumerate(workers)]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + server_lines(workers)) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m engine.sip.haproxy",
-                                 description="print an haproxy config for engine sip workers")
-    ap.add_argument("--bind", default="127.0.0.1:8080", help="HOST:PORT haproxy listens on")
-    ap.add_argument("--path", default="/openai/webhook", help="the webhook path (sip.path)")
-    ap.add_argument("workers", nargs="+", metavar="HOST:PORT", help="each worker's engine sip address")
-    args = ap.parse_args(argv)
-    try:
-        text = haproxy_config(parse_address(args.bind), [parse_address(w) for w in args.workers], args.path)
-    except ConfigError as exc:
-        print(f"engine.sip.haproxy: {exc}", file=sys.stderr)
-        return 2
-    sys.stdout.write(text)
-    return 0
+    return print_config(argv, "engine.sip.haproxy", "engine sip",
+                        "/openai/webhook", "the webhook path (sip.path)", "127.0.0.1:8767", haproxy_config)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ readiness and the status, and acts on what each child's machine asks. Its parts,
 :mod:`~engine.supervisor.children` (a child's life: the machine), :mod:`~engine.supervisor.table`
 (the process table: a child's start, which child sent a message), :mod:`~engine.supervisor.rundir`
 (the session folder, the connection file, a dead engine's leftovers),
-:mod:`~engine.supervisor.logfile` (the event log), :mod:`~engine.supervisor.watch` (mic drops),
+:mod:`~engine.supervisor.logfile` (the event log), :mod:`~engine.supervisor.outbox` (our own
+events, held while the broker is down), :mod:`~engine.supervisor.watch` (mic drops),
 :mod:`~engine.supervisor.heartbeat` (liveness) and :mod:`~engine.supervisor.terminal`.
 
 Rules:
@@ -97,6 +98,7 @@ from engine.specs import (
 )
 from engine.supervisor.children import GaveUp, Kill, Restarting, Spawn, Terminate, Unresponsive
 from engine.supervisor.logfile import SessionLog, log_line
+from engine.supervisor.outbox import Outbox
 from engine.supervisor.rundir import check_not_running, default_sessions_dir, free_port, make_session_dir, remove_own_files
 from engine.supervisor.table import Child, child_of, from_engine, launch, status_rows
 from engine.supervisor.terminal import Terminal
@@ -106,7 +108,6 @@ from engine.view import TerminalView
 GRACE_S = 3.0
 LOOP_PERIOD_S = 0.25             # the main loop: bus messages, reaping, status
 DRAIN_BUDGET_S = 0.2             # a round of bus messages takes at most this long; the rest next round at once
-HELD_DELAY_S = 0.5              # after the broker is back, held events wait this long for subscribers to reconnect
 STOP_QUIET_S = 0.15              # at stop: the children are gone once the bus has been quiet this long
 STOP_DRAIN_MAX_S = 1.0
 TERMINAL_REPEAT_S = 10.0         #: the same error is printed on the terminal at most this often
@@ -169,10 +170,7 @@ class Supervisor:
         self.my_ticks = proc_start_ticks(os.getpid())
         #: the interpreter the supervisor and every child run: a process named in engine.json is ours only with it
         self.my_exe = proc_exe("self")
-        self.bus_up = False              #: the broker forwards our messages (our probe came back)
-        self._probe_topic = f"_join.supervisor.{os.getpid()}"
-        self._held: list[tuple[str, dict[str, Any]]] = []   #: own events waiting for the broker
-        self._held_due = 0.0
+        self.outbox: Outbox | None = None   #: our own events, held while the broker is down (outbox.py)
         self._printed: dict[str, float] = {}
         #: the terminal: error lines as they happen, and a live line on a TTY (engine/view.py)
         self.view = TerminalView()
@@ -356,12 +354,13 @@ class Supervisor:
         # the supervisor's own bus sockets, connected before anything is published
         self.sub = Subscriber(self.endpoints, [""])  # verifies the signed control topics
         self.pub = Publisher(self.endpoints, f"supervisor:{os.getpid()}")  # signs them
+        self.outbox = Outbox(self.pub, self._log)
         self.log_file = SessionLog(self.session_dir / "events.jsonl")  # new (O_EXCL), flushed every bus round
         broker = self.children[0]
         self._spawn(broker)
         if not self.pub.join(self.endpoints.subscribe, timeout_s=10):
             raise EngineError(f"the bus broker did not come up at {self.endpoints.publish}")
-        self.bus_up = True
+        self.outbox.up = True
         for child in self.children[1:]:
             self._spawn(child)
         self._write_connection_file()
@@ -375,8 +374,8 @@ class Supervisor:
         if child.name == "broker":  # its CURVE server keys and the signing key (it has no spec)
             env.update(self.bus_keys.environment(broker=True))
         launch(child, env, self.heartbeat_timeout_s)
-        if child.name == "broker":
-            self.bus_up = False  # until our probe comes back through it
+        if child.name == "broker" and self.outbox is not None:
+            self.outbox.broker_down()  # until our probe comes back through it
 
     def _write_connection_file(self) -> None:
         """engine.json: written 0600 to a new file beside it, renamed over it (bus/runtime.py)."""
@@ -411,33 +410,18 @@ class Supervisor:
             self.log_file.write(log_line(topic, body))   # never raises: a failed write shows at the flush (drain)
 
     def _emit(self, topic: str, payload: dict[str, Any], *, hold: bool = True) -> None:
-        """Publish one of the supervisor's own events: into the event log at once, and on the bus
-        now, or (``hold``) once the broker is back when it is down; a state message (``hold``
-        false) that cannot go now is dropped, the next one supersedes it."""
-        assert self.pub is not None
+        """Publish one of the supervisor's own events (:class:`Outbox`'s rules); a non-fatal error
+        of ours goes on the terminal too."""
+        assert self.outbox is not None
         if topic == "engine.error" and not payload.get("fatal"):
             for line in self.view.feed(topic, payload):   # our own errors (a child exited) on the terminal too
                 self._print(line)
-        header = {"v": 1, "ts": time.time(), "mono_ns": time.monotonic_ns(), "pub": self.pub.name}
-        if self.bus_up and not self._held:
-            self.pub.publish(topic, payload)
-            self._log(topic, {**header, "seq": self.pub.seq, **payload})
-        else:
-            self._log(topic, {**header, "seq": None, "held": hold, **payload})
-            if hold:
-                self._held.append((topic, payload))
+        self.outbox.emit(topic, payload, hold=hold)
 
-    def _bus_back(self) -> None:
-        """Our probe came back through the broker: what was held goes out HELD_DELAY_S later,
-        when the other subscribers have reconnected too (ZeroMQ retries every 100 ms)."""
-        self.bus_up = True
-        self._held_due = time.monotonic() + HELD_DELAY_S
-
-    def _send_held(self) -> None:
-        assert self.pub is not None
-        for topic, payload in self._held:
-            self.pub.publish(topic, {**payload, "held": True})
-        self._held.clear()
+    @property
+    def bus_up(self) -> bool:
+        """The broker forwards our messages (our probe came back through it)."""
+        return self.outbox is not None and self.outbox.up
 
     def _print(self, line: str) -> None:
         """A line on the engine's terminal; the same line at most every TERMINAL_REPEAT_S."""
@@ -451,8 +435,8 @@ class Supervisor:
     def _on_message(self, topic: str, body: dict[str, Any]) -> None:
         """Log every bus event of the session; track what the status reports."""
         if topic.startswith("_join."):
-            if topic == self._probe_topic and not self.bus_up:
-                self._bus_back()
+            if self.outbox is not None:
+                self.outbox.joined(topic)
             return
         if self.pub is not None and body.get("pub") == self.pub.name:
             return  # our own: logged when it was emitted
@@ -472,28 +456,20 @@ class Supervisor:
                 sent_ns = body.get("mono_ns")
                 self._last_device_ns = max(self._last_device_ns, sent_ns if isinstance(sent_ns, int) else time.monotonic_ns())
                 self._maybe_ready()
-        elif topic == "sip.status" and self.sip is not None:
+        elif (topic == "sip.status" and self.sip is not None) or (topic == "phone.status" and self.phone is not None):
             if self.stopping or not self._from_engine(body):
                 return
-            self.sip_status = {k: v for k, v in body.items() if k not in HEADER_KEYS}
-            self.next_status_at = 0.0
-            if not self.connected:
-                self.connected = True
-                self.ready_mono = time.monotonic()
-                self.out.write(f"realtalk: ready in {(self.ready_mono - self.started_mono) * 1000:.0f} ms; "
-                               f"SIP webhooks at {body.get('url')}\n")
-                self.out.flush()
-                self._write_connection_file()
-        elif topic == "phone.status" and self.phone is not None:
-            if self.stopping or not self._from_engine(body):
-                return
-            self.phone_status = {k: v for k, v in body.items() if k not in HEADER_KEYS}
+            status = {k: v for k, v in body.items() if k not in HEADER_KEYS}
+            if topic == "sip.status":
+                self.sip_status, what = status, "SIP webhooks"
+            else:
+                self.phone_status, what = status, "phone calls"
             self.next_status_at = 0.0  # the broker's last-value copy of engine.status is current at once
-            if not self.connected:
+            if not self.connected:   # the calls' process listens: ready
                 self.connected = True
                 self.ready_mono = time.monotonic()
                 self.out.write(f"realtalk: ready in {(self.ready_mono - self.started_mono) * 1000:.0f} ms; "
-                               f"phone calls at {body.get('url')}\n")
+                               f"{what} at {body.get('url')}\n")
                 self.out.flush()
                 self._write_connection_file()
         elif topic == "engine.error":
@@ -592,10 +568,8 @@ class Supervisor:
                     self.sub.publish_reports(self.pub, "supervisor")  # bus.dropped, malformed: once a second
                 self._manage(time.monotonic())
                 now = time.monotonic()
-                if not self.bus_up and self.pub is not None:
-                    self.pub.publish(self._probe_topic)  # comes back once the broker forwards again
-                elif self._held and now >= self._held_due:
-                    self._send_held()
+                if self.outbox is not None:
+                    self.outbox.round(now)   # probe a broker that is down, or send what was held
                 if now >= self.next_status_at:
                     self.next_status_at = now + 1.0
                     self._emit("engine.status", self.status(), hold=False)
@@ -673,8 +647,8 @@ class Supervisor:
         elif isinstance(action, Restarting):
             m = child.machine
             why = f"{child.name} exited with {m.exit_code}" + (f" ({child.last_error})" if child.last_error else "")
-            if child.name == "broker":
-                self.bus_up = False
+            if child.name == "broker" and self.outbox is not None:
+                self.outbox.broker_down()
             self._emit("engine.error", {"source": "supervisor", "code": "child_exited", "child": child.name,
                                         "exit_code": m.exit_code, "during_start": action.during_start,
                                         "message": f"{why}; restarting"})
@@ -682,8 +656,8 @@ class Supervisor:
             child.unresponsive += 1
             if child.proc is not None:
                 child.proc.kill()   # stopped or hung: SIGTERM would wait for it to run again
-            if child.name == "broker":
-                self.bus_up = False   # the report waits for the new broker
+            if child.name == "broker" and self.outbox is not None:
+                self.outbox.broker_down()   # the report waits for the new broker
             what = "since its start" if action.during_start else f"for {action.silent_s:.1f} s"
             message = (f"{child.name} did not answer {what} (no heartbeat; supervisor.heartbeat_timeout_s "
                        f"{self.heartbeat_timeout_s:g}): killed, to be restarted")

@@ -1,0 +1,55 @@
+"""The realtime process's mic reader (RealtimeProcess._on_mic) against a real ring, no socket:
+what each chunk handed to the link is dated with. Pure: no process is started."""
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+
+from engine.audio.ring import Ring
+from engine.realtime.process import MIC_CHUNK_MAX_FRAMES, RealtimeProcess
+from engine.realtime.records import MicAudio
+
+pytestmark = pytest.mark.timeout(10)
+
+
+@pytest.fixture
+def mic() -> Iterator[Ring]:
+    r = Ring.create(f"realtalk-test-rtmic-{os.getpid()}", 1 << 14, with_eventfd=True)
+    yield r
+    r.close()
+    r.unlink()
+
+
+def reader(mic: Ring) -> tuple[Any, list[MicAudio]]:
+    steps: list[MicAudio] = []
+    p = RealtimeProcess.__new__(RealtimeProcess)
+    p.mic = mic
+    p.link = SimpleNamespace(connected=True, step=steps.append)   # type: ignore[assignment]
+    p._mic_buf = np.empty(MIC_CHUNK_MAX_FRAMES, dtype=np.int16)
+    return p, steps
+
+
+def test_chunks_the_device_handed_over_in_one_burst_are_dated_by_their_write_not_paced_back(mic: Ring) -> None:
+    """PulseAudio hands captures over in bursts: three 20 ms chunks written at once are read in one
+    wake; none of them is dated 20 or 40 ms before the write (that charged the device's bunching
+    to the engine's mic latency: up to 19 ms at p99)."""
+    p, steps = reader(mic)
+    for _ in range(3):
+        mic.write(np.ones(480, dtype=np.int16))
+    _, written_ns = mic.write_stamp
+    p._on_mic()
+    assert sum(len(s.pcm) for s in steps) == 3 * 480 * 2
+    assert len(steps) == 2                                  # 40 ms, then the rest
+    assert all(s.captured_at_s == written_ns / 1e9 for s in steps)
+
+
+def test_a_chunk_is_read_once_and_the_reader_sleeps_again(mic: Ring) -> None:
+    p, steps = reader(mic)
+    mic.write(np.ones(480, dtype=np.int16))
+    p._on_mic()
+    p._on_mic()
+    assert len(steps) == 1 and mic.read_available == 0
