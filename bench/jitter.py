@@ -77,6 +77,7 @@ def run(turns: int = 12, out_dir: Path | None = None) -> dict[str, Any]:
     vaudio_env()
     result: dict[str, Any] = {"jitter_ms": JITTER_MS, "prebuffer_ms": PREBUFFER_MS, "turns": turns}
     out_dir = out_dir or Path(tempfile.gettempdir())
+    out_dir.mkdir(parents=True, exist_ok=True)   # --out names a folder that may not exist yet
     with tempfile.TemporaryDirectory() as tmp:
         got = bench_first_delta(Path(tmp), turns, modes=("adaptive", "fixed"), sample=True)
     drawn = got.pop("_plot", None)
