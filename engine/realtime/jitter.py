@@ -20,8 +20,9 @@ Rules:
   our first 5 ms) would add up to a bucket of pure rounding to a clean link's 15 ms target.
   Forgetting is done by weighing each new delay 1/FORGET more than the last (renormalised
   now and then), so a delta costs one bucket's update, not a pass over the histogram.
-- The target is the :data:`QUANTILE` of the histogram plus :data:`MARGIN_MS` (one device
-  period: a stream starts inside the callback that reaches its start), clamped to
+- The target is the :data:`QUANTILE` of the histogram, at least :data:`JITTER_FLOOR_MS`, plus
+  :data:`MARGIN_MS` (one device period: a stream starts inside the callback that reaches its
+  start), clamped to
   [:data:`MIN_MS`, :data:`MAX_MS`]. Until :data:`MIN_DELTAS` delays are measured the target is
   the configured start value (``audio.prebuffer_ms``): no history, no bet.
 - A delay the histogram holds as an outlier (beyond the quantile) does not move the target: the
@@ -46,6 +47,10 @@ WINDOW_S = 2.0
 FORGET = 0.9986           #: 0.5 ** (1 / 500): a delay weighs half as much 500 deltas later
 QUANTILE = 0.99             #: the time-stretcher covers the rest: it expands below half the target
 MARGIN_MS = 10.0
+#: the least jitter any link is credited with. A clean loopback's p99 of 1-3 ms gave 13 ms targets
+#: that left a delta 1-2 ms before the callback that reads it, and the native backend ran dry once
+#: in 8 replies (each underrun then adds 20 ms to the next start): bench/results/2026-12.md
+JITTER_FLOOR_MS = 5.0
 MIN_DELTAS = 20
 
 
@@ -121,7 +126,7 @@ class JitterEstimator:
         """How long the next stream waits after its first delta arrived, in ms."""
         if not self.measured:
             return self.start_ms
-        return float(min(MAX_MS, max(MIN_MS, self.quantile_ms() + MARGIN_MS)))
+        return float(min(MAX_MS, max(MIN_MS, max(self.quantile_ms(), JITTER_FLOOR_MS) + MARGIN_MS)))
 
     def target_frames(self, rate_hz: int) -> int:
         """``target_ms()`` in frames at ``rate_hz`` (at least 1: 0 means "no target" in the ring)."""
