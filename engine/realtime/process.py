@@ -7,10 +7,12 @@ module reads the clock and the ring's heard index, hands records in, and applies
 Threads:
 - the link thread runs an asyncio loop that owns the core: the API socket (its reads, its
   reconnects), the mic ring (its eventfd watched by the loop: ring -> core -> socket in one
-  callback), the core's timers, and every action, applied in the order decided. Nothing else
-  touches the core once the link runs, so nothing is decided in one order and sent in another.
-- the main thread takes bus commands and playback reports and hands each to the link thread
-  (``submit``); before the link starts it takes over from the broker (:meth:`_take_over`): the
+  callback), ``playback.position`` (10 a second while a stream plays: its own subscriber's socket
+  watched by the loop, no hop through the main thread), the core's timers, and every action,
+  applied in the order decided. Nothing else touches the core once the link runs, so nothing is
+  decided in one order and sent in another.
+- the main thread takes bus commands and the other playback reports and hands each to the link
+  thread (``submit``); before the link starts it takes over from the broker (:meth:`_take_over`): the
   state a predecessor published and the commands the broker holds, into the core it still owns.
 Each thread has its own bus publisher (ZeroMQ sockets are single-threaded).
 
@@ -53,8 +55,11 @@ from engine.specs import RealtimeSpec
 MIC_CHUNK_MAX_FRAMES = 960      # 40 ms
 MIC_LATENCY_REPORT_S = 5.0
 IDLE_WAKE_S = 0.5               # the main thread polls the bus at most this long before it looks at stop
-PLAYBACK_REPORTS = ("playback.started", "playback.stopped", "playback.underrun", "playback.flushed",
-                    "playback.position")
+#: the playback reports the main thread takes and hands to the link thread
+PLAYBACK_REPORTS = ("playback.started", "playback.stopped", "playback.underrun", "playback.flushed")
+#: the one periodic report (10 a second while a stream plays): read by the link thread itself, on its loop,
+#: so it costs no wake-up of the main thread and no hop between the two
+POSITION_TOPIC = "playback.position"
 #: how long a starting process waits for the broker's hand-over (it comes in milliseconds; the bound is for a
 #: machine under heavy load, and a broker without an intake)
 INTAKE_WAIT_S = 5.0
@@ -101,6 +106,7 @@ class RealtimeProcess:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.link: ApiLink | None = None
         self.link_pub: Publisher | None = None
+        self.position_sub: Subscriber | None = None
         self.link_ready = threading.Event()
         self.link_failure: BaseException | None = None   #: a bug that ended the link thread (re-raised: a crash)
         self.fatal = False
@@ -197,6 +203,15 @@ class RealtimeProcess:
             captured_ns = stamp_ns - (stamp_index - mic.read_index) * 1_000_000_000 // RATE_HZ
             link.step(MicAudio(buf[:n].tobytes(), captured_ns / 1e9))
 
+    def _on_positions(self) -> None:
+        """The position subscriber's socket signalled: hand every ``playback.position`` queued to the
+        core. ZeroMQ's FD only says that something changed: read until nothing is left, or the loop
+        is not woken again."""
+        sub, link = self.position_sub, self.link
+        assert sub is not None and link is not None
+        while (msg := sub.recv(timeout_ms=0)) is not None:
+            link.step(self._bus_record(*msg))
+
     def _report_mic_latency(self) -> None:
         """p50/p99/max of capture -> socket over the recent chunks (engine-added mic latency), every 5 s."""
         assert self.link is not None and self.link_pub is not None and self.loop is not None
@@ -234,6 +249,11 @@ class RealtimeProcess:
             self.loop.add_reader(self.mic.data_fd, on_mic)
             if not self.mic.arm_wake():
                 self.loop.call_soon(on_mic)   # frames are waiting already
+        self.position_sub = Subscriber(self.sub_endpoint, [POSITION_TOPIC])
+        position_fd = self.position_sub.socket.getsockopt(zmq.FD)
+        on_positions = self._guarded(self._on_positions)
+        self.loop.add_reader(position_fd, on_positions)
+        self.loop.call_soon(on_positions)   # what came before the reader was added
         self.loop.call_later(MIC_LATENCY_REPORT_S, self._report_mic_latency)
         self.link_ready.set()
         try:
@@ -241,6 +261,8 @@ class RealtimeProcess:
         finally:
             if self.mic is not None and self.mic.data_fd is not None:
                 self.loop.remove_reader(self.mic.data_fd)
+            self.loop.remove_reader(position_fd)
+            self.position_sub.close()
         if end is not None:
             self.fatal = True
             self.link_pub.publish("engine.error", {"source": "socket", "code": end.code, "fatal": True,
