@@ -52,7 +52,7 @@ import zmq
 
 from bus import Publisher, Subscriber
 from engine import child
-from engine.child import error_text, every_period, run_reporting, stop_on_signals
+from engine.child import error_text, every_period, next_due, run_reporting, stop_on_signals
 from engine.audio.preflight import mic_wav_format
 from engine.codec import resample
 from engine.capture.echo import EchoCanceller, EchoGate, FarEnd, native_constants
@@ -69,14 +69,6 @@ LEVELS_EVERY_S = 0.1          #: capture.levels: 20 ms windows, batched this oft
 #: the native backend's main thread: how often it looks at the device and the worker (the chores are the
 #: worker's, after a step) when no recording needs writing
 NATIVE_MAIN_EVERY_S = 0.5
-
-
-def next_due(due: float, now: float, every_s: float) -> float:
-    """The next time a chore on a fixed ``every_s`` schedule is due, after it ran at ``now`` for the
-    time ``due``: one period on (the rate holds however late each run is by less than a period),
-    or one period from now after a stall (no burst of catch-up runs)."""
-    due += every_s
-    return due if due > now else now + every_s
 
 
 class CaptureProcess:
