@@ -116,9 +116,10 @@ class PlaybackProcess:
         now = time.monotonic()
         if self.console_sub is not None:
             self._listen_chores(now)
+        levels = None
         if now >= self.next_levels_at:
             self.next_levels_at = now + LEVELS_EVERY_S
-            self.publish_levels()
+            levels = self.levels_payload()
         native = self.backend == "native"
         nr: Any = r
         if native:   # the C callback's counters (no Python runs in it)
@@ -139,10 +140,17 @@ class PlaybackProcess:
                                                   "accelerated_ms": r.accelerated_frames // FRAMES_PER_MS,
                                                   "interval_ms_p50": round(p50, 2), "interval_ms_p99": round(p99, 2),
                                                   "interval_ms_max": round(float(gaps_ms.max()), 2)})
+        position = None
         if r.in_stream and now >= self.next_position_at:
             self.next_position_at = now + POSITION_EVERY_S
             # the callback's own number (the shared heard index), not a second estimate
-            self.pub.publish("playback.position", {"start_index": r.stream_start, "index": ring.control.heard_index})
+            position = {"start_index": r.stream_start, "index": ring.control.heard_index}
+        # the periodic messages back to back: ZeroMQ's I/O thread is most often woken once for both
+        # (each wake-up costs the sender a system call and the machine an interrupt)
+        if levels is not None:
+            self.pub.publish("playback.levels", levels)
+        if position is not None:
+            self.pub.publish("playback.position", position)
 
     def _take_listen_messages(self) -> None:
         """Apply every ``console.listen`` message queued (publishing thread): with a device, when its
@@ -178,19 +186,24 @@ class PlaybackProcess:
         return self.console_sub.socket.getsockopt(zmq.FD), self._take_listen_messages
 
     def publish_levels(self) -> None:
-        """``playback.levels``: the 20 ms windows handed to the device since the last call (not
-        published while all of them are digital silence: the console draws a gap as silence)."""
+        """Publish ``playback.levels`` (:meth:`levels_payload`) if there is one."""
+        levels = self.levels_payload()
+        if levels is not None:
+            self.pub.publish("playback.levels", levels)
+
+    def levels_payload(self) -> dict[str, Any] | None:
+        """``playback.levels``: the 20 ms windows handed to the device since the last call (None
+        while all of them are digital silence: the console draws a gap as silence)."""
         tap = self.renderer.tap
         if tap is None:
-            return
+            return None
         lv = tap.drain()
         if lv.start_mono_ns is None or (max(lv.peak_dbfs) <= -90.0 and not lv.lost_frames):
-            return
-        self.pub.publish("playback.levels", {"period_ms": tap.window_ms, "start_mono_ns": lv.start_mono_ns,
-                                             "dbfs": lv.rms_dbfs, "peak_dbfs": lv.peak_dbfs,
-                                             "output_latency_ms": round(self.ring.control.device_latency_frames
-                                                                        / FRAMES_PER_MS, 2),
-                                             "lost_frames": lv.lost_frames})
+            return None
+        return {"period_ms": tap.window_ms, "start_mono_ns": lv.start_mono_ns, "dbfs": lv.rms_dbfs,
+                "peak_dbfs": lv.peak_dbfs,
+                "output_latency_ms": round(self.ring.control.device_latency_frames / FRAMES_PER_MS, 2),
+                "lost_frames": lv.lost_frames}
 
     def _report_callback_errors(self) -> None:
         """Say on ``engine.error`` what the device callback caught (it may not log): the latest
