@@ -104,6 +104,14 @@ def run_reporting(pub: Publisher, source: str, body: Callable[[], None]) -> int:
     return 0
 
 
+def next_due(due: float, now: float, every_s: float) -> float:
+    """The next time a chore on a fixed ``every_s`` schedule is due, after it ran at ``now`` for the
+    time ``due``: one period on (the rate holds however late each run is by less than a period),
+    or one period from now after a stall (no burst of catch-up runs)."""
+    due += every_s
+    return due if due > now else now + every_s
+
+
 def every_period(stop: threading.Event, period_s: float) -> Iterator[None]:
     """Yield once per ``period_s`` on a fixed schedule until ``stop`` is set (the stand-in for a
     device clock in the WAV and null backends). After a stall the schedule restarts from now:

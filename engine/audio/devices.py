@@ -122,24 +122,32 @@ def find_device(pa: Any, spec: str | int, kind: str) -> dict[str, Any]:
 
 
 def keep_running(pa: Any, stream: Any, stop: threading.Event, chore: Callable[[], None], every_s: float,
-                 wake_fd: int | None = None) -> None:
+                 wake_fd: int | None = None, watch: tuple[int, Callable[[], None]] | None = None) -> None:
     """Let a callback ``stream`` run until ``stop`` is set or it ends, doing ``chore`` every
     ``every_s`` on this (non-audio) thread, and at once whenever ``wake_fd`` (an eventfd the
     callback writes; whoever sets ``stop`` writes it too) becomes readable; then stop and close
-    the stream and terminate ``pa``."""
+    the stream and terminate ``pa``. ``watch``: (fd, take): ``take`` is called, then ``chore``,
+    whenever ``fd`` becomes readable (a bus subscriber's ZeroMQ FD: ``take`` reads every message
+    queued, so nothing polls the socket in between)."""
     poller = select.poll()
     if wake_fd is not None:
         poller.register(wake_fd, select.POLLIN)
+    if watch is not None:
+        poller.register(watch[0], select.POLLIN)
     try:
         while not stop.is_set() and stream.is_active():
             chore()
-            if wake_fd is None:
+            if wake_fd is None and watch is None:
                 stop.wait(every_s)
-            elif poller.poll(every_s * 1000):
-                try:
-                    os.eventfd_read(wake_fd)
-                except BlockingIOError:
-                    pass
+                continue
+            for fd, _ in poller.poll(every_s * 1000):
+                if fd == wake_fd:
+                    try:
+                        os.eventfd_read(fd)
+                    except BlockingIOError:
+                        pass
+                elif watch is not None:
+                    watch[1]()
     finally:
         stream.stop_stream()
         stream.close()

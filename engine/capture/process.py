@@ -48,10 +48,11 @@ import wave
 from typing import Any
 
 import numpy as np
+import zmq
 
 from bus import Publisher, Subscriber
 from engine import child
-from engine.child import error_text, every_period, run_reporting, stop_on_signals
+from engine.child import error_text, every_period, next_due, run_reporting, stop_on_signals
 from engine.audio.preflight import mic_wav_format
 from engine.codec import resample
 from engine.capture.echo import EchoCanceller, EchoGate, FarEnd, native_constants
@@ -64,7 +65,10 @@ from engine.pcm import RATE_HZ
 from engine.specs import CaptureSpec
 
 STATS_EVERY_S = 2.0
-LEVELS_EVERY_S = 0.1          #: capture.levels: 20 ms windows, batched this often
+LEVELS_EVERY_S = 0.1          #: capture.levels: 20 ms windows, batched this often (the chores' schedule)
+#: the native backend's main thread: how often it looks at the device and the worker (the chores are the
+#: worker's, after a step) when no recording needs writing
+NATIVE_MAIN_EVERY_S = 0.5
 
 
 class CaptureProcess:
@@ -91,6 +95,11 @@ class CaptureProcess:
         self.stop = threading.Event()
         self.pub = Publisher(spec.bus.publish, f"capture:{os.getpid()}")
         self.pub.join(spec.bus.subscribe)
+        #: what the chores publish on: this one, or with the native backend the worker thread's own
+        #: (each thread its own ZeroMQ socket)
+        self.chores_pub = self.pub
+        self.worker_failure: BaseException | None = None   #: the native worker's chores failed (a bug)
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)   #: a stop signal wakes the main loop
         self.next_stats_at = time.monotonic() + STATS_EVERY_S
         self.callback_errors = 0                          #: exceptions in the device callback
         self.callback_error: BaseException | None = None  #: the latest one (kept, reported by the main thread)
@@ -98,7 +107,7 @@ class CaptureProcess:
         # level meters for the console: the mic as captured, and as sent (after echo handling)
         self.level_in = LevelTap(RATE_HZ)
         self.level_out = LevelTap(RATE_HZ)
-        self.next_levels_at = time.monotonic() + LEVELS_EVERY_S
+        self.next_chores_at = time.monotonic() + LEVELS_EVERY_S
         # the mic source: the device, or the console's browser ring while its lease holds
         self.browser = BrowserMicReader(Ring.attach(spec.browser_ring)) if spec.browser_ring else None
         self.source_switch = SourceSwitch()
@@ -110,7 +119,7 @@ class CaptureProcess:
                             if self.browser is not None else None)
 
     def _report_errors(self) -> None:
-        """Main thread: each new kind of callback or echo-canceller error once on ``engine.error``."""
+        """The chores' thread: each new kind of callback or echo-canceller error once on ``engine.error``."""
         for code, exc in (("callback_error", self.callback_error),
                           ("aec_error", self.aec.last_error if self.aec is not None else None)):
             if exc is None:
@@ -121,7 +130,7 @@ class CaptureProcess:
             self._reported.add(key)
             what = ("the mic callback failed" if code == "callback_error"
                     else "the echo canceller failed; the mic goes through uncancelled (echo included)")
-            self.pub.publish("engine.error", {"source": "capture", "code": code, "exception": type(exc).__name__,
+            self.chores_pub.publish("engine.error", {"source": "capture", "code": code, "exception": type(exc).__name__,
                                               "message": f"{what}: {type(exc).__name__}: {error_text(exc)}"})
 
     def _write(self, pcm: np.ndarray, adc_ns: int) -> None:
@@ -155,20 +164,32 @@ class CaptureProcess:
         self.ring.write(pcm)
 
     def housekeeping(self) -> None:
-        """Main-thread chores: write the recording, publish echo statistics. A recording that
-        cannot be written (a full disk) stops the engine: a DeviceError naming the file."""
+        """The chores of the WAV and PyAudio backends' main thread (called every period, or every
+        100 ms): write the recording, then :meth:`chores` when due."""
+        self.drain_recording()
+        now = time.monotonic()
+        if self.console_sub is not None:
+            self._take_source_messages()
+            self._source_chores(now)
+        if now >= self.next_chores_at:
+            self.next_chores_at = next_due(self.next_chores_at, now, LEVELS_EVERY_S)
+            self.chores(now)
+
+    def drain_recording(self) -> None:
+        """Write what the recording holds (the main thread's: a disk write never delays a chunk). A
+        recording that cannot be written (a full disk) stops the engine: a DeviceError naming the file."""
         if self.recorder is not None:
             try:
                 self.recorder.drain()
             except OSError as exc:
                 raise DeviceError(f"cannot write the recording {self.recorder.path}: {error_text(exc)}; "
                                   "the session is stopped, what was written is kept") from None
-        now = time.monotonic()
-        if self.console_sub is not None:
-            self._source_chores(now)
-        if now >= self.next_levels_at:
-            self.next_levels_at = now + LEVELS_EVERY_S
-            self.publish_levels()
+
+    def chores(self, now: float) -> None:
+        """Every LEVELS_EVERY_S, on the thread that owns :attr:`chores_pub` (the main thread's, or with
+        the native backend the worker's, after a step: no wake-up of its own): ``capture.levels``,
+        and every STATS_EVERY_S the errors and ``capture.echo``."""
+        self.publish_levels()
         if now >= self.next_stats_at:
             self.next_stats_at = now + STATS_EVERY_S
             self._report_errors()
@@ -186,15 +207,24 @@ class CaptureProcess:
                 stats["muted_frames"] = self.gate.muted_frames
             if self.recorder is not None:
                 stats["record_dropped_frames"] = self.recorder.dropped_frames
-            self.pub.publish("capture.echo", stats)
+            self.chores_pub.publish("capture.echo", stats)
 
-    def _source_chores(self, now: float) -> None:
-        """Main thread: apply ``console.mic.source`` messages and the lease; ``capture.source``
-        at each switch and every STATS_EVERY_S."""
-        sub, br = self.console_sub, self.browser
-        assert sub is not None and br is not None
+    def _take_source_messages(self) -> None:
+        """Main thread: apply every ``console.mic.source`` message queued. With the native backend
+        only when the subscriber's socket signals (:func:`keep_running`'s ``watch``): a
+        ``zmq.EVENTS`` query every 100 ms cost 50-60 µs of CPU on this machine (a system call on
+        a cold cache)."""
+        sub = self.console_sub
+        assert sub is not None
+        now = time.monotonic()
         while (msg := sub.recv(timeout_ms=0)) is not None:
             self.source_switch.on_message(msg[1], now)
+
+    def _source_chores(self, now: float) -> None:
+        """Main thread: the lease (the browser is the source while it holds: the flag the callback
+        or the worker reads); ``capture.source`` at each switch and every STATS_EVERY_S."""
+        br = self.browser
+        assert br is not None
         source = self.source_switch.source(now)
         browser = source == "browser"
         if browser != self.use_browser:
@@ -211,13 +241,13 @@ class CaptureProcess:
                                             "browser_dropped_frames": br.dropped_frames})
 
     def publish_levels(self) -> None:
-        """Main thread: ``capture.levels``, the 20 ms windows the callback handed over since the
+        """The chores' thread: ``capture.levels``, the 20 ms windows the callback handed over since the
         last call, as captured (``mic_*``) and as sent to the API after echo handling (``sent_*``)."""
         raw, sent = self.level_in.drain(), self.level_out.drain()
         if raw.start_mono_ns is None:
             return
         # echo handling keeps the stream's length: both meters see the same frames, window for window
-        self.pub.publish("capture.levels", {"period_ms": self.level_in.window_ms, "start_mono_ns": raw.start_mono_ns,
+        self.chores_pub.publish("capture.levels", {"period_ms": self.level_in.window_ms, "start_mono_ns": raw.start_mono_ns,
                                             "mic_dbfs": raw.rms_dbfs, "mic_peak_dbfs": raw.peak_dbfs,
                                             "sent_dbfs": sent.rms_dbfs, "sent_peak_dbfs": sent.peak_dbfs,
                                             "echo": self.echo_mode, "lost_frames": raw.lost_frames})
@@ -332,6 +362,10 @@ class CaptureProcess:
         to a ring; the worker thread makes one step per chunk; this thread does the chores."""
         from engine.audio.devices import find_device, keep_running, open_pyaudio
         from engine.audio.native import NativeCapture, window_levels
+        # the worker does the chores after its step: one wake-up a chunk, none of the main thread's
+        # every 100 ms; a thread of its own needs a socket of its own
+        self.chores_pub = Publisher(self.spec.bus.publish, f"capture-worker:{os.getpid()}")
+        self.chores_pub.join(self.spec.bus.subscribe)
         pa = open_pyaudio()   # device lookup (and the library PortAudio shares with PyAudio)
         try:
             dev = find_device(pa, self.mic, "input")
@@ -355,30 +389,58 @@ class CaptureProcess:
                                             "backend": "native", "backend_note": self.backend_note})
         worker = threading.Thread(target=self._native_worker, args=(cap,), name="capture-worker", daemon=True)
         worker.start()
+        watch = ((self.console_sub.socket.getsockopt(zmq.FD), self._take_source_messages)
+                 if self.console_sub is not None else None)
         try:
-            keep_running(pa, _NativeStream(cap), self.stop, self.housekeeping, 0.1)
+            keep_running(pa, _NativeStream(cap), self.stop, self._native_main_chores,
+                         LEVELS_EVERY_S if self.recorder is not None else NATIVE_MAIN_EVERY_S,
+                         self.wake_fd if watch is not None else None, watch)
         finally:
             self.stop.set()
             worker.join(1.0)
 
+    def _native_main_chores(self) -> None:
+        """The native backend's main thread: write the recording, the console's mic source (its
+        messages are read when they come); a failure of the worker's chores (a bug) ends the
+        process as a crash, as it did when this thread ran them."""
+        self.drain_recording()
+        if self.console_sub is not None:
+            self._source_chores(time.monotonic())
+        if self.worker_failure is not None:
+            raise self.worker_failure
+
     def _native_worker(self, cap: Any) -> None:
         """One step per chunk the C callback wrote: C does it all unless the browser mic, the
-        recording or half duplex need :meth:`_route`. An exception is counted, as the PyAudio
-        callback's are, and reported by the main thread."""
+        recording or half duplex need :meth:`_route`. An exception in a step is counted, as the
+        PyAudio callback's are, and reported by the chores. After a step (or 200 ms without one)
+        the chores when due: the mic ring is written by then, so they delay no chunk."""
         far_take = self.far   # its take(n, adc_ns), then its uncertain flag (the guard holds)
         while not self.stop.is_set():
-            if not cap.wait(0.2):
-                continue
-            extras = self._route if (self.use_browser or self._browser_on or self.recorder is not None
-                                     or self.gate is not None) else None
-            try:
-                cap.step(far_take, extras)
-            except Exception as exc:  # counted; the main thread reports it (housekeeping)
-                self.callback_errors += 1
-                self.callback_error = exc
+            if cap.wait(0.2):
+                extras = self._route if (self.use_browser or self._browser_on or self.recorder is not None
+                                         or self.gate is not None) else None
+                try:
+                    cap.step(far_take, extras)
+                except Exception as exc:  # counted; the chores report it
+                    self.callback_errors += 1
+                    self.callback_error = exc
+            now = time.monotonic()
+            if now >= self.next_chores_at:
+                self.next_chores_at = next_due(self.next_chores_at, now, LEVELS_EVERY_S)
+                try:
+                    self.chores(now)
+                except Exception as exc:  # noqa: BLE001 - a bug: the main thread raises it (a crash)
+                    self.worker_failure = exc
+                    return
+
+    def _wake(self) -> None:
+        try:
+            os.eventfd_write(self.wake_fd, 1)
+        except BlockingIOError:
+            pass   # already due to wake
 
     def run(self) -> int:
-        stop_on_signals(self.stop)
+        stop_on_signals(self.stop, self._wake)   # the native main loop sleeps on the console's socket and this
         try:
             if isinstance(self.mic, str) and self.mic.lower().endswith(".wav"):
                 return run_reporting(self.pub, "capture", lambda: self.run_wav(str(self.mic)))

@@ -7,10 +7,13 @@ module reads the clock and the ring's heard index, hands records in, and applies
 Threads:
 - the link thread runs an asyncio loop that owns the core: the API socket (its reads, its
   reconnects), the mic ring (its eventfd watched by the loop: ring -> core -> socket in one
-  callback), the core's timers, and every action, applied in the order decided. Nothing else
-  touches the core once the link runs, so nothing is decided in one order and sent in another.
-- the main thread takes bus commands and playback reports and hands each to the link thread
-  (``submit``); before the link starts it takes over from the broker (:meth:`_take_over`): the
+  callback), ``playout.position`` (the speaker ring's heard index handed to the core every 100 ms
+  while an item plays, after a mic chunk: no wake-up of its own, and no ``playback.position``
+  taken from the bus), the core's timers, and every action, applied in the order decided.
+  Nothing else touches the core once the link runs, so nothing is decided in one order and sent
+  in another.
+- the main thread takes bus commands and the other playback reports and hands each to the link
+  thread (``submit``); before the link starts it takes over from the broker (:meth:`_take_over`): the
   state a predecessor published and the commands the broker holds, into the core it still owns.
 Each thread has its own bus publisher (ZeroMQ sockets are single-threaded).
 
@@ -41,7 +44,7 @@ from engine.link.backends import backend_for
 from engine.link.policy import LinkRules
 from engine.link.shell import ApiLink
 from engine import child
-from engine.child import stop_on_signals
+from engine.child import next_due, stop_on_signals
 from engine.realtime.dialects import dialect_for
 from engine.realtime.jitter import JitterEstimator
 from engine.realtime.records import (Action, Command, EndOfAudio, Flush, Input, MicAudio, Play,
@@ -53,8 +56,14 @@ from engine.specs import RealtimeSpec
 MIC_CHUNK_MAX_FRAMES = 960      # 40 ms
 MIC_LATENCY_REPORT_S = 5.0
 IDLE_WAKE_S = 0.5               # the main thread polls the bus at most this long before it looks at stop
-PLAYBACK_REPORTS = ("playback.started", "playback.stopped", "playback.underrun", "playback.flushed",
-                    "playback.position")
+#: the playback reports the main thread takes and hands to the link thread (not ``playback.position``:
+#: the link thread reads the heard index from the speaker ring itself, see ``_position_due``)
+PLAYBACK_REPORTS = ("playback.started", "playback.stopped", "playback.underrun", "playback.flushed")
+POSITION_EVERY_S = 0.1          #: playout.position while an item plays
+PLAYOUT_EDGES = frozenset({"playout.started", "playout.stopped", "playout.interrupted"})
+#: the position is taken after a mic chunk when one is due; the loop's timer takes it only when no chunk came
+#: this long after it was due (no mic, a capture restarting)
+POSITION_SLACK_S = 0.03
 #: how long a starting process waits for the broker's hand-over (it comes in milliseconds; the bound is for a
 #: machine under heavy load, and a broker without an intake)
 INTAKE_WAIT_S = 5.0
@@ -101,6 +110,10 @@ class RealtimeProcess:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.link: ApiLink | None = None
         self.link_pub: Publisher | None = None
+        #: playout.position: an item plays (between its playout.started and playout.stopped / .interrupted)
+        self._playing = False
+        self._next_position_at = 0.0
+        self._position_timer: asyncio.TimerHandle | None = None
         self.link_ready = threading.Event()
         self.link_failure: BaseException | None = None   #: a bug that ended the link thread (re-raised: a crash)
         self.fatal = False
@@ -117,6 +130,8 @@ class RealtimeProcess:
                 self._save_reply(act.payload)
             assert self.link_pub is not None
             self.link_pub.publish(act.topic, act.payload)
+            if act.topic in PLAYOUT_EDGES:
+                self._playout_edge(act.topic == "playout.started", now_s)
             return None
         self._ring_action(act, now_s)
         return None
@@ -189,6 +204,8 @@ class RealtimeProcess:
             n = mic.read_into(buf)
             if n == 0:
                 if mic.arm_wake():
+                    if self._playing:
+                        self._position_due(time.monotonic())
                     return
                 continue
             if not link.connected:
@@ -199,6 +216,46 @@ class RealtimeProcess:
             # came together, and pacing them back charged up to 19 ms of the device's bunching to
             # the engine (bench/results/2026-12.md)
             link.step(MicAudio(buf[:n].tobytes(), stamp_ns / 1e9))
+
+    # -------------------------------------------------------------- playout.position (link thread)
+    def _playout_edge(self, started: bool, now_s: float) -> None:
+        """An item started playing (its ``playout.started``): positions every POSITION_EVERY_S from
+        now on; or it stopped or was interrupted: no more."""
+        self._playing = started
+        if self._position_timer is not None:
+            self._position_timer.cancel()
+            self._position_timer = None
+        if started:
+            self._next_position_at = now_s + POSITION_EVERY_S
+            self._arm_position_timer(now_s)
+
+    def _arm_position_timer(self, now_s: float) -> None:
+        loop = self.loop
+        if loop is not None:
+            self._position_timer = loop.call_later(self._next_position_at + POSITION_SLACK_S - now_s,
+                                                   self._guarded(self._on_position_timer))
+
+    def _on_position_timer(self) -> None:
+        self._position_timer = None
+        self._position_due(time.monotonic())
+
+    def _position_due(self, now_s: float) -> None:
+        """Hand the core the heard index as a position report when one is due while an item plays.
+        Called after each mic chunk (the link thread is awake then: no wake-up of its own) and by
+        the loop's timer when no chunk came. The heard index is the speaker ring's, the number
+        ``playback.position`` carries: this process reads it itself instead of taking that message
+        from the bus (a wake-up, a receive, a signature check: about 280 µs of CPU each here)."""
+        if not self._playing or now_s < self._next_position_at:
+            return
+        link, speaker = self.link, self.speaker
+        if link is None or speaker is None:
+            return
+        self._next_position_at = next_due(self._next_position_at, now_s, POSITION_EVERY_S)
+        if self._position_timer is not None:
+            self._position_timer.cancel()
+        self._arm_position_timer(now_s)
+        index = speaker.heard_index
+        link.step(PlaybackReport("position", None, index, {"index": index}))
 
     def _report_mic_latency(self) -> None:
         """p50/p99/max of capture -> socket over the recent chunks (engine-added mic latency), every 5 s."""

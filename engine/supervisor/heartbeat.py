@@ -87,13 +87,19 @@ class HeartbeatPipe:
 
     def alive(self, pid: int) -> bool:
         """Proof of life since the last call: a beat came, or the process ``pid`` used CPU time
-        (busy in native code that holds the interpreter lock, its beating thread waiting for it)."""
-        beat = self.beats() > 0
+        (busy in native code that holds the interpreter lock, its beating thread waiting for it)
+        since the last call that found no beat (the first call without a beat after one with a
+        beat only takes the CPU time to compare with: a process that stops beating proves it works
+        from the second round on)."""
+        if self.beats() > 0:
+            # a beat is proof enough: /proc is read only in a round without one (three system calls a
+            # child a round saved); the CPU time is then compared from the next round without a beat on
+            self._cpu_ticks = None
+            return True
         ticks = cpu_ticks(pid)
         ran = ticks is not None and self._cpu_ticks is not None and ticks > self._cpu_ticks
-        if ticks is not None:
-            self._cpu_ticks = ticks
-        return beat or ran
+        self._cpu_ticks = ticks
+        return ran
 
     def environment(self) -> dict[str, str]:
         return {FD_ENV: str(self.child_fd), PERIOD_ENV: f"{self.period_s:g}"}
