@@ -30,6 +30,7 @@ def reader(mic: Ring) -> tuple[Any, list[MicAudio]]:
     p.mic = mic
     p.link = SimpleNamespace(connected=True, step=steps.append)   # type: ignore[assignment]
     p._mic_buf = np.empty(MIC_CHUNK_MAX_FRAMES, dtype=np.int16)
+    p._playing = False                                          # no item playing: no position due
     return p, steps
 
 
