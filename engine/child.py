@@ -112,6 +112,23 @@ def next_due(due: float, now: float, every_s: float) -> float:
     return due if due > now else now + every_s
 
 
+def wake(fd: int) -> None:
+    """Make the eventfd ``fd`` readable, so a thread sleeping in a poll on it returns: from any
+    thread or a signal handler, never blocking (already readable: nothing more to do)."""
+    try:
+        os.eventfd_write(fd, 1)
+    except BlockingIOError:
+        pass
+
+
+def woken(fd: int) -> None:
+    """Reset the eventfd ``fd`` after a poll found it readable (nothing to reset: fine)."""
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:
+        pass
+
+
 def every_period(stop: threading.Event, period_s: float) -> Iterator[None]:
     """Yield once per ``period_s`` on a fixed schedule until ``stop`` is set (the stand-in for a
     device clock in the WAV and null backends). After a stall the schedule restarts from now:

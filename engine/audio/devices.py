@@ -12,6 +12,7 @@ import select
 import threading
 from typing import Any, Callable, Iterator
 
+from engine.child import woken
 from engine.errors import DeviceError
 
 #: soxr quality for the streaming resamplers: "LQ" (16-bit, the depth of our PCM) hands out
@@ -142,10 +143,7 @@ def keep_running(pa: Any, stream: Any, stop: threading.Event, chore: Callable[[]
                 continue
             for fd, _ in poller.poll(every_s * 1000):
                 if fd == wake_fd:
-                    try:
-                        os.eventfd_read(fd)
-                    except BlockingIOError:
-                        pass
+                    woken(fd)
                 elif watch is not None:
                     watch[1]()
     finally:

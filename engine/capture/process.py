@@ -52,7 +52,7 @@ import zmq
 
 from bus import Publisher, Subscriber
 from engine import child
-from engine.child import error_text, every_period, next_due, run_reporting, stop_on_signals
+from engine.child import error_text, every_period, next_due, run_reporting, stop_on_signals, wake
 from engine.audio.preflight import mic_wav_format
 from engine.codec import resample
 from engine.capture.echo import EchoCanceller, EchoGate, FarEnd, native_constants
@@ -434,10 +434,7 @@ class CaptureProcess:
                     return
 
     def _wake(self) -> None:
-        try:
-            os.eventfd_write(self.wake_fd, 1)
-        except BlockingIOError:
-            pass   # already due to wake
+        wake(self.wake_fd)
 
     def run(self) -> int:
         stop_on_signals(self.stop, self._wake)   # the native main loop sleeps on the console's socket and this

@@ -44,7 +44,7 @@ from engine.link.backends import backend_for
 from engine.link.policy import LinkRules
 from engine.link.shell import ApiLink
 from engine import child
-from engine.child import next_due, stop_on_signals
+from engine.child import next_due, stop_on_signals, wake, woken
 from engine.realtime.dialects import dialect_for
 from engine.realtime.jitter import JitterEstimator
 from engine.realtime.records import (Action, Command, EndOfAudio, Flush, Input, MicAudio, Play,
@@ -105,7 +105,7 @@ class RealtimeProcess:
         self.bus_sub: Subscriber | None = None     #: the main thread's subscriber (commands, reports, hand-overs)
         self.main_pub = Publisher(self.pub_endpoint, f"realtime:{os.getpid()}")
         #: wakes the main thread early: a stop signal, or the link thread ending
-        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK)
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         # the link thread's, once it runs
         self.loop: asyncio.AbstractEventLoop | None = None
         self.link: ApiLink | None = None
@@ -339,10 +339,7 @@ class RealtimeProcess:
 
     # -------------------------------------------------------------- main loop
     def _wake_main(self) -> None:
-        try:
-            os.eventfd_write(self.wake_fd, 1)
-        except BlockingIOError:
-            pass  # already due to wake
+        wake(self.wake_fd)
 
     def _bus_record(self, topic: str, body: dict[str, Any]) -> Input:
         if topic.startswith("playback."):
@@ -449,10 +446,7 @@ class RealtimeProcess:
                     raise
                 ready = {}
             if self.wake_fd in ready:
-                try:
-                    os.eventfd_read(self.wake_fd)
-                except BlockingIOError:
-                    pass
+                woken(self.wake_fd)
             while (msg := sub.recv(timeout_ms=0)) is not None:
                 self._on_bus(*msg)
             sub.publish_reports(self.main_pub, "realtime")  # malformed or forged messages, drops: once a second
