@@ -18,6 +18,7 @@ import json
 import os
 import re
 import socket
+import secrets
 import subprocess
 import sys
 import threading
@@ -31,6 +32,7 @@ import websocket
 
 if TYPE_CHECKING:
     from bus import Endpoints, Publisher, Subscriber
+    from engine.audio.ring import Ring
 
 REPO = Path(__file__).resolve().parent.parent
 #: captured server-event traces of the real service (tests/data/traces/README.md says where each came from)
@@ -88,6 +90,18 @@ def speaker_ring_schedule(seed: int) -> list[tuple[str, int]]:
 def steepest(pcm: np.ndarray) -> int:
     """The largest sample-to-sample step: a splice that clicks makes a steeper one."""
     return int(np.abs(np.diff(pcm.astype(np.int32))).max())
+
+
+@contextlib.contextmanager
+def made_ring(capacity_frames: int = 1 << 14, eventfd: bool = False) -> Iterator["Ring"]:
+    """A new shared-memory ring of this test's own (a unique name), closed and unlinked after."""
+    from engine.audio.ring import Ring
+    ring = Ring.create(f"realtalk-test-{os.getpid()}-{secrets.token_hex(4)}", capacity_frames, with_eventfd=eventfd)
+    try:
+        yield ring
+    finally:
+        ring.close()
+        ring.unlink()
 
 
 def chunks_b64(pcm: np.ndarray, chunk_ms: int = 20) -> list[str]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import subprocess
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 from engine.audio.ring import Ring
 from engine.audio.listen_talk import JITTER_FRAMES, MAX_JITTER_FRAMES, BrowserMicReader, ListenSwitch, SourceSwitch
 from engine.console.audio import ConsoleAudioError, TalkPcm, parse_talk_start, ring_names_from
-from tests.helpers import CHROMIUM, console_url, read_wav, shot, write_wav
+from tests.helpers import CHROMIUM, console_url, made_ring, read_wav, shot, write_wav
 
 SPEECH = "What is the time in Paris?"
 LONG_REPLY = ("It is nine in the evening in Paris, and the streets by the river are full of people "
@@ -57,10 +56,8 @@ def test_the_leases_switch_and_lapse() -> None:
 
 @pytest.fixture
 def ring() -> Iterator[Ring]:
-    r = Ring.create(f"realtalk-test-{os.getpid()}-{secrets.token_hex(3)}-browser", 1 << 15, with_eventfd=False)
-    yield r
-    r.unlink()
-    r.close()
+    with made_ring(1 << 15) as r:
+        yield r
 
 
 @pytest.mark.timeout(10)

@@ -13,7 +13,7 @@ from engine.audio import native
 from engine.playback.process import PlaybackProcess
 from engine.playback.renderer import DeviceFeeder, Renderer as PyRenderer
 from engine.audio.ring import Ring
-from tests.helpers import steepest, voiced
+from tests.helpers import made_ring, steepest, voiced
 
 #: every renderer test runs on the Python renderer and on the native one (engine/audio/_native.c),
 #: which must behave identically; the native one where it is built
@@ -45,10 +45,8 @@ def feeder(ring: Ring, block_frames: int, device_rate_hz: int, **kw: Any) -> tup
 
 @pytest.fixture
 def ring() -> Iterator[Ring]:
-    name = f"realtalk-test-pb-{os.getpid()}"
-    r = Ring.create(name, 1 << 14, with_eventfd=False)
-    yield r
-    r.unlink()
+    with made_ring() as r:
+        yield r
 
 
 def loud(n: int) -> np.ndarray:

@@ -2,7 +2,6 @@
 what each chunk handed to the link is dated with. Pure: no process is started."""
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 from typing import Any, Iterator
 
@@ -12,16 +11,15 @@ import pytest
 from engine.audio.ring import Ring
 from engine.realtime.process import MIC_CHUNK_MAX_FRAMES, RealtimeProcess
 from engine.realtime.records import MicAudio
+from tests.helpers import made_ring
 
 pytestmark = pytest.mark.timeout(10)
 
 
 @pytest.fixture
 def mic() -> Iterator[Ring]:
-    r = Ring.create(f"realtalk-test-rtmic-{os.getpid()}", 1 << 14, with_eventfd=True)
-    yield r
-    r.close()
-    r.unlink()
+    with made_ring(eventfd=True) as r:
+        yield r
 
 
 def reader(mic: Ring) -> tuple[Any, list[MicAudio]]:

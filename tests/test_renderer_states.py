@@ -2,7 +2,6 @@
 the table is whole and the same in both, and the renderers take only its rows. Pure: no device."""
 from __future__ import annotations
 
-import os
 from typing import Any, Iterator
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 from engine.audio import native
 from engine.audio.ring import Ring
 from engine.playback.renderer import _NEXT, TRANSITIONS, Renderer, RenderEvent, RenderState
-from tests.helpers import speaker_ring_schedule, voiced
+from tests.helpers import made_ring, speaker_ring_schedule, voiced
 
 S, E = RenderState, RenderEvent
 pytestmark = pytest.mark.timeout(30)
@@ -20,10 +19,8 @@ IMPLS = ["python", "native"] if native.available() else ["python"]
 
 @pytest.fixture
 def ring() -> Iterator[Ring]:
-    r = Ring.create(f"realtalk-test-rstates-{os.getpid()}", 1 << 14, with_eventfd=False)
-    yield r
-    r.close()
-    r.unlink()
+    with made_ring() as r:
+        yield r
 
 
 def test_a_flush_takes_every_state_to_idle() -> None:
