@@ -1,5 +1,6 @@
 """The realtime process's mic reader (RealtimeProcess._on_mic) against a real ring, no socket:
-what each chunk handed to the link is dated with. Pure: no process is started."""
+what each chunk handed to the link is dated with (its capture time, and when the engine had it).
+Pure: no process is started."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -34,8 +35,8 @@ def reader(mic: Ring) -> tuple[Any, list[MicAudio]]:
 
 def test_chunks_the_device_handed_over_in_one_burst_are_dated_by_their_write_not_paced_back(mic: Ring) -> None:
     """PulseAudio hands captures over in bursts: three 20 ms chunks written at once are read in one
-    wake; none of them is dated 20 or 40 ms before the write (that charged the device's bunching
-    to the engine's mic latency: up to 19 ms at p99)."""
+    wake; the mic latency counts each from that write, not 20 or 40 ms before it (that charged the
+    device's bunching to the engine's mic latency: up to 19 ms at p99)."""
     p, steps = reader(mic)
     for _ in range(3):
         mic.write(np.ones(480, dtype=np.int16))
@@ -43,7 +44,10 @@ def test_chunks_the_device_handed_over_in_one_burst_are_dated_by_their_write_not
     p._on_mic()
     assert sum(len(s.pcm) for s in steps) == 3 * 480 * 2
     assert len(steps) == 2                                  # 40 ms, then the rest
-    assert all(s.captured_at_s == written_ns / 1e9 for s in steps)
+    assert all(s.received_at_s == written_ns / 1e9 for s in steps)      # the mic latency counts from here
+    # the capture time the session clock uses stays paced back: the first chunk's last frame came 20 ms
+    # before the last write's
+    assert [round((written_ns / 1e9 - s.captured_at_s) * 1000, 3) for s in steps] == [20.0, 0.0]
 
 
 def test_a_chunk_is_read_once_and_the_reader_sleeps_again(mic: Ring) -> None:

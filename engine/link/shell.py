@@ -128,7 +128,8 @@ class ApiLink:
         self.headers = dict(headers)
         self.policy = LinkPolicy(rules)
         self.name = name
-        #: input audio: when it came in (``MicAudio.captured_at_s``) -> its append handed to the socket
+        #: input audio: when it came in (``MicAudio.received_at_s``, else ``captured_at_s``) -> its append
+        #: handed to the socket
         self.audio_latency = audio_latency if audio_latency is not None else Latency()
         self.on_error = on_error
         #: when the server event being handled came in (monotonic s); 0.0 outside one
@@ -172,7 +173,8 @@ class ApiLink:
         core, host = self.core, self.host
         now = time.monotonic()
         acts = core.handle(rec, now, host.heard_index(now))
-        follow = self._apply(acts, now, rec.captured_at_s if isinstance(rec, MicAudio) else now)
+        follow = self._apply(acts, now, (rec.captured_at_s if rec.received_at_s is None else rec.received_at_s)
+                             if isinstance(rec, MicAudio) else now)
         handled = 0
         while follow and handled < FOLLOW_MAX:
             handled += 1

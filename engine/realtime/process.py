@@ -200,7 +200,7 @@ class RealtimeProcess:
         mic.take_wake()
         buf = self._mic_buf
         while True:
-            _, stamp_ns = mic.write_stamp
+            stamp_index, stamp_ns = mic.write_stamp
             n = mic.read_into(buf)
             if n == 0:
                 if mic.arm_wake():
@@ -210,12 +210,14 @@ class RealtimeProcess:
                 continue
             if not link.connected:
                 continue  # mic audio while the socket is down is dropped
-            # when the engine had the chunk: the producer's stamp of its latest write. A chunk read
-            # behind another is not dated back at real-time pace: PulseAudio hands captures over in
-            # bursts (periods 26.6 ms apart, then one at once), so the frames of a backlog mostly
-            # came together, and pacing them back charged up to 19 ms of the device's bunching to
-            # the engine (bench/results/2026-12.md)
-            link.step(MicAudio(buf[:n].tobytes(), stamp_ns / 1e9))
+            # capture time of the chunk's last frame: the producer's stamp of its latest write, paced
+            # back over the frames written after it (the session clock maps the server's times to it).
+            # The mic latency counts from the write itself: PulseAudio hands captures over in bursts
+            # (periods 26.6 ms apart, then one at once), so a backlog's frames mostly came together,
+            # and pacing them back charged up to 19 ms of that bunching to the engine
+            # (bench/results/2026-12.md)
+            captured_ns = stamp_ns - (stamp_index - mic.read_index) * 1_000_000_000 // RATE_HZ
+            link.step(MicAudio(buf[:n].tobytes(), captured_ns / 1e9, stamp_ns / 1e9))
 
     # -------------------------------------------------------------- playout.position (link thread)
     def _playout_edge(self, started: bool, now_s: float) -> None:

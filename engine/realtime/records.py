@@ -81,10 +81,12 @@ class PlaybackReport:
 @dataclass(frozen=True)
 class MicAudio:
     """Mic frames in the session's audio format (PCM16 24 kHz mono from the mic ring; µ-law 8 kHz
-    from a phone call); ``captured_at_s``: when the last
-    frame was captured (monotonic seconds)."""
+    from a phone call); ``captured_at_s``: when the last frame was captured (monotonic seconds:
+    the session clock maps the server's input-buffer times to it); ``received_at_s``: when the
+    engine had the frames, where the mic latency (``latency.mic``) counts from (None: the same)."""
     pcm: bytes
     captured_at_s: float
+    received_at_s: float | None = None
 
 
 @dataclass(frozen=True)
