@@ -373,7 +373,7 @@ def test_the_stretcher_reads_the_ring_in_place(ring: Ring, monkeypatch: pytest.M
         pytest.skip("the Python renderer's allocations: the native one copies 35 ms of look-ahead in C")
     copies: list[int] = []
     peek = ring.peek_into
-    from engine.playback.stretch import LOOKAHEAD_FRAMES
+    from engine.audio.stretch import LOOKAHEAD_FRAMES
 
     def counting_peek(out: Any) -> int:  # read_into peeks too: count only the look-ahead's
         if len(out) == LOOKAHEAD_FRAMES:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.playback.stretch import MAX_PERIOD_FRAMES, MIN_PERIOD_FRAMES, TimeStretcher
+from engine.audio.stretch import MAX_PERIOD_FRAMES, MIN_PERIOD_FRAMES, TimeStretcher
 from tests.helpers import steepest, voiced as tone
 
 

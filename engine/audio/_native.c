@@ -27,7 +27,7 @@
  *     set_listen, the renderer's settable fields) refuses to run while a device stream of theirs
  *     is running: one producer, one consumer.
  *  5. The behaviour is the Python implementation's, line for line (engine/playback/renderer.py
- *     Renderer and DeviceFeeder, engine/playback/stretch.py, engine/capture/echo.py TalkGuard and
+ *     Renderer and DeviceFeeder, engine/audio/stretch.py, engine/capture/echo.py TalkGuard and
  *     EchoCanceller's statistics): tests drive both with the same input. A change there is a
  *     change here, in the same commit.
  */

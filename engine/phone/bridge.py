@@ -50,6 +50,7 @@ from bus import Publisher, Subscriber
 from engine.phone.guard import (CLOSE_TOO_BIG, TOKEN_PARAMETER, Close, ConnectionGuard, ErrorSampler, Report,
                                 auth_from_config, check_upgrade, limits_from_config, token_ok)
 from engine.phone.heard import HeardClock
+from engine.phone.cushion import Cushion, IndexMap, cushion_ms
 from engine.phone.hold import Out, StartHold
 from engine.realtime.jitter import JitterEstimator
 from engine.phone.twilio import (FRAME_BYTES, MEDIA_RATE_HZ, DtmfMsg, MarkMsg, MediaMsg, PhoneProtocolError, StartMsg,
@@ -105,7 +106,15 @@ class Call:
         self.api_task: asyncio.Task[None] | None = None
         self.hold = StartHold(bridge.prebuffer_ms)      #: each reply's start held audio.prebuffer_ms
         #: audio.jitter_buffer adaptive: the hold follows the API delta jitter this call measures
-        self.jitter = JitterEstimator(bridge.prebuffer_ms) if bridge.adaptive and bridge.prebuffer_ms > 0 else None
+        #: (no device period on top: the phone's player is the phone's, and the cushion follows the start)
+        self.jitter = JitterEstimator(bridge.prebuffer_ms, margin_ms=0.0) \
+            if bridge.adaptive and bridge.prebuffer_ms > 0 else None
+        #: adaptive too: each stretch's first audio is slowed until the phone holds a cushion past the
+        #: hold (engine.phone.cushion); the map takes the clock's phone frames back to the core's index
+        self.cushion = Cushion() if self.jitter is not None else None
+        self.index_map = IndexMap()
+        self.item_start_inserted = 0           #: the cushion's frames sent before the current item
+        self.cut_inserted_frames = 0           #: the cushion's frames of the item the last clear cut
         self.hold_timer: asyncio.TimerHandle | None = None
         self.item_start: int | None = None
         self.ended = False
@@ -296,9 +305,9 @@ class Call:
             return  # a mark a clear dropped (Twilio echoes those at once), or not ours
         if echo.mark.end_of_item:
             self.hold.item_played()
-            self.step(PlaybackReport("stopped", echo.mark.item_start, echo.mark.index, {}))
+            self.step(PlaybackReport("stopped", echo.mark.item_start, self.index_map.core_index(echo.mark.index), {}))
         else:
-            self.step(PlaybackReport("position", None, echo.heard_index, {}))
+            self.step(PlaybackReport("position", None, self.index_map.core_index(echo.heard_index), {}))
 
     # ------------------------------------------------------------ the core (through the API link)
     def step(self, rec: Input) -> None:
@@ -308,7 +317,8 @@ class Call:
             self.link.step(rec)
 
     def heard_index(self, now_s: float) -> int:
-        return self.clock.heard_index(now_s)
+        """What the caller has heard, in the core's index (the reply's frames, not the cushion's)."""
+        return self.index_map.core_index(self.clock.heard_index(now_s))
 
     def received(self, event: Mapping[str, Any], in_s: float) -> None:
         """A server event came in (before the core has it): when the caller started to speak, the
@@ -328,7 +338,8 @@ class Call:
             outs = self.hold.audio(act.pcm, event_in_s, now, self.clock.drained(now))
             report: Input | None = None
             if act.starts_item:
-                self.item_start = self.clock.sent_frames
+                self.item_start = self.index_map.core_index(self.clock.sent_frames)
+                self.item_start_inserted = self.index_map.total_frames
                 report = PlaybackReport("started", self.item_start, self.item_start,
                                         {"first_sample_mono_ns": time.monotonic_ns(),
                                          "output_latency_ms": self.hold.hold_ms if self.hold.holding else 0.0})
@@ -336,9 +347,13 @@ class Call:
             self.arm_hold()
             return report
         if isinstance(act, Publish):
-            b.publish(self, CALL_TOPIC_RENAMES.get(act.topic, act.topic), act.payload)
+            payload = act.payload
             if act.topic == "playout.interrupted":
                 self.truncations += 1
+                # played_ms is the reply's audio the caller heard; the phone played the cushion's too
+                payload = dict(payload, phone_played_ms=payload.get("played_ms", 0)
+                               + round(self.cut_inserted_frames * 1000 / MEDIA_RATE_HZ))
+            b.publish(self, CALL_TOPIC_RENAMES.get(act.topic, act.topic), payload)
             return None
         if isinstance(act, Flush):
             dropped = self.hold.drop()   # counted by the core, never sent
@@ -348,7 +363,10 @@ class Call:
                 self.put_phone(self.stream.clear(), heard_at, self.clear_latency)
             else:
                 self.put_phone(self.stream.clear())
-            heard = self.clock.clear(now, unsent_frames=dropped)
+            heard_phone = self.clock.clear(now, unsent_frames=dropped)
+            heard = self.index_map.core_index(heard_phone)
+            # the cushion's frames the caller heard of this item (playout.interrupted's phone_played_ms)
+            self.cut_inserted_frames = heard_phone - heard - self.item_start_inserted
             return PlaybackReport("flushed", self.item_start if self.item_start is not None else heard,
                                   heard, {"flush_mono_ns": time.monotonic_ns()})
         if isinstance(act, EndOfAudio):
@@ -366,14 +384,23 @@ class Call:
                 continue
             i = 0
             while i < len(pcm):
-                chunk = pcm[i:i + self.clock.frames_to_next_mark()]
+                chunk = pcm[i:i + self.clock.frames_to_next_mark()]   # cut in the reply's frames
                 i += len(chunk)
+                inserted = 0
+                if self.cushion is not None:
+                    if self.clock.ran_out_s(now) is not None:    # a new stretch: the phone heard all it was sent
+                        self.cushion.start(cushion_ms(self.hold.hold_ms))
+                    chunk, insertions = self.cushion.audio(chunk)
+                    for ins in insertions:
+                        self.index_map.inserted(self.clock.sent_frames + ins.offset, ins.frames)
+                        inserted += ins.frames
                 self.put_phone(self.stream.media(chunk), out.since_s, self.out_latency, -(-len(chunk) // FRAME_BYTES))
-                for mark in self.clock.sent(len(chunk), now):
+                for mark in self.clock.sent(len(chunk), now, inserted_frames=inserted):
                     self.put_phone(self.stream.mark(mark.name))
         for gap_ms, index in self.clock.take_gaps():   # the phone had run out: a gap; hold longer from now on
             self.hold.gap()
-            self.bridge.publish(self, "phone.underrun", {"gap_ms": round(gap_ms, 1), "index": index,
+            self.bridge.publish(self, "phone.underrun", {"gap_ms": round(gap_ms, 1),
+                                                         "index": self.index_map.core_index(index),
                                                          "prebuffer_ms": self.hold.hold_ms})
 
     def arm_hold(self) -> None:
@@ -467,6 +494,8 @@ class Call:
                 "start_holds": self.hold.holds, "start_holds_released_early": self.hold.early_releases,
                 "start_hold_dropped_bytes": self.hold.dropped_bytes, "start_hold_ms_max": self.hold.hold_ms_max,
                 "phone_underruns": self.clock.gaps, "phone_underrun_ms": round(self.clock.gap_ms, 1),
+                # the cushion (engine.phone.cushion): audio inserted after each start, in all
+                "cushion_ms": round(self.index_map.total_frames / MEDIA_RATE_HZ * 1000, 1),
                 "api_errors": core.errors if core else 0})
             b.status_changed()
         if self.ws.state.name == "OPEN":

@@ -5,7 +5,9 @@ the same index space as the realtime core's playout (each ``Play`` is sent whole
 
 Rules:
 - A mark goes after every ``mark_every_frames`` of sent audio and at the end of each item; the
-  phone side echoes it once the audio before it has played (Twilio's documented behaviour).
+  frames a cushion inserted (engine.phone.cushion) do not count toward the next mark, so marks
+  stay on the reply's delta boundaries and a delta is not cut in two for one. The phone side
+  echoes a mark once the audio before it has played (Twilio's documented behaviour).
 - The heard index is the index of the latest echoed mark, plus the wall time since that echo at
   8 frames a ms; it never passes the oldest mark not yet echoed (its audio has not all been
   heard), nor what was sent.
@@ -65,6 +67,8 @@ class HeardClock:
         self.anchor_index = start_index        #: heard at anchor_s
         self.anchor_s = 0.0
         self.last_mark_index = start_index
+        self.inserted_frames = 0               #: sent frames a cushion inserted (not the reply's)
+        self._inserted_at_last_mark = 0
         self.marks_sent = 0
         self.echoes = 0
         self.stale_echoes = 0                  #: echoes of marks a clear dropped, or unknown names
@@ -96,12 +100,17 @@ class HeardClock:
         ran_out_s = self.ran_out_s(now_s)
         return (ran_out_s is not None and self._item_start_next) or self._is_gap(ran_out_s)
 
-    def frames_to_next_mark(self) -> int:
-        """Frames still to send before the next periodic mark is due (at least 1)."""
-        return max(1, self.mark_every_frames - (self.sent_frames - self.last_mark_index))
+    def _since_mark(self) -> int:
+        """The reply's frames sent since the last mark (a cushion's insertions left out)."""
+        return self.sent_frames - self.last_mark_index - (self.inserted_frames - self._inserted_at_last_mark)
 
-    def sent(self, frames: int, now_s: float) -> list[PendingMark]:
-        """``frames`` more were sent; returns the marks to send after them (due every mark_every_frames)."""
+    def frames_to_next_mark(self) -> int:
+        """The reply's frames still to send before the next periodic mark is due (at least 1)."""
+        return max(1, self.mark_every_frames - self._since_mark())
+
+    def sent(self, frames: int, now_s: float, inserted_frames: int = 0) -> list[PendingMark]:
+        """``frames`` more were sent (``inserted_frames`` of them a cushion's); returns the marks to
+        send after them (due every mark_every_frames of the reply's)."""
         ran_out_s = self.ran_out_s(now_s)
         if ran_out_s is not None:                           # the caller heard all: this starts playing now
             if self._is_gap(ran_out_s):
@@ -111,7 +120,8 @@ class HeardClock:
             self.anchor_index, self.anchor_s = self.sent_frames, now_s
         self._item_start_next = False
         self.sent_frames += frames
-        if self.sent_frames - self.last_mark_index >= self.mark_every_frames:
+        self.inserted_frames += inserted_frames
+        if self._since_mark() >= self.mark_every_frames:
             return [self._mark(False, None)]
         return []
 
@@ -124,6 +134,7 @@ class HeardClock:
         mark = PendingMark(f"rt{self.marks_sent}", self.sent_frames, end, item_start)
         self.pending[mark.name] = mark
         self.last_mark_index = self.sent_frames
+        self._inserted_at_last_mark = self.inserted_frames
         return mark
 
     def echoed(self, name: str, now_s: float) -> Echo | None:
@@ -155,5 +166,6 @@ class HeardClock:
         self.pending.clear()
         self.anchor_index, self.anchor_s = self.sent_frames, now_s
         self.last_mark_index = self.sent_frames
+        self._inserted_at_last_mark = self.inserted_frames
         self._item_start_next = True
         return heard

@@ -47,7 +47,7 @@ import numpy as np
 
 from engine.audio.levels import LevelTap
 from engine.audio.ring import Ring, SampleFifo
-from engine.playback.stretch import LOOKAHEAD_FRAMES, MAX_PERIOD_FRAMES, MIN_PERIOD_FRAMES, TimeStretcher
+from engine.audio.stretch import LOOKAHEAD_FRAMES, MAX_PERIOD_FRAMES, MIN_PERIOD_FRAMES, TimeStretcher
 from engine.pcm import FRAMES_PER_MS, RATE_HZ
 
 FADE_FRAMES = 120            # 5 ms fade over gaps

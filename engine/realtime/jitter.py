@@ -21,8 +21,10 @@ Rules:
   Forgetting is done by weighing each new delay 1/FORGET more than the last (renormalised
   now and then), so a delta costs one bucket's update, not a pass over the histogram.
 - The target is the :data:`QUANTILE` of the histogram, at least :data:`JITTER_FLOOR_MS`, plus
-  :data:`MARGIN_MS` (one device period: a stream starts inside the callback that reaches its
-  start), clamped to
+  a margin: :data:`MARGIN_MS` for the speaker (one device period: a stream starts inside the
+  callback that reaches its start); none for a phone call, whose player runs on the phone's
+  side (its phase only adds margin) and whose bridge builds a cushion after each start
+  (engine.phone.cushion), clamped to
   [:data:`MIN_MS`, :data:`MAX_MS`]. Until :data:`MIN_DELTAS` delays are measured the target is
   the configured start value (``audio.prebuffer_ms``): no history, no bet.
 - A delay the histogram holds as an outlier (beyond the quantile) does not move the target: the
@@ -58,8 +60,9 @@ class JitterEstimator:
     """``audio`` (or ``stream_started`` / ``delta``) as audio arrives; ``target_ms()`` for the next
     start and the level while a stream plays."""
 
-    def __init__(self, start_ms: float) -> None:
+    def __init__(self, start_ms: float, margin_ms: float = MARGIN_MS) -> None:
         self.start_ms = float(start_ms)
+        self.margin_ms = float(margin_ms)      #: added to the quantile (MARGIN_MS: the speaker's device period)
         self.buckets = np.zeros(MAX_MS // BUCKET_MS + 1)
         self.weight = 0.0                      #: the histogram's total weight (in units of ``_inc``)
         self._inc = 1.0                        #: the weight the next delay gets: 1/FORGET times the last
@@ -126,7 +129,7 @@ class JitterEstimator:
         """How long the next stream waits after its first delta arrived, in ms."""
         if not self.measured:
             return self.start_ms
-        return float(min(MAX_MS, max(MIN_MS, max(self.quantile_ms(), JITTER_FLOOR_MS) + MARGIN_MS)))
+        return float(min(MAX_MS, max(MIN_MS, max(self.quantile_ms(), JITTER_FLOOR_MS) + self.margin_ms)))
 
     def target_frames(self, rate_hz: int) -> int:
         """``target_ms()`` in frames at ``rate_hz`` (at least 1: 0 means "no target" in the ring)."""

@@ -1,6 +1,7 @@
 """Time-stretching for the jitter buffer: pitch-period insertion and removal.
 
-What WebRTC's NetEQ calls *preemptive expand* and *accelerate*, on 24 kHz int16 mono:
+What WebRTC's NetEQ calls *preemptive expand* and *accelerate*, on int16 mono (24 kHz, the
+speaker's; or 8 kHz, the phone's, with ``TimeStretcher(rate_hz=8000)``):
 when the playback ring runs low mid-response, :meth:`TimeStretcher.expand` plays one
 pitch period of the latest output again (so the ring drains slower and a late delta
 arrives before it runs dry); once the buffer is ample again, :meth:`TimeStretcher.accelerate`
@@ -17,10 +18,11 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+RATE_HZ = 24_000            #: the rate the frame constants below are for (the speaker's stream)
 MIN_PERIOD_FRAMES = 60     #: 400 Hz, the highest pitch looked for
 MAX_PERIOD_FRAMES = 360    #: 66 Hz, the lowest
 MATCH_FRAMES = 120         #: 5 ms compared at each candidate lag
-QUIET_ENERGY = 1e4 * MATCH_FRAMES  #: below an RMS of 100 (-50 dBFS) any lag splices cleanly: take the longest
+QUIET_RMS = 100.0          #: below this RMS (-50 dBFS) any lag splices cleanly: take the longest
 LOOKAHEAD_FRAMES = 2 * MAX_PERIOD_FRAMES + MATCH_FRAMES  #: the most of the audio due next either call uses
 
 
@@ -31,13 +33,19 @@ class TimeStretcher:
     the output's continuous past; :meth:`reset` forgets it (a new stream, or after a gap).
     """
 
-    def __init__(self) -> None:
-        self.history = np.zeros(MAX_PERIOD_FRAMES, dtype=np.int16)  # the latest frames handed out
-        self.history_frames = 0                                      # how many of them are valid
-        self._y = np.zeros(2 * MAX_PERIOD_FRAMES + MATCH_FRAMES, dtype=np.float32)
-        self._steps = np.arange(MAX_PERIOD_FRAMES, dtype=np.float32)
-        self._ramp = np.zeros(MAX_PERIOD_FRAMES, dtype=np.float32)
-        self._mix = np.zeros(MAX_PERIOD_FRAMES, dtype=np.float32)
+    def __init__(self, rate_hz: int = RATE_HZ) -> None:
+        #: the same pitch range and match length in time at any rate (the constants are 24 kHz's)
+        self.min_period = MIN_PERIOD_FRAMES * rate_hz // RATE_HZ
+        self.max_period = MAX_PERIOD_FRAMES * rate_hz // RATE_HZ
+        self.match = MATCH_FRAMES * rate_hz // RATE_HZ
+        self.lookahead_frames = 2 * self.max_period + self.match
+        self._quiet_energy = QUIET_RMS ** 2 * self.match
+        self.history = np.zeros(self.max_period, dtype=np.int16)  # the latest frames handed out
+        self.history_frames = 0                                   # how many of them are valid
+        self._y = np.zeros(2 * self.max_period + self.match, dtype=np.float32)
+        self._steps = np.arange(self.max_period, dtype=np.float32)
+        self._ramp = np.zeros(self.max_period, dtype=np.float32)
+        self._mix = np.zeros(self.max_period, dtype=np.float32)
 
     def reset(self) -> None:
         self.history_frames = 0
@@ -56,15 +64,15 @@ class TimeStretcher:
     def _best_lag(self, y: np.ndarray, at: int, lo: int, hi: int) -> int:
         """The lag in [lo, hi] where ``y[at-lag:][:MATCH]`` best matches ``y[at:][:MATCH]``;
         the longest lag when the signal is too quiet to tell."""
-        seg = y[at:at + MATCH_FRAMES]
+        seg = y[at:at + self.match]
         seg_energy = float(seg @ seg)
-        if seg_energy < QUIET_ENERGY:
+        if seg_energy < self._quiet_energy:
             return hi
-        span = y[at - hi:at - lo + MATCH_FRAMES]
-        cand = sliding_window_view(span, MATCH_FRAMES)      # row j: lag hi - j
+        span = y[at - hi:at - lo + self.match]
+        cand = sliding_window_view(span, self.match)      # row j: lag hi - j
         cross = cand @ seg
         sq = np.cumsum(np.square(span, dtype=np.float64))
-        energy = sq[MATCH_FRAMES - 1:] - np.concatenate(([0.0], sq[:-MATCH_FRAMES]))
+        energy = sq[self.match - 1:] - np.concatenate(([0.0], sq[:-self.match]))
         score = cross / np.sqrt(np.maximum(energy, 1.0) * seg_energy)
         return hi - int(np.argmax(score))                   # ties go to the longest lag
 
@@ -85,13 +93,13 @@ class TimeStretcher:
         the history, and that period repeats while the total stays within ``max_frames`` (one
         period at least). Play ``ahead`` from its start after them. Returns the frames written
         (0: too little audio to do it)."""
-        hi = min(MAX_PERIOD_FRAMES, len(out), len(ahead), self.history_frames)
-        if hi < MIN_PERIOD_FRAMES or len(ahead) < MATCH_FRAMES:
+        hi = min(self.max_period, len(out), len(ahead), self.history_frames)
+        if hi < self.min_period or len(ahead) < self.match:
             return 0
-        y = self._y[:hi + MATCH_FRAMES]
+        y = self._y[:hi + self.match]
         y[:hi] = self.history[-hi:]
-        y[hi:] = ahead[:MATCH_FRAMES]
-        t = self._best_lag(y, hi, MIN_PERIOD_FRAMES, hi)
+        y[hi:] = ahead[:self.match]
+        t = self._best_lag(y, hi, self.min_period, hi)
         period = self.history[-t:]
         self._crossfade(out[:t], ahead[:t], period)
         written = t
@@ -104,13 +112,13 @@ class TimeStretcher:
         """Write into ``out[:T]`` the frames due next with one pitch period (T ≤ ``max_frames``)
         left out: ``ahead[:T]`` fades into ``ahead[T:2T]``. The caller consumes 2T frames of
         ``ahead``. Returns T (0: too little audio to do it)."""
-        hi = min(MAX_PERIOD_FRAMES, len(out), max_frames, (len(ahead) - MATCH_FRAMES) // 2)
-        if hi < MIN_PERIOD_FRAMES:
+        hi = min(self.max_period, len(out), max_frames, (len(ahead) - self.match) // 2)
+        if hi < self.min_period:
             return 0
         # compare the start of each candidate period with the start of the block: y reversed
         # in time so the same search applies (a lag back in y is a lag forward in ahead)
-        y = self._y[:hi + MATCH_FRAMES]
-        y[:] = ahead[hi + MATCH_FRAMES - 1::-1]
-        t = self._best_lag(y, hi, MIN_PERIOD_FRAMES, hi)
+        y = self._y[:hi + self.match]
+        y[:] = ahead[hi + self.match - 1::-1]
+        t = self._best_lag(y, hi, self.min_period, hi)
         self._crossfade(out[:t], ahead[:t], ahead[t:2 * t])
         return t
