@@ -112,3 +112,21 @@ def test_the_target_in_frames_is_never_zero() -> None:
     est = JitterEstimator(0)
     assert est.target_ms() == 0 and est.target_frames(24000) == 1
     assert JitterEstimator(80).target_frames(24000) == 1920 and JitterEstimator(80).target_frames(8000) == 640
+
+
+def test_a_phone_call_covers_more_of_the_tail_and_adds_no_device_period() -> None:
+    """The phone's estimator (engine/phone/bridge.py): PHONE_QUANTILE of the delays, no margin."""
+    from engine.realtime.jitter import PHONE_QUANTILE, QUANTILE
+    rng = random.Random(11)
+    speaker, phone = JitterEstimator(60), JitterEstimator(60, margin_ms=0.0, quantile=PHONE_QUANTILE)
+    t = 0.0
+    for _ in range(30):
+        d = [max(0.0, rng.gauss(0, 0.030)) for _ in range(30)]
+        reply(speaker, t, 30, d)
+        t = reply(phone, t, 30, d)
+    assert PHONE_QUANTILE >= QUANTILE
+    assert phone.target_ms() == phone.quantile_ms(PHONE_QUANTILE)
+    assert speaker.target_ms() == speaker.quantile_ms(QUANTILE) + MARGIN_MS
+    clean = JitterEstimator(60, margin_ms=0.0)
+    reply(clean, 0.0, 30, [0.0] * 30)
+    assert clean.target_ms() == JITTER_FLOOR_MS

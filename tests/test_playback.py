@@ -159,18 +159,18 @@ def test_running_dry_just_before_a_late_end_mark_is_the_end_not_an_underrun(ring
     assert ev(r)[-2:] == [("started", 720), ("stopped", 1200)]
 
 
-def test_flush_fades_within_5_ms_and_drops_the_rest(ring: Ring) -> None:
+def test_flush_fades_within_3_ms_and_drops_the_rest(ring: Ring) -> None:
     r = Renderer(ring, prebuffer_frames=0)
     out = np.zeros(480, dtype=np.int16)
     ring.write(loud(4800))
     r.render(out, 0, 0.0)
     ring.request_flush()
     r.render(out, 0, 0.0)
-    assert out[0] > 9000 and 0 < out[119] < 100 and not out[120:].any()  # 5 ms ramp at 24 kHz, then silence
+    assert out[0] > 9000 and 0 < out[71] < 100 and not out[72:].any()  # 3 ms ramp at 24 kHz, then silence
     assert ring.read_available == 0 and r.events[-1][0] == "flushed"
     # heard at the fade's end: all that was handed out (the device buffer plays out) plus the fade,
     # whatever the output latency
-    assert r.events[-1][1] == 480 + 120
+    assert r.events[-1][1] == 480 + 72
 
 
 def test_flush_counts_what_the_callback_still_holds(ring: Ring) -> None:
@@ -181,8 +181,8 @@ def test_flush_counts_what_the_callback_still_holds(ring: Ring) -> None:
     r.render(out, 480, 0.0)     # 960 read; the callback still holds 300 of them, resampled
     r.backlog_frames = 300
     ring.request_flush()
-    r.render(out, 480, 0.0)     # the device-rate fade covers 120 of the 300 held: those are heard
-    assert ev(r)[-1] == ("flushed", 960 - 300 + 120)
+    r.render(out, 480, 0.0)     # the device-rate fade covers 72 of the 300 held: those are heard
+    assert ev(r)[-1] == ("flushed", 960 - 300 + 72)
 
 
 def test_heard_index_lags_by_device_latency(ring: Ring) -> None:
@@ -316,9 +316,9 @@ def test_flush_report_and_heard_index_are_the_same_number(ring: Ring) -> None:
     p.publish_events()
     flushed = pub.sent[-1][1]
     assert pub.sent[-1][0] == "playback.flushed"
-    assert flushed["start_index"] == 480 and flushed["index"] == 480 + 480 + 120
+    assert flushed["start_index"] == 480 and flushed["index"] == 480 + 480 + 72
     assert ring.heard_index == flushed["index"]   # not the read position the flush jumped to
-    assert flushed["played_ms"] == (480 + 120) // 24 and "flush_mono_ns" in flushed
+    assert flushed["played_ms"] == (480 + 72) // 24 and "flush_mono_ns" in flushed
 
 
 def test_a_flush_with_nothing_playing_cut_nothing(ring: Ring) -> None:
@@ -345,9 +345,9 @@ def test_device_rate_flush_fades_once_and_leaves_nothing_behind(ring: Ring) -> N
     assert abs(int(pcm[500])) > 9000
     ring.request_flush()
     pcm = np.frombuffer(dev.fill(960, 0, 0.0), dtype=np.int16)
-    assert abs(int(pcm[0])) > 9000 and abs(int(pcm[120])) > 4000   # a 5 ms ramp is 240 frames at 48 kHz
-    assert 0 < abs(int(pcm[230])) < 100 and not pcm[240:].any()
-    assert np.all(np.abs(np.diff(pcm[:240].astype(np.int32))) < 200)  # one smooth ramp, no step
+    assert abs(int(pcm[0])) > 9000 and abs(int(pcm[72])) > 4000   # a 3 ms ramp is 144 frames at 48 kHz
+    assert 0 < abs(int(pcm[138])) < 100 and not pcm[144:].any()
+    assert np.all(np.abs(np.diff(pcm[:144].astype(np.int32))) < 200)  # one smooth ramp, no step
     assert r.events[-1].kind == "flushed" and ring.read_available == 0
     for _ in range(3):                                                # the resampler kept nothing
         assert np.abs(np.frombuffer(dev.fill(960, 0, 0.0), dtype=np.int16)).max() <= 2  # soxr dither

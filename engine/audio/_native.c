@@ -50,8 +50,8 @@
 /* ------------------------------------------------------------------ constants */
 #define RATE_HZ 24000
 #define FADE_FRAMES 120          /* 5 ms fade over gaps (Renderer) */
-#define FLUSH_FADE_MS 5          /* the barge-in fade (FlushFade) */
-#define FLUSH_FADE_FRAMES 120
+#define FLUSH_FADE_MS 3          /* the barge-in fade (FlushFade) */
+#define FLUSH_FADE_FRAMES 72
 #define REF_RUN_TOLERANCE_NS 2000000   /* a reference block due this much off the end of the last begins a new run */
 #define MIN_PERIOD 60            /* stretch.py */
 #define MAX_PERIOD 360

@@ -52,7 +52,7 @@ from engine.phone.guard import (CLOSE_TOO_BIG, TOKEN_PARAMETER, Close, Connectio
 from engine.phone.heard import HeardClock
 from engine.phone.cushion import Cushion, IndexMap, cushion_ms
 from engine.phone.hold import Out, StartHold
-from engine.realtime.jitter import JitterEstimator
+from engine.realtime.jitter import PHONE_QUANTILE, JitterEstimator
 from engine.phone.twilio import (FRAME_BYTES, MEDIA_RATE_HZ, DtmfMsg, MarkMsg, MediaMsg, PhoneProtocolError, StartMsg,
                                  StopMsg, TwilioStream, show)
 from engine.link.backends import ProtocolCore, backend_for
@@ -107,7 +107,7 @@ class Call:
         self.hold = StartHold(bridge.prebuffer_ms)      #: each reply's start held audio.prebuffer_ms
         #: audio.jitter_buffer adaptive: the hold follows the API delta jitter this call measures
         #: (no device period on top: the phone's player is the phone's, and the cushion follows the start)
-        self.jitter = JitterEstimator(bridge.prebuffer_ms, margin_ms=0.0) \
+        self.jitter = JitterEstimator(bridge.prebuffer_ms, margin_ms=0.0, quantile=PHONE_QUANTILE) \
             if bridge.adaptive and bridge.prebuffer_ms > 0 else None
         #: adaptive too: each stretch's first audio is slowed until the phone holds a cushion past the
         #: hold (engine.phone.cushion); the map takes the clock's phone frames back to the core's index

@@ -20,7 +20,8 @@ Rules:
   our first 5 ms) would add up to a bucket of pure rounding to a clean link's 15 ms target.
   Forgetting is done by weighing each new delay 1/FORGET more than the last (renormalised
   now and then), so a delta costs one bucket's update, not a pass over the histogram.
-- The target is the :data:`QUANTILE` of the histogram, at least :data:`JITTER_FLOOR_MS`, plus
+- The target is the :data:`QUANTILE` of the histogram (:data:`PHONE_QUANTILE` for a phone
+  call), at least :data:`JITTER_FLOOR_MS`, plus
   a margin: :data:`MARGIN_MS` for the speaker (one device period: a stream starts inside the
   callback that reaches its start); none for a phone call, whose player runs on the phone's
   side (its phase only adds margin) and whose bridge builds a cushion after each start
@@ -47,7 +48,14 @@ MAX_MS = 500
 MIN_MS = 0
 WINDOW_S = 2.0
 FORGET = 0.9986           #: 0.5 ** (1 / 500): a delay weighs half as much 500 deltas later
-QUANTILE = 0.99             #: the time-stretcher covers the rest: it expands below half the target
+#: the speaker's: its renderer's time-stretcher covers the rest (it expands below half the target).
+#: NetEQ's DelayManager reads 0.95 of its histogram, and its expand conceals what comes later still.
+#: At 30 ms of jitter, 16 replies twice each: 0.99 started at p99 93.5-94.0 ms, 0.98 at 79.8-81.2,
+#: 0.97 at 72.5-90.7 with an underrun in one run; none at 0.98 or 0.99 (bench/results/2026-12.md)
+QUANTILE = 0.98
+#: a phone call's: audio once sent to the phone cannot be slowed (only the cushion after each
+#: start stretches it), so the hold covers more of the tail
+PHONE_QUANTILE = 0.99
 MARGIN_MS = 10.0
 #: the least jitter any link is credited with. A clean loopback's p99 of 1-3 ms gave 13 ms targets
 #: that left a delta 1-2 ms before the callback that reads it, and the native backend ran dry once
@@ -60,9 +68,10 @@ class JitterEstimator:
     """``audio`` (or ``stream_started`` / ``delta``) as audio arrives; ``target_ms()`` for the next
     start and the level while a stream plays."""
 
-    def __init__(self, start_ms: float, margin_ms: float = MARGIN_MS) -> None:
+    def __init__(self, start_ms: float, margin_ms: float = MARGIN_MS, quantile: float = QUANTILE) -> None:
         self.start_ms = float(start_ms)
         self.margin_ms = float(margin_ms)      #: added to the quantile (MARGIN_MS: the speaker's device period)
+        self.quantile = float(quantile)        #: of the delays the target covers (QUANTILE: the speaker's)
         self.buckets = np.zeros(MAX_MS // BUCKET_MS + 1)
         self.weight = 0.0                      #: the histogram's total weight (in units of ``_inc``)
         self._inc = 1.0                        #: the weight the next delay gets: 1/FORGET times the last
@@ -113,8 +122,10 @@ class JitterEstimator:
             self._inc = 1.0
         self.deltas += 1
 
-    def quantile_ms(self, q: float = QUANTILE) -> float:
-        """The ``q`` quantile of the measured delays (upper edge of its bucket)."""
+    def quantile_ms(self, q: float | None = None) -> float:
+        """The ``q`` quantile (default: the estimator's) of the measured delays (upper edge of its bucket)."""
+        if q is None:
+            q = self.quantile
         if self.weight <= 0:
             return 0.0
         i = int(np.searchsorted(np.cumsum(self.buckets), q * self.weight * (1 - 1e-12)))
