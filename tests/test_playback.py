@@ -11,7 +11,7 @@ import pytest
 
 from engine.audio import native
 from engine.playback.process import PlaybackProcess
-from engine.playback.renderer import DeviceFeeder, Renderer as PyRenderer
+from engine.playback.renderer import CUSHION_MIN_FRAMES, DeviceFeeder, Renderer as PyRenderer
 from engine.audio.ring import Ring
 from tests.helpers import made_ring, steepest, voiced
 
@@ -518,15 +518,15 @@ def test_an_underrun_grows_the_start_on_top_of_the_target_and_clean_streams_give
 
 
 def test_the_time_stretcher_keeps_the_level_the_target_asks_for(ring: Ring) -> None:
-    """A 50 ms late delta under a 60 ms target, 20 ms periods: the stretcher expands once the ring
-    holds under half the target's headroom beyond a period ((60 - 20) / 2 = 20 ms, not from the
-    configured 80) and rides it out, then gives the latency back."""
+    """A 50 ms late delta under a 60 ms target, 20 ms periods: the stretcher would expand once the
+    ring holds under half the target's headroom beyond a period ((60 - 20) / 2 = 20 ms, not from
+    the configured 80); the stream's cushion (half the target, built early) rides it out first."""
     r = Renderer(ring, prebuffer_frames=1920)
     ring.control.set_target(1440)                                # 60 ms
     play_deltas(r, ring, late_delta_schedule(60, 20, 0.05), voiced(60 * 480))
     assert ring.underrun_frames == 0 and r.low_water_frames == 480
-    assert r.expanded_frames > 0                                 # it dipped under the low water: expanded
-    assert r.stretch_frames <= 360                               # and gave nearly all of it back
+    # the stream's cushion (30 ms and a period, early) kept the ring over the low water through it
+    assert r.expanded_frames == r.cushion_frames >= 720 and r.accelerated_frames == 0
 
 
 
@@ -564,7 +564,9 @@ def test_deltas_on_time_are_not_stretched_under_a_small_target(ring: Ring, targe
     for _ in range(2):
         play_stream(r, ring, [i * 0.1 for i in range(30)], voiced(30 * 2400), phase_s=phase_s)
     assert ring.underrun_frames == 0
-    assert r.expanded_frames == r.accelerated_frames == 0
+    # each stream inserted its cushion early (10 ms here) and nothing else: no stretch around deltas
+    assert r.accelerated_frames == 0 and r.stretch_frames == r.cushion_frames >= CUSHION_MIN_FRAMES
+    assert r.expanded_frames <= 2 * (CUSHION_MIN_FRAMES + 240)
 
 
 def test_under_30_ms_of_delta_jitter_the_target_rides_it_out(ring: Ring) -> None:
@@ -623,9 +625,28 @@ def test_a_device_whose_callbacks_bunch_gets_its_read_ahead_spread_on_top_of_the
                     ring.mark_end()
             r.render(out, 0, now)
             k += 1
-    assert ring.underrun_frames == 0 and r.expanded_frames == 0
+    # nothing stretched around the deltas: each reply's cushion (10 ms and at most a block) alone
+    assert ring.underrun_frames == 0 and r.accelerated_frames == 0 and r.stretch_frames == r.cushion_frames
+    assert r.expanded_frames <= 10 * (CUSHION_MIN_FRAMES + 240)
     assert r.device_lead_frames == pytest.approx(79, abs=2)          # 13.3 - 10 ms, in frames
     assert r.prebuffer_frames == 13 * 24 + r.device_lead_frames
     ring.control.set_target(0)                                       # fixed: the configured prebuffer alone
     r.render(out, 0, callback_s(k))
     assert r.prebuffer_frames == 1920
+
+
+@pytest.mark.parametrize("late_ms", [25, 30])
+def test_a_new_streams_cushion_rides_out_a_delta_later_than_a_clean_links_target(ring: Ring, late_ms: int) -> None:
+    """A clean link's 15 ms target leaves 5 ms of headroom beyond a 10 ms block, and the stretcher's
+    low water (2.5 ms) rides out a delta up to ~20 ms late; one 25-30 ms late ran the ring dry. The
+    cushion (10 ms and a period, inserted within the stream's first 100 ms) rides it out; the same
+    15 ms as a fixed prebuffer (no target: no cushion) underruns."""
+    arrivals = [i * 0.1 + (late_ms / 1000 if i == 4 else 0.0) for i in range(12)]
+    r = Renderer(ring, prebuffer_frames=1920)
+    ring.control.set_target(360)
+    play_stream(r, ring, arrivals, voiced(12 * 2400))
+    assert ring.underrun_frames == 0 and r.cushion_frames >= CUSHION_MIN_FRAMES
+    ring.control.set_target(0)
+    r = Renderer(ring, prebuffer_frames=360)
+    play_stream(r, ring, arrivals, voiced(12 * 2400))
+    assert ring.underrun_frames > 0 and r.cushion_frames == 0

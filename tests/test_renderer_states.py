@@ -113,7 +113,7 @@ def test_random_schedules_take_only_the_tables_rows_and_keep_each_states_data(ri
 def test_random_schedules_take_every_row_of_the_table(ring: Ring) -> None:
     """No row is dead: driven at random, the Python renderer takes each of them."""
     taken = [0] * len(_NEXT) * len(E)
-    for seed in range(6):
+    for seed in range(8):   # a stream's cushion keeps some rings from running dry: DRY -> FLUSHED needs seed 6
         r = Renderer(ring, prebuffer_frames=1440)
         _drive(r, ring, seed)
         taken = [a + b for a, b in zip(taken, r.transition_counts)]

@@ -53,6 +53,9 @@
 #define FLUSH_FADE_MS 3          /* the barge-in fade (FlushFade) */
 #define FLUSH_FADE_FRAMES 72
 #define REF_RUN_TOLERANCE_NS 2000000   /* a reference block due this much off the end of the last begins a new run */
+#define CUSHION_MIN_FRAMES 240   /* renderer.py: the cushion, 10-60 ms, an insertion per 40 ms */
+#define CUSHION_MAX_FRAMES 1440
+#define CUSHION_EVERY_FRAMES 960
 #define MIN_PERIOD 60            /* stretch.py */
 #define MAX_PERIOD 360
 #define MATCH 120
@@ -497,6 +500,7 @@ typedef struct {
     stretcher_t st;
     int16_t ahead[LOOKAHEAD];
     int64_t low_water_frames, stretch_frames, stream_expanded_frames, expanded_frames, accelerated_frames;
+    int64_t cushion_left_frames, cushion_frames, since_cushion_frames;   /* Renderer's cushion */
     int64_t prebuffer_frames, base_prebuffer_frames, max_prebuffer_frames;
     /* the jitter buffer (Renderer._retarget): growth after underruns, what the latest stream
      * started with, the latest block's length */
@@ -640,21 +644,30 @@ static int64_t flush_fade(const float *ramp, int64_t ramp_frames, int16_t *buf, 
 static int64_t r_stretch(Renderer *r, int16_t *out, int64_t n) {
     ring_t *ring = &r->ring;
     int64_t level = ring_available(ring) - n;
-    int expand = level < r->low_water_frames;
-    int accelerate = r->stretch_frames >= MIN_PERIOD &&
-                     level - imin(MAX_PERIOD, r->stretch_frames) >= r->prebuffer_frames - n;
+    int low = level < r->low_water_frames;
+    int cushion = r->cushion_left_frames > 0 && r->since_cushion_frames >= CUSHION_EVERY_FRAMES;
+    int expand = low || cushion;
+    int64_t extra = r->stretch_frames - r->cushion_frames;
+    int accelerate = extra >= MIN_PERIOD &&
+                     level - imin(MAX_PERIOD, extra) >= r->prebuffer_frames - n + r->cushion_frames;
     if (!(expand || accelerate) || stream_complete(r))
         return 0;
     int64_t na = ring_peek(ring, r->ahead, LOOKAHEAD);
     if (expand) {
         int urgent = level < floordiv(r->low_water_frames, 2);
-        int64_t t = stretch_expand(&r->st, r->ahead, na, out, n, urgent ? 3 * n / 4 : n / 2);
+        int64_t t = stretch_expand(&r->st, r->ahead, na, out, n,
+                                   low ? (urgent ? 3 * n / 4 : n / 2) : imin(r->cushion_left_frames, n / 2));
+        if (!low && t) {
+            r->cushion_left_frames = imax(0, r->cushion_left_frames - t);
+            r->cushion_frames += t;
+            r->since_cushion_frames = 0;
+        }
         r->stretch_frames += t;
         r->stream_expanded_frames += t;
         st_rlx(&r->expanded_frames, r->expanded_frames + t);
         return t;
     }
-    int64_t t = stretch_accelerate(&r->st, r->ahead, na, out, n, r->stretch_frames);
+    int64_t t = stretch_accelerate(&r->st, r->ahead, na, out, n, extra);
     ring_skip(ring, 2 * t);
     r->stretch_frames -= t;
     st_rlx(&r->accelerated_frames, r->accelerated_frames + t);
@@ -670,6 +683,7 @@ static void r_played(Renderer *r, int16_t *out, int64_t n, int64_t got, int64_t 
         for (int64_t i = 0; i < k; i++)
             out[i] = (int16_t)((float)out[i] * r->fade_up[i]);
     }
+    r->since_cushion_frames += got;
     if (got < n) {
         memset(out + got, 0, (size_t)(n - got) * 2);
         if (got > 0) {
@@ -788,8 +802,11 @@ static void r_wait_prebuffer(Renderer *r, int16_t *out, int64_t n, int64_t heard
         st_rlx(&r->first_sample_mono_ns, now_ns() + (r->backlog_frames + lead) * 1000000000LL / RATE_HZ);
         st_rlx(&r->arrived_mono_ns, (int64_t)(r->waiting_since * 1e9));
         st_rlx(&r->start_delay_frames, r->prebuffer_frames);
-        st_rlx(&r->start_device_lead_frames, ld_rlx(&ring->hdr[S_TARGET]) > 0 ? r->device_lead_frames : 0);
+        int64_t target = ld_rlx(&ring->hdr[S_TARGET]);
+        st_rlx(&r->start_device_lead_frames, target > 0 ? r->device_lead_frames : 0);
         r->stretch_frames = r->stream_expanded_frames = r->stream_device_underflows = 0;
+        r->cushion_left_frames = target > 0 ? imin(CUSHION_MAX_FRAMES, imax(CUSHION_MIN_FRAMES, floordiv(target, 2))) : 0;
+        r->cushion_frames = r->since_cushion_frames = 0;
         r_emit(r, EV_STARTED, ring_read_index(ring));
     }
     r->st.history_frames = 0;   /* a new stream or after a gap: no past to splice to */
@@ -1208,6 +1225,7 @@ typedef struct { const char *name; Py_ssize_t offset; int writable; } field_t;
 static const field_t R_FIELDS[] = {
     I64(prebuffer_frames, 1), I64(base_prebuffer_frames, 1), I64(max_prebuffer_frames, 1),
     I64(low_water_frames, 1), I64(stretch_frames, 0), I64(stream_expanded_frames, 0),
+    I64(cushion_left_frames, 0), I64(cushion_frames, 0), I64(since_cushion_frames, 0),
     I64(expanded_frames, 0), I64(accelerated_frames, 0), I64(stream_underruns, 0), I64(dry_frames, 0),
     I64(dry_index, 0), I64(stream_start, 0), I64(wake_errors, 0), I64(stream_device_underflows, 0),
     I64(backlog_frames, 1), I64(first_sample_mono_ns, 0), I64(arrived_mono_ns, 0), I64(flush_mono_ns, 0),

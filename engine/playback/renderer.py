@@ -56,6 +56,11 @@ FADE_FRAMES = 120            # 5 ms fade over gaps
 #: sooner than the 5 ms fade was (bench/results/2026-12.md)
 FLUSH_FADE_FRAMES = 72
 FLUSH_FADE_MS = FLUSH_FADE_FRAMES // FRAMES_PER_MS
+#: the cushion (class docstring): half an adaptive target, 10-60 ms, one insertion of at most half a
+#: block per 40 ms of a new stream's output (engine/phone/cushion.py does the same for a call)
+CUSHION_MIN_FRAMES = 10 * FRAMES_PER_MS
+CUSHION_MAX_FRAMES = 60 * FRAMES_PER_MS
+CUSHION_EVERY_FRAMES = 40 * FRAMES_PER_MS
 REF_RUN_TOLERANCE_NS = 2_000_000   # a reference block due this much off the end of the last begins a new run
 #: the device's read-ahead spread (Renderer._measure_lead): the mean lead follows over ~100 blocks
 #: (1 s at 10 ms), the spread's peaks are held and forgotten over ~200 blocks
@@ -176,6 +181,14 @@ class Renderer:
     whole prebuffer would sit above that dip on a small target and expand around every delta.
     A stream that is already complete is never stretched, and neither is audio that arrives
     faster than real time (the ring is full then).
+
+    The cushion: a new stream on an adaptive target (the ring has one) also expands early,
+    whatever its level, until it has added half the target (10 to 60 ms): one insertion of at
+    most half a block per 40 ms of its output, so its first few hundred ms play a little slower
+    and the headroom grows from the target to target + cushion. The start stays as early as the
+    target says; a delta later than the target's percentile then finds the ring holding more.
+    Accelerating gives back only the stretch beyond the cushion (the cushion is the level it
+    keeps). A fixed prebuffer builds none (``audio.jitter_buffer: fixed`` plays as before).
     ``stretch_frames`` is the current stream's net stretch (output frames minus stream frames).
     """
 
@@ -206,6 +219,9 @@ class Renderer:
         self.lead_up_frames = 0.0                       # the held peak of the lead above its mean
         self.lead_down_frames = 0.0                     # and below it
         self.stretch_frames = 0                         # the current stream's net stretch
+        self.cushion_left_frames = 0                    # the current stream's cushion still to insert
+        self.cushion_frames = 0                         # and what it inserted (of stretch_frames)
+        self.since_cushion_frames = 0                   # output since its latest insertion (or its start)
         self.stream_expanded_frames = 0                 # the current stream's expansions
         self.expanded_frames = 0                        # in total, for playback.cadence
         self.accelerated_frames = 0
@@ -424,8 +440,11 @@ class Renderer:
             self.first_sample_mono_ns = time.monotonic_ns() + (self.backlog_frames + lead) * 1_000_000_000 // RATE_HZ
             self.arrived_mono_ns = int(self.waiting_since * 1e9)
             self.start_delay_frames = self.prebuffer_frames
-            self.start_device_lead_frames = self.device_lead_frames if self.control.target_frames > 0 else 0
+            target = self.control.target_frames
+            self.start_device_lead_frames = self.device_lead_frames if target > 0 else 0
             self.stretch_frames = self.stream_expanded_frames = self.stream_device_underflows = 0
+            self.cushion_left_frames = min(CUSHION_MAX_FRAMES, max(CUSHION_MIN_FRAMES, target // 2)) if target > 0 else 0
+            self.cushion_frames = self.since_cushion_frames = 0
             self._emit("started", ring.read_index)
         self.stretcher.reset()   # a new stream or after a gap: no past to splice to
         self.waiting_since = None
@@ -452,6 +471,7 @@ class Renderer:
         if fade_in and got > 0:
             k = min(got, FADE_FRAMES)
             out[:k] = (out[:k] * self._fade_up[:k]).astype(np.int16)
+        self.since_cushion_frames += got
         if got < n:
             out[got:] = 0
             if got > 0:
@@ -493,11 +513,14 @@ class Renderer:
         ring = self.ring
         n = len(out)
         level_frames = ring.read_available - n   # what stays in the ring after this block
-        expand = level_frames < self.low_water_frames
-        # give the added latency back while the ring holds at least its usual level (the
-        # prebuffer less a block) even without the period left out
-        accelerate = (self.stretch_frames >= MIN_PERIOD_FRAMES and level_frames
-                      - min(MAX_PERIOD_FRAMES, self.stretch_frames) >= self.prebuffer_frames - n)
+        low = level_frames < self.low_water_frames
+        cushion = self.cushion_left_frames > 0 and self.since_cushion_frames >= CUSHION_EVERY_FRAMES
+        expand = low or cushion
+        # give the added latency beyond the cushion back while the ring holds at least its usual
+        # level (the prebuffer less a block, plus the cushion) even without the period left out
+        extra = self.stretch_frames - self.cushion_frames
+        accelerate = (extra >= MIN_PERIOD_FRAMES and level_frames - min(MAX_PERIOD_FRAMES, extra)
+                      >= self.prebuffer_frames - n + self.cushion_frames)
         if not (expand or accelerate) or self._stream_complete():
             return 0  # a complete stream has nothing to wait for and nothing to catch up
         # the audio due next, read in place; copied only where it wraps around the ring's end
@@ -507,12 +530,17 @@ class Renderer:
             # the lower the ring, the more of the block is stretch: half of it, three quarters
             # under a quarter of the prebuffer (a 40 ms margin then lasts 160 ms)
             urgent = level_frames < self.low_water_frames // 2
-            t = self.stretcher.expand(ahead, out, 3 * n // 4 if urgent else n // 2)
+            t = self.stretcher.expand(ahead, out, (3 * n // 4 if urgent else n // 2) if low
+                                      else min(self.cushion_left_frames, n // 2))
+            if not low and t:
+                self.cushion_left_frames = max(0, self.cushion_left_frames - t)
+                self.cushion_frames += t
+                self.since_cushion_frames = 0
             self.stretch_frames += t
             self.stream_expanded_frames += t
             self.expanded_frames += t
             return t
-        t = self.stretcher.accelerate(ahead, out, self.stretch_frames)
+        t = self.stretcher.accelerate(ahead, out, extra)
         ring.skip(2 * t)
         self.stretch_frames -= t
         self.accelerated_frames += t
