@@ -53,7 +53,7 @@
 #define FLUSH_FADE_MS 3          /* the barge-in fade (FlushFade) */
 #define FLUSH_FADE_FRAMES 72
 #define REF_RUN_TOLERANCE_NS 2000000   /* a reference block due this much off the end of the last begins a new run */
-#define CUSHION_MIN_FRAMES 240   /* renderer.py: the cushion, 10-60 ms, an insertion per 40 ms */
+#define CUSHION_MIN_FRAMES 240   /* stretch.py CUSHION_*_MS at 24 kHz: the cushion, 10-60 ms, an insertion per 40 ms */
 #define CUSHION_MAX_FRAMES 1440
 #define CUSHION_EVERY_FRAMES 960
 #define MIN_PERIOD 60            /* stretch.py */

@@ -25,6 +25,15 @@ MATCH_FRAMES = 120         #: 5 ms compared at each candidate lag
 QUIET_RMS = 100.0          #: below this RMS (-50 dBFS) any lag splices cleanly: take the longest
 LOOKAHEAD_FRAMES = 2 * MAX_PERIOD_FRAMES + MATCH_FRAMES  #: the most of the audio due next either call uses
 
+#: The cushion, one policy for the speaker's renderer (engine/playback/renderer.py, and its C twin)
+#: and the phone bridge (engine/phone/cushion.py): once a stream starts on an adaptive target, it
+#: expands early until it has added CUSHION_SHARE of the target, within [CUSHION_MIN_MS,
+#: CUSHION_MAX_MS], at most one insertion per CUSHION_EVERY_MS of its output.
+CUSHION_SHARE = 0.5
+CUSHION_MIN_MS = 10
+CUSHION_MAX_MS = 60
+CUSHION_EVERY_MS = 40
+
 
 class TimeStretcher:
     """Inserts or removes one pitch period at the start of an output block.

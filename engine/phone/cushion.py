@@ -37,23 +37,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.audio.stretch import TimeStretcher
+from engine.audio.stretch import CUSHION_EVERY_MS, CUSHION_MAX_MS, CUSHION_MIN_MS, CUSHION_SHARE, TimeStretcher
 from engine.codec import G711_RATE_HZ, g711_decode, g711_encode
 
 FRAMES_PER_MS = G711_RATE_HZ // 1000
-PIECE_FRAMES = 40 * FRAMES_PER_MS       #: at most one insertion per 40 ms of audio (≤ 15 ms: ≤ 27 % slower)
+#: at most one insertion per CUSHION_EVERY_MS of audio (≤ 15 ms each: ≤ 27 % slower)
+PIECE_FRAMES = CUSHION_EVERY_MS * FRAMES_PER_MS
 MAX_INSERT_FRAMES = 10 * FRAMES_PER_MS  #: short periods repeat up to this (one long one may exceed it)
-CUSHION_OF_HOLD = 0.5                   #: a stretch's cushion, as a share of the hold it started after
-MIN_CUSHION_MS = 10.0                   #: at least (a clean link's hold is 5 ms: the floor, no margin)
-MAX_CUSHION_MS = 60.0
 #: insertions the index map remembers: older indices are long heard (a reply's worth is a handful)
 INDEX_MAP_POINTS = 512
 
 
 def cushion_ms(hold_ms: float) -> float:
-    """The cushion a stretch builds after a hold of ``hold_ms``: CUSHION_OF_HOLD of it, within
-    [MIN_CUSHION_MS, MAX_CUSHION_MS]."""
-    return min(MAX_CUSHION_MS, max(MIN_CUSHION_MS, CUSHION_OF_HOLD * hold_ms))
+    """The cushion a stretch builds after a hold of ``hold_ms`` (engine/audio/stretch.py's policy:
+    CUSHION_SHARE of it, within [CUSHION_MIN_MS, CUSHION_MAX_MS]; a clean link's 5 ms hold gets the
+    least)."""
+    return float(min(CUSHION_MAX_MS, max(CUSHION_MIN_MS, CUSHION_SHARE * hold_ms)))
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,8 @@ import numpy as np
 
 from engine.audio.levels import LevelTap
 from engine.audio.ring import Ring, SampleFifo
-from engine.audio.stretch import LOOKAHEAD_FRAMES, MAX_PERIOD_FRAMES, MIN_PERIOD_FRAMES, TimeStretcher
+from engine.audio.stretch import (CUSHION_EVERY_MS, CUSHION_MAX_MS, CUSHION_MIN_MS, CUSHION_SHARE, LOOKAHEAD_FRAMES,
+                                  MAX_PERIOD_FRAMES, MIN_PERIOD_FRAMES, TimeStretcher)
 from engine.pcm import FRAMES_PER_MS, RATE_HZ
 
 FADE_FRAMES = 120            # 5 ms fade over gaps
@@ -56,11 +57,10 @@ FADE_FRAMES = 120            # 5 ms fade over gaps
 #: sooner than the 5 ms fade was (bench/results/2026-12.md)
 FLUSH_FADE_FRAMES = 72
 FLUSH_FADE_MS = FLUSH_FADE_FRAMES // FRAMES_PER_MS
-#: the cushion (class docstring): half an adaptive target, 10-60 ms, one insertion of at most half a
-#: block per 40 ms of a new stream's output (engine/phone/cushion.py does the same for a call)
-CUSHION_MIN_FRAMES = 10 * FRAMES_PER_MS
-CUSHION_MAX_FRAMES = 60 * FRAMES_PER_MS
-CUSHION_EVERY_FRAMES = 40 * FRAMES_PER_MS
+#: the cushion (class docstring; engine/audio/stretch.py's policy), each insertion at most half a block
+CUSHION_MIN_FRAMES = CUSHION_MIN_MS * FRAMES_PER_MS
+CUSHION_MAX_FRAMES = CUSHION_MAX_MS * FRAMES_PER_MS
+CUSHION_EVERY_FRAMES = CUSHION_EVERY_MS * FRAMES_PER_MS
 REF_RUN_TOLERANCE_NS = 2_000_000   # a reference block due this much off the end of the last begins a new run
 #: the device's read-ahead spread (Renderer._measure_lead): the mean lead follows over ~100 blocks
 #: (1 s at 10 ms), the spread's peaks are held and forgotten over ~200 blocks
@@ -443,7 +443,8 @@ class Renderer:
             target = self.control.target_frames
             self.start_device_lead_frames = self.device_lead_frames if target > 0 else 0
             self.stretch_frames = self.stream_expanded_frames = self.stream_device_underflows = 0
-            self.cushion_left_frames = min(CUSHION_MAX_FRAMES, max(CUSHION_MIN_FRAMES, target // 2)) if target > 0 else 0
+            self.cushion_left_frames = (min(CUSHION_MAX_FRAMES, max(CUSHION_MIN_FRAMES, int(target * CUSHION_SHARE)))
+                                        if target > 0 else 0)
             self.cushion_frames = self.since_cushion_frames = 0
             self._emit("started", ring.read_index)
         self.stretcher.reset()   # a new stream or after a gap: no past to splice to
