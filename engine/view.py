@@ -317,7 +317,7 @@ class TerminalView:
     """``engine start``'s terminal. ``feed`` each bus message: it returns the error lines to print
     (``error: <source>: <message>``, one per non-benign ``engine.error``). ``live_line()`` is the
     compact state: who is speaking (user, model, both, nobody), the mic level (dBFS, RMS of the
-    latest ``capture.levels`` batch, about 100 ms; ``muted`` while ``input.mic`` is closed), the
+    latest ``capture.levels`` batch, about 200 ms; ``muted`` while ``input.mic`` is closed), the
     latest turn's latency (``latency.turn``: to the speaker, else to the device, else to the first
     delta), the session's cost (``cost.session``), and the API connection while it is down."""
 

@@ -124,7 +124,7 @@ class LevelTap:
             block = self._buf[pos:pos + take].astype(np.float32)
         else:
             block = np.concatenate([self._buf[pos:], self._buf[:pos + take - cap]]).astype(np.float32)
-        # four numpy calls for all the windows, then a few floats in Python: run every 100 ms
+        # four numpy calls for all the windows, then a few floats in Python: run every 200 ms
         # on a cold cache, each numpy call costs tens of microseconds
         x = block.reshape(count, w)
         return np.einsum("ij,ij->i", x, x).tolist(), np.abs(x).max(axis=1).tolist()

@@ -344,7 +344,7 @@ class NativeCapture:
 
 def window_levels(buffer: np.ndarray, pos: int, count: int, window: int) -> tuple[list[float], list[float]]:
     """The level meters' windows measured in C (``ExternalLevelTap(measure=...)``): energy, peak.
-    Called every 100 ms by the chores of a native backend that runs, so the extension is there: no
+    Called every 200 ms by the chores of a native backend that runs, so the extension is there: no
     look at the environment each time (``_ext_or_raise`` only when it is not)."""
     energies, peaks = (_ext if _ext is not None else _ext_or_raise()).window_levels(buffer, pos, count, window)
     return energies, peaks

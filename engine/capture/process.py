@@ -65,7 +65,7 @@ from engine.pcm import RATE_HZ
 from engine.specs import CaptureSpec
 
 STATS_EVERY_S = 2.0
-LEVELS_EVERY_S = 0.1          #: capture.levels: 20 ms windows, batched this often (the chores' schedule)
+LEVELS_EVERY_S = 0.2          #: capture.levels: 20 ms windows, batched this often (the chores' schedule)
 #: the native backend's main thread: how often it looks at the device and the worker (the chores are the
 #: worker's, after a step) when no recording needs writing
 NATIVE_MAIN_EVERY_S = 0.5

@@ -36,10 +36,10 @@ from engine.playback.renderer import DeviceFeeder, Renderer
 from engine.pcm import FRAMES_PER_MS, RATE_HZ
 from engine.specs import PlaybackSpec
 
-PUBLISH_EVERY_S = 0.1        # the publishing thread's chores run this often; a renderer event wakes it at once
-POSITION_EVERY_S = 0.1       # playback.position while a stream plays
+PUBLISH_EVERY_S = 0.2        # the publishing thread's chores run this often; a renderer event wakes it at once
+POSITION_EVERY_S = 0.2       # playback.position while a stream plays
 CADENCE_EVERY_S = 5.0        # playback.cadence: how regularly the device asks for audio
-LEVELS_EVERY_S = 0.1         # playback.levels: 20 ms windows of what was played, batched this often
+LEVELS_EVERY_S = 0.2         # playback.levels: 20 ms windows of what was played, batched this often
 LISTEN_EVERY_S = 2.0         # playback.listen while a console listens (and at each change)
 
 

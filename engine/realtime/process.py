@@ -7,7 +7,7 @@ module reads the clock and the ring's heard index, hands records in, and applies
 Threads:
 - the link thread runs an asyncio loop that owns the core: the API socket (its reads, its
   reconnects), the mic ring (its eventfd watched by the loop: ring -> core -> socket in one
-  callback), ``playout.position`` (the speaker ring's heard index handed to the core every 100 ms
+  callback), ``playout.position`` (the speaker ring's heard index handed to the core every 200 ms
   while an item plays, after a mic chunk: no wake-up of its own, and no ``playback.position``
   taken from the bus), the core's timers, and every action, applied in the order decided.
   Nothing else touches the core once the link runs, so nothing is decided in one order and sent
@@ -59,7 +59,7 @@ IDLE_WAKE_S = 0.5               # the main thread polls the bus at most this lon
 #: the playback reports the main thread takes and hands to the link thread (not ``playback.position``:
 #: the link thread reads the heard index from the speaker ring itself, see ``_position_due``)
 PLAYBACK_REPORTS = ("playback.started", "playback.stopped", "playback.underrun", "playback.flushed")
-POSITION_EVERY_S = 0.1          #: playout.position while an item plays
+POSITION_EVERY_S = 0.2          #: playout.position while an item plays
 PLAYOUT_EDGES = frozenset({"playout.started", "playout.stopped", "playout.interrupted"})
 #: the position is taken after a mic chunk when one is due; the loop's timer takes it only when no chunk came
 #: this long after it was due (no mic, a capture restarting)
