@@ -900,7 +900,8 @@ def echo_delay_shifts_ms(recording: Path) -> list[float]:
     """Per stall in a session recording (mic left, the reference the canceller got right): how far
     the echo's delay moved across it. A stall is a run of at least 40 ms of exact zeros in the
     reference inside speech; its shift is the median delay (``_delay_ms``) of the three 0.5 s windows
-    starting 0.5 s after it, less that of the three ending 1 s before it."""
+    starting 0.5 s after it, less that of the three ending 1 s before it. Zeros that end the
+    recording are no stall (nothing plays after them)."""
     import wave
     with wave.open(str(recording)) as w:
         pcm = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16).reshape(-1, 2).astype(np.float64)
@@ -909,7 +910,8 @@ def echo_delay_shifts_ms(recording: Path) -> list[float]:
     edges = np.diff(np.concatenate(([0], zero, [0])))
     shifts = []
     for a, b in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)):
-        if b - a < 960 or a < 72000 or np.abs(ref[a - 4800:a]).max() < 2000 or np.abs(ref[b:b + 4800]).max() < 2000:
+        if (b - a < 960 or a < 72000 or b + 4800 > len(ref)   # (the zeros a session ends with: no speech after)
+                or np.abs(ref[a - 4800:a]).max() < 2000 or np.abs(ref[b:b + 4800]).max() < 2000):
             continue
         before = [d for k in (2, 3, 4) if (d := _delay_ms(mic, ref, int(a) - k * 12000)) is not None]
         after = [d for k in (1, 2, 3) if (d := _delay_ms(mic, ref, int(b) + k * 12000)) is not None]
