@@ -8,15 +8,22 @@ back to PyAudio (engine/audio/native.py says why at run time). Nothing is downlo
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
+from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
+SOURCE = Path(__file__).resolve().parent / "engine" / "audio" / "_native.c"
+#: the source's hash, built in as ``source_sha``: engine/audio/native.py runs no build of another source
+SOURCE_SHA = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+
 NATIVE = Extension(
     "engine.audio._native",
     sources=["engine/audio/_native.c"],
+    define_macros=[("NATIVE_SOURCE_SHA", f'"{SOURCE_SHA}"')],
     libraries=["portaudio", "soxr", "m"],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
                         "-Wno-missing-field-initializers", "-Wno-cast-function-type", "-ffp-contract=off"],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import types
 from typing import Any, Iterator
 
 import numpy as np
@@ -401,6 +402,24 @@ def test_without_the_extension_the_backend_falls_back_to_pyaudio(monkeypatch: py
     assert "falls back to pyaudio" in native.status_line()
     with pytest.raises(RuntimeError, match="not available"):
         native.NativeRenderer(None, prebuffer_frames=0)  # type: ignore[arg-type]
+
+
+def test_an_extension_built_from_another_source_is_not_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A build left over from an older _native.c (an in-place build not redone after a pull) would run
+    the old C behind the new Python: the backend falls back to pyaudio and says how to rebuild."""
+    monkeypatch.delenv("REALTALK_NATIVE", raising=False)
+    monkeypatch.setattr(native, "_ext", types.SimpleNamespace(source_sha="0" * 16))
+    why = native.unavailable_reason()
+    assert why is not None and "built from another _native.c" in why and "build_ext --inplace" in why
+    backend, note = native.resolve_backend("native")
+    assert backend == "pyaudio" and note is not None and "built from another _native.c" in note
+
+
+@pytest.mark.skipif(native._ext is None, reason="the extension is not built here")
+def test_the_built_extension_is_built_from_this_source() -> None:
+    """The extension carries the hash of the _native.c it was built from (setup.py), and it is this one's."""
+    assert native._ext.source_sha == native.source_sha(), (
+        "engine/audio/_native.c changed since the extension was built: python setup.py build_ext --inplace")
 
 
 @pytest.mark.e2e

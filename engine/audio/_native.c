@@ -48,6 +48,9 @@
 #include <soxr.h>
 
 /* ------------------------------------------------------------------ constants */
+#ifndef NATIVE_SOURCE_SHA
+#define NATIVE_SOURCE_SHA ""   /* setup.py defines it: the hash of this file, checked by native.py */
+#endif
 #define RATE_HZ 24000
 #define FADE_FRAMES 120          /* 5 ms fade over gaps (Renderer) */
 #define FLUSH_FADE_MS 3          /* the barge-in fade (FlushFade) */
@@ -2220,6 +2223,7 @@ PyMODINIT_FUNC PyInit__native(void) {
         PyModule_AddIntConstant(m, "RATE_HZ", RATE_HZ) < 0 ||
         PyModule_AddIntConstant(m, "LAYOUT_VERSION", LAYOUT_VERSION) < 0 ||
         PyModule_AddIntConstant(m, "MAX_AEC_BLOCKS", MAX_AEC_BLOCKS) < 0 ||
+        PyModule_AddStringConstant(m, "source_sha", NATIVE_SOURCE_SHA) < 0 ||
         PyModule_AddObject(m, "RENDER_TABLE", render_table()) < 0) {
         Py_DECREF(m);
         return NULL;

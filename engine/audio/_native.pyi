@@ -4,6 +4,7 @@ from typing import Any
 RATE_HZ: int
 LAYOUT_VERSION: int
 MAX_AEC_BLOCKS: int
+source_sha: str
 #: the renderer's state machine: (state names, event names, ((state, event, next state), ...))
 RENDER_TABLE: tuple[tuple[str, ...], tuple[str, ...], tuple[tuple[int, int, int], ...]]
 

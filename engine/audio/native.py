@@ -24,7 +24,10 @@ count as absent (build and run time). PyAudio stays for device listing and as th
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
+from pathlib import Path
 from typing import Any, Callable, NamedTuple, Protocol
 
 import numpy as np
@@ -45,13 +48,32 @@ AEC_BLOCK_FRAMES = AEC_RATE_HZ // 100
 BACKENDS = ("native", "pyaudio")
 
 
+SOURCE = Path(__file__).with_name("_native.c")
+
+
+@functools.lru_cache(maxsize=1)
+def source_sha() -> str | None:
+    """The first 16 hex digits of the SHA-256 of ``_native.c`` beside this module, as setup.py
+    builds them into the extension (``source_sha``); None where the source is not installed."""
+    try:
+        return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    except OSError:
+        return None
+
+
 def unavailable_reason() -> str | None:
-    """Why the native backend cannot run here (None: it can)."""
+    """Why the native backend cannot run here (None: it can). An extension built from another
+    ``_native.c`` than the one beside it (an in-place build not redone after the source changed)
+    is not run: its C would not be the behaviour the Python side and the tests expect."""
     if os.environ.get("REALTALK_NATIVE", "1") == "0":
         return "REALTALK_NATIVE=0 is set"
     if _ext is None:
         return (f"the extension engine.audio._native is not built ({_IMPORT_ERROR}); it needs gcc, portaudio19-dev "
                 "and libsoxr-dev at install: bash tools/setup-system.sh")
+    built, here = getattr(_ext, "source_sha", ""), source_sha()
+    if here is not None and built != here:
+        return (f"the extension engine.audio._native was built from another _native.c ({built or 'unknown'}, the "
+                f"source is {here}); rebuild it: pip install -e . or python setup.py build_ext --inplace")
     return None
 
 
