@@ -20,11 +20,16 @@ SOURCE = Path(__file__).resolve().parent / "engine" / "audio" / "_native.c"
 #: the source's hash, built in as ``source_sha``: engine/audio/native.py runs no build of another source
 SOURCE_SHA = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
 
+#: PulseAudio's own client library for the devices the ALSA pulse plugin serves (the usual desktop
+#: default and the virtual devices): with libpulse-dev and libasound2-dev, else PortAudio for all
+PULSE = all(Path(h).is_file() for h in ("/usr/include/pulse/pulseaudio.h", "/usr/include/alsa/asoundlib.h")) \
+    and os.environ.get("REALTALK_NATIVE_PULSE", "1") != "0"
+
 NATIVE = Extension(
     "engine.audio._native",
     sources=["engine/audio/_native.c"],
-    define_macros=[("NATIVE_SOURCE_SHA", f'"{SOURCE_SHA}"')],
-    libraries=["portaudio", "soxr", "m"],
+    define_macros=[("NATIVE_SOURCE_SHA", f'"{SOURCE_SHA}"')] + ([("REALTALK_PULSE", "1")] if PULSE else []),
+    libraries=["portaudio", "soxr", "m"] + (["pulse", "asound"] if PULSE else []),
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
                         "-Wno-missing-field-initializers", "-Wno-cast-function-type", "-ffp-contract=off"],
 )

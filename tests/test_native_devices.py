@@ -46,7 +46,18 @@ def tone(seconds: float, hz: float = 1000.0) -> np.ndarray:
     return (8000 * np.sin(2 * np.pi * hz * t)).astype(np.int16)
 
 
-def test_the_native_speaker_plays_the_ring_and_the_native_mic_hears_it(pa: Any, rings: Any) -> None:
+#: the extension was built with PulseAudio's client library (setup.py: libpulse-dev and libasound2-dev)
+PULSE_BUILT = native.available() and "pulse" in native.versions()
+
+
+@pytest.mark.parametrize("host", ["auto", "portaudio"])
+def test_the_native_speaker_plays_the_ring_and_the_native_mic_hears_it(pa: Any, rings: Any, host: str,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Either host of the speaker: libpulse where vspk is a pulse PCM and the build has it (auto),
+    PortAudio when REALTALK_NATIVE_HOST=portaudio; the same tone comes back whole, once, and the
+    heard index follows what the device played. The mic is PortAudio's either way."""
+    if host == "portaudio":
+        monkeypatch.setenv("REALTALK_NATIVE_HOST", "portaudio")
     speaker, ref, mic = rings(1 << 16), rings(1 << 16), rings(1 << 17, eventfd=True)
     spk = find_device(pa, "vspk", "output")
     mon = find_device(pa, "vspkmon", "input")
@@ -58,6 +69,8 @@ def test_the_native_speaker_plays_the_ring_and_the_native_mic_hears_it(pa: Any, 
         assert 0 < cap.open(mon["index"], 48000, 960) < 1
         latency_s = r.open(spk["index"], 48000, 480)
         assert 0 < latency_s < 1 and r.is_active() and cap.is_active()
+        assert r.host == ("pulse" if host == "auto" and PULSE_BUILT else "portaudio")
+        assert cap.host == "portaudio"
         time.sleep(0.3)
         speaker.mark_start()
         speaker.write(tone(1.0))
@@ -124,6 +137,25 @@ def test_the_engine_runs_its_devices_on_the_backend_it_says(vaudio: dict[str, st
             assert body["backend"] == "pyaudio" and "REALTALK_NATIVE=0" in body["backend_note"], body
         else:
             assert body["backend"] == "native" and body["backend_note"] is None, body
+    if not forced_off:   # vspk is a pulse PCM: the speaker's stream is libpulse's where the build has it
+        assert msgs["playback.device"]["host"] == ("pulse" if PULSE_BUILT else "portaudio"), msgs
+        assert msgs["capture.device"]["host"] == "portaudio", msgs
+
+
+@pytest.mark.skipif(not PULSE_BUILT, reason="the extension was built without libpulse")
+def test_a_pulse_pcm_speaker_opens_on_libpulse_and_anything_else_on_portaudio(
+        vaudio: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host rule (_native.c, "the device host"): an ALSA PCM of type pulse names the PulseAudio
+    device a speaker opens on; a mic, a PCM that is not pulse's, or REALTALK_NATIVE_HOST=portaudio
+    keep PortAudio."""
+    from engine.audio import _native
+    assert _native.pulse_device("vspk") == "spk"
+    assert _native.pulse_device("vspkmon") == "spk.monitor"
+    assert _native.pulse_device("vmic", False) is None
+    assert _native.pulse_device("no-such-pcm-realtalk") is None
+    assert _native.pulse_device("null") is None            # alsa-lib's own type null
+    monkeypatch.setenv("REALTALK_NATIVE_HOST", "portaudio")
+    assert _native.pulse_device("vspk") is None
 
 
 def test_a_running_renderer_refuses_python_writes_but_the_listen_switch(pa: Any, rings: Any) -> None:

@@ -3,6 +3,8 @@
 # then a virtualenv in .venv with every Python dependency (pip install -e ".[test]").
 #   portaudio19-dev           PyAudio builds against it; so does the native audio backend (engine/audio/_native.c)
 #   libsoxr-dev               the native backend resamples in its callbacks with libsoxr (the soxr wheel bundles its own)
+#   libpulse-dev, libasound2-dev  the native backend plays PulseAudio speakers through libpulse itself,
+#                             not through PortAudio and ALSA's pulse plugin (less CPU; without them, PortAudio)
 #   gcc                       builds PyAudio and the native backend (without it the install falls back to PyAudio)
 #   pulseaudio(-utils), libasound2-plugins   virtual devices for headless machines and CI
 #   espeak-ng, sox            the local server's voice; test WAVs
@@ -12,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-pkgs=(gcc portaudio19-dev libsoxr-dev pulseaudio pulseaudio-utils libasound2-plugins espeak-ng sox chromium haproxy)
+pkgs=(gcc portaudio19-dev libsoxr-dev libpulse-dev libasound2-dev pulseaudio pulseaudio-utils libasound2-plugins espeak-ng sox chromium haproxy)
 command -v node >/dev/null || pkgs+=(nodejs npm)
 missing=(); for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

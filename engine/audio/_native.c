@@ -3,15 +3,16 @@
  * What is here: a view of the engine's shared-memory PCM rings (engine/audio/ring.py's layout,
  * version 2), the playback renderer (prebuffer or the ring's jitter-buffer target plus the
  * device's read-ahead spread, end marks, flush fade, underruns and growth, heard index,
- * time-stretching, soxr to the device rate) run from a PortAudio output callback, and the
+ * time-stretching, soxr to the device rate) run from the speaker's output callback, and the
  * capture path (a PortAudio input callback that writes the device's frames to a ring; a worker
  * step that resamples, runs the echo canceller's one Python call, guards and writes the mic ring).
  * engine/audio/native.py is its Python face; nothing else imports this module.
  *
  * Rules (binding for every line of this file):
- *  1. A device callback (a PortAudio thread) never takes the GIL, never calls Python, never
- *     allocates, never blocks, never logs: it counts what goes wrong. Its only system calls are
- *     clock_gettime and a non-blocking eventfd write.
+ *  1. A device callback (a PortAudio thread, or libpulse's mainloop thread) never takes the GIL,
+ *     never calls Python, never allocates, never blocks, never logs: it counts what goes wrong.
+ *     Its own system calls are clock_gettime and a non-blocking eventfd write (libpulse's
+ *     stream calls around it are the host's, as PortAudio's are).
  *  2. The shared rings are read and written exactly as engine/audio/ring.py lays them out: int64
  *     slots, one writer per slot; a side copies frames, then publishes its index with a release
  *     store, and loads the other side's index with an acquire load (x86-64 and ARM64 alike). The
@@ -489,6 +490,271 @@ static const int8_t R_NEXT[R_STATES][R_EVENTS] = {
     [R_REBUFFERING] = {NO_STATE,       R_PLAYING,   NO_STATE,  NO_STATE,        NO_STATE,  R_IDLE},
 };
 
+/* ------------------------------------------------------------------ the device host
+ * A device stream is PortAudio's; the speaker's is PulseAudio's own client library instead when
+ * the PortAudio device is an ALSA PCM of type "pulse" (the ALSA pulse plugin: the usual default
+ * on a desktop, and every virtual device of tools/vaudio.sh), in a build with REALTALK_PULSE
+ * (setup.py: where libpulse-dev and libasound2-dev are installed). Through the plugin each period
+ * crosses PortAudio's ALSA thread, the plugin's own mainloop thread and two more copies; libpulse
+ * hands it to one thread, and the speaker's device threads cost about a third less
+ * (bench/results/2026-12.md). REALTALK_NATIVE_HOST=portaudio in the environment keeps PortAudio.
+ * The mic stays PortAudio's: through libpulse its capture times (the record stream's latency when
+ * a period was read) put the echo canceller's reference off its echo, and the echo figures fell
+ * (ERLE's 10th percentile 19.8 dB against 54.6, 91 gaps in the reference under a CPU hog).
+ *
+ * The libpulse stream keeps PortAudio's contract, so the callback above is the same code: a
+ * period of ``frames`` device frames at a time (a write request of more is rendered period by
+ * period), with the time until its first frame is played (the stream's latency: what is
+ * written and not yet played) and whether the sink ran dry since the last period. Rule 1 holds:
+ * the mainloop thread is the callback thread; it takes no GIL and allocates nothing. */
+typedef void (*host_play_fn)(void *user, int16_t *out, int64_t frames, double latency_s, int underflow);
+
+#ifdef REALTALK_PULSE
+#include <alsa/asoundlib.h>
+#include <pulse/pulseaudio.h>
+
+#define PULSE_SINK_LATENCY_MS 7   /* about PulseAudio's own floor for a sink (6.67 ms here), as the plugin got */
+
+typedef struct {
+    pa_threaded_mainloop *ml;
+    pa_context *ctx;
+    pa_stream *s;
+    int64_t frames;                /* device frames per period */
+    host_play_fn play;
+    void *user;
+    int underflow;                 /* the sink ran dry since the last period (the mainloop thread's) */
+} pulse_t;
+
+/* The pulse device behind an ALSA PCM name: 1 and its device name in ``out`` ("" for the server's
+ * default) if ``name`` is defined as ``type pulse``; 0 if not (PortAudio opens it). */
+static int alsa_pulse_device(const char *name, char *out, size_t cap) {
+    snd_config_t *conf = NULL, *node;
+    const char *type = NULL, *dev = NULL;
+    if (!name || snd_config_update() < 0 || snd_config_search_definition(snd_config, "pcm", name, &conf) < 0)
+        return 0;
+    int ok = snd_config_search(conf, "type", &node) == 0 && snd_config_get_string(node, &type) == 0 &&
+             strcmp(type, "pulse") == 0;
+    if (ok) {
+        out[0] = '\0';
+        if (snd_config_search(conf, "device", &node) == 0 && snd_config_get_string(node, &dev) == 0 && dev)
+            snprintf(out, cap, "%s", dev);
+    }
+    snd_config_delete(conf);
+    return ok;
+}
+
+static double pu_latency_s(pa_stream *s) {
+    pa_usec_t usec = 0;
+    int negative = 0;
+    if (pa_stream_get_latency(s, &usec, &negative) < 0)
+        return -1.0;   /* no timing information yet: the caller's fallback */
+    return negative ? 0.0 : (double)usec / 1e6;
+}
+
+static void pu_write(pa_stream *s, size_t nbytes, void *user) {
+    pulse_t *p = user;
+    size_t want = (size_t)p->frames * 2;
+    while (nbytes >= want) {
+        void *buf = NULL;
+        size_t n = want;
+        if (pa_stream_begin_write(s, &buf, &n) < 0 || !buf || n < want) {
+            if (buf)
+                pa_stream_cancel_write(s);
+            return;
+        }
+        int under = p->underflow;
+        p->underflow = 0;
+        p->play(p->user, buf, p->frames, pu_latency_s(s), under);
+        if (pa_stream_write(s, buf, want, NULL, 0, PA_SEEK_RELATIVE) < 0)
+            return;
+        nbytes -= want;
+    }
+}
+
+static void pu_underflow(pa_stream *s, void *user) {
+    ((pulse_t *)user)->underflow = 1;
+}
+
+static void pu_signal(pa_context *c, void *user) {
+    pa_threaded_mainloop_signal(user, 0);
+}
+
+static void pu_stream_signal(pa_stream *s, void *user) {
+    pa_threaded_mainloop_signal(((pulse_t *)user)->ml, 0);
+}
+
+static void pu_free(pulse_t *p) {
+    if (!p)
+        return;
+    if (p->ml)
+        pa_threaded_mainloop_stop(p->ml);   /* no callback runs after this */
+    if (p->s) {
+        pa_stream_disconnect(p->s);
+        pa_stream_unref(p->s);
+    }
+    if (p->ctx) {
+        pa_context_disconnect(p->ctx);
+        pa_context_unref(p->ctx);
+    }
+    if (p->ml)
+        pa_threaded_mainloop_free(p->ml);
+    free(p);
+}
+
+/* Open and start a libpulse playback stream of one int16 channel on ``device`` ("" the default),
+ * at least ``latency_s`` buffered; NULL with ``err`` filled on a failure. Called without the GIL. */
+static pulse_t *pu_open(const char *device, double rate, int64_t frames, double latency_s, host_play_fn play,
+                        void *user, char *err, size_t errcap) {
+    pulse_t *p = calloc(1, sizeof *p);
+    if (!p) {
+        snprintf(err, errcap, "out of memory");
+        return NULL;
+    }
+    p->frames = frames;
+    p->play = play;
+    p->user = user;
+    if (!(p->ml = pa_threaded_mainloop_new()) ||
+        !(p->ctx = pa_context_new(pa_threaded_mainloop_get_api(p->ml), "realtalk speaker"))) {
+        snprintf(err, errcap, "cannot make a PulseAudio client");
+        pu_free(p);
+        return NULL;
+    }
+    pa_context_set_state_callback(p->ctx, pu_signal, p->ml);
+    pa_threaded_mainloop_lock(p->ml);
+    int ok = pa_threaded_mainloop_start(p->ml) == 0 && pa_context_connect(p->ctx, NULL, PA_CONTEXT_NOFLAGS, NULL) == 0;
+    pa_context_state_t cs;
+    while (ok && (cs = pa_context_get_state(p->ctx)) != PA_CONTEXT_READY) {
+        if (!PA_CONTEXT_IS_GOOD(cs)) {
+            ok = 0;
+            break;
+        }
+        pa_threaded_mainloop_wait(p->ml);
+    }
+    if (!ok) {
+        snprintf(err, errcap, "cannot reach the PulseAudio server: %s", pa_strerror(pa_context_errno(p->ctx)));
+        pa_threaded_mainloop_unlock(p->ml);
+        pu_free(p);
+        return NULL;
+    }
+    pa_sample_spec spec = {PA_SAMPLE_S16LE, (uint32_t)rate, 1};
+    p->s = pa_stream_new(p->ctx, "speaker", &spec, NULL);
+    if (!p->s) {
+        snprintf(err, errcap, "cannot make a PulseAudio stream: %s", pa_strerror(pa_context_errno(p->ctx)));
+        pa_threaded_mainloop_unlock(p->ml);
+        pu_free(p);
+        return NULL;
+    }
+    pa_stream_set_state_callback(p->s, pu_stream_signal, p);
+    uint32_t period_bytes = (uint32_t)(frames * 2);
+    pa_buffer_attr attr;
+    memset(&attr, 0xff, sizeof attr);   /* (uint32_t)-1: the server's choice */
+    const char *dev = device[0] ? device : NULL;
+    pa_stream_flags_t flags = PA_STREAM_ADJUST_LATENCY | PA_STREAM_INTERPOLATE_TIMING | PA_STREAM_AUTO_TIMING_UPDATE;
+    /* the target: a request per period, two periods buffered ahead of the sink, and the sink itself
+     * PULSE_SINK_LATENCY_MS behind (with ADJUST_LATENCY the server gives the sink half of what the
+     * target leaves over two requests); at least what PortAudio would ask of the plugin. A target
+     * of only two periods set the sink to 0.5 ms: the server then woke every 0.5 ms, and its
+     * monitors posted pieces of ~11 frames, 2,600 a second to each reader. */
+    uint32_t target = (uint32_t)(latency_s * rate) * 2;
+    uint32_t least = 2 * period_bytes + 2 * (uint32_t)(rate * PULSE_SINK_LATENCY_MS / 1000) * 2;
+    attr.tlength = target > least ? target : least;
+    attr.minreq = period_bytes;
+    attr.prebuf = period_bytes;
+    pa_stream_set_write_callback(p->s, pu_write, p);
+    pa_stream_set_underflow_callback(p->s, pu_underflow, p);
+    int rc = pa_stream_connect_playback(p->s, dev, &attr, flags, NULL, NULL);
+    pa_stream_state_t ss = PA_STREAM_UNCONNECTED;
+    while (rc == 0 && (ss = pa_stream_get_state(p->s)) != PA_STREAM_READY) {
+        if (!PA_STREAM_IS_GOOD(ss)) {
+            rc = -1;
+            break;
+        }
+        pa_threaded_mainloop_wait(p->ml);
+    }
+    if (rc != 0) {
+        snprintf(err, errcap, "PulseAudio sink %s: %s", dev ? dev : "(the default)",
+                 pa_strerror(pa_context_errno(p->ctx)));
+        pa_threaded_mainloop_unlock(p->ml);
+        pu_free(p);
+        return NULL;
+    }
+    pa_threaded_mainloop_unlock(p->ml);
+    return p;
+}
+
+/* The stream's target latency as the server set it up, s. */
+static double pu_stream_latency_s(pulse_t *p, double rate) {
+    pa_threaded_mainloop_lock(p->ml);
+    const pa_buffer_attr *a = pa_stream_get_buffer_attr(p->s);
+    double lat = a ? (double)a->tlength / 2.0 / rate : 0.0;
+    pa_threaded_mainloop_unlock(p->ml);
+    return lat;
+}
+
+static int pu_is_active(pulse_t *p) {
+    pa_threaded_mainloop_lock(p->ml);
+    int ok = pa_context_get_state(p->ctx) == PA_CONTEXT_READY && pa_stream_get_state(p->s) == PA_STREAM_READY;
+    pa_threaded_mainloop_unlock(p->ml);
+    return ok;
+}
+#else
+typedef struct pulse_t pulse_t;
+#endif
+
+/* Which host opens a device: 1 (libpulse: a speaker on a pulse PCM, its device name in ``out``)
+ * or 0 (PortAudio). */
+static int host_is_pulse(const char *portaudio_name, int output, char *out, size_t cap) {
+#ifdef REALTALK_PULSE
+    if (!output)
+        return 0;
+    const char *want = getenv("REALTALK_NATIVE_HOST");
+    if (want && strcmp(want, "portaudio") == 0)
+        return 0;
+    return alsa_pulse_device(portaudio_name, out, cap);
+#else
+    return 0;
+#endif
+}
+
+/* A device stream: PortAudio's or libpulse's (one of the two is set while it is open). */
+typedef struct {
+    PaStream *pa;
+    pulse_t *pulse;
+} host_t;
+
+static void host_abort(host_t *h) {
+#ifdef REALTALK_PULSE
+    if (h->pulse) {
+        pulse_t *p = h->pulse;
+        h->pulse = NULL;
+        Py_BEGIN_ALLOW_THREADS
+        pu_free(p);
+        Py_END_ALLOW_THREADS
+    }
+#endif
+    if (h->pa) {
+        PaStream *s = h->pa;
+        Py_BEGIN_ALLOW_THREADS
+        Pa_AbortStream(s);
+        Pa_CloseStream(s);
+        Py_END_ALLOW_THREADS
+        h->pa = NULL;
+        Pa_Terminate();
+    }
+}
+
+static int host_is_active(host_t *h) {
+#ifdef REALTALK_PULSE
+    if (h->pulse)
+        return pu_is_active(h->pulse);
+#endif
+    return h->pa && Pa_IsStreamActive(h->pa) == 1;
+}
+
+static const char *host_name(host_t *h) {
+    return h->pulse ? "pulse" : h->pa ? "portaudio" : "";
+}
+
 typedef struct {
     int64_t kind, index, start_index, stretch_frames, expanded_frames, device_underflows;
 } event_t;
@@ -535,7 +801,7 @@ typedef struct {
     float *device_ramp;
     int64_t device_ramp_frames;
     /* the stream */
-    PaStream *stream;
+    host_t host;
     int64_t callbacks, device_underflows;
     int64_t callback_ns[CB_STAMPS];
     double stream_latency_s;
@@ -901,25 +1167,31 @@ static void r_fill(Renderer *r, int16_t *dst, int64_t frame_count, int64_t laten
     fifo_drop(f, m);
 }
 
-static int pb_callback(const void *input, void *output, unsigned long frames, const PaStreamCallbackTimeInfo *ti,
-                       PaStreamCallbackFlags flags, void *user) {
+/* One device period (either host's callback): ``latency_s`` until its first frame is played
+ * (<= 0: unknown, the stream's), ``underflow``: the device ran out before it. */
+static void pb_period(void *user, int16_t *output, int64_t frames, double latency_s, int underflow) {
     Renderer *r = user;
     int64_t k = ld_rlx(&r->callbacks);
     st_rlx(&r->callback_ns[k % CB_STAMPS], now_ns());
     st_rel(&r->callbacks, k + 1);
-    if (flags & paOutputUnderflow) {   /* the device ran out before this callback: a click we caused */
+    if (underflow) {   /* the device ran out before this callback: a click we caused */
         st_rlx(&r->device_underflows, r->device_underflows + 1);
         if (r_in_stream(r))
             r->stream_device_underflows += 1;
     }
-    double latency_s = ti ? ti->outputBufferDacTime - ti->currentTime : 0.0;
     if (latency_s <= 0 || latency_s > 1)
         latency_s = r->stream_latency_s;
     int64_t latency = (int64_t)(latency_s * RATE_HZ);
     if (r->device_rate_hz == RATE_HZ)
-        r_render(r, output, (int64_t)frames, latency, now_s());
+        r_render(r, output, frames, latency, now_s());
     else
-        r_fill(r, output, (int64_t)frames, latency, now_s());
+        r_fill(r, output, frames, latency, now_s());
+}
+
+static int pb_callback(const void *input, void *output, unsigned long frames, const PaStreamCallbackTimeInfo *ti,
+                       PaStreamCallbackFlags flags, void *user) {
+    pb_period(user, output, (int64_t)frames, ti ? ti->outputBufferDacTime - ti->currentTime : 0.0,
+              (flags & paOutputUnderflow) != 0);
     return paContinue;
 }
 
@@ -991,21 +1263,8 @@ static int Renderer_init(Renderer *r, PyObject *args, PyObject *kw) {
     return 0;
 }
 
-/* A stream still open when its object goes: abort it (nothing more will be played or read). */
-static void pa_abort(PaStream **stream) {
-    if (*stream) {
-        PaStream *s = *stream;
-        Py_BEGIN_ALLOW_THREADS
-        Pa_AbortStream(s);
-        Pa_CloseStream(s);
-        Py_END_ALLOW_THREADS
-        *stream = NULL;
-        Pa_Terminate();
-    }
-}
-
 static void Renderer_dealloc(Renderer *r) {
-    pa_abort(&r->stream);
+    host_abort(&r->host);
     ring_release(&r->ring);
     ring_release(&r->ref);
     ring_release(&r->listen);
@@ -1107,18 +1366,19 @@ static PyObject *pa_error(const char *what, PaError err) {
     return NULL;
 }
 
-/* Open and start a PortAudio stream of one int16 channel, as PyAudio opens one: the device's
- * default low latency, no clipping. ``running`` is set before the callback can run, and cleared
- * with everything undone on a failure (an OSError naming ``what``). On success *stream is the
- * stream and *latency_s its latency as PortAudio reports it (0 when it does not). */
-static int pa_open(PyObject *args, int64_t made_for_hz, int output, PaStreamCallback *cb, void *user,
-                   PaStream **stream, int *running, double *latency_s, const char *what) {
+/* Open and start a device stream of one int16 channel: libpulse's when the PortAudio device is a
+ * PulseAudio one (see "the device host"), else PortAudio's as PyAudio opens one (the device's
+ * default low latency, no clipping). ``running`` is set before a callback can run, and cleared
+ * with everything undone on a failure (an OSError naming ``what``). On success ``h`` holds the
+ * stream and *latency_s its latency as the host reports it (0 when it does not). */
+static int host_open(PyObject *args, int64_t made_for_hz, int output, PaStreamCallback *cb, host_play_fn play,
+                     void *user, host_t *h, int *running, double *latency_s, const char *what) {
     int device;
     double rate;
     unsigned long frames;
     if (!PyArg_ParseTuple(args, "idk", &device, &rate, &frames))
         return -1;
-    if (*stream) {
+    if (h->pa || h->pulse) {
         PyErr_SetString(PyExc_RuntimeError, "the stream is already open");
         return -1;
     }
@@ -1140,8 +1400,28 @@ static int pa_open(PyObject *args, int64_t made_for_hz, int output, PaStreamCall
         PyErr_Format(PyExc_OSError, "no PortAudio device %d", device);
         return -1;
     }
-    PaStreamParameters p = {device, 1, paInt16,
-                            output ? info->defaultLowOutputLatency : info->defaultLowInputLatency, NULL};
+    double suggested = output ? info->defaultLowOutputLatency : info->defaultLowInputLatency;
+    char pulse_device[256];
+    if (host_is_pulse(info->name, output, pulse_device, sizeof pulse_device)) {
+#ifdef REALTALK_PULSE
+        Pa_Terminate();
+        char why[512] = "";
+        pulse_t *opened;
+        *running = 1;
+        Py_BEGIN_ALLOW_THREADS
+        opened = pu_open(pulse_device, rate, (int64_t)frames, suggested, play, user, why, sizeof why);
+        Py_END_ALLOW_THREADS
+        if (!opened) {
+            *running = 0;
+            PyErr_Format(PyExc_OSError, "opening the speaker: %s", why);
+            return -1;
+        }
+        h->pulse = opened;
+        *latency_s = pu_stream_latency_s(opened, rate);
+        return 0;
+#endif
+    }
+    PaStreamParameters p = {device, 1, paInt16, suggested, NULL};
     PaStream *opened = NULL;
     *running = 1;
     Py_BEGIN_ALLOW_THREADS
@@ -1157,19 +1437,28 @@ static int pa_open(PyObject *args, int64_t made_for_hz, int output, PaStreamCall
     }
     const PaStreamInfo *si = Pa_GetStreamInfo(opened);
     *latency_s = si ? (output ? si->outputLatency : si->inputLatency) : 0.0;
-    *stream = opened;
+    h->pa = opened;
     return 0;
 }
 
-/* Stop and close a stream opened by pa_open, if open; the callback has returned when this does. */
-static void pa_close(PaStream **stream, int *running) {
-    if (*stream) {
-        PaStream *s = *stream;
+/* Stop and close a stream opened by host_open, if open; no callback runs when this returns. */
+static void host_close(host_t *h, int *running) {
+#ifdef REALTALK_PULSE
+    if (h->pulse) {
+        pulse_t *p = h->pulse;
+        Py_BEGIN_ALLOW_THREADS
+        pu_free(p);
+        Py_END_ALLOW_THREADS
+        h->pulse = NULL;
+    }
+#endif
+    if (h->pa) {
+        PaStream *s = h->pa;
         Py_BEGIN_ALLOW_THREADS
         Pa_StopStream(s);
         Pa_CloseStream(s);
         Py_END_ALLOW_THREADS
-        *stream = NULL;
+        h->pa = NULL;
         Pa_Terminate();
     }
     *running = 0;
@@ -1179,7 +1468,8 @@ static void pa_close(PaStream **stream, int *running) {
  * output latency in seconds (the one made with when PortAudio reports none). */
 static PyObject *Renderer_open(Renderer *r, PyObject *args) {
     double latency_s;
-    if (pa_open(args, r->device_rate_hz, 1, pb_callback, r, &r->stream, &r->running, &latency_s, "renderer") < 0)
+    if (host_open(args, r->device_rate_hz, 1, pb_callback, pb_period, r, &r->host, &r->running, &latency_s,
+                  "renderer") < 0)
         return NULL;
     if (latency_s > 0)
         r->stream_latency_s = latency_s;
@@ -1187,12 +1477,12 @@ static PyObject *Renderer_open(Renderer *r, PyObject *args) {
 }
 
 static PyObject *Renderer_close(Renderer *r, PyObject *unused) {
-    pa_close(&r->stream, &r->running);
+    host_close(&r->host, &r->running);
     Py_RETURN_NONE;
 }
 
 static PyObject *Renderer_is_active(Renderer *r, PyObject *unused) {
-    return PyBool_FromLong(r->stream && Pa_IsStreamActive(r->stream) == 1);
+    return PyBool_FromLong(host_is_active(&r->host));
 }
 
 /* The callback stamps as a list, oldest first (playback.cadence, every few seconds). */
@@ -1252,6 +1542,8 @@ static PyObject *Renderer_getattro(Renderer *r, PyObject *name) {
             return PyBool_FromLong(r->fade_on_flush);
         if (strcmp(s, "device_rate_hz") == 0)
             return PyLong_FromLongLong(r->device_rate_hz);
+        if (strcmp(s, "host") == 0)
+            return PyUnicode_FromString(host_name(&r->host));
     } else {
         PyErr_Clear();
     }
@@ -1524,7 +1816,7 @@ typedef struct {
     PyObject *last_error;
     tap_t tap_in, tap_out;
     /* the stream */
-    PaStream *stream;
+    host_t host;
     int64_t callbacks, input_overflows;
     int64_t callback_ns[CB_STAMPS];
     /* when device frames were captured (the callback's, written before dev_w publishes them):
@@ -1657,7 +1949,7 @@ static int Capture_init(Capture *c, PyObject *args, PyObject *kw) {
 }
 
 static void Capture_dealloc(Capture *c) {
-    pa_abort(&c->stream);
+    host_abort(&c->host);
     ring_release(&c->mic);
     tap_release(&c->tap_in);
     tap_release(&c->tap_out);
@@ -1716,21 +2008,27 @@ static void cap_push(Capture *c, const int16_t *in, int64_t n, int64_t adc_ns) {
     (void)rc;
 }
 
-static int cap_callback(const void *input, void *output, unsigned long frames, const PaStreamCallbackTimeInfo *ti,
-                        PaStreamCallbackFlags flags, void *user) {
+/* One device period (either host's callback): ``age_s`` since its first frame was captured
+ * (outside (0, 2) s: unknown, the stream's latency and a period). */
+static void cap_period(void *user, const int16_t *input, int64_t frames, double age_s, int overflow) {
     Capture *c = user;
+    if (overflow)
+        st_rlx(&c->input_overflows, c->input_overflows + 1);
     int64_t k = ld_rlx(&c->callbacks);
     st_rlx(&c->callback_ns[k % CB_STAMPS], now_ns());
     st_rel(&c->callbacks, k + 1);
-    if (flags & paInputOverflow)
-        st_rlx(&c->input_overflows, c->input_overflows + 1);
-    /* when the block's first frame was captured: PortAudio's ADC time, as an age (its clock need not
-     * be CLOCK_MONOTONIC); the stream's latency and a period when the device gives none */
-    double age_s = ti ? ti->currentTime - ti->inputBufferAdcTime : 0.0;
     if (!(age_s > 0 && age_s < 2))
         age_s = c->stream_latency_s + (double)c->period_frames / (double)c->device_rate_hz;
     if (input)
-        cap_push(c, input, (int64_t)frames, now_ns() - (int64_t)(age_s * 1e9));
+        cap_push(c, input, frames, now_ns() - (int64_t)(age_s * 1e9));
+}
+
+static int cap_callback(const void *input, void *output, unsigned long frames, const PaStreamCallbackTimeInfo *ti,
+                        PaStreamCallbackFlags flags, void *user) {
+    /* when the block's first frame was captured: PortAudio's ADC time, as an age (its clock need not
+     * be CLOCK_MONOTONIC) */
+    cap_period(user, input, (int64_t)frames, ti ? ti->currentTime - ti->inputBufferAdcTime : 0.0,
+               (flags & paInputOverflow) != 0);
     return paContinue;
 }
 
@@ -2029,19 +2327,19 @@ static PyObject *Capture_push(Capture *c, PyObject *args) {
 }
 
 static PyObject *Capture_open(Capture *c, PyObject *args) {
-    if (pa_open(args, c->device_rate_hz, 0, cap_callback, c, &c->stream, &c->running, &c->stream_latency_s,
-                "capture") < 0)
+    if (host_open(args, c->device_rate_hz, 0, cap_callback, NULL, c, &c->host, &c->running,
+                  &c->stream_latency_s, "capture") < 0)
         return NULL;
     return PyFloat_FromDouble(c->stream_latency_s);
 }
 
 static PyObject *Capture_close(Capture *c, PyObject *unused) {
-    pa_close(&c->stream, &c->running);
+    host_close(&c->host, &c->running);
     Py_RETURN_NONE;
 }
 
 static PyObject *Capture_is_active(Capture *c, PyObject *unused) {
-    return PyBool_FromLong(c->stream && Pa_IsStreamActive(c->stream) == 1);
+    return PyBool_FromLong(host_is_active(&c->host));
 }
 
 /* ERLE per second of far-end speech, oldest first (EchoCanceller.erle_windows_db). */
@@ -2103,6 +2401,8 @@ static PyObject *Capture_getattro(Capture *c, PyObject *name) {
         return PyUnicode_FromString(c->guard_on ? (const char *[]){"quiet", "echo", "talk"}[c->guard.state] : "off");
     if (strcmp(s, "wake_fd") == 0)
         return PyLong_FromLong(c->wake_fd);
+    if (strcmp(s, "host") == 0)
+        return PyUnicode_FromString(host_name(&c->host));
     return PyObject_GenericGetAttr((PyObject *)c, name);
 }
 
@@ -2121,8 +2421,27 @@ static PyTypeObject CaptureType = {
 };
 
 /* ------------------------------------------------------------------ module */
+/* pulse_device(alsa_name, output=True) -> str | None: the PulseAudio device a PortAudio device of
+ * that ALSA name opens on ("" the server's default), or None when PortAudio opens it (the host
+ * rule above, REALTALK_NATIVE_HOST included). */
+static PyObject *py_pulse_device(PyObject *mod, PyObject *args) {
+    const char *name;
+    int output = 1;
+    if (!PyArg_ParseTuple(args, "s|p", &name, &output))
+        return NULL;
+    char out[256];
+    if (!host_is_pulse(name, output, out, sizeof out))
+        Py_RETURN_NONE;
+    return PyUnicode_FromString(out);
+}
+
 static PyObject *py_versions(PyObject *mod, PyObject *unused) {
+#ifdef REALTALK_PULSE
+    return Py_BuildValue("{s:s,s:s,s:s}", "portaudio", Pa_GetVersionText(), "soxr", soxr_version(),
+                         "pulse", pa_get_library_version());
+#else
     return Py_BuildValue("{s:s,s:s}", "portaudio", Pa_GetVersionText(), "soxr", soxr_version());
+#endif
 }
 
 /* window_levels(buffer, pos, count, window) -> (energies, peaks): LevelTap's measure of ``count``
@@ -2170,6 +2489,8 @@ static PyMethodDef module_methods[] = {
      "window_levels(buffer, pos, count, window) -> (energies, peaks): the level meter's windows."},
     {"talk_guard", py_talk_guard, METH_VARARGS,
      "talk_guard(constants, loud_db, blocks) -> (decisions, counts): the C TalkGuard over (out, far_peak, near, hold) blocks."},
+    {"pulse_device", py_pulse_device, METH_VARARGS,
+     "pulse_device(alsa_name, output=True) -> str or None: the PulseAudio device it opens on, if libpulse's."},
     {"versions", py_versions, METH_NOARGS, "The PortAudio and libsoxr this module was linked with."},
     {NULL, NULL, 0, NULL},
 };

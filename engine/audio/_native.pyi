@@ -19,6 +19,8 @@ class Renderer:
     wake_fd: int
     state: int
     transition_errors: int
+    #: who runs the open device stream: "pulse" (libpulse), "portaudio", or "" when none is open
+    host: str
 
     def __init__(self, speaker: Any, prebuffer_frames: int, max_prebuffer_frames: int = ..., ref: Any = ...,
                  stretch: bool = ..., device_rate_hz: int = ..., block_frames: int = ..., tap: Any = ...) -> None: ...
@@ -34,6 +36,8 @@ class Renderer:
 
 
 class Capture:
+    #: who runs the open device stream: "pulse" (libpulse), "portaudio", or "" when none is open
+    host: str
     callbacks: int
     input_overflows: int
     dev_dropped: int
@@ -70,5 +74,6 @@ class Capture:
 
 
 def talk_guard(constants: Any, loud_db: float, blocks: Any) -> tuple[list[bool], dict[str, Any]]: ...
+def pulse_device(alsa_name: str, output: bool = ...) -> str | None: ...
 def versions() -> dict[str, str]: ...
 def window_levels(buffer: Any, pos: int, count: int, window: int) -> tuple[list[float], list[float]]: ...

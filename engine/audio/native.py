@@ -77,6 +77,11 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def versions() -> dict[str, str]:
+    """The built extension's libraries and their versions (``pulse`` only in a build with libpulse)."""
+    return dict(_ext_or_raise().versions())
+
+
 def available() -> bool:
     """The native backend can run in this process."""
     return unavailable_reason() is None
@@ -97,7 +102,9 @@ def status_line() -> str:
     if why is None:
         assert _ext is not None
         v = _ext.versions()
-        return f"native audio backend: built ({v['portaudio'].split(',')[0]}, {v['soxr']})"
+        pulse = (f", libpulse {v['pulse']} for PulseAudio speakers" if "pulse" in v else
+                 ", without libpulse: PortAudio for every speaker (libpulse-dev and libasound2-dev add it)")
+        return f"native audio backend: built ({v['portaudio'].split(',')[0]}, {v['soxr']}{pulse})"
     return f"native audio backend: not available ({why}); audio.backend falls back to pyaudio"
 
 
@@ -298,6 +305,11 @@ class NativeCapture:
     @property
     def input_overflows(self) -> int:
         return int(self._c.input_overflows)
+
+    @property
+    def host(self) -> str:
+        """Who runs the open device stream: "pulse" (libpulse), "portaudio", or "" (none is open)."""
+        return str(self._c.host)
 
     @property
     def dropped_frames(self) -> int:

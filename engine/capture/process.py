@@ -386,7 +386,7 @@ class CaptureProcess:
         self.device_name = dev["name"]
         self.pub.publish("capture.device", {"name": dev["name"], "rate_hz": rate, "period_frames": frames,
                                             "latency_ms": round(latency_s * 1000, 1), "echo": self.echo_mode,
-                                            "backend": "native", "backend_note": self.backend_note})
+                                            "backend": "native", "host": cap.host, "backend_note": self.backend_note})
         worker = threading.Thread(target=self._native_worker, args=(cap,), name="capture-worker", daemon=True)
         worker.start()
         watch = ((self.console_sub.socket.getsockopt(zmq.FD), self._take_source_messages)

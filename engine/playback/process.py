@@ -239,8 +239,9 @@ class PlaybackProcess:
                 self.publish_events()
 
     def run_native(self) -> None:
-        """The device through the native backend: the renderer in C behind a PortAudio output
-        callback; this thread publishes what it saw and does the chores, woken by its events."""
+        """The device through the native backend: the renderer in C behind a libpulse write
+        callback (a PulseAudio device) or a PortAudio output callback (any other); this thread
+        publishes what it saw and does the chores, woken by its events."""
         from engine.audio.devices import find_device, keep_running, open_pyaudio
         from engine.audio.native import NativeRenderer, window_levels
         pa = open_pyaudio()   # device lookup (and the library PortAudio shares with PyAudio)
@@ -263,7 +264,7 @@ class PlaybackProcess:
             raise
         self.pub.publish("playback.device", {"name": dev["name"], "rate_hz": rate, "period_frames": frames_dev,
                                              "latency_ms": round(latency_s * 1000, 1), "backend": "native",
-                                             "backend_note": self.backend_note})
+                                             "host": r.host, "backend_note": self.backend_note})
         try:
             keep_running(pa, _NativeStream(r), self.stop, self.publish_events, PUBLISH_EVERY_S, wake_fd,
                          self._listen_watch())
