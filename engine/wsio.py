@@ -19,6 +19,8 @@ from websockets.asyncio.server import broadcast
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
+from engine.stats import percentiles
+
 OUTGOING_MAX = 20_000          #: messages queued for one socket before it counts as stuck
 LATE_S = 0.020                 #: a frame handed to its socket later than this after it came in is late
 LATENCY_SAMPLES = 4096         #: the latest this many frames are kept
@@ -70,8 +72,8 @@ class Latency:
         samples = self.samples_us
         if not len(samples):
             return None
-        return {"chunks": self.count, "p50_ms": round(float(np.percentile(samples, 50)) / 1000, 3),
-                "p99_ms": round(float(np.percentile(samples, 99)) / 1000, 3),
+        p50, p99 = percentiles(samples, (50, 99))
+        return {"chunks": self.count, "p50_ms": round(p50 / 1000, 3), "p99_ms": round(p99 / 1000, 3),
                 "max_ms": round(float(samples.max()) / 1000, 3)}
 
 

@@ -34,6 +34,7 @@ import numpy as np
 
 from engine.audio.ring import Ring
 from engine.pcm import RATE_HZ
+from engine.stats import percentiles
 
 _ext: Any
 try:  # the extension is optional: a machine without a compiler installs without it
@@ -357,7 +358,7 @@ class NativeCapture:
         windows = self._c.erle_windows()
         if not windows:
             return None, self.erle_total_db()
-        p10, p50 = np.percentile(np.asarray(windows, dtype=np.float64), [10, 50]).tolist()
+        p10, p50 = percentiles(windows, (10, 50))
         return round(p10, 1), round(p50, 1)
 
     def erle_db(self) -> float | None:

@@ -28,6 +28,7 @@ import numpy as np
 
 from engine.audio.ring import Ring, SampleFifo
 from engine.pcm import RATE_HZ
+from engine.stats import percentiles
 
 AEC_RATE_HZ = 48000
 AEC_BLOCK_FRAMES = AEC_RATE_HZ // 100      # WebRTC processes 10 ms blocks
@@ -557,7 +558,7 @@ class EchoCanceller:
         second (None, the ratio so far)."""
         if not self.erle_windows_db:
             return None, self.erle_total_db()
-        p10, p50 = np.percentile(np.fromiter(self.erle_windows_db, np.float64), [10, 50]).tolist()
+        p10, p50 = percentiles(self.erle_windows_db, (10, 50))
         return round(p10, 1), round(p50, 1)
 
     def stats(self) -> dict[str, float | int | None]:

@@ -35,6 +35,7 @@ from engine.audio.levels import ExternalLevelTap, LevelTap
 from engine.playback.renderer import DeviceFeeder, Renderer
 from engine.pcm import FRAMES_PER_MS, RATE_HZ
 from engine.specs import PlaybackSpec
+from engine.stats import percentiles
 
 PUBLISH_EVERY_S = 0.2        # the publishing thread's chores run this often; a renderer event wakes it at once
 POSITION_EVERY_S = 0.2       # playback.position while a stream plays
@@ -131,7 +132,7 @@ class PlaybackProcess:
                 self.callback_ns[:len(stamps)] = stamps
             n = min(self.callbacks, len(self.callback_ns))
             gaps_ms = np.diff(np.sort(self.callback_ns[:n])) / 1e6  # the ring's stamps, back in time order
-            p50, p99 = np.percentile(gaps_ms, [50, 99]).tolist()
+            p50, p99 = percentiles(gaps_ms, (50, 99))
             self.pub.publish("playback.cadence", {"callbacks": self.callbacks, "period_ms": self.period_ms,
                                                   "device_underflows": self.device_underflows,
                                                   "callback_errors": self.callback_errors,
