@@ -496,8 +496,8 @@ static const int8_t R_NEXT[R_STATES][R_EVENTS] = {
  * on a desktop, and every virtual device of tools/vaudio.sh), in a build with REALTALK_PULSE
  * (setup.py: where libpulse-dev and libasound2-dev are installed). Through the plugin each period
  * crosses PortAudio's ALSA thread, the plugin's own mainloop thread and two more copies; libpulse
- * hands it to one thread, and the speaker's device threads cost about a third less
- * (bench/results/2026-12.md). REALTALK_NATIVE_HOST=portaudio in the environment keeps PortAudio.
+ * hands it to one thread, and the speaker's device threads cost about 45 % less
+ * (bench/results/2026-12.md, "late"). REALTALK_NATIVE_HOST=portaudio keeps PortAudio.
  * The mic stays PortAudio's: through libpulse its capture times (the record stream's latency when
  * a period was read) put the echo canceller's reference off its echo, and the echo figures fell
  * (ERLE's 10th percentile 19.8 dB against 54.6, 91 gaps in the reference under a CPU hog).
