@@ -22,8 +22,7 @@ SOURCE_SHA = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
 
 #: PulseAudio's own client library for the devices the ALSA pulse plugin serves (the usual desktop
 #: default and the virtual devices): with libpulse-dev and libasound2-dev, else PortAudio for all
-PULSE = all(Path(h).is_file() for h in ("/usr/include/pulse/pulseaudio.h", "/usr/include/alsa/asoundlib.h")) \
-    and os.environ.get("REALTALK_NATIVE_PULSE", "1") != "0"
+PULSE = all(Path(h).is_file() for h in ("/usr/include/pulse/pulseaudio.h", "/usr/include/alsa/asoundlib.h"))
 
 NATIVE = Extension(
     "engine.audio._native",

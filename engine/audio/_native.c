@@ -722,7 +722,9 @@ typedef struct {
     pulse_t *pulse;
 } host_t;
 
-static void host_abort(host_t *h) {
+/* End a stream opened by host_open, if open: stopped (what was handed to the device plays out)
+ * or, with ``abort``, at once (its object is going); no callback runs when this returns. */
+static void host_end(host_t *h, int abort) {
 #ifdef REALTALK_PULSE
     if (h->pulse) {
         pulse_t *p = h->pulse;
@@ -734,11 +736,14 @@ static void host_abort(host_t *h) {
 #endif
     if (h->pa) {
         PaStream *s = h->pa;
+        h->pa = NULL;
         Py_BEGIN_ALLOW_THREADS
-        Pa_AbortStream(s);
+        if (abort)
+            Pa_AbortStream(s);
+        else
+            Pa_StopStream(s);
         Pa_CloseStream(s);
         Py_END_ALLOW_THREADS
-        h->pa = NULL;
         Pa_Terminate();
     }
 }
@@ -1264,7 +1269,7 @@ static int Renderer_init(Renderer *r, PyObject *args, PyObject *kw) {
 }
 
 static void Renderer_dealloc(Renderer *r) {
-    host_abort(&r->host);
+    host_end(&r->host, 1);
     ring_release(&r->ring);
     ring_release(&r->ref);
     ring_release(&r->listen);
@@ -1441,29 +1446,6 @@ static int host_open(PyObject *args, int64_t made_for_hz, int output, PaStreamCa
     return 0;
 }
 
-/* Stop and close a stream opened by host_open, if open; no callback runs when this returns. */
-static void host_close(host_t *h, int *running) {
-#ifdef REALTALK_PULSE
-    if (h->pulse) {
-        pulse_t *p = h->pulse;
-        Py_BEGIN_ALLOW_THREADS
-        pu_free(p);
-        Py_END_ALLOW_THREADS
-        h->pulse = NULL;
-    }
-#endif
-    if (h->pa) {
-        PaStream *s = h->pa;
-        Py_BEGIN_ALLOW_THREADS
-        Pa_StopStream(s);
-        Pa_CloseStream(s);
-        Py_END_ALLOW_THREADS
-        h->pa = NULL;
-        Pa_Terminate();
-    }
-    *running = 0;
-}
-
 /* open(device_index, rate_hz, frames_per_buffer): open and start the output stream; returns its
  * output latency in seconds (the one made with when PortAudio reports none). */
 static PyObject *Renderer_open(Renderer *r, PyObject *args) {
@@ -1477,7 +1459,8 @@ static PyObject *Renderer_open(Renderer *r, PyObject *args) {
 }
 
 static PyObject *Renderer_close(Renderer *r, PyObject *unused) {
-    host_close(&r->host, &r->running);
+    host_end(&r->host, 0);
+    r->running = 0;
     Py_RETURN_NONE;
 }
 
@@ -1949,7 +1932,7 @@ static int Capture_init(Capture *c, PyObject *args, PyObject *kw) {
 }
 
 static void Capture_dealloc(Capture *c) {
-    host_abort(&c->host);
+    host_end(&c->host, 1);
     ring_release(&c->mic);
     tap_release(&c->tap_in);
     tap_release(&c->tap_out);
@@ -2008,27 +1991,21 @@ static void cap_push(Capture *c, const int16_t *in, int64_t n, int64_t adc_ns) {
     (void)rc;
 }
 
-/* One device period (either host's callback): ``age_s`` since its first frame was captured
- * (outside (0, 2) s: unknown, the stream's latency and a period). */
-static void cap_period(void *user, const int16_t *input, int64_t frames, double age_s, int overflow) {
+static int cap_callback(const void *input, void *output, unsigned long frames, const PaStreamCallbackTimeInfo *ti,
+                        PaStreamCallbackFlags flags, void *user) {
     Capture *c = user;
-    if (overflow)
-        st_rlx(&c->input_overflows, c->input_overflows + 1);
     int64_t k = ld_rlx(&c->callbacks);
     st_rlx(&c->callback_ns[k % CB_STAMPS], now_ns());
     st_rel(&c->callbacks, k + 1);
+    if (flags & paInputOverflow)
+        st_rlx(&c->input_overflows, c->input_overflows + 1);
+    /* when the block's first frame was captured: PortAudio's ADC time, as an age (its clock need not
+     * be CLOCK_MONOTONIC); the stream's latency and a period when the device gives none */
+    double age_s = ti ? ti->currentTime - ti->inputBufferAdcTime : 0.0;
     if (!(age_s > 0 && age_s < 2))
         age_s = c->stream_latency_s + (double)c->period_frames / (double)c->device_rate_hz;
     if (input)
-        cap_push(c, input, frames, now_ns() - (int64_t)(age_s * 1e9));
-}
-
-static int cap_callback(const void *input, void *output, unsigned long frames, const PaStreamCallbackTimeInfo *ti,
-                        PaStreamCallbackFlags flags, void *user) {
-    /* when the block's first frame was captured: PortAudio's ADC time, as an age (its clock need not
-     * be CLOCK_MONOTONIC) */
-    cap_period(user, input, (int64_t)frames, ti ? ti->currentTime - ti->inputBufferAdcTime : 0.0,
-               (flags & paInputOverflow) != 0);
+        cap_push(c, input, (int64_t)frames, now_ns() - (int64_t)(age_s * 1e9));
     return paContinue;
 }
 
@@ -2334,7 +2311,8 @@ static PyObject *Capture_open(Capture *c, PyObject *args) {
 }
 
 static PyObject *Capture_close(Capture *c, PyObject *unused) {
-    host_close(&c->host, &c->running);
+    host_end(&c->host, 0);
+    c->running = 0;
     Py_RETURN_NONE;
 }
 

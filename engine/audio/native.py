@@ -101,8 +101,7 @@ def status_line() -> str:
     """One line for tools/setup-system.sh: built or not, and what that means."""
     why = unavailable_reason()
     if why is None:
-        assert _ext is not None
-        v = _ext.versions()
+        v = versions()
         pulse = (f", libpulse {v['pulse']} for PulseAudio speakers" if "pulse" in v else
                  ", without libpulse: PortAudio for every speaker (libpulse-dev and libasound2-dev add it)")
         return f"native audio backend: built ({v['portaudio'].split(',')[0]}, {v['soxr']}{pulse})"
