@@ -105,6 +105,28 @@ def test_the_native_speaker_plays_the_ring_and_the_native_mic_hears_it(pa: Any, 
     assert not r.is_active()
 
 
+@pytest.mark.skipif(not PULSE_BUILT, reason="the extension was built without libpulse")
+def test_the_libpulse_speaker_renders_at_every_sink_step(pa: Any, rings: Any) -> None:
+    """The libpulse speaker renders half a period per request (_native.c, "the device host"), so a
+    callback, and with it a barge-in's fade, comes at each of the sink's 6.7 ms steps. With whole
+    periods it came every other step: every second gap between callbacks was 13.3 ms."""
+    speaker = rings(1 << 16)
+    spk = find_device(pa, "vspk", "output")
+    r = native.NativeRenderer(speaker, prebuffer_frames=1440, device_rate_hz=48000, block_frames=240)
+    try:
+        r.open(spk["index"], 48000, 480)
+        assert r.host == "pulse"
+        deadline = time.monotonic() + 10
+        while r.callbacks < 300 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stamps = r.callback_stamps()
+    finally:
+        r.close()
+    gaps_ms = sorted((b - a) / 1e6 for a, b in zip(stamps[20:], stamps[21:]))
+    assert len(gaps_ms) > 200
+    assert gaps_ms[len(gaps_ms) * 3 // 4] < 10, gaps_ms   # the 75th percentile
+
+
 def _device_messages(eng: Any, timeout_s: float = 15) -> dict[str, dict[str, Any]]:
     """capture.device and playback.device from the session's event log (they went out at start)."""
     deadline = time.monotonic() + timeout_s

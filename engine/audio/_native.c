@@ -503,10 +503,12 @@ static const int8_t R_NEXT[R_STATES][R_EVENTS] = {
  * (ERLE's 10th percentile 19.8 dB against 54.6, 91 gaps in the reference under a CPU hog).
  *
  * The libpulse stream keeps PortAudio's contract, so the callback above is the same code: a
- * period of ``frames`` device frames at a time (a write request of more is rendered period by
- * period), with the time until its first frame is played (the stream's latency: what is
- * written and not yet played) and whether the sink ran dry since the last period. Rule 1 holds:
- * the mainloop thread is the callback thread; it takes no GIL and allocates nothing. */
+ * block of device frames at a time, with the time until its first frame is played (the stream's
+ * latency: what is written and not yet played) and whether the sink ran dry since the last block.
+ * Its blocks are half a period (PULSE_BLOCKS_PER_PERIOD), and a write request of more is rendered
+ * block by block: the sink asks at each of its render steps (6.7 ms here), and a whole period
+ * would fit only every other step, so a flush waited up to two steps (13.3 ms) for its fade.
+ * Rule 1 holds: the mainloop thread is the callback thread; it takes no GIL and allocates nothing. */
 typedef void (*host_play_fn)(void *user, int16_t *out, int64_t frames, double latency_s, int underflow);
 
 #ifdef REALTALK_PULSE
@@ -514,15 +516,16 @@ typedef void (*host_play_fn)(void *user, int16_t *out, int64_t frames, double la
 #include <pulse/pulseaudio.h>
 
 #define PULSE_SINK_LATENCY_MS 7   /* about PulseAudio's own floor for a sink (6.67 ms here), as the plugin got */
+#define PULSE_BLOCKS_PER_PERIOD 2 /* a write request's unit: half a period (see above) */
 
 typedef struct {
     pa_threaded_mainloop *ml;
     pa_context *ctx;
     pa_stream *s;
-    int64_t frames;                /* device frames per period */
+    int64_t frames;                /* device frames per block (PULSE_BLOCKS_PER_PERIOD a period) */
     host_play_fn play;
     void *user;
-    int underflow;                 /* the sink ran dry since the last period (the mainloop thread's) */
+    int underflow;                 /* the sink ran dry since the last block (the mainloop thread's) */
 } pulse_t;
 
 /* The pulse device behind an ALSA PCM name: 1 and its device name in ``out`` ("" for the server's
@@ -610,7 +613,7 @@ static pulse_t *pu_open(const char *device, double rate, int64_t frames, double 
         snprintf(err, errcap, "out of memory");
         return NULL;
     }
-    p->frames = frames;
+    p->frames = (frames + PULSE_BLOCKS_PER_PERIOD - 1) / PULSE_BLOCKS_PER_PERIOD;   /* 441 at 44.1 kHz: 221 */
     p->play = play;
     p->user = user;
     if (!(p->ml = pa_threaded_mainloop_new()) ||
@@ -645,21 +648,21 @@ static pulse_t *pu_open(const char *device, double rate, int64_t frames, double 
         return NULL;
     }
     pa_stream_set_state_callback(p->s, pu_stream_signal, p);
-    uint32_t period_bytes = (uint32_t)(frames * 2);
+    uint32_t block_bytes = (uint32_t)(p->frames * 2);
     pa_buffer_attr attr;
     memset(&attr, 0xff, sizeof attr);   /* (uint32_t)-1: the server's choice */
     const char *dev = device[0] ? device : NULL;
     pa_stream_flags_t flags = PA_STREAM_ADJUST_LATENCY | PA_STREAM_INTERPOLATE_TIMING | PA_STREAM_AUTO_TIMING_UPDATE;
-    /* the target: a request per period, two periods buffered ahead of the sink, and the sink itself
+    /* the target: a request per block, two blocks buffered ahead of the sink, and the sink itself
      * PULSE_SINK_LATENCY_MS behind (with ADJUST_LATENCY the server gives the sink half of what the
      * target leaves over two requests); at least what PortAudio would ask of the plugin. A target
-     * of only two periods set the sink to 0.5 ms: the server then woke every 0.5 ms, and its
+     * of only two requests set the sink to 0.5 ms: the server then woke every 0.5 ms, and its
      * monitors posted pieces of ~11 frames, 2,600 a second to each reader. */
     uint32_t target = (uint32_t)(latency_s * rate) * 2;
-    uint32_t least = 2 * period_bytes + 2 * (uint32_t)(rate * PULSE_SINK_LATENCY_MS / 1000) * 2;
+    uint32_t least = 2 * block_bytes + 2 * (uint32_t)(rate * PULSE_SINK_LATENCY_MS / 1000) * 2;
     attr.tlength = target > least ? target : least;
-    attr.minreq = period_bytes;
-    attr.prebuf = period_bytes;
+    attr.minreq = block_bytes;
+    attr.prebuf = PULSE_BLOCKS_PER_PERIOD * block_bytes;   /* a period: with a block, the sink ran dry once at the start */
     pa_stream_set_write_callback(p->s, pu_write, p);
     pa_stream_set_underflow_callback(p->s, pu_underflow, p);
     int rc = pa_stream_connect_playback(p->s, dev, &attr, flags, NULL, NULL);
