@@ -53,9 +53,9 @@ PULSE_BUILT = native.available() and "pulse" in native.versions()
 @pytest.mark.parametrize("host", ["auto", "portaudio"])
 def test_the_native_speaker_plays_the_ring_and_the_native_mic_hears_it(pa: Any, rings: Any, host: str,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Either host of the speaker: libpulse where vspk is a pulse PCM and the build has it (auto),
-    PortAudio when REALTALK_NATIVE_HOST=portaudio; the same tone comes back whole, once, and the
-    heard index follows what the device played. The mic is PortAudio's either way."""
+    """Either host of both devices: libpulse where vspk and vspkmon are pulse PCMs and the build has
+    it (auto), PortAudio when REALTALK_NATIVE_HOST=portaudio; the same tone comes back whole, once,
+    and the heard index follows what the device played."""
     if host == "portaudio":
         monkeypatch.setenv("REALTALK_NATIVE_HOST", "portaudio")
     speaker, ref, mic = rings(1 << 16), rings(1 << 16), rings(1 << 17, eventfd=True)
@@ -69,8 +69,7 @@ def test_the_native_speaker_plays_the_ring_and_the_native_mic_hears_it(pa: Any, 
         assert 0 < cap.open(mon["index"], 48000, 960) < 1
         latency_s = r.open(spk["index"], 48000, 480)
         assert 0 < latency_s < 1 and r.is_active() and cap.is_active()
-        assert r.host == ("pulse" if host == "auto" and PULSE_BUILT else "portaudio")
-        assert cap.host == "portaudio"
+        assert r.host == cap.host == ("pulse" if host == "auto" and PULSE_BUILT else "portaudio")
         time.sleep(0.3)
         speaker.mark_start()
         speaker.write(tone(1.0))
@@ -127,6 +126,36 @@ def test_the_libpulse_speaker_renders_at_every_sink_step(pa: Any, rings: Any) ->
     assert gaps_ms[len(gaps_ms) * 3 // 4] < 10, gaps_ms   # the 75th percentile
 
 
+@pytest.mark.skipif(not PULSE_BUILT, reason="the extension was built without libpulse")
+def test_the_libpulse_mic_dates_its_frames_by_their_count(pa: Any, rings: Any) -> None:
+    """On libpulse the mic's capture times come from its frame clock (_native.c, "the device host"):
+    chunk after chunk is dated its own length later, to within a millisecond, and none is dated
+    after it was handed over. Dated by the record stream's latency as each piece came, they
+    scattered over 33 ms, and the echo canceller's reference went off its echo."""
+    mic = rings(1 << 17, eventfd=True)
+    mon = find_device(pa, "vspkmon", "input")
+    cap = native.NativeCapture(mic, 48000, 960, far_adc=True)
+    dated: list[tuple[int, int, int]] = []   # (capture time of the chunk's first frame, frames, handed over)
+
+    def far(frames: int, adc_ns: int) -> np.ndarray:
+        dated.append((adc_ns, frames, time.monotonic_ns()))
+        return np.zeros(frames, dtype=np.int16)
+    try:
+        cap.open(mon["index"], 48000, 960)
+        assert cap.host == "pulse"
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            if cap.wait(0.1):
+                cap.step(far)
+    finally:
+        cap.close()
+    steady = dated[10:]   # the clock's first readings: the lowest bound not reached yet
+    assert len(steady) > 100
+    steps_ms = [(b - a - n * 1e9 / 24000) / 1e6 for (a, n, _), (b, _, _) in zip(steady, steady[1:])]
+    assert max(abs(x) for x in steps_ms) < 1.0, steps_ms
+    assert all(adc <= handed for adc, _, handed in steady)
+
+
 def _device_messages(eng: Any, timeout_s: float = 15) -> dict[str, dict[str, Any]]:
     """capture.device and playback.device from the session's event log (they went out at start)."""
     deadline = time.monotonic() + timeout_s
@@ -159,21 +188,21 @@ def test_the_engine_runs_its_devices_on_the_backend_it_says(vaudio: dict[str, st
             assert body["backend"] == "pyaudio" and "REALTALK_NATIVE=0" in body["backend_note"], body
         else:
             assert body["backend"] == "native" and body["backend_note"] is None, body
-    if not forced_off:   # vspk is a pulse PCM: the speaker's stream is libpulse's where the build has it
-        assert msgs["playback.device"]["host"] == ("pulse" if PULSE_BUILT else "portaudio"), msgs
-        assert msgs["capture.device"]["host"] == "portaudio", msgs
+    if not forced_off:   # vspk and vmic are pulse PCMs: their streams are libpulse's where the build has it
+        for topic in ("playback.device", "capture.device"):
+            assert msgs[topic]["host"] == ("pulse" if PULSE_BUILT else "portaudio"), msgs
 
 
 @pytest.mark.skipif(not PULSE_BUILT, reason="the extension was built without libpulse")
-def test_a_pulse_pcm_speaker_opens_on_libpulse_and_anything_else_on_portaudio(
+def test_a_pulse_pcm_opens_on_libpulse_and_anything_else_on_portaudio(
         vaudio: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     """The host rule (_native.c, "the device host"): an ALSA PCM of type pulse names the PulseAudio
-    device a speaker opens on; a mic, a PCM that is not pulse's, or REALTALK_NATIVE_HOST=portaudio
-    keep PortAudio."""
+    device its stream opens on, a speaker's or a mic's; a PCM that is not pulse's, or
+    REALTALK_NATIVE_HOST=portaudio, keeps PortAudio."""
     from engine.audio import _native
     assert _native.pulse_device("vspk") == "spk"
     assert _native.pulse_device("vspkmon") == "spk.monitor"
-    assert _native.pulse_device("vmic", False) is None
+    assert _native.pulse_device("vmic") == "micsink.monitor"
     assert _native.pulse_device("no-such-pcm-realtalk") is None
     assert _native.pulse_device("null") is None            # alsa-lib's own type null
     monkeypatch.setenv("REALTALK_NATIVE_HOST", "portaudio")

@@ -497,19 +497,33 @@ static const int8_t R_NEXT[R_STATES][R_EVENTS] = {
  * (setup.py: where libpulse-dev and libasound2-dev are installed). Through the plugin each period
  * crosses PortAudio's ALSA thread, the plugin's own mainloop thread and two more copies; libpulse
  * hands it to one thread, and the speaker's device threads cost about 45 % less
- * (bench/results/2026-12.md, "late"). REALTALK_NATIVE_HOST=portaudio keeps PortAudio.
- * The mic stays PortAudio's: through libpulse its capture times (the record stream's latency when
- * a period was read) put the echo canceller's reference off its echo, and the echo figures fell
- * (ERLE's 10th percentile 19.8 dB against 54.6, 91 gaps in the reference under a CPU hog).
+ * (bench/results/2026-12.md, "late"). The same holds for a mic on a pulse PCM.
+ * REALTALK_NATIVE_HOST=portaudio keeps PortAudio for both.
  *
- * The libpulse stream keeps PortAudio's contract, so the callback above is the same code: a
- * block of device frames at a time, with the time until its first frame is played (the stream's
- * latency: what is written and not yet played) and whether the sink ran dry since the last block.
- * Its blocks are half a period (PULSE_BLOCKS_PER_PERIOD), and a write request of more is rendered
- * block by block: the sink asks at each of its render steps (6.7 ms here), and a whole period
- * would fit only every other step, so a flush waited up to two steps (13.3 ms) for its fade.
- * Rule 1 holds: the mainloop thread is the callback thread; it takes no GIL and allocates nothing. */
+ * A libpulse stream keeps PortAudio's contract, so the callbacks above are the same code:
+ *  - the speaker: a block of device frames at a time, with the time until its first frame is
+ *    played (the stream's latency: what is written and not yet played) and whether the sink ran
+ *    dry since the last block. Its blocks are half a period (PULSE_BLOCKS_PER_PERIOD), and a
+ *    write request of more is rendered block by block: the sink asks at each of its render steps
+ *    (6.7 ms here), and a whole period would fit only every other step, so a flush waited up to
+ *    two steps (13.3 ms) for its fade;
+ *  - the mic: the server's pieces gathered into periods of ``frames``, each pushed with when its
+ *    first frame was captured: the worker wakes once per period, as with PortAudio.
+ * The mic's capture times come from a frame clock, not from the record stream's latency: read
+ * when a piece came, that latency scattered over 33 ms against clicks played on the speaker
+ * (PortAudio's ADC times over 19 ms), and the echo canceller's reference went off its echo (ERLE's
+ * 10th percentile 19.8 dB against 54.6). Every frame readable at an instant was captured by then,
+ * so ``now - frames_so_far / rate`` bounds the time of the stream's first frame from above at each
+ * read; the clock is the lowest bound seen (reached whenever a piece comes at once), allowed to
+ * rise PULSE_CLOCK_LEAK_PPM (a device slower than its rate) and set afresh after the server dropped
+ * frames (the count no longer matches the time). A period's first frame k was captured at
+ * ``first + k / rate``.
+ * Rule 1 holds: the mainloop thread is the callback thread; it takes no GIL and allocates nothing
+ * (the mic's period buffer is allocated at open). */
 typedef void (*host_play_fn)(void *user, int16_t *out, int64_t frames, double latency_s, int underflow);
+/* The mic's: ``frames`` device frames, the first captured at ``adc_ns`` (CLOCK_MONOTONIC); the
+ * server dropped frames before them (``overflow``). */
+typedef void (*host_rec_fn)(void *user, const int16_t *in, int64_t frames, int64_t adc_ns, int overflow);
 
 #ifdef REALTALK_PULSE
 #include <alsa/asoundlib.h>
@@ -517,15 +531,27 @@ typedef void (*host_play_fn)(void *user, int16_t *out, int64_t frames, double la
 
 #define PULSE_SINK_LATENCY_MS 7   /* about PulseAudio's own floor for a sink (6.67 ms here), as the plugin got */
 #define PULSE_BLOCKS_PER_PERIOD 2 /* a write request's unit: half a period (see above) */
+#define PULSE_CLOCK_LEAK_PPM 200  /* how fast the mic's frame clock may rise between low readings (see above) */
 
 typedef struct {
     pa_threaded_mainloop *ml;
     pa_context *ctx;
     pa_stream *s;
-    int64_t frames;                /* device frames per block (PULSE_BLOCKS_PER_PERIOD a period) */
+    int output;
+    double rate;
+    int64_t frames;                /* device frames per block (speaker: PULSE_BLOCKS_PER_PERIOD a period) or period (mic) */
     host_play_fn play;
+    host_rec_fn rec;
     void *user;
     int underflow;                 /* the sink ran dry since the last block (the mainloop thread's) */
+    /* the mic (the mainloop thread's) */
+    int overflow;                  /* the server dropped mic frames since the last period */
+    int clock_reset;               /* ...and the frame clock has not been set afresh since */
+    int16_t *period;               /* the period being gathered, and how much of it is */
+    int64_t period_fill;
+    int64_t frames_in;             /* frames taken from the stream so far (holes included) */
+    double first_ns;               /* the frame clock: when the stream's first frame was captured */
+    int64_t clock_ns;              /* when it was last read (0: never) */
 } pulse_t;
 
 /* The pulse device behind an ALSA PCM name: 1 and its device name in ``out`` ("" for the server's
@@ -578,6 +604,64 @@ static void pu_underflow(pa_stream *s, void *user) {
     ((pulse_t *)user)->underflow = 1;
 }
 
+static void pu_overflow(pa_stream *s, void *user) {
+    pulse_t *p = user;
+    p->overflow = 1;
+    p->clock_reset = 1;
+}
+
+/* The mic's frame clock, read as ``readable`` frames wait (see the rules above). */
+static void pu_clock(pulse_t *p, int64_t readable) {
+    int64_t now = now_ns();
+    double bound = (double)now - (double)(p->frames_in + readable) * 1e9 / p->rate;
+    if (p->clock_ns == 0 || p->clock_reset) {
+        p->first_ns = bound;
+        p->clock_reset = 0;
+    } else {
+        double risen = p->first_ns + (double)(now - p->clock_ns) * (PULSE_CLOCK_LEAK_PPM / 1e6);
+        p->first_ns = bound < risen ? bound : risen;
+    }
+    p->clock_ns = now;
+}
+
+/* The mic: what the server pushed, a period at a time once a whole one is readable (the server
+ * sends what the source posts, in pieces of a few ms: a call per piece would cost a peek and a
+ * drop each); the frame clock read at each call. */
+static void pu_read(pa_stream *s, size_t nbytes, void *user) {
+    pulse_t *p = user;
+    size_t ready = pa_stream_readable_size(s);
+    if (ready == (size_t)-1)
+        return;
+    pu_clock(p, (int64_t)(ready / 2));
+    if ((int64_t)ready < (p->frames - p->period_fill) * 2)
+        return;
+    for (;;) {
+        const void *data = NULL;
+        size_t n = 0;
+        if (pa_stream_peek(s, &data, &n) < 0 || n == 0)
+            return;
+        int64_t frames = (int64_t)(n / 2), done = 0;
+        while (done < frames) {
+            int64_t take = imin(frames - done, p->frames - p->period_fill);
+            if (data)
+                memcpy(p->period + p->period_fill, (const int16_t *)data + done, (size_t)take * 2);
+            else   /* a hole in the record stream: silence */
+                memset(p->period + p->period_fill, 0, (size_t)take * 2);
+            p->period_fill += take;
+            done += take;
+            if (p->period_fill == p->frames) {
+                int64_t first = p->frames_in + done - p->frames;
+                int over = p->overflow;
+                p->overflow = 0;
+                p->rec(p->user, p->period, p->frames, (int64_t)(p->first_ns + (double)first * 1e9 / p->rate), over);
+                p->period_fill = 0;
+            }
+        }
+        p->frames_in += frames;
+        pa_stream_drop(s);
+    }
+}
+
 static void pu_signal(pa_context *c, void *user) {
     pa_threaded_mainloop_signal(user, 0);
 }
@@ -601,23 +685,30 @@ static void pu_free(pulse_t *p) {
     }
     if (p->ml)
         pa_threaded_mainloop_free(p->ml);
+    free(p->period);
     free(p);
 }
 
-/* Open and start a libpulse playback stream of one int16 channel on ``device`` ("" the default),
- * at least ``latency_s`` buffered; NULL with ``err`` filled on a failure. Called without the GIL. */
-static pulse_t *pu_open(const char *device, double rate, int64_t frames, double latency_s, host_play_fn play,
-                        void *user, char *err, size_t errcap) {
+/* Open and start a libpulse stream of one int16 channel on ``device`` ("" the default): playback
+ * (``output``, at least ``latency_s`` buffered) or record; NULL with ``err`` filled on a failure.
+ * Called without the GIL. */
+static pulse_t *pu_open(const char *device, int output, double rate, int64_t frames, double latency_s,
+                        host_play_fn play, host_rec_fn rec, void *user, char *err, size_t errcap) {
     pulse_t *p = calloc(1, sizeof *p);
-    if (!p) {
+    if (!p || (!output && !(p->period = calloc((size_t)frames, 2)))) {
+        free(p);
         snprintf(err, errcap, "out of memory");
         return NULL;
     }
-    p->frames = (frames + PULSE_BLOCKS_PER_PERIOD - 1) / PULSE_BLOCKS_PER_PERIOD;   /* 441 at 44.1 kHz: 221 */
+    p->output = output;
+    p->rate = rate;
+    /* the speaker's block: 441 frames at 44.1 kHz make 221 */
+    p->frames = output ? (frames + PULSE_BLOCKS_PER_PERIOD - 1) / PULSE_BLOCKS_PER_PERIOD : frames;
     p->play = play;
+    p->rec = rec;
     p->user = user;
     if (!(p->ml = pa_threaded_mainloop_new()) ||
-        !(p->ctx = pa_context_new(pa_threaded_mainloop_get_api(p->ml), "realtalk speaker"))) {
+        !(p->ctx = pa_context_new(pa_threaded_mainloop_get_api(p->ml), output ? "realtalk speaker" : "realtalk mic"))) {
         snprintf(err, errcap, "cannot make a PulseAudio client");
         pu_free(p);
         return NULL;
@@ -640,7 +731,7 @@ static pulse_t *pu_open(const char *device, double rate, int64_t frames, double 
         return NULL;
     }
     pa_sample_spec spec = {PA_SAMPLE_S16LE, (uint32_t)rate, 1};
-    p->s = pa_stream_new(p->ctx, "speaker", &spec, NULL);
+    p->s = pa_stream_new(p->ctx, output ? "speaker" : "mic", &spec, NULL);
     if (!p->s) {
         snprintf(err, errcap, "cannot make a PulseAudio stream: %s", pa_strerror(pa_context_errno(p->ctx)));
         pa_threaded_mainloop_unlock(p->ml);
@@ -653,19 +744,27 @@ static pulse_t *pu_open(const char *device, double rate, int64_t frames, double 
     memset(&attr, 0xff, sizeof attr);   /* (uint32_t)-1: the server's choice */
     const char *dev = device[0] ? device : NULL;
     pa_stream_flags_t flags = PA_STREAM_ADJUST_LATENCY | PA_STREAM_INTERPOLATE_TIMING | PA_STREAM_AUTO_TIMING_UPDATE;
-    /* the target: a request per block, two blocks buffered ahead of the sink, and the sink itself
-     * PULSE_SINK_LATENCY_MS behind (with ADJUST_LATENCY the server gives the sink half of what the
-     * target leaves over two requests); at least what PortAudio would ask of the plugin. A target
-     * of only two requests set the sink to 0.5 ms: the server then woke every 0.5 ms, and its
-     * monitors posted pieces of ~11 frames, 2,600 a second to each reader. */
-    uint32_t target = (uint32_t)(latency_s * rate) * 2;
-    uint32_t least = 2 * block_bytes + 2 * (uint32_t)(rate * PULSE_SINK_LATENCY_MS / 1000) * 2;
-    attr.tlength = target > least ? target : least;
-    attr.minreq = block_bytes;
-    attr.prebuf = PULSE_BLOCKS_PER_PERIOD * block_bytes;   /* a period: with a block, the sink ran dry once at the start */
-    pa_stream_set_write_callback(p->s, pu_write, p);
-    pa_stream_set_underflow_callback(p->s, pu_underflow, p);
-    int rc = pa_stream_connect_playback(p->s, dev, &attr, flags, NULL, NULL);
+    int rc;
+    if (output) {
+        /* the target: a request per block, two blocks buffered ahead of the sink, and the sink itself
+         * PULSE_SINK_LATENCY_MS behind (with ADJUST_LATENCY the server gives the sink half of what the
+         * target leaves over two requests); at least what PortAudio would ask of the plugin. A target
+         * of only two requests set the sink to 0.5 ms: the server then woke every 0.5 ms, and its
+         * monitors posted pieces of ~11 frames, 2,600 a second to each reader. */
+        uint32_t target = (uint32_t)(latency_s * rate) * 2;
+        uint32_t least = 2 * block_bytes + 2 * (uint32_t)(rate * PULSE_SINK_LATENCY_MS / 1000) * 2;
+        attr.tlength = target > least ? target : least;
+        attr.minreq = block_bytes;
+        attr.prebuf = PULSE_BLOCKS_PER_PERIOD * block_bytes;   /* a period: with a block, the sink ran dry once at the start */
+        pa_stream_set_write_callback(p->s, pu_write, p);
+        pa_stream_set_underflow_callback(p->s, pu_underflow, p);
+        rc = pa_stream_connect_playback(p->s, dev, &attr, flags, NULL, NULL);
+    } else {   /* the server sends a period's fragment at a time at most */
+        attr.fragsize = block_bytes;
+        pa_stream_set_read_callback(p->s, pu_read, p);
+        pa_stream_set_overflow_callback(p->s, pu_overflow, p);
+        rc = pa_stream_connect_record(p->s, dev, &attr, flags);
+    }
     pa_stream_state_t ss = PA_STREAM_UNCONNECTED;
     while (rc == 0 && (ss = pa_stream_get_state(p->s)) != PA_STREAM_READY) {
         if (!PA_STREAM_IS_GOOD(ss)) {
@@ -675,7 +774,7 @@ static pulse_t *pu_open(const char *device, double rate, int64_t frames, double 
         pa_threaded_mainloop_wait(p->ml);
     }
     if (rc != 0) {
-        snprintf(err, errcap, "PulseAudio sink %s: %s", dev ? dev : "(the default)",
+        snprintf(err, errcap, "PulseAudio %s %s: %s", output ? "sink" : "source", dev ? dev : "(the default)",
                  pa_strerror(pa_context_errno(p->ctx)));
         pa_threaded_mainloop_unlock(p->ml);
         pu_free(p);
@@ -685,11 +784,11 @@ static pulse_t *pu_open(const char *device, double rate, int64_t frames, double 
     return p;
 }
 
-/* The stream's target latency as the server set it up, s. */
+/* The stream's latency as the server set it up, s: the playback's target, the record's fragment. */
 static double pu_stream_latency_s(pulse_t *p, double rate) {
     pa_threaded_mainloop_lock(p->ml);
     const pa_buffer_attr *a = pa_stream_get_buffer_attr(p->s);
-    double lat = a ? (double)a->tlength / 2.0 / rate : 0.0;
+    double lat = a ? (double)(p->output ? a->tlength : a->fragsize) / 2.0 / rate : 0.0;
     pa_threaded_mainloop_unlock(p->ml);
     return lat;
 }
@@ -704,12 +803,9 @@ static int pu_is_active(pulse_t *p) {
 typedef struct pulse_t pulse_t;
 #endif
 
-/* Which host opens a device: 1 (libpulse: a speaker on a pulse PCM, its device name in ``out``)
- * or 0 (PortAudio). */
-static int host_is_pulse(const char *portaudio_name, int output, char *out, size_t cap) {
+/* Which host opens a device: 1 (libpulse: a pulse PCM, its device name in ``out``) or 0 (PortAudio). */
+static int host_is_pulse(const char *portaudio_name, char *out, size_t cap) {
 #ifdef REALTALK_PULSE
-    if (!output)
-        return 0;
     const char *want = getenv("REALTALK_NATIVE_HOST");
     if (want && strcmp(want, "portaudio") == 0)
         return 0;
@@ -1380,7 +1476,7 @@ static PyObject *pa_error(const char *what, PaError err) {
  * with everything undone on a failure (an OSError naming ``what``). On success ``h`` holds the
  * stream and *latency_s its latency as the host reports it (0 when it does not). */
 static int host_open(PyObject *args, int64_t made_for_hz, int output, PaStreamCallback *cb, host_play_fn play,
-                     void *user, host_t *h, int *running, double *latency_s, const char *what) {
+                     host_rec_fn rec, void *user, host_t *h, int *running, double *latency_s, const char *what) {
     int device;
     double rate;
     unsigned long frames;
@@ -1410,18 +1506,18 @@ static int host_open(PyObject *args, int64_t made_for_hz, int output, PaStreamCa
     }
     double suggested = output ? info->defaultLowOutputLatency : info->defaultLowInputLatency;
     char pulse_device[256];
-    if (host_is_pulse(info->name, output, pulse_device, sizeof pulse_device)) {
+    if (host_is_pulse(info->name, pulse_device, sizeof pulse_device)) {
 #ifdef REALTALK_PULSE
         Pa_Terminate();
         char why[512] = "";
         pulse_t *opened;
         *running = 1;
         Py_BEGIN_ALLOW_THREADS
-        opened = pu_open(pulse_device, rate, (int64_t)frames, suggested, play, user, why, sizeof why);
+        opened = pu_open(pulse_device, output, rate, (int64_t)frames, suggested, play, rec, user, why, sizeof why);
         Py_END_ALLOW_THREADS
         if (!opened) {
             *running = 0;
-            PyErr_Format(PyExc_OSError, "opening the speaker: %s", why);
+            PyErr_Format(PyExc_OSError, "opening the %s: %s", output ? "speaker" : "mic", why);
             return -1;
         }
         h->pulse = opened;
@@ -1453,7 +1549,7 @@ static int host_open(PyObject *args, int64_t made_for_hz, int output, PaStreamCa
  * output latency in seconds (the one made with when PortAudio reports none). */
 static PyObject *Renderer_open(Renderer *r, PyObject *args) {
     double latency_s;
-    if (host_open(args, r->device_rate_hz, 1, pb_callback, pb_period, r, &r->host, &r->running, &latency_s,
+    if (host_open(args, r->device_rate_hz, 1, pb_callback, pb_period, NULL, r, &r->host, &r->running, &latency_s,
                   "renderer") < 0)
         return NULL;
     if (latency_s > 0)
@@ -1994,21 +2090,28 @@ static void cap_push(Capture *c, const int16_t *in, int64_t n, int64_t adc_ns) {
     (void)rc;
 }
 
-static int cap_callback(const void *input, void *output, unsigned long frames, const PaStreamCallbackTimeInfo *ti,
-                        PaStreamCallbackFlags flags, void *user) {
+/* One device period (either host's, host_rec_fn): ``frames`` device frames, the first captured
+ * at ``adc_ns`` (CLOCK_MONOTONIC); the device dropped frames before them (``overflow``). */
+static void cap_period(void *user, const int16_t *input, int64_t frames, int64_t adc_ns, int overflow) {
     Capture *c = user;
     int64_t k = ld_rlx(&c->callbacks);
     st_rlx(&c->callback_ns[k % CB_STAMPS], now_ns());
     st_rel(&c->callbacks, k + 1);
-    if (flags & paInputOverflow)
+    if (overflow)
         st_rlx(&c->input_overflows, c->input_overflows + 1);
+    if (input)
+        cap_push(c, input, frames, adc_ns);
+}
+
+static int cap_callback(const void *input, void *output, unsigned long frames, const PaStreamCallbackTimeInfo *ti,
+                        PaStreamCallbackFlags flags, void *user) {
+    Capture *c = user;
     /* when the block's first frame was captured: PortAudio's ADC time, as an age (its clock need not
      * be CLOCK_MONOTONIC); the stream's latency and a period when the device gives none */
     double age_s = ti ? ti->currentTime - ti->inputBufferAdcTime : 0.0;
     if (!(age_s > 0 && age_s < 2))
         age_s = c->stream_latency_s + (double)c->period_frames / (double)c->device_rate_hz;
-    if (input)
-        cap_push(c, input, (int64_t)frames, now_ns() - (int64_t)(age_s * 1e9));
+    cap_period(c, input, (int64_t)frames, now_ns() - (int64_t)(age_s * 1e9), (flags & paInputOverflow) != 0);
     return paContinue;
 }
 
@@ -2307,7 +2410,7 @@ static PyObject *Capture_push(Capture *c, PyObject *args) {
 }
 
 static PyObject *Capture_open(Capture *c, PyObject *args) {
-    if (host_open(args, c->device_rate_hz, 0, cap_callback, NULL, c, &c->host, &c->running,
+    if (host_open(args, c->device_rate_hz, 0, cap_callback, NULL, cap_period, c, &c->host, &c->running,
                   &c->stream_latency_s, "capture") < 0)
         return NULL;
     return PyFloat_FromDouble(c->stream_latency_s);
@@ -2402,16 +2505,15 @@ static PyTypeObject CaptureType = {
 };
 
 /* ------------------------------------------------------------------ module */
-/* pulse_device(alsa_name, output=True) -> str | None: the PulseAudio device a PortAudio device of
- * that ALSA name opens on ("" the server's default), or None when PortAudio opens it (the host
- * rule above, REALTALK_NATIVE_HOST included). */
+/* pulse_device(alsa_name) -> str | None: the PulseAudio device a PortAudio device of that ALSA
+ * name opens on ("" the server's default), or None when PortAudio opens it (the host rule above,
+ * REALTALK_NATIVE_HOST included). */
 static PyObject *py_pulse_device(PyObject *mod, PyObject *args) {
     const char *name;
-    int output = 1;
-    if (!PyArg_ParseTuple(args, "s|p", &name, &output))
+    if (!PyArg_ParseTuple(args, "s", &name))
         return NULL;
     char out[256];
-    if (!host_is_pulse(name, output, out, sizeof out))
+    if (!host_is_pulse(name, out, sizeof out))
         Py_RETURN_NONE;
     return PyUnicode_FromString(out);
 }
@@ -2471,7 +2573,7 @@ static PyMethodDef module_methods[] = {
     {"talk_guard", py_talk_guard, METH_VARARGS,
      "talk_guard(constants, loud_db, blocks) -> (decisions, counts): the C TalkGuard over (out, far_peak, near, hold) blocks."},
     {"pulse_device", py_pulse_device, METH_VARARGS,
-     "pulse_device(alsa_name, output=True) -> str or None: the PulseAudio device it opens on, if libpulse's."},
+     "pulse_device(alsa_name) -> str or None: the PulseAudio device it opens on, if libpulse's."},
     {"versions", py_versions, METH_NOARGS, "The PortAudio and libsoxr this module was linked with."},
     {NULL, NULL, 0, NULL},
 };
