@@ -3,7 +3,7 @@
 # then a virtualenv in .venv with every Python dependency (pip install -e ".[test]").
 #   portaudio19-dev           PyAudio builds against it; so does the native audio backend (engine/audio/_native.c)
 #   libsoxr-dev               the native backend resamples in its callbacks with libsoxr (the soxr wheel bundles its own)
-#   libpulse-dev, libasound2-dev  the native backend plays PulseAudio speakers through libpulse itself,
+#   libpulse-dev, libasound2-dev  the native backend runs PulseAudio speakers and mics on libpulse itself,
 #                             not through PortAudio and ALSA's pulse plugin (less CPU; without them, PortAudio)
 #   gcc                       builds PyAudio and the native backend (without it the install falls back to PyAudio)
 #   pulseaudio(-utils), libasound2-plugins   virtual devices for headless machines and CI

@@ -102,8 +102,8 @@ def status_line() -> str:
     why = unavailable_reason()
     if why is None:
         v = versions()
-        pulse = (f", libpulse {v['pulse']} for PulseAudio speakers" if "pulse" in v else
-                 ", without libpulse: PortAudio for every speaker (libpulse-dev and libasound2-dev add it)")
+        pulse = (f", libpulse {v['pulse']} for PulseAudio devices" if "pulse" in v else
+                 ", without libpulse: PortAudio for every device (libpulse-dev and libasound2-dev add it)")
         return f"native audio backend: built ({v['portaudio'].split(',')[0]}, {v['soxr']}{pulse})"
     return f"native audio backend: not available ({why}); audio.backend falls back to pyaudio"
 
