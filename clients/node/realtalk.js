@@ -14,6 +14,8 @@ const { encode, decode } = require("@msgpack/msgpack");
 
 const PROTOCOL_VERSION = 2;
 const RESEND_MS = 500;    // a command not acked this long after it was sent is sent again (slow joiner)
+const PROBE_MS = 20;      // the reply subscriber's join probe goes out again this often until it comes back
+let probes = 0;
 
 /** Why an lstat/fstat result is not this user's own private directory or regular file (null: it is),
  *  as bus/runtime.py decides: another user's connection file or directory is never believed. */
@@ -176,20 +178,28 @@ class Bus {
     }
   }
 
-  /** The subscriber of acks and outcomes (cmd.ack, cmd.done), made at the first command; waiters by topic and id. */
+  /** The subscriber of acks and outcomes (cmd.ack, cmd.done), made at the first command; waiters by topic and id.
+   *  It also takes a private join probe (`_join.*`, seq 0: no subscriber counts it): once the probe
+   *  comes back through the broker, so do the acks and outcomes (the ZeroMQ slow joiner). */
   _replies() {
     if (!this.replySub) {
       this.replySub = new zmq.Subscriber(socketOptions(this.conn));
       this.replySub.connect(this.conn.subscribe);
       this.replySub.subscribe("cmd.ack");
       this.replySub.subscribe("cmd.done");
+      probes += 1;
+      this.replyProbe = `_join.${this.name}.${process.pid}.${probes}`;
+      this.replySub.subscribe(this.replyProbe);
+      this.replyJoined = false;
       this.waiting = new Map();   // "cmd.ack id" / "cmd.done id" -> resolve
       this.replyLoop = (async () => {
         try {
           for await (const frames of this.replySub) {
+            const topic = frames[0].toString("utf8");
+            if (topic === this.replyProbe) { this.replyJoined = true; continue; }
             let body;
             try { body = decode(frames[1]); } catch { this.malformed += 1; continue; }
-            const key = `${frames[0].toString("utf8")} ${body && body.id}`;
+            const key = `${topic} ${body && body.id}`;
             const resolve = this.waiting.get(key);
             if (resolve) { this.waiting.delete(key); resolve(body); }
           }
@@ -212,11 +222,18 @@ class Bus {
   async command(topic, payload, { timeoutMs = 10000, outcome = false, outcomeTimeoutMs = 120000 } = {}) {
     const id = payload.id || crypto.randomUUID();
     this._replies();
+    const deadline = Date.now() + timeoutMs;
+    // the replies must reach us before the command goes: an outcome published before the subscriber
+    // joined was lost, and a command sent again is acked "taken" but not carried out again
+    while (!this.replyJoined && Date.now() < deadline) {
+      const probe = { v: PROTOCOL_VERSION, ts: Date.now() / 1000, mono_ns: Number(process.hrtime.bigint()), pub: this.name, seq: 0 };
+      await this.pub.send([this.replyProbe, encode(probe)]);
+      await new Promise((r) => setTimeout(r, PROBE_MS));
+    }
     const acked = this._expect("cmd.ack", id);
     const done = outcome ? this._expect("cmd.done", id) : null;
     let ack = null;
     acked.then((a) => { ack = a; });
-    const deadline = Date.now() + timeoutMs;
     while (ack === null && Date.now() < deadline) {
       await this.publish(topic, { ...payload, id });
       let timer;

@@ -66,8 +66,18 @@ test("registerTool answers the model and goes with its client", { timeout: 90000
     const asked = [];
     await tools.registerTool("ask_client", ({ question }) => { asked.push(question); return "Northern Train Station"; },
                              { parameters: { type: "object", properties: { question: { type: "string" } } } });
+    // the first command waits until its replies can reach it (a probe came back through the broker):
+    // an outcome published before the reply subscriber joined was lost for good
+    const sent = [];
+    watcher.pub = new Proxy(watcher.pub, { get(pub, key) {
+      if (key === "send") return (frames) => { sent.push([frames[0].toString(), watcher.replyJoined]); return pub.send(frames); };
+      const value = pub[key];
+      return typeof value === "function" ? value.bind(pub) : value;
+    } });
     const said = await watcher.say("Where is the collection point?");   // its outcome: the item the engine added
     assert.strictEqual(said.ok, true);
+    assert.match(sent[0][0], /^_join\./, JSON.stringify(sent));
+    assert.deepStrictEqual(sent.filter(([t]) => t === "cmd.say").map(([, joined]) => joined).slice(0, 1), [true]);
     assert.ok(said.item_id.startsWith("item_"), JSON.stringify(said));
     const ack = await watcher.command("cmd.mic", { open: true });         // acked at once by the engine's intake
     assert.strictEqual(ack.state, "queued");
