@@ -17,6 +17,14 @@ const RESEND_MS = 500;    // a command not acked this long after it was sent is 
 const PROBE_MS = 20;      // the reply subscriber's join probe goes out again this often until it comes back
 let probes = 0;
 
+/** What `promise` resolves to, or null once `ms` pass first (the timer is cleared either way). */
+async function until(promise, ms) {
+  let timer;
+  const result = await Promise.race([promise, new Promise((r) => { timer = setTimeout(() => r(null), Math.max(0, ms)); })]);
+  clearTimeout(timer);
+  return result;
+}
+
 /** Why an lstat/fstat result is not this user's own private directory or regular file (null: it is),
  *  as bus/runtime.py decides: another user's connection file or directory is never believed. */
 function privateProblem(st, directory) {
@@ -158,8 +166,12 @@ class Bus {
   /** Publish `payload` on `topic`. */
   async publish(topic, payload = {}) {
     this.seq += 1;
-    const body = { v: PROTOCOL_VERSION, ts: Date.now() / 1000, mono_ns: Number(process.hrtime.bigint()), pub: this.name, seq: this.seq, ...payload };
-    await this.pub.send([topic, encode(body)]);
+    await this.pub.send([topic, encode({ ...this._header(this.seq), ...payload })]);
+  }
+
+  /** A body's header (docs/bus-protocol.md); `seq` 0 for a join probe, which no gap counter counts. */
+  _header(seq) {
+    return { v: PROTOCOL_VERSION, ts: Date.now() / 1000, mono_ns: Number(process.hrtime.bigint()), pub: this.name, seq };
   }
 
   /** Async iterator of {topic, body}; malformed messages are counted and skipped.
@@ -191,12 +203,13 @@ class Bus {
       this.replyProbe = `_join.${this.name}.${process.pid}.${probes}`;
       this.replySub.subscribe(this.replyProbe);
       this.replyJoined = false;
+      this.replyJoin = new Promise((resolve) => { this._replyJoinedNow = resolve; });
       this.waiting = new Map();   // "cmd.ack id" / "cmd.done id" -> resolve
       this.replyLoop = (async () => {
         try {
           for await (const frames of this.replySub) {
             const topic = frames[0].toString("utf8");
-            if (topic === this.replyProbe) { this.replyJoined = true; continue; }
+            if (topic === this.replyProbe) { this.replyJoined = true; this._replyJoinedNow(); continue; }
             let body;
             try { body = decode(frames[1]); } catch { this.malformed += 1; continue; }
             const key = `${topic} ${body && body.id}`;
@@ -226,9 +239,8 @@ class Bus {
     // the replies must reach us before the command goes: an outcome published before the subscriber
     // joined was lost, and a command sent again is acked "taken" but not carried out again
     while (!this.replyJoined && Date.now() < deadline) {
-      const probe = { v: PROTOCOL_VERSION, ts: Date.now() / 1000, mono_ns: Number(process.hrtime.bigint()), pub: this.name, seq: 0 };
-      await this.pub.send([this.replyProbe, encode(probe)]);
-      await new Promise((r) => setTimeout(r, PROBE_MS));
+      await this.pub.send([this.replyProbe, encode(this._header(0))]);
+      await until(this.replyJoin, Math.min(PROBE_MS, deadline - Date.now()));
     }
     const acked = this._expect("cmd.ack", id);
     const done = outcome ? this._expect("cmd.done", id) : null;
@@ -236,9 +248,7 @@ class Bus {
     acked.then((a) => { ack = a; });
     while (ack === null && Date.now() < deadline) {
       await this.publish(topic, { ...payload, id });
-      let timer;
-      await Promise.race([acked, new Promise((r) => { timer = setTimeout(r, Math.min(RESEND_MS, deadline - Date.now())); })]);
-      clearTimeout(timer);
+      await until(acked, Math.min(RESEND_MS, deadline - Date.now()));
     }
     if (ack === null) {
       this.waiting.delete(`cmd.ack ${id}`);
@@ -250,9 +260,7 @@ class Bus {
       return ack;
     }
     if (outcomeTimeoutMs === null) return done;
-    let timer;
-    const result = await Promise.race([done, new Promise((r) => { timer = setTimeout(() => r(null), outcomeTimeoutMs); })]);
-    clearTimeout(timer);
+    const result = await until(done, outcomeTimeoutMs);
     if (result === null) {
       this.waiting.delete(`cmd.done ${id}`);
       throw new Error(`${topic} ${id} was acked (${ack.state}) but not carried out within ${outcomeTimeoutMs} ms`);

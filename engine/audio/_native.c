@@ -537,10 +537,9 @@ typedef struct {
     pa_threaded_mainloop *ml;
     pa_context *ctx;
     pa_stream *s;
-    int output;
     double rate;
     int64_t frames;                /* device frames per block (speaker: PULSE_BLOCKS_PER_PERIOD a period) or period (mic) */
-    host_play_fn play;
+    host_play_fn play;             /* the speaker's (NULL: a mic, whose ``rec`` is set) */
     host_rec_fn rec;
     void *user;
     int underflow;                 /* the sink ran dry since the last block (the mainloop thread's) */
@@ -690,17 +689,17 @@ static void pu_free(pulse_t *p) {
 }
 
 /* Open and start a libpulse stream of one int16 channel on ``device`` ("" the default): playback
- * (``output``, at least ``latency_s`` buffered) or record; NULL with ``err`` filled on a failure.
- * Called without the GIL. */
-static pulse_t *pu_open(const char *device, int output, double rate, int64_t frames, double latency_s,
+ * with ``play`` (at least ``latency_s`` buffered), else record with ``rec``; NULL with ``err``
+ * filled on a failure. Called without the GIL. */
+static pulse_t *pu_open(const char *device, double rate, int64_t frames, double latency_s,
                         host_play_fn play, host_rec_fn rec, void *user, char *err, size_t errcap) {
+    int output = play != NULL;
     pulse_t *p = calloc(1, sizeof *p);
     if (!p || (!output && !(p->period = calloc((size_t)frames, 2)))) {
         free(p);
         snprintf(err, errcap, "out of memory");
         return NULL;
     }
-    p->output = output;
     p->rate = rate;
     /* the speaker's block: 441 frames at 44.1 kHz make 221 */
     p->frames = output ? (frames + PULSE_BLOCKS_PER_PERIOD - 1) / PULSE_BLOCKS_PER_PERIOD : frames;
@@ -788,7 +787,7 @@ static pulse_t *pu_open(const char *device, int output, double rate, int64_t fra
 static double pu_stream_latency_s(pulse_t *p, double rate) {
     pa_threaded_mainloop_lock(p->ml);
     const pa_buffer_attr *a = pa_stream_get_buffer_attr(p->s);
-    double lat = a ? (double)(p->output ? a->tlength : a->fragsize) / 2.0 / rate : 0.0;
+    double lat = a ? (double)(p->play ? a->tlength : a->fragsize) / 2.0 / rate : 0.0;
     pa_threaded_mainloop_unlock(p->ml);
     return lat;
 }
@@ -1513,7 +1512,7 @@ static int host_open(PyObject *args, int64_t made_for_hz, int output, PaStreamCa
         pulse_t *opened;
         *running = 1;
         Py_BEGIN_ALLOW_THREADS
-        opened = pu_open(pulse_device, output, rate, (int64_t)frames, suggested, play, rec, user, why, sizeof why);
+        opened = pu_open(pulse_device, rate, (int64_t)frames, suggested, play, rec, user, why, sizeof why);
         Py_END_ALLOW_THREADS
         if (!opened) {
             *running = 0;
