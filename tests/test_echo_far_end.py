@@ -1,22 +1,27 @@
 """The echo canceller's far end (engine.capture.echo.FarEnd, MicClock): the reference handed with
 each mic block is what the speaker played then, lined up by the DAC times playback stamps on the
-reference ring, so a late playback callback or a stall never moves the echo's delay for good."""
+reference ring, so a late playback callback or a stall never moves the echo's delay for good.
+
+Each test runs on both implementations: echo.py's, and its twin in C (engine.audio.native.NativeFarEnd,
+which the native backend's capture step reads without a Python call)."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pytest
 
+from engine.audio import native
 from engine.audio.ring import Ring
-from engine.capture.echo import FAR_LEAD_MS, FAR_UNCERTAIN_MS, MIC_CLOCK_JUMP_BLOCKS, FarEnd, MicClock
+from engine.capture.echo import FAR_LEAD_MS, FAR_UNCERTAIN_MS, MIC_CLOCK_JUMP_BLOCKS, FarEnd, MicClock, far_constants
 
 pytestmark = pytest.mark.timeout(30)
 
 BLOCK = 480                    # 20 ms at 24 kHz
 BLOCK_NS = 20_000_000
+MakeFar = Callable[[Ring], Any]  # FarEnd, or its twin in C
 T0 = 10**12                    # CLOCK_MONOTONIC of frame 0 of the mic and of the reference
 
 
@@ -27,6 +32,20 @@ def ring(request: pytest.FixtureRequest) -> Iterator[Ring]:
     yield r
     r.close()
     Path("/dev/shm", name).unlink(missing_ok=True)
+
+
+def _native_far(ring: Ring) -> Any:
+    return native.NativeFarEnd(ring, far_constants())
+
+
+@pytest.fixture(params=["python", "native"])
+def make_far(request: pytest.FixtureRequest) -> MakeFar:
+    """FarEnd, or its twin in C."""
+    if request.param == "native":
+        if not native.available():
+            pytest.skip(f"the native backend is not built: {native.unavailable_reason()}")
+        return _native_far
+    return FarEnd
 
 
 def ramp(start: int, n: int) -> np.ndarray:
@@ -58,11 +77,11 @@ def due_of(value: int, first_due_ns: int) -> int:
     return first_due_ns + (value - 1) * 10**9 // 24000
 
 
-def test_a_late_playback_callback_does_not_move_the_reference(ring: Ring) -> None:
+def test_a_late_playback_callback_does_not_move_the_reference(ring: Ring, make_far: MakeFar) -> None:
     """The speaker's buffer holds 30 ms; once, playback's callback is 25 ms late (the buffer covers
     it: the speaker plays on). The reference stays one stream, every frame with the mic frame
     captured FAR_LEAD_MS before it plays, no zero and nothing skipped."""
-    far, spk = FarEnd(ring), Speaker(ring)
+    far, spk = make_far(ring), Speaker(ring)
     taken = []
     start = (0, 0, 0)
     for i in range(40):
@@ -85,13 +104,13 @@ def test_a_late_playback_callback_does_not_move_the_reference(ring: Ring) -> Non
     assert abs(due_of(int(stream[k]), T0 + 30_000_000) - (T0 + k * 10**9 // 24000) - FAR_LEAD_MS * 10**6) < 100_000
 
 
-def test_a_stall_that_ran_the_speaker_dry_lines_the_late_frames_up_by_their_stamps(ring: Ring) -> None:
+def test_a_stall_that_ran_the_speaker_dry_lines_the_late_frames_up_by_their_stamps(ring: Ring, make_far: MakeFar) -> None:
     """Playback stops for 120 ms; the speaker plays its 30 ms buffer, then nothing, then the late
     frames from when they come (their stamps say when). Counting would zero-pad the wait and then
     take the late frames as they come: the reference would lag its echo by the padding less the
     speaker's silence, for good. By time, every frame goes with the mic frame captured the lead
     before it plays, before and after the stall, and the far end is uncertain while it is short."""
-    far, spk = FarEnd(ring), Speaker(ring)
+    far, spk = make_far(ring), Speaker(ring)
     taken, uncertain = [], []
     run_due_ns = T0 + 30_000_000     # when frame 1 is due
     for i in range(60):
@@ -114,11 +133,11 @@ def test_a_stall_that_ran_the_speaker_dry_lines_the_late_frames_up_by_their_stam
     assert far.realignments >= 1
 
 
-def test_frames_written_too_late_for_their_time_are_skipped(ring: Ring) -> None:
+def test_frames_written_too_late_for_their_time_are_skipped(ring: Ring, make_far: MakeFar) -> None:
     """Playback's callback is 80 ms late, the speaker's buffer (80 ms) covers it: the late frames
     still play on time, but the mic needed them before they were written and got zeros. When they
     come, those already past are dropped, so the reference is back in line at once."""
-    far, spk = FarEnd(ring), Speaker(ring)
+    far, spk = make_far(ring), Speaker(ring)
     taken = []
     gap_at_start = 0
     for i in range(40):
@@ -137,13 +156,13 @@ def test_frames_written_too_late_for_their_time_are_skipped(ring: Ring) -> None:
     assert not far.uncertain
 
 
-def test_a_new_run_whose_stamps_jump_back_is_skipped_into_line_but_uncertain(ring: Ring) -> None:
+def test_a_new_run_whose_stamps_jump_back_is_skipped_into_line_but_uncertain(ring: Ring, make_far: MakeFar) -> None:
     """After a flush (a barge-in, ``cmd.cancel``) or an idle speaker the next reply is a new run,
     and its first DAC times can be off by 15 ms and more (bench: 365 frames skipped at a reply's
     start, then AEC3 leaked enough for a false barge-in, guard on and off). Its frames are skipped
     into line by their stamps, but that move is a guess: the far end is uncertain, so the guard
     holds, and the stamps are followed to the ms for a while after."""
-    far, spk = FarEnd(ring), Speaker(ring)
+    far, spk = make_far(ring), Speaker(ring)
     uncertain, gap_before, run_due_ns = [], 0, 0
     for i in range(40):
         mic_ns = T0 + i * BLOCK_NS
@@ -163,11 +182,11 @@ def test_a_new_run_whose_stamps_jump_back_is_skipped_into_line_but_uncertain(rin
     assert not any(uncertain[5:20]) and any(uncertain[20:23]), uncertain
 
 
-def test_a_few_missing_frames_are_no_guess_but_a_stall_is(ring: Ring) -> None:
+def test_a_few_missing_frames_are_no_guess_but_a_stall_is(ring: Ring, make_far: MakeFar) -> None:
     """Under load playback's callback is a little late many times a minute: a few ms of zeros make
     AEC3 leak for less than the guard's talker onset, so the far end is not uncertain for them;
     zeros for FAR_UNCERTAIN_MS in a row or more (a stall) are."""
-    far, spk = FarEnd(ring), Speaker(ring)
+    far, spk = make_far(ring), Speaker(ring)
     uncertain, zeros = [], []
     for i in range(60):
         mic_ns = T0 + i * BLOCK_NS
@@ -185,8 +204,8 @@ def test_a_few_missing_frames_are_no_guess_but_a_stall_is(ring: Ring) -> None:
     assert FAR_UNCERTAIN_MS <= 40
 
 
-def test_without_stamps_the_reference_goes_by_count(ring: Ring) -> None:
-    far = FarEnd(ring)
+def test_without_stamps_the_reference_goes_by_count(ring: Ring, make_far: MakeFar) -> None:
+    far = make_far(ring)
     ring.write(ramp(0, BLOCK))
     assert np.array_equal(far.take(BLOCK, T0), ramp(0, BLOCK))
     assert np.all(far.take(BLOCK, T0 + BLOCK_NS) == 0) and far.missing_frames == BLOCK
@@ -234,3 +253,54 @@ def test_playback_stamps_each_reference_block_with_when_it_reaches_the_dac(ring:
     finally:
         speaker.close()
         Path("/dev/shm", name).unlink(missing_ok=True)
+
+
+@pytest.mark.skipif(not native.available(), reason=f"{native.unavailable_reason()}")
+def test_the_native_far_end_hands_out_what_echo_py_does() -> None:
+    """Two rings written alike: a speaker whose callbacks come late, stall it dry, start new runs
+    with stamps off by up to 20 ms; a mic whose reports jitter and jump. FarEnd and its C twin
+    hand out the same frames, with the same counts and the same uncertainty, block for block."""
+    seen = np.zeros(5, dtype=bool)   # the seeds together skipped, ran dry, realigned, jumped, were uncertain
+    for seed in range(6):
+        seen |= _same_far_ends(seed)
+    assert seen.all(), seen
+
+
+def _same_far_ends(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    rings = [Ring.create(f"realtalk-test-{os.getpid()}-eq{seed}-{k}", 16384, with_eventfd=False) for k in range(2)]
+    try:
+        fars = [FarEnd(rings[0]), _native_far(rings[1])]
+        spks = [Speaker(r) for r in rings]
+        due_ns = T0 + 30_000_000
+        held = 0                       # blocks a late callback holds back
+        mic_off_ns = 0                 # the mic's frames lost so far
+        for i in range(400):
+            mic_ns = T0 + i * BLOCK_NS
+            event = rng.random()
+            if event < 0.05:
+                held += int(rng.integers(1, 7))                    # a late callback, or a stall
+            elif event < 0.08:
+                due_ns = mic_ns + int(rng.integers(-20, 40)) * 1_000_000   # a new run (a flush, an idle speaker)
+            elif event < 0.09:
+                mic_off_ns += int(rng.integers(30, 120)) * 1_000_000      # mic frames lost: the clock jumps
+            writes = 0 if held and rng.random() < 0.5 else 1 + held    # a late callback's blocks come together
+            held = held if writes == 0 else 0
+            for _ in range(writes):
+                stamp_ns = due_ns + int(rng.integers(-300, 300)) * 1000   # the DAC times' jitter
+                for spk in spks:
+                    spk.write(stamp_ns)
+                due_ns += BLOCK_NS
+            adc_ns = mic_ns + mic_off_ns + int(rng.normal(0, 0.8) * 1e6) + (50_000_000 if rng.random() < 0.02 else 0)
+            n = int(rng.choice([BLOCK, BLOCK, BLOCK - 7, BLOCK + 9]))
+            got = [far.take(n, adc_ns).copy() for far in fars]
+            assert np.array_equal(got[0], got[1]), f"block {i}: the two far ends handed out different frames"
+            counts = [(f.missing_frames, f.gap_frames, f.skipped_frames, f.realignments, f.uncertain_frames,
+                       f.uncertain, f.clock.jumps, f.clock.doubtful, f.clock.settled) for f in fars]
+            assert counts[0] == counts[1], f"block {i}: {counts}"
+        f = fars[0]
+        return np.array([f.skipped_frames, f.gap_frames, f.realignments, f.clock.jumps, f.uncertain_frames]) > 0
+    finally:
+        for r in rings:
+            r.close()
+            Path("/dev/shm", r.name).unlink(missing_ok=True)

@@ -28,8 +28,8 @@
  *     set_listen, the renderer's settable fields) refuses to run while a device stream of theirs
  *     is running: one producer, one consumer.
  *  5. The behaviour is the Python implementation's, line for line (engine/playback/renderer.py
- *     Renderer and DeviceFeeder, engine/audio/stretch.py, engine/capture/echo.py TalkGuard and
- *     EchoCanceller's statistics): tests drive both with the same input. A change there is a
+ *     Renderer and DeviceFeeder, engine/audio/stretch.py, engine/capture/echo.py TalkGuard,
+ *     FarEnd, MicClock and EchoCanceller's statistics): tests drive both with the same input. A change there is a
  *     change here, in the same commit.
  */
 #define PY_SSIZE_T_CLEAN
@@ -1856,6 +1856,303 @@ static PyObject *py_talk_guard(PyObject *mod, PyObject *args) {
                          (long long)g.erl_blocks, "state", (const char *[]){"quiet", "echo", "talk"}[g.state]);
 }
 
+/* ------------------------------------------------------------------ the far end (echo.py FarEnd, MicClock) */
+/* FarEnd and MicClock of engine/capture/echo.py, line for line (rule 5): the capture step takes
+ * the reference for each mic chunk here, with no Python call (it cost the worker ~90 µs a chunk).
+ * Their constants are echo.py's, handed in by name (far_constants()). tests/test_echo_far_end.py
+ * drives both implementations with the same input. Not real-time code: the worker's step. */
+#define NS_PER_S 1000000000LL
+
+typedef struct {
+    int64_t frames, origin_ns, reports, off_reports, jumps;
+    int has_origin, doubtful;
+    int64_t tolerance_ns, jump_blocks, settle_reports;
+} micclock_t;
+
+static inline int64_t frames_ns(int64_t frames) { return floordiv(frames * NS_PER_S, RATE_HZ); }
+
+static inline int clock_settled(const micclock_t *k) { return k->reports >= k->settle_reports; }
+
+/* MicClock.place: the capture time (ns) of the first of the next ``frames`` mic frames. */
+static int64_t clock_place(micclock_t *k, int64_t frames, int64_t adc_ns) {
+    if (!k->has_origin) {
+        k->origin_ns = adc_ns - frames_ns(k->frames);
+        k->has_origin = 1;
+    }
+    int64_t at_ns = k->origin_ns + frames_ns(k->frames);
+    int64_t off_ns = adc_ns - at_ns;
+    if (off_ns <= k->tolerance_ns && off_ns >= -k->tolerance_ns) {
+        k->reports += 1;
+        k->origin_ns += floordiv(off_ns, imin(k->reports, k->settle_reports));
+        k->off_reports = 0;
+        k->doubtful = 0;
+    } else {
+        k->off_reports += 1;
+        k->doubtful = k->off_reports >= 2;
+        if (k->off_reports >= k->jump_blocks) {
+            k->origin_ns += off_ns;
+            at_ns = adc_ns;
+            k->jumps += 1;
+            k->off_reports = 0;
+        }
+    }
+    k->frames += frames;
+    return at_ns;
+}
+
+/* Ring.due_stamp: the producer's latest stamp (index, due_ns, run_index); 0 if none (or it was
+ * being written at each of three tries). */
+static int ring_due_stamp(ring_t *r, int64_t *index, int64_t *due_ns, int64_t *run_index) {
+    for (int i = 0; i < 3; i++) {
+        int64_t seq = ld_acq(&r->hdr[S_DUE_SEQ]);
+        if (seq == 0)
+            return 0;
+        if (seq & 1)
+            continue;
+        *index = ld_rlx(&r->hdr[S_DUE_INDEX]);
+        *due_ns = ld_rlx(&r->hdr[S_DUE_NS]);
+        *run_index = ld_rlx(&r->hdr[S_DUE_RUN]);
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (ld_rlx(&r->hdr[S_DUE_SEQ]) == seq)
+            return 1;
+    }
+    return 0;
+}
+
+typedef struct {
+    PyObject_HEAD
+    ring_t ring;
+    micclock_t clock;
+    int16_t *buf;
+    int64_t buf_frames;
+    int64_t lead_ns, tolerance_frames, retime_frames, settle_frames, settle_s, uncertain_zero_frames;
+    int64_t missing_frames, gap_frames, skipped_frames, realignments, uncertain_frames;
+    int uncertain;
+    int has_anchor, has_next;
+    int64_t anchor_index, anchor_due_ns, next_index, next_due_ns;
+    int aligned, padded, run_fresh;
+    int64_t settle_until, zero_run, run;
+} FarEnd;
+
+static void far_begin_run(FarEnd *f, int64_t run_index) {
+    if (run_index != f->run) {
+        f->run = run_index;
+        f->run_fresh = 1;
+    }
+}
+
+/* FarEnd._moved: count a realignment (not those while the mic clock settles); whether it counted. */
+static int far_moved(FarEnd *f) {
+    if (f->aligned && clock_settled(&f->clock)) {
+        f->realignments += 1;
+        return 1;
+    }
+    return 0;
+}
+
+static void far_set_uncertain(FarEnd *f, int uncertain, int64_t frames) {
+    f->uncertain = uncertain;
+    if (uncertain)
+        f->uncertain_frames += frames;
+}
+
+static void far_follow_stamps(FarEnd *f, int64_t read_index) {
+    int64_t index, due_ns, run_index;
+    if (!ring_due_stamp(&f->ring, &index, &due_ns, &run_index))
+        return;
+    if (run_index <= read_index || !f->has_anchor) {
+        f->has_anchor = 1;
+        f->anchor_index = index;
+        f->anchor_due_ns = due_ns;
+        f->has_next = 0;
+        far_begin_run(f, run_index);
+    } else {   /* unread frames of an earlier run before it: they keep that run's anchor */
+        f->has_next = 1;
+        f->next_index = run_index;
+        f->next_due_ns = due_ns - frames_ns(index - run_index);
+    }
+}
+
+/* FarEnd.take: the reference for the next ``frames`` mic frames (at most buf_frames), the first
+ * captured at ``adc_ns``, into ``out``; how many frames. */
+static int64_t far_take(FarEnd *f, int16_t *out, int64_t frames, int64_t adc_ns) {
+    frames = imax(0, imin(frames, f->buf_frames));
+    ring_t *ring = &f->ring;
+    int64_t start_ns = clock_place(&f->clock, frames, adc_ns) + f->lead_ns;
+    int uncertain = f->clock.doubtful;
+    far_follow_stamps(f, ring_read_index(ring));
+    if (!f->has_anchor) {   /* nothing stamped yet: by count */
+        int64_t got = ring_read(ring, out, frames);
+        if (got < frames) {
+            memset(out + got, 0, (size_t)(frames - got) * 2);
+            f->missing_frames += frames - got;
+        }
+        far_set_uncertain(f, uncertain, frames);
+        return frames;
+    }
+    int64_t pos = 0, zeros = 0;
+    while (pos < frames) {
+        int64_t r = ring_read_index(ring);
+        if (f->has_next && r >= f->next_index) {
+            far_begin_run(f, f->next_index);
+            f->anchor_index = f->next_index;
+            f->anchor_due_ns = f->next_due_ns;
+            f->has_next = 0;
+        }
+        /* > 0: frame r is due after the mic frame at pos (silence first); < 0: before it (skip) */
+        int64_t early = floordiv((f->anchor_due_ns + frames_ns(r - f->anchor_index) - start_ns - frames_ns(pos)) * RATE_HZ,
+                                 NS_PER_S);
+        int64_t available = ring_write_index(ring) - r;
+        int64_t tolerance = (f->padded || !f->aligned || !clock_settled(&f->clock)) ? f->retime_frames
+                          : f->clock.frames < f->settle_until ? f->settle_frames : f->tolerance_frames;
+        if (early < -tolerance && available > 0) {
+            f->skipped_frames += ring_skip(ring, imin(-early, available));
+            int moved = far_moved(f);
+            if (moved && (f->run_fresh || f->clock.frames < f->settle_until)) {
+                uncertain = 1;
+                if (f->run_fresh)
+                    f->settle_until = f->clock.frames + RATE_HZ * f->settle_s;
+            }
+        } else if (early > tolerance) {
+            int64_t n = imin(early, frames - pos);
+            memset(out + pos, 0, (size_t)n * 2);
+            pos += n;
+            f->missing_frames += n;
+            f->gap_frames += n;
+            if (far_moved(f)) {   /* the speaker ran dry: its DAC times right after are off for a while */
+                uncertain = 1;
+                f->settle_until = f->clock.frames + RATE_HZ * f->settle_s;
+            }
+        } else if (available <= 0) {
+            memset(out + pos, 0, (size_t)(frames - pos) * 2);
+            zeros += frames - pos;
+            f->missing_frames += frames - pos;
+            f->padded = 1;
+            break;
+        } else {
+            int64_t n = imin(frames - pos, available);
+            if (f->has_next)
+                n = imin(n, f->next_index - r);
+            pos += ring_read(ring, out + pos, n);
+            f->aligned = 1;
+            f->padded = 0;
+            f->run_fresh = 0;
+        }
+    }
+    f->zero_run = zeros ? f->zero_run + zeros : 0;
+    uncertain = uncertain || f->zero_run >= f->uncertain_zero_frames;
+    far_set_uncertain(f, uncertain, frames);
+    return frames;
+}
+
+static int FarEnd_init(FarEnd *f, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"ref", "constants", NULL};
+    PyObject *ref, *d;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO!", kwlist, &ref, &PyDict_Type, &d))
+        return -1;
+    if (f->ring.attached) {
+        PyErr_SetString(PyExc_RuntimeError, "a FarEnd is initialised once");
+        return -1;
+    }
+    int64_t lead_ms, tolerance_ms, retime_ms, settle_ms, uncertain_ms, clock_tolerance_ms;
+    struct { const char *name; int64_t *v; } want[] = {
+        {"lead_ms", &lead_ms}, {"tolerance_ms", &tolerance_ms}, {"FAR_RETIME_MS", &retime_ms},
+        {"FAR_SETTLE_MS", &settle_ms}, {"FAR_SETTLE_S", &f->settle_s}, {"FAR_UNCERTAIN_MS", &uncertain_ms},
+        {"MIC_CLOCK_TOLERANCE_MS", &clock_tolerance_ms}, {"MIC_CLOCK_JUMP_BLOCKS", &f->clock.jump_blocks},
+        {"MIC_CLOCK_SETTLE_REPORTS", &f->clock.settle_reports},
+    };
+    for (size_t k = 0; k < sizeof want / sizeof want[0]; k++) {
+        PyObject *v = PyDict_GetItemString(d, want[k].name);
+        if (!v) {
+            PyErr_Format(PyExc_KeyError, "the far end's constants lack %s", want[k].name);
+            return -1;
+        }
+        *want[k].v = PyLong_AsLongLong(v);
+        if (PyErr_Occurred())
+            return -1;
+    }
+    if (f->clock.settle_reports < 1 || f->clock.jump_blocks < 1) {
+        PyErr_SetString(PyExc_ValueError, "the mic clock's settle reports and jump blocks must be positive");
+        return -1;
+    }
+    if (ring_attach(&f->ring, ref, -1, "reference") < 0)
+        return -1;
+    f->buf_frames = RATE_HZ;   /* one second: more than any callback asks for */
+    if (!(f->buf = PyMem_Calloc((size_t)f->buf_frames, 2))) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    f->lead_ns = lead_ms * 1000000;
+    f->tolerance_frames = RATE_HZ * tolerance_ms / 1000;
+    f->retime_frames = RATE_HZ * retime_ms / 1000;
+    f->settle_frames = RATE_HZ * settle_ms / 1000;
+    f->uncertain_zero_frames = RATE_HZ * uncertain_ms / 1000;
+    f->clock.tolerance_ns = clock_tolerance_ms * 1000000;
+    f->run = -1;
+    return 0;
+}
+
+static void FarEnd_dealloc(FarEnd *f) {
+    ring_release(&f->ring);
+    PyMem_Free(f->buf);
+    Py_TYPE(f)->tp_free((PyObject *)f);
+}
+
+/* take(frames, adc_ns) -> int: FarEnd.take into the object's own buffer (``buffer()``). */
+static int64_t far_take_frames(FarEnd *f, int64_t frames, int64_t adc_ns) { return far_take(f, f->buf, frames, adc_ns); }
+
+static PyObject *FarEnd_take(FarEnd *f, PyObject *args) {
+    long long frames, adc_ns;
+    if (!PyArg_ParseTuple(args, "LL", &frames, &adc_ns))
+        return NULL;
+    return PyLong_FromLongLong(far_take_frames(f, frames, adc_ns));
+}
+
+/* buffer() -> memoryview: the buffer take() writes (int16, one second), for a numpy view. */
+static PyObject *FarEnd_buffer(FarEnd *f, PyObject *unused) {
+    return PyMemoryView_FromMemory((char *)f->buf, (Py_ssize_t)f->buf_frames * 2, PyBUF_WRITE);
+}
+
+static PyMethodDef FarEnd_methods[] = {
+    {"take", (PyCFunction)FarEnd_take, METH_VARARGS, "take(frames, adc_ns) -> frames: the reference into buffer()."},
+    {"buffer", (PyCFunction)FarEnd_buffer, METH_NOARGS, "The int16 buffer take() writes."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyObject *FarEnd_getattro(FarEnd *f, PyObject *name) {
+    const char *s = PyUnicode_AsUTF8(name);
+    if (!s)
+        return NULL;
+    struct { const char *name; int64_t v; } ints[] = {
+        {"missing_frames", f->missing_frames}, {"gap_frames", f->gap_frames}, {"skipped_frames", f->skipped_frames},
+        {"realignments", f->realignments}, {"uncertain_frames", f->uncertain_frames},
+        {"clock_jumps", f->clock.jumps}, {"clock_frames", f->clock.frames},
+    };
+    for (size_t k = 0; k < sizeof ints / sizeof ints[0]; k++)
+        if (strcmp(s, ints[k].name) == 0)
+            return PyLong_FromLongLong(ints[k].v);
+    if (strcmp(s, "uncertain") == 0)
+        return PyBool_FromLong(f->uncertain);
+    if (strcmp(s, "clock_doubtful") == 0)
+        return PyBool_FromLong(f->clock.doubtful);
+    if (strcmp(s, "clock_settled") == 0)
+        return PyBool_FromLong(clock_settled(&f->clock));
+    return PyObject_GenericGetAttr((PyObject *)f, name);
+}
+
+static PyTypeObject FarEndType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "engine.audio._native.FarEnd",
+    .tp_basicsize = sizeof(FarEnd),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "engine.capture.echo.FarEnd in C: the reference ring read for each mic chunk, lined up by time.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)FarEnd_init,
+    .tp_dealloc = (destructor)FarEnd_dealloc,
+    .tp_methods = FarEnd_methods,
+    .tp_getattro = (getattrofunc)FarEnd_getattro,
+};
+
 /* ------------------------------------------------------------------ capture */
 #define MAX_AEC_BLOCKS 16
 #define ADC_STAMPS 64
@@ -2268,7 +2565,14 @@ static PyObject *Capture_step(Capture *c, PyObject *args) {
         Py_buffer fv;
         int have_fv = 0;
         int far_uncertain = 0;
-        if (far_take != Py_None && n24 > 0) {
+        if (n24 > 0 && Py_IS_TYPE(far_take, &FarEndType)) {   /* the C far end: no Python call */
+            FarEnd *fe = (FarEnd *)far_take;
+            int64_t t_far = thread_cpu_ns();
+            if (far_take_frames(fe, n24, adc) == n24)
+                far = fe->buf;
+            far_uncertain = fe->uncertain;
+            c->far_take_cpu_ns += thread_cpu_ns() - t_far;
+        } else if (far_take != Py_None && n24 > 0) {
             /* a FarEnd (its take(), then its ``uncertain``), or a plain function of the frame count */
             static PyObject *take_name = NULL;
             if (!take_name && !(take_name = PyUnicode_InternFromString("take")))
@@ -2614,15 +2918,17 @@ fail:
 }
 
 PyMODINIT_FUNC PyInit__native(void) {
-    if (PyType_Ready(&RendererType) < 0 || PyType_Ready(&CaptureType) < 0)
+    if (PyType_Ready(&RendererType) < 0 || PyType_Ready(&CaptureType) < 0 || PyType_Ready(&FarEndType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&moduledef);
     if (!m)
         return NULL;
     Py_INCREF(&RendererType);
     Py_INCREF(&CaptureType);
+    Py_INCREF(&FarEndType);
     if (PyModule_AddObject(m, "Renderer", (PyObject *)&RendererType) < 0 ||
         PyModule_AddObject(m, "Capture", (PyObject *)&CaptureType) < 0 ||
+        PyModule_AddObject(m, "FarEnd", (PyObject *)&FarEndType) < 0 ||
         PyModule_AddIntConstant(m, "RATE_HZ", RATE_HZ) < 0 ||
         PyModule_AddIntConstant(m, "LAYOUT_VERSION", LAYOUT_VERSION) < 0 ||
         PyModule_AddIntConstant(m, "MAX_AEC_BLOCKS", MAX_AEC_BLOCKS) < 0 ||

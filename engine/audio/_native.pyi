@@ -35,6 +35,23 @@ class Renderer:
     def __getattr__(self, name: str) -> Any: ...
 
 
+class FarEnd:
+    missing_frames: int
+    gap_frames: int
+    skipped_frames: int
+    realignments: int
+    uncertain_frames: int
+    uncertain: bool
+    clock_jumps: int
+    clock_frames: int
+    clock_doubtful: bool
+    clock_settled: bool
+
+    def __init__(self, ref: Any, constants: dict[str, int]) -> None: ...
+    def take(self, frames: int, adc_ns: int) -> int: ...
+    def buffer(self) -> memoryview: ...
+
+
 class Capture:
     #: who runs the open device stream: "pulse" (libpulse), "portaudio", or "" when none is open
     host: str

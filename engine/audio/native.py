@@ -124,6 +124,70 @@ class FarReader(Protocol):
     def take(self, frames: int, adc_ns: int) -> np.ndarray: ...
 
 
+class NativeClock:
+    """The mic clock of a :class:`NativeFarEnd` (engine.capture.echo.MicClock's counters)."""
+
+    def __init__(self, c: Any) -> None:
+        self._c = c
+
+    @property
+    def jumps(self) -> int:
+        return int(self._c.clock_jumps)
+
+    @property
+    def doubtful(self) -> bool:
+        return bool(self._c.clock_doubtful)
+
+    @property
+    def settled(self) -> bool:
+        return bool(self._c.clock_settled)
+
+    @property
+    def frames(self) -> int:
+        return int(self._c.clock_frames)
+
+
+class NativeFarEnd:
+    """engine.capture.echo.FarEnd in C, with its face (``take``, ``uncertain``, the counters,
+    ``clock``). :meth:`NativeCapture.step` reads it without a Python call. ``constants``:
+    engine.capture.echo's by name (``far_constants()``): one source for both implementations."""
+
+    def __init__(self, ring: Ring, constants: dict[str, int]) -> None:
+        self.ring = ring
+        self.native = _ext_or_raise().FarEnd(ring.mapping, constants)
+        self.buf = np.frombuffer(self.native.buffer(), dtype=np.int16)
+        self.clock = NativeClock(self.native)
+
+    def take(self, frames: int, adc_ns: int) -> np.ndarray:
+        """The reference for the next ``frames`` mic frames, the first captured at ``adc_ns``
+        (CLOCK_MONOTONIC). A view, valid until the next take."""
+        return self.buf[:self.native.take(frames, adc_ns)]
+
+    @property
+    def uncertain(self) -> bool:
+        return bool(self.native.uncertain)
+
+    @property
+    def missing_frames(self) -> int:
+        return int(self.native.missing_frames)
+
+    @property
+    def gap_frames(self) -> int:
+        return int(self.native.gap_frames)
+
+    @property
+    def skipped_frames(self) -> int:
+        return int(self.native.skipped_frames)
+
+    @property
+    def realignments(self) -> int:
+        return int(self.native.realignments)
+
+    @property
+    def uncertain_frames(self) -> int:
+        return int(self.native.uncertain_frames)
+
+
 class NativeEvent(NamedTuple):
     """A stream event, with the fields of engine.playback.renderer.StreamEvent."""
     kind: str
@@ -271,9 +335,11 @@ class NativeCapture:
         """Sleep (the GIL released) until the callback has written frames; False on timeout."""
         return bool(self._c.wait(timeout_s))
 
-    def step(self, far_take: FarReader | Callable[..., np.ndarray] | None,
+    def step(self, far_take: NativeFarEnd | FarReader | Callable[..., np.ndarray] | None,
              extras: Callable[[np.ndarray, np.ndarray, np.ndarray | None], None] | None = None) -> int:
         """Process every chunk the callback wrote since the last step; how many chunks."""
+        if isinstance(far_take, NativeFarEnd):
+            far_take = far_take.native   # read in C: no Python call
         if extras is None:
             return int(self._c.step(far_take, self.aec, None))
         raw, far, sent = self.raw, self.far, self.sent
@@ -374,6 +440,13 @@ class NativeCapture:
                 "guard_held_ms": c.held_blocks * 10 if self.guard_on else 0,
                 "echo_path_db": round(float(c.erl_db), 1) if self.guard_on and c.erl_blocks else None,
                 "errors": c.errors, "cpu_ms": round(c.busy_ns / 1e6, 1)}
+
+    def cpu_stats(self) -> dict[str, float]:
+        """The worker thread's CPU time in its steps so far, and of it inside AEC3's call and inside
+        the far end's take, ms (``capture.echo`` on the native backend)."""
+        step_ns, aec_ns, far_ns = self.cpu_split_ns()
+        return {"step_cpu_ms": round(step_ns / 1e6, 1), "aec_cpu_ms": round(aec_ns / 1e6, 1),
+                "far_take_cpu_ms": round(far_ns / 1e6, 1)}
 
 
 def window_levels(buffer: np.ndarray, pos: int, count: int, window: int) -> tuple[list[float], list[float]]:

@@ -71,6 +71,14 @@ def native_constants() -> dict[str, float]:
             "ERLE_WINDOW_BLOCKS": ERLE_WINDOW_BLOCKS}
 
 
+def far_constants(lead_ms: int = FAR_LEAD_MS, tolerance_ms: int = FAR_TOLERANCE_MS) -> dict[str, int]:
+    """FarEnd's and MicClock's constants by name, for their twin in C (engine.audio.native.NativeFarEnd)."""
+    return {"lead_ms": lead_ms, "tolerance_ms": tolerance_ms, "FAR_RETIME_MS": FAR_RETIME_MS,
+            "FAR_SETTLE_MS": FAR_SETTLE_MS, "FAR_SETTLE_S": FAR_SETTLE_S, "FAR_UNCERTAIN_MS": FAR_UNCERTAIN_MS,
+            "MIC_CLOCK_TOLERANCE_MS": MIC_CLOCK_TOLERANCE_MS, "MIC_CLOCK_JUMP_BLOCKS": MIC_CLOCK_JUMP_BLOCKS,
+            "MIC_CLOCK_SETTLE_REPORTS": MIC_CLOCK_SETTLE_REPORTS}
+
+
 def _frames_ns(frames: int) -> int:
     """The duration of ``frames`` frames at RATE_HZ, in ns."""
     return frames * NS_PER_S // RATE_HZ

@@ -45,7 +45,7 @@ import sys
 import threading
 import time
 import wave
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zmq
@@ -55,7 +55,7 @@ from engine import child
 from engine.child import error_text, every_period, next_due, run_reporting, stop_on_signals, wake
 from engine.audio.preflight import mic_wav_format
 from engine.codec import resample
-from engine.capture.echo import EchoCanceller, EchoGate, FarEnd, native_constants
+from engine.capture.echo import EchoCanceller, EchoGate, FarEnd, far_constants, native_constants
 from engine.audio.listen_talk import SOURCE_TOPIC, BrowserMicReader, SourceSwitch
 from engine.audio.levels import ExternalLevelTap, LevelTap
 from engine.errors import DeviceError
@@ -63,6 +63,9 @@ from engine.audio.record import Recorder
 from engine.audio.ring import Ring
 from engine.pcm import RATE_HZ
 from engine.specs import CaptureSpec
+
+if TYPE_CHECKING:
+    from engine.audio.native import NativeCapture, NativeFarEnd
 
 STATS_EVERY_S = 2.0
 LEVELS_EVERY_S = 0.2          #: capture.levels: 20 ms windows, batched this often (the chores' schedule)
@@ -82,7 +85,8 @@ class CaptureProcess:
         self.period_ms = cfg["period_ms"]
         self.ring = Ring.attach(spec.mic_ring, spec.mic_fd)  # the eventfd wakes the sender
         speaker = Ring.attach(spec.speaker_ring) if spec.speaker_ring else None
-        self.far = FarEnd(Ring.attach(spec.ref_ring)) if spec.ref_ring else None
+        #: the reference, lined up with the mic (the native backend swaps in FarEnd's twin in C)
+        self.far: FarEnd | NativeFarEnd | None = FarEnd(Ring.attach(spec.ref_ring)) if spec.ref_ring else None
         echo = cfg["echo"]
         if echo == "auto":
             echo = "aec" if speaker is not None and spec.speaker_is_device else "off"
@@ -98,6 +102,7 @@ class CaptureProcess:
         #: what the chores publish on: this one, or with the native backend the worker thread's own
         #: (each thread its own ZeroMQ socket)
         self.chores_pub = self.pub
+        self.native_capture: NativeCapture | None = None   #: the native backend's capture path, once it runs
         self.worker_failure: BaseException | None = None   #: the native worker's chores failed (a bug)
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)   #: a stop signal wakes the main loop
         self.next_stats_at = time.monotonic() + STATS_EVERY_S
@@ -203,6 +208,8 @@ class CaptureProcess:
                              far_skipped_frames=far.skipped_frames, far_realignments=far.realignments,
                              far_uncertain_ms=far.uncertain_frames * 1000 // RATE_HZ,
                              mic_clock_jumps=far.clock.jumps)
+            if self.native_capture is not None:
+                stats.update(self.native_capture.cpu_stats())
             if self.gate is not None:
                 stats["muted_frames"] = self.gate.muted_frames
             if self.recorder is not None:
@@ -361,7 +368,7 @@ class CaptureProcess:
         """The device through the native backend: the C input callback writes the device's frames
         to a ring; the worker thread makes one step per chunk; this thread does the chores."""
         from engine.audio.devices import find_device, keep_running, open_pyaudio
-        from engine.audio.native import NativeCapture, window_levels
+        from engine.audio.native import NativeCapture, NativeFarEnd, window_levels
         # the worker does the chores after its step: one wake-up a chunk, none of the main thread's
         # every 100 ms; a thread of its own needs a socket of its own
         self.chores_pub = Publisher(self.spec.bus.publish, f"capture-worker:{os.getpid()}")
@@ -371,12 +378,15 @@ class CaptureProcess:
             dev = find_device(pa, self.mic, "input")
             rate = self.spec.config["audio"]["device_rate_hz"] or dev["default_rate_hz"]
             frames = rate * self.period_ms // 1000
+            if isinstance(self.far, FarEnd):   # its twin in C: the step reads it without a Python call
+                self.far = NativeFarEnd(self.far.ring, far_constants())
             self.level_in = ExternalLevelTap(RATE_HZ, measure=window_levels)
             self.level_out = ExternalLevelTap(RATE_HZ, measure=window_levels)
             cap = NativeCapture(self.ring, rate, frames, aec=self.aec is not None,
                                 guard_db=self.spec.config["audio"]["echo_guard_db"],
                                 tap_in=self.level_in, tap_out=self.level_out, far_adc=True,
                                 echo=native_constants())
+            self.native_capture = cap
             if self.aec is not None:
                 self.aec = cap   # type: ignore[assignment]  # EchoCanceller's statistics, from C
             latency_s = cap.open(dev["index"], rate, frames)
