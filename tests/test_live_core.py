@@ -42,8 +42,8 @@ class Harness:
         self.ids += 1
         return self(ServerEvent({"event_id": f"ev_{self.ids}", **event}))
 
-    def cmd(self, topic: str, body: dict[str, Any]) -> list[Any]:
-        return self(Command(topic, body))
+    def cmd(self, topic: str, body: dict[str, Any], offered: bool = False) -> list[Any]:
+        return self(Command(topic, body, offered))
 
     def started(self) -> list[Any]:
         acts = self(Connected())
@@ -462,8 +462,21 @@ def test_a_command_is_taken_once_and_the_state_lets_the_broker_go() -> None:
     assert len(sent(first, "session.thinking.append")) == 1
     (state,) = published(first, "conversation.history")          # the append it holds is safe first
     assert "c1" in state["taken"] and state["live_pending"][0]["content"] == "The booking is ZX9."
-    again = h.cmd("cmd.say", body)                                # the broker's hand-over of a live copy
+    again = h.cmd("cmd.say", body, offered=True)                  # the broker's hand-over of a live copy
     assert sent(again) == [] and published(again, "intake.taken") == [{"taken": ["c1"]}]
+    assert not published(again, "cmd.done")
+
+
+def test_a_sender_that_sends_a_command_again_hears_its_outcome_again() -> None:
+    """As on Realtime: a client that missed a command's cmd.done (its subscriber joined late) and
+    sends it again gets it again, marked ``repeated``; the command is not carried out twice."""
+    h = Harness()
+    h.started()
+    body = {"name": "lookup", "owner": "crm", "id": "t1"}
+    assert published(h.cmd("cmd.tool.register", body), "cmd.done") == [{"id": "t1", "ok": True}]
+    again = h.cmd("cmd.tool.register", body)
+    assert sent(again) == [] and published(again, "intake.taken") == [{"taken": ["t1"]}]
+    assert published(again, "cmd.done") == [{"id": "t1", "ok": True, "repeated": True}]
 
 
 def test_a_restarted_process_starts_from_its_predecessors_state() -> None:

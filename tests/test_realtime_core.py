@@ -36,8 +36,8 @@ class Harness:
     def ev(self, event: dict[str, Any]) -> list[Any]:
         return self(ServerEvent(event))
 
-    def cmd(self, topic: str, body: dict[str, Any]) -> list[Any]:
-        return self(Command(topic, body))
+    def cmd(self, topic: str, body: dict[str, Any], offered: bool = False) -> list[Any]:
+        return self(Command(topic, body, offered))
 
     def report(self, kind: str, start: int | None, index: int | None, **body: Any) -> list[Any]:
         return self(PlaybackReport(kind, start, index, body))
@@ -346,7 +346,26 @@ def test_say_waits_for_the_active_response_and_appears_on_user_text() -> None:
                                                                "content": []}})
     assert published(added, "cmd.done") == [{"id": "s1", "ok": True, "item_id": item_id}]
     assert published(added, "user.text")[0]["text"] == "hi"
-    assert only_taken(h.cmd("cmd.say", {"text": "hi", "id": "s1"}), "s1")  # a copy of an answered request
+    assert only_taken(h.cmd("cmd.say", {"text": "hi", "id": "s1"}, offered=True), "s1")  # the broker's copy
+
+
+def test_a_sender_that_sends_a_command_again_hears_its_outcome_again() -> None:
+    """A client whose reply subscriber joined the bus after the command's cmd.done went out (ZeroMQ's
+    slow joiner) sends it again: it is not carried out twice, and its cmd.done comes again. Before
+    its outcome is known, a re-send is only said taken: the cmd.done still comes, once."""
+    h = connected()
+    item_id = sent(h.cmd("cmd.say", {"text": "hi", "id": "s1"}), "conversation.item.create")[0]["item"]["id"]
+    early = h.cmd("cmd.say", {"text": "hi", "id": "s1"})
+    assert only_taken(early, "s1") and not sent(early)
+    added = h.ev({"type": "conversation.item.added", "item": {"id": item_id, "type": "message", "role": "user",
+                                                               "content": []}})
+    assert published(added, "cmd.done") == [{"id": "s1", "ok": True, "item_id": item_id}]
+    again = h.cmd("cmd.say", {"text": "hi", "id": "s1"})
+    assert not sent(again) and published(again, "intake.taken") == [{"taken": ["s1"]}]
+    assert published(again, "cmd.done") == [{"id": "s1", "ok": True, "item_id": item_id, "repeated": True}]
+    bad = {"name": "", "id": "t1"}                                 # an outcome that failed comes again the same
+    (failed,) = published(h.cmd("cmd.tool.register", bad), "cmd.done")
+    assert published(h.cmd("cmd.tool.register", bad), "cmd.done") == [{**failed, "repeated": True}]
 
 
 def test_say_while_the_socket_is_down_is_kept_and_sent_on_reconnect() -> None:

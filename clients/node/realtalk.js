@@ -237,7 +237,7 @@ class Bus {
     this._replies();
     const deadline = Date.now() + timeoutMs;
     // the replies must reach us before the command goes: an outcome published before the subscriber
-    // joined was lost, and a command sent again is acked "taken" but not carried out again
+    // joined is lost (the engine says it again, "repeated", only to a command sent again)
     while (!this.replyJoined && Date.now() < deadline) {
       await this.pub.send([this.replyProbe, encode(this._header(0))]);
       await until(this.replyJoin, Math.min(PROBE_MS, deadline - Date.now()));

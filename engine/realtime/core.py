@@ -115,6 +115,7 @@ class RealtimeCore(TakesCommandsOnce):
         self.tools = Tools()
         self.conversation = History()                    #: what the API holds, to replay into a new session
         self.taken: OrderedDict[str, None] = OrderedDict()  #: keys of the commands taken (de-duplication)
+        self.outcomes: OrderedDict[str, Mapping[str, Any]] = OrderedDict()   #: command id -> its cmd.done
         self.core_id = new_id("core")                    #: names this core's state messages (their order: state_seq)
         self.restored = False                            #: started from a predecessor's state (restore_history)
         self.state_seq = 0
@@ -183,7 +184,7 @@ class RealtimeCore(TakesCommandsOnce):
             elif isinstance(rec, ServerEvent):
                 acts = self._server_event(rec.event, now_s, heard_index)
             elif isinstance(rec, Command):
-                acts = self._command(rec.topic, rec.body, now_s, heard_index)
+                acts = self._command(rec.topic, rec.body, now_s, heard_index, rec.offered)
             elif isinstance(rec, PlaybackReport):
                 acts = self._report(rec, now_s)
             elif isinstance(rec, Tick):
@@ -201,6 +202,8 @@ class RealtimeCore(TakesCommandsOnce):
                                              "message": f"handling {what} failed: {type(exc).__name__}: {exc}; "
                                                         "the conversation goes on"})]
             acts.extend(self._restore(now_s))
+        if not isinstance(rec, MicAudio):
+            self._note_outcomes(acts)
         return self.turns.in_order(acts)
 
     def _restore(self, now_s: float) -> list[Action]:

@@ -262,6 +262,7 @@ class LiveCore(TakesCommandsOnce):
         self.malformed_commands = 0
         self.handler_failures = 0
         self.taken: OrderedDict[str, None] = OrderedDict()   #: keys of the commands taken (de-duplication)
+        self.outcomes: OrderedDict[str, Mapping[str, Any]] = OrderedDict()   #: command id -> its cmd.done
         self.core_id = new_id("core")                        #: names this core's state messages
         self.state_seq = 0
         self.sent_dtmf: dict[str, str] = {}     #: transport.dtmf.send event id -> the cmd.dtmf it acks
@@ -305,7 +306,7 @@ class LiveCore(TakesCommandsOnce):
             elif isinstance(rec, ServerEvent):
                 acts = self._server_event(rec.event, now_s, heard_index)
             elif isinstance(rec, Command):
-                acts = self._command(rec.topic, rec.body, now_s, heard_index)
+                acts = self._command(rec.topic, rec.body, now_s, heard_index, rec.offered)
             elif isinstance(rec, PlaybackReport):
                 acts = self._report(rec)
             elif isinstance(rec, Tick):
@@ -322,7 +323,10 @@ class LiveCore(TakesCommandsOnce):
             acts = [Publish("engine.error", {"source": "engine", "code": "handler_failed", "input": str(what),
                                              "message": f"handling {what} failed: {type(exc).__name__}: {exc}; "
                                                         "the conversation goes on"})]
-        return acts + self._heard(now_s, heard_index)
+        acts = acts + self._heard(now_s, heard_index)
+        if not isinstance(rec, MicAudio):
+            self._note_outcomes(acts)
+        return acts
 
     def _move(self, what: str) -> None:
         nxt = TRANSITIONS.get((self.state, what))

@@ -343,12 +343,13 @@ class RealtimeProcess:
     def _wake_main(self) -> None:
         wake(self.wake_fd)
 
-    def _bus_record(self, topic: str, body: dict[str, Any]) -> Input:
+    def _bus_record(self, topic: str, body: dict[str, Any], offered: bool = False) -> Input:
+        """A bus message as the core's record; ``offered``: a command the broker handed over."""
         if topic.startswith("playback."):
             start, index = body.get("start_index"), body.get("index")
             return PlaybackReport(topic[len("playback."):], start if isinstance(start, int) else None,
                                   index if isinstance(index, int) else None, body)
-        return Command(topic, body)
+        return Command(topic, body, offered)
 
     def _take_over(self, sub: Subscriber) -> None:
         """Start from what the broker holds: it answers our subscription to ``intake.realtime`` with
@@ -386,7 +387,7 @@ class RealtimeProcess:
         for frames in (handover or {}).get("commands") or []:
             held = self._accept_inner(sub, frames)
             if held is not None:
-                self._step_before_link(self._bus_record(*held))
+                self._step_before_link(self._bus_record(*held, offered=True))
         for topic, body in early:
             self._on_bus(topic, body, before_link=True)
 
@@ -405,7 +406,7 @@ class RealtimeProcess:
             for frames in body.get("commands") or []:
                 held = self._accept_inner(self.bus_sub, frames) if self.bus_sub is not None else None
                 if held is not None:
-                    hand(self._bus_record(*held))
+                    hand(self._bus_record(*held, offered=True))
             return
         if topic == "engine.error":
             if body.get("code") == "child_exited" and body.get("child") == "broker":

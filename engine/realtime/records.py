@@ -62,9 +62,11 @@ class ServerEvent:
 
 @dataclass(frozen=True)
 class Command:
-    """A bus message the core acts on (``cmd.*``, ``engine.presence.gone``)."""
+    """A bus message the core acts on (``cmd.*``, ``engine.presence.gone``); ``offered``: the
+    broker's copy (its hand-over, or a re-offer of a command it holds), not a sender's."""
     topic: str
     body: Mapping[str, Any]
+    offered: bool = False
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,12 @@ Rules:
 - ``cmd.ack`` and ``cmd.done`` are the engine's own answers: never commands.
 - A command with no key (no id and no header to name it by) is carried out as it comes.
 - A command whose key was taken already (the broker's hand-over of what also came live, a
-  client's re-send) is only said taken again (``intake.taken``), so the broker lets it go.
+  client's re-send) is only said taken again (``intake.taken``), so the broker lets it go. A
+  sender's re-send of a command whose outcome is known also gets that ``cmd.done`` again, with
+  ``repeated: true``: a client that missed it (its subscriber joined the bus late, or it sent
+  again after a timeout) is not left waiting. The broker's copies get none (the sender is
+  waiting for nothing they could answer). Outcomes are remembered for the last ``SEEN_IDS``
+  command ids, in this process (a restarted one knows the keys it took, not their outcomes).
 - Otherwise it is carried out; then the broker learns it was taken: by the state message when
   it changed what a successor starts from (the state is safe before the broker lets it go), else
   by ``intake.taken``.
@@ -38,6 +43,8 @@ class TakesCommandsOnce:
     ``history_message`` (that state, to publish)."""
 
     taken: OrderedDict[str, None]
+    #: command id -> its ``cmd.done``, for a sender's re-send (the rules above)
+    outcomes: OrderedDict[str, Mapping[str, Any]]
     _commands: dict[str, Handler]
     malformed_commands: int
 
@@ -50,15 +57,20 @@ class TakesCommandsOnce:
     def history_message(self) -> Publish:
         raise NotImplementedError
 
-    def _command(self, topic: str, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
-        """A command, taken once (the rules above)."""
+    def _command(self, topic: str, body: Mapping[str, Any], now_s: float, heard: int,
+                 offered: bool = False) -> list[Action]:
+        """A command, taken once (the rules above); ``offered``: the broker's copy."""
         if topic in (ACK_TOPIC, DONE_TOPIC):
             return []
         key = command_key(body) if topic.startswith("cmd.") else None
         if key is None:
             return self._carry_out(topic, body, now_s, heard)
         if key in self.taken:
-            return [Publish(TAKEN_TOPIC, {"taken": [key]})]
+            acts: list[Action] = [Publish(TAKEN_TOPIC, {"taken": [key]})]
+            outcome = None if offered else self.outcomes.get(key)
+            if outcome is not None:
+                acts.append(Publish(DONE_TOPIC, {**outcome, "repeated": True}))
+            return acts
         self._mark_taken(key)
         before = self._durable_mark()
         acts = self._carry_out(topic, body, now_s, heard)
@@ -96,6 +108,17 @@ class TakesCommandsOnce:
     def _ack(self, body: Mapping[str, Any], **extra: Any) -> list[Action]:
         """The command's outcome: carried out (``cmd.done`` ``ok``)."""
         return [Publish(DONE_TOPIC, {"id": body["id"], "ok": True, **extra})] if body.get("id") else []
+
+    def _note_outcomes(self, acts: list[Action]) -> None:
+        """Remember the outcome of each command taken that these actions publish (``cmd.done``)."""
+        for act in acts:
+            if isinstance(act, Publish) and act.topic == DONE_TOPIC:
+                cmd_id = act.payload.get("id")
+                if isinstance(cmd_id, str) and cmd_id in self.taken and not act.payload.get("repeated"):
+                    self.outcomes[cmd_id] = act.payload
+                    self.outcomes.move_to_end(cmd_id)
+                    while len(self.outcomes) > SEEN_IDS:
+                        self.outcomes.popitem(last=False)
 
     def _mark_taken(self, key: str) -> None:
         self.taken[key] = None
