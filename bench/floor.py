@@ -5,7 +5,14 @@ periods, whose callbacks do only what no engine can leave out (the mic's: soxr t
 and one AEC3 call per block, with a speech-like far end; the speaker's: hand over silence).
 Same CPU measure as the engine's figure (``bench.run._cpu_ns``). Definitions: bench/README.md.
 
+Beside it, on request, the link's floor: the least a Python API link does on the same socket
+stack as the engine's (asyncio ``websockets``, no compression): one ``input_audio_buffer.append``
+of 20 ms sent every 20 ms, and one 100 ms audio delta a tenth of a second received and decoded,
+over loopback TCP from a server process (not measured, as the engine's local server is not).
+
     python -m bench.floor input RATE_HZ PERIOD_MS     # one side, until stdin closes
+    python -m bench.floor link-server                 # prints its port
+    python -m bench.floor link PORT                   # the link's floor, until stdin closes
 """
 from __future__ import annotations
 
@@ -62,16 +69,98 @@ def _side(kind: str, rate_hz: int, period_ms: int) -> None:
     pa.terminate()
 
 
+LINK_CHUNK_S = 0.02            #: the link floor's append: 20 ms, as the engine's mic chunk
+LINK_DELTA_S = 0.1             #: its server's audio delta: 100 ms, as the local server's (and OpenAI's)
+
+
+def _link_server() -> None:
+    """A loopback websockets server: reads everything, sends a 100 ms audio delta every 100 ms."""
+    import asyncio
+    import base64
+    import json
+    import numpy as np
+    from websockets.asyncio.server import ServerConnection, serve
+    pcm = np.random.default_rng(2).normal(0, 1000, int(24000 * LINK_DELTA_S)).astype(np.int16).tobytes()
+    delta = json.dumps({"type": "response.output_audio.delta", "response_id": "resp_1", "item_id": "item_1",
+                        "output_index": 0, "content_index": 0, "delta": base64.b64encode(pcm).decode()})
+
+    async def session(ws: ServerConnection) -> None:
+        async def speak() -> None:
+            loop = asyncio.get_running_loop()
+            at = loop.time()
+            while True:
+                at += LINK_DELTA_S
+                await asyncio.sleep(at - loop.time())
+                await ws.send(delta)
+        task = asyncio.create_task(speak())
+        try:
+            async for _ in ws:
+                pass
+        finally:
+            task.cancel()
+
+    async def main() -> None:
+        async with serve(session, "127.0.0.1", 0, max_size=None, compression=None, ping_interval=None) as server:
+            print(next(iter(server.sockets)).getsockname()[1], flush=True)
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    asyncio.run(main())
+
+
+def _link(port: int) -> None:
+    """The link's floor (the module docstring): woken by the loop's timer once per chunk (the
+    engine's link, by the mic ring's eventfd), the append built as the engine builds it."""
+    import asyncio
+    import base64
+    import json
+    import numpy as np
+    from websockets.asyncio.client import connect
+    from websockets.asyncio.connection import broadcast
+    pcm = np.random.default_rng(1).normal(0, 1000, int(24000 * LINK_CHUNK_S)).astype(np.int16).tobytes()
+
+    async def main() -> None:
+        async with connect(f"ws://127.0.0.1:{port}", max_size=None, compression=None, ping_interval=None) as ws:
+            loop = asyncio.get_running_loop()
+            next_at = loop.time()
+
+            def send() -> None:
+                nonlocal next_at
+                broadcast((ws,), '{"type":"input_audio_buffer.append","audio":"'
+                          + base64.b64encode(pcm).decode("ascii") + '"}')
+                next_at += LINK_CHUNK_S
+                loop.call_at(next_at, send)
+            loop.call_soon(send)
+            done = loop.run_in_executor(None, sys.stdin.read)
+            print("ready", flush=True)
+            while not done.done():
+                recv = asyncio.ensure_future(ws.recv())
+                await asyncio.wait((recv, done), return_when=asyncio.FIRST_COMPLETED)
+                if recv.done():
+                    base64.b64decode(json.loads(recv.result())["delta"])
+                else:
+                    recv.cancel()
+    asyncio.run(main())
+
+
+def _start(args: list[str], env: dict[str, str] | None) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "bench.floor", *args], cwd=REPO, env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+
 @contextlib.contextmanager
 def running(rate_hz: int, mic_period_ms: int, speaker_period_ms: int,
-            env: dict[str, str] | None = None) -> Iterator[dict[str, int]]:
-    """Both sides running (``{"input": pid, "output": pid}``) for the ``with`` block: started and
-    past their streams' start-up on entry, stopped on exit."""
-    procs = {kind: subprocess.Popen([sys.executable, "-m", "bench.floor", kind, str(rate_hz), str(period)],
-                                    cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.DEVNULL, text=True)
+            env: dict[str, str] | None = None, link: bool = False) -> Iterator[dict[str, int]]:
+    """Both sides running (``{"input": pid, "output": pid}``, and ``"link"``: the link's floor,
+    with ``link``) for the ``with`` block: started and past their start-up on entry, stopped on exit."""
+    procs = {kind: _start([kind, str(rate_hz), str(period)], env)
              for kind, period in (("input", mic_period_ms), ("output", speaker_period_ms))}
+    server = None
     try:
+        if link:
+            server = _start(["link-server"], env)
+            port = server.stdout.readline().strip() if server.stdout else ""
+            if not port.isdigit():
+                raise RuntimeError(f"bench.floor link-server did not start (exit {server.poll()})")
+            procs["link"] = _start(["link", port], env)
         for kind, p in procs.items():
             line = p.stdout.readline() if p.stdout else ""
             if line.strip() != "ready":
@@ -79,10 +168,10 @@ def running(rate_hz: int, mic_period_ms: int, speaker_period_ms: int,
         time.sleep(1.0)   # past the streams' start-up
         yield {kind: p.pid for kind, p in procs.items()}
     finally:
-        for p in procs.values():
+        for p in [*procs.values(), *([server] if server is not None else [])]:
             if p.stdin:
                 p.stdin.close()
-        for p in procs.values():
+        for p in [*procs.values(), *([server] if server is not None else [])]:
             try:
                 p.wait(10)
             except subprocess.TimeoutExpired:
@@ -90,10 +179,14 @@ def running(rate_hz: int, mic_period_ms: int, speaker_period_ms: int,
 
 
 def figures(by_side: dict[str, float]) -> dict[str, float]:
-    """The floor's figures from the % of one core of each side over one window."""
-    return {"floor_cpu_percent_of_one_core": round(sum(by_side.values()), 2),
-            "floor_cpu_percent_mic_pyaudio_soxr_aec3": round(by_side["input"], 2),
-            "floor_cpu_percent_speaker_pyaudio": round(by_side["output"], 2)}
+    """The floor's figures from the % of one core of each side over one window (the link's floor,
+    when it ran, apart: it is not in ``floor_cpu_percent_of_one_core``)."""
+    out = {"floor_cpu_percent_of_one_core": round(by_side["input"] + by_side["output"], 2),
+           "floor_cpu_percent_mic_pyaudio_soxr_aec3": round(by_side["input"], 2),
+           "floor_cpu_percent_speaker_pyaudio": round(by_side["output"], 2)}
+    if "link" in by_side:
+        out["floor_cpu_percent_link_python_websockets"] = round(by_side["link"], 2)
+    return out
 
 
 def measure(rate_hz: int, mic_period_ms: int, speaker_period_ms: int, seconds: float,
@@ -109,4 +202,9 @@ def measure(rate_hz: int, mic_period_ms: int, speaker_period_ms: int, seconds: f
 
 
 if __name__ == "__main__":
-    _side(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    if sys.argv[1] == "link-server":
+        _link_server()
+    elif sys.argv[1] == "link":
+        _link(int(sys.argv[2]))
+    else:
+        _side(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))

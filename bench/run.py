@@ -478,7 +478,7 @@ def _real_path_cpu(tmp: Path, env: dict[str, str], backend: str) -> dict[str, An
         # machine's speed moves by a quarter from minute to minute, a window apart it moves too
         from bench.floor import figures, running
         windows: list[tuple[dict[str, float], dict[str, float], float, float]] = []
-        with running(48000, 20, 10, env) as floor_pids:   # named "input" and "output": no engine process is
+        with running(48000, 20, 10, env, link=True) as floor_pids:   # "input", "output", "link": no engine process is
             for _ in range(CPU_WINDOWS):
                 by_name, t0, t1 = cpu_window(proc, conn, CPU_WINDOW_S, floor_pids)
                 windows.append(({k: v for k, v in by_name.items() if k not in floor_pids},
@@ -512,6 +512,9 @@ def _real_path_cpu(tmp: Path, env: dict[str, str], backend: str) -> dict[str, An
         result.update(figures(windows[mid][1]))
         result["floor_cpu_percent_of_one_core"] = statistics.median(floors)
         result["floor_cpu_percent_of_one_core_runs"] = floors
+        links = [figures(w[1])["floor_cpu_percent_link_python_websockets"] for w in windows]
+        result["floor_cpu_percent_link_python_websockets"] = statistics.median(links)
+        result["floor_cpu_percent_link_python_websockets_runs"] = links
         result["engine_cpu_percent_above_floor"] = statistics.median(above)
         result["engine_cpu_percent_above_floor_runs"] = above
         sub.close()
