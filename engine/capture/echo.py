@@ -181,6 +181,10 @@ class FarEnd:
     talker onset: no hold. Skipping frames due before their time is otherwise no guess (the
     stamps are exact within a run, and a flush's dropped frames never played).
     Before playback has stamped anything, frames are taken by count.
+
+    The native backend runs its twin in C (engine.audio.native.NativeFarEnd, this class's constants
+    by name from :func:`far_constants`): a change here is a change there, in the same commit;
+    tests/test_echo_far_end.py drives both with the same input and checks they agree.
     """
 
     def __init__(self, ring: Ring, lead_ms: int = FAR_LEAD_MS, tolerance_ms: int = FAR_TOLERANCE_MS) -> None:
