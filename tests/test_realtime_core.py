@@ -363,6 +363,12 @@ def test_a_sender_that_sends_a_command_again_hears_its_outcome_again() -> None:
     again = h.cmd("cmd.say", {"text": "hi", "id": "s1"})
     assert not sent(again) and published(again, "intake.taken") == [{"taken": ["s1"]}]
     assert published(again, "cmd.done") == [{"id": "s1", "ok": True, "item_id": item_id, "repeated": True}]
+    reused = h.cmd("cmd.cancel", {"id": "s1"})                    # another command under s1's id: a mistake
+    (err,) = published(reused, "engine.error")
+    assert err["code"] == "id_reused" and "cmd.say" in err["message"] and "id of its own" in err["message"]
+    assert published(reused, "cmd.done") == [{"id": "s1", "ok": False, "error": err["message"], "code": "id_reused"}]
+    assert not sent(reused)                                        # not carried out
+    assert published(h.cmd("cmd.say", {"text": "hi", "id": "s1"}), "cmd.done")[0]["item_id"] == item_id
     bad = {"name": "", "id": "t1"}                                 # an outcome that failed comes again the same
     (failed,) = published(h.cmd("cmd.tool.register", bad), "cmd.done")
     assert published(h.cmd("cmd.tool.register", bad), "cmd.done") == [{**failed, "repeated": True}]

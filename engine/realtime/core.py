@@ -114,7 +114,7 @@ class RealtimeCore(TakesCommandsOnce):
         self.turns = Turns()
         self.tools = Tools()
         self.conversation = History()                    #: what the API holds, to replay into a new session
-        self.taken: OrderedDict[str, None] = OrderedDict()  #: keys of the commands taken (de-duplication)
+        self.taken: OrderedDict[str, str | None] = OrderedDict()  #: keys of the commands taken (de-duplication)
         self.outcomes: OrderedDict[str, Mapping[str, Any]] = OrderedDict()   #: command id -> its cmd.done
         self.core_id = new_id("core")                    #: names this core's state messages (their order: state_seq)
         self.restored = False                            #: started from a predecessor's state (restore_history)

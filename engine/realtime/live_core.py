@@ -261,7 +261,7 @@ class LiveCore(TakesCommandsOnce):
         self.errors = 0
         self.malformed_commands = 0
         self.handler_failures = 0
-        self.taken: OrderedDict[str, None] = OrderedDict()   #: keys of the commands taken (de-duplication)
+        self.taken: OrderedDict[str, str | None] = OrderedDict()   #: keys of the commands taken (de-duplication)
         self.outcomes: OrderedDict[str, Mapping[str, Any]] = OrderedDict()   #: command id -> its cmd.done
         self.core_id = new_id("core")                        #: names this core's state messages
         self.state_seq = 0

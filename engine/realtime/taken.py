@@ -11,6 +11,10 @@ Rules:
   again after a timeout) is not left waiting. The broker's copies get none (the sender is
   waiting for nothing they could answer). Outcomes are remembered for the last ``SEEN_IDS``
   command ids, in this process (a restarted one knows the keys it took, not their outcomes).
+- An id a sender used before for a command of another topic is a mistake, not a re-send: that
+  command is not carried out, and it is reported once (``engine.error`` ``id_reused``, and its
+  ``cmd.done`` ``ok: false``) naming the topic that took the id, so the sender is not left with
+  a silent ``taken``.
 - Otherwise it is carried out; then the broker learns it was taken: by the state message when
   it changed what a successor starts from (the state is safe before the broker lets it go), else
   by ``intake.taken``.
@@ -42,7 +46,8 @@ class TakesCommandsOnce:
     ``_durable_mark`` (changes when the state a successor starts from changes) and
     ``history_message`` (that state, to publish)."""
 
-    taken: OrderedDict[str, None]
+    #: keys of the commands taken -> the topic that took each (None: known by key only, from a state)
+    taken: OrderedDict[str, str | None]
     #: command id -> its ``cmd.done``, for a sender's re-send (the rules above)
     outcomes: OrderedDict[str, Mapping[str, Any]]
     _commands: dict[str, Handler]
@@ -67,11 +72,19 @@ class TakesCommandsOnce:
             return self._carry_out(topic, body, now_s, heard)
         if key in self.taken:
             acts: list[Action] = [Publish(TAKEN_TOPIC, {"taken": [key]})]
+            first_topic = self.taken[key]
+            if not offered and first_topic is not None and first_topic != topic:
+                self.malformed_commands += 1
+                why = (f"the id {key!r} was taken already by a {first_topic} command, so this {topic} was not "
+                       "carried out: give each command an id of its own")
+                return acts + [Publish("engine.error", {"source": "bus", "code": "id_reused", "topic": topic,
+                                                        "id": key, "message": why}),
+                               Publish(DONE_TOPIC, {"id": key, "ok": False, "error": why, "code": "id_reused"})]
             outcome = None if offered else self.outcomes.get(key)
             if outcome is not None:
                 acts.append(Publish(DONE_TOPIC, {**outcome, "repeated": True}))
             return acts
-        self._mark_taken(key)
+        self._mark_taken(key, topic)
         before = self._durable_mark()
         acts = self._carry_out(topic, body, now_s, heard)
         if any(isinstance(a, Publish) and a.topic == STATE_TOPIC for a in acts):
@@ -114,14 +127,15 @@ class TakesCommandsOnce:
         for act in acts:
             if isinstance(act, Publish) and act.topic == DONE_TOPIC:
                 cmd_id = act.payload.get("id")
-                if isinstance(cmd_id, str) and cmd_id in self.taken and not act.payload.get("repeated"):
+                if isinstance(cmd_id, str) and cmd_id in self.taken and not act.payload.get("repeated") \
+                        and act.payload.get("code") != "id_reused":   # that one answers another command
                     self.outcomes[cmd_id] = act.payload
                     self.outcomes.move_to_end(cmd_id)
                     while len(self.outcomes) > SEEN_IDS:
                         self.outcomes.popitem(last=False)
 
-    def _mark_taken(self, key: str) -> None:
-        self.taken[key] = None
+    def _mark_taken(self, key: str, topic: str | None = None) -> None:
+        self.taken[key] = topic
         self.taken.move_to_end(key)
         while len(self.taken) > SEEN_IDS:
             self.taken.popitem(last=False)
