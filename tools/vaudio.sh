@@ -3,6 +3,7 @@
 #   sink  spk      the virtual speaker; record it back from spk.monitor (ALSA: vspkmon)
 #   sink  micsink  feed WAVs into it (paplay --device=micsink f.wav; ALSA: vmicfeed)
 #   source micsink.monitor  the virtual microphone (default source; ALSA: vmic)
+#   source quiet    silence at 48 kHz on the source's own clock, not a sink's monitor (ALSA: vquiet)
 #   echo-on 60%  an echo path: what the speaker plays reaches the mic (module-loopback spk.monitor ->
 #                micsink at that volume), the way a laptop's speaker reaches its own mic; echo-off removes it
 # Clients need PULSE_SERVER and XDG_CONFIG_HOME from `vaudio.sh env` (set before PyAudio()).
@@ -20,7 +21,8 @@ start() {
     -L "module-native-protocol-unix socket=$VA_DIR/native auth-anonymous=1" \
     -L "module-null-sink sink_name=spk $ch" -L "module-null-sink sink_name=micsink $ch" -L "module-null-sink sink_name=hole $ch" \
     -L "module-loopback source=spk.monitor sink=hole latency_msec=20 source_dont_move=1 sink_dont_move=1" \
-    -L "module-loopback source=micsink.monitor sink=hole latency_msec=20 source_dont_move=1 sink_dont_move=1" 2>>"$VA_DIR/start.log"
+    -L "module-loopback source=micsink.monitor sink=hole latency_msec=20 source_dont_move=1 sink_dont_move=1" \
+    -L "module-null-source source_name=quiet rate=48000 channels=1 format=s16le" 2>>"$VA_DIR/start.log"
   for _ in $(seq 100); do pactl info >/dev/null 2>&1 && break; sleep 0.02; done
   for s in spk micsink; do pactl suspend-sink "$s" 1; pactl suspend-sink "$s" 0; done   # restart the 2 s render timers
   pactl set-default-sink spk; pactl set-default-source micsink.monitor
@@ -29,6 +31,7 @@ pcm.vspk     { type pulse; device "spk";             hint { show on; description
 pcm.vmic     { type pulse; device "micsink.monitor"; hint { show on; description "virtual mic" } }
 pcm.vspkmon  { type pulse; device "spk.monitor";     hint { show on; description "speaker monitor" } }
 pcm.vmicfeed { type pulse; device "micsink";         hint { show on; description "feed the virtual mic" } }
+pcm.vquiet   { type pulse; device "quiet";           hint { show on; description "a silent source, on its own clock" } }
 RC
   print_env; }
 alive() { local _p _c st; read -r _p _c st _ < "/proc/$1/stat" 2>/dev/null || return 1; [ "$st" != Z ]; }

@@ -517,7 +517,8 @@ static const int8_t R_NEXT[R_STATES][R_EVENTS] = {
  * read; the clock is the lowest bound seen (reached whenever a piece comes at once), allowed to
  * rise PULSE_CLOCK_LEAK_PPM (a device slower than its rate) and set afresh after the server dropped
  * frames (the count no longer matches the time). A period's first frame k was captured at
- * ``first + k / rate``.
+ * ``first + k / rate``. A backlog handed over at once when the stream connects (PulseAudio's null
+ * source: over a second) is dated by upper bounds only until it is read: late, and ~2 ms apart.
  * Rule 1 holds: the mainloop thread is the callback thread; it takes no GIL and allocates nothing
  * (the mic's period buffer is allocated at open). */
 typedef void (*host_play_fn)(void *user, int16_t *out, int64_t frames, double latency_s, int underflow);
