@@ -345,6 +345,29 @@ def test_pushed_frames_carry_the_capture_time_they_are_given(rings: Any) -> None
 
 
 @needs_native
+def test_a_backlog_longer_than_the_stamps_kept_is_dated_from_the_oldest_kept(rings: Any) -> None:
+    """More periods waiting than the capture keeps stamps for (a source's backlog when a stream
+    connects, a stalled worker): the chunks whose own stamps were rewritten are dated from the
+    oldest kept, paced back. They were dated 0 (CLOCK_MONOTONIC's origin): the far end's clock
+    took that for a jump of the mic's frames."""
+    mic = rings(1 << 16, eventfd=True)
+    cap = native.NativeCapture(mic, 24000, 480, aec=False, far_adc=True)
+    asks: list[int] = []
+
+    def take(n: int, adc_ns: int) -> np.ndarray:
+        asks.append(adc_ns)
+        return np.zeros(n, dtype=np.int16)
+    base = 10**12
+    periods = 66                                   # more than the 64 stamps kept; under the device ring's second
+    for k in range(periods):
+        cap.push(voiced(480, 300), base + k * 20_000_000)
+    while cap.step(take):
+        pass
+    assert len(asks) == periods // 4 + 1           # 4 periods a chunk at most
+    assert asks == [base + k * 4 * 20_000_000 for k in range(len(asks))]
+
+
+@needs_native
 def test_with_echo_cancellation_extras_never_get_the_mic_in_place_of_what_it_made(rings: Any) -> None:
     """A chunk too short for a whole 10 ms block leaves the canceller nothing to hand out yet: extras
     (the recording's path) gets an empty ``sent``, not None (None means "no canceller", and the

@@ -2387,6 +2387,35 @@ static void cap_push(Capture *c, const int16_t *in, int64_t n, int64_t adc_ns) {
     (void)rc;
 }
 
+/* When device frame ``rd`` was captured (the worker's): the newest stamp at or before it, paced on
+ * at the device's rate; when the stamps that far back are rewritten already (more than ADC_STAMPS
+ * periods waited: a backlog, a stalled worker), the oldest one kept, paced back (the periods
+ * between came one after another). 0 before any stamp. A slot is read as a seqlock's reader
+ * reads: the slot, then the count again; a slot the callback may have rewritten meanwhile makes
+ * the search start over (it gives up after a few tries: 0). */
+static int64_t cap_adc_of(Capture *c, int64_t rd) {
+    for (int tries = 0; tries < 4; tries++) {
+        int64_t kk = ld_acq(&c->adc_count), oldest_idx = -1, oldest_ns = 0;
+        int torn = 0;
+        for (int64_t j = kk - 1; j >= 0 && j > kk - ADC_STAMPS; j--) {
+            int64_t idx = ld_rlx(&c->adc_index[j % ADC_STAMPS]), ns = ld_rlx(&c->adc_ns[j % ADC_STAMPS]);
+            __atomic_thread_fence(__ATOMIC_ACQUIRE);
+            if (ld_rlx(&c->adc_count) - j >= ADC_STAMPS) {   /* the callback is at this slot again */
+                torn = 1;
+                break;
+            }
+            if (idx <= rd)
+                return ns + (rd - idx) * 1000000000LL / c->device_rate_hz;
+            oldest_idx = idx;
+            oldest_ns = ns;
+        }
+        if (torn)
+            continue;
+        return oldest_idx < 0 ? 0 : oldest_ns - (oldest_idx - rd) * 1000000000LL / c->device_rate_hz;
+    }
+    return 0;
+}
+
 /* One device period (either host's, host_rec_fn): ``frames`` device frames, the first captured
  * at ``adc_ns`` (CLOCK_MONOTONIC); the device dropped frames before them (``overflow``). */
 static void cap_period(void *user, const int16_t *input, int64_t frames, int64_t adc_ns, int overflow) {
@@ -2550,14 +2579,7 @@ static PyObject *Capture_step(Capture *c, PyObject *args) {
         }
         /* when this chunk's first 24 kHz frame was captured: its first device frame's stamp, less
          * what soxr holds back (the device frames before it, less the 24 kHz frames made before it) */
-        int64_t adc = 0, kk = ld_acq(&c->adc_count);
-        for (int64_t j = kk - 1; j >= 0 && j >= kk - ADC_STAMPS; j--) {
-            int64_t idx = ld_rlx(&c->adc_index[j % ADC_STAMPS]);
-            if (idx <= rd) {
-                adc = ld_rlx(&c->adc_ns[j % ADC_STAMPS]) + (rd - idx) * 1000000000LL / c->device_rate_hz;
-                break;
-            }
-        }
+        int64_t adc = cap_adc_of(c, rd);
         if (c->to24)
             adc -= rd * 1000000000LL / c->device_rate_hz - c->out24_total * 1000000000LL / RATE_HZ;
         c->out24_total += n24;
