@@ -13,6 +13,9 @@ over loopback TCP from a server process (not measured, as the engine's local ser
     python -m bench.floor input RATE_HZ PERIOD_MS     # one side, until stdin closes
     python -m bench.floor link-server                 # prints its port
     python -m bench.floor link PORT                   # the link's floor, until stdin closes
+
+And the same link in C (bench/link_floor.c, built with gcc when it runs), to show what a native
+API link could cost at best: the same appends, the same deltas decoded, a plain WebSocket.
 """
 from __future__ import annotations
 
@@ -80,6 +83,7 @@ def _link_server() -> None:
     import json
     import numpy as np
     from websockets.asyncio.server import ServerConnection, serve
+    from websockets.exceptions import ConnectionClosed
     pcm = np.random.default_rng(2).normal(0, 1000, int(24000 * LINK_DELTA_S)).astype(np.int16).tobytes()
     delta = json.dumps({"type": "response.output_audio.delta", "response_id": "resp_1", "item_id": "item_1",
                         "output_index": 0, "content_index": 0, "delta": base64.b64encode(pcm).decode()})
@@ -96,6 +100,8 @@ def _link_server() -> None:
         try:
             async for _ in ws:
                 pass
+        except ConnectionClosed:
+            pass   # the C link ends by closing its socket, without a close frame
         finally:
             task.cancel()
 
@@ -146,11 +152,25 @@ def _start(args: list[str], env: dict[str, str] | None) -> subprocess.Popen[str]
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
 
+def _c_link(port: str, env: dict[str, str] | None) -> subprocess.Popen[str] | None:
+    """bench/link_floor.c built (gcc -O2, into a temporary folder) and started; None without gcc."""
+    import shutil
+    import tempfile
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        return None
+    exe = Path(tempfile.mkdtemp(prefix="rtlinkfloor")) / "link_floor"
+    subprocess.run([gcc, "-O2", "-o", str(exe), str(REPO / "bench" / "link_floor.c")], check=True, timeout=60)
+    return subprocess.Popen([str(exe), port], cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+
+
 @contextlib.contextmanager
 def running(rate_hz: int, mic_period_ms: int, speaker_period_ms: int,
             env: dict[str, str] | None = None, link: bool = False) -> Iterator[dict[str, int]]:
-    """Both sides running (``{"input": pid, "output": pid}``, and ``"link"``: the link's floor,
-    with ``link``) for the ``with`` block: started and past their start-up on entry, stopped on exit."""
+    """Both sides running (``{"input": pid, "output": pid}``, and with ``link`` the link's floors:
+    ``"link"``, and ``"link_c"`` where gcc is) for the ``with`` block: started and past their
+    start-up on entry, stopped on exit."""
     procs = {kind: _start([kind, str(rate_hz), str(period)], env)
              for kind, period in (("input", mic_period_ms), ("output", speaker_period_ms))}
     server = None
@@ -161,6 +181,9 @@ def running(rate_hz: int, mic_period_ms: int, speaker_period_ms: int,
             if not port.isdigit():
                 raise RuntimeError(f"bench.floor link-server did not start (exit {server.poll()})")
             procs["link"] = _start(["link", port], env)
+            c_link = _c_link(port, env)
+            if c_link is not None:
+                procs["link_c"] = c_link
         for kind, p in procs.items():
             line = p.stdout.readline() if p.stdout else ""
             if line.strip() != "ready":
@@ -186,6 +209,8 @@ def figures(by_side: dict[str, float]) -> dict[str, float]:
            "floor_cpu_percent_speaker_pyaudio": round(by_side["output"], 2)}
     if "link" in by_side:
         out["floor_cpu_percent_link_python_websockets"] = round(by_side["link"], 2)
+    if "link_c" in by_side:
+        out["floor_cpu_percent_link_c_websocket"] = round(by_side["link_c"], 2)
     return out
 
 

@@ -515,6 +515,11 @@ def _real_path_cpu(tmp: Path, env: dict[str, str], backend: str) -> dict[str, An
         links = [figures(w[1])["floor_cpu_percent_link_python_websockets"] for w in windows]
         result["floor_cpu_percent_link_python_websockets"] = statistics.median(links)
         result["floor_cpu_percent_link_python_websockets_runs"] = links
+        c_links = [figures(w[1])["floor_cpu_percent_link_c_websocket"] for w in windows
+                   if "link_c" in w[1]]   # none without gcc
+        if c_links:
+            result["floor_cpu_percent_link_c_websocket"] = statistics.median(c_links)
+            result["floor_cpu_percent_link_c_websocket_runs"] = c_links
         result["engine_cpu_percent_above_floor"] = statistics.median(above)
         result["engine_cpu_percent_above_floor_runs"] = above
         sub.close()
