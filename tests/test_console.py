@@ -365,7 +365,9 @@ def test_console_on_gpt_live_shows_the_track_fragments_context_and_cost(start_en
                            "n.innerText.includes('fragments') && n.innerText.includes('session'))", timeout=10_000)
     # the turn's latency: speech end -> the reply's first sound heard, which is about the gap between the
     # turns on the session's timeline (the engine closes the user's turn 800 ms after its last fragment,
-    # when the reply has already begun: measured from then, it read 800 ms and more too long)
+    # when the reply has already begun: measured from then, it read 800 ms and more too long). With a
+    # 600 ms gap it reads 870-890 ms on an idle machine, 1,262 once under CI's two test processes, and
+    # read ~1,800 with that defect: the bound is the gap and 900 ms
     page.wait_for_function("() => [...document.querySelectorAll('.turn.model .nums')].some(n => "
                            "n.innerText.includes('first sound heard'))", timeout=10_000)
     spans = page.evaluate("() => [...document.querySelectorAll('.turn.user .nums, .turn.model .nums')]"
@@ -373,7 +375,7 @@ def test_console_on_gpt_live_shows_the_track_fragments_context_and_cost(start_en
     user_end_s = float(re.search(r"session [\d.]+[–-]([\d.]+) s", spans[0]).group(1))   # type: ignore[union-attr]
     heard_ms = float(re.search(r"first sound heard (\d+) ms", spans[1]).group(1))        # type: ignore[union-attr]
     model_start_s = float(re.search(r"session ([\d.]+)[–-]", spans[1]).group(1))          # type: ignore[union-attr]
-    assert 0 < heard_ms < (model_start_s - user_end_s) * 1000 + 600, spans
+    assert 0 < heard_ms < (model_start_s - user_end_s) * 1000 + 900, spans
     # the user's speech is marked where it was, not when its fragments came (after it)
     marks = page.evaluate("() => Object.fromEntries(window.consoleState.markers.map(m => [m.label, m.t]))")
     assert abs(marks["speech stopped"] - marks["speech end"]) < 50, marks
