@@ -191,10 +191,11 @@ def running(rate_hz: int, mic_period_ms: int, speaker_period_ms: int,
         time.sleep(1.0)   # past the streams' start-up
         yield {kind: p.pid for kind, p in procs.items()}
     finally:
-        for p in [*procs.values(), *([server] if server is not None else [])]:
+        started = [*procs.values(), *([server] if server is not None else [])]
+        for p in started:
             if p.stdin:
                 p.stdin.close()
-        for p in [*procs.values(), *([server] if server is not None else [])]:
+        for p in started:
             try:
                 p.wait(10)
             except subprocess.TimeoutExpired:

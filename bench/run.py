@@ -488,7 +488,8 @@ def _real_path_cpu(tmp: Path, env: dict[str, str], backend: str) -> dict[str, An
         ended = [t for t, topic, _ in log if topic in ("playout.stopped", "playout.interrupted", "playout.underrun")]
         devices = _devices_logged(conn)
         totals = [round(sum(w[0].values()), 2) for w in windows]
-        floors = [figures(w[1])["floor_cpu_percent_of_one_core"] for w in windows]
+        floor_figures = [figures(w[1]) for w in windows]
+        floors = [f["floor_cpu_percent_of_one_core"] for f in floor_figures]
         above = [round(t - f, 2) for t, f in zip(totals, floors)]
         mid = sorted(range(len(windows)), key=lambda i: totals[i])[len(windows) // 2]   # the median window
         first_t0, last_t1 = windows[0][2], windows[-1][3]
@@ -509,17 +510,15 @@ def _real_path_cpu(tmp: Path, env: dict[str, str], backend: str) -> dict[str, An
                                "echo path 60 %",
             "engine_cpu_devices": devices,
         })
-        result.update(figures(windows[mid][1]))
-        result["floor_cpu_percent_of_one_core"] = statistics.median(floors)
-        result["floor_cpu_percent_of_one_core_runs"] = floors
-        links = [figures(w[1])["floor_cpu_percent_link_python_websockets"] for w in windows]
-        result["floor_cpu_percent_link_python_websockets"] = statistics.median(links)
-        result["floor_cpu_percent_link_python_websockets_runs"] = links
-        c_links = [figures(w[1])["floor_cpu_percent_link_c_websocket"] for w in windows
-                   if "link_c" in w[1]]   # none without gcc
-        if c_links:
-            result["floor_cpu_percent_link_c_websocket"] = statistics.median(c_links)
-            result["floor_cpu_percent_link_c_websocket_runs"] = c_links
+        result.update(floor_figures[mid])
+        # the whole floor and the links' floors: their medians over the windows, and each window's
+        # (the C link's only where gcc built it)
+        for key in ("floor_cpu_percent_of_one_core", "floor_cpu_percent_link_python_websockets",
+                    "floor_cpu_percent_link_c_websocket"):
+            runs = [f[key] for f in floor_figures if key in f]
+            if runs:
+                result[key] = statistics.median(runs)
+                result[key + "_runs"] = runs
         result["engine_cpu_percent_above_floor"] = statistics.median(above)
         result["engine_cpu_percent_above_floor_runs"] = above
         sub.close()

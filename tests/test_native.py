@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import types
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pytest
@@ -324,17 +324,23 @@ def test_the_far_end_is_asked_for_when_each_chunk_was_captured(rings: Any) -> No
     assert len(asks) >= 28
 
 
-@needs_native
-def test_pushed_frames_carry_the_capture_time_they_are_given(rings: Any) -> None:
-    """push(frames, adc_ns): a replay in simulated time hands each block's capture time, and the
-    far end is asked for exactly that time (a 24 kHz device: no resampler holds frames back)."""
-    mic = rings(1 << 16, eventfd=True)
-    cap = native.NativeCapture(mic, 24000, 480, aec=False, far_adc=True)
+def _dated_capture(rings: Any) -> tuple[Any, list[int], Callable[[int, int], np.ndarray]]:
+    """A capture of a 24 kHz device (no resampler holds frames back) and the far end it asks:
+    (the capture, the capture times it asked for, the far end: silence)."""
+    cap = native.NativeCapture(rings(1 << 16, eventfd=True), 24000, 480, aec=False, far_adc=True)
     asks: list[int] = []
 
     def take(n: int, adc_ns: int) -> np.ndarray:
         asks.append(adc_ns)
         return np.zeros(n, dtype=np.int16)
+    return cap, asks, take
+
+
+@needs_native
+def test_pushed_frames_carry_the_capture_time_they_are_given(rings: Any) -> None:
+    """push(frames, adc_ns): a replay in simulated time hands each block's capture time, and the
+    far end is asked for exactly that time (a 24 kHz device: no resampler holds frames back)."""
+    cap, asks, take = _dated_capture(rings)
     base = 10**12
     for k in range(5):
         cap.push(voiced(480, 300), base + k * 20_000_000 + 7)
@@ -350,13 +356,7 @@ def test_a_backlog_longer_than_the_stamps_kept_is_dated_from_the_oldest_kept(rin
     connects, a stalled worker): the chunks whose own stamps were rewritten are dated from the
     oldest kept, paced back. They were dated 0 (CLOCK_MONOTONIC's origin): the far end's clock
     took that for a jump of the mic's frames."""
-    mic = rings(1 << 16, eventfd=True)
-    cap = native.NativeCapture(mic, 24000, 480, aec=False, far_adc=True)
-    asks: list[int] = []
-
-    def take(n: int, adc_ns: int) -> np.ndarray:
-        asks.append(adc_ns)
-        return np.zeros(n, dtype=np.int16)
+    cap, asks, take = _dated_capture(rings)
     base = 10**12
     periods = 66                                   # more than the 64 stamps kept; under the device ring's second
     for k in range(periods):

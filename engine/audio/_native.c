@@ -1975,8 +1975,9 @@ static void far_follow_stamps(FarEnd *f, int64_t read_index) {
 }
 
 /* FarEnd.take: the reference for the next ``frames`` mic frames (at most buf_frames), the first
- * captured at ``adc_ns``, into ``out``; how many frames. */
-static int64_t far_take(FarEnd *f, int16_t *out, int64_t frames, int64_t adc_ns) {
+ * captured at ``adc_ns``, into the object's buffer; how many frames. */
+static int64_t far_end_take(FarEnd *f, int64_t frames, int64_t adc_ns) {
+    int16_t *out = f->buf;
     frames = imax(0, imin(frames, f->buf_frames));
     ring_t *ring = &f->ring;
     int64_t start_ns = clock_place(&f->clock, frames, adc_ns) + f->lead_ns;
@@ -2100,13 +2101,11 @@ static void FarEnd_dealloc(FarEnd *f) {
 }
 
 /* take(frames, adc_ns) -> int: FarEnd.take into the object's own buffer (``buffer()``). */
-static int64_t far_take_frames(FarEnd *f, int64_t frames, int64_t adc_ns) { return far_take(f, f->buf, frames, adc_ns); }
-
 static PyObject *FarEnd_take(FarEnd *f, PyObject *args) {
     long long frames, adc_ns;
     if (!PyArg_ParseTuple(args, "LL", &frames, &adc_ns))
         return NULL;
-    return PyLong_FromLongLong(far_take_frames(f, frames, adc_ns));
+    return PyLong_FromLongLong(far_end_take(f, frames, adc_ns));
 }
 
 /* buffer() -> memoryview: the buffer take() writes (int16, one second), for a numpy view. */
@@ -2591,7 +2590,7 @@ static PyObject *Capture_step(Capture *c, PyObject *args) {
         if (n24 > 0 && Py_IS_TYPE(far_take, &FarEndType)) {   /* the C far end: no Python call */
             FarEnd *fe = (FarEnd *)far_take;
             int64_t t_far = thread_cpu_ns();
-            if (far_take_frames(fe, n24, adc) == n24)
+            if (far_end_take(fe, n24, adc) == n24)
                 far = fe->buf;
             far_uncertain = fe->uncertain;
             c->far_take_cpu_ns += thread_cpu_ns() - t_far;
