@@ -268,7 +268,8 @@ class _Keeper:
             self.take_messages()   # commands already forwarded to us are in the hand-over too
             state = self.cache.get(_STATE)
             self.publish(INTAKE_TOPIC, {"restore": True, "state": state,
-                                        "commands": self.intake.handover(time.monotonic())})
+                                        "commands": self.intake.handover(time.monotonic()),
+                                        "outcomes": dict(self.intake.outcomes)})
         elif sub == _INTAKE_UNSUBSCRIBE:
             self.intake_subscribed = False
         elif sub[:1] == b"\x01":

@@ -22,6 +22,10 @@ Rules:
   message with every command held, in the order they came, and the latest state; a command
   still held :data:`REOFFER_S` after it was last offered is offered again (the process
   de-duplicates by key), so nothing depends on a subscription's timing.
+- Outcomes: the realtime process puts each command's outcome (its ``cmd.done``) on the signed
+  ``intake.taken`` too (``outcomes``: id -> ``cmd.done``); the last :data:`REMEMBERED_OUTCOMES`
+  are kept and go in the hand-over (``outcomes``), so a successor answers a sender's re-send
+  with that ``cmd.done`` again, as its predecessor would have.
 - Bounded: at most :data:`MAX_HELD` commands and :data:`MAX_HELD_BYTES`; past that a command is
   refused, never silently dropped.
 """
@@ -42,6 +46,8 @@ MAX_HELD_BYTES = 16 << 20
 REOFFER_S = 1.0
 #: keys of taken commands remembered, so that a client's late copy is acked ``taken``, not held again
 REMEMBERED_KEYS = 4096
+#: command outcomes remembered for a successor (as many as the realtime process remembers)
+REMEMBERED_OUTCOMES = 1024
 #: topics under ``cmd.`` that are not commands
 NOT_COMMANDS = (ACK_TOPIC, DONE_TOPIC)
 
@@ -69,6 +75,7 @@ class Intake:
         self.held: OrderedDict[str, Held] = OrderedDict()
         self.held_bytes = 0
         self.taken: OrderedDict[str, None] = OrderedDict()
+        self.outcomes: OrderedDict[str, Mapping[str, Any]] = OrderedDict()   #: command id -> its cmd.done
         self.refused = 0          #: commands refused (counted; each got its ack)
         self.released = 0         #: held commands the realtime process took
 
@@ -112,7 +119,7 @@ class Intake:
 
     def state(self, body: Mapping[str, Any]) -> int:
         """The realtime process published its state (or ``intake.taken``): release what it lists as
-        taken; returns how many."""
+        taken, keep the outcomes it carries; returns how many were released."""
         keys = body.get("taken")
         if not isinstance(keys, list):
             return 0
@@ -129,6 +136,13 @@ class Intake:
                 self.held_bytes -= held.size_bytes
                 released += 1
         self.released += released
+        outcomes = body.get("outcomes")
+        for key, done in (outcomes.items() if isinstance(outcomes, Mapping) else ()):
+            if isinstance(key, str) and isinstance(done, Mapping) and done.get("id") == key:
+                self.outcomes[key] = done
+                self.outcomes.move_to_end(key)
+                while len(self.outcomes) > REMEMBERED_OUTCOMES:
+                    self.outcomes.popitem(last=False)
         return released
 
     def handover(self, now_s: float) -> list[list[bytes]]:

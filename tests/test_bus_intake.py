@@ -10,7 +10,7 @@ import msgpack
 import pytest
 
 from bus import Publisher, Subscriber, decode, encode, generate_keys
-from bus.intake import MAX_HELD, REOFFER_S, Intake, Mode
+from bus.intake import MAX_HELD, REMEMBERED_OUTCOMES, REOFFER_S, Intake, Mode
 from bus.security import sign, verify
 from tests.helpers import thread_broker, wait_topic
 
@@ -47,6 +47,20 @@ def test_the_state_releases_what_it_took_and_a_late_copy_is_acked_taken() -> Non
     assert [decode(f)[1]["id"] for f in intake.handover(0.0)] == ["s1"]
     assert state_of(intake.command(*frames_of("cmd.say", 9, text="q0", id="s0"), 0.0)) == "taken"
     assert len(intake.held) == 1 and intake.held_bytes == sum(len(f) for f in intake.held["s1"].frames)
+
+
+def test_the_outcomes_the_realtime_process_publishes_are_kept_for_its_successor() -> None:
+    """A restarted realtime process knew which commands were taken, not their outcomes: a sender's
+    re-send got no cmd.done. The intake keeps them (the last REMEMBERED_OUTCOMES) for the hand-over."""
+    intake = Intake()
+    intake.state({"taken": ["s1"], "outcomes": {"s1": {"id": "s1", "ok": True, "item_id": "i1"}}})
+    intake.state({"taken": ["t1"], "outcomes": {"t1": {"id": "t1", "ok": False, "error": "no name"},
+                                                "x": {"id": "y"}, "z": "junk"}})   # odd entries: skipped
+    assert dict(intake.outcomes) == {"s1": {"id": "s1", "ok": True, "item_id": "i1"},
+                                     "t1": {"id": "t1", "ok": False, "error": "no name"}}
+    for n in range(REMEMBERED_OUTCOMES):
+        intake.state({"taken": [f"k{n}"], "outcomes": {f"k{n}": {"id": f"k{n}", "ok": True}}})
+    assert len(intake.outcomes) == REMEMBERED_OUTCOMES and "s1" not in intake.outcomes   # the oldest go first
 
 
 def test_commands_without_an_id_are_held_by_publisher_and_seq_without_an_ack() -> None:
@@ -143,11 +157,13 @@ def test_the_broker_acks_at_once_and_hands_over_in_order(broker: tuple[str, str]
     # a command that changed nothing in the state is let go on intake.taken, signed; a forged one lets nothing go
     forger = Publisher(pub_ep, "realtime:1", signing_key=None)
     assert forger.join(sub_ep)
-    forger.publish("intake.taken", {"taken": ["s4"]})
-    engine.publish("intake.taken", {"taken": ["s3"]})
+    forger.publish("intake.taken", {"taken": ["s4"], "outcomes": {"s1": {"id": "s1", "ok": False}}})
+    engine.publish("intake.taken", {"taken": ["s3"], "outcomes": {"s3": {"id": "s3", "ok": True, "item_id": "i3"}}})
     third = Subscriber(sub_ep, ["intake.realtime"], verify_key=keys.signing_key)
     last = wait_topic(third, "intake.realtime", 3, restore=True)
     assert [msgpack.unpackb(f[1])["id"] for f in last["commands"]] == ["s4"]
+    # the outcomes it published come in the hand-over too (a forger's are not kept)
+    assert last["outcomes"] == {"s3": {"id": "s3", "ok": True, "item_id": "i3"}}
     for s in (client, acks, realtime, engine, again, forger, third):
         s.close()
 

@@ -129,6 +129,14 @@ def test_a_say_sent_once_during_a_realtime_crash_is_acked_at_once_and_answered_a
     assert sum("which code" in t for t in texts) == 1, texts
     done_ids = [b.get("id") for _, t, b in seen if t == "cmd.done"]
     assert done_ids.count(held) == 1
+    # a sender that missed the first say's outcome sends it again: the successor answers it as its
+    # predecessor would have (the broker kept the outcome), and does not carry it out again
+    first_done = next(b for _, t, b in seen if t == "cmd.done" and b.get("id") == first and not b.get("repeated"))
+    resent_at = time.monotonic()
+    raw.send("cmd.say", {"text": "my code is ZX9", "id": first})
+    again = recv_until(sub, lambda t, b: t == "cmd.done" and b.get("id") == first and b.get("repeated"), 5, seen)
+    assert again[2]["item_id"] == first_done["item_id"] and again[2]["ok"] is True, again[2]
+    assert not [b for t_, t, b in seen if t == "server.conversation.item.added" and t_ > resent_at]
     raw.close()
     sub.close()
 

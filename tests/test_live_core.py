@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from bus.intake import Intake
 from engine.errors import ConfigError
 from engine.realtime.live_core import (INPUT_MESSAGES, LIVE_COMMAND_TOPICS, NOT_ON_LIVE, TRANSITIONS, LiveCore,
                                        LiveState, pick_tool)
@@ -30,9 +31,13 @@ class Harness:
         self.now = 100.0
         self.heard = 0
         self.ids = 0
+        self.broker = Intake()   #: the broker's intake, fed what this core publishes to it (its hand-over)
 
     def __call__(self, rec: Any) -> list[Any]:
         acts = self.core.handle(rec, self.now, self.heard)
+        for a in acts:
+            if isinstance(a, Publish) and a.topic in ("conversation.history", "intake.taken"):
+                self.broker.state(a.payload)
         for a in acts:
             if isinstance(a, Send):   # every event the core sends is a valid GPT-Live client event
                 CLIENT_EVENT.validate_python(a.event)
@@ -477,6 +482,25 @@ def test_a_sender_that_sends_a_command_again_hears_its_outcome_again() -> None:
     again = h.cmd("cmd.tool.register", body)
     assert sent(again) == [] and published(again, "intake.taken") == [{"taken": ["t1"]}]
     assert published(again, "cmd.done") == [{"id": "t1", "ok": True, "repeated": True}]
+
+
+def test_a_restarted_process_repeats_the_outcomes_its_predecessor_published() -> None:
+    """A sender's re-send across a restart got only ``taken``, never its cmd.done again."""
+    old = Harness()
+    old.started()
+    assert published(old.cmd("cmd.tool.register", {"name": "lookup", "owner": "crm", "id": "t1"}),
+                     "cmd.done") == [{"id": "t1", "ok": True}]
+    (done,) = published(old.cmd("cmd.tool.unregister", {"name": "lookup", "id": "u1"}), "cmd.done")
+    assert done["ok"] is True and set(old.broker.outcomes) == {"t1", "u1"}
+    new = Harness()
+    new.core.restore_history(old.core.history_message().payload)
+    new.core.restore_outcomes(dict(old.broker.outcomes))
+    new(Connected(reconnect=True, reason="restart"))
+    again = new.cmd("cmd.tool.register", {"name": "lookup", "owner": "crm", "id": "t1"})
+    assert sent(again) == [] and published(again, "cmd.done") == [{"id": "t1", "ok": True, "repeated": True}]
+    unregister = {"name": "lookup", "id": "u1"}
+    assert published(new.cmd("cmd.tool.unregister", unregister), "cmd.done") == [{**done, "repeated": True}]
+    assert not published(new.cmd("cmd.tool.unregister", unregister, offered=True), "cmd.done")
 
 
 def test_a_restarted_process_starts_from_its_predecessors_state() -> None:

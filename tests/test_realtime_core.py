@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from bus.intake import Intake
 from engine.errors import ConfigError
 from engine.realtime.core import RealtimeCore
 from engine.realtime.records import (Command, Connected, Disconnected, EndOfAudio, Flush, MicAudio, Play,
@@ -29,9 +30,14 @@ class Harness:
         self.core = core or RealtimeCore("gpt-realtime", {"type": "realtime"}, **kw)
         self.now = 0.0
         self.heard = heard
+        self.broker = Intake()   #: the broker's intake, fed what this core publishes to it (its hand-over)
 
     def __call__(self, rec: Any) -> list[Any]:
-        return self.core.handle(rec, self.now, self.heard)
+        acts = self.core.handle(rec, self.now, self.heard)
+        for a in acts:
+            if isinstance(a, Publish) and a.topic in ("conversation.history", "intake.taken"):
+                self.broker.state(a.payload)
+        return acts
 
     def ev(self, event: dict[str, Any]) -> list[Any]:
         return self(ServerEvent(event))
@@ -644,6 +650,34 @@ def test_a_say_taken_but_not_yet_added_is_sent_by_the_successor_after_the_conver
     assert only_taken(fresh.cmd("cmd.say", {"text": "which code?", "id": "s2"}), "s2")   # the broker's copy: once
 
 
+def test_a_restarted_process_repeats_the_outcomes_its_predecessor_published() -> None:
+    """A sender's re-send across a restart got only ``taken``: the successor knew the keys its
+    predecessor took, not their outcomes, so a client that had missed the cmd.done waited on."""
+    h = connected()
+    item_id = sent(h.cmd("cmd.say", {"text": "hi", "id": "s1"}), "conversation.item.create")[0]["item"]["id"]
+    added = h.ev({"type": "conversation.item.added", "item": {"id": item_id, "type": "message", "role": "user",
+                                                               "content": []}})
+    assert published(added, "cmd.done") == [{"id": "s1", "ok": True, "item_id": item_id}]
+    acts = h.cmd("cmd.tool.register", {"name": "lookup", "id": "t1"})
+    assert published(acts, "cmd.done") == [{"id": "t1", "ok": True}]
+    bad = h.cmd("cmd.tool.register", {"name": "", "id": "t2"})      # an outcome that failed
+    assert [p["taken"] for p in published(bad, "intake.taken")] == [["t2"]]   # one message: the key and its outcome
+    fresh = Harness()                                               # started as the process is: the broker's hand-over
+    fresh.core.restore_history(h.core.history_message().payload)
+    fresh.core.restore_outcomes(dict(h.broker.outcomes))
+    fresh(Connected(reconnect=True, reason="restart"))
+    again = fresh.cmd("cmd.say", {"text": "hi", "id": "s1"})
+    assert not sent(again) and published(again, "cmd.done") == [{"id": "s1", "ok": True, "item_id": item_id,
+                                                                 "repeated": True}]
+    assert published(fresh.cmd("cmd.tool.register", {"name": "lookup", "id": "t1"}), "cmd.done") == [
+        {"id": "t1", "ok": True, "repeated": True}]
+    assert published(fresh.cmd("cmd.tool.register", {"name": "", "id": "t2"}), "cmd.done")[0]["ok"] is False
+    offered = fresh(Command("cmd.say", {"text": "hi", "id": "s1"}, offered=True))   # the broker's copy: none
+    assert only_taken(offered, "s1") and not published(offered, "cmd.done")
+    fresh.core.restore_outcomes({"x": {"id": "y"}, 3: {}, "z": "junk"})             # odd entries: skipped
+    assert "x" not in fresh.core.outcomes and "z" not in fresh.core.taken
+
+
 def test_a_say_sent_with_its_response_but_not_added_is_sent_again_not_failed() -> None:
     h = connected()
     h.cmd("cmd.say", {"text": "hello", "id": "s1"})                # item.create and response.create sent
@@ -742,8 +776,10 @@ def test_taking_a_command_tells_the_broker_with_the_state_only_when_it_changed_i
     say = h.cmd("cmd.say", {"text": "hello", "id": "s1", "respond": False})
     assert "s1" in published(say, "conversation.history")[-1]["taken"]     # the say is pending in the state
     cancel = h.cmd("cmd.cancel", {"id": "c1"})
-    assert not published(cancel, "conversation.history") and published(cancel, "intake.taken") == [{"taken": ["c1"]}]
+    assert not published(cancel, "conversation.history")
+    assert published(cancel, "intake.taken") == [{"taken": ["c1"], "outcomes": {"c1": {"id": "c1", "ok": True}}}]
     bad = h.cmd("cmd.mic", {"open": "yes", "id": "m1"})
-    assert published(bad, "cmd.done")[0]["ok"] is False and published(bad, "intake.taken") == [{"taken": ["m1"]}]
+    (failed,) = published(bad, "cmd.done")
+    assert failed["ok"] is False and published(bad, "intake.taken") == [{"taken": ["m1"], "outcomes": {"m1": failed}}]
     mic = h.cmd("cmd.mic", {"open": False, "id": "m2"})
     assert published(mic, "conversation.history")[-1]["mic_open"] is False

@@ -46,6 +46,9 @@ class ProtocolCore(Protocol):
     def restore_history(self, body: Any) -> list[Action]:
         """Take a predecessor's conversation (``conversation.history``) after a crash."""
 
+    def restore_outcomes(self, outcomes: Any) -> None:
+        """Take a predecessor's command outcomes (the broker's hand-over) after a crash."""
+
     def state_messages(self) -> list[Action]:
         """The core's last-value topics, to publish again (a restarted broker's cache is empty)."""
 

@@ -203,7 +203,7 @@ class RealtimeCore(TakesCommandsOnce):
                                                         "the conversation goes on"})]
             acts.extend(self._restore(now_s))
         if not isinstance(rec, MicAudio):
-            self._note_outcomes(acts)
+            acts = self._note_outcomes(acts)
         return self.turns.in_order(acts)
 
     def _restore(self, now_s: float) -> list[Action]:

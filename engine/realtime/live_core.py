@@ -325,7 +325,7 @@ class LiveCore(TakesCommandsOnce):
                                                         "the conversation goes on"})]
         acts = acts + self._heard(now_s, heard_index)
         if not isinstance(rec, MicAudio):
-            self._note_outcomes(acts)
+            acts = self._note_outcomes(acts)
         return acts
 
     def _move(self, what: str) -> None:

@@ -10,7 +10,10 @@ Rules:
   ``repeated: true``: a client that missed it (its subscriber joined the bus late, or it sent
   again after a timeout) is not left waiting. The broker's copies get none (the sender is
   waiting for nothing they could answer). Outcomes are remembered for the last ``SEEN_IDS``
-  command ids, in this process (a restarted one knows the keys it took, not their outcomes).
+  command ids. Each new one also goes on ``intake.taken`` (``outcomes``: id -> its
+  ``cmd.done``), whose signed copy the broker keeps and hands to a successor with the state
+  (:meth:`TakesCommandsOnce.restore_outcomes`): a restarted process answers a re-send as its
+  predecessor would have.
 - An id a sender used before for a command of another topic is a mistake, not a re-send: that
   command is not carried out, and it is reported once (``engine.error`` ``id_reused``, and its
   ``cmd.done`` ``ok: false``) naming the topic that took the id, so the sender is not left with
@@ -122,8 +125,10 @@ class TakesCommandsOnce:
         """The command's outcome: carried out (``cmd.done`` ``ok``)."""
         return [Publish(DONE_TOPIC, {"id": body["id"], "ok": True, **extra})] if body.get("id") else []
 
-    def _note_outcomes(self, acts: list[Action]) -> None:
-        """Remember the outcome of each command taken that these actions publish (``cmd.done``)."""
+    def _note_outcomes(self, acts: list[Action]) -> list[Action]:
+        """Remember the outcome of each command taken that these actions publish (``cmd.done``);
+        ``acts`` with those outcomes on ``intake.taken`` (the last one in ``acts``, else one more)."""
+        new: dict[str, Mapping[str, Any]] = {}
         for act in acts:
             if isinstance(act, Publish) and act.topic == DONE_TOPIC:
                 cmd_id = act.payload.get("id")
@@ -133,6 +138,28 @@ class TakesCommandsOnce:
                     self.outcomes.move_to_end(cmd_id)
                     while len(self.outcomes) > SEEN_IDS:
                         self.outcomes.popitem(last=False)
+                    new[cmd_id] = act.payload
+        if not new:
+            return acts
+        at = max((i for i, a in enumerate(acts) if isinstance(a, Publish) and a.topic == TAKEN_TOPIC), default=-1)
+        was = acts[at] if at >= 0 else None
+        if not isinstance(was, Publish):
+            return acts + [Publish(TAKEN_TOPIC, {"taken": list(new), "outcomes": new})]
+        # that intake.taken is this step's own: rebuilt with the outcomes, not changed in place
+        merged = {"taken": list(dict.fromkeys([*was.payload.get("taken", []), *new])),
+                  "outcomes": {**was.payload.get("outcomes", {}), **new}}
+        return acts[:at] + [Publish(TAKEN_TOPIC, merged)] + acts[at + 1:]
+
+    def restore_outcomes(self, outcomes: Any) -> None:
+        """The outcomes a predecessor published (the broker's hand-over: id -> ``cmd.done``), each
+        command marked taken; an odd entry is skipped."""
+        for key, done in (outcomes.items() if isinstance(outcomes, Mapping) else ()):
+            if isinstance(key, str) and isinstance(done, Mapping) and done.get("id") == key and key not in self.outcomes:
+                if key not in self.taken:
+                    self._mark_taken(key)
+                self.outcomes[key] = dict(done)
+                while len(self.outcomes) > SEEN_IDS:
+                    self.outcomes.popitem(last=False)
 
     def _mark_taken(self, key: str, topic: str | None = None) -> None:
         self.taken[key] = topic
