@@ -19,10 +19,13 @@ keeper also takes every ``cmd.*``: it acks each command at once on ``cmd.ack`` a
 until the realtime process says it took it (in its state, ``conversation.history``, or on
 ``intake.taken`` when the command changed nothing in it); when that
 process subscribes to ``intake.realtime`` (after a crash: its successor), the keeper hands it
-every held command and the latest state in one signed message, and offers again what stays
-untaken. The broker is the always-alive side for this because every message passes it anyway:
-it sees a command the moment it is published, without a hop, and it already keeps the state
-and sees the subscription that says the realtime process is back (docs/architecture.md).
+every held command, the latest state and the outcomes the realtime process published
+(``intake.taken``'s ``outcomes``) in one signed message, and offers again what stays untaken.
+While no realtime process is subscribed, the keeper answers a re-send of a command whose
+outcome it has with that ``cmd.done`` (``repeated: true``). The broker is the always-alive side
+for this because every message passes it anyway: it sees a command the moment it is
+published, without a hop, and it already keeps the state and sees the subscription that says
+the realtime process is back (docs/architecture.md).
 
 Because the keeper's XPUB holds the new subscription before it hands it up, the replay
 cannot be dropped by PUB-side filtering.
@@ -51,7 +54,8 @@ import zmq
 from bus.intake import Intake, Mode
 from bus.security import (SIGNED_TOPICS, apply_server_curve, environment_keys, parse_signing_key, sign,
                           start_authenticator, verify)
-from bus.wire import INTAKE_TOPIC, LAST_VALUE_TOPICS, STATE_TOPIC, TAKEN_TOPIC, MalformedMessage, decode, encode
+from bus.wire import (DONE_TOPIC, INTAKE_TOPIC, LAST_VALUE_TOPICS, STATE_TOPIC, TAKEN_TOPIC, MalformedMessage,
+                      decode, encode)
 
 _STATE_TOPICS = frozenset(t.encode() for t in LAST_VALUE_TOPICS)
 _STATE = STATE_TOPIC.encode()
@@ -260,6 +264,9 @@ class _Keeper:
         ack = self.intake.command(topic, body, frames, time.monotonic())
         if ack is not None:
             self.publish("cmd.ack", ack)
+        done = None if self.intake_subscribed else self.intake.answer(topic, body)
+        if done is not None:   # a re-send while the realtime process restarts: the outcome it published
+            self.publish(DONE_TOPIC, done)
 
     def subscription(self, sub: bytes) -> None:
         """A (un)subscription the XSUB passed up."""

@@ -22,10 +22,13 @@ Rules:
   message with every command held, in the order they came, and the latest state; a command
   still held :data:`REOFFER_S` after it was last offered is offered again (the process
   de-duplicates by key), so nothing depends on a subscription's timing.
-- Outcomes: the realtime process puts each command's outcome (its ``cmd.done``) on the signed
-  ``intake.taken`` too (``outcomes``: id -> ``cmd.done``); the last :data:`REMEMBERED_OUTCOMES`
-  are kept and go in the hand-over (``outcomes``), so a successor answers a sender's re-send
-  with that ``cmd.done`` again, as its predecessor would have.
+- Outcomes: the realtime process puts each command's outcome on the signed ``intake.taken``
+  too (``outcomes``: id -> ``topic``, ``done``: its ``cmd.done``); the last
+  :data:`REMEMBERED_OUTCOMES` are kept. They go in the hand-over (``outcomes``), so a successor
+  answers a sender's re-send with that ``cmd.done`` again, as its predecessor would have; and
+  while no realtime process is there to answer (it is restarting), the broker answers a re-send
+  itself (:meth:`Intake.answer`): the same ``cmd.done`` with ``repeated: true``, or, for an id a
+  command of another topic took, ``ok: false`` ``code: id_reused``.
 - Bounded: at most :data:`MAX_HELD` commands and :data:`MAX_HELD_BYTES`; past that a command is
   refused, never silently dropped.
 """
@@ -36,7 +39,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from bus.wire import ACK_TOPIC, COMMAND_TOPICS, DONE_TOPIC, command_key, id_problem
+from bus.wire import ACK_TOPIC, COMMAND_TOPICS, DONE_TOPIC, command_key, id_problem, id_reused_error, outcome_of
 
 #: commands held at most (a realtime process that never comes back: the engine stops anyway)
 MAX_HELD = 1000
@@ -75,7 +78,8 @@ class Intake:
         self.held: OrderedDict[str, Held] = OrderedDict()
         self.held_bytes = 0
         self.taken: OrderedDict[str, None] = OrderedDict()
-        self.outcomes: OrderedDict[str, Mapping[str, Any]] = OrderedDict()   #: command id -> its cmd.done
+        #: command id -> ``topic`` (the command's; None: not known) and ``done`` (its cmd.done)
+        self.outcomes: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.refused = 0          #: commands refused (counted; each got its ack)
         self.released = 0         #: held commands the realtime process took
 
@@ -137,13 +141,28 @@ class Intake:
                 released += 1
         self.released += released
         outcomes = body.get("outcomes")
-        for key, done in (outcomes.items() if isinstance(outcomes, Mapping) else ()):
-            if isinstance(key, str) and isinstance(done, Mapping) and done.get("id") == key:
-                self.outcomes[key] = done
+        for key, rec in (outcomes.items() if isinstance(outcomes, Mapping) else ()):
+            done = outcome_of(key, rec)
+            if done is not None:
+                self.outcomes[key] = {"topic": rec.get("topic"), "done": done}
                 self.outcomes.move_to_end(key)
                 while len(self.outcomes) > REMEMBERED_OUTCOMES:
                     self.outcomes.popitem(last=False)
         return released
+
+    def answer(self, topic: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The ``cmd.done`` for a re-send of a command whose outcome is known (the rules above),
+        or None. The broker asks only while no realtime process is there to answer it."""
+        cmd_id = body.get("id")
+        if not isinstance(cmd_id, str) or topic not in COMMAND_TOPICS:
+            return None
+        rec = self.outcomes.get(cmd_id)
+        if rec is None:
+            return None
+        first = rec["topic"]
+        if first is not None and first != topic:
+            return {"id": cmd_id, "ok": False, "error": id_reused_error(cmd_id, first, topic), "code": "id_reused"}
+        return {**rec["done"], "repeated": True}
 
     def handover(self, now_s: float) -> list[list[bytes]]:
         """Every held command's frames, in the order they came (marked as offered now)."""

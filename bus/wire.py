@@ -112,3 +112,20 @@ def id_problem(body: Mapping[str, Any]) -> str | None:
     if len(cmd_id) > MAX_ID_CHARS:
         return f"'id' is {len(cmd_id)} characters; at most {MAX_ID_CHARS}"
     return None
+
+
+def id_reused_error(cmd_id: str, first_topic: str, topic: str) -> str:
+    """Why a command under an id a command of another topic took was not carried out."""
+    return (f"the id {cmd_id!r} was taken already by a {first_topic} command, so this {topic} was not carried "
+            "out: give each command an id of its own")
+
+
+def outcome_of(key: Any, rec: Any) -> dict[str, Any] | None:
+    """The ``cmd.done`` of one ``outcomes`` entry of ``intake.taken`` (``key`` -> ``topic``,
+    ``done``), or None when the entry is not one."""
+    if not isinstance(key, str) or not isinstance(rec, Mapping):
+        return None
+    done, topic = rec.get("done"), rec.get("topic")
+    if not isinstance(done, Mapping) or done.get("id") != key or not (topic is None or isinstance(topic, str)):
+        return None
+    return dict(done)

@@ -49,17 +49,23 @@ def test_the_state_releases_what_it_took_and_a_late_copy_is_acked_taken() -> Non
     assert len(intake.held) == 1 and intake.held_bytes == sum(len(f) for f in intake.held["s1"].frames)
 
 
-def test_the_outcomes_the_realtime_process_publishes_are_kept_for_its_successor() -> None:
+def test_the_outcomes_the_realtime_process_publishes_are_kept_and_answer_a_re_send() -> None:
     """A restarted realtime process knew which commands were taken, not their outcomes: a sender's
-    re-send got no cmd.done. The intake keeps them (the last REMEMBERED_OUTCOMES) for the hand-over."""
+    re-send got no cmd.done. The intake keeps them (the last REMEMBERED_OUTCOMES) for the hand-over,
+    and answers a re-send with them while no realtime process is there."""
     intake = Intake()
-    intake.state({"taken": ["s1"], "outcomes": {"s1": {"id": "s1", "ok": True, "item_id": "i1"}}})
-    intake.state({"taken": ["t1"], "outcomes": {"t1": {"id": "t1", "ok": False, "error": "no name"},
-                                                "x": {"id": "y"}, "z": "junk"}})   # odd entries: skipped
-    assert dict(intake.outcomes) == {"s1": {"id": "s1", "ok": True, "item_id": "i1"},
-                                     "t1": {"id": "t1", "ok": False, "error": "no name"}}
+    said = {"id": "s1", "ok": True, "item_id": "i1"}
+    intake.state({"taken": ["s1"], "outcomes": {"s1": {"topic": "cmd.say", "done": said}}})
+    intake.state({"taken": ["t1"], "outcomes": {"t1": {"topic": "cmd.tool.register", "done": {"id": "t1", "ok": False}},
+                                                "x": {"topic": None, "done": {"id": "y"}}, "z": "junk",
+                                                "w": {"topic": 7, "done": {"id": "w"}}}})   # odd entries: skipped
+    assert list(intake.outcomes) == ["s1", "t1"]
+    assert intake.answer("cmd.say", {"id": "s1", "text": "hi"}) == {**said, "repeated": True}
+    reused = intake.answer("cmd.cancel", {"id": "s1"})
+    assert reused is not None and reused["ok"] is False and reused["code"] == "id_reused" and "cmd.say" in reused["error"]
+    assert intake.answer("cmd.say", {"id": "new"}) is None and intake.answer("cmd.done", {"id": "s1"}) is None
     for n in range(REMEMBERED_OUTCOMES):
-        intake.state({"taken": [f"k{n}"], "outcomes": {f"k{n}": {"id": f"k{n}", "ok": True}}})
+        intake.state({"taken": [f"k{n}"], "outcomes": {f"k{n}": {"topic": "cmd.mic", "done": {"id": f"k{n}", "ok": True}}}})
     assert len(intake.outcomes) == REMEMBERED_OUTCOMES and "s1" not in intake.outcomes   # the oldest go first
 
 
@@ -157,14 +163,41 @@ def test_the_broker_acks_at_once_and_hands_over_in_order(broker: tuple[str, str]
     # a command that changed nothing in the state is let go on intake.taken, signed; a forged one lets nothing go
     forger = Publisher(pub_ep, "realtime:1", signing_key=None)
     assert forger.join(sub_ep)
-    forger.publish("intake.taken", {"taken": ["s4"], "outcomes": {"s1": {"id": "s1", "ok": False}}})
-    engine.publish("intake.taken", {"taken": ["s3"], "outcomes": {"s3": {"id": "s3", "ok": True, "item_id": "i3"}}})
+    forger.publish("intake.taken", {"taken": ["s4"], "outcomes": {"s1": {"topic": "cmd.say", "done": {"id": "s1", "ok": False}}}})
+    s3 = {"topic": "cmd.say", "done": {"id": "s3", "ok": True, "item_id": "i3"}}
+    engine.publish("intake.taken", {"taken": ["s3"], "outcomes": {"s3": s3}})
     third = Subscriber(sub_ep, ["intake.realtime"], verify_key=keys.signing_key)
     last = wait_topic(third, "intake.realtime", 3, restore=True)
     assert [msgpack.unpackb(f[1])["id"] for f in last["commands"]] == ["s4"]
     # the outcomes it published come in the hand-over too (a forger's are not kept)
-    assert last["outcomes"] == {"s3": {"id": "s3", "ok": True, "item_id": "i3"}}
+    assert last["outcomes"] == {"s3": s3}
     for s in (client, acks, realtime, engine, again, forger, third):
+        s.close()
+
+
+def test_the_broker_answers_a_re_send_only_while_no_realtime_process_is_there(broker: tuple[str, str],
+                                                                              keys: Any) -> None:
+    """A re-send while the realtime process restarted was acked taken and answered by nobody."""
+    pub_ep, sub_ep = broker
+    engine = Publisher(pub_ep, "realtime:1", signing_key=keys.signing_key)
+    client = Publisher(pub_ep, "client", signing_key=None)
+    dones = Subscriber(sub_ep, ["cmd.done", "_join."], verify_key=None)
+    assert engine.join(sub_ep) and client.join(sub_ep)
+    said = {"id": "s1", "ok": True, "item_id": "i1"}
+    engine.publish("intake.taken", {"taken": ["s1"], "outcomes": {"s1": {"topic": "cmd.say", "done": said}}})
+    assert engine.join(sub_ep)
+    client.publish("cmd.say", {"text": "hi", "id": "s1"})            # no realtime process: the broker answers
+    done = wait_topic(dones, "cmd.done", 3, id="s1")
+    assert done["repeated"] is True and done["item_id"] == "i1" and done["pub"].startswith("broker:")
+    realtime = Subscriber(sub_ep, ["intake.realtime"], verify_key=keys.signing_key)
+    wait_topic(realtime, "intake.realtime", 3, restore=True)         # it is there: it answers, not the broker
+    client.publish("cmd.say", {"text": "hi", "id": "s1"})
+    assert client.join(sub_ep)                                        # the probe came back after the re-send
+    seen = []
+    while (msg := dones.recv(timeout_ms=100)) is not None:
+        seen.append(msg[0])
+    assert "cmd.done" not in seen
+    for s in (engine, client, dones, realtime):
         s.close()
 
 

@@ -674,8 +674,11 @@ def test_a_restarted_process_repeats_the_outcomes_its_predecessor_published() ->
     assert published(fresh.cmd("cmd.tool.register", {"name": "", "id": "t2"}), "cmd.done")[0]["ok"] is False
     offered = fresh(Command("cmd.say", {"text": "hi", "id": "s1"}, offered=True))   # the broker's copy: none
     assert only_taken(offered, "s1") and not published(offered, "cmd.done")
-    fresh.core.restore_outcomes({"x": {"id": "y"}, 3: {}, "z": "junk"})             # odd entries: skipped
-    assert "x" not in fresh.core.outcomes and "z" not in fresh.core.taken
+    reused = fresh.cmd("cmd.cancel", {"id": "t1"})                  # the successor knows t1's topic too
+    assert published(reused, "cmd.done")[0]["code"] == "id_reused" and not sent(reused)
+    fresh.core.restore_outcomes({"x": {"topic": None, "done": {"id": "y"}}, 3: {}, "z": "junk",
+                                 "w": {"topic": 5, "done": {"id": "w"}}})            # odd entries: skipped
+    assert not {"x", "z", "w"} & (set(fresh.core.outcomes) | set(fresh.core.taken))
 
 
 def test_a_say_sent_with_its_response_but_not_added_is_sent_again_not_failed() -> None:
@@ -777,9 +780,11 @@ def test_taking_a_command_tells_the_broker_with_the_state_only_when_it_changed_i
     assert "s1" in published(say, "conversation.history")[-1]["taken"]     # the say is pending in the state
     cancel = h.cmd("cmd.cancel", {"id": "c1"})
     assert not published(cancel, "conversation.history")
-    assert published(cancel, "intake.taken") == [{"taken": ["c1"], "outcomes": {"c1": {"id": "c1", "ok": True}}}]
+    assert published(cancel, "intake.taken") == [{"taken": ["c1"], "outcomes": {
+        "c1": {"topic": "cmd.cancel", "done": {"id": "c1", "ok": True}}}}]
     bad = h.cmd("cmd.mic", {"open": "yes", "id": "m1"})
     (failed,) = published(bad, "cmd.done")
-    assert failed["ok"] is False and published(bad, "intake.taken") == [{"taken": ["m1"], "outcomes": {"m1": failed}}]
+    assert failed["ok"] is False and published(bad, "intake.taken") == [{"taken": ["m1"], "outcomes": {
+        "m1": {"topic": "cmd.mic", "done": failed}}}]
     mic = h.cmd("cmd.mic", {"open": False, "id": "m2"})
     assert published(mic, "conversation.history")[-1]["mic_open"] is False

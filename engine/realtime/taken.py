@@ -10,10 +10,10 @@ Rules:
   ``repeated: true``: a client that missed it (its subscriber joined the bus late, or it sent
   again after a timeout) is not left waiting. The broker's copies get none (the sender is
   waiting for nothing they could answer). Outcomes are remembered for the last ``SEEN_IDS``
-  command ids. Each new one also goes on ``intake.taken`` (``outcomes``: id -> its
-  ``cmd.done``), whose signed copy the broker keeps and hands to a successor with the state
-  (:meth:`TakesCommandsOnce.restore_outcomes`): a restarted process answers a re-send as its
-  predecessor would have.
+  command ids. Each new one also goes on ``intake.taken`` (``outcomes``: id -> ``topic``, the
+  command's, and ``done``, its ``cmd.done``), whose signed copy the broker keeps: it answers a
+  re-send itself while no realtime process is there, and hands them to a successor with the
+  state (:meth:`TakesCommandsOnce.restore_outcomes`), which answers as its predecessor would have.
 - An id a sender used before for a command of another topic is a mistake, not a re-send: that
   command is not carried out, and it is reported once (``engine.error`` ``id_reused``, and its
   ``cmd.done`` ``ok: false``) naming the topic that took the id, so the sender is not left with
@@ -33,7 +33,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any, Callable, Mapping
 
-from bus.wire import ACK_TOPIC, COMMAND_TOPICS, DONE_TOPIC, STATE_TOPIC, TAKEN_TOPIC, command_key, id_problem
+from bus.wire import (ACK_TOPIC, COMMAND_TOPICS, DONE_TOPIC, STATE_TOPIC, TAKEN_TOPIC, command_key, id_problem,
+                      id_reused_error, outcome_of)
 from engine.realtime.records import Action, Publish
 from engine.realtime.requests import SEEN_IDS
 
@@ -78,8 +79,7 @@ class TakesCommandsOnce:
             first_topic = self.taken[key]
             if not offered and first_topic is not None and first_topic != topic:
                 self.malformed_commands += 1
-                why = (f"the id {key!r} was taken already by a {first_topic} command, so this {topic} was not "
-                       "carried out: give each command an id of its own")
+                why = id_reused_error(key, first_topic, topic)
                 return acts + [Publish("engine.error", {"source": "bus", "code": "id_reused", "topic": topic,
                                                         "id": key, "message": why}),
                                Publish(DONE_TOPIC, {"id": key, "ok": False, "error": why, "code": "id_reused"})]
@@ -128,7 +128,7 @@ class TakesCommandsOnce:
     def _note_outcomes(self, acts: list[Action]) -> list[Action]:
         """Remember the outcome of each command taken that these actions publish (``cmd.done``);
         ``acts`` with those outcomes on ``intake.taken`` (the last one in ``acts``, else one more)."""
-        new: dict[str, Mapping[str, Any]] = {}
+        new: dict[str, dict[str, Any]] = {}
         for act in acts:
             if isinstance(act, Publish) and act.topic == DONE_TOPIC:
                 cmd_id = act.payload.get("id")
@@ -138,7 +138,7 @@ class TakesCommandsOnce:
                     self.outcomes.move_to_end(cmd_id)
                     while len(self.outcomes) > SEEN_IDS:
                         self.outcomes.popitem(last=False)
-                    new[cmd_id] = act.payload
+                    new[cmd_id] = {"topic": self.taken[cmd_id], "done": act.payload}
         if not new:
             return acts
         at = max((i for i, a in enumerate(acts) if isinstance(a, Publish) and a.topic == TAKEN_TOPIC), default=-1)
@@ -151,15 +151,18 @@ class TakesCommandsOnce:
         return acts[:at] + [Publish(TAKEN_TOPIC, merged)] + acts[at + 1:]
 
     def restore_outcomes(self, outcomes: Any) -> None:
-        """The outcomes a predecessor published (the broker's hand-over: id -> ``cmd.done``), each
-        command marked taken; an odd entry is skipped."""
-        for key, done in (outcomes.items() if isinstance(outcomes, Mapping) else ()):
-            if isinstance(key, str) and isinstance(done, Mapping) and done.get("id") == key and key not in self.outcomes:
-                if key not in self.taken:
-                    self._mark_taken(key)
-                self.outcomes[key] = dict(done)
-                while len(self.outcomes) > SEEN_IDS:
-                    self.outcomes.popitem(last=False)
+        """The outcomes a predecessor published (the broker's hand-over: id -> ``topic``, ``done``),
+        each command marked taken by its topic; an odd entry is skipped."""
+        for key, rec in (outcomes.items() if isinstance(outcomes, Mapping) else ()):
+            done = outcome_of(key, rec)
+            if done is None or key in self.outcomes:
+                continue
+            topic = rec.get("topic")
+            if key not in self.taken or self.taken[key] is None:
+                self._mark_taken(key, topic if isinstance(topic, str) else None)
+            self.outcomes[key] = done
+            while len(self.outcomes) > SEEN_IDS:
+                self.outcomes.popitem(last=False)
 
     def _mark_taken(self, key: str, topic: str | None = None) -> None:
         self.taken[key] = topic
