@@ -329,11 +329,14 @@ def _keep(keeper_pub: zmq.Socket, keeper_sub: zmq.Socket, stop: zmq.Socket | Non
             next_trim = time.monotonic() + TRIM_PERIOD_S
             if _libc is not None and _rss_bytes() > base_rss + TRIM_OVER_BYTES:
                 _libc.malloc_trim(0)
-        if keeper_sub in events:
-            keeper.take_messages()
+        # (un)subscriptions first: a command that came in the same poll as the realtime process's
+        # (un)subscription to intake.realtime is then answered by the one side that is there
+        # (Intake.answer); the hand-over takes the commands waiting before it is sent
         if keeper_pub in events:
             for sub in _drain(keeper_pub.recv):
                 keeper.subscription(sub)
+        if keeper_sub in events:
+            keeper.take_messages()
         keeper.offer_again()
 
 

@@ -28,7 +28,9 @@ Rules:
   answers a sender's re-send with that ``cmd.done`` again, as its predecessor would have; and
   while no realtime process is there to answer (it is restarting), the broker answers a re-send
   itself (:meth:`Intake.answer`): the same ``cmd.done`` with ``repeated: true``, or, for an id a
-  command of another topic took, ``ok: false`` ``code: id_reused``.
+  command of another topic took, ``ok: false`` ``code: id_reused``. Around a restart a re-send
+  may be answered twice (by the broker, and by the successor that got it live as it started).
+  Only in :attr:`Mode.HOLD`: in ``engine phone`` each call's core answers its own commands.
 - Bounded: at most :data:`MAX_HELD` commands and :data:`MAX_HELD_BYTES`; past that a command is
   refused, never silently dropped.
 """
@@ -140,7 +142,7 @@ class Intake:
                 self.held_bytes -= held.size_bytes
                 released += 1
         self.released += released
-        outcomes = body.get("outcomes")
+        outcomes = body.get("outcomes") if self.mode is Mode.HOLD else None   # (ACK: each call's core answers)
         for key, rec in (outcomes.items() if isinstance(outcomes, Mapping) else ()):
             done = outcome_of(key, rec)
             if done is not None:
@@ -152,7 +154,8 @@ class Intake:
 
     def answer(self, topic: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
         """The ``cmd.done`` for a re-send of a command whose outcome is known (the rules above),
-        or None. The broker asks only while no realtime process is there to answer it."""
+        or None. The broker asks only while no realtime process is there to answer it; in
+        :attr:`Mode.ACK` (``engine phone``: each call's core answers, ids are per call) never."""
         cmd_id = body.get("id")
         if not isinstance(cmd_id, str) or topic not in COMMAND_TOPICS:
             return None

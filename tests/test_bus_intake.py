@@ -67,6 +67,9 @@ def test_the_outcomes_the_realtime_process_publishes_are_kept_and_answer_a_re_se
     for n in range(REMEMBERED_OUTCOMES):
         intake.state({"taken": [f"k{n}"], "outcomes": {f"k{n}": {"topic": "cmd.mic", "done": {"id": f"k{n}", "ok": True}}}})
     assert len(intake.outcomes) == REMEMBERED_OUTCOMES and "s1" not in intake.outcomes   # the oldest go first
+    calls = Intake(Mode.ACK)   # engine phone: each call's core answers its own commands (ids are per call)
+    calls.state({"taken": ["s1"], "outcomes": {"s1": {"topic": "cmd.say", "done": said}}})
+    assert not calls.outcomes and calls.answer("cmd.say", {"id": "s1", "text": "hi"}) is None
 
 
 def test_commands_without_an_id_are_held_by_publisher_and_seq_without_an_ack() -> None:

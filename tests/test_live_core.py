@@ -493,14 +493,16 @@ def test_a_restarted_process_repeats_the_outcomes_its_predecessor_published() ->
     (done,) = published(old.cmd("cmd.tool.unregister", {"name": "lookup", "id": "u1"}), "cmd.done")
     assert done["ok"] is True and set(old.broker.outcomes) == {"t1", "u1"}
     new = Harness()
-    new.core.restore_history(old.core.history_message().payload)
     new.core.restore_outcomes(dict(old.broker.outcomes))
+    new.core.restore_history(old.core.history_message().payload)
     new(Connected(reconnect=True, reason="restart"))
     again = new.cmd("cmd.tool.register", {"name": "lookup", "owner": "crm", "id": "t1"})
     assert sent(again) == [] and published(again, "cmd.done") == [{"id": "t1", "ok": True, "repeated": True}]
     unregister = {"name": "lookup", "id": "u1"}
     assert published(new.cmd("cmd.tool.unregister", unregister), "cmd.done") == [{**done, "repeated": True}]
     assert not published(new.cmd("cmd.tool.unregister", unregister, offered=True), "cmd.done")
+    reused = new.cmd("cmd.mic", {"open": False, "id": "t1"})       # the successor knows t1's topic too
+    assert published(reused, "cmd.done")[0]["code"] == "id_reused" and new.core.mic_open is True
 
 
 def test_a_restarted_process_starts_from_its_predecessors_state() -> None:

@@ -663,8 +663,9 @@ def test_a_restarted_process_repeats_the_outcomes_its_predecessor_published() ->
     bad = h.cmd("cmd.tool.register", {"name": "", "id": "t2"})      # an outcome that failed
     assert [p["taken"] for p in published(bad, "intake.taken")] == [["t2"]]   # one message: the key and its outcome
     fresh = Harness()                                               # started as the process is: the broker's hand-over
-    fresh.core.restore_history(h.core.history_message().payload)
     fresh.core.restore_outcomes(dict(h.broker.outcomes))
+    fresh.core.restore_history(h.core.history_message().payload)
+    assert fresh.core.taken["t1"] == "cmd.tool.register"             # the state's keys keep the outcomes' topics
     fresh(Connected(reconnect=True, reason="restart"))
     again = fresh.cmd("cmd.say", {"text": "hi", "id": "s1"})
     assert not sent(again) and published(again, "cmd.done") == [{"id": "s1", "ok": True, "item_id": item_id,
@@ -700,6 +701,7 @@ def test_the_successor_keeps_tools_session_and_mic_gate_and_refuses_a_lost_commi
     fresh, acts = _restart(h)
     assert published(acts, "cmd.done") == [{"id": "p1", "ok": False, "error": published(acts, "cmd.done")[0]["error"]}]
     assert "speak again" in published(acts, "cmd.done")[0]["error"]
+    assert published(fresh.cmd("cmd.input.commit", {"id": "p1", "respond": False}), "cmd.done")[0]["repeated"]
     update = sent(acts, "session.update")[0]["session"]
     assert update["instructions"] == "Be brief." and [t["name"] for t in update["tools"]] == ["lookup"]
     assert fresh.core.tools.registered["lookup"].owner == "tools:1" and fresh.core.mic_open is False

@@ -300,7 +300,7 @@ class RealtimeCore(TakesCommandsOnce):
                 self._mark_taken(key)
         if self.tools.registered:
             acts.append(Publish("engine.tools", {"tools": sorted(self.tools.registered)}))
-        return acts
+        return self._note_outcomes(acts)   # a refused commit's outcome is remembered like any other
 
     def _failed(self, response_id: str | None, request_id: str | None, reason: str, message: str) -> Publish:
         """``response.done`` for an answer that will never finish (waiters see it and stop waiting)."""

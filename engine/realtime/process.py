@@ -381,11 +381,11 @@ class RealtimeProcess:
             # next answer plays at once instead of after it (up to the ring's 87 s), then a new stream
             self.speaker.request_flush()
             self.speaker.mark_end()
+        if handover:
+            self.core.restore_outcomes(handover.get("outcomes"))   # a re-send is answered as before
         if state is not None and state[0] == STATE_TOPIC:
             self.apply(self.core.restore_history(state[1]), self.main_pub)
             self.restored = True
-        if handover:
-            self.core.restore_outcomes(handover.get("outcomes"))   # a re-send is answered as before
         for frames in (handover or {}).get("commands") or []:
             held = self._accept_inner(sub, frames)
             if held is not None:

@@ -152,20 +152,24 @@ class TakesCommandsOnce:
 
     def restore_outcomes(self, outcomes: Any) -> None:
         """The outcomes a predecessor published (the broker's hand-over: id -> ``topic``, ``done``),
-        each command marked taken by its topic; an odd entry is skipped."""
+        each command marked taken by its topic; an odd entry is skipped. Call it before
+        ``restore_history``: the state's keys (its latest) then stay the newest taken."""
         for key, rec in (outcomes.items() if isinstance(outcomes, Mapping) else ()):
             done = outcome_of(key, rec)
             if done is None or key in self.outcomes:
                 continue
             topic = rec.get("topic")
-            if key not in self.taken or self.taken[key] is None:
+            if key not in self.taken:
                 self._mark_taken(key, topic if isinstance(topic, str) else None)
+            elif self.taken[key] is None and isinstance(topic, str):
+                self.taken[key] = topic   # (its place kept: call this before restore_history)
             self.outcomes[key] = done
             while len(self.outcomes) > SEEN_IDS:
                 self.outcomes.popitem(last=False)
 
     def _mark_taken(self, key: str, topic: str | None = None) -> None:
-        self.taken[key] = topic
+        """``key`` taken by a ``topic`` command (None: the topic it is known by, if any), the newest."""
+        self.taken[key] = topic if topic is not None else self.taken.get(key)
         self.taken.move_to_end(key)
         while len(self.taken) > SEEN_IDS:
             self.taken.popitem(last=False)
