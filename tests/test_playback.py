@@ -660,7 +660,8 @@ def test_the_reference_is_stamped_in_one_run_through_the_resampler() -> None:
     with made_ring() as speaker, made_ring(1 << 15) as ref:
         _, dev = feeder(speaker, 240, 48000, prebuffer_frames=0, stretch=False, ref=ref)
         speaker.write(voiced(24000))
-        now, stamps = 100.0, []
+        now = 100.0
+        stamps: list[tuple[int, int, int]] = []
         for _ in range(80):                       # 5 ms device callbacks, 20 ms of output latency
             dev.fill(240, 480, now)
             stamp = ref.due_stamp()
