@@ -270,8 +270,13 @@ def test_listen_and_talk_in_chromium(vaudio: dict[str, str], start_engine: Any, 
           f"{page_n * 20} ms; browser output (PulseAudio) {out_db:.2f} dBFS over {out_n * 20} ms; page gaps "
           f"{listen['underrunFrames']} frames, dropped {listen['droppedFrames']} + {listen['serverDropped']}")
     assert spk_n > 100, f"the reply did not play on the speaker ({spk_n} windows)"
-    assert abs(page_db - spk_db) < 2.0 and abs(page_n - spk_n) <= max(5, spk_n // 10), (page_db, spk_db, page_n, spk_n)
-    assert abs(out_db - spk_db) < 3.0 and abs(out_n - spk_n) <= max(5, spk_n // 10), (out_db, spk_db, out_n, spk_n)
+    # a page that fell behind (a loaded machine starves the browser) cuts its backlog and says so:
+    # what it dropped counts as played (CI once: 135 windows played, 20 dropped, of the speaker's 163)
+    cut_n = (listen["droppedFrames"] + listen["serverDropped"]) // 480
+    assert abs(page_db - spk_db) < 2.0 and abs(page_n + cut_n - spk_n) <= max(5, spk_n // 10), \
+        (page_db, spk_db, page_n, cut_n, spk_n)
+    assert abs(out_db - spk_db) < 3.0 and abs(out_n + cut_n - spk_n) <= max(5, spk_n // 10), \
+        (out_db, spk_db, out_n, cut_n, spk_n)
     assert listen["notListened"] == 0
 
     # 2. talk: the fake mic's question reaches the model through capture, which answers
@@ -461,7 +466,9 @@ def test_engine_console_finds_the_rings_and_the_mic_comes_back(start_engine: Any
         assert back["browser_frames"] > 0 and back["device"] == str(silence)
         counts = bus.wait("console.audio", lambda b: not b["talking"], 3)
         assert counts["talk_written_frames"] > 2400 and counts["talk_overrun_frames"] == 0, counts
-        assert abs(counts["talk_written_frames"] - counts["talk_in_frames"] / 2) < 480, counts   # 48 → 24 kHz
+        # 48 → 24 kHz: what was written is half what came, less what the resampler still holds (it
+        # hands out in bunches of up to a 20 ms chunk) and the last chunk's part (CI read 490 once)
+        assert abs(counts["talk_written_frames"] - counts["talk_in_frames"] / 2) < 960, counts
 
         # the console dies while a page talks: the lease lapses, the mic comes back
         ws = connect(f"{ws_base}/talk?token={token}", open_timeout=5)
