@@ -892,7 +892,7 @@ typedef struct {
     int wake_fd;
     int64_t wake_errors;
     int64_t stream_device_underflows, backlog_frames;
-    int64_t fill_in_frames, fill_out_frames;   /* DeviceFeeder: 24 kHz frames rendered, device frames handed out */
+    int64_t fill_rendered_frames, fill_handed_device_frames;   /* DeviceFeeder: 24 kHz frames rendered, device frames handed out (since a flush) */
     int64_t first_sample_mono_ns, arrived_mono_ns, flush_mono_ns;
     int64_t ref_next_due_ns, ref_run_index;   /* the reference's due stamps (Renderer._stamp_ref) */
     tap_t tap;
@@ -1249,10 +1249,10 @@ static void r_fill(Renderer *r, int16_t *dst, int64_t frame_count, int64_t laten
             break;
         /* what was rendered and not handed to the device yet: in the FIFO, and in the resampler,
          * which hands out its output in bunches (none for one block, two blocks' for the next) */
-        r->backlog_frames = imax(0, (r->fill_in_frames * r->device_rate_hz - r->fill_out_frames * RATE_HZ)
+        r->backlog_frames = imax(0, (r->fill_rendered_frames * r->device_rate_hz - r->fill_handed_device_frames * RATE_HZ)
                                     / r->device_rate_hz);
         r_render(r, r->block, r->block_frames, latency, now);
-        r->fill_in_frames += r->block_frames;
+        r->fill_rendered_frames += r->block_frames;
         int64_t m = soxr_chunk(r->resampler, r->block, r->block_frames, r->rs_out, r->rs_cap);
         fifo_push(f, r->rs_out, m);
         if (flushing)
@@ -1267,11 +1267,11 @@ static void r_fill(Renderer *r, int16_t *dst, int64_t frame_count, int64_t laten
             memset(dst + room, 0, (size_t)(frame_count - room) * 2);
         f->len = 0;
         soxr_clear(r->resampler);
-        r->fill_in_frames = r->fill_out_frames = 0;   /* nothing rendered waits any more */
+        r->fill_rendered_frames = r->fill_handed_device_frames = 0;   /* nothing rendered waits any more */
         return;
     }
     int64_t m = imin(frame_count, f->len);
-    r->fill_out_frames += m;
+    r->fill_handed_device_frames += m;
     memcpy(dst, f->buf, (size_t)m * 2);
     if (frame_count > m)
         memset(dst + m, 0, (size_t)(frame_count - m) * 2);

@@ -580,8 +580,8 @@ class DeviceFeeder:
         self.fifo = SampleFifo(device_block * 8)          # resampled frames waiting for the device
         self._fade = FlushFade(device_rate_hz)
         self._flush_out = np.zeros(device_block * 4, dtype=np.int16)
-        self._in_frames = 0    # 24 kHz frames rendered
-        self._out_frames = 0   # device frames handed out
+        self._rendered_frames = 0         # 24 kHz frames rendered since the last flush
+        self._handed_device_frames = 0    # device frames handed out since the last flush
 
     def fill(self, frame_count: int, latency_frames: int, now: float) -> bytes:
         """``frame_count`` device-rate frames for the device (silence where there is nothing)."""
@@ -590,10 +590,10 @@ class DeviceFeeder:
         while fifo.length < frame_count or flushing:
             # what was rendered and not handed to the device yet: in the FIFO, and in the resampler,
             # which hands out its output in bunches (none for one block, two blocks' for the next)
-            r.backlog_frames = max(0, (self._in_frames * self.device_rate_hz - self._out_frames * RATE_HZ)
+            r.backlog_frames = max(0, (self._rendered_frames * self.device_rate_hz - self._handed_device_frames * RATE_HZ)
                                    // self.device_rate_hz)
             r.render(self._block, latency_frames, now)
-            self._in_frames += len(self._block)
+            self._rendered_frames += len(self._block)
             fifo.push(self.resampler.resample_chunk(self._block))
             if flushing:
                 break
@@ -604,9 +604,9 @@ class DeviceFeeder:
             self._fade.apply(out, m)
             fifo.drop(fifo.length)
             self.resampler.clear()
-            self._in_frames = self._out_frames = 0   # nothing rendered waits any more
+            self._rendered_frames = self._handed_device_frames = 0   # nothing rendered waits any more
             return out.tobytes() + bytes(2 * max(0, frame_count - len(out)))
         data = fifo.head(frame_count).tobytes()
-        self._out_frames += min(frame_count, fifo.length)
+        self._handed_device_frames += min(frame_count, fifo.length)
         fifo.drop(frame_count)
         return data

@@ -134,10 +134,7 @@ class TakesCommandsOnce:
                 cmd_id = act.payload.get("id")
                 if isinstance(cmd_id, str) and cmd_id in self.taken and not act.payload.get("repeated") \
                         and act.payload.get("code") != "id_reused":   # that one answers another command
-                    self.outcomes[cmd_id] = act.payload
-                    self.outcomes.move_to_end(cmd_id)
-                    while len(self.outcomes) > SEEN_IDS:
-                        self.outcomes.popitem(last=False)
+                    self._remember_outcome(cmd_id, act.payload)
                     new[cmd_id] = {"topic": self.taken[cmd_id], "done": act.payload}
         if not new:
             return acts
@@ -158,14 +155,16 @@ class TakesCommandsOnce:
             done = outcome_of(key, rec)
             if done is None or key in self.outcomes:
                 continue
-            topic = rec.get("topic")
             if key not in self.taken:
-                self._mark_taken(key, topic if isinstance(topic, str) else None)
-            elif self.taken[key] is None and isinstance(topic, str):
-                self.taken[key] = topic   # (its place kept: call this before restore_history)
-            self.outcomes[key] = done
-            while len(self.outcomes) > SEEN_IDS:
-                self.outcomes.popitem(last=False)
+                self._mark_taken(key, rec.get("topic"))   # (outcome_of checked it: a str or None)
+            self._remember_outcome(key, done)
+
+    def _remember_outcome(self, cmd_id: str, done: Mapping[str, Any]) -> None:
+        """``done`` is ``cmd_id``'s outcome, the newest; the oldest past ``SEEN_IDS`` forgotten."""
+        self.outcomes[cmd_id] = done
+        self.outcomes.move_to_end(cmd_id)
+        while len(self.outcomes) > SEEN_IDS:
+            self.outcomes.popitem(last=False)
 
     def _mark_taken(self, key: str, topic: str | None = None) -> None:
         """``key`` taken by a ``topic`` command (None: the topic it is known by, if any), the newest."""
