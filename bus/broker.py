@@ -288,6 +288,26 @@ class _Keeper:
             owner = sub[1 + len(PRESENCE_PREFIX):].decode(errors="replace")
             self.publish("engine.presence.gone", {"owner": owner})
 
+    def serve(self, subscriptions: list[bytes]) -> None:
+        """One poll's work, in the order that keeps both promises:
+
+        1. the intake's (un)subscriptions, so that a command that came in the same poll is
+           answered by the one side that is there (:meth:`Intake.answer`; the hand-over takes
+           the commands waiting before it is sent);
+        2. the messages waiting (state topics, commands);
+        3. the other subscriptions, so that a replay is of the newest state: the proxy puts a
+           state message in every subscriber's queue at once, so one a subscriber has already
+           read may be waiting here behind the late subscription that asks for it.
+        """
+        intake = [s for s in subscriptions if s in (_INTAKE_SUBSCRIBE, _INTAKE_UNSUBSCRIBE)]
+        for sub in intake:
+            self.subscription(sub)
+        self.take_messages()
+        for sub in subscriptions:
+            if sub not in intake:
+                self.subscription(sub)
+        self.offer_again()
+
     def offer_again(self) -> None:
         """Offer the held commands that are still not taken (the realtime process de-duplicates)."""
         if self.intake is None or not self.intake_subscribed:
@@ -329,15 +349,7 @@ def _keep(keeper_pub: zmq.Socket, keeper_sub: zmq.Socket, stop: zmq.Socket | Non
             next_trim = time.monotonic() + TRIM_PERIOD_S
             if _libc is not None and _rss_bytes() > base_rss + TRIM_OVER_BYTES:
                 _libc.malloc_trim(0)
-        # (un)subscriptions first: a command that came in the same poll as the realtime process's
-        # (un)subscription to intake.realtime is then answered by the one side that is there
-        # (Intake.answer); the hand-over takes the commands waiting before it is sent
-        if keeper_pub in events:
-            for sub in _drain(keeper_pub.recv):
-                keeper.subscription(sub)
-        if keeper_sub in events:
-            keeper.take_messages()
-        keeper.offer_again()
+        keeper.serve(list(_drain(keeper_pub.recv)) if keeper_pub in events else [])
 
 
 def _rss_bytes() -> int:
