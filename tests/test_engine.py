@@ -5,7 +5,9 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -114,22 +116,25 @@ def test_node_client_receives_model_text_and_injects_a_message(start_engine: Any
 
 # ---------------------------------------------------------------- real audio on virtual devices
 def record_monitor(seconds: float, result: dict[str, Any], stop: threading.Event | None = None) -> None:
-    """Record the speaker's monitor for ``seconds`` at most, or until ``stop`` is set."""
-    import pyaudio
-    from engine.audio.devices import find_device, open_pyaudio
-    pa = open_pyaudio()
-    dev = find_device(pa, "vspkmon", "input")
-    stream = pa.open(format=pyaudio.paInt16, channels=1, rate=24000, input=True, input_device_index=dev["index"],
-                     frames_per_buffer=480)
-    frames = []
-    for _ in range(int(seconds * 50)):
-        frames.append(stream.read(480, exception_on_overflow=False))
-        if stop is not None and stop.is_set():
-            break
-    stream.stop_stream()
-    stream.close()
-    pa.terminate()
-    result["pcm"] = np.frombuffer(b"".join(frames), dtype=np.int16)
+    """Record the speaker's monitor for ``seconds`` at most, or until ``stop`` is set.
+
+    PulseAudio's own recorder (``parec``) into a file: the server holds what a slow reader has
+    not read yet. A PyAudio read in this process dropped frames silently when CI's load delayed
+    it (``exception_on_overflow=False``), which read as a gap the speaker never played."""
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen(["parec", "--device=spk.monitor", "--raw", "--format=s16le", "--rate=24000",
+                                 "--channels=1", "--latency-msec=20"], stdout=out, env=os.environ.copy())
+        try:
+            if stop is None:
+                time.sleep(seconds)
+            else:
+                stop.wait(seconds)
+        finally:
+            proc.terminate()
+            proc.wait(5)
+        out.seek(0)
+        data = out.read()
+    result["pcm"] = np.frombuffer(data[:len(data) // 2 * 2], dtype=np.int16)
 
 
 def best_correlation(recorded: np.ndarray, reference: np.ndarray) -> float:
@@ -200,7 +205,9 @@ def test_spoken_turn_through_real_devices(vaudio: dict[str, str], start_engine: 
     piece = 6000
     corrs = [best_correlation(rec["pcm"], sent[i:i + piece]) for i in range(0, len(sent) - piece, piece)
              if np.abs(sent[i:i + piece]).max() > 1000]
-    assert corrs and min(corrs) > 0.8, f"the speaker did not play what the server sent (correlations {corrs})"
+    assert corrs and min(corrs) > 0.8, \
+        f"the speaker did not play what the server sent (correlations {corrs}; the device ran dry " \
+        f"{stopped['device_underflows']} times in the reply)"
     status = json.loads(eng.cli("status", "--json").stdout)
     assert status["rings"]["mic"]["overrun_frames"] == 0
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -15,6 +18,7 @@ import pytest
 from engine.audio import native
 from engine.audio.devices import find_device, open_pyaudio
 from engine.audio.ring import Ring
+from tests.helpers import REPO
 
 pytestmark = [pytest.mark.e2e, pytest.mark.audio, pytest.mark.timeout(60),
               pytest.mark.skipif(not native.available(), reason=f"{native.unavailable_reason()}")]
@@ -124,6 +128,66 @@ def test_the_libpulse_speaker_renders_at_every_sink_step(pa: Any, rings: Any) ->
     gaps_ms = sorted((b - a) / 1e6 for a, b in zip(stamps[20:], stamps[21:]))
     assert len(gaps_ms) > 200
     assert gaps_ms[len(gaps_ms) * 3 // 4] < 10, gaps_ms   # the 75th percentile
+
+
+_STALLED_SPEAKER = """
+import json, os, sys
+from engine.audio import native
+from engine.audio.devices import find_device, open_pyaudio
+from engine.audio.ring import Ring
+pa = open_pyaudio()
+spk = find_device(pa, "vspk", "output")
+ring = Ring.create(f"realtalk-test-stall-{os.getpid()}", 1 << 16)
+r = native.NativeRenderer(ring, prebuffer_frames=1440, device_rate_hz=48000, block_frames=240)
+r.open(spk["index"], 48000, 480)
+for _ in sys.stdin:   # a line asks for the counts
+    print(json.dumps({"callbacks": r.callbacks, "underflows": r.device_underflows, "buffer": r.device_buffer}),
+          flush=True)
+r.close()
+ring.close()
+ring.unlink()
+pa.terminate()
+"""
+
+
+@pytest.mark.skipif(not PULSE_BUILT, reason="the extension was built without libpulse")
+def test_a_speaker_that_stalls_gets_a_deeper_buffer_and_stops_running_dry(vaudio: dict[str, str]) -> None:
+    """The libpulse speaker kept its opening 17 ms buffer whatever the machine did: on a virtual
+    machine whose neighbour took 10 % of its time the sink ran dry 35 times in a 2 s reply, and
+    the spoken-turn test heard the gaps. Now each time it runs dry the buffer rises a step (_native.c,
+    "the device host"): stalls of the speaker's process (SIGSTOP, 25 ms, longer than the opening
+    buffer rides out) make it run dry at first, and no more once the buffer has risen past them."""
+    child = subprocess.Popen([sys.executable, "-c", _STALLED_SPEAKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True, cwd=REPO, env=os.environ.copy())
+    assert child.stdin is not None and child.stdout is not None
+
+    def counts() -> dict[str, Any]:
+        assert child.stdin is not None and child.stdout is not None
+        child.stdin.write("?\n")
+        child.stdin.flush()
+        return dict(json.loads(child.stdout.readline()))
+    try:
+        first = counts()
+        while first["callbacks"] < 50:   # running: the stream asks for blocks
+            first = counts()
+        opened_ms = first["buffer"][0]
+        assert opened_ms < 40, first
+        per_stall = []
+        for _ in range(10):
+            before = counts()["underflows"]
+            child.send_signal(signal.SIGSTOP)
+            time.sleep(0.025)
+            child.send_signal(signal.SIGCONT)
+            time.sleep(0.3)   # it plays again (the sink's prebuffer) before the next stall
+            per_stall.append(counts()["underflows"] - before)
+        last = counts()
+    finally:
+        child.stdin.close()
+        child.wait(10)
+    buffer_ms, raises, lowers = last["buffer"]
+    assert sum(per_stall[:3]) >= 1, per_stall          # the opening buffer ran dry
+    assert per_stall[-3:] == [0, 0, 0], (per_stall, last)   # the risen one did not
+    assert raises >= 1 and lowers == 0 and opened_ms + 20 <= buffer_ms <= opened_ms + 100, last
 
 
 @pytest.mark.skipif(not PULSE_BUILT, reason="the extension was built without libpulse")

@@ -509,6 +509,17 @@ static const int8_t R_NEXT[R_STATES][R_EVENTS] = {
  *    two steps (13.3 ms) for its fade;
  *  - the mic: the server's pieces gathered into periods of ``frames``, each pushed with when its
  *    first frame was captured: the worker wakes once per period, as with PortAudio.
+ * The speaker's buffer follows the machine (PulseAudio's own rule for its sinks' wake-ups): each
+ * time the sink runs dry, the stream's target (tlength) rises PULSE_RAISE_MS, up to
+ * PULSE_MAX_RAISE_MS over what it opened with, and after PULSE_CALM_S without running dry it falls
+ * back one step. The server gives about half of a target to the sink (ADJUST_LATENCY), so a step
+ * rides out a stall about 10 ms longer, and adds about that much to the latency heard: measured
+ * by stopping the speaker's process, a 15 ms stall needed a 44 ms target, 25 ms 64 and 35 ms 84.
+ * On a virtual machine whose neighbour took 10 % of its time the sink ran dry 35 times in a 2 s
+ * reply at the opening target (each a gap the listener heard). The heard position and
+ * the echo canceller's reference are dated by the stream's measured latency per block, so they
+ * follow. A change is one libpulse call (pa_stream_set_buffer_attr) on the mainloop thread: rare,
+ * never per period.
  * The mic's capture times come from a frame clock, not from the record stream's latency: read
  * when a piece came, that latency scattered over 33 ms against clicks played on the speaker
  * (PortAudio's ADC times over 19 ms), and the echo canceller's reference went off its echo (ERLE's
@@ -533,6 +544,9 @@ typedef void (*host_rec_fn)(void *user, const int16_t *in, int64_t frames, int64
 #define PULSE_SINK_LATENCY_MS 7   /* about PulseAudio's own floor for a sink (6.67 ms here), as the plugin got */
 #define PULSE_BLOCKS_PER_PERIOD 2 /* a write request's unit: half a period (see above) */
 #define PULSE_CLOCK_LEAK_PPM 200  /* how fast the mic's frame clock may rise between low readings (see above) */
+#define PULSE_RAISE_MS 20         /* the speaker's target rises this much each time the sink runs dry (see above) */
+#define PULSE_MAX_RAISE_MS 100    /* ...up to this much over what it opened with */
+#define PULSE_CALM_S 30           /* ...and falls one step after this long without running dry */
 
 typedef struct {
     pa_threaded_mainloop *ml;
@@ -544,6 +558,12 @@ typedef struct {
     host_rec_fn rec;
     void *user;
     int underflow;                 /* the sink ran dry since the last block (the mainloop thread's) */
+    /* the speaker's buffer (see above; the mainloop thread writes, Python reads relaxed) */
+    pa_buffer_attr attr;           /* as last asked for */
+    uint32_t base_tlength, max_tlength, step_bytes;
+    int64_t buffer_bytes;          /* attr.tlength */
+    int64_t buffer_raises, buffer_lowers;
+    int64_t changed_ns;            /* the last rise or fall, or when the sink last ran dry */
     /* the mic (the mainloop thread's) */
     int overflow;                  /* the server dropped mic frames since the last period */
     int clock_reset;               /* ...and the frame clock has not been set afresh since */
@@ -580,9 +600,18 @@ static double pu_latency_s(pa_stream *s) {
     return negative ? 0.0 : (double)usec / 1e6;
 }
 
+static void pu_retarget(pulse_t *p, int steps);
+
 static void pu_write(pa_stream *s, size_t nbytes, void *user) {
     pulse_t *p = user;
     size_t want = (size_t)p->frames * 2;
+    if (p->attr.tlength > p->base_tlength) {
+        int64_t now = now_ns();
+        if (now - p->changed_ns > (int64_t)PULSE_CALM_S * 1000000000LL) {
+            pu_retarget(p, -1);
+            p->changed_ns = now;
+        }
+    }
     while (nbytes >= want) {
         void *buf = NULL;
         size_t n = want;
@@ -600,8 +629,28 @@ static void pu_write(pa_stream *s, size_t nbytes, void *user) {
     }
 }
 
+/* Ask for the speaker's buffer ``steps`` steps over or under the current one, within its bounds. */
+static void pu_retarget(pulse_t *p, int steps) {
+    int64_t t = (int64_t)p->attr.tlength + (int64_t)steps * p->step_bytes;
+    t = t < p->base_tlength ? p->base_tlength : t > p->max_tlength ? p->max_tlength : t;
+    if (t == (int64_t)p->attr.tlength)
+        return;
+    p->attr.tlength = (uint32_t)t;
+    pa_operation *op = pa_stream_set_buffer_attr(p->s, &p->attr, NULL, NULL);
+    if (op)
+        pa_operation_unref(op);
+    st_rlx(&p->buffer_bytes, t);
+    if (steps > 0)
+        st_rlx(&p->buffer_raises, p->buffer_raises + 1);
+    else
+        st_rlx(&p->buffer_lowers, p->buffer_lowers + 1);
+}
+
 static void pu_underflow(pa_stream *s, void *user) {
-    ((pulse_t *)user)->underflow = 1;
+    pulse_t *p = user;
+    p->underflow = 1;
+    pu_retarget(p, 1);
+    p->changed_ns = now_ns();
 }
 
 static void pu_overflow(pa_stream *s, void *user) {
@@ -756,6 +805,12 @@ static pulse_t *pu_open(const char *device, double rate, int64_t frames, double 
         attr.tlength = target > least ? target : least;
         attr.minreq = block_bytes;
         attr.prebuf = PULSE_BLOCKS_PER_PERIOD * block_bytes;   /* a period: with a block, the sink ran dry once at the start */
+        p->attr = attr;
+        p->base_tlength = attr.tlength;
+        p->step_bytes = (uint32_t)(rate * PULSE_RAISE_MS / 1000) * 2;
+        p->max_tlength = attr.tlength + (uint32_t)(rate * PULSE_MAX_RAISE_MS / 1000) * 2;
+        p->buffer_bytes = attr.tlength;
+        p->changed_ns = now_ns();
         pa_stream_set_write_callback(p->s, pu_write, p);
         pa_stream_set_underflow_callback(p->s, pu_underflow, p);
         rc = pa_stream_connect_playback(p->s, dev, &attr, flags, NULL, NULL);
@@ -857,6 +912,19 @@ static int host_is_active(host_t *h) {
 
 static const char *host_name(host_t *h) {
     return h->pulse ? "pulse" : h->pa ? "portaudio" : "";
+}
+
+/* The libpulse speaker's buffer (see "the device host"): (ms asked for, rises, falls), or None
+ * for another host, a mic, or a closed stream. Python's side: relaxed loads of the mainloop
+ * thread's fields. */
+static PyObject *host_buffer(host_t *h) {
+#ifdef REALTALK_PULSE
+    pulse_t *p = h->pulse;
+    if (p && p->play)
+        return Py_BuildValue("(dLL)", (double)ld_rlx(&p->buffer_bytes) / 2.0 / p->rate * 1000.0,
+                             (long long)ld_rlx(&p->buffer_raises), (long long)ld_rlx(&p->buffer_lowers));
+#endif
+    Py_RETURN_NONE;
 }
 
 typedef struct {
@@ -1633,6 +1701,8 @@ static PyObject *Renderer_getattro(Renderer *r, PyObject *name) {
             return PyLong_FromLongLong(r->device_rate_hz);
         if (strcmp(s, "host") == 0)
             return PyUnicode_FromString(host_name(&r->host));
+        if (strcmp(s, "device_buffer") == 0)
+            return host_buffer(&r->host);
     } else {
         PyErr_Clear();
     }

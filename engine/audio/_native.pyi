@@ -21,6 +21,9 @@ class Renderer:
     transition_errors: int
     #: who runs the open device stream: "pulse" (libpulse), "portaudio", or "" when none is open
     host: str
+    #: the libpulse speaker's buffer: (target ms asked for, rises, falls) after the sink ran dry
+    #: (_native.c, "the device host"); None on PortAudio or while no stream is open
+    device_buffer: tuple[float, int, int] | None
 
     def __init__(self, speaker: Any, prebuffer_frames: int, max_prebuffer_frames: int = ..., ref: Any = ...,
                  stretch: bool = ..., device_rate_hz: int = ..., block_frames: int = ..., tap: Any = ...) -> None: ...

@@ -141,7 +141,8 @@ class PlaybackProcess:
                                                   "expanded_ms": r.expanded_frames // FRAMES_PER_MS,
                                                   "accelerated_ms": r.accelerated_frames // FRAMES_PER_MS,
                                                   "interval_ms_p50": round(p50, 2), "interval_ms_p99": round(p99, 2),
-                                                  "interval_ms_max": round(float(gaps_ms.max()), 2)})
+                                                  "interval_ms_max": round(float(gaps_ms.max()), 2),
+                                                  **self._device_buffer(nr if native else None)})
         position = None
         if r.in_stream and now >= self.next_position_at:
             self.next_position_at = now + POSITION_EVERY_S
@@ -206,6 +207,17 @@ class PlaybackProcess:
                 "peak_dbfs": lv.peak_dbfs,
                 "output_latency_ms": round(self.ring.control.device_latency_frames / FRAMES_PER_MS, 2),
                 "lost_frames": lv.lost_frames}
+
+    @staticmethod
+    def _device_buffer(renderer: Any) -> dict[str, Any]:
+        """playback.cadence's view of the libpulse speaker's buffer, which rises each time the sink
+        runs dry (_native.c, "the device host"): empty on another host or backend."""
+        buf = renderer.device_buffer if renderer is not None else None
+        if buf is None:
+            return {}
+        target_ms, raises, lowers = buf
+        return {"device_buffer_ms": round(target_ms, 1), "device_buffer_raises": raises,
+                "device_buffer_lowers": lowers}
 
     def _report_callback_errors(self) -> None:
         """Say on ``engine.error`` what the device callback caught (it may not log): the latest
