@@ -584,6 +584,9 @@ def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
             echoes[-1].get(k, 0) == echoes[0].get(k, 0) for k in ("far_missing_frames", "far_skipped_frames")),
         "engine_device_underflows_during_turns": (cadence[-1].get("device_underflows", 0)
                                                   - cadence[0].get("device_underflows", 0)) if cadence else None,
+        # the libpulse speaker's buffer rises each time the sink runs dry (_native.c): where it ended
+        "engine_device_buffer_ms_max_during_turns": max([c["device_buffer_ms"] for c in cadence
+                                                         if "device_buffer_ms" in c], default=None),
         "engine_underruns_reported_jitter30": sum(1 for t, _ in quiet if t == "playout.underrun"),
         "engine_underruns_reported_under_cpu_load": sum(1 for t, _ in loaded if t == "playout.underrun"),
         # time-stretching over late deltas (audio.time_stretch): responses it touched, and by how much
