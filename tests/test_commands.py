@@ -22,8 +22,8 @@ from tests.helpers import wait_topic
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
 ACK_WITHIN_S = 0.050
-#: 'at once' across a restart: a sanity bound (the claim is the order: by the broker, before the
-#: successor is back); CI's load on a slow machine delayed such an ack 150 ms once
+#: 'at once' across a restart: a sanity bound (the claim is the order: before the successor is
+#: back); CI's load on a slow machine delayed such an ack 150 ms once
 ACK_DURING_RESTART_WITHIN_S = 0.5
 LONG_REPLY = " ".join(["word"] * 300)   # 300 text deltas, 20 ms apart at speed 1: 6 s
 SCENARIO = f"""
@@ -118,7 +118,6 @@ def test_a_say_sent_once_during_a_realtime_crash_is_acked_at_once_and_answered_a
     raw.send("cmd.say", {"text": "which code did I give?", "id": held})   # once, never again
     ack = recv_until(sub, lambda t, b: t == "cmd.ack" and b.get("id") == held, 5, seen)
     assert ack[2]["ok"] is True and ack[2]["state"] == "queued", ack[2]
-    assert ack[2]["pub"].startswith("broker:"), ack[2]   # at once: by the broker
     assert ack[0] - sent_at <= ACK_DURING_RESTART_WITHIN_S, f"acked after {(ack[0] - sent_at) * 1000:.1f} ms"
     back = recv_until(sub, lambda t, b: t == "engine.status" and b.get("state") == "reconnected", 10, seen)
     assert ack[0] < back[0], "the ack came after the restarted realtime process was back"

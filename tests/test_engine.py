@@ -121,20 +121,27 @@ def record_monitor(seconds: float, result: dict[str, Any], stop: threading.Event
     PulseAudio's own recorder (``parec``) into a file: the server holds what a slow reader has
     not read yet. A PyAudio read in this process dropped frames silently when CI's load delayed
     it (``exception_on_overflow=False``), which read as a gap the speaker never played."""
-    with tempfile.TemporaryFile() as out:
-        proc = subprocess.Popen(["parec", "--device=spk.monitor", "--raw", "--format=s16le", "--rate=24000",
-                                 "--channels=1", "--latency-msec=20"], stdout=out, env=os.environ.copy())
-        try:
-            if stop is None:
-                time.sleep(seconds)
-            else:
-                stop.wait(seconds)
-        finally:
-            proc.terminate()
-            proc.wait(5)
-        out.seek(0)
-        data = out.read()
-    result["pcm"] = np.frombuffer(data[:len(data) // 2 * 2], dtype=np.int16)
+    try:
+        with tempfile.TemporaryFile() as out:
+            proc = subprocess.Popen(["parec", "--device=spk.monitor", "--raw", "--format=s16le", "--rate=24000",
+                                     "--channels=1", "--latency-msec=20"], stdout=out, env=os.environ.copy())
+            try:
+                if stop is None:
+                    time.sleep(seconds)
+                else:
+                    stop.wait(seconds)
+            finally:
+                proc.terminate()
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+            out.seek(0)
+            data = out.read()
+        result["pcm"] = np.frombuffer(data[:len(data) // 2 * 2], dtype=np.int16)
+    except Exception as exc:   # the test's thread reads it: a failure here is named there
+        result["error"] = exc
 
 
 def best_correlation(recorded: np.ndarray, reference: np.ndarray) -> float:
@@ -181,6 +188,7 @@ def test_spoken_turn_through_real_devices(vaudio: dict[str, str], start_engine: 
     assert [b["text"] for t, b in seen if t == "model.transcript.done"] == ["The capital of France is Paris."]
     assert topics.index("user.speech.stopped") < topics.index("playback.started")
     recorder.join(20)
+    assert "pcm" in rec, f"recording the speaker's monitor failed: {rec.get('error')!r}"
     sent = synthesize("The capital of France is Paris.", "marin", 1.0)
     assert stopped["index"] >= len(sent)  # every frame the server sent reached the device
     # per item (the realtime process names the items playback reports by ring index): started,
