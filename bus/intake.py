@@ -41,7 +41,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from bus.wire import ACK_TOPIC, COMMAND_TOPICS, DONE_TOPIC, command_key, id_problem, id_reused_error, outcome_of
+from bus.wire import (ACK_TOPIC, COMMAND_TOPICS, DONE_TOPIC, command_key, id_problem, id_reused_error, outcome_of,
+                      remember_newest)
 
 #: commands held at most (a realtime process that never comes back: the engine stops anyway)
 MAX_HELD = 1000
@@ -146,10 +147,7 @@ class Intake:
         for key, rec in (outcomes.items() if isinstance(outcomes, Mapping) else ()):
             done = outcome_of(key, rec)
             if done is not None:
-                self.outcomes[key] = {"topic": rec.get("topic"), "done": done}
-                self.outcomes.move_to_end(key)
-                while len(self.outcomes) > REMEMBERED_OUTCOMES:
-                    self.outcomes.popitem(last=False)
+                remember_newest(self.outcomes, key, {"topic": rec.get("topic"), "done": done}, REMEMBERED_OUTCOMES)
         return released
 
     def answer(self, topic: str, body: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -8,7 +8,8 @@ and ignores it, verifying is the subscriber's job.
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping
+from collections import OrderedDict
+from typing import Any, Mapping, TypeVar
 
 import msgpack
 
@@ -118,6 +119,19 @@ def id_reused_error(cmd_id: str, first_topic: str, topic: str) -> str:
     """Why a command under an id a command of another topic took was not carried out."""
     return (f"the id {cmd_id!r} was taken already by a {first_topic} command, so this {topic} was not carried "
             "out: give each command an id of its own")
+
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+def remember_newest(table: OrderedDict[_K, _V], key: _K, value: _V, limit: int) -> None:
+    """``table[key] = value`` as the newest entry; the oldest past ``limit`` forgotten (the bounded
+    memories of command ids and outcomes, on both sides of the intake)."""
+    table[key] = value
+    table.move_to_end(key)
+    while len(table) > limit:
+        table.popitem(last=False)
 
 
 def outcome_of(key: Any, rec: Any) -> dict[str, Any] | None:

@@ -34,7 +34,7 @@ from collections import OrderedDict
 from typing import Any, Callable, Mapping
 
 from bus.wire import (ACK_TOPIC, COMMAND_TOPICS, DONE_TOPIC, STATE_TOPIC, TAKEN_TOPIC, command_key, id_problem,
-                      id_reused_error, outcome_of)
+                      id_reused_error, outcome_of, remember_newest)
 from engine.realtime.records import Action, Publish
 from engine.realtime.requests import SEEN_IDS
 
@@ -134,7 +134,7 @@ class TakesCommandsOnce:
                 cmd_id = act.payload.get("id")
                 if isinstance(cmd_id, str) and cmd_id in self.taken and not act.payload.get("repeated") \
                         and act.payload.get("code") != "id_reused":   # that one answers another command
-                    self._remember_outcome(cmd_id, act.payload)
+                    remember_newest(self.outcomes, cmd_id, act.payload, SEEN_IDS)
                     new[cmd_id] = {"topic": self.taken[cmd_id], "done": act.payload}
         if not new:
             return acts
@@ -157,18 +157,8 @@ class TakesCommandsOnce:
                 continue
             if key not in self.taken:
                 self._mark_taken(key, rec.get("topic"))   # (outcome_of checked it: a str or None)
-            self._remember_outcome(key, done)
-
-    def _remember_outcome(self, cmd_id: str, done: Mapping[str, Any]) -> None:
-        """``done`` is ``cmd_id``'s outcome, the newest; the oldest past ``SEEN_IDS`` forgotten."""
-        self.outcomes[cmd_id] = done
-        self.outcomes.move_to_end(cmd_id)
-        while len(self.outcomes) > SEEN_IDS:
-            self.outcomes.popitem(last=False)
+            remember_newest(self.outcomes, key, done, SEEN_IDS)
 
     def _mark_taken(self, key: str, topic: str | None = None) -> None:
         """``key`` taken by a ``topic`` command (None: the topic it is known by, if any), the newest."""
-        self.taken[key] = topic if topic is not None else self.taken.get(key)
-        self.taken.move_to_end(key)
-        while len(self.taken) > SEEN_IDS:
-            self.taken.popitem(last=False)
+        remember_newest(self.taken, key, topic if topic is not None else self.taken.get(key), SEEN_IDS)
