@@ -25,7 +25,7 @@ DEVICE_RATE_HZ = 48000
 CHUNK_FRAMES = DEVICE_RATE_HZ // 50          #: 20 ms, the capture period
 CHUNKS = 1000                                #: 20 s of audio
 WARMUP_CHUNKS = 100
-AEC_BLOCK_FRAMES = 480                       #: 10 ms at 48 kHz (AEC3's rate here)
+AEC_RATES_HZ = (32000, 48000, 16000)         #: AEC3's rates, the engine's (echo.AEC_RATE_HZ) first
 FIT_BLOCKS = (1, 2, 4, 8, 16)
 FIT_REPS = 300
 
@@ -97,39 +97,86 @@ def _worker_chunks() -> dict[str, list[float]]:
             r.unlink()
 
 
-def _aec3_fit() -> tuple[dict[int, float], float, float]:
-    """pywebrtc-audio's AEC3 ``process`` called from Python on 1..16 blocks, interleaved: the
-    median µs per call by blocks, and a least-squares line through them (µs per call, µs per block)."""
+def mic_held_back_ms(device_rate_hz: int = DEVICE_RATE_HZ, aec: bool = True, chunks: int = 300) -> dict[str, float]:
+    """What the capture step holds back of the mic: after each 20 ms device chunk it has been handed,
+    the chunk's frames (as 24 kHz frames) less what it has written to the mic ring, in ms, over
+    ``chunks`` chunks after 50 of warm-up (mean, max, min). It is the resamplers' blocks and filters
+    (device -> 24 kHz; with ``aec``, 24 kHz -> AEC3's rate and back) and AEC3's whole 10 ms blocks:
+    time the mic's audio waits in the capture process before the realtime process can send it."""
+    from engine.audio import native
+    from engine.audio.ring import Ring
+    from engine.capture.echo import native_constants
+    mic = Ring.create(f"realtalk-bench-held-{os.getpid()}", 1 << 16, with_eventfd=True)
+    try:
+        cap = native.NativeCapture(mic, device_rate_hz, device_rate_hz // 50, aec=aec, guard_db=-6.0,
+                                   echo=native_constants())
+        period = device_rate_hz // 50
+        pcm = np.random.default_rng(0).normal(0, 2000, period * (chunks + 50)).astype(np.int16)
+        held: list[float] = []
+        for k in range(chunks + 50):
+            cap.push(pcm[k * period:(k + 1) * period])
+            cap.step(lambda n: np.zeros(n, dtype=np.int16))
+            mic.skip(mic.read_available)
+            if k >= 50:
+                held.append(((k + 1) * period * 24000 / device_rate_hz - mic.write_index) / 24)
+        return {"mean": round(float(np.mean(held)), 1), "max": round(max(held), 1), "min": round(min(held), 1)}
+    finally:
+        mic.close()
+        mic.unlink()
+
+
+def _aec3_fit(rates_hz: tuple[int, ...] = AEC_RATES_HZ) -> dict[int, tuple[dict[int, float], float, float]]:
+    """pywebrtc-audio's AEC3 ``process`` called from Python on 1..16 blocks at each of ``rates_hz``,
+    interleaved (rates and sizes alike, so each rate sees the same machine): per rate, the median
+    µs per call by blocks, and a least-squares line through them (µs per call, µs per block)."""
+    from engine.audio.devices import resample_stream
     from pywebrtc_audio import EchoCanceller as WebRtcAec
     far24, mic48 = _signals()
-    far48 = np.repeat(far24, 2)
-    aec: Any = WebRtcAec(sample_rate=48000, num_channels=1, stream_delay_ms=0)
-    times: dict[int, list[float]] = {k: [] for k in FIT_BLOCKS}
-    pos = 0
-    span = len(mic48) - max(FIT_BLOCKS) * AEC_BLOCK_FRAMES
+    mic24 = resample_stream(DEVICE_RATE_HZ, 24000).resample_chunk(mic48)
+    ends: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for rate in rates_hz:   # both ends at the rate, as the capture step hands them over
+        ends[rate] = (resample_stream(24000, rate).resample_chunk(mic24).astype(np.int16),
+                      resample_stream(24000, rate).resample_chunk(far24).astype(np.int16))
+    aecs: dict[int, Any] = {rate: WebRtcAec(sample_rate=rate, num_channels=1, stream_delay_ms=0) for rate in rates_hz}
+    times: dict[int, dict[int, list[float]]] = {rate: {k: [] for k in FIT_BLOCKS} for rate in rates_hz}
+    pos = dict.fromkeys(rates_hz, 0)
     for _ in range(FIT_REPS):
-        for k in FIT_BLOCKS:
-            n = k * AEC_BLOCK_FRAMES
-            near, far = mic48[pos:pos + n], far48[pos:pos + n]
-            pos = (pos + n) % span
-            t0 = time.thread_time_ns()
-            aec.process(near, far)
-            times[k].append((time.thread_time_ns() - t0) / 1e3)
-    med = {k: statistics.median(v[FIT_REPS // 10:]) for k, v in times.items()}
-    per_block, per_call = np.polyfit(np.array(FIT_BLOCKS, dtype=np.float64), np.array(list(med.values())), 1)
-    return med, float(per_call), float(per_block)
+        for rate in rates_hz:
+            block = rate // 100
+            mic, far = ends[rate]
+            span = min(len(mic), len(far)) - max(FIT_BLOCKS) * block
+            for k in FIT_BLOCKS:
+                n = k * block
+                near_k, far_k = mic[pos[rate]:pos[rate] + n], far[pos[rate]:pos[rate] + n]
+                pos[rate] = (pos[rate] + n) % span
+                t0 = time.thread_time_ns()
+                aecs[rate].process(near_k, far_k)
+                times[rate][k].append((time.thread_time_ns() - t0) / 1e3)
+    fits: dict[int, tuple[dict[int, float], float, float]] = {}
+    for rate in rates_hz:
+        med = {k: statistics.median(v[FIT_REPS // 10:]) for k, v in times[rate].items()}
+        per_block, per_call = np.polyfit(np.array(FIT_BLOCKS, dtype=np.float64), np.array(list(med.values())), 1)
+        fits[rate] = (med, float(per_call), float(per_block))
+    return fits
 
 
 def run() -> dict[str, Any]:
     per = _worker_chunks()
     med = {k: statistics.median(v) for k, v in per.items()}
-    by_blocks, per_call, per_block = _aec3_fit()
+    from engine.capture.echo import AEC_RATE_HZ
+    fits = _aec3_fit((AEC_RATE_HZ, *[r for r in AEC_RATES_HZ if r != AEC_RATE_HZ]))
+    by_blocks, per_call, per_block = fits[AEC_RATE_HZ]
     c_work = med["step"] - med["aec_call"] - med["far_take"]
     # what only the batched call pays: the worker's Python loop and wake-up (its CPU outside the
     # step), FarEnd.take, and the binding's fixed cost per call (the line's intercept); a C thread
     # would still wake per chunk, so this is the most a fully native path could save
     python = (med["worker"] - med["step"]) + med["far_take"] + max(per_call, 0.0)
+    held_aec, held_plain = mic_held_back_ms(aec=True), mic_held_back_ms(aec=False)
     return {
+        "capture_mic_held_back_ms_mean_aec": held_aec["mean"],
+        "capture_mic_held_back_ms_max_aec": held_aec["max"],
+        "capture_mic_held_back_ms_mean_no_aec": held_plain["mean"],
+        "capture_mic_held_back_ms_max_no_aec": held_plain["max"],
         "capture_chunk_worker_cpu_us_p50": round(med["worker"], 1),
         "capture_chunk_step_us_p50": round(med["step"], 1),
         "capture_chunk_aec3_call_us_p50": round(med["aec_call"], 1),
@@ -139,6 +186,8 @@ def run() -> dict[str, Any]:
         "aec3_process_us_by_blocks": {str(k): round(v, 1) for k, v in by_blocks.items()},
         "aec3_per_block_us": round(per_block, 1),
         "aec3_per_call_us": round(per_call, 1),
+        "aec3_rate_hz": AEC_RATE_HZ,
+        "aec3_per_block_us_by_rate_hz": {str(rate): round(fit[2], 1) for rate, fit in sorted(fits.items())},
         "capture_chunk_batched_call_percent_of_one_core": round(100 * med["worker"] / 20000, 2),
         "capture_chunk_all_native_estimate_percent_of_one_core": round(100 * (med["worker"] - python) / 20000, 2),
         "capture_chunk_python_us": round(python, 1),

@@ -212,6 +212,24 @@ def test_the_capture_step_cancels_the_echo_and_writes_one_chunk_per_period(rings
 
 
 @needs_native
+def test_the_capture_step_holds_the_mic_back_little() -> None:
+    """The mic's audio waits in the capture step only for the resamplers' filters and AEC3's 10 ms
+    blocks. soxr's default DFT blocks held it 49.8 ms on average (59.6 at most) on a 48 kHz device
+    with echo cancellation: three stages of 10.8 ms (20.4 at most) each, and the blocks."""
+    from bench.capture_step import mic_held_back_ms
+    with_aec, plain = mic_held_back_ms(48000, aec=True), mic_held_back_ms(48000, aec=False)
+    assert with_aec["max"] <= 16 and plain["max"] <= 6, (with_aec, plain)
+
+
+def test_the_echo_canceller_runs_at_one_rate_everywhere() -> None:
+    """AEC3's rate: echo.py's (the PyAudio backend, the floor), native.py's and the extension's."""
+    from engine.capture.echo import AEC_RATE_HZ
+    assert native.AEC_RATE_HZ == AEC_RATE_HZ == 32000
+    if native.available():
+        assert native._ext.AEC_RATE_HZ == AEC_RATE_HZ
+
+
+@needs_native
 def test_the_capture_step_guards_as_the_echo_canceller_through_a_stall(rings: Any) -> None:
     """A 24 kHz device (no resampling before the canceller), the echo 40 ms late, a talker 6 dB over
     it, and two stalls (the far end zeros and uncertain): the C step and EchoCanceller.process, each
@@ -281,7 +299,10 @@ def test_the_capture_step_without_echo_handling_passes_the_mic_and_extras_get_vi
     from engine.audio.devices import resample_stream   # what the PyAudio path does: python-soxr, LQ
     rs = resample_stream(48000, 24000)
     want = np.concatenate([rs.resample_chunk(pcm[k * 960:(k + 1) * 960]) for k in range(100)])
-    assert len(got) == len(want) and np.abs(got.astype(np.int32) - want).max() <= 3   # soxr's dither
+    # the same samples (soxr's dither aside); C's soxr hands them out in smaller blocks
+    # (SOXR_LOG2_DFT), python-soxr's in 2^10-frame ones, so either may hold back more at an instant
+    n = min(len(got), len(want))
+    assert abs(len(got) - len(want)) <= 24 * 21 and np.abs(got[:n].astype(np.int32) - want[:n]).max() <= 3
     seen: list[tuple[int, int, bool]] = []
 
     def extras(raw: np.ndarray, far: np.ndarray, sent: np.ndarray | None) -> None:

@@ -71,8 +71,14 @@
 #define EVQ 256                  /* event queue slots */
 #define CB_STAMPS 512            /* callback time stamps kept (playback.cadence) */
 #define TAP_STAMPS 64            /* LevelTap's stamp slots */
-#define AEC_RATE_HZ 48000
-#define AEC_BLOCK 480            /* 10 ms at 48 kHz */
+/* soxr's DFT size (log2) for every resampler here. Its default (2^10 and up) hands a stream's output
+ * out in blocks of that many frames: 10.8 ms held back on average at 48 <-> 24 kHz (20.4 at most) a
+ * stage, so the mic's three stages with echo cancellation held it ~50 ms. At 2^8 and below a stage
+ * holds 2.7 ms (4.4 at most: its filter), at 2^9 twice that; the samples are the same (within the
+ * dither's 2 LSB), the CPU about 1 us more a 20 ms chunk (bench/results/2026-12.md, "AEC3 at 32 kHz, and soxr's blocks"). */
+#define SOXR_LOG2_DFT 8
+#define AEC_RATE_HZ 32000       /* echo.py's AEC_RATE_HZ: the 24 kHz stream's whole band in AEC3's two bands */
+#define AEC_BLOCK 320            /* 10 ms at AEC_RATE_HZ */
 #define ERLE_WINDOWS 600
 #define MAX_GUARD_WINDOW 256     /* far-end history blocks at most (echo.py's GUARD_WINDOW_BLOCKS is 50) */
 /* The echo statistics' and the guard's constants are echo.py's own, handed in by name at set-up
@@ -333,7 +339,9 @@ static soxr_t soxr_new(double in_rate, double out_rate) {
     soxr_error_t err = NULL;
     soxr_io_spec_t io = soxr_io_spec(SOXR_INT16_I, SOXR_INT16_I);
     soxr_quality_spec_t q = soxr_quality_spec(SOXR_LQ, 0);   /* devices.RESAMPLE_QUALITY */
-    soxr_t s = soxr_create(in_rate, out_rate, 1, &err, &io, &q, NULL);
+    soxr_runtime_spec_t rt = soxr_runtime_spec(1);
+    rt.log2_min_dft_size = rt.log2_large_dft_size = SOXR_LOG2_DFT;
+    soxr_t s = soxr_create(in_rate, out_rate, 1, &err, &io, &q, &rt);
     if (err != NULL) {
         PyErr_Format(PyExc_RuntimeError, "soxr %g -> %g Hz: %s", in_rate, out_rate, err);
         return NULL;
@@ -2255,11 +2263,11 @@ typedef struct {
     /* worker buffers */
     soxr_t to24, near_up, far_up, down;
     int64_t chunk_cap;            /* device frames per step at most */
-    int16_t *chunk, *raw24, *near48_tmp, *far48_tmp, *out24;
-    int64_t raw24_cap, x48_cap;
-    fifo_t near48, far48;
+    int16_t *chunk, *raw24, *near_aec_tmp, *far_aec_tmp, *out24;
+    int64_t raw24_cap, aec_cap;
+    fifo_t near_aec, far_aec;
     float *out_f;
-    int16_t *out48;
+    int16_t *out_aec;
     PyObject *near_views, *far_views;   /* numpy views of 1..MAX_AEC_BLOCKS blocks, for the AEC call */
     Py_buffer near_buf, far_buf;
     PyObject *raw_view, *far_view, *out_view;   /* numpy views the worker hands to extras() */
@@ -2326,13 +2334,13 @@ static int Capture_init(Capture *c, PyObject *args, PyObject *kw) {
     c->chunk = PyMem_Calloc((size_t)c->chunk_cap, 2);
     c->raw24_cap = c->chunk_cap * RATE_HZ / rate + 256;
     c->raw24 = PyMem_Calloc((size_t)c->raw24_cap, 2);
-    c->x48_cap = c->chunk_cap * AEC_RATE_HZ / rate + 512;
-    c->near48_tmp = PyMem_Calloc((size_t)c->x48_cap, 2);
-    c->far48_tmp = PyMem_Calloc((size_t)(c->raw24_cap * 2 + 512), 2);
+    c->aec_cap = c->raw24_cap * AEC_RATE_HZ / RATE_HZ + 512;   /* a chunk's 24 kHz frames at AEC_RATE_HZ */
+    c->near_aec_tmp = PyMem_Calloc((size_t)c->aec_cap, 2);
+    c->far_aec_tmp = PyMem_Calloc((size_t)c->aec_cap, 2);
     c->out24 = PyMem_Calloc((size_t)c->raw24_cap + MAX_AEC_BLOCKS * AEC_BLOCK, 2);
     c->out_f = PyMem_Calloc(MAX_AEC_BLOCKS * AEC_BLOCK, sizeof(float));
-    c->out48 = PyMem_Calloc(MAX_AEC_BLOCKS * AEC_BLOCK, 2);
-    if (!c->dev || !c->chunk || !c->raw24 || !c->near48_tmp || !c->far48_tmp || !c->out24 || !c->out_f || !c->out48) {
+    c->out_aec = PyMem_Calloc(MAX_AEC_BLOCKS * AEC_BLOCK, 2);
+    if (!c->dev || !c->chunk || !c->raw24 || !c->near_aec_tmp || !c->far_aec_tmp || !c->out24 || !c->out_f || !c->out_aec) {
         PyErr_NoMemory();
         return -1;
     }
@@ -2367,7 +2375,7 @@ static int Capture_init(Capture *c, PyObject *args, PyObject *kw) {
             return -1;
         if (!(c->far_up = soxr_new(RATE_HZ, AEC_RATE_HZ)) || !(c->down = soxr_new(AEC_RATE_HZ, RATE_HZ)))
             return -1;
-        if (fifo_init(&c->near48, AEC_RATE_HZ) < 0 || fifo_init(&c->far48, AEC_RATE_HZ) < 0)
+        if (fifo_init(&c->near_aec, AEC_RATE_HZ) < 0 || fifo_init(&c->far_aec, AEC_RATE_HZ) < 0)
             return -1;
     }
     /* buffers: (near_base, far_base, near_views, far_views, raw_view, far_view, out_view), numpy arrays the
@@ -2437,13 +2445,13 @@ static void Capture_dealloc(Capture *c) {
     PyMem_Free(c->dev);
     PyMem_Free(c->chunk);
     PyMem_Free(c->raw24);
-    PyMem_Free(c->near48_tmp);
-    PyMem_Free(c->far48_tmp);
+    PyMem_Free(c->near_aec_tmp);
+    PyMem_Free(c->far_aec_tmp);
     PyMem_Free(c->out24);
     PyMem_Free(c->out_f);
-    PyMem_Free(c->out48);
-    fifo_free(&c->near48);
-    fifo_free(&c->far48);
+    PyMem_Free(c->out_aec);
+    fifo_free(&c->near_aec);
+    fifo_free(&c->far_aec);
     if (c->wake_fd >= 0)
         close(c->wake_fd);
     Py_TYPE(c)->tp_free((PyObject *)c);
@@ -2526,13 +2534,13 @@ static int cap_callback(const void *input, void *output, unsigned long frames, c
     return paContinue;
 }
 
-/* One AEC call on ``blocks`` 10 ms blocks from the 48 kHz FIFOs (EchoCanceller.process's middle):
- * statistics, the guard; the cancelled 48 kHz blocks land in out48. 0, or -1 when the call
+/* One AEC call on ``blocks`` 10 ms blocks from the AEC-rate FIFOs (EchoCanceller.process's middle):
+ * statistics, the guard; the cancelled blocks land in out_aec. 0, or -1 when the call
  * failed (counted; the caller passes the mic through). */
 static int cap_aec(Capture *c, PyObject *aec, int64_t blocks, int far_uncertain) {
     int64_t n = blocks * AEC_BLOCK;
-    memcpy(c->near_buf.buf, c->near48.buf, (size_t)n * 2);
-    memcpy(c->far_buf.buf, c->far48.buf, (size_t)n * 2);
+    memcpy(c->near_buf.buf, c->near_aec.buf, (size_t)n * 2);
+    memcpy(c->far_buf.buf, c->far_aec.buf, (size_t)n * 2);
     static PyObject *process_name = NULL;
     if (!process_name && !(process_name = PyUnicode_InternFromString("process")))
         return -1;
@@ -2563,7 +2571,7 @@ static int cap_aec(Capture *c, PyObject *aec, int64_t blocks, int far_uncertain)
         c->errors += 1;
         return -1;
     }
-    const int16_t *near = c->near48.buf, *far = c->far48.buf;
+    const int16_t *near = c->near_aec.buf, *far = c->far_aec.buf;
     guard_t *g = &c->guard;
     for (int64_t b = 0; b < blocks; b++) {
         const int16_t *fb = far + b * AEC_BLOCK, *nb = near + b * AEC_BLOCK;
@@ -2612,7 +2620,7 @@ static int cap_aec(Capture *c, PyObject *aec, int64_t blocks, int far_uncertain)
         }
     }
     for (int64_t i = 0; i < n; i++)
-        c->out48[i] = (int16_t)c->out_f[i];
+        c->out_aec[i] = (int16_t)c->out_f[i];
     return 0;
 }
 
@@ -2620,8 +2628,8 @@ static int cap_aec(Capture *c, PyObject *aec, int64_t blocks, int far_uncertain)
  * the callback wrote since the last step, at most chunk_cap a chunk, each chunk:
  *   device -> 24 kHz (raw); the far end: far_take(len(raw)) (FarEnd.take; with far_adc,
  *   far_take(len(raw), adc_ns): when raw's first frame was captured), or silence;
- *   with aec: device -> 48 kHz and far -> 48 kHz into the FIFOs, one aec.process call on their
- *   whole 10 ms blocks, the statistics and the guard, 48 -> 24 kHz (cancelled);
+ *   with aec: device -> 24 kHz -> AEC_RATE_HZ and far -> AEC_RATE_HZ into the FIFOs, one aec.process call on their
+ *   whole 10 ms blocks, the statistics and the guard, AEC_RATE_HZ -> 24 kHz (cancelled);
  *   then extras(raw, far, cancelled) if given (it writes the mic ring itself), else the level taps
  *   and one mic ring write (the realtime process wakes once per chunk). */
 static PyObject *Capture_step(Capture *c, PyObject *args) {
@@ -2732,23 +2740,23 @@ static PyObject *Capture_step(Capture *c, PyObject *args) {
         if (aec != Py_None) {
             if (far_uncertain && c->guard_on)   /* EchoCanceller.process(..., far_uncertain) */
                 guard_hold(&c->guard, c->guard.hold_blocks_min);
-            int64_t mn = soxr_chunk(c->near_up, raw, n24, c->near48_tmp, c->x48_cap);
-            fifo_push(&c->near48, c->near48_tmp, mn);
-            int64_t m = soxr_chunk(c->far_up, far_copy, n24, c->far48_tmp, c->raw24_cap * 2 + 512);
-            fifo_push(&c->far48, c->far48_tmp, m);
-            int64_t blocks = imin(imin(c->near48.len, c->far48.len) / AEC_BLOCK, MAX_AEC_BLOCKS);
+            int64_t mn = soxr_chunk(c->near_up, raw, n24, c->near_aec_tmp, c->aec_cap);
+            fifo_push(&c->near_aec, c->near_aec_tmp, mn);
+            int64_t m = soxr_chunk(c->far_up, far_copy, n24, c->far_aec_tmp, c->aec_cap);
+            fifo_push(&c->far_aec, c->far_aec_tmp, m);
+            int64_t blocks = imin(imin(c->near_aec.len, c->far_aec.len) / AEC_BLOCK, MAX_AEC_BLOCKS);
             nfinal = 0;
             if (blocks > 0) {
                 if (cap_aec(c, aec, blocks, far_uncertain) == 0) {
-                    nfinal = soxr_chunk(c->down, c->out48, blocks * AEC_BLOCK, c->out24,
+                    nfinal = soxr_chunk(c->down, c->out_aec, blocks * AEC_BLOCK, c->out24,
                                         c->raw24_cap + MAX_AEC_BLOCKS * AEC_BLOCK);
                     final = c->out24;
                 } else {
                     final = raw;   /* the canceller failed: the mic goes through as is */
                     nfinal = n24;
                 }
-                fifo_drop(&c->near48, blocks * AEC_BLOCK);
-                fifo_drop(&c->far48, blocks * AEC_BLOCK);
+                fifo_drop(&c->near_aec, blocks * AEC_BLOCK);
+                fifo_drop(&c->far_aec, blocks * AEC_BLOCK);
             }
         }
         if (extras != Py_None) {
@@ -3040,6 +3048,7 @@ PyMODINIT_FUNC PyInit__native(void) {
         PyModule_AddIntConstant(m, "RATE_HZ", RATE_HZ) < 0 ||
         PyModule_AddIntConstant(m, "LAYOUT_VERSION", LAYOUT_VERSION) < 0 ||
         PyModule_AddIntConstant(m, "MAX_AEC_BLOCKS", MAX_AEC_BLOCKS) < 0 ||
+        PyModule_AddIntConstant(m, "AEC_RATE_HZ", AEC_RATE_HZ) < 0 ||
         PyModule_AddStringConstant(m, "source_sha", NATIVE_SOURCE_SHA) < 0 ||
         PyModule_AddObject(m, "RENDER_TABLE", render_table()) < 0) {
         Py_DECREF(m);

@@ -17,7 +17,10 @@ from engine.errors import DeviceError
 
 #: soxr quality for the streaming resamplers: "LQ" (16-bit, the depth of our PCM) hands out
 #: output every chunk at 44.1/24 kHz (882 samples per 20 ms); "HQ" holds back ~30 ms blocks,
-#: which delayed the first sample to the speaker and the mic audio to the socket
+#: which delayed the first sample to the speaker and the mic audio to the socket. Even "LQ" hands
+#: out 48 <-> 24 kHz in 2^10-frame DFT blocks (10.8 ms held back a stage on average); the native
+#: backend's libsoxr streams use 2^8-frame ones (_native.c, SOXR_LOG2_DFT: 2.7 ms), which
+#: python-soxr has no setting for
 RESAMPLE_QUALITY = "LQ"
 
 

@@ -44,7 +44,7 @@ except ImportError as exc:  # pragma: no cover - depends on the build
     _ext = None
     _IMPORT_ERROR = str(exc)
 
-AEC_RATE_HZ = 48000
+AEC_RATE_HZ = 32000                          # engine.capture.echo's and _native.c's (a test holds all three equal)
 AEC_BLOCK_FRAMES = AEC_RATE_HZ // 100
 BACKENDS = ("native", "pyaudio")
 
@@ -289,7 +289,7 @@ class NativeRenderer:
 class NativeCapture:
     """The capture path in C (see the module docstring).
 
-    ``aec``: cancel the echo (WebRTC AEC3 at 48 kHz; ``guard_db`` as EchoCanceller's, None: no
+    ``aec``: cancel the echo (WebRTC AEC3 at AEC_RATE_HZ; ``guard_db`` as EchoCanceller's, None: no
     guard; ``echo``: the statistics' and the guard's constants, engine.capture.echo's by name, which
     the capture process hands in: one source for both implementations). The echo statistics are
     EchoCanceller's (``stats``, ``errors``, ``last_error``), so the process reports them the same way.
@@ -311,16 +311,16 @@ class NativeCapture:
         ext = _ext_or_raise()
         blocks = ext.MAX_AEC_BLOCKS
         self._near = np.zeros(blocks * AEC_BLOCK_FRAMES, dtype=np.int16)
-        self._far48 = np.zeros(blocks * AEC_BLOCK_FRAMES, dtype=np.int16)
+        self._far_aec = np.zeros(blocks * AEC_BLOCK_FRAMES, dtype=np.int16)
         near_views = tuple(self._near[:k * AEC_BLOCK_FRAMES] for k in range(1, blocks + 1))
-        far_views = tuple(self._far48[:k * AEC_BLOCK_FRAMES] for k in range(1, blocks + 1))
+        far_views = tuple(self._far_aec[:k * AEC_BLOCK_FRAMES] for k in range(1, blocks + 1))
         cap24 = 4 * period_frames * RATE_HZ // device_rate_hz + 256 + blocks * AEC_BLOCK_FRAMES
         self.raw = np.zeros(cap24, dtype=np.int16)
         self.far = np.zeros(cap24, dtype=np.int16)
         self.sent = np.zeros(cap24, dtype=np.int16)
         self._c = ext.Capture(mic.mapping, mic.data_fd if mic.data_fd is not None else -1, device_rate_hz,
                               period_frames, aec, guard_db,
-                              (self._near, self._far48, near_views, far_views, self.raw, self.far, self.sent),
+                              (self._near, self._far_aec, near_views, far_views, self.raw, self.far, self.sent),
                               tap_in.arrays if tap_in is not None else None,
                               tap_out.arrays if tap_out is not None else None, far_adc, echo)
         self.aec: Any = None

@@ -10,7 +10,7 @@ the user's voice.
   for good. Where it must guess (frames not written yet, the silence of a gap right after the
   speaker ran dry), the far end is *uncertain* for that block.
 * :class:`EchoCanceller` is WebRTC's audio processing module (pywebrtc-audio, AEC3) at
-  48 kHz, fed 10 ms blocks of mic (near end) and reference (far end), in and out at the
+  32 kHz, fed 10 ms blocks of mic (near end) and reference (far end), in and out at the
   engine's 24 kHz through soxr. It also measures its echo return loss enhancement (ERLE).
 * :class:`TalkGuard` is the residual-echo guard behind AEC3: it tells someone talking over
   the model from the echo AEC3 leaks, and holds while the far end is uncertain.
@@ -30,7 +30,11 @@ from engine.audio.ring import Ring, SampleFifo
 from engine.pcm import RATE_HZ
 from engine.stats import percentiles
 
-AEC_RATE_HZ = 48000
+# AEC3's rate: the lowest of its rates (16, 32, 48 kHz) that holds the 24 kHz stream's whole band
+# (to 12 kHz). AEC3 cancels in its 0-8 kHz band and gains the bands above; at 32 kHz there is one
+# band above, at 48 kHz two, and a three-band filter bank to split them: 32 kHz costs about a quarter
+# less a block for the same band (bench/results/2026-12.md, "AEC3 at 32 kHz, and soxr's blocks").
+AEC_RATE_HZ = 32000
 AEC_BLOCK_FRAMES = AEC_RATE_HZ // 100      # WebRTC processes 10 ms blocks
 FAR_ACTIVE_DBFS = -50.0                    # a reference block louder than this counts for ERLE
 ERLE_WINDOW_BLOCKS = 100                   # one ERLE figure per second of far-end speech
@@ -452,7 +456,7 @@ class TalkGuard:
 
 
 class EchoCanceller:
-    """WebRTC AEC3 at 48 kHz behind a 24 kHz interface; ``process`` keeps the stream's length.
+    """WebRTC AEC3 at AEC_RATE_HZ (32 kHz) behind a 24 kHz interface; ``process`` keeps the stream's length.
 
     Behind AEC3 sits a residual-echo guard (:class:`TalkGuard`): while the far end has been
     active within the last 500 ms, an output block is attenuated by 30 dB unless it is louder
@@ -471,7 +475,7 @@ class EchoCanceller:
         self._up_near = resample_stream(RATE_HZ, AEC_RATE_HZ)
         self._up_far = resample_stream(RATE_HZ, AEC_RATE_HZ)
         self._down = resample_stream(AEC_RATE_HZ, RATE_HZ)
-        self._near = SampleFifo(AEC_RATE_HZ)    # 48 kHz, waiting for whole 10 ms blocks
+        self._near = SampleFifo(AEC_RATE_HZ)    # at AEC_RATE_HZ, waiting for whole 10 ms blocks
         self._far = SampleFifo(AEC_RATE_HZ)
         self._out = np.zeros(AEC_RATE_HZ, dtype=np.int16)
         self._far_rms = np.zeros(GUARD_WINDOW_BLOCKS, dtype=np.float64)   # recent far-end block levels
