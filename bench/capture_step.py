@@ -17,7 +17,7 @@ import os
 import statistics
 import threading
 import time
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -97,10 +97,20 @@ def _worker_chunks() -> dict[str, list[float]]:
             r.unlink()
 
 
-def mic_held_back_ms(device_rate_hz: int = DEVICE_RATE_HZ, aec: bool = True, chunks: int = 300) -> dict[str, float]:
+class HeldBack(TypedDict):
+    """:func:`mic_held_back_ms`'s figures, ms."""
+    mean: float
+    max: float
+    min: float
+    reported_mean: float | None
+    reported_max: float | None
+
+
+def mic_held_back_ms(device_rate_hz: int = DEVICE_RATE_HZ, aec: bool = True, chunks: int = 300) -> HeldBack:
     """What the capture step holds back of the mic: after each 20 ms device chunk it has been handed,
     the chunk's frames (as 24 kHz frames) less what it has written to the mic ring, in ms, over
-    ``chunks`` chunks after 50 of warm-up (mean, max, min). It is the resamplers' blocks and filters
+    ``chunks`` chunks after 50 of warm-up (mean, max, min; and what the step itself reports of the
+    same chunks on ``capture.echo``, ``reported_mean``, ``reported_max``). It is the resamplers' blocks and filters
     (device -> 24 kHz; with ``aec``, 24 kHz -> AEC3's rate and back) and AEC3's whole 10 ms blocks:
     time the mic's audio waits in the capture process before the realtime process can send it."""
     from engine.audio import native
@@ -117,9 +127,13 @@ def mic_held_back_ms(device_rate_hz: int = DEVICE_RATE_HZ, aec: bool = True, chu
             cap.push(pcm[k * period:(k + 1) * period])
             cap.step(lambda n: np.zeros(n, dtype=np.int16))
             mic.skip(mic.read_available)
+            if k == 49:
+                cap.cpu_stats()   # what the step reports (capture.echo) starts afresh with the measured chunks
             if k >= 50:
                 held.append(((k + 1) * period * 24000 / device_rate_hz - mic.write_index) / 24)
-        return {"mean": round(float(np.mean(held)), 1), "max": round(max(held), 1), "min": round(min(held), 1)}
+        reported = cap.cpu_stats()
+        return {"mean": round(float(np.mean(held)), 1), "max": round(max(held), 1), "min": round(min(held), 1),
+                "reported_mean": reported["mic_held_back_ms"], "reported_max": reported["mic_held_back_ms_max"]}
     finally:
         mic.close()
         mic.unlink()

@@ -559,6 +559,10 @@ def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
     beyond_p99 = pct([t["first_delta_to_device_ms"] - start_delay.get(t.get("item_id"), PREBUFFER_MS)
                       for t in turns if t.get("first_delta_to_device_ms") is not None], 99)
     added = (mic["p99_ms"] + beyond_p99) if beyond_p99 is not None and mic.get("p99_ms") is not None else None
+    held_means = [e["mic_held_back_ms"] for e in echoes if e.get("mic_held_back_ms") is not None]
+    held_mean = round(sum(held_means) / len(held_means), 1) if held_means else None
+    held_max = max([e["mic_held_back_ms_max"] for e in echoes if e.get("mic_held_back_ms_max") is not None],
+                   default=None)
     return {
         "engine_mic_to_socket_ms_p50": mic["p50_ms"], "engine_mic_to_socket_ms_p99": mic["p99_ms"],
         "engine_delta_to_device_ms_p50": pct([t["first_delta_to_device_ms"] for t in turns], 50),
@@ -580,6 +584,12 @@ def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
                                                          - echoes[0].get("far_missing_frames", 0)) if echoes else None,
         "engine_recording_skipped_frames_during_turns": (echoes[-1].get("far_skipped_frames", 0)
                                                           - echoes[0].get("far_skipped_frames", 0)) if echoes else None,
+        # what the capture step held the mic back before the ring (capture.echo, each report's mean and
+        # most over its chunks): before the mic -> socket figure starts, so not in engine_added_latency
+        "engine_mic_held_back_ms_mean_during_turns": held_mean,
+        "engine_mic_held_back_ms_max_during_turns": held_max,
+        "engine_added_latency_ms_p99_plus_mic_held_back_max": (round(added + held_max, 2)
+                                                               if added is not None and held_max is not None else None),
         "engine_underruns_recording_exact": bool(echoes) and all(
             echoes[-1].get(k, 0) == echoes[0].get(k, 0) for k in ("far_missing_frames", "far_skipped_frames")),
         "engine_device_underflows_during_turns": (cadence[-1].get("device_underflows", 0)

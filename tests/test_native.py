@@ -219,6 +219,9 @@ def test_the_capture_step_holds_the_mic_back_little() -> None:
     from bench.capture_step import mic_held_back_ms
     with_aec, plain = mic_held_back_ms(48000, aec=True), mic_held_back_ms(48000, aec=False)
     assert with_aec["max"] <= 16 and plain["max"] <= 6, (with_aec, plain)
+    for held in (with_aec, plain):   # capture.echo's mic_held_back_ms, _max: the step's own count
+        assert held["reported_mean"] is not None and held["reported_max"] is not None, held
+        assert abs(held["reported_mean"] - held["mean"]) <= 0.1 and abs(held["reported_max"] - held["max"]) <= 0.1, held
 
 
 def test_the_echo_canceller_runs_at_one_rate_everywhere() -> None:

@@ -1333,7 +1333,7 @@ static void r_fill(Renderer *r, int16_t *dst, int64_t frame_count, int64_t laten
         if (f->len + r->rs_cap > f->cap)   /* more than the FIFO holds was asked for: never loop on a full one */
             break;
         /* what was rendered and not handed to the device yet: in the FIFO, and in the resampler,
-         * which hands out its output in bunches (none for one block, two blocks' for the next) */
+         * which hands out its output in bunches (up to its DFT block, SOXR_LOG2_DFT: 4.4 ms at most) */
         r->backlog_frames = imax(0, (r->fill_rendered_frames * r->device_rate_hz - r->fill_handed_device_frames * RATE_HZ)
                                     / r->device_rate_hz);
         r_render(r, r->block, r->block_frames, latency, now);
@@ -2296,6 +2296,10 @@ typedef struct {
     int64_t adc_index[ADC_STAMPS], adc_ns[ADC_STAMPS];
     int64_t adc_count;
     int64_t out24_total;          /* 24 kHz frames made so far (the worker's): what soxr holds back */
+    /* what the step holds back of the mic after each chunk (device frames taken, as 24 kHz frames,
+     * less the mic frames it made): the resamplers' blocks and AEC3's whole blocks, in 24 kHz
+     * frames; summed and the most since the last take_held_back() (the worker's, like step) */
+    int64_t made_total, held_sum, held_max, held_steps;
     int far_adc;                  /* far_take(n, adc_ns) rather than far_take(n) */
     double stream_latency_s;
     int running;
@@ -2776,9 +2780,27 @@ static PyObject *Capture_step(Capture *c, PyObject *args) {
         }
         c->busy_ns += now_ns() - t0;
         c->steps += 1;
+        c->made_total += nfinal;
+        int64_t held = (rd + n) * RATE_HZ / c->device_rate_hz - c->made_total;
+        c->held_sum += held;
+        c->held_max = imax(c->held_max, held);
+        c->held_steps += 1;
     }
     c->step_cpu_ns += thread_cpu_ns() - cpu0;
     return PyLong_FromLong(chunks);
+}
+
+/* take_held_back() -> (mean ms, max ms, steps) of what the steps since the last take held back of the
+ * mic (see held_sum); (None, None, 0) without a step. The worker's thread, as step. */
+static PyObject *Capture_take_held_back(Capture *c, PyObject *unused) {
+    (void)unused;
+    int64_t steps = c->held_steps;
+    PyObject *res = steps == 0 ? Py_BuildValue("(OOL)", Py_None, Py_None, 0LL)
+                               : Py_BuildValue("(ddL)", (double)c->held_sum * 1000.0 / RATE_HZ / (double)steps,
+                                               (double)c->held_max * 1000.0 / RATE_HZ, (long long)steps);
+    if (res)
+        c->held_sum = c->held_max = c->held_steps = 0;
+    return res;
 }
 
 /* wait(timeout_s) -> bool: sleep until the callback has written frames (the GIL released). */
@@ -2872,6 +2894,8 @@ static PyMethodDef Capture_methods[] = {
     {"is_active", (PyCFunction)Capture_is_active, METH_NOARGS, "The device stream runs."},
     {"erle_windows", (PyCFunction)Capture_erle_windows, METH_NOARGS, "ERLE per second of far-end speech, dB."},
     {"last_error", (PyCFunction)Capture_take_error, METH_NOARGS, "The latest exception from far_take or the AEC call."},
+    {"take_held_back", (PyCFunction)Capture_take_held_back, METH_NOARGS,
+     "(mean ms, max ms, steps) the steps since the last take held the mic back; then starts afresh."},
     {NULL, NULL, 0, NULL},
 };
 
