@@ -588,8 +588,6 @@ def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
         # most over its chunks): before the mic -> socket figure starts, so not in engine_added_latency
         "engine_mic_held_back_ms_mean_during_turns": held_mean,
         "engine_mic_held_back_ms_max_during_turns": held_max,
-        "engine_added_latency_ms_p99_plus_mic_held_back_max": (round(added + held_max, 2)
-                                                               if added is not None and held_max is not None else None),
         "engine_underruns_recording_exact": bool(echoes) and all(
             echoes[-1].get(k, 0) == echoes[0].get(k, 0) for k in ("far_missing_frames", "far_skipped_frames")),
         "engine_device_underflows_during_turns": (cadence[-1].get("device_underflows", 0)

@@ -34,6 +34,7 @@ def _side(kind: str, rate_hz: int, period_ms: int) -> None:
     import numpy as np
     import pyaudio
     from engine.audio.devices import find_device, open_pyaudio, resample_stream
+    from engine.audio.ring import SampleFifo
     from engine.capture.echo import AEC_RATE_HZ
     pa = open_pyaudio()
     frames = rate_hz * period_ms // 1000
@@ -41,17 +42,21 @@ def _side(kind: str, rate_hz: int, period_ms: int) -> None:
         from pywebrtc_audio import EchoCanceller
         aec = EchoCanceller(sample_rate=AEC_RATE_HZ, num_channels=1, stream_delay_ms=0)
         to_aec = resample_stream(rate_hz, AEC_RATE_HZ)
-        aec_frames = AEC_RATE_HZ * period_ms // 1000
+        block = AEC_RATE_HZ // 100
         t = np.arange(AEC_RATE_HZ * 2) / AEC_RATE_HZ   # a far end that is never silent: 2 s of a swept tone
-        far = (6000 * np.sin(2 * np.pi * (200 + 300 * t) * t)).astype(np.int16)
+        sweep = (6000 * np.sin(2 * np.pi * (200 + 300 * t) * t)).astype(np.int16)
+        far = np.concatenate([sweep, sweep[:AEC_RATE_HZ]])   # a slice from anywhere in the sweep, up to 1 s long
+        near_fifo = SampleFifo(AEC_RATE_HZ)   # the resampler's bursts, waiting for whole 10 ms blocks
         pos = [0]
 
         def callback(in_data: bytes | None, frame_count: int, time_info: Any, status: int) -> tuple[None, int]:
-            near = to_aec.resample_chunk(np.frombuffer(in_data or b"", dtype=np.int16))
-            n = len(near) // (AEC_RATE_HZ // 100) * (AEC_RATE_HZ // 100)
+            # every mic frame goes through AEC3, as in the engine: what does not fill a block waits
+            near_fifo.push(to_aec.resample_chunk(np.frombuffer(in_data or b"", dtype=np.int16)))
+            n = near_fifo.length // block * block
             if n:
-                p = pos[0] % (len(far) - aec_frames)
-                aec.process(near[:n], far[p:p + n])
+                p = pos[0] % len(sweep)
+                aec.process(near_fifo.head(n), far[p:p + n])
+                near_fifo.drop(n)
                 pos[0] += n
             return None, pyaudio.paContinue
         dev = find_device(pa, os.environ.get("FLOOR_MIC", "vmic"), "input")

@@ -263,13 +263,16 @@ def test_the_capture_step_guards_as_the_echo_canceller_through_a_stall(rings: An
             self.pos += frames
             return far_seen[self.pos - frames:self.pos]
 
-    class FixedCanceller:   # AEC3's place at 48 kHz: the echo path known (0.3, 40 ms), no adaptation
+    from engine.capture.echo import AEC_RATE_HZ
+    echo_frames = AEC_RATE_HZ * 40 // 1000
+
+    class FixedCanceller:   # AEC3's place at its rate: the echo path known (0.3, 40 ms), no adaptation
         def __init__(self) -> None:
-            self.past = np.zeros(1920)
+            self.past = np.zeros(echo_frames)
 
         def process(self, near: np.ndarray, far: np.ndarray) -> np.ndarray:
             f = np.concatenate([self.past, far.astype(np.float64)])
-            self.past = f[-1920:]
+            self.past = f[-echo_frames:]
             return np.clip(near - 0.3 * f[:len(far)], -32768, 32767).astype(np.int16)
     mic = rings(1 << 16, eventfd=True)
     cap = native.NativeCapture(mic, rate, period, aec=True, guard_db=-6.0, far_adc=True, echo=native_constants())

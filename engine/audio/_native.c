@@ -72,10 +72,11 @@
 #define CB_STAMPS 512            /* callback time stamps kept (playback.cadence) */
 #define TAP_STAMPS 64            /* LevelTap's stamp slots */
 /* soxr's DFT size (log2) for every resampler here. Its default (2^10 and up) hands a stream's output
- * out in blocks of that many frames: 10.8 ms held back on average at 48 <-> 24 kHz (20.4 at most) a
- * stage, so the mic's three stages with echo cancellation held it ~50 ms. At 2^8 and below a stage
- * holds 2.7 ms (4.4 at most: its filter), at 2^9 twice that; the samples are the same (within the
- * dither's 2 LSB), the CPU about 1 us more a 20 ms chunk (bench/results/2026-12.md, "AEC3 at 32 kHz, and soxr's blocks"). */
+ * out in blocks of that many frames: 10.8 ms held back on average (20.4 at most) a
+ * stage at 48 <-> 24 kHz, and with AEC3's whole blocks the mic's three stages with echo cancellation
+ * held it ~50 ms. At 2^8 (the least libsoxr takes) a stage there holds 2.7 ms (4.4 at most: its
+ * filter), at 2^9 twice that; the samples are the same (within the dither's 2 LSB), the CPU 1.3-1.6
+ * us more a stream a 20 ms chunk (bench/results/2026-12.md, "AEC3 at 32 kHz, and soxr's blocks"). */
 #define SOXR_LOG2_DFT 8
 #define AEC_RATE_HZ 32000       /* echo.py's AEC_RATE_HZ: the 24 kHz stream's whole band in AEC3's two bands */
 #define AEC_BLOCK 320            /* 10 ms at AEC_RATE_HZ */
@@ -121,9 +122,16 @@ static inline int64_t thread_cpu_ns(void) {
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+
 static inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 /* Python's floor division for a possibly negative numerator */
 static inline int64_t floordiv(int64_t a, int64_t b) { int64_t q = a / b; return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q; }
+/* floor(frames * 1e9 / rate_hz), ns, for any frame count: frames * 1e9 itself passes 2^63 after
+ * 53 h at 48 kHz (106 h at 24 kHz) */
+static inline int64_t frames_at_ns(int64_t frames, int64_t rate_hz) {
+    int64_t q = floordiv(frames, rate_hz);
+    return q * 1000000000LL + (frames - q * rate_hz) * 1000000000LL / rate_hz;
+}
 
 /* ------------------------------------------------------------------ rings (ring.py, version 2) */
 typedef struct {
@@ -1333,7 +1341,7 @@ static void r_fill(Renderer *r, int16_t *dst, int64_t frame_count, int64_t laten
         if (f->len + r->rs_cap > f->cap)   /* more than the FIFO holds was asked for: never loop on a full one */
             break;
         /* what was rendered and not handed to the device yet: in the FIFO, and in the resampler,
-         * which hands out its output in bunches (up to its DFT block, SOXR_LOG2_DFT: 4.4 ms at most) */
+         * which hands out its output in bunches (its DFT blocks, SOXR_LOG2_DFT: 4.4 ms at most at 24 -> 48 kHz) */
         r->backlog_frames = imax(0, (r->fill_rendered_frames * r->device_rate_hz - r->fill_handed_device_frames * RATE_HZ)
                                     / r->device_rate_hz);
         r_render(r, r->block, r->block_frames, latency, now);
@@ -1964,7 +1972,7 @@ typedef struct {
     int64_t tolerance_ns, jump_blocks, settle_reports;
 } micclock_t;
 
-static inline int64_t frames_ns(int64_t frames) { return floordiv(frames * NS_PER_S, RATE_HZ); }
+static inline int64_t frames_ns(int64_t frames) { return frames_at_ns(frames, RATE_HZ); }
 
 static inline int clock_settled(const micclock_t *k) { return k->reports >= k->settle_reports; }
 
@@ -2296,10 +2304,12 @@ typedef struct {
     int64_t adc_index[ADC_STAMPS], adc_ns[ADC_STAMPS];
     int64_t adc_count;
     int64_t out24_total;          /* 24 kHz frames made so far (the worker's): what soxr holds back */
-    /* what the step holds back of the mic after each chunk (device frames taken, as 24 kHz frames,
-     * less the mic frames it made): the resamplers' blocks and AEC3's whole blocks, in 24 kHz
-     * frames; summed and the most since the last take_held_back() (the worker's, like step) */
-    int64_t made_total, held_sum, held_max, held_steps;
+    /* what the step holds back of the mic after each chunk, in 24 kHz frames: what its resamplers
+     * hold (soxr_delay) and the mic frames waiting for a whole AEC3 block, read from their state
+     * after the chunk (a failed call or a dropped frame does not skew the chunks after it); summed
+     * and the most since the last take_held_back() (the worker's, like step) */
+    double held_sum, held_max;
+    int64_t held_steps;
     int far_adc;                  /* far_take(n, adc_ns) rather than far_take(n) */
     double stream_latency_s;
     int running;
@@ -2678,7 +2688,7 @@ static PyObject *Capture_step(Capture *c, PyObject *args) {
          * what soxr holds back (the device frames before it, less the 24 kHz frames made before it) */
         int64_t adc = cap_adc_of(c, rd);
         if (c->to24)
-            adc -= rd * 1000000000LL / c->device_rate_hz - c->out24_total * 1000000000LL / RATE_HZ;
+            adc -= frames_at_ns(rd, c->device_rate_hz) - frames_at_ns(c->out24_total, RATE_HZ);
         c->out24_total += n24;
         /* the far end, frame for frame with the 24 kHz mic */
         const int16_t *far = NULL;
@@ -2780,10 +2790,11 @@ static PyObject *Capture_step(Capture *c, PyObject *args) {
         }
         c->busy_ns += now_ns() - t0;
         c->steps += 1;
-        c->made_total += nfinal;
-        int64_t held = (rd + n) * RATE_HZ / c->device_rate_hz - c->made_total;
+        double held = c->to24 ? soxr_delay(c->to24) : 0.0;
+        if (aec != Py_None)
+            held += (soxr_delay(c->near_up) + (double)c->near_aec.len) * RATE_HZ / AEC_RATE_HZ + soxr_delay(c->down);
         c->held_sum += held;
-        c->held_max = imax(c->held_max, held);
+        c->held_max = held > c->held_max ? held : c->held_max;
         c->held_steps += 1;
     }
     c->step_cpu_ns += thread_cpu_ns() - cpu0;
@@ -2796,10 +2807,12 @@ static PyObject *Capture_take_held_back(Capture *c, PyObject *unused) {
     (void)unused;
     int64_t steps = c->held_steps;
     PyObject *res = steps == 0 ? Py_BuildValue("(OOL)", Py_None, Py_None, 0LL)
-                               : Py_BuildValue("(ddL)", (double)c->held_sum * 1000.0 / RATE_HZ / (double)steps,
-                                               (double)c->held_max * 1000.0 / RATE_HZ, (long long)steps);
-    if (res)
-        c->held_sum = c->held_max = c->held_steps = 0;
+                               : Py_BuildValue("(ddL)", c->held_sum * 1000.0 / RATE_HZ / (double)steps,
+                                               c->held_max * 1000.0 / RATE_HZ, (long long)steps);
+    if (res) {
+        c->held_sum = c->held_max = 0.0;
+        c->held_steps = 0;
+    }
     return res;
 }
 
