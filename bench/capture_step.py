@@ -128,10 +128,10 @@ def mic_held_back_ms(device_rate_hz: int = DEVICE_RATE_HZ, aec: bool = True, chu
             cap.step(lambda n: np.zeros(n, dtype=np.int16))
             mic.skip(mic.read_available)
             if k == 49:
-                cap.cpu_stats()   # what the step reports (capture.echo) starts afresh with the measured chunks
+                cap.take_held_back()   # what the step reports (capture.echo) starts afresh with the measured chunks
             if k >= 50:
                 held.append(((k + 1) * period * 24000 / device_rate_hz - mic.write_index) / 24)
-        reported = cap.cpu_stats()
+        reported = cap.take_held_back()
         return {"mean": round(float(np.mean(held)), 1), "max": round(max(held), 1), "min": round(min(held), 1),
                 "reported_mean": reported["mic_held_back_ms"], "reported_max": reported["mic_held_back_ms_max"]}
     finally:

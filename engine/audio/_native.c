@@ -122,7 +122,6 @@ static inline int64_t thread_cpu_ns(void) {
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
-
 static inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 /* Python's floor division for a possibly negative numerator */
 static inline int64_t floordiv(int64_t a, int64_t b) { int64_t q = a / b; return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q; }

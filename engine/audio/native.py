@@ -441,18 +441,21 @@ class NativeCapture:
                 "echo_path_db": round(float(c.erl_db), 1) if self.guard_on and c.erl_blocks else None,
                 "errors": c.errors, "cpu_ms": round(c.busy_ns / 1e6, 1)}
 
-    def cpu_stats(self) -> dict[str, float | None]:
+    def cpu_stats(self) -> dict[str, float]:
         """The worker thread's CPU time in its steps so far, and of it inside AEC3's call and inside
-        the far end's take, ms; and what the steps since the last call held the mic back, mean and
-        most, ms (None without a step): after each chunk, its device frames (as 24 kHz frames) less
-        the mic frames made, so the resamplers' blocks and AEC3's whole 10 ms blocks (``capture.echo``
-        on the native backend). Call it from the worker's thread, after a step."""
+        the far end's take, ms (``capture.echo`` on the native backend)."""
         step_ns, aec_ns, far_ns = self.cpu_split_ns()
-        held_mean_ms, held_max_ms, _ = self._c.take_held_back()
         return {"step_cpu_ms": round(step_ns / 1e6, 1), "aec_cpu_ms": round(aec_ns / 1e6, 1),
-                "far_take_cpu_ms": round(far_ns / 1e6, 1),
-                "mic_held_back_ms": round(held_mean_ms, 1) if held_mean_ms is not None else None,
-                "mic_held_back_ms_max": round(held_max_ms, 1) if held_max_ms is not None else None}
+                "far_take_cpu_ms": round(far_ns / 1e6, 1)}
+
+    def take_held_back(self) -> dict[str, float | None]:
+        """What the steps since the last take held the mic back, mean and most, ms (None without a
+        step), and start afresh: after each chunk, what the resamplers hold and the frames waiting
+        for a whole AEC3 block, from their state (``capture.echo`` on the native backend). The
+        worker's thread, after a step."""
+        mean_ms, max_ms, _ = self._c.take_held_back()
+        return {"mic_held_back_ms": round(mean_ms, 1) if mean_ms is not None else None,
+                "mic_held_back_ms_max": round(max_ms, 1) if max_ms is not None else None}
 
 
 def window_levels(buffer: np.ndarray, pos: int, count: int, window: int) -> tuple[list[float], list[float]]:

@@ -210,6 +210,7 @@ class CaptureProcess:
                              mic_clock_jumps=far.clock.jumps)
             if self.native_capture is not None:
                 stats.update(self.native_capture.cpu_stats())
+                stats.update(self.native_capture.take_held_back())
             if self.gate is not None:
                 stats["muted_frames"] = self.gate.muted_frames
             if self.recorder is not None:
