@@ -313,3 +313,32 @@ def test_barge_in_sequence_matches_trace_08(make_server: Any, validator: Any, sp
     assert ours.index("conversation.item.truncated") > ours.index("response.done")
     assert [t for t in ours if t != "conversation.item.truncated"] == [t for t in theirs if t != "conversation.item.truncated"]
     c.close()
+
+
+def test_a_send_to_a_client_gone_mid_reply_ends_the_session_quietly() -> None:
+    """An engine that stops while a reply streams closes its socket between two deltas: the stream's
+    next send finds it closed. That ends the session (the reader cancels the streams); it is no
+    server error. The send raised, and the server logged "response task failed" with a traceback."""
+    import asyncio
+    from typing import cast
+
+    from websockets.exceptions import ConnectionClosedOK
+    from websockets.frames import Close
+
+    from engine.server.app import Connection, ServerConfig
+
+    class GoneSocket:
+        sent = 0
+
+        async def send(self, text: str) -> None:
+            self.sent += 1
+            raise ConnectionClosedOK(Close(1000, "stopping"), Close(1000, "stopping"), True)
+
+    ws = GoneSocket()
+    conn = Connection(cast(Any, ws), ServerConfig(asr=False), "gpt-realtime", 1.0)
+    delta = {"type": "response.output_audio.delta", "event_id": "event_1", "response_id": "resp_1",
+             "item_id": "item_1", "output_index": 0, "content_index": 0, "delta": ""}
+    asyncio.run(conn.send(delta))
+    assert conn.closed and ws.sent == 1
+    asyncio.run(conn.send(delta))   # the session is over: nothing more goes to the socket
+    assert ws.sent == 1

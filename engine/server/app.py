@@ -113,14 +113,19 @@ class Connection:
         if drop and (drop == etype or drop == f"{etype}#{n}"):
             await self.drop(self.faults.drop_code, "injected fault")
             return
-        for wire in self.dialect.outbound(event):
-            await self.ws.send(json.dumps(wire))
-        for err in list(self.pending_errors):
-            if err.get("after_event") == etype:
-                self.pending_errors.remove(err)
-                await self.ws.send(json.dumps(error_event(err.get("code", "server_error"),
-                                                          err.get("message", "Injected error."), err.get("param"),
-                                                          None, err.get("type", "server_error"))))
+        try:
+            for wire in self.dialect.outbound(event):
+                await self.ws.send(json.dumps(wire))
+            for err in list(self.pending_errors):
+                if err.get("after_event") == etype:
+                    self.pending_errors.remove(err)
+                    await self.ws.send(json.dumps(error_event(err.get("code", "server_error"),
+                                                              err.get("message", "Injected error."), err.get("param"),
+                                                              None, err.get("type", "server_error"))))
+        except ConnectionClosed:
+            # the client went away while a response streamed (an engine stopping mid-reply): not an
+            # error; the reader (run) ends the session and cancels the streams
+            self.closed = True
 
     async def drop(self, code: int, reason: str) -> None:
         if self.closed:
