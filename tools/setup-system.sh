@@ -25,6 +25,10 @@ fi
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check -e ".[test]"
+# the engine's own modules compiled once: each engine start imports them in five processes, and with
+# PYTHONDONTWRITEBYTECODE set (as on CI machines) Python compiles them from source in every one
+# (about 1 s of CPU a start); Python still reads these, and recompiles in memory a file changed since
+.venv/bin/python -m compileall -q -j 0 engine bus clients/python bench >/dev/null
 if command -v npm >/dev/null; then (cd clients/node && npm install --no-audit --no-fund --loglevel=error >/dev/null); fi
 echo "setup: $(.venv/bin/python -c 'from engine.audio.native import status_line; print(status_line())')"
 echo "setup: ok (.venv ready; activate with: . .venv/bin/activate)"
