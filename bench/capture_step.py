@@ -4,12 +4,13 @@ resampling run natively too, or in one batched Python call per 20 ms at most: me
 keep what is cheaper").
 
 The native backend makes ONE Python call per chunk (``NativeCapture.step``, from the capture
-worker thread): C resamples (libsoxr, four streams), calls FarEnd.take (Python) and the AEC3
+worker thread): C resamples (libsoxr, four streams), calls the AEC3
 binding (pywebrtc-audio's ``process``: C++ behind a Python method), keeps the statistics and the
-guard, and writes the mic ring. A fully native path would make the same AEC3 computation from a C
-thread (the same cache misses, the same wake-up per chunk), with no Python around it: what only
-the batched call pays is the worker's Python loop and its wake-up, FarEnd.take, and the AEC3
-binding's fixed cost per call. That is what this measures, all in the worker thread's CPU time;
+guard, and writes the mic ring. It reads the far end from FarEnd's twin in C (NativeFarEnd, as the
+capture process hands it over), with no Python call. A fully native path would make the same AEC3
+computation from a C thread (the same cache misses, the same wake-up per chunk), with no Python
+around it: what only the batched call pays is the worker's Python loop and its wake-up and the
+AEC3 binding's fixed cost per call. That is what this measures, all in the worker thread's CPU time;
 every figure is defined in bench/README.md."""
 from __future__ import annotations
 
@@ -50,16 +51,15 @@ def _worker_chunks() -> dict[str, list[float]]:
     written as playback writes it. Per chunk: the worker's thread CPU, and the step's parts."""
     from engine.audio import native
     from engine.audio.ring import Ring
-    from engine.capture.echo import FarEnd
     far24, mic48 = _signals()
     tag = f"rtbench-step-{os.getpid()}"
     mic = Ring.create(f"{tag}-mic", 1 << 17, with_eventfd=True)
     ref = Ring.create(f"{tag}-ref", 1 << 17)
     try:
-        from engine.capture.echo import native_constants
+        from engine.capture.echo import far_constants, native_constants
         cap = native.NativeCapture(mic, DEVICE_RATE_HZ, CHUNK_FRAMES, aec=True, guard_db=-6.0, far_adc=True,
                                    echo=native_constants())
-        far = FarEnd(ref)
+        far = native.NativeFarEnd(ref, far_constants())   # as the capture process hands it over
         per: dict[str, list[float]] = {"worker": [], "step": [], "aec_call": [], "far_take": []}
         done = threading.Event()
 
@@ -69,7 +69,7 @@ def _worker_chunks() -> dict[str, list[float]]:
                 if not cap.wait(0.2):
                     continue
                 s0, a0, f0 = cap.cpu_split_ns()
-                cap.step(far)   # as the process hands it: its take(n, adc_ns), then its uncertain
+                cap.step(far)
                 per["worker"].append((time.thread_time_ns() - t0) / 1e3)
                 s1, a1, f1 = cap.cpu_split_ns()
                 per["step"].append((s1 - s0) / 1e3)
@@ -182,8 +182,9 @@ def run() -> dict[str, Any]:
     by_blocks, per_call, per_block = fits[AEC_RATE_HZ]
     c_work = med["step"] - med["aec_call"] - med["far_take"]
     # what only the batched call pays: the worker's Python loop and wake-up (its CPU outside the
-    # step), FarEnd.take, and the binding's fixed cost per call (the line's intercept); a C thread
-    # would still wake per chunk, so this is the most a fully native path could save
+    # step), the far end's take (C: a microsecond or two), and the binding's fixed cost per call
+    # (the line's intercept); a C thread would still wake per chunk, so this is the most a fully
+    # native path could save
     python = (med["worker"] - med["step"]) + med["far_take"] + max(per_call, 0.0)
     held_aec, held_plain = mic_held_back_ms(aec=True), mic_held_back_ms(aec=False)
     return {

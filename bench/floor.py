@@ -16,6 +16,13 @@ over loopback TCP from a server process (not measured, as the engine's local ser
 
 And the same link in C (bench/link_floor.c, built with gcc when it runs), to show what a native
 API link could cost at best: the same appends, the same deltas decoded, a plain WebSocket.
+
+And, on request, the least a native engine of this design could cost: the devices through libpulse
+in C as the native backend opens them (bench/device_floor.c, built with gcc when it runs; nothing
+behind the callbacks), and AEC3 alone through its only binding (pywebrtc-audio: one Python call on
+a chunk's two 10 ms blocks, woken every 20 ms, as the capture worker makes it):
+
+    python -m bench.floor aec3                        # until stdin closes
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -152,6 +160,32 @@ def _link(port: int) -> None:
     asyncio.run(main())
 
 
+def _aec3() -> None:
+    """AEC3 alone, as the capture worker calls it: every 20 ms one ``process`` on two 10 ms blocks
+    at AEC3's rate (a far end never silent, its echo in the near end), nothing else."""
+    import numpy as np
+    from pywebrtc_audio import EchoCanceller
+    from engine.capture.echo import AEC_RATE_HZ
+    aec = EchoCanceller(sample_rate=AEC_RATE_HZ, num_channels=1, stream_delay_ms=0)
+    chunk = AEC_RATE_HZ // 50
+    t = np.arange(AEC_RATE_HZ * 2) / AEC_RATE_HZ
+    far = (6000 * np.sin(2 * np.pi * (200 + 300 * t) * t)).astype(np.int16)
+    near = (np.roll(far, AEC_RATE_HZ * 60 // 1000) // 3).astype(np.int16)   # its echo, 60 ms later, -10 dB
+    done = threading.Event()
+
+    def wait_stdin() -> None:
+        sys.stdin.read()
+        done.set()
+    threading.Thread(target=wait_stdin, daemon=True).start()
+    print("ready", flush=True)
+    at, pos = time.monotonic(), 0
+    while not done.is_set():
+        aec.process(near[pos:pos + chunk], far[pos:pos + chunk])
+        pos = (pos + chunk) % (len(far) - chunk)
+        at += 0.02
+        time.sleep(max(0.0, at - time.monotonic()))
+
+
 def _start(args: list[str], env: dict[str, str] | None) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "bench.floor", *args], cwd=REPO, env=env, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -170,16 +204,44 @@ def _c_link(port: str, env: dict[str, str] | None) -> subprocess.Popen[str] | No
                             stderr=subprocess.DEVNULL, text=True)
 
 
+#: the PulseAudio devices under the ALSA names bench/floor.py's sides open (tools/vaudio.sh: vmic, vspk)
+PULSE_MIC = os.environ.get("FLOOR_PULSE_MIC", "micsink.monitor")
+PULSE_SPEAKER = os.environ.get("FLOOR_PULSE_SPEAKER", "spk")
+
+
+def _c_devices(rate_hz: int, mic_period_ms: int, speaker_period_ms: int,
+               env: dict[str, str] | None) -> dict[str, subprocess.Popen[str]]:
+    """bench/device_floor.c built (gcc -O2 -lpulse, into a temporary folder) and started on both
+    devices (``"input_c"``, ``"output_c"``); none without gcc or libpulse's headers."""
+    import shutil
+    import tempfile
+    gcc = shutil.which("gcc")
+    if gcc is None or not Path("/usr/include/pulse/pulseaudio.h").is_file():
+        return {}
+    exe = Path(tempfile.mkdtemp(prefix="rtdevfloor")) / "device_floor"
+    subprocess.run([gcc, "-O2", "-o", str(exe), str(REPO / "bench" / "device_floor.c"), "-lpulse"],
+                   check=True, timeout=60)
+    return {kind: subprocess.Popen([str(exe), side, str(rate_hz), str(period), device], cwd=REPO, env=env,
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            for kind, side, period, device in (("input_c", "mic", mic_period_ms, PULSE_MIC),
+                                               ("output_c", "speaker", speaker_period_ms, PULSE_SPEAKER))}
+
+
 @contextlib.contextmanager
 def running(rate_hz: int, mic_period_ms: int, speaker_period_ms: int,
-            env: dict[str, str] | None = None, link: bool = False) -> Iterator[dict[str, int]]:
+            env: dict[str, str] | None = None, link: bool = False,
+            native: bool = False) -> Iterator[dict[str, int]]:
     """Both sides running (``{"input": pid, "output": pid}``, and with ``link`` the link's floors:
-    ``"link"``, and ``"link_c"`` where gcc is) for the ``with`` block: started and past their
-    start-up on entry, stopped on exit."""
+    ``"link"``, and ``"link_c"`` where gcc is; with ``native`` the native engine's least:
+    ``"aec3"``, and ``"input_c"``, ``"output_c"`` where gcc and libpulse's headers are) for the
+    ``with`` block: started and past their start-up on entry, stopped on exit."""
     procs = {kind: _start([kind, str(rate_hz), str(period)], env)
              for kind, period in (("input", mic_period_ms), ("output", speaker_period_ms))}
     server = None
     try:
+        if native:
+            procs["aec3"] = _start(["aec3"], env)
+            procs.update(_c_devices(rate_hz, mic_period_ms, speaker_period_ms, env))
         if link:
             server = _start(["link-server"], env)
             port = server.stdout.readline().strip() if server.stdout else ""
@@ -217,6 +279,15 @@ def figures(by_side: dict[str, float]) -> dict[str, float]:
         out["floor_cpu_percent_link_python_websockets"] = round(by_side["link"], 2)
     if "link_c" in by_side:
         out["floor_cpu_percent_link_c_websocket"] = round(by_side["link_c"], 2)
+    if "aec3" in by_side:
+        out["floor_cpu_percent_aec3_python_call_20ms"] = round(by_side["aec3"], 2)
+    if "input_c" in by_side and "output_c" in by_side:
+        devices = by_side["input_c"] + by_side["output_c"]
+        out["floor_cpu_percent_devices_libpulse_c"] = round(devices, 2)
+        out["floor_cpu_percent_mic_libpulse_c"] = round(by_side["input_c"], 2)
+        out["floor_cpu_percent_speaker_libpulse_c"] = round(by_side["output_c"], 2)
+        if "aec3" in by_side and "link_c" in by_side:
+            out["floor_cpu_percent_native_engine_least"] = round(devices + by_side["aec3"] + by_side["link_c"], 2)
     return out
 
 
@@ -237,5 +308,7 @@ if __name__ == "__main__":
         _link_server()
     elif sys.argv[1] == "link":
         _link(int(sys.argv[2]))
+    elif sys.argv[1] == "aec3":
+        _aec3()
     else:
         _side(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))

@@ -478,7 +478,9 @@ def _real_path_cpu(tmp: Path, env: dict[str, str], backend: str) -> dict[str, An
         # machine's speed moves by a quarter from minute to minute, a window apart it moves too
         from bench.floor import figures, running
         windows: list[tuple[dict[str, float], dict[str, float], float, float]] = []
-        with running(48000, 20, 10, env, link=True) as floor_pids:   # "input", "output", "link": no engine process is
+        # with the native backend, also the least a native engine of this design could cost (the
+        # devices through libpulse in C, AEC3 alone, the C link): "input_c", "output_c", "aec3"
+        with running(48000, 20, 10, env, link=True, native=backend == "native") as floor_pids:
             for _ in range(CPU_WINDOWS):
                 by_name, t0, t1 = cpu_window(proc, conn, CPU_WINDOW_S, floor_pids)
                 windows.append(({k: v for k, v in by_name.items() if k not in floor_pids},
@@ -511,10 +513,11 @@ def _real_path_cpu(tmp: Path, env: dict[str, str], backend: str) -> dict[str, An
             "engine_cpu_devices": devices,
         })
         result.update(floor_figures[mid])
-        # the whole floor and the links' floors: their medians over the windows, and each window's
-        # (the C link's only where gcc built it)
+        # the whole floor, the links' floors and the native engine's least: their medians over the
+        # windows, and each window's (the C ones only where gcc built them)
         for key in ("floor_cpu_percent_of_one_core", "floor_cpu_percent_link_python_websockets",
-                    "floor_cpu_percent_link_c_websocket"):
+                    "floor_cpu_percent_link_c_websocket", "floor_cpu_percent_devices_libpulse_c",
+                    "floor_cpu_percent_aec3_python_call_20ms", "floor_cpu_percent_native_engine_least"):
             runs = [f[key] for f in floor_figures if key in f]
             if runs:
                 result[key] = statistics.median(runs)
