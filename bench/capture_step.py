@@ -4,9 +4,9 @@ resampling run natively too, or in one batched Python call per 20 ms at most: me
 keep what is cheaper").
 
 The native backend makes ONE Python call per chunk (``NativeCapture.step``, from the capture
-worker thread): C resamples (libsoxr, four streams), calls the AEC3
-binding (pywebrtc-audio's ``process``: C++ behind a Python method), keeps the statistics and the
-guard, and writes the mic ring. It reads the far end from FarEnd's twin in C (NativeFarEnd, as the
+worker thread): C resamples (libsoxr, four streams), calls the AEC3 binding (pywebrtc-audio's
+``process``: C++ behind a Python method), keeps the statistics and the guard, and writes the mic
+ring. It reads the far end from FarEnd's twin in C (NativeFarEnd, as the
 capture process hands it over), with no Python call. A fully native path would make the same AEC3
 computation from a C thread (the same cache misses, the same wake-up per chunk), with no Python
 around it: what only the batched call pays is the worker's Python loop and its wake-up and the

@@ -186,45 +186,31 @@ def _aec3() -> None:
         time.sleep(max(0.0, at - time.monotonic()))
 
 
-def _start(args: list[str], env: dict[str, str] | None) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "bench.floor", *args], cwd=REPO, env=env, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-
-
-def _c_link(port: str, env: dict[str, str] | None) -> subprocess.Popen[str] | None:
-    """bench/link_floor.c built (gcc -O2, into a temporary folder) and started; None without gcc."""
-    import shutil
-    import tempfile
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        return None
-    exe = Path(tempfile.mkdtemp(prefix="rtlinkfloor")) / "link_floor"
-    subprocess.run([gcc, "-O2", "-o", str(exe), str(REPO / "bench" / "link_floor.c")], check=True, timeout=60)
-    return subprocess.Popen([str(exe), port], cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+def _popen(argv: list[str], env: dict[str, str] | None) -> subprocess.Popen[str]:
+    """A floor program started with pipes: it prints its port or "ready", and runs until its stdin closes."""
+    return subprocess.Popen(argv, cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
+
+
+def _start(args: list[str], env: dict[str, str] | None) -> subprocess.Popen[str]:
+    return _popen([sys.executable, "-m", "bench.floor", *args], env)
+
+
+def _build_c(name: str, into: Path, libs: tuple[str, ...] = (), header: str | None = None) -> Path | None:
+    """bench/NAME.c built with gcc -O2 (and ``libs``) into ``into``; None without gcc, or without
+    ``header`` where one is needed."""
+    import shutil
+    gcc = shutil.which("gcc")
+    if gcc is None or (header is not None and not Path(header).is_file()):
+        return None
+    exe = into / name
+    subprocess.run([gcc, "-O2", "-o", str(exe), str(REPO / "bench" / f"{name}.c"), *libs], check=True, timeout=60)
+    return exe
 
 
 #: the PulseAudio devices under the ALSA names bench/floor.py's sides open (tools/vaudio.sh: vmic, vspk)
 PULSE_MIC = os.environ.get("FLOOR_PULSE_MIC", "micsink.monitor")
 PULSE_SPEAKER = os.environ.get("FLOOR_PULSE_SPEAKER", "spk")
-
-
-def _c_devices(rate_hz: int, mic_period_ms: int, speaker_period_ms: int,
-               env: dict[str, str] | None) -> dict[str, subprocess.Popen[str]]:
-    """bench/device_floor.c built (gcc -O2 -lpulse, into a temporary folder) and started on both
-    devices (``"input_c"``, ``"output_c"``); none without gcc or libpulse's headers."""
-    import shutil
-    import tempfile
-    gcc = shutil.which("gcc")
-    if gcc is None or not Path("/usr/include/pulse/pulseaudio.h").is_file():
-        return {}
-    exe = Path(tempfile.mkdtemp(prefix="rtdevfloor")) / "device_floor"
-    subprocess.run([gcc, "-O2", "-o", str(exe), str(REPO / "bench" / "device_floor.c"), "-lpulse"],
-                   check=True, timeout=60)
-    return {kind: subprocess.Popen([str(exe), side, str(rate_hz), str(period), device], cwd=REPO, env=env,
-                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-            for kind, side, period, device in (("input_c", "mic", mic_period_ms, PULSE_MIC),
-                                               ("output_c", "speaker", speaker_period_ms, PULSE_SPEAKER))}
 
 
 @contextlib.contextmanager
@@ -235,22 +221,28 @@ def running(rate_hz: int, mic_period_ms: int, speaker_period_ms: int,
     ``"link"``, and ``"link_c"`` where gcc is; with ``native`` the native engine's least:
     ``"aec3"``, and ``"input_c"``, ``"output_c"`` where gcc and libpulse's headers are) for the
     ``with`` block: started and past their start-up on entry, stopped on exit."""
+    import tempfile
     procs = {kind: _start([kind, str(rate_hz), str(period)], env)
              for kind, period in (("input", mic_period_ms), ("output", speaker_period_ms))}
     server = None
+    built = tempfile.TemporaryDirectory(prefix="rtfloor")   # the C floors' programs, removed on exit
     try:
         if native:
             procs["aec3"] = _start(["aec3"], env)
-            procs.update(_c_devices(rate_hz, mic_period_ms, speaker_period_ms, env))
+            devices = _build_c("device_floor", Path(built.name), ("-lpulse",), "/usr/include/pulse/pulseaudio.h")
+            if devices is not None:
+                for kind, side, period, device in (("input_c", "mic", mic_period_ms, PULSE_MIC),
+                                                   ("output_c", "speaker", speaker_period_ms, PULSE_SPEAKER)):
+                    procs[kind] = _popen([str(devices), side, str(rate_hz), str(period), device], env)
         if link:
             server = _start(["link-server"], env)
             port = server.stdout.readline().strip() if server.stdout else ""
             if not port.isdigit():
                 raise RuntimeError(f"bench.floor link-server did not start (exit {server.poll()})")
             procs["link"] = _start(["link", port], env)
-            c_link = _c_link(port, env)
+            c_link = _build_c("link_floor", Path(built.name))
             if c_link is not None:
-                procs["link_c"] = c_link
+                procs["link_c"] = _popen([str(c_link), port], env)
         for kind, p in procs.items():
             line = p.stdout.readline() if p.stdout else ""
             if line.strip() != "ready":
@@ -267,6 +259,8 @@ def running(rate_hz: int, mic_period_ms: int, speaker_period_ms: int,
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait(10)
+        built.cleanup()
 
 
 def figures(by_side: dict[str, float]) -> dict[str, float]:
