@@ -88,7 +88,7 @@ def test_the_native_renderer_plays_what_the_python_one_plays(rings: Any, seed: i
             for attr in ("prebuffer_frames", "expanded_frames", "accelerated_frames", "stretch_frames",
                          "in_stream", "stream_start", "arrived_mono_ns", "low_water_frames", "growth_frames",
                          "start_delay_frames", "start_device_lead_frames", "device_lead_frames",
-                         "render_frames", "state", "transition_errors"):
+                         "render_frames", "state", "transition_errors", "first_sample_mono_ns", "timeline_blocks"):
                 assert getattr(py, attr) == getattr(c, attr), attr
     assert py_ref.write_index == c_ref.write_index > 0
     assert np.array_equal(py_ref.read(py_ref.read_available), c_ref.read(c_ref.read_available))

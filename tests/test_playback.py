@@ -91,11 +91,10 @@ def test_prebuffer_counts_from_when_the_stream_began_to_arrive(ring: Ring) -> No
     assert not out.any()          # this 20 ms block ends before the 80 ms are up
     # the block that reaches 80 ms after the first frames came (not after the latest): the stream
     # starts inside it, after 11 ms of silence, so its first sample is due exactly at 80 ms
-    before_ns = time.monotonic_ns()
     r.render(out, 0, now=first_s + 0.069)
     lead = 11 * 24
     assert not out[:lead].any() and out[lead:].all() and ev(r) == [("started", 0)]
-    assert 11_000_000 <= r.first_sample_mono_ns - before_ns < 12_000_000
+    assert r.first_sample_mono_ns == pytest.approx(start_ns + 80_000_000, abs=1000)
     assert ring.read_index == 480 - lead
     assert ring.stream_start_ns(480) is None  # only the marked index has a start time
 
@@ -633,6 +632,49 @@ def test_a_device_whose_callbacks_bunch_gets_its_read_ahead_spread_on_top_of_the
     ring.control.set_target(0)                                       # fixed: the configured prebuffer alone
     r.render(out, 0, callback_s(k))
     assert r.prebuffer_frames == 1920
+
+
+def test_a_stream_starts_when_due_on_the_devices_timeline_when_callbacks_bunch(
+        ring: Ring, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same bunching speaker (10 ms blocks asked for 13.3 and 6.7 ms apart): the device takes
+    the blocks one after another, so block k plays at a steady 10 ms a block whatever the
+    callback's time. A start due 10-13.3 ms after an early callback was left to the late one,
+    which started its block's first frame: 3.3 ms before the stream was due on the device, and
+    reported (``first_sample_mono_ns``) at the late callback's time, up to 3.3 ms after where the
+    device plays it. Each start is now due to the frame, and reported where the device plays it."""
+    import engine.audio.ring as ring_module
+    clock = [100.0]
+    monkeypatch.setattr(ring_module, "time", SimpleNamespace(monotonic_ns=lambda: int(clock[0] * 1e9)))
+    r = Renderer(ring, prebuffer_frames=1920, stretch=False)
+    ring.control.set_target(13 * 24)
+    out = np.zeros(240, dtype=np.int16)
+
+    def callback_s(k: int) -> float:
+        return 100.0 + (k // 2) * 0.02 + (0.0133 if k % 2 else 0.0)
+    steady_offset_s = 0.0133 / 2 - 0.01 / 2          # the callbacks' mean lag behind 10 ms a block
+    k = 0
+    errors_ms: list[tuple[float, float]] = []
+    for reply in range(12):
+        first_s = callback_s(k) + 0.6 + reply * 0.0017   # past the timeline's first 0.5 s; each at another phase
+        while callback_s(k) < first_s:
+            r.render(out, 0, callback_s(k))
+            k += 1
+        clock[0] = first_s
+        ring.mark_start()
+        ring.write(loud(2400))
+        while not r.in_stream:
+            r.render(out, 0, callback_s(k))
+            k += 1
+        ring.mark_end()
+        played_s = 100.0 + steady_offset_s + (k - 1) * 0.01 + int(np.argmax(out != 0)) / 24000
+        due_s = first_s + r.start_delay_frames / 24000
+        errors_ms.append(((played_s - due_s) * 1000, (r.first_sample_mono_ns / 1e9 - played_s) * 1000))
+        while r.in_stream:
+            r.render(out, 0, callback_s(k))
+            k += 1
+    assert r.start_delay_frames == 13 * 24 + r.device_lead_frames > 13 * 24
+    for early_ms, reported_late_ms in errors_ms:
+        assert abs(early_ms) <= 0.05 and abs(reported_late_ms) <= 0.05, errors_ms
 
 
 @pytest.mark.parametrize("late_ms", [25, 30])

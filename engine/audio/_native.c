@@ -87,6 +87,8 @@
 
 #define LEAD_MEAN_WEIGHT 0.01    /* process.py: the device's read-ahead spread */
 #define LEAD_PEAK_DECAY 0.995
+#define TIMELINE_MIN_BLOCKS 50   /* renderer.py: the device's steady timeline */
+#define TIMELINE_MEAN_BLOCKS 100
 
 /* ring.py's int64 slots */
 enum {
@@ -973,6 +975,8 @@ typedef struct {
     /* the device's read-ahead spread (Renderer._measure_lead) */
     int64_t device_lead_frames, handed_frames;
     double lead_mean_frames, lead_up_frames, lead_down_frames;
+    double timeline_mean_frames, timeline_now;   /* and its steady timeline */
+    int64_t timeline_blocks;
     int64_t stream_underruns, dry_index, dry_frames;
     int64_t state;               /* R_IDLE...: written by r_go only */
     int64_t transition_errors;   /* events R_NEXT did not allow (0 expected) */
@@ -1080,6 +1084,18 @@ static void r_measure_lead(Renderer *r, int64_t n, double now) {
     r->lead_up_frames = up > d ? up : d;            /* max(d, up): Python's max keeps the first on a tie */
     r->lead_down_frames = down > -d ? down : -d;
     st_rlx(&r->device_lead_frames, imin(n, (int64_t)nearbyint(r->lead_up_frames + r->lead_down_frames)));
+    /* the steady timeline: this block's handoff as the device takes it (the mean lead's); a step of
+     * more than a block starts it afresh, and until it is known the callback's time stands */
+    double t = lead - r->timeline_mean_frames;
+    if (r->timeline_blocks == 0 || fabs(t) > (double)n) {
+        r->timeline_mean_frames = lead;
+        r->timeline_blocks = 0;
+        t = 0.0;
+    }
+    r->timeline_blocks += 1;
+    r->timeline_mean_frames += t / (double)imin(r->timeline_blocks, TIMELINE_MEAN_BLOCKS);
+    r->timeline_now = r->timeline_blocks >= TIMELINE_MIN_BLOCKS
+                          ? now + (lead - r->timeline_mean_frames) / RATE_HZ : now;
     r->handed_frames += n;
 }
 
@@ -1236,7 +1252,7 @@ static int r_arrive(Renderer *r, int16_t *out, int64_t n, int64_t heard_base, in
         st_rlx(&r->growth_frames, imin(r->max_prebuffer_frames, r->growth_frames + RATE_HZ / 50));
         r_retarget(r);
         r->dry_frames = 0;
-        r->waiting_since = now;
+        r->waiting_since = r->timeline_now;
         r_go(r, RE_RETURNED);
     } else {
         r->stream_start = ring_read_index(ring);
@@ -1248,9 +1264,11 @@ static int r_arrive(Renderer *r, int16_t *out, int64_t n, int64_t heard_base, in
     return 1;
 }
 
-/* Renderer._wait_prebuffer: PREBUFFERING or REBUFFERING: silence until the prebuffer has passed. */
-static void r_wait_prebuffer(Renderer *r, int16_t *out, int64_t n, int64_t heard_base, int64_t latency, double now) {
+/* Renderer._wait_prebuffer: PREBUFFERING or REBUFFERING: silence until the prebuffer has passed,
+ * on the device's steady timeline. */
+static void r_wait_prebuffer(Renderer *r, int16_t *out, int64_t n, int64_t heard_base, int64_t latency) {
     ring_t *ring = &r->ring;
+    double now = r->timeline_now;
     int rebuffering = r->state == R_REBUFFERING;
     double waited = (now - r->waiting_since) * RATE_HZ + (double)r->backlog_frames;
     int complete = stream_complete(r);
@@ -1265,7 +1283,7 @@ static void r_wait_prebuffer(Renderer *r, int16_t *out, int64_t n, int64_t heard
         lead = imin(n - 1, imax(0, (int64_t)want));
     }
     if (!rebuffering) {
-        st_rlx(&r->first_sample_mono_ns, now_ns() + (r->backlog_frames + lead) * 1000000000LL / RATE_HZ);
+        st_rlx(&r->first_sample_mono_ns, (int64_t)(now * 1e9) + (r->backlog_frames + lead) * 1000000000LL / RATE_HZ);
         st_rlx(&r->arrived_mono_ns, (int64_t)(r->waiting_since * 1e9));
         st_rlx(&r->start_delay_frames, r->prebuffer_frames);
         int64_t target = ld_rlx(&ring->hdr[S_TARGET]);
@@ -1298,7 +1316,7 @@ static void r_render_core(Renderer *r, int16_t *out, int64_t n, int64_t latency,
     }
     if ((state == R_IDLE || state == R_DRY) && !r_arrive(r, out, n, heard_base, latency, now))
         return;
-    r_wait_prebuffer(r, out, n, heard_base, latency, now);
+    r_wait_prebuffer(r, out, n, heard_base, latency);
 }
 
 /* Renderer._stamp_ref: the reference block about to be written, when it is due at the DAC (the
@@ -1706,6 +1724,7 @@ static const field_t R_FIELDS[] = {
     I64(callbacks, 0), I64(device_underflows, 0), I64(listen_on, 1), I64(ev_dropped, 0),
     I64(growth_frames, 0), I64(start_delay_frames, 0), I64(start_device_lead_frames, 0), I64(render_frames, 0),
     I64(device_lead_frames, 0), I64(handed_frames, 0), I64(state, 0), I64(transition_errors, 0),
+    I64(timeline_blocks, 0),
     {NULL, 0, 0},
 };
 

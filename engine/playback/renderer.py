@@ -66,6 +66,10 @@ REF_RUN_TOLERANCE_NS = 2_000_000   # a reference block due this much off the end
 #: (1 s at 10 ms), the spread's peaks are held and forgotten over ~200 blocks
 LEAD_MEAN_WEIGHT = 0.01
 LEAD_PEAK_DECAY = 0.995
+#: the device's steady timeline (Renderer._measure_lead): known once this many blocks came without
+#: a step of more than a block (0.5 s at 10 ms), then the mean over the latest ~100
+TIMELINE_MIN_BLOCKS = 50
+TIMELINE_MEAN_BLOCKS = 100
 
 
 class RenderState(enum.IntEnum):
@@ -218,6 +222,11 @@ class Renderer:
         self.lead_mean_frames = 0.0
         self.lead_up_frames = 0.0                       # the held peak of the lead above its mean
         self.lead_down_frames = 0.0                     # and below it
+        #: the device's steady timeline (_measure_lead): the mean lead since the device last
+        #: stepped, over how many blocks, and this block's handoff time on it (CLOCK_MONOTONIC s)
+        self.timeline_mean_frames = 0.0
+        self.timeline_blocks = 0
+        self.timeline_now = 0.0
         self.stretch_frames = 0                         # the current stream's net stretch
         self.cushion_left_frames = 0                    # the current stream's cushion still to insert
         self.cushion_frames = 0                         # and what it inserted (of stretch_frames)
@@ -249,7 +258,7 @@ class Renderer:
         self.wake_errors = 0                       #: eventfd writes that failed (the event waits for the next chore)
         self.stream_device_underflows = 0          # counted by the device callback while a stream plays
         self.backlog_frames = 0                    # set by the callback: frames read but not yet handed to the device
-        self.first_sample_mono_ns = 0              # when the latest stream's first sample was handed to the device
+        self.first_sample_mono_ns = 0              # the latest stream's first sample handed to the device (steady timeline)
         self.arrived_mono_ns = 0                   # when its first frames arrived (the prebuffer counts from there)
         self.flush_mono_ns = 0                     # when the latest flush was applied (fade handed to the device)
 
@@ -315,8 +324,9 @@ class Renderer:
         self.low_water_frames = max(0, p - self.render_frames - lead) // 2
 
     def _measure_lead(self, n: int, now: float) -> None:
-        """The device's read-ahead spread (class docstring), from this block's handoff: the frames
-        handed to the device before it against ``now``. Real-time safe (arithmetic only)."""
+        """The device's read-ahead spread (class docstring) and its steady timeline
+        (``timeline_now``), from this block's handoff: the frames handed to the device before it
+        against ``now``. Real-time safe (arithmetic only)."""
         lead = (self.handed_frames - self.backlog_frames) - now * RATE_HZ   # plus a constant
         d = lead - self.lead_mean_frames
         if self.handed_frames == 0 or abs(d) > 4 * n:
@@ -329,6 +339,19 @@ class Renderer:
         self.lead_up_frames = max(d, self.lead_up_frames * LEAD_PEAK_DECAY)
         self.lead_down_frames = max(-d, self.lead_down_frames * LEAD_PEAK_DECAY)
         self.device_lead_frames = min(n, round(self.lead_up_frames + self.lead_down_frames))
+        # the steady timeline: the device takes its blocks one after another at its rate, so this
+        # block's handoff on it is the mean lead's, not the callback's own (a PulseAudio speaker
+        # calls 6.7 or 13.3 ms apart for 10 ms blocks); a step of more than a block (a stall, an
+        # underflow) starts it afresh, and until it is known the callback's time stands
+        t = lead - self.timeline_mean_frames
+        if self.timeline_blocks == 0 or abs(t) > n:
+            self.timeline_mean_frames = lead
+            self.timeline_blocks = 0
+            t = 0.0
+        self.timeline_blocks += 1
+        self.timeline_mean_frames += t / min(self.timeline_blocks, TIMELINE_MEAN_BLOCKS)
+        self.timeline_now = (now + (lead - self.timeline_mean_frames) / RATE_HZ
+                             if self.timeline_blocks >= TIMELINE_MIN_BLOCKS else now)
         self.handed_frames += n
 
     def _render(self, out: np.ndarray, latency_frames: int, now: float) -> None:
@@ -349,7 +372,7 @@ class Renderer:
         if state is IDLE or state is DRY:
             if not self._arrive(out, heard_base, latency_frames, now):
                 return
-        self._wait_prebuffer(out, heard_base, latency_frames, now)
+        self._wait_prebuffer(out, heard_base, latency_frames)
 
     def _flush(self, out: np.ndarray, heard_base: int, latency_frames: int) -> None:
         """Apply a pending flush from any state (rule 3): fade out what plays, drop the rest."""
@@ -406,7 +429,7 @@ class Renderer:
             self.growth_frames = min(self.max_prebuffer_frames, self.growth_frames + RATE_HZ // 50)
             self._retarget()
             self.dry_frames = 0
-            self.waiting_since = now
+            self.waiting_since = self.timeline_now
             self._go(RenderEvent.RETURNED)
         else:
             # count the prebuffer from when the stream's first frames arrived: the producer's
@@ -417,18 +440,23 @@ class Renderer:
             self._go(RenderEvent.ARRIVED)
         return True
 
-    def _wait_prebuffer(self, out: np.ndarray, heard_base: int, latency_frames: int, now: float) -> None:
+    def _wait_prebuffer(self, out: np.ndarray, heard_base: int, latency_frames: int) -> None:
         """PREBUFFERING or REBUFFERING: silence until the prebuffer has passed, then play.
 
         Wait the prebuffer *time* after the first frame arrived: with deltas paced at real time
         that is the margin every later delta has (a fill threshold would give none). A new stream
         starts inside the block that reaches it, after ``lead`` frames of silence, so its first
         sample is due exactly then (not up to half a period early or late); this block goes to the
-        device after the ``backlog_frames`` a resampling caller still holds. After an underrun,
-        play resumes at the block nearest to it (fading in from the block's start)."""
+        device after the ``backlog_frames`` a resampling caller still holds. Both are reckoned on
+        the device's steady timeline (``timeline_now``), where the device takes this block, not at
+        the callback's own time: a callback 3.3 ms late after one that came too early to start
+        would otherwise start its block's first frame, 3.3 ms before the stream is due on the
+        device, and report it 3.3 ms late. After an underrun, play resumes at the block nearest to
+        it (fading in from the block's start)."""
         ring, n = self.ring, len(out)
         rebuffering = self.state is REBUFFERING
         assert self.waiting_since is not None   # rule 4
+        now = self.timeline_now
         waited_frames = (now - self.waiting_since) * RATE_HZ + self.backlog_frames
         complete = self._stream_complete()
         early_frames = n // 2 if rebuffering else n
@@ -437,7 +465,7 @@ class Renderer:
             return
         lead = 0 if complete or rebuffering else min(n - 1, max(0, round(self.prebuffer_frames - waited_frames)))
         if not rebuffering:
-            self.first_sample_mono_ns = time.monotonic_ns() + (self.backlog_frames + lead) * 1_000_000_000 // RATE_HZ
+            self.first_sample_mono_ns = int(now * 1e9) + (self.backlog_frames + lead) * 1_000_000_000 // RATE_HZ
             self.arrived_mono_ns = int(self.waiting_since * 1e9)
             self.start_delay_frames = self.prebuffer_frames
             target = self.control.target_frames
