@@ -49,6 +49,20 @@ def cpu_ns(pid: int) -> int:
     return total
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(steal, all) CPU time of the whole machine so far, in clock ticks (``/proc/stat``'s cpu line):
+    steal is the time the hypervisor ran someone else while this machine had work."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return fields[7], sum(fields)
+
+
+def steal_percent_since(start: tuple[int, int]) -> float | None:
+    """The share of the machine's CPU time stolen by the hypervisor since ``start`` (``cpu_ticks()``),
+    in %; a tail figure of a few ms moves with it (bench/README.md)."""
+    steal, total = cpu_ticks()
+    return round(100 * (steal - start[0]) / (total - start[1]), 1) if total > start[1] else None
+
+
 def start_engine(args: list[str], env: dict[str, str], timeout_s: float = 60) -> tuple[subprocess.Popen, float, int]:
     """Exec ``engine start ARGS``; (the process, ms from the exec until "ready in" on its stdout,
     the supervisor's own "ready in" figure). Raises RuntimeError if it exits or times out first."""

@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import BusLog, local_server, played_channel, stop_engine, vaudio, vaudio_env
+from bench.common import (BusLog, cpu_ticks, local_server, played_channel, steal_percent_since, stop_engine,
+                          vaudio, vaudio_env)
 from engine.playback.renderer import FLUSH_FADE_MS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -439,6 +440,7 @@ def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
         eng.turn(0)  # warm-up
         warm_start = [b["first_sample_mono_ns"] for t, b in eng.log if t == "playout.started"][:1]
         eng.log.clear()
+        ticks = cpu_ticks()
         for n in range(1, 11):
             eng.turn(n)
         quiet = eng.log[:]
@@ -490,6 +492,7 @@ def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
         recording = monitor.stop()
         inter = eng.log[:]
         mic = eng.wait("latency.mic", timeout=10)
+        steal = steal_percent_since(ticks)
     finally:
         eng.stop()
         vaudio("echo-off")
@@ -571,6 +574,7 @@ def bench_engine(tmp: Path, scen: Path, interruptions: int) -> dict[str, Any]:
         "engine_delta_to_device_beyond_start_delay_ms_p99": beyond_p99,
         "engine_added_latency_ms_p99": round(added, 2) if added is not None else None,
         "engine_added_latency_goal_ms": 5.0,
+        "machine_cpu_steal_percent_turns_to_mic_report": steal,
         "engine_request_to_device_ms_p50": pct([t["to_device_ms"] for t in turns], 50),
         "delta_interval_ms_std_mean": pct([t["delta_interval_ms_std"] for t in turns], 50),
         "engine_underruns_jitter30": sum(g for g in gaps[:n_quiet] if g > 0),
