@@ -303,10 +303,12 @@ DEVICE_FIXTURES = frozenset({"vaudio", "browser", "talking_browser", "echo_path"
 #: or whose assertions are start delays at real time (the jitter buffer follows measured jitter, so
 #: a starved local server beside other tests is jitter it rightly measures)
 REAL_TIME_MODULES = frozenset({"test_client_control.py", "test_live_engine.py", "test_jitter_engine.py"})
-#: untimed e2e modules that run in the timed tests' lane (``timed_lane``), one at a time beside
-#: nothing of their own: the slowest of the others (a wheel build, npm, long conversations, fault
+#: untimed e2e modules that run in the timed tests' lane (``timed_lane``), after the timed tests and
+#: at the others' priority: the slowest of the others (a wheel build, npm, long conversations, fault
 #: drills), so that both lanes take about as long. Without them the timed lane ended ~4 minutes
 #: before the others, and one core idled while the others ran on alone (CI: 336 s against 578 s).
+#: Between the timed tests, at their priority, they starved the others' lane (a test of the local
+#: server's barge-in at 10x speed missed its window).
 TIMED_LANE_MODULES = frozenset({"test_install.py", "test_node_client.py", "test_server_memory.py",
                                 "test_faults_terminal.py", "test_faults_liveness.py", "test_faults_capture.py"})
 
@@ -316,7 +318,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """An e2e test on the virtual devices, or at real time on a WAV mic, also carries ``timed``.
     ``tools/test.sh`` runs those alone, one at a time, while everything else (the pure tests and
     the other e2e tests) runs beside them in a second pytest at a lower priority; the e2e tests of
-    TIMED_LANE_MODULES carry ``timed_lane`` and run in the first, between the timed tests."""
+    TIMED_LANE_MODULES carry ``timed_lane`` and run in the first lane, after the timed tests, at the
+    lower priority."""
     for item in items:
         if not item.get_closest_marker("e2e"):
             continue
