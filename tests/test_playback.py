@@ -677,6 +677,31 @@ def test_a_stream_starts_when_due_on_the_devices_timeline_when_callbacks_bunch(
         assert abs(early_ms) <= 0.05 and abs(reported_late_ms) <= 0.05, errors_ms
 
 
+def test_the_steady_timeline_starts_afresh_after_a_step_and_is_the_callbacks_own_time_until_known(
+        ring: Ring) -> None:
+    """A stall the device lost frames over (a step of more than a block, here 2.5) leaves the past
+    undescriptive: the timeline starts afresh, and for its first 50 blocks (0.5 s at 10 ms) a start
+    is planned on the callback's own time, as before the timeline; a late callback within a block
+    is jitter the timeline rides out."""
+    r = Renderer(ring, prebuffer_frames=1920)
+    out = np.zeros(240, dtype=np.int16)
+    now = 100.0
+    for _ in range(60):
+        r.render(out, 0, now)
+        now += 0.01
+    assert r.timeline_blocks == 60
+    r.render(out, 0, now + 0.004)          # 4 ms late: jitter within a block
+    assert r.timeline_blocks == 61
+    now += 0.01
+    now += 0.025                           # a 25 ms stall: the device went on from there
+    r.render(out, 0, now)
+    assert r.timeline_blocks == 1
+    for _ in range(48):
+        now += 0.01
+        r.render(out, 0, now)
+    assert r.timeline_blocks == 49
+
+
 @pytest.mark.parametrize("late_ms", [25, 30])
 def test_a_new_streams_cushion_rides_out_a_delta_later_than_a_clean_links_target(ring: Ring, late_ms: int) -> None:
     """A clean link's 15 ms target leaves 5 ms of headroom beyond a 10 ms block, and the stretcher's
