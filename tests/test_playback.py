@@ -702,6 +702,46 @@ def test_the_steady_timeline_starts_afresh_after_a_step_and_is_the_callbacks_own
     assert r.timeline_blocks == 49
 
 
+def test_a_flush_through_the_resampler_leaves_the_steady_timeline_where_the_device_is(
+        ring: Ring, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At 48 kHz a flush drops what the FIFO and the resampler held, rendered but never handed to
+    the device. The renderer had counted those frames as handed, so the device's timeline stepped
+    by up to a block (under the step that restarts it) and the next reply was planned and stamped
+    that much off where the device plays it, for a second. Two replies on steady callbacks, a
+    barge-in's flush between them: each first sample is stamped the same distance from where the
+    device plays it (the resampler's own delay)."""
+    import engine.audio.ring as ring_module
+    clock = [100.0]
+    monkeypatch.setattr(ring_module, "time", SimpleNamespace(monotonic_ns=lambda: int(clock[0] * 1e9)))
+    r, dev = feeder(ring, 240, 48000, prebuffer_frames=480, stretch=False)
+    t = [100.0]
+
+    def callback() -> tuple[np.ndarray, float]:
+        at = t[0]
+        t[0] += 0.01
+        return np.frombuffer(dev.fill(480, 0, at), dtype=np.int16), at
+    for _ in range(60):                     # the timeline is known
+        callback()
+    offsets_ms = []
+    for _ in range(2):
+        clock[0] = t[0] - 0.003
+        ring.mark_start()
+        ring.write(loud(4800))
+        while True:
+            out, at = callback()
+            loud_at = np.flatnonzero(np.abs(out.astype(np.int32)) > 5000)
+            if len(loud_at):
+                break
+        plays_s = at + int(loud_at[0]) / 48000
+        offsets_ms.append((plays_s - r.first_sample_mono_ns / 1e9) * 1000)
+        for _ in range(7):
+            callback()
+        ring.request_flush()                # a barge-in mid-reply
+        for _ in range(5):
+            callback()
+    assert abs(offsets_ms[1] - offsets_ms[0]) <= 0.05, offsets_ms
+
+
 @pytest.mark.parametrize("late_ms", [25, 30])
 def test_a_new_streams_cushion_rides_out_a_delta_later_than_a_clean_links_target(ring: Ring, late_ms: int) -> None:
     """A clean link's 15 ms target leaves 5 ms of headroom beyond a 10 ms block, and the stretcher's

@@ -1085,7 +1085,8 @@ static void r_measure_lead(Renderer *r, int64_t n, double now) {
     r->lead_down_frames = down > -d ? down : -d;
     st_rlx(&r->device_lead_frames, imin(n, (int64_t)nearbyint(r->lead_up_frames + r->lead_down_frames)));
     /* the steady timeline: this block's handoff as the device takes it (the mean lead's); a step of
-     * more than a block starts it afresh, and until it is known the callback's time stands */
+     * more than a block, or the device running dry (pb_period), starts it afresh, and until it is
+     * known the callback's time stands */
     double t = lead - r->timeline_mean_frames;
     if (r->timeline_blocks == 0 || fabs(t) > (double)n) {
         r->timeline_mean_frames = lead;
@@ -1217,7 +1218,7 @@ static void r_flush(Renderer *r, int16_t *out, int64_t n, int64_t heard_base, in
         memset(out + got, 0, (size_t)(n - got) * 2);
     int64_t played_index = heard_base + imin(FLUSH_FADE_FRAMES, r->backlog_frames + got);
     take_flush(ring);
-    st_rlx(&r->flush_mono_ns, now_ns());
+    st_rlx(&r->flush_mono_ns, (int64_t)(r->timeline_now * 1e9));   /* this block's first frame, on the steady timeline */
     if (r->state == R_IDLE) {   /* nothing playing or waiting: the flush cut nothing */
         r->stream_start = played_index;
         r->stretch_frames = r->stream_expanded_frames = r->stream_device_underflows = 0;
@@ -1377,6 +1378,9 @@ static void r_fill(Renderer *r, int16_t *dst, int64_t frame_count, int64_t laten
             memset(dst + room, 0, (size_t)(frame_count - room) * 2);
         f->len = 0;
         soxr_clear(r->resampler);
+        /* DeviceFeeder.fill: what was rendered beyond this callback's frames is never handed over */
+        r->handed_frames -= floordiv(r->fill_rendered_frames * r->device_rate_hz
+                                     - (r->fill_handed_device_frames + frame_count) * RATE_HZ, r->device_rate_hz);
         r->fill_rendered_frames = r->fill_handed_device_frames = 0;   /* nothing rendered waits any more */
         return;
     }
@@ -1395,10 +1399,11 @@ static void pb_period(void *user, int16_t *output, int64_t frames, double latenc
     int64_t k = ld_rlx(&r->callbacks);
     st_rlx(&r->callback_ns[k % CB_STAMPS], now_ns());
     st_rel(&r->callbacks, k + 1);
-    if (underflow) {   /* the device ran out before this callback: a click we caused */
+    if (underflow) {   /* the device ran out before this callback: a click we caused (Renderer.device_underflowed) */
         st_rlx(&r->device_underflows, r->device_underflows + 1);
         if (r_in_stream(r))
             r->stream_device_underflows += 1;
+        r->timeline_blocks = 0;   /* the device went on from there: the steady timeline starts afresh */
     }
     if (latency_s <= 0 || latency_s > 1)
         latency_s = r->stream_latency_s;

@@ -302,8 +302,7 @@ class PlaybackProcess:
                 self.callbacks += 1
                 if status & pyaudio.paOutputUnderflow:
                     self.device_underflows += 1  # the device ran out before this callback: a click we caused
-                    if self.renderer.in_stream:
-                        self.renderer.stream_device_underflows += 1
+                    self.renderer.device_underflowed()
                 latency_s = max(0.0, time_info.get("output_buffer_dac_time", 0) - time_info.get("current_time", 0))
                 if latency_s <= 0 or latency_s > 1:
                     latency_s = stream_latency_s

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import enum
 import os
-import time
 from typing import NamedTuple
 
 import numpy as np
@@ -277,6 +276,14 @@ class Renderer:
         self.transition_counts[self.state * len(RenderEvent) + event] += 1
         self.state = to
 
+    def device_underflowed(self) -> None:
+        """The device ran dry before this callback (a gap the listener heard, not in the audio):
+        counted against the stream playing, and the steady timeline starts afresh, since the device
+        went on from there. Real-time safe."""
+        if self.in_stream:
+            self.stream_device_underflows += 1
+        self.timeline_blocks = 0
+
     def _stream_complete(self) -> bool:
         """The producer marked the end of the current stream and everything up to it is written."""
         ring = self.ring
@@ -341,8 +348,9 @@ class Renderer:
         self.device_lead_frames = min(n, round(self.lead_up_frames + self.lead_down_frames))
         # the steady timeline: the device takes its blocks one after another at its rate, so this
         # block's handoff on it is the mean lead's, not the callback's own (a PulseAudio speaker
-        # calls 6.7 or 13.3 ms apart for 10 ms blocks); a step of more than a block (a stall, an
-        # underflow) starts it afresh, and until it is known the callback's time stands
+        # calls 6.7 or 13.3 ms apart for 10 ms blocks); a step of more than a block (a stall) or
+        # the device running dry (device_underflowed) starts it afresh, and until it is known the
+        # callback's time stands
         t = lead - self.timeline_mean_frames
         if self.timeline_blocks == 0 or abs(t) > n:
             self.timeline_mean_frames = lead
@@ -393,7 +401,7 @@ class Renderer:
         # device (its buffer plays out, nothing takes it back), then the fade
         played_index = heard_base + min(FLUSH_FADE_FRAMES, self.backlog_frames + got)
         ring.take_flush()
-        self.flush_mono_ns = time.monotonic_ns()
+        self.flush_mono_ns = int(self.timeline_now * 1e9)   # this block's first frame, on the steady timeline
         if self.state is IDLE:
             # no stream playing or waiting for its prebuffer: the flush cut nothing
             self.stream_start = played_index
@@ -632,6 +640,11 @@ class DeviceFeeder:
             self._fade.apply(out, m)
             fifo.drop(fifo.length)
             self.resampler.clear()
+            # the device goes on from this callback's frames: what was rendered beyond them is never
+            # handed over, so the renderer's hand-off count (its read-ahead and steady timeline) takes
+            # it back (or adds the silence this callback pads with)
+            r.handed_frames -= (self._rendered_frames * self.device_rate_hz
+                                - (self._handed_device_frames + frame_count) * RATE_HZ) // self.device_rate_hz
             self._rendered_frames = self._handed_device_frames = 0   # nothing rendered waits any more
             return out.tobytes() + bytes(2 * max(0, frame_count - len(out)))
         data = fifo.head(frame_count).tobytes()
