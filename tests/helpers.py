@@ -67,6 +67,12 @@ def voiced(n: int, period_frames: int = 150) -> np.ndarray:
             + 3000 * np.sin(4 * np.pi * t / period_frames + 1)).astype(np.int16)
 
 
+def bunched_callback_s(k: int) -> float:
+    """When a PulseAudio speaker asks for its ``k``-th 10 ms block: 13.3 and 6.7 ms apart in turn
+    (ALSA's pulse plugin and libpulse at the sink's steps), from t = 100 s; 10 ms a block on average."""
+    return 100.0 + (k // 2) * 0.02 + (0.0133 if k % 2 else 0.0)
+
+
 def speaker_ring_schedule(seed: int) -> list[tuple[str, int]]:
     """A random mix of what the realtime process does to the speaker ring between callbacks."""
     rng = np.random.default_rng(seed)

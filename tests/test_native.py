@@ -17,7 +17,7 @@ from engine.audio.ring import Ring
 from engine.capture.echo import EchoCanceller, FAR_ACTIVE_DBFS, TalkGuard
 from engine.audio.levels import ExternalLevelTap
 from engine.playback.renderer import DeviceFeeder, Renderer
-from tests.helpers import REPO, speaker_ring_schedule, voiced
+from tests.helpers import REPO, bunched_callback_s, speaker_ring_schedule, voiced
 
 needs_native = pytest.mark.skipif(not native.available(), reason=f"{native.unavailable_reason()}")
 
@@ -108,7 +108,7 @@ def test_the_native_feeder_resamples_and_fades_as_the_python_one(rings: Any) -> 
     feeder = DeviceFeeder(py, 240, 48000)
     c = native.NativeRenderer(c_ring, prebuffer_frames=0, stretch=False, device_rate_hz=48000, block_frames=240)
     for k in range(90):
-        now = 100.0 + (k // 2) * 0.02 + (0.0133 if k % 2 else 0.0)
+        now = bunched_callback_s(k)
         if k == 60:   # the timeline is known: a stream, then a flush inside it
             pcm = voiced(24000)
             py_ring.write(pcm)

@@ -13,7 +13,7 @@ from engine.audio import native
 from engine.playback.process import PlaybackProcess
 from engine.playback.renderer import CUSHION_MIN_FRAMES, DeviceFeeder, Renderer as PyRenderer
 from engine.audio.ring import Ring
-from tests.helpers import made_ring, steepest, voiced
+from tests.helpers import bunched_callback_s, made_ring, steepest, voiced
 
 #: every renderer test runs on the Python renderer and on the native one (engine/audio/_native.c),
 #: which must behave identically; the native one where it is built
@@ -42,6 +42,15 @@ def feeder(ring: Ring, block_frames: int, device_rate_hz: int, **kw: Any) -> tup
     r = native.NativeRenderer(ring, device_rate_hz=device_rate_hz, block_frames=block_frames, **kw)
     return r, r
 
+
+@pytest.fixture
+def ring_clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The rings' clock, in s from 100.0, set by the test (``ring_clock[0] = t``): the times they
+    stamp writes and stream starts with, on the test's own timeline of callbacks."""
+    import engine.audio.ring as ring_module
+    clock = [100.0]
+    monkeypatch.setattr(ring_module, "time", SimpleNamespace(monotonic_ns=lambda: int(clock[0] * 1e9)))
+    return clock
 
 @pytest.fixture
 def ring() -> Iterator[Ring]:
@@ -592,30 +601,25 @@ def test_under_30_ms_of_delta_jitter_the_target_rides_it_out(ring: Ring) -> None
 
 
 def test_a_device_whose_callbacks_bunch_gets_its_read_ahead_spread_on_top_of_the_target(
-        ring: Ring, monkeypatch: pytest.MonkeyPatch) -> None:
+        ring: Ring, ring_clock: list[float]) -> None:
     """PulseAudio's ALSA plugin asks for 10 ms blocks 13.3 and 6.7 ms apart: a block read right
     after another is read 3.3 ms earlier than one a stream may have started in. The renderer
     measures that spread and waits it on top of an adaptive target, so 100 ms deltas on time
     under a 13 ms target are neither stretched nor run dry (without it, every few deltas
     expanded); the fixed prebuffer stays what it is."""
-    import engine.audio.ring as ring_module
-    clock = [100.0]
-    monkeypatch.setattr(ring_module, "time", SimpleNamespace(monotonic_ns=lambda: int(clock[0] * 1e9)))
     r = Renderer(ring, prebuffer_frames=1920)
     ring.control.set_target(13 * 24)
     out = np.zeros(240, dtype=np.int16)
     pcm = voiced(30 * 2400)
 
-    def callback_s(k: int) -> float:
-        return 100.0 + (k // 2) * 0.02 + (0.0133 if k % 2 else 0.0)
     k = 0
     for reply in range(10):
-        first_s = callback_s(k) + 0.3 + reply * 0.0031    # each reply's first delta at another phase
+        first_s = bunched_callback_s(k) + 0.3 + reply * 0.0031    # each reply's first delta at another phase
         sent = 0
         while sent < 30 or r.in_stream:
-            now = callback_s(k)
+            now = bunched_callback_s(k)
             while sent < 30 and first_s + sent * 0.1 <= now:
-                clock[0] = first_s + sent * 0.1
+                ring_clock[0] = first_s + sent * 0.1
                 if sent == 0:
                     ring.mark_start()
                 ring.write(pcm[sent * 2400:(sent + 1) * 2400])
@@ -630,47 +634,42 @@ def test_a_device_whose_callbacks_bunch_gets_its_read_ahead_spread_on_top_of_the
     assert r.device_lead_frames == pytest.approx(79, abs=2)          # 13.3 - 10 ms, in frames
     assert r.prebuffer_frames == 13 * 24 + r.device_lead_frames
     ring.control.set_target(0)                                       # fixed: the configured prebuffer alone
-    r.render(out, 0, callback_s(k))
+    r.render(out, 0, bunched_callback_s(k))
     assert r.prebuffer_frames == 1920
 
 
 def test_a_stream_starts_when_due_on_the_devices_timeline_when_callbacks_bunch(
-        ring: Ring, monkeypatch: pytest.MonkeyPatch) -> None:
+        ring: Ring, ring_clock: list[float]) -> None:
     """The same bunching speaker (10 ms blocks asked for 13.3 and 6.7 ms apart): the device takes
     the blocks one after another, so block k plays at a steady 10 ms a block whatever the
     callback's time. A start due 10-13.3 ms after an early callback was left to the late one,
     which started its block's first frame: 3.3 ms before the stream was due on the device, and
     reported (``first_sample_mono_ns``) at the late callback's time, up to 3.3 ms after where the
     device plays it. Each start is now due to the frame, and reported where the device plays it."""
-    import engine.audio.ring as ring_module
-    clock = [100.0]
-    monkeypatch.setattr(ring_module, "time", SimpleNamespace(monotonic_ns=lambda: int(clock[0] * 1e9)))
     r = Renderer(ring, prebuffer_frames=1920, stretch=False)
     ring.control.set_target(13 * 24)
     out = np.zeros(240, dtype=np.int16)
 
-    def callback_s(k: int) -> float:
-        return 100.0 + (k // 2) * 0.02 + (0.0133 if k % 2 else 0.0)
     steady_offset_s = 0.0133 / 2 - 0.01 / 2          # the callbacks' mean lag behind 10 ms a block
     k = 0
     errors_ms: list[tuple[float, float]] = []
     for reply in range(12):
-        first_s = callback_s(k) + 0.6 + reply * 0.0017   # past the timeline's first 0.5 s; each at another phase
-        while callback_s(k) < first_s:
-            r.render(out, 0, callback_s(k))
+        first_s = bunched_callback_s(k) + 0.6 + reply * 0.0017   # past the timeline's first 0.5 s; each at another phase
+        while bunched_callback_s(k) < first_s:
+            r.render(out, 0, bunched_callback_s(k))
             k += 1
-        clock[0] = first_s
+        ring_clock[0] = first_s
         ring.mark_start()
         ring.write(loud(2400))
         while not r.in_stream:
-            r.render(out, 0, callback_s(k))
+            r.render(out, 0, bunched_callback_s(k))
             k += 1
         ring.mark_end()
         played_s = 100.0 + steady_offset_s + (k - 1) * 0.01 + int(np.argmax(out != 0)) / 24000
         due_s = first_s + r.start_delay_frames / 24000
         errors_ms.append(((played_s - due_s) * 1000, (r.first_sample_mono_ns / 1e9 - played_s) * 1000))
         while r.in_stream:
-            r.render(out, 0, callback_s(k))
+            r.render(out, 0, bunched_callback_s(k))
             k += 1
     assert r.start_delay_frames == 13 * 24 + r.device_lead_frames > 13 * 24
     for early_ms, reported_late_ms in errors_ms:
@@ -703,16 +702,13 @@ def test_the_steady_timeline_starts_afresh_after_a_step_and_is_the_callbacks_own
 
 
 def test_a_flush_through_the_resampler_leaves_the_steady_timeline_where_the_device_is(
-        ring: Ring, monkeypatch: pytest.MonkeyPatch) -> None:
+        ring: Ring, ring_clock: list[float]) -> None:
     """At 48 kHz a flush drops what the FIFO and the resampler held, rendered but never handed to
     the device. The renderer had counted those frames as handed, so the device's timeline stepped
     by up to a block (under the step that restarts it) and the next reply was planned and stamped
     that much off where the device plays it, for a second. Two replies on steady callbacks, a
     barge-in's flush between them: each first sample is stamped the same distance from where the
     device plays it (the resampler's own delay)."""
-    import engine.audio.ring as ring_module
-    clock = [100.0]
-    monkeypatch.setattr(ring_module, "time", SimpleNamespace(monotonic_ns=lambda: int(clock[0] * 1e9)))
     r, dev = feeder(ring, 240, 48000, prebuffer_frames=480, stretch=False)
     t = [100.0]
 
@@ -724,7 +720,7 @@ def test_a_flush_through_the_resampler_leaves_the_steady_timeline_where_the_devi
         callback()
     offsets_ms = []
     for _ in range(2):
-        clock[0] = t[0] - 0.003
+        ring_clock[0] = t[0] - 0.003
         ring.mark_start()
         ring.write(loud(4800))
         while True:

@@ -19,11 +19,12 @@ trap 'rm -f "$others_log"; bash tools/vaudio.sh stop >/dev/null 2>&1 || true' EX
 nice -n 10 .venv/bin/python -m pytest -q -p no:cacheprovider -m "not timed and not timed_lane" "$@" >"$others_log" 2>&1 &
 others=$!
 status=0
+judged() { "$@" || { local rc=$?; [ $rc -eq 5 ] || status=$rc; }; }   # a failing run's exit, unless 5
 echo "== the timed tests (the others run beside them; their report follows)"
-.venv/bin/python -m pytest -q -p no:cacheprovider -m timed "$@" || { rc=$?; [ $rc -eq 5 ] || status=$rc; }
+judged .venv/bin/python -m pytest -q -p no:cacheprovider -m timed "$@"
 echo "== the timed lane's other tests, after them"
-nice -n 10 .venv/bin/python -m pytest -q -p no:cacheprovider -m timed_lane "$@" || { rc=$?; [ $rc -eq 5 ] || status=$rc; }
-wait $others || { rc=$?; [ $rc -eq 5 ] || status=$rc; }
+judged nice -n 10 .venv/bin/python -m pytest -q -p no:cacheprovider -m timed_lane "$@"
+judged wait $others
 echo "== the other tests"
 cat "$others_log"
 [ -d runs/console-screenshots ] && echo "console screenshots (the browser tests): $PWD/runs/console-screenshots"
