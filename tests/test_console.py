@@ -90,6 +90,16 @@ def browser() -> Iterator[Any]:
         b.close()
 
 
+def console_url_of(console: subprocess.Popen[str]) -> str:
+    """The URL a standalone `engine console` printed."""
+    assert console.stdout is not None
+    for line in console.stdout:
+        m = re.search(r"realtalk: console (http://\S+)", line)
+        if m:
+            return m.group(1)
+    raise AssertionError("engine console printed no URL")
+
+
 def open_page(browser: Any, url: str) -> Any:
     page = browser.new_page(viewport={"width": 1400, "height": 950})
     errors: list[str] = []
@@ -190,6 +200,48 @@ def test_console_url_status_token_and_commands(start_engine: Any) -> None:
         assert "no browser ring" in closed.value.rcvd.reason, closed.value.rcvd.reason
     assert eng.stop() == 0
     assert not (eng.runtime / "console.json").exists()
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(90)
+def test_a_console_opened_mid_conversation_shows_what_came_before_it(start_engine: Any) -> None:
+    """`engine console` started after a reply (or a console child that subscribes late, on a busy
+    machine) sends a page what the session said before it joined: the session's event log up to
+    the first message the console took from the bus, then the bus, each message once."""
+    import sys
+    from websockets.sync.client import connect
+    from bus import Subscriber
+    from tests.helpers import wait_topic
+    eng = start_engine("--text-only")
+    sub = Subscriber(eng.conn["subscribe"], ["model.text.done"])
+    assert eng.cli("say", "What is the capital of France?").returncode == 0
+    assert "capital of France" in wait_topic(sub, "model.text.done")["text"]
+    sub.close()
+    console = subprocess.Popen([sys.executable, "-m", "engine.api.cli", "console"], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
+    try:
+        url = console_url_of(console)
+        base, token = url.split("/?token=")
+        seen: list[tuple[str, dict[str, Any]]] = []
+        with connect(base.replace("http", "ws") + "/ws?token=" + token, open_timeout=5) as ws:
+            assert json.loads(ws.recv(5))["op"] == "hello"
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not any(t == "engine.status" for t, _ in seen):
+                raw = ws.recv(10)
+                if isinstance(raw, bytes):
+                    seen.extend(decode_batch(raw)[2])
+        topics = [t for t, _ in seen]
+        assert "session.config" in topics and "user.text" in topics, topics[:40]
+        replies = [b["text"] for t, b in seen if t == "model.text.done"]
+        assert any("capital of France" in r for r in replies), replies
+        keys = [(t, b.get("pub"), b.get("seq")) for t, b in seen if b.get("seq") is not None]
+        twice = [k for k in set(keys) if keys.count(k) > 1]
+        assert not twice, f"came twice: {twice}"
+        assert topics.index("session.config") < topics.index("user.text") < topics.index("model.text.done")
+    finally:
+        console.terminate()
+        console.wait(10)
+    assert eng.stop() == 0
 
 
 # ---------------------------------------------------------------- a spoken conversation in Chromium

@@ -16,8 +16,9 @@ import pytest
 from bus import Endpoints, Publisher
 from engine.console import relay as relay_mod
 from tests.helpers import thread_broker
+from engine.console import lookback
 from engine.console.relay import (BATCH_HEADER, BusRelay, ConsoleError, PageQueue, decode_batch, encode_batch,
-                                  encode_record)
+                                  encode_record, merge_logged)
 
 STATIC = Path(__file__).resolve().parent.parent / "engine" / "console" / "static"
 CHROMIUM = "/usr/bin/chromium"
@@ -79,6 +80,66 @@ def test_a_page_queue_drops_its_oldest_and_counts_them() -> None:
     q.put_many([b"3", b"4", b"5"])
     assert q.dropped == 2
     assert q.take() == [b"3", b"4", b"5"] and q.take() == []
+
+
+def test_a_page_start_is_collected_while_held_and_goes_before_what_came_meanwhile() -> None:
+    q = PageQueue(limit=4, held=True)
+    q.put_many([b"new1", b"new2"])
+    q.put_front([b"old1", b"old2", b"old3"])
+    assert q.dropped == 1 and q.take() == [b"old2", b"old3", b"new1", b"new2"]
+
+
+def _msg(topic: str, pub: str, seq: int | None, **rest: Any) -> tuple[str, dict[str, Any]]:
+    body: dict[str, Any] = {"pub": pub, **({"seq": seq} if seq is not None else {}), **rest}
+    return topic, body
+
+
+def _rec(topic: str, body: dict[str, Any]) -> bytes:
+    return encode_record(topic.encode(), msgpack.packb(body))
+
+
+def test_a_page_starts_with_the_log_then_what_the_log_does_not_hold_yet_each_message_once() -> None:
+    """The console subscribed after ``session.config`` and ``playout.started``: the log has them.
+    Its backlog starts with the broker's last-value replay of ``session.config`` (the same
+    message: the same publisher and seq), then messages the log holds, then newer ones."""
+    config = _msg("session.config", "realtime:1", 1, session={"model": "gpt-live-1"})
+    started = _msg("playout.started", "realtime:1", 2, item_id=None)
+    status = _msg("engine.status", "supervisor:9", 7, state="ready")
+    levels = _msg("capture.levels", "capture:3", 40, mic_dbfs=[-20.0])
+    foreign = _msg("app.note", "r-client", None, text="no seq")
+    newer = _msg("model.transcript.delta", "realtime:1", 3, text="Hi")
+    logged = [config, started, status, levels, status]                  # the supervisor logged a replay too
+    backlog = [_rec(*config), _rec(*status), _rec(*levels), _rec(*foreign), _rec(*newer)]
+    start, known = merge_logged(logged, backlog)
+    events = decode_batch(encode_batch(start, 0))[2]
+    assert [t for t, _ in events] == ["session.config", "playout.started", "engine.status", "capture.levels",
+                                      "app.note", "model.transcript.delta"]
+    assert events[1][1] == started[1] and events[4][1] == foreign[1]
+    assert [t for t, _ in decode_batch(encode_batch(merge_logged(logged, backlog, limit=2)[0], 0))[2]] == \
+        ["app.note", "model.transcript.delta"]
+    assert merge_logged([], backlog) == (backlog, set())                # no log: the backlog as it is
+    # what came to the held page meanwhile and the log held already goes once
+    page = PageQueue(held=True)
+    page.put_many([_rec(*status), _rec(*_msg("model.transcript.done", "realtime:1", 4, text="Hi"))])
+    page.put_front(start, known)
+    assert [t for t, _ in decode_batch(encode_batch(page.take(), 0))[2]][-3:] == \
+        ["app.note", "model.transcript.delta", "model.transcript.done"]
+
+
+def test_the_tail_of_a_live_log_skips_a_line_being_written_and_reads_from_the_end(tmp_path: Path,
+                                                                                  monkeypatch: Any) -> None:
+    monkeypatch.setattr(lookback, "TAIL_CHUNK_BYTES", 7)   # lines cross chunk boundaries
+    lines = [json.dumps({"topic": "user.text", "body": {"pub": "p", "seq": i, "text": "x" * (i % 5)}})
+             for i in range(1, 21)]
+    lines.insert(5, json.dumps({"topic": "server.response.output_audio.delta", "body": {"seq": 99}}))   # firehose
+    lines.insert(9, "{not json")
+    (tmp_path / "events.jsonl").write_text("\n".join(lines) + "\n" + '{"topic": "user.text", "bo')
+    events = lookback.tail_events(tmp_path, limit=100)
+    assert [b["seq"] for _, b in events] == list(range(1, 21))
+    assert [b["seq"] for _, b in lookback.tail_events(tmp_path, limit=3)] == [18, 19, 20]
+    few = lookback.tail_events(tmp_path, limit=100, max_bytes=200)        # bounded whatever the log's length
+    assert 0 < len(few) < 20 and few[-1][1]["seq"] == 20
+    assert lookback.tail_events(tmp_path / "none", limit=5) == []
 
 
 # ---------------------------------------------------------------- the relay on a real broker
@@ -162,6 +223,41 @@ def test_the_relay_forwards_raw_and_reads_only_acks(endpoints: Endpoints) -> Non
     finally:
         pub.close()
         relay.close()
+
+
+@pytest.mark.timeout(30)
+def test_the_relay_leaves_out_a_state_replay_of_what_it_forwarded(endpoints: Endpoints) -> None:
+    """The broker's last-value cache sends ``session.config`` again to every subscriber of it when
+    one more subscribes (`engine tail`, a client): the page has it already, and gets it once."""
+    from bus import Subscriber
+    got = Collected()
+    relay = BusRelay(endpoints, got, name="console:test")
+    relay.open()
+    pub = Publisher(endpoints, "engine-fake", signing_key=None)
+    other = None
+    try:
+        def pinged(evs: list[tuple[str, dict[str, Any]]]) -> bool:
+            pub.publish("test.ping", {})
+            return any(t == "test.ping" for t, _ in evs)
+        _drain_until(relay, got, pinged)
+        pub.publish("session.config", {"session": {"model": "m1"}})
+        _drain_until(relay, got, lambda evs: any(t == "session.config" for t, _ in evs))
+        other = Subscriber(endpoints, ["session.config"])        # the broker replays the kept config to all
+        replayed = other.recv(timeout_ms=5000)
+        assert replayed is not None and replayed[1]["session"] == {"model": "m1"}
+        pub.publish("test.last", {})
+        _drain_until(relay, got, lambda evs: any(t == "test.last" for t, _ in evs))
+        assert sum(t == "session.config" for t, _ in got.events()) == 1 and relay.replays == 1
+        pub.publish("session.config", {"session": {"model": "m2"}})    # a newer one goes through
+        _drain_until(relay, got, lambda evs: sum(t == "session.config" for t, _ in evs) == 2)
+        relay.note_logged({("engine.status", "supervisor:1", 5), ("user.text", "cli:1", 9)})
+        assert relay._replayed(("engine.status", "supervisor:1", 5))
+        assert not relay._replayed(("engine.status", "supervisor:1", 6))
+    finally:
+        pub.close()
+        relay.close()
+        if other is not None:
+            other.close()
 
 
 # ---------------------------------------------------------------- the page's decoder (Chromium)

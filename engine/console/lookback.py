@@ -19,6 +19,10 @@ from engine.audio.levels import dbfs
 from engine.console.relay import ConsoleError
 
 MAX_EVENTS = 50_000
+#: the most of a live session's log a page's start reads (from its end): about the newest hour of
+#: a conversation's events at its usual ~8 kB/s, the audio deltas left out
+TAIL_MAX_BYTES = 32 << 20
+TAIL_CHUNK_BYTES = 1 << 20
 #: topics the look-back view does not need (many per second, nothing the page draws)
 SKIPPED_TOPICS = ("server.response.output_audio.delta", "playback.position", "playout.position",
                   "server.rate_limits.updated", "server.input_audio_buffer.append", "_join.")
@@ -71,6 +75,56 @@ def read_events(folder: Path, limit: int = MAX_EVENTS) -> dict[str, Any]:
     cut = max(0, len(events) - limit)
     return {"events": events[cut:], "skipped": skipped, "unreadable": bad, "cut": cut,
             "has_wav": (folder / "conversation.wav").exists()}
+
+
+def tail_events(folder: Path, limit: int, max_bytes: int = TAIL_MAX_BYTES) -> list[tuple[str, dict[str, Any]]]:
+    """The newest ``limit`` events of a session's log as it stands (``(topic, body)``, the
+    firehose left out), read from its end: at most ``max_bytes``, whatever the log's length. A
+    line being written (no newline yet), an unreadable line and a missing log are left out; never
+    raises for the log's content (an OSError reading it propagates)."""
+    path = folder / "events.jsonl"
+    try:
+        f = path.open("rb")
+    except FileNotFoundError:
+        return []
+    events: list[tuple[str, dict[str, Any]]] = []   # newest first
+    with f:
+        end = pos = f.seek(0, 2)
+        carry, last_dropped = b"", False
+        while pos > 0 and end - pos < max_bytes and len(events) < limit:
+            step = min(TAIL_CHUNK_BYTES, pos)
+            pos -= step
+            f.seek(pos)
+            parts = (f.read(step) + carry).split(b"\n")
+            if not last_dropped:   # after the log's last newline: nothing, or a line still being written
+                if len(parts) == 1:
+                    carry = parts[0]
+                    continue
+                parts.pop()
+                last_dropped = True
+            carry = parts.pop(0) if pos > 0 else b""   # a line that may begin before this chunk
+            for raw in reversed(parts):
+                event = _logged_event(raw)
+                if event is not None:
+                    events.append(event)
+                    if len(events) >= limit:
+                        break
+    events.reverse()
+    return events
+
+
+def _logged_event(raw: bytes) -> tuple[str, dict[str, Any]] | None:
+    """One log line's ``(topic, body)``; None for a firehose topic or an unreadable line."""
+    if not raw:
+        return None
+    try:
+        rec = json.loads(raw)
+        topic, body = rec["topic"], rec["body"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(topic, str) or not isinstance(body, dict) or topic.startswith(SKIPPED_TOPICS):
+        return None
+    return topic, body
 
 
 def wav_levels(folder: Path) -> dict[str, Any]:

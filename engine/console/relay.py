@@ -31,9 +31,10 @@ import msgpack
 import zmq
 
 from bus import Endpoints, Publisher, Subscriber
-from bus.wire import MAX_TOPIC_BYTES
+from bus.wire import LAST_VALUE_TOPICS, MAX_TOPIC_BYTES
 from engine.errors import EngineError
 
+_STATE_TOPICS = frozenset(t.encode() for t in LAST_VALUE_TOPICS)
 BACKLOG = 3000              #: messages kept for a page that opens (or reloads) later
 PAGE_QUEUE = 5000           #: messages waiting for one page at most; the oldest go first
 BATCH_S = 0.06              #: the tick's period while a page is open (or listens): one batch per page per tick
@@ -91,13 +92,77 @@ def decode_batch(data: bytes) -> tuple[int, int, list[tuple[str, dict[str, Any]]
     return now_ns, dropped, out
 
 
+MessageKey = tuple[str, str, int]
+
+
+def message_key(topic: str, body: Any) -> MessageKey | None:
+    """A bus message's identity: its topic, publisher and ``seq`` (None without them). A
+    last-value replay keeps its original's, so it is the same message."""
+    if isinstance(body, dict):
+        pub, seq = body.get("pub"), body.get("seq")
+        if isinstance(pub, str) and isinstance(seq, int) and not isinstance(seq, bool):
+            return (topic, pub, seq)
+    return None
+
+
+def record_key(record: bytes) -> MessageKey | None:
+    """:func:`message_key` of one batch record (None when it cannot be read)."""
+    if len(record) < RECORD_HEADER.size:
+        return None
+    tlen, blen = RECORD_HEADER.unpack_from(record)
+    t0 = RECORD_HEADER.size
+    try:
+        body = msgpack.unpackb(record[t0 + tlen:t0 + tlen + blen], raw=False, strict_map_key=False)
+        return message_key(record[t0:t0 + tlen].decode(), body)
+    except Exception:   # msgpack raises several unrelated types
+        return None
+
+
+def merge_logged(logged: Sequence[tuple[str, dict[str, Any]]], backlog: Sequence[bytes],
+                 limit: int = BACKLOG) -> tuple[list[bytes], set[MessageKey]]:
+    """What a page starts with: the session's logged messages in the log's order (the relay
+    missed those published before it subscribed), then the backlog's that the log does not
+    hold yet; each message once (:func:`message_key`), the newest ``limit``. Also the logged
+    messages' keys (what came to the page meanwhile may be among them). Pure."""
+    out: list[bytes] = []
+    seen: set[MessageKey] = set()
+    for topic, body in logged:
+        key = message_key(topic, body)
+        if key is not None:
+            if key in seen:
+                continue
+            seen.add(key)
+        try:
+            out.append(encode_record(topic.encode(), msgpack.packb(body, use_bin_type=True)))
+        except (TypeError, ValueError, UnicodeEncodeError):   # a logged body msgpack cannot hold: left out
+            continue
+    for record in backlog:
+        key = record_key(record)
+        if key is None or key not in seen:
+            out.append(record)
+    return (out[-limit:] if limit > 0 else []), seen
+
+
 class PageQueue:
     """What is waiting for one page: a bounded deque of records (oldest dropped, counted in
     ``dropped``), sent by the server's tick. Used from the event loop's thread only."""
 
-    def __init__(self, limit: int = PAGE_QUEUE) -> None:
+    def __init__(self, limit: int = PAGE_QUEUE, held: bool = False) -> None:
         self.items: deque[bytes] = deque(maxlen=limit)
         self.dropped = 0
+        self.held = held   #: collecting, not sent yet: the page's start is being put together
+
+    def put_front(self, items: Sequence[bytes], known: set[MessageKey] | frozenset[MessageKey] = frozenset()) -> None:
+        """``items`` (the page's start) before what waits, less what waits that is ``known`` to be
+        among them already; the oldest dropped past the limit, counted."""
+        waiting = [r for r in self.items if record_key(r) not in known] if known else list(self.items)
+        merged = list(items) + waiting
+        over = len(merged) - (self.items.maxlen or 0)
+        if over > 0:
+            self.dropped += over
+            merged = merged[over:]
+        self.items.clear()
+        self.items.extend(merged)
 
     def put_many(self, items: Sequence[bytes]) -> None:
         over = len(self.items) + len(items) - (self.items.maxlen or 0)
@@ -132,6 +197,12 @@ class BusRelay:
         self.received = 0       #: bus messages forwarded
         self.malformed = 0      #: messages skipped: not [topic, body(, signature)], or a topic too long or not UTF-8
         self.error: BaseException | None = None   #: set when the bus failed under the relay (the server reports it)
+        self.opened_mono = 0.0  #: when :meth:`open` subscribed (time.monotonic())
+        #: the newest ``seq`` of each (state topic, publisher) forwarded or logged: the broker's
+        #: last-value cache replays a state message to every subscriber of its topic whenever one
+        #: subscribes, and a page has it already
+        self._state_seq: dict[tuple[str, str], int] = {}
+        self.replays = 0        #: state messages left out as replays of one forwarded or logged
         self._sub: Subscriber | None = None
         self._pub: Publisher | None = None
         self._pending: dict[str, _Pending] = {}
@@ -145,6 +216,7 @@ class BusRelay:
         """Connect to the bus; ConsoleError saying why not."""
         try:
             self._sub = Subscriber(self.endpoints, [""], verify_key=None)
+            self.opened_mono = time.monotonic()
             self._pub = Publisher(self.endpoints, self.name, curve=self.endpoints.curve, signing_key=None)
         except Exception as exc:
             self.close()
@@ -204,7 +276,11 @@ class BusRelay:
             body = frames[1]
             if ack_wait and topic == b"cmd.ack":
                 self._on_ack(body)
-            records.append(encode_record(topic, body))
+            record = encode_record(topic, body)
+            if topic in _STATE_TOPICS and self._replayed(record_key(record)):
+                self.replays += 1
+                continue
+            records.append(record)
         self.received += len(records)
         if self._pending:
             self._resend(time.monotonic() if now_s is None else now_s, records)
@@ -212,6 +288,23 @@ class BusRelay:
             self.backlog.extend(records)
             self.deliver(records)
         return len(records)
+
+    def _replayed(self, key: MessageKey | None) -> bool:
+        """A state message no newer than one of its publisher's forwarded or logged is a replay;
+        a newer one is noted."""
+        if key is None:
+            return False
+        topic, pub, seq = key
+        if seq <= self._state_seq.get((topic, pub), -1):
+            return True
+        self._state_seq[(topic, pub)] = seq
+        return False
+
+    def note_logged(self, keys: set[MessageKey]) -> None:
+        """The state messages a page's start took from the log: their replays are left out too."""
+        for key in keys:
+            if key[0].encode() in _STATE_TOPICS:
+                self._replayed(key)
 
     def _on_ack(self, body: bytes) -> None:
         try:

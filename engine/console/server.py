@@ -58,7 +58,8 @@ from bus import Endpoints
 from bus import BusError
 from bus.runtime import own_process, proc_exe, proc_start_ticks, read_private_json, runtime_dir, write_private_file
 from engine.console import lookback
-from engine.console.relay import BATCH_S, IDLE_BATCH_S, BusRelay, ConsoleError, PageQueue, encode_batch
+from engine.console.relay import (BACKLOG, BATCH_S, IDLE_BATCH_S, BusRelay, ConsoleError, PageQueue, encode_batch,
+                                  MessageKey, merge_logged, record_key)
 from engine.console.sound import WRITE_LIMIT_BYTES, ListenHub, Rings, TalkHub, audio_stats, send_now
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -68,6 +69,10 @@ MAX_SAY_CHARS = 20_000
 #: silent context), and GPT-Live's instructions and commentary (``cmd.instructions``, ``cmd.commentary``)
 SAY_ROLES = ("user", "system", "instructions", "commentary")
 AUDIO_STATS_EVERY_S = 2.0
+#: a page's start waits at most this long for the session's log to hold what the relay took (the
+#: supervisor writes the log once a round, every 0.5 s at most), then goes with what it holds
+LOG_CATCH_UP_S = 1.0
+LOG_POLL_S = 0.05
 REFUSAL_LOG_EVERY_S = 60.0     #: a refused Host or Origin value is logged at most this often
 
 
@@ -297,7 +302,7 @@ class ConsoleServer:
         """Each page's waiting records as one batch. A page whose socket is behind is not waited
         for: its records wait in its bounded queue (:func:`engine.console.sound.send_now`)."""
         for ws, page in self.pages.items():
-            if page.items and send_now(ws, encode_batch(page.items, time.monotonic_ns(), page.dropped)):
+            if page.items and not page.held and send_now(ws, encode_batch(page.items, time.monotonic_ns(), page.dropped)):
                 page.take()
                 page.dropped = 0
 
@@ -384,17 +389,48 @@ class ConsoleServer:
             return await self.listen.serve(ws)
         if path == "/talk":
             return await self.talk.serve(ws)
-        page = PageQueue()
+        page = PageQueue(held=True)
         await ws.send(json.dumps({"op": "hello", "now_ns": time.monotonic_ns(), "live_session": self.live_session}))
-        self.relay.drain()   # the backlog up to now (the tick may have been idle); sent at the next tick
-        page.put_many(list(self.relay.backlog))
-        self.pages[ws] = page
+        self.relay.drain()   # the backlog up to now (the tick may have been idle)
+        backlog = list(self.relay.backlog)
+        self.pages[ws] = page   # collects what comes from now on, sent after its start
         try:
+            start, logged = await self._page_start(backlog)
+            self.relay.note_logged(logged)
+            page.put_front(start, known=logged)
+            page.held = False
             await self._reader(ws)
         except ConnectionClosed:
             pass
         finally:
             self.pages.pop(ws, None)
+
+    async def _page_start(self, backlog: list[bytes]) -> tuple[list[bytes], set[MessageKey]]:
+        """What a page starts with: the live session's log merged with the relay's ``backlog``
+        (:func:`~engine.console.relay.merge_logged`), so a console that subscribed late (``engine
+        console`` run mid-conversation, or a child slower to start than the session) shows what
+        came before it. What the relay missed was published before it subscribed, so it is in the
+        log LOG_CATCH_UP_S after that at the latest: until then a page waits for the log to hold
+        the backlog's newest message. The backlog alone without a live session's log. Reads in a
+        worker thread. Also the logged messages' keys: the page may have been sent some meanwhile."""
+        if self.sessions_base is None or self.live_session is None:
+            return backlog, set()
+        folder = self.sessions_base / self.live_session
+        newest = next((k for k in map(record_key, reversed(backlog)) if k is not None), None)
+        deadline = self.relay.opened_mono + LOG_CATCH_UP_S if self.relay is not None else 0.0
+        while True:
+            try:
+                logged = await asyncio.to_thread(lookback.tail_events, folder, BACKLOG)
+            except OSError as exc:
+                self.out.write(f"realtalk: console: the session's event log cannot be read ({exc}); "
+                               "the page starts at the console's join\n")
+                self.out.flush()
+                return backlog, set()
+            caught_up = newest is None or any(
+                t == newest[0] and b.get("seq") == newest[2] and b.get("pub") == newest[1] for t, b in logged)
+            if caught_up or time.monotonic() >= deadline:
+                return await asyncio.to_thread(merge_logged, logged, backlog, BACKLOG)
+            await asyncio.sleep(LOG_POLL_S)
 
     # ------------------------------------------------------------ lifecycle
     def _write_info(self) -> None:
