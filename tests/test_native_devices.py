@@ -183,14 +183,18 @@ def test_a_speaker_that_stalls_gets_a_deeper_buffer_and_stops_running_dry(vaudio
         target_ms, raises, lowers = first["buffer"]
         opened_ms = target_ms - RAISE_MS * (raises - lowers)   # the machine may have run it dry already
         assert opened_ms < 40, first
-        per_stall = []
-        for _ in range(10):
+        per_stall: list[tuple[int, float]] = []   # (times it ran dry, how long it was stopped, ms)
+        for _ in range(16):
             before = counts()["underflows"]
+            t0 = time.monotonic()
             child.send_signal(signal.SIGSTOP)
             time.sleep(0.015)
             child.send_signal(signal.SIGCONT)
+            stopped_ms = (time.monotonic() - t0) * 1000
             time.sleep(0.3)   # it plays again (the sink's prebuffer) before the next stall
-            per_stall.append(counts()["underflows"] - before)
+            per_stall.append((counts()["underflows"] - before, round(stopped_ms, 1)))
+            if len(per_stall) >= 10 and all(dry == 0 and ms < 30 for dry, ms in per_stall[-3:]):
+                break
         last = counts()
     finally:
         child.send_signal(signal.SIGCONT)
@@ -203,8 +207,10 @@ def test_a_speaker_that_stalls_gets_a_deeper_buffer_and_stops_running_dry(vaudio
         Path("/dev/shm", ring_name).unlink(missing_ok=True)
     buffer_ms, raises, lowers = last["buffer"]
     if first["buffer"][1] == 0:   # it had not risen before the stalls: the opening buffer ran dry
-        assert sum(per_stall[:3]) >= 1, per_stall
-    assert per_stall[-3:] == [0, 0, 0], (per_stall, last)   # the risen one did not
+        assert sum(dry for dry, _ in per_stall[:3]) >= 1, per_stall
+    # the risen one did not. A stall the machine made longer, or a time it ran dry on its own (CI
+    # once saw one at 64 ms), raises it again: three stalls of under 30 ms in a row must then pass
+    assert all(dry == 0 and ms < 30 for dry, ms in per_stall[-3:]), (per_stall, last)
     assert raises >= 1 and lowers == 0 and opened_ms + RAISE_MS <= buffer_ms <= opened_ms + 100, (opened_ms, last)
 
 
