@@ -237,7 +237,7 @@ def test_a_console_opened_mid_conversation_shows_what_came_before_it(start_engin
         keys = [(t, b.get("pub"), b.get("seq")) for t, b in seen if b.get("seq") is not None]
         twice = [k for k in set(keys) if keys.count(k) > 1]
         assert not twice, f"came twice: {twice}"
-        assert topics.index("session.config") < topics.index("user.text") < topics.index("model.text.done")
+        assert topics.index("session.config") < topics.index("user.text") < topics.index("model.text.done"), topics
     finally:
         console.terminate()
         console.wait(10)

@@ -18,7 +18,7 @@ from engine.console import relay as relay_mod
 from tests.helpers import thread_broker
 from engine.console import lookback
 from engine.console.relay import (BATCH_HEADER, BusRelay, ConsoleError, PageQueue, decode_batch, encode_batch,
-                                  encode_record, merge_logged)
+                                  encode_record, page_start)
 
 STATIC = Path(__file__).resolve().parent.parent / "engine" / "console" / "static"
 CHROMIUM = "/usr/bin/chromium"
@@ -98,32 +98,44 @@ def _rec(topic: str, body: dict[str, Any]) -> bytes:
     return encode_record(topic.encode(), msgpack.packb(body))
 
 
-def test_a_page_starts_with_the_log_then_what_the_log_does_not_hold_yet_each_message_once() -> None:
+def test_a_page_starts_with_what_the_relay_missed_then_the_backlog_each_message_once() -> None:
     """The console subscribed after ``session.config`` and ``playout.started``: the log has them.
-    Its backlog starts with the broker's last-value replay of ``session.config`` (the same
-    message: the same publisher and seq), then messages the log holds, then newer ones."""
+    Its backlog starts with the broker's last-value replays (the same messages: the same
+    publisher and seq), then ``capture.levels``, the first message published after it
+    subscribed (its anchor), then newer ones."""
     config = _msg("session.config", "realtime:1", 1, session={"model": "gpt-live-1"})
     started = _msg("playout.started", "realtime:1", 2, item_id=None)
     status = _msg("engine.status", "supervisor:9", 7, state="ready")
+    huge = _msg("app.odd", "r-client", 5, n=2**70)                      # a hand-edited log: msgpack cannot hold it
     levels = _msg("capture.levels", "capture:3", 40, mic_dbfs=[-20.0])
+    later = _msg("user.text", "cli:1", 5, text="hi")                    # logged after the anchor, not yet taken
     foreign = _msg("app.note", "r-client", None, text="no seq")
     newer = _msg("model.transcript.delta", "realtime:1", 3, text="Hi")
-    logged = [config, started, status, levels, status]                  # the supervisor logged a replay too
+    logged = [config, started, status, huge, levels, later, status]    # the supervisor logged a replay too
     backlog = [_rec(*config), _rec(*status), _rec(*levels), _rec(*foreign), _rec(*newer)]
-    start, known = merge_logged(logged, backlog)
-    events = decode_batch(encode_batch(start, 0))[2]
-    assert [t for t, _ in events] == ["session.config", "playout.started", "engine.status", "capture.levels",
-                                      "app.note", "model.transcript.delta"]
-    assert events[1][1] == started[1] and events[4][1] == foreign[1]
-    assert [t for t, _ in decode_batch(encode_batch(merge_logged(logged, backlog, limit=2)[0], 0))[2]] == \
-        ["app.note", "model.transcript.delta"]
-    assert merge_logged([], backlog) == (backlog, set())                # no log: the backlog as it is
-    # what came to the held page meanwhile and the log held already goes once
+    anchor = ("capture.levels", "capture:3", 40)
+
+    def topics(records: list[bytes]) -> list[str]:
+        return [t for t, _ in decode_batch(encode_batch(records, 0))[2]]
+    start, known = page_start(logged, anchor, backlog)
+    assert topics(start) == ["session.config", "playout.started", "engine.status", "capture.levels", "app.note",
+                             "model.transcript.delta"]   # the replays where they were first said, each once
+    assert decode_batch(encode_batch(start, 0))[2][1][1] == started[1]
+    assert known == {("session.config", "realtime:1", 1), ("playout.started", "realtime:1", 2),
+                     ("engine.status", "supervisor:9", 7)}
+    start, known = page_start(logged, None, backlog)                    # the anchor not in the log yet
+    assert topics(start) == ["session.config", "playout.started", "engine.status", "capture.levels", "user.text",
+                             "app.note", "model.transcript.delta"] and ("user.text", "cli:1", 5) in known
+    tight = topics(page_start(logged, anchor, backlog, limit=4)[0])     # the log's part is cut first
+    assert len(tight) == 4 and tight[-3:] == ["capture.levels", "app.note", "model.transcript.delta"], tight
+    assert page_start(logged, anchor, backlog, limit=3)[0] == backlog[-3:]
+    assert page_start([], None, backlog) == (backlog, set())            # no log: the backlog as it is
+    # what came to the held page meanwhile and the start holds already goes once
+    start, known = page_start(logged, None, backlog)
     page = PageQueue(held=True)
-    page.put_many([_rec(*status), _rec(*_msg("model.transcript.done", "realtime:1", 4, text="Hi"))])
+    page.put_many([_rec(*later), _rec(*_msg("model.transcript.done", "realtime:1", 4, text="Hi"))])
     page.put_front(start, known)
-    assert [t for t, _ in decode_batch(encode_batch(page.take(), 0))[2]][-3:] == \
-        ["app.note", "model.transcript.delta", "model.transcript.done"]
+    assert topics(page.take())[-3:] == ["app.note", "model.transcript.delta", "model.transcript.done"]
 
 
 def test_the_tail_of_a_live_log_skips_a_line_being_written_and_reads_from_the_end(tmp_path: Path,
@@ -233,13 +245,14 @@ def test_the_relay_leaves_out_a_state_replay_of_what_it_forwarded(endpoints: End
     got = Collected()
     relay = BusRelay(endpoints, got, name="console:test")
     relay.open()
-    pub = Publisher(endpoints, "engine-fake", signing_key=None)
+    pub = Publisher(endpoints, "engine-fake", signing_key=b"k" * 32)   # the engine signs its state
     other = None
     try:
         def pinged(evs: list[tuple[str, dict[str, Any]]]) -> bool:
             pub.publish("test.ping", {})
             return any(t == "test.ping" for t, _ in evs)
         _drain_until(relay, got, pinged)
+        assert relay.anchor is not None and relay.anchor[:2] == ("test.ping", "engine-fake")   # the first it took
         pub.publish("session.config", {"session": {"model": "m1"}})
         _drain_until(relay, got, lambda evs: any(t == "session.config" for t, _ in evs))
         other = Subscriber(endpoints, ["session.config"])        # the broker replays the kept config to all
@@ -250,6 +263,13 @@ def test_the_relay_leaves_out_a_state_replay_of_what_it_forwarded(endpoints: End
         assert sum(t == "session.config" for t, _ in got.events()) == 1 and relay.replays == 1
         pub.publish("session.config", {"session": {"model": "m2"}})    # a newer one goes through
         _drain_until(relay, got, lambda evs: sum(t == "session.config" for t, _ in evs) == 2)
+        forger = Publisher(endpoints, "engine-fake", signing_key=None)      # unsigned: moves nothing
+        forger.publish("session.config", {"session": {"model": "forged"}})
+        forger.seq = 10**6
+        forger.publish("session.config", {"session": {"model": "forged"}})
+        pub.publish("session.config", {"session": {"model": "m3"}})
+        _drain_until(relay, got, lambda evs: any(b["session"] == {"model": "m3"} for t, b in evs if t == "session.config"))
+        forger.close()
         relay.note_logged({("engine.status", "supervisor:1", 5), ("user.text", "cli:1", 9)})
         assert relay._replayed(("engine.status", "supervisor:1", 5))
         assert not relay._replayed(("engine.status", "supervisor:1", 6))

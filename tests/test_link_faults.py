@@ -84,5 +84,7 @@ def test_a_backend_that_cannot_be_reached_at_the_first_start_ends_engine_start_n
     text, elapsed = failed_start(url, "sk-some-key-123", tmp_path)
     assert url in text and cause in text, text
     assert "sk-some-key-123" not in text
-    assert elapsed < 5.0, (elapsed, text)
+    # the defect retried for more than 40 s; the start and stop of the engine's processes alone take
+    # 1-3 s here, and CI's run of aaab8e6 read 5.3 s beside the other lane's tests
+    assert elapsed < 15.0, (elapsed, text)
     assert text.count("cannot reach") == 1, text   # one error, not one per retry

@@ -19,8 +19,8 @@ from engine.audio.levels import dbfs
 from engine.console.relay import ConsoleError
 
 MAX_EVENTS = 50_000
-#: the most of a live session's log a page's start reads (from its end): about the newest hour of
-#: a conversation's events at its usual ~8 kB/s, the audio deltas left out
+#: the most of a live session's log a page's start reads from its end, whatever else it holds (the
+#: newest 3,000 events it looks for are about five minutes of a conversation: levels come 10 a second)
 TAIL_MAX_BYTES = 32 << 20
 TAIL_CHUNK_BYTES = 1 << 20
 #: topics the look-back view does not need (many per second, nothing the page draws)
@@ -113,14 +113,18 @@ def tail_events(folder: Path, limit: int, max_bytes: int = TAIL_MAX_BYTES) -> li
     return events
 
 
+#: how a logged line of a firehose topic begins (engine/supervisor/logfile.py log_line): left out unparsed
+_SKIPPED_PREFIXES = tuple(b'{"topic": "' + t.encode() for t in SKIPPED_TOPICS)
+
+
 def _logged_event(raw: bytes) -> tuple[str, dict[str, Any]] | None:
     """One log line's ``(topic, body)``; None for a firehose topic or an unreadable line."""
-    if not raw:
+    if not raw or raw.startswith(_SKIPPED_PREFIXES):
         return None
     try:
         rec = json.loads(raw)
         topic, body = rec["topic"], rec["body"]
-    except (ValueError, KeyError, TypeError):
+    except Exception:   # not JSON, not an object of topic and body, nested past the parser's depth
         return None
     if not isinstance(topic, str) or not isinstance(body, dict) or topic.startswith(SKIPPED_TOPICS):
         return None

@@ -35,6 +35,8 @@ from bus.wire import LAST_VALUE_TOPICS, MAX_TOPIC_BYTES
 from engine.errors import EngineError
 
 _STATE_TOPICS = frozenset(t.encode() for t in LAST_VALUE_TOPICS)
+_COST = b"cost.session"
+SUPERVISOR_PREFIX = "supervisor:"   #: the supervisor's publisher name (engine/supervisor/process.py)
 BACKLOG = 3000              #: messages kept for a page that opens (or reloads) later
 PAGE_QUEUE = 5000           #: messages waiting for one page at most; the oldest go first
 BATCH_S = 0.06              #: the tick's period while a page is open (or listens): one batch per page per tick
@@ -118,29 +120,37 @@ def record_key(record: bytes) -> MessageKey | None:
         return None
 
 
-def merge_logged(logged: Sequence[tuple[str, dict[str, Any]]], backlog: Sequence[bytes],
-                 limit: int = BACKLOG) -> tuple[list[bytes], set[MessageKey]]:
-    """What a page starts with: the session's logged messages in the log's order (the relay
-    missed those published before it subscribed), then the backlog's that the log does not
-    hold yet; each message once (:func:`message_key`), the newest ``limit``. Also the logged
-    messages' keys (what came to the page meanwhile may be among them). Pure."""
-    out: list[bytes] = []
+def page_start(logged: Sequence[tuple[str, dict[str, Any]]], anchor: MessageKey | None, backlog: Sequence[bytes],
+               limit: int = BACKLOG) -> tuple[list[bytes], set[MessageKey]]:
+    """What a page starts with: the session's logged messages before ``anchor`` (the first the
+    relay took that was published after it subscribed: the relay missed those before it), then
+    the backlog in the bus's order less what came from the log (the broker's replays of state
+    stay where they were first said); each message once, the newest ``limit`` in all, the log's
+    cut first. Without ``anchor`` (not yet in the log) every logged message goes first. Also the
+    keys of the logged messages kept (what comes to the page later may be among them). Pure;
+    never raises for a logged body (one msgpack cannot hold is left out)."""
+    keys = [record_key(r) for r in backlog]
+    in_backlog = {k for k in keys if k is not None}
+    earlier: list[tuple[bytes, MessageKey | None]] = []
     seen: set[MessageKey] = set()
     for topic, body in logged:
         key = message_key(topic, body)
-        if key is not None:
-            if key in seen:
-                continue
-            seen.add(key)
-        try:
-            out.append(encode_record(topic.encode(), msgpack.packb(body, use_bin_type=True)))
-        except (TypeError, ValueError, UnicodeEncodeError):   # a logged body msgpack cannot hold: left out
+        if anchor is not None and key == anchor:
+            break
+        if key is not None and key in seen:
             continue
-    for record in backlog:
-        key = record_key(record)
-        if key is None or key not in seen:
-            out.append(record)
-    return (out[-limit:] if limit > 0 else []), seen
+        try:
+            earlier.append((encode_record(topic.encode(), msgpack.packb(body, use_bin_type=True)), key))
+        except Exception:   # a hand-edited log: an int past 64 bits, a lone surrogate, ...
+            continue
+        if key is not None:
+            seen.add(key)
+    room = max(0, limit - len(backlog) + len(seen & in_backlog))
+    kept = earlier[len(earlier) - room:] if room else []
+    kept_keys = {k for _, k in kept if k is not None}
+    rest = [r for r, k in zip(backlog, keys) if k is None or k not in kept_keys]
+    start = [r for r, _ in kept] + rest
+    return (start[-limit:] if limit > 0 else []), kept_keys
 
 
 class PageQueue:
@@ -202,6 +212,9 @@ class BusRelay:
         #: last-value cache replays a state message to every subscriber of its topic whenever one
         #: subscribes, and a page has it already
         self._state_seq: dict[tuple[str, str], int] = {}
+        #: the first message taken that was published after the relay subscribed: one of a topic the
+        #: broker never replays, not the supervisor's own (logged when emitted, not in the bus's order)
+        self.anchor: MessageKey | None = None
         self.replays = 0        #: state messages left out as replays of one forwarded or logged
         self._sub: Subscriber | None = None
         self._pub: Publisher | None = None
@@ -277,9 +290,15 @@ class BusRelay:
             if ack_wait and topic == b"cmd.ack":
                 self._on_ack(body)
             record = encode_record(topic, body)
-            if topic in _STATE_TOPICS and self._replayed(record_key(record)):
-                self.replays += 1
-                continue
+            if topic in _STATE_TOPICS:
+                # only the engine's signed state moves the filter (cost.session is never signed)
+                if (len(frames) == 3 or topic == _COST) and self._replayed(record_key(record)):
+                    self.replays += 1
+                    continue
+            elif self.anchor is None:
+                key = record_key(record)
+                if key is not None and not key[1].startswith(SUPERVISOR_PREFIX):
+                    self.anchor = key
             records.append(record)
         self.received += len(records)
         if self._pending:

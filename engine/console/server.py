@@ -59,7 +59,7 @@ from bus import BusError
 from bus.runtime import own_process, proc_exe, proc_start_ticks, read_private_json, runtime_dir, write_private_file
 from engine.console import lookback
 from engine.console.relay import (BACKLOG, BATCH_S, IDLE_BATCH_S, BusRelay, ConsoleError, PageQueue, encode_batch,
-                                  MessageKey, merge_logged, record_key)
+                                  MessageKey, message_key, page_start)
 from engine.console.sound import WRITE_LIMIT_BYTES, ListenHub, Rings, TalkHub, audio_stats, send_now
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -69,10 +69,11 @@ MAX_SAY_CHARS = 20_000
 #: silent context), and GPT-Live's instructions and commentary (``cmd.instructions``, ``cmd.commentary``)
 SAY_ROLES = ("user", "system", "instructions", "commentary")
 AUDIO_STATS_EVERY_S = 2.0
-#: a page's start waits at most this long for the session's log to hold what the relay took (the
-#: supervisor writes the log once a round, every 0.5 s at most), then goes with what it holds
-LOG_CATCH_UP_S = 1.0
-LOG_POLL_S = 0.05
+#: a page's start waits until this long after the relay subscribed for the session's log to hold
+#: the relay's anchor (the supervisor writes the log once a round, every 0.5 s when nothing is
+#: late), then goes with what the log holds
+LOG_CATCH_UP_S = 2.0
+LOG_POLL_S = 0.1
 REFUSAL_LOG_EVERY_S = 60.0     #: a refused Host or Origin value is logged at most this often
 
 
@@ -396,6 +397,7 @@ class ConsoleServer:
         self.pages[ws] = page   # collects what comes from now on, sent after its start
         try:
             start, logged = await self._page_start(backlog)
+            self.relay.drain()   # what is in flight goes to the held page now, where ``known`` meets it
             self.relay.note_logged(logged)
             page.put_front(start, known=logged)
             page.held = False
@@ -406,19 +408,21 @@ class ConsoleServer:
             self.pages.pop(ws, None)
 
     async def _page_start(self, backlog: list[bytes]) -> tuple[list[bytes], set[MessageKey]]:
-        """What a page starts with: the live session's log merged with the relay's ``backlog``
-        (:func:`~engine.console.relay.merge_logged`), so a console that subscribed late (``engine
-        console`` run mid-conversation, or a child slower to start than the session) shows what
-        came before it. What the relay missed was published before it subscribed, so it is in the
-        log LOG_CATCH_UP_S after that at the latest: until then a page waits for the log to hold
-        the backlog's newest message. The backlog alone without a live session's log. Reads in a
-        worker thread. Also the logged messages' keys: the page may have been sent some meanwhile."""
-        if self.sessions_base is None or self.live_session is None:
+        """What a page starts with (:func:`~engine.console.relay.page_start`): the live session's
+        log before the relay's anchor, then the relay's ``backlog``, so a console that subscribed
+        late (``engine console`` run mid-conversation, or a child slower to start than the
+        session) shows what came before it. Until LOG_CATCH_UP_S after the relay subscribed, a
+        page waits for the log to hold the anchor (everything before it is then written). The
+        backlog alone without a live session's log, or once the backlog has dropped messages
+        (what the log adds would be older than a gap). Reads in a worker thread. Also the keys of
+        the logged messages kept."""
+        relay = self.relay
+        if self.sessions_base is None or self.live_session is None or relay is None or relay.received > len(backlog):
             return backlog, set()
         folder = self.sessions_base / self.live_session
-        newest = next((k for k in map(record_key, reversed(backlog)) if k is not None), None)
-        deadline = self.relay.opened_mono + LOG_CATCH_UP_S if self.relay is not None else 0.0
+        deadline = relay.opened_mono + LOG_CATCH_UP_S
         while True:
+            anchor = relay.anchor   # (the tick may set it meanwhile)
             try:
                 logged = await asyncio.to_thread(lookback.tail_events, folder, BACKLOG)
             except OSError as exc:
@@ -426,10 +430,9 @@ class ConsoleServer:
                                "the page starts at the console's join\n")
                 self.out.flush()
                 return backlog, set()
-            caught_up = newest is None or any(
-                t == newest[0] and b.get("seq") == newest[2] and b.get("pub") == newest[1] for t, b in logged)
-            if caught_up or time.monotonic() >= deadline:
-                return await asyncio.to_thread(merge_logged, logged, backlog, BACKLOG)
+            found = anchor is not None and any(message_key(t, b) == anchor for t, b in logged)
+            if found or time.monotonic() >= deadline:
+                return await asyncio.to_thread(page_start, logged, anchor if found else None, backlog, BACKLOG)
             await asyncio.sleep(LOG_POLL_S)
 
     # ------------------------------------------------------------ lifecycle
