@@ -16,16 +16,13 @@ from typing import Any
 import numpy as np
 
 from engine.audio.levels import dbfs
-from engine.console.relay import ConsoleError
+from engine.console.relay import SKIPPED_TOPICS, ConsoleError
 
 MAX_EVENTS = 50_000
 #: the most of a live session's log a page's start reads from its end, whatever else it holds (the
 #: newest 3,000 events it looks for are about five minutes of a conversation: levels come 10 a second)
 TAIL_MAX_BYTES = 32 << 20
 TAIL_CHUNK_BYTES = 1 << 20
-#: topics the look-back view does not need (many per second, nothing the page draws)
-SKIPPED_TOPICS = ("server.response.output_audio.delta", "playback.position", "playout.position",
-                  "server.rate_limits.updated", "server.input_audio_buffer.append", "_join.")
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 WINDOW_MS = 20
 

@@ -31,12 +31,18 @@ import msgpack
 import zmq
 
 from bus import Endpoints, Publisher, Subscriber
+from bus.security import SIGNED_TOPICS
 from bus.wire import LAST_VALUE_TOPICS, MAX_TOPIC_BYTES
 from engine.errors import EngineError
 
 _STATE_TOPICS = frozenset(t.encode() for t in LAST_VALUE_TOPICS)
-_COST = b"cost.session"
+_SIGNED = tuple(t.encode() for t in SIGNED_TOPICS)
 SUPERVISOR_PREFIX = "supervisor:"   #: the supervisor's publisher name (engine/supervisor/process.py)
+#: topics the session's log holds but a page's start does not read from it (many a second, nothing
+#: the page draws): engine.console.lookback leaves them out, and none of them can be the relay's anchor
+SKIPPED_TOPICS = ("server.response.output_audio.delta", "playback.position", "playout.position",
+                  "server.rate_limits.updated", "server.input_audio_buffer.append", "_join.")
+_SKIPPED = tuple(t.encode() for t in SKIPPED_TOPICS)
 BACKLOG = 3000              #: messages kept for a page that opens (or reloads) later
 PAGE_QUEUE = 5000           #: messages waiting for one page at most; the oldest go first
 BATCH_S = 0.06              #: the tick's period while a page is open (or listens): one batch per page per tick
@@ -121,13 +127,18 @@ def record_key(record: bytes) -> MessageKey | None:
 
 
 def page_start(logged: Sequence[tuple[str, dict[str, Any]]], anchor: MessageKey | None, backlog: Sequence[bytes],
-               limit: int = BACKLOG) -> tuple[list[bytes], set[MessageKey]]:
+               limit: int = BACKLOG, state: Sequence[bytes] = (),
+               joined_ns: int | None = None) -> tuple[list[bytes], set[MessageKey]]:
     """What a page starts with: the session's logged messages before ``anchor`` (the first the
     relay took that was published after it subscribed: the relay missed those before it), then
     the backlog in the bus's order less what came from the log (the broker's replays of state
     stay where they were first said); each message once, the newest ``limit`` in all, the log's
-    cut first. Without ``anchor`` (not yet in the log) every logged message goes first. Also the
-    keys of the logged messages kept (what comes to the page later may be among them). Pure;
+    cut first. Without ``anchor`` (none taken yet, or not in the log in time) the log's part ends
+    at its first message published at or after ``joined_ns`` (when the relay subscribed, the
+    bus's CLOCK_MONOTONIC ``mono_ns``), or at the log's end without it. Also the
+    keys of the logged messages kept (what comes to the page later may be among them). The
+    relay's latest ``state`` records (one a state topic) that the start does not hold go first:
+    a state said once (``session.config``) may be older than the log's tail and the backlog. Pure;
     never raises for a logged body (one msgpack cannot hold is left out)."""
     keys = [record_key(r) for r in backlog]
     in_backlog = {k for k in keys if k is not None}
@@ -137,6 +148,10 @@ def page_start(logged: Sequence[tuple[str, dict[str, Any]]], anchor: MessageKey 
         key = message_key(topic, body)
         if anchor is not None and key == anchor:
             break
+        if anchor is None and joined_ns is not None:
+            mono_ns = body.get("mono_ns")
+            if isinstance(mono_ns, int) and mono_ns >= joined_ns:
+                break
         if key is not None and key in seen:
             continue
         try:
@@ -149,8 +164,10 @@ def page_start(logged: Sequence[tuple[str, dict[str, Any]]], anchor: MessageKey 
     kept = earlier[len(earlier) - room:] if room else []
     kept_keys = {k for _, k in kept if k is not None}
     rest = [r for r, k in zip(backlog, keys) if k is None or k not in kept_keys]
-    start = [r for r, _ in kept] + rest
-    return (start[-limit:] if limit > 0 else []), kept_keys
+    start = ([r for r, _ in kept] + rest)[-limit:] if limit > 0 else []
+    held = kept_keys | in_backlog
+    missing = [r for r in state if record_key(r) not in held and r not in rest]
+    return missing + start, kept_keys
 
 
 class PageQueue:
@@ -208,14 +225,19 @@ class BusRelay:
         self.malformed = 0      #: messages skipped: not [topic, body(, signature)], or a topic too long or not UTF-8
         self.error: BaseException | None = None   #: set when the bus failed under the relay (the server reports it)
         self.opened_mono = 0.0  #: when :meth:`open` subscribed (time.monotonic())
-        #: the newest ``seq`` of each (state topic, publisher) forwarded or logged: the broker's
-        #: last-value cache replays a state message to every subscriber of its topic whenever one
-        #: subscribes, and a page has it already
-        self._state_seq: dict[tuple[str, str], int] = {}
-        #: the first message taken that was published after the relay subscribed: one of a topic the
-        #: broker never replays, not the supervisor's own (logged when emitted, not in the bus's order)
+        self.opened_ns = 0      #: the same, in ns (the bus's ``mono_ns``)
+        #: the last record forwarded of each state topic: the broker's last-value cache sends its
+        #: kept message again, byte for byte, to every subscriber of the topic whenever one more
+        #: subscribes (a page has it already), and a page's start carries them when its log and
+        #: backlog no longer do
+        self.last_state: dict[bytes, bytes] = {}
+        self.backlogged = 0     #: records ever put in the backlog (more than it holds: it dropped some)
+        #: the first message taken that was published after the relay subscribed and that the log's
+        #: tail holds where the bus had it: of a topic the broker never replays and the tail does not
+        #: skip, signed if its topic is (the supervisor drops an unsigned one), not the supervisor's
+        #: own (logged when emitted, not in the bus's order)
         self.anchor: MessageKey | None = None
-        self.replays = 0        #: state messages left out as replays of one forwarded or logged
+        self.replays = 0        #: state messages left out as the last-value cache's replays
         self._sub: Subscriber | None = None
         self._pub: Publisher | None = None
         self._pending: dict[str, _Pending] = {}
@@ -229,7 +251,8 @@ class BusRelay:
         """Connect to the bus; ConsoleError saying why not."""
         try:
             self._sub = Subscriber(self.endpoints, [""], verify_key=None)
-            self.opened_mono = time.monotonic()
+            self.opened_ns = time.monotonic_ns()
+            self.opened_mono = self.opened_ns / 1e9
             self._pub = Publisher(self.endpoints, self.name, curve=self.endpoints.curve, signing_key=None)
         except Exception as exc:
             self.close()
@@ -291,11 +314,12 @@ class BusRelay:
                 self._on_ack(body)
             record = encode_record(topic, body)
             if topic in _STATE_TOPICS:
-                # only the engine's signed state moves the filter (cost.session is never signed)
-                if (len(frames) == 3 or topic == _COST) and self._replayed(record_key(record)):
+                if self.last_state.get(topic) == record:   # the last-value cache's replay
                     self.replays += 1
                     continue
-            elif self.anchor is None:
+                self.last_state[topic] = record
+            elif self.anchor is None and not topic.startswith(_SKIPPED) and \
+                    (len(frames) == 3 or not topic.startswith(_SIGNED)):
                 key = record_key(record)
                 if key is not None and not key[1].startswith(SUPERVISOR_PREFIX):
                     self.anchor = key
@@ -305,25 +329,9 @@ class BusRelay:
             self._resend(time.monotonic() if now_s is None else now_s, records)
         if records:
             self.backlog.extend(records)
+            self.backlogged += len(records)
             self.deliver(records)
         return len(records)
-
-    def _replayed(self, key: MessageKey | None) -> bool:
-        """A state message no newer than one of its publisher's forwarded or logged is a replay;
-        a newer one is noted."""
-        if key is None:
-            return False
-        topic, pub, seq = key
-        if seq <= self._state_seq.get((topic, pub), -1):
-            return True
-        self._state_seq[(topic, pub)] = seq
-        return False
-
-    def note_logged(self, keys: set[MessageKey]) -> None:
-        """The state messages a page's start took from the log: their replays are left out too."""
-        for key in keys:
-            if key[0].encode() in _STATE_TOPICS:
-                self._replayed(key)
 
     def _on_ack(self, body: bytes) -> None:
         try:

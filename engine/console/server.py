@@ -391,14 +391,13 @@ class ConsoleServer:
         if path == "/talk":
             return await self.talk.serve(ws)
         page = PageQueue(held=True)
-        await ws.send(json.dumps({"op": "hello", "now_ns": time.monotonic_ns(), "live_session": self.live_session}))
-        self.relay.drain()   # the backlog up to now (the tick may have been idle)
-        backlog = list(self.relay.backlog)
-        self.pages[ws] = page   # collects what comes from now on, sent after its start
         try:
-            start, logged = await self._page_start(backlog)
+            await ws.send(json.dumps({"op": "hello", "now_ns": time.monotonic_ns(), "live_session": self.live_session}))
+            self.relay.drain()   # the backlog up to now (the tick may have been idle)
+            backlog, backlogged = list(self.relay.backlog), self.relay.backlogged
+            self.pages[ws] = page   # collects what comes from now on, sent after its start
+            start, logged = await self._page_start(backlog, backlog_whole=backlogged == len(backlog))
             self.relay.drain()   # what is in flight goes to the held page now, where ``known`` meets it
-            self.relay.note_logged(logged)
             page.put_front(start, known=logged)
             page.held = False
             await self._reader(ws)
@@ -407,18 +406,22 @@ class ConsoleServer:
         finally:
             self.pages.pop(ws, None)
 
-    async def _page_start(self, backlog: list[bytes]) -> tuple[list[bytes], set[MessageKey]]:
+    async def _page_start(self, backlog: list[bytes], backlog_whole: bool) -> tuple[list[bytes], set[MessageKey]]:
         """What a page starts with (:func:`~engine.console.relay.page_start`): the live session's
         log before the relay's anchor, then the relay's ``backlog``, so a console that subscribed
         late (``engine console`` run mid-conversation, or a child slower to start than the
-        session) shows what came before it. Until LOG_CATCH_UP_S after the relay subscribed, a
-        page waits for the log to hold the anchor (everything before it is then written). The
-        backlog alone without a live session's log, or once the backlog has dropped messages
-        (what the log adds would be older than a gap). Reads in a worker thread. Also the keys of
-        the logged messages kept."""
+        session) shows what came before it; and the engine's latest state where neither holds it.
+        Until LOG_CATCH_UP_S after the relay subscribed, a page waits for the log to hold the
+        anchor (everything before it is then written); after that, the log's part ends where
+        the relay subscribed. The backlog alone (and the state) without the live session's log
+        (``engine console`` for an engine that names no session folder), or once the backlog has
+        dropped messages (``backlog_whole`` false: what the log adds would be older than a
+        gap). Reads in a worker thread. Also the keys of the logged messages kept."""
         relay = self.relay
-        if self.sessions_base is None or self.live_session is None or relay is None or relay.received > len(backlog):
-            return backlog, set()
+        assert relay is not None
+        state = list(relay.last_state.values())
+        if self.sessions_base is None or self.live_session is None or not backlog_whole:
+            return page_start([], None, backlog, BACKLOG, state)
         folder = self.sessions_base / self.live_session
         deadline = relay.opened_mono + LOG_CATCH_UP_S
         while True:
@@ -429,10 +432,11 @@ class ConsoleServer:
                 self.out.write(f"realtalk: console: the session's event log cannot be read ({exc}); "
                                "the page starts at the console's join\n")
                 self.out.flush()
-                return backlog, set()
+                return page_start([], None, backlog, BACKLOG, state)
             found = anchor is not None and any(message_key(t, b) == anchor for t, b in logged)
             if found or time.monotonic() >= deadline:
-                return await asyncio.to_thread(page_start, logged, anchor if found else None, backlog, BACKLOG)
+                return await asyncio.to_thread(page_start, logged, anchor if found else None, backlog, BACKLOG,
+                                               state, relay.opened_ns)
             await asyncio.sleep(LOG_POLL_S)
 
     # ------------------------------------------------------------ lifecycle
