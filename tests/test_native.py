@@ -40,13 +40,18 @@ def rings() -> Iterator[list[Ring]]:
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("stretch", [True, False])
 @pytest.mark.parametrize("bunch", [False, True])
+@pytest.mark.parametrize("continuous", [False, True])
 def test_the_native_renderer_plays_what_the_python_one_plays(rings: Any, seed: int, stretch: bool,
-                                                             bunch: bool) -> None:
+                                                             bunch: bool, continuous: bool) -> None:
     """Same writes, marks, flushes, jitter-buffer targets and callbacks: the same samples out, the
     same events, the same ring indices, heard index and counters, block after block. ``bunch``:
     the callbacks come 4/3 and 2/3 of a block apart and now and then a stall, as PulseAudio's do,
-    so the device's read-ahead spread (and the start delay it adds to a target) is measured."""
+    so the device's read-ahead spread (and the start delay it adds to a target) is measured.
+    ``continuous``: the ring says its streams come in real time (a GPT-Live track), so what
+    stands in it beyond the target is accelerated away too."""
     py_ring, c_ring = rings(), rings()
+    py_ring.control.set_continuous(continuous)
+    c_ring.control.set_continuous(continuous)
     py_ref, c_ref = rings(), rings()
     py = Renderer(py_ring, prebuffer_frames=1440, ref=py_ref, stretch=stretch)
     c = native.NativeRenderer(c_ring, prebuffer_frames=1440, ref=c_ref, stretch=stretch)
@@ -89,7 +94,7 @@ def test_the_native_renderer_plays_what_the_python_one_plays(rings: Any, seed: i
                          "in_stream", "stream_start", "arrived_mono_ns", "low_water_frames", "growth_frames",
                          "start_delay_frames", "start_device_lead_frames", "device_lead_frames",
                          "render_frames", "state", "transition_errors", "first_sample_mono_ns", "timeline_blocks",
-                         "flush_mono_ns"):
+                         "flush_mono_ns", "level_floor_frames"):
                 assert getattr(py, attr) == getattr(c, attr), attr
     assert py_ref.write_index == c_ref.write_index > 0
     assert np.array_equal(py_ref.read(py_ref.read_available), c_ref.read(c_ref.read_available))

@@ -538,6 +538,39 @@ def test_the_time_stretcher_keeps_the_level_the_target_asks_for(ring: Ring) -> N
 
 
 
+@pytest.mark.parametrize("continuous", [True, False])
+def test_a_continuous_track_gives_back_what_a_stall_added_and_a_reply_keeps_its_lead(ring: Ring,
+                                                                                    continuous: bool) -> None:
+    """A GPT-Live track is one stream for the session, its 20 ms deltas on time, a 25 ms target.
+    The player stalls 200 ms at 3 s (a loaded machine, a device that ran dry): 200 ms more stand
+    in the ring. They are latency: the renderer gave back only what its own expansion added, so the
+    track was heard 200 ms late for the rest of the session (and a GPT-Live turn's 'first sound
+    heard' read 300-840 ms over its gap beside niced busy loops, 150-240 idle). Marked continuous,
+    the track's least level of each second above the target is accelerated away. Unmarked (a
+    Realtime reply, whose server sends ahead), what the ring holds is kept."""
+    r = Renderer(ring, prebuffer_frames=1920)
+    ring.control.set_target(600)
+    ring.control.set_continuous(continuous)
+    out = np.zeros(240, dtype=np.int16)
+    pcm = voiced(24000 * 12)
+    ring.mark_start()
+    t0 = (ring.stream_start_ns(ring.write_index) or 0) / 1e9
+    sent, levels_ms = 0, {}
+    for k in range(1000):                      # 10 s of 10 ms callbacks
+        while sent * 480 < (k + 1) * 240:       # a 20 ms delta every 20 ms
+            ring.write(pcm[sent * 480:(sent + 1) * 480])
+            sent += 1
+        if not 300 <= k < 320:                 # the player stalls 200 ms at 3 s
+            r.render(out, 0, t0 + k * 0.01)
+        if k in (299, 330, 999):
+            levels_ms[k] = ring.read_available / 24
+    assert ring.underrun_frames == 0 and levels_ms[330] - levels_ms[299] >= 190, levels_ms
+    if continuous:
+        assert levels_ms[999] <= levels_ms[299] + 15 and 180 <= r.accelerated_frames / 24 <= 220, levels_ms
+    else:
+        assert levels_ms[999] >= levels_ms[299] + 180 and r.accelerated_frames == 0, levels_ms
+
+
 def play_stream(r: Any, ring: Ring, arrivals_s: list[float], pcm: np.ndarray, delta_frames: int = 2400,
                 period_frames: int = 240, phase_s: float = 0.0) -> None:
     """One stream as the engine delivers it: the producer stamps its start when the first delta

@@ -60,6 +60,8 @@
 #define FLUSH_FADE_MS 3          /* the barge-in fade (FlushFade) */
 #define FLUSH_FADE_FRAMES 72
 #define REF_RUN_TOLERANCE_NS 2000000   /* a reference block due this much off the end of the last begins a new run */
+#define LEVEL_WINDOW_FRAMES RATE_HZ          /* renderer.py: a continuous stream's level, its least a second */
+#define CONTINUOUS_SLACK_FRAMES 240          /* renderer.py CONTINUOUS_SLACK_FRAMES (10 ms) */
 #define CUSHION_MIN_FRAMES 240   /* stretch.py CUSHION_*_MS at 24 kHz: the cushion, 10-60 ms, an insertion per 40 ms */
 #define CUSHION_MAX_FRAMES 1440
 #define CUSHION_EVERY_FRAMES 960
@@ -97,6 +99,7 @@ enum {
     S_DUE_SEQ = 12, S_DUE_INDEX = 13, S_DUE_NS = 14, S_DUE_RUN = 15,
     S_R_INDEX = 16, S_UNDERRUN = 17, S_READS = 18, S_R_WAITING = 19,
     S_FLUSH_SEQ = 24, S_FLUSH_INDEX = 25, S_END = 26, S_START_INDEX = 27, S_START_NS = 28, S_TARGET = 29,
+    S_CONTINUOUS = 30,
     S_FLUSH_ACK = 32, S_HEARD = 33, S_DEV_LATENCY = 34,
 };
 #define HEADER_BYTES 320
@@ -968,6 +971,7 @@ typedef struct {
     int16_t ahead[LOOKAHEAD];
     int64_t low_water_frames, stretch_frames, stream_expanded_frames, expanded_frames, accelerated_frames;
     int64_t cushion_left_frames, cushion_frames, since_cushion_frames;   /* Renderer's cushion */
+    int64_t level_low_frames, level_floor_frames, level_seen_frames;     /* a continuous stream's level */
     int64_t prebuffer_frames, base_prebuffer_frames, max_prebuffer_frames;
     /* the jitter buffer (Renderer._retarget): growth after underruns, what the latest stream
      * started with, the latest block's length */
@@ -1131,8 +1135,20 @@ static int64_t r_stretch(Renderer *r, int16_t *out, int64_t n) {
     int cushion = r->cushion_left_frames > 0 && r->since_cushion_frames >= CUSHION_EVERY_FRAMES;
     int expand = low || cushion;
     int64_t extra = r->stretch_frames - r->cushion_frames;
-    int accelerate = extra >= MIN_PERIOD &&
-                     level - imin(MAX_PERIOD, extra) >= r->prebuffer_frames - n + r->cushion_frames;
+    int64_t keep = r->prebuffer_frames - n + r->cushion_frames;   /* the level the stretcher keeps */
+    if (ld_rlx(&ring->hdr[S_CONTINUOUS])) {   /* its least level of the last window above that is latency too */
+        int64_t least = r->level_low_frames;
+        r->level_low_frames = least < 0 ? level : imin(least, level);
+        r->level_seen_frames += n;
+        if (r->level_seen_frames >= LEVEL_WINDOW_FRAMES) {
+            r->level_floor_frames = r->level_low_frames;
+            r->level_low_frames = -1;
+            r->level_seen_frames = 0;
+        }
+        if (r->level_floor_frames >= 0)
+            extra = imax(extra, r->level_floor_frames - keep - CONTINUOUS_SLACK_FRAMES);
+    }
+    int accelerate = extra >= MIN_PERIOD && level - imin(MAX_PERIOD, extra) >= keep;
     if (!(expand || accelerate) || stream_complete(r))
         return 0;
     int64_t na = ring_peek(ring, r->ahead, LOOKAHEAD);
@@ -1152,7 +1168,9 @@ static int64_t r_stretch(Renderer *r, int16_t *out, int64_t n) {
     }
     int64_t t = stretch_accelerate(&r->st, r->ahead, na, out, n, extra);
     ring_skip(ring, 2 * t);
-    r->stretch_frames -= t;
+    r->stretch_frames -= imin(t, imax(0, r->stretch_frames - r->cushion_frames));   /* its own stretch first */
+    if (r->level_floor_frames >= 0)
+        r->level_floor_frames = imax(0, r->level_floor_frames - t);
     st_rlx(&r->accelerated_frames, r->accelerated_frames + t);
     return t;
 }
@@ -1290,6 +1308,8 @@ static void r_wait_prebuffer(Renderer *r, int16_t *out, int64_t n, int64_t heard
         int64_t target = ld_rlx(&ring->hdr[S_TARGET]);
         st_rlx(&r->start_device_lead_frames, target > 0 ? r->device_lead_frames : 0);
         r->stretch_frames = r->stream_expanded_frames = r->stream_device_underflows = 0;
+        r->level_low_frames = r->level_floor_frames = -1;
+        r->level_seen_frames = 0;
         r->cushion_left_frames = target > 0 ? imin(CUSHION_MAX_FRAMES, imax(CUSHION_MIN_FRAMES, floordiv(target, 2))) : 0;
         r->cushion_frames = r->since_cushion_frames = 0;
         r_emit(r, EV_STARTED, ring_read_index(ring));
@@ -1459,6 +1479,7 @@ static int Renderer_init(Renderer *r, PyObject *args, PyObject *kw) {
     r->low_water_frames = prebuffer / 2;
     r->prebuffer_frames = r->base_prebuffer_frames = prebuffer;
     r->max_prebuffer_frames = max_prebuffer > prebuffer ? max_prebuffer : prebuffer;
+    r->level_low_frames = r->level_floor_frames = -1;
     fill_ramp(r->flush_ramp, FLUSH_FADE_FRAMES);
     for (int i = 0; i < FADE_FRAMES; i++) {   /* np.linspace(1, 0) and (0, 1), float32 */
         r->fade_down[i] = (float)(i == FADE_FRAMES - 1 ? 0.0 : 1.0 + i * (-1.0 / (FADE_FRAMES - 1)));
@@ -1729,7 +1750,7 @@ static const field_t R_FIELDS[] = {
     I64(callbacks, 0), I64(device_underflows, 0), I64(listen_on, 1), I64(ev_dropped, 0),
     I64(growth_frames, 0), I64(start_delay_frames, 0), I64(start_device_lead_frames, 0), I64(render_frames, 0),
     I64(device_lead_frames, 0), I64(handed_frames, 0), I64(state, 0), I64(transition_errors, 0),
-    I64(timeline_blocks, 0),
+    I64(timeline_blocks, 0), I64(level_floor_frames, 0), I64(level_low_frames, 0), I64(level_seen_frames, 0),
     {NULL, 0, 0},
 };
 

@@ -17,7 +17,7 @@ line; each counter has exactly one writer)::
             due_seq, due_index, due_mono_ns, due_run_index              (producer)
     line 2  read_index, underrun_frames, reads, reader_waiting           (consumer)
     line 3  flush_seq, flush_index, end_index, stream_start_index,
-            stream_start_mono_ns, target_frames                          (producer: control)
+            stream_start_mono_ns, target_frames, continuous              (producer: control)
     line 4  flush_ack_seq, heard_index, device_latency_frames,
             consumer_starts                                              (consumer: control)
     data    capacity_frames * bytes_per_frame bytes, at offset 320
@@ -67,6 +67,14 @@ Rules:
     stream's ``mark_start``, so a consumer that sees the new ``stream_start_index`` sees it.
   Adding it did not change the layout's version: the slot was zero and unused in version 2, and
   zero means "as before" on both sides.
+- Continuous stream (slot 30, ``continuous``; written by the producer before a stream's
+  ``mark_start``, read by the consumer at every callback, as ``target_frames``). 0 (as before):
+  a stream's audio may come ahead of real time (a Realtime reply: its server sends faster), so
+  what the ring holds beyond the target is not latency, and the consumer's time-stretcher gives
+  back only what it added itself. 1: the stream comes in real time and may last the session (a
+  GPT-Live track): whatever the ring holds beyond the target for a second is latency a stall
+  added, and the consumer accelerates it away (engine/playback/renderer.py,
+  ``CONTINUOUS_SLACK_FRAMES``). Slot 30 was zero and unused too.
 - ``attach`` checks the header (magic, version, size, rate, sample width, channels,
   capacity) and raises :class:`RingError` naming the mismatch.
 - Another local user gets nothing: the engine's ring names are random (:func:`new_ring_name`,
@@ -100,7 +108,7 @@ _VERSION, _CAPACITY, _BPF, _RATE, _WIDTH, _CHANNELS = 1, 2, 3, 4, 5, 6
 _W_INDEX, _OVERRUN, _WRITES, _W_NS = 8, 9, 10, 11
 _DUE_SEQ, _DUE_INDEX, _DUE_NS, _DUE_RUN = 12, 13, 14, 15
 _R_INDEX, _UNDERRUN, _READS, _R_WAITING = 16, 17, 18, 19
-_FLUSH_SEQ, _FLUSH_INDEX, _END, _START_INDEX, _START_NS, _TARGET = 24, 25, 26, 27, 28, 29
+_FLUSH_SEQ, _FLUSH_INDEX, _END, _START_INDEX, _START_NS, _TARGET, _CONTINUOUS = 24, 25, 26, 27, 28, 29, 30
 _FLUSH_ACK, _HEARD, _DEV_LATENCY, _CONSUMER_STARTS = 32, 33, 34, 35
 _DTYPES: dict[int, np.dtype[Any]] = {1: np.dtype("i1"), 2: np.dtype("<i2"), 4: np.dtype("<i4")}
 #: how long ``wait_readable`` polls before it sleeps: a burst then costs the producer no system
@@ -175,6 +183,11 @@ class PlaybackControl:
         Before ``mark_start`` for the stream it covers. Real-time safe."""
         self._hdr[_TARGET] = max(0, frames)
 
+    def set_continuous(self, continuous: bool) -> None:
+        """Say whether the next stream comes in real time and lasts (a GPT-Live track): before its
+        ``mark_start``. Real-time safe."""
+        self._hdr[_CONTINUOUS] = 1 if continuous else 0
+
     def mark_end(self, write_index: int) -> None:
         """Say that the frames before ``write_index`` end a stream. Real-time safe."""
         self._hdr[_END] = write_index
@@ -235,6 +248,11 @@ class PlaybackControl:
         """The producer's jitter-buffer target in frames; 0: none (use the configured prebuffer).
         Real-time safe."""
         return self._hdr[_TARGET]
+
+    @property
+    def continuous(self) -> bool:
+        """The stream comes in real time and lasts (the producer's ``set_continuous``). Real-time safe."""
+        return self._hdr[_CONTINUOUS] != 0
 
     @property
     def heard_index(self) -> int:

@@ -69,6 +69,14 @@ LEAD_PEAK_DECAY = 0.995
 #: a step of more than a block (0.5 s at 10 ms), then the mean over the latest ~100
 TIMELINE_MIN_BLOCKS = 50
 TIMELINE_MEAN_BLOCKS = 100
+#: a continuous stream (the ring's ``continuous``: a GPT-Live track, one stream for the session):
+#: the ring's level is read as its least over each LEVEL_WINDOW_FRAMES of output (it peaks by a
+#: delta's length as each comes), and whatever that least stands above the level the stretcher
+#: keeps, by more than CONTINUOUS_SLACK_FRAMES, is latency a stall added: accelerated away. A
+#: Realtime reply's server sends ahead of real time, so its ring's level is not latency: only the
+#: stretch the renderer added is given back there.
+LEVEL_WINDOW_FRAMES = RATE_HZ            # 1 s
+CONTINUOUS_SLACK_FRAMES = 10 * FRAMES_PER_MS
 
 
 class RenderState(enum.IntEnum):
@@ -227,6 +235,11 @@ class Renderer:
         self.timeline_blocks = 0
         self.timeline_now = 0.0
         self.stretch_frames = 0                         # the current stream's net stretch
+        #: a continuous stream's level (LEVEL_WINDOW_FRAMES): the least of this window so far, the
+        #: last whole window's less what was accelerated since (-1: none yet), output this window
+        self.level_low_frames = -1
+        self.level_floor_frames = -1
+        self.level_seen_frames = 0
         self.cushion_left_frames = 0                    # the current stream's cushion still to insert
         self.cushion_frames = 0                         # and what it inserted (of stretch_frames)
         self.since_cushion_frames = 0                   # output since its latest insertion (or its start)
@@ -479,6 +492,8 @@ class Renderer:
             target = self.control.target_frames
             self.start_device_lead_frames = self.device_lead_frames if target > 0 else 0
             self.stretch_frames = self.stream_expanded_frames = self.stream_device_underflows = 0
+            self.level_low_frames = self.level_floor_frames = -1
+            self.level_seen_frames = 0
             self.cushion_left_frames = (min(CUSHION_MAX_FRAMES, max(CUSHION_MIN_FRAMES, int(target * CUSHION_SHARE)))
                                         if target > 0 else 0)
             self.cushion_frames = self.since_cushion_frames = 0
@@ -556,8 +571,17 @@ class Renderer:
         # give the added latency beyond the cushion back while the ring holds at least its usual
         # level (the prebuffer less a block, plus the cushion) even without the period left out
         extra = self.stretch_frames - self.cushion_frames
-        accelerate = (extra >= MIN_PERIOD_FRAMES and level_frames - min(MAX_PERIOD_FRAMES, extra)
-                      >= self.prebuffer_frames - n + self.cushion_frames)
+        keep = self.prebuffer_frames - n + self.cushion_frames   # the level the stretcher keeps
+        if self.control.continuous:
+            # a continuous stream: its least level of the last window above that is latency too
+            least = self.level_low_frames
+            self.level_low_frames = level_frames if least < 0 else min(least, level_frames)
+            self.level_seen_frames += n
+            if self.level_seen_frames >= LEVEL_WINDOW_FRAMES:
+                self.level_floor_frames, self.level_low_frames, self.level_seen_frames = self.level_low_frames, -1, 0
+            if self.level_floor_frames >= 0:
+                extra = max(extra, self.level_floor_frames - keep - CONTINUOUS_SLACK_FRAMES)
+        accelerate = extra >= MIN_PERIOD_FRAMES and level_frames - min(MAX_PERIOD_FRAMES, extra) >= keep
         if not (expand or accelerate) or self._stream_complete():
             return 0  # a complete stream has nothing to wait for and nothing to catch up
         # the audio due next, read in place; copied only where it wraps around the ring's end
@@ -579,7 +603,9 @@ class Renderer:
             return t
         t = self.stretcher.accelerate(ahead, out, extra)
         ring.skip(2 * t)
-        self.stretch_frames -= t
+        self.stretch_frames -= min(t, max(0, self.stretch_frames - self.cushion_frames))   # its own stretch first
+        if self.level_floor_frames >= 0:
+            self.level_floor_frames = max(0, self.level_floor_frames - t)
         self.accelerated_frames += t
         return t
 

@@ -511,7 +511,7 @@ class LiveCore(TakesCommandsOnce):
             self.awaiting_reply = None
         self.last_delta_silent = first is None
         self.written_frames += frames
-        return [Play(pcm, starts_item=starts, response_id=self.session_id or "")]
+        return [Play(pcm, starts_item=starts, response_id=self.session_id or "", continuous=True)]
 
     def _on_input_transcript(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
         return self._fragment(Speaker.USER, ev, now_s)

@@ -149,6 +149,7 @@ class RealtimeProcess:
                 # nothing measured yet: no target (0), playback waits its configured prebuffer
                 speaker.control.set_target(self.jitter.target_frames(speaker.sample_rate) if self.jitter.measured else 0)
             if act.starts_item:
+                speaker.control.set_continuous(act.continuous)   # before the start mark (the ring's contract)
                 speaker.mark_start()
             speaker.write(act.pcm)
             if self.replies_dir is not None:

@@ -127,6 +127,10 @@ class Play:
     pcm: bytes
     starts_item: bool = False
     response_id: str = ""
+    #: the stream comes in real time and lasts the session (GPT-Live's track): the ring says so
+    #: with its start (engine/audio/ring.py ``continuous``), so playback gives back the latency a
+    #: stall adds to it
+    continuous: bool = False
 
 
 @dataclass(frozen=True)
