@@ -1750,7 +1750,7 @@ static const field_t R_FIELDS[] = {
     I64(callbacks, 0), I64(device_underflows, 0), I64(listen_on, 1), I64(ev_dropped, 0),
     I64(growth_frames, 0), I64(start_delay_frames, 0), I64(start_device_lead_frames, 0), I64(render_frames, 0),
     I64(device_lead_frames, 0), I64(handed_frames, 0), I64(state, 0), I64(transition_errors, 0),
-    I64(timeline_blocks, 0), I64(level_floor_frames, 0), I64(level_low_frames, 0), I64(level_seen_frames, 0),
+    I64(timeline_blocks, 0), I64(level_floor_frames, 0),
     {NULL, 0, 0},
 };
 

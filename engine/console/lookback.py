@@ -59,13 +59,12 @@ def read_events(folder: Path, limit: int = MAX_EVENTS) -> dict[str, Any]:
     skipped = bad = 0
     with path.open() as f:
         for line in f:
-            try:
-                rec = json.loads(line)
-                topic, body = rec["topic"], rec["body"]
-            except (ValueError, KeyError, TypeError):
+            parsed = _parsed(line)
+            if parsed is None:
                 bad += 1
                 continue
-            if not isinstance(topic, str) or not isinstance(body, dict) or topic.startswith(SKIPPED_TOPICS):
+            topic, body = parsed
+            if not _shown(topic, body):
                 skipped += 1
                 continue
             events.append({"topic": topic, "body": body})
@@ -114,18 +113,26 @@ def tail_events(folder: Path, limit: int, max_bytes: int = TAIL_MAX_BYTES) -> li
 _SKIPPED_PREFIXES = tuple(b'{"topic": "' + t.encode() for t in SKIPPED_TOPICS)
 
 
+def _parsed(line: str | bytes) -> tuple[Any, Any] | None:
+    """One log line's topic and body as written; None when it cannot be read."""
+    try:
+        rec = json.loads(line)
+        return rec["topic"], rec["body"]
+    except Exception:   # not JSON, not an object of topic and body, nested past the parser's depth
+        return None
+
+
+def _shown(topic: Any, body: Any) -> bool:
+    """A logged event a page shows: a text topic, a map body, not the firehose."""
+    return isinstance(topic, str) and isinstance(body, dict) and not topic.startswith(SKIPPED_TOPICS)
+
+
 def _logged_event(raw: bytes) -> tuple[str, dict[str, Any]] | None:
     """One log line's ``(topic, body)``; None for a firehose topic or an unreadable line."""
     if not raw or raw.startswith(_SKIPPED_PREFIXES):
         return None
-    try:
-        rec = json.loads(raw)
-        topic, body = rec["topic"], rec["body"]
-    except Exception:   # not JSON, not an object of topic and body, nested past the parser's depth
-        return None
-    if not isinstance(topic, str) or not isinstance(body, dict) or topic.startswith(SKIPPED_TOPICS):
-        return None
-    return topic, body
+    parsed = _parsed(raw)
+    return parsed if parsed is not None and _shown(*parsed) else None
 
 
 def wav_levels(folder: Path) -> dict[str, Any]:
