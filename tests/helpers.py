@@ -60,6 +60,52 @@ def write_wav(path: Path, pcm: np.ndarray, rate_hz: int = 24000) -> Path:
     return path
 
 
+def found_in(recorded: np.ndarray, reference: np.ndarray) -> tuple[float, int]:
+    """Where ``reference`` best matches inside ``recorded``: (normalised cross-correlation, lag in
+    frames), over the lags where all of ``reference`` lies inside ``recorded``. Each lag is scored
+    against the energy of the part of ``recorded`` it covers, so a loud stretch elsewhere cannot
+    outscore the true place of a short reference."""
+    a = recorded.astype(np.float64)
+    b = reference.astype(np.float64)
+    if len(b) > len(a) or not np.any(b):
+        return 0.0, 0
+    size = 1 << (len(a) + len(b) - 1).bit_length()
+    corr = np.fft.irfft(np.fft.rfft(a, size) * np.conj(np.fft.rfft(b, size)), size)[:len(a) - len(b) + 1]
+    energy = np.concatenate([[0.0], np.cumsum(a * a)])
+    window = np.sqrt(np.maximum(energy[len(b):] - energy[:len(a) - len(b) + 1], 1e-3 * float(np.dot(b, b))))
+    score = np.abs(corr) / (window * np.linalg.norm(b))
+    lag = int(np.argmax(score))
+    return float(min(score[lag], 1.0)), lag
+
+
+def unplayed_pieces(recorded: np.ndarray, sent: np.ndarray, gaps: int, piece_frames: int = 6000,
+                    least_part_frames: int = 600, max_gap_frames: int = 48000) -> list[tuple[int, float]]:
+    """The pieces of ``sent`` (each ``piece_frames`` long, silent ones skipped) that ``recorded``
+    does not hold, as (first frame, correlation); empty when every piece was played.
+
+    A piece is played when it is found whole (correlation above 0.8). Where the device ran dry
+    (``gaps`` times) a piece may hold a gap: it is played when it splits in two parts, each at least
+    ``least_part_frames`` long, that are each found, the second later than the first by what a gap
+    adds (0 to ``max_gap_frames``). At most ``gaps`` pieces are let through that way."""
+    missing: list[tuple[int, float]] = []
+    for first in range(0, len(sent) - piece_frames, piece_frames):
+        piece = sent[first:first + piece_frames]
+        if np.abs(piece).max() <= 1000:
+            continue
+        corr, _ = found_in(recorded, piece)
+        if corr > 0.8:
+            continue
+        split = gaps > 0 and any(
+            c1 > 0.8 and c2 > 0.8 and 0 <= lag2 - lag1 <= max_gap_frames
+            for cut in range(least_part_frames, piece_frames - least_part_frames + 1, 200)
+            for (c1, lag1), (c2, lag2) in [(found_in(recorded, piece[:cut]), found_in(recorded, piece[cut:]))])
+        if split:
+            gaps -= 1
+        else:
+            missing.append((first, corr))
+    return missing
+
+
 def voiced(n: int, period_frames: int = 150) -> np.ndarray:
     """A periodic, speech-like tone (160 Hz with a harmonic by default) of ``n`` frames."""
     t = np.arange(n)
