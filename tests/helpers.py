@@ -606,13 +606,14 @@ class RecordingPublisher(TopicLog):
         pass
 
 
-def bridge_spec(api_url: str, **phone: Any) -> Any:
+def bridge_spec(api_url: str, model: str | None = None, **phone: Any) -> Any:
     """A phone bridge's spec (engine.specs.PhoneSpec) for a bridge in the test's own loop (a
     recording publisher, no bus): ``phone`` keys over the config's phone section (``phone.auth``
-    twilio: set the token with :func:`set_twilio_token`)."""
+    twilio: set the token with :func:`set_twilio_token`); ``model`` over the config's (a
+    ``gpt-live-*`` one with ``api_url`` ending ``/live/sessions``: GPT-Live)."""
     from engine.config import load_config, session_payload
     from engine.specs import ApiAccess, BusSpec, PhoneSpec
-    cfg = load_config(None, {})
+    cfg = load_config(None, {"model": model} if model else {})
     return PhoneSpec(config=cfg, session=session_payload(cfg), url=api_url + "?model=" + cfg["model"],
                      api=ApiAccess(headers=("Authorization: Bearer local",)),
                      phone={**cfg["phone"], "host": "127.0.0.1", "port": 0, **phone},  # type: ignore[typeddict-item]

@@ -50,8 +50,9 @@ from bus import Publisher, Subscriber
 from engine.phone.guard import (CLOSE_TOO_BIG, TOKEN_PARAMETER, Close, ConnectionGuard, ErrorSampler, Report,
                                 auth_from_config, check_upgrade, limits_from_config, token_ok)
 from engine.phone.heard import HeardClock
+from engine.phone.catchup import FRAMES_PER_MS, CatchUp
 from engine.phone.cushion import Cushion, IndexMap, cushion_ms
-from engine.phone.hold import Out, StartHold
+from engine.phone.hold import CONTINUOUS_SETTLE_S, Out, StartHold
 from engine.realtime.jitter import PHONE_QUANTILE, JitterEstimator
 from engine.phone.twilio import (FRAME_BYTES, MEDIA_RATE_HZ, DtmfMsg, MarkMsg, MediaMsg, PhoneProtocolError, StartMsg,
                                  StopMsg, TwilioStream, show)
@@ -112,9 +113,16 @@ class Call:
         #: adaptive too: each stretch's first audio is slowed until the phone holds a cushion past the
         #: hold (engine.phone.cushion); the map takes the clock's phone frames back to the core's index
         self.cushion = Cushion() if self.jitter is not None else None
+        #: a continuous track (GPT-Live) gives back the latency a stall added, by leaving out silent
+        #: frames (engine.phone.catchup); half the hold's growth after gaps goes back every CONTINUOUS_SETTLE_S
+        self.catch_up = CatchUp()
+        self.continuous = False                #: this call's track is continuous (its first Play said so)
+        self.settle_at_s = 0.0                 #: when the hold's growth is next halved (a continuous track)
         self.index_map = IndexMap()
-        self.item_start_inserted = 0           #: the cushion's frames sent before the current item
-        self.cut_inserted_frames = 0           #: the cushion's frames of the item the last clear cut
+        #: the cushion's frames (less those the catch-up left out) sent before the current item, and
+        #: of the item the last clear cut
+        self.item_start_inserted = 0
+        self.cut_inserted_frames = 0
         self.hold_timer: asyncio.TimerHandle | None = None
         self.item_start: int | None = None
         self.ended = False
@@ -335,10 +343,16 @@ class Call:
             event_in_s = (link.event_in_s if link is not None else 0.0) or now   #: when its API event came in
             if self.jitter is not None:   # µ-law 8 kHz: a byte a frame
                 self.hold.retarget(self.jitter.audio(event_in_s, len(act.pcm) / MEDIA_RATE_HZ, act.starts_item))
+            if act.continuous and not self.continuous:
+                self.continuous, self.settle_at_s = True, now + CONTINUOUS_SETTLE_S
+            elif self.continuous and now >= self.settle_at_s and not self.hold.holding \
+                    and self.clock.ran_out_s(now) is None:   # the track's "reply played" (it has no end), not mid-gap
+                self.hold.item_played()
+                self.settle_at_s = now + CONTINUOUS_SETTLE_S
             outs = self.hold.audio(act.pcm, event_in_s, now, self.clock.drained(now))
             report: Input | None = None
             if act.starts_item:
-                self.item_start = self.index_map.core_index(self.clock.sent_frames)
+                self.item_start = self.index_map.core_index(self.clock.sent_frames, next_sent=True)
                 self.item_start_inserted = self.index_map.total_frames
                 report = PlaybackReport("started", self.item_start, self.item_start,
                                         {"first_sample_mono_ns": time.monotonic_ns(),
@@ -387,6 +401,8 @@ class Call:
                 chunk = pcm[i:i + self.clock.frames_to_next_mark()]   # cut in the reply's frames
                 i += len(chunk)
                 inserted = 0
+                if self.continuous:
+                    chunk, inserted = self._catch_up(chunk, now)
                 if self.cushion is not None:
                     if self.clock.ran_out_s(now) is not None:    # a new stretch: the phone heard all it was sent
                         self.cushion.start(cushion_ms(self.hold.hold_ms))
@@ -394,14 +410,34 @@ class Call:
                     for ins in insertions:
                         self.index_map.inserted(self.clock.sent_frames + ins.offset, ins.frames)
                         inserted += ins.frames
-                self.put_phone(self.stream.media(chunk), out.since_s, self.out_latency, -(-len(chunk) // FRAME_BYTES))
+                if chunk:   # (all of it may have been left out)
+                    self.put_phone(self.stream.media(chunk), out.since_s, self.out_latency, -(-len(chunk) // FRAME_BYTES))
                 for mark in self.clock.sent(len(chunk), now, inserted_frames=inserted):
                     self.put_phone(self.stream.mark(mark.name))
         for gap_ms, index in self.clock.take_gaps():   # the phone had run out: a gap; hold longer from now on
             self.hold.gap()
             self.bridge.publish(self, "phone.underrun", {"gap_ms": round(gap_ms, 1),
-                                                         "index": self.index_map.core_index(index),
+                                                         "index": self.index_map.core_index(index, next_sent=True),
                                                          "prebuffer_ms": self.hold.hold_ms})
+
+    def _catch_up(self, chunk: bytes, now: float) -> tuple[bytes, int]:
+        """A continuous track's ``chunk`` about to go: the phone's level goes to the catch-up, which
+        may leave silent frames out (engine.phone.catchup); returns what to send and the frames it
+        adds to the phone's index (minus those left out). Not while the phone has run dry (nothing
+        to give back) or a cushion is still being built (the two would work against each other)."""
+        hold_ms = self.hold.hold_ms
+        keep_ms = hold_ms + (cushion_ms(hold_ms) if self.cushion is not None and hold_ms > 0 else 0.0)
+        trip_s = self.clock.round_trip_s   # the level read from the echoes is high by it (engine.phone.heard)
+        level = None if trip_s is None else \
+            self.clock.sent_frames - self.clock.heard_index(now) - round(trip_s * MEDIA_RATE_HZ)
+        self.catch_up.observe(level, round(keep_ms * FRAMES_PER_MS), now)
+        if self.clock.ran_out_s(now) is not None or (self.cushion is not None and self.cushion.budget_frames > 0):
+            return chunk, 0
+        first = self.clock.sent_frames
+        chunk, skips = self.catch_up.audio(chunk)
+        for skip in skips:   # frames the phone never gets: the core's index runs past them
+            self.index_map.inserted(first + skip.offset, -skip.frames)
+        return chunk, -sum(skip.frames for skip in skips)
 
     def arm_hold(self) -> None:
         """A timer for the hold's release, if it holds audio and none is armed."""
@@ -495,7 +531,13 @@ class Call:
                 "start_hold_dropped_bytes": self.hold.dropped_bytes, "start_hold_ms_max": self.hold.hold_ms_max,
                 "phone_underruns": self.clock.gaps, "phone_underrun_ms": round(self.clock.gap_ms, 1),
                 # the cushion (engine.phone.cushion): audio inserted after each start, in all
-                "cushion_ms": round(self.index_map.total_frames / MEDIA_RATE_HZ * 1000, 1),
+                "cushion_ms": round((self.cushion.inserted_frames if self.cushion else 0) / MEDIA_RATE_HZ * 1000, 1),
+                # the catch-up (engine.phone.catchup): silence left out of a continuous track, in all
+                # and what the phone was meant to hold at the end (the hold and its cushion)
+                "catch_up_skipped_ms": round(self.catch_up.skipped_frames / MEDIA_RATE_HZ * 1000, 1),
+                "catch_up_keep_ms": round(self.catch_up.keep_frames / MEDIA_RATE_HZ * 1000, 1),
+                # the least round trip to the phone and back the heard clock measured (engine.phone.heard)
+                "phone_round_trip_ms": None if self.clock.round_trip_s is None else round(self.clock.round_trip_s * 1000, 1),
                 "api_errors": core.errors if core else 0})
             b.status_changed()
         if self.ws.state.name == "OPEN":

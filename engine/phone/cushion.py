@@ -26,13 +26,16 @@ Rules:
 - Inserted frames are the phone's, not the reply's: :class:`IndexMap` turns a phone index
   (frames sent, insertions included: the heard clock's space) into the core's ring index (the
   reply's own frames), so a truncation still names the reply's audio the caller heard. A phone
-  index inside an insertion maps to the reply frame the insertion came before.
+  index inside an insertion maps to the reply frame the insertion came before. The map also
+  takes frames left out (engine.phone.catchup: a negative insertion, the reply's frames the phone
+  never got): past them, a phone index maps that many frames further on; at the very index they
+  were left out, to the frame before them for what was heard, after them for what is sent next.
 - The budget is spent once per stretch: a stretch's later audio goes through untouched, so the
   cushion does not ratchet up with each late delta (a gap starts a new stretch, after a new hold).
 """
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,16 +119,18 @@ class Cushion:
 
 
 class IndexMap:
-    """Phone index (frames sent to the phone, insertions included) -> the core's ring index."""
+    """Phone index (frames sent to the phone, insertions included, frames left out not) -> the
+    core's ring index."""
 
     def __init__(self) -> None:
         self._at: list[int] = []          #: phone index of each insertion's first frame, ascending
-        self._before: list[int] = []      #: frames inserted before it
-        self._frames: list[int] = []      #: its length
-        self.total_frames = 0             #: inserted in all
+        self._before: list[int] = []      #: frames inserted before it (net of those left out)
+        self._frames: list[int] = []      #: its length (negative: frames left out there)
+        self.total_frames = 0             #: inserted in all, less the frames left out
 
     def inserted(self, phone_index: int, frames: int) -> None:
-        """``frames`` were inserted at ``phone_index`` (at or after every earlier insertion's end)."""
+        """``frames`` were inserted at ``phone_index`` (at or after every earlier insertion's end);
+        negative: that many of the reply's frames were left out there."""
         self._at.append(phone_index)
         self._before.append(self.total_frames)
         self._frames.append(frames)
@@ -133,9 +138,12 @@ class IndexMap:
         if len(self._at) > INDEX_MAP_POINTS:
             del self._at[0], self._before[0], self._frames[0]
 
-    def core_index(self, phone_index: int) -> int:
-        """The reply frame the phone was at: ``phone_index`` less the inserted frames before it."""
-        k = bisect_left(self._at, phone_index) - 1     # the last insertion starting before phone_index
+    def core_index(self, phone_index: int, next_sent: bool = False) -> int:
+        """The reply frame the phone was at: ``phone_index`` less the inserted frames before it
+        (plus those left out). ``next_sent``: the reply frame the phone index of the next frame to
+        send stands for (past frames left out at that very index)."""
+        # the last insertion starting before phone_index (at it too, for the next frame to send)
+        k = (bisect_right if next_sent else bisect_left)(self._at, phone_index) - 1
         if k < 0:
             return phone_index - (self._before[0] if self._before else self.total_frames)
         return phone_index - self._before[k] - min(self._frames[k], phone_index - self._at[k])

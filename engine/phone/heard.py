@@ -30,6 +30,12 @@ Rules:
   held: holding it would make the gap it feared.
 - Frames the core counted that were never sent (a ``clear`` dropped them while held) are passed
   to ``clear``: the index space moves past them, as the core's does.
+- The heard index runs late by the echo's trip back, and what was sent counts audio still on its
+  way: so ``sent_frames - heard_index`` reads the phone's buffer high by the round trip. Audio
+  sent to a phone that has heard everything starts playing once it arrives; the first echo after
+  it, less the audio before its mark, is the round trip (plus the phone's player tick, 0-20 ms).
+  ``round_trip_s`` is the least of those (None before the first): a reader that must not
+  overestimate the buffer (engine.phone.catchup) subtracts it.
 """
 from __future__ import annotations
 
@@ -67,7 +73,8 @@ class HeardClock:
         self.anchor_index = start_index        #: heard at anchor_s
         self.anchor_s = 0.0
         self.last_mark_index = start_index
-        self.inserted_frames = 0               #: sent frames a cushion inserted (not the reply's)
+        #: sent frames a cushion inserted (not the reply's), less the reply's frames left out (never sent)
+        self.inserted_frames = 0
         self._inserted_at_last_mark = 0
         self.marks_sent = 0
         self.echoes = 0
@@ -77,6 +84,8 @@ class HeardClock:
         self.new_gaps: list[tuple[float, int]] = []   #: (ms, index) of gaps not yet taken (:meth:`take_gaps`)
         self.skipped_frames = 0                #: counted by the core, never sent (``clear``'s unsent_frames)
         self._item_start_next = True           #: the next audio sent is an item's first (after an end mark, a clear)
+        self.round_trip_s: float | None = None  #: the least round trip measured (rules)
+        self._drained_send: tuple[int, float] | None = None   #: (index, time) audio last started a stretch
 
     def heard_index(self, now_s: float) -> int:
         limit = self.sent_frames
@@ -118,6 +127,8 @@ class HeardClock:
                 self.gap_ms += ran_out_s * 1000
                 self.new_gaps.append((ran_out_s * 1000, self.sent_frames))
             self.anchor_index, self.anchor_s = self.sent_frames, now_s
+            if frames > 0:
+                self._drained_send = (self.sent_frames, now_s)
         self._item_start_next = False
         self.sent_frames += frames
         self.inserted_frames += inserted_frames
@@ -147,6 +158,11 @@ class HeardClock:
             if done is mark:
                 break
         self.echoes += 1
+        if self._drained_send is not None and mark.index > self._drained_send[0]:
+            first, sent_s = self._drained_send
+            trip_s = max(0.0, now_s - sent_s - (mark.index - first) / FRAMES_PER_S)
+            self.round_trip_s = trip_s if self.round_trip_s is None else min(self.round_trip_s, trip_s)
+            self._drained_send = None
         if mark.index >= self.heard_index(now_s) or mark.index > self.anchor_index:
             self.anchor_index, self.anchor_s = mark.index, now_s
         return Echo(mark, self.heard_index(now_s))
@@ -164,6 +180,7 @@ class HeardClock:
         self.sent_frames += unsent_frames
         self.skipped_frames += unsent_frames
         self.pending.clear()
+        self._drained_send = None
         self.anchor_index, self.anchor_s = self.sent_frames, now_s
         self.last_mark_index = self.sent_frames
         self._inserted_at_last_mark = self.inserted_frames

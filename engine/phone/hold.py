@@ -20,6 +20,8 @@ Rules:
   GROW_MS, up to MAX_HOLD_MS; a reply whose audio all played without one gives half the growth
   back. So one late delta does not cost latency for the rest of the call (the engine's speaker
   prebuffer does the same).
+- A continuous track (GPT-Live: one item for the whole call) has no reply that ends: the bridge
+  calls :meth:`item_played` every CONTINUOUS_SETTLE_S of it instead, so its growth goes back too.
 - ``hold_ms`` 0: nothing is ever held, and the hold never grows.
 - Adaptive (``audio.jitter_buffer: adaptive``): the call's jitter estimator
   (engine.realtime.jitter) sets the base with :meth:`retarget` as API deltas arrive, and the
@@ -32,6 +34,8 @@ from dataclasses import dataclass
 
 GROW_MS = 20          #: the hold's growth per gap at the phone (one frame)
 MAX_HOLD_MS = 300     #: the most it grows to (the speaker's max prebuffer)
+#: a continuous track's stand-in for "a reply played": half the growth back after this long without a gap
+CONTINUOUS_SETTLE_S = 10.0
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,10 @@ class Faults:
     drop_at_event: str | None = None      #: close when about to send this event type ("type" or "type#N")
     drop_code: int = 1006                 #: 1001, 1006 (no close frame) or 1011
     max_session_s: float = 3600.0         #: the real limit; closes 1001 with the real reason
+    #: GPT-Live only: the primary socket sends nothing for ``stall_ms`` from ``stall_at_s`` after the
+    #: session started, then all it held at once (a network stall, as TCP delivers it)
+    stall_at_s: float | None = None
+    stall_ms: float = 0.0
     errors: list[dict[str, Any]] = field(default_factory=list)
     """injected errors: [{after_event: TYPE, code: ..., message: ...}], each sent once"""
     seed: int = 0

@@ -6,7 +6,8 @@ track (one step every OUTPUT_CHUNK_MS / speed, on a schedule that does not drift
 recogniser and espeak-ng in worker threads, routes each event to its connection(s) in the
 order the session made them (one writer per connection), keeps the registry sidebands attach
 through, and injects the configured faults (``drop_after_s``, ``drop_at_event``,
-``drop_code``, ``errors``, ``delta_jitter_ms``, ``first_delta_delay_ms``, ``max_session_s``).
+``drop_code``, ``errors``, ``delta_jitter_ms``, ``first_delta_delay_ms``, ``max_session_s``,
+``stall_at_s`` with ``stall_ms``).
 """
 from __future__ import annotations
 
@@ -111,6 +112,7 @@ class LiveConnection:
         self.sidebands: dict[str, Outbox] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
         self.sent_counts: dict[str, int] = {}
+        self.stall_from_s: float | None = None   #: the loop time the stall fault begins (set at the start)
         self.pending_errors = list(faults.errors)
         self.rng = random.Random(faults.seed)
         self.session_id: str | None = None
@@ -161,6 +163,9 @@ class LiveConnection:
         """Injected faults on the primary; True when the event must not be sent."""
         etype = event["type"]
         n = self.sent_counts[etype] = self.sent_counts.get(etype, 0) + 1
+        if self.stall_from_s is not None and asyncio.get_running_loop().time() >= self.stall_from_s:
+            self.stall_from_s = None   # once: what the ticker queues meanwhile then goes at once
+            await asyncio.sleep(self.faults.stall_ms / 1000)
         drop = self.faults.drop_at_event
         if drop and (drop == etype or drop == f"{etype}#{n}"):
             self.outbox.close(self.faults.drop_code, "injected fault")   # the reader then ends the session
@@ -241,6 +246,8 @@ class LiveConnection:
     def _started(self) -> None:
         self.session_id = self.session.session["id"]
         SESSIONS[self.session_id] = self
+        if self.faults.stall_at_s is not None and self.faults.stall_ms > 0:
+            self.stall_from_s = asyncio.get_running_loop().time() + self.faults.stall_at_s
         self.spawn(self.ticker())
         self.spawn(self._later(self.session.max_session_s, "expire"))
         if self.faults.drop_after_s is not None:
