@@ -170,6 +170,23 @@ def test_mic_audio_streams_once_active_and_silence_keeps_the_clock_moving_withou
     assert len(silences) == 1 and silences[0].pcm == b"\x00\x00" * 7200
 
 
+def test_a_phone_callers_late_frames_are_not_taken_for_a_stopped_mic() -> None:
+    """A phone's media stream never stops while the call is up, but its frames can come 150 ms
+    late: at the 100 ms keepalive, 100 ms of silence went in between the caller's words, and the
+    real frames followed it (the session's timeline ran ahead of the call). The bridge sets the
+    network keepalive: silence only after a second without audio."""
+    from engine.realtime.live_core import NETWORK_KEEPALIVE_S
+    h = Harness(audio_format="audio/pcmu")
+    h.core.keepalive_s = NETWORK_KEEPALIVE_S
+    h.started()
+    h(MicAudio(b"\x10" * 160, h.now))
+    h.now += 0.15                                        # the next frame is 150 ms late
+    assert not [x for x in h(Tick()) if isinstance(x, SendAudio)]
+    h.now += 1.0                                         # the stream stopped: silence keeps the clock
+    silences = [x for x in h(Tick()) if isinstance(x, SendAudio)]
+    assert len(silences) == 1 and set(silences[0].pcm) == {0xFF}
+
+
 # ------------------------------------------------------------------ transcripts and turns
 def test_fragments_are_grouped_into_turns_and_the_history_keeps_them() -> None:
     h = Harness()
@@ -386,6 +403,23 @@ def test_the_budget_closes_the_session() -> None:
     assert not any(isinstance(a, Reconnect) for a in acts)
     assert published(acts, "engine.status")[0] == {"state": "session_closed", "reason": "close_requested",
                                                     "session_id": "live_abc"}
+    # the spent budget ends the host once, after the last usage: before, the server's close of the
+    # socket made the link reconnect and the core start a new session at once (and spend again)
+    (end,) = published(acts, "engine.error")
+    assert end["code"] == "budget_exceeded" and end["fatal"] is True and "$0.0500" in end["message"]
+    assert h.core.state is LiveState.SPENT
+    assert h(Disconnected(1000)) == []
+    assert h(Connected(reconnect=True)) == []          # a socket the link opened anyway: no session.start
+    assert h(Disconnected(1006)) == []
+
+
+def test_a_budget_close_cut_short_by_the_socket_still_ends_the_host() -> None:
+    h = Harness(budget_usd=0.05)
+    h.started()
+    assert sent(h.ev({"type": "session.usage.updated", "usage": {"seconds": 60}}), "session.close")
+    acts = h(Disconnected(1006))                        # no session.closed came
+    assert [e["code"] for e in published(acts, "engine.error")] == ["budget_exceeded"]
+    assert h.core.state is LiveState.SPENT and h(Connected(reconnect=True)) == []
 
 
 def test_an_expired_session_is_renewed_with_the_conversation() -> None:

@@ -4,11 +4,12 @@ handler is made to raise, on the phone side and on the API side, and the other c
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
 
-from engine.phone.bridge import Call, PhoneBridge
+from engine.phone.bridge import Call, PhoneBridge, call_session
 from engine.phone.simulator import FakePhone
 from engine.realtime.records import Input, ServerEvent
 from tests.helpers import RecordingPublisher, bridge_spec, set_twilio_token
@@ -102,4 +103,64 @@ def test_twenty_calls_at_once_are_each_answered_and_end_cleanly(make_server: Any
         assert pub.all("engine.error") == [] and bridge.calls == {}
         bridge.stop.set()
         await bridge.close()
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(40)
+def test_a_session_the_api_refuses_ends_that_call_not_the_engine(make_server: Any) -> None:
+    """A GPT-Live call whose ``session.start`` the API refuses: its core's error was published as
+    the engine's ``fatal`` one, which stops the engine and every call on it (the supervisor stops
+    on any fatal error from its children), while the refused call itself stayed up in silence.
+    Now the error is that call's (``call_fatal``), the call ends (``api_refused``), and the next
+    call on the same bridge starts its session."""
+    server = make_server(speed=10.0)
+    pub = RecordingPublisher()
+
+    async def main() -> None:
+        spec = bridge_spec(server.base + "/live/sessions", model="gpt-live-1")
+        refused = dict(spec.session, delegation={"type": "responses"})   # the local server does not run it
+        bridge = PhoneBridge(spec, publisher=pub)  # type: ignore[arg-type]
+        good_session = bridge.session
+        bridge.session = call_session(refused)
+        url = await bridge.listen()
+        a = await FakePhone(url).dial()
+        err = await pub.wait("engine.error", code="unsupported_delegation", phone_call_id=a.call_sid)
+        assert err["call_fatal"] is True and "fatal" not in err and "ending the call" in err["message"], err
+        assert (await pub.wait("phone.call.ended", phone_call_id=a.call_sid))["reason"] == "api_refused"
+        await asyncio.wait_for(a.closed.wait(), 5)
+        bridge.session = good_session
+        b = await FakePhone(url).dial()
+        started = await pub.wait("session.config", phone_call_id=b.call_sid)
+        assert started["session"]["audio"]["format"] == {"type": "audio/pcmu", "rate": 8000}
+        await b.hang_up()
+        await pub.wait("phone.call.ended", phone_call_id=b.call_sid)
+        await bridge.close()
+        assert not [m for t, m in pub.msgs if t == "engine.error" and m.get("fatal")], "a call's error stopped the engine"
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(40)
+@pytest.mark.parametrize("model, path, sent_as", [("gpt-live-1", "/live/sessions", "session.thinking.append"),
+                                                  (None, "/realtime", "conversation.item.create")])
+def test_a_keypad_digit_reaches_the_model_on_either_api(make_server: Any, model: str | None, path: str,
+                                                        sent_as: str) -> None:
+    """``phone.dtmf_to_model: reply`` sent the digit as a user message, which GPT-Live refuses (it
+    takes no user text): every key press was an ``engine.error`` and the model never heard it. On
+    GPT-Live it now goes as context; on Realtime it is still a user message."""
+    server = make_server(speed=10.0)
+    pub = RecordingPublisher()
+
+    async def main() -> None:
+        spec = bridge_spec(server.base + path, model=model, dtmf_to_model="reply")
+        bridge = PhoneBridge(spec, publisher=pub)  # type: ignore[arg-type]
+        url = await bridge.listen()
+        phone = await FakePhone(url).dial()
+        await pub.wait("session.config", phone_call_id=phone.call_sid)
+        await phone.press("5")
+        sent = await pub.wait("client." + sent_as, phone_call_id=phone.call_sid)
+        assert "key 5" in json.dumps(sent)
+        await phone.hang_up()
+        await pub.wait("phone.call.ended", phone_call_id=phone.call_sid)
+        await bridge.close()
+        assert not [m for t, m in pub.msgs if t == "engine.error"], [m for t, m in pub.msgs if t == "engine.error"]
     asyncio.run(main())

@@ -24,12 +24,14 @@ def stand_in(make_server: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
     return make_server(speed=8.0)
 
 
-def service(stand_in: Any, **sip: Any) -> tuple[SipService, RecordingPublisher]:
+def service(stand_in: Any, control: bool = False, **sip: Any) -> tuple[SipService, RecordingPublisher]:
+    """The service; ``control``: with the socket base its calls' control sockets attach to."""
     cfg = load_config(None, {})
     pub = RecordingPublisher()
     spec = SipSpec(config=cfg, sip={**cfg["sip"], "host": "127.0.0.1", "port": 0, **sip},  # type: ignore[typeddict-item]
                    bus=BusSpec(publish="inproc://unused", subscribe="inproc://unused"),
                    rest_base=f"http://127.0.0.1:{stand_in.port}/v1",
+                   ws_base=f"ws://127.0.0.1:{stand_in.port}/v1" if control else "",
                    api=ApiAccess(headers=("Authorization: Bearer sk-test",)))
     return SipService(spec, publisher=pub), pub
 
@@ -100,5 +102,27 @@ def test_no_route_capacity_and_live_routes(stand_in: Any) -> None:
         assert (rep["ended_by"], rep["refer_to"]) == ("refer", "sip:agent@example.com")
         resp = await request("GET", url)
         assert resp.status == 405
+        svc.server.close() if svc.server else None
+    asyncio.run(main())
+
+
+def test_a_live_call_that_spends_the_budget_ends_alone(stand_in: Any) -> None:
+    """``budget_usd`` on a GPT-Live SIP call closes its session (the call) from the sideband. The
+    core's error at the spent budget is the engine's ``fatal`` kind, which would stop the engine
+    and every call; on a call it is that call's (``call_fatal``), and the call ends as ``budget``."""
+    async def main() -> None:
+        svc, pub = service(stand_in, control=True,
+                           routes=[{"match": {"to": "+1 555 0100"}, "api": "live", "model": "gpt-live-1"}])
+        svc.cfg = {**svc.cfg, "budget_usd": 0.0001}    # spent at the first usage (15 s of the call)
+        from engine.sip.control import attach           # the calls' control sockets, as engine.sip.process sets
+        svc.attacher = lambda run: attach(svc, run)
+        url = await svc.listen()
+        base = f"http://127.0.0.1:{stand_in.port}/v1"
+        call = await place_call(base, webhook_url=url, to="+15550100", script=[{"pause_ms": 60000}])
+        sid = call["session_id"]
+        err = await pub.wait("engine.error", code="budget_exceeded", sip_call_id=sid, timeout_s=20)
+        assert err["call_fatal"] is True and "fatal" not in err, err
+        assert (await pub.wait("sip.call.ended", sip_call_id=sid, timeout_s=20))["how"] == "budget"
+        assert not [m for t, m in pub.msgs if t == "engine.error" and m.get("fatal")]
         svc.server.close() if svc.server else None
     asyncio.run(main())

@@ -54,9 +54,10 @@ from engine.phone.catchup import FRAMES_PER_MS, CatchUp
 from engine.phone.cushion import Cushion, IndexMap, cushion_ms
 from engine.phone.hold import CONTINUOUS_SETTLE_S, Out, StartHold
 from engine.realtime.jitter import PHONE_QUANTILE, JitterEstimator
+from engine.realtime.live_core import NETWORK_KEEPALIVE_S, LiveCore
 from engine.phone.twilio import (FRAME_BYTES, MEDIA_RATE_HZ, DtmfMsg, MarkMsg, MediaMsg, PhoneProtocolError, StartMsg,
                                  StopMsg, TwilioStream, show)
-from engine.link.backends import ProtocolCore, backend_for
+from engine.link.backends import LIVE, ProtocolCore, backend_for
 from engine.link.policy import LinkRules
 from engine.link.shell import ApiLink
 from engine.realtime.dialects import dialect_for
@@ -285,6 +286,8 @@ class Call:
         b.calls[self.id] = self
         self.core = core = b.backend.core(b.model, b.session, barge_in=b.barge_in, min_speech_ms=b.min_speech_ms,
                                           budget_usd=b.budget_usd, audio_format="audio/pcmu")
+        if isinstance(core, LiveCore):   # the caller's audio comes over a network: late frames are not a stopped mic
+            core.keepalive_s = NETWORK_KEEPALIVE_S
         for body in b.global_tools.values():  # tools registered for every call
             core.handle(Command("cmd.tool.register", {k: v for k, v in body.items() if k != "id"}), 0.0, 0)
         self.link = ApiLink(b.backend, core, self, b.api_url, b.api_headers,
@@ -302,7 +305,8 @@ class Call:
         b = self.bridge
         b.publish(self, "phone.dtmf", {"digit": msg.digit, "track": msg.track})
         if b.dtmf_to_model != "off" and self.core is not None:
-            reply = b.dtmf_to_model == "reply"
+            # GPT-Live takes no user text: its digit goes as context, and the model decides to answer
+            reply = b.dtmf_to_model == "reply" and b.backend is not LIVE
             self.step(Command("cmd.say", {"text": f"The caller pressed the key {msg.digit} on the phone keypad.",
                                           "role": "user" if reply else "system", "respond": reply,
                                           "pub": "phone-dtmf"}))
@@ -362,6 +366,9 @@ class Call:
             return report
         if isinstance(act, Publish):
             payload = act.payload
+            if act.topic == "engine.error" and payload.get("fatal"):
+                self.end_by_core(payload)
+                return None
             if act.topic == "playout.interrupted":
                 self.truncations += 1
                 # played_ms is the reply's audio the caller heard; the phone played the cushion's too
@@ -386,6 +393,18 @@ class Call:
         if isinstance(act, EndOfAudio):
             self.send_out(self.hold.end_of_item(now), now)
         return None
+
+    def end_by_core(self, error: Mapping[str, Any]) -> None:
+        """The call's core cannot go on (a session the API refused to start, a GPT-Live budget
+        spent): its error is this call's, never the bridge's (a ``fatal`` engine.error would stop the
+        engine and every call), and this call ends."""
+        body = {k: v for k, v in error.items() if k != "fatal"}
+        body["message"] = f"{body.get('message', '')}: ending the call"
+        self.bridge.publish(self, "engine.error", {**body, "call_fatal": True})
+        if not self.ended:
+            self.end_reason = "budget" if body.get("code") == "budget_exceeded" else "api_refused"
+            self.ended = True
+            self.close_phone(1011, "budget reached" if self.end_reason == "budget" else "api refused")
 
     def send_out(self, outs: list[Out], now: float) -> None:
         """Send what the hold let go, in order: audio as one media message up to each mark (not re-cut

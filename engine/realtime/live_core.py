@@ -7,10 +7,12 @@ shell drives either: ``handle(record, now_s, heard_index)`` -> actions.
 
 Rules:
 - The session is DISCONNECTED, STARTING (the socket is open and ``session.start`` sent), ACTIVE
-  (``session.started`` came), CLOSING (we sent ``session.close``: the budget is spent) or
-  REFUSED (an ``error`` before ``session.started``: the session could not start, so nothing
-  is sent any more and the process stops). The transitions are :data:`TRANSITIONS`; any other
-  is a :class:`LiveStateError`.
+  (``session.started`` came), CLOSING (we sent ``session.close``: the budget is spent), SPENT
+  (the budget's session has closed: no session starts again, a socket that opens anyway is sent
+  nothing, and the host ends) or REFUSED (an ``error`` before ``session.started``: the session
+  could not start, so nothing is sent any more and the process stops). REFUSED and SPENT publish
+  one ``engine.error`` with ``fatal``: the engine stops on it, a phone call ends (only that call).
+  The transitions are :data:`TRANSITIONS`; any other is a :class:`LiveStateError`.
 - A socket that opens starts a new session: ``session.start`` carries the model, the
   instructions, the voice, the audio format and the conversation so far as its text ``input``
   (at most :data:`INPUT_MESSAGES` messages). A Live session cannot be resumed, so a reconnect
@@ -19,7 +21,8 @@ Rules:
   session (context appends, mute) wait in order and go out after it: after the history, always.
 - The mic streams continuously: the session clock advances only with input audio, and text sent
   while no audio flows is never placed. With no mic (text only, or a file that ended) the core
-  sends silence in its place (:data:`KEEPALIVE_S`).
+  sends silence in its place after ``keepalive_s`` without audio (:data:`KEEPALIVE_S`; a host whose
+  mic comes over a network, a phone call, sets it longer: :data:`NETWORK_KEEPALIVE_S`).
 - Output audio is one continuous track, silence included: every delta is played, the first of
   a session starts a stream, and the stream ends only when the session does. There is nothing to
   truncate and no barge-in to make: the model yields by itself.
@@ -85,6 +88,10 @@ INPUT_MESSAGES = 128
 APPEND_MAX_TOKENS = 500
 #: with no mic audio for this long, silence is sent in its place (the session clock needs audio)
 KEEPALIVE_S = 0.1
+#: the same for a mic that comes over a network (a phone's media stream, which never stops while
+#: the call is up): its frames can be late by more than KEEPALIVE_S, and silence sent in their
+#: place would split the caller's words and move the session's timeline ahead of the call
+NETWORK_KEEPALIVE_S = 1.0
 #: a keepalive due now is sent even when ``now - last`` rounds a little under KEEPALIVE_S
 KEEPALIVE_SLACK_S = 0.001
 #: at most this much silence is sent at once (a long stall is not made up)
@@ -120,6 +127,7 @@ class LiveState(enum.Enum):
     STARTING = "starting"
     ACTIVE = "active"
     CLOSING = "closing"
+    SPENT = "spent"
     REFUSED = "refused"
 
 
@@ -135,8 +143,10 @@ TRANSITIONS: dict[tuple[LiveState, str], LiveState] = {
     (S.ACTIVE, "close"): S.CLOSING,
     (S.ACTIVE, "session.closed"): S.DISCONNECTED,
     (S.ACTIVE, "disconnected"): S.DISCONNECTED,
-    (S.CLOSING, "session.closed"): S.DISCONNECTED,
-    (S.CLOSING, "disconnected"): S.DISCONNECTED,
+    (S.CLOSING, "session.closed"): S.SPENT,
+    (S.CLOSING, "disconnected"): S.SPENT,
+    (S.SPENT, "disconnected"): S.SPENT,
+    (S.SPENT, "connected"): S.SPENT,                     # a socket the link opened anyway: nothing is sent
     (S.DISCONNECTED, "disconnected"): S.DISCONNECTED,
     (S.REFUSED, "disconnected"): S.REFUSED,
 }
@@ -225,6 +235,7 @@ class LiveCore(TakesCommandsOnce):
         #: attached to a running session (a SIP call's ``/attach``): no session.start, no audio either
         #: way (the audio is on the SIP leg), DTMF both ways
         self.sideband = sideband
+        self.keepalive_s = KEEPALIVE_S   #: silence goes in after this long without mic audio (rules)
         self.per_minute_usd = live_prices(model)["per_minute"]
         self.budget_usd = budget_usd
         self.new_id = new_id
@@ -359,6 +370,9 @@ class LiveCore(TakesCommandsOnce):
         return {"type": "session.start", "event_id": self.new_id("event"), "session": session}
 
     def _connected(self, rec: Connected, now_s: float) -> list[Action]:
+        if self.state is LiveState.SPENT:
+            self._move("connected")
+            return []
         if self.sideband:   # the session runs already: never session.start on /attach
             self._move("attached")
             self.sessions += 1
@@ -377,13 +391,25 @@ class LiveCore(TakesCommandsOnce):
         return acts
 
     def _disconnected(self, rec: Disconnected, now_s: float) -> list[Action]:
-        if self.state is LiveState.REFUSED:
+        if self.state in (LiveState.REFUSED, LiveState.SPENT):
+            if self.state is LiveState.SPENT:
+                self._move("disconnected")
             return []
+        spent = self.state is LiveState.CLOSING   # the budget's close, cut short by the socket
         acts: list[Action] = [Publish("engine.status", {"state": "disconnected", "close_code": rec.code,
                                                         "reason": rec.reason})]
         acts.extend(self._session_over("disconnected"))
+        if spent:
+            acts.append(self._spent())
         self._move("disconnected")
         return acts
+
+    def _spent(self) -> Publish:
+        """The one fatal error of a spent budget: the host ends (the engine, a phone call)."""
+        return Publish("engine.error", {"source": "engine", "code": "budget_exceeded", "fatal": True,
+                                        "message": f"budget_usd reached (${self.total_usd():.4f} of "
+                                                   f"${self.budget_usd or 0.0:.4f}): the GPT-Live session is closed "
+                                                   "and no new one starts; raise budget_usd to go on"})
 
     def _session_over(self, reason: str) -> list[Action]:
         """What a session's end settles: turns close, the track ends, unplaced appends wait for the
@@ -463,9 +489,11 @@ class LiveCore(TakesCommandsOnce):
                                                 "error": "the session closed before this context was placed"}))
         self.sent.clear()
         acts.extend(self._session_over("session_closed"))
-        self._move("session.closed")
-        if reason in RENEW_REASONS:
+        if self.state is LiveState.CLOSING:   # the budget's close: the last usage is in, nothing reopens
+            acts.append(self._spent())
+        elif reason in RENEW_REASONS:
             acts.append(Reconnect(f"session {reason}"))
+        self._move("session.closed")
         return acts
 
     def _on_error(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
@@ -784,7 +812,7 @@ class LiveCore(TakesCommandsOnce):
     def next_deadline(self) -> float | None:
         due = [d for d in (self.grouper.next_deadline(), self.tools.next_deadline()) if d is not None]
         if self.state is LiveState.ACTIVE and not self.sideband:
-            due.append((self.last_audio_s or 0.0) + KEEPALIVE_S)
+            due.append((self.last_audio_s or 0.0) + self.keepalive_s)
         return min(due) if due else None
 
     def _tick(self, now_s: float) -> list[Action]:
@@ -836,11 +864,11 @@ class LiveCore(TakesCommandsOnce):
 
     def _keepalive(self, now_s: float) -> list[Action]:
         """Silence in place of a mic that is not streaming: the session clock moves only with audio."""
-        last = self.last_audio_s
-        gap_s = KEEPALIVE_S if last is None else now_s - last
-        if gap_s < KEEPALIVE_S - KEEPALIVE_SLACK_S:   # a timer is due at last + KEEPALIVE_S: it sends then,
+        last, keepalive_s = self.last_audio_s, self.keepalive_s
+        gap_s = keepalive_s if last is None else now_s - last
+        if gap_s < keepalive_s - KEEPALIVE_SLACK_S:   # a timer is due at last + keepalive_s: it sends then,
             return []                                   # whatever the float rounding of a large clock says
-        gap_s = max(gap_s, KEEPALIVE_S)
+        gap_s = max(gap_s, keepalive_s)
         send_s = min(gap_s, KEEPALIVE_MAX_S)
         fmt = self.audio_format
         frames = round(send_s * fmt.rate_hz)

@@ -93,6 +93,12 @@ class CallControl:
             return None
         if act.topic == "engine.status" and body.get("state") == "connected":
             self.run.api_connected = True
+        if act.topic == "engine.error" and body.pop("fatal", False):
+            # the call's core cannot go on (a GPT-Live budget spent: its session, the call, was
+            # closed): the call's error, never the engine's (a fatal one stops the engine and every call)
+            body["call_fatal"] = True
+            self.how = "budget" if body.get("code") == "budget_exceeded" else "error"
+            self.link.stop()
         self.svc.publish(self.run, topic, body)
         return None
 
