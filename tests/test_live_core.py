@@ -13,8 +13,8 @@ from bus.intake import Intake
 from engine.errors import ConfigError
 from engine.realtime.live_core import (INPUT_MESSAGES, LIVE_COMMAND_TOPICS, NOT_ON_LIVE, TRANSITIONS, LiveCore,
                                        LiveState, pick_tool)
-from engine.realtime.records import (Command, Connected, Disconnected, EndOfAudio, MicAudio, Play, PlaybackReport,
-                                     Publish, Reconnect, Send, SendAudio, ServerEvent, Tick)
+from engine.realtime.records import (Command, Connected, Disconnected, EndOfAudio, Ending, MicAudio, Play,
+                                     PlaybackReport, Publish, Reconnect, Send, SendAudio, ServerEvent, Tick)
 
 live_types = pytest.importorskip("openai.types.live")
 from pydantic import TypeAdapter  # noqa: E402
@@ -84,7 +84,7 @@ def test_the_transition_table_names_every_state_and_only_known_inputs() -> None:
     states = {s for pair in TRANSITIONS for s in (pair[0],)} | set(TRANSITIONS.values())
     assert states == set(LiveState)
     inputs = {what for _, what in TRANSITIONS}
-    assert inputs == {"connected", "attached", "session.started", "error", "disconnected", "close", "session.closed"}
+    assert inputs == {"connected", "attached", "session.started", "error", "disconnected", "close", "end", "session.closed"}
 
 
 def test_a_realtime_model_is_refused_naming_the_live_models() -> None:
@@ -254,6 +254,19 @@ def test_the_new_session_gets_at_most_128_messages_of_history() -> None:
     assert {m["role"] for m in msgs} == {"developer"}   # Realtime's system role is Live's developer
 
 
+def test_the_new_session_gets_the_newest_history_within_the_input_token_limit() -> None:
+    """128 long turns render far past the API's 8,192 input tokens: that start was refused, and a
+    long call lost its conversation with its session. The newest that fit (by estimate) go."""
+    h = Harness()
+    turn = "word " * 400                                  # 2,000 characters: about 500 tokens
+    h.core.restore_history({"items": [{"type": "message", "role": "user", "content": [
+        {"type": "input_text", "text": f"{i} {turn}"}]} for i in range(128)]})
+    (start,) = sent(h(Connected()))
+    msgs = start["session"]["input"]
+    assert 5 <= len(msgs) <= 16 and msgs[-1]["content"][0]["text"].startswith("127 ")
+    assert sum(len(m["content"][0]["text"]) for m in msgs) // 4 <= 8192 - 1024   # room for the rendering
+
+
 # ------------------------------------------------------------------ commands
 def test_context_is_acked_when_the_server_places_it_and_refused_with_its_error() -> None:
     h = Harness()
@@ -357,6 +370,31 @@ def test_a_delegation_nobody_answers_is_told_to_the_model_in_time() -> None:
     assert published(acts, "engine.error")[0]["code"] == "tool_timeout"
 
 
+def test_a_tool_result_after_the_session_was_renewed_goes_as_plain_commentary() -> None:
+    """The old session's delegation id went to the new session, which refuses ids it does not know
+    (the answer was lost); and an append not yet placed when the session expired was failed,
+    though the docs say context is placed after a renewal."""
+    h = Harness()
+    h.started()
+    h.cmd("cmd.tool.register", {"name": "lookup", "timeout_s": 30, "owner": "crm"})
+    h.ev({"type": "session.delegation.created", "offset_ms": 0,
+          "delegation": {"id": "item_d1", "type": "delegation", "target": "client"}})
+    (fact,) = sent(h.cmd("cmd.say", {"text": "Ada is a gold member.", "role": "system", "id": "s1"}))
+    acts = h.ev({"type": "session.closed", "reason": "expired", "session": {"id": "live_abc"},
+                 "usage": {"seconds": 7200}})
+    assert not published(acts, "cmd.done")               # not failed: it waits for the next session
+    # the answer comes while the new session starts: it waits, without the old id
+    assert sent(h.cmd("cmd.tool.result", {"call_id": "item_d1", "output": "Desk 4", "id": "r1"})) == []
+    h(Disconnected(1000))
+    h(Connected(reconnect=True))
+    acts = h.ev({"type": "session.started", "session": {"id": "live_2"}})
+    assert [(e["type"], e["content"], e["delegation_id"]) for e in sent(acts)] == [
+        ("session.thinking.append", fact["content"], None), ("session.commentary.append", "Desk 4", None)]
+    h.now += 31                                          # the old delegation's deadline: no commentary
+    acts = h(Tick())
+    assert not sent(acts, "session.commentary.append") and published(acts, "engine.error") == []
+
+
 def test_a_delegation_with_no_tool_registered_is_answered_at_once() -> None:
     h = Harness()
     h.started()
@@ -420,6 +458,22 @@ def test_a_budget_close_cut_short_by_the_socket_still_ends_the_host() -> None:
     acts = h(Disconnected(1006))                        # no session.closed came
     assert [e["code"] for e in published(acts, "engine.error")] == ["budget_exceeded"]
     assert h.core.state is LiveState.SPENT and h(Connected(reconnect=True)) == []
+
+
+def test_the_hosts_end_closes_the_session_for_its_last_usage_and_nothing_reopens() -> None:
+    h = Harness()
+    h.started()
+    (close,) = sent(h(Ending()))
+    assert close["type"] == "session.close" and h.core.ending
+    acts = h.ev({"type": "session.closed", "reason": "close_requested", "session": {"id": "live_abc"},
+                 "usage": {"seconds": 7}})
+    assert published(acts, "cost.session")[0]["seconds"] == 7
+    assert not any(isinstance(a, Reconnect) for a in acts) and not published(acts, "engine.error")
+    assert h.core.state is LiveState.DISCONNECTED and not h.core.ending
+    assert h(Ending()) == []                            # no session: nothing to close
+    side = Harness(sideband=True)
+    side(Connected())
+    assert side(Ending()) == []                         # a SIP call's session is the call's, not ours
 
 
 def test_an_expired_session_is_renewed_with_the_conversation() -> None:

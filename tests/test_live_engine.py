@@ -74,6 +74,11 @@ def test_context_goes_in_as_context_user_text_is_refused_and_commentary_is_said(
     asyncio.run(main())
     out = cli(runtime_dir, "say", "hello")   # the engine is gone: refused, not hung
     assert out.returncode != 0
+    # the stop closed the session first (its last usage counted, the session known finalized)
+    (log,) = (runtime_dir.parent / "data").glob("realtalk/sessions/*/events.jsonl")
+    topics = [json.loads(line).get("topic") for line in log.read_text().splitlines() if line.strip()]
+    assert "client.session.close" in topics and "server.session.closed" in topics, topics[-20:]
+    assert topics.index("server.session.closed") > topics.index("client.session.close")
 
 
 @pytest.mark.e2e

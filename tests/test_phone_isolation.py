@@ -159,6 +159,9 @@ def test_a_keypad_digit_reaches_the_model_on_either_api(make_server: Any, model:
         await phone.press("5")
         sent = await pub.wait("client." + sent_as, phone_call_id=phone.call_sid)
         assert "key 5" in json.dumps(sent)
+        if model:   # GPT-Live places it on the session's timeline, which moves with the call's audio
+            placed = await pub.wait("live.context", phone_call_id=phone.call_sid, timeout_s=10)
+            assert "key 5" in placed["text"] and placed["kind"] == "thinking"
         await phone.hang_up()
         await pub.wait("phone.call.ended", phone_call_id=phone.call_sid)
         await bridge.close()

@@ -54,7 +54,7 @@ from engine.phone.catchup import FRAMES_PER_MS, CatchUp
 from engine.phone.cushion import Cushion, IndexMap, cushion_ms
 from engine.phone.hold import CONTINUOUS_SETTLE_S, Out, StartHold
 from engine.realtime.jitter import PHONE_QUANTILE, JitterEstimator
-from engine.realtime.live_core import NETWORK_KEEPALIVE_S, LiveCore
+from engine.realtime.live_core import NETWORK_KEEPALIVE_S, SESSION_CLOSE_WAIT_S, LiveCore
 from engine.phone.twilio import (FRAME_BYTES, MEDIA_RATE_HZ, DtmfMsg, MarkMsg, MediaMsg, PhoneProtocolError, StartMsg,
                                  StopMsg, TwilioStream, show)
 from engine.link.backends import LIVE, ProtocolCore, backend_for
@@ -62,7 +62,8 @@ from engine.link.policy import LinkRules
 from engine.link.shell import ApiLink
 from engine.realtime.dialects import dialect_for
 from engine.specs import PhoneSpec
-from engine.realtime.records import Command, EndOfAudio, Flush, Input, MicAudio, Play, PlaybackReport, Publish
+from engine.realtime.records import (Command, EndOfAudio, Ending, Flush, Input, MicAudio, Play, PlaybackReport,
+                                     Publish)
 from engine.wsio import LATE_S as LATE_S, OUTGOING_MAX as OUTGOING_MAX, Latency as Latency, Outgoing as Outgoing
 
 STATUS_EVERY_S = 1.0
@@ -125,6 +126,8 @@ class Call:
         self.item_start_inserted = 0
         self.cut_inserted_frames = 0
         self.hold_timer: asyncio.TimerHandle | None = None
+        #: while the call's end waits for its GPT-Live session's close: set on each engine.status of its core
+        self.session_news: asyncio.Event | None = None
         self.item_start: int | None = None
         self.ended = False
         self.pending = True                    #: waiting for its start (counted in bridge.pending)
@@ -366,6 +369,8 @@ class Call:
             return report
         if isinstance(act, Publish):
             payload = act.payload
+            if act.topic == "engine.status" and self.session_news is not None:
+                self.session_news.set()
             if act.topic == "engine.error" and payload.get("fatal"):
                 self.end_by_core(payload)
                 return None
@@ -507,6 +512,26 @@ class Call:
         await self.ws.close(1011, "api unavailable")
 
     # ------------------------------------------------------------ the end
+    async def _close_session(self) -> None:
+        """A GPT-Live session is closed with ``session.close`` before its socket: its
+        ``session.closed`` brings the call's last usage (``usage.updated`` comes every 15 s, so a
+        socket just closed left up to 15 s out of the call's ``usd``, and does not prove the session
+        was finalized). Waited for at most SESSION_CLOSE_WAIT_S: the caller has gone."""
+        core = self.core
+        if self.link is None or not isinstance(core, LiveCore):
+            return
+        self.session_news = news = asyncio.Event()
+        self.step(Ending())
+        deadline = time.monotonic() + SESSION_CLOSE_WAIT_S
+        try:
+            while core.ending:   # each engine.status of the core's may be the close's
+                news.clear()
+                await asyncio.wait_for(news.wait(), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            pass
+        finally:
+            self.session_news = None
+
     async def end(self) -> None:
         self.ended = True
         self.stream.closed()
@@ -518,6 +543,7 @@ class Call:
                 timer.cancel()
         self._flush_reports()   # what waited, if its second has passed (phone_errors below counts them all)
         self._cancel_hold_timer()
+        await self._close_session()
         if self.link is not None:
             self.link.stop()
         if self.api_task is not None:

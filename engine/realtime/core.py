@@ -49,7 +49,7 @@ from engine.errors import ConfigError
 from engine.realtime.taken import TakesCommandsOnce
 from engine.realtime.records import (API_RATE_HZ, AUDIO_FORMATS, Action, Command, Connected, Disconnected, EndOfAudio,
                                      Flush, Input, MicAudio, Play, PlaybackReport, Publish, Send, SendAudio, ServerEvent,
-                                     Tick)
+                                     Tick, Ending)
 from engine.realtime.requests import Request, Requests, check_response_options
 from engine.realtime.tools import ToolSpec, Tools, check_session_tools, parse_registration
 from engine.realtime.turns import Turns
@@ -187,6 +187,8 @@ class RealtimeCore(TakesCommandsOnce):
                 acts = self._command(rec.topic, rec.body, now_s, heard_index, rec.offered)
             elif isinstance(rec, PlaybackReport):
                 acts = self._report(rec, now_s)
+            elif isinstance(rec, Ending):
+                acts = []   # a Realtime session is finalized by the socket's close
             elif isinstance(rec, Tick):
                 acts = self._tick(now_s, heard_index)
             elif isinstance(rec, Connected):

@@ -7,7 +7,9 @@ shell drives either: ``handle(record, now_s, heard_index)`` -> actions.
 
 Rules:
 - The session is DISCONNECTED, STARTING (the socket is open and ``session.start`` sent), ACTIVE
-  (``session.started`` came), CLOSING (we sent ``session.close``: the budget is spent), SPENT
+  (``session.started`` came), CLOSING (we sent ``session.close``: the budget is spent), ENDING
+  (we sent ``session.close`` because the host is ending: a call hung up; its ``session.closed``
+  brings the last usage, and nothing reopens), SPENT
   (the budget's session has closed: no session starts again, a socket that opens anyway is sent
   nothing, and the host ends) or REFUSED (an ``error`` before ``session.started``: the session
   could not start, so nothing is sent any more and the process stops). REFUSED and SPENT publish
@@ -15,8 +17,10 @@ Rules:
   The transitions are :data:`TRANSITIONS`; any other is a :class:`LiveStateError`.
 - A socket that opens starts a new session: ``session.start`` carries the model, the
   instructions, the voice, the audio format and the conversation so far as its text ``input``
-  (at most :data:`INPUT_MESSAGES` messages). A Live session cannot be resumed, so a reconnect
-  is a new session told what was said.
+  (the newest messages: at most :data:`INPUT_MESSAGES`, and :data:`INPUT_TOKENS` by estimate).
+  A Live session cannot be resumed, so a reconnect is a new session told what was said. Context
+  the old session never placed waits for the new one, after the history; a delegation ends with
+  its session, so its result goes to the next as plain commentary.
 - Nothing but ``session.start`` is sent before ``session.started``. Commands that need the
   session (context appends, mute) wait in order and go out after it: after the history, always.
 - The mic streams continuously: the session clock advances only with input audio, and text sent
@@ -77,13 +81,19 @@ from engine.realtime.live_turns import Speaker, TurnEvent, TurnGrouper
 from engine.realtime.taken import TakesCommandsOnce
 from engine.realtime.records import (API_RATE_HZ, AUDIO_FORMATS, Action, Command, Connected, Disconnected, EndOfAudio,
                                      Input, MicAudio, PlaybackReport, Play, Publish, Reconnect, Send, SendAudio,
-                                     ServerEvent, Tick)
+                                     ServerEvent, Tick, Ending)
 from engine.realtime.tools import Tools, parse_registration
 from engine.realtime.turns import InputClock
 
 LIVE_MODELS = ("gpt-live-1", "gpt-live-1.1")
 #: at most this many messages of history in ``session.start``'s ``input`` (the API's limit)
 INPUT_MESSAGES = 128
+#: the API also limits ``input`` to 8,192 rendered tokens; the core sends at most this many by its
+#: estimate (4 characters a token, INPUT_MESSAGE_TOKENS more a message), so the rendering's own
+#: tokens and the estimate's error fit in the rest. A start over the limit is refused, and the
+#: conversation would be lost with the session
+INPUT_TOKENS = 6144
+INPUT_MESSAGE_TOKENS = 8
 #: a context append is at most 500 tokens; refused locally past this estimate (4 characters a token)
 APPEND_MAX_TOKENS = 500
 #: with no mic audio for this long, silence is sent in its place (the session clock needs audio)
@@ -94,6 +104,9 @@ KEEPALIVE_S = 0.1
 NETWORK_KEEPALIVE_S = 1.0
 #: a keepalive due now is sent even when ``now - last`` rounds a little under KEEPALIVE_S
 KEEPALIVE_SLACK_S = 0.001
+#: a host that is ending (a call hung up, the engine stopping) waits this long for its session's
+#: close to bring the last usage (the server drains delegations and output first: up to ~10 s)
+SESSION_CLOSE_WAIT_S = 2.0
 #: at most this much silence is sent at once (a long stall is not made up)
 KEEPALIVE_MAX_S = 0.5
 #: the track's onsets are kept this long: a user's turn closes well within it after its reply began
@@ -127,6 +140,7 @@ class LiveState(enum.Enum):
     STARTING = "starting"
     ACTIVE = "active"
     CLOSING = "closing"
+    ENDING = "ending"
     SPENT = "spent"
     REFUSED = "refused"
 
@@ -143,6 +157,9 @@ TRANSITIONS: dict[tuple[LiveState, str], LiveState] = {
     (S.ACTIVE, "close"): S.CLOSING,
     (S.ACTIVE, "session.closed"): S.DISCONNECTED,
     (S.ACTIVE, "disconnected"): S.DISCONNECTED,
+    (S.ACTIVE, "end"): S.ENDING,
+    (S.ENDING, "session.closed"): S.DISCONNECTED,
+    (S.ENDING, "disconnected"): S.DISCONNECTED,
     (S.CLOSING, "session.closed"): S.SPENT,
     (S.CLOSING, "disconnected"): S.SPENT,
     (S.SPENT, "disconnected"): S.SPENT,
@@ -320,6 +337,8 @@ class LiveCore(TakesCommandsOnce):
                 acts = self._command(rec.topic, rec.body, now_s, heard_index, rec.offered)
             elif isinstance(rec, PlaybackReport):
                 acts = self._report(rec)
+            elif isinstance(rec, Ending):
+                acts = self._ending()
             elif isinstance(rec, Tick):
                 acts = self._tick(now_s)
             elif isinstance(rec, Connected):
@@ -362,8 +381,9 @@ class LiveCore(TakesCommandsOnce):
         session: dict[str, Any] = {"model": self.model, "audio": audio}
         if cfg.get("instructions"):
             session["instructions"] = cfg["instructions"]
-        if self.history:
-            session["input"] = [dict(m) for m in self.history[-INPUT_MESSAGES:]]
+        history = newest_within_limits(self.history)
+        if history:
+            session["input"] = [dict(m) for m in history]
         for key in ("delegation", "triggers", "store", "safety_identifier"):
             if cfg.get(key) is not None:
                 session[key] = cfg[key]
@@ -404,6 +424,18 @@ class LiveCore(TakesCommandsOnce):
         self._move("disconnected")
         return acts
 
+    def _ending(self) -> list[Action]:
+        """The host is ending: close an active session of our own for its final usage."""
+        if self.state is not LiveState.ACTIVE or self.sideband:   # a sideband's session is the call's
+            return []
+        self._move("end")
+        return [Send({"type": "session.close", "event_id": self.new_id("event")})]
+
+    @property
+    def ending(self) -> bool:
+        """A ``session.close`` for the host's end is out and its ``session.closed`` not yet in."""
+        return self.state is LiveState.ENDING
+
     def _spent(self) -> Publish:
         """The one fatal error of a spent budget: the host ends (the engine, a phone call)."""
         return Publish("engine.error", {"source": "engine", "code": "budget_exceeded", "fatal": True,
@@ -413,7 +445,8 @@ class LiveCore(TakesCommandsOnce):
 
     def _session_over(self, reason: str) -> list[Action]:
         """What a session's end settles: turns close, the track ends, unplaced appends wait for the
-        next session, delegations die with it (their results go as plain context later)."""
+        next session, delegations die with it (a result still to come, or one waiting, goes to the
+        next session as plain commentary: the new session knows no delegation id of the old)."""
         acts: list[Action] = []
         for ev in self.grouper.close_all(reason):
             acts.extend(self._turn_event(ev, None))
@@ -422,6 +455,9 @@ class LiveCore(TakesCommandsOnce):
             acts.append(EndOfAudio())
         self.waiting[:0] = list(self.sent.values())
         self.sent.clear()
+        for app in self.waiting:
+            app.delegation_id = None
+        self.delegations.clear()
         for _, cmd_id in self.mute_acks:
             if cmd_id:
                 acts.append(Publish(DONE_TOPIC, {"id": cmd_id, "ok": True, "applied": "on reconnect"}))
@@ -483,12 +519,15 @@ class LiveCore(TakesCommandsOnce):
         acts = self._usage(ev.get("usage"))
         acts.append(Publish("engine.status", {"state": "session_closed", "reason": reason,
                                               "session_id": self.session_id}))
-        for app in self.sent.values():   # never placed on the timeline
-            if app.cmd_id:
-                acts.append(Publish(DONE_TOPIC, {"id": app.cmd_id, "ok": False, "code": "context_injection_incomplete",
-                                                "error": "the session closed before this context was placed"}))
-        self.sent.clear()
-        acts.extend(self._session_over("session_closed"))
+        renewing = reason in RENEW_REASONS and self.state is not LiveState.CLOSING
+        if not renewing:   # never placed on the timeline, and no session comes to place it
+            for app in self.sent.values():
+                if app.cmd_id:
+                    acts.append(Publish(DONE_TOPIC, {"id": app.cmd_id, "ok": False,
+                                                    "code": "context_injection_incomplete",
+                                                    "error": "the session closed before this context was placed"}))
+            self.sent.clear()
+        acts.extend(self._session_over("session_closed"))   # (renewing: what was sent waits for the next)
         if self.state is LiveState.CLOSING:   # the budget's close: the last usage is in, nothing reopens
             acts.append(self._spent())
         elif reason in RENEW_REASONS:
@@ -805,8 +844,9 @@ class LiveCore(TakesCommandsOnce):
         output = self.tools.result(call_id, body.get("output"))
         if output is None:
             return self._ack(body, late=True)   # first result wins
-        self.delegations.pop(call_id, None)
-        return self._send_append(Append("commentary", output[:APPEND_MAX_TOKENS * 4], None, call_id)) + self._ack(body)
+        live = self.delegations.pop(call_id, None) is not None   # of this session: answered by its id
+        return self._send_append(Append("commentary", output[:APPEND_MAX_TOKENS * 4], None,
+                                        call_id if live else None)) + self._ack(body)
 
     # ================================================================ timers
     def next_deadline(self) -> float | None:
@@ -820,10 +860,12 @@ class LiveCore(TakesCommandsOnce):
         for tev in self.grouper.overdue(now_s):
             acts.extend(self._turn_event(tev, now_s))
         for call_id, name in self.tools.overdue(now_s):
-            self.delegations.pop(call_id, None)
+            live = self.delegations.pop(call_id, None) is not None
             acts.append(Publish("engine.error", {"source": "tool", "code": "tool_timeout", "message":
                                                  f"tool {name!r} did not answer delegation {call_id} in time"}))
-            acts.extend(self._send_append(Append("commentary", "The lookup did not answer in time.", None, call_id)))
+            if live:   # an old session's delegation: its session, which waited for it, is gone
+                acts.extend(self._send_append(Append("commentary", "The lookup did not answer in time.", None,
+                                                     call_id)))
         if self.state is LiveState.ACTIVE and not self.sideband:
             acts.extend(self._keepalive(now_s))
         return acts
@@ -938,6 +980,22 @@ class LiveCore(TakesCommandsOnce):
 def _topic_of(kind: str) -> str:
     return {"thinking": "cmd.say (role system)", "instructions": "cmd.instructions",
             "commentary": "cmd.commentary"}[kind]
+
+
+def newest_within_limits(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The newest messages of ``history`` that ``session.start``'s ``input`` takes: at most
+    INPUT_MESSAGES, and INPUT_TOKENS by estimate (a message too long alone is left out)."""
+    kept: list[dict[str, Any]] = []
+    tokens = 0
+    for message in reversed(history[-INPUT_MESSAGES:]):
+        text = "".join(str(part.get("text") or "") for part in message.get("content") or [] if isinstance(part, dict))
+        cost = -(-len(text) // 4) + INPUT_MESSAGE_TOKENS
+        if tokens + cost > INPUT_TOKENS:
+            break
+        kept.append(message)
+        tokens += cost
+    kept.reverse()
+    return kept
 
 
 def _as_live_message(item: Any) -> dict[str, Any] | None:

@@ -47,7 +47,8 @@ from engine import child
 from engine.child import next_due, stop_on_signals, wake, woken
 from engine.realtime.dialects import dialect_for
 from engine.realtime.jitter import JitterEstimator
-from engine.realtime.records import (Action, Command, EndOfAudio, Flush, Input, MicAudio, Play,
+from engine.realtime.live_core import SESSION_CLOSE_WAIT_S, LiveCore
+from engine.realtime.records import (Action, Command, EndOfAudio, Ending, Flush, Input, MicAudio, Play,
                                      PlaybackReport, Publish)
 from engine.audio.ring import Ring
 from engine.pcm import CHANNELS, RATE_HZ, SAMPLE_WIDTH_BYTES
@@ -117,6 +118,8 @@ class RealtimeProcess:
         self.link_ready = threading.Event()
         self.link_failure: BaseException | None = None   #: a bug that ended the link thread (re-raised: a crash)
         self.fatal = False
+        #: while the process ends: set (on the link thread) once the GPT-Live session's close has come
+        self.session_closed: threading.Event | None = None
         self._mic_buf = np.empty(MIC_CHUNK_MAX_FRAMES, dtype=np.int16)
 
     # -------------------------------------------------------------- the link's host (link thread)
@@ -130,6 +133,10 @@ class RealtimeProcess:
                 self._save_reply(act.payload)
             assert self.link_pub is not None
             self.link_pub.publish(act.topic, act.payload)
+            closed, link = self.session_closed, self.link
+            if closed is not None and act.topic == "engine.status" and link is not None \
+                    and not getattr(link.core, "ending", False):
+                closed.set()
             if act.topic in PLAYOUT_EDGES:
                 self._playout_edge(act.topic == "playout.started", now_s)
             return None
@@ -331,6 +338,22 @@ class RealtimeProcess:
             except RuntimeError:
                 pass  # the loop just closed: the process is stopping
 
+    def _close_session(self, link: ApiLink) -> None:
+        """GPT-Live: ``session.close`` before the socket, so the session's last usage (up to 15 s
+        since its last ``usage.updated``) is counted and the session is known finalized; waited
+        for at most SESSION_CLOSE_WAIT_S. Nothing for Realtime."""
+        core = link.core
+        if not isinstance(core, LiveCore):
+            return
+        closed = self.session_closed = threading.Event()
+
+        def ask() -> None:
+            link.step(Ending())
+            if not core.ending:   # no session was active: nothing to wait for
+                closed.set()
+        self.in_link(ask)
+        closed.wait(SESSION_CLOSE_WAIT_S)
+
     def in_link(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the link thread (it owns the core)."""
         loop = self.loop
@@ -460,6 +483,8 @@ class RealtimeProcess:
             self.signalled.wait(FATAL_LINGER_S)
         link = self.link
         if link is not None:
+            if not self.fatal:
+                self._close_session(link)
             self.in_link(link.stop)
         link_thread.join(3.0)
         sub.close()

@@ -96,7 +96,14 @@ class Tick:
     """A timer fired (see :meth:`RealtimeCore.next_deadline`)."""
 
 
-Input = Connected | Disconnected | ServerEvent | Command | PlaybackReport | MicAudio | Tick
+@dataclass(frozen=True)
+class Ending:
+    """The host is ending (a call that hung up): a session that must be closed for its final
+    figures is closed now (GPT-Live: ``session.close``, whose ``session.closed`` carries the last
+    usage; a socket closed without it does not prove the session was finalized). Nothing else."""
+
+
+Input = Connected | Disconnected | ServerEvent | Command | PlaybackReport | MicAudio | Tick | Ending
 
 
 # ------------------------------------------------------------------ actions

@@ -7,7 +7,8 @@ the shared-memory rings and the mic ring's eventfd (passed to the children with
 the realtime spec holds the API key, every spec the bus signing key), writes the
 connection file, keeps the session's event log, publishes ``engine.status`` every
 second, and on SIGINT/SIGTERM stops everything in reverse order (TERM, a grace period,
-then KILL), unlinks the rings and removes socket and connection files.
+then KILL; the local server after the other children, so a GPT-Live session is closed there, and
+the broker last), unlinks the rings and removes socket and connection files.
 
 This module is the supervisor's loop: it makes the specs and rings, reads the bus, decides
 readiness and the status, and acts on what each child's machine asks. Its parts, one job each:
@@ -700,8 +701,9 @@ class Supervisor:
                 child.proc.stdin.close()
 
     def shutdown(self, quiet: bool = False) -> None:
-        """Stop the children (the broker last, once what they sent on their way out is logged),
-        unlink the rings, remove sockets and the connection file, close the log. Idempotent."""
+        """Stop the children (the local server after the others, the broker last, once what they
+        sent on their way out is logged), unlink the rings, remove sockets and the connection file,
+        close the log. Idempotent."""
         if self.shut_down:
             return
         self.shut_down = True
@@ -712,7 +714,10 @@ class Supervisor:
                 self._emit("engine.status", self.status(), hold=False)
         except Exception as exc:  # a broken bus must not keep the children alive
             self.out.write(f"realtalk: could not publish the final status: {error_text(exc)}\n")
-        self._stop_children([c for c in reversed(self.children) if c.name != "broker"])
+        # the local server after the rest: the realtime process closes its session there on its
+        # way out (GPT-Live's session.close, for the last usage)
+        self._stop_children([c for c in reversed(self.children) if c.name not in ("broker", "server")])
+        self._stop_children([c for c in self.children if c.name == "server"])
         self._drain_quiet()
         self._stop_children([c for c in self.children if c.name == "broker"])
         for child in self.children:

@@ -1,0 +1,43 @@
+"""A GPT-Live call's end through the bridge: the session is closed with ``session.close`` before
+its socket, so the call's cost includes its last seconds. The bridge in this test's own loop, the
+local GPT-Live server in a thread, a fake phone."""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from engine.phone.bridge import PhoneBridge
+from engine.phone.simulator import FakePhone
+from tests.helpers import RecordingPublisher, bridge_spec, set_twilio_token
+
+pytestmark = pytest.mark.timeout(40)
+
+
+def test_a_call_that_hangs_up_is_charged_for_its_last_seconds(make_server: Any,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPT-Live reports usage every 15 s of the session and in its ``session.closed``. The bridge
+    closed the socket at a hang-up without ``session.close``: a call under 15 s reported $0 (and
+    every call left up to 15 s out), and the session was not known to be finalized."""
+    set_twilio_token(monkeypatch)
+    server = make_server(speed=1.0)
+    pub = RecordingPublisher()
+
+    async def main() -> None:
+        spec = bridge_spec(server.base + "/live/sessions", model="gpt-live-1")
+        bridge = PhoneBridge(spec, publisher=pub)  # type: ignore[arg-type]
+        url = await bridge.listen()
+        phone = await FakePhone(url).dial()
+        await pub.wait("session.config", phone_call_id=phone.call_sid)
+        await asyncio.wait_for(phone.got_audio.wait(), 10)
+        await asyncio.sleep(2.5)   # the call's length: what it is charged for (no event marks it)
+        await phone.hang_up()
+        ended = await pub.wait("phone.call.ended", phone_call_id=phone.call_sid)
+        await bridge.close()
+        assert pub.all("client.session.close", phone_call_id=phone.call_sid), "the session was not closed"
+        closed = await pub.wait("phone.call.status", phone_call_id=phone.call_sid, state="session_closed")
+        assert closed["reason"] == "close_requested"
+        (cost,) = pub.all("cost.session", phone_call_id=phone.call_sid)[-1:]
+        assert cost["seconds"] >= 2 and ended["usd"] == pytest.approx(cost["usd"], abs=1e-6) and ended["usd"] > 0
+    asyncio.run(main())
