@@ -521,14 +521,16 @@ class Call:
         if self.link is None or not isinstance(core, LiveCore):
             return
         self.session_news = news = asyncio.Event()
-        self.step(Ending())
         deadline = time.monotonic() + SESSION_CLOSE_WAIT_S
         try:
+            self.step(Ending())
             while core.ending:   # each engine.status of the core's may be the close's
                 news.clear()
                 await asyncio.wait_for(news.wait(), max(0.0, deadline - time.monotonic()))
-        except TimeoutError:
+        except asyncio.TimeoutError:   # (not the builtin before Python 3.11)
             pass
+        except Exception as exc:  # noqa: BLE001 - the call ends whatever its core did
+            self.bridge.error(self, "call_failed", f"closing the session failed: {type(exc).__name__}: {exc}")
         finally:
             self.session_news = None
 

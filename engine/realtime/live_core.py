@@ -9,7 +9,7 @@ Rules:
 - The session is DISCONNECTED, STARTING (the socket is open and ``session.start`` sent), ACTIVE
   (``session.started`` came), CLOSING (we sent ``session.close``: the budget is spent), ENDING
   (we sent ``session.close`` because the host is ending: a call hung up; its ``session.closed``
-  brings the last usage, and nothing reopens), SPENT
+  brings the last usage), ENDED (after it: like SPENT, no session starts again), SPENT
   (the budget's session has closed: no session starts again, a socket that opens anyway is sent
   nothing, and the host ends) or REFUSED (an ``error`` before ``session.started``: the session
   could not start, so nothing is sent any more and the process stops). REFUSED and SPENT publish
@@ -26,7 +26,8 @@ Rules:
 - The mic streams continuously: the session clock advances only with input audio, and text sent
   while no audio flows is never placed. With no mic (text only, or a file that ended) the core
   sends silence in its place after ``keepalive_s`` without audio (:data:`KEEPALIVE_S`; a host whose
-  mic comes over a network, a phone call, sets it longer: :data:`NETWORK_KEEPALIVE_S`).
+  mic comes over a network, a phone call, sets it longer: :data:`NETWORK_KEEPALIVE_S`), then every
+  KEEPALIVE_S until mic audio comes again, so the session's clock keeps real time.
 - Output audio is one continuous track, silence included: every delta is played, the first of
   a session starts a stream, and the stream ends only when the session does. There is nothing to
   truncate and no barge-in to make: the model yields by itself.
@@ -105,8 +106,9 @@ NETWORK_KEEPALIVE_S = 1.0
 #: a keepalive due now is sent even when ``now - last`` rounds a little under KEEPALIVE_S
 KEEPALIVE_SLACK_S = 0.001
 #: a host that is ending (a call hung up, the engine stopping) waits this long for its session's
-#: close to bring the last usage (the server drains delegations and output first: up to ~10 s)
-SESSION_CLOSE_WAIT_S = 2.0
+#: close to bring the last usage. The server drains delegations and output first (up to ~10 s), but
+#: the wait, then the socket's close (up to 2 s), must end inside the supervisor's 3 s stop grace
+SESSION_CLOSE_WAIT_S = 1.0
 #: at most this much silence is sent at once (a long stall is not made up)
 KEEPALIVE_MAX_S = 0.5
 #: the track's onsets are kept this long: a user's turn closes well within it after its reply began
@@ -141,6 +143,7 @@ class LiveState(enum.Enum):
     ACTIVE = "active"
     CLOSING = "closing"
     ENDING = "ending"
+    ENDED = "ended"
     SPENT = "spent"
     REFUSED = "refused"
 
@@ -158,8 +161,10 @@ TRANSITIONS: dict[tuple[LiveState, str], LiveState] = {
     (S.ACTIVE, "session.closed"): S.DISCONNECTED,
     (S.ACTIVE, "disconnected"): S.DISCONNECTED,
     (S.ACTIVE, "end"): S.ENDING,
-    (S.ENDING, "session.closed"): S.DISCONNECTED,
-    (S.ENDING, "disconnected"): S.DISCONNECTED,
+    (S.ENDING, "session.closed"): S.ENDED,
+    (S.ENDING, "disconnected"): S.ENDED,
+    (S.ENDED, "disconnected"): S.ENDED,
+    (S.ENDED, "connected"): S.ENDED,                     # a socket opened before the host's stop: nothing is sent
     (S.CLOSING, "session.closed"): S.SPENT,
     (S.CLOSING, "disconnected"): S.SPENT,
     (S.SPENT, "disconnected"): S.SPENT,
@@ -253,6 +258,7 @@ class LiveCore(TakesCommandsOnce):
         #: way (the audio is on the SIP leg), DTMF both ways
         self.sideband = sideband
         self.keepalive_s = KEEPALIVE_S   #: silence goes in after this long without mic audio (rules)
+        self.keepalive_on = False        #: silence is going in (every KEEPALIVE_S, until mic audio comes)
         self.per_minute_usd = live_prices(model)["per_minute"]
         self.budget_usd = budget_usd
         self.new_id = new_id
@@ -272,6 +278,9 @@ class LiveCore(TakesCommandsOnce):
         self.mic_open = True
         self.tools = Tools()
         self.delegations: dict[str, Delegation] = {}
+        #: appends the closing session said it will not place (``context_injection_incomplete``):
+        #: the next session's if the close renews, failed if not (decided at ``session.closed``)
+        self.unplaced: dict[str, Append] = {}
         self.said_since_delegation: list[str] = []       #: the user's words since the previous delegation
         self.grouper = TurnGrouper(new_id)
         self.clock = InputClock()
@@ -330,6 +339,7 @@ class LiveCore(TakesCommandsOnce):
         """Apply one input record. Never raises: a failing handler is reported."""
         try:
             if isinstance(rec, MicAudio):
+                self.keepalive_on = False
                 acts = self._mic(rec)
             elif isinstance(rec, ServerEvent):
                 acts = self._server_event(rec.event, now_s, heard_index)
@@ -390,7 +400,7 @@ class LiveCore(TakesCommandsOnce):
         return {"type": "session.start", "event_id": self.new_id("event"), "session": session}
 
     def _connected(self, rec: Connected, now_s: float) -> list[Action]:
-        if self.state is LiveState.SPENT:
+        if self.state in (LiveState.SPENT, LiveState.ENDED):
             self._move("connected")
             return []
         if self.sideband:   # the session runs already: never session.start on /attach
@@ -411,8 +421,8 @@ class LiveCore(TakesCommandsOnce):
         return acts
 
     def _disconnected(self, rec: Disconnected, now_s: float) -> list[Action]:
-        if self.state in (LiveState.REFUSED, LiveState.SPENT):
-            if self.state is LiveState.SPENT:
+        if self.state in (LiveState.REFUSED, LiveState.SPENT, LiveState.ENDED):
+            if self.state is not LiveState.REFUSED:
                 self._move("disconnected")
             return []
         spent = self.state is LiveState.CLOSING   # the budget's close, cut short by the socket
@@ -453,8 +463,9 @@ class LiveCore(TakesCommandsOnce):
         if self.stream_open:
             self.stream_open = False
             acts.append(EndOfAudio())
-        self.waiting[:0] = list(self.sent.values())
+        self.waiting[:0] = [*self.unplaced.values(), *self.sent.values()]
         self.sent.clear()
+        self.unplaced.clear()
         for app in self.waiting:
             app.delegation_id = None
         self.delegations.clear()
@@ -519,18 +530,22 @@ class LiveCore(TakesCommandsOnce):
         acts = self._usage(ev.get("usage"))
         acts.append(Publish("engine.status", {"state": "session_closed", "reason": reason,
                                               "session_id": self.session_id}))
-        renewing = reason in RENEW_REASONS and self.state is not LiveState.CLOSING
-        if not renewing:   # never placed on the timeline, and no session comes to place it
-            for app in self.sent.values():
+        renewing = reason in RENEW_REASONS and self.state is LiveState.ACTIVE
+        unplaced = {**self.unplaced, **self.sent}          # in the order they were sent
+        self.unplaced.clear()
+        if renewing:   # what was sent waits for the next session (_session_over)
+            self.sent = unplaced
+        else:          # never placed on the timeline, and no session comes to place it
+            for app in unplaced.values():
                 if app.cmd_id:
                     acts.append(Publish(DONE_TOPIC, {"id": app.cmd_id, "ok": False,
                                                     "code": "context_injection_incomplete",
                                                     "error": "the session closed before this context was placed"}))
             self.sent.clear()
-        acts.extend(self._session_over("session_closed"))   # (renewing: what was sent waits for the next)
+        acts.extend(self._session_over("session_closed"))
         if self.state is LiveState.CLOSING:   # the budget's close: the last usage is in, nothing reopens
             acts.append(self._spent())
-        elif reason in RENEW_REASONS:
+        elif renewing:
             acts.append(Reconnect(f"session {reason}"))
         self._move("session.closed")
         return acts
@@ -544,6 +559,10 @@ class LiveCore(TakesCommandsOnce):
             self._move("error")
             return [Publish("engine.error", {"source": "api", "code": code, "fatal": True, "param": err.get("param"),
                                              "message": f"GPT-Live refused to start the session: {message}"})]
+        if code == "context_injection_incomplete" and isinstance(ref, str) and ref in self.sent:
+            # the closing session will not place it; whether the next does is known at session.closed
+            self.unplaced[ref] = self.sent.pop(ref)
+            return []
         self.errors += 1
         app = self.sent.pop(ref, None) if isinstance(ref, str) else None
         owner = app.cmd_id if app else (self.sent_updates.pop(ref, None) if isinstance(ref, str) else None)
@@ -852,7 +871,7 @@ class LiveCore(TakesCommandsOnce):
     def next_deadline(self) -> float | None:
         due = [d for d in (self.grouper.next_deadline(), self.tools.next_deadline()) if d is not None]
         if self.state is LiveState.ACTIVE and not self.sideband:
-            due.append((self.last_audio_s or 0.0) + self.keepalive_s)
+            due.append((self.last_audio_s or 0.0) + (KEEPALIVE_S if self.keepalive_on else self.keepalive_s))
         return min(due) if due else None
 
     def _tick(self, now_s: float) -> list[Action]:
@@ -906,7 +925,7 @@ class LiveCore(TakesCommandsOnce):
 
     def _keepalive(self, now_s: float) -> list[Action]:
         """Silence in place of a mic that is not streaming: the session clock moves only with audio."""
-        last, keepalive_s = self.last_audio_s, self.keepalive_s
+        last, keepalive_s = self.last_audio_s, KEEPALIVE_S if self.keepalive_on else self.keepalive_s
         gap_s = keepalive_s if last is None else now_s - last
         if gap_s < keepalive_s - KEEPALIVE_SLACK_S:   # a timer is due at last + keepalive_s: it sends then,
             return []                                   # whatever the float rounding of a large clock says
@@ -916,6 +935,7 @@ class LiveCore(TakesCommandsOnce):
         frames = round(send_s * fmt.rate_hz)
         silence = (b"\xff" if fmt.name == "audio/pcmu" else b"\xd5" if fmt.name == "audio/pcma" else b"\x00\x00") \
             * frames
+        self.keepalive_on = True
         return self._mic(MicAudio(silence, now_s))
 
     # ================================================================ views
@@ -939,7 +959,7 @@ class LiveCore(TakesCommandsOnce):
         """The state a successor starts from (``conversation.history``): the conversation, the
         context not yet placed, the tools, the mic gate, the keys of the latest commands taken."""
         self.state_seq += 1
-        pending = [asdict(a) for a in (*self.sent.values(), *self.waiting)]
+        pending = [asdict(a) for a in (*self.unplaced.values(), *self.sent.values(), *self.waiting)]
         return Publish(STATE_TOPIC, {
             "items": list(self.history), "in_flight": [], "live_pending": pending,
             "tools": [registration(t) for t in self.tools.registered.values()], "mic_open": self.mic_open,
@@ -961,7 +981,8 @@ class LiveCore(TakesCommandsOnce):
         for raw in body.get("live_pending") or []:
             if isinstance(raw, dict) and raw.get("kind") in ("instructions", "thinking", "commentary") \
                     and isinstance(raw.get("content"), str):
-                self.waiting.append(Append(raw["kind"], raw["content"], raw.get("cmd_id"), raw.get("delegation_id")))
+                # a predecessor's delegation ended with its session: the next knows no id of the old
+                self.waiting.append(Append(raw["kind"], raw["content"], raw.get("cmd_id"), None))
         for raw in body.get("tools") or []:
             try:
                 self.tools.register(parse_registration(raw))
@@ -984,12 +1005,16 @@ def _topic_of(kind: str) -> str:
 
 def newest_within_limits(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The newest messages of ``history`` that ``session.start``'s ``input`` takes: at most
-    INPUT_MESSAGES, and INPUT_TOKENS by estimate (a message too long alone is left out)."""
+    INPUT_MESSAGES, and INPUT_TOKENS by estimate (4 ASCII characters a token, any other character
+    a token; a message too long alone is left out)."""
     kept: list[dict[str, Any]] = []
     tokens = 0
     for message in reversed(history[-INPUT_MESSAGES:]):
         text = "".join(str(part.get("text") or "") for part in message.get("content") or [] if isinstance(part, dict))
-        cost = -(-len(text) // 4) + INPUT_MESSAGE_TOKENS
+        ascii_chars = len(text.encode("ascii", "ignore"))
+        cost = -(-ascii_chars // 4) + (len(text) - ascii_chars) + INPUT_MESSAGE_TOKENS
+        if cost > INPUT_TOKENS:
+            continue   # too long alone: left out, the older ones still go
         if tokens + cost > INPUT_TOKENS:
             break
         kept.append(message)

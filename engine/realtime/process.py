@@ -342,14 +342,16 @@ class RealtimeProcess:
         """GPT-Live: ``session.close`` before the socket, so the session's last usage (up to 15 s
         since its last ``usage.updated``) is counted and the session is known finalized; waited
         for at most SESSION_CLOSE_WAIT_S. Nothing for Realtime."""
-        core = link.core
-        if not isinstance(core, LiveCore):
+        core, loop = link.core, self.loop
+        if not isinstance(core, LiveCore) or loop is None or loop.is_closed():
             return
-        closed = self.session_closed = threading.Event()
+        closed = threading.Event()
 
-        def ask() -> None:
+        def ask() -> None:   # on the link thread: perform() sets ``closed`` once the close has come
             link.step(Ending())
-            if not core.ending:   # no session was active: nothing to wait for
+            if core.ending:
+                self.session_closed = closed
+            else:                 # no session was active: nothing to wait for
                 closed.set()
         self.in_link(ask)
         closed.wait(SESSION_CLOSE_WAIT_S)
@@ -483,7 +485,7 @@ class RealtimeProcess:
             self.signalled.wait(FATAL_LINGER_S)
         link = self.link
         if link is not None:
-            if not self.fatal:
+            if not self.fatal and link_thread.is_alive():
                 self._close_session(link)
             self.in_link(link.stop)
         link_thread.join(3.0)
