@@ -84,7 +84,8 @@ def test_the_transition_table_names_every_state_and_only_known_inputs() -> None:
     states = {s for pair in TRANSITIONS for s in (pair[0],)} | set(TRANSITIONS.values())
     assert states == set(LiveState)
     inputs = {what for _, what in TRANSITIONS}
-    assert inputs == {"connected", "attached", "session.started", "error", "disconnected", "close", "end", "session.closed"}
+    assert inputs == {"connected", "attached", "session.started", "error", "disconnected", "close", "end", "renew",
+                      "session.closed"}
 
 
 def test_a_realtime_model_is_refused_naming_the_live_models() -> None:
@@ -506,6 +507,38 @@ def test_a_session_that_expires_while_the_host_ends_is_not_renewed() -> None:
     acts = h.ev({"type": "session.closed", "reason": "expired", "session": {"id": "live_abc"},
                  "usage": {"seconds": 7200}})
     assert not any(isinstance(a, Reconnect) for a in acts) and h.core.state is LiveState.ENDED
+
+
+def test_a_session_is_renewed_at_a_quiet_moment_before_it_expires() -> None:
+    """At ``expires_at`` the server cuts the model mid-sentence and the user's words meanwhile
+    are lost (the review). From RENEW_BEFORE_S before it, the first quiet moment renews it."""
+    from engine.realtime.live_core import RENEW_BEFORE_S, RENEW_CHECK_S
+    wall = 1_000_000.0
+    h = Harness(wall_clock=lambda: wall)
+    acts = h(Connected())
+    h.ev({"type": "session.started", "client_event_id": sent(acts)[0]["event_id"],
+          "session": {"id": "live_abc", "model": "gpt-live-1", "status": "active", "expires_at": wall + 300}})
+    renew_at = h.now + 300 - RENEW_BEFORE_S
+    assert h.core.renew_from_s == pytest.approx(renew_at)
+    h.now = renew_at - 1
+    h(MicAudio(b"\x00\x00" * 480, h.now))
+    assert sent(h(Tick()), "session.close") == []
+    # the model is speaking at the due time: not now; nor while the user's turn is open
+    h.now = renew_at
+    h.ev({"type": "session.output_audio.delta", "delta": audio(100, loud_from_ms=0)})
+    assert sent(h(Tick()), "session.close") == [] and h.core.renew_from_s == pytest.approx(renew_at + RENEW_CHECK_S)
+    h.ev({"type": "session.output_audio.delta", "delta": audio(100)})
+    h.fragment("user", "So about the", 0, 200)
+    h.now += RENEW_CHECK_S
+    assert sent(h(Tick()), "session.close") == []
+    h.now += 1.0                                         # the user's turn closes (800 ms without a fragment)
+    acts = h(Tick())
+    (close,) = sent(acts, "session.close")
+    assert h.core.state is LiveState.RENEWING and published(acts, "engine.status")[-1]["state"] == "renewing"
+    acts = h.ev({"type": "session.closed", "reason": "close_requested", "session": {"id": "live_abc"},
+                 "usage": {"seconds": 180}})
+    assert [a.reason for a in acts if isinstance(a, Reconnect)] == ["session renewed before it expired"]
+    assert not published(acts, "engine.error")
 
 
 def test_an_expired_session_is_renewed_with_the_conversation() -> None:

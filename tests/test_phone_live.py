@@ -41,3 +41,30 @@ def test_a_call_that_hangs_up_is_charged_for_its_last_seconds(make_server: Any,
         (cost,) = pub.all("cost.session", phone_call_id=phone.call_sid)[-1:]
         assert cost["seconds"] >= 2 and ended["usd"] == pytest.approx(cost["usd"], abs=1e-6) and ended["usd"] > 0
     asyncio.run(main())
+
+
+def test_a_session_near_its_expiry_is_renewed_at_a_quiet_moment(make_server: Any,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A session of 125 s: RENEW_BEFORE_S (120 s) before its ``expires_at``, at the first quiet
+    moment, the call's core closes it and a new one starts with the conversation; the server never
+    expires it (it would cut the model mid-sentence)."""
+    from engine.server.faults import Faults
+    set_twilio_token(monkeypatch)
+    server = make_server(speed=1.0, faults=Faults(max_session_s=125))
+    pub = RecordingPublisher()
+
+    async def main() -> None:
+        spec = bridge_spec(server.base + "/live/sessions", model="gpt-live-1")
+        bridge = PhoneBridge(spec, publisher=pub)  # type: ignore[arg-type]
+        url = await bridge.listen()
+        phone = await FakePhone(url).dial()
+        first, second = await pub.wait_many("server.session.started", 2, phone_call_id=phone.call_sid, timeout_s=15)
+        assert first["session"]["id"] != second["session"]["id"]
+        status = [m for t, m in pub.msgs if t == "phone.call.status" and m.get("phone_call_id") == phone.call_sid]
+        assert [m["state"] for m in status if m.get("state") in ("renewing", "session_closed")] == \
+            ["renewing", "session_closed"], status
+        assert not [m for t, m in pub.msgs if t == "server.session.closed" and m.get("reason") == "expired"]
+        await phone.hang_up()
+        await pub.wait("phone.call.ended", phone_call_id=phone.call_sid)
+        await bridge.close()
+    asyncio.run(main())

@@ -7,7 +7,9 @@ shell drives either: ``handle(record, now_s, heard_index)`` -> actions.
 
 Rules:
 - The session is DISCONNECTED, STARTING (the socket is open and ``session.start`` sent), ACTIVE
-  (``session.started`` came), CLOSING (we sent ``session.close``: the budget is spent), ENDING
+  (``session.started`` came), CLOSING (we sent ``session.close``: the budget is spent), RENEWING
+  (we sent ``session.close`` to renew the session before it expires: its ``session.closed``
+  reconnects, as an expiry does), ENDING
   (we sent ``session.close`` because the host is ending: a call hung up; its ``session.closed``
   brings the last usage), ENDED (after it: like SPENT, no session starts again), SPENT
   (the budget's session has closed: no session starts again, a socket that opens anyway is sent
@@ -21,6 +23,11 @@ Rules:
   A Live session cannot be resumed, so a reconnect is a new session told what was said. Context
   the old session never placed waits for the new one, after the history; a delegation ends with
   its session, so its result goes to the next as plain commentary.
+- A session is renewed before it expires: from RENEW_BEFORE_S before its ``expires_at`` (placed
+  on the monotonic clock with ``wall_clock`` at ``session.started``), the first quiet moment (no
+  open turn, no delegation, no context waiting, the model's last delta silent) closes it with
+  ``session.close`` and a new session starts with the conversation. With no quiet moment, the
+  session expires as before and is renewed then.
 - Nothing but ``session.start`` is sent before ``session.started``. Commands that need the
   session (context appends, mute) wait in order and go out after it: after the history, always.
 - The mic streams continuously: the session clock advances only with input audio, and text sent
@@ -67,6 +74,7 @@ import base64
 import enum
 import json
 import re
+import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping
@@ -99,6 +107,11 @@ INPUT_MESSAGE_TOKENS = 8
 APPEND_MAX_TOKENS = 500
 #: with no mic audio for this long, silence is sent in its place (the session clock needs audio)
 KEEPALIVE_S = 0.1
+#: a session is renewed at the first quiet moment this long before its ``expires_at``: at the
+#: expiry itself the model is cut mid-sentence, and what the user says meanwhile is lost
+RENEW_BEFORE_S = 120.0
+#: a renewal due at a moment that is not quiet is looked at again this often
+RENEW_CHECK_S = 0.5
 #: the same for a mic that comes over a network (a phone's media stream, which never stops while
 #: the call is up): its frames can be late by more than KEEPALIVE_S, and silence sent in their
 #: place would split the caller's words and move the session's timeline ahead of the call
@@ -142,6 +155,7 @@ class LiveState(enum.Enum):
     STARTING = "starting"
     ACTIVE = "active"
     CLOSING = "closing"
+    RENEWING = "renewing"
     ENDING = "ending"
     ENDED = "ended"
     SPENT = "spent"
@@ -160,6 +174,9 @@ TRANSITIONS: dict[tuple[LiveState, str], LiveState] = {
     (S.ACTIVE, "close"): S.CLOSING,
     (S.ACTIVE, "session.closed"): S.DISCONNECTED,
     (S.ACTIVE, "disconnected"): S.DISCONNECTED,
+    (S.ACTIVE, "renew"): S.RENEWING,
+    (S.RENEWING, "session.closed"): S.DISCONNECTED,
+    (S.RENEWING, "disconnected"): S.DISCONNECTED,
     (S.ACTIVE, "end"): S.ENDING,
     (S.ENDING, "session.closed"): S.ENDED,
     (S.ENDING, "disconnected"): S.ENDED,
@@ -244,10 +261,11 @@ class LiveCore(TakesCommandsOnce):
     def __init__(self, model: str, session_config: Mapping[str, Any], *, start_index: int = 0,
                  budget_usd: float | None = None, new_id: Callable[[str], str] = default_new_id,
                  audio_format: str = "audio/pcm", barge_in: bool = True, min_speech_ms: int = 0,
-                 sideband: bool = False) -> None:
+                 sideband: bool = False, wall_clock: Callable[[], float] = time.time) -> None:
         """``barge_in`` and ``min_speech_ms`` are the Realtime core's; GPT-Live yields by itself, so
         they are taken (one constructor for both backends) and have no effect. ``sideband``: attached
-        to a running session (a SIP call's ``/attach``)."""
+        to a running session (a SIP call's ``/attach``). ``wall_clock``: epoch seconds, read once a
+        session, to place its ``expires_at`` on the monotonic clock the records carry."""
         check_live_model(model)
         if audio_format not in AUDIO_FORMATS:
             raise ConfigError(f"audio_format {audio_format!r} is not one of {', '.join(AUDIO_FORMATS)}")
@@ -259,6 +277,9 @@ class LiveCore(TakesCommandsOnce):
         self.sideband = sideband
         self.keepalive_s = KEEPALIVE_S   #: silence goes in after this long without mic audio (rules)
         self.keepalive_on = False        #: silence is going in (every KEEPALIVE_S, until mic audio comes)
+        self.wall_clock = wall_clock
+        #: the session's renewal before its expiry: from when a quiet moment renews it (monotonic)
+        self.renew_from_s: float | None = None
         self.per_minute_usd = live_prices(model)["per_minute"]
         self.budget_usd = budget_usd
         self.new_id = new_id
@@ -501,6 +522,10 @@ class LiveCore(TakesCommandsOnce):
         self.session_id, self.session = session.get("id"), session
         if replay:
             return [Publish("session.config", {"session": session})]
+        expires_at = session.get("expires_at")
+        self.renew_from_s = None
+        if isinstance(expires_at, (int, float)) and not isinstance(expires_at, bool) and not self.sideband:
+            self.renew_from_s = now_s + (float(expires_at) - self.wall_clock()) - RENEW_BEFORE_S
         acts: list[Action] = [Publish("engine.status", {"state": "connected", "session_id": self.session_id,
                                                         "model": self.model, "api": "live"}),
                               Publish("session.config", {"session": session})]
@@ -530,7 +555,7 @@ class LiveCore(TakesCommandsOnce):
         acts = self._usage(ev.get("usage"))
         acts.append(Publish("engine.status", {"state": "session_closed", "reason": reason,
                                               "session_id": self.session_id}))
-        renewing = reason in RENEW_REASONS and self.state is LiveState.ACTIVE
+        renewing = (reason in RENEW_REASONS and self.state is LiveState.ACTIVE) or self.state is LiveState.RENEWING
         unplaced = {**self.unplaced, **self.sent}          # in the order they were sent
         self.unplaced.clear()
         if renewing:   # what was sent waits for the next session (_session_over)
@@ -546,7 +571,8 @@ class LiveCore(TakesCommandsOnce):
         if self.state is LiveState.CLOSING:   # the budget's close: the last usage is in, nothing reopens
             acts.append(self._spent())
         elif renewing:
-            acts.append(Reconnect(f"session {reason}"))
+            acts.append(Reconnect("session renewed before it expired" if self.state is LiveState.RENEWING
+                                  else f"session {reason}"))
         self._move("session.closed")
         return acts
 
@@ -872,6 +898,8 @@ class LiveCore(TakesCommandsOnce):
         due = [d for d in (self.grouper.next_deadline(), self.tools.next_deadline()) if d is not None]
         if self.state is LiveState.ACTIVE and not self.sideband:
             due.append((self.last_audio_s or 0.0) + (KEEPALIVE_S if self.keepalive_on else self.keepalive_s))
+            if self.renew_from_s is not None:
+                due.append(self.renew_from_s)
         return min(due) if due else None
 
     def _tick(self, now_s: float) -> list[Action]:
@@ -887,7 +915,21 @@ class LiveCore(TakesCommandsOnce):
                                                      call_id)))
         if self.state is LiveState.ACTIVE and not self.sideband:
             acts.extend(self._keepalive(now_s))
+            acts.extend(self._renew_if_due(now_s))
         return acts
+
+    def _renew_if_due(self, now_s: float) -> list[Action]:
+        """Close the session to renew it, when its expiry is near and the moment is quiet."""
+        if self.renew_from_s is None or now_s < self.renew_from_s:
+            return []
+        if not (self.at_turn_boundary() and self.last_delta_silent):
+            self.renew_from_s = now_s + RENEW_CHECK_S
+            return []
+        self.renew_from_s = None
+        self._move("renew")
+        return [Publish("engine.status", {"state": "renewing", "session_id": self.session_id,
+                                          "reason": "the session expires soon"}),
+                Send({"type": "session.close", "event_id": self.new_id("event")})]
 
     # ================================================================ DTMF (a SIP call's sideband)
     def _on_dtmf(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
