@@ -85,6 +85,7 @@ def test_the_transition_table_names_every_state_and_only_known_inputs() -> None:
     assert states == set(LiveState)
     inputs = {what for _, what in TRANSITIONS}
     assert inputs == {"connected", "attached", "session.started", "error", "disconnected", "close", "end", "renew",
+                      "closed for good",
                       "session.closed"}
 
 
@@ -539,6 +540,23 @@ def test_a_session_is_renewed_at_a_quiet_moment_before_it_expires() -> None:
                  "usage": {"seconds": 180}})
     assert [a.reason for a in acts if isinstance(a, Reconnect)] == ["session renewed before it expired"]
     assert not published(acts, "engine.error")
+
+
+@pytest.mark.parametrize("reason", ["content", "close_requested"])
+def test_a_session_the_server_closes_for_good_is_not_reopened(reason: str) -> None:
+    """Closed for its content, or by another client: the server's close of the socket then made the
+    link reconnect and the core start a new session at once (a content close again and again)."""
+    h = Harness()
+    h.started()
+    acts = h.ev({"type": "session.closed", "reason": reason, "session": {"id": "live_abc"}, "usage": {"seconds": 9}})
+    (err,) = published(acts, "engine.error")
+    assert err["fatal"] is True and err["code"] == "session_closed" and reason in err["message"]
+    assert not any(isinstance(a, Reconnect) for a in acts) and h.core.state is LiveState.ENDED
+    assert h(Disconnected(1000)) == [] and h(Connected(reconnect=True)) == []
+    side = Harness(sideband=True)                        # a SIP call's: its close is the call's end
+    side(Connected())
+    assert not published(side.ev({"type": "session.closed", "reason": reason, "session": {"id": "rtc_1"}}),
+                         "engine.error")
 
 
 def test_an_expired_session_is_renewed_with_the_conversation() -> None:

@@ -11,11 +11,14 @@ Rules:
   (we sent ``session.close`` to renew the session before it expires: its ``session.closed``
   reconnects, as an expiry does), ENDING
   (we sent ``session.close`` because the host is ending: a call hung up; its ``session.closed``
-  brings the last usage), ENDED (after it: like SPENT, no session starts again), SPENT
+  brings the last usage), ENDED (after it, or after the server closed the session for a reason
+  that is not a renewal's: ``content``, or ``close_requested`` by another client; like SPENT, no
+  session starts again), SPENT
   (the budget's session has closed: no session starts again, a socket that opens anyway is sent
   nothing, and the host ends) or REFUSED (an ``error`` before ``session.started``: the session
-  could not start, so nothing is sent any more and the process stops). REFUSED and SPENT publish
-  one ``engine.error`` with ``fatal``: the engine stops on it, a phone call ends (only that call).
+  could not start, so nothing is sent any more and the process stops). REFUSED, SPENT and a
+  session the server closed for good publish one ``engine.error`` with ``fatal``: the engine
+  stops on it, a phone call ends (only that call).
   The transitions are :data:`TRANSITIONS`; any other is a :class:`LiveStateError`.
 - A socket that opens starts a new session: ``session.start`` carries the model, the
   instructions, the voice, the audio format and the conversation so far as its text ``input``
@@ -178,6 +181,7 @@ TRANSITIONS: dict[tuple[LiveState, str], LiveState] = {
     (S.RENEWING, "session.closed"): S.DISCONNECTED,
     (S.RENEWING, "disconnected"): S.DISCONNECTED,
     (S.ACTIVE, "end"): S.ENDING,
+    (S.ACTIVE, "closed for good"): S.ENDED,
     (S.ENDING, "session.closed"): S.ENDED,
     (S.ENDING, "disconnected"): S.ENDED,
     (S.ENDED, "disconnected"): S.ENDED,
@@ -573,6 +577,14 @@ class LiveCore(TakesCommandsOnce):
         elif renewing:
             acts.append(Reconnect("session renewed before it expired" if self.state is LiveState.RENEWING
                                   else f"session {reason}"))
+        elif self.state is LiveState.ACTIVE and not self.sideband:
+            # closed by the server for good (content) or by another client (close_requested): a new
+            # session would meet the same, or go against the closer; the host ends
+            self._move("closed for good")
+            acts.append(Publish("engine.error", {
+                "source": "api", "code": "session_closed", "fatal": True, "reason": reason,
+                "message": f"GPT-Live closed the session ({reason or 'no reason given'}); a new one is not opened"}))
+            return acts
         self._move("session.closed")
         return acts
 
