@@ -85,7 +85,7 @@ def test_the_transition_table_names_every_state_and_only_known_inputs() -> None:
     assert states == set(LiveState)
     inputs = {what for _, what in TRANSITIONS}
     assert inputs == {"connected", "attached", "session.started", "error", "disconnected", "close", "end", "renew",
-                      "closed for good",
+                      "closed for good", "budget spent",
                       "session.closed"}
 
 
@@ -513,7 +513,7 @@ def test_a_session_that_expires_while_the_host_ends_is_not_renewed() -> None:
 def test_a_session_is_renewed_at_a_quiet_moment_before_it_expires() -> None:
     """At ``expires_at`` the server cuts the model mid-sentence and the user's words meanwhile
     are lost (the review). From RENEW_BEFORE_S before it, the first quiet moment renews it."""
-    from engine.realtime.live_core import RENEW_BEFORE_S, RENEW_CHECK_S
+    from engine.realtime.live_core import RENEW_BEFORE_S, RENEW_CHECK_S, RENEW_REPLY_WAIT_S
     wall = 1_000_000.0
     h = Harness(wall_clock=lambda: wall)
     acts = h(Connected())
@@ -524,6 +524,10 @@ def test_a_session_is_renewed_at_a_quiet_moment_before_it_expires() -> None:
     h.now = renew_at - 1
     h(MicAudio(b"\x00\x00" * 480, h.now))
     assert sent(h(Tick()), "session.close") == []
+    # the user is audible at the due time (no transcript yet): not now
+    h.now = renew_at
+    h(MicAudio((3000).to_bytes(2, "little", signed=True) * 480, h.now))
+    assert sent(h(Tick()), "session.close") == []
     # the model is speaking at the due time: not now; nor while the user's turn is open
     h.now = renew_at
     h.ev({"type": "session.output_audio.delta", "delta": audio(100, loud_from_ms=0)})
@@ -533,6 +537,8 @@ def test_a_session_is_renewed_at_a_quiet_moment_before_it_expires() -> None:
     h.now += RENEW_CHECK_S
     assert sent(h(Tick()), "session.close") == []
     h.now += 1.0                                         # the user's turn closes (800 ms without a fragment)
+    assert sent(h(Tick()), "session.close") == []        # the model's reply is awaited
+    h.now += RENEW_REPLY_WAIT_S                          # none came (the model may choose not to answer)
     acts = h(Tick())
     (close,) = sent(acts, "session.close")
     assert h.core.state is LiveState.RENEWING and published(acts, "engine.status")[-1]["state"] == "renewing"
@@ -540,6 +546,50 @@ def test_a_session_is_renewed_at_a_quiet_moment_before_it_expires() -> None:
                  "usage": {"seconds": 180}})
     assert [a.reason for a in acts if isinstance(a, Reconnect)] == ["session renewed before it expired"]
     assert not published(acts, "engine.error")
+
+
+def renewing(**kw: Any) -> Harness:
+    """A core whose session (300 s long) is being renewed."""
+    from engine.realtime.live_core import RENEW_BEFORE_S
+    h = Harness(wall_clock=lambda: 1_000_000.0, **kw)
+    acts = h(Connected())
+    h.ev({"type": "session.started", "client_event_id": sent(acts)[0]["event_id"],
+          "session": {"id": "live_abc", "expires_at": 1_000_300}})
+    h.now += 300 - RENEW_BEFORE_S
+    assert sent(h(Tick()), "session.close") and h.core.state is LiveState.RENEWING
+    return h
+
+
+def test_a_renewal_keeps_the_mic_to_the_old_session_and_stops_for_the_budget_or_the_hosts_end() -> None:
+    h = renewing(budget_usd=0.5)
+    assert [a for a in h(MicAudio(b"\x00\x00" * 480, h.now)) if isinstance(a, SendAudio)]   # heard until closed
+    acts = h.ev({"type": "session.closed", "reason": "close_requested", "session": {"id": "live_abc"},
+                 "usage": {"seconds": 600}})               # its last usage is past the budget
+    assert not any(isinstance(a, Reconnect) for a in acts) and published(acts, "engine.error")[0]["code"] == \
+        "budget_exceeded" and h.core.state is LiveState.SPENT
+    h = renewing()
+    assert h(Ending()) == [] and h.core.ending              # the close is out: wait for it, reopen nothing
+    acts = h.ev({"type": "session.closed", "reason": "close_requested", "session": {"id": "live_abc"}})
+    assert not any(isinstance(a, Reconnect) for a in acts) and h.core.state is LiveState.ENDED
+
+
+def test_a_short_session_is_not_renewed_before_it_is_a_minute_old() -> None:
+    """expires_at within RENEW_BEFORE_S (a short session, or a clock ahead of the server's): each
+    session was renewed as soon as it started."""
+    from engine.realtime.live_core import RENEW_MIN_AGE_S
+    h = Harness(wall_clock=lambda: 1_000_000.0)
+    acts = h(Connected())
+    h.ev({"type": "session.started", "client_event_id": sent(acts)[0]["event_id"],
+          "session": {"id": "live_abc", "expires_at": 1_000_090}})
+    assert h.core.renew_from_s == pytest.approx(h.now + RENEW_MIN_AGE_S)
+
+
+def test_a_session_closed_for_another_reason_is_reopened_by_the_link() -> None:
+    h = Harness()
+    h.started()
+    acts = h.ev({"type": "session.closed", "reason": "", "session": {"id": "live_abc"}})
+    assert not published(acts, "engine.error") and h.core.state is LiveState.DISCONNECTED
+    assert sent(h(Connected(reconnect=True)), "session.start")
 
 
 @pytest.mark.parametrize("reason", ["content", "close_requested"])

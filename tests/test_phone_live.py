@@ -50,6 +50,7 @@ def test_a_session_near_its_expiry_is_renewed_at_a_quiet_moment(make_server: Any
     expires it (it would cut the model mid-sentence)."""
     from engine.server.faults import Faults
     set_twilio_token(monkeypatch)
+    monkeypatch.setattr("engine.realtime.live_core.RENEW_MIN_AGE_S", 3.0)   # (60 s: a real session's)
     server = make_server(speed=1.0, faults=Faults(max_session_s=125))
     pub = RecordingPublisher()
 

@@ -11,9 +11,9 @@ Rules:
   (we sent ``session.close`` to renew the session before it expires: its ``session.closed``
   reconnects, as an expiry does), ENDING
   (we sent ``session.close`` because the host is ending: a call hung up; its ``session.closed``
-  brings the last usage), ENDED (after it, or after the server closed the session for a reason
-  that is not a renewal's: ``content``, or ``close_requested`` by another client; like SPENT, no
-  session starts again), SPENT
+  brings the last usage), ENDED (after it, or after the server closed the session for good:
+  CLOSED_FOR_GOOD_REASONS, ``content`` or ``close_requested`` by another client; like SPENT, no
+  session starts again; any other reason reconnects), SPENT
   (the budget's session has closed: no session starts again, a socket that opens anyway is sent
   nothing, and the host ends) or REFUSED (an ``error`` before ``session.started``: the session
   could not start, so nothing is sent any more and the process stops). REFUSED, SPENT and a
@@ -27,10 +27,13 @@ Rules:
   the old session never placed waits for the new one, after the history; a delegation ends with
   its session, so its result goes to the next as plain commentary.
 - A session is renewed before it expires: from RENEW_BEFORE_S before its ``expires_at`` (placed
-  on the monotonic clock with ``wall_clock`` at ``session.started``), the first quiet moment (no
-  open turn, no delegation, no context waiting, the model's last delta silent) closes it with
-  ``session.close`` and a new session starts with the conversation. With no quiet moment, the
-  session expires as before and is renewed then.
+  on the monotonic clock with ``wall_clock`` at ``session.started``; never before the session is
+  RENEW_MIN_AGE_S old), the first quiet moment (neither the mic nor the model audible for
+  RENEW_QUIET_S, no open turn, no reply awaited (for up to RENEW_REPLY_WAIT_S), no delegation, no
+  context waiting) closes it with
+  ``session.close`` and a new session starts with the conversation. The mic still goes to the
+  closing session until its ``session.closed``. With no quiet moment, the session expires as
+  before and is renewed then. A budget the renewal's last usage reaches ends it as SPENT.
 - Nothing but ``session.start`` is sent before ``session.started``. Commands that need the
   session (context appends, mute) wait in order and go out after it: after the history, always.
 - The mic streams continuously: the session clock advances only with input audio, and text sent
@@ -115,6 +118,17 @@ KEEPALIVE_S = 0.1
 RENEW_BEFORE_S = 120.0
 #: a renewal due at a moment that is not quiet is looked at again this often
 RENEW_CHECK_S = 0.5
+#: never renewed younger than this (a short session, or a local clock ahead of the server's,
+#: would otherwise be renewed again and again as soon as each started)
+RENEW_MIN_AGE_S = 60.0
+#: a quiet moment: neither the mic nor the model audible for this long
+RENEW_QUIET_S = 1.0
+#: a reply the model has not begun this long after the user's turn is not waited for (it may
+#: choose not to answer)
+RENEW_REPLY_WAIT_S = 5.0
+#: the reasons a server's ``session.closed`` ends the conversation for good (a new session would
+#: meet the same, or go against another client that closed it); any other reason reconnects
+CLOSED_FOR_GOOD_REASONS = frozenset({"content", "close_requested"})
 #: the same for a mic that comes over a network (a phone's media stream, which never stops while
 #: the call is up): its frames can be late by more than KEEPALIVE_S, and silence sent in their
 #: place would split the caller's words and move the session's timeline ahead of the call
@@ -180,6 +194,8 @@ TRANSITIONS: dict[tuple[LiveState, str], LiveState] = {
     (S.ACTIVE, "renew"): S.RENEWING,
     (S.RENEWING, "session.closed"): S.DISCONNECTED,
     (S.RENEWING, "disconnected"): S.DISCONNECTED,
+    (S.RENEWING, "end"): S.ENDING,
+    (S.RENEWING, "budget spent"): S.SPENT,
     (S.ACTIVE, "end"): S.ENDING,
     (S.ACTIVE, "closed for good"): S.ENDED,
     (S.ENDING, "session.closed"): S.ENDED,
@@ -284,6 +300,7 @@ class LiveCore(TakesCommandsOnce):
         self.wall_clock = wall_clock
         #: the session's renewal before its expiry: from when a quiet moment renews it (monotonic)
         self.renew_from_s: float | None = None
+        self.last_loud_s: float | None = None   #: when the mic or the model was last audible (near a renewal)
         self.per_minute_usd = live_prices(model)["per_minute"]
         self.budget_usd = budget_usd
         self.new_id = new_id
@@ -461,6 +478,9 @@ class LiveCore(TakesCommandsOnce):
 
     def _ending(self) -> list[Action]:
         """The host is ending: close an active session of our own for its final usage."""
+        if self.state is LiveState.RENEWING:   # its session.close is out: wait for it, and reopen nothing
+            self._move("end")
+            return []
         if self.state is not LiveState.ACTIVE or self.sideband:   # a sideband's session is the call's
             return []
         self._move("end")
@@ -529,7 +549,8 @@ class LiveCore(TakesCommandsOnce):
         expires_at = session.get("expires_at")
         self.renew_from_s = None
         if isinstance(expires_at, (int, float)) and not isinstance(expires_at, bool) and not self.sideband:
-            self.renew_from_s = now_s + (float(expires_at) - self.wall_clock()) - RENEW_BEFORE_S
+            left_s = float(expires_at) - self.wall_clock()
+            self.renew_from_s = now_s + max(RENEW_MIN_AGE_S, left_s - RENEW_BEFORE_S)
         acts: list[Action] = [Publish("engine.status", {"state": "connected", "session_id": self.session_id,
                                                         "model": self.model, "api": "live"}),
                               Publish("session.config", {"session": session})]
@@ -559,7 +580,10 @@ class LiveCore(TakesCommandsOnce):
         acts = self._usage(ev.get("usage"))
         acts.append(Publish("engine.status", {"state": "session_closed", "reason": reason,
                                               "session_id": self.session_id}))
-        renewing = (reason in RENEW_REASONS and self.state is LiveState.ACTIVE) or self.state is LiveState.RENEWING
+        spent_renewing = self.state is LiveState.RENEWING and self.budget_usd is not None \
+            and self.total_usd() >= self.budget_usd   # the renewal's last usage reached the budget
+        renewing = ((reason in RENEW_REASONS and self.state is LiveState.ACTIVE) or self.state is LiveState.RENEWING) \
+            and not spent_renewing
         unplaced = {**self.unplaced, **self.sent}          # in the order they were sent
         self.unplaced.clear()
         if renewing:   # what was sent waits for the next session (_session_over)
@@ -574,10 +598,14 @@ class LiveCore(TakesCommandsOnce):
         acts.extend(self._session_over("session_closed"))
         if self.state is LiveState.CLOSING:   # the budget's close: the last usage is in, nothing reopens
             acts.append(self._spent())
+        elif spent_renewing:
+            acts.append(self._spent())
+            self._move("budget spent")
+            return acts
         elif renewing:
             acts.append(Reconnect("session renewed before it expired" if self.state is LiveState.RENEWING
                                   else f"session {reason}"))
-        elif self.state is LiveState.ACTIVE and not self.sideband:
+        elif self.state is LiveState.ACTIVE and not self.sideband and reason in CLOSED_FOR_GOOD_REASONS:
             # closed by the server for good (content) or by another client (close_requested): a new
             # session would meet the same, or go against the closer; the host ends
             self._move("closed for good")
@@ -627,6 +655,8 @@ class LiveCore(TakesCommandsOnce):
             self.stream_open = True
             self.stream_start_index = self.written_frames
         first = _first_sound(pcm, fmt.name)
+        if first is not None:
+            self.last_loud_s = now_s
         if first is not None and self.last_delta_silent:
             self.onsets = [o for o in self.onsets if o[0] >= now_s - ONSET_MEMORY_S] + [(now_s, self.written_frames + first)]
         if self.awaiting_reply is not None and self.reply_at_index is None and first is not None:
@@ -789,9 +819,13 @@ class LiveCore(TakesCommandsOnce):
 
     # ================================================================ mic
     def _mic(self, rec: MicAudio) -> list[Action]:
-        if self.state is not LiveState.ACTIVE and self.state is not LiveState.CLOSING:
+        if self.state not in (LiveState.ACTIVE, LiveState.CLOSING, LiveState.RENEWING):
             return []   # nothing but session.start before session.started
         fmt = self.audio_format
+        renew_from_s = self.renew_from_s
+        if renew_from_s is not None and rec.captured_at_s >= renew_from_s - RENEW_QUIET_S \
+                and not self.keepalive_on and _first_sound(rec.pcm, fmt.name) is not None:
+            self.last_loud_s = rec.captured_at_s   # looked at only near a renewal: the mic path stays cheap
         self.clock.appended(len(rec.pcm) // fmt.bytes_per_frame * API_RATE_HZ // fmt.rate_hz, rec.captured_at_s)
         self.last_audio_s = rec.captured_at_s
         return [SendAudio(rec.pcm)]
@@ -908,10 +942,10 @@ class LiveCore(TakesCommandsOnce):
     # ================================================================ timers
     def next_deadline(self) -> float | None:
         due = [d for d in (self.grouper.next_deadline(), self.tools.next_deadline()) if d is not None]
-        if self.state is LiveState.ACTIVE and not self.sideband:
+        if self.state in (LiveState.ACTIVE, LiveState.RENEWING) and not self.sideband:
             due.append((self.last_audio_s or 0.0) + (KEEPALIVE_S if self.keepalive_on else self.keepalive_s))
-            if self.renew_from_s is not None:
-                due.append(self.renew_from_s)
+        if self.state is LiveState.ACTIVE and not self.sideband and self.renew_from_s is not None:
+            due.append(self.renew_from_s)
         return min(due) if due else None
 
     def _tick(self, now_s: float) -> list[Action]:
@@ -925,8 +959,9 @@ class LiveCore(TakesCommandsOnce):
             if live:   # an old session's delegation: its session, which waited for it, is gone
                 acts.extend(self._send_append(Append("commentary", "The lookup did not answer in time.", None,
                                                      call_id)))
+        if self.state in (LiveState.ACTIVE, LiveState.RENEWING) and not self.sideband:
+            acts.extend(self._keepalive(now_s))   # the old session hears the mic until it has closed
         if self.state is LiveState.ACTIVE and not self.sideband:
-            acts.extend(self._keepalive(now_s))
             acts.extend(self._renew_if_due(now_s))
         return acts
 
@@ -934,7 +969,10 @@ class LiveCore(TakesCommandsOnce):
         """Close the session to renew it, when its expiry is near and the moment is quiet."""
         if self.renew_from_s is None or now_s < self.renew_from_s:
             return []
-        if not (self.at_turn_boundary() and self.last_delta_silent):
+        loud, awaited = self.last_loud_s, self.awaiting_reply
+        quiet = loud is None or now_s - loud >= RENEW_QUIET_S
+        reply_due = awaited is not None and awaited[1] is not None and now_s - awaited[1] < RENEW_REPLY_WAIT_S
+        if not (quiet and self.at_turn_boundary() and not reply_due and self.last_delta_silent):
             self.renew_from_s = now_s + RENEW_CHECK_S
             return []
         self.renew_from_s = None
