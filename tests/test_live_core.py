@@ -7,6 +7,7 @@ import base64
 import json
 from typing import Any
 
+import numpy as np
 import pytest
 
 from bus.intake import Intake
@@ -571,6 +572,37 @@ def test_a_renewal_keeps_the_mic_to_the_old_session_and_stops_for_the_budget_or_
     assert h(Ending()) == [] and h.core.ending              # the close is out: wait for it, reopen nothing
     acts = h.ev({"type": "session.closed", "reason": "close_requested", "session": {"id": "live_abc"}})
     assert not any(isinstance(a, Reconnect) for a in acts) and h.core.state is LiveState.ENDED
+
+
+def test_a_renewal_is_not_held_off_by_a_rooms_noise_and_a_muted_mic_sends_silence() -> None:
+    """Judged by the model's digital-silence peak (64), a mic's faint room noise (peak 100) never
+    gave a quiet moment: no renewal in a whole session. And a mute during a renewal was acked
+    while the unmuted audio still went to the closing session."""
+    from engine.realtime.live_core import RENEW_BEFORE_S
+    h = Harness(wall_clock=lambda: 1_000_000.0)
+    acts = h(Connected())
+    h.ev({"type": "session.started", "client_event_id": sent(acts)[0]["event_id"],
+          "session": {"id": "live_abc", "expires_at": 1_000_300}})
+    noise = np.random.default_rng(3).integers(-100, 101, 480).astype("<i2").tobytes()
+    h.now += 300 - RENEW_BEFORE_S - 2
+    closes = []
+    for _ in range(150):                                  # 3 s of noise, 20 ms a chunk, ticking as it goes
+        h.now += 0.02
+        h(MicAudio(noise, h.now))
+        closes += sent(h(Tick()), "session.close")
+    assert len(closes) == 1 and h.core.state is LiveState.RENEWING
+    h.cmd("cmd.mic", {"open": False, "id": "m1"})
+    (out,) = [a for a in h(MicAudio(noise, h.now)) if isinstance(a, SendAudio)]
+    assert out.pcm == bytes(len(noise))
+
+
+def test_a_renewal_whose_usage_reaches_the_budget_is_told_once_and_a_drop_then_reopens_nothing() -> None:
+    h = renewing(budget_usd=0.5)
+    acts = h.ev({"type": "session.usage.updated", "usage": {"seconds": 600}})
+    assert [(b["exceeded"], "80%" in b["message"]) for b in published(acts, "engine.budget")] == [(True, False)]
+    acts = h(Disconnected(1006))                          # the socket drops before session.closed
+    assert [e["code"] for e in published(acts, "engine.error")] == ["budget_exceeded"]
+    assert h.core.state is LiveState.SPENT and h(Connected(reconnect=True)) == []
 
 
 def test_a_short_session_is_not_renewed_before_it_is_a_minute_old() -> None:

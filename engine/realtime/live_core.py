@@ -26,14 +26,16 @@ Rules:
   A Live session cannot be resumed, so a reconnect is a new session told what was said. Context
   the old session never placed waits for the new one, after the history; a delegation ends with
   its session, so its result goes to the next as plain commentary.
-- A session is renewed before it expires: from RENEW_BEFORE_S before its ``expires_at`` (placed
-  on the monotonic clock with ``wall_clock`` at ``session.started``; never before the session is
-  RENEW_MIN_AGE_S old), the first quiet moment (neither the mic nor the model audible for
-  RENEW_QUIET_S, no open turn, no reply awaited (for up to RENEW_REPLY_WAIT_S), no delegation, no
-  context waiting) closes it with
-  ``session.close`` and a new session starts with the conversation. The mic still goes to the
-  closing session until its ``session.closed``. With no quiet moment, the session expires as
-  before and is renewed then. A budget the renewal's last usage reaches ends it as SPENT.
+- A session is renewed before it expires. From RENEW_BEFORE_S before its ``expires_at`` (placed
+  on the monotonic clock with ``wall_clock`` at ``session.started``), and never before the
+  session is RENEW_MIN_AGE_S old, the first quiet moment closes it with ``session.close``, and a
+  new session starts with the conversation. Quiet: neither the mic (RMS over MIC_SPEECH_RMS) nor
+  the model audible for RENEW_QUIET_S, no open turn, no reply awaited (up to
+  RENEW_REPLY_WAIT_S), no delegation, no context waiting. The mic goes to the closing session
+  until its ``session.closed`` (silence, if muted meanwhile). With no quiet moment (a mic whose
+  noise stays over the threshold) the session expires as before and is renewed then. A budget
+  the renewal's last usage reaches ends it as SPENT; the host's end during a renewal waits for
+  its close (RENEWING -> ENDING).
 - Nothing but ``session.start`` is sent before ``session.started``. Commands that need the
   session (context appends, mute) wait in order and go out after it: after the history, always.
 - The mic streams continuously: the session clock advances only with input audio, and text sent
@@ -123,6 +125,10 @@ RENEW_CHECK_S = 0.5
 RENEW_MIN_AGE_S = 60.0
 #: a quiet moment: neither the mic nor the model audible for this long
 RENEW_QUIET_S = 1.0
+#: the mic is audible above this RMS (int16; -40 dBFS, the local server's VAD's threshold): a
+#: room's noise stays under it, speech does not (the model's output is judged by SILENCE_PEAK,
+#: since its silence is digital)
+MIC_SPEECH_RMS = 328.0
 #: a reply the model has not begun this long after the user's turn is not waited for (it may
 #: choose not to answer)
 RENEW_REPLY_WAIT_S = 5.0
@@ -312,6 +318,7 @@ class LiveCore(TakesCommandsOnce):
         self.earlier_usd = 0.0            #: and their dollars
         self.session_usage: dict[str, Any] = {}   #: the current session's cumulative usage
         self.budget_warned = False
+        self.budget_told = False         #: engine.budget exceeded went out for a renewal that reached it
         self.history: list[dict[str, Any]] = []          #: Live input messages to give a new session
         self.waiting: list[Append] = []                  #: appends not yet sent (no active session)
         self.sent: dict[str, Append] = {}                #: event id -> append sent, not yet placed
@@ -467,14 +474,20 @@ class LiveCore(TakesCommandsOnce):
             if self.state is not LiveState.REFUSED:
                 self._move("disconnected")
             return []
-        spent = self.state is LiveState.CLOSING   # the budget's close, cut short by the socket
+        # the budget's close cut short by the socket, or a renewal's whose usage reached the budget
+        spent = self.state is LiveState.CLOSING or self._renewal_spent()
         acts: list[Action] = [Publish("engine.status", {"state": "disconnected", "close_code": rec.code,
                                                         "reason": rec.reason})]
         acts.extend(self._session_over("disconnected"))
         if spent:
             acts.append(self._spent())
-        self._move("disconnected")
+        self._move("budget spent" if spent and self.state is LiveState.RENEWING else "disconnected")
         return acts
+
+    def _renewal_spent(self) -> bool:
+        """A renewal under way whose usage has reached the budget: nothing reopens."""
+        return self.state is LiveState.RENEWING and self.budget_usd is not None \
+            and self.total_usd() >= self.budget_usd
 
     def _ending(self) -> list[Action]:
         """The host is ending: close an active session of our own for its final usage."""
@@ -580,8 +593,7 @@ class LiveCore(TakesCommandsOnce):
         acts = self._usage(ev.get("usage"))
         acts.append(Publish("engine.status", {"state": "session_closed", "reason": reason,
                                               "session_id": self.session_id}))
-        spent_renewing = self.state is LiveState.RENEWING and self.budget_usd is not None \
-            and self.total_usd() >= self.budget_usd   # the renewal's last usage reached the budget
+        spent_renewing = self._renewal_spent()   # the renewal's last usage reached the budget
         renewing = ((reason in RENEW_REASONS and self.state is LiveState.ACTIVE) or self.state is LiveState.RENEWING) \
             and not spent_renewing
         unplaced = {**self.unplaced, **self.sent}          # in the order they were sent
@@ -784,13 +796,18 @@ class LiveCore(TakesCommandsOnce):
                                                        "context_window": None})]
         if self.budget_usd is None:
             return acts
-        if usd >= self.budget_usd and self.state is LiveState.ACTIVE:
+        if usd >= self.budget_usd and self.state is LiveState.RENEWING and not self.budget_told:
+            self.budget_told = True   # the renewal's close then ends it as SPENT
+            acts.append(Publish("engine.budget", {"usd": usd, "budget_usd": self.budget_usd, "exceeded": True,
+                                                  "message": f"budget of ${self.budget_usd:.4f} reached; "
+                                                             "the GPT-Live session is closed"}))
+        elif usd >= self.budget_usd and self.state is LiveState.ACTIVE:
             self._move("close")
             acts.append(Publish("engine.budget", {"usd": usd, "budget_usd": self.budget_usd, "exceeded": True,
                                                   "message": f"budget of ${self.budget_usd:.4f} reached; "
                                                              "the GPT-Live session is closed"}))
             acts.append(Send({"type": "session.close", "event_id": self.new_id("event")}))
-        elif usd >= 0.8 * self.budget_usd and not self.budget_warned:
+        elif 0.8 * self.budget_usd <= usd < self.budget_usd and not self.budget_warned:
             self.budget_warned = True
             acts.append(Publish("engine.budget", {"usd": usd, "budget_usd": self.budget_usd, "exceeded": False,
                                                   "message": f"80% of the ${self.budget_usd:.4f} budget is spent"}))
@@ -824,11 +841,14 @@ class LiveCore(TakesCommandsOnce):
         fmt = self.audio_format
         renew_from_s = self.renew_from_s
         if renew_from_s is not None and rec.captured_at_s >= renew_from_s - RENEW_QUIET_S \
-                and not self.keepalive_on and _first_sound(rec.pcm, fmt.name) is not None:
+                and not self.keepalive_on and _rms(rec.pcm, fmt.name) > MIC_SPEECH_RMS:
             self.last_loud_s = rec.captured_at_s   # looked at only near a renewal: the mic path stays cheap
-        self.clock.appended(len(rec.pcm) // fmt.bytes_per_frame * API_RATE_HZ // fmt.rate_hz, rec.captured_at_s)
+        pcm = rec.pcm
+        if self.state is LiveState.RENEWING and not self.mic_open:   # muted since the close: its mute is not sent
+            pcm = _silence(fmt.name, len(pcm))
+        self.clock.appended(len(pcm) // fmt.bytes_per_frame * API_RATE_HZ // fmt.rate_hz, rec.captured_at_s)
         self.last_audio_s = rec.captured_at_s
-        return [SendAudio(rec.pcm)]
+        return [SendAudio(pcm)]
 
     # ================================================================ commands
     def _durable_mark(self) -> tuple[Any, ...]:
@@ -1132,6 +1152,20 @@ def _as_live_message(item: Any) -> dict[str, Any] | None:
 
 def _mono_ns(at_s: float | None) -> int | None:
     return None if at_s is None else int(at_s * 1e9)
+
+
+def _silence(fmt: str, n_bytes: int) -> bytes:
+    """``n_bytes`` of the format's silence (G.711's zero codes)."""
+    return (b"\xff" if fmt == "audio/pcmu" else b"\xd5" if fmt == "audio/pcma" else b"\x00") * n_bytes
+
+
+def _rms(pcm: bytes, fmt: str) -> float:
+    """Root mean square of ``pcm`` (the format's samples as int16 levels)."""
+    if fmt == "audio/pcm":
+        samples = np.frombuffer(pcm[: len(pcm) // 2 * 2], dtype="<i2")
+    else:   # G.711: one byte a frame
+        samples = g711_table(fmt)[np.frombuffer(pcm, dtype=np.uint8)]
+    return float(np.sqrt(np.mean(samples.astype(np.float64) ** 2))) if samples.size else 0.0
 
 
 def _first_sound(pcm: bytes, fmt: str) -> int | None:
