@@ -15,6 +15,13 @@ from tests.helpers import RecordingPublisher, bridge_spec, set_twilio_token
 pytestmark = pytest.mark.timeout(40)
 
 
+async def live_call(server: Any, pub: RecordingPublisher) -> tuple[PhoneBridge, FakePhone]:
+    """A bridge to ``server``'s GPT-Live in this loop, and a fake phone that dialled it."""
+    spec = bridge_spec(server.base + "/live/sessions", model="gpt-live-1")
+    bridge = PhoneBridge(spec, publisher=pub)  # type: ignore[arg-type]
+    return bridge, await FakePhone(await bridge.listen()).dial()
+
+
 def test_a_call_that_hangs_up_is_charged_for_its_last_seconds(make_server: Any,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """GPT-Live reports usage every 15 s of the session and in its ``session.closed``. The bridge
@@ -25,10 +32,7 @@ def test_a_call_that_hangs_up_is_charged_for_its_last_seconds(make_server: Any,
     pub = RecordingPublisher()
 
     async def main() -> None:
-        spec = bridge_spec(server.base + "/live/sessions", model="gpt-live-1")
-        bridge = PhoneBridge(spec, publisher=pub)  # type: ignore[arg-type]
-        url = await bridge.listen()
-        phone = await FakePhone(url).dial()
+        bridge, phone = await live_call(server, pub)
         await pub.wait("session.config", phone_call_id=phone.call_sid)
         await asyncio.wait_for(phone.got_audio.wait(), 10)
         await asyncio.sleep(2.5)   # the call's length: what it is charged for (no event marks it)
@@ -55,10 +59,7 @@ def test_a_session_near_its_expiry_is_renewed_at_a_quiet_moment(make_server: Any
     pub = RecordingPublisher()
 
     async def main() -> None:
-        spec = bridge_spec(server.base + "/live/sessions", model="gpt-live-1")
-        bridge = PhoneBridge(spec, publisher=pub)  # type: ignore[arg-type]
-        url = await bridge.listen()
-        phone = await FakePhone(url).dial()
+        bridge, phone = await live_call(server, pub)
         first, second = await pub.wait_many("server.session.started", 2, phone_call_id=phone.call_sid, timeout_s=15)
         assert first["session"]["id"] != second["session"]["id"]
         status = [m for t, m in pub.msgs if t == "phone.call.status" and m.get("phone_call_id") == phone.call_sid]

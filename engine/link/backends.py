@@ -43,6 +43,10 @@ class ProtocolCore(Protocol):
     def protocol_refused(self) -> bool:
         """The peer speaks a protocol this core refuses: reconnecting cannot help."""
 
+    @property
+    def ending(self) -> bool:
+        """After ``Ending``: a session close is out whose answer brings the last figures."""
+
     def restore_history(self, body: Any) -> list[Action]:
         """Take a predecessor's conversation (``conversation.history``) after a crash."""
 

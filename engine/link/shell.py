@@ -43,7 +43,7 @@ from engine.link.backends import Backend, ProtocolCore
 from engine.realtime.dialects import Dialect, DialectError
 from engine.link.policy import (Cause, Close, Connect, ConnectFailure, Fatal, LinkAction, LinkPolicy, LinkRules,
                                 LinkState, ToCore, Wait)
-from engine.realtime.records import (Action, EndOfAudio, Flush, Input, MicAudio, Play, Publish, Reconnect, Send,
+from engine.realtime.records import (Action, EndOfAudio, Ending, Flush, Input, MicAudio, Play, Publish, Reconnect, Send,
                                      SendAudio, ServerEvent, Tick)
 from engine.wsio import Latency, Outgoing
 
@@ -145,6 +145,7 @@ class ApiLink:
         self._closing: set[asyncio.Task[None]] = set()   #: clean closes under way (held: tasks are weakly kept)
         self._stepping = False                          #: a step is applying its actions
         self._held: deque[Input] = deque()              #: records handed in meanwhile, in order
+        self._stepped: asyncio.Event | None = None      #: while end_session waits: set after each step
 
     @property
     def connected(self) -> bool:
@@ -168,6 +169,25 @@ class ApiLink:
         finally:
             self._stepping = False
             self._held.clear()
+            if self._stepped is not None:
+                self._stepped.set()
+
+    async def end_session(self, timeout_s: float) -> None:
+        """The host is ending: the core closes a session that must be closed for its last figures
+        (``Ending``: GPT-Live's ``session.close``, whose ``session.closed`` brings the last usage and
+        proves the session finalized); wait until it has, at most ``timeout_s``. Nothing to wait
+        for on Realtime, or with no session."""
+        stepped = self._stepped = asyncio.Event()
+        deadline = time.monotonic() + timeout_s
+        try:
+            self.step(Ending())
+            while self.core.ending:   # each step may be the one that took the close's answer
+                stepped.clear()
+                await asyncio.wait_for(stepped.wait(), max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:   # (not the builtin before Python 3.11)
+            pass
+        finally:
+            self._stepped = None
 
     def _step(self, rec: Input) -> None:
         core, host = self.core, self.host

@@ -62,8 +62,7 @@ from engine.link.policy import LinkRules
 from engine.link.shell import ApiLink
 from engine.realtime.dialects import dialect_for
 from engine.specs import PhoneSpec
-from engine.realtime.records import (Command, EndOfAudio, Ending, Flush, Input, MicAudio, Play, PlaybackReport,
-                                     Publish)
+from engine.realtime.records import Command, EndOfAudio, Flush, Input, MicAudio, Play, PlaybackReport, Publish
 from engine.wsio import LATE_S as LATE_S, OUTGOING_MAX as OUTGOING_MAX, Latency as Latency, Outgoing as Outgoing
 
 STATUS_EVERY_S = 1.0
@@ -126,8 +125,6 @@ class Call:
         self.item_start_inserted = 0
         self.cut_inserted_frames = 0
         self.hold_timer: asyncio.TimerHandle | None = None
-        #: while the call's end waits for its GPT-Live session's close: set on each engine.status of its core
-        self.session_news: asyncio.Event | None = None
         self.item_start: int | None = None
         self.ended = False
         self.pending = True                    #: waiting for its start (counted in bridge.pending)
@@ -369,8 +366,6 @@ class Call:
             return report
         if isinstance(act, Publish):
             payload = act.payload
-            if act.topic == "engine.status" and self.session_news is not None:
-                self.session_news.set()
             if act.topic == "engine.error" and payload.get("fatal"):
                 self.end_by_core(payload)
                 return None
@@ -517,22 +512,12 @@ class Call:
         ``session.closed`` brings the call's last usage (``usage.updated`` comes every 15 s, so a
         socket just closed left up to 15 s out of the call's ``usd``, and does not prove the session
         was finalized). Waited for at most SESSION_CLOSE_WAIT_S: the caller has gone."""
-        core = self.core
-        if self.link is None or not isinstance(core, LiveCore):
+        if self.link is None:
             return
-        self.session_news = news = asyncio.Event()
-        deadline = time.monotonic() + SESSION_CLOSE_WAIT_S
         try:
-            self.step(Ending())
-            while core.ending:   # each engine.status of the core's may be the close's
-                news.clear()
-                await asyncio.wait_for(news.wait(), max(0.0, deadline - time.monotonic()))
-        except asyncio.TimeoutError:   # (not the builtin before Python 3.11)
-            pass
+            await self.link.end_session(SESSION_CLOSE_WAIT_S)
         except Exception as exc:  # noqa: BLE001 - the call ends whatever its core did
             self.bridge.error(self, "call_failed", f"closing the session failed: {type(exc).__name__}: {exc}")
-        finally:
-            self.session_news = None
 
     async def end(self) -> None:
         self.ended = True

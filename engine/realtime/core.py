@@ -357,6 +357,10 @@ class RealtimeCore(TakesCommandsOnce):
     def protocol_refused(self) -> bool:
         return self.link is Link.REFUSED
 
+    @property
+    def ending(self) -> bool:
+        return False   # a Realtime session is finalized by the socket's close (``Ending`` does nothing)
+
     def _on_dtmf(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
         """A SIP caller pressed a key (the call socket's ``input_audio_buffer.dtmf_event_received``)."""
         return [Publish("sip.dtmf", {"key": ev.get("event"), "from": "caller", "received_at": ev.get("received_at")})]

@@ -26,6 +26,7 @@ recycled at a turn boundary.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import errno
 import os
 import sys
@@ -47,8 +48,8 @@ from engine import child
 from engine.child import next_due, stop_on_signals, wake, woken
 from engine.realtime.dialects import dialect_for
 from engine.realtime.jitter import JitterEstimator
-from engine.realtime.live_core import SESSION_CLOSE_WAIT_S, LiveCore
-from engine.realtime.records import (Action, Command, EndOfAudio, Ending, Flush, Input, MicAudio, Play,
+from engine.realtime.live_core import SESSION_CLOSE_WAIT_S
+from engine.realtime.records import (Action, Command, EndOfAudio, Flush, Input, MicAudio, Play,
                                      PlaybackReport, Publish)
 from engine.audio.ring import Ring
 from engine.pcm import CHANNELS, RATE_HZ, SAMPLE_WIDTH_BYTES
@@ -118,8 +119,6 @@ class RealtimeProcess:
         self.link_ready = threading.Event()
         self.link_failure: BaseException | None = None   #: a bug that ended the link thread (re-raised: a crash)
         self.fatal = False
-        #: while the process ends: set (on the link thread) once the GPT-Live session's close has come
-        self.session_closed: threading.Event | None = None
         self._mic_buf = np.empty(MIC_CHUNK_MAX_FRAMES, dtype=np.int16)
 
     # -------------------------------------------------------------- the link's host (link thread)
@@ -133,10 +132,6 @@ class RealtimeProcess:
                 self._save_reply(act.payload)
             assert self.link_pub is not None
             self.link_pub.publish(act.topic, act.payload)
-            closed, link = self.session_closed, self.link
-            if closed is not None and act.topic == "engine.status" and link is not None \
-                    and not getattr(link.core, "ending", False):
-                closed.set()
             if act.topic in PLAYOUT_EDGES:
                 self._playout_edge(act.topic == "playout.started", now_s)
             return None
@@ -342,19 +337,14 @@ class RealtimeProcess:
         """GPT-Live: ``session.close`` before the socket, so the session's last usage (up to 15 s
         since its last ``usage.updated``) is counted and the session is known finalized; waited
         for at most SESSION_CLOSE_WAIT_S. Nothing for Realtime."""
-        core, loop = link.core, self.loop
-        if not isinstance(core, LiveCore) or loop is None or loop.is_closed():
+        loop = self.loop
+        if loop is None or loop.is_closed():
             return
-        closed = threading.Event()
-
-        def ask() -> None:   # on the link thread: perform() sets ``closed`` once the close has come
-            link.step(Ending())
-            if core.ending:
-                self.session_closed = closed
-            else:                 # no session was active: nothing to wait for
-                closed.set()
-        self.in_link(ask)
-        closed.wait(SESSION_CLOSE_WAIT_S)
+        try:   # on the link thread, which owns the core; a little longer here for the hand-over
+            asyncio.run_coroutine_threadsafe(link.end_session(SESSION_CLOSE_WAIT_S), loop).result(
+                SESSION_CLOSE_WAIT_S + 0.5)
+        except (concurrent.futures.TimeoutError, RuntimeError):
+            pass   # not closed in time, or the link's loop ended meanwhile: the link's stop follows
 
     def in_link(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the link thread (it owns the core)."""
