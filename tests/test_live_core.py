@@ -775,3 +775,32 @@ def test_a_restarted_process_starts_from_its_predecessors_state() -> None:
     acts = new.ev({"type": "session.started", "session": {"id": "live_9"}})
     assert [e["content"] for e in sent(acts, "session.commentary.append")] == ["Greet Ada."]
     assert published(new.cmd("cmd.commentary", {"text": "Greet Ada.", "id": "c2"}), "intake.taken")
+
+
+def test_a_renewal_hears_a_loud_rooms_steady_noise_as_quiet_and_speech_over_it_as_not() -> None:
+    """A fan or a street at -30 dBFS is over the fixed -40 dBFS threshold: no quiet moment came,
+    and the session expired mid-sentence as if no renewal were built. The mic is now audible
+    over the louder of that threshold and its own noise floor plus MIC_OVER_FLOOR_DB."""
+    from engine.realtime.live_core import RENEW_BEFORE_S
+    rng = np.random.default_rng(5)
+
+    def chunk(rms: float) -> bytes:
+        return np.clip(rng.normal(0, rms, 480), -32768, 32767).astype("<i2").tobytes()
+
+    def run(talking: bool) -> int:
+        h = Harness(wall_clock=lambda: 1_000_000.0)
+        acts = h(Connected())
+        h.ev({"type": "session.started", "client_event_id": sent(acts)[0]["event_id"],
+              "session": {"id": "live_abc", "expires_at": 1_000_300}})
+        h.now += 300 - RENEW_BEFORE_S - 5
+        closes = []
+        for i in range(400):                              # 8 s of a -30 dBFS room, 20 ms a chunk
+            h.now += 0.02
+            # a talker over it: syllables 12 dB over the room, 200 ms of each 300, pauses at the room's level
+            loud = talking and (i % 15) < 10
+            h(MicAudio(chunk(1036 * (4.0 if loud else 1.0)), h.now))
+            closes += sent(h(Tick()), "session.close")
+        return len(closes)
+
+    assert run(talking=False) == 1
+    assert run(talking=True) == 0

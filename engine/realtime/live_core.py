@@ -29,13 +29,14 @@ Rules:
 - A session is renewed before it expires. From RENEW_BEFORE_S before its ``expires_at`` (placed
   on the monotonic clock with ``wall_clock`` at ``session.started``), and never before the
   session is RENEW_MIN_AGE_S old, the first quiet moment closes it with ``session.close``, and a
-  new session starts with the conversation. Quiet: neither the mic (RMS over MIC_SPEECH_RMS) nor
-  the model audible for RENEW_QUIET_S, no open turn, no reply awaited (up to
-  RENEW_REPLY_WAIT_S), no delegation, no context waiting. The mic goes to the closing session
-  until its ``session.closed`` (silence, if muted meanwhile). With no quiet moment (a mic whose
-  noise stays over the threshold) the session expires as before and is renewed then. A budget
-  the renewal's last usage reaches ends it as SPENT; the host's end during a renewal waits for
-  its close (RENEWING -> ENDING).
+  new session starts with the conversation. Quiet: neither the mic (RMS over MIC_SPEECH_RMS, or
+  MIC_OVER_FLOOR_DB over its least RMS of MIC_FLOOR_WINDOW_S, whichever is louder) nor the model
+  audible for RENEW_QUIET_S, no open turn, no reply awaited (up to RENEW_REPLY_WAIT_S), no
+  delegation, no context waiting. The mic goes to the closing session until its
+  ``session.closed`` (silence, if muted meanwhile). With no quiet moment (a mic whose level
+  never falls to its floor: a television talking) the session expires as before and is renewed
+  then. A budget the renewal's last usage reaches ends it as SPENT; the host's end during a
+  renewal waits for its close (RENEWING -> ENDING).
 - Nothing but ``session.start`` is sent before ``session.started``. Commands that need the
   session (context appends, mute) wait in order and go out after it: after the history, always.
 - The mic streams continuously: the session clock advances only with input audio, and text sent
@@ -83,7 +84,7 @@ import enum
 import json
 import re
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping
 
@@ -129,6 +130,12 @@ RENEW_QUIET_S = 1.0
 #: room's noise stays under it, speech does not (the model's output is judged by SILENCE_PEAK,
 #: since its silence is digital)
 MIC_SPEECH_RMS = 328.0
+#: ...or over the mic's own noise floor by this much, whichever is louder: a fan or a street over
+#: -40 dBFS is steady, a talker over it is not (a speech detector's usual margin over the floor)
+MIC_OVER_FLOOR_DB = 6.0
+#: the mic's noise floor is the least chunk RMS over this long: a talker's pauses between syllables
+#: fall to the room's level well within it
+MIC_FLOOR_WINDOW_S = 3.0
 #: a reply the model has not begun this long after the user's turn is not waited for (it may
 #: choose not to answer)
 RENEW_REPLY_WAIT_S = 5.0
@@ -307,6 +314,8 @@ class LiveCore(TakesCommandsOnce):
         #: the session's renewal before its expiry: from when a quiet moment renews it (monotonic)
         self.renew_from_s: float | None = None
         self.last_loud_s: float | None = None   #: when the mic or the model was last audible (near a renewal)
+        #: the mic's chunk RMS near a renewal, (captured at, RMS), a monotonic queue: its front is the floor
+        self.mic_floor: deque[tuple[float, float]] = deque()
         self.per_minute_usd = live_prices(model)["per_minute"]
         self.budget_usd = budget_usd
         self.new_id = new_id
@@ -561,6 +570,7 @@ class LiveCore(TakesCommandsOnce):
             return [Publish("session.config", {"session": session})]
         expires_at = session.get("expires_at")
         self.renew_from_s = None
+        self.mic_floor.clear()
         if isinstance(expires_at, (int, float)) and not isinstance(expires_at, bool) and not self.sideband:
             left_s = float(expires_at) - self.wall_clock()
             self.renew_from_s = now_s + max(RENEW_MIN_AGE_S, left_s - RENEW_BEFORE_S)
@@ -840,9 +850,18 @@ class LiveCore(TakesCommandsOnce):
             return []   # nothing but session.start before session.started
         fmt = self.audio_format
         renew_from_s = self.renew_from_s
-        if renew_from_s is not None and rec.captured_at_s >= renew_from_s - RENEW_QUIET_S \
-                and not self.keepalive_on and _rms(rec.pcm, fmt.name) > MIC_SPEECH_RMS:
-            self.last_loud_s = rec.captured_at_s   # looked at only near a renewal: the mic path stays cheap
+        at_s = rec.captured_at_s
+        if renew_from_s is not None and at_s >= renew_from_s - RENEW_QUIET_S - MIC_FLOOR_WINDOW_S \
+                and not self.keepalive_on:         # looked at only near a renewal: the mic path stays cheap
+            rms, floor = _rms(rec.pcm, fmt.name), self.mic_floor
+            while floor and at_s - floor[0][0] > MIC_FLOOR_WINDOW_S:
+                floor.popleft()
+            while floor and floor[-1][1] >= rms:
+                floor.pop()
+            floor.append((at_s, rms))
+            if at_s >= renew_from_s - RENEW_QUIET_S \
+                    and rms > max(MIC_SPEECH_RMS, floor[0][1] * 10 ** (MIC_OVER_FLOOR_DB / 20)):
+                self.last_loud_s = at_s
         pcm = rec.pcm
         if self.state is LiveState.RENEWING and not self.mic_open:   # muted since the close: its mute is not sent
             pcm = _silence(fmt.name, len(pcm))
