@@ -1064,10 +1064,8 @@ class LiveCore(TakesCommandsOnce):
         send_s = min(gap_s, KEEPALIVE_MAX_S)
         fmt = self.audio_format
         frames = round(send_s * fmt.rate_hz)
-        silence = (b"\xff" if fmt.name == "audio/pcmu" else b"\xd5" if fmt.name == "audio/pcma" else b"\x00\x00") \
-            * frames
         self.keepalive_on = True
-        return self._mic(MicAudio(silence, now_s))
+        return self._mic(MicAudio(_silence(fmt.name, frames * fmt.bytes_per_frame), now_s))
 
     # ================================================================ views
     @property
