@@ -456,3 +456,26 @@ class Subscriber(MessageChecks):
 
     def close(self) -> None:
         self.socket.close()
+
+
+class _Loop(Protocol):
+    def call_soon_threadsafe(self, callback: Any, *args: Any) -> Any: ...
+
+
+class _Flag(Protocol):
+    def is_set(self) -> bool: ...
+
+
+def deliver_to_loop(endpoint: str | Endpoints, prefixes: list[str] | tuple[str, ...], loop: _Loop,
+                    handler: Any, stop: _Flag, poll_ms: int = 200) -> None:
+    """Receive the topics under ``prefixes`` until ``stop`` is set, calling ``handler(topic, body)``
+    on ``loop``'s thread for each: a thread's body for an asyncio service (zmq sockets stay on
+    the thread that made them). ``stop`` is looked at every ``poll_ms``."""
+    sub = Subscriber(endpoint, list(prefixes))
+    try:
+        while not stop.is_set():
+            msg = sub.recv(timeout_ms=poll_ms)
+            if msg is not None:
+                loop.call_soon_threadsafe(handler, *msg)
+    finally:
+        sub.close()

@@ -36,7 +36,6 @@ import json
 import logging
 import os
 import secrets
-import threading
 import time
 from collections import Counter
 from typing import Any, Mapping
@@ -46,7 +45,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from bus import Publisher, Subscriber
+from bus import Publisher
 from engine.phone.guard import (CLOSE_TOO_BIG, TOKEN_PARAMETER, Close, ConnectionGuard, ErrorSampler, Report,
                                 auth_from_config, check_upgrade, limits_from_config, token_ok)
 from engine.phone.heard import HeardClock
@@ -65,6 +64,8 @@ from engine.specs import PhoneSpec
 from engine.realtime.records import Command, EndOfAudio, Flush, Input, MicAudio, Play, PlaybackReport, Publish
 from engine.wsio import LATE_S as LATE_S, OUTGOING_MAX as OUTGOING_MAX, Latency as Latency, Outgoing as Outgoing
 
+#: what the bridge reads on the bus: commands, and the presence of the clients that sent them
+BUS_TOPICS = ("cmd.", "engine.presence.gone")
 STATUS_EVERY_S = 1.0
 #: failed API connects in a row before a call gives up (about 8 s: 0, 0.2, 0.5, 1, 2, 4 s); the engine's is 18
 API_RECONNECT_TRIES = 6
@@ -752,16 +753,6 @@ class PhoneBridge:
         for call in list(self.calls.values()):
             call.step(Command(topic, quiet))
         self._ack(body, True, calls=len(self.calls))
-
-    def bus_thread(self, loop: asyncio.AbstractEventLoop, stop: threading.Event) -> None:
-        sub = Subscriber(self.sub_endpoint, ["cmd.", "engine.presence.gone"])
-        try:
-            while not stop.is_set():
-                msg = sub.recv(timeout_ms=200)
-                if msg is not None:
-                    loop.call_soon_threadsafe(self.on_bus, *msg)
-        finally:
-            sub.close()
 
     # ------------------------------------------------------------ calls in
     def _check_request(self, conn: ServerConnection, request: Request) -> Response | None:

@@ -10,8 +10,9 @@ import sys
 import threading
 
 from bus import Publisher
+from bus.client import deliver_to_loop
 from engine.errors import ConfigError
-from engine.phone.bridge import PhoneBridge
+from engine.phone.bridge import BUS_TOPICS, PhoneBridge
 from engine import child
 from engine.specs import PhoneSpec
 
@@ -37,7 +38,8 @@ class PhoneProcess:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, bridge.stop.set)
         stop = threading.Event()
-        thread = threading.Thread(target=bridge.bus_thread, args=(loop, stop), name="bus", daemon=True)
+        thread = threading.Thread(target=deliver_to_loop, args=(bridge.sub_endpoint, BUS_TOPICS, loop, bridge.on_bus, stop),
+                                  name="bus", daemon=True)
         thread.start()
         try:
             url = await bridge.listen()

@@ -39,6 +39,7 @@ from engine.server.rest import rest_connection
 from engine.server import sip
 from engine.server.scenario import Scenario
 from engine.server.session import Actions, Item, Response, ServerSession
+from engine.tasks import TaskSet
 from engine.server.voice import Recognizer, VoiceError, synthesize
 
 log = logging.getLogger("realtalk.server")
@@ -96,7 +97,8 @@ class Connection:
         self.wakes: dict[str, asyncio.Event] = {}
         self.streams: dict[str, asyncio.Task[Any]] = {}   #: response id -> the task streaming it
         self.transcripts: dict[str, asyncio.Future[str]] = {}
-        self.tasks: set[asyncio.Task[Any]] = set()
+        self.tasks = TaskSet(log, "local server: a response task failed")
+        self.spawn = self.tasks.spawn
         self.sent_counts: dict[str, int] = {}
         self.pending_errors = list(self.faults.errors)
         self.closed = False
@@ -135,17 +137,6 @@ class Connection:
             self.ws.transport.abort()  # no close frame: the client sees an abnormal closure
         else:
             await self.ws.close(code, reason)
-
-    def spawn(self, coro: Any) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("response task failed", exc_info=task.exception())
 
     async def apply(self, acts: Actions) -> None:
         for ev in acts.send:
@@ -264,8 +255,7 @@ class Connection:
             pass  # the client went away, or the server is shutting down (1001): the session ends
         finally:
             self.closed = True
-            for task in list(self.tasks):
-                task.cancel()
+            self.tasks.cancel_all()
 
     async def _ping(self) -> None:
         """The dialect's keep-alive events (xAI's ``ping``), every ``ping_every_s`` / speed."""

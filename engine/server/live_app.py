@@ -29,6 +29,7 @@ from engine.server.live_session import (ALL, LIVE_MAX_SESSION_S, OUTPUT_CHUNK_MS
 from engine.server.protocol import new_id
 from engine.server.expect import expected_phrases
 from engine.server.voice import Recognizer, VoiceError, synthesize
+from engine.tasks import TaskSet
 
 log = logging.getLogger("realtalk.server")
 
@@ -110,7 +111,8 @@ class LiveConnection:
         self.outbox = Outbox(ws, "primary")
         self.outbox.on_send = self._faults_on_send
         self.sidebands: dict[str, Outbox] = {}
-        self.tasks: set[asyncio.Task[Any]] = set()
+        self.tasks = TaskSet(log, "local live server: a session task failed")
+        self.spawn = self.tasks.spawn
         self.sent_counts: dict[str, int] = {}
         self.stall_from_s: float | None = None   #: the loop time the stall fault begins (set at the start)
         self.pending_errors = list(faults.errors)
@@ -179,17 +181,6 @@ class LiveConnection:
                                                           None, err.get("type", "server_error"))))
                 return True
         return False
-
-    def spawn(self, coro: Any) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("local live server: a session task failed", exc_info=task.exception())
 
     # ------------------------------------------------------------------ workers
     async def recognise(self, turn: UserTurn) -> None:
@@ -268,8 +259,7 @@ class LiveConnection:
             self.end(1000, "")
             log.info("local live server: session %s ended: %s", self.session_id,
                      ", ".join(f"{k} {v}" for k, v in self.session.counts.items()))
-            for task in list(self.tasks):
-                task.cancel()
+            self.tasks.cancel_all()
             try:
                 await asyncio.wait_for(asyncio.shield(self.outbox.task), 1.0)
             except (asyncio.TimeoutError, ConnectionClosed):

@@ -10,7 +10,9 @@ import signal
 import sys
 import threading
 
-from engine.sip.service import SipService
+from bus.client import deliver_to_loop
+
+from engine.sip.service import BUS_TOPICS, SipService
 from engine.webhooks import WebhookError
 from engine import child
 from engine.specs import SipSpec
@@ -44,7 +46,8 @@ class SipProcess:
             loop.add_signal_handler(sig, svc.stop.set)
         svc.pub.join(svc.sub_endpoint)
         stop = threading.Event()
-        thread = threading.Thread(target=svc.bus_thread, args=(loop, stop), name="bus", daemon=True)
+        thread = threading.Thread(target=deliver_to_loop, args=(svc.sub_endpoint, BUS_TOPICS, loop, svc.on_bus, stop),
+                                  name="bus", daemon=True)
         thread.start()
         try:
             await svc.listen()

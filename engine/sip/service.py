@@ -20,18 +20,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from bus import Publisher, Subscriber
+from bus import Publisher
 from engine.httpio import HttpClientError, HttpRequest, HttpResponse, request, serve_http
 from engine.sip.calls import Accept, CallTable, Ignore, Missed, Reject, SipCall, called_number, parse_routes
 from engine.webhooks import Dedup, Incoming, WebhookError, parse_incoming, secret_from_env, verify
 from engine.specs import SipSpec
+from engine.tasks import TaskSet
 
 log = logging.getLogger("realtalk.sip")
+#: what the service reads on the bus: commands, and the presence of the clients that sent them
+BUS_TOPICS = ("cmd.", "engine.presence.gone")
 
 STATUS_EVERY_S = 1.0
 REST_TIMEOUT_S = 10.0
@@ -105,7 +107,8 @@ class SipService:
         self._tick_handle: asyncio.TimerHandle | None = None
         #: attaches a call's control socket (set by the process: engine.sip.control); None: accept only
         self.attacher: Callable[[CallRun], Any] | None = None
-        self.tasks: set[asyncio.Task[Any]] = set()
+        self.tasks = TaskSet(log, "a SIP task failed", self._task_failed)
+        self.spawn = self.tasks.spawn
         #: tool registrations for every call, replayed to each new call's core
         self.global_commands: list[tuple[str, dict[str, Any]]] = []
 
@@ -176,18 +179,8 @@ class SipService:
         self._arm_tick()
         return HttpResponse(200, b"ok\n")
 
-    def spawn(self, coro: Any) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            log.error("a SIP task failed", exc_info=exc)
-            self.error(None, "task_failed", f"{type(exc).__name__}: {exc}")
+    def _task_failed(self, exc: BaseException) -> None:
+        self.error(None, "task_failed", f"{type(exc).__name__}: {exc}")
 
     def _arm_tick(self) -> None:
         due = self.table.next_deadline()
@@ -371,16 +364,6 @@ class SipService:
         """A command for every call, present and future (a tool registered without a call)."""
         self.global_commands.append((topic, body))
 
-    def bus_thread(self, loop: asyncio.AbstractEventLoop, stop: threading.Event) -> None:
-        sub = Subscriber(self.sub_endpoint, ["cmd.", "engine.presence.gone"])
-        try:
-            while not stop.is_set():
-                msg = sub.recv(timeout_ms=200)
-                if msg is not None:
-                    loop.call_soon_threadsafe(self.on_bus, *msg)
-        finally:
-            sub.close()
-
     # ------------------------------------------------------------ life
     async def listen(self, sock: Any = None) -> str:
         self.server = await serve_http(self.handle, self.host, self.port, sock=sock)
@@ -405,8 +388,7 @@ class SipService:
             if run.link is not None:
                 run.ending = run.ending or "engine_stopped"
                 run.link.stop()
-        if self.tasks:
-            await asyncio.wait(list(self.tasks), timeout=3.0)
+        await self.tasks.wait(3.0)
 
 
 def _why(resp: HttpResponse) -> str:
