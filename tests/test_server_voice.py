@@ -144,3 +144,14 @@ def test_concurrent_requests_for_the_same_speech_share_one_synthesis(monkeypatch
         else:
             assert all(r is results[0] for r in results)
     assert voice._flights == {}
+
+
+def test_text_that_looks_like_an_option_is_spoken_not_obeyed(tmp_path: Any) -> None:
+    """Any local user could start a session on the local server and have espeak-ng read this
+    user's files: a commentary of ``-f<path>`` was taken as espeak-ng's option (the trust review)."""
+    from engine.server.voice import _espeak
+    secret = tmp_path / "secret.txt"
+    secret.write_text("hi")
+    read_out = _espeak("hi", "cedar", 1.0)
+    spoken = _espeak(f"-f{secret}", "cedar", 1.0)
+    assert len(spoken) > 2 * len(read_out)           # the path's characters, spoken: not the file's word

@@ -141,14 +141,16 @@ def synthesize(text: str, voice: str = "marin", speed: float = 1.0) -> np.ndarra
 
 
 def _espeak(text: str, voice: str, speed: float) -> np.ndarray:
-    """One espeak-ng run: ``text`` as PCM16 mono at 24 kHz, read-only; VoiceError if it fails."""
+    """One espeak-ng run: ``text`` as PCM16 mono at 24 kHz, read-only; VoiceError if it fails. The text
+    follows ``--``: a session's text that starts with ``-`` is spoken, never taken as an option (``-f``
+    would read a file as this user)."""
     exe = shutil.which("espeak-ng")
     if exe is None:
         raise VoiceError("espeak-ng is not installed; run: bash tools/setup-system.sh")
     words_per_min = int(max(80, min(450, 175 * speed)))
     try:
         proc = subprocess.run(
-            [exe, "-v", ESPEAK_VOICES.get(voice, "en-us"), "-s", str(words_per_min), "--stdout", text or " "],
+            [exe, "-v", ESPEAK_VOICES.get(voice, "en-us"), "-s", str(words_per_min), "--stdout", "--", text or " "],
             capture_output=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise VoiceError(f"espeak-ng could not run: {exc}") from None
