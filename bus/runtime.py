@@ -95,7 +95,7 @@ def private_dir(path: str | os.PathLike[str], what: str = "runtime directory") -
     st = os.lstat(path)
     problem = private_problem(st, directory=True)
     if problem is None:
-        _check_ancestors(path, what)
+        check_ancestors(path, what)
         return path
     if st.st_uid == os.geteuid() and stat.S_ISDIR(st.st_mode):
         fix = f"make it private (chmod 700 {path}) or remove it, then start again"
@@ -105,7 +105,9 @@ def private_dir(path: str | os.PathLike[str], what: str = "runtime directory") -
     raise TrustError(f"refused the {what} {path}: it {problem}; {fix}")
 
 
-def _check_ancestors(path: Path, what: str) -> None:
+def check_ancestors(path: Path, what: str,
+                    fix: str = "use a directory whose parents only you or root can change (set REALTALK_RUNTIME_DIR)"
+                    ) -> None:
     """TrustError unless every folder above ``path`` is root's or this user's, and writable by
     no one else unless sticky (as /tmp): else another user could rename the directory away and
     put one of theirs in its place after it was checked (OpenSSH checks its paths the same way)."""
@@ -118,8 +120,7 @@ def _check_ancestors(path: Path, what: str) -> None:
             problem = f"has mode {stat.S_IMODE(st.st_mode):04o}: others may rename what is in it"
         else:
             continue
-        raise TrustError(f"refused the {what} {path}: the folder {folder} above it {problem}; use a directory "
-                         "whose parents only you or root can change (set REALTALK_RUNTIME_DIR)")
+        raise TrustError(f"refused the {what} {path}: the folder {folder} above it {problem}; {fix}")
 
 
 def _xdg_runtime_dir() -> Path | None:

@@ -472,3 +472,18 @@ def test_a_connection_file_naming_processes_that_are_not_the_users_engine_signal
     assert "killed" not in stopped.stdout
     _assert_alive(*bystanders)
     assert not file.exists()
+
+
+# ------------------------------------------------------------------ the session folder
+def test_a_sessions_folder_the_account_owns_is_refused_naming_it(other: OtherUser, victim_env: dict[str, str],
+                                                                  tmp_path: Path) -> None:
+    """The owner of a shared base (``sessions_dir`` or ``record``) could rename the new 0700 session
+    folder away and put one of theirs in its place, holding a link to a file of the user's that
+    the recording then overwrites (the trust review)."""
+    taken = other.mkdir(other.scratch / f"rec-{secrets.token_hex(4)}", 0o777)
+    config = tmp_path / "config.yaml"
+    config.write_text(f"sessions_dir: {taken}\n")
+    text = assert_refused(engine_cli(victim_env, tmp_path, "start", "--backend", "local", "--text-only",
+                                     "--config", str(config)), str(taken))
+    assert "owned by" in text and "sessions_dir" in text, text
+    assert other.json(LIST_DIR, str(taken)) == [], "the engine made its session folder in the account's folder"

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, Iterable, TextIO
 
 from bus import BusError
-from bus.runtime import (GONE, UNPROVEN, NoEngine, TrustError, engine_alive, engine_state, own_process,
-                         read_connection, read_private_json, unproven_error)
+from bus.runtime import (GONE, UNPROVEN, NoEngine, TrustError, check_ancestors, engine_alive, engine_state,
+                         own_process, read_connection, read_private_json, unproven_error)
 from engine.errors import EngineError
 
 
@@ -86,10 +86,17 @@ def engine_identity(conn: dict[str, Any]) -> bool:
 
 
 def make_session_dir(session_dir: Path) -> None:
-    """The session folder, made new (mode 0700) under its base: never one that exists."""
+    """The session folder, made new (mode 0700) under its base: never one that exists, and never
+    under a folder another user could change (bus.runtime.check_ancestors): the owner of a
+    shared base could rename the new folder away and put one of theirs, holding links to the
+    user's files, in its place before the recording and the event log are written."""
     try:
         session_dir.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        check_ancestors(session_dir, "session folder", "set sessions_dir (or record) in the config to a folder of "
+                        "yours whose parents only you or root can change")
         session_dir.mkdir(mode=0o700)
+    except TrustError as exc:
+        raise EngineError(str(exc)) from None
     except FileExistsError:
         raise EngineError(f"the session folder {session_dir} already exists: a session folder is only "
                           "ever made new; start again (the next one has another name)") from None
