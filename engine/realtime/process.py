@@ -29,6 +29,7 @@ import asyncio
 import concurrent.futures
 import errno
 import os
+import re
 import sys
 import threading
 import time
@@ -73,6 +74,17 @@ FATAL_LINGER_S = 1.0            # after a fatal link error, wait this long for t
 UNREACHABLE_HINT = "check openai_url in the config and the network, or run offline: engine start --backend local"
 
 
+#: a response id that may name a file as it is: the API's ids (``resp_...``); anything else from a
+#: server (``../x``, ``/tmp/x``, a NUL) names the file by a local counter instead
+SAFE_FILE_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+def reply_wav_name(response_id: str, n: int) -> str:
+    """The file a reply's audio is saved in, inside the replies folder: ``<response id>.wav``, or
+    ``reply-<n>.wav`` when the server's id is not a plain name."""
+    return f"{response_id}.wav" if SAFE_FILE_ID.fullmatch(response_id) else f"reply-{n}.wav"
+
+
 class RealtimeProcess:
     def __init__(self, spec: RealtimeSpec) -> None:
         self.spec = spec
@@ -93,6 +105,7 @@ class RealtimeProcess:
         #: reply_audio: each reply's audio as it was received, saved as <replies_dir>/<response id>.wav
         self.replies_dir = Path(spec.replies_dir) if spec.replies_dir else None
         self.reply_pcm: dict[str, list[bytes]] = {}
+        self.replies_saved = 0   #: replies saved: the counter that names a reply whose response id cannot
         #: the adaptive jitter buffer (audio.jitter_buffer: adaptive): each delta timed where it arrives,
         #: the target handed to playback in the speaker ring's target_frames; None: fixed, the ring has none
         self.jitter = JitterEstimator(cfg["audio"]["prebuffer_ms"]) \
@@ -169,7 +182,8 @@ class RealtimeProcess:
         chunks = self.reply_pcm.pop(done.get("response_id") or "", None)
         if not chunks or self.replies_dir is None or done.get("status") == "failed":
             return
-        path = self.replies_dir / f"{done['response_id']}.wav"
+        self.replies_saved += 1
+        path = self.replies_dir / reply_wav_name(str(done.get("response_id") or ""), self.replies_saved)
         try:
             self.replies_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             with wave.open(str(path), "wb") as w:

@@ -1,0 +1,36 @@
+"""A reply's saved audio (config ``reply_audio``) stays in the session's replies folder whatever
+the server names the response."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+def _host(replies: Path) -> object:
+    from engine.realtime.process import RealtimeProcess
+    host = object.__new__(RealtimeProcess)
+    host.replies_dir = replies          # type: ignore[attr-defined]
+    host.reply_pcm = {}                 # type: ignore[attr-defined]
+    host.replies_saved = 0              # type: ignore[attr-defined]
+    return host
+
+
+@pytest.mark.parametrize("response_id", ["../../outside", "/tmp/abs", "a/b", "..", "", "x" * 300, "resp\x00nul"])
+def test_a_servers_response_id_never_names_a_file_outside_the_replies_folder(tmp_path: Path, response_id: str) -> None:
+    """A "Realtime-compatible" server behind OPENAI_BASE_URL named response ``../../x``: the reply's
+    audio was written to any ``*.wav`` the user could write (the trust review)."""
+    replies = tmp_path / "session" / "replies"
+    host = _host(replies)
+    host.reply_pcm[response_id] = [b"\x01\x00" * 240]        # type: ignore[attr-defined]
+    done = {"response_id": response_id, "status": "completed"}
+    host._save_reply(done)                                    # type: ignore[attr-defined]
+    saved = Path(done["audio_path"])
+    assert saved.parent == replies and saved.suffix == ".wav" and saved.is_file()
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == [saved]
+
+
+def test_a_plain_response_id_names_its_file() -> None:
+    from engine.realtime.process import reply_wav_name
+    assert reply_wav_name("resp_ABC-12_x", 3) == "resp_ABC-12_x.wav"
+    assert reply_wav_name("../x", 3) == "reply-3.wav"
