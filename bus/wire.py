@@ -17,6 +17,9 @@ import msgpack
 #: on ``cmd.done`` (docs/bus-protocol.md, "Changes"); readers take any version and ignore keys they do not know
 PROTOCOL_VERSION = 2
 MAX_TOPIC_BYTES = 256
+#: a body nested deeper than this (maps and arrays inside each other) is malformed: msgpack decodes
+#: about 1,000 levels, where Python's json (the event log) and recursive readers fail
+MAX_DEPTH = 64
 
 #: keys every body carries; payload keys must not collide with them
 HEADER_KEYS = ("v", "ts", "mono_ns", "pub", "seq")
@@ -87,7 +90,23 @@ def decode(frames: list[bytes]) -> tuple[str, dict[str, Any]]:
         raise MalformedMessage(f"body of {topic!r} is not msgpack ({type(exc).__name__})", len(frames)) from None
     if not isinstance(body, dict):
         raise MalformedMessage(f"body of {topic!r} is a {type(body).__name__}, expected a map", len(frames))
+    if _too_deep(body):
+        raise MalformedMessage(f"body of {topic!r} is nested more than {MAX_DEPTH} levels deep", len(frames))
     return topic, body
+
+
+def _too_deep(body: dict[str, Any]) -> bool:
+    """Whether maps and arrays nest more than MAX_DEPTH levels in ``body`` (no recursion)."""
+    stack: list[tuple[Any, int]] = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return True
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values() if isinstance(v, (dict, list)))
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value if isinstance(v, (dict, list)))
+    return False
 
 
 def command_key(body: Mapping[str, Any]) -> str | None:

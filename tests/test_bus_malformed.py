@@ -109,3 +109,25 @@ def test_publish_reports_puts_the_report_on_engine_error(broker: Broker) -> None
     assert watcher.recv(timeout_ms=300) is None   # once
     for closing in (every, sub, watcher, pub, reporter):
         closing.close()
+
+
+def _nested(depth: int) -> dict[str, object]:
+    """A map holding ``depth`` + 1 arrays inside each other: ``depth`` + 2 levels."""
+    body: object = []
+    for _ in range(depth):
+        body = [body]
+    return {"o": body}
+
+
+def test_a_deeply_nested_body_is_malformed_and_the_event_log_never_raises() -> None:
+    """msgpack decodes bodies about 1,000 levels deep, where json.dumps raises RecursionError: one
+    such message on any topic stopped the engine in the supervisor's event log (the review)."""
+    from bus.wire import MAX_DEPTH, MalformedMessage, decode
+    from engine.supervisor.logfile import log_line
+    deep = msgpack.packb(_nested(995))
+    with pytest.raises(MalformedMessage, match="nested"):
+        decode([b"app.note", deep])
+    topic, body = decode([b"app.note", msgpack.packb(_nested(MAX_DEPTH - 2))])
+    assert topic == "app.note"
+    line = log_line("app.note", _nested(1000))      # whatever reaches it, a line, never an exception
+    assert line.endswith("\n") and "app.note" in line

@@ -76,9 +76,19 @@ def log_line(topic: str, body: dict[str, Any]) -> str:
     try:
         text = json.dumps(line, default=str)
     except (TypeError, ValueError):
-        line["body"] = _jsonable(body)
-        text = json.dumps(line, default=str)
+        try:
+            line["body"] = _jsonable(body)
+            text = json.dumps(line, default=str)
+        except RecursionError:
+            text = _unreadable(line, body)
+    except RecursionError:   # deeper than json goes (the bus refuses such bodies; a caller may not)
+        text = _unreadable(line, body)
     return text + "\n"
+
+
+def _unreadable(line: dict[str, Any], body: dict[str, Any]) -> str:
+    line["body"] = {"unlogged": f"a body nested too deep to log, keys {sorted(map(str, body))[:20]}"}
+    return json.dumps(line, default=str)
 
 
 def _jsonable(value: Any) -> Any:

@@ -181,6 +181,7 @@ class Supervisor:
         self.term = Terminal(out)
         self._malformed_seen = 0
         self.malformed = 0               #: malformed bus messages the supervisor skipped
+        self.unhandled = 0               #: well-formed bus messages whose handling failed (skipped, printed)
         self.shut_down = False
         #: liveness: a child silent this long is reported and restarted (None: not checked)
         self.heartbeat_timeout_s: float | None = cfg.get("supervisor", {}).get("heartbeat_timeout_s")
@@ -526,7 +527,12 @@ class Supervisor:
         while True:
             msg = sub.recv(timeout_ms=0)
             if msg is not None:
-                self._on_message(*msg)
+                try:
+                    self._on_message(*msg)
+                except Exception as exc:  # noqa: BLE001 - no bus message from any client stops the engine
+                    self.unhandled += 1
+                    self._print(f"realtalk: a {msg[0]} message could not be taken ({type(exc).__name__}: {exc}); "
+                                "skipped, the session goes on")
             elif sub.malformed == self._malformed_seen:
                 empty = True
                 break
