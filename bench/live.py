@@ -131,10 +131,11 @@ class Sideband:
     its ``start_ms`` (the track advances 100 ms a delta from 0 and can jump forward only once the
     input has run 300 ms ahead of it), then counts."""
 
-    def __init__(self, server_url: str, session_id: str) -> None:
+    def __init__(self, server_url: str, session_id: str, server_key: str) -> None:
         from websockets.sync.client import connect
         base = server_url.split("/v1/")[0]
-        self.ws = connect(f"{base}/v1/live/sessions/{session_id}/attach", max_size=None, open_timeout=10)
+        self.ws = connect(f"{base}/v1/live/sessions/{session_id}/attach", max_size=None, open_timeout=10,
+                          additional_headers={"Authorization": f"Bearer {server_key}"})
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
         self.recv_ns: list[int] = []
@@ -417,7 +418,7 @@ def bench_latency_and_yields(tmp: Path, yields: int) -> dict[str, Any]:
     rng = random.Random(5)
     trials: list[dict[str, Any]] = []
     try:
-        side = Sideband(eng.conn["server_url"], eng.conn["session_id"])
+        side = Sideband(eng.conn["server_url"], eng.conn["session_id"], eng.conn["server_key"])
         feeder = MicFeeder()
         monitor = MonitorRecorder(tmp / "p1-monitor.raw")
         eng.pump(1.0)
@@ -590,7 +591,7 @@ def bench_engine_jitter(tmp: Path, utterances: int) -> dict[str, Any]:
     side = None
     warm = 0
     try:
-        side = Sideband(eng.conn["server_url"], eng.conn["session_id"])
+        side = Sideband(eng.conn["server_url"], eng.conn["session_id"], eng.conn["server_key"])
         for n in range(utterances + 1):   # the first is the warm-up
             mark = len(eng.log)
             eng.commentary(REPLY, f"reply-{n}-{time.monotonic_ns()}")

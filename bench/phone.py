@@ -134,7 +134,7 @@ class SoloBridges:
     def __init__(self, n: int, conn: dict[str, Any], bus: BusLog, tmp: Path, max_calls: int = 1) -> None:
         cfg = load_config(None, {"backend": "local"})
         spec = PhoneSpec(config=cfg, session=session_payload(cfg), url=f"{conn['server_url']}?model={cfg['model']}",
-                         api=ApiAccess(headers=("Authorization: Bearer local",)), solo=True,
+                         api=ApiAccess(headers=(f"Authorization: Bearer {conn['server_key']}",)), solo=True,
                          phone={**cfg["phone"], "host": "127.0.0.1", "port": 0, "path": "/twilio", "max_calls": max_calls},
                          bus=BusSpec(publish=conn["publish"], subscribe=conn["subscribe"]))
         path = tmp / "solo-spec.json"

@@ -73,6 +73,8 @@ class SipEngine:
         status = self.status()
         self.base = "http://" + status["server_url"].removeprefix("ws://").removesuffix("/realtime")
         self.sip_pid = next(c["pid"] for c in status["children"] if c["name"] == "sip")
+        from bus.runtime import read_connection   # the local server's key: in the private connection file only
+        self.auth = {"authorization": f"Bearer {read_connection()['server_key']}"}
 
     def status(self) -> dict[str, Any]:
         out = subprocess.run([sys.executable, "-m", "engine.api.cli", "status", "--json"], env=self.env,
@@ -83,27 +85,27 @@ class SipEngine:
         stop_engine(self.proc)
 
 
-async def _post(url: str, body: Any = None) -> Any:
+async def _post(eng: SipEngine, url: str, body: Any = None) -> Any:
     from engine.httpio import request
-    resp = await request("POST", url, json_body=body, headers={"authorization": "Bearer local"}, timeout_s=30)
+    resp = await request("POST", url, json_body=body, headers=eng.auth, timeout_s=30)
     return resp.parsed()
 
 
-async def _get(url: str) -> Any:
+async def _get(eng: SipEngine, url: str) -> Any:
     from engine.httpio import request
-    return (await request("GET", url, headers={"authorization": "Bearer local"}, timeout_s=30)).parsed()
+    return (await request("GET", url, headers=eng.auth, timeout_s=30)).parsed()
 
 
 async def level(eng: SipEngine, n: int) -> dict[str, Any]:
     """N calls rung at once; each call's webhook -> accept latency; then all hung up."""
     script = [{"pause_ms": 600_000}]
-    ids = await asyncio.gather(*[_post(f"{eng.base}/x/sip/calls", {"webhook_url": eng.url, "script": script,
+    ids = await asyncio.gather(*[_post(eng, f"{eng.base}/x/sip/calls", {"webhook_url": eng.url, "script": script,
                                                                     "ring_timeout_s": 60})
                                  for _ in range(n)])
     reports: list[dict[str, Any]] = []
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        reports = await asyncio.gather(*[_get(f"{eng.base}/x/sip/calls/{i['call_id']}") for i in ids])
+        reports = await asyncio.gather(*[_get(eng, f"{eng.base}/x/sip/calls/{i['call_id']}") for i in ids])
         if all(r["phase"] != "ringing" for r in reports):
             break
         await asyncio.sleep(0.05)
@@ -113,7 +115,7 @@ async def level(eng: SipEngine, n: int) -> dict[str, Any]:
     for r in accepted:
         kind = "realtime/calls" if r["api"] == "realtime" else "live/sessions"
         rid = r["call_id"] if r["api"] == "realtime" else r["session_id"]
-        await _post(f"{eng.base}/{kind}/{rid}/hangup")
+        await _post(eng, f"{eng.base}/{kind}/{rid}/hangup")
     firsts = [r["first_webhook_mono_s"] for r in reports if r.get("first_webhook_mono_s") is not None]
     asks = [r["accept_asked_mono_s"] for r in accepted if r.get("accept_asked_mono_s") is not None]
     span_s = max(asks) - min(firsts) if asks and firsts else 0.0   # the stand-in's clock: first webhook -> last accept
@@ -134,19 +136,19 @@ async def talking(eng: SipEngine, calls: int, window_s: float) -> dict[str, Any]
     idle_pss = pss_kb(pid)
     turn = [{"say": "What is the capital of France?"}, {"wait": "reply"}, {"pause_ms": 500}]
     script = [{"pause_ms": 300}, *(turn * 40)]
-    ids = await asyncio.gather(*[_post(f"{eng.base}/x/sip/calls", {"webhook_url": eng.url, "script": script})
+    ids = await asyncio.gather(*[_post(eng, f"{eng.base}/x/sip/calls", {"webhook_url": eng.url, "script": script})
                                  for _ in range(calls)])
     await asyncio.sleep(2.0)   # accepted and attached
     c1, t1 = cpu_ns(pid), time.monotonic()
     await asyncio.sleep(window_s)
     busy_cpu = 100 * (cpu_ns(pid) - c1) / 1e9 / (time.monotonic() - t1)
     busy_pss = pss_kb(pid)
-    reports = await asyncio.gather(*[_get(f"{eng.base}/x/sip/calls/{i['call_id']}") for i in ids])
+    reports = await asyncio.gather(*[_get(eng, f"{eng.base}/x/sip/calls/{i['call_id']}") for i in ids])
     for r in reports:
         if r["phase"] == "answered":
             kind = "realtime/calls" if r["api"] == "realtime" else "live/sessions"
             rid = r["call_id"] if r["api"] == "realtime" else r["session_id"]
-            await _post(f"{eng.base}/{kind}/{rid}/hangup")
+            await _post(eng, f"{eng.base}/{kind}/{rid}/hangup")
     replies = sum(r["caller"]["heard_replies"] for r in reports)
     return {"sip_talk_calls": calls, "sip_talk_window_s": window_s,
             "sip_talk_calls_answered": sum(1 for r in reports if r["phase"] in ("answered", "ended")),

@@ -199,6 +199,9 @@ class ConsoleSpec(ChildSpec):
 # ---------------------------------------------------------------- serialise once, parse once
 S = TypeVar("S", bound=ChildSpec)
 
+#: the local server's bearer key, in its environment (``engine serve``): in argv every user sees it
+SERVER_KEY_ENV = "REALTALK_SERVER_KEY"
+
 
 def encode(spec: ChildSpec) -> bytes:
     """The spec as one JSON line (what the supervisor writes to the child's stdin)."""

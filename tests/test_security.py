@@ -139,3 +139,27 @@ def test_engine_status_never_prints_the_connection_files_curve_keys() -> None:
     shown = public_status(conn)
     assert "X" * 40 not in json.dumps(shown) and not any(k.startswith("curve_") for k in shown)
     assert shown["state"] == "ready" and "seq" not in shown
+
+
+def test_the_engines_local_server_takes_only_the_engine_and_holds_no_other_secret(
+        start_engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every local user can reach a loopback port: the engine's local server took anyone (sessions,
+    the SIP stand-in's calls, a signed webhook on demand), and held every secret of the user's
+    environment, the webhook secret and a Twilio token among them (the trust review)."""
+    import websocket
+    monkeypatch.setenv("TWILIO_AUTH_TOKEN", "twilio-" + "Tk7" * 10)
+    monkeypatch.setenv("SOME_SERVICE_PASSWORD", "pw-" + "Pw3" * 10)
+    eng = start_engine("--text-only")
+    conn = eng.conn
+    url = conn["server_url"] + "?model=gpt-realtime"
+    for header in ([], ["Authorization: Bearer local"], ["Authorization: Bearer x"]):
+        with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+            websocket.create_connection(url, header=header, timeout=10)
+        assert refused.value.status_code == 401
+    key = conn["server_key"]
+    assert len(key) >= 32 and "server_key" not in eng.cli("status", "--json").stdout
+    websocket.create_connection(url, header=[f"Authorization: Bearer {key}"], timeout=10).close()
+    server = next(c for c in conn["children"] if c["name"] == "server")
+    environ = Path(f"/proc/{server['pid']}/environ").read_bytes()
+    assert b"TWILIO_AUTH_TOKEN" not in environ and b"SOME_SERVICE_PASSWORD" not in environ
+    assert b"--require-key" not in Path(f"/proc/{server['pid']}/cmdline").read_bytes()

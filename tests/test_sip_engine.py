@@ -57,6 +57,7 @@ class SipEngine(RunningEngine):
         st = self.status()
         self.base = "http://" + st["server_url"].removeprefix("ws://").removesuffix("/realtime")
         self.webhook_url = st["sip"]["url"]
+        self.key = json.loads((self.runtime / "engine.json").read_text())["server_key"]
 
 
 @pytest.fixture
@@ -122,11 +123,11 @@ class Bus:
 
 
 def ring(eng: SipEngine, **body: Any) -> dict[str, Any]:
-    return asyncio.run(place_call(eng.base, webhook_url=eng.webhook_url, **body))
+    return asyncio.run(place_call(eng.base, key=eng.key, webhook_url=eng.webhook_url, **body))
 
 
 def report(eng: SipEngine, call_id: str, wait_ended: bool = True) -> dict[str, Any]:
-    return asyncio.run(call_report(eng.base, call_id, wait_ended=wait_ended))
+    return asyncio.run(call_report(eng.base, call_id, wait_ended=wait_ended, key=eng.key))
 
 
 @pytest.mark.e2e
@@ -203,14 +204,14 @@ def test_rejected_forged_mid_reply_hangup_and_twenty_calls_at_once(sip_engine: S
         script = [{"pause_ms": 300}, {"say": "Hello."}, {"wait": "reply", "max_s": 240}, {"hangup": True}]
 
         async def twenty() -> list[dict[str, Any]]:    # rung in the same instant
-            return list(await asyncio.gather(*[place_call(sip_engine.base, webhook_url=sip_engine.webhook_url,
+            return list(await asyncio.gather(*[place_call(sip_engine.base, key=sip_engine.key, webhook_url=sip_engine.webhook_url,
                                                           to="+15550100", script=script) for _ in range(20)]))
         calls = asyncio.run(twenty())
         for c in calls:
             bus.wait("sip.call.ended", timeout_s=60, sip_call_id=c["call_id"])
 
         async def reports() -> list[dict[str, Any]]:
-            return list(await asyncio.gather(*[call_report(sip_engine.base, c["call_id"]) for c in calls]))
+            return list(await asyncio.gather(*[call_report(sip_engine.base, c["call_id"], key=sip_engine.key) for c in calls]))
         reps = asyncio.run(reports())
         assert all(r["api"] == "realtime" and r["caller"]["heard_replies"] >= 1 for r in reps)
         st = bus.wait("sip.status", active=0, accepted=21)        # every call counted, none left

@@ -12,6 +12,7 @@ from typing import Any
 from bus.wire import HEADER_KEYS, BusError
 from engine.config_types import Config
 from engine.errors import EngineError
+from engine.specs import SERVER_KEY_ENV
 
 
 def _load_cfg(args: argparse.Namespace) -> Config:
@@ -147,7 +148,7 @@ def public_status(status: dict[str, Any]) -> dict[str, Any]:
     status message came: without the bus header, and never the CURVE keys the connection file
     holds for clients (the secret one lets anyone who reads it onto a TCP bus)."""
     return {k: v for k, v in status.items()
-            if k not in HEADER_KEYS and k != "signing_key" and not k.startswith("curve_")}
+            if k not in HEADER_KEYS and k not in ("signing_key", "server_key") and not k.startswith("curve_")}
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -213,7 +214,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     faults = Faults(first_delta_delay_ms=args.first_delta_delay_ms, delta_jitter_ms=args.jitter_ms,
                     drop_after_s=args.drop_after_s, drop_code=args.drop_code,
                     max_session_s=args.max_session_s)
-    cfg = ServerConfig(host=args.host, port=args.port, speed=args.speed, api_key=args.require_key,
+    key = args.require_key or os.environ.get(SERVER_KEY_ENV) or None
+    cfg = ServerConfig(host=args.host, port=args.port, speed=args.speed, api_key=key,
                        asr=not args.no_asr, scenario=load_scenario(args.scenario), faults=faults,
                        listen_fd=args.listen_fd, dialect=args.dialect)
     return run(cfg)
@@ -451,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8765)
     s.add_argument("--scenario", help="scenario file (docs/local-server.md)")
     s.add_argument("--speed", type=float, default=1.0, help="stream audio this many times faster than real time")
-    s.add_argument("--require-key", help="accept only this bearer key")
+    s.add_argument("--require-key", help=f"accept only this bearer key (other users see it in ps: prefer ${SERVER_KEY_ENV})")
     s.add_argument("--no-asr", action="store_true", help="do not transcribe user audio with pocketsphinx")
     s.add_argument("--first-delta-delay-ms", type=float, default=0.0)
     s.add_argument("--jitter-ms", type=float, default=0.0, help="std deviation of delay between deltas")

@@ -288,8 +288,7 @@ def make_process_request(cfg: ServerConfig):
             return connection.respond(404, f"Not found: {url.path}. The endpoints are /v1/realtime?model=MODEL "
                                       "(Realtime) and /v1/live/sessions (GPT-Live)\n")
         if cfg.api_key is not None:
-            auth = request.headers.get("Authorization", "")
-            if auth != f"Bearer {cfg.api_key}":
+            if not sip.key_matches(request.headers.get("Authorization", ""), cfg.api_key):
                 body = json.dumps({"error": {"type": "invalid_request_error", "code": "invalid_api_key",
                                              "message": "Incorrect API key provided.", "param": None}})
                 return connection.respond(401, body + "\n")

@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import enum
+import hmac
 import json
 import logging
 import os
@@ -395,10 +396,17 @@ def end_call(call: StandInCall, by: str) -> None:
 # ---------------------------------------------------------------------------------- HTTP endpoints
 def _check_auth(req: HttpRequest, cfg: "ServerConfig") -> HttpResponse | None:
     key = cfg.api_key
-    if key is not None and req.headers.get("authorization", "") != f"Bearer {key}" \
-            and not (cfg.dialect == "azure" and req.headers.get("api-key") == key):
+    if key is not None and not key_matches(req.headers.get("authorization", ""), key) \
+            and not (cfg.dialect == "azure" and key_matches(req.headers.get("api-key", ""), key, bearer=False)):
         return api_error(401, "invalid_api_key", "Incorrect API key provided.")
     return None
+
+
+def key_matches(given: str, key: str, bearer: bool = True) -> bool:
+    """Whether a request's ``Authorization`` (``bearer``) or ``api-key`` header carries ``key``,
+    compared in constant time (a loopback port is every local user's)."""
+    want = f"Bearer {key}" if bearer else key
+    return hmac.compare_digest(given.encode(), want.encode())
 
 
 async def handle_http(req: HttpRequest, cfg: "ServerConfig") -> HttpResponse:

@@ -58,6 +58,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import secrets
 import select
 import signal
@@ -94,6 +95,7 @@ from engine.specs import (
     PlaybackSpec,
     Process,
     RealtimeSpec,
+    SERVER_KEY_ENV,
     SipSpec,
     ring_kinds,
 )
@@ -105,6 +107,16 @@ from engine.supervisor.table import Child, child_of, from_engine, launch, status
 from engine.supervisor.terminal import Terminal
 from engine.supervisor.watch import DropWatch, mic_dropped
 from engine.view import TerminalView
+from engine.webhooks import SECRET_ENV
+
+#: a variable whose name says it holds a secret: the local server's child never gets one it does not need
+SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSW|CREDENTIAL|AUTH", re.IGNORECASE)
+
+
+def server_environment(env: dict[str, str], keep: set[str]) -> dict[str, str]:
+    """``env`` for the local server's child: without every variable whose name says it holds a
+    secret (the API's key, a Twilio token, anyone's password), but those in ``keep``."""
+    return {k: v for k, v in env.items() if k in keep or not SECRET_NAME.search(k)}
 
 GRACE_S = 3.0
 LOOP_PERIOD_S = 0.25             # the main loop until the engine is ready: bus messages, reaping, status
@@ -168,6 +180,9 @@ class Supervisor:
         self.ready_mono: float | None = None
         self.log_file: SessionLog | None = None
         self.server_url: str | None = None
+        #: the local server's bearer key: it takes only this engine's children and clients (in the
+        #: 0600 connection file, never on the bus); every local user can reach a loopback port
+        self.server_key = "rtl-" + secrets.token_urlsafe(32)
         self.listener: socket.socket | None = None
         self.sub: Subscriber | None = None
         self.pub: Publisher | None = None
@@ -238,7 +253,7 @@ class Supervisor:
                 argv += ["--no-asr"]
             self.children.append(Child("server", argv, stdout=subprocess.DEVNULL, pass_fds=(fd,)))
             self.server_url = f"ws://{ls['host']}:{port}/v1/realtime"
-            return self._api_url(self.server_url, model), ["Authorization: Bearer local"]
+            return self._api_url(self.server_url, model), [f"Authorization: Bearer {self.server_key}"]
         # a remote provider (engine/providers.py): openai, azure, xai, or any Realtime-compatible server
         self.target = api_target(self.cfg, os.environ)
         return self.target.url, list(self.target.headers)
@@ -376,6 +391,9 @@ class Supervisor:
         env.pop(self.cfg["api_key_env"], None)  # the realtime child gets the key in its spec, the others never
         if self.target is not None:
             env.pop(self.target.key_env, None)
+        if child.name == "server":  # a stand-in for the API: no secret of the user's but the webhook secret
+            env = server_environment(env, keep={SECRET_ENV} if self.sip is not None else set())
+            env[SERVER_KEY_ENV] = self.server_key
         if child.name == "broker":  # its CURVE server keys and the signing key (it has no spec)
             env.update(self.bus_keys.environment(broker=True))
         launch(child, env, self.heartbeat_timeout_s)
@@ -385,8 +403,8 @@ class Supervisor:
     def _write_connection_file(self) -> None:
         """engine.json: written 0600 to a new file beside it, renamed over it (bus/runtime.py)."""
         write_private_file(self.connection_path,
-                           json.dumps({**self.status(), **(self.bus_keys.connection_keys() if self.endpoints.curve else {})},
-                                      indent=1))
+                           json.dumps({**self.status(), **(self.bus_keys.connection_keys() if self.endpoints.curve else {}),
+                                       **({"server_key": self.server_key} if self.server_url else {})}, indent=1))
 
     # ------------------------------------------------------------ status
     def status(self) -> dict[str, Any]:
