@@ -9,6 +9,10 @@ Rules:
 - A body over MAX_BODY_BYTES is refused with 413 before it is read; a request that h11 cannot
   parse gets 400. Nothing here logs a body or a header's value (they can hold keys).
 - The handler is called with the raw body bytes as received (a webhook's signature covers them).
+- Strangers cannot hold the server: a request must arrive whole within READ_TIMEOUT_S of its
+  connection (else 408 and close), and past MAX_CONNECTIONS open connections a new one gets 503
+  at once (idle sockets would otherwise take every file descriptor, and with them the REST calls
+  and control sockets of the calls in progress).
 """
 from __future__ import annotations
 
@@ -23,6 +27,10 @@ import h11
 
 MAX_BODY_BYTES = 1 << 20
 REQUEST_TIMEOUT_S = 10.0
+#: a server connection's request must arrive whole within this (a slow sender is a 408)
+READ_TIMEOUT_S = 10.0
+#: open server connections at most; past it a new one gets 503 (a file descriptor each)
+MAX_CONNECTIONS = 256
 
 
 @dataclass
@@ -67,11 +75,23 @@ def _headers(items: Any) -> dict[str, str]:
     return out
 
 
+class _Open:
+    """A server's open connections, counted (module rules)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+
+
 class HttpProtocol(asyncio.Protocol):
     """One server connection (module rules). ``done`` resolves when the connection is closed."""
 
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, read_timeout_s: float = READ_TIMEOUT_S, open_: _Open | None = None) -> None:
         self.handler = handler
+        self.read_timeout_s = read_timeout_s
+        self.conns = open_ if open_ is not None else _Open(MAX_CONNECTIONS)   #: the server's, counted
+        self.counted = False
+        self.timer: asyncio.TimerHandle | None = None
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
         self.transport: asyncio.Transport | None = None
         self.request: h11.Request | None = None
@@ -82,8 +102,28 @@ class HttpProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        if self.conns.count >= self.conns.limit:
+            self._answer_now(HttpResponse(503, b"too many connections; try again\n"))
+            return
+        self.conns.count += 1
+        self.counted = True
+        self.timer = asyncio.get_running_loop().call_later(self.read_timeout_s, self._too_slow)
+
+    def _too_slow(self) -> None:
+        self.timer = None
+        if self.task is None:
+            self._answer_now(HttpResponse(408, b"the request did not arrive in time\n"))
+
+    def _stop_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_timer()
+        if self.counted:
+            self.counted = False
+            self.conns.count -= 1
         if not self.done.done():
             self.done.set_result(None)
         if self.task is not None and not self.task.done():
@@ -110,6 +150,7 @@ class HttpProtocol(asyncio.Protocol):
                         self._answer_now(HttpResponse(413, b"request body too large\n"))
                         return
                 elif isinstance(event, h11.EndOfMessage):
+                    self._stop_timer()
                     self.task = asyncio.get_running_loop().create_task(self._run())
                     return
                 elif isinstance(event, h11.ConnectionClosed):
@@ -164,12 +205,17 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.close()
 
 
-async def serve_http(handler: Handler, host: str, port: int, *, sock: Any = None) -> asyncio.Server:
+async def serve_http(handler: Handler, host: str, port: int, *, sock: Any = None,
+                     read_timeout_s: float = READ_TIMEOUT_S, max_connections: int = MAX_CONNECTIONS) -> asyncio.Server:
     """Listen for HTTP requests (``sock``: an already bound socket instead of host and port)."""
     loop = asyncio.get_running_loop()
+    open_ = _Open(max_connections)
+
+    def protocol() -> HttpProtocol:
+        return HttpProtocol(handler, read_timeout_s, open_)
     if sock is not None:
-        return await loop.create_server(lambda: HttpProtocol(handler), sock=sock)
-    return await loop.create_server(lambda: HttpProtocol(handler), host, port, reuse_address=True)
+        return await loop.create_server(protocol, sock=sock)
+    return await loop.create_server(protocol, host, port, reuse_address=True)
 
 
 class HttpClientError(ConnectionError):
