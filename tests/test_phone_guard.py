@@ -229,3 +229,15 @@ def test_the_config_refuses_auth_none_off_loopback_and_a_public_url_that_is_not_
         load_config(None, {"phone.public_url": "https://phone.example.com/twilio"})
     with pytest.raises(ConfigError, match="phone.max_frame_bytes"):
         load_config(None, {"phone.max_frame_bytes": 10})
+
+
+def test_twilio_auth_off_loopback_needs_the_public_url() -> None:
+    """With no phone.public_url the signed URL is built from the request's Host header: a signature
+    Twilio made for another application of the account (wss://other.example.com/twilio, which never
+    expires) was taken here with Host: other.example.com (the trust review)."""
+    with pytest.raises(ConfigError, match="phone.public_url"):
+        auth_from_config({"auth": "twilio", "host": "0.0.0.0"}, {"TWILIO_AUTH_TOKEN": "1"})
+    on_lan = auth_from_config({"auth": "twilio", "host": "0.0.0.0", "public_url": "wss://phone.example.com/twilio"},
+                              {"TWILIO_AUTH_TOKEN": "1"})
+    assert on_lan.public_url == "wss://phone.example.com/twilio"
+    assert auth_from_config({"auth": "twilio", "host": "127.0.0.1"}, {"TWILIO_AUTH_TOKEN": "1"}).public_url is None

@@ -100,13 +100,18 @@ def auth_from_config(phone: Mapping[str, Any], environ: Mapping[str, str]) -> Au
     if public_url is not None and urlsplit(str(public_url)).scheme not in ("ws", "wss"):
         raise ConfigError(f"config key 'phone.public_url': {public_url!r} is not a ws:// or wss:// URL "
                           "(the stream URL exactly as given to Twilio, e.g. wss://phone.example.com/twilio)")
+    host = str(phone.get("host", "127.0.0.1"))
     if mode == "none":
-        host = str(phone.get("host", "127.0.0.1"))
         if not is_loopback(host):
             raise ConfigError(f"config key 'phone.auth': none (no authentication) is only allowed on a loopback "
                               f"address, and phone.host is {host!r}: anyone who reaches the port would open paid "
                               "API sessions; use phone.auth: twilio (the default) or token")
         return Auth("none")
+    if mode == "twilio" and public_url is None and not is_loopback(host):
+        raise ConfigError(f"config key 'phone.public_url' is null and phone.host is {host!r}: Twilio's signature "
+                          "would be checked against the request's own Host header, so a signature Twilio made for "
+                          "another application of the account would be taken here; set phone.public_url to the "
+                          "stream URL exactly as given to Twilio (e.g. wss://phone.example.com/twilio)")
     env_key = "auth_token_env" if mode == "twilio" else "token_env"
     default_env = "TWILIO_AUTH_TOKEN" if mode == "twilio" else "REALTALK_PHONE_TOKEN"
     name = str(phone.get(env_key) or default_env)
