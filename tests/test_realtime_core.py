@@ -699,8 +699,10 @@ def test_the_successor_keeps_tools_session_and_mic_gate_and_refuses_a_lost_commi
     h.cmd("cmd.mic", {"open": False, "id": "m"})
     h.cmd("cmd.input.commit", {"id": "p1", "respond": False})
     fresh, acts = _restart(h)
-    assert published(acts, "cmd.done") == [{"id": "p1", "ok": False, "error": published(acts, "cmd.done")[0]["error"]}]
-    assert "speak again" in published(acts, "cmd.done")[0]["error"]
+    done = {d["id"]: d for d in published(acts, "cmd.done")}
+    assert sorted(done) == ["p1", "u"]                  # the update in flight is answered too (R5)
+    assert done["u"]["ok"] is True and done["u"]["applied"] == "on reconnect"
+    assert done["p1"]["ok"] is False and "speak again" in done["p1"]["error"]
     assert published(fresh.cmd("cmd.input.commit", {"id": "p1", "respond": False}), "cmd.done")[0]["repeated"]
     update = sent(acts, "session.update")[0]["session"]
     assert update["instructions"] == "Be brief." and [t["name"] for t in update["tools"]] == ["lookup"]

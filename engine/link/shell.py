@@ -24,6 +24,10 @@ Rules:
   waits run on the same loop; a record never waits for a poll.
 - A host callback or core that raises ends the link's run with that exception (the host
   decides what it ends: the call, the process); an exception in a timer goes to ``on_error``.
+- A client event JSON cannot carry (msgpack binary, a NaN: the cores refuse such commands, so
+  this is a bug) is not sent: one ``engine.error`` ``unsendable_event`` (not fatal) names it,
+  and the link goes on. Never a crash: a realtime process that died on a held command would meet
+  it again in every successor.
 """
 from __future__ import annotations
 
@@ -224,7 +228,10 @@ class ApiLink:
                 if out is None:
                     continue   # no socket: the core settles it when it hears Disconnected
                 wire = self.dialect.outgoing(act.event)
-                if wire is not None and not out.put(json.dumps(wire)):
+                text = None if wire is None else self._encoded(wire, now)
+                if wire is not None and text is None:
+                    continue   # reported; not sent, so not published as sent
+                if text is not None and not out.put(text):
                     self._api_stuck()
                 r = self.host.perform(Publish("client." + act.event["type"], act.event), now)
                 if r is not None:
@@ -237,6 +244,17 @@ class ApiLink:
                 if self.policy.state in (LinkState.OPEN, LinkState.RECYCLING):
                     self._carry_out(self.policy.recycle(now, act.reason))
         return follow
+
+    def _encoded(self, wire: Mapping[str, Any], now: float) -> str | None:
+        """``wire`` as JSON text; None, reported (``unsendable_event``), when JSON cannot carry it."""
+        try:
+            return json.dumps(wire, allow_nan=False)
+        except (TypeError, ValueError, RecursionError) as exc:
+            self.host.perform(Publish("engine.error", {
+                "source": "engine", "code": "unsendable_event", "fatal": False, "event_type": str(wire.get("type")),
+                "message": f"the client event {wire.get('type')!r} was not sent: JSON cannot carry it "
+                           f"({type(exc).__name__}: {exc}); the conversation goes on"}), now)
+            return None
 
     def _api_stuck(self) -> None:
         """The API has not read what was sent (the writer's queue is full): end this socket; the

@@ -7,10 +7,14 @@ Rules:
 - A response's cost is computed before anything is changed; an unknown usage shape costs 0
   and is reported, never raised.
 - At 80 % of ``budget_usd`` one warning is published; at 100 % no new response is requested.
+- What was spent and whether the warning went out are part of the state a restarted realtime
+  process starts from (:meth:`Budget.state`, :meth:`Budget.restore`): a restart neither resets
+  the cost to $0 nor warns again.
 """
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Mapping
 
 from engine.cost import check_priced, is_live_model, model_prices, response_cost_usd, transcription_cost_usd
 from engine.errors import ConfigError
@@ -57,6 +61,31 @@ class Budget:
     def session_message(self) -> Publish:
         return Publish("cost.session", {"usd": self.total_usd(), "responses_usd": self.responses_usd,
                                         "transcription_usd": self.transcription_usd})
+
+    def state(self) -> dict[str, Any]:
+        """What a successor needs (``conversation.history`` ``cost``)."""
+        return {"responses_usd": self.responses_usd, "transcription_usd": self.transcription_usd,
+                "budget_warned": self.warned}
+
+    def restore(self, state: Any) -> bool:
+        """Take a predecessor's :meth:`state`; each figure only when it is a finite number >= 0 (an odd
+        one is left at what it is). True when dollars were restored (a ``cost.session`` is due)."""
+        if not isinstance(state, Mapping):
+            return False
+
+        def usd(key: str) -> float | None:
+            v = state.get(key)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0:
+                return float(v)
+            return None
+        responses, transcription = usd("responses_usd"), usd("transcription_usd")
+        if responses is not None:
+            self.responses_usd = responses
+        if transcription is not None:
+            self.transcription_usd = transcription
+        if isinstance(state.get("budget_warned"), bool):
+            self.warned = state["budget_warned"]
+        return bool(responses or transcription)
 
     def exceeded(self) -> bool:
         return self.budget_usd is not None and self.total_usd() >= self.budget_usd

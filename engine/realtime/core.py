@@ -23,8 +23,11 @@ Rules of the dispatcher:
   the session config, the tools and the conversation so far are replayed.
 - The state a successor needs is published on ``conversation.history`` (a last-value topic the
   broker keeps) at every change: the conversation (:mod:`~engine.realtime.history`), the
-  requests held, the tools registered, the session config, the mic gate, and the keys of the
+  requests held, the tools registered, the session config, the session updates not yet
+  confirmed, the mic gate, the cost so far (and whether the budget warned), and the keys of the
   latest commands taken. A restarted realtime process starts from it (:meth:`RealtimeCore.restore_history`).
+- An item the server adds that the conversation holds already (the replay into a new session,
+  echoed) is no news: it is not published again as ``user.text``.
 - Commands: each is taken once (by ``id``, else publisher and ``seq``: the broker hands a
   restarted process what it held, which may have come live too). Taking one tells the broker
   it may let it go: with the state, when the command changed it (so it is safe first), else
@@ -35,7 +38,6 @@ from __future__ import annotations
 
 import base64
 import enum
-import json
 import secrets
 import string
 from collections import OrderedDict
@@ -46,7 +48,7 @@ from engine.realtime import budget as budget_mod
 from engine.realtime.history import REPLAYED, History
 from engine.realtime.playout import Playout, Truncation
 from engine.errors import ConfigError
-from engine.realtime.taken import TakesCommandsOnce
+from engine.realtime.taken import TakesCommandsOnce, check_json, json_problem, json_text
 from engine.realtime.records import (API_RATE_HZ, AUDIO_FORMATS, Action, Command, Connected, Disconnected, EndOfAudio,
                                      Flush, Input, MicAudio, Play, PlaybackReport, Publish, Send, SendAudio, ServerEvent,
                                      Tick, Ending)
@@ -200,9 +202,11 @@ class RealtimeCore(TakesCommandsOnce):
         except Exception as exc:  # one odd event never loses the conversation
             self.handler_failures += 1
             what = rec.event.get("type") if isinstance(rec, ServerEvent) else getattr(rec, "topic", type(rec).__name__)
+            message = f"handling {what} failed: {type(exc).__name__}: {exc}; the conversation goes on"
             acts = [Publish("engine.error", {"source": "engine", "code": "handler_failed", "input": str(what),
-                                             "message": f"handling {what} failed: {type(exc).__name__}: {exc}; "
-                                                        "the conversation goes on"})]
+                                             "message": message})]
+            if isinstance(rec, Command):   # taken already: answered, so no sender waits for it
+                acts.extend(self._command_failed(rec.topic, rec.body, message))
             acts.extend(self._restore(now_s))
         if not isinstance(rec, MicAudio):
             acts = self._note_outcomes(acts)
@@ -265,8 +269,11 @@ class RealtimeCore(TakesCommandsOnce):
         """A restarted realtime process starts from the state its predecessor published (call it
         before the first socket opens): the conversation, the requests it held (sent again; a
         push-to-talk commit is refused, its audio went with that session), the tools, the session
-        config, the mic gate and the commands it took. The answers it left in flight are reported
-        failed, unless their request is held (it is answered anew)."""
+        config, the mic gate, the cost so far and the commands it took. The answers it left in flight
+        are reported failed, unless their request is held (it is answered anew); the session updates
+        it had sent and not seen confirmed are done (``applied: on reconnect``: the config the new
+        socket gets holds them), unless their outcome is known. A tool or session JSON cannot carry,
+        or a bad tool timeout, is left out and reported."""
         items = body.get("items")
         if isinstance(items, list):
             self.conversation.restore(items)
@@ -287,14 +294,21 @@ class RealtimeCore(TakesCommandsOnce):
             if str(req_id) not in held:
                 acts.append(self._failed(None, str(req_id), "realtime_restarted",
                                          "the realtime process restarted before the answer was done"))
-        for raw in body.get("tools") or []:
-            try:
-                self.tools.register(parse_registration(raw))
-            except (ValueError, TypeError, AttributeError):
-                continue
+        acts.extend(restore_tools(self.tools, body.get("tools")))
         session = body.get("session")
         if isinstance(session, dict):
-            self.session_config = dict(session)
+            problem = json_problem(session)
+            if problem is None:
+                self.session_config = dict(session)
+            else:
+                acts.append(Publish("engine.error", {"source": "engine", "code": "bad_state", "message":
+                                    f"the predecessor's session config holds {problem}; the configured one is used"}))
+        for cmd_id in body.get("updates_in_flight") or []:
+            if isinstance(cmd_id, str) and cmd_id and cmd_id not in self.outcomes:
+                self._mark_taken(cmd_id, "cmd.session.update")
+                acts.append(Publish(DONE_TOPIC, {"id": cmd_id, "ok": True, "applied": "on reconnect"}))
+        if self.budget.restore(body.get("cost")):
+            acts.append(self.budget.session_message())
         if isinstance(body.get("mic_open"), bool):
             self.mic_open = body["mic_open"]
         for key in body.get("taken") or []:
@@ -333,6 +347,8 @@ class RealtimeCore(TakesCommandsOnce):
             "pending": [r.to_wire() for r in self.requests.pending()],
             "tools": [registration(t) for t in self.tools.registered.values()],
             "session": self.session_config, "mic_open": self.mic_open,
+            "updates_in_flight": [cmd_id for _, cmd_id, _ in self.pending_updates if cmd_id],
+            "cost": self.budget.state(),
             "taken": list(self.taken)[-TAKEN_PUBLISHED:], "core": self.core_id, "state_seq": self.state_seq})
 
     # ================================================================ server events
@@ -455,6 +471,7 @@ class RealtimeCore(TakesCommandsOnce):
 
     def _on_item_added(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
         item = ev["item"]
+        known = item.get("id") in self.conversation.by_id   # replayed into this session: said before
         req = self.requests.item_added(item.get("id", ""))
         changed = self.conversation.added(item, ev.get("previous_item_id"))
         if req is not None and req.text:   # ours: what we sent, whatever the echo shows of it
@@ -464,7 +481,7 @@ class RealtimeCore(TakesCommandsOnce):
             acts.append(Publish(DONE_TOPIC, {"id": req.id, "ok": True, "item_id": item["id"]}))
             acts.append(Publish("user.text" if req.role == "user" else "system.text",
                                 {"text": req.text, "item_id": item["id"], "request_id": req.id, "source": req.source}))
-        elif item.get("role") == "user" and item.get("type") == "message":
+        elif item.get("role") == "user" and item.get("type") == "message" and not known:
             for part in item.get("content") or []:
                 if part.get("type") == "input_text":
                     acts.append(Publish("user.text", {"text": part["text"], "item_id": item["id"]}))
@@ -492,7 +509,7 @@ class RealtimeCore(TakesCommandsOnce):
         tr = ((self.session.get("audio") or {}).get("input") or {}).get("transcription") or {}
         usd = self.budget.add_transcription(tr.get("model", ""), ev.get("usage"))
         acts: list[Action] = [Publish("user.transcript.done", {"text": text, "item_id": ev["item_id"], "usd": usd})]
-        if self.conversation.text(ev["item_id"], text):
+        if self.conversation.text(ev["item_id"], text) or usd:   # the text, or the cost, a successor starts from
             acts.append(self.history_message())
         return acts + self.turns.transcript_arrived(ev["item_id"]) + [self.budget.session_message()]
 
@@ -737,12 +754,12 @@ class RealtimeCore(TakesCommandsOnce):
         if not isinstance(respond, bool):
             raise ValueError("cmd.say 'respond' must be true or false")
         return self._queue(Request(self._req_id(body, "say"), text, role, respond, str(body.get("pub", "")),
-                                   options=check_response_options(body.get("response"))), now_s)
+                                   options=response_options(body, "cmd.say")), now_s)
 
     def _cmd_respond(self, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
         """A response on demand (``response``: per-response options; ``conversation: none`` for out of band)."""
         return self._queue(Request(self._req_id(body, "respond"), "", "user", True, str(body.get("pub", "")),
-                                   options=check_response_options(body.get("response")), kind="respond"), now_s)
+                                   options=response_options(body, "cmd.respond"), kind="respond"), now_s)
 
     def _cmd_input_commit(self, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
         """Push-to-talk: commit the input buffer, then (unless ``respond: false``) ask for a response."""
@@ -750,7 +767,7 @@ class RealtimeCore(TakesCommandsOnce):
         if not isinstance(respond, bool):
             raise ValueError("cmd.input.commit 'respond' must be true or false")
         return self._queue(Request(self._req_id(body, "commit"), "", "user", respond, str(body.get("pub", "")),
-                                   options=check_response_options(body.get("response")), kind="commit"), now_s)
+                                   options=response_options(body, "cmd.input.commit"), kind="commit"), now_s)
 
     def _cmd_input_clear(self, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
         acts = [self._send({"type": "input_audio_buffer.clear"})] if self.link is Link.CONNECTED else []
@@ -840,6 +857,7 @@ class RealtimeCore(TakesCommandsOnce):
         session = body.get("session")
         if not isinstance(session, dict):
             raise ValueError("cmd.session.update needs 'session': a map of session fields")
+        check_json(session, "cmd.session.update 'session'")   # it goes into session.update, and the state
         if "tools" in session:
             check_session_tools(session["tools"])
         before = dict(self.session_config)
@@ -882,8 +900,7 @@ class RealtimeCore(TakesCommandsOnce):
             raise ValueError("cmd.tool.result needs 'call_id': the call's id from tool.call")
         output = self.tools.result(call_id, body.get("output"))
         if output is None and self.conversation.unanswered_call(call_id):   # a call made before a restart
-            raw = body.get("output")
-            output = raw if isinstance(raw, str) else json.dumps(raw)
+            output = json_text(body.get("output"), "cmd.tool.result 'output'")
         if output is None:
             return self._ack(body, late=True)  # first result wins; late or duplicate results are ignored
         return self._tool_output(call_id, output, now_s) + self._ack(body)
@@ -960,6 +977,28 @@ def _cut_transcript(text: str, played_ms: int, received_ms: int) -> str:
         return text
     words = text.split()
     return " ".join(words[:int(len(words) * played_ms / received_ms)])
+
+
+def response_options(body: Mapping[str, Any], topic: str) -> dict[str, object]:
+    """A command's ``response`` options, checked by name and as JSON (they go into ``response.create``);
+    ValueError naming what is wrong."""
+    options = check_response_options(body.get("response"))
+    check_json(options, f"{topic} 'response'")
+    return options
+
+
+def restore_tools(tools: Tools, raws: Any) -> list[Action]:
+    """A predecessor's registrations (``cmd.tool.register`` bodies) registered again; one that is
+    refused now (a bad timeout, parameters JSON cannot carry) is left out and reported."""
+    acts: list[Action] = []
+    for raw in raws if isinstance(raws, list) else []:
+        try:
+            tools.register(parse_registration(raw))
+        except (ValueError, TypeError, AttributeError) as exc:
+            name = raw.get("name") if isinstance(raw, Mapping) else None
+            acts.append(Publish("engine.error", {"source": "engine", "code": "bad_state", "message":
+                                f"the predecessor's tool {name!r} is left out: {exc}"}))
+    return acts
 
 
 def registration(spec: ToolSpec) -> dict[str, Any]:

@@ -72,8 +72,14 @@ Rules:
   are kept with when they came (:data:`ONSET_MEMORY_S`): the reply's is the first that came
   after the speech ended, whether before or after the turn closed.
 - Cost is the cumulative seconds of ``session.usage.updated`` at the model's per-minute price
-  (across sessions of one engine: each new session's seconds add to the earlier ones'). At the
-  budget the session is closed.
+  (across sessions of one engine: each new session's seconds add to the earlier ones'; a
+  restarted realtime process takes its predecessor's as earlier ones). At the budget the session
+  is closed.
+- A sideband's session outlives its socket (a SIP call's ``/attach``): a socket drop ends neither
+  the session's cumulative usage, nor the context it was sent, nor its delegations; the next
+  socket attaches to the same session.
+- ``cmd.dtmf`` sends one ``transport.dtmf.send`` a key; it is done when every key reached the
+  trunk, and fails (once) at the first key the server refuses.
 - A handler computes first and changes state last; one that raises is reported
   (``engine.error`` ``handler_failed``) and the conversation goes on.
 """
@@ -82,6 +88,7 @@ from __future__ import annotations
 import base64
 import enum
 import json
+import math
 import re
 import time
 from collections import OrderedDict, deque
@@ -94,9 +101,9 @@ from engine.codec import g711_table
 from engine.cost import live_cost_usd, live_prices
 from engine.errors import ConfigError, EngineError
 from bus.wire import COMMAND_TOPICS, DONE_TOPIC, STATE_TOPIC
-from engine.realtime.core import TAKEN_PUBLISHED, new_id as default_new_id, registration
+from engine.realtime.core import TAKEN_PUBLISHED, new_id as default_new_id, registration, restore_tools
 from engine.realtime.live_turns import Speaker, TurnEvent, TurnGrouper
-from engine.realtime.taken import TakesCommandsOnce
+from engine.realtime.taken import TakesCommandsOnce, check_json
 from engine.realtime.records import (API_RATE_HZ, AUDIO_FORMATS, Action, Command, Connected, Disconnected, EndOfAudio,
                                      Input, MicAudio, PlaybackReport, Play, Publish, Reconnect, Send, SendAudio,
                                      ServerEvent, Tick, Ending)
@@ -360,7 +367,9 @@ class LiveCore(TakesCommandsOnce):
         self.outcomes: OrderedDict[str, Mapping[str, Any]] = OrderedDict()   #: command id -> its cmd.done
         self.core_id = new_id("core")                        #: names this core's state messages
         self.state_seq = 0
-        self.sent_dtmf: dict[str, str] = {}     #: transport.dtmf.send event id -> the cmd.dtmf it acks
+        #: transport.dtmf.send event id -> the cmd.dtmf it is a key of (every key's: the command is done
+        #: when the last of them reached the trunk, failed at the first error)
+        self.sent_dtmf: dict[str, str] = {}
         self._server_handlers: dict[str, Callable[[Mapping[str, Any], float, int], list[Action]]] = {
             "session.started": self._on_started,
             "session.updated": self._on_updated,
@@ -418,9 +427,11 @@ class LiveCore(TakesCommandsOnce):
         except Exception as exc:  # one odd event never loses the conversation
             self.handler_failures += 1
             what = rec.event.get("type") if isinstance(rec, ServerEvent) else getattr(rec, "topic", type(rec).__name__)
+            message = f"handling {what} failed: {type(exc).__name__}: {exc}; the conversation goes on"
             acts = [Publish("engine.error", {"source": "engine", "code": "handler_failed", "input": str(what),
-                                             "message": f"handling {what} failed: {type(exc).__name__}: {exc}; "
-                                                        "the conversation goes on"})]
+                                             "message": message})]
+            if isinstance(rec, Command):   # taken already: answered, so no sender waits for it
+                acts.extend(self._command_failed(rec.topic, rec.body, message))
         acts = acts + self._heard(now_s, heard_index)
         if not isinstance(rec, MicAudio):
             acts = self._note_outcomes(acts)
@@ -487,7 +498,8 @@ class LiveCore(TakesCommandsOnce):
         spent = self.state is LiveState.CLOSING or self._renewal_spent()
         acts: list[Action] = [Publish("engine.status", {"state": "disconnected", "close_code": rec.code,
                                                         "reason": rec.reason})]
-        acts.extend(self._session_over("disconnected"))
+        # a sideband's session outlives its socket (the call goes on): the next socket attaches to it
+        acts.extend(self._session_over("disconnected", ended=not self.sideband))
         if spent:
             acts.append(self._spent())
         self._move("budget spent" if spent and self.state is LiveState.RENEWING else "disconnected")
@@ -520,31 +532,40 @@ class LiveCore(TakesCommandsOnce):
                                                    f"${self.budget_usd or 0.0:.4f}): the GPT-Live session is closed "
                                                    "and no new one starts; raise budget_usd to go on"})
 
-    def _session_over(self, reason: str) -> list[Action]:
+    def _session_over(self, reason: str, ended: bool = True) -> list[Action]:
         """What a session's end settles: turns close, the track ends, unplaced appends wait for the
         next session, delegations die with it (a result still to come, or one waiting, goes to the
-        next session as plain commentary: the new session knows no delegation id of the old)."""
+        next session as plain commentary: the new session knows no delegation id of the old), its
+        usage becomes an earlier session's. ``ended`` False: only the socket ended (a sideband's: the
+        session goes on and the next socket attaches to it), so only turns, the track and the mute
+        acks are settled; what was sent, the delegations and the session's cumulative usage stay."""
         acts: list[Action] = []
         for ev in self.grouper.close_all(reason):
             acts.extend(self._turn_event(ev, None))
         if self.stream_open:
             self.stream_open = False
             acts.append(EndOfAudio())
+        if not ended:
+            return acts + self._mute_acks_on_reconnect()
         self.waiting[:0] = [*self.unplaced.values(), *self.sent.values()]
         self.sent.clear()
         self.unplaced.clear()
         for app in self.waiting:
             app.delegation_id = None
         self.delegations.clear()
-        for _, cmd_id in self.mute_acks:
-            if cmd_id:
-                acts.append(Publish(DONE_TOPIC, {"id": cmd_id, "ok": True, "applied": "on reconnect"}))
-        self.mute_acks.clear()
+        acts.extend(self._mute_acks_on_reconnect())
         self.earlier_seconds += self.session_seconds
         self.earlier_usd += live_cost_usd(self.model, self.session_usage)
         self.session_usage = {}
         self.awaiting_reply = None
         self.reply_at_index = None
+        return acts
+
+    def _mute_acks_on_reconnect(self) -> list[Action]:
+        """Mutes sent and not confirmed: done, the next session (or socket) gets the gate as it is."""
+        acts: list[Action] = [Publish(DONE_TOPIC, {"id": cmd_id, "ok": True, "applied": "on reconnect"})
+                              for _, cmd_id in self.mute_acks if cmd_id]
+        self.mute_acks.clear()
         return acts
 
     # ================================================================ server events
@@ -654,6 +675,8 @@ class LiveCore(TakesCommandsOnce):
         self.errors += 1
         app = self.sent.pop(ref, None) if isinstance(ref, str) else None
         owner = app.cmd_id if app else (self.sent_updates.pop(ref, None) if isinstance(ref, str) else None)
+        if app is None and owner is None and isinstance(ref, str):
+            owner = self._dtmf_failed(ref)
         acts.append(Publish("engine.error", {"source": "api", "code": code, "message": message,
                                              "param": err.get("param"), "event_id": ref, "request_id": owner}))
         if owner:
@@ -793,17 +816,22 @@ class LiveCore(TakesCommandsOnce):
                                       "delegation": True, "request": request, "registered": True,
                                       "offset_ms": ev.get("offset_ms")})]
 
+    def _cost_message(self) -> Publish:
+        return Publish("cost.session", {"usd": self.total_usd(), "seconds": self.earlier_seconds + self.session_seconds,
+                                        "per_minute_usd": self.per_minute_usd, "context_window": None})
+
     def _on_usage(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
         return self._usage(ev.get("usage"))
 
     def _usage(self, usage: Any) -> list[Action]:
         if not isinstance(usage, Mapping) or not isinstance(usage.get("seconds"), (int, float)):
             return []
+        seconds_before = self.session_seconds
         self.session_usage = dict(usage)
         usd = self.total_usd()
-        acts: list[Action] = [Publish("cost.session", {"usd": usd, "seconds": self.earlier_seconds + self.session_seconds,
-                                                       "per_minute_usd": self.per_minute_usd,
-                                                       "context_window": None})]
+        acts: list[Action] = [self._cost_message()]
+        if self.session_seconds != seconds_before:   # the cost a successor starts from (every ~15 s)
+            acts.append(self.history_message())
         if self.budget_usd is None:
             return acts
         if usd >= self.budget_usd and self.state is LiveState.RENEWING and not self.budget_told:
@@ -936,6 +964,7 @@ class LiveCore(TakesCommandsOnce):
         session = body.get("session")
         if not isinstance(session, dict):
             raise ValueError("cmd.session.update needs 'session': a map of session fields")
+        check_json(session, "cmd.session.update 'session'")   # it goes into session.update
         fixed = sorted(set(session) - {"delegation", "triggers"})
         if fixed:
             raise ValueError(f"GPT-Live fixes {', '.join(fixed)} for the session's life; only 'delegation' "
@@ -1028,9 +1057,17 @@ class LiveCore(TakesCommandsOnce):
         acts: list[Action] = [Publish("sip.dtmf", {"key": key, "from": "application"})]
         ref = ev.get("client_event_id")
         owner = self.sent_dtmf.pop(ref, None) if isinstance(ref, str) else None
-        if owner:
-            acts.append(Publish("cmd.done", {"id": owner, "ok": True, "key": key}))
+        if owner and owner not in self.sent_dtmf.values():   # its last key out
+            acts.append(Publish(DONE_TOPIC, {"id": owner, "ok": True, "key": key}))
         return acts
+
+    def _dtmf_failed(self, event_id: str) -> str | None:
+        """The cmd.dtmf whose key ``event_id`` the server refused, its other keys forgotten (it fails
+        once); None when ``event_id`` is no key of a command."""
+        owner = self.sent_dtmf.pop(event_id, None)
+        if owner is not None:
+            self.sent_dtmf = {e: c for e, c in self.sent_dtmf.items() if c != owner}
+        return owner
 
     def _cmd_dtmf(self, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
         keys = body.get("keys")
@@ -1047,10 +1084,10 @@ class LiveCore(TakesCommandsOnce):
                 [Publish("engine.error", {"source": "engine", "code": "bad_command", "message": why})]
         acts: list[Action] = []
         assert isinstance(keys, str)
-        for i, key in enumerate(keys):
+        for key in keys:
             event_id = self.new_id("event")
-            if cmd_id and i == len(keys) - 1:
-                self.sent_dtmf[event_id] = cmd_id     # acked when the last key reached the trunk
+            if cmd_id:
+                self.sent_dtmf[event_id] = cmd_id     # done when every key reached the trunk
             acts.append(Send({"type": "transport.dtmf.send", "event_id": event_id, "event": key}))
         return acts
 
@@ -1092,6 +1129,8 @@ class LiveCore(TakesCommandsOnce):
         return Publish(STATE_TOPIC, {
             "items": list(self.history), "in_flight": [], "live_pending": pending,
             "tools": [registration(t) for t in self.tools.registered.values()], "mic_open": self.mic_open,
+            "cost": {"usd": self.total_usd(), "seconds": self.earlier_seconds + self.session_seconds,
+                     "budget_warned": self.budget_warned},
             "taken": list(self.taken)[-TAKEN_PUBLISHED:], "core": self.core_id, "state_seq": self.state_seq})
 
     def state_messages(self) -> list[Action]:
@@ -1103,7 +1142,9 @@ class LiveCore(TakesCommandsOnce):
     def restore_history(self, body: Mapping[str, Any]) -> list[Action]:
         """A restarted realtime process starts from the state its predecessor published: the
         conversation (as Live input messages), the context it had not placed yet (sent again in
-        the new session), the tools, the mic gate and the commands it took."""
+        the new session), the tools, the mic gate, the cost so far (the predecessor's sessions are
+        earlier sessions now) and the commands it took. A tool refused now (a bad timeout) is left
+        out and reported."""
         items = body.get("items")
         if isinstance(items, list):
             self.history = [m for m in (_as_live_message(i) for i in items) if m is not None][-INPUT_MESSAGES:]
@@ -1112,19 +1153,33 @@ class LiveCore(TakesCommandsOnce):
                     and isinstance(raw.get("content"), str):
                 # a predecessor's delegation ended with its session: the next knows no id of the old
                 self.waiting.append(Append(raw["kind"], raw["content"], raw.get("cmd_id"), None))
-        for raw in body.get("tools") or []:
-            try:
-                self.tools.register(parse_registration(raw))
-            except (ValueError, TypeError, AttributeError):
-                continue
+        acts = restore_tools(self.tools, body.get("tools"))
         if isinstance(body.get("mic_open"), bool):
             self.mic_open = body["mic_open"]
         for key in body.get("taken") or []:
             if isinstance(key, str):
                 self._mark_taken(key)
+        if self._restore_cost(body.get("cost")):
+            acts.append(self._cost_message())
         if self.tools.registered:
-            return [Publish("engine.tools", {"tools": sorted(self.tools.registered)})]
-        return []
+            acts.append(Publish("engine.tools", {"tools": sorted(self.tools.registered)}))
+        return acts
+
+    def _restore_cost(self, cost: Any) -> bool:
+        """A predecessor's ``cost`` (its sessions' dollars and seconds, the warning) as earlier
+        sessions; an odd figure is left out. True when dollars were restored."""
+        if not isinstance(cost, Mapping):
+            return False
+        usd, seconds = cost.get("usd"), cost.get("seconds")
+        if isinstance(usd, (int, float)) and not isinstance(usd, bool) and math.isfinite(usd) and usd >= 0:
+            self.earlier_usd = float(usd)
+        else:
+            usd = None
+        if isinstance(seconds, int) and not isinstance(seconds, bool) and seconds >= 0:
+            self.earlier_seconds = seconds
+        if isinstance(cost.get("budget_warned"), bool):
+            self.budget_warned = cost["budget_warned"]
+        return bool(usd)
 
 
 def _topic_of(kind: str) -> str:

@@ -24,12 +24,22 @@ Rules:
 - At most ``SEEN_IDS`` keys are remembered, the oldest forgotten first.
 - A command is carried out by the core's handler for its topic. A malformed one (a bad id, no
   handler, a field a handler refuses with ValueError, TypeError or KeyError) is counted and
-  reported once on ``engine.error``, and on ``cmd.done`` ``ok: false`` when it has an id; a
-  ``cmd.*`` topic the bus does not know, with a good id, was refused by the broker's intake on
-  its ``cmd.ack`` already, so it is only counted.
+  reported once on ``engine.error``, and on ``cmd.done`` ``ok: false`` ``code: bad_command`` when
+  it has an id; a ``cmd.*`` topic the bus does not know, with a good id, was refused by the
+  broker's intake on its ``cmd.ack`` already, so it is only counted.
+- A value a command hands on to the API (a session, a tool's parameters, response options, a
+  tool's output) must be one JSON can carry (:func:`check_json`): text, finite numbers, true,
+  false, null, lists and maps with text keys. msgpack's binary, a NaN or a map with a binary key
+  is refused at once, naming where it is; the API events are JSON, so it could never be sent.
+- A handler that raises anything else (a bug) fails its command all the same
+  (:meth:`TakesCommandsOnce._command_failed`): ``cmd.done`` ``ok: false`` ``code: handler_failed``
+  for a command with an id, and its key on ``intake.taken``, so no sender waits for ever and the
+  broker does not offer it again.
 """
 from __future__ import annotations
 
+import json
+import math
 from collections import OrderedDict
 from typing import Any, Callable, Mapping
 
@@ -37,6 +47,55 @@ from bus.wire import (ACK_TOPIC, COMMAND_TOPICS, DONE_TOPIC, STATE_TOPIC, TAKEN_
                       id_reused_error, outcome_of, remember_newest)
 from engine.realtime.records import Action, Publish
 from engine.realtime.requests import SEEN_IDS
+
+
+#: nesting a value handed on to the API may have (a JSON schema needs a few levels, not hundreds)
+JSON_DEPTH_MAX = 64
+
+
+def json_problem(value: Any) -> str | None:
+    """Where ``value`` holds something a JSON client event cannot carry, and what (``a.b[2]: bytes``);
+    None when JSON can carry all of it (text, finite numbers, booleans, null, lists, maps with text
+    keys, at most :data:`JSON_DEPTH_MAX` deep). Iterative: no recursion limit to meet."""
+    stack: list[tuple[Any, str, int]] = [(value, "", 0)]
+    while stack:
+        item, at, depth = stack.pop()
+        if item is None or isinstance(item, (str, bool, int)):
+            continue
+        where = at or "the value"
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return f"{where}: the number {item!r}, which JSON cannot carry"
+            continue
+        if depth >= JSON_DEPTH_MAX and isinstance(item, (list, tuple, dict)):
+            return f"{where}: nested deeper than {JSON_DEPTH_MAX} levels"
+        if isinstance(item, (list, tuple)):
+            stack.extend((v, f"{at}[{i}]", depth + 1) for i, v in reversed(list(enumerate(item))))
+        elif isinstance(item, dict):
+            for k in item:
+                if not isinstance(k, str):
+                    return f"{where}: a map key of type {type(k).__name__} ({k!r:.40}); keys must be text"
+            stack.extend((v, f"{at}.{k}" if at else str(k), depth + 1) for k, v in reversed(list(item.items())))
+        else:
+            return f"{where}: a value of type {type(item).__name__}, which JSON cannot carry"
+    return None
+
+
+def check_json(value: Any, field: str) -> None:
+    """ValueError naming ``field`` (``cmd.session.update 'session'``) and where in it, unless JSON
+    can carry ``value`` (:func:`json_problem`)."""
+    problem = json_problem(value)
+    if problem is not None:
+        raise ValueError(f"{field} holds {problem}: send only text, numbers, true/false, null, lists and maps "
+                         "with text keys (binary data as base64 text)")
+
+
+def json_text(value: Any, field: str) -> str:
+    """``value`` as JSON text (a string as it is); ValueError naming ``field`` when JSON cannot carry it."""
+    if isinstance(value, str):
+        return value
+    check_json(value, field)
+    return json.dumps(value)
 
 
 #: a core's command handler: (body, now_s, heard index) -> actions; raises ValueError (or
@@ -118,8 +177,22 @@ class TakesCommandsOnce:
             acts: list[Action] = [Publish("engine.error", {"source": "bus", "code": "bad_command", "topic": topic,
                                                            "id": cmd_id, "message": str(exc)})]
             if cmd_id:
-                acts.append(Publish(DONE_TOPIC, {"id": cmd_id, "ok": False, "error": str(exc)}))
+                acts.append(Publish(DONE_TOPIC, {"id": cmd_id, "ok": False, "error": str(exc), "code": "bad_command"}))
             return acts
+
+    def _command_failed(self, topic: str, body: Mapping[str, Any], message: str) -> list[Action]:
+        """A command whose handler raised past its checks (the core's catch-all reports the error):
+        ``cmd.done`` ``ok: false`` ``code: handler_failed`` for one with an id, and its key let go
+        (``intake.taken``), so neither its sender nor the broker waits on it. Nothing for a command
+        that was not taken (no key) or a bus message that is not a command."""
+        key = command_key(body) if topic.startswith("cmd.") and topic not in (ACK_TOPIC, DONE_TOPIC) else None
+        if key is None or key not in self.taken:
+            return []
+        acts: list[Action] = [Publish(TAKEN_TOPIC, {"taken": [key]})]
+        cmd_id = body.get("id")
+        if isinstance(cmd_id, str) and cmd_id == key:
+            acts.append(Publish(DONE_TOPIC, {"id": cmd_id, "ok": False, "code": "handler_failed", "error": message}))
+        return acts
 
     def _ack(self, body: Mapping[str, Any], **extra: Any) -> list[Action]:
         """The command's outcome: carried out (``cmd.done`` ``ok``)."""

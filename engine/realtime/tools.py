@@ -9,14 +9,25 @@ Rules:
   the first ``cmd.tool.result`` naming it; later results are ignored. Without one by the tool's
   timeout the model is told the tool did not answer. Either way the output goes back to the
   model and a response is requested.
+- A tool's ``timeout_s`` is a finite number of seconds above 0 and at most :data:`MAX_TIMEOUT_S`
+  (a NaN deadline would fire the link's timer at once for ever; an infinite one would keep the
+  session from ever being at a turn boundary), checked at registration and when a successor
+  restores the tools.
+- Its ``parameters`` and a result's ``output`` go to the API as JSON: a value JSON cannot carry is
+  refused (ValueError naming it) before anything changes, so a bad result leaves the call open
+  for a good one.
 """
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from engine.realtime.taken import check_json, json_text
+
 DEFAULT_TIMEOUT_S = 10.0
+#: the longest a tool may take to answer a call (seconds)
+MAX_TIMEOUT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -39,9 +50,12 @@ def parse_registration(body: Mapping[str, Any]) -> ToolSpec:
     params = body.get("parameters") or {"type": "object", "properties": {}}
     if not isinstance(params, dict):
         raise ValueError("cmd.tool.register 'parameters' must be a JSON schema map")
+    check_json(params, "cmd.tool.register 'parameters'")
     timeout = body.get("timeout_s", DEFAULT_TIMEOUT_S)
-    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
-        raise ValueError("cmd.tool.register 'timeout_s' must be a positive number of seconds")
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not math.isfinite(timeout) \
+            or not 0 < timeout <= MAX_TIMEOUT_S:
+        raise ValueError(f"cmd.tool.register 'timeout_s' must be a number of seconds above 0 and at most "
+                         f"{MAX_TIMEOUT_S:g} (got {timeout!r})")
     return ToolSpec(name, str(body.get("description", "")), params,
                     str(body.get("owner") or body.get("pub", "")), float(timeout))
 
@@ -82,11 +96,13 @@ class Tools:
         return spec is not None
 
     def result(self, call_id: str, output: Any) -> str | None:
-        """The output to give the model, or None for a late or duplicate result."""
+        """The output to give the model (JSON text, a string as it is), or None for a late or
+        duplicate result; ValueError for an output JSON cannot carry, the call still open."""
         if call_id not in self.calls:
             return None
+        text = json_text(output, "cmd.tool.result 'output'")   # encoded first: a bad output loses no call
         del self.calls[call_id]
-        return output if isinstance(output, str) else json.dumps(output)
+        return text
 
     def overdue(self, now_s: float) -> list[tuple[str, str]]:
         out = [(cid, name) for cid, (name, deadline) in self.calls.items() if now_s >= deadline]
