@@ -113,6 +113,11 @@ from engine.webhooks import SECRET_ENV
 SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSW|CREDENTIAL|AUTH", re.IGNORECASE)
 
 
+#: the signals that stop the engine in order (the children run in sessions of their own: a
+#: terminal's Ctrl-C or hang-up reaches the supervisor alone, which stops them one after another)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 def server_environment(env: dict[str, str], keep: set[str]) -> dict[str, str]:
     """``env`` for the local server's child: without every variable whose name says it holds a
     secret (the API's key, a Twilio token, anyone's password), but those in ``keep``."""
@@ -284,6 +289,11 @@ class Supervisor:
         far is undone (children stopped, rings unlinked, sockets and files removed) and it raises.
         (The mic and speaker were checked when the supervisor was made.)"""
         check_not_running(self.connection_path, self.out)
+
+        def _stopped(signo: int, _frame: object) -> None:
+            raise EngineError(f"stopped by {signal.Signals(signo).name} while starting; what was made is undone")
+        for signo in STOP_SIGNALS:   # run() takes them over once started
+            signal.signal(signo, _stopped)
         try:
             self._start()
         except BaseException:
@@ -580,8 +590,8 @@ class Supervisor:
     def run(self) -> int:
         def _stop(_signo: int, _frame: object) -> None:
             self.stopping = True
-        signal.signal(signal.SIGTERM, _stop)
-        signal.signal(signal.SIGINT, _stop)
+        for signo in STOP_SIGNALS:
+            signal.signal(signo, _stop)
         # a child that exits wakes the loop at once (it slept up to 250 ms before reaping it)
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)

@@ -78,7 +78,7 @@ def launch(child: Child, env: dict[str, str], heartbeat_timeout_s: float | None)
     try:
         child.proc = subprocess.Popen(argv, pass_fds=pass_fds, env=env,
                                       stdin=subprocess.PIPE if child.spec is not None else subprocess.DEVNULL,
-                                      stdout=child.stdout, start_new_session=False,
+                                      stdout=child.stdout, start_new_session=True,   # a terminal's signals: the supervisor's
                                       preexec_fn=lambda: parent_death_signal(death_signal))
     finally:
         if child.heartbeat is not None:
