@@ -792,3 +792,30 @@ def test_taking_a_command_tells_the_broker_with_the_state_only_when_it_changed_i
         "m1": {"topic": "cmd.mic", "done": failed}}}]
     mic = h.cmd("cmd.mic", {"open": False, "id": "m2"})
     assert published(mic, "conversation.history")[-1]["mic_open"] is False
+
+
+def _refuse(h: Harness, event_id: str) -> list[Any]:
+    return h(ServerEvent({"type": "error", "error": {"type": "invalid_request_error", "code": "invalid_value",
+                                                     "message": "Invalid value: 'purple'.", "event_id": event_id}}))
+
+
+def test_a_refused_update_reverts_only_its_own_keys_and_a_refused_replay_falls_back() -> None:
+    """A refused update reset the config to its own ``before``, erasing a later update that had been
+    confirmed ok; and a bad value set while disconnected became its own rollback point, so it was
+    sent and refused again on every reconnect, the whole update with it (the review)."""
+    h = connected()
+    h.ev({"type": "session.updated", "session": {"type": "realtime"}})   # the connect's own update, confirmed
+    a = sent(h.cmd("cmd.session.update", {"session": {"voice": "purple"}, "id": "a"}), "session.update", ids=True)[0]
+    sent(h.cmd("cmd.session.update", {"session": {"instructions": "Be brief."}, "id": "b"}), "session.update")
+    _refuse(h, a["event_id"])
+    assert h.core.session_config.get("instructions") == "Be brief." and "voice" not in h.core.session_config
+    # a bad value while disconnected: acked on reconnect, then refused with the whole replay
+    h(Disconnected(1006))
+    h.cmd("cmd.session.update", {"session": {"voice": "purple"}, "id": "c"})
+    replay = sent(h(Connected(reconnect=True)), "session.update", ids=True)[0]
+    assert replay["session"]["voice"] == "purple"
+    (lost,) = published(_refuse(h, replay["event_id"]), "engine.error")[1:]
+    assert lost["code"] == "session_config_refused" and lost["updates"] == ["b", "c"]   # acked, then not applied
+    h(Disconnected(1006))
+    again = sent(h(Connected(reconnect=True)), "session.update")[0]["session"]
+    assert "voice" not in again and "instructions" not in again      # the config the server last confirmed

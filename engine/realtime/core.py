@@ -125,8 +125,15 @@ class RealtimeCore(TakesCommandsOnce):
         self.speech_started_at: float | None = None
         self.pending_barge_in = False
         self.mic_open = True                             #: cmd.mic: a closed gate sends no mic audio
-        #: session.update sent, not yet confirmed: (event id, command id or None, config before it)
+        #: session.update sent, not yet confirmed: (event id, command id or None, the config keys it sets)
         self.pending_updates: list[tuple[str, str | None, dict[str, Any]]] = []
+        #: the config the server last confirmed (at first the configured one): a refused update
+        #: falls back to it, with the updates still in flight over it
+        self.confirmed_config: dict[str, Any] = dict(self.session_config)
+        #: updates acked ``applied: on reconnect``: in the config the next socket's first update
+        #: replays; reported lost if the server refuses that replay
+        self.deferred_updates: list[str] = []
+        self.replay_event_id: str | None = None   #: the current socket's first session.update
         self.silent_responses: set[str] = set()          #: out-of-band responses whose audio is not played
         self.errors = 0
         self.malformed_commands = 0
@@ -223,7 +230,9 @@ class RealtimeCore(TakesCommandsOnce):
     def _connected(self, rec: Connected, now_s: float) -> list[Action]:
         self.link = Link.CONNECTED
         self.turns.clock.reset()
-        acts: list[Action] = [self._session_update(self._session_with_tools(), None, dict(self.session_config))]
+        replay_update = self._session_update(self._session_with_tools(), None, dict(self.session_config))
+        self.replay_event_id = replay_update.event["event_id"]
+        acts: list[Action] = [replay_update]
         replay = self.conversation.replayable() if rec.reconnect and not self.keeps_session else []
         for item in replay:
             acts.append(self._send({"type": "conversation.item.create", "item": item}))
@@ -242,6 +251,7 @@ class RealtimeCore(TakesCommandsOnce):
         for _, cmd_id, _ in self.pending_updates:  # what they changed is in the config the next socket gets
             if cmd_id:
                 acts.append(Publish(DONE_TOPIC, {"id": cmd_id, "ok": True, "applied": "on reconnect"}))
+                self.deferred_updates.append(cmd_id)
         self.pending_updates.clear()
         for req in list(self.requests.pending_commits):
             acts.append(Publish(DONE_TOPIC, {"id": req.id, "ok": False, "error":
@@ -300,6 +310,9 @@ class RealtimeCore(TakesCommandsOnce):
             problem = json_problem(session)
             if problem is None:
                 self.session_config = dict(session)
+                confirmed = body.get("session_confirmed")
+                self.confirmed_config = dict(confirmed) if isinstance(confirmed, dict) and json_problem(confirmed) \
+                    is None else dict(session)
             else:
                 acts.append(Publish("engine.error", {"source": "engine", "code": "bad_state", "message":
                                     f"the predecessor's session config holds {problem}; the configured one is used"}))
@@ -307,6 +320,7 @@ class RealtimeCore(TakesCommandsOnce):
             if isinstance(cmd_id, str) and cmd_id and cmd_id not in self.outcomes:
                 self._mark_taken(cmd_id, "cmd.session.update")
                 acts.append(Publish(DONE_TOPIC, {"id": cmd_id, "ok": True, "applied": "on reconnect"}))
+                self.deferred_updates.append(cmd_id)
         if self.budget.restore(body.get("cost")):
             acts.append(self.budget.session_message())
         if isinstance(body.get("mic_open"), bool):
@@ -346,7 +360,7 @@ class RealtimeCore(TakesCommandsOnce):
             "items": self.conversation.replayable(), "in_flight": list(dict.fromkeys(in_flight)),
             "pending": [r.to_wire() for r in self.requests.pending()],
             "tools": [registration(t) for t in self.tools.registered.values()],
-            "session": self.session_config, "mic_open": self.mic_open,
+            "session": self.session_config, "session_confirmed": self.confirmed_config, "mic_open": self.mic_open,
             "updates_in_flight": [cmd_id for _, cmd_id, _ in self.pending_updates if cmd_id],
             "cost": self.budget.state(),
             "taken": list(self.taken)[-TAKEN_PUBLISHED:], "core": self.core_id, "state_seq": self.state_seq})
@@ -399,14 +413,19 @@ class RealtimeCore(TakesCommandsOnce):
         self.session = dict(ev["session"])
         acts: list[Action] = [Publish("session.config", {"session": ev["session"]}), *self._model_named(ev["session"])]
         if self.pending_updates:  # the server answers updates in order
-            _, cmd_id, _ = self.pending_updates.pop(0)
+            event_id, cmd_id, sets = self.pending_updates.pop(0)
+            self.confirmed_config = {**self.confirmed_config, **sets}
+            if event_id == self.replay_event_id:
+                self.deferred_updates.clear()   # the replay holds them: applied
             if cmd_id:
                 acts.append(Publish(DONE_TOPIC, {"id": cmd_id, "ok": True}))
         return acts
 
-    def _session_update(self, session: dict[str, Any], cmd_id: str | None, before: dict[str, Any]) -> Send:
+    def _session_update(self, session: dict[str, Any], cmd_id: str | None, sets: dict[str, Any]) -> Send:
+        """A ``session.update`` of ``session`` for the wire; ``sets``: the keys of ``session_config``
+        it changes (what a refusal takes back)."""
         event_id = self.new_id("event")
-        self.pending_updates.append((event_id, cmd_id, before))
+        self.pending_updates.append((event_id, cmd_id, sets))
         return Send({"type": "session.update", "event_id": event_id, "session": session})
 
     def _model_named(self, session: Mapping[str, Any]) -> list[Action]:
@@ -430,9 +449,19 @@ class RealtimeCore(TakesCommandsOnce):
                                                        "event_id": err.get("event_id"),
                                                        "request_id": cause,
                                                        "fatal": code == "beta_api_shape_disabled"})]
-        if update is not None:  # the server refused the update: the config is what it was
+        if update is not None:  # refused: the last confirmed config, with the updates still in flight over it
             self.pending_updates.remove(update)
-            self.session_config = update[2]
+            config = dict(self.confirmed_config)
+            for _, _, sets in self.pending_updates:
+                config.update(sets)
+            self.session_config = config
+            if event_id == self.replay_event_id and self.deferred_updates:
+                lost, self.deferred_updates = self.deferred_updates, []
+                acts.append(Publish("engine.error", {
+                    "source": "engine", "code": "session_config_refused", "updates": lost, "message":
+                    f"the server refused the session config sent on reconnect ({message}); the config it last "
+                    f"confirmed is used, so updates {', '.join(lost)} (acked 'on reconnect') are not applied: "
+                    "send them again, without the value the server refused"}))
             if update[1]:
                 acts.append(Publish(DONE_TOPIC, {"id": update[1], "ok": False, "error": message, "code": code}))
         if not benign:
@@ -860,21 +889,22 @@ class RealtimeCore(TakesCommandsOnce):
         check_json(session, "cmd.session.update 'session'")   # it goes into session.update, and the state
         if "tools" in session:
             check_session_tools(session["tools"])
-        before = dict(self.session_config)
         self.session_config = {**self.session_config, **session, "type": "realtime"}
         if self.link is not Link.CONNECTED:
+            if body.get("id"):
+                self.deferred_updates.append(str(body["id"]))
             return self._ack(body, applied="on reconnect")  # the next socket gets the whole config
         update = {**session, "type": "realtime"}
         if "tools" in session:
             update["tools"] = self._session_with_tools()["tools"]
         cmd_id = body.get("id")
-        return [self._session_update(update, str(cmd_id) if cmd_id else None, before)]
+        return [self._session_update(update, str(cmd_id) if cmd_id else None, {**session, "type": "realtime"})]
 
     def _tools_changed(self) -> list[Action]:
         acts: list[Action] = [Publish("engine.tools", {"tools": sorted(self.tools.registered)})]
         if self.link is Link.CONNECTED:
             acts.insert(0, self._session_update({"type": "realtime", "tools": self._session_with_tools()["tools"]},
-                                                None, dict(self.session_config)))
+                                                None, {}))
         return acts
 
     def _cmd_tool_register(self, body: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
