@@ -27,6 +27,12 @@ Rules:
 - A phone's malformed messages are counted and published at most once a second per call (the
   count since the last report and an example); the port's own refusals and the WebSocket
   layer's errors once a second per code. Nothing of them goes to stderr.
+- A call ends when its core cannot go on: a session the API refused, a budget spent (GPT-Live
+  closes its session; a Realtime core only refuses the responses the engine asks for while
+  server VAD goes on making them, so its ``engine.budget`` ``exceeded`` ends the call).
+- At a call's end its last figures are waited for, a bounded while: GPT-Live's ``session.closed``;
+  on Realtime the ``response.done`` of a reply in flight (cancelled first), which carries its usage.
+- The bridge's stop closes every call's phone socket at once, within one close timeout.
 """
 from __future__ import annotations
 
@@ -52,6 +58,7 @@ from engine.phone.heard import HeardClock
 from engine.phone.catchup import FRAMES_PER_MS, CatchUp
 from engine.phone.cushion import Cushion, IndexMap, cushion_ms
 from engine.phone.hold import CONTINUOUS_SETTLE_S, Out, StartHold
+from engine.realtime.core import RealtimeCore
 from engine.realtime.jitter import PHONE_QUANTILE, JitterEstimator
 from engine.realtime.live_core import NETWORK_KEEPALIVE_S, SESSION_CLOSE_WAIT_S, LiveCore
 from engine.phone.twilio import (FRAME_BYTES, MEDIA_RATE_HZ, DtmfMsg, MarkMsg, MediaMsg, PhoneProtocolError, StartMsg,
@@ -70,6 +77,12 @@ STATUS_EVERY_S = 1.0
 #: failed API connects in a row before a call gives up (about 8 s: 0, 0.2, 0.5, 1, 2, 4 s); the engine's is 18
 API_RECONNECT_TRIES = 6
 API_CLOSE_WAIT_S = 3.0         #: a call's end waits this long for its API link to close
+#: a Realtime call's end waits this long for the cancelled reply's response.done (its usage), as
+#: GPT-Live's end waits for session.closed
+REPLY_DONE_WAIT_S = 1.0
+#: a phone socket's close waits this long for the phone's close frame (the WebSocket layer's
+#: close_timeout); the bridge's stop closes every call at once and waits this long, and a little more
+PHONE_CLOSE_TIMEOUT_S = 10.0
 #: topics whose name is the engine's single session: a call's go out under phone.call.*
 CALL_TOPIC_RENAMES = {"engine.status": "phone.call.status"}
 DTMF_MODES = ("off", "context", "reply")
@@ -140,6 +153,8 @@ class Call:
         self.in_latency = Latency()
         self.out_latency = Latency()
         self.clear_latency = Latency()
+        #: set at the response.done the end waits for (a Realtime reply in flight, cancelled)
+        self.reply_done: asyncio.Event | None = None
 
     # ------------------------------------------------------------ the phone side
     async def run(self) -> None:
@@ -336,8 +351,11 @@ class Call:
     def received(self, event: Mapping[str, Any], in_s: float) -> None:
         """A server event came in (before the core has it): when the caller started to speak, the
         start of the clear's latency."""
-        if event.get("type") == "input_audio_buffer.speech_started":
+        kind = event.get("type")
+        if kind == "input_audio_buffer.speech_started":
             self.bridge.last_speech_started_s[self.id] = in_s
+        elif kind == "input_audio_buffer.speech_stopped":   # no barge-in came of it (the core's comes before)
+            self.bridge.last_speech_started_s.pop(self.id, None)
 
     def perform(self, act: Play | Flush | EndOfAudio | Publish, now: float) -> Input | None:
         """The core's actions that are not the API socket's (the link's host); returns the
@@ -369,6 +387,14 @@ class Call:
             payload = act.payload
             if act.topic == "engine.error" and payload.get("fatal"):
                 self.end_by_core(payload)
+                return None
+            if act.topic == "response.done" and self.reply_done is not None:
+                self.reply_done.set()
+            if act.topic == "engine.budget" and payload.get("exceeded") and not isinstance(self.core, LiveCore):
+                b.publish(self, act.topic, payload)   # Realtime: server VAD would go on answering (module rules)
+                self.end_by_core({"source": "engine", "code": "budget_exceeded", "message":
+                                  f"budget_usd reached (${float(payload.get('usd') or 0.0):.4f} of "
+                                  f"${float(payload.get('budget_usd') or 0.0):.4f})"})
                 return None
             if act.topic == "playout.interrupted":
                 self.truncations += 1
@@ -512,13 +538,32 @@ class Call:
         """A GPT-Live session is closed with ``session.close`` before its socket: its
         ``session.closed`` brings the call's last usage (``usage.updated`` comes every 15 s, so a
         socket just closed left up to 15 s out of the call's ``usd``, and does not prove the session
-        was finalized). Waited for at most SESSION_CLOSE_WAIT_S: the caller has gone."""
+        was finalized). Waited for at most SESSION_CLOSE_WAIT_S: the caller has gone. A Realtime
+        reply in flight is cancelled and its ``response.done`` (its usage) waited for at most
+        REPLY_DONE_WAIT_S (:meth:`_settle_reply`)."""
         if self.link is None:
             return
         try:
+            await self._settle_reply()
             await self.link.end_session(SESSION_CLOSE_WAIT_S)
         except Exception as exc:  # noqa: BLE001 - the call ends whatever its core did
             self.bridge.error(self, "call_failed", f"closing the session failed: {type(exc).__name__}: {exc}")
+
+    async def _settle_reply(self) -> None:
+        """A Realtime reply in flight: cancel it and wait for its ``response.done``, which carries
+        its usage (a socket closed at once leaves that reply's cost out of the call's ``usd``)."""
+        core, link = self.core, self.link
+        if not isinstance(core, RealtimeCore) or link is None or not link.connected \
+                or core.requests.active_response is None:
+            return
+        done = self.reply_done = asyncio.Event()
+        try:
+            link.step(Command("cmd.cancel", {}))
+            await asyncio.wait_for(done.wait(), REPLY_DONE_WAIT_S)
+        except asyncio.TimeoutError:   # (not the builtin before Python 3.11)
+            pass
+        finally:
+            self.reply_done = None
 
     async def end(self) -> None:
         self.ended = True
@@ -543,6 +588,7 @@ class Call:
         b = self.bridge
         if self.id and b.calls.get(self.id) is self:
             del b.calls[self.id]
+            b.last_speech_started_s.pop(self.id, None)
             core = self.core
             b.publish(self, "phone.call.ended", {
                 "reason": self.end_reason or "hangup", "duration_s": round(time.monotonic() - self.started_at_s, 3),
@@ -788,7 +834,8 @@ class PhoneBridge:
     async def listen(self) -> str:
         self.server = await serve(self.handle, self.host, self.port, process_request=self._check_request,
                                   max_size=self.limits.max_frame_bytes, open_timeout=self.limits.start_timeout_s,
-                                  compression=None, ping_interval=None, logger=self.ws_logger)
+                                  close_timeout=PHONE_CLOSE_TIMEOUT_S, compression=None, ping_interval=None,
+                                  logger=self.ws_logger)
         sockets = list(self.server.sockets)
         port = sockets[0].getsockname()[1] if sockets else self.port
         self.url = f"ws://{self.host}:{port}{self.path}"
@@ -806,9 +853,21 @@ class PhoneBridge:
         await self.close()
 
     async def close(self) -> None:
-        for call in list(self.calls.values()):
+        """Close every call's phone socket at once (each waits up to its close timeout for the
+        phone's close frame, then drops the connection); then the port."""
+        calls = list(self.calls.values())
+        for call in calls:
             call.end_reason = "bridge_stopped"
-            await call.ws.close(1001, "bridge stopping")
+        if calls:
+            closing = [asyncio.ensure_future(call.ws.close(1001, "bridge stopping")) for call in calls]
+            done, late = await asyncio.wait(closing, timeout=PHONE_CLOSE_TIMEOUT_S + 1.0)
+            for task in done:
+                if not task.cancelled():
+                    task.exception()   # ConnectionClosed and the like: the socket is closed either way
+            for call, task in zip(calls, closing):
+                if task in late:
+                    task.cancel()
+                    call.ws.transport.abort()
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()

@@ -9,9 +9,9 @@ The call's machine (``STATES``: (state, event) -> allowed next states)::
 
     OFFERED --accept--> ACCEPTING --accepted--> ACCEPTED --attached--> ATTACHED --ended--> ENDED
        |                    |                      |                      |
-       |                    +--accept_failed--> FAILED                    +--detached--> ACCEPTED
+       |                    +--accept_failed--> FAILED (rule 6)           +--detached--> ACCEPTED
        +--reject--> REJECTING --rejected--> REJECTED (a failed reject: FAILED)
-       +--missed--> FAILED            (the route's API never offered the call)
+       +--missed--> FAILED            (the route's API never offered the call; rule 6)
     ACCEPTED/ATTACHED --ended--> ENDED (hang-up, transfer, the caller hung up, an error)
 
 Rules:
@@ -22,7 +22,8 @@ Rules:
    ignored: never a second accept, never a reject of an accepted call.
 2. A webhook for the API the route does not use waits: the call stays OFFERED until the route's
    API offers it (OFFER_WAIT_S), then it is FAILED (``missed``: the endpoint is not subscribed to
-   that event type).
+   that event type). When the route's API offers it in time, capacity is checked again: over it,
+   that webhook is rejected 486.
 3. Routes match on what the INVITE says, in order; the first match wins. ``to`` compares the
    called number's digits (the To header's user part); ``header`` matches one header's value
    (exact, or ``regex``). An empty ``match`` matches every call. SIP headers are caller-controlled:
@@ -30,6 +31,12 @@ Rules:
 4. Capacity counts calls ACCEPTING, ACCEPTED and ATTACHED.
 5. A handler checks first and changes state last; an event a state does not allow raises
    :class:`SipStateError` (a bug in the caller of this module).
+6. A call that FAILED before its accept is never left ringing: its ``reject`` (503: on the API it
+   was accepted on when the accept failed, unless the API said the call is gone; on the API that
+   offered it when missed) is the decision that goes with the transition. Its outcome changes
+   nothing: FAILED is final.
+7. Route models must be priced (a call's cost and ``budget_usd`` are counted from
+   engine/pricing.json): checked when the routes are parsed.
 """
 from __future__ import annotations
 
@@ -38,6 +45,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from engine.cost import check_priced
 from engine.errors import ConfigError, EngineError
 from engine.webhooks import Incoming
 
@@ -46,6 +54,8 @@ ENDED_KEEP = 1000             #: finished calls remembered (a late duplicate web
 APIS = ("realtime", "live")
 REJECT_NO_ROUTE = (404, 603)
 REJECT_BUSY = 486
+REJECT_UNAVAILABLE = 503      #: a call the engine could not take: its accept failed, its route's API never offered it
+ACCEPT_GONE = (404, 410)      #: a failed accept's statuses that say the call is gone: nothing to reject
 DEFAULT_MODELS = {"realtime": "gpt-realtime", "live": "gpt-live-1"}
 
 
@@ -191,6 +201,11 @@ def parse_routes(sip_cfg: Mapping[str, Any], defaults: Mapping[str, Any]) -> lis
         if _api_of(model) != api:
             raise ConfigError(f"{where}.model: {model!r} is not a {api} model (GPT-Live models are gpt-live-*; "
                               "set api to match)")
+        if reject is None:
+            try:
+                check_priced(model)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}.model: {exc}") from None
         tools = r.get("tools") or []
         if tools and api != "realtime":
             raise ConfigError(f"{where}.tools: GPT-Live has no tools on the voice model; use 'delegation'")
@@ -241,6 +256,7 @@ class Ignore:
 class Missed:
     key: str
     why: str
+    reject: Reject | None = None          #: the reject that stops its ringing (on the API that offered it)
 
 
 Decision = Accept | Reject | Ignore | Missed
@@ -258,6 +274,7 @@ class SipCall:
     ids: dict[str, str] = field(default_factory=dict)   #: api -> id, every offer seen
     how: str | None = None                 #: how it ended (final states)
     status: int | None = None              #: reject status, or the failed request's HTTP status
+    reject: Reject | None = None           #: FAILED before its accept: the reject that stops its ringing (rule 6)
 
     def go(self, event: str, new: State) -> None:
         if new not in STATES.get((self.state, event), frozenset()):
@@ -294,6 +311,11 @@ class CallTable:
             known.ids[inc.api] = inc.id
             self.by_id[inc.id] = known.key
             if known.state is State.OFFERED and known.route is not None and known.route.api == inc.api:
+                if self.active >= self.max_calls:    # the calls accepted while it waited: rule 2
+                    busy = Reject(known.key, inc.api, inc.id, REJECT_BUSY, f"over capacity ({self.max_calls} calls)")
+                    known.go("reject", State.REJECTING)
+                    known.api, known.id, known.status = inc.api, inc.id, REJECT_BUSY
+                    return busy
                 known.go("accept", State.ACCEPTING)
                 known.api, known.id = inc.api, inc.id
                 return Accept(known.key, inc.api, inc.id, known.route.accept_body())
@@ -322,7 +344,8 @@ class CallTable:
         return decision
 
     def tick(self, now_s: float) -> list[Missed]:
-        """Calls still waiting for their route's API past OFFER_WAIT_S are given up (rule 2)."""
+        """Calls still waiting for their route's API past OFFER_WAIT_S are given up and rejected on
+        the API that offered them (rules 2, 6)."""
         out = []
         for call in list(self.calls.values()):
             if call.state is State.OFFERED and now_s - call.offered_s >= OFFER_WAIT_S:
@@ -330,10 +353,12 @@ class CallTable:
                 why = (f"route {call.route.name if call.route else '?'} answers on {api}, but only "
                        f"{', '.join(call.ids)} offered the call: subscribe the webhook endpoint to "
                        f"{'realtime.call.incoming' if api == 'realtime' else 'live.transport.incoming'}")
+                offered_api, offered_id = next(iter(call.ids.items()))
+                reject = Reject(call.key, offered_api, offered_id, REJECT_UNAVAILABLE, why)
                 call.go("missed", State.FAILED)
-                call.how = "missed"
+                call.how, call.reject = "missed", reject
                 self._finish(call)
-                out.append(Missed(call.key, why))
+                out.append(Missed(call.key, why, reject))
         return out
 
     def next_deadline(self) -> float | None:
@@ -350,9 +375,13 @@ class CallTable:
         return call
 
     def accept_failed(self, key: str, status: int | None, why: str) -> SipCall:
+        """The accept failed: FAILED, with the reject that stops its ringing (``call.reject``, rule
+        6), none when the API said the call is gone."""
         call = self.calls[key]
+        reject = None if status in ACCEPT_GONE or call.api is None or call.id is None else \
+            Reject(key, call.api, call.id, REJECT_UNAVAILABLE, f"the accept failed: {why}")
         call.go("accept_failed", State.FAILED)
-        call.status, call.how = status, f"accept_failed: {why}"
+        call.status, call.how, call.reject = status, f"accept_failed: {why}", reject
         self._finish(call)
         return call
 

@@ -6,11 +6,19 @@ The call's audio is between the caller and the API: the core's audio actions (``
 ``Flush``, ``EndOfAudio``) have nothing to do here and its heard index is 0. Its publications go
 on the bus with the call's ``sip_call_id``; its ``engine.status`` as ``sip.call.status``.
 
+The call's session exists before its socket (the accept made it), so the link's first socket is
+retried as any later one (``LinkRules.resumed``): an API not ready for the call right after the
+accept (a 5xx, a 429, a 404) is tried again with backoff, RECONNECT_TRIES in all.
+
 How a call ends, as this socket sees it:
 - we asked (``cmd.sip.hangup``, ``cmd.sip.refer``): the service stops the link;
 - GPT-Live: ``session.closed`` (the core publishes ``engine.status`` ``session_closed``);
-- Realtime: the call socket closes and cannot be opened again (the call is gone: HTTP 4xx, or
-  the link gives up): ``remote_ended``.
+- Realtime: the call socket closes and opening it again is answered 404, 400 or 410 (the call is
+  gone): ``remote_ended``;
+- the engine gives up on it (the service hangs it up): the link gave up or was refused
+  (``error``, its ``engine.error`` published with ``call_fatal``), the core failed (``error``),
+  the call spent ``budget_usd`` (``budget``: a GPT-Live core closes its session; a Realtime core
+  only stops asking for responses, while server VAD goes on making them, so the call is ended).
 """
 from __future__ import annotations
 
@@ -18,7 +26,7 @@ import time
 from typing import TYPE_CHECKING, Any, Mapping
 
 from engine.link.backends import backend_for
-from engine.link.policy import LinkRules
+from engine.link.policy import BACKOFF_S, Fatal, LinkRules
 from engine.link.shell import ApiLink
 from engine.realtime.core import RealtimeCore
 from engine.realtime.dialects import dialect_for
@@ -32,7 +40,10 @@ if TYPE_CHECKING:
 TOPIC_RENAMES = {"engine.status": "sip.call.status", "conversation.history": "sip.call.history"}
 #: the command intake's hand-over topic: the broker holds nothing for engine sip (its intake acks only)
 DROPPED_TOPICS = frozenset({"intake.taken"})
-RECONNECT_TRIES = 4            #: a dropped control socket is opened again this many times, then the call is gone
+#: tries in a row to open a call's control socket (the first one, or after a drop) before the engine
+#: gives up on the call (about 8 s with CONTROL_BACKOFF_S: 0.2, 0.5, 1, 2, 4 s between them)
+RECONNECT_TRIES = 6
+CONTROL_BACKOFF_S = BACKOFF_S
 #: a reconnect answered with one of these: the call is over (the API no longer knows it as active)
 CALL_GONE = ("HTTP 404", "HTTP 400", "HTTP 410")
 
@@ -60,8 +71,7 @@ class CallControl:
             backend = backend_for(model)      # no audio is ever sent on /attach
         self.link = ApiLink(backend, self.core, self, url, svc.api_headers,
                             LinkRules(url.split("?")[0], key_env=svc.key_env, max_tries=RECONNECT_TRIES,
-                                      hint="the call's control socket could not be opened: the call runs on "
-                                           "without control (its audio is OpenAI's)"),
+                                      resumed=True, backoff_s=CONTROL_BACKOFF_S),
                             name=f"sip {run.sip_call_id}", on_error=self.failed,
                             dialect=dialect_for(svc.provider, model))
         self.how: str | None = None
@@ -93,6 +103,20 @@ class CallControl:
             return None
         if act.topic == "engine.status" and body.get("state") == "connected":
             self.run.api_connected = True
+        if act.topic == "engine.status" and body.get("state") == "reconnected" and body.get("reason") == "restart":
+            return None                             # the call's first socket (the link's resumed start)
+        if act.topic == "engine.budget" and body.get("exceeded") and self.run.api == "realtime" \
+                and self.how is None:
+            # a Realtime core only refuses the responses the engine asks for; server VAD makes its
+            # own: the call is ended (the service hangs it up), as a GPT-Live core ends its session
+            self.svc.publish(self.run, topic, body)
+            self.how = "budget"
+            self.svc.publish(self.run, "engine.error", {
+                "source": "engine", "code": "budget_exceeded", "call_fatal": True,
+                "message": f"budget_usd reached (${float(body.get('usd') or 0.0):.4f} of "
+                           f"${float(body.get('budget_usd') or 0.0):.4f}): hanging up the call"})
+            self.link.stop()
+            return None
         if act.topic == "engine.error" and body.pop("fatal", False):
             # the call's core cannot go on (a GPT-Live budget spent: its session, the call, was
             # closed): the call's error, never the engine's (a fatal one stops the engine and every call)
@@ -127,7 +151,17 @@ class CallControl:
         fatal = await self.link.run()
         if self.how is not None:
             return self.how
-        return "remote_ended" if fatal is not None else "ended"
+        if fatal is not None:
+            self.gave_up(fatal)
+            return "error"
+        return "ended"
+
+    def gave_up(self, fatal: Fatal) -> None:
+        """The link gave up (the socket could not be opened, or reopened; the key refused): the
+        engine cannot steer the call, so it ends it (the service hangs it up)."""
+        what = "was lost" if self.run.api_connected else "could not be opened"
+        self.svc.error(self.run.sip_call_id, fatal.code,
+                       f"the call's control socket {what}: {fatal.message}; hanging up the call", fatal=True)
 
 
 async def attach(svc: "SipService", run: "CallRun") -> str:

@@ -13,6 +13,7 @@ import threading
 from bus.client import deliver_to_loop
 
 from engine.sip.service import BUS_TOPICS, SipService
+from engine.errors import ConfigError
 from engine.webhooks import WebhookError
 from engine import child
 from engine.specs import SipSpec
@@ -29,10 +30,10 @@ class SipProcess:
         from bus import Publisher
         try:
             svc = SipService(self.spec, publisher=Publisher(self.spec.bus.publish, f"sip:{os.getpid()}"))
-        except WebhookError as exc:
+        except (WebhookError, ConfigError) as exc:   # no secret; sip.routes refused (an unpriced model…)
             pub = Publisher(self.spec.bus.publish, "sip")
             pub.join(self.spec.bus.subscribe)
-            pub.publish("engine.error", {"source": "sip", "code": exc.code, "fatal": True,
+            pub.publish("engine.error", {"source": "sip", "code": getattr(exc, "code", "bad_config"), "fatal": True,
                                          "message": f"engine sip cannot start: {exc}"})
             await asyncio.sleep(0.2)
             return child.EXIT_DEVICE_FAILED        # a setting, not a crash: the supervisor stops with the message

@@ -4,10 +4,15 @@ genuine and new), :mod:`engine.sip.calls` (accept, reject, with what) and the pr
 (what to say on a call's control socket).
 
 Rules:
-- A delivery is answered at once: 400 when its signature, timestamp or headers are wrong (the
-  request is logged without its body and nothing is acted on), 200 otherwise (a duplicate
-  ``webhook-id`` is answered 200 and ignored). The accept or reject it decides goes out right
-  after, in its own task: the webhook's answer never waits for OpenAI.
+- A delivery is answered at once: 400 when its signature, timestamp or headers are wrong (nothing
+  is acted on; refusals are counted, and logged and published at most once a second per code,
+  with the count and one example, never the body), 200 otherwise (a duplicate ``webhook-id`` is
+  answered 200 and ignored). The accept or reject it decides goes out right after, in its own
+  task: the webhook's answer never waits for OpenAI.
+- A call the engine accepted and then gives up on (its control socket cannot be opened or fails,
+  its budget is spent, the engine stops) is hung up (retried a few times), with the error that
+  caused it: never left running at OpenAI with nothing steering it. A call never accepted is
+  rejected (:mod:`engine.sip.calls` rule 6).
 - Every bus message of a call carries ``sip_call_id`` (the id it was accepted or rejected
   under: ``rtc_…`` or ``live_…``). Commands name their call the same way; a command for a call
   this process does not hold is another worker's when ``sip.solo`` (several workers on one bus)
@@ -26,6 +31,7 @@ from typing import Any, Callable, Mapping
 
 from bus import Publisher
 from engine.httpio import HttpClientError, HttpRequest, HttpResponse, request, serve_http
+from engine.sampling import ErrorSampler, Report
 from engine.sip.calls import Accept, CallTable, Ignore, Missed, Reject, SipCall, called_number, parse_routes
 from engine.webhooks import Dedup, Incoming, WebhookError, parse_incoming, secret_from_env, verify
 from engine.specs import SipSpec
@@ -38,6 +44,13 @@ BUS_TOPICS = ("cmd.", "engine.presence.gone")
 STATUS_EVERY_S = 1.0
 REST_TIMEOUT_S = 10.0
 CALLS_LISTED = 200            #: calls engine status lists at most (the newest)
+#: how a call ends when the engine gave up on it: it is hung up (the module's rules)
+ABANDONED = frozenset({"error", "budget", "engine_stopped"})
+HANGUP_TRIES = 3              #: a hang-up answered 429, 5xx or nothing is tried this many times in all
+HANGUP_BACKOFF_S = (0.5, 1.0)  #: the wait before the 2nd, 3rd try
+HANGUP_WAIT_S = 15.0          #: a hang-up's tries, all told
+#: the engine stopping: every call's hang-up at once, within the supervisor's stop grace (3 s)
+STOP_HANGUP_S = 2.0
 
 
 @dataclass
@@ -111,6 +124,11 @@ class SipService:
         self.spawn = self.tasks.spawn
         #: tool registrations for every call, replayed to each new call's core
         self.global_commands: list[tuple[str, dict[str, Any]]] = []
+        #: refused deliveries by code, reported at most once a second each; the peer of each's example
+        self.refusals: dict[str, ErrorSampler] = {}
+        self.refusal_peers: dict[str, str] = {}
+        self.closing = False                            #: close() began: no call is attached any more
+        self.stop_deadline_s = float("inf")             #: when close() stops waiting for the hang-ups
 
     # ------------------------------------------------------------ bus out
     def publish(self, run: CallRun | None, topic: str, payload: Mapping[str, Any], sip_call_id: str | None = None) -> None:
@@ -146,10 +164,7 @@ class SipService:
         try:
             webhook_id = verify(self.secret, req.headers, req.body, now)
         except WebhookError as exc:
-            self.counts["refused"] += 1
-            log.warning("refused a webhook from %s: %s (%s)", req.peer, exc.code, exc)   # never the body
-            self.pub.publish("sip.webhook.refused", {"code": exc.code, "peer": req.peer, "message": str(exc)})
-            return HttpResponse(400, f"{exc.code}\n".encode())
+            return self._refused(exc, req.peer)
         if self.dedup.seen(webhook_id, now):
             self.counts["duplicates"] += 1
             self.pub.publish("sip.webhook.duplicate", {"webhook_id": webhook_id})
@@ -157,9 +172,7 @@ class SipService:
         try:
             inc = parse_incoming(req.body)
         except WebhookError as exc:
-            self.counts["refused"] += 1
-            self.pub.publish("sip.webhook.refused", {"code": exc.code, "peer": req.peer, "message": str(exc)})
-            return HttpResponse(400, f"{exc.code}\n".encode())
+            return self._refused(exc, req.peer)
         if isinstance(inc, str):
             return HttpResponse(200, b"not a call\n")
         received_s = time.monotonic()
@@ -179,6 +192,30 @@ class SipService:
         self._arm_tick()
         return HttpResponse(200, b"ok\n")
 
+    def _refused(self, exc: WebhookError, peer: str) -> HttpResponse:
+        """A refused delivery: counted; reported now, or summed into its code's next report."""
+        self.counts["refused"] += 1
+        sampler = self.refusals.setdefault(exc.code, ErrorSampler())
+        if sampler.example is None:        # this one is the example of the next report
+            self.refusal_peers[exc.code] = peer
+        self._report_refusals(exc.code, sampler.note(exc.code, str(exc), time.monotonic()))
+        return HttpResponse(400, f"{exc.code}\n".encode())
+
+    def flush_refusals(self, now_s: float | None = None) -> None:
+        """The refusals that waited for their code's second (called every STATUS_EVERY_S)."""
+        now = time.monotonic() if now_s is None else now_s
+        for code, sampler in self.refusals.items():
+            self._report_refusals(code, sampler.flush(now))
+
+    def _report_refusals(self, code: str, report: Report | None) -> None:
+        if report is None:
+            return
+        peer = self.refusal_peers.get(code, "")
+        log.warning("refused %d webhook(s) (%s), e.g. from %s: %s", report.count, code, peer,
+                    report.message)   # never the body
+        self.pub.publish("sip.webhook.refused", {"code": code, "peer": peer, "message": report.message,
+                                                 "count": report.count})
+
     def _task_failed(self, exc: BaseException) -> None:
         self.error(None, "task_failed", f"{type(exc).__name__}: {exc}")
 
@@ -196,9 +233,11 @@ class SipService:
 
     def _missed(self, m: Missed) -> None:
         call = self.table.get(m.key)
-        sid = next(iter(call.ids.values())) if call else None
+        sid = m.reject.id if m.reject else next(iter(call.ids.values())) if call else None
         self.error(sid, "call_missed", m.why)
         self.publish(None, "sip.call.ended", {"how": "missed", "why": m.why}, sip_call_id=sid)
+        if m.reject is not None:           # it rings at the caller until rejected
+            self.spawn(self._reject(m.reject, failed=True))
 
     # ------------------------------------------------------------ REST out
     def _rest_url(self, api: str, call_id: str, action: str) -> str:
@@ -218,11 +257,14 @@ class SipService:
         accept_ms = (time.monotonic() - received_s) * 1000
         if not ok:
             self.counts["accept_failed"] += 1
-            self.table.accept_failed(d.key, resp.status or None, why)
-            self.error(d.id, "accept_failed", f"accepting {d.id} on {d.api} failed: HTTP {resp.status} {why}")
+            reject = self.table.accept_failed(d.key, resp.status or None, why).reject
+            self.error(d.id, "accept_failed", f"accepting {d.id} on {d.api} failed: HTTP {resp.status} {why}"
+                       + ("; rejecting it" if reject else ""))
             self.publish(None, "sip.call.ended", {"how": "accept_failed", "status": resp.status, "why": why,
                                                   "duration_s": 0.0, "usd": 0.0}, sip_call_id=d.id)
             self.status_changed()
+            if reject is not None:         # it rings at the caller until rejected
+                await self._reject(reject, failed=True)
             return
         call = self.table.accepted(d.key)
         self.counts["accepted"] += 1
@@ -236,20 +278,58 @@ class SipService:
                                                 "accept_ms": round(accept_ms, 1),
                                                 "sip_headers": [{"name": k, "value": v} for k, v in inc.sip_headers]})
         self.status_changed()
-        if self.attacher is not None:
+        if self.attacher is not None or self.closing:
             run.task = self.spawn(self._control(run))
 
     async def _control(self, run: CallRun) -> None:
-        """The call's control socket, for the call's life; then its end."""
+        """The call's control socket, for the call's life; then its end: hung up first when the
+        engine gave up on it (ABANDONED)."""
         how = "error"
         try:
-            assert self.attacher is not None
-            how = await self.attacher(run) or "ended"
+            if self.closing:               # accepted as the engine stops: nothing will steer it
+                run.ending = run.ending or "engine_stopped"
+            else:
+                assert self.attacher is not None
+                how = await self.attacher(run) or "ended"
         except Exception as exc:  # noqa: BLE001 - one call's failure ends that call only
             self.error(run.sip_call_id, "call_failed", f"{type(exc).__name__}: {exc}", fatal=True)
             how = "error"
+        how = run.ending or how
+        try:
+            if how in ABANDONED:
+                ok, why = await self._hang_up_abandoned(run)
+                run.extra["hung_up"] = ok
+                if not ok:
+                    self.error(run.sip_call_id, "hangup_failed", f"the engine gave up on the call ({how}) but "
+                               f"could not hang it up: {why}; it may run on at OpenAI until the caller hangs up")
         finally:
-            self.call_ended(run, run.ending or how)
+            self.call_ended(run, how)
+
+    async def _hang_up_abandoned(self, run: CallRun) -> tuple[bool, str]:
+        """Hang up a call the engine gave up on: tried again on 429, 5xx or no answer, within
+        HANGUP_WAIT_S (STOP_HANGUP_S of the engine's stop). A call the API no longer knows is over."""
+        deadline = min(time.monotonic() + HANGUP_WAIT_S, self.stop_deadline_s)
+        why = "no time left"
+        for attempt in range(HANGUP_TRIES):
+            if attempt:
+                wait = HANGUP_BACKOFF_S[min(attempt - 1, len(HANGUP_BACKOFF_S) - 1)]
+                if time.monotonic() + wait >= deadline:
+                    break
+                await asyncio.sleep(wait)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                resp = await asyncio.wait_for(self.rest(run.api, run.sip_call_id, "hangup"), min(left, REST_TIMEOUT_S))
+            except (HttpClientError, asyncio.TimeoutError) as exc:
+                why = str(exc) or "no answer in time"
+                continue
+            if resp.status == 200 or resp.status in (404, 410):   # hung up, or already over
+                return True, ""
+            why = f"HTTP {resp.status} {_why(resp)}".strip()
+            if resp.status != 429 and resp.status < 500:
+                break
+        return False, why
 
     def call_ended(self, run: CallRun, how: str) -> None:
         if self.table.ended(run.call.key, how) is None:
@@ -262,13 +342,16 @@ class SipService:
                                              "usd": round(run.usd, 6), **run.extra})
         self.status_changed()
 
-    async def _reject(self, d: Reject) -> None:
+    async def _reject(self, d: Reject, failed: bool = False) -> None:
+        """Reject a call; ``failed``: one FAILED before its accept (its state is final: the reject
+        only stops its ringing, engine.sip.calls rule 6)."""
         try:
             resp = await self.rest(d.api, d.id, "reject", {"status_code": d.status})
             ok, why = resp.status == 200, _why(resp)
         except HttpClientError as exc:
             ok, why = False, str(exc)
-        self.table.rejected(d.key, ok, why)
+        if not failed:
+            self.table.rejected(d.key, ok, why)
         if ok:
             self.counts["rejected"] += 1
             self.publish(None, "sip.call.rejected", {"status": d.status, "why": d.why, "api": d.api},
@@ -373,6 +456,7 @@ class SipService:
 
     async def serve_forever(self) -> None:
         while not self.stop.is_set():
+            self.flush_refusals()
             if not self.solo:
                 self.status_changed()
             try:
@@ -382,13 +466,18 @@ class SipService:
         await self.close()
 
     async def close(self) -> None:
+        """Stop: every call this process holds is hung up (all at once, within STOP_HANGUP_S)."""
+        self.closing = True
+        self.stop_deadline_s = time.monotonic() + STOP_HANGUP_S
         if self.server is not None:
             self.server.close()
         for run in list(self.runs.values()):
-            if run.link is not None:
-                run.ending = run.ending or "engine_stopped"
+            run.ending = run.ending or "engine_stopped"
+            if run.task is None:           # no control socket (accept only): its end is the hang-up's
+                run.task = self.spawn(self._control(run))
+            elif run.link is not None:
                 run.link.stop()
-        await self.tasks.wait(3.0)
+        await self.tasks.wait(STOP_HANGUP_S + 1.0)
 
 
 def _why(resp: HttpResponse) -> str:
