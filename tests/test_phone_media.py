@@ -193,3 +193,20 @@ def test_a_socket_that_keeps_up_is_written_at_once_and_one_behind_is_queued_in_o
         out.close()
         await asyncio.wait_for(out.task, 2)  # type: ignore[arg-type]
     asyncio.run(main())
+
+
+def test_audio_that_starts_a_stretch_is_heard_only_once_it_reached_the_phone() -> None:
+    """Audio sent to a phone that had played everything was taken as heard from its send, so a
+    barge-in in a reply's first 200 ms truncated it at audio the caller never heard: the one-way
+    trip's worth (the review). Once a round trip is measured, the caller hears it half a trip later."""
+    clock = HeardClock(mark_every_frames=1600)
+    (mark,) = clock.sent(1600, 0.0)                      # a reply's first 200 ms, to a quiet phone
+    clock.echoed(mark.name, 0.3)                          # played by 0.2 s, echoed 0.1 s later
+    assert clock.round_trip_s == pytest.approx(0.1)
+    end = clock.end_of_item(None)
+    clock.echoed(end.name, 0.31)
+    start = clock.sent_frames
+    clock.sent(1600, 2.0)                                 # the next reply, 1.7 s after the phone ran out
+    assert clock.heard_by_caller(2.04) == start           # still on its way: nothing heard yet
+    assert clock.heard_by_caller(2.10) == start + 400     # 50 ms of it played
+    assert clock.heard_index(2.10) == start + 800         # the index the echoes run on is unchanged

@@ -346,7 +346,7 @@ class Call:
 
     def heard_index(self, now_s: float) -> int:
         """What the caller has heard, in the core's index (the reply's frames, not the cushion's)."""
-        return self.index_map.core_index(self.clock.heard_index(now_s))
+        return self.index_map.core_index(self.clock.heard_by_caller(now_s))
 
     def received(self, event: Mapping[str, Any], in_s: float) -> None:
         """A server event came in (before the core has it): when the caller started to speak, the

@@ -36,6 +36,10 @@ Rules:
   it, less the audio before its mark, is the round trip (plus the phone's player tick, 0-20 ms).
   ``round_trip_s`` is the least of those (None before the first): a reader that must not
   overestimate the buffer (engine.phone.catchup) subtracts it.
+- What the *caller* heard (:meth:`HeardClock.heard_by_caller`, what a barge-in truncates at): the
+  heard index, but audio that started a stretch is heard only once it reached the phone, half
+  the least round trip after it was sent; the heard index itself (gaps, the buffer's level) stays
+  on the send's clock, where the latency cancels.
 """
 from __future__ import annotations
 
@@ -86,6 +90,7 @@ class HeardClock:
         self._item_start_next = True           #: the next audio sent is an item's first (after an end mark, a clear)
         self.round_trip_s: float | None = None  #: the least round trip measured (rules)
         self._drained_send: tuple[int, float] | None = None   #: (index, time) audio last started a stretch
+        self._anchored_at_send = False         #: the anchor is a send that started a stretch (not an echo)
 
     def heard_index(self, now_s: float) -> int:
         limit = self.sent_frames
@@ -93,6 +98,13 @@ class HeardClock:
             limit = min(limit, next(iter(self.pending.values())).index)
         guess = self.anchor_index + round(max(0.0, now_s - self.anchor_s) * FRAMES_PER_S)
         return max(self.anchor_index, min(guess, limit))
+
+    def heard_by_caller(self, now_s: float) -> int:
+        """What the caller has heard (module rules): the heard index, less the one-way trip while the
+        anchor is audio that started a stretch (without a measured round trip, the heard index)."""
+        if self._anchored_at_send and self.round_trip_s is not None:
+            return self.heard_index(now_s - self.round_trip_s / 2)
+        return self.heard_index(now_s)
 
     def ran_out_s(self, now_s: float) -> float | None:
         """How long ago the phone ran out of what was sent (None: it has not, by the heard index)."""
@@ -127,6 +139,7 @@ class HeardClock:
                 self.gap_ms += ran_out_s * 1000
                 self.new_gaps.append((ran_out_s * 1000, self.sent_frames))
             self.anchor_index, self.anchor_s = self.sent_frames, now_s
+            self._anchored_at_send = True
             if frames > 0:
                 self._drained_send = (self.sent_frames, now_s)
         self._item_start_next = False
@@ -165,6 +178,7 @@ class HeardClock:
             self._drained_send = None
         if mark.index >= self.heard_index(now_s) or mark.index > self.anchor_index:
             self.anchor_index, self.anchor_s = mark.index, now_s
+            self._anchored_at_send = False
         return Echo(mark, self.heard_index(now_s))
 
     def take_gaps(self) -> list[tuple[float, int]]:
@@ -182,6 +196,7 @@ class HeardClock:
         self.pending.clear()
         self._drained_send = None
         self.anchor_index, self.anchor_s = self.sent_frames, now_s
+        self._anchored_at_send = False
         self.last_mark_index = self.sent_frames
         self._inserted_at_last_mark = self.inserted_frames
         self._item_start_next = True
