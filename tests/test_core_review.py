@@ -5,7 +5,7 @@ drops. Pure: the cores and the link's apply step, no sockets."""
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+from typing import Any, Generic, Mapping, TypeVar
 
 import pytest
 
@@ -35,11 +35,14 @@ def encodable(acts: list[Any]) -> None:
         json.dumps(event, allow_nan=False)
 
 
-class Core:
+C = TypeVar("C", RealtimeCore, LiveCore)
+
+
+class Core(Generic[C]):
     """A core with the clock the test moves; every Send it decides is checked JSON."""
 
-    def __init__(self, core: RealtimeCore | LiveCore) -> None:
-        self.core = core
+    def __init__(self, core: C) -> None:
+        self.core: C = core
         self.now = 0.0
 
     def __call__(self, rec: Input) -> list[Any]:
@@ -54,14 +57,14 @@ class Core:
         return self(Command(topic, body))
 
 
-def realtime(connect: bool = True, **kw: Any) -> Core:
+def realtime(connect: bool = True, **kw: Any) -> Core[RealtimeCore]:
     c = Core(RealtimeCore("gpt-realtime", {"type": "realtime"}, **kw))
     if connect:
         c(Connected())
     return c
 
 
-def live(sideband: bool = False, **kw: Any) -> Core:
+def live(sideband: bool = False, **kw: Any) -> Core[LiveCore]:
     c = Core(LiveCore("gpt-live-1", {"instructions": "Be brief."}, sideband=sideband, **kw))
     acts = c(Connected())
     if not sideband:

@@ -3,16 +3,18 @@ the server names the response."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 
-def _host(replies: Path) -> object:
+def _host(replies: Path) -> Any:
+    """The realtime process's host, without its start (only what saving a reply uses)."""
     from engine.realtime.process import RealtimeProcess
     host = object.__new__(RealtimeProcess)
-    host.replies_dir = replies          # type: ignore[attr-defined]
-    host.reply_pcm = {}                 # type: ignore[attr-defined]
-    host.replies_saved = 0              # type: ignore[attr-defined]
+    host.replies_dir = replies
+    host.reply_pcm = {}
+    host.replies_saved = 0
     return host
 
 
@@ -22,9 +24,9 @@ def test_a_servers_response_id_never_names_a_file_outside_the_replies_folder(tmp
     audio was written to any ``*.wav`` the user could write (the trust review)."""
     replies = tmp_path / "session" / "replies"
     host = _host(replies)
-    host.reply_pcm[response_id] = [b"\x01\x00" * 240]        # type: ignore[attr-defined]
+    host.reply_pcm[response_id] = [b"\x01\x00" * 240]
     done = {"response_id": response_id, "status": "completed"}
-    host._save_reply(done)                                    # type: ignore[attr-defined]
+    host._save_reply(done)
     saved = Path(done["audio_path"])
     assert saved.parent == replies and saved.suffix == ".wav" and saved.is_file()
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == [saved]

@@ -155,8 +155,8 @@ def test_a_failed_accept_and_a_missed_call_are_rejected_by_the_table() -> None:
     assert isinstance(live.offer(offer("realtime", "3"), 0.0), Ignore)
     [m] = live.tick(OFFER_WAIT_S)
     assert m.reject is not None and (m.reject.api, m.reject.id, m.reject.status) == ("realtime", "rtc_3", 503)
-    c = live.get("rtc_3")
-    assert c is not None and c.state is State.FAILED and c.how == "missed" and c.reject == m.reject
+    missed = live.get("rtc_3")
+    assert missed is not None and missed.state is State.FAILED and missed.how == "missed" and missed.reject == m.reject
 
 
 def test_the_service_rejects_a_call_it_failed_to_accept_and_one_its_route_missed() -> None:
@@ -290,7 +290,7 @@ def test_engine_sip_refuses_an_unpriced_route_model_at_its_start(tmp_path: Path)
     from tests.helpers import REPO, thread_broker
     cfg = load_config(None, {})
     with thread_broker(tmp_path) as (publish, subscribe):
-        spec = SipSpec(config=cfg, sip={**cfg["sip"], "host": "127.0.0.1", "port": 0,  # type: ignore[typeddict-item]
+        spec = SipSpec(config=cfg, sip={**cfg["sip"], "host": "127.0.0.1", "port": 0,
                                         "routes": [{"api": "realtime", "model": "gpt-realtime-unpriced"}]},
                        bus=BusSpec(publish=publish, subscribe=subscribe), rest_base="http://127.0.0.1:9/v1",
                        api=ApiAccess(headers=("Authorization: Bearer sk-test",)))
