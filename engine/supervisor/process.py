@@ -104,7 +104,7 @@ from engine.supervisor.logfile import SessionLog, log_line
 from engine.supervisor.outbox import Outbox
 from engine.supervisor.rundir import check_not_running, default_sessions_dir, free_port, make_session_dir, remove_own_files
 from engine.supervisor.table import Child, child_of, from_engine, launch, status_rows
-from engine.supervisor.terminal import Terminal
+from engine.supervisor.terminal import SafeOut, Terminal
 from engine.supervisor.watch import DropWatch, mic_dropped
 from engine.view import TerminalView
 from engine.webhooks import SECRET_ENV
@@ -148,11 +148,13 @@ class Supervisor:
         self.sip_status: dict[str, Any] | None = None     #: the sip process's latest sip.status
         #: ``engine start --console``: {host, port} of the debug console, started as a child
         self.console = console
-        self.out = out
+        self.out: TextIO = cast(TextIO, SafeOut(out))   # a closed terminal (SIGHUP) never stops the stop
         self.backend = resolve_backend(cfg)
         self.target: Target | None = None    #: the remote API (None: the local server)
         self._check_audio_paths()   # before anything is made (the session folder included)
         self.stopping = False
+        #: the signal handlers start() found, put back by shutdown()
+        self._saved_handlers: dict[int, Any] | None = None
         self.children: list[Child] = []
         self.rings: list[Ring] = []
         self.rings_by_kind: dict[str, Ring] = {}   #: kind (mic, speaker, ref, listen, browser) -> the ring
@@ -198,7 +200,7 @@ class Supervisor:
         self._printed: dict[str, float] = {}
         #: the terminal: error lines as they happen, and a live line on a TTY (engine/view.py)
         self.view = TerminalView()
-        self.term = Terminal(out)
+        self.term = Terminal(self.out)
         self._malformed_seen = 0
         self.malformed = 0               #: malformed bus messages the supervisor skipped
         self.unhandled = 0               #: well-formed bus messages whose handling failed (skipped, printed)
@@ -292,13 +294,25 @@ class Supervisor:
 
         def _stopped(signo: int, _frame: object) -> None:
             raise EngineError(f"stopped by {signal.Signals(signo).name} while starting; what was made is undone")
-        for signo in STOP_SIGNALS:   # run() takes them over once started
+        # while starting a signal undoes the start; from then on it asks for an ordered stop (run()
+        # looks at ``stopping``); shutdown() puts back the handlers it found
+        self._saved_handlers = self._saved_handlers or {signo: signal.getsignal(signo) for signo in STOP_SIGNALS}
+        for signo in STOP_SIGNALS:
             signal.signal(signo, _stopped)
         try:
             self._start()
         except BaseException:
+            self._stop_on_signals()   # a second Ctrl-C must not break off the undoing
             self.shutdown(quiet=True)
             raise
+        self._stop_on_signals()
+
+    def _stop_on_signals(self) -> None:
+        """STOP_SIGNALS ask for an ordered stop (``stopping``); they never raise."""
+        def _stop(_signo: int, _frame: object) -> None:
+            self.stopping = True
+        for signo in STOP_SIGNALS:
+            signal.signal(signo, _stop)
 
     def _start(self) -> None:
         py = sys.executable
@@ -588,10 +602,7 @@ class Supervisor:
                           "the session is stopped, what was written is kept")
 
     def run(self) -> int:
-        def _stop(_signo: int, _frame: object) -> None:
-            self.stopping = True
-        for signo in STOP_SIGNALS:
-            signal.signal(signo, _stop)
+        self._stop_on_signals()
         # a child that exits wakes the loop at once (it slept up to 250 ms before reaping it)
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
@@ -768,6 +779,9 @@ class Supervisor:
         for closer in (self.sub, self.pub, self.log_file):
             if closer is not None:
                 closer.close()
+        for signo, handler in (self._saved_handlers or {}).items():   # an in-process caller's, as they were
+            signal.signal(signo, handler)
+        self._saved_handlers = None
         if not quiet:
             lost = self.log_file.lost_lines if self.log_file is not None else 0
             self.out.write(f"realtalk: stopped. Session cost ${self.view.cost_usd:.4f}; "

@@ -9,10 +9,44 @@ and the next :meth:`Terminal.draw` puts it back.
 """
 from __future__ import annotations
 
-from typing import TextIO
+from typing import Any, TextIO
 
 LIVE_PERIOD_S = 0.25     #: the live line is redrawn at most this often
 CLEAR = "\r\x1b[K"       #: carriage return, erase to the end of the line
+
+
+class SafeOut:
+    """``out`` whose writes never raise: a terminal closed under the engine (SIGHUP) answers every
+    write with EIO, and a stop that raised on its first line left the rings, sockets and
+    ``engine.json`` behind. Once a write fails, nothing more is written (``gone``)."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.gone = False
+
+    def write(self, text: str) -> int:
+        if not self.gone:
+            try:
+                return self.out.write(text)
+            except (OSError, ValueError):
+                self.gone = True
+        return 0
+
+    def flush(self) -> None:
+        if not self.gone:
+            try:
+                self.out.flush()
+            except (OSError, ValueError):
+                self.gone = True
+
+    def isatty(self) -> bool:
+        try:
+            return bool(self.out.isatty())
+        except (AttributeError, OSError, ValueError):
+            return False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.out, name)
 
 
 class Terminal:
