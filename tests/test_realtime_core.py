@@ -814,8 +814,12 @@ def test_a_refused_update_reverts_only_its_own_keys_and_a_refused_replay_falls_b
     h.cmd("cmd.session.update", {"session": {"voice": "purple"}, "id": "c"})
     replay = sent(h(Connected(reconnect=True)), "session.update", ids=True)[0]
     assert replay["session"]["voice"] == "purple"
-    (lost,) = published(_refuse(h, replay["event_id"]), "engine.error")[1:]
+    acts = _refuse(h, replay["event_id"])
+    (lost,) = published(acts, "engine.error")[1:]
     assert lost["code"] == "session_config_refused" and lost["updates"] == ["b", "c"]   # acked, then not applied
+    (fallback,) = sent(acts, "session.update")        # at once: the session must not run on the defaults
+    assert "voice" not in fallback["session"] and "instructions" not in fallback["session"]
+    assert sent(_refuse(h, sent(acts, "session.update", ids=True)[0]["event_id"]), "session.update") == []   # once
     h(Disconnected(1006))
     again = sent(h(Connected(reconnect=True)), "session.update")[0]["session"]
     assert "voice" not in again and "instructions" not in again      # the config the server last confirmed

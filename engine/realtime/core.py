@@ -321,6 +321,7 @@ class RealtimeCore(TakesCommandsOnce):
                 self._mark_taken(cmd_id, "cmd.session.update")
                 acts.append(Publish(DONE_TOPIC, {"id": cmd_id, "ok": True, "applied": "on reconnect"}))
                 self.deferred_updates.append(cmd_id)
+        self.deferred_updates.extend(i for i in body.get("updates_deferred") or [] if isinstance(i, str) and i)
         if self.budget.restore(body.get("cost")):
             acts.append(self.budget.session_message())
         if isinstance(body.get("mic_open"), bool):
@@ -362,6 +363,7 @@ class RealtimeCore(TakesCommandsOnce):
             "tools": [registration(t) for t in self.tools.registered.values()],
             "session": self.session_config, "session_confirmed": self.confirmed_config, "mic_open": self.mic_open,
             "updates_in_flight": [cmd_id for _, cmd_id, _ in self.pending_updates if cmd_id],
+            "updates_deferred": list(self.deferred_updates),
             "cost": self.budget.state(),
             "taken": list(self.taken)[-TAKEN_PUBLISHED:], "core": self.core_id, "state_seq": self.state_seq})
 
@@ -455,13 +457,18 @@ class RealtimeCore(TakesCommandsOnce):
             for _, _, sets in self.pending_updates:
                 config.update(sets)
             self.session_config = config
-            if event_id == self.replay_event_id and self.deferred_updates:
+            if event_id == self.replay_event_id:   # the socket's first update: the session runs on defaults
+                self.replay_event_id = None
                 lost, self.deferred_updates = self.deferred_updates, []
-                acts.append(Publish("engine.error", {
-                    "source": "engine", "code": "session_config_refused", "updates": lost, "message":
-                    f"the server refused the session config sent on reconnect ({message}); the config it last "
-                    f"confirmed is used, so updates {', '.join(lost)} (acked 'on reconnect') are not applied: "
-                    "send them again, without the value the server refused"}))
+                if lost:
+                    acts.append(Publish("engine.error", {
+                        "source": "engine", "code": "session_config_refused", "updates": lost, "message":
+                        f"the server refused the session config sent on reconnect ({message}); the config it "
+                        f"last confirmed is sent again, so updates {', '.join(lost)} (acked 'on reconnect') are "
+                        "not applied: send them again, without the value the server refused"}))
+                if update[2] != self.confirmed_config and self.link is Link.CONNECTED:
+                    # sent at once (not at the next reconnect); once: its own refusal is a plain update's
+                    acts.append(self._session_update(self._session_with_tools(), None, dict(self.session_config)))
             if update[1]:
                 acts.append(Publish(DONE_TOPIC, {"id": update[1], "ok": False, "error": message, "code": code}))
         if not benign:
