@@ -110,17 +110,33 @@ def check_ancestors(path: Path, what: str,
                     ) -> None:
     """TrustError unless every folder above ``path`` is root's or this user's, and writable by
     no one else unless sticky (as /tmp): else another user could rename the directory away and
-    put one of theirs in its place after it was checked (OpenSSH checks its paths the same way)."""
+    put one of theirs in its place after it was checked (OpenSSH checks its paths the same way).
+    Writable by its group is fine when that group is the user's own private one (a umask of 002
+    with a group per user, as Debian and Ubuntu make them, leaves home folders 0775)."""
     parent = Path(os.path.realpath(path.parent))
     for folder in [*parent.parents, parent]:
         st = os.stat(folder)
+        others_write = st.st_mode & 0o002 or (st.st_mode & 0o020 and not _private_group(st.st_gid))
         if st.st_uid not in (0, os.geteuid()):
             problem = f"is owned by {_owner(st.st_uid)}"
-        elif st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        elif others_write and not st.st_mode & stat.S_ISVTX:
             problem = f"has mode {stat.S_IMODE(st.st_mode):04o}: others may rename what is in it"
         else:
             continue
         raise TrustError(f"refused the {what} {path}: the folder {folder} above it {problem}; {fix}")
+
+
+def _private_group(gid: int) -> bool:
+    """Whether group ``gid`` holds this user alone: no other member, and no other account's group."""
+    try:
+        import grp
+        import pwd
+        me = pwd.getpwuid(os.geteuid()).pw_name
+        if any(member != me for member in grp.getgrgid(gid).gr_mem):
+            return False
+        return all(p.pw_uid == os.geteuid() for p in pwd.getpwall() if p.pw_gid == gid)
+    except (KeyError, ImportError):
+        return False
 
 
 def _xdg_runtime_dir() -> Path | None:

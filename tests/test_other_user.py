@@ -487,3 +487,14 @@ def test_a_sessions_folder_the_account_owns_is_refused_naming_it(other: OtherUse
                                      "--config", str(config)), str(taken))
     assert "owned by" in text and "sessions_dir" in text, text
     assert other.json(LIST_DIR, str(taken)) == [], "the engine made its session folder in the account's folder"
+
+
+def test_a_folder_writable_by_a_group_the_account_is_in_is_refused(other: OtherUser, tmp_path: Path) -> None:
+    """Group-writable is trusted for the user's own private group only: not for one another account uses."""
+    from bus.runtime import TrustError, check_ancestors
+    base = tmp_path / "shared"
+    base.mkdir()
+    os.chown(base, os.geteuid(), other.gid)
+    os.chmod(base, 0o775)
+    with pytest.raises(TrustError, match="0775"):
+        check_ancestors(base / "session", "session folder")

@@ -238,3 +238,19 @@ def test_a_ring_too_open_or_a_link_is_not_attached(ring_name: str, tmp_path: Pat
         Path("/dev/shm", link).unlink()
     ring.unlink()
     ring.close()
+
+
+def test_a_folder_writable_by_the_users_own_private_group_is_trusted(tmp_path: Path) -> None:
+    """With a umask of 002 and a group per user (Debian's and Ubuntu's way) home folders are 0775:
+    the default sessions folder was refused under them (the review of the session-folder check)."""
+    from bus.runtime import _private_group, check_ancestors
+    if not _private_group(os.getegid()):
+        pytest.skip("this user's group is shared with others here")
+    base = tmp_path / "home"
+    base.mkdir()
+    os.chown(base, os.geteuid(), os.getegid())
+    os.chmod(base, 0o775)
+    check_ancestors(base / "session", "session folder")      # no TrustError
+    os.chmod(base, 0o777)
+    with pytest.raises(Exception, match="has mode 0777"):
+        check_ancestors(base / "session", "session folder")
