@@ -36,3 +36,15 @@ def test_a_plain_response_id_names_its_file() -> None:
     from engine.realtime.process import reply_wav_name
     assert reply_wav_name("resp_ABC-12_x", 3) == "resp_ABC-12_x.wav"
     assert reply_wav_name("../x", 3) == "reply-3.wav"
+
+
+def test_a_restarted_process_never_overwrites_a_reply_its_predecessor_saved(tmp_path: Path) -> None:
+    replies = tmp_path / "replies"
+    names = []
+    for _ in range(2):                                        # two processes, one after the other
+        host = _host(replies)
+        host.reply_pcm["../x"] = [b"\x01\x00" * 240]
+        done = {"response_id": "../x", "status": "completed"}
+        host._save_reply(done)
+        names.append(Path(done["audio_path"]).name)
+    assert names == ["reply-1.wav", "reply-2.wav"]

@@ -184,6 +184,9 @@ class RealtimeProcess:
             return
         self.replies_saved += 1
         path = self.replies_dir / reply_wav_name(str(done.get("response_id") or ""), self.replies_saved)
+        while path.name.startswith("reply-") and path.exists():   # a predecessor's (a restart): never overwritten
+            self.replies_saved += 1
+            path = self.replies_dir / reply_wav_name("", self.replies_saved)
         try:
             self.replies_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             with wave.open(str(path), "wb") as w:
