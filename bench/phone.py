@@ -69,6 +69,7 @@ from engine.config import load_config, session_payload  # noqa: E402
 from engine.codec import encode_audio  # noqa: E402
 from engine.phone.bridge import Latency  # noqa: E402
 from engine.phone.simulator import FRAME_BYTES, FakePhone  # noqa: E402
+from engine.specs import SERVER_KEY_ENV  # noqa: E402
 from engine.server.voice import synthesize  # noqa: E402
 from engine.specs import ApiAccess, BusSpec, PhoneSpec, encode  # noqa: E402
 
@@ -216,9 +217,11 @@ class SdkBaseline:
     """The baseline's process (``bench/phone.py --sdk-bridge``): commands on its stdin, one JSON
     object a line on its stdout (``listening``, ``up``, ``truncate``, ``ended``)."""
 
-    def __init__(self, api_base: str, model: str) -> None:
+    def __init__(self, api_base: str, model: str, server_key: str | None = None) -> None:
+        env = {**os.environ, **({SERVER_KEY_ENV: server_key} if server_key else {})}   # the engine's server's key
         self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--sdk-bridge", api_base,
-                                      "--model", model], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                      "--model", model], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=env)
         self.lines: list[dict[str, Any]] = []
         self.listening = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
@@ -360,7 +363,7 @@ def run_layout(layout: str, counts: list[int], seconds: float, conn: dict[str, A
 
 def run_baseline(counts: list[int], seconds: float, conn: dict[str, Any]) -> list[dict[str, Any]]:
     """Every level through the SDK baseline (a fresh process for each run)."""
-    sdk = SdkBaseline(api_base(conn), load_config(None, {})["model"])
+    sdk = SdkBaseline(api_base(conn), load_config(None, {})["model"], conn.get("server_key"))
     try:
         return [asyncio.run(level([sdk.url], [sdk.pid], n, seconds, sdk, extra_pids(conn))) for n in counts]
     finally:
@@ -453,7 +456,7 @@ async def truncations(url: str, conn: dict[str, Any], bus: BusLog, trials: int, 
     cuts = [rng.uniform(1.0, 3.0) for _ in range(trials)]
     out: dict[str, Any] = {"cut_after_s": [round(c, 2) for c in cuts]}
     out["engine"] = await truncation_trials(url, EngineCalls(bus), cuts, speech)
-    sdk = await asyncio.to_thread(SdkBaseline, api_base(conn), load_config(None, {})["model"])
+    sdk = await asyncio.to_thread(SdkBaseline, api_base(conn), load_config(None, {})["model"], conn.get("server_key"))
     try:
         out[BASELINE] = await truncation_trials(sdk.url, sdk, cuts, speech)
     finally:
@@ -481,7 +484,7 @@ class SampleBridge:
 
     def __init__(self, api_base: str, model: str, emit: Callable[[dict[str, Any]], None]) -> None:
         from openai import AsyncOpenAI
-        self.client = AsyncOpenAI(api_key="sk-local", websocket_base_url=api_base)
+        self.client = AsyncOpenAI(api_key=os.environ.get(SERVER_KEY_ENV) or "sk-local", websocket_base_url=api_base)
         self.model = model
         self.emit = emit
         self.conns: dict[str, Any] = {}      # call sid -> its SDK connection

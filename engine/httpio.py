@@ -75,7 +75,7 @@ def _headers(items: Any) -> dict[str, str]:
     return out
 
 
-class _Open:
+class OpenConnections:
     """A server's open connections, counted (module rules)."""
 
     def __init__(self, limit: int) -> None:
@@ -86,10 +86,10 @@ class _Open:
 class HttpProtocol(asyncio.Protocol):
     """One server connection (module rules). ``done`` resolves when the connection is closed."""
 
-    def __init__(self, handler: Handler, read_timeout_s: float = READ_TIMEOUT_S, open_: _Open | None = None) -> None:
+    def __init__(self, handler: Handler, read_timeout_s: float = READ_TIMEOUT_S, open_: OpenConnections | None = None) -> None:
         self.handler = handler
         self.read_timeout_s = read_timeout_s
-        self.conns = open_ if open_ is not None else _Open(MAX_CONNECTIONS)   #: the server's, counted
+        self.conns = open_ if open_ is not None else OpenConnections(MAX_CONNECTIONS)   #: the server's, counted
         self.counted = False
         self.timer: asyncio.TimerHandle | None = None
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
@@ -209,7 +209,7 @@ async def serve_http(handler: Handler, host: str, port: int, *, sock: Any = None
                      read_timeout_s: float = READ_TIMEOUT_S, max_connections: int = MAX_CONNECTIONS) -> asyncio.Server:
     """Listen for HTTP requests (``sock``: an already bound socket instead of host and port)."""
     loop = asyncio.get_running_loop()
-    open_ = _Open(max_connections)
+    open_ = OpenConnections(max_connections)
 
     def protocol() -> HttpProtocol:
         return HttpProtocol(handler, read_timeout_s, open_)

@@ -707,3 +707,21 @@ async def call_report(base_http: str, call_id: str, wait_ended: bool = False, ti
         rep = dict(resp.parsed())
         if not wait_ended or rep["phase"] not in ("ringing", "answered") or _time.monotonic() > deadline:
             return rep
+
+
+# ---------------------------------------------------------------- SIP calls (engine.sip.calls)
+SIP_DEFAULTS = {"model": "gpt-realtime", "instructions": "Be brief.", "voice": "marin"}
+
+
+def sip_offer(api: str, call_id: str = "abc", to: str = "<sip:+15550100@x>", **headers: str) -> Any:
+    """An incoming call's webhook (engine.webhooks.Incoming) on ``api``, keyed by its Call-ID."""
+    from engine.webhooks import Incoming
+    hs = (("Call-ID", call_id), ("To", to)) + tuple(headers.items())
+    return Incoming(api, ("rtc_" if api == "realtime" else "live_") + call_id, "evt_" + call_id,
+                    "realtime.call.incoming" if api == "realtime" else "live.transport.incoming", 0, hs, "srtp")
+
+
+def sip_table(routes: list[dict[str, Any]], max_calls: int = 10, no_route: int = 404) -> Any:
+    """A call table (engine.sip.calls.CallTable) over ``routes`` with SIP_DEFAULTS."""
+    from engine.sip.calls import CallTable, parse_routes
+    return CallTable(parse_routes({"routes": routes}, SIP_DEFAULTS), max_calls, no_route)

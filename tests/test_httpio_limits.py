@@ -1,4 +1,4 @@
-"""The plain HTTP server (engine sip's webhooks, the local server's REST) against strangers: a
+"""The plain HTTP server (engine sip's webhooks; the local server's REST shares its protocol) against strangers: a
 connection that never finishes its request is dropped, and idle connections cannot take every
 file descriptor (the trust review: 1,000 silent connections stopped webhooks from being taken)."""
 from __future__ import annotations

@@ -4,21 +4,10 @@ from __future__ import annotations
 import pytest
 
 from engine.errors import ConfigError
-from engine.sip.calls import (OFFER_WAIT_S, STATES, Accept, CallTable, Ignore, Missed, Reject, SipStateError, State,
-                              parse_routes)
-from engine.webhooks import Incoming
+from engine.sip.calls import (OFFER_WAIT_S, STATES, Accept, Ignore, Missed, Reject, SipStateError, State)
+from tests.helpers import sip_offer as offer
+from tests.helpers import sip_table as table
 
-DEFAULTS = {"model": "gpt-realtime", "instructions": "Be brief.", "voice": "marin"}
-
-
-def offer(api: str, call_id: str = "abc", to: str = "<sip:+15550100@x>", **headers: str) -> Incoming:
-    hs = (("Call-ID", call_id), ("To", to)) + tuple(headers.items())
-    return Incoming(api, ("rtc_" if api == "realtime" else "live_") + call_id, "evt_" + call_id,
-                    "realtime.call.incoming" if api == "realtime" else "live.transport.incoming", 0, hs, "srtp")
-
-
-def table(routes: list[dict], max_calls: int = 10, no_route: int = 404) -> CallTable:
-    return CallTable(parse_routes({"routes": routes}, DEFAULTS), max_calls, no_route)
 
 
 def test_accept_on_the_routes_api_and_ignore_the_other_webhook_either_order() -> None:

@@ -28,7 +28,9 @@ from engine.sip.calls import OFFER_WAIT_S, Accept, Ignore, Reject, State, parse_
 from engine.sip.service import SipService
 from engine.specs import ApiAccess, BusSpec, SipSpec
 from tests.helpers import RecordingPublisher
-from tests.test_sip_calls import DEFAULTS, offer, table
+from tests.helpers import SIP_DEFAULTS as DEFAULTS
+from tests.helpers import sip_offer as offer
+from tests.helpers import sip_table as table
 
 pytestmark = pytest.mark.timeout(30)
 SECRET = "whsec_" + base64.b64encode(b"engine sip review test secret!!!").decode()

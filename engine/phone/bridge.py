@@ -666,6 +666,10 @@ class PhoneBridge:
         cfg = spec.config
         phone: Mapping[str, Any] = spec.phone
         self.auth = auth_from_config(phone, os.environ if environ is None else environ)
+        if self.auth.mode == "twilio" and self.auth.public_url is None:   # allowed on loopback only
+            logging.getLogger("realtalk.phone").warning(
+                "phone.public_url is not set: Twilio's signature is checked against the request's own Host "
+                "header; behind a proxy or a tunnel set it to the stream URL given to Twilio")
         self.limits = limits_from_config(phone)
         self.host: str = phone.get("host", "127.0.0.1")
         self.port: int = int(phone.get("port", 0))

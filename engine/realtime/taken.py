@@ -45,12 +45,15 @@ from typing import Any, Callable, Mapping
 
 from bus.wire import (ACK_TOPIC, COMMAND_TOPICS, DONE_TOPIC, STATE_TOPIC, TAKEN_TOPIC, command_key, id_problem,
                       id_reused_error, outcome_of, remember_newest)
+from bus.wire import MAX_DEPTH
 from engine.realtime.records import Action, Publish
 from engine.realtime.requests import SEEN_IDS
 
 
-#: nesting a value handed on to the API may have (a JSON schema needs a few levels, not hundreds)
-JSON_DEPTH_MAX = 64
+#: nesting a value handed on to the API may have (a JSON schema needs a few levels, not hundreds):
+#: the engine's own messages carry it some levels deeper (``conversation.history`` -> ``tools`` ->
+#: a tool -> ``parameters``), and the bus refuses bodies over MAX_DEPTH, so leave room for them
+JSON_DEPTH_MAX = MAX_DEPTH - 8
 
 
 def json_problem(value: Any) -> str | None:

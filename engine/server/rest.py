@@ -15,7 +15,7 @@ from typing import Any
 
 from websockets.asyncio.server import ServerConnection
 
-from engine.httpio import Handler, HttpProtocol
+from engine.httpio import MAX_CONNECTIONS, READ_TIMEOUT_S, Handler, HttpProtocol, OpenConnections
 
 #: GETs that are the stand-in's own reports, not upgrades (Azure's dialect: under /openai)
 PLAIN_HTTP_GETS = (b"GET /v1/x/", b"GET /openai/v1/x/")
@@ -23,12 +23,15 @@ _LONGEST = max(len(p) for p in PLAIN_HTTP_GETS)
 
 
 def rest_connection(handler: Handler) -> type[ServerConnection]:
-    """A :class:`ServerConnection` class that hands plain HTTP requests to ``handler``."""
-    return type("RestOrWebSocket", (HttpOrWebSocket,), {"http_handler": staticmethod(handler)})
+    """A :class:`ServerConnection` class that hands plain HTTP requests to ``handler``, counted
+    against one server's MAX_CONNECTIONS (engine.httpio's rules)."""
+    return type("RestOrWebSocket", (HttpOrWebSocket,), {"http_handler": staticmethod(handler),
+                                                        "http_open": OpenConnections(MAX_CONNECTIONS)})
 
 
 class HttpOrWebSocket(ServerConnection):
     http_handler: Handler
+    http_open: OpenConnections      #: the server's plain HTTP connections, counted
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -47,7 +50,7 @@ class HttpOrWebSocket(ServerConnection):
         if head.startswith(b"GET ") and not head.startswith(PLAIN_HTTP_GETS):
             super().data_received(head)
             return
-        proto = HttpProtocol(self.http_handler)
+        proto = HttpProtocol(self.http_handler, READ_TIMEOUT_S, self.http_open)
         self.transport.set_protocol(proto)
         proto.connection_made(self.transport)
         self._http.set_result(proto.done)

@@ -51,6 +51,9 @@ HANGUP_BACKOFF_S = (0.5, 1.0)  #: the wait before the 2nd, 3rd try
 HANGUP_WAIT_S = 15.0          #: a hang-up's tries, all told
 #: the engine stopping: every call's hang-up at once, within the supervisor's stop grace (3 s)
 STOP_HANGUP_S = 2.0
+#: what the stop waits beyond the hang-ups for the calls' ends to be published: the whole stop must
+#: end inside the supervisor's 3 s grace (engine.supervisor.process GRACE_S), then it kills
+STOP_MARGIN_S = 0.5
 
 
 @dataclass
@@ -477,7 +480,9 @@ class SipService:
                 run.task = self.spawn(self._control(run))
             elif run.link is not None:
                 run.link.stop()
-        await self.tasks.wait(STOP_HANGUP_S + 1.0)
+        await self.tasks.wait(STOP_HANGUP_S + STOP_MARGIN_S)
+        for task in self.tasks:   # an accept still waiting on its REST call: its call is not ours yet
+            task.cancel()
 
 
 def _why(resp: HttpResponse) -> str:
