@@ -383,3 +383,27 @@ def test_p4_a_normal_live_drop_still_counts_the_old_sessions_usage() -> None:
     (cost,) = published(c.ev({"type": "session.usage.updated", "usage": {"seconds": 30}}), "cost.session")
     assert cost["usd"] == pytest.approx(1.5 * LIVE_USD_PER_MINUTE)
 
+
+
+# ------------------------------------------------------------------ GPT-Live: session updates across a restart
+def test_live_session_updates_survive_a_restart_and_one_in_flight_is_answered() -> None:
+    """The GPT-Live core's state held neither its session's changed settings nor the updates in
+    flight: a restart lost a cmd.session.update (delegation, triggers) and left one unanswered."""
+    c = live()
+    acts = c.cmd("cmd.session.update", {"session": {"triggers": [{"type": "keyword", "keywords": ["agent"]}]},
+                                        "id": "t1"})
+    assert sent(acts, "session.update") and not published(acts, "cmd.done")      # waits for session.updated
+    state = published(acts, "conversation.history")[-1] if published(acts, "conversation.history") \
+        else c.core.history_message().payload
+    fresh = Core(LiveCore("gpt-live-1", {"instructions": "Be brief."}))
+    restored = fresh.core.restore_history(state)
+    assert published(restored, "cmd.done") == [{"id": "t1", "ok": True, "applied": "on start"}]
+    start = sent(fresh(Connected(reconnect=True, reason="restart")), "session.start")[0]
+    assert start["session"]["triggers"] == [{"type": "keyword", "keywords": ["agent"]}]
+
+
+def test_a_live_session_update_in_flight_when_the_session_ends_is_answered() -> None:
+    c = live()
+    c.cmd("cmd.session.update", {"session": {"triggers": []}, "id": "t2"})
+    acts = c(Disconnected(1006))
+    assert {"id": "t2", "ok": True, "applied": "on start"} in published(acts, "cmd.done")

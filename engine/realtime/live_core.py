@@ -103,7 +103,7 @@ from engine.errors import ConfigError, EngineError
 from bus.wire import COMMAND_TOPICS, DONE_TOPIC, STATE_TOPIC
 from engine.realtime.core import TAKEN_PUBLISHED, new_id as default_new_id, registration, restore_tools
 from engine.realtime.live_turns import Speaker, TurnEvent, TurnGrouper
-from engine.realtime.taken import TakesCommandsOnce, check_json
+from engine.realtime.taken import TakesCommandsOnce, check_json, json_problem
 from engine.realtime.records import (API_RATE_HZ, AUDIO_FORMATS, Action, Command, Connected, Disconnected, EndOfAudio,
                                      Input, MicAudio, PlaybackReport, Play, Publish, Reconnect, Send, SendAudio,
                                      ServerEvent, Tick, Ending)
@@ -119,6 +119,8 @@ INPUT_MESSAGES = 128
 #: conversation would be lost with the session
 INPUT_TOKENS = 6144
 INPUT_MESSAGE_TOKENS = 8
+#: the session settings GPT-Live lets a running session change (``session.update``)
+UPDATABLE = ("delegation", "triggers")
 #: a context append is at most 500 tokens; refused locally past this estimate (4 characters a token)
 APPEND_MAX_TOKENS = 500
 #: with no mic audio for this long, silence is sent in its place (the session clock needs audio)
@@ -340,6 +342,7 @@ class LiveCore(TakesCommandsOnce):
         self.sent: dict[str, Append] = {}                #: event id -> append sent, not yet placed
         self.mute_acks: list[tuple[str, str | None]] = []  #: (event id, command id) mute/unmute sent
         self.sent_updates: dict[str, str] = {}           #: session.update event id -> command id
+        self.session_updates = 0                         #: cmd.session.updates taken (the state's mark)
         self.mic_open = True
         self.tools = Tools()
         self.delegations: dict[str, Delegation] = {}
@@ -554,6 +557,10 @@ class LiveCore(TakesCommandsOnce):
             app.delegation_id = None
         self.delegations.clear()
         acts.extend(self._mute_acks_on_reconnect())
+        # session updates the old session never confirmed: the next session.start carries them
+        acts.extend(Publish(DONE_TOPIC, {"id": cmd_id, "ok": True, "applied": "on start"})
+                    for cmd_id in self.sent_updates.values())
+        self.sent_updates.clear()
         self.earlier_seconds += self.session_seconds
         self.earlier_usd += live_cost_usd(self.model, self.session_usage)
         self.session_usage = {}
@@ -901,7 +908,8 @@ class LiveCore(TakesCommandsOnce):
     def _durable_mark(self) -> tuple[Any, ...]:
         """Changes when the state a successor starts from changes (cheap: lengths and identities)."""
         return (len(self.history), tuple(id(a) for a in self.waiting), tuple(self.sent),
-                tuple(id(t) for t in self.tools.registered.values()), self.mic_open)
+                tuple(id(t) for t in self.tools.registered.values()), self.mic_open, self.session_updates,
+                tuple(self.sent_updates))
 
     def _no_handler(self, topic: str) -> str:
         if topic in NOT_ON_LIVE:
@@ -965,11 +973,12 @@ class LiveCore(TakesCommandsOnce):
         if not isinstance(session, dict):
             raise ValueError("cmd.session.update needs 'session': a map of session fields")
         check_json(session, "cmd.session.update 'session'")   # it goes into session.update
-        fixed = sorted(set(session) - {"delegation", "triggers"})
+        fixed = sorted(set(session) - set(UPDATABLE))
         if fixed:
             raise ValueError(f"GPT-Live fixes {', '.join(fixed)} for the session's life; only 'delegation' "
                              "settings and 'triggers' can change (instructions: use cmd.instructions)")
         self.session_config.update(session)
+        self.session_updates += 1
         if self.state is not LiveState.ACTIVE:
             return self._ack(body, applied="on start")
         event_id = self.new_id("event")
@@ -1129,6 +1138,8 @@ class LiveCore(TakesCommandsOnce):
         return Publish(STATE_TOPIC, {
             "items": list(self.history), "in_flight": [], "live_pending": pending,
             "tools": [registration(t) for t in self.tools.registered.values()], "mic_open": self.mic_open,
+            "session": {k: self.session_config[k] for k in UPDATABLE if k in self.session_config},
+            "updates_in_flight": list(self.sent_updates.values()),
             "cost": {"usd": self.total_usd(), "seconds": self.earlier_seconds + self.session_seconds,
                      "budget_warned": self.budget_warned},
             "taken": list(self.taken)[-TAKEN_PUBLISHED:], "core": self.core_id, "state_seq": self.state_seq})
@@ -1154,6 +1165,13 @@ class LiveCore(TakesCommandsOnce):
                 # a predecessor's delegation ended with its session: the next knows no id of the old
                 self.waiting.append(Append(raw["kind"], raw["content"], raw.get("cmd_id"), None))
         acts = restore_tools(self.tools, body.get("tools"))
+        session = body.get("session")
+        if isinstance(session, dict) and set(session) <= set(UPDATABLE) and json_problem(session) is None:
+            self.session_config.update(session)     # what cmd.session.update changed: the next start carries it
+        for cmd_id in body.get("updates_in_flight") or []:
+            if isinstance(cmd_id, str) and cmd_id and cmd_id not in self.outcomes:
+                self._mark_taken(cmd_id, "cmd.session.update")
+                acts.append(Publish(DONE_TOPIC, {"id": cmd_id, "ok": True, "applied": "on start"}))
         if isinstance(body.get("mic_open"), bool):
             self.mic_open = body["mic_open"]
         for key in body.get("taken") or []:
