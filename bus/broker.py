@@ -12,7 +12,9 @@ main loop) sees only two small streams, both filtered by ZeroMQ itself:
   subscription matches a kept state topic, the keeper publishes the kept message again,
   so a late subscriber sees the current engine status and session config at once (the
   zguide's last-value cache). When the last subscriber of ``_presence.<owner>`` leaves,
-  the keeper publishes ``engine.presence.gone`` with that owner.
+  the keeper publishes ``engine.presence.gone`` with that owner, and names it in every
+  hand-over to the realtime process (``gone_owners``) until it subscribes again: a realtime
+  process that was down when it left drops its tools all the same.
 
 With an intake (:mod:`bus.intake`; ``engine start`` runs the broker with ``--intake hold``) the
 keeper also takes every ``cmd.*``: it acks each command at once on ``cmd.ack`` and holds it
@@ -65,6 +67,8 @@ _INTAKE_UNSUBSCRIBE = b"\x00" + INTAKE_TOPIC.encode()
 #: a client that subscribes to ``_presence.<owner>`` is announced gone (``engine.presence.gone``)
 #: when that subscription disappears, e.g. because the client's process ended
 PRESENCE_PREFIX = b"_presence."
+#: owners gone that a hand-over names at most (the newest)
+GONE_OWNERS_KEPT = 256
 #: per pipe (each publisher into the XSUB, each subscriber out of the XPUB): past it the XPUB
 #: drops that subscriber's messages (it sees the gaps in ``seq``). A queued message costs the
 #: broker far more than its size: libzmq decodes into shared 8 kB receive buffers, each with a
@@ -204,6 +208,9 @@ class _Keeper:
         self.cache: dict[bytes, list[bytes]] = {}
         self.state_mark: tuple[Any, int] | None = None   #: (core, state_seq) of the kept state message
         self.intake_subscribed = False
+        #: owners whose presence subscription ended and has not come back (the newest GONE_OWNERS_KEPT):
+        #: in every hand-over, so a realtime process that was down when they left drops their tools
+        self.gone_owners: dict[str, None] = {}
         self.seq = 0
         self.name = f"broker:{os.getpid()}"   # a restarted broker is another publisher (replay protection orders by it)
 
@@ -276,16 +283,22 @@ class _Keeper:
             state = self.cache.get(_STATE)
             self.publish(INTAKE_TOPIC, {"restore": True, "state": state,
                                         "commands": self.intake.handover(time.monotonic()),
-                                        "outcomes": dict(self.intake.outcomes)})
+                                        "outcomes": dict(self.intake.outcomes),
+                                        "gone_owners": list(self.gone_owners)})
         elif sub == _INTAKE_UNSUBSCRIBE:
             self.intake_subscribed = False
         elif sub[:1] == b"\x01":
+            if sub[1:].startswith(PRESENCE_PREFIX):   # an owner (back) at its presence topic
+                self.gone_owners.pop(sub[1 + len(PRESENCE_PREFIX):].decode(errors="replace"), None)
             for frames in list(self.cache.values()):
                 if frames[0].startswith(sub[1:]):
                     self.pub.send_multipart(frames)
         elif sub[:1] == b"\x00" and sub[1:].startswith(PRESENCE_PREFIX):
             # the last subscriber of a presence topic left: its owner is gone
             owner = sub[1 + len(PRESENCE_PREFIX):].decode(errors="replace")
+            self.gone_owners[owner] = None
+            while len(self.gone_owners) > GONE_OWNERS_KEPT:
+                del self.gone_owners[next(iter(self.gone_owners))]
             self.publish("engine.presence.gone", {"owner": owner})
 
     def serve(self, subscriptions: list[bytes]) -> None:

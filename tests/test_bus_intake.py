@@ -275,3 +275,29 @@ def test_call_without_an_intake_says_nothing_acked_it(tmp_path: Path) -> None:
         asyncio.run(main())
     # sent again (every RESEND_S) while no ack came, always the same command; once acked, once (the test above)
     assert len(sent) >= 2 and len({b["id"] for b in sent}) == 1
+
+
+def test_a_tool_owner_that_left_while_no_realtime_process_was_there_is_named_in_the_hand_over(
+        broker: tuple[str, str], keys: Any) -> None:
+    """``engine.presence.gone`` went out once: an owner that left while the realtime process was
+    restarting kept its tools in the successor, which offered the model a tool nobody served."""
+    pub_ep, sub_ep = broker
+    gone = Subscriber(sub_ep, ["engine.presence.gone"], verify_key=keys.signing_key)
+    owner = Subscriber(sub_ep, ["_presence.tools:1"])
+    stays = Subscriber(sub_ep, ["_presence.tools:2"])
+    probe = Publisher(pub_ep, "probe", signing_key=None)
+    assert probe.join(sub_ep)
+    owner.close()                                       # its process exits while no realtime process runs
+    wait_topic(gone, "engine.presence.gone", 3, owner="tools:1")
+    realtime = Subscriber(sub_ep, ["intake.realtime"], verify_key=keys.signing_key)
+    handed = wait_topic(realtime, "intake.realtime", 3, restore=True)
+    assert handed["gone_owners"] == ["tools:1"]
+    again = Subscriber(sub_ep, ["_presence.tools:1"])   # it came back: no longer gone
+    realtime2 = Subscriber(sub_ep, ["intake.realtime"], verify_key=keys.signing_key)
+    deadline = time.monotonic() + 3
+    while wait_topic(realtime2, "intake.realtime", 3, restore=True)["gone_owners"] and time.monotonic() < deadline:
+        realtime2.close()
+        realtime2 = Subscriber(sub_ep, ["intake.realtime"], verify_key=keys.signing_key)
+    assert time.monotonic() < deadline
+    for s in (gone, stays, probe, realtime, again, realtime2):
+        s.close()

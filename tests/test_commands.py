@@ -244,3 +244,20 @@ def test_connect_reaches_a_tcp_curve_engine(start_engine: Any, tmp_path: Path) -
             await session.close()
     asyncio.run(main())
     assert eng.stop() == 0
+
+
+def test_a_tool_owner_that_leaves_while_the_realtime_process_restarts_loses_its_tools(text_engine: Any) -> None:
+    """engine.presence.gone went out once: an owner that left while the realtime process was down
+    kept its tools in the successor, and the model was offered a tool nobody served (the review)."""
+    conn = text_engine.conn
+    sub = Subscriber(conn["subscribe"], ["engine.tools", "cmd.done"])
+    owner = Publisher(conn["publish"], "tools:1")
+    presence = Subscriber(conn["subscribe"], ["_presence.tools:1"])
+    assert owner.join(conn["subscribe"])
+    owner.publish("cmd.tool.register", {"name": "lookup", "owner": "tools:1", "id": "reg1"})
+    wait_topic(sub, "engine.tools", 20, where=lambda b: b.get("tools") == ["lookup"])
+    os.kill(child_pid(text_engine, "realtime"), signal.SIGKILL)
+    presence.close()                                   # the owner's process exits meanwhile
+    owner.close()
+    wait_topic(sub, "engine.tools", 30, where=lambda b: b.get("tools") == [])
+    sub.close()

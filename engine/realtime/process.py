@@ -419,6 +419,9 @@ class RealtimeProcess:
         if state is not None and state[0] == STATE_TOPIC:
             self.apply(self.core.restore_history(state[1]), self.main_pub)
             self.restored = True
+        for owner in (handover or {}).get("gone_owners") or []:   # left while no realtime process ran
+            if isinstance(owner, str) and owner:
+                self._step_before_link(Command("engine.presence.gone", {"owner": owner}))
         for frames in (handover or {}).get("commands") or []:
             held = self._accept_inner(sub, frames)
             if held is not None:
