@@ -14,7 +14,9 @@ the one way to send a command (docs/bus-protocol.md, "Commands"):
 - it is sent again only while no ack came (every :data:`RESEND_S`: a message published before
   the broker knows the subscriptions is lost, ZeroMQ's slow joiner), at most for ``ack_timeout_s``;
 - with ``outcome=True`` it then waits for the command's ``cmd.done`` (what the realtime process
-  did with it: the item id of a say, a refusal), for as long as the engine holds it.
+  did with it: the item id of a say, a refusal), for as long as the engine holds it, sending the
+  command again every :data:`OUTCOME_RESEND_S` meanwhile: an outcome lost with a broker that
+  crashed comes again (``repeated: true``; the engine carries a command out once, by its ``id``).
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ from bus.wire import ACK_TOPIC, DONE_TOPIC, BusError, encode
 RESEND_S = 0.5
 #: how long a command waits for its ack, at most (the intake acks in milliseconds)
 ACK_TIMEOUT_S = 10.0
+#: while a command's outcome has not come, it is sent again this often (a copy only asks for it)
+OUTCOME_RESEND_S = 3.0
 
 Message = tuple[str, dict[str, Any]]
 
@@ -224,11 +228,17 @@ class BusClient:
             ack = acked.result()[1]
             if done is None or not ack.get("ok"):
                 return ack
-            try:
-                return (await asyncio.wait_for(asyncio.shield(done), outcome_timeout_s))[1]
-            except asyncio.TimeoutError:
-                raise NoOutcome(f"{topic} {cmd_id} was acked ({ack.get('state')}) but not carried out within "
-                                f"{outcome_timeout_s:g} s") from None
+            until = None if outcome_timeout_s is None else time.monotonic() + outcome_timeout_s
+            while True:
+                wait = OUTCOME_RESEND_S if until is None else min(OUTCOME_RESEND_S, until - time.monotonic())
+                if wait > 0:
+                    await asyncio.wait([done], timeout=wait)
+                if done.done():
+                    return done.result()[1]
+                if until is not None and time.monotonic() >= until:
+                    raise NoOutcome(f"{topic} {cmd_id} was acked ({ack.get('state')}) but not carried out within "
+                                    f"{outcome_timeout_s:g} s")
+                self.pub.publish(topic, body)   # its outcome may have been lost: a copy asks for it again
         finally:
             for fut in (acked, done):
                 if fut is not None and not fut.done():

@@ -301,3 +301,34 @@ def test_a_tool_owner_that_left_while_no_realtime_process_was_there_is_named_in_
     assert time.monotonic() < deadline
     for s in (gone, stays, probe, realtime, again, realtime2):
         s.close()
+
+
+def test_a_lost_outcome_is_asked_for_again(broker: tuple[str, str], keys: Any,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cmd.done lost with a broker that crashed never came again: the client waited out its
+    timeout on a command the engine had carried out (the review). While it waits for the outcome it
+    now sends the command again now and then; the engine answers a copy with the outcome, repeated."""
+    import asyncio
+    from bus import Endpoints
+    from bus import aio
+    monkeypatch.setattr(aio, "OUTCOME_RESEND_S", 0.3)
+    endpoints = Endpoints(*broker)
+    copies: list[dict[str, Any]] = []
+
+    async def main() -> dict[str, Any]:
+        engine = await aio.BusClient.connect(endpoints, "stand-in", ["cmd.say"])
+
+        def carry_out(topic: str, body: dict[str, Any]) -> None:
+            if topic == "cmd.say":
+                copies.append(body)
+                if len(copies) > 1:                    # the first outcome was lost on its way
+                    engine.publish("cmd.done", {"id": body["id"], "ok": True, "item_id": "i1", "repeated": True})
+        engine.listen(carry_out)
+        client = await aio.BusClient.connect(endpoints, "caller")
+        try:
+            return await client.call("cmd.say", {"text": "hi"}, outcome=True, outcome_timeout_s=5)
+        finally:
+            await client.close()
+            await engine.close()
+    done = asyncio.run(main())
+    assert done["item_id"] == "i1" and done["repeated"] and len(copies) == 2

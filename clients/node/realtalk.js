@@ -14,6 +14,7 @@ const { encode, decode } = require("@msgpack/msgpack");
 
 const PROTOCOL_VERSION = 2;
 const RESEND_MS = 500;    // a command not acked this long after it was sent is sent again (slow joiner)
+const OUTCOME_RESEND_MS = 3000;   // while its outcome has not come, a command is sent again (a copy asks for it)
 const PROBE_MS = 20;      // the reply subscriber's join probe goes out again this often until it comes back
 let probes = 0;
 
@@ -231,7 +232,7 @@ class Bus {
   /** Send a command and resolve with its cmd.ack (`state` queued, accepted, taken; or `ok: false`, refused).
    *  Sent again only while no ack came (every 500 ms), for at most `timeoutMs`. With `outcome`, resolve
    *  instead with its cmd.done (what the engine did: a say's `item_id`, a refusal), waited for up to
-   *  `outcomeTimeoutMs` (null: as long as the engine holds it). */
+   *  `outcomeTimeoutMs` (null: as long as the engine holds it), sending it again every 3 s meanwhile. */
   async command(topic, payload, { timeoutMs = 10000, outcome = false, outcomeTimeoutMs = 120000 } = {}) {
     const id = payload.id || crypto.randomUUID();
     this._replies();
@@ -259,8 +260,14 @@ class Bus {
       this.waiting.delete(`cmd.done ${id}`);
       return ack;
     }
-    if (outcomeTimeoutMs === null) return done;
-    const result = await until(done, outcomeTimeoutMs);
+    // an outcome lost with a broker that crashed comes again to a copy (`repeated`: carried out once, by id)
+    const outcomeDeadline = outcomeTimeoutMs === null ? Infinity : Date.now() + outcomeTimeoutMs;
+    let result = null;
+    for (;;) {
+      result = await until(done, Math.min(OUTCOME_RESEND_MS, outcomeDeadline - Date.now()));
+      if (result !== null || Date.now() >= outcomeDeadline) break;
+      await this.publish(topic, { ...payload, id });
+    }
     if (result === null) {
       this.waiting.delete(`cmd.done ${id}`);
       throw new Error(`${topic} ${id} was acked (${ack.state}) but not carried out within ${outcomeTimeoutMs} ms`);
