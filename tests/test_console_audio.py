@@ -311,6 +311,12 @@ def test_listen_and_talk_in_chromium(vaudio: dict[str, str], start_engine: Any, 
     page.wait_for_function("() => window.consoleState.talk.source === 'device'", timeout=5_000)
     assert page.inner_text("#mic-source").startswith("mic: device")
     off_t = page.evaluate("() => nowMono()")
+    # the browser's last words (its barge-in) may still be an open turn: the device's words would join
+    # it and start no speech of their own. Wait for it to close and its answer to be asked for, then
+    # cancel that answer
+    page.wait_for_function("() => { const ev = window.consoleState.events, n = (t) => ev.filter(e => e.topic === t).length;"
+                           " return n('user.speech.started') === n('user.speech.stopped') &&"
+                           " n('server.response.created') >= n('server.input_audio_buffer.committed'); }", timeout=15_000)
     page.click("#cancel")
     quiet = ("() => { const ev = window.consoleState.events, n = (t) => ev.filter(e => e.topic === t).length;"
              " return n('server.response.created') === n('response.done') &&"
