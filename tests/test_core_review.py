@@ -407,3 +407,30 @@ def test_a_live_session_update_in_flight_when_the_session_ends_is_answered() -> 
     c.cmd("cmd.session.update", {"session": {"triggers": []}, "id": "t2"})
     acts = c(Disconnected(1006))
     assert {"id": "t2", "ok": True, "applied": "on start"} in published(acts, "cmd.done")
+
+
+def test_a_live_session_update_the_server_refuses_is_taken_back() -> None:
+    """A refused GPT-Live session.update stayed in the config: the next session.start (a renewal, a
+    restarted process) carried it, the start was refused, and that is fatal (the review)."""
+    c = live()
+    good = sent(c.cmd("cmd.session.update", {"session": {"triggers": []}, "id": "g"}), "session.update")[0]
+    c.ev({"type": "session.updated", "client_event_id": good["event_id"], "session": {"id": "live_1"}})
+    bad = sent(c.cmd("cmd.session.update", {"session": {"triggers": [{"type": "nonsense"}]}, "id": "b"}),
+               "session.update")[0]
+    acts = c.ev({"type": "error", "error": {"type": "invalid_request_error", "code": "invalid_value",
+                                            "message": "bad trigger", "client_event_id": bad["event_id"]}})
+    assert {"id": "b", "ok": False, "error": "bad trigger", "code": "invalid_value"} in published(acts, "cmd.done")
+    assert c.core.session_config["triggers"] == []                       # the confirmed value, not the refused one
+    assert c.core.history_message().payload["session"] == {"triggers": []}
+    assert c.core.start_event()["session"]["triggers"] == []
+
+
+def test_a_live_mute_in_flight_at_a_crash_is_answered_by_the_successor() -> None:
+    c = live()
+    c.cmd("cmd.mic", {"open": False, "id": "m1"})
+    state = c.core.history_message().payload
+    fresh = Core(LiveCore("gpt-live-1", {"instructions": "Be brief."}))
+    restored = fresh.core.restore_history(state)
+    assert {"id": "m1", "ok": True, "applied": "on start"} in published(restored, "cmd.done")
+    again = fresh.cmd("cmd.mic", {"open": False, "id": "m1"})                 # the client's copy: its outcome again
+    assert [d.get("code") for d in published(again, "cmd.done")] != ["id_reused"]

@@ -314,6 +314,10 @@ class LiveCore(TakesCommandsOnce):
         self.audio_format = AUDIO_FORMATS[audio_format]
         self.model = model
         self.session_config: dict[str, Any] = dict(session_config)
+        #: the UPDATABLE settings the server last took (at a session's start, or a session.updated):
+        #: a refused session.update falls back to them, with the updates still in flight over them
+        self.confirmed_updatable: dict[str, Any] = {k: v for k, v in session_config.items() if k in UPDATABLE}
+        self.update_sets: dict[str, dict[str, Any]] = {}   #: session.update event id -> the settings it sets
         #: attached to a running session (a SIP call's ``/attach``): no session.start, no audio either
         #: way (the audio is on the SIP leg), DTMF both ways
         self.sideband = sideband
@@ -561,6 +565,7 @@ class LiveCore(TakesCommandsOnce):
         acts.extend(Publish(DONE_TOPIC, {"id": cmd_id, "ok": True, "applied": "on start"})
                     for cmd_id in self.sent_updates.values())
         self.sent_updates.clear()
+        self.update_sets.clear()       # in session_config: the next session.start carries them
         self.earlier_seconds += self.session_seconds
         self.earlier_usd += live_cost_usd(self.model, self.session_usage)
         self.session_usage = {}
@@ -596,6 +601,8 @@ class LiveCore(TakesCommandsOnce):
         self.session_id, self.session = session.get("id"), session
         if replay:
             return [Publish("session.config", {"session": session})]
+        # session.start carried every setting: the server took them
+        self.confirmed_updatable = {k: v for k, v in self.session_config.items() if k in UPDATABLE}
         expires_at = session.get("expires_at")
         self.renew_from_s = None
         self.mic_floor.clear()
@@ -622,6 +629,9 @@ class LiveCore(TakesCommandsOnce):
         acts: list[Action] = [Publish("session.config", {"session": self.session})]
         cmd_id = ev.get("client_event_id")
         owner = self.sent_updates.pop(cmd_id, None) if isinstance(cmd_id, str) else None
+        sets = self.update_sets.pop(cmd_id, None) if isinstance(cmd_id, str) else None
+        if sets is not None:
+            self.confirmed_updatable.update(sets)
         if owner:
             acts.append(Publish(DONE_TOPIC, {"id": owner, "ok": True}))
         return acts
@@ -682,6 +692,16 @@ class LiveCore(TakesCommandsOnce):
         self.errors += 1
         app = self.sent.pop(ref, None) if isinstance(ref, str) else None
         owner = app.cmd_id if app else (self.sent_updates.pop(ref, None) if isinstance(ref, str) else None)
+        if isinstance(ref, str) and self.update_sets.pop(ref, None) is not None:   # refused: take it back
+            config = dict(self.confirmed_updatable)
+            for sets in self.update_sets.values():
+                config.update(sets)
+            for key in UPDATABLE:
+                if key in config:
+                    self.session_config[key] = config[key]
+                else:
+                    self.session_config.pop(key, None)
+            self.session_updates += 1
         if app is None and owner is None and isinstance(ref, str):
             owner = self._dtmf_failed(ref)
         acts.append(Publish("engine.error", {"source": "api", "code": code, "message": message,
@@ -909,7 +929,7 @@ class LiveCore(TakesCommandsOnce):
         """Changes when the state a successor starts from changes (cheap: lengths and identities)."""
         return (len(self.history), tuple(id(a) for a in self.waiting), tuple(self.sent),
                 tuple(id(t) for t in self.tools.registered.values()), self.mic_open, self.session_updates,
-                tuple(self.sent_updates))
+                tuple(self.sent_updates), len(self.mute_acks))
 
     def _no_handler(self, topic: str) -> str:
         if topic in NOT_ON_LIVE:
@@ -982,6 +1002,7 @@ class LiveCore(TakesCommandsOnce):
         if self.state is not LiveState.ACTIVE:
             return self._ack(body, applied="on start")
         event_id = self.new_id("event")
+        self.update_sets[event_id] = dict(session)
         if body.get("id"):
             self.sent_updates[event_id] = str(body["id"])
         return [Send({"type": "session.update", "event_id": event_id, "session": dict(session)})]
@@ -1140,6 +1161,7 @@ class LiveCore(TakesCommandsOnce):
             "tools": [registration(t) for t in self.tools.registered.values()], "mic_open": self.mic_open,
             "session": {k: self.session_config[k] for k in UPDATABLE if k in self.session_config},
             "updates_in_flight": list(self.sent_updates.values()),
+            "mutes_in_flight": [c for _, c in self.mute_acks if c],
             "cost": {"usd": self.total_usd(), "seconds": self.earlier_seconds + self.session_seconds,
                      "budget_warned": self.budget_warned},
             "taken": list(self.taken)[-TAKEN_PUBLISHED:], "core": self.core_id, "state_seq": self.state_seq})
@@ -1168,10 +1190,11 @@ class LiveCore(TakesCommandsOnce):
         session = body.get("session")
         if isinstance(session, dict) and set(session) <= set(UPDATABLE) and json_problem(session) is None:
             self.session_config.update(session)     # what cmd.session.update changed: the next start carries it
-        for cmd_id in body.get("updates_in_flight") or []:
-            if isinstance(cmd_id, str) and cmd_id and cmd_id not in self.outcomes:
-                self._mark_taken(cmd_id, "cmd.session.update")
-                acts.append(Publish(DONE_TOPIC, {"id": cmd_id, "ok": True, "applied": "on start"}))
+        for key, topic in (("updates_in_flight", "cmd.session.update"), ("mutes_in_flight", "cmd.mic")):
+            for cmd_id in body.get(key) or []:   # sent, not confirmed: the next session starts with them
+                if isinstance(cmd_id, str) and cmd_id and cmd_id not in self.outcomes:
+                    self._mark_taken(cmd_id, topic)
+                    acts.append(Publish(DONE_TOPIC, {"id": cmd_id, "ok": True, "applied": "on start"}))
         if isinstance(body.get("mic_open"), bool):
             self.mic_open = body["mic_open"]
         for key in body.get("taken") or []:
