@@ -210,8 +210,10 @@ class BusClient:
     async def call(self, topic: str, payload: Mapping[str, Any], *, ack_timeout_s: float = ACK_TIMEOUT_S,
                    outcome: bool = False, outcome_timeout_s: float | None = None) -> dict[str, Any]:
         """Send a command and return its ``cmd.ack`` (with ``outcome``: its ``cmd.done``, or the ack
-        if it was refused). Sent again only while no ack came. :class:`NoAck`, :class:`NoOutcome`
-        when they do not come in time; the engine de-duplicates by ``id``, so a copy costs nothing."""
+        if it was refused). Sent again while no ack came, then (with ``outcome``) every
+        OUTCOME_RESEND_S until the outcome comes. :class:`NoAck`, :class:`NoOutcome` when they do not
+        come in time; the engine carries a command out once by its ``id`` and answers a copy of one
+        done with its outcome again (``repeated``)."""
         body = dict(payload)
         cmd_id = body.setdefault("id", uuid.uuid4().hex)
         acked = self.expect(lambda t, b: t == ACK_TOPIC and b.get("id") == cmd_id)

@@ -297,6 +297,8 @@ class _Keeper:
             # the last subscriber of a presence topic left: its owner is gone
             owner = sub[1 + len(PRESENCE_PREFIX):].decode(errors="replace")
             self.gone_owners[owner] = None
+            if self.intake is not None:
+                self.intake.drop_owner(owner)   # a register it sent while no realtime process ran
             while len(self.gone_owners) > GONE_OWNERS_KEPT:
                 del self.gone_owners[next(iter(self.gone_owners))]
             self.publish("engine.presence.gone", {"owner": owner})

@@ -41,8 +41,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from bus.wire import (ACK_TOPIC, COMMAND_TOPICS, DONE_TOPIC, command_key, id_problem, id_reused_error, outcome_of,
-                      remember_newest)
+from bus.wire import (ACK_TOPIC, COMMAND_TOPICS, DONE_TOPIC, BusError, command_key, decode, id_problem, id_reused_error,
+                      outcome_of, remember_newest)
 
 #: commands held at most (a realtime process that never comes back: the engine stops anyway)
 MAX_HELD = 1000
@@ -123,6 +123,22 @@ class Intake:
         if error is not None:
             ack["error"] = error
         return ack
+
+    def drop_owner(self, owner: str) -> list[str]:
+        """A tool owner is gone (its presence ended): its held ``cmd.tool.register`` commands are
+        dropped, so a realtime process that takes them later offers no tool nobody serves. The
+        keys dropped."""
+        dropped = []
+        for key, held in list(self.held.items()):
+            try:
+                topic, body = decode(held.frames)
+            except BusError:
+                continue
+            if topic == "cmd.tool.register" and (body.get("owner") or body.get("pub")) == owner:
+                del self.held[key]
+                self.held_bytes -= held.size_bytes
+                dropped.append(key)
+        return dropped
 
     def state(self, body: Mapping[str, Any]) -> int:
         """The realtime process published its state (or ``intake.taken``): release what it lists as

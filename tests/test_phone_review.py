@@ -139,3 +139,15 @@ def test_speech_start_times_are_dropped_at_speech_stopped_and_at_the_calls_end(m
         bridge.stop.set()
         await bridge.close()
     asyncio.run(main())
+
+
+def test_a_copy_of_a_tool_for_every_call_is_answered_not_run_again() -> None:
+    """A client's copy of a tool registered for every call re-registered it in each call and got a
+    second, unmarked cmd.done (the review of the clients' re-send)."""
+    pub = RecordingPublisher()
+    bridge = PhoneBridge(bridge_spec("ws://127.0.0.1:9/v1/realtime", auth="none"), publisher=pub)  # type: ignore[arg-type]
+    tool = {"name": "lookup", "owner": "tools:1", "id": "t1"}
+    bridge.on_bus("cmd.tool.register", tool)
+    bridge.on_bus("cmd.tool.register", tool)
+    dones = [b for t, b in pub.msgs if t == "cmd.done" and b.get("id") == "t1"]
+    assert [d.get("repeated", False) for d in dones] == [False, True] and dones[1]["calls"] == 0

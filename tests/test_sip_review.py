@@ -302,3 +302,27 @@ def test_engine_sip_refuses_an_unpriced_route_model_at_its_start(tmp_path: Path)
                               text=True, timeout=30, env={**os.environ, "OPENAI_WEBHOOK_SECRET": SECRET})
     assert done.returncode == EXIT_DEVICE_FAILED, done.stderr
     assert "Traceback" not in done.stderr
+
+
+# ---------------------------------------------------------------------------------------- copies of a command
+def test_a_copy_of_a_hangup_or_a_tool_for_every_call_is_answered_not_run_again() -> None:
+    """Clients send a command again while they wait for its outcome: engine sip carried out a
+    transfer or a hang-up twice, and piled up a tool registered for every call with each copy
+    (never answering it) (the review of the clients' re-send)."""
+    async def main() -> None:
+        svc, pub, rest = make_service(control=False)
+        sid = await accepted_call(svc)
+        hangup = {"sip_call_id": sid, "id": "h1"}
+        svc.on_bus("cmd.sip.hangup", hangup)
+        svc.on_bus("cmd.sip.hangup", hangup)                   # a copy while the first is on its way
+        await pub.wait("cmd.done", timeout_s=5, where=lambda b: b.get("id") == "h1")
+        svc.on_bus("cmd.sip.hangup", hangup)                   # a copy after it was answered
+        assert len(rest.of("hangup")) == 1
+        dones = [b for t, b in pub.msgs if t == "cmd.done" and b.get("id") == "h1"]
+        assert [d.get("repeated", False) for d in dones] == [False, True] and all(d["ok"] for d in dones)
+        tool = {"name": "lookup", "owner": "tools:1", "id": "t1"}
+        svc.on_bus("cmd.tool.register", tool)
+        svc.on_bus("cmd.tool.register", tool)
+        assert len(svc.global_commands) == 1
+        assert [b.get("repeated", False) for t, b in pub.msgs if t == "cmd.done" and b.get("id") == "t1"] == [False, True]
+    asyncio.run(main())

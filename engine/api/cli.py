@@ -55,9 +55,11 @@ def cmd_start(args: argparse.Namespace) -> int:
     print(f"realtalk: starting with backend {backend}: {why}, model {cfg['model']}")
     sup.start()
     st = sup.status()
-    print(f"realtalk: bus publish {st['publish']}  subscribe {st['subscribe']}")
-    print(f"realtalk: connection file {st['connection_file']}; session folder {st['session_dir']}")
-    print("realtalk: Ctrl-C or `engine stop` to end", flush=True)
+    out = sup.out   # a terminal closed now must not skip run()'s ordered stop
+    out.write(f"realtalk: bus publish {st['publish']}  subscribe {st['subscribe']}\n")
+    out.write(f"realtalk: connection file {st['connection_file']}; session folder {st['session_dir']}\n")
+    out.write("realtalk: Ctrl-C or `engine stop` to end\n")
+    out.flush()
     return sup.run()
 
 
@@ -72,7 +74,8 @@ def cmd_phone(args: argparse.Namespace) -> int:
     sup = Supervisor(cfg, phone=phone)
     print(f"realtalk: phone bridge with backend {resolve_backend(cfg)}, model {cfg['model']}")
     sup.start()
-    print(f"realtalk: connection file {sup.status()['connection_file']}; Ctrl-C or `engine stop` to end", flush=True)
+    sup.out.write(f"realtalk: connection file {sup.status()['connection_file']}; Ctrl-C or `engine stop` to end\n")
+    sup.out.flush()
     return sup.run()
 
 
@@ -87,7 +90,8 @@ def cmd_sip(args: argparse.Namespace) -> int:
     sup = Supervisor(cfg, sip=sip)
     print(f"realtalk: SIP calls with backend {resolve_backend(cfg)}")
     sup.start()
-    print(f"realtalk: connection file {sup.status()['connection_file']}; Ctrl-C or `engine stop` to end", flush=True)
+    sup.out.write(f"realtalk: connection file {sup.status()['connection_file']}; Ctrl-C or `engine stop` to end\n")
+    sup.out.flush()
     return sup.run()
 
 

@@ -185,8 +185,9 @@ class Session:
                               "see `engine status` and `engine log --type engine.error`") from None
 
     async def command(self, topic: str, payload: dict[str, Any], timeout_s: float = 120.0) -> dict[str, Any]:
-        """Send a command (once: re-sent only until the engine acks it, which it does at once) and
-        return its outcome, ``cmd.done`` (``ok``, ``item_id`` or ``error``), or its ``cmd.ack`` if the
+        """Send a command (again only until the engine acks it, which it does at once, then every 3 s
+        to ask for an outcome that may have been lost; the engine carries it out once) and return
+        its outcome, ``cmd.done`` (``ok``, ``item_id`` or ``error``), or its ``cmd.ack`` if the
         engine refused it. A command the engine holds (its realtime process restarting, a say
         queued behind an answer) is waited for up to ``timeout_s``."""
         if self.fatal is not None:

@@ -52,6 +52,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 
 from bus import Publisher
+from engine.once import AnsweredOnce
 from engine.phone.guard import (CLOSE_TOO_BIG, TOKEN_PARAMETER, Close, ConnectionGuard, ErrorSampler, Report,
                                 auth_from_config, check_upgrade, limits_from_config, token_ok)
 from engine.phone.heard import HeardClock
@@ -701,6 +702,7 @@ class PhoneBridge:
         self.pub = publisher or Publisher(spec.bus.publish, f"phone:{os.getpid()}")
         self.calls: dict[str, Call] = {}
         self.global_tools: dict[str, dict[str, Any]] = {}
+        self.once = AnsweredOnce()        #: the commands the bridge answers itself, each once by id
         self.last_speech_started_s: dict[str, float] = {}
         self.server: Server | None = None
         self.url = ""
@@ -760,7 +762,9 @@ class PhoneBridge:
     def _ack(self, body: Mapping[str, Any], ok: bool, **extra: Any) -> None:
         """The command's outcome (the broker acked it on cmd.ack when it came: bus protocol 2)."""
         if body.get("id"):
-            self.pub.publish("cmd.done", {"id": body["id"], "ok": ok, **extra})
+            done = {"id": body["id"], "ok": ok, **extra}
+            self.once.done(done)
+            self.pub.publish("cmd.done", done)
 
     def _on_bus(self, topic: str, body: dict[str, Any]) -> None:
         if topic in ("cmd.ack", "cmd.done"):
@@ -791,6 +795,11 @@ class PhoneBridge:
         found.step(Command(topic, body))
 
     def _all_calls_tool(self, topic: str, body: dict[str, Any]) -> None:
+        first, again = self.once.take(body)   # a client's copy: its outcome again, not a second run
+        if again is not None:
+            self.pub.publish("cmd.done", again)
+        if not first:
+            return
         name = body.get("name")
         if not isinstance(name, str) or not name:
             self._ack(body, False, error=f"{topic} needs 'name'")

@@ -31,6 +31,7 @@ from typing import Any, Callable, Mapping
 
 from bus import Publisher
 from engine.httpio import HttpClientError, HttpRequest, HttpResponse, request, serve_http
+from engine.once import AnsweredOnce
 from engine.sampling import ErrorSampler, Report
 from engine.sip.calls import Accept, CallTable, Ignore, Missed, Reject, SipCall, called_number, parse_routes
 from engine.webhooks import Dedup, Incoming, WebhookError, parse_incoming, secret_from_env, verify
@@ -127,6 +128,7 @@ class SipService:
         self.spawn = self.tasks.spawn
         #: tool registrations for every call, replayed to each new call's core
         self.global_commands: list[tuple[str, dict[str, Any]]] = []
+        self.once = AnsweredOnce()        #: the commands this service answers itself, each once by id
         #: refused deliveries by code, reported at most once a second each; the peer of each's example
         self.refusals: dict[str, ErrorSampler] = {}
         self.refusal_peers: dict[str, str] = {}
@@ -393,7 +395,17 @@ class SipService:
     def ack(self, body: Mapping[str, Any], ok: bool, **extra: Any) -> None:
         """The command's outcome (the broker acked it on cmd.ack when it came: bus protocol 2)."""
         if body.get("id"):
-            self.pub.publish("cmd.done", {"id": body["id"], "ok": ok, **extra})
+            done = {"id": body["id"], "ok": ok, **extra}
+            self.once.done(done)
+            self.pub.publish("cmd.done", done)
+
+    def _taken_once(self, body: Mapping[str, Any]) -> bool:
+        """Whether to carry out a command this service answers itself (a client's copy is not: a copy
+        of one done gets its outcome again)."""
+        first, again = self.once.take(body)
+        if again is not None:
+            self.pub.publish("cmd.done", again)
+        return first
 
     def on_bus(self, topic: str, body: dict[str, Any]) -> None:
         try:
@@ -409,9 +421,14 @@ class SipService:
             target = next((r.sip_call_id for r in self.runs.values() if r.core is not None
                            and body.get("call_id") in getattr(r.core.tools, "calls", {})), None)
         if target is None and topic in ("cmd.tool.register", "cmd.tool.unregister", "engine.presence.gone"):
+            if topic != "engine.presence.gone" and not self._taken_once(body):
+                return
+            quiet = {k: v for k, v in body.items() if k != "id"}   # answered here once, not by every call
             for r in list(self.runs.values()):
-                self.command(r, topic, body)
-            self.control_all(topic, body)
+                self.command(r, topic, quiet)
+            self.control_all(topic, quiet)
+            if topic != "engine.presence.gone":
+                self.ack(body, True, calls=len(self.runs))
             return
         run = self.run_of(target)
         if run is None:
@@ -421,6 +438,8 @@ class SipService:
                    f"{topic} needs 'sip_call_id' (active: {', '.join(self.by_sip_id) or 'none'})")
             self.error(None, "no_such_call", why)
             self.ack(body, False, error=why)
+            return
+        if topic in ("cmd.sip.refer", "cmd.sip.hangup") and not self._taken_once(body):
             return
         if topic == "cmd.sip.refer":
             uri = body.get("target_uri")
