@@ -280,6 +280,8 @@ class _Keeper:
         if sub == _INTAKE_SUBSCRIBE and self.intake is not None:
             self.intake_subscribed = True
             self.take_messages()   # commands already forwarded to us are in the hand-over too
+            for owner in self.gone_owners:   # a register of a gone owner that came after it left
+                self.intake.drop_owner(owner)
             state = self.cache.get(_STATE)
             self.publish(INTAKE_TOPIC, {"restore": True, "state": state,
                                         "commands": self.intake.handover(time.monotonic()),

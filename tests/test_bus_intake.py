@@ -342,3 +342,23 @@ def test_a_gone_owners_held_tool_registration_is_dropped() -> None:
     intake.command(*frames_of("cmd.say", 2, text="hi", id="s1"), 0.0)
     assert intake.drop_owner("tools:1") == ["r1"]
     assert [decode(f)[1]["id"] for f in intake.handover(0.0)] == ["s1"]
+
+
+def test_a_register_that_comes_after_its_owner_left_is_not_handed_over(broker: tuple[str, str], keys: Any) -> None:
+    """A register that reached the broker after its owner's presence ended (it travels on another
+    socket) was held and carried out by the successor, after it had dropped the owner's tools."""
+    pub_ep, sub_ep = broker
+    gone = Subscriber(sub_ep, ["engine.presence.gone"], verify_key=keys.signing_key)
+    owner = Subscriber(sub_ep, ["_presence.tools:1"])
+    client = Publisher(pub_ep, "tools:1", signing_key=None)
+    acks = Subscriber(sub_ep, ["cmd.ack"], verify_key=None)
+    assert client.join(sub_ep)
+    owner.close()
+    wait_topic(gone, "engine.presence.gone", 3, owner="tools:1")
+    client.publish("cmd.tool.register", {"name": "lookup", "owner": "tools:1", "id": "late"})
+    wait_topic(acks, "cmd.ack", 3, id="late")
+    realtime = Subscriber(sub_ep, ["intake.realtime"], verify_key=keys.signing_key)
+    handed = wait_topic(realtime, "intake.realtime", 3, restore=True)
+    assert [msgpack.unpackb(f[1]).get("id") for f in handed["commands"]] == []
+    for s in (gone, client, acks, realtime):
+        s.close()

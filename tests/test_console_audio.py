@@ -314,9 +314,14 @@ def test_listen_and_talk_in_chromium(vaudio: dict[str, str], start_engine: Any, 
     # the browser's last words (its barge-in) may still be an open turn: the device's words would join
     # it and start no speech of their own. Wait for it to close and its answer to be asked for, then
     # cancel that answer
-    page.wait_for_function("() => { const ev = window.consoleState.events, n = (t) => ev.filter(e => e.topic === t).length;"
-                           " return n('user.speech.started') === n('user.speech.stopped') &&"
-                           " n('server.response.created') >= n('server.input_audio_buffer.committed'); }", timeout=15_000)
+    page.wait_for_function(
+        "() => { const ev = window.consoleState.events;"
+        " const starts = ev.filter(e => e.topic === 'user.speech.started'); const last = starts[starts.length - 1];"
+        " if (!last) return true;"
+        " const item = last.body.item_id;"
+        " if (!ev.some(e => e.topic === 'user.speech.stopped' && e.body.item_id === item)) return false;"
+        " const c = ev.findIndex(e => e.topic === 'server.input_audio_buffer.committed' && e.body.item_id === item);"
+        " return c >= 0 && ev.slice(c).some(e => e.topic === 'server.response.created'); }", timeout=15_000)
     page.click("#cancel")
     quiet = ("() => { const ev = window.consoleState.events, n = (t) => ev.filter(e => e.topic === t).length;"
              " return n('server.response.created') === n('response.done') &&"

@@ -421,6 +421,7 @@ def test_a_live_session_update_the_server_refuses_is_taken_back() -> None:
                                             "message": "bad trigger", "client_event_id": bad["event_id"]}})
     assert {"id": "b", "ok": False, "error": "bad trigger", "code": "invalid_value"} in published(acts, "cmd.done")
     assert c.core.session_config["triggers"] == []                       # the confirmed value, not the refused one
+    assert published(acts, "conversation.history")[-1]["session"] == {"triggers": []}   # a successor starts so
     assert c.core.history_message().payload["session"] == {"triggers": []}
     assert c.core.start_event()["session"]["triggers"] == []
 
@@ -434,3 +435,17 @@ def test_a_live_mute_in_flight_at_a_crash_is_answered_by_the_successor() -> None
     assert {"id": "m1", "ok": True, "applied": "on start"} in published(restored, "cmd.done")
     again = fresh.cmd("cmd.mic", {"open": False, "id": "m1"})                 # the client's copy: its outcome again
     assert [d.get("code") for d in published(again, "cmd.done")] != ["id_reused"]
+
+
+def test_a_sideband_drop_sends_the_updates_still_in_flight_again() -> None:
+    """A SIP call's GPT-Live session outlives its socket: an update unconfirmed when the socket
+    dropped was never answered, and the client re-sent it until its timeout (the review)."""
+    c = live(sideband=True)
+    c.ev({"type": "session.started", "session": {"id": "live_1"}})
+    first = sent(c.cmd("cmd.session.update", {"session": {"triggers": []}, "id": "u1"}), "session.update")
+    assert first
+    c(Disconnected(1006))
+    again = sent(c(Connected(reconnect=True)), "session.update")
+    assert [u["session"] for u in again] == [{"triggers": []}] and again[0]["event_id"] != first[0]["event_id"]
+    done = c.ev({"type": "session.updated", "client_event_id": again[0]["event_id"], "session": {"id": "live_1"}})
+    assert {"id": "u1", "ok": True} in published(done, "cmd.done")

@@ -151,3 +151,6 @@ def test_a_copy_of_a_tool_for_every_call_is_answered_not_run_again() -> None:
     bridge.on_bus("cmd.tool.register", tool)
     dones = [b for t, b in pub.msgs if t == "cmd.done" and b.get("id") == "t1"]
     assert [d.get("repeated", False) for d in dones] == [False, True] and dones[1]["calls"] == 0
+    bridge.on_bus("cmd.tool.register", {"name": "bad", "timeout_s": float("nan"), "id": "t2"})   # refused once, here
+    (bad,) = [b for t, b in pub.msgs if t == "cmd.done" and b.get("id") == "t2"]
+    assert bad["ok"] is False and bad["code"] == "bad_command" and list(bridge.global_tools) == ["lookup"]

@@ -317,12 +317,19 @@ def test_a_copy_of_a_hangup_or_a_tool_for_every_call_is_answered_not_run_again()
         svc.on_bus("cmd.sip.hangup", hangup)                   # a copy while the first is on its way
         await pub.wait("cmd.done", timeout_s=5, where=lambda b: b.get("id") == "h1")
         svc.on_bus("cmd.sip.hangup", hangup)                   # a copy after it was answered
+        run = svc.run_of(sid)
+        assert run is not None
+        svc.call_ended(run, "hangup")
+        svc.on_bus("cmd.sip.hangup", hangup)                   # and one after the call ended: not "no such call"
         assert len(rest.of("hangup")) == 1
         dones = [b for t, b in pub.msgs if t == "cmd.done" and b.get("id") == "h1"]
-        assert [d.get("repeated", False) for d in dones] == [False, True] and all(d["ok"] for d in dones)
+        assert [d.get("repeated", False) for d in dones] == [False, True, True] and all(d["ok"] for d in dones)
         tool = {"name": "lookup", "owner": "tools:1", "id": "t1"}
         svc.on_bus("cmd.tool.register", tool)
         svc.on_bus("cmd.tool.register", tool)
         assert len(svc.global_commands) == 1
         assert [b.get("repeated", False) for t, b in pub.msgs if t == "cmd.done" and b.get("id") == "t1"] == [False, True]
+        svc.on_bus("cmd.tool.register", {"name": "bad", "timeout_s": float("nan"), "id": "t2"})   # refused once, here
+        (bad,) = [b for t, b in pub.msgs if t == "cmd.done" and b.get("id") == "t2"]
+        assert bad["ok"] is False and bad["code"] == "bad_command" and len(svc.global_commands) == 1
     asyncio.run(main())

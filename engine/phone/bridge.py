@@ -70,6 +70,7 @@ from engine.link.shell import ApiLink
 from engine.realtime.dialects import dialect_for
 from engine.specs import PhoneSpec
 from engine.realtime.records import Command, EndOfAudio, Flush, Input, MicAudio, Play, PlaybackReport, Publish
+from engine.realtime.tools import parse_registration
 from engine.wsio import LATE_S as LATE_S, OUTGOING_MAX as OUTGOING_MAX, Latency as Latency, Outgoing as Outgoing
 
 #: what the bridge reads on the bus: commands, and the presence of the clients that sent them
@@ -804,6 +805,12 @@ class PhoneBridge:
         if not isinstance(name, str) or not name:
             self._ack(body, False, error=f"{topic} needs 'name'")
             return
+        if topic == "cmd.tool.register":
+            try:
+                parse_registration(body)   # refused here, once, not stored and refused by every call
+            except (ValueError, TypeError) as exc:
+                self._ack(body, False, error=str(exc), code="bad_command")
+                return
         if topic == "cmd.tool.register":
             self.global_tools[name] = {**body, "owner": body.get("owner") or body.get("pub")}
         else:

@@ -622,6 +622,13 @@ class LiveCore(TakesCommandsOnce):
             acts.extend(self._send_append(app))
         if not self.mic_open:
             acts.append(self._send_mute(False, None))
+        # a sideband's socket dropped with updates unconfirmed (the session went on): sent again
+        for old_id, sets in list(self.update_sets.items()):
+            event_id = self.new_id("event")
+            self.update_sets[event_id] = self.update_sets.pop(old_id)
+            if old_id in self.sent_updates:
+                self.sent_updates[event_id] = self.sent_updates.pop(old_id)
+            acts.append(Send({"type": "session.update", "event_id": event_id, "session": dict(sets)}))
         return acts
 
     def _on_updated(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
@@ -634,6 +641,8 @@ class LiveCore(TakesCommandsOnce):
             self.confirmed_updatable.update(sets)
         if owner:
             acts.append(Publish(DONE_TOPIC, {"id": owner, "ok": True}))
+        if sets is not None or owner:
+            acts.append(self.history_message())   # no longer in flight
         return acts
 
     def _on_closed(self, ev: Mapping[str, Any], now_s: float, heard: int) -> list[Action]:
@@ -702,6 +711,7 @@ class LiveCore(TakesCommandsOnce):
                 else:
                     self.session_config.pop(key, None)
             self.session_updates += 1
+            acts.append(self.history_message())   # a successor must not start with the refused setting
         if app is None and owner is None and isinstance(ref, str):
             owner = self._dtmf_failed(ref)
         acts.append(Publish("engine.error", {"source": "api", "code": code, "message": message,
@@ -816,6 +826,7 @@ class LiveCore(TakesCommandsOnce):
                 del self.mute_acks[i]
                 if cmd_id:
                     acts.append(Publish(DONE_TOPIC, {"id": cmd_id, "ok": True, "open": not muted}))
+                    acts.append(self.history_message())   # no longer in flight
                 break
         return acts
 

@@ -32,6 +32,7 @@ from typing import Any, Callable, Mapping
 from bus import Publisher
 from engine.httpio import HttpClientError, HttpRequest, HttpResponse, request, serve_http
 from engine.once import AnsweredOnce
+from engine.realtime.tools import parse_registration
 from engine.sampling import ErrorSampler, Report
 from engine.sip.calls import Accept, CallTable, Ignore, Missed, Reject, SipCall, called_number, parse_routes
 from engine.webhooks import Dedup, Incoming, WebhookError, parse_incoming, secret_from_env, verify
@@ -420,9 +421,17 @@ class SipService:
         if target is None and topic == "cmd.tool.result":   # a tool result names its tool call
             target = next((r.sip_call_id for r in self.runs.values() if r.core is not None
                            and body.get("call_id") in getattr(r.core.tools, "calls", {})), None)
+        if topic in ("cmd.sip.refer", "cmd.sip.hangup") and not self._taken_once(body):
+            return   # a copy (its call may have ended since: it gets the outcome, not "no such call")
         if target is None and topic in ("cmd.tool.register", "cmd.tool.unregister", "engine.presence.gone"):
             if topic != "engine.presence.gone" and not self._taken_once(body):
                 return
+            if topic == "cmd.tool.register":
+                try:
+                    parse_registration(body)   # refused here, once, not stored and refused by every call
+                except (ValueError, TypeError) as exc:
+                    self.ack(body, False, error=str(exc), code="bad_command")
+                    return
             quiet = {k: v for k, v in body.items() if k != "id"}   # answered here once, not by every call
             for r in list(self.runs.values()):
                 self.command(r, topic, quiet)
@@ -438,8 +447,6 @@ class SipService:
                    f"{topic} needs 'sip_call_id' (active: {', '.join(self.by_sip_id) or 'none'})")
             self.error(None, "no_such_call", why)
             self.ack(body, False, error=why)
-            return
-        if topic in ("cmd.sip.refer", "cmd.sip.hangup") and not self._taken_once(body):
             return
         if topic == "cmd.sip.refer":
             uri = body.get("target_uri")
