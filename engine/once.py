@@ -10,32 +10,42 @@ a command still being carried out is dropped, a copy of one done gets its outcom
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 #: outcomes remembered (the oldest forgotten first)
 REMEMBERED = 1024
 
 
 class AnsweredOnce:
-    def __init__(self, remembered: int = REMEMBERED) -> None:
+    """A service's ``cmd.done`` for the commands it answers itself, each carried out once by id."""
+
+    def __init__(self, publish: Callable[[str, dict[str, Any]], None], remembered: int = REMEMBERED) -> None:
+        self.publish = publish
         self.remembered = remembered
         self._outcomes: OrderedDict[str, dict[str, Any] | None] = OrderedDict()   #: id -> cmd.done, None: running
 
-    def take(self, body: Mapping[str, Any]) -> tuple[bool, dict[str, Any] | None]:
-        """(carry it out?, the ``cmd.done`` to publish again for a copy of one done, else None)."""
+    def first(self, body: Mapping[str, Any]) -> bool:
+        """Whether to carry the command out: not a copy (a copy of one done gets its outcome again,
+        ``repeated``; a copy of one still running gets nothing: its outcome is on its way)."""
         cmd_id = body.get("id")
         if not isinstance(cmd_id, str) or not cmd_id:
-            return True, None
+            return True
         if cmd_id in self._outcomes:
             done = self._outcomes[cmd_id]
-            return False, (None if done is None else {**done, "repeated": True})
+            if done is not None:
+                self.publish("cmd.done", {**done, "repeated": True})
+            return False
         self._outcomes[cmd_id] = None
         while len(self._outcomes) > self.remembered:
             self._outcomes.popitem(last=False)
-        return True, None
+        return True
 
-    def done(self, outcome: Mapping[str, Any]) -> None:
-        """A command's ``cmd.done`` went out: a copy of it gets it again."""
-        cmd_id = outcome.get("id")
+    def answer(self, body: Mapping[str, Any], ok: bool, **extra: Any) -> None:
+        """The command's outcome on ``cmd.done`` (none for a command without an id), kept for its copies."""
+        cmd_id = body.get("id")
+        if not cmd_id:
+            return
+        done = {"id": cmd_id, "ok": ok, **extra}
         if isinstance(cmd_id, str) and cmd_id in self._outcomes:
-            self._outcomes[cmd_id] = dict(outcome)
+            self._outcomes[cmd_id] = done
+        self.publish("cmd.done", done)

@@ -70,7 +70,7 @@ from engine.link.shell import ApiLink
 from engine.realtime.dialects import dialect_for
 from engine.specs import PhoneSpec
 from engine.realtime.records import Command, EndOfAudio, Flush, Input, MicAudio, Play, PlaybackReport, Publish
-from engine.realtime.tools import parse_registration
+from engine.realtime.tools import registration_problem
 from engine.wsio import LATE_S as LATE_S, OUTGOING_MAX as OUTGOING_MAX, Latency as Latency, Outgoing as Outgoing
 
 #: what the bridge reads on the bus: commands, and the presence of the clients that sent them
@@ -703,7 +703,8 @@ class PhoneBridge:
         self.pub = publisher or Publisher(spec.bus.publish, f"phone:{os.getpid()}")
         self.calls: dict[str, Call] = {}
         self.global_tools: dict[str, dict[str, Any]] = {}
-        self.once = AnsweredOnce()        #: the commands the bridge answers itself, each once by id
+        #: the commands the bridge answers itself, each once by id
+        self.once = AnsweredOnce(self.pub.publish)
         self.last_speech_started_s: dict[str, float] = {}
         self.server: Server | None = None
         self.url = ""
@@ -762,10 +763,7 @@ class PhoneBridge:
 
     def _ack(self, body: Mapping[str, Any], ok: bool, **extra: Any) -> None:
         """The command's outcome (the broker acked it on cmd.ack when it came: bus protocol 2)."""
-        if body.get("id"):
-            done = {"id": body["id"], "ok": ok, **extra}
-            self.once.done(done)
-            self.pub.publish("cmd.done", done)
+        self.once.answer(body, ok, **extra)
 
     def _on_bus(self, topic: str, body: dict[str, Any]) -> None:
         if topic in ("cmd.ack", "cmd.done"):
@@ -796,21 +794,16 @@ class PhoneBridge:
         found.step(Command(topic, body))
 
     def _all_calls_tool(self, topic: str, body: dict[str, Any]) -> None:
-        first, again = self.once.take(body)   # a client's copy: its outcome again, not a second run
-        if again is not None:
-            self.pub.publish("cmd.done", again)
-        if not first:
+        if not self.once.first(body):   # a client's copy: its outcome again, not a second run
             return
         name = body.get("name")
         if not isinstance(name, str) or not name:
             self._ack(body, False, error=f"{topic} needs 'name'")
             return
-        if topic == "cmd.tool.register":
-            try:
-                parse_registration(body)   # refused here, once, not stored and refused by every call
-            except (ValueError, TypeError) as exc:
-                self._ack(body, False, error=str(exc), code="bad_command")
-                return
+        problem = registration_problem(body) if topic == "cmd.tool.register" else None
+        if problem is not None:   # refused here, once, not stored and refused by every call
+            self._ack(body, False, error=problem, code="bad_command")
+            return
         if topic == "cmd.tool.register":
             self.global_tools[name] = {**body, "owner": body.get("owner") or body.get("pub")}
         else:

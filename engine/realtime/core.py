@@ -316,11 +316,9 @@ class RealtimeCore(TakesCommandsOnce):
             else:
                 acts.append(Publish("engine.error", {"source": "engine", "code": "bad_state", "message":
                                     f"the predecessor's session config holds {problem}; the configured one is used"}))
-        for cmd_id in body.get("updates_in_flight") or []:
-            if isinstance(cmd_id, str) and cmd_id and cmd_id not in self.outcomes:
-                self._mark_taken(cmd_id, "cmd.session.update")
-                acts.append(Publish(DONE_TOPIC, {"id": cmd_id, "ok": True, "applied": "on reconnect"}))
-                self.deferred_updates.append(cmd_id)
+        done, answered = self._done_in_flight(body.get("updates_in_flight"), "cmd.session.update", "on reconnect")
+        acts.extend(done)
+        self.deferred_updates.extend(answered)
         self.deferred_updates.extend(i for i in body.get("updates_deferred") or [] if isinstance(i, str) and i)
         if self.budget.restore(body.get("cost")):
             acts.append(self.budget.session_message())

@@ -1202,10 +1202,7 @@ class LiveCore(TakesCommandsOnce):
         if isinstance(session, dict) and set(session) <= set(UPDATABLE) and json_problem(session) is None:
             self.session_config.update(session)     # what cmd.session.update changed: the next start carries it
         for key, topic in (("updates_in_flight", "cmd.session.update"), ("mutes_in_flight", "cmd.mic")):
-            for cmd_id in body.get(key) or []:   # sent, not confirmed: the next session starts with them
-                if isinstance(cmd_id, str) and cmd_id and cmd_id not in self.outcomes:
-                    self._mark_taken(cmd_id, topic)
-                    acts.append(Publish(DONE_TOPIC, {"id": cmd_id, "ok": True, "applied": "on start"}))
+            acts.extend(self._done_in_flight(body.get(key), topic, "on start")[0])   # the next start carries them
         if isinstance(body.get("mic_open"), bool):
             self.mic_open = body["mic_open"]
         for key in body.get("taken") or []:

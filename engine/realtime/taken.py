@@ -197,6 +197,19 @@ class TakesCommandsOnce:
             acts.append(Publish(DONE_TOPIC, {"id": cmd_id, "ok": False, "code": "handler_failed", "error": message}))
         return acts
 
+    def _done_in_flight(self, ids: Any, topic: str, applied: str) -> tuple[list[Action], list[str]]:
+        """A predecessor's commands of ``topic`` it had sent on and never seen confirmed: taken, and
+        done with ``applied`` (what they changed is in the state the next session starts from),
+        unless their outcome is known already. The ``cmd.done``s, and the ids answered."""
+        acts: list[Action] = []
+        answered: list[str] = []
+        for cmd_id in ids if isinstance(ids, list) else []:
+            if isinstance(cmd_id, str) and cmd_id and cmd_id not in self.outcomes:
+                self._mark_taken(cmd_id, topic)
+                acts.append(Publish(DONE_TOPIC, {"id": cmd_id, "ok": True, "applied": applied}))
+                answered.append(cmd_id)
+        return acts, answered
+
     def _ack(self, body: Mapping[str, Any], **extra: Any) -> list[Action]:
         """The command's outcome: carried out (``cmd.done`` ``ok``)."""
         return [Publish(DONE_TOPIC, {"id": body["id"], "ok": True, **extra})] if body.get("id") else []

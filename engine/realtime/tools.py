@@ -42,6 +42,15 @@ class ToolSpec:
         return {"type": "function", "name": self.name, "description": self.description, "parameters": self.parameters}
 
 
+def registration_problem(body: Mapping[str, Any]) -> str | None:
+    """Why a ``cmd.tool.register`` body cannot be registered (:func:`parse_registration`), or None."""
+    try:
+        parse_registration(body)
+    except (ValueError, TypeError) as exc:
+        return str(exc)
+    return None
+
+
 def parse_registration(body: Mapping[str, Any]) -> ToolSpec:
     """A ``cmd.tool.register`` body as a spec; ValueError naming what is wrong."""
     name = body.get("name")

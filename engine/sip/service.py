@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping
 from bus import Publisher
 from engine.httpio import HttpClientError, HttpRequest, HttpResponse, request, serve_http
 from engine.once import AnsweredOnce
-from engine.realtime.tools import parse_registration
+from engine.realtime.tools import registration_problem
 from engine.sampling import ErrorSampler, Report
 from engine.sip.calls import Accept, CallTable, Ignore, Missed, Reject, SipCall, called_number, parse_routes
 from engine.webhooks import Dedup, Incoming, WebhookError, parse_incoming, secret_from_env, verify
@@ -129,7 +129,8 @@ class SipService:
         self.spawn = self.tasks.spawn
         #: tool registrations for every call, replayed to each new call's core
         self.global_commands: list[tuple[str, dict[str, Any]]] = []
-        self.once = AnsweredOnce()        #: the commands this service answers itself, each once by id
+        #: the commands this service answers itself, each once by id
+        self.once = AnsweredOnce(self.pub.publish)
         #: refused deliveries by code, reported at most once a second each; the peer of each's example
         self.refusals: dict[str, ErrorSampler] = {}
         self.refusal_peers: dict[str, str] = {}
@@ -395,18 +396,7 @@ class SipService:
 
     def ack(self, body: Mapping[str, Any], ok: bool, **extra: Any) -> None:
         """The command's outcome (the broker acked it on cmd.ack when it came: bus protocol 2)."""
-        if body.get("id"):
-            done = {"id": body["id"], "ok": ok, **extra}
-            self.once.done(done)
-            self.pub.publish("cmd.done", done)
-
-    def _taken_once(self, body: Mapping[str, Any]) -> bool:
-        """Whether to carry out a command this service answers itself (a client's copy is not: a copy
-        of one done gets its outcome again)."""
-        first, again = self.once.take(body)
-        if again is not None:
-            self.pub.publish("cmd.done", again)
-        return first
+        self.once.answer(body, ok, **extra)
 
     def on_bus(self, topic: str, body: dict[str, Any]) -> None:
         try:
@@ -421,17 +411,15 @@ class SipService:
         if target is None and topic == "cmd.tool.result":   # a tool result names its tool call
             target = next((r.sip_call_id for r in self.runs.values() if r.core is not None
                            and body.get("call_id") in getattr(r.core.tools, "calls", {})), None)
-        if topic in ("cmd.sip.refer", "cmd.sip.hangup") and not self._taken_once(body):
+        if topic in ("cmd.sip.refer", "cmd.sip.hangup") and not self.once.first(body):
             return   # a copy (its call may have ended since: it gets the outcome, not "no such call")
         if target is None and topic in ("cmd.tool.register", "cmd.tool.unregister", "engine.presence.gone"):
-            if topic != "engine.presence.gone" and not self._taken_once(body):
+            if topic != "engine.presence.gone" and not self.once.first(body):
                 return
-            if topic == "cmd.tool.register":
-                try:
-                    parse_registration(body)   # refused here, once, not stored and refused by every call
-                except (ValueError, TypeError) as exc:
-                    self.ack(body, False, error=str(exc), code="bad_command")
-                    return
+            problem = registration_problem(body) if topic == "cmd.tool.register" else None
+            if problem is not None:   # refused here, once, not stored and refused by every call
+                self.ack(body, False, error=problem, code="bad_command")
+                return
             quiet = {k: v for k, v in body.items() if k != "id"}   # answered here once, not by every call
             for r in list(self.runs.values()):
                 self.command(r, topic, quiet)
