@@ -190,6 +190,8 @@ def test_an_old_session_is_recycled_at_a_quiet_moment_and_the_new_one_gets_the_c
             assert back["history_items"] == 3 and len(server.sockets) == 2
             assert not host.topics("engine.error") and not [b for b in host.topics("engine.status")
                                                             if b.get("state") == "reconnecting"]
+            # the status is published as the replay is sent: the server reads it a moment later
+            await server.until(lambda: len(says(server.sockets[1])) >= 3)
             assert says(server.sockets[1]) == ["note 0", "note 1", "note 2"]
     run(main)
 
